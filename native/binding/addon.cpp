@@ -1,0 +1,523 @@
+// N-API glue: converts JS values to the core's plain structs, dispatches, converts results back.
+// No logic lives here. Long work (model load, a turn) runs in AsyncWorkers; streamed pieces reach JS
+// through the worker's progress queue (a thread-safe function), in order.
+#include <napi.h>
+
+#include "chat-session.h"
+#include "error.h"
+#include "model.h"
+
+#include "llama.h"
+
+#include <memory>
+#include <string>
+
+using namespace fml;
+
+namespace {
+
+struct addon_data {
+    Napi::FunctionReference model_ctor;
+    Napi::FunctionReference chat_ctor;
+};
+
+Napi::Error make_error(Napi::Env env, const std::string & code, const std::string & message) {
+    Napi::Error err = Napi::Error::New(env, message);
+    err.Set("code", Napi::String::New(env, code));
+    return err;
+}
+
+[[noreturn]] void throw_error(Napi::Env env, const std::string & code, const std::string & message) {
+    throw make_error(env, code, message);
+}
+
+// Runs `fn`, turning core errors into JS errors with a code.
+template <typename F>
+auto guarded(Napi::Env env, F fn) -> decltype(fn()) {
+    try {
+        return fn();
+    } catch (const fml_error & e) {
+        throw_error(env, e.code(), e.what());
+    } catch (const Napi::Error &) {
+        throw;
+    } catch (const std::exception & e) {
+        throw_error(env, FML_ERR_INTERNAL, e.what());
+    }
+}
+
+// ---- option readers (values are validated in TypeScript; these only convert) ----
+
+double get_number(const Napi::Object & o, const char * key, double def) {
+    Napi::Value v = o.Get(key);
+    return v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : def;
+}
+
+std::string get_string(const Napi::Object & o, const char * key, const std::string & def) {
+    Napi::Value v = o.Get(key);
+    return v.IsString() ? v.As<Napi::String>().Utf8Value() : def;
+}
+
+Napi::Object object_arg(const Napi::CallbackInfo & info, size_t i) {
+    return info.Length() > i && info[i].IsObject() ? info[i].As<Napi::Object>() : Napi::Object::New(info.Env());
+}
+
+std::string string_arg(const Napi::CallbackInfo & info, size_t i, const char * what) {
+    if (info.Length() <= i || !info[i].IsString()) {
+        throw_error(info.Env(), FML_ERR_INVALID_OPTION, std::string("expected a string for ") + what);
+    }
+    return info[i].As<Napi::String>().Utf8Value();
+}
+
+// ---- Model -------------------------------------------------------------------------------------
+
+class js_model : public Napi::ObjectWrap<js_model> {
+public:
+    static Napi::Function define(Napi::Env env) {
+        return DefineClass(env, "NativeModel", {
+            InstanceMethod("info", &js_model::js_info),
+            InstanceMethod("tokenize", &js_model::js_tokenize),
+            InstanceMethod("detokenize", &js_model::js_detokenize),
+            InstanceMethod("dispose", &js_model::js_dispose),
+        });
+    }
+    explicit js_model(const Napi::CallbackInfo & info) : Napi::ObjectWrap<js_model>(info) {}
+
+    std::shared_ptr<fml_model> model;
+
+    std::shared_ptr<fml_model> require(Napi::Env env) {
+        if (!model) {
+            throw_error(env, FML_ERR_DISPOSED, "model is disposed");
+        }
+        return model;
+    }
+
+private:
+    Napi::Value js_info(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        const model_info & mi = require(env)->info();
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("architecture", mi.architecture);
+        o.Set("description", mi.description);
+        o.Set("chatTemplate", mi.chat_template.empty() ? env.Null() : Napi::String::New(env, mi.chat_template));
+        o.Set("backend", mi.backend);
+        o.Set("nCtxTrain", mi.n_ctx_train);
+        o.Set("nEmbd", mi.n_embd);
+        o.Set("nLayer", mi.n_layer);
+        o.Set("nHead", mi.n_head);
+        o.Set("nHeadKv", mi.n_head_kv);
+        o.Set("nVocab", mi.n_vocab);
+        o.Set("sizeBytes", Napi::Number::New(env, (double) mi.size_bytes));
+        o.Set("nParams", Napi::Number::New(env, (double) mi.n_params));
+        o.Set("gpuLayers", mi.gpu_layers);
+        return o;
+    }
+
+    Napi::Value js_tokenize(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        auto m = require(env);
+        const std::string text = string_arg(info, 0, "text");
+        const bool add_bos = info.Length() > 1 && info[1].ToBoolean();
+        const bool special = info.Length() > 2 && info[2].ToBoolean();
+        const std::vector<int32_t> toks = guarded(env, [&] { return m->tokenize(text, add_bos && m->add_bos(), special); });
+        Napi::Int32Array arr = Napi::Int32Array::New(env, toks.size());
+        for (size_t i = 0; i < toks.size(); ++i) {
+            arr[i] = toks[i];
+        }
+        return arr;
+    }
+
+    Napi::Value js_detokenize(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        auto m = require(env);
+        if (info.Length() < 1 || !info[0].IsTypedArray()) {
+            throw_error(env, FML_ERR_INVALID_OPTION, "expected an Int32Array of tokens");
+        }
+        Napi::Int32Array arr = info[0].As<Napi::Int32Array>();
+        std::vector<int32_t> toks(arr.Data(), arr.Data() + arr.ElementLength());
+        const bool special = info.Length() > 1 && info[1].ToBoolean();
+        return Napi::String::New(env, guarded(env, [&] { return m->detokenize(toks, special); }));
+    }
+
+    Napi::Value js_dispose(const Napi::CallbackInfo & info) {
+        model.reset();   // chats keep their own reference until they are disposed
+        return info.Env().Undefined();
+    }
+};
+
+class load_model_worker : public Napi::AsyncWorker {
+public:
+    load_model_worker(Napi::Env env, std::string path, model_load_options opts)
+        : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), path_(std::move(path)), opts_(opts) {}
+    Napi::Promise promise() { return deferred_.Promise(); }
+
+    void Execute() override {
+        try {
+            model_ = fml_model::load(path_, opts_);
+        } catch (const fml_error & e) {
+            code_ = e.code();
+            SetError(e.what());
+        } catch (const std::exception & e) {
+            code_ = FML_ERR_MODEL_LOAD;
+            SetError(e.what());
+        }
+    }
+    void OnOK() override {
+        Napi::Env env = Env();
+        auto * data = env.GetInstanceData<addon_data>();
+        Napi::Object obj = data->model_ctor.New({});
+        js_model::Unwrap(obj)->model = model_;
+        deferred_.Resolve(obj);
+    }
+    void OnError(const Napi::Error & e) override {
+        deferred_.Reject(make_error(Env(), code_, e.Message()).Value());
+    }
+
+private:
+    Napi::Promise::Deferred deferred_;
+    std::string path_;
+    model_load_options opts_;
+    std::shared_ptr<fml_model> model_;
+    std::string code_;
+};
+
+Napi::Value js_load_model(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    const std::string path = string_arg(info, 0, "path");
+    Napi::Object o = object_arg(info, 1);
+    model_load_options opts;
+    opts.gpu_layers = (int32_t) get_number(o, "gpuLayers", 0);
+    opts.use_mmap = !o.Get("useMmap").IsBoolean() || o.Get("useMmap").ToBoolean();
+    auto * w = new load_model_worker(env, path, opts);
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+}
+
+// ---- Chat --------------------------------------------------------------------------------------
+
+Napi::Object stats_to_js(Napi::Env env, const turn_stats & s) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("promptTokens", s.prompt_tokens);
+    o.Set("generatedTokens", s.generated_tokens);
+    o.Set("prefillMs", s.prefill_ms);
+    o.Set("decodeMs", s.decode_ms);
+    o.Set("tokensPerSecond", s.tokens_per_second);
+    o.Set("policyMs", s.policy_ms);
+    o.Set("evictMs", s.evict_ms);
+    o.Set("evictedTokens", s.evicted_tokens);
+    o.Set("evictions", s.evictions);
+    o.Set("retainedTokens", s.retained_tokens);
+    o.Set("latencyMs", s.latency_ms);
+    o.Set("fallback", s.fallback);
+    o.Set("policy", s.policy);
+    return o;
+}
+
+class turn_worker;
+
+class js_chat : public Napi::ObjectWrap<js_chat> {
+public:
+    static Napi::Function define(Napi::Env env) {
+        return DefineClass(env, "NativeChat", {
+            InstanceMethod("send", &js_chat::js_send),
+            InstanceMethod("abort", &js_chat::js_abort),
+            InstanceMethod("stats", &js_chat::js_stats),
+            InstanceMethod("memory", &js_chat::js_memory),
+            InstanceMethod("cacheState", &js_chat::js_cache_state),
+            InstanceMethod("countTurnTokens", &js_chat::js_count_turn_tokens),
+            InstanceMethod("reset", &js_chat::js_reset),
+            InstanceMethod("dispose", &js_chat::js_dispose),
+            InstanceMethod("probeLogits", &js_chat::js_probe_logits),
+            InstanceMethod("shiftPositions", &js_chat::js_shift_positions),
+        });
+    }
+
+    // new NativeChat(nativeModel, options)
+    explicit js_chat(const Napi::CallbackInfo & info) : Napi::ObjectWrap<js_chat>(info) {
+        Napi::Env env = info.Env();
+        if (info.Length() < 1 || !info[0].IsObject()) {
+            throw_error(env, FML_ERR_INVALID_OPTION, "expected a model");
+        }
+        auto model = js_model::Unwrap(info[0].As<Napi::Object>())->require(env);
+        Napi::Object o = object_arg(info, 1);
+        chat_options opts;
+        opts.policy.name = get_string(o, "policy", "sliding");
+        opts.policy.max_tokens = (uint32_t) get_number(o, "maxTokens", 2048);
+        opts.policy.window_size = (uint32_t) get_number(o, "windowSize", opts.policy.max_tokens / 4);
+        opts.policy.sink_tokens = (uint32_t) get_number(o, "sinkTokens", 4);
+        opts.system_prompt = get_string(o, "systemPrompt", "");
+        opts.threads = (int32_t) get_number(o, "threads", 4);
+        opts.batch_size = (int32_t) get_number(o, "batchSize", 512);
+        opts.kv_type = get_string(o, "kvType", "f16");
+        Napi::Value fa = o.Get("flashAttention");
+        opts.flash_attention = fa.IsBoolean() ? (fa.ToBoolean() ? 1 : 0) : -1;
+        session_ = guarded(env, [&] { return std::make_shared<chat_session>(model, opts); });
+    }
+
+    std::shared_ptr<chat_session> session_;
+    bool dispose_pending_ = false;
+
+    std::shared_ptr<chat_session> require(Napi::Env env) {
+        if (!session_) {
+            throw_error(env, FML_ERR_DISPOSED, "chat is disposed");
+        }
+        return session_;
+    }
+
+    void on_turn_finished() {
+        if (dispose_pending_) {
+            session_.reset();
+        }
+    }
+
+private:
+    Napi::Value js_send(const Napi::CallbackInfo & info);
+
+    Napi::Value js_abort(const Napi::CallbackInfo & info) {
+        if (session_) {
+            session_->request_abort();
+        }
+        return info.Env().Undefined();
+    }
+
+    Napi::Value js_stats(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        auto s = require(env);
+        const cumulative_stats & c = s->stats();
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("turns", (double) c.turns);
+        o.Set("tokensSeen", (double) c.tokens_seen);
+        o.Set("tokensRetained", (double) s->ledger().size());
+        o.Set("tokensEvicted", (double) c.tokens_evicted);
+        o.Set("evictions", (double) c.evictions);
+        o.Set("fallbackCount", (double) c.fallback_count);
+        o.Set("kvBytes", (double) s->kv_bytes());
+        return o;
+    }
+
+    Napi::Value js_memory(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        auto s = require(env);
+        const std::vector<memory_entry> mem = s->memory();
+        Napi::Array arr = Napi::Array::New(env, mem.size());
+        for (size_t i = 0; i < mem.size(); ++i) {
+            Napi::Object o = Napi::Object::New(env);
+            o.Set("token", mem[i].token);
+            o.Set("position", mem[i].pos);
+            o.Set("turn", mem[i].turn);
+            o.Set("role", token_role_name(mem[i].role));
+            o.Set("pinned", mem[i].pinned);
+            o.Set("text", mem[i].text);
+            arr[i] = o;
+        }
+        return arr;
+    }
+
+    Napi::Value js_cache_state(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        auto s = require(env);
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("ledgerTokens", (double) s->ledger().size());
+        o.Set("pinnedTokens", (double) s->ledger().pinned_count());
+        o.Set("cachePosMin", s->cache_pos_min());
+        o.Set("cachePosMax", s->cache_pos_max());
+        o.Set("positionsContiguous", s->ledger().positions_contiguous());
+        o.Set("contextSize", s->context_size());
+        o.Set("carriedTokens", (double) s->carried_tokens());
+        o.Set("kvBytes", (double) s->kv_bytes());
+        return o;
+    }
+
+    Napi::Value js_count_turn_tokens(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        auto s = require(env);
+        const std::string text = string_arg(info, 0, "text");
+        return Napi::Number::New(env, (double) guarded(env, [&] { return s->count_turn_tokens(text); }));
+    }
+
+    Napi::Value js_reset(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        auto s = require(env);
+        if (s->busy().load()) {
+            throw_error(env, FML_ERR_BUSY, "cannot reset while a turn is running");
+        }
+        guarded(env, [&] { s->reset(); return 0; });
+        return env.Undefined();
+    }
+
+    Napi::Value js_dispose(const Napi::CallbackInfo & info) {
+        if (session_) {
+            if (session_->busy().load()) {
+                session_->request_abort();
+                dispose_pending_ = true;   // the running turn drops the session when it finishes
+            } else {
+                session_.reset();
+            }
+        }
+        return info.Env().Undefined();
+    }
+
+    Napi::Value js_probe_logits(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        auto s = require(env);
+        if (s->busy().load()) {
+            throw_error(env, FML_ERR_BUSY, "chat is busy");
+        }
+        const int32_t token = (int32_t) info[0].ToNumber().Int32Value();
+        const std::vector<float> logits = guarded(env, [&] { return s->probe_logits(token); });
+        Napi::Float32Array arr = Napi::Float32Array::New(env, logits.size());
+        std::copy(logits.begin(), logits.end(), arr.Data());
+        return arr;
+    }
+
+    Napi::Value js_shift_positions(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        auto s = require(env);
+        if (s->busy().load()) {
+            throw_error(env, FML_ERR_BUSY, "chat is busy");
+        }
+        s->shift_positions((int32_t) info[0].ToNumber().Int32Value());
+        return env.Undefined();
+    }
+};
+
+class turn_worker : public Napi::AsyncProgressQueueWorker<char> {
+public:
+    turn_worker(Napi::Env env, js_chat * chat, Napi::Object chat_obj, std::shared_ptr<chat_session> session,
+                std::string text, generation_options gen, Napi::Function on_piece)
+        : Napi::AsyncProgressQueueWorker<char>(env),
+          deferred_(Napi::Promise::Deferred::New(env)),
+          chat_(chat), session_(std::move(session)), text_(std::move(text)), gen_(std::move(gen)) {
+        chat_ref_ = Napi::Persistent(chat_obj);   // keeps the JS chat alive while the turn runs
+        if (!on_piece.IsEmpty()) {
+            on_piece_ = Napi::Persistent(on_piece);
+        }
+    }
+    Napi::Promise promise() { return deferred_.Promise(); }
+
+    void Execute(const ExecutionProgress & progress) override {
+        try {
+            result_ = session_->run_turn(text_, gen_, [&](const std::string & piece) {
+                progress.Send(piece.data(), piece.size());
+            });
+        } catch (const fml_error & e) {
+            code_ = e.code();
+            SetError(e.what());
+        } catch (const std::exception & e) {
+            code_ = FML_ERR_INTERNAL;
+            SetError(e.what());
+        }
+    }
+
+    void OnProgress(const char * data, size_t count) override {
+        if (on_piece_.IsEmpty() || data == nullptr) {
+            return;
+        }
+        Napi::Env env = Env();
+        try {
+            on_piece_.Call({ Napi::String::New(env, data, count) });
+        } catch (const Napi::Error & e) {
+            // A throwing callback stops the turn; the error is reported by the promise.
+            if (callback_error_.IsEmpty()) {
+                callback_error_ = Napi::Persistent(e.Value());
+            }
+            session_->request_abort();
+        }
+    }
+
+    void OnOK() override {
+        Napi::Env env = Env();
+        finish();
+        if (!callback_error_.IsEmpty()) {
+            deferred_.Reject(callback_error_.Value());
+            return;
+        }
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("response", result_.response);
+        o.Set("stopReason", stop_reason_name(result_.reason));
+        o.Set("stats", stats_to_js(env, result_.stats));
+        deferred_.Resolve(o);
+    }
+
+    void OnError(const Napi::Error & e) override {
+        finish();
+        deferred_.Reject(make_error(Env(), code_, e.Message()).Value());
+    }
+
+private:
+    void finish() {
+        session_->busy().store(false);
+        chat_->on_turn_finished();
+    }
+
+    Napi::Promise::Deferred deferred_;
+    js_chat * chat_;
+    Napi::ObjectReference chat_ref_;
+    Napi::FunctionReference on_piece_;
+    Napi::ObjectReference callback_error_;
+    std::shared_ptr<chat_session> session_;
+    std::string text_;
+    generation_options gen_;
+    turn_result result_;
+    std::string code_;
+};
+
+Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    auto s = require(env);
+    const std::string text = string_arg(info, 0, "message");
+    Napi::Object o = object_arg(info, 1);
+    generation_options gen;
+    gen.max_new_tokens = (int32_t) get_number(o, "maxNewTokens", 256);
+    gen.sampling.temperature = (float) get_number(o, "temperature", 0.8);
+    gen.sampling.top_k = (int32_t) get_number(o, "topK", 40);
+    gen.sampling.top_p = (float) get_number(o, "topP", 0.95);
+    gen.sampling.min_p = (float) get_number(o, "minP", 0.05);
+    gen.sampling.repeat_penalty = (float) get_number(o, "repeatPenalty", 1.0);
+    gen.sampling.repeat_last_n = (int32_t) get_number(o, "repeatLastN", 64);
+    gen.sampling.seed = (uint32_t) get_number(o, "seed", (double) LLAMA_DEFAULT_SEED);
+    Napi::Value stop = o.Get("stop");
+    if (stop.IsArray()) {
+        Napi::Array a = stop.As<Napi::Array>();
+        for (uint32_t i = 0; i < a.Length(); ++i) {
+            gen.stop.push_back(a.Get(i).ToString().Utf8Value());
+        }
+    }
+    Napi::Function on_piece = info.Length() > 2 && info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
+
+    bool expected = false;
+    if (!s->busy().compare_exchange_strong(expected, true)) {
+        throw_error(env, FML_ERR_BUSY, "a turn is already running on this chat; await it (or abort it) before sending again");
+    }
+    auto * w = new turn_worker(env, this, Value(), s, text, gen, on_piece);
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+}
+
+// ---- module ------------------------------------------------------------------------------------
+
+Napi::Value js_system_info(const Napi::CallbackInfo & info) {
+    return Napi::String::New(info.Env(), llama_print_system_info());
+}
+
+Napi::Object init(Napi::Env env, Napi::Object exports) {
+    install_llama_log();
+    llama_backend_init();
+    auto * data = new addon_data();
+    Napi::Function model_ctor = js_model::define(env);
+    Napi::Function chat_ctor = js_chat::define(env);
+    data->model_ctor = Napi::Persistent(model_ctor);
+    data->chat_ctor = Napi::Persistent(chat_ctor);
+    env.SetInstanceData(data);
+    exports.Set("NativeModel", model_ctor);
+    exports.Set("NativeChat", chat_ctor);
+    exports.Set("loadModel", Napi::Function::New(env, js_load_model));
+    exports.Set("systemInfo", Napi::Function::New(env, js_system_info));
+    exports.Set("llamaCppVersion", Napi::String::New(env, "v0.4.0 (node-llama-cpp@3.21.1 bundle)"));
+    return exports;
+}
+
+} // namespace
+
+NODE_API_MODULE(finite_memory_llm, init)

@@ -1,0 +1,363 @@
+#include "chat-session.h"
+
+#include "error.h"
+#include "kv-ops.h"
+#include "utf8.h"
+
+#include "llama.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+namespace fml {
+
+using clock_type = std::chrono::steady_clock;
+
+static double ms_since(clock_type::time_point t0) {
+    return std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
+}
+
+const char * stop_reason_name(stop_reason r) {
+    switch (r) {
+        case STOP_EOS:        return "eos";
+        case STOP_MAX_TOKENS: return "maxTokens";
+        case STOP_STRING:     return "stop";
+        case STOP_ABORT:      return "abort";
+    }
+    return "eos";
+}
+
+static ggml_type kv_type_from_name(const std::string & name) {
+    if (name == "f16")  return GGML_TYPE_F16;
+    if (name == "f32")  return GGML_TYPE_F32;
+    if (name == "q8_0") return GGML_TYPE_Q8_0;
+    throw fml_error(FML_ERR_INVALID_OPTION, "kvType must be one of f16, f32, q8_0 (got '" + name + "')");
+}
+
+static bool abort_callback(void * data) {
+    return static_cast<std::atomic<bool> *>(data)->load();
+}
+
+chat_session::chat_session(std::shared_ptr<fml_model> model, const chat_options & opts)
+    : model_(std::move(model)), opts_(opts) {
+    const policy_options & p = opts_.policy;
+    if (p.max_tokens < 16) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "maxTokens must be at least 16");
+    }
+    if (p.window_size >= p.max_tokens) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "windowSize must be smaller than maxTokens");
+    }
+    if (p.sink_tokens >= p.max_tokens / 2) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "sinkTokens must be smaller than maxTokens / 2");
+    }
+    const ggml_type kv_type = kv_type_from_name(opts_.kv_type);
+    policy_ = make_policy(p);
+
+    // BOS + framed system prompt, all pinned. Checked now so createChat fails, not the first send.
+    if (model_->add_bos()) {
+        system_tokens_.push_back(model_->bos());
+    }
+    if (!opts_.system_prompt.empty()) {
+        const std::vector<int32_t> framed = frame_tokens("system", opts_.system_prompt);
+        system_tokens_.insert(system_tokens_.end(), framed.begin(), framed.end());
+    }
+    if (system_tokens_.size() + p.sink_tokens + 16 > p.max_tokens / 2) {
+        throw fml_error(FML_ERR_PROMPT_TOO_LARGE,
+                        "the system prompt (" + std::to_string(system_tokens_.size()) +
+                        " tokens) must fit in half of maxTokens with the sinks and some room");
+    }
+
+    llama_context_params cp = llama_context_default_params();
+    // The cache never holds more than max_tokens: eviction happens before any decode that would
+    // overflow it, so the context is exactly the budget.
+    cp.n_ctx = p.max_tokens;
+    cp.n_batch = (uint32_t) std::max(1, std::min<int32_t>(opts_.batch_size, (int32_t) p.max_tokens));
+    cp.n_ubatch = cp.n_batch;
+    cp.n_seq_max = 1;
+    cp.n_threads = opts_.threads;
+    cp.n_threads_batch = opts_.threads;
+    cp.type_k = kv_type;
+    cp.type_v = kv_type;
+    cp.flash_attn_type = opts_.flash_attention < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
+                        : opts_.flash_attention == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    if (kv_type == GGML_TYPE_Q8_0 && opts_.flash_attention == 0) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "kvType q8_0 needs flash attention (the quantized V cache requires it)");
+    }
+    cp.no_perf = true;
+    cp.abort_callback = abort_callback;
+    cp.abort_callback_data = &abort_;
+    last_llama_errors();
+    ctx_ = llama_init_from_model(model_->raw(), cp);
+    if (ctx_ == nullptr) {
+        const std::string why = last_llama_errors();
+        throw fml_error(FML_ERR_CONTEXT_CREATE, "llama.cpp could not create a context" + (why.empty() ? std::string() : ": " + why));
+    }
+    if (!kv_can_shift(ctx_)) {
+        llama_free(ctx_);
+        ctx_ = nullptr;
+        throw fml_error(FML_ERR_CONTEXT_CREATE, "this model's KV cache does not support position shifts (K-shift), so in-place eviction is impossible");
+    }
+}
+
+chat_session::~chat_session() {
+    if (ctx_ != nullptr) {
+        llama_free(ctx_);
+    }
+}
+
+uint32_t chat_session::context_size() const { return llama_n_ctx(ctx_); }
+int32_t chat_session::cache_pos_min() const { return kv_pos_min(ctx_); }
+int32_t chat_session::cache_pos_max() const { return kv_pos_max(ctx_); }
+
+uint64_t chat_session::kv_bytes() const {
+    // Bytes the retained tokens occupy: per layer, K and V rows of n_head_kv * head_dim elements.
+    const model_info & mi = model_->info();
+    const int32_t head_dim = mi.n_head > 0 ? mi.n_embd / mi.n_head : 0;
+    const double elem = opts_.kv_type == "f32" ? 4.0 : opts_.kv_type == "q8_0" ? 34.0 / 32.0 : 2.0;
+    return (uint64_t) ((double) ledger_.size() * mi.n_layer * 2.0 * mi.n_head_kv * head_dim * elem);
+}
+
+std::vector<int32_t> chat_session::frame_tokens(const std::string & role, const std::string & content) const {
+    // Template text is tokenized with special-token parsing; the content without it, so user text
+    // cannot smuggle in control tokens.
+    const message_frame frame = model_->frame_message(role);
+    std::vector<int32_t> out = model_->tokenize(frame.prefix, false, true);
+    const std::vector<int32_t> body = model_->tokenize(content, false, false);
+    const std::vector<int32_t> tail = model_->tokenize(frame.suffix, false, true);
+    out.insert(out.end(), body.begin(), body.end());
+    out.insert(out.end(), tail.begin(), tail.end());
+    return out;
+}
+
+size_t chat_session::count_turn_tokens(const std::string & user_text) const {
+    return frame_tokens("user", user_text).size();
+}
+
+void chat_session::ensure_started() {
+    if (started_) {
+        return;
+    }
+    if (!system_tokens_.empty() && !decode_tokens(system_tokens_, 0, TOKEN_ROLE_SYSTEM, false)) {
+        kv_clear(ctx_, ledger_);
+        throw fml_error(FML_ERR_DECODE, "aborted while prefilling the system prompt");
+    }
+    started_ = true;
+}
+
+bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t turn, token_role role, bool want_logits) {
+    const size_t n_batch = llama_n_batch(ctx_);
+    llama_batch batch = llama_batch_init((int32_t) n_batch, 0, 1);
+    bool ok = true;
+    for (size_t start = 0; start < tokens.size() && ok; start += n_batch) {
+        const size_t n = std::min(n_batch, tokens.size() - start);
+        batch.n_tokens = (int32_t) n;
+        const int32_t pos0 = ledger_.next_pos();
+        for (size_t i = 0; i < n; ++i) {
+            batch.token[i] = tokens[start + i];
+            batch.pos[i] = pos0 + (int32_t) i;
+            batch.n_seq_id[i] = 1;
+            batch.seq_id[i][0] = KV_SEQ;
+            batch.logits[i] = want_logits && start + i == tokens.size() - 1;
+        }
+        const int32_t rc = llama_decode(ctx_, batch);
+        if (rc != 0) {
+            // Drop whatever ubatches of this batch reached the cache, so cache == ledger again.
+            llama_memory_seq_rm(llama_get_memory(ctx_), KV_SEQ, ledger_.next_pos(), -1);
+            llama_batch_free(batch);
+            if (rc == 2) {
+                return false;   // aborted through the abort callback
+            }
+            throw fml_error(FML_ERR_DECODE, "llama_decode failed with code " + std::to_string(rc));
+        }
+        for (size_t i = 0; i < n; ++i) {
+            const bool sink = ledger_.size() < opts_.policy.sink_tokens;
+            ledger_.append(tokens[start + i], turn, role, role == TOKEN_ROLE_SYSTEM || sink);
+        }
+        cumulative_.tokens_seen += n;
+    }
+    llama_batch_free(batch);
+    return ok;
+}
+
+void chat_session::make_room(size_t incoming, size_t slack, turn_stats & st) {
+    const size_t budget = opts_.policy.max_tokens;
+    if (ledger_.size() + incoming <= budget) {
+        return;
+    }
+    const size_t need = ledger_.size() + incoming - budget;
+    const size_t evictable = evictable_count(ledger_);
+    if (need > evictable) {
+        throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "not enough evictable tokens to fit the turn in maxTokens");
+    }
+    eviction_request req{ need, std::min(evictable, need + slack) };
+
+    auto t0 = clock_type::now();
+    eviction_plan plan = policy_->plan(ledger_, req);
+    st.policy_ms += ms_since(t0);
+    if (plan.total() < need) {
+        throw fml_error(FML_ERR_INTERNAL, std::string("policy '") + policy_->name() + "' freed too few tokens");
+    }
+
+    t0 = clock_type::now();
+    const kv_eviction_result res = kv_evict_ranges(ctx_, ledger_, plan.ranges);
+    st.evict_ms += ms_since(t0);
+    st.evicted_tokens += (uint32_t) res.evicted;
+    st.evictions += 1;
+    cumulative_.tokens_evicted += res.evicted;
+    cumulative_.evictions += 1;
+}
+
+turn_result chat_session::run_turn(const std::string & user_text, const generation_options & gen, const piece_callback & on_piece) {
+    const auto t_turn = clock_type::now();
+    turn_result result;
+    turn_stats & st = result.stats;
+    st.policy = policy_->name();
+    abort_.store(false);
+
+    // Everything that can fail on input happens before the cache is touched.
+    std::vector<int32_t> prompt = carry_;
+    const std::vector<int32_t> framed = frame_tokens("user", user_text);
+    prompt.insert(prompt.end(), framed.begin(), framed.end());
+    const size_t budget = opts_.policy.max_tokens;
+    const size_t pinned = started_ ? ledger_.pinned_count() : system_tokens_.size() + opts_.policy.sink_tokens;
+    if (pinned + prompt.size() + 1 > budget) {
+        throw fml_error(FML_ERR_PROMPT_TOO_LARGE,
+                        "the message needs " + std::to_string(framed.size()) + " tokens but maxTokens " + std::to_string(budget) +
+                        " leaves room for " + std::to_string(budget - std::min(budget, pinned + carry_.size() + 1)) + " after pinned tokens");
+    }
+    ensure_started();
+
+    // Amortise: when evicting anyway, free room for part of the reply too.
+    const size_t slack = std::min<size_t>((size_t) std::max(gen.max_new_tokens, 1), budget / 8);
+    const size_t gen_chunk = std::max<size_t>(1, budget / 16);
+    make_room(prompt.size(), slack, st);
+
+    const uint32_t turn = ++turn_;
+    const size_t carry_n = carry_.size();
+    const size_t ledger_before = ledger_.size();
+    auto t0 = clock_type::now();
+    // The carried tokens close the previous assistant turn; they belong to it in the ledger.
+    bool ok = true;
+    if (carry_n > 0) {
+        ok = decode_tokens(std::vector<int32_t>(prompt.begin(), prompt.begin() + (long) carry_n), turn - 1, TOKEN_ROLE_ASSISTANT, false);
+    }
+    if (ok) {
+        ok = decode_tokens(framed, turn, TOKEN_ROLE_USER, true);
+    }
+    st.prefill_ms = ms_since(t0);
+    if (!ok) {
+        // Aborted during prefill: roll back to the state before this turn's tokens.
+        kv_truncate(ctx_, ledger_, ledger_before);
+        --turn_;
+        result.reason = STOP_ABORT;
+        st.retained_tokens = (uint32_t) ledger_.size();
+        st.latency_ms = ms_since(t_turn);
+        return result;
+    }
+    carry_.clear();
+    st.prompt_tokens = (uint32_t) prompt.size();
+
+    sampler_chain sampler(gen.sampling, model_->info().n_vocab);
+    text_stream stream(gen.stop);
+    t0 = clock_type::now();
+    int32_t pending = -1;   // sampled but not yet decoded
+    result.reason = STOP_MAX_TOKENS;
+    while (true) {
+        if (abort_.load()) {
+            result.reason = STOP_ABORT;
+            break;
+        }
+        if ((int32_t) st.generated_tokens >= gen.max_new_tokens) {
+            result.reason = STOP_MAX_TOKENS;
+            break;
+        }
+        const int32_t tok = llama_sampler_sample(sampler.raw(), ctx_, -1);
+        if (model_->is_eog(tok)) {
+            result.reason = STOP_EOS;
+            break;
+        }
+        st.generated_tokens++;
+        const std::string out = stream.push(model_->token_piece(tok, false));
+        if (!out.empty() && on_piece) {
+            on_piece(out);
+        }
+        if (stream.stopped()) {
+            pending = tok;
+            result.reason = STOP_STRING;
+            break;
+        }
+        if ((int32_t) st.generated_tokens >= gen.max_new_tokens || abort_.load()) {
+            pending = tok;
+            continue;   // the loop head reports maxTokens / abort
+        }
+        make_room(1, gen_chunk, st);
+        if (!decode_tokens({ tok }, turn, TOKEN_ROLE_ASSISTANT, true)) {
+            pending = tok;
+            result.reason = STOP_ABORT;
+            break;
+        }
+    }
+    if (result.reason != STOP_STRING) {
+        const std::string rest = stream.finish();
+        if (!rest.empty() && on_piece) {
+            on_piece(rest);
+        }
+    }
+    st.decode_ms = ms_since(t0);
+    result.response = stream.text();
+
+    // Close the assistant turn next time: the undecoded last token plus the template's end-of-turn.
+    if (pending >= 0) {
+        carry_.push_back(pending);
+    }
+    const message_frame frame = model_->frame_message("assistant");
+    const std::vector<int32_t> closing = model_->tokenize(frame.suffix, false, true);
+    carry_.insert(carry_.end(), closing.begin(), closing.end());
+
+    st.tokens_per_second = st.decode_ms > 0 ? st.generated_tokens * 1000.0 / st.decode_ms : 0;
+    st.retained_tokens = (uint32_t) ledger_.size();
+    st.latency_ms = ms_since(t_turn);
+    cumulative_.turns++;
+    return result;
+}
+
+void chat_session::reset() {
+    kv_clear(ctx_, ledger_);
+    carry_.clear();
+    turn_ = 0;
+    started_ = false;
+    cumulative_ = cumulative_stats{};
+}
+
+std::vector<memory_entry> chat_session::memory() const {
+    std::vector<memory_entry> out;
+    out.reserve(ledger_.size());
+    for (const auto & e : ledger_.entries()) {
+        out.push_back({ e.token, e.pos, e.turn, e.role, e.pinned, model_->token_piece(e.token, true) });
+    }
+    return out;
+}
+
+std::vector<float> chat_session::probe_logits(int32_t token) {
+    if (token < 0 || token >= model_->info().n_vocab) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "token id out of range");
+    }
+    ensure_started();
+    turn_stats st;
+    make_room(1, 0, st);
+    const size_t before = ledger_.size();
+    if (!decode_tokens({ token }, turn_, TOKEN_ROLE_USER, true)) {
+        throw fml_error(FML_ERR_DECODE, "aborted");
+    }
+    const float * logits = llama_get_logits_ith(ctx_, -1);
+    std::vector<float> out(logits, logits + model_->info().n_vocab);
+    kv_truncate(ctx_, ledger_, before);
+    return out;
+}
+
+void chat_session::shift_positions(int32_t delta) {
+    kv_shift_all(ctx_, ledger_, delta);
+}
+
+} // namespace fml

@@ -1,0 +1,139 @@
+// One chat = one llama_context whose KV cache holds at most `max_tokens` tokens, a token ledger that
+// mirrors it, and a policy that chooses evictions. A turn prefills only its new tokens; when the
+// budget would overflow, the policy picks tokens, kv-ops removes them and compacts positions in place.
+#pragma once
+
+#include "model.h"
+#include "policies/policy.h"
+#include "sampler.h"
+#include "token-ledger.h"
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct llama_context;
+
+namespace fml {
+
+struct chat_options {
+    policy_options policy;
+    std::string system_prompt;
+    int32_t     threads = 4;
+    int32_t     batch_size = 512;
+    std::string kv_type = "f16";      // f16 | f32 | q8_0
+    int32_t     flash_attention = -1; // -1 auto, 0 off, 1 on
+};
+
+struct generation_options {
+    sampling_options sampling;
+    int32_t max_new_tokens = 256;
+    std::vector<std::string> stop;
+};
+
+enum stop_reason { STOP_EOS, STOP_MAX_TOKENS, STOP_STRING, STOP_ABORT };
+const char * stop_reason_name(stop_reason r);
+
+struct turn_stats {
+    uint32_t prompt_tokens = 0;      // tokens prefilled this turn (only the new ones)
+    uint32_t generated_tokens = 0;
+    double   prefill_ms = 0;
+    double   decode_ms = 0;
+    double   tokens_per_second = 0;
+    double   policy_ms = 0;          // time policies spent choosing
+    double   evict_ms = 0;           // time spent in seq_rm + seq_add
+    uint32_t evicted_tokens = 0;
+    uint32_t evictions = 0;          // eviction events this turn
+    uint32_t retained_tokens = 0;
+    double   latency_ms = 0;
+    bool     fallback = false;
+    std::string policy;
+};
+
+struct turn_result {
+    std::string response;
+    stop_reason reason = STOP_EOS;
+    turn_stats stats;
+};
+
+struct cumulative_stats {
+    uint64_t turns = 0;
+    uint64_t tokens_seen = 0;        // every token ever decoded into the cache
+    uint64_t tokens_evicted = 0;
+    uint64_t evictions = 0;
+    uint64_t fallback_count = 0;
+};
+
+struct memory_entry {
+    int32_t token;
+    int32_t pos;
+    uint32_t turn;
+    token_role role;
+    bool pinned;
+    std::string text;
+};
+
+// Called from the worker thread with text that never splits a UTF-8 character.
+using piece_callback = std::function<void(const std::string &)>;
+
+class chat_session {
+public:
+    // Validates options against the model and creates the context. Throws fml_error.
+    chat_session(std::shared_ptr<fml_model> model, const chat_options & opts);
+    ~chat_session();
+    chat_session(const chat_session &) = delete;
+    chat_session & operator=(const chat_session &) = delete;
+
+    // Runs one turn on the calling (worker) thread. Throws fml_error; on error the cache and ledger
+    // are rolled back to their state before the turn's prefill (evictions already done stay done).
+    turn_result run_turn(const std::string & user_text, const generation_options & gen, const piece_callback & on_piece);
+
+    void request_abort() { abort_.store(true); }
+    std::atomic<bool> & busy() { return busy_; }
+
+    void reset();
+    std::vector<memory_entry> memory() const;
+    const cumulative_stats & stats() const { return cumulative_; }
+    const token_ledger & ledger() const { return ledger_; }
+    const chat_options & options() const { return opts_; }
+    uint32_t context_size() const;
+    uint64_t kv_bytes() const;
+    int32_t cache_pos_min() const;
+    int32_t cache_pos_max() const;
+    // Tokens that close the last assistant turn; they are prefilled at the start of the next turn.
+    size_t carried_tokens() const { return carry_.size(); }
+    // Token count of a user message once framed by the template (what a turn would prefill).
+    size_t count_turn_tokens(const std::string & user_text) const;
+
+    // Test hooks: logits for `token` decoded at the next position (the decode is rolled back), and a
+    // whole-sequence position shift (RoPE is relative, so logits must not change).
+    std::vector<float> probe_logits(int32_t token);
+    void shift_positions(int32_t delta);
+
+private:
+    std::vector<int32_t> frame_tokens(const std::string & role, const std::string & content) const;
+    void ensure_started();
+    // Frees room for `incoming` more tokens, asking the policy for at least the excess and up to
+    // `slack` more (amortises the K-shift). Throws PROMPT_TOO_LARGE when pinned tokens leave no room.
+    void make_room(size_t incoming, size_t slack, turn_stats & st);
+    // Decodes tokens at the end of the sequence and appends them to the ledger. Returns false on abort.
+    bool decode_tokens(const std::vector<int32_t> & tokens, uint32_t turn, token_role role, bool want_logits);
+
+    std::shared_ptr<fml_model> model_;
+    chat_options opts_;
+    llama_context * ctx_ = nullptr;
+    std::unique_ptr<kv_policy_i> policy_;
+    token_ledger ledger_;
+    cumulative_stats cumulative_;
+    std::vector<int32_t> system_tokens_;
+    std::vector<int32_t> carry_;
+    uint32_t turn_ = 0;
+    bool started_ = false;
+    std::atomic<bool> abort_{false};
+    std::atomic<bool> busy_{false};
+};
+
+} // namespace fml

@@ -1,0 +1,85 @@
+#include "kv-ops.h"
+
+#include "error.h"
+
+#include "llama.h"
+
+namespace fml {
+
+kv_eviction_result kv_evict_ranges(llama_context * ctx, token_ledger & ledger, const std::vector<index_range> & ranges_in) {
+    kv_eviction_result res;
+    const std::vector<index_range> ranges = normalize_ranges(ranges_in);
+    if (ranges.empty()) {
+        return res;
+    }
+    for (const auto & r : ranges) {
+        if (r.end > ledger.size()) {
+            throw fml_error(FML_ERR_KV, "eviction range out of bounds");
+        }
+        for (size_t i = r.begin; i < r.end; ++i) {
+            if (ledger[i].pinned) {
+                throw fml_error(FML_ERR_KV, "eviction plan contains a pinned token");
+            }
+        }
+    }
+
+    llama_memory_t mem = llama_get_memory(ctx);
+    // Ledger index == position (invariant), so ranges translate directly to positions.
+    for (const auto & r : ranges) {
+        if (!llama_memory_seq_rm(mem, KV_SEQ, (llama_pos) r.begin, (llama_pos) r.end)) {
+            throw fml_error(FML_ERR_KV, "llama_memory_seq_rm refused a partial removal");
+        }
+    }
+    // Close each gap: the run after the k-th removed range moves left by the tokens removed so far.
+    // One seq_add per kept run; the tail run extends to the end of the sequence.
+    size_t removed_so_far = 0;
+    for (size_t k = 0; k < ranges.size(); ++k) {
+        removed_so_far += ranges[k].size();
+        const size_t run_begin = ranges[k].end;
+        const size_t run_end   = k + 1 < ranges.size() ? ranges[k + 1].begin : ledger.size();
+        if (run_end > run_begin) {
+            llama_memory_seq_add(mem, KV_SEQ, (llama_pos) run_begin, (llama_pos) run_end, -(llama_pos) removed_so_far);
+            res.shifted_runs++;
+        }
+    }
+    res.evicted = ledger.remove_ranges_and_compact(ranges);
+    return res;
+}
+
+void kv_shift_all(llama_context * ctx, token_ledger & ledger, int32_t delta) {
+    if (ledger.empty()) {
+        return;
+    }
+    llama_memory_seq_add(llama_get_memory(ctx), KV_SEQ, 0, -1, delta);
+    for (size_t i = 0; i < ledger.size(); ++i) {
+        ledger.at(i).pos += delta;
+    }
+}
+
+void kv_truncate(llama_context * ctx, token_ledger & ledger, size_t keep) {
+    if (keep >= ledger.size()) {
+        return;
+    }
+    const llama_pos p0 = ledger[keep].pos;
+    if (!llama_memory_seq_rm(llama_get_memory(ctx), KV_SEQ, p0, -1)) {
+        throw fml_error(FML_ERR_KV, "llama_memory_seq_rm refused to truncate");
+    }
+    std::vector<index_range> tail = { { keep, ledger.size() } };
+    // Positions of the kept prefix are unchanged (the prefix already starts at 0..keep-1 unless shifted).
+    const int32_t first_pos = ledger.empty() ? 0 : ledger[0].pos;
+    ledger.remove_ranges_and_compact(tail);
+    for (size_t i = 0; i < ledger.size(); ++i) {
+        ledger.at(i).pos = first_pos + (int32_t) i;
+    }
+}
+
+void kv_clear(llama_context * ctx, token_ledger & ledger) {
+    llama_memory_clear(llama_get_memory(ctx), true);
+    ledger.clear();
+}
+
+int32_t kv_pos_min(llama_context * ctx) { return llama_memory_seq_pos_min(llama_get_memory(ctx), KV_SEQ); }
+int32_t kv_pos_max(llama_context * ctx) { return llama_memory_seq_pos_max(llama_get_memory(ctx), KV_SEQ); }
+bool kv_can_shift(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
+
+} // namespace fml

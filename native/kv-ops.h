@@ -1,0 +1,45 @@
+// The only module that mutates llama.cpp's KV cache layout (llama_memory_*). Policies decide what
+// to evict; this applies the plan: seq_rm for each evicted range, then one seq_add per kept run to
+// close the gaps, so retained tokens hold positions 0..n-1 again. The RoPE re-rotation of the
+// shifted keys (K-shift) runs lazily inside the next llama_decode.
+//
+// Cells vs positions: llama.cpp never compacts KV cells physically. seq_rm frees the cells and moves
+// the allocation head to the first freed one, so the next tokens refill those holes; the cache never
+// grows past the context size (sized from the budget), and no freed cell stays dead once new tokens
+// arrive. The ledger tracks positions only; nothing here reads per-cell data.
+#pragma once
+
+#include "token-ledger.h"
+
+#include <cstdint>
+#include <vector>
+
+struct llama_context;
+
+namespace fml {
+
+constexpr int32_t KV_SEQ = 0;   // every chat has its own context, so one sequence is enough
+
+struct kv_eviction_result {
+    size_t evicted = 0;
+    size_t shifted_runs = 0;   // number of seq_add calls
+};
+
+// Applies the eviction to the cache and the ledger. Throws fml_error(KV) if llama.cpp refuses.
+kv_eviction_result kv_evict_ranges(llama_context * ctx, token_ledger & ledger, const std::vector<index_range> & ranges);
+
+// Shifts every cached position by `delta` (test hook: RoPE is relative, so logits must not change).
+void kv_shift_all(llama_context * ctx, token_ledger & ledger, int32_t delta);
+
+// Removes positions >= pos from the cache and the ledger (rolls back a probe decode).
+void kv_truncate(llama_context * ctx, token_ledger & ledger, size_t keep);
+
+void kv_clear(llama_context * ctx, token_ledger & ledger);
+
+// llama.cpp's own view of the sequence, for invariant checks against the ledger.
+int32_t kv_pos_min(llama_context * ctx);
+int32_t kv_pos_max(llama_context * ctx);
+
+bool kv_can_shift(llama_context * ctx);
+
+} // namespace fml

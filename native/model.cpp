@@ -1,0 +1,280 @@
+#include "model.h"
+
+#include "error.h"
+
+#include "ggml-backend.h"
+#include "gguf.h"
+#include "llama.h"
+
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <sys/stat.h>
+
+namespace fml {
+
+// ---- llama.cpp log capture -------------------------------------------------------------------
+
+static std::mutex  g_log_mutex;
+static std::string g_last_errors;
+
+static void llama_log_to_buffer(enum ggml_log_level level, const char * text, void * /*user*/) {
+    if (level != GGML_LOG_LEVEL_ERROR && level != GGML_LOG_LEVEL_WARN) {
+        return;
+    }
+    if (getenv("FML_LLAMA_LOG") != nullptr) {
+        fputs(text, stderr);
+    }
+    if (level == GGML_LOG_LEVEL_ERROR) {
+        std::lock_guard<std::mutex> lock(g_log_mutex);
+        g_last_errors += text;
+        if (g_last_errors.size() > 4096) {
+            g_last_errors.erase(0, g_last_errors.size() - 4096);
+        }
+    }
+}
+
+void install_llama_log() { llama_log_set(llama_log_to_buffer, nullptr); }
+
+std::string last_llama_errors() {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    std::string out;
+    out.swap(g_last_errors);
+    while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) {
+        out.pop_back();
+    }
+    return out;
+}
+
+// ---- file validation -------------------------------------------------------------------------
+
+void validate_gguf_file(const std::string & path) {
+    struct stat st {};
+    if (path.empty() || stat(path.c_str(), &st) != 0) {
+        throw fml_error(FML_ERR_MODEL_NOT_FOUND, "model file not found: " + path);
+    }
+    if (S_ISDIR(st.st_mode)) {
+        throw fml_error(FML_ERR_MODEL_INVALID, "model path is a directory: " + path);
+    }
+    FILE * f = fopen(path.c_str(), "rb");
+    if (f == nullptr) {
+        throw fml_error(FML_ERR_MODEL_NOT_FOUND, "model file is not readable: " + path);
+    }
+    char magic[4] = {0};
+    const size_t n = fread(magic, 1, 4, f);
+    fclose(f);
+    if (n < 4 || memcmp(magic, "GGUF", 4) != 0) {
+        throw fml_error(FML_ERR_MODEL_INVALID, "not a GGUF file (bad magic): " + path);
+    }
+    // gguf's own parser reports malformed headers by returning NULL (no abort).
+    gguf_init_params params = { /*no_alloc =*/ true, /*ctx =*/ nullptr };
+    gguf_context * g = gguf_init_from_file(path.c_str(), params);
+    if (g == nullptr) {
+        throw fml_error(FML_ERR_MODEL_INVALID, "malformed GGUF header: " + path);
+    }
+    const size_t data_offset = gguf_get_data_offset(g);
+    const int64_t n_tensors = gguf_get_n_tensors(g);
+    uint64_t data_end = data_offset;
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        const uint64_t end = data_offset + gguf_get_tensor_offset(g, i) + gguf_get_tensor_size(g, i);
+        data_end = end > data_end ? end : data_end;
+    }
+    const bool has_arch = gguf_find_key(g, "general.architecture") >= 0;
+    gguf_free(g);
+    if (n_tensors == 0) {
+        throw fml_error(FML_ERR_MODEL_INVALID, "GGUF file holds no tensors: " + path);
+    }
+    if (!has_arch) {
+        throw fml_error(FML_ERR_MODEL_INVALID, "GGUF file has no general.architecture: " + path);
+    }
+    if (data_end > (uint64_t) st.st_size) {
+        throw fml_error(FML_ERR_MODEL_INVALID,
+                        "truncated GGUF file: tensor data ends at byte " + std::to_string(data_end) +
+                        " but the file has " + std::to_string((uint64_t) st.st_size) + ": " + path);
+    }
+}
+
+// ---- model -----------------------------------------------------------------------------------
+
+static std::string meta_str(const llama_model * model, const char * key) {
+    char buf[256];
+    const int32_t n = llama_model_meta_val_str(model, key, buf, sizeof(buf));
+    return n < 0 ? std::string() : std::string(buf, std::min<size_t>((size_t) n, sizeof(buf) - 1));
+}
+
+static std::string detect_backend() {
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) {
+            const char * reg = ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev));
+            std::string name = reg ? reg : "gpu";
+            for (auto & c : name) {
+                c = (char) tolower((unsigned char) c);
+            }
+            return name;
+        }
+    }
+    return "cpu";
+}
+
+std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model_load_options & opts) {
+    validate_gguf_file(path);
+
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = opts.gpu_layers;
+    if (!opts.use_mmap) {
+        mp.load_mode = LLAMA_LOAD_MODE_NONE;
+    }
+    last_llama_errors();   // drop stale messages
+    llama_model * model = nullptr;
+    try {
+        model = llama_model_load_from_file(path.c_str(), mp);
+    } catch (const std::exception & e) {
+        throw fml_error(FML_ERR_MODEL_LOAD, std::string("llama.cpp failed to load the model: ") + e.what());
+    }
+    if (model == nullptr) {
+        const std::string why = last_llama_errors();
+        throw fml_error(FML_ERR_MODEL_LOAD, "llama.cpp failed to load the model" + (why.empty() ? std::string() : ": " + why));
+    }
+
+    std::shared_ptr<fml_model> m(new fml_model());
+    m->model_ = model;
+    m->vocab_ = llama_model_get_vocab(model);
+
+    model_info & info = m->info_;
+    info.architecture = meta_str(model, "general.architecture");
+    char desc[256];
+    llama_model_desc(model, desc, sizeof(desc));
+    info.description = desc;
+    const char * tmpl = llama_model_chat_template(model, nullptr);
+    info.chat_template = tmpl ? tmpl : "";
+    info.n_ctx_train = llama_model_n_ctx_train(model);
+    info.n_embd = llama_model_n_embd(model);
+    info.n_layer = llama_model_n_layer(model);
+    info.n_head = llama_model_n_head(model);
+    info.n_head_kv = llama_model_n_head_kv(model);
+    info.n_vocab = llama_vocab_n_tokens(m->vocab_);
+    info.size_bytes = llama_model_size(model);
+    info.n_params = llama_model_n_params(model);
+    info.gpu_layers = opts.gpu_layers < 0 ? info.n_layer : std::min(opts.gpu_layers, info.n_layer);
+    info.backend = detect_backend();
+    if (info.backend == "cpu") {
+        info.gpu_layers = 0;
+    }
+
+    // Use the model's template when llama.cpp recognises it, else ChatML.
+    m->template_ = info.chat_template.empty() ? "chatml" : info.chat_template;
+    llama_chat_message probe = { "user", "x" };
+    if (llama_chat_apply_template(m->template_.c_str(), &probe, 1, true, nullptr, 0) < 0) {
+        m->template_ = "chatml";
+    }
+    return m;
+}
+
+fml_model::~fml_model() {
+    if (model_ != nullptr) {
+        llama_model_free(model_);
+    }
+}
+
+std::vector<int32_t> fml_model::tokenize(const std::string & text, bool add_bos, bool parse_special) const {
+    if (text.size() > (size_t) INT32_MAX / 2) {
+        throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "text too large to tokenize");
+    }
+    std::vector<llama_token> out(text.size() + 8);
+    int32_t n = 0;
+    try {
+        n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), add_bos, parse_special);
+        if (n < 0 && n != INT32_MIN) {
+            out.resize((size_t) -n);
+            n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), add_bos, parse_special);
+        }
+    } catch (const std::exception & e) {
+        // SPM vocabularies without byte-fallback tokens throw on characters they cannot represent.
+        throw fml_error(FML_ERR_INVALID_OPTION,
+                        std::string("the model's vocabulary cannot represent this text (no byte fallback): ") + e.what());
+    }
+    if (n < 0) {
+        throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "tokenization overflow");
+    }
+    out.resize((size_t) n);
+    return std::vector<int32_t>(out.begin(), out.end());
+}
+
+std::string fml_model::token_piece(int32_t token, bool render_special) const {
+    char buf[128];
+    int32_t n = llama_token_to_piece(vocab_, token, buf, sizeof(buf), 0, render_special);
+    if (n >= 0) {
+        return std::string(buf, (size_t) n);
+    }
+    std::string big((size_t) -n, '\0');
+    n = llama_token_to_piece(vocab_, token, big.data(), (int32_t) big.size(), 0, render_special);
+    return n < 0 ? std::string() : big.substr(0, (size_t) n);
+}
+
+std::string fml_model::detokenize(const std::vector<int32_t> & tokens, bool render_special) const {
+    for (int32_t t : tokens) {
+        if (t < 0 || t >= info_.n_vocab) {
+            throw fml_error(FML_ERR_INVALID_OPTION, "token id out of range: " + std::to_string(t));
+        }
+    }
+    std::string out(tokens.size() * 8 + 16, '\0');
+    int32_t n = llama_detokenize(vocab_, tokens.data(), (int32_t) tokens.size(), out.data(), (int32_t) out.size(), false, render_special);
+    if (n < 0) {
+        out.resize((size_t) -n);
+        n = llama_detokenize(vocab_, tokens.data(), (int32_t) tokens.size(), out.data(), (int32_t) out.size(), false, render_special);
+    }
+    out.resize(n < 0 ? 0 : (size_t) n);
+    return out;
+}
+
+bool fml_model::is_eog(int32_t token) const { return llama_vocab_is_eog(vocab_, token); }
+int32_t fml_model::bos() const { return llama_vocab_bos(vocab_); }
+bool fml_model::add_bos() const { return llama_vocab_get_add_bos(vocab_) && llama_vocab_bos(vocab_) != LLAMA_TOKEN_NULL; }
+
+std::string fml_model::apply_template(const std::vector<std::pair<std::string, std::string>> & messages, bool add_assistant) const {
+    std::vector<llama_chat_message> chat;
+    size_t total = 0;
+    for (const auto & m : messages) {
+        chat.push_back({ m.first.c_str(), m.second.c_str() });
+        total += m.second.size();
+    }
+    std::vector<char> buf(total * 2 + 256);
+    int32_t n = llama_chat_apply_template(template_.c_str(), chat.data(), chat.size(), add_assistant, buf.data(), (int32_t) buf.size());
+    if (n > (int32_t) buf.size()) {
+        buf.resize((size_t) n);
+        n = llama_chat_apply_template(template_.c_str(), chat.data(), chat.size(), add_assistant, buf.data(), (int32_t) buf.size());
+    }
+    if (n < 0) {
+        throw fml_error(FML_ERR_TEMPLATE, "chat template could not be applied");
+    }
+    return std::string(buf.data(), (size_t) n);
+}
+
+message_frame fml_model::frame_message(const std::string & role) const {
+    // Render the message with a sentinel as content and split around it. Messages are framed one at a
+    // time (history is never re-rendered), so the diff against the preceding context is what counts:
+    // for "assistant" the context is a user turn, whose own rendering (with generation prompt) is
+    // stripped off.
+    static const std::string sentinel = "\x1e" "FML_CONTENT" "\x1e";
+    std::string rendered;
+    std::string context;
+    if (role == "user") {
+        rendered = apply_template({ { "user", sentinel } }, true);
+    } else if (role == "system") {
+        rendered = apply_template({ { "system", sentinel } }, false);
+    } else {
+        context  = apply_template({ { "user", "u" } }, true);
+        rendered = apply_template({ { "user", "u" }, { role, sentinel } }, false);
+        if (rendered.compare(0, context.size(), context) == 0) {
+            rendered = rendered.substr(context.size());
+        }
+    }
+    const size_t at = rendered.find(sentinel);
+    if (at == std::string::npos) {
+        throw fml_error(FML_ERR_TEMPLATE, "chat template dropped the message content for role " + role);
+    }
+    return { rendered.substr(0, at), rendered.substr(at + sentinel.size()) };
+}
+
+} // namespace fml

@@ -1,0 +1,87 @@
+// A loaded GGUF model: validation before llama.cpp sees the file, metadata, tokenization and
+// chat-template formatting. Shared (std::shared_ptr) by every chat created from it, so the weights
+// outlive the last context even if the JS Model is disposed first.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct llama_model;
+struct llama_vocab;
+
+namespace fml {
+
+struct model_load_options {
+    int32_t gpu_layers = 0;     // -1 = all
+    bool    use_mmap   = true;
+};
+
+struct model_info {
+    std::string architecture;
+    std::string description;
+    std::string chat_template;   // empty when the GGUF has none (then "chatml" formatting is used)
+    std::string backend;         // "cpu" or "cuda"
+    int32_t n_ctx_train = 0;
+    int32_t n_embd = 0;
+    int32_t n_layer = 0;
+    int32_t n_head = 0;
+    int32_t n_head_kv = 0;
+    int32_t n_vocab = 0;
+    uint64_t size_bytes = 0;
+    uint64_t n_params = 0;
+    int32_t gpu_layers = 0;
+};
+
+// The text around a message's content once a chat template is applied: prefix + content + suffix.
+struct message_frame {
+    std::string prefix;
+    std::string suffix;
+};
+
+class fml_model {
+public:
+    // Throws fml_error (MODEL_NOT_FOUND / MODEL_INVALID / MODEL_LOAD_FAILED).
+    static std::shared_ptr<fml_model> load(const std::string & path, const model_load_options & opts);
+    ~fml_model();
+
+    fml_model(const fml_model &) = delete;
+    fml_model & operator=(const fml_model &) = delete;
+
+    llama_model * raw() const { return model_; }
+    const llama_vocab * vocab() const { return vocab_; }
+    const model_info & info() const { return info_; }
+
+    // `parse_special`: control tokens written as text (<|im_start|>) become control tokens. User
+    // content is tokenized with it off so it cannot inject template tokens.
+    std::vector<int32_t> tokenize(const std::string & text, bool add_bos, bool parse_special) const;
+    std::string detokenize(const std::vector<int32_t> & tokens, bool render_special) const;
+    std::string token_piece(int32_t token, bool render_special) const;
+    bool is_eog(int32_t token) const;
+    int32_t bos() const;
+    bool add_bos() const;
+
+    // Frames for one message of `role` ("system", "user", "assistant") under the model's template.
+    // For "user", the suffix includes the assistant generation prompt.
+    message_frame frame_message(const std::string & role) const;
+
+private:
+    fml_model() = default;
+    std::string apply_template(const std::vector<std::pair<std::string, std::string>> & messages, bool add_assistant) const;
+
+    llama_model * model_ = nullptr;
+    const llama_vocab * vocab_ = nullptr;
+    model_info info_;
+    std::string template_;   // what llama_chat_apply_template gets
+};
+
+// Checks that `path` is a readable GGUF whose tensor data lies inside the file, without letting
+// llama.cpp touch it (llama.cpp aborts on some malformed input). Throws fml_error.
+void validate_gguf_file(const std::string & path);
+
+// The last error lines llama.cpp logged (llama.cpp reports load failures only through its log).
+std::string last_llama_errors();
+void install_llama_log();
+
+} // namespace fml

@@ -1,0 +1,86 @@
+#include "token-ledger.h"
+
+#include <algorithm>
+
+namespace fml {
+
+const char * token_role_name(token_role role) {
+    switch (role) {
+        case TOKEN_ROLE_SYSTEM:    return "system";
+        case TOKEN_ROLE_USER:      return "user";
+        case TOKEN_ROLE_ASSISTANT: return "assistant";
+        case TOKEN_ROLE_SUMMARY:   return "summary";
+    }
+    return "unknown";
+}
+
+void token_ledger::append(int32_t token, uint32_t turn, token_role role, bool pinned) {
+    ledger_entry e{};
+    e.token  = token;
+    e.pos    = next_pos();
+    e.turn   = turn;
+    e.role   = role;
+    e.pinned = pinned;
+    entries_.push_back(e);
+}
+
+size_t token_ledger::pinned_count() const {
+    size_t n = 0;
+    for (const auto & e : entries_) {
+        n += e.pinned ? 1 : 0;
+    }
+    return n;
+}
+
+size_t token_ledger::remove_ranges_and_compact(const std::vector<index_range> & ranges) {
+    if (ranges.empty()) {
+        return 0;
+    }
+    std::vector<ledger_entry> kept;
+    kept.reserve(entries_.size());
+    size_t r = 0;
+    for (size_t i = 0; i < entries_.size(); ++i) {
+        while (r < ranges.size() && i >= ranges[r].end) {
+            ++r;
+        }
+        const bool removed = r < ranges.size() && i >= ranges[r].begin && i < ranges[r].end;
+        if (!removed) {
+            kept.push_back(entries_[i]);
+        }
+    }
+    const size_t removed = entries_.size() - kept.size();
+    for (size_t i = 0; i < kept.size(); ++i) {
+        kept[i].pos = (int32_t) i;
+    }
+    entries_.swap(kept);
+    return removed;
+}
+
+bool token_ledger::positions_contiguous() const {
+    for (size_t i = 0; i < entries_.size(); ++i) {
+        if (entries_[i].pos != (int32_t) i) {
+            return false;
+        }
+    }
+    return true;
+}
+
+std::vector<index_range> normalize_ranges(std::vector<index_range> ranges) {
+    std::sort(ranges.begin(), ranges.end(), [](const index_range & a, const index_range & b) {
+        return a.begin < b.begin;
+    });
+    std::vector<index_range> out;
+    for (const auto & r : ranges) {
+        if (r.end <= r.begin) {
+            continue;
+        }
+        if (!out.empty() && r.begin <= out.back().end) {
+            out.back().end = std::max(out.back().end, r.end);
+        } else {
+            out.push_back(r);
+        }
+    }
+    return out;
+}
+
+} // namespace fml

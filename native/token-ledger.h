@@ -1,0 +1,68 @@
+// The token ledger mirrors llama.cpp's KV cache for one sequence: one entry per cached token, in
+// position order. After every eviction the ledger and the cache agree: entry i holds position i.
+// Policies read it to decide what to evict; only kv-ops mutates positions.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fml {
+
+enum token_role : uint8_t {
+    TOKEN_ROLE_SYSTEM    = 0,
+    TOKEN_ROLE_USER      = 1,
+    TOKEN_ROLE_ASSISTANT = 2,
+    TOKEN_ROLE_SUMMARY   = 3,
+};
+
+const char * token_role_name(token_role role);
+
+// Score slots for policies that rank tokens (accumulated attention, cluster ids...). Unused by `sliding`.
+constexpr int LEDGER_SCORE_SLOTS = 2;
+
+struct ledger_entry {
+    int32_t    token;
+    int32_t    pos;
+    uint32_t   turn;
+    token_role role;
+    bool       pinned;   // never evicted: system prompt and attention sinks
+    float      score[LEDGER_SCORE_SLOTS];
+};
+
+// A half-open range [begin, end) of ledger indices.
+struct index_range {
+    size_t begin;
+    size_t end;
+    size_t size() const { return end - begin; }
+};
+
+class token_ledger {
+public:
+    void append(int32_t token, uint32_t turn, token_role role, bool pinned);
+    void clear() { entries_.clear(); }
+
+    size_t size() const { return entries_.size(); }
+    bool   empty() const { return entries_.empty(); }
+    size_t pinned_count() const;
+    int32_t next_pos() const { return entries_.empty() ? 0 : entries_.back().pos + 1; }
+
+    const ledger_entry & operator[](size_t i) const { return entries_[i]; }
+    ledger_entry & at(size_t i) { return entries_[i]; }
+    const std::vector<ledger_entry> & entries() const { return entries_; }
+
+    // Removes the given (sorted, disjoint) ranges and renumbers positions 0..n-1.
+    // Returns the number of entries removed. kv-ops calls this after mutating the cache the same way.
+    size_t remove_ranges_and_compact(const std::vector<index_range> & ranges);
+
+    // True when positions are exactly 0..n-1. Used by tests and debug checks.
+    bool positions_contiguous() const;
+
+private:
+    std::vector<ledger_entry> entries_;
+};
+
+// Normalises a list of ranges: sorted by begin, merged where they touch, empty ones dropped.
+std::vector<index_range> normalize_ranges(std::vector<index_range> ranges);
+
+} // namespace fml

@@ -226,7 +226,11 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
                         "the message needs " + std::to_string(framed.size()) + " tokens but maxTokens " + std::to_string(budget) +
                         " leaves room for " + std::to_string(budget - std::min(budget, pinned + carry_.size() + 1)) + " after pinned tokens");
     }
+    // The first turn (and the first after reset) also prefills the pinned system prompt.
+    const size_t system_prefill = started_ ? 0 : system_tokens_.size();
+    const auto t_system = clock_type::now();
     ensure_started();
+    const double system_ms = ms_since(t_system);
 
     // Amortise: when evicting anyway, free room for part of the reply too.
     const size_t slack = std::min<size_t>((size_t) std::max(gen.max_new_tokens, 1), budget / 8);
@@ -245,7 +249,7 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
     if (ok) {
         ok = decode_tokens(framed, turn, TOKEN_ROLE_USER, true);
     }
-    st.prefill_ms = ms_since(t0);
+    st.prefill_ms = ms_since(t0) + system_ms;
     if (!ok) {
         // Aborted during prefill: roll back to the state before this turn's tokens.
         kv_truncate(ctx_, ledger_, ledger_before);
@@ -256,7 +260,7 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
         return result;
     }
     carry_.clear();
-    st.prompt_tokens = (uint32_t) prompt.size();
+    st.prompt_tokens = (uint32_t) (prompt.size() + system_prefill);
 
     sampler_chain sampler(gen.sampling, model_->info().n_vocab);
     text_stream stream(gen.stop);

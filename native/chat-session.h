@@ -105,6 +105,8 @@ public:
     int32_t cache_pos_max() const;
     // Tokens that close the last assistant turn; they are prefilled at the start of the next turn.
     size_t carried_tokens() const { return carry_.size(); }
+    // System prompt tokens the next turn will prefill (0 once they are in the cache).
+    size_t pending_system_tokens() const { return started_ ? 0 : system_tokens_.size(); }
     // Token count of a user message once framed by the template (what a turn would prefill).
     size_t count_turn_tokens(const std::string & user_text) const;
 

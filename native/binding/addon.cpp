@@ -324,6 +324,7 @@ private:
         o.Set("positionsContiguous", s->ledger().positions_contiguous());
         o.Set("contextSize", s->context_size());
         o.Set("carriedTokens", (double) s->carried_tokens());
+        o.Set("pendingSystemTokens", (double) s->pending_system_tokens());
         o.Set("kvBytes", (double) s->kv_bytes());
         return o;
     }
@@ -497,6 +498,38 @@ Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
 
 // ---- module ------------------------------------------------------------------------------------
 
+// planEviction(policyOptions, entries[{pinned}], need, want) -> [[begin, end], ...]
+// Runs a policy on a synthetic ledger, so policies are testable without a model or a KV cache.
+Napi::Value js_plan_eviction(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = object_arg(info, 0);
+    policy_options opts;
+    opts.name = get_string(o, "policy", "sliding");
+    opts.max_tokens = (uint32_t) get_number(o, "maxTokens", 2048);
+    opts.window_size = (uint32_t) get_number(o, "windowSize", 512);
+    opts.sink_tokens = (uint32_t) get_number(o, "sinkTokens", 4);
+    if (info.Length() < 4 || !info[1].IsArray()) {
+        throw_error(env, FML_ERR_INVALID_OPTION, "planEviction(options, entries, need, want)");
+    }
+    Napi::Array entries = info[1].As<Napi::Array>();
+    token_ledger ledger;
+    for (uint32_t i = 0; i < entries.Length(); ++i) {
+        Napi::Object e = entries.Get(i).As<Napi::Object>();
+        const token_role role = (token_role) (int) get_number(e, "role", TOKEN_ROLE_USER);
+        ledger.append((int32_t) get_number(e, "token", 0), (uint32_t) get_number(e, "turn", 0), role, e.Get("pinned").ToBoolean());
+    }
+    const eviction_request req{ (size_t) info[2].ToNumber().Int64Value(), (size_t) info[3].ToNumber().Int64Value() };
+    const eviction_plan plan = guarded(env, [&] { return make_policy(opts)->plan(ledger, req); });
+    Napi::Array out = Napi::Array::New(env, plan.ranges.size());
+    for (size_t i = 0; i < plan.ranges.size(); ++i) {
+        Napi::Array r = Napi::Array::New(env, 2);
+        r[(uint32_t) 0] = Napi::Number::New(env, (double) plan.ranges[i].begin);
+        r[(uint32_t) 1] = Napi::Number::New(env, (double) plan.ranges[i].end);
+        out[i] = r;
+    }
+    return out;
+}
+
 Napi::Value js_system_info(const Napi::CallbackInfo & info) {
     return Napi::String::New(info.Env(), llama_print_system_info());
 }
@@ -513,6 +546,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
     exports.Set("NativeModel", model_ctor);
     exports.Set("NativeChat", chat_ctor);
     exports.Set("loadModel", Napi::Function::New(env, js_load_model));
+    exports.Set("planEviction", Napi::Function::New(env, js_plan_eviction));
     exports.Set("systemInfo", Napi::Function::New(env, js_system_info));
     exports.Set("llamaCppVersion", Napi::String::New(env, "v0.4.0 (node-llama-cpp@3.21.1 bundle)"));
     return exports;

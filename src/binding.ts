@@ -1,0 +1,154 @@
+/**
+ * The native surface, declared once. Everything here is internal: the public API wraps it.
+ * @internal
+ */
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { NativeBindingError } from './errors.js';
+
+export interface NativeModelInfo {
+  architecture: string;
+  description: string;
+  chatTemplate: string | null;
+  backend: string;
+  nCtxTrain: number;
+  nEmbd: number;
+  nLayer: number;
+  nHead: number;
+  nHeadKv: number;
+  nVocab: number;
+  sizeBytes: number;
+  nParams: number;
+  gpuLayers: number;
+}
+
+export interface NativeModel {
+  info(): NativeModelInfo;
+  tokenize(text: string, addBos: boolean, parseSpecial: boolean): Int32Array;
+  detokenize(tokens: Int32Array, renderSpecial: boolean): string;
+  dispose(): void;
+}
+
+export interface NativeTurnStats {
+  promptTokens: number;
+  generatedTokens: number;
+  prefillMs: number;
+  decodeMs: number;
+  tokensPerSecond: number;
+  policyMs: number;
+  evictMs: number;
+  evictedTokens: number;
+  evictions: number;
+  retainedTokens: number;
+  latencyMs: number;
+  fallback: boolean;
+  policy: string;
+}
+
+export interface NativeTurnResult {
+  response: string;
+  stopReason: 'eos' | 'maxTokens' | 'stop' | 'abort';
+  stats: NativeTurnStats;
+}
+
+export interface NativeChatStats {
+  turns: number;
+  tokensSeen: number;
+  tokensRetained: number;
+  tokensEvicted: number;
+  evictions: number;
+  fallbackCount: number;
+  kvBytes: number;
+}
+
+export interface NativeMemoryEntry {
+  token: number;
+  position: number;
+  turn: number;
+  role: 'system' | 'user' | 'assistant' | 'summary';
+  pinned: boolean;
+  text: string;
+}
+
+export interface NativeCacheState {
+  ledgerTokens: number;
+  pinnedTokens: number;
+  cachePosMin: number;
+  cachePosMax: number;
+  positionsContiguous: boolean;
+  contextSize: number;
+  carriedTokens: number;
+  pendingSystemTokens: number;
+  kvBytes: number;
+}
+
+export interface NativeChatOptions {
+  policy: string;
+  maxTokens: number;
+  windowSize: number;
+  sinkTokens: number;
+  systemPrompt: string;
+  threads: number;
+  batchSize: number;
+  kvType: string;
+  flashAttention?: boolean;
+}
+
+export interface NativeSendOptions {
+  maxNewTokens: number;
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  repeatPenalty: number;
+  repeatLastN: number;
+  seed?: number;
+  stop: string[];
+}
+
+export interface NativeChat {
+  send(message: string, options: NativeSendOptions, onPiece?: (piece: string) => void): Promise<NativeTurnResult>;
+  abort(): void;
+  stats(): NativeChatStats;
+  memory(): NativeMemoryEntry[];
+  cacheState(): NativeCacheState;
+  countTurnTokens(message: string): number;
+  reset(): void;
+  dispose(): void;
+  probeLogits(token: number): Float32Array;
+  shiftPositions(delta: number): void;
+}
+
+export interface NativeBinding {
+  loadModel(path: string, options: { gpuLayers: number; useMmap: boolean }): Promise<NativeModel>;
+  NativeChat: new (model: NativeModel, options: NativeChatOptions) => NativeChat;
+  planEviction(
+    options: { policy: string; maxTokens: number; windowSize: number; sinkTokens: number },
+    entries: { pinned: boolean; role?: number; turn?: number; token?: number }[],
+    need: number,
+    want: number,
+  ): [number, number][];
+  systemInfo(): string;
+  llamaCppVersion: string;
+}
+
+let cached: NativeBinding | undefined;
+
+/** Loads the addon: prebuilds/ first, then build/ (node-gyp-build's order). */
+export function getBinding(): NativeBinding {
+  if (cached) return cached;
+  const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+  const require = createRequire(import.meta.url);
+  try {
+    const load = require('node-gyp-build') as (dir: string) => NativeBinding;
+    cached = load(root);
+  } catch (err) {
+    throw new NativeBindingError(
+      `could not load the finite-memory-llm native addon from ${root}: ${(err as Error).message}. ` +
+        'Build it with `npm run build` (needs cmake, a C++17 compiler and the node-llama-cpp devDependency for the llama.cpp source).',
+      err,
+    );
+  }
+  return cached;
+}

@@ -1,0 +1,186 @@
+import type { NativeCacheState, NativeChat } from './binding.js';
+import { ChatBusyError, DisposedError, fromNativeError } from './errors.js';
+import { checkMessage, resolveSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
+import type { ChatStats, MemoryEntry, TurnResult } from './types.js';
+
+/** Low-level hooks used by the test suite and benchmarks. Not part of the public API. @internal */
+export interface ChatInternals {
+  cacheState(): NativeCacheState;
+  countTurnTokens(message: string): number;
+  probeLogits(token: number): Float32Array;
+  shiftPositions(delta: number): void;
+}
+
+/**
+ * A conversation whose KV cache holds at most `maxTokens` tokens. One turn runs at a time: a second
+ * `send` while one is running rejects with `ChatBusyError` (it is not queued, so a server decides
+ * its own queueing). Other chats, even of the same model, run concurrently.
+ */
+export class Chat {
+  readonly #native: NativeChat;
+  readonly #options: ResolvedChatOptions;
+  readonly #onDispose: () => void;
+  #busy = false;
+  #disposed = false;
+  #lastTurn: TurnResult | undefined;
+
+  /** @internal */
+  constructor(native: NativeChat, options: ResolvedChatOptions, onDispose: () => void) {
+    this.#native = native;
+    this.#options = options;
+    this.#onDispose = onDispose;
+  }
+
+  /** The resolved options (defaults filled in). */
+  get options(): Readonly<ResolvedChatOptions> {
+    return this.#options;
+  }
+
+  get busy(): boolean {
+    return this.#busy;
+  }
+
+  get disposed(): boolean {
+    return this.#disposed;
+  }
+
+  /** The result of the last completed turn. */
+  get lastTurn(): TurnResult | undefined {
+    return this.#lastTurn;
+  }
+
+  /**
+   * Sends a user message and generates the reply. Only the message's tokens are prefilled; when the
+   * budget would overflow, the policy evicts tokens from the KV cache first.
+   */
+  async send(message: string, options: SendOptions = {}): Promise<TurnResult> {
+    this.#check();
+    const text = checkMessage(message);
+    const opts = resolveSendOptions(options);
+    if (this.#busy) throw new ChatBusyError();
+    if (opts.signal?.aborted) {
+      return this.#remember(abortedBeforeStart(this.#options.policy, this.#native.cacheState().ledgerTokens));
+    }
+    const stack = new Error().stack;
+    const onAbort = () => this.#native.abort();
+    opts.signal?.addEventListener('abort', onAbort, { once: true });
+    this.#busy = true;
+    try {
+      const { onToken, signal: _signal, ...nativeOpts } = opts;
+      const result = await this.#native.send(text, nativeOpts, onToken);
+      return this.#remember(result as TurnResult);
+    } catch (err) {
+      throw fromNativeError(err, stack);
+    } finally {
+      this.#busy = false;
+      opts.signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /**
+   * Streams the reply piece by piece. Breaking out of the loop aborts the turn (the chat stays
+   * usable); the generator's return value is the TurnResult.
+   */
+  async *stream(message: string, options: Omit<SendOptions, 'onToken'> = {}): AsyncGenerator<string, TurnResult, undefined> {
+    const queue: string[] = [];
+    let wake: (() => void) | undefined;
+    let finished = false;
+    const turn = this.send(message, {
+      ...options,
+      onToken: (piece) => {
+        queue.push(piece);
+        wake?.();
+      },
+    }).finally(() => {
+      finished = true;
+      wake?.();
+    });
+    turn.catch(() => {}); // rethrown below
+    try {
+      while (true) {
+        while (queue.length > 0) yield queue.shift() as string;
+        if (finished) break;
+        await new Promise<void>((resolve) => (wake = resolve));
+        wake = undefined;
+      }
+      return await turn;
+    } finally {
+      if (!finished) {
+        this.#native.abort();
+        await turn.catch(() => {});
+      }
+    }
+  }
+
+  /** Cumulative figures since creation or the last reset. */
+  stats(): ChatStats {
+    this.#check();
+    const s = this.#native.stats();
+    return { ...s, compressionRatio: s.tokensRetained > 0 ? s.tokensSeen / s.tokensRetained : 0 };
+  }
+
+  /** The tokens this chat still remembers, in order, with position, turn, role, pinned flag and text. */
+  memory(): MemoryEntry[] {
+    this.#check();
+    return this.#native.memory();
+  }
+
+  /** Forgets the conversation (the system prompt is prefilled again on the next turn). */
+  reset(): void {
+    this.#check();
+    if (this.#busy) throw new ChatBusyError('cannot reset while a turn is running');
+    this.#native.reset();
+    this.#lastTurn = undefined;
+  }
+
+  /** Frees the context and its KV cache. A running turn is aborted and finishes first. Idempotent. */
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    this.#native.dispose();
+    this.#onDispose();
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
+  /** @internal */
+  _internals(): ChatInternals {
+    this.#check();
+    const native = this.#native;
+    const wrap = <T>(fn: () => T): T => {
+      try {
+        return fn();
+      } catch (err) {
+        throw fromNativeError(err);
+      }
+    };
+    return {
+      cacheState: () => wrap(() => native.cacheState()),
+      countTurnTokens: (m) => wrap(() => native.countTurnTokens(m)),
+      probeLogits: (t) => wrap(() => native.probeLogits(t)),
+      shiftPositions: (d) => wrap(() => native.shiftPositions(d)),
+    };
+  }
+
+  #remember(result: TurnResult): TurnResult {
+    this.#lastTurn = result;
+    return result;
+  }
+
+  #check(): void {
+    if (this.#disposed) throw new DisposedError('chat');
+  }
+}
+
+function abortedBeforeStart(policy: ResolvedChatOptions['policy'], retained: number): TurnResult {
+  return {
+    response: '',
+    stopReason: 'abort',
+    stats: {
+      promptTokens: 0, generatedTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0, policyMs: 0, evictMs: 0,
+      evictedTokens: 0, evictions: 0, retainedTokens: retained, latencyMs: 0, fallback: false, policy,
+    },
+  };
+}

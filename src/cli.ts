@@ -1,0 +1,144 @@
+#!/usr/bin/env node
+/**
+ * finite-memory-llm CLI.
+ *   finite-memory-llm demo [--turns 600] [--max-tokens 256] [--policy sliding] [--model X]
+ *   finite-memory-llm chat --model X [--policy sliding] [--max-tokens 2048] [--system "..."]
+ */
+import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline/promises';
+import { parseArgs } from 'node:util';
+import { writeLlamaModel } from './gguf-writer.js';
+import { loadModel, type Model } from './model.js';
+import type { PolicyName } from './options.js';
+
+const USAGE = `Usage:
+  finite-memory-llm demo [--turns 600] [--max-tokens 256] [--window 64] [--policy sliding] [--model file.gguf] [--threads N]
+  finite-memory-llm chat --model file.gguf [--policy sliding] [--max-tokens 2048] [--window 512] [--system "..."] [--threads N]`;
+
+const TOPICS = ['the weather', 'a red bicycle', 'the old lighthouse', 'breakfast', 'a lost key', 'the river', 'music', 'a small cat'];
+
+function scriptedMessage(turn: number): string {
+  const topic = TOPICS[turn % TOPICS.length] as string;
+  return `Turn ${turn}: tell me one short thing about ${topic}.`;
+}
+
+async function demoModel(path: string | undefined): Promise<Model> {
+  if (path) return loadModel(path);
+  // A generated llama-architecture model with seeded random weights: no download, same file every time.
+  const file = join(tmpdir(), 'finite-memory-llm-demo-v1.gguf');
+  if (!existsSync(file)) writeLlamaModel(file, { layers: 2, embd: 64, heads: 4, kvHeads: 2, headDim: 16, ffn: 128, ctx: 4096, type: 'f32', seed: 7 });
+  return loadModel(file);
+}
+
+function pad(v: string | number, n: number): string {
+  return String(v).padStart(n);
+}
+
+async function demo(args: Record<string, string | boolean | undefined>): Promise<number> {
+  const turns = Number(args.turns ?? 600);
+  const maxTokens = Number(args['max-tokens'] ?? 256);
+  const windowSize = Number(args.window ?? 64);
+  const policy = String(args.policy ?? 'sliding') as PolicyName;
+  const threads = args.threads ? Number(args.threads) : 1;
+  const model = await demoModel(args.model as string | undefined);
+  const chat = model.createChat({ policy, maxTokens, windowSize, sinkTokens: 4, threads, systemPrompt: 'You are a terse assistant. Answer in one sentence.' });
+  const info = model.info;
+  console.log(`finite-memory-llm demo: ${turns} turns, policy=${policy}, maxTokens=${maxTokens}, windowSize=${windowSize}`);
+  console.log(`model: ${info.description} (${info.nLayer} layers, ${info.nHeadKv} KV heads, vocab ${info.nVocab}) from ${info.path}`);
+  console.log(`${pad('turn', 5)} ${pad('new', 5)} ${pad('prefill', 7)} ${pad('gen', 4)} ${pad('seen', 7)} ${pad('retained', 8)} ${pad('evicted', 8)} ${pad('turn ms', 8)}  check`);
+  let failures = 0;
+  let maxRetained = 0;
+  const latencies: number[] = [];
+  for (let t = 1; t <= turns; t++) {
+    const message = scriptedMessage(t);
+    const internals = chat._internals();
+    // What this turn must prefill: its own tokens plus the end-of-turn tokens of the previous reply.
+    const expected = internals.countTurnTokens(message) + internals.cacheState().carriedTokens + internals.cacheState().pendingSystemTokens;
+    const r = await chat.send(message, { maxNewTokens: 24, temperature: 0.7, seed: t });
+    const s = chat.stats();
+    const cache = internals.cacheState();
+    const ok = r.stats.promptTokens === expected && s.tokensRetained <= maxTokens && cache.positionsContiguous &&
+      cache.cachePosMax === cache.ledgerTokens - 1;
+    if (!ok) failures++;
+    maxRetained = Math.max(maxRetained, s.tokensRetained);
+    latencies.push(r.stats.latencyMs);
+    console.log(`${pad(t, 5)} ${pad(expected, 5)} ${pad(r.stats.promptTokens, 7)} ${pad(r.stats.generatedTokens, 4)} ${pad(s.tokensSeen, 7)} ${pad(s.tokensRetained, 8)} ${pad(s.tokensEvicted, 8)} ${pad(r.stats.latencyMs.toFixed(2), 8)}  ${ok ? 'ok' : 'FAIL'}`);
+  }
+  const s = chat.stats();
+  latencies.sort((a, b) => a - b);
+  const median = latencies[Math.floor(latencies.length / 2)] ?? 0;
+  console.log(`\nseen ${s.tokensSeen} tokens, retained ${s.tokensRetained} (max ${maxRetained} <= budget ${maxTokens}), evicted ${s.tokensEvicted} in ${s.evictions} evictions, compression ${s.compressionRatio.toFixed(1)}x, median turn ${median.toFixed(2)} ms`);
+  console.log(failures === 0 ? 'every turn prefilled only its new tokens and stayed within the budget' : `${failures} turns FAILED the checks`);
+  chat.dispose();
+  model.dispose();
+  return failures === 0 ? 0 : 1;
+}
+
+async function interactive(args: Record<string, string | boolean | undefined>): Promise<number> {
+  if (typeof args.model !== 'string') {
+    console.error('chat needs --model <file.gguf>\n' + USAGE);
+    return 2;
+  }
+  const model = await loadModel(args.model);
+  const chat = model.createChat({
+    policy: String(args.policy ?? 'sliding') as PolicyName,
+    maxTokens: Number(args['max-tokens'] ?? 2048),
+    ...(args.window ? { windowSize: Number(args.window) } : {}),
+    ...(args.threads ? { threads: Number(args.threads) } : {}),
+    ...(typeof args.system === 'string' ? { systemPrompt: args.system } : {}),
+  });
+  const rl = createInterface({ input: process.stdin, output: process.stdout });
+  const controller = { current: undefined as AbortController | undefined };
+  rl.on('SIGINT', () => (controller.current ? controller.current.abort() : rl.close()));
+  console.log(`chat with ${model.info.description}; Ctrl+C aborts a reply, Ctrl+D quits`);
+  try {
+    while (true) {
+      let line: string;
+      try {
+        line = await rl.question('> ');
+      } catch {
+        break;
+      }
+      if (!line.trim()) continue;
+      controller.current = new AbortController();
+      const r = await chat.send(line, { maxNewTokens: 256, onToken: (p) => process.stdout.write(p), signal: controller.current.signal });
+      controller.current = undefined;
+      const s = chat.stats();
+      console.log(`\n[${r.stopReason}] prefill ${r.stats.promptTokens} tok ${r.stats.prefillMs.toFixed(1)} ms, ${r.stats.generatedTokens} tok at ${r.stats.tokensPerSecond.toFixed(1)} tok/s | memory ${s.tokensRetained}/${chat.options.maxTokens} tokens, seen ${s.tokensSeen}, evicted ${s.tokensEvicted}`);
+    }
+  } finally {
+    rl.close();
+    chat.dispose();
+    model.dispose();
+  }
+  return 0;
+}
+
+async function main(): Promise<number> {
+  const { positionals, values } = parseArgs({
+    allowPositionals: true,
+    options: {
+      model: { type: 'string' }, policy: { type: 'string' }, 'max-tokens': { type: 'string' }, window: { type: 'string' },
+      turns: { type: 'string' }, threads: { type: 'string' }, system: { type: 'string' }, help: { type: 'boolean', short: 'h' },
+    },
+  });
+  const command = positionals[0];
+  if (values.help || !command) {
+    console.log(USAGE);
+    return command ? 0 : 2;
+  }
+  if (command === 'demo') return demo(values);
+  if (command === 'chat') return interactive(values);
+  console.error(`unknown command ${command}\n${USAGE}`);
+  return 2;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err: Error & { code?: string }) => {
+    console.error(`error${err.code ? ` [${err.code}]` : ''}: ${err.message}`);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,90 @@
+/**
+ * Every error this library throws is a `FiniteMemoryError` with a stable string `code`. Errors from
+ * the native core arrive with the same codes (native/error.h) and are mapped to these classes.
+ */
+export type ErrorCode =
+  | 'MODEL_NOT_FOUND'
+  | 'MODEL_INVALID'
+  | 'MODEL_LOAD_FAILED'
+  | 'CONTEXT_CREATE_FAILED'
+  | 'INVALID_OPTION'
+  | 'PROMPT_TOO_LARGE'
+  | 'DECODE_FAILED'
+  | 'KV_OPERATION_FAILED'
+  | 'CHAT_BUSY'
+  | 'DISPOSED'
+  | 'TEMPLATE_FAILED'
+  | 'NATIVE_BINDING_NOT_FOUND'
+  | 'INTERNAL';
+
+export class FiniteMemoryError extends Error {
+  readonly code: ErrorCode;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.code = code;
+    this.name = new.target.name;
+  }
+}
+
+/** The model file is missing or unreadable. */
+export class ModelNotFoundError extends FiniteMemoryError {
+  constructor(message: string) { super('MODEL_NOT_FOUND', message); }
+}
+/** The file is not a valid GGUF model (bad magic, malformed or truncated). */
+export class ModelInvalidError extends FiniteMemoryError {
+  constructor(message: string) { super('MODEL_INVALID', message); }
+}
+/** llama.cpp refused the model or a context could not be created for it. */
+export class ModelLoadError extends FiniteMemoryError {
+  constructor(message: string, code: 'MODEL_LOAD_FAILED' | 'CONTEXT_CREATE_FAILED' = 'MODEL_LOAD_FAILED') { super(code, message); }
+}
+/** An option or argument has the wrong type or an impossible value. */
+export class InvalidOptionError extends FiniteMemoryError {
+  constructor(message: string) { super('INVALID_OPTION', message); }
+}
+/** A message (or system prompt) cannot fit in the chat's token budget even after eviction. */
+export class PromptTooLargeError extends FiniteMemoryError {
+  constructor(message: string) { super('PROMPT_TOO_LARGE', message); }
+}
+/** A second `send` was made while a turn was still running on the same chat. */
+export class ChatBusyError extends FiniteMemoryError {
+  constructor(message = 'a turn is already running on this chat; await it (or abort it) before sending again') { super('CHAT_BUSY', message); }
+}
+/** The object was disposed. */
+export class DisposedError extends FiniteMemoryError {
+  constructor(what: string) { super('DISPOSED', `${what} is disposed`); }
+}
+/** llama.cpp failed while evaluating tokens or mutating the KV cache. */
+export class InferenceError extends FiniteMemoryError {
+  constructor(code: 'DECODE_FAILED' | 'KV_OPERATION_FAILED' | 'TEMPLATE_FAILED' | 'INTERNAL', message: string) { super(code, message); }
+}
+/** The native addon could not be loaded. */
+export class NativeBindingError extends FiniteMemoryError {
+  constructor(message: string, cause?: unknown) { super('NATIVE_BINDING_NOT_FOUND', message, { cause }); }
+}
+
+/** Maps an error thrown by the native addon to its typed class, keeping the caller's stack. */
+export function fromNativeError(err: unknown, callerStack?: string): FiniteMemoryError {
+  if (err instanceof FiniteMemoryError) return err;
+  const e = err as { code?: unknown; message?: unknown };
+  const message = typeof e?.message === 'string' ? e.message : String(err);
+  const code = typeof e?.code === 'string' ? e.code : 'INTERNAL';
+  let out: FiniteMemoryError;
+  switch (code) {
+    case 'MODEL_NOT_FOUND': out = new ModelNotFoundError(message); break;
+    case 'MODEL_INVALID': out = new ModelInvalidError(message); break;
+    case 'MODEL_LOAD_FAILED': out = new ModelLoadError(message); break;
+    case 'CONTEXT_CREATE_FAILED': out = new ModelLoadError(message, 'CONTEXT_CREATE_FAILED'); break;
+    case 'INVALID_OPTION': out = new InvalidOptionError(message); break;
+    case 'PROMPT_TOO_LARGE': out = new PromptTooLargeError(message); break;
+    case 'CHAT_BUSY': out = new ChatBusyError(message); break;
+    case 'DISPOSED': out = new FiniteMemoryError('DISPOSED', message); break;
+    case 'DECODE_FAILED':
+    case 'KV_OPERATION_FAILED':
+    case 'TEMPLATE_FAILED':
+      out = new InferenceError(code, message); break;
+    default: out = new InferenceError('INTERNAL', message);
+  }
+  if (callerStack) out.stack = `${out.name}: ${message}\n${callerStack.split('\n').slice(1).join('\n')}`;
+  return out;
+}

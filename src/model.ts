@@ -1,0 +1,96 @@
+import { availableParallelism } from 'node:os';
+import { getBinding, type NativeModel } from './binding.js';
+import { Chat } from './chat.js';
+import { DisposedError, fromNativeError } from './errors.js';
+import { checkString, resolveChatOptions, resolveModelOptions, type ChatOptions, type LoadModelOptions } from './options.js';
+import type { ModelInfo } from './types.js';
+
+/** A loaded GGUF model. Chats created from it share its weights; each has its own bounded KV cache. */
+export class Model {
+  readonly #native: NativeModel;
+  readonly #threads: number;
+  readonly #chats = new Set<Chat>();
+  readonly #info: ModelInfo;
+  #disposed = false;
+
+  /** @internal */
+  constructor(native: NativeModel, path: string, threads: number) {
+    this.#native = native;
+    this.#threads = threads;
+    this.#info = { path, ...native.info() };
+  }
+
+  get info(): ModelInfo {
+    return this.#info;
+  }
+
+  get disposed(): boolean {
+    return this.#disposed;
+  }
+
+  tokenize(text: string, options: { addBos?: boolean; special?: boolean } = {}): number[] {
+    this.#check();
+    checkString('text', text);
+    try {
+      return Array.from(this.#native.tokenize(text, options.addBos ?? false, options.special ?? false));
+    } catch (err) {
+      throw fromNativeError(err);
+    }
+  }
+
+  detokenize(tokens: readonly number[], options: { special?: boolean } = {}): string {
+    this.#check();
+    if (!Array.isArray(tokens) || tokens.some((t) => !Number.isInteger(t))) {
+      throw fromNativeError({ code: 'INVALID_OPTION', message: 'Expected an array of integer token ids for tokens' });
+    }
+    try {
+      return this.#native.detokenize(Int32Array.from(tokens), options.special ?? false);
+    } catch (err) {
+      throw fromNativeError(err);
+    }
+  }
+
+  /** Creates a chat whose KV cache never holds more than `maxTokens` tokens. */
+  createChat(options: ChatOptions = {}): Chat {
+    this.#check();
+    const resolved = resolveChatOptions(options, this.#threads);
+    let native;
+    try {
+      native = new (getBinding().NativeChat)(this.#native, resolved);
+    } catch (err) {
+      throw fromNativeError(err);
+    }
+    const chat = new Chat(native, resolved, () => this.#chats.delete(chat));
+    this.#chats.add(chat);
+    return chat;
+  }
+
+  /** Disposes every chat of this model, then releases the weights. Idempotent. */
+  dispose(): void {
+    if (this.#disposed) return;
+    for (const chat of [...this.#chats]) chat.dispose();
+    this.#disposed = true;
+    this.#native.dispose();
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
+  #check(): void {
+    if (this.#disposed) throw new DisposedError('model');
+  }
+}
+
+/** Loads a GGUF model off the event loop. The file is validated before llama.cpp reads it. */
+export async function loadModel(path: string, options: LoadModelOptions = {}): Promise<Model> {
+  checkString('path', path);
+  const resolved = resolveModelOptions(options, Math.max(1, Math.min(4, availableParallelism())));
+  const stack = new Error().stack;
+  try {
+    const native = await getBinding().loadModel(path, { gpuLayers: resolved.gpuLayers, useMmap: resolved.useMmap });
+    return new Model(native, path, resolved.threads);
+  } catch (err) {
+    throw fromNativeError(err, stack);
+  }
+}

@@ -1,0 +1,75 @@
+import type { PolicyName } from './options.js';
+
+export type StopReason = 'eos' | 'maxTokens' | 'stop' | 'abort';
+
+/** What one turn cost and what it left in memory. */
+export interface TurnStats {
+  /** Tokens prefilled this turn: the new message (plus the previous reply's end-of-turn tokens), never the history. */
+  promptTokens: number;
+  generatedTokens: number;
+  prefillMs: number;
+  decodeMs: number;
+  tokensPerSecond: number;
+  /** Time the policy spent choosing tokens to evict. */
+  policyMs: number;
+  /** Time spent removing them from the KV cache and compacting positions (seq_rm + seq_add). */
+  evictMs: number;
+  evictedTokens: number;
+  /** Eviction events during this turn (before prefill and during generation). */
+  evictions: number;
+  /** Tokens in the KV cache after the turn (<= maxTokens). */
+  retainedTokens: number;
+  latencyMs: number;
+  /** True when the latency guard fell back to `sliding` in this turn. */
+  fallback: boolean;
+  policy: PolicyName;
+}
+
+export interface TurnResult {
+  response: string;
+  stopReason: StopReason;
+  stats: TurnStats;
+}
+
+/** Cumulative figures since the chat was created (or last reset). */
+export interface ChatStats {
+  turns: number;
+  /** Every token ever placed in the KV cache. */
+  tokensSeen: number;
+  /** Tokens in the KV cache now. */
+  tokensRetained: number;
+  tokensEvicted: number;
+  /** tokensSeen / tokensRetained. */
+  compressionRatio: number;
+  evictions: number;
+  fallbackCount: number;
+  /** Bytes the retained tokens occupy in the KV cache (K and V, all layers). */
+  kvBytes: number;
+}
+
+/** One token the chat still remembers. */
+export interface MemoryEntry {
+  token: number;
+  position: number;
+  turn: number;
+  role: 'system' | 'user' | 'assistant' | 'summary';
+  pinned: boolean;
+  text: string;
+}
+
+export interface ModelInfo {
+  path: string;
+  architecture: string;
+  description: string;
+  chatTemplate: string | null;
+  backend: string;
+  nCtxTrain: number;
+  nEmbd: number;
+  nLayer: number;
+  nHead: number;
+  nHeadKv: number;
+  nVocab: number;
+  sizeBytes: number;
+  nParams: number;
+  gpuLayers: number;
+}

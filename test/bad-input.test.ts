@@ -1,0 +1,142 @@
+// Bad input gets a typed error, never a crash, and the chat stays usable.
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import {
+  ChatBusyError, InvalidOptionError, loadModel, ModelInvalidError, ModelNotFoundError, PromptTooLargeError, type Model,
+} from '../src/index.ts';
+import { testDir, testModelPath, THREADS } from './helpers.ts';
+
+let model: Model;
+beforeAll(async () => {
+  model = await loadModel(testModelPath(), { threads: THREADS });
+});
+afterAll(() => model?.dispose());
+
+describe('model files', () => {
+  it('missing file', async () => {
+    await expect(loadModel(join(testDir, 'nope.gguf'))).rejects.toBeInstanceOf(ModelNotFoundError);
+  });
+
+  it('a directory, an empty file, a text file', async () => {
+    mkdirSync(join(testDir, 'dir.gguf'), { recursive: true });
+    await expect(loadModel(join(testDir, 'dir.gguf'))).rejects.toBeInstanceOf(ModelInvalidError);
+    writeFileSync(join(testDir, 'empty.gguf'), '');
+    await expect(loadModel(join(testDir, 'empty.gguf'))).rejects.toBeInstanceOf(ModelInvalidError);
+    writeFileSync(join(testDir, 'text.gguf'), 'hello, I am not a model');
+    await expect(loadModel(join(testDir, 'text.gguf'))).rejects.toMatchObject({ code: 'MODEL_INVALID' });
+  });
+
+  it('truncated GGUF (header intact, tensor data cut)', async () => {
+    const bytes = readFileSync(testModelPath());
+    for (const keep of [bytes.length - 100, Math.floor(bytes.length / 2), 64, 8]) {
+      const p = join(testDir, `trunc-${keep}.gguf`);
+      writeFileSync(p, bytes.subarray(0, keep));
+      await expect(loadModel(p)).rejects.toBeInstanceOf(ModelInvalidError);
+    }
+  });
+
+  it('a GGUF with a wrong tensor count', async () => {
+    const bytes = Buffer.from(readFileSync(testModelPath()));
+    // Header: magic u32, version u32, n_tensors u64, n_kv u64.
+    bytes.writeBigUInt64LE(bytes.readBigUInt64LE(8) + 5n, 8);
+    const p = join(testDir, 'wrong-count.gguf');
+    writeFileSync(p, bytes);
+    await expect(loadModel(p)).rejects.toMatchObject({ code: expect.stringMatching(/MODEL_INVALID|MODEL_LOAD_FAILED/) });
+  });
+
+  it('loading still works after all that', async () => {
+    const p = join(testDir, 'copy.gguf');
+    copyFileSync(testModelPath(), p);
+    const m = await loadModel(p, { threads: THREADS });
+    expect(m.info.architecture).toBe('llama');
+    m.dispose();
+  });
+
+  it('wrong argument types', async () => {
+    await expect(loadModel(42 as unknown as string)).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(loadModel(testModelPath(), { gpuLayers: -3 })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(loadModel(testModelPath(), { threads: 0 })).rejects.toBeInstanceOf(InvalidOptionError);
+  });
+});
+
+describe('chat options', () => {
+  const bad: [string, unknown][] = [
+    ['negative maxTokens', { maxTokens: -1 }],
+    ['NaN maxTokens', { maxTokens: Number.NaN }],
+    ['fractional maxTokens', { maxTokens: 100.5 }],
+    ['huge maxTokens', { maxTokens: 2 ** 40 }],
+    ['windowSize > maxTokens', { maxTokens: 64, windowSize: 65 }],
+    ['windowSize == maxTokens', { maxTokens: 64, windowSize: 64 }],
+    ['unknown policy', { policy: 'lru' }],
+    ['unknown option', { maxTokenz: 10 }],
+    ['sinkTokens too large', { maxTokens: 64, sinkTokens: 40 }],
+    ['bad kvType', { kvType: 'q4' }],
+    ['string maxTokens', { maxTokens: '100' }],
+    ['systemPrompt not a string', { systemPrompt: 5 }],
+    ['options not an object', 'sliding'],
+  ];
+  for (const [name, opts] of bad) {
+    it(name, () => {
+      expect(() => model.createChat(opts as never)).toThrow(InvalidOptionError);
+    });
+  }
+
+  it('a system prompt larger than the budget', () => {
+    expect(() => model.createChat({ maxTokens: 32, systemPrompt: 'word '.repeat(100) })).toThrow(PromptTooLargeError);
+  });
+});
+
+describe('send', () => {
+  it('invalid send options and message types', async () => {
+    const chat = model.createChat({ maxTokens: 64 });
+    await expect(chat.send(123 as unknown as string)).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(chat.send('x', { maxNewTokens: -1 })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(chat.send('x', { temperature: Number.NaN })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(chat.send('x', { stop: 'abc' as unknown as string[] })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(chat.send('x', { signal: {} as AbortSignal })).rejects.toBeInstanceOf(InvalidOptionError);
+    chat.dispose();
+  });
+
+  it('a message larger than the budget is refused and nothing is lost', async () => {
+    const chat = model.createChat({ maxTokens: 64, windowSize: 16, systemPrompt: 'keep me' });
+    await chat.send('hello', { maxNewTokens: 4, temperature: 0 });
+    const memoryBefore = chat.memory();
+    const statsBefore = chat.stats();
+    await expect(chat.send('word '.repeat(500))).rejects.toBeInstanceOf(PromptTooLargeError);
+    expect(chat.memory()).toEqual(memoryBefore);
+    expect(chat.stats()).toEqual(statsBefore);
+    const r = await chat.send('small', { maxNewTokens: 4, temperature: 0 });
+    expect(r.stats.retainedTokens).toBeLessThanOrEqual(64);
+    chat.dispose();
+  });
+
+  it('a second send while one runs is rejected with ChatBusyError; the first completes', async () => {
+    const chat = model.createChat({ maxTokens: 128 });
+    const first = chat.send('one', { maxNewTokens: 20, temperature: 0 });
+    await expect(chat.send('two')).rejects.toBeInstanceOf(ChatBusyError);
+    expect(() => chat.reset()).toThrow(ChatBusyError);
+    const r = await first;
+    expect(r.stopReason).not.toBe('abort');
+    await expect(chat.send('three', { maxNewTokens: 2 })).resolves.toBeDefined();
+    chat.dispose();
+  });
+
+  it('NUL bytes, lone surrogates and a 1 MB string', async () => {
+    const chat = model.createChat({ maxTokens: 128 });
+    await expect(chat.send('a\u0000b', { maxNewTokens: 2 })).resolves.toBeDefined();
+    await expect(chat.send('bad \uD800 surrogate', { maxNewTokens: 2 })).resolves.toBeDefined();
+    await expect(chat.send('x'.repeat(1 << 20))).rejects.toBeInstanceOf(PromptTooLargeError);
+    await expect(chat.send('fine', { maxNewTokens: 2 })).resolves.toBeDefined();
+    chat.dispose();
+  });
+
+  it('an onToken callback that throws rejects the turn and the chat stays usable', async () => {
+    const chat = model.createChat({ maxTokens: 128 });
+    await expect(
+      chat.send('x', { maxNewTokens: 20, temperature: 1.5, seed: 1, onToken: () => { throw new Error('boom'); } }),
+    ).rejects.toThrow('boom');
+    await expect(chat.send('y', { maxNewTokens: 2 })).resolves.toBeDefined();
+    chat.dispose();
+  });
+});

@@ -1,0 +1,181 @@
+// Logits under a whole-sequence K-shift, seeded determinism, streaming, abort, dispose.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { DisposedError, loadModel, type Model } from '../src/index.ts';
+import { testModelPath, THREADS } from './helpers.ts';
+
+let model: Model;
+beforeAll(async () => {
+  model = await loadModel(testModelPath(), { threads: THREADS });
+});
+afterAll(() => model?.dispose());
+
+const maxAbsDiff = (a: Float32Array, b: Float32Array) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - (b[i] ?? NaN))), 0);
+
+describe('K-shift', () => {
+  it('a whole-sequence position shift leaves the next-token logits unchanged (F32 cache)', async () => {
+    const chat = model.createChat({ maxTokens: 256, kvType: 'f32', flashAttention: false, systemPrompt: 'You are terse.' });
+    await chat.send('Tell me about the sea and the sky.', { maxNewTokens: 16, temperature: 0 });
+    const internals = chat._internals();
+    const probeToken = model.tokenize('the')[0]!;
+    const before = internals.probeLogits(probeToken);
+    internals.shiftPositions(40);
+    const shifted = internals.probeLogits(probeToken);
+    internals.shiftPositions(-40);
+    const back = internals.probeLogits(probeToken);
+    const other = internals.probeLogits(model.tokenize('sea')[0]!);
+    expect(maxAbsDiff(before, shifted)).toBeLessThan(1e-4);
+    expect(maxAbsDiff(before, back)).toBeLessThan(1e-4);
+    // The probe is sensitive: a different token gives clearly different logits.
+    expect(maxAbsDiff(before, other)).toBeGreaterThan(1e-2);
+    expect(internals.cacheState().positionsContiguous).toBe(true);
+    chat.dispose();
+  });
+
+  it('after eviction and compaction the chat keeps generating from the compacted cache', async () => {
+    const chat = model.createChat({ maxTokens: 48, windowSize: 8, kvType: 'f32', flashAttention: false });
+    for (let i = 0; i < 10; i++) await chat.send(`line ${i} of a long talk`, { maxNewTokens: 8, temperature: 0 });
+    expect(chat.stats().tokensEvicted).toBeGreaterThan(0);
+    const logits = chat._internals().probeLogits(5);
+    expect(logits.every(Number.isFinite)).toBe(true);
+    chat.dispose();
+  });
+});
+
+describe('sampling', () => {
+  it('is deterministic for a seed and varies across seeds', async () => {
+    const run = async (seed: number) => {
+      const chat = model.createChat({ maxTokens: 128 });
+      const out = [];
+      for (const m of ['hi', 'and then?', 'why?']) out.push((await chat.send(m, { maxNewTokens: 12, temperature: 1, seed })).response);
+      chat.dispose();
+      return out.join('|');
+    };
+    const a = await run(1);
+    expect(await run(1)).toBe(a);
+    const others = await Promise.all([run(2), run(3), run(4)]);
+    expect(others.some((o) => o !== a)).toBe(true);
+  });
+
+  it('greedy (temperature 0) ignores the seed', async () => {
+    const run = async (seed: number) => {
+      const chat = model.createChat({ maxTokens: 128 });
+      const r = await chat.send('hello there', { maxNewTokens: 12, temperature: 0, seed });
+      chat.dispose();
+      return r.response;
+    };
+    expect(await run(1)).toBe(await run(99));
+  });
+
+  it('stops at a stop string and does not include it', async () => {
+    const chat = model.createChat({ maxTokens: 256 });
+    const free = await chat.send('write', { maxNewTokens: 40, temperature: 0 });
+    chat.reset();
+    if (free.response.length < 4) return; // nothing to cut on
+    const stop = free.response.slice(2, 4);
+    const pieces: string[] = [];
+    const r = await chat.send('write', { maxNewTokens: 40, temperature: 0, stop: [stop], onToken: (p) => pieces.push(p) });
+    expect(r.stopReason).toBe('stop');
+    expect(r.response).toBe(free.response.slice(0, free.response.indexOf(stop)));
+    expect(pieces.join('')).toBe(r.response);
+    chat.dispose();
+  });
+});
+
+describe('streaming', () => {
+  it('streamed pieces concatenate to the response, emoji and all', async () => {
+    const chat = model.createChat({ maxTokens: 256 });
+    for (const m of ['héllo 👋 world', '日本語のテキスト', 'plain']) {
+      const pieces: string[] = [];
+      const r = await chat.send(m, { maxNewTokens: 24, temperature: 1, seed: 5, onToken: (p) => pieces.push(p) });
+      expect(pieces.join('')).toBe(r.response);
+      for (const p of pieces) expect(p).not.toMatch(/^[\uDC00-\uDFFF]|[\uD800-\uDBFF]$/);
+    }
+    chat.dispose();
+  });
+
+  it('chat.stream() yields the pieces and returns the TurnResult', async () => {
+    const chat = model.createChat({ maxTokens: 256 });
+    const it = chat.stream('tell me', { maxNewTokens: 16, temperature: 1, seed: 9 });
+    let text = '';
+    let next = await it.next();
+    while (!next.done) {
+      text += next.value;
+      next = await it.next();
+    }
+    expect(next.value.response).toBe(text);
+    expect(chat.lastTurn).toEqual(next.value);
+    chat.dispose();
+  });
+
+  it('breaking out of chat.stream() aborts the turn and the chat stays usable', async () => {
+    const chat = model.createChat({ maxTokens: 256 });
+    let n = 0;
+    for await (const _piece of chat.stream('go on', { maxNewTokens: 200, temperature: 1.5, seed: 1 })) {
+      if (++n === 2) break;
+    }
+    expect(chat.busy).toBe(false);
+    expect(chat.lastTurn?.stopReason).toBe('abort');
+    const r = await chat.send('again', { maxNewTokens: 4, temperature: 0 });
+    expect(r.stats.promptTokens).toBeGreaterThan(0);
+    chat.dispose();
+  });
+});
+
+describe('abort', () => {
+  it('abort mid-stream returns the partial reply and leaves the chat usable', async () => {
+    const chat = model.createChat({ maxTokens: 256 });
+    const ac = new AbortController();
+    let pieces = 0;
+    const r = await chat.send('talk', {
+      maxNewTokens: 200, temperature: 1.5, seed: 2, signal: ac.signal,
+      onToken: () => { if (++pieces === 3) ac.abort(); },
+    });
+    expect(r.stopReason).toBe('abort');
+    expect(r.stats.generatedTokens).toBeLessThan(200);
+    const cache = chat._internals().cacheState();
+    expect(cache.positionsContiguous).toBe(true);
+    expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
+    const next = await chat.send('next', { maxNewTokens: 5, temperature: 0 });
+    expect(['eos', 'maxTokens']).toContain(next.stopReason);
+    chat.dispose();
+  });
+
+  it('an already-aborted signal does nothing and says abort', async () => {
+    const chat = model.createChat({ maxTokens: 64 });
+    const r = await chat.send('x', { signal: AbortSignal.abort() });
+    expect(r.stopReason).toBe('abort');
+    expect(chat.memory()).toEqual([]);
+    chat.dispose();
+  });
+});
+
+describe('lifetimes', () => {
+  it('using a disposed chat or model throws DisposedError', async () => {
+    const m = await loadModel(testModelPath(), { threads: THREADS });
+    const chat = m.createChat({ maxTokens: 64 });
+    chat.dispose();
+    chat.dispose(); // idempotent
+    await expect(chat.send('x')).rejects.toBeInstanceOf(DisposedError);
+    expect(() => chat.stats()).toThrow(DisposedError);
+    const chat2 = m.createChat({ maxTokens: 64 });
+    m.dispose();
+    expect(chat2.disposed).toBe(true);
+    expect(() => m.createChat()).toThrow(DisposedError);
+    expect(() => m.tokenize('x')).toThrow(DisposedError);
+  });
+
+  it('disposing a chat mid-turn aborts it cleanly', async () => {
+    const chat = model.createChat({ maxTokens: 256 });
+    const p = chat.send('long', { maxNewTokens: 500, temperature: 1.5, seed: 4, onToken: () => chat.dispose() });
+    const r = await p;
+    expect(r.stopReason).toBe('abort');
+    expect(chat.disposed).toBe(true);
+  });
+
+  it('chats on one model run concurrently', async () => {
+    const chats = Array.from({ length: 4 }, () => model.createChat({ maxTokens: 96 }));
+    const results = await Promise.all(chats.map((c, i) => c.send(`hi ${i}`, { maxNewTokens: 8, temperature: 0 })));
+    expect(results).toHaveLength(4);
+    chats.forEach((c) => c.dispose());
+  });
+});

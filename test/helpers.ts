@@ -1,0 +1,26 @@
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { writeLlamaModel, type LlamaModelOptions } from '../src/gguf-writer.ts';
+
+const dir = mkdtempSync(join(tmpdir(), 'fml-test-'));
+const made = new Map<string, string>();
+
+/** Generates (once per test file and shape) a tiny seeded llama GGUF in a temp dir. */
+export function testModelPath(options: Partial<LlamaModelOptions> = {}): string {
+  const key = JSON.stringify(options);
+  let path = made.get(key);
+  if (!path) {
+    path = join(dir, `model-${made.size}.gguf`);
+    writeLlamaModel(path, options);
+    made.set(key, path);
+  }
+  return path;
+}
+
+export const testDir = dir;
+
+/** Tests run llama.cpp on one thread: its spin barrier is fragile on a shared 2-core VM. */
+export const THREADS = 1;
+
+export const SHARED_MODELS = join(import.meta.dirname, '..', '..', 'shared', 'models');

@@ -192,7 +192,7 @@ std::vector<int32_t> fml_model::tokenize(const std::string & text, bool add_bos,
     } catch (const std::exception & e) {
         // SPM vocabularies without byte-fallback tokens throw on characters they cannot represent.
         throw fml_error(FML_ERR_INVALID_OPTION,
-                        std::string("the model's vocabulary cannot represent this text (no byte fallback): ") + e.what());
+                        std::string("the text contains characters this model's vocabulary cannot represent (it has no byte-fallback tokens): ") + e.what());
     }
     if (n < 0) {
         throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "tokenization overflow");

@@ -569,9 +569,12 @@ export class GGUFWriter {
       }
       flush();
       if (filePos !== dataStart + this.dataSize) throw new Error('internal: file size mismatch');
-      return filePos;
-    } finally {
       fs.closeSync(fd);
+      return filePos;
+    } catch (err) {
+      fs.closeSync(fd);
+      fs.rmSync(path, { force: true }); // do not leave a truncated model behind
+      throw err;
     }
   }
 }
@@ -764,6 +767,9 @@ export interface LlamaModelOptions {
   name: string;
 }
 
+/** Options accepted by writeLlamaModel: any subset; missing or undefined fields take the defaults. */
+export type LlamaModelInput = { [K in keyof LlamaModelOptions]?: LlamaModelOptions[K] | undefined };
+
 export const DEFAULT_LLAMA_MODEL_OPTIONS: Readonly<LlamaModelOptions> = Object.freeze({
   layers: 2,
   embd: 64,
@@ -809,7 +815,7 @@ function checkPositiveInt(name: string, v: number): void {
   if (!Number.isInteger(v) || v <= 0) throw new Error(`${name} must be a positive integer, got ${v}`);
 }
 
-export function resolveLlamaModelOptions(options: Partial<LlamaModelOptions> = {}): LlamaModelOptions {
+export function resolveLlamaModelOptions(options: LlamaModelInput = {}): LlamaModelOptions {
   const o: LlamaModelOptions = { ...DEFAULT_LLAMA_MODEL_OPTIONS };
   for (const [k, v] of Object.entries(options)) {
     if (v !== undefined) (o as unknown as Record<string, unknown>)[k] = v;
@@ -882,7 +888,7 @@ function randomMatrix(
  * Writes a llama-architecture GGUF with seeded random weights to `path`.
  * Synchronous; memory use is bounded by the vocabulary metadata plus ~1 MiB of buffers.
  */
-export function writeLlamaModel(path: string, options: Partial<LlamaModelOptions> = {}): WriteLlamaModelResult {
+export function writeLlamaModel(path: string, options: LlamaModelInput = {}): WriteLlamaModelResult {
   const o = resolveLlamaModelOptions(options);
   const vocab = buildVocab(o.vocabExtra);
   const nVocab = vocab.tokens.length;

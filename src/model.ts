@@ -5,11 +5,15 @@ import { DisposedError, fromNativeError } from './errors.js';
 import { checkString, resolveChatOptions, resolveModelOptions, type ChatOptions, type LoadModelOptions } from './options.js';
 import type { ModelInfo } from './types.js';
 
+const chatRegistry = new FinalizationRegistry<{ chats: Set<WeakRef<Chat>>; ref: WeakRef<Chat> }>(({ chats, ref }) => chats.delete(ref));
+
 /** A loaded GGUF model. Chats created from it share its weights; each has its own bounded KV cache. */
 export class Model {
   readonly #native: NativeModel;
   readonly #threads: number;
-  readonly #chats = new Set<Chat>();
+  // Weak, so a chat dropped without dispose() can still be garbage-collected (its native finalizer
+  // frees the context); model.dispose() disposes the ones still alive.
+  readonly #chats = new Set<WeakRef<Chat>>();
   readonly #info: ModelInfo;
   #disposed = false;
 
@@ -60,15 +64,18 @@ export class Model {
     } catch (err) {
       throw fromNativeError(err);
     }
-    const chat = new Chat(native, resolved, () => this.#chats.delete(chat));
-    this.#chats.add(chat);
+    const ref = { current: undefined as WeakRef<Chat> | undefined };
+    const chat = new Chat(native, resolved, () => ref.current && this.#chats.delete(ref.current));
+    ref.current = new WeakRef(chat);
+    this.#chats.add(ref.current);
+    chatRegistry.register(chat, { chats: this.#chats, ref: ref.current });
     return chat;
   }
 
   /** Disposes every chat of this model, then releases the weights. Idempotent. */
   dispose(): void {
     if (this.#disposed) return;
-    for (const chat of [...this.#chats]) chat.dispose();
+    for (const ref of [...this.#chats]) ref.deref()?.dispose();
     this.#disposed = true;
     this.#native.dispose();
   }

@@ -1,0 +1,36 @@
+// Real trained tiny models from ../shared/models (not in the repo). Skipped with a message when absent.
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { InvalidOptionError, loadModel } from '../src/index.ts';
+import { SHARED_MODELS, THREADS } from './helpers.ts';
+
+const stories = join(SHARED_MODELS, 'stories260K.gguf');
+const tiny656 = join(SHARED_MODELS, 'tinystories-656k-q8_0.gguf');
+const missing = [stories, tiny656].filter((p) => !existsSync(p));
+if (missing.length) console.warn(`[shared-models] skipping: not found ${missing.join(', ')}`);
+
+describe.skipIf(missing.length > 0)('trained tiny models', () => {
+  it('stories260K writes English under a small budget and keeps its invariants', async () => {
+    const model = await loadModel(stories, { threads: THREADS });
+    const chat = model.createChat({ maxTokens: 96, windowSize: 24 });
+    for (let i = 0; i < 30; i++) {
+      const r = await chat.send('Once upon a time there was a little girl', { maxNewTokens: 24, temperature: 0 });
+      expect(r.stats.retainedTokens).toBeLessThanOrEqual(96);
+      if (i === 0) expect(r.response).toMatch(/[a-z]+ [a-z]+/i);
+    }
+    const cache = chat._internals().cacheState();
+    expect(cache.positionsContiguous).toBe(true);
+    expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
+    model.dispose();
+  });
+
+  it('a vocabulary without byte fallback rejects text it cannot represent, without aborting the process', async () => {
+    const model = await loadModel(tiny656, { threads: THREADS });
+    const chat = model.createChat({ maxTokens: 128 });
+    await expect(chat.send('Once upon a time 😀', { maxNewTokens: 4 })).rejects.toBeInstanceOf(InvalidOptionError);
+    const r = await chat.send('Once upon a time', { maxNewTokens: 8, temperature: 0 });
+    expect(r.response.length).toBeGreaterThan(0);
+    model.dispose();
+  });
+});

@@ -1,6 +1,7 @@
 #include "chat-session.h"
 
 #include "error.h"
+#include "kv-cells.h"
 #include "kv-ops.h"
 #include "utf8.h"
 
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <thread>
 
 namespace fml {
 
@@ -27,6 +29,18 @@ const char * stop_reason_name(stop_reason r) {
     }
     return "eos";
 }
+
+const char * importance_signal_name(importance_signal s) {
+    switch (s) {
+        case IMPORTANCE_ATTENTION: return "attention";
+        case IMPORTANCE_KEY_NORM:  return "keyNorm";
+        case IMPORTANCE_NONE:      return "";
+    }
+    return "";
+}
+
+// What the summarizer is asked, as a user message after the history it shares with the chat.
+static const char * SUMMARY_INSTRUCTION = "Summarize the conversation so far in one or two short sentences.";
 
 static ggml_type kv_type_from_name(const std::string & name) {
     if (name == "f16")  return GGML_TYPE_F16;
@@ -68,13 +82,49 @@ chat_session::chat_session(std::shared_ptr<fml_model> model, const chat_options 
                         " tokens) must fit in half of maxTokens with the sinks and some room");
     }
 
+    // Signals the policy needs. Attention weights exist only with flash attention off and need the
+    // cell -> position map; otherwise importance uses the key-norm proxy.
+    if (policy_->needs_importance()) {
+        if (opts_.flash_attention != 1 && kv_cells_available()) {
+            signal_ = IMPORTANCE_ATTENTION;
+            opts_.flash_attention = 0;
+            capture_.want_attention = true;
+        } else {
+            signal_ = IMPORTANCE_KEY_NORM;
+            capture_.want_key_norm = true;
+        }
+    }
+    const model_info & mi = model_->info();
+    if (policy_->needs_embeddings()) {
+        capture_.want_hidden = true;
+        // A middle layer: the last one is pruned to the output rows, and middle layers carry more
+        // topical (less next-token-specific) information.
+        capture_.hidden_layer = std::max(0, std::min(mi.n_layer - 2, mi.n_layer / 2));
+        ledger_.set_embedding_dim((size_t) mi.n_embd);
+    }
+    uint32_t scratch_cells = 0;
+    if (policy_->summarizes()) {
+        summary_instruction_ = frame_tokens("user", SUMMARY_INSTRUCTION);
+        scratch_cells = (uint32_t) summary_instruction_.size() + p.summary_tokens + 8;
+        if (system_tokens_.size() + p.sink_tokens + p.summary_tokens + 16 > p.max_tokens) {
+            throw fml_error(FML_ERR_INVALID_OPTION, "maxTokens is too small for summaries of summaryTokens tokens");
+        }
+    }
+
     llama_context_params cp = llama_context_default_params();
-    // The cache never holds more than max_tokens: eviction happens before any decode that would
-    // overflow it, so the context is exactly the budget.
-    cp.n_ctx = p.max_tokens;
+    // The chat's sequence never holds more than max_tokens: eviction happens before any decode that
+    // would overflow it, so the context is the budget. Summarizing policies add a bounded scratch area
+    // for the summarizer's instruction and output (it shares the history's cells, so no re-prefill).
+    cp.n_ctx = p.max_tokens + scratch_cells;
+    if (scratch_cells > 0) {
+        cp.n_seq_max = 2;
+        cp.kv_unified = true;
+    }
     cp.n_batch = (uint32_t) std::max(1, std::min<int32_t>(opts_.batch_size, (int32_t) p.max_tokens));
     cp.n_ubatch = cp.n_batch;
-    cp.n_seq_max = 1;
+    if (scratch_cells == 0) {
+        cp.n_seq_max = 1;
+    }
     cp.n_threads = opts_.threads;
     cp.n_threads_batch = opts_.threads;
     cp.type_k = kv_type;
@@ -87,12 +137,17 @@ chat_session::chat_session(std::shared_ptr<fml_model> model, const chat_options 
     cp.no_perf = true;
     cp.abort_callback = abort_callback;
     cp.abort_callback_data = &abort_;
+    if (capture_.want_attention || capture_.want_key_norm || capture_.want_hidden) {
+        cp.cb_eval = eval_capture::callback;
+        cp.cb_eval_user_data = &capture_;
+    }
     last_llama_errors();
     ctx_ = llama_init_from_model(model_->raw(), cp);
     if (ctx_ == nullptr) {
         const std::string why = last_llama_errors();
         throw fml_error(FML_ERR_CONTEXT_CREATE, "llama.cpp could not create a context" + (why.empty() ? std::string() : ": " + why));
     }
+    capture_.bind(ctx_, (int32_t) cp.n_ctx, mi.n_embd);
     if (!kv_can_shift(ctx_)) {
         llama_free(ctx_);
         ctx_ = nullptr;
@@ -160,6 +215,7 @@ bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t t
             batch.seq_id[i][0] = KV_SEQ;
             batch.logits[i] = want_logits && start + i == tokens.size() - 1;
         }
+        capture_.begin_batch((int32_t) n);
         const int32_t rc = llama_decode(ctx_, batch);
         if (rc != 0) {
             // Drop whatever ubatches of this batch reached the cache, so cache == ledger again.
@@ -170,14 +226,152 @@ bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t t
             }
             throw fml_error(FML_ERR_DECODE, "llama_decode failed with code " + std::to_string(rc));
         }
+        const size_t first_new = ledger_.size();
         for (size_t i = 0; i < n; ++i) {
             const bool sink = ledger_.size() < opts_.policy.sink_tokens;
-            ledger_.append(tokens[start + i], turn, role, role == TOKEN_ROLE_SYSTEM || sink);
+            const std::string piece = model_->token_piece(tokens[start + i], false);
+            const bool sentence_end = !piece.empty() && strchr(".!?\n", piece.back()) != nullptr;
+            ledger_.append(tokens[start + i], turn, role, role == TOKEN_ROLE_SYSTEM || sink, sentence_end);
         }
+        absorb_signals(first_new, n);
         cumulative_.tokens_seen += n;
     }
     llama_batch_free(batch);
     return ok;
+}
+
+void chat_session::absorb_signals(size_t first_new, size_t n_new) {
+    if (capture_.want_attention && capture_.attention_layers_seen > 0) {
+        // Attention received, summed over heads and layers; positions == ledger indices.
+        std::vector<float> & acc = capture_.attention_by_pos;
+        for (size_t i = 0; i < ledger_.size(); ++i) {
+            const int32_t pos = ledger_[i].pos;
+            if (pos >= 0 && (size_t) pos < acc.size()) {
+                ledger_.at(i).score[SCORE_IMPORTANCE] += acc[(size_t) pos];
+            }
+        }
+        std::fill(acc.begin(), acc.end(), 0.0f);
+    }
+    if (capture_.want_key_norm && capture_.key_norm_layers_seen > 0) {
+        for (size_t j = 0; j < n_new && j < capture_.key_norm_by_token.size(); ++j) {
+            ledger_.at(first_new + j).score[SCORE_IMPORTANCE] = -capture_.key_norm_by_token[j] / (float) capture_.key_norm_layers_seen;
+        }
+    }
+    if (capture_.want_hidden && capture_.hidden_seen && ledger_.embedding_dim() == (size_t) capture_.n_embd) {
+        for (size_t j = 0; j < n_new; ++j) {
+            std::memcpy(ledger_.embedding_mut(first_new + j), capture_.hidden_by_token.data() + j * (size_t) capture_.n_embd,
+                        sizeof(float) * (size_t) capture_.n_embd);
+        }
+    }
+}
+
+bool chat_session::decode_scratch(const std::vector<int32_t> & tokens, int32_t pos0) {
+    llama_batch batch = llama_batch_init((int32_t) tokens.size(), 0, 1);
+    batch.n_tokens = (int32_t) tokens.size();
+    for (size_t i = 0; i < tokens.size(); ++i) {
+        batch.token[i] = tokens[i];
+        batch.pos[i] = pos0 + (int32_t) i;
+        batch.n_seq_id[i] = 1;
+        batch.seq_id[i][0] = KV_SCRATCH_SEQ;
+        batch.logits[i] = i + 1 == tokens.size();
+    }
+    const int32_t rc = llama_decode(ctx_, batch);
+    llama_batch_free(batch);
+    return rc == 0;
+}
+
+void chat_session::summarize_and_evict(const eviction_plan & plan, turn_stats & st) {
+    const auto t0 = clock_type::now();
+    const std::vector<index_range> ranges = normalize_ranges(plan.ranges);
+    const size_t end = ranges.back().end;         // the summarizer sees everything up to the last evicted token
+    const size_t insert_at = ranges.front().begin;
+    const uint32_t max_summary = opts_.policy.summary_tokens;
+
+    // The scratch sequence shares the history's cells, so nothing is re-prefilled: only the
+    // instruction and the summary itself are decoded. Signals are not collected for it.
+    capture_.enabled = false;
+    kv_scratch_begin(ctx_, end);
+    std::vector<int32_t> summary;
+    const int32_t pos_instr = (int32_t) end;
+    const int32_t pos_summary = pos_instr + (int32_t) summary_instruction_.size();
+    bool ok = decode_scratch(summary_instruction_, pos_instr);
+    if (ok) {
+        sampling_options so;
+        so.temperature = 0.0f;          // summaries are greedy: deterministic, no seed needed
+        so.repeat_penalty = 1.1f;
+        sampler_chain sampler(so, model_->info().n_vocab);
+        while (summary.size() < max_summary) {
+            const int32_t tok = llama_sampler_sample(sampler.raw(), ctx_, -1);
+            if (model_->is_eog(tok)) {
+                break;
+            }
+            if (!decode_scratch({ tok }, pos_summary + (int32_t) summary.size())) {
+                break;
+            }
+            summary.push_back(tok);
+        }
+    }
+    capture_.enabled = true;
+    kv_scratch_trim(ctx_, (size_t) pos_summary);
+
+    std::vector<ledger_entry> items;
+    const uint32_t turn = ledger_[insert_at].turn;
+    for (int32_t tok : summary) {
+        ledger_entry e{};
+        e.token = tok;
+        e.turn = turn;
+        e.role = TOKEN_ROLE_SUMMARY;
+        items.push_back(e);
+    }
+    const kv_eviction_result res = kv_evict_and_insert(ctx_, ledger_, ranges, insert_at, pos_summary, items);
+    summary_text_ = model_->detokenize(summary, false);
+    st.summary_tokens += (uint32_t) summary.size();
+    st.summary_ms += ms_since(t0);
+    st.evicted_tokens += (uint32_t) res.evicted;
+    cumulative_.tokens_evicted += res.evicted;
+    cumulative_.tokens_seen += summary.size();
+}
+
+void chat_session::evict(const eviction_request & req, turn_stats & st) {
+    // Latency guard: a policy that throws or takes longer than max_policy_ms is replaced by sliding
+    // for this eviction, and the fallback is counted.
+    auto t0 = clock_type::now();
+    eviction_plan plan;
+    bool fallback = false;
+    try {
+        if (opts_.test_policy_delay_ms > 0) {
+            std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(opts_.test_policy_delay_ms));
+        }
+        plan = policy_->plan(ledger_, req);
+        if (plan.total() < req.need) {
+            fallback = true;
+        }
+    } catch (const std::exception &) {
+        fallback = true;
+    }
+    const double elapsed = ms_since(t0);
+    if (opts_.max_policy_ms > 0 && elapsed > opts_.max_policy_ms) {
+        fallback = true;
+    }
+    if (fallback) {
+        plan = plan_oldest_first(ledger_, req, opts_.policy.window_size);
+        st.fallback = true;
+        cumulative_.fallback_count++;
+    }
+    st.policy_ms += ms_since(t0);
+
+    t0 = clock_type::now();
+    const double summary_ms_before = st.summary_ms;
+    if (plan.summarize) {
+        summarize_and_evict(plan, st);
+    } else {
+        const kv_eviction_result res = kv_evict_ranges(ctx_, ledger_, plan.ranges);
+        st.evicted_tokens += (uint32_t) res.evicted;
+        cumulative_.tokens_evicted += res.evicted;
+    }
+    st.evict_ms += ms_since(t0) - (st.summary_ms - summary_ms_before);   // KV work only; summaryMs is separate
+    st.evictions += 1;
+    cumulative_.evictions += 1;
 }
 
 void chat_session::make_room(size_t incoming, size_t slack, turn_stats & st) {
@@ -185,27 +379,19 @@ void chat_session::make_room(size_t incoming, size_t slack, turn_stats & st) {
     if (ledger_.size() + incoming <= budget) {
         return;
     }
-    const size_t need = ledger_.size() + incoming - budget;
+    size_t need = ledger_.size() + incoming - budget;
     const size_t evictable = evictable_count(ledger_);
     if (need > evictable) {
         throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "not enough evictable tokens to fit the turn in maxTokens");
     }
-    eviction_request req{ need, std::min(evictable, need + slack) };
-
-    auto t0 = clock_type::now();
-    eviction_plan plan = policy_->plan(ledger_, req);
-    st.policy_ms += ms_since(t0);
-    if (plan.total() < need) {
-        throw fml_error(FML_ERR_INTERNAL, std::string("policy '") + policy_->name() + "' freed too few tokens");
+    // A summary takes room too: free enough for the longest one when there is that much to evict.
+    if (policy_->summarizes()) {
+        need = std::min(evictable, need + opts_.policy.summary_tokens);
     }
-
-    t0 = clock_type::now();
-    const kv_eviction_result res = kv_evict_ranges(ctx_, ledger_, plan.ranges);
-    st.evict_ms += ms_since(t0);
-    st.evicted_tokens += (uint32_t) res.evicted;
-    st.evictions += 1;
-    cumulative_.tokens_evicted += res.evicted;
-    cumulative_.evictions += 1;
+    evict({ need, std::min(evictable, need + slack) }, st);
+    if (ledger_.size() + incoming > budget) {
+        throw fml_error(FML_ERR_INTERNAL, "eviction left the budget exceeded");
+    }
 }
 
 turn_result chat_session::run_turn(const std::string & user_text, const generation_options & gen, const piece_callback & on_piece) {
@@ -231,6 +417,11 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
     const auto t_system = clock_type::now();
     ensure_started();
     const double system_ms = ms_since(t_system);
+    if (signal_ != IMPORTANCE_NONE && opts_.policy.importance_decay < 1.0f) {
+        for (size_t i = 0; i < ledger_.size(); ++i) {
+            ledger_.at(i).score[SCORE_IMPORTANCE] *= opts_.policy.importance_decay;
+        }
+    }
 
     // Amortise: when evicting anyway, free room for part of the reply too.
     const size_t slack = std::min<size_t>((size_t) std::max(gen.max_new_tokens, 1), budget / 8);
@@ -329,6 +520,7 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
 void chat_session::reset() {
     kv_clear(ctx_, ledger_);
     carry_.clear();
+    summary_text_.clear();
     turn_ = 0;
     started_ = false;
     cumulative_ = cumulative_stats{};

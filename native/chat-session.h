@@ -6,6 +6,7 @@
 #include "model.h"
 #include "policies/policy.h"
 #include "sampler.h"
+#include "signals.h"
 #include "token-ledger.h"
 
 #include <atomic>
@@ -26,7 +27,13 @@ struct chat_options {
     int32_t     batch_size = 512;
     std::string kv_type = "f16";      // f16 | f32 | q8_0
     int32_t     flash_attention = -1; // -1 auto, 0 off, 1 on
+    double      max_policy_ms = 50.0; // latency guard: slower choices fall back to sliding (<= 0: off)
+    double      test_policy_delay_ms = 0; // test hook: makes every policy choice this slow
 };
+
+// Where importance scores come from (see signals.h).
+enum importance_signal { IMPORTANCE_NONE, IMPORTANCE_ATTENTION, IMPORTANCE_KEY_NORM };
+const char * importance_signal_name(importance_signal s);
 
 struct generation_options {
     sampling_options sampling;
@@ -50,6 +57,8 @@ struct turn_stats {
     uint32_t retained_tokens = 0;
     double   latency_ms = 0;
     bool     fallback = false;
+    double   summary_ms = 0;          // time the model spent writing summaries this turn
+    uint32_t summary_tokens = 0;      // summary tokens placed in the cache this turn
     std::string policy;
 };
 
@@ -115,6 +124,9 @@ public:
     std::vector<float> probe_logits(int32_t token);
     void shift_positions(int32_t delta);
 
+    importance_signal signal() const { return signal_; }
+    const std::string & summary_text() const { return summary_text_; }
+
 private:
     std::vector<int32_t> frame_tokens(const std::string & role, const std::string & content) const;
     void ensure_started();
@@ -123,6 +135,13 @@ private:
     void make_room(size_t incoming, size_t slack, turn_stats & st);
     // Decodes tokens at the end of the sequence and appends them to the ledger. Returns false on abort.
     bool decode_tokens(const std::vector<int32_t> & tokens, uint32_t turn, token_role role, bool want_logits);
+    // Moves what the eval callback captured during the last decode into the ledger.
+    void absorb_signals(size_t first_new, size_t n_new);
+    // Asks the policy (under the latency guard) and applies the plan.
+    void evict(const eviction_request & req, turn_stats & st);
+    // The model summarizes the evicted tokens in a scratch sequence; the summary takes their place.
+    void summarize_and_evict(const eviction_plan & plan, turn_stats & st);
+    bool decode_scratch(const std::vector<int32_t> & tokens, int32_t pos0);
 
     std::shared_ptr<fml_model> model_;
     chat_options opts_;
@@ -131,6 +150,10 @@ private:
     token_ledger ledger_;
     cumulative_stats cumulative_;
     std::vector<int32_t> system_tokens_;
+    std::vector<int32_t> summary_instruction_;
+    std::string summary_text_;
+    eval_capture capture_;
+    importance_signal signal_ = IMPORTANCE_NONE;
     std::vector<int32_t> carry_;
     uint32_t turn_ = 0;
     bool started_ = false;

@@ -46,6 +46,73 @@ kv_eviction_result kv_evict_ranges(llama_context * ctx, token_ledger & ledger, c
     return res;
 }
 
+void kv_scratch_begin(llama_context * ctx, size_t end) {
+    llama_memory_t mem = llama_get_memory(ctx);
+    llama_memory_seq_rm(mem, KV_SCRATCH_SEQ, -1, -1);
+    llama_memory_seq_cp(mem, KV_SEQ, KV_SCRATCH_SEQ, 0, (llama_pos) end);
+}
+
+void kv_scratch_trim(llama_context * ctx, size_t end) {
+    llama_memory_seq_rm(llama_get_memory(ctx), KV_SCRATCH_SEQ, 0, (llama_pos) end);
+}
+
+void kv_scratch_clear(llama_context * ctx) {
+    llama_memory_seq_rm(llama_get_memory(ctx), KV_SCRATCH_SEQ, -1, -1);
+}
+
+kv_eviction_result kv_evict_and_insert(llama_context * ctx, token_ledger & ledger, const std::vector<index_range> & ranges_in,
+                                       size_t insert_at, int32_t scratch_pos0, const std::vector<ledger_entry> & items) {
+    kv_eviction_result res;
+    const std::vector<index_range> ranges = normalize_ranges(ranges_in);
+    const size_t n_insert = items.size();
+    for (const auto & r : ranges) {
+        if (r.end > ledger.size()) {
+            throw fml_error(FML_ERR_KV, "eviction range out of bounds");
+        }
+        for (size_t i = r.begin; i < r.end; ++i) {
+            if (ledger[i].pinned) {
+                throw fml_error(FML_ERR_KV, "eviction plan contains a pinned token");
+            }
+        }
+    }
+    if (ranges.empty() || insert_at != ranges.front().begin) {
+        throw fml_error(FML_ERR_KV, "a summary must take the place of the first evicted token");
+    }
+    llama_memory_t mem = llama_get_memory(ctx);
+    for (const auto & r : ranges) {
+        if (!llama_memory_seq_rm(mem, KV_SEQ, (llama_pos) r.begin, (llama_pos) r.end)) {
+            throw fml_error(FML_ERR_KV, "llama_memory_seq_rm refused a partial removal");
+        }
+    }
+    // Kept runs after the insertion point move by (n_insert - removed so far), which can be positive
+    // for early runs and negative for later ones; moving them in place could land one run on top of
+    // another's old positions. So: park everything after insert_at far away, then move each run home.
+    const llama_pos park = (llama_pos) (4 * (ledger.size() + n_insert) + (1 << 16));
+    llama_memory_seq_add(mem, KV_SEQ, (llama_pos) insert_at, -1, park);
+    size_t removed_so_far = 0;
+    for (size_t k = 0; k < ranges.size(); ++k) {
+        removed_so_far += ranges[k].size();
+        const size_t run_begin = ranges[k].end;
+        const size_t run_end   = k + 1 < ranges.size() ? ranges[k + 1].begin : ledger.size();
+        if (run_end > run_begin) {
+            const llama_pos target = (llama_pos) run_begin + (llama_pos) n_insert - (llama_pos) removed_so_far;
+            llama_memory_seq_add(mem, KV_SEQ, (llama_pos) run_begin + park, (llama_pos) run_end + park,
+                                 target - ((llama_pos) run_begin + park));
+            res.shifted_runs++;
+        }
+    }
+    if (n_insert > 0) {
+        llama_memory_seq_add(mem, KV_SCRATCH_SEQ, scratch_pos0, scratch_pos0 + (llama_pos) n_insert,
+                             (llama_pos) insert_at - scratch_pos0);
+        llama_memory_seq_cp(mem, KV_SCRATCH_SEQ, KV_SEQ, (llama_pos) insert_at, (llama_pos) (insert_at + n_insert));
+    }
+    llama_memory_seq_rm(mem, KV_SCRATCH_SEQ, -1, -1);
+
+    res.evicted = ledger.remove_ranges_and_compact(ranges);
+    ledger.insert(insert_at, items);
+    return res;
+}
+
 void kv_shift_all(llama_context * ctx, token_ledger & ledger, int32_t delta) {
     if (ledger.empty()) {
         return;

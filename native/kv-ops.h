@@ -28,6 +28,21 @@ struct kv_eviction_result {
 // Applies the eviction to the cache and the ledger. Throws fml_error(KV) if llama.cpp refuses.
 kv_eviction_result kv_evict_ranges(llama_context * ctx, token_ledger & ledger, const std::vector<index_range> & ranges);
 
+constexpr int32_t KV_SCRATCH_SEQ = 1;   // the summarizer's scratch sequence (summarizing policies only)
+
+// Starts a scratch sequence that shares the cells of positions [0, end) of the chat's sequence
+// (no copy: cells gain a second sequence id), so the summarizer sees the history without re-prefill.
+void kv_scratch_begin(llama_context * ctx, size_t end);
+// Drops the scratch sequence's membership of positions [0, end) (shared cells stay with the chat).
+void kv_scratch_trim(llama_context * ctx, size_t end);
+void kv_scratch_clear(llama_context * ctx);
+
+// Evicts `ranges` from the chat's sequence and puts the `n_insert` scratch-sequence tokens that sit at
+// positions [scratch_pos0, scratch_pos0 + n_insert) at index `insert_at` of the compacted sequence
+// (K-shifted there), then drops the scratch sequence. The ledger gets `items` at `insert_at`.
+kv_eviction_result kv_evict_and_insert(llama_context * ctx, token_ledger & ledger, const std::vector<index_range> & ranges,
+                                       size_t insert_at, int32_t scratch_pos0, const std::vector<ledger_entry> & items);
+
 // Shifts every cached position by `delta` (test hook: RoPE is relative, so logits must not change).
 void kv_shift_all(llama_context * ctx, token_ledger & ledger, int32_t delta);
 

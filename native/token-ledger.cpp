@@ -14,14 +14,29 @@ const char * token_role_name(token_role role) {
     return "unknown";
 }
 
-void token_ledger::append(int32_t token, uint32_t turn, token_role role, bool pinned) {
+void token_ledger::append(int32_t token, uint32_t turn, token_role role, bool pinned, bool sentence_end) {
     ledger_entry e{};
     e.token  = token;
     e.pos    = next_pos();
     e.turn   = turn;
     e.role   = role;
     e.pinned = pinned;
+    e.sentence_end = sentence_end;
     entries_.push_back(e);
+    if (embedding_dim_ > 0) {
+        embeddings_.resize(entries_.size() * embedding_dim_, 0.0f);
+    }
+}
+
+void token_ledger::insert(size_t at, const std::vector<ledger_entry> & items) {
+    at = std::min(at, entries_.size());
+    entries_.insert(entries_.begin() + (long) at, items.begin(), items.end());
+    if (embedding_dim_ > 0) {
+        embeddings_.insert(embeddings_.begin() + (long) (at * embedding_dim_), items.size() * embedding_dim_, 0.0f);
+    }
+    for (size_t i = 0; i < entries_.size(); ++i) {
+        entries_[i].pos = (int32_t) i;
+    }
 }
 
 size_t token_ledger::pinned_count() const {
@@ -37,6 +52,7 @@ size_t token_ledger::remove_ranges_and_compact(const std::vector<index_range> & 
         return 0;
     }
     std::vector<ledger_entry> kept;
+    std::vector<float> kept_embd;
     kept.reserve(entries_.size());
     size_t r = 0;
     for (size_t i = 0; i < entries_.size(); ++i) {
@@ -46,8 +62,13 @@ size_t token_ledger::remove_ranges_and_compact(const std::vector<index_range> & 
         const bool removed = r < ranges.size() && i >= ranges[r].begin && i < ranges[r].end;
         if (!removed) {
             kept.push_back(entries_[i]);
+            if (embedding_dim_ > 0) {
+                kept_embd.insert(kept_embd.end(), embeddings_.begin() + (long) (i * embedding_dim_),
+                                 embeddings_.begin() + (long) ((i + 1) * embedding_dim_));
+            }
         }
     }
+    embeddings_.swap(kept_embd);
     const size_t removed = entries_.size() - kept.size();
     for (size_t i = 0; i < kept.size(); ++i) {
         kept[i].pos = (int32_t) i;

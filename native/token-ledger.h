@@ -18,15 +18,17 @@ enum token_role : uint8_t {
 
 const char * token_role_name(token_role role);
 
-// Score slots for policies that rank tokens (accumulated attention, cluster ids...). Unused by `sliding`.
+// Score slots for policies that rank tokens. Unused by `sliding`.
 constexpr int LEDGER_SCORE_SLOTS = 2;
+constexpr int SCORE_IMPORTANCE = 0;   // accumulated attention received, or -(key L2 norm) as a proxy
 
 struct ledger_entry {
     int32_t    token;
     int32_t    pos;
     uint32_t   turn;
     token_role role;
-    bool       pinned;   // never evicted: system prompt and attention sinks
+    bool       pinned;        // never evicted: system prompt and attention sinks
+    bool       sentence_end;  // the token's text ends a sentence or line (span boundary for `semantic`)
     float      score[LEDGER_SCORE_SLOTS];
 };
 
@@ -39,8 +41,17 @@ struct index_range {
 
 class token_ledger {
 public:
-    void append(int32_t token, uint32_t turn, token_role role, bool pinned);
-    void clear() { entries_.clear(); }
+    void append(int32_t token, uint32_t turn, token_role role, bool pinned, bool sentence_end = false);
+    void clear() { entries_.clear(); embeddings_.clear(); }
+
+    // Optional per-token hidden states (semantic policy). dim 0 = none stored.
+    void set_embedding_dim(size_t dim) { embedding_dim_ = dim; embeddings_.assign(entries_.size() * dim, 0.0f); }
+    size_t embedding_dim() const { return embedding_dim_; }
+    const float * embedding(size_t i) const { return embedding_dim_ ? embeddings_.data() + i * embedding_dim_ : nullptr; }
+    float * embedding_mut(size_t i) { return embedding_dim_ ? embeddings_.data() + i * embedding_dim_ : nullptr; }
+
+    // Inserts entries before index `at` (positions are renumbered 0..n-1 afterwards).
+    void insert(size_t at, const std::vector<ledger_entry> & items);
 
     size_t size() const { return entries_.size(); }
     bool   empty() const { return entries_.empty(); }
@@ -60,6 +71,8 @@ public:
 
 private:
     std::vector<ledger_entry> entries_;
+    std::vector<float> embeddings_;
+    size_t embedding_dim_ = 0;
 };
 
 // Normalises a list of ranges: sorted by begin, merged where they touch, empty ones dropped.

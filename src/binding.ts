@@ -43,6 +43,9 @@ export interface NativeTurnStats {
   retainedTokens: number;
   latencyMs: number;
   fallback: boolean;
+  summaryMs: number;
+  summaryTokens: number;
+  importanceSignal: 'attention' | 'keyNorm' | null;
   policy: string;
 }
 
@@ -60,6 +63,7 @@ export interface NativeChatStats {
   evictions: number;
   fallbackCount: number;
   kvBytes: number;
+  summary: string;
 }
 
 export interface NativeMemoryEntry {
@@ -93,6 +97,14 @@ export interface NativeChatOptions {
   batchSize: number;
   kvType: string;
   flashAttention?: boolean;
+  importanceDecay: number;
+  semanticClusters: number;
+  spanMaxTokens: number;
+  policySeed: number;
+  summaryTokens: number;
+  hybridImportanceShare: number;
+  maxPolicyMs: number;
+  testPolicyDelayMs?: number;
 }
 
 export interface NativeSendOptions {
@@ -124,13 +136,24 @@ export interface NativeBinding {
   loadModel(path: string, options: { gpuLayers: number; useMmap: boolean }): Promise<NativeModel>;
   NativeChat: new (model: NativeModel, options: NativeChatOptions) => NativeChat;
   planEviction(
-    options: { policy: string; maxTokens: number; windowSize: number; sinkTokens: number },
-    entries: { pinned: boolean; role?: number; turn?: number; token?: number }[],
+    options: { policy: string; maxTokens: number; windowSize: number; sinkTokens: number } & Record<string, number | string>,
+    entries: SyntheticLedgerEntry[],
     need: number,
     want: number,
-  ): [number, number][];
+  ): { ranges: [number, number][]; summarize: boolean };
   systemInfo(): string;
   llamaCppVersion: string;
+}
+
+/** A ledger entry for planEviction (policies on synthetic ledgers). role: 0 system, 1 user, 2 assistant, 3 summary. */
+export interface SyntheticLedgerEntry {
+  pinned: boolean;
+  role?: number;
+  turn?: number;
+  token?: number;
+  score?: number;
+  sentenceEnd?: boolean;
+  embedding?: number[];
 }
 
 let cached: NativeBinding | undefined;

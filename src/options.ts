@@ -4,8 +4,8 @@
  */
 import { InvalidOptionError } from './errors.js';
 
-export type PolicyName = 'sliding';
-export const POLICIES: readonly PolicyName[] = ['sliding'];
+export type PolicyName = 'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid';
+export const POLICIES: readonly PolicyName[] = ['sliding', 'importance', 'semantic', 'rolling_summary', 'hybrid'];
 export type KvType = 'f16' | 'f32' | 'q8_0';
 
 export interface LoadModelOptions {
@@ -34,8 +34,28 @@ export interface ChatOptions {
   batchSize?: number;
   /** KV cache element type. Default 'f16'; 'q8_0' needs flash attention. */
   kvType?: KvType;
-  /** Flash attention: true, false, or undefined for llama.cpp's automatic choice. */
+  /**
+   * Flash attention: true, false, or undefined for llama.cpp's automatic choice. `importance` and
+   * `hybrid` turn it off (unless it is forced on) to read attention weights; forced on, they use the
+   * key-norm proxy instead (`TurnStats.importanceSignal`).
+   */
   flashAttention?: boolean;
+  /** importance/hybrid: scores are multiplied by this once per turn. Default 1 (plain sum, as in H2O). */
+  importanceDecay?: number;
+  /** semantic/hybrid: number of k-means clusters (topics). Default 8. */
+  semanticClusters?: number;
+  /** semantic/hybrid: longest span (tokens) when splitting history into spans. Default 32. */
+  spanMaxTokens?: number;
+  /** semantic/hybrid: k-means++ seed. Default 42. */
+  policySeed?: number;
+  /** rolling_summary/hybrid: longest summary in tokens; 0 turns summaries off in hybrid. Default min(48, maxTokens/8). */
+  summaryTokens?: number;
+  /** hybrid: share of the kept history chosen by importance; the rest by semantic representatives. Default 0.5. */
+  hybridImportanceShare?: number;
+  /** Latency guard: a policy that takes longer than this (ms) to choose falls back to sliding. Default 50; 0 disables. */
+  maxPolicyMs?: number;
+  /** @internal Test hook: makes every policy choice this slow (exercises the latency guard). */
+  testPolicyDelayMs?: number;
 }
 
 export interface SendOptions {
@@ -129,11 +149,23 @@ export interface ResolvedChatOptions {
   batchSize: number;
   kvType: KvType;
   flashAttention?: boolean;
+  importanceDecay: number;
+  semanticClusters: number;
+  spanMaxTokens: number;
+  policySeed: number;
+  summaryTokens: number;
+  hybridImportanceShare: number;
+  maxPolicyMs: number;
+  testPolicyDelayMs?: number;
 }
 
 export function resolveChatOptions(raw: unknown, defaultThreads: number): ResolvedChatOptions {
   const o = checkObject('options', raw);
-  checkKnownKeys('options', o, ['policy', 'maxTokens', 'windowSize', 'sinkTokens', 'systemPrompt', 'threads', 'batchSize', 'kvType', 'flashAttention']);
+  checkKnownKeys('options', o, [
+    'policy', 'maxTokens', 'windowSize', 'sinkTokens', 'systemPrompt', 'threads', 'batchSize', 'kvType', 'flashAttention',
+    'importanceDecay', 'semanticClusters', 'spanMaxTokens', 'policySeed', 'summaryTokens', 'hybridImportanceShare',
+    'maxPolicyMs', 'testPolicyDelayMs',
+  ]);
   const policy = o.policy === undefined ? 'sliding' : o.policy;
   if (typeof policy !== 'string' || !(POLICIES as readonly string[]).includes(policy)) {
     fail(`one of ${POLICIES.join(', ')}`, 'policy', policy);
@@ -150,8 +182,18 @@ export function resolveChatOptions(raw: unknown, defaultThreads: number): Resolv
   if (kvType === 'q8_0' && o.flashAttention === false) {
     throw new InvalidOptionError("kvType 'q8_0' needs flash attention (a quantized V cache requires it)");
   }
-  const out: ResolvedChatOptions = { policy: policy as PolicyName, maxTokens, windowSize, sinkTokens, systemPrompt, threads, batchSize, kvType };
+  const out: ResolvedChatOptions = {
+    policy: policy as PolicyName, maxTokens, windowSize, sinkTokens, systemPrompt, threads, batchSize, kvType,
+    importanceDecay: o.importanceDecay === undefined ? 1 : checkNumber('importanceDecay', o.importanceDecay, 0, 1),
+    semanticClusters: o.semanticClusters === undefined ? 8 : checkInt('semanticClusters', o.semanticClusters, 1, 4096),
+    spanMaxTokens: o.spanMaxTokens === undefined ? 32 : checkInt('spanMaxTokens', o.spanMaxTokens, 1, 4096),
+    policySeed: o.policySeed === undefined ? 42 : checkInt('policySeed', o.policySeed, 0, 0xffffffff),
+    summaryTokens: o.summaryTokens === undefined ? Math.min(48, Math.floor(maxTokens / 8)) : checkInt('summaryTokens', o.summaryTokens, 0, Math.floor(maxTokens / 4)),
+    hybridImportanceShare: o.hybridImportanceShare === undefined ? 0.5 : checkNumber('hybridImportanceShare', o.hybridImportanceShare, 0, 1),
+    maxPolicyMs: o.maxPolicyMs === undefined ? 50 : checkNumber('maxPolicyMs', o.maxPolicyMs, 0, 3_600_000),
+  };
   if (o.flashAttention !== undefined) out.flashAttention = o.flashAttention as boolean;
+  if (o.testPolicyDelayMs !== undefined) out.testPolicyDelayMs = checkNumber('testPolicyDelayMs', o.testPolicyDelayMs, 0, 60_000);
   return out;
 }
 

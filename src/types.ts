@@ -22,6 +22,12 @@ export interface TurnStats {
   latencyMs: number;
   /** True when the latency guard fell back to `sliding` in this turn. */
   fallback: boolean;
+  /** rolling_summary/hybrid: time the model spent writing summaries this turn. */
+  summaryMs: number;
+  /** rolling_summary/hybrid: summary tokens placed in the cache this turn. */
+  summaryTokens: number;
+  /** importance/hybrid: where scores came from ('attention' weights, or the 'keyNorm' proxy); null for other policies. */
+  importanceSignal: 'attention' | 'keyNorm' | null;
   policy: PolicyName;
 }
 
@@ -45,6 +51,8 @@ export interface ChatStats {
   fallbackCount: number;
   /** Bytes the retained tokens occupy in the KV cache (K and V, all layers). */
   kvBytes: number;
+  /** rolling_summary/hybrid: the current summary's text ('' when none). */
+  summary: string;
 }
 
 /** One token the chat still remembers. */

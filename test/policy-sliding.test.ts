@@ -8,7 +8,7 @@ const plan = (n: number, pinned: (i: number) => boolean, windowSize: number, nee
     Array.from({ length: n }, (_, i) => ({ pinned: pinned(i) })),
     need,
     want,
-  );
+  ).ranges;
 
 const count = (ranges: [number, number][]) => ranges.reduce((s, [b, e]) => s + (e - b), 0);
 
@@ -47,7 +47,7 @@ describe('sliding policy', () => {
 
   it('rejects an unknown policy with a typed error', () => {
     expect(() =>
-      getBinding().planEviction({ policy: 'nope', maxTokens: 10, windowSize: 2, sinkTokens: 1 }, [], 0, 0),
+      getBinding().planEviction({ policy: 'nope', maxTokens: 10, windowSize: 2, sinkTokens: 1 }, [], 0, 0).ranges,
     ).toThrow(expect.objectContaining({ code: 'INVALID_OPTION' }));
   });
 });

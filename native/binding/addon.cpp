@@ -209,6 +209,8 @@ Napi::Object stats_to_js(Napi::Env env, const turn_stats & s) {
     o.Set("retainedTokens", s.retained_tokens);
     o.Set("latencyMs", s.latency_ms);
     o.Set("fallback", s.fallback);
+    o.Set("summaryMs", s.summary_ms);
+    o.Set("summaryTokens", s.summary_tokens);
     o.Set("policy", s.policy);
     return o;
 }
@@ -249,6 +251,14 @@ public:
         opts.threads = (int32_t) get_number(o, "threads", 4);
         opts.batch_size = (int32_t) get_number(o, "batchSize", 512);
         opts.kv_type = get_string(o, "kvType", "f16");
+        opts.policy.importance_decay = (float) get_number(o, "importanceDecay", 1.0);
+        opts.policy.semantic_clusters = (uint32_t) get_number(o, "semanticClusters", 8);
+        opts.policy.span_max_tokens = (uint32_t) get_number(o, "spanMaxTokens", 32);
+        opts.policy.seed = (uint32_t) get_number(o, "policySeed", 42);
+        opts.policy.summary_tokens = (uint32_t) get_number(o, "summaryTokens", 48);
+        opts.policy.hybrid_importance_share = (float) get_number(o, "hybridImportanceShare", 0.5);
+        opts.max_policy_ms = get_number(o, "maxPolicyMs", 50.0);
+        opts.test_policy_delay_ms = get_number(o, "testPolicyDelayMs", 0.0);
         Napi::Value fa = o.Get("flashAttention");
         opts.flash_attention = fa.IsBoolean() ? (fa.ToBoolean() ? 1 : 0) : -1;
         session_ = guarded(env, [&] { return std::make_shared<chat_session>(model, opts); });
@@ -292,6 +302,7 @@ private:
         o.Set("evictions", (double) c.evictions);
         o.Set("fallbackCount", (double) c.fallback_count);
         o.Set("kvBytes", (double) s->kv_bytes());
+        o.Set("summary", s->summary_text());
         return o;
     }
 
@@ -436,7 +447,10 @@ public:
         Napi::Object o = Napi::Object::New(env);
         o.Set("response", result_.response);
         o.Set("stopReason", stop_reason_name(result_.reason));
-        o.Set("stats", stats_to_js(env, result_.stats));
+        Napi::Object stats = stats_to_js(env, result_.stats);
+        const char * signal = importance_signal_name(session_->signal());
+        stats.Set("importanceSignal", *signal ? Napi::Value(Napi::String::New(env, signal)) : env.Null());
+        o.Set("stats", stats);
         deferred_.Resolve(o);
     }
 
@@ -508,25 +522,51 @@ Napi::Value js_plan_eviction(const Napi::CallbackInfo & info) {
     opts.max_tokens = (uint32_t) get_number(o, "maxTokens", 2048);
     opts.window_size = (uint32_t) get_number(o, "windowSize", 512);
     opts.sink_tokens = (uint32_t) get_number(o, "sinkTokens", 4);
+    opts.semantic_clusters = (uint32_t) get_number(o, "semanticClusters", 8);
+    opts.span_max_tokens = (uint32_t) get_number(o, "spanMaxTokens", 32);
+    opts.seed = (uint32_t) get_number(o, "policySeed", 42);
+    opts.summary_tokens = (uint32_t) get_number(o, "summaryTokens", 48);
+    opts.hybrid_importance_share = (float) get_number(o, "hybridImportanceShare", 0.5);
     if (info.Length() < 4 || !info[1].IsArray()) {
         throw_error(env, FML_ERR_INVALID_OPTION, "planEviction(options, entries, need, want)");
     }
     Napi::Array entries = info[1].As<Napi::Array>();
     token_ledger ledger;
+    size_t dim = 0;
+    if (entries.Length() > 0) {
+        Napi::Value emb = entries.Get((uint32_t) 0).As<Napi::Object>().Get("embedding");
+        if (emb.IsArray()) {
+            dim = emb.As<Napi::Array>().Length();
+            ledger.set_embedding_dim(dim);
+        }
+    }
     for (uint32_t i = 0; i < entries.Length(); ++i) {
         Napi::Object e = entries.Get(i).As<Napi::Object>();
         const token_role role = (token_role) (int) get_number(e, "role", TOKEN_ROLE_USER);
-        ledger.append((int32_t) get_number(e, "token", 0), (uint32_t) get_number(e, "turn", 0), role, e.Get("pinned").ToBoolean());
+        ledger.append((int32_t) get_number(e, "token", 0), (uint32_t) get_number(e, "turn", 0), role, e.Get("pinned").ToBoolean(),
+                      e.Get("sentenceEnd").ToBoolean());
+        ledger.at(i).score[SCORE_IMPORTANCE] = (float) get_number(e, "score", 0.0);
+        Napi::Value emb = e.Get("embedding");
+        if (dim > 0 && emb.IsArray() && emb.As<Napi::Array>().Length() == dim) {
+            Napi::Array a = emb.As<Napi::Array>();
+            float * out = ledger.embedding_mut(i);
+            for (uint32_t k = 0; k < dim; ++k) {
+                out[k] = (float) a.Get(k).ToNumber().DoubleValue();
+            }
+        }
     }
     const eviction_request req{ (size_t) info[2].ToNumber().Int64Value(), (size_t) info[3].ToNumber().Int64Value() };
     const eviction_plan plan = guarded(env, [&] { return make_policy(opts)->plan(ledger, req); });
-    Napi::Array out = Napi::Array::New(env, plan.ranges.size());
+    Napi::Array ranges = Napi::Array::New(env, plan.ranges.size());
     for (size_t i = 0; i < plan.ranges.size(); ++i) {
         Napi::Array r = Napi::Array::New(env, 2);
         r[(uint32_t) 0] = Napi::Number::New(env, (double) plan.ranges[i].begin);
         r[(uint32_t) 1] = Napi::Number::New(env, (double) plan.ranges[i].end);
-        out[i] = r;
+        ranges[i] = r;
     }
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("ranges", ranges);
+    out.Set("summarize", plan.summarize);
     return out;
 }
 

@@ -11,10 +11,22 @@
 namespace fml {
 
 struct policy_options {
-    std::string name       = "sliding";
-    uint32_t    max_tokens = 2048;
-    uint32_t    window_size = 512;   // most recent tokens kept when anything else can go
-    uint32_t    sink_tokens = 4;     // first tokens of the sequence, pinned (attention sinks)
+    std::string name        = "sliding";
+    uint32_t    max_tokens  = 2048;
+    uint32_t    window_size = 512;    // most recent tokens kept when anything else can go
+    uint32_t    sink_tokens = 4;      // first tokens of the sequence, pinned (attention sinks)
+    // importance
+    float       importance_decay = 1.0f;   // scores are multiplied by this once per turn (1 = H2O's plain sum)
+    // semantic
+    uint32_t    semantic_clusters = 8;
+    uint32_t    span_max_tokens = 32;
+    uint32_t    seed = 42;
+    // rolling_summary / hybrid
+    uint32_t    summary_tokens = 48;       // upper bound of one summary; 0 disables summaries in hybrid
+    // hybrid: how the kept part of the evictable middle is split (the rest of the budget is the
+    // window, pinned tokens and the summary)
+    float       hybrid_importance_share = 0.5f;   // of the kept middle, by importance score
+    // (1 - hybrid_importance_share) of the kept middle goes to semantic representatives
 };
 
 struct eviction_request {
@@ -25,6 +37,9 @@ struct eviction_request {
 // The plan is a set of ledger index ranges; never contains a pinned entry.
 struct eviction_plan {
     std::vector<index_range> ranges;
+    // rolling_summary / hybrid: the evicted tokens are summarized by the model and the summary is
+    // inserted where the first evicted token was.
+    bool summarize = false;
     size_t total() const {
         size_t n = 0;
         for (const auto & r : ranges) {
@@ -41,10 +56,27 @@ public:
     // Returns the tokens to evict. Must free at least `req.need` tokens when the ledger holds that
     // many unpinned ones; the caller checks this before asking (see evictable_count).
     virtual eviction_plan plan(const token_ledger & ledger, const eviction_request & req) = 0;
+
+    // Signals the session must collect for this policy.
+    virtual bool needs_importance() const { return false; }
+    virtual bool needs_embeddings() const { return false; }
+    // Whether plans may ask for a summary (the session then reserves room for it).
+    virtual bool summarizes() const { return false; }
 };
 
 // Tokens a policy may evict at all (everything unpinned).
 size_t evictable_count(const token_ledger & ledger);
+
+// Index where the recent window begins (tokens at or after it are "recent").
+size_t window_begin(const token_ledger & ledger, uint32_t window_size);
+
+// Evicts the oldest unpinned tokens: first outside the window up to `want`, then inside it up to
+// `need`. The shared fallback (sliding itself, and every policy when the rest is not enough).
+eviction_plan plan_oldest_first(const token_ledger & ledger, const eviction_request & req, uint32_t window_size,
+                                const std::vector<bool> * keep = nullptr);
+
+// Converts a per-index eviction mask into sorted ranges.
+std::vector<index_range> ranges_from_mask(const std::vector<bool> & evict);
 
 // Throws fml_error(INVALID_OPTION) for an unknown name.
 std::unique_ptr<kv_policy_i> make_policy(const policy_options & opts);

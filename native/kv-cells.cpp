@@ -1,0 +1,42 @@
+#include "kv-cells.h"
+
+#include "llama.h"
+
+#ifdef FML_HAVE_KV_CELLS
+#include "llama-kv-cache.h"
+#include "llama-kv-cells.h"
+#endif
+
+namespace fml {
+
+bool kv_cells_available() {
+#ifdef FML_HAVE_KV_CELLS
+    return true;
+#else
+    return false;
+#endif
+}
+
+bool kv_cell_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out) {
+    out.clear();
+#ifdef FML_HAVE_KV_CELLS
+    auto * kv = dynamic_cast<llama_kv_cache *>(llama_get_memory(ctx));
+    if (kv == nullptr) {
+        return false;
+    }
+    const llama_kv_cells & cells = kv->get_cells(seq);
+    out.resize(cells.size(), -1);
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        if (!cells.is_empty(i) && cells.seq_has(i, seq)) {
+            out[i] = cells.pos_get(i);
+        }
+    }
+    return true;
+#else
+    (void) ctx;
+    (void) seq;
+    return false;
+#endif
+}
+
+} // namespace fml

@@ -1,0 +1,47 @@
+#include "policies/importance.h"
+
+#include <algorithm>
+
+namespace fml {
+
+void mark_lowest_scores(const token_ledger & ledger, size_t wb, size_t count, std::vector<bool> & evict) {
+    std::vector<size_t> candidates;
+    for (size_t i = 0; i < wb; ++i) {
+        if (!ledger[i].pinned && !evict[i]) {
+            candidates.push_back(i);
+        }
+    }
+    count = std::min(count, candidates.size());
+    std::stable_sort(candidates.begin(), candidates.end(), [&](size_t a, size_t b) {
+        return ledger[a].score[SCORE_IMPORTANCE] < ledger[b].score[SCORE_IMPORTANCE];
+    });
+    for (size_t k = 0; k < count; ++k) {
+        evict[candidates[k]] = true;
+    }
+}
+
+void top_up_oldest(const token_ledger & ledger, size_t wb, size_t need, std::vector<bool> & evict) {
+    size_t taken = (size_t) std::count(evict.begin(), evict.end(), true);
+    for (int pass = 0; pass < 2 && taken < need; ++pass) {
+        const size_t begin = pass == 0 ? 0 : wb;
+        const size_t end = pass == 0 ? wb : ledger.size();
+        for (size_t i = begin; i < end && taken < need; ++i) {
+            if (!ledger[i].pinned && !evict[i]) {
+                evict[i] = true;
+                ++taken;
+            }
+        }
+    }
+}
+
+eviction_plan kv_policy_importance::plan(const token_ledger & ledger, const eviction_request & req) {
+    const size_t wb = window_begin(ledger, opts_.window_size);
+    std::vector<bool> evict(ledger.size(), false);
+    mark_lowest_scores(ledger, wb, req.want, evict);
+    top_up_oldest(ledger, wb, req.need, evict);
+    eviction_plan plan;
+    plan.ranges = ranges_from_mask(evict);
+    return plan;
+}
+
+} // namespace fml

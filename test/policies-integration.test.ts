@@ -1,0 +1,119 @@
+// Every policy against the real KV cache: hundreds of turns with the foundation's invariants.
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadModel, POLICIES, type Chat, type ChatOptions, type Model, type PolicyName } from '../src/index.ts';
+import { SHARED_MODELS, testModelPath, THREADS } from './helpers.ts';
+
+let model: Model;
+beforeAll(async () => {
+  model = await loadModel(testModelPath(), { threads: THREADS });
+});
+afterAll(() => model?.dispose());
+
+function checkCache(chat: Chat, maxTokens: number) {
+  const cache = chat._internals().cacheState();
+  expect(cache.ledgerTokens).toBeLessThanOrEqual(maxTokens);
+  expect(cache.positionsContiguous).toBe(true);
+  expect(cache.cachePosMin).toBe(0);
+  expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
+}
+
+async function runTurns(m: Model, policy: PolicyName, turns: number, extra: ChatOptions = {}) {
+  const maxTokens = 160;
+  const chat = m.createChat({ policy, maxTokens, windowSize: 32, sinkTokens: 4, systemPrompt: 'You are terse.', maxPolicyMs: 0, ...extra });
+  const pinned0: string[] = [];
+  const signals = new Set<string | null>();
+  let summaryTokens = 0;
+  for (let t = 0; t < turns; t++) {
+    const internals = chat._internals();
+    const before = internals.cacheState();
+    const message = `turn ${t}. ${['The cat sat.', 'Rain fell on the hill!', 'Why is the sky blue?', 'Bread and jam.'][t % 4]}`;
+    const expectedPrefill = internals.countTurnTokens(message) + before.carriedTokens + before.pendingSystemTokens;
+    const r = await chat.send(message, { maxNewTokens: 4 + (t % 9), temperature: 0.9, seed: t });
+    expect(r.stats.promptTokens).toBe(expectedPrefill);
+    expect(r.stats.policy).toBe(policy);
+    checkCache(chat, maxTokens);
+    const pinned = chat.memory().filter((e) => e.pinned).map((e) => `${e.position}:${e.token}`);
+    if (pinned0.length === 0) pinned0.push(...pinned);
+    expect(pinned).toEqual(pinned0);
+    signals.add(r.stats.importanceSignal);
+    summaryTokens += r.stats.summaryTokens;
+  }
+  return { chat, signals, summaryTokens };
+}
+
+describe.each(POLICIES)('policy %s', (policy) => {
+  it('keeps the KV invariants for 200 turns', async () => {
+    const { chat, signals, summaryTokens } = await runTurns(model, policy, 200);
+    const s = chat.stats();
+    expect(s.evictions).toBeGreaterThan(10);
+    expect(s.fallbackCount).toBe(0);
+    if (policy === 'importance' || policy === 'hybrid') expect([...signals]).toEqual(['attention']);
+    else expect([...signals]).toEqual([null]);
+    const summaryEntries = chat.memory().filter((e) => e.role === 'summary');
+    if (policy === 'rolling_summary' || policy === 'hybrid') {
+      // The random-weight model may write empty summaries; whatever it wrote is in the cache as role 'summary'.
+      expect(summaryEntries.length).toBeLessThanOrEqual(48);
+      if (summaryEntries.length > 0) expect(s.summary.length).toBeGreaterThan(0);
+      expect(summaryTokens).toBeGreaterThanOrEqual(summaryEntries.length);
+    } else {
+      expect(summaryEntries).toHaveLength(0);
+    }
+    chat.dispose();
+  });
+
+  it('is deterministic for a seed', async () => {
+    const run = async () => {
+      const chat = model.createChat({ policy, maxTokens: 96, windowSize: 16, maxPolicyMs: 0 });
+      const out: string[] = [];
+      for (let t = 0; t < 25; t++) out.push((await chat.send(`m${t}`, { maxNewTokens: 8, temperature: 0.8, seed: t })).response);
+      chat.dispose();
+      return out.join('|');
+    };
+    expect(await run()).toBe(await run());
+  });
+});
+
+describe('importance signals', () => {
+  it('uses the key-norm proxy when flash attention is forced on', async () => {
+    const chat = model.createChat({ policy: 'importance', maxTokens: 96, windowSize: 16, flashAttention: true, maxPolicyMs: 0 });
+    let signal: string | null = null;
+    for (let t = 0; t < 20; t++) signal = (await chat.send(`m${t}`, { maxNewTokens: 8, temperature: 0 })).stats.importanceSignal;
+    expect(signal).toBe('keyNorm');
+    expect(chat.stats().evictions).toBeGreaterThan(0);
+    checkCache(chat, 96);
+    chat.dispose();
+  });
+});
+
+describe('latency guard', () => {
+  it('falls back to sliding when the policy is too slow, and counts it', async () => {
+    const chat = model.createChat({ policy: 'hybrid', maxTokens: 96, windowSize: 16, maxPolicyMs: 5, testPolicyDelayMs: 20 });
+    let fallbacks = 0;
+    for (let t = 0; t < 20; t++) {
+      const r = await chat.send(`m${t}`, { maxNewTokens: 8, temperature: 0 });
+      if (r.stats.evictions > 0) expect(r.stats.fallback).toBe(true);
+      fallbacks += r.stats.fallback ? 1 : 0;
+      checkCache(chat, 96);
+    }
+    expect(fallbacks).toBeGreaterThan(0);
+    expect(chat.stats().fallbackCount).toBeGreaterThanOrEqual(fallbacks);
+    // Without the delay the same policy does not fall back.
+    const fast = model.createChat({ policy: 'hybrid', maxTokens: 96, windowSize: 16, maxPolicyMs: 1000 });
+    for (let t = 0; t < 20; t++) await fast.send(`m${t}`, { maxNewTokens: 8, temperature: 0 });
+    expect(fast.stats().fallbackCount).toBe(0);
+    chat.dispose();
+    fast.dispose();
+  });
+});
+
+const stories = join(SHARED_MODELS, 'stories260K.gguf');
+describe.skipIf(!existsSync(stories))('policies on stories260K', () => {
+  it.each(POLICIES)('%s keeps its invariants for 100 turns', async (policy) => {
+    const m = await loadModel(stories, { threads: THREADS });
+    const { chat } = await runTurns(m, policy, 100);
+    expect(chat.stats().evictions).toBeGreaterThan(5);
+    m.dispose();
+  });
+});

@@ -162,6 +162,12 @@ chat_session::~chat_session() {
 }
 
 uint32_t chat_session::context_size() const { return llama_n_ctx(ctx_); }
+int32_t chat_session::scratch_pos_max() const {
+    // Only contexts of summarizing policies have the scratch sequence; asking llama.cpp about a
+    // sequence id beyond n_seq_max would abort.
+    return llama_n_seq_max(ctx_) > 1 ? llama_memory_seq_pos_max(llama_get_memory(ctx_), KV_SCRATCH_SEQ) : -1;
+}
+
 int32_t chat_session::cache_pos_min() const { return kv_pos_min(ctx_); }
 int32_t chat_session::cache_pos_max() const { return kv_pos_max(ctx_); }
 
@@ -215,7 +221,7 @@ bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t t
             batch.seq_id[i][0] = KV_SEQ;
             batch.logits[i] = want_logits && start + i == tokens.size() - 1;
         }
-        capture_.begin_batch((int32_t) n);
+        capture_.begin_batch((int32_t) n, pos0);
         const int32_t rc = llama_decode(ctx_, batch);
         if (rc != 0) {
             // Drop whatever ubatches of this batch reached the cache, so cache == ledger again.
@@ -242,13 +248,23 @@ bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t t
 
 void chat_session::absorb_signals(size_t first_new, size_t n_new) {
     if (capture_.want_attention && capture_.attention_layers_seen > 0) {
-        // Attention received, summed over heads and layers; positions == ledger indices.
+        // Attention received, summed over heads and layers, then divided by the number of queries
+        // that could attend to the token: a plain sum (H2O) favours old tokens just for having been
+        // seen by more queries, which evicts the recent context a small model depends on.
+        // score[ATTENTION_QUERIES] keeps the running sum of received attention's query count so the
+        // average can be updated incrementally; positions == ledger indices.
         std::vector<float> & acc = capture_.attention_by_pos;
         for (size_t i = 0; i < ledger_.size(); ++i) {
             const int32_t pos = ledger_[i].pos;
-            if (pos >= 0 && (size_t) pos < acc.size()) {
-                ledger_.at(i).score[SCORE_IMPORTANCE] += acc[(size_t) pos];
+            if (pos < 0 || (size_t) pos >= acc.size()) {
+                continue;
             }
+            const float queries = i < first_new ? (float) n_new : (float) (n_new - (i - first_new));
+            ledger_entry & e = ledger_.at(i);
+            const float seen = e.score[SCORE_ATTENTION_QUERIES];
+            const float total = e.score[SCORE_IMPORTANCE] * seen + acc[(size_t) pos];
+            e.score[SCORE_ATTENTION_QUERIES] = seen + queries;
+            e.score[SCORE_IMPORTANCE] = total / e.score[SCORE_ATTENTION_QUERIES];
         }
         std::fill(acc.begin(), acc.end(), 0.0f);
     }
@@ -530,7 +546,7 @@ std::vector<memory_entry> chat_session::memory() const {
     std::vector<memory_entry> out;
     out.reserve(ledger_.size());
     for (const auto & e : ledger_.entries()) {
-        out.push_back({ e.token, e.pos, e.turn, e.role, e.pinned, model_->token_piece(e.token, true) });
+        out.push_back({ e.token, e.pos, e.turn, e.role, e.pinned, e.score[SCORE_IMPORTANCE], model_->token_piece(e.token, true) });
     }
     return out;
 }
@@ -549,6 +565,52 @@ std::vector<float> chat_session::probe_logits(int32_t token) {
     const float * logits = llama_get_logits_ith(ctx_, -1);
     std::vector<float> out(logits, logits + model_->info().n_vocab);
     kv_truncate(ctx_, ledger_, before);
+    return out;
+}
+
+std::vector<float> chat_session::evaluate_tokens(const std::vector<int32_t> & tokens, size_t chunk) {
+    const int32_t n_vocab = model_->info().n_vocab;
+    for (int32_t t : tokens) {
+        if (t < 0 || t >= n_vocab) {
+            throw fml_error(FML_ERR_INVALID_OPTION, "token id out of range");
+        }
+    }
+    ensure_started();
+    chunk = std::max<size_t>(1, std::min<size_t>(chunk, llama_n_batch(ctx_)));
+    std::vector<float> out;
+    out.reserve(tokens.size() * (size_t) n_vocab);
+    llama_batch batch = llama_batch_init((int32_t) chunk, 0, 1);
+    for (size_t start = 0; start < tokens.size(); start += chunk) {
+        const size_t n = std::min(chunk, tokens.size() - start);
+        turn_stats st;
+        make_room(n, 0, st);
+        const uint32_t turn = ++turn_;
+        batch.n_tokens = (int32_t) n;
+        const int32_t pos0 = ledger_.next_pos();
+        for (size_t i = 0; i < n; ++i) {
+            batch.token[i] = tokens[start + i];
+            batch.pos[i] = pos0 + (int32_t) i;
+            batch.n_seq_id[i] = 1;
+            batch.seq_id[i][0] = KV_SEQ;
+            batch.logits[i] = true;
+        }
+        capture_.begin_batch((int32_t) n, pos0);
+        if (llama_decode(ctx_, batch) != 0) {
+            llama_batch_free(batch);
+            throw fml_error(FML_ERR_DECODE, "llama_decode failed during evaluation");
+        }
+        const size_t first_new = ledger_.size();
+        for (size_t i = 0; i < n; ++i) {
+            const std::string piece = model_->token_piece(tokens[start + i], false);
+            const bool sentence_end = !piece.empty() && strchr(".!?\n", piece.back()) != nullptr;
+            ledger_.append(tokens[start + i], turn, TOKEN_ROLE_USER, ledger_.size() < opts_.policy.sink_tokens, sentence_end);
+            const float * logits = llama_get_logits_ith(ctx_, (int32_t) i);
+            out.insert(out.end(), logits, logits + n_vocab);
+        }
+        absorb_signals(first_new, n);
+        cumulative_.tokens_seen += n;
+    }
+    llama_batch_free(batch);
     return out;
 }
 

@@ -82,6 +82,7 @@ struct memory_entry {
     uint32_t turn;
     token_role role;
     bool pinned;
+    float score;
     std::string text;
 };
 
@@ -124,7 +125,15 @@ public:
     std::vector<float> probe_logits(int32_t token);
     void shift_positions(int32_t delta);
 
+    // Teacher-forced evaluation (quality benchmark): feeds `tokens` in chunks of `chunk`, evicting with
+    // the policy as a conversation would, and returns the logits after every fed token
+    // (tokens.size() x n_vocab, row-major).
+    std::vector<float> evaluate_tokens(const std::vector<int32_t> & tokens, size_t chunk);
+
     importance_signal signal() const { return signal_; }
+    const eval_capture & capture() const { return capture_; }
+    // -1 when the summarizer's scratch sequence holds nothing (or the chat has none).
+    int32_t scratch_pos_max() const;
     const std::string & summary_text() const { return summary_text_; }
 
 private:

@@ -16,8 +16,9 @@ void eval_capture::bind(llama_context * ctx, int32_t n_ctx_cells, int32_t embd) 
     n_embd = embd;
 }
 
-void eval_capture::begin_batch(int32_t n_tokens) {
+void eval_capture::begin_batch(int32_t n_tokens, int32_t pos0) {
     n_tokens_ = n_tokens;
+    pos0_ = pos0;
     attention_layers_seen = 0;
     key_norm_layers_seen = 0;
     hidden_seen = false;
@@ -83,15 +84,21 @@ bool eval_capture::observe(ggml_tensor * t, bool ask) {
         const int64_t n_kv = t->ne[0];
         const int64_t rows = t->ne[1] * t->ne[2] * t->ne[3];
         const int64_t n_cells = std::min<int64_t>(n_kv, (int64_t) cell_pos_.size());
+        const int64_t n_tok = t->ne[1];
         for (int64_t r = 0; r < rows; ++r) {
             const float * row = w + r * n_kv;
+            const int32_t query_pos = pos0_ + (int32_t) (r % n_tok);
             for (int64_t c = 0; c < n_cells; ++c) {
                 const int32_t pos = cell_pos_[(size_t) c];
                 if (pos >= 0 && (size_t) pos < attention_by_pos.size()) {
                     attention_by_pos[(size_t) pos] += row[c];
+                    if (pos > query_pos && row[c] > 1e-6f) {
+                        causal_violations++;
+                    }
                 }
             }
         }
+        attention_rows_checked += (uint64_t) rows;
         attention_layers_seen++;
     } else if (is_key) {
         // [head_dim, n_head_kv, n_tokens]

@@ -23,7 +23,12 @@ public:
     bool enabled = true;          // off while the summarizer decodes its scratch sequence
 
     void bind(llama_context * ctx, int32_t n_ctx_cells, int32_t n_embd);
-    void begin_batch(int32_t n_tokens);
+    void begin_batch(int32_t n_tokens, int32_t pos0);
+
+    // Self-check of the cell -> position map: attention weight found on a cell whose mapped position
+    // is after the query's own position (the causal mask makes that impossible if the map is right).
+    uint64_t causal_violations = 0;
+    uint64_t attention_rows_checked = 0;
 
     // Accumulated attention received, indexed by position (valid for positions < size()).
     std::vector<float> attention_by_pos;
@@ -44,6 +49,7 @@ private:
 
     llama_context * ctx_ = nullptr;
     int32_t n_tokens_ = 0;
+    int32_t pos0_ = 0;
     std::vector<int32_t> cell_pos_;
     std::vector<float> scratch_;
 };

@@ -72,6 +72,8 @@ export interface NativeMemoryEntry {
   turn: number;
   role: 'system' | 'user' | 'assistant' | 'summary';
   pinned: boolean;
+  /** importance/hybrid: the token's importance score (mean attention received, or -key norm); 0 otherwise. */
+  score: number;
   text: string;
 }
 
@@ -84,6 +86,9 @@ export interface NativeCacheState {
   contextSize: number;
   carriedTokens: number;
   pendingSystemTokens: number;
+  attentionRowsChecked: number;
+  causalViolations: number;
+  scratchPosMax: number;
   kvBytes: number;
 }
 
@@ -98,6 +103,7 @@ export interface NativeChatOptions {
   kvType: string;
   flashAttention?: boolean;
   importanceDecay: number;
+  importanceGranularity: string;
   semanticClusters: number;
   spanMaxTokens: number;
   policySeed: number;
@@ -130,6 +136,7 @@ export interface NativeChat {
   dispose(): void;
   probeLogits(token: number): Float32Array;
   shiftPositions(delta: number): void;
+  evaluateTokens(tokens: Int32Array, chunk: number): Float32Array;
 }
 
 export interface NativeBinding {

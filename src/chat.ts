@@ -9,6 +9,8 @@ export interface ChatInternals {
   countTurnTokens(message: string): number;
   probeLogits(token: number): Float32Array;
   shiftPositions(delta: number): void;
+  /** Teacher-forced feed in chunks (evicting as a chat would); logits after every token. */
+  evaluateTokens(tokens: readonly number[], chunk: number): Float32Array;
 }
 
 /**
@@ -161,6 +163,7 @@ export class Chat {
       countTurnTokens: (m) => wrap(() => native.countTurnTokens(m)),
       probeLogits: (t) => wrap(() => native.probeLogits(t)),
       shiftPositions: (d) => wrap(() => native.shiftPositions(d)),
+      evaluateTokens: (t, c) => wrap(() => native.evaluateTokens(Int32Array.from(t), c)),
     };
   }
 

@@ -42,6 +42,8 @@ export interface ChatOptions {
   flashAttention?: boolean;
   /** importance/hybrid: scores are multiplied by this once per turn. Default 1 (plain sum, as in H2O). */
   importanceDecay?: number;
+  /** importance: evict whole low-scoring spans ('span', default: keeps local text coherent) or single tokens ('token', as in H2O). */
+  importanceGranularity?: 'span' | 'token';
   /** semantic/hybrid: number of k-means clusters (topics). Default 8. */
   semanticClusters?: number;
   /** semantic/hybrid: longest span (tokens) when splitting history into spans. Default 32. */
@@ -116,6 +118,11 @@ export function checkString(name: string, value: unknown, maxLength = Number.MAX
   return value;
 }
 
+function checkEnum<T extends string>(name: string, value: unknown, allowed: readonly T[]): T {
+  if (typeof value !== 'string' || !(allowed as readonly string[]).includes(value)) fail(`one of ${allowed.join(', ')}`, name, value);
+  return value as T;
+}
+
 function checkKnownKeys(name: string, obj: Record<string, unknown>, known: readonly string[]): void {
   for (const key of Object.keys(obj)) {
     if (!known.includes(key)) {
@@ -150,6 +157,7 @@ export interface ResolvedChatOptions {
   kvType: KvType;
   flashAttention?: boolean;
   importanceDecay: number;
+  importanceGranularity: 'span' | 'token';
   semanticClusters: number;
   spanMaxTokens: number;
   policySeed: number;
@@ -163,7 +171,7 @@ export function resolveChatOptions(raw: unknown, defaultThreads: number): Resolv
   const o = checkObject('options', raw);
   checkKnownKeys('options', o, [
     'policy', 'maxTokens', 'windowSize', 'sinkTokens', 'systemPrompt', 'threads', 'batchSize', 'kvType', 'flashAttention',
-    'importanceDecay', 'semanticClusters', 'spanMaxTokens', 'policySeed', 'summaryTokens', 'hybridImportanceShare',
+    'importanceDecay', 'importanceGranularity', 'semanticClusters', 'spanMaxTokens', 'policySeed', 'summaryTokens', 'hybridImportanceShare',
     'maxPolicyMs', 'testPolicyDelayMs',
   ]);
   const policy = o.policy === undefined ? 'sliding' : o.policy;
@@ -185,6 +193,7 @@ export function resolveChatOptions(raw: unknown, defaultThreads: number): Resolv
   const out: ResolvedChatOptions = {
     policy: policy as PolicyName, maxTokens, windowSize, sinkTokens, systemPrompt, threads, batchSize, kvType,
     importanceDecay: o.importanceDecay === undefined ? 1 : checkNumber('importanceDecay', o.importanceDecay, 0, 1),
+    importanceGranularity: checkEnum('importanceGranularity', o.importanceGranularity ?? 'span', ['span', 'token'] as const),
     semanticClusters: o.semanticClusters === undefined ? 8 : checkInt('semanticClusters', o.semanticClusters, 1, 4096),
     spanMaxTokens: o.spanMaxTokens === undefined ? 32 : checkInt('spanMaxTokens', o.spanMaxTokens, 1, 4096),
     policySeed: o.policySeed === undefined ? 42 : checkInt('policySeed', o.policySeed, 0, 0xffffffff),

@@ -62,6 +62,8 @@ export interface MemoryEntry {
   turn: number;
   role: 'system' | 'user' | 'assistant' | 'summary';
   pinned: boolean;
+  /** importance/hybrid: the token's importance score (mean attention received, or -key norm); 0 otherwise. */
+  score: number;
   text: string;
 }
 

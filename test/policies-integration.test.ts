@@ -117,3 +117,27 @@ describe.skipIf(!existsSync(stories))('policies on stories260K', () => {
     m.dispose();
   });
 });
+
+describe('signals read from the model', () => {
+  it('the KV cell -> position map is right: no attention ever lands on a position after the query', async () => {
+    // Evictions free cells in the middle; later tokens refill those holes, so cells and positions
+    // diverge. A wrong map would put (causally impossible) weight on later positions.
+    const chat = model.createChat({ policy: 'importance', maxTokens: 96, windowSize: 16, maxPolicyMs: 0 });
+    for (let t = 0; t < 40; t++) await chat.send(`message ${t} with some words`, { maxNewTokens: 10, temperature: 1, seed: t });
+    const cache = chat._internals().cacheState();
+    expect(chat.stats().evictions).toBeGreaterThan(10);
+    expect(cache.attentionRowsChecked).toBeGreaterThan(1000);
+    expect(cache.causalViolations).toBe(0);
+    const scores = chat.memory().map((e) => e.score);
+    expect(scores.some((s) => s > 0)).toBe(true);
+    chat.dispose();
+  });
+
+  it('summaries leave no scratch-sequence cells behind', async () => {
+    const chat = model.createChat({ policy: 'rolling_summary', maxTokens: 128, windowSize: 16, maxPolicyMs: 0 });
+    for (let t = 0; t < 30; t++) await chat.send(`message ${t}`, { maxNewTokens: 10, temperature: 1, seed: t });
+    expect(chat.stats().evictions).toBeGreaterThan(3);
+    expect(chat._internals().cacheState().scratchPosMax).toBe(-1);
+    chat.dispose();
+  });
+});

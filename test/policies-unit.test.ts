@@ -5,7 +5,7 @@ import { getBinding, type SyntheticLedgerEntry } from '../src/binding.ts';
 const SYSTEM = 0, USER = 1, ASSISTANT = 2, SUMMARY = 3;
 const base = { maxTokens: 1000, sinkTokens: 4 };
 
-function plan(policy: string, entries: SyntheticLedgerEntry[], windowSize: number, need: number, want: number, extra: Record<string, number> = {}) {
+function plan(policy: string, entries: SyntheticLedgerEntry[], windowSize: number, need: number, want: number, extra: Record<string, number | string> = {}) {
   const r = getBinding().planEviction({ policy, windowSize, ...base, ...extra }, entries, need, want);
   const evicted = new Set(r.ranges.flatMap(([b, e]) => Array.from({ length: e - b }, (_, k) => b + k)));
   return { ...r, evicted };
@@ -26,13 +26,23 @@ describe('importance', () => {
   it('evicts the lowest scores outside the window and keeps the highest', () => {
     // Scores: a pseudo-random permutation, so recency and score are unrelated.
     const entries = ledger(200, (i) => ({ score: ((i * 7919) % 200) / 10 }));
-    const { evicted } = plan('importance', entries, 40, 50, 60);
+    const { evicted } = plan('importance', entries, 40, 50, 60, { importanceGranularity: 'token' });
     checkCommon(entries, evicted, 40, 50);
     expect(evicted.size).toBe(60);
     const candidates = entries.map((e, i) => ({ i, s: e.score! })).filter(({ i }) => i >= 8 && i < 160);
     const maxEvicted = Math.max(...[...evicted].map((i) => entries[i]!.score!));
     const keptCandidates = candidates.filter(({ i }) => !evicted.has(i));
     for (const { s } of keptCandidates) expect(s).toBeGreaterThanOrEqual(maxEvicted);
+  });
+
+  it('span granularity evicts whole spans with the lowest mean score', () => {
+    // Spans of 5 tokens (sentence ends); span k has mean score k % 7.
+    const entries = ledger(200, (i) => ({ score: Math.floor(i / 5) % 7, sentenceEnd: i % 5 === 4, turn: 0 }));
+    const { evicted } = plan('importance', entries, 40, 20, 20);
+    expect(evicted.size).toBe(20);
+    // Only spans scoring 0 go (there are enough of them), and each evicted span goes whole.
+    for (const i of evicted) expect(entries[i]!.score).toBe(0);
+    for (const i of evicted) for (let j = i - (i % 5); j < i - (i % 5) + 5; j++) expect(evicted.has(j)).toBe(true);
   });
 
   it('only eats into the window when need exceeds what lies outside it', () => {

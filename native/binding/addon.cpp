@@ -231,6 +231,7 @@ public:
             InstanceMethod("dispose", &js_chat::js_dispose),
             InstanceMethod("probeLogits", &js_chat::js_probe_logits),
             InstanceMethod("shiftPositions", &js_chat::js_shift_positions),
+            InstanceMethod("evaluateTokens", &js_chat::js_evaluate_tokens),
         });
     }
 
@@ -252,6 +253,7 @@ public:
         opts.batch_size = (int32_t) get_number(o, "batchSize", 512);
         opts.kv_type = get_string(o, "kvType", "f16");
         opts.policy.importance_decay = (float) get_number(o, "importanceDecay", 1.0);
+        opts.policy.importance_granularity_spans = get_string(o, "importanceGranularity", "span") == "span";
         opts.policy.semantic_clusters = (uint32_t) get_number(o, "semanticClusters", 8);
         opts.policy.span_max_tokens = (uint32_t) get_number(o, "spanMaxTokens", 32);
         opts.policy.seed = (uint32_t) get_number(o, "policySeed", 42);
@@ -318,6 +320,7 @@ private:
             o.Set("turn", mem[i].turn);
             o.Set("role", token_role_name(mem[i].role));
             o.Set("pinned", mem[i].pinned);
+            o.Set("score", mem[i].score);
             o.Set("text", mem[i].text);
             arr[i] = o;
         }
@@ -336,6 +339,9 @@ private:
         o.Set("contextSize", s->context_size());
         o.Set("carriedTokens", (double) s->carried_tokens());
         o.Set("pendingSystemTokens", (double) s->pending_system_tokens());
+        o.Set("attentionRowsChecked", (double) s->capture().attention_rows_checked);
+        o.Set("causalViolations", (double) s->capture().causal_violations);
+        o.Set("scratchPosMax", s->scratch_pos_max());
         o.Set("kvBytes", (double) s->kv_bytes());
         return o;
     }
@@ -380,6 +386,25 @@ private:
         Napi::Float32Array arr = Napi::Float32Array::New(env, logits.size());
         std::copy(logits.begin(), logits.end(), arr.Data());
         return arr;
+    }
+
+    // Synchronous on purpose: a benchmark/test hook, not part of the public API.
+    Napi::Value js_evaluate_tokens(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        auto s = require(env);
+        if (s->busy().load()) {
+            throw_error(env, FML_ERR_BUSY, "chat is busy");
+        }
+        if (info.Length() < 2 || !info[0].IsTypedArray()) {
+            throw_error(env, FML_ERR_INVALID_OPTION, "evaluateTokens(Int32Array, chunk)");
+        }
+        Napi::Int32Array arr = info[0].As<Napi::Int32Array>();
+        std::vector<int32_t> toks(arr.Data(), arr.Data() + arr.ElementLength());
+        const size_t chunk = (size_t) info[1].ToNumber().Int64Value();
+        const std::vector<float> logits = guarded(env, [&] { return s->evaluate_tokens(toks, chunk); });
+        Napi::Float32Array out = Napi::Float32Array::New(env, logits.size());
+        std::copy(logits.begin(), logits.end(), out.Data());
+        return out;
     }
 
     Napi::Value js_shift_positions(const Napi::CallbackInfo & info) {
@@ -523,6 +548,7 @@ Napi::Value js_plan_eviction(const Napi::CallbackInfo & info) {
     opts.window_size = (uint32_t) get_number(o, "windowSize", 512);
     opts.sink_tokens = (uint32_t) get_number(o, "sinkTokens", 4);
     opts.semantic_clusters = (uint32_t) get_number(o, "semanticClusters", 8);
+    opts.importance_granularity_spans = get_string(o, "importanceGranularity", "span") == "span";
     opts.span_max_tokens = (uint32_t) get_number(o, "spanMaxTokens", 32);
     opts.seed = (uint32_t) get_number(o, "policySeed", 42);
     opts.summary_tokens = (uint32_t) get_number(o, "summaryTokens", 48);

@@ -33,16 +33,40 @@ eviction_plan kv_policy_hybrid::plan(const token_ledger & ledger, const eviction
     const size_t keep_total = middle.size() - to_evict;
     const size_t keep_importance = (size_t) std::lround((double) keep_total * std::clamp(opts_.hybrid_importance_share, 0.0f, 1.0f));
 
-    // Heavy hitters first.
-    std::vector<size_t> by_score = middle;
-    std::stable_sort(by_score.begin(), by_score.end(), [&](size_t a, size_t b) {
-        return ledger[a].score[SCORE_IMPORTANCE] > ledger[b].score[SCORE_IMPORTANCE];
-    });
-    for (size_t k = 0; k < keep_importance && k < by_score.size(); ++k) {
-        settled[by_score[k]] = true;
+    // Heavy hitters first: whole spans with the highest mean score (span granularity keeps the kept
+    // text locally coherent; single scattered tokens measured worse in bench/quality).
+    size_t kept = 0;
+    if (opts_.importance_granularity_spans) {
+        const std::vector<text_span> spans = split_spans(ledger, wb, opts_.span_max_tokens, &settled);
+        std::vector<std::pair<float, size_t>> by_score;
+        for (size_t k = 0; k < spans.size(); ++k) {
+            float sum = 0.0f;
+            for (size_t i = spans[k].begin; i < spans[k].end; ++i) {
+                sum += ledger[i].score[SCORE_IMPORTANCE];
+            }
+            by_score.push_back({ -sum / (float) spans[k].size(), k });
+        }
+        std::stable_sort(by_score.begin(), by_score.end());
+        for (const auto & [neg, k] : by_score) {
+            if (kept + spans[k].size() > keep_importance) {
+                continue;
+            }
+            for (size_t i = spans[k].begin; i < spans[k].end; ++i) {
+                settled[i] = true;
+            }
+            kept += spans[k].size();
+        }
+    } else {
+        std::vector<size_t> by_score = middle;
+        std::stable_sort(by_score.begin(), by_score.end(), [&](size_t a, size_t b) {
+            return ledger[a].score[SCORE_IMPORTANCE] > ledger[b].score[SCORE_IMPORTANCE];
+        });
+        for (size_t k = 0; k < keep_importance && k < by_score.size(); ++k) {
+            settled[by_score[k]] = true;
+        }
+        kept = std::min(keep_importance, by_score.size());
     }
     // Then semantic representatives among what is left.
-    size_t kept = keep_importance;
     const std::vector<text_span> spans = split_spans(ledger, wb, opts_.span_max_tokens, &settled);
     for (size_t idx : semantic_keep_order(ledger, spans, opts_.semantic_clusters, opts_.seed)) {
         const text_span & s = spans[idx];

@@ -1,5 +1,7 @@
 #include "policies/importance.h"
 
+#include "policies/semantic.h"
+
 #include <algorithm>
 
 namespace fml {
@@ -34,10 +36,37 @@ void top_up_oldest(const token_ledger & ledger, size_t wb, size_t need, std::vec
     }
 }
 
+void mark_lowest_spans(const token_ledger & ledger, size_t wb, uint32_t span_max_tokens, size_t count, std::vector<bool> & evict) {
+    std::vector<text_span> spans = split_spans(ledger, wb, span_max_tokens, &evict);
+    std::vector<std::pair<float, size_t>> by_score;
+    for (size_t s = 0; s < spans.size(); ++s) {
+        float sum = 0.0f;
+        for (size_t i = spans[s].begin; i < spans[s].end; ++i) {
+            sum += ledger[i].score[SCORE_IMPORTANCE];
+        }
+        by_score.push_back({ sum / (float) spans[s].size(), s });
+    }
+    std::stable_sort(by_score.begin(), by_score.end());
+    size_t taken = 0;
+    for (const auto & [score, s] : by_score) {
+        if (taken >= count) {
+            break;
+        }
+        for (size_t i = spans[s].begin; i < spans[s].end && taken < count; ++i) {
+            evict[i] = true;
+            ++taken;
+        }
+    }
+}
+
 eviction_plan kv_policy_importance::plan(const token_ledger & ledger, const eviction_request & req) {
     const size_t wb = window_begin(ledger, opts_.window_size);
     std::vector<bool> evict(ledger.size(), false);
-    mark_lowest_scores(ledger, wb, req.want, evict);
+    if (opts_.importance_granularity_spans) {
+        mark_lowest_spans(ledger, wb, opts_.span_max_tokens, req.want, evict);
+    } else {
+        mark_lowest_scores(ledger, wb, req.want, evict);
+    }
     top_up_oldest(ledger, wb, req.need, evict);
     eviction_plan plan;
     plan.ranges = ranges_from_mask(evict);

@@ -16,7 +16,8 @@ struct policy_options {
     uint32_t    window_size = 512;    // most recent tokens kept when anything else can go
     uint32_t    sink_tokens = 4;      // first tokens of the sequence, pinned (attention sinks)
     // importance
-    float       importance_decay = 1.0f;   // scores are multiplied by this once per turn (1 = H2O's plain sum)
+    float       importance_decay = 1.0f;   // scores are multiplied by this once per turn (1 = no decay)
+    bool        importance_granularity_spans = true;   // evict whole low-scoring spans, not single tokens
     // semantic
     uint32_t    semantic_clusters = 8;
     uint32_t    span_max_tokens = 32;

@@ -98,7 +98,7 @@ describe('hybrid', () => {
   it('keeps heavy hitters and semantic representatives, evicts the old summary, asks for a new one', () => {
     const entries = ledger(300, (i) => ({
       role: i >= 8 && i < 12 ? SUMMARY : USER,
-      score: i % 17 === 0 ? 100 : 0,
+      score: i % 37 === 0 ? 100 : 0,
       embedding: [i % 3 === 0 ? 1 : 0, i % 3 === 1 ? 1 : 0, i % 3 === 2 ? 1 : 0],
       sentenceEnd: i % 4 === 3,
     }));

@@ -614,6 +614,69 @@ std::vector<float> chat_session::evaluate_tokens(const std::vector<int32_t> & to
     return out;
 }
 
+double chat_session::replay_history() {
+    const auto t0 = clock_type::now();
+    std::vector<ledger_entry> entries = ledger_.entries();
+    kv_clear(ctx_, ledger_);
+    // Re-decode in the ledger's own batches, keeping roles, turns and pins as they were.
+    const size_t n_batch = llama_n_batch(ctx_);
+    llama_batch batch = llama_batch_init((int32_t) n_batch, 0, 1);
+    for (size_t start = 0; start < entries.size(); start += n_batch) {
+        const size_t n = std::min(n_batch, entries.size() - start);
+        batch.n_tokens = (int32_t) n;
+        for (size_t i = 0; i < n; ++i) {
+            batch.token[i] = entries[start + i].token;
+            batch.pos[i] = (int32_t) (start + i);
+            batch.n_seq_id[i] = 1;
+            batch.seq_id[i][0] = KV_SEQ;
+            batch.logits[i] = start + i == entries.size() - 1;
+        }
+        capture_.begin_batch((int32_t) n, (int32_t) start);
+        if (llama_decode(ctx_, batch) != 0) {
+            llama_batch_free(batch);
+            throw fml_error(FML_ERR_DECODE, "llama_decode failed while replaying history");
+        }
+    }
+    llama_batch_free(batch);
+    for (auto & e : entries) {
+        e.pos = (int32_t) ledger_.size();
+        ledger_.append(e.token, e.turn, e.role, e.pinned, e.sentence_end);
+        ledger_.at(ledger_.size() - 1) = e;
+    }
+    return ms_since(t0);
+}
+
+double chat_session::plain_decode(int32_t n) {
+    ensure_started();
+    turn_stats st;
+    make_room((size_t) n + 1, 0, st);
+    const size_t keep = ledger_.size();
+    sampling_options so;
+    so.temperature = 0.0f;
+    sampler_chain sampler(so, model_->info().n_vocab);
+    llama_batch batch = llama_batch_init(1, 0, 1);
+    int32_t pos = ledger_.next_pos();
+    // Start from a fresh logits row: decode the last token again at the next position.
+    int32_t tok = ledger_.empty() ? model_->bos() : ledger_[ledger_.size() - 1].token;
+    const auto t0 = clock_type::now();
+    for (int32_t i = 0; i < n; ++i) {
+        batch.n_tokens = 1;
+        batch.token[0] = tok;
+        batch.pos[0] = pos++;
+        batch.n_seq_id[0] = 1;
+        batch.seq_id[0][0] = KV_SEQ;
+        batch.logits[0] = true;
+        if (llama_decode(ctx_, batch) != 0) {
+            break;
+        }
+        tok = llama_sampler_sample(sampler.raw(), ctx_, -1);
+    }
+    const double ms = ms_since(t0);
+    llama_batch_free(batch);
+    llama_memory_seq_rm(llama_get_memory(ctx_), KV_SEQ, (llama_pos) keep, -1);
+    return ms;
+}
+
 void chat_session::shift_positions(int32_t delta) {
     kv_shift_all(ctx_, ledger_, delta);
 }

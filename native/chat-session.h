@@ -130,6 +130,13 @@ public:
     // (tokens.size() x n_vocab, row-major).
     std::vector<float> evaluate_tokens(const std::vector<int32_t> & tokens, size_t chunk);
 
+    // Benchmark hooks. replay_history: clears the cache and prefills the retained tokens again (the
+    // naive re-prefill approach, same retained content); returns ms. plain_decode: greedy-decodes
+    // n tokens with bare llama_decode + sampling (no ledger, streaming or policy), then rolls back;
+    // returns ms.
+    double replay_history();
+    double plain_decode(int32_t n);
+
     importance_signal signal() const { return signal_; }
     const eval_capture & capture() const { return capture_; }
     // -1 when the summarizer's scratch sequence holds nothing (or the chat has none).

@@ -137,6 +137,8 @@ export interface NativeChat {
   probeLogits(token: number): Float32Array;
   shiftPositions(delta: number): void;
   evaluateTokens(tokens: Int32Array, chunk: number): Float32Array;
+  replayHistory(): number;
+  plainDecode(n: number): number;
 }
 
 export interface NativeBinding {
@@ -148,8 +150,19 @@ export interface NativeBinding {
     need: number,
     want: number,
   ): { ranges: [number, number][]; summarize: boolean };
+  benchEvict(model: NativeModel, context: number, evictCounts: number[], reps: number, threads: number): Promise<NativeEvictBench>;
+  benchPolicyPlan(options: { policy: string; maxTokens: number; windowSize: number; sinkTokens: number }, n: number, want: number, embdDim: number, reps: number): number;
+  benchMemcpy(bytes: number, reps: number): number;
   systemInfo(): string;
   llamaCppVersion: string;
+}
+
+export interface NativeEvictBench {
+  context: number;
+  fillMs: number;
+  kvBytes: number;
+  kBytes: number;
+  cases: { pattern: 'contiguous' | 'scattered'; evicted: number; rmAddMs: number; nextDecodeMs: number; plainDecodeMs: number; seqRmCalls: number; seqAddCalls: number }[];
 }
 
 /** A ledger entry for planEviction (policies on synthetic ledgers). role: 0 system, 1 user, 2 assistant, 3 summary. */

@@ -11,6 +11,10 @@ export interface ChatInternals {
   shiftPositions(delta: number): void;
   /** Teacher-forced feed in chunks (evicting as a chat would); logits after every token. */
   evaluateTokens(tokens: readonly number[], chunk: number): Float32Array;
+  /** Benchmark: clears the cache and prefills the retained tokens again (naive re-prefill); returns ms. */
+  replayHistory(): number;
+  /** Benchmark: bare llama_decode + greedy sampling of n tokens on this context, rolled back; returns ms. */
+  plainDecode(n: number): number;
 }
 
 /**
@@ -164,6 +168,8 @@ export class Chat {
       probeLogits: (t) => wrap(() => native.probeLogits(t)),
       shiftPositions: (d) => wrap(() => native.shiftPositions(d)),
       evaluateTokens: (t, c) => wrap(() => native.evaluateTokens(Int32Array.from(t), c)),
+      replayHistory: () => wrap(() => native.replayHistory()),
+      plainDecode: (n) => wrap(() => native.plainDecode(n)),
     };
   }
 

@@ -84,6 +84,12 @@ export class Model {
     this.dispose();
   }
 
+  /** @internal The native handle, for benchmark hooks. */
+  _native(): NativeModel {
+    this.#check();
+    return this.#native;
+  }
+
   #check(): void {
     if (this.#disposed) throw new DisposedError('model');
   }

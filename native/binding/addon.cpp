@@ -3,6 +3,7 @@
 // through the worker's progress queue (a thread-safe function), in order.
 #include <napi.h>
 
+#include "bench/evict-bench.h"
 #include "chat-session.h"
 #include "error.h"
 #include "model.h"
@@ -232,6 +233,8 @@ public:
             InstanceMethod("probeLogits", &js_chat::js_probe_logits),
             InstanceMethod("shiftPositions", &js_chat::js_shift_positions),
             InstanceMethod("evaluateTokens", &js_chat::js_evaluate_tokens),
+            InstanceMethod("replayHistory", &js_chat::js_replay_history),
+            InstanceMethod("plainDecode", &js_chat::js_plain_decode),
         });
     }
 
@@ -405,6 +408,26 @@ private:
         Napi::Float32Array out = Napi::Float32Array::New(env, logits.size());
         std::copy(logits.begin(), logits.end(), out.Data());
         return out;
+    }
+
+    // Benchmark hooks (synchronous on purpose; not part of the public API).
+    Napi::Value js_replay_history(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        auto s = require(env);
+        if (s->busy().load()) {
+            throw_error(env, FML_ERR_BUSY, "chat is busy");
+        }
+        return Napi::Number::New(env, guarded(env, [&] { return s->replay_history(); }));
+    }
+
+    Napi::Value js_plain_decode(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        auto s = require(env);
+        if (s->busy().load()) {
+            throw_error(env, FML_ERR_BUSY, "chat is busy");
+        }
+        const int32_t n = (int32_t) info[0].ToNumber().Int32Value();
+        return Napi::Number::New(env, guarded(env, [&] { return s->plain_decode(n); }));
     }
 
     Napi::Value js_shift_positions(const Napi::CallbackInfo & info) {
@@ -596,6 +619,90 @@ Napi::Value js_plan_eviction(const Napi::CallbackInfo & info) {
     return out;
 }
 
+// ---- benchmark hooks (bench/evict.ts) -----------------------------------------------------------
+
+class evict_bench_worker : public Napi::AsyncWorker {
+public:
+    evict_bench_worker(Napi::Env env, std::shared_ptr<fml_model> model, int32_t context, std::vector<int32_t> counts, int32_t reps, int32_t threads)
+        : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), model_(std::move(model)),
+          context_(context), counts_(std::move(counts)), reps_(reps), threads_(threads) {}
+    Napi::Promise promise() { return deferred_.Promise(); }
+    void Execute() override {
+        try {
+            result_ = run_evict_bench(*model_, context_, counts_, reps_, threads_);
+        } catch (const std::exception & e) {
+            SetError(e.what());
+        }
+    }
+    void OnOK() override {
+        Napi::Env env = Env();
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("context", result_.context);
+        o.Set("fillMs", result_.fill_ms);
+        o.Set("kvBytes", result_.kv_bytes);
+        o.Set("kBytes", result_.k_bytes);
+        Napi::Array cases = Napi::Array::New(env, result_.cases.size());
+        for (size_t i = 0; i < result_.cases.size(); ++i) {
+            const evict_bench_case & c = result_.cases[i];
+            Napi::Object x = Napi::Object::New(env);
+            x.Set("pattern", c.pattern);
+            x.Set("evicted", c.evicted);
+            x.Set("rmAddMs", c.rm_add_ms);
+            x.Set("nextDecodeMs", c.next_decode_ms);
+            x.Set("plainDecodeMs", c.plain_decode_ms);
+            x.Set("seqRmCalls", c.seq_rm_calls);
+            x.Set("seqAddCalls", c.seq_add_calls);
+            cases[(uint32_t) i] = x;
+        }
+        o.Set("cases", cases);
+        deferred_.Resolve(o);
+    }
+    void OnError(const Napi::Error & e) override { deferred_.Reject(e.Value()); }
+private:
+    Napi::Promise::Deferred deferred_;
+    std::shared_ptr<fml_model> model_;
+    int32_t context_;
+    std::vector<int32_t> counts_;
+    int32_t reps_;
+    int32_t threads_;
+    evict_bench_result result_;
+};
+
+// benchEvict(model, context, evictCounts, reps, threads) -> Promise
+Napi::Value js_bench_evict(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    auto model = js_model::Unwrap(info[0].As<Napi::Object>())->require(env);
+    std::vector<int32_t> counts;
+    Napi::Array a = info[2].As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); ++i) {
+        counts.push_back(a.Get(i).ToNumber().Int32Value());
+    }
+    auto * w = new evict_bench_worker(env, model, info[1].ToNumber().Int32Value(), counts, info[3].ToNumber().Int32Value(),
+                                      info[4].ToNumber().Int32Value());
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+}
+
+// benchPolicyPlan(options, n, want, embdDim, reps) -> median ms
+Napi::Value js_bench_policy_plan(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = object_arg(info, 0);
+    policy_options opts;
+    opts.name = get_string(o, "policy", "sliding");
+    opts.max_tokens = (uint32_t) get_number(o, "maxTokens", 2048);
+    opts.window_size = (uint32_t) get_number(o, "windowSize", 512);
+    opts.sink_tokens = (uint32_t) get_number(o, "sinkTokens", 4);
+    return Napi::Number::New(env, guarded(env, [&] {
+        return run_policy_plan_bench(opts, info[1].ToNumber().Int32Value(), info[2].ToNumber().Int32Value(),
+                                     info[3].ToNumber().Int32Value(), info[4].ToNumber().Int32Value());
+    }));
+}
+
+Napi::Value js_bench_memcpy(const Napi::CallbackInfo & info) {
+    return Napi::Number::New(info.Env(), run_memcpy_bench((size_t) info[0].ToNumber().Int64Value(), info[1].ToNumber().Int32Value()));
+}
+
 Napi::Value js_system_info(const Napi::CallbackInfo & info) {
     return Napi::String::New(info.Env(), llama_print_system_info());
 }
@@ -613,6 +720,9 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
     exports.Set("NativeChat", chat_ctor);
     exports.Set("loadModel", Napi::Function::New(env, js_load_model));
     exports.Set("planEviction", Napi::Function::New(env, js_plan_eviction));
+    exports.Set("benchEvict", Napi::Function::New(env, js_bench_evict));
+    exports.Set("benchPolicyPlan", Napi::Function::New(env, js_bench_policy_plan));
+    exports.Set("benchMemcpy", Napi::Function::New(env, js_bench_memcpy));
     exports.Set("systemInfo", Napi::Function::New(env, js_system_info));
     exports.Set("llamaCppVersion", Napi::String::New(env, "v0.4.0 (node-llama-cpp@3.21.1 bundle)"));
     return exports;

@@ -1,0 +1,105 @@
+// Eviction microbenchmark: what one eviction costs in the KV cache, for realistic KV geometries.
+//   npm run bench:evict [-- --quick] [-- --no-write]
+// For cache sizes C and evicted counts k (contiguous: the oldest k after the sinks; scattered: every
+// other token), natively timed (medians): seq_rm + seq_add, the next 1-token decode (which runs the
+// K-shift graph) and a plain 1-token decode on the same cache. The K-shift rotates the keys of every
+// cell of every layer, so its effective bandwidth is 2 x (K cache bytes) / (next - plain), compared
+// with this machine's memcpy bandwidth measured in the same run. Also: policy selection time.
+import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { getBinding } from '../src/binding.ts';
+import { writeLlamaModel } from '../src/gguf-writer.ts';
+import { loadModel, POLICIES } from '../src/index.ts';
+import { machine, ROOT, writeResultsSection } from './common.ts';
+
+const quick = process.argv.includes('--quick');
+const THREADS = 2;
+const GEOMETRIES = [
+  { name: 'Llama-3.2-1B-like', layers: 16, kvHeads: 8, headDim: 64 },
+  { name: 'Llama-3-8B-like', layers: 32, kvHeads: 8, headDim: 128 },
+];
+const CONTEXTS = quick ? [512, 2048] : [512, 2048, 8192];
+const reps = (c: number) => (c >= 8192 ? 3 : c >= 2048 ? 5 : 9);
+
+const fmt = (x: number, d = 3) => (Number.isFinite(x) ? x.toFixed(d) : 'n/a');
+const gb = (bytes: number) => (bytes / 1e9).toFixed(2);
+
+async function main() {
+  const b = getBinding();
+  const memcpy = b.benchMemcpy(256 * 2 ** 20, 9);
+  const setup = [
+    `machine: ${machine()}`,
+    `threads ${THREADS}, F16 KV cache, flash attention auto, 4 sink tokens; medians of ${reps(512)}/${reps(2048)}/${reps(8192)} repetitions at C = 512/2048/8192`,
+    `memcpy bandwidth (256 MiB, median of 9): ${gb(memcpy)} GB/s`,
+  ];
+  const dir = mkdtempSync(join(tmpdir(), 'fml-evict-'));
+  const rows: string[] = [];
+  const series: { name: string; points: [number, number][] }[] = [];
+  for (const g of GEOMETRIES) {
+    const path = join(dir, `${g.name}.gguf`);
+    // Realistic KV geometry (layers x KV heads x head dim); small embedding, FFN and vocabulary keep the weights small.
+    writeLlamaModel(path, { layers: g.layers, embd: 256, heads: g.kvHeads, kvHeads: g.kvHeads, headDim: g.headDim, ffn: 256, ctx: 8192, type: 'f16', seed: 3 });
+    const model = await loadModel(path, { threads: THREADS });
+    setup.push(`${g.name}: ${g.layers} layers x ${g.kvHeads} KV heads x ${g.headDim} head dim (n_embd 256, FFN 256, vocab ${model.info.nVocab})`);
+    const points: [number, number][] = [];
+    for (const C of CONTEXTS) {
+      const counts = [...new Set([1, 32, Math.floor(C / 4)])];
+      const r = await b.benchEvict(model._native(), C, counts, reps(C), THREADS);
+      for (const c of r.cases) {
+        const kshift = c.nextDecodeMs - c.plainDecodeMs;
+        const rate = kshift > 0 ? (2 * r.kBytes) / (kshift / 1000) : NaN;
+        rows.push(`| ${g.name} | ${C} | ${c.pattern} | ${c.evicted} | ${c.seqRmCalls}/${c.seqAddCalls} | ${fmt(c.rmAddMs)} | ${fmt(c.nextDecodeMs)} | ${fmt(c.plainDecodeMs)} | ${fmt(kshift)} | ${Number.isFinite(rate) ? gb(rate) : 'n/a'} | ${Number.isFinite(rate) ? ((rate / memcpy) * 100).toFixed(0) + '%' : 'n/a'} |`);
+        if (c.pattern === 'contiguous' && c.evicted === 32) points.push([C, kshift]);
+      }
+      console.error(`[evict] ${g.name} C=${C} done (fill ${(r.fillMs / 1000).toFixed(1)} s, KV ${(r.kvBytes / 2 ** 20).toFixed(0)} MiB)`);
+    }
+    series.push({ name: `${g.name}: K-shift ms (k=32)`, points });
+    model.dispose();
+  }
+
+  // Policy selection time (no model: synthetic ledger with 256-dim embeddings), evicting 25% of C.
+  const policyRows: string[] = [];
+  for (const C of CONTEXTS) {
+    const cells = POLICIES.map((p) =>
+      fmt(b.benchPolicyPlan({ policy: p, maxTokens: C, windowSize: Math.floor(C / 4), sinkTokens: 4 }, C, Math.floor(C / 4), 256, 9), 3),
+    );
+    policyRows.push(`| ${C} | ${cells.join(' | ')} |`);
+  }
+
+  const out = [
+    '## Eviction microbenchmark (`npm run bench:evict`)',
+    '',
+    ...setup.map((s) => `- ${s}`),
+    '',
+    'k = tokens evicted; rm/add = seq_rm / seq_add calls; times in ms (medians). K-shift = next decode - plain decode;',
+    'its bandwidth counts 2 x the K cache bytes (read + write of every cell of every layer).',
+    '',
+    '| geometry | C | pattern | k | rm/add calls | seq_rm + seq_add | next decode (K-shift) | plain decode | K-shift | K-shift GB/s | of memcpy |',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
+    ...rows,
+    '',
+    `Policy selection (plan) time, ms, median of 9, evicting 25% of C from a synthetic ledger with 256-dim embeddings:`,
+    '',
+    `| C | ${POLICIES.join(' | ')} |`,
+    `|---|${POLICIES.map(() => '---').join('|')}|`,
+    ...policyRows,
+  ];
+  let svg = '';
+  try {
+    const { lineChart } = await import('./svg.ts');
+    svg = lineChart({ title: 'K-shift cost vs cache size (k = 32, contiguous)', xLabel: 'cache cells C', yLabel: 'ms', series });
+  } catch {}
+  if (svg) out.push('', '![K-shift cost](evict.svg)');
+  const text = out.join('\n');
+  console.log(text);
+  if (!process.argv.includes('--no-write')) {
+    writeResultsSection('evict', text);
+    if (svg) writeFileSync(join(ROOT, 'bench', 'evict.svg'), svg);
+  }
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

@@ -232,6 +232,7 @@ bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t t
             }
             throw fml_error(FML_ERR_DECODE, "llama_decode failed with code " + std::to_string(rc));
         }
+        shift_pending_ = false;
         const size_t first_new = ledger_.size();
         for (size_t i = 0; i < n; ++i) {
             const bool sink = ledger_.size() < opts_.policy.sink_tokens;
@@ -385,6 +386,7 @@ void chat_session::evict(const eviction_request & req, turn_stats & st) {
         st.evicted_tokens += (uint32_t) res.evicted;
         cumulative_.tokens_evicted += res.evicted;
     }
+    shift_pending_ = true;
     st.evict_ms += ms_since(t0) - (st.summary_ms - summary_ms_before);   // KV work only; summaryMs is separate
     st.evictions += 1;
     cumulative_.evictions += 1;
@@ -539,6 +541,7 @@ void chat_session::reset() {
     summary_text_.clear();
     turn_ = 0;
     started_ = false;
+    shift_pending_ = false;
     cumulative_ = cumulative_stats{};
 }
 
@@ -566,6 +569,98 @@ std::vector<float> chat_session::probe_logits(int32_t token) {
     std::vector<float> out(logits, logits + model_->info().n_vocab);
     kv_truncate(ctx_, ledger_, before);
     return out;
+}
+
+void chat_session::apply_pending_shift() {
+    if (!shift_pending_ || ledger_.empty()) {
+        shift_pending_ = false;
+        return;
+    }
+    // llama.cpp applies K-shifts lazily at the start of the next llama_decode and has no public call
+    // to apply them now: decode one token at the next position, then remove it again.
+    if (ledger_.size() >= llama_n_ctx(ctx_)) {
+        throw fml_error(FML_ERR_KV, "no free cell to apply the pending K-shift");
+    }
+    llama_batch batch = llama_batch_init(1, 0, 1);
+    batch.n_tokens = 1;
+    batch.token[0] = ledger_[ledger_.size() - 1].token;
+    batch.pos[0] = ledger_.next_pos();
+    batch.n_seq_id[0] = 1;
+    batch.seq_id[0][0] = KV_SEQ;
+    batch.logits[0] = false;
+    capture_.enabled = false;
+    const int32_t rc = llama_decode(ctx_, batch);
+    capture_.enabled = true;
+    llama_batch_free(batch);
+    llama_memory_seq_rm(llama_get_memory(ctx_), KV_SEQ, ledger_.next_pos(), -1);
+    if (rc != 0) {
+        throw fml_error(FML_ERR_DECODE, "llama_decode failed while applying a pending K-shift");
+    }
+    shift_pending_ = false;
+}
+
+chat_state chat_session::export_state() {
+    apply_pending_shift();
+    chat_state s;
+    s.options = opts_;
+    s.turn = turn_;
+    s.started = started_;
+    s.carry = carry_;
+    s.summary_text = summary_text_;
+    s.stats = cumulative_;
+    s.ledger = ledger_.entries();
+    s.embedding_dim = ledger_.embedding_dim();
+    for (size_t i = 0; i < ledger_.size() && s.embedding_dim > 0; ++i) {
+        s.embeddings.insert(s.embeddings.end(), ledger_.embedding(i), ledger_.embedding(i) + s.embedding_dim);
+    }
+    s.kv = kv_state_save(ctx_);
+    return s;
+}
+
+void chat_session::import_state(const chat_state & s) {
+    if (s.ledger.size() > opts_.policy.max_tokens) {
+        throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint holds more tokens than maxTokens");
+    }
+    for (const ledger_entry & e : s.ledger) {
+        if (e.token < 0 || e.token >= model_->info().n_vocab) {
+            throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint holds a token id outside this model's vocabulary");
+        }
+    }
+    for (int32_t t : s.carry) {
+        if (t < 0 || t >= model_->info().n_vocab) {
+            throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint holds a token id outside this model's vocabulary");
+        }
+    }
+    if (s.embedding_dim != ledger_.embedding_dim() || s.embeddings.size() != s.ledger.size() * s.embedding_dim) {
+        throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint's embeddings do not match this chat");
+    }
+    try {
+        kv_state_load(ctx_, s.kv);
+        ledger_.clear();
+        for (size_t i = 0; i < s.ledger.size(); ++i) {
+            const ledger_entry & e = s.ledger[i];
+            ledger_.append(e.token, e.turn, e.role, e.pinned, e.sentence_end);
+            ledger_.at(i) = e;
+            if (s.embedding_dim > 0) {
+                std::memcpy(ledger_.embedding_mut(i), s.embeddings.data() + i * s.embedding_dim, sizeof(float) * s.embedding_dim);
+            }
+        }
+        // The cache and the ledger must agree, or the checkpoint is not what it claims.
+        const int32_t expect_max = ledger_.empty() ? -1 : ledger_[ledger_.size() - 1].pos;
+        const int32_t expect_min = ledger_.empty() ? -1 : ledger_[0].pos;
+        if (kv_pos_max(ctx_) != expect_max || kv_pos_min(ctx_) != expect_min) {
+            throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint's KV state and token ledger disagree");
+        }
+    } catch (...) {
+        reset();
+        throw;
+    }
+    turn_ = s.turn;
+    started_ = s.started;
+    carry_ = s.carry;
+    summary_text_ = s.summary_text;
+    cumulative_ = s.stats;
+    shift_pending_ = false;
 }
 
 std::vector<float> chat_session::evaluate_tokens(const std::vector<int32_t> & tokens, size_t chunk) {
@@ -599,6 +694,7 @@ std::vector<float> chat_session::evaluate_tokens(const std::vector<int32_t> & to
             llama_batch_free(batch);
             throw fml_error(FML_ERR_DECODE, "llama_decode failed during evaluation");
         }
+        shift_pending_ = false;
         const size_t first_new = ledger_.size();
         for (size_t i = 0; i < n; ++i) {
             const std::string piece = model_->token_piece(tokens[start + i], false);
@@ -679,6 +775,7 @@ double chat_session::plain_decode(int32_t n) {
 
 void chat_session::shift_positions(int32_t delta) {
     kv_shift_all(ctx_, ledger_, delta);
+    shift_pending_ = true;
 }
 
 } // namespace fml

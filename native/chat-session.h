@@ -89,6 +89,20 @@ struct memory_entry {
 // Called from the worker thread with text that never splits a UTF-8 character.
 using piece_callback = std::function<void(const std::string &)>;
 
+// Everything needed to rebuild a chat (see checkpoint.h for the file format).
+struct chat_state {
+    chat_options options;
+    uint32_t turn = 0;
+    bool started = false;
+    std::vector<int32_t> carry;
+    std::string summary_text;
+    cumulative_stats stats;
+    std::vector<ledger_entry> ledger;
+    size_t embedding_dim = 0;
+    std::vector<float> embeddings;
+    std::vector<uint8_t> kv;
+};
+
 class chat_session {
 public:
     // Validates options against the model and creates the context. Throws fml_error.
@@ -109,6 +123,7 @@ public:
     const cumulative_stats & stats() const { return cumulative_; }
     const token_ledger & ledger() const { return ledger_; }
     const chat_options & options() const { return opts_; }
+    const std::string & model_fingerprint() const { return model_->info().fingerprint; }
     uint32_t context_size() const;
     uint64_t kv_bytes() const;
     int32_t cache_pos_min() const;
@@ -129,6 +144,12 @@ public:
     // the policy as a conversation would, and returns the logits after every fed token
     // (tokens.size() x n_vocab, row-major).
     std::vector<float> evaluate_tokens(const std::vector<int32_t> & tokens, size_t chunk);
+
+    // Snapshot for a checkpoint. Applies a pending K-shift first (a decode of one token, rolled back).
+    chat_state export_state();
+    // Replaces this chat's state (the options must match the ones it was created with). On failure
+    // the chat is reset to empty and the error rethrown.
+    void import_state(const chat_state & state);
 
     // Benchmark hooks. replay_history: clears the cache and prefills the retained tokens again (the
     // naive re-prefill approach, same retained content); returns ms. plain_decode: greedy-decodes
@@ -173,6 +194,8 @@ private:
     std::vector<int32_t> carry_;
     uint32_t turn_ = 0;
     bool started_ = false;
+    bool shift_pending_ = false;   // seq_add done, K-shift not yet applied by a decode
+    void apply_pending_shift();
     std::atomic<bool> abort_{false};
     std::atomic<bool> busy_{false};
 };

@@ -113,6 +113,24 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, token_ledger & ledge
     return res;
 }
 
+std::vector<uint8_t> kv_state_save(llama_context * ctx) {
+    std::vector<uint8_t> blob(llama_state_seq_get_size(ctx, KV_SEQ));
+    const size_t n = llama_state_seq_get_data(ctx, blob.data(), blob.size(), KV_SEQ);
+    if (n == 0 && !blob.empty()) {
+        throw fml_error(FML_ERR_KV, "llama_state_seq_get_data failed");
+    }
+    blob.resize(n);
+    return blob;
+}
+
+void kv_state_load(llama_context * ctx, const std::vector<uint8_t> & blob) {
+    llama_memory_clear(llama_get_memory(ctx), true);
+    if (llama_state_seq_set_data(ctx, blob.data(), blob.size(), KV_SEQ) == 0) {
+        llama_memory_clear(llama_get_memory(ctx), true);
+        throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint's KV state does not fit this context (llama_state_seq_set_data refused it)");
+    }
+}
+
 void kv_shift_all(llama_context * ctx, token_ledger & ledger, int32_t delta) {
     if (ledger.empty()) {
         return;

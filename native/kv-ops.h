@@ -43,6 +43,11 @@ void kv_scratch_clear(llama_context * ctx);
 kv_eviction_result kv_evict_and_insert(llama_context * ctx, token_ledger & ledger, const std::vector<index_range> & ranges,
                                        size_t insert_at, int32_t scratch_pos0, const std::vector<ledger_entry> & items);
 
+// The chat sequence's KV state as bytes (llama_state_seq_get_data) and back. Saving while a K-shift is
+// pending would store unrotated keys under their new positions, so callers apply pending shifts first.
+std::vector<uint8_t> kv_state_save(llama_context * ctx);
+void kv_state_load(llama_context * ctx, const std::vector<uint8_t> & blob);
+
 // Shifts every cached position by `delta` (test hook: RoPE is relative, so logits must not change).
 void kv_shift_all(llama_context * ctx, token_ledger & ledger, int32_t delta);
 

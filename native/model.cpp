@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include "error.h"
+#include "hash.h"
 
 #include "ggml-backend.h"
 #include "gguf.h"
@@ -48,7 +49,62 @@ std::string last_llama_errors() {
 
 // ---- file validation -------------------------------------------------------------------------
 
-void validate_gguf_file(const std::string & path) {
+static size_t gguf_scalar_size(enum gguf_type t) {
+    switch (t) {
+        case GGUF_TYPE_UINT8: case GGUF_TYPE_INT8: case GGUF_TYPE_BOOL: return 1;
+        case GGUF_TYPE_UINT16: case GGUF_TYPE_INT16: return 2;
+        case GGUF_TYPE_UINT32: case GGUF_TYPE_INT32: case GGUF_TYPE_FLOAT32: return 4;
+        case GGUF_TYPE_UINT64: case GGUF_TYPE_INT64: case GGUF_TYPE_FLOAT64: return 8;
+        default: return 0;
+    }
+}
+
+// Metadata and tensor layout, plus the first bytes of every tensor's data: two files with the same
+// shapes but different weights (fine-tunes, other seeds) must not share a fingerprint.
+static std::string gguf_fingerprint(const gguf_context * g, FILE * f) {
+    fnv1a64 h;
+    for (int64_t k = 0; k < gguf_get_n_kv(g); ++k) {
+        h.add_str(gguf_get_key(g, k));
+        const enum gguf_type t = gguf_get_kv_type(g, k);
+        h.add(&t, sizeof(t));
+        if (t == GGUF_TYPE_STRING) {
+            h.add_str(gguf_get_val_str(g, k));
+        } else if (t == GGUF_TYPE_ARRAY) {
+            const enum gguf_type at = gguf_get_arr_type(g, k);
+            const uint64_t n = gguf_get_arr_n(g, k);
+            h.add(&at, sizeof(at));
+            h.add(&n, sizeof(n));
+            if (at == GGUF_TYPE_STRING) {
+                for (uint64_t i = 0; i < n; ++i) {
+                    h.add_str(gguf_get_arr_str(g, k, i));
+                }
+            } else if (gguf_scalar_size(at) > 0) {
+                h.add(gguf_get_arr_data(g, k), n * gguf_scalar_size(at));
+            }
+        } else if (gguf_scalar_size(t) > 0) {
+            h.add(gguf_get_val_data(g, k), gguf_scalar_size(t));
+        }
+    }
+    for (int64_t i = 0; i < gguf_get_n_tensors(g); ++i) {
+        h.add_str(gguf_get_tensor_name(g, i));
+        const enum ggml_type tt = gguf_get_tensor_type(g, i);
+        h.add(&tt, sizeof(tt));
+        h.add(gguf_get_tensor_ne(g, i), sizeof(int64_t) * GGML_MAX_DIMS);
+        const uint64_t off = gguf_get_tensor_offset(g, i);
+        h.add(&off, sizeof(off));
+        if (f != nullptr) {
+            unsigned char sample[256];
+            const size_t want = std::min<size_t>(sizeof(sample), gguf_get_tensor_size(g, i));
+            if (fseeko(f, (off_t) (gguf_get_data_offset(g) + off), SEEK_SET) == 0) {
+                const size_t got = fread(sample, 1, want, f);
+                h.add(sample, got);
+            }
+        }
+    }
+    return h.hex();
+}
+
+std::string validate_gguf_file(const std::string & path) {
     struct stat st {};
     if (path.empty() || stat(path.c_str(), &st) != 0) {
         throw fml_error(FML_ERR_MODEL_NOT_FOUND, "model file not found: " + path);
@@ -80,6 +136,14 @@ void validate_gguf_file(const std::string & path) {
         data_end = end > data_end ? end : data_end;
     }
     const bool has_arch = gguf_find_key(g, "general.architecture") >= 0;
+    std::string fingerprint;
+    if (data_end <= (uint64_t) st.st_size) {
+        FILE * data = fopen(path.c_str(), "rb");
+        fingerprint = gguf_fingerprint(g, data);
+        if (data != nullptr) {
+            fclose(data);
+        }
+    }
     gguf_free(g);
     if (n_tensors == 0) {
         throw fml_error(FML_ERR_MODEL_INVALID, "GGUF file holds no tensors: " + path);
@@ -92,6 +156,7 @@ void validate_gguf_file(const std::string & path) {
                         "truncated GGUF file: tensor data ends at byte " + std::to_string(data_end) +
                         " but the file has " + std::to_string((uint64_t) st.st_size) + ": " + path);
     }
+    return fingerprint;
 }
 
 // ---- model -----------------------------------------------------------------------------------
@@ -118,7 +183,7 @@ static std::string detect_backend() {
 }
 
 std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model_load_options & opts) {
-    validate_gguf_file(path);
+    const std::string fingerprint = validate_gguf_file(path);
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = opts.gpu_layers;
@@ -158,6 +223,7 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
     info.n_params = llama_model_n_params(model);
     info.gpu_layers = opts.gpu_layers < 0 ? info.n_layer : std::min(opts.gpu_layers, info.n_layer);
     info.backend = detect_backend();
+    info.fingerprint = fingerprint;
     if (info.backend == "cpu") {
         info.gpu_layers = 0;
     }

@@ -23,6 +23,7 @@ struct model_info {
     std::string description;
     std::string chat_template;   // empty when the GGUF has none (then "chatml" formatting is used)
     std::string backend;         // "cpu" or "cuda"
+    std::string fingerprint;     // hash of the GGUF's metadata and tensor layout (checkpoints check it)
     int32_t n_ctx_train = 0;
     int32_t n_embd = 0;
     int32_t n_layer = 0;
@@ -77,8 +78,9 @@ private:
 };
 
 // Checks that `path` is a readable GGUF whose tensor data lies inside the file, without letting
-// llama.cpp touch it (llama.cpp aborts on some malformed input). Throws fml_error.
-void validate_gguf_file(const std::string & path);
+// llama.cpp touch it (llama.cpp aborts on some malformed input). Throws fml_error. Returns the
+// model's fingerprint: a hash of every metadata key and value and of the tensor layout.
+std::string validate_gguf_file(const std::string & path);
 
 // The last error lines llama.cpp logged (llama.cpp reports load failures only through its log).
 std::string last_llama_errors();

@@ -21,6 +21,7 @@ export interface NativeModelInfo {
   sizeBytes: number;
   nParams: number;
   gpuLayers: number;
+  fingerprint: string;
 }
 
 export interface NativeModel {
@@ -138,12 +139,15 @@ export interface NativeChat {
   shiftPositions(delta: number): void;
   evaluateTokens(tokens: Int32Array, chunk: number): Float32Array;
   replayHistory(): number;
+  saveCheckpoint(path: string): Promise<void>;
+  resolvedOptions(): Record<string, unknown>;
   plainDecode(n: number): number;
 }
 
 export interface NativeBinding {
   loadModel(path: string, options: { gpuLayers: number; useMmap: boolean }): Promise<NativeModel>;
   NativeChat: new (model: NativeModel, options: NativeChatOptions) => NativeChat;
+  loadChat(model: NativeModel, path: string, threads?: number): Promise<NativeChat>;
   planEviction(
     options: { policy: string; maxTokens: number; windowSize: number; sinkTokens: number } & Record<string, number | string>,
     entries: SyntheticLedgerEntry[],

@@ -1,6 +1,6 @@
 import type { NativeCacheState, NativeChat } from './binding.js';
 import { ChatBusyError, DisposedError, fromNativeError } from './errors.js';
-import { checkMessage, resolveSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
+import { checkMessage, checkString, resolveSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
 import type { ChatStats, MemoryEntry, TurnResult } from './types.js';
 
 /** Low-level hooks used by the test suite and benchmarks. Not part of the public API. @internal */
@@ -115,6 +115,25 @@ export class Chat {
         this.#native.abort();
         await turn.catch(() => {});
       }
+    }
+  }
+
+  /**
+   * Saves the chat (KV cache, token ledger, policy state, options, counters) to `path`, atomically:
+   * a crash mid-save leaves the previous file intact. Not while a turn runs (ChatBusyError).
+   */
+  async saveCheckpoint(path: string): Promise<void> {
+    this.#check();
+    checkString('path', path);
+    if (this.#busy) throw new ChatBusyError('a turn is running on this chat; save the checkpoint after it');
+    const stack = new Error().stack;
+    this.#busy = true;
+    try {
+      await this.#native.saveCheckpoint(path);
+    } catch (err) {
+      throw fromNativeError(err, stack);
+    } finally {
+      this.#busy = false;
     }
   }
 

@@ -15,6 +15,10 @@ export type ErrorCode =
   | 'DISPOSED'
   | 'TEMPLATE_FAILED'
   | 'NATIVE_BINDING_NOT_FOUND'
+  | 'CHECKPOINT_IO'
+  | 'CHECKPOINT_CORRUPT'
+  | 'CHECKPOINT_VERSION'
+  | 'CHECKPOINT_MODEL_MISMATCH'
   | 'INTERNAL';
 
 export class FiniteMemoryError extends Error {
@@ -58,6 +62,14 @@ export class DisposedError extends FiniteMemoryError {
 export class InferenceError extends FiniteMemoryError {
   constructor(code: 'DECODE_FAILED' | 'KV_OPERATION_FAILED' | 'TEMPLATE_FAILED' | 'INTERNAL', message: string) { super(code, message); }
 }
+/**
+ * A checkpoint could not be written or read: `CHECKPOINT_IO` (path missing, a directory, not writable),
+ * `CHECKPOINT_CORRUPT` (truncated, bad checksum, malformed), `CHECKPOINT_VERSION` (written by a newer
+ * format), `CHECKPOINT_MODEL_MISMATCH` (made with another model). The chat involved is left untouched.
+ */
+export class CheckpointError extends FiniteMemoryError {
+  constructor(code: 'CHECKPOINT_IO' | 'CHECKPOINT_CORRUPT' | 'CHECKPOINT_VERSION' | 'CHECKPOINT_MODEL_MISMATCH', message: string) { super(code, message); }
+}
 /** The native addon could not be loaded. */
 export class NativeBindingError extends FiniteMemoryError {
   constructor(message: string, cause?: unknown) { super('NATIVE_BINDING_NOT_FOUND', message, { cause }); }
@@ -79,6 +91,11 @@ export function fromNativeError(err: unknown, callerStack?: string): FiniteMemor
     case 'PROMPT_TOO_LARGE': out = new PromptTooLargeError(message); break;
     case 'CHAT_BUSY': out = new ChatBusyError(message); break;
     case 'DISPOSED': out = new FiniteMemoryError('DISPOSED', message); break;
+    case 'CHECKPOINT_IO':
+    case 'CHECKPOINT_CORRUPT':
+    case 'CHECKPOINT_VERSION':
+    case 'CHECKPOINT_MODEL_MISMATCH':
+      out = new CheckpointError(code, message); break;
     case 'DECODE_FAILED':
     case 'KV_OPERATION_FAILED':
     case 'TEMPLATE_FAILED':

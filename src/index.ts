@@ -11,6 +11,7 @@ export {
   DisposedError,
   InferenceError,
   NativeBindingError,
+  CheckpointError,
   type ErrorCode,
 } from './errors.js';
 export type { LoadModelOptions, ChatOptions, SendOptions, PolicyName, KvType } from './options.js';

@@ -1,8 +1,10 @@
 import { availableParallelism } from 'node:os';
-import { getBinding, type NativeModel } from './binding.js';
+import { getBinding, type NativeChat, type NativeModel } from './binding.js';
 import { Chat } from './chat.js';
 import { DisposedError, fromNativeError } from './errors.js';
-import { checkString, resolveChatOptions, resolveModelOptions, type ChatOptions, type LoadModelOptions } from './options.js';
+import {
+  checkInt, checkObject, checkString, resolveChatOptions, resolveModelOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions,
+} from './options.js';
 import type { ModelInfo } from './types.js';
 
 const chatRegistry = new FinalizationRegistry<{ chats: Set<WeakRef<Chat>>; ref: WeakRef<Chat> }>(({ chats, ref }) => chats.delete(ref));
@@ -64,12 +66,36 @@ export class Model {
     } catch (err) {
       throw fromNativeError(err);
     }
+    return this.#track(native, resolved);
+  }
+
+  #track(native: NativeChat, resolved: ResolvedChatOptions): Chat {
     const ref = { current: undefined as WeakRef<Chat> | undefined };
     const chat = new Chat(native, resolved, () => ref.current && this.#chats.delete(ref.current));
     ref.current = new WeakRef(chat);
     this.#chats.add(ref.current);
     chatRegistry.register(chat, { chats: this.#chats, ref: ref.current });
     return chat;
+  }
+
+  /**
+   * Restores a chat saved with `chat.saveCheckpoint(path)` on this model (same fingerprint). Its
+   * options come from the checkpoint; `threads` may be overridden.
+   */
+  async loadChat(path: string, options: { threads?: number } = {}): Promise<Chat> {
+    this.#check();
+    checkString('path', path);
+    const o = checkObject('options', options);
+    const threads = o.threads === undefined ? 0 : checkInt('threads', o.threads, 1, 1024);
+    const stack = new Error().stack;
+    let native: NativeChat;
+    try {
+      native = await getBinding().loadChat(this.#native, path, threads);
+    } catch (err) {
+      throw fromNativeError(err, stack);
+    }
+    this.#check();
+    return this.#track(native, native.resolvedOptions() as unknown as ResolvedChatOptions);
   }
 
   /** Disposes every chat of this model, then releases the weights. Idempotent. */

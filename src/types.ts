@@ -82,4 +82,6 @@ export interface ModelInfo {
   sizeBytes: number;
   nParams: number;
   gpuLayers: number;
+  /** Hash of the GGUF's metadata and tensor layout; checkpoints only load into a model with the same one. */
+  fingerprint: string;
 }

@@ -5,6 +5,7 @@
 
 #include "bench/evict-bench.h"
 #include "chat-session.h"
+#include "checkpoint.h"
 #include "error.h"
 #include "model.h"
 
@@ -109,6 +110,7 @@ private:
         o.Set("nVocab", mi.n_vocab);
         o.Set("sizeBytes", Napi::Number::New(env, (double) mi.size_bytes));
         o.Set("nParams", Napi::Number::New(env, (double) mi.n_params));
+        o.Set("fingerprint", mi.fingerprint);
         o.Set("gpuLayers", mi.gpu_layers);
         return o;
     }
@@ -234,6 +236,8 @@ public:
             InstanceMethod("shiftPositions", &js_chat::js_shift_positions),
             InstanceMethod("evaluateTokens", &js_chat::js_evaluate_tokens),
             InstanceMethod("replayHistory", &js_chat::js_replay_history),
+            InstanceMethod("saveCheckpoint", &js_chat::js_save_checkpoint),
+            InstanceMethod("resolvedOptions", &js_chat::js_resolved_options),
             InstanceMethod("plainDecode", &js_chat::js_plain_decode),
         });
     }
@@ -241,6 +245,12 @@ public:
     // new NativeChat(nativeModel, options)
     explicit js_chat(const Napi::CallbackInfo & info) : Napi::ObjectWrap<js_chat>(info) {
         Napi::Env env = info.Env();
+        if (info.Length() >= 1 && info[0].IsExternal()) {
+            // Built by model.loadChat from a restored session.
+            auto * restored = info[0].As<Napi::External<std::shared_ptr<chat_session>>>().Data();
+            session_ = *restored;
+            return;
+        }
         if (info.Length() < 1 || !info[0].IsObject()) {
             throw_error(env, FML_ERR_INVALID_OPTION, "expected a model");
         }
@@ -410,6 +420,34 @@ private:
         return out;
     }
 
+    Napi::Value js_save_checkpoint(const Napi::CallbackInfo & info);
+
+    Napi::Value js_resolved_options(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        const chat_options & o = require(env)->options();
+        Napi::Object r = Napi::Object::New(env);
+        r.Set("policy", o.policy.name);
+        r.Set("maxTokens", o.policy.max_tokens);
+        r.Set("windowSize", o.policy.window_size);
+        r.Set("sinkTokens", o.policy.sink_tokens);
+        r.Set("systemPrompt", o.system_prompt);
+        r.Set("threads", o.threads);
+        r.Set("batchSize", o.batch_size);
+        r.Set("kvType", o.kv_type);
+        if (o.flash_attention >= 0) {
+            r.Set("flashAttention", o.flash_attention == 1);
+        }
+        r.Set("importanceDecay", o.policy.importance_decay);
+        r.Set("importanceGranularity", o.policy.importance_granularity_spans ? "span" : "token");
+        r.Set("semanticClusters", o.policy.semantic_clusters);
+        r.Set("spanMaxTokens", o.policy.span_max_tokens);
+        r.Set("policySeed", o.policy.seed);
+        r.Set("summaryTokens", o.policy.summary_tokens);
+        r.Set("hybridImportanceShare", o.policy.hybrid_importance_share);
+        r.Set("maxPolicyMs", o.max_policy_ms);
+        return r;
+    }
+
     // Benchmark hooks (synchronous on purpose; not part of the public API).
     Napi::Value js_replay_history(const Napi::CallbackInfo & info) {
         Napi::Env env = info.Env();
@@ -553,6 +591,118 @@ Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
         throw_error(env, FML_ERR_BUSY, "a turn is already running on this chat; await it (or abort it) before sending again");
     }
     auto * w = new turn_worker(env, this, Value(), s, text, gen, on_piece);
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+}
+
+// ---- checkpoints -------------------------------------------------------------------------------
+
+class save_checkpoint_worker : public Napi::AsyncWorker {
+public:
+    save_checkpoint_worker(Napi::Env env, js_chat * chat, Napi::Object chat_obj, std::shared_ptr<chat_session> session, std::string path)
+        : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), chat_(chat), session_(std::move(session)), path_(std::move(path)) {
+        chat_ref_ = Napi::Persistent(chat_obj);
+    }
+    Napi::Promise promise() { return deferred_.Promise(); }
+    void Execute() override {
+        try {
+            const chat_state state = session_->export_state();
+            write_checkpoint(path_, session_->model_fingerprint(), state);
+        } catch (const fml_error & e) {
+            code_ = e.code();
+            SetError(e.what());
+        } catch (const std::exception & e) {
+            code_ = FML_ERR_INTERNAL;
+            SetError(e.what());
+        }
+    }
+    void OnOK() override {
+        session_->busy().store(false);
+        chat_->on_turn_finished();
+        deferred_.Resolve(Env().Undefined());
+    }
+    void OnError(const Napi::Error & e) override {
+        session_->busy().store(false);
+        chat_->on_turn_finished();
+        deferred_.Reject(make_error(Env(), code_, e.Message()).Value());
+    }
+private:
+    Napi::Promise::Deferred deferred_;
+    js_chat * chat_;
+    Napi::ObjectReference chat_ref_;
+    std::shared_ptr<chat_session> session_;
+    std::string path_;
+    std::string code_;
+};
+
+Napi::Value js_chat::js_save_checkpoint(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    auto s = require(env);
+    const std::string path = string_arg(info, 0, "path");
+    bool expected = false;
+    if (!s->busy().compare_exchange_strong(expected, true)) {
+        throw_error(env, FML_ERR_BUSY, "a turn is running on this chat; save the checkpoint after it");
+    }
+    auto * w = new save_checkpoint_worker(env, this, Value(), s, path);
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+}
+
+class load_checkpoint_worker : public Napi::AsyncWorker {
+public:
+    load_checkpoint_worker(Napi::Env env, std::shared_ptr<fml_model> model, std::string path, int32_t threads)
+        : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), model_(std::move(model)), path_(std::move(path)), threads_(threads) {}
+    Napi::Promise promise() { return deferred_.Promise(); }
+    void Execute() override {
+        try {
+            chat_state state = read_checkpoint(path_, model_->info().fingerprint);
+            if (threads_ > 0) {
+                state.options.threads = threads_;
+            }
+            try {
+                session_ = std::make_shared<chat_session>(model_, state.options);
+            } catch (const fml_error & e) {
+                throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, std::string("the checkpoint's options are not valid: ") + e.what());
+            }
+            session_->import_state(state);
+        } catch (const fml_error & e) {
+            code_ = e.code();
+            SetError(e.what());
+        } catch (const std::exception & e) {
+            code_ = FML_ERR_INTERNAL;
+            SetError(e.what());
+        }
+    }
+    void OnOK() override {
+        Napi::Env env = Env();
+        auto * data = env.GetInstanceData<addon_data>();
+        auto holder = Napi::External<std::shared_ptr<chat_session>>::New(env, &session_);
+        deferred_.Resolve(data->chat_ctor.New({ holder }));
+    }
+    void OnError(const Napi::Error & e) override {
+        deferred_.Reject(make_error(Env(), code_, e.Message()).Value());
+    }
+private:
+    Napi::Promise::Deferred deferred_;
+    std::shared_ptr<fml_model> model_;
+    std::string path_;
+    int32_t threads_;
+    std::shared_ptr<chat_session> session_;
+    std::string code_;
+};
+
+// loadChat(model, path, threads) -> Promise<NativeChat>
+Napi::Value js_load_chat(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 2 || !info[0].IsObject()) {
+        throw_error(env, FML_ERR_INVALID_OPTION, "loadChat(model, path, threads)");
+    }
+    auto model = js_model::Unwrap(info[0].As<Napi::Object>())->require(env);
+    const std::string path = string_arg(info, 1, "path");
+    const int32_t threads = info.Length() > 2 && info[2].IsNumber() ? info[2].ToNumber().Int32Value() : 0;
+    auto * w = new load_checkpoint_worker(env, model, path, threads);
     Napi::Promise p = w->promise();
     w->Queue();
     return p;
@@ -720,6 +870,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
     exports.Set("NativeChat", chat_ctor);
     exports.Set("loadModel", Napi::Function::New(env, js_load_model));
     exports.Set("planEviction", Napi::Function::New(env, js_plan_eviction));
+    exports.Set("loadChat", Napi::Function::New(env, js_load_chat));
     exports.Set("benchEvict", Napi::Function::New(env, js_bench_evict));
     exports.Set("benchPolicyPlan", Napi::Function::New(env, js_bench_policy_plan));
     exports.Set("benchMemcpy", Napi::Function::New(env, js_bench_memcpy));

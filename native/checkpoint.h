@@ -1,0 +1,32 @@
+// Checkpoint files: a chat's KV state, token ledger, policy state (scores, embeddings, summary),
+// options and counters, behind a versioned header with the model's fingerprint and a checksum.
+//
+//   "FMLCKPT\0"  u32 format version  u32 flags(0)
+//   str model fingerprint
+//   options, session counters, ledger (+ embeddings), KV blob     (little-endian, length-prefixed)
+//   u64 FNV-1a 64 of every byte before it
+//
+// Writes are atomic: a temp file in the same directory, fsync, rename, fsync of the directory; a crash
+// mid-save leaves the previous checkpoint intact. Reads validate everything before touching a chat.
+#pragma once
+
+#include "chat-session.h"
+
+#include <string>
+
+namespace fml {
+
+constexpr uint32_t CHECKPOINT_FORMAT_VERSION = 1;
+
+// Error codes (also in src/errors.ts).
+#define FML_ERR_CHECKPOINT_IO       "CHECKPOINT_IO"
+#define FML_ERR_CHECKPOINT_CORRUPT  "CHECKPOINT_CORRUPT"
+#define FML_ERR_CHECKPOINT_VERSION  "CHECKPOINT_VERSION"
+#define FML_ERR_CHECKPOINT_MODEL    "CHECKPOINT_MODEL_MISMATCH"
+
+void write_checkpoint(const std::string & path, const std::string & model_fingerprint, const chat_state & state);
+
+// Throws fml_error with one of the codes above. `expected_fingerprint` must match the file's.
+chat_state read_checkpoint(const std::string & path, const std::string & expected_fingerprint);
+
+} // namespace fml

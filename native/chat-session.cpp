@@ -375,7 +375,15 @@ void chat_session::evict(const eviction_request & req, turn_stats & st) {
         st.fallback = true;
         cumulative_.fallback_count++;
     }
-    st.policy_ms += ms_since(t0);
+    const double policy_ms = ms_since(t0);
+    st.policy_ms += policy_ms;
+    eviction_record rec;
+    rec.positions = normalize_ranges(plan.ranges);   // ledger index == position before eviction
+    rec.policy_ms = policy_ms;
+    rec.fallback = fallback;
+    rec.during_generation = st.generating;
+    const uint32_t evicted_before = st.evicted_tokens;
+    const uint32_t summary_before = st.summary_tokens;
 
     t0 = clock_type::now();
     const double summary_ms_before = st.summary_ms;
@@ -387,7 +395,11 @@ void chat_session::evict(const eviction_request & req, turn_stats & st) {
         cumulative_.tokens_evicted += res.evicted;
     }
     shift_pending_ = true;
-    st.evict_ms += ms_since(t0) - (st.summary_ms - summary_ms_before);   // KV work only; summaryMs is separate
+    rec.evict_ms = ms_since(t0) - (st.summary_ms - summary_ms_before);   // KV work only; summaryMs is separate
+    st.evict_ms += rec.evict_ms;
+    rec.evicted = st.evicted_tokens - evicted_before;
+    rec.summary_tokens = st.summary_tokens - summary_before;
+    st.eviction_log.push_back(std::move(rec));
     st.evictions += 1;
     cumulative_.evictions += 1;
 }
@@ -471,6 +483,7 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
     carry_.clear();
     st.prompt_tokens = (uint32_t) (prompt.size() + system_prefill);
 
+    st.generating = true;
     sampler_chain sampler(gen.sampling, model_->info().n_vocab);
     text_stream stream(gen.stop);
     t0 = clock_type::now();

@@ -44,6 +44,17 @@ struct generation_options {
 enum stop_reason { STOP_EOS, STOP_MAX_TOKENS, STOP_STRING, STOP_ABORT };
 const char * stop_reason_name(stop_reason r);
 
+// One eviction event (telemetry): what left, where it was, and what choosing it cost.
+struct eviction_record {
+    uint32_t evicted = 0;
+    std::vector<index_range> positions;   // positions before the eviction, [begin, end)
+    double policy_ms = 0;
+    double evict_ms = 0;
+    bool fallback = false;
+    uint32_t summary_tokens = 0;
+    bool during_generation = false;
+};
+
 struct turn_stats {
     uint32_t prompt_tokens = 0;      // tokens prefilled this turn (only the new ones)
     uint32_t generated_tokens = 0;
@@ -60,6 +71,8 @@ struct turn_stats {
     double   summary_ms = 0;          // time the model spent writing summaries this turn
     uint32_t summary_tokens = 0;      // summary tokens placed in the cache this turn
     std::string policy;
+    std::vector<eviction_record> eviction_log;
+    bool generating = false;          // set while the reply is being generated (for the log)
 };
 
 struct turn_result {

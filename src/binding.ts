@@ -48,6 +48,17 @@ export interface NativeTurnStats {
   summaryTokens: number;
   importanceSignal: 'attention' | 'keyNorm' | null;
   policy: string;
+  evictionLog: NativeEvictionRecord[];
+}
+
+export interface NativeEvictionRecord {
+  evictedTokens: number;
+  positions: [number, number][];
+  policyMs: number;
+  evictMs: number;
+  fallback: boolean;
+  summaryTokens: number;
+  phase: 'prefill' | 'generation';
 }
 
 export interface NativeTurnResult {

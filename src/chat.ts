@@ -1,7 +1,10 @@
-import type { NativeCacheState, NativeChat } from './binding.js';
+import type { NativeCacheState, NativeChat, NativeEvictionRecord } from './binding.js';
 import { ChatBusyError, DisposedError, fromNativeError } from './errors.js';
 import { checkMessage, checkString, resolveSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
+import { TelemetryEmitter, type EvictionEvent, type Telemetry } from './telemetry.js';
 import type { ChatStats, MemoryEntry, TurnResult } from './types.js';
+
+let nextChatId = 1;
 
 /** Low-level hooks used by the test suite and benchmarks. Not part of the public API. @internal */
 export interface ChatInternals {
@@ -26,15 +29,19 @@ export class Chat {
   readonly #native: NativeChat;
   readonly #options: ResolvedChatOptions;
   readonly #onDispose: () => void;
+  readonly #telemetry: TelemetryEmitter | undefined;
+  /** Identifies this chat in telemetry events. */
+  readonly id = `chat-${nextChatId++}`;
   #busy = false;
   #disposed = false;
   #lastTurn: TurnResult | undefined;
 
   /** @internal */
-  constructor(native: NativeChat, options: ResolvedChatOptions, onDispose: () => void) {
+  constructor(native: NativeChat, options: ResolvedChatOptions, onDispose: () => void, telemetry?: Telemetry) {
     this.#native = native;
     this.#options = options;
     this.#onDispose = onDispose;
+    this.#telemetry = telemetry ? new TelemetryEmitter(telemetry, this.id) : undefined;
   }
 
   /** The resolved options (defaults filled in). */
@@ -73,10 +80,15 @@ export class Chat {
     this.#busy = true;
     try {
       const { onToken, signal: _signal, ...nativeOpts } = opts;
-      const result = await this.#native.send(text, nativeOpts, onToken);
-      return this.#remember(result as TurnResult);
+      const raw = await this.#native.send(text, nativeOpts, onToken);
+      const { evictionLog, ...stats } = raw.stats;
+      const result = { ...raw, stats } as TurnResult;
+      if (this.#telemetry && !this.#disposed) this.#emit(result, evictionLog);
+      return this.#remember(result);
     } catch (err) {
-      throw fromNativeError(err, stack);
+      const typed = fromNativeError(err, stack);
+      this.#telemetry?.error(typed);
+      throw typed;
     } finally {
       this.#busy = false;
       opts.signal?.removeEventListener('abort', onAbort);
@@ -164,6 +176,7 @@ export class Chat {
     this.#disposed = true;
     this.#native.dispose();
     this.#onDispose();
+    this.#telemetry?.close();
   }
 
   [Symbol.dispose](): void {
@@ -190,6 +203,13 @@ export class Chat {
       replayHistory: () => wrap(() => native.replayHistory()),
       plainDecode: (n) => wrap(() => native.plainDecode(n)),
     };
+  }
+
+  #emit(result: TurnResult, log: NativeEvictionRecord[]): void {
+    const chat = this.stats();
+    const base = { chatId: this.id, policy: this.#options.policy, turn: chat.turns };
+    const evictions: EvictionEvent[] = log.map((e) => ({ ...base, ...e }));
+    this.#telemetry!.turn({ ...base, stopReason: result.stopReason, stats: result.stats, chat }, evictions);
   }
 
   #remember(result: TurnResult): TurnResult {

@@ -17,6 +17,8 @@ export {
 export type { LoadModelOptions, ChatOptions, SendOptions, PolicyName, KvType } from './options.js';
 export type { TurnResult, TurnStats, ChatStats, MemoryEntry, ModelInfo, StopReason } from './types.js';
 export { POLICIES } from './options.js';
+export type { Telemetry, TurnEvent, EvictionEvent } from './telemetry.js';
+export { createPrometheusTelemetry, type PrometheusTelemetry, type PrometheusTelemetryOptions } from './prometheus.js';
 
 import { getBinding } from './binding.js';
 /** llama.cpp's CPU feature line and version this addon was built with. */

@@ -1,11 +1,20 @@
 import { availableParallelism } from 'node:os';
 import { getBinding, type NativeChat, type NativeModel } from './binding.js';
 import { Chat } from './chat.js';
-import { DisposedError, fromNativeError } from './errors.js';
+import { DisposedError, fromNativeError, InvalidOptionError } from './errors.js';
+import { checkTelemetry, type Telemetry } from './telemetry.js';
 import {
   checkInt, checkObject, checkString, resolveChatOptions, resolveModelOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions,
 } from './options.js';
 import type { ModelInfo } from './types.js';
+
+function resolveTelemetry(options: unknown): Telemetry | undefined {
+  try {
+    return checkTelemetry((options as { telemetry?: unknown } | undefined)?.telemetry);
+  } catch (err) {
+    throw new InvalidOptionError((err as Error).message);
+  }
+}
 
 const chatRegistry = new FinalizationRegistry<{ chats: Set<WeakRef<Chat>>; ref: WeakRef<Chat> }>(({ chats, ref }) => chats.delete(ref));
 
@@ -60,18 +69,19 @@ export class Model {
   createChat(options: ChatOptions = {}): Chat {
     this.#check();
     const resolved = resolveChatOptions(options, this.#threads);
+    const telemetry = resolveTelemetry(options);
     let native;
     try {
       native = new (getBinding().NativeChat)(this.#native, resolved);
     } catch (err) {
       throw fromNativeError(err);
     }
-    return this.#track(native, resolved);
+    return this.#track(native, resolved, telemetry);
   }
 
-  #track(native: NativeChat, resolved: ResolvedChatOptions): Chat {
+  #track(native: NativeChat, resolved: ResolvedChatOptions, telemetry: Telemetry | undefined): Chat {
     const ref = { current: undefined as WeakRef<Chat> | undefined };
-    const chat = new Chat(native, resolved, () => ref.current && this.#chats.delete(ref.current));
+    const chat = new Chat(native, resolved, () => ref.current && this.#chats.delete(ref.current), telemetry);
     ref.current = new WeakRef(chat);
     this.#chats.add(ref.current);
     chatRegistry.register(chat, { chats: this.#chats, ref: ref.current });
@@ -82,10 +92,11 @@ export class Model {
    * Restores a chat saved with `chat.saveCheckpoint(path)` on this model (same fingerprint). Its
    * options come from the checkpoint; `threads` may be overridden.
    */
-  async loadChat(path: string, options: { threads?: number } = {}): Promise<Chat> {
+  async loadChat(path: string, options: { threads?: number; telemetry?: Telemetry } = {}): Promise<Chat> {
     this.#check();
     checkString('path', path);
     const o = checkObject('options', options);
+    const telemetry = resolveTelemetry(o);
     const threads = o.threads === undefined ? 0 : checkInt('threads', o.threads, 1, 1024);
     const stack = new Error().stack;
     let native: NativeChat;
@@ -95,7 +106,7 @@ export class Model {
       throw fromNativeError(err, stack);
     }
     this.#check();
-    return this.#track(native, native.resolvedOptions() as unknown as ResolvedChatOptions);
+    return this.#track(native, native.resolvedOptions() as unknown as ResolvedChatOptions, telemetry);
   }
 
   /** Disposes every chat of this model, then releases the weights. Idempotent. */

@@ -3,6 +3,7 @@
  * llama.cpp, which aborts on some misuse) sees it. Messages follow "Expected X for name but received Y".
  */
 import { InvalidOptionError } from './errors.js';
+import type { Telemetry } from './telemetry.js';
 
 export type PolicyName = 'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid';
 export const POLICIES: readonly PolicyName[] = ['sliding', 'importance', 'semantic', 'rolling_summary', 'hybrid'];
@@ -58,6 +59,8 @@ export interface ChatOptions {
   maxPolicyMs?: number;
   /** @internal Test hook: makes every policy choice this slow (exercises the latency guard). */
   testPolicyDelayMs?: number;
+  /** Hooks called after each turn and eviction (see `Telemetry`, `createPrometheusTelemetry`). */
+  telemetry?: Telemetry;
 }
 
 export interface SendOptions {
@@ -172,7 +175,7 @@ export function resolveChatOptions(raw: unknown, defaultThreads: number): Resolv
   checkKnownKeys('options', o, [
     'policy', 'maxTokens', 'windowSize', 'sinkTokens', 'systemPrompt', 'threads', 'batchSize', 'kvType', 'flashAttention',
     'importanceDecay', 'importanceGranularity', 'semanticClusters', 'spanMaxTokens', 'policySeed', 'summaryTokens', 'hybridImportanceShare',
-    'maxPolicyMs', 'testPolicyDelayMs',
+    'maxPolicyMs', 'testPolicyDelayMs', 'telemetry',
   ]);
   const policy = o.policy === undefined ? 'sliding' : o.policy;
   if (typeof policy !== 'string' || !(POLICIES as readonly string[]).includes(policy)) {

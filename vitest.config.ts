@@ -7,6 +7,8 @@ export default defineConfig({
     // llama.cpp's spin-barrier thread pool from fighting itself.
     pool: 'forks',
     fileParallelism: false,
+    // GC tests (finalizers free native memory) call global.gc().
+    execArgv: ['--expose-gc'],
     testTimeout: 120_000,
     hookTimeout: 120_000,
   },

@@ -49,6 +49,9 @@ static ggml_type kv_type_from_name(const std::string & name) {
     throw fml_error(FML_ERR_INVALID_OPTION, "kvType must be one of f16, f32, q8_0 (got '" + name + "')");
 }
 
+static std::atomic<size_t> g_live_sessions{0};
+size_t chat_session::live_count() { return g_live_sessions.load(); }
+
 static bool abort_callback(void * data) {
     return static_cast<std::atomic<bool> *>(data)->load();
 }
@@ -147,6 +150,7 @@ chat_session::chat_session(std::shared_ptr<fml_model> model, const chat_options 
         const std::string why = last_llama_errors();
         throw fml_error(FML_ERR_CONTEXT_CREATE, "llama.cpp could not create a context" + (why.empty() ? std::string() : ": " + why));
     }
+    g_live_sessions++;   // counted once the context exists (the destructor frees it)
     capture_.bind(ctx_, (int32_t) cp.n_ctx, mi.n_embd);
     if (!kv_can_shift(ctx_)) {
         llama_free(ctx_);
@@ -157,6 +161,7 @@ chat_session::chat_session(std::shared_ptr<fml_model> model, const chat_options 
 
 chat_session::~chat_session() {
     if (ctx_ != nullptr) {
+        g_live_sessions--;
         llama_free(ctx_);
     }
 }
@@ -195,15 +200,16 @@ size_t chat_session::count_turn_tokens(const std::string & user_text) const {
     return frame_tokens("user", user_text).size();
 }
 
-void chat_session::ensure_started() {
+bool chat_session::ensure_started() {
     if (started_) {
-        return;
+        return true;
     }
     if (!system_tokens_.empty() && !decode_tokens(system_tokens_, 0, TOKEN_ROLE_SYSTEM, false)) {
-        kv_clear(ctx_, ledger_);
-        throw fml_error(FML_ERR_DECODE, "aborted while prefilling the system prompt");
+        kv_clear(ctx_, ledger_);   // aborted: back to the empty state, the next turn starts over
+        return false;
     }
     started_ = true;
+    return true;
 }
 
 bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t turn, token_role role, bool want_logits) {
@@ -429,7 +435,13 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
     turn_result result;
     turn_stats & st = result.stats;
     st.policy = policy_->name();
-    abort_.store(false);
+    // abort_ is cleared when the turn is scheduled (clear_abort), not here: an abort requested between
+    // scheduling and the worker starting must not be lost. It is cleared again when the turn ends, so
+    // checkpoints and other decodes after an aborted turn are not aborted too.
+    struct clear_on_exit {
+        std::atomic<bool> & flag;
+        ~clear_on_exit() { flag.store(false); }
+    } abort_guard{ abort_ };
 
     // Everything that can fail on input happens before the cache is touched.
     std::vector<int32_t> prompt = carry_;
@@ -445,7 +457,11 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
     // The first turn (and the first after reset) also prefills the pinned system prompt.
     const size_t system_prefill = started_ ? 0 : system_tokens_.size();
     const auto t_system = clock_type::now();
-    ensure_started();
+    if (!ensure_started()) {
+        result.reason = STOP_ABORT;
+        st.latency_ms = ms_since(t_turn);
+        return result;
+    }
     const double system_ms = ms_since(t_system);
     if (signal_ != IMPORTANCE_NONE && opts_.policy.importance_decay < 1.0f) {
         for (size_t i = 0; i < ledger_.size(); ++i) {
@@ -571,7 +587,9 @@ std::vector<float> chat_session::probe_logits(int32_t token) {
     if (token < 0 || token >= model_->info().n_vocab) {
         throw fml_error(FML_ERR_INVALID_OPTION, "token id out of range");
     }
-    ensure_started();
+    if (!ensure_started()) {
+        throw fml_error(FML_ERR_DECODE, "aborted");
+    }
     turn_stats st;
     make_room(1, 0, st);
     const size_t before = ledger_.size();
@@ -683,7 +701,9 @@ std::vector<float> chat_session::evaluate_tokens(const std::vector<int32_t> & to
             throw fml_error(FML_ERR_INVALID_OPTION, "token id out of range");
         }
     }
-    ensure_started();
+    if (!ensure_started()) {
+        throw fml_error(FML_ERR_DECODE, "aborted");
+    }
     chunk = std::max<size_t>(1, std::min<size_t>(chunk, llama_n_batch(ctx_)));
     std::vector<float> out;
     out.reserve(tokens.size() * (size_t) n_vocab);
@@ -756,7 +776,9 @@ double chat_session::replay_history() {
 }
 
 double chat_session::plain_decode(int32_t n) {
-    ensure_started();
+    if (!ensure_started()) {
+        throw fml_error(FML_ERR_DECODE, "aborted");
+    }
     turn_stats st;
     make_room((size_t) n + 1, 0, st);
     const size_t keep = ledger_.size();

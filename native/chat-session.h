@@ -128,7 +128,9 @@ public:
     // are rolled back to their state before the turn's prefill (evictions already done stay done).
     turn_result run_turn(const std::string & user_text, const generation_options & gen, const piece_callback & on_piece);
 
+    static size_t live_count();
     void request_abort() { abort_.store(true); }
+    void clear_abort() { abort_.store(false); }
     std::atomic<bool> & busy() { return busy_; }
 
     void reset();
@@ -179,7 +181,7 @@ public:
 
 private:
     std::vector<int32_t> frame_tokens(const std::string & role, const std::string & content) const;
-    void ensure_started();
+    bool ensure_started();   // false when aborted (the cache is then empty again)
     // Frees room for `incoming` more tokens, asking the policy for at least the excess and up to
     // `slack` more (amortises the K-shift). Throws PROMPT_TOO_LARGE when pinned tokens leave no room.
     void make_room(size_t incoming, size_t slack, turn_stats & st);

@@ -9,6 +9,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <atomic>
 #include <mutex>
 #include <sys/stat.h>
 
@@ -161,6 +162,9 @@ std::string validate_gguf_file(const std::string & path) {
 
 // ---- model -----------------------------------------------------------------------------------
 
+static std::atomic<size_t> g_live_models{0};
+size_t fml_model::live_count() { return g_live_models.load(); }
+
 static std::string meta_str(const llama_model * model, const char * key) {
     char buf[256];
     const int32_t n = llama_model_meta_val_str(model, key, buf, sizeof(buf));
@@ -204,6 +208,7 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
 
     std::shared_ptr<fml_model> m(new fml_model());
     m->model_ = model;
+    g_live_models++;
     m->vocab_ = llama_model_get_vocab(model);
 
     model_info & info = m->info_;
@@ -239,6 +244,7 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
 
 fml_model::~fml_model() {
     if (model_ != nullptr) {
+        g_live_models--;
         llama_model_free(model_);
     }
 }

@@ -46,6 +46,7 @@ public:
     // Throws fml_error (MODEL_NOT_FOUND / MODEL_INVALID / MODEL_LOAD_FAILED).
     static std::shared_ptr<fml_model> load(const std::string & path, const model_load_options & opts);
     ~fml_model();
+    static size_t live_count();
 
     fml_model(const fml_model &) = delete;
     fml_model & operator=(const fml_model &) = delete;

@@ -168,6 +168,7 @@ export interface NativeBinding {
   benchEvict(model: NativeModel, context: number, evictCounts: number[], reps: number, threads: number): Promise<NativeEvictBench>;
   benchPolicyPlan(options: { policy: string; maxTokens: number; windowSize: number; sinkTokens: number }, n: number, want: number, embdDim: number, reps: number): number;
   benchMemcpy(bytes: number, reps: number): number;
+  liveObjects(): { chats: number; models: number };
   systemInfo(): string;
   llamaCppVersion: string;
 }

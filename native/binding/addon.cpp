@@ -611,6 +611,7 @@ Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
     if (!s->busy().compare_exchange_strong(expected, true)) {
         throw_error(env, FML_ERR_BUSY, "a turn is already running on this chat; await it (or abort it) before sending again");
     }
+    s->clear_abort();
     auto * w = new turn_worker(env, this, Value(), s, text, gen, on_piece);
     Napi::Promise p = w->promise();
     w->Queue();
@@ -874,6 +875,15 @@ Napi::Value js_bench_memcpy(const Napi::CallbackInfo & info) {
     return Napi::Number::New(info.Env(), run_memcpy_bench((size_t) info[0].ToNumber().Int64Value(), info[1].ToNumber().Int32Value()));
 }
 
+// Live native objects (tests check that finalizers free what GC collects).
+Napi::Value js_live_objects(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("chats", (double) chat_session::live_count());
+    o.Set("models", (double) fml_model::live_count());
+    return o;
+}
+
 Napi::Value js_system_info(const Napi::CallbackInfo & info) {
     return Napi::String::New(info.Env(), llama_print_system_info());
 }
@@ -892,6 +902,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
     exports.Set("loadModel", Napi::Function::New(env, js_load_model));
     exports.Set("planEviction", Napi::Function::New(env, js_plan_eviction));
     exports.Set("loadChat", Napi::Function::New(env, js_load_chat));
+    exports.Set("liveObjects", Napi::Function::New(env, js_live_objects));
     exports.Set("benchEvict", Napi::Function::New(env, js_bench_evict));
     exports.Set("benchPolicyPlan", Napi::Function::New(env, js_bench_policy_plan));
     exports.Set("benchMemcpy", Napi::Function::New(env, js_bench_memcpy));

@@ -1,0 +1,124 @@
+// Bad-input battery and a bounded fuzz test (fast-check, fixed seed): every case ends in a typed
+// error or a correct result, never a crash, and the chat stays usable afterwards.
+import fc from 'fast-check';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FiniteMemoryError, loadModel, type Chat, type Model } from '../../src/index.ts';
+import { testModelPath, THREADS } from '../helpers.ts';
+
+let model: Model;
+beforeAll(async () => {
+  model = await loadModel(testModelPath(), { threads: THREADS });
+});
+afterAll(() => model?.dispose());
+
+async function stillUsable(chat: Chat) {
+  const r = await chat.send('ok', { maxNewTokens: 2, temperature: 0 });
+  expect(r.stats.retainedTokens).toBeLessThanOrEqual(chat.options.maxTokens);
+  const cache = chat._internals().cacheState();
+  expect(cache.positionsContiguous).toBe(true);
+  expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
+}
+
+const weird = fc.oneof(
+  fc.integer({ min: -5, max: 5000 }),
+  fc.double(),
+  fc.constantFrom(Number.NaN, Infinity, -Infinity, 2 ** 53, -0, 0.5),
+  fc.string({ maxLength: 8 }),
+  fc.boolean(),
+  fc.constant(null),
+  fc.constant(undefined),
+  fc.array(fc.string({ maxLength: 3 }), { maxLength: 3 }),
+);
+
+describe('fuzz', () => {
+  it('random chat options, messages and send options: typed error or a result, chat usable after', async () => {
+    const chatOptions = fc.record(
+      {
+        policy: fc.oneof(fc.constantFrom('sliding', 'importance', 'semantic', 'rolling_summary', 'hybrid', 'lru', ''), weird),
+        maxTokens: fc.oneof(fc.integer({ min: 8, max: 300 }), weird),
+        windowSize: fc.oneof(fc.integer({ min: 0, max: 300 }), weird),
+        sinkTokens: fc.oneof(fc.integer({ min: 0, max: 40 }), weird),
+        systemPrompt: fc.oneof(fc.string({ maxLength: 200 }), weird),
+        summaryTokens: fc.oneof(fc.integer({ min: 0, max: 80 }), weird),
+        kvType: fc.oneof(fc.constantFrom('f16', 'f32', 'q8_0', 'q4'), weird),
+      },
+      { requiredKeys: [] },
+    );
+    const message = fc.oneof(
+      fc.string({ maxLength: 200 }),
+      fc.string({ unit: 'binary', maxLength: 100 }),
+      fc.constantFrom('', '\u0000\u0000', '\uD800', '\uDFFF lone', '👋🏽 emoji 🧪', 'x'.repeat(5000)),
+      weird,
+    );
+    const sendOptions = fc.record(
+      {
+        maxNewTokens: fc.oneof(fc.integer({ min: 0, max: 40 }), weird),
+        temperature: fc.oneof(fc.double({ min: 0, max: 3, noNaN: true }), weird),
+        topK: fc.oneof(fc.integer({ min: 0, max: 100 }), weird),
+        topP: fc.oneof(fc.double({ min: 0, max: 1, noNaN: true }), weird),
+        seed: fc.oneof(fc.integer({ min: 0, max: 2 ** 31 }), weird),
+        stop: fc.oneof(fc.array(fc.string({ maxLength: 5 }), { maxLength: 4 }), fc.constant(['', 'x'.repeat(1024)]), weird),
+      },
+      { requiredKeys: [] },
+    );
+    await fc.assert(
+      fc.asyncProperty(chatOptions, message, sendOptions, async (opts, msg, sendOpts) => {
+        let chat: Chat;
+        try {
+          chat = model.createChat(opts as never);
+        } catch (err) {
+          expect(err).toBeInstanceOf(FiniteMemoryError);
+          return;
+        }
+        try {
+          const r = await chat.send(msg as never, sendOpts as never);
+          expect(typeof r.response).toBe('string');
+          expect(['eos', 'maxTokens', 'stop', 'abort']).toContain(r.stopReason);
+        } catch (err) {
+          expect(err).toBeInstanceOf(FiniteMemoryError);
+        }
+        await stillUsable(chat);
+        chat.dispose();
+      }),
+      { seed: 20261125, numRuns: 120 },
+    );
+  });
+});
+
+describe('battery', () => {
+  it('stop strings: empty ones are ignored, huge ones are refused, ordinary ones work', async () => {
+    const chat = model.createChat({ maxTokens: 128 });
+    await expect(chat.send('hi', { stop: [''], maxNewTokens: 4 })).resolves.toBeDefined();
+    await expect(chat.send('hi', { stop: ['x'.repeat(5000)] })).rejects.toBeInstanceOf(FiniteMemoryError);
+    await expect(chat.send('hi', { stop: Array(100).fill('a') })).rejects.toBeInstanceOf(FiniteMemoryError);
+    await stillUsable(chat);
+    chat.dispose();
+  });
+
+  it('abort during prefill rolls the turn back', async () => {
+    const chat = model.createChat({ maxTokens: 2048, batchSize: 8 });
+    await chat.send('warm up', { maxNewTokens: 2, temperature: 0 });
+    const before = chat.memory();
+    const ac = new AbortController();
+    const turn = chat.send('word '.repeat(900), { signal: ac.signal, maxNewTokens: 5 });
+    setImmediate(() => ac.abort());
+    const r = await turn;
+    if (r.stats.promptTokens === 0) {
+      // Aborted inside the prefill: nothing of the turn stays in memory.
+      expect(r.stopReason).toBe('abort');
+      expect(chat.memory()).toEqual(before);
+    } else {
+      expect(['abort', 'eos', 'maxTokens']).toContain(r.stopReason);
+    }
+    await stillUsable(chat);
+    chat.dispose();
+  });
+
+  it('send after dispose, and dispose twice', async () => {
+    const chat = model.createChat({ maxTokens: 64 });
+    chat.dispose();
+    chat.dispose();
+    await expect(chat.send('x')).rejects.toMatchObject({ code: 'DISPOSED' });
+    expect(() => chat.memory()).toThrow(FiniteMemoryError);
+  });
+});

@@ -1,0 +1,81 @@
+// Concurrency and lifetimes: many chats at once, dispose while busy, GC without dispose, RSS over cycles.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { DisposedError, loadModel, type Model } from '../../src/index.ts';
+import { getBinding } from '../../src/binding.ts';
+import { testModelPath, THREADS } from '../helpers.ts';
+
+let model: Model;
+beforeAll(async () => {
+  model = await loadModel(testModelPath(), { threads: THREADS });
+});
+afterAll(() => model?.dispose());
+
+const gc = (globalThis as { gc?: () => void }).gc;
+
+describe('concurrency', () => {
+  it('16 chats on one model under Promise.all, several turns each, all within budget', async () => {
+    const chats = Array.from({ length: 16 }, (_, i) => model.createChat({ maxTokens: 64, windowSize: 16, policy: i % 2 ? 'importance' : 'sliding' }));
+    for (let round = 0; round < 6; round++) {
+      const results = await Promise.all(chats.map((c, i) => c.send(`chat ${i} round ${round}`, { maxNewTokens: 8, temperature: 1, seed: i * 100 + round })));
+      for (const r of results) expect(r.stats.retainedTokens).toBeLessThanOrEqual(64);
+    }
+    for (const c of chats) {
+      const cache = c._internals().cacheState();
+      expect(cache.positionsContiguous).toBe(true);
+      expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
+      c.dispose();
+    }
+  });
+
+  it('model.dispose() while chats are busy: their turns end with abort, nothing crashes, later use throws', async () => {
+    const m = await loadModel(testModelPath(), { threads: THREADS });
+    const chats = Array.from({ length: 4 }, () => m.createChat({ maxTokens: 256 }));
+    const turns = chats.map((c, i) => c.send('go on and on', { maxNewTokens: 400, temperature: 1.5, seed: i }));
+    m.dispose();
+    const results = await Promise.allSettled(turns);
+    for (const r of results) {
+      expect(r.status).toBe('fulfilled');
+      if (r.status === 'fulfilled') expect(['abort', 'eos']).toContain(r.value.stopReason);
+    }
+    for (const c of chats) await expect(c.send('x')).rejects.toBeInstanceOf(DisposedError);
+  });
+});
+
+describe('native memory', () => {
+  it('1,000 create/dispose cycles do not grow RSS', async () => {
+    const cycle = async (n: number) => {
+      for (let i = 0; i < n; i++) {
+        const c = model.createChat({ maxTokens: 64 });
+        if (i % 50 === 0) await c.send('hi', { maxNewTokens: 2, temperature: 0 });
+        c.dispose();
+      }
+    };
+    await cycle(100); // warm-up: allocator pools, JIT
+    gc?.();
+    const before = process.memoryUsage().rss;
+    await cycle(1000);
+    gc?.();
+    const grown = process.memoryUsage().rss - before;
+    // A leaked context (KV cache + compute buffers) is well over 100 KiB; 1,000 of them would be >100 MiB.
+    expect(grown).toBeLessThan(40 * 2 ** 20);
+  });
+
+  it.skipIf(!gc)('chats and models dropped without dispose() are freed by their finalizers', async () => {
+    const live = () => getBinding().liveObjects();
+    const settle = async () => {
+      for (let i = 0; i < 5; i++) {
+        gc!();
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    };
+    await settle();
+    const before = live();
+    for (let i = 0; i < 200; i++) model.createChat({ maxTokens: 128 }); // never disposed
+    let dropped: Model | undefined = await loadModel(testModelPath(), { threads: THREADS });
+    dropped.createChat({ maxTokens: 64 });
+    expect(live().chats).toBeGreaterThanOrEqual(before.chats + 201);
+    dropped = undefined;
+    await settle();
+    expect(live()).toEqual(before);
+  });
+});

@@ -630,6 +630,47 @@ void chat_session::apply_pending_shift() {
     shift_pending_ = false;
 }
 
+size_t chat_session::ingest_exchange(const std::string & user_text, const std::string & assistant_text) {
+    struct clear_on_exit {
+        std::atomic<bool> & flag;
+        ~clear_on_exit() { flag.store(false); }
+    } abort_guard{ abort_ };
+    std::vector<int32_t> user = carry_;
+    const size_t carry_n = carry_.size();
+    const std::vector<int32_t> framed = frame_tokens("user", user_text);
+    user.insert(user.end(), framed.begin(), framed.end());
+    const std::vector<int32_t> reply = model_->tokenize(assistant_text, false, false);
+    const size_t budget = opts_.policy.max_tokens;
+    const size_t pinned = started_ ? ledger_.pinned_count() : system_tokens_.size() + opts_.policy.sink_tokens;
+    if (pinned + user.size() + 1 > budget || pinned + reply.size() + 1 > budget) {
+        throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "a transcript message does not fit in maxTokens");
+    }
+    if (!ensure_started()) {
+        throw fml_error(FML_ERR_DECODE, "aborted");
+    }
+    turn_stats st;
+    make_room(user.size(), 0, st);
+    const uint32_t turn = ++turn_;
+    const size_t before = ledger_.size();
+    bool ok = carry_n == 0 || decode_tokens(std::vector<int32_t>(user.begin(), user.begin() + (long) carry_n), turn - 1, TOKEN_ROLE_ASSISTANT, false);
+    ok = ok && decode_tokens(framed, turn, TOKEN_ROLE_USER, false);
+    if (!ok) {
+        kv_truncate(ctx_, ledger_, before);
+        --turn_;
+        throw fml_error(FML_ERR_DECODE, "aborted");
+    }
+    carry_.clear();
+    if (!reply.empty()) {
+        make_room(reply.size(), 0, st);
+        if (!decode_tokens(reply, turn, TOKEN_ROLE_ASSISTANT, false)) {
+            throw fml_error(FML_ERR_DECODE, "aborted");
+        }
+    }
+    carry_ = model_->tokenize(model_->frame_message("assistant").suffix, false, true);
+    cumulative_.turns++;
+    return user.size() + reply.size();
+}
+
 chat_state chat_session::export_state() {
     apply_pending_shift();
     chat_state s;

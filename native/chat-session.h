@@ -160,6 +160,10 @@ public:
     // (tokens.size() x n_vocab, row-major).
     std::vector<float> evaluate_tokens(const std::vector<int32_t> & tokens, size_t chunk);
 
+    // Adds a finished exchange without generating (transcript import): the user message, the reply,
+    // and the reply's end-of-turn, with eviction as a normal turn would do. Returns tokens prefilled.
+    size_t ingest_exchange(const std::string & user_text, const std::string & assistant_text);
+
     // Snapshot for a checkpoint. Applies a pending K-shift first (a decode of one token, rolled back).
     chat_state export_state();
     // Replaces this chat's state (the options must match the ones it was created with). On failure

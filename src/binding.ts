@@ -151,6 +151,7 @@ export interface NativeChat {
   evaluateTokens(tokens: Int32Array, chunk: number): Float32Array;
   replayHistory(): number;
   saveCheckpoint(path: string): Promise<void>;
+  ingestExchange(user: string, assistant: string): Promise<number>;
   resolvedOptions(): Record<string, unknown>;
   plainDecode(n: number): number;
 }
@@ -200,8 +201,9 @@ export function getBinding(): NativeBinding {
   const root = join(dirname(fileURLToPath(import.meta.url)), '..');
   const require = createRequire(import.meta.url);
   try {
-    const load = require('node-gyp-build') as (dir: string) => NativeBinding;
-    cached = load(root);
+    // FML_ADDON_PATH: load a specific build (e.g. the AddressSanitizer build in build-asan/).
+    const override = process.env.FML_ADDON_PATH;
+    cached = override ? (require(override) as NativeBinding) : (require('node-gyp-build') as (dir: string) => NativeBinding)(root);
   } catch (err) {
     throw new NativeBindingError(
       `could not load the finite-memory-llm native addon from ${root}: ${(err as Error).message}. ` +

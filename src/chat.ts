@@ -2,7 +2,7 @@ import type { NativeCacheState, NativeChat, NativeEvictionRecord } from './bindi
 import { ChatBusyError, DisposedError, fromNativeError } from './errors.js';
 import { checkMessage, checkString, resolveSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
 import { TelemetryEmitter, type EvictionEvent, type Telemetry } from './telemetry.js';
-import type { ChatStats, MemoryEntry, TurnResult } from './types.js';
+import type { ChatStats, MemoryEntry, Transcript, TurnResult } from './types.js';
 
 let nextChatId = 1;
 
@@ -35,6 +35,8 @@ export class Chat {
   #busy = false;
   #disposed = false;
   #lastTurn: TurnResult | undefined;
+  // The plain conversation (what was said, not what the cache still holds), for exportTranscript().
+  #transcript: Transcript['messages'] = [];
 
   /** @internal */
   constructor(native: NativeChat, options: ResolvedChatOptions, onDispose: () => void, telemetry?: Telemetry) {
@@ -84,6 +86,7 @@ export class Chat {
       const { evictionLog, ...stats } = raw.stats;
       const result = { ...raw, stats } as TurnResult;
       if (this.#telemetry && !this.#disposed) this.#emit(result, evictionLog);
+      if (result.stats.promptTokens > 0) this.#transcript.push({ role: 'user', content: text }, { role: 'assistant', content: result.response });
       return this.#remember(result);
     } catch (err) {
       const typed = fromNativeError(err, stack);
@@ -149,6 +152,30 @@ export class Chat {
     }
   }
 
+  /**
+   * The whole conversation as plain text messages (every turn, including what the cache has evicted),
+   * portable to another model with `model.importTranscript()`.
+   */
+  exportTranscript(): Transcript {
+    this.#check();
+    return { format: 'finite-memory-llm/transcript', version: 1, systemPrompt: this.#options.systemPrompt, messages: this.#transcript.map((m) => ({ ...m })) };
+  }
+
+  /** @internal Prefills a finished exchange without generating (transcript import). */
+  async _ingest(user: string, assistant: string): Promise<void> {
+    this.#check();
+    if (this.#busy) throw new ChatBusyError();
+    this.#busy = true;
+    try {
+      await this.#native.ingestExchange(user, assistant);
+      this.#transcript.push({ role: 'user', content: user }, { role: 'assistant', content: assistant });
+    } catch (err) {
+      throw fromNativeError(err);
+    } finally {
+      this.#busy = false;
+    }
+  }
+
   /** Cumulative figures since creation or the last reset. */
   stats(): ChatStats {
     this.#check();
@@ -168,6 +195,7 @@ export class Chat {
     if (this.#busy) throw new ChatBusyError('cannot reset while a turn is running');
     this.#native.reset();
     this.#lastTurn = undefined;
+    this.#transcript = [];
   }
 
   /** Frees the context and its KV cache. A running turn is aborted and finishes first. Idempotent. */

@@ -15,7 +15,7 @@ export {
   type ErrorCode,
 } from './errors.js';
 export type { LoadModelOptions, ChatOptions, SendOptions, PolicyName, KvType } from './options.js';
-export type { TurnResult, TurnStats, ChatStats, MemoryEntry, ModelInfo, StopReason } from './types.js';
+export type { TurnResult, TurnStats, ChatStats, MemoryEntry, ModelInfo, StopReason, Transcript } from './types.js';
 export { POLICIES } from './options.js';
 export type { Telemetry, TurnEvent, EvictionEvent } from './telemetry.js';
 export { createPrometheusTelemetry, type PrometheusTelemetry, type PrometheusTelemetryOptions } from './prometheus.js';

@@ -6,7 +6,7 @@ import { checkTelemetry, type Telemetry } from './telemetry.js';
 import {
   checkInt, checkObject, checkString, resolveChatOptions, resolveModelOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions,
 } from './options.js';
-import type { ModelInfo } from './types.js';
+import type { ModelInfo, Transcript } from './types.js';
 
 function resolveTelemetry(options: unknown): Telemetry | undefined {
   try {
@@ -107,6 +107,42 @@ export class Model {
     }
     this.#check();
     return this.#track(native, native.resolvedOptions() as unknown as ResolvedChatOptions, telemetry);
+  }
+
+  /**
+   * Creates a chat from a transcript (`chat.exportTranscript()`, possibly from another model): every
+   * exchange is prefilled in order, with eviction as the budget requires; nothing is generated.
+   */
+  async importTranscript(transcript: Transcript, options: ChatOptions = {}): Promise<Chat> {
+    this.#check();
+    const t = checkObject('transcript', transcript);
+    if (t.format !== 'finite-memory-llm/transcript' || t.version !== 1 || !Array.isArray(t.messages)) {
+      throw new InvalidOptionError("Expected a transcript with format 'finite-memory-llm/transcript', version 1 and a messages array");
+    }
+    const messages = t.messages.map((m: unknown, i: number) => {
+      const msg = checkObject(`messages[${i}]`, m);
+      if (msg.role !== 'user' && msg.role !== 'assistant') throw new InvalidOptionError(`messages[${i}].role must be 'user' or 'assistant'`);
+      return { role: msg.role, content: checkString(`messages[${i}].content`, msg.content) };
+    });
+    const systemPrompt = options.systemPrompt ?? (typeof t.systemPrompt === 'string' ? t.systemPrompt : '');
+    const chat = this.createChat({ ...options, systemPrompt });
+    try {
+      for (let i = 0; i < messages.length; i++) {
+        const m = messages[i]!;
+        if (m.role === 'user') {
+          const next = messages[i + 1];
+          const reply = next?.role === 'assistant' ? next.content : '';
+          if (next?.role === 'assistant') i++;
+          await chat._ingest(m.content, reply);
+        } else {
+          await chat._ingest('', m.content);
+        }
+      }
+    } catch (err) {
+      chat.dispose();
+      throw err;
+    }
+    return chat;
   }
 
   /** Disposes every chat of this model, then releases the weights. Idempotent. */

@@ -85,3 +85,11 @@ export interface ModelInfo {
   /** Hash of the GGUF's metadata and tensor layout; checkpoints only load into a model with the same one. */
   fingerprint: string;
 }
+
+/** The plain conversation, portable across models (`chat.exportTranscript()`, `model.importTranscript()`). */
+export interface Transcript {
+  format: 'finite-memory-llm/transcript';
+  version: 1;
+  systemPrompt: string;
+  messages: { role: 'user' | 'assistant'; content: string }[];
+}

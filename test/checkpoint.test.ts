@@ -127,3 +127,30 @@ describe('checkpoints', () => {
     chat.dispose();
   });
 });
+
+describe('transcripts', () => {
+  it('export is the whole conversation; import into another model replays it within the budget', async () => {
+    const chat = model.createChat({ maxTokens: 96, windowSize: 16, systemPrompt: 'Be brief.' });
+    const sent: string[] = [];
+    for (let t = 0; t < 10; t++) {
+      sent.push(`question ${t}`);
+      await chat.send(`question ${t}`, { maxNewTokens: 6, temperature: 0 });
+    }
+    const transcript = chat.exportTranscript();
+    expect(transcript.systemPrompt).toBe('Be brief.');
+    expect(transcript.messages.filter((m) => m.role === 'user').map((m) => m.content)).toEqual(sent);
+    expect(transcript.messages).toHaveLength(20);
+    const json = JSON.parse(JSON.stringify(transcript));
+    const moved = await other.importTranscript(json, { maxTokens: 96, windowSize: 16 });
+    expect(moved.stats().turns).toBe(10);
+    expect(moved.stats().tokensRetained).toBeLessThanOrEqual(96);
+    expect(moved.stats().evictions).toBeGreaterThan(0);
+    expect(moved.exportTranscript().messages).toEqual(transcript.messages);
+    const cache = moved._internals().cacheState();
+    expect(cache.positionsContiguous).toBe(true);
+    await expect(moved.send('and now?', { maxNewTokens: 4 })).resolves.toBeDefined();
+    await expect(other.importTranscript({ format: 'nope' } as never)).rejects.toMatchObject({ code: 'INVALID_OPTION' });
+    chat.dispose();
+    moved.dispose();
+  });
+});

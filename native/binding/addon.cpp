@@ -258,6 +258,7 @@ public:
             InstanceMethod("evaluateTokens", &js_chat::js_evaluate_tokens),
             InstanceMethod("replayHistory", &js_chat::js_replay_history),
             InstanceMethod("saveCheckpoint", &js_chat::js_save_checkpoint),
+            InstanceMethod("ingestExchange", &js_chat::js_ingest_exchange),
             InstanceMethod("resolvedOptions", &js_chat::js_resolved_options),
             InstanceMethod("plainDecode", &js_chat::js_plain_decode),
         });
@@ -442,6 +443,7 @@ private:
     }
 
     Napi::Value js_save_checkpoint(const Napi::CallbackInfo & info);
+    Napi::Value js_ingest_exchange(const Napi::CallbackInfo & info);
 
     Napi::Value js_resolved_options(const Napi::CallbackInfo & info) {
         Napi::Env env = info.Env();
@@ -667,6 +669,62 @@ Napi::Value js_chat::js_save_checkpoint(const Napi::CallbackInfo & info) {
         throw_error(env, FML_ERR_BUSY, "a turn is running on this chat; save the checkpoint after it");
     }
     auto * w = new save_checkpoint_worker(env, this, Value(), s, path);
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+}
+
+class ingest_worker : public Napi::AsyncWorker {
+public:
+    ingest_worker(Napi::Env env, js_chat * chat, Napi::Object chat_obj, std::shared_ptr<chat_session> session, std::string user, std::string reply)
+        : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), chat_(chat), session_(std::move(session)),
+          user_(std::move(user)), reply_(std::move(reply)) {
+        chat_ref_ = Napi::Persistent(chat_obj);
+    }
+    Napi::Promise promise() { return deferred_.Promise(); }
+    void Execute() override {
+        try {
+            tokens_ = session_->ingest_exchange(user_, reply_);
+        } catch (const fml_error & e) {
+            code_ = e.code();
+            SetError(e.what());
+        } catch (const std::exception & e) {
+            code_ = FML_ERR_INTERNAL;
+            SetError(e.what());
+        }
+    }
+    void OnOK() override {
+        session_->busy().store(false);
+        chat_->on_turn_finished();
+        deferred_.Resolve(Napi::Number::New(Env(), (double) tokens_));
+    }
+    void OnError(const Napi::Error & e) override {
+        session_->busy().store(false);
+        chat_->on_turn_finished();
+        deferred_.Reject(make_error(Env(), code_, e.Message()).Value());
+    }
+private:
+    Napi::Promise::Deferred deferred_;
+    js_chat * chat_;
+    Napi::ObjectReference chat_ref_;
+    std::shared_ptr<chat_session> session_;
+    std::string user_;
+    std::string reply_;
+    size_t tokens_ = 0;
+    std::string code_;
+};
+
+Napi::Value js_chat::js_ingest_exchange(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    auto s = require(env);
+    const std::string user = string_arg(info, 0, "user message");
+    const std::string reply = string_arg(info, 1, "assistant message");
+    bool expected = false;
+    if (!s->busy().compare_exchange_strong(expected, true)) {
+        throw_error(env, FML_ERR_BUSY, "a turn is running on this chat");
+    }
+    s->clear_abort();
+    auto * w = new ingest_worker(env, this, Value(), s, user, reply);
     Napi::Promise p = w->promise();
     w->Queue();
     return p;

@@ -4,8 +4,8 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   ChatBusyError, InvalidOptionError, loadModel, ModelInvalidError, ModelNotFoundError, PromptTooLargeError, type Model,
-} from '../src/index.ts';
-import { testDir, testModelPath, THREADS } from './helpers.ts';
+} from '../../src/index.ts';
+import { testDir, testModelPath, THREADS } from '../helpers.ts';
 
 let model: Model;
 beforeAll(async () => {

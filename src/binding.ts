@@ -2,6 +2,7 @@
  * The native surface, declared once. Everything here is internal: the public API wraps it.
  * @internal
  */
+import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -170,6 +171,7 @@ export interface NativeBinding {
   benchPolicyPlan(options: { policy: string; maxTokens: number; windowSize: number; sinkTokens: number }, n: number, want: number, embdDim: number, reps: number): number;
   benchMemcpy(bytes: number, reps: number): number;
   liveObjects(): { chats: number; models: number };
+  gpuDeviceCount(): number;
   systemInfo(): string;
   llamaCppVersion: string;
 }
@@ -194,20 +196,78 @@ export interface SyntheticLedgerEntry {
 }
 
 let cached: NativeBinding | undefined;
+let loadedFrom: { path: string; variant: 'cpu' | 'cuda' } | undefined;
 
-/** Loads the addon: prebuilds/ first, then build/ (node-gyp-build's order). */
+/** Which binary is in use (after the first load). */
+export function loadedBinary(): { path: string; variant: 'cpu' | 'cuda' } | undefined {
+  return loadedFrom;
+}
+
+function gpuDriverPresent(): boolean {
+  if (process.env.FML_ASSUME_NVIDIA_DRIVER === '1') return true; // test hook: pretend a driver is there
+  return existsSync('/proc/driver/nvidia/version') || existsSync('/dev/nvidia0');
+}
+
+/**
+ * Loads the addon. Order:
+ *   FML_ADDON_PATH (an explicit file), else
+ *   the CUDA variant (prebuilds/<platform>-<arch>-cuda/, or build-cuda/ in a checkout) when
+ *   FINITE_MEMORY_BACKEND=cuda, or when it is unset and an NVIDIA driver is present; if it cannot load
+ *   (no libcuda/cuBLAS, no device), the CPU variant is used instead, unless cuda was forced;
+ *   the CPU variant via node-gyp-build (prebuilds/ first, then build/).
+ */
 export function getBinding(): NativeBinding {
   if (cached) return cached;
   const root = join(dirname(fileURLToPath(import.meta.url)), '..');
   const require = createRequire(import.meta.url);
+  const override = process.env.FML_ADDON_PATH;
+  if (override) {
+    try {
+      cached = require(override) as NativeBinding;
+      loadedFrom = { path: override, variant: 'cpu' };
+      return cached;
+    } catch (err) {
+      throw new NativeBindingError(`could not load FML_ADDON_PATH=${override}: ${(err as Error).message}`, err);
+    }
+  }
+  const backend = process.env.FINITE_MEMORY_BACKEND;
+  if (backend !== undefined && backend !== 'cpu' && backend !== 'cuda') {
+    throw new NativeBindingError(`FINITE_MEMORY_BACKEND must be 'cpu' or 'cuda', not '${backend}'`);
+  }
+  const tried: string[] = [];
+  if (backend === 'cuda' || (backend === undefined && gpuDriverPresent())) {
+    const cudaPaths = [
+      process.env.FML_CUDA_ADDON_PATH,
+      join(root, 'prebuilds', `${process.platform}-${process.arch}-cuda`, 'finite-memory-llm.node'),
+      join(root, 'build-cuda', 'Release', 'finite_memory_llm.node'),
+    ].filter((p): p is string => !!p && existsSync(p));
+    for (const path of cudaPaths) {
+      try {
+        const b = require(path) as NativeBinding;
+        if (b.gpuDeviceCount() > 0) {
+          cached = b;
+          loadedFrom = { path, variant: 'cuda' };
+          return cached;
+        }
+        tried.push(`${path}: loaded, but no CUDA device is usable`);
+      } catch (err) {
+        tried.push(`${path}: ${(err as Error).message.split('\n')[0]}`);
+      }
+    }
+    if (cudaPaths.length === 0) tried.push('no CUDA variant found (prebuilds/<platform>-<arch>-cuda/ or build-cuda/)');
+    if (backend === 'cuda') {
+      throw new NativeBindingError(`FINITE_MEMORY_BACKEND=cuda but the CUDA variant cannot be used:\n  - ${tried.join('\n  - ')}`);
+    }
+  }
   try {
-    // FML_ADDON_PATH: load a specific build (e.g. the AddressSanitizer build in build-asan/).
-    const override = process.env.FML_ADDON_PATH;
-    cached = override ? (require(override) as NativeBinding) : (require('node-gyp-build') as (dir: string) => NativeBinding)(root);
+    const load = require('node-gyp-build') as { (dir: string): NativeBinding; path(dir: string): string };
+    cached = load(root);
+    loadedFrom = { path: load.path(root), variant: 'cpu' };
   } catch (err) {
     throw new NativeBindingError(
       `could not load the finite-memory-llm native addon from ${root}: ${(err as Error).message}. ` +
-        'Build it with `npm run build` (needs cmake, a C++17 compiler and the node-llama-cpp devDependency for the llama.cpp source).',
+        'Build it with `npm run build` (needs cmake, a C++17 compiler and the node-llama-cpp devDependency for the llama.cpp source).' +
+        (tried.length ? `\nCUDA variant: ${tried.join('; ')}` : ''),
       err,
     );
   }

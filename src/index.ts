@@ -20,9 +20,10 @@ export { POLICIES } from './options.js';
 export type { Telemetry, TurnEvent, EvictionEvent } from './telemetry.js';
 export { createPrometheusTelemetry, type PrometheusTelemetry, type PrometheusTelemetryOptions } from './prometheus.js';
 
-import { getBinding } from './binding.js';
-/** llama.cpp's CPU feature line and version this addon was built with. */
-export function systemInfo(): { llamaCpp: string; features: string } {
+import { getBinding, loadedBinary } from './binding.js';
+/** The binary in use (CPU or CUDA variant and its path), llama.cpp's version and CPU feature line. */
+export function systemInfo(): { llamaCpp: string; features: string; variant: 'cpu' | 'cuda'; binary: string; gpuDevices: number } {
   const b = getBinding();
-  return { llamaCpp: b.llamaCppVersion, features: b.systemInfo() };
+  const loaded = loadedBinary()!;
+  return { llamaCpp: b.llamaCppVersion, features: b.systemInfo(), variant: loaded.variant, binary: loaded.path, gpuDevices: b.gpuDeviceCount() };
 }

@@ -9,6 +9,7 @@
 #include "error.h"
 #include "model.h"
 
+#include "ggml-backend.h"
 #include "llama.h"
 
 #include <memory>
@@ -942,6 +943,15 @@ Napi::Value js_live_objects(const Napi::CallbackInfo & info) {
     return o;
 }
 
+// GPU devices ggml can use in this binary (0 for the CPU variant, or when no driver/device is present).
+Napi::Value js_gpu_device_count(const Napi::CallbackInfo & info) {
+    size_t n = 0;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        n += ggml_backend_dev_type(ggml_backend_dev_get(i)) == GGML_BACKEND_DEVICE_TYPE_GPU ? 1 : 0;
+    }
+    return Napi::Number::New(info.Env(), (double) n);
+}
+
 Napi::Value js_system_info(const Napi::CallbackInfo & info) {
     return Napi::String::New(info.Env(), llama_print_system_info());
 }
@@ -961,6 +971,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
     exports.Set("planEviction", Napi::Function::New(env, js_plan_eviction));
     exports.Set("loadChat", Napi::Function::New(env, js_load_chat));
     exports.Set("liveObjects", Napi::Function::New(env, js_live_objects));
+    exports.Set("gpuDeviceCount", Napi::Function::New(env, js_gpu_device_count));
     exports.Set("benchEvict", Napi::Function::New(env, js_bench_evict));
     exports.Set("benchPolicyPlan", Napi::Function::New(env, js_bench_policy_plan));
     exports.Set("benchMemcpy", Napi::Function::New(env, js_bench_memcpy));

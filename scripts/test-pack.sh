@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Packaging check: build the CPU prebuild, pack the package, install the tarball into an empty
+# directory with cmake and every compiler hidden from PATH, and run a short chat there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+export NODE_LLAMA_CPP_SKIP_DOWNLOAD=true
+
+npm run build:ts --silent
+[ "${FML_SKIP_PREBUILDIFY:-0}" = 1 ] || npm run prebuildify --silent
+test -f prebuilds/linux-x64/finite-memory-llm.node
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+tarball=$(npm pack --silent --pack-destination "$work" | tail -1)
+echo "[test-pack] packed $tarball ($(du -h "$work/$tarball" | cut -f1))"
+if tar -tzf "$work/$tarball" | grep -E '(^|/)deps/llama\.cpp/|\.gguf$|package/build/' ; then
+  echo "[test-pack] FAIL: the tarball contains llama.cpp source, build output or model weights"; exit 1
+fi
+tar -tzf "$work/$tarball" | grep -q 'package/prebuilds/linux-x64/finite-memory-llm.node' || { echo "[test-pack] FAIL: no prebuild in the tarball"; exit 1; }
+tar -tzf "$work/$tarball" | grep -q 'package/dist/index.d.ts' || { echo "[test-pack] FAIL: no types in the tarball"; exit 1; }
+
+# A PATH with node and npm but no cmake, make, ninja or C/C++ compiler.
+bin="$work/bin"
+mkdir -p "$bin"
+for tool in node npm npx sh bash env cat ls mkdir rm cp mv ln dirname basename uname tar gzip sed grep head tail chmod; do
+  p=$(command -v "$tool" || true)
+  [ -n "$p" ] && ln -sf "$(readlink -f "$p")" "$bin/$tool"
+done
+ln -sf "$(readlink -f "$(command -v npm)")" "$bin/npm"
+for tool in cmake cc c++ gcc g++ clang clang++ make ninja; do
+  if PATH="$bin" command -v "$tool" >/dev/null 2>&1; then echo "[test-pack] FAIL: $tool still on PATH"; exit 1; fi
+done
+
+app="$work/app"
+mkdir -p "$app"
+cd "$app"
+PATH="$bin" npm init -y >/dev/null
+PATH="$bin" npm install --no-audit --no-fund "$work/$tarball" 2>&1 | tail -3
+cat > run.mjs <<'JS'
+import { loadModel, systemInfo } from 'finite-memory-llm';
+import { writeLlamaModel } from 'finite-memory-llm/gguf-writer';
+writeLlamaModel('tiny.gguf', {});
+const model = await loadModel('tiny.gguf', { threads: 1 });
+const chat = model.createChat({ maxTokens: 64, windowSize: 16 });
+for (let i = 0; i < 10; i++) await chat.send(`hello ${i}`, { maxNewTokens: 8, temperature: 0 });
+const s = chat.stats();
+console.log(JSON.stringify({ binary: systemInfo().binary, turns: s.turns, retained: s.tokensRetained, evicted: s.tokensEvicted }));
+if (s.tokensRetained > 64 || s.turns !== 10) process.exit(1);
+if (!systemInfo().binary.includes('/prebuilds/')) { console.error('not loaded from prebuilds'); process.exit(1); }
+JS
+PATH="$bin" node run.mjs
+echo "[test-pack] OK: installed without a compiler and ran a chat"

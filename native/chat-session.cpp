@@ -179,9 +179,8 @@ int32_t chat_session::cache_pos_max() const { return kv_pos_max(ctx_); }
 uint64_t chat_session::kv_bytes() const {
     // Bytes the retained tokens occupy: per layer, K and V rows of n_head_kv * head_dim elements.
     const model_info & mi = model_->info();
-    const int32_t head_dim = mi.n_head > 0 ? mi.n_embd / mi.n_head : 0;
     const double elem = opts_.kv_type == "f32" ? 4.0 : opts_.kv_type == "q8_0" ? 34.0 / 32.0 : 2.0;
-    return (uint64_t) ((double) ledger_.size() * mi.n_layer * 2.0 * mi.n_head_kv * head_dim * elem);
+    return (uint64_t) ((double) ledger_.size() * mi.n_layer * mi.n_head_kv * (mi.n_embd_head_k + mi.n_embd_head_v) * elem);
 }
 
 std::vector<int32_t> chat_session::frame_tokens(const std::string & role, const std::string & content) const {

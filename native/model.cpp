@@ -8,6 +8,7 @@
 #include "llama.h"
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <atomic>
 #include <mutex>
@@ -224,6 +225,11 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
     info.n_head = llama_model_n_head(model);
     info.n_head_kv = llama_model_n_head_kv(model);
     info.n_vocab = llama_vocab_n_tokens(m->vocab_);
+    const std::string key_len = meta_str(model, (info.architecture + ".attention.key_length").c_str());
+    const std::string val_len = meta_str(model, (info.architecture + ".attention.value_length").c_str());
+    const int32_t default_head = info.n_head > 0 ? info.n_embd / info.n_head : 0;
+    info.n_embd_head_k = key_len.empty() ? default_head : atoi(key_len.c_str());
+    info.n_embd_head_v = val_len.empty() ? info.n_embd_head_k : atoi(val_len.c_str());
     info.size_bytes = llama_model_size(model);
     info.n_params = llama_model_n_params(model);
     info.gpu_layers = opts.gpu_layers < 0 ? info.n_layer : std::min(opts.gpu_layers, info.n_layer);

@@ -29,6 +29,8 @@ struct model_info {
     int32_t n_layer = 0;
     int32_t n_head = 0;
     int32_t n_head_kv = 0;
+    int32_t n_embd_head_k = 0;   // key head dim (metadata key_length; may differ from n_embd / n_head)
+    int32_t n_embd_head_v = 0;
     int32_t n_vocab = 0;
     uint64_t size_bytes = 0;
     uint64_t n_params = 0;

@@ -18,6 +18,8 @@ export interface NativeModelInfo {
   nLayer: number;
   nHead: number;
   nHeadKv: number;
+  /** Key/value head dimension (can differ from nEmbd / nHead). */
+  headDim: number;
   nVocab: number;
   sizeBytes: number;
   nParams: number;

@@ -78,6 +78,8 @@ export interface ModelInfo {
   nLayer: number;
   nHead: number;
   nHeadKv: number;
+  /** Key/value head dimension (can differ from nEmbd / nHead). */
+  headDim: number;
   nVocab: number;
   sizeBytes: number;
   nParams: number;

@@ -90,3 +90,15 @@ describe('bounded KV memory over many turns (sliding)', () => {
     chat.dispose();
   });
 });
+
+describe('KV bytes', () => {
+  it('counts K and V with the real head dimension (which may differ from nEmbd / nHead)', async () => {
+    const m = await loadModel(testModelPath({ embd: 64, heads: 4, kvHeads: 2, headDim: 32 }), { threads: THREADS });
+    expect(m.info.headDim).toBe(32);
+    const chat = m.createChat({ maxTokens: 64, kvType: 'f16' });
+    await chat.send('hello there', { maxNewTokens: 4, temperature: 0 });
+    const s = chat.stats();
+    expect(s.kvBytes).toBe(s.tokensRetained * m.info.nLayer * m.info.nHeadKv * (32 + 32) * 2);
+    m.dispose();
+  });
+});

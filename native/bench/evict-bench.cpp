@@ -65,9 +65,8 @@ evict_bench_result run_evict_bench(const fml_model & model, int32_t context, con
     }
     const int32_t n_ctx = (int32_t) llama_n_ctx(ctx);
     const model_info & mi = model.info();
-    const double head_dim = mi.n_head > 0 ? (double) mi.n_embd / mi.n_head : 0;
-    res.k_bytes = (double) n_ctx * mi.n_layer * mi.n_head_kv * head_dim * 2.0;
-    res.kv_bytes = 2.0 * res.k_bytes;
+    res.k_bytes = (double) n_ctx * mi.n_layer * mi.n_head_kv * mi.n_embd_head_k * 2.0;
+    res.kv_bytes = res.k_bytes + (double) n_ctx * mi.n_layer * mi.n_head_kv * mi.n_embd_head_v * 2.0;
 
     // Fill context - 1 cells (room for the 1-token decodes) with random tokens.
     const int32_t filled = n_ctx - 1;

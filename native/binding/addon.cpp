@@ -108,6 +108,7 @@ private:
         o.Set("nLayer", mi.n_layer);
         o.Set("nHead", mi.n_head);
         o.Set("nHeadKv", mi.n_head_kv);
+        o.Set("headDim", mi.n_embd_head_k);
         o.Set("nVocab", mi.n_vocab);
         o.Set("sizeBytes", Napi::Number::New(env, (double) mi.size_bytes));
         o.Set("nParams", Napi::Number::New(env, (double) mi.n_params));

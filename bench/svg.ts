@@ -135,7 +135,8 @@ export function barChart(opts: BarChartOptions): string {
   if (logScale) {
     const min = finite.length ? Math.min(...finite) : 1;
     const max = finite.length ? Math.max(...finite) : 10;
-    ticks = logTicks(min, max);
+    // Start the axis well below the smallest bar so that every bar has a visible length.
+    ticks = logTicks(min / 3, max);
     const l0 = Math.log10(ticks[0]!);
     const l1 = Math.log10(ticks[ticks.length - 1]!);
     scale = (v) => left + ((Math.log10(v) - l0) / (l1 - l0)) * (right - left);

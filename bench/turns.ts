@@ -2,7 +2,8 @@
 //
 // Every contender gets the same user messages (cycled in order), the same generation length, greedy
 // sampling and 2 threads. Each warms up until it has evicted (or shifted its context) at least once,
-// then a few more turns, and then N turns are measured; steady-state turn latency is their median.
+// then a few more turns; then N turns each are measured, round-robin across the contenders (so load from
+// other processes hits all alike); steady-state turn latency is their median.
 //   1. this project, each policy: per-turn latency = TurnStats.latencyMs
 //   2. naive re-prefill (what the original Python library does): our sliding chat, but before each
 //      turn the KV cache is cleared and every retained token is prefilled again (replayHistory)
@@ -13,9 +14,11 @@
 //   npx tsx bench/turns.ts              (writes the table into bench/RESULTS.md and bench/turns.svg)
 //   npx tsx bench/turns.ts --no-write   (prints only)
 //   npx tsx bench/turns.ts --quick      (short smoke run: maxTokens 512, few turns; implies --no-write)
+//   npx tsx bench/turns.ts --model=generated   (one model only; implies --no-write)
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
+import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { writeLlamaModel, type LlamaModelInput } from '../src/gguf-writer.ts';
 import { loadModel, POLICIES, type Chat, type Model, type PolicyName } from '../src/index.ts';
@@ -24,7 +27,9 @@ import { barChart } from './svg.ts';
 
 const args = process.argv.slice(2);
 const QUICK = args.includes('--quick');
-const WRITE = !args.includes('--no-write') && !QUICK;
+const WRITE = !args.includes('--no-write') && !QUICK && !args.some((a) => a.startsWith('--model='));
+/** --model=generated|stories260K runs one model only (for development; implies --no-write). */
+const ONLY_MODEL = args.find((a) => a.startsWith('--model='))?.slice('--model='.length);
 
 const THREADS = 2;
 const MAX_NEW = 32;
@@ -59,6 +64,8 @@ const PROMPTS = [
 
 interface Turn {
   ms: number;
+  /** Time to the first generated token: eviction + prefill (+ replay for re-prefill) + first sample. */
+  ttftMs: number;
   promptTokens: number;
   generated: number;
   /** ours: decode steps (llama_decode calls) in decodeMs; generation ms for the decode comparison. */
@@ -72,6 +79,8 @@ interface DecodeCheck {
   plainMsPerStep: number;
   /** generated tokens / decodeMs, as TurnStats.tokensPerSecond reports it (one fewer decode than tokens on maxTokens stops). */
   oursReportedTps: number;
+  /** (max - min) / median of the plain runs: how noisy the machine was. */
+  plainSpread: number;
 }
 
 interface Result {
@@ -83,6 +92,7 @@ interface Result {
   warmupTurns: number;
   turns: Turn[];
   decode?: DecodeCheck;
+  decodeError?: string;
   note?: string;
   error?: string;
 }
@@ -123,9 +133,34 @@ function log(msg: string): void {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Contenders 1 and 2: our chat (each policy), and naive re-prefill on top of our sliding chat
+// Contenders. Each warms up on its own; then the measured turns run round-robin across all contenders
+// of a model and budget (one turn each, starting point rotating), so load from anything else on the
+// machine hits them alike; then each finishes (decode check, clean-up).
 
-async function runOurs(model: Model, spec: ModelSpec, maxTokens: number, policy: PolicyName, reprefill: boolean): Promise<Result> {
+interface Contender {
+  result: Result;
+  warmup(): Promise<void>;
+  turn(): Promise<Turn>;
+  finish(): Promise<void>;
+}
+
+function failed(result: Result, err: unknown): Contender {
+  result.error = errorText(err);
+  const none = async () => {
+    throw new Error(result.error);
+  };
+  return { result, warmup: async () => {}, turn: none, finish: async () => {} };
+}
+
+function plainRuns(internals: ReturnType<Chat['_internals']>, n: number): number[] {
+  if (typeof internals.plainDecode !== 'function') throw new Error('this build has no plainDecode hook');
+  const ms: number[] = [];
+  for (let k = 0; k < n; k++) ms.push(internals.plainDecode(MAX_NEW));
+  return ms;
+}
+
+/** 1 and 2: our chat with a policy, or naive re-prefill on top of our sliding chat. */
+function oursContender(model: Model, spec: ModelSpec, maxTokens: number, policy: PolicyName, reprefill: boolean): Contender {
   const result: Result = {
     model: spec.name,
     contender: reprefill ? 'naive re-prefill (sliding)' : `ours: ${policy}`,
@@ -135,81 +170,125 @@ async function runOurs(model: Model, spec: ModelSpec, maxTokens: number, policy:
     warmupTurns: 0,
     turns: [],
   };
-  let chat: Chat | undefined;
+  let chat: Chat;
+  let internals: ReturnType<Chat['_internals']>;
   try {
     chat = model.createChat({ policy, maxTokens, threads: THREADS, systemPrompt: SYSTEM_PROMPT });
-    const internals = chat._internals();
+    internals = chat._internals();
     if (reprefill && typeof internals.replayHistory !== 'function') throw new Error('this build has no replayHistory hook');
-    let i = 0;
-    let extra = -1; // warm-up turns left after the first eviction
-    const turn = async (replay: boolean): Promise<Turn> => {
-      let replayMs = 0;
-      let replayed = 0;
-      if (replay) {
-        replayed = internals.cacheState().ledgerTokens;
-        replayMs = internals.replayHistory();
-      }
-      const t0 = performance.now();
-      const res = await chat!.send(prompt(i++), { maxNewTokens: MAX_NEW, temperature: 0 });
-      const wall = performance.now() - t0;
-      const s = res.stats;
-      const steps = s.generatedTokens - (s.generatedTokens > 0 && res.stopReason !== 'eos' ? 1 : 0);
-      return {
-        ms: replayMs + s.latencyMs,
-        wallMs: replayMs + wall,
-        promptTokens: replayed + s.promptTokens,
-        generated: s.generatedTokens,
-        decodeSteps: steps,
-        decodeMs: s.decodeMs,
-      };
-    };
-    // Warm-up: plain turns until the budget is full and something was evicted, then a few turns in
-    // this contender's own mode.
-    while (extra !== 0) {
-      if (result.warmupTurns >= MAX_WARMUP) throw new Error(`no eviction after ${MAX_WARMUP} warm-up turns`);
-      await turn(reprefill && extra > 0);
-      result.warmupTurns++;
-      if (extra > 0) extra--;
-      else if (chat.stats().evictions > 0) extra = WARMUP_AFTER_EVICT;
-    }
-    for (let k = 0; k < MEASURED; k++) result.turns.push(await turn(reprefill));
-    if (!reprefill) {
-      // Decode with memory management (the measured turns) vs bare llama_decode + greedy sampling.
-      if (typeof internals.plainDecode !== 'function') throw new Error('this build has no plainDecode hook');
-      const plain: number[] = [];
-      for (let k = 0; k < PLAIN_RUNS; k++) plain.push(internals.plainDecode(MAX_NEW));
-      const steps = result.turns.reduce((a, t) => a + (t.decodeSteps ?? 0), 0);
-      const ms = result.turns.reduce((a, t) => a + (t.decodeMs ?? 0), 0);
-      const gen = result.turns.reduce((a, t) => a + t.generated, 0);
-      result.decode = { oursMsPerStep: ms / steps, plainMsPerStep: median(plain) / MAX_NEW, oursReportedTps: (gen * 1000) / ms };
-    }
-    const st = chat.stats();
-    result.note = `${st.evictions} evictions, ${st.tokensEvicted} tokens evicted, ${st.fallbackCount} fallbacks`;
   } catch (err) {
-    result.error = errorText(err);
-  } finally {
-    chat?.dispose();
+    return failed(result, err);
   }
-  return result;
+  let i = 0;
+  const plain: number[] = [];
+  const turn = async (replay: boolean): Promise<Turn> => {
+    let replayMs = 0;
+    let replayed = 0;
+    if (replay) {
+      replayed = internals.cacheState().ledgerTokens;
+      replayMs = internals.replayHistory();
+    }
+    const t0 = performance.now();
+    const res = await chat.send(prompt(i++), { maxNewTokens: MAX_NEW, temperature: 0 });
+    const wall = performance.now() - t0;
+    const s = res.stats;
+    // A turn stopped by maxNewTokens (or a stop string) samples its last token but does not decode it.
+    const steps = s.generatedTokens - (s.generatedTokens > 0 && res.stopReason !== 'eos' ? 1 : 0);
+    return {
+      ms: replayMs + s.latencyMs,
+      ttftMs: replayMs + s.latencyMs - s.decodeMs,
+      wallMs: replayMs + wall,
+      promptTokens: replayed + s.promptTokens,
+      generated: s.generatedTokens,
+      decodeSteps: steps,
+      decodeMs: s.decodeMs,
+    };
+  };
+  return {
+    result,
+    async warmup() {
+      // Plain turns until the budget is full and something was evicted, then a few in this contender's mode.
+      let extra = -1;
+      while (extra !== 0) {
+        if (result.warmupTurns >= MAX_WARMUP) throw new Error(`no eviction after ${MAX_WARMUP} warm-up turns`);
+        // Part of the plain-decode runs go before the last warm-up turn, the rest after the measured turns,
+        // so they bracket the measured turns in time (a run may evict first; the last warm-up turn absorbs that).
+        if (extra === 1 && !reprefill) plain.push(...plainRuns(internals, Math.floor(PLAIN_RUNS / 2)));
+        await turn(reprefill && extra > 0);
+        result.warmupTurns++;
+        if (extra > 0) extra--;
+        else if (chat.stats().evictions > 0) extra = WARMUP_AFTER_EVICT;
+      }
+    },
+    turn: () => turn(reprefill),
+    async finish() {
+      try {
+        const st = chat.stats();
+        result.note = `${st.evictions} evictions, ${st.tokensEvicted} tokens evicted, ${st.fallbackCount} latency-guard fallbacks`;
+        if (!reprefill && result.turns.length > 0) {
+          // Decode with memory management (the measured turns) vs bare llama_decode + greedy sampling.
+          try {
+            plain.push(...plainRuns(internals, PLAIN_RUNS - plain.length));
+            const steps = result.turns.reduce((a, t) => a + (t.decodeSteps ?? 0), 0);
+            const ms = result.turns.reduce((a, t) => a + (t.decodeMs ?? 0), 0);
+            const gen = result.turns.reduce((a, t) => a + t.generated, 0);
+            result.decode = {
+              oursMsPerStep: ms / steps,
+              plainMsPerStep: median(plain) / MAX_NEW,
+              oursReportedTps: (gen * 1000) / ms,
+              plainSpread: (Math.max(...plain) - Math.min(...plain)) / median(plain),
+            };
+          } catch (err) {
+            result.decodeError = errorText(err);
+          }
+        }
+      } finally {
+        chat.dispose();
+      }
+    },
+  };
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Contender 3: node-llama-cpp, in a child process (its own llama.cpp shared libraries, isolated crashes)
+// 3: node-llama-cpp, in a child process (its own llama.cpp shared libraries; a crash there cannot take
+// this process down). It answers one JSON line per command read from stdin.
 
 interface NlcJob {
   modelPath: string;
-  modelName: string;
   maxTokens: number;
 }
 
-interface NlcOutput {
-  turns: Turn[];
-  warmupTurns: number;
-  note: string;
+type NlcCommand = 'init' | 'warmup' | 'turn' | 'finish';
+const RESULT_MARK = '@@turns-result ';
+
+async function nlcWorker(job: NlcJob): Promise<void> {
+  process.env.NODE_LLAMA_CPP_SKIP_DOWNLOAD = 'true';
+  const reply = (payload: unknown) => process.stdout.write(RESULT_MARK + JSON.stringify(payload) + '\n');
+  let state: Awaited<ReturnType<typeof nlcSetup>> | undefined;
+  const rl = createInterface({ input: process.stdin });
+  for await (const line of rl) {
+    const cmd = JSON.parse(line) as NlcCommand;
+    try {
+      if (cmd === 'init') {
+        state = await nlcSetup(job);
+        reply({ ok: true, out: null });
+      } else if (!state) {
+        throw new Error('not initialised');
+      } else if (cmd === 'warmup') {
+        reply({ ok: true, out: await state.warmup() });
+      } else if (cmd === 'turn') {
+        reply({ ok: true, out: await state.turn() });
+      } else {
+        reply({ ok: true, out: await state.finish() });
+        break;
+      }
+    } catch (err) {
+      reply({ ok: false, error: errorText(err) });
+    }
+  }
+  process.exit(0);
 }
 
-async function nlcWorker(job: NlcJob): Promise<NlcOutput> {
-  process.env.NODE_LLAMA_CPP_SKIP_DOWNLOAD = 'true';
+async function nlcSetup(job: NlcJob) {
   const { getLlama, LlamaChatSession, LlamaLogLevel } = await import('node-llama-cpp');
   const llama = await getLlama({ gpu: false, build: 'never', skipDownload: true, maxThreads: THREADS, logLevel: LlamaLogLevel.error });
   const model = await llama.loadModel({ modelPath: job.modelPath });
@@ -218,11 +297,17 @@ async function nlcWorker(job: NlcJob): Promise<NlcOutput> {
   const session = new LlamaChatSession({ contextSequence: seq, systemPrompt: SYSTEM_PROMPT });
   let i = 0;
   let shifts = 0;
+  let shiftedMeasured = 0;
+  let measured = 0;
   const turn = async (): Promise<Turn & { shifted: boolean }> => {
     const before = seq.contextTokens.slice();
     const meter = seq.tokenMeter.getState();
+    let first = NaN;
+    const onToken = () => {
+      if (Number.isNaN(first)) first = performance.now();
+    };
     const t0 = performance.now();
-    const res = await session.promptWithMeta(prompt(i++), { maxTokens: MAX_NEW, temperature: 0, repeatPenalty: false });
+    const res = await session.promptWithMeta(prompt(i++), { maxTokens: MAX_NEW, temperature: 0, repeatPenalty: false, onToken });
     const ms = performance.now() - t0;
     const after = seq.contextTokens;
     let lcp = 0;
@@ -232,62 +317,129 @@ async function nlcWorker(job: NlcJob): Promise<NlcOutput> {
     const out = seq.tokenMeter.diff(meter).usedOutputTokens;
     const generated = Math.max(0, out - (res.stopReason === 'eogToken' ? 1 : 0));
     const evaluated = after.length - lcp;
-    const shifted = lcp < before.length;
+    // The previous reply is re-tokenized from its text, so the cached tokens may differ from the end of
+    // that reply on; a context shift drops the oldest history and re-evaluates far more than that.
+    const shifted = before.length - lcp > 2 * MAX_NEW + 16;
     if (shifted) shifts++;
-    return { ms, promptTokens: Math.max(0, evaluated - generated), generated, shifted };
+    return { ms, ttftMs: (Number.isNaN(first) ? performance.now() : first) - t0, promptTokens: Math.max(0, evaluated - generated), generated, shifted };
   };
-  let warmupTurns = 0;
-  let extra = -1;
-  while (extra !== 0) {
-    if (warmupTurns >= MAX_WARMUP) throw new Error(`no context shift after ${MAX_WARMUP} warm-up turns`);
-    const t = await turn();
-    warmupTurns++;
-    if (extra > 0) extra--;
-    else if (t.shifted) extra = WARMUP_AFTER_EVICT;
-  }
-  const turns: Turn[] = [];
-  let shiftedMeasured = 0;
-  for (let k = 0; k < MEASURED; k++) {
-    const { shifted, ...t } = await turn();
-    if (shifted) shiftedMeasured++;
-    turns.push(t);
-  }
-  const note =
-    `chat wrapper ${session.chatWrapper.wrapperName}, context ${context.contextSize} tokens, ` +
-    `history re-evaluated (context shift) in ${shiftedMeasured}/${MEASURED} measured turns, ${shifts} in all`;
-  await context.dispose();
-  await model.dispose();
-  await llama.dispose();
-  return { turns, warmupTurns, note };
+  return {
+    async warmup(): Promise<number> {
+      let warmupTurns = 0;
+      let extra = -1;
+      while (extra !== 0) {
+        if (warmupTurns >= MAX_WARMUP) throw new Error(`no context shift after ${MAX_WARMUP} warm-up turns`);
+        const t = await turn();
+        warmupTurns++;
+        if (extra > 0) extra--;
+        else if (t.shifted) extra = WARMUP_AFTER_EVICT;
+      }
+      return warmupTurns;
+    },
+    async turn(): Promise<Turn> {
+      const { shifted, ...t } = await turn();
+      measured++;
+      if (shifted) shiftedMeasured++;
+      return t;
+    },
+    async finish(): Promise<string> {
+      const note =
+        `chat wrapper ${session.chatWrapper.wrapperName}, context ${context.contextSize} tokens, ` +
+        `history re-evaluated after a context shift in ${shiftedMeasured}/${measured} measured turns (${shifts} turns in all)`;
+      await context.dispose();
+      await model.dispose();
+      await llama.dispose();
+      return note;
+    },
+  };
 }
 
-const RESULT_MARK = '@@turns-result ';
-
-function runNlc(spec: ModelSpec, maxTokens: number): Promise<Result> {
+async function nlcContender(spec: ModelSpec, maxTokens: number): Promise<Contender> {
   const result: Result = { model: spec.name, contender: `node-llama-cpp ${NLC_VERSION}`, kind: 'nlc', maxTokens, warmupTurns: 0, turns: [] };
-  const job: NlcJob = { modelPath: spec.path, modelName: spec.name, maxTokens };
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [...process.execArgv, import.meta.filename, '--nlc-worker', JSON.stringify(job)], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, NODE_LLAMA_CPP_SKIP_DOWNLOAD: 'true' },
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.on('error', (err) => resolve({ ...result, error: errorText(err) }));
-    child.on('close', (code) => {
-      const line = stdout.split('\n').find((l) => l.startsWith(RESULT_MARK));
-      if (!line) {
-        const tail = (stderr.trim() || stdout.trim()).split('\n').slice(-3).join(' | ');
-        resolve({ ...result, error: `worker exited with code ${code}: ${tail.slice(0, 400)}` });
-        return;
-      }
-      const payload = JSON.parse(line.slice(RESULT_MARK.length)) as { ok: true; out: NlcOutput } | { ok: false; error: string };
-      if (payload.ok) resolve({ ...result, ...payload.out });
-      else resolve({ ...result, error: payload.error });
-    });
+  const job: NlcJob = { modelPath: spec.path, maxTokens };
+  const child = spawn(process.execPath, [...process.execArgv, import.meta.filename, '--nlc-worker', JSON.stringify(job), ...(QUICK ? ['--quick'] : [])], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+    env: { ...process.env, NODE_LLAMA_CPP_SKIP_DOWNLOAD: 'true' },
   });
+  let stderr = '';
+  let exited: string | undefined;
+  const waiting: { resolve: (v: unknown) => void; reject: (e: Error) => void }[] = [];
+  child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)));
+  createInterface({ input: child.stdout }).on('line', (line) => {
+    if (!line.startsWith(RESULT_MARK)) return;
+    const payload = JSON.parse(line.slice(RESULT_MARK.length)) as { ok: true; out: unknown } | { ok: false; error: string };
+    const w = waiting.shift();
+    if (payload.ok) w?.resolve(payload.out);
+    else w?.reject(new Error(payload.error));
+  });
+  const onGone = (why: string) => {
+    exited = `${why}: ${stderr.trim().split('\n').slice(-3).join(' | ').slice(0, 400)}`;
+    for (const w of waiting.splice(0)) w.reject(new Error(`node-llama-cpp worker ${exited}`));
+  };
+  child.on('error', (err) => onGone(`failed to start (${errorText(err)})`));
+  child.on('exit', (code, signal) => onGone(`exited (${signal ?? code})`));
+  const request = <T>(cmd: NlcCommand): Promise<T> =>
+    new Promise<T>((resolve, reject) => {
+      if (exited) return reject(new Error(`node-llama-cpp worker ${exited}`));
+      waiting.push({ resolve: resolve as (v: unknown) => void, reject });
+      child.stdin.write(JSON.stringify(cmd) + '\n');
+    });
+  try {
+    await request('init');
+  } catch (err) {
+    child.kill();
+    return failed(result, err);
+  }
+  return {
+    result,
+    async warmup() {
+      result.warmupTurns = await request<number>('warmup');
+    },
+    turn: () => request<Turn>('turn'),
+    async finish() {
+      try {
+        result.note = await request<string>('finish');
+      } finally {
+        if (!exited) child.kill();
+      }
+    },
+  };
+}
+
+async function runContenders(contenders: Contender[], label: string): Promise<void> {
+  for (const c of contenders) {
+    if (c.result.error) continue;
+    const t = performance.now();
+    try {
+      await c.warmup();
+      log(`  ${label} ${c.result.contender}: ${c.result.warmupTurns} warm-up turns (${fmt((performance.now() - t) / 1000)} s)`);
+    } catch (err) {
+      c.result.error = errorText(err);
+      log(`  ${label} ${c.result.contender}: ERROR ${c.result.error}`);
+    }
+  }
+  const t = performance.now();
+  for (let k = 0; k < MEASURED; k++) {
+    for (let j = 0; j < contenders.length; j++) {
+      const c = contenders[(j + k) % contenders.length]!;
+      if (c.result.error) continue;
+      try {
+        c.result.turns.push(await c.turn());
+      } catch (err) {
+        c.result.error = errorText(err);
+        log(`  ${label} ${c.result.contender}: ERROR ${c.result.error}`);
+      }
+    }
+  }
+  log(`  ${label}: ${MEASURED} measured turns each, round-robin (${fmt((performance.now() - t) / 1000)} s)`);
+  for (const c of contenders) {
+    try {
+      await c.finish();
+    } catch (err) {
+      c.result.note = `${c.result.note ? c.result.note + '; ' : ''}finish failed: ${errorText(err)}`;
+    }
+    if (!c.result.error) log(`  ${label} ${c.result.contender}: median ${fmt(median(c.result.turns.map((x) => x.ms)))} ms`);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -297,6 +449,7 @@ interface Row {
   r: Result;
   med: number;
   p90: number;
+  ttft: number;
   meanPrompt: number;
   meanGen: number;
   msPerToken: number;
@@ -311,23 +464,23 @@ function rows(results: Result[]): Row[] {
     const meanGen = mean(r.turns.map((t) => t.generated));
     const base = results.find((b) => b.model === r.model && b.maxTokens === r.maxTokens && b.kind === 'ours' && b.policy === 'sliding');
     const baseMed = base && !base.error ? median(base.turns.map((t) => t.ms)) : NaN;
-    return { r, med, p90: p90(ms), meanPrompt, meanGen, msPerToken: med / (meanPrompt + meanGen), ratio: med / baseMed };
+    return { r, med, p90: p90(ms), ttft: median(r.turns.map((t) => t.ttftMs)), meanPrompt, meanGen, msPerToken: med / (meanPrompt + meanGen), ratio: med / baseMed };
   });
 }
 
 function latencyTable(all: Row[]): string {
   const lines = [
-    '| model | contender | maxTokens | median turn ms | p90 ms | mean prompt tokens | mean generated | median ms / (prompt + generated) token | ratio vs ours-sliding |',
-    '|---|---|---:|---:|---:|---:|---:|---:|---:|',
+    '| model | contender | maxTokens | median turn ms | p90 ms | mean prompt tokens | mean generated | median ms / (prompt + generated) token | ratio vs ours-sliding | median time to first token ms |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|',
   ];
   for (const x of all) {
     if (x.r.error) {
-      lines.push(`| ${x.r.model} | ${x.r.contender} | ${x.r.maxTokens} | error: ${x.r.error.replace(/\|/g, '/')} | | | | | |`);
+      lines.push(`| ${x.r.model} | ${x.r.contender} | ${x.r.maxTokens} | error: ${x.r.error.replace(/\|/g, '/')} | | | | | | |`);
       continue;
     }
     lines.push(
       `| ${x.r.model} | ${x.r.contender} | ${x.r.maxTokens} | ${fmt(x.med)} | ${fmt(x.p90)} | ${fmt(x.meanPrompt)} | ${fmt(x.meanGen)} | ` +
-        `${fmt(x.msPerToken, 2)} | ${Number.isFinite(x.ratio) ? x.ratio.toFixed(2) + 'x' : 'n/a'} |`,
+        `${fmt(x.msPerToken, 2)} | ${Number.isFinite(x.ratio) ? x.ratio.toFixed(2) + 'x' : 'n/a'} | ${fmt(x.ttft)} |`,
     );
   }
   return lines.join('\n');
@@ -340,22 +493,29 @@ function overhead(d: DecodeCheck): number {
 
 function decodeTable(results: Result[]): string {
   const lines = [
-    '| model | policy | maxTokens | ours ms / decode step | plain ms / decode step | ours tok/s | plain tok/s | overhead | ours tok/s as TurnStats reports it |',
-    '|---|---|---:|---:|---:|---:|---:|---:|---:|',
+    '| model | policy | maxTokens | ours ms / decode step | plain ms / decode step | ours tok/s | plain tok/s | overhead | ours tok/s as TurnStats reports it | plain runs spread |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|',
   ];
   for (const r of results) {
     if (r.kind !== 'ours') continue;
     if (!r.decode) {
-      lines.push(`| ${r.model} | ${r.policy} | ${r.maxTokens} | ${r.error ? 'error: ' + r.error.replace(/\|/g, '/') : 'n/a'} | | | | | |`);
+      const why = r.error ?? r.decodeError;
+      lines.push(`| ${r.model} | ${r.policy} | ${r.maxTokens} | ${why ? 'error: ' + why.replace(/\|/g, '/') : 'n/a'} | | | | | | |`);
       continue;
     }
     const d = r.decode;
     lines.push(
       `| ${r.model} | ${r.policy} | ${r.maxTokens} | ${fmt(d.oursMsPerStep, 3)} | ${fmt(d.plainMsPerStep, 3)} | ${fmt(1000 / d.oursMsPerStep)} | ` +
-        `${fmt(1000 / d.plainMsPerStep)} | ${fmt(overhead(d) * 100)}% | ${fmt(d.oursReportedTps)} |`,
+        `${fmt(1000 / d.plainMsPerStep)} | ${fmt(overhead(d) * 100)}% | ${fmt(d.oursReportedTps)} | ${fmt(d.plainSpread * 100)}% |`,
     );
   }
   return lines.join('\n');
+}
+
+/** "ours 3.2x faster" / "ours 1.5x slower" from contender ms / ours ms. */
+function speed(ratio: number): string {
+  if (!Number.isFinite(ratio)) return 'n/a';
+  return ratio >= 1 ? `ours ${ratio.toFixed(1)}x faster` : `ours ${(1 / ratio).toFixed(1)}x slower`;
 }
 
 function goals(all: Row[], primary: string): string[] {
@@ -376,9 +536,11 @@ function goals(all: Row[], primary: string): string[] {
       const oursAll = all.filter((x) => x.r.model === m && x.r.maxTokens === 2048 && x.r.kind === 'ours' && !x.r.error);
       const worst = Math.max(...oursAll.map((x) => x.med));
       const worstName = oursAll.find((x) => x.med === worst)?.r.policy;
+      const decodeMs = median(ours.r.turns.map((t) => t.decodeMs ?? NaN));
       parts.push(
         `${m}: re-prefill ${fmt(naive.med)} ms vs ours-sliding ${fmt(ours.med)} ms = **${speedup.toFixed(1)}x** ` +
-          `(slowest policy, ${worstName}: ${(naive.med / worst).toFixed(1)}x)`,
+          `(slowest policy, ${worstName}: ${(naive.med / worst).toFixed(1)}x); time to first token ${fmt(naive.ttft)} vs ${fmt(ours.ttft)} ms = ` +
+          `${(naive.ttft / ours.ttft).toFixed(1)}x; both then generate the same ${fmt(ours.meanGen)} tokens (ours: median ${fmt(decodeMs)} ms of decoding per turn)`,
       );
       if (m === primary) verdict = speedup >= 20 ? 'met' : 'not met';
     }
@@ -405,7 +567,7 @@ function goals(all: Row[], primary: string): string[] {
         const genRatio = nlc.meanGen / (sliding ?? worst).meanGen;
         let s =
           `${m} @ ${b}: node-llama-cpp ${fmt(nlc.med)} ms (p90 ${fmt(nlc.p90)}) vs ours-sliding ${sliding ? fmt(sliding.med) : 'n/a'} ms ` +
-          `(${sliding ? (nlc.med / sliding.med).toFixed(1) + 'x faster' : 'n/a'}), slowest policy ${worst.r.policy} ${fmt(worst.med)} ms`;
+          `(${sliding ? speed(nlc.med / sliding.med) : 'n/a'}), slowest policy ${worst.r.policy} ${fmt(worst.med)} ms`;
         if (Math.abs(genRatio - 1) > 0.2) {
           s += `; generated tokens differ (${fmt(nlc.meanGen)} vs ${fmt((sliding ?? worst).meanGen)}), per token: ${fmt(nlc.msPerToken, 2)} vs ${fmt((sliding ?? worst).msPerToken, 2)} ms`;
         }
@@ -442,12 +604,12 @@ function decodeGoal(results: Result[], primary: string): string {
     'Ours = decode steps / `decodeMs` over the measured turns (generation including per-token ledger updates, streaming and any ' +
     'evictions during generation); plain = `plainDecode(' +
     MAX_NEW +
-    ')`, bare `llama_decode` + greedy sampling on the same context right after, median of ' +
+    ')`, bare `llama_decode` + greedy sampling on the same context (no ledger, streaming or policy), median of ' +
     PLAIN_RUNS +
-    ' runs. A turn stopped by maxNewTokens samples n tokens but decodes n - 1 (the last is carried into the next turn), so steps, ' +
+    ' runs, some just before the measured turns and the rest right after. A turn stopped by maxNewTokens samples n tokens but decodes n - 1 (the last is carried into the next turn), so steps, ' +
     'not tokens, are compared; the last column shows `TurnStats.tokensPerSecond` (tokens / decodeMs), which reads slightly higher. ' +
     (others.length ? `Other rows: ${others.join(', ')}. ` : '') +
-    'Differences of a few percent are within run-to-run noise on a shared 2-core machine.'
+    'The last column, (max - min) / median of the plain runs, shows how much the same work varied during the run.'
   );
 }
 
@@ -482,6 +644,7 @@ async function main(): Promise<void> {
   }
 
   const results: Result[] = [];
+  if (ONLY_MODEL) models.splice(0, models.length, ...models.filter((m) => m.name === ONLY_MODEL));
   for (const spec of models) {
     let model: Model | undefined;
     try {
@@ -498,27 +661,14 @@ async function main(): Promise<void> {
       continue;
     }
     for (const maxTokens of BUDGETS) {
-      for (const policy of POLICIES) {
-        const t = performance.now();
-        const r = await runOurs(model, spec, maxTokens, policy, false);
-        log(`  ${spec.name} @${maxTokens} ${r.contender}: ${r.error ? 'ERROR ' + r.error : fmt(median(r.turns.map((x) => x.ms))) + ' ms'} (${fmt((performance.now() - t) / 1000)} s)`);
-        results.push(r);
-      }
-      {
-        const t = performance.now();
-        const r = await runOurs(model, spec, maxTokens, 'sliding', true);
-        log(`  ${spec.name} @${maxTokens} ${r.contender}: ${r.error ? 'ERROR ' + r.error : fmt(median(r.turns.map((x) => x.ms))) + ' ms'} (${fmt((performance.now() - t) / 1000)} s)`);
-        results.push(r);
-      }
+      const contenders: Contender[] = [];
+      for (const policy of POLICIES) contenders.push(oursContender(model, spec, maxTokens, policy, false));
+      contenders.push(oursContender(model, spec, maxTokens, 'sliding', true));
+      contenders.push(await nlcContender(spec, maxTokens));
+      await runContenders(contenders, `${spec.name} @${maxTokens}`);
+      results.push(...contenders.map((c) => c.result));
     }
     model.dispose();
-    // node-llama-cpp runs after our model is released (one engine in memory at a time).
-    for (const maxTokens of BUDGETS) {
-      const t = performance.now();
-      const r = await runNlc(spec, maxTokens);
-      log(`  ${spec.name} @${maxTokens} ${r.contender}: ${r.error ? 'ERROR ' + r.error : fmt(median(r.turns.map((x) => x.ms))) + ' ms'} (${fmt((performance.now() - t) / 1000)} s)`);
-      results.push(r);
-    }
   }
   rmSync(tmp, { recursive: true, force: true });
 
@@ -537,9 +687,9 @@ async function main(): Promise<void> {
     `- threads ${THREADS} for every contender, KV cache F16, flash attention: llama.cpp's automatic choice (importance/hybrid turn it off to read attention), batch 512`,
     `- maxTokens ${BUDGETS.join(' and ')} (node-llama-cpp: contextSize = maxTokens); window = maxTokens / 4, 4 sink tokens, policy defaults`,
     `- ${PROMPTS.length} user messages of similar length cycled in order, system prompt pinned, maxNewTokens ${MAX_NEW}, greedy (temperature 0)`,
-    `- warm-up: turns until the first eviction (ours) or context shift (node-llama-cpp), then ${WARMUP_AFTER_EVICT} more; then ${MEASURED} measured turns; median and p90 (nearest rank) over them`,
+    `- warm-up: turns until the first eviction (ours) or context shift (node-llama-cpp), then ${WARMUP_AFTER_EVICT} more; then ${MEASURED} measured turns each, taken round-robin across the contenders of a model and budget; median and p90 (nearest rank) over them`,
     `- node-llama-cpp ${NLC_VERSION}: prebuilt CPU binary (@node-llama-cpp/linux-x64, llama.cpp v0.4.0), getLlama({ gpu: false, build: 'never', skipDownload: true }), ` +
-      `LlamaChatSession with its default context shift, temperature 0, no repeat penalty; run in a child process after our model is released`,
+      `LlamaChatSession with its default context shift, temperature 0, no repeat penalty; run in a child process`,
     `- 1-minute load average ${load0.toFixed(2)} at start, ${load1.toFixed(2)} at end${load0 > 0.7 ? ' (other processes were running: timings are noisier)' : ''}; total ${fmt((performance.now() - started) / 1000, 0)} s`,
   ];
 
@@ -602,17 +752,10 @@ async function main(): Promise<void> {
 }
 
 if (args[0] === '--nlc-worker') {
-  const job = JSON.parse(args[1]!) as NlcJob;
-  nlcWorker(job).then(
-    (out) => {
-      process.stdout.write(RESULT_MARK + JSON.stringify({ ok: true, out }) + '\n');
-      process.exit(0);
-    },
-    (err: unknown) => {
-      process.stdout.write(RESULT_MARK + JSON.stringify({ ok: false, error: errorText(err) }) + '\n');
-      process.exit(1);
-    },
-  );
+  nlcWorker(JSON.parse(args[1]!) as NlcJob).catch((err: unknown) => {
+    console.error(err);
+    process.exit(1);
+  });
 } else {
   main().catch((err: unknown) => {
     console.error(err);

@@ -3,6 +3,7 @@
  * finite-memory-llm CLI.
  *   finite-memory-llm demo [--turns 600] [--max-tokens 256] [--policy sliding] [--model X]
  *   finite-memory-llm chat --model X [--policy sliding] [--max-tokens 2048] [--system "..."]
+ *   finite-memory-llm serve --model X [--port 8080] [--policy hybrid] [--max-tokens 2048] [--api-key K] ...
  */
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -15,7 +16,11 @@ import type { PolicyName } from './options.js';
 
 const USAGE = `Usage:
   finite-memory-llm demo [--turns 600] [--max-tokens 256] [--window 64] [--policy sliding] [--model file.gguf] [--threads N]
-  finite-memory-llm chat --model file.gguf [--policy sliding] [--max-tokens 2048] [--window 512] [--system "..."] [--threads N]`;
+  finite-memory-llm chat --model file.gguf [--policy sliding] [--max-tokens 2048] [--window 512] [--system "..."] [--threads N]
+  finite-memory-llm serve --model file.gguf [--port 8080] [--host 127.0.0.1] [--policy sliding] [--max-tokens 2048] [--window N]
+        [--system "..."] [--threads N] [--api-key K (or FINITE_MEMORY_API_KEY)] [--model-id ID] [--max-sessions 32]
+        [--session-ttl-ms 1800000] [--checkpoint-dir DIR] [--max-concurrent N] [--max-queue 64] [--max-session-queue 4]
+        [--max-request-tokens 1024] [--body-limit 1048576] [--shutdown-timeout-ms 30000] [--quiet]`;
 
 const TOPICS = ['the weather', 'a red bicycle', 'the old lighthouse', 'breakfast', 'a lost key', 'the river', 'music', 'a small cat'];
 
@@ -116,12 +121,73 @@ async function interactive(args: Record<string, string | boolean | undefined>): 
   return 0;
 }
 
+function intArg(args: Record<string, string | boolean | undefined>, name: string): number | undefined {
+  const v = args[name];
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (typeof v !== 'string' || !Number.isInteger(n) || n < 0) throw new Error(`--${name} expects a non-negative integer, got ${String(v)}`);
+  return n;
+}
+
+async function serve(args: Record<string, string | boolean | undefined>): Promise<number> {
+  if (typeof args.model !== 'string') {
+    console.error('serve needs --model <file.gguf>\n' + USAGE);
+    return 2;
+  }
+  const threads = intArg(args, 'threads');
+  const model = await loadModel(args.model, threads ? { threads } : {});
+  const { createServer } = await import('./server.js');
+  const window = intArg(args, 'window');
+  const apiKey = typeof args['api-key'] === 'string' ? args['api-key'] : process.env.FINITE_MEMORY_API_KEY || undefined;
+  const server = await createServer(model, {
+    chat: {
+      policy: String(args.policy ?? 'sliding') as PolicyName,
+      maxTokens: intArg(args, 'max-tokens') ?? 2048,
+      ...(window !== undefined ? { windowSize: window } : {}),
+      ...(typeof args.system === 'string' ? { systemPrompt: args.system } : {}),
+    },
+    ...(apiKey ? { apiKey } : {}),
+    ...(typeof args['model-id'] === 'string' ? { modelId: args['model-id'] } : {}),
+    ...(typeof args['checkpoint-dir'] === 'string' ? { checkpointDir: args['checkpoint-dir'] } : {}),
+    maxSessions: intArg(args, 'max-sessions'),
+    sessionTtlMs: intArg(args, 'session-ttl-ms'),
+    maxConcurrent: intArg(args, 'max-concurrent'),
+    maxQueue: intArg(args, 'max-queue'),
+    maxSessionQueue: intArg(args, 'max-session-queue'),
+    maxTokensPerRequest: intArg(args, 'max-request-tokens'),
+    bodyLimit: intArg(args, 'body-limit'),
+    logger: args.quiet ? false : { level: 'info' },
+  });
+  const address = await server.listen({ port: intArg(args, 'port') ?? 8080, host: typeof args.host === 'string' ? args.host : '127.0.0.1' });
+  console.error(`serving ${server.modelId} at ${address}/v1 (POST /v1/chat/completions, GET /v1/models, /health, /metrics)`);
+  // SIGTERM / SIGINT: stop accepting, finish in-flight requests (aborted after --shutdown-timeout-ms),
+  // checkpoint live sessions when --checkpoint-dir is set, then exit.
+  await new Promise<void>((resolve) => {
+    const stop = (signal: string) => {
+      console.error(`${signal}: shutting down (finishing in-flight requests)`);
+      server.close({ abortAfterMs: intArg(args, 'shutdown-timeout-ms') ?? 30_000 }).then(resolve, (err: Error) => {
+        console.error(`shutdown: ${err.message}`);
+        resolve();
+      });
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+  model.dispose();
+  return 0;
+}
+
 async function main(): Promise<number> {
   const { positionals, values } = parseArgs({
     allowPositionals: true,
     options: {
       model: { type: 'string' }, policy: { type: 'string' }, 'max-tokens': { type: 'string' }, window: { type: 'string' },
       turns: { type: 'string' }, threads: { type: 'string' }, system: { type: 'string' }, help: { type: 'boolean', short: 'h' },
+      port: { type: 'string' }, host: { type: 'string' }, 'api-key': { type: 'string' }, 'model-id': { type: 'string' },
+      'max-sessions': { type: 'string' }, 'session-ttl-ms': { type: 'string' }, 'checkpoint-dir': { type: 'string' },
+      'max-concurrent': { type: 'string' }, 'max-queue': { type: 'string' }, 'max-session-queue': { type: 'string' },
+      'max-request-tokens': { type: 'string' }, 'body-limit': { type: 'string' }, 'shutdown-timeout-ms': { type: 'string' },
+      quiet: { type: 'boolean' },
     },
   });
   const command = positionals[0];
@@ -131,6 +197,7 @@ async function main(): Promise<number> {
   }
   if (command === 'demo') return demo(values);
   if (command === 'chat') return interactive(values);
+  if (command === 'serve') return serve(values);
   console.error(`unknown command ${command}\n${USAGE}`);
   return 2;
 }

@@ -40,7 +40,7 @@ async function main() {
     const path = join(dir, `${g.name}.gguf`);
     // Realistic KV geometry (layers x KV heads x head dim); small embedding, FFN and vocabulary keep the weights small.
     writeLlamaModel(path, { layers: g.layers, embd: 256, heads: g.kvHeads, kvHeads: g.kvHeads, headDim: g.headDim, ffn: 256, ctx: 8192, type: 'f16', seed: 3 });
-    const model = await loadModel(path, { threads: THREADS });
+    const model = await loadModel(path, { threads: THREADS, ...(process.env.FML_BENCH_GPU_LAYERS === 'auto' ? { gpuLayers: 'auto' as const } : { gpuLayers: 0 }) });
     setup.push(`${g.name}: ${g.layers} layers x ${g.kvHeads} KV heads x ${g.headDim} head dim (n_embd 256, FFN 256, vocab ${model.info.nVocab})`);
     const points: [number, number][] = [];
     for (const C of CONTEXTS) {

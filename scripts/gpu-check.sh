@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# For a machine with an NVIDIA GPU and a CUDA toolkit with cuBLAS: build (or reuse) the CUDA variant,
+# run the test suite on the CUDA backend, run the eviction benchmark, print the results.
+#   bash scripts/gpu-check.sh            (FML_CUDA_ARCHS=90 to build for one architecture only)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export NODE_LLAMA_CPP_SKIP_DOWNLOAD=true
+nvidia-smi || { echo "[gpu-check] nvidia-smi failed: no usable GPU here"; exit 1; }
+command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
+npm ci --no-audit --no-fund
+if [ ! -f prebuilds/linux-x64-cuda/finite-memory-llm.node ]; then
+  FML_JOBS="${FML_JOBS:-$(nproc)}" npm run prebuildify:cuda
+fi
+npm run build:ts
+echo "[gpu-check] CUDA variant:"
+FINITE_MEMORY_BACKEND=cuda node -e "import('./dist/index.js').then(m => console.log(m.systemInfo()))"
+echo "[gpu-check] test suite on the CUDA backend"
+FINITE_MEMORY_BACKEND=cuda npx vitest run
+echo "[gpu-check] eviction benchmark on the CUDA backend (gpuLayers auto: weights and KV cache on the GPU)"
+FINITE_MEMORY_BACKEND=cuda FML_BENCH_GPU_LAYERS=auto npx tsx bench/evict.ts --no-write | tee /tmp/gpu-evict.md
+echo "[gpu-check] done: copy /tmp/gpu-evict.md into bench/RESULTS.md under a 'GPU' heading"

@@ -30,11 +30,12 @@ if (!has('c++') && !has('g++') && !has('clang++')) missing.push('a C++17 compile
 const llamaSource = process.env.LLAMA_CPP_DIR
   ? join(process.env.LLAMA_CPP_DIR, 'include', 'llama.h')
   : join(root, 'deps', 'llama.cpp', 'include', 'llama.h');
-let bundle = '';
+// node-llama-cpp's package.json is not in its exports map, so look in node_modules directly too.
+const bundles = [join(root, 'node_modules', 'node-llama-cpp', 'llama', 'gitRelease.bundle')];
 try {
-  bundle = join(dirname(require.resolve('node-llama-cpp/package.json')), 'llama', 'gitRelease.bundle');
+  bundles.push(join(dirname(require.resolve('node-llama-cpp/package.json')), 'llama', 'gitRelease.bundle'));
 } catch {}
-if (!existsSync(llamaSource) && !existsSync(bundle)) {
+if (!existsSync(llamaSource) && !bundles.some((b) => existsSync(b))) {
   missing.push('the llama.cpp source: set LLAMA_CPP_DIR to a llama.cpp checkout (release v0.4.0, commit 80fb11a), or install node-llama-cpp@3.21.1 next to this package');
 }
 if (missing.length > 0) {

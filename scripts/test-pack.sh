@@ -14,11 +14,13 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 tarball=$(npm pack --silent --pack-destination "$work" | tail -1)
 echo "[test-pack] packed $tarball ($(du -h "$work/$tarball" | cut -f1))"
-if tar -tzf "$work/$tarball" | grep -E '(^|/)deps/llama\.cpp/|\.gguf$|package/build/' ; then
+# (The listing goes into a variable: `tar | grep -q` would fail under pipefail when grep exits early.)
+listing=$(tar -tzf "$work/$tarball")
+if grep -E '(^|/)deps/llama\.cpp/|\.gguf$|package/build/' <<<"$listing"; then
   echo "[test-pack] FAIL: the tarball contains llama.cpp source, build output or model weights"; exit 1
 fi
-tar -tzf "$work/$tarball" | grep -q 'package/prebuilds/linux-x64/finite-memory-llm.node' || { echo "[test-pack] FAIL: no prebuild in the tarball"; exit 1; }
-tar -tzf "$work/$tarball" | grep -q 'package/dist/index.d.ts' || { echo "[test-pack] FAIL: no types in the tarball"; exit 1; }
+grep -q 'package/prebuilds/linux-x64/finite-memory-llm.node' <<<"$listing" || { echo "[test-pack] FAIL: no prebuild in the tarball"; exit 1; }
+grep -q 'package/dist/index.d.ts' <<<"$listing" || { echo "[test-pack] FAIL: no types in the tarball"; exit 1; }
 
 # A PATH with node and npm but no cmake, make, ninja or C/C++ compiler.
 bin="$work/bin"

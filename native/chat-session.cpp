@@ -56,6 +56,19 @@ static bool abort_callback(void * data) {
     return static_cast<std::atomic<bool> *>(data)->load();
 }
 
+// Fills `batch` with n tokens at positions pos0.. of `seq`. Logits: for every token (`all_logits`),
+// or only for the last one when `last_logits`.
+static void fill_batch(llama_batch & batch, const int32_t * tokens, size_t n, int32_t pos0, int32_t seq, bool all_logits, bool last_logits) {
+    batch.n_tokens = (int32_t) n;
+    for (size_t i = 0; i < n; ++i) {
+        batch.token[i] = tokens[i];
+        batch.pos[i] = pos0 + (int32_t) i;
+        batch.n_seq_id[i] = 1;
+        batch.seq_id[i][0] = seq;
+        batch.logits[i] = all_logits || (last_logits && i + 1 == n);
+    }
+}
+
 chat_session::chat_session(std::shared_ptr<fml_model> model, const chat_options & opts)
     : model_(std::move(model)), opts_(opts) {
     const policy_options & p = opts_.policy;
@@ -217,15 +230,8 @@ bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t t
     bool ok = true;
     for (size_t start = 0; start < tokens.size() && ok; start += n_batch) {
         const size_t n = std::min(n_batch, tokens.size() - start);
-        batch.n_tokens = (int32_t) n;
         const int32_t pos0 = ledger_.next_pos();
-        for (size_t i = 0; i < n; ++i) {
-            batch.token[i] = tokens[start + i];
-            batch.pos[i] = pos0 + (int32_t) i;
-            batch.n_seq_id[i] = 1;
-            batch.seq_id[i][0] = KV_SEQ;
-            batch.logits[i] = want_logits && start + i == tokens.size() - 1;
-        }
+        fill_batch(batch, tokens.data() + start, n, pos0, KV_SEQ, false, want_logits && start + n == tokens.size());
         capture_.begin_batch((int32_t) n, pos0);
         const int32_t rc = llama_decode(ctx_, batch);
         if (rc != 0) {
@@ -238,18 +244,22 @@ bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t t
             throw fml_error(FML_ERR_DECODE, "llama_decode failed with code " + std::to_string(rc));
         }
         shift_pending_ = false;
-        const size_t first_new = ledger_.size();
-        for (size_t i = 0; i < n; ++i) {
-            const bool sink = ledger_.size() < opts_.policy.sink_tokens;
-            const std::string piece = model_->token_piece(tokens[start + i], false);
-            const bool sentence_end = !piece.empty() && strchr(".!?\n", piece.back()) != nullptr;
-            ledger_.append(tokens[start + i], turn, role, role == TOKEN_ROLE_SYSTEM || sink, sentence_end);
-        }
-        absorb_signals(first_new, n);
-        cumulative_.tokens_seen += n;
+        append_decoded(tokens.data() + start, n, turn, role);
     }
     llama_batch_free(batch);
     return ok;
+}
+
+void chat_session::append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role) {
+    const size_t first_new = ledger_.size();
+    for (size_t i = 0; i < n; ++i) {
+        const bool sink = ledger_.size() < opts_.policy.sink_tokens;
+        const std::string piece = model_->token_piece(tokens[i], false);
+        const bool sentence_end = !piece.empty() && strchr(".!?\n", piece.back()) != nullptr;
+        ledger_.append(tokens[i], turn, role, role == TOKEN_ROLE_SYSTEM || sink, sentence_end);
+    }
+    absorb_signals(first_new, n);
+    cumulative_.tokens_seen += n;
 }
 
 void chat_session::absorb_signals(size_t first_new, size_t n_new) {
@@ -289,14 +299,7 @@ void chat_session::absorb_signals(size_t first_new, size_t n_new) {
 
 bool chat_session::decode_scratch(const std::vector<int32_t> & tokens, int32_t pos0) {
     llama_batch batch = llama_batch_init((int32_t) tokens.size(), 0, 1);
-    batch.n_tokens = (int32_t) tokens.size();
-    for (size_t i = 0; i < tokens.size(); ++i) {
-        batch.token[i] = tokens[i];
-        batch.pos[i] = pos0 + (int32_t) i;
-        batch.n_seq_id[i] = 1;
-        batch.seq_id[i][0] = KV_SCRATCH_SEQ;
-        batch.logits[i] = i + 1 == tokens.size();
-    }
+    fill_batch(batch, tokens.data(), tokens.size(), pos0, KV_SCRATCH_SEQ, false, true);
     const int32_t rc = llama_decode(ctx_, batch);
     llama_batch_free(batch);
     return rc == 0;
@@ -437,10 +440,7 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
     // abort_ is cleared when the turn is scheduled (clear_abort), not here: an abort requested between
     // scheduling and the worker starting must not be lost. It is cleared again when the turn ends, so
     // checkpoints and other decodes after an aborted turn are not aborted too.
-    struct clear_on_exit {
-        std::atomic<bool> & flag;
-        ~clear_on_exit() { flag.store(false); }
-    } abort_guard{ abort_ };
+    abort_reset_guard abort_guard{ abort_ };
 
     // Everything that can fail on input happens before the cache is touched.
     std::vector<int32_t> prompt = carry_;
@@ -612,12 +612,8 @@ void chat_session::apply_pending_shift() {
         throw fml_error(FML_ERR_KV, "no free cell to apply the pending K-shift");
     }
     llama_batch batch = llama_batch_init(1, 0, 1);
-    batch.n_tokens = 1;
-    batch.token[0] = ledger_[ledger_.size() - 1].token;
-    batch.pos[0] = ledger_.next_pos();
-    batch.n_seq_id[0] = 1;
-    batch.seq_id[0][0] = KV_SEQ;
-    batch.logits[0] = false;
+    const int32_t last = ledger_[ledger_.size() - 1].token;
+    fill_batch(batch, &last, 1, ledger_.next_pos(), KV_SEQ, false, false);
     capture_.enabled = false;
     const int32_t rc = llama_decode(ctx_, batch);
     capture_.enabled = true;
@@ -630,10 +626,7 @@ void chat_session::apply_pending_shift() {
 }
 
 size_t chat_session::ingest_exchange(const std::string & user_text, const std::string & assistant_text) {
-    struct clear_on_exit {
-        std::atomic<bool> & flag;
-        ~clear_on_exit() { flag.store(false); }
-    } abort_guard{ abort_ };
+    abort_reset_guard abort_guard{ abort_ };
     std::vector<int32_t> user = carry_;
     const size_t carry_n = carry_.size();
     const std::vector<int32_t> framed = frame_tokens("user", user_text);
@@ -753,31 +746,19 @@ std::vector<float> chat_session::evaluate_tokens(const std::vector<int32_t> & to
         turn_stats st;
         make_room(n, 0, st);
         const uint32_t turn = ++turn_;
-        batch.n_tokens = (int32_t) n;
         const int32_t pos0 = ledger_.next_pos();
-        for (size_t i = 0; i < n; ++i) {
-            batch.token[i] = tokens[start + i];
-            batch.pos[i] = pos0 + (int32_t) i;
-            batch.n_seq_id[i] = 1;
-            batch.seq_id[i][0] = KV_SEQ;
-            batch.logits[i] = true;
-        }
+        fill_batch(batch, tokens.data() + start, n, pos0, KV_SEQ, true, true);
         capture_.begin_batch((int32_t) n, pos0);
         if (llama_decode(ctx_, batch) != 0) {
             llama_batch_free(batch);
             throw fml_error(FML_ERR_DECODE, "llama_decode failed during evaluation");
         }
         shift_pending_ = false;
-        const size_t first_new = ledger_.size();
         for (size_t i = 0; i < n; ++i) {
-            const std::string piece = model_->token_piece(tokens[start + i], false);
-            const bool sentence_end = !piece.empty() && strchr(".!?\n", piece.back()) != nullptr;
-            ledger_.append(tokens[start + i], turn, TOKEN_ROLE_USER, ledger_.size() < opts_.policy.sink_tokens, sentence_end);
             const float * logits = llama_get_logits_ith(ctx_, (int32_t) i);
             out.insert(out.end(), logits, logits + n_vocab);
         }
-        absorb_signals(first_new, n);
-        cumulative_.tokens_seen += n;
+        append_decoded(tokens.data() + start, n, turn, TOKEN_ROLE_USER);
     }
     llama_batch_free(batch);
     return out;
@@ -792,14 +773,11 @@ double chat_session::replay_history() {
     llama_batch batch = llama_batch_init((int32_t) n_batch, 0, 1);
     for (size_t start = 0; start < entries.size(); start += n_batch) {
         const size_t n = std::min(n_batch, entries.size() - start);
-        batch.n_tokens = (int32_t) n;
+        std::vector<int32_t> toks(n);
         for (size_t i = 0; i < n; ++i) {
-            batch.token[i] = entries[start + i].token;
-            batch.pos[i] = (int32_t) (start + i);
-            batch.n_seq_id[i] = 1;
-            batch.seq_id[i][0] = KV_SEQ;
-            batch.logits[i] = start + i == entries.size() - 1;
+            toks[i] = entries[start + i].token;
         }
+        fill_batch(batch, toks.data(), n, (int32_t) start, KV_SEQ, false, start + n == entries.size());
         capture_.begin_batch((int32_t) n, (int32_t) start);
         if (llama_decode(ctx_, batch) != 0) {
             llama_batch_free(batch);
@@ -831,12 +809,7 @@ double chat_session::plain_decode(int32_t n) {
     int32_t tok = ledger_.empty() ? model_->bos() : ledger_[ledger_.size() - 1].token;
     const auto t0 = clock_type::now();
     for (int32_t i = 0; i < n; ++i) {
-        batch.n_tokens = 1;
-        batch.token[0] = tok;
-        batch.pos[0] = pos++;
-        batch.n_seq_id[0] = 1;
-        batch.seq_id[0][0] = KV_SEQ;
-        batch.logits[0] = true;
+        fill_batch(batch, &tok, 1, pos++, KV_SEQ, true, true);
         if (llama_decode(ctx_, batch) != 0) {
             break;
         }

@@ -116,6 +116,12 @@ struct chat_state {
     std::vector<uint8_t> kv;
 };
 
+// Clears an abort flag when a turn-like operation ends, however it ends.
+struct abort_reset_guard {
+    std::atomic<bool> & flag;
+    ~abort_reset_guard() { flag.store(false); }
+};
+
 class chat_session {
 public:
     // Validates options against the model and creates the context. Throws fml_error.
@@ -191,6 +197,8 @@ private:
     void make_room(size_t incoming, size_t slack, turn_stats & st);
     // Decodes tokens at the end of the sequence and appends them to the ledger. Returns false on abort.
     bool decode_tokens(const std::vector<int32_t> & tokens, uint32_t turn, token_role role, bool want_logits);
+    // Appends tokens just decoded to the ledger (sinks pinned, sentence ends marked) and absorbs signals.
+    void append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role);
     // Moves what the eval callback captured during the last decode into the ledger.
     void absorb_signals(size_t first_new, size_t n_new);
     // Asks the policy (under the latency guard) and applies the plan.

@@ -6,12 +6,8 @@
 
 namespace fml {
 
-kv_eviction_result kv_evict_ranges(llama_context * ctx, token_ledger & ledger, const std::vector<index_range> & ranges_in) {
-    kv_eviction_result res;
-    const std::vector<index_range> ranges = normalize_ranges(ranges_in);
-    if (ranges.empty()) {
-        return res;
-    }
+// A plan must stay inside the ledger and never touch a pinned token (policies are checked, not trusted).
+static void check_plan(const token_ledger & ledger, const std::vector<index_range> & ranges) {
     for (const auto & r : ranges) {
         if (r.end > ledger.size()) {
             throw fml_error(FML_ERR_KV, "eviction range out of bounds");
@@ -22,6 +18,15 @@ kv_eviction_result kv_evict_ranges(llama_context * ctx, token_ledger & ledger, c
             }
         }
     }
+}
+
+kv_eviction_result kv_evict_ranges(llama_context * ctx, token_ledger & ledger, const std::vector<index_range> & ranges_in) {
+    kv_eviction_result res;
+    const std::vector<index_range> ranges = normalize_ranges(ranges_in);
+    if (ranges.empty()) {
+        return res;
+    }
+    check_plan(ledger, ranges);
 
     llama_memory_t mem = llama_get_memory(ctx);
     // Ledger index == position (invariant), so ranges translate directly to positions.
@@ -65,16 +70,7 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, token_ledger & ledge
     kv_eviction_result res;
     const std::vector<index_range> ranges = normalize_ranges(ranges_in);
     const size_t n_insert = items.size();
-    for (const auto & r : ranges) {
-        if (r.end > ledger.size()) {
-            throw fml_error(FML_ERR_KV, "eviction range out of bounds");
-        }
-        for (size_t i = r.begin; i < r.end; ++i) {
-            if (ledger[i].pinned) {
-                throw fml_error(FML_ERR_KV, "eviction plan contains a pinned token");
-            }
-        }
-    }
+    check_plan(ledger, ranges);
     if (ranges.empty() || insert_at != ranges.front().begin) {
         throw fml_error(FML_ERR_KV, "a summary must take the place of the first evicted token");
     }

@@ -1,7 +1,9 @@
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { expect } from 'vitest';
 import { writeLlamaModel, type LlamaModelOptions } from '../src/gguf-writer.ts';
+import type { Chat } from '../src/index.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'fml-test-'));
 const made = new Map<string, string>();
@@ -24,3 +26,13 @@ export const testDir = dir;
 export const THREADS = 1;
 
 export const SHARED_MODELS = join(import.meta.dirname, '..', '..', 'shared', 'models');
+
+/** The foundation's KV invariants: within budget, positions 0..n-1, and llama.cpp's own view agrees. */
+export function checkCache(chat: Chat, maxTokens: number) {
+  const cache = chat._internals().cacheState();
+  expect(cache.ledgerTokens).toBeLessThanOrEqual(maxTokens);
+  expect(cache.positionsContiguous).toBe(true);
+  expect(cache.cachePosMin).toBe(0);
+  expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
+  return cache;
+}

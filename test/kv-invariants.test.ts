@@ -2,7 +2,7 @@
 // cache agrees with the ledger, pinned tokens survive, and each turn prefills only its new tokens.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type Chat, type Model, type TurnResult } from '../src/index.ts';
-import { testModelPath, THREADS } from './helpers.ts';
+import { checkCache, testModelPath, THREADS } from './helpers.ts';
 
 let model: Model;
 beforeAll(async () => {
@@ -13,14 +13,6 @@ afterAll(() => model?.dispose());
 const decodedTokens = (r: TurnResult) =>
   r.stopReason === 'eos' ? r.stats.generatedTokens : Math.max(0, r.stats.generatedTokens - 1);
 
-function checkCache(chat: Chat, maxTokens: number) {
-  const cache = chat._internals().cacheState();
-  expect(cache.ledgerTokens).toBeLessThanOrEqual(maxTokens);
-  expect(cache.positionsContiguous).toBe(true);
-  expect(cache.cachePosMin).toBe(0);
-  expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
-  return cache;
-}
 
 describe('bounded KV memory over many turns (sliding)', () => {
   it('keeps every invariant for 300 turns', async () => {

@@ -3,7 +3,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, POLICIES, type Chat, type ChatOptions, type Model, type PolicyName } from '../src/index.ts';
-import { SHARED_MODELS, testModelPath, THREADS } from './helpers.ts';
+import { checkCache, SHARED_MODELS, testModelPath, THREADS } from './helpers.ts';
 
 let model: Model;
 beforeAll(async () => {
@@ -11,13 +11,6 @@ beforeAll(async () => {
 });
 afterAll(() => model?.dispose());
 
-function checkCache(chat: Chat, maxTokens: number) {
-  const cache = chat._internals().cacheState();
-  expect(cache.ledgerTokens).toBeLessThanOrEqual(maxTokens);
-  expect(cache.positionsContiguous).toBe(true);
-  expect(cache.cachePosMin).toBe(0);
-  expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
-}
 
 async function runTurns(m: Model, policy: PolicyName, turns: number, extra: ChatOptions = {}) {
   const maxTokens = 160;

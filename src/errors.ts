@@ -19,6 +19,10 @@ export type ErrorCode =
   | 'CHECKPOINT_CORRUPT'
   | 'CHECKPOINT_VERSION'
   | 'CHECKPOINT_MODEL_MISMATCH'
+  | 'REMOTE_HTTP_ERROR'
+  | 'REMOTE_UNAVAILABLE'
+  | 'REMOTE_TIMEOUT'
+  | 'CIRCUIT_OPEN'
   | 'INTERNAL';
 
 export class FiniteMemoryError extends Error {

@@ -27,3 +27,25 @@ export function systemInfo(): { llamaCpp: string; features: string; variant: 'cp
   const loaded = loadedBinary()!;
   return { llamaCpp: b.llamaCppVersion, features: b.systemInfo(), variant: loaded.variant, binary: loaded.path, gpuDevices: b.gpuDeviceCount() };
 }
+export {
+  connectRemote,
+  RemoteChat,
+  RemoteHttpError,
+  RemoteUnavailableError,
+  RemoteTimeoutError,
+  CircuitOpenError,
+  type RemoteOptions,
+  type RemoteChatOptions,
+  type RemoteSendOptions,
+  type RemoteTurnResult,
+  type RemoteTurnStats,
+  type RemoteChatStats,
+  type RemoteMemoryEntry,
+  type RemoteTelemetry,
+  type RemoteTurnEvent,
+  type RemoteConnection,
+  type RemotePolicyName,
+  type RemoteTokenizer,
+  type RetryOptions,
+  type CircuitOptions,
+} from './remote.js';

@@ -1,0 +1,334 @@
+/**
+ * The remote backend's transport: one OpenAI-compatible `POST /chat/completions` over `fetch`, with
+ * retries (exponential backoff, full jitter, Retry-After), a per-attempt timeout, the caller's abort
+ * signal, SSE streaming (never retried once a token was delivered) and a circuit breaker.
+ * @internal (the error classes are public, re-exported from remote.ts)
+ */
+import { FiniteMemoryError } from './errors.js';
+
+/** The remote answered with an HTTP error (4xx, or 429/5xx after the retries). `status` is the HTTP status. */
+export class RemoteHttpError extends FiniteMemoryError {
+  constructor(readonly status: number, message: string, readonly attempts: number) {
+    super('REMOTE_HTTP_ERROR', message);
+  }
+}
+/** The remote could not be reached, or the connection dropped (after the retries, or mid-stream). */
+export class RemoteUnavailableError extends FiniteMemoryError {
+  constructor(message: string, readonly attempts: number, cause?: unknown) {
+    super('REMOTE_UNAVAILABLE', message, { cause });
+  }
+}
+/** An attempt ran past `timeoutMs` (after the retries). */
+export class RemoteTimeoutError extends FiniteMemoryError {
+  constructor(message: string, readonly attempts: number) {
+    super('REMOTE_TIMEOUT', message);
+  }
+}
+/** The circuit breaker is open: the request was refused without reaching the remote. */
+export class CircuitOpenError extends FiniteMemoryError {
+  constructor(readonly retryAfterMs: number) {
+    super('CIRCUIT_OPEN', `the remote failed repeatedly; requests fail fast for another ${Math.ceil(retryAfterMs)} ms`);
+  }
+}
+
+export interface RetryOptions {
+  /** Retries after the first attempt (so `retries + 1` attempts at most). Default 2. */
+  retries: number;
+  /** Base of the exponential backoff: attempt n waits uniform(0, min(maxDelayMs, minDelayMs * 2^(n-1))). Default 250. */
+  minDelayMs: number;
+  /** Cap of one backoff delay. Default 8000. */
+  maxDelayMs: number;
+}
+
+export interface CircuitOptions {
+  /** Consecutive failed calls (each after its retries) that open the circuit. Default 5. */
+  failureThreshold: number;
+  /** How long an open circuit refuses calls before letting one trial call through. Default 30000. */
+  cooldownMs: number;
+}
+
+/** Longest Retry-After honoured; a longer one ends the retries at once. */
+const MAX_RETRY_AFTER_MS = 60_000;
+
+/** Closed -> (N consecutive failures) open -> (cooldown) half-open: one trial call -> closed or open again. */
+export class CircuitBreaker {
+  #failures = 0;
+  #openedAt = 0;
+  #state: 'closed' | 'open' | 'half-open' = 'closed';
+  constructor(readonly options: CircuitOptions, private readonly now: () => number = () => performance.now()) {}
+
+  get state(): 'closed' | 'open' | 'half-open' {
+    return this.#state;
+  }
+
+  /** Throws CircuitOpenError, or returns whether this call is the half-open trial. */
+  admit(): { trial: boolean } {
+    if (this.#state === 'closed') return { trial: false };
+    const left = this.#openedAt + this.options.cooldownMs - this.now();
+    if (this.#state === 'open' && left <= 0) {
+      this.#state = 'half-open';
+      return { trial: true };
+    }
+    throw new CircuitOpenError(Math.max(0, left)); // open, or half-open with its trial in flight
+  }
+
+  success(): void {
+    this.#failures = 0;
+    this.#state = 'closed';
+  }
+
+  failure(): void {
+    this.#failures++;
+    if (this.#state === 'half-open' || this.#failures >= this.options.failureThreshold) {
+      this.#state = 'open';
+      this.#openedAt = this.now();
+    }
+  }
+
+  /** A trial call that ended without a verdict (the caller aborted): let the next call try. */
+  release(trial: boolean): void {
+    if (trial && this.#state === 'half-open') {
+      this.#state = 'open';
+      this.#openedAt = this.now() - this.options.cooldownMs;
+    }
+  }
+}
+
+/** Thrown internally when the caller's signal aborted. */
+export class AbortedError extends Error {}
+
+export interface CompletionResult {
+  text: string;
+  finishReason: string | null;
+  usage: { prompt_tokens?: number; completion_tokens?: number } | undefined;
+  attempts: number;
+  /** The server's `finite_memory` extension when present (this project's own server). */
+  extra: unknown;
+}
+
+export interface TransportOptions {
+  baseURL: string;
+  apiKey: string | undefined;
+  retry: RetryOptions;
+  timeoutMs: number;
+  circuit: CircuitBreaker;
+  fetch: typeof fetch;
+}
+
+/** Parses `Retry-After` (delta seconds or an HTTP date) into milliseconds. */
+export function parseRetryAfter(value: string | null, now = Date.now()): number | undefined {
+  if (!value) return undefined;
+  const v = value.trim();
+  if (/^\d+(\.\d+)?$/.test(v)) return Number(v) * 1000;
+  const date = Date.parse(v);
+  if (Number.isNaN(date)) return undefined;
+  return Math.max(0, date - now);
+}
+
+export function backoffMs(retry: RetryOptions, attempt: number): number {
+  const cap = Math.min(retry.maxDelayMs, retry.minDelayMs * 2 ** (attempt - 1));
+  return Math.random() * cap;
+}
+
+/** Resolves after `ms`, or rejects with AbortedError as soon as `signal` aborts. */
+export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(new AbortedError());
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(new AbortedError());
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+/** The caller's onToken threw: rethrown as is, never retried, not the remote's failure. */
+class CallerError extends Error {
+  constructor(readonly error: unknown) {
+    super('onToken threw');
+  }
+}
+
+/** One attempt's failure, and whether another attempt may follow. */
+class AttemptError extends Error {
+  constructor(readonly error: (attempts: number) => FiniteMemoryError, readonly retryable: boolean, readonly retryAfterMs?: number) {
+    super('attempt failed');
+  }
+}
+
+const retryableStatus = (s: number) => s === 408 || s === 429 || s >= 500;
+
+export class Transport {
+  readonly #o: TransportOptions;
+  readonly #url: string;
+  constructor(options: TransportOptions) {
+    this.#o = options;
+    this.#url = `${options.baseURL.replace(/\/+$/, '')}/chat/completions`;
+  }
+
+  /** The API key never appears in an error message (a server could echo a header back). */
+  #redact(message: string): string {
+    const key = this.#o.apiKey;
+    return key ? message.split(key).join('[redacted]') : message;
+  }
+
+  /**
+   * Sends one chat completion. With `onToken`, streams it (SSE). Throws AbortedError when `signal`
+   * aborts (with the text delivered so far in `partial`), else a typed FiniteMemoryError.
+   */
+  async complete(body: Record<string, unknown>, options: { signal?: AbortSignal; onToken?: (piece: string) => void; partial?: { text: string } }): Promise<CompletionResult> {
+    const { signal, onToken } = options;
+    if (signal?.aborted) throw new AbortedError();
+    const { trial } = this.#o.circuit.admit();
+    const maxAttempts = trial ? 1 : this.#o.retry.retries + 1;
+    let attempt = 0;
+    try {
+      while (true) {
+        attempt++;
+        try {
+          const r = await this.#attempt(body, signal, onToken, options.partial);
+          this.#o.circuit.success();
+          return { ...r, attempts: attempt };
+        } catch (err) {
+          if (err instanceof AbortedError || signal?.aborted) throw err instanceof AbortedError ? err : new AbortedError();
+          if (err instanceof CallerError) throw err;
+          if (!(err instanceof AttemptError)) throw err;
+          const retryAfter = err.retryAfterMs;
+          if (!err.retryable || attempt >= maxAttempts || (retryAfter !== undefined && retryAfter > MAX_RETRY_AFTER_MS)) {
+            const final = err.error(attempt);
+            // Client errors (4xx other than 408/429) say nothing about the remote's health.
+            if (!(final instanceof RemoteHttpError) || retryableStatus(final.status)) this.#o.circuit.failure();
+            else this.#o.circuit.success();
+            throw final;
+          }
+          await sleep(retryAfter ?? backoffMs(this.#o.retry, attempt), signal);
+        }
+      }
+    } catch (err) {
+      if (err instanceof AbortedError) this.#o.circuit.release(trial);
+      if (err instanceof CallerError) {
+        this.#o.circuit.release(trial);
+        throw err.error;
+      }
+      throw err;
+    }
+  }
+
+  async #attempt(body: Record<string, unknown>, signal: AbortSignal | undefined, onToken: ((piece: string) => void) | undefined, partial: { text: string } | undefined): Promise<Omit<CompletionResult, 'attempts'>> {
+    const timeout = AbortSignal.timeout(this.#o.timeoutMs);
+    const combined = signal ? AbortSignal.any([signal, timeout]) : timeout;
+    const headers: Record<string, string> = { 'content-type': 'application/json', accept: onToken ? 'text/event-stream' : 'application/json' };
+    if (this.#o.apiKey) headers.authorization = `Bearer ${this.#o.apiKey}`;
+    let delivered = false;
+    // Maps a thrown fetch/body error to an attempt error (or an abort).
+    const fail = (err: unknown): never => {
+      if (err instanceof AttemptError || err instanceof AbortedError || err instanceof CallerError) throw err;
+      if (signal?.aborted) throw new AbortedError();
+      const retryable = !delivered; // never retry once tokens reached the caller
+      const suffix = delivered ? ' after the stream had started (not retried)' : '';
+      if (timeout.aborted) throw new AttemptError((n) => new RemoteTimeoutError(`the remote did not answer within ${this.#o.timeoutMs} ms${suffix} (${n} attempt${n > 1 ? 's' : ''})`, n), retryable);
+      const detail = this.#redact(err instanceof Error ? (err.cause instanceof Error ? `${err.message}: ${err.cause.message}` : err.message) : String(err));
+      throw new AttemptError((n) => new RemoteUnavailableError(`the remote connection failed${suffix}: ${detail} (${n} attempt${n > 1 ? 's' : ''})`, n, err), retryable);
+    };
+    try {
+      const res = await this.#o.fetch(this.#url, { method: 'POST', headers, body: JSON.stringify(body), signal: combined });
+      if (!res.ok) {
+        const text = await res.text().catch(() => '');
+        let message = text.slice(0, 300);
+        try {
+          const j = JSON.parse(text) as { error?: { message?: unknown } };
+          if (typeof j?.error?.message === 'string') message = j.error.message.slice(0, 300);
+        } catch {
+          // not JSON: keep the text
+        }
+        const status = res.status;
+        const msg = this.#redact(`the remote answered HTTP ${status}${message ? `: ${message}` : ''}`);
+        throw new AttemptError((n) => new RemoteHttpError(status, `${msg} (${n} attempt${n > 1 ? 's' : ''})`, n), retryableStatus(status), retryableStatus(status) ? parseRetryAfter(res.headers.get('retry-after')) : undefined);
+      }
+      if (!onToken) {
+        const j = (await res.json()) as { choices?: { message?: { content?: unknown }; finish_reason?: unknown }[]; usage?: CompletionResult['usage']; finite_memory?: unknown };
+        const choice = j.choices?.[0];
+        if (!choice) throw new AttemptError((n) => new RemoteHttpError(res.status, `the remote's answer has no choices (${n} attempts)`, n), false);
+        return {
+          text: typeof choice.message?.content === 'string' ? choice.message.content : '',
+          finishReason: typeof choice.finish_reason === 'string' ? choice.finish_reason : null,
+          usage: j.usage ?? undefined,
+          extra: j.finite_memory,
+        };
+      }
+      // SSE: events separated by a blank line; `data:` lines joined; `data: [DONE]` ends the stream.
+      if (!res.body) throw new AttemptError((n) => new RemoteUnavailableError('the remote sent no body', n), true);
+      const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = '';
+      let text = '';
+      let finishReason: string | null = null;
+      let usage: CompletionResult['usage'];
+      let extra: unknown;
+      let done = false;
+      const handle = (event: string) => {
+        const data = event
+          .split(/\r?\n/)
+          .filter((l) => l.startsWith('data:'))
+          .map((l) => l.slice(5).replace(/^ /, ''))
+          .join('\n');
+        if (!data) return;
+        if (data === '[DONE]') {
+          done = true;
+          return;
+        }
+        let j: { error?: { message?: unknown }; choices?: { delta?: { content?: unknown }; finish_reason?: unknown }[]; usage?: CompletionResult['usage']; finite_memory?: unknown };
+        try {
+          j = JSON.parse(data);
+        } catch {
+          throw new AttemptError((n) => new RemoteUnavailableError('the remote sent a malformed stream event', n), !delivered);
+        }
+        if (j.error) {
+          const m = this.#redact(typeof j.error.message === 'string' ? j.error.message.slice(0, 300) : 'unknown error');
+          throw new AttemptError((n) => new RemoteHttpError(res.status, `the remote reported an error mid-stream: ${m}`, n), false);
+        }
+        if (j.usage) usage = j.usage;
+        const choice = j.choices?.[0];
+        if (!choice) return;
+        if ((choice as { finite_memory?: unknown }).finite_memory !== undefined) extra = (choice as { finite_memory?: unknown }).finite_memory;
+        if (j.finite_memory !== undefined) extra = j.finite_memory;
+        if (typeof choice.finish_reason === 'string') finishReason = choice.finish_reason;
+        const piece = choice.delta?.content;
+        if (typeof piece === 'string' && piece.length > 0) {
+          delivered = true;
+          text += piece;
+          if (partial) partial.text = text;
+          try {
+            onToken(piece);
+          } catch (e) {
+            throw new CallerError(e);
+          }
+        }
+      };
+      try {
+        while (!done) {
+          const { value, done: end } = await reader.read();
+          if (end) break;
+          buffer += value;
+          let m: RegExpExecArray | null;
+          while (!done && (m = /\r?\n\r?\n/.exec(buffer))) {
+            const event = buffer.slice(0, m.index);
+            buffer = buffer.slice(m.index + m[0].length);
+            handle(event);
+          }
+        }
+      } finally {
+        reader.cancel().catch(() => {});
+      }
+      if (!done && finishReason === null) {
+        throw new AttemptError((n) => new RemoteUnavailableError(`the remote's stream ended early${delivered ? ' after it had started (not retried)' : ''}`, n), !delivered);
+      }
+      return { text, finishReason, usage, extra };
+    } catch (err) {
+      return fail(err);
+    }
+  }
+}

@@ -163,17 +163,20 @@ chat_session::chat_session(std::shared_ptr<fml_model> model, const chat_options 
         const std::string why = last_llama_errors();
         throw fml_error(FML_ERR_CONTEXT_CREATE, "llama.cpp could not create a context" + (why.empty() ? std::string() : ": " + why));
     }
-    g_live_sessions++;   // counted once the context exists (the destructor frees it)
     capture_.bind(ctx_, (int32_t) cp.n_ctx, mi.n_embd);
     if (!kv_can_shift(ctx_)) {
         llama_free(ctx_);
         ctx_ = nullptr;
         throw fml_error(FML_ERR_CONTEXT_CREATE, "this model's KV cache does not support position shifts (K-shift), so in-place eviction is impossible");
     }
+    // Nothing below throws: the destructor owns what follows.
+    batch_ = llama_batch_init((int32_t) llama_n_batch(ctx_), 0, 1);
+    g_live_sessions++;
 }
 
 chat_session::~chat_session() {
     if (ctx_ != nullptr) {
+        llama_batch_free(batch_);
         g_live_sessions--;
         llama_free(ctx_);
     }
@@ -225,19 +228,18 @@ bool chat_session::ensure_started() {
 }
 
 bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t turn, token_role role, bool want_logits) {
+    // batch_ is allocated once per chat: generation decodes one token at a time, and allocating an
+    // n_batch-sized llama_batch (one malloc per seq_id slot) for every token would be pure overhead.
     const size_t n_batch = llama_n_batch(ctx_);
-    llama_batch batch = llama_batch_init((int32_t) n_batch, 0, 1);
-    bool ok = true;
-    for (size_t start = 0; start < tokens.size() && ok; start += n_batch) {
+    for (size_t start = 0; start < tokens.size(); start += n_batch) {
         const size_t n = std::min(n_batch, tokens.size() - start);
         const int32_t pos0 = ledger_.next_pos();
-        fill_batch(batch, tokens.data() + start, n, pos0, KV_SEQ, false, want_logits && start + n == tokens.size());
+        fill_batch(batch_, tokens.data() + start, n, pos0, KV_SEQ, false, want_logits && start + n == tokens.size());
         capture_.begin_batch((int32_t) n, pos0);
-        const int32_t rc = llama_decode(ctx_, batch);
+        const int32_t rc = llama_decode(ctx_, batch_);
         if (rc != 0) {
             // Drop whatever ubatches of this batch reached the cache, so cache == ledger again.
             llama_memory_seq_rm(llama_get_memory(ctx_), KV_SEQ, ledger_.next_pos(), -1);
-            llama_batch_free(batch);
             if (rc == 2) {
                 return false;   // aborted through the abort callback
             }
@@ -246,8 +248,7 @@ bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t t
         shift_pending_ = false;
         append_decoded(tokens.data() + start, n, turn, role);
     }
-    llama_batch_free(batch);
-    return ok;
+    return true;
 }
 
 void chat_session::append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role) {

@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-struct llama_context;
+#include "llama.h"
 
 namespace fml {
 
@@ -210,6 +210,7 @@ private:
     std::shared_ptr<fml_model> model_;
     chat_options opts_;
     llama_context * ctx_ = nullptr;
+    llama_batch batch_ {};         // reused by decode_tokens (sized n_batch)
     std::unique_ptr<kv_policy_i> policy_;
     token_ledger ledger_;
     cumulative_stats cumulative_;

@@ -327,7 +327,10 @@ void chat_session::summarize_and_evict(const eviction_plan & plan, turn_stats & 
         so.repeat_penalty = 1.1f;
         sampler_chain sampler(so, model_->info().n_vocab);
         while (summary.size() < max_summary) {
-            const int32_t tok = llama_sampler_sample(sampler.raw(), ctx_, -1);
+            if (opts_.test_token_delay_ms > 0) {
+            std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(opts_.test_token_delay_ms));
+        }
+        const int32_t tok = llama_sampler_sample(sampler.raw(), ctx_, -1);
             if (model_->is_eog(tok)) {
                 break;
             }
@@ -513,6 +516,9 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
         if ((int32_t) st.generated_tokens >= gen.max_new_tokens) {
             result.reason = STOP_MAX_TOKENS;
             break;
+        }
+        if (opts_.test_token_delay_ms > 0) {
+            std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(opts_.test_token_delay_ms));
         }
         const int32_t tok = llama_sampler_sample(sampler.raw(), ctx_, -1);
         if (model_->is_eog(tok)) {

@@ -29,6 +29,7 @@ struct chat_options {
     int32_t     flash_attention = -1; // -1 auto, 0 off, 1 on
     double      max_policy_ms = 50.0; // latency guard: slower choices fall back to sliding (<= 0: off)
     double      test_policy_delay_ms = 0; // test hook: makes every policy choice this slow
+    double      test_token_delay_ms = 0;  // test hook: makes every generated token this slow (deterministic aborts)
 };
 
 // Where importance scores come from (see signals.h).

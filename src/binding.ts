@@ -126,6 +126,7 @@ export interface NativeChatOptions {
   hybridImportanceShare: number;
   maxPolicyMs: number;
   testPolicyDelayMs?: number;
+  testTokenDelayMs?: number;
 }
 
 export interface NativeSendOptions {

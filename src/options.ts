@@ -59,6 +59,8 @@ export interface ChatOptions {
   maxPolicyMs?: number;
   /** @internal Test hook: makes every policy choice this slow (exercises the latency guard). */
   testPolicyDelayMs?: number;
+  /** @internal Test hook: makes every generated token this slow (deterministic mid-turn aborts). */
+  testTokenDelayMs?: number;
   /** Hooks called after each turn and eviction (see `Telemetry`, `createPrometheusTelemetry`). */
   telemetry?: Telemetry;
 }
@@ -168,6 +170,7 @@ export interface ResolvedChatOptions {
   hybridImportanceShare: number;
   maxPolicyMs: number;
   testPolicyDelayMs?: number;
+  testTokenDelayMs?: number;
 }
 
 export function resolveChatOptions(raw: unknown, defaultThreads: number): ResolvedChatOptions {
@@ -175,7 +178,7 @@ export function resolveChatOptions(raw: unknown, defaultThreads: number): Resolv
   checkKnownKeys('options', o, [
     'policy', 'maxTokens', 'windowSize', 'sinkTokens', 'systemPrompt', 'threads', 'batchSize', 'kvType', 'flashAttention',
     'importanceDecay', 'importanceGranularity', 'semanticClusters', 'spanMaxTokens', 'policySeed', 'summaryTokens', 'hybridImportanceShare',
-    'maxPolicyMs', 'testPolicyDelayMs', 'telemetry',
+    'maxPolicyMs', 'testPolicyDelayMs', 'testTokenDelayMs', 'telemetry',
   ]);
   const policy = o.policy === undefined ? 'sliding' : o.policy;
   if (typeof policy !== 'string' || !(POLICIES as readonly string[]).includes(policy)) {
@@ -206,6 +209,7 @@ export function resolveChatOptions(raw: unknown, defaultThreads: number): Resolv
   };
   if (o.flashAttention !== undefined) out.flashAttention = o.flashAttention as boolean;
   if (o.testPolicyDelayMs !== undefined) out.testPolicyDelayMs = checkNumber('testPolicyDelayMs', o.testPolicyDelayMs, 0, 60_000);
+  if (o.testTokenDelayMs !== undefined) out.testTokenDelayMs = checkNumber('testTokenDelayMs', o.testTokenDelayMs, 0, 60_000);
   return out;
 }
 

@@ -108,7 +108,7 @@ describe('streaming', () => {
   });
 
   it('breaking out of chat.stream() aborts the turn and the chat stays usable', async () => {
-    const chat = model.createChat({ maxTokens: 256 });
+    const chat = model.createChat({ maxTokens: 256, testTokenDelayMs: 5 });
     let n = 0;
     for await (const _piece of chat.stream('go on', { maxNewTokens: 200, temperature: 1.5, seed: 1 })) {
       if (++n === 2) break;
@@ -123,7 +123,8 @@ describe('streaming', () => {
 
 describe('abort', () => {
   it('abort mid-stream returns the partial reply and leaves the chat usable', async () => {
-    const chat = model.createChat({ maxTokens: 256 });
+    // testTokenDelayMs keeps the turn running long enough for the abort to land mid-reply.
+    const chat = model.createChat({ maxTokens: 256, testTokenDelayMs: 5 });
     const ac = new AbortController();
     let pieces = 0;
     const r = await chat.send('talk', {
@@ -165,8 +166,11 @@ describe('lifetimes', () => {
   });
 
   it('disposing a chat mid-turn aborts it cleanly', async () => {
-    const chat = model.createChat({ maxTokens: 256 });
-    const p = chat.send('long', { maxNewTokens: 500, temperature: 1.5, seed: 4, onToken: () => chat.dispose() });
+    const chat = model.createChat({ maxTokens: 256, testTokenDelayMs: 5 });
+    // Disposed while the turn is queued or running (not from onToken: pieces reach JS asynchronously,
+    // so a short reply can finish before the callback runs). The abort is never lost.
+    const p = chat.send('long', { maxNewTokens: 500, temperature: 1.5, seed: 4 });
+    chat.dispose();
     const r = await p;
     expect(r.stopReason).toBe('abort');
     expect(chat.disposed).toBe(true);

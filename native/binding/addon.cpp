@@ -241,6 +241,15 @@ Napi::Object stats_to_js(Napi::Env env, const turn_stats & s) {
     return o;
 }
 
+// Claims the chat for one operation; throws CHAT_BUSY when a turn (or another operation) runs.
+static void claim_chat(Napi::Env env, chat_session & s, const char * busy_message) {
+    bool expected = false;
+    if (!s.busy().compare_exchange_strong(expected, true)) {
+        throw_error(env, FML_ERR_BUSY, busy_message);
+    }
+    s.clear_abort();
+}
+
 class turn_worker;
 
 class js_chat : public Napi::ObjectWrap<js_chat> {
@@ -298,6 +307,7 @@ public:
         opts.policy.hybrid_importance_share = (float) get_number(o, "hybridImportanceShare", 0.5);
         opts.max_policy_ms = get_number(o, "maxPolicyMs", 50.0);
         opts.test_policy_delay_ms = get_number(o, "testPolicyDelayMs", 0.0);
+        opts.test_token_delay_ms = get_number(o, "testTokenDelayMs", 0.0);
         Napi::Value fa = o.Get("flashAttention");
         opts.flash_attention = fa.IsBoolean() ? (fa.ToBoolean() ? 1 : 0) : -1;
         session_ = guarded(env, [&] { return std::make_shared<chat_session>(model, opts); });
@@ -611,11 +621,7 @@ Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
     }
     Napi::Function on_piece = info.Length() > 2 && info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
 
-    bool expected = false;
-    if (!s->busy().compare_exchange_strong(expected, true)) {
-        throw_error(env, FML_ERR_BUSY, "a turn is already running on this chat; await it (or abort it) before sending again");
-    }
-    s->clear_abort();
+    claim_chat(env, *s, "a turn is already running on this chat; await it (or abort it) before sending again");
     auto * w = new turn_worker(env, this, Value(), s, text, gen, on_piece);
     Napi::Promise p = w->promise();
     w->Queue();
@@ -624,17 +630,19 @@ Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
 
 // ---- checkpoints -------------------------------------------------------------------------------
 
-class save_checkpoint_worker : public Napi::AsyncWorker {
+// A chat operation other than a turn (checkpoint save, transcript ingest) on the thread pool. The
+// chat is claimed busy before it is queued; the worker releases it (and completes a dispose requested
+// meanwhile) when done, and rejects with the core error's code.
+class chat_task_worker : public Napi::AsyncWorker {
 public:
-    save_checkpoint_worker(Napi::Env env, js_chat * chat, Napi::Object chat_obj, std::shared_ptr<chat_session> session, std::string path)
-        : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), chat_(chat), session_(std::move(session)), path_(std::move(path)) {
-        chat_ref_ = Napi::Persistent(chat_obj);
+    chat_task_worker(Napi::Env env, js_chat * chat, Napi::Object chat_obj, std::shared_ptr<chat_session> session)
+        : Napi::AsyncWorker(env), session_(std::move(session)), deferred_(Napi::Promise::Deferred::New(env)), chat_(chat) {
+        chat_ref_ = Napi::Persistent(chat_obj);   // keeps the JS chat alive while the task runs
     }
     Napi::Promise promise() { return deferred_.Promise(); }
     void Execute() override {
         try {
-            const chat_state state = session_->export_state();
-            write_checkpoint(path_, session_->model_fingerprint(), state);
+            run();
         } catch (const fml_error & e) {
             code_ = e.code();
             SetError(e.what());
@@ -644,76 +652,70 @@ public:
         }
     }
     void OnOK() override {
-        session_->busy().store(false);
-        chat_->on_turn_finished();
-        deferred_.Resolve(Env().Undefined());
+        release();
+        deferred_.Resolve(result(Env()));
     }
     void OnError(const Napi::Error & e) override {
-        session_->busy().store(false);
-        chat_->on_turn_finished();
+        release();
         deferred_.Reject(make_error(Env(), code_, e.Message()).Value());
     }
+
+protected:
+    virtual void run() = 0;                                    // worker thread
+    virtual Napi::Value result(Napi::Env env) { return env.Undefined(); }   // JS thread
+    std::shared_ptr<chat_session> session_;
+
 private:
+    void release() {
+        session_->busy().store(false);
+        chat_->on_turn_finished();
+    }
     Napi::Promise::Deferred deferred_;
     js_chat * chat_;
     Napi::ObjectReference chat_ref_;
-    std::shared_ptr<chat_session> session_;
-    std::string path_;
     std::string code_;
+};
+
+template <typename Worker, typename... Args>
+static Napi::Value queue_chat_task(Napi::Env env, Args &&... args) {
+    auto * w = new Worker(env, std::forward<Args>(args)...);
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+}
+
+class save_checkpoint_worker : public chat_task_worker {
+public:
+    save_checkpoint_worker(Napi::Env env, js_chat * chat, Napi::Object chat_obj, std::shared_ptr<chat_session> session, std::string path)
+        : chat_task_worker(env, chat, chat_obj, std::move(session)), path_(std::move(path)) {}
+protected:
+    void run() override {
+        const chat_state state = session_->export_state();
+        write_checkpoint(path_, session_->model_fingerprint(), state);
+    }
+private:
+    std::string path_;
 };
 
 Napi::Value js_chat::js_save_checkpoint(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     auto s = require(env);
     const std::string path = string_arg(info, 0, "path");
-    bool expected = false;
-    if (!s->busy().compare_exchange_strong(expected, true)) {
-        throw_error(env, FML_ERR_BUSY, "a turn is running on this chat; save the checkpoint after it");
-    }
-    auto * w = new save_checkpoint_worker(env, this, Value(), s, path);
-    Napi::Promise p = w->promise();
-    w->Queue();
-    return p;
+    claim_chat(env, *s, "a turn is running on this chat; save the checkpoint after it");
+    return queue_chat_task<save_checkpoint_worker>(env, this, Value(), s, path);
 }
 
-class ingest_worker : public Napi::AsyncWorker {
+class ingest_worker : public chat_task_worker {
 public:
     ingest_worker(Napi::Env env, js_chat * chat, Napi::Object chat_obj, std::shared_ptr<chat_session> session, std::string user, std::string reply)
-        : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), chat_(chat), session_(std::move(session)),
-          user_(std::move(user)), reply_(std::move(reply)) {
-        chat_ref_ = Napi::Persistent(chat_obj);
-    }
-    Napi::Promise promise() { return deferred_.Promise(); }
-    void Execute() override {
-        try {
-            tokens_ = session_->ingest_exchange(user_, reply_);
-        } catch (const fml_error & e) {
-            code_ = e.code();
-            SetError(e.what());
-        } catch (const std::exception & e) {
-            code_ = FML_ERR_INTERNAL;
-            SetError(e.what());
-        }
-    }
-    void OnOK() override {
-        session_->busy().store(false);
-        chat_->on_turn_finished();
-        deferred_.Resolve(Napi::Number::New(Env(), (double) tokens_));
-    }
-    void OnError(const Napi::Error & e) override {
-        session_->busy().store(false);
-        chat_->on_turn_finished();
-        deferred_.Reject(make_error(Env(), code_, e.Message()).Value());
-    }
+        : chat_task_worker(env, chat, chat_obj, std::move(session)), user_(std::move(user)), reply_(std::move(reply)) {}
+protected:
+    void run() override { tokens_ = session_->ingest_exchange(user_, reply_); }
+    Napi::Value result(Napi::Env env) override { return Napi::Number::New(env, (double) tokens_); }
 private:
-    Napi::Promise::Deferred deferred_;
-    js_chat * chat_;
-    Napi::ObjectReference chat_ref_;
-    std::shared_ptr<chat_session> session_;
     std::string user_;
     std::string reply_;
     size_t tokens_ = 0;
-    std::string code_;
 };
 
 Napi::Value js_chat::js_ingest_exchange(const Napi::CallbackInfo & info) {
@@ -721,15 +723,8 @@ Napi::Value js_chat::js_ingest_exchange(const Napi::CallbackInfo & info) {
     auto s = require(env);
     const std::string user = string_arg(info, 0, "user message");
     const std::string reply = string_arg(info, 1, "assistant message");
-    bool expected = false;
-    if (!s->busy().compare_exchange_strong(expected, true)) {
-        throw_error(env, FML_ERR_BUSY, "a turn is running on this chat");
-    }
-    s->clear_abort();
-    auto * w = new ingest_worker(env, this, Value(), s, user, reply);
-    Napi::Promise p = w->promise();
-    w->Queue();
-    return p;
+    claim_chat(env, *s, "a turn is running on this chat");
+    return queue_chat_task<ingest_worker>(env, this, Value(), s, user, reply);
 }
 
 class load_checkpoint_worker : public Napi::AsyncWorker {

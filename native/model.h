@@ -23,6 +23,7 @@ struct model_info {
     std::string description;
     std::string chat_template;   // empty when the GGUF has none (then "chatml" formatting is used)
     std::string backend;         // "cpu" or "cuda"
+    std::string device;          // the device that holds the offloaded layers, else the CPU (its name)
     std::string fingerprint;     // hash of the GGUF's metadata and tensor layout (checkpoints check it)
     int32_t n_ctx_train = 0;
     int32_t n_embd = 0;

@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
 # For a machine with an NVIDIA GPU and a CUDA toolkit with cuBLAS: build (or reuse) the CUDA variant,
 # run the test suite on the CUDA backend, run the eviction benchmark, print the results.
-#   bash scripts/gpu-check.sh            (FML_CUDA_ARCHS=90 to build for one architecture only)
+#   bash scripts/gpu-check.sh            (FML_CUDA_ARCHS=90 to build for one architecture only;
+#                                         FML_CUDA_ROOT / FML_CUBLAS_ROOT when they are not found)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NODE_LLAMA_CPP_SKIP_DOWNLOAD=true
 nvidia-smi || { echo "[gpu-check] nvidia-smi failed: no usable GPU here"; exit 1; }
-command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
-npm ci --no-audit --no-fund
+command -v nvcc >/dev/null || export PATH="${FML_CUDA_ROOT:-/usr/local/cuda}/bin:$PATH"
+# cuBLAS: inside the toolkit, or FML_CUBLAS_ROOT, or NVIDIA's pip wheel (nvidia/cu13 or nvidia/cublas).
+if [ -z "${FML_CUBLAS_ROOT:-}" ] && [ ! -f "$(dirname "$(command -v nvcc)")/../include/cublas_v2.h" ]; then
+  for d in $(python3 -c 'import nvidia; print(" ".join(nvidia.__path__))' 2>/dev/null); do
+    for c in "$d/cu13" "$d/cublas"; do
+      [ -f "$c/include/cublas_v2.h" ] && export FML_CUBLAS_ROOT="$c" && break 2
+    done
+  done
+  [ -n "${FML_CUBLAS_ROOT:-}" ] || { echo "[gpu-check] no cuBLAS found: install it or set FML_CUBLAS_ROOT"; exit 1; }
+fi
+if [ -n "${FML_CUBLAS_ROOT:-}" ]; then
+  echo "[gpu-check] cuBLAS from $FML_CUBLAS_ROOT"
+  export LD_LIBRARY_PATH="$FML_CUBLAS_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+[ -d node_modules ] || npm ci --no-audit --no-fund
 if [ ! -f prebuilds/linux-x64-cuda/finite-memory-llm.node ]; then
   FML_JOBS="${FML_JOBS:-$(nproc)}" npm run prebuildify:cuda
 fi

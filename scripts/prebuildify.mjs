@@ -2,7 +2,8 @@
 // Produces prebuilt binaries (git-ignored):
 //   prebuilds/linux-x64/finite-memory-llm.node        CPU (node-gyp-build finds it)
 //   prebuilds/linux-x64-cuda/finite-memory-llm.node   CUDA (--cuda; loaded by path, see src/binding.ts)
-// CUDA needs nvcc and cuBLAS: FML_CUDA_ARCHS (default "80;86;89;90"), CUDAToolkit_ROOT / CUDACXX as cmake expects.
+// CUDA needs nvcc and cuBLAS: FML_CUDA_ARCHS (default "80;86;89;90"); FML_CUDA_ROOT (a toolkit) and
+// FML_CUBLAS_ROOT (cuBLAS outside it, e.g. a pip wheel) when cmake would not find them (CMakeLists.txt reads both).
 import { execFileSync } from 'node:child_process';
 import { copyFileSync, mkdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';

@@ -12,7 +12,10 @@ export interface NativeModelInfo {
   architecture: string;
   description: string;
   chatTemplate: string | null;
+  /** 'cpu', or the GPU backend ('cuda') when layers are offloaded to it. */
   backend: string;
+  /** The device doing the work: the GPU's name (e.g. "NVIDIA H100 80GB HBM3") or the CPU's. */
+  device: string;
   nCtxTrain: number;
   nEmbd: number;
   nLayer: number;

@@ -103,6 +103,7 @@ private:
         o.Set("description", mi.description);
         o.Set("chatTemplate", mi.chat_template.empty() ? env.Null() : Napi::String::New(env, mi.chat_template));
         o.Set("backend", mi.backend);
+        o.Set("device", mi.device);
         o.Set("nCtxTrain", mi.n_ctx_train);
         o.Set("nEmbd", mi.n_embd);
         o.Set("nLayer", mi.n_layer);

@@ -61,7 +61,7 @@ async function main() {
         method: 'POST',
         path: '/v1/chat/completions',
         headers: { 'content-type': 'application/json' },
-        setupRequest: (req: Record<string, unknown>, context: Record<string, unknown>) => {
+        setupRequest: (req: autocannon.Request, context: { user?: string }) => {
           const user = free.shift() ?? `bench-${Math.floor(Math.random() * CONNECTIONS)}`;
           context.user = user;
           const t = (turns.get(user) ?? 0) + 1;
@@ -72,8 +72,8 @@ async function main() {
           });
           return req;
         },
-        onResponse: (status: number, body: string, context: Record<string, unknown>) => {
-          const user = context.user as string;
+        onResponse: (status: number, body: string, context: { user?: string }) => {
+          const user = context.user!;
           if (!free.includes(user)) free.push(user);
           if (status !== 200) return;
           try {

@@ -1,7 +1,7 @@
 // Turn latency benchmark: a long multi-turn conversation with the KV budget full.
 //
 // Every contender gets the same user messages (cycled in order), the same generation length, greedy
-// sampling and the same threads (2). Each warms up until it has evicted (or shifted its context) at least once,
+// sampling and the same thread count (1 by default, see THREADS). Each warms up until it has evicted (or shifted its context) at least once,
 // then a few more turns; then N turns each are measured, round-robin across the contenders (so load from
 // other processes hits all alike); steady-state turn latency is their median.
 //   1. this project, each policy: per-turn latency = TurnStats.latencyMs
@@ -15,7 +15,7 @@
 //   npx tsx bench/turns.ts --no-write   (prints only)
 //   npx tsx bench/turns.ts --quick      (short smoke run: maxTokens 512, few turns; implies --no-write)
 //   npx tsx bench/turns.ts --model=generated   (one model only; implies --no-write)
-//   npx tsx bench/turns.ts --threads=1          (every contender on 1 thread instead of 2)
+//   npx tsx bench/turns.ts --threads=2          (every contender on 2 threads instead of 1)
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
@@ -32,8 +32,12 @@ const WRITE = !args.includes('--no-write') && !QUICK && !args.some((a) => a.star
 /** --model=generated|stories260K runs one model only (for development; implies --no-write). */
 const ONLY_MODEL = args.find((a) => a.startsWith('--model='))?.slice('--model='.length);
 
-/** --threads=N overrides the thread count of every contender (default 2). */
-const THREADS = Number(args.find((a) => a.startsWith('--threads='))?.slice('--threads='.length) ?? 2);
+/**
+ * --threads=N sets the thread count of every contender (default 1). Why 1: on this 2-vCPU VM, 2 threads
+ * stall in ggml's spin barrier so often that a run on 2026-11-25 redid 336 of 672 measured turns (223
+ * kept anyway), while a 1-thread run the same afternoon redid 39 of 375 and kept none dirty.
+ */
+const THREADS = Number(args.find((a) => a.startsWith('--threads='))?.slice('--threads='.length) ?? 1);
 if (!Number.isInteger(THREADS) || THREADS < 1) throw new Error(`--threads must be a positive integer, got ${THREADS}`);
 const MAX_NEW = 32;
 const BUDGETS = QUICK ? [512] : [2048, 512];
@@ -894,7 +898,7 @@ async function main(): Promise<void> {
     if (chartBars.length) {
       writeFileSync(
         join(ROOT, 'bench', 'turns.svg'),
-        barChart({ title: `Median turn latency, budget full, maxTokens 2048 (${primary} model, 2 threads)`, unit: 'ms', bars: chartBars, logScale: true }),
+        barChart({ title: `Median turn latency, budget full, maxTokens 2048 (${primary} model, ${THREADS} thread${THREADS === 1 ? "" : "s"})`, unit: 'ms', bars: chartBars, logScale: true }),
       );
     }
     log('wrote bench/RESULTS.md (turns section) and bench/turns.svg');

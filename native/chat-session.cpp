@@ -186,7 +186,7 @@ uint32_t chat_session::context_size() const { return llama_n_ctx(ctx_); }
 int32_t chat_session::scratch_pos_max() const {
     // Only contexts of summarizing policies have the scratch sequence; asking llama.cpp about a
     // sequence id beyond n_seq_max would abort.
-    return llama_n_seq_max(ctx_) > 1 ? llama_memory_seq_pos_max(llama_get_memory(ctx_), KV_SCRATCH_SEQ) : -1;
+    return llama_n_seq_max(ctx_) > 1 ? kv_scratch_pos_max(ctx_) : -1;
 }
 
 int32_t chat_session::cache_pos_min() const { return kv_pos_min(ctx_); }
@@ -239,7 +239,7 @@ bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t t
         const int32_t rc = llama_decode(ctx_, batch_);
         if (rc != 0) {
             // Drop whatever ubatches of this batch reached the cache, so cache == ledger again.
-            llama_memory_seq_rm(llama_get_memory(ctx_), KV_SEQ, ledger_.next_pos(), -1);
+            kv_drop_unledgered(ctx_, ledger_);
             if (rc == 2) {
                 return false;   // aborted through the abort callback
             }
@@ -625,7 +625,7 @@ void chat_session::apply_pending_shift() {
     const int32_t rc = llama_decode(ctx_, batch);
     capture_.enabled = true;
     llama_batch_free(batch);
-    llama_memory_seq_rm(llama_get_memory(ctx_), KV_SEQ, ledger_.next_pos(), -1);
+    kv_drop_unledgered(ctx_, ledger_);
     if (rc != 0) {
         throw fml_error(FML_ERR_DECODE, "llama_decode failed while applying a pending K-shift");
     }
@@ -806,7 +806,6 @@ double chat_session::plain_decode(int32_t n) {
     }
     turn_stats st;
     make_room((size_t) n + 1, 0, st);
-    const size_t keep = ledger_.size();
     sampling_options so;
     so.temperature = 0.0f;
     sampler_chain sampler(so, model_->info().n_vocab);
@@ -824,7 +823,7 @@ double chat_session::plain_decode(int32_t n) {
     }
     const double ms = ms_since(t0);
     llama_batch_free(batch);
-    llama_memory_seq_rm(llama_get_memory(ctx_), KV_SEQ, (llama_pos) keep, -1);
+    kv_drop_unledgered(ctx_, ledger_);
     return ms;
 }
 

@@ -161,6 +161,11 @@ void kv_clear(llama_context * ctx, token_ledger & ledger) {
 
 int32_t kv_pos_min(llama_context * ctx) { return llama_memory_seq_pos_min(llama_get_memory(ctx), KV_SEQ); }
 int32_t kv_pos_max(llama_context * ctx) { return llama_memory_seq_pos_max(llama_get_memory(ctx), KV_SEQ); }
+int32_t kv_scratch_pos_max(llama_context * ctx) { return llama_memory_seq_pos_max(llama_get_memory(ctx), KV_SCRATCH_SEQ); }
+
+void kv_drop_unledgered(llama_context * ctx, const token_ledger & ledger) {
+    llama_memory_seq_rm(llama_get_memory(ctx), KV_SEQ, ledger.next_pos(), -1);
+}
 bool kv_can_shift(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
 
 } // namespace fml

@@ -56,6 +56,13 @@ void kv_truncate(llama_context * ctx, token_ledger & ledger, size_t keep);
 
 void kv_clear(llama_context * ctx, token_ledger & ledger);
 
+// Removes cached positions the ledger does not hold (>= ledger.next_pos()): what a failed or aborted
+// batch left behind, or the tokens of a probe decode. The ledger is unchanged.
+void kv_drop_unledgered(llama_context * ctx, const token_ledger & ledger);
+
+// Highest position of the summarizer's scratch sequence (-1 when empty).
+int32_t kv_scratch_pos_max(llama_context * ctx);
+
 // llama.cpp's own view of the sequence, for invariant checks against the ledger.
 int32_t kv_pos_min(llama_context * ctx);
 int32_t kv_pos_max(llama_context * ctx);

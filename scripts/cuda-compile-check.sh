@@ -45,3 +45,27 @@ objects=$(find "$OUT" -path '*ggml-cuda*' -name '*.cu.o' | wc -l)
 lib=$(find "$OUT" -name 'libggml-cuda.a' | head -1)
 echo "[cuda-check] OK in $(( $(date +%s) - start )) s: $objects CUDA objects compiled (of $sources .cu files in ggml-cuda;" \
   "unused fattn-vec quant instances are not built), $(du -h "$lib" | cut -f1) $lib, core compiled against the CUDA-enabled ggml"
+
+# The FML_CUBLAS_ROOT branch for a real cuBLAS laid out like NVIDIA's pip wheel (versioned .so files
+# only, no libcublas.so): configure against empty stand-in libraries and check that the addon would link
+# those exact files and compile with that include directory. Configure only; a few seconds.
+wheel="$(cd "$OUT" && pwd)/wheel-layout"
+rm -rf "$wheel" "$OUT/real-cublas"
+mkdir -p "$wheel/include" "$wheel/lib"
+cp scripts/cuda-stubs/include/cublas_v2.h "$wheel/include/"
+echo 'void fml_stand_in(void) {}' >"$wheel/stand-in.c"
+for lib in libcublas.so.13 libcublasLt.so.13 libcuda.so; do
+  cc -shared -fPIC -o "$wheel/lib/$lib" "$wheel/stand-in.c" -Wl,-soname,"$lib"
+done
+cmake -S . -B "$OUT/real-cublas" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DFML_CUDA=ON \
+  -DFML_CUDA_ROOT="$CUDA_ROOT" -DFML_CUBLAS_ROOT="$wheel" -DCUDA_cuda_driver_LIBRARY="$wheel/lib/libcuda.so" \
+  "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS" >"$OUT/fml-configure-real.log" 2>&1 ||
+  { cat "$OUT/fml-configure-real.log"; echo "[cuda-check] FAILED: configure with FML_CUBLAS_ROOT (wheel layout)"; exit 1; }
+rules=$(find "$OUT/real-cublas" -maxdepth 1 -name 'build.ninja' -o -maxdepth 1 -name 'Makefile' | head -1)
+links=$(grep -rhoE "$wheel/lib/libcublas(Lt)?\.so\.13" "$OUT/real-cublas" --include='*.ninja' --include='link.txt' | sort -u | wc -l)
+includes=$(grep -rhoE -e "-I$wheel/include|-isystem[ =]$wheel/include" "$OUT/real-cublas" --include='*.ninja' --include='flags.make' | wc -l)
+if [ "$links" -ne 2 ] || [ "$includes" -lt 1 ]; then
+  echo "[cuda-check] FAILED: FML_CUBLAS_ROOT (wheel layout): $links of 2 cuBLAS libraries on the link line, $includes compile lines with its include dir ($rules)"
+  exit 1
+fi
+echo "[cuda-check] OK: FML_CUBLAS_ROOT with a wheel layout configures; the addon links its libcublas.so.13 + libcublasLt.so.13 and $includes CUDA compile lines use its include dir"

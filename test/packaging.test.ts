@@ -1,7 +1,7 @@
 // Backend selection: a CUDA variant that cannot load (no cuBLAS, no GPU here) falls back to the CPU
 // variant; FINITE_MEMORY_BACKEND forces one. Runs in child processes: the binding is loaded once per process.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { testDir, testModelPath } from './helpers.ts';
@@ -49,6 +49,17 @@ describe('backend selection', () => {
   it('a CUDA variant that cannot load falls back to CPU when a driver seems present', () => {
     const out = child({ FML_ASSUME_NVIDIA_DRIVER: '1', FML_CUDA_ADDON_PATH: fakeCuda });
     expect(out).toEqual({ variant: 'cpu', backend: 'cpu', gpuDevices: 0, ok: true });
+  });
+
+  it('a CUDA variant that loads but reports no CUDA device is not used: CPU instead, or a typed error when forced', () => {
+    // The CPU build stands in for a CUDA build on a machine whose driver sees no device: it loads and
+    // gpuDeviceCount() is 0.
+    const cpuBuild = join(root, 'build', 'Release', 'finite_memory_llm.node');
+    if (!existsSync(cpuBuild)) return; // installed from a prebuild only: nothing to stand in
+    expect(child({ FML_ASSUME_NVIDIA_DRIVER: '1', FML_CUDA_ADDON_PATH: cpuBuild })).toEqual({ variant: 'cpu', backend: 'cpu', gpuDevices: 0, ok: true });
+    const forced = child({ FINITE_MEMORY_BACKEND: 'cuda', FML_CUDA_ADDON_PATH: cpuBuild });
+    expect(forced.error).toBe('NATIVE_BINDING_NOT_FOUND');
+    expect(forced.message).toMatch(/loaded, but no CUDA device is usable/);
   });
 
   it('FINITE_MEMORY_BACKEND=cuda with an unusable CUDA variant is a typed error that says why', () => {

@@ -1,0 +1,80 @@
+// Per-step decode cost of a turn (ledger, streaming, policy checks) vs bare llama_decode, measured
+// interleaved on the same chat so both see the same cache, context fill and machine state.
+//   npx tsx bench/decode-overhead.ts [--no-write]
+// Why: the turn benchmark's goal-3 column compares against plain runs taken before and after all the
+// measured turns, and gave contradicting signs across models (RESULTS.md). Here each pair is
+// plainDecode(32) and one turn of 32 generated tokens (which goes first alternates) (greedy, onToken streaming to a no-op callback)
+// on the same chat with the budget full; the turn's per-step time is decodeMs / (generated - 1).
+import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { loadModel, type PolicyName } from '../src/index.ts';
+import { writeLlamaModel } from '../src/gguf-writer.ts';
+import { machine, median, SHARED_MODELS, writeResultsSection } from './common.ts';
+
+const WRITE = !process.argv.includes('--no-write');
+const PAIRS = 20;
+const STEPS = 32;
+const MAX_TOKENS = 2048;
+const POLICIES: PolicyName[] = ['sliding', 'importance'];
+
+const models: { name: string; path: string; about: string }[] = [];
+const genPath = join(tmpdir(), 'fml-bench-overhead.gguf');
+writeLlamaModel(genPath, { layers: 8, embd: 256, heads: 8, kvHeads: 4, headDim: 32, ffn: 512, type: 'f16', ctx: 4096, seed: 1 });
+models.push({ name: 'generated', path: genPath, about: '8 layers, 4 KV heads x head dim 32, F16, seeded random weights' });
+const stories = join(SHARED_MODELS, 'stories260K.gguf');
+if (existsSync(stories)) models.push({ name: 'stories260K', path: stories, about: '5 layers, 4 KV heads x head dim 8, trained' });
+else console.log(`stories260K skipped: ${stories} not found`);
+
+const rows: string[] = [];
+for (const m of models) {
+  const model = await loadModel(m.path, { threads: 1 });
+  for (const policy of POLICIES) {
+    const chat = model.createChat({ maxTokens: MAX_TOKENS, policy, threads: 1 });
+    const internals = chat._internals();
+    while (internals.cacheState().ledgerTokens < MAX_TOKENS - 100) {
+      await chat.send('Once upon a time there was a little dog who liked to run in the park.', { maxNewTokens: STEPS, temperature: 0 });
+    }
+    internals.plainDecode(STEPS); // untimed
+    const plain: number[] = [];
+    const turn: number[] = [];
+    const ratios: number[] = [];
+    for (let k = 0; k < PAIRS; k++) {
+      // Alternate which goes first, so a slow stretch of the machine does not always land on one side.
+      const turnFirst = k % 2 === 1;
+      const send = () => chat.send('Tell me more about the dog.', { maxNewTokens: STEPS, temperature: 0, onToken: () => {} });
+      const r0 = turnFirst ? await send() : undefined;
+      const p = internals.plainDecode(STEPS) / STEPS;
+      const r = r0 ?? (await send());
+      const steps = r.stopReason === 'eos' ? r.stats.generatedTokens : r.stats.generatedTokens - 1;
+      if (steps < 8) continue; // an early end of turn: too few steps to time
+      const t = r.stats.decodeMs / steps;
+      plain.push(p);
+      turn.push(t);
+      ratios.push(t / p - 1);
+    }
+    const pct = (x: number) => `${(x * 100).toFixed(1)}%`;
+    const sortedRatios = [...ratios].sort((a, b) => a - b);
+    rows.push(
+      `| ${m.name} | ${policy} | ${plain.length} | ${median(plain).toFixed(3)} | ${median(turn).toFixed(3)} | ${pct(median(turn) / median(plain) - 1)} | ${pct(median(ratios))} | ${pct(sortedRatios[0] ?? NaN)} .. ${pct(sortedRatios.at(-1) ?? NaN)} |`,
+    );
+    console.log(rows.at(-1));
+    chat.dispose();
+  }
+  model.dispose();
+}
+
+const body = [
+  '## Decode overhead, interleaved (`npx tsx bench/decode-overhead.ts`)',
+  '',
+  `- machine: ${machine()}`,
+  ...models.map((m) => `- model ${m.name}: ${m.about}`),
+  `- maxTokens ${MAX_TOKENS}, budget full (filled to ${MAX_TOKENS - 100} first, then every turn evicts), 1 thread, KV F16, flash attention llama.cpp's choice (importance turns it off)`,
+  `- ${PAIRS} pairs per row (order alternating): plainDecode(${STEPS}) (bare llama_decode + greedy sampling) and one turn of ${STEPS} greedy tokens with onToken streaming; turn per step = decodeMs / decode steps`,
+  '',
+  '| model | policy | pairs | plain ms/step | turn ms/step | overhead (medians) | overhead (median of pairs) | pair range |',
+  '|---|---|---:|---:|---:|---:|---:|---:|',
+  ...rows,
+].join('\n');
+console.log(body);
+if (WRITE) writeResultsSection('decode-overhead', body);

@@ -1,11 +1,31 @@
 // Shared helpers for benchmarks: setup printing, medians, RESULTS.md sections.
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { cpus, totalmem } from 'node:os';
+import { cpus, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
+import { writeLlamaModel, type LlamaModelInput } from '../src/gguf-writer.ts';
 
 export const ROOT = join(import.meta.dirname, '..');
 export const SHARED_MODELS = process.env.FML_SHARED_MODELS ?? join(ROOT, '..', 'shared', 'models');
+
+/** The benchmarks' generated model: big enough that attention and matmuls dominate a step, seeded. */
+export const GENERATED_MODEL: LlamaModelInput = { layers: 8, embd: 256, heads: 8, kvHeads: 4, headDim: 32, ffn: 512, type: 'f16', ctx: 4096, seed: 1 };
+
+/**
+ * The two small models the CPU benchmarks compare on: the generated one (written to the temp dir as
+ * `file`) and the trained stories260K when ../shared/models has it (skipped with a message otherwise).
+ */
+export function smallModels(file: string): { name: string; path: string; about: string }[] {
+  const models: { name: string; path: string; about: string }[] = [];
+  const path = join(tmpdir(), file);
+  writeLlamaModel(path, GENERATED_MODEL);
+  const g = GENERATED_MODEL;
+  models.push({ name: 'generated', path, about: `${g.layers} layers, ${g.kvHeads} KV heads x head dim ${g.headDim}, ${g.type?.toUpperCase()}, seeded random weights` });
+  const stories = join(SHARED_MODELS, 'stories260K.gguf');
+  if (existsSync(stories)) models.push({ name: 'stories260K', path: stories, about: '5 layers, 4 KV heads x head dim 8, trained' });
+  else console.log(`stories260K skipped: ${stories} not found`);
+  return models;
+}
 
 export function machine(): string {
   const cpu = cpus()[0]?.model ?? 'unknown CPU';

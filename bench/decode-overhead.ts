@@ -5,12 +5,8 @@
 // measured turns, and gave contradicting signs across models (RESULTS.md). Here each pair is
 // plainDecode(32) and one turn of 32 generated tokens (which goes first alternates) (greedy, onToken streaming to a no-op callback)
 // on the same chat with the budget full; the turn's per-step time is decodeMs / (generated - 1).
-import { existsSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { loadModel, type PolicyName } from '../src/index.ts';
-import { writeLlamaModel } from '../src/gguf-writer.ts';
-import { machine, median, SHARED_MODELS, writeResultsSection } from './common.ts';
+import { machine, median, smallModels, writeResultsSection } from './common.ts';
 
 const WRITE = !process.argv.includes('--no-write');
 const PAIRS = 20;
@@ -18,13 +14,7 @@ const STEPS = 32;
 const MAX_TOKENS = 2048;
 const POLICIES: PolicyName[] = ['sliding', 'importance'];
 
-const models: { name: string; path: string; about: string }[] = [];
-const genPath = join(tmpdir(), 'fml-bench-overhead.gguf');
-writeLlamaModel(genPath, { layers: 8, embd: 256, heads: 8, kvHeads: 4, headDim: 32, ffn: 512, type: 'f16', ctx: 4096, seed: 1 });
-models.push({ name: 'generated', path: genPath, about: '8 layers, 4 KV heads x head dim 32, F16, seeded random weights' });
-const stories = join(SHARED_MODELS, 'stories260K.gguf');
-if (existsSync(stories)) models.push({ name: 'stories260K', path: stories, about: '5 layers, 4 KV heads x head dim 8, trained' });
-else console.log(`stories260K skipped: ${stories} not found`);
+const models = smallModels('fml-bench-overhead.gguf');
 
 const rows: string[] = [];
 for (const m of models) {

@@ -6,12 +6,8 @@
 // the same greedy turns, then `plainDecode(32)` (bare llama_decode + greedy sampling) 7 times after one
 // untimed run; the median per step is reported. The settings are interleaved run by run so that load
 // from other processes hits them alike.
-import { existsSync } from 'node:fs';
-import { join } from 'node:path';
-import { tmpdir } from 'node:os';
 import { loadModel, type Chat } from '../src/index.ts';
-import { writeLlamaModel } from '../src/gguf-writer.ts';
-import { machine, median, SHARED_MODELS, writeResultsSection } from './common.ts';
+import { machine, median, smallModels, writeResultsSection } from './common.ts';
 
 const WRITE = !process.argv.includes('--no-write');
 const RUNS = 7;
@@ -22,13 +18,7 @@ const SETTINGS = [
   { label: 'off', flashAttention: false },
 ] as const;
 
-const models: { name: string; path: string; about: string }[] = [];
-const genPath = join(tmpdir(), 'fml-bench-fa.gguf');
-writeLlamaModel(genPath, { layers: 8, embd: 256, heads: 8, kvHeads: 4, headDim: 32, ffn: 512, type: 'f16', ctx: 4096, seed: 1 });
-models.push({ name: 'generated', path: genPath, about: '8 layers, 4 KV heads x head dim 32, F16, seeded random weights' });
-const stories = join(SHARED_MODELS, 'stories260K.gguf');
-if (existsSync(stories)) models.push({ name: 'stories260K', path: stories, about: '5 layers, 4 KV heads x head dim 8, trained' });
-else console.log(`stories260K skipped: ${stories} not found`);
+const models = smallModels('fml-bench-fa.gguf');
 
 const rows: string[] = [];
 for (const m of models) {

@@ -23,7 +23,7 @@ import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { writeLlamaModel, type LlamaModelInput } from '../src/gguf-writer.ts';
 import { loadModel, POLICIES, type Chat, type Model, type PolicyName } from '../src/index.ts';
-import { machine, median, ROOT, SHARED_MODELS, writeResultsSection } from './common.ts';
+import { GENERATED_MODEL, machine, median, ROOT, SHARED_MODELS, writeResultsSection } from './common.ts';
 import { barChart } from './svg.ts';
 
 const args = process.argv.slice(2);
@@ -53,7 +53,7 @@ const SLOW_FACTOR = 2;
 const SYSTEM_PROMPT = 'You are a helpful assistant. Answer briefly and stay on topic.';
 const NLC_VERSION = '3.21.1';
 
-const GENERATED: LlamaModelInput = { layers: 8, embd: 256, heads: 8, kvHeads: 4, headDim: 32, ffn: 512, type: 'f16', ctx: 4096, seed: 1 };
+const GENERATED: LlamaModelInput = GENERATED_MODEL;
 
 // User messages, cycled in order (turn i gets PROMPTS[i % PROMPTS.length]); similar lengths on purpose.
 const PROMPTS = [

@@ -4,14 +4,13 @@
 // CPU-only machine it is skipped with a message.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, systemInfo, type Model } from '../src/index.ts';
-import { checkCache, testModelPath, THREADS } from './helpers.ts';
+import { THREADS, checkCache, maxAbsDiff, testModelPath } from './helpers.ts';
 
 const info = systemInfo();
 const onCuda = info.variant === 'cuda';
 if (!onCuda) console.log(`[backend.test] CUDA checks skipped: the ${info.variant} variant is loaded (${info.binary}); run scripts/gpu-check.sh on a GPU machine`);
 
 const maxAbs = (a: Float32Array) => a.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
-const maxAbsDiff = (a: Float32Array, b: Float32Array) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - (b[i] ?? NaN))), 0);
 
 describe('model.info: backend and device', () => {
   let model: Model;

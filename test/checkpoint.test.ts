@@ -4,7 +4,7 @@ import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CheckpointError, loadModel, POLICIES, type Model } from '../src/index.ts';
-import { testDir, testModelPath, THREADS } from './helpers.ts';
+import { THREADS, maxAbsDiff, testDir, testModelPath } from './helpers.ts';
 
 let model: Model;
 let other: Model;
@@ -17,7 +17,6 @@ afterAll(() => {
   other?.dispose();
 });
 
-const maxAbsDiff = (a: Float32Array, b: Float32Array) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - (b[i] ?? NaN))), 0);
 let n = 0;
 const file = (name: string) => join(testDir, `${name}-${n++}.fmlckpt`);
 

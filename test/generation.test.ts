@@ -1,7 +1,7 @@
 // Logits under a whole-sequence K-shift, seeded determinism, streaming, abort, dispose.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DisposedError, loadModel, type Model } from '../src/index.ts';
-import { testModelPath, THREADS } from './helpers.ts';
+import { THREADS, maxAbsDiff, testModelPath } from './helpers.ts';
 
 let model: Model;
 beforeAll(async () => {
@@ -9,7 +9,6 @@ beforeAll(async () => {
 });
 afterAll(() => model?.dispose());
 
-const maxAbsDiff = (a: Float32Array, b: Float32Array) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - (b[i] ?? NaN))), 0);
 
 describe('K-shift', () => {
   it('a whole-sequence position shift leaves the next-token logits unchanged (F32 cache)', async () => {

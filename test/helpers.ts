@@ -36,3 +36,6 @@ export function checkCache(chat: Chat, maxTokens: number) {
   expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
   return cache;
 }
+
+/** Largest elementwise difference of two logit vectors (NaN-safe: a missing element counts as NaN). */
+export const maxAbsDiff = (a: Float32Array, b: Float32Array): number => a.reduce((m, v, i) => Math.max(m, Math.abs(v - (b[i] ?? NaN))), 0);

@@ -298,6 +298,12 @@ void chat_session::absorb_signals(size_t first_new, size_t n_new) {
     }
 }
 
+void chat_session::test_token_delay() const {
+    if (opts_.test_token_delay_ms > 0) {
+        std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(opts_.test_token_delay_ms));
+    }
+}
+
 bool chat_session::decode_scratch(const std::vector<int32_t> & tokens, int32_t pos0) {
     llama_batch batch = llama_batch_init((int32_t) tokens.size(), 0, 1);
     fill_batch(batch, tokens.data(), tokens.size(), pos0, KV_SCRATCH_SEQ, false, true);
@@ -327,10 +333,8 @@ void chat_session::summarize_and_evict(const eviction_plan & plan, turn_stats & 
         so.repeat_penalty = 1.1f;
         sampler_chain sampler(so, model_->info().n_vocab);
         while (summary.size() < max_summary) {
-            if (opts_.test_token_delay_ms > 0) {
-            std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(opts_.test_token_delay_ms));
-        }
-        const int32_t tok = llama_sampler_sample(sampler.raw(), ctx_, -1);
+            test_token_delay();
+            const int32_t tok = llama_sampler_sample(sampler.raw(), ctx_, -1);
             if (model_->is_eog(tok)) {
                 break;
             }
@@ -517,9 +521,7 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
             result.reason = STOP_MAX_TOKENS;
             break;
         }
-        if (opts_.test_token_delay_ms > 0) {
-            std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(opts_.test_token_delay_ms));
-        }
+        test_token_delay();
         const int32_t tok = llama_sampler_sample(sampler.raw(), ctx_, -1);
         if (model_->is_eog(tok)) {
             result.reason = STOP_EOS;
@@ -618,13 +620,11 @@ void chat_session::apply_pending_shift() {
     if (ledger_.size() >= llama_n_ctx(ctx_)) {
         throw fml_error(FML_ERR_KV, "no free cell to apply the pending K-shift");
     }
-    llama_batch batch = llama_batch_init(1, 0, 1);
     const int32_t last = ledger_[ledger_.size() - 1].token;
-    fill_batch(batch, &last, 1, ledger_.next_pos(), KV_SEQ, false, false);
+    fill_batch(batch_, &last, 1, ledger_.next_pos(), KV_SEQ, false, false);
     capture_.enabled = false;
-    const int32_t rc = llama_decode(ctx_, batch);
+    const int32_t rc = llama_decode(ctx_, batch_);
     capture_.enabled = true;
-    llama_batch_free(batch);
     kv_drop_unledgered(ctx_, ledger_);
     if (rc != 0) {
         throw fml_error(FML_ERR_DECODE, "llama_decode failed while applying a pending K-shift");
@@ -809,20 +809,18 @@ double chat_session::plain_decode(int32_t n) {
     sampling_options so;
     so.temperature = 0.0f;
     sampler_chain sampler(so, model_->info().n_vocab);
-    llama_batch batch = llama_batch_init(1, 0, 1);
     int32_t pos = ledger_.next_pos();
     // Start from a fresh logits row: decode the last token again at the next position.
     int32_t tok = ledger_.empty() ? model_->bos() : ledger_[ledger_.size() - 1].token;
     const auto t0 = clock_type::now();
     for (int32_t i = 0; i < n; ++i) {
-        fill_batch(batch, &tok, 1, pos++, KV_SEQ, true, true);
-        if (llama_decode(ctx_, batch) != 0) {
+        fill_batch(batch_, &tok, 1, pos++, KV_SEQ, true, true);
+        if (llama_decode(ctx_, batch_) != 0) {
             break;
         }
         tok = llama_sampler_sample(sampler.raw(), ctx_, -1);
     }
     const double ms = ms_since(t0);
-    llama_batch_free(batch);
     kv_drop_unledgered(ctx_, ledger_);
     return ms;
 }

@@ -206,6 +206,7 @@ private:
     void evict(const eviction_request & req, turn_stats & st);
     // The model summarizes the evicted tokens in a scratch sequence; the summary takes their place.
     void summarize_and_evict(const eviction_plan & plan, turn_stats & st);
+    void test_token_delay() const;   // test hook (chat_options::test_token_delay_ms)
     bool decode_scratch(const std::vector<int32_t> & tokens, int32_t pos0);
 
     std::shared_ptr<fml_model> model_;

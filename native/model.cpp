@@ -4,6 +4,8 @@
 #include "hash.h"
 
 #include "ggml-backend.h"
+
+#include <tuple>
 #include "gguf.h"
 #include "llama.h"
 
@@ -172,33 +174,27 @@ static std::string meta_str(const llama_model * model, const char * key) {
     return n < 0 ? std::string() : std::string(buf, std::min<size_t>((size_t) n, sizeof(buf) - 1));
 }
 
-static std::string detect_cpu_name() {
+// The backend doing the work and its device's name: the first GPU device ggml registered (backend
+// name, e.g. "cuda", and description, e.g. the card's name) when layers are offloaded to it, else the CPU.
+static std::pair<std::string, std::string> detect_backend(bool offloading) {
+    std::string cpu_name = "CPU";
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
         ggml_backend_dev_t dev = ggml_backend_dev_get(i);
         const char * desc = ggml_backend_dev_description(dev);
-        if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU && desc && *desc) {
-            return desc;
-        }
-    }
-    return "CPU";
-}
-
-// The first GPU device ggml registered (its backend name, e.g. "cuda", and its description, e.g. the
-// card's name), or the CPU.
-static std::pair<std::string, std::string> detect_backend() {
-    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-        if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) {
+        const enum ggml_backend_dev_type type = ggml_backend_dev_type(dev);
+        if (type == GGML_BACKEND_DEVICE_TYPE_GPU && offloading) {
             const char * reg = ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev));
             std::string name = reg ? reg : "gpu";
             for (auto & c : name) {
                 c = (char) tolower((unsigned char) c);
             }
-            const char * desc = ggml_backend_dev_description(dev);
             return { name, desc && *desc ? desc : ggml_backend_dev_name(dev) };
         }
+        if (type == GGML_BACKEND_DEVICE_TYPE_CPU && desc && *desc) {
+            cpu_name = desc;
+        }
     }
-    return { "cpu", detect_cpu_name() };
+    return { "cpu", cpu_name };
 }
 
 std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model_load_options & opts) {
@@ -247,15 +243,11 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
     info.size_bytes = llama_model_size(model);
     info.n_params = llama_model_n_params(model);
     info.gpu_layers = opts.gpu_layers < 0 ? info.n_layer : std::min(opts.gpu_layers, info.n_layer);
-    const auto backend = detect_backend();
-    info.backend = backend.first;
-    info.device = backend.second;
+    // A GPU build with nothing offloaded (gpuLayers: 0) runs on the CPU and reports it.
+    std::tie(info.backend, info.device) = detect_backend(info.gpu_layers != 0);
     info.fingerprint = fingerprint;
     if (info.backend == "cpu") {
         info.gpu_layers = 0;
-    } else if (info.gpu_layers == 0) {
-        info.backend = "cpu";   // a GPU build, but nothing offloaded: the CPU does the work
-        info.device = detect_cpu_name();
     }
 
     // Use the model's template when llama.cpp recognises it, else ChatML.

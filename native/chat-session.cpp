@@ -71,16 +71,9 @@ static void fill_batch(llama_batch & batch, const int32_t * tokens, size_t n, in
 
 chat_session::chat_session(std::shared_ptr<fml_model> model, const chat_options & opts)
     : model_(std::move(model)), opts_(opts) {
+    // Option values were validated by resolve_chat_options (options.cpp); what is checked here
+    // depends on the model.
     const policy_options & p = opts_.policy;
-    if (p.max_tokens < 16) {
-        throw fml_error(FML_ERR_INVALID_OPTION, "maxTokens must be at least 16");
-    }
-    if (p.window_size >= p.max_tokens) {
-        throw fml_error(FML_ERR_INVALID_OPTION, "windowSize must be smaller than maxTokens");
-    }
-    if (p.sink_tokens >= p.max_tokens / 2) {
-        throw fml_error(FML_ERR_INVALID_OPTION, "sinkTokens must be smaller than maxTokens / 2");
-    }
     const ggml_type kv_type = kv_type_from_name(opts_.kv_type);
     policy_ = make_policy(p);
 
@@ -92,11 +85,7 @@ chat_session::chat_session(std::shared_ptr<fml_model> model, const chat_options 
         const std::vector<int32_t> framed = frame_tokens("system", opts_.system_prompt);
         system_tokens_.insert(system_tokens_.end(), framed.begin(), framed.end());
     }
-    if (system_tokens_.size() + p.sink_tokens + 16 > p.max_tokens / 2) {
-        throw fml_error(FML_ERR_PROMPT_TOO_LARGE,
-                        "the system prompt (" + std::to_string(system_tokens_.size()) +
-                        " tokens) must fit in half of maxTokens with the sinks and some room");
-    }
+    check_budget();
 
     // Signals the policy needs. Attention weights exist only with flash attention off and need the
     // cell -> position map; otherwise importance uses the key-norm proxy.
@@ -122,9 +111,6 @@ chat_session::chat_session(std::shared_ptr<fml_model> model, const chat_options 
     if (policy_->summarizes()) {
         summary_instruction_ = frame_tokens("user", SUMMARY_INSTRUCTION);
         scratch_cells = (uint32_t) summary_instruction_.size() + p.summary_tokens + 8;
-        if (system_tokens_.size() + p.sink_tokens + p.summary_tokens + 16 > p.max_tokens) {
-            throw fml_error(FML_ERR_INVALID_OPTION, "maxTokens is too small for summaries of summaryTokens tokens");
-        }
     }
 
     llama_context_params cp = llama_context_default_params();
@@ -182,6 +168,34 @@ chat_session::~chat_session() {
     }
 }
 
+size_t chat_session::pinned_after_start() const {
+    // Sinks are the first tokens of the sequence, so once a turn is in, max(system prompt, sinks) are pinned.
+    return std::max(started_ ? ledger_.pinned_count() : system_tokens_.size(), (size_t) opts_.policy.sink_tokens);
+}
+
+void chat_session::check_budget() {
+    // The smallest turn a chat must always be able to take: the carried end of the previous reply
+    // (its last sampled token and the template's end-of-turn), a one-token message in its framing,
+    // and one reply token, on top of the pinned prefix (system prompt and attention sinks). Summaries
+    // take whatever room an eviction frees beyond that, so they add nothing here.
+    closing_tokens_ = model_->tokenize(model_->frame_message("assistant").suffix, false, true);
+    const size_t pinned = pinned_after_start();
+    const size_t carry = 1 + closing_tokens_.size();
+    const size_t framing = frame_tokens("user", "x").size();
+    const size_t required = pinned + carry + framing + 1;
+    if (required <= opts_.policy.max_tokens) {
+        return;
+    }
+    const std::string why = "maxTokens " + std::to_string(opts_.policy.max_tokens) + " cannot hold a turn of this chat: " +
+        std::to_string(pinned) + " pinned tokens (system prompt " + std::to_string(system_tokens_.size()) + ", attention sinks " +
+        std::to_string(opts_.policy.sink_tokens) + "), " + std::to_string(framing) + " for a one-token message in the chat template, " +
+        std::to_string(carry) + " carried from the previous reply and 1 to reply: maxTokens must be at least " + std::to_string(required);
+    // The system prompt is what does not fit when the same chat without it would: the prompt is too
+    // large. Otherwise the budget is too small for this model's framing.
+    const size_t without_system = std::max((size_t) (model_->add_bos() ? 1 : 0), (size_t) opts_.policy.sink_tokens) + carry + framing + 1;
+    throw fml_error(!opts_.system_prompt.empty() && without_system <= opts_.policy.max_tokens ? FML_ERR_PROMPT_TOO_LARGE : FML_ERR_INVALID_OPTION, why);
+}
+
 uint32_t chat_session::context_size() const { return llama_n_ctx(ctx_); }
 int32_t chat_session::scratch_pos_max() const {
     // Only contexts of summarizing policies have the scratch sequence; asking llama.cpp about a
@@ -236,6 +250,7 @@ bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t t
         const int32_t pos0 = ledger_.next_pos();
         fill_batch(batch_, tokens.data() + start, n, pos0, KV_SEQ, false, want_logits && start + n == tokens.size());
         capture_.begin_batch((int32_t) n, pos0);
+        test_token_delay();
         const int32_t rc = llama_decode(ctx_, batch_);
         if (rc != 0) {
             // Drop whatever ubatches of this batch reached the cache, so cache == ledger again.
@@ -305,19 +320,27 @@ void chat_session::test_token_delay() const {
 }
 
 bool chat_session::decode_scratch(const std::vector<int32_t> & tokens, int32_t pos0) {
-    llama_batch batch = llama_batch_init((int32_t) tokens.size(), 0, 1);
-    fill_batch(batch, tokens.data(), tokens.size(), pos0, KV_SCRATCH_SEQ, false, true);
-    const int32_t rc = llama_decode(ctx_, batch);
-    llama_batch_free(batch);
-    return rc == 0;
+    // In chunks of n_batch, like every decode: llama.cpp aborts the process on a larger batch.
+    const size_t n_batch = llama_n_batch(ctx_);
+    for (size_t start = 0; start < tokens.size(); start += n_batch) {
+        const size_t n = std::min(n_batch, tokens.size() - start);
+        fill_batch(batch_, tokens.data() + start, n, pos0 + (int32_t) start, KV_SCRATCH_SEQ, false, start + n == tokens.size());
+        if (llama_decode(ctx_, batch_) != 0) {
+            return false;
+        }
+    }
+    return true;
 }
 
-void chat_session::summarize_and_evict(const eviction_plan & plan, turn_stats & st) {
+void chat_session::summarize_and_evict(const eviction_plan & plan, size_t hard_need, turn_stats & st) {
     const auto t0 = clock_type::now();
     const std::vector<index_range> ranges = normalize_ranges(plan.ranges);
     const size_t end = ranges.back().end;         // the summarizer sees everything up to the last evicted token
     const size_t insert_at = ranges.front().begin;
-    const uint32_t max_summary = opts_.policy.summary_tokens;
+    // The summary takes what the eviction frees beyond what the incoming tokens need (a small budget
+    // can leave less than summaryTokens).
+    const size_t freed = plan.total();
+    const uint32_t max_summary = (uint32_t) std::min<size_t>(opts_.policy.summary_tokens, freed > hard_need ? freed - hard_need : 0);
 
     // The scratch sequence shares the history's cells, so nothing is re-prefilled: only the
     // instruction and the summary itself are decoded. Signals are not collected for it.
@@ -365,7 +388,7 @@ void chat_session::summarize_and_evict(const eviction_plan & plan, turn_stats & 
     cumulative_.tokens_seen += summary.size();
 }
 
-void chat_session::evict(const eviction_request & req, turn_stats & st) {
+void chat_session::evict(const eviction_request & req, size_t hard_need, turn_stats & st) {
     // Latency guard: a policy that throws or takes longer than max_policy_ms is replaced by sliding
     // for this eviction, and the fallback is counted.
     auto t0 = clock_type::now();
@@ -404,7 +427,7 @@ void chat_session::evict(const eviction_request & req, turn_stats & st) {
     t0 = clock_type::now();
     const double summary_ms_before = st.summary_ms;
     if (plan.summarize) {
-        summarize_and_evict(plan, st);
+        summarize_and_evict(plan, hard_need, st);
     } else {
         const kv_eviction_result res = kv_evict_ranges(ctx_, ledger_, plan.ranges);
         st.evicted_tokens += (uint32_t) res.evicted;
@@ -425,7 +448,8 @@ void chat_session::make_room(size_t incoming, size_t slack, turn_stats & st) {
     if (ledger_.size() + incoming <= budget) {
         return;
     }
-    size_t need = ledger_.size() + incoming - budget;
+    const size_t hard_need = ledger_.size() + incoming - budget;
+    size_t need = hard_need;
     const size_t evictable = evictable_count(ledger_);
     if (need > evictable) {
         throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "not enough evictable tokens to fit the turn in maxTokens");
@@ -434,7 +458,7 @@ void chat_session::make_room(size_t incoming, size_t slack, turn_stats & st) {
     if (policy_->summarizes()) {
         need = std::min(evictable, need + opts_.policy.summary_tokens);
     }
-    evict({ need, std::min(evictable, need + slack) }, st);
+    evict({ need, std::min(evictable, need + slack) }, hard_need, st);
     if (ledger_.size() + incoming > budget) {
         throw fml_error(FML_ERR_INTERNAL, "eviction left the budget exceeded");
     }
@@ -455,7 +479,7 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
     const std::vector<int32_t> framed = frame_tokens("user", user_text);
     prompt.insert(prompt.end(), framed.begin(), framed.end());
     const size_t budget = opts_.policy.max_tokens;
-    const size_t pinned = started_ ? ledger_.pinned_count() : system_tokens_.size() + opts_.policy.sink_tokens;
+    const size_t pinned = pinned_after_start();
     if (pinned + prompt.size() + 1 > budget) {
         throw fml_error(FML_ERR_PROMPT_TOO_LARGE,
                         "the message needs " + std::to_string(framed.size()) + " tokens but maxTokens " + std::to_string(budget) +
@@ -496,7 +520,7 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
     st.prefill_ms = ms_since(t0) + system_ms;
     if (!ok) {
         // Aborted during prefill: roll back to the state before this turn's tokens.
-        kv_truncate(ctx_, ledger_, ledger_before);
+        rollback_to(ledger_before);
         --turn_;
         result.reason = STOP_ABORT;
         st.retained_tokens = (uint32_t) ledger_.size();
@@ -521,7 +545,6 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
             result.reason = STOP_MAX_TOKENS;
             break;
         }
-        test_token_delay();
         const int32_t tok = llama_sampler_sample(sampler.raw(), ctx_, -1);
         if (model_->is_eog(tok)) {
             result.reason = STOP_EOS;
@@ -561,15 +584,21 @@ turn_result chat_session::run_turn(const std::string & user_text, const generati
     if (pending >= 0) {
         carry_.push_back(pending);
     }
-    const message_frame frame = model_->frame_message("assistant");
-    const std::vector<int32_t> closing = model_->tokenize(frame.suffix, false, true);
-    carry_.insert(carry_.end(), closing.begin(), closing.end());
+    carry_.insert(carry_.end(), closing_tokens_.begin(), closing_tokens_.end());
 
     st.tokens_per_second = st.decode_ms > 0 ? st.generated_tokens * 1000.0 / st.decode_ms : 0;
     st.retained_tokens = (uint32_t) ledger_.size();
     st.latency_ms = ms_since(t_turn);
     cumulative_.turns++;
     return result;
+}
+
+void chat_session::rollback_to(size_t keep) {
+    // Tokens decoded and then rolled back (an aborted prefill, a probe) were never part of the
+    // conversation: the counters must say what the cache holds and what it saw.
+    const size_t removed = ledger_.size() > keep ? ledger_.size() - keep : 0;
+    kv_truncate(ctx_, ledger_, keep);
+    cumulative_.tokens_seen -= std::min<uint64_t>(cumulative_.tokens_seen, removed);
 }
 
 void chat_session::reset() {
@@ -596,17 +625,17 @@ std::vector<float> chat_session::probe_logits(int32_t token) {
         throw fml_error(FML_ERR_INVALID_OPTION, "token id out of range");
     }
     if (!ensure_started()) {
-        throw fml_error(FML_ERR_DECODE, "aborted");
+        throw fml_error(FML_ERR_ABORTED, "aborted");
     }
     turn_stats st;
     make_room(1, 0, st);
     const size_t before = ledger_.size();
     if (!decode_tokens({ token }, turn_, TOKEN_ROLE_USER, true)) {
-        throw fml_error(FML_ERR_DECODE, "aborted");
+        throw fml_error(FML_ERR_ABORTED, "aborted");
     }
     const float * logits = llama_get_logits_ith(ctx_, -1);
     std::vector<float> out(logits, logits + model_->info().n_vocab);
-    kv_truncate(ctx_, ledger_, before);
+    rollback_to(before);
     return out;
 }
 
@@ -640,12 +669,12 @@ size_t chat_session::ingest_exchange(const std::string & user_text, const std::s
     user.insert(user.end(), framed.begin(), framed.end());
     const std::vector<int32_t> reply = model_->tokenize(assistant_text, false, false);
     const size_t budget = opts_.policy.max_tokens;
-    const size_t pinned = started_ ? ledger_.pinned_count() : system_tokens_.size() + opts_.policy.sink_tokens;
+    const size_t pinned = pinned_after_start();
     if (pinned + user.size() + 1 > budget || pinned + reply.size() + 1 > budget) {
         throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "a transcript message does not fit in maxTokens");
     }
     if (!ensure_started()) {
-        throw fml_error(FML_ERR_DECODE, "aborted");
+        throw fml_error(FML_ERR_ABORTED, "the transcript import was aborted");
     }
     turn_stats st;
     make_room(user.size(), 0, st);
@@ -654,18 +683,20 @@ size_t chat_session::ingest_exchange(const std::string & user_text, const std::s
     bool ok = carry_n == 0 || decode_tokens(std::vector<int32_t>(user.begin(), user.begin() + (long) carry_n), turn - 1, TOKEN_ROLE_ASSISTANT, false);
     ok = ok && decode_tokens(framed, turn, TOKEN_ROLE_USER, false);
     if (!ok) {
-        kv_truncate(ctx_, ledger_, before);
+        rollback_to(before);
         --turn_;
-        throw fml_error(FML_ERR_DECODE, "aborted");
+        throw fml_error(FML_ERR_ABORTED, "the transcript import was aborted");
     }
     carry_.clear();
+    carry_ = closing_tokens_;
     if (!reply.empty()) {
         make_room(reply.size(), 0, st);
+        const size_t after_user = ledger_.size();
         if (!decode_tokens(reply, turn, TOKEN_ROLE_ASSISTANT, false)) {
-            throw fml_error(FML_ERR_DECODE, "aborted");
+            rollback_to(after_user);   // the user message stays, as a turn whose reply was cut off
+            throw fml_error(FML_ERR_ABORTED, "the transcript import was aborted");
         }
     }
-    carry_ = model_->tokenize(model_->frame_message("assistant").suffix, false, true);
     cumulative_.turns++;
     return user.size() + reply.size();
 }
@@ -742,7 +773,7 @@ std::vector<float> chat_session::evaluate_tokens(const std::vector<int32_t> & to
         }
     }
     if (!ensure_started()) {
-        throw fml_error(FML_ERR_DECODE, "aborted");
+        throw fml_error(FML_ERR_ABORTED, "aborted");
     }
     chunk = std::max<size_t>(1, std::min<size_t>(chunk, llama_n_batch(ctx_)));
     std::vector<float> out;
@@ -802,7 +833,7 @@ double chat_session::replay_history() {
 
 double chat_session::plain_decode(int32_t n) {
     if (!ensure_started()) {
-        throw fml_error(FML_ERR_DECODE, "aborted");
+        throw fml_error(FML_ERR_ABORTED, "aborted");
     }
     turn_stats st;
     make_room((size_t) n + 1, 0, st);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "model.h"
+#include "options.h"
 #include "policies/policy.h"
 #include "sampler.h"
 #include "signals.h"
@@ -20,27 +21,9 @@
 
 namespace fml {
 
-struct chat_options {
-    policy_options policy;
-    std::string system_prompt;
-    int32_t     threads = 4;
-    int32_t     batch_size = 512;
-    std::string kv_type = "f16";      // f16 | f32 | q8_0
-    int32_t     flash_attention = -1; // -1 auto, 0 off, 1 on
-    double      max_policy_ms = 50.0; // latency guard: slower choices fall back to sliding (<= 0: off)
-    double      test_policy_delay_ms = 0; // test hook: makes every policy choice this slow
-    double      test_token_delay_ms = 0;  // test hook: makes every generated token this slow (deterministic aborts)
-};
-
 // Where importance scores come from (see signals.h).
 enum importance_signal { IMPORTANCE_NONE, IMPORTANCE_ATTENTION, IMPORTANCE_KEY_NORM };
 const char * importance_signal_name(importance_signal s);
-
-struct generation_options {
-    sampling_options sampling;
-    int32_t max_new_tokens = 256;
-    std::vector<std::string> stop;
-};
 
 enum stop_reason { STOP_EOS, STOP_MAX_TOKENS, STOP_STRING, STOP_ABORT };
 const char * stop_reason_name(stop_reason r);
@@ -192,6 +175,9 @@ public:
 
 private:
     std::vector<int32_t> frame_tokens(const std::string & role, const std::string & content) const;
+    // Throws unless maxTokens holds the pinned prefix and the smallest possible turn (says what does not fit).
+    void check_budget();
+    size_t pinned_after_start() const;
     bool ensure_started();   // false when aborted (the cache is then empty again)
     // Frees room for `incoming` more tokens, asking the policy for at least the excess and up to
     // `slack` more (amortises the K-shift). Throws PROMPT_TOO_LARGE when pinned tokens leave no room.
@@ -203,9 +189,11 @@ private:
     // Moves what the eval callback captured during the last decode into the ledger.
     void absorb_signals(size_t first_new, size_t n_new);
     // Asks the policy (under the latency guard) and applies the plan.
-    void evict(const eviction_request & req, turn_stats & st);
+    void evict(const eviction_request & req, size_t hard_need, turn_stats & st);
     // The model summarizes the evicted tokens in a scratch sequence; the summary takes their place.
-    void summarize_and_evict(const eviction_plan & plan, turn_stats & st);
+    void summarize_and_evict(const eviction_plan & plan, size_t hard_need, turn_stats & st);
+    // Removes ledger entries from `keep` on, from the cache too, and uncounts them (tokens_seen).
+    void rollback_to(size_t keep);
     void test_token_delay() const;   // test hook (chat_options::test_token_delay_ms)
     bool decode_scratch(const std::vector<int32_t> & tokens, int32_t pos0);
 
@@ -222,6 +210,7 @@ private:
     eval_capture capture_;
     importance_signal signal_ = IMPORTANCE_NONE;
     std::vector<int32_t> carry_;
+    std::vector<int32_t> closing_tokens_;   // the template's end of an assistant turn
     uint32_t turn_ = 0;
     bool started_ = false;
     bool shift_pending_ = false;   // seq_add done, K-shift not yet applied by a decode

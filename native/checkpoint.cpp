@@ -4,6 +4,9 @@
 #include "hash.h"
 
 #include <cerrno>
+#include <csignal>
+#include <cstdlib>
+#include <dirent.h>
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
@@ -56,19 +59,59 @@ private:
     size_t off_ = 0;
 };
 
+// Options are stored by name, as resolve_chat_options reads them: a checkpoint's options are
+// validated exactly like createChat's (a file with a valid checksum can still hold any value).
+void put_value(byte_writer & w, const option_value & v) {
+    w.put<uint8_t>((uint8_t) v.kind);
+    switch (v.kind) {
+        case option_value::BOOL:   w.put<uint8_t>(v.boolean ? 1 : 0); break;
+        case option_value::NUMBER: w.put<double>(v.number); break;
+        case option_value::STRING: w.str(v.text); break;
+        default: break;   // chat options are only booleans, numbers and strings
+    }
+}
+
+option_value get_value(byte_reader & r) {
+    option_value v;
+    const uint8_t kind = r.get<uint8_t>();
+    switch (kind) {
+        case option_value::BOOL:   v.kind = option_value::BOOL; v.boolean = r.get<uint8_t>() != 0; break;
+        case option_value::NUMBER: v.kind = option_value::NUMBER; v.number = r.get<double>(); break;
+        case option_value::STRING: v.kind = option_value::STRING; v.text = r.str(); break;
+        default: throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "checkpoint has an option of an unknown kind");
+    }
+    return v;
+}
+
 void put_options(byte_writer & w, const chat_options & o) {
-    const policy_options & p = o.policy;
-    w.str(p.name);
-    w.put<uint32_t>(p.max_tokens); w.put<uint32_t>(p.window_size); w.put<uint32_t>(p.sink_tokens);
-    w.put<float>(p.importance_decay); w.put<uint8_t>(p.importance_granularity_spans ? 1 : 0);
-    w.put<uint32_t>(p.semantic_clusters); w.put<uint32_t>(p.span_max_tokens); w.put<uint32_t>(p.seed);
-    w.put<uint32_t>(p.summary_tokens); w.put<float>(p.hybrid_importance_share);
-    w.str(o.system_prompt);
-    w.put<int32_t>(o.threads); w.put<int32_t>(o.batch_size); w.str(o.kv_type); w.put<int32_t>(o.flash_attention);
-    w.put<double>(o.max_policy_ms);
+    const option_map m = chat_options_to_map(o, true);
+    w.put<uint64_t>(m.size());
+    for (const auto & kv : m) {
+        w.str(kv.first);
+        put_value(w, kv.second);
+    }
+}
+
+chat_options resolve_stored(const option_map & m) {
+    try {
+        return resolve_chat_options(m, 1);
+    } catch (const fml_error & e) {
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, std::string("the checkpoint's options are not valid: ") + e.what());
+    }
 }
 
 chat_options get_options(byte_reader & r) {
+    const uint64_t n = r.count(2);
+    option_map m;
+    for (uint64_t i = 0; i < n; ++i) {
+        std::string name = r.str();
+        m.emplace_back(std::move(name), get_value(r));
+    }
+    return resolve_stored(m);
+}
+
+// Format 1 stored the option struct field by field.
+chat_options get_options_v1(byte_reader & r) {
     chat_options o;
     policy_options & p = o.policy;
     p.name = r.str();
@@ -79,14 +122,67 @@ chat_options get_options(byte_reader & r) {
     o.system_prompt = r.str();
     o.threads = r.get<int32_t>(); o.batch_size = r.get<int32_t>(); o.kv_type = r.str(); o.flash_attention = r.get<int32_t>();
     o.max_policy_ms = r.get<double>();
-    return o;
+    return resolve_stored(chat_options_to_map(o, true));
 }
 
 std::string errno_text() { return std::strerror(errno); }
 
+// A C string ends at the first NUL: "dir/a\0b" would silently become "dir/a".
+void check_path(const std::string & path) {
+    if (path.empty() || path.find('\0') != std::string::npos) {
+        throw fml_error(FML_ERR_CHECKPOINT_IO, path.empty() ? "checkpoint path is empty" : "checkpoint path contains a NUL character");
+    }
+}
+
+std::pair<std::string, std::string> split_path(const std::string & path) {
+    const size_t slash = path.find_last_of('/');
+    if (slash == std::string::npos) return { ".", path };
+    return { slash == 0 ? "/" : path.substr(0, slash), path.substr(slash + 1) };
+}
+
+// "<name>.tmp-<pid>-<digits>": the pid, or 0 when `file` is not one of our temp files (for `name`,
+// when given).
+long temp_file_pid(const std::string & file, const std::string & name) {
+    const size_t at = file.rfind(".tmp-");
+    if (at == std::string::npos || at == 0 || (!name.empty() && file.compare(0, at, name) != 0) || (!name.empty() && at != name.size())) {
+        return 0;
+    }
+    const char * p = file.c_str() + at + 5;
+    char * end = nullptr;
+    const long pid = strtol(p, &end, 10);
+    if (end == p || *end != '-' || pid <= 0) return 0;
+    p = end + 1;
+    if (*p == '\0') return 0;
+    for (; *p; ++p) {
+        if (*p < '0' || *p > '9') return 0;
+    }
+    return pid;
+}
+
 } // namespace
 
+size_t remove_stale_checkpoint_temps(const std::string & dir, const std::string & only_name) {
+    DIR * d = opendir(dir.c_str());
+    if (d == nullptr) {
+        return 0;
+    }
+    size_t removed = 0;
+    while (dirent * e = readdir(d)) {
+        const long pid = temp_file_pid(e->d_name, only_name);
+        // Only files whose writer is gone: a live process (this one included) may be mid-save.
+        if (pid > 0 && pid != (long) getpid() && kill((pid_t) pid, 0) != 0 && errno == ESRCH) {
+            const std::string file = dir + "/" + e->d_name;
+            if (unlink(file.c_str()) == 0) {
+                ++removed;
+            }
+        }
+    }
+    closedir(d);
+    return removed;
+}
+
 void write_checkpoint(const std::string & path, const std::string & fingerprint, const chat_state & s) {
+    check_path(path);
     byte_writer w;
     w.raw(MAGIC, sizeof(MAGIC));
     w.put<uint32_t>(CHECKPOINT_FORMAT_VERSION);
@@ -115,7 +211,10 @@ void write_checkpoint(const std::string & path, const std::string & fingerprint,
     h.add(w.buf.data(), w.buf.size());
     w.put<uint64_t>(h.value());
 
-    // Atomic replace: temp file next to the target, fsync, rename, fsync the directory.
+    // Atomic replace: temp file next to the target, fsync, rename, fsync the directory. A process
+    // killed mid-save leaves its temp file behind; the next save of the same target removes it.
+    const auto [dir, name] = split_path(path);
+    remove_stale_checkpoint_temps(dir, name);
     std::random_device rd;
     const std::string tmp = path + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(rd());
     const int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
@@ -144,8 +243,6 @@ void write_checkpoint(const std::string & path, const std::string & fingerprint,
         unlink(tmp.c_str());
         throw fml_error(FML_ERR_CHECKPOINT_IO, "cannot move checkpoint into place at " + path + ": " + why);
     }
-    const size_t slash = path.find_last_of('/');
-    const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
     const int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd >= 0) {
         fsync(dfd);
@@ -154,6 +251,7 @@ void write_checkpoint(const std::string & path, const std::string & fingerprint,
 }
 
 chat_state read_checkpoint(const std::string & path, const std::string & expected_fingerprint) {
+    check_path(path);
     struct stat st {};
     if (stat(path.c_str(), &st) != 0) {
         throw fml_error(FML_ERR_CHECKPOINT_IO, "checkpoint not found: " + path);
@@ -176,6 +274,9 @@ chat_state read_checkpoint(const std::string & path, const std::string & expecte
     }
     uint32_t version = 0;
     memcpy(&version, buf.data() + sizeof(MAGIC), sizeof(version));
+    if (version == 0) {
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "checkpoint has an invalid format version: " + path);
+    }
     if (version > CHECKPOINT_FORMAT_VERSION) {
         throw fml_error(FML_ERR_CHECKPOINT_VERSION, "checkpoint format version " + std::to_string(version) +
                         " is newer than this library's (" + std::to_string(CHECKPOINT_FORMAT_VERSION) + ")");
@@ -194,7 +295,7 @@ chat_state read_checkpoint(const std::string & path, const std::string & expecte
                         ", this model " + expected_fingerprint + ")");
     }
     chat_state s;
-    s.options = get_options(r);
+    s.options = version == 1 ? get_options_v1(r) : get_options(r);
     s.turn = r.get<uint32_t>();
     s.started = r.get<uint8_t>() != 0;
     const uint64_t n_carry = r.count(4);

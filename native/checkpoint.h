@@ -16,7 +16,8 @@
 
 namespace fml {
 
-constexpr uint32_t CHECKPOINT_FORMAT_VERSION = 1;
+// 1: options as a struct; 2: options by name (validated by resolve_chat_options when read).
+constexpr uint32_t CHECKPOINT_FORMAT_VERSION = 2;
 
 // Error codes (also in src/errors.ts).
 #define FML_ERR_CHECKPOINT_IO       "CHECKPOINT_IO"
@@ -25,6 +26,10 @@ constexpr uint32_t CHECKPOINT_FORMAT_VERSION = 1;
 #define FML_ERR_CHECKPOINT_MODEL    "CHECKPOINT_MODEL_MISMATCH"
 
 void write_checkpoint(const std::string & path, const std::string & model_fingerprint, const chat_state & state);
+
+// Deletes temp files of a save whose process died (kill -9 mid-write), in `dir`; only those of the
+// checkpoint file named `only_name` when it is not empty. Returns how many were removed.
+size_t remove_stale_checkpoint_temps(const std::string & dir, const std::string & only_name);
 
 // Throws fml_error with one of the codes above. `expected_fingerprint` must match the file's.
 chat_state read_checkpoint(const std::string & path, const std::string & expected_fingerprint);

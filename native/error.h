@@ -26,6 +26,7 @@ private:
 #define FML_ERR_DECODE            "DECODE_FAILED"
 #define FML_ERR_KV                "KV_OPERATION_FAILED"
 #define FML_ERR_BUSY              "CHAT_BUSY"
+#define FML_ERR_ABORTED           "ABORTED"
 #define FML_ERR_DISPOSED          "DISPOSED"
 #define FML_ERR_TEMPLATE          "TEMPLATE_FAILED"
 #define FML_ERR_INTERNAL          "INTERNAL"

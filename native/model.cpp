@@ -198,6 +198,9 @@ static std::pair<std::string, std::string> detect_backend(bool offloading) {
 }
 
 std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model_load_options & opts) {
+    if (path.find('\0') != std::string::npos) {
+        throw fml_error(FML_ERR_MODEL_NOT_FOUND, "model path contains a NUL character");
+    }
     const std::string fingerprint = validate_gguf_file(path);
 
     llama_model_params mp = llama_model_default_params();
@@ -221,6 +224,7 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
     m->model_ = model;
     g_live_models++;
     m->vocab_ = llama_model_get_vocab(model);
+    m->default_threads_ = opts.threads;
 
     model_info & info = m->info_;
     info.architecture = meta_str(model, "general.architecture");
@@ -250,11 +254,20 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
         info.gpu_layers = 0;
     }
 
-    // Use the model's template when llama.cpp recognises it, else ChatML.
-    m->template_ = info.chat_template.empty() ? "chatml" : info.chat_template;
-    llama_chat_message probe = { "user", "x" };
-    if (llama_chat_apply_template(m->template_.c_str(), &probe, 1, true, nullptr, 0) < 0) {
-        m->template_ = "chatml";
+    // The model's template when llama.cpp recognises it; ChatML for one it does not (a chat model
+    // whose template is not built into llama.cpp most likely knows ChatML); and for a model with no
+    // template (a base model) a plain "User: ... / Assistant:" framing that costs a few tokens a turn
+    // instead of ChatML's dozens.
+    if (info.chat_template.empty()) {
+        info.framing = "plain";
+    } else {
+        m->template_ = info.chat_template;
+        info.framing = "template";
+        llama_chat_message probe = { "user", "x" };
+        if (llama_chat_apply_template(m->template_.c_str(), &probe, 1, true, nullptr, 0) < 0) {
+            m->template_ = "chatml";
+            info.framing = "chatml";
+        }
     }
     return m;
 }
@@ -345,6 +358,11 @@ message_frame fml_model::frame_message(const std::string & role) const {
     // time (history is never re-rendered), so the diff against the preceding context is what counts:
     // for "assistant" the context is a user turn, whose own rendering (with generation prompt) is
     // stripped off.
+    if (info_.framing == "plain") {
+        if (role == "user") return { "User: ", "\nAssistant:" };
+        if (role == "system") return { "", "\n\n" };
+        return { "", "\n" };
+    }
     static const std::string sentinel = "\x1e" "FML_CONTENT" "\x1e";
     std::string rendered;
     std::string context;

@@ -3,6 +3,8 @@
 // outlive the last context even if the JS Model is disposed first.
 #pragma once
 
+#include "options.h"
+
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -13,15 +15,12 @@ struct llama_vocab;
 
 namespace fml {
 
-struct model_load_options {
-    int32_t gpu_layers = 0;     // -1 = all
-    bool    use_mmap   = true;
-};
-
 struct model_info {
     std::string architecture;
     std::string description;
-    std::string chat_template;   // empty when the GGUF has none (then "chatml" formatting is used)
+    std::string chat_template;   // empty when the GGUF has none
+    std::string framing;         // how messages are framed: "template" (the model's), "chatml" (its template is
+                                 // unknown to llama.cpp) or "plain" (no template: "User: ...\nAssistant:")
     std::string backend;         // "cpu" or "cuda"
     std::string device;          // the device that holds the offloaded layers, else the CPU (its name)
     std::string fingerprint;     // hash of the GGUF's metadata and tensor layout (checkpoints check it)
@@ -57,6 +56,8 @@ public:
     llama_model * raw() const { return model_; }
     const llama_vocab * vocab() const { return vocab_; }
     const model_info & info() const { return info_; }
+    // Threads of this model's chats unless a chat sets its own (loadModel's `threads`).
+    int32_t default_threads() const { return default_threads_; }
 
     // `parse_special`: control tokens written as text (<|im_start|>) become control tokens. User
     // content is tokenized with it off so it cannot inject template tokens.
@@ -78,6 +79,7 @@ private:
     llama_model * model_ = nullptr;
     const llama_vocab * vocab_ = nullptr;
     model_info info_;
+    int32_t default_threads_ = 1;
     std::string template_;   // what llama_chat_apply_template gets
 };
 

@@ -28,6 +28,10 @@ export interface NativeModelInfo {
   nParams: number;
   gpuLayers: number;
   fingerprint: string;
+  /** How messages are framed: the model's template, ChatML (a template llama.cpp does not know) or plain "User: / Assistant:" (no template). */
+  framing: 'template' | 'chatml' | 'plain';
+  /** Threads of this model's chats unless a chat sets its own. */
+  threads: number;
 }
 
 export interface NativeModel {
@@ -110,42 +114,22 @@ export interface NativeCacheState {
   kvBytes: number;
 }
 
-export interface NativeChatOptions {
-  policy: string;
-  maxTokens: number;
-  windowSize: number;
-  sinkTokens: number;
-  systemPrompt: string;
-  threads: number;
-  batchSize: number;
-  kvType: string;
-  flashAttention?: boolean;
-  importanceDecay: number;
-  importanceGranularity: string;
-  semanticClusters: number;
-  spanMaxTokens: number;
-  policySeed: number;
-  summaryTokens: number;
-  hybridImportanceShare: number;
-  maxPolicyMs: number;
-  testPolicyDelayMs?: number;
-  testTokenDelayMs?: number;
-}
+/** Raw options as the caller gave them: the native option table (native/options.cpp) validates them. */
+export type NativeRawOptions = Record<string, unknown>;
 
-export interface NativeSendOptions {
-  maxNewTokens: number;
-  temperature: number;
-  topK: number;
-  topP: number;
-  minP: number;
-  repeatPenalty: number;
-  repeatLastN: number;
-  seed?: number;
-  stop: string[];
+/** One row of the native option table. */
+export interface NativeOptionDoc {
+  scope: 'model' | 'chat' | 'send';
+  name: string;
+  type: string;
+  default: string;
+  range: string;
+  description: string;
+  internal: boolean;
 }
 
 export interface NativeChat {
-  send(message: string, options: NativeSendOptions, onPiece?: (piece: string) => void): Promise<NativeTurnResult>;
+  send(message: string, options: NativeRawOptions, onPiece?: (piece: string) => void): Promise<NativeTurnResult>;
   abort(): void;
   stats(): NativeChatStats;
   memory(): NativeMemoryEntry[];
@@ -164,17 +148,22 @@ export interface NativeChat {
 }
 
 export interface NativeBinding {
-  loadModel(path: string, options: { gpuLayers: number; useMmap: boolean }): Promise<NativeModel>;
-  NativeChat: new (model: NativeModel, options: NativeChatOptions) => NativeChat;
-  loadChat(model: NativeModel, path: string, threads?: number): Promise<NativeChat>;
+  loadModel(path: string, options: unknown): Promise<NativeModel>;
+  NativeChat: new (model: NativeModel, options: NativeRawOptions) => NativeChat;
+  /** `threads` (raw) overrides the checkpoint's. */
+  loadChat(model: NativeModel, path: string, threads?: unknown): Promise<NativeChat>;
+  resolveChatOptions(options: NativeRawOptions, defaultThreads: number): Record<string, unknown>;
+  optionDocs(): NativeOptionDoc[];
+  /** Deletes `*.tmp-<pid>-<n>` files of checkpoint saves whose process died; returns how many. */
+  removeStaleCheckpointTemps(dir: string): number;
   planEviction(
-    options: { policy: string; maxTokens: number; windowSize: number; sinkTokens: number } & Record<string, number | string>,
+    options: NativeRawOptions,
     entries: SyntheticLedgerEntry[],
     need: number,
     want: number,
   ): { ranges: [number, number][]; summarize: boolean };
   benchEvict(model: NativeModel, context: number, evictCounts: number[], reps: number, threads: number): Promise<NativeEvictBench>;
-  benchPolicyPlan(options: { policy: string; maxTokens: number; windowSize: number; sinkTokens: number }, n: number, want: number, embdDim: number, reps: number): number;
+  benchPolicyPlan(options: NativeRawOptions, n: number, want: number, embdDim: number, reps: number): number;
   benchMemcpy(bytes: number, reps: number): number;
   liveObjects(): { chats: number; models: number };
   gpuDeviceCount(): number;

@@ -1,6 +1,6 @@
 import type { NativeCacheState, NativeChat, NativeEvictionRecord } from './binding.js';
-import { ChatBusyError, DisposedError, fromNativeError } from './errors.js';
-import { checkMessage, checkString, resolveSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
+import { AbortedError, ChatBusyError, DisposedError, fromNativeError } from './errors.js';
+import { checkMessage, checkPath, splitSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
 import { TelemetryEmitter, type EvictionEvent, type Telemetry } from './telemetry.js';
 import type { ChatStats, MemoryEntry, Transcript, TurnResult } from './types.js';
 
@@ -71,7 +71,7 @@ export class Chat {
   async send(message: string, options: SendOptions = {}): Promise<TurnResult> {
     this.#check();
     const text = checkMessage(message);
-    const opts = resolveSendOptions(options);
+    const { native: nativeOpts, js: opts } = splitSendOptions(options);
     if (this.#busy) throw new ChatBusyError();
     if (opts.signal?.aborted) {
       return this.#remember(abortedBeforeStart(this.#options.policy, this.#native.cacheState().ledgerTokens));
@@ -81,8 +81,7 @@ export class Chat {
     opts.signal?.addEventListener('abort', onAbort, { once: true });
     this.#busy = true;
     try {
-      const { onToken, signal: _signal, ...nativeOpts } = opts;
-      const raw = await this.#native.send(text, nativeOpts, onToken);
+      const raw = await this.#native.send(text, nativeOpts, opts.onToken);
       const { evictionLog, ...stats } = raw.stats;
       const result = { ...raw, stats } as TurnResult;
       if (this.#telemetry && !this.#disposed) this.#emit(result, evictionLog);
@@ -139,7 +138,7 @@ export class Chat {
    */
   async saveCheckpoint(path: string): Promise<void> {
     this.#check();
-    checkString('path', path);
+    checkPath('path', path);
     if (this.#busy) throw new ChatBusyError('a turn is running on this chat; save the checkpoint after it');
     const stack = new Error().stack;
     this.#busy = true;
@@ -161,18 +160,23 @@ export class Chat {
     return { format: 'finite-memory-llm/transcript', version: 1, systemPrompt: this.#options.systemPrompt, messages: this.#transcript.map((m) => ({ ...m })) };
   }
 
-  /** @internal Prefills a finished exchange without generating (transcript import). */
-  async _ingest(user: string, assistant: string): Promise<void> {
+  /** @internal Prefills a finished exchange without generating (transcript import); `signal` aborts it (AbortedError). */
+  async _ingest(user: string, assistant: string, signal?: AbortSignal): Promise<void> {
     this.#check();
     if (this.#busy) throw new ChatBusyError();
+    if (signal?.aborted) throw new AbortedError('the transcript import was aborted');
+    const stack = new Error().stack;
+    const onAbort = () => this.#native.abort();
+    signal?.addEventListener('abort', onAbort, { once: true });
     this.#busy = true;
     try {
       await this.#native.ingestExchange(user, assistant);
       this.#transcript.push({ role: 'user', content: user }, { role: 'assistant', content: assistant });
     } catch (err) {
-      throw fromNativeError(err);
+      throw fromNativeError(err, stack);
     } finally {
       this.#busy = false;
+      signal?.removeEventListener('abort', onAbort);
     }
   }
 

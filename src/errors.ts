@@ -12,6 +12,7 @@ export type ErrorCode =
   | 'DECODE_FAILED'
   | 'KV_OPERATION_FAILED'
   | 'CHAT_BUSY'
+  | 'ABORTED'
   | 'DISPOSED'
   | 'TEMPLATE_FAILED'
   | 'NATIVE_BINDING_NOT_FOUND'
@@ -58,6 +59,10 @@ export class PromptTooLargeError extends FiniteMemoryError {
 export class ChatBusyError extends FiniteMemoryError {
   constructor(message = 'a turn is already running on this chat; await it (or abort it) before sending again') { super('CHAT_BUSY', message); }
 }
+/** An operation that has no partial result (a transcript import) was aborted through its signal. */
+export class AbortedError extends FiniteMemoryError {
+  constructor(message = 'the operation was aborted') { super('ABORTED', message); }
+}
 /** The object was disposed. */
 export class DisposedError extends FiniteMemoryError {
   constructor(what: string) { super('DISPOSED', `${what} is disposed`); }
@@ -94,6 +99,7 @@ export function fromNativeError(err: unknown, callerStack?: string): FiniteMemor
     case 'INVALID_OPTION': out = new InvalidOptionError(message); break;
     case 'PROMPT_TOO_LARGE': out = new PromptTooLargeError(message); break;
     case 'CHAT_BUSY': out = new ChatBusyError(message); break;
+    case 'ABORTED': out = new AbortedError(message); break;
     case 'DISPOSED': out = new FiniteMemoryError('DISPOSED', message); break;
     case 'CHECKPOINT_IO':
     case 'CHECKPOINT_CORRUPT':

@@ -1,4 +1,4 @@
-export { loadModel, Model } from './model.js';
+export { loadModel, Model, type ImportTranscriptOptions } from './model.js';
 export { Chat } from './chat.js';
 export {
   FiniteMemoryError,
@@ -8,6 +8,7 @@ export {
   InvalidOptionError,
   PromptTooLargeError,
   ChatBusyError,
+  AbortedError,
   DisposedError,
   InferenceError,
   NativeBindingError,

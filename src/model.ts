@@ -1,16 +1,13 @@
-import { availableParallelism } from 'node:os';
 import { getBinding, type NativeChat, type NativeModel } from './binding.js';
 import { Chat } from './chat.js';
 import { DisposedError, fromNativeError, InvalidOptionError } from './errors.js';
 import { checkTelemetry, type Telemetry } from './telemetry.js';
-import {
-  checkInt, checkObject, checkString, resolveChatOptions, resolveModelOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions,
-} from './options.js';
+import { checkObject, checkPath, checkString, splitChatOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions } from './options.js';
 import type { ModelInfo, Transcript } from './types.js';
 
-function resolveTelemetry(options: unknown): Telemetry | undefined {
+function resolveTelemetry(telemetry: unknown): Telemetry | undefined {
   try {
-    return checkTelemetry((options as { telemetry?: unknown } | undefined)?.telemetry);
+    return checkTelemetry(telemetry);
   } catch (err) {
     throw new InvalidOptionError((err as Error).message);
   }
@@ -18,10 +15,14 @@ function resolveTelemetry(options: unknown): Telemetry | undefined {
 
 const chatRegistry = new FinalizationRegistry<{ chats: Set<WeakRef<Chat>>; ref: WeakRef<Chat> }>(({ chats, ref }) => chats.delete(ref));
 
+/** importTranscript(): the new chat's options, and a signal that aborts the import (AbortedError). */
+export interface ImportTranscriptOptions extends ChatOptions {
+  signal?: AbortSignal;
+}
+
 /** A loaded GGUF model. Chats created from it share its weights; each has its own bounded KV cache. */
 export class Model {
   readonly #native: NativeModel;
-  readonly #threads: number;
   // Weak, so a chat dropped without dispose() can still be garbage-collected (its native finalizer
   // frees the context); model.dispose() disposes the ones still alive.
   readonly #chats = new Set<WeakRef<Chat>>();
@@ -29,9 +30,8 @@ export class Model {
   #disposed = false;
 
   /** @internal */
-  constructor(native: NativeModel, path: string, threads: number) {
+  constructor(native: NativeModel, path: string) {
     this.#native = native;
-    this.#threads = threads;
     this.#info = { path, ...native.info() };
   }
 
@@ -68,15 +68,15 @@ export class Model {
   /** Creates a chat whose KV cache never holds more than `maxTokens` tokens. */
   createChat(options: ChatOptions = {}): Chat {
     this.#check();
-    const resolved = resolveChatOptions(options, this.#threads);
-    const telemetry = resolveTelemetry(options);
+    const split = splitChatOptions(options);
+    const telemetry = resolveTelemetry(split.telemetry);
     let native;
     try {
-      native = new (getBinding().NativeChat)(this.#native, resolved);
+      native = new (getBinding().NativeChat)(this.#native, split.native);
     } catch (err) {
       throw fromNativeError(err);
     }
-    return this.#track(native, resolved, telemetry);
+    return this.#track(native, native.resolvedOptions() as unknown as ResolvedChatOptions, telemetry);
   }
 
   #track(native: NativeChat, resolved: ResolvedChatOptions, telemetry: Telemetry | undefined): Chat {
@@ -94,10 +94,10 @@ export class Model {
    */
   async loadChat(path: string, options: { threads?: number; telemetry?: Telemetry } = {}): Promise<Chat> {
     this.#check();
-    checkString('path', path);
-    const o = checkObject('options', options);
-    const telemetry = resolveTelemetry(o);
-    const threads = o.threads === undefined ? 0 : checkInt('threads', o.threads, 1, 1024);
+    checkPath('path', path);
+    const { telemetry: rawTelemetry, threads, ...rest } = checkObject('options', options);
+    for (const key of Object.keys(rest)) throw new InvalidOptionError(`Unknown option options.${key} (known: threads, telemetry)`);
+    const telemetry = resolveTelemetry(rawTelemetry);
     const stack = new Error().stack;
     let native: NativeChat;
     try {
@@ -113,8 +113,10 @@ export class Model {
    * Creates a chat from a transcript (`chat.exportTranscript()`, possibly from another model): every
    * exchange is prefilled in order, with eviction as the budget requires; nothing is generated.
    */
-  async importTranscript(transcript: Transcript, options: ChatOptions = {}): Promise<Chat> {
+  async importTranscript(transcript: Transcript, options: ImportTranscriptOptions = {}): Promise<Chat> {
     this.#check();
+    const { signal, ...chatOptions } = checkObject('options', options) as ImportTranscriptOptions;
+    if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidOptionError('Expected an AbortSignal for signal');
     const t = checkObject('transcript', transcript);
     if (t.format !== 'finite-memory-llm/transcript' || t.version !== 1 || !Array.isArray(t.messages)) {
       throw new InvalidOptionError("Expected a transcript with format 'finite-memory-llm/transcript', version 1 and a messages array");
@@ -124,8 +126,8 @@ export class Model {
       if (msg.role !== 'user' && msg.role !== 'assistant') throw new InvalidOptionError(`messages[${i}].role must be 'user' or 'assistant'`);
       return { role: msg.role, content: checkString(`messages[${i}].content`, msg.content) };
     });
-    const systemPrompt = options.systemPrompt ?? (typeof t.systemPrompt === 'string' ? t.systemPrompt : '');
-    const chat = this.createChat({ ...options, systemPrompt });
+    const systemPrompt = chatOptions.systemPrompt ?? (typeof t.systemPrompt === 'string' ? t.systemPrompt : '');
+    const chat = this.createChat({ ...chatOptions, systemPrompt });
     try {
       for (let i = 0; i < messages.length; i++) {
         const m = messages[i]!;
@@ -133,9 +135,9 @@ export class Model {
           const next = messages[i + 1];
           const reply = next?.role === 'assistant' ? next.content : '';
           if (next?.role === 'assistant') i++;
-          await chat._ingest(m.content, reply);
+          await chat._ingest(m.content, reply, signal);
         } else {
-          await chat._ingest('', m.content);
+          await chat._ingest('', m.content, signal);
         }
       }
     } catch (err) {
@@ -170,12 +172,11 @@ export class Model {
 
 /** Loads a GGUF model off the event loop. The file is validated before llama.cpp reads it. */
 export async function loadModel(path: string, options: LoadModelOptions = {}): Promise<Model> {
-  checkString('path', path);
-  const resolved = resolveModelOptions(options, Math.max(1, Math.min(4, availableParallelism())));
   const stack = new Error().stack;
   try {
-    const native = await getBinding().loadModel(path, { gpuLayers: resolved.gpuLayers, useMmap: resolved.useMmap });
-    return new Model(native, path, resolved.threads);
+    checkPath('path', path);
+    const native = await getBinding().loadModel(path, options);
+    return new Model(native, path);
   } catch (err) {
     throw fromNativeError(err, stack);
   }

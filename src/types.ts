@@ -89,6 +89,10 @@ export interface ModelInfo {
   gpuLayers: number;
   /** Hash of the GGUF's metadata and tensor layout; checkpoints only load into a model with the same one. */
   fingerprint: string;
+  /** How messages are framed: the model's template, ChatML (a template llama.cpp does not know) or plain "User: / Assistant:" (no template). */
+  framing: 'template' | 'chatml' | 'plain';
+  /** Threads of this model's chats unless a chat sets its own. */
+  threads: number;
 }
 
 /** The plain conversation, portable across models (`chat.exportTranscript()`, `model.importTranscript()`). */

@@ -48,20 +48,76 @@ auto guarded(Napi::Env env, F fn) -> decltype(fn()) {
     }
 }
 
-// ---- option readers (values are validated in TypeScript; these only convert) ----
+// ---- options: JS values become an option_map; options.cpp validates and fills in defaults ----
+
+option_value to_option_value(Napi::Value v, int depth = 0) {
+    option_value o;
+    switch (v.Type()) {
+        case napi_undefined: o.kind = option_value::UNDEFINED; break;
+        case napi_null:      o.kind = option_value::NUL; break;
+        case napi_boolean:   o = option_value::of(v.As<Napi::Boolean>().Value()); break;
+        case napi_number:    o = option_value::of(v.As<Napi::Number>().DoubleValue()); break;
+        case napi_string:    o = option_value::of(v.As<Napi::String>().Utf8Value()); break;
+        case napi_object:
+            if (v.IsArray() && depth == 0) {
+                Napi::Array a = v.As<Napi::Array>();
+                o.kind = option_value::ARRAY;
+                for (uint32_t i = 0; i < a.Length(); ++i) {
+                    o.items.push_back(to_option_value(a.Get(i), depth + 1));
+                }
+            } else {
+                o.kind = option_value::OTHER;
+                o.text = "object";
+            }
+            break;
+        case napi_function:  o.kind = option_value::OTHER; o.text = "function"; break;
+        case napi_symbol:    o.kind = option_value::OTHER; o.text = "symbol"; break;
+        case napi_bigint:    o.kind = option_value::OTHER; o.text = "bigint"; break;
+        default:             o.kind = option_value::OTHER; o.text = "object"; break;
+    }
+    return o;
+}
+
+// Options argument i: undefined means none; anything but a plain object is an INVALID_OPTION.
+option_map options_arg(const Napi::CallbackInfo & info, size_t i) {
+    option_map m;
+    if (info.Length() <= i || info[i].IsUndefined()) {
+        return m;
+    }
+    if (!info[i].IsObject() || info[i].IsArray() || info[i].IsFunction()) {
+        throw_error(info.Env(), FML_ERR_INVALID_OPTION, "Expected an object for options but received " +
+                    std::string(info[i].IsNull() ? "null" : info[i].IsArray() ? "object" : info[i].IsFunction() ? "function" : info[i].IsString() ? "string" : info[i].IsNumber() ? "number" : "boolean"));
+    }
+    Napi::Object o = info[i].As<Napi::Object>();
+    Napi::Array keys = o.GetPropertyNames();
+    for (uint32_t k = 0; k < keys.Length(); ++k) {
+        const std::string key = keys.Get(k).ToString().Utf8Value();
+        m.emplace_back(key, to_option_value(o.Get(key)));
+    }
+    return m;
+}
+
+Napi::Value from_option_value(Napi::Env env, const option_value & v) {
+    switch (v.kind) {
+        case option_value::BOOL:   return Napi::Boolean::New(env, v.boolean);
+        case option_value::NUMBER: return Napi::Number::New(env, v.number);
+        case option_value::STRING: return Napi::String::New(env, v.text);
+        case option_value::NUL:    return env.Null();
+        default:                   return env.Undefined();
+    }
+}
+
+Napi::Object from_option_map(Napi::Env env, const option_map & m) {
+    Napi::Object o = Napi::Object::New(env);
+    for (const auto & kv : m) {
+        o.Set(kv.first, from_option_value(env, kv.second));
+    }
+    return o;
+}
 
 double get_number(const Napi::Object & o, const char * key, double def) {
     Napi::Value v = o.Get(key);
     return v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : def;
-}
-
-std::string get_string(const Napi::Object & o, const char * key, const std::string & def) {
-    Napi::Value v = o.Get(key);
-    return v.IsString() ? v.As<Napi::String>().Utf8Value() : def;
-}
-
-Napi::Object object_arg(const Napi::CallbackInfo & info, size_t i) {
-    return info.Length() > i && info[i].IsObject() ? info[i].As<Napi::Object>() : Napi::Object::New(info.Env());
 }
 
 std::string string_arg(const Napi::CallbackInfo & info, size_t i, const char * what) {
@@ -115,6 +171,8 @@ private:
         o.Set("nParams", Napi::Number::New(env, (double) mi.n_params));
         o.Set("fingerprint", mi.fingerprint);
         o.Set("gpuLayers", mi.gpu_layers);
+        o.Set("framing", mi.framing);
+        o.Set("threads", require(env)->default_threads());
         return o;
     }
 
@@ -189,10 +247,7 @@ private:
 Napi::Value js_load_model(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     const std::string path = string_arg(info, 0, "path");
-    Napi::Object o = object_arg(info, 1);
-    model_load_options opts;
-    opts.gpu_layers = (int32_t) get_number(o, "gpuLayers", 0);
-    opts.use_mmap = !o.Get("useMmap").IsBoolean() || o.Get("useMmap").ToBoolean();
+    const model_load_options opts = guarded(env, [&] { return resolve_model_options(options_arg(info, 1), available_cores()); });
     auto * w = new load_model_worker(env, path, opts);
     Napi::Promise p = w->promise();
     w->Queue();
@@ -289,28 +344,7 @@ public:
             throw_error(env, FML_ERR_INVALID_OPTION, "expected a model");
         }
         auto model = js_model::Unwrap(info[0].As<Napi::Object>())->require(env);
-        Napi::Object o = object_arg(info, 1);
-        chat_options opts;
-        opts.policy.name = get_string(o, "policy", "sliding");
-        opts.policy.max_tokens = (uint32_t) get_number(o, "maxTokens", 2048);
-        opts.policy.window_size = (uint32_t) get_number(o, "windowSize", opts.policy.max_tokens / 4);
-        opts.policy.sink_tokens = (uint32_t) get_number(o, "sinkTokens", 4);
-        opts.system_prompt = get_string(o, "systemPrompt", "");
-        opts.threads = (int32_t) get_number(o, "threads", 4);
-        opts.batch_size = (int32_t) get_number(o, "batchSize", 512);
-        opts.kv_type = get_string(o, "kvType", "f16");
-        opts.policy.importance_decay = (float) get_number(o, "importanceDecay", 1.0);
-        opts.policy.importance_granularity_spans = get_string(o, "importanceGranularity", "span") == "span";
-        opts.policy.semantic_clusters = (uint32_t) get_number(o, "semanticClusters", 8);
-        opts.policy.span_max_tokens = (uint32_t) get_number(o, "spanMaxTokens", 32);
-        opts.policy.seed = (uint32_t) get_number(o, "policySeed", 42);
-        opts.policy.summary_tokens = (uint32_t) get_number(o, "summaryTokens", 48);
-        opts.policy.hybrid_importance_share = (float) get_number(o, "hybridImportanceShare", 0.5);
-        opts.max_policy_ms = get_number(o, "maxPolicyMs", 50.0);
-        opts.test_policy_delay_ms = get_number(o, "testPolicyDelayMs", 0.0);
-        opts.test_token_delay_ms = get_number(o, "testTokenDelayMs", 0.0);
-        Napi::Value fa = o.Get("flashAttention");
-        opts.flash_attention = fa.IsBoolean() ? (fa.ToBoolean() ? 1 : 0) : -1;
+        const chat_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 1), model->default_threads()); });
         session_ = guarded(env, [&] { return std::make_shared<chat_session>(model, opts); });
     }
 
@@ -460,28 +494,7 @@ private:
 
     Napi::Value js_resolved_options(const Napi::CallbackInfo & info) {
         Napi::Env env = info.Env();
-        const chat_options & o = require(env)->options();
-        Napi::Object r = Napi::Object::New(env);
-        r.Set("policy", o.policy.name);
-        r.Set("maxTokens", o.policy.max_tokens);
-        r.Set("windowSize", o.policy.window_size);
-        r.Set("sinkTokens", o.policy.sink_tokens);
-        r.Set("systemPrompt", o.system_prompt);
-        r.Set("threads", o.threads);
-        r.Set("batchSize", o.batch_size);
-        r.Set("kvType", o.kv_type);
-        if (o.flash_attention >= 0) {
-            r.Set("flashAttention", o.flash_attention == 1);
-        }
-        r.Set("importanceDecay", o.policy.importance_decay);
-        r.Set("importanceGranularity", o.policy.importance_granularity_spans ? "span" : "token");
-        r.Set("semanticClusters", o.policy.semantic_clusters);
-        r.Set("spanMaxTokens", o.policy.span_max_tokens);
-        r.Set("policySeed", o.policy.seed);
-        r.Set("summaryTokens", o.policy.summary_tokens);
-        r.Set("hybridImportanceShare", o.policy.hybrid_importance_share);
-        r.Set("maxPolicyMs", o.max_policy_ms);
-        return r;
+        return from_option_map(env, chat_options_to_map(require(env)->options(), false));
     }
 
     // Benchmark hooks (synchronous on purpose; not part of the public API).
@@ -603,23 +616,7 @@ Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     auto s = require(env);
     const std::string text = string_arg(info, 0, "message");
-    Napi::Object o = object_arg(info, 1);
-    generation_options gen;
-    gen.max_new_tokens = (int32_t) get_number(o, "maxNewTokens", 256);
-    gen.sampling.temperature = (float) get_number(o, "temperature", 0.8);
-    gen.sampling.top_k = (int32_t) get_number(o, "topK", 40);
-    gen.sampling.top_p = (float) get_number(o, "topP", 0.95);
-    gen.sampling.min_p = (float) get_number(o, "minP", 0.05);
-    gen.sampling.repeat_penalty = (float) get_number(o, "repeatPenalty", 1.0);
-    gen.sampling.repeat_last_n = (int32_t) get_number(o, "repeatLastN", 64);
-    gen.sampling.seed = (uint32_t) get_number(o, "seed", (double) LLAMA_DEFAULT_SEED);
-    Napi::Value stop = o.Get("stop");
-    if (stop.IsArray()) {
-        Napi::Array a = stop.As<Napi::Array>();
-        for (uint32_t i = 0; i < a.Length(); ++i) {
-            gen.stop.push_back(a.Get(i).ToString().Utf8Value());
-        }
-    }
+    const generation_options gen = guarded(env, [&] { return resolve_generation_options(options_arg(info, 1)); });
     Napi::Function on_piece = info.Length() > 2 && info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
 
     claim_chat(env, *s, "a turn is already running on this chat; await it (or abort it) before sending again");
@@ -779,7 +776,12 @@ Napi::Value js_load_chat(const Napi::CallbackInfo & info) {
     }
     auto model = js_model::Unwrap(info[0].As<Napi::Object>())->require(env);
     const std::string path = string_arg(info, 1, "path");
-    const int32_t threads = info.Length() > 2 && info[2].IsNumber() ? info[2].ToNumber().Int32Value() : 0;
+    // An override of the stored thread count, validated like createChat's.
+    int32_t threads = 0;
+    if (info.Length() > 2 && !info[2].IsUndefined()) {
+        const option_map m = { { "threads", to_option_value(info[2]) } };
+        threads = guarded(env, [&] { return resolve_chat_options(m, 1).threads; });
+    }
     auto * w = new load_checkpoint_worker(env, model, path, threads);
     Napi::Promise p = w->promise();
     w->Queue();
@@ -792,18 +794,7 @@ Napi::Value js_load_chat(const Napi::CallbackInfo & info) {
 // Runs a policy on a synthetic ledger, so policies are testable without a model or a KV cache.
 Napi::Value js_plan_eviction(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    Napi::Object o = object_arg(info, 0);
-    policy_options opts;
-    opts.name = get_string(o, "policy", "sliding");
-    opts.max_tokens = (uint32_t) get_number(o, "maxTokens", 2048);
-    opts.window_size = (uint32_t) get_number(o, "windowSize", 512);
-    opts.sink_tokens = (uint32_t) get_number(o, "sinkTokens", 4);
-    opts.semantic_clusters = (uint32_t) get_number(o, "semanticClusters", 8);
-    opts.importance_granularity_spans = get_string(o, "importanceGranularity", "span") == "span";
-    opts.span_max_tokens = (uint32_t) get_number(o, "spanMaxTokens", 32);
-    opts.seed = (uint32_t) get_number(o, "policySeed", 42);
-    opts.summary_tokens = (uint32_t) get_number(o, "summaryTokens", 48);
-    opts.hybrid_importance_share = (float) get_number(o, "hybridImportanceShare", 0.5);
+    const policy_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 0), 1).policy; });
     if (info.Length() < 4 || !info[1].IsArray()) {
         throw_error(env, FML_ERR_INVALID_OPTION, "planEviction(options, entries, need, want)");
     }
@@ -915,12 +906,7 @@ Napi::Value js_bench_evict(const Napi::CallbackInfo & info) {
 // benchPolicyPlan(options, n, want, embdDim, reps) -> median ms
 Napi::Value js_bench_policy_plan(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    Napi::Object o = object_arg(info, 0);
-    policy_options opts;
-    opts.name = get_string(o, "policy", "sliding");
-    opts.max_tokens = (uint32_t) get_number(o, "maxTokens", 2048);
-    opts.window_size = (uint32_t) get_number(o, "windowSize", 512);
-    opts.sink_tokens = (uint32_t) get_number(o, "sinkTokens", 4);
+    const policy_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 0), 1).policy; });
     return Napi::Number::New(env, guarded(env, [&] {
         return run_policy_plan_bench(opts, info[1].ToNumber().Int32Value(), info[2].ToNumber().Int32Value(),
                                      info[3].ToNumber().Int32Value(), info[4].ToNumber().Int32Value());
@@ -949,6 +935,37 @@ Napi::Value js_gpu_device_count(const Napi::CallbackInfo & info) {
     return Napi::Number::New(info.Env(), (double) n);
 }
 
+// resolveChatOptions(raw, defaultThreads) -> the resolved options (throws INVALID_OPTION).
+Napi::Value js_resolve_chat_options(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    const int32_t threads = info.Length() > 1 && info[1].IsNumber() ? info[1].ToNumber().Int32Value() : 1;
+    const chat_options o = guarded(env, [&] { return resolve_chat_options(options_arg(info, 0), threads); });
+    return from_option_map(env, chat_options_to_map(o, false));
+}
+
+Napi::Value js_option_docs(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    const std::vector<option_doc> & docs = option_docs();
+    Napi::Array out = Napi::Array::New(env, docs.size());
+    for (size_t i = 0; i < docs.size(); ++i) {
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("scope", docs[i].scope);
+        o.Set("name", docs[i].name);
+        o.Set("type", docs[i].type);
+        o.Set("default", docs[i].default_text);
+        o.Set("range", docs[i].range_text);
+        o.Set("description", docs[i].description);
+        o.Set("internal", docs[i].internal);
+        out[(uint32_t) i] = o;
+    }
+    return out;
+}
+
+Napi::Value js_remove_stale_checkpoint_temps(const Napi::CallbackInfo & info) {
+    const std::string dir = string_arg(info, 0, "dir");
+    return Napi::Number::New(info.Env(), (double) remove_stale_checkpoint_temps(dir, ""));
+}
+
 Napi::Value js_system_info(const Napi::CallbackInfo & info) {
     return Napi::String::New(info.Env(), llama_print_system_info());
 }
@@ -973,6 +990,9 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
     exports.Set("benchPolicyPlan", Napi::Function::New(env, js_bench_policy_plan));
     exports.Set("benchMemcpy", Napi::Function::New(env, js_bench_memcpy));
     exports.Set("systemInfo", Napi::Function::New(env, js_system_info));
+    exports.Set("resolveChatOptions", Napi::Function::New(env, js_resolve_chat_options));
+    exports.Set("optionDocs", Napi::Function::New(env, js_option_docs));
+    exports.Set("removeStaleCheckpointTemps", Napi::Function::New(env, js_remove_stale_checkpoint_temps));
     exports.Set("llamaCppVersion", Napi::String::New(env, "v0.4.0 (node-llama-cpp@3.21.1 bundle)"));
     return exports;
 }

@@ -1,0 +1,302 @@
+#include "options.h"
+
+#include "error.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <sched.h>
+#include <thread>
+
+namespace fml {
+
+namespace {
+
+constexpr double MAX_CONTEXT = 1 << 20;
+constexpr size_t MAX_TEXT_BYTES = 64u << 20;
+
+std::string number_text(double v) {
+    char buf[64];
+    if (std::isfinite(v) && v == std::floor(v) && std::fabs(v) < 1e15) {
+        snprintf(buf, sizeof(buf), "%.0f", v);
+    } else {
+        snprintf(buf, sizeof(buf), "%g", v);
+    }
+    return buf;
+}
+
+std::string describe(const option_value & v) {
+    switch (v.kind) {
+        case option_value::UNDEFINED: return "undefined";
+        case option_value::NUL:       return "null";
+        case option_value::BOOL:      return v.boolean ? "boolean true" : "boolean false";
+        case option_value::NUMBER:    return "number " + number_text(v.number);
+        case option_value::STRING: {
+            // Characters, not bytes: cut at a UTF-8 boundary.
+            std::string s = v.text;
+            size_t cut = 0, chars = 0;
+            while (cut < s.size() && chars < 40) {
+                ++cut;
+                while (cut < s.size() && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) ++cut;
+                ++chars;
+            }
+            const bool more = cut < s.size();
+            s.resize(cut);
+            std::string out = "string \"";
+            for (char c : s) {
+                if (c == '"' || c == '\\') out += '\\';
+                if (static_cast<unsigned char>(c) < 0x20) { out += "\\u00"; const char * hex = "0123456789abcdef"; out += hex[(c >> 4) & 0xF]; out += hex[c & 0xF]; continue; }
+                out += c;
+            }
+            return out + (more ? "…\"" : "\"");
+        }
+        case option_value::ARRAY:     return "object";
+        case option_value::OTHER:     return v.text.empty() ? "object" : v.text;
+    }
+    return "object";
+}
+
+[[noreturn]] void fail(const std::string & expected, const std::string & name, const option_value & v) {
+    throw fml_error(FML_ERR_INVALID_OPTION, "Expected " + expected + " for " + name + " but received " + describe(v));
+}
+
+double int_in(const std::string & name, const option_value & v, double lo, double hi) {
+    if (v.kind != option_value::NUMBER || !std::isfinite(v.number) || v.number != std::floor(v.number) || v.number < lo || v.number > hi) {
+        fail("an integer between " + number_text(lo) + " and " + number_text(hi), name, v);
+    }
+    return v.number;
+}
+
+double number_in(const std::string & name, const option_value & v, double lo, double hi) {
+    if (v.kind != option_value::NUMBER || !std::isfinite(v.number) || v.number < lo || v.number > hi) {
+        fail("a number between " + number_text(lo) + " and " + number_text(hi), name, v);
+    }
+    return v.number;
+}
+
+std::string text_of(const std::string & name, const option_value & v, size_t max_bytes) {
+    if (v.kind != option_value::STRING) {
+        fail("a string", name, v);
+    }
+    if (v.text.size() > max_bytes) {
+        fail("a string of at most " + std::to_string(max_bytes) + " bytes", name, v);
+    }
+    return v.text;
+}
+
+std::string choice_of(const std::string & name, const option_value & v, const std::vector<const char *> & choices) {
+    for (const char * c : choices) {
+        if (v.kind == option_value::STRING && v.text == c) {
+            return v.text;
+        }
+    }
+    std::string list;
+    for (size_t i = 0; i < choices.size(); ++i) {
+        list += (i ? ", " : "") + std::string(choices[i]);
+    }
+    fail("one of " + list, name, v);
+}
+
+bool boolean_of(const std::string & name, const option_value & v) {
+    if (v.kind != option_value::BOOL) {
+        fail("a boolean", name, v);
+    }
+    return v.boolean;
+}
+
+// Looks options up by name and reports unknown ones; every lookup marks its key as known.
+class option_reader {
+public:
+    option_reader(const option_map & raw, std::vector<const char *> known) : raw_(raw), known_(std::move(known)) {
+        for (const auto & kv : raw_) {
+            if (kv.second.kind == option_value::UNDEFINED) {
+                continue;   // { x: undefined } means "not given", as in JS
+            }
+            if (std::find_if(known_.begin(), known_.end(), [&](const char * k) { return kv.first == k; }) == known_.end()) {
+                std::string list;
+                for (size_t i = 0; i < known_.size(); ++i) {
+                    list += (i ? ", " : "") + std::string(known_[i]);
+                }
+                throw fml_error(FML_ERR_INVALID_OPTION, "Unknown option options." + kv.first + " (known: " + list + ")");
+            }
+        }
+    }
+    // Null when the option was not given (absent or undefined).
+    const option_value * get(const char * name) const {
+        for (const auto & kv : raw_) {
+            if (kv.first == name && kv.second.kind != option_value::UNDEFINED) {
+                return &kv.second;
+            }
+        }
+        return nullptr;
+    }
+private:
+    const option_map & raw_;
+    std::vector<const char *> known_;
+};
+
+const std::vector<const char *> POLICY_NAMES = { "sliding", "importance", "semantic", "rolling_summary", "hybrid" };
+const std::vector<const char *> KV_TYPES = { "f16", "f32", "q8_0" };
+const std::vector<const char *> GRANULARITIES = { "span", "token" };
+
+} // namespace
+
+int32_t available_cores() {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+        return std::max(1, CPU_COUNT(&set));
+    }
+    return (int32_t) std::max(1u, std::thread::hardware_concurrency());
+}
+
+// The defaults and bounds below are the only ones; option_docs() describes them in the same order.
+
+model_load_options resolve_model_options(const option_map & raw, int32_t cores) {
+    option_reader r(raw, { "gpuLayers", "threads", "useMmap" });
+    model_load_options o;
+    if (const option_value * v = r.get("gpuLayers")) {
+        if (!(v->kind == option_value::STRING && v->text == "auto")) {
+            if (v->kind != option_value::NUMBER) fail("an integer between 0 and 100000 or 'auto'", "gpuLayers", *v);
+            o.gpu_layers = (int32_t) int_in("gpuLayers", *v, 0, 100000);
+        }
+    }
+    o.threads = std::max(1, std::min(4, cores));
+    if (const option_value * v = r.get("threads")) o.threads = (int32_t) int_in("threads", *v, 1, 256);
+    if (const option_value * v = r.get("useMmap")) o.use_mmap = boolean_of("useMmap", *v);
+    return o;
+}
+
+chat_options resolve_chat_options(const option_map & raw, int32_t default_threads) {
+    option_reader r(raw, {
+        "policy", "maxTokens", "windowSize", "sinkTokens", "systemPrompt", "threads", "batchSize", "kvType", "flashAttention",
+        "importanceDecay", "importanceGranularity", "semanticClusters", "spanMaxTokens", "policySeed", "summaryTokens",
+        "hybridImportanceShare", "maxPolicyMs", "testPolicyDelayMs", "testTokenDelayMs",
+    });
+    chat_options o;
+    policy_options & p = o.policy;
+    const option_value * v = nullptr;
+    p.name = (v = r.get("policy")) ? choice_of("policy", *v, POLICY_NAMES) : "sliding";
+    // 16 is a floor, not the real minimum: that depends on the model's chat template and the system
+    // prompt, and the chat checks it when created (chat_session::check_budget).
+    p.max_tokens = (v = r.get("maxTokens")) ? (uint32_t) int_in("maxTokens", *v, 16, MAX_CONTEXT) : 2048;
+    p.window_size = (v = r.get("windowSize")) ? (uint32_t) int_in("windowSize", *v, 0, p.max_tokens - 1) : p.max_tokens / 4;
+    p.sink_tokens = (v = r.get("sinkTokens")) ? (uint32_t) int_in("sinkTokens", *v, 0, p.max_tokens / 2 - 1) : 4;
+    o.system_prompt = (v = r.get("systemPrompt")) ? text_of("systemPrompt", *v, MAX_TEXT_BYTES) : "";
+    o.threads = (v = r.get("threads")) ? (int32_t) int_in("threads", *v, 1, 256) : std::max(1, std::min(256, default_threads));
+    o.batch_size = (v = r.get("batchSize")) ? (int32_t) int_in("batchSize", *v, 1, 65536) : 512;
+    o.kv_type = (v = r.get("kvType")) ? choice_of("kvType", *v, KV_TYPES) : "f16";
+    o.flash_attention = (v = r.get("flashAttention")) ? (boolean_of("flashAttention", *v) ? 1 : 0) : -1;
+    if (o.kv_type == "q8_0" && o.flash_attention == 0) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "kvType 'q8_0' needs flash attention (a quantized V cache requires it)");
+    }
+    p.importance_decay = (v = r.get("importanceDecay")) ? (float) number_in("importanceDecay", *v, 0, 1) : 1.0f;
+    p.importance_granularity_spans = (v = r.get("importanceGranularity")) ? choice_of("importanceGranularity", *v, GRANULARITIES) == "span" : true;
+    p.semantic_clusters = (v = r.get("semanticClusters")) ? (uint32_t) int_in("semanticClusters", *v, 1, 4096) : 8;
+    p.span_max_tokens = (v = r.get("spanMaxTokens")) ? (uint32_t) int_in("spanMaxTokens", *v, 1, 4096) : 32;
+    p.seed = (v = r.get("policySeed")) ? (uint32_t) int_in("policySeed", *v, 0, 4294967295.0) : 42;
+    p.summary_tokens = (v = r.get("summaryTokens")) ? (uint32_t) int_in("summaryTokens", *v, 0, p.max_tokens / 4)
+                                                    : std::min<uint32_t>(48, p.max_tokens / 8);
+    p.hybrid_importance_share = (v = r.get("hybridImportanceShare")) ? (float) number_in("hybridImportanceShare", *v, 0, 1) : 0.5f;
+    o.max_policy_ms = (v = r.get("maxPolicyMs")) ? number_in("maxPolicyMs", *v, 0, 3600000) : 50.0;
+    o.test_policy_delay_ms = (v = r.get("testPolicyDelayMs")) ? number_in("testPolicyDelayMs", *v, 0, 60000) : 0.0;
+    o.test_token_delay_ms = (v = r.get("testTokenDelayMs")) ? number_in("testTokenDelayMs", *v, 0, 60000) : 0.0;
+    return o;
+}
+
+generation_options resolve_generation_options(const option_map & raw) {
+    option_reader r(raw, { "maxNewTokens", "temperature", "topK", "topP", "minP", "repeatPenalty", "repeatLastN", "seed", "stop" });
+    generation_options g;
+    sampling_options & s = g.sampling;
+    const option_value * v = nullptr;
+    g.max_new_tokens = (v = r.get("maxNewTokens")) ? (int32_t) int_in("maxNewTokens", *v, 0, MAX_CONTEXT) : 256;
+    s.temperature = (v = r.get("temperature")) ? (float) number_in("temperature", *v, 0, 100) : 0.8f;
+    s.top_k = (v = r.get("topK")) ? (int32_t) int_in("topK", *v, 0, 1 << 24) : 40;
+    s.top_p = (v = r.get("topP")) ? (float) number_in("topP", *v, 0, 1) : 0.95f;
+    s.min_p = (v = r.get("minP")) ? (float) number_in("minP", *v, 0, 1) : 0.05f;
+    s.repeat_penalty = (v = r.get("repeatPenalty")) ? (float) number_in("repeatPenalty", *v, 0.01, 100) : 1.0f;
+    s.repeat_last_n = (v = r.get("repeatLastN")) ? (int32_t) int_in("repeatLastN", *v, 0, MAX_CONTEXT) : 64;
+    // 0xFFFFFFFF is llama.cpp's "random seed"; a given seed must be below it.
+    s.seed = (v = r.get("seed")) ? (uint32_t) int_in("seed", *v, 0, 4294967294.0) : 0xFFFFFFFFu;
+    if ((v = r.get("stop"))) {
+        if (v->kind != option_value::ARRAY || v->items.size() > 64) {
+            fail("an array of at most 64 strings", "stop", *v);
+        }
+        for (size_t i = 0; i < v->items.size(); ++i) {
+            std::string s_i = text_of("stop[" + std::to_string(i) + "]", v->items[i], 1024);
+            if (!s_i.empty()) {
+                g.stop.push_back(std::move(s_i));
+            }
+        }
+    }
+    return g;
+}
+
+option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
+    const policy_options & p = o.policy;
+    option_map m = {
+        { "policy", option_value::of(p.name) },
+        { "maxTokens", option_value::of((double) p.max_tokens) },
+        { "windowSize", option_value::of((double) p.window_size) },
+        { "sinkTokens", option_value::of((double) p.sink_tokens) },
+        { "systemPrompt", option_value::of(o.system_prompt) },
+        { "threads", option_value::of((double) o.threads) },
+        { "batchSize", option_value::of((double) o.batch_size) },
+        { "kvType", option_value::of(o.kv_type) },
+        { "importanceDecay", option_value::of((double) p.importance_decay) },
+        { "importanceGranularity", option_value::of(std::string(p.importance_granularity_spans ? "span" : "token")) },
+        { "semanticClusters", option_value::of((double) p.semantic_clusters) },
+        { "spanMaxTokens", option_value::of((double) p.span_max_tokens) },
+        { "policySeed", option_value::of((double) p.seed) },
+        { "summaryTokens", option_value::of((double) p.summary_tokens) },
+        { "hybridImportanceShare", option_value::of((double) p.hybrid_importance_share) },
+        { "maxPolicyMs", option_value::of(o.max_policy_ms) },
+    };
+    if (o.flash_attention >= 0) {
+        m.push_back({ "flashAttention", option_value::of(o.flash_attention == 1) });
+    }
+    if (!persisted_only) {
+        if (o.test_policy_delay_ms > 0) m.push_back({ "testPolicyDelayMs", option_value::of(o.test_policy_delay_ms) });
+        if (o.test_token_delay_ms > 0) m.push_back({ "testTokenDelayMs", option_value::of(o.test_token_delay_ms) });
+    }
+    return m;
+}
+
+const std::vector<option_doc> & option_docs() {
+    static const std::vector<option_doc> docs = {
+        { "model", "gpuLayers", "number | 'auto'", "'auto'", "0 .. 100000", "Layers offloaded to the GPU; 'auto' = all when a GPU backend is active, else none.", false },
+        { "model", "threads", "number", "min(4, cores)", "1 .. 256", "CPU threads of this model's chats unless a chat sets its own.", false },
+        { "model", "useMmap", "boolean", "true", "", "Memory-map the weights.", false },
+        { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'sliding'", "", "Which tokens leave the KV cache when the budget is full.", false },
+        { "chat", "maxTokens", "number", "2048", "16 .. 1048576", "Hard cap on tokens in this chat's KV cache. The real minimum depends on the chat template and system prompt; createChat says what does not fit.", false },
+        { "chat", "windowSize", "number", "maxTokens / 4", "0 .. maxTokens - 1", "Most recent tokens a policy keeps when anything else can go.", false },
+        { "chat", "sinkTokens", "number", "4", "0 .. maxTokens / 2 - 1", "First tokens of the sequence, pinned as attention sinks.", false },
+        { "chat", "systemPrompt", "string", "''", "", "System prompt; pinned, never evicted.", false },
+        { "chat", "threads", "number", "the model's threads", "1 .. 256", "CPU threads for this chat.", false },
+        { "chat", "batchSize", "number", "512", "1 .. 65536", "Most tokens per llama_decode call while prefilling.", false },
+        { "chat", "kvType", "'f16' | 'f32' | 'q8_0'", "'f16'", "", "KV cache element type; 'q8_0' needs flash attention.", false },
+        { "chat", "flashAttention", "boolean", "llama.cpp's choice", "", "Flash attention on or off; importance and hybrid turn it off to read attention weights unless it is forced on.", false },
+        { "chat", "importanceDecay", "number", "1", "0 .. 1", "importance/hybrid: scores are multiplied by this once per turn.", false },
+        { "chat", "importanceGranularity", "'span' | 'token'", "'span'", "", "importance: evict whole low-scoring spans or single tokens (H2O).", false },
+        { "chat", "semanticClusters", "number", "8", "1 .. 4096", "semantic/hybrid: k-means clusters (topics).", false },
+        { "chat", "spanMaxTokens", "number", "32", "1 .. 4096", "semantic/hybrid: longest span when history is split into spans.", false },
+        { "chat", "policySeed", "number", "42", "0 .. 4294967295", "semantic/hybrid: k-means++ seed.", false },
+        { "chat", "summaryTokens", "number", "min(48, maxTokens / 8)", "0 .. maxTokens / 4", "rolling_summary/hybrid: longest summary; 0 turns summaries off in hybrid.", false },
+        { "chat", "hybridImportanceShare", "number", "0.5", "0 .. 1", "hybrid: share of the kept history chosen by importance (the rest by semantic representatives).", false },
+        { "chat", "maxPolicyMs", "number", "50", "0 .. 3600000", "Latency guard: a policy slower than this falls back to sliding; 0 disables.", false },
+        { "chat", "testPolicyDelayMs", "number", "0", "0 .. 60000", "Test hook: every policy choice takes this long.", true },
+        { "chat", "testTokenDelayMs", "number", "0", "0 .. 60000", "Test hook: every decode of a turn takes this long.", true },
+        { "send", "maxNewTokens", "number", "256", "0 .. 1048576", "Most tokens to generate.", false },
+        { "send", "temperature", "number", "0.8", "0 .. 100", "Sampling temperature; 0 = greedy.", false },
+        { "send", "topK", "number", "40", "0 .. 16777216", "Top-k sampling; 0 = off.", false },
+        { "send", "topP", "number", "0.95", "0 .. 1", "Nucleus sampling; 1 = off.", false },
+        { "send", "minP", "number", "0.05", "0 .. 1", "Min-p sampling; 0 = off.", false },
+        { "send", "repeatPenalty", "number", "1", "0.01 .. 100", "Repetition penalty; 1 = off.", false },
+        { "send", "repeatLastN", "number", "64", "0 .. 1048576", "Tokens the repetition penalty looks back over.", false },
+        { "send", "seed", "number", "random", "0 .. 4294967294", "Sampler seed: same seed and history, same reply.", false },
+        { "send", "stop", "string[]", "[]", "at most 64, each at most 1024 bytes", "Generation stops before the first of these strings (not included in the reply).", false },
+    };
+    return docs;
+}
+
+} // namespace fml

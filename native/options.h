@@ -1,0 +1,83 @@
+// The one table of options: names, kinds, defaults, bounds and what each means, for models
+// (loadModel), chats (createChat and the options stored in a checkpoint) and turns (send). Every
+// value that reaches the core passes through resolve_*(), so createChat and loadChat validate alike
+// and TypeScript (which only strips its JS-only options: telemetry, onToken, signal) shares the
+// same defaults. Messages follow "Expected X for name but received Y".
+#pragma once
+
+#include "policies/policy.h"
+#include "sampler.h"
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace fml {
+
+// A raw option value as the caller gave it (a JS value, or a field read from a checkpoint).
+struct option_value {
+    enum kind_t : uint8_t { UNDEFINED, NUL, BOOL, NUMBER, STRING, ARRAY, OTHER };
+    kind_t kind = UNDEFINED;
+    bool boolean = false;
+    double number = 0;
+    std::string text;                  // STRING; for OTHER, the JS type name ("object", "function", ...)
+    std::vector<option_value> items;   // ARRAY
+
+    static option_value of(double v) { option_value o; o.kind = NUMBER; o.number = v; return o; }
+    static option_value of(bool v) { option_value o; o.kind = BOOL; o.boolean = v; return o; }
+    static option_value of(std::string v) { option_value o; o.kind = STRING; o.text = std::move(v); return o; }
+};
+
+// Name -> value, in the caller's order.
+using option_map = std::vector<std::pair<std::string, option_value>>;
+
+struct model_load_options {
+    int32_t gpu_layers = -1;    // -1 = all that the backend can take ('auto')
+    bool    use_mmap   = true;
+    int32_t threads    = 1;     // CPU threads of the model's chats (each chat may override)
+};
+
+struct chat_options {
+    policy_options policy;
+    std::string system_prompt;
+    int32_t     threads = 1;
+    int32_t     batch_size = 512;
+    std::string kv_type = "f16";      // f16 | f32 | q8_0
+    int32_t     flash_attention = -1; // -1 auto, 0 off, 1 on
+    double      max_policy_ms = 50.0; // latency guard: slower choices fall back to sliding (<= 0: off)
+    double      test_policy_delay_ms = 0; // test hook: makes every policy choice this slow
+    double      test_token_delay_ms = 0;  // test hook: makes every decode of a turn this slow (deterministic aborts)
+};
+
+struct generation_options {
+    sampling_options sampling;
+    int32_t max_new_tokens = 256;
+    std::vector<std::string> stop;
+};
+
+// CPUs this process may run on (its affinity mask), like Node's os.availableParallelism().
+int32_t available_cores();
+
+// Throw fml_error(INVALID_OPTION) naming the option, what was expected and what was given.
+model_load_options resolve_model_options(const option_map & raw, int32_t cores);
+chat_options       resolve_chat_options(const option_map & raw, int32_t default_threads);
+generation_options resolve_generation_options(const option_map & raw);
+
+// The resolved chat options as a map (the same names): what `chat.options` reports and what a
+// checkpoint stores. `persisted_only` leaves out test hooks.
+option_map chat_options_to_map(const chat_options & opts, bool persisted_only);
+
+// The table itself, for documentation (scripts/options-doc.ts) and tests.
+struct option_doc {
+    const char * scope;        // "model" | "chat" | "send"
+    const char * name;
+    const char * type;         // as written in TypeScript
+    const char * default_text; // e.g. "maxTokens / 4"
+    const char * range_text;   // e.g. "1 .. 256"
+    const char * description;
+    bool         internal;     // test hooks, left out of the docs
+};
+const std::vector<option_doc> & option_docs();
+
+} // namespace fml

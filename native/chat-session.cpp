@@ -118,15 +118,13 @@ chat_session::chat_session(std::shared_ptr<fml_model> model, const chat_options 
     // would overflow it, so the context is the budget. Summarizing policies add a bounded scratch area
     // for the summarizer's instruction and output (it shares the history's cells, so no re-prefill).
     cp.n_ctx = p.max_tokens + scratch_cells;
-    if (scratch_cells > 0) {
-        cp.n_seq_max = 2;
-        cp.kv_unified = true;
-    }
-    cp.n_batch = (uint32_t) std::max(1, std::min<int32_t>(opts_.batch_size, (int32_t) p.max_tokens));
+    cp.n_seq_max = scratch_cells > 0 ? 2 : 1;
+    cp.kv_unified = scratch_cells > 0;
+    // Prefill goes in chunks of batchSize; llama.cpp also needs n_batch >= n_seq_max (it reserves an
+    // output row per sequence and aborts the process otherwise).
+    chunk_ = (size_t) std::max(1, std::min<int32_t>(opts_.batch_size, (int32_t) p.max_tokens));
+    cp.n_batch = (uint32_t) std::max<size_t>(chunk_, cp.n_seq_max);
     cp.n_ubatch = cp.n_batch;
-    if (scratch_cells == 0) {
-        cp.n_seq_max = 1;
-    }
     cp.n_threads = opts_.threads;
     cp.n_threads_batch = opts_.threads;
     cp.type_k = kv_type;
@@ -156,7 +154,7 @@ chat_session::chat_session(std::shared_ptr<fml_model> model, const chat_options 
         throw fml_error(FML_ERR_CONTEXT_CREATE, "this model's KV cache does not support position shifts (K-shift), so in-place eviction is impossible");
     }
     // Nothing below throws: the destructor owns what follows.
-    batch_ = llama_batch_init((int32_t) llama_n_batch(ctx_), 0, 1);
+    batch_ = llama_batch_init((int32_t) chunk_, 0, 1);
     g_live_sessions++;
 }
 
@@ -244,7 +242,7 @@ bool chat_session::ensure_started() {
 bool chat_session::decode_tokens(const std::vector<int32_t> & tokens, uint32_t turn, token_role role, bool want_logits) {
     // batch_ is allocated once per chat: generation decodes one token at a time, and allocating an
     // n_batch-sized llama_batch (one malloc per seq_id slot) for every token would be pure overhead.
-    const size_t n_batch = llama_n_batch(ctx_);
+    const size_t n_batch = chunk_;
     for (size_t start = 0; start < tokens.size(); start += n_batch) {
         const size_t n = std::min(n_batch, tokens.size() - start);
         const int32_t pos0 = ledger_.next_pos();
@@ -321,7 +319,7 @@ void chat_session::test_token_delay() const {
 
 bool chat_session::decode_scratch(const std::vector<int32_t> & tokens, int32_t pos0) {
     // In chunks of n_batch, like every decode: llama.cpp aborts the process on a larger batch.
-    const size_t n_batch = llama_n_batch(ctx_);
+    const size_t n_batch = chunk_;
     for (size_t start = 0; start < tokens.size(); start += n_batch) {
         const size_t n = std::min(n_batch, tokens.size() - start);
         fill_batch(batch_, tokens.data() + start, n, pos0 + (int32_t) start, KV_SCRATCH_SEQ, false, start + n == tokens.size());
@@ -775,7 +773,7 @@ std::vector<float> chat_session::evaluate_tokens(const std::vector<int32_t> & to
     if (!ensure_started()) {
         throw fml_error(FML_ERR_ABORTED, "aborted");
     }
-    chunk = std::max<size_t>(1, std::min<size_t>(chunk, llama_n_batch(ctx_)));
+    chunk = std::max<size_t>(1, std::min<size_t>(chunk, chunk_));
     std::vector<float> out;
     out.reserve(tokens.size() * (size_t) n_vocab);
     llama_batch batch = llama_batch_init((int32_t) chunk, 0, 1);
@@ -807,7 +805,7 @@ double chat_session::replay_history() {
     std::vector<ledger_entry> entries = ledger_.entries();
     kv_clear(ctx_, ledger_);
     // Re-decode in the ledger's own batches, keeping roles, turns and pins as they were.
-    const size_t n_batch = llama_n_batch(ctx_);
+    const size_t n_batch = chunk_;
     llama_batch batch = llama_batch_init((int32_t) n_batch, 0, 1);
     for (size_t start = 0; start < entries.size(); start += n_batch) {
         const size_t n = std::min(n_batch, entries.size() - start);

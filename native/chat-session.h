@@ -200,7 +200,8 @@ private:
     std::shared_ptr<fml_model> model_;
     chat_options opts_;
     llama_context * ctx_ = nullptr;
-    llama_batch batch_ {};         // reused by decode_tokens (sized n_batch)
+    llama_batch batch_ {};         // reused by every decode (sized chunk_)
+    size_t chunk_ = 1;             // most tokens per llama_decode (batchSize, at most maxTokens)
     std::unique_ptr<kv_policy_i> policy_;
     token_ledger ledger_;
     cumulative_stats cumulative_;

@@ -20,7 +20,9 @@ const USAGE = `Usage:
   finite-memory-llm serve --model file.gguf [--port 8080] [--host 127.0.0.1] [--policy sliding] [--max-tokens 2048] [--window N]
         [--system "..."] [--threads N] [--api-key K (or FINITE_MEMORY_API_KEY)] [--model-id ID] [--max-sessions 32]
         [--session-ttl-ms 1800000] [--checkpoint-dir DIR] [--max-concurrent N] [--max-queue 64] [--max-session-queue 4]
-        [--max-request-tokens 1024] [--body-limit 1048576] [--shutdown-timeout-ms 30000] [--quiet]`;
+        [--max-request-tokens 1024] [--max-history-tokens N] [--body-limit 1048576] [--headers-timeout-ms 10000]
+        [--request-timeout-ms 30000] [--keep-alive-timeout-ms 5000] [--max-stored-sessions 256]
+        [--max-stored-bytes 8589934592] [--shutdown-timeout-ms 30000] [--quiet]`;
 
 const TOPICS = ['the weather', 'a red bicycle', 'the old lighthouse', 'breakfast', 'a lost key', 'the river', 'music', 'a small cat'];
 
@@ -155,7 +157,13 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
     maxQueue: intArg(args, 'max-queue'),
     maxSessionQueue: intArg(args, 'max-session-queue'),
     maxTokensPerRequest: intArg(args, 'max-request-tokens'),
+    maxHistoryTokens: intArg(args, 'max-history-tokens'),
     bodyLimit: intArg(args, 'body-limit'),
+    headersTimeoutMs: intArg(args, 'headers-timeout-ms'),
+    requestTimeoutMs: intArg(args, 'request-timeout-ms'),
+    keepAliveTimeoutMs: intArg(args, 'keep-alive-timeout-ms'),
+    maxStoredSessions: intArg(args, 'max-stored-sessions'),
+    maxStoredBytes: intArg(args, 'max-stored-bytes'),
     logger: args.quiet ? false : { level: 'info' },
   });
   const address = await server.listen({ port: intArg(args, 'port') ?? 8080, host: typeof args.host === 'string' ? args.host : '127.0.0.1' });
@@ -187,6 +195,8 @@ async function main(): Promise<number> {
       'max-sessions': { type: 'string' }, 'session-ttl-ms': { type: 'string' }, 'checkpoint-dir': { type: 'string' },
       'max-concurrent': { type: 'string' }, 'max-queue': { type: 'string' }, 'max-session-queue': { type: 'string' },
       'max-request-tokens': { type: 'string' }, 'body-limit': { type: 'string' }, 'shutdown-timeout-ms': { type: 'string' },
+      'max-history-tokens': { type: 'string' }, 'headers-timeout-ms': { type: 'string' }, 'request-timeout-ms': { type: 'string' },
+      'keep-alive-timeout-ms': { type: 'string' }, 'max-stored-sessions': { type: 'string' }, 'max-stored-bytes': { type: 'string' },
       quiet: { type: 'boolean' },
     },
   });

@@ -765,6 +765,8 @@ export interface LlamaModelOptions {
   vocabExtra: number;
   /** general.name */
   name: string;
+  /** tokenizer.chat_template: ChatML by default; null writes none (a base model: plain framing). */
+  chatTemplate: string | null;
 }
 
 /** Options accepted by writeLlamaModel: any subset; missing or undefined fields take the defaults. */
@@ -782,6 +784,7 @@ export const DEFAULT_LLAMA_MODEL_OPTIONS: Readonly<LlamaModelOptions> = Object.f
   seed: 42,
   vocabExtra: 0,
   name: 'finite-memory-llm tiny random llama',
+  chatTemplate: CHATML_TEMPLATE,
 });
 
 export interface TensorSummary {
@@ -923,7 +926,7 @@ export function writeLlamaModel(path: string, options: LlamaModelInput = {}): Wr
   w.addUint32('tokenizer.ggml.eot_token_id', SPECIAL_TOKEN_IDS.imEnd);
   w.addBool('tokenizer.ggml.add_bos_token', true);
   w.addBool('tokenizer.ggml.add_eos_token', false);
-  w.addString('tokenizer.chat_template', CHATML_TEMPLATE);
+  if (o.chatTemplate !== null) w.addString('tokenizer.chat_template', o.chatTemplate);
 
   const matrix = (name: string, dims: number[], std: number, rowScale?: (row: number) => number): void => {
     const rng = new SeededRandom(hashSeed(o.seed, name));

@@ -19,6 +19,7 @@ import { tmpdir } from 'node:os';
 import { basename, extname, join } from 'node:path';
 import { fastify, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
 import { Counter, Gauge, Registry } from 'prom-client';
+import { getBinding } from './binding.js';
 import type { Chat } from './chat.js';
 import { CheckpointError, FiniteMemoryError, InvalidOptionError, PromptTooLargeError } from './errors.js';
 import type { Model } from './model.js';
@@ -58,6 +59,21 @@ export interface ServerOptions {
   registry?: Registry;
   /** fastify's logger option. Default false. */
   logger?: FastifyServerOptions['logger'];
+  /** Time a client has to send a request's headers (beyond: 408, connection closed). Default 10 s. */
+  headersTimeoutMs?: number;
+  /** Time a client has to send a whole request, body included (beyond: 408). Default 30 s. */
+  requestTimeoutMs?: number;
+  /** An idle keep-alive connection is closed after this. Default 5 s. */
+  keepAliveTimeoutMs?: number;
+  /**
+   * Tokens of earlier messages a request may bring for a new session or a one-off request (they are
+   * prefilled before the turn; beyond: 400 history_too_large). Default 8 x the chat's maxTokens.
+   */
+  maxHistoryTokens?: number;
+  /** Checkpointed sessions kept on disk; beyond it the least recently used are deleted. Default 256. */
+  maxStoredSessions?: number;
+  /** Bytes of checkpoints kept on disk; beyond it the least recently used are deleted. Default 8 GiB. */
+  maxStoredBytes?: number;
 }
 
 export interface FiniteMemoryServer {
@@ -67,9 +83,10 @@ export interface FiniteMemoryServer {
   /** Starts listening; resolves with the address (e.g. http://127.0.0.1:8080). */
   listen(options?: { port?: number; host?: string }): Promise<string>;
   /**
-   * Graceful shutdown: stops accepting (new requests get 503), lets in-flight and queued requests
-   * finish (after `abortAfterMs`, running turns are aborted), then checkpoints live sessions when a
-   * checkpointDir is configured, and frees every chat. Idempotent. Does not dispose the model.
+   * Graceful shutdown: stops accepting (new requests get 503), closes idle connections, lets in-flight
+   * and queued requests finish (after `abortAfterMs`, running turns are aborted and every connection
+   * still open is closed), then checkpoints live sessions when a checkpointDir is configured, and frees
+   * every chat. Idempotent. Does not dispose the model.
    */
   close(options?: { abortAfterMs?: number }): Promise<void>;
   /** Sessions live in memory and checkpointed on disk. */
@@ -169,6 +186,8 @@ interface Session {
   /** Conversation messages (user + assistant, not system) the server has seen; see reconciliation in the README. */
   messagesSeen: number;
   lastUsed: number;
+  /** Size of the checkpoint on disk (when stored). */
+  storedBytes: number;
 }
 
 interface SessionMeta {
@@ -206,7 +225,22 @@ function contentText(v: unknown, param: string, allowNull: boolean): string {
   throw badRequest(`Invalid '${param}': expected a string or an array of text parts`, param);
 }
 
-function parseCompletion(body: unknown, headers: FastifyRequest['headers'], modelId: string, limits: { maxTokensPerRequest: number; defaultMaxTokens: number }): ParsedCompletion {
+/**
+ * Session ids come from a header or from `user` (any JSON string): checked before any work, so a bad
+ * one never runs a turn. Control characters and broken UTF-16 are refused; the id is echoed in the
+ * X-Session-Id response header percent-encoded (encodeURIComponent: letters, digits and -_.!~*'()
+ * unchanged), never raw, because header values are Latin-1 only.
+ */
+function checkSessionId(raw: unknown): string {
+  if (typeof raw !== 'string' || raw.length > 256) throw badRequest('The session id (X-Session-Id or user) must be a string of at most 256 characters', 'user', 'invalid_session_id');
+  // eslint-disable-next-line no-control-regex
+  if (/[\u0000-\u001f\u007f-\u009f]/.test(raw) || !raw.isWellFormed()) {
+    throw badRequest('The session id (X-Session-Id or user) must not contain control characters or unpaired surrogates', 'user', 'invalid_session_id');
+  }
+  return raw;
+}
+
+function parseCompletion(body: unknown, headers: FastifyRequest['headers'], rawHeaders: string[], modelId: string, limits: { maxTokensPerRequest: number; defaultMaxTokens: number }): ParsedCompletion {
   if (!isObject(body)) throw badRequest('The request body must be a JSON object', null, 'invalid_body');
   if (body.model !== undefined && body.model !== modelId) {
     throw new HttpError(404, 'invalid_request_error', 'model_not_found', `The model '${String(body.model)}' does not exist; this server serves '${modelId}'`, 'model');
@@ -257,12 +291,13 @@ function parseCompletion(body: unknown, headers: FastifyRequest['headers'], mode
   const includeUsage = isObject(body.stream_options) && body.stream_options.include_usage === true;
 
   let sessionId: string | undefined;
+  // Node joins repeated headers into "a, b": two ids in one request are ambiguous, so refuse them.
+  if (rawHeaders.filter((h, i) => i % 2 === 0 && h.toLowerCase() === 'x-session-id').length > 1) {
+    throw badRequest('Send one X-Session-Id header, not several', 'x-session-id', 'duplicate_session_id');
+  }
   const header = headers['x-session-id'];
   const rawId = (Array.isArray(header) ? header[0] : header) ?? body.user;
-  if (rawId !== undefined && rawId !== null && rawId !== '') {
-    if (typeof rawId !== 'string' || rawId.length > 256) throw badRequest('The session id (X-Session-Id or user) must be a string of at most 256 characters', 'user');
-    sessionId = rawId;
-  }
+  if (rawId !== undefined && rawId !== null && rawId !== '') sessionId = checkSessionId(rawId);
   return {
     system: systems.length > 0 ? systems.join('\n\n') : undefined,
     conversation,
@@ -279,10 +314,11 @@ function toHttpError(err: unknown): HttpError {
   if (err instanceof HttpError) return err;
   if (err instanceof PromptTooLargeError) return badRequest(err.message, 'messages', 'context_length_exceeded');
   if (err instanceof InvalidOptionError) return badRequest(err.message, null, 'invalid_value');
-  if (err instanceof CheckpointError) return new HttpError(500, 'server_error', 'session_restore_failed', `The session could not be restored: ${err.message}`);
+  // Server-side failures say what failed, never the details: those (file paths among them) go to the log.
+  if (err instanceof CheckpointError) return new HttpError(500, 'server_error', 'session_store_failed', 'The session could not be stored or restored');
   if (err instanceof FiniteMemoryError) {
     if (err.code === 'CHAT_BUSY') return overloaded('The session is busy');
-    return new HttpError(500, 'server_error', err.code.toLowerCase(), err.message);
+    return new HttpError(500, 'server_error', err.code.toLowerCase(), `The model failed to answer (${err.code})`);
   }
   const e = err as { statusCode?: unknown; code?: unknown; message?: unknown };
   const status = typeof e?.statusCode === 'number' ? e.statusCode : 500;
@@ -309,7 +345,7 @@ const sha256 = (s: string | Buffer) => createHash('sha256').update(s).digest();
 export async function createServer(model: Model, options: ServerOptions = {}): Promise<FiniteMemoryServer> {
   const modelId = options.modelId ?? basename(model.info.path, extname(model.info.path));
   const chatOptions = { ...(options.chat ?? {}) };
-  resolveChatOptions(chatOptions, 1); // invalid chat options fail here, not on the first request
+  const resolvedChat = resolveChatOptions(chatOptions, 1); // invalid chat options fail here, not on the first request
   const int = (name: string, v: number | undefined, def: number, min: number): number => {
     if (v === undefined) return def;
     if (!Number.isInteger(v) || v < min) throw new InvalidOptionError(`Expected an integer >= ${min} for ${name} but received ${String(v)}`);
@@ -324,6 +360,12 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   const maxConcurrent = int('maxConcurrent', options.maxConcurrent, Math.max(1, uvThreads - 1), 1);
   const maxQueue = int('maxQueue', options.maxQueue, 64, 0);
   const maxSessionQueue = int('maxSessionQueue', options.maxSessionQueue, 4, 0);
+  const headersTimeoutMs = int('headersTimeoutMs', options.headersTimeoutMs, 10_000, 1);
+  const requestTimeoutMs = int('requestTimeoutMs', options.requestTimeoutMs, 30_000, 1);
+  const keepAliveTimeoutMs = int('keepAliveTimeoutMs', options.keepAliveTimeoutMs, 5_000, 1);
+  const maxHistoryTokens = int('maxHistoryTokens', options.maxHistoryTokens, 8 * resolvedChat.maxTokens, 0);
+  const maxStoredSessions = int('maxStoredSessions', options.maxStoredSessions, 256, 0);
+  const maxStoredBytes = int('maxStoredBytes', options.maxStoredBytes, 8 * 1024 ** 3, 0);
   const apiKeyHash = options.apiKey !== undefined ? sha256(options.apiKey) : undefined;
   if (options.apiKey !== undefined && options.apiKey.length === 0) throw new InvalidOptionError('apiKey must not be empty');
 
@@ -371,7 +413,14 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   const requests = new Counter({ name: 'finite_memory_server_requests_total', help: 'HTTP requests by route and status', labelNames: ['route', 'status'] as const, registers: [registry] });
   const sessionEvents = new Counter({ name: 'finite_memory_server_session_events_total', help: 'Sessions created, checkpointed (LRU), restored and expired', labelNames: ['event'] as const, registers: [registry] });
 
-  const app = fastify({ bodyLimit, logger: options.logger ?? false, return503OnClosing: true });
+  // Node's own limits on slow clients (fastify's default requestTimeout 0 turns them off): headers and
+  // the whole request must arrive in time, idle keep-alive connections close, and the timers are
+  // checked often enough to act within the limit (Node checks every 30 s by default).
+  const app = fastify({
+    bodyLimit, logger: options.logger ?? false, return503OnClosing: true,
+    requestTimeout: requestTimeoutMs, keepAliveTimeout: keepAliveTimeoutMs,
+    http: { headersTimeout: Math.min(headersTimeoutMs, requestTimeoutMs), connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(headersTimeoutMs / 4))) },
+  });
 
   // ---- sessions: LRU eviction to checkpoints, restore, TTL ----
 
@@ -394,6 +443,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       await writeMeta(s);
       s.chat = undefined;
       s.stored = true;
+      s.storedBytes = (await stat(ckptPath(s))).size;
       chat.dispose();
       sessionEvents.inc({ event: 'checkpointed' });
       return true;
@@ -411,6 +461,27 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       let victim: Session | undefined;
       for (const s of sessions.values()) if (s.chat && s.gate.idle && (!victim || s.lastUsed < victim.lastUsed)) victim = s;
       if (!victim || !(await evict(victim))) return;
+      await capStored();
+    }
+  };
+
+  /** Forgets a session that is not live: its checkpoint and metadata go. */
+  const drop = async (s: Session, event: 'expired' | 'dropped') => {
+    sessions.delete(s.id);
+    sessionEvents.inc({ event });
+    if (s.stored) await deleteFiles(s);
+  };
+
+  /** Deletes the least recently used checkpoints beyond maxStoredSessions / maxStoredBytes. */
+  const capStored = async () => {
+    const stored = [...sessions.values()].filter((s) => s.stored && !s.chat && s.gate.idle).sort((a, b) => a.lastUsed - b.lastUsed);
+    let count = counts().stored;
+    let bytes = stored.reduce((n, s) => n + s.storedBytes, 0);
+    for (const s of stored) {
+      if (count <= maxStoredSessions && bytes <= maxStoredBytes) break;
+      count--;
+      bytes -= s.storedBytes;
+      await drop(s, 'dropped');
     }
   };
 
@@ -419,23 +490,26 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
     const now = Date.now();
     for (const s of sessions.values()) {
       if (!s.gate.idle || now - s.lastUsed <= sessionTtlMs) continue;
-      sessions.delete(s.id);
       s.chat?.dispose();
       s.chat = undefined;
-      sessionEvents.inc({ event: 'expired' });
-      if (s.stored) track(deleteFiles(s)).catch((err) => app.log.warn({ err }, 'deleting an expired checkpoint failed'));
+      track(drop(s, 'expired')).catch((err) => app.log.warn({ err }, 'deleting an expired checkpoint failed'));
     }
   };
   const sweeper = sessionTtlMs > 0 ? setInterval(expire, Math.max(250, Math.min(60_000, Math.floor(sessionTtlMs / 4)))) : undefined;
   sweeper?.unref();
 
   const newSession = (id: string): Session => ({
-    id, key: sha256(id).toString('hex').slice(0, 40), gate: new Gate(1, maxSessionQueue), chat: undefined, stored: false, messagesSeen: 0, lastUsed: Date.now(),
+    id, key: sha256(id).toString('hex').slice(0, 40), gate: new Gate(1, maxSessionQueue), chat: undefined, stored: false, messagesSeen: 0, lastUsed: Date.now(), storedBytes: 0,
   });
+
+  // What a process killed mid-write left here: checkpoint temp files (native naming, only those of
+  // dead processes) and session metadata temp files.
+  getBinding().removeStaleCheckpointTemps(dir);
 
   // A configured checkpoint dir is read back: its sessions are restored on their next request.
   if (persist) {
     for (const name of await readdir(dir)) {
+      if (name.endsWith('.json.tmp')) await rm(join(dir, name), { force: true });
       if (!name.endsWith('.json')) continue;
       try {
         const meta = JSON.parse(await readFile(join(dir, name), 'utf8')) as SessionMeta;
@@ -443,23 +517,36 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
         if (`${s.key}.json` !== name) continue;
         s.messagesSeen = Number(meta.messagesSeen) || 0;
         s.lastUsed = Number(meta.lastUsed) || 0;
-        s.stored = (await stat(ckptPath(s)).catch(() => undefined))?.isFile() ?? false;
+        const st = await stat(ckptPath(s)).catch(() => undefined);
+        s.stored = st?.isFile() ?? false;
+        s.storedBytes = st?.size ?? 0;
         if (!s.stored || (sessionTtlMs > 0 && Date.now() - s.lastUsed > sessionTtlMs)) await deleteFiles(s);
         else sessions.set(s.id, s);
       } catch (err) {
         app.log.warn({ err, file: name }, 'ignoring an unreadable session file');
       }
     }
+    await capStored();
   }
 
-  /** A new chat holding the conversation before the last message (prefilled, not regenerated). */
-  const buildChat = async (parsed: ParsedCompletion): Promise<Chat> => {
+  /**
+   * A new chat holding the conversation before the last message (prefilled, not regenerated): at most
+   * maxHistoryTokens of it (400 beyond), and abortable (the client left: AbortedError).
+   */
+  const buildChat = async (parsed: ParsedCompletion, signal: AbortSignal): Promise<Chat> => {
     const systemPrompt = parsed.system ?? chatOptions.systemPrompt ?? '';
     const history = parsed.conversation.slice(0, -1);
     const opts: ChatOptions = { ...chatOptions, systemPrompt, telemetry };
     if (history.length === 0) return model.createChat(opts);
+    let tokens = 0;
+    for (const m of history) {
+      tokens += model.tokenize(m.content).length;
+      if (tokens > maxHistoryTokens) {
+        throw badRequest(`The earlier messages hold more than ${maxHistoryTokens} tokens, the most a new session or one-off request may bring (send only the new message with a session id, or fewer messages)`, 'messages', 'history_too_large');
+      }
+    }
     const transcript: Transcript = { format: 'finite-memory-llm/transcript', version: 1, systemPrompt, messages: history };
-    return model.importTranscript(transcript, opts);
+    return model.importTranscript(transcript, { ...opts, signal });
   };
 
   // ---- HTTP ----
@@ -509,7 +596,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   app.post('/v1/chat/completions', (req, reply) => track(completion(req, reply)));
 
   async function completion(req: FastifyRequest, reply: FastifyReply): Promise<unknown> {
-    const parsed = parseCompletion(req.body, req.headers, modelId, { maxTokensPerRequest, defaultMaxTokens });
+    const parsed = parseCompletion(req.body, req.headers, req.raw.rawHeaders, modelId, { maxTokensPerRequest, defaultMaxTokens });
     const res: ServerResponse = reply.raw;
     if (shuttingDown) throw new HttpError(503, 'server_error', 'server_shutting_down', 'The server is shutting down', null, { connection: 'close' });
     const ac = new AbortController();
@@ -540,20 +627,34 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
 
       // The chat: the session's (live, restored from its checkpoint, or new), or a one-off.
       let chat: Chat;
+      let sessionReset: 'restore_failed' | undefined;
       let restored = false;
       let created = false;
       if (session?.chat) {
         chat = session.chat;
       } else if (session) {
         await shrink(maxSessions - 1);
+        let restoredChat: Chat | undefined;
         if (session.stored) {
-          chat = await model.loadChat(ckptPath(session), { telemetry });
-          restored = true;
-          sessionEvents.inc({ event: 'restored' });
+          try {
+            restoredChat = await model.loadChat(ckptPath(session), { telemetry });
+            restored = true;
+            sessionEvents.inc({ event: 'restored' });
+          } catch (err) {
+            // Another model since a restart, a corrupt or vanished file: a session that cannot be
+            // restored starts fresh (and says so) instead of failing every request from now on.
+            app.log.warn({ err, session: session.id }, 'a stored session could not be restored; it starts fresh');
+            sessionReset = 'restore_failed';
+            session.messagesSeen = 0;
+            sessionEvents.inc({ event: 'restore_failed' });
+          }
           // A checkpoint exists only for a session that is not in memory (it would be stale from the next turn on).
           await deleteFiles(session);
+        }
+        if (restoredChat) {
+          chat = restoredChat;
         } else {
-          chat = await buildChat(parsed);
+          chat = await buildChat(parsed, ac.signal);
           created = true;
           session.messagesSeen = parsed.conversation.length - 1;
           sessionEvents.inc({ event: 'created' });
@@ -561,7 +662,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
         session.chat = chat;
         session.stored = false; // the checkpoint is stale from the first new turn on
       } else {
-        chat = oneOff = await buildChat(parsed);
+        chat = oneOff = await buildChat(parsed, ac.signal);
         created = true;
       }
       const importedTokens = created ? chat.stats().tokensSeen : 0;
@@ -569,7 +670,8 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       const id = `chatcmpl-${randomUUID()}`;
       const createdAt = Math.floor(Date.now() / 1000);
       const base = { id, created: createdAt, model: modelId, system_fingerprint: `fml-${model.info.fingerprint.slice(0, 12)}` };
-      const sessionHeader: Record<string, string> = session ? { 'x-session-id': session.id } : {};
+      const sessionHeader: Record<string, string> = session ? { 'x-session-id': encodeURIComponent(session.id) } : {};
+      if (sessionReset) sessionHeader['x-session-reset'] = sessionReset;
       let started = false;
       const write = (data: unknown) => {
         if (!res.destroyed && !res.writableEnded) res.write(`data: ${JSON.stringify(data)}\n\n`);
@@ -609,8 +711,10 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
         completion_tokens: result.stats.generatedTokens,
         total_tokens: importedTokens + result.stats.promptTokens + result.stats.generatedTokens,
       };
-      const finite_memory: { session_id: string | null; restored: boolean; messages_seen: number | null; stop_reason: StopReason; turn: TurnStats; chat: ChatStats } = {
-        session_id: session?.id ?? null, restored, messages_seen: session?.messagesSeen ?? null, stop_reason: result.stopReason, turn: result.stats, chat: stats,
+      const finite_memory: {
+        session_id: string | null; restored: boolean; session_reset: 'restore_failed' | null; messages_seen: number | null; stop_reason: StopReason; turn: TurnStats; chat: ChatStats;
+      } = {
+        session_id: session?.id ?? null, restored, session_reset: sessionReset ?? null, messages_seen: session?.messagesSeen ?? null, stop_reason: result.stopReason, turn: result.stats, chat: stats,
       };
       if (clientGone) {
         reply.hijack();
@@ -672,6 +776,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
           await chat.saveCheckpoint(ckptPath(s));
           await writeMeta(s);
           s.stored = true;
+          s.storedBytes = (await stat(ckptPath(s))).size;
         } catch (err) {
           app.log.error({ err, session: s.id }, 'checkpointing a session at shutdown failed');
         }
@@ -692,7 +797,14 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
     },
     close(opts = {}) {
       closing ??= (async () => {
-        const timer = opts.abortAfterMs !== undefined ? setTimeout(() => controllers.forEach((c) => c.abort()), opts.abortAfterMs) : undefined;
+        // At the deadline: running turns are aborted and every connection still open is closed,
+        // stalled ones (a body that never completes) included, so close() ends within it.
+        const timer = opts.abortAfterMs !== undefined
+          ? setTimeout(() => {
+            controllers.forEach((c) => c.abort());
+            app.server.closeAllConnections();
+          }, opts.abortAfterMs)
+          : undefined;
         try {
           await app.close();
         } finally {

@@ -1,8 +1,10 @@
 // Checkpoints: exact round trips (logits and seeded continuations), the pending-K-shift case, atomic
 // writes, and typed errors for wrong model / truncated / corrupted / newer files.
+import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { getBinding } from '../src/binding.ts';
 import { CheckpointError, loadModel, POLICIES, type Model } from '../src/index.ts';
 import { THREADS, maxAbsDiff, testDir, testModelPath } from './helpers.ts';
 
@@ -19,6 +21,27 @@ afterAll(() => {
 
 let n = 0;
 const file = (name: string) => join(testDir, `${name}-${n++}.fmlckpt`);
+
+/** FNV-1a 64, as native/hash.h: the checkpoint's trailing checksum. */
+function fnv1a64(bytes: Uint8Array): bigint {
+  let h = 0xcbf29ce484222325n;
+  for (const b of bytes) h = BigInt.asUintN(64, (h ^ BigInt(b)) * 0x100000001b3n);
+  return h;
+}
+
+/** A copy of a (format 2) checkpoint with one stored numeric option replaced, checksum recomputed. */
+function withStoredNumber(bytes: Buffer, option: string, value: number): Buffer {
+  const out = Buffer.from(bytes);
+  const name = Buffer.alloc(8 + option.length);
+  name.writeBigUInt64LE(BigInt(option.length));
+  name.write(option, 8);
+  const at = out.indexOf(name);
+  expect(at).toBeGreaterThan(0);
+  expect(out[at + name.length]).toBe(3); // option_value::NUMBER
+  out.writeDoubleLE(value, at + name.length + 1);
+  out.writeBigUInt64LE(fnv1a64(out.subarray(0, out.length - 8)), out.length - 8);
+  return out;
+}
 
 describe.each(POLICIES)('checkpoint round trip (%s)', (policy) => {
   it('restores identical logits, memory, stats and seeded continuations', async () => {
@@ -115,6 +138,59 @@ describe('checkpoints', () => {
     const restored = await model.loadChat(path);
     expect(restored.stats().turns).toBe(2);
     restored.dispose();
+    chat.dispose();
+  });
+
+  it('validates the options a checkpoint stores exactly like createChat (a recomputed checksum does not help)', async () => {
+    const chat = model.createChat({ maxTokens: 64 });
+    await chat.send('hello', { maxNewTokens: 3, temperature: 0 });
+    const path = file('options');
+    await chat.saveCheckpoint(path);
+    chat.dispose();
+    const bytes = readFileSync(path);
+    for (const [option, value] of [['threads', 100000], ['threads', 0], ['threads', -7], ['maxTokens', 5], ['windowSize', 1e9], ['batchSize', 0.5]] as const) {
+      const forged = withStoredNumber(bytes, option, value);
+      const forgedPath = file(`forged-${option}`);
+      writeFileSync(forgedPath, forged);
+      const t0 = performance.now();
+      const err = await model.loadChat(forgedPath).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(CheckpointError);
+      expect(err).toMatchObject({ code: 'CHECKPOINT_CORRUPT', message: expect.stringContaining(`for ${option} but received number ${value}`) });
+      expect(performance.now() - t0).toBeLessThan(5000); // threads: 100000 used to hang here
+    }
+    // The same validator: createChat says the same thing about the same value.
+    expect(() => model.createChat({ threads: 100000 })).toThrow('Expected an integer between 1 and 256 for threads but received number 100000');
+    await expect(model.loadChat(path, { threads: 0 })).rejects.toMatchObject({ code: 'INVALID_OPTION' });
+    const ok = await model.loadChat(path, { threads: 2 });
+    expect(ok.options.threads).toBe(2);
+    ok.dispose();
+  });
+
+  it('refuses a path with a NUL character instead of writing to the part before it', async () => {
+    const chat = model.createChat({ maxTokens: 64 });
+    const dir = join(testDir, 'nul-dir');
+    mkdirSync(dir, { recursive: true });
+    await expect(chat.saveCheckpoint(join(dir, 'a\0b'))).rejects.toMatchObject({ code: 'INVALID_OPTION' });
+    await expect(model.loadChat(join(dir, 'a\0b'))).rejects.toMatchObject({ code: 'INVALID_OPTION' });
+    expect(readdirSync(dir)).toEqual([]);
+    chat.dispose();
+  });
+
+  it('removes temp files that a killed save left behind (its process is gone), and only those', async () => {
+    const chat = model.createChat({ maxTokens: 64 });
+    await chat.send('hello', { maxNewTokens: 3, temperature: 0 });
+    const dir = join(testDir, 'stale-temps');
+    mkdirSync(dir, { recursive: true });
+    const dead = spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'], { encoding: 'utf8' }).stdout;
+    const stale = `s.fmlckpt.tmp-${dead}-12345`;
+    const live = `s.fmlckpt.tmp-${process.ppid}-999`; // the test runner: alive, may be mid-save
+    const otherTarget = `t.fmlckpt.tmp-${dead}-1`;
+    for (const name of [stale, live, otherTarget, 's.fmlckpt.tmp-notapid']) writeFileSync(join(dir, name), 'partial');
+    await chat.saveCheckpoint(join(dir, 's.fmlckpt'));
+    expect(readdirSync(dir).sort()).toEqual(['s.fmlckpt', 's.fmlckpt.tmp-notapid', live, otherTarget].sort());
+    // A server cleans its whole directory at start (any target).
+    expect(getBinding().removeStaleCheckpointTemps(dir)).toBe(1);
+    expect(readdirSync(dir)).not.toContain(otherTarget);
     chat.dispose();
   });
 

@@ -140,6 +140,23 @@ describe('abort', () => {
     chat.dispose();
   });
 
+  it('an abort during prefill rolls back and uncounts the prefilled tokens (stats describe the cache)', async () => {
+    // batchSize 8 and a per-decode delay: a 400-token message takes ~50 decodes, so the abort lands
+    // mid-prefill.
+    const chat = model.createChat({ maxTokens: 1024, batchSize: 8, testTokenDelayMs: 10 });
+    await chat.send('hello', { maxNewTokens: 2, temperature: 0 });
+    const before = chat.stats();
+    const r = await chat.send('word '.repeat(400), { maxNewTokens: 4, signal: AbortSignal.timeout(100) });
+    expect(r.stopReason).toBe('abort');
+    expect(r.stats.promptTokens).toBe(0);
+    const after = chat.stats();
+    expect(after.tokensSeen).toBe(before.tokensSeen);
+    expect(after.tokensRetained).toBe(before.tokensRetained);
+    expect(after.tokensSeen).toBe(after.tokensRetained + after.tokensEvicted);
+    expect(after.compressionRatio).toBe(before.compressionRatio);
+    chat.dispose();
+  });
+
   it('an already-aborted signal does nothing and says abort', async () => {
     const chat = model.createChat({ maxTokens: 64 });
     const r = await chat.send('x', { signal: AbortSignal.abort() });

@@ -1,0 +1,45 @@
+/**
+ * Writes the README's option table from the native option table (native/options.cpp), the one
+ * source of option names, defaults and bounds. `npm run docs:options` rewrites README.md between the
+ * markers; `--check` exits 1 when the README is out of date (test/options.test.ts runs that check).
+ */
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { getBinding } from '../src/binding.ts';
+
+export const BEGIN = '<!-- options:begin (npm run docs:options) -->';
+export const END = '<!-- options:end -->';
+
+export function optionsTable(): string {
+  const rows = getBinding().optionDocs().filter((d) => !d.internal);
+  const scopes: Record<string, string> = { model: '`loadModel(path, options)`', chat: '`model.createChat(options)`', send: '`chat.send(message, options)`' };
+  const out: string[] = [];
+  for (const scope of ['model', 'chat', 'send']) {
+    out.push('', `${scopes[scope]}:`, '', '| option | type | default | range | what it does |', '|---|---|---|---|---|');
+    for (const d of rows.filter((r) => r.scope === scope)) {
+      out.push(`| \`${d.name}\` | \`${d.type.replaceAll('|', '\\|')}\` | ${d.default} | ${d.range || ''} | ${d.description} |`);
+    }
+  }
+  return out.join('\n').trim();
+}
+
+export function readmeWithTable(readme: string): string {
+  const a = readme.indexOf(BEGIN);
+  const b = readme.indexOf(END);
+  if (a < 0 || b < a) throw new Error(`README.md has no ${BEGIN} ... ${END} block`);
+  return `${readme.slice(0, a + BEGIN.length)}\n${optionsTable()}\n${readme.slice(b)}`;
+}
+
+if (process.argv[1] && import.meta.url.endsWith(process.argv[1].split('/').pop()!)) {
+  const path = join(import.meta.dirname, '..', 'README.md');
+  const readme = readFileSync(path, 'utf8');
+  const next = readmeWithTable(readme);
+  if (process.argv.includes('--check')) {
+    if (next !== readme) {
+      console.error('README.md option table is out of date: run npm run docs:options');
+      process.exit(1);
+    }
+  } else {
+    writeFileSync(path, next);
+  }
+}

@@ -1,0 +1,247 @@
+// The server under hostile or unlucky traffic: slow clients and shutdown, unbounded or abandoned
+// history imports, disk caps for stored sessions, sessions that cannot be restored, session ids that
+// are not Latin-1 or come twice.
+import { spawn } from 'node:child_process';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { request } from 'node:http';
+import { connect, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { loadModel, type ChatOptions, type Model } from '../src/index.ts';
+import { createServer, type FiniteMemoryServer, type ServerOptions } from '../src/server.ts';
+import { testDir, testModelPath, THREADS } from './helpers.ts';
+
+const CHAT: ChatOptions = { maxTokens: 128, windowSize: 32, threads: THREADS };
+
+let model: Model;
+beforeAll(async () => {
+  model = await loadModel(testModelPath(), { threads: THREADS });
+});
+afterAll(() => model?.dispose());
+
+const running: FiniteMemoryServer[] = [];
+afterEach(async () => {
+  await Promise.all(running.splice(0).map((s) => s.close({ abortAfterMs: 100 })));
+});
+
+async function start(options: ServerOptions = {}) {
+  const server = await createServer(model, { chat: CHAT, ...options });
+  running.push(server);
+  const url = await server.listen({ port: 0, host: '127.0.0.1' });
+  return { server, url, port: Number(new URL(url).port) };
+}
+
+interface Reply {
+  status: number;
+  headers: Record<string, string | string[] | undefined>;
+  body: { error?: { code: string; message: string }; finite_memory?: { session_id: string; session_reset: string | null; restored: boolean; chat: { turns: number } } };
+  text: string;
+}
+
+/** A POST with node:http, so headers can repeat (fetch's Headers would join them). */
+function post(port: number, body: unknown, headers: Record<string, string | string[]> = {}, signal?: AbortSignal): Promise<Reply> {
+  return new Promise((resolve, reject) => {
+    const req = request({ port, host: '127.0.0.1', method: 'POST', path: '/v1/chat/completions', headers: { 'content-type': 'application/json', ...headers }, ...(signal ? { signal } : {}) }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (text += d));
+      res.on('end', () => {
+        let json: Reply['body'] = {};
+        try {
+          json = JSON.parse(text) as Reply['body'];
+        } catch {
+          // SSE or empty
+        }
+        resolve({ status: res.statusCode ?? 0, headers: res.headers, body: json, text });
+      });
+    });
+    req.on('error', reject);
+    req.end(JSON.stringify(body));
+  });
+}
+
+const user = (content: string) => ({ role: 'user', content });
+
+/** Opens a raw connection that sends `data` and then nothing; resolves with when it was closed. */
+function stall(port: number, data: string): { socket: Socket; closed: Promise<number> } {
+  const t0 = performance.now();
+  const socket = connect(port, '127.0.0.1', () => data && socket.write(data));
+  socket.on('error', () => {});
+  socket.resume(); // read what the server answers (a 408), or 'close' never comes
+  const closed = new Promise<number>((resolve) => socket.on('close', () => resolve(performance.now() - t0)));
+  return { socket, closed };
+}
+
+const PARTIAL_BODY = 'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"messages":';
+const PARTIAL_HEADERS = 'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n';
+
+describe('slow clients and shutdown', () => {
+  it('closes connections whose headers or body never complete, and keeps serving', async () => {
+    const { port } = await start({ headersTimeoutMs: 300, requestTimeoutMs: 600, keepAliveTimeoutMs: 300 });
+    const stalled = [
+      ...Array.from({ length: 20 }, () => stall(port, PARTIAL_BODY)),
+      ...Array.from({ length: 2 }, () => stall(port, PARTIAL_HEADERS)),
+      stall(port, ''),
+    ];
+    const times = await Promise.all(stalled.map((s) => s.closed));
+    expect(Math.max(...times)).toBeLessThan(3000);
+    const ok = await post(port, { messages: [user('still serving?')], max_tokens: 2 });
+    expect(ok.status).toBe(200);
+  });
+
+  it('close() with a deadline ends within it although stalled connections stay open', async () => {
+    const { server, port } = await start({ headersTimeoutMs: 60_000, requestTimeoutMs: 60_000 });
+    const stalled = Array.from({ length: 5 }, () => stall(port, PARTIAL_BODY));
+    await new Promise((r) => setTimeout(r, 100));
+    const t0 = performance.now();
+    await server.close({ abortAfterMs: 500 });
+    expect(performance.now() - t0).toBeLessThan(2500);
+    await Promise.all(stalled.map((s) => s.closed));
+  });
+
+  it('`serve` exits on SIGTERM within --shutdown-timeout-ms while slow clients hold connections', async () => {
+    const cli = join(import.meta.dirname, '..', 'src', 'cli.ts');
+    const child = spawn(process.execPath, ['--import', 'tsx', cli, 'serve', '--model', testModelPath(), '--port', '0', '--max-tokens', '64', '--threads', '1', '--shutdown-timeout-ms', '1000', '--quiet'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    const port = await new Promise<number>((resolve, reject) => {
+      let err = '';
+      child.stderr.on('data', (d: Buffer) => {
+        err += d.toString();
+        const m = /http:\/\/127\.0\.0\.1:(\d+)/.exec(err);
+        if (m) resolve(Number(m[1]));
+      });
+      void exited.then(() => reject(new Error(`serve exited early: ${err}`)));
+    });
+    const stalled = [...Array.from({ length: 5 }, () => stall(port, PARTIAL_BODY)), stall(port, PARTIAL_HEADERS)];
+    await new Promise((r) => setTimeout(r, 200));
+    const t0 = performance.now();
+    child.kill('SIGTERM');
+    expect(await exited).toBe(0);
+    expect(performance.now() - t0).toBeLessThan(5000);
+    await Promise.all(stalled.map((s) => s.closed));
+  });
+});
+
+describe('history of new sessions and one-off requests', () => {
+  const history = (n: number) => Array.from({ length: n }, (_, i) => [user(`question ${i} about the river and the long road`), { role: 'assistant', content: `answer ${i} about the river` }]).flat();
+
+  it('refuses more history than maxHistoryTokens with a typed 400, before prefilling any of it', async () => {
+    const { port, server } = await start({ maxHistoryTokens: 60 });
+    for (const extra of [{}, { user: 'new-session' }]) {
+      const t0 = performance.now();
+      const r = await post(port, { messages: [...history(20), user('and now?')], max_tokens: 2, ...extra });
+      expect(r.status).toBe(400);
+      expect(r.body.error?.code).toBe('history_too_large');
+      expect(performance.now() - t0).toBeLessThan(2000);
+    }
+    expect(server.sessions()).toEqual({ live: 0, stored: 0 });
+    const within = await post(port, { messages: [...history(1), user('and now?')], max_tokens: 2 });
+    expect(within.status).toBe(200);
+  });
+
+  it('aborts an import when the client leaves and frees its decode slot at once', async () => {
+    // Every decode takes 20 ms and batches are 4 tokens: importing this history takes seconds.
+    const { url, port } = await start({ chat: { ...CHAT, batchSize: 4, testTokenDelayMs: 20 }, maxConcurrent: 1 });
+    const ac = new AbortController();
+    const gone = post(port, { messages: [...history(6), user('and now?')], max_tokens: 2 }, {}, ac.signal).catch(() => undefined);
+    const busy = async () => ((await (await fetch(`${url}/health`)).json()) as { decoding: number }).decoding;
+    await expect.poll(busy, { timeout: 2000, interval: 20 }).toBe(1); // the import holds the only slot
+    ac.abort();
+    await gone;
+    const t0 = performance.now();
+    await expect.poll(busy, { timeout: 3000, interval: 20 }).toBe(0);
+    expect(performance.now() - t0).toBeLessThan(1000);
+  });
+});
+
+describe('stored sessions', () => {
+  let dirs = 0;
+  const freshDir = () => {
+    const d = join(testDir, `hardening-sessions-${dirs++}`);
+    mkdirSync(d, { recursive: true });
+    return d;
+  };
+  const checkpoints = (dir: string) => readdirSync(dir).filter((f) => f.endsWith('.fmlckpt'));
+
+  it('keeps at most maxStoredSessions checkpoints on disk, dropping the least recently used', async () => {
+    const dir = freshDir();
+    const { server, port } = await start({ maxSessions: 1, maxStoredSessions: 2, checkpointDir: dir });
+    for (const id of ['s1', 's2', 's3', 's4', 's5']) {
+      expect((await post(port, { messages: [user(`hello from ${id}`)], user: id, max_tokens: 2 })).status).toBe(200);
+    }
+    await new Promise((r) => setTimeout(r, 100)); // the LRU checkpoint of the last request runs after it
+    expect(server.sessions()).toEqual({ live: 1, stored: 2 });
+    expect(checkpoints(dir)).toHaveLength(2);
+    // s1 was dropped: it starts over; s4 was kept: it is restored.
+    const s1 = await post(port, { messages: [user('again')], user: 's1', max_tokens: 2 });
+    expect(s1.body.finite_memory).toMatchObject({ restored: false, chat: { turns: 1 } });
+    const s4 = await post(port, { messages: [user('again')], user: 's4', max_tokens: 2 });
+    expect(s4.body.finite_memory).toMatchObject({ restored: true, chat: { turns: 2 } });
+  });
+
+  it('keeps at most maxStoredBytes of checkpoints', async () => {
+    const dir = freshDir();
+    const { server, port } = await start({ maxSessions: 1, maxStoredBytes: 1, checkpointDir: dir });
+    for (const id of ['b1', 'b2', 'b3']) await post(port, { messages: [user('hi')], user: id, max_tokens: 2 });
+    await new Promise((r) => setTimeout(r, 100));
+    expect(server.sessions().stored).toBe(0);
+    expect(checkpoints(dir)).toEqual([]);
+  });
+
+  it('a session whose checkpoint cannot be restored starts fresh and says so; no path leaks', async () => {
+    const dir = freshDir();
+    const first = await start({ checkpointDir: dir });
+    await post(first.port, { messages: [user('remember me')], user: 'broken', max_tokens: 2 });
+    await first.server.close();
+    const [file] = checkpoints(dir);
+    const bytes = readFileSync(join(dir, file!));
+    bytes[Math.floor(bytes.length / 2)]! ^= 0xff;
+    writeFileSync(join(dir, file!), bytes);
+
+    const { port } = await start({ checkpointDir: dir });
+    const r = await post(port, { messages: [user('are you there?')], user: 'broken', max_tokens: 2 });
+    expect(r.status).toBe(200);
+    expect(r.headers['x-session-reset']).toBe('restore_failed');
+    expect(r.body.finite_memory).toMatchObject({ session_reset: 'restore_failed', restored: false, chat: { turns: 1 } });
+    expect(r.text).not.toContain(dir);
+    const next = await post(port, { messages: [user('and again')], user: 'broken', max_tokens: 2 });
+    expect(next.headers['x-session-reset']).toBeUndefined();
+    expect(next.body.finite_memory).toMatchObject({ session_reset: null, chat: { turns: 2 } });
+  });
+});
+
+describe('session ids', () => {
+  it('accepts ids outside Latin-1 and echoes them percent-encoded, also when streaming', async () => {
+    const { port } = await start();
+    const r = await post(port, { messages: [user('hi')], user: '日本', max_tokens: 2 });
+    expect(r.status).toBe(200);
+    expect(r.headers['x-session-id']).toBe(encodeURIComponent('日本'));
+    expect(r.body.finite_memory).toMatchObject({ session_id: '日本', chat: { turns: 1 } });
+    const s = await post(port, { messages: [user('hi again')], user: '日本', max_tokens: 2, stream: true });
+    expect(s.status).toBe(200);
+    expect(s.headers['content-type']).toContain('text/event-stream');
+    expect(s.headers['x-session-id']).toBe(encodeURIComponent('日本'));
+    expect(s.text).toContain('"turns":2');
+    expect(s.text.trim().endsWith('data: [DONE]')).toBe(true);
+    const plain = await post(port, { messages: [user('hi')], user: 'user-42_a.b', max_tokens: 2 });
+    expect(plain.headers['x-session-id']).toBe('user-42_a.b');
+  });
+
+  it('refuses control characters and unpaired surrogates before any turn runs', async () => {
+    const { port, server } = await start();
+    for (const id of ['a\nb', 'nul\u0000', 'tab\there', '\ud800']) {
+      const r = await post(port, { messages: [user('hi')], user: id, max_tokens: 2 });
+      expect(r.status).toBe(400);
+      expect(r.body.error?.code).toBe('invalid_session_id');
+    }
+    expect(server.sessions()).toEqual({ live: 0, stored: 0 });
+  });
+
+  it('refuses two X-Session-Id headers', async () => {
+    const { port, server } = await start();
+    const r = await post(port, { messages: [user('hi')], max_tokens: 2 }, { 'x-session-id': ['h1', 'h2'] });
+    expect(r.status).toBe(400);
+    expect(r.body.error?.code).toBe('duplicate_session_id');
+    expect(server.sessions()).toEqual({ live: 0, stored: 0 });
+  });
+});

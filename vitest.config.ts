@@ -1,3 +1,4 @@
+import { join } from 'node:path';
 import { defineConfig } from 'vitest/config';
 
 export default defineConfig({
@@ -9,6 +10,8 @@ export default defineConfig({
     fileParallelism: false,
     // GC tests (finalizers free native memory) call global.gc().
     execArgv: ['--expose-gc'],
+    // The test build of the addon: the shipped one plus probes (native/binding/probes.cpp).
+    env: { FML_ADDON_PATH: process.env.FML_ADDON_PATH ?? join(import.meta.dirname, 'build', 'Probes', 'finite_memory_llm_probes.node') },
     testTimeout: 120_000,
     hookTimeout: 120_000,
   },

@@ -1,15 +1,37 @@
 // Shared helpers for benchmarks: setup printing, medians, RESULTS.md sections.
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir, totalmem } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { writeLlamaModel, type LlamaModelInput } from '../src/gguf-writer.ts';
 
 export const ROOT = join(import.meta.dirname, '..');
+// Benchmarks use the test build of the addon (the shipped one plus probes); the binding loads lazily.
+process.env.FML_ADDON_PATH ??= join(ROOT, 'build', 'Probes', 'finite_memory_llm_probes.node');
 export const SHARED_MODELS = process.env.FML_SHARED_MODELS ?? join(ROOT, '..', 'shared', 'models');
 
 /** The benchmarks' generated model: big enough that attention and matmuls dominate a step, seeded. */
 export const GENERATED_MODEL: LlamaModelInput = { layers: 8, embd: 256, heads: 8, kvHeads: 4, headDim: 32, ffn: 512, type: 'f16', ctx: 4096, seed: 1 };
+
+/**
+ * Realistic geometry: Qwen2.5-0.5B's shape (24 layers, n_embd 896, 14 query / 2 KV heads x 64, FFN
+ * 4864, Q8_0; ~360M parameters with this vocabulary), seeded random weights. On a 5M-parameter model
+ * a turn is all overhead; this one costs what users pay per token.
+ */
+export const REALISTIC_MODEL: LlamaModelInput = { layers: 24, embd: 896, heads: 14, kvHeads: 2, headDim: 64, ffn: 4864, type: 'q8_0', ctx: 32768, seed: 1 };
+
+/** Writes (once; ~20 s) the realistic-geometry model into the git-ignored .cache/ and returns its path. */
+export function realisticModel(): { name: string; path: string; about: string } {
+  const path = join(ROOT, '.cache', 'models', 'qwen2.5-0.5b-shape-q8_0-seed1.gguf');
+  if (!existsSync(path)) {
+    mkdirSync(dirname(path), { recursive: true });
+    const t0 = performance.now();
+    writeLlamaModel(`${path}.tmp`, REALISTIC_MODEL);
+    renameSync(`${path}.tmp`, path);
+    console.log(`wrote ${path} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  }
+  return { name: 'qwen2.5-0.5b-shape', path, about: '24 layers, n_embd 896, 14/2 heads x 64, FFN 4864, Q8_0, seeded random weights (Qwen2.5-0.5B geometry)' };
+}
 
 /**
  * The two small models the CPU benchmarks compare on: the generated one (written to the temp dir as

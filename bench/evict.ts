@@ -8,7 +8,7 @@
 import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { getBinding } from '../src/binding.ts';
+import { getProbes } from '../src/binding.ts';
 import { writeLlamaModel } from '../src/gguf-writer.ts';
 import { loadModel, POLICIES } from '../src/index.ts';
 import { machine, ROOT, writeResultsSection } from './common.ts';
@@ -26,7 +26,7 @@ const fmt = (x: number, d = 3) => (Number.isFinite(x) ? x.toFixed(d) : 'n/a');
 const gb = (bytes: number) => (bytes / 1e9).toFixed(2);
 
 async function main() {
-  const b = getBinding();
+  const b = getProbes();
   const memcpy = b.benchMemcpy(256 * 2 ** 20, 9);
   const setup = [
     `machine: ${machine()}`,

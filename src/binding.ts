@@ -30,8 +30,12 @@ export interface NativeModelInfo {
   fingerprint: string;
   /** How messages are framed: the model's template, ChatML (a template llama.cpp does not know) or plain "User: / Assistant:" (no template). */
   framing: 'template' | 'chatml' | 'plain';
-  /** Threads of this model's chats unless a chat sets its own. */
+  /** The model's CPU thread budget: every decode of its chats, batched together, uses this many threads. */
   threads: number;
+  /** Chats decoded together in one context; more are parked while idle. */
+  slots: number;
+  /** Prefill tokens a step may add while other chats generate. */
+  prefillChunk: number;
 }
 
 export interface NativeModel {
@@ -47,6 +51,8 @@ export interface NativeTurnStats {
   prefillMs: number;
   decodeMs: number;
   tokensPerSecond: number;
+  /** From the turn's start (queueing included) to its first generated token. */
+  firstTokenMs: number;
   policyMs: number;
   evictMs: number;
   evictedTokens: number;
@@ -102,14 +108,24 @@ export interface NativeMemoryEntry {
 export interface NativeCacheState {
   ledgerTokens: number;
   pinnedTokens: number;
+  /** llama.cpp's own view of the chat's sequence (the ledger's when the chat is parked). */
   cachePosMin: number;
   cachePosMax: number;
   positionsContiguous: boolean;
+  /** KV cells of the chat's stream (its budget plus summary scratch, rounded up). */
   contextSize: number;
   carriedTokens: number;
   pendingSystemTokens: number;
+  /** The chat's slot (sequence id) in its engine, -1 when it has none. */
+  slot: number;
+  /** Its KV state is in host memory until its next turn. */
+  parked: boolean;
+  /** Attention rows read and weights found after their query (must be 0), for the chat's whole engine. */
   attentionRowsChecked: number;
   causalViolations: number;
+  /** Decodes whose signal tensors did not have the layout the engine planned (must be 0). */
+  signalLayoutMismatches: number;
+  /** Highest cached position beyond the ledger (-1: none; summary scratch must not stay behind). */
   scratchPosMax: number;
   kvBytes: number;
 }
@@ -133,18 +149,44 @@ export interface NativeChat {
   abort(): void;
   stats(): NativeChatStats;
   memory(): NativeMemoryEntry[];
+  /** Waits for the scheduler between steps (diagnostics: the demo, tests). */
   cacheState(): NativeCacheState;
   countTurnTokens(message: string): number;
   reset(): void;
   dispose(): void;
-  probeLogits(token: number): Float32Array;
-  shiftPositions(delta: number): void;
-  evaluateTokens(tokens: Int32Array, chunk: number): Float32Array;
-  replayHistory(): number;
   saveCheckpoint(path: string): Promise<void>;
   ingestExchange(user: string, assistant: string): Promise<number>;
   resolvedOptions(): Record<string, unknown>;
-  plainDecode(n: number): number;
+}
+
+/** Figures of every engine (shared context) of a model, summed. */
+export interface NativeEngineStats {
+  steps: number;
+  /** llama_decode calls (one ubatch each). */
+  decodes: number;
+  tokens: number;
+  parked: number;
+  restored: number;
+  /** Times a context was rebuilt with more slots. */
+  grown: number;
+  /** Steps that paid a K-shift. */
+  shiftSteps: number;
+  slots: number;
+}
+
+/** Only in the test build (build/Probes/finite_memory_llm_probes.node; FML_ADDON_PATH selects it). */
+export interface NativeProbes {
+  probeLogits(chat: NativeChat, token: number): Float32Array;
+  shiftPositions(chat: NativeChat, delta: number): void;
+  evaluateTokens(chat: NativeChat, tokens: Int32Array, chunk: number): Float32Array;
+  replayHistory(chat: NativeChat): number;
+  plainDecode(chat: NativeChat, n: number): number;
+  engineStats(chat: NativeChat): NativeEngineStats;
+  planEviction(options: NativeRawOptions, entries: SyntheticLedgerEntry[], need: number, want: number): { ranges: [number, number][]; summarize: boolean };
+  benchEvict(model: NativeModel, context: number, evictCounts: number[], reps: number, threads: number): Promise<NativeEvictBench>;
+  benchPolicyPlan(options: NativeRawOptions, n: number, want: number, embdDim: number, reps: number): number;
+  benchMemcpy(bytes: number, reps: number): number;
+  liveObjects(): { chats: number; models: number; runtimes: number };
 }
 
 export interface NativeBinding {
@@ -156,19 +198,10 @@ export interface NativeBinding {
   optionDocs(): NativeOptionDoc[];
   /** Deletes `*.tmp-<pid>-<n>` files of checkpoint saves whose process died; returns how many. */
   removeStaleCheckpointTemps(dir: string): number;
-  planEviction(
-    options: NativeRawOptions,
-    entries: SyntheticLedgerEntry[],
-    need: number,
-    want: number,
-  ): { ranges: [number, number][]; summarize: boolean };
-  benchEvict(model: NativeModel, context: number, evictCounts: number[], reps: number, threads: number): Promise<NativeEvictBench>;
-  benchPolicyPlan(options: NativeRawOptions, n: number, want: number, embdDim: number, reps: number): number;
-  benchMemcpy(bytes: number, reps: number): number;
-  liveObjects(): { chats: number; models: number };
   gpuDeviceCount(): number;
   systemInfo(): string;
   llamaCppVersion: string;
+  probes?: NativeProbes;
 }
 
 export interface NativeEvictBench {
@@ -203,6 +236,17 @@ function gpuDriverPresent(): boolean {
   return existsSync('/proc/driver/nvidia/version') || existsSync('/dev/nvidia0');
 }
 
+/** The probes of the test build; a clear error with the shipped addon. @internal */
+export function getProbes(): NativeProbes {
+  const probes = getBinding().probes;
+  if (!probes) {
+    throw new NativeBindingError(
+      `this build of the addon (${loadedFrom?.path}) has no probes: tests and benchmarks load the test build with FML_ADDON_PATH=build/Probes/finite_memory_llm_probes.node`,
+    );
+  }
+  return probes;
+}
+
 /**
  * Loads the addon. Order:
  *   FML_ADDON_PATH (an explicit file), else
@@ -219,7 +263,7 @@ export function getBinding(): NativeBinding {
   if (override) {
     try {
       cached = require(override) as NativeBinding;
-      loadedFrom = { path: override, variant: 'cpu' };
+      loadedFrom = { path: override, variant: cached.gpuDeviceCount() > 0 ? 'cuda' : 'cpu' };
       return cached;
     } catch (err) {
       throw new NativeBindingError(`could not load FML_ADDON_PATH=${override}: ${(err as Error).message}`, err);

@@ -1,4 +1,4 @@
-import type { NativeCacheState, NativeChat, NativeEvictionRecord } from './binding.js';
+import { getProbes, type NativeCacheState, type NativeChat, type NativeEngineStats, type NativeEvictionRecord } from './binding.js';
 import { AbortedError, ChatBusyError, DisposedError, fromNativeError } from './errors.js';
 import { checkMessage, checkPath, splitSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
 import { TelemetryEmitter, type EvictionEvent, type Telemetry } from './telemetry.js';
@@ -6,10 +6,17 @@ import type { ChatStats, MemoryEntry, Transcript, TurnResult } from './types.js'
 
 let nextChatId = 1;
 
-/** Low-level hooks used by the test suite and benchmarks. Not part of the public API. @internal */
+/**
+ * Low-level hooks used by the demo, the test suite and benchmarks. Not part of the public API.
+ * cacheState and countTurnTokens exist in every build; the rest are probes of the test build
+ * (FML_ADDON_PATH=build/Probes/finite_memory_llm_probes.node) and throw NativeBindingError otherwise.
+ * @internal
+ */
 export interface ChatInternals {
   cacheState(): NativeCacheState;
   countTurnTokens(message: string): number;
+  /** Every engine (shared context) of the chat's model, summed. */
+  engineStats(): NativeEngineStats;
   probeLogits(token: number): Float32Array;
   shiftPositions(delta: number): void;
   /** Teacher-forced feed in chunks (evicting as a chat would); logits after every token. */
@@ -229,11 +236,12 @@ export class Chat {
     return {
       cacheState: () => wrap(() => native.cacheState()),
       countTurnTokens: (m) => wrap(() => native.countTurnTokens(m)),
-      probeLogits: (t) => wrap(() => native.probeLogits(t)),
-      shiftPositions: (d) => wrap(() => native.shiftPositions(d)),
-      evaluateTokens: (t, c) => wrap(() => native.evaluateTokens(Int32Array.from(t), c)),
-      replayHistory: () => wrap(() => native.replayHistory()),
-      plainDecode: (n) => wrap(() => native.plainDecode(n)),
+      engineStats: () => wrap(() => getProbes().engineStats(native)),
+      probeLogits: (t) => wrap(() => getProbes().probeLogits(native, t)),
+      shiftPositions: (d) => wrap(() => getProbes().shiftPositions(native, d)),
+      evaluateTokens: (t, c) => wrap(() => getProbes().evaluateTokens(native, Int32Array.from(t), c)),
+      replayHistory: () => wrap(() => getProbes().replayHistory(native)),
+      plainDecode: (n) => wrap(() => getProbes().plainDecode(native, n)),
     };
   }
 
@@ -259,7 +267,7 @@ function abortedBeforeStart(policy: ResolvedChatOptions['policy'], retained: num
     response: '',
     stopReason: 'abort',
     stats: {
-      promptTokens: 0, generatedTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0, policyMs: 0, evictMs: 0,
+      promptTokens: 0, generatedTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0, firstTokenMs: 0, policyMs: 0, evictMs: 0,
       evictedTokens: 0, evictions: 0, retainedTokens: retained, latencyMs: 0, fallback: false, summaryMs: 0,
       summaryTokens: 0, importanceSignal: null, policy,
     },

@@ -16,10 +16,23 @@ export type KvType = 'f16' | 'f32' | 'q8_0';
 export interface LoadModelOptions {
   /** Layers to offload to the GPU: a count, or 'auto' (all when a GPU backend is active, else 0). Default 'auto'. */
   gpuLayers?: number | 'auto';
-  /** CPU threads used by chats of this model unless a chat overrides it. Default min(4, cores). */
+  /**
+   * The model's CPU thread budget: every decode of its chats, batched together on one scheduler
+   * thread, uses this many ggml threads, whatever the number of chats. Default the cores.
+   */
   threads?: number;
-  /** Memory-map the weights (default true). */
+  /** Memory-map the weights. Default true. */
   useMmap?: boolean;
+  /**
+   * Chats decoded together in one llama.cpp context (a KV stream each; the context grows to this as
+   * chats arrive). More chats than slots work: idle ones are parked in host memory and restored at
+   * their next turn. Default 8.
+   */
+  slots?: number;
+  /** Prefill tokens a step may add while other chats are generating (bounds their inter-token delay). Default 64. */
+  prefillChunk?: number;
+  /** @internal One KV buffer for all chats instead of a stream each (benchmarks compare them). */
+  kvUnified?: boolean;
 }
 
 export interface ChatOptions {
@@ -37,16 +50,16 @@ export interface ChatOptions {
   sinkTokens?: number;
   /** System prompt; pinned, never evicted. Default ''. */
   systemPrompt?: string;
-  /** CPU threads for this chat. Default the model's threads. */
+  /** CPU threads of this chat's decodes, at most the model's; fewer than the model's puts it in a context of its own. Default the model's threads. */
   threads?: number;
-  /** Max tokens per llama_decode call during prefill. Default 512. */
+  /** Most prefill tokens of this chat per step. Default 512. */
   batchSize?: number;
   /** KV cache element type; 'q8_0' needs flash attention. Default 'f16'. */
   kvType?: KvType;
   /**
-   * Flash attention: true, false, or undefined for llama.cpp's automatic choice. `importance` and
-   * `hybrid` turn it off (unless it is forced on) to read attention weights; forced on, they use the
-   * key-norm proxy instead (`TurnStats.importanceSignal`).
+   * Flash attention: true or false. `importance` and `hybrid` turn it off (unless it is forced on) to
+   * read attention weights; forced on, they use the key-norm proxy instead (`TurnStats.importanceSignal`).
+   * Default off on the CPU, llama.cpp's choice on a GPU.
    */
   flashAttention?: boolean;
   /** importance/hybrid: scores are multiplied by this once per turn (1: a plain sum, as in H2O). Default 1. */

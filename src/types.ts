@@ -10,6 +10,8 @@ export interface TurnStats {
   prefillMs: number;
   decodeMs: number;
   tokensPerSecond: number;
+  /** From the call to the first generated token (waiting for a slot and prefill included). */
+  firstTokenMs: number;
   /** Time the policy spent choosing tokens to evict. */
   policyMs: number;
   /** Time spent removing them from the KV cache and compacting positions (seq_rm + seq_add). */
@@ -91,8 +93,12 @@ export interface ModelInfo {
   fingerprint: string;
   /** How messages are framed: the model's template, ChatML (a template llama.cpp does not know) or plain "User: / Assistant:" (no template). */
   framing: 'template' | 'chatml' | 'plain';
-  /** Threads of this model's chats unless a chat sets its own. */
+  /** The model's CPU thread budget: every decode of its chats, batched together, uses this many threads. */
   threads: number;
+  /** Chats decoded together in one context; more are parked while idle. */
+  slots: number;
+  /** Prefill tokens a step may add while other chats generate. */
+  prefillChunk: number;
 }
 
 /** The plain conversation, portable across models (`chat.exportTranscript()`, `model.importTranscript()`). */

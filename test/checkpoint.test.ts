@@ -161,8 +161,10 @@ describe('checkpoints', () => {
     // The same validator: createChat says the same thing about the same value.
     expect(() => model.createChat({ threads: 100000 })).toThrow('Expected an integer between 1 and 256 for threads but received number 100000');
     await expect(model.loadChat(path, { threads: 0 })).rejects.toMatchObject({ code: 'INVALID_OPTION' });
-    const ok = await model.loadChat(path, { threads: 2 });
-    expect(ok.options.threads).toBe(2);
+    // An override may not exceed the model's thread budget (every decode of its chats shares it).
+    await expect(model.loadChat(path, { threads: THREADS + 1 })).rejects.toMatchObject({ code: 'INVALID_OPTION', message: expect.stringContaining("the model's thread budget") });
+    const ok = await model.loadChat(path, { threads: THREADS });
+    expect(ok.options.threads).toBe(THREADS);
     ok.dispose();
   });
 

@@ -40,7 +40,9 @@ function child(env: Record<string, string>) {
     } catch (e) {
       console.log(JSON.stringify({ error: e.code, name: e.name, message: e.message }));
     }`;
-  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { env: { ...process.env, ...env }, encoding: 'utf8' });
+  // The loader's own choice is under test: no FML_ADDON_PATH (the suite's test build) in the child.
+  const { FML_ADDON_PATH: _testBuild, ...inherited } = process.env;
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { env: { ...inherited, ...env }, encoding: 'utf8' });
   expect(r.status, r.stderr).toBe(0);
   return JSON.parse(r.stdout.trim().split('\n').at(-1)!);
 }

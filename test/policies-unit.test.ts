@@ -1,12 +1,12 @@
 // Each policy's choice on synthetic ledgers: no model, no KV cache, no llama.cpp decode.
 import { describe, expect, it } from 'vitest';
-import { getBinding, type SyntheticLedgerEntry } from '../src/binding.ts';
+import { getProbes, type SyntheticLedgerEntry } from '../src/binding.ts';
 
 const SYSTEM = 0, USER = 1, ASSISTANT = 2, SUMMARY = 3;
 const base = { maxTokens: 1000, sinkTokens: 4 };
 
 function plan(policy: string, entries: SyntheticLedgerEntry[], windowSize: number, need: number, want: number, extra: Record<string, number | string> = {}) {
-  const r = getBinding().planEviction({ policy, windowSize, ...base, ...extra }, entries, need, want);
+  const r = getProbes().planEviction({ policy, windowSize, ...base, ...extra }, entries, need, want);
   const evicted = new Set(r.ranges.flatMap(([b, e]) => Array.from({ length: e - b }, (_, k) => b + k)));
   return { ...r, evicted };
 }

@@ -1,9 +1,9 @@
 // The sliding policy on synthetic ledgers: no model, no KV cache.
 import { describe, expect, it } from 'vitest';
-import { getBinding } from '../src/binding.ts';
+import { getProbes } from '../src/binding.ts';
 
 const plan = (n: number, pinned: (i: number) => boolean, windowSize: number, need: number, want: number) =>
-  getBinding().planEviction(
+  getProbes().planEviction(
     { policy: 'sliding', maxTokens: 1000, windowSize, sinkTokens: 4 },
     Array.from({ length: n }, (_, i) => ({ pinned: pinned(i) })),
     need,
@@ -47,7 +47,7 @@ describe('sliding policy', () => {
 
   it('rejects an unknown policy with a typed error', () => {
     expect(() =>
-      getBinding().planEviction({ policy: 'nope', maxTokens: 10, windowSize: 2, sinkTokens: 1 }, [], 0, 0).ranges,
+      getProbes().planEviction({ policy: 'nope', maxTokens: 10, windowSize: 2, sinkTokens: 1 }, [], 0, 0).ranges,
     ).toThrow(expect.objectContaining({ code: 'INVALID_OPTION' }));
   });
 });

@@ -1,6 +1,6 @@
 #include "policies/policy.h"
 
-#include "error.h"
+#include "util/error.h"
 #include "policies/hybrid.h"
 #include "policies/importance.h"
 #include "policies/rolling-summary.h"

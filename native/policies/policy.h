@@ -2,7 +2,7 @@
 // Policies only see the ledger, so they are unit-testable on synthetic ledgers without llama.cpp.
 #pragma once
 
-#include "token-ledger.h"
+#include "kv/token-ledger.h"
 
 #include <memory>
 #include <string>

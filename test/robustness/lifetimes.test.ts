@@ -1,7 +1,7 @@
 // Concurrency and lifetimes: many chats at once, dispose while busy, GC without dispose, RSS over cycles.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DisposedError, loadModel, type Model } from '../../src/index.ts';
-import { getBinding } from '../../src/binding.ts';
+import { getProbes } from '../../src/binding.ts';
 import { testModelPath, THREADS } from '../helpers.ts';
 
 let model: Model;
@@ -61,7 +61,7 @@ describe('native memory', () => {
   });
 
   it.skipIf(!gc)('chats and models dropped without dispose() are freed by their finalizers', async () => {
-    const live = () => getBinding().liveObjects();
+    const live = () => getProbes().liveObjects();
     const settle = async () => {
       for (let i = 0; i < 5; i++) {
         gc!();

@@ -6,7 +6,7 @@
 #pragma once
 
 #include "policies/policy.h"
-#include "sampler.h"
+#include "engine/sampler.h"
 
 #include <cstdint>
 #include <string>
@@ -33,9 +33,12 @@ struct option_value {
 using option_map = std::vector<std::pair<std::string, option_value>>;
 
 struct model_load_options {
-    int32_t gpu_layers = -1;    // -1 = all that the backend can take ('auto')
-    bool    use_mmap   = true;
-    int32_t threads    = 1;     // CPU threads of the model's chats (each chat may override)
+    int32_t  gpu_layers = -1;    // -1 = all that the backend can take ('auto')
+    bool     use_mmap   = true;
+    int32_t  threads    = 1;     // the model's CPU thread budget: ggml threads of every decode
+    uint32_t slots      = 8;     // chats decoded together per context; more are parked while idle
+    uint32_t prefill_chunk = 64; // prefill tokens per step while other chats generate
+    bool     kv_unified = false; // one KV buffer for all chats (benchmarks compare; slower for long chats)
 };
 
 struct chat_options {

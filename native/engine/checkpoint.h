@@ -10,7 +10,7 @@
 // mid-save leaves the previous checkpoint intact. Reads validate everything before touching a chat.
 #pragma once
 
-#include "chat-session.h"
+#include "engine/sequence.h"
 
 #include <string>
 

@@ -1,8 +1,8 @@
-#include "bench/evict-bench.h"
+#include "probes/evict-bench.h"
 
-#include "error.h"
-#include "kv-ops.h"
-#include "token-ledger.h"
+#include "util/error.h"
+#include "kv/kv-ops.h"
+#include "kv/token-ledger.h"
 
 #include "llama.h"
 
@@ -14,6 +14,7 @@
 namespace fml {
 
 using bench_clock = std::chrono::steady_clock;
+constexpr int32_t BENCH_SEQ = 0;   // the benchmark context has one sequence
 
 static double ms_between(bench_clock::time_point a, bench_clock::time_point b) {
     return std::chrono::duration<double, std::milli>(b - a).count();
@@ -40,7 +41,7 @@ static void fill_batch(llama_batch & batch, const std::vector<int32_t> & tokens,
         batch.token[i] = tokens[start + i];
         batch.pos[i] = (int32_t) (start + i);
         batch.n_seq_id[i] = 1;
-        batch.seq_id[i][0] = KV_SEQ;
+        batch.seq_id[i][0] = BENCH_SEQ;
         batch.logits[i] = logits_last && i + 1 == n;
     }
 }
@@ -83,13 +84,13 @@ evict_bench_result run_evict_bench(const fml_model & model, int32_t context, con
         decode_or_throw(ctx, batch);
     }
     res.fill_ms = ms_between(t_fill, bench_clock::now());
-    std::vector<uint8_t> state(llama_state_seq_get_size(ctx, KV_SEQ));
-    llama_state_seq_get_data(ctx, state.data(), state.size(), KV_SEQ);
+    std::vector<uint8_t> state(llama_state_seq_get_size(ctx, BENCH_SEQ));
+    llama_state_seq_get_data(ctx, state.data(), state.size(), BENCH_SEQ);
 
     token_ledger ledger;
     auto restore = [&]() {
         llama_memory_clear(mem, false);
-        if (llama_state_seq_set_data(ctx, state.data(), state.size(), KV_SEQ) == 0) {
+        if (llama_state_seq_set_data(ctx, state.data(), state.size(), BENCH_SEQ) == 0) {
             throw fml_error(FML_ERR_KV, "could not restore the benchmark state");
         }
         ledger.clear();
@@ -103,7 +104,7 @@ evict_bench_result run_evict_bench(const fml_model & model, int32_t context, con
         batch.token[0] = one[0];
         batch.pos[0] = pos;
         batch.n_seq_id[0] = 1;
-        batch.seq_id[0][0] = KV_SEQ;
+        batch.seq_id[0][0] = BENCH_SEQ;
         batch.logits[0] = true;
         const auto t0 = bench_clock::now();
         decode_or_throw(ctx, batch);
@@ -123,7 +124,7 @@ evict_bench_result run_evict_bench(const fml_model & model, int32_t context, con
                 restore();
                 // Baseline: a plain decode on this exact cache, then drop that token again.
                 plain.push_back(decode_one(filled));
-                llama_memory_seq_rm(mem, KV_SEQ, filled, -1);
+                llama_memory_seq_rm(mem, BENCH_SEQ, filled, -1);
 
                 std::vector<index_range> ranges;
                 if (strcmp(pattern, "contiguous") == 0) {
@@ -134,7 +135,7 @@ evict_bench_result run_evict_bench(const fml_model & model, int32_t context, con
                     }
                 }
                 const auto t0 = bench_clock::now();
-                const kv_eviction_result er = kv_evict_ranges(ctx, ledger, ranges);
+                const kv_eviction_result er = kv_evict_ranges(ctx, BENCH_SEQ, ledger, ranges);
                 rm_add.push_back(ms_between(t0, bench_clock::now()));
                 c.seq_rm_calls = (int32_t) ranges.size();
                 c.seq_add_calls = (int32_t) er.shifted_runs;

@@ -1,4 +1,4 @@
-#include "token-ledger.h"
+#include "kv/token-ledger.h"
 
 #include <algorithm>
 

@@ -1,7 +1,7 @@
-#include "checkpoint.h"
+#include "engine/checkpoint.h"
 
-#include "error.h"
-#include "hash.h"
+#include "util/error.h"
+#include "util/hash.h"
 
 #include <cerrno>
 #include <csignal>

@@ -2,7 +2,7 @@
 // timings. They use the real eviction path (kv-ops) on a context sized like a chat's.
 #pragma once
 
-#include "model.h"
+#include "model/model.h"
 #include "policies/policy.h"
 
 #include <string>

@@ -1,4 +1,4 @@
-#include "kv-cells.h"
+#include "kv/kv-cells.h"
 
 #include "llama.h"
 

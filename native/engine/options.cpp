@@ -1,6 +1,6 @@
-#include "options.h"
+#include "engine/options.h"
 
-#include "error.h"
+#include "util/error.h"
 
 #include <algorithm>
 #include <cmath>
@@ -153,7 +153,7 @@ int32_t available_cores() {
 // The defaults and bounds below are the only ones; option_docs() describes them in the same order.
 
 model_load_options resolve_model_options(const option_map & raw, int32_t cores) {
-    option_reader r(raw, { "gpuLayers", "threads", "useMmap" });
+    option_reader r(raw, { "gpuLayers", "threads", "useMmap", "slots", "prefillChunk", "kvUnified" });
     model_load_options o;
     if (const option_value * v = r.get("gpuLayers")) {
         if (!(v->kind == option_value::STRING && v->text == "auto")) {
@@ -161,9 +161,12 @@ model_load_options resolve_model_options(const option_map & raw, int32_t cores) 
             o.gpu_layers = (int32_t) int_in("gpuLayers", *v, 0, 100000);
         }
     }
-    o.threads = std::max(1, std::min(4, cores));
+    o.threads = std::max(1, std::min(256, cores));
     if (const option_value * v = r.get("threads")) o.threads = (int32_t) int_in("threads", *v, 1, 256);
     if (const option_value * v = r.get("useMmap")) o.use_mmap = boolean_of("useMmap", *v);
+    if (const option_value * v = r.get("slots")) o.slots = (uint32_t) int_in("slots", *v, 1, 256);
+    if (const option_value * v = r.get("prefillChunk")) o.prefill_chunk = (uint32_t) int_in("prefillChunk", *v, 1, 65536);
+    if (const option_value * v = r.get("kvUnified")) o.kv_unified = boolean_of("kvUnified", *v);
     return o;
 }
 
@@ -265,17 +268,20 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
 const std::vector<option_doc> & option_docs() {
     static const std::vector<option_doc> docs = {
         { "model", "gpuLayers", "number | 'auto'", "'auto'", "0 .. 100000", "Layers offloaded to the GPU; 'auto' = all when a GPU backend is active, else none.", false },
-        { "model", "threads", "number", "min(4, cores)", "1 .. 256", "CPU threads of this model's chats unless a chat sets its own.", false },
+        { "model", "threads", "number", "the cores", "1 .. 256", "The model's CPU thread budget: every decode of its chats, batched together, uses this many ggml threads, whatever the number of chats.", false },
         { "model", "useMmap", "boolean", "true", "", "Memory-map the weights.", false },
+        { "model", "slots", "number", "8", "1 .. 256", "Chats decoded together in one llama.cpp context (a KV stream each; the context grows to this as chats arrive). More chats than slots work: idle ones are parked in host memory and restored at their next turn.", false },
+        { "model", "prefillChunk", "number", "64", "1 .. 65536", "Prefill tokens a step may add while other chats are generating, so a long prompt holds their next token back by one bounded step.", false },
+        { "model", "kvUnified", "boolean", "false", "", "One KV buffer for all chats instead of a stream each (every token then attends over all chats' cells: slower for long chats; for benchmarks).", true },
         { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'sliding'", "", "Which tokens leave the KV cache when the budget is full.", false },
         { "chat", "maxTokens", "number", "2048", "16 .. 1048576", "Hard cap on tokens in this chat's KV cache. The real minimum depends on the chat template and system prompt; createChat says what does not fit.", false },
         { "chat", "windowSize", "number", "maxTokens / 4", "0 .. maxTokens - 1", "Most recent tokens a policy keeps when anything else can go.", false },
         { "chat", "sinkTokens", "number", "4", "0 .. maxTokens / 2 - 1", "First tokens of the sequence, pinned as attention sinks.", false },
         { "chat", "systemPrompt", "string", "''", "", "System prompt; pinned, never evicted.", false },
-        { "chat", "threads", "number", "the model's threads", "1 .. 256", "CPU threads for this chat.", false },
-        { "chat", "batchSize", "number", "512", "1 .. 65536", "Most tokens per llama_decode call while prefilling.", false },
+        { "chat", "threads", "number", "the model's threads", "1 .. the model's threads", "CPU threads of this chat's decodes; chats with fewer threads than the model's decode in their own context.", false },
+        { "chat", "batchSize", "number", "512", "1 .. 65536", "Most prefill tokens of this chat per step.", false },
         { "chat", "kvType", "'f16' | 'f32' | 'q8_0'", "'f16'", "", "KV cache element type; 'q8_0' needs flash attention.", false },
-        { "chat", "flashAttention", "boolean", "llama.cpp's choice", "", "Flash attention on or off; importance and hybrid turn it off to read attention weights unless it is forced on.", false },
+        { "chat", "flashAttention", "boolean", "off on the CPU, llama.cpp's choice on a GPU", "", "Flash attention on or off; importance and hybrid turn it off to read attention weights unless it is forced on; kvType 'q8_0' turns it on.", false },
         { "chat", "importanceDecay", "number", "1", "0 .. 1", "importance/hybrid: scores are multiplied by this once per turn.", false },
         { "chat", "importanceGranularity", "'span' | 'token'", "'span'", "", "importance: evict whole low-scoring spans or single tokens (H2O).", false },
         { "chat", "semanticClusters", "number", "8", "1 .. 4096", "semantic/hybrid: k-means clusters (topics).", false },
@@ -285,7 +291,7 @@ const std::vector<option_doc> & option_docs() {
         { "chat", "hybridImportanceShare", "number", "0.5", "0 .. 1", "hybrid: share of the kept history chosen by importance (the rest by semantic representatives).", false },
         { "chat", "maxPolicyMs", "number", "50", "0 .. 3600000", "Latency guard: a policy slower than this falls back to sliding; 0 disables.", false },
         { "chat", "testPolicyDelayMs", "number", "0", "0 .. 60000", "Test hook: every policy choice takes this long.", true },
-        { "chat", "testTokenDelayMs", "number", "0", "0 .. 60000", "Test hook: every decode of a turn takes this long.", true },
+        { "chat", "testTokenDelayMs", "number", "0", "0 .. 60000", "Test hook: this chat waits this long after each of its decodes (the others do not).", true },
         { "send", "maxNewTokens", "number", "256", "0 .. 1048576", "Most tokens to generate.", false },
         { "send", "temperature", "number", "0.8", "0 .. 100", "Sampling temperature; 0 = greedy.", false },
         { "send", "topK", "number", "40", "0 .. 16777216", "Top-k sampling; 0 = off.", false },

@@ -3,7 +3,7 @@
 // outlive the last context even if the JS Model is disposed first.
 #pragma once
 
-#include "options.h"
+#include "engine/options.h"
 
 #include <cstdint>
 #include <memory>

@@ -1,7 +1,7 @@
-#include "model.h"
+#include "model/model.h"
 
-#include "error.h"
-#include "hash.h"
+#include "util/error.h"
+#include "util/hash.h"
 
 #include "ggml-backend.h"
 

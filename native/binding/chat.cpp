@@ -1,0 +1,490 @@
+#include "binding/chat.h"
+
+#include "binding/common.h"
+#include "binding/model.h"
+#include "binding/options.h"
+#include "engine/checkpoint.h"
+
+namespace fml {
+
+namespace {
+
+Napi::Object stats_to_js(Napi::Env env, const turn_stats & s) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("promptTokens", s.prompt_tokens);
+    o.Set("generatedTokens", s.generated_tokens);
+    o.Set("prefillMs", s.prefill_ms);
+    o.Set("decodeMs", s.decode_ms);
+    o.Set("tokensPerSecond", s.tokens_per_second);
+    o.Set("firstTokenMs", s.first_token_ms);
+    o.Set("policyMs", s.policy_ms);
+    o.Set("evictMs", s.evict_ms);
+    o.Set("evictedTokens", s.evicted_tokens);
+    o.Set("evictions", s.evictions);
+    o.Set("retainedTokens", s.retained_tokens);
+    o.Set("latencyMs", s.latency_ms);
+    o.Set("fallback", s.fallback);
+    o.Set("summaryMs", s.summary_ms);
+    o.Set("summaryTokens", s.summary_tokens);
+    o.Set("policy", s.policy);
+    Napi::Array log = Napi::Array::New(env, s.eviction_log.size());
+    for (size_t i = 0; i < s.eviction_log.size(); ++i) {
+        const eviction_record & r = s.eviction_log[i];
+        Napi::Object e = Napi::Object::New(env);
+        e.Set("evictedTokens", r.evicted);
+        Napi::Array pos = Napi::Array::New(env, r.positions.size());
+        for (size_t k = 0; k < r.positions.size(); ++k) {
+            Napi::Array pair = Napi::Array::New(env, 2);
+            pair[(uint32_t) 0] = Napi::Number::New(env, (double) r.positions[k].begin);
+            pair[(uint32_t) 1] = Napi::Number::New(env, (double) r.positions[k].end);
+            pos[(uint32_t) k] = pair;
+        }
+        e.Set("positions", pos);
+        e.Set("policyMs", r.policy_ms);
+        e.Set("evictMs", r.evict_ms);
+        e.Set("fallback", r.fallback);
+        e.Set("summaryTokens", r.summary_tokens);
+        e.Set("phase", r.during_generation ? "generation" : "prefill");
+        log[(uint32_t) i] = e;
+    }
+    o.Set("evictionLog", log);
+    return o;
+}
+
+// ---- a turn's way back to JS ----
+
+struct turn_event {
+    enum kind_t { PIECE, DONE, FAILED } kind;
+    std::string text;      // PIECE: the piece; FAILED: the message
+    std::string code;      // FAILED
+    turn_result result;    // DONE
+};
+
+struct turn_context {
+    explicit turn_context(Napi::Env env) : deferred(Napi::Promise::Deferred::New(env)) {}
+    Napi::Promise::Deferred deferred;
+    Napi::FunctionReference on_piece;
+    Napi::ObjectReference chat_ref;        // keeps the JS chat alive while the turn runs
+    Napi::ObjectReference callback_error;  // the first exception onToken threw
+    js_chat * chat = nullptr;
+    bool ingest = false;
+};
+
+void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev) {
+    std::unique_ptr<turn_event> event(ev);
+    if (env == nullptr || ctx == nullptr) {
+        return;   // the environment is going away
+    }
+    switch (event->kind) {
+        case turn_event::PIECE:
+            if (!ctx->on_piece.IsEmpty() && ctx->callback_error.IsEmpty()) {
+                try {
+                    ctx->on_piece.Call({ Napi::String::New(env, event->text) });
+                } catch (const Napi::Error & e) {
+                    // A throwing callback stops the turn; the error is what the promise reports.
+                    ctx->callback_error = Napi::Persistent(e.Value());
+                    ctx->chat->seq()->request_abort();
+                    ctx->chat->rt()->wake();
+                }
+            }
+            return;
+        case turn_event::DONE: {
+            Napi::Value result;
+            if (ctx->ingest) {
+                result = Napi::Number::New(env, event->result.stats.prompt_tokens);
+            } else {
+                Napi::Object o = Napi::Object::New(env);
+                o.Set("response", event->result.response);
+                o.Set("stopReason", stop_reason_name(event->result.reason));
+                Napi::Object stats = stats_to_js(env, event->result.stats);
+                const char * signal = importance_signal_name(ctx->chat->seq()->signal());
+                stats.Set("importanceSignal", *signal ? Napi::Value(Napi::String::New(env, signal)) : env.Null());
+                o.Set("stats", stats);
+                result = o;
+            }
+            ctx->chat->finished();   // may complete a dispose requested meanwhile
+            if (!ctx->callback_error.IsEmpty()) {
+                ctx->deferred.Reject(ctx->callback_error.Value());
+            } else {
+                ctx->deferred.Resolve(result);
+            }
+            return;
+        }
+        case turn_event::FAILED:
+            ctx->chat->finished();
+            ctx->deferred.Reject(make_error(env, event->code, event->text).Value());
+            return;
+    }
+}
+
+using turn_tsfn = Napi::TypedThreadSafeFunction<turn_context, turn_event, deliver>;
+
+// Starts a prepared turn; the promise settles through the thread-safe function.
+Napi::Value start_turn(Napi::Env env, js_chat & chat, Napi::Object chat_obj, turn_request && req, Napi::Function on_piece) {
+    auto * ctx = new turn_context(env);
+    ctx->chat = &chat;
+    ctx->ingest = req.ingest;
+    ctx->chat_ref = Napi::Persistent(chat_obj);
+    if (!on_piece.IsEmpty()) {
+        ctx->on_piece = Napi::Persistent(on_piece);
+    }
+    Napi::Promise promise = ctx->deferred.Promise();
+    turn_tsfn tsfn = turn_tsfn::New(env, "finite-memory-llm turn", 0, 1, ctx, [](Napi::Env, void *, turn_context * c) { delete c; });
+    req.cb.on_piece = [tsfn](const std::string & piece) mutable {
+        tsfn.NonBlockingCall(new turn_event{ turn_event::PIECE, piece, {}, {} });
+    };
+    req.cb.on_done = [tsfn](turn_result && r) mutable {
+        tsfn.NonBlockingCall(new turn_event{ turn_event::DONE, {}, {}, std::move(r) });
+        tsfn.Release();
+    };
+    req.cb.on_error = [tsfn](const fml_error & e) mutable {
+        tsfn.NonBlockingCall(new turn_event{ turn_event::FAILED, e.what(), e.code(), {} });
+        tsfn.Release();
+    };
+    try {
+        chat.rt()->submit(chat.seq(), std::move(req));
+    } catch (const fml_error & e) {
+        tsfn.Release();
+        chat.finished();
+        throw_error(env, e.code(), e.what());
+    }
+    return promise;
+}
+
+} // namespace
+
+// ---- NativeChat ----
+
+Napi::Function js_chat::define(Napi::Env env) {
+    return DefineClass(env, "NativeChat", {
+        InstanceMethod("send", &js_chat::js_send),
+        InstanceMethod("ingestExchange", &js_chat::js_ingest_exchange),
+        InstanceMethod("abort", &js_chat::js_abort),
+        InstanceMethod("stats", &js_chat::js_stats),
+        InstanceMethod("memory", &js_chat::js_memory),
+        InstanceMethod("cacheState", &js_chat::js_cache_state),
+        InstanceMethod("countTurnTokens", &js_chat::js_count_turn_tokens),
+        InstanceMethod("reset", &js_chat::js_reset),
+        InstanceMethod("dispose", &js_chat::js_dispose),
+        InstanceMethod("saveCheckpoint", &js_chat::js_save_checkpoint),
+        InstanceMethod("resolvedOptions", &js_chat::js_resolved_options),
+    });
+}
+
+js_chat::js_chat(const Napi::CallbackInfo & info) : Napi::ObjectWrap<js_chat>(info) {
+    Napi::Env env = info.Env();
+    if (info.Length() >= 1 && info[0].IsExternal()) {
+        restored_chat * r = info[0].As<Napi::External<restored_chat>>().Data();
+        rt_ = r->rt;
+        seq_ = r->seq;
+        return;
+    }
+    if (info.Length() < 1 || !info[0].IsObject()) {
+        throw_error(env, FML_ERR_INVALID_OPTION, "expected a model");
+    }
+    js_model * m = js_model::Unwrap(info[0].As<Napi::Object>());
+    auto model = m->require(env);
+    const chat_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 1), m->load_options.threads); });
+    seq_ = guarded(env, [&] { return std::make_shared<sequence>(model, opts, m->load_options.threads); });
+    rt_ = m->require_runtime(env);
+}
+
+js_chat::~js_chat() {
+    // The finalizer of a chat dropped without dispose(): its slot is freed by the scheduler.
+    release();
+}
+
+void js_chat::release() {
+    if (seq_) {
+        rt_->release(seq_);
+        seq_.reset();
+        rt_.reset();
+    }
+}
+
+sequence & js_chat::require(Napi::Env env) {
+    if (!seq_) {
+        throw_error(env, FML_ERR_DISPOSED, "chat is disposed");
+    }
+    return *seq_;
+}
+
+void js_chat::claim(Napi::Env env, const char * busy_message) {
+    sequence & s = require(env);
+    bool expected = false;
+    if (!s.busy().compare_exchange_strong(expected, true)) {
+        throw_error(env, FML_ERR_BUSY, busy_message);
+    }
+    // An abort requested before this operation is not for it.
+    s.clear_abort();
+}
+
+void js_chat::finished() {
+    if (seq_) {
+        seq_->busy().store(false);
+    }
+    if (dispose_pending_) {
+        release();
+    }
+}
+
+Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    sequence & s = require(env);
+    const std::string text = string_arg(info, 0, "message");
+    generation_options gen = guarded(env, [&] { return resolve_generation_options(options_arg(info, 1)); });
+    Napi::Function on_piece = info.Length() > 2 && info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
+    claim(env, "a turn is already running on this chat; await it (or abort it) before sending again");
+    turn_request req;
+    try {
+        req = s.prepare_turn(text, std::move(gen));
+    } catch (const fml_error & e) {
+        finished();
+        throw_error(env, e.code(), e.what());
+    }
+    return start_turn(env, *this, Value(), std::move(req), on_piece);
+}
+
+Napi::Value js_chat::js_ingest_exchange(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    sequence & s = require(env);
+    const std::string user = string_arg(info, 0, "user message");
+    const std::string reply = string_arg(info, 1, "assistant message");
+    claim(env, "a turn is running on this chat");
+    turn_request req;
+    try {
+        req = s.prepare_ingest(user, reply);
+    } catch (const fml_error & e) {
+        finished();
+        throw_error(env, e.code(), e.what());
+    }
+    return start_turn(env, *this, Value(), std::move(req), Napi::Function());
+}
+
+Napi::Value js_chat::js_abort(const Napi::CallbackInfo & info) {
+    if (seq_) {
+        seq_->request_abort();
+        rt_->wake();
+    }
+    return info.Env().Undefined();
+}
+
+Napi::Value js_chat::js_stats(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    sequence & s = require(env);
+    const cumulative_stats c = s.stats();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("turns", (double) c.turns);
+    o.Set("tokensSeen", (double) c.tokens_seen);
+    o.Set("tokensRetained", (double) s.retained_tokens());
+    o.Set("tokensEvicted", (double) c.tokens_evicted);
+    o.Set("evictions", (double) c.evictions);
+    o.Set("fallbackCount", (double) c.fallback_count);
+    o.Set("kvBytes", (double) s.kv_bytes());
+    o.Set("summary", s.summary_text());
+    return o;
+}
+
+Napi::Value js_chat::js_memory(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    const std::vector<memory_entry> mem = require(env).memory();
+    Napi::Array arr = Napi::Array::New(env, mem.size());
+    for (size_t i = 0; i < mem.size(); ++i) {
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("token", mem[i].token);
+        o.Set("position", mem[i].pos);
+        o.Set("turn", mem[i].turn);
+        o.Set("role", token_role_name(mem[i].role));
+        o.Set("pinned", mem[i].pinned);
+        o.Set("score", mem[i].score);
+        o.Set("text", mem[i].text);
+        arr[i] = o;
+    }
+    return arr;
+}
+
+// The ledger's and llama.cpp's view of this chat's cache (the demo and tests check them against
+// each other). Read on the scheduler thread, which owns the cache; waits for the current step.
+Napi::Value js_chat::js_cache_state(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    sequence & s = require(env);
+    struct snapshot {
+        cache_view v;
+        uint64_t rows = 0, violations = 0, mismatches = 0;
+    };
+    const snapshot snap = guarded(env, [&] {
+        return rt_->run_sync([&] {
+            snapshot out;
+            engine * e = s.owner();
+            out.v = s.view(e != nullptr ? e->ctx() : nullptr);
+            if (e != nullptr) {
+                out.rows = e->capture().attention_rows_checked;
+                out.violations = e->capture().causal_violations;
+                out.mismatches = e->capture().layout_mismatches;
+            }
+            return out;
+        });
+    });
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("ledgerTokens", (double) snap.v.ledger_tokens);
+    o.Set("pinnedTokens", (double) snap.v.pinned_tokens);
+    o.Set("cachePosMin", snap.v.cache_pos_min);
+    o.Set("cachePosMax", snap.v.cache_pos_max);
+    o.Set("positionsContiguous", snap.v.positions_contiguous);
+    o.Set("contextSize", snap.v.cells);
+    o.Set("carriedTokens", (double) snap.v.carried_tokens);
+    o.Set("pendingSystemTokens", (double) snap.v.pending_system_tokens);
+    o.Set("slot", snap.v.slot);
+    o.Set("parked", snap.v.parked);
+    o.Set("scratchPosMax", snap.v.scratch_pos_max);
+    o.Set("attentionRowsChecked", (double) snap.rows);
+    o.Set("causalViolations", (double) snap.violations);
+    o.Set("signalLayoutMismatches", (double) snap.mismatches);
+    o.Set("kvBytes", (double) s.kv_bytes());
+    return o;
+}
+
+Napi::Value js_chat::js_count_turn_tokens(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    sequence & s = require(env);
+    const std::string text = string_arg(info, 0, "text");
+    return Napi::Number::New(env, (double) guarded(env, [&] { return s.count_turn_tokens(text); }));
+}
+
+Napi::Value js_chat::js_reset(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    sequence & s = require(env);
+    if (s.busy().load()) {
+        throw_error(env, FML_ERR_BUSY, "cannot reset while a turn is running");
+    }
+    s.reset();
+    return env.Undefined();
+}
+
+Napi::Value js_chat::js_dispose(const Napi::CallbackInfo & info) {
+    if (seq_) {
+        if (seq_->busy().load()) {
+            seq_->request_abort();
+            rt_->wake();
+            dispose_pending_ = true;   // the running operation releases the chat when it finishes
+        } else {
+            release();
+        }
+    }
+    return info.Env().Undefined();
+}
+
+Napi::Value js_chat::js_resolved_options(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    return from_option_map(env, chat_options_to_map(require(env).options(), false));
+}
+
+// ---- checkpoints ----
+
+namespace {
+
+// Saves a chat: the scheduler snapshots it between steps (applying a pending K-shift first), this
+// worker thread writes the file. The chat is claimed busy until then.
+class save_checkpoint_worker : public promise_worker {
+public:
+    save_checkpoint_worker(Napi::Env env, js_chat & chat, Napi::Object chat_obj, std::string path)
+        : promise_worker(env), chat_(chat), rt_(chat.rt()), seq_(chat.seq()), path_(std::move(path)) {
+        chat_ref_ = Napi::Persistent(chat_obj);
+    }
+    void OnOK() override { chat_.finished(); promise_worker::OnOK(); }
+    void OnError(const Napi::Error & e) override { chat_.finished(); promise_worker::OnError(e); }
+protected:
+    void run() override {
+        const chat_state state = rt_->run_sync([this] {
+            engine * e = seq_->owner();
+            if (e != nullptr) {
+                e->apply_pending_shift(*seq_);
+            }
+            return seq_->export_state(e != nullptr ? e->ctx() : nullptr);
+        });
+        write_checkpoint(path_, seq_->model_fingerprint(), state);
+    }
+private:
+    js_chat & chat_;
+    Napi::ObjectReference chat_ref_;
+    std::shared_ptr<runtime> rt_;
+    std::shared_ptr<sequence> seq_;
+    std::string path_;
+};
+
+// Restores a chat: the file is read and validated here, the KV state goes into a slot on the
+// scheduler (checked against the ledger there), or stays parked when every slot is busy.
+class load_checkpoint_worker : public promise_worker {
+public:
+    load_checkpoint_worker(Napi::Env env, std::shared_ptr<runtime> rt, int32_t threads_override)
+        : promise_worker(env), rt_(std::move(rt)), threads_(threads_override) {}
+    std::string path;
+protected:
+    void run() override {
+        const std::shared_ptr<fml_model> & model = rt_->model();
+        chat_state state = read_checkpoint(path, model->info().fingerprint);
+        if (threads_ > 0) {
+            state.options.threads = threads_;
+        }
+        try {
+            seq_ = std::make_shared<sequence>(model, state.options, rt_->options().threads);
+        } catch (const fml_error & e) {
+            throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, std::string("the checkpoint's options are not valid for this model: ") + e.what());
+        }
+        seq_->adopt_state(std::move(state));
+        rt_->run_sync([this] {
+            engine & e = rt_->engine_for(*seq_);
+            try {
+                e.ensure_slot(*seq_);
+            } catch (...) {
+                e.release(*seq_);
+                throw;
+            }
+        });
+    }
+    Napi::Value result(Napi::Env env) override {
+        restored_chat r{ rt_, seq_ };
+        auto holder = Napi::External<restored_chat>::New(env, &r);
+        return env.GetInstanceData<addon_data>()->chat_ctor.New({ holder });
+    }
+private:
+    std::shared_ptr<runtime> rt_;
+    int32_t threads_;
+    std::shared_ptr<sequence> seq_;
+};
+
+} // namespace
+
+Napi::Value js_chat::js_save_checkpoint(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    require(env);
+    const std::string path = string_arg(info, 0, "path");
+    claim(env, "a turn is running on this chat; save the checkpoint after it");
+    return queue_worker<save_checkpoint_worker>(env, *this, Value(), path);
+}
+
+Napi::Value js_load_chat(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 2 || !info[0].IsObject()) {
+        throw_error(env, FML_ERR_INVALID_OPTION, "loadChat(model, path, threads)");
+    }
+    js_model * m = js_model::Unwrap(info[0].As<Napi::Object>());
+    const std::string path = string_arg(info, 1, "path");
+    // An override of the stored thread count, validated like createChat's.
+    int32_t threads = 0;
+    if (info.Length() > 2 && !info[2].IsUndefined()) {
+        const option_map o = { { "threads", to_option_value(info[2]) } };
+        threads = guarded(env, [&] { return resolve_chat_options(o, 1).threads; });
+        if (threads > m->load_options.threads) {
+            throw_error(env, FML_ERR_INVALID_OPTION, "Expected an integer between 1 and " + std::to_string(m->load_options.threads) +
+                        " (the model's thread budget) for threads but received number " + std::to_string(threads));
+        }
+    }
+    auto * w = new load_checkpoint_worker(env, m->require_runtime(env), threads);
+    w->path = path;
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+}
+
+} // namespace fml

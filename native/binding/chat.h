@@ -1,0 +1,58 @@
+// NativeChat: one chat (a sequence in its model's shared engine). Turns run on the model's scheduler
+// thread; their pieces and results come back through a thread-safe function per turn, in order.
+#pragma once
+
+#include <napi.h>
+
+#include "engine/runtime.h"
+#include "engine/sequence.h"
+
+#include <memory>
+
+namespace fml {
+
+class js_chat : public Napi::ObjectWrap<js_chat> {
+public:
+    static Napi::Function define(Napi::Env env);
+    // new NativeChat(nativeModel, options), or new NativeChat(External<restored>) from loadChat.
+    explicit js_chat(const Napi::CallbackInfo & info);
+    ~js_chat() override;
+
+    // Throws DISPOSED.
+    sequence & require(Napi::Env env);
+    const std::shared_ptr<sequence> & seq() const { return seq_; }
+    const std::shared_ptr<runtime> & rt() const { return rt_; }
+    // Claims the chat for one operation; throws CHAT_BUSY when a turn (or another operation) runs.
+    void claim(Napi::Env env, const char * busy_message);
+    // The operation ended (JS thread): the chat is free again, and a dispose requested meanwhile happens.
+    void finished();
+
+private:
+    Napi::Value js_send(const Napi::CallbackInfo & info);
+    Napi::Value js_ingest_exchange(const Napi::CallbackInfo & info);
+    Napi::Value js_abort(const Napi::CallbackInfo & info);
+    Napi::Value js_stats(const Napi::CallbackInfo & info);
+    Napi::Value js_memory(const Napi::CallbackInfo & info);
+    Napi::Value js_cache_state(const Napi::CallbackInfo & info);
+    Napi::Value js_count_turn_tokens(const Napi::CallbackInfo & info);
+    Napi::Value js_reset(const Napi::CallbackInfo & info);
+    Napi::Value js_dispose(const Napi::CallbackInfo & info);
+    Napi::Value js_save_checkpoint(const Napi::CallbackInfo & info);
+    Napi::Value js_resolved_options(const Napi::CallbackInfo & info);
+    void release();
+
+    std::shared_ptr<runtime> rt_;
+    std::shared_ptr<sequence> seq_;
+    bool dispose_pending_ = false;
+};
+
+// What loadChat hands the NativeChat constructor.
+struct restored_chat {
+    std::shared_ptr<runtime> rt;
+    std::shared_ptr<sequence> seq;
+};
+
+// loadChat(model, path, threads?) -> Promise<NativeChat>
+Napi::Value js_load_chat(const Napi::CallbackInfo & info);
+
+} // namespace fml

@@ -1,0 +1,127 @@
+#include "binding/model.h"
+
+#include "binding/common.h"
+#include "binding/options.h"
+
+namespace fml {
+
+Napi::Function js_model::define(Napi::Env env) {
+    return DefineClass(env, "NativeModel", {
+        InstanceMethod("info", &js_model::js_info),
+        InstanceMethod("tokenize", &js_model::js_tokenize),
+        InstanceMethod("detokenize", &js_model::js_detokenize),
+        InstanceMethod("dispose", &js_model::js_dispose),
+    });
+}
+
+js_model::js_model(const Napi::CallbackInfo & info) : Napi::ObjectWrap<js_model>(info) {}
+
+std::shared_ptr<fml_model> js_model::require(Napi::Env env) {
+    if (!model) {
+        throw_error(env, FML_ERR_DISPOSED, "model is disposed");
+    }
+    return model;
+}
+
+std::shared_ptr<runtime> js_model::require_runtime(Napi::Env env) {
+    auto m = require(env);
+    if (!runtime_) {
+        runtime_options ro;
+        ro.threads = load_options.threads;
+        ro.engine.max_slots = load_options.slots;
+        ro.engine.prefill_chunk = load_options.prefill_chunk;
+        ro.engine.unified = load_options.kv_unified;
+        runtime_ = std::make_shared<runtime>(m, ro);
+    }
+    return runtime_;
+}
+
+Napi::Value js_model::js_info(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    const model_info & mi = require(env)->info();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("architecture", mi.architecture);
+    o.Set("description", mi.description);
+    o.Set("chatTemplate", mi.chat_template.empty() ? env.Null() : Napi::String::New(env, mi.chat_template));
+    o.Set("framing", mi.framing);
+    o.Set("backend", mi.backend);
+    o.Set("device", mi.device);
+    o.Set("nCtxTrain", mi.n_ctx_train);
+    o.Set("nEmbd", mi.n_embd);
+    o.Set("nLayer", mi.n_layer);
+    o.Set("nHead", mi.n_head);
+    o.Set("nHeadKv", mi.n_head_kv);
+    o.Set("headDim", mi.n_embd_head_k);
+    o.Set("nVocab", mi.n_vocab);
+    o.Set("sizeBytes", Napi::Number::New(env, (double) mi.size_bytes));
+    o.Set("nParams", Napi::Number::New(env, (double) mi.n_params));
+    o.Set("fingerprint", mi.fingerprint);
+    o.Set("gpuLayers", mi.gpu_layers);
+    o.Set("threads", load_options.threads);
+    o.Set("slots", load_options.slots);
+    o.Set("prefillChunk", load_options.prefill_chunk);
+    return o;
+}
+
+Napi::Value js_model::js_tokenize(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    auto m = require(env);
+    const std::string text = string_arg(info, 0, "text");
+    const bool add_bos = info.Length() > 1 && info[1].ToBoolean();
+    const bool special = info.Length() > 2 && info[2].ToBoolean();
+    const std::vector<int32_t> toks = guarded(env, [&] { return m->tokenize(text, add_bos && m->add_bos(), special); });
+    Napi::Int32Array arr = Napi::Int32Array::New(env, toks.size());
+    std::copy(toks.begin(), toks.end(), arr.Data());
+    return arr;
+}
+
+Napi::Value js_model::js_detokenize(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    auto m = require(env);
+    if (info.Length() < 1 || !info[0].IsTypedArray()) {
+        throw_error(env, FML_ERR_INVALID_OPTION, "expected an Int32Array of tokens");
+    }
+    Napi::Int32Array arr = info[0].As<Napi::Int32Array>();
+    std::vector<int32_t> toks(arr.Data(), arr.Data() + arr.ElementLength());
+    const bool special = info.Length() > 1 && info[1].ToBoolean();
+    return Napi::String::New(env, guarded(env, [&] { return m->detokenize(toks, special); }));
+}
+
+Napi::Value js_model::js_dispose(const Napi::CallbackInfo & info) {
+    // Chats keep the model and its runtime until they are disposed too.
+    model.reset();
+    runtime_.reset();
+    return info.Env().Undefined();
+}
+
+namespace {
+
+class load_model_worker : public promise_worker {
+public:
+    load_model_worker(Napi::Env env, std::string path, model_load_options opts)
+        : promise_worker(env), path_(std::move(path)), opts_(opts) {}
+protected:
+    void run() override { model_ = fml_model::load(path_, opts_); }
+    Napi::Value result(Napi::Env env) override {
+        Napi::Object obj = env.GetInstanceData<addon_data>()->model_ctor.New({});
+        js_model * m = js_model::Unwrap(obj);
+        m->model = model_;
+        m->load_options = opts_;
+        return obj;
+    }
+private:
+    std::string path_;
+    model_load_options opts_;
+    std::shared_ptr<fml_model> model_;
+};
+
+} // namespace
+
+Napi::Value js_load_model(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    const std::string path = string_arg(info, 0, "path");
+    const model_load_options opts = guarded(env, [&] { return resolve_model_options(options_arg(info, 1), available_cores()); });
+    return queue_worker<load_model_worker>(env, path, opts);
+}
+
+} // namespace fml

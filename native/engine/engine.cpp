@@ -1,0 +1,424 @@
+#include "engine/engine.h"
+
+#include "kv/kv-ops.h"
+#include "model/model.h"
+#include "util/error.h"
+
+#include <algorithm>
+
+namespace fml {
+
+static ggml_type kv_type_from_name(const std::string & name) {
+    if (name == "f32")  return GGML_TYPE_F32;
+    if (name == "q8_0") return GGML_TYPE_Q8_0;
+    return GGML_TYPE_F16;
+}
+
+static bool abort_callback(void * data) {
+    return static_cast<const std::atomic<bool> *>(data)->load();
+}
+
+engine::engine(std::shared_ptr<fml_model> model, const engine_key & key, const engine_options & opts, const std::atomic<bool> * stopping)
+    : model_(std::move(model)), key_(key), opts_(opts), stopping_(stopping) {
+    capture_.want_attention = key_.attention;
+    capture_.want_key_norm = key_.key_norm;
+    capture_.want_hidden = key_.hidden_layer >= 0;
+    capture_.hidden_layer = std::max(0, key_.hidden_layer);
+    // llama.cpp reserves an output row per sequence: n_batch must cover every slot.
+    n_batch_ = std::max<uint32_t>(key_.n_batch, opts_.max_slots);
+    create_context(1);
+}
+
+engine::~engine() {
+    if (ctx_ != nullptr) {
+        llama_batch_free(batch_);
+        llama_free(ctx_);
+    }
+}
+
+void engine::create_context(uint32_t slots) {
+    llama_context_params cp = llama_context_default_params();
+    // One stream of `cells` per slot: a chat's sequence never holds more than its budget plus its
+    // summary scratch, because eviction happens before any decode that would overflow it.
+    cp.n_ctx = key_.cells * slots;
+    cp.n_seq_max = slots;
+    cp.kv_unified = opts_.unified;
+    cp.n_batch = n_batch_;
+    cp.n_ubatch = n_batch_;
+    cp.n_threads = key_.threads;
+    cp.n_threads_batch = key_.threads;
+    cp.type_k = kv_type_from_name(key_.kv_type);
+    cp.type_v = cp.type_k;
+    cp.flash_attn_type = key_.flash_attention < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
+                        : key_.flash_attention == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    cp.no_perf = true;
+    cp.abort_callback = abort_callback;
+    cp.abort_callback_data = const_cast<std::atomic<bool> *>(stopping_);
+    if (capture_.any()) {
+        cp.cb_eval = eval_capture::callback;
+        cp.cb_eval_user_data = &capture_;
+    }
+    last_llama_errors();
+    llama_context * ctx = llama_init_from_model(model_->raw(), cp);
+    if (ctx == nullptr) {
+        const std::string why = last_llama_errors();
+        throw fml_error(FML_ERR_CONTEXT_CREATE, "llama.cpp could not create a context" + (why.empty() ? std::string() : ": " + why));
+    }
+    if (!kv_can_shift(ctx)) {
+        llama_free(ctx);
+        throw fml_error(FML_ERR_CONTEXT_CREATE, "this model's KV cache does not support position shifts (K-shift), so in-place eviction is impossible");
+    }
+    if (ctx_ != nullptr) {
+        llama_batch_free(batch_);
+        llama_free(ctx_);
+    }
+    ctx_ = ctx;
+    batch_ = llama_batch_init((int32_t) n_batch_, 0, 1);
+    capture_.bind(ctx_, (int32_t) key_.cells, model_->info().n_embd, opts_.unified);
+    slots_.resize(slots, nullptr);
+    stats_.slots = slots;
+    shift_pending_ = false;
+}
+
+bool engine::grow() {
+    const uint32_t cur = (uint32_t) slots_.size();
+    if (cur >= opts_.max_slots) {
+        return false;
+    }
+    const uint32_t next = std::min(opts_.max_slots, cur * 2);
+    // Every chat's KV moves to a context with more streams (same slot numbers). Pending K-shifts are
+    // applied first: a snapshot taken with one pending stores unrotated keys.
+    std::vector<std::vector<uint8_t>> states(cur);
+    for (uint32_t i = 0; i < cur; ++i) {
+        if (slots_[i] != nullptr) {
+            apply_pending_shift(*slots_[i]);
+        }
+    }
+    for (uint32_t i = 0; i < cur; ++i) {
+        if (slots_[i] != nullptr && !slots_[i]->parked()) {
+            states[i] = kv_state_save(ctx_, (int32_t) i);
+        }
+    }
+    std::vector<sequence *> holders = slots_;
+    create_context(next);   // throws before anything is lost: the old context stays until it succeeds
+    for (uint32_t i = 0; i < cur; ++i) {
+        slots_[i] = holders[i];
+        if (holders[i] != nullptr && !states[i].empty()) {
+            kv_state_load(ctx_, (int32_t) i, streams(), states[i]);
+        }
+    }
+    stats_.grown++;
+    return true;
+}
+
+sequence * engine::idle_victim() const {
+    sequence * victim = nullptr;
+    for (sequence * s : slots_) {
+        if (s != nullptr && !s->has_turn() && (victim == nullptr || s->last_used() < victim->last_used())) {
+            victim = s;
+        }
+    }
+    return victim;
+}
+
+void engine::place(sequence & s, int32_t slot) {
+    slots_[(size_t) slot] = &s;
+    s.set_slot(slot);
+    s.sync_after_reset(ctx_);
+    if (s.parked()) {
+        s.unpark(ctx_, streams());
+        stats_.restored++;
+    }
+}
+
+bool engine::ensure_slot(sequence & s) {
+    if (s.slot() >= 0) {
+        s.sync_after_reset(ctx_);
+        return true;
+    }
+    for (size_t i = 0; i < slots_.size(); ++i) {
+        if (slots_[i] == nullptr) {
+            place(s, (int32_t) i);
+            return true;
+        }
+    }
+    if (grow()) {
+        return ensure_slot(s);
+    }
+    sequence * victim = idle_victim();
+    if (victim == nullptr) {
+        return false;
+    }
+    const int32_t slot = victim->slot();
+    apply_pending_shift(*victim);
+    victim->park(ctx_);
+    slots_[(size_t) slot] = nullptr;
+    stats_.parked++;
+    place(s, slot);
+    return true;
+}
+
+void engine::release(sequence & s) {
+    if (s.slot() >= 0 && s.owner() == this) {
+        kv_clear_slot(ctx_, s.slot());
+        slots_[(size_t) s.slot()] = nullptr;
+        s.set_slot(-1);
+    }
+    queue_.erase(std::remove_if(queue_.begin(), queue_.end(), [&](const std::shared_ptr<sequence> & q) { return q.get() == &s; }), queue_.end());
+    running_.erase(std::remove_if(running_.begin(), running_.end(), [&](const std::shared_ptr<sequence> & q) { return q.get() == &s; }), running_.end());
+}
+
+void engine::enqueue(const std::shared_ptr<sequence> & s) {
+    queue_.push_back(s);
+    admit();
+}
+
+void engine::admit() {
+    // A turn aborted while it waited ends without ever running.
+    for (auto it = queue_.begin(); it != queue_.end();) {
+        if ((*it)->abort_pending() || stopping_->load()) {
+            (*it)->fail_unstarted(fml_error(FML_ERR_ABORTED, "aborted"));
+            it = queue_.erase(it);
+        } else {
+            ++it;
+        }
+    }
+    while (!queue_.empty()) {
+        std::shared_ptr<sequence> s = queue_.front();
+        try {
+            if (!ensure_slot(*s)) {
+                return;   // every slot is mid-turn: the first in line waits (FIFO)
+            }
+        } catch (const fml_error & err) {
+            queue_.pop_front();
+            s->fail_unstarted(err);
+            continue;
+        }
+        queue_.pop_front();
+        // A chat whose previous turn ended in the last step may still be listed.
+        if (std::find(running_.begin(), running_.end(), s) == running_.end()) {
+            running_.push_back(s);
+        }
+    }
+}
+
+bool engine::has_work(std::chrono::steady_clock::time_point now, std::chrono::steady_clock::time_point * wake) const {
+    bool ready = false;
+    for (const auto & s : queue_) {
+        ready = ready || s->abort_pending();
+    }
+    for (const auto & s : running_) {
+        if (!s->has_turn()) {
+            continue;
+        }
+        if (s->abort_pending() || s->wants(now) > 0) {
+            ready = true;
+        } else if (s->ready_at() > now && (*wake == std::chrono::steady_clock::time_point{} || s->ready_at() < *wake)) {
+            *wake = s->ready_at();
+        }
+    }
+    return ready;
+}
+
+void engine::apply_pending_shift(sequence & s) {
+    if (!shift_pending_ || s.slot() < 0) {
+        return;
+    }
+    // llama.cpp has no public call to apply a K-shift now: decode one token at the chat's next
+    // position (it must be consecutive) and remove it again.
+    const cache_view v = s.view(ctx_);
+    if (v.ledger_tokens == 0) {
+        return;
+    }
+    const int32_t token = model_->bos() >= 0 ? model_->bos() : 0;
+    decode_one(s, &token, 1, v.cache_pos_max + 1, false);
+    llama_memory_seq_rm(llama_get_memory(ctx_), s.slot(), v.cache_pos_max + 1, -1);
+}
+
+bool engine::decode_one(sequence & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals) {
+    batch_.n_tokens = (int32_t) n;
+    for (size_t i = 0; i < n; ++i) {
+        batch_.token[i] = tokens[i];
+        batch_.pos[i] = pos0 + (int32_t) i;
+        batch_.n_seq_id[i] = 1;
+        batch_.seq_id[i][0] = s.slot();
+        batch_.logits[i] = all_logits || i + 1 == n;
+    }
+    if (capture_.any()) {
+        capture_.begin_group({ group_member{ s.slot(), pos0, (int32_t) n, signals } });
+    }
+    const int32_t rc = llama_decode(ctx_, batch_);
+    if (rc == 0) {
+        shift_pending_ = false;
+    }
+    return rc == 0;
+}
+
+void engine::step() {
+    const auto now = std::chrono::steady_clock::now();
+    // Turns that want to stop do so between steps.
+    for (const auto & s : running_) {
+        if (s->has_turn() && (s->abort_pending() || stopping_->load())) {
+            s->abort_turn(*this);
+        }
+    }
+    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const std::shared_ptr<sequence> & s) { return !s->has_turn(); }), running_.end());
+
+    // What each ready chat wants, in slot order (consecutive slots share ubatches).
+    struct want { sequence * seq; size_t n; };
+    std::vector<want> wants;
+    for (const auto & s : running_) {
+        const size_t n = s->wants(now);
+        if (n > 0) {
+            wants.push_back({ s.get(), n });
+        }
+    }
+    if (wants.empty()) {
+        return;
+    }
+    std::sort(wants.begin(), wants.end(), [](const want & a, const want & b) { return a.seq->slot() < b.seq->slot(); });
+
+    // Budget: one token for every chat that generates (or writes a summary); prefill chunks share
+    // the rest, capped while anyone is generating so that a long prefill holds the others' next
+    // token back by one bounded step. Round-robin start among prefilling chats, for fairness.
+    size_t singles = 0;
+    std::vector<size_t> prefilling;
+    for (size_t i = 0; i < wants.size(); ++i) {
+        if (wants[i].n == 1) {
+            singles++;
+        } else {
+            prefilling.push_back(i);
+        }
+    }
+    size_t prefill_budget = n_batch_ - std::min<size_t>(n_batch_, singles);
+    if (singles > 0) {
+        prefill_budget = std::min<size_t>(prefill_budget, opts_.prefill_chunk);
+    }
+    std::vector<size_t> budget(wants.size(), 1);
+    if (!prefilling.empty()) {
+        for (size_t i : prefilling) {
+            budget[i] = 0;
+        }
+        size_t left = prefill_budget;
+        const size_t start = rr_++ % prefilling.size();
+        // Equal shares, the remainder to the first in this step's order.
+        const size_t share = std::max<size_t>(1, left / prefilling.size());
+        for (size_t k = 0; k < prefilling.size() && left > 0; ++k) {
+            const size_t i = prefilling[(start + k) % prefilling.size()];
+            const size_t give = std::min({ wants[i].n, left, k == 0 ? std::max(share, left - share * (prefilling.size() - 1)) : share });
+            budget[i] = give;
+            left -= give;
+        }
+    }
+
+    // Evictions of several chats in one step share one K-shift: if anyone evicts now, the chats
+    // that will soon have to also do it now.
+    bool coalesce = false;
+    for (const want & w : wants) {
+        coalesce = coalesce || w.seq->needs_eviction();
+    }
+
+    std::vector<planned> plan;
+    for (size_t i = 0; i < wants.size(); ++i) {
+        if (budget[i] == 0) {
+            continue;
+        }
+        contribution c = wants[i].seq->take(budget[i], coalesce, *this);
+        if (!c.tokens.empty()) {
+            plan.push_back({ wants[i].seq, std::move(c) });
+        }
+    }
+    if (plan.empty()) {
+        return;
+    }
+    stats_.steps++;
+    if (shift_pending_) {
+        stats_.shift_steps++;
+    }
+
+    // Decode groups. One KV stream per chat: llama.cpp computes a batch as ubatches of consecutive
+    // sequence ids with equal token counts, so a run of consecutive slots decodes one token each in
+    // one ubatch, and each chat's remaining tokens go in their own. A unified cache takes everything
+    // in one ubatch.
+    using rows_t = std::vector<std::pair<size_t, std::pair<size_t, size_t>>>;   // plan index, [from, to)
+    if (opts_.unified) {
+        rows_t rows;
+        for (size_t p = 0; p < plan.size(); ++p) {
+            rows.push_back({ p, { 0, plan[p].c.tokens.size() } });
+        }
+        decode_group(plan, rows);
+        return;
+    }
+    std::vector<size_t> first_done(plan.size(), 0);
+    for (size_t p = 0; p < plan.size();) {
+        size_t q = p + 1;
+        while (q < plan.size() && plan[q].seq->slot() == plan[q - 1].seq->slot() + 1) {
+            ++q;
+        }
+        if (q - p >= 2) {
+            rows_t rows;
+            for (size_t k = p; k < q; ++k) {
+                rows.push_back({ k, { 0, 1 } });
+                first_done[k] = 1;
+            }
+            decode_group(plan, rows);
+        }
+        p = q;
+    }
+    for (size_t p = 0; p < plan.size(); ++p) {
+        if (first_done[p] < plan[p].c.tokens.size() && plan[p].seq->has_turn()) {
+            decode_group(plan, { { p, { first_done[p], plan[p].c.tokens.size() } } });
+        }
+    }
+}
+
+void engine::decode_group(std::vector<planned> & plan, const std::vector<std::pair<size_t, std::pair<size_t, size_t>>> & rows) {
+    int32_t n = 0;
+    std::vector<group_member> layout;
+    std::vector<int32_t> logits_row(rows.size(), -1);
+    for (size_t r = 0; r < rows.size(); ++r) {
+        planned & pl = plan[rows[r].first];
+        const auto [from, to] = rows[r].second;
+        for (size_t i = from; i < to; ++i) {
+            batch_.token[n] = pl.c.tokens[i];
+            batch_.pos[n] = pl.c.pos0 + (int32_t) i;
+            batch_.n_seq_id[n] = 1;
+            batch_.seq_id[n][0] = pl.seq->slot();
+            const bool last = i + 1 == pl.c.tokens.size();
+            batch_.logits[n] = last && pl.c.logits_last;
+            if (batch_.logits[n]) {
+                logits_row[r] = n;
+            }
+            ++n;
+        }
+        layout.push_back({ pl.seq->slot(), pl.c.pos0 + (int32_t) from, (int32_t) (to - from), !pl.c.scratch });
+    }
+    batch_.n_tokens = n;
+    if (capture_.any()) {
+        capture_.begin_group(layout);
+    }
+    const int32_t rc = llama_decode(ctx_, batch_);
+    stats_.decodes++;
+    stats_.tokens += (uint64_t) n;
+    if (rc != 0) {
+        const fml_error err = rc == 2 ? fml_error(FML_ERR_ABORTED, "aborted")
+                                      : fml_error(FML_ERR_DECODE, "llama_decode failed with code " + std::to_string(rc));
+        for (const auto & row : rows) {
+            planned & pl = plan[row.first];
+            if (pl.seq->has_turn()) {
+                pl.seq->decode_failed(err, *this);
+            }
+        }
+        return;
+    }
+    shift_pending_ = false;
+    const bool signals_ok = capture_.any() && capture_.layout_ok();
+    for (size_t r = 0; r < rows.size(); ++r) {
+        planned & pl = plan[rows[r].first];
+        if (pl.seq->has_turn()) {
+            pl.seq->decoded(pl.c, rows[r].second.first, rows[r].second.second, logits_row[r], signals_ok ? &capture_.member(r) : nullptr, *this);
+        }
+    }
+}
+
+} // namespace fml

@@ -1,0 +1,106 @@
+// An engine is one llama_context shared by the chats of a model that need the same KV geometry
+// (engine_key): every chat is a sequence with a KV stream of its own (kv_unified = false, so a
+// token's attention costs what its own chat retains, not what all chats do). Its scheduler thread
+// (runtime.h) calls step(): one batch per step, built from one token of every generating chat and
+// bounded prefill chunks of the prefilling ones, decoded as few ubatches as llama.cpp allows.
+//
+// Capacity: the context starts with one slot (stream) and doubles up to `max_slots` as chats arrive,
+// moving every chat's KV into the bigger context. Beyond that, an idle chat is parked (its KV state
+// moved to host memory) when another needs its slot, and restored at its next turn; a turn waits
+// when every slot holds a chat mid-turn.
+#pragma once
+
+#include "engine/sequence.h"
+#include "engine/signals.h"
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <vector>
+
+#include "llama.h"
+
+namespace fml {
+
+struct engine_options {
+    uint32_t max_slots = 8;
+    uint32_t prefill_chunk = 64;   // prefill tokens per step while other chats are generating
+    bool unified = false;          // one KV buffer for all sequences (measured slower; see README)
+};
+
+struct engine_stats {
+    uint64_t steps = 0;
+    uint64_t decodes = 0;          // llama_decode calls (one ubatch each)
+    uint64_t tokens = 0;
+    uint64_t parked = 0;
+    uint64_t restored = 0;
+    uint64_t grown = 0;            // times the context was rebuilt with more slots
+    uint64_t shift_steps = 0;      // steps that paid a K-shift
+    uint32_t slots = 0;
+    uint32_t occupied = 0;
+};
+
+class engine {
+public:
+    engine(std::shared_ptr<fml_model> model, const engine_key & key, const engine_options & opts, const std::atomic<bool> * stopping);
+    ~engine();
+    engine(const engine &) = delete;
+    engine & operator=(const engine &) = delete;
+
+    const engine_key & key() const { return key_; }
+    llama_context * ctx() const { return ctx_; }
+    const engine_stats & stats() const { return stats_; }
+
+    // A turn to run (scheduler thread): started at once when the chat has or gets a slot, else queued.
+    void enqueue(const std::shared_ptr<sequence> & s);
+    // Gives queued turns slots (parking idle chats, growing the context) and starts them.
+    void admit();
+    bool has_work(std::chrono::steady_clock::time_point now, std::chrono::steady_clock::time_point * wake) const;
+    // One batch: every chat with a turn contributes, one llama_decode per ubatch.
+    void step();
+    // Frees the chat's slot (disposed or finalized). Its turn, if any, has ended.
+    void release(sequence & s);
+    // Makes sure the chat holds a slot now (tasks: checkpoints, probes). False when all slots are busy.
+    bool ensure_slot(sequence & s);
+    // llama.cpp applies K-shifts lazily at the next llama_decode; state snapshots must not see them
+    // pending. Decodes one token for `s` and removes it again when a shift is pending.
+    void apply_pending_shift(sequence & s);
+    void note_eviction() { shift_pending_ = true; }
+    bool shift_pending() const { return shift_pending_; }
+    eval_capture & capture() { return capture_; }
+    // One decode of at most n_batch() `tokens` for chat `s` at `pos0` outside a step (probes, pending
+    // shifts); true when it succeeded. `signals`: capture them (capture().member(0) afterwards).
+    bool decode_one(sequence & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false);
+    uint32_t n_batch() const { return n_batch_; }
+    // KV streams of the context: one per slot, or one for all with a unified cache.
+    uint32_t streams() const { return opts_.unified ? 1 : (uint32_t) slots_.size(); }
+
+private:
+    struct planned {
+        sequence * seq;
+        contribution c;
+    };
+    void create_context(uint32_t slots);
+    bool grow();
+    sequence * idle_victim() const;
+    void place(sequence & s, int32_t slot);
+    void decode_group(std::vector<planned> & plan, const std::vector<std::pair<size_t, std::pair<size_t, size_t>>> & rows);
+
+    std::shared_ptr<fml_model> model_;
+    engine_key key_;
+    engine_options opts_;
+    const std::atomic<bool> * stopping_;
+    llama_context * ctx_ = nullptr;
+    llama_batch batch_ {};
+    uint32_t n_batch_ = 0;
+    std::vector<sequence *> slots_;           // chat in each slot (stream), or null
+    std::deque<std::shared_ptr<sequence>> queue_;   // turns waiting for a slot
+    std::vector<std::shared_ptr<sequence>> running_; // chats with a turn in a slot
+    eval_capture capture_;
+    bool shift_pending_ = false;
+    size_t rr_ = 0;                           // round-robin start among prefilling chats
+    engine_stats stats_;
+};
+
+} // namespace fml

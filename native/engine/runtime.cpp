@@ -1,0 +1,197 @@
+#include "engine/runtime.h"
+
+#include "util/error.h"
+
+#include <algorithm>
+#include <set>
+
+namespace fml {
+
+namespace {
+std::mutex g_runtimes_mutex;
+std::set<runtime *> g_runtimes;
+}
+
+runtime::runtime(std::shared_ptr<fml_model> model, const runtime_options & opts) : model_(std::move(model)), opts_(opts) {
+    {
+        std::lock_guard<std::mutex> lock(g_runtimes_mutex);
+        g_runtimes.insert(this);
+    }
+    thread_ = std::thread([this] { loop(); });
+}
+
+runtime::~runtime() {
+    stop();
+    {
+        std::lock_guard<std::mutex> lock(g_runtimes_mutex);
+        g_runtimes.erase(this);
+    }
+    // Engines go before the tasks and turns that might still reference chats.
+    engines_.clear();
+}
+
+void runtime::stop() {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stopping_.load() && !thread_.joinable()) {
+            return;
+        }
+        stopping_.store(true);
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) {
+        thread_.join();
+    }
+}
+
+void runtime::stop_all() {
+    std::vector<runtime *> all;
+    {
+        std::lock_guard<std::mutex> lock(g_runtimes_mutex);
+        all.assign(g_runtimes.begin(), g_runtimes.end());
+    }
+    for (runtime * r : all) {
+        r->stop();
+    }
+}
+
+size_t runtime::live_count() {
+    std::lock_guard<std::mutex> lock(g_runtimes_mutex);
+    return g_runtimes.size();
+}
+
+void runtime::submit(const std::shared_ptr<sequence> & s, turn_request && req) {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stopping_.load()) {
+            throw fml_error(FML_ERR_DISPOSED, "the model is shutting down");
+        }
+        incoming_.emplace_back(s, std::move(req));
+    }
+    cv_.notify_one();
+}
+
+void runtime::wake() {
+    cv_.notify_one();
+}
+
+void runtime::post(std::function<void()> fn) {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stopping_.load()) {
+            throw fml_error(FML_ERR_DISPOSED, "the model is shutting down");
+        }
+        tasks_.push_back(std::move(fn));
+    }
+    cv_.notify_one();
+}
+
+void runtime::release(const std::shared_ptr<sequence> & s) {
+    try {
+        post([this, s] {
+            if (s->owner() != nullptr) {
+                s->owner()->release(*s);
+            }
+        });
+    } catch (const fml_error &) {
+        // Shutting down: the engines and their slots go with the runtime.
+    }
+}
+
+engine & runtime::engine_for(sequence & s) {
+    if (s.owner() != nullptr) {
+        return *s.owner();
+    }
+    for (const auto & e : engines_) {
+        if (e->key() == s.key()) {
+            s.bind_engine(e.get());
+            return *e;
+        }
+    }
+    engines_.push_back(std::make_unique<engine>(model_, s.key(), opts_.engine, &stopping_));
+    s.bind_engine(engines_.back().get());
+    return *engines_.back();
+}
+
+engine_stats runtime::stats() {
+    return run_sync([this] {
+        engine_stats total;
+        for (const auto & e : engines_) {
+            const engine_stats & s = e->stats();
+            total.steps += s.steps;
+            total.decodes += s.decodes;
+            total.tokens += s.tokens;
+            total.parked += s.parked;
+            total.restored += s.restored;
+            total.grown += s.grown;
+            total.shift_steps += s.shift_steps;
+            total.slots += s.slots;
+            total.occupied += s.occupied;
+        }
+        return total;
+    });
+}
+
+void runtime::loop() {
+    using clock = std::chrono::steady_clock;
+    while (true) {
+        std::deque<std::function<void()>> tasks;
+        std::vector<std::pair<std::shared_ptr<sequence>, turn_request>> incoming;
+        {
+            std::unique_lock<std::mutex> lock(mu_);
+            while (true) {
+                if (stopping_.load() || !tasks_.empty() || !incoming_.empty()) {
+                    break;
+                }
+                clock::time_point wake{};
+                bool ready = false;
+                const auto now = clock::now();
+                for (const auto & e : engines_) {
+                    ready = e->has_work(now, &wake) || ready;
+                }
+                if (ready) {
+                    break;
+                }
+                if (wake != clock::time_point{}) {
+                    cv_.wait_until(lock, wake);
+                } else {
+                    cv_.wait(lock);
+                }
+            }
+            if (stopping_.load()) {
+                break;
+            }
+            tasks.swap(tasks_);
+            incoming.swap(incoming_);
+        }
+        for (auto & task : tasks) {
+            task();   // run_sync's packaged_task keeps its own exceptions
+        }
+        for (auto & [s, req] : incoming) {
+            try {
+                s->begin_turn(std::move(req));
+                engine_for(*s).enqueue(s);
+            } catch (const fml_error & err) {
+                s->fail_unstarted(err);
+            }
+        }
+        for (const auto & e : engines_) {
+            e->admit();
+            e->step();
+        }
+    }
+    // Stopping: turns still running or waiting end as aborted, so their promises settle.
+    for (const auto & e : engines_) {
+        e->admit();
+        e->step();
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto & [s, req] : incoming_) {
+        s->begin_turn(std::move(req));
+        s->fail_unstarted(fml_error(FML_ERR_ABORTED, "aborted"));
+    }
+    incoming_.clear();
+    tasks_.clear();
+}
+
+} // namespace fml

@@ -1,0 +1,88 @@
+// One runtime per loaded model: a scheduler thread that owns every engine (llama_context) of the
+// model and is the only thread that decodes or touches their KV caches. It runs the engines one step
+// at a time, each step with the model's thread budget, so however many chats run, at most `threads`
+// ggml threads are busy; the JS event loop only hears about finished pieces and turns.
+//
+// Work reaches it as turns (submit) and tasks (post / run_sync: checkpoints, releases, probes), which
+// run between steps, in order.
+#pragma once
+
+#include "engine/engine.h"
+#include "engine/sequence.h"
+#include "model/model.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace fml {
+
+struct runtime_options {
+    int32_t threads = 1;
+    engine_options engine;
+};
+
+class runtime {
+public:
+    runtime(std::shared_ptr<fml_model> model, const runtime_options & opts);
+    // Stops the scheduler (running decodes abort) and frees every engine. Never call it from the
+    // scheduler thread: the owners (the JS model and chats) live on the JS thread.
+    ~runtime();
+    runtime(const runtime &) = delete;
+    runtime & operator=(const runtime &) = delete;
+
+    const runtime_options & options() const { return opts_; }
+    const std::shared_ptr<fml_model> & model() const { return model_; }
+
+    // Starts `req` on chat `s` as soon as it has a slot. Its callbacks fire on the scheduler thread.
+    void submit(const std::shared_ptr<sequence> & s, turn_request && req);
+    // Runs `fn` on the scheduler between steps.
+    void post(std::function<void()> fn);
+    // Runs `fn` on the scheduler and waits for it; rethrows what it throws. Not from the scheduler.
+    template <typename F>
+    auto run_sync(F fn) -> decltype(fn()) {
+        using R = decltype(fn());
+        auto task = std::make_shared<std::packaged_task<R()>>(std::move(fn));
+        std::future<R> done = task->get_future();
+        post([task] { (*task)(); });
+        return done.get();
+    }
+    // A chat's abort flag was set: the scheduler looks at it now rather than at its next wake-up.
+    void wake();
+    // The chat is gone (disposed or finalized): its slot is freed between steps.
+    void release(const std::shared_ptr<sequence> & s);
+    // Scheduler thread: the chat's engine (created at its first use; throws CONTEXT_CREATE_FAILED).
+    engine & engine_for(sequence & s);
+
+    // Figures of every engine (tests, benchmarks), summed.
+    engine_stats stats();
+
+    // Stops every live runtime (the addon's environment is going away).
+    static void stop_all();
+    static size_t live_count();
+
+private:
+    void loop();
+    void stop();
+
+    std::shared_ptr<fml_model> model_;
+    runtime_options opts_;
+    std::atomic<bool> stopping_{false};
+
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::deque<std::function<void()>> tasks_;
+    std::vector<std::pair<std::shared_ptr<sequence>, turn_request>> incoming_;
+
+    // Scheduler thread only.
+    std::vector<std::unique_ptr<engine>> engines_;
+    std::thread thread_;
+};
+
+} // namespace fml

@@ -1,0 +1,59 @@
+// The state of a chat's running turn and of a summary in progress: internals of sequence.cpp,
+// shared only with the probes (native/probes), which drive them outside a step.
+#pragma once
+
+#include "engine/sequence.h"
+
+#include <chrono>
+#include <memory>
+#include <vector>
+
+namespace fml {
+
+using clock_type = std::chrono::steady_clock;
+
+// A summary in progress: the model writes it greedily in scratch cells after the chat's history;
+// when it is done, the evicted tokens go and the summary takes their place (kv_evict_and_insert).
+struct sequence::summary_job {
+    std::vector<index_range> ranges;
+    uint32_t max_tokens = 0;
+    int32_t instruction_pos0 = 0;
+    size_t instruction_done = 0;
+    std::vector<int32_t> tokens;
+    std::unique_ptr<sampler_chain> sampler;
+    clock_type::time_point t0;
+    eviction_record rec;
+};
+
+struct sequence::turn_state {
+    struct segment {
+        std::vector<int32_t> tokens;
+        uint32_t turn;
+        token_role role;
+        bool room;     // make room for this segment and the ones after it up to the next that needs room
+        bool system;
+    };
+    turn_request req;
+    std::vector<segment> segments;
+    size_t seg = 0;           // prefill cursor
+    size_t off = 0;
+    size_t room_made_for = SIZE_MAX;
+    bool rollback_set = false;
+    size_t ledger_before = 0; // rollback point: the ledger before this turn's own tokens
+    uint32_t turn_no = 0;
+    bool generating = false;
+    // the contribution in flight: role and turn of each token
+    std::vector<std::pair<token_role, uint32_t>> inflight;
+    std::unique_ptr<sampler_chain> sampler;
+    std::unique_ptr<text_stream> stream;
+    int32_t pending = -1;     // sampled, not yet decoded
+    std::unique_ptr<summary_job> summary;
+    turn_result result;
+    clock_type::time_point t_start;
+    clock_type::time_point t_generate;
+    bool first_token = false;
+    size_t gen_chunk = 1;
+    size_t prefill_slack = 0;
+};
+
+} // namespace fml

@@ -1,0 +1,296 @@
+// One chat = one sequence in a shared engine (a llama_context with a KV stream per sequence), its
+// token ledger, its policy and its turn. A turn prefills only its new tokens; when the budget would
+// overflow, the policy picks tokens and kv-ops removes them and compacts positions in place.
+//
+// Threads: the JS thread creates a sequence, prepares turns (framing, the fit check), reads its state
+// and resets it while idle; everything that touches the KV cache runs on the model's scheduler thread
+// (engine/runtime.h), which drives the turn step by step: take() says what the chat adds to the next
+// batch (making room first), decoded() takes the result. Shared state is guarded by one mutex.
+#pragma once
+
+#include "engine/options.h"
+#include "engine/sampler.h"
+#include "engine/signals.h"
+#include "kv/token-ledger.h"
+#include "model/model.h"
+#include "policies/policy.h"
+#include "util/error.h"
+#include "util/utf8.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+struct llama_context;
+
+namespace fml {
+
+class engine;
+
+// Where importance scores come from (see signals.h).
+enum importance_signal { IMPORTANCE_NONE, IMPORTANCE_ATTENTION, IMPORTANCE_KEY_NORM };
+const char * importance_signal_name(importance_signal s);
+
+enum stop_reason { STOP_EOS, STOP_MAX_TOKENS, STOP_STRING, STOP_ABORT };
+const char * stop_reason_name(stop_reason r);
+
+// One eviction event (telemetry): what left, where it was, and what choosing it cost.
+struct eviction_record {
+    uint32_t evicted = 0;
+    std::vector<index_range> positions;   // positions before the eviction, [begin, end)
+    double policy_ms = 0;
+    double evict_ms = 0;
+    bool fallback = false;
+    uint32_t summary_tokens = 0;
+    bool during_generation = false;
+};
+
+struct turn_stats {
+    uint32_t prompt_tokens = 0;      // tokens prefilled this turn (only the new ones)
+    uint32_t generated_tokens = 0;
+    double   prefill_ms = 0;
+    double   decode_ms = 0;
+    double   tokens_per_second = 0;
+    double   policy_ms = 0;          // time policies spent choosing
+    double   evict_ms = 0;           // time spent in seq_rm + seq_add
+    uint32_t evicted_tokens = 0;
+    uint32_t evictions = 0;          // eviction events this turn
+    uint32_t retained_tokens = 0;
+    double   latency_ms = 0;
+    double   first_token_ms = 0;     // from the turn's start to its first generated token
+    bool     fallback = false;
+    double   summary_ms = 0;          // time the model spent writing summaries this turn
+    uint32_t summary_tokens = 0;      // summary tokens placed in the cache this turn
+    std::string policy;
+    std::vector<eviction_record> eviction_log;
+};
+
+struct turn_result {
+    std::string response;
+    stop_reason reason = STOP_EOS;
+    turn_stats stats;
+};
+
+struct cumulative_stats {
+    uint64_t turns = 0;
+    uint64_t tokens_seen = 0;        // every token decoded into the cache and kept past its turn
+    uint64_t tokens_evicted = 0;
+    uint64_t evictions = 0;
+    uint64_t fallback_count = 0;
+};
+
+struct memory_entry {
+    int32_t token;
+    int32_t pos;
+    uint32_t turn;
+    token_role role;
+    bool pinned;
+    float score;
+    std::string text;
+};
+
+// Everything needed to rebuild a chat (see checkpoint.h for the file format).
+struct chat_state {
+    chat_options options;
+    uint32_t turn = 0;
+    bool started = false;
+    std::vector<int32_t> carry;
+    std::string summary_text;
+    cumulative_stats stats;
+    std::vector<ledger_entry> ledger;
+    size_t embedding_dim = 0;
+    std::vector<float> embeddings;
+    std::vector<uint8_t> kv;
+};
+
+// The engine geometry a chat needs. Chats with equal keys share one engine (one llama_context).
+struct engine_key {
+    uint32_t cells = 0;            // KV cells per sequence: the budget plus summary scratch, rounded up
+    std::string kv_type;
+    int32_t flash_attention = -1;  // -1 llama.cpp's choice, 0 off, 1 on
+    bool attention = false;        // signals the chats need (signals.h)
+    bool key_norm = false;
+    int32_t hidden_layer = -1;
+    int32_t threads = 1;
+    uint32_t n_batch = 512;
+    bool operator==(const engine_key & o) const {
+        return cells == o.cells && kv_type == o.kv_type && flash_attention == o.flash_attention && attention == o.attention &&
+               key_norm == o.key_norm && hidden_layer == o.hidden_layer && threads == o.threads && n_batch == o.n_batch;
+    }
+};
+
+struct turn_callbacks {
+    std::function<void(const std::string &)> on_piece;   // scheduler thread, in order; never splits UTF-8
+    std::function<void(turn_result &&)> on_done;         // exactly one of on_done / on_error, once
+    std::function<void(const fml_error &)> on_error;
+};
+
+// A turn as the JS thread prepared it: the message framed and checked to fit.
+struct turn_request {
+    bool ingest = false;             // a finished exchange (transcript import): prefill, generate nothing
+    std::vector<int32_t> framed;     // the user message in its template framing
+    std::vector<int32_t> reply;      // ingest: the assistant's reply
+    generation_options gen;
+    turn_callbacks cb;
+};
+
+// A step's part of one chat: tokens at consecutive positions of its sequence.
+struct contribution {
+    std::vector<int32_t> tokens;
+    int32_t pos0 = 0;
+    bool logits_last = false;   // the chat samples after its last token
+    bool scratch = false;       // summary cells: not in the ledger, no signals
+};
+
+// Probe view of the cache (tests, the demo): the ledger's and llama.cpp's idea of the sequence.
+struct cache_view {
+    size_t ledger_tokens = 0;
+    size_t pinned_tokens = 0;
+    int32_t cache_pos_min = -1;
+    int32_t cache_pos_max = -1;
+    bool positions_contiguous = true;
+    uint32_t cells = 0;
+    size_t carried_tokens = 0;
+    size_t pending_system_tokens = 0;
+    int32_t slot = -1;
+    bool parked = false;
+    int32_t scratch_pos_max = -1;   // highest cached position beyond the ledger (summary scratch left behind)
+};
+
+class sequence {
+public:
+    // Validates what depends on the model (the budget's real minimum). Throws fml_error. No KV yet:
+    // the scheduler gives the chat a slot in its engine at its first turn.
+    sequence(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t model_threads);
+    ~sequence();
+    sequence(const sequence &) = delete;
+    sequence & operator=(const sequence &) = delete;
+    static size_t live_count();
+
+    // ---- JS thread ----
+    // Frames the message and checks it fits (PROMPT_TOO_LARGE otherwise; nothing changes).
+    turn_request prepare_turn(const std::string & user_text, generation_options gen);
+    turn_request prepare_ingest(const std::string & user_text, const std::string & assistant_text);
+    std::atomic<bool> & busy() { return busy_; }
+    void request_abort() { abort_.store(true); }
+    void clear_abort() { abort_.store(false); }
+    // Forgets the conversation (idle only). The cache cells are freed by the scheduler before the
+    // chat's next use.
+    void reset();
+    std::vector<memory_entry> memory() const;
+    cumulative_stats stats() const;
+    size_t retained_tokens() const;
+    uint64_t kv_bytes() const;
+    std::string summary_text() const;
+    size_t count_turn_tokens(const std::string & user_text) const;
+    const chat_options & options() const { return opts_; }
+    const engine_key & key() const { return key_; }
+    importance_signal signal() const { return signal_; }
+    const std::string & model_fingerprint() const { return model_->info().fingerprint; }
+    // A chat rebuilt from a checkpoint: its KV state stays parked until the scheduler gives it a slot.
+    void adopt_state(chat_state && state);
+
+    // ---- scheduler thread ----
+    void begin_turn(turn_request && req);
+    bool has_turn() const { return turn_ != nullptr; }
+    // What the chat wants from the next step: 0 (nothing, or not ready before `ready_at`), 1 (one token:
+    // generation or summary), or the prefill tokens still to decode.
+    size_t wants(std::chrono::steady_clock::time_point now) const;
+    bool generating() const;
+    // Whether adding `incoming` tokens would evict (the engine coalesces evictions into one step).
+    bool needs_eviction() const;
+    // This step's contribution, at most `budget` tokens (room is made first: the policy may evict, or
+    // start a summary whose tokens are then what it contributes). Empty when the turn ended here.
+    contribution take(size_t budget, bool coalesce, engine & e);
+    // After the llama_decode that held tokens [from, to) of `c`. `logits_row` is the batch row of
+    // c's last token when it is in that decode (-1 otherwise).
+    void decoded(const contribution & c, size_t from, size_t to, int32_t logits_row, const capture_member * signals, engine & e);
+    // The decode that held the contribution failed: the turn ends with the error (the cache is rolled back).
+    void decode_failed(const fml_error & err, engine & e);
+    // The turn ends before the chat ever decoded for it (no slot, no engine, a state that did not load).
+    void fail_unstarted(const fml_error & err);
+    // Abort requested (or the runtime is stopping): the turn ends now, with what it has.
+    bool abort_pending() const { return abort_.load(); }
+    void abort_turn(engine & e);
+    std::chrono::steady_clock::time_point ready_at() const { return ready_at_; }
+    std::chrono::steady_clock::time_point last_used() const { return last_used_; }
+
+    // Slot bookkeeping (engine.cpp).
+    int32_t slot() const { return slot_; }
+    engine * owner() const { return engine_; }
+    void bind_engine(engine * e) { engine_ = e; }
+    void set_slot(int32_t s) { slot_ = s; }
+    bool parked() const { return parked_; }
+    // Moves the KV state out of the slot (its cells are freed by the caller) / back into one.
+    void park(llama_context * ctx);
+    void unpark(llama_context * ctx, uint32_t streams);
+    // Frees what reset() left in the cache; call before using the slot.
+    void sync_after_reset(llama_context * ctx);
+
+    // Scheduler-thread tasks.
+    // `ctx`: the chat's engine context, or null when the chat never had a turn.
+    chat_state export_state(llama_context * ctx);
+    cache_view view(llama_context * ctx) const;
+
+private:
+    friend struct sequence_probes;
+    struct turn_state;
+    struct summary_job;
+
+    std::vector<int32_t> frame_tokens(const std::string & role, const std::string & content) const;
+    void check_budget();
+    size_t pinned_after_start() const;
+    // Frees room for `incoming` more tokens, asking the policy for at least the excess and up to
+    // `slack` more (amortises the K-shift). False when a summary started instead (its tokens come
+    // first; the room exists once it is done). Throws PROMPT_TOO_LARGE when pinned tokens leave no room.
+    bool make_room(size_t incoming, size_t slack, engine & e);
+    bool evict(const eviction_request & req, size_t hard_need, engine & e);
+    contribution summary_contribution(size_t budget);
+    void summary_decoded(engine & e, int32_t logits_row);
+    void finish_summary(engine & e);
+    void cancel_summary(engine & e);
+    void append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role);
+    void absorb_signals(const capture_member & m, size_t first_new, size_t n_new);
+    void rollback_to(size_t keep, engine & e);
+    void sample_next(engine & e, int32_t logits_row);
+    void finish_turn(stop_reason reason, engine & e);
+    void fail_turn(const fml_error & err, engine & e);
+    void start_generation();
+
+    std::shared_ptr<fml_model> model_;
+    chat_options opts_;
+    engine_key key_;
+    importance_signal signal_ = IMPORTANCE_NONE;
+    std::unique_ptr<kv_policy_i> policy_;
+    std::vector<int32_t> system_tokens_;
+    std::vector<int32_t> summary_instruction_;
+    std::vector<int32_t> closing_tokens_;   // the template's end of an assistant turn
+    size_t chunk_ = 512;                    // most prefill tokens per step (batchSize)
+
+    mutable std::mutex mu_;                 // guards everything below against JS-thread readers
+    token_ledger ledger_;
+    cumulative_stats cumulative_;
+    std::vector<int32_t> carry_;            // closes the last assistant turn; prefilled at the next turn
+    std::string summary_text_;
+    uint32_t turn_no_ = 0;
+    bool started_ = false;                  // the system prompt is in the cache
+    bool reset_pending_ = false;            // reset() ran; the slot still holds the old cells
+    std::unique_ptr<turn_state> turn_;
+
+    engine * engine_ = nullptr;
+    int32_t slot_ = -1;
+    bool parked_ = false;
+    std::vector<uint8_t> parked_kv_;
+    std::chrono::steady_clock::time_point ready_at_{};
+    std::chrono::steady_clock::time_point last_used_{};
+
+    std::atomic<bool> abort_{false};
+    std::atomic<bool> busy_{false};
+};
+
+} // namespace fml

@@ -1,0 +1,195 @@
+#include "engine/signals.h"
+
+#include "kv/kv-cells.h"
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace fml {
+
+void eval_capture::bind(llama_context * ctx, int32_t cells_per_seq, int32_t embd, bool unified) {
+    ctx_ = ctx;
+    cells_per_seq_ = cells_per_seq;
+    n_embd_ = embd;
+    unified_ = unified;
+}
+
+void eval_capture::begin_group(const std::vector<group_member> & layout) {
+    if (members_.size() < layout.size()) {
+        members_.resize(layout.size());
+    }
+    n_members_ = layout.size();
+    n_rows_ = 0;
+    for (size_t m = 0; m < layout.size(); ++m) {
+        capture_member & mem = members_[m];
+        static_cast<group_member &>(mem) = layout[m];
+        n_rows_ += mem.n_tokens;
+        mem.attention_layers_seen = 0;
+        mem.key_norm_layers_seen = 0;
+        mem.hidden_seen = false;
+        if (want_attention) mem.attention_by_pos.assign((size_t) cells_per_seq_ + 1, 0.0f);
+        if (want_key_norm) mem.key_norm_by_token.assign((size_t) mem.n_tokens, 0.0f);
+        if (want_hidden) mem.hidden_by_token.assign((size_t) mem.n_tokens * (size_t) n_embd_, 0.0f);
+    }
+    maps_ready_ = false;
+    layout_ok_ = true;
+}
+
+bool eval_capture::callback(ggml_tensor * t, bool ask, void * user_data) {
+    return static_cast<eval_capture *>(user_data)->observe(t, ask);
+}
+
+static bool name_is(const ggml_tensor * t, const char * prefix, int32_t * layer) {
+    const size_t n = strlen(prefix);
+    if (strncmp(t->name, prefix, n) != 0 || t->name[n] != '-') {
+        return false;
+    }
+    char * end = nullptr;
+    const long il = strtol(t->name + n + 1, &end, 10);
+    if (end == t->name + n + 1 || *end != '\0') {
+        return false;
+    }
+    *layer = (int32_t) il;
+    return true;
+}
+
+const float * eval_capture::tensor_f32(ggml_tensor * t) {
+    if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t)) {
+        return nullptr;
+    }
+    if (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer)) {
+        return static_cast<const float *>(t->data);
+    }
+    scratch_.resize((size_t) ggml_nelements(t));
+    ggml_backend_tensor_get(t, scratch_.data(), 0, ggml_nbytes(t));
+    return scratch_.data();
+}
+
+bool eval_capture::row_owner(int64_t r, size_t & member, int32_t & token) const {
+    for (size_t m = 0; m < n_members_; ++m) {
+        if (r < members_[m].n_tokens) {
+            member = m;
+            token = (int32_t) r;
+            return true;
+        }
+        r -= members_[m].n_tokens;
+    }
+    return false;
+}
+
+void eval_capture::observe_attention(ggml_tensor * t) {
+    // streams: [n_kv, tokens per member, n_head, members]; unified: [n_kv, rows, n_head, 1].
+    const int64_t n_kv = t->ne[0];
+    const int64_t n_tok = t->ne[1];
+    const int64_t n_head = t->ne[2];
+    const int64_t n_stream = t->ne[3];
+    if (n_tok * n_stream != n_rows_ || (!unified_ && n_stream != (int64_t) n_members_)) {
+        layout_ok_ = false;
+        layout_mismatches++;
+        return;
+    }
+    const float * w = tensor_f32(t);
+    if (w == nullptr) {
+        return;
+    }
+    if (!maps_ready_) {
+        // Cells are placed before the graph runs, so the map read at layer 0 holds for all layers.
+        for (size_t m = 0; m < n_members_; ++m) {
+            kv_cell_positions(ctx_, members_[m].seq_id, members_[m].cell_pos);
+        }
+        maps_ready_ = true;
+    }
+    for (int64_t s = 0; s < n_stream; ++s) {
+        for (int64_t h = 0; h < n_head; ++h) {
+            for (int64_t r = 0; r < n_tok; ++r) {
+                size_t m = 0;
+                int32_t token = 0;
+                if (!row_owner(unified_ ? r : s * n_tok + r, m, token)) {
+                    continue;
+                }
+                capture_member & mem = members_[m];
+                if (!mem.wanted) {
+                    continue;
+                }
+                const float * row = w + ((s * n_head + h) * n_tok + r) * n_kv;
+                const int32_t query_pos = mem.pos0 + token;
+                const int64_t n_cells = std::min<int64_t>(n_kv, (int64_t) mem.cell_pos.size());
+                for (int64_t c = 0; c < n_cells; ++c) {
+                    const int32_t pos = mem.cell_pos[(size_t) c];
+                    if (pos >= 0 && (size_t) pos < mem.attention_by_pos.size()) {
+                        mem.attention_by_pos[(size_t) pos] += row[c];
+                        if (pos > query_pos && row[c] > 1e-6f) {
+                            causal_violations++;
+                        }
+                    }
+                }
+                attention_rows_checked++;
+            }
+        }
+    }
+    for (size_t m = 0; m < n_members_; ++m) {
+        members_[m].attention_layers_seen++;
+    }
+}
+
+bool eval_capture::observe(ggml_tensor * t, bool ask) {
+    int32_t il = -1;
+    const bool is_attn   = want_attention && name_is(t, "kq_soft_max", &il);
+    const bool is_key    = want_key_norm && name_is(t, "Kcur", &il) && t->op == GGML_OP_ROPE;
+    const bool is_hidden = want_hidden && name_is(t, "l_out", &il) && il == hidden_layer;
+    if (ask) {
+        return is_attn || is_key || is_hidden;
+    }
+    if (is_attn) {
+        observe_attention(t);
+    } else if (is_key) {
+        // [head_dim, n_head_kv, rows]
+        const float * k = tensor_f32(t);
+        if (k == nullptr || t->ne[2] != n_rows_) {
+            layout_ok_ = layout_ok_ && k == nullptr;
+            return true;
+        }
+        const int64_t head_dim = t->ne[0];
+        const int64_t n_head = t->ne[1];
+        for (int64_t r = 0; r < n_rows_; ++r) {
+            size_t m = 0;
+            int32_t token = 0;
+            if (!row_owner(r, m, token) || !members_[m].wanted) {
+                continue;
+            }
+            float sum = 0.0f;
+            for (int64_t h = 0; h < n_head; ++h) {
+                const float * v = k + (r * n_head + h) * head_dim;
+                float sq = 0.0f;
+                for (int64_t d = 0; d < head_dim; ++d) {
+                    sq += v[d] * v[d];
+                }
+                sum += std::sqrt(sq);
+            }
+            members_[m].key_norm_by_token[(size_t) token] += sum / (float) n_head;
+        }
+        for (size_t m = 0; m < n_members_; ++m) {
+            members_[m].key_norm_layers_seen++;
+        }
+    } else if (is_hidden) {
+        // [n_embd, rows]
+        const float * h = tensor_f32(t);
+        if (h == nullptr || t->ne[0] != n_embd_ || t->ne[1] != n_rows_) {
+            layout_ok_ = layout_ok_ && h == nullptr;
+            return true;
+        }
+        int64_t row = 0;
+        for (size_t m = 0; m < n_members_; ++m) {
+            capture_member & mem = members_[m];
+            memcpy(mem.hidden_by_token.data(), h + row * n_embd_, sizeof(float) * (size_t) mem.n_tokens * (size_t) n_embd_);
+            mem.hidden_seen = true;
+            row += mem.n_tokens;
+        }
+    }
+    return true;
+}
+
+} // namespace fml

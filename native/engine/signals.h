@@ -1,0 +1,89 @@
+// Reads the model's own signals during llama_decode through the context's eval callback (cb_eval),
+// for every chat of a decode group:
+//   - attention received per position, from `kq_soft_max-<layer>` (exists only with flash attention off);
+//   - post-RoPE key L2 norms per token, from `Kcur-<layer>` (both modes; the keyNorm proxy);
+//   - hidden states per token, from `l_out-<layer>` of a middle layer (semantic embeddings).
+// Only the wanted tensors answer the callback's "ask" phase: every observed node forces a scheduler
+// split, so asking for everything would slow every decode. Engines whose chats need no signal have no
+// callback at all.
+//
+// Mapping rows and columns to chats: the engine decodes one group per llama_decode, laid out so that
+// llama.cpp computes it as exactly one ubatch: the members' tokens member after member. With one KV
+// stream per sequence, kq_soft_max is [n_kv, tokens per member, n_head, members] and column c of
+// member k is cell c of k's own stream; with a unified cache it is [n_kv, rows, n_head, 1] and every
+// member reads the shared cells through its own cell -> position map.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+struct ggml_tensor;
+struct llama_context;
+
+namespace fml {
+
+// One chat's part of a decode group.
+struct group_member {
+    int32_t seq_id = 0;
+    int32_t pos0 = 0;          // position of its first token in the group
+    int32_t n_tokens = 0;
+    bool wanted = true;        // false for summary scratch tokens: no signals
+};
+
+// What was captured for one member.
+struct capture_member : group_member {
+    std::vector<float> attention_by_pos;   // attention received, by position (cells of the stream + 1)
+    int32_t attention_layers_seen = 0;
+    std::vector<float> key_norm_by_token;  // mean key L2 norm over heads, summed over layers
+    int32_t key_norm_layers_seen = 0;
+    std::vector<float> hidden_by_token;    // n_embd floats per token
+    bool hidden_seen = false;
+
+    std::vector<int32_t> cell_pos;         // cell -> position in this member's sequence (-1: not its cell)
+};
+
+class eval_capture {
+public:
+    bool want_attention = false;
+    bool want_key_norm = false;
+    bool want_hidden = false;
+    int32_t hidden_layer = 0;
+
+    bool any() const { return want_attention || want_key_norm || want_hidden; }
+    void bind(llama_context * ctx, int32_t cells_per_seq, int32_t n_embd, bool unified);
+
+    // Before a group's llama_decode: its members in row order.
+    void begin_group(const std::vector<group_member> & layout);
+    const capture_member & member(size_t i) const { return members_[i]; }
+    // After it: whether the tensors seen had the layout the group promised (else nothing is trusted).
+    bool layout_ok() const { return layout_ok_; }
+
+    // Self-check of the cell -> position map: attention weight found on a cell whose mapped position
+    // is after the query's own position (the causal mask makes that impossible if the map is right).
+    uint64_t causal_violations = 0;
+    uint64_t attention_rows_checked = 0;
+    uint64_t layout_mismatches = 0;
+
+    static bool callback(ggml_tensor * t, bool ask, void * user_data);
+
+private:
+    bool observe(ggml_tensor * t, bool ask);
+    const float * tensor_f32(ggml_tensor * t);
+    void observe_attention(ggml_tensor * t);
+    // Member and token index of group row r.
+    bool row_owner(int64_t r, size_t & member, int32_t & token) const;
+
+    llama_context * ctx_ = nullptr;
+    int32_t cells_per_seq_ = 0;
+    int32_t n_embd_ = 0;
+    bool unified_ = false;
+    std::vector<capture_member> members_;
+    size_t n_members_ = 0;
+    int64_t n_rows_ = 0;
+    bool maps_ready_ = false;
+    bool layout_ok_ = true;
+    std::vector<float> scratch_;
+};
+
+} // namespace fml

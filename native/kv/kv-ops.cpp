@@ -1,0 +1,216 @@
+#include "kv/kv-ops.h"
+
+#include "util/error.h"
+
+#include "llama.h"
+
+#include <cstring>
+
+namespace fml {
+
+// A plan must stay inside the ledger and never touch a pinned token (policies are checked, not trusted).
+static void check_plan(const token_ledger & ledger, const std::vector<index_range> & ranges) {
+    for (const auto & r : ranges) {
+        if (r.end > ledger.size()) {
+            throw fml_error(FML_ERR_KV, "eviction range out of bounds");
+        }
+        for (size_t i = r.begin; i < r.end; ++i) {
+            if (ledger[i].pinned) {
+                throw fml_error(FML_ERR_KV, "eviction plan contains a pinned token");
+            }
+        }
+    }
+}
+
+static void remove_ranges(llama_memory_t mem, int32_t seq, const std::vector<index_range> & ranges) {
+    // Ledger index == position (invariant), so ranges translate directly to positions.
+    for (const auto & r : ranges) {
+        if (!llama_memory_seq_rm(mem, seq, (llama_pos) r.begin, (llama_pos) r.end)) {
+            throw fml_error(FML_ERR_KV, "llama_memory_seq_rm refused a partial removal");
+        }
+    }
+}
+
+kv_eviction_result kv_evict_ranges(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<index_range> & ranges_in) {
+    kv_eviction_result res;
+    const std::vector<index_range> ranges = normalize_ranges(ranges_in);
+    if (ranges.empty()) {
+        return res;
+    }
+    check_plan(ledger, ranges);
+    llama_memory_t mem = llama_get_memory(ctx);
+    remove_ranges(mem, seq, ranges);
+    // Close each gap: the run after the k-th removed range moves left by the tokens removed so far.
+    // One seq_add per kept run; the tail run extends to the end of the sequence.
+    size_t removed_so_far = 0;
+    for (size_t k = 0; k < ranges.size(); ++k) {
+        removed_so_far += ranges[k].size();
+        const size_t run_begin = ranges[k].end;
+        const size_t run_end   = k + 1 < ranges.size() ? ranges[k + 1].begin : ledger.size();
+        if (run_end > run_begin) {
+            llama_memory_seq_add(mem, seq, (llama_pos) run_begin, (llama_pos) run_end, -(llama_pos) removed_so_far);
+            res.shifted_runs++;
+        }
+    }
+    res.evicted = ledger.remove_ranges_and_compact(ranges);
+    return res;
+}
+
+kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<index_range> & ranges_in,
+                                       size_t insert_at, int32_t instruction_pos0, int32_t summary_pos0,
+                                       const std::vector<ledger_entry> & items) {
+    kv_eviction_result res;
+    const std::vector<index_range> ranges = normalize_ranges(ranges_in);
+    const size_t n_insert = items.size();
+    check_plan(ledger, ranges);
+    if (ranges.empty() || insert_at != ranges.front().begin || instruction_pos0 < ledger.next_pos() || summary_pos0 < instruction_pos0) {
+        throw fml_error(FML_ERR_KV, "a summary must take the place of the first evicted token, from scratch cells after the history");
+    }
+    llama_memory_t mem = llama_get_memory(ctx);
+    // The instruction and anything after the summary go; so do the evicted ranges.
+    llama_memory_seq_rm(mem, seq, instruction_pos0, summary_pos0);
+    llama_memory_seq_rm(mem, seq, summary_pos0 + (llama_pos) n_insert, -1);
+    remove_ranges(mem, seq, ranges);
+    // Kept runs after the insertion point move by (n_insert - removed so far), which can be positive
+    // for early runs and negative for later ones, and the summary moves far left; moving them in place
+    // could land one on top of another's old positions. So: park everything after insert_at far away,
+    // then move each run (and the summary) home.
+    const llama_pos park = (llama_pos) (4 * ((size_t) summary_pos0 + n_insert) + (1 << 16));
+    llama_memory_seq_add(mem, seq, (llama_pos) insert_at, -1, park);
+    size_t removed_so_far = 0;
+    for (size_t k = 0; k < ranges.size(); ++k) {
+        removed_so_far += ranges[k].size();
+        const size_t run_begin = ranges[k].end;
+        const size_t run_end   = k + 1 < ranges.size() ? ranges[k + 1].begin : ledger.size();
+        if (run_end > run_begin) {
+            const llama_pos target = (llama_pos) run_begin + (llama_pos) n_insert - (llama_pos) removed_so_far;
+            llama_memory_seq_add(mem, seq, (llama_pos) run_begin + park, (llama_pos) run_end + park, target - ((llama_pos) run_begin + park));
+            res.shifted_runs++;
+        }
+    }
+    if (n_insert > 0) {
+        llama_memory_seq_add(mem, seq, summary_pos0 + park, summary_pos0 + park + (llama_pos) n_insert,
+                             (llama_pos) insert_at - (summary_pos0 + park));
+    }
+    res.evicted = ledger.remove_ranges_and_compact(ranges);
+    ledger.insert(insert_at, items);
+    return res;
+}
+
+// A sequence's state as llama.cpp writes it is [u32 magic][i32 seq id][u32 n_stream] and then, per
+// stream, [u32 cell_count] and (when it is not 0) that stream's cells; only the sequence's own stream
+// has cells. It only loads into a context with the same stream count, so the bytes are kept in a
+// canonical one-stream form (n_stream 1, just that section) and widened again to the target
+// context's count when loaded: llama.cpp restores a section into the destination sequence's own
+// stream, whichever position it had, and ignores the stored seq id.
+static constexpr size_t STATE_HEADER = 8;   // magic + seq id
+
+static uint32_t read_u32(const std::vector<uint8_t> & b, size_t at) {
+    uint32_t v = 0;
+    memcpy(&v, b.data() + at, sizeof(v));
+    return v;
+}
+
+static std::vector<uint8_t> to_one_stream(const std::vector<uint8_t> & raw) {
+    if (raw.size() < STATE_HEADER + 4) {
+        throw fml_error(FML_ERR_KV, "llama_state_seq_get_data returned too few bytes");
+    }
+    const uint32_t n_stream = read_u32(raw, STATE_HEADER);
+    if (n_stream <= 1) {
+        return raw;
+    }
+    size_t at = STATE_HEADER + 4;
+    uint32_t s = 0;
+    while (s < n_stream && at + 4 <= raw.size() && read_u32(raw, at) == 0) {
+        at += 4;
+        ++s;
+    }
+    std::vector<uint8_t> out(raw.begin(), raw.begin() + (long) STATE_HEADER);
+    const uint32_t one = 1;
+    out.insert(out.end(), (const uint8_t *) &one, (const uint8_t *) &one + 4);
+    if (s == n_stream) {
+        out.insert(out.end(), 4, 0);   // no cells anywhere
+        return out;
+    }
+    const size_t tail = 4 * (size_t) (n_stream - 1 - s);   // the empty streams after the sequence's
+    if (at + tail > raw.size()) {
+        throw fml_error(FML_ERR_KV, "unexpected KV state layout");
+    }
+    for (size_t i = raw.size() - tail; i < raw.size(); ++i) {
+        if (raw[i] != 0) {
+            throw fml_error(FML_ERR_KV, "unexpected KV state layout (cells in more than one stream)");
+        }
+    }
+    out.insert(out.end(), raw.begin() + (long) at, raw.end() - (long) tail);
+    return out;
+}
+
+std::vector<uint8_t> kv_state_save(llama_context * ctx, int32_t seq) {
+    std::vector<uint8_t> blob(llama_state_seq_get_size(ctx, seq));
+    const size_t n = llama_state_seq_get_data(ctx, blob.data(), blob.size(), seq);
+    if (n == 0 && !blob.empty()) {
+        throw fml_error(FML_ERR_KV, "llama_state_seq_get_data failed");
+    }
+    blob.resize(n);
+    return to_one_stream(blob);
+}
+
+void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std::vector<uint8_t> & blob) {
+    llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1);
+    if (blob.size() < STATE_HEADER + 8 || read_u32(blob, STATE_HEADER) != 1) {
+        throw fml_error("CHECKPOINT_CORRUPT", "the KV state is not in the one-stream form this library writes");
+    }
+    // Widen to the context's stream count: the section, then an empty entry for every other stream.
+    std::vector<uint8_t> wide(blob);
+    memcpy(wide.data() + STATE_HEADER, &streams, sizeof(streams));
+    wide.insert(wide.end(), 4 * (size_t) (streams - 1), 0);
+    if (llama_state_seq_set_data(ctx, wide.data(), wide.size(), seq) == 0) {
+        llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1);
+        throw fml_error("CHECKPOINT_CORRUPT", "the KV state does not fit this chat's cache (llama_state_seq_set_data refused it)");
+    }
+}
+
+void kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32_t delta) {
+    if (ledger.empty()) {
+        return;
+    }
+    llama_memory_seq_add(llama_get_memory(ctx), seq, 0, -1, delta);
+    for (size_t i = 0; i < ledger.size(); ++i) {
+        ledger.at(i).pos += delta;
+    }
+}
+
+void kv_truncate(llama_context * ctx, int32_t seq, token_ledger & ledger, size_t keep) {
+    if (keep >= ledger.size()) {
+        return;
+    }
+    const llama_pos p0 = ledger[keep].pos;
+    if (!llama_memory_seq_rm(llama_get_memory(ctx), seq, p0, -1)) {
+        throw fml_error(FML_ERR_KV, "llama_memory_seq_rm refused to truncate");
+    }
+    // Positions of the kept prefix are unchanged (the prefix already starts at 0..keep-1 unless shifted).
+    const int32_t first_pos = ledger[0].pos;
+    ledger.remove_ranges_and_compact({ { keep, ledger.size() } });
+    for (size_t i = 0; i < ledger.size(); ++i) {
+        ledger.at(i).pos = first_pos + (int32_t) i;
+    }
+}
+
+void kv_clear(llama_context * ctx, int32_t seq, token_ledger & ledger) {
+    kv_clear_slot(ctx, seq);
+    ledger.clear();
+}
+
+void kv_clear_slot(llama_context * ctx, int32_t seq) {
+    llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1);
+}
+
+void kv_drop_unledgered(llama_context * ctx, int32_t seq, const token_ledger & ledger) {
+    llama_memory_seq_rm(llama_get_memory(ctx), seq, ledger.next_pos(), -1);
+}
+
+int32_t kv_pos_min(llama_context * ctx, int32_t seq) { return llama_memory_seq_pos_min(llama_get_memory(ctx), seq); }
+int32_t kv_pos_max(llama_context * ctx, int32_t seq) { return llama_memory_seq_pos_max(llama_get_memory(ctx), seq); }
+bool kv_can_shift(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
+
+} // namespace fml

@@ -1,0 +1,173 @@
+#include "probes/sequence-probes.h"
+
+#include "engine/sequence-turn.h"
+
+#include "kv/kv-ops.h"
+#include "util/error.h"
+
+#include "llama.h"
+
+#include <chrono>
+
+namespace fml {
+
+
+
+static double ms_since(clock_type::time_point t0) {
+    return std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
+}
+
+// The chat holds a slot, its cache is current and its system prompt is in.
+void sequence_probes::ready(sequence & s, engine & e) {
+    if (s.has_turn()) {
+        throw fml_error(FML_ERR_BUSY, "chat is busy");
+    }
+    if (!e.ensure_slot(s)) {
+        throw fml_error(FML_ERR_KV, "every slot of the chat's engine is in a turn");
+    }
+    std::lock_guard<std::mutex> lock(s.mu_);
+    if (!s.started_) {
+        const std::vector<int32_t> & sys = s.system_tokens_;
+        for (size_t start = 0; start < sys.size(); start += e.n_batch()) {
+            const size_t n = std::min<size_t>(e.n_batch(), sys.size() - start);
+            if (!e.decode_one(s, sys.data() + start, n, s.ledger_.next_pos(), false)) {
+                throw fml_error(FML_ERR_DECODE, "llama_decode failed on the system prompt");
+            }
+            s.append_decoded(sys.data() + start, n, 0, TOKEN_ROLE_SYSTEM);
+        }
+        s.started_ = true;
+    }
+}
+
+// Frees room like a turn would, running a summary to its end when the policy writes one.
+void sequence_probes::make_room(sequence & s, engine & e, size_t incoming) {
+    s.turn_ = std::make_unique<sequence::turn_state>();
+    try {
+        while (!s.make_room(incoming, 0, e)) {
+            while (s.turn_->summary) {
+                const contribution c = s.summary_contribution(e.n_batch());
+                if (!e.decode_one(s, c.tokens.data(), c.tokens.size(), c.pos0, false)) {
+                    throw fml_error(FML_ERR_DECODE, "llama_decode failed while summarizing");
+                }
+                sequence::summary_job & j = *s.turn_->summary;
+                if (j.instruction_done < s.summary_instruction_.size()) {
+                    j.instruction_done += c.tokens.size();
+                    if (j.instruction_done < s.summary_instruction_.size()) {
+                        continue;
+                    }
+                }
+                s.summary_decoded(e, (int32_t) c.tokens.size() - 1);
+            }
+        }
+    } catch (...) {
+        if (s.turn_->summary) {
+            s.cancel_summary(e);
+        }
+        s.turn_.reset();
+        throw;
+    }
+    s.turn_.reset();
+}
+
+std::vector<float> sequence_probes::probe_logits(sequence & s, engine & e, int32_t token) {
+    if (token < 0 || token >= s.model_->info().n_vocab) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "token id out of range");
+    }
+    ready(s, e);
+    std::lock_guard<std::mutex> lock(s.mu_);
+    make_room(s, e, 1);
+    if (!e.decode_one(s, &token, 1, s.ledger_.next_pos(), false)) {
+        throw fml_error(FML_ERR_DECODE, "llama_decode failed");
+    }
+    const float * logits = llama_get_logits_ith(e.ctx(), -1);
+    std::vector<float> out(logits, logits + s.model_->info().n_vocab);
+    kv_drop_unledgered(e.ctx(), s.slot_, s.ledger_);
+    return out;
+}
+
+void sequence_probes::shift_positions(sequence & s, engine & e, int32_t delta) {
+    if (s.has_turn()) {
+        throw fml_error(FML_ERR_BUSY, "chat is busy");
+    }
+    if (!e.ensure_slot(s)) {
+        throw fml_error(FML_ERR_KV, "every slot of the chat's engine is in a turn");
+    }
+    std::lock_guard<std::mutex> lock(s.mu_);
+    kv_shift_all(e.ctx(), s.slot_, s.ledger_, delta);
+    e.note_eviction();
+}
+
+std::vector<float> sequence_probes::evaluate_tokens(sequence & s, engine & e, const std::vector<int32_t> & tokens, size_t chunk) {
+    const int32_t n_vocab = s.model_->info().n_vocab;
+    for (int32_t t : tokens) {
+        if (t < 0 || t >= n_vocab) {
+            throw fml_error(FML_ERR_INVALID_OPTION, "token id out of range");
+        }
+    }
+    ready(s, e);
+    std::lock_guard<std::mutex> lock(s.mu_);
+    chunk = std::max<size_t>(1, std::min<size_t>({ chunk, s.chunk_, (size_t) e.n_batch() }));
+    std::vector<float> out;
+    out.reserve(tokens.size() * (size_t) n_vocab);
+    for (size_t start = 0; start < tokens.size(); start += chunk) {
+        const size_t n = std::min(chunk, tokens.size() - start);
+        make_room(s, e, n);
+        const uint32_t turn = ++s.turn_no_;
+        const size_t first_new = s.ledger_.size();
+        if (!e.decode_one(s, tokens.data() + start, n, s.ledger_.next_pos(), true, true)) {
+            throw fml_error(FML_ERR_DECODE, "llama_decode failed during evaluation");
+        }
+        for (size_t i = 0; i < n; ++i) {
+            const float * logits = llama_get_logits_ith(e.ctx(), (int32_t) i);
+            out.insert(out.end(), logits, logits + n_vocab);
+        }
+        s.append_decoded(tokens.data() + start, n, turn, TOKEN_ROLE_USER);
+        if (e.capture().any() && e.capture().layout_ok()) {
+            s.absorb_signals(e.capture().member(0), first_new, n);
+        }
+    }
+    return out;
+}
+
+double sequence_probes::replay_history(sequence & s, engine & e) {
+    ready(s, e);
+    std::lock_guard<std::mutex> lock(s.mu_);
+    const auto t0 = clock_type::now();
+    std::vector<int32_t> toks;
+    for (const ledger_entry & x : s.ledger_.entries()) {
+        toks.push_back(x.token);
+    }
+    kv_clear_slot(e.ctx(), s.slot_);
+    // Re-decode in the engine's batches; the ledger (positions 0..n-1) describes the result as before.
+    for (size_t start = 0; start < toks.size(); start += e.n_batch()) {
+        const size_t n = std::min<size_t>(e.n_batch(), toks.size() - start);
+        if (!e.decode_one(s, toks.data() + start, n, (int32_t) start, false)) {
+            throw fml_error(FML_ERR_DECODE, "llama_decode failed while replaying history");
+        }
+    }
+    return ms_since(t0);
+}
+
+double sequence_probes::plain_decode(sequence & s, engine & e, int32_t n) {
+    ready(s, e);
+    std::lock_guard<std::mutex> lock(s.mu_);
+    make_room(s, e, (size_t) n + 1);
+    sampling_options so;
+    so.temperature = 0.0f;
+    sampler_chain sampler(so, s.model_->info().n_vocab);
+    int32_t pos = s.ledger_.next_pos();
+    // Start from a fresh logits row: decode the last token again at the next position.
+    int32_t tok = s.ledger_.empty() ? s.model_->bos() : s.ledger_[s.ledger_.size() - 1].token;
+    const auto t0 = clock_type::now();
+    for (int32_t i = 0; i < n; ++i) {
+        if (!e.decode_one(s, &tok, 1, pos++, true)) {
+            break;
+        }
+        tok = llama_sampler_sample(sampler.raw(), e.ctx(), -1);
+    }
+    const double ms = ms_since(t0);
+    kv_drop_unledgered(e.ctx(), s.slot_, s.ledger_);
+    return ms;
+}
+
+} // namespace fml

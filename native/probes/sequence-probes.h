@@ -1,0 +1,34 @@
+// Test and benchmark probes of a chat (not part of the shipped addon): logits at the next position,
+// whole-sequence shifts, teacher-forced evaluation, naive re-prefill and bare decoding. They run on
+// the scheduler thread (runtime::run_sync) while the chat is idle, and leave it as they found it
+// unless their purpose is to change it (shift, evaluate).
+#pragma once
+
+#include "engine/engine.h"
+#include "engine/sequence.h"
+
+#include <vector>
+
+namespace fml {
+
+struct sequence_probes {
+    // Logits for `token` decoded at the chat's next position (the decode is rolled back).
+    static std::vector<float> probe_logits(sequence & s, engine & e, int32_t token);
+    // Shifts every cached position by `delta` (RoPE is relative, so logits must not change).
+    static void shift_positions(sequence & s, engine & e, int32_t delta);
+    // Feeds `tokens` in chunks of `chunk`, evicting with the policy as a conversation would, and
+    // returns the logits after every fed token (tokens.size() x n_vocab, row-major).
+    static std::vector<float> evaluate_tokens(sequence & s, engine & e, const std::vector<int32_t> & tokens, size_t chunk);
+    // Clears the chat's cells and prefills the retained tokens again (the naive re-prefill approach,
+    // same retained content); returns ms.
+    static double replay_history(sequence & s, engine & e);
+    // Greedy-decodes n tokens with bare llama_decode + sampling (no ledger, streaming or policy),
+    // then rolls back; returns ms.
+    static double plain_decode(sequence & s, engine & e, int32_t n);
+
+private:
+    static void ready(sequence & s, engine & e);
+    static void make_room(sequence & s, engine & e, size_t incoming);
+};
+
+} // namespace fml

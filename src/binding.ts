@@ -164,6 +164,8 @@ export interface NativeEngineStats {
   steps: number;
   /** llama_decode calls (one ubatch each). */
   decodes: number;
+  /** Decodes that held tokens of two chats or more. */
+  sharedDecodes: number;
   tokens: number;
   parked: number;
   restored: number;

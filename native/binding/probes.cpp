@@ -79,6 +79,7 @@ Napi::Value engine_stats_of(const Napi::CallbackInfo & info) {
     Napi::Object o = Napi::Object::New(env);
     o.Set("steps", (double) st.steps);
     o.Set("decodes", (double) st.decodes);
+    o.Set("sharedDecodes", (double) st.shared_decodes);
     o.Set("tokens", (double) st.tokens);
     o.Set("parked", (double) st.parked);
     o.Set("restored", (double) st.restored);

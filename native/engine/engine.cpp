@@ -183,11 +183,21 @@ void engine::admit() {
             ++it;
         }
     }
+    // Chats that still hold a slot start at once (waiting for one they already have could deadlock
+    // every slot); the others get slots first come, first served.
+    for (auto it = queue_.begin(); it != queue_.end();) {
+        if ((*it)->slot() >= 0) {
+            start(*it);
+            it = queue_.erase(it);
+        } else {
+            ++it;
+        }
+    }
     while (!queue_.empty()) {
         std::shared_ptr<sequence> s = queue_.front();
         try {
             if (!ensure_slot(*s)) {
-                return;   // every slot is mid-turn: the first in line waits (FIFO)
+                return;   // every slot is mid-turn: the first in line waits
             }
         } catch (const fml_error & err) {
             queue_.pop_front();
@@ -195,10 +205,15 @@ void engine::admit() {
             continue;
         }
         queue_.pop_front();
-        // A chat whose previous turn ended in the last step may still be listed.
-        if (std::find(running_.begin(), running_.end(), s) == running_.end()) {
-            running_.push_back(s);
-        }
+        start(s);
+    }
+}
+
+void engine::start(const std::shared_ptr<sequence> & s) {
+    s->sync_after_reset(ctx_);
+    // A chat whose previous turn ended in the last step may still be listed.
+    if (std::find(running_.begin(), running_.end(), s) == running_.end()) {
+        running_.push_back(s);
     }
 }
 
@@ -206,6 +221,11 @@ bool engine::has_work(std::chrono::steady_clock::time_point now, std::chrono::st
     bool ready = false;
     for (const auto & s : queue_) {
         ready = ready || s->abort_pending();
+    }
+    // A waiting turn can start: a free slot, room to grow, or an idle chat to park.
+    if (!queue_.empty() && (slots_.size() < opts_.max_slots || idle_victim() != nullptr ||
+                            std::find(slots_.begin(), slots_.end(), nullptr) != slots_.end())) {
+        ready = true;
     }
     for (const auto & s : running_) {
         if (!s->has_turn()) {
@@ -232,7 +252,7 @@ void engine::apply_pending_shift(sequence & s) {
     }
     const int32_t token = model_->bos() >= 0 ? model_->bos() : 0;
     decode_one(s, &token, 1, v.cache_pos_max + 1, false);
-    llama_memory_seq_rm(llama_get_memory(ctx_), s.slot(), v.cache_pos_max + 1, -1);
+    kv_remove_from(ctx_, s.slot(), v.cache_pos_max + 1);
 }
 
 bool engine::decode_one(sequence & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals) {
@@ -255,6 +275,13 @@ bool engine::decode_one(sequence & s, const int32_t * tokens, size_t n, int32_t 
 }
 
 void engine::step() {
+    step_chats();
+    // Chats whose turn ended leave the running list now: before their next turn is admitted (they
+    // may be parked meanwhile), not at the next step.
+    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const std::shared_ptr<sequence> & s) { return !s->has_turn(); }), running_.end());
+}
+
+void engine::step_chats() {
     const auto now = std::chrono::steady_clock::now();
     // Turns that want to stop do so between steps.
     for (const auto & s : running_) {
@@ -311,19 +338,12 @@ void engine::step() {
         }
     }
 
-    // Evictions of several chats in one step share one K-shift: if anyone evicts now, the chats
-    // that will soon have to also do it now.
-    bool coalesce = false;
-    for (const want & w : wants) {
-        coalesce = coalesce || w.seq->needs_eviction();
-    }
-
     std::vector<planned> plan;
     for (size_t i = 0; i < wants.size(); ++i) {
         if (budget[i] == 0) {
             continue;
         }
-        contribution c = wants[i].seq->take(budget[i], coalesce, *this);
+        contribution c = wants[i].seq->take(budget[i], *this);
         if (!c.tokens.empty()) {
             plan.push_back({ wants[i].seq, std::move(c) });
         }
@@ -399,6 +419,7 @@ void engine::decode_group(std::vector<planned> & plan, const std::vector<std::pa
     }
     const int32_t rc = llama_decode(ctx_, batch_);
     stats_.decodes++;
+    stats_.shared_decodes += rows.size() > 1 ? 1 : 0;
     stats_.tokens += (uint64_t) n;
     if (rc != 0) {
         const fml_error err = rc == 2 ? fml_error(FML_ERR_ABORTED, "aborted")

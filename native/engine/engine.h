@@ -32,6 +32,7 @@ struct engine_options {
 struct engine_stats {
     uint64_t steps = 0;
     uint64_t decodes = 0;          // llama_decode calls (one ubatch each)
+    uint64_t shared_decodes = 0;   // decodes that held tokens of two chats or more
     uint64_t tokens = 0;
     uint64_t parked = 0;
     uint64_t restored = 0;
@@ -81,6 +82,8 @@ private:
         sequence * seq;
         contribution c;
     };
+    void step_chats();
+    void start(const std::shared_ptr<sequence> & s);
     void create_context(uint32_t slots);
     bool grow();
     sequence * idle_victim() const;

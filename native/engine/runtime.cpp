@@ -120,6 +120,7 @@ engine_stats runtime::stats() {
             const engine_stats & s = e->stats();
             total.steps += s.steps;
             total.decodes += s.decodes;
+            total.shared_decodes += s.shared_decodes;
             total.tokens += s.tokens;
             total.parked += s.parked;
             total.restored += s.restored;

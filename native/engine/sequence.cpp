@@ -417,28 +417,19 @@ bool sequence::generating() const {
     return turn_ && turn_->generating && !turn_->summary;
 }
 
-bool sequence::needs_eviction() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!turn_ || turn_->summary) {
-        return false;
-    }
-    return ledger_.size() + (turn_->generating ? 1 : 0) > opts_.policy.max_tokens;
-}
-
-contribution sequence::take(size_t budget, bool coalesce, engine & e) {
+contribution sequence::take(size_t budget, engine & e) {
     std::lock_guard<std::mutex> lock(mu_);
     turn_state & t = *turn_;
     contribution c;
     try {
+        if (slot_ < 0) {
+            throw fml_error(FML_ERR_INTERNAL, "a chat without a slot was asked for tokens");
+        }
         if (t.summary) {
             return summary_contribution(budget);
         }
         if (t.generating) {
-            // Evicting when another chat evicts this step shares its K-shift (llama.cpp rotates the
-            // whole context's keys once per step that has any shift pending).
-            const size_t room = opts_.policy.max_tokens - std::min<size_t>(opts_.policy.max_tokens, ledger_.size());
-            const bool early = coalesce && room < t.gen_chunk;
-            if (!make_room(early ? t.gen_chunk : 1, early ? 0 : t.gen_chunk, e)) {
+            if (!make_room(1, t.gen_chunk, e)) {
                 return summary_contribution(budget);
             }
             c.tokens.push_back(t.pending);

@@ -202,11 +202,11 @@ public:
     // generation or summary), or the prefill tokens still to decode.
     size_t wants(std::chrono::steady_clock::time_point now) const;
     bool generating() const;
-    // Whether adding `incoming` tokens would evict (the engine coalesces evictions into one step).
-    bool needs_eviction() const;
     // This step's contribution, at most `budget` tokens (room is made first: the policy may evict, or
     // start a summary whose tokens are then what it contributes). Empty when the turn ended here.
-    contribution take(size_t budget, bool coalesce, engine & e);
+    // Evictions of several chats in one step share the K-shift of the step's first decode; a chat
+    // never evicts earlier than it would alone, so its output does not depend on the others.
+    contribution take(size_t budget, engine & e);
     // After the llama_decode that held tokens [from, to) of `c`. `logits_row` is the batch row of
     // c's last token when it is in that decode (-1 otherwise).
     void decoded(const contribution & c, size_t from, size_t to, int32_t logits_row, const capture_member * signals, engine & e);

@@ -8,6 +8,14 @@
 
 namespace fml {
 
+// A negative sequence id means "every sequence" to llama_memory_*, and one past n_seq_max aborts the
+// process: neither may come from a chat.
+static void check_seq(llama_context * ctx, int32_t seq) {
+    if (seq < 0 || (uint32_t) seq >= llama_n_seq_max(ctx)) {
+        throw fml_error(FML_ERR_INTERNAL, "KV operation on sequence " + std::to_string(seq) + ", which this context does not have");
+    }
+}
+
 // A plan must stay inside the ledger and never touch a pinned token (policies are checked, not trusted).
 static void check_plan(const token_ledger & ledger, const std::vector<index_range> & ranges) {
     for (const auto & r : ranges) {
@@ -32,6 +40,7 @@ static void remove_ranges(llama_memory_t mem, int32_t seq, const std::vector<ind
 }
 
 kv_eviction_result kv_evict_ranges(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<index_range> & ranges_in) {
+    check_seq(ctx, seq);
     kv_eviction_result res;
     const std::vector<index_range> ranges = normalize_ranges(ranges_in);
     if (ranges.empty()) {
@@ -59,6 +68,7 @@ kv_eviction_result kv_evict_ranges(llama_context * ctx, int32_t seq, token_ledge
 kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<index_range> & ranges_in,
                                        size_t insert_at, int32_t instruction_pos0, int32_t summary_pos0,
                                        const std::vector<ledger_entry> & items) {
+    check_seq(ctx, seq);
     kv_eviction_result res;
     const std::vector<index_range> ranges = normalize_ranges(ranges_in);
     const size_t n_insert = items.size();
@@ -146,6 +156,7 @@ static std::vector<uint8_t> to_one_stream(const std::vector<uint8_t> & raw) {
 }
 
 std::vector<uint8_t> kv_state_save(llama_context * ctx, int32_t seq) {
+    check_seq(ctx, seq);
     std::vector<uint8_t> blob(llama_state_seq_get_size(ctx, seq));
     const size_t n = llama_state_seq_get_data(ctx, blob.data(), blob.size(), seq);
     if (n == 0 && !blob.empty()) {
@@ -156,6 +167,7 @@ std::vector<uint8_t> kv_state_save(llama_context * ctx, int32_t seq) {
 }
 
 void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std::vector<uint8_t> & blob) {
+    check_seq(ctx, seq);
     llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1);
     if (blob.size() < STATE_HEADER + 8 || read_u32(blob, STATE_HEADER) != 1) {
         throw fml_error("CHECKPOINT_CORRUPT", "the KV state is not in the one-stream form this library writes");
@@ -171,6 +183,7 @@ void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std
 }
 
 void kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32_t delta) {
+    check_seq(ctx, seq);
     if (ledger.empty()) {
         return;
     }
@@ -181,6 +194,7 @@ void kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32
 }
 
 void kv_truncate(llama_context * ctx, int32_t seq, token_ledger & ledger, size_t keep) {
+    check_seq(ctx, seq);
     if (keep >= ledger.size()) {
         return;
     }
@@ -202,15 +216,22 @@ void kv_clear(llama_context * ctx, int32_t seq, token_ledger & ledger) {
 }
 
 void kv_clear_slot(llama_context * ctx, int32_t seq) {
+    check_seq(ctx, seq);
     llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1);
 }
 
 void kv_drop_unledgered(llama_context * ctx, int32_t seq, const token_ledger & ledger) {
+    check_seq(ctx, seq);
     llama_memory_seq_rm(llama_get_memory(ctx), seq, ledger.next_pos(), -1);
 }
 
-int32_t kv_pos_min(llama_context * ctx, int32_t seq) { return llama_memory_seq_pos_min(llama_get_memory(ctx), seq); }
-int32_t kv_pos_max(llama_context * ctx, int32_t seq) { return llama_memory_seq_pos_max(llama_get_memory(ctx), seq); }
+void kv_remove_from(llama_context * ctx, int32_t seq, int32_t pos) {
+    check_seq(ctx, seq);
+    llama_memory_seq_rm(llama_get_memory(ctx), seq, pos, -1);
+}
+
+int32_t kv_pos_min(llama_context * ctx, int32_t seq) { check_seq(ctx, seq); return llama_memory_seq_pos_min(llama_get_memory(ctx), seq); }
+int32_t kv_pos_max(llama_context * ctx, int32_t seq) { check_seq(ctx, seq); return llama_memory_seq_pos_max(llama_get_memory(ctx), seq); }
 bool kv_can_shift(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
 
 } // namespace fml

@@ -56,6 +56,9 @@ void kv_clear_slot(llama_context * ctx, int32_t seq);
 // batch left behind, summary scratch cells, or the tokens of a probe decode. The ledger is unchanged.
 void kv_drop_unledgered(llama_context * ctx, int32_t seq, const token_ledger & ledger);
 
+// Removes the sequence's positions >= pos (a probe token, a shift-applying decode).
+void kv_remove_from(llama_context * ctx, int32_t seq, int32_t pos);
+
 // llama.cpp's own view of the sequence, for invariant checks against the ledger (-1 when empty).
 int32_t kv_pos_min(llama_context * ctx, int32_t seq);
 int32_t kv_pos_max(llama_context * ctx, int32_t seq);

@@ -1,0 +1,207 @@
+// The shared engine: chats of one model are sequences of one llama.cpp context, decoded together.
+// A chat must not notice the others: same greedy output and logits alone and batched, no tokens of
+// another chat in its memory or cache, unaffected by another's abort, dispose, checkpoint or restore.
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadModel, POLICIES, type Chat, type ChatOptions, type Model, type PolicyName } from '../src/index.ts';
+import { checkCache, maxAbsDiff, testDir, testModelPath, THREADS } from './helpers.ts';
+
+let model: Model;
+beforeAll(async () => {
+  model = await loadModel(testModelPath(), { threads: THREADS, slots: 8 });
+});
+afterAll(() => model?.dispose());
+
+// F32 KV and no flash attention: batched and single decodes then differ only by float summation order.
+const EXACT: ChatOptions = { kvType: 'f32', flashAttention: false };
+const LOGIT_TOLERANCE = 1e-3;
+
+const words = ['river', 'lighthouse', 'small cat', 'red bicycle', 'old map', 'quiet harbor', 'green hill', 'paper boat'];
+/** The k-th message of script `s`: lengths vary, so chats are in different phases at any moment. */
+const message = (s: number, k: number) => `${words[s % words.length]} ${k}: ${'and more '.repeat(1 + ((s * 3 + k) % 5))}`.trim();
+
+interface Script {
+  options: ChatOptions;
+  turns: number;
+  seed: number;
+}
+
+async function runScript(chat: Chat, s: Script, onTurn?: (k: number) => Promise<void> | void) {
+  const replies: string[] = [];
+  for (let k = 0; k < s.turns; k++) {
+    const r = await chat.send(message(s.seed, k), { maxNewTokens: 6 + ((s.seed + k) % 9), temperature: 0 });
+    replies.push(r.response);
+    await onTurn?.(k);
+  }
+  return replies;
+}
+
+const probeToken = () => model.tokenize('the')[0]!;
+
+describe('a chat batched with others behaves as it does alone', () => {
+  // The reference chat, and seven others: long prefills, small budgets that evict often, other policies.
+  const ref: Script = { options: { ...EXACT, maxTokens: 96, windowSize: 24 }, turns: 12, seed: 0 };
+  const others: Script[] = Array.from({ length: 7 }, (_, i) => ({
+    options: { ...EXACT, maxTokens: [64, 256, 80, 128, 64, 200, 72][i]!, policy: (['sliding', 'sliding', 'importance', 'sliding', 'semantic', 'sliding', 'hybrid'] as PolicyName[])[i]! },
+    turns: 6 + i,
+    seed: i + 1,
+  }));
+
+  it('same greedy replies, memory and next-token logits', async () => {
+    const alone = model.createChat(ref.options);
+    const aloneReplies = await runScript(alone, ref);
+    const aloneLogits = alone._internals().probeLogits(probeToken());
+    const aloneMemory = alone.memory();
+    alone.dispose();
+
+    const chat = model.createChat(ref.options);
+    const crowd = others.map((o) => model.createChat(o.options));
+    const [replies] = await Promise.all([runScript(chat, ref), ...crowd.map((c, i) => runScript(c, others[i]!))]);
+    expect(replies).toEqual(aloneReplies);
+    expect(chat.memory()).toEqual(aloneMemory);
+    expect(maxAbsDiff(chat._internals().probeLogits(probeToken()), aloneLogits)).toBeLessThan(LOGIT_TOLERANCE);
+    // They really shared decodes.
+    expect(chat._internals().engineStats().sharedDecodes).toBeGreaterThan(20);
+    for (const c of [chat, ...crowd]) {
+      checkCache(c, c.options.maxTokens);
+      c.dispose();
+    }
+  });
+});
+
+describe('isolation under load', () => {
+  it('hundreds of concurrent turns with evictions: every chat keeps only its own tokens, positions and budgets hold', async () => {
+    const scripts: Script[] = POLICIES.flatMap((policy, p) => [0, 1].map((j) => ({ options: { maxTokens: 64 + 16 * j, windowSize: 16, policy, policySeed: p }, turns: 24, seed: 2 * p + j })));
+    const chats = scripts.map((s) => model.createChat(s.options));
+    await Promise.all(chats.map((c, i) => runScript(c, scripts[i]!)));
+    let evictions = 0;
+    for (let i = 0; i < chats.length; i++) {
+      const c = chats[i]!;
+      const cache = checkCache(c, scripts[i]!.options.maxTokens!);
+      expect(cache.scratchPosMax).toBe(-1);
+      const stats = c.stats();
+      expect(stats.turns).toBe(scripts[i]!.turns);
+      expect(stats.tokensSeen).toBe(stats.tokensRetained + stats.tokensEvicted);
+      evictions += stats.evictions > 0 ? 1 : 0;
+      // What the chat remembers is text from its own conversation: every user token it holds comes
+      // from one of its own messages (the chats' words differ).
+      const own = Array.from({ length: scripts[i]!.turns }, (_, k) => message(scripts[i]!.seed, k)).join(' ');
+      const userText = c.memory().filter((m) => m.role === 'user').map((m) => m.text).join('');
+      for (const word of words) {
+        if (!own.includes(word)) expect(userText).not.toContain(word.split(' ').at(-1)!);
+      }
+    }
+    expect(evictions).toBe(chats.length);
+    // Chats with the same geometry share an engine; different policies need other signals.
+    expect(chats[0]!._internals().engineStats().slots).toBeGreaterThan(1);
+    chats.forEach((c) => c.dispose());
+  });
+});
+
+describe("one chat's abort, dispose, checkpoint or restore leaves the others alone", () => {
+  it('the others reply exactly as they do undisturbed', async () => {
+    const scripts: Script[] = [0, 1, 2].map((i) => ({ options: { ...EXACT, maxTokens: 96, windowSize: 24 }, turns: 8, seed: 10 + i }));
+    const undisturbed: string[][] = [];
+    for (const s of scripts) {
+      const c = model.createChat(s.options);
+      undisturbed.push(await runScript(c, s));
+      c.dispose();
+    }
+    const path = join(testDir, 'engine-mid-batch.fmlckpt');
+    const saved = model.createChat({ ...EXACT, maxTokens: 96 });
+    await saved.send('remember this', { maxNewTokens: 4, temperature: 0 });
+
+    const chats = scripts.map((s) => model.createChat(s.options));
+    const victim = model.createChat({ ...EXACT, maxTokens: 96, testTokenDelayMs: 2 });
+    const disposed = model.createChat({ ...EXACT, maxTokens: 96, testTokenDelayMs: 2 });
+    let restored: Chat | undefined;
+    const disturb = async (k: number) => {
+      if (k === 1) {
+        const ac = new AbortController();
+        const v = victim.send(message(99, 0), { maxNewTokens: 200, temperature: 1, signal: ac.signal });
+        setTimeout(() => ac.abort(), 5);
+        expect((await v).stopReason).toBe('abort');
+      }
+      if (k === 2) {
+        const d = disposed.send(message(98, 0), { maxNewTokens: 200, temperature: 1 });
+        disposed.dispose();
+        expect((await d).stopReason).toBe('abort');
+      }
+      if (k === 3) await saved.saveCheckpoint(path);
+      if (k === 4) {
+        restored = await model.loadChat(path);
+        await restored.send('and now?', { maxNewTokens: 4, temperature: 0 });
+      }
+    };
+    const replies = await Promise.all(chats.map((c, i) => runScript(c, scripts[i]!, i === 0 ? disturb : undefined)));
+    expect(replies).toEqual(undisturbed);
+    expect(restored?.stats().turns).toBe(2);
+    for (const c of [...chats, victim, saved, restored!]) c.dispose();
+  });
+});
+
+describe('capacity', () => {
+  it('more chats than slots: idle ones are parked and restored exactly', async () => {
+    const small = await loadModel(testModelPath(), { threads: THREADS, slots: 2 });
+    const s: Script = { options: { ...EXACT, maxTokens: 96, windowSize: 24 }, turns: 4, seed: 20 };
+    const reference = small.createChat(s.options);
+    const expected = await runScript(reference, { ...s, turns: 8 });
+    reference.dispose();
+
+    const chats = Array.from({ length: 5 }, () => small.createChat(s.options));
+    // Four turns each, interleaved: the context holds two chats, the others wait parked.
+    const first = await Promise.all(chats.map((c) => runScript(c, s)));
+    const second = await Promise.all(chats.map((c) => runScript(c, { ...s, seed: s.seed, turns: 8 }).then((r) => r)));
+    for (const r of first) expect(r).toEqual(expected.slice(0, 4));
+    expect(second[0]!.length).toBe(8);
+    const engine = chats[0]!._internals().engineStats();
+    expect(engine.slots).toBe(2);
+    expect(engine.parked).toBeGreaterThan(0);
+    expect(engine.restored).toBeGreaterThan(0);
+    for (const c of chats) {
+      checkCache(c, 96);
+      c.dispose();
+    }
+    small.dispose();
+  });
+});
+
+describe('capacity: waiting turns', () => {
+  it('a chat without a slot waits behind chats that hold theirs, and nothing deadlocks', async () => {
+    const small = await loadModel(testModelPath(), { threads: THREADS, slots: 2 });
+    const [a, b, c] = [0, 1, 2].map(() => small.createChat({ maxTokens: 96 }));
+    await Promise.all([a!.send('first', { maxNewTokens: 3 }), b!.send('second', { maxNewTokens: 3 })]);
+    // c queues first and needs a slot; a and b queue after it and already hold the two slots.
+    const all = Promise.all([c!.send('third', { maxNewTokens: 3 }), a!.send('again', { maxNewTokens: 3 }), b!.send('again', { maxNewTokens: 3 })]);
+    const results = await Promise.race([all, new Promise<'hung'>((r) => setTimeout(() => r('hung'), 20_000))]);
+    expect(results).not.toBe('hung');
+    for (const x of [a!, b!, c!]) x.dispose();
+    small.dispose();
+  });
+});
+
+describe('stress', () => {
+  it('16 chats x 50 turns, random policies and aborts: no crash, no lost state', async () => {
+    let rng = 12345;
+    const rand = (n: number) => ((rng = (rng * 1103515245 + 12345) & 0x7fffffff) % n);
+    const chats = Array.from({ length: 16 }, (_, i) => model.createChat({ policy: POLICIES[rand(POLICIES.length)]!, maxTokens: 48 + 16 * rand(6), testTokenDelayMs: i % 4 === 0 ? 1 : 0 }));
+    let aborted = 0;
+    await Promise.all(chats.map(async (c, i) => {
+      for (let k = 0; k < 50; k++) {
+        const ac = new AbortController();
+        if (rand(6) === 0) setTimeout(() => ac.abort(), rand(5));
+        const r = await c.send(message(i, k), { maxNewTokens: 1 + rand(12), temperature: 0.8, seed: k, signal: ac.signal });
+        if (r.stopReason === 'abort') aborted++;
+      }
+    }));
+    expect(aborted).toBeGreaterThan(0);
+    for (const c of chats) {
+      checkCache(c, c.options.maxTokens);
+      const s = c.stats();
+      expect(s.tokensSeen).toBe(s.tokensRetained + s.tokensEvicted);
+      expect(s.tokensRetained).toBeLessThanOrEqual(c.options.maxTokens);
+      await expect(c.send('still there?', { maxNewTokens: 2 })).resolves.toBeDefined();
+      c.dispose();
+    }
+  });
+});

@@ -1,0 +1,285 @@
+// Many chats at once: this project (every chat a sequence of one shared context, one batch per
+// step) side by side with llama-server built from the same pinned llama.cpp (scripts/build-llama-server.sh),
+// on the realistic-geometry generated model (Qwen2.5-0.5B's shape, bench/common.ts).
+//
+// Short-chat mode: K chats (distinct prompts) each take TURNS turns of 32 greedy tokens, all K at
+// once; llama-server gets -np K -c K x maxTokens and each client sends its whole (short) history,
+// which llama-server's prompt cache reuses. Long-chat mode: every chat runs well past its budget;
+// llama-server gets what a stateless OpenAI client sends: the history truncated (oldest messages
+// first) to fit the slot, so the cached prefix changes and it prefills again.
+// Figures: aggregate generated tokens/s over the run, p50/p99 turn latency and p50 time to first token.
+//
+//   npx tsx bench/concurrency.ts                 all K in {1, 2, 4, 8, 16} and the long mode; writes RESULTS
+//   npx tsx bench/concurrency.ts --k=8 --no-write   one K (the GPU check runs this)
+//   npx tsx bench/concurrency.ts --quick         small model, K in {1, 4}; prints only
+//   options: --threads=N (default: the cores) --turns=N --model=path.gguf --no-server --long-only --short-only
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { join } from 'node:path';
+import { loadModel, type Chat, type Model } from '../src/index.ts';
+import { machine, median, realisticModel, ROOT, smallModels, writeResultsSection } from './common.ts';
+
+const args = process.argv.slice(2);
+const arg = (name: string) => args.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
+const QUICK = args.includes('--quick');
+const WRITE = !args.includes('--no-write') && !QUICK && arg('k') === undefined;
+const THREADS = Number(arg('threads') ?? availableParallelism());
+const KS = arg('k') ? [Number(arg('k'))] : QUICK ? [1, 4] : [1, 2, 4, 8, 16];
+const TURNS = Number(arg('turns') ?? (QUICK ? 2 : 3));
+const LONG_TURNS = Number(arg('long-turns') ?? (QUICK ? 6 : 14));
+const LONG_K = Number(arg('long-k') ?? (QUICK ? 2 : 4));
+const MAX_TOKENS = 1024;
+const LONG_MAX_TOKENS = QUICK ? 256 : 512;
+const REPLY = 32;
+const SERVER_BIN = join(ROOT, 'build-tools', 'llama-server', 'bin', 'llama-server');
+const WITH_SERVER = !args.includes('--no-server');
+
+const TOPICS = ['the weather in Paris', 'books about the history of science', 'tomato plants with yellow leaves', 'lists and sets in Python',
+  'training for a five kilometre run', 'a robot who paints the sea', 'monorepos and small repositories', 'baking bread at home',
+  'packing for a hiking trip', 'how a heat pump works', 'learning the guitar', 'the old lighthouse', 'a small cat on a boat',
+  'growing herbs indoors', 'the first trains', 'a map of the stars'];
+const prompt = (chat: number, turn: number) => `Chat ${chat}, turn ${turn}: tell me something new about ${TOPICS[(chat + turn) % TOPICS.length]} and why it matters to people today.`;
+
+interface TurnTiming { ms: number; ttftMs: number; tokens: number }
+interface Run { label: string; k: number; wallMs: number; turns: TurnTiming[]; note?: string }
+
+const pct = (xs: number[], p: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? s[Math.min(s.length - 1, Math.floor(p * (s.length - 1) + 0.5))]! : NaN;
+};
+const summary = (r: Run) => ({
+  tokPerS: (r.turns.reduce((n, t) => n + t.tokens, 0) * 1000) / r.wallMs,
+  p50: median(r.turns.map((t) => t.ms)),
+  p99: pct(r.turns.map((t) => t.ms), 0.99),
+  ttft: median(r.turns.map((t) => t.ttftMs)),
+});
+
+// ---- ours ----
+
+async function oursShort(model: Model, k: number): Promise<Run> {
+  const chats = Array.from({ length: k }, () => model.createChat({ maxTokens: MAX_TOKENS, flashAttention: false }));
+  // Warm-up: one short turn each (contexts grow to k slots here, not while measuring).
+  await Promise.all(chats.map((c, i) => c.send(`hello from chat ${i}`, { maxNewTokens: 2, temperature: 0 })));
+  const turns: TurnTiming[] = [];
+  const t0 = performance.now();
+  await Promise.all(chats.map(async (c, i) => {
+    for (let t = 0; t < TURNS; t++) turns.push(await timedTurn(c, prompt(i, t), REPLY));
+  }));
+  const wallMs = performance.now() - t0;
+  chats.forEach((c) => c.dispose());
+  return { label: 'ours', k, wallMs, turns };
+}
+
+/** Measured from the caller's side, as for llama-server: send() to the first piece and to the result. */
+async function timedTurn(chat: Chat, message: string, maxNewTokens: number): Promise<TurnTiming> {
+  const t0 = performance.now();
+  let ttft = NaN;
+  const r = await chat.send(message, { maxNewTokens, temperature: 0, onToken: () => { if (Number.isNaN(ttft)) ttft = performance.now() - t0; } });
+  return { ms: performance.now() - t0, ttftMs: ttft, tokens: r.stats.generatedTokens };
+}
+
+async function oursLong(model: Model, k: number): Promise<Run> {
+  const chats = Array.from({ length: k }, () => model.createChat({ maxTokens: LONG_MAX_TOKENS, flashAttention: false }));
+  const turns: TurnTiming[] = [];
+  const warm = Math.ceil(LONG_TURNS / 2);
+  let t0 = 0;
+  await Promise.all(chats.map(async (c, i) => {
+    for (let t = 0; t < LONG_TURNS; t++) {
+      const x = await timedTurn(c, prompt(i, t), REPLY);
+      if (t >= warm) turns.push(x);
+      if (t === warm - 1 && !t0) t0 = performance.now();
+    }
+  }));
+  const wallMs = performance.now() - t0;
+  const evicted = chats.every((c) => c.stats().evictions > 0);
+  chats.forEach((c) => c.dispose());
+  return { label: 'ours', k, wallMs, turns, note: evicted ? 'every chat past its budget (evicting)' : 'NOT every chat evicted' };
+}
+
+// ---- llama-server ----
+
+interface Server { proc: ChildProcess; url: string }
+
+async function startServer(modelPath: string, k: number, ctxPerSlot: number): Promise<Server> {
+  const port = 20000 + Math.floor(Math.random() * 20000);
+  const proc = spawn(SERVER_BIN, ['-m', modelPath, '-np', String(k), '-c', String(k * ctxPerSlot), '-t', String(THREADS), '-tb', String(THREADS),
+    '-fa', 'off', '-ngl', '0', '--host', '127.0.0.1', '--port', String(port), '--no-webui', '--threads-http', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let log = '';
+  proc.stderr!.on('data', (d: Buffer) => (log = (log + d.toString()).slice(-4000)));
+  const url = `http://127.0.0.1:${port}`;
+  for (let i = 0; i < 600; i++) {
+    if (proc.exitCode !== null) throw new Error(`llama-server exited: ${log}`);
+    try {
+      if ((await fetch(`${url}/health`)).ok) return { proc, url };
+    } catch {}
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  proc.kill();
+  throw new Error(`llama-server did not start: ${log}`);
+}
+
+async function stopServer(s: Server) {
+  s.proc.kill('SIGTERM');
+  await new Promise((r) => s.proc.once('exit', r));
+}
+
+type Msg = { role: 'user' | 'assistant'; content: string };
+
+/** One streamed completion; the reply text and timings. */
+async function serverTurn(url: string, messages: Msg[]): Promise<{ text: string } & TurnTiming> {
+  const t0 = performance.now();
+  const res = await fetch(`${url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ messages, max_tokens: REPLY, temperature: 0, stream: true, stream_options: { include_usage: true }, cache_prompt: true }),
+  });
+  if (!res.ok || !res.body) throw new Error(`llama-server answered ${res.status}: ${await res.text()}`);
+  let ttft = NaN;
+  let text = '';
+  let tokens = 0;
+  let buf = '';
+  const decoder = new TextDecoder();
+  for await (const chunk of res.body) {
+    buf += decoder.decode(chunk as Uint8Array, { stream: true });
+    let nl: number;
+    while ((nl = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, nl).trim();
+      buf = buf.slice(nl + 1);
+      if (!line.startsWith('data: ') || line === 'data: [DONE]') continue;
+      const ev = JSON.parse(line.slice(6)) as { choices?: { delta?: { content?: string } }[]; usage?: { completion_tokens: number } };
+      const piece = ev.choices?.[0]?.delta?.content;
+      if (piece) {
+        if (Number.isNaN(ttft)) ttft = performance.now() - t0;
+        text += piece;
+      }
+      if (ev.usage) tokens = ev.usage.completion_tokens;
+    }
+  }
+  return { text, ms: performance.now() - t0, ttftMs: ttft, tokens };
+}
+
+async function serverShort(modelPath: string, k: number): Promise<Run> {
+  const server = await startServer(modelPath, k, MAX_TOKENS);
+  try {
+    await Promise.all(Array.from({ length: k }, (_, i) => serverTurn(server.url, [{ role: 'user', content: `hello from chat ${i}` }])));
+    const turns: TurnTiming[] = [];
+    const t0 = performance.now();
+    await Promise.all(Array.from({ length: k }, async (_, i) => {
+      const history: Msg[] = [];
+      for (let t = 0; t < TURNS; t++) {
+        history.push({ role: 'user', content: prompt(i, t) });
+        const r = await serverTurn(server.url, history);
+        history.push({ role: 'assistant', content: r.text });
+        turns.push(r);
+      }
+    }));
+    return { label: 'llama-server', k, wallMs: performance.now() - t0, turns };
+  } finally {
+    await stopServer(server);
+  }
+}
+
+/** What a stateless client sends when the conversation outgrows the slot: the newest messages that fit. */
+function truncated(history: Msg[], model: Model, budget: number): Msg[] {
+  const cost = (m: Msg) => model.tokenize(m.content).length + 8;   // content + ChatML framing
+  let total = REPLY + 8;
+  const out: Msg[] = [];
+  for (let i = history.length - 1; i >= 0; i--) {
+    total += cost(history[i]!);
+    if (total > budget) break;
+    out.unshift(history[i]!);
+  }
+  while (out.length > 1 && out[0]!.role !== 'user') out.shift();
+  return out;
+}
+
+async function serverLong(modelPath: string, model: Model, k: number): Promise<Run> {
+  const server = await startServer(modelPath, k, LONG_MAX_TOKENS);
+  try {
+    const turns: TurnTiming[] = [];
+    const warm = Math.ceil(LONG_TURNS / 2);
+    let t0 = 0;
+    let truncatedTurns = 0;
+    await Promise.all(Array.from({ length: k }, async (_, i) => {
+      const history: Msg[] = [];
+      for (let t = 0; t < LONG_TURNS; t++) {
+        history.push({ role: 'user', content: prompt(i, t) });
+        const sent = truncated(history, model, LONG_MAX_TOKENS);
+        if (sent.length < history.length && t >= warm) truncatedTurns++;
+        const r = await serverTurn(server.url, sent);
+        history.push({ role: 'assistant', content: r.text });
+        if (t >= warm) turns.push(r);
+        if (t === warm - 1 && !t0) t0 = performance.now();
+      }
+    }));
+    return { label: 'llama-server', k, wallMs: performance.now() - t0, turns, note: `${truncatedTurns} of ${turns.length} measured requests truncated` };
+  } finally {
+    await stopServer(server);
+  }
+}
+
+// ---- main ----
+
+const fmt = (x: number, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : 'n/a');
+
+async function main() {
+  const m = QUICK ? smallModels('fml-concurrency-small.gguf')[0]! : arg('model') ? { name: arg('model')!, path: arg('model')!, about: 'given with --model' } : realisticModel();
+  const server = WITH_SERVER && existsSync(SERVER_BIN);
+  if (WITH_SERVER && !server) console.log(`llama-server not built (${SERVER_BIN}): run bash scripts/build-llama-server.sh; comparing nothing`);
+  const model = await loadModel(m.path, { threads: THREADS, slots: Math.max(...KS, LONG_K) });
+  const setup = [
+    `- machine: ${machine()}`,
+    `- model: ${m.name}: ${m.about} (${(model.info.nParams / 1e6).toFixed(0)}M parameters, ${model.info.backend})`,
+    `- ${THREADS} threads for both (ours: the model's thread budget; llama-server -t/-tb), flash attention off for both, greedy, ${REPLY}-token replies`,
+    `- short chats: maxTokens ${MAX_TOKENS}, ${TURNS} turns per chat, all K chats at once; llama-server -np K -c K x ${MAX_TOKENS}, whole history per request (its prompt cache reuses it)`,
+    `- long chats: K = ${LONG_K}, maxTokens ${LONG_MAX_TOKENS}, ${LONG_TURNS} turns per chat, the second half measured (every chat past its budget); llama-server -c K x ${LONG_MAX_TOKENS} gets the history truncated to fit its slot`,
+  ];
+  console.log(setup.join('\n'));
+  const short: Run[] = [];
+  if (!args.includes('--long-only')) {
+    for (const k of KS) {
+      const ours = await oursShort(model, k);
+      short.push(ours);
+      const s = summary(ours);
+      console.log(`K=${k} ours: ${fmt(s.tokPerS)} tok/s, p50 ${fmt(s.p50, 0)} ms, p99 ${fmt(s.p99, 0)} ms, ttft ${fmt(s.ttft, 0)} ms`);
+      if (server) {
+        const theirs = await serverShort(m.path, k);
+        short.push(theirs);
+        const t = summary(theirs);
+        console.log(`K=${k} llama-server: ${fmt(t.tokPerS)} tok/s, p50 ${fmt(t.p50, 0)} ms, p99 ${fmt(t.p99, 0)} ms, ttft ${fmt(t.ttft, 0)} ms`);
+      }
+    }
+  }
+  const long: Run[] = [];
+  if (!args.includes('--short-only')) {
+    long.push(await oursLong(model, LONG_K));
+    if (server) long.push(await serverLong(m.path, model, LONG_K));
+    for (const r of long) {
+      const s = summary(r);
+      console.log(`long K=${LONG_K} ${r.label}: ${fmt(s.tokPerS)} tok/s, p50 ${fmt(s.p50, 0)} ms, p99 ${fmt(s.p99, 0)} ms, ttft ${fmt(s.ttft, 0)} ms (${r.note})`);
+    }
+  }
+  model.dispose();
+
+  const rows = (runs: Run[]) => {
+    const out = ['| K | contender | tok/s (all chats) | p50 turn ms | p99 turn ms | p50 TTFT ms | ratio tok/s (ours / llama-server) | ratio p99 (llama-server / ours) |', '|---|---|---|---|---|---|---|---|'];
+    for (const r of runs) {
+      const s = summary(r);
+      const other = runs.find((x) => x.k === r.k && x.label !== r.label);
+      const o = other ? summary(other) : undefined;
+      const ratio = r.label === 'ours' && o ? `${fmt(s.tokPerS / o.tokPerS, 2)}x` : '';
+      const p99 = r.label === 'ours' && o ? `${fmt(o.p99 / s.p99, 2)}x` : '';
+      out.push(`| ${r.k} | ${r.label}${r.note ? ` (${r.note})` : ''} | ${fmt(s.tokPerS)} | ${fmt(s.p50, 0)} | ${fmt(s.p99, 0)} | ${fmt(s.ttft, 0)} | ${ratio} | ${p99} |`);
+    }
+    return out.join('\n');
+  };
+  const body = [`Command: \`npx tsx bench/concurrency.ts\``, '', ...setup, '', '### Short chats', '', rows(short), '', '### Long chats (past the budget)', '', rows(long)].join('\n');
+  console.log(`\n${body}`);
+  if (WRITE) writeResultsSection('concurrency', `## Concurrency: many chats at once\n\n${body}`);
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});

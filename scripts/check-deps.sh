@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The native core's dependency rules, checked (npm test runs this):
+#   - only native/binding includes napi.h (the core is usable and testable without Node);
+#   - only native/kv calls llama_memory_* / llama_state_seq_* (what mutates or snapshots the KV cache)
+#     and includes llama.cpp's internal headers (src/llama-*.h); native/probes (test build only) may too;
+#   - policies see only the token ledger (and each other): they decide what to evict, kv-ops does it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fail=0
+bad() { echo "dependency rule broken: $1"; printf '  %s\n' $2; fail=1; }
+
+napi=$(grep -rl '#include <napi.h>\|#include "napi.h"' native --include='*.cpp' --include='*.h' | grep -v '^native/binding/' || true)
+[ -z "$napi" ] || bad "napi.h outside native/binding/" "$napi"
+
+mem=$(grep -rlE '\bllama_(memory|state_seq)_[a-z_]+\s*\(' native --include='*.cpp' --include='*.h' | grep -vE '^native/(kv|probes)/' || true)
+[ -z "$mem" ] || bad "llama_memory_* / llama_state_seq_* called outside native/kv/" "$mem"
+
+internals=$(grep -rlE '#include "llama-[a-z-]+\.h"' native --include='*.cpp' --include='*.h' | grep -v '^native/kv/' || true)
+[ -z "$internals" ] || bad "llama.cpp internal headers included outside native/kv/" "$internals"
+
+policy=$(grep -rhE '#include "' native/policies | grep -vE '#include "(policies/|kv/token-ledger\.h|util/error\.h)' || true)
+[ -z "$policy" ] || bad "a policy includes more than the ledger" "$policy"
+
+[ "$fail" = 0 ] && echo "dependency rules hold (napi.h, llama_memory_*, llama.cpp internals, policies)"
+exit "$fail"

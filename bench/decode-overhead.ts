@@ -1,26 +1,29 @@
 // Per-step decode cost of a turn (ledger, streaming, policy checks) vs bare llama_decode, measured
 // interleaved on the same chat so both see the same cache, context fill and machine state.
-//   npx tsx bench/decode-overhead.ts [--no-write]
+//   npx tsx bench/decode-overhead.ts [--no-write] [--threads=N]
 // Why: the turn benchmark's goal-3 column compares against plain runs taken before and after all the
 // measured turns, and gave contradicting signs across models (RESULTS.md). Here each pair is
 // plainDecode(32) and one turn of 32 generated tokens (which goes first alternates) (greedy, onToken streaming to a no-op callback)
 // on the same chat with the budget full; the turn's per-step time is decodeMs / (generated - 1).
+import { availableParallelism } from 'node:os';
 import { loadModel, type PolicyName } from '../src/index.ts';
-import { machine, median, smallModels, writeResultsSection } from './common.ts';
+import { machine, median, realisticModel, smallModels, writeResultsSection } from './common.ts';
 
 const WRITE = !process.argv.includes('--no-write');
+const THREADS = Number(process.argv.find((a) => a.startsWith('--threads='))?.slice(10) ?? availableParallelism());
 const PAIRS = 20;
 const STEPS = 32;
-const MAX_TOKENS = 2048;
 const POLICIES: PolicyName[] = ['sliding', 'importance'];
 
-const models = smallModels('fml-bench-overhead.gguf');
+// The realistic-geometry model at 1024 (a decode step costs what users pay), the small ones at 2048.
+const models = [{ ...realisticModel(), maxTokens: 1024 }, ...smallModels('fml-bench-overhead.gguf').map((m) => ({ ...m, maxTokens: 2048 }))];
 
 const rows: string[] = [];
 for (const m of models) {
-  const model = await loadModel(m.path, { threads: 1 });
+  const model = await loadModel(m.path, { threads: THREADS });
+  const MAX_TOKENS = m.maxTokens;
   for (const policy of POLICIES) {
-    const chat = model.createChat({ maxTokens: MAX_TOKENS, policy, threads: 1 });
+    const chat = model.createChat({ maxTokens: MAX_TOKENS, policy });
     const internals = chat._internals();
     while (internals.cacheState().ledgerTokens < MAX_TOKENS - 100) {
       await chat.send('Once upon a time there was a little dog who liked to run in the park.', { maxNewTokens: STEPS, temperature: 0 });
@@ -46,7 +49,7 @@ for (const m of models) {
     const pct = (x: number) => `${(x * 100).toFixed(1)}%`;
     const sortedRatios = [...ratios].sort((a, b) => a - b);
     rows.push(
-      `| ${m.name} | ${policy} | ${plain.length} | ${median(plain).toFixed(3)} | ${median(turn).toFixed(3)} | ${pct(median(turn) / median(plain) - 1)} | ${pct(median(ratios))} | ${pct(sortedRatios[0] ?? NaN)} .. ${pct(sortedRatios.at(-1) ?? NaN)} |`,
+      `| ${m.name} | ${MAX_TOKENS} | ${policy} | ${plain.length} | ${median(plain).toFixed(3)} | ${median(turn).toFixed(3)} | ${pct(median(turn) / median(plain) - 1)} | ${pct(median(ratios))} | ${pct(sortedRatios[0] ?? NaN)} .. ${pct(sortedRatios.at(-1) ?? NaN)} |`,
     );
     console.log(rows.at(-1));
     chat.dispose();
@@ -59,11 +62,11 @@ const body = [
   '',
   `- machine: ${machine()}`,
   ...models.map((m) => `- model ${m.name}: ${m.about}`),
-  `- maxTokens ${MAX_TOKENS}, budget full (filled to ${MAX_TOKENS - 100} first, then every turn evicts), 1 thread, KV F16, flash attention llama.cpp's choice (importance turns it off)`,
+  `- budget full (filled to maxTokens - 100 first, then every turn evicts), ${THREADS} threads, KV F16, flash attention off (the CPU default)`,
   `- ${PAIRS} pairs per row (order alternating): plainDecode(${STEPS}) (bare llama_decode + greedy sampling) and one turn of ${STEPS} greedy tokens with onToken streaming; turn per step = decodeMs / decode steps`,
   '',
-  '| model | policy | pairs | plain ms/step | turn ms/step | overhead (medians) | overhead (median of pairs) | pair range |',
-  '|---|---|---:|---:|---:|---:|---:|---:|',
+  '| model | maxTokens | policy | pairs | plain ms/step | turn ms/step | overhead (medians) | overhead (median of pairs) | pair range |',
+  '|---|---:|---|---:|---:|---:|---:|---:|---:|',
   ...rows,
 ].join('\n');
 console.log(body);

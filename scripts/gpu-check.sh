@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # For a machine with an NVIDIA GPU and a CUDA toolkit with cuBLAS: build (or reuse) the CUDA variant,
-# run the test suite on the CUDA backend, run the eviction benchmark, print the results.
+# run the test suite on the CUDA backend, run the eviction and concurrency benchmarks, print the results.
 #   bash scripts/gpu-check.sh            (FML_CUDA_ARCHS=90 to build for one architecture only;
 #                                         FML_CUDA_ROOT / FML_CUBLAS_ROOT when they are not found)
 set -euo pipefail
@@ -28,8 +28,10 @@ fi
 npm run build:ts
 echo "[gpu-check] CUDA variant:"
 FINITE_MEMORY_BACKEND=cuda node -e "import('./dist/index.js').then(m => console.log(m.systemInfo()))"
-echo "[gpu-check] test suite on the CUDA backend"
-FINITE_MEMORY_BACKEND=cuda npx vitest run
+echo "[gpu-check] test suite on the CUDA backend (the test build of the CUDA variant, with probes)"
+FML_ADDON_PATH="$PWD/build-cuda/Probes/finite_memory_llm_probes.node" FINITE_MEMORY_BACKEND=cuda npx vitest run
 echo "[gpu-check] eviction benchmark on the CUDA backend (gpuLayers auto: weights and KV cache on the GPU)"
-FINITE_MEMORY_BACKEND=cuda FML_BENCH_GPU_LAYERS=auto npx tsx bench/evict.ts --no-write | tee /tmp/gpu-evict.md
-echo "[gpu-check] done: copy /tmp/gpu-evict.md into bench/RESULTS.md under a 'GPU' heading"
+FML_ADDON_PATH="$PWD/build-cuda/Probes/finite_memory_llm_probes.node" FINITE_MEMORY_BACKEND=cuda FML_BENCH_GPU_LAYERS=auto npx tsx bench/evict.ts --no-write | tee /tmp/gpu-evict.md
+echo "[gpu-check] concurrency benchmark, K = 8, on the GPU (llama-server too when build-tools/llama-server was built with FML_CUDA=1)"
+FML_ADDON_PATH="$PWD/build-cuda/Probes/finite_memory_llm_probes.node" FINITE_MEMORY_BACKEND=cuda npx tsx bench/concurrency.ts --k=8 --gpu --no-write | tee /tmp/gpu-concurrency.md
+echo "[gpu-check] done: copy /tmp/gpu-evict.md and /tmp/gpu-concurrency.md into bench/RESULTS.md under a 'GPU' heading"

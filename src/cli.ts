@@ -18,7 +18,7 @@ const USAGE = `Usage:
   finite-memory-llm demo [--turns 600] [--max-tokens 256] [--window 64] [--policy sliding] [--model file.gguf] [--threads N]
   finite-memory-llm chat --model file.gguf [--policy sliding] [--max-tokens 2048] [--window 512] [--system "..."] [--threads N]
   finite-memory-llm serve --model file.gguf [--port 8080] [--host 127.0.0.1] [--policy sliding] [--max-tokens 2048] [--window N]
-        [--system "..."] [--threads N] [--api-key K (or FINITE_MEMORY_API_KEY)] [--model-id ID] [--max-sessions 32]
+        [--system "..."] [--threads N] [--slots 8] [--prefill-chunk 64] [--api-key K (or FINITE_MEMORY_API_KEY)] [--model-id ID] [--max-sessions 32]
         [--session-ttl-ms 1800000] [--checkpoint-dir DIR] [--max-concurrent N] [--max-queue 64] [--max-session-queue 4]
         [--max-request-tokens 1024] [--max-history-tokens N] [--body-limit 1048576] [--headers-timeout-ms 10000]
         [--request-timeout-ms 30000] [--keep-alive-timeout-ms 5000] [--max-stored-sessions 256]
@@ -137,7 +137,9 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
     return 2;
   }
   const threads = intArg(args, 'threads');
-  const model = await loadModel(args.model, threads ? { threads } : {});
+  const slots = intArg(args, 'slots');
+  const prefillChunk = intArg(args, 'prefill-chunk');
+  const model = await loadModel(args.model, { ...(threads ? { threads } : {}), ...(slots ? { slots } : {}), ...(prefillChunk ? { prefillChunk } : {}) });
   const { createServer } = await import('./server.js');
   const window = intArg(args, 'window');
   const apiKey = typeof args['api-key'] === 'string' ? args['api-key'] : process.env.FINITE_MEMORY_API_KEY || undefined;
@@ -196,7 +198,7 @@ async function main(): Promise<number> {
       'max-concurrent': { type: 'string' }, 'max-queue': { type: 'string' }, 'max-session-queue': { type: 'string' },
       'max-request-tokens': { type: 'string' }, 'body-limit': { type: 'string' }, 'shutdown-timeout-ms': { type: 'string' },
       'max-history-tokens': { type: 'string' }, 'headers-timeout-ms': { type: 'string' }, 'request-timeout-ms': { type: 'string' },
-      'keep-alive-timeout-ms': { type: 'string' }, 'max-stored-sessions': { type: 'string' }, 'max-stored-bytes': { type: 'string' },
+      'keep-alive-timeout-ms': { type: 'string' }, slots: { type: 'string' }, 'prefill-chunk': { type: 'string' }, 'max-stored-sessions': { type: 'string' }, 'max-stored-bytes': { type: 'string' },
       quiet: { type: 'boolean' },
     },
   });

@@ -49,7 +49,10 @@ export interface ServerOptions {
   defaultMaxTokens?: number;
   /** Largest request body in bytes (beyond: 413). Default 1 MiB. */
   bodyLimit?: number;
-  /** Turns decoding at once, server-wide. Default max(1, UV_THREADPOOL_SIZE - 1) (libuv's pool runs every turn; one thread stays free for checkpoint I/O). */
+  /**
+   * Requests holding a decode slot at once, server-wide. Default the model's `slots`: that many chats
+   * decode together in one batch; more would only wait inside the engine (or park each other).
+   */
   maxConcurrent?: number;
   /** Requests waiting for a decode slot (beyond: 429). Default 64. */
   maxQueue?: number;
@@ -351,13 +354,12 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
     if (!Number.isInteger(v) || v < min) throw new InvalidOptionError(`Expected an integer >= ${min} for ${name} but received ${String(v)}`);
     return v;
   };
-  const uvThreads = Number(process.env.UV_THREADPOOL_SIZE) || 4;
   const maxSessions = int('maxSessions', options.maxSessions, 32, 1);
   const sessionTtlMs = int('sessionTtlMs', options.sessionTtlMs, 30 * 60_000, 0);
   const maxTokensPerRequest = int('maxTokensPerRequest', options.maxTokensPerRequest, 1024, 1);
   const defaultMaxTokens = Math.min(int('defaultMaxTokens', options.defaultMaxTokens, 256, 1), maxTokensPerRequest);
   const bodyLimit = int('bodyLimit', options.bodyLimit, 1 << 20, 1);
-  const maxConcurrent = int('maxConcurrent', options.maxConcurrent, Math.max(1, uvThreads - 1), 1);
+  const maxConcurrent = int('maxConcurrent', options.maxConcurrent, model.info.slots, 1);
   const maxQueue = int('maxQueue', options.maxQueue, 64, 0);
   const maxSessionQueue = int('maxSessionQueue', options.maxSessionQueue, 4, 0);
   const headersTimeoutMs = int('headersTimeoutMs', options.headersTimeoutMs, 10_000, 1);

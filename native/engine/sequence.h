@@ -224,7 +224,10 @@ public:
     int32_t slot() const { return slot_; }
     engine * owner() const { return engine_; }
     void bind_engine(engine * e) { engine_ = e; }
-    void set_slot(int32_t s) { slot_ = s; }
+    void set_slot(int32_t s) {
+        std::lock_guard<std::mutex> lock(mu_);
+        slot_ = s;
+    }
     bool parked() const { return parked_; }
     // Moves the KV state out of the slot (its cells are freed by the caller) / back into one.
     void park(llama_context * ctx);

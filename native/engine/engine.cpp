@@ -306,8 +306,7 @@ void engine::step_chats() {
     std::sort(wants.begin(), wants.end(), [](const want & a, const want & b) { return a.seq->slot() < b.seq->slot(); });
 
     // Budget: one token for every chat that generates (or writes a summary); prefill chunks share
-    // the rest, capped while anyone is generating so that a long prefill holds the others' next
-    // token back by one bounded step. Round-robin start among prefilling chats, for fairness.
+    // the rest (equal shares, round-robin start, for fairness), capped while anyone is generating.
     size_t singles = 0;
     std::vector<size_t> prefilling;
     for (size_t i = 0; i < wants.size(); ++i) {
@@ -319,7 +318,9 @@ void engine::step_chats() {
     }
     size_t prefill_budget = n_batch_ - std::min<size_t>(n_batch_, singles);
     if (singles > 0) {
-        prefill_budget = std::min<size_t>(prefill_budget, opts_.prefill_chunk);
+        // `prefill_chunk` per prefilling chat: one long prompt holds the generating chats back by a
+        // bounded step, and turns that start together (a batch of requests) still get in together.
+        prefill_budget = std::min<size_t>(prefill_budget, (size_t) opts_.prefill_chunk * prefilling.size());
     }
     std::vector<size_t> budget(wants.size(), 1);
     if (!prefilling.empty()) {
@@ -356,10 +357,13 @@ void engine::step_chats() {
         stats_.shift_steps++;
     }
 
-    // Decode groups. One KV stream per chat: llama.cpp computes a batch as ubatches of consecutive
-    // sequence ids with equal token counts, so a run of consecutive slots decodes one token each in
-    // one ubatch, and each chat's remaining tokens go in their own. A unified cache takes everything
-    // in one ubatch.
+    // Decode groups, each one llama_decode that llama.cpp computes as exactly one ubatch (so signals
+    // map to chats, and no weight pass is wasted). One KV stream per chat: a ubatch holds consecutive
+    // sequence ids with equal token counts, so each group takes, from the first chat with tokens
+    // left, the run of consecutive slots after it that also have tokens left, and the same number of
+    // tokens from each (the fewest any of them has left) — the split llama.cpp itself makes. Eight
+    // generating chats are one group of eight tokens; eight prefill chunks of a step are one group
+    // too when their slots are consecutive. A unified cache takes everything in one ubatch.
     using rows_t = std::vector<std::pair<size_t, std::pair<size_t, size_t>>>;   // plan index, [from, to)
     if (opts_.unified) {
         rows_t rows;
@@ -369,26 +373,31 @@ void engine::step_chats() {
         decode_group(plan, rows);
         return;
     }
-    std::vector<size_t> first_done(plan.size(), 0);
-    for (size_t p = 0; p < plan.size();) {
+    std::vector<size_t> done(plan.size(), 0);
+    const auto left = [&](size_t p) { return plan[p].seq->has_turn() ? plan[p].c.tokens.size() - done[p] : 0; };
+    while (true) {
+        size_t p = 0;
+        while (p < plan.size() && left(p) == 0) {
+            ++p;
+        }
+        if (p == plan.size()) {
+            break;
+        }
         size_t q = p + 1;
-        while (q < plan.size() && plan[q].seq->slot() == plan[q - 1].seq->slot() + 1) {
+        while (q < plan.size() && left(q) > 0 && plan[q].seq->slot() == plan[q - 1].seq->slot() + 1) {
             ++q;
         }
-        if (q - p >= 2) {
-            rows_t rows;
-            for (size_t k = p; k < q; ++k) {
-                rows.push_back({ k, { 0, 1 } });
-                first_done[k] = 1;
-            }
-            decode_group(plan, rows);
+        size_t m = SIZE_MAX;
+        for (size_t k = p; k < q; ++k) {
+            m = std::min(m, left(k));
         }
-        p = q;
-    }
-    for (size_t p = 0; p < plan.size(); ++p) {
-        if (first_done[p] < plan[p].c.tokens.size() && plan[p].seq->has_turn()) {
-            decode_group(plan, { { p, { first_done[p], plan[p].c.tokens.size() } } });
+        m = std::max<size_t>(1, std::min(m, n_batch_ / (q - p)));
+        rows_t rows;
+        for (size_t k = p; k < q; ++k) {
+            rows.push_back({ k, { done[k], done[k] + m } });
+            done[k] += m;
         }
+        decode_group(plan, rows);
     }
 }
 

@@ -25,7 +25,7 @@ namespace fml {
 
 struct engine_options {
     uint32_t max_slots = 8;
-    uint32_t prefill_chunk = 64;   // prefill tokens per step while other chats are generating
+    uint32_t prefill_chunk = 64;   // prefill tokens per prefilling chat and step while other chats generate
     bool unified = false;          // one KV buffer for all sequences (measured slower; see README)
 };
 

@@ -4,6 +4,8 @@
 #include "model/model.h"
 #include "util/error.h"
 
+#include "ggml-cpu.h"
+
 #include <algorithm>
 
 namespace fml {
@@ -33,6 +35,9 @@ engine::~engine() {
     if (ctx_ != nullptr) {
         llama_batch_free(batch_);
         llama_free(ctx_);
+    }
+    if (threadpool_ != nullptr) {
+        ggml_threadpool_free(threadpool_);
     }
 }
 
@@ -73,6 +78,15 @@ void engine::create_context(uint32_t slots) {
         llama_free(ctx_);
     }
     ctx_ = ctx;
+    // A persistent ggml threadpool (what llama-server attaches too): without one, every graph
+    // compute starts and joins its worker threads, several times per step here.
+    if (threadpool_ == nullptr) {
+        ggml_threadpool_params tpp = ggml_threadpool_params_default(key_.threads);
+        threadpool_ = ggml_threadpool_new(&tpp);
+    }
+    if (threadpool_ != nullptr) {
+        llama_attach_threadpool(ctx_, threadpool_, threadpool_);
+    }
     batch_ = llama_batch_init((int32_t) n_batch_, 0, 1);
     capture_.bind(ctx_, (int32_t) key_.cells, model_->info().n_embd, opts_.unified);
     slots_.resize(slots, nullptr);

@@ -95,6 +95,7 @@ private:
     engine_options opts_;
     const std::atomic<bool> * stopping_;
     llama_context * ctx_ = nullptr;
+    ggml_threadpool * threadpool_ = nullptr;   // the model's thread budget, kept warm between decodes
     llama_batch batch_ {};
     uint32_t n_batch_ = 0;
     std::vector<sequence *> slots_;           // chat in each slot (stream), or null

@@ -28,13 +28,17 @@ const WRITE = !args.includes('--no-write') && !QUICK && arg('k') === undefined;
 const THREADS = Number(arg('threads') ?? availableParallelism());
 const KS = arg('k') ? [Number(arg('k'))] : QUICK ? [1, 4] : [1, 2, 4, 8, 16];
 const TURNS = Number(arg('turns') ?? (QUICK ? 2 : 3));
-const LONG_TURNS = Number(arg('long-turns') ?? (QUICK ? 6 : 14));
+const LONG_TURNS = Number(arg('long-turns') ?? (QUICK ? 6 : 27));
 const LONG_K = Number(arg('long-k') ?? (QUICK ? 2 : 4));
 const MAX_TOKENS = 1024;
-const LONG_MAX_TOKENS = QUICK ? 256 : 512;
+const LONG_MAX_TOKENS = QUICK ? 256 : 1024;
+/** Long mode: the turns from here on are measured (with ~75 tokens a turn, past a 1024 budget). */
+const LONG_WARM = Math.ceil((LONG_TURNS * 2) / 3);
 const REPLY = 32;
 const SERVER_BIN = join(ROOT, 'build-tools', 'llama-server', 'bin', 'llama-server');
 const WITH_SERVER = !args.includes('--no-server');
+/** Short mode: each K runs REPS times per contender, in alternating order (ours, server, server, ours...): this machine's speed drifts by tens of percent over minutes. */
+const REPS = Number(arg('reps') ?? (QUICK ? 1 : 2));
 /** --gpu: llama-server offloads every layer too (ours: gpuLayers 'auto', the default). */
 const SERVER_GPU_LAYERS = args.includes('--gpu') ? '999' : '0';
 
@@ -85,7 +89,7 @@ async function timedTurn(chat: Chat, message: string, maxNewTokens: number): Pro
 async function oursLong(model: Model, k: number, label = 'ours'): Promise<Run> {
   const chats = Array.from({ length: k }, () => model.createChat({ maxTokens: LONG_MAX_TOKENS, flashAttention: false }));
   const turns: TurnTiming[] = [];
-  const warm = Math.ceil(LONG_TURNS / 2);
+  const warm = LONG_WARM;
   let t0 = 0;
   let before = { steps: 0, shiftSteps: 0 };
   await Promise.all(chats.map(async (c, i) => {
@@ -113,7 +117,7 @@ interface Server { proc: ChildProcess; url: string }
 async function startServer(modelPath: string, k: number, ctxPerSlot: number): Promise<Server> {
   const port = 20000 + Math.floor(Math.random() * 20000);
   const proc = spawn(SERVER_BIN, ['-m', modelPath, '-np', String(k), '-c', String(k * ctxPerSlot), '-t', String(THREADS), '-tb', String(THREADS),
-    '-fa', 'off', '-ngl', SERVER_GPU_LAYERS, '--host', '127.0.0.1', '--port', String(port), '--no-webui', '--threads-http', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    '-fa', 'off', '-ngl', SERVER_GPU_LAYERS, '--host', '127.0.0.1', '--port', String(port), '--no-webui', '--threads-http', String(k + 2)], { stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
   proc.stderr!.on('data', (d: Buffer) => (log = (log + d.toString()).slice(-4000)));
   const url = `http://127.0.0.1:${port}`;
@@ -207,7 +211,7 @@ async function serverLong(modelPath: string, model: Model, k: number): Promise<R
   const server = await startServer(modelPath, k, LONG_MAX_TOKENS);
   try {
     const turns: TurnTiming[] = [];
-    const warm = Math.ceil(LONG_TURNS / 2);
+    const warm = LONG_WARM;
     let t0 = 0;
     let truncatedTurns = 0;
     await Promise.all(Array.from({ length: k }, async (_, i) => {
@@ -241,22 +245,27 @@ async function main() {
     `- machine: ${machine()}`,
     `- model: ${m.name}: ${m.about} (${(model.info.nParams / 1e6).toFixed(0)}M parameters, ${model.info.backend})`,
     `- ${THREADS} threads for both (ours: the model's thread budget; llama-server -t/-tb), flash attention off for both, greedy, ${REPLY}-token replies`,
-    `- short chats: maxTokens ${MAX_TOKENS}, ${TURNS} turns per chat, all K chats at once; llama-server -np K -c K x ${MAX_TOKENS}, whole history per request (its prompt cache reuses it)`,
-    `- long chats: K = ${LONG_K}, maxTokens ${LONG_MAX_TOKENS}, ${LONG_TURNS} turns per chat, the second half measured (every chat past its budget); llama-server -c K x ${LONG_MAX_TOKENS} gets the history truncated to fit its slot`,
+    `- short chats: maxTokens ${MAX_TOKENS}, ${TURNS} turns per chat, all K chats at once, ${REPS} runs per contender and K in alternating order (figures over all of them); llama-server -np K -c K x ${MAX_TOKENS}, whole history per request (its prompt cache reuses it)`,
+    `- long chats: K = ${LONG_K}, maxTokens ${LONG_MAX_TOKENS}, ${LONG_TURNS} turns per chat, turns ${LONG_WARM + 1}.. measured (every chat past its budget); llama-server -c K x ${LONG_MAX_TOKENS} gets the history truncated to fit its slot (oldest messages first)`,
   ];
   console.log(setup.join('\n'));
   const short: Run[] = [];
   if (!args.includes('--long-only')) {
     for (const k of KS) {
-      const ours = await oursShort(model, k);
-      short.push(ours);
-      const s = summary(ours);
-      console.log(`K=${k} ours: ${fmt(s.tokPerS)} tok/s, p50 ${fmt(s.p50, 0)} ms, p99 ${fmt(s.p99, 0)} ms, ttft ${fmt(s.ttft, 0)} ms`);
-      if (server) {
-        const theirs = await serverShort(m.path, k);
-        short.push(theirs);
-        const t = summary(theirs);
-        console.log(`K=${k} llama-server: ${fmt(t.tokPerS)} tok/s, p50 ${fmt(t.p50, 0)} ms, p99 ${fmt(t.p99, 0)} ms, ttft ${fmt(t.ttft, 0)} ms`);
+      const runs: Record<string, Run[]> = { ours: [], 'llama-server': [] };
+      for (let rep = 0; rep < REPS; rep++) {
+        const order = rep % 2 === 0 ? ['ours', 'llama-server'] : ['llama-server', 'ours'];
+        for (const who of order) {
+          if (who === 'llama-server' && !server) continue;
+          const r = who === 'ours' ? await oursShort(model, k) : await serverShort(m.path, k);
+          runs[who]!.push(r);
+          const x = summary(r);
+          console.log(`K=${k} ${who} (rep ${rep + 1}): ${fmt(x.tokPerS)} tok/s, p50 ${fmt(x.p50, 0)} ms, p99 ${fmt(x.p99, 0)} ms, ttft ${fmt(x.ttft, 0)} ms`);
+        }
+      }
+      // Every rep's turns together: tok/s over the summed wall time, percentiles over all turns.
+      for (const [who, rs] of Object.entries(runs)) {
+        if (rs.length) short.push({ label: who, k, wallMs: rs.reduce((n, r) => n + r.wallMs, 0), turns: rs.flatMap((r) => r.turns) });
       }
     }
   }

@@ -32,14 +32,7 @@ Napi::Object stats_to_js(Napi::Env env, const turn_stats & s) {
         const eviction_record & r = s.eviction_log[i];
         Napi::Object e = Napi::Object::New(env);
         e.Set("evictedTokens", r.evicted);
-        Napi::Array pos = Napi::Array::New(env, r.positions.size());
-        for (size_t k = 0; k < r.positions.size(); ++k) {
-            Napi::Array pair = Napi::Array::New(env, 2);
-            pair[(uint32_t) 0] = Napi::Number::New(env, (double) r.positions[k].begin);
-            pair[(uint32_t) 1] = Napi::Number::New(env, (double) r.positions[k].end);
-            pos[(uint32_t) k] = pair;
-        }
-        e.Set("positions", pos);
+        e.Set("positions", ranges_to_js(env, r.positions));
         e.Set("policyMs", r.policy_ms);
         e.Set("evictMs", r.evict_ms);
         e.Set("fallback", r.fallback);

@@ -4,9 +4,11 @@
 
 #include <napi.h>
 
+#include "kv/token-ledger.h"
 #include "util/error.h"
 
 #include <string>
+#include <vector>
 
 namespace fml {
 
@@ -44,6 +46,18 @@ inline std::string string_arg(const Napi::CallbackInfo & info, size_t i, const c
         throw_error(info.Env(), FML_ERR_INVALID_OPTION, std::string("expected a string for ") + what);
     }
     return info[i].As<Napi::String>().Utf8Value();
+}
+
+// Index ranges as [[begin, end], ...].
+inline Napi::Array ranges_to_js(Napi::Env env, const std::vector<index_range> & ranges) {
+    Napi::Array out = Napi::Array::New(env, ranges.size());
+    for (size_t k = 0; k < ranges.size(); ++k) {
+        Napi::Array pair = Napi::Array::New(env, 2);
+        pair[(uint32_t) 0] = Napi::Number::New(env, (double) ranges[k].begin);
+        pair[(uint32_t) 1] = Napi::Number::New(env, (double) ranges[k].end);
+        out[(uint32_t) k] = pair;
+    }
+    return out;
 }
 
 // An AsyncWorker that settles a promise, rejecting with the core error's code.

@@ -127,15 +127,8 @@ Napi::Value plan_eviction(const Napi::CallbackInfo & info) {
     }
     const eviction_request req{ (size_t) info[2].ToNumber().Int64Value(), (size_t) info[3].ToNumber().Int64Value() };
     const eviction_plan plan = guarded(env, [&] { return make_policy(opts)->plan(ledger, req); });
-    Napi::Array ranges = Napi::Array::New(env, plan.ranges.size());
-    for (size_t i = 0; i < plan.ranges.size(); ++i) {
-        Napi::Array r = Napi::Array::New(env, 2);
-        r[(uint32_t) 0] = Napi::Number::New(env, (double) plan.ranges[i].begin);
-        r[(uint32_t) 1] = Napi::Number::New(env, (double) plan.ranges[i].end);
-        ranges[i] = r;
-    }
     Napi::Object out = Napi::Object::New(env);
-    out.Set("ranges", ranges);
+    out.Set("ranges", ranges_to_js(env, plan.ranges));
     out.Set("summarize", plan.summarize);
     return out;
 }

@@ -30,6 +30,20 @@ static void check_plan(const token_ledger & ledger, const std::vector<index_rang
     }
 }
 
+// The kept runs between (and after) sorted evicted ranges: fn(run_begin, run_end, tokens removed before the run).
+template <typename F>
+static void for_each_kept_run(const token_ledger & ledger, const std::vector<index_range> & ranges, F fn) {
+    size_t removed_so_far = 0;
+    for (size_t k = 0; k < ranges.size(); ++k) {
+        removed_so_far += ranges[k].size();
+        const size_t run_begin = ranges[k].end;
+        const size_t run_end   = k + 1 < ranges.size() ? ranges[k + 1].begin : ledger.size();
+        if (run_end > run_begin) {
+            fn(run_begin, run_end, removed_so_far);
+        }
+    }
+}
+
 static void remove_ranges(llama_memory_t mem, int32_t seq, const std::vector<index_range> & ranges) {
     // Ledger index == position (invariant), so ranges translate directly to positions.
     for (const auto & r : ranges) {
@@ -51,16 +65,10 @@ kv_eviction_result kv_evict_ranges(llama_context * ctx, int32_t seq, token_ledge
     remove_ranges(mem, seq, ranges);
     // Close each gap: the run after the k-th removed range moves left by the tokens removed so far.
     // One seq_add per kept run; the tail run extends to the end of the sequence.
-    size_t removed_so_far = 0;
-    for (size_t k = 0; k < ranges.size(); ++k) {
-        removed_so_far += ranges[k].size();
-        const size_t run_begin = ranges[k].end;
-        const size_t run_end   = k + 1 < ranges.size() ? ranges[k + 1].begin : ledger.size();
-        if (run_end > run_begin) {
-            llama_memory_seq_add(mem, seq, (llama_pos) run_begin, (llama_pos) run_end, -(llama_pos) removed_so_far);
-            res.shifted_runs++;
-        }
-    }
+    for_each_kept_run(ledger, ranges, [&](size_t run_begin, size_t run_end, size_t removed) {
+        llama_memory_seq_add(mem, seq, (llama_pos) run_begin, (llama_pos) run_end, -(llama_pos) removed);
+        res.shifted_runs++;
+    });
     res.evicted = ledger.remove_ranges_and_compact(ranges);
     return res;
 }
@@ -87,17 +95,11 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_l
     // then move each run (and the summary) home.
     const llama_pos park = (llama_pos) (4 * ((size_t) summary_pos0 + n_insert) + (1 << 16));
     llama_memory_seq_add(mem, seq, (llama_pos) insert_at, -1, park);
-    size_t removed_so_far = 0;
-    for (size_t k = 0; k < ranges.size(); ++k) {
-        removed_so_far += ranges[k].size();
-        const size_t run_begin = ranges[k].end;
-        const size_t run_end   = k + 1 < ranges.size() ? ranges[k + 1].begin : ledger.size();
-        if (run_end > run_begin) {
-            const llama_pos target = (llama_pos) run_begin + (llama_pos) n_insert - (llama_pos) removed_so_far;
-            llama_memory_seq_add(mem, seq, (llama_pos) run_begin + park, (llama_pos) run_end + park, target - ((llama_pos) run_begin + park));
-            res.shifted_runs++;
-        }
-    }
+    for_each_kept_run(ledger, ranges, [&](size_t run_begin, size_t run_end, size_t removed) {
+        const llama_pos target = (llama_pos) run_begin + (llama_pos) n_insert - (llama_pos) removed;
+        llama_memory_seq_add(mem, seq, (llama_pos) run_begin + park, (llama_pos) run_end + park, target - ((llama_pos) run_begin + park));
+        res.shifted_runs++;
+    });
     if (n_insert > 0) {
         llama_memory_seq_add(mem, seq, summary_pos0 + park, summary_pos0 + park + (llama_pos) n_insert,
                              (llama_pos) insert_at - (summary_pos0 + park));

@@ -112,7 +112,17 @@ async function oursLong(model: Model, k: number, label = 'ours'): Promise<Run> {
 
 // ---- llama-server ----
 
-interface Server { proc: ChildProcess; url: string }
+interface Server { proc: ChildProcess; url: string; log: () => string }
+
+/** A failed request says whether llama-server is still alive and what it last printed. */
+async function withServerLog<T>(server: Server, work: () => Promise<T>): Promise<T> {
+  try {
+    return await work();
+  } catch (err) {
+    const state = server.proc.exitCode !== null || server.proc.signalCode ? `exited (${server.proc.exitCode ?? server.proc.signalCode})` : 'still running';
+    throw new Error(`${(err as Error).message}; llama-server ${state}, its last output:\n${server.log()}`, { cause: err });
+  }
+}
 
 async function startServer(modelPath: string, k: number, ctxPerSlot: number): Promise<Server> {
   const port = 20000 + Math.floor(Math.random() * 20000);
@@ -124,7 +134,7 @@ async function startServer(modelPath: string, k: number, ctxPerSlot: number): Pr
   for (let i = 0; i < 600; i++) {
     if (proc.exitCode !== null) throw new Error(`llama-server exited: ${log}`);
     try {
-      if ((await fetch(`${url}/health`)).ok) return { proc, url };
+      if ((await fetch(`${url}/health`)).ok) return { proc, url, log: () => log };
     } catch {}
     await new Promise((r) => setTimeout(r, 100));
   }
@@ -139,10 +149,30 @@ async function stopServer(s: Server) {
 
 type Msg = { role: 'user' | 'assistant'; content: string };
 
+/** Requests that met a closed keep-alive connection and were sent again (printed with the results). */
+let resent = 0;
+
+/**
+ * fetch, sent again when the pooled connection it went out on had been closed by llama-server
+ * (cpp-httplib) before any response: the request never reached it, so sending it again is safe and
+ * costs a reconnect on localhost. Any other failure is the server's and is thrown.
+ */
+async function serverFetch(url: string, init: RequestInit): Promise<Response> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await fetch(url, init);
+    } catch (err) {
+      const code = ((err as { cause?: { code?: string } }).cause)?.code;
+      if (attempt >= 2 || (code !== 'UND_ERR_SOCKET' && code !== 'ECONNRESET')) throw err;
+      resent++;
+    }
+  }
+}
+
 /** One streamed completion; the reply text and timings. */
 async function serverTurn(url: string, messages: Msg[]): Promise<{ text: string } & TurnTiming> {
   const t0 = performance.now();
-  const res = await fetch(`${url}/v1/chat/completions`, {
+  const res = await serverFetch(`${url}/v1/chat/completions`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
     body: JSON.stringify({ messages, max_tokens: REPLY, temperature: 0, stream: true, stream_options: { include_usage: true }, cache_prompt: true }),
@@ -178,7 +208,7 @@ async function serverShort(modelPath: string, k: number): Promise<Run> {
     await Promise.all(Array.from({ length: k }, (_, i) => serverTurn(server.url, [{ role: 'user', content: `hello from chat ${i}` }])));
     const turns: TurnTiming[] = [];
     const t0 = performance.now();
-    await Promise.all(Array.from({ length: k }, async (_, i) => {
+    await withServerLog(server, () => Promise.all(Array.from({ length: k }, async (_, i) => {
       const history: Msg[] = [];
       for (let t = 0; t < TURNS; t++) {
         history.push({ role: 'user', content: prompt(i, t) });
@@ -186,46 +216,58 @@ async function serverShort(modelPath: string, k: number): Promise<Run> {
         history.push({ role: 'assistant', content: r.text });
         turns.push(r);
       }
-    }));
+    })));
     return { label: 'llama-server', k, wallMs: performance.now() - t0, turns };
   } finally {
     await stopServer(server);
   }
 }
 
-/** What a stateless client sends when the conversation outgrows the slot: the newest messages that fit. */
-function truncated(history: Msg[], model: Model, budget: number): Msg[] {
-  const cost = (m: Msg) => model.tokenize(m.content).length + 8;   // content + ChatML framing
-  let total = REPLY + 8;
-  const out: Msg[] = [];
-  for (let i = history.length - 1; i >= 0; i--) {
-    total += cost(history[i]!);
-    if (total > budget) break;
-    out.unshift(history[i]!);
-  }
-  while (out.length > 1 && out[0]!.role !== 'user') out.shift();
-  return out;
+/** Prompt tokens llama-server itself counts for these messages (its template and tokenizer, not an estimate). */
+async function serverPromptTokens(url: string, messages: Msg[]): Promise<number> {
+  const post = async (path: string, body: unknown) => {
+    const res = await serverFetch(`${url}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    if (!res.ok) throw new Error(`llama-server ${path} answered ${res.status}: ${await res.text()}`);
+    return res.json() as Promise<Record<string, unknown>>;
+  };
+  const { prompt } = (await post('/apply-template', { messages })) as { prompt: string };
+  const { tokens } = (await post('/tokenize', { content: prompt, add_special: true, parse_special: true })) as { tokens: number[] };
+  return tokens.length;
 }
 
-async function serverLong(modelPath: string, model: Model, k: number): Promise<Run> {
+/**
+ * What a stateless client sends when the conversation outgrows the slot: the newest messages that fit
+ * with room for the reply. Counted by the server, because a reply re-tokenized from its text can take
+ * more tokens than it was generated as, and a prompt over the slot fails the request.
+ */
+async function truncated(url: string, history: Msg[], budget: number): Promise<Msg[]> {
+  let from = 0;
+  while (from < history.length - 1 && (await serverPromptTokens(url, history.slice(from))) + REPLY > budget) {
+    from++;
+    while (from < history.length - 1 && history[from]!.role !== 'user') from++;
+  }
+  return history.slice(from);
+}
+
+async function serverLong(modelPath: string, k: number): Promise<Run> {
   const server = await startServer(modelPath, k, LONG_MAX_TOKENS);
   try {
     const turns: TurnTiming[] = [];
     const warm = LONG_WARM;
     let t0 = 0;
     let truncatedTurns = 0;
-    await Promise.all(Array.from({ length: k }, async (_, i) => {
+    await withServerLog(server, () => Promise.all(Array.from({ length: k }, async (_, i) => {
       const history: Msg[] = [];
       for (let t = 0; t < LONG_TURNS; t++) {
         history.push({ role: 'user', content: prompt(i, t) });
-        const sent = truncated(history, model, LONG_MAX_TOKENS);
+        const sent = await truncated(server.url, history, LONG_MAX_TOKENS);
         if (sent.length < history.length && t >= warm) truncatedTurns++;
         const r = await serverTurn(server.url, sent);
         history.push({ role: 'assistant', content: r.text });
         if (t >= warm) turns.push(r);
         if (t === warm - 1 && !t0) t0 = performance.now();
       }
-    }));
+    })));
     return { label: 'llama-server', k, wallMs: performance.now() - t0, turns, note: `${truncatedTurns} of ${turns.length} measured requests truncated` };
   } finally {
     await stopServer(server);
@@ -276,7 +318,7 @@ async function main() {
     const unified = await loadModel(m.path, { threads: THREADS, slots: Math.max(...KS, LONG_K), kvUnified: true });
     long.push(await oursLong(unified, LONG_K, 'ours, unified KV'));
     unified.dispose();
-    if (server) long.push(await serverLong(m.path, model, LONG_K));
+    if (server) long.push(await serverLong(m.path, LONG_K));
     for (const r of long) {
       const s = summary(r);
       console.log(`long K=${LONG_K} ${r.label}: ${fmt(s.tokPerS)} tok/s, p50 ${fmt(s.p50, 0)} ms, p99 ${fmt(s.p99, 0)} ms, ttft ${fmt(s.ttft, 0)} ms (${r.note})`);
@@ -297,7 +339,8 @@ async function main() {
     }
     return out.join('\n');
   };
-  const body = [`Command: \`npx tsx bench/concurrency.ts\``, '', ...setup, '', '### Short chats', '', rows(short), '', '### Long chats (past the budget)', '', rows(long)].join('\n');
+  const resentNote = `- llama-server requests sent again after meeting a connection it had closed: ${resent}`;
+  const body = [`Command: \`npx tsx bench/concurrency.ts\``, '', ...setup, resentNote, '', '### Short chats', '', rows(short), '', '### Long chats (past the budget)', '', rows(long)].join('\n');
   console.log(`\n${body}`);
   if (WRITE) writeResultsSection('concurrency', `## Concurrency: many chats at once\n\n${body}`);
 }

@@ -1,16 +1,23 @@
 /**
- * Generate a tiny llama-architecture GGUF model with seeded random weights.
+ * Generate a tiny GGUF model of one family with seeded random weights.
  *
- *   npm run make-model -- --out model.gguf [--layers 2 --embd 64 --heads 4 --kv-heads 2
- *       --head-dim 16 --ffn 128 --ctx 4096 --type f32|f16|q8_0 --seed 42 --vocab-extra N]
+ *   npm run make-model -- --out model.gguf [--arch llama|mistral|qwen2|qwen3|gemma3|phi3|qwen3moe|qwen2vl|mamba
+ *       --layers 2 --embd 64 --heads 4 --kv-heads 2 --head-dim 16 --ffn 128 --ctx 4096
+ *       --type f32|f16|q8_0 --seed 42 --vocab-extra N]
+ *
+ * Without --arch it writes the llama model with the ChatML template that most tests use.
  */
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import {
   DEFAULT_LLAMA_MODEL_OPTIONS,
+  MODEL_FAMILIES,
+  MODEL_FAMILY_NAMES,
   WEIGHT_TYPES,
   writeLlamaModel,
+  writeModel,
   type LlamaModelInput,
+  type ModelFamily,
   type WeightType,
 } from '../src/gguf-writer.ts';
 
@@ -20,6 +27,8 @@ const USAGE = `Usage: make-model --out <file.gguf> [options]
 
 Options (defaults in brackets):
   --out, -o <path>       output GGUF file (required)
+  --arch <family>        ${MODEL_FAMILY_NAMES.join(' | ')} [llama with ChatML]
+${MODEL_FAMILY_NAMES.map((f) => `                           ${f}: ${MODEL_FAMILIES[f].about}`).join('\n')}
   --layers <n>           transformer blocks [${d.layers}]
   --embd <n>             embedding size [${d.embd}]
   --heads <n>            attention heads [${d.heads}]
@@ -54,6 +63,7 @@ function main(argv: string[]): number {
     allowPositionals: false,
     options: {
       out: { type: 'string', short: 'o' },
+      arch: { type: 'string' },
       layers: { type: 'string' },
       embd: { type: 'string' },
       heads: { type: 'string' },
@@ -102,16 +112,19 @@ function main(argv: string[]): number {
 
   const out = path.resolve(values.out);
   const t0 = performance.now();
-  const r = writeLlamaModel(out, options);
+  if (values.arch !== undefined && !(MODEL_FAMILY_NAMES as readonly string[]).includes(values.arch)) {
+    throw new Error(`--arch must be one of ${MODEL_FAMILY_NAMES.join(', ')}, got "${values.arch}"`);
+  }
+  const r = values.arch === undefined ? writeLlamaModel(out, options) : writeModel(out, { ...options, family: values.arch as ModelFamily });
   const ms = performance.now() - t0;
   const o = r.options;
 
   const lines = [
     `wrote ${out}`,
-    `  architecture  llama, ${o.layers} layers, embd ${o.embd}, ffn ${o.ffn}, ctx ${o.ctx}`,
+    `  architecture  ${r.arch}, ${o.layers} layers, embd ${o.embd}, ffn ${o.ffn}, ctx ${o.ctx}`,
     `  attention     ${o.heads} heads x ${o.headDim} (q ${o.heads * o.headDim}), ${o.kvHeads} kv heads (kv ${o.kvHeads * o.headDim})`,
     `  kv cache      ${2 * o.layers * o.kvHeads * o.headDim} values per token (all layers, K+V)`,
-    `  vocab         ${r.nVocab} tokens (bos ${r.specialTokens.bos}, eos ${r.specialTokens.eos}, eot <|im_end|> ${r.specialTokens.imEnd})`,
+    `  vocab         ${r.nVocab} tokens (bos ${r.specialTokens.bos}, eos ${r.specialTokens.eos}, chat template ${values.arch ?? 'chatml'})`,
     `  weights       ${o.type}, seed ${o.seed}, ${r.nParams.toLocaleString('en-US')} params in ${r.tensors.length} tensors`,
     `  file size     ${r.fileSize} bytes (${formatBytes(r.fileSize)}), written in ${ms.toFixed(0)} ms`,
   ];

@@ -1,0 +1,398 @@
+/**
+ * Model generators: seeded random-weight GGUF files in the shapes of the families people load
+ * (Llama 3, Mistral, Qwen 2/3, Gemma 3, Phi-3, a Qwen3 MoE), plus two that finite memory cannot
+ * evict in place (Qwen2-VL's M-RoPE, Mamba's recurrent state), so their answer can be tested.
+ * Tensor names, shapes and metadata keys are the ones the pinned llama.cpp loads for each
+ * architecture (src/models/<arch>.cpp there); every tensor it expects is written, nothing else.
+ */
+import { GGMLType, GGUF_DEFAULT_ALIGNMENT, GGUFValueType, GGUFWriter, QK8_0, ggmlTypeSize, type TensorProducer, type TensorSummary } from './format.js';
+import { encodeValues } from './encode.js';
+import { SeededRandom, hashSeed } from './random.js';
+import { TEMPLATES, type TemplateName } from './templates.js';
+import { CHATML_TEMPLATE, SPECIAL_TOKEN_IDS, buildVocab } from './vocab.js';
+
+export type WeightType = 'f32' | 'f16' | 'q8_0';
+export const WEIGHT_TYPES: readonly WeightType[] = ['f32', 'f16', 'q8_0'];
+
+const WEIGHT_GGML_TYPE: Record<WeightType, GGMLType> = { f32: GGMLType.F32, f16: GGMLType.F16, q8_0: GGMLType.Q8_0 };
+/** llama_ftype values for general.file_type. */
+const LLAMA_FTYPE: Record<WeightType, number> = { f32: 0, f16: 1, q8_0: 7 };
+
+/** What each family is: its llama.cpp architecture, its chat template and how it tokenizes. */
+interface FamilySpec {
+  arch: string;
+  template: TemplateName;
+  /** SentencePiece's leading space (Llama 2 / Mistral / Phi-3 tokenizers add one; Gemma's does not). */
+  addSpacePrefix: boolean;
+  about: string;
+}
+
+export const MODEL_FAMILIES = {
+  llama: { arch: 'llama', template: 'llama3', addSpacePrefix: true, about: 'Llama 3: llama architecture, Llama-3 template' },
+  mistral: { arch: 'llama', template: 'mistral', addSpacePrefix: true, about: 'Mistral 7B: llama architecture, [INST] template' },
+  qwen2: { arch: 'qwen2', template: 'chatml', addSpacePrefix: false, about: 'Qwen 2/2.5: QKV biases, NEOX RoPE, ChatML' },
+  qwen3: { arch: 'qwen3', template: 'qwen3', addSpacePrefix: false, about: 'Qwen 3: per-head q/k RMS norms, NEOX RoPE, ChatML' },
+  gemma3: { arch: 'gemma3', template: 'gemma', addSpacePrefix: false, about: 'Gemma 3: interleaved sliding-window layers, q/k and post norms, scaled embeddings, tied output, Gemma template' },
+  phi3: { arch: 'phi3', template: 'phi3', addSpacePrefix: true, about: 'Phi-3: fused QKV and gate/up, NEOX RoPE, Phi-3 template' },
+  qwen3moe: { arch: 'qwen3moe', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3 MoE: routed experts (softmax top-k), q/k norms, ChatML' },
+  qwen2vl: { arch: 'qwen2vl', template: 'chatml', addSpacePrefix: false, about: 'Qwen2-VL text model: M-RoPE positions, ChatML' },
+  mamba: { arch: 'mamba', template: 'chatml', addSpacePrefix: false, about: 'Mamba: recurrent state (no KV cache), ChatML' },
+} as const satisfies Record<string, FamilySpec>;
+
+export type ModelFamily = keyof typeof MODEL_FAMILIES;
+export const MODEL_FAMILY_NAMES = Object.keys(MODEL_FAMILIES) as ModelFamily[];
+
+export interface ModelOptions {
+  /** model family (architecture, template, tokenizer quirks) */
+  family: ModelFamily;
+  /** number of transformer blocks */
+  layers: number;
+  /** embedding (hidden) size */
+  embd: number;
+  /** attention (query) heads */
+  heads: number;
+  /** key/value heads (GQA); must divide heads */
+  kvHeads: number;
+  /** per-head dimension (key_length = value_length = rope dims); qwen2, qwen2vl and phi3 need heads x headDim = embd */
+  headDim: number;
+  /** feed-forward hidden size (per expert for qwen3moe) */
+  ffn: number;
+  /** training context length written to <arch>.context_length */
+  ctx: number;
+  /** storage type of the weight matrices (norms, biases, routers and SSM parameters are always F32) */
+  type: WeightType;
+  /** PRNG seed; same options + seed produce byte-identical files */
+  seed: number;
+  /** number of generated extra vocabulary pieces */
+  vocabExtra: number;
+  /** general.name */
+  name: string;
+  /** which template's control tokens, end-of-turn token and text the model gets: undefined = the family's */
+  template: TemplateName | undefined;
+  /** tokenizer.chat_template text: undefined = the template's; null writes none (a base model: plain framing) */
+  chatTemplate: string | null | undefined;
+  /** gemma3: sliding-window size of its local layers */
+  slidingWindow: number;
+  /** gemma3: every n-th layer is global (full attention), the others slide */
+  swaPattern: number;
+  /** qwen3moe: experts per layer, and how many each token uses */
+  experts: number;
+  expertsUsed: number;
+}
+
+/** Options accepted by writeModel: any subset; missing or undefined fields take the defaults. */
+export type ModelInput = { [K in keyof ModelOptions]?: ModelOptions[K] | undefined };
+
+export const DEFAULT_MODEL_OPTIONS: Readonly<ModelOptions> = Object.freeze({
+  family: 'llama',
+  layers: 2,
+  embd: 64,
+  heads: 4,
+  kvHeads: 2,
+  headDim: 16,
+  ffn: 128,
+  ctx: 4096,
+  type: 'f32',
+  seed: 42,
+  vocabExtra: 0,
+  name: 'finite-memory-llm tiny random model',
+  template: undefined,
+  chatTemplate: undefined,
+  slidingWindow: 16,
+  swaPattern: 2,
+  experts: 4,
+  expertsUsed: 2,
+});
+
+
+export interface WriteModelResult {
+  path: string;
+  /** total file size in bytes */
+  fileSize: number;
+  options: ModelOptions;
+  arch: string;
+  nVocab: number;
+  nParams: number;
+  tensors: TensorSummary[];
+  specialTokens: typeof SPECIAL_TOKEN_IDS;
+}
+
+/** Weight scales: chosen so the residual stream mixes context and logits are peaked but not one-hot. */
+const EMBED_STD = 1.0;
+const LAYER_GAIN = 1.5; // std = LAYER_GAIN / sqrt(fan_in) for attention / FFN matrices
+const LOGIT_STD = 4.0; // output.weight std = LOGIT_STD / sqrt(embd) -> logits of std ~LOGIT_STD
+const BYTE_LOGIT_SCALE = 0.5; // output rows of the 256 byte tokens are scaled down by this
+const NORM_NOISE = 0.05; // norm weights ~ 1 + NORM_NOISE * N(0, 1)
+const BIAS_STD = 0.1;
+/** Mamba: d_inner = 2 x embd (llama.cpp accepts only that), the usual state size and kernel. */
+const SSM = { stateSize: 16, convKernel: 4, dtRank: 4 } as const;
+
+function checkPositiveInt(name: string, v: number): void {
+  if (!Number.isInteger(v) || v <= 0) throw new Error(`${name} must be a positive integer, got ${v}`);
+}
+
+export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
+  const o: ModelOptions = { ...DEFAULT_MODEL_OPTIONS };
+  for (const [k, v] of Object.entries(options)) {
+    if (v !== undefined) (o as unknown as Record<string, unknown>)[k] = v;
+  }
+  if (!Object.hasOwn(MODEL_FAMILIES, o.family)) {
+    throw new Error(`family must be one of ${MODEL_FAMILY_NAMES.join(', ')}, got ${String(o.family)}`);
+  }
+  for (const key of ['layers', 'embd', 'heads', 'kvHeads', 'headDim', 'ffn', 'ctx', 'slidingWindow', 'swaPattern', 'experts', 'expertsUsed'] as const) {
+    checkPositiveInt(key, o[key]);
+  }
+  if (!Number.isInteger(o.vocabExtra) || o.vocabExtra < 0) {
+    throw new Error(`vocabExtra must be a non-negative integer, got ${o.vocabExtra}`);
+  }
+  if (o.template !== undefined && !Object.hasOwn(TEMPLATES, o.template)) {
+    throw new Error(`template must be one of ${Object.keys(TEMPLATES).join(', ')}, got ${String(o.template)}`);
+  }
+  if (!Number.isInteger(o.seed)) throw new Error(`seed must be an integer, got ${o.seed}`);
+  if (!WEIGHT_TYPES.includes(o.type)) {
+    throw new Error(`type must be one of ${WEIGHT_TYPES.join(', ')}, got ${String(o.type)}`);
+  }
+  if (o.heads % o.kvHeads !== 0) {
+    throw new Error(`heads (${o.heads}) must be a multiple of kvHeads (${o.kvHeads})`);
+  }
+  if (o.headDim % 2 !== 0) throw new Error(`headDim must be even for RoPE, got ${o.headDim}`);
+  if ((o.family === 'qwen2' || o.family === 'qwen2vl' || o.family === 'phi3') && o.heads * o.headDim !== o.embd) {
+    throw new Error(`${o.family} needs heads x headDim = embd (${o.heads} x ${o.headDim} != ${o.embd})`);
+  }
+  if (o.family === 'qwen2vl' && o.headDim % 8 !== 0) throw new Error(`qwen2vl needs headDim divisible by 8 for its M-RoPE sections, got ${o.headDim}`);
+  if (o.expertsUsed > o.experts) throw new Error(`expertsUsed (${o.expertsUsed}) must not exceed experts (${o.experts})`);
+  if (o.type === 'q8_0') {
+    const rows: [string, number][] = [
+      ['embd', o.embd],
+      ['heads*headDim', o.heads * o.headDim],
+      ['ffn', o.ffn],
+    ];
+    if (o.family === 'mamba') rows.push(['2*embd (ssm inner size)', 2 * o.embd]);
+    for (const [what, n] of rows) {
+      if (n % QK8_0 !== 0) {
+        throw new Error(
+          `q8_0 requires every matrix row length to be a multiple of ${QK8_0}: ${what} = ${n} is not ` +
+            `(use --type f32 or f16, or change the shape)`,
+        );
+      }
+    }
+  }
+  return o;
+}
+
+/** Producer for a tensor of random normals (std around mean) stored as `type`, generated row-chunk by row-chunk. */
+function randomTensor(
+  dims: readonly number[],
+  type: GGMLType,
+  rng: SeededRandom,
+  std: number,
+  mean = 0,
+  rowScale?: (row: number) => number,
+  map?: (v: number, i: number) => number,
+): TensorProducer {
+  const ne0 = dims[0]!;
+  const nrows = dims.slice(1).reduce((a, b) => a * b, 1);
+  return (emit) => {
+    const rowsPerChunk = Math.max(1, Math.floor((1 << 16) / ne0));
+    const vals = new Float32Array(rowsPerChunk * ne0);
+    const out = Buffer.alloc(ggmlTypeSize(type, ne0) * rowsPerChunk);
+    for (let r = 0; r < nrows; r += rowsPerChunk) {
+      const n = Math.min(rowsPerChunk, nrows - r);
+      const v = n === rowsPerChunk ? vals : vals.subarray(0, n * ne0);
+      for (let j = 0; j < n; j++) {
+        const s = rowScale ? std * rowScale(r + j) : std;
+        for (let i = j * ne0; i < (j + 1) * ne0; i++) v[i] = mean + s * rng.normal();
+      }
+      if (map) for (let i = 0; i < v.length; i++) v[i] = map(v[i]!, i % ne0);
+      const len = encodeValues(v, type, out, 0);
+      emit(out.subarray(0, len));
+    }
+  };
+}
+
+/**
+ * Writes a model of `options.family` with seeded random weights to `path`.
+ * Synchronous; memory use is bounded by the vocabulary metadata plus ~1 MiB of buffers.
+ */
+export function writeModel(path: string, options: ModelInput = {}): WriteModelResult {
+  const o = resolveModelOptions(options);
+  const family: FamilySpec = MODEL_FAMILIES[o.family];
+  const template = TEMPLATES[o.template ?? family.template];
+  const vocab = buildVocab(o.vocabExtra, template.control);
+  const nVocab = vocab.tokens.length;
+  const wtype = WEIGHT_GGML_TYPE[o.type];
+  const { arch } = family;
+  const E = o.embd;
+  const qDim = o.heads * o.headDim;
+  const kvDim = o.kvHeads * o.headDim;
+
+  const w = new GGUFWriter(GGUF_DEFAULT_ALIGNMENT);
+  const key = (k: string) => `${arch}.${k}`;
+  w.addString('general.architecture', arch);
+  w.addString('general.name', o.name);
+  w.addUint32('general.file_type', LLAMA_FTYPE[o.type]);
+  w.addUint32(key('vocab_size'), nVocab);
+  w.addUint32(key('context_length'), o.ctx);
+  w.addUint32(key('embedding_length'), E);
+  w.addUint32(key('block_count'), o.layers);
+  w.addFloat32(key('attention.layer_norm_rms_epsilon'), 1e-5);
+  if (arch === 'mamba') {
+    w.addUint32(key('ssm.conv_kernel'), SSM.convKernel);
+    w.addUint32(key('ssm.inner_size'), 2 * E);
+    w.addUint32(key('ssm.state_size'), SSM.stateSize);
+    w.addUint32(key('ssm.time_step_rank'), SSM.dtRank);
+  } else {
+    w.addUint32(key('feed_forward_length'), o.ffn);
+    w.addUint32(key('attention.head_count'), o.heads);
+    w.addUint32(key('attention.head_count_kv'), o.kvHeads);
+    w.addUint32(key('attention.key_length'), o.headDim);
+    w.addUint32(key('attention.value_length'), o.headDim);
+    w.addUint32(key('rope.dimension_count'), o.headDim);
+    w.addFloat32(key('rope.freq_base'), arch === 'gemma3' ? 1e6 : 10000);
+  }
+  if (arch === 'gemma3') {
+    w.addUint32(key('attention.sliding_window'), o.slidingWindow);
+    w.addUint32(key('attention.sliding_window_pattern'), o.swaPattern);
+    w.addFloat32(key('rope.freq_base_swa'), 10000);
+  }
+  if (arch === 'qwen3moe') {
+    w.addUint32(key('expert_count'), o.experts);
+    w.addUint32(key('expert_used_count'), o.expertsUsed);
+    w.addUint32(key('expert_feed_forward_length'), o.ffn);
+  }
+  if (arch === 'qwen2vl') {
+    // Four sections of the rotary half (temporal, height, width, unused): text tokens use the same
+    // position in each, so only the split matters, and it must cover at most headDim / 2.
+    const half = o.headDim / 2;
+    w.addArray(key('rope.dimension_sections'), GGUFValueType.INT32, [half / 4, (3 * half) / 8, (3 * half) / 8, 0]);
+  }
+
+  w.addString('tokenizer.ggml.model', 'llama');
+  w.addStringArray('tokenizer.ggml.tokens', vocab.tokens);
+  w.addFloat32Array('tokenizer.ggml.scores', vocab.scores);
+  w.addInt32Array('tokenizer.ggml.token_type', vocab.types);
+  w.addUint32('tokenizer.ggml.bos_token_id', SPECIAL_TOKEN_IDS.bos);
+  w.addUint32('tokenizer.ggml.eos_token_id', SPECIAL_TOKEN_IDS.eos);
+  w.addUint32('tokenizer.ggml.unknown_token_id', SPECIAL_TOKEN_IDS.unk);
+  w.addUint32('tokenizer.ggml.eot_token_id', vocab.tokens.indexOf(template.endOfTurn));
+  w.addBool('tokenizer.ggml.add_bos_token', true);
+  w.addBool('tokenizer.ggml.add_eos_token', false);
+  w.addBool('tokenizer.ggml.add_space_prefix', family.addSpacePrefix);
+  const chatTemplate = o.chatTemplate === undefined ? template.text : o.chatTemplate;
+  if (chatTemplate !== null) w.addString('tokenizer.chat_template', chatTemplate);
+
+  const tensor = (name: string, dims: number[], type: GGMLType, std: number, mean = 0, rowScale?: (row: number) => number, map?: (v: number, i: number) => number) => {
+    const rng = new SeededRandom(hashSeed(o.seed, name));
+    w.addTensor({ name, dims, type, produce: randomTensor(dims, type, rng, std, mean, rowScale, map) });
+  };
+  const matrix = (name: string, dims: number[], std = LAYER_GAIN / Math.sqrt(dims[0]!)) => tensor(name, dims, wtype, std);
+  const norm = (name: string, n = E) => tensor(name, [n], GGMLType.F32, NORM_NOISE, 1);
+  const bias = (name: string, n: number) => tensor(name, [n], GGMLType.F32, BIAS_STD);
+
+  // Gemma multiplies embeddings by sqrt(embd) and ties the output to them: smaller embeddings keep
+  // both the residual stream and the logits in the same range as the other families'.
+  const tied = arch === 'gemma3';
+  matrix('token_embd.weight', [E, nVocab], tied ? EMBED_STD / Math.sqrt(E) : EMBED_STD);
+  norm('output_norm.weight');
+  if (!tied) {
+    // Byte-fallback tokens get smaller output rows so greedy text is mostly whole pieces (bytes still occur).
+    const firstByte = SPECIAL_TOKEN_IDS.firstByte;
+    const rowScale = (tok: number): number => (tok >= firstByte && tok < firstByte + 256 ? BYTE_LOGIT_SCALE : 1);
+    tensor('output.weight', [E, nVocab], wtype, LOGIT_STD / Math.sqrt(E), 0, rowScale);
+  }
+  for (let i = 0; i < o.layers; i++) {
+    const p = `blk.${i}.`;
+    norm(`${p}attn_norm.weight`);
+    if (arch === 'mamba') {
+      const inner = 2 * E;
+      matrix(`${p}ssm_in.weight`, [E, 2 * inner]);
+      tensor(`${p}ssm_conv1d.weight`, [SSM.convKernel, inner], GGMLType.F32, 1 / Math.sqrt(SSM.convKernel));
+      bias(`${p}ssm_conv1d.bias`, inner);
+      tensor(`${p}ssm_x.weight`, [inner, SSM.dtRank + 2 * SSM.stateSize], GGMLType.F32, 1 / Math.sqrt(inner));
+      tensor(`${p}ssm_dt.weight`, [SSM.dtRank, inner], GGMLType.F32, 1 / Math.sqrt(SSM.dtRank));
+      // dt = softplus(bias + ...) around 0.02: softplus^-1(0.02) ~ log(0.02)
+      tensor(`${p}ssm_dt.bias`, [inner], GGMLType.F32, 0.5, Math.log(0.02));
+      // A = -exp(A_log) with A_log = log(1..state): the usual S4D-real initialisation.
+      tensor(`${p}ssm_a`, [SSM.stateSize, inner], GGMLType.F32, 0, 0, undefined, (_v, col) => -(col + 1));
+      tensor(`${p}ssm_d`, [inner], GGMLType.F32, 0, 1);
+      matrix(`${p}ssm_out.weight`, [inner, E]);
+      continue;
+    }
+    if (arch === 'phi3') {
+      matrix(`${p}attn_qkv.weight`, [E, qDim + 2 * kvDim]);
+    } else {
+      matrix(`${p}attn_q.weight`, [E, qDim]);
+      matrix(`${p}attn_k.weight`, [E, kvDim]);
+      matrix(`${p}attn_v.weight`, [E, kvDim]);
+    }
+    if (arch === 'qwen2' || arch === 'qwen2vl') {
+      bias(`${p}attn_q.bias`, qDim);
+      bias(`${p}attn_k.bias`, kvDim);
+      bias(`${p}attn_v.bias`, kvDim);
+    }
+    if (arch === 'qwen3' || arch === 'qwen3moe' || arch === 'gemma3') {
+      norm(`${p}attn_q_norm.weight`, o.headDim);
+      norm(`${p}attn_k_norm.weight`, o.headDim);
+    }
+    matrix(`${p}attn_output.weight`, [qDim, E]);
+    if (arch === 'gemma3') norm(`${p}post_attention_norm.weight`);
+    norm(`${p}ffn_norm.weight`);
+    if (arch === 'qwen3moe') {
+      tensor(`${p}ffn_gate_inp.weight`, [E, o.experts], GGMLType.F32, 1 / Math.sqrt(E));
+      matrix(`${p}ffn_gate_exps.weight`, [E, o.ffn, o.experts]);
+      matrix(`${p}ffn_up_exps.weight`, [E, o.ffn, o.experts]);
+      matrix(`${p}ffn_down_exps.weight`, [o.ffn, E, o.experts]);
+    } else if (arch === 'phi3') {
+      matrix(`${p}ffn_up.weight`, [E, 2 * o.ffn]);
+      matrix(`${p}ffn_down.weight`, [o.ffn, E]);
+    } else {
+      matrix(`${p}ffn_gate.weight`, [E, o.ffn]);
+      matrix(`${p}ffn_up.weight`, [E, o.ffn]);
+      matrix(`${p}ffn_down.weight`, [o.ffn, E]);
+    }
+    if (arch === 'gemma3') norm(`${p}post_ffw_norm.weight`);
+  }
+
+  const fileSize = w.write(path);
+  const tensors = w.tensorInfos();
+  const nParams = tensors.reduce((sum, t) => sum + t.dims.reduce((a, b) => a * b, 1), 0);
+  return { path, fileSize, options: o, arch, nVocab, nParams, tensors, specialTokens: SPECIAL_TOKEN_IDS };
+}
+
+// ---- the llama generator most tests use (ChatML by default, as before there were families) ----
+
+export type LlamaModelOptions = Omit<ModelOptions, 'family' | 'slidingWindow' | 'swaPattern' | 'experts' | 'expertsUsed' | 'template' | 'chatTemplate'> & {
+  /** tokenizer.chat_template: ChatML by default; null writes none (a base model: plain framing). */
+  chatTemplate: string | null;
+};
+export type LlamaModelInput = { [K in keyof LlamaModelOptions]?: LlamaModelOptions[K] | undefined };
+export type WriteLlamaModelResult = WriteModelResult;
+
+export const DEFAULT_LLAMA_MODEL_OPTIONS: Readonly<LlamaModelOptions> = Object.freeze({
+  layers: DEFAULT_MODEL_OPTIONS.layers,
+  embd: DEFAULT_MODEL_OPTIONS.embd,
+  heads: DEFAULT_MODEL_OPTIONS.heads,
+  kvHeads: DEFAULT_MODEL_OPTIONS.kvHeads,
+  headDim: DEFAULT_MODEL_OPTIONS.headDim,
+  ffn: DEFAULT_MODEL_OPTIONS.ffn,
+  ctx: DEFAULT_MODEL_OPTIONS.ctx,
+  type: DEFAULT_MODEL_OPTIONS.type,
+  seed: DEFAULT_MODEL_OPTIONS.seed,
+  vocabExtra: DEFAULT_MODEL_OPTIONS.vocabExtra,
+  name: 'finite-memory-llm tiny random llama',
+  chatTemplate: CHATML_TEMPLATE,
+});
+
+export function resolveLlamaModelOptions(options: LlamaModelInput = {}): LlamaModelOptions {
+  const { family: _f, slidingWindow: _w, swaPattern: _p, experts: _e, expertsUsed: _u, template: _t, chatTemplate, ...rest } = resolveModelOptions({
+    ...DEFAULT_LLAMA_MODEL_OPTIONS,
+    ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)),
+    family: 'llama',
+  });
+  return { ...rest, chatTemplate: chatTemplate ?? null };
+}
+
+/** A llama-architecture model with the ChatML template (the shape most tests use). */
+export function writeLlamaModel(path: string, options: LlamaModelInput = {}): WriteLlamaModelResult {
+  return writeModel(path, { ...resolveLlamaModelOptions(options), family: 'llama', template: 'chatml' });
+}

@@ -30,6 +30,14 @@ export interface NativeModelInfo {
   fingerprint: string;
   /** How messages are framed: the model's template, ChatML (a template llama.cpp does not know) or plain "User: / Assistant:" (no template). */
   framing: 'template' | 'chatml' | 'plain';
+  /** The model's memory: a KV cache ('kv'), one with sliding-window layers ('kv-swa'), a recurrent state, or both ('hybrid'). */
+  memory: 'kv' | 'kv-swa' | 'recurrent' | 'hybrid';
+  /** Window of the sliding-window layers in tokens (0: none). With finite memory it counts retained tokens, not conversation tokens. */
+  slidingWindow: number;
+  /** Whether chats can evict in place on this model; createChat throws UnsupportedModelError otherwise. */
+  inPlaceEviction: boolean;
+  /** Why not, naming the architecture (null when supported). */
+  unsupportedReason: string | null;
   /** The model's CPU thread budget: every decode of its chats, batched together, uses this many threads. */
   threads: number;
   /** Chats decoded together in one context; more are parked while idle. */
@@ -42,6 +50,8 @@ export interface NativeModel {
   info(): NativeModelInfo;
   tokenize(text: string, addBos: boolean, parseSpecial: boolean): Int32Array;
   detokenize(tokens: Int32Array, renderSpecial: boolean): string;
+  /** messages flattened: role, content, role, content, ... */
+  applyTemplate(messages: string[], addAssistant: boolean): string;
   dispose(): void;
 }
 
@@ -188,6 +198,8 @@ export interface NativeProbes {
   benchEvict(model: NativeModel, context: number, evictCounts: number[], reps: number, threads: number): Promise<NativeEvictBench>;
   benchPolicyPlan(options: NativeRawOptions, n: number, want: number, embdDim: number, reps: number): number;
   benchMemcpy(bytes: number, reps: number): number;
+  /** KV bytes held and decode ms per token with the sliding-window cache at the full budget (swaFull) or window-sized. */
+  swaCost(model: NativeModel, context: number, swaFull: boolean, steps: number, threads: number): Promise<{ swaFull: boolean; canShift: boolean; context: number; filled: number; stateBytes: number; decodeMs: number }>;
   liveObjects(): { chats: number; models: number; runtimes: number };
 }
 

@@ -15,6 +15,7 @@ export type ErrorCode =
   | 'ABORTED'
   | 'DISPOSED'
   | 'TEMPLATE_FAILED'
+  | 'UNSUPPORTED_MODEL'
   | 'NATIVE_BINDING_NOT_FOUND'
   | 'CHECKPOINT_IO'
   | 'CHECKPOINT_CORRUPT'
@@ -84,6 +85,11 @@ export class NativeBindingError extends FiniteMemoryError {
   constructor(message: string, cause?: unknown) { super('NATIVE_BINDING_NOT_FOUND', message, { cause }); }
 }
 
+/** The model's architecture cannot keep a finite memory in place (M-RoPE, recurrent or hybrid state); the message names it and why. */
+export class UnsupportedModelError extends FiniteMemoryError {
+  constructor(message: string) { super('UNSUPPORTED_MODEL', message); }
+}
+
 /** Maps an error thrown by the native addon to its typed class, keeping the caller's stack. */
 export function fromNativeError(err: unknown, callerStack?: string): FiniteMemoryError {
   if (err instanceof FiniteMemoryError) return err;
@@ -99,6 +105,7 @@ export function fromNativeError(err: unknown, callerStack?: string): FiniteMemor
     case 'INVALID_OPTION': out = new InvalidOptionError(message); break;
     case 'PROMPT_TOO_LARGE': out = new PromptTooLargeError(message); break;
     case 'CHAT_BUSY': out = new ChatBusyError(message); break;
+    case 'UNSUPPORTED_MODEL': out = new UnsupportedModelError(message); break;
     case 'ABORTED': out = new AbortedError(message); break;
     case 'DISPOSED': out = new FiniteMemoryError('DISPOSED', message); break;
     case 'CHECKPOINT_IO':

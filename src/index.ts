@@ -11,6 +11,7 @@ export {
   AbortedError,
   DisposedError,
   InferenceError,
+  UnsupportedModelError,
   NativeBindingError,
   CheckpointError,
   type ErrorCode,

@@ -65,6 +65,23 @@ export class Model {
     }
   }
 
+  /**
+   * The conversation as the model's chat template renders it (llama.cpp's formatter for the
+   * template in the GGUF; see `info.framing`). A chat's cache holds the tokens of exactly this text,
+   * message by message; `addAssistant` appends the assistant's generation prompt.
+   */
+  applyTemplate(messages: readonly { role: 'system' | 'user' | 'assistant'; content: string }[], options: { addAssistant?: boolean } = {}): string {
+    this.#check();
+    if (!Array.isArray(messages) || messages.some((m) => !m || !['system', 'user', 'assistant'].includes(m.role) || typeof m.content !== 'string')) {
+      throw fromNativeError({ code: 'INVALID_OPTION', message: 'Expected an array of { role: "system" | "user" | "assistant", content: string } for messages' });
+    }
+    try {
+      return this.#native.applyTemplate(messages.flatMap((m) => [m.role, m.content]), options.addAssistant ?? false);
+    } catch (err) {
+      throw fromNativeError(err);
+    }
+  }
+
   /** Creates a chat whose KV cache never holds more than `maxTokens` tokens. */
   createChat(options: ChatOptions = {}): Chat {
     this.#check();

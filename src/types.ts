@@ -93,6 +93,14 @@ export interface ModelInfo {
   fingerprint: string;
   /** How messages are framed: the model's template, ChatML (a template llama.cpp does not know) or plain "User: / Assistant:" (no template). */
   framing: 'template' | 'chatml' | 'plain';
+  /** The model's memory: a KV cache ('kv'), one with sliding-window layers ('kv-swa'), a recurrent state, or both ('hybrid'). */
+  memory: 'kv' | 'kv-swa' | 'recurrent' | 'hybrid';
+  /** Window of the sliding-window layers in tokens (0: none). With finite memory it counts retained tokens, not conversation tokens. */
+  slidingWindow: number;
+  /** Whether chats can evict in place on this model; createChat throws UnsupportedModelError otherwise. */
+  inPlaceEviction: boolean;
+  /** Why not, naming the architecture (null when supported). */
+  unsupportedReason: string | null;
   /** The model's CPU thread budget: every decode of its chats, batched together, uses this many threads. */
   threads: number;
   /** Chats decoded together in one context; more are parked while idle. */

@@ -10,6 +10,7 @@ Napi::Function js_model::define(Napi::Env env) {
         InstanceMethod("info", &js_model::js_info),
         InstanceMethod("tokenize", &js_model::js_tokenize),
         InstanceMethod("detokenize", &js_model::js_detokenize),
+        InstanceMethod("applyTemplate", &js_model::js_apply_template),
         InstanceMethod("dispose", &js_model::js_dispose),
     });
 }
@@ -57,6 +58,10 @@ Napi::Value js_model::js_info(const Napi::CallbackInfo & info) {
     o.Set("nParams", Napi::Number::New(env, (double) mi.n_params));
     o.Set("fingerprint", mi.fingerprint);
     o.Set("gpuLayers", mi.gpu_layers);
+    o.Set("memory", mi.memory);
+    o.Set("slidingWindow", mi.sliding_window);
+    o.Set("inPlaceEviction", mi.in_place_eviction);
+    o.Set("unsupportedReason", mi.unsupported_reason.empty() ? env.Null() : Napi::String::New(env, mi.unsupported_reason));
     o.Set("threads", load_options.threads);
     o.Set("slots", load_options.slots);
     o.Set("prefillChunk", load_options.prefill_chunk);
@@ -85,6 +90,25 @@ Napi::Value js_model::js_detokenize(const Napi::CallbackInfo & info) {
     std::vector<int32_t> toks(arr.Data(), arr.Data() + arr.ElementLength());
     const bool special = info.Length() > 1 && info[1].ToBoolean();
     return Napi::String::New(env, guarded(env, [&] { return m->detokenize(toks, special); }));
+}
+
+Napi::Value js_model::js_apply_template(const Napi::CallbackInfo & info) {
+    // messages: [role, content, role, content, ...] (flat, validated by the TypeScript layer).
+    Napi::Env env = info.Env();
+    auto m = require(env);
+    if (info.Length() < 1 || !info[0].IsArray()) {
+        throw_error(env, FML_ERR_INVALID_OPTION, "expected an array of role and content strings");
+    }
+    Napi::Array flat = info[0].As<Napi::Array>();
+    std::vector<std::pair<std::string, std::string>> messages;
+    for (uint32_t i = 0; i + 1 < flat.Length(); i += 2) {
+        if (!flat.Get(i).IsString() || !flat.Get(i + 1).IsString()) {
+            throw_error(env, FML_ERR_INVALID_OPTION, "expected an array of role and content strings");
+        }
+        messages.emplace_back(flat.Get(i).As<Napi::String>().Utf8Value(), flat.Get(i + 1).As<Napi::String>().Utf8Value());
+    }
+    const bool add_assistant = info.Length() > 1 && info[1].ToBoolean();
+    return Napi::String::New(env, guarded(env, [&] { return m->apply_template(messages, add_assistant); }));
 }
 
 Napi::Value js_model::js_dispose(const Napi::CallbackInfo & info) {

@@ -56,6 +56,10 @@ void engine::create_context(uint32_t slots) {
     cp.type_v = cp.type_k;
     cp.flash_attn_type = key_.flash_attention < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
                         : key_.flash_attention == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    // Sliding-window layers (Gemma 2/3, ...) keep every cell of the budget, not only the window:
+    // a SWA cache smaller than the full one prunes cells it may need again and cannot K-shift
+    // (llama_kv_cache_iswa::get_can_shift). llama.cpp's default, set here so it stays that way.
+    cp.swa_full = true;
     cp.no_perf = true;
     cp.abort_callback = abort_callback;
     cp.abort_callback_data = const_cast<std::atomic<bool> *>(stopping_);

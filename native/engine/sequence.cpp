@@ -52,6 +52,9 @@ sequence::sequence(std::shared_ptr<fml_model> model, const chat_options & opts, 
     // Option values were validated by resolve_chat_options (options.cpp); what is checked here
     // depends on the model.
     const policy_options & p = opts_.policy;
+    if (!model_->info().in_place_eviction) {
+        throw fml_error(FML_ERR_UNSUPPORTED_MODEL, "finite memory cannot run on this model: " + model_->info().unsupported_reason);
+    }
     if (opts_.threads > model_threads) {
         throw fml_error(FML_ERR_INVALID_OPTION, "Expected an integer between 1 and " + std::to_string(model_threads) +
                         " (the model's thread budget) for threads but received number " + std::to_string(opts_.threads));
@@ -61,7 +64,7 @@ sequence::sequence(std::shared_ptr<fml_model> model, const chat_options & opts, 
         system_tokens_.push_back(model_->bos());
     }
     if (!opts_.system_prompt.empty()) {
-        const std::vector<int32_t> framed = frame_tokens("system", opts_.system_prompt);
+        const std::vector<int32_t> framed = model_->frame_tokens(frame_kind::system, opts_.system_prompt);
         system_tokens_.insert(system_tokens_.end(), framed.begin(), framed.end());
     }
     check_budget();
@@ -72,7 +75,9 @@ sequence::sequence(std::shared_ptr<fml_model> model, const chat_options & opts, 
     const model_info & mi = model_->info();
     int32_t fa = opts_.flash_attention;
     if (policy_->needs_importance()) {
-        if (fa != 1 && kv_cells_available()) {
+        // Sliding-window layers index their attention by the window cache's cells, which the cell
+        // map does not describe: those models use the key-norm proxy.
+        if (fa != 1 && kv_cells_available() && mi.sliding_window == 0) {
             signal_ = IMPORTANCE_ATTENTION;
             fa = 0;
             key_.attention = true;
@@ -100,7 +105,7 @@ sequence::sequence(std::shared_ptr<fml_model> model, const chat_options & opts, 
     }
     uint32_t scratch = 0;
     if (policy_->summarizes()) {
-        summary_instruction_ = frame_tokens("user", SUMMARY_INSTRUCTION);
+        summary_instruction_ = model_->frame_tokens(frame_kind::user, SUMMARY_INSTRUCTION);
         scratch = (uint32_t) summary_instruction_.size() + p.summary_tokens + 8;
     }
     // Streams of one engine are equally long: round up so that nearby budgets share an engine.
@@ -118,20 +123,15 @@ sequence::~sequence() {
 
 // ---- budget and framing (JS thread, no shared state) ----
 
-std::vector<int32_t> sequence::frame_tokens(const std::string & role, const std::string & content) const {
-    // Template text is tokenized with special-token parsing; the content without it, so user text
-    // cannot smuggle in control tokens.
-    const message_frame frame = model_->frame_message(role);
-    std::vector<int32_t> out = model_->tokenize(frame.prefix, false, true);
-    const std::vector<int32_t> body = model_->tokenize(content, false, false);
-    const std::vector<int32_t> tail = model_->tokenize(frame.suffix, false, true);
-    out.insert(out.end(), body.begin(), body.end());
-    out.insert(out.end(), tail.begin(), tail.end());
-    return out;
+frame_kind sequence::next_user_frame() const {
+    // Until a first user message is in, a template that merges the system prompt into it frames
+    // that message without its usual opening.
+    std::lock_guard<std::mutex> lock(mu_);
+    return !opts_.system_prompt.empty() && turn_no_ == 0 ? frame_kind::first_user_after_system : frame_kind::user;
 }
 
 size_t sequence::count_turn_tokens(const std::string & user_text) const {
-    return frame_tokens("user", user_text).size();
+    return model_->frame_tokens(next_user_frame(), user_text).size();
 }
 
 size_t sequence::pinned_after_start() const {
@@ -144,10 +144,11 @@ void sequence::check_budget() {
     // (its last sampled token and the template's end-of-turn), a one-token message in its framing,
     // and one reply token, on top of the pinned prefix (system prompt and attention sinks). Summaries
     // take whatever room an eviction frees beyond that, so they add nothing here.
-    closing_tokens_ = model_->tokenize(model_->frame_message("assistant").suffix, false, true);
+    closing_tokens_ = model_->tokenize(model_->frame_message(frame_kind::assistant).suffix, false, true);
     const size_t pinned = pinned_after_start();
     const size_t carry = 1 + closing_tokens_.size();
-    const size_t framing = frame_tokens("user", "x").size();
+    const size_t framing = std::max(model_->frame_tokens(frame_kind::user, "x").size(),
+                                    opts_.system_prompt.empty() ? 0 : model_->frame_tokens(frame_kind::first_user_after_system, "x").size());
     const size_t required = pinned + carry + framing + 1;
     if (required <= opts_.policy.max_tokens) {
         return;
@@ -164,7 +165,7 @@ void sequence::check_budget() {
 
 turn_request sequence::prepare_turn(const std::string & user_text, generation_options gen) {
     turn_request req;
-    req.framed = frame_tokens("user", user_text);
+    req.framed = model_->frame_tokens(next_user_frame(), user_text);
     req.gen = std::move(gen);
     std::lock_guard<std::mutex> lock(mu_);
     const size_t budget = opts_.policy.max_tokens;
@@ -181,8 +182,10 @@ turn_request sequence::prepare_turn(const std::string & user_text, generation_op
 turn_request sequence::prepare_ingest(const std::string & user_text, const std::string & assistant_text) {
     turn_request req;
     req.ingest = true;
-    req.framed = frame_tokens("user", user_text);
-    req.reply = model_->tokenize(assistant_text, false, false);
+    req.framed = model_->frame_tokens(next_user_frame(), user_text);
+    // The reply as the template renders it (its opening and content); its closing is carried into
+    // the next turn, as after a generated reply.
+    req.reply = model_->frame_tokens(frame_kind::assistant, assistant_text, false);
     std::lock_guard<std::mutex> lock(mu_);
     const size_t budget = opts_.policy.max_tokens;
     const size_t pinned = pinned_after_start();

@@ -245,7 +245,7 @@ private:
     struct turn_state;
     struct summary_job;
 
-    std::vector<int32_t> frame_tokens(const std::string & role, const std::string & content) const;
+    frame_kind next_user_frame() const;
     void check_budget();
     size_t pinned_after_start() const;
     // Frees room for `incoming` more tokens, asking the policy for at least the excess and up to

@@ -4,6 +4,7 @@
 
 #ifdef FML_HAVE_KV_CELLS
 #include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
 #include "llama-kv-cells.h"
 #endif
 
@@ -37,6 +38,15 @@ bool kv_cell_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & 
     (void) seq;
     return false;
 #endif
+}
+
+int32_t kv_full_cache_pos_min(llama_context * ctx, int32_t seq) {
+#ifdef FML_HAVE_KV_CELLS
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx))) {
+        return iswa->get_base()->seq_pos_min(seq);
+    }
+#endif
+    return llama_memory_seq_pos_min(llama_get_memory(ctx), seq);
 }
 
 } // namespace fml

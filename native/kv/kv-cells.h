@@ -18,4 +18,9 @@ bool kv_cells_available();
 // Returns false (and leaves `out` empty) when the mapping is unavailable.
 bool kv_cell_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out);
 
+// The sequence's smallest position in the cache that holds every retained token. With sliding-window
+// layers llama.cpp reports the window cache's, whose out-of-window cells it reuses for new tokens
+// (so an old token can be gone from the sliding layers only, as in a conversation never compacted).
+int32_t kv_full_cache_pos_min(llama_context * ctx, int32_t seq);
+
 } // namespace fml

@@ -1,4 +1,5 @@
 #include "kv/kv-ops.h"
+#include "kv/kv-cells.h"
 
 #include "util/error.h"
 
@@ -109,51 +110,105 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_l
     return res;
 }
 
-// A sequence's state as llama.cpp writes it is [u32 magic][i32 seq id][u32 n_stream] and then, per
-// stream, [u32 cell_count] and (when it is not 0) that stream's cells; only the sequence's own stream
-// has cells. It only loads into a context with the same stream count, so the bytes are kept in a
-// canonical one-stream form (n_stream 1, just that section) and widened again to the target
-// context's count when loaded: llama.cpp restores a section into the destination sequence's own
-// stream, whichever position it had, and ignores the stored seq id.
+// A sequence's state as llama.cpp writes it is [u32 magic][i32 seq id] and then one section per KV
+// cache (two for models with sliding-window layers: the full cache, then the window's): [u32
+// n_stream] and, per stream, [u32 cell_count] and (when it is not 0) that stream's cells; only the
+// sequence's own stream has cells. It only loads into a context with the same stream count, so the
+// bytes are kept in a canonical one-stream form (n_stream 1 in every section, just that stream) and
+// widened again to the target context's count when loaded: llama.cpp restores a section into the
+// destination sequence's own stream, whichever position it had, and ignores the stored seq id.
 static constexpr size_t STATE_HEADER = 8;   // magic + seq id
 
-static uint32_t read_u32(const std::vector<uint8_t> & b, size_t at) {
-    uint32_t v = 0;
-    memcpy(&v, b.data() + at, sizeof(v));
-    return v;
+namespace {
+
+struct blob_reader {
+    const std::vector<uint8_t> & b;
+    size_t at;
+    template <typename T> T get() {
+        if (at + sizeof(T) > b.size()) {
+            throw fml_error(FML_ERR_KV, "unexpected KV state layout (truncated)");
+        }
+        T v;
+        memcpy(&v, b.data() + at, sizeof(T));
+        at += sizeof(T);
+        return v;
+    }
+    void skip(uint64_t n) {
+        if (n > b.size() - at) {
+            throw fml_error(FML_ERR_KV, "unexpected KV state layout (truncated)");
+        }
+        at += (size_t) n;
+    }
+};
+
+// Skips one stream's `cells` cells (llama_kv_cache::state_write_meta, then state_write_data).
+void skip_stream_cells(blob_reader & r, uint32_t cells) {
+    for (uint32_t c = 0; c < cells; ++c) {
+        r.get<int32_t>();                       // pos
+        const uint32_t n_seq = r.get<uint32_t>();
+        r.skip(4ull * n_seq);                   // seq ids
+    }
+    const uint32_t v_trans = r.get<uint32_t>();
+    const uint32_t n_layer = r.get<uint32_t>();
+    for (uint32_t l = 0; l < n_layer; ++l) {    // K rows
+        r.get<int32_t>();
+        r.skip(r.get<uint64_t>() * cells);
+    }
+    for (uint32_t l = 0; l < n_layer; ++l) {    // V rows, or V elements when transposed
+        r.get<int32_t>();
+        if (v_trans == 0) {
+            r.skip(r.get<uint64_t>() * cells);
+        } else {
+            const uint32_t el = r.get<uint32_t>();
+            const uint32_t n_embd_v = r.get<uint32_t>();
+            r.skip((uint64_t) el * n_embd_v * cells);
+        }
+    }
 }
+
+// Byte ranges [begin, end) of each section's one stream ([u32 cell_count][cells]).
+std::vector<std::pair<size_t, size_t>> section_streams(const std::vector<uint8_t> & raw, bool one_stream) {
+    std::vector<std::pair<size_t, size_t>> out;
+    blob_reader r{ raw, STATE_HEADER };
+    while (r.at < raw.size()) {
+        const uint32_t n_stream = r.get<uint32_t>();
+        if (n_stream == 0 || (one_stream && n_stream != 1)) {
+            throw fml_error(one_stream ? "CHECKPOINT_CORRUPT" : FML_ERR_KV, "unexpected KV state layout (stream count)");
+        }
+        // The non-empty stream, or the first (empty) one when the sequence holds no cells.
+        std::pair<size_t, size_t> kept{ 0, 0 };
+        bool found = false;
+        for (uint32_t s = 0; s < n_stream; ++s) {
+            const size_t begin = r.at;
+            const uint32_t cells = r.get<uint32_t>();
+            if (cells > 0) {
+                skip_stream_cells(r, cells);
+            }
+            if (cells > 0 && found) {
+                throw fml_error(FML_ERR_KV, "unexpected KV state layout (cells in more than one stream)");
+            }
+            if (cells > 0 || s == 0) {
+                kept = { begin, r.at };
+                found = cells > 0;
+            }
+        }
+        out.push_back(kept);
+    }
+    return out;
+}
+
+} // namespace
 
 static std::vector<uint8_t> to_one_stream(const std::vector<uint8_t> & raw) {
     if (raw.size() < STATE_HEADER + 4) {
         throw fml_error(FML_ERR_KV, "llama_state_seq_get_data returned too few bytes");
     }
-    const uint32_t n_stream = read_u32(raw, STATE_HEADER);
-    if (n_stream <= 1) {
-        return raw;
-    }
-    size_t at = STATE_HEADER + 4;
-    uint32_t s = 0;
-    while (s < n_stream && at + 4 <= raw.size() && read_u32(raw, at) == 0) {
-        at += 4;
-        ++s;
-    }
     std::vector<uint8_t> out(raw.begin(), raw.begin() + (long) STATE_HEADER);
     const uint32_t one = 1;
-    out.insert(out.end(), (const uint8_t *) &one, (const uint8_t *) &one + 4);
-    if (s == n_stream) {
-        out.insert(out.end(), 4, 0);   // no cells anywhere
-        return out;
+    for (const auto & [begin, end] : section_streams(raw, false)) {
+        out.insert(out.end(), (const uint8_t *) &one, (const uint8_t *) &one + 4);
+        out.insert(out.end(), raw.begin() + (long) begin, raw.begin() + (long) end);
     }
-    const size_t tail = 4 * (size_t) (n_stream - 1 - s);   // the empty streams after the sequence's
-    if (at + tail > raw.size()) {
-        throw fml_error(FML_ERR_KV, "unexpected KV state layout");
-    }
-    for (size_t i = raw.size() - tail; i < raw.size(); ++i) {
-        if (raw[i] != 0) {
-            throw fml_error(FML_ERR_KV, "unexpected KV state layout (cells in more than one stream)");
-        }
-    }
-    out.insert(out.end(), raw.begin() + (long) at, raw.end() - (long) tail);
     return out;
 }
 
@@ -171,13 +226,22 @@ std::vector<uint8_t> kv_state_save(llama_context * ctx, int32_t seq) {
 void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std::vector<uint8_t> & blob) {
     check_seq(ctx, seq);
     llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1);
-    if (blob.size() < STATE_HEADER + 8 || read_u32(blob, STATE_HEADER) != 1) {
+    if (blob.size() < STATE_HEADER + 8) {
         throw fml_error("CHECKPOINT_CORRUPT", "the KV state is not in the one-stream form this library writes");
     }
-    // Widen to the context's stream count: the section, then an empty entry for every other stream.
-    std::vector<uint8_t> wide(blob);
-    memcpy(wide.data() + STATE_HEADER, &streams, sizeof(streams));
-    wide.insert(wide.end(), 4 * (size_t) (streams - 1), 0);
+    std::vector<std::pair<size_t, size_t>> sections;
+    try {
+        sections = section_streams(blob, true);
+    } catch (const fml_error &) {
+        throw fml_error("CHECKPOINT_CORRUPT", "the KV state is not in the one-stream form this library writes");
+    }
+    // Widen every section to the context's stream count: the stream, then an empty entry for every other one.
+    std::vector<uint8_t> wide(blob.begin(), blob.begin() + (long) STATE_HEADER);
+    for (const auto & [begin, end] : sections) {
+        wide.insert(wide.end(), (const uint8_t *) &streams, (const uint8_t *) &streams + 4);
+        wide.insert(wide.end(), blob.begin() + (long) begin, blob.begin() + (long) end);
+        wide.insert(wide.end(), 4 * (size_t) (streams - 1), 0);
+    }
     if (llama_state_seq_set_data(ctx, wide.data(), wide.size(), seq) == 0) {
         llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1);
         throw fml_error("CHECKPOINT_CORRUPT", "the KV state does not fit this chat's cache (llama_state_seq_set_data refused it)");
@@ -232,7 +296,7 @@ void kv_remove_from(llama_context * ctx, int32_t seq, int32_t pos) {
     llama_memory_seq_rm(llama_get_memory(ctx), seq, pos, -1);
 }
 
-int32_t kv_pos_min(llama_context * ctx, int32_t seq) { check_seq(ctx, seq); return llama_memory_seq_pos_min(llama_get_memory(ctx), seq); }
+int32_t kv_pos_min(llama_context * ctx, int32_t seq) { check_seq(ctx, seq); return kv_full_cache_pos_min(ctx, seq); }
 int32_t kv_pos_max(llama_context * ctx, int32_t seq) { check_seq(ctx, seq); return llama_memory_seq_pos_max(llama_get_memory(ctx), seq); }
 bool kv_can_shift(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
 

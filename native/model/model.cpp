@@ -197,6 +197,29 @@ static std::pair<std::string, std::string> detect_backend(bool offloading) {
     return { "cpu", cpu_name };
 }
 
+// What kind of memory the model has and whether its cache can drop tokens and close the gap in
+// place. Decided per architecture family before any chat exists, so createChat can say why not.
+static void describe_memory(const llama_model * model, model_info & info) {
+    info.sliding_window = llama_model_n_swa(model);
+    const enum llama_rope_type rope = llama_model_rope_type(model);
+    if (llama_model_is_recurrent(model)) {
+        info.memory = "recurrent";
+        info.unsupported_reason = "architecture " + info.architecture + " keeps a recurrent state instead of a KV cache: llama.cpp can only clear "
+            "that state, not remove tokens from it, so nothing can be evicted in place (and its memory is already fixed-size)";
+    } else if (llama_model_is_hybrid(model)) {
+        info.memory = "hybrid";
+        info.unsupported_reason = "architecture " + info.architecture + " mixes attention layers with a recurrent state: llama.cpp cannot remove tokens "
+            "from the recurrent part, so nothing can be evicted in place";
+    } else if (rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE || rope == LLAMA_ROPE_TYPE_VISION) {
+        info.memory = info.sliding_window > 0 ? "kv-swa" : "kv";
+        info.unsupported_reason = "architecture " + info.architecture + " uses multi-section RoPE positions (M-RoPE): llama.cpp cannot shift them "
+            "(llama_memory_can_shift is false), so evicted gaps cannot be closed in place";
+    } else {
+        info.memory = info.sliding_window > 0 ? "kv-swa" : "kv";
+    }
+    info.in_place_eviction = info.unsupported_reason.empty();
+}
+
 std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model_load_options & opts) {
     if (path.find('\0') != std::string::npos) {
         throw fml_error(FML_ERR_MODEL_NOT_FOUND, "model path contains a NUL character");
@@ -254,6 +277,8 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
         info.gpu_layers = 0;
     }
 
+    describe_memory(model, info);
+
     // The model's template when llama.cpp recognises it; ChatML for one it does not (a chat model
     // whose template is not built into llama.cpp most likely knows ChatML); and for a model with no
     // template (a base model) a plain "User: ... / Assistant:" framing that costs a few tokens a turn
@@ -269,6 +294,7 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
             info.framing = "chatml";
         }
     }
+    m->compute_frames();
     return m;
 }
 
@@ -335,6 +361,16 @@ int32_t fml_model::bos() const { return llama_vocab_bos(vocab_); }
 bool fml_model::add_bos() const { return llama_vocab_get_add_bos(vocab_) && llama_vocab_bos(vocab_) != LLAMA_TOKEN_NULL; }
 
 std::string fml_model::apply_template(const std::vector<std::pair<std::string, std::string>> & messages, bool add_assistant) const {
+    if (info_.framing == "plain") {
+        // No template: the plain frames, each user message ending in the "Assistant:" cue.
+        std::string out;
+        for (const auto & m : messages) {
+            const frame_kind k = m.first == "system" ? frame_kind::system : m.first == "user" ? frame_kind::user : frame_kind::assistant;
+            out += frames_[(int) k].prefix + m.second + frames_[(int) k].suffix;
+        }
+        (void) add_assistant;
+        return out;
+    }
     std::vector<llama_chat_message> chat;
     size_t total = 0;
     for (const auto & m : messages) {
@@ -353,35 +389,148 @@ std::string fml_model::apply_template(const std::vector<std::pair<std::string, s
     return std::string(buf.data(), (size_t) n);
 }
 
-message_frame fml_model::frame_message(const std::string & role) const {
-    // Render the message with a sentinel as content and split around it. Messages are framed one at a
-    // time (history is never re-rendered), so the diff against the preceding context is what counts:
-    // for "assistant" the context is a user turn, whose own rendering (with generation prompt) is
-    // stripped off.
-    if (info_.framing == "plain") {
-        if (role == "user") return { "User: ", "\nAssistant:" };
-        if (role == "system") return { "", "\n\n" };
-        return { "", "\n" };
-    }
-    static const std::string sentinel = "\x1e" "FML_CONTENT" "\x1e";
-    std::string rendered;
-    std::string context;
-    if (role == "user") {
-        rendered = apply_template({ { "user", sentinel } }, true);
-    } else if (role == "system") {
-        rendered = apply_template({ { "system", sentinel } }, false);
-    } else {
-        context  = apply_template({ { "user", "u" } }, true);
-        rendered = apply_template({ { "user", "u" }, { role, sentinel } }, false);
-        if (rendered.compare(0, context.size(), context) == 0) {
-            rendered = rendered.substr(context.size());
-        }
-    }
+namespace {
+
+const std::string SENTINEL_A = "\x1e" "FML_A" "\x1e";
+const std::string SENTINEL_B = "\x1e" "FML_B" "\x1e";
+
+// Splits `rendered` around `sentinel`; false when the template dropped it.
+bool split_at(const std::string & rendered, const std::string & sentinel, std::string & before, std::string & after) {
     const size_t at = rendered.find(sentinel);
     if (at == std::string::npos) {
-        throw fml_error(FML_ERR_TEMPLATE, "chat template dropped the message content for role " + role);
+        return false;
     }
-    return { rendered.substr(0, at), rendered.substr(at + sentinel.size()) };
+    before = rendered.substr(0, at);
+    after = rendered.substr(at + sentinel.size());
+    return true;
+}
+
+bool ends_with(const std::string & s, const std::string & tail) {
+    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+std::string trim_spaces(const std::string & s) {
+    const size_t a = s.find_first_not_of(" \t\n\r\v\f");
+    if (a == std::string::npos) {
+        return std::string();
+    }
+    const size_t b = s.find_last_not_of(" \t\n\r\v\f");
+    return s.substr(a, b - a + 1);
+}
+
+} // namespace
+
+void fml_model::compute_frames() {
+    // Messages are framed one at a time (history is never re-rendered): each frame is the text the
+    // template puts around a sentinel content. Whether the template trims content is seen by padding
+    // the sentinel with spaces.
+    auto & user = frames_[(int) frame_kind::user];
+    auto & first_user = frames_[(int) frame_kind::first_user_after_system];
+    auto & system = frames_[(int) frame_kind::system];
+    auto & assistant = frames_[(int) frame_kind::assistant];
+    if (info_.framing == "plain") {
+        user = { "User: ", "\nAssistant:", false };
+        first_user = user;
+        system = { "", "\n\n", false };
+        assistant = { "", "\n", false };
+        return;
+    }
+    const std::string padded = " " + SENTINEL_A + " ";
+    auto trims = [&](const std::string & rendered) { return rendered.find(padded) == std::string::npos; };
+    auto fail = [&](frame_kind k, const std::string & why) { frame_errors_[(int) k] = why; };
+    try {
+        if (!split_at(apply_template({ { "user", SENTINEL_A } }, true), SENTINEL_A, user.prefix, user.suffix)) {
+            fail(frame_kind::user, "the chat template drops the content of user messages");
+        }
+        user.trim = trims(apply_template({ { "user", padded } }, true));
+
+        // The assistant's frame is what its message adds after a user turn with the generation prompt.
+        const std::string context = apply_template({ { "user", "u" } }, true);
+        auto after_user = [&](const std::string & content) {
+            std::string r = apply_template({ { "user", "u" }, { "assistant", content } }, false);
+            return r.compare(0, context.size(), context) == 0 ? r.substr(context.size()) : r;
+        };
+        if (!split_at(after_user(SENTINEL_A), SENTINEL_A, assistant.prefix, assistant.suffix)) {
+            fail(frame_kind::assistant, "the chat template drops the content of assistant messages");
+        }
+        assistant.trim = trims(after_user(padded));
+
+        // The system prompt is framed with the first user turn, because some templates (Gemma,
+        // Mistral) put it inside that turn: system + user renders as A S B U C. When B ends with the
+        // usual user prefix, the system prompt is a message of its own; otherwise B belongs to the
+        // system prompt and the first user turn starts right at its content.
+        std::string a, rest, b, c;
+        const std::string both = apply_template({ { "system", SENTINEL_A }, { "user", SENTINEL_B } }, true);
+        if (!split_at(both, SENTINEL_A, a, rest) || !split_at(rest, SENTINEL_B, b, c)) {
+            fail(frame_kind::system, "the chat template drops the system prompt");
+            fail(frame_kind::first_user_after_system, "the chat template drops the system prompt");
+        } else if (ends_with(b, user.prefix)) {
+            system = { a, b.substr(0, b.size() - user.prefix.size()), false };
+            first_user = user;
+        } else {
+            system = { a, b, false };
+            first_user = { "", c, user.trim };
+        }
+        system.trim = trims(apply_template({ { "system", padded }, { "user", SENTINEL_B } }, true));
+    } catch (const fml_error & e) {
+        for (auto & err : frame_errors_) {
+            if (err.empty()) err = e.what();
+        }
+    }
+}
+
+message_frame fml_model::frame_message(frame_kind kind) const {
+    if (!frame_errors_[(int) kind].empty()) {
+        throw fml_error(FML_ERR_TEMPLATE, frame_errors_[(int) kind]);
+    }
+    return frames_[(int) kind];
+}
+
+std::vector<int32_t> fml_model::frame_tokens(frame_kind kind, const std::string & content, bool with_suffix) const {
+    message_frame f = frame_message(kind);
+    if (!with_suffix) {
+        f.suffix.clear();
+    }
+    const std::string body = f.trim ? trim_spaces(content) : content;
+    // What the rendered conversation has right before this message: a reply follows the generation
+    // prompt, the first user turn of a merged template the system prompt's tail. A SentencePiece
+    // vocabulary tokenizes text that continues other text differently from text that starts a
+    // fragment (its leading space), so the message is tokenized after that context, which is then
+    // dropped again.
+    std::string left;
+    if (kind == frame_kind::assistant) {
+        left = frames_[(int) frame_kind::user].suffix;
+    } else if (kind == frame_kind::first_user_after_system) {
+        left = frames_[(int) frame_kind::system].suffix;
+    } else if (kind == frame_kind::user) {
+        left = frames_[(int) frame_kind::assistant].suffix;
+    }
+    auto specials = [&](const std::vector<int32_t> & toks) {
+        size_t n = 0;
+        for (int32_t t : toks) {
+            n += (llama_vocab_get_attr(vocab_, t) & (LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_USER_DEFINED)) != 0;
+        }
+        return n;
+    };
+    const std::vector<int32_t> prefix = tokenize(f.prefix, false, true);
+    const std::vector<int32_t> suffix = tokenize(f.suffix, false, true);
+    std::vector<int32_t> whole;
+    const std::vector<int32_t> context = tokenize(left, false, true);
+    std::vector<int32_t> with_left = tokenize(left + f.prefix + body + f.suffix, false, true);
+    if (with_left.size() >= context.size() && std::equal(context.begin(), context.end(), with_left.begin())) {
+        whole.assign(with_left.begin() + (long) context.size(), with_left.end());
+    } else {
+        whole = tokenize(f.prefix + body + f.suffix, false, true);
+    }
+    if (specials(whole) == specials(prefix) + specials(suffix)) {
+        return whole;
+    }
+    // The content holds the text of a control token: it must stay text, so it is tokenized apart.
+    std::vector<int32_t> out = prefix;
+    const std::vector<int32_t> text = tokenize(body, false, false);
+    out.insert(out.end(), text.begin(), text.end());
+    out.insert(out.end(), suffix.begin(), suffix.end());
+    return out;
 }
 
 } // namespace fml

@@ -35,13 +35,25 @@ struct model_info {
     uint64_t size_bytes = 0;
     uint64_t n_params = 0;
     int32_t gpu_layers = 0;
+    // What the model's memory is and whether finite memory can evict in place on it (decided at load,
+    // before any chat: createChat refuses with UNSUPPORTED_MODEL and this reason otherwise).
+    std::string memory;               // "kv", "kv-swa" (some layers slide), "recurrent", "hybrid"
+    int32_t sliding_window = 0;       // the sliding layers' window (0: none)
+    bool in_place_eviction = false;
+    std::string unsupported_reason;   // why not, when not
 };
 
 // The text around a message's content once a chat template is applied: prefix + content + suffix.
+// `trim`: the template strips whitespace around the content (Llama 3, Gemma), so framing does too.
 struct message_frame {
     std::string prefix;
     std::string suffix;
+    bool trim = false;
 };
+
+// Which message a frame is for. A template that merges the system prompt into the first user turn
+// (Gemma, Mistral) frames that turn differently from the ones after it.
+enum class frame_kind { system, first_user_after_system, user, assistant };
 
 class fml_model {
 public:
@@ -68,19 +80,30 @@ public:
     int32_t bos() const;
     bool add_bos() const;
 
-    // Frames for one message of `role` ("system", "user", "assistant") under the model's template.
-    // For "user", the suffix includes the assistant generation prompt.
-    message_frame frame_message(const std::string & role) const;
+    // Frames for one message under the model's template. For user messages, the suffix includes the
+    // assistant generation prompt.
+    message_frame frame_message(frame_kind kind) const;
+    // The tokens of one framed message, equal to that message's slice of the whole conversation
+    // rendered by the template and tokenized at once (what llama.cpp's own server feeds the model).
+    // Content is never parsed for control tokens: text such as "<|im_start|>" in it stays text.
+    // Without the suffix for an ingested reply, whose closing is carried into the next turn.
+    std::vector<int32_t> frame_tokens(frame_kind kind, const std::string & content, bool with_suffix = true) const;
+    // The whole conversation rendered by the model's template ({role, content} pairs).
+    std::string apply_template(const std::vector<std::pair<std::string, std::string>> & messages, bool add_assistant) const;
 
 private:
     fml_model() = default;
-    std::string apply_template(const std::vector<std::pair<std::string, std::string>> & messages, bool add_assistant) const;
 
     llama_model * model_ = nullptr;
     const llama_vocab * vocab_ = nullptr;
     model_info info_;
     int32_t default_threads_ = 1;
     std::string template_;   // what llama_chat_apply_template gets
+    // Frames per frame_kind, rendered once at load; a template that cannot frame a kind leaves its
+    // error here, thrown when a chat needs that frame.
+    message_frame frames_[4];
+    std::string frame_errors_[4];
+    void compute_frames();
 };
 
 // Checks that `path` is a readable GGUF whose tensor data lies inside the file, without letting

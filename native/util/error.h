@@ -29,6 +29,7 @@ private:
 #define FML_ERR_ABORTED           "ABORTED"
 #define FML_ERR_DISPOSED          "DISPOSED"
 #define FML_ERR_TEMPLATE          "TEMPLATE_FAILED"
+#define FML_ERR_UNSUPPORTED_MODEL "UNSUPPORTED_MODEL"
 #define FML_ERR_INTERNAL          "INTERNAL"
 
 } // namespace fml

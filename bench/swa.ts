@@ -1,0 +1,70 @@
+// What in-place eviction costs on sliding-window models: their SWA layers must keep the whole
+// budget (llama.cpp's swa_full) so the cache can K-shift, instead of a window-sized cache that
+// cannot. Side by side in one run on a model with Gemma 3 1B's geometry (seeded random weights):
+// KV bytes a sequence holds when full and the decode time per token, swa_full on vs off.
+//
+//   npx tsx bench/swa.ts [--contexts=1024,2048,4096] [--steps=16] [--no-write]
+import { existsSync, mkdirSync, renameSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { getProbes } from '../src/binding.ts';
+import { writeModel, type ModelInput } from '../src/gguf-writer.ts';
+import { loadModel } from '../src/index.ts';
+import { machine, ROOT, writeResultsSection } from './common.ts';
+
+const args = process.argv.slice(2);
+const arg = (name: string) => args.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
+const CONTEXTS = (arg('contexts') ?? '1024,2048,4096').split(',').map(Number);
+const STEPS = Number(arg('steps') ?? 16);
+const THREADS = Number(arg('threads') ?? 2);
+
+/** Gemma 3 1B: 26 layers, hidden 1152, 4 query / 1 KV head x 256, FFN 6912, window 512, every 6th layer global. */
+const GEMMA3_1B: ModelInput = { family: 'gemma3', layers: 26, embd: 1152, heads: 4, kvHeads: 1, headDim: 256, ffn: 6912, slidingWindow: 512, swaPattern: 6, type: 'q8_0', ctx: 32768, seed: 1 };
+
+function gemmaModel(): string {
+  const path = join(ROOT, '.cache', 'models', 'gemma3-1b-shape-q8_0-seed1.gguf');
+  if (!existsSync(path)) {
+    mkdirSync(dirname(path), { recursive: true });
+    const t0 = performance.now();
+    writeModel(`${path}.tmp`, GEMMA3_1B);
+    renameSync(`${path}.tmp`, path);
+    console.log(`wrote ${path} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  }
+  return path;
+}
+
+const mib = (b: number) => (b / 2 ** 20).toFixed(1);
+
+async function main() {
+  const model = await loadModel(gemmaModel(), { threads: THREADS });
+  const probes = getProbes();
+  const setup = [
+    `- machine: ${machine()}`,
+    `- model: Gemma 3 1B geometry (26 layers: 22 sliding with window 512, 4 global; hidden 1152, 4 query / 1 KV head x 256, FFN 6912, Q8_0), seeded random weights, ${(model.info.nParams / 1e6).toFixed(0)}M parameters`,
+    `- one sequence per context, F16 KV, flash attention off, ${THREADS} threads, n_ubatch = min(512, context); the cache filled to context - ${STEPS + 1} tokens, then the median of ${STEPS} one-token decodes`,
+    `- swa_full off: llama.cpp's SWA cache of pad256(min(context, window + n_ubatch)) cells, which cannot K-shift once smaller than the context; on: every layer holds the context (what finite memory uses)`,
+  ];
+  console.log(setup.join('\n'));
+  const rows = ['| context | swa_full | can K-shift | KV held when full (MiB) | decode ms/token | KV: on / off | decode: on / off |', '|---:|---|---|---:|---:|---:|---:|'];
+  for (const context of CONTEXTS) {
+    // Alternate the order so neither setting always runs on a warmer machine.
+    const order = CONTEXTS.indexOf(context) % 2 === 0 ? [false, true] : [true, false];
+    const res: Record<string, Awaited<ReturnType<typeof probes.swaCost>>> = {};
+    for (const swaFull of order) res[String(swaFull)] = await probes.swaCost(model._native(), context, swaFull, STEPS, THREADS);
+    const off = res['false']!;
+    const on = res['true']!;
+    for (const r of [off, on]) {
+      console.log(`context ${r.context} swa_full ${r.swaFull}: can shift ${r.canShift}, KV ${mib(r.stateBytes)} MiB, decode ${r.decodeMs.toFixed(1)} ms`);
+    }
+    rows.push(`| ${context} | off | ${off.canShift ? 'yes' : 'no'} | ${mib(off.stateBytes)} | ${off.decodeMs.toFixed(1)} |  |  |`);
+    rows.push(`| ${context} | on | ${on.canShift ? 'yes' : 'no'} | ${mib(on.stateBytes)} | ${on.decodeMs.toFixed(1)} | ${(on.stateBytes / off.stateBytes).toFixed(2)}x | ${(on.decodeMs / off.decodeMs).toFixed(2)}x |`);
+  }
+  model.dispose();
+  const body = [`Command: \`npx tsx bench/swa.ts\``, '', ...setup, '', rows.join('\n')].join('\n');
+  console.log(`\n${body}`);
+  if (!args.includes('--no-write')) writeResultsSection('swa', `## Sliding-window models: the cost of a shiftable cache\n\n${body}`);
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});

@@ -1,0 +1,112 @@
+/**
+ * Writes the README's table of model families x what works, by trying each on a generated model:
+ * whether chats evict in place, which policies keep the budget through evicting turns, whether a
+ * checkpoint round-trips, and whether a turn's tokens equal the template's rendering of the whole
+ * conversation. Nothing in the table is declared: every cell is what this run saw.
+ * `npm run docs:families` rewrites README.md between the markers; `--check` exits 1 when it is out
+ * of date (test/families.test.ts runs that check).
+ */
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { MODEL_FAMILIES, MODEL_FAMILY_NAMES, writeModel, type ModelFamily } from '../src/gguf-writer.ts';
+import { loadModel, POLICIES, type Model } from '../src/index.ts';
+
+export const BEGIN = '<!-- families:begin (npm run docs:families) -->';
+export const END = '<!-- families:end -->';
+
+const MESSAGES = ['The cat sat.', 'Rain fell on the hill!', 'Why is the sky blue?'];
+
+async function policiesThatHold(model: Model): Promise<string[]> {
+  const ok: string[] = [];
+  for (const policy of POLICIES) {
+    const maxTokens = 96;
+    const chat = model.createChat({ policy, maxTokens, windowSize: 16, sinkTokens: 4, systemPrompt: 'Be brief.', maxPolicyMs: 0, threads: 1 });
+    let holds = true;
+    for (let t = 0; t < 20 && holds; t++) {
+      await chat.send(`turn ${t}. ${MESSAGES[t % 3]}`, { maxNewTokens: 6, temperature: 0.9, seed: t });
+      const c = chat._internals().cacheState();
+      holds = c.ledgerTokens <= maxTokens && c.positionsContiguous && c.cachePosMax === c.ledgerTokens - 1;
+    }
+    if (holds && chat.stats().evictions > 0) ok.push(policy);
+    chat.dispose();
+  }
+  return ok;
+}
+
+async function checkpointRoundTrips(model: Model, dir: string): Promise<boolean> {
+  const chat = model.createChat({ maxTokens: 64, windowSize: 16, threads: 1 });
+  for (let t = 0; t < 8; t++) await chat.send(`message ${t}. ${MESSAGES[t % 3]}`, { maxNewTokens: 6, temperature: 0 });
+  const path = join(dir, 'c.ckpt');
+  await chat.saveCheckpoint(path);
+  const restored = await model.loadChat(path);
+  const a = await chat.send('next', { maxNewTokens: 6, temperature: 0 });
+  const b = await restored.send('next', { maxNewTokens: 6, temperature: 0 });
+  const same = chat.stats().evictions > 0 && a.response === b.response && JSON.stringify(chat.memory()) === JSON.stringify(restored.memory());
+  chat.dispose();
+  restored.dispose();
+  return same;
+}
+
+async function framingMatches(model: Model): Promise<boolean> {
+  const messages = [
+    { role: 'user' as const, content: 'Hello there' },
+    { role: 'assistant' as const, content: 'Hi. The sky is blue' },
+  ];
+  const chat = await model.importTranscript({ format: 'finite-memory-llm/transcript', version: 1, systemPrompt: 'Be brief.', messages }, { maxTokens: 512, threads: 1 });
+  await chat.send('Why?', { maxNewTokens: 1, temperature: 0 });
+  const rendered = model.applyTemplate([{ role: 'system', content: 'Be brief.' }, ...messages, { role: 'user', content: 'Why?' }], { addAssistant: true });
+  const same = JSON.stringify(chat.memory().map((e) => e.token)) === JSON.stringify(model.tokenize(rendered, { addBos: true, special: true }));
+  chat.dispose();
+  return same;
+}
+
+export async function familiesTable(): Promise<string> {
+  const dir = mkdtempSync(join(tmpdir(), 'fml-families-table-'));
+  const rows = [
+    '| family (`make-model --arch`) | llama.cpp architecture | memory | in-place eviction | policies that keep the budget | checkpoint round trip | turn tokens = template rendering |',
+    '|---|---|---|---|---|---|---|',
+  ];
+  try {
+    for (const family of MODEL_FAMILY_NAMES as ModelFamily[]) {
+      const path = join(dir, `${family}.gguf`);
+      writeModel(path, { family, seed: 3 });
+      const model = await loadModel(path, { threads: 1 });
+      const i = model.info;
+      const memory = i.memory === 'kv-swa' ? `KV, sliding window ${i.slidingWindow} (kept at the full budget)` : i.memory === 'kv' ? 'KV' : i.memory;
+      if (!i.inPlaceEviction) {
+        const why = i.unsupportedReason!.replace(/^architecture \S+ /, '').split(':')[0];
+        rows.push(`| ${family} | ${i.architecture} | ${memory} | no: UnsupportedModelError (${why}) | - | - | - |`);
+      } else {
+        const policies = await policiesThatHold(model);
+        rows.push(`| ${family} | ${i.architecture} | ${memory} | yes | ${policies.length === POLICIES.length ? 'all five' : policies.join(', ') || 'none'} | ${(await checkpointRoundTrips(model, dir)) ? 'yes' : 'no'} | ${(await framingMatches(model)) ? 'yes' : 'no'} |`);
+      }
+      model.dispose();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  const about = MODEL_FAMILY_NAMES.map((f) => `\`${f}\`: ${MODEL_FAMILIES[f].about}`).join('; ');
+  return `${rows.join('\n')}\n\nGenerated models (seeded random weights, tiny shapes): ${about}.`;
+}
+
+export function readmeWithTable(readme: string, table: string): string {
+  const a = readme.indexOf(BEGIN);
+  const b = readme.indexOf(END);
+  if (a < 0 || b < a) throw new Error(`README.md has no ${BEGIN} ... ${END} block`);
+  return `${readme.slice(0, a + BEGIN.length)}\n${table}\n${readme.slice(b)}`;
+}
+
+if (process.argv[1] && import.meta.url.endsWith(process.argv[1].split('/').pop()!)) {
+  const path = join(import.meta.dirname, '..', 'README.md');
+  const readme = readFileSync(path, 'utf8');
+  const next = readmeWithTable(readme, await familiesTable());
+  if (process.argv.includes('--check')) {
+    if (next !== readme) {
+      console.error('README.md families table is out of date: run npm run docs:families');
+      process.exit(1);
+    }
+  } else {
+    writeFileSync(path, next);
+  }
+}

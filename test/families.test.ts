@@ -1,0 +1,170 @@
+// Every model family the generator writes, against the real KV cache: the invariants over hundreds
+// of turns, shift invariance, checkpoints, all five policies, and framing equal to the template's
+// rendering of the whole conversation. Families that cannot evict in place get a typed error.
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { MODEL_FAMILIES, writeModel, type ModelFamily } from '../src/gguf-writer.ts';
+import { loadModel, POLICIES, UnsupportedModelError, type Model } from '../src/index.ts';
+import { checkCache, maxAbsDiff, THREADS } from './helpers.ts';
+
+const dir = mkdtempSync(join(tmpdir(), 'fml-families-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const SUPPORTED: ModelFamily[] = ['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3', 'phi3', 'qwen3moe'];
+const UNSUPPORTED: ModelFamily[] = ['qwen2vl', 'mamba'];
+
+async function load(family: ModelFamily): Promise<Model> {
+  const path = join(dir, `${family}.gguf`);
+  writeModel(path, { family, seed: 7 });
+  return loadModel(path, { threads: THREADS });
+}
+
+const MESSAGES = ['The cat sat.', 'Rain fell on the hill!', 'Why is the sky blue?', 'Bread and jam, please.'];
+
+describe.each(SUPPORTED)('family %s', (family) => {
+  let model: Model;
+  beforeAll(async () => {
+    model = await load(family);
+  });
+  afterAll(() => model?.dispose());
+
+  it('loads as its architecture with its template, and evicts in place', () => {
+    expect(model.info.architecture).toBe(MODEL_FAMILIES[family].arch);
+    expect(model.info.framing).toBe('template');
+    expect(model.info.inPlaceEviction).toBe(true);
+    expect(model.info.unsupportedReason).toBeNull();
+    expect(model.info.memory).toBe(family === 'gemma3' ? 'kv-swa' : 'kv');
+    expect(model.info.slidingWindow).toBe(family === 'gemma3' ? 16 : 0);
+  });
+
+  it('keeps the KV invariants for 200 turns, each prefilling only its new tokens', async () => {
+    const maxTokens = 96; // larger than gemma3's window of 16: its sliding layers hold the whole budget
+    const chat = model.createChat({ maxTokens, windowSize: 16, sinkTokens: 4, systemPrompt: 'You are terse.' });
+    let pinned0: string | undefined;
+    for (let t = 0; t < 200; t++) {
+      const internals = chat._internals();
+      const before = internals.cacheState();
+      const message = `turn ${t}. ${MESSAGES[t % 4]}`;
+      const expectedPrefill = internals.countTurnTokens(message) + before.carriedTokens + before.pendingSystemTokens;
+      const r = await chat.send(message, { maxNewTokens: 3 + (t % 7), temperature: 0.9, seed: t });
+      expect(r.stats.promptTokens).toBe(expectedPrefill);
+      checkCache(chat, maxTokens);
+      const pinned = JSON.stringify(chat.memory().filter((e) => e.pinned).map((e) => [e.position, e.token]));
+      pinned0 ??= pinned;
+      expect(pinned).toBe(pinned0);
+    }
+    expect(chat.stats().evictions).toBeGreaterThan(20);
+    chat.dispose();
+  });
+
+  it('a whole-sequence position shift leaves the next-token logits unchanged', async () => {
+    const chat = model.createChat({ maxTokens: 256, kvType: 'f32', flashAttention: false, systemPrompt: 'You are terse.' });
+    await chat.send('Tell me about the sea and the sky.', { maxNewTokens: 12, temperature: 0 });
+    const internals = chat._internals();
+    const probe = model.tokenize('the')[0]!;
+    const before = internals.probeLogits(probe);
+    internals.shiftPositions(40);
+    const shifted = internals.probeLogits(probe);
+    internals.shiftPositions(-40);
+    expect(maxAbsDiff(before, shifted)).toBeLessThan(1e-3);
+    expect(maxAbsDiff(before, internals.probeLogits(model.tokenize('sea')[0]!))).toBeGreaterThan(1e-3);
+    chat.dispose();
+  });
+
+  it('round-trips a checkpoint after evictions: same memory, logits and seeded continuation', async () => {
+    const chat = model.createChat({ maxTokens: 80, windowSize: 16, kvType: 'f32', flashAttention: false, systemPrompt: 'Be brief.' });
+    for (let t = 0; t < 10; t++) await chat.send(`message ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 8, temperature: 0.8, seed: t });
+    expect(chat.stats().evictions).toBeGreaterThan(0);
+    const path = join(dir, `${family}.ckpt`);
+    await chat.saveCheckpoint(path);
+    const restored = await model.loadChat(path);
+    expect(restored.memory()).toEqual(chat.memory());
+    const probe = model.tokenize('the')[0]!;
+    expect(maxAbsDiff(chat._internals().probeLogits(probe), restored._internals().probeLogits(probe))).toBeLessThan(1e-4);
+    const a = await chat.send('next one', { maxNewTokens: 10, temperature: 0.9, seed: 99 });
+    const b = await restored.send('next one', { maxNewTokens: 10, temperature: 0.9, seed: 99 });
+    expect(b.response).toBe(a.response);
+    expect(a.stats.generatedTokens).toBeGreaterThan(0);
+    chat.dispose();
+    restored.dispose();
+  });
+
+  it.each(POLICIES)('policy %s keeps the invariants for 40 turns', async (policy) => {
+    const maxTokens = 128;
+    const chat = model.createChat({ policy, maxTokens, windowSize: 24, sinkTokens: 4, systemPrompt: 'You are terse.', maxPolicyMs: 0 });
+    for (let t = 0; t < 40; t++) {
+      const r = await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 4 + (t % 5), temperature: 0.9, seed: t });
+      expect(r.stats.policy).toBe(policy);
+      checkCache(chat, maxTokens);
+    }
+    const s = chat.stats();
+    expect(s.evictions).toBeGreaterThan(3);
+    expect(s.fallbackCount).toBe(0);
+    chat.dispose();
+  });
+
+  it('prefills exactly the template rendering of the whole conversation, message by message', async () => {
+    const system = 'You are terse.';
+    // Whitespace around content: templates that trim it (Llama 3, Gemma) must be followed.
+    const turns = [
+      { user: 'Hello there', assistant: 'Hi. The sky is blue' },
+      { user: '  Why is that?\n', assistant: 'Because of the sea' },
+      { user: 'Thank you', assistant: 'Yes' },
+    ];
+    const last = 'One more question';
+    const chat = await model.importTranscript({
+      format: 'finite-memory-llm/transcript',
+      version: 1,
+      systemPrompt: system,
+      messages: turns.flatMap((t) => [{ role: 'user' as const, content: t.user }, { role: 'assistant' as const, content: t.assistant }]),
+    }, { maxTokens: 1024 });
+    await chat.send(last, { maxNewTokens: 1, temperature: 0 });
+    const cached = chat.memory().map((e) => e.token);
+    const rendered = model.applyTemplate([
+      { role: 'system', content: system },
+      ...turns.flatMap((t) => [{ role: 'user' as const, content: t.user }, { role: 'assistant' as const, content: t.assistant }]),
+      { role: 'user', content: last },
+    ], { addAssistant: true });
+    const expected = model.tokenize(rendered, { addBos: true, special: true });
+    // The cache holds the rendered conversation (the one sampled reply token is not decoded yet).
+    expect(chat.stats().tokensEvicted).toBe(0);
+    const show = (t: number[]) => t.map((x) => model.detokenize([x], { special: true })).join('|');
+    expect(show(cached)).toBe(show(expected));
+    expect(cached).toEqual(expected);
+    chat.dispose();
+  });
+});
+
+describe.each(UNSUPPORTED)('family %s (no in-place eviction)', (family) => {
+  it('loads, says why, and createChat throws UnsupportedModelError naming the architecture', async () => {
+    const model = await load(family);
+    const arch = MODEL_FAMILIES[family].arch;
+    expect(model.info.inPlaceEviction).toBe(false);
+    expect(model.info.memory).toBe(family === 'mamba' ? 'recurrent' : 'kv');
+    expect(model.info.unsupportedReason).toContain(arch);
+    let err: unknown;
+    try {
+      model.createChat({ maxTokens: 128 });
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(UnsupportedModelError);
+    expect((err as UnsupportedModelError).code).toBe('UNSUPPORTED_MODEL');
+    expect((err as Error).message).toContain(arch);
+    expect((err as Error).message).toMatch(family === 'mamba' ? /recurrent state/ : /M-RoPE/);
+    // The model itself stays usable (tokenizer, template).
+    expect(model.tokenize('hello').length).toBeGreaterThan(0);
+    expect(model.applyTemplate([{ role: 'user', content: 'hi' }], { addAssistant: true })).toContain('hi');
+    model.dispose();
+  });
+});
+
+describe('README families table', () => {
+  it('is what scripts/families-table.ts finds now (npm run docs:families rewrites it)', async () => {
+    const { familiesTable, readmeWithTable } = await import('../scripts/families-table.ts');
+    const readme = readFileSync(join(import.meta.dirname, '..', 'README.md'), 'utf8');
+    expect(readmeWithTable(readme, await familiesTable())).toBe(readme);
+  }, 180_000);
+});

@@ -46,6 +46,8 @@ export interface NativeModelInfo {
   prefillChunk: number;
 }
 
+export interface NativeSwaSide { canShift: boolean; kvBytes: number; decodeMs: number }
+
 export interface NativeModel {
   info(): NativeModelInfo;
   tokenize(text: string, addBos: boolean, parseSpecial: boolean): Int32Array;
@@ -198,8 +200,8 @@ export interface NativeProbes {
   benchEvict(model: NativeModel, context: number, evictCounts: number[], reps: number, threads: number): Promise<NativeEvictBench>;
   benchPolicyPlan(options: NativeRawOptions, n: number, want: number, embdDim: number, reps: number): number;
   benchMemcpy(bytes: number, reps: number): number;
-  /** KV bytes held and decode ms per token with the sliding-window cache at the full budget (swaFull) or window-sized. */
-  swaCost(model: NativeModel, context: number, swaFull: boolean, steps: number, threads: number): Promise<{ swaFull: boolean; canShift: boolean; context: number; filled: number; stateBytes: number; decodeMs: number }>;
+  /** Sliding-window cache at the window's size (off) vs the full budget (on): KV allocated, decode ms per token (interleaved). */
+  swaCost(model: NativeModel, context: number, steps: number, threads: number): Promise<{ context: number; filled: number; off: NativeSwaSide; on: NativeSwaSide }>;
   liveObjects(): { chats: number; models: number; runtimes: number };
 }
 

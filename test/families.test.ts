@@ -83,10 +83,17 @@ describe.each(SUPPORTED)('family %s', (family) => {
     expect(restored.memory()).toEqual(chat.memory());
     const probe = model.tokenize('the')[0]!;
     expect(maxAbsDiff(chat._internals().probeLogits(probe), restored._internals().probeLogits(probe))).toBeLessThan(1e-4);
-    const a = await chat.send('next one', { maxNewTokens: 10, temperature: 0.9, seed: 99 });
-    const b = await restored.send('next one', { maxNewTokens: 10, temperature: 0.9, seed: 99 });
-    expect(b.response).toBe(a.response);
-    expect(a.stats.generatedTokens).toBeGreaterThan(0);
+    // Several turns on, through more evictions (for gemma3: tokens leaving and re-entering the
+    // sliding window by compaction), the restored chat still answers exactly like the original.
+    const evictionsBefore = chat.stats().evictions;
+    for (let t = 0; t < 6; t++) {
+      const a = await chat.send(`next ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 10, temperature: 0.9, seed: 99 + t });
+      const b = await restored.send(`next ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 10, temperature: 0.9, seed: 99 + t });
+      expect(b.response).toBe(a.response);
+      expect(a.stats.generatedTokens).toBeGreaterThan(0);
+    }
+    expect(chat.stats().evictions).toBeGreaterThan(evictionsBefore);
+    expect(maxAbsDiff(chat._internals().probeLogits(probe), restored._internals().probeLogits(probe))).toBeLessThan(1e-4);
     chat.dispose();
     restored.dispose();
   });
@@ -134,6 +141,44 @@ describe.each(SUPPORTED)('family %s', (family) => {
     expect(show(cached)).toBe(show(expected));
     expect(cached).toEqual(expected);
     chat.dispose();
+  });
+});
+
+describe('sliding-window models: compaction brings old tokens back within the window', () => {
+  it('a restored checkpoint answers like the original when the retained tokens fit in the window again', async () => {
+    // Window 40, budget 64: after an eviction fewer than 40 tokens can remain, so the system prompt is
+    // within the window again by position. Out-of-window cells the live chat still had but its
+    // checkpoint does not store must not come back (they are pruned when an eviction compacts).
+    const path = join(dir, 'gemma3-w32.gguf');
+    writeModel(path, { family: 'gemma3', seed: 11, slidingWindow: 40 });
+    const model = await loadModel(path, { threads: THREADS });
+    const chat = model.createChat({ maxTokens: 64, windowSize: 8, sinkTokens: 2, kvType: 'f32', systemPrompt: 'Be kind.' });
+    for (let t = 0; t < 4; t++) await chat.send(`hi ${t}`, { maxNewTokens: 8, temperature: 0.8, seed: t });
+    // Past the window without evicting yet: fill close to the budget.
+    const ckpt = join(dir, 'gemma3-w32.ckpt');
+    await chat.saveCheckpoint(ckpt);
+    const restored = await model.loadChat(ckpt);
+    let evictions = 0;
+    for (let t = 0; t < 8; t++) {
+      const a = await chat.send(`more ${t}`, { maxNewTokens: 8, temperature: 0.9, seed: 50 + t });
+      const b = await restored.send(`more ${t}`, { maxNewTokens: 8, temperature: 0.9, seed: 50 + t });
+      expect(b.response).toBe(a.response);
+      evictions += a.stats.evictions;
+    }
+    expect(evictions).toBeGreaterThan(2);
+    const probe = model.tokenize('the')[0]!;
+    expect(maxAbsDiff(chat._internals().probeLogits(probe), restored._internals().probeLogits(probe))).toBeLessThan(1e-4);
+    chat.dispose();
+    restored.dispose();
+    model.dispose();
+  });
+});
+
+describe('sliding-window models and one KV buffer for all chats', () => {
+  it('loadModel refuses kvUnified for gemma3 with a clear error (chats would share window cells)', async () => {
+    const path = join(dir, 'gemma3-unified.gguf');
+    writeModel(path, { family: 'gemma3', seed: 7 });
+    await expect(loadModel(path, { threads: THREADS, kvUnified: true })).rejects.toMatchObject({ code: 'INVALID_OPTION', message: expect.stringMatching(/kvUnified.*sliding-window/) });
   });
 });
 

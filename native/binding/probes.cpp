@@ -198,27 +198,31 @@ Napi::Value bench_memcpy(const Napi::CallbackInfo & info) {
     return Napi::Number::New(info.Env(), run_memcpy_bench((size_t) info[0].ToNumber().Int64Value(), info[1].ToNumber().Int32Value()));
 }
 
-// swaCost(model, context, swaFull, steps, threads) -> Promise<{ ... }>
+// swaCost(model, context, steps, threads) -> Promise<{ context, filled, off, on }>
 class swa_cost_worker : public promise_worker {
 public:
-    swa_cost_worker(Napi::Env env, std::shared_ptr<fml_model> model, int32_t context, bool swa_full, int32_t steps, int32_t threads)
-        : promise_worker(env), model_(std::move(model)), context_(context), swa_full_(swa_full), steps_(steps), threads_(threads) {}
+    swa_cost_worker(Napi::Env env, std::shared_ptr<fml_model> model, int32_t context, int32_t steps, int32_t threads)
+        : promise_worker(env), model_(std::move(model)), context_(context), steps_(steps), threads_(threads) {}
 protected:
-    void run() override { r_ = run_swa_cost(*model_, context_, swa_full_, steps_, threads_); }
+    void run() override { r_ = run_swa_cost(*model_, context_, steps_, threads_); }
     Napi::Value result(Napi::Env env) override {
+        auto side = [&](const swa_cost_side & s) {
+            Napi::Object o = Napi::Object::New(env);
+            o.Set("canShift", s.can_shift);
+            o.Set("kvBytes", s.kv_bytes);
+            o.Set("decodeMs", s.decode_ms);
+            return o;
+        };
         Napi::Object o = Napi::Object::New(env);
-        o.Set("swaFull", r_.swa_full);
-        o.Set("canShift", r_.can_shift);
         o.Set("context", r_.context);
         o.Set("filled", r_.filled);
-        o.Set("stateBytes", r_.state_bytes);
-        o.Set("decodeMs", r_.decode_ms);
+        o.Set("off", side(r_.off));
+        o.Set("on", side(r_.on));
         return o;
     }
 private:
     std::shared_ptr<fml_model> model_;
     int32_t context_;
-    bool swa_full_;
     int32_t steps_;
     int32_t threads_;
     swa_cost_result r_;
@@ -227,8 +231,7 @@ private:
 Napi::Value swa_cost(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     auto model = js_model::Unwrap(info[0].As<Napi::Object>())->require(env);
-    return queue_worker<swa_cost_worker>(env, model, info[1].ToNumber().Int32Value(), info[2].ToBoolean(), info[3].ToNumber().Int32Value(),
-                                         info[4].ToNumber().Int32Value());
+    return queue_worker<swa_cost_worker>(env, model, info[1].ToNumber().Int32Value(), info[2].ToNumber().Int32Value(), info[3].ToNumber().Int32Value());
 }
 
 // Live native objects (tests check that finalizers free what GC collects).

@@ -127,7 +127,10 @@ frame_kind sequence::next_user_frame() const {
     // Until a first user message is in, a template that merges the system prompt into it frames
     // that message without its usual opening.
     std::lock_guard<std::mutex> lock(mu_);
-    return !opts_.system_prompt.empty() && turn_no_ == 0 ? frame_kind::first_user_after_system : frame_kind::user;
+    if (turn_no_ > 0) {
+        return frame_kind::user;
+    }
+    return opts_.system_prompt.empty() ? frame_kind::first_user : frame_kind::first_user_after_system;
 }
 
 size_t sequence::count_turn_tokens(const std::string & user_text) const {
@@ -148,7 +151,7 @@ void sequence::check_budget() {
     const size_t pinned = pinned_after_start();
     const size_t carry = 1 + closing_tokens_.size();
     const size_t framing = std::max(model_->frame_tokens(frame_kind::user, "x").size(),
-                                    opts_.system_prompt.empty() ? 0 : model_->frame_tokens(frame_kind::first_user_after_system, "x").size());
+                                    model_->frame_tokens(opts_.system_prompt.empty() ? frame_kind::first_user : frame_kind::first_user_after_system, "x").size());
     const size_t required = pinned + carry + framing + 1;
     if (required <= opts_.policy.max_tokens) {
         return;

@@ -49,4 +49,34 @@ int32_t kv_full_cache_pos_min(llama_context * ctx, int32_t seq) {
     return llama_memory_seq_pos_min(llama_get_memory(ctx), seq);
 }
 
+void kv_prune_sliding_window(llama_context * ctx, int32_t seq, int32_t next_pos) {
+#ifdef FML_HAVE_KV_CELLS
+    auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx));
+    const int32_t window = llama_model_n_swa(llama_get_model(ctx));
+    if (iswa != nullptr && window > 0 && next_pos - window >= 0) {
+        iswa->get_swa()->seq_rm(seq, 0, next_pos - window + 1);
+    }
+#else
+    (void) ctx;
+    (void) seq;
+    (void) next_pos;
+#endif
+}
+
+size_t kv_allocated_bytes(llama_context * ctx) {
+#ifdef FML_HAVE_KV_CELLS
+    size_t total = 0;
+    for (const auto & [type, bytes] : llama_get_memory(ctx)->memory_breakdown()) {
+        (void) type;
+        total += bytes;
+    }
+    return total;
+#else
+    (void) ctx;
+    return 0;
+#endif
+}
+
+bool kv_can_shift_ctx(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
+
 } // namespace fml

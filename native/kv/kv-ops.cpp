@@ -63,6 +63,7 @@ kv_eviction_result kv_evict_ranges(llama_context * ctx, int32_t seq, token_ledge
     }
     check_plan(ledger, ranges);
     llama_memory_t mem = llama_get_memory(ctx);
+    kv_prune_sliding_window(ctx, seq, ledger.next_pos());
     remove_ranges(mem, seq, ranges);
     // Close each gap: the run after the k-th removed range moves left by the tokens removed so far.
     // One seq_add per kept run; the tail run extends to the end of the sequence.
@@ -85,6 +86,7 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_l
     if (ranges.empty() || insert_at != ranges.front().begin || instruction_pos0 < ledger.next_pos() || summary_pos0 < instruction_pos0) {
         throw fml_error(FML_ERR_KV, "a summary must take the place of the first evicted token, from scratch cells after the history");
     }
+    kv_prune_sliding_window(ctx, seq, ledger.next_pos());
     llama_memory_t mem = llama_get_memory(ctx);
     // The instruction and anything after the summary go; so do the evicted ranges.
     llama_memory_seq_rm(mem, seq, instruction_pos0, summary_pos0);

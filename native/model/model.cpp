@@ -278,6 +278,12 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
     }
 
     describe_memory(model, info);
+    if (opts.kv_unified && info.sliding_window > 0) {
+        // One buffer for all chats would let one chat's decodes reuse another's out-of-window cells
+        // in the sliding layers, so a chat's output would depend on the others.
+        throw fml_error(FML_ERR_INVALID_OPTION, "kvUnified is not supported for models with sliding-window layers (" + info.architecture +
+                        "): chats would share the window cache's cells; leave it off (one KV stream per chat)");
+    }
 
     // The model's template when llama.cpp recognises it; ChatML for one it does not (a chat model
     // whose template is not built into llama.cpp most likely knows ChatML); and for a model with no
@@ -425,11 +431,13 @@ void fml_model::compute_frames() {
     // template puts around a sentinel content. Whether the template trims content is seen by padding
     // the sentinel with spaces.
     auto & user = frames_[(int) frame_kind::user];
+    auto & lone_user = frames_[(int) frame_kind::first_user];
     auto & first_user = frames_[(int) frame_kind::first_user_after_system];
     auto & system = frames_[(int) frame_kind::system];
     auto & assistant = frames_[(int) frame_kind::assistant];
     if (info_.framing == "plain") {
         user = { "User: ", "\nAssistant:", false };
+        lone_user = user;
         first_user = user;
         system = { "", "\n\n", false };
         assistant = { "", "\n", false };
@@ -439,10 +447,22 @@ void fml_model::compute_frames() {
     auto trims = [&](const std::string & rendered) { return rendered.find(padded) == std::string::npos; };
     auto fail = [&](frame_kind k, const std::string & why) { frame_errors_[(int) k] = why; };
     try {
-        if (!split_at(apply_template({ { "user", SENTINEL_A } }, true), SENTINEL_A, user.prefix, user.suffix)) {
+        if (!split_at(apply_template({ { "user", SENTINEL_A } }, true), SENTINEL_A, lone_user.prefix, lone_user.suffix)) {
+            fail(frame_kind::first_user, "the chat template drops the content of user messages");
             fail(frame_kind::user, "the chat template drops the content of user messages");
         }
-        user.trim = trims(apply_template({ { "user", padded } }, true));
+        lone_user.trim = trims(apply_template({ { "user", padded } }, true));
+        // A later user message: what it adds to a conversation of one exchange.
+        const std::string exchange = apply_template({ { "user", "u" }, { "assistant", "a" } }, false);
+        auto after_exchange = [&](const std::string & content) {
+            std::string r = apply_template({ { "user", "u" }, { "assistant", "a" }, { "user", content } }, true);
+            return r.compare(0, exchange.size(), exchange) == 0 ? r.substr(exchange.size()) : std::string();
+        };
+        if (!split_at(after_exchange(SENTINEL_A), SENTINEL_A, user.prefix, user.suffix)) {
+            user = lone_user;   // the template re-renders earlier turns differently: frame like the first
+        } else {
+            user.trim = trims(after_exchange(padded));
+        }
 
         // The assistant's frame is what its message adds after a user turn with the generation prompt.
         const std::string context = apply_template({ { "user", "u" } }, true);
@@ -464,12 +484,12 @@ void fml_model::compute_frames() {
         if (!split_at(both, SENTINEL_A, a, rest) || !split_at(rest, SENTINEL_B, b, c)) {
             fail(frame_kind::system, "the chat template drops the system prompt");
             fail(frame_kind::first_user_after_system, "the chat template drops the system prompt");
-        } else if (ends_with(b, user.prefix)) {
-            system = { a, b.substr(0, b.size() - user.prefix.size()), false };
-            first_user = user;
+        } else if (ends_with(b, lone_user.prefix)) {
+            system = { a, b.substr(0, b.size() - lone_user.prefix.size()), false };
+            first_user = lone_user;
         } else {
             system = { a, b, false };
-            first_user = { "", c, user.trim };
+            first_user = { "", c, lone_user.trim };
         }
         system.trim = trims(apply_template({ { "system", padded }, { "user", SENTINEL_B } }, true));
     } catch (const fml_error & e) {
@@ -508,7 +528,9 @@ std::vector<int32_t> fml_model::frame_tokens(frame_kind kind, const std::string 
     auto specials = [&](const std::vector<int32_t> & toks) {
         size_t n = 0;
         for (int32_t t : toks) {
-            n += (llama_vocab_get_attr(vocab_, t) & (LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_USER_DEFINED)) != 0;
+            // Control tokens only: user-defined ones (Gemma's whitespace runs, HTML tags) match with
+            // special parsing off too, so they are no injection.
+            n += (llama_vocab_get_attr(vocab_, t) & LLAMA_TOKEN_ATTR_CONTROL) != 0;
         }
         return n;
     };

@@ -52,8 +52,10 @@ struct message_frame {
 };
 
 // Which message a frame is for. A template that merges the system prompt into the first user turn
-// (Gemma, Mistral) frames that turn differently from the ones after it.
-enum class frame_kind { system, first_user_after_system, user, assistant };
+// (Gemma, Mistral) frames that turn differently from the ones after it, and some templates open the
+// conversation with text only the first message gets (chatglm's [gMASK]<sop>).
+enum class frame_kind { system, first_user_after_system, first_user, user, assistant };
+constexpr int FRAME_KINDS = 5;
 
 class fml_model {
 public:
@@ -101,8 +103,8 @@ private:
     std::string template_;   // what llama_chat_apply_template gets
     // Frames per frame_kind, rendered once at load; a template that cannot frame a kind leaves its
     // error here, thrown when a chat needs that frame.
-    message_frame frames_[4];
-    std::string frame_errors_[4];
+    message_frame frames_[FRAME_KINDS];
+    std::string frame_errors_[FRAME_KINDS];
     void compute_frames();
 };
 

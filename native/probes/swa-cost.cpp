@@ -1,19 +1,32 @@
 #include "probes/swa-cost.h"
 
+#include "kv/kv-cells.h"
 #include "util/error.h"
 
 #include "llama.h"
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <random>
 #include <vector>
 
 namespace fml {
 
-swa_cost_result run_swa_cost(const fml_model & model, int32_t context, bool swa_full, int32_t steps, int32_t threads) {
-    swa_cost_result res;
-    res.swa_full = swa_full;
+namespace {
+
+struct raw_context {
+    llama_context * ctx = nullptr;
+    llama_batch batch{};
+    ~raw_context() {
+        if (ctx != nullptr) {
+            llama_batch_free(batch);
+            llama_free(ctx);
+        }
+    }
+};
+
+std::unique_ptr<raw_context> make_context(const fml_model & model, int32_t context, bool swa_full, int32_t threads) {
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = (uint32_t) context;
     cp.n_batch = (uint32_t) std::min(512, context);
@@ -24,46 +37,67 @@ swa_cost_result run_swa_cost(const fml_model & model, int32_t context, bool swa_
     cp.swa_full = swa_full;
     cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     cp.no_perf = true;
-    llama_context * ctx = llama_init_from_model(model.raw(), cp);
-    if (ctx == nullptr) {
+    auto r = std::make_unique<raw_context>();
+    r->ctx = llama_init_from_model(model.raw(), cp);
+    if (r->ctx == nullptr) {
         throw fml_error(FML_ERR_CONTEXT_CREATE, "could not create the SWA cost context");
     }
-    res.context = (int32_t) llama_n_ctx(ctx);
-    res.can_shift = llama_memory_can_shift(llama_get_memory(ctx));
+    r->batch = llama_batch_init((int32_t) cp.n_batch, 0, 1);
+    return r;
+}
+
+void decode(raw_context & r, const std::vector<int32_t> & tokens, int32_t pos0, int32_t n) {
+    r.batch.n_tokens = n;
+    for (int32_t i = 0; i < n; ++i) {
+        r.batch.token[i] = tokens[(size_t) (pos0 + i)];
+        r.batch.pos[i] = pos0 + i;
+        r.batch.n_seq_id[i] = 1;
+        r.batch.seq_id[i][0] = 0;
+        r.batch.logits[i] = i + 1 == n;
+    }
+    if (llama_decode(r.ctx, r.batch) != 0) {
+        throw fml_error(FML_ERR_DECODE, "llama_decode failed in the SWA cost probe");
+    }
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0 : v[v.size() / 2];
+}
+
+} // namespace
+
+swa_cost_result run_swa_cost(const fml_model & model, int32_t context, int32_t steps, int32_t threads) {
+    swa_cost_result res;
+    auto off = make_context(model, context, false, threads);
+    auto on = make_context(model, context, true, threads);
+    res.context = (int32_t) llama_n_ctx(on->ctx);
     res.filled = res.context - steps - 1;
     std::mt19937 rng(99);
-    llama_batch batch = llama_batch_init((int32_t) cp.n_batch, 0, 1);
-    auto decode = [&](int32_t pos0, int32_t n) {
-        batch.n_tokens = n;
-        for (int32_t i = 0; i < n; ++i) {
-            batch.token[i] = (int32_t) (rng() % (uint32_t) model.info().n_vocab);
-            batch.pos[i] = pos0 + i;
-            batch.n_seq_id[i] = 1;
-            batch.seq_id[i][0] = 0;
-            batch.logits[i] = i + 1 == n;
-        }
-        if (llama_decode(ctx, batch) != 0) {
-            llama_batch_free(batch);
-            llama_free(ctx);
-            throw fml_error(FML_ERR_DECODE, "llama_decode failed in the SWA cost probe");
-        }
-    };
-    {
-        for (int32_t p = 0; p < res.filled; p += (int32_t) cp.n_batch) {
-            decode(p, std::min<int32_t>((int32_t) cp.n_batch, res.filled - p));
-        }
-        res.state_bytes = (double) llama_state_seq_get_size(ctx, 0);
-        std::vector<double> ms;
-        for (int32_t s = 0; s < steps; ++s) {
-            const auto t0 = std::chrono::steady_clock::now();
-            decode(res.filled + s, 1);
-            ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-        }
-        std::sort(ms.begin(), ms.end());
-        res.decode_ms = ms.empty() ? 0 : ms[ms.size() / 2];
+    std::vector<int32_t> tokens((size_t) res.context);
+    for (auto & t : tokens) {
+        t = (int32_t) (rng() % (uint32_t) model.info().n_vocab);
     }
-    llama_batch_free(batch);
-    llama_free(ctx);
+    const int32_t chunk = std::min(512, context);
+    for (raw_context * r : { off.get(), on.get() }) {
+        for (int32_t p = 0; p < res.filled; p += chunk) {
+            decode(*r, tokens, p, std::min(chunk, res.filled - p));
+        }
+    }
+    std::vector<double> ms_off, ms_on;
+    for (int32_t s = 0; s < steps; ++s) {
+        // Alternate which one goes first, so neither always decodes right after the other.
+        for (int k = 0; k < 2; ++k) {
+            const bool first_off = s % 2 == 0;
+            raw_context & r = (k == 0) == first_off ? *off : *on;
+            const auto t0 = std::chrono::steady_clock::now();
+            decode(r, tokens, res.filled + s, 1);
+            const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+            (&r == off.get() ? ms_off : ms_on).push_back(ms);
+        }
+    }
+    res.off = { kv_can_shift_ctx(off->ctx), (double) kv_allocated_bytes(off->ctx), median(ms_off) };
+    res.on = { kv_can_shift_ctx(on->ctx), (double) kv_allocated_bytes(on->ctx), median(ms_on) };
     return res;
 }
 

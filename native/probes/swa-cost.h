@@ -1,21 +1,26 @@
 // What keeping sliding-window layers at the full budget (swa_full, which in-place eviction needs)
-// costs against llama.cpp's window-sized SWA cache: KV bytes a sequence holds and decode time per
-// token at a given fill. Measured on raw contexts of one sequence, outside the engine.
+// costs against llama.cpp's window-sized SWA cache: KV memory allocated and decode time per token at
+// a given fill. Two raw contexts of one sequence each (swa_full off and on), filled alike, then
+// one-token decodes interleaved between them so machine noise hits both equally.
 #pragma once
 
 #include "model/model.h"
 
 namespace fml {
 
-struct swa_cost_result {
-    bool swa_full = false;
+struct swa_cost_side {
     bool can_shift = false;        // llama_memory_can_shift of that context
-    int32_t context = 0;           // cells of the full-attention cache
-    int32_t filled = 0;
-    double state_bytes = 0;        // llama_state_seq_get_size after the fill: the KV the sequence holds
-    double decode_ms = 0;          // median 1-token decode at that fill
+    double kv_bytes = 0;           // KV buffers allocated (both caches of an iSWA model)
+    double decode_ms = 0;          // median 1-token decode at the fill
 };
 
-swa_cost_result run_swa_cost(const fml_model & model, int32_t context, bool swa_full, int32_t steps, int32_t threads);
+struct swa_cost_result {
+    int32_t context = 0;           // cells of the full-attention cache
+    int32_t filled = 0;
+    swa_cost_side off;             // swa_full = false (llama.cpp's window-sized SWA cache)
+    swa_cost_side on;              // swa_full = true (what finite memory uses)
+};
+
+swa_cost_result run_swa_cost(const fml_model & model, int32_t context, int32_t steps, int32_t threads);
 
 } // namespace fml

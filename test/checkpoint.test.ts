@@ -205,6 +205,19 @@ describe('checkpoints', () => {
   });
 });
 
+describe('checkpoint positions', () => {
+  it('refuses a checkpoint whose token positions are negative (checksum valid)', async () => {
+    const chat = model.createChat({ maxTokens: 128, kvType: 'f32', flashAttention: false });
+    await chat.send('hello there', { maxNewTokens: 4, temperature: 0 });
+    // The probe moves every position (the ledger's too) by -3: consecutive, but from -3.
+    chat._internals().shiftPositions(-3);
+    const path = file('negative');
+    await chat.saveCheckpoint(path);
+    await expect(model.loadChat(path)).rejects.toMatchObject({ code: 'CHECKPOINT_CORRUPT', message: expect.stringContaining('negative') });
+    chat.dispose();
+  });
+});
+
 describe('transcripts', () => {
   it('export is the whole conversation; import into another model replays it within the budget', async () => {
     const chat = model.createChat({ maxTokens: 96, windowSize: 16, systemPrompt: 'Be brief.' });

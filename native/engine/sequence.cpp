@@ -276,10 +276,11 @@ void sequence::adopt_state(chat_state && s) {
             std::memcpy(ledger_.embedding_mut(i), s.embeddings.data() + i * s.embedding_dim, sizeof(float) * s.embedding_dim);
         }
     }
-    for (size_t i = 1; i < ledger_.size(); ++i) {
-        if (ledger_[i].pos != ledger_[0].pos + (int32_t) i) {
+    // Consecutive and not negative: a negative position would leave a cell seq_rm can never remove.
+    for (size_t i = 0; i < ledger_.size(); ++i) {
+        if (ledger_[i].pos != ledger_[0].pos + (int32_t) i || ledger_[0].pos < 0) {
             ledger_.clear();
-            throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint's token positions are not consecutive");
+            throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint's token positions are negative or not consecutive");
         }
     }
     turn_no_ = s.turn;

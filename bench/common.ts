@@ -20,16 +20,22 @@ export const GENERATED_MODEL: LlamaModelInput = { layers: 8, embd: 256, heads: 8
  */
 export const REALISTIC_MODEL: LlamaModelInput = { layers: 24, embd: 896, heads: 14, kvHeads: 2, headDim: 64, ffn: 4864, type: 'q8_0', ctx: 32768, seed: 1 };
 
-/** Writes (once; ~20 s) the realistic-geometry model into the git-ignored .cache/ and returns its path. */
-export function realisticModel(): { name: string; path: string; about: string } {
-  const path = join(ROOT, '.cache', 'models', 'qwen2.5-0.5b-shape-q8_0-seed1.gguf');
+/** A generated model written once into the git-ignored .cache/models/ (by `write`), its path. */
+export function cachedModel(file: string, write: (path: string) => void): string {
+  const path = join(ROOT, '.cache', 'models', file);
   if (!existsSync(path)) {
     mkdirSync(dirname(path), { recursive: true });
     const t0 = performance.now();
-    writeLlamaModel(`${path}.tmp`, REALISTIC_MODEL);
+    write(`${path}.tmp`);
     renameSync(`${path}.tmp`, path);
     console.log(`wrote ${path} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   }
+  return path;
+}
+
+/** Writes (once; ~20 s) the realistic-geometry model into the git-ignored .cache/ and returns its path. */
+export function realisticModel(): { name: string; path: string; about: string } {
+  const path = cachedModel('qwen2.5-0.5b-shape-q8_0-seed1.gguf', (p) => writeLlamaModel(p, REALISTIC_MODEL));
   return { name: 'qwen2.5-0.5b-shape', path, about: '24 layers, n_embd 896, 14/2 heads x 64, FFN 4864, Q8_0, seeded random weights (Qwen2.5-0.5B geometry)' };
 }
 

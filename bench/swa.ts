@@ -4,12 +4,10 @@
 // KV buffers allocated and the decode time per token, swa_full on vs off.
 //
 //   npx tsx bench/swa.ts [--contexts=1024,2048,4096] [--steps=16] [--no-write]
-import { existsSync, mkdirSync, renameSync } from 'node:fs';
-import { dirname, join } from 'node:path';
 import { getProbes } from '../src/binding.ts';
 import { writeModel, type ModelInput } from '../src/gguf-writer.ts';
 import { loadModel } from '../src/index.ts';
-import { machine, ROOT, writeResultsSection } from './common.ts';
+import { cachedModel, machine, writeResultsSection } from './common.ts';
 
 const args = process.argv.slice(2);
 const arg = (name: string) => args.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
@@ -20,17 +18,7 @@ const THREADS = Number(arg('threads') ?? 2);
 /** Gemma 3 1B: 26 layers, hidden 1152, 4 query / 1 KV head x 256, FFN 6912, window 512, every 6th layer global. */
 const GEMMA3_1B: ModelInput = { family: 'gemma3', layers: 26, embd: 1152, heads: 4, kvHeads: 1, headDim: 256, ffn: 6912, slidingWindow: 512, swaPattern: 6, type: 'q8_0', ctx: 32768, seed: 1 };
 
-function gemmaModel(): string {
-  const path = join(ROOT, '.cache', 'models', 'gemma3-1b-shape-q8_0-seed1.gguf');
-  if (!existsSync(path)) {
-    mkdirSync(dirname(path), { recursive: true });
-    const t0 = performance.now();
-    writeModel(`${path}.tmp`, GEMMA3_1B);
-    renameSync(`${path}.tmp`, path);
-    console.log(`wrote ${path} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
-  }
-  return path;
-}
+const gemmaModel = () => cachedModel('gemma3-1b-shape-q8_0-seed1.gguf', (p) => writeModel(p, GEMMA3_1B));
 
 const mib = (b: number) => (b / 2 ** 20).toFixed(1);
 

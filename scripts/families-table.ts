@@ -11,6 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MODEL_FAMILIES, MODEL_FAMILY_NAMES, writeModel, type ModelFamily } from '../src/gguf-writer.ts';
 import { loadModel, POLICIES, type Model } from '../src/index.ts';
+import { replaceBetweenMarkers } from './options-doc.ts';
 
 export const BEGIN = '<!-- families:begin (npm run docs:families) -->';
 export const END = '<!-- families:end -->';
@@ -91,10 +92,7 @@ export async function familiesTable(): Promise<string> {
 }
 
 export function readmeWithTable(readme: string, table: string): string {
-  const a = readme.indexOf(BEGIN);
-  const b = readme.indexOf(END);
-  if (a < 0 || b < a) throw new Error(`README.md has no ${BEGIN} ... ${END} block`);
-  return `${readme.slice(0, a + BEGIN.length)}\n${table}\n${readme.slice(b)}`;
+  return replaceBetweenMarkers(readme, BEGIN, END, table);
 }
 
 if (process.argv[1] && import.meta.url.endsWith(process.argv[1].split('/').pop()!)) {

@@ -23,11 +23,16 @@ export function optionsTable(): string {
   return out.join('\n').trim();
 }
 
+/** `text` with what stands between the `begin` and `end` markers replaced by `block`. */
+export function replaceBetweenMarkers(text: string, begin: string, end: string, block: string): string {
+  const a = text.indexOf(begin);
+  const b = text.indexOf(end);
+  if (a < 0 || b < a) throw new Error(`README.md has no ${begin} ... ${end} block`);
+  return `${text.slice(0, a + begin.length)}\n${block}\n${text.slice(b)}`;
+}
+
 export function readmeWithTable(readme: string): string {
-  const a = readme.indexOf(BEGIN);
-  const b = readme.indexOf(END);
-  if (a < 0 || b < a) throw new Error(`README.md has no ${BEGIN} ... ${END} block`);
-  return `${readme.slice(0, a + BEGIN.length)}\n${optionsTable()}\n${readme.slice(b)}`;
+  return replaceBetweenMarkers(readme, BEGIN, END, optionsTable());
 }
 
 if (process.argv[1] && import.meta.url.endsWith(process.argv[1].split('/').pop()!)) {

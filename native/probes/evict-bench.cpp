@@ -46,10 +46,7 @@ static void fill_batch(llama_batch & batch, const std::vector<int32_t> & tokens,
     }
 }
 
-evict_bench_result run_evict_bench(const fml_model & model, int32_t context, const std::vector<int32_t> & evict_counts,
-                                   int32_t reps, int32_t threads) {
-    evict_bench_result res;
-    res.context = context;
+llama_context_params probe_context_params(int32_t context, int32_t threads) {
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = (uint32_t) context;
     cp.n_batch = (uint32_t) std::min(512, context);
@@ -57,6 +54,15 @@ evict_bench_result run_evict_bench(const fml_model & model, int32_t context, con
     cp.n_seq_max = 1;
     cp.n_threads = threads;
     cp.n_threads_batch = threads;
+    cp.no_perf = true;
+    return cp;
+}
+
+evict_bench_result run_evict_bench(const fml_model & model, int32_t context, const std::vector<int32_t> & evict_counts,
+                                   int32_t reps, int32_t threads) {
+    evict_bench_result res;
+    res.context = context;
+    llama_context_params cp = probe_context_params(context, threads);
     cp.type_k = GGML_TYPE_F16;
     cp.type_v = GGML_TYPE_F16;
     cp.no_perf = true;

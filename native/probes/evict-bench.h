@@ -5,6 +5,8 @@
 #include "model/model.h"
 #include "policies/policy.h"
 
+#include "llama.h"
+
 #include <string>
 #include <vector>
 
@@ -27,6 +29,9 @@ struct evict_bench_result {
     double k_bytes = 0;         // K bytes the K-shift graph rotates (every cell of every layer)
     std::vector<evict_bench_case> cases;
 };
+
+// Parameters of a probe's own context: one sequence of `context` cells, batches of up to 512.
+llama_context_params probe_context_params(int32_t context, int32_t threads);
 
 // Fills a fresh context of `context` cells (F16 KV) with random tokens, then for each evicted count
 // and pattern restores that state and times eviction and the next decode. `reps` repetitions, medians.

@@ -1,6 +1,7 @@
 #include "probes/swa-cost.h"
 
 #include "kv/kv-cells.h"
+#include "probes/evict-bench.h"
 #include "util/error.h"
 
 #include "llama.h"
@@ -27,16 +28,9 @@ struct raw_context {
 };
 
 std::unique_ptr<raw_context> make_context(const fml_model & model, int32_t context, bool swa_full, int32_t threads) {
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx = (uint32_t) context;
-    cp.n_batch = (uint32_t) std::min(512, context);
-    cp.n_ubatch = cp.n_batch;
-    cp.n_seq_max = 1;
-    cp.n_threads = threads;
-    cp.n_threads_batch = threads;
+    llama_context_params cp = probe_context_params(context, threads);
     cp.swa_full = swa_full;
     cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
-    cp.no_perf = true;
     auto r = std::make_unique<raw_context>();
     r->ctx = llama_init_from_model(model.raw(), cp);
     if (r->ctx == nullptr) {

@@ -147,7 +147,7 @@ void sequence::check_budget() {
     // (its last sampled token and the template's end-of-turn), a one-token message in its framing,
     // and one reply token, on top of the pinned prefix (system prompt and attention sinks). Summaries
     // take whatever room an eviction frees beyond that, so they add nothing here.
-    closing_tokens_ = model_->tokenize(model_->frame_message(frame_kind::assistant).suffix, false, true);
+    closing_tokens_ = model_->frame_message(frame_kind::assistant).suffix_tokens;
     const size_t pinned = pinned_after_start();
     const size_t carry = 1 + closing_tokens_.size();
     const size_t framing = std::max(model_->frame_tokens(frame_kind::user, "x").size(),
@@ -277,11 +277,13 @@ void sequence::adopt_state(chat_state && s) {
         }
     }
     // Consecutive and not negative: a negative position would leave a cell seq_rm can never remove.
-    for (size_t i = 0; i < ledger_.size(); ++i) {
-        if (ledger_[i].pos != ledger_[0].pos + (int32_t) i || ledger_[0].pos < 0) {
-            ledger_.clear();
-            throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint's token positions are negative or not consecutive");
-        }
+    bool consecutive = ledger_.empty() || ledger_[0].pos >= 0;
+    for (size_t i = 1; consecutive && i < ledger_.size(); ++i) {
+        consecutive = ledger_[i].pos == ledger_[0].pos + (int32_t) i;
+    }
+    if (!consecutive) {
+        ledger_.clear();
+        throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint's token positions are negative or not consecutive");
     }
     turn_no_ = s.turn;
     started_ = s.started;

@@ -77,6 +77,4 @@ size_t kv_allocated_bytes(llama_context * ctx) {
 #endif
 }
 
-bool kv_can_shift_ctx(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
-
 } // namespace fml

@@ -34,6 +34,5 @@ void kv_prune_sliding_window(llama_context * ctx, int32_t seq, int32_t next_pos)
 
 // Bytes of KV buffers the context's memory allocated (every cache of it; 0 when unknown).
 size_t kv_allocated_bytes(llama_context * ctx);
-bool kv_can_shift_ctx(llama_context * ctx);
 
 } // namespace fml

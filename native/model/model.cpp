@@ -202,20 +202,21 @@ static std::pair<std::string, std::string> detect_backend(bool offloading) {
 static void describe_memory(const llama_model * model, model_info & info) {
     info.sliding_window = llama_model_n_swa(model);
     const enum llama_rope_type rope = llama_model_rope_type(model);
+    const std::string arch = "architecture " + info.architecture;
     if (llama_model_is_recurrent(model)) {
         info.memory = "recurrent";
-        info.unsupported_reason = "architecture " + info.architecture + " keeps a recurrent state instead of a KV cache: llama.cpp can only clear "
+        info.unsupported_reason = arch + " keeps a recurrent state instead of a KV cache: llama.cpp can only clear "
             "that state, not remove tokens from it, so nothing can be evicted in place (and its memory is already fixed-size)";
     } else if (llama_model_is_hybrid(model)) {
         info.memory = "hybrid";
-        info.unsupported_reason = "architecture " + info.architecture + " mixes attention layers with a recurrent state: llama.cpp cannot remove tokens "
+        info.unsupported_reason = arch + " mixes attention layers with a recurrent state: llama.cpp cannot remove tokens "
             "from the recurrent part, so nothing can be evicted in place";
-    } else if (rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE || rope == LLAMA_ROPE_TYPE_VISION) {
-        info.memory = info.sliding_window > 0 ? "kv-swa" : "kv";
-        info.unsupported_reason = "architecture " + info.architecture + " uses multi-section RoPE positions (M-RoPE): llama.cpp cannot shift them "
-            "(llama_memory_can_shift is false), so evicted gaps cannot be closed in place";
     } else {
         info.memory = info.sliding_window > 0 ? "kv-swa" : "kv";
+        if (rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE || rope == LLAMA_ROPE_TYPE_VISION) {
+            info.unsupported_reason = arch + " uses multi-section RoPE positions (M-RoPE): llama.cpp cannot shift them "
+                "(llama_memory_can_shift is false), so evicted gaps cannot be closed in place";
+        }
     }
     info.in_place_eviction = info.unsupported_reason.empty();
 }
@@ -436,13 +437,42 @@ void fml_model::compute_frames() {
     auto & system = frames_[(int) frame_kind::system];
     auto & assistant = frames_[(int) frame_kind::assistant];
     if (info_.framing == "plain") {
-        user = { "User: ", "\nAssistant:", false };
+        user = { "User: ", "\nAssistant:" };
         lone_user = user;
         first_user = user;
-        system = { "", "\n\n", false };
-        assistant = { "", "\n", false };
-        return;
+        system = { "", "\n\n" };
+        assistant = { "", "\n" };
+    } else {
+        render_frames();
     }
+    // What the rendered conversation has right before each message: a reply follows the generation
+    // prompt, a later user turn the previous reply's closing, the first user turn of a merged
+    // template the system prompt's tail.
+    assistant.left = user.suffix;
+    user.left = assistant.suffix;
+    first_user.left = system.suffix;
+    for (int k = 0; k < FRAME_KINDS; ++k) {
+        message_frame & f = frames_[k];
+        try {
+            f.prefix_tokens = tokenize(f.prefix, false, true);
+            f.suffix_tokens = tokenize(f.suffix, false, true);
+            f.left_tokens = tokenize(f.left, false, true);
+        } catch (const fml_error & e) {
+            // Like a template that cannot frame this kind: the chat that needs it gets the error.
+            if (frame_errors_[k].empty()) {
+                frame_errors_[k] = e.what();
+                frame_error_codes_[k] = e.code();
+            }
+        }
+    }
+}
+
+void fml_model::render_frames() {
+    auto & user = frames_[(int) frame_kind::user];
+    auto & lone_user = frames_[(int) frame_kind::first_user];
+    auto & first_user = frames_[(int) frame_kind::first_user_after_system];
+    auto & system = frames_[(int) frame_kind::system];
+    auto & assistant = frames_[(int) frame_kind::assistant];
     const std::string padded = " " + SENTINEL_A + " ";
     auto trims = [&](const std::string & rendered) { return rendered.find(padded) == std::string::npos; };
     auto fail = [&](frame_kind k, const std::string & why) { frame_errors_[(int) k] = why; };
@@ -499,31 +529,28 @@ void fml_model::compute_frames() {
     }
 }
 
-message_frame fml_model::frame_message(frame_kind kind) const {
+const message_frame & fml_model::frame_message(frame_kind kind) const {
     if (!frame_errors_[(int) kind].empty()) {
-        throw fml_error(FML_ERR_TEMPLATE, frame_errors_[(int) kind]);
+        const std::string & code = frame_error_codes_[(int) kind];
+        throw fml_error(code.empty() ? FML_ERR_TEMPLATE : code, frame_errors_[(int) kind]);
     }
     return frames_[(int) kind];
 }
 
 std::vector<int32_t> fml_model::frame_tokens(frame_kind kind, const std::string & content, bool with_suffix) const {
-    message_frame f = frame_message(kind);
-    if (!with_suffix) {
-        f.suffix.clear();
-    }
+    const message_frame & f = frame_message(kind);
+    const std::string & suffix_text = with_suffix ? f.suffix : std::string();
+    static const std::vector<int32_t> no_tokens;
+    const std::vector<int32_t> & suffix = with_suffix ? f.suffix_tokens : no_tokens;
     const std::string body = f.trim ? trim_spaces(content) : content;
-    // What the rendered conversation has right before this message: a reply follows the generation
-    // prompt, the first user turn of a merged template the system prompt's tail. A SentencePiece
-    // vocabulary tokenizes text that continues other text differently from text that starts a
-    // fragment (its leading space), so the message is tokenized after that context, which is then
-    // dropped again.
-    std::string left;
-    if (kind == frame_kind::assistant) {
-        left = frames_[(int) frame_kind::user].suffix;
-    } else if (kind == frame_kind::first_user_after_system) {
-        left = frames_[(int) frame_kind::system].suffix;
-    } else if (kind == frame_kind::user) {
-        left = frames_[(int) frame_kind::assistant].suffix;
+    // Tokenized after what precedes the message in the rendered conversation, which is then dropped
+    // again: a SentencePiece vocabulary tokenizes text that continues other text differently from
+    // text that starts a fragment (its leading space).
+    std::vector<int32_t> whole = tokenize(f.left + f.prefix + body + suffix_text, false, true);
+    if (whole.size() >= f.left_tokens.size() && std::equal(f.left_tokens.begin(), f.left_tokens.end(), whole.begin())) {
+        whole.erase(whole.begin(), whole.begin() + (long) f.left_tokens.size());
+    } else {
+        whole = tokenize(f.prefix + body + suffix_text, false, true);
     }
     auto specials = [&](const std::vector<int32_t> & toks) {
         size_t n = 0;
@@ -534,21 +561,11 @@ std::vector<int32_t> fml_model::frame_tokens(frame_kind kind, const std::string 
         }
         return n;
     };
-    const std::vector<int32_t> prefix = tokenize(f.prefix, false, true);
-    const std::vector<int32_t> suffix = tokenize(f.suffix, false, true);
-    std::vector<int32_t> whole;
-    const std::vector<int32_t> context = tokenize(left, false, true);
-    std::vector<int32_t> with_left = tokenize(left + f.prefix + body + f.suffix, false, true);
-    if (with_left.size() >= context.size() && std::equal(context.begin(), context.end(), with_left.begin())) {
-        whole.assign(with_left.begin() + (long) context.size(), with_left.end());
-    } else {
-        whole = tokenize(f.prefix + body + f.suffix, false, true);
-    }
-    if (specials(whole) == specials(prefix) + specials(suffix)) {
+    if (specials(whole) == specials(f.prefix_tokens) + specials(suffix)) {
         return whole;
     }
     // The content holds the text of a control token: it must stay text, so it is tokenized apart.
-    std::vector<int32_t> out = prefix;
+    std::vector<int32_t> out = f.prefix_tokens;
     const std::vector<int32_t> text = tokenize(body, false, false);
     out.insert(out.end(), text.begin(), text.end());
     out.insert(out.end(), suffix.begin(), suffix.end());

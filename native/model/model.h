@@ -45,10 +45,16 @@ struct model_info {
 
 // The text around a message's content once a chat template is applied: prefix + content + suffix.
 // `trim`: the template strips whitespace around the content (Llama 3, Gemma), so framing does too.
+// The token vectors are the texts' tokens (and those of what precedes the message in a rendering,
+// `left`), computed once at load because every framed message needs them.
 struct message_frame {
     std::string prefix;
     std::string suffix;
     bool trim = false;
+    std::string left;
+    std::vector<int32_t> prefix_tokens;
+    std::vector<int32_t> suffix_tokens;
+    std::vector<int32_t> left_tokens;
 };
 
 // Which message a frame is for. A template that merges the system prompt into the first user turn
@@ -84,7 +90,7 @@ public:
 
     // Frames for one message under the model's template. For user messages, the suffix includes the
     // assistant generation prompt.
-    message_frame frame_message(frame_kind kind) const;
+    const message_frame & frame_message(frame_kind kind) const;
     // The tokens of one framed message, equal to that message's slice of the whole conversation
     // rendered by the template and tokenized at once (what llama.cpp's own server feeds the model).
     // Content is never parsed for control tokens: text such as "<|im_start|>" in it stays text.
@@ -105,7 +111,9 @@ private:
     // error here, thrown when a chat needs that frame.
     message_frame frames_[FRAME_KINDS];
     std::string frame_errors_[FRAME_KINDS];
+    std::string frame_error_codes_[FRAME_KINDS];   // TEMPLATE_FAILED unless tokenizing the frame failed
     void compute_frames();
+    void render_frames();   // the template's frames (compute_frames adds plain framing and the tokens)
 };
 
 // Checks that `path` is a readable GGUF whose tensor data lies inside the file, without letting

@@ -1,6 +1,7 @@
 #include "probes/swa-cost.h"
 
 #include "kv/kv-cells.h"
+#include "kv/kv-ops.h"
 #include "probes/evict-bench.h"
 #include "util/error.h"
 
@@ -90,8 +91,8 @@ swa_cost_result run_swa_cost(const fml_model & model, int32_t context, int32_t s
             (&r == off.get() ? ms_off : ms_on).push_back(ms);
         }
     }
-    res.off = { kv_can_shift_ctx(off->ctx), (double) kv_allocated_bytes(off->ctx), median(ms_off) };
-    res.on = { kv_can_shift_ctx(on->ctx), (double) kv_allocated_bytes(on->ctx), median(ms_on) };
+    res.off = { kv_can_shift(off->ctx), (double) kv_allocated_bytes(off->ctx), median(ms_off) };
+    res.on = { kv_can_shift(on->ctx), (double) kv_allocated_bytes(on->ctx), median(ms_on) };
     return res;
 }
 

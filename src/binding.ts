@@ -27,6 +27,7 @@ export interface NativeModelInfo {
   sizeBytes: number;
   nParams: number;
   gpuLayers: number;
+  /** Hash of the GGUF's metadata and tensor layout; checkpoints only load into a model with the same one. */
   fingerprint: string;
   /** How messages are framed: the model's template, ChatML (a template llama.cpp does not know) or plain "User: / Assistant:" (no template). */
   framing: 'template' | 'chatml' | 'plain';

@@ -59,6 +59,7 @@ export interface NativeModel {
 }
 
 export interface NativeTurnStats {
+  turn: number;
   promptTokens: number;
   generatedTokens: number;
   prefillMs: number;
@@ -158,8 +159,16 @@ export interface NativeOptionDoc {
 }
 
 export interface NativeChat {
-  send(message: string, options: NativeRawOptions, onPiece?: (piece: string) => void): Promise<NativeTurnResult>;
+  send(message: string, options: NativeRawOptions, onPiece?: (piece: string) => void, pin?: boolean): Promise<NativeTurnResult>;
   abort(): void;
+  /** Pins the user message of `turn` (and its reply with withReply); returns the tokens newly pinned. Throws PIN_LIMIT / INVALID_OPTION. */
+  pin(turn: number, withReply?: boolean): number;
+  /** Releases the pins of `turn`; returns the tokens released. */
+  unpin(turn: number): number;
+  /** Turns with pinned tokens (system prompt and attention sinks excluded). */
+  pins(): { turn: number; tokens: number }[];
+  /** Evicts every token of `turn` in place; resolves with the number evicted. */
+  forget(turn: number): Promise<number>;
   stats(): NativeChatStats;
   memory(): NativeMemoryEntry[];
   /** Waits for the scheduler between steps (diagnostics: the demo, tests). */

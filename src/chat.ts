@@ -1,6 +1,6 @@
 import { getProbes, type NativeCacheState, type NativeChat, type NativeEngineStats, type NativeEvictionRecord } from './binding.js';
-import { AbortedError, ChatBusyError, DisposedError, fromNativeError } from './errors.js';
-import { checkMessage, checkPath, splitSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
+import { AbortedError, ChatBusyError, DisposedError, InvalidOptionError, fromNativeError } from './errors.js';
+import { checkInt, checkMessage, checkObject, checkPath, splitSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
 import { TelemetryEmitter, type EvictionEvent, type Telemetry } from './telemetry.js';
 import type { ChatStats, MemoryEntry, Transcript, TurnResult } from './types.js';
 
@@ -88,7 +88,7 @@ export class Chat {
     opts.signal?.addEventListener('abort', onAbort, { once: true });
     this.#busy = true;
     try {
-      const raw = await this.#native.send(text, nativeOpts, opts.onToken);
+      const raw = await this.#native.send(text, nativeOpts, opts.onToken, opts.pin);
       const { evictionLog, ...stats } = raw.stats;
       const result = { ...raw, stats } as TurnResult;
       if (this.#telemetry && !this.#disposed) this.#emit(result, evictionLog);
@@ -200,6 +200,64 @@ export class Chat {
     return this.#native.memory();
   }
 
+  /**
+   * Pins `turn` (a number from `memory()` or `stats().turns`): its user message, and its reply with
+   * `{ reply: true }`, stay through every eviction. Pins count against maxTokens; a pin that would
+   * leave no room for the next turn throws PinLimitError and changes nothing. Returns the tokens
+   * newly pinned. Not while a turn runs (ChatBusyError); a turn no longer in memory is InvalidOptionError.
+   */
+  pin(turn: number, options: { reply?: boolean } = {}): number {
+    this.#idle('pin');
+    const { reply, ...rest } = checkObject('options', options);
+    if (Object.keys(rest).length > 0) throw new InvalidOptionError(`unknown option '${Object.keys(rest)[0]}' (pin takes: reply)`);
+    if (reply !== undefined && typeof reply !== 'boolean') throw new InvalidOptionError(`reply must be a boolean, got ${typeof reply}`);
+    return this.#call(() => this.#native.pin(checkInt('turn', turn, 0, 2 ** 32 - 1), reply === true));
+  }
+
+  /** Releases the pins of `turn` (never the system prompt's or the attention sinks'); returns the tokens released. */
+  unpin(turn: number): number {
+    this.#idle('unpin');
+    return this.#call(() => this.#native.unpin(checkInt('turn', turn, 0, 2 ** 32 - 1)));
+  }
+
+  /** The pinned turns (the system prompt and attention sinks are always kept and not listed), oldest first. */
+  pins(): { turn: number; tokens: number }[] {
+    this.#check();
+    return this.#native.pins();
+  }
+
+  /**
+   * Evicts every token of `turn` from the KV cache now, in place (positions compacted as in any
+   * eviction), pinned or not; resolves with the number of tokens evicted (0 when the turn is no
+   * longer in memory). The transcript keeps the turn. Not while a turn runs (ChatBusyError).
+   */
+  async forget(turn: number): Promise<number> {
+    this.#idle('forget');
+    const t = checkInt('turn', turn, 0, 2 ** 32 - 1);
+    const stack = new Error().stack;
+    this.#busy = true;
+    try {
+      return await this.#native.forget(t);
+    } catch (err) {
+      throw fromNativeError(err, stack);
+    } finally {
+      this.#busy = false;
+    }
+  }
+
+  #idle(what: string): void {
+    this.#check();
+    if (this.#busy) throw new ChatBusyError(`a turn is running on this chat; ${what} after it`);
+  }
+
+  #call<T>(fn: () => T): T {
+    try {
+      return fn();
+    } catch (err) {
+      throw fromNativeError(err, new Error().stack);
+    }
+  }
+
   /** Forgets the conversation (the system prompt is prefilled again on the next turn). */
   reset(): void {
     this.#check();
@@ -267,7 +325,7 @@ function abortedBeforeStart(policy: ResolvedChatOptions['policy'], retained: num
     response: '',
     stopReason: 'abort',
     stats: {
-      promptTokens: 0, generatedTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0, firstTokenMs: 0, policyMs: 0, evictMs: 0,
+      turn: 0, promptTokens: 0, generatedTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0, firstTokenMs: 0, policyMs: 0, evictMs: 0,
       evictedTokens: 0, evictions: 0, retainedTokens: retained, latencyMs: 0, fallback: false, summaryMs: 0,
       summaryTokens: 0, importanceSignal: null, policy,
     },

@@ -9,6 +9,7 @@ export type ErrorCode =
   | 'CONTEXT_CREATE_FAILED'
   | 'INVALID_OPTION'
   | 'PROMPT_TOO_LARGE'
+  | 'PIN_LIMIT'
   | 'DECODE_FAILED'
   | 'KV_OPERATION_FAILED'
   | 'CHAT_BUSY'
@@ -55,6 +56,10 @@ export class InvalidOptionError extends FiniteMemoryError {
 /** A message (or system prompt) cannot fit in the chat's token budget even after eviction. */
 export class PromptTooLargeError extends FiniteMemoryError {
   constructor(message: string) { super('PROMPT_TOO_LARGE', message); }
+}
+/** Pinning would leave no room for the next turn: pins count against maxTokens. Nothing was pinned. */
+export class PinLimitError extends FiniteMemoryError {
+  constructor(message: string) { super('PIN_LIMIT', message); }
 }
 /** A second `send` was made while a turn was still running on the same chat. */
 export class ChatBusyError extends FiniteMemoryError {
@@ -104,6 +109,7 @@ export function fromNativeError(err: unknown, callerStack?: string): FiniteMemor
     case 'CONTEXT_CREATE_FAILED': out = new ModelLoadError(message, 'CONTEXT_CREATE_FAILED'); break;
     case 'INVALID_OPTION': out = new InvalidOptionError(message); break;
     case 'PROMPT_TOO_LARGE': out = new PromptTooLargeError(message); break;
+    case 'PIN_LIMIT': out = new PinLimitError(message); break;
     case 'CHAT_BUSY': out = new ChatBusyError(message); break;
     case 'UNSUPPORTED_MODEL': out = new UnsupportedModelError(message); break;
     case 'ABORTED': out = new AbortedError(message); break;

@@ -7,6 +7,7 @@ export {
   ModelLoadError,
   InvalidOptionError,
   PromptTooLargeError,
+  PinLimitError,
   ChatBusyError,
   AbortedError,
   DisposedError,

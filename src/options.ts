@@ -66,6 +66,12 @@ export interface ChatOptions {
   importanceDecay?: number;
   /** importance: evict whole low-scoring spans ('span', default: keeps local text coherent) or single tokens ('token', as in H2O). */
   importanceGranularity?: 'span' | 'token';
+  /**
+   * importance/hybrid: 'mean' ranks tokens by the attention they receive per query that could see
+   * them; 'peak' by the largest weight a query at least 32 positions later paid them (tokens the
+   * model went back for, such as a fact it was asked about). Default 'mean'.
+   */
+  importanceScore?: 'mean' | 'peak';
   /** semantic/hybrid: number of k-means clusters (topics). Default 8. */
   semanticClusters?: number;
   /** semantic/hybrid: longest span (tokens) when splitting history into spans. Default 32. */
@@ -109,6 +115,12 @@ export interface SendOptions {
   onToken?: (piece: string) => void;
   /** Aborting resolves the turn with stopReason 'abort'; the chat stays usable. */
   signal?: AbortSignal;
+  /**
+   * Keep this message through every eviction (as `chat.pin(turn)` would). Pins count against
+   * maxTokens: a pin that would leave no room for the next turn rejects with PinLimitError and
+   * the turn does not run. Default false.
+   */
+  pin?: boolean;
 }
 
 function describe(v: unknown): string {
@@ -170,6 +182,7 @@ export interface ResolvedChatOptions {
   flashAttention?: boolean;
   importanceDecay: number;
   importanceGranularity: 'span' | 'token';
+  importanceScore: 'mean' | 'peak';
   semanticClusters: number;
   spanMaxTokens: number;
   policySeed: number;
@@ -200,11 +213,16 @@ export function resolveChatOptions(raw: unknown, defaultThreads: number): Resolv
 export interface JsSendOptions {
   onToken?: (piece: string) => void;
   signal?: AbortSignal;
+  pin?: boolean;
 }
 
 export function splitSendOptions(raw: unknown): { native: Record<string, unknown>; js: JsSendOptions } {
-  const { onToken, signal, ...native } = checkObject('options', raw);
+  const { onToken, signal, pin, ...native } = checkObject('options', raw);
   const js: JsSendOptions = {};
+  if (pin !== undefined) {
+    if (typeof pin !== 'boolean') fail('a boolean', 'pin', pin);
+    js.pin = pin;
+  }
   if (onToken !== undefined) {
     if (typeof onToken !== 'function') fail('a function', 'onToken', onToken);
     js.onToken = onToken as (piece: string) => void;

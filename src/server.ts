@@ -21,7 +21,7 @@ import { fastify, type FastifyInstance, type FastifyReply, type FastifyRequest, 
 import { Counter, Gauge, Registry } from 'prom-client';
 import { getBinding } from './binding.js';
 import type { Chat } from './chat.js';
-import { CheckpointError, FiniteMemoryError, InvalidOptionError, PromptTooLargeError } from './errors.js';
+import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError } from './errors.js';
 import type { Model } from './model.js';
 import { resolveChatOptions, type ChatOptions } from './options.js';
 import { createPrometheusTelemetry, type PrometheusTelemetry } from './prometheus.js';
@@ -210,6 +210,8 @@ interface ParsedCompletion {
   stream: boolean;
   includeUsage: boolean;
   sessionId: string | undefined;
+  /** The request's `finite_memory` field: pin the new message; unpin / forget earlier turns first. */
+  memory: { pin: boolean; unpin: number[]; forget: number[] };
 }
 
 const isObject = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === 'object' && !Array.isArray(v);
@@ -301,7 +303,9 @@ function parseCompletion(body: unknown, headers: FastifyRequest['headers'], rawH
   const header = headers['x-session-id'];
   const rawId = (Array.isArray(header) ? header[0] : header) ?? body.user;
   if (rawId !== undefined && rawId !== null && rawId !== '') sessionId = checkSessionId(rawId);
+  const memory = parseMemoryField(body.finite_memory, sessionId !== undefined);
   return {
+    memory,
     system: systems.length > 0 ? systems.join('\n\n') : undefined,
     conversation,
     last: lastMessage.content,
@@ -312,10 +316,39 @@ function parseCompletion(body: unknown, headers: FastifyRequest['headers'], rawH
   };
 }
 
+/**
+ * `finite_memory: { pin?: boolean, unpin?: number[], forget?: number[] }`: pin keeps the new user
+ * message through every eviction; unpin and forget take turn numbers (`finite_memory.turn.turn` of
+ * earlier responses) and need a session, since a one-off request has no earlier turns.
+ */
+function parseMemoryField(v: unknown, hasSession: boolean): ParsedCompletion['memory'] {
+  const out: ParsedCompletion['memory'] = { pin: false, unpin: [], forget: [] };
+  if (v === undefined || v === null) return out;
+  if (!isObject(v)) throw badRequest("'finite_memory' must be an object", 'finite_memory');
+  for (const key of Object.keys(v)) {
+    if (key !== 'pin' && key !== 'unpin' && key !== 'forget') throw badRequest(`Unknown field 'finite_memory.${key}' (pin, unpin, forget)`, `finite_memory.${key}`);
+  }
+  if (v.pin !== undefined && v.pin !== null) {
+    if (typeof v.pin !== 'boolean') throw badRequest("'finite_memory.pin' must be a boolean", 'finite_memory.pin');
+    out.pin = v.pin;
+  }
+  for (const key of ['unpin', 'forget'] as const) {
+    const list = v[key];
+    if (list === undefined || list === null) continue;
+    if (!Array.isArray(list) || list.length > 64 || list.some((t) => typeof t !== 'number' || !Number.isInteger(t) || t < 1 || t > 0xffffffff)) {
+      throw badRequest(`'finite_memory.${key}' must be an array of at most 64 turn numbers (positive integers)`, `finite_memory.${key}`);
+    }
+    if (list.length > 0 && !hasSession) throw badRequest(`'finite_memory.${key}' needs a session (X-Session-Id or user)`, `finite_memory.${key}`, 'session_required');
+    out[key] = list as number[];
+  }
+  return out;
+}
+
 /** Maps anything thrown while serving to an OpenAI-style error. */
 function toHttpError(err: unknown): HttpError {
   if (err instanceof HttpError) return err;
   if (err instanceof PromptTooLargeError) return badRequest(err.message, 'messages', 'context_length_exceeded');
+  if (err instanceof PinLimitError) return badRequest(err.message, 'finite_memory.pin', 'pin_limit');
   if (err instanceof InvalidOptionError) return badRequest(err.message, null, 'invalid_value');
   // Server-side failures say what failed, never the details: those (file paths among them) go to the log.
   if (err instanceof CheckpointError) return new HttpError(500, 'server_error', 'session_store_failed', 'The session could not be stored or restored');
@@ -689,10 +722,15 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
         chunk({ role: 'assistant', content: '' }, null);
       };
 
+      // Unpin and forget before the turn (each checked: a turn no longer in memory is a 400), so the
+      // room they free is there for it.
+      for (const turn of parsed.memory.unpin) chat.unpin(turn);
+      for (const turn of parsed.memory.forget) await chat.forget(turn);
       let result;
       try {
         result = await chat.send(parsed.last, {
           ...parsed.send,
+          pin: parsed.memory.pin,
           signal: ac.signal,
           ...(parsed.stream ? { onToken: (piece: string) => { start(); chunk({ content: piece }, null); } } : {}),
         });
@@ -715,8 +753,10 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       };
       const finite_memory: {
         session_id: string | null; restored: boolean; session_reset: 'restore_failed' | null; messages_seen: number | null; stop_reason: StopReason; turn: TurnStats; chat: ChatStats;
+        pins: { turn: number; tokens: number }[];
       } = {
         session_id: session?.id ?? null, restored, session_reset: sessionReset ?? null, messages_seen: session?.messagesSeen ?? null, stop_reason: result.stopReason, turn: result.stats, chat: stats,
+        pins: chat.pins(),
       };
       if (clientGone) {
         reply.hijack();

@@ -5,6 +5,8 @@ export type StopReason = 'eos' | 'maxTokens' | 'stop' | 'abort';
 
 /** What one turn cost and what it left in memory. */
 export interface TurnStats {
+  /** This turn's number, as in `memory()` (what `pin`, `unpin` and `forget` take); 0 when the turn never got into memory (aborted before its prompt was in). */
+  turn: number;
   /** Tokens prefilled this turn: the new message (plus the previous reply's end-of-turn tokens), never the history. */
   promptTokens: number;
   generatedTokens: number;

@@ -37,8 +37,9 @@ interface FiniteMemory {
   restored: boolean;
   messages_seen: number | null;
   stop_reason: string;
-  turn: { promptTokens: number; generatedTokens: number; retainedTokens: number };
+  turn: { turn: number; promptTokens: number; generatedTokens: number; retainedTokens: number };
   chat: ReturnType<import('../src/chat.ts').Chat['stats']>;
+  pins: { turn: number; tokens: number }[];
 }
 
 const post = (url: string, body: unknown, headers: Record<string, string> = {}, signal?: AbortSignal) =>
@@ -202,6 +203,42 @@ describe('OpenAI-compatible server', () => {
     expect(r.finite_memory.chat).toEqual(refs.b.stats());
     refs.a.dispose();
     refs.b.dispose();
+  });
+
+  it('pins, unpins and forgets through the finite_memory request field', async () => {
+    const { url } = await start();
+    const headers = { 'x-session-id': 'pins' };
+    const send = async (content: string, finite_memory?: unknown) => {
+      const r = await post(url, { messages: [{ role: 'user', content }], max_tokens: 4, temperature: 0, ...(finite_memory ? { finite_memory } : {}) }, headers);
+      return { status: r.status, body: (await r.json()) as Completion & { error?: { code: string; param: string } } };
+    };
+    const first = await send('remember the lantern', { pin: true });
+    expect(first.status).toBe(200);
+    const pinnedTurn = first.body.finite_memory.turn.turn;
+    expect(pinnedTurn).toBe(1);
+    expect(first.body.finite_memory.pins).toEqual([{ turn: 1, tokens: expect.any(Number) }]);
+    for (let i = 0; i < 12; i++) await send(`filler ${i} about the river and the lighthouse`);
+    const later = await send('and now');
+    expect(later.body.finite_memory.chat.tokensEvicted).toBeGreaterThan(0);
+    expect(later.body.finite_memory.pins.map((p) => p.turn)).toEqual([1]);
+    // forget evicts the pinned turn (its pin goes with it); unpin releases a pin and keeps the turn.
+    const forgot = await send('forget it', { forget: [1] });
+    expect(forgot.status).toBe(200);
+    expect(forgot.body.finite_memory.pins).toEqual([]);
+    const again = await send('pin this one', { pin: true });
+    expect(again.body.finite_memory.pins.map((p) => p.turn)).toEqual([again.body.finite_memory.turn.turn]);
+    const unpinned = await send('unpin it', { unpin: [again.body.finite_memory.turn.turn] });
+    expect(unpinned.status).toBe(200);
+    expect(unpinned.body.finite_memory.pins).toEqual([]);
+    // A turn no longer in memory, a bad field, forget without a session: 400s, OpenAI-style.
+    expect((await send('x', { unpin: [1] })).status).toBe(400);
+    const bad = await send('x', { pinn: true });
+    expect(bad.status).toBe(400);
+    expect(bad.body.error?.param).toBe('finite_memory.pinn');
+    expect((await send('x', { pin: 'yes' })).status).toBe(400);
+    const oneOff = await post(url, { messages: [{ role: 'user', content: 'hi' }], finite_memory: { forget: [1] } });
+    expect(oneOff.status).toBe(400);
+    expect((await errorOf(oneOff)).code).toBe('session_required');
   });
 
   it('expires idle sessions after the TTL and deletes their checkpoints', async () => {

@@ -11,6 +11,7 @@ namespace {
 
 Napi::Object stats_to_js(Napi::Env env, const turn_stats & s) {
     Napi::Object o = Napi::Object::New(env);
+    o.Set("turn", s.turn);
     o.Set("promptTokens", s.prompt_tokens);
     o.Set("generatedTokens", s.generated_tokens);
     o.Set("prefillMs", s.prefill_ms);
@@ -161,6 +162,10 @@ Napi::Function js_chat::define(Napi::Env env) {
         InstanceMethod("dispose", &js_chat::js_dispose),
         InstanceMethod("saveCheckpoint", &js_chat::js_save_checkpoint),
         InstanceMethod("resolvedOptions", &js_chat::js_resolved_options),
+        InstanceMethod("pin", &js_chat::js_pin),
+        InstanceMethod("unpin", &js_chat::js_unpin),
+        InstanceMethod("pins", &js_chat::js_pins),
+        InstanceMethod("forget", &js_chat::js_forget),
     });
 }
 
@@ -227,10 +232,11 @@ Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
     const std::string text = string_arg(info, 0, "message");
     generation_options gen = guarded(env, [&] { return resolve_generation_options(options_arg(info, 1)); });
     Napi::Function on_piece = info.Length() > 2 && info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
+    const bool pin = info.Length() > 3 && info[3].IsBoolean() && info[3].As<Napi::Boolean>().Value();
     claim(env, "a turn is already running on this chat; await it (or abort it) before sending again");
     turn_request req;
     try {
-        req = s.prepare_turn(text, std::move(gen));
+        req = s.prepare_turn(text, std::move(gen), pin);
     } catch (const fml_error & e) {
         finished();
         throw_error(env, e.code(), e.what());
@@ -454,6 +460,108 @@ Napi::Value js_chat::js_save_checkpoint(const Napi::CallbackInfo & info) {
     const std::string path = string_arg(info, 0, "path");
     claim(env, "a turn is running on this chat; save the checkpoint after it");
     return queue_worker<save_checkpoint_worker>(env, *this, Value(), path);
+}
+
+namespace {
+
+uint32_t turn_arg(const Napi::CallbackInfo & info) {
+    if (info.Length() < 1 || !info[0].IsNumber()) {
+        throw_error(info.Env(), FML_ERR_INVALID_OPTION, "expected a turn number");
+    }
+    const double t = info[0].As<Napi::Number>().DoubleValue();
+    if (!(t >= 0 && t <= 4294967295.0) || t != (double) (uint32_t) t) {
+        throw_error(info.Env(), FML_ERR_INVALID_OPTION, "a turn number is a non-negative integer");
+    }
+    return (uint32_t) t;
+}
+
+// Evicts one turn in place on the scheduler thread (the cache is its); the chat is claimed busy until then.
+class forget_worker : public promise_worker {
+public:
+    forget_worker(Napi::Env env, js_chat & chat, Napi::Object chat_obj, uint32_t turn)
+        : promise_worker(env), chat_(chat), rt_(chat.rt()), seq_(chat.seq()), turn_(turn) {
+        chat_ref_ = Napi::Persistent(chat_obj);
+    }
+    void OnOK() override { chat_.finished(); promise_worker::OnOK(); }
+    void OnError(const Napi::Error & e) override { chat_.finished(); promise_worker::OnError(e); }
+protected:
+    void run() override {
+        evicted_ = rt_->run_sync([this]() -> size_t {
+            engine * e = seq_->owner();
+            if (e == nullptr) {
+                return 0;   // never had a turn: nothing in memory
+            }
+            if (!e->ensure_slot(*seq_)) {
+                throw fml_error(FML_ERR_KV, "every slot of the chat's engine is in a turn");
+            }
+            e->apply_pending_shift(*seq_);
+            return seq_->forget_turn(turn_, *e);
+        });
+    }
+    Napi::Value result(Napi::Env env) override { return Napi::Number::New(env, (double) evicted_); }
+private:
+    js_chat & chat_;
+    Napi::ObjectReference chat_ref_;
+    std::shared_ptr<runtime> rt_;
+    std::shared_ptr<sequence> seq_;
+    uint32_t turn_;
+    size_t evicted_ = 0;
+};
+
+} // namespace
+
+Napi::Value js_chat::js_pin(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    sequence & s = require(env);
+    const uint32_t turn = turn_arg(info);
+    const bool with_reply = info.Length() > 1 && info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value();
+    claim(env, "a turn is running on this chat; pin after it");
+    size_t n = 0;
+    try {
+        n = s.pin_turn(turn, with_reply);
+    } catch (const fml_error & e) {
+        finished();
+        throw_error(env, e.code(), e.what());
+    }
+    finished();
+    return Napi::Number::New(env, (double) n);
+}
+
+Napi::Value js_chat::js_unpin(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    sequence & s = require(env);
+    const uint32_t turn = turn_arg(info);
+    claim(env, "a turn is running on this chat; unpin after it");
+    size_t n = 0;
+    try {
+        n = s.unpin_turn(turn);
+    } catch (const fml_error & e) {
+        finished();
+        throw_error(env, e.code(), e.what());
+    }
+    finished();
+    return Napi::Number::New(env, (double) n);
+}
+
+Napi::Value js_chat::js_pins(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    const auto pins = require(env).pinned_turns();
+    Napi::Array arr = Napi::Array::New(env, pins.size());
+    for (size_t i = 0; i < pins.size(); ++i) {
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("turn", pins[i].first);
+        o.Set("tokens", (double) pins[i].second);
+        arr[(uint32_t) i] = o;
+    }
+    return arr;
+}
+
+Napi::Value js_chat::js_forget(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    require(env);
+    const uint32_t turn = turn_arg(info);
+    claim(env, "a turn is running on this chat; forget after it");
+    return queue_worker<forget_worker>(env, *this, Value(), turn);
 }
 
 Napi::Value js_load_chat(const Napi::CallbackInfo & info) {

@@ -39,6 +39,10 @@ private:
     Napi::Value js_dispose(const Napi::CallbackInfo & info);
     Napi::Value js_save_checkpoint(const Napi::CallbackInfo & info);
     Napi::Value js_resolved_options(const Napi::CallbackInfo & info);
+    Napi::Value js_pin(const Napi::CallbackInfo & info);
+    Napi::Value js_unpin(const Napi::CallbackInfo & info);
+    Napi::Value js_pins(const Napi::CallbackInfo & info);
+    Napi::Value js_forget(const Napi::CallbackInfo & info);
     void release();
 
     std::shared_ptr<runtime> rt_;

@@ -138,6 +138,7 @@ private:
 const std::vector<const char *> POLICY_NAMES = { "sliding", "importance", "semantic", "rolling_summary", "hybrid" };
 const std::vector<const char *> KV_TYPES = { "f16", "f32", "q8_0" };
 const std::vector<const char *> GRANULARITIES = { "span", "token" };
+const std::vector<const char *> IMPORTANCE_SCORES = { "mean", "peak" };
 
 } // namespace
 
@@ -173,7 +174,7 @@ model_load_options resolve_model_options(const option_map & raw, int32_t cores) 
 chat_options resolve_chat_options(const option_map & raw, int32_t default_threads) {
     option_reader r(raw, {
         "policy", "maxTokens", "windowSize", "sinkTokens", "systemPrompt", "threads", "batchSize", "kvType", "flashAttention",
-        "importanceDecay", "importanceGranularity", "semanticClusters", "spanMaxTokens", "policySeed", "summaryTokens",
+        "importanceDecay", "importanceGranularity", "importanceScore", "semanticClusters", "spanMaxTokens", "policySeed", "summaryTokens",
         "hybridImportanceShare", "maxPolicyMs", "testPolicyDelayMs", "testTokenDelayMs",
     });
     chat_options o;
@@ -195,6 +196,7 @@ chat_options resolve_chat_options(const option_map & raw, int32_t default_thread
     }
     p.importance_decay = (v = r.get("importanceDecay")) ? (float) number_in("importanceDecay", *v, 0, 1) : 1.0f;
     p.importance_granularity_spans = (v = r.get("importanceGranularity")) ? choice_of("importanceGranularity", *v, GRANULARITIES) == "span" : true;
+    p.importance_peak = (v = r.get("importanceScore")) ? choice_of("importanceScore", *v, IMPORTANCE_SCORES) == "peak" : false;
     p.semantic_clusters = (v = r.get("semanticClusters")) ? (uint32_t) int_in("semanticClusters", *v, 1, 4096) : 8;
     p.span_max_tokens = (v = r.get("spanMaxTokens")) ? (uint32_t) int_in("spanMaxTokens", *v, 1, 4096) : 32;
     p.seed = (v = r.get("policySeed")) ? (uint32_t) int_in("policySeed", *v, 0, 4294967295.0) : 42;
@@ -248,6 +250,7 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
         { "kvType", option_value::of(o.kv_type) },
         { "importanceDecay", option_value::of((double) p.importance_decay) },
         { "importanceGranularity", option_value::of(std::string(p.importance_granularity_spans ? "span" : "token")) },
+        { "importanceScore", option_value::of(std::string(p.importance_peak ? "peak" : "mean")) },
         { "semanticClusters", option_value::of((double) p.semantic_clusters) },
         { "spanMaxTokens", option_value::of((double) p.span_max_tokens) },
         { "policySeed", option_value::of((double) p.seed) },
@@ -284,6 +287,7 @@ const std::vector<option_doc> & option_docs() {
         { "chat", "flashAttention", "boolean", "off on the CPU, llama.cpp's choice on a GPU", "", "Flash attention on or off; importance and hybrid turn it off to read attention weights unless it is forced on; kvType 'q8_0' turns it on.", false },
         { "chat", "importanceDecay", "number", "1", "0 .. 1", "importance/hybrid: scores are multiplied by this once per turn.", false },
         { "chat", "importanceGranularity", "'span' | 'token'", "'span'", "", "importance: evict whole low-scoring spans or single tokens (H2O).", false },
+        { "chat", "importanceScore", "'mean' | 'peak'", "'mean'", "", "importance/hybrid: rank tokens by the mean attention they receive per query, or by the peak weight a query at least 32 positions later paid them (tokens the model went back for).", false },
         { "chat", "semanticClusters", "number", "8", "1 .. 4096", "semantic/hybrid: k-means clusters (topics).", false },
         { "chat", "spanMaxTokens", "number", "32", "1 .. 4096", "semantic/hybrid: longest span when history is split into spans.", false },
         { "chat", "policySeed", "number", "42", "0 .. 4294967295", "semantic/hybrid: k-means++ seed.", false },

@@ -152,7 +152,8 @@ void sequence::check_budget() {
     const size_t carry = 1 + closing_tokens_.size();
     const size_t framing = std::max(model_->frame_tokens(frame_kind::user, "x").size(),
                                     model_->frame_tokens(opts_.system_prompt.empty() ? frame_kind::first_user : frame_kind::first_user_after_system, "x").size());
-    const size_t required = pinned + carry + framing + 1;
+    turn_floor_ = carry + framing + 1;
+    const size_t required = pinned + turn_floor_;
     if (required <= opts_.policy.max_tokens) {
         return;
     }
@@ -166,14 +167,21 @@ void sequence::check_budget() {
     throw fml_error(!opts_.system_prompt.empty() && without_system <= opts_.policy.max_tokens ? FML_ERR_PROMPT_TOO_LARGE : FML_ERR_INVALID_OPTION, why);
 }
 
-turn_request sequence::prepare_turn(const std::string & user_text, generation_options gen) {
+turn_request sequence::prepare_turn(const std::string & user_text, generation_options gen, bool pin) {
     turn_request req;
     req.framed = model_->frame_tokens(next_user_frame(), user_text);
     req.gen = std::move(gen);
+    req.pin = pin;
     std::lock_guard<std::mutex> lock(mu_);
     const size_t budget = opts_.policy.max_tokens;
     const size_t prompt = carry_.size() + req.framed.size();
     const size_t pinned = pinned_after_start();
+    if (pin && pinned + req.framed.size() + turn_floor_ > budget) {
+        throw fml_error(FML_ERR_PIN_LIMIT,
+                        "pinning this message (" + std::to_string(req.framed.size()) + " tokens) would leave " + std::to_string(pinned) +
+                        " pinned tokens plus it in maxTokens " + std::to_string(budget) + ", and the next turn needs " +
+                        std::to_string(turn_floor_) + " more: unpin or forget a turn, or raise maxTokens");
+    }
     if (pinned + prompt + 1 > budget) {
         throw fml_error(FML_ERR_PROMPT_TOO_LARGE,
                         "the message needs " + std::to_string(req.framed.size()) + " tokens but maxTokens " + std::to_string(budget) +
@@ -221,6 +229,99 @@ std::vector<memory_entry> sequence::memory() const {
         out.push_back({ e.token, e.pos, e.turn, e.role, e.pinned, e.score[SCORE_IMPORTANCE], model_->token_piece(e.token, true) });
     }
     return out;
+}
+
+bool sequence::unpinnable(size_t index) const {
+    const ledger_entry & e = ledger_[index];
+    return e.pinned && e.role != TOKEN_ROLE_SYSTEM && index >= opts_.policy.sink_tokens;
+}
+
+size_t sequence::pin_turn(uint32_t turn, bool with_reply) {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t found = 0;
+    size_t newly = 0;
+    for (size_t i = 0; i < ledger_.size(); ++i) {
+        const ledger_entry & e = ledger_[i];
+        if (e.turn == turn && (e.role == TOKEN_ROLE_USER || (with_reply && e.role == TOKEN_ROLE_ASSISTANT))) {
+            found++;
+            newly += e.pinned ? 0 : 1;
+        }
+    }
+    if (found == 0) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "turn " + std::to_string(turn) + " has no " + (with_reply ? "tokens" : "user message") + " in memory");
+    }
+    const size_t pinned = pinned_after_start() + newly;
+    if (pinned + turn_floor_ > opts_.policy.max_tokens) {
+        throw fml_error(FML_ERR_PIN_LIMIT,
+                        "pinning turn " + std::to_string(turn) + " would make " + std::to_string(pinned) + " of maxTokens " +
+                        std::to_string(opts_.policy.max_tokens) + " tokens pinned, and the next turn needs " + std::to_string(turn_floor_) +
+                        " more: unpin or forget a turn, or raise maxTokens");
+    }
+    for (size_t i = 0; i < ledger_.size(); ++i) {
+        ledger_entry & e = ledger_.at(i);
+        if (e.turn == turn && (e.role == TOKEN_ROLE_USER || (with_reply && e.role == TOKEN_ROLE_ASSISTANT))) {
+            e.pinned = true;
+        }
+    }
+    return newly;
+}
+
+size_t sequence::unpin_turn(uint32_t turn) {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t found = 0;
+    size_t released = 0;
+    for (size_t i = 0; i < ledger_.size(); ++i) {
+        if (ledger_[i].turn != turn) {
+            continue;
+        }
+        found++;
+        if (unpinnable(i)) {
+            ledger_.at(i).pinned = false;
+            released++;
+        }
+    }
+    if (found == 0) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "turn " + std::to_string(turn) + " is not in memory");
+    }
+    return released;
+}
+
+std::vector<std::pair<uint32_t, size_t>> sequence::pinned_turns() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<std::pair<uint32_t, size_t>> out;
+    for (size_t i = 0; i < ledger_.size(); ++i) {
+        if (!unpinnable(i)) {
+            continue;
+        }
+        if (out.empty() || out.back().first != ledger_[i].turn) {
+            out.push_back({ ledger_[i].turn, 0 });
+        }
+        out.back().second++;
+    }
+    return out;
+}
+
+size_t sequence::forget_turn(uint32_t turn, engine & e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<bool> drop(ledger_.size(), false);
+    for (size_t i = 0; i < ledger_.size(); ++i) {
+        const ledger_entry & x = ledger_[i];
+        drop[i] = x.turn == turn && x.role != TOKEN_ROLE_SYSTEM && i >= opts_.policy.sink_tokens;
+    }
+    const std::vector<index_range> ranges = ranges_from_mask(drop);
+    if (ranges.empty()) {
+        return 0;
+    }
+    for (const index_range & r : ranges) {
+        for (size_t i = r.begin; i < r.end; ++i) {
+            ledger_.at(i).pinned = false;   // forgetting a pinned turn releases its pin first
+        }
+    }
+    const kv_eviction_result res = kv_evict_ranges(e.ctx(), slot_, ledger_, ranges);
+    e.note_eviction();
+    cumulative_.tokens_evicted += res.evicted;
+    cumulative_.evictions++;
+    return res.evicted;
 }
 
 cumulative_stats sequence::stats() const {
@@ -531,7 +632,8 @@ void sequence::decoded(const contribution & c, size_t from, size_t to, int32_t l
     }
     const size_t first_new = ledger_.size();
     for (size_t i = from; i < to; ++i) {
-        append_decoded(&c.tokens[i], 1, t.inflight[i].second, t.inflight[i].first);
+        const auto [role, turn] = t.inflight[i];
+        append_decoded(&c.tokens[i], 1, turn, role, t.req.pin && role == TOKEN_ROLE_USER && turn == t.turn_no);
     }
     if (signals != nullptr) {
         absorb_signals(*signals, first_new, to - from);
@@ -625,6 +727,8 @@ void sequence::finish_turn(stop_reason reason, engine & e) {
     turn_result & r = t->result;
     turn_stats & st = r.stats;
     r.reason = reason;
+    // The turn's number in the ledger (what pin/unpin/forget take); 0 when it never got in.
+    st.turn = turn_no_ == t->turn_no ? t->turn_no : 0;
     if (t->stream) {
         if (reason != STOP_STRING) {
             const std::string rest = t->stream->finish();
@@ -755,12 +859,12 @@ void sequence::rollback_to(size_t keep, engine & e) {
     }
 }
 
-void sequence::append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role) {
+void sequence::append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role, bool pin) {
     for (size_t i = 0; i < n; ++i) {
         const bool sink = ledger_.size() < opts_.policy.sink_tokens;
         const std::string piece = model_->token_piece(tokens[i], false);
         const bool sentence_end = !piece.empty() && strchr(".!?\n", piece.back()) != nullptr;
-        ledger_.append(tokens[i], turn, role, role == TOKEN_ROLE_SYSTEM || sink, sentence_end);
+        ledger_.append(tokens[i], turn, role, pin || role == TOKEN_ROLE_SYSTEM || sink, sentence_end);
     }
     cumulative_.tokens_seen += n;
 }
@@ -778,8 +882,13 @@ void sequence::absorb_signals(const capture_member & m, size_t first_new, size_t
             if (pos < 0 || (size_t) pos >= acc.size()) {
                 continue;
             }
-            const float queries = i < first_new ? (float) n_new : (float) (n_new - (i - first_new));
             ledger_entry & e = ledger_.at(i);
+            if (opts_.policy.importance_peak) {
+                // Peaks decay with importanceDecay (begin_turn) and are raised by new ones.
+                e.score[SCORE_IMPORTANCE] = std::max(e.score[SCORE_IMPORTANCE], m.peak_by_pos[(size_t) pos]);
+                continue;
+            }
+            const float queries = i < first_new ? (float) n_new : (float) (n_new - (i - first_new));
             const float seen = e.score[SCORE_ATTENTION_QUERIES];
             const float total = e.score[SCORE_IMPORTANCE] * seen + acc[(size_t) pos];
             e.score[SCORE_ATTENTION_QUERIES] = seen + queries;

@@ -51,6 +51,7 @@ struct eviction_record {
 };
 
 struct turn_stats {
+    uint32_t turn = 0;               // this turn's number in memory() (pin/unpin/forget take it)
     uint32_t prompt_tokens = 0;      // tokens prefilled this turn (only the new ones)
     uint32_t generated_tokens = 0;
     double   prefill_ms = 0;
@@ -133,6 +134,7 @@ struct turn_callbacks {
 // A turn as the JS thread prepared it: the message framed and checked to fit.
 struct turn_request {
     bool ingest = false;             // a finished exchange (transcript import): prefill, generate nothing
+    bool pin = false;                // the user message stays through every eviction (send's `pin`)
     std::vector<int32_t> framed;     // the user message in its template framing
     std::vector<int32_t> reply;      // ingest: the assistant's reply
     generation_options gen;
@@ -174,7 +176,7 @@ public:
 
     // ---- JS thread ----
     // Frames the message and checks it fits (PROMPT_TOO_LARGE otherwise; nothing changes).
-    turn_request prepare_turn(const std::string & user_text, generation_options gen);
+    turn_request prepare_turn(const std::string & user_text, generation_options gen, bool pin = false);
     turn_request prepare_ingest(const std::string & user_text, const std::string & assistant_text);
     std::atomic<bool> & busy() { return busy_; }
     void request_abort() { abort_.store(true); }
@@ -183,6 +185,15 @@ public:
     // chat's next use.
     void reset();
     std::vector<memory_entry> memory() const;
+    // Pins (idle only): a pinned turn's tokens are never evicted. pin_turn pins the user message of
+    // `turn` (and its reply with `with_reply`); pins count against maxTokens, so a pin that would
+    // leave no room for the smallest next turn throws PIN_LIMIT and changes nothing. unpin_turn
+    // releases a turn's pins (never the system prompt's or the attention sinks'). Both return the
+    // number of tokens whose pin changed; a turn not in memory is INVALID_OPTION.
+    size_t pin_turn(uint32_t turn, bool with_reply);
+    size_t unpin_turn(uint32_t turn);
+    // The turns with pinned tokens (system prompt and sinks excluded), and how many tokens each.
+    std::vector<std::pair<uint32_t, size_t>> pinned_turns() const;
     cumulative_stats stats() const;
     size_t retained_tokens() const;
     uint64_t kv_bytes() const;
@@ -236,6 +247,9 @@ public:
     void sync_after_reset(llama_context * ctx);
 
     // Scheduler-thread tasks.
+    // Evicts every token of `turn` now (pins included; never the system prompt or the sinks) and
+    // compacts positions in place. Returns the tokens evicted (0 when the turn is not in memory).
+    size_t forget_turn(uint32_t turn, engine & e);
     // `ctx`: the chat's engine context, or null when the chat never had a turn.
     chat_state export_state(llama_context * ctx);
     cache_view view(llama_context * ctx) const;
@@ -248,6 +262,10 @@ private:
     frame_kind next_user_frame() const;
     void check_budget();
     size_t pinned_after_start() const;
+    // Tokens the smallest next turn needs besides the pinned ones (carry, a one-token message in its
+    // framing, one reply token); fixed at construction.
+    size_t turn_floor_ = 0;
+    bool unpinnable(size_t index) const;   // a pin the user may release (not a sink, not the system prompt)
     // Frees room for `incoming` more tokens, asking the policy for at least the excess and up to
     // `slack` more (amortises the K-shift). False when a summary started instead (its tokens come
     // first; the room exists once it is done). Throws PROMPT_TOO_LARGE when pinned tokens leave no room.
@@ -257,7 +275,7 @@ private:
     void summary_decoded(engine & e, int32_t logits_row);
     void finish_summary(engine & e);
     void cancel_summary(engine & e);
-    void append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role);
+    void append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role, bool pin = false);
     void absorb_signals(const capture_member & m, size_t first_new, size_t n_new);
     void rollback_to(size_t keep, engine & e);
     void sample_next(engine & e, int32_t logits_row);

@@ -30,7 +30,10 @@ void eval_capture::begin_group(const std::vector<group_member> & layout) {
         mem.attention_layers_seen = 0;
         mem.key_norm_layers_seen = 0;
         mem.hidden_seen = false;
-        if (want_attention) mem.attention_by_pos.assign((size_t) cells_per_seq_ + 1, 0.0f);
+        if (want_attention) {
+            mem.attention_by_pos.assign((size_t) cells_per_seq_ + 1, 0.0f);
+            mem.peak_by_pos.assign((size_t) cells_per_seq_ + 1, 0.0f);
+        }
         if (want_key_norm) mem.key_norm_by_token.assign((size_t) mem.n_tokens, 0.0f);
         if (want_hidden) mem.hidden_by_token.assign((size_t) mem.n_tokens * (size_t) n_embd_, 0.0f);
     }
@@ -121,6 +124,9 @@ void eval_capture::observe_attention(ggml_tensor * t) {
                     const int32_t pos = mem.cell_pos[(size_t) c];
                     if (pos >= 0 && (size_t) pos < mem.attention_by_pos.size()) {
                         mem.attention_by_pos[(size_t) pos] += row[c];
+                        if (query_pos - pos >= PEAK_MIN_DISTANCE && row[c] > mem.peak_by_pos[(size_t) pos]) {
+                            mem.peak_by_pos[(size_t) pos] = row[c];
+                        }
                         if (pos > query_pos && row[c] > 1e-6f) {
                             causal_violations++;
                         }

@@ -19,6 +19,13 @@
 #include <vector>
 
 struct ggml_tensor;
+
+namespace fml {
+// A query at least this many positions after a key is "distant": local heads (previous-token,
+// same-sentence) give every token a high weight from its neighbours; a high weight from far away
+// marks a token the model went back for.
+constexpr int32_t PEAK_MIN_DISTANCE = 32;
+}
 struct llama_context;
 
 namespace fml {
@@ -34,6 +41,7 @@ struct group_member {
 // What was captured for one member.
 struct capture_member : group_member {
     std::vector<float> attention_by_pos;   // attention received, by position (cells of the stream + 1)
+    std::vector<float> peak_by_pos;        // the largest single weight a distant query paid it (see PEAK_MIN_DISTANCE)
     int32_t attention_layers_seen = 0;
     std::vector<float> key_norm_by_token;  // mean key L2 norm over heads, summed over layers
     int32_t key_norm_layers_seen = 0;

@@ -18,6 +18,9 @@ struct policy_options {
     // importance
     float       importance_decay = 1.0f;   // scores are multiplied by this once per turn (1 = no decay)
     bool        importance_granularity_spans = true;   // evict whole low-scoring spans, not single tokens
+    // The attention score: false = mean attention received per query that could see the token;
+    // true = the peak single weight a distant query paid it (signals.h, PEAK_MIN_DISTANCE).
+    bool        importance_peak = false;
     // semantic
     uint32_t    semantic_clusters = 8;
     uint32_t    span_max_tokens = 32;

@@ -210,15 +210,36 @@ function randomTensor(
   };
 }
 
+/** What a trained model adds to a generated one: its own words in the vocabulary, and its weights. */
+export interface ModelContent {
+  /** pieces added to the vocabulary, with their prefixes (see buildVocab) */
+  vocabPieces?: readonly string[];
+  /**
+   * The values of a tensor (ggml order: dims[0] varies fastest, i.e. a PyTorch [out, in] weight as
+   * stored), or undefined to keep the seeded random values. Called once per tensor with its name.
+   */
+  weights?: (name: string, dims: readonly number[]) => Float32Array | undefined;
+}
+
+/** Producer for given values stored as `type`. */
+function valuesTensor(dims: readonly number[], type: GGMLType, values: Float32Array): TensorProducer {
+  const n = dims.reduce((a, b) => a * b, 1);
+  if (values.length !== n) throw new Error(`tensor of ${dims.join('x')} needs ${n} values, got ${values.length}`);
+  return (emit) => {
+    const out = Buffer.alloc(ggmlTypeSize(type, n));
+    emit(out.subarray(0, encodeValues(values, type, out, 0)));
+  };
+}
+
 /**
- * Writes a model of `options.family` with seeded random weights to `path`.
- * Synchronous; memory use is bounded by the vocabulary metadata plus ~1 MiB of buffers.
+ * Writes a model of `options.family` with seeded random weights to `path` (or the weights `content`
+ * gives). Synchronous; memory use is bounded by the vocabulary metadata plus ~1 MiB of buffers.
  */
-export function writeModel(path: string, options: ModelInput = {}): WriteModelResult {
+export function writeModel(path: string, options: ModelInput = {}, content: ModelContent = {}): WriteModelResult {
   const o = resolveModelOptions(options);
   const family: FamilySpec = MODEL_FAMILIES[o.family];
   const template = TEMPLATES[o.template ?? family.template];
-  const vocab = buildVocab(o.vocabExtra, template.control);
+  const vocab = buildVocab(o.vocabExtra, template.control, content.vocabPieces);
   const nVocab = vocab.tokens.length;
   const wtype = WEIGHT_GGML_TYPE[o.type];
   const { arch } = family;
@@ -282,6 +303,11 @@ export function writeModel(path: string, options: ModelInput = {}): WriteModelRe
   if (chatTemplate !== null) w.addString('tokenizer.chat_template', chatTemplate);
 
   const tensor = (name: string, dims: number[], type: GGMLType, std: number, mean = 0, rowScale?: (row: number) => number, map?: (v: number, i: number) => number) => {
+    const given = content.weights?.(name, dims);
+    if (given !== undefined) {
+      w.addTensor({ name, dims, type, produce: valuesTensor(dims, type, given) });
+      return;
+    }
     const rng = new SeededRandom(hashSeed(o.seed, name));
     w.addTensor({ name, dims, type, produce: randomTensor(dims, type, rng, std, mean, rowScale, map) });
   };
@@ -393,6 +419,6 @@ export function resolveLlamaModelOptions(options: LlamaModelInput = {}): LlamaMo
 }
 
 /** A llama-architecture model with the ChatML template (the shape most tests use). */
-export function writeLlamaModel(path: string, options: LlamaModelInput = {}): WriteLlamaModelResult {
-  return writeModel(path, { ...resolveLlamaModelOptions(options), family: 'llama', template: 'chatml' });
+export function writeLlamaModel(path: string, options: LlamaModelInput = {}, content: ModelContent = {}): WriteLlamaModelResult {
+  return writeModel(path, { ...resolveLlamaModelOptions(options), family: 'llama', template: 'chatml' }, content);
 }

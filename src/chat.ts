@@ -41,6 +41,8 @@ export class Chat {
   readonly id = `chat-${nextChatId++}`;
   #busy = false;
   #disposed = false;
+  /** The native operation in flight (a turn, a checkpoint, an import, a forget), for asyncDispose. */
+  #running: Promise<unknown> | undefined;
   #lastTurn: TurnResult | undefined;
   // The plain conversation (what was said, not what the cache still holds), for exportTranscript().
   #transcript: Transcript['messages'] = [];
@@ -75,7 +77,11 @@ export class Chat {
    * Sends a user message and generates the reply. Only the message's tokens are prefilled; when the
    * budget would overflow, the policy evicts tokens from the KV cache first.
    */
-  async send(message: string, options: SendOptions = {}): Promise<TurnResult> {
+  send(message: string, options: SendOptions = {}): Promise<TurnResult> {
+    return this.#track(this.#send(message, options));
+  }
+
+  async #send(message: string, options: SendOptions): Promise<TurnResult> {
     this.#check();
     const text = checkMessage(message);
     const { native: nativeOpts, js: opts } = splitSendOptions(options);
@@ -150,7 +156,7 @@ export class Chat {
     const stack = new Error().stack;
     this.#busy = true;
     try {
-      await this.#native.saveCheckpoint(path);
+      await this.#track(this.#native.saveCheckpoint(path));
     } catch (err) {
       throw fromNativeError(err, stack);
     } finally {
@@ -177,7 +183,7 @@ export class Chat {
     signal?.addEventListener('abort', onAbort, { once: true });
     this.#busy = true;
     try {
-      await this.#native.ingestExchange(user, assistant);
+      await this.#track(this.#native.ingestExchange(user, assistant));
       this.#transcript.push({ role: 'user', content: user }, { role: 'assistant', content: assistant });
     } catch (err) {
       throw fromNativeError(err, stack);
@@ -237,7 +243,7 @@ export class Chat {
     const stack = new Error().stack;
     this.#busy = true;
     try {
-      return await this.#native.forget(t);
+      return await this.#track(this.#native.forget(t));
     } catch (err) {
       throw fromNativeError(err, stack);
     } finally {
@@ -278,6 +284,22 @@ export class Chat {
 
   [Symbol.dispose](): void {
     this.dispose();
+  }
+
+  /**
+   * Disposes and waits for what was running to settle (a turn resolves with stopReason 'abort'):
+   * `await using chat = model.createChat()` leaves nothing running behind the block.
+   */
+  async [Symbol.asyncDispose](): Promise<void> {
+    const running = this.#running;
+    this.dispose();
+    await running?.catch(() => {});
+  }
+
+  #track<T>(p: Promise<T>): Promise<T> {
+    this.#running = p;
+    p.catch(() => {}); // the caller handles it; this copy only waits
+    return p;
   }
 
   /** @internal */

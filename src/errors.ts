@@ -71,7 +71,7 @@ export class AbortedError extends FiniteMemoryError {
 }
 /** The object was disposed. */
 export class DisposedError extends FiniteMemoryError {
-  constructor(what: string) { super('DISPOSED', `${what} is disposed`); }
+  constructor(what: string, message = `${what} is disposed`) { super('DISPOSED', message); }
 }
 /** llama.cpp failed while evaluating tokens or mutating the KV cache. */
 export class InferenceError extends FiniteMemoryError {
@@ -113,7 +113,7 @@ export function fromNativeError(err: unknown, callerStack?: string): FiniteMemor
     case 'CHAT_BUSY': out = new ChatBusyError(message); break;
     case 'UNSUPPORTED_MODEL': out = new UnsupportedModelError(message); break;
     case 'ABORTED': out = new AbortedError(message); break;
-    case 'DISPOSED': out = new FiniteMemoryError('DISPOSED', message); break;
+    case 'DISPOSED': out = new DisposedError('object', message); break;
     case 'CHECKPOINT_IO':
     case 'CHECKPOINT_CORRUPT':
     case 'CHECKPOINT_VERSION':

@@ -176,6 +176,13 @@ export class Model {
     this.dispose();
   }
 
+  /** Disposes every chat, waits for their running operations to settle, then releases the weights. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    const chats = [...this.#chats].flatMap((ref) => ref.deref() ?? []);
+    await Promise.all(chats.map((chat) => chat[Symbol.asyncDispose]()));
+    this.dispose();
+  }
+
   /** @internal The native handle, for benchmark hooks. */
   _native(): NativeModel {
     this.#check();

@@ -214,6 +214,8 @@ function randomTensor(
 export interface ModelContent {
   /** pieces added to the vocabulary, with their prefixes (see buildVocab) */
   vocabPieces?: readonly string[];
+  /** false: no common English words in the vocabulary, only characters, bytes and vocabPieces */
+  vocabCommon?: boolean;
   /**
    * The values of a tensor (ggml order: dims[0] varies fastest, i.e. a PyTorch [out, in] weight as
    * stored), or undefined to keep the seeded random values. Called once per tensor with its name.
@@ -239,7 +241,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   const o = resolveModelOptions(options);
   const family: FamilySpec = MODEL_FAMILIES[o.family];
   const template = TEMPLATES[o.template ?? family.template];
-  const vocab = buildVocab(o.vocabExtra, template.control, content.vocabPieces);
+  const vocab = buildVocab(o.vocabExtra, template.control, content.vocabPieces, content.vocabCommon ?? true);
   const nVocab = vocab.tokens.length;
   const wtype = WEIGHT_GGML_TYPE[o.type];
   const { arch } = family;

@@ -73,9 +73,9 @@ function codepointLength(s: string): number {
  * all its prefixes in the vocabulary, so SPM bigram merging can reach it.
  * `extra` appends that many generated lowercase pieces; `pieces` adds pieces as given (write
  * `▁word` for the word after a space, `word` for it at the start of a message); `control`
- * appends a chat template's control tokens last (so the fixed ids above stay the same for every family).
+ * appends a chat template's control tokens last (so the fixed ids above stay the same for every family); `common: false` leaves out the common English words.
  */
-export function buildVocab(extra = 0, control: readonly string[] = [], pieces: readonly string[] = []): Vocab {
+export function buildVocab(extra = 0, control: readonly string[] = [], pieces: readonly string[] = [], common = true): Vocab {
   const tokens: string[] = ['<unk>', '<s>', '</s>', '<|im_start|>', '<|im_end|>'];
   const types: number[] = [
     TokenType.UNKNOWN,
@@ -108,17 +108,18 @@ export function buildVocab(extra = 0, control: readonly string[] = [], pieces: r
   for (let c = 0x21; c <= 0x7e; c++) addPiece(String.fromCharCode(c));
   for (let c = 0x61; c <= 0x7a; c++) addPiece(SPM_SPACE + String.fromCharCode(c));
 
-  const common = COMMON_WORDS.split(/\s+/).filter(Boolean);
-  const subwords = SUBWORDS.split(/\s+/).filter(Boolean);
-  const caps = CAPITALISED_WORDS.split(/\s+/).filter(Boolean);
-  for (const w of common) addWithPrefixes(SPM_SPACE + w);
+  // Without `common`, only the characters, the byte tokens and `pieces` (a vocabulary for one format).
+  const words = common ? COMMON_WORDS.split(/\s+/).filter(Boolean) : [];
+  const subwords = common ? SUBWORDS.split(/\s+/).filter(Boolean) : [];
+  const caps = common ? CAPITALISED_WORDS.split(/\s+/).filter(Boolean) : [];
+  for (const w of words) addWithPrefixes(SPM_SPACE + w);
   for (const w of caps) addWithPrefixes(SPM_SPACE + w);
   for (const w of subwords) {
     addWithPrefixes(w);
     addWithPrefixes(SPM_SPACE + w);
   }
   // bare (no ▁) variants only for the most common words, to keep the vocabulary small
-  for (const w of common.slice(0, BARE_WORD_COUNT)) addWithPrefixes(w);
+  for (const w of words.slice(0, BARE_WORD_COUNT)) addWithPrefixes(w);
   for (const p of pieces) addWithPrefixes(p);
 
   // Generated extra pieces: lowercase strings in length order, bare then ▁-prefixed.

@@ -41,6 +41,35 @@ describe('concurrency', () => {
   });
 });
 
+describe('async disposal', () => {
+  it('await using: a chat disposed mid-turn settles its turn (abort) before the block ends', async () => {
+    let state = 'pending';
+    {
+      await using chat = model.createChat({ threads: THREADS });
+      void chat.send('tell me a long story', { maxNewTokens: 200, temperature: 1, seed: 1 }).then((r) => (state = r.stopReason));
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    expect(state).toBe('abort');
+  });
+
+  it('model asyncDispose waits for its chats; a native DISPOSED is a DisposedError', async () => {
+    const m = await loadModel(testModelPath(), { threads: THREADS });
+    const chat = m.createChat({ threads: THREADS });
+    let state = 'pending';
+    void chat.send('hello there', { maxNewTokens: 100, temperature: 1, seed: 2 }).then((r) => (state = r.stopReason));
+    await m[Symbol.asyncDispose]();
+    expect(state).toBe('abort');
+    expect(() => chat.memory()).toThrow(DisposedError);
+    expect(() => m.createChat()).toThrow(DisposedError);
+    // The native layer's own DISPOSED code maps to the same class, with the caller's stack.
+    const { fromNativeError } = await import('../../src/errors.ts');
+    const mapped = fromNativeError(Object.assign(new Error('chat is disposed'), { code: 'DISPOSED' }), new Error().stack);
+    expect(mapped).toBeInstanceOf(DisposedError);
+    expect(mapped.message).toBe('chat is disposed');
+    expect(mapped.stack).toContain('lifetimes.test.ts');
+  });
+});
+
 describe('native memory', () => {
   it('1,000 create/dispose cycles do not grow RSS', async () => {
     const cycle = async (n: number) => {

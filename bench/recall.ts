@@ -1,0 +1,217 @@
+// Recall benchmark, multi-turn as in SCBench: facts stated in the first turns, filler turns, some
+// facts asked about along the way (twice each), then final questions about every fact: those asked
+// before and those never asked. Budgets of 25/50/75% of the conversation's tokens. Per policy:
+// exact-match accuracy (greedy, real `send` turns), the same policy's retained text re-prefilled
+// from scratch before each question (re-prefill), and mean KL(full || policy) at the final answers'
+// digits under teacher forcing. The model is the recall-trained one (npm run make-recall-model; built
+// here when missing).
+//   npm run bench:recall [-- --conversations N] [--no-write]
+import { execFileSync } from 'node:child_process';
+import { existsSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { loadModel, type Chat, type ChatOptions, type MemoryEntry, type Model } from '../src/index.ts';
+import { RECALL_BENCH_SHAPE, RECALL_GEOMETRY, RECALL_TRAINING_TOKENS, defaultRecallModelPath } from '../scripts/make-recall-model.ts';
+import { RECALL_SYSTEM_PROMPT, benchConversation, isCorrectAnswer, type RecallConversation } from '../scripts/recall/dialogues.ts';
+import { ROOT, machine, writeResultsSection } from './common.ts';
+import { lineChart } from './svg.ts';
+
+const BUDGETS = [0.25, 0.5, 0.75];
+const GEN = { temperature: 0, maxNewTokens: 8 } as const;
+
+interface Contender { label: string; options: ChatOptions }
+const CONTENDERS: Contender[] = [
+  { label: 'sliding', options: { policy: 'sliding' } },
+  { label: 'importance', options: { policy: 'importance' } },
+  { label: 'importance (token granularity, H2O-style)', options: { policy: 'importance', importanceGranularity: 'token' } },
+  { label: "importance (importanceScore 'peak')", options: { policy: 'importance', importanceScore: 'peak' } },
+  { label: 'semantic', options: { policy: 'semantic' } },
+  { label: 'rolling_summary', options: { policy: 'rolling_summary' } },
+  { label: 'hybrid', options: { policy: 'hybrid' } },
+  { label: 'hybrid (no summary)', options: { policy: 'hybrid', summaryTokens: 0 } },
+  { label: "hybrid (importanceScore 'peak')", options: { policy: 'hybrid', importanceScore: 'peak' } },
+];
+
+type Kind = 'along' | 'finalAsked' | 'finalNever';
+interface Score { correct: number; total: number }
+const score = (): Record<Kind, Score> => ({ along: { correct: 0, total: 0 }, finalAsked: { correct: 0, total: 0 }, finalNever: { correct: 0, total: 0 } });
+
+/** Which question is which: asked along the way, or final (about a fact asked before or never). */
+function questionKinds(c: RecallConversation): (Kind | null)[] {
+  const firstFinal = c.turns.length - c.facts.length;
+  const askedBefore = new Set(c.turns.slice(0, firstFinal).filter((t) => t.kind === 'question').map((t) => t.fact));
+  return c.turns.map((t, i) => (t.kind !== 'question' ? null : i < firstFinal ? 'along' : askedBefore.has(t.fact) ? 'finalAsked' : 'finalNever'));
+}
+
+/** Plays the conversation with real turns; `rePrefill` re-prefills the retained tokens before every question. */
+async function play(model: Model, c: RecallConversation, options: ChatOptions, rePrefill: boolean, into: Record<Kind, Score>): Promise<Chat> {
+  const kinds = questionKinds(c);
+  const chat = model.createChat({ threads: 2, systemPrompt: RECALL_SYSTEM_PROMPT, ...options });
+  for (let i = 0; i < c.turns.length; i++) {
+    const turn = c.turns[i]!;
+    if (rePrefill && turn.kind === 'question') chat._internals().replayHistory();
+    const r = await chat.send(turn.user, GEN);
+    const kind = kinds[i];
+    if (kind) {
+      into[kind].total++;
+      if (isCorrectAnswer(r.response, c.facts[turn.fact!]!)) into[kind].correct++;
+    }
+  }
+  return chat;
+}
+
+/** The reference conversation as the full-cache chat holds it, split into the chunks a chat would feed. */
+function referenceStream(memory: MemoryEntry[]): { system: number; chunks: number[][]; tokens: number[] } {
+  const rest = memory.filter((e) => e.role !== 'system');
+  const chunks: number[][] = [];
+  let key = '';
+  for (const e of rest) {
+    const k = `${e.turn}:${e.role}`;
+    if (k !== key) chunks.push([]);
+    key = k;
+    chunks.at(-1)!.push(e.token);
+  }
+  return { system: memory.length - rest.length, chunks, tokens: rest.map((e) => e.token) };
+}
+
+function evaluate(model: Model, options: ChatOptions, chunks: number[][]): Float32Array {
+  const chat = model.createChat({ threads: 2, systemPrompt: RECALL_SYSTEM_PROMPT, ...options });
+  const parts = chunks.map((ch) => chat._internals().evaluateTokens(ch, ch.length));
+  chat.dispose();
+  const out = new Float32Array(parts.reduce((s, p) => s + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+function klAt(ref: Float32Array, got: Float32Array, rows: number[], nVocab: number): number {
+  let total = 0;
+  for (const r of rows) {
+    const lp = (x: Float32Array) => {
+      let max = -Infinity;
+      for (let i = 0; i < nVocab; i++) max = Math.max(max, x[r * nVocab + i]!);
+      let sum = 0;
+      for (let i = 0; i < nVocab; i++) sum += Math.exp(x[r * nVocab + i]! - max);
+      const lse = max + Math.log(sum);
+      return (i: number) => x[r * nVocab + i]! - lse;
+    };
+    const p = lp(ref);
+    const q = lp(got);
+    for (let i = 0; i < nVocab; i++) {
+      const lpi = p(i);
+      total += Math.exp(lpi) * (lpi - q(i));
+    }
+  }
+  return rows.length > 0 ? total / rows.length : 0;
+}
+
+interface Row { label: string; budget: number; maxTokens: number; live: Record<Kind, Score>; replay: Record<Kind, Score>; kl: number; summaries: number }
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, 'no-write': { type: 'boolean', default: false } } });
+  const n = Number(values.conversations);
+  const path = defaultRecallModelPath();
+  if (!existsSync(path)) {
+    console.log(`building the recall model (${path})`);
+    execFileSync('npx', ['tsx', join(ROOT, 'scripts', 'make-recall-model.ts')], { stdio: 'inherit', cwd: ROOT });
+  }
+  const model = await loadModel(path, { threads: 2 });
+  const nVocab = model.info.nVocab;
+  const convs = Array.from({ length: n }, (_, i) => benchConversation(500_000 + i, RECALL_BENCH_SHAPE));
+
+  const full = { live: score(), kl: 0 };
+  const rows = new Map<string, Row>();
+  let lengthSum = 0;
+  for (const [ci, c] of convs.entries()) {
+    // Full cache: the reference answers, the conversation's length, and the reference logits.
+    const ref = await play(model, c, { policy: 'sliding', maxTokens: 4 * RECALL_TRAINING_TOKENS }, false, full.live);
+    const memory = ref.memory();
+    ref.dispose();
+    const stream = referenceStream(memory);
+    const length = memory.length;
+    lengthSum += length;
+    const refLogits = evaluate(model, { policy: 'sliding', maxTokens: 4 * RECALL_TRAINING_TOKENS }, stream.chunks);
+    // KL rows: the logits that predict the digits of the final answers.
+    const finalTurns = new Set(memory.filter((e) => e.role === 'user').map((e) => e.turn).slice(-c.facts.length));
+    const restEntries = memory.filter((e) => e.role !== 'system');
+    const rows_ = restEntries.flatMap((e, i) => (i > 0 && e.role === 'assistant' && finalTurns.has(e.turn) && /^\d\d$/.test(e.text.trim()) ? [i - 1] : []));
+    for (const budget of BUDGETS) {
+      const maxTokens = Math.floor(length * budget);
+      for (const ct of CONTENDERS) {
+        const key = `${ct.label}@${budget}`;
+        const row = rows.get(key) ?? { label: ct.label, budget, maxTokens: 0, live: score(), replay: score(), kl: 0, summaries: 0 };
+        rows.set(key, row);
+        row.maxTokens += maxTokens / n;
+        const options = { ...ct.options, maxTokens };
+        const live = await play(model, c, options, false, row.live);
+        row.summaries += live.memory().filter((e) => e.role === 'summary').length > 0 ? 1 : 0;
+        live.dispose();
+        (await play(model, c, options, true, row.replay)).dispose();
+        row.kl += klAt(refLogits, evaluate(model, options, stream.chunks), rows_, nVocab) / n;
+      }
+    }
+    process.stdout.write(`\rconversation ${ci + 1}/${n}`);
+  }
+  process.stdout.write('\n');
+  model.dispose();
+
+  const pct = (s: Score) => (s.total ? `${((100 * s.correct) / s.total).toFixed(0)}% (${s.correct}/${s.total})` : '-');
+  const g = RECALL_GEOMETRY;
+  const setup = [
+    `machine: ${machine()}`,
+    `model: the recall-trained model (${g.layers} layers, n_embd ${g.embd}, ${g.heads} heads / ${g.kvHeads} KV heads x ${g.headDim}, F32; trained on ${RECALL_TRAINING_TOKENS}-token conversations; \`npm run make-recall-model\`)`,
+    `${n} conversations (seeds 500000..${500_000 + n - 1}), each ${RECALL_BENCH_SHAPE.facts} facts, then ${RECALL_BENCH_SHAPE.fillers} fillers with ${RECALL_BENCH_SHAPE.asked} facts asked ${RECALL_BENCH_SHAPE.askedTimes} times along the way, ${RECALL_BENCH_SHAPE.tailFillers} more fillers, then a final question about every fact; mean length ${(lengthSum / n).toFixed(0)} tokens`,
+    'budget = share of each conversation\'s tokens; policy defaults otherwise (windowSize = maxTokens / 4, 4 sinks, system prompt pinned); greedy turns of at most 8 tokens',
+    're-prefill: the same policy, with the retained tokens re-prefilled from scratch before every question (what a re-tokenize-and-prefill chat computes from the same text)',
+    'KL: mean KL(full cache || policy) in nats over the logits predicting the final answers\' digits, teacher-forced on the full-cache conversation',
+  ];
+  const lines = [
+    '## Recall: facts across a long conversation (`npm run bench:recall`)',
+    '',
+    ...setup.map((s) => `- ${s}`),
+    '',
+    `Full cache: final questions about facts asked before ${pct(full.live.finalAsked)}, never asked ${pct(full.live.finalNever)}, along the way ${pct(full.live.along)}.`,
+    '',
+    '| budget | policy | final, asked before | final, never asked | along the way | re-prefill: final, asked before | re-prefill: never asked | mean KL at final answers |',
+    '|---|---|---|---|---|---|---|---|',
+  ];
+  const all = [...rows.values()];
+  for (const r of all) {
+    lines.push(`| ${r.budget * 100}% (${r.maxTokens.toFixed(0)}) | ${r.label} | ${pct(r.live.finalAsked)} | ${pct(r.live.finalNever)} | ${pct(r.live.along)} | ${pct(r.replay.finalAsked)} | ${pct(r.replay.finalNever)} | ${r.kl.toFixed(3)} |`);
+  }
+  lines.push('');
+  for (const budget of BUDGETS) {
+    const at = all.filter((r) => r.budget === budget);
+    const sliding = at.find((r) => r.label === 'sliding')!;
+    const best = [...at].sort((a, b) => b.live.finalAsked.correct - a.live.finalAsked.correct)[0]!;
+    lines.push(`- ${budget * 100}%: most previously-asked facts recalled by ${best.label} (${best.live.finalAsked.correct}, sliding ${sliding.live.finalAsked.correct}); ` +
+      at.filter((r) => r.label !== 'sliding').map((r) => `${r.label} ${r.live.finalAsked.correct}/${sliding.live.finalAsked.correct} asked, KL ${(r.kl / sliding.kl).toFixed(2)}x`).join('; ') + ' (vs sliding)');
+  }
+  const chart = lineChart({
+    title: 'Final questions about facts asked before: accuracy by budget',
+    xLabel: 'budget (% of the conversation)',
+    yLabel: 'exact match (%)',
+    series: CONTENDERS.map((ct) => ({
+      name: ct.label,
+      points: BUDGETS.map((b) => {
+        const r = rows.get(`${ct.label}@${b}`)!;
+        return [b * 100, (100 * r.live.finalAsked.correct) / Math.max(1, r.live.finalAsked.total)] as [number, number];
+      }),
+    })),
+  });
+  lines.push('', '![recall accuracy](recall.svg)');
+  const out = lines.join('\n');
+  console.log(out);
+  if (!values['no-write']) {
+    writeFileSync(join(ROOT, 'bench', 'recall.svg'), chart);
+    writeResultsSection('recall', out);
+  }
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

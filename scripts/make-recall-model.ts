@@ -1,0 +1,241 @@
+/**
+ * Builds the recall model: a tiny llama-architecture chat model trained (Debian's python3-torch,
+ * fixed seed, CPU) on the recall dialogues of scripts/recall/dialogues.ts, exported to GGUF with the
+ * ChatML template, then checked: with the full cache it must answer >= 95% of the questions of
+ * conversations at its training length, or the script fails.
+ *
+ *   npm run make-recall-model [-- --out FILE] [--steps N] [--threads N] [--check N] [--force]
+ *
+ * Default output: .cache/models/recall-<recipe hash>.gguf (git-ignored); an existing file is reused.
+ * The data are tokenized by llama.cpp itself (a vocabulary-only model with the same vocabulary),
+ * so training sees exactly the tokens a chat feeds.
+ */
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { writeLlamaModel, type LlamaModelInput } from '../src/gguf-writer.ts';
+import { loadModel, type Model } from '../src/index.ts';
+import {
+  RECALL_SYSTEM_PROMPT,
+  RECALL_PIECES,
+  benchConversation,
+  isCorrectAnswer,
+  recallMessages,
+  summaryText,
+  trainingConversation,
+  type BenchShape,
+  type RecallConversation,
+} from './recall/dialogues.ts';
+
+const ROOT = join(import.meta.dirname, '..');
+
+/** Geometry: small enough to train in minutes on 2 cores, deep enough for induction-style recall. */
+export const RECALL_GEOMETRY = { layers: 3, embd: 64, heads: 4, kvHeads: 2, headDim: 32, ffn: 192 } as const;
+/** Training length in tokens (conversations are cut at a turn boundary to fit). */
+export const RECALL_TRAINING_TOKENS = 320;
+/** The benchmark's and the check's conversation shape at the training length. */
+export const RECALL_BENCH_SHAPE: BenchShape = { facts: 4, asked: 2, askedTimes: 2, fillers: 1, tailFillers: 1 };
+
+/** Loss weights of predicting each kind of token: what recall is about, the rest of the replies, everything else. */
+const WEIGHT = { recall: 1, reply: 0.5, other: 0.02 } as const;
+
+const RECIPE = {
+  version: 7,
+  weights: WEIGHT,
+  geometry: RECALL_GEOMETRY,
+  tokens: RECALL_TRAINING_TOKENS,
+  conversations: 16000,
+  train: {
+    seed: 1234,
+    lr: 3e-3,
+    warmup: 50,
+    phases: [
+      // One phase at the full length: trained at 192 tokens and then briefly at 512, a model
+      // answered 0.85 of reply tokens at 192 and 0.69 at 512 (it does not carry recall to longer
+      // positions it has not trained on).
+      { steps: 2800, batch: 12, crop: 320 },
+    ],
+  },
+};
+
+export function defaultRecallModelPath(): string {
+  const hash = createHash('sha256').update(JSON.stringify(RECIPE)).update(readFileSync(join(ROOT, 'scripts', 'recall', 'train.py'))).update(readFileSync(join(ROOT, 'scripts', 'recall', 'dialogues.ts'))).digest('hex').slice(0, 10);
+  return join(ROOT, '.cache', 'models', `recall-${hash}.gguf`);
+}
+
+/**
+ * A conversation's tokens as a chat holds them (llama.cpp tokenizes each frame, as the chat does),
+ * cut at the last whole exchange that fits `limit`, and the loss weight of predicting each next token.
+ */
+export function tokenizeConversation(model: Model, c: RecallConversation, limit: number): { tokens: number[]; weights: number[] } {
+  const frame = (m: { role: 'system' | 'user' | 'assistant'; content: string }) => model.tokenize(model.applyTemplate([m]), { special: true });
+  const assistantPrefix = model.tokenize(model.applyTemplate([], { addAssistant: true }), { special: true }).length;
+  const closing = model.tokenize('<|im_end|>\n', { special: true }).length;
+  const tokens = model.tokenize('', { addBos: true });
+  const targets: number[] = tokens.map(() => WEIGHT.other);
+  const push = (toks: number[], weight: (j: number) => number) => {
+    toks.forEach((t, j) => {
+      tokens.push(t);
+      targets.push(weight(j));
+    });
+  };
+  push(frame({ role: 'system', content: RECALL_SYSTEM_PROMPT }), () => WEIGHT.other);
+  if (c.summaryOf) {
+    // A summary where evicted turns were: the reply tokens the model writes for it, bare, as the chat inserts them.
+    const reply = frame({ role: 'assistant', content: summaryText(c.summaryOf.map((f) => c.facts[f]!)) });
+    push(reply.slice(assistantPrefix, reply.length - closing), () => WEIGHT.other);
+  }
+  for (const turn of c.turns) {
+    const user = frame({ role: 'user', content: turn.user });
+    const reply = frame({ role: 'assistant', content: turn.assistant });
+    if (tokens.length + user.length + reply.length > limit) break;
+    push(user, () => WEIGHT.other);
+    const recall = turn.kind === 'question' || turn.kind === 'summary';
+    const endOfTurn = reply.length - closing;
+    push(reply, (j) => (j < assistantPrefix || j > endOfTurn ? WEIGHT.other : j === endOfTurn ? WEIGHT.reply : recall ? WEIGHT.recall : WEIGHT.reply));
+  }
+  // weights[t] is the weight of predicting tokens[t + 1].
+  return { tokens, weights: targets.slice(1).concat([0]) };
+}
+
+/** With the full cache, the share of questions the model answers exactly (greedy). */
+export async function recallAccuracy(model: Model, conversations: RecallConversation[], maxTokens: number): Promise<{ correct: number; total: number }> {
+  let correct = 0;
+  let total = 0;
+  for (const c of conversations) {
+    const chat = model.createChat({ maxTokens, systemPrompt: RECALL_SYSTEM_PROMPT, policy: 'sliding', threads: 2 });
+    for (const turn of c.turns) {
+      const r = await chat.send(turn.user, { temperature: 0, maxNewTokens: 8 });
+      if (turn.kind === 'question') {
+        total++;
+        if (isCorrectAnswer(r.response, c.facts[turn.fact!]!)) correct++;
+      }
+    }
+    chat.dispose();
+  }
+  return { correct, total };
+}
+
+export function checkConversations(count: number): RecallConversation[] {
+  return Array.from({ length: count }, (_, i) => benchConversation(900_000 + i, RECALL_BENCH_SHAPE));
+}
+
+const systemPython = (): string => (existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3');
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      out: { type: 'string', short: 'o' },
+      steps: { type: 'string' },
+      threads: { type: 'string', default: '2' },
+      check: { type: 'string', default: '40' },
+      force: { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  });
+  if (values.help) {
+    console.log('Usage: make-recall-model [--out FILE] [--steps N] [--threads N] [--check N] [--force]');
+    return;
+  }
+  const out = resolve(values.out ?? defaultRecallModelPath());
+  if (existsSync(out) && !values.force) {
+    console.log(`${out} exists (use --force to rebuild)`);
+    return;
+  }
+  try {
+    execFileSync(systemPython(), ['-c', 'import torch, numpy'], { stdio: 'pipe' });
+  } catch {
+    throw new Error("PyTorch is missing: install Debian's python3-torch (apt-get install -y python3-torch)");
+  }
+  // --steps N scales every phase to N steps in all (quick trials of the pipeline).
+  const scale = values.steps ? Number(values.steps) / RECIPE.train.phases.reduce((s, p) => s + p.steps, 0) : 1;
+  const phases = RECIPE.train.phases.map((p) => ({ ...p, steps: Math.max(1, Math.round(p.steps * scale)) }));
+  const recipe = { ...RECIPE, train: { ...RECIPE.train, threads: Number(values.threads), phases } };
+  const work = mkdtempSync(join(tmpdir(), 'fml-recall-'));
+  const t0 = performance.now();
+  try {
+    // 1. The vocabulary, in a model whose weights do not matter: llama.cpp tokenizes the data with it.
+    const geometry: LlamaModelInput = { ...RECALL_GEOMETRY, ctx: 2 * RECALL_TRAINING_TOKENS, type: 'f32', seed: 1, name: 'finite-memory-llm recall model' };
+    const vocabModelPath = join(work, 'vocab.gguf');
+    writeLlamaModel(vocabModelPath, geometry, { vocabPieces: RECALL_PIECES, vocabCommon: false });
+    const vocabModel = await loadModel(vocabModelPath, { threads: 1 });
+    const T = RECALL_TRAINING_TOKENS;
+    const tokens = new Int32Array(recipe.conversations * T);
+    const weights = new Float32Array(recipe.conversations * T);
+    let total = 0;
+    for (let i = 0; i < recipe.conversations; i++) {
+      const conv = tokenizeConversation(vocabModel, trainingConversation(i + 1), T);
+      tokens.set(conv.tokens, i * T);
+      weights.set(conv.weights, i * T);
+      total += conv.tokens.length;
+    }
+    // The tokens a chat really holds must be the ones trained on: one conversation through the engine.
+    const sample = benchConversation(7, RECALL_BENCH_SHAPE);
+    const messages = recallMessages(sample);
+    const expected = tokenizeConversation(vocabModel, sample, 1 << 20).tokens;
+    const chat = await vocabModel.importTranscript(
+      { format: 'finite-memory-llm/transcript', version: 1, messages: messages.slice(1), systemPrompt: RECALL_SYSTEM_PROMPT } as never,
+      { maxTokens: 4 * T, systemPrompt: RECALL_SYSTEM_PROMPT },
+    );
+    const held = chat.memory().map((e) => e.token);
+    chat.dispose();
+    // The chat holds the last reply's closing tokens back until the next turn (its carry).
+    const carry = vocabModel.tokenize('<|im_end|>\n', { special: true }).length;
+    if (held.join(',') !== expected.slice(0, expected.length - carry).join(',')) {
+      let at = 0;
+      while (held[at] === expected[at]) at++;
+      throw new Error(`tokenization differs from the chat's at token ${at} of ${expected.length}: chat ${held.slice(at - 5, at + 10).join(" ")} vs data ${expected.slice(at - 5, at + 10).join(" ")}`);
+    }
+    const nVocab = vocabModel.info.nVocab;
+    vocabModel.dispose();
+    writeFileSync(join(work, 'tokens.i32'), Buffer.from(tokens.buffer));
+    writeFileSync(join(work, 'weights.f32'), Buffer.from(weights.buffer));
+    const model = { ...RECALL_GEOMETRY, eps: 1e-5, ropeBase: 10000 };
+    writeFileSync(join(work, 'meta.json'), JSON.stringify({ n: recipe.conversations, t: T, vocab: nVocab, model, train: recipe.train }));
+    console.log(`data: ${recipe.conversations} conversations, ${total} tokens (mean ${(total / recipe.conversations).toFixed(0)}), vocabulary ${nVocab}, ${((performance.now() - t0) / 1000).toFixed(0)} s`);
+
+    // 2. Training.
+    // torch's own threads do the work; OpenBLAS threads on top of them only oversubscribe the cores.
+    const env = { ...process.env, OPENBLAS_NUM_THREADS: '1', OMP_NUM_THREADS: values.threads };
+    execFileSync(systemPython(), [join(ROOT, 'scripts', 'recall', 'train.py'), work, work], { stdio: 'inherit', env });
+
+    // 3. Export with the same vocabulary and the trained weights.
+    const index = JSON.parse(readFileSync(join(work, 'weights.json'), 'utf8')) as { tensors: Record<string, { dims: number[]; offset: number }> };
+    const blob = readFileSync(join(work, 'weights.bin'));
+    const trained = (name: string, dims: readonly number[]): Float32Array => {
+      const t = index.tensors[name];
+      if (!t || t.dims.join('x') !== dims.join('x')) throw new Error(`trained tensor ${name}: ${t ? t.dims.join('x') : 'missing'}, GGUF wants ${dims.join('x')}`);
+      const n = dims.reduce((a, b) => a * b, 1);
+      return new Float32Array(blob.buffer.slice(blob.byteOffset + t.offset, blob.byteOffset + t.offset + 4 * n));
+    };
+    mkdirSync(dirname(out), { recursive: true });
+    const tmp = `${out}.tmp-${process.pid}`;
+    writeLlamaModel(tmp, geometry, { vocabPieces: RECALL_PIECES, vocabCommon: false, weights: trained });
+
+    // 4. The check: full cache, conversations at the training length.
+    const m = await loadModel(tmp, { threads: Number(values.threads) });
+    const convs = checkConversations(Number(values.check));
+    const { correct, total: asked } = await recallAccuracy(m, convs, 4 * T);
+    m.dispose();
+    const share = correct / asked;
+    console.log(`check: ${correct}/${asked} questions answered with the full cache (${(100 * share).toFixed(1)}%), ${convs.length} conversations`);
+    if (share < 0.95) {
+      rmSync(tmp, { force: true });
+      throw new Error(`the recall model answers ${(100 * share).toFixed(1)}% of questions with the full cache (needs >= 95%)`);
+    }
+    renameSync(tmp, out);
+    console.log(`wrote ${out} in ${((performance.now() - t0) / 1000).toFixed(0)} s`);
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+if (process.argv[1] && resolve(process.argv[1]) === resolve(import.meta.filename)) {
+  main().catch((e: unknown) => {
+    console.error(e instanceof Error ? e.message : e);
+    process.exit(1);
+  });
+}

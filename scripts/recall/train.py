@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Trains the recall model (scripts/make-recall-model.ts runs this; see scripts/recall/dialogues.ts).
+
+A llama-architecture transformer exactly as llama.cpp computes it (RMSNorm, RoPE on adjacent pairs
+as LLAMA_ROPE_TYPE_NORM, GQA with consecutive query heads sharing a KV head, SwiGLU FFN, untied
+output), so the exported weights need no conversion: a PyTorch [out, in] weight is ggml's [in, out].
+
+Input (from the TypeScript side, which tokenized the dialogues with llama.cpp itself):
+  DATA/tokens.i32   N x T token ids
+  DATA/weights.f32  N x T loss weight of predicting token t+1 at t (0 = padding)
+  DATA/meta.json    {"n": N, "t": T, "vocab": V, "model": {...geometry...}, "train": {...}}
+Output:
+  OUT/weights.bin + OUT/weights.json   float32 tensors by GGUF name, ggml dims
+Uses only Debian's python3-torch (and numpy); fixed seed, CPU threads as given.
+"""
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(t, head_dim, base):
+    inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    ang = torch.arange(t, dtype=torch.float32)[:, None] * inv[None, :]
+    return torch.cos(ang), torch.sin(ang)  # [t, head_dim/2]
+
+
+def apply_rope(x, cos, sin):
+    # x: [b, h, t, d]; rotate adjacent pairs (x[2i], x[2i+1]) like ggml's NORM mode.
+    x0 = x[..., 0::2]
+    x1 = x[..., 1::2]
+    r0 = x0 * cos - x1 * sin
+    r1 = x0 * sin + x1 * cos
+    return torch.stack((r0, r1), dim=-1).flatten(-2)
+
+
+class Block(nn.Module):
+    def __init__(self, g):
+        super().__init__()
+        e, h, kv, d, f = g["embd"], g["heads"], g["kvHeads"], g["headDim"], g["ffn"]
+        self.h, self.kv, self.d = h, kv, d
+        self.attn_norm = RMSNorm(e, g["eps"])
+        self.q = nn.Linear(e, h * d, bias=False)
+        self.k = nn.Linear(e, kv * d, bias=False)
+        self.v = nn.Linear(e, kv * d, bias=False)
+        self.o = nn.Linear(h * d, e, bias=False)
+        self.ffn_norm = RMSNorm(e, g["eps"])
+        self.gate = nn.Linear(e, f, bias=False)
+        self.up = nn.Linear(e, f, bias=False)
+        self.down = nn.Linear(f, e, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        b, t, _ = x.shape
+        y = self.attn_norm(x)
+        q = self.q(y).view(b, t, self.h, self.d).transpose(1, 2)
+        k = self.k(y).view(b, t, self.kv, self.d).transpose(1, 2)
+        v = self.v(y).view(b, t, self.kv, self.d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = self.h // self.kv
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(self.d) + mask
+        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, self.h * self.d)
+        x = x + self.o(y)
+        y = self.ffn_norm(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
+class Model(nn.Module):
+    def __init__(self, g, vocab):
+        super().__init__()
+        self.g = g
+        self.embd = nn.Embedding(vocab, g["embd"])
+        self.blocks = nn.ModuleList([Block(g) for _ in range(g["layers"])])
+        self.norm = RMSNorm(g["embd"], g["eps"])
+        self.out = nn.Linear(g["embd"], vocab, bias=False)
+        nn.init.normal_(self.embd.weight, std=0.02 * math.sqrt(g["embd"]) / 4)
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and "embd" not in name:
+                nn.init.normal_(p, std=1.0 / math.sqrt(p.shape[1]))
+        for blk in self.blocks:  # residual branches start small
+            nn.init.normal_(blk.o.weight, std=0.5 / math.sqrt(blk.o.weight.shape[1] * len(self.blocks)))
+            nn.init.normal_(blk.down.weight, std=0.5 / math.sqrt(blk.down.weight.shape[1] * len(self.blocks)))
+
+    def forward(self, tokens):
+        t = tokens.shape[1]
+        cos, sin = rope_tables(t, self.g["headDim"], self.g["ropeBase"])
+        mask = torch.full((t, t), float("-inf")).triu(1)
+        x = self.embd(tokens)
+        for blk in self.blocks:
+            x = blk(x, cos, sin, mask)
+        return self.out(self.norm(x))
+
+    def gguf_tensors(self):
+        """(name, ggml dims, values) in llama.cpp's names; ggml dims are PyTorch's shape reversed."""
+        def item(name, p):
+            a = p.detach().contiguous().numpy().astype(np.float32)
+            return name, list(reversed(a.shape)), a
+        yield item("token_embd.weight", self.embd.weight)
+        yield item("output_norm.weight", self.norm.weight)
+        yield item("output.weight", self.out.weight)
+        for i, b in enumerate(self.blocks):
+            p = f"blk.{i}."
+            yield item(p + "attn_norm.weight", b.attn_norm.weight)
+            yield item(p + "attn_q.weight", b.q.weight)
+            yield item(p + "attn_k.weight", b.k.weight)
+            yield item(p + "attn_v.weight", b.v.weight)
+            yield item(p + "attn_output.weight", b.o.weight)
+            yield item(p + "ffn_norm.weight", b.ffn_norm.weight)
+            yield item(p + "ffn_gate.weight", b.gate.weight)
+            yield item(p + "ffn_up.weight", b.up.weight)
+            yield item(p + "ffn_down.weight", b.down.weight)
+
+
+def main(data_dir, out_dir):
+    meta = json.load(open(f"{data_dir}/meta.json"))
+    n, t, vocab, g, tr = meta["n"], meta["t"], meta["vocab"], meta["model"], meta["train"]
+    torch.manual_seed(tr["seed"])
+    torch.set_num_threads(tr["threads"])
+    tokens = torch.from_numpy(np.fromfile(f"{data_dir}/tokens.i32", dtype=np.int32).reshape(n, t).astype(np.int64))
+    weights = torch.from_numpy(np.fromfile(f"{data_dir}/weights.f32", dtype=np.float32).reshape(n, t))
+    model = Model(g, vocab)
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=tr["lr"], betas=(0.9, 0.98), weight_decay=0.0)
+    # Curriculum: short crops first (cheap, many questions per second), then the full length.
+    phases = tr["phases"]
+    steps = sum(ph["steps"] for ph in phases)
+    warmup = tr["warmup"]
+    gen = torch.Generator().manual_seed(tr["seed"])
+    print(f"recall model: {params} parameters, {n} conversations x {t} tokens, phases {phases}", flush=True)
+    t0 = time.time()
+    step = 0
+    hits = total = 0.0
+    for ph in phases:
+        for _ in range(ph["steps"]):
+            lr = tr["lr"] * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = torch.randint(0, n, (ph["batch"],), generator=gen)
+            x, w = tokens[idx, : ph["crop"]], weights[idx, : ph["crop"]].clone()
+            w[:, -1] = 0  # the crop's last token has no target inside the crop
+            # Trim the batch to its longest sequence (padding has weight 0).
+            nz = (w.sum(0) > 0).nonzero()
+            used = int(nz.max().item()) + 2 if len(nz) else x.shape[1]
+            x, w = x[:, :used], w[:, :used]
+            logits = model(x[:, :-1])
+            target = x[:, 1:].reshape(-1)
+            loss_tok = F.cross_entropy(logits.reshape(-1, vocab), target, reduction="none")
+            ww = w[:, :-1].reshape(-1)
+            loss = (loss_tok * ww).sum() / ww.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            # Teacher-forced accuracy on the recall targets (weight 1: answers' codes, summaries), as training goes.
+            full = ww >= 1
+            hits += (logits.detach().reshape(-1, vocab).argmax(-1)[full] == target[full]).sum().item()
+            total += full.sum().item()
+            if step % 50 == 0 or step == steps - 1:
+                print(f"step {step:5d}  crop {ph['crop']:4d}  loss {loss.item():.4f}  recall acc {hits / max(total, 1):.3f}  lr {lr:.2e}  {time.time() - t0:6.1f} s", flush=True)
+                hits = total = 0.0
+            step += 1
+    index = {}
+    offset = 0
+    with open(f"{out_dir}/weights.bin", "wb") as f:
+        for name, dims, a in model.gguf_tensors():
+            f.write(a.tobytes())
+            index[name] = {"dims": dims, "offset": offset}
+            offset += a.nbytes
+    json.dump({"tensors": index, "parameters": params, "seconds": time.time() - t0, "steps": steps}, open(f"{out_dir}/weights.json", "w"))
+    print(f"trained in {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -510,37 +510,34 @@ private:
 
 } // namespace
 
-Napi::Value js_chat::js_pin(const Napi::CallbackInfo & info) {
-    Napi::Env env = info.Env();
-    sequence & s = require(env);
-    const uint32_t turn = turn_arg(info);
-    const bool with_reply = info.Length() > 1 && info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value();
-    claim(env, "a turn is running on this chat; pin after it");
+// A synchronous ledger operation of an idle chat: claimed for its duration, errors typed.
+template <typename F>
+Napi::Value idle_ledger_call(Napi::Env env, js_chat & chat, const char * busy_message, F fn) {
+    chat.claim(env, busy_message);
     size_t n = 0;
     try {
-        n = s.pin_turn(turn, with_reply);
+        n = fn(*chat.seq());
     } catch (const fml_error & e) {
-        finished();
+        chat.finished();
         throw_error(env, e.code(), e.what());
     }
-    finished();
+    chat.finished();
     return Napi::Number::New(env, (double) n);
+}
+
+Napi::Value js_chat::js_pin(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    require(env);
+    const uint32_t turn = turn_arg(info);
+    const bool with_reply = info.Length() > 1 && info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value();
+    return idle_ledger_call(env, *this, "a turn is running on this chat; pin after it", [&](sequence & s) { return s.pin_turn(turn, with_reply); });
 }
 
 Napi::Value js_chat::js_unpin(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    sequence & s = require(env);
+    require(env);
     const uint32_t turn = turn_arg(info);
-    claim(env, "a turn is running on this chat; unpin after it");
-    size_t n = 0;
-    try {
-        n = s.unpin_turn(turn);
-    } catch (const fml_error & e) {
-        finished();
-        throw_error(env, e.code(), e.what());
-    }
-    finished();
-    return Napi::Number::New(env, (double) n);
+    return idle_ledger_call(env, *this, "a turn is running on this chat; unpin after it", [&](sequence & s) { return s.unpin_turn(turn); });
 }
 
 Napi::Value js_chat::js_pins(const Napi::CallbackInfo & info) {

@@ -238,11 +238,13 @@ bool sequence::unpinnable(size_t index) const {
 
 size_t sequence::pin_turn(uint32_t turn, bool with_reply) {
     std::lock_guard<std::mutex> lock(mu_);
+    auto chosen = [&](const ledger_entry & e) {
+        return e.turn == turn && (e.role == TOKEN_ROLE_USER || (with_reply && e.role == TOKEN_ROLE_ASSISTANT));
+    };
     size_t found = 0;
     size_t newly = 0;
-    for (size_t i = 0; i < ledger_.size(); ++i) {
-        const ledger_entry & e = ledger_[i];
-        if (e.turn == turn && (e.role == TOKEN_ROLE_USER || (with_reply && e.role == TOKEN_ROLE_ASSISTANT))) {
+    for (const ledger_entry & e : ledger_.entries()) {
+        if (chosen(e)) {
             found++;
             newly += e.pinned ? 0 : 1;
         }
@@ -258,9 +260,8 @@ size_t sequence::pin_turn(uint32_t turn, bool with_reply) {
                         " more: unpin or forget a turn, or raise maxTokens");
     }
     for (size_t i = 0; i < ledger_.size(); ++i) {
-        ledger_entry & e = ledger_.at(i);
-        if (e.turn == turn && (e.role == TOKEN_ROLE_USER || (with_reply && e.role == TOKEN_ROLE_ASSISTANT))) {
-            e.pinned = true;
+        if (chosen(ledger_[i])) {
+            ledger_.at(i).pinned = true;
         }
     }
     return newly;

@@ -113,10 +113,11 @@ describe('pin / unpin / forget', () => {
 
   it('PinLimitError when pins would leave no room; nothing changes', async () => {
     const maxTokens = 80;
-    const chat = model.createChat({ policy: 'sliding', maxTokens, windowSize: 16, threads: THREADS });
+    const chat = model.createChat({ policy: 'sliding', maxTokens, windowSize: 16, sinkTokens: 4, threads: THREADS });
     const words = Array.from({ length: 14 }, (_, i) => `x${i}`).join(' ');
     for (let i = 0; i < 3; i++) await chat.send(`${words} ${i}`, GEN);
-    const turns = [...new Set(chat.memory().filter((e) => e.role === 'user').map((e) => e.turn))];
+    // Turns with user tokens past the sinks (a turn of which only sinks are left is not in memory).
+    const turns = [...new Set(chat.memory().slice(4).filter((e) => e.role === 'user').map((e) => e.turn))];
     let failed = false;
     for (const t of turns) {
       const before = chat.memory();
@@ -158,6 +159,19 @@ describe('pin / unpin / forget', () => {
     checkCache(chat, maxTokens);
     // The transcript keeps every turn.
     expect(chat.exportTranscript().messages).toHaveLength(10);
+    chat.dispose();
+  });
+
+  it('a forgotten turn is gone for pin and unpin too, even when its first tokens are sinks', async () => {
+    const chat = model.createChat({ sinkTokens: 4, threads: THREADS });
+    await talk(chat, 3);
+    const sinksOfTurn1 = chat.memory().slice(0, 4).filter((e) => e.turn === 1).length;
+    expect(sinksOfTurn1).toBeGreaterThan(0); // no system prompt: turn 1 opens among the sinks (after BOS)
+    await chat.forget(1);
+    expect(chat.memory().filter((e) => e.turn === 1)).toHaveLength(sinksOfTurn1); // only the sinks stay
+    expect(() => chat.unpin(1)).toThrow(/turn 1 is not in memory/);
+    expect(() => chat.pin(1)).toThrow(InvalidOptionError);
+    expect(await chat.forget(1)).toBe(0);
     chat.dispose();
   });
 

@@ -231,22 +231,26 @@ std::vector<memory_entry> sequence::memory() const {
     return out;
 }
 
+bool sequence::user_owned(size_t index) const {
+    return ledger_[index].role != TOKEN_ROLE_SYSTEM && index >= opts_.policy.sink_tokens;
+}
+
 bool sequence::unpinnable(size_t index) const {
-    const ledger_entry & e = ledger_[index];
-    return e.pinned && e.role != TOKEN_ROLE_SYSTEM && index >= opts_.policy.sink_tokens;
+    return ledger_[index].pinned && user_owned(index);
 }
 
 size_t sequence::pin_turn(uint32_t turn, bool with_reply) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto chosen = [&](const ledger_entry & e) {
-        return e.turn == turn && (e.role == TOKEN_ROLE_USER || (with_reply && e.role == TOKEN_ROLE_ASSISTANT));
+    auto chosen = [&](size_t i) {
+        const ledger_entry & e = ledger_[i];
+        return e.turn == turn && user_owned(i) && (e.role == TOKEN_ROLE_USER || (with_reply && e.role == TOKEN_ROLE_ASSISTANT));
     };
     size_t found = 0;
     size_t newly = 0;
-    for (const ledger_entry & e : ledger_.entries()) {
-        if (chosen(e)) {
+    for (size_t i = 0; i < ledger_.size(); ++i) {
+        if (chosen(i)) {
             found++;
-            newly += e.pinned ? 0 : 1;
+            newly += ledger_[i].pinned ? 0 : 1;
         }
     }
     if (found == 0) {
@@ -260,7 +264,7 @@ size_t sequence::pin_turn(uint32_t turn, bool with_reply) {
                         " more: unpin or forget a turn, or raise maxTokens");
     }
     for (size_t i = 0; i < ledger_.size(); ++i) {
-        if (chosen(ledger_[i])) {
+        if (chosen(i)) {
             ledger_.at(i).pinned = true;
         }
     }
@@ -272,7 +276,9 @@ size_t sequence::unpin_turn(uint32_t turn) {
     size_t found = 0;
     size_t released = 0;
     for (size_t i = 0; i < ledger_.size(); ++i) {
-        if (ledger_[i].turn != turn) {
+        // Sinks stay whatever happens: a turn of which only sinks are left (after forget) is not in
+        // memory. The system prompt is, but stays pinned (0 released).
+        if (ledger_[i].turn != turn || i < opts_.policy.sink_tokens) {
             continue;
         }
         found++;
@@ -306,8 +312,7 @@ size_t sequence::forget_turn(uint32_t turn, engine & e) {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<bool> drop(ledger_.size(), false);
     for (size_t i = 0; i < ledger_.size(); ++i) {
-        const ledger_entry & x = ledger_[i];
-        drop[i] = x.turn == turn && x.role != TOKEN_ROLE_SYSTEM && i >= opts_.policy.sink_tokens;
+        drop[i] = ledger_[i].turn == turn && user_owned(i);
     }
     const std::vector<index_range> ranges = ranges_from_mask(drop);
     if (ranges.empty()) {

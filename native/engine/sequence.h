@@ -265,7 +265,8 @@ private:
     // Tokens the smallest next turn needs besides the pinned ones (carry, a one-token message in its
     // framing, one reply token); fixed at construction.
     size_t turn_floor_ = 0;
-    bool unpinnable(size_t index) const;   // a pin the user may release (not a sink, not the system prompt)
+    bool user_owned(size_t index) const;   // what pin/unpin/forget may touch: not a sink, not the system prompt
+    bool unpinnable(size_t index) const;   // a pin the user may release (pinned and user_owned)
     // Frees room for `incoming` more tokens, asking the policy for at least the excess and up to
     // `slack` more (amortises the K-shift). False when a summary started instead (its tokens come
     // first; the room exists once it is done). Throws PROMPT_TOO_LARGE when pinned tokens leave no room.

@@ -227,6 +227,8 @@ export interface NativeBinding {
   gpuDeviceCount(): number;
   systemInfo(): string;
   llamaCppVersion: string;
+  /** Every error code the core throws (native/util/error.h, FML_ERROR_CODES). */
+  errorCodes: string[];
   probes?: NativeProbes;
 }
 

@@ -95,36 +95,40 @@ export class UnsupportedModelError extends FiniteMemoryError {
   constructor(message: string) { super('UNSUPPORTED_MODEL', message); }
 }
 
-/** Maps an error thrown by the native addon to its typed class, keeping the caller's stack. */
+/** The class of each code the native core throws (FML_ERROR_CODES in native/util/error.h; a test checks both lists agree). */
+export const NATIVE_ERROR_CLASSES: Readonly<Record<string, (message: string) => FiniteMemoryError>> = {
+  MODEL_NOT_FOUND: (m) => new ModelNotFoundError(m),
+  MODEL_INVALID: (m) => new ModelInvalidError(m),
+  MODEL_LOAD_FAILED: (m) => new ModelLoadError(m),
+  CONTEXT_CREATE_FAILED: (m) => new ModelLoadError(m, 'CONTEXT_CREATE_FAILED'),
+  INVALID_OPTION: (m) => new InvalidOptionError(m),
+  PROMPT_TOO_LARGE: (m) => new PromptTooLargeError(m),
+  PIN_LIMIT: (m) => new PinLimitError(m),
+  DECODE_FAILED: (m) => new InferenceError('DECODE_FAILED', m),
+  KV_OPERATION_FAILED: (m) => new InferenceError('KV_OPERATION_FAILED', m),
+  CHAT_BUSY: (m) => new ChatBusyError(m),
+  ABORTED: (m) => new AbortedError(m),
+  DISPOSED: (m) => new DisposedError('object', m),
+  TEMPLATE_FAILED: (m) => new InferenceError('TEMPLATE_FAILED', m),
+  UNSUPPORTED_MODEL: (m) => new UnsupportedModelError(m),
+  CHECKPOINT_IO: (m) => new CheckpointError('CHECKPOINT_IO', m),
+  CHECKPOINT_CORRUPT: (m) => new CheckpointError('CHECKPOINT_CORRUPT', m),
+  CHECKPOINT_VERSION: (m) => new CheckpointError('CHECKPOINT_VERSION', m),
+  CHECKPOINT_MODEL_MISMATCH: (m) => new CheckpointError('CHECKPOINT_MODEL_MISMATCH', m),
+  INTERNAL: (m) => new InferenceError('INTERNAL', m),
+};
+
+/**
+ * Maps an error thrown by the native addon to its typed class. `callerStack` (an `new Error().stack`
+ * taken where the public method was called, before any await) replaces the native stack, which
+ * would otherwise point into the addon or the event loop.
+ */
 export function fromNativeError(err: unknown, callerStack?: string): FiniteMemoryError {
   if (err instanceof FiniteMemoryError) return err;
   const e = err as { code?: unknown; message?: unknown };
   const message = typeof e?.message === 'string' ? e.message : String(err);
-  const code = typeof e?.code === 'string' ? e.code : 'INTERNAL';
-  let out: FiniteMemoryError;
-  switch (code) {
-    case 'MODEL_NOT_FOUND': out = new ModelNotFoundError(message); break;
-    case 'MODEL_INVALID': out = new ModelInvalidError(message); break;
-    case 'MODEL_LOAD_FAILED': out = new ModelLoadError(message); break;
-    case 'CONTEXT_CREATE_FAILED': out = new ModelLoadError(message, 'CONTEXT_CREATE_FAILED'); break;
-    case 'INVALID_OPTION': out = new InvalidOptionError(message); break;
-    case 'PROMPT_TOO_LARGE': out = new PromptTooLargeError(message); break;
-    case 'PIN_LIMIT': out = new PinLimitError(message); break;
-    case 'CHAT_BUSY': out = new ChatBusyError(message); break;
-    case 'UNSUPPORTED_MODEL': out = new UnsupportedModelError(message); break;
-    case 'ABORTED': out = new AbortedError(message); break;
-    case 'DISPOSED': out = new DisposedError('object', message); break;
-    case 'CHECKPOINT_IO':
-    case 'CHECKPOINT_CORRUPT':
-    case 'CHECKPOINT_VERSION':
-    case 'CHECKPOINT_MODEL_MISMATCH':
-      out = new CheckpointError(code, message); break;
-    case 'DECODE_FAILED':
-    case 'KV_OPERATION_FAILED':
-    case 'TEMPLATE_FAILED':
-      out = new InferenceError(code, message); break;
-    default: out = new InferenceError('INTERNAL', message);
-  }
+  const make = (typeof e?.code === 'string' && Object.hasOwn(NATIVE_ERROR_CLASSES, e.code) ? NATIVE_ERROR_CLASSES[e.code] : undefined) ?? NATIVE_ERROR_CLASSES.INTERNAL!;
+  const out = make(message);
   if (callerStack) out.stack = `${out.name}: ${message}\n${callerStack.split('\n').slice(1).join('\n')}`;
   return out;
 }

@@ -84,6 +84,11 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
     exports.Set("removeStaleCheckpointTemps", Napi::Function::New(env, js_remove_stale_checkpoint_temps));
     exports.Set("gpuDeviceCount", Napi::Function::New(env, js_gpu_device_count));
     exports.Set("systemInfo", Napi::Function::New(env, js_system_info));
+    Napi::Array codes = Napi::Array::New(env);
+#define FML_EXPORT_ERROR_CODE(name, code) codes.Set(codes.Length(), Napi::String::New(env, code));
+    FML_ERROR_CODES(FML_EXPORT_ERROR_CODE)
+#undef FML_EXPORT_ERROR_CODE
+    exports.Set("errorCodes", codes);
     exports.Set("llamaCppVersion", Napi::String::New(env, "v0.4.0 (node-llama-cpp@3.21.1 bundle)"));
     register_probes(env, exports);
     return exports;

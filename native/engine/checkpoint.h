@@ -19,12 +19,6 @@ namespace fml {
 // 1: options as a struct; 2: options by name (validated by resolve_chat_options when read).
 constexpr uint32_t CHECKPOINT_FORMAT_VERSION = 2;
 
-// Error codes (also in src/errors.ts).
-#define FML_ERR_CHECKPOINT_IO       "CHECKPOINT_IO"
-#define FML_ERR_CHECKPOINT_CORRUPT  "CHECKPOINT_CORRUPT"
-#define FML_ERR_CHECKPOINT_VERSION  "CHECKPOINT_VERSION"
-#define FML_ERR_CHECKPOINT_MODEL    "CHECKPOINT_MODEL_MISMATCH"
-
 void write_checkpoint(const std::string & path, const std::string & model_fingerprint, const chat_state & state);
 
 // Deletes temp files of a save whose process died (kill -9 mid-write), in `dir`; only those of the

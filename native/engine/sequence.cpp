@@ -354,24 +354,24 @@ std::string sequence::summary_text() const {
 
 void sequence::adopt_state(chat_state && s) {
     if (s.ledger.size() > opts_.policy.max_tokens) {
-        throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint holds more tokens than maxTokens");
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint holds more tokens than maxTokens");
     }
     const int32_t n_vocab = model_->info().n_vocab;
     for (const ledger_entry & e : s.ledger) {
         if (e.token < 0 || e.token >= n_vocab) {
-            throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint holds a token id outside this model's vocabulary");
+            throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint holds a token id outside this model's vocabulary");
         }
     }
     for (int32_t t : s.carry) {
         if (t < 0 || t >= n_vocab) {
-            throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint holds a token id outside this model's vocabulary");
+            throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint holds a token id outside this model's vocabulary");
         }
     }
     if (s.embedding_dim != ledger_.embedding_dim() || s.embeddings.size() != s.ledger.size() * s.embedding_dim) {
-        throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint's embeddings do not match this chat");
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint's embeddings do not match this chat");
     }
     if (s.ledger.empty() != s.kv.empty()) {
-        throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint's KV state and token ledger disagree");
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint's KV state and token ledger disagree");
     }
     std::lock_guard<std::mutex> lock(mu_);
     ledger_.clear();
@@ -390,7 +390,7 @@ void sequence::adopt_state(chat_state && s) {
     }
     if (!consecutive) {
         ledger_.clear();
-        throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint's token positions are negative or not consecutive");
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint's token positions are negative or not consecutive");
     }
     turn_no_ = s.turn;
     started_ = s.started;
@@ -428,7 +428,7 @@ void sequence::unpark(llama_context * ctx, uint32_t streams) {
         const int32_t expect_max = ledger_.empty() ? -1 : ledger_[ledger_.size() - 1].pos;
         const int32_t expect_min = ledger_.empty() ? -1 : ledger_[0].pos;
         if (kv_pos_max(ctx, slot_) != expect_max || kv_pos_min(ctx, slot_) != expect_min) {
-            throw fml_error("CHECKPOINT_CORRUPT", "the checkpoint's KV state and token ledger disagree");
+            throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint's KV state and token ledger disagree");
         }
     } catch (...) {
         kv_clear_slot(ctx, slot_);

@@ -175,7 +175,7 @@ std::vector<std::pair<size_t, size_t>> section_streams(const std::vector<uint8_t
     while (r.at < raw.size()) {
         const uint32_t n_stream = r.get<uint32_t>();
         if (n_stream == 0 || (one_stream && n_stream != 1)) {
-            throw fml_error(one_stream ? "CHECKPOINT_CORRUPT" : FML_ERR_KV, "unexpected KV state layout (stream count)");
+            throw fml_error(one_stream ? FML_ERR_CHECKPOINT_CORRUPT : FML_ERR_KV, "unexpected KV state layout (stream count)");
         }
         // The non-empty stream, or the first (empty) one when the sequence holds no cells.
         std::pair<size_t, size_t> kept{ 0, 0 };
@@ -229,13 +229,13 @@ void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std
     check_seq(ctx, seq);
     llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1);
     if (blob.size() < STATE_HEADER + 8) {
-        throw fml_error("CHECKPOINT_CORRUPT", "the KV state is not in the one-stream form this library writes");
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the KV state is not in the one-stream form this library writes");
     }
     std::vector<std::pair<size_t, size_t>> sections;
     try {
         sections = section_streams(blob, true);
     } catch (const fml_error &) {
-        throw fml_error("CHECKPOINT_CORRUPT", "the KV state is not in the one-stream form this library writes");
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the KV state is not in the one-stream form this library writes");
     }
     // Widen every section to the context's stream count: the stream, then an empty entry for every other one.
     std::vector<uint8_t> wide(blob.begin(), blob.begin() + (long) STATE_HEADER);
@@ -246,7 +246,7 @@ void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std
     }
     if (llama_state_seq_set_data(ctx, wide.data(), wide.size(), seq) == 0) {
         llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1);
-        throw fml_error("CHECKPOINT_CORRUPT", "the KV state does not fit this chat's cache (llama_state_seq_set_data refused it)");
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the KV state does not fit this chat's cache (llama_state_seq_set_data refused it)");
     }
 }
 

@@ -16,21 +16,32 @@ private:
     std::string code_;
 };
 
-// Codes shared with src/errors.ts. Keep both lists in sync.
-#define FML_ERR_MODEL_NOT_FOUND   "MODEL_NOT_FOUND"
-#define FML_ERR_MODEL_INVALID     "MODEL_INVALID"
-#define FML_ERR_MODEL_LOAD        "MODEL_LOAD_FAILED"
-#define FML_ERR_CONTEXT_CREATE    "CONTEXT_CREATE_FAILED"
-#define FML_ERR_INVALID_OPTION    "INVALID_OPTION"
-#define FML_ERR_PROMPT_TOO_LARGE  "PROMPT_TOO_LARGE"
-#define FML_ERR_PIN_LIMIT         "PIN_LIMIT"
-#define FML_ERR_DECODE            "DECODE_FAILED"
-#define FML_ERR_KV                "KV_OPERATION_FAILED"
-#define FML_ERR_BUSY              "CHAT_BUSY"
-#define FML_ERR_ABORTED           "ABORTED"
-#define FML_ERR_DISPOSED          "DISPOSED"
-#define FML_ERR_TEMPLATE          "TEMPLATE_FAILED"
-#define FML_ERR_UNSUPPORTED_MODEL "UNSUPPORTED_MODEL"
-#define FML_ERR_INTERNAL          "INTERNAL"
+// Every code the core throws, once: X(macro suffix, code). The code becomes the JS error's `.code`;
+// the addon exports the list (errorCodes) and src/errors.ts maps each to its class (a test checks
+// that every code here has one).
+#define FML_ERROR_CODES(X)                                  \
+    X(MODEL_NOT_FOUND, "MODEL_NOT_FOUND")                   \
+    X(MODEL_INVALID, "MODEL_INVALID")                       \
+    X(MODEL_LOAD, "MODEL_LOAD_FAILED")                      \
+    X(CONTEXT_CREATE, "CONTEXT_CREATE_FAILED")              \
+    X(INVALID_OPTION, "INVALID_OPTION")                     \
+    X(PROMPT_TOO_LARGE, "PROMPT_TOO_LARGE")                 \
+    X(PIN_LIMIT, "PIN_LIMIT")                               \
+    X(DECODE, "DECODE_FAILED")                              \
+    X(KV, "KV_OPERATION_FAILED")                            \
+    X(BUSY, "CHAT_BUSY")                                    \
+    X(ABORTED, "ABORTED")                                   \
+    X(DISPOSED, "DISPOSED")                                 \
+    X(TEMPLATE, "TEMPLATE_FAILED")                          \
+    X(UNSUPPORTED_MODEL, "UNSUPPORTED_MODEL")               \
+    X(CHECKPOINT_IO, "CHECKPOINT_IO")                       \
+    X(CHECKPOINT_CORRUPT, "CHECKPOINT_CORRUPT")             \
+    X(CHECKPOINT_VERSION, "CHECKPOINT_VERSION")             \
+    X(CHECKPOINT_MODEL, "CHECKPOINT_MODEL_MISMATCH")        \
+    X(INTERNAL, "INTERNAL")
+
+#define FML_DEFINE_ERROR_CODE(name, code) constexpr const char * FML_ERR_##name = code;
+FML_ERROR_CODES(FML_DEFINE_ERROR_CODE)
+#undef FML_DEFINE_ERROR_CODE
 
 } // namespace fml

@@ -111,6 +111,17 @@ describe('send', () => {
     chat.dispose();
   });
 
+  it('rejections keep the caller stack (the line that called, not the addon or the event loop)', async () => {
+    const chat = model.createChat({ maxTokens: 64, threads: THREADS });
+    const errors = await Promise.all([
+      chat.send('word '.repeat(500)).catch((e: unknown) => e),
+      loadModel(join(testDir, 'nope.gguf')).catch((e: unknown) => e),
+      model.loadChat(join(testDir, 'no-such.fmlckpt')).catch((e: unknown) => e),
+    ]);
+    for (const err of errors.filter(Boolean)) expect(String((err as Error).stack)).toContain('bad-input.test.ts');
+    chat.dispose();
+  });
+
   it('a second send while one runs is rejected with ChatBusyError; the first completes', async () => {
     const chat = model.createChat({ maxTokens: 128 });
     const first = chat.send('one', { maxNewTokens: 20, temperature: 0 });

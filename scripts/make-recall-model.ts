@@ -4,7 +4,7 @@
  * ChatML template, then checked: with the full cache it must answer >= 95% of the questions of
  * conversations at its training length, or the script fails.
  *
- *   npm run make-recall-model [-- --out FILE] [--steps N] [--threads N] [--check N] [--force]
+ *   npm run make-recall-model [-- --out FILE] [--steps N] [--threads N] [--check N] [--force] [--keep-work DIR]
  *
  * Default output: .cache/models/recall-<recipe hash>.gguf (git-ignored); an existing file is reused.
  * The data are tokenized by llama.cpp itself (a vocabulary-only model with the same vocabulary),
@@ -66,6 +66,16 @@ export function defaultRecallModelPath(): string {
   return join(ROOT, '.cache', 'models', `recall-${hash}.gguf`);
 }
 
+const codeTokens = new WeakMap<Model, Map<number, boolean>>();
+/** A two-digit piece (`48` or `▁48`): the tokens a code is made of. */
+function isCodeToken(model: Model, token: number): boolean {
+  let known = codeTokens.get(model);
+  if (!known) codeTokens.set(model, (known = new Map()));
+  let v = known.get(token);
+  if (v === undefined) known.set(token, (v = /^ ?\d\d$/.test(model.detokenize([token]))));
+  return v;
+}
+
 /**
  * A conversation's tokens as a chat holds them (llama.cpp tokenizes each frame, as the chat does),
  * cut at the last whole exchange that fits `limit`, and the loss weight of predicting each next token.
@@ -95,7 +105,10 @@ export function tokenizeConversation(model: Model, c: RecallConversation, limit:
     push(user, () => WEIGHT.other);
     const recall = turn.kind === 'question' || turn.kind === 'summary';
     const endOfTurn = reply.length - closing;
-    push(reply, (j) => (j < assistantPrefix || j > endOfTurn ? WEIGHT.other : j === endOfTurn ? WEIGHT.reply : recall ? WEIGHT.recall : WEIGHT.reply));
+    // Of a recalled reply, the code's tokens are what recall is about (the name before them is a copy
+    // from the question, which the model learns at once); the rest weighs as any reply.
+    const isCode = (j: number) => recall && isCodeToken(model, reply[j]!);
+    push(reply, (j) => (j < assistantPrefix || j > endOfTurn ? WEIGHT.other : isCode(j) ? WEIGHT.recall : WEIGHT.reply));
   }
   // weights[t] is the weight of predicting tokens[t + 1].
   return { tokens, weights: targets.slice(1).concat([0]) };
@@ -119,6 +132,31 @@ export async function recallAccuracy(model: Model, conversations: RecallConversa
   return { correct, total };
 }
 
+/** llama.cpp's logits for `tokens` (after the system prompt, which the chat feeds itself) against PyTorch's. */
+function logitParity(model: Model, tokens: Int32Array, systemTokens: number, reference: Float32Array, nVocab: number) {
+  const chat = model.createChat({ maxTokens: 4 * tokens.length, systemPrompt: RECALL_SYSTEM_PROMPT, threads: 2 });
+  const got = chat._internals().evaluateTokens([...tokens.subarray(systemTokens)], 64);
+  chat.dispose();
+  let maxDiff = 0;
+  let maxAbs = 0;
+  let agree = 0;
+  const rows = tokens.length - systemTokens;
+  for (let r = 0; r < rows; r++) {
+    const ref = reference.subarray((systemTokens + r) * nVocab, (systemTokens + r + 1) * nVocab);
+    const row = got.subarray(r * nVocab, (r + 1) * nVocab);
+    let refBest = 0;
+    let rowBest = 0;
+    for (let i = 0; i < nVocab; i++) {
+      maxDiff = Math.max(maxDiff, Math.abs(ref[i]! - row[i]!));
+      maxAbs = Math.max(maxAbs, Math.abs(ref[i]!));
+      if (ref[i]! > ref[refBest]!) refBest = i;
+      if (row[i]! > row[rowBest]!) rowBest = i;
+    }
+    if (refBest === rowBest) agree++;
+  }
+  return { maxDiff, maxAbs, argmaxAgree: agree / rows };
+}
+
 export function checkConversations(count: number): RecallConversation[] {
   return Array.from({ length: count }, (_, i) => benchConversation(900_000 + i, RECALL_BENCH_SHAPE));
 }
@@ -126,6 +164,8 @@ export function checkConversations(count: number): RecallConversation[] {
 const systemPython = (): string => (existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3');
 
 async function main(): Promise<void> {
+  // The parity check reads logits through the probes of the test build, as the benchmarks do.
+  process.env.FML_ADDON_PATH ??= join(ROOT, 'build', 'Probes', 'finite_memory_llm_probes.node');
   const { values } = parseArgs({
     options: {
       out: { type: 'string', short: 'o' },
@@ -133,11 +173,12 @@ async function main(): Promise<void> {
       threads: { type: 'string', default: '2' },
       check: { type: 'string', default: '40' },
       force: { type: 'boolean', default: false },
+      'keep-work': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
   if (values.help) {
-    console.log('Usage: make-recall-model [--out FILE] [--steps N] [--threads N] [--check N] [--force]');
+    console.log('Usage: make-recall-model [--out FILE] [--steps N] [--threads N] [--check N] [--force] [--keep-work DIR]');
     return;
   }
   const out = resolve(values.out ?? defaultRecallModelPath());
@@ -181,6 +222,7 @@ async function main(): Promise<void> {
       { maxTokens: 4 * T, systemPrompt: RECALL_SYSTEM_PROMPT },
     );
     const held = chat.memory().map((e) => e.token);
+    const systemTokens = chat.memory().filter((e) => e.role === 'system').length;
     chat.dispose();
     // The chat holds the last reply's closing tokens back until the next turn (its carry).
     const carry = vocabModel.tokenize('<|im_end|>\n', { special: true }).length;
@@ -190,6 +232,9 @@ async function main(): Promise<void> {
       throw new Error(`tokenization differs from the chat's at token ${at} of ${expected.length}: chat ${held.slice(at - 5, at + 10).join(" ")} vs data ${expected.slice(at - 5, at + 10).join(" ")}`);
     }
     const nVocab = vocabModel.info.nVocab;
+    // The parity sequence: PyTorch writes its logits for it, llama.cpp must compute the same ones.
+    const parity = Int32Array.from(expected.slice(0, T));
+    writeFileSync(join(work, 'parity.i32'), Buffer.from(parity.buffer));
     vocabModel.dispose();
     writeFileSync(join(work, 'tokens.i32'), Buffer.from(tokens.buffer));
     writeFileSync(join(work, 'weights.f32'), Buffer.from(weights.buffer));
@@ -215,8 +260,17 @@ async function main(): Promise<void> {
     const tmp = `${out}.tmp-${process.pid}`;
     writeLlamaModel(tmp, geometry, { vocabPieces: RECALL_PIECES, vocabCommon: false, weights: trained });
 
-    // 4. The check: full cache, conversations at the training length.
+    // 4. The checks. First parity: an export error (RoPE pairing, head order, layout) shows here
+    // as a logit difference, long before it shows as a failed recall check.
     const m = await loadModel(tmp, { threads: Number(values.threads) });
+    const gap = logitParity(m, parity, systemTokens, new Float32Array(readFileSync(join(work, 'parity.f32')).buffer.slice(0)), nVocab);
+    console.log(`parity: llama.cpp vs PyTorch logits over ${parity.length - systemTokens} tokens: max |diff| ${gap.maxDiff.toFixed(4)} (logits up to ${gap.maxAbs.toFixed(1)}), argmax agrees at ${(100 * gap.argmaxAgree).toFixed(1)}%`);
+    if (gap.maxDiff > 0.02 * Math.max(1, gap.maxAbs)) {
+      m.dispose();
+      rmSync(tmp, { force: true });
+      throw new Error('the exported model does not compute what PyTorch trained (see parity above)');
+    }
+    // Then recall: full cache, conversations at the training length.
     const convs = checkConversations(Number(values.check));
     const { correct, total: asked } = await recallAccuracy(m, convs, 4 * T);
     m.dispose();
@@ -229,7 +283,9 @@ async function main(): Promise<void> {
     renameSync(tmp, out);
     console.log(`wrote ${out} in ${((performance.now() - t0) / 1000).toFixed(0)} s`);
   } finally {
-    rmSync(work, { recursive: true, force: true });
+    // --keep-work DIR keeps the tokenized data and the trained weights (to rerun train.py by hand).
+    if (values['keep-work']) renameSync(work, values['keep-work']);
+    else rmSync(work, { recursive: true, force: true });
   }
 }
 

@@ -175,6 +175,10 @@ def main(data_dir, out_dir):
                 print(f"step {step:5d}  crop {ph['crop']:4d}  loss {loss.item():.4f}  recall acc {hits / max(total, 1):.3f}  lr {lr:.2e}  {time.time() - t0:6.1f} s", flush=True)
                 hits = total = 0.0
             step += 1
+    # Logits for the parity sequence, which the exported GGUF must reproduce in llama.cpp.
+    parity = torch.from_numpy(np.fromfile(f"{data_dir}/parity.i32", dtype=np.int32).astype(np.int64))[None, :]
+    with torch.no_grad():
+        model(parity)[0].numpy().astype(np.float32).tofile(f"{out_dir}/parity.f32")
     index = {}
     offset = 0
     with open(f"{out_dir}/weights.bin", "wb") as f:

@@ -3,7 +3,7 @@ import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from '
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { writeLlamaModel, type LlamaModelInput } from '../src/gguf-writer.ts';
+import { writeLlamaModel, type LlamaModelInput } from '../src/gguf/index.ts';
 
 export const ROOT = join(import.meta.dirname, '..');
 // Benchmarks use the test build of the addon (the shipped one plus probes); the binding loads lazily.

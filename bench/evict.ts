@@ -8,8 +8,8 @@
 import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { getProbes } from '../src/binding.ts';
-import { writeLlamaModel } from '../src/gguf-writer.ts';
+import { getProbes } from '../src/local/binding.ts';
+import { writeLlamaModel } from '../src/gguf/index.ts';
 import { loadModel, POLICIES } from '../src/index.ts';
 import { machine, ROOT, writeResultsSection } from './common.ts';
 

@@ -6,7 +6,7 @@
 import { existsSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { writeLlamaModel } from '../src/gguf-writer.ts';
+import { writeLlamaModel } from '../src/gguf/index.ts';
 import { loadModel, type ChatOptions, type Model } from '../src/index.ts';
 import { machine, SHARED_MODELS, writeResultsSection } from './common.ts';
 

@@ -7,7 +7,7 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import autocannon from 'autocannon';
-import { writeLlamaModel } from '../src/gguf-writer.ts';
+import { writeLlamaModel } from '../src/gguf/index.ts';
 import { machine, ROOT, writeResultsSection } from './common.ts';
 
 const arg = (name: string, def: string) => {

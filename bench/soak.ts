@@ -4,7 +4,7 @@
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { writeLlamaModel } from '../src/gguf-writer.ts';
+import { writeLlamaModel } from '../src/gguf/index.ts';
 import { loadModel, POLICIES, type PolicyName } from '../src/index.ts';
 import { machine, ROOT, writeResultsSection } from './common.ts';
 

@@ -4,8 +4,8 @@
 // KV buffers allocated and the decode time per token, swa_full on vs off.
 //
 //   npx tsx bench/swa.ts [--contexts=1024,2048,4096] [--steps=16] [--no-write]
-import { getProbes } from '../src/binding.ts';
-import { writeModel, type ModelInput } from '../src/gguf-writer.ts';
+import { getProbes } from '../src/local/binding.ts';
+import { writeModel, type ModelInput } from '../src/gguf/index.ts';
 import { loadModel } from '../src/index.ts';
 import { cachedModel, machine, writeResultsSection } from './common.ts';
 

@@ -21,7 +21,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { loadavg, tmpdir } from 'node:os';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
-import { writeLlamaModel, type LlamaModelInput } from '../src/gguf-writer.ts';
+import { writeLlamaModel, type LlamaModelInput } from '../src/gguf/index.ts';
 import { loadModel, POLICIES, type Chat, type Model, type PolicyName } from '../src/index.ts';
 import { GENERATED_MODEL, machine, median, realisticModel, ROOT, SHARED_MODELS, writeResultsSection } from './common.ts';
 import { barChart } from './svg.ts';

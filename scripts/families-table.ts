@@ -9,7 +9,7 @@
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { MODEL_FAMILIES, MODEL_FAMILY_NAMES, writeModel, type ModelFamily } from '../src/gguf-writer.ts';
+import { MODEL_FAMILIES, MODEL_FAMILY_NAMES, writeModel, type ModelFamily } from '../src/gguf/index.ts';
 import { loadModel, POLICIES, type Model } from '../src/index.ts';
 import { replaceBetweenMarkers } from './options-doc.ts';
 

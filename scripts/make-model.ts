@@ -19,7 +19,7 @@ import {
   type LlamaModelInput,
   type ModelFamily,
   type WeightType,
-} from '../src/gguf-writer.ts';
+} from '../src/gguf/index.ts';
 
 const d = DEFAULT_LLAMA_MODEL_OPTIONS;
 

@@ -16,7 +16,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, w
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { writeLlamaModel, type LlamaModelInput } from '../src/gguf-writer.ts';
+import { writeLlamaModel, type LlamaModelInput } from '../src/gguf/index.ts';
 import { loadModel, type Model } from '../src/index.ts';
 import {
   RECALL_SYSTEM_PROMPT,

@@ -5,7 +5,7 @@
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { getBinding } from '../src/binding.ts';
+import { getBinding } from '../src/local/binding.ts';
 
 export const BEGIN = '<!-- options:begin (npm run docs:options) -->';
 export const END = '<!-- options:end -->';

@@ -10,9 +10,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline/promises';
 import { parseArgs } from 'node:util';
-import { writeLlamaModel } from './gguf-writer.js';
-import { loadModel, type Model } from './model.js';
-import type { PolicyName } from './options.js';
+import { writeLlamaModel } from './gguf/index.js';
+import { loadModel, type Model } from './local/model.js';
+import type { PolicyName } from './shared/types.js';
 
 const USAGE = `Usage:
   finite-memory-llm demo [--turns 600] [--max-tokens 256] [--window 64] [--policy sliding] [--model file.gguf] [--threads N]
@@ -140,7 +140,7 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
   const slots = intArg(args, 'slots');
   const prefillChunk = intArg(args, 'prefill-chunk');
   const model = await loadModel(args.model, { ...(threads ? { threads } : {}), ...(slots ? { slots } : {}), ...(prefillChunk ? { prefillChunk } : {}) });
-  const { createServer } = await import('./server.js');
+  const { createServer } = await import('./server/index.js');
   const window = intArg(args, 'window');
   const apiKey = typeof args['api-key'] === 'string' ? args['api-key'] : process.env.FINITE_MEMORY_API_KEY || undefined;
   const server = await createServer(model, {

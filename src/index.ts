@@ -1,5 +1,5 @@
-export { loadModel, Model, type ImportTranscriptOptions } from './model.js';
-export { Chat } from './chat.js';
+export { loadModel, Model, type ImportTranscriptOptions } from './local/model.js';
+export { Chat } from './local/chat.js';
 export {
   FiniteMemoryError,
   ModelNotFoundError,
@@ -16,14 +16,15 @@ export {
   NativeBindingError,
   CheckpointError,
   type ErrorCode,
-} from './errors.js';
-export type { LoadModelOptions, ChatOptions, SendOptions, PolicyName, KvType } from './options.js';
-export type { TurnResult, TurnStats, ChatStats, MemoryEntry, ModelInfo, StopReason, Transcript } from './types.js';
-export { POLICIES } from './options.js';
-export type { Telemetry, TurnEvent, EvictionEvent } from './telemetry.js';
-export { createPrometheusTelemetry, type PrometheusTelemetry, type PrometheusTelemetryOptions } from './prometheus.js';
+} from './shared/errors.js';
+export type { LoadModelOptions, ChatOptions, SendOptions } from './local/options.js';
+export type { PolicyName, KvType } from './shared/types.js';
+export type { TurnResult, TurnStats, ChatStats, MemoryEntry, ModelInfo, StopReason, Transcript } from './shared/types.js';
+export { POLICIES } from './shared/types.js';
+export type { Telemetry, TurnEvent, EvictionEvent } from './shared/telemetry.js';
+export { createPrometheusTelemetry, type PrometheusTelemetry, type PrometheusTelemetryOptions } from './shared/prometheus.js';
 
-import { getBinding, loadedBinary } from './binding.js';
+import { getBinding, loadedBinary } from './local/binding.js';
 /** The binary in use (CPU or CUDA variant and its path), llama.cpp's version and CPU feature line. */
 export function systemInfo(): { llamaCpp: string; features: string; variant: 'cpu' | 'cuda'; binary: string; gpuDevices: number } {
   const b = getBinding();
@@ -51,4 +52,14 @@ export {
   type RemoteTokenizer,
   type RetryOptions,
   type CircuitOptions,
-} from './remote.js';
+} from './remote/index.js';
+
+// One chat surface: code written against ChatSurface runs on a local and a remote chat alike.
+import type { Chat } from './local/chat.js';
+import type { RemoteChat } from './remote/index.js';
+import type { ChatSurface } from './shared/chat-surface.js';
+export type { ChatSurface, CommonSendOptions, CommonTurnResult, CommonChatStats } from './shared/chat-surface.js';
+/** What only a local chat has (the KV cache's own operations: pins, forget, checkpoints, token-level memory). */
+export type LocalOnly = Exclude<keyof Chat, keyof ChatSurface>;
+/** What only a remote chat has. */
+export type RemoteOnly = Exclude<keyof RemoteChat, keyof ChatSurface>;

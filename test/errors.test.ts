@@ -1,7 +1,7 @@
 // Every code the native core throws (FML_ERROR_CODES, exported by the addon) maps to its own class.
 import { describe, expect, it } from 'vitest';
-import { getBinding } from '../src/binding.ts';
-import { FiniteMemoryError, InferenceError, NATIVE_ERROR_CLASSES, fromNativeError } from '../src/errors.ts';
+import { getBinding } from '../src/local/binding.ts';
+import { FiniteMemoryError, InferenceError, NATIVE_ERROR_CLASSES, fromNativeError } from '../src/shared/errors.ts';
 
 describe('native error codes', () => {
   it('the addon and src/errors.ts list the same codes', () => {

@@ -5,7 +5,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { MODEL_FAMILIES, writeModel, type ModelFamily } from '../src/gguf-writer.ts';
+import { MODEL_FAMILIES, writeModel, type ModelFamily } from '../src/gguf/index.ts';
 import { loadModel, POLICIES, UnsupportedModelError, type Model } from '../src/index.ts';
 import { checkCache, maxAbsDiff, THREADS } from './helpers.ts';
 

@@ -2,7 +2,7 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { expect } from 'vitest';
-import { writeLlamaModel, type LlamaModelOptions } from '../src/gguf-writer.ts';
+import { writeLlamaModel, type LlamaModelOptions } from '../src/gguf/index.ts';
 import type { Chat } from '../src/index.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'fml-test-'));

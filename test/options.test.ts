@@ -3,8 +3,8 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { getBinding } from '../src/binding.ts';
-import { resolveChatOptions } from '../src/options.ts';
+import { getBinding } from '../src/local/binding.ts';
+import { resolveChatOptions } from '../src/local/options.ts';
 import { readmeWithTable } from '../scripts/options-doc.ts';
 
 const docs = getBinding().optionDocs();

@@ -6,10 +6,11 @@ import { createServer as createHttpServer, type IncomingMessage, type Server, ty
 import type { AddressInfo } from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { InvalidOptionError, loadModel, type Model } from '../src/index.ts';
-import { CircuitOpenError, connectRemote, RemoteHttpError, RemoteTimeoutError, RemoteUnavailableError, type RemoteOptions } from '../src/remote.ts';
-import { SUMMARIZER_PROMPT } from '../src/remote.ts';
-import { parseRetryAfter } from '../src/remote-transport.ts';
-import { createServer, type FiniteMemoryServer } from '../src/server.ts';
+import { CircuitOpenError, connectRemote, RemoteHttpError, RemoteTimeoutError, RemoteUnavailableError, type RemoteOptions } from '../src/remote/index.ts';
+import { SUMMARIZER_PROMPT } from '../src/remote/index.ts';
+import { parseRetryAfter } from '../src/remote/transport.ts';
+import { createServer, type FiniteMemoryServer } from '../src/server/index.ts';
+import type { ChatSurface } from '../src/shared/chat-surface.ts';
 import { testModelPath, THREADS } from './helpers.ts';
 
 type Body = { model: string; messages: { role: string; content: string }[]; stream?: boolean; max_tokens?: number };
@@ -123,6 +124,44 @@ describe('remote backend against the project server', () => {
     expect(chat.memory()).toEqual([]);
     remote.dispose();
     expect(chat.disposed).toBe(true);
+  });
+
+  it('one piece of code runs on a local and a remote chat (ChatSurface), with the same results', async () => {
+    // What a user writes once and points at either backend: send, stream (broken off early), stats,
+    // the transcript, telemetry, reset, await using.
+    const conversation = async (chat: ChatSurface) => {
+      const first = await chat.send('Hello there', { maxNewTokens: 6, temperature: 0 });
+      const pieces: string[] = [];
+      for await (const piece of chat.stream('Tell me more', { maxNewTokens: 6, temperature: 0 })) pieces.push(piece);
+      let broken = 0;
+      for await (const _ of chat.stream('And again', { maxNewTokens: 32, temperature: 0 })) if (++broken === 1) break;
+      const transcript = chat.exportTranscript();
+      const stats = chat.stats();
+      expect(chat.busy).toBe(false);
+      chat.reset();
+      expect(chat.stats().turns).toBe(0);
+      expect(chat.exportTranscript().messages).toEqual([]);
+      return { first: first.response, streamed: pieces.join(''), turns: stats.turns, users: transcript.messages.filter((m) => m.role === 'user').map((m) => m.content) };
+    };
+    const events: { local: number; remote: number } = { local: 0, remote: 0 };
+    const remote = connectRemote({ baseURL: `${url}/v1`, model: server.modelId });
+    const got = [];
+    {
+      await using local = model.createChat({ maxTokens: 1024, threads: THREADS, telemetry: { onTurn: () => void events.local++ } });
+      got.push(await conversation(local));
+    }
+    {
+      await using far = remote.createChat({ maxTokens: 1024, telemetry: { onTurn: () => void events.remote++ } });
+      got.push(await conversation(far));
+      expect(far.disposed).toBe(false);
+    }
+    remote.dispose();
+    await new Promise((r) => setImmediate(r));
+    // The server runs the same model greedily: both backends said the same, and counted the same.
+    expect(got[1]).toEqual(got[0]);
+    expect(got[0]!.users).toEqual(['Hello there', 'Tell me more', 'And again']);
+    expect(events.local).toBeGreaterThanOrEqual(2);
+    expect(events.remote).toBe(events.local);
   });
 });
 

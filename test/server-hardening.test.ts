@@ -8,7 +8,7 @@ import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type ChatOptions, type Model } from '../src/index.ts';
-import { createServer, type FiniteMemoryServer, type ServerOptions } from '../src/server.ts';
+import { createServer, type FiniteMemoryServer, type ServerOptions } from '../src/server/index.ts';
 import { testDir, testModelPath, THREADS } from './helpers.ts';
 
 const CHAT: ChatOptions = { maxTokens: 128, windowSize: 32, threads: THREADS };

@@ -1,7 +1,7 @@
 // Concurrency and lifetimes: many chats at once, dispose while busy, GC without dispose, RSS over cycles.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DisposedError, loadModel, type Model } from '../../src/index.ts';
-import { getProbes } from '../../src/binding.ts';
+import { getProbes } from '../../src/local/binding.ts';
 import { testModelPath, THREADS } from '../helpers.ts';
 
 let model: Model;
@@ -62,7 +62,7 @@ describe('async disposal', () => {
     expect(() => chat.memory()).toThrow(DisposedError);
     expect(() => m.createChat()).toThrow(DisposedError);
     // The native layer's own DISPOSED code maps to the same class, with the caller's stack.
-    const { fromNativeError } = await import('../../src/errors.ts');
+    const { fromNativeError } = await import('../../src/shared/errors.ts');
     const mapped = fromNativeError(Object.assign(new Error('chat is disposed'), { code: 'DISPOSED' }), new Error().stack);
     expect(mapped).toBeInstanceOf(DisposedError);
     expect(mapped.message).toBe('chat is disposed');

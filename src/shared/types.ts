@@ -1,5 +1,6 @@
-import type { NativeModelInfo } from './binding.js';
-import type { PolicyName } from './options.js';
+export type PolicyName = 'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid';
+export const POLICIES: readonly PolicyName[] = ['sliding', 'importance', 'semantic', 'rolling_summary', 'hybrid'];
+export type KvType = 'f16' | 'f32' | 'q8_0';
 
 export type StopReason = 'eos' | 'maxTokens' | 'stop' | 'abort';
 
@@ -72,9 +73,45 @@ export interface MemoryEntry {
   text: string;
 }
 
-/** What loadModel read from the GGUF and how the model runs (the native surface's fields, plus the path). */
-export interface ModelInfo extends NativeModelInfo {
+/** What loadModel read from the GGUF and how the model runs. */
+export interface ModelInfo {
   path: string;
+  architecture: string;
+  description: string;
+  chatTemplate: string | null;
+  /** 'cpu', or the GPU backend ('cuda') when layers are offloaded to it. */
+  backend: string;
+  /** The device doing the work: the GPU's name (e.g. "NVIDIA H100 80GB HBM3") or the CPU's. */
+  device: string;
+  nCtxTrain: number;
+  nEmbd: number;
+  nLayer: number;
+  nHead: number;
+  nHeadKv: number;
+  /** Key/value head dimension (can differ from nEmbd / nHead). */
+  headDim: number;
+  nVocab: number;
+  sizeBytes: number;
+  nParams: number;
+  gpuLayers: number;
+  /** Hash of the GGUF's metadata and tensor layout; checkpoints only load into a model with the same one. */
+  fingerprint: string;
+  /** How messages are framed: the model's template, ChatML (a template llama.cpp does not know) or plain "User: / Assistant:" (no template). */
+  framing: 'template' | 'chatml' | 'plain';
+  /** The model's memory: a KV cache ('kv'), one with sliding-window layers ('kv-swa'), a recurrent state, or both ('hybrid'). */
+  memory: 'kv' | 'kv-swa' | 'recurrent' | 'hybrid';
+  /** Window of the sliding-window layers in tokens (0: none). With finite memory it counts retained tokens, not conversation tokens. */
+  slidingWindow: number;
+  /** Whether chats can evict in place on this model; createChat throws UnsupportedModelError otherwise. */
+  inPlaceEviction: boolean;
+  /** Why not, naming the architecture (null when supported). */
+  unsupportedReason: string | null;
+  /** The model's CPU thread budget: every decode of its chats, batched together, uses this many threads. */
+  threads: number;
+  /** Chats decoded together in one context; more are parked while idle. */
+  slots: number;
+  /** Prefill tokens a step may add while other chats generate. */
+  prefillChunk: number;
 }
 
 /** The plain conversation, portable across models (`chat.exportTranscript()`, `model.importTranscript()`). */

@@ -1,17 +1,12 @@
 import { getBinding, type NativeChat, type NativeModel } from './binding.js';
 import { Chat } from './chat.js';
-import { DisposedError, fromNativeError, InvalidOptionError } from './errors.js';
-import { checkTelemetry, type Telemetry } from './telemetry.js';
-import { checkObject, checkPath, checkString, splitChatOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions } from './options.js';
-import type { ModelInfo, Transcript } from './types.js';
+import { DisposedError, fromNativeError, InvalidOptionError } from '../shared/errors.js';
+import { checkTelemetry, type Telemetry } from '../shared/telemetry.js';
+import { checkObject, checkPath, checkString } from '../shared/checks.js';
+import { splitChatOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions } from './options.js';
+import type { ModelInfo, Transcript } from '../shared/types.js';
 
-function resolveTelemetry(telemetry: unknown): Telemetry | undefined {
-  try {
-    return checkTelemetry(telemetry);
-  } catch (err) {
-    throw new InvalidOptionError((err as Error).message);
-  }
-}
+const resolveTelemetry = (telemetry: unknown): Telemetry | undefined => checkTelemetry<Telemetry>(telemetry);
 
 const chatRegistry = new FinalizationRegistry<{ chats: Set<WeakRef<Chat>>; ref: WeakRef<Chat> }>(({ chats, ref }) => chats.delete(ref));
 

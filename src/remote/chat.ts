@@ -1,42 +1,15 @@
 /**
- * The finite-memory chat API for hosted OpenAI-compatible models. The remote KV cache is out of reach,
+ * A chat with a remote OpenAI-compatible model (see connect.ts). The remote KV cache is out of reach,
  * so memory is managed at the message level: every request carries the system prompt, the summary (if
  * any) and the newest messages that fit in `maxTokens`.
- *
- *   const remote = connectRemote({ baseURL: 'https://api.openai.com/v1', model: 'gpt-4o-mini' });
- *   const chat = remote.createChat({ policy: 'rolling_summary', maxTokens: 4000, systemPrompt: 'Be terse.' });
- *   const r = await chat.send('Hello', { maxNewTokens: 64 });
  */
-import { ChatBusyError, DisposedError, InvalidOptionError, PromptTooLargeError } from './errors.js';
-import { checkInt, checkMessage, checkNumber, checkObject, checkString } from './options.js';
-import { AbortedError, CircuitBreaker, Transport, type CircuitOptions, type RetryOptions } from './remote-transport.js';
-import type { StopReason, Transcript } from './types.js';
-
-export { RemoteHttpError, RemoteUnavailableError, RemoteTimeoutError, CircuitOpenError, type RetryOptions, type CircuitOptions } from './remote-transport.js';
-
-/** What counts tokens: anything with `tokenize(text) -> token[]`, e.g. a local `Model` from `loadModel`. */
-export interface RemoteTokenizer {
-  tokenize(text: string): readonly unknown[];
-}
-
-export interface RemoteOptions {
-  /** The API's base URL, e.g. https://api.openai.com/v1 (requests go to `${baseURL}/chat/completions`). */
-  baseURL: string;
-  /** Bearer token. Default: `process.env.OPENAI_API_KEY` (none when unset). Never logged or put in errors. */
-  apiKey?: string;
-  /** The remote model id sent as `model`. */
-  model: string;
-  /** Counts tokens exactly (`tokenize(text).length`); without it, the estimate ceil(chars / 4) + 4 per message. */
-  tokenizer?: RemoteTokenizer;
-  /** Default { retries: 2, minDelayMs: 250, maxDelayMs: 8000 }. */
-  retry?: Partial<RetryOptions>;
-  /** Per-attempt timeout (headers and body), ms. Default 60000. */
-  timeoutMs?: number;
-  /** Default { failureThreshold: 5, cooldownMs: 30000 }. Shared by the chats of this connection. */
-  circuit?: Partial<CircuitOptions>;
-  /** fetch implementation (default: the global one). */
-  fetch?: typeof fetch;
-}
+import { ChatBusyError, DisposedError, InvalidOptionError, PromptTooLargeError } from '../shared/errors.js';
+import { streamFromSend, TranscriptLog, type ChatSurface } from '../shared/chat-surface.js';
+import { checkInt, checkKnownKeys, checkMessage, checkNumber, checkObject, checkString } from '../shared/checks.js';
+import { checkTelemetry, TelemetryEmitter, type TelemetryHooks } from '../shared/telemetry.js';
+import { AbortedError, type Transport } from './transport.js';
+import type { RemoteTokenizer } from './connect.js';
+import type { StopReason, Transcript } from '../shared/types.js';
 
 export type RemotePolicyName = 'sliding' | 'rolling_summary' | 'hybrid';
 const REMOTE_POLICIES: readonly RemotePolicyName[] = ['sliding', 'rolling_summary', 'hybrid'];
@@ -123,18 +96,8 @@ export interface RemoteTurnEvent {
   chat: RemoteChatStats;
 }
 
-/** Same contract as `Telemetry`: hooks run on a later tick, errors go to onError, never rethrown. */
-export interface RemoteTelemetry {
-  onTurn?(event: RemoteTurnEvent): void | Promise<void>;
-  onError?(error: unknown, context: { chatId: string; source: 'turn' | 'onTurn' }): void;
-  onClose?(chatId: string): void;
-}
-
-export interface RemoteConnection {
-  createChat(options?: RemoteChatOptions): RemoteChat;
-  /** Disposes every chat of this connection. */
-  dispose(): void;
-}
+/** Same hooks and contract as a local chat's `Telemetry` (one emitter runs both); no eviction events. */
+export type RemoteTelemetry = Omit<TelemetryHooks<RemoteTurnEvent>, 'onEviction'>;
 
 type Msg = { role: 'user' | 'assistant'; content: string; tokens: number };
 
@@ -143,49 +106,6 @@ export const SUMMARIZER_PROMPT =
   'You maintain a running summary of a conversation. Merge the previous summary and the new messages into one concise summary of the facts, names, decisions and open questions. Answer with the summary only.';
 
 let nextId = 1;
-
-export function connectRemote(options: RemoteOptions): RemoteConnection {
-  const o = checkObject('options', options);
-  const baseURL = checkString('baseURL', o.baseURL);
-  try {
-    new URL(baseURL);
-  } catch {
-    throw new InvalidOptionError('Expected an absolute URL for baseURL');
-  }
-  const model = checkString('model', o.model);
-  const apiKey = o.apiKey !== undefined ? checkString('apiKey', o.apiKey) : process.env.OPENAI_API_KEY || undefined;
-  const tokenizer = o.tokenizer as RemoteTokenizer | undefined;
-  if (tokenizer !== undefined && typeof tokenizer?.tokenize !== 'function') throw new InvalidOptionError('Expected an object with tokenize(text) for tokenizer');
-  const r = checkObject('retry', o.retry);
-  const retry: RetryOptions = {
-    retries: r.retries === undefined ? 2 : checkInt('retry.retries', r.retries, 0, 100),
-    minDelayMs: r.minDelayMs === undefined ? 250 : checkNumber('retry.minDelayMs', r.minDelayMs, 0, 3_600_000),
-    maxDelayMs: r.maxDelayMs === undefined ? 8000 : checkNumber('retry.maxDelayMs', r.maxDelayMs, 0, 3_600_000),
-  };
-  const c = checkObject('circuit', o.circuit);
-  const circuit: CircuitOptions = {
-    failureThreshold: c.failureThreshold === undefined ? 5 : checkInt('circuit.failureThreshold', c.failureThreshold, 1, 1_000_000),
-    cooldownMs: c.cooldownMs === undefined ? 30_000 : checkNumber('circuit.cooldownMs', c.cooldownMs, 0, 86_400_000),
-  };
-  const timeoutMs = o.timeoutMs === undefined ? 60_000 : checkNumber('timeoutMs', o.timeoutMs, 1, 3_600_000);
-  const fetchImpl = (o.fetch ?? globalThis.fetch) as typeof fetch;
-  if (typeof fetchImpl !== 'function') throw new InvalidOptionError('Expected a function for fetch');
-  const transport = new Transport({ baseURL, apiKey, retry, timeoutMs, circuit: new CircuitBreaker(circuit), fetch: fetchImpl });
-  const chats = new Set<RemoteChat>();
-  let disposed = false;
-  return {
-    createChat(chatOptions = {}) {
-      if (disposed) throw new DisposedError('remote connection');
-      const chat = new RemoteChat(transport, model, tokenizer, chatOptions, () => chats.delete(chat));
-      chats.add(chat);
-      return chat;
-    },
-    dispose() {
-      disposed = true;
-      for (const chat of [...chats]) chat.dispose();
-    },
-  };
-}
 
 interface ResolvedRemoteChatOptions {
   policy: RemotePolicyName;
@@ -197,9 +117,7 @@ interface ResolvedRemoteChatOptions {
 
 function resolveRemoteChatOptions(raw: unknown): ResolvedRemoteChatOptions & { telemetry?: RemoteTelemetry } {
   const o = checkObject('options', raw);
-  for (const key of Object.keys(o)) {
-    if (!['policy', 'maxTokens', 'systemPrompt', 'summaryTokens', 'windowSize', 'telemetry'].includes(key)) throw new InvalidOptionError(`Unknown option options.${key} (known: policy, maxTokens, systemPrompt, summaryTokens, windowSize, telemetry)`);
-  }
+  checkKnownKeys('options', o, ['policy', 'maxTokens', 'systemPrompt', 'summaryTokens', 'windowSize', 'telemetry']);
   const policy = o.policy ?? 'sliding';
   if (typeof policy !== 'string' || !(REMOTE_POLICIES as readonly string[]).includes(policy)) {
     throw new InvalidOptionError(`The remote backend supports policies ${REMOTE_POLICIES.join(', ')}; ${JSON.stringify(policy)} needs the local KV cache (use loadModel)`);
@@ -212,11 +130,8 @@ function resolveRemoteChatOptions(raw: unknown): ResolvedRemoteChatOptions & { t
     summaryTokens: o.summaryTokens === undefined ? Math.max(8, Math.min(256, Math.floor(maxTokens / 8))) : checkInt('summaryTokens', o.summaryTokens, 1, Math.floor(maxTokens / 2)),
     windowSize: o.windowSize === undefined ? Math.floor(maxTokens / 2) : checkInt('windowSize', o.windowSize, 0, maxTokens),
   };
-  if (o.telemetry !== undefined) {
-    const t = checkObject('telemetry', o.telemetry);
-    for (const k of ['onTurn', 'onError', 'onClose']) if (t[k] !== undefined && typeof t[k] !== 'function') throw new InvalidOptionError(`Expected a function for telemetry.${k}`);
-    out.telemetry = t as RemoteTelemetry;
-  }
+  const telemetry = checkTelemetry<RemoteTelemetry>(o.telemetry, ['onTurn', 'onError', 'onClose']);
+  if (telemetry) out.telemetry = telemetry;
   return out;
 }
 
@@ -224,22 +139,24 @@ function resolveRemoteChatOptions(raw: unknown): ResolvedRemoteChatOptions & { t
  * A conversation with a remote model whose request never carries more than `maxTokens` tokens of
  * messages (counted locally). One turn at a time (a second send rejects with ChatBusyError).
  */
-export class RemoteChat {
+export class RemoteChat implements ChatSurface {
   readonly id = `remote-chat-${nextId++}`;
   readonly #transport: Transport;
   readonly #model: string;
   readonly #tokenizer: RemoteTokenizer | undefined;
   readonly #options: ResolvedRemoteChatOptions;
-  readonly #telemetry: RemoteTelemetry | undefined;
+  readonly #telemetry: TelemetryEmitter<RemoteTurnEvent> | undefined;
   readonly #onDispose: () => void;
   readonly #systemTokens: number;
   #messages: Msg[] = [];
   #summary = '';
   #summaryTokens = 0;
-  #transcript: Transcript['messages'] = [];
+  readonly #transcript = new TranscriptLog();
   #busy = false;
   #disposed = false;
   #running: AbortController | undefined;
+  /** The turn in flight, for asyncDispose. */
+  #turn: Promise<unknown> | undefined;
   #totals = { turns: 0, tokensSeen: 0, tokensEvicted: 0, evictions: 0, summaries: 0 };
 
   /** @internal */
@@ -249,7 +166,7 @@ export class RemoteChat {
     this.#model = model;
     this.#tokenizer = tokenizer;
     this.#options = resolved;
-    this.#telemetry = telemetry;
+    this.#telemetry = telemetry ? new TelemetryEmitter(telemetry, this.id) : undefined;
     this.#onDispose = onDispose;
     this.#systemTokens = resolved.systemPrompt ? this.#count(resolved.systemPrompt) : 0;
     if (this.#systemTokens + (resolved.policy === 'sliding' ? 0 : resolved.summaryTokens + 4) >= resolved.maxTokens) {
@@ -296,7 +213,13 @@ export class RemoteChat {
    * so that retained + the new message + room for the reply fit in maxTokens; after it, again so the
    * reply fits. With rolling_summary/hybrid, leaving messages are summarized by the remote model.
    */
-  async send(message: string, options: RemoteSendOptions = {}): Promise<RemoteTurnResult> {
+  send(message: string, options: RemoteSendOptions = {}): Promise<RemoteTurnResult> {
+    const turn = this.#send(message, options);
+    this.#turn = turn;
+    return turn;
+  }
+
+  async #send(message: string, options: RemoteSendOptions): Promise<RemoteTurnResult> {
     this.#check();
     const text = checkMessage(message);
     const opts = resolveRemoteSendOptions(options);
@@ -338,7 +261,7 @@ export class RemoteChat {
       const r = await this.#transport.complete(body, { signal, ...(opts.onToken ? { onToken: opts.onToken } : {}), partial });
       const reply: Msg = { role: 'assistant', content: r.text, tokens: this.#count(r.text) };
       this.#messages.push(user, reply);
-      this.#transcript.push({ role: 'user', content: text }, { role: 'assistant', content: r.text });
+      this.#transcript.add(text, r.text);
       this.#totals.turns++;
       this.#totals.tokensSeen += user.tokens + reply.tokens + (this.#totals.turns === 1 ? this.#systemTokens : 0);
       // The reply may be longer than reserved (or counted differently): evict again.
@@ -349,7 +272,7 @@ export class RemoteChat {
         // The reply is here: a summary that failed (or was aborted) falls back to dropping messages.
         this.#fitSliding(maxTokens, turn);
         if (err instanceof AbortedError) stopReason = 'abort';
-        else this.#report(err, 'turn');
+        else this.#telemetry?.error(err);
       }
       const generated = typeof r.usage?.completion_tokens === 'number' ? r.usage.completion_tokens : reply.tokens - 4;
       const result: RemoteTurnResult = { response: r.text, stopReason, stats: this.#turnStats(turn, promptTokens, generated, r.attempts, t0) };
@@ -362,7 +285,7 @@ export class RemoteChat {
         else {
           const reply: Msg = { role: 'assistant', content: partial.text, tokens: this.#count(partial.text) };
           this.#messages.push(user, reply);
-          this.#transcript.push({ role: 'user', content: text }, { role: 'assistant', content: partial.text });
+          this.#transcript.add(text, partial.text);
           this.#totals.turns++;
           this.#totals.tokensSeen += user.tokens + reply.tokens;
           this.#fitSliding(maxTokens, turn);
@@ -371,7 +294,7 @@ export class RemoteChat {
       }
       restore();
       // Typed transport errors, or the caller's own (an onToken that threw), as they are.
-      this.#report(err, 'turn');
+      this.#telemetry?.error(err);
       throw err;
     } finally {
       this.#busy = false;
@@ -380,38 +303,8 @@ export class RemoteChat {
   }
 
   /** Streams the reply piece by piece; breaking out of the loop aborts the turn. Returns the result. */
-  async *stream(message: string, options: Omit<RemoteSendOptions, 'onToken'> = {}): AsyncGenerator<string, RemoteTurnResult, undefined> {
-    const queue: string[] = [];
-    let wake: (() => void) | undefined;
-    let finished = false;
-    const ac = new AbortController();
-    const signal = options.signal ? AbortSignal.any([options.signal, ac.signal]) : ac.signal;
-    const turn = this.send(message, {
-      ...options,
-      signal,
-      onToken: (piece) => {
-        queue.push(piece);
-        wake?.();
-      },
-    }).finally(() => {
-      finished = true;
-      wake?.();
-    });
-    turn.catch(() => {});
-    try {
-      while (true) {
-        while (queue.length > 0) yield queue.shift() as string;
-        if (finished) break;
-        await new Promise<void>((resolve) => (wake = resolve));
-        wake = undefined;
-      }
-      return await turn;
-    } finally {
-      if (!finished) {
-        ac.abort();
-        await turn.catch(() => {});
-      }
-    }
+  stream(message: string, options: Omit<RemoteSendOptions, 'onToken'> = {}): AsyncGenerator<string, RemoteTurnResult, undefined> {
+    return streamFromSend((onToken, signal) => this.send(message, { ...options, onToken, signal }), options.signal);
   }
 
   /** Messages leave (oldest first) until the retained tokens are <= limit. */
@@ -514,7 +407,7 @@ export class RemoteChat {
   /** The whole conversation (including what left the memory), in the local chats' Transcript format. */
   exportTranscript(): Transcript {
     this.#check();
-    return { format: 'finite-memory-llm/transcript', version: 1, systemPrompt: this.#options.systemPrompt, messages: this.#transcript.map((m) => ({ ...m })) };
+    return this.#transcript.export(this.#options.systemPrompt);
   }
 
   /** Forgets the conversation and the summary (keeps the options). */
@@ -524,7 +417,7 @@ export class RemoteChat {
     this.#messages = [];
     this.#summary = '';
     this.#summaryTokens = 0;
-    this.#transcript = [];
+    this.#transcript.clear();
     this.#totals = { turns: 0, tokensSeen: 0, tokensEvicted: 0, evictions: 0, summaries: 0 };
   }
 
@@ -534,43 +427,23 @@ export class RemoteChat {
     this.#disposed = true;
     this.#running?.abort();
     this.#onDispose();
-    try {
-      this.#telemetry?.onClose?.(this.id);
-    } catch (err) {
-      this.#report(err, 'onTurn');
-    }
+    this.#telemetry?.close();
   }
 
   [Symbol.dispose](): void {
     this.dispose();
   }
 
-  #emit(result: RemoteTurnResult): void {
-    const hooks = this.#telemetry;
-    if (!hooks?.onTurn || this.#disposed) return;
-    const event: RemoteTurnEvent = { chatId: this.id, policy: this.#options.policy, turn: this.#totals.turns, stopReason: result.stopReason, stats: result.stats, chat: this.stats() };
-    setImmediate(() => {
-      try {
-        const p = hooks.onTurn?.(event);
-        if (p && typeof (p as Promise<void>).then === 'function') (p as Promise<void>).then(undefined, (err) => this.#report(err, 'onTurn'));
-      } catch (err) {
-        this.#report(err, 'onTurn');
-      }
-    });
+  /** Disposes and waits for a running turn to settle (it resolves with stopReason 'abort'). */
+  async [Symbol.asyncDispose](): Promise<void> {
+    const turn = this.#turn;
+    this.dispose();
+    await turn?.catch(() => {});
   }
 
-  #report(err: unknown, source: 'turn' | 'onTurn'): void {
-    const hooks = this.#telemetry;
-    if (!hooks?.onError) return;
-    const call = () => {
-      try {
-        hooks.onError?.(err, { chatId: this.id, source });
-      } catch {
-        // nowhere left to report
-      }
-    };
-    if (source === 'turn') setImmediate(call);
-    else call();
+  #emit(result: RemoteTurnResult): void {
+    if (!this.#telemetry || this.#disposed) return;
+    this.#telemetry.turn({ chatId: this.id, policy: this.#options.policy, turn: this.#totals.turns, stopReason: result.stopReason, stats: result.stats, chat: this.stats() });
   }
 
   #check(): void {
@@ -589,9 +462,7 @@ interface ResolvedRemoteSendOptions {
 
 function resolveRemoteSendOptions(raw: unknown): ResolvedRemoteSendOptions {
   const o = checkObject('options', raw);
-  for (const key of Object.keys(o)) {
-    if (!['maxNewTokens', 'temperature', 'seed', 'stop', 'onToken', 'signal'].includes(key)) throw new InvalidOptionError(`Unknown option options.${key} (known: maxNewTokens, temperature, seed, stop, onToken, signal)`);
-  }
+  checkKnownKeys('options', o, ['maxNewTokens', 'temperature', 'seed', 'stop', 'onToken', 'signal']);
   const out: ResolvedRemoteSendOptions = { maxNewTokens: o.maxNewTokens === undefined ? 256 : checkInt('maxNewTokens', o.maxNewTokens, 1, 1 << 24), stop: [] };
   if (o.temperature !== undefined) out.temperature = checkNumber('temperature', o.temperature, 0, 2);
   if (o.seed !== undefined) out.seed = checkInt('seed', o.seed, 0, Number.MAX_SAFE_INTEGER);

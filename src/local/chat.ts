@@ -1,8 +1,10 @@
 import { getProbes, type NativeCacheState, type NativeChat, type NativeEngineStats, type NativeEvictionRecord } from './binding.js';
-import { AbortedError, ChatBusyError, DisposedError, InvalidOptionError, fromNativeError } from './errors.js';
-import { checkInt, checkMessage, checkObject, checkPath, splitSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
-import { TelemetryEmitter, type EvictionEvent, type Telemetry } from './telemetry.js';
-import type { ChatStats, MemoryEntry, Transcript, TurnResult } from './types.js';
+import { AbortedError, ChatBusyError, DisposedError, InvalidOptionError, fromNativeError } from '../shared/errors.js';
+import { checkInt, checkMessage, checkObject, checkPath } from '../shared/checks.js';
+import { splitSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
+import { TelemetryEmitter, type EvictionEvent, type Telemetry, type TurnEvent } from '../shared/telemetry.js';
+import { streamFromSend, TranscriptLog, type ChatSurface } from '../shared/chat-surface.js';
+import type { ChatStats, MemoryEntry, Transcript, TurnResult } from '../shared/types.js';
 
 let nextChatId = 1;
 
@@ -32,11 +34,11 @@ export interface ChatInternals {
  * `send` while one is running rejects with `ChatBusyError` (it is not queued, so a server decides
  * its own queueing). Other chats, even of the same model, run concurrently.
  */
-export class Chat {
+export class Chat implements ChatSurface {
   readonly #native: NativeChat;
   readonly #options: ResolvedChatOptions;
   readonly #onDispose: () => void;
-  readonly #telemetry: TelemetryEmitter | undefined;
+  readonly #telemetry: TelemetryEmitter<TurnEvent, EvictionEvent> | undefined;
   /** Identifies this chat in telemetry events. */
   readonly id = `chat-${nextChatId++}`;
   #busy = false;
@@ -44,8 +46,7 @@ export class Chat {
   /** The native operation in flight (a turn, a checkpoint, an import, a forget), for asyncDispose. */
   #running: Promise<unknown> | undefined;
   #lastTurn: TurnResult | undefined;
-  // The plain conversation (what was said, not what the cache still holds), for exportTranscript().
-  #transcript: Transcript['messages'] = [];
+  readonly #transcript = new TranscriptLog();
 
   /** @internal */
   constructor(native: NativeChat, options: ResolvedChatOptions, onDispose: () => void, telemetry?: Telemetry) {
@@ -98,7 +99,7 @@ export class Chat {
       const { evictionLog, ...stats } = raw.stats;
       const result = { ...raw, stats } as TurnResult;
       if (this.#telemetry && !this.#disposed) this.#emit(result, evictionLog);
-      if (result.stats.promptTokens > 0) this.#transcript.push({ role: 'user', content: text }, { role: 'assistant', content: result.response });
+      if (result.stats.promptTokens > 0) this.#transcript.add(text, result.response);
       return this.#remember(result);
     } catch (err) {
       const typed = fromNativeError(err, stack);
@@ -114,35 +115,8 @@ export class Chat {
    * Streams the reply piece by piece. Breaking out of the loop aborts the turn (the chat stays
    * usable); the generator's return value is the TurnResult.
    */
-  async *stream(message: string, options: Omit<SendOptions, 'onToken'> = {}): AsyncGenerator<string, TurnResult, undefined> {
-    const queue: string[] = [];
-    let wake: (() => void) | undefined;
-    let finished = false;
-    const turn = this.send(message, {
-      ...options,
-      onToken: (piece) => {
-        queue.push(piece);
-        wake?.();
-      },
-    }).finally(() => {
-      finished = true;
-      wake?.();
-    });
-    turn.catch(() => {}); // rethrown below
-    try {
-      while (true) {
-        while (queue.length > 0) yield queue.shift() as string;
-        if (finished) break;
-        await new Promise<void>((resolve) => (wake = resolve));
-        wake = undefined;
-      }
-      return await turn;
-    } finally {
-      if (!finished) {
-        this.#native.abort();
-        await turn.catch(() => {});
-      }
-    }
+  stream(message: string, options: Omit<SendOptions, 'onToken'> = {}): AsyncGenerator<string, TurnResult, undefined> {
+    return streamFromSend((onToken, signal) => this.send(message, { ...options, onToken, signal }), options.signal);
   }
 
   /**
@@ -152,16 +126,7 @@ export class Chat {
   async saveCheckpoint(path: string): Promise<void> {
     this.#check();
     checkPath('path', path);
-    if (this.#busy) throw new ChatBusyError('a turn is running on this chat; save the checkpoint after it');
-    const stack = new Error().stack;
-    this.#busy = true;
-    try {
-      await this.#track(this.#native.saveCheckpoint(path));
-    } catch (err) {
-      throw fromNativeError(err, stack);
-    } finally {
-      this.#busy = false;
-    }
+    await this.#exclusive('save the checkpoint', () => this.#native.saveCheckpoint(path));
   }
 
   /**
@@ -170,25 +135,19 @@ export class Chat {
    */
   exportTranscript(): Transcript {
     this.#check();
-    return { format: 'finite-memory-llm/transcript', version: 1, systemPrompt: this.#options.systemPrompt, messages: this.#transcript.map((m) => ({ ...m })) };
+    return this.#transcript.export(this.#options.systemPrompt);
   }
 
   /** @internal Prefills a finished exchange without generating (transcript import); `signal` aborts it (AbortedError). */
   async _ingest(user: string, assistant: string, signal?: AbortSignal): Promise<void> {
     this.#check();
-    if (this.#busy) throw new ChatBusyError();
     if (signal?.aborted) throw new AbortedError('the transcript import was aborted');
-    const stack = new Error().stack;
     const onAbort = () => this.#native.abort();
     signal?.addEventListener('abort', onAbort, { once: true });
-    this.#busy = true;
     try {
-      await this.#track(this.#native.ingestExchange(user, assistant));
-      this.#transcript.push({ role: 'user', content: user }, { role: 'assistant', content: assistant });
-    } catch (err) {
-      throw fromNativeError(err, stack);
+      await this.#exclusive('import', () => this.#native.ingestExchange(user, assistant));
+      this.#transcript.add(user, assistant);
     } finally {
-      this.#busy = false;
       signal?.removeEventListener('abort', onAbort);
     }
   }
@@ -238,12 +197,21 @@ export class Chat {
    * longer in memory). The transcript keeps the turn. Not while a turn runs (ChatBusyError).
    */
   async forget(turn: number): Promise<number> {
-    this.#idle('forget');
+    this.#check();
     const t = checkInt('turn', turn, 0, 2 ** 32 - 1);
+    return this.#exclusive('forget', () => this.#native.forget(t));
+  }
+
+  /**
+   * Runs one native operation that needs the chat to itself (checkpoint, import, forget): busy while
+   * it runs, tracked for asyncDispose, native errors typed with the caller's stack.
+   */
+  async #exclusive<T>(what: string, op: () => Promise<T>): Promise<T> {
+    this.#idle(what);
     const stack = new Error().stack;
     this.#busy = true;
     try {
-      return await this.#track(this.#native.forget(t));
+      return await this.#track(op());
     } catch (err) {
       throw fromNativeError(err, stack);
     } finally {
@@ -266,11 +234,10 @@ export class Chat {
 
   /** Forgets the conversation (the system prompt is prefilled again on the next turn). */
   reset(): void {
-    this.#check();
-    if (this.#busy) throw new ChatBusyError('cannot reset while a turn is running');
+    this.#idle('reset');
     this.#native.reset();
     this.#lastTurn = undefined;
-    this.#transcript = [];
+    this.#transcript.clear();
   }
 
   /** Frees the context and its KV cache. A running turn is aborted and finishes first. Idempotent. */

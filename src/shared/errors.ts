@@ -95,6 +95,32 @@ export class UnsupportedModelError extends FiniteMemoryError {
   constructor(message: string) { super('UNSUPPORTED_MODEL', message); }
 }
 
+// The remote backend's errors (src/remote/).
+/** The remote answered with an HTTP error (4xx, or 429/5xx after the retries). `status` is the HTTP status. */
+export class RemoteHttpError extends FiniteMemoryError {
+  constructor(readonly status: number, message: string, readonly attempts: number) {
+    super('REMOTE_HTTP_ERROR', message);
+  }
+}
+/** The remote could not be reached, or the connection dropped (after the retries, or mid-stream). */
+export class RemoteUnavailableError extends FiniteMemoryError {
+  constructor(message: string, readonly attempts: number, cause?: unknown) {
+    super('REMOTE_UNAVAILABLE', message, { cause });
+  }
+}
+/** An attempt ran past `timeoutMs` (after the retries). */
+export class RemoteTimeoutError extends FiniteMemoryError {
+  constructor(message: string, readonly attempts: number) {
+    super('REMOTE_TIMEOUT', message);
+  }
+}
+/** The circuit breaker is open: the request was refused without reaching the remote. */
+export class CircuitOpenError extends FiniteMemoryError {
+  constructor(readonly retryAfterMs: number) {
+    super('CIRCUIT_OPEN', `the remote failed repeatedly; requests fail fast for another ${Math.ceil(retryAfterMs)} ms`);
+  }
+}
+
 /** The class of each code the native core throws (FML_ERROR_CODES in native/util/error.h; a test checks both lists agree). */
 export const NATIVE_ERROR_CLASSES: Readonly<Record<string, (message: string) => FiniteMemoryError>> = {
   MODEL_NOT_FOUND: (m) => new ModelNotFoundError(m),

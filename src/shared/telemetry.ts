@@ -3,7 +3,8 @@
  * settles first, hooks run on a later tick, a hook that throws (or rejects) is reported to `onError`
  * and never rethrown, and a slow async hook is never awaited.
  */
-import type { PolicyName } from './options.js';
+import { InvalidOptionError } from './errors.js';
+import type { PolicyName } from './types.js';
 import type { ChatStats, StopReason, TurnStats } from './types.js';
 
 export interface EvictionEvent {
@@ -33,26 +34,33 @@ export interface TurnEvent {
   chat: ChatStats;
 }
 
-export interface Telemetry {
-  onTurn?(event: TurnEvent): void | Promise<void>;
-  onEviction?(event: EvictionEvent): void | Promise<void>;
+/** Where a reported error came from: the turn itself, or a hook that threw. */
+export type TelemetrySource = 'turn' | 'onTurn' | 'onEviction';
+
+/** The hooks of any chat, local or remote: `TTurn` is its turn event, `TEviction` its eviction event. */
+export interface TelemetryHooks<TTurn, TEviction = never> {
+  onTurn?(event: TTurn): void | Promise<void>;
+  onEviction?(event: TEviction): void | Promise<void>;
   /** Errors of a turn (the send rejects too) and errors thrown by the other hooks. */
-  onError?(error: unknown, context: { chatId: string; source: 'turn' | 'onTurn' | 'onEviction' }): void;
+  onError?(error: unknown, context: { chatId: string; source: TelemetrySource }): void;
   /** The chat was disposed (lets aggregating hooks drop its gauges). */
   onClose?(chatId: string): void;
 }
 
-/** Runs hooks safely. @internal */
-export class TelemetryEmitter {
-  readonly #hooks: Telemetry;
+/** A local chat's hooks. */
+export type Telemetry = TelemetryHooks<TurnEvent, EvictionEvent>;
+
+/** Runs hooks safely, for local and remote chats alike. @internal */
+export class TelemetryEmitter<TTurn, TEviction = never> {
+  readonly #hooks: TelemetryHooks<TTurn, TEviction>;
   readonly #chatId: string;
 
-  constructor(hooks: Telemetry, chatId: string) {
+  constructor(hooks: TelemetryHooks<TTurn, TEviction>, chatId: string) {
     this.#hooks = hooks;
     this.#chatId = chatId;
   }
 
-  turn(event: TurnEvent, evictions: EvictionEvent[]): void {
+  turn(event: TTurn, evictions: readonly TEviction[] = []): void {
     setImmediate(() => {
       for (const e of evictions) this.#call('onEviction', () => this.#hooks.onEviction?.(e));
       this.#call('onTurn', () => this.#hooks.onTurn?.(event));
@@ -80,7 +88,7 @@ export class TelemetryEmitter {
     }
   }
 
-  #report(err: unknown, source: 'turn' | 'onTurn' | 'onEviction'): void {
+  #report(err: unknown, source: TelemetrySource): void {
     try {
       this.#hooks.onError?.(err, { chatId: this.#chatId, source });
     } catch {
@@ -89,12 +97,13 @@ export class TelemetryEmitter {
   }
 }
 
-export function checkTelemetry(value: unknown): Telemetry | undefined {
+/** Checks an options' `telemetry` object: undefined, or an object whose known hooks are functions. */
+export function checkTelemetry<T extends TelemetryHooks<unknown, unknown>>(value: unknown, hooks: readonly string[] = ['onTurn', 'onEviction', 'onError', 'onClose']): T | undefined {
   if (value === undefined) return undefined;
-  if (value === null || typeof value !== 'object') throw new TypeError('telemetry must be an object of hooks');
-  for (const key of ['onTurn', 'onEviction', 'onError', 'onClose'] as const) {
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) throw new InvalidOptionError('Expected an object of hooks for telemetry');
+  for (const key of hooks) {
     const v = (value as Record<string, unknown>)[key];
-    if (v !== undefined && typeof v !== 'function') throw new TypeError(`telemetry.${key} must be a function`);
+    if (v !== undefined && typeof v !== 'function') throw new InvalidOptionError(`Expected a function for telemetry.${key}`);
   }
-  return value as Telemetry;
+  return value as T;
 }

@@ -1,35 +1,13 @@
 /**
  * The remote backend's transport: one OpenAI-compatible `POST /chat/completions` over `fetch`, with
  * retries (exponential backoff, full jitter, Retry-After), a per-attempt timeout, the caller's abort
- * signal, SSE streaming (never retried once a token was delivered) and a circuit breaker.
- * @internal (the error classes are public, re-exported from remote.ts)
+ * signal, SSE streaming (never retried once a token was delivered) and a circuit breaker
+ * (circuit-breaker.ts). @internal (its errors are public, in shared/errors.ts)
  */
-import { FiniteMemoryError } from './errors.js';
+import { CircuitOpenError, RemoteHttpError, RemoteTimeoutError, RemoteUnavailableError, type FiniteMemoryError } from '../shared/errors.js';
+import type { CircuitBreaker } from './circuit-breaker.js';
 
-/** The remote answered with an HTTP error (4xx, or 429/5xx after the retries). `status` is the HTTP status. */
-export class RemoteHttpError extends FiniteMemoryError {
-  constructor(readonly status: number, message: string, readonly attempts: number) {
-    super('REMOTE_HTTP_ERROR', message);
-  }
-}
-/** The remote could not be reached, or the connection dropped (after the retries, or mid-stream). */
-export class RemoteUnavailableError extends FiniteMemoryError {
-  constructor(message: string, readonly attempts: number, cause?: unknown) {
-    super('REMOTE_UNAVAILABLE', message, { cause });
-  }
-}
-/** An attempt ran past `timeoutMs` (after the retries). */
-export class RemoteTimeoutError extends FiniteMemoryError {
-  constructor(message: string, readonly attempts: number) {
-    super('REMOTE_TIMEOUT', message);
-  }
-}
-/** The circuit breaker is open: the request was refused without reaching the remote. */
-export class CircuitOpenError extends FiniteMemoryError {
-  constructor(readonly retryAfterMs: number) {
-    super('CIRCUIT_OPEN', `the remote failed repeatedly; requests fail fast for another ${Math.ceil(retryAfterMs)} ms`);
-  }
-}
+export { CircuitBreaker, type CircuitOptions } from './circuit-breaker.js';
 
 export interface RetryOptions {
   /** Retries after the first attempt (so `retries + 1` attempts at most). Default 2. */
@@ -40,61 +18,9 @@ export interface RetryOptions {
   maxDelayMs: number;
 }
 
-export interface CircuitOptions {
-  /** Consecutive failed calls (each after its retries) that open the circuit. Default 5. */
-  failureThreshold: number;
-  /** How long an open circuit refuses calls before letting one trial call through. Default 30000. */
-  cooldownMs: number;
-}
-
 /** Longest Retry-After honoured; a longer one ends the retries at once. */
 const MAX_RETRY_AFTER_MS = 60_000;
 
-/** Closed -> (N consecutive failures) open -> (cooldown) half-open: one trial call -> closed or open again. */
-export class CircuitBreaker {
-  #failures = 0;
-  #openedAt = 0;
-  #state: 'closed' | 'open' | 'half-open' = 'closed';
-  constructor(readonly options: CircuitOptions, private readonly now: () => number = () => performance.now()) {}
-
-  get state(): 'closed' | 'open' | 'half-open' {
-    return this.#state;
-  }
-
-  /** Throws CircuitOpenError, or returns whether this call is the half-open trial. */
-  admit(): { trial: boolean } {
-    if (this.#state === 'closed') return { trial: false };
-    const left = this.#openedAt + this.options.cooldownMs - this.now();
-    if (this.#state === 'open' && left <= 0) {
-      this.#state = 'half-open';
-      return { trial: true };
-    }
-    throw new CircuitOpenError(Math.max(0, left)); // open, or half-open with its trial in flight
-  }
-
-  success(): void {
-    this.#failures = 0;
-    this.#state = 'closed';
-  }
-
-  failure(): void {
-    this.#failures++;
-    if (this.#state === 'half-open' || this.#failures >= this.options.failureThreshold) {
-      this.#state = 'open';
-      this.#openedAt = this.now();
-    }
-  }
-
-  /** A trial call that ended without a verdict (the caller aborted): let the next call try. */
-  release(trial: boolean): void {
-    if (trial && this.#state === 'half-open') {
-      this.#state = 'open';
-      this.#openedAt = this.now() - this.options.cooldownMs;
-    }
-  }
-}
-
-/** Thrown internally when the caller's signal aborted. */
 export class AbortedError extends Error {}
 
 export interface CompletionResult {

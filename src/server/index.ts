@@ -19,13 +19,13 @@ import { tmpdir } from 'node:os';
 import { basename, extname, join } from 'node:path';
 import { fastify, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
 import { Counter, Gauge, Registry } from 'prom-client';
-import { getBinding } from './binding.js';
-import type { Chat } from './chat.js';
-import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError } from './errors.js';
-import type { Model } from './model.js';
-import { resolveChatOptions, type ChatOptions } from './options.js';
-import { createPrometheusTelemetry, type PrometheusTelemetry } from './prometheus.js';
-import type { ChatStats, StopReason, Transcript, TurnStats } from './types.js';
+import { getBinding } from '../local/binding.js';
+import type { Chat } from '../local/chat.js';
+import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError } from '../shared/errors.js';
+import type { Model } from '../local/model.js';
+import { resolveChatOptions, type ChatOptions } from '../local/options.js';
+import { createPrometheusTelemetry, type PrometheusTelemetry } from '../shared/prometheus.js';
+import type { ChatStats, StopReason, Transcript, TurnStats } from '../shared/types.js';
 
 export interface ServerOptions {
   /** The id clients pass as `model` (and /v1/models lists). Default: the model file's name without extension. */

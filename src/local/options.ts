@@ -6,12 +6,10 @@
  * received Y". The defaults below are checked against the native table by test/standalone/options.test.ts.
  */
 import { getBinding } from './binding.js';
-import { fromNativeError, InvalidOptionError } from './errors.js';
-import type { Telemetry } from './telemetry.js';
-
-export type PolicyName = 'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid';
-export const POLICIES: readonly PolicyName[] = ['sliding', 'importance', 'semantic', 'rolling_summary', 'hybrid'];
-export type KvType = 'f16' | 'f32' | 'q8_0';
+import { checkObject, fail } from '../shared/checks.js';
+import { fromNativeError } from '../shared/errors.js';
+import type { Telemetry } from '../shared/telemetry.js';
+import type { KvType, PolicyName } from '../shared/types.js';
 
 export interface LoadModelOptions {
   /** Layers to offload to the GPU: a count, or 'auto' (all when a GPU backend is active, else 0). Default 'auto'. */
@@ -123,52 +121,6 @@ export interface SendOptions {
   pin?: boolean;
 }
 
-function describe(v: unknown): string {
-  if (typeof v === 'string') return `string ${JSON.stringify(v.length > 40 ? v.slice(0, 40) + '…' : v)}`;
-  if (typeof v === 'number') return `number ${v}`;
-  if (v === null) return 'null';
-  return typeof v;
-}
-
-function fail(expected: string, name: string, value: unknown): never {
-  throw new InvalidOptionError(`Expected ${expected} for ${name} but received ${describe(value)}`);
-}
-
-export function checkObject(name: string, value: unknown): Record<string, unknown> {
-  if (value === undefined) return {};
-  if (value === null || typeof value !== 'object' || Array.isArray(value)) fail('an object', name, value);
-  return value as Record<string, unknown>;
-}
-
-export function checkInt(name: string, value: unknown, min: number, max: number): number {
-  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
-    fail(`an integer between ${min} and ${max}`, name, value);
-  }
-  return value;
-}
-
-export function checkNumber(name: string, value: unknown, min: number, max: number): number {
-  if (typeof value !== 'number' || !Number.isFinite(value) || value < min || value > max) {
-    fail(`a number between ${min} and ${max}`, name, value);
-  }
-  return value;
-}
-
-export function checkString(name: string, value: unknown, maxLength = Number.MAX_SAFE_INTEGER): string {
-  if (typeof value !== 'string') fail('a string', name, value);
-  if (value.length > maxLength) fail(`a string of at most ${maxLength} characters`, name, value);
-  return value;
-}
-
-/** A file path: a non-empty string without NUL (a C string would silently end there). */
-export function checkPath(name: string, value: unknown): string {
-  const path = checkString(name, value);
-  if (path.length === 0 || path.includes('\0')) fail('a non-empty path without NUL characters', name, value);
-  return path;
-}
-
-const MAX_MESSAGE_CHARS = 16 << 20;
-
 /** Resolved chat options: every option with its default filled in, as the native table resolves them. */
 export interface ResolvedChatOptions {
   policy: PolicyName;
@@ -232,8 +184,4 @@ export function splitSendOptions(raw: unknown): { native: Record<string, unknown
     js.signal = signal;
   }
   return { native, js };
-}
-
-export function checkMessage(message: unknown): string {
-  return checkString('message', message, MAX_MESSAGE_CHARS);
 }

@@ -6,46 +6,11 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { NativeBindingError } from './errors.js';
+import { NativeBindingError } from '../shared/errors.js';
+import type { ModelInfo } from '../shared/types.js';
 
-export interface NativeModelInfo {
-  architecture: string;
-  description: string;
-  chatTemplate: string | null;
-  /** 'cpu', or the GPU backend ('cuda') when layers are offloaded to it. */
-  backend: string;
-  /** The device doing the work: the GPU's name (e.g. "NVIDIA H100 80GB HBM3") or the CPU's. */
-  device: string;
-  nCtxTrain: number;
-  nEmbd: number;
-  nLayer: number;
-  nHead: number;
-  nHeadKv: number;
-  /** Key/value head dimension (can differ from nEmbd / nHead). */
-  headDim: number;
-  nVocab: number;
-  sizeBytes: number;
-  nParams: number;
-  gpuLayers: number;
-  /** Hash of the GGUF's metadata and tensor layout; checkpoints only load into a model with the same one. */
-  fingerprint: string;
-  /** How messages are framed: the model's template, ChatML (a template llama.cpp does not know) or plain "User: / Assistant:" (no template). */
-  framing: 'template' | 'chatml' | 'plain';
-  /** The model's memory: a KV cache ('kv'), one with sliding-window layers ('kv-swa'), a recurrent state, or both ('hybrid'). */
-  memory: 'kv' | 'kv-swa' | 'recurrent' | 'hybrid';
-  /** Window of the sliding-window layers in tokens (0: none). With finite memory it counts retained tokens, not conversation tokens. */
-  slidingWindow: number;
-  /** Whether chats can evict in place on this model; createChat throws UnsupportedModelError otherwise. */
-  inPlaceEviction: boolean;
-  /** Why not, naming the architecture (null when supported). */
-  unsupportedReason: string | null;
-  /** The model's CPU thread budget: every decode of its chats, batched together, uses this many threads. */
-  threads: number;
-  /** Chats decoded together in one context; more are parked while idle. */
-  slots: number;
-  /** Prefill tokens a step may add while other chats generate. */
-  prefillChunk: number;
-}
+/** The native model's info: the public ModelInfo, which adds the path on the JS side. */
+export type NativeModelInfo = Omit<ModelInfo, 'path'>;
 
 export interface NativeSwaSide { canShift: boolean; kvBytes: number; decodeMs: number }
 
@@ -285,7 +250,7 @@ export function getProbes(): NativeProbes {
  */
 export function getBinding(): NativeBinding {
   if (cached) return cached;
-  const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+  const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..'); // the package root, from src/local or dist/local
   const require = createRequire(import.meta.url);
   const override = process.env.FML_ADDON_PATH;
   if (override) {

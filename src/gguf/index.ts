@@ -9,9 +9,9 @@
  *   gguf/templates.ts  the families' chat templates and their control tokens
  *   gguf/models.ts     the model families (llama, mistral, qwen2, qwen3, gemma3, phi3, qwen3moe, qwen2vl, mamba)
  */
-export * from './gguf/format.js';
-export * from './gguf/encode.js';
-export * from './gguf/random.js';
-export * from './gguf/vocab.js';
-export * from './gguf/templates.js';
-export * from './gguf/models.js';
+export * from './format.js';
+export * from './encode.js';
+export * from './random.js';
+export * from './vocab.js';
+export * from './templates.js';
+export * from './models.js';

@@ -1,0 +1,4 @@
+// The remote backend: connectRemote (connect.ts) makes RemoteChats (chat.ts) over one Transport with
+// retries and a circuit breaker (transport.ts).
+export * from './connect.js';
+export * from './chat.js';

@@ -1,0 +1,108 @@
+/**
+ * The chat surface local and remote chats share. Code written against `ChatSurface` runs unchanged
+ * on `loadModel(...).createChat()` and on `connectRemote(...).createChat()`; `LocalOnly` and
+ * `RemoteOnly` name exactly what one of them has and the other has not.
+ *
+ * What is the same is written once here: streaming on top of send, and the transcript.
+ */
+import type { StopReason, Transcript } from './types.js';
+
+/** send() options both kinds of chat take (the local chat takes more sampling options). */
+export interface CommonSendOptions {
+  maxNewTokens?: number;
+  temperature?: number;
+  seed?: number;
+  stop?: string[];
+  onToken?: (piece: string) => void;
+  signal?: AbortSignal;
+}
+
+/** What a turn returns on both (each adds its own `stats`). */
+export interface CommonTurnResult {
+  response: string;
+  stopReason: StopReason;
+}
+
+/** Cumulative figures both report (each adds its own). */
+export interface CommonChatStats {
+  turns: number;
+  tokensSeen: number;
+  tokensRetained: number;
+  tokensEvicted: number;
+  compressionRatio: number;
+  evictions: number;
+  /** rolling_summary/hybrid: the current summary ('' when none). */
+  summary: string;
+}
+
+export interface ChatSurface {
+  readonly id: string;
+  readonly busy: boolean;
+  readonly disposed: boolean;
+  send(message: string, options?: CommonSendOptions): Promise<CommonTurnResult>;
+  /** Streams the reply piece by piece; breaking out of the loop aborts the turn. Returns the result. */
+  stream(message: string, options?: Omit<CommonSendOptions, 'onToken'>): AsyncGenerator<string, CommonTurnResult, undefined>;
+  stats(): CommonChatStats;
+  /** The whole conversation, including what left the memory. */
+  exportTranscript(): Transcript;
+  /** Forgets the conversation (keeps the options). */
+  reset(): void;
+  dispose(): void;
+  [Symbol.dispose](): void;
+  /** Disposes and waits for a running turn to settle. */
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+/**
+ * A reply as an async generator of pieces, on top of a send that takes onToken and a signal. Leaving
+ * the loop early aborts the turn and waits for it to settle, so the chat is idle afterwards.
+ */
+export async function* streamFromSend<R>(
+  send: (onToken: (piece: string) => void, signal: AbortSignal) => Promise<R>,
+  callerSignal: AbortSignal | undefined,
+): AsyncGenerator<string, R, undefined> {
+  const queue: string[] = [];
+  let wake: (() => void) | undefined;
+  let finished = false;
+  const ac = new AbortController();
+  const signal = callerSignal ? AbortSignal.any([callerSignal, ac.signal]) : ac.signal;
+  const turn = send((piece) => {
+    queue.push(piece);
+    wake?.();
+  }, signal).finally(() => {
+    finished = true;
+    wake?.();
+  });
+  turn.catch(() => {}); // rethrown by the await below
+  try {
+    while (true) {
+      while (queue.length > 0) yield queue.shift() as string;
+      if (finished) break;
+      await new Promise<void>((resolve) => (wake = resolve));
+      wake = undefined;
+    }
+    return await turn;
+  } finally {
+    if (!finished) {
+      ac.abort();
+      await turn.catch(() => {});
+    }
+  }
+}
+
+/** The plain conversation a chat keeps for exportTranscript(): what was said, not what memory still holds. */
+export class TranscriptLog {
+  #messages: Transcript['messages'] = [];
+
+  add(user: string, assistant: string): void {
+    this.#messages.push({ role: 'user', content: user }, { role: 'assistant', content: assistant });
+  }
+
+  clear(): void {
+    this.#messages = [];
+  }
+
+  export(systemPrompt: string): Transcript {
+    return { format: 'finite-memory-llm/transcript', version: 1, systemPrompt, messages: this.#messages.map((m) => ({ ...m })) };
+  }
+}

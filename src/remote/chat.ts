@@ -290,7 +290,10 @@ export class RemoteChat implements ChatSurface {
           this.#totals.tokensSeen += user.tokens + reply.tokens;
           this.#fitSliding(maxTokens, turn);
         }
-        return abortResult(partial.text);
+        // Telemetry sees an aborted turn as a local chat's does: a turn with stopReason 'abort'.
+        const result = abortResult(partial.text);
+        if (partial.text) this.#emit(result);
+        return result;
       }
       restore();
       // Typed transport errors, or the caller's own (an onToken that threw), as they are.

@@ -4,7 +4,7 @@
  * signal, SSE streaming (never retried once a token was delivered) and a circuit breaker
  * (circuit-breaker.ts). @internal (its errors are public, in shared/errors.ts)
  */
-import { CircuitOpenError, RemoteHttpError, RemoteTimeoutError, RemoteUnavailableError, type FiniteMemoryError } from '../shared/errors.js';
+import { RemoteHttpError, RemoteTimeoutError, RemoteUnavailableError, type FiniteMemoryError } from '../shared/errors.js';
 import type { CircuitBreaker } from './circuit-breaker.js';
 
 export { CircuitBreaker, type CircuitOptions } from './circuit-breaker.js';

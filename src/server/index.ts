@@ -12,20 +12,20 @@
  * behind it), `maxConcurrent` turns decoding at once server-wide (a bounded queue behind them), 429
  * with Retry-After beyond that.
  */
-import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
+import { randomUUID, timingSafeEqual } from 'node:crypto';
 import type { ServerResponse } from 'node:http';
-import { mkdir, mkdtemp, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { basename, extname, join } from 'node:path';
+import { basename, extname } from 'node:path';
 import { fastify, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
 import { Counter, Gauge, Registry } from 'prom-client';
-import { getBinding } from '../local/binding.js';
 import type { Chat } from '../local/chat.js';
-import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError } from '../shared/errors.js';
+import { InvalidOptionError } from '../shared/errors.js';
 import type { Model } from '../local/model.js';
 import { resolveChatOptions, type ChatOptions } from '../local/options.js';
 import { createPrometheusTelemetry, type PrometheusTelemetry } from '../shared/prometheus.js';
 import type { ChatStats, StopReason, Transcript, TurnStats } from '../shared/types.js';
+import { Gate, QueueAbortedError, type Release } from './admission.js';
+import { SessionStore } from './sessions.js';
+import { badRequest, finishReason, HttpError, overloaded, parseCompletion, sendError, sha256, toHttpError, type ParsedCompletion } from './wire.js';
 
 export interface ServerOptions {
   /** The id clients pass as `model` (and /v1/models lists). Default: the model file's name without extension. */
@@ -96,288 +96,6 @@ export interface FiniteMemoryServer {
   sessions(): { live: number; stored: number };
 }
 
-/** One API error, rendered as `{ error: { message, type, param, code } }`. */
-class HttpError extends Error {
-  constructor(
-    readonly status: number,
-    readonly type: string,
-    readonly code: string | null,
-    message: string,
-    readonly param: string | null = null,
-    readonly headers: Record<string, string> = {},
-  ) {
-    super(message);
-  }
-}
-
-const badRequest = (message: string, param: string | null = null, code: string | null = 'invalid_value') =>
-  new HttpError(400, 'invalid_request_error', code, message, param);
-const overloaded = (what: string) =>
-  new HttpError(429, 'rate_limit_error', 'rate_limit_exceeded', `${what}; retry later`, null, { 'retry-after': '1' });
-
-class QueueAbortedError extends Error {}
-
-type Release = () => void;
-
-/** A counting semaphore with a bounded FIFO queue; a waiter whose signal aborts leaves the queue. */
-class Gate {
-  #active = 0;
-  readonly #waiting: { grant: () => void }[] = [];
-  constructor(readonly capacity: number, readonly maxQueue: number) {}
-
-  get active(): number {
-    return this.#active;
-  }
-
-  get waiting(): number {
-    return this.#waiting.length;
-  }
-
-  get idle(): boolean {
-    return this.#active === 0 && this.#waiting.length === 0;
-  }
-
-  tryEnter(): Release | undefined {
-    if (this.#active >= this.capacity || this.#waiting.length > 0) return undefined;
-    this.#active++;
-    return this.#release();
-  }
-
-  /** Undefined when the queue is full. Rejects with QueueAbortedError if `signal` aborts while waiting. */
-  enter(signal?: AbortSignal): Promise<Release> | undefined {
-    const now = this.tryEnter();
-    if (now) return Promise.resolve(now);
-    if (this.#waiting.length >= this.maxQueue) return undefined;
-    return new Promise<Release>((resolve, reject) => {
-      const onAbort = () => {
-        const i = this.#waiting.indexOf(waiter);
-        if (i >= 0) this.#waiting.splice(i, 1);
-        reject(new QueueAbortedError());
-      };
-      const waiter = {
-        grant: () => {
-          signal?.removeEventListener('abort', onAbort);
-          resolve(this.#release());
-        },
-      };
-      if (signal?.aborted) return reject(new QueueAbortedError());
-      signal?.addEventListener('abort', onAbort, { once: true });
-      this.#waiting.push(waiter);
-    });
-  }
-
-  #release(): Release {
-    let done = false;
-    return () => {
-      if (done) return;
-      done = true;
-      const next = this.#waiting.shift();
-      if (next) next.grant(); // the slot passes straight to the next waiter
-      else this.#active--;
-    };
-  }
-}
-
-interface Session {
-  readonly id: string;
-  /** File name stem (hash of the id): session ids never reach the file system. */
-  readonly key: string;
-  readonly gate: Gate;
-  chat: Chat | undefined;
-  /** A checkpoint of this session is on disk and current. */
-  stored: boolean;
-  /** Conversation messages (user + assistant, not system) the server has seen; see reconciliation in the README. */
-  messagesSeen: number;
-  lastUsed: number;
-  /** Size of the checkpoint on disk (when stored). */
-  storedBytes: number;
-}
-
-interface SessionMeta {
-  id: string;
-  messagesSeen: number;
-  lastUsed: number;
-}
-
-type Message = { role: 'user' | 'assistant'; content: string };
-
-interface ParsedCompletion {
-  system: string | undefined;
-  /** Conversation messages (system messages removed), the last one being the user's new turn. */
-  conversation: Message[];
-  last: string;
-  send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[] };
-  stream: boolean;
-  includeUsage: boolean;
-  sessionId: string | undefined;
-  /** The request's `finite_memory` field: pin the new message; unpin / forget earlier turns first. */
-  memory: { pin: boolean; unpin: number[]; forget: number[] };
-}
-
-const isObject = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === 'object' && !Array.isArray(v);
-
-function contentText(v: unknown, param: string, allowNull: boolean): string {
-  if (typeof v === 'string') return v;
-  if ((v === null || v === undefined) && allowNull) return '';
-  if (Array.isArray(v)) {
-    return v
-      .map((part, i) => {
-        if (isObject(part) && part.type === 'text' && typeof part.text === 'string') return part.text;
-        throw badRequest(`Invalid '${param}[${i}]': only text content parts are supported`, `${param}[${i}]`);
-      })
-      .join('');
-  }
-  throw badRequest(`Invalid '${param}': expected a string or an array of text parts`, param);
-}
-
-/**
- * Session ids come from a header or from `user` (any JSON string): checked before any work, so a bad
- * one never runs a turn. Control characters and broken UTF-16 are refused; the id is echoed in the
- * X-Session-Id response header percent-encoded (encodeURIComponent: letters, digits and -_.!~*'()
- * unchanged), never raw, because header values are Latin-1 only.
- */
-function checkSessionId(raw: unknown): string {
-  if (typeof raw !== 'string' || raw.length > 256) throw badRequest('The session id (X-Session-Id or user) must be a string of at most 256 characters', 'user', 'invalid_session_id');
-  // eslint-disable-next-line no-control-regex
-  if (/[\u0000-\u001f\u007f-\u009f]/.test(raw) || !raw.isWellFormed()) {
-    throw badRequest('The session id (X-Session-Id or user) must not contain control characters or unpaired surrogates', 'user', 'invalid_session_id');
-  }
-  return raw;
-}
-
-function parseCompletion(body: unknown, headers: FastifyRequest['headers'], rawHeaders: string[], modelId: string, limits: { maxTokensPerRequest: number; defaultMaxTokens: number }): ParsedCompletion {
-  if (!isObject(body)) throw badRequest('The request body must be a JSON object', null, 'invalid_body');
-  if (body.model !== undefined && body.model !== modelId) {
-    throw new HttpError(404, 'invalid_request_error', 'model_not_found', `The model '${String(body.model)}' does not exist; this server serves '${modelId}'`, 'model');
-  }
-  if (!Array.isArray(body.messages) || body.messages.length === 0) throw badRequest("'messages' must be a non-empty array", 'messages');
-  const systems: string[] = [];
-  const conversation: Message[] = [];
-  body.messages.forEach((m: unknown, i: number) => {
-    const param = `messages[${i}]`;
-    if (!isObject(m)) throw badRequest(`Invalid '${param}': expected an object`, param);
-    if (m.role === 'system' || m.role === 'developer') systems.push(contentText(m.content, `${param}.content`, false));
-    else if (m.role === 'user' || m.role === 'assistant') conversation.push({ role: m.role, content: contentText(m.content, `${param}.content`, m.role === 'assistant') });
-    else throw badRequest(`Invalid '${param}.role': ${JSON.stringify(m.role)} is not supported (system, developer, user, assistant)`, `${param}.role`);
-  });
-  const lastMessage = conversation.at(-1);
-  if (!lastMessage || lastMessage.role !== 'user') throw badRequest('The last message must be a user message', 'messages');
-
-  const send: ParsedCompletion['send'] = { maxNewTokens: limits.defaultMaxTokens };
-  const maxTokens = body.max_completion_tokens ?? body.max_tokens;
-  if (maxTokens !== undefined && maxTokens !== null) {
-    if (typeof maxTokens !== 'number' || !Number.isInteger(maxTokens) || maxTokens < 1) throw badRequest("'max_tokens' must be a positive integer", 'max_tokens');
-    send.maxNewTokens = Math.min(maxTokens, limits.maxTokensPerRequest);
-  }
-  const num = (name: string, min: number, max: number): number | undefined => {
-    const v = body[name];
-    if (v === undefined || v === null) return undefined;
-    if (typeof v !== 'number' || !Number.isFinite(v) || v < min || v > max) throw badRequest(`'${name}' must be a number between ${min} and ${max}`, name);
-    return v;
-  };
-  const temperature = num('temperature', 0, 2);
-  if (temperature !== undefined) send.temperature = temperature;
-  const topP = num('top_p', 0, 1);
-  if (topP !== undefined) send.topP = topP;
-  if (body.seed !== undefined && body.seed !== null) {
-    if (typeof body.seed !== 'number' || !Number.isSafeInteger(body.seed)) throw badRequest("'seed' must be an integer", 'seed');
-    send.seed = ((body.seed % 0xffffffff) + 0xffffffff) % 0xffffffff; // the sampler takes 0..2^32-2
-  }
-  if (body.stop !== undefined && body.stop !== null) {
-    const stop = typeof body.stop === 'string' ? [body.stop] : body.stop;
-    if (!Array.isArray(stop) || stop.length > 16 || stop.some((s) => typeof s !== 'string' || s.length > 1024)) {
-      throw badRequest("'stop' must be a string or an array of at most 16 strings", 'stop');
-    }
-    send.stop = stop as string[];
-  }
-  if (body.n !== undefined && body.n !== null && body.n !== 1) throw badRequest("Only 'n': 1 is supported", 'n');
-  if (Array.isArray(body.tools) && body.tools.length > 0) throw badRequest('Tools are not supported by this server', 'tools');
-  if (body.stream !== undefined && body.stream !== null && typeof body.stream !== 'boolean') throw badRequest("'stream' must be a boolean", 'stream');
-  const includeUsage = isObject(body.stream_options) && body.stream_options.include_usage === true;
-
-  let sessionId: string | undefined;
-  // Node joins repeated headers into "a, b": two ids in one request are ambiguous, so refuse them.
-  if (rawHeaders.filter((h, i) => i % 2 === 0 && h.toLowerCase() === 'x-session-id').length > 1) {
-    throw badRequest('Send one X-Session-Id header, not several', 'x-session-id', 'duplicate_session_id');
-  }
-  const header = headers['x-session-id'];
-  const rawId = (Array.isArray(header) ? header[0] : header) ?? body.user;
-  if (rawId !== undefined && rawId !== null && rawId !== '') sessionId = checkSessionId(rawId);
-  const memory = parseMemoryField(body.finite_memory, sessionId !== undefined);
-  return {
-    memory,
-    system: systems.length > 0 ? systems.join('\n\n') : undefined,
-    conversation,
-    last: lastMessage.content,
-    send,
-    stream: body.stream === true,
-    includeUsage,
-    sessionId,
-  };
-}
-
-/**
- * `finite_memory: { pin?: boolean, unpin?: number[], forget?: number[] }`: pin keeps the new user
- * message through every eviction; unpin and forget take turn numbers (`finite_memory.turn.turn` of
- * earlier responses) and need a session, since a one-off request has no earlier turns.
- */
-function parseMemoryField(v: unknown, hasSession: boolean): ParsedCompletion['memory'] {
-  const out: ParsedCompletion['memory'] = { pin: false, unpin: [], forget: [] };
-  if (v === undefined || v === null) return out;
-  if (!isObject(v)) throw badRequest("'finite_memory' must be an object", 'finite_memory');
-  for (const key of Object.keys(v)) {
-    if (key !== 'pin' && key !== 'unpin' && key !== 'forget') throw badRequest(`Unknown field 'finite_memory.${key}' (pin, unpin, forget)`, `finite_memory.${key}`);
-  }
-  if (v.pin !== undefined && v.pin !== null) {
-    if (typeof v.pin !== 'boolean') throw badRequest("'finite_memory.pin' must be a boolean", 'finite_memory.pin');
-    out.pin = v.pin;
-  }
-  for (const key of ['unpin', 'forget'] as const) {
-    const list = v[key];
-    if (list === undefined || list === null) continue;
-    if (!Array.isArray(list) || list.length > 64 || list.some((t) => typeof t !== 'number' || !Number.isInteger(t) || t < 1 || t > 0xffffffff)) {
-      throw badRequest(`'finite_memory.${key}' must be an array of at most 64 turn numbers (positive integers)`, `finite_memory.${key}`);
-    }
-    if (list.length > 0 && !hasSession) throw badRequest(`'finite_memory.${key}' needs a session (X-Session-Id or user)`, `finite_memory.${key}`, 'session_required');
-    out[key] = list as number[];
-  }
-  return out;
-}
-
-/** Maps anything thrown while serving to an OpenAI-style error. */
-function toHttpError(err: unknown): HttpError {
-  if (err instanceof HttpError) return err;
-  if (err instanceof PromptTooLargeError) return badRequest(err.message, 'messages', 'context_length_exceeded');
-  if (err instanceof PinLimitError) return badRequest(err.message, 'finite_memory.pin', 'pin_limit');
-  if (err instanceof InvalidOptionError) return badRequest(err.message, null, 'invalid_value');
-  // Server-side failures say what failed, never the details: those (file paths among them) go to the log.
-  if (err instanceof CheckpointError) return new HttpError(500, 'server_error', 'session_store_failed', 'The session could not be stored or restored');
-  if (err instanceof FiniteMemoryError) {
-    if (err.code === 'CHAT_BUSY') return overloaded('The session is busy');
-    return new HttpError(500, 'server_error', err.code.toLowerCase(), `The model failed to answer (${err.code})`);
-  }
-  const e = err as { statusCode?: unknown; code?: unknown; message?: unknown };
-  const status = typeof e?.statusCode === 'number' ? e.statusCode : 500;
-  const message = typeof e?.message === 'string' ? e.message : 'Internal server error';
-  if (status === 413) return new HttpError(413, 'invalid_request_error', 'request_too_large', message);
-  if (status === 415) return new HttpError(415, 'invalid_request_error', 'unsupported_media_type', message);
-  if (status === 400) {
-    const json = e.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || e.code === 'FST_ERR_CTP_EMPTY_JSON_BODY' || err instanceof SyntaxError;
-    return badRequest(json ? `Could not parse the JSON body: ${message}` : message, null, json ? 'invalid_json' : 'invalid_request');
-  }
-  if (status >= 400 && status < 500) return new HttpError(status, 'invalid_request_error', typeof e.code === 'string' ? e.code.toLowerCase() : null, message);
-  return new HttpError(500, 'server_error', 'internal_error', 'Internal server error');
-}
-
-function sendError(reply: FastifyReply, err: HttpError): FastifyReply {
-  reply.code(err.status);
-  for (const [k, v] of Object.entries(err.headers)) reply.header(k, v);
-  return reply.send({ error: { message: err.message, type: err.type, param: err.param, code: err.code } });
-}
-
-const finishReason = (stop: StopReason): 'stop' | 'length' => (stop === 'maxTokens' ? 'length' : 'stop');
-const sha256 = (s: string | Buffer) => createHash('sha256').update(s).digest();
-
 export async function createServer(model: Model, options: ServerOptions = {}): Promise<FiniteMemoryServer> {
   const modelId = options.modelId ?? basename(model.info.path, extname(model.info.path));
   const chatOptions = { ...(options.chat ?? {}) };
@@ -404,15 +122,8 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   const apiKeyHash = options.apiKey !== undefined ? sha256(options.apiKey) : undefined;
   if (options.apiKey !== undefined && options.apiKey.length === 0) throw new InvalidOptionError('apiKey must not be empty');
 
-  const persist = options.checkpointDir !== undefined;
-  const dir = options.checkpointDir ?? (await mkdtemp(join(tmpdir(), 'fml-sessions-')));
-  await mkdir(dir, { recursive: true });
-  const ckptPath = (s: Session) => join(dir, `${s.key}.fmlckpt`);
-  const metaPath = (s: Session) => join(dir, `${s.key}.json`);
-
   const registry = options.registry ?? new Registry();
   const telemetry = createPrometheusTelemetry({ registry });
-  const sessions = new Map<string, Session>();
   const global = new Gate(maxConcurrent, maxQueue);
   const inflight = new Set<Promise<unknown>>();
   const controllers = new Set<AbortController>();
@@ -426,15 +137,6 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
     return p;
   };
 
-  const counts = () => {
-    let live = 0;
-    let stored = 0;
-    for (const s of sessions.values()) {
-      if (s.chat) live++;
-      else if (s.stored) stored++;
-    }
-    return { live, stored };
-  };
   new Gauge({
     name: 'finite_memory_server_sessions', help: 'Sessions live in memory and checkpointed on disk', labelNames: ['state'] as const, registers: [registry],
     collect() {
@@ -457,112 +159,13 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
     http: { headersTimeout: Math.min(headersTimeoutMs, requestTimeoutMs), connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(headersTimeoutMs / 4))) },
   });
 
-  // ---- sessions: LRU eviction to checkpoints, restore, TTL ----
+  // ---- sessions: LRU eviction to checkpoints, restore, TTL (sessions.ts) ----
 
-  const writeMeta = async (s: Session) => {
-    const meta: SessionMeta = { id: s.id, messagesSeen: s.messagesSeen, lastUsed: s.lastUsed };
-    const tmp = `${metaPath(s)}.tmp`;
-    await writeFile(tmp, JSON.stringify(meta));
-    await rename(tmp, metaPath(s));
-  };
-  const deleteFiles = (s: Session) => Promise.all([rm(ckptPath(s), { force: true }), rm(metaPath(s), { force: true })]);
-
-  /** Checkpoints an idle live session and frees its chat. False when it is busy (or saving failed: it stays live). */
-  const evict = async (s: Session): Promise<boolean> => {
-    const release = s.gate.tryEnter();
-    if (!release) return false;
-    try {
-      const chat = s.chat;
-      if (!chat) return false;
-      await chat.saveCheckpoint(ckptPath(s));
-      await writeMeta(s);
-      s.chat = undefined;
-      s.stored = true;
-      s.storedBytes = (await stat(ckptPath(s))).size;
-      chat.dispose();
-      sessionEvents.inc({ event: 'checkpointed' });
-      return true;
-    } catch (err) {
-      app.log.error({ err, session: s.id }, 'checkpointing an idle session failed; it stays in memory');
-      return false;
-    } finally {
-      release();
-    }
-  };
-
-  /** Checkpoints least recently used idle sessions while more than `limit` are live. */
-  const shrink = async (limit: number) => {
-    while (counts().live > limit) {
-      let victim: Session | undefined;
-      for (const s of sessions.values()) if (s.chat && s.gate.idle && (!victim || s.lastUsed < victim.lastUsed)) victim = s;
-      if (!victim || !(await evict(victim))) return;
-      await capStored();
-    }
-  };
-
-  /** Forgets a session that is not live: its checkpoint and metadata go. */
-  const drop = async (s: Session, event: 'expired' | 'dropped') => {
-    sessions.delete(s.id);
-    sessionEvents.inc({ event });
-    if (s.stored) await deleteFiles(s);
-  };
-
-  /** Deletes the least recently used checkpoints beyond maxStoredSessions / maxStoredBytes. */
-  const capStored = async () => {
-    const stored = [...sessions.values()].filter((s) => s.stored && !s.chat && s.gate.idle).sort((a, b) => a.lastUsed - b.lastUsed);
-    let count = counts().stored;
-    let bytes = stored.reduce((n, s) => n + s.storedBytes, 0);
-    for (const s of stored) {
-      if (count <= maxStoredSessions && bytes <= maxStoredBytes) break;
-      count--;
-      bytes -= s.storedBytes;
-      await drop(s, 'dropped');
-    }
-  };
-
-  const expire = () => {
-    if (sessionTtlMs === 0) return;
-    const now = Date.now();
-    for (const s of sessions.values()) {
-      if (!s.gate.idle || now - s.lastUsed <= sessionTtlMs) continue;
-      s.chat?.dispose();
-      s.chat = undefined;
-      track(drop(s, 'expired')).catch((err) => app.log.warn({ err }, 'deleting an expired checkpoint failed'));
-    }
-  };
-  const sweeper = sessionTtlMs > 0 ? setInterval(expire, Math.max(250, Math.min(60_000, Math.floor(sessionTtlMs / 4)))) : undefined;
-  sweeper?.unref();
-
-  const newSession = (id: string): Session => ({
-    id, key: sha256(id).toString('hex').slice(0, 40), gate: new Gate(1, maxSessionQueue), chat: undefined, stored: false, messagesSeen: 0, lastUsed: Date.now(), storedBytes: 0,
+  const store = await SessionStore.open({
+    checkpointDir: options.checkpointDir, maxSessions, sessionTtlMs, maxSessionQueue, maxStoredSessions, maxStoredBytes,
+    events: sessionEvents, log: app.log, track,
   });
-
-  // What a process killed mid-write left here: checkpoint temp files (native naming, only those of
-  // dead processes) and session metadata temp files.
-  getBinding().removeStaleCheckpointTemps(dir);
-
-  // A configured checkpoint dir is read back: its sessions are restored on their next request.
-  if (persist) {
-    for (const name of await readdir(dir)) {
-      if (name.endsWith('.json.tmp')) await rm(join(dir, name), { force: true });
-      if (!name.endsWith('.json')) continue;
-      try {
-        const meta = JSON.parse(await readFile(join(dir, name), 'utf8')) as SessionMeta;
-        const s = newSession(String(meta.id));
-        if (`${s.key}.json` !== name) continue;
-        s.messagesSeen = Number(meta.messagesSeen) || 0;
-        s.lastUsed = Number(meta.lastUsed) || 0;
-        const st = await stat(ckptPath(s)).catch(() => undefined);
-        s.stored = st?.isFile() ?? false;
-        s.storedBytes = st?.size ?? 0;
-        if (!s.stored || (sessionTtlMs > 0 && Date.now() - s.lastUsed > sessionTtlMs)) await deleteFiles(s);
-        else sessions.set(s.id, s);
-      } catch (err) {
-        app.log.warn({ err, file: name }, 'ignoring an unreadable session file');
-      }
-    }
-    await capStored();
-  }
+  const counts = () => store.counts();
 
   /**
    * A new chat holding the conversation before the last message (prefilled, not regenerated): at most
@@ -645,8 +248,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
     res.once('close', onClose);
     controllers.add(ac);
 
-    const session = parsed.sessionId !== undefined ? (sessions.get(parsed.sessionId) ?? newSession(parsed.sessionId)) : undefined;
-    if (session) sessions.set(session.id, session);
+    const session = parsed.sessionId !== undefined ? store.session(parsed.sessionId) : undefined;
     let releaseSession: Release | undefined;
     let releaseSlot: Release | undefined;
     let oneOff: Chat | undefined;
@@ -668,11 +270,11 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       if (session?.chat) {
         chat = session.chat;
       } else if (session) {
-        await shrink(maxSessions - 1);
+        await store.makeRoom();
         let restoredChat: Chat | undefined;
         if (session.stored) {
           try {
-            restoredChat = await model.loadChat(ckptPath(session), { telemetry });
+            restoredChat = await model.loadChat(store.checkpointPath(session), { telemetry });
             restored = true;
             sessionEvents.inc({ event: 'restored' });
           } catch (err) {
@@ -684,7 +286,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
             sessionEvents.inc({ event: 'restore_failed' });
           }
           // A checkpoint exists only for a session that is not in memory (it would be stale from the next turn on).
-          await deleteFiles(session);
+          await store.deleteFiles(session);
         }
         if (restoredChat) {
           chat = restoredChat;
@@ -792,10 +394,8 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       releaseSlot?.();
       oneOff?.dispose();
       if (session) {
-        session.lastUsed = Date.now();
         releaseSession?.();
-        if (!session.chat && !session.stored && session.gate.idle) sessions.delete(session.id); // never got a chat
-        void track(shrink(maxSessions));
+        store.done(session);
       }
     }
   }
@@ -808,26 +408,8 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   });
   app.addHook('onClose', async () => {
     shuttingDown = true;
-    clearInterval(sweeper);
     while (inflight.size > 0) await Promise.allSettled([...inflight]);
-    for (const s of sessions.values()) {
-      const chat = s.chat;
-      if (!chat) continue;
-      if (persist) {
-        try {
-          await chat.saveCheckpoint(ckptPath(s));
-          await writeMeta(s);
-          s.stored = true;
-          s.storedBytes = (await stat(ckptPath(s))).size;
-        } catch (err) {
-          app.log.error({ err, session: s.id }, 'checkpointing a session at shutdown failed');
-        }
-      }
-      s.chat = undefined;
-      chat.dispose();
-    }
-    sessions.clear();
-    if (!persist) await rm(dir, { recursive: true, force: true });
+    await store.close();
   });
 
   return {

@@ -1,0 +1,205 @@
+/**
+ * The OpenAI wire format: request parsing and validation (every bad field a 400 naming it), API
+ * errors as `{ error: { message, type, param, code } }`, and the mapping of library errors to them.
+ */
+import { createHash } from 'node:crypto';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError } from '../shared/errors.js';
+import type { StopReason } from '../shared/types.js';
+/** One API error, rendered as `{ error: { message, type, param, code } }`. */
+export class HttpError extends Error {
+  constructor(
+    readonly status: number,
+    readonly type: string,
+    readonly code: string | null,
+    message: string,
+    readonly param: string | null = null,
+    readonly headers: Record<string, string> = {},
+  ) {
+    super(message);
+  }
+}
+
+export const badRequest = (message: string, param: string | null = null, code: string | null = 'invalid_value') =>
+  new HttpError(400, 'invalid_request_error', code, message, param);
+export const overloaded = (what: string) =>
+  new HttpError(429, 'rate_limit_error', 'rate_limit_exceeded', `${what}; retry later`, null, { 'retry-after': '1' });
+
+export type Message = { role: 'user' | 'assistant'; content: string };
+
+export interface ParsedCompletion {
+  system: string | undefined;
+  /** Conversation messages (system messages removed), the last one being the user's new turn. */
+  conversation: Message[];
+  last: string;
+  send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[] };
+  stream: boolean;
+  includeUsage: boolean;
+  sessionId: string | undefined;
+  /** The request's `finite_memory` field: pin the new message; unpin / forget earlier turns first. */
+  memory: { pin: boolean; unpin: number[]; forget: number[] };
+}
+
+export const isObject = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === 'object' && !Array.isArray(v);
+
+export function contentText(v: unknown, param: string, allowNull: boolean): string {
+  if (typeof v === 'string') return v;
+  if ((v === null || v === undefined) && allowNull) return '';
+  if (Array.isArray(v)) {
+    return v
+      .map((part, i) => {
+        if (isObject(part) && part.type === 'text' && typeof part.text === 'string') return part.text;
+        throw badRequest(`Invalid '${param}[${i}]': only text content parts are supported`, `${param}[${i}]`);
+      })
+      .join('');
+  }
+  throw badRequest(`Invalid '${param}': expected a string or an array of text parts`, param);
+}
+
+/**
+ * Session ids come from a header or from `user` (any JSON string): checked before any work, so a bad
+ * one never runs a turn. Control characters and broken UTF-16 are refused; the id is echoed in the
+ * X-Session-Id response header percent-encoded (encodeURIComponent: letters, digits and -_.!~*'()
+ * unchanged), never raw, because header values are Latin-1 only.
+ */
+export function checkSessionId(raw: unknown): string {
+  if (typeof raw !== 'string' || raw.length > 256) throw badRequest('The session id (X-Session-Id or user) must be a string of at most 256 characters', 'user', 'invalid_session_id');
+  // eslint-disable-next-line no-control-regex
+  if (/[\u0000-\u001f\u007f-\u009f]/.test(raw) || !raw.isWellFormed()) {
+    throw badRequest('The session id (X-Session-Id or user) must not contain control characters or unpaired surrogates', 'user', 'invalid_session_id');
+  }
+  return raw;
+}
+
+export function parseCompletion(body: unknown, headers: FastifyRequest['headers'], rawHeaders: string[], modelId: string, limits: { maxTokensPerRequest: number; defaultMaxTokens: number }): ParsedCompletion {
+  if (!isObject(body)) throw badRequest('The request body must be a JSON object', null, 'invalid_body');
+  if (body.model !== undefined && body.model !== modelId) {
+    throw new HttpError(404, 'invalid_request_error', 'model_not_found', `The model '${String(body.model)}' does not exist; this server serves '${modelId}'`, 'model');
+  }
+  if (!Array.isArray(body.messages) || body.messages.length === 0) throw badRequest("'messages' must be a non-empty array", 'messages');
+  const systems: string[] = [];
+  const conversation: Message[] = [];
+  body.messages.forEach((m: unknown, i: number) => {
+    const param = `messages[${i}]`;
+    if (!isObject(m)) throw badRequest(`Invalid '${param}': expected an object`, param);
+    if (m.role === 'system' || m.role === 'developer') systems.push(contentText(m.content, `${param}.content`, false));
+    else if (m.role === 'user' || m.role === 'assistant') conversation.push({ role: m.role, content: contentText(m.content, `${param}.content`, m.role === 'assistant') });
+    else throw badRequest(`Invalid '${param}.role': ${JSON.stringify(m.role)} is not supported (system, developer, user, assistant)`, `${param}.role`);
+  });
+  const lastMessage = conversation.at(-1);
+  if (!lastMessage || lastMessage.role !== 'user') throw badRequest('The last message must be a user message', 'messages');
+
+  const send: ParsedCompletion['send'] = { maxNewTokens: limits.defaultMaxTokens };
+  const maxTokens = body.max_completion_tokens ?? body.max_tokens;
+  if (maxTokens !== undefined && maxTokens !== null) {
+    if (typeof maxTokens !== 'number' || !Number.isInteger(maxTokens) || maxTokens < 1) throw badRequest("'max_tokens' must be a positive integer", 'max_tokens');
+    send.maxNewTokens = Math.min(maxTokens, limits.maxTokensPerRequest);
+  }
+  const num = (name: string, min: number, max: number): number | undefined => {
+    const v = body[name];
+    if (v === undefined || v === null) return undefined;
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < min || v > max) throw badRequest(`'${name}' must be a number between ${min} and ${max}`, name);
+    return v;
+  };
+  const temperature = num('temperature', 0, 2);
+  if (temperature !== undefined) send.temperature = temperature;
+  const topP = num('top_p', 0, 1);
+  if (topP !== undefined) send.topP = topP;
+  if (body.seed !== undefined && body.seed !== null) {
+    if (typeof body.seed !== 'number' || !Number.isSafeInteger(body.seed)) throw badRequest("'seed' must be an integer", 'seed');
+    send.seed = ((body.seed % 0xffffffff) + 0xffffffff) % 0xffffffff; // the sampler takes 0..2^32-2
+  }
+  if (body.stop !== undefined && body.stop !== null) {
+    const stop = typeof body.stop === 'string' ? [body.stop] : body.stop;
+    if (!Array.isArray(stop) || stop.length > 16 || stop.some((s) => typeof s !== 'string' || s.length > 1024)) {
+      throw badRequest("'stop' must be a string or an array of at most 16 strings", 'stop');
+    }
+    send.stop = stop as string[];
+  }
+  if (body.n !== undefined && body.n !== null && body.n !== 1) throw badRequest("Only 'n': 1 is supported", 'n');
+  if (Array.isArray(body.tools) && body.tools.length > 0) throw badRequest('Tools are not supported by this server', 'tools');
+  if (body.stream !== undefined && body.stream !== null && typeof body.stream !== 'boolean') throw badRequest("'stream' must be a boolean", 'stream');
+  const includeUsage = isObject(body.stream_options) && body.stream_options.include_usage === true;
+
+  let sessionId: string | undefined;
+  // Node joins repeated headers into "a, b": two ids in one request are ambiguous, so refuse them.
+  if (rawHeaders.filter((h, i) => i % 2 === 0 && h.toLowerCase() === 'x-session-id').length > 1) {
+    throw badRequest('Send one X-Session-Id header, not several', 'x-session-id', 'duplicate_session_id');
+  }
+  const header = headers['x-session-id'];
+  const rawId = (Array.isArray(header) ? header[0] : header) ?? body.user;
+  if (rawId !== undefined && rawId !== null && rawId !== '') sessionId = checkSessionId(rawId);
+  const memory = parseMemoryField(body.finite_memory, sessionId !== undefined);
+  return {
+    memory,
+    system: systems.length > 0 ? systems.join('\n\n') : undefined,
+    conversation,
+    last: lastMessage.content,
+    send,
+    stream: body.stream === true,
+    includeUsage,
+    sessionId,
+  };
+}
+
+/**
+ * `finite_memory: { pin?: boolean, unpin?: number[], forget?: number[] }`: pin keeps the new user
+ * message through every eviction; unpin and forget take turn numbers (`finite_memory.turn.turn` of
+ * earlier responses) and need a session, since a one-off request has no earlier turns.
+ */
+export function parseMemoryField(v: unknown, hasSession: boolean): ParsedCompletion['memory'] {
+  const out: ParsedCompletion['memory'] = { pin: false, unpin: [], forget: [] };
+  if (v === undefined || v === null) return out;
+  if (!isObject(v)) throw badRequest("'finite_memory' must be an object", 'finite_memory');
+  for (const key of Object.keys(v)) {
+    if (key !== 'pin' && key !== 'unpin' && key !== 'forget') throw badRequest(`Unknown field 'finite_memory.${key}' (pin, unpin, forget)`, `finite_memory.${key}`);
+  }
+  if (v.pin !== undefined && v.pin !== null) {
+    if (typeof v.pin !== 'boolean') throw badRequest("'finite_memory.pin' must be a boolean", 'finite_memory.pin');
+    out.pin = v.pin;
+  }
+  for (const key of ['unpin', 'forget'] as const) {
+    const list = v[key];
+    if (list === undefined || list === null) continue;
+    if (!Array.isArray(list) || list.length > 64 || list.some((t) => typeof t !== 'number' || !Number.isInteger(t) || t < 1 || t > 0xffffffff)) {
+      throw badRequest(`'finite_memory.${key}' must be an array of at most 64 turn numbers (positive integers)`, `finite_memory.${key}`);
+    }
+    if (list.length > 0 && !hasSession) throw badRequest(`'finite_memory.${key}' needs a session (X-Session-Id or user)`, `finite_memory.${key}`, 'session_required');
+    out[key] = list as number[];
+  }
+  return out;
+}
+
+/** Maps anything thrown while serving to an OpenAI-style error. */
+export function toHttpError(err: unknown): HttpError {
+  if (err instanceof HttpError) return err;
+  if (err instanceof PromptTooLargeError) return badRequest(err.message, 'messages', 'context_length_exceeded');
+  if (err instanceof PinLimitError) return badRequest(err.message, 'finite_memory.pin', 'pin_limit');
+  if (err instanceof InvalidOptionError) return badRequest(err.message, null, 'invalid_value');
+  // Server-side failures say what failed, never the details: those (file paths among them) go to the log.
+  if (err instanceof CheckpointError) return new HttpError(500, 'server_error', 'session_store_failed', 'The session could not be stored or restored');
+  if (err instanceof FiniteMemoryError) {
+    if (err.code === 'CHAT_BUSY') return overloaded('The session is busy');
+    return new HttpError(500, 'server_error', err.code.toLowerCase(), `The model failed to answer (${err.code})`);
+  }
+  const e = err as { statusCode?: unknown; code?: unknown; message?: unknown };
+  const status = typeof e?.statusCode === 'number' ? e.statusCode : 500;
+  const message = typeof e?.message === 'string' ? e.message : 'Internal server error';
+  if (status === 413) return new HttpError(413, 'invalid_request_error', 'request_too_large', message);
+  if (status === 415) return new HttpError(415, 'invalid_request_error', 'unsupported_media_type', message);
+  if (status === 400) {
+    const json = e.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || e.code === 'FST_ERR_CTP_EMPTY_JSON_BODY' || err instanceof SyntaxError;
+    return badRequest(json ? `Could not parse the JSON body: ${message}` : message, null, json ? 'invalid_json' : 'invalid_request');
+  }
+  if (status >= 400 && status < 500) return new HttpError(status, 'invalid_request_error', typeof e.code === 'string' ? e.code.toLowerCase() : null, message);
+  return new HttpError(500, 'server_error', 'internal_error', 'Internal server error');
+}
+
+export function sendError(reply: FastifyReply, err: HttpError): FastifyReply {
+  reply.code(err.status);
+  for (const [k, v] of Object.entries(err.headers)) reply.header(k, v);
+  return reply.send({ error: { message: err.message, type: err.type, param: err.param, code: err.code } });
+}
+
+export const finishReason = (stop: StopReason): 'stop' | 'length' => (stop === 'maxTokens' ? 'length' : 'stop');
+export const sha256 = (s: string | Buffer) => createHash('sha256').update(s).digest();

@@ -4,6 +4,8 @@
 #   - only native/kv calls llama_memory_* / llama_state_seq_* (what mutates or snapshots the KV cache)
 #     and includes llama.cpp's internal headers (src/llama-*.h); native/probes (test build only) may too;
 #   - policies see only the token ledger (and each other): they decide what to evict, kv-ops does it.
+# And the TypeScript layers: src/shared/ imports no other folder of src/; local/ and remote/ do not
+# import each other or the server (the server builds on local/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fail=0
@@ -21,5 +23,11 @@ internals=$(grep -rlE '#include "llama-[a-z-]+\.h"' native --include='*.cpp' --i
 policy=$(grep -rhE '#include "' native/policies | grep -vE '#include "(policies/|kv/token-ledger\.h|util/error\.h)' || true)
 [ -z "$policy" ] || bad "a policy includes more than the ledger" "$policy"
 
-[ "$fail" = 0 ] && echo "dependency rules hold (napi.h, llama_memory_*, llama.cpp internals, policies)"
+shared=$(grep -rlE "from '\.\./(local|remote|server|gguf)/" src/shared || true)
+[ -z "$shared" ] || bad "src/shared/ imports another folder of src/" "$shared"
+
+layers=$(grep -rlE "from '\.\./(remote|server)/" src/local; grep -rlE "from '\.\./(local|server)/" src/remote || true)
+[ -z "$layers" ] || bad "src/local/ and src/remote/ import each other or the server" "$layers"
+
+[ "$fail" = 0 ] && echo "dependency rules hold (napi.h, llama_memory_*, llama.cpp internals, policies, src/ layers)"
 exit "$fail"

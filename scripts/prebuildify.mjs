@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Produces prebuilt binaries (git-ignored):
 //   prebuilds/linux-x64/finite-memory-llm.node        CPU (node-gyp-build finds it)
-//   prebuilds/linux-x64-cuda/finite-memory-llm.node   CUDA (--cuda; loaded by path, see src/binding.ts)
+//   prebuilds/linux-x64-cuda/finite-memory-llm.node   CUDA (--cuda; loaded by path, see src/local/binding.ts)
 // CUDA needs nvcc and cuBLAS: FML_CUDA_ARCHS (default "80;86;89;90"); FML_CUDA_ROOT (a toolkit) and
 // FML_CUBLAS_ROOT (cuBLAS outside it, e.g. a pip wheel) when cmake would not find them (CMakeLists.txt reads both).
 import { execFileSync } from 'node:child_process';

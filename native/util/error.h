@@ -1,5 +1,5 @@
 // One error type for the whole core. `code` is stable and becomes the JS error's `.code`;
-// the TypeScript layer maps codes to error classes (src/errors.ts).
+// the TypeScript layer maps codes to error classes (src/shared/errors.ts).
 #pragma once
 
 #include <stdexcept>
@@ -17,7 +17,7 @@ private:
 };
 
 // Every code the core throws, once: X(macro suffix, code). The code becomes the JS error's `.code`;
-// the addon exports the list (errorCodes) and src/errors.ts maps each to its class (a test checks
+// the addon exports the list (errorCodes) and src/shared/errors.ts maps each to its class (a test checks
 // that every code here has one).
 #define FML_ERROR_CODES(X)                                  \
     X(MODEL_NOT_FOUND, "MODEL_NOT_FOUND")                   \

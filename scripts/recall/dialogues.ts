@@ -9,12 +9,13 @@
  *
  * Associative recall over a conversation, as in Zoology's MQAR and SCBench's Retr.KV: names come from
  * a pool, codes are four random digits, a question asks about a fact stated earlier (possibly again).
- * Fillers use the same words and sometimes the same names, so a name alone does not find the fact.
+ * Fillers use the same words but no names: a name then means "a fact or a question", so a model of
+ * this size learns to look it up (with names in fillers as well, the same recipe answered about 0.53
+ * of code tokens at 320 tokens instead of about 0.7 at 192).
  * A fact is a key-value pair with the key right before its value (as Retr.KV's pairs), and a reply
  * names the key before the value, so one induction step finds the value. The sentence form "Note:
- * Mila's code is 4817." / "What is Mila's code?" puts three tokens between key and value; a model of
- * this size trained for the 15 minutes this script may take did not learn it (0 of 240 questions
- * after 1150 steps, though it learned to reply "OK."). Names open their message, so a key is the same
+ * Mila's code is 4817." / "What is Mila's code?" puts three tokens between key and value, one more
+ * step for a model of this size to learn in the 15 minutes this script may take. Names open their message, so a key is the same
  * token in a fact, a question and a reply. The vocabulary has two-digit pieces (also with a leading
  * space), so a code is two tokens, as BPE vocabularies split numbers into chunks. Summaries are what rolling_summary asks for: the notes so far, oldest first;
  * some training conversations also start with such a summary in place of evicted turns, as a chat's
@@ -43,14 +44,14 @@ const FILLER_FORMS = [
   (r: Pick) => `I think the ${r.noun()} was ${r.adj()}.`,
   (r: Pick) => `Tell me about the ${r.adj()} ${r.noun()}.`,
   (r: Pick) => `We walked to the ${r.noun()} and the ${r.noun()}.`,
-  (r: Pick) => `${r.name()} ${r.verb()} the ${r.noun()}.`,
-  (r: Pick) => `${r.name()} has ${r.count()} friends at the ${r.noun()}.`,
+  (r: Pick) => `My friend ${r.verb()} the ${r.noun()}.`,
+  (r: Pick) => `She has ${r.count()} friends at the ${r.noun()}.`,
   (r: Pick) => `Yes, the ${r.noun()} is very ${r.adj()}.`,
 ];
 
 const WORDS = [
   ...RECALL_NAMES,
-  ...`${NOUNS} ${ADJECTIVES} ${VERBS} code OK The the is I me We to and at Yes think walked Tell friends has very today about was Remember every note Summarize conversation so far in one or two short sentences`.split(/\s+/),
+  ...`${NOUNS} ${ADJECTIVES} ${VERBS} code OK The the is I me We to and at Yes think walked Tell friends has very today about was My friend She Remember every note Summarize conversation so far in one or two short sentences`.split(/\s+/),
 ];
 /** The vocabulary pieces the format adds: every word bare (a message's first word) and after a space, and two-digit chunks. */
 export const RECALL_PIECES: readonly string[] = [

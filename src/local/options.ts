@@ -1,6 +1,6 @@
 /**
  * Option types. Their names, defaults and bounds live in one table in the native core
- * (native/options.cpp): createChat, loadChat (a checkpoint's stored options) and send all validate
+ * (native/engine/options.cpp): createChat, loadChat (a checkpoint's stored options) and send all validate
  * there, before llama.cpp (which aborts on some misuse) sees a value. Only what exists in JS alone is
  * checked here (telemetry hooks, onToken, an AbortSignal). Messages follow "Expected X for name but
  * received Y". The defaults below are checked against the native table by test/standalone/options.test.ts.

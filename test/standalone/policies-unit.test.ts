@@ -1,6 +1,6 @@
 // Each policy's choice on synthetic ledgers: no model, no KV cache, no llama.cpp decode.
 import { describe, expect, it } from 'vitest';
-import { getProbes, type SyntheticLedgerEntry } from '../src/local/binding.ts';
+import { getProbes, type SyntheticLedgerEntry } from '../../src/local/binding.ts';
 
 const SYSTEM = 0, USER = 1, ASSISTANT = 2, SUMMARY = 3;
 const base = { maxTokens: 1000, sinkTokens: 4 };

@@ -14,7 +14,7 @@ import {
   f32ToF16Bits,
   writeLlamaModel,
   type LlamaModelInput,
-} from '../src/gguf/index.ts';
+} from '../../src/gguf/index.ts';
 
 // ---------------------------------------------------------------------------
 // Minimal GGUF reader (independent of the writer)

@@ -3,8 +3,8 @@
 // another chat in its memory or cache, unaffected by another's abort, dispose, checkpoint or restore.
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel, POLICIES, type Chat, type ChatOptions, type Model, type PolicyName } from '../src/index.ts';
-import { checkCache, maxAbsDiff, testDir, testModelPath, THREADS } from './helpers.ts';
+import { loadModel, POLICIES, type Chat, type ChatOptions, type Model, type PolicyName } from '../../src/index.ts';
+import { checkCache, maxAbsDiff, testDir, testModelPath, THREADS } from '../helpers.ts';
 
 let model: Model;
 beforeAll(async () => {

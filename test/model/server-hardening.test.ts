@@ -7,9 +7,9 @@ import { request } from 'node:http';
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel, type ChatOptions, type Model } from '../src/index.ts';
-import { createServer, type FiniteMemoryServer, type ServerOptions } from '../src/server/index.ts';
-import { testDir, testModelPath, THREADS } from './helpers.ts';
+import { loadModel, type ChatOptions, type Model } from '../../src/index.ts';
+import { createServer, type FiniteMemoryServer, type ServerOptions } from '../../src/server/index.ts';
+import { testDir, testModelPath, THREADS } from '../helpers.ts';
 
 const CHAT: ChatOptions = { maxTokens: 128, windowSize: 32, threads: THREADS };
 
@@ -100,7 +100,7 @@ describe('slow clients and shutdown', () => {
   });
 
   it('`serve` exits on SIGTERM within --shutdown-timeout-ms while slow clients hold connections', async () => {
-    const cli = join(import.meta.dirname, '..', 'src', 'cli.ts');
+    const cli = join(import.meta.dirname, '..', '..', 'src', 'cli.ts');
     const child = spawn(process.execPath, ['--import', 'tsx', cli, 'serve', '--model', testModelPath(), '--port', '0', '--max-tokens', '64', '--threads', '1', '--shutdown-timeout-ms', '1000', '--quiet'], { stdio: ['ignore', 'ignore', 'pipe'] });
     const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
     const port = await new Promise<number>((resolve, reject) => {

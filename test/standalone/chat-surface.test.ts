@@ -1,8 +1,8 @@
 // The chat surface shared by local and remote chats: what differs is stated by a type, checked here
 // at compile time (npm test typechecks the tests), and the shared streaming helper at run time.
 import { describe, expect, expectTypeOf, it } from 'vitest';
-import type { LocalOnly, RemoteOnly } from '../src/index.ts';
-import { streamFromSend } from '../src/shared/chat-surface.ts';
+import type { LocalOnly, RemoteOnly } from '../../src/index.ts';
+import { streamFromSend } from '../../src/shared/chat-surface.ts';
 
 describe('ChatSurface', () => {
   it('names exactly what only one kind of chat has', () => {

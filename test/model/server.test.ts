@@ -5,9 +5,9 @@ import { mkdirSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel, type ChatOptions, type Model } from '../src/index.ts';
-import { createServer, type FiniteMemoryServer, type ServerOptions } from '../src/server/index.ts';
-import { testDir, testModelPath, THREADS } from './helpers.ts';
+import { loadModel, type ChatOptions, type Model } from '../../src/index.ts';
+import { createServer, type FiniteMemoryServer, type ServerOptions } from '../../src/server/index.ts';
+import { testDir, testModelPath, THREADS } from '../helpers.ts';
 
 const MAX_TOKENS = 128;
 const CHAT: ChatOptions = { maxTokens: MAX_TOKENS, windowSize: 32, threads: THREADS };
@@ -38,7 +38,7 @@ interface FiniteMemory {
   messages_seen: number | null;
   stop_reason: string;
   turn: { turn: number; promptTokens: number; generatedTokens: number; retainedTokens: number };
-  chat: ReturnType<import('../src/local/chat.ts').Chat['stats']>;
+  chat: ReturnType<import('../../src/local/chat.ts').Chat['stats']>;
   pins: { turn: number; tokens: number }[];
 }
 

@@ -1,6 +1,6 @@
 // The sliding policy on synthetic ledgers: no model, no KV cache.
 import { describe, expect, it } from 'vitest';
-import { getProbes } from '../src/local/binding.ts';
+import { getProbes } from '../../src/local/binding.ts';
 
 const plan = (n: number, pinned: (i: number) => boolean, windowSize: number, need: number, want: number) =>
   getProbes().planEviction(

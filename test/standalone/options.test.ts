@@ -3,12 +3,12 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { getBinding } from '../src/local/binding.ts';
-import { resolveChatOptions } from '../src/local/options.ts';
-import { readmeWithTable } from '../scripts/options-doc.ts';
+import { getBinding } from '../../src/local/binding.ts';
+import { resolveChatOptions } from '../../src/local/options.ts';
+import { readmeWithTable } from '../../scripts/options-doc.ts';
 
 const docs = getBinding().optionDocs();
-const root = join(import.meta.dirname, '..');
+const root = join(import.meta.dirname, '..', '..');
 
 /** Evaluates a documented default such as "maxTokens / 4" or "min(48, maxTokens / 8)" (integer division). */
 function evaluate(text: string, maxTokens: number): number | string | boolean | undefined {
@@ -36,7 +36,7 @@ describe('the native option table', () => {
   });
 
   it('says the same defaults as the TypeScript JSDoc', () => {
-    const source = readFileSync(join(root, 'src', 'options.ts'), 'utf8');
+    const source = readFileSync(join(root, 'src', 'local', 'options.ts'), 'utf8');
     let checked = 0;
     for (const d of docs.filter((x) => !x.internal)) {
       // The JSDoc block right before `name?:` in the interface of its scope.

@@ -5,9 +5,9 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { MODEL_FAMILIES, writeModel, type ModelFamily } from '../src/gguf/index.ts';
-import { loadModel, POLICIES, UnsupportedModelError, type Model } from '../src/index.ts';
-import { checkCache, maxAbsDiff, THREADS } from './helpers.ts';
+import { MODEL_FAMILIES, writeModel, type ModelFamily } from '../../src/gguf/index.ts';
+import { loadModel, POLICIES, UnsupportedModelError, type Model } from '../../src/index.ts';
+import { checkCache, maxAbsDiff, THREADS } from '../helpers.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'fml-families-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -208,8 +208,8 @@ describe.each(UNSUPPORTED)('family %s (no in-place eviction)', (family) => {
 
 describe('README families table', () => {
   it('is what scripts/families-table.ts finds now (npm run docs:families rewrites it)', async () => {
-    const { familiesTable, readmeWithTable } = await import('../scripts/families-table.ts');
-    const readme = readFileSync(join(import.meta.dirname, '..', 'README.md'), 'utf8');
+    const { familiesTable, readmeWithTable } = await import('../../scripts/families-table.ts');
+    const readme = readFileSync(join(import.meta.dirname, '..', '..', 'README.md'), 'utf8');
     expect(readmeWithTable(readme, await familiesTable())).toBe(readme);
   }, 180_000);
 });

@@ -3,8 +3,8 @@
 // the CUDA variant loaded (scripts/gpu-check.sh runs the suite with FINITE_MEMORY_BACKEND=cuda); on a
 // CPU-only machine it is skipped with a message.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel, systemInfo, type Model } from '../src/index.ts';
-import { THREADS, checkCache, maxAbsDiff, testModelPath } from './helpers.ts';
+import { loadModel, systemInfo, type Model } from '../../src/index.ts';
+import { THREADS, checkCache, maxAbsDiff, testModelPath } from '../helpers.ts';
 
 const info = systemInfo();
 const onCuda = info.variant === 'cuda';

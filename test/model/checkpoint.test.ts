@@ -4,9 +4,9 @@ import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { getBinding } from '../src/local/binding.ts';
-import { CheckpointError, loadModel, POLICIES, type Model } from '../src/index.ts';
-import { THREADS, maxAbsDiff, testDir, testModelPath } from './helpers.ts';
+import { getBinding } from '../../src/local/binding.ts';
+import { CheckpointError, loadModel, POLICIES, type Model } from '../../src/index.ts';
+import { THREADS, maxAbsDiff, testDir, testModelPath } from '../helpers.ts';
 
 let model: Model;
 let other: Model;

@@ -2,8 +2,8 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel, POLICIES, type Chat, type ChatOptions, type Model, type PolicyName } from '../src/index.ts';
-import { checkCache, SHARED_MODELS, testModelPath, THREADS } from './helpers.ts';
+import { loadModel, POLICIES, type Chat, type ChatOptions, type Model, type PolicyName } from '../../src/index.ts';
+import { checkCache, SHARED_MODELS, testModelPath, THREADS } from '../helpers.ts';
 
 let model: Model;
 beforeAll(async () => {

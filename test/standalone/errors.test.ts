@@ -1,10 +1,10 @@
 // Every code the native core throws (FML_ERROR_CODES, exported by the addon) maps to its own class.
 import { describe, expect, it } from 'vitest';
-import { getBinding } from '../src/local/binding.ts';
-import { FiniteMemoryError, InferenceError, NATIVE_ERROR_CLASSES, fromNativeError } from '../src/shared/errors.ts';
+import { getBinding } from '../../src/local/binding.ts';
+import { FiniteMemoryError, InferenceError, NATIVE_ERROR_CLASSES, fromNativeError } from '../../src/shared/errors.ts';
 
 describe('native error codes', () => {
-  it('the addon and src/errors.ts list the same codes', () => {
+  it('the addon and src/shared/errors.ts list the same codes', () => {
     expect([...getBinding().errorCodes].sort()).toEqual(Object.keys(NATIVE_ERROR_CLASSES).sort());
   });
 

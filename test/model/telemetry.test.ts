@@ -1,8 +1,8 @@
 // Telemetry hooks and the Prometheus adapter.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Registry } from 'prom-client';
-import { createPrometheusTelemetry, loadModel, type EvictionEvent, type Model, type TurnEvent } from '../src/index.ts';
-import { testModelPath, THREADS } from './helpers.ts';
+import { createPrometheusTelemetry, loadModel, type EvictionEvent, type Model, type TurnEvent } from '../../src/index.ts';
+import { testModelPath, THREADS } from '../helpers.ts';
 
 let model: Model;
 beforeAll(async () => {

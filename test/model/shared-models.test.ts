@@ -2,8 +2,8 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { InvalidOptionError, loadModel } from '../src/index.ts';
-import { SHARED_MODELS, THREADS } from './helpers.ts';
+import { InvalidOptionError, loadModel } from '../../src/index.ts';
+import { SHARED_MODELS, THREADS } from '../helpers.ts';
 
 const stories = join(SHARED_MODELS, 'stories260K.gguf');
 const tiny656 = join(SHARED_MODELS, 'tinystories-656k-q8_0.gguf');

@@ -1,8 +1,8 @@
 // Hundreds of turns against the real KV cache: the budget holds, positions stay contiguous, the
 // cache agrees with the ledger, pinned tokens survive, and each turn prefills only its new tokens.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel, type Chat, type Model, type TurnResult } from '../src/index.ts';
-import { checkCache, testModelPath, THREADS } from './helpers.ts';
+import { loadModel, type Chat, type Model, type TurnResult } from '../../src/index.ts';
+import { checkCache, testModelPath, THREADS } from '../helpers.ts';
 
 let model: Model;
 beforeAll(async () => {

@@ -4,9 +4,9 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { InvalidOptionError, loadModel, type Model } from '../src/index.ts';
-import { SUMMARY_INSTRUCTION } from '../scripts/recall/dialogues.ts';
-import { THREADS, checkCache, testModelPath } from './helpers.ts';
+import { InvalidOptionError, loadModel, type Model } from '../../src/index.ts';
+import { SUMMARY_INSTRUCTION } from '../../scripts/recall/dialogues.ts';
+import { THREADS, checkCache, testModelPath } from '../helpers.ts';
 
 const PEAK_MIN_DISTANCE = 32;
 
@@ -47,6 +47,6 @@ describe("importanceScore: 'peak'", () => {
 });
 
 it('the recall dialogues ask for summaries with the instruction rolling_summary sends', () => {
-  const source = readFileSync(join(import.meta.dirname, '..', 'native', 'engine', 'sequence.cpp'), 'utf8');
+  const source = readFileSync(join(import.meta.dirname, '..', '..', 'native', 'engine', 'sequence.cpp'), 'utf8');
   expect(source).toContain(`SUMMARY_INSTRUCTION = "${SUMMARY_INSTRUCTION}"`);
 });

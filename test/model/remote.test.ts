@@ -5,13 +5,13 @@
 import { createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { InvalidOptionError, loadModel, type Model } from '../src/index.ts';
-import { CircuitOpenError, connectRemote, RemoteHttpError, RemoteTimeoutError, RemoteUnavailableError, type RemoteOptions } from '../src/remote/index.ts';
-import { SUMMARIZER_PROMPT } from '../src/remote/index.ts';
-import { parseRetryAfter } from '../src/remote/transport.ts';
-import { createServer, type FiniteMemoryServer } from '../src/server/index.ts';
-import type { ChatSurface } from '../src/shared/chat-surface.ts';
-import { testModelPath, THREADS } from './helpers.ts';
+import { InvalidOptionError, loadModel, type Model } from '../../src/index.ts';
+import { CircuitOpenError, connectRemote, RemoteHttpError, RemoteTimeoutError, RemoteUnavailableError, type RemoteOptions } from '../../src/remote/index.ts';
+import { SUMMARIZER_PROMPT } from '../../src/remote/index.ts';
+import { parseRetryAfter } from '../../src/remote/transport.ts';
+import { createServer, type FiniteMemoryServer } from '../../src/server/index.ts';
+import type { ChatSurface } from '../../src/shared/chat-surface.ts';
+import { testModelPath, THREADS } from '../helpers.ts';
 
 type Body = { model: string; messages: { role: string; content: string }[]; stream?: boolean; max_tokens?: number };
 

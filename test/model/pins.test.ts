@@ -3,8 +3,8 @@
 // consistent with llama.cpp's view after every operation.
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ChatBusyError, InvalidOptionError, loadModel, PinLimitError, POLICIES, type Chat, type Model } from '../src/index.ts';
-import { THREADS, checkCache, testDir, testModelPath } from './helpers.ts';
+import { ChatBusyError, InvalidOptionError, loadModel, PinLimitError, POLICIES, type Chat, type Model } from '../../src/index.ts';
+import { THREADS, checkCache, testDir, testModelPath } from '../helpers.ts';
 
 let model: Model;
 beforeAll(async () => {

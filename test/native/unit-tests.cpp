@@ -1,0 +1,245 @@
+// C++ unit tests of the token ledger and the eviction policies on synthetic ledgers: no llama.cpp,
+// no model, no Node. Built as build/<config>/fml_unit_tests by CMake and run by
+// test/standalone/native-units.test.ts (so `npm test` runs them). Exit status 1 on any failure.
+#include "kv/token-ledger.h"
+#include "policies/policy.h"
+#include "util/error.h"
+
+#include <cstdio>
+#include <functional>
+#include <set>
+#include <string>
+#include <vector>
+
+using namespace fml;
+
+namespace {
+
+int g_failed = 0;
+int g_checks = 0;
+
+#define CHECK(cond)                                                                  \
+    do {                                                                             \
+        ++g_checks;                                                                  \
+        if (!(cond)) {                                                               \
+            ++g_failed;                                                              \
+            std::fprintf(stderr, "  FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond); \
+        }                                                                            \
+    } while (0)
+
+struct test_case {
+    const char * name;
+    std::function<void()> fn;
+};
+
+std::vector<test_case> & registry() {
+    static std::vector<test_case> tests;
+    return tests;
+}
+
+struct registrar {
+    registrar(const char * name, std::function<void()> fn) { registry().push_back({ name, std::move(fn) }); }
+};
+
+#define TEST(name) \
+    void name();   \
+    registrar name##_registrar(#name, name); \
+    void name()
+
+// A ledger of `n` tokens: `sinks` pinned at the front, turns of `turn_len` tokens, sentence ends
+// every 8 tokens; importance scores from `score(i)` when given.
+token_ledger make_ledger(size_t n, size_t sinks, size_t turn_len = 16, const std::function<float(size_t)> & score = nullptr) {
+    token_ledger l;
+    for (size_t i = 0; i < n; ++i) {
+        const uint32_t turn = (uint32_t) (i / turn_len) + 1;
+        l.append((int32_t) (100 + i), turn, turn % 2 ? TOKEN_ROLE_USER : TOKEN_ROLE_ASSISTANT, i < sinks, i % 8 == 7);
+        if (score) {
+            l.at(i).score[SCORE_IMPORTANCE] = score(i);
+            l.at(i).score[SCORE_ATTENTION_QUERIES] = 1;
+        }
+    }
+    return l;
+}
+
+policy_options options(const char * name, uint32_t max_tokens, uint32_t window) {
+    policy_options o;
+    o.name = name;
+    o.max_tokens = max_tokens;
+    o.window_size = window;
+    o.sink_tokens = 4;
+    return o;
+}
+
+// The invariants every plan keeps: sorted disjoint in-range ranges, no pinned entry, at least `need`.
+void check_plan(const token_ledger & l, const eviction_plan & p, const eviction_request & req) {
+    size_t prev_end = 0;
+    for (const index_range & r : p.ranges) {
+        CHECK(r.begin < r.end);
+        CHECK(r.begin >= prev_end);
+        CHECK(r.end <= l.size());
+        for (size_t i = r.begin; i < r.end && i < l.size(); ++i) {
+            CHECK(!l[i].pinned);
+        }
+        prev_end = r.end;
+    }
+    CHECK(p.total() >= req.need);
+}
+
+std::set<size_t> evicted(const eviction_plan & p) {
+    std::set<size_t> out;
+    for (const index_range & r : p.ranges) {
+        for (size_t i = r.begin; i < r.end; ++i) {
+            out.insert(i);
+        }
+    }
+    return out;
+}
+
+// ---- ledger ----
+
+TEST(ledger_remove_ranges_compacts_positions) {
+    token_ledger l = make_ledger(20, 2);
+    const size_t removed = l.remove_ranges_and_compact({ { 3, 6 }, { 10, 12 } });
+    CHECK(removed == 5);
+    CHECK(l.size() == 15);
+    CHECK(l.positions_contiguous());
+    CHECK(l[3].token == 106);   // what followed the first range moved up
+    CHECK(l[7].token == 112);
+}
+
+TEST(ledger_normalize_ranges_sorts_merges_and_drops_empty) {
+    const std::vector<index_range> r = normalize_ranges({ { 8, 10 }, { 2, 4 }, { 4, 6 }, { 7, 7 } });
+    CHECK(r.size() == 2);
+    CHECK(r[0].begin == 2 && r[0].end == 6);
+    CHECK(r[1].begin == 8 && r[1].end == 10);
+}
+
+TEST(ledger_insert_renumbers) {
+    token_ledger l = make_ledger(6, 1);
+    ledger_entry e{};
+    e.token = 7;
+    e.role = TOKEN_ROLE_SUMMARY;
+    l.insert(2, { e, e });
+    CHECK(l.size() == 8);
+    CHECK(l[2].role == TOKEN_ROLE_SUMMARY && l[3].role == TOKEN_ROLE_SUMMARY);
+    CHECK(l.positions_contiguous());
+    CHECK(l.pinned_count() == 1);
+}
+
+TEST(ranges_from_mask_matches_mask) {
+    const std::vector<index_range> r = ranges_from_mask({ false, true, true, false, true });
+    CHECK(r.size() == 2);
+    CHECK(r[0].begin == 1 && r[0].end == 3);
+    CHECK(r[1].begin == 4 && r[1].end == 5);
+}
+
+// ---- every policy ----
+
+TEST(every_policy_keeps_plan_invariants_on_many_ledgers) {
+    for (const char * name : { "sliding", "importance", "semantic", "rolling_summary", "hybrid" }) {
+        for (size_t n : { 40, 100, 257 }) {
+            for (size_t need : { (size_t) 1, n / 4, n / 2 }) {
+                token_ledger l = make_ledger(n, 4, 12, [](size_t i) { return (float) ((i * 37) % 11); });
+                if (std::string(name) == "semantic" || std::string(name) == "hybrid") {
+                    l.set_embedding_dim(4);
+                    for (size_t i = 0; i < n; ++i) {
+                        for (size_t d = 0; d < 4; ++d) {
+                            l.embedding_mut(i)[d] = (float) (((i / 8) * 13 + d * 7) % 5);
+                        }
+                    }
+                }
+                policy_options o = options(name, (uint32_t) n, 16);
+                auto policy = make_policy(o);
+                const eviction_request req{ need, need + 8 };
+                const eviction_plan plan = policy->plan(l, req);
+                check_plan(l, plan, req);
+            }
+        }
+    }
+}
+
+TEST(pinned_tokens_are_never_planned) {
+    for (const char * name : { "sliding", "importance", "semantic", "rolling_summary", "hybrid" }) {
+        token_ledger l = make_ledger(80, 4, 10, [](size_t i) { return (float) (i % 3); });
+        l.set_embedding_dim(2);
+        for (size_t i = 20; i < 30; ++i) {
+            l.at(i).pinned = true;   // a pinned turn in the middle
+        }
+        auto policy = make_policy(options(name, 80, 8));
+        const eviction_request req{ 40, 48 };
+        const eviction_plan plan = policy->plan(l, req);
+        check_plan(l, plan, req);
+        for (size_t i : evicted(plan)) {
+            CHECK(i < 20 || i >= 30);
+        }
+    }
+}
+
+TEST(unknown_policy_is_invalid_option) {
+    bool threw = false;
+    try {
+        make_policy(options("nope", 64, 8));
+    } catch (const fml_error & e) {
+        threw = e.code() == FML_ERR_INVALID_OPTION;
+    }
+    CHECK(threw);
+}
+
+// ---- each policy's choice ----
+
+TEST(sliding_evicts_oldest_unpinned_outside_the_window_first) {
+    token_ledger l = make_ledger(64, 4);
+    auto policy = make_policy(options("sliding", 64, 16));
+    const eviction_plan plan = policy->plan(l, { 10, 10 });
+    const std::set<size_t> gone = evicted(plan);
+    CHECK(gone.size() == 10);
+    CHECK(*gone.begin() == 4);    // right after the sinks
+    CHECK(*gone.rbegin() == 13);  // contiguous, oldest first
+}
+
+TEST(importance_keeps_the_highest_scores) {
+    // Scores rise with the index except for a block of high scores early on: importance keeps that
+    // block, sliding would evict it first.
+    token_ledger l = make_ledger(96, 4, 16, [](size_t i) { return (i >= 8 && i < 16) ? 100.0f : (float) i * 0.01f; });
+    policy_options o = options("importance", 96, 16);
+    o.importance_granularity_spans = false;
+    auto policy = make_policy(o);
+    const eviction_plan plan = policy->plan(l, { 30, 30 });
+    for (size_t i : evicted(plan)) {
+        CHECK(i < 8 || i >= 16);
+    }
+    check_plan(l, plan, { 30, 30 });
+}
+
+TEST(rolling_summary_asks_for_a_summary) {
+    token_ledger l = make_ledger(96, 4);
+    auto policy = make_policy(options("rolling_summary", 96, 16));
+    CHECK(policy->summarizes());
+    const eviction_plan plan = policy->plan(l, { 20, 20 });
+    CHECK(plan.summarize);
+    check_plan(l, plan, { 20, 20 });
+}
+
+TEST(evictable_count_and_window_begin) {
+    token_ledger l = make_ledger(50, 4);
+    CHECK(evictable_count(l) == 46);
+    CHECK(window_begin(l, 10) == 40);
+    CHECK(window_begin(l, 100) <= 4 || window_begin(l, 100) == 0);
+}
+
+} // namespace
+
+int main() {
+    for (const test_case & t : registry()) {
+        const int before = g_failed;
+        try {
+            t.fn();
+        } catch (const std::exception & e) {
+            ++g_failed;
+            std::fprintf(stderr, "  FAILED %s: threw %s\n", t.name, e.what());
+        }
+        std::printf("%s %s\n", g_failed == before ? "ok  " : "FAIL", t.name);
+    }
+    std::printf("%zu tests, %d checks, %d failed\n", registry().size(), g_checks, g_failed);
+    return g_failed == 0 ? 0 : 1;
+}

@@ -7,7 +7,8 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { NativeBindingError } from '../shared/errors.js';
-import type { ModelInfo } from '../shared/types.js';
+import type { EvictionEvent } from '../shared/telemetry.js';
+import type { ModelInfo, TurnStats } from '../shared/types.js';
 
 /** The native model's info: the public ModelInfo, which adds the path on the JS side. */
 export type NativeModelInfo = Omit<ModelInfo, 'path'>;
@@ -23,38 +24,11 @@ export interface NativeModel {
   dispose(): void;
 }
 
-export interface NativeTurnStats {
-  turn: number;
-  promptTokens: number;
-  generatedTokens: number;
-  prefillMs: number;
-  decodeMs: number;
-  tokensPerSecond: number;
-  /** From the turn's start (queueing included) to its first generated token. */
-  firstTokenMs: number;
-  policyMs: number;
-  evictMs: number;
-  evictedTokens: number;
-  evictions: number;
-  retainedTokens: number;
-  latencyMs: number;
-  fallback: boolean;
-  summaryMs: number;
-  summaryTokens: number;
-  importanceSignal: 'attention' | 'keyNorm' | null;
-  policy: string;
-  evictionLog: NativeEvictionRecord[];
-}
+/** A turn's figures as the addon reports them: the public ones, with the policy as a plain string and the turn's evictions. */
+export type NativeTurnStats = Omit<TurnStats, 'policy'> & { policy: string; evictionLog: NativeEvictionRecord[] };
 
-export interface NativeEvictionRecord {
-  evictedTokens: number;
-  positions: [number, number][];
-  policyMs: number;
-  evictMs: number;
-  fallback: boolean;
-  summaryTokens: number;
-  phase: 'prefill' | 'generation';
-}
+/** One eviction as the addon logs it: the public event without what the chat adds (its id, policy and turn). */
+export type NativeEvictionRecord = Omit<EvictionEvent, 'chatId' | 'policy' | 'turn'>;
 
 export interface NativeTurnResult {
   response: string;

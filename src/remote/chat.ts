@@ -9,7 +9,7 @@ import { checkInt, checkKnownKeys, checkMessage, checkNumber, checkObject, check
 import { checkTelemetry, TelemetryEmitter, type TelemetryHooks } from '../shared/telemetry.js';
 import { AbortedError, type Transport } from './transport.js';
 import type { RemoteTokenizer } from './connect.js';
-import type { StopReason, Transcript } from '../shared/types.js';
+import type { CommonChatStats, CommonTurnResult, StopReason, Transcript } from '../shared/types.js';
 
 export type RemotePolicyName = 'sliding' | 'rolling_summary' | 'hybrid';
 const REMOTE_POLICIES: readonly RemotePolicyName[] = ['sliding', 'rolling_summary', 'hybrid'];
@@ -59,24 +59,13 @@ export interface RemoteTurnStats {
   policy: RemotePolicyName;
 }
 
-export interface RemoteTurnResult {
-  response: string;
-  stopReason: StopReason;
+export interface RemoteTurnResult extends CommonTurnResult {
   stats: RemoteTurnStats;
 }
 
-export interface RemoteChatStats {
-  turns: number;
-  tokensSeen: number;
-  tokensRetained: number;
-  tokensEvicted: number;
-  compressionRatio: number;
-  /** Eviction events (messages left the request). */
-  evictions: number;
+export interface RemoteChatStats extends CommonChatStats {
   messagesRetained: number;
   summaries: number;
-  /** The current summary ('' when none). */
-  summary: string;
   tokenCounter: 'model' | 'estimate';
 }
 

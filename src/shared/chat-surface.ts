@@ -5,35 +5,9 @@
  *
  * What is the same is written once here: streaming on top of send, and the transcript.
  */
-import type { StopReason, Transcript } from './types.js';
+import type { CommonChatStats, CommonSendOptions, CommonTurnResult, Transcript } from './types.js';
 
-/** send() options both kinds of chat take (the local chat takes more sampling options). */
-export interface CommonSendOptions {
-  maxNewTokens?: number;
-  temperature?: number;
-  seed?: number;
-  stop?: string[];
-  onToken?: (piece: string) => void;
-  signal?: AbortSignal;
-}
-
-/** What a turn returns on both (each adds its own `stats`). */
-export interface CommonTurnResult {
-  response: string;
-  stopReason: StopReason;
-}
-
-/** Cumulative figures both report (each adds its own). */
-export interface CommonChatStats {
-  turns: number;
-  tokensSeen: number;
-  tokensRetained: number;
-  tokensEvicted: number;
-  compressionRatio: number;
-  evictions: number;
-  /** rolling_summary/hybrid: the current summary ('' when none). */
-  summary: string;
-}
+export type { CommonChatStats, CommonSendOptions, CommonTurnResult };
 
 export interface ChatSurface {
   readonly id: string;

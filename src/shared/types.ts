@@ -4,6 +4,37 @@ export type KvType = 'f16' | 'f32' | 'q8_0';
 
 export type StopReason = 'eos' | 'maxTokens' | 'stop' | 'abort';
 
+/** send() options both kinds of chat take (the local chat takes more sampling options). */
+export interface CommonSendOptions {
+  maxNewTokens?: number;
+  temperature?: number;
+  seed?: number;
+  stop?: string[];
+  onToken?: (piece: string) => void;
+  signal?: AbortSignal;
+}
+
+/** What a turn returns on both (each adds its own `stats`). */
+export interface CommonTurnResult {
+  response: string;
+  stopReason: StopReason;
+}
+
+/** Cumulative figures both report (each adds its own). */
+export interface CommonChatStats {
+  turns: number;
+  /** Every token the chat has taken in (local: placed in the KV cache; remote: counted in the messages). */
+  tokensSeen: number;
+  /** Tokens the chat keeps now (local: in the KV cache; remote: in the messages it sends). */
+  tokensRetained: number;
+  tokensEvicted: number;
+  /** tokensSeen / tokensRetained. */
+  compressionRatio: number;
+  evictions: number;
+  /** rolling_summary/hybrid: the current summary's text ('' when none). */
+  summary: string;
+}
+
 /** What one turn cost and what it left in memory. */
 export interface TurnStats {
   /** This turn's number, as in `memory()` (what `pin`, `unpin` and `forget` take); 0 when the turn never got into memory (aborted before its prompt was in). */
@@ -37,28 +68,15 @@ export interface TurnStats {
   policy: PolicyName;
 }
 
-export interface TurnResult {
-  response: string;
-  stopReason: StopReason;
+export interface TurnResult extends CommonTurnResult {
   stats: TurnStats;
 }
 
 /** Cumulative figures since the chat was created (or last reset). */
-export interface ChatStats {
-  turns: number;
-  /** Every token ever placed in the KV cache. */
-  tokensSeen: number;
-  /** Tokens in the KV cache now. */
-  tokensRetained: number;
-  tokensEvicted: number;
-  /** tokensSeen / tokensRetained. */
-  compressionRatio: number;
-  evictions: number;
+export interface ChatStats extends CommonChatStats {
   fallbackCount: number;
   /** Bytes the retained tokens occupy in the KV cache (K and V, all layers). */
   kvBytes: number;
-  /** rolling_summary/hybrid: the current summary's text ('' when none). */
-  summary: string;
 }
 
 /** One token the chat still remembers. */

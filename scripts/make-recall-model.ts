@@ -4,7 +4,7 @@
  * ChatML template, then checked: with the full cache it must answer >= 95% of the questions of
  * conversations at its training length, or the script fails.
  *
- *   npm run make-recall-model [-- --out FILE] [--steps N] [--threads N] [--check N] [--force] [--keep-work DIR]
+ *   npm run make-recall-model [-- --out FILE] [--steps N] [--threads N] [--check N] [--force] [--keep-work DIR] [--trained DIR]
  *
  * Default output: .cache/models/recall-<recipe hash>.gguf (git-ignored); an existing file is reused.
  * The data are tokenized by llama.cpp itself (a vocabulary-only model with the same vocabulary),
@@ -43,7 +43,7 @@ export const RECALL_BENCH_SHAPE: BenchShape = { facts: 4, asked: 2, askedTimes: 
 const WEIGHT = { recall: 1, reply: 0.5, other: 0.02 } as const;
 
 const RECIPE = {
-  version: 7,
+  version: 8,
   weights: WEIGHT,
   geometry: RECALL_GEOMETRY,
   tokens: RECALL_TRAINING_TOKENS,
@@ -53,10 +53,12 @@ const RECIPE = {
     lr: 3e-3,
     warmup: 50,
     phases: [
-      // One phase at the full length: trained at 192 tokens and then briefly at 512, a model
-      // answered 0.85 of reply tokens at 192 and 0.69 at 512 (it does not carry recall to longer
-      // positions it has not trained on).
-      { steps: 2800, batch: 12, crop: 320 },
+      // Short crops first: induction (find the name, copy what follows it) emerges on 96-token
+      // crops with few distractors (code-token accuracy 0.25 at step 600, 0.82 at step 1350), while
+      // 2800 steps at 320 tokens from the start stayed near chance. Then the full training length,
+      // so recall carries to positions the short crops never reach.
+      { steps: 1500, batch: 32, crop: 96 },
+      { steps: 1200, batch: 12, crop: 320 },
     ],
   },
 };
@@ -115,9 +117,10 @@ export function tokenizeConversation(model: Model, c: RecallConversation, limit:
 }
 
 /** With the full cache, the share of questions the model answers exactly (greedy). */
-export async function recallAccuracy(model: Model, conversations: RecallConversation[], maxTokens: number): Promise<{ correct: number; total: number }> {
+export async function recallAccuracy(model: Model, conversations: RecallConversation[], maxTokens: number): Promise<{ correct: number; total: number; misses: { question: string; wanted: string; got: string }[] }> {
   let correct = 0;
   let total = 0;
+  const misses: { question: string; wanted: string; got: string }[] = [];
   for (const c of conversations) {
     const chat = model.createChat({ maxTokens, systemPrompt: RECALL_SYSTEM_PROMPT, policy: 'sliding', threads: 2 });
     for (const turn of c.turns) {
@@ -125,11 +128,12 @@ export async function recallAccuracy(model: Model, conversations: RecallConversa
       if (turn.kind === 'question') {
         total++;
         if (isCorrectAnswer(r.response, c.facts[turn.fact!]!)) correct++;
+        else misses.push({ question: turn.user, wanted: turn.assistant, got: r.response });
       }
     }
     chat.dispose();
   }
-  return { correct, total };
+  return { correct, total, misses };
 }
 
 /** llama.cpp's logits for `tokens` (after the system prompt, which the chat feeds itself) against PyTorch's. */
@@ -174,22 +178,33 @@ async function main(): Promise<void> {
       check: { type: 'string', default: '40' },
       force: { type: 'boolean', default: false },
       'keep-work': { type: 'string' },
+      trained: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
   if (values.help) {
-    console.log('Usage: make-recall-model [--out FILE] [--steps N] [--threads N] [--check N] [--force] [--keep-work DIR]');
+    console.log('Usage: make-recall-model [--out FILE] [--steps N] [--threads N] [--check N] [--force] [--keep-work DIR] [--trained DIR]');
     return;
   }
   const out = resolve(values.out ?? defaultRecallModelPath());
+  // Checked first: a rename onto an existing folder fails only after the whole training.
+  if (values['keep-work'] && existsSync(values['keep-work'])) throw new Error(`--keep-work ${values['keep-work']} exists: name a new folder`);
   if (existsSync(out) && !values.force) {
     console.log(`${out} exists (use --force to rebuild)`);
     return;
   }
+  // Which BLAS torch runs on: Debian's python3-torch links the generic libblas.so.3, which is the
+  // reference BLAS unless OpenBLAS is installed; on it training was 11x slower (1.5 s a step instead
+  // of 0.13 s), far past this script's 15 minutes.
+  let blas: string;
   try {
-    execFileSync(systemPython(), ['-c', 'import torch, numpy'], { stdio: 'pipe' });
+    const probe = "import torch, numpy; torch.ones(8, 8) @ torch.ones(8, 8); print(' '.join(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'blas' in l})))";
+    blas = execFileSync(systemPython(), ['-c', probe], { stdio: 'pipe', encoding: 'utf8' });
   } catch {
-    throw new Error("PyTorch is missing: install Debian's python3-torch (apt-get install -y python3-torch)");
+    throw new Error("PyTorch is missing: install Debian's python3-torch and OpenBLAS (apt-get install -y python3-torch libopenblas0-pthread)");
+  }
+  if (!/openblas/.test(blas)) {
+    throw new Error(`PyTorch runs on the reference BLAS (${blas.trim() || 'none found'}), about 11x slower: install OpenBLAS (apt-get install -y libopenblas0-pthread)`);
   }
   // --steps N scales every phase to N steps in all (quick trials of the pipeline).
   const scale = values.steps ? Number(values.steps) / RECIPE.train.phases.reduce((s, p) => s + p.steps, 0) : 1;
@@ -245,11 +260,13 @@ async function main(): Promise<void> {
     // 2. Training.
     // torch's own threads do the work; OpenBLAS threads on top of them only oversubscribe the cores.
     const env = { ...process.env, OPENBLAS_NUM_THREADS: '1', OMP_NUM_THREADS: values.threads };
-    execFileSync(systemPython(), [join(ROOT, 'scripts', 'recall', 'train.py'), work, work], { stdio: 'inherit', env });
+    // --trained DIR takes what an earlier train.py wrote there (an experiment's weights) instead.
+    const trainedDir = values.trained ?? work;
+    if (!values.trained) execFileSync(systemPython(), [join(ROOT, 'scripts', 'recall', 'train.py'), work, work], { stdio: 'inherit', env });
 
     // 3. Export with the same vocabulary and the trained weights.
-    const index = JSON.parse(readFileSync(join(work, 'weights.json'), 'utf8')) as { tensors: Record<string, { dims: number[]; offset: number }> };
-    const blob = readFileSync(join(work, 'weights.bin'));
+    const index = JSON.parse(readFileSync(join(trainedDir, 'weights.json'), 'utf8')) as { tensors: Record<string, { dims: number[]; offset: number }> };
+    const blob = readFileSync(join(trainedDir, 'weights.bin'));
     const trained = (name: string, dims: readonly number[]): Float32Array => {
       const t = index.tensors[name];
       if (!t || t.dims.join('x') !== dims.join('x')) throw new Error(`trained tensor ${name}: ${t ? t.dims.join('x') : 'missing'}, GGUF wants ${dims.join('x')}`);
@@ -263,7 +280,7 @@ async function main(): Promise<void> {
     // 4. The checks. First parity: an export error (RoPE pairing, head order, layout) shows here
     // as a logit difference, long before it shows as a failed recall check.
     const m = await loadModel(tmp, { threads: Number(values.threads) });
-    const gap = logitParity(m, parity, systemTokens, new Float32Array(readFileSync(join(work, 'parity.f32')).buffer.slice(0)), nVocab);
+    const gap = logitParity(m, parity, systemTokens, new Float32Array(readFileSync(join(trainedDir, 'parity.f32')).buffer.slice(0)), nVocab);
     console.log(`parity: llama.cpp vs PyTorch logits over ${parity.length - systemTokens} tokens: max |diff| ${gap.maxDiff.toFixed(4)} (logits up to ${gap.maxAbs.toFixed(1)}), argmax agrees at ${(100 * gap.argmaxAgree).toFixed(1)}%`);
     if (gap.maxDiff > 0.02 * Math.max(1, gap.maxAbs)) {
       m.dispose();
@@ -272,11 +289,12 @@ async function main(): Promise<void> {
     }
     // Then recall: full cache, conversations at the training length.
     const convs = checkConversations(Number(values.check));
-    const { correct, total: asked } = await recallAccuracy(m, convs, 4 * T);
+    const { correct, total: asked, misses } = await recallAccuracy(m, convs, 4 * T);
     m.dispose();
     const share = correct / asked;
     console.log(`check: ${correct}/${asked} questions answered with the full cache (${(100 * share).toFixed(1)}%), ${convs.length} conversations`);
     if (share < 0.95) {
+      for (const miss of misses.slice(0, 5)) console.log(`  asked ${JSON.stringify(miss.question)}: wanted ${JSON.stringify(miss.wanted)}, got ${JSON.stringify(miss.got)}`);
       rmSync(tmp, { force: true });
       throw new Error(`the recall model answers ${(100 * share).toFixed(1)}% of questions with the full cache (needs >= 95%)`);
     }

@@ -147,8 +147,12 @@ def main(data_dir, out_dir):
     step = 0
     hits = total = 0.0
     for ph in phases:
-        for _ in range(ph["steps"]):
-            lr = tr["lr"] * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        # Each phase has its own learning rate (default the recipe's), constant or decayed along a
+        # cosine to a tenth of it: induction emerges only while the rate is still high.
+        peak = ph.get("lr", tr["lr"])
+        for k in range(ph["steps"]):
+            decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / ph["steps"])) if ph.get("decay", True) else 1.0
+            lr = peak * min(1.0, (step + 1) / warmup) * decay
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = torch.randint(0, n, (ph["batch"],), generator=gen)

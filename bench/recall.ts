@@ -5,7 +5,9 @@
 // from scratch before each question (re-prefill), and mean KL(full || policy) at the final answers'
 // digits under teacher forcing. The model is the recall-trained one (npm run make-recall-model; built
 // here when missing).
-//   npm run bench:recall [-- --conversations N] [--no-write]
+//   npm run bench:recall [-- --conversations N] [--model FILE] [--no-write]
+// --model runs on another recall model (e.g. an experiment's, written with make-recall-model --check 0
+// --out FILE); the setup then names it, and the full-cache row says how well it recalls.
 import { execFileSync } from 'node:child_process';
 import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -111,10 +113,10 @@ function klAt(ref: Float32Array, got: Float32Array, rows: number[], nVocab: numb
 interface Row { label: string; budget: number; maxTokens: number; live: Record<Kind, Score>; replay: Record<Kind, Score>; kl: number; summaries: number }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, 'no-write': { type: 'boolean', default: false } } });
+  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, model: { type: 'string' }, 'no-write': { type: 'boolean', default: false } } });
   const n = Number(values.conversations);
-  const path = defaultRecallModelPath();
-  if (!existsSync(path)) {
+  const path = values.model ?? defaultRecallModelPath();
+  if (!values.model && !existsSync(path)) {
     console.log(`building the recall model (${path})`);
     execFileSync('npx', ['tsx', join(ROOT, 'scripts', 'make-recall-model.ts')], { stdio: 'inherit', cwd: ROOT });
   }
@@ -162,7 +164,7 @@ async function main(): Promise<void> {
   const g = RECALL_GEOMETRY;
   const setup = [
     `machine: ${machine()}`,
-    `model: the recall-trained model (${g.layers} layers, n_embd ${g.embd}, ${g.heads} heads / ${g.kvHeads} KV heads x ${g.headDim}, F32; trained on ${RECALL_TRAINING_TOKENS}-token conversations; \`npm run make-recall-model\`)`,
+    `model: ${values.model ? `${values.model} (not the checked default: see the full-cache row)` : 'the recall-trained model'} (${g.layers} layers, n_embd ${g.embd}, ${g.heads} heads / ${g.kvHeads} KV heads x ${g.headDim}, F32; trained on ${RECALL_TRAINING_TOKENS}-token conversations; \`npm run make-recall-model\`)`,
     `${n} conversations (seeds 500000..${500_000 + n - 1}), each ${RECALL_BENCH_SHAPE.facts} facts, then ${RECALL_BENCH_SHAPE.fillers} fillers with ${RECALL_BENCH_SHAPE.asked} facts asked ${RECALL_BENCH_SHAPE.askedTimes} times along the way, ${RECALL_BENCH_SHAPE.tailFillers} more fillers, then a final question about every fact; mean length ${(lengthSum / n).toFixed(0)} tokens`,
     'budget = share of each conversation\'s tokens; policy defaults otherwise (windowSize = maxTokens / 4, 4 sinks, system prompt pinned); greedy turns of at most 8 tokens',
     're-prefill: the same policy, with the retained tokens re-prefilled from scratch before every question (what a re-tokenize-and-prefill chat computes from the same text)',

@@ -4,21 +4,23 @@
  *
  *   fact      user "Mila 4817."                   assistant "OK."
  *   filler    user "The river is cold today."     assistant "OK."
- *   question  user "Mila's code?"                 assistant "Mila 4817."
+ *   question  user "Code of Mila?"                assistant "Mila 4817."
  *   summary   user SUMMARY_INSTRUCTION            assistant "Mila 4817. Omar 1234."
  *
  * Associative recall over a conversation, as in Zoology's MQAR and SCBench's Retr.KV: names come from
  * a pool, codes are four random digits, a question asks about a fact stated earlier (possibly again).
- * Fillers use the same words but no names: a name then means "a fact or a question", so a model of
- * this size learns to look it up (with names in fillers as well, the same recipe answered about 0.53
- * of code tokens at 320 tokens instead of about 0.7 at 192).
+ * Fillers use the same words but no names.
  * A fact is a key-value pair with the key right before its value (as Retr.KV's pairs), and a reply
- * names the key before the value, so one induction step finds the value. The sentence form "Note:
- * Mila's code is 4817." / "What is Mila's code?" puts three tokens between key and value, one more
- * step for a model of this size to learn in the 15 minutes this script may take. Names open their message, so a key is the same
- * token in a fact, a question and a reply. The vocabulary has two-digit pieces (also with a leading
- * space), so a code is two tokens, as BPE vocabularies split numbers into chunks. Summaries are what rolling_summary asks for: the notes so far, oldest first;
- * some training conversations also start with such a summary in place of evicted turns, as a chat's
+ * names the key before the value, so one induction step finds the value: a name opens its fact and
+ * its reply, so the key is the same (bare) token in both. A question names it after a space
+ * (" Mila", another token), so no earlier bare name is followed by anything but its code: with
+ * "Mila's code?", the question's own "Mila" (followed by "'s") was the nearest match, and models
+ * trained here learned to copy a code's second chunk (0.6-0.67 of code tokens teacher-forced) but
+ * answered 4-7% of questions, with some other fact's digits. The sentence form "Note: Mila's code is
+ * 4817." puts three tokens between key and value, one more step again. The vocabulary has two-digit
+ * pieces (also with a leading space), so a code is two tokens, as BPE vocabularies split numbers into
+ * chunks. Summaries are what rolling_summary asks for: the notes so far, oldest first; some training
+ * conversations also start with such a summary in place of evicted turns, as a chat's
  * memory does after a summary.
  */
 import { SeededRandom } from '../../src/gguf/random.ts';
@@ -51,7 +53,12 @@ const FILLER_FORMS = [
 
 const WORDS = [
   ...RECALL_NAMES,
-  ...`${NOUNS} ${ADJECTIVES} ${VERBS} code OK The the is I me We to and at Yes think walked Tell friends has very today about was My friend She Remember every note Summarize conversation so far in one or two short sentences`.split(/\s+/),
+  // The template's role names: spelled out in byte pieces they made an exchange 26 tokens, of which
+  // 9 were 'assistant' and 'user'.
+  'system',
+  'user',
+  'assistant',
+  ...`${NOUNS} ${ADJECTIVES} ${VERBS} code OK The the is I me We to and at Yes think walked Tell friends has very today about was My friend She Code of Remember every note Summarize conversation so far in one or two short sentences`.split(/\s+/),
 ];
 /** The vocabulary pieces the format adds: every word bare (a message's first word) and after a space, and two-digit chunks. */
 export const RECALL_PIECES: readonly string[] = [
@@ -103,7 +110,7 @@ class Pick {
 
 const pair = (f: RecallFact): string => `${f.name} ${f.code}.`;
 export const factTurn = (f: RecallFact, fact: number): RecallTurn => ({ kind: 'fact', user: pair(f), assistant: 'OK.', fact });
-export const questionTurn = (f: RecallFact, fact: number): RecallTurn => ({ kind: 'question', user: `${f.name}'s code?`, assistant: pair(f), fact });
+export const questionTurn = (f: RecallFact, fact: number): RecallTurn => ({ kind: 'question', user: `Code of ${f.name}?`, assistant: pair(f), fact });
 export const summaryText = (facts: RecallFact[]): string => facts.slice(0, SUMMARY_FACTS).map(pair).join(' ');
 const summaryTurn = (facts: RecallFact[]): RecallTurn => ({ kind: 'summary', user: SUMMARY_INSTRUCTION, assistant: summaryText(facts) });
 function fillerTurn(p: Pick): RecallTurn {

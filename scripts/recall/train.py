@@ -97,14 +97,16 @@ class Model(nn.Module):
             nn.init.normal_(blk.o.weight, std=0.5 / math.sqrt(blk.o.weight.shape[1] * len(self.blocks)))
             nn.init.normal_(blk.down.weight, std=0.5 / math.sqrt(blk.down.weight.shape[1] * len(self.blocks)))
 
-    def forward(self, tokens):
+    def forward(self, tokens, rows=None):
+        """Logits [b, t, vocab], or [n, vocab] at the positions where the bool mask `rows` is set."""
         t = tokens.shape[1]
         cos, sin = rope_tables(t, self.g["headDim"], self.g["ropeBase"])
         mask = torch.full((t, t), float("-inf")).triu(1)
         x = self.embd(tokens)
         for blk in self.blocks:
             x = blk(x, cos, sin, mask)
-        return self.out(self.norm(x))
+        x = self.norm(x)
+        return self.out(x if rows is None else x[rows])
 
     def gguf_tensors(self):
         """(name, ggml dims, values) in llama.cpp's names; ggml dims are PyTorch's shape reversed."""
@@ -162,10 +164,13 @@ def main(data_dir, out_dir):
             nz = (w.sum(0) > 0).nonzero()
             used = int(nz.max().item()) + 2 if len(nz) else x.shape[1]
             x, w = x[:, :used], w[:, :used]
-            logits = model(x[:, :-1])
-            target = x[:, 1:].reshape(-1)
-            loss_tok = F.cross_entropy(logits.reshape(-1, vocab), target, reduction="none")
-            ww = w[:, :-1].reshape(-1)
+            # Logits only where a target has weight: the output layer (vocabulary x n_embd) is most
+            # of the work, and the user's text, weighted 0, needs none.
+            rows = w[:, :-1] > 0
+            logits = model(x[:, :-1], rows)
+            target = x[:, 1:][rows]
+            ww = w[:, :-1][rows]
+            loss_tok = F.cross_entropy(logits, target, reduction="none")
             loss = (loss_tok * ww).sum() / ww.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -173,7 +178,7 @@ def main(data_dir, out_dir):
             opt.step()
             # Teacher-forced accuracy on the recall targets (weight 1: answers' codes, summaries), as training goes.
             full = ww >= 1
-            hits += (logits.detach().reshape(-1, vocab).argmax(-1)[full] == target[full]).sum().item()
+            hits += (logits.detach().argmax(-1)[full] == target[full]).sum().item()
             total += full.sum().item()
             if step % 50 == 0 or step == steps - 1:
                 print(f"step {step:5d}  crop {ph['crop']:4d}  loss {loss.item():.4f}  recall acc {hits / max(total, 1):.3f}  lr {lr:.2e}  {time.time() - t0:6.1f} s", flush=True)

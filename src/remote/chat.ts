@@ -9,7 +9,7 @@ import { checkInt, checkKnownKeys, checkMessage, checkNumber, checkObject, check
 import { checkTelemetry, TelemetryEmitter, type TelemetryHooks } from '../shared/telemetry.js';
 import { AbortedError, type Transport } from './transport.js';
 import type { RemoteTokenizer } from './connect.js';
-import type { CommonChatStats, CommonTurnResult, StopReason, Transcript } from '../shared/types.js';
+import type { CommonChatStats, CommonSendOptions, CommonTurnResult, StopReason, Transcript } from '../shared/types.js';
 
 export type RemotePolicyName = 'sliding' | 'rolling_summary' | 'hybrid';
 const REMOTE_POLICIES: readonly RemotePolicyName[] = ['sliding', 'rolling_summary', 'hybrid'];
@@ -27,12 +27,10 @@ export interface RemoteChatOptions {
   telemetry?: RemoteTelemetry;
 }
 
-export interface RemoteSendOptions {
+/** The common send() options (temperature, seed and stop are sent as they are); what differs is documented here. */
+export interface RemoteSendOptions extends CommonSendOptions {
   /** Sent as `max_tokens`. Default 256. */
   maxNewTokens?: number;
-  temperature?: number;
-  seed?: number;
-  stop?: string[];
   /** Streams the reply (SSE) and receives each piece. A stream that breaks after its first piece is not retried. */
   onToken?: (piece: string) => void;
   /** Aborts at once (also during a backoff sleep); the turn resolves with stopReason 'abort'. */

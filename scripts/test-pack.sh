@@ -42,6 +42,7 @@ PATH="$bin" npm install --no-audit --no-fund "$work/$tarball" 2>&1 | tail -3
 cat > run.mjs <<'JS'
 import { loadModel, systemInfo } from 'finite-memory-llm';
 import { writeLlamaModel } from 'finite-memory-llm/gguf-writer';
+import { createServer } from 'finite-memory-llm/server';
 writeLlamaModel('tiny.gguf', {});
 const model = await loadModel('tiny.gguf', { threads: 1 });
 const chat = model.createChat({ maxTokens: 64, windowSize: 16 });
@@ -50,6 +51,11 @@ const s = chat.stats();
 console.log(JSON.stringify({ binary: systemInfo().binary, turns: s.turns, retained: s.tokensRetained, evicted: s.tokensEvicted }));
 if (s.tokensRetained > 64 || s.turns !== 10) process.exit(1);
 if (!systemInfo().binary.includes('/prebuilds/')) { console.error('not loaded from prebuilds'); process.exit(1); }
+// The /server entry point resolves from the package and serves a request.
+const server = await createServer(model, { chat: { maxTokens: 64, windowSize: 16 } });
+const res = await server.app.inject({ method: 'GET', url: '/v1/models' });
+await server.close();
+if (res.statusCode !== 200) { console.error('server entry point: /v1/models', res.statusCode); process.exit(1); }
 JS
 PATH="$bin" node run.mjs
-echo "[test-pack] OK: installed without a compiler and ran a chat"
+echo "[test-pack] OK: installed without a compiler, ran a chat, and the /server entry point answered"

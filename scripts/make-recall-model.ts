@@ -4,7 +4,7 @@
  * ChatML template, then checked: with the full cache it must answer >= 95% of the questions of
  * conversations at its training length, or the script fails.
  *
- *   npm run make-recall-model [-- --out FILE] [--steps N] [--threads N] [--check N] [--force] [--keep-work DIR] [--trained DIR]
+ *   npm run make-recall-model [-- --out FILE] [--steps N] [--threads N] [--check N] [--force] [--keep-work DIR] [--trained DIR] [--seed N]
  *
  * Default output: .cache/models/recall-<recipe hash>.gguf (git-ignored); an existing file is reused.
  * The data are tokenized by llama.cpp itself (a vocabulary-only model with the same vocabulary),
@@ -182,16 +182,19 @@ async function main(): Promise<void> {
       force: { type: 'boolean', default: false },
       'keep-work': { type: 'string' },
       trained: { type: 'string' },
+      seed: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
   if (values.help) {
-    console.log('Usage: make-recall-model [--out FILE] [--steps N] [--threads N] [--check N (0: none, needs --out)] [--force] [--keep-work DIR] [--trained DIR]');
+    console.log('Usage: make-recall-model [--out FILE] [--steps N] [--threads N] [--check N (0: none, needs --out)] [--force] [--keep-work DIR] [--trained DIR] [--seed N (needs --out)]');
     return;
   }
   const out = resolve(values.out ?? defaultRecallModelPath());
   const checks = Number(values.check);
   if (!Number.isInteger(checks) || checks < 0) throw new Error(`--check ${values.check}: a number of conversations (0 skips the check)`);
+  // Another seed is another model than the recipe's: it does not go to the recipe's path.
+  if (values.seed !== undefined && (!values.out || !Number.isInteger(Number(values.seed)))) throw new Error('--seed N (an integer) needs --out');
   if (checks === 0 && !values.out) throw new Error('--check 0 (no recall check) needs --out: an unchecked model does not go to the default path');
   // Checked first: a rename onto an existing folder fails only after the whole training.
   if (values['keep-work'] && existsSync(values['keep-work'])) throw new Error(`--keep-work ${values['keep-work']} exists: name a new folder`);
@@ -215,7 +218,7 @@ async function main(): Promise<void> {
   // --steps N scales every phase to N steps in all (quick trials of the pipeline).
   const scale = values.steps ? Number(values.steps) / RECIPE.train.phases.reduce((s, p) => s + p.steps, 0) : 1;
   const phases = RECIPE.train.phases.map((p) => ({ ...p, steps: Math.max(1, Math.round(p.steps * scale)) }));
-  const recipe = { ...RECIPE, train: { ...RECIPE.train, threads: Number(values.threads), phases } };
+  const recipe = { ...RECIPE, train: { ...RECIPE.train, seed: values.seed === undefined ? RECIPE.train.seed : Number(values.seed), threads: Number(values.threads), phases } };
   const work = mkdtempSync(join(tmpdir(), 'fml-recall-'));
   const t0 = performance.now();
   try {

@@ -26,7 +26,7 @@ policy=$(grep -rhE '#include "' native/policies | grep -vE '#include "(policies/
 shared=$(grep -rlE "from '\.\./(local|remote|server|gguf)/" src/shared || true)
 [ -z "$shared" ] || bad "src/shared/ imports another folder of src/" "$shared"
 
-layers=$(grep -rlE "from '\.\./(remote|server)/" src/local; grep -rlE "from '\.\./(local|server)/" src/remote || true)
+layers=$(grep -rlE "from '\.\./(remote|server)/" src/local || true; grep -rlE "from '\.\./(local|server)/" src/remote || true)
 [ -z "$layers" ] || bad "src/local/ and src/remote/ import each other or the server" "$layers"
 
 [ "$fail" = 0 ] && echo "dependency rules hold (napi.h, llama_memory_*, llama.cpp internals, policies, src/ layers)"

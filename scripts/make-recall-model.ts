@@ -39,9 +39,11 @@ export const RECALL_TRAINING_TOKENS = 320;
 /** The benchmark's and the check's conversation shape at the training length. */
 export const RECALL_BENCH_SHAPE: BenchShape = { facts: 4, asked: 2, askedTimes: 2, fillers: 1, tailFillers: 1 };
 
-/** Loss weights of predicting each kind of token: what recall is about, the rest of the replies, everything else. */
-// The user's text weighs a little: the model never writes it, but with weight 0 (no logits there,
-// 10% faster steps) the same schedule answered 8.8% of the check's questions instead of 29.1%.
+/**
+ * Loss weights of predicting each kind of token: what recall is about, the rest of the replies,
+ * everything else. The user's text weighs a little: the model never writes it, but with weight 0 (no
+ * logits there, 10% faster steps) the same schedule answered 8.8% of the check's questions, not 29.1%.
+ */
 const WEIGHT = { recall: 1, reply: 0.5, other: 0.02 } as const;
 
 const RECIPE = {
@@ -120,10 +122,13 @@ export function tokenizeConversation(model: Model, c: RecallConversation, limit:
 }
 
 /** With the full cache, the share of questions the model answers exactly (greedy). */
-export async function recallAccuracy(model: Model, conversations: RecallConversation[], maxTokens: number): Promise<{ correct: number; total: number; misses: { question: string; wanted: string; got: string }[] }> {
+/** A question answered wrongly: what was asked, the reply it wanted, the one it got. */
+interface RecallMiss { question: string; wanted: string; got: string }
+
+export async function recallAccuracy(model: Model, conversations: RecallConversation[], maxTokens: number): Promise<{ correct: number; total: number; misses: RecallMiss[] }> {
   let correct = 0;
   let total = 0;
-  const misses: { question: string; wanted: string; got: string }[] = [];
+  const misses: RecallMiss[] = [];
   for (const c of conversations) {
     const chat = model.createChat({ maxTokens, systemPrompt: RECALL_SYSTEM_PROMPT, policy: 'sliding', threads: 2 });
     for (const turn of c.turns) {
@@ -196,6 +201,7 @@ async function main(): Promise<void> {
   // Another seed is another model than the recipe's: it does not go to the recipe's path.
   if (values.seed !== undefined && (!values.out || !Number.isInteger(Number(values.seed)))) throw new Error('--seed N (an integer) needs --out');
   if (checks === 0 && !values.out) throw new Error('--check 0 (no recall check) needs --out: an unchecked model does not go to the default path');
+  const checkConvs = checkConversations(checks);
   // Checked first: a rename onto an existing folder fails only after the whole training.
   if (values['keep-work'] && existsSync(values['keep-work'])) throw new Error(`--keep-work ${values['keep-work']} exists: name a new folder`);
   if (existsSync(out) && !values.force) {
@@ -256,7 +262,7 @@ async function main(): Promise<void> {
       throw new Error(`tokenization differs from the chat's at token ${at} of ${expected.length}: chat ${held.slice(at - 5, at + 10).join(" ")} vs data ${expected.slice(at - 5, at + 10).join(" ")}`);
     }
     // The check runs at the training length: every check conversation must fit in it.
-    const longest = Math.max(...checkConversations(checks).map((c) => tokenizeConversation(vocabModel, c, 1 << 20).tokens.length));
+    const longest = Math.max(...checkConvs.map((c) => tokenizeConversation(vocabModel, c, 1 << 20).tokens.length));
     if (longest > T) throw new Error(`the check's conversations reach ${longest} tokens, past the training length ${T}`);
     const nVocab = vocabModel.info.nVocab;
     // The parity sequence: PyTorch writes its logits for it, llama.cpp must compute the same ones.
@@ -301,17 +307,16 @@ async function main(): Promise<void> {
     }
     // Then recall: full cache, conversations at the training length. --check 0 skips it (for
     // experiments: only with --out, so an unchecked model never lands where the benchmark looks).
-    if (Number(values.check) === 0) {
+    if (checks === 0) {
       m.dispose();
       renameSync(tmp, out);
       console.log(`wrote ${out} UNCHECKED (--check 0) in ${((performance.now() - t0) / 1000).toFixed(0)} s`);
       return;
     }
-    const convs = checkConversations(Number(values.check));
-    const { correct, total: asked, misses } = await recallAccuracy(m, convs, 4 * T);
+    const { correct, total: asked, misses } = await recallAccuracy(m, checkConvs, 4 * T);
     m.dispose();
     const share = correct / asked;
-    console.log(`check: ${correct}/${asked} questions answered with the full cache (${(100 * share).toFixed(1)}%), ${convs.length} conversations`);
+    console.log(`check: ${correct}/${asked} questions answered with the full cache (${(100 * share).toFixed(1)}%), ${checkConvs.length} conversations`);
     if (share < 0.95) {
       for (const miss of misses.slice(0, 5)) console.log(`  asked ${JSON.stringify(miss.question)}: wanted ${JSON.stringify(miss.wanted)}, got ${JSON.stringify(miss.got)}`);
       rmSync(tmp, { force: true });

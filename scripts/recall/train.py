@@ -164,8 +164,8 @@ def main(data_dir, out_dir):
             nz = (w.sum(0) > 0).nonzero()
             used = int(nz.max().item()) + 2 if len(nz) else x.shape[1]
             x, w = x[:, :used], w[:, :used]
-            # Logits only where a target has weight: the output layer (vocabulary x n_embd) is most
-            # of the work, and the user's text, weighted 0, needs none.
+            # Logits only where a target has weight (padding, and the user's text if it weighs 0):
+            # the same loss; with the user's text at 0 the step was 10% faster.
             rows = w[:, :-1] > 0
             logits = model(x[:, :-1], rows)
             target = x[:, 1:][rows]

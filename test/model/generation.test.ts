@@ -9,7 +9,6 @@ beforeAll(async () => {
 });
 afterAll(() => model?.dispose());
 
-
 describe('K-shift', () => {
   it('a whole-sequence position shift leaves the next-token logits unchanged (F32 cache)', async () => {
     const chat = model.createChat({ maxTokens: 256, kvType: 'f32', flashAttention: false, systemPrompt: 'You are terse.' });

@@ -14,6 +14,13 @@ afterAll(() => model?.dispose());
 const gc = (globalThis as { gc?: () => void }).gc;
 
 describe('concurrency', () => {
+  it('chats on one model run concurrently', async () => {
+    const chats = Array.from({ length: 4 }, () => model.createChat({ maxTokens: 96 }));
+    const results = await Promise.all(chats.map((c, i) => c.send(`hi ${i}`, { maxNewTokens: 8, temperature: 0 })));
+    expect(results).toHaveLength(4);
+    chats.forEach((c) => c.dispose());
+  });
+
   it('16 chats on one model under Promise.all, several turns each, all within budget', async () => {
     const chats = Array.from({ length: 16 }, (_, i) => model.createChat({ maxTokens: 64, windowSize: 16, policy: i % 2 ? 'importance' : 'sliding' }));
     for (let round = 0; round < 6; round++) {
@@ -134,12 +141,5 @@ describe('dispose', () => {
     const r = await p;
     expect(r.stopReason).toBe('abort');
     expect(chat.disposed).toBe(true);
-  });
-
-  it('chats on one model run concurrently', async () => {
-    const chats = Array.from({ length: 4 }, () => model.createChat({ maxTokens: 96 }));
-    const results = await Promise.all(chats.map((c, i) => c.send(`hi ${i}`, { maxNewTokens: 8, temperature: 0 })));
-    expect(results).toHaveLength(4);
-    chats.forEach((c) => c.dispose());
   });
 });

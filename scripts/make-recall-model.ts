@@ -56,6 +56,7 @@ const RECIPE = {
     seed: 1234,
     lr: 3e-3,
     warmup: 50,
+    evalEvery: 250,
     phases: [
       // First 192-token crops at a constant rate: they hold several facts, so only the name finds
       // the right code. On 96-token crops (one or two facts) a model learned to copy the nearest
@@ -67,6 +68,9 @@ const RECIPE = {
     ],
   },
 };
+
+/** Held-out conversations train.py scores teacher-forced as it goes (a cheap estimate of the check). */
+const EVAL_CONVERSATIONS = 96;
 
 export function defaultRecallModelPath(): string {
   const hash = createHash('sha256').update(JSON.stringify(RECIPE)).update(readFileSync(join(ROOT, 'scripts', 'recall', 'train.py'))).update(readFileSync(join(ROOT, 'scripts', 'recall', 'dialogues.ts'))).digest('hex').slice(0, 10);
@@ -268,11 +272,21 @@ async function main(): Promise<void> {
     // The parity sequence: PyTorch writes its logits for it, llama.cpp must compute the same ones.
     const parity = Int32Array.from(expected.slice(0, T));
     writeFileSync(join(work, 'parity.i32'), Buffer.from(parity.buffer));
+    // Held-out conversations of the check's shape (other seeds than the check's), scored during training.
+    const evalTokens = new Int32Array(EVAL_CONVERSATIONS * T);
+    const evalWeights = new Float32Array(EVAL_CONVERSATIONS * T);
+    for (let i = 0; i < EVAL_CONVERSATIONS; i++) {
+      const conv = tokenizeConversation(vocabModel, benchConversation(800_000 + i, RECALL_BENCH_SHAPE), T);
+      evalTokens.set(conv.tokens, i * T);
+      evalWeights.set(conv.weights, i * T);
+    }
+    writeFileSync(join(work, 'eval.i32'), Buffer.from(evalTokens.buffer));
+    writeFileSync(join(work, 'eval-weights.f32'), Buffer.from(evalWeights.buffer));
     vocabModel.dispose();
     writeFileSync(join(work, 'tokens.i32'), Buffer.from(tokens.buffer));
     writeFileSync(join(work, 'weights.f32'), Buffer.from(weights.buffer));
     const model = { ...RECALL_GEOMETRY, eps: 1e-5, ropeBase: 10000 };
-    writeFileSync(join(work, 'meta.json'), JSON.stringify({ n: recipe.conversations, t: T, vocab: nVocab, model, train: recipe.train }));
+    writeFileSync(join(work, 'meta.json'), JSON.stringify({ n: recipe.conversations, t: T, vocab: nVocab, model, train: recipe.train, evalN: EVAL_CONVERSATIONS }));
     console.log(`data: ${recipe.conversations} conversations, ${total} tokens (mean ${(total / recipe.conversations).toFixed(0)}), vocabulary ${nVocab}, ${((performance.now() - t0) / 1000).toFixed(0)} s`);
 
     // 2. Training.

@@ -5,7 +5,7 @@
  *   fact      user "Mila 4817."                   assistant "OK."
  *   filler    user "The river is cold today."     assistant "OK."
  *   question  user "Code of Mila?"                assistant "Mila 4817."
- *   summary   user SUMMARY_INSTRUCTION            assistant "Mila 4817. Omar 1234."
+ *   summary   user SUMMARY_INSTRUCTION            assistant "Mila 4817.\nOmar 1234."
  *
  * Associative recall over a conversation, as in Zoology's MQAR and SCBench's Retr.KV: names come from
  * a pool, codes are four random digits, a question asks about a fact stated earlier (possibly again).
@@ -19,8 +19,11 @@
  * answered 4-7% of questions, with some other fact's digits. The sentence form "Note: Mila's code is
  * 4817." puts three tokens between key and value, one more step again. The vocabulary has two-digit
  * pieces (also with a leading space), so a code is two tokens, as BPE vocabularies split numbers into
- * chunks. Summaries are what rolling_summary asks for: the notes so far, oldest first; some training
- * conversations also start with such a summary in place of evicted turns, as a chat's
+ * chunks. Summaries are what rolling_summary asks for: the notes so far, oldest first, one a line, so
+ * each name is the bare token it is in its fact (joined by spaces, every name but the first was the
+ * question's " Omar", the distractor above, in every summary the model trained on; on one machine the
+ * check went from 16/320 to 27/320 with this, less than the spread between seeds); some
+ * training conversations also start with such a summary in place of evicted turns, as a chat's
  * memory does after a summary.
  */
 import { SeededRandom } from '../../src/gguf/random.ts';
@@ -111,7 +114,7 @@ class Pick {
 const pair = (f: RecallFact): string => `${f.name} ${f.code}.`;
 export const factTurn = (f: RecallFact, fact: number): RecallTurn => ({ kind: 'fact', user: pair(f), assistant: 'OK.', fact });
 export const questionTurn = (f: RecallFact, fact: number): RecallTurn => ({ kind: 'question', user: `Code of ${f.name}?`, assistant: pair(f), fact });
-export const summaryText = (facts: RecallFact[]): string => facts.slice(0, SUMMARY_FACTS).map(pair).join(' ');
+export const summaryText = (facts: RecallFact[]): string => facts.slice(0, SUMMARY_FACTS).map(pair).join('\n');
 const summaryTurn = (facts: RecallFact[]): RecallTurn => ({ kind: 'summary', user: SUMMARY_INSTRUCTION, assistant: summaryText(facts) });
 function fillerTurn(p: Pick): RecallTurn {
   return { kind: 'filler', user: p.of(FILLER_FORMS)(p), assistant: 'OK.' };

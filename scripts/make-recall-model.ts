@@ -42,7 +42,8 @@ export const RECALL_BENCH_SHAPE: BenchShape = { facts: 4, asked: 2, askedTimes: 
 /**
  * Loss weights of predicting each kind of token: what recall is about, the rest of the replies,
  * everything else. The user's text weighs a little: the model never writes it, but with weight 0 (no
- * logits there, 10% faster steps) the same schedule answered 8.8% of the check's questions, not 29.1%.
+ * logits there, 10% faster steps) the same schedule answered 8.8% of the check's questions, not 29.1%
+ * (one machine; the same recipe and seed answered 5.0% on another, so that gap may be noise too).
  */
 const WEIGHT = { recall: 1, reply: 0.5, other: 0.02 } as const;
 

@@ -174,8 +174,27 @@ function logitParity(model: Model, tokens: Int32Array, systemTokens: number, ref
   return { maxDiff, maxAbs, argmaxAgree: agree / rows };
 }
 
+/** The check's conversations and the held-out ones train.py scores: the benchmark's shape, seeds apart. */
+const CHECK_SEED = 900_000;
+const HELD_OUT_SEED = 800_000;
+const benchConversations = (firstSeed: number, count: number): RecallConversation[] => Array.from({ length: count }, (_, i) => benchConversation(firstSeed + i, RECALL_BENCH_SHAPE));
+
 export function checkConversations(count: number): RecallConversation[] {
-  return Array.from({ length: count }, (_, i) => benchConversation(900_000 + i, RECALL_BENCH_SHAPE));
+  return benchConversations(CHECK_SEED, count);
+}
+
+/** Conversations as train.py reads them: `limit` tokens a row (zero-padded, weight 0), and the tokens held in all. */
+function packConversations(model: Model, conversations: RecallConversation[], limit: number): { tokens: Int32Array; weights: Float32Array; total: number } {
+  const tokens = new Int32Array(conversations.length * limit);
+  const weights = new Float32Array(conversations.length * limit);
+  let total = 0;
+  conversations.forEach((c, i) => {
+    const conv = tokenizeConversation(model, c, limit);
+    tokens.set(conv.tokens, i * limit);
+    weights.set(conv.weights, i * limit);
+    total += conv.tokens.length;
+  });
+  return { tokens, weights, total };
 }
 
 const systemPython = (): string => (existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3');
@@ -239,15 +258,7 @@ async function main(): Promise<void> {
     writeLlamaModel(vocabModelPath, geometry, { vocabPieces: RECALL_PIECES, vocabCommon: false });
     const vocabModel = await loadModel(vocabModelPath, { threads: 1 });
     const T = RECALL_TRAINING_TOKENS;
-    const tokens = new Int32Array(recipe.conversations * T);
-    const weights = new Float32Array(recipe.conversations * T);
-    let total = 0;
-    for (let i = 0; i < recipe.conversations; i++) {
-      const conv = tokenizeConversation(vocabModel, trainingConversation(i + 1), T);
-      tokens.set(conv.tokens, i * T);
-      weights.set(conv.weights, i * T);
-      total += conv.tokens.length;
-    }
+    const training = packConversations(vocabModel, Array.from({ length: recipe.conversations }, (_, i) => trainingConversation(i + 1)), T);
     // The tokens a chat really holds must be the ones trained on: one conversation through the engine.
     const sample = benchConversation(7, RECALL_BENCH_SHAPE);
     const messages = recallMessages(sample);
@@ -274,21 +285,15 @@ async function main(): Promise<void> {
     const parity = Int32Array.from(expected.slice(0, T));
     writeFileSync(join(work, 'parity.i32'), Buffer.from(parity.buffer));
     // Held-out conversations of the check's shape (other seeds than the check's), scored during training.
-    const evalTokens = new Int32Array(EVAL_CONVERSATIONS * T);
-    const evalWeights = new Float32Array(EVAL_CONVERSATIONS * T);
-    for (let i = 0; i < EVAL_CONVERSATIONS; i++) {
-      const conv = tokenizeConversation(vocabModel, benchConversation(800_000 + i, RECALL_BENCH_SHAPE), T);
-      evalTokens.set(conv.tokens, i * T);
-      evalWeights.set(conv.weights, i * T);
-    }
-    writeFileSync(join(work, 'eval.i32'), Buffer.from(evalTokens.buffer));
-    writeFileSync(join(work, 'eval-weights.f32'), Buffer.from(evalWeights.buffer));
+    const heldOut = packConversations(vocabModel, benchConversations(HELD_OUT_SEED, EVAL_CONVERSATIONS), T);
+    writeFileSync(join(work, 'eval.i32'), Buffer.from(heldOut.tokens.buffer));
+    writeFileSync(join(work, 'eval-weights.f32'), Buffer.from(heldOut.weights.buffer));
     vocabModel.dispose();
-    writeFileSync(join(work, 'tokens.i32'), Buffer.from(tokens.buffer));
-    writeFileSync(join(work, 'weights.f32'), Buffer.from(weights.buffer));
+    writeFileSync(join(work, 'tokens.i32'), Buffer.from(training.tokens.buffer));
+    writeFileSync(join(work, 'weights.f32'), Buffer.from(training.weights.buffer));
     const model = { ...RECALL_GEOMETRY, eps: 1e-5, ropeBase: 10000 };
     writeFileSync(join(work, 'meta.json'), JSON.stringify({ n: recipe.conversations, t: T, vocab: nVocab, model, train: recipe.train, evalN: EVAL_CONVERSATIONS }));
-    console.log(`data: ${recipe.conversations} conversations, ${total} tokens (mean ${(total / recipe.conversations).toFixed(0)}), vocabulary ${nVocab}, ${((performance.now() - t0) / 1000).toFixed(0)} s`);
+    console.log(`data: ${recipe.conversations} conversations, ${training.total} tokens (mean ${(training.total / recipe.conversations).toFixed(0)}), vocabulary ${nVocab}, ${((performance.now() - t0) / 1000).toFixed(0)} s`);
 
     // 2. Training.
     // torch's own threads do the work; OpenBLAS threads on top of them only oversubscribe the cores.

@@ -5,7 +5,7 @@
 // from scratch before each question (re-prefill), and mean KL(full || policy) at the final answers'
 // digits under teacher forcing. The model is the recall-trained one (npm run make-recall-model; built
 // here when missing).
-//   npm run bench:recall [-- --conversations N] [--model FILE] [--no-write]
+//   npm run bench:recall [-- --conversations N] [--model FILE] [--no-write] [--show-summaries]
 // --model runs on another recall model (e.g. an experiment's, written with make-recall-model --check 0
 // --out FILE); the setup then names it, and the full-cache row says how well it recalls.
 import { execFileSync } from 'node:child_process';
@@ -112,8 +112,33 @@ function klAt(ref: Float32Array, got: Float32Array, rows: number[], nVocab: numb
 
 interface Row { label: string; budget: number; maxTokens: number; live: Record<Kind, Score>; replay: Record<Kind, Score>; kl: number; summaries: number }
 
+/**
+ * --show-summaries: rolling_summary's memory as the questions come, for the first conversations at
+ * each budget: what the model wrote as summaries (what the summaries row measures).
+ */
+async function showSummaries(model: Model, convs: RecallConversation[]): Promise<void> {
+  for (const budget of BUDGETS) {
+    for (const c of convs) {
+      const chat = model.createChat({ threads: 2, systemPrompt: RECALL_SYSTEM_PROMPT, policy: 'rolling_summary', maxTokens: Math.floor(budget * conversationLength(model, c)) });
+      console.log(`--- ${budget * 100}%, facts: ${c.facts.map((f) => `${f.name} ${f.code}`).join(', ')}`);
+      for (const turn of c.turns) {
+        const r = await chat.send(turn.user, GEN);
+        if (turn.kind !== 'question') continue;
+        const summary = chat.memory().filter((e) => e.role === 'summary').map((e) => e.text).join('');
+        console.log(`${turn.user} -> ${JSON.stringify(r.response.trim())}; summary in memory: ${JSON.stringify(summary)}`);
+      }
+      chat.dispose();
+    }
+  }
+}
+
+/** The conversation's length in tokens with the full cache (what the budgets are shares of). */
+function conversationLength(model: Model, c: RecallConversation): number {
+  return model.tokenize(model.applyTemplate([{ role: 'system', content: RECALL_SYSTEM_PROMPT }, ...c.turns.flatMap((t) => [{ role: 'user' as const, content: t.user }, { role: 'assistant' as const, content: t.assistant }])]), { special: true }).length;
+}
+
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, model: { type: 'string' }, 'no-write': { type: 'boolean', default: false } } });
+  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, model: { type: 'string' }, 'no-write': { type: 'boolean', default: false }, 'show-summaries': { type: 'boolean', default: false } } });
   const n = Number(values.conversations);
   const path = values.model ?? defaultRecallModelPath();
   if (!values.model && !existsSync(path)) {
@@ -123,6 +148,11 @@ async function main(): Promise<void> {
   const model = await loadModel(path, { threads: 2 });
   const nVocab = model.info.nVocab;
   const convs = Array.from({ length: n }, (_, i) => benchConversation(500_000 + i, RECALL_BENCH_SHAPE));
+  if (values['show-summaries']) {
+    await showSummaries(model, convs.slice(0, 2));
+    model.dispose();
+    return;
+  }
 
   const full = { live: score(), kl: 0 };
   const rows = new Map<string, Row>();

@@ -61,10 +61,12 @@ const CONTENDERS: { label: string; options: ChatOptions }[] = [
   { label: 'sliding', options: { policy: 'sliding' } },
   { label: 'importance', options: { policy: 'importance' } },
   { label: 'importance (token granularity, H2O-style)', options: { policy: 'importance', importanceGranularity: 'token' } },
+  { label: "importance (importanceScore 'peak')", options: { policy: 'importance', importanceScore: 'peak' } },
   { label: 'semantic', options: { policy: 'semantic' } },
   { label: 'rolling_summary', options: { policy: 'rolling_summary' } },
   { label: 'hybrid', options: { policy: 'hybrid' } },
   { label: 'hybrid (no summary)', options: { policy: 'hybrid', summaryTokens: 0 } },
+  { label: "hybrid (importanceScore 'peak')", options: { policy: 'hybrid', importanceScore: 'peak' } },
 ];
 
 interface Row { model: string; policy: string; budget: number; maxTokens: number; kl: number; top1: number; evicted: number; fallbacks: number }

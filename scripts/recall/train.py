@@ -107,7 +107,7 @@ class Model(nn.Module):
         self.out = nn.Linear(g["embd"], vocab, bias=False)
         # Embeddings of unit scale, as large as what the blocks add: at std 0.04 the first layer's
         # output was ten times the token's own embedding, so later layers barely saw which token a
-        # position holds (the recall plateau came 300 steps later).
+        # position holds (the copy plateau came about 200 steps later).
         nn.init.normal_(self.embd.weight, std=embedding_std)
         for name, p in self.named_parameters():
             if p.dim() == 2 and "embd" not in name:

@@ -22,6 +22,8 @@ Napi::Object stats_to_js(Napi::Env env, const turn_stats & s) {
     o.Set("evictMs", s.evict_ms);
     o.Set("evictedTokens", s.evicted_tokens);
     o.Set("evictions", s.evictions);
+    o.Set("compactions", s.compactions);
+    o.Set("compactMs", s.compact_ms);
     o.Set("retainedTokens", s.retained_tokens);
     o.Set("latencyMs", s.latency_ms);
     o.Set("fallback", s.fallback);
@@ -279,6 +281,7 @@ Napi::Value js_chat::js_stats(const Napi::CallbackInfo & info) {
     o.Set("tokensEvicted", (double) c.tokens_evicted);
     o.Set("evictions", (double) c.evictions);
     o.Set("fallbackCount", (double) c.fallback_count);
+    o.Set("compactions", (double) c.compactions);
     o.Set("kvBytes", (double) s.kv_bytes());
     o.Set("summary", s.summary_text());
     return o;
@@ -330,6 +333,10 @@ Napi::Value js_chat::js_cache_state(const Napi::CallbackInfo & info) {
     o.Set("cachePosMin", snap.v.cache_pos_min);
     o.Set("cachePosMax", snap.v.cache_pos_max);
     o.Set("positionsContiguous", snap.v.positions_contiguous);
+    o.Set("positionsIncreasing", snap.v.positions_increasing);
+    o.Set("ledgerPosFirst", snap.v.ledger_pos_first);
+    o.Set("ledgerPosLast", snap.v.ledger_pos_last);
+    o.Set("positionLimit", snap.v.position_limit);
     o.Set("contextSize", snap.v.cells);
     o.Set("carriedTokens", (double) snap.v.carried_tokens);
     o.Set("pendingSystemTokens", (double) snap.v.pending_system_tokens);

@@ -60,6 +60,10 @@ Napi::Value js_model::js_info(const Napi::CallbackInfo & info) {
     o.Set("gpuLayers", mi.gpu_layers);
     o.Set("memory", mi.memory);
     o.Set("slidingWindow", mi.sliding_window);
+    o.Set("kvLayers", mi.kv_layers);
+    o.Set("recurrentBytes", Napi::Number::New(env, (double) mi.recurrent_bytes));
+    o.Set("canShift", mi.can_shift);
+    o.Set("rope", mi.rope);
     o.Set("inPlaceEviction", mi.in_place_eviction);
     o.Set("unsupportedReason", mi.unsupported_reason.empty() ? env.Null() : Napi::String::New(env, mi.unsupported_reason));
     o.Set("threads", load_options.threads);

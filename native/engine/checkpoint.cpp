@@ -196,6 +196,7 @@ void write_checkpoint(const std::string & path, const std::string & fingerprint,
     w.str(s.summary_text);
     w.put<uint64_t>(s.stats.turns); w.put<uint64_t>(s.stats.tokens_seen); w.put<uint64_t>(s.stats.tokens_evicted);
     w.put<uint64_t>(s.stats.evictions); w.put<uint64_t>(s.stats.fallback_count);
+    w.put<uint64_t>(s.stats.compactions);
     w.put<uint64_t>(s.ledger.size());
     for (const ledger_entry & e : s.ledger) {
         w.put<int32_t>(e.token); w.put<int32_t>(e.pos); w.put<uint32_t>(e.turn); w.put<uint8_t>((uint8_t) e.role);
@@ -303,6 +304,7 @@ chat_state read_checkpoint(const std::string & path, const std::string & expecte
     s.summary_text = r.str();
     s.stats.turns = r.get<uint64_t>(); s.stats.tokens_seen = r.get<uint64_t>(); s.stats.tokens_evicted = r.get<uint64_t>();
     s.stats.evictions = r.get<uint64_t>(); s.stats.fallback_count = r.get<uint64_t>();
+    s.stats.compactions = version >= 3 ? r.get<uint64_t>() : 0;
     const uint64_t n_ledger = r.count(15 + 4 * LEDGER_SCORE_SLOTS);
     s.ledger.resize(n_ledger);
     for (ledger_entry & e : s.ledger) {

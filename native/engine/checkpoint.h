@@ -16,8 +16,9 @@
 
 namespace fml {
 
-// 1: options as a struct; 2: options by name (validated by resolve_chat_options when read).
-constexpr uint32_t CHECKPOINT_FORMAT_VERSION = 2;
+// 1: options as a struct; 2: options by name (validated by resolve_chat_options when read);
+// 3: the compaction counter (positions may have gaps: kept positions).
+constexpr uint32_t CHECKPOINT_FORMAT_VERSION = 3;
 
 void write_checkpoint(const std::string & path, const std::string & model_fingerprint, const chat_state & state);
 

@@ -1,5 +1,6 @@
 #include "engine/engine.h"
 
+#include "kv/kv-internals.h"
 #include "kv/kv-ops.h"
 #include "model/model.h"
 #include "util/error.h"
@@ -73,15 +74,16 @@ void engine::create_context(uint32_t slots) {
         const std::string why = last_llama_errors();
         throw fml_error(FML_ERR_CONTEXT_CREATE, "llama.cpp could not create a context" + (why.empty() ? std::string() : ": " + why));
     }
-    if (!kv_can_shift(ctx)) {
+    if (kv_memory_of(ctx) == kv_memory_kind::other) {
         llama_free(ctx);
-        throw fml_error(FML_ERR_CONTEXT_CREATE, "this model's KV cache does not support position shifts (K-shift), so in-place eviction is impossible");
+        throw fml_error(FML_ERR_CONTEXT_CREATE, "llama.cpp made this model a memory finite memory cannot evict from in place");
     }
     if (ctx_ != nullptr) {
         llama_batch_free(batch_);
         llama_free(ctx_);
     }
     ctx_ = ctx;
+    can_shift_ = kv_can_shift(ctx_);
     // A persistent ggml threadpool (what llama-server attaches too): without one, every graph
     // compute starts and joins its worker threads, several times per step here.
     if (threadpool_ == nullptr) {
@@ -92,7 +94,7 @@ void engine::create_context(uint32_t slots) {
         llama_attach_threadpool(ctx_, threadpool_, threadpool_);
     }
     batch_ = llama_batch_init((int32_t) n_batch_, 0, 1);
-    capture_.bind(ctx_, (int32_t) key_.cells, model_->info().n_embd, opts_.unified);
+    capture_.bind(ctx_, model_->info().n_embd, opts_.unified);
     slots_.resize(slots, nullptr);
     stats_.slots = slots;
     shift_pending_ = false;
@@ -268,9 +270,12 @@ void engine::apply_pending_shift(sequence & s) {
     if (v.ledger_tokens == 0) {
         return;
     }
+    // A hybrid's recurrent layers would take the token in for good: their state is put back after.
+    const std::vector<uint8_t> recurrent = kv_recurrent_save(ctx_, s.slot());
     const int32_t token = model_->bos() >= 0 ? model_->bos() : 0;
     decode_one(s, &token, 1, v.cache_pos_max + 1, false);
     kv_remove_from(ctx_, s.slot(), v.cache_pos_max + 1);
+    kv_recurrent_restore(ctx_, s.slot(), recurrent, v.cache_pos_max);
 }
 
 bool engine::decode_one(sequence & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals) {

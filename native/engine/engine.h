@@ -67,8 +67,10 @@ public:
     // llama.cpp applies K-shifts lazily at the next llama_decode; state snapshots must not see them
     // pending. Decodes one token for `s` and removes it again when a shift is pending.
     void apply_pending_shift(sequence & s);
-    void note_eviction() { shift_pending_ = true; }
-    bool shift_pending() const { return shift_pending_; }
+    // A chat moved positions (seq_add): the next decode pays a K-shift of every cell of the context.
+    void note_shift() { shift_pending_ = true; }
+    // Whether this context's keys can shift (not with M-RoPE): compaction is a K-shift, else a re-prefill.
+    bool can_shift() const { return can_shift_; }
     eval_capture & capture() { return capture_; }
     // One decode of at most n_batch() `tokens` for chat `s` at `pos0` outside a step (probes, pending
     // shifts); true when it succeeded. `signals`: capture them (capture().member(0) afterwards).
@@ -103,6 +105,7 @@ private:
     std::vector<std::shared_ptr<sequence>> running_; // chats with a turn in a slot
     eval_capture capture_;
     bool shift_pending_ = false;
+    bool can_shift_ = false;
     size_t rr_ = 0;                           // round-robin start among prefilling chats
     engine_stats stats_;
 };

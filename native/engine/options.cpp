@@ -139,6 +139,10 @@ const std::vector<const char *> POLICY_NAMES = { "sliding", "importance", "seman
 const std::vector<const char *> KV_TYPES = { "f16", "f32", "q8_0" };
 const std::vector<const char *> GRANULARITIES = { "span", "token" };
 const std::vector<const char *> IMPORTANCE_SCORES = { "mean", "peak" };
+const std::vector<const char *> POSITION_MODES = { "keep", "compact" };
+// llama.cpp positions are int32; a limit this far from overflow leaves room for the park-and-move of
+// a compaction (kv-ops) and for any trained context a model declares today.
+constexpr double MAX_POSITION_LIMIT = 1 << 30;
 
 } // namespace
 
@@ -175,7 +179,7 @@ chat_options resolve_chat_options(const option_map & raw, int32_t default_thread
     option_reader r(raw, {
         "policy", "maxTokens", "windowSize", "sinkTokens", "systemPrompt", "threads", "batchSize", "kvType", "flashAttention",
         "importanceDecay", "importanceGranularity", "importanceScore", "semanticClusters", "spanMaxTokens", "policySeed", "summaryTokens",
-        "hybridImportanceShare", "maxPolicyMs", "testPolicyDelayMs", "testTokenDelayMs",
+        "hybridImportanceShare", "maxPolicyMs", "positions", "positionLimit", "testPolicyDelayMs", "testTokenDelayMs",
     });
     chat_options o;
     policy_options & p = o.policy;
@@ -204,6 +208,9 @@ chat_options resolve_chat_options(const option_map & raw, int32_t default_thread
                                                     : std::min<uint32_t>(48, p.max_tokens / 8);
     p.hybrid_importance_share = (v = r.get("hybridImportanceShare")) ? (float) number_in("hybridImportanceShare", *v, 0, 1) : 0.5f;
     o.max_policy_ms = (v = r.get("maxPolicyMs")) ? number_in("maxPolicyMs", *v, 0, 3600000) : 50.0;
+    o.keep_positions = (v = r.get("positions")) ? choice_of("positions", *v, POSITION_MODES) == "keep" : true;
+    // The model's side of the bounds (its trained context, the summary scratch) is checked by the chat.
+    o.position_limit = (v = r.get("positionLimit")) ? (uint32_t) int_in("positionLimit", *v, p.max_tokens, MAX_POSITION_LIMIT) : 0;
     o.test_policy_delay_ms = (v = r.get("testPolicyDelayMs")) ? number_in("testPolicyDelayMs", *v, 0, 60000) : 0.0;
     o.test_token_delay_ms = (v = r.get("testTokenDelayMs")) ? number_in("testTokenDelayMs", *v, 0, 60000) : 0.0;
     return o;
@@ -257,7 +264,11 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
         { "summaryTokens", option_value::of((double) p.summary_tokens) },
         { "hybridImportanceShare", option_value::of((double) p.hybrid_importance_share) },
         { "maxPolicyMs", option_value::of(o.max_policy_ms) },
+        { "positions", option_value::of(std::string(o.keep_positions ? "keep" : "compact")) },
     };
+    if (o.position_limit > 0) {
+        m.push_back({ "positionLimit", option_value::of((double) o.position_limit) });
+    }
     if (o.flash_attention >= 0) {
         m.push_back({ "flashAttention", option_value::of(o.flash_attention == 1) });
     }
@@ -294,6 +305,8 @@ const std::vector<option_doc> & option_docs() {
         { "chat", "summaryTokens", "number", "min(48, maxTokens / 8)", "0 .. maxTokens / 4", "rolling_summary/hybrid: longest summary; 0 turns summaries off in hybrid.", false },
         { "chat", "hybridImportanceShare", "number", "0.5", "0 .. 1", "hybrid: share of the kept history chosen by importance (the rest by semantic representatives).", false },
         { "chat", "maxPolicyMs", "number", "50", "0 .. 3600000", "Latency guard: a policy slower than this falls back to sliding; 0 disables.", false },
+        { "chat", "positions", "'keep' | 'compact'", "'keep'", "", "After an eviction the retained tokens keep their positions ('keep': their true distances; new tokens are numbered on, and positions are compacted only when the next one would pass positionLimit) or are renumbered 0..n-1 at every eviction ('compact': a K-shift of the whole context each time; needs a model whose keys can shift).", false },
+        { "chat", "positionLimit", "number", "the model's nCtxTrain", "maxTokens plus summary scratch .. the model's nCtxTrain", "positions 'keep': compact (by K-shift, or by re-prefilling the retained tokens where keys cannot shift) when the next position would pass this.", false },
         { "chat", "testPolicyDelayMs", "number", "0", "0 .. 60000", "Test hook: every policy choice takes this long.", true },
         { "chat", "testTokenDelayMs", "number", "0", "0 .. 60000", "Test hook: this chat waits this long after each of its decodes (the others do not).", true },
         { "send", "maxNewTokens", "number", "256", "0 .. 1048576", "Most tokens to generate.", false },

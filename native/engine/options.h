@@ -49,6 +49,11 @@ struct chat_options {
     std::string kv_type = "f16";      // f16 | f32 | q8_0
     int32_t     flash_attention = -1; // -1 auto, 0 off, 1 on
     double      max_policy_ms = 50.0; // latency guard: slower choices fall back to sliding (<= 0: off)
+    // Positions after an eviction: kept (the retained tokens keep their true distances and new tokens
+    // are numbered on; compaction only when the next position would pass `position_limit`) or
+    // compacted at every eviction (positions 0..n-1 again: a K-shift of the whole context each time).
+    bool        keep_positions = true;
+    uint32_t    position_limit = 0;   // 0: the model's trained context (n_ctx_train)
     double      test_policy_delay_ms = 0; // test hook: makes every policy choice this slow
     double      test_token_delay_ms = 0;  // test hook: makes every decode of a turn this slow (deterministic aborts)
 };

@@ -23,6 +23,7 @@ struct sequence::summary_job {
     std::unique_ptr<sampler_chain> sampler;
     clock_type::time_point t0;
     eviction_record rec;
+    std::vector<uint8_t> recurrent;   // a hybrid's recurrent state before the scratch: it must not keep it
 };
 
 struct sequence::turn_state {
@@ -40,6 +41,8 @@ struct sequence::turn_state {
     size_t room_made_for = SIZE_MAX;
     bool rollback_set = false;
     size_t ledger_before = 0; // rollback point: the ledger before this turn's own tokens
+    std::vector<uint8_t> recurrent;   // a hybrid's recurrent state at the rollback point
+    std::vector<int32_t> carry_before;   // what closed the previous reply (back if the whole turn is rolled back)
     uint32_t turn_no = 0;
     bool generating = false;
     // the contribution in flight: role and turn of each token

@@ -2,7 +2,7 @@
 
 #include "engine/engine.h"
 #include "engine/sequence-turn.h"
-#include "kv/kv-cells.h"
+#include "kv/kv-internals.h"
 #include "kv/kv-ops.h"
 
 #include "llama.h"
@@ -77,7 +77,7 @@ sequence::sequence(std::shared_ptr<fml_model> model, const chat_options & opts, 
     if (policy_->needs_importance()) {
         // Sliding-window layers index their attention by the window cache's cells, which the cell
         // map does not describe: those models use the key-norm proxy.
-        if (fa != 1 && kv_cells_available() && mi.sliding_window == 0) {
+        if (fa != 1 && kv_internals_available() && mi.sliding_window == 0) {
             signal_ = IMPORTANCE_ATTENTION;
             fa = 0;
             key_.attention = true;
@@ -110,6 +110,21 @@ sequence::sequence(std::shared_ptr<fml_model> model, const chat_options & opts, 
     }
     // Streams of one engine are equally long: round up so that nearby budgets share an engine.
     key_.cells = (p.max_tokens + scratch + 255) / 256 * 256;
+    scratch_ = scratch;
+    // Positions: a limit below the budget and its scratch could not hold even a compacted chat; one
+    // above the trained context would run the model on positions it never saw.
+    if (!opts_.keep_positions && !mi.can_shift) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "positions 'compact' needs keys that can shift, and architecture " + mi.architecture +
+                        " uses " + mi.rope + " positions (M-RoPE), which llama.cpp cannot shift: use positions 'keep'");
+    }
+    const uint32_t trained = std::max<uint32_t>((uint32_t) std::max(0, mi.n_ctx_train), p.max_tokens + scratch);
+    const uint32_t floor = p.max_tokens + scratch;
+    if (opts_.position_limit > 0 && (opts_.position_limit < floor || opts_.position_limit > trained)) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "Expected an integer between " + std::to_string(floor) + " (maxTokens plus " +
+                        std::to_string(scratch) + " summary scratch) and " + std::to_string(trained) +
+                        " (the model's trained context) for positionLimit but received number " + std::to_string(opts_.position_limit));
+    }
+    position_limit_ = (int32_t) (opts_.position_limit > 0 ? opts_.position_limit : trained);
     key_.kv_type = opts_.kv_type;
     key_.flash_attention = fa;
     key_.threads = opts_.threads;
@@ -324,9 +339,11 @@ size_t sequence::forget_turn(uint32_t turn, engine & e) {
         }
     }
     const kv_eviction_result res = kv_evict_ranges(e.ctx(), slot_, ledger_, ranges);
-    e.note_eviction();
     cumulative_.tokens_evicted += res.evicted;
     cumulative_.evictions++;
+    if (!opts_.keep_positions) {
+        compact(e);
+    }
     return res.evicted;
 }
 
@@ -341,10 +358,10 @@ size_t sequence::retained_tokens() const {
 }
 
 uint64_t sequence::kv_bytes() const {
-    // Bytes the retained tokens occupy: per layer, K and V rows of n_head_kv * head_dim elements.
-    const model_info & mi = model_->info();
+    // Bytes the retained tokens occupy: per attention layer, a K and a V row of n_head_kv * head_dim
+    // elements (a hybrid's recurrent state is extra and fixed: model.info.recurrentBytes).
     const double elem = opts_.kv_type == "f32" ? 4.0 : opts_.kv_type == "q8_0" ? 34.0 / 32.0 : 2.0;
-    return (uint64_t) ((double) retained_tokens() * mi.n_layer * mi.n_head_kv * (mi.n_embd_head_k + mi.n_embd_head_v) * elem);
+    return (uint64_t) ((double) retained_tokens() * (double) model_->info().kv_values_per_token * elem);
 }
 
 std::string sequence::summary_text() const {
@@ -383,14 +400,13 @@ void sequence::adopt_state(chat_state && s) {
             std::memcpy(ledger_.embedding_mut(i), s.embeddings.data() + i * s.embedding_dim, sizeof(float) * s.embedding_dim);
         }
     }
-    // Consecutive and not negative: a negative position would leave a cell seq_rm can never remove.
-    bool consecutive = ledger_.empty() || ledger_[0].pos >= 0;
-    for (size_t i = 1; consecutive && i < ledger_.size(); ++i) {
-        consecutive = ledger_[i].pos == ledger_[0].pos + (int32_t) i;
-    }
-    if (!consecutive) {
+    // Increasing and not negative (a negative position would leave a cell seq_rm can never remove),
+    // below the chat's limit, and consecutive unless the chat keeps positions.
+    const bool ordered = ledger_.positions_increasing() && (ledger_.empty() || ledger_.next_pos() <= position_limit_);
+    if (!ordered || (!opts_.keep_positions && !ledger_.empty() && ledger_[ledger_.size() - 1].pos != ledger_[0].pos + (int32_t) ledger_.size() - 1)) {
         ledger_.clear();
-        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint's token positions are negative or not consecutive");
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint's token positions are negative, out of order, past the position limit "
+                        "or (positions 'compact') not consecutive");
     }
     turn_no_ = s.turn;
     started_ = s.started;
@@ -458,6 +474,10 @@ cache_view sequence::view(llama_context * ctx) const {
     v.ledger_tokens = ledger_.size();
     v.pinned_tokens = ledger_.pinned_count();
     v.positions_contiguous = ledger_.positions_contiguous();
+    v.positions_increasing = ledger_.positions_increasing();
+    v.ledger_pos_first = ledger_.empty() ? -1 : ledger_[0].pos;
+    v.ledger_pos_last = ledger_.empty() ? -1 : ledger_[ledger_.size() - 1].pos;
+    v.position_limit = position_limit_;
     v.cells = key_.cells;
     v.carried_tokens = carry_.size();
     v.pending_system_tokens = started_ ? 0 : system_tokens_.size();
@@ -494,6 +514,7 @@ void sequence::begin_turn(turn_request && req) {
     if (!carry_.empty()) {
         t->segments.push_back({ carry_, t->turn_no - 1, TOKEN_ROLE_ASSISTANT, true, false });
     }
+    t->carry_before = carry_;
     t->segments.push_back({ req.framed, t->turn_no, TOKEN_ROLE_USER, carry_.empty(), false });
     if (req.ingest && !req.reply.empty()) {
         t->segments.push_back({ req.reply, t->turn_no, TOKEN_ROLE_ASSISTANT, true, false });
@@ -568,6 +589,7 @@ contribution sequence::take(size_t budget, engine & e) {
         }
         if (!t.rollback_set && !s.system) {
             t.ledger_before = ledger_.size();
+            t.recurrent = kv_recurrent_save(e.ctx(), slot_);
             t.rollback_set = true;
         }
         c.pos0 = ledger_.next_pos();
@@ -783,11 +805,12 @@ void sequence::decode_failed(const fml_error & err, engine & e) {
     if (!turn_) {
         return;
     }
-    // Drop whatever ubatches of the failed decode reached the cache, so cache == ledger again.
+    // Drop whatever ubatches of the failed decode reached the cache, so cache == ledger again. A
+    // recurrent state cannot drop them: the turn goes back to its snapshot.
     if (slot_ >= 0) {
         kv_drop_unledgered(e.ctx(), slot_, ledger_);
     }
-    fail_turn(err, e);
+    fail_turn(err, e, slot_ >= 0 && kv_has_recurrent(e.ctx()));
 }
 
 void sequence::fail_unstarted(const fml_error & err) {
@@ -814,13 +837,13 @@ void sequence::fail_unstarted(const fml_error & err) {
     }
 }
 
-void sequence::fail_turn(const fml_error & err, engine & e) {
+void sequence::fail_turn(const fml_error & err, engine & e, bool state_lost) {
     std::unique_ptr<turn_state> & t = turn_;
     if (t->summary) {
         cancel_summary(e);
     }
     const bool aborted = err.code() == FML_ERR_ABORTED;
-    if (t->generating) {
+    if (t->generating && !state_lost) {
         // Generation already started: what was generated stays (like an abort).
         if (aborted) {
             finish_turn(STOP_ABORT, e);
@@ -828,6 +851,11 @@ void sequence::fail_turn(const fml_error & err, engine & e) {
         }
     } else if (t->rollback_set) {
         rollback_to(t->ledger_before, e);    // the turn's own tokens go; evictions already done stay done
+        if (turn_no_ == t->turn_no) {
+            // Its prompt was in (a state lost mid-reply): the turn never happened.
+            turn_no_ = t->turn_no - 1;
+            carry_ = t->carry_before;
+        }
     } else if (!started_) {
         rollback_to(0, e);                    // stopped inside the system prompt: start over next time
     }
@@ -862,7 +890,21 @@ void sequence::rollback_to(size_t keep, engine & e) {
     cumulative_.tokens_seen -= std::min<uint64_t>(cumulative_.tokens_seen, removed);
     if (keep == 0) {
         kv_clear_slot(e.ctx(), slot_);
+    } else if (turn_ && turn_->rollback_set) {
+        restore_recurrent(turn_->recurrent, e);
     }
+}
+
+void sequence::restore_recurrent(const std::vector<uint8_t> & snapshot, engine & e) {
+    kv_recurrent_restore(e.ctx(), slot_, snapshot, ledger_.empty() ? -1 : ledger_[ledger_.size() - 1].pos);
+}
+
+std::vector<index_range> sequence::position_ranges(const std::vector<index_range> & ranges) const {
+    std::vector<index_range> out;
+    for (const index_range & r : normalize_ranges(ranges)) {
+        out.push_back({ (size_t) ledger_[r.begin].pos, (size_t) ledger_[r.end - 1].pos + 1 });
+    }
+    return out;
 }
 
 void sequence::append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role, bool pin) {
@@ -882,21 +924,26 @@ void sequence::absorb_signals(const capture_member & m, size_t first_new, size_t
         // seen by more queries, which evicts the recent context a small model depends on.
         // score[ATTENTION_QUERIES] keeps the running count of queries so the average can be updated
         // incrementally; positions == ledger indices.
-        const std::vector<float> & acc = m.attention_by_pos;
-        for (size_t i = 0; i < ledger_.size(); ++i) {
-            const int32_t pos = ledger_[i].pos;
-            if (pos < 0 || (size_t) pos >= acc.size()) {
-                continue;
+        // Cells -> ledger entries through their positions (cells not in the ledger: summary scratch).
+        std::vector<float> acc(ledger_.size(), 0.0f);
+        std::vector<float> peak(ledger_.size(), 0.0f);
+        for (size_t c = 0; c < m.cell_pos.size() && c < m.attention_by_cell.size(); ++c) {
+            const size_t i = m.cell_pos[c] >= 0 ? ledger_.index_of_pos(m.cell_pos[c]) : ledger_.size();
+            if (i < ledger_.size()) {
+                acc[i] += m.attention_by_cell[c];
+                peak[i] = std::max(peak[i], m.peak_by_cell[c]);
             }
+        }
+        for (size_t i = 0; i < ledger_.size(); ++i) {
             ledger_entry & e = ledger_.at(i);
             if (opts_.policy.importance_peak) {
                 // Peaks decay with importanceDecay (begin_turn) and are raised by new ones.
-                e.score[SCORE_IMPORTANCE] = std::max(e.score[SCORE_IMPORTANCE], m.peak_by_pos[(size_t) pos]);
+                e.score[SCORE_IMPORTANCE] = std::max(e.score[SCORE_IMPORTANCE], peak[i]);
                 continue;
             }
             const float queries = i < first_new ? (float) n_new : (float) (n_new - (i - first_new));
             const float seen = e.score[SCORE_ATTENTION_QUERIES];
-            const float total = e.score[SCORE_IMPORTANCE] * seen + acc[(size_t) pos];
+            const float total = e.score[SCORE_IMPORTANCE] * seen + acc[i];
             e.score[SCORE_ATTENTION_QUERIES] = seen + queries;
             e.score[SCORE_IMPORTANCE] = total / e.score[SCORE_ATTENTION_QUERIES];
         }
@@ -919,6 +966,7 @@ void sequence::absorb_signals(const capture_member & m, size_t first_new, size_t
 bool sequence::make_room(size_t incoming, size_t slack, engine & e) {
     const size_t budget = opts_.policy.max_tokens;
     if (ledger_.size() + incoming <= budget) {
+        fit_positions(incoming, slack, e);
         return true;
     }
     const size_t hard_need = ledger_.size() + incoming - budget;
@@ -937,7 +985,58 @@ bool sequence::make_room(size_t incoming, size_t slack, engine & e) {
     if (ledger_.size() + incoming > budget) {
         throw fml_error(FML_ERR_INTERNAL, "eviction left the budget exceeded");
     }
+    fit_positions(incoming, slack, e);
     return true;
+}
+
+void sequence::fit_positions(size_t incoming, size_t slack, engine & e) {
+    // Positions that are 0..n-1 already cannot get lower (and compact mode keeps them so).
+    if ((int64_t) ledger_.next_pos() + (int64_t) (incoming + slack) <= position_limit_ || ledger_.positions_contiguous()) {
+        return;
+    }
+    compact(e);
+    if ((int64_t) ledger_.next_pos() + (int64_t) incoming > position_limit_) {
+        throw fml_error(FML_ERR_INTERNAL, "a compaction left the position limit exceeded");
+    }
+}
+
+void sequence::compact(engine & e) {
+    const auto t0 = clock_type::now();
+    llama_context * ctx = e.ctx();
+    if (e.can_shift()) {
+        if (kv_compact_by_shift(ctx, slot_, ledger_) > 0) {
+            e.note_shift();
+        }
+    } else {
+        // Keys that cannot shift are recomputed where they go: the retained tokens, re-prefilled once at
+        // 0..n-1 (at most maxTokens, once per positionLimit - maxTokens positions). The recurrent state
+        // of a hybrid must not see them twice, and a failed decode must leave the chat as it was.
+        const std::vector<uint8_t> before = kv_state_save(ctx, slot_);
+        const std::vector<uint8_t> recurrent = kv_recurrent_save(ctx, slot_);
+        std::vector<int32_t> tokens;
+        std::vector<int32_t> positions;
+        for (const ledger_entry & x : ledger_.entries()) {
+            tokens.push_back(x.token);
+            positions.push_back(x.pos);
+        }
+        kv_clear_for_reprefill(ctx, slot_, ledger_);
+        for (size_t start = 0; start < tokens.size(); start += e.n_batch()) {
+            const size_t n = std::min<size_t>(e.n_batch(), tokens.size() - start);
+            if (!e.decode_one(*this, tokens.data() + start, n, (int32_t) start, false)) {
+                kv_state_load(ctx, slot_, e.streams(), before);
+                for (size_t i = 0; i < positions.size(); ++i) {
+                    ledger_.at(i).pos = positions[i];
+                }
+                throw fml_error(FML_ERR_DECODE, "llama_decode failed while re-prefilling the retained tokens at the position limit");
+            }
+        }
+        restore_recurrent(recurrent, e);
+    }
+    cumulative_.compactions++;
+    if (turn_) {
+        turn_->result.stats.compactions++;
+        turn_->result.stats.compact_ms += ms_since(t0);
+    }
 }
 
 bool sequence::evict(const eviction_request & req, size_t hard_need, engine & e) {
@@ -971,7 +1070,6 @@ bool sequence::evict(const eviction_request & req, size_t hard_need, engine & e)
     const double policy_ms = ms_since(t0) + opts_.test_policy_delay_ms;
     st.policy_ms += policy_ms;
     eviction_record rec;
-    rec.positions = normalize_ranges(plan.ranges);   // ledger index == position before eviction
     rec.policy_ms = policy_ms;
     rec.fallback = fallback;
     rec.during_generation = turn_->generating;
@@ -981,10 +1079,13 @@ bool sequence::evict(const eviction_request & req, size_t hard_need, engine & e)
     if (plan.summarize && max_summary > 0 && !summary_instruction_.empty()) {
         // The summary takes what the eviction frees beyond what the incoming tokens need (a small
         // budget can leave less than summaryTokens); it is written first, the eviction happens after.
+        // The scratch (instruction + summary) goes after the history: below the position limit.
+        fit_positions(summary_instruction_.size() + max_summary, 0, e);
         auto j = std::make_unique<summary_job>();
-        j->ranges = rec.positions;
+        j->ranges = normalize_ranges(plan.ranges);
         j->max_tokens = max_summary;
         j->instruction_pos0 = ledger_.next_pos();
+        j->recurrent = kv_recurrent_save(e.ctx(), slot_);
         j->t0 = clock_type::now();
         j->rec = std::move(rec);
         sampling_options so;
@@ -995,8 +1096,8 @@ bool sequence::evict(const eviction_request & req, size_t hard_need, engine & e)
         return false;
     }
     t0 = clock_type::now();
+    rec.positions = position_ranges(plan.ranges);   // positions before the eviction
     const kv_eviction_result res = kv_evict_ranges(e.ctx(), slot_, ledger_, plan.ranges);
-    e.note_eviction();
     rec.evict_ms = ms_since(t0);
     rec.evicted = (uint32_t) res.evicted;
     st.evict_ms += rec.evict_ms;
@@ -1005,6 +1106,9 @@ bool sequence::evict(const eviction_request & req, size_t hard_need, engine & e)
     st.eviction_log.push_back(std::move(rec));
     cumulative_.tokens_evicted += res.evicted;
     cumulative_.evictions += 1;
+    if (!opts_.keep_positions) {
+        compact(e);
+    }
     return true;
 }
 
@@ -1025,9 +1129,8 @@ void sequence::summary_decoded(engine & e, int32_t logits_row) {
 void sequence::finish_summary(engine & e) {
     std::unique_ptr<summary_job> j = std::move(turn_->summary);
     turn_stats & st = turn_->result.stats;
-    const size_t insert_at = j->ranges.front().begin;
     std::vector<ledger_entry> items;
-    const uint32_t turn = ledger_[insert_at].turn;
+    const uint32_t turn = ledger_[j->ranges.front().begin].turn;
     for (int32_t tok : j->tokens) {
         ledger_entry it{};
         it.token = tok;
@@ -1036,11 +1139,26 @@ void sequence::finish_summary(engine & e) {
         items.push_back(it);
     }
     const auto t0 = clock_type::now();
-    const kv_eviction_result res = kv_evict_and_insert(e.ctx(), slot_, ledger_, j->ranges, insert_at, j->instruction_pos0,
-                                                       j->instruction_pos0 + (int32_t) summary_instruction_.size(), items);
-    e.note_eviction();
-    summary_text_ = model_->detokenize(j->tokens, false);
+    // Kept positions: the summary moves into the first evicted gap (one K-shift), or stays where the
+    // model wrote it when keys cannot shift; otherwise (compact mode, or a gap too small) every
+    // position is renumbered with it.
+    const summary_placement placement = !opts_.keep_positions ? summary_placement::compacted
+                                        : !e.can_shift()      ? summary_placement::after_history
+                                        : summary_fits_gap(ledger_, j->ranges, items.size()) ? summary_placement::in_gap
+                                                                                            : summary_placement::compacted;
     eviction_record & rec = j->rec;
+    rec.positions = position_ranges(j->ranges);
+    const kv_eviction_result res = kv_evict_and_insert(e.ctx(), slot_, ledger_, j->ranges, placement, j->instruction_pos0,
+                                                       j->instruction_pos0 + (int32_t) summary_instruction_.size(), items);
+    if (res.shifted_runs > 0) {
+        e.note_shift();
+    }
+    if (placement == summary_placement::compacted) {
+        cumulative_.compactions++;
+        st.compactions++;
+    }
+    restore_recurrent(j->recurrent, e);
+    summary_text_ = model_->detokenize(j->tokens, false);
     rec.evict_ms = ms_since(t0);
     rec.evicted = (uint32_t) res.evicted;
     rec.summary_tokens = (uint32_t) items.size();
@@ -1058,6 +1176,7 @@ void sequence::finish_summary(engine & e) {
 void sequence::cancel_summary(engine & e) {
     // The scratch cells (instruction, summary so far) go; the planned eviction does not happen.
     kv_drop_unledgered(e.ctx(), slot_, ledger_);
+    restore_recurrent(turn_->summary->recurrent, e);
     turn_->summary.reset();
 }
 

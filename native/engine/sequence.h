@@ -1,6 +1,10 @@
 // One chat = one sequence in a shared engine (a llama_context with a KV stream per sequence), its
 // token ledger, its policy and its turn. A turn prefills only its new tokens; when the budget would
-// overflow, the policy picks tokens and kv-ops removes them and compacts positions in place.
+// overflow, the policy picks tokens and kv-ops removes them in place. The retained tokens keep their
+// positions (positions 'keep'); they are compacted when the next position would pass the chat's
+// position limit, by a K-shift or, where keys cannot shift (M-RoPE), by re-prefilling them once. For a
+// hybrid model only the attention KV is finite: the recurrent state keeps going, and is put back from
+// a snapshot whenever tokens it saw must leave no trace (an aborted prefill, a summary's scratch).
 //
 // Threads: the JS thread creates a sequence, prepares turns (framing, the fit check), reads its state
 // and resets it while idle; everything that touches the KV cache runs on the model's scheduler thread
@@ -58,9 +62,11 @@ struct turn_stats {
     double   decode_ms = 0;
     double   tokens_per_second = 0;
     double   policy_ms = 0;          // time policies spent choosing
-    double   evict_ms = 0;           // time spent in seq_rm + seq_add
+    double   evict_ms = 0;           // time spent in seq_rm (+ seq_add when compacting)
     uint32_t evicted_tokens = 0;
     uint32_t evictions = 0;          // eviction events this turn
+    uint32_t compactions = 0;        // times positions were numbered 0..n-1 again this turn
+    double   compact_ms = 0;         // time they took (a re-prefill's decodes; a K-shift's own cost is in the next decode)
     uint32_t retained_tokens = 0;
     double   latency_ms = 0;
     double   first_token_ms = 0;     // from the turn's start to its first generated token
@@ -83,6 +89,7 @@ struct cumulative_stats {
     uint64_t tokens_evicted = 0;
     uint64_t evictions = 0;
     uint64_t fallback_count = 0;
+    uint64_t compactions = 0;
 };
 
 struct memory_entry {
@@ -156,6 +163,10 @@ struct cache_view {
     int32_t cache_pos_min = -1;
     int32_t cache_pos_max = -1;
     bool positions_contiguous = true;
+    bool positions_increasing = true;
+    int32_t ledger_pos_first = -1;   // the ledger's first and last positions (-1: empty)
+    int32_t ledger_pos_last = -1;
+    int32_t position_limit = 0;
     uint32_t cells = 0;
     size_t carried_tokens = 0;
     size_t pending_system_tokens = 0;
@@ -201,6 +212,7 @@ public:
     size_t count_turn_tokens(const std::string & user_text) const;
     const chat_options & options() const { return opts_; }
     const engine_key & key() const { return key_; }
+    int32_t position_limit() const { return position_limit_; }
     importance_signal signal() const { return signal_; }
     const std::string & model_fingerprint() const { return model_->info().fingerprint; }
     // A chat rebuilt from a checkpoint: its KV state stays parked until the scheduler gives it a slot.
@@ -272,6 +284,12 @@ private:
     // first; the room exists once it is done). Throws PROMPT_TOO_LARGE when pinned tokens leave no room.
     bool make_room(size_t incoming, size_t slack, engine & e);
     bool evict(const eviction_request & req, size_t hard_need, engine & e);
+    // Positions: compacts when `incoming` more would pass the limit (early by `slack`: a compaction
+    // at a turn's start beats one mid-reply).
+    void fit_positions(size_t incoming, size_t slack, engine & e);
+    void compact(engine & e);
+    // The recurrent state at the turn's start (hybrids) goes back after the turn's tokens were removed.
+    void restore_recurrent(const std::vector<uint8_t> & snapshot, engine & e);
     contribution summary_contribution(size_t budget);
     void summary_decoded(engine & e, int32_t logits_row);
     void finish_summary(engine & e);
@@ -281,7 +299,11 @@ private:
     void rollback_to(size_t keep, engine & e);
     void sample_next(engine & e, int32_t logits_row);
     void finish_turn(stop_reason reason, engine & e);
-    void fail_turn(const fml_error & err, engine & e);
+    // `state_lost`: a decode failed partway, so a hybrid's recurrent state may hold part of it and the
+    // whole turn is rolled back (a KV cache alone only needs its unledgered cells dropped).
+    void fail_turn(const fml_error & err, engine & e, bool state_lost = false);
+    // Ledger positions as llama.cpp ranges: each index range becomes [first position, last + 1).
+    std::vector<index_range> position_ranges(const std::vector<index_range> & ranges) const;
     void start_generation();
 
     std::shared_ptr<fml_model> model_;
@@ -293,6 +315,8 @@ private:
     std::vector<int32_t> summary_instruction_;
     std::vector<int32_t> closing_tokens_;   // the template's end of an assistant turn
     size_t chunk_ = 512;                    // most prefill tokens per step (batchSize)
+    int32_t position_limit_ = 0;            // positions stay below this (compaction otherwise)
+    uint32_t scratch_ = 0;                  // summary cells after the history (instruction + summary)
 
     mutable std::mutex mu_;                 // guards everything below against JS-thread readers
     token_ledger ledger_;

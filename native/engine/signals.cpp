@@ -1,6 +1,6 @@
 #include "engine/signals.h"
 
-#include "kv/kv-cells.h"
+#include "kv/kv-internals.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -10,9 +10,8 @@
 
 namespace fml {
 
-void eval_capture::bind(llama_context * ctx, int32_t cells_per_seq, int32_t embd, bool unified) {
+void eval_capture::bind(llama_context * ctx, int32_t embd, bool unified) {
     ctx_ = ctx;
-    cells_per_seq_ = cells_per_seq;
     n_embd_ = embd;
     unified_ = unified;
 }
@@ -30,10 +29,6 @@ void eval_capture::begin_group(const std::vector<group_member> & layout) {
         mem.attention_layers_seen = 0;
         mem.key_norm_layers_seen = 0;
         mem.hidden_seen = false;
-        if (want_attention) {
-            mem.attention_by_pos.assign((size_t) cells_per_seq_ + 1, 0.0f);
-            mem.peak_by_pos.assign((size_t) cells_per_seq_ + 1, 0.0f);
-        }
         if (want_key_norm) mem.key_norm_by_token.assign((size_t) mem.n_tokens, 0.0f);
         if (want_hidden) mem.hidden_by_token.assign((size_t) mem.n_tokens * (size_t) n_embd_, 0.0f);
     }
@@ -101,7 +96,10 @@ void eval_capture::observe_attention(ggml_tensor * t) {
     if (!maps_ready_) {
         // Cells are placed before the graph runs, so the map read at layer 0 holds for all layers.
         for (size_t m = 0; m < n_members_; ++m) {
-            kv_cell_positions(ctx_, members_[m].seq_id, members_[m].cell_pos);
+            capture_member & mem = members_[m];
+            kv_cell_positions(ctx_, mem.seq_id, mem.cell_pos);
+            mem.attention_by_cell.assign(mem.cell_pos.size(), 0.0f);
+            mem.peak_by_cell.assign(mem.cell_pos.size(), 0.0f);
         }
         maps_ready_ = true;
     }
@@ -122,10 +120,10 @@ void eval_capture::observe_attention(ggml_tensor * t) {
                 const int64_t n_cells = std::min<int64_t>(n_kv, (int64_t) mem.cell_pos.size());
                 for (int64_t c = 0; c < n_cells; ++c) {
                     const int32_t pos = mem.cell_pos[(size_t) c];
-                    if (pos >= 0 && (size_t) pos < mem.attention_by_pos.size()) {
-                        mem.attention_by_pos[(size_t) pos] += row[c];
-                        if (query_pos - pos >= PEAK_MIN_DISTANCE && row[c] > mem.peak_by_pos[(size_t) pos]) {
-                            mem.peak_by_pos[(size_t) pos] = row[c];
+                    if (pos >= 0) {
+                        mem.attention_by_cell[(size_t) c] += row[c];
+                        if (query_pos - pos >= PEAK_MIN_DISTANCE && row[c] > mem.peak_by_cell[(size_t) c]) {
+                            mem.peak_by_cell[(size_t) c] = row[c];
                         }
                         if (pos > query_pos && row[c] > 1e-6f) {
                             causal_violations++;

@@ -1,6 +1,7 @@
 // Reads the model's own signals during llama_decode through the context's eval callback (cb_eval),
 // for every chat of a decode group:
-//   - attention received per position, from `kq_soft_max-<layer>` (exists only with flash attention off);
+//   - attention received per KV cell (and the cell's position), from `kq_soft_max-<layer>` (exists only
+//     with flash attention off; a hybrid model's attention layers only);
 //   - post-RoPE key L2 norms per token, from `Kcur-<layer>` (both modes; the keyNorm proxy);
 //   - hidden states per token, from `l_out-<layer>` of a middle layer (semantic embeddings).
 // Only the wanted tensors answer the callback's "ask" phase: every observed node forces a scheduler
@@ -40,8 +41,8 @@ struct group_member {
 
 // What was captured for one member.
 struct capture_member : group_member {
-    std::vector<float> attention_by_pos;   // attention received, by position (cells of the stream + 1)
-    std::vector<float> peak_by_pos;        // the largest single weight a distant query paid it (see PEAK_MIN_DISTANCE)
+    std::vector<float> attention_by_cell;  // attention received, by KV cell (cell_pos says whose and where)
+    std::vector<float> peak_by_cell;       // the largest single weight a distant query paid it (see PEAK_MIN_DISTANCE)
     int32_t attention_layers_seen = 0;
     std::vector<float> key_norm_by_token;  // mean key L2 norm over heads, summed over layers
     int32_t key_norm_layers_seen = 0;
@@ -59,7 +60,7 @@ public:
     int32_t hidden_layer = 0;
 
     bool any() const { return want_attention || want_key_norm || want_hidden; }
-    void bind(llama_context * ctx, int32_t cells_per_seq, int32_t n_embd, bool unified);
+    void bind(llama_context * ctx, int32_t n_embd, bool unified);
 
     // Before a group's llama_decode: its members in row order.
     void begin_group(const std::vector<group_member> & layout);
@@ -83,7 +84,6 @@ private:
     bool row_owner(int64_t r, size_t & member, int32_t & token) const;
 
     llama_context * ctx_ = nullptr;
-    int32_t cells_per_seq_ = 0;
     int32_t n_embd_ = 0;
     bool unified_ = false;
     std::vector<capture_member> members_;

@@ -1,10 +1,11 @@
 #include "kv/kv-ops.h"
-#include "kv/kv-cells.h"
+#include "kv/kv-internals.h"
 
 #include "util/error.h"
 
 #include "llama.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace fml {
@@ -31,27 +32,52 @@ static void check_plan(const token_ledger & ledger, const std::vector<index_rang
     }
 }
 
-// The kept runs between (and after) sorted evicted ranges: fn(run_begin, run_end, tokens removed before the run).
-template <typename F>
-static void for_each_kept_run(const token_ledger & ledger, const std::vector<index_range> & ranges, F fn) {
-    size_t removed_so_far = 0;
-    for (size_t k = 0; k < ranges.size(); ++k) {
-        removed_so_far += ranges[k].size();
-        const size_t run_begin = ranges[k].end;
-        const size_t run_end   = k + 1 < ranges.size() ? ranges[k + 1].begin : ledger.size();
-        if (run_end > run_begin) {
-            fn(run_begin, run_end, removed_so_far);
+// Removes each range's positions from the attention KV (the ranges are ledger indices; positions
+// may have gaps, so a range covers [first position, last position + 1)).
+static void remove_ranges(llama_context * ctx, int32_t seq, const token_ledger & ledger, const std::vector<index_range> & ranges) {
+    for (const auto & r : ranges) {
+        if (!kv_attention_seq_rm(ctx, seq, ledger[r.begin].pos, ledger[r.end - 1].pos + 1)) {
+            throw fml_error(FML_ERR_KV, "llama_memory_seq_rm refused a partial removal");
         }
     }
 }
 
-static void remove_ranges(llama_memory_t mem, int32_t seq, const std::vector<index_range> & ranges) {
-    // Ledger index == position (invariant), so ranges translate directly to positions.
-    for (const auto & r : ranges) {
-        if (!llama_memory_seq_rm(mem, seq, (llama_pos) r.begin, (llama_pos) r.end)) {
-            throw fml_error(FML_ERR_KV, "llama_memory_seq_rm refused a partial removal");
+// Moves every ledger entry's cell from its position to targets[i] (unique; the result increasing),
+// then sets the ledger's positions. Runs of entries that are consecutive both before and after move
+// with one seq_add each. Targets may take positions other moving entries hold now, so the moving runs
+// are parked above every position first and then moved home: no run lands on another's cells.
+static size_t move_positions(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<int32_t> & targets) {
+    struct run { int32_t from; int32_t to; int32_t len; };
+    std::vector<run> runs;
+    int32_t top = 0;
+    for (size_t i = 0; i < ledger.size(); ++i) {
+        const int32_t from = ledger[i].pos;
+        top = std::max({ top, from, targets[i] });
+        if (from == targets[i]) {
+            continue;
+        }
+        if (!runs.empty() && i > 0 && runs.back().from + runs.back().len == from && runs.back().to + runs.back().len == targets[i] &&
+            ledger[i - 1].pos != targets[i - 1]) {
+            runs.back().len++;
+        } else {
+            runs.push_back({ from, targets[i], 1 });
         }
     }
+    if (runs.empty()) {
+        return 0;
+    }
+    llama_memory_t mem = llama_get_memory(ctx);
+    const llama_pos park = (llama_pos) top + 1 + (1 << 16);
+    for (const run & r : runs) {
+        llama_memory_seq_add(mem, seq, r.from, r.from + r.len, park);
+    }
+    for (const run & r : runs) {
+        llama_memory_seq_add(mem, seq, r.from + park, r.from + park + r.len, r.to - (r.from + park));
+    }
+    for (size_t i = 0; i < ledger.size(); ++i) {
+        ledger.at(i).pos = targets[i];
+    }
+    return runs.size();
 }
 
 kv_eviction_result kv_evict_ranges(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<index_range> & ranges_in) {
@@ -62,53 +88,85 @@ kv_eviction_result kv_evict_ranges(llama_context * ctx, int32_t seq, token_ledge
         return res;
     }
     check_plan(ledger, ranges);
-    llama_memory_t mem = llama_get_memory(ctx);
-    kv_prune_sliding_window(ctx, seq, ledger.next_pos());
-    remove_ranges(mem, seq, ranges);
-    // Close each gap: the run after the k-th removed range moves left by the tokens removed so far.
-    // One seq_add per kept run; the tail run extends to the end of the sequence.
-    for_each_kept_run(ledger, ranges, [&](size_t run_begin, size_t run_end, size_t removed) {
-        llama_memory_seq_add(mem, seq, (llama_pos) run_begin, (llama_pos) run_end, -(llama_pos) removed);
-        res.shifted_runs++;
-    });
-    res.evicted = ledger.remove_ranges_and_compact(ranges);
+    remove_ranges(ctx, seq, ledger, ranges);
+    res.evicted = ledger.remove_ranges(ranges);
     return res;
 }
 
+size_t kv_compact_by_shift(llama_context * ctx, int32_t seq, token_ledger & ledger) {
+    check_seq(ctx, seq);
+    if (!kv_can_shift(ctx)) {
+        throw fml_error(FML_ERR_INTERNAL, "a compaction by K-shift on a cache that cannot shift");
+    }
+    // Before positions move: a token that left a sliding layer's window must not come back into it.
+    kv_prune_sliding_window(ctx, seq, ledger.next_pos());
+    std::vector<int32_t> targets(ledger.size());
+    for (size_t i = 0; i < targets.size(); ++i) {
+        targets[i] = (int32_t) i;
+    }
+    return move_positions(ctx, seq, ledger, targets);
+}
+
+void kv_clear_for_reprefill(llama_context * ctx, int32_t seq, token_ledger & ledger) {
+    check_seq(ctx, seq);
+    if (!kv_attention_seq_rm(ctx, seq, -1, -1)) {
+        throw fml_error(FML_ERR_KV, "llama_memory_seq_rm refused to clear the attention cache");
+    }
+    ledger.renumber();
+}
+
+bool summary_fits_gap(const token_ledger & ledger, const std::vector<index_range> & ranges_in, size_t n) {
+    const std::vector<index_range> ranges = normalize_ranges(ranges_in);
+    if (ranges.empty()) {
+        return false;
+    }
+    const index_range & first = ranges.front();
+    const int32_t begin = ledger[first.begin].pos;
+    const int32_t end = first.end < ledger.size() ? ledger[first.end].pos : ledger.next_pos();
+    return (size_t) (end - begin) >= n;
+}
+
 kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<index_range> & ranges_in,
-                                       size_t insert_at, int32_t instruction_pos0, int32_t summary_pos0,
-                                       const std::vector<ledger_entry> & items) {
+                                       summary_placement placement, int32_t instruction_pos0, int32_t summary_pos0,
+                                       const std::vector<ledger_entry> & items_in) {
     check_seq(ctx, seq);
     kv_eviction_result res;
     const std::vector<index_range> ranges = normalize_ranges(ranges_in);
-    const size_t n_insert = items.size();
+    const size_t n_insert = items_in.size();
     check_plan(ledger, ranges);
-    if (ranges.empty() || insert_at != ranges.front().begin || instruction_pos0 < ledger.next_pos() || summary_pos0 < instruction_pos0) {
-        throw fml_error(FML_ERR_KV, "a summary must take the place of the first evicted token, from scratch cells after the history");
+    if (ranges.empty() || instruction_pos0 < ledger.next_pos() || summary_pos0 < instruction_pos0) {
+        throw fml_error(FML_ERR_KV, "a summary must replace evicted tokens, from scratch cells after the history");
     }
-    kv_prune_sliding_window(ctx, seq, ledger.next_pos());
-    llama_memory_t mem = llama_get_memory(ctx);
+    if (placement == summary_placement::in_gap && !summary_fits_gap(ledger, ranges, n_insert)) {
+        throw fml_error(FML_ERR_KV, "the summary does not fit in the positions the eviction frees");
+    }
+    if (placement != summary_placement::after_history) {
+        kv_prune_sliding_window(ctx, seq, ledger.next_pos());
+    }
     // The instruction and anything after the summary go; so do the evicted ranges.
-    llama_memory_seq_rm(mem, seq, instruction_pos0, summary_pos0);
-    llama_memory_seq_rm(mem, seq, summary_pos0 + (llama_pos) n_insert, -1);
-    remove_ranges(mem, seq, ranges);
-    // Kept runs after the insertion point move by (n_insert - removed so far), which can be positive
-    // for early runs and negative for later ones, and the summary moves far left; moving them in place
-    // could land one on top of another's old positions. So: park everything after insert_at far away,
-    // then move each run (and the summary) home.
-    const llama_pos park = (llama_pos) (4 * ((size_t) summary_pos0 + n_insert) + (1 << 16));
-    llama_memory_seq_add(mem, seq, (llama_pos) insert_at, -1, park);
-    for_each_kept_run(ledger, ranges, [&](size_t run_begin, size_t run_end, size_t removed) {
-        const llama_pos target = (llama_pos) run_begin + (llama_pos) n_insert - (llama_pos) removed;
-        llama_memory_seq_add(mem, seq, (llama_pos) run_begin + park, (llama_pos) run_end + park, target - ((llama_pos) run_begin + park));
-        res.shifted_runs++;
-    });
-    if (n_insert > 0) {
-        llama_memory_seq_add(mem, seq, summary_pos0 + park, summary_pos0 + park + (llama_pos) n_insert,
-                             (llama_pos) insert_at - (summary_pos0 + park));
+    kv_attention_seq_rm(ctx, seq, instruction_pos0, summary_pos0);
+    kv_attention_seq_rm(ctx, seq, summary_pos0 + (int32_t) n_insert, -1);
+    const int32_t gap_pos0 = ledger[ranges.front().begin].pos;
+    remove_ranges(ctx, seq, ledger, ranges);
+    res.evicted = ledger.remove_ranges(ranges);
+    // The summary's entries carry the positions their cells have now; the ledger then says where
+    // they go, and move_positions takes them (and, when compacting, everything else) there.
+    std::vector<ledger_entry> items = items_in;
+    for (size_t i = 0; i < n_insert; ++i) {
+        items[i].pos = summary_pos0 + (int32_t) i;
     }
-    res.evicted = ledger.remove_ranges_and_compact(ranges);
+    const size_t insert_at = placement == summary_placement::after_history ? ledger.size() : ranges.front().begin;
     ledger.insert(insert_at, items);
+    std::vector<int32_t> targets(ledger.size());
+    for (size_t i = 0; i < ledger.size(); ++i) {
+        const bool summary = i >= insert_at && i < insert_at + n_insert;
+        switch (placement) {
+            case summary_placement::in_gap:        targets[i] = summary ? gap_pos0 + (int32_t) (i - insert_at) : ledger[i].pos; break;
+            case summary_placement::after_history: targets[i] = ledger[i].pos; break;
+            case summary_placement::compacted:     targets[i] = (int32_t) i; break;
+        }
+    }
+    res.shifted_runs = move_positions(ctx, seq, ledger, targets);
     return res;
 }
 
@@ -126,6 +184,7 @@ namespace {
 struct blob_reader {
     const std::vector<uint8_t> & b;
     size_t at;
+    size_t cell_ext = 0;   // extra bytes after each cell's seq id count (kv_cell_ext_bytes)
     template <typename T> T get() {
         if (at + sizeof(T) > b.size()) {
             throw fml_error(FML_ERR_KV, "unexpected KV state layout (truncated)");
@@ -148,6 +207,7 @@ void skip_stream_cells(blob_reader & r, uint32_t cells) {
     for (uint32_t c = 0; c < cells; ++c) {
         r.get<int32_t>();                       // pos
         const uint32_t n_seq = r.get<uint32_t>();
+        r.skip(r.cell_ext);                     // M-RoPE's 2D position
         r.skip(4ull * n_seq);                   // seq ids
     }
     const uint32_t v_trans = r.get<uint32_t>();
@@ -168,11 +228,14 @@ void skip_stream_cells(blob_reader & r, uint32_t cells) {
     }
 }
 
-// Byte ranges [begin, end) of each section's one stream ([u32 cell_count][cells]).
-std::vector<std::pair<size_t, size_t>> section_streams(const std::vector<uint8_t> & raw, bool one_stream) {
+// Byte ranges [begin, end) of each KV section's one stream ([u32 cell_count][cells]), at most
+// `max_sections` of them; `tail` is where what follows them begins (a hybrid's recurrent state,
+// which has no streams and travels as it is).
+std::vector<std::pair<size_t, size_t>> section_streams(const std::vector<uint8_t> & raw, bool one_stream, size_t max_sections, size_t cell_ext,
+                                                       size_t & tail) {
     std::vector<std::pair<size_t, size_t>> out;
-    blob_reader r{ raw, STATE_HEADER };
-    while (r.at < raw.size()) {
+    blob_reader r{ raw, STATE_HEADER, cell_ext };
+    while (r.at < raw.size() && out.size() < max_sections) {
         const uint32_t n_stream = r.get<uint32_t>();
         if (n_stream == 0 || (one_stream && n_stream != 1)) {
             throw fml_error(one_stream ? FML_ERR_CHECKPOINT_CORRUPT : FML_ERR_KV, "unexpected KV state layout (stream count)");
@@ -196,21 +259,30 @@ std::vector<std::pair<size_t, size_t>> section_streams(const std::vector<uint8_t
         }
         out.push_back(kept);
     }
+    tail = r.at;
     return out;
+}
+
+// KV sections in a sequence's state: a full cache and a window cache, or one (a hybrid's attention
+// half, followed by its recurrent state).
+size_t kv_sections(llama_context * ctx) {
+    return kv_memory_of(ctx) == kv_memory_kind::kv_iswa ? 2 : 1;
 }
 
 } // namespace
 
-static std::vector<uint8_t> to_one_stream(const std::vector<uint8_t> & raw) {
+static std::vector<uint8_t> to_one_stream(const std::vector<uint8_t> & raw, size_t sections, size_t cell_ext) {
     if (raw.size() < STATE_HEADER + 4) {
         throw fml_error(FML_ERR_KV, "llama_state_seq_get_data returned too few bytes");
     }
     std::vector<uint8_t> out(raw.begin(), raw.begin() + (long) STATE_HEADER);
     const uint32_t one = 1;
-    for (const auto & [begin, end] : section_streams(raw, false)) {
+    size_t tail = 0;
+    for (const auto & [begin, end] : section_streams(raw, false, sections, cell_ext, tail)) {
         out.insert(out.end(), (const uint8_t *) &one, (const uint8_t *) &one + 4);
         out.insert(out.end(), raw.begin() + (long) begin, raw.begin() + (long) end);
     }
+    out.insert(out.end(), raw.begin() + (long) tail, raw.end());
     return out;
 }
 
@@ -222,7 +294,7 @@ std::vector<uint8_t> kv_state_save(llama_context * ctx, int32_t seq) {
         throw fml_error(FML_ERR_KV, "llama_state_seq_get_data failed");
     }
     blob.resize(n);
-    return to_one_stream(blob);
+    return to_one_stream(blob, kv_sections(ctx), kv_cell_ext_bytes(ctx));
 }
 
 void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std::vector<uint8_t> & blob) {
@@ -232,8 +304,9 @@ void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std
         throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the KV state is not in the one-stream form this library writes");
     }
     std::vector<std::pair<size_t, size_t>> sections;
+    size_t tail = 0;
     try {
-        sections = section_streams(blob, true);
+        sections = section_streams(blob, true, kv_sections(ctx), kv_cell_ext_bytes(ctx), tail);
     } catch (const fml_error &) {
         throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the KV state is not in the one-stream form this library writes");
     }
@@ -244,10 +317,40 @@ void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std
         wide.insert(wide.end(), blob.begin() + (long) begin, blob.begin() + (long) end);
         wide.insert(wide.end(), 4 * (size_t) (streams - 1), 0);
     }
+    wide.insert(wide.end(), blob.begin() + (long) tail, blob.end());
     if (llama_state_seq_set_data(ctx, wide.data(), wide.size(), seq) == 0) {
         llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1);
         throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the KV state does not fit this chat's cache (llama_state_seq_set_data refused it)");
     }
+}
+
+std::vector<uint8_t> kv_recurrent_save(llama_context * ctx, int32_t seq) {
+    check_seq(ctx, seq);
+    if (!kv_has_recurrent(ctx)) {
+        return {};
+    }
+    std::vector<uint8_t> blob(llama_state_seq_get_size_ext(ctx, seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY));
+    const size_t n = llama_state_seq_get_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
+    if (n == 0) {
+        throw fml_error(FML_ERR_KV, "llama_state_seq_get_data_ext could not save the recurrent state");
+    }
+    blob.resize(n);
+    return blob;
+}
+
+void kv_recurrent_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, int32_t last_pos) {
+    check_seq(ctx, seq);
+    if (blob.empty()) {
+        return;
+    }
+    if (llama_state_seq_set_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0) {
+        throw fml_error(FML_ERR_KV, "llama_state_seq_set_data_ext could not restore the recurrent state");
+    }
+    kv_recurrent_set_pos(ctx, seq, last_pos);
+}
+
+bool kv_has_recurrent(llama_context * ctx) {
+    return kv_memory_of(ctx) == kv_memory_kind::hybrid;
 }
 
 void kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32_t delta) {
@@ -266,21 +369,10 @@ void kv_truncate(llama_context * ctx, int32_t seq, token_ledger & ledger, size_t
     if (keep >= ledger.size()) {
         return;
     }
-    const llama_pos p0 = ledger[keep].pos;
-    if (!llama_memory_seq_rm(llama_get_memory(ctx), seq, p0, -1)) {
+    if (!kv_attention_seq_rm(ctx, seq, ledger[keep].pos, -1)) {
         throw fml_error(FML_ERR_KV, "llama_memory_seq_rm refused to truncate");
     }
-    // Positions of the kept prefix are unchanged (the prefix already starts at 0..keep-1 unless shifted).
-    const int32_t first_pos = ledger[0].pos;
-    ledger.remove_ranges_and_compact({ { keep, ledger.size() } });
-    for (size_t i = 0; i < ledger.size(); ++i) {
-        ledger.at(i).pos = first_pos + (int32_t) i;
-    }
-}
-
-void kv_clear(llama_context * ctx, int32_t seq, token_ledger & ledger) {
-    kv_clear_slot(ctx, seq);
-    ledger.clear();
+    ledger.remove_ranges({ { keep, ledger.size() } });
 }
 
 void kv_clear_slot(llama_context * ctx, int32_t seq) {
@@ -290,12 +382,12 @@ void kv_clear_slot(llama_context * ctx, int32_t seq) {
 
 void kv_drop_unledgered(llama_context * ctx, int32_t seq, const token_ledger & ledger) {
     check_seq(ctx, seq);
-    llama_memory_seq_rm(llama_get_memory(ctx), seq, ledger.next_pos(), -1);
+    kv_attention_seq_rm(ctx, seq, ledger.next_pos(), -1);
 }
 
 void kv_remove_from(llama_context * ctx, int32_t seq, int32_t pos) {
     check_seq(ctx, seq);
-    llama_memory_seq_rm(llama_get_memory(ctx), seq, pos, -1);
+    kv_attention_seq_rm(ctx, seq, pos, -1);
 }
 
 int32_t kv_pos_min(llama_context * ctx, int32_t seq) { check_seq(ctx, seq); return kv_full_cache_pos_min(ctx, seq); }

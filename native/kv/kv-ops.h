@@ -1,12 +1,17 @@
 // The only module that mutates llama.cpp's KV cache layout (llama_memory_*). Policies decide what
-// to evict; this applies the plan to one sequence of a shared context: seq_rm for each evicted range,
-// then one seq_add per kept run to close the gaps, so the retained tokens hold positions 0..n-1
-// again. The RoPE re-rotation of the shifted keys (K-shift) runs lazily inside the next llama_decode
-// (for every cell of the context: llama.cpp has no per-sequence shift).
+// to evict; this applies the plan to one sequence of a shared context.
+//
+// Positions: an eviction is seq_rm alone. The retained tokens keep their positions, so the distances
+// between them stay the true ones and the next tokens are numbered on from the last position + 1.
+// Compaction (positions 0..n-1 again) is separate and rare: one seq_add per moved run, whose RoPE
+// re-rotation of the keys (K-shift) runs lazily inside the next llama_decode for every cell of the
+// context (llama.cpp has no per-sequence shift), or, where keys cannot shift (M-RoPE), a re-prefill
+// of the retained tokens by the caller. For a hybrid model every removal touches the attention KV
+// only: the recurrent state keeps everything it has seen (kv-internals.h).
 //
 // Cells vs positions: llama.cpp never compacts KV cells physically. seq_rm frees the cells and moves
 // the allocation head to the first freed one, so the next tokens refill those holes; a sequence never
-// grows past its stream (sized from its budget). The ledger tracks positions only.
+// grows past its stream (sized from its budget) whatever its positions. The ledger tracks positions.
 #pragma once
 
 #include "kv/token-ledger.h"
@@ -20,19 +25,36 @@ namespace fml {
 
 struct kv_eviction_result {
     size_t evicted = 0;
-    size_t shifted_runs = 0;   // number of seq_add calls
+    size_t shifted_runs = 0;   // runs of positions moved (seq_add calls, a K-shift in the next decode)
 };
 
-// Applies the eviction to sequence `seq` and its ledger. Throws fml_error(KV) if llama.cpp refuses.
+// Evicts the ranges (ledger indices) from sequence `seq` and its ledger; the retained tokens keep
+// their positions. Throws fml_error(KV) if llama.cpp refuses.
 kv_eviction_result kv_evict_ranges(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<index_range> & ranges);
 
-// Summaries are written in the chat's own sequence after its history: an instruction at positions
-// [instruction_pos0, summary_pos0) and `items.size()` summary tokens from summary_pos0 (scratch cells:
-// not in the ledger). This removes the instruction, evicts `ranges`, and moves the summary to index
-// `insert_at` of the compacted sequence (K-shifted there); the ledger gets `items` at `insert_at`.
+// Numbers the retained tokens 0..n-1 again by moving their cells (a K-shift in the next decode).
+// Only for caches that can shift (kv_can_shift). Returns the runs moved (0 when already contiguous).
+size_t kv_compact_by_shift(llama_context * ctx, int32_t seq, token_ledger & ledger);
+
+// Removes every attention cell of the sequence and numbers the ledger 0..n-1: the caller re-prefills
+// the retained tokens there (compaction where keys cannot shift). A hybrid's recurrent state stays.
+void kv_clear_for_reprefill(llama_context * ctx, int32_t seq, token_ledger & ledger);
+
+// Where a finished summary goes. Summaries are written in the chat's own sequence after its history:
+// an instruction at positions [instruction_pos0, summary_pos0) and the summary tokens from summary_pos0
+// (scratch cells: not in the ledger).
+enum class summary_placement {
+    in_gap,          // at the first evicted token's index and positions (its cells move there: a K-shift)
+    after_history,   // where the model wrote it, after the retained history (no move: for keys that cannot shift)
+    compacted,       // at the first evicted token's index, with every position renumbered 0..n-1 (a K-shift)
+};
+// Removes the instruction, evicts `ranges` and places the summary's `items` as `placement` says.
+// in_gap needs the first evicted range to span at least items.size() positions (summary_fits_gap).
 kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<index_range> & ranges,
-                                       size_t insert_at, int32_t instruction_pos0, int32_t summary_pos0,
+                                       summary_placement placement, int32_t instruction_pos0, int32_t summary_pos0,
                                        const std::vector<ledger_entry> & items);
+// Whether `n` summary tokens fit in the positions the first of `ranges` frees (up to the next kept token).
+bool summary_fits_gap(const token_ledger & ledger, const std::vector<index_range> & ranges, size_t n);
 
 // The sequence's KV state as bytes (llama_state_seq_get_data, in a one-stream form that loads into a
 // context with any number of streams) and back into (another) sequence of a context with `streams`
@@ -41,25 +63,35 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_l
 std::vector<uint8_t> kv_state_save(llama_context * ctx, int32_t seq);
 void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std::vector<uint8_t> & blob);
 
+// The recurrent half of a hybrid chat's state (llama.cpp's partial sequence state), or empty for a
+// model without one. Restoring it undoes every token the recurrent layers saw since it was saved
+// (an aborted prefill, a summary's scratch, a probe) and sets its position to `last_pos`, the
+// ledger's last position at the time of the restore.
+std::vector<uint8_t> kv_recurrent_save(llama_context * ctx, int32_t seq);
+void kv_recurrent_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, int32_t last_pos);
+// True when the context's memory has a recurrent half (snapshots then matter).
+bool kv_has_recurrent(llama_context * ctx);
+
 // Shifts every cached position of `seq` by `delta` (test hook: RoPE is relative, so logits must not change).
 void kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32_t delta);
 
-// Removes ledger entries from index `keep` on, from the cache too.
+// Removes ledger entries from index `keep` on, from the attention KV too (positions unchanged). A
+// hybrid's recurrent state is restored by the caller from its snapshot.
 void kv_truncate(llama_context * ctx, int32_t seq, token_ledger & ledger, size_t keep);
 
-// Empties the sequence (its slot stays) and the ledger.
-void kv_clear(llama_context * ctx, int32_t seq, token_ledger & ledger);
-// Empties a slot that no ledger describes (a parked or released chat's).
+// Empties a slot entirely (a parked or released chat's, or one restarting from nothing): both halves.
 void kv_clear_slot(llama_context * ctx, int32_t seq);
 
-// Removes cached positions the ledger does not hold (>= ledger.next_pos()): what a failed or aborted
-// batch left behind, summary scratch cells, or the tokens of a probe decode. The ledger is unchanged.
+// Removes cached positions the ledger does not hold (>= ledger.next_pos()) from the attention KV:
+// what a failed or aborted batch left behind, summary scratch cells, or the tokens of a probe decode.
+// The ledger is unchanged.
 void kv_drop_unledgered(llama_context * ctx, int32_t seq, const token_ledger & ledger);
 
-// Removes the sequence's positions >= pos (a probe token, a shift-applying decode).
+// Removes the sequence's attention positions >= pos (a probe token, a shift-applying decode).
 void kv_remove_from(llama_context * ctx, int32_t seq, int32_t pos);
 
-// llama.cpp's own view of the sequence, for invariant checks against the ledger (-1 when empty).
+// llama.cpp's own view of the sequence, for invariant checks against the ledger (-1 when empty): the
+// smallest position of the cache holding every retained token, and the last position of the sequence.
 int32_t kv_pos_min(llama_context * ctx, int32_t seq);
 int32_t kv_pos_max(llama_context * ctx, int32_t seq);
 

@@ -34,9 +34,6 @@ void token_ledger::insert(size_t at, const std::vector<ledger_entry> & items) {
     if (embedding_dim_ > 0) {
         embeddings_.insert(embeddings_.begin() + (long) (at * embedding_dim_), items.size() * embedding_dim_, 0.0f);
     }
-    for (size_t i = 0; i < entries_.size(); ++i) {
-        entries_[i].pos = (int32_t) i;
-    }
 }
 
 size_t token_ledger::pinned_count() const {
@@ -47,7 +44,7 @@ size_t token_ledger::pinned_count() const {
     return n;
 }
 
-size_t token_ledger::remove_ranges_and_compact(const std::vector<index_range> & ranges) {
+size_t token_ledger::remove_ranges(const std::vector<index_range> & ranges) {
     if (ranges.empty()) {
         return 0;
     }
@@ -70,11 +67,14 @@ size_t token_ledger::remove_ranges_and_compact(const std::vector<index_range> & 
     }
     embeddings_.swap(kept_embd);
     const size_t removed = entries_.size() - kept.size();
-    for (size_t i = 0; i < kept.size(); ++i) {
-        kept[i].pos = (int32_t) i;
-    }
     entries_.swap(kept);
     return removed;
+}
+
+void token_ledger::renumber() {
+    for (size_t i = 0; i < entries_.size(); ++i) {
+        entries_[i].pos = (int32_t) i;
+    }
 }
 
 bool token_ledger::positions_contiguous() const {
@@ -84,6 +84,20 @@ bool token_ledger::positions_contiguous() const {
         }
     }
     return true;
+}
+
+bool token_ledger::positions_increasing() const {
+    for (size_t i = 0; i < entries_.size(); ++i) {
+        if (entries_[i].pos < 0 || (i > 0 && entries_[i].pos <= entries_[i - 1].pos)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+size_t token_ledger::index_of_pos(int32_t pos) const {
+    const auto it = std::lower_bound(entries_.begin(), entries_.end(), pos, [](const ledger_entry & e, int32_t p) { return e.pos < p; });
+    return it != entries_.end() && it->pos == pos ? (size_t) (it - entries_.begin()) : entries_.size();
 }
 
 std::vector<index_range> normalize_ranges(std::vector<index_range> ranges) {

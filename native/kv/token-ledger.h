@@ -1,6 +1,7 @@
 // The token ledger mirrors llama.cpp's KV cache for one sequence: one entry per cached token, in
-// position order. After every eviction the ledger and the cache agree: entry i holds position i.
-// Policies read it to decide what to evict; only kv-ops mutates positions.
+// position order. Positions strictly increase but may have gaps: an eviction that keeps positions
+// leaves the retained tokens where they were (their true distances), and only a compaction numbers
+// them 0..n-1 again. Policies read it by index to decide what to evict; only kv-ops mutates positions.
 #pragma once
 
 #include <cstdint>
@@ -51,7 +52,7 @@ public:
     const float * embedding(size_t i) const { return embedding_dim_ ? embeddings_.data() + i * embedding_dim_ : nullptr; }
     float * embedding_mut(size_t i) { return embedding_dim_ ? embeddings_.data() + i * embedding_dim_ : nullptr; }
 
-    // Inserts entries before index `at` (positions are renumbered 0..n-1 afterwards).
+    // Inserts entries before index `at`, with the positions they carry (the caller keeps the order).
     void insert(size_t at, const std::vector<ledger_entry> & items);
 
     size_t size() const { return entries_.size(); }
@@ -63,12 +64,18 @@ public:
     ledger_entry & at(size_t i) { return entries_[i]; }
     const std::vector<ledger_entry> & entries() const { return entries_; }
 
-    // Removes the given (sorted, disjoint) ranges and renumbers positions 0..n-1.
-    // Returns the number of entries removed. kv-ops calls this after mutating the cache the same way.
-    size_t remove_ranges_and_compact(const std::vector<index_range> & ranges);
+    // Removes the given (sorted, disjoint) ranges; the others keep their positions. Returns the
+    // number of entries removed. kv-ops calls this after mutating the cache the same way.
+    size_t remove_ranges(const std::vector<index_range> & ranges);
+    // Numbers the entries' positions 0..n-1 (a compaction; kv-ops moves the cache the same way).
+    void renumber();
 
-    // True when positions are exactly 0..n-1. Used by tests and debug checks.
+    // True when positions are exactly 0..n-1 (never evicted with kept positions, or just compacted).
     bool positions_contiguous() const;
+    // True when positions are non-negative and strictly increasing: the invariant in every mode.
+    bool positions_increasing() const;
+    // Index of the entry at position `pos`, or size() when no entry holds it (binary search).
+    size_t index_of_pos(int32_t pos) const;
 
 private:
     std::vector<ledger_entry> entries_;

@@ -1,4 +1,5 @@
 #include "model/model.h"
+#include "kv/kv-internals.h"
 
 #include "util/error.h"
 #include "util/hash.h"
@@ -197,11 +198,35 @@ static std::pair<std::string, std::string> detect_backend(bool offloading) {
     return { "cpu", cpu_name };
 }
 
-// What kind of memory the model has and whether its cache can drop tokens and close the gap in
-// place. Decided per architecture family before any chat exists, so createChat can say why not.
+static const char * rope_name(enum llama_rope_type rope) {
+    switch (rope) {
+        case LLAMA_ROPE_TYPE_NORM:   return "norm";
+        case LLAMA_ROPE_TYPE_NEOX:   return "neox";
+        case LLAMA_ROPE_TYPE_MROPE:  return "mrope";
+        case LLAMA_ROPE_TYPE_IMROPE: return "imrope";
+        case LLAMA_ROPE_TYPE_VISION: return "vision";
+        case LLAMA_ROPE_TYPE_NONE:   return "none";
+    }
+    return "none";
+}
+
+// What kind of memory the model has and whether finite memory can evict from it in place. Decided
+// per architecture family before any chat exists, so createChat can say why not. Evicting needs
+// only seq_rm; positions are kept, and compacted (K-shift, or a re-prefill where keys cannot shift)
+// only at the position limit. A hybrid evicts from its attention half alone.
 static void describe_memory(const llama_model * model, model_info & info) {
     info.sliding_window = llama_model_n_swa(model);
     const enum llama_rope_type rope = llama_model_rope_type(model);
+    info.rope = rope_name(rope);
+    const kv_model_layout layout = kv_layout_of(model);
+    info.kv_layers = layout.attention_layers;
+    info.kv_values_per_token = layout.kv_values_per_token;
+    if (layout.kv_heads > 0) {
+        info.n_head_kv = layout.kv_heads;   // LFM2's layer 0 is a convolution: llama_model_n_head_kv says 0
+    }
+    info.recurrent_bytes = layout.recurrent_bytes;
+    // llama_kv_cache::get_can_shift: multi-section positions (M-RoPE) have no K-shift.
+    info.can_shift = rope != LLAMA_ROPE_TYPE_MROPE && rope != LLAMA_ROPE_TYPE_IMROPE && info.architecture != "step35";
     const std::string arch = "architecture " + info.architecture;
     if (llama_model_is_recurrent(model)) {
         info.memory = "recurrent";
@@ -209,14 +234,15 @@ static void describe_memory(const llama_model * model, model_info & info) {
             "that state, not remove tokens from it, so nothing can be evicted in place (and its memory is already fixed-size)";
     } else if (llama_model_is_hybrid(model)) {
         info.memory = "hybrid";
-        info.unsupported_reason = arch + " mixes attention layers with a recurrent state: llama.cpp cannot remove tokens "
-            "from the recurrent part, so nothing can be evicted in place";
+        if (!kv_internals_available()) {
+            info.unsupported_reason = arch + " mixes attention layers with a recurrent state, and this build cannot reach "
+                "llama.cpp's attention half (its internal headers were not found at build time), so nothing can be evicted in place";
+        } else if (!layout.hybrid_supported) {
+            info.unsupported_reason = arch + " keeps a hybrid memory with sliding-window or indexer caches next to its "
+                "attention and recurrent halves, which finite memory does not evict from yet";
+        }
     } else {
         info.memory = info.sliding_window > 0 ? "kv-swa" : "kv";
-        if (rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE || rope == LLAMA_ROPE_TYPE_VISION) {
-            info.unsupported_reason = arch + " uses multi-section RoPE positions (M-RoPE): llama.cpp cannot shift them "
-                "(llama_memory_can_shift is false), so evicted gaps cannot be closed in place";
-        }
     }
     info.in_place_eviction = info.unsupported_reason.empty();
 }

@@ -76,12 +76,19 @@ std::vector<float> sequence_probes::probe_logits(sequence & s, engine & e, int32
     ready(s, e);
     std::lock_guard<std::mutex> lock(s.mu_);
     make_room(s, e, 1);
-    if (!e.decode_one(s, &token, 1, s.ledger_.next_pos(), false)) {
+    // A hybrid's recurrent layers take the probe token in: their state goes back after.
+    const std::vector<uint8_t> recurrent = kv_recurrent_save(e.ctx(), s.slot_);
+    const bool ok = e.decode_one(s, &token, 1, s.ledger_.next_pos(), false);
+    std::vector<float> out;
+    if (ok) {
+        const float * logits = llama_get_logits_ith(e.ctx(), -1);
+        out.assign(logits, logits + s.model_->info().n_vocab);
+    }
+    kv_drop_unledgered(e.ctx(), s.slot_, s.ledger_);
+    s.restore_recurrent(recurrent, e);
+    if (!ok) {
         throw fml_error(FML_ERR_DECODE, "llama_decode failed");
     }
-    const float * logits = llama_get_logits_ith(e.ctx(), -1);
-    std::vector<float> out(logits, logits + s.model_->info().n_vocab);
-    kv_drop_unledgered(e.ctx(), s.slot_, s.ledger_);
     return out;
 }
 
@@ -92,9 +99,12 @@ void sequence_probes::shift_positions(sequence & s, engine & e, int32_t delta) {
     if (!e.ensure_slot(s)) {
         throw fml_error(FML_ERR_KV, "every slot of the chat's engine is in a turn");
     }
+    if (!e.can_shift()) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "this model's keys cannot shift (M-RoPE)");
+    }
     std::lock_guard<std::mutex> lock(s.mu_);
     kv_shift_all(e.ctx(), s.slot_, s.ledger_, delta);
-    e.note_eviction();
+    e.note_shift();
 }
 
 std::vector<float> sequence_probes::evaluate_tokens(sequence & s, engine & e, const std::vector<int32_t> & tokens, size_t chunk) {
@@ -138,7 +148,9 @@ double sequence_probes::replay_history(sequence & s, engine & e) {
         toks.push_back(x.token);
     }
     kv_clear_slot(e.ctx(), s.slot_);
-    // Re-decode in the engine's batches; the ledger (positions 0..n-1) describes the result as before.
+    s.ledger_.renumber();
+    // Re-decode in the engine's batches (the whole state: a hybrid's recurrent layers start over too);
+    // the ledger, numbered 0..n-1, describes the result.
     for (size_t start = 0; start < toks.size(); start += e.n_batch()) {
         const size_t n = std::min<size_t>(e.n_batch(), toks.size() - start);
         if (!e.decode_one(s, toks.data() + start, n, (int32_t) start, false)) {
@@ -152,6 +164,7 @@ double sequence_probes::plain_decode(sequence & s, engine & e, int32_t n) {
     ready(s, e);
     std::lock_guard<std::mutex> lock(s.mu_);
     make_room(s, e, (size_t) n + 1);
+    const std::vector<uint8_t> recurrent = kv_recurrent_save(e.ctx(), s.slot_);
     sampling_options so;
     so.temperature = 0.0f;
     sampler_chain sampler(so, s.model_->info().n_vocab);
@@ -167,6 +180,7 @@ double sequence_probes::plain_decode(sequence & s, engine & e, int32_t n) {
     }
     const double ms = ms_since(t0);
     kv_drop_unledgered(e.ctx(), s.slot_, s.ledger_);
+    s.restore_recurrent(recurrent, e);
     return ms;
 }
 

@@ -1,6 +1,6 @@
 #include "probes/swa-cost.h"
 
-#include "kv/kv-cells.h"
+#include "kv/kv-internals.h"
 #include "kv/kv-ops.h"
 #include "probes/evict-bench.h"
 #include "util/error.h"

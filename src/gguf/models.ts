@@ -1,7 +1,9 @@
 /**
  * Model generators: seeded random-weight GGUF files in the shapes of the families people load
- * (Llama 3, Mistral, Qwen 2/3, Gemma 3, Phi-3, a Qwen3 MoE), plus two that finite memory cannot
- * evict in place (Qwen2-VL's M-RoPE, Mamba's recurrent state), so their answer can be tested.
+ * (Llama 3, Mistral, Qwen 2/3, Gemma 3, Phi-3, a Qwen3 MoE), the M-RoPE ones (Qwen2-VL and
+ * Qwen3-VL text models), the hybrids of attention and a recurrent state (Qwen3.5 and its MoE with
+ * Gated DeltaNet layers, LFM2 with short convolutions), and Mamba, whose recurrent state alone
+ * finite memory cannot evict from, so that answer can be tested too.
  * Tensor names, shapes and metadata keys are the ones the pinned llama.cpp loads for each
  * architecture (src/models/<arch>.cpp there); every tensor it expects is written, nothing else.
  */
@@ -36,6 +38,10 @@ export const MODEL_FAMILIES = {
   phi3: { arch: 'phi3', template: 'phi3', addSpacePrefix: true, about: 'Phi-3: fused QKV and gate/up, NEOX RoPE, Phi-3 template' },
   qwen3moe: { arch: 'qwen3moe', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3 MoE: routed experts (softmax top-k), q/k norms, ChatML' },
   qwen2vl: { arch: 'qwen2vl', template: 'chatml', addSpacePrefix: false, about: 'Qwen2-VL text model: M-RoPE positions, ChatML' },
+  qwen3vl: { arch: 'qwen3vl', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3-VL text model: interleaved M-RoPE, q/k norms, ChatML' },
+  qwen35: { arch: 'qwen35', template: 'qwen35', addSpacePrefix: false, about: 'Qwen3.5: Gated DeltaNet layers with every attentionInterval-th layer gated attention (interleaved M-RoPE, partial rotary), Qwen3.5 template' },
+  qwen35moe: { arch: 'qwen35moe', template: 'qwen35', addSpacePrefix: false, about: 'Qwen3.5/3.6 MoE: the Qwen3.5 layers with routed and shared experts' },
+  lfm2: { arch: 'lfm2', template: 'lfm2', addSpacePrefix: false, about: 'LFM2: short-convolution layers with every attentionInterval-th layer attention (NEOX RoPE), LFM2.5 template' },
   mamba: { arch: 'mamba', template: 'chatml', addSpacePrefix: false, about: 'Mamba: recurrent state (no KV cache), ChatML' },
 } as const satisfies Record<string, FamilySpec>;
 
@@ -75,9 +81,19 @@ export interface ModelOptions {
   slidingWindow: number;
   /** gemma3: every n-th layer is global (full attention), the others slide */
   swaPattern: number;
-  /** qwen3moe: experts per layer, and how many each token uses */
+  /** qwen3moe, qwen35moe: experts per layer, and how many each token uses */
   experts: number;
   expertsUsed: number;
+  /** qwen35, qwen35moe, lfm2: layer i attends when (i + 1) is a multiple of this; the others are recurrent */
+  attentionInterval: number;
+  /** qwen35, qwen35moe: rotary dimensions per head (partial rotary; 0 = headDim) */
+  ropeDims: number;
+  /** qwen35, qwen35moe: Gated DeltaNet head size (16, 32, 64 or 128: CUDA has kernels for those), key heads and value heads */
+  ssmStateSize: number;
+  ssmGroups: number;
+  ssmHeads: number;
+  /** qwen35, qwen35moe: the DeltaNet convolution's kernel; lfm2: the short convolution's length (0 = the family's: 4, 3) */
+  convKernel: number;
 }
 
 /** Options accepted by writeModel: any subset; missing or undefined fields take the defaults. */
@@ -102,6 +118,12 @@ export const DEFAULT_MODEL_OPTIONS: Readonly<ModelOptions> = Object.freeze({
   swaPattern: 2,
   experts: 4,
   expertsUsed: 2,
+  attentionInterval: 2,
+  ropeDims: 0,
+  ssmStateSize: 16,
+  ssmGroups: 2,
+  ssmHeads: 4,
+  convKernel: 0,
 });
 
 
@@ -124,6 +146,8 @@ const LOGIT_STD = 4.0; // output.weight std = LOGIT_STD / sqrt(embd) -> logits o
 const BYTE_LOGIT_SCALE = 0.5; // output rows of the 256 byte tokens are scaled down by this
 const NORM_NOISE = 0.05; // norm weights ~ 1 + NORM_NOISE * N(0, 1)
 const BIAS_STD = 0.1;
+/** RoPE bases of the real models (the others use 10000). */
+const ROPE_BASE: Record<string, number> = { gemma3: 1e6, qwen35: 1e7, qwen35moe: 1e7, qwen3vl: 5e6, lfm2: 1e6 };
 /** Mamba: d_inner = 2 x embd (llama.cpp accepts only that), the usual state size and kernel. */
 const SSM = { stateSize: 16, convKernel: 4, dtRank: 4 } as const;
 
@@ -139,9 +163,25 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   if (!Object.hasOwn(MODEL_FAMILIES, o.family)) {
     throw new Error(`family must be one of ${MODEL_FAMILY_NAMES.join(', ')}, got ${String(o.family)}`);
   }
-  for (const key of ['layers', 'embd', 'heads', 'kvHeads', 'headDim', 'ffn', 'ctx', 'slidingWindow', 'swaPattern', 'experts', 'expertsUsed'] as const) {
+  for (const key of ['layers', 'embd', 'heads', 'kvHeads', 'headDim', 'ffn', 'ctx', 'slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ssmStateSize', 'ssmGroups', 'ssmHeads'] as const) {
     checkPositiveInt(key, o[key]);
   }
+  for (const key of ['ropeDims', 'convKernel'] as const) {
+    if (!Number.isInteger(o[key]) || o[key] < 0) throw new Error(`${key} must be a non-negative integer, got ${o[key]}`);
+  }
+  const hybrid = o.family === 'qwen35' || o.family === 'qwen35moe' || o.family === 'lfm2';
+  if (hybrid && (o.attentionInterval < 2 || o.layers < o.attentionInterval)) {
+    throw new Error(`${o.family} needs attentionInterval >= 2 and layers >= attentionInterval (at least one recurrent and one attention layer), got ${o.attentionInterval} and ${o.layers}`);
+  }
+  if (o.family === 'qwen35' || o.family === 'qwen35moe') {
+    const rot = o.ropeDims || o.headDim;
+    if (rot % 2 !== 0 || rot > o.headDim || rot < 6) throw new Error(`ropeDims must be even, at least 6 and at most headDim (${o.headDim}), got ${rot}`);
+    if (![16, 32, 64, 128].includes(o.ssmStateSize)) throw new Error(`ssmStateSize must be 16, 32, 64 or 128 (CUDA's Gated DeltaNet kernels), got ${o.ssmStateSize}`);
+    if (o.ssmHeads % o.ssmGroups !== 0) throw new Error(`ssmHeads (${o.ssmHeads}) must be a multiple of ssmGroups (${o.ssmGroups})`);
+  } else if (o.ropeDims !== 0 && o.ropeDims !== o.headDim) {
+    throw new Error(`${o.family} rotates whole heads: ropeDims must be 0 or headDim (${o.headDim}), got ${o.ropeDims}`);
+  }
+  if (o.convKernel !== 0 && ![3, 4, 5, 9, 15].includes(o.convKernel)) throw new Error(`convKernel must be 3, 4, 5, 9 or 15 (CUDA's convolution kernels), got ${o.convKernel}`);
   if (!Number.isInteger(o.vocabExtra) || o.vocabExtra < 0) {
     throw new Error(`vocabExtra must be a non-negative integer, got ${o.vocabExtra}`);
   }
@@ -156,10 +196,11 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
     throw new Error(`heads (${o.heads}) must be a multiple of kvHeads (${o.kvHeads})`);
   }
   if (o.headDim % 2 !== 0) throw new Error(`headDim must be even for RoPE, got ${o.headDim}`);
-  if ((o.family === 'qwen2' || o.family === 'qwen2vl' || o.family === 'phi3') && o.heads * o.headDim !== o.embd) {
+  if ((o.family === 'qwen2' || o.family === 'qwen2vl' || o.family === 'phi3' || o.family === 'lfm2') && o.heads * o.headDim !== o.embd) {
     throw new Error(`${o.family} needs heads x headDim = embd (${o.heads} x ${o.headDim} != ${o.embd})`);
   }
   if (o.family === 'qwen2vl' && o.headDim % 8 !== 0) throw new Error(`qwen2vl needs headDim divisible by 8 for its M-RoPE sections, got ${o.headDim}`);
+  if (o.family === 'qwen3vl' && o.headDim < 6) throw new Error(`qwen3vl needs headDim of at least 6 for its M-RoPE sections, got ${o.headDim}`);
   if (o.expertsUsed > o.experts) throw new Error(`expertsUsed (${o.expertsUsed}) must not exceed experts (${o.experts})`);
   if (o.type === 'q8_0') {
     const rows: [string, number][] = [
@@ -168,6 +209,7 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
       ['ffn', o.ffn],
     ];
     if (o.family === 'mamba') rows.push(['2*embd (ssm inner size)', 2 * o.embd]);
+    if (o.family === 'qwen35' || o.family === 'qwen35moe') rows.push(['ssmStateSize*ssmHeads (DeltaNet value size)', o.ssmStateSize * o.ssmHeads]);
     for (const [what, n] of rows) {
       if (n % QK8_0 !== 0) {
         throw new Error(
@@ -248,6 +290,11 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   const E = o.embd;
   const qDim = o.heads * o.headDim;
   const kvDim = o.kvHeads * o.headDim;
+  const qwen35 = arch === 'qwen35' || arch === 'qwen35moe';
+  const rot = o.ropeDims || o.headDim;
+  const convKernel = o.convKernel || (arch === 'lfm2' ? 3 : 4);
+  /** Hybrids: which layers attend (the others are recurrent: DeltaNet or a short convolution). */
+  const attends = (i: number): boolean => !(qwen35 || arch === 'lfm2') || (i + 1) % o.attentionInterval === 0;
 
   const w = new GGUFWriter(GGUF_DEFAULT_ALIGNMENT);
   const key = (k: string) => `${arch}.${k}`;
@@ -267,11 +314,16 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   } else {
     w.addUint32(key('feed_forward_length'), o.ffn);
     w.addUint32(key('attention.head_count'), o.heads);
-    w.addUint32(key('attention.head_count_kv'), o.kvHeads);
+    if (arch === 'lfm2') {
+      // LFM2 marks its convolution layers by 0 KV heads.
+      w.addInt32Array(key('attention.head_count_kv'), Array.from({ length: o.layers }, (_, i) => (attends(i) ? o.kvHeads : 0)));
+    } else {
+      w.addUint32(key('attention.head_count_kv'), o.kvHeads);
+    }
     w.addUint32(key('attention.key_length'), o.headDim);
     w.addUint32(key('attention.value_length'), o.headDim);
-    w.addUint32(key('rope.dimension_count'), o.headDim);
-    w.addFloat32(key('rope.freq_base'), arch === 'gemma3' ? 1e6 : 10000);
+    w.addUint32(key('rope.dimension_count'), rot);
+    w.addFloat32(key('rope.freq_base'), ROPE_BASE[arch] ?? 10000);
   }
   if (arch === 'gemma3') {
     w.addUint32(key('attention.sliding_window'), o.slidingWindow);
@@ -283,12 +335,33 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     w.addUint32(key('expert_used_count'), o.expertsUsed);
     w.addUint32(key('expert_feed_forward_length'), o.ffn);
   }
-  if (arch === 'qwen2vl') {
+  if (arch === 'qwen2vl' || arch === 'qwen3vl' || qwen35) {
     // Four sections of the rotary half (temporal, height, width, unused): text tokens use the same
-    // position in each, so only the split matters, and it must cover at most headDim / 2.
-    const half = o.headDim / 2;
-    w.addArray(key('rope.dimension_sections'), GGUFValueType.INT32, [half / 4, (3 * half) / 8, (3 * half) / 8, 0]);
+    // position in each, so only the split matters; it covers the rotated pairs (rot / 2), in the
+    // proportions of the real models (Qwen2-VL 16/24/24, Qwen3-VL 24/20/20, Qwen3.5 11/11/10).
+    const half = rot / 2;
+    const sections =
+      arch === 'qwen2vl' ? [half / 4, (3 * half) / 8, (3 * half) / 8]
+      : arch === 'qwen3vl' ? [Math.floor((3 * half) / 8), Math.floor((5 * half) / 16)]
+      : [Math.round((11 * half) / 32), Math.round((11 * half) / 32)];
+    if (sections.length === 2) sections.push(half - sections[0]! - sections[1]!);
+    w.addArray(key('rope.dimension_sections'), GGUFValueType.INT32, [...sections, 0]);
   }
+  if (qwen35) {
+    w.addUint32(key('ssm.conv_kernel'), convKernel);
+    w.addUint32(key('ssm.state_size'), o.ssmStateSize);
+    w.addUint32(key('ssm.group_count'), o.ssmGroups);
+    w.addUint32(key('ssm.time_step_rank'), o.ssmHeads);
+    w.addUint32(key('ssm.inner_size'), o.ssmStateSize * o.ssmHeads);
+    w.addUint32(key('full_attention_interval'), o.attentionInterval);
+  }
+  if (arch === 'qwen35moe') {
+    w.addUint32(key('expert_count'), o.experts);
+    w.addUint32(key('expert_used_count'), o.expertsUsed);
+    w.addUint32(key('expert_feed_forward_length'), o.ffn);
+    w.addUint32(key('expert_shared_feed_forward_length'), o.ffn);
+  }
+  if (arch === 'lfm2') w.addUint32(key('shortconv.l_cache'), convKernel);
 
   w.addString('tokenizer.ggml.model', 'llama');
   w.addStringArray('tokenizer.ggml.tokens', vocab.tokens);
@@ -321,7 +394,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   // both the residual stream and the logits in the same range as the other families'.
   const tied = arch === 'gemma3';
   matrix('token_embd.weight', [E, nVocab], tied ? EMBED_STD / Math.sqrt(E) : EMBED_STD);
-  norm('output_norm.weight');
+  norm(arch === 'lfm2' ? 'token_embd_norm.weight' : 'output_norm.weight'); // LFM2's final norm has that name
   if (!tied) {
     // Byte-fallback tokens get smaller output rows so greedy text is mostly whole pieces (bytes still occur).
     const firstByte = SPECIAL_TOKEN_IDS.firstByte;
@@ -330,6 +403,10 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   }
   for (let i = 0; i < o.layers; i++) {
     const p = `blk.${i}.`;
+    if (qwen35 || arch === 'lfm2') {
+      hybridLayer(i);
+      continue;
+    }
     norm(`${p}attn_norm.weight`);
     if (arch === 'mamba') {
       const inner = 2 * E;
@@ -358,7 +435,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
       bias(`${p}attn_k.bias`, kvDim);
       bias(`${p}attn_v.bias`, kvDim);
     }
-    if (arch === 'qwen3' || arch === 'qwen3moe' || arch === 'gemma3') {
+    if (arch === 'qwen3' || arch === 'qwen3moe' || arch === 'gemma3' || arch === 'qwen3vl') {
       norm(`${p}attn_q_norm.weight`, o.headDim);
       norm(`${p}attn_k_norm.weight`, o.headDim);
     }
@@ -381,6 +458,72 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     if (arch === 'gemma3') norm(`${p}post_ffw_norm.weight`);
   }
 
+  /** One layer of a hybrid: its mixer (attention, or DeltaNet / short convolution) and its feed-forward. */
+  function hybridLayer(i: number): void {
+    const p = `blk.${i}.`;
+    const ffn = () => {
+      if (arch === 'qwen35moe') {
+        tensor(`${p}ffn_gate_inp.weight`, [E, o.experts], GGMLType.F32, 1 / Math.sqrt(E));
+        matrix(`${p}ffn_gate_exps.weight`, [E, o.ffn, o.experts]);
+        matrix(`${p}ffn_up_exps.weight`, [E, o.ffn, o.experts]);
+        matrix(`${p}ffn_down_exps.weight`, [o.ffn, E, o.experts]);
+        tensor(`${p}ffn_gate_inp_shexp.weight`, [E], GGMLType.F32, 1 / Math.sqrt(E));
+        matrix(`${p}ffn_gate_shexp.weight`, [E, o.ffn]);
+        matrix(`${p}ffn_up_shexp.weight`, [E, o.ffn]);
+        matrix(`${p}ffn_down_shexp.weight`, [o.ffn, E]);
+      } else {
+        matrix(`${p}ffn_gate.weight`, [E, o.ffn]);
+        matrix(`${p}ffn_up.weight`, [E, o.ffn]);
+        matrix(`${p}ffn_down.weight`, [o.ffn, E]);
+      }
+    };
+    if (arch === 'lfm2') {
+      norm(`${p}ffn_norm.weight`);
+      ffn();
+      norm(`${p}attn_norm.weight`);
+      if (attends(i)) {
+        norm(`${p}attn_q_norm.weight`, o.headDim);
+        norm(`${p}attn_k_norm.weight`, o.headDim);
+        matrix(`${p}attn_q.weight`, [E, E]);
+        matrix(`${p}attn_k.weight`, [E, kvDim]);
+        matrix(`${p}attn_v.weight`, [E, kvDim]);
+        matrix(`${p}attn_output.weight`, [E, E]);
+      } else {
+        tensor(`${p}shortconv.conv.weight`, [convKernel, E], GGMLType.F32, 1 / Math.sqrt(convKernel));
+        matrix(`${p}shortconv.in_proj.weight`, [E, 3 * E]);
+        matrix(`${p}shortconv.out_proj.weight`, [E, E]);
+      }
+      return;
+    }
+    // Qwen3.5: no ffn_norm; post_attention_norm is the norm before the feed-forward.
+    norm(`${p}attn_norm.weight`);
+    norm(`${p}post_attention_norm.weight`);
+    if (attends(i)) {
+      // Gated attention: each head's query rows are followed by its gate's.
+      matrix(`${p}attn_q.weight`, [E, 2 * qDim]);
+      matrix(`${p}attn_k.weight`, [E, kvDim]);
+      matrix(`${p}attn_v.weight`, [E, kvDim]);
+      matrix(`${p}attn_output.weight`, [qDim, E]);
+      norm(`${p}attn_q_norm.weight`, o.headDim);
+      norm(`${p}attn_k_norm.weight`, o.headDim);
+    } else {
+      const keyDim = o.ssmStateSize * o.ssmGroups;
+      const valueDim = o.ssmStateSize * o.ssmHeads;
+      const convDim = 2 * keyDim + valueDim;
+      matrix(`${p}attn_qkv.weight`, [E, convDim]);
+      matrix(`${p}attn_gate.weight`, [E, valueDim]);
+      tensor(`${p}ssm_conv1d.weight`, [convKernel, convDim], GGMLType.F32, 1 / Math.sqrt(convKernel));
+      // dt = softplus(bias + ...) around 0.01, and A in [1, 16) (its log-decay must be negative: ssm_a = -A).
+      tensor(`${p}ssm_dt.bias`, [o.ssmHeads], GGMLType.F32, 0.5, Math.log(Math.expm1(0.01)));
+      tensor(`${p}ssm_a`, [o.ssmHeads], GGMLType.F32, 0, 0, undefined, (_v, col) => -(1 + ((col * 7) % 15)));
+      matrix(`${p}ssm_beta.weight`, [E, o.ssmHeads]);
+      matrix(`${p}ssm_alpha.weight`, [E, o.ssmHeads]);
+      norm(`${p}ssm_norm.weight`, o.ssmStateSize);
+      matrix(`${p}ssm_out.weight`, [valueDim, E]);
+    }
+    ffn();
+  }
+
   const fileSize = w.write(path);
   const tensors = w.tensorInfos();
   const nParams = tensors.reduce((sum, t) => sum + t.dims.reduce((a, b) => a * b, 1), 0);
@@ -389,7 +532,11 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
 
 // ---- the llama generator most tests use (ChatML by default, as before there were families) ----
 
-export type LlamaModelOptions = Omit<ModelOptions, 'family' | 'slidingWindow' | 'swaPattern' | 'experts' | 'expertsUsed' | 'template' | 'chatTemplate'> & {
+/** Options only some families read (the llama generator has none of them). */
+const FAMILY_ONLY_OPTIONS = ['slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ropeDims', 'ssmStateSize', 'ssmGroups', 'ssmHeads', 'convKernel'] as const;
+type FamilyOnlyOption = (typeof FAMILY_ONLY_OPTIONS)[number];
+
+export type LlamaModelOptions = Omit<ModelOptions, 'family' | FamilyOnlyOption | 'template' | 'chatTemplate'> & {
   /** tokenizer.chat_template: ChatML by default; null writes none (a base model: plain framing). */
   chatTemplate: string | null;
 };
@@ -412,12 +559,13 @@ export const DEFAULT_LLAMA_MODEL_OPTIONS: Readonly<LlamaModelOptions> = Object.f
 });
 
 export function resolveLlamaModelOptions(options: LlamaModelInput = {}): LlamaModelOptions {
-  const { family: _f, slidingWindow: _w, swaPattern: _p, experts: _e, expertsUsed: _u, template: _t, chatTemplate, ...rest } = resolveModelOptions({
+  const { family: _f, template: _t, chatTemplate, ...rest } = resolveModelOptions({
     ...DEFAULT_LLAMA_MODEL_OPTIONS,
     ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)),
     family: 'llama',
   });
-  return { ...rest, chatTemplate: chatTemplate ?? null };
+  for (const k of FAMILY_ONLY_OPTIONS) delete (rest as Partial<ModelOptions>)[k];
+  return { ...(rest as Omit<ModelOptions, 'family' | FamilyOnlyOption | 'template' | 'chatTemplate'>), chatTemplate: chatTemplate ?? null };
 }
 
 /** A llama-architecture model with the ChatML template (the shape most tests use). */

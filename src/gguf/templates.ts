@@ -110,9 +110,103 @@ const MISTRAL = String.raw`{%- if messages[0]["role"] == "system" %}
 {%- endfor %}
 `;
 
+/**
+ * Qwen3.5 (Qwen3.5-4B's tokenizer config; the vision, video and tool-calling branches left out:
+ * llama.cpp's formatter ignores them). Replies after the last question carry their thinking; the
+ * generation prompt opens a think block.
+ */
+const QWEN35 = String.raw`{%- if not messages %}
+    {{- raise_exception('No messages provided.') }}
+{%- endif %}
+{%- if messages[0].role == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0].content|trim + '<|im_end|>\n' }}
+{%- endif %}
+{%- set ns = namespace(last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- if message.role == "user" %}
+        {%- set ns.last_query_index = (messages|length - 1) - loop.index0 %}
+        {%- break %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = message.content|trim %}
+    {%- if message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if '</think>' in content %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content|trim + '\n</think>\n\n' + content }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- else %}
+        {{- '<think>\n' }}
+    {%- endif %}
+{%- endif %}`;
+
+/** LFM2.5-Instruct (Liquid AI): ChatML after the BOS, tools listed in the system prompt, past thinking dropped. */
+const LFM2 = String.raw`{{- bos_token -}}
+{%- set keep_past_thinking = keep_past_thinking | default(false) -%}
+{%- set ns = namespace(system_prompt="") -%}
+{%- if messages[0]["role"] == "system" -%}
+    {%- set ns.system_prompt = messages[0]["content"] -%}
+    {%- set messages = messages[1:] -%}
+{%- endif -%}
+{%- if tools -%}
+    {%- set ns.system_prompt = ns.system_prompt + ("\n" if ns.system_prompt else "") + "List of tools: [" -%}
+    {%- for tool in tools -%}
+        {%- if tool is not string -%}
+            {%- set tool = tool | tojson -%}
+        {%- endif -%}
+        {%- set ns.system_prompt = ns.system_prompt + tool -%}
+        {%- if not loop.last -%}
+            {%- set ns.system_prompt = ns.system_prompt + ", " -%}
+        {%- endif -%}
+    {%- endfor -%}
+    {%- set ns.system_prompt = ns.system_prompt + "]" -%}
+{%- endif -%}
+{%- if ns.system_prompt -%}
+    {{- "<|im_start|>system\n" + ns.system_prompt + "<|im_end|>\n" -}}
+{%- endif -%}
+{%- set ns.last_assistant_index = -1 -%}
+{%- for message in messages -%}
+    {%- if message["role"] == "assistant" -%}
+        {%- set ns.last_assistant_index = loop.index0 -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- for message in messages -%}
+    {{- "<|im_start|>" + message["role"] + "\n" -}}
+    {%- set content = message["content"] -%}
+    {%- if content is not string -%}
+        {%- set content = content | tojson -%}
+    {%- endif -%}
+    {%- if message["role"] == "assistant" and not keep_past_thinking and loop.index0 != ns.last_assistant_index -%}
+        {%- if "</think>" in content -%}
+            {%- set content = content.split("</think>")[-1] | trim -%}
+        {%- endif -%}
+    {%- endif -%}
+    {{- content + "<|im_end|>\n" -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- "<|im_start|>assistant\n" -}}
+{%- endif -%}`;
+
 export const TEMPLATES = {
   chatml: { text: QWEN_CHATML, control: [], endOfTurn: '<|im_end|>' },
   qwen3: { text: QWEN3_CHATML, control: [], endOfTurn: '<|im_end|>' },
+  qwen35: { text: QWEN35, control: ['<|vision_start|>', '<|vision_end|>', '<|image_pad|>', '<|video_pad|>'], endOfTurn: '<|im_end|>' },
+  lfm2: { text: LFM2, control: ['<|startoftext|>', '<|tool_list_start|>', '<|tool_list_end|>'], endOfTurn: '<|im_end|>' },
   llama3: { text: LLAMA3, control: ['<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'], endOfTurn: '<|eot_id|>' },
   gemma: { text: GEMMA3, control: ['<start_of_turn>', '<end_of_turn>'], endOfTurn: '<end_of_turn>' },
   phi3: { text: PHI3, control: ['<|system|>', '<|user|>', '<|assistant|>', '<|end|>'], endOfTurn: '<|end|>' },

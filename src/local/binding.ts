@@ -43,6 +43,7 @@ export interface NativeChatStats {
   tokensEvicted: number;
   evictions: number;
   fallbackCount: number;
+  compactions: number;
   kvBytes: number;
   summary: string;
 }
@@ -64,7 +65,15 @@ export interface NativeCacheState {
   /** llama.cpp's own view of the chat's sequence (the ledger's when the chat is parked). */
   cachePosMin: number;
   cachePosMax: number;
+  /** The ledger's positions are 0..n-1 (never evicted with positions kept, or just compacted). */
   positionsContiguous: boolean;
+  /** The ledger's positions are non-negative and strictly increasing (always). */
+  positionsIncreasing: boolean;
+  /** The ledger's first and last positions (-1: empty): the cache's must equal them. */
+  ledgerPosFirst: number;
+  ledgerPosLast: number;
+  /** Positions stay below this; the next one past it compacts. */
+  positionLimit: number;
   /** KV cells of the chat's stream (its budget plus summary scratch, rounded up). */
   contextSize: number;
   carriedTokens: number;

@@ -82,6 +82,21 @@ export interface ChatOptions {
   hybridImportanceShare?: number;
   /** Latency guard: a policy that takes longer than this (ms) to choose falls back to sliding. 0 disables. Default 50. */
   maxPolicyMs?: number;
+  /**
+   * What an eviction does to the positions of the tokens that stay. 'keep' (default): nothing; they
+   * keep their true distances (as sliding-window attention sees them) and new tokens are numbered on,
+   * so an eviction is one seq_rm and never re-rotates the cache. Positions are compacted only when the
+   * next one would pass `positionLimit`. 'compact': renumbered 0..n-1 at every eviction (a K-shift of
+   * every cell of the context in the next decode); not for M-RoPE models, whose keys cannot shift.
+   */
+  positions?: 'keep' | 'compact';
+  /**
+   * positions 'keep': the position the chat never reaches; when the next one would, the retained
+   * tokens are compacted to 0..n-1 (a K-shift, or one re-prefill of at most maxTokens tokens where
+   * keys cannot shift). At most the model's trained context (`model.info.nCtxTrain`), at least
+   * maxTokens plus the summary scratch. Default the model's nCtxTrain.
+   */
+  positionLimit?: number;
   /** @internal Test hook: makes every policy choice this slow (exercises the latency guard). */
   testPolicyDelayMs?: number;
   /** @internal Test hook: makes every generated token this slow (deterministic mid-turn aborts). */
@@ -141,6 +156,9 @@ export interface ResolvedChatOptions {
   summaryTokens: number;
   hybridImportanceShare: number;
   maxPolicyMs: number;
+  positions: 'keep' | 'compact';
+  /** Only when given (the model's trained context otherwise). */
+  positionLimit?: number;
   testPolicyDelayMs?: number;
   testTokenDelayMs?: number;
 }

@@ -49,11 +49,18 @@ export interface TurnStats {
   firstTokenMs: number;
   /** Time the policy spent choosing tokens to evict. */
   policyMs: number;
-  /** Time spent removing them from the KV cache and compacting positions (seq_rm + seq_add). */
+  /** Time spent removing them from the KV cache (seq_rm; compactions are counted apart). */
   evictMs: number;
   evictedTokens: number;
   /** Eviction events during this turn (before prefill and during generation). */
   evictions: number;
+  /**
+   * Times this turn numbered the retained tokens' positions 0..n-1 again: at every eviction with
+   * positions 'compact'; with 'keep', only when the next position would pass `positionLimit`.
+   */
+  compactions: number;
+  /** Time those compactions took: a re-prefill's decodes where keys cannot shift (M-RoPE); for a K-shift only its bookkeeping (the shift itself runs inside the next decode). */
+  compactMs: number;
   /** Tokens in the KV cache after the turn (<= maxTokens). */
   retainedTokens: number;
   latencyMs: number;
@@ -75,7 +82,9 @@ export interface TurnResult extends CommonTurnResult {
 /** Cumulative figures since the chat was created (or last reset). */
 export interface ChatStats extends CommonChatStats {
   fallbackCount: number;
-  /** Bytes the retained tokens occupy in the KV cache (K and V, all layers). */
+  /** Times positions were compacted (see `TurnStats.compactions`). */
+  compactions: number;
+  /** Bytes the retained tokens occupy in the KV cache (K and V of every attention layer; a hybrid model's recurrent state is extra: `ModelInfo.recurrentBytes`). */
   kvBytes: number;
 }
 
@@ -118,8 +127,16 @@ export interface ModelInfo {
   framing: 'template' | 'chatml' | 'plain';
   /** The model's memory: a KV cache ('kv'), one with sliding-window layers ('kv-swa'), a recurrent state, or both ('hybrid'). */
   memory: 'kv' | 'kv-swa' | 'recurrent' | 'hybrid';
-  /** Window of the sliding-window layers in tokens (0: none). With finite memory it counts retained tokens, not conversation tokens. */
+  /** Window of the sliding-window layers in tokens (0: none), counted in positions: with positions 'keep' a token leaves them at its true distance. */
   slidingWindow: number;
+  /** Layers with a KV cache: what `maxTokens` bounds (for a hybrid model, its attention layers only). */
+  kvLayers: number;
+  /** Bytes of one chat's recurrent state (hybrid models; 0 otherwise): fixed-size, never evicted, the model's own memory of everything it saw. */
+  recurrentBytes: number;
+  /** Whether keys can be moved to new positions (K-shift). False for M-RoPE: compaction then re-prefills the retained tokens. */
+  canShift: boolean;
+  /** The model's RoPE kind: 'norm', 'neox', 'mrope', 'imrope' (interleaved M-RoPE), 'vision' or 'none'. */
+  rope: string;
   /** Whether chats can evict in place on this model; createChat throws UnsupportedModelError otherwise. */
   inPlaceEviction: boolean;
   /** Why not, naming the architecture (null when supported). */

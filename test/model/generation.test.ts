@@ -1,7 +1,7 @@
 // Logits under a whole-sequence K-shift, seeded determinism, streaming, abort (lifetimes: test/robustness/lifetimes.test.ts).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type Model } from '../../src/index.ts';
-import { THREADS, maxAbsDiff, testModelPath } from '../helpers.ts';
+import { checkCache, THREADS, maxAbsDiff, testModelPath } from '../helpers.ts';
 
 let model: Model;
 beforeAll(async () => {
@@ -131,9 +131,7 @@ describe('abort', () => {
     });
     expect(r.stopReason).toBe('abort');
     expect(r.stats.generatedTokens).toBeLessThan(200);
-    const cache = chat._internals().cacheState();
-    expect(cache.positionsContiguous).toBe(true);
-    expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
+    checkCache(chat, 256);
     const next = await chat.send('next', { maxNewTokens: 5, temperature: 0 });
     expect(['eos', 'maxTokens']).toContain(next.stopReason);
     chat.dispose();

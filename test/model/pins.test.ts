@@ -149,16 +149,33 @@ describe('pin / unpin / forget', () => {
     const after = chat.memory();
     expect(after.some((e) => e.turn === 2)).toBe(false);
     expect(after.map((e) => e.token)).toEqual(before.filter((e) => e.turn !== 2).map((e) => e.token));
-    expect(after.map((e) => e.position)).toEqual(after.map((_, i) => i));
+    // The others keep their positions (positions 'keep'): a gap where turn 2 was, nothing shifted.
+    expect(after.map((e) => e.position)).toEqual(before.filter((e) => e.turn !== 2).map((e) => e.position));
+    expect(chat.stats().compactions).toBe(0);
     expect(chat.pins()).toEqual([]);
     expect(chat.stats().tokensEvicted).toBe(evicted);
     expect(await chat.forget(2)).toBe(0);
     checkCache(chat, maxTokens);
-    // The chat goes on from the compacted cache.
+    // The chat goes on from the cache with the gap.
     await chat.send('and now?', GEN);
     checkCache(chat, maxTokens);
     // The transcript keeps every turn.
     expect(chat.exportTranscript().messages).toHaveLength(10);
+    chat.dispose();
+  });
+
+  it("with positions 'compact', forget renumbers the rest 0..n-1", async () => {
+    const maxTokens = 256;
+    const chat = model.createChat({ maxTokens, threads: THREADS, positions: 'compact' });
+    await talk(chat, 4);
+    const before = chat.memory();
+    await chat.forget(2);
+    const after = chat.memory();
+    expect(after.map((e) => e.token)).toEqual(before.filter((e) => e.turn !== 2).map((e) => e.token));
+    expect(after.map((e) => e.position)).toEqual(after.map((_, i) => i));
+    expect(chat.stats().compactions).toBe(1);
+    await chat.send('and now?', GEN);
+    checkCache(chat, maxTokens);
     chat.dispose();
   });
 

@@ -3,7 +3,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { InvalidOptionError, loadModel } from '../../src/index.ts';
-import { SHARED_MODELS, THREADS } from '../helpers.ts';
+import { checkCache, SHARED_MODELS, THREADS } from '../helpers.ts';
 
 const stories = join(SHARED_MODELS, 'stories260K.gguf');
 const tiny656 = join(SHARED_MODELS, 'tinystories-656k-q8_0.gguf');
@@ -19,9 +19,7 @@ describe.skipIf(missing.length > 0)('trained tiny models', () => {
       expect(r.stats.retainedTokens).toBeLessThanOrEqual(96);
       if (i === 0) expect(r.response).toMatch(/[a-z]+ [a-z]+/i);
     }
-    const cache = chat._internals().cacheState();
-    expect(cache.positionsContiguous).toBe(true);
-    expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
+    checkCache(chat, 96);
     model.dispose();
   });
 

@@ -97,14 +97,22 @@ std::set<size_t> evicted(const eviction_plan & p) {
 
 // ---- ledger ----
 
-TEST(ledger_remove_ranges_compacts_positions) {
+TEST(ledger_remove_ranges_keeps_positions_and_renumber_compacts) {
     token_ledger l = make_ledger(20, 2);
-    const size_t removed = l.remove_ranges_and_compact({ { 3, 6 }, { 10, 12 } });
+    const size_t removed = l.remove_ranges({ { 3, 6 }, { 10, 12 } });
     CHECK(removed == 5);
     CHECK(l.size() == 15);
-    CHECK(l.positions_contiguous());
-    CHECK(l[3].token == 106);   // what followed the first range moved up
+    CHECK(l[3].token == 106);   // what followed the first range moved up in the ledger
     CHECK(l[7].token == 112);
+    CHECK(l[3].pos == 6);       // but kept its position: the gap stays
+    CHECK(!l.positions_contiguous());
+    CHECK(l.positions_increasing());
+    CHECK(l.next_pos() == 20);
+    CHECK(l.index_of_pos(6) == 3);
+    CHECK(l.index_of_pos(4) == l.size());   // evicted
+    l.renumber();
+    CHECK(l.positions_contiguous());
+    CHECK(l[7].pos == 7 && l.next_pos() == 15);
 }
 
 TEST(ledger_normalize_ranges_sorts_merges_and_drops_empty) {
@@ -114,16 +122,24 @@ TEST(ledger_normalize_ranges_sorts_merges_and_drops_empty) {
     CHECK(r[1].begin == 8 && r[1].end == 10);
 }
 
-TEST(ledger_insert_renumbers) {
+TEST(ledger_insert_keeps_the_positions_it_is_given) {
     token_ledger l = make_ledger(6, 1);
+    l.remove_ranges({ { 2, 4 } });   // positions 0 1 4 5
     ledger_entry e{};
     e.token = 7;
     e.role = TOKEN_ROLE_SUMMARY;
-    l.insert(2, { e, e });
-    CHECK(l.size() == 8);
+    e.pos = 2;
+    ledger_entry f = e;
+    f.pos = 3;
+    l.insert(2, { e, f });
+    CHECK(l.size() == 6);
     CHECK(l[2].role == TOKEN_ROLE_SUMMARY && l[3].role == TOKEN_ROLE_SUMMARY);
     CHECK(l.positions_contiguous());
     CHECK(l.pinned_count() == 1);
+    ledger_entry late = e;
+    late.pos = 1;                    // out of order: the ledger keeps it, and says so
+    l.insert(5, { late });
+    CHECK(!l.positions_increasing());
 }
 
 TEST(ranges_from_mask_matches_mask) {

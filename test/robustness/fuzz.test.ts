@@ -3,7 +3,7 @@
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FiniteMemoryError, loadModel, type Chat, type Model } from '../../src/index.ts';
-import { testModelPath, THREADS } from '../helpers.ts';
+import { checkCache, testModelPath, THREADS } from '../helpers.ts';
 
 let model: Model;
 beforeAll(async () => {
@@ -14,9 +14,7 @@ afterAll(() => model?.dispose());
 async function stillUsable(chat: Chat) {
   const r = await chat.send('ok', { maxNewTokens: 2, temperature: 0 });
   expect(r.stats.retainedTokens).toBeLessThanOrEqual(chat.options.maxTokens);
-  const cache = chat._internals().cacheState();
-  expect(cache.positionsContiguous).toBe(true);
-  expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
+  checkCache(chat, chat.options.maxTokens);
 }
 
 const weird = fc.oneof(

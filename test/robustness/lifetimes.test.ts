@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DisposedError, loadModel, type Model } from '../../src/index.ts';
 import { getProbes } from '../../src/local/binding.ts';
-import { testModelPath, THREADS } from '../helpers.ts';
+import { checkCache, testModelPath, THREADS } from '../helpers.ts';
 
 let model: Model;
 beforeAll(async () => {
@@ -28,9 +28,7 @@ describe('concurrency', () => {
       for (const r of results) expect(r.stats.retainedTokens).toBeLessThanOrEqual(64);
     }
     for (const c of chats) {
-      const cache = c._internals().cacheState();
-      expect(cache.positionsContiguous).toBe(true);
-      expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);
+      checkCache(c, 64);
       c.dispose();
     }
   });

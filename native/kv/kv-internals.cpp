@@ -1,0 +1,207 @@
+#include "kv/kv-internals.h"
+
+#include "llama.h"
+
+#include <typeinfo>
+
+#ifdef FML_HAVE_KV_INTERNALS
+#include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-kv-cells.h"
+#include "llama-memory-hybrid.h"
+#include "llama-memory-recurrent.h"
+#include "llama-model.h"
+#endif
+
+namespace fml {
+
+bool kv_internals_available() {
+#ifdef FML_HAVE_KV_INTERNALS
+    return true;
+#else
+    return false;
+#endif
+}
+
+#ifdef FML_HAVE_KV_INTERNALS
+namespace {
+
+// The plain hybrid class only: its subclasses (an indexer cache next to the halves) keep more state.
+llama_memory_hybrid * hybrid_of(llama_context * ctx) {
+    llama_memory_i * mem = llama_get_memory(ctx);
+    return mem != nullptr && typeid(*mem) == typeid(llama_memory_hybrid) ? static_cast<llama_memory_hybrid *>(mem) : nullptr;
+}
+
+// The attention KV cache that holds every retained token of a sequence.
+llama_kv_cache * full_cache_of(llama_context * ctx) {
+    llama_memory_i * mem = llama_get_memory(ctx);
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return kv;
+    }
+    if (auto * hybrid = hybrid_of(ctx)) {
+        return hybrid->get_mem_attn();
+    }
+    return nullptr;
+}
+
+} // namespace
+#endif
+
+kv_memory_kind kv_memory_of(llama_context * ctx) {
+#ifdef FML_HAVE_KV_INTERNALS
+    llama_memory_i * mem = llama_get_memory(ctx);
+    if (dynamic_cast<llama_kv_cache_iswa *>(mem) != nullptr) {
+        return kv_memory_kind::kv_iswa;
+    }
+    if (dynamic_cast<llama_kv_cache *>(mem) != nullptr) {
+        return kv_memory_kind::kv;
+    }
+    if (hybrid_of(ctx) != nullptr) {
+        return kv_memory_kind::hybrid;
+    }
+    return kv_memory_kind::other;
+#else
+    // Without the internals only what the public API can evict is known: a KV cache that shifts or not.
+    const llama_model * model = llama_get_model(ctx);
+    if (llama_model_is_recurrent(model) || llama_model_is_hybrid(model)) {
+        return kv_memory_kind::other;
+    }
+    return llama_model_n_swa(model) > 0 ? kv_memory_kind::kv_iswa : kv_memory_kind::kv;
+#endif
+}
+
+kv_model_layout kv_layout_of(const llama_model * model) {
+    kv_model_layout out;
+#ifdef FML_HAVE_KV_INTERNALS
+    const llama_hparams & hp = model->hparams;
+    // Which layers each half of llama_memory_hybrid holds, as llama_model::create_memory filters them.
+    const bool nemotron = model->arch == LLM_ARCH_NEMOTRON_H || model->arch == LLM_ARCH_NEMOTRON_H_MOE;
+    const bool falcon = model->arch == LLM_ARCH_FALCON_H1;
+    const bool hybrid = llama_model_is_hybrid(model);
+    const bool recurrent = llama_model_is_recurrent(model);
+    uint64_t per_layer = (uint64_t) (hp.n_embd_r() + hp.n_embd_s()) * sizeof(float);   // llama.cpp keeps them in F32
+    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+        const bool both = falcon || (!nemotron || hp.n_ff(il) == 0);
+        const bool attends = hybrid ? (falcon || (!hp.is_recr(il) && both)) : !recurrent;
+        const bool recurs = recurrent || (hybrid && (falcon || (hp.is_recr(il) && both)));
+        out.attention_layers += attends ? 1 : 0;
+        if (attends) {
+            out.kv_heads = out.kv_heads > 0 ? out.kv_heads : (int32_t) hp.n_head_kv(il);
+            out.kv_values_per_token += (uint64_t) hp.n_embd_k_gqa(il) + hp.n_embd_v_gqa(il);
+        }
+        if (recurs) {
+            out.recurrent_bytes += per_layer + (hp.ple_conv_state() > 0 && hp.is_ple(il) ? (uint64_t) hp.ple_conv_state() * sizeof(float) : 0);
+        }
+    }
+    // create_memory makes a llama_memory_hybrid unless the model slides (hybrid-iswa) or indexes (hybrid-idx).
+    out.hybrid_supported = hybrid && hp.swa_type == LLAMA_SWA_TYPE_NONE && model->arch != LLM_ARCH_QWEN4EXP;
+#else
+    out.attention_layers = llama_model_is_recurrent(model) ? 0 : llama_model_n_layer(model);
+    out.kv_heads = llama_model_n_head_kv(model);
+    const int32_t head = llama_model_n_head(model) > 0 ? llama_model_n_embd(model) / llama_model_n_head(model) : 0;
+    out.kv_values_per_token = 2ull * (uint64_t) out.attention_layers * (uint64_t) out.kv_heads * (uint64_t) head;
+#endif
+    return out;
+}
+
+bool kv_cell_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out) {
+    out.clear();
+#ifdef FML_HAVE_KV_INTERNALS
+    llama_kv_cache * kv = full_cache_of(ctx);
+    if (kv == nullptr || dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx)) != nullptr) {
+        return false;
+    }
+    const llama_kv_cells & cells = kv->get_cells(seq);
+    out.resize(cells.size(), -1);
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        if (!cells.is_empty(i) && cells.seq_has(i, seq)) {
+            out[i] = cells.pos_get(i);
+        }
+    }
+    return true;
+#else
+    (void) ctx;
+    (void) seq;
+    return false;
+#endif
+}
+
+int32_t kv_full_cache_pos_min(llama_context * ctx, int32_t seq) {
+#ifdef FML_HAVE_KV_INTERNALS
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx))) {
+        return iswa->get_base()->seq_pos_min(seq);
+    }
+    if (auto * hybrid = hybrid_of(ctx)) {
+        return hybrid->get_mem_attn()->seq_pos_min(seq);
+    }
+#endif
+    return llama_memory_seq_pos_min(llama_get_memory(ctx), seq);
+}
+
+bool kv_attention_seq_rm(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1) {
+#ifdef FML_HAVE_KV_INTERNALS
+    if (auto * hybrid = hybrid_of(ctx)) {
+        return hybrid->get_mem_attn()->seq_rm(seq, p0, p1);
+    }
+#endif
+    return llama_memory_seq_rm(llama_get_memory(ctx), seq, p0, p1);
+}
+
+void kv_recurrent_set_pos(llama_context * ctx, int32_t seq, int32_t pos) {
+#ifdef FML_HAVE_KV_INTERNALS
+    if (auto * hybrid = hybrid_of(ctx)) {
+        llama_memory_recurrent * recr = hybrid->get_mem_recr();
+        const llama_pos at = recr->seq_pos_max(seq);
+        if (at >= 0 && at != pos) {
+            recr->seq_add(seq, -1, -1, pos - at);   // moves the state's position only
+        }
+    }
+#else
+    (void) ctx;
+    (void) seq;
+    (void) pos;
+#endif
+}
+
+void kv_prune_sliding_window(llama_context * ctx, int32_t seq, int32_t next_pos) {
+#ifdef FML_HAVE_KV_INTERNALS
+    auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx));
+    const int32_t window = llama_model_n_swa(llama_get_model(ctx));
+    if (iswa != nullptr && window > 0 && next_pos - window >= 0) {
+        iswa->get_swa()->seq_rm(seq, 0, next_pos - window + 1);
+    }
+#else
+    (void) ctx;
+    (void) seq;
+    (void) next_pos;
+#endif
+}
+
+size_t kv_cell_ext_bytes(llama_context * ctx) {
+#ifdef FML_HAVE_KV_INTERNALS
+    llama_kv_cache * kv = full_cache_of(ctx);
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx))) {
+        kv = iswa->get_base();
+    }
+    return kv != nullptr && kv->has_cell_ext() ? sizeof(llama_kv_cell_ext) : 0;
+#else
+    const enum llama_rope_type rope = llama_model_rope_type(llama_get_model(ctx));
+    return rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE ? 12 : 0;
+#endif
+}
+
+size_t kv_allocated_bytes(llama_context * ctx) {
+#ifdef FML_HAVE_KV_INTERNALS
+    size_t total = 0;
+    for (const auto & [type, bytes] : llama_get_memory(ctx)->memory_breakdown()) {
+        (void) type;
+        total += bytes;
+    }
+    return total;
+#else
+    (void) ctx;
+    return 0;
+#endif
+}
+
+} // namespace fml

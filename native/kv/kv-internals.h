@@ -1,0 +1,79 @@
+// What llama.cpp's public API does not expose about a context's memory, read from its internal
+// headers. This is the one file that includes them (from the pinned source, checked at configure
+// time: FML_HAVE_KV_INTERNALS); without them, attention signals fall back to key norms and hybrid
+// models are refused.
+//   - Which KV cell holds which position: attention tensors (kq_soft_max) are indexed by cell, and
+//     cells drift from position order once seq_rm frees holes that new tokens refill.
+//   - The halves of a hybrid memory (attention KV + recurrent state): llama.cpp's hybrid seq_rm
+//     refuses a partial range because its recurrent half cannot forget some tokens, so finite memory
+//     evicts from the attention half alone and never touches the recurrent state's contents.
+//   - Sliding-window layers' own cache, and the per-layer geometry of a model (which layers attend).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+struct llama_context;
+struct llama_model;
+
+namespace fml {
+
+// True when this build can read llama.cpp's internals (cell map, hybrid halves).
+bool kv_internals_available();
+
+// The memory of a context as finite memory sees it.
+enum class kv_memory_kind {
+    kv,        // one KV cache
+    kv_iswa,   // a full cache and a sliding-window cache
+    hybrid,    // llama_memory_hybrid: one attention KV cache + a recurrent state
+    other,     // anything else (recurrent only, hybrid with SWA or an indexer, ...): not supported
+};
+kv_memory_kind kv_memory_of(llama_context * ctx);
+
+// What a model's layers keep per chat: how many layers attend (their KV is what finite memory bounds)
+// and the bytes of one sequence's recurrent state (0 without one). Read from llama.cpp's hyperparameters.
+struct kv_model_layout {
+    int32_t attention_layers = 0;
+    int32_t kv_heads = 0;                // KV heads of the first attention layer (llama_model_n_head_kv reads layer 0's)
+    uint64_t kv_values_per_token = 0;    // K and V elements one token adds, over every attention layer
+    uint64_t recurrent_bytes = 0;
+    bool hybrid_supported = false;   // its hybrid memory is a plain llama_memory_hybrid (see kv_memory_kind)
+};
+kv_model_layout kv_layout_of(const llama_model * model);
+
+// out[cell] = position of the cell in `seq`, or -1 when the cell is empty or not in `seq`, for the
+// attention KV cache (a hybrid's attention half). False (and `out` empty) when unavailable.
+bool kv_cell_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out);
+
+// The sequence's smallest position in the cache that holds every retained token: with sliding-window
+// layers the full cache's (llama.cpp reports the window cache's, whose out-of-window cells it reuses),
+// for a hybrid the attention half's (the recurrent state's "position" is its last token's).
+int32_t kv_full_cache_pos_min(llama_context * ctx, int32_t seq);
+
+// Removes positions [p0, p1) of `seq` from the attention KV only (p1 < 0: to the end). For a hybrid
+// the recurrent state is left as it is; for the other kinds this is llama_memory_seq_rm. False when
+// llama.cpp refuses.
+bool kv_attention_seq_rm(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1);
+
+// Sets the position a hybrid's recurrent state says it has reached (the state itself is unchanged):
+// after it is restored from a snapshot, or after the attention half was compacted without it. No-op
+// for other kinds.
+void kv_recurrent_set_pos(llama_context * ctx, int32_t seq, int32_t pos);
+
+// Removes from the sliding-window cache of a model with sliding layers the sequence's cells that the
+// next token at `next_pos` would not see (positions <= next_pos - window), before an eviction moves
+// positions. llama.cpp would otherwise drop some of them later by reusing their cells, depending on
+// cell order: after a compaction brought them back within the window, a chat and its restored
+// checkpoint (which stores only cells in the window) would see different tokens. Pruned here, a token
+// that left a sliding layer's window stays out of it, deterministically. No-op for other caches.
+void kv_prune_sliding_window(llama_context * ctx, int32_t seq, int32_t next_pos);
+
+// Bytes of per-cell extra metadata llama.cpp writes in a sequence's state after each cell's seq ids
+// count (M-RoPE's 2D position; 0 for ordinary caches): what a reader of that state must skip.
+size_t kv_cell_ext_bytes(llama_context * ctx);
+
+// Bytes of KV buffers the context's memory allocated (every cache of it; 0 when unknown).
+size_t kv_allocated_bytes(llama_context * ctx);
+
+} // namespace fml

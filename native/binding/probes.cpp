@@ -46,6 +46,13 @@ Napi::Value probe_logits(const Napi::CallbackInfo & info) {
     return floats(info.Env(), on_scheduler(info, [&](sequence & s, engine & e) { return sequence_probes::probe_logits(s, e, token); }));
 }
 
+Napi::Value recurrent_state(const Napi::CallbackInfo & info) {
+    const std::vector<uint8_t> bytes = on_scheduler(info, [&](sequence & s, engine & e) { return sequence_probes::recurrent_state(s, e); });
+    Napi::Uint8Array arr = Napi::Uint8Array::New(info.Env(), bytes.size());
+    std::copy(bytes.begin(), bytes.end(), arr.Data());
+    return arr;
+}
+
 Napi::Value shift_positions(const Napi::CallbackInfo & info) {
     const int32_t delta = info[1].ToNumber().Int32Value();
     on_scheduler(info, [&](sequence & s, engine & e) { sequence_probes::shift_positions(s, e, delta); return 0; });
@@ -249,6 +256,7 @@ Napi::Value live_objects(const Napi::CallbackInfo & info) {
 void register_probes(Napi::Env env, Napi::Object exports) {
     Napi::Object p = Napi::Object::New(env);
     p.Set("probeLogits", Napi::Function::New(env, probe_logits));
+    p.Set("recurrentState", Napi::Function::New(env, recurrent_state));
     p.Set("shiftPositions", Napi::Function::New(env, shift_positions));
     p.Set("evaluateTokens", Napi::Function::New(env, evaluate_tokens));
     p.Set("replayHistory", Napi::Function::New(env, replay_history));

@@ -965,8 +965,10 @@ void sequence::absorb_signals(const capture_member & m, size_t first_new, size_t
 
 bool sequence::make_room(size_t incoming, size_t slack, engine & e) {
     const size_t budget = opts_.policy.max_tokens;
+    // Positions take the slack only before a reply: mid-reply, compacting early would stall its stream.
+    const size_t position_slack = turn_ && turn_->generating ? 0 : slack;
     if (ledger_.size() + incoming <= budget) {
-        fit_positions(incoming, slack, e);
+        fit_positions(incoming, position_slack, e);
         return true;
     }
     const size_t hard_need = ledger_.size() + incoming - budget;
@@ -985,7 +987,7 @@ bool sequence::make_room(size_t incoming, size_t slack, engine & e) {
     if (ledger_.size() + incoming > budget) {
         throw fml_error(FML_ERR_INTERNAL, "eviction left the budget exceeded");
     }
-    fit_positions(incoming, slack, e);
+    fit_positions(incoming, position_slack, e);
     return true;
 }
 

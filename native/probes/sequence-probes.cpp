@@ -160,6 +160,12 @@ double sequence_probes::replay_history(sequence & s, engine & e) {
     return ms_since(t0);
 }
 
+std::vector<uint8_t> sequence_probes::recurrent_state(sequence & s, engine & e) {
+    ready(s, e);
+    std::lock_guard<std::mutex> lock(s.mu_);
+    return kv_recurrent_save(e.ctx(), s.slot_);
+}
+
 double sequence_probes::plain_decode(sequence & s, engine & e, int32_t n) {
     ready(s, e);
     std::lock_guard<std::mutex> lock(s.mu_);

@@ -22,6 +22,9 @@ struct sequence_probes {
     // Clears the chat's cells and prefills the retained tokens again (the naive re-prefill approach,
     // same retained content); returns ms.
     static double replay_history(sequence & s, engine & e);
+    // A hybrid chat's recurrent state as llama.cpp saves it (empty for other models): eviction, an
+    // aborted prefill or a summary must leave it as it was.
+    static std::vector<uint8_t> recurrent_state(sequence & s, engine & e);
     // Greedy-decodes n tokens with bare llama_decode + sampling (no ledger, streaming or policy),
     // then rolls back; returns ms.
     static double plain_decode(sequence & s, engine & e, int32_t n);

@@ -149,6 +149,8 @@ export interface NativeEngineStats {
 /** Only in the test build (build/Probes/finite_memory_llm_probes.node; FML_ADDON_PATH selects it). */
 export interface NativeProbes {
   probeLogits(chat: NativeChat, token: number): Float32Array;
+  /** A hybrid chat's recurrent state as llama.cpp saves it (empty for other models). */
+  recurrentState(chat: NativeChat): Uint8Array;
   shiftPositions(chat: NativeChat, delta: number): void;
   evaluateTokens(chat: NativeChat, tokens: Int32Array, chunk: number): Float32Array;
   replayHistory(chat: NativeChat): number;

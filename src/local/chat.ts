@@ -20,6 +20,8 @@ export interface ChatInternals {
   /** Every engine (shared context) of the chat's model, summed. */
   engineStats(): NativeEngineStats;
   probeLogits(token: number): Float32Array;
+  /** A hybrid chat's recurrent state as llama.cpp saves it (empty for other models). */
+  recurrentState(): Uint8Array;
   shiftPositions(delta: number): void;
   /** Teacher-forced feed in chunks (evicting as a chat would); logits after every token. */
   evaluateTokens(tokens: readonly number[], chunk: number): Float32Array;
@@ -285,6 +287,7 @@ export class Chat implements ChatSurface {
       countTurnTokens: (m) => wrap(() => native.countTurnTokens(m)),
       engineStats: () => wrap(() => getProbes().engineStats(native)),
       probeLogits: (t) => wrap(() => getProbes().probeLogits(native, t)),
+      recurrentState: () => wrap(() => getProbes().recurrentState(native)),
       shiftPositions: (d) => wrap(() => getProbes().shiftPositions(native, d)),
       evaluateTokens: (t, c) => wrap(() => getProbes().evaluateTokens(native, Int32Array.from(t), c)),
       replayHistory: () => wrap(() => getProbes().replayHistory(native)),

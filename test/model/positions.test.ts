@@ -1,0 +1,304 @@
+// Positions after an eviction, and the model families that depend on them. With positions 'keep' an
+// eviction is a seq_rm alone: the retained tokens keep their positions, no K-shift is paid, and the
+// positions are compacted only when a turn would pass the chat's position limit (by a K-shift, or by
+// re-prefilling the retained tokens where keys cannot shift: M-RoPE). Hybrid models evict from their
+// attention KV only; their recurrent state is never touched by eviction and is put back from a
+// snapshot when a turn must leave no trace.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { writeModel, type ModelFamily } from '../../src/gguf/index.ts';
+import { InvalidOptionError, loadModel, type Chat, type ChatOptions, type Model } from '../../src/index.ts';
+import { checkCache, maxAbsDiff, THREADS } from '../helpers.ts';
+
+const dir = mkdtempSync(join(tmpdir(), 'fml-positions-'));
+const models = new Map<ModelFamily, Model>();
+const FAMILIES: ModelFamily[] = ['llama', 'qwen3vl', 'qwen35', 'lfm2'];
+
+beforeAll(async () => {
+  for (const family of FAMILIES) {
+    const path = join(dir, `${family}.gguf`);
+    writeModel(path, { family, seed: 5, layers: family === 'llama' || family === 'qwen3vl' ? 2 : 4 });
+    models.set(family, await loadModel(path, { threads: THREADS, slots: 4 }));
+  }
+});
+afterAll(() => {
+  for (const m of models.values()) m.dispose();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const model = (family: ModelFamily) => models.get(family)!;
+const MESSAGES = ['The cat sat.', 'Rain fell on the hill!', 'Why is the sky blue?', 'Bread and jam, please.'];
+// F32 KV and no flash attention: two chats that should match differ only by float summation order.
+const EXACT: ChatOptions = { kvType: 'f32', flashAttention: false };
+
+async function talk(chat: Chat, turns: number, from = 0): Promise<string[]> {
+  const replies: string[] = [];
+  for (let t = from; t < from + turns; t++) {
+    replies.push((await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 6, temperature: 0.9, seed: t })).response);
+  }
+  return replies;
+}
+
+describe("positions 'keep' (the default)", () => {
+  it('an eviction leaves every retained token at its position and pays no K-shift', async () => {
+    const chat = model('llama').createChat({ maxTokens: 96, windowSize: 16, systemPrompt: 'Be brief.' });
+    expect(chat.options.positions).toBe('keep');
+    let gaps = 0;
+    for (let t = 0; t < 30; t++) {
+      const before = new Map(chat.memory().map((e) => [e.position, e]));
+      const last = Math.max(...before.keys());
+      const r = await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 6, temperature: 0.9, seed: t });
+      // Every token from before the turn that is still here is the same token at the same position
+      // (a compaction would have moved some of them down onto other tokens' positions).
+      for (const e of chat.memory().filter((x) => x.position <= last)) {
+        expect(before.get(e.position)).toMatchObject({ token: e.token, turn: e.turn, role: e.role });
+      }
+      const cache = checkCache(chat, 96);
+      if (!cache.positionsContiguous) gaps++;
+      expect(r.stats.compactions).toBe(0);
+    }
+    expect(chat.stats().evictions).toBeGreaterThan(10);
+    expect(gaps).toBeGreaterThan(10);
+    expect(chat._internals().engineStats().shiftSteps).toBe(0);
+    chat.dispose();
+  });
+
+  it("positions 'compact' renumbers 0..n-1 at every eviction and pays a K-shift for it", async () => {
+    const chat = model('llama').createChat({ maxTokens: 96, windowSize: 16, systemPrompt: 'Be brief.', positions: 'compact' });
+    const shiftsBefore = chat._internals().engineStats().shiftSteps;
+    for (let t = 0; t < 30; t++) {
+      await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 6, temperature: 0.9, seed: t });
+      expect(checkCache(chat, 96).positionsContiguous).toBe(true);
+    }
+    const s = chat.stats();
+    expect(s.evictions).toBeGreaterThan(10);
+    expect(s.compactions).toBe(s.evictions);
+    expect(chat._internals().engineStats().shiftSteps - shiftsBefore).toBeGreaterThan(10);
+    chat.dispose();
+  });
+
+  it('a rolling summary takes the first evicted gap where keys shift, and stays after the history where they cannot', async () => {
+    for (const family of ['llama', 'qwen3vl'] as const) {
+      const chat = model(family).createChat({ policy: 'rolling_summary', maxTokens: 128, windowSize: 24, summaryTokens: 12, systemPrompt: 'Be brief.', maxPolicyMs: 0 });
+      let summaries = 0;
+      for (let t = 0; t < 24; t++) {
+        await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 5, temperature: 0.9, seed: t });
+        checkCache(chat, 128);
+        const mem = chat.memory();
+        const first = mem.findIndex((e) => e.role === 'summary');
+        if (first < 0) continue;
+        summaries++;
+        const last = mem.findLastIndex((e) => e.role === 'summary');
+        if (family === 'llama') {
+          // In the gap: older than the recent window, right after the pinned prefix.
+          expect(mem.slice(0, first).every((e) => e.pinned)).toBe(true);
+        } else {
+          // Where the model wrote it: after everything retained from before it.
+          expect(mem.slice(last + 1).every((e) => e.turn > mem[first]!.turn)).toBe(true);
+        }
+      }
+      expect(summaries).toBeGreaterThan(3);
+      chat.dispose();
+    }
+  });
+});
+
+describe('compaction at the position limit', () => {
+  const maxTokens = 96;
+  const maxNewTokens = 6; // below maxTokens / 8: a turn's reply fits the room its prompt makes
+  it.each(['llama', 'qwen3vl', 'qwen35', 'lfm2'] as const)('%s compacts exactly when a turn would pass the limit, and only then', async (family) => {
+    const m = model(family);
+    const limit = 300;
+    const chat = m.createChat({ ...EXACT, maxTokens, windowSize: 16, systemPrompt: 'Be brief.', positionLimit: limit });
+    let compacted = 0;
+    for (let t = 0; t < 60; t++) {
+      const internals = chat._internals();
+      const before = internals.cacheState();
+      const message = `turn ${t}. ${MESSAGES[t % 4]}`;
+      const prompt = internals.countTurnTokens(message) + before.carriedTokens + before.pendingSystemTokens;
+      const r = await chat.send(message, { maxNewTokens, temperature: 0.9, seed: t });
+      expect(r.stats.promptTokens).toBe(prompt);
+      // The turn's positions run from the last one + 1 through its prompt and its reply's allowance.
+      const passes = before.ledgerPosLast + 1 + prompt + maxNewTokens > limit;
+      expect(r.stats.compactions).toBe(passes ? 1 : 0);
+      const after = checkCache(chat, maxTokens);
+      if (passes) {
+        compacted++;
+        expect(after.ledgerPosFirst).toBe(0);
+        if (!m.info.canShift) expect(r.stats.compactMs).toBeGreaterThan(0); // the re-prefill's decodes
+      }
+    }
+    expect(compacted).toBeGreaterThan(3);
+    expect(chat.stats().compactions).toBe(compacted);
+    chat.dispose();
+  });
+
+  it('a compacted chat answers like its checkpoint restored, through more compactions (keys that cannot shift, hybrid)', async () => {
+    const m = model('qwen35');
+    const chat = m.createChat({ ...EXACT, maxTokens, windowSize: 16, positionLimit: 200 });
+    await talk(chat, 12);
+    expect(chat.stats().compactions).toBeGreaterThan(0);
+    const path = join(dir, 'qwen35.ckpt');
+    await chat.saveCheckpoint(path);
+    const restored = await m.loadChat(path);
+    expect(restored.memory()).toEqual(chat.memory());
+    expect(await talk(restored, 12, 12)).toEqual(await talk(chat, 12, 12));
+    expect(chat.stats().compactions).toBeGreaterThan(2);
+    const probe = m.tokenize('the')[0]!;
+    expect(maxAbsDiff(chat._internals().probeLogits(probe), restored._internals().probeLogits(probe))).toBeLessThan(1e-4);
+    chat.dispose();
+    restored.dispose();
+  });
+});
+
+describe('hybrid models: the recurrent state is the model own memory', () => {
+  it.each(['qwen35', 'lfm2'] as const)('%s: an eviction never touches the recurrent state', async (family) => {
+    const chat = model(family).createChat({ maxTokens: 256, systemPrompt: 'Be brief.' });
+    await talk(chat, 5);
+    const state = chat._internals().recurrentState();
+    expect(state.length).toBeGreaterThan(0);
+    const evicted = await chat.forget(2);
+    expect(evicted).toBeGreaterThan(0);
+    expect(Buffer.from(chat._internals().recurrentState()).equals(Buffer.from(state))).toBe(true);
+    // Without it the chat is another one: re-prefilling the retained tokens alone rebuilds a different state.
+    chat._internals().replayHistory();
+    expect(Buffer.from(chat._internals().recurrentState()).equals(Buffer.from(state))).toBe(false);
+    chat.dispose();
+  });
+
+  it.each(['qwen35', 'lfm2'] as const)('%s: an aborted prefill leaves no trace (memory, recurrent state, next logits)', async (family) => {
+    const m = model(family);
+    const opts: ChatOptions = { ...EXACT, maxTokens: 1024, batchSize: 8, systemPrompt: 'Be brief.' };
+    const twin = m.createChat(opts);
+    await talk(twin, 3);
+    const chat = m.createChat({ ...opts, testTokenDelayMs: 10 });
+    await talk(chat, 3);
+    const memory = chat.memory();
+    const state = chat._internals().recurrentState();
+    const r = await chat.send('word '.repeat(300), { maxNewTokens: 4, signal: AbortSignal.timeout(150) });
+    expect(r.stopReason).toBe('abort');
+    expect(r.stats.promptTokens).toBe(0);
+    expect(chat.memory()).toEqual(memory);
+    expect(Buffer.from(chat._internals().recurrentState()).equals(Buffer.from(state))).toBe(true);
+    const probe = m.tokenize('the')[0]!;
+    expect(maxAbsDiff(chat._internals().probeLogits(probe), twin._internals().probeLogits(probe))).toBeLessThan(1e-4);
+    // And the conversation goes on as if the aborted turn had never been sent.
+    expect(await talk(chat, 2, 3)).toEqual(await talk(twin, 2, 3));
+    chat.dispose();
+    twin.dispose();
+  });
+
+  // Layer 0 recurrent, layer 1 attention: the recurrent state then depends on the tokens alone, not
+  // on what the attention keeps. Chats fed the same exchanges in the same chunks must hold the same
+  // state whatever else they did with their cache.
+  describe('the recurrent state depends on the conversation alone', () => {
+    let m: Model;
+    beforeAll(async () => {
+      const path = join(dir, 'qwen35-first-recurrent.gguf');
+      writeModel(path, { family: 'qwen35', seed: 9, layers: 2 });
+      m = await loadModel(path, { threads: THREADS });
+    });
+    afterAll(() => m?.dispose());
+    const transcript = {
+      format: 'finite-memory-llm/transcript' as const,
+      version: 1 as const,
+      systemPrompt: 'Be brief.',
+      messages: Array.from({ length: 12 }, (_, t) => [
+        { role: 'user' as const, content: `turn ${t}. ${MESSAGES[t % 4]}` },
+        { role: 'assistant' as const, content: `reply ${t}: ${MESSAGES[(t + 1) % 4]}` },
+      ]).flat(),
+    };
+    // The state after its header (magic, sequence id, cell count) and the cell's position, which differ by design.
+    const content = (c: Chat) => Buffer.from(c._internals().recurrentState().subarray(16));
+    const same = async (options: ChatOptions, check: (c: Chat) => void) => {
+      const chat = await m.importTranscript(transcript, { ...EXACT, batchSize: 16, ...options });
+      const whole = await m.importTranscript(transcript, { ...EXACT, maxTokens: 2048, batchSize: 16 });
+      check(chat);
+      expect(whole.stats().evictions).toBe(0);
+      expect(content(chat).length).toBeGreaterThan(1000);
+      expect(content(chat).equals(content(whole))).toBe(true);
+      chat.dispose();
+      whole.dispose();
+    };
+
+    it("summaries' instruction and text go through the recurrent layers and are taken back out", async () => {
+      await same({ policy: 'rolling_summary', maxTokens: 128, windowSize: 24, summaryTokens: 12, maxPolicyMs: 0 }, (c) => {
+        expect(c.memory().some((e) => e.role === 'summary')).toBe(true);
+      });
+    });
+
+    it('a compaction by re-prefill does not feed the retained tokens to the recurrent layers twice', async () => {
+      await same({ maxTokens: 96, windowSize: 16, positionLimit: 160 }, (c) => expect(c.stats().compactions).toBeGreaterThan(0));
+    });
+  });
+});
+
+describe('a hybrid chat batched with others behaves as it does alone', () => {
+  it('same replies and logits next to chats of its own engine and of other families', async () => {
+    const m = model('qwen35');
+    const opts: ChatOptions = { ...EXACT, maxTokens: 96, windowSize: 16 };
+    const alone = m.createChat(opts);
+    const aloneReplies = await talk(alone, 10);
+    const probe = m.tokenize('the')[0]!;
+    const aloneLogits = alone._internals().probeLogits(probe);
+    alone.dispose();
+
+    const chat = m.createChat(opts);
+    const crowd = [
+      m.createChat({ ...EXACT, maxTokens: 80, windowSize: 8 }),
+      m.createChat({ ...EXACT, maxTokens: 128, policy: 'importance' }),
+      model('lfm2').createChat({ ...EXACT, maxTokens: 96 }),
+      model('qwen3vl').createChat({ ...EXACT, maxTokens: 96 }),
+      model('llama').createChat({ ...EXACT, maxTokens: 64 }),
+    ];
+    const [replies] = await Promise.all([talk(chat, 10), ...crowd.map((c, i) => talk(c, 6 + i, 100 * (i + 1)))]);
+    expect(replies).toEqual(aloneReplies);
+    expect(maxAbsDiff(chat._internals().probeLogits(probe), aloneLogits)).toBeLessThan(1e-3);
+    for (const c of [chat, ...crowd]) c.dispose();
+  });
+
+  it('more chats than slots: parked hybrid chats come back with both halves', async () => {
+    const path = join(dir, 'qwen35-slots.gguf');
+    writeModel(path, { family: 'qwen35', seed: 5, layers: 4 });
+    const small = await loadModel(path, { threads: THREADS, slots: 2 });
+    const opts: ChatOptions = { ...EXACT, maxTokens: 96, windowSize: 16 };
+    const ref = small.createChat(opts);
+    const refReplies = await talk(ref, 8);
+    ref.dispose();
+    const chats = Array.from({ length: 4 }, () => small.createChat(opts));
+    const replies: string[][] = chats.map(() => []);
+    for (let t = 0; t < 8; t++) {
+      // One turn each in turn: with 2 slots, every chat is parked and restored again and again.
+      for (let i = 0; i < chats.length; i++) replies[i]!.push(...(await talk(chats[i]!, 1, t)));
+    }
+    for (const r of replies) expect(r).toEqual(refReplies);
+    for (const c of chats) c.dispose();
+    small.dispose();
+  });
+});
+
+describe('options', () => {
+  it("positions 'compact' is refused where keys cannot shift (M-RoPE), saying why", () => {
+    for (const family of ['qwen3vl', 'qwen35'] as const) {
+      let err: unknown;
+      try {
+        model(family).createChat({ maxTokens: 96, positions: 'compact' });
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(InvalidOptionError);
+      expect((err as Error).message).toMatch(/M-RoPE/);
+    }
+  });
+
+  it('positionLimit must hold the budget and its scratch, and not pass the trained context', () => {
+    const m = model('llama');
+    expect(() => m.createChat({ maxTokens: 96, positionLimit: m.info.nCtxTrain + 1 })).toThrow(/trained context/);
+    expect(() => m.createChat({ maxTokens: 96, positionLimit: 95 })).toThrow(InvalidOptionError);
+    // A summary's scratch (instruction and summary) goes after the history: it needs positions too.
+    expect(() => m.createChat({ maxTokens: 96, policy: 'rolling_summary', positionLimit: 100 })).toThrow(/summary scratch/);
+    expect(m.createChat({ maxTokens: 96, positionLimit: 96 }).options.positionLimit).toBe(96);
+  });
+});

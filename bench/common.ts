@@ -3,7 +3,7 @@ import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from '
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { writeLlamaModel, type LlamaModelInput } from '../src/gguf/index.ts';
+import { writeLlamaModel, writeModel, type LlamaModelInput, type ModelInput } from '../src/gguf/index.ts';
 
 export const ROOT = join(import.meta.dirname, '..');
 // Benchmarks use the test build of the addon (the shipped one plus probes); the binding loads lazily.
@@ -19,6 +19,27 @@ export const GENERATED_MODEL: LlamaModelInput = { layers: 8, embd: 256, heads: 8
  * a turn is all overhead; this one costs what users pay per token.
  */
 export const REALISTIC_MODEL: LlamaModelInput = { layers: 24, embd: 896, heads: 14, kvHeads: 2, headDim: 64, ffn: 4864, type: 'q8_0', ctx: 32768, seed: 1 };
+
+/**
+ * A hybrid with Qwen3.5-2B's shape (its published config: 24 layers, n_embd 2048, every 4th layer gated
+ * attention with 8 query / 2 KV heads x 256 and 64 rotary dims (interleaved M-RoPE), the others Gated
+ * DeltaNet with 16 key and 16 value heads of 128, FFN 6144, Q8_0), seeded random weights and this
+ * project's small vocabulary (Qwen's 248k-token output layer would add 0.5B parameters).
+ */
+export const QWEN35_2B_MODEL: ModelInput = {
+  family: 'qwen35', layers: 24, embd: 2048, heads: 8, kvHeads: 2, headDim: 256, ropeDims: 64, ffn: 6144, attentionInterval: 4,
+  ssmStateSize: 128, ssmGroups: 16, ssmHeads: 16, convKernel: 4, type: 'q8_0', ctx: 262144, seed: 1,
+};
+
+/** Writes (once; about a minute) the Qwen3.5-2B-shaped hybrid into the git-ignored .cache/ and returns its path. */
+export function qwen35Model(): { name: string; path: string; about: string } {
+  const path = cachedModel('qwen3.5-2b-shape-q8_0-seed1.gguf', (p) => writeModel(p, QWEN35_2B_MODEL));
+  return {
+    name: 'qwen3.5-2b-shape',
+    path,
+    about: '24 layers (18 Gated DeltaNet + 6 gated attention, 8/2 heads x 256, 64 rotary dims, IMROPE), n_embd 2048, DeltaNet 16/16 heads x 128, FFN 6144, Q8_0, seeded random weights (Qwen3.5-2B geometry)',
+  };
+}
 
 /** A generated model written once into the git-ignored .cache/models/ (by `write`), its path. */
 export function cachedModel(file: string, write: (path: string) => void): string {

@@ -7,6 +7,10 @@
 // which llama-server's prompt cache reuses. Long-chat mode: every chat runs well past its budget;
 // llama-server gets what a stateless OpenAI client sends: the history truncated (oldest messages
 // first) to fit the slot, so the cached prefix changes and it prefills again.
+// Long chats compare positions kept (the default: an eviction is a seq_rm) and compacted at every
+// eviction (a K-shift of the whole context in the next decode). --hybrid runs the long mode on a
+// Qwen3.5-2B-shaped hybrid (Gated DeltaNet + attention, IMROPE: llama-server cannot shift its
+// context, and re-processes the truncated history).
 // Figures: aggregate generated tokens/s over the run, p50/p99 turn latency and p50 time to first token.
 //
 //   npx tsx bench/concurrency.ts                 all K in {1, 2, 4, 8, 16} and the long mode; writes RESULTS
@@ -14,24 +18,27 @@
 //   npx tsx bench/concurrency.ts --quick         small model, K in {1, 4}; prints only
 //   options: --threads=N (default: the cores) --turns=N --model=path.gguf --no-server --long-only --short-only
 //            --gpu (llama-server offloads every layer too; scripts/gpu-check.sh)
+//   npx tsx bench/concurrency.ts --hybrid        long chats on the Qwen3.5-2B-shaped hybrid; writes its own RESULTS section
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
-import { loadModel, type Chat, type Model } from '../src/index.ts';
-import { machine, median, realisticModel, ROOT, smallModels, writeResultsSection } from './common.ts';
+import { loadModel, type Chat, type ChatOptions, type Model } from '../src/index.ts';
+import { machine, median, qwen35Model, realisticModel, ROOT, smallModels, writeResultsSection } from './common.ts';
 
 const args = process.argv.slice(2);
 const arg = (name: string) => args.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
 const QUICK = args.includes('--quick');
+const HYBRID = args.includes('--hybrid');
 const WRITE = !args.includes('--no-write') && !QUICK && arg('k') === undefined;
 const THREADS = Number(arg('threads') ?? availableParallelism());
 const KS = arg('k') ? [Number(arg('k'))] : QUICK ? [1, 4] : [1, 2, 4, 8, 16];
 const TURNS = Number(arg('turns') ?? (QUICK ? 2 : 3));
-const LONG_TURNS = Number(arg('long-turns') ?? (QUICK ? 6 : 27));
-const LONG_K = Number(arg('long-k') ?? (QUICK ? 2 : 4));
+// The hybrid is ~4x the realistic model's weights: a smaller budget and fewer turns keep its run in minutes.
+const LONG_TURNS = Number(arg('long-turns') ?? (QUICK ? 6 : HYBRID ? 15 : 27));
+const LONG_K = Number(arg('long-k') ?? (QUICK ? 2 : HYBRID ? 2 : 4));
 const MAX_TOKENS = 1024;
-const LONG_MAX_TOKENS = QUICK ? 256 : 1024;
+const LONG_MAX_TOKENS = QUICK ? 256 : HYBRID ? 512 : 1024;
 /** Long mode: the turns from here on are measured (with ~75 tokens a turn, past a 1024 budget). */
 const LONG_WARM = Math.ceil((LONG_TURNS * 2) / 3);
 const REPLY = 32;
@@ -86,8 +93,8 @@ async function timedTurn(chat: Chat, message: string, maxNewTokens: number): Pro
   return { ms: performance.now() - t0, ttftMs: ttft, tokens: r.stats.generatedTokens };
 }
 
-async function oursLong(model: Model, k: number, label = 'ours'): Promise<Run> {
-  const chats = Array.from({ length: k }, () => model.createChat({ maxTokens: LONG_MAX_TOKENS, flashAttention: false }));
+async function oursLong(model: Model, k: number, label = 'ours', options: ChatOptions = {}): Promise<Run> {
+  const chats = Array.from({ length: k }, () => model.createChat({ maxTokens: LONG_MAX_TOKENS, flashAttention: false, ...options }));
   const turns: TurnTiming[] = [];
   const warm = LONG_WARM;
   let t0 = 0;
@@ -105,8 +112,9 @@ async function oursLong(model: Model, k: number, label = 'ours'): Promise<Run> {
   const wallMs = performance.now() - t0;
   const after = chats[0]!._internals().engineStats();
   const evicted = chats.every((c) => c.stats().evictions > 0);
+  const compactions = chats.reduce((n, c) => n + c.stats().compactions, 0);
   chats.forEach((c) => c.dispose());
-  const shifts = `${after.shiftSteps - before.shiftSteps} of ${after.steps - before.steps} steps paid a K-shift`;
+  const shifts = `${after.shiftSteps - before.shiftSteps} of ${after.steps - before.steps} steps paid a K-shift, ${compactions} compactions in all`;
   return { label, k, wallMs, turns, note: `${evicted ? 'every chat past its budget' : 'NOT every chat evicted'}; ${shifts}` };
 }
 
@@ -279,7 +287,7 @@ async function serverLong(modelPath: string, k: number): Promise<Run> {
 const fmt = (x: number, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : 'n/a');
 
 async function main() {
-  const m = QUICK ? smallModels('fml-concurrency-small.gguf')[0]! : arg('model') ? { name: arg('model')!, path: arg('model')!, about: 'given with --model' } : realisticModel();
+  const m = QUICK ? smallModels('fml-concurrency-small.gguf')[0]! : arg('model') ? { name: arg('model')!, path: arg('model')!, about: 'given with --model' } : HYBRID ? qwen35Model() : realisticModel();
   const server = WITH_SERVER && existsSync(SERVER_BIN);
   if (WITH_SERVER && !server) console.log(`llama-server not built (${SERVER_BIN}): run bash scripts/build-llama-server.sh; comparing nothing`);
   const model = await loadModel(m.path, { threads: THREADS, slots: Math.max(...KS, LONG_K) });
@@ -292,7 +300,7 @@ async function main() {
   ];
   console.log(setup.join('\n'));
   const short: Run[] = [];
-  if (!args.includes('--long-only')) {
+  if (!args.includes('--long-only') && !HYBRID) {
     for (const k of KS) {
       const runs: Record<string, Run[]> = { ours: [], 'llama-server': [] };
       for (let rep = 0; rep < REPS; rep++) {
@@ -314,10 +322,16 @@ async function main() {
   const long: Run[] = [];
   if (!args.includes('--short-only')) {
     long.push(await oursLong(model, LONG_K));
-    // The KV layout choice: one buffer for every chat instead of a stream each (same chats).
-    const unified = await loadModel(m.path, { threads: THREADS, slots: Math.max(...KS, LONG_K), kvUnified: true });
-    long.push(await oursLong(unified, LONG_K, 'ours, unified KV'));
-    unified.dispose();
+    if (model.info.canShift) {
+      // Positions compacted at every eviction: what every eviction cost before positions were kept.
+      long.push(await oursLong(model, LONG_K, "ours, positions 'compact'", { positions: 'compact' }));
+    }
+    if (!HYBRID) {
+      // The KV layout choice: one buffer for every chat instead of a stream each (same chats).
+      const unified = await loadModel(m.path, { threads: THREADS, slots: Math.max(...KS, LONG_K), kvUnified: true });
+      long.push(await oursLong(unified, LONG_K, 'ours, unified KV'));
+      unified.dispose();
+    }
     if (server) long.push(await serverLong(m.path, LONG_K));
     for (const r of long) {
       const s = summary(r);
@@ -340,6 +354,12 @@ async function main() {
     return out.join('\n');
   };
   const resentNote = `- llama-server requests sent again after meeting a connection it had closed: ${resent}`;
+  if (HYBRID) {
+    const body = [`Command: \`npx tsx bench/concurrency.ts --hybrid\``, '', ...setup.filter((l) => !l.startsWith('- short')), resentNote, '', rows(long)].join('\n');
+    console.log(`\n${body}`);
+    if (WRITE) writeResultsSection('hybrid-long-chats', `## Long chats on a Qwen3.5-2B-shaped hybrid\n\n${body}`);
+    return;
+  }
   const body = [`Command: \`npx tsx bench/concurrency.ts\``, '', ...setup, resentNote, '', '### Short chats', '', rows(short), '', '### Long chats (past the budget)', '', rows(long)].join('\n');
   console.log(`\n${body}`);
   if (WRITE) writeResultsSection('concurrency', `## Concurrency: many chats at once\n\n${body}`);

@@ -1,7 +1,9 @@
 // Quality benchmark: how much does each policy change the model's next-token distribution?
 // Teacher-forced feed of a long story in 16-token chunks (as turns would arrive), with the budget at
 // 25/50/75% of the text; mean KL(full || budgeted) and top-1 agreement over the same positions (the last
-// quarter of the text, where every budget has been evicting for a while).
+// quarter of the text, where every budget has been evicting for a while). Every policy runs with
+// positions kept (the default) and compacted at every eviction, side by side; a second table feeds a
+// text longer than the model was trained on, to show what the position limit is for.
 //   npm run bench:quality            (writes the table into bench/RESULTS.md)
 import { existsSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -69,25 +71,37 @@ const CONTENDERS: { label: string; options: ChatOptions }[] = [
   { label: "hybrid (importanceScore 'peak')", options: { policy: 'hybrid', importanceScore: 'peak' } },
 ];
 
-interface Row { model: string; policy: string; budget: number; maxTokens: number; kl: number; top1: number; evicted: number; fallbacks: number }
+type Positions = 'keep' | 'compact';
+const POSITIONS: Positions[] = ['keep', 'compact'];
+interface Row { model: string; policy: string; positions: Positions; budget: number; maxTokens: number; kl: number; top1: number; evicted: number; fallbacks: number; compactions: number; nll: number; refNll: number }
+
+/** Mean negative log-likelihood (nats) of the text's own next tokens at positions [from, tokens.length - 1). */
+function meanNll(logits: Float32Array, tokens: number[], from: number, nVocab: number): number {
+  let sum = 0;
+  for (let p = from; p < tokens.length - 1; p++) sum -= Math.log(Math.max(softmax(logits, p * nVocab, nVocab)[tokens[p + 1]!]!, 1e-30));
+  return sum / (tokens.length - 1 - from);
+}
 
 // Several texts: the story's sentences rotated, so each run has different content at the scored positions.
 const SENTENCES = STORY.match(/[^.!?]+[.!?]"?/g)!.map((x) => x.trim());
 const TEXTS = [0, 7, 14, 21].map((k) => [...SENTENCES.slice(k), ...SENTENCES.slice(0, k)].join(' '));
 
-async function evaluate(model: Model, label: string, length: number): Promise<Row[]> {
+async function evaluate(model: Model, label: string, length: number, contenders = CONTENDERS, budgets = BUDGETS, positions: { label: Positions; options: ChatOptions }[] = POSITIONS.map((p) => ({ label: p, options: { positions: p } }))): Promise<Row[]> {
   const all: Row[][] = [];
-  for (const text of TEXTS) all.push(await evaluateText(model, label, length, text));
+  for (const text of TEXTS) all.push(await evaluateText(model, label, length, text, contenders, budgets, positions));
   // Mean over texts, row by row (same contender and budget order in each).
   return all[0]!.map((row, i) => ({
     ...row,
     kl: all.reduce((s, rows) => s + rows[i]!.kl, 0) / all.length,
     top1: all.reduce((s, rows) => s + rows[i]!.top1, 0) / all.length,
     evicted: all.reduce((s, rows) => s + rows[i]!.evicted, 0) / all.length,
+    compactions: all.reduce((s, rows) => s + rows[i]!.compactions, 0) / all.length,
+    nll: all.reduce((s, rows) => s + rows[i]!.nll, 0) / all.length,
+    refNll: all.reduce((s, rows) => s + rows[i]!.refNll, 0) / all.length,
   }));
 }
 
-async function evaluateText(model: Model, label: string, length: number, text: string): Promise<Row[]> {
+async function evaluateText(model: Model, label: string, length: number, text: string, contenders: typeof CONTENDERS, budgets: number[], positions: { label: Positions; options: ChatOptions }[]): Promise<Row[]> {
   let tokens = model.tokenize(text, { addBos: true });
   while (tokens.length < length) tokens = tokens.concat(model.tokenize(' ' + text));
   tokens = tokens.slice(0, length);
@@ -97,11 +111,13 @@ async function evaluateText(model: Model, label: string, length: number, text: s
   const ref = refChat._internals().evaluateTokens(tokens, CHUNK);
   refChat.dispose();
   const from = Math.floor(length * 0.75);
+  const refNll = meanNll(ref, tokens, from, nVocab);
   const rows: Row[] = [];
-  for (const budget of BUDGETS) {
+  for (const budget of budgets) {
     const maxTokens = Math.floor(length * budget);
-    for (const { label: policy, options } of CONTENDERS) {
-      const chat = model.createChat({ ...common, ...options, maxTokens, windowSize: Math.floor(maxTokens * WINDOW_SHARE) });
+    for (const { label: policy, options } of contenders) {
+      for (const { label: pos, options: posOptions } of positions) {
+      const chat = model.createChat({ ...common, ...options, ...posOptions, maxTokens, windowSize: Math.floor(maxTokens * WINDOW_SHARE) });
       const got = chat._internals().evaluateTokens(tokens, CHUNK);
       let kl = 0;
       let agree = 0;
@@ -112,8 +128,9 @@ async function evaluateText(model: Model, label: string, length: number, text: s
         agree += argmax(ref, p * nVocab, nVocab) === argmax(got, p * nVocab, nVocab) ? 1 : 0;
       }
       const s = chat.stats();
-      rows.push({ model: label, policy, budget, maxTokens, kl: kl / (length - from), top1: agree / (length - from), evicted: s.tokensEvicted, fallbacks: s.fallbackCount });
+      rows.push({ model: label, policy, positions: pos, budget, maxTokens, kl: kl / (length - from), top1: agree / (length - from), evicted: s.tokensEvicted, fallbacks: s.fallbackCount, compactions: s.compactions, nll: meanNll(got, tokens, from, nVocab), refNll });
       chat.dispose();
+      }
     }
   }
   return rows;
@@ -122,11 +139,18 @@ async function evaluateText(model: Model, label: string, length: number, text: s
 async function main() {
   const setup: string[] = [`machine: ${machine()}`, `chunk ${CHUNK} tokens, flash attention off, F16 KV, window = ${WINDOW_SHARE} x budget, 4 sinks, positions scored: last 25% of each text, mean over ${TEXTS.length} texts (the story's sentences rotated)`];
   const rows: Row[] = [];
+  const longRows: Row[] = [];
   const stories = join(SHARED_MODELS, 'stories260K.gguf');
   if (existsSync(stories)) {
     const m = await loadModel(stories, { threads: 2 });
     setup.push(`stories260K: ${m.info.nLayer} layers, ${m.info.nHead} heads / ${m.info.nHeadKv} KV heads, n_embd ${m.info.nEmbd}, vocab ${m.info.nVocab}; text length 512 tokens (it was trained with 512-token sequences; its GGUF says 2048)`);
     rows.push(...(await evaluate(m, 'stories260K', 512)));
+    // Past the trained length: 1024 tokens, so kept positions run to 1023 unless the limit says 512.
+    longRows.push(...(await evaluate(m, 'stories260K', 1024, CONTENDERS.slice(0, 1), [0.25, 0.5], [
+      { label: 'keep', options: { positions: 'keep' } },
+      { label: 'keep', options: { positions: 'keep', positionLimit: 512 } },
+      { label: 'compact', options: { positions: 'compact' } },
+    ])));
     m.dispose();
   } else {
     setup.push(`stories260K not found at ${stories}: skipped`);
@@ -139,25 +163,51 @@ async function main() {
   rows.push(...(await evaluate(g, 'generated', 512)));
   g.dispose();
 
+  const pairs = rows.filter((r) => r.positions === 'keep').map((keep) => ({ keep, compact: rows.find((r) => r.positions === 'compact' && r.model === keep.model && r.budget === keep.budget && r.policy === keep.policy)! }));
   const lines = [
     '## Quality: next-token distribution against the full cache (`npm run bench:quality`)',
     '',
     ...setup.map((s) => `- ${s}`),
     '',
-    '| model | budget | maxTokens | policy | mean KL (nats) | top-1 agreement | tokens evicted |',
-    '|---|---|---|---|---|---|---|',
-    ...rows.map((r) => `| ${r.model} | ${r.budget * 100}% | ${r.maxTokens} | ${r.policy} | ${r.kl.toFixed(4)} | ${(r.top1 * 100).toFixed(1)}% | ${Math.round(r.evicted)} |`),
+    'Each policy with positions kept (the default: an eviction leaves the retained tokens where they were) and compacted',
+    '(renumbered 0..n-1 at every eviction); KL ratio = kept / compacted.',
+    '',
+    '| model | budget | maxTokens | policy | mean KL, kept | mean KL, compacted | KL ratio | top-1, kept | top-1, compacted | tokens evicted |',
+    '|---|---|---|---|---|---|---|---|---|---|',
+    ...pairs.map(({ keep: k, compact: c }) => `| ${k.model} | ${k.budget * 100}% | ${k.maxTokens} | ${k.policy} | ${k.kl.toFixed(4)} | ${c.kl.toFixed(4)} | ${(k.kl / c.kl).toFixed(2)}x | ${(k.top1 * 100).toFixed(1)}% | ${(c.top1 * 100).toFixed(1)}% | ${Math.round(k.evicted)} |`),
   ];
+  const byModel = (model: string, positions: Positions) => pairs.filter((p) => p.keep.model === model).map((p) => p[positions].kl);
+  const geo = (xs: number[]) => Math.exp(xs.reduce((a, x) => a + Math.log(x), 0) / xs.length);
+  const verdict: string[] = [];
+  for (const model of new Set(rows.map((r) => r.model))) {
+    const ratios = pairs.filter((p) => p.keep.model === model).map((p) => p.keep.kl / p.compact.kl);
+    const better = ratios.filter((r) => r < 1).length;
+    verdict.push(`- ${model}: kept positions' KL is ${geo(ratios).toFixed(2)}x compacted's (geometric mean over ${ratios.length} policy x budget rows; lower in ${better} of them); mean KL ${geo(byModel(model, 'keep')).toFixed(4)} kept vs ${geo(byModel(model, 'compact')).toFixed(4)} compacted`);
+  }
+  lines.push('', ...verdict);
+  if (longRows.length) {
+    lines.push(
+      '',
+      'Past the trained length: stories260K was trained on 512-token sequences (its GGUF says 2048, so that is the default',
+      'positionLimit). A 1024-token text, sliding, scored on its last 256 positions. The full cache itself then reads',
+      'positions up to 1023, so besides KL against it, NLL is the mean negative log-likelihood of the text\'s own next',
+      `tokens (the full cache's: ${longRows[0]!.refNll.toFixed(3)} nats):`,
+      '',
+      '| budget | maxTokens | positions | positionLimit | mean KL | top-1 agreement | NLL (nats) | compactions |',
+      '|---|---|---|---|---|---|---|---|',
+      ...longRows.map((r, i) => `| ${r.budget * 100}% | ${r.maxTokens} | ${r.positions} | ${r.positions === 'compact' ? '-' : i % 3 === 1 ? '512' : 'default (2048)'} | ${r.kl.toFixed(4)} | ${(r.top1 * 100).toFixed(1)}% | ${r.nll.toFixed(3)} | ${r.compactions.toFixed(1)} |`),
+    );
+  }
   const best: string[] = [];
   for (const model of new Set(rows.map((r) => r.model))) {
     for (const budget of BUDGETS) {
-      const group = rows.filter((r) => r.model === model && r.budget === budget).sort((a, b) => a.kl - b.kl);
+      const group = rows.filter((r) => r.model === model && r.budget === budget && r.positions === 'keep').sort((a, b) => a.kl - b.kl);
       const sliding = group.find((r) => r.policy === 'sliding')!;
       best.push(`- ${model} at ${budget * 100}%: best ${group[0]!.policy} (KL ${group[0]!.kl.toFixed(4)}); sliding ${sliding.kl.toFixed(4)}; ` +
         group.filter((r) => r.policy !== 'sliding').map((r) => `${r.policy} ${(r.kl / sliding.kl).toFixed(2)}x`).join(', ') + ' of sliding\'s KL');
     }
   }
-  lines.push('', ...best);
+  lines.push('', 'Policies against sliding, positions kept:', '', ...best);
   const out = lines.join('\n');
   console.log(out);
   if (!process.argv.includes('--no-write')) writeResultsSection('quality', out);

@@ -22,6 +22,12 @@ const BUDGETS = [0.25, 0.5, 0.75];
 const GEN = { temperature: 0, maxNewTokens: 8 } as const;
 
 interface Contender { label: string; options: ChatOptions }
+const CONTENDER_OPTIONS: Record<string, ChatOptions> = {
+  sliding: { policy: 'sliding' },
+  importance: { policy: 'importance' },
+  "importance (importanceScore 'peak')": { policy: 'importance', importanceScore: 'peak' },
+  hybrid: { policy: 'hybrid' },
+};
 const CONTENDERS: Contender[] = [
   { label: 'sliding', options: { policy: 'sliding' } },
   { label: 'importance', options: { policy: 'importance' } },
@@ -32,6 +38,8 @@ const CONTENDERS: Contender[] = [
   { label: 'hybrid', options: { policy: 'hybrid' } },
   { label: 'hybrid (no summary)', options: { policy: 'hybrid', summaryTokens: 0 } },
   { label: "hybrid (importanceScore 'peak')", options: { policy: 'hybrid', importanceScore: 'peak' } },
+  // The rows above keep positions (the default); these compact them at every eviction.
+  ...(['sliding', 'importance', "importance (importanceScore 'peak')", 'hybrid'] as const).map((label) => ({ label: `${label}, positions 'compact'`, options: { ...CONTENDER_OPTIONS[label], positions: 'compact' as const } })),
 ];
 
 type Kind = 'along' | 'finalAsked' | 'finalNever';
@@ -250,7 +258,7 @@ async function main(): Promise<void> {
     title: 'Final questions about facts asked before: accuracy by budget',
     xLabel: 'budget (% of the conversation)',
     yLabel: 'exact match (%)',
-    series: CONTENDERS.map((ct) => ({
+    series: CONTENDERS.filter((ct) => !ct.options.positions).map((ct) => ({
       name: ct.label,
       points: BUDGETS.map((b) => {
         const r = rows.get(`${ct.label}@${b}`)!;
@@ -258,6 +266,13 @@ async function main(): Promise<void> {
       }),
     })),
   });
+  // Positions: the same policies with positions kept (the default) and compacted at every eviction.
+  lines.push('', 'Positions kept (the default) vs compacted at every eviction (final questions, asked before / never asked; mean KL): ' +
+    BUDGETS.map((b) => `${b * 100}%: ` + Object.keys(CONTENDER_OPTIONS).map((label) => {
+      const kept = rows.get(`${label}@${b}`)!;
+      const compacted = rows.get(`${label}, positions 'compact'@${b}`)!;
+      return `${label} ${kept.live.finalAsked.correct}/${kept.live.finalNever.correct} vs ${compacted.live.finalAsked.correct}/${compacted.live.finalNever.correct}, KL ${kept.kl.toFixed(3)} vs ${compacted.kl.toFixed(3)}`;
+    }).join(', ')).join('; ') + '.');
   lines.push('', '![recall accuracy](recall.svg)');
   const out = lines.join('\n');
   console.log(out);

@@ -1,9 +1,11 @@
 /**
  * Generate a tiny GGUF model of one family with seeded random weights.
  *
- *   npm run make-model -- --out model.gguf [--arch llama|mistral|qwen2|qwen3|gemma3|phi3|qwen3moe|qwen2vl|mamba
+ *   npm run make-model -- --out model.gguf [--arch FAMILY (see --help)
  *       --layers 2 --embd 64 --heads 4 --kv-heads 2 --head-dim 16 --ffn 128 --ctx 4096
- *       --type f32|f16|q8_0 --seed 42 --vocab-extra N]
+ *       --type f32|f16|q8_0 --seed 42 --vocab-extra N
+ *       hybrids: --attention-interval 2 --rope-dims 0 --ssm-state 16 --ssm-groups 2 --ssm-heads 4 --conv-kernel 0
+ *       MoE: --experts 4 --experts-used 2]
  *
  * Without --arch it writes the llama model with the ChatML template that most tests use.
  */
@@ -11,6 +13,7 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import {
   DEFAULT_LLAMA_MODEL_OPTIONS,
+  DEFAULT_MODEL_OPTIONS,
   MODEL_FAMILIES,
   MODEL_FAMILY_NAMES,
   WEIGHT_TYPES,
@@ -40,6 +43,15 @@ ${MODEL_FAMILY_NAMES.map((f) => `                           ${f}: ${MODEL_FAMILI
   --seed <n>             PRNG seed [${d.seed}]
   --vocab-extra <n>      extra generated vocabulary pieces [${d.vocabExtra}]
   --name <s>             general.name
+Family options (ignored by the others):
+  --attention-interval <n>  qwen35, qwen35moe, lfm2: layer i attends when i + 1 is a multiple of n [${DEFAULT_MODEL_OPTIONS.attentionInterval}]
+  --rope-dims <n>        qwen35, qwen35moe: rotary dimensions per head (0: the head dim) [${DEFAULT_MODEL_OPTIONS.ropeDims}]
+  --ssm-state <n>        qwen35, qwen35moe: Gated DeltaNet head size (16, 32, 64 or 128) [${DEFAULT_MODEL_OPTIONS.ssmStateSize}]
+  --ssm-groups <n>       qwen35, qwen35moe: DeltaNet key heads [${DEFAULT_MODEL_OPTIONS.ssmGroups}]
+  --ssm-heads <n>        qwen35, qwen35moe: DeltaNet value heads [${DEFAULT_MODEL_OPTIONS.ssmHeads}]
+  --conv-kernel <n>      qwen35, qwen35moe: DeltaNet convolution; lfm2: short convolution (0: 4 / 3) [${DEFAULT_MODEL_OPTIONS.convKernel}]
+  --experts <n>          qwen3moe, qwen35moe: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
+  --experts-used <n>     qwen3moe, qwen35moe: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
   --help, -h             show this help
 `;
 
@@ -75,6 +87,14 @@ function main(argv: string[]): number {
       seed: { type: 'string' },
       'vocab-extra': { type: 'string' },
       name: { type: 'string' },
+      'attention-interval': { type: 'string' },
+      'rope-dims': { type: 'string' },
+      'ssm-state': { type: 'string' },
+      'ssm-groups': { type: 'string' },
+      'ssm-heads': { type: 'string' },
+      'conv-kernel': { type: 'string' },
+      experts: { type: 'string' },
+      'experts-used': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -115,15 +135,29 @@ function main(argv: string[]): number {
   if (values.arch !== undefined && !(MODEL_FAMILY_NAMES as readonly string[]).includes(values.arch)) {
     throw new Error(`--arch must be one of ${MODEL_FAMILY_NAMES.join(', ')}, got "${values.arch}"`);
   }
-  const r = values.arch === undefined ? writeLlamaModel(out, options) : writeModel(out, { ...options, family: values.arch as ModelFamily });
+  const familyOptions = {
+    attentionInterval: parseIntArg('attention-interval', values['attention-interval']),
+    ropeDims: parseIntArg('rope-dims', values['rope-dims']),
+    ssmStateSize: parseIntArg('ssm-state', values['ssm-state']),
+    ssmGroups: parseIntArg('ssm-groups', values['ssm-groups']),
+    ssmHeads: parseIntArg('ssm-heads', values['ssm-heads']),
+    convKernel: parseIntArg('conv-kernel', values['conv-kernel']),
+    experts: parseIntArg('experts', values.experts),
+    expertsUsed: parseIntArg('experts-used', values['experts-used']),
+  };
+  const r = values.arch === undefined ? writeLlamaModel(out, options) : writeModel(out, { ...options, ...familyOptions, family: values.arch as ModelFamily });
   const ms = performance.now() - t0;
   const o = r.options;
+  const hybrid = ['qwen35', 'qwen35moe', 'lfm2'].includes(r.arch);
+  const attentionLayers = Math.floor(o.layers / o.attentionInterval);
 
   const lines = [
     `wrote ${out}`,
     `  architecture  ${r.arch}, ${o.layers} layers, embd ${o.embd}, ffn ${o.ffn}, ctx ${o.ctx}`,
     `  attention     ${o.heads} heads x ${o.headDim} (q ${o.heads * o.headDim}), ${o.kvHeads} kv heads (kv ${o.kvHeads * o.headDim})`,
-    `  kv cache      ${2 * o.layers * o.kvHeads * o.headDim} values per token (all layers, K+V)`,
+    hybrid
+      ? `  kv cache      ${2 * attentionLayers * o.kvHeads * o.headDim} values per token (the ${attentionLayers} attention layers, K+V; the other ${o.layers - attentionLayers} keep a recurrent state)`
+      : `  kv cache      ${2 * o.layers * o.kvHeads * o.headDim} values per token (all layers, K+V)`,
     `  vocab         ${r.nVocab} tokens (bos ${r.specialTokens.bos}, eos ${r.specialTokens.eos}, chat template ${values.arch ?? 'chatml'})`,
     `  weights       ${o.type}, seed ${o.seed}, ${r.nParams.toLocaleString('en-US')} params in ${r.tensors.length} tensors`,
     `  file size     ${r.fileSize} bytes (${formatBytes(r.fileSize)}), written in ${ms.toFixed(0)} ms`,

@@ -158,6 +158,7 @@ protected:
             const evict_bench_case & c = result_.cases[i];
             Napi::Object x = Napi::Object::New(env);
             x.Set("pattern", c.pattern);
+            x.Set("positions", c.positions);
             x.Set("evicted", c.evicted);
             x.Set("rmAddMs", c.rm_add_ms);
             x.Set("nextDecodeMs", c.next_decode_ms);

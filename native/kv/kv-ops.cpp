@@ -44,8 +44,9 @@ static void remove_ranges(llama_context * ctx, int32_t seq, const token_ledger &
 
 // Moves every ledger entry's cell from its position to targets[i] (unique; the result increasing),
 // then sets the ledger's positions. Runs of entries that are consecutive both before and after move
-// with one seq_add each. Targets may take positions other moving entries hold now, so the moving runs
-// are parked above every position first and then moved home: no run lands on another's cells.
+// with one seq_add each. When some run moves right (a summary into a gap), targets may take positions
+// other moving entries hold now, so the moving runs are parked above every position first and then
+// moved home: no run lands on another's cells. Returns the runs moved.
 static size_t move_positions(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<int32_t> & targets) {
     struct run { int32_t from; int32_t to; int32_t len; };
     std::vector<run> runs;
@@ -67,12 +68,20 @@ static size_t move_positions(llama_context * ctx, int32_t seq, token_ledger & le
         return 0;
     }
     llama_memory_t mem = llama_get_memory(ctx);
-    const llama_pos park = (llama_pos) top + 1 + (1 << 16);
-    for (const run & r : runs) {
-        llama_memory_seq_add(mem, seq, r.from, r.from + r.len, park);
-    }
-    for (const run & r : runs) {
-        llama_memory_seq_add(mem, seq, r.from + park, r.from + park + r.len, r.to - (r.from + park));
+    if (std::all_of(runs.begin(), runs.end(), [](const run & r) { return r.to < r.from; })) {
+        // Every run moves left (a compaction): in ascending order each lands on positions already
+        // vacated, below every run not moved yet. One seq_add per run (each one visits every cell).
+        for (const run & r : runs) {
+            llama_memory_seq_add(mem, seq, r.from, r.from + r.len, r.to - r.from);
+        }
+    } else {
+        const llama_pos park = (llama_pos) top + 1 + (1 << 16);
+        for (const run & r : runs) {
+            llama_memory_seq_add(mem, seq, r.from, r.from + r.len, park);
+        }
+        for (const run & r : runs) {
+            llama_memory_seq_add(mem, seq, r.from + park, r.from + park + r.len, r.to - (r.from + park));
+        }
     }
     for (size_t i = 0; i < ledger.size(); ++i) {
         ledger.at(i).pos = targets[i];

@@ -119,11 +119,13 @@ evict_bench_result run_evict_bench(const fml_model & model, int32_t context, con
 
     for (const char * pattern : { "contiguous", "scattered" }) {
         for (int32_t k : evict_counts) {
+        for (const bool keep : { true, false }) {
             if (k < 1 || (strcmp(pattern, "scattered") == 0 ? 2 * k + 4 : k + 4) > filled) {
                 continue;
             }
             evict_bench_case c;
             c.pattern = pattern;
+            c.positions = keep ? "keep" : "compact";
             c.evicted = k;
             std::vector<double> rm_add, next, plain;
             for (int32_t r = 0; r < reps; ++r) {
@@ -141,16 +143,18 @@ evict_bench_result run_evict_bench(const fml_model & model, int32_t context, con
                     }
                 }
                 const auto t0 = bench_clock::now();
-                const kv_eviction_result er = kv_evict_ranges(ctx, BENCH_SEQ, ledger, ranges);
+                kv_evict_ranges(ctx, BENCH_SEQ, ledger, ranges);
+                const size_t runs = keep ? 0 : kv_compact_by_shift(ctx, BENCH_SEQ, ledger);
                 rm_add.push_back(ms_between(t0, bench_clock::now()));
                 c.seq_rm_calls = (int32_t) ranges.size();
-                c.seq_add_calls = (int32_t) er.shifted_runs;
-                next.push_back(decode_one(filled - k));
+                c.seq_add_calls = (int32_t) runs;
+                next.push_back(decode_one(ledger.next_pos()));
             }
             c.rm_add_ms = median_of(rm_add);
             c.next_decode_ms = median_of(next);
             c.plain_decode_ms = median_of(plain);
             res.cases.push_back(c);
+        }
         }
     }
     llama_batch_free(batch);

@@ -14,9 +14,10 @@ namespace fml {
 
 struct evict_bench_case {
     std::string pattern;      // "contiguous" | "scattered"
+    std::string positions;    // "keep" (seq_rm alone) | "compact" (then seq_add per kept run)
     int32_t evicted = 0;
-    double rm_add_ms = 0;      // seq_rm + seq_add (median)
-    double next_decode_ms = 0; // 1-token decode right after eviction: applies the K-shift (median)
+    double rm_add_ms = 0;      // seq_rm (+ seq_add when compacting) (median)
+    double next_decode_ms = 0; // 1-token decode right after eviction: applies a K-shift when compacted (median)
     double plain_decode_ms = 0;// 1-token decode with no shift pending, same cache (median)
     int32_t seq_rm_calls = 0;
     int32_t seq_add_calls = 0;
@@ -33,8 +34,10 @@ struct evict_bench_result {
 // Parameters of a probe's own context: one sequence of `context` cells, batches of up to 512.
 llama_context_params probe_context_params(int32_t context, int32_t threads);
 
-// Fills a fresh context of `context` cells (F16 KV) with random tokens, then for each evicted count
-// and pattern restores that state and times eviction and the next decode. `reps` repetitions, medians.
+// Fills a fresh context of `context` cells (F16 KV) with random tokens, then for each evicted count,
+// pattern and positions mode restores that state and times eviction and the next decode (at the
+// last position + 1 with kept positions, right after the compacted ones otherwise). `reps`
+// repetitions, medians.
 evict_bench_result run_evict_bench(const fml_model & model, int32_t context, const std::vector<int32_t> & evict_counts,
                                    int32_t reps, int32_t threads);
 

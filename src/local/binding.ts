@@ -187,7 +187,7 @@ export interface NativeEvictBench {
   fillMs: number;
   kvBytes: number;
   kBytes: number;
-  cases: { pattern: 'contiguous' | 'scattered'; evicted: number; rmAddMs: number; nextDecodeMs: number; plainDecodeMs: number; seqRmCalls: number; seqAddCalls: number }[];
+  cases: { pattern: 'contiguous' | 'scattered'; positions: 'keep' | 'compact'; evicted: number; rmAddMs: number; nextDecodeMs: number; plainDecodeMs: number; seqRmCalls: number; seqAddCalls: number }[];
 }
 
 /** A ledger entry for planEviction (policies on synthetic ledgers). role: 0 system, 1 user, 2 assistant, 3 summary. */

@@ -90,7 +90,7 @@ describe("positions 'keep' (the default)", () => {
         const first = mem.findIndex((e) => e.role === 'summary');
         if (first < 0) continue;
         summaries++;
-        const last = mem.findLastIndex((e) => e.role === 'summary');
+        const last = mem.map((e) => e.role).lastIndexOf('summary');
         if (family === 'llama') {
           // In the gap: older than the recent window, right after the pinned prefix.
           expect(mem.slice(0, first).every((e) => e.pinned)).toBe(true);

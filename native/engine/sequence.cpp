@@ -900,9 +900,17 @@ void sequence::restore_recurrent(const std::vector<uint8_t> & snapshot, engine &
 }
 
 std::vector<index_range> sequence::position_ranges(const std::vector<index_range> & ranges) const {
+    // An index range may span gaps an earlier eviction left: one position range per run without one.
     std::vector<index_range> out;
     for (const index_range & r : normalize_ranges(ranges)) {
-        out.push_back({ (size_t) ledger_[r.begin].pos, (size_t) ledger_[r.end - 1].pos + 1 });
+        for (size_t i = r.begin; i < r.end; ++i) {
+            const size_t pos = (size_t) ledger_[i].pos;
+            if (i > r.begin && out.back().end == pos) {
+                out.back().end = pos + 1;
+            } else {
+                out.push_back({ pos, pos + 1 });
+            }
+        }
     }
     return out;
 }

@@ -302,7 +302,7 @@ private:
     // `state_lost`: a decode failed partway, so a hybrid's recurrent state may hold part of it and the
     // whole turn is rolled back (a KV cache alone only needs its unledgered cells dropped).
     void fail_turn(const fml_error & err, engine & e, bool state_lost = false);
-    // Ledger positions as llama.cpp ranges: each index range becomes [first position, last + 1).
+    // Ledger index ranges as position ranges [begin, end), split where positions have gaps.
     std::vector<index_range> position_ranges(const std::vector<index_range> & ranges) const;
     void start_generation();
 

@@ -3,8 +3,9 @@
  *   const telemetry = createPrometheusTelemetry({ registry });
  *   model.createChat({ ..., telemetry });
  *   registry.metrics()  // text exposition
- * Histograms (seconds): turn latency, prefill, decode, policy time. Counters: turns, tokens in/out,
- * evicted tokens, evictions, fallbacks, errors. Gauges (sum over live chats): retained tokens, KV bytes.
+ * Histograms (seconds): turn latency, prefill, decode, policy time, compaction time. Counters: turns,
+ * tokens in/out, evicted tokens, evictions, compactions, fallbacks, errors. Gauges (sum over live
+ * chats): retained tokens, KV bytes.
  * Everything is labelled by policy.
  */
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
@@ -34,12 +35,14 @@ export function createPrometheusTelemetry(options: PrometheusTelemetryOptions = 
   const prefillSeconds = hist('prefill_seconds', 'Prefill time per turn (new tokens only)');
   const decodeSeconds = hist('decode_seconds', 'Generation time per turn');
   const policySeconds = hist('policy_seconds', 'Time a policy spent choosing tokens to evict, per eviction');
+  const compactSeconds = hist('compaction_seconds', 'Time the compactions of a turn took (a re-prefill where keys cannot shift; a K-shift runs inside the next decode)');
   const turns = counter('turns_total', 'Turns completed');
   const tokensIn = counter('tokens_in_total', 'Tokens prefilled');
   const tokensOut = counter('tokens_out_total', 'Tokens generated');
   const evicted = counter('evicted_tokens_total', 'Tokens evicted from KV caches');
   const evictions = counter('evictions_total', 'Eviction events');
   const fallbacks = counter('fallbacks_total', 'Evictions where the latency guard fell back to sliding');
+  const compactions = counter('compactions_total', 'Times a chat numbered its positions 0..n-1 again (at its position limit, or every eviction with positions compact)');
   const errors = new Counter({ name: p + 'errors_total', help: 'Turn and hook errors', labelNames: ['source'] as const, registers });
   const retained = new Gauge({ name: p + 'retained_tokens', help: 'Tokens in KV caches now (sum over live chats)', labelNames, registers });
   const kvBytes = new Gauge({ name: p + 'kv_bytes', help: 'KV cache bytes held by retained tokens (sum over live chats)', labelNames, registers });
@@ -64,6 +67,10 @@ export function createPrometheusTelemetry(options: PrometheusTelemetryOptions = 
       turns.inc(labels);
       tokensIn.inc(labels, e.stats.promptTokens);
       tokensOut.inc(labels, e.stats.generatedTokens);
+      if (e.stats.compactions > 0) {
+        compactions.inc(labels, e.stats.compactions);
+        compactSeconds.observe(labels, e.stats.compactMs / 1000);
+      }
       live.set(e.chatId, { policy: e.policy, retained: e.chat.tokensRetained, kvBytes: e.chat.kvBytes });
       refreshGauges(e.policy);
     },

@@ -59,6 +59,33 @@ describe('telemetry hooks', () => {
 });
 
 describe('Prometheus adapter', () => {
+  it('counts compactions and their time, and eviction positions that skip the gaps of earlier ones', async () => {
+    const registry = new Registry();
+    const telemetry = createPrometheusTelemetry({ registry });
+    const evictions: EvictionEvent[] = [];
+    const chat = model.createChat({ maxTokens: 64, windowSize: 16, policy: 'importance', importanceGranularity: 'token', positionLimit: 200, telemetry: { onEviction: (e) => void evictions.push(e) } });
+    const prom = model.createChat({ maxTokens: 64, windowSize: 16, positionLimit: 200, telemetry });
+    let compactions = 0;
+    let compactingTurns = 0;
+    for (let t = 0; t < 16; t++) {
+      await chat.send(`m${t} some words`, { maxNewTokens: 8, temperature: 0 });
+      const n = (await prom.send(`m${t} some words`, { maxNewTokens: 8, temperature: 0 })).stats.compactions;
+      compactions += n;
+      compactingTurns += n > 0 ? 1 : 0;
+    }
+    await tick();
+    expect(compactions).toBeGreaterThan(0);
+    expect(compactions).toBe(prom.stats().compactions);
+    const text = await registry.metrics();
+    expect(text).toContain(`finite_memory_compactions_total{policy="sliding"} ${compactions}`);
+    expect(text).toMatch(new RegExp(`finite_memory_compaction_seconds_count\\{policy="sliding"\\} ${compactingTurns}`));
+    // Scattered evictions over kept positions: every range holds evicted positions only.
+    for (const e of evictions) expect(e.positions.reduce((s, [b, end]) => s + end - b, 0)).toBe(e.evictedTokens);
+    expect(evictions.some((e) => e.positions.length > 1)).toBe(true);
+    chat.dispose();
+    prom.dispose();
+  });
+
   it('exposes histograms, counters and gauges labelled by policy', async () => {
     const registry = new Registry();
     const telemetry = createPrometheusTelemetry({ registry });

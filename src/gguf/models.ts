@@ -35,6 +35,7 @@ export const MODEL_FAMILIES = {
   qwen2: { arch: 'qwen2', template: 'chatml', addSpacePrefix: false, about: 'Qwen 2/2.5: QKV biases, NEOX RoPE, ChatML' },
   qwen3: { arch: 'qwen3', template: 'qwen3', addSpacePrefix: false, about: 'Qwen 3: per-head q/k RMS norms, NEOX RoPE, ChatML' },
   gemma3: { arch: 'gemma3', template: 'gemma', addSpacePrefix: false, about: 'Gemma 3: interleaved sliding-window layers, q/k and post norms, scaled embeddings, tied output, Gemma template' },
+  gemma4: { arch: 'gemma4', template: 'gemma4', addSpacePrefix: false, about: 'Gemma 4: sliding-window layers of headDim and full-attention layers of 2 x headDim, q/k/v norms, scaled embeddings, tied output, Gemma 4 template (framed as ChatML: llama.cpp has no formatter for it)' },
   phi3: { arch: 'phi3', template: 'phi3', addSpacePrefix: true, about: 'Phi-3: fused QKV and gate/up, NEOX RoPE, Phi-3 template' },
   qwen3moe: { arch: 'qwen3moe', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3 MoE: routed experts (softmax top-k), q/k norms, ChatML' },
   qwen2vl: { arch: 'qwen2vl', template: 'chatml', addSpacePrefix: false, about: 'Qwen2-VL text model: M-RoPE positions, ChatML' },
@@ -77,9 +78,9 @@ export interface ModelOptions {
   template: TemplateName | undefined;
   /** tokenizer.chat_template text: undefined = the template's; null writes none (a base model: plain framing) */
   chatTemplate: string | null | undefined;
-  /** gemma3: sliding-window size of its local layers */
+  /** gemma3, gemma4: sliding-window size of its local layers */
   slidingWindow: number;
-  /** gemma3: every n-th layer is global (full attention), the others slide */
+  /** gemma3, gemma4: every n-th layer is global (full attention), the others slide */
   swaPattern: number;
   /** qwen3moe, qwen35moe: experts per layer, and how many each token uses */
   experts: number;
@@ -293,6 +294,10 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   const qwen35 = arch === 'qwen35' || arch === 'qwen35moe';
   const rot = o.ropeDims || o.headDim;
   const convKernel = o.convKernel || (arch === 'lfm2' ? 3 : 4);
+  /** gemma4: which layers slide (every swaPattern-th is full attention), and the full layers' head size. */
+  const slides = (i: number): boolean => (i + 1) % o.swaPattern !== 0;
+  const fullHeadDim = arch === 'gemma4' ? 2 * o.headDim : o.headDim;
+  let ropeFreqsWritten = false;
   /** Hybrids: which layers attend (the others are recurrent: DeltaNet or a short convolution). */
   const attends = (i: number): boolean => !(qwen35 || arch === 'lfm2') || (i + 1) % o.attentionInterval === 0;
 
@@ -320,15 +325,28 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     } else {
       w.addUint32(key('attention.head_count_kv'), o.kvHeads);
     }
-    w.addUint32(key('attention.key_length'), o.headDim);
-    w.addUint32(key('attention.value_length'), o.headDim);
-    w.addUint32(key('rope.dimension_count'), rot);
+    w.addUint32(key('attention.key_length'), fullHeadDim);
+    w.addUint32(key('attention.value_length'), fullHeadDim);
+    w.addUint32(key('rope.dimension_count'), arch === 'gemma4' ? fullHeadDim : rot);
     w.addFloat32(key('rope.freq_base'), ROPE_BASE[arch] ?? 10000);
   }
   if (arch === 'gemma3') {
     w.addUint32(key('attention.sliding_window'), o.slidingWindow);
     w.addUint32(key('attention.sliding_window_pattern'), o.swaPattern);
     w.addFloat32(key('rope.freq_base_swa'), 10000);
+  }
+  if (arch === 'gemma4') {
+    // Gemma 4 lists which layers slide (a scalar would make every layer slide), and its full layers
+    // have heads twice as wide as the sliding ones (as in the real models: 512 and 256).
+    w.addUint32(key('attention.sliding_window'), o.slidingWindow);
+    w.addArray(key('attention.sliding_window_pattern'), GGUFValueType.BOOL, Array.from({ length: o.layers }, (_, i) => slides(i)));
+    w.addUint32(key('attention.key_length_swa'), o.headDim);
+    w.addUint32(key('attention.value_length_swa'), o.headDim);
+    w.addUint32(key('rope.dimension_count_swa'), o.headDim);
+    w.addFloat32(key('rope.freq_base_swa'), 10000);
+    w.addUint32(key('embedding_length_per_layer_input'), 0);
+    w.addUint32(key('attention.shared_kv_layers'), 0);
+    w.addFloat32(key('final_logit_softcapping'), 30);
   }
   if (arch === 'qwen3moe') {
     w.addUint32(key('expert_count'), o.experts);
@@ -392,7 +410,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
 
   // Gemma multiplies embeddings by sqrt(embd) and ties the output to them: smaller embeddings keep
   // both the residual stream and the logits in the same range as the other families'.
-  const tied = arch === 'gemma3';
+  const tied = arch === 'gemma3' || arch === 'gemma4';
   matrix('token_embd.weight', [E, nVocab], tied ? EMBED_STD / Math.sqrt(E) : EMBED_STD);
   norm(arch === 'lfm2' ? 'token_embd_norm.weight' : 'output_norm.weight'); // LFM2's final norm has that name
   if (!tied) {
@@ -405,6 +423,10 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     const p = `blk.${i}.`;
     if (qwen35 || arch === 'lfm2') {
       hybridLayer(i);
+      continue;
+    }
+    if (arch === 'gemma4') {
+      gemma4Layer(i);
       continue;
     }
     norm(`${p}attn_norm.weight`);
@@ -456,6 +478,30 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
       matrix(`${p}ffn_down.weight`, [o.ffn, E]);
     }
     if (arch === 'gemma3') norm(`${p}post_ffw_norm.weight`);
+  }
+
+  /** One Gemma 4 layer: the sliding ones with heads of headDim, the full ones of 2 x headDim (sharing one rope_freqs). */
+  function gemma4Layer(i: number): void {
+    const p = `blk.${i}.`;
+    const hd = slides(i) ? o.headDim : fullHeadDim;
+    norm(`${p}attn_norm.weight`);
+    matrix(`${p}attn_q.weight`, [E, hd * o.heads]);
+    matrix(`${p}attn_k.weight`, [E, hd * o.kvHeads]);
+    matrix(`${p}attn_v.weight`, [E, hd * o.kvHeads]);
+    matrix(`${p}attn_output.weight`, [hd * o.heads, E]);
+    norm(`${p}attn_q_norm.weight`, hd);
+    norm(`${p}attn_k_norm.weight`, hd);
+    norm(`${p}post_attention_norm.weight`);
+    if (!slides(i) && !ropeFreqsWritten) {
+      // Frequency divisors of the full layers' rotation: all 1 (every pair rotates).
+      tensor('rope_freqs.weight', [fullHeadDim / 2], GGMLType.F32, 0, 1);
+      ropeFreqsWritten = true;
+    }
+    norm(`${p}ffn_norm.weight`);
+    matrix(`${p}ffn_gate.weight`, [E, o.ffn]);
+    matrix(`${p}ffn_up.weight`, [E, o.ffn]);
+    matrix(`${p}ffn_down.weight`, [o.ffn, E]);
+    norm(`${p}post_ffw_norm.weight`);
   }
 
   /** One layer of a hybrid: its mixer (attention, or DeltaNet / short convolution) and its feed-forward. */

@@ -202,10 +202,39 @@ const LFM2 = String.raw`{{- bos_token -}}
     {{- "<|im_start|>assistant\n" -}}
 {%- endif -%}`;
 
+/**
+ * Gemma 4 (google/gemma-4-31B-it; the tool, thinking-channel and multimodal branches left out).
+ * llama.cpp v0.4.0 has no formatter for it (llm_chat_detect_template: unknown), so chats of such a
+ * model are framed with ChatML, as for any template llama.cpp does not know.
+ */
+const GEMMA4 = String.raw`{{- bos_token -}}
+{%- set loop_messages = messages -%}
+{%- if messages[0]['role'] in ['system', 'developer'] -%}
+    {{- '<|turn>system\n' -}}
+    {%- if enable_thinking is defined and enable_thinking -%}
+        {{- '<|think|>\n' -}}
+    {%- endif -%}
+    {{- messages[0]['content'] | trim -}}
+    {{- '<turn|>\n' -}}
+    {%- set loop_messages = messages[1:] -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{- '<|turn>' + role + '\n' + message['content'] | trim + '<turn|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|turn>model\n' -}}
+    {%- if not (enable_thinking is defined and enable_thinking) -%}
+        {{- '<|channel>thought\n<channel|>' -}}
+    {%- endif -%}
+{%- endif -%}`;
+
 export const TEMPLATES = {
   chatml: { text: QWEN_CHATML, control: [], endOfTurn: '<|im_end|>' },
   qwen3: { text: QWEN3_CHATML, control: [], endOfTurn: '<|im_end|>' },
   qwen35: { text: QWEN35, control: ['<|vision_start|>', '<|vision_end|>', '<|image_pad|>', '<|video_pad|>'], endOfTurn: '<|im_end|>' },
+  // Not <|tool_response>: with it in the vocabulary llama.cpp drops </s> from the end-of-generation tokens.
+  gemma4: { text: GEMMA4, control: ['<|turn>', '<turn|>', '<|channel>', '<channel|>', '<|think|>'], endOfTurn: '<turn|>' },
   lfm2: { text: LFM2, control: ['<|startoftext|>', '<|tool_list_start|>', '<|tool_list_end|>'], endOfTurn: '<|im_end|>' },
   llama3: { text: LLAMA3, control: ['<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'], endOfTurn: '<|eot_id|>' },
   gemma: { text: GEMMA3, control: ['<start_of_turn>', '<end_of_turn>'], endOfTurn: '<end_of_turn>' },

@@ -931,8 +931,8 @@ void sequence::absorb_signals(const capture_member & m, size_t first_new, size_t
         // that could attend to the token: a plain sum (H2O) favours old tokens just for having been
         // seen by more queries, which evicts the recent context a small model depends on.
         // score[ATTENTION_QUERIES] keeps the running count of queries so the average can be updated
-        // incrementally; positions == ledger indices.
-        // Cells -> ledger entries through their positions (cells not in the ledger: summary scratch).
+        // incrementally. Cells map to ledger entries through their positions (cells of no entry:
+        // summary scratch).
         std::vector<float> acc(ledger_.size(), 0.0f);
         std::vector<float> peak(ledger_.size(), 0.0f);
         for (size_t c = 0; c < m.cell_pos.size() && c < m.attention_by_cell.size(); ++c) {

@@ -1,37 +1,101 @@
 #!/usr/bin/env bash
-# For a machine with an NVIDIA GPU and a CUDA toolkit with cuBLAS: build (or reuse) the CUDA variant,
-# run the test suite on the CUDA backend, run the eviction and concurrency benchmarks, print the results.
-#   bash scripts/gpu-check.sh            (FML_CUDA_ARCHS=90 to build for one architecture only;
-#                                         FML_CUDA_ROOT / FML_CUBLAS_ROOT when they are not found)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-export NODE_LLAMA_CPP_SKIP_DOWNLOAD=true
-nvidia-smi || { echo "[gpu-check] nvidia-smi failed: no usable GPU here"; exit 1; }
-command -v nvcc >/dev/null || export PATH="${FML_CUDA_ROOT:-/usr/local/cuda}/bin:$PATH"
-# cuBLAS: inside the toolkit, or FML_CUBLAS_ROOT, or NVIDIA's pip wheel (nvidia/cu13 or nvidia/cublas).
-if [ -z "${FML_CUBLAS_ROOT:-}" ] && [ ! -f "$(dirname "$(command -v nvcc)")/../include/cublas_v2.h" ]; then
-  for d in $(python3 -c 'import nvidia; print(" ".join(nvidia.__path__))' 2>/dev/null); do
-    for c in "$d/cu13" "$d/cublas"; do
-      [ -f "$c/include/cublas_v2.h" ] && export FML_CUBLAS_ROOT="$c" && break 2
+# The GPU check, run from the bundle scripts/gpu-bundle.sh writes (build-gpu-bundle/), on a machine with
+# an NVIDIA GPU, CUDA's compiler, CMake, ninja and Python with NVIDIA's cuBLAS wheel, and nothing else
+# of ours: no Node.js, no npm, nothing to fetch. One command, under 10 minutes, build included:
+#   bash build-gpu-bundle/gpu-check.sh
+# 1. unpacks the bundled node and sources; 2. builds the CUDA variant of the addon's test build
+# (probes) with CMake directly, for FML_CUDA_ARCHS (default 90: H100/H200) on every core, against the
+# wheel's cuBLAS (found through python3); 3. runs scripts/gpu/check.ts (compiled into the bundle):
+# backend, K-shift invariance, eviction with the KV cache on the GPU, a hybrid model, greedy output
+# CPU vs GPU, the eviction and concurrency benchmarks; 4. with time left, builds llama-server in the
+# same tree (reusing its CUDA objects) and runs the concurrency benchmark at K = 8 against it. Everything printed also goes to
+# build-gpu-bundle/results/ (fetch it from there); a stage that would pass the deadline
+# (FML_GPU_BUDGET_S, default 570 s from the start) is cut and the summary says what finished.
+# FML_GPU_REHEARSAL=1 runs the same on the CPU variant (scripts/gpu-rehearsal.sh does, in CI).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+start=$(date +%s)
+deadline=$((start + ${FML_GPU_BUDGET_S:-570}))
+rehearsal=${FML_GPU_REHEARSAL:-0}
+jobs=${FML_JOBS:-$(nproc)}
+results=$here/results
+mkdir -p "$results"
+exec > >(tee "$results/gpu-check.log") 2>&1
+say() { echo "[gpu-check +$(($(date +%s) - start))s] $*"; }
+left() { echo $((deadline - $(date +%s))); }
+finished=()
+summary() {
+  say "finished: ${finished[*]:-nothing}"
+  say "results: $(cd "$results" && ls | tr '\n' ' ')"
+}
+trap summary EXIT
+
+# 1. node and the sources
+mkdir -p "$here/bin"
+[ -x "$here/bin/node" ] || { xz -dc "$here/node.xz" > "$here/bin/node" && chmod +x "$here/bin/node"; } || { say "FAILED: unpacking node"; exit 1; }
+export PATH="$here/bin:$PATH"
+for part in llama.cpp project; do
+  [ -d "$here/$part" ] || { mkdir -p "$here/$part" && tar -xJf "$here/$part.tar.xz" -C "$here/$part"; } || { say "FAILED: unpacking $part"; exit 1; }
+done
+say "node $(node -v), $(cmake --version | head -1), $(c++ --version | head -1)"
+finished+=(unpack)
+
+# 2. the addon's test build: CUDA, or the CPU variant when rehearsing
+cuda=()
+if [ "$rehearsal" != 1 ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { say "FAILED: nvidia-smi: no usable GPU here"; exit 1; }
+  command -v nvcc >/dev/null || export PATH="${FML_CUDA_ROOT:-/usr/local/cuda}/bin:$PATH"
+  say "$(nvcc --version | tail -2 | head -1)"
+  if [ -z "${FML_CUBLAS_ROOT:-}" ]; then
+    for d in $(python3 -c 'import nvidia; print(" ".join(nvidia.__path__))' 2>/dev/null); do
+      for c in "$d/cu13" "$d/cublas"; do
+        [ -f "$c/include/cublas_v2.h" ] && export FML_CUBLAS_ROOT="$c" && break 2
+      done
     done
-  done
-  [ -n "${FML_CUBLAS_ROOT:-}" ] || { echo "[gpu-check] no cuBLAS found: install it or set FML_CUBLAS_ROOT"; exit 1; }
-fi
-if [ -n "${FML_CUBLAS_ROOT:-}" ]; then
-  echo "[gpu-check] cuBLAS from $FML_CUBLAS_ROOT"
+  fi
+  [ -n "${FML_CUBLAS_ROOT:-}" ] || { say "FAILED: no cuBLAS (NVIDIA's nvidia-cublas wheel, or FML_CUBLAS_ROOT)"; exit 1; }
+  say "cuBLAS from $FML_CUBLAS_ROOT"
   export LD_LIBRARY_PATH="$FML_CUBLAS_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  cuda=(-DFML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${FML_CUDA_ARCHS:-90}" "-DFML_CUBLAS_ROOT=$FML_CUBLAS_ROOT")
 fi
-[ -d node_modules ] || npm ci --no-audit --no-fund
-if [ ! -f prebuilds/linux-x64-cuda/finite-memory-llm.node ]; then
-  FML_JOBS="${FML_JOBS:-$(nproc)}" npm run prebuildify:cuda
+configure() {  # the flags cmake-js gives the addon: Node-API headers, BUILDING_NODE_EXTENSION
+  cmake -S "$here/project" -B "$here/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CPP_DIR="$here/llama.cpp" \
+    "-DCMAKE_JS_INC=$here/node-api/include;$here/node-api/node-addon-api" -DCMAKE_CXX_FLAGS=-DBUILDING_NODE_EXTENSION \
+    -DFML_LLAMA_SERVER=$([ "$rehearsal" = 1 ] && echo OFF || echo ON) "${cuda[@]}"
+}
+say "building the addon (${cuda[*]:-CPU variant}) with -j$jobs"
+if ! configure > "$results/build.log" 2>&1 ||
+   ! timeout "$(left)" cmake --build "$here/build" --target finite_memory_llm_probes -j "$jobs" >> "$results/build.log" 2>&1; then
+  tail -30 "$results/build.log"
+  say "FAILED: building the addon (log: results/build.log)"
+  exit 1
 fi
-npm run build:ts
-echo "[gpu-check] CUDA variant:"
-FINITE_MEMORY_BACKEND=cuda node -e "import('./dist/index.js').then(m => console.log(m.systemInfo()))"
-echo "[gpu-check] test suite on the CUDA backend (the test build of the CUDA variant, with probes)"
-FML_ADDON_PATH="$PWD/build-cuda/Probes/finite_memory_llm_probes.node" FINITE_MEMORY_BACKEND=cuda npx vitest run
-echo "[gpu-check] eviction benchmark on the CUDA backend (gpuLayers auto: weights and KV cache on the GPU)"
-FML_ADDON_PATH="$PWD/build-cuda/Probes/finite_memory_llm_probes.node" FINITE_MEMORY_BACKEND=cuda FML_BENCH_GPU_LAYERS=auto npx tsx bench/evict.ts --no-write | tee /tmp/gpu-evict.md
-echo "[gpu-check] concurrency benchmark, K = 8, on the GPU (llama-server too when build-tools/llama-server was built with FML_CUDA=1)"
-FML_ADDON_PATH="$PWD/build-cuda/Probes/finite_memory_llm_probes.node" FINITE_MEMORY_BACKEND=cuda npx tsx bench/concurrency.ts --k=8 --gpu --no-write | tee /tmp/gpu-concurrency.md
-echo "[gpu-check] done: copy /tmp/gpu-evict.md and /tmp/gpu-concurrency.md into bench/RESULTS.md under a 'GPU' heading"
+addon=$here/build/Probes/finite_memory_llm_probes.node
+say "built $addon"
+finished+=(build)
+
+# 3. the checks and benchmarks (plain Node; the bundle's compiled JavaScript)
+say "checks ($(left) s left)"
+FML_ADDON_PATH=$addon FML_GPU_RESULTS=$results FML_GPU_DEADLINE=$deadline FML_GPU_REHEARSAL=$rehearsal \
+  timeout "$(left)" node "$here/app/scripts/gpu/check.js"
+status=$?
+finished+=("checks (exit $status)")
+
+# 4. llama-server from the same build tree (its llama and ggml objects are the addon's), and the
+#    concurrency benchmark against it
+if [ "$rehearsal" != 1 ] && [ "$(left)" -gt 200 ]; then
+  say "building llama-server ($(left) s left)"
+  if timeout "$(($(left) - 90))" cmake --build "$here/build" --target llama-server -j "$jobs" > "$results/server-build.log" 2>&1; then
+    mkdir -p "$here/app/build-tools/llama-server/bin"
+    cp "$(find "$here/build" -name llama-server -type f -perm -u+x | head -1)" "$here/app/build-tools/llama-server/bin/"
+    finished+=(llama-server)
+    say "concurrency against llama-server, K = 8 ($(left) s left)"
+    FML_ADDON_PATH=$addon timeout "$(left)" node "$here/app/bench/concurrency.js" --k=8 --gpu --short-only --no-write > "$results/concurrency-k8-server.md" 2>&1 &&
+      finished+=("concurrency K=8 vs llama-server")
+    grep -E '^\| 8 ' "$results/concurrency-k8-server.md" || tail -5 "$results/concurrency-k8-server.md"
+  else
+    tail -5 "$results/server-build.log"
+    say "llama-server not built in time (log: results/server-build.log)"
+  fi
+fi
+exit "$status"

@@ -1,0 +1,187 @@
+/**
+ * The GPU check, in plain Node: scripts/gpu-check.sh runs it inside the bundle that
+ * scripts/gpu-bundle.sh writes, on a machine with a GPU, CUDA's compiler and no Node.js or npm (the
+ * bundle brings node). Each step prints what it found and appends it to $FML_GPU_RESULTS/check.md;
+ * a step that fails says why and the others still run; a step that would not finish before the
+ * deadline ($FML_GPU_DEADLINE, epoch seconds) is skipped, saying so. Exit status 1 when a check
+ * failed (benchmarks only report).
+ *
+ * FML_ADDON_PATH: the test build of the addon (with probes) the script loads. FML_GPU_REHEARSAL=1:
+ * the CPU rehearsal (scripts/gpu-rehearsal.sh): the same steps on the CPU variant, with small models
+ * and the quick benchmarks, and no backend expected to be CUDA.
+ */
+import { spawnSync } from 'node:child_process';
+import { appendFileSync, mkdirSync, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { join } from 'node:path';
+import { writeLlamaModel, writeModel } from '../../src/gguf/index.ts';
+import { loadModel, type Chat, type ChatOptions, type Model } from '../../src/index.ts';
+
+const REHEARSAL = process.env.FML_GPU_REHEARSAL === '1';
+const RESULTS = process.env.FML_GPU_RESULTS ?? join(process.cwd(), 'gpu-results');
+const DEADLINE = Number(process.env.FML_GPU_DEADLINE ?? Math.floor(Date.now() / 1000) + 480);
+const APP = join(import.meta.dirname, '..', '..');
+const MODELS = join(RESULTS, '..', 'models');
+mkdirSync(RESULTS, { recursive: true });
+mkdirSync(MODELS, { recursive: true });
+const REPORT = join(RESULTS, 'check.md');
+writeFileSync(REPORT, `# GPU check (${REHEARSAL ? 'CPU rehearsal' : 'CUDA'}), ${new Date().toISOString()}\n\n`);
+
+const say = (line: string) => {
+  console.log(line);
+  appendFileSync(REPORT, `${line}\n`);
+};
+const secondsLeft = () => DEADLINE - Date.now() / 1000;
+let failed = 0;
+
+/** Runs a step unless fewer than `needs` seconds are left; a throw fails it, the others go on. */
+async function step(name: string, needs: number, run: () => Promise<string[]> | string[]): Promise<void> {
+  if (secondsLeft() < needs) {
+    say(`## ${name}: SKIPPED (${Math.floor(secondsLeft())} s left, it needs about ${needs})\n`);
+    return;
+  }
+  const t0 = performance.now();
+  try {
+    const lines = await run();
+    say(`## ${name}: ok (${((performance.now() - t0) / 1000).toFixed(1)} s)`);
+    for (const l of lines) say(`- ${l}`);
+  } catch (err) {
+    failed++;
+    say(`## ${name}: FAILED (${((performance.now() - t0) / 1000).toFixed(1)} s): ${(err as Error).message}`);
+  }
+  say('');
+}
+
+function check(ok: boolean, what: string): void {
+  if (!ok) throw new Error(what);
+}
+
+const maxAbsDiff = (a: Float32Array, b: Float32Array) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - (b[i] ?? NaN))), 0);
+const EXACT: ChatOptions = { kvType: 'f32', flashAttention: false };
+const GPU = REHEARSAL ? ({ gpuLayers: 0 } as const) : ({ gpuLayers: 'auto' } as const);
+// Never more threads than cores: ggml's threads spin at barriers, and oversubscribed they crawl.
+const THREADS = Math.min(4, availableParallelism());
+
+/** Turns past the budget; every one prefills only its new tokens, and the cache is what the chat holds. */
+async function evictingTurns(chat: Chat, turns: number, maxTokens: number): Promise<void> {
+  for (let t = 0; t < turns; t++) {
+    const internals = chat._internals();
+    const before = internals.cacheState();
+    const message = `turn ${t}: the cat sat on the mat and looked at the sea.`;
+    const expected = internals.countTurnTokens(message) + before.carriedTokens + before.pendingSystemTokens;
+    const r = await chat.send(message, { maxNewTokens: 4 + (t % 5), temperature: 0.9, seed: t });
+    const c = internals.cacheState();
+    check(r.stats.promptTokens === expected, `turn ${t} prefilled ${r.stats.promptTokens} tokens, not its ${expected} new ones`);
+    check(c.ledgerTokens <= maxTokens, `turn ${t}: ${c.ledgerTokens} tokens retained, budget ${maxTokens}`);
+    check(c.positionsIncreasing && c.cachePosMin === c.ledgerPosFirst && c.cachePosMax === c.ledgerPosLast,
+      `turn ${t}: the cache (${c.cachePosMin}..${c.cachePosMax}) is not the chat's (${c.ledgerPosFirst}..${c.ledgerPosLast})`);
+  }
+}
+
+/** Greedy tokens of a fixed conversation: `n` replies' worth. */
+async function greedy(model: Model, turns: number): Promise<string[]> {
+  const chat = model.createChat({ ...EXACT, maxTokens: 128, windowSize: 32 });
+  const out: string[] = [];
+  for (let t = 0; t < turns; t++) out.push((await chat.send(`question ${t}: why is the sky blue?`, { maxNewTokens: 8, temperature: 0 })).response);
+  chat.dispose();
+  return out;
+}
+
+/** A benchmark script of the bundle, its output kept in the results folder. */
+function bench(name: string, script: string, args: string[], env: Record<string, string>): string[] {
+  const timeout = Math.floor(Math.max(10, secondsLeft() - 5) * 1000);
+  const r = spawnSync(process.execPath, [join(APP, 'bench', script), ...args], { env: { ...process.env, ...env }, encoding: 'utf8', timeout });
+  writeFileSync(join(RESULTS, `${name}.md`), `${r.stdout}\n${r.stderr}`);
+  if (r.status !== 0) throw new Error(`${script} ${args.join(' ')} exited ${r.status ?? r.signal}: ${(r.stderr || r.stdout).trim().split('\n').slice(-3).join(' / ')}`);
+  return r.stdout.trim().split('\n').filter((l) => l.startsWith('|') || l.startsWith('K=') || l.startsWith('long'));
+}
+
+async function main(): Promise<void> {
+  const tiny = join(MODELS, 'llama-tiny.gguf');
+  writeLlamaModel(tiny, { layers: 4, embd: 128, heads: 4, kvHeads: 2, headDim: 32, ffn: 256, seed: 3 });
+  const hybrid = join(MODELS, 'qwen35-tiny.gguf');
+  // The DeltaNet head size CUDA has kernels for (16..128) and a convolution of 128 channels (it runs on the GPU then).
+  writeModel(hybrid, { family: 'qwen35', layers: 4, embd: 128, heads: 4, kvHeads: 2, headDim: 32, ffn: 256, ssmStateSize: 32, ssmGroups: 1, ssmHeads: 2, seed: 3 });
+
+  let model: Model | undefined;
+  await step('backend', 30, async () => {
+    model = await loadModel(tiny, { ...GPU, threads: THREADS });
+    const i = model.info;
+    if (!REHEARSAL) check(i.backend === 'cuda' && i.gpuLayers > 0, `the model runs on ${i.backend} (${i.gpuLayers} layers offloaded), not CUDA`);
+    return [`backend ${i.backend}, device ${i.device}, ${i.gpuLayers} of ${i.nLayer} layers offloaded`];
+  });
+  if (!model) model = await loadModel(tiny, { threads: THREADS });
+
+  await step('K-shift invariance (F32 KV on the device)', 30, async () => {
+    const chat = model!.createChat({ ...EXACT, maxTokens: 256 });
+    await chat.send('Tell me about the sea and the sky.', { maxNewTokens: 12, temperature: 0 });
+    const probe = model!.tokenize('the')[0]!;
+    const before = chat._internals().probeLogits(probe);
+    chat._internals().shiftPositions(40);
+    const shifted = chat._internals().probeLogits(probe);
+    const other = chat._internals().probeLogits(model!.tokenize('sea')[0]!);
+    chat.dispose();
+    const d = maxAbsDiff(before, shifted);
+    check(d < 1e-3, `a shift of 40 positions changed the logits by ${d}`);
+    check(maxAbsDiff(before, other) > 1e-2, 'the probe does not tell tokens apart');
+    return [`max |logit difference| after shifting every position by 40: ${d.toExponential(2)}`];
+  });
+
+  await step('200 turns of eviction with the KV cache on the device (positions kept, and compacted at a limit of 400)', 90, async () => {
+    const chat = model!.createChat({ maxTokens: 96, windowSize: 24, systemPrompt: 'Be brief.', positionLimit: 400 });
+    await evictingTurns(chat, 200, 96);
+    const s = chat.stats();
+    chat.dispose();
+    check(s.evictions > 20 && s.compactions > 3, `${s.evictions} evictions and ${s.compactions} compactions: not enough to say anything`);
+    return [`${s.evictions} evictions, ${s.compactions} compactions, ${s.tokensSeen} tokens seen, ${s.tokensRetained} retained`];
+  });
+
+  await step('hybrid model (Qwen3.5 layout: Gated DeltaNet + attention, IMROPE) on the device: 100 turns, re-prefill compactions, abort rollback', 90, async () => {
+    const m = await loadModel(hybrid, { ...GPU, threads: THREADS });
+    try {
+      const chat = m.createChat({ maxTokens: 96, windowSize: 24, systemPrompt: 'Be brief.', positionLimit: 300 });
+      await evictingTurns(chat, 100, 96);
+      const s = chat.stats();
+      chat.dispose();
+      // An aborted prefill (small steps, each held back 5 ms) leaves neither tokens nor recurrent state behind.
+      const slow = m.createChat({ maxTokens: 1024, batchSize: 8, testTokenDelayMs: 5 });
+      await slow.send('hello there', { maxNewTokens: 4, temperature: 0 });
+      const state = slow._internals().recurrentState();
+      const memory = JSON.stringify(slow.memory());
+      const r = await slow.send('word '.repeat(300), { maxNewTokens: 4, signal: AbortSignal.timeout(60) });
+      check(r.stopReason === 'abort' && r.stats.promptTokens === 0 && JSON.stringify(slow.memory()) === memory, 'an aborted prefill left tokens behind');
+      check(Buffer.from(slow._internals().recurrentState()).equals(Buffer.from(state)), 'an aborted prefill changed the recurrent state');
+      slow.dispose();
+      check(s.compactions > 2, `${s.compactions} compactions`);
+      return [`backend ${m.info.backend}; ${s.evictions} evictions, ${s.compactions} compactions (re-prefill), recurrent state ${m.info.recurrentBytes} bytes per chat`];
+    } finally {
+      m.dispose();
+    }
+  });
+
+  await step('greedy output, CPU vs the device, same model and build', 60, async () => {
+    const cpu = await loadModel(tiny, { gpuLayers: 0, threads: THREADS });
+    const a = await greedy(cpu, 4);
+    cpu.dispose();
+    const b = await greedy(model!, 4);
+    const first = a.map((x, i) => x.slice(0, 4) === (b[i] ?? '').slice(0, 4));
+    check(first[0]!, `the first reply starts differently: ${JSON.stringify(a[0])} vs ${JSON.stringify(b[0])}`);
+    return [`replies equal: ${a.filter((x, i) => x === b[i]).length} of ${a.length}; first characters equal: ${first.filter(Boolean).length} of ${a.length}`, `CPU: ${JSON.stringify(a)}`, `device: ${JSON.stringify(b)}`];
+  });
+  model.dispose();
+
+  const benchEnv = { FML_BENCH_GPU_LAYERS: REHEARSAL ? '0' : 'auto' };
+  await step('eviction microbenchmark (positions kept vs compacted; K-shift on the device)', REHEARSAL ? 120 : 150, () =>
+    bench('evict', 'evict.js', ['--no-write', ...(REHEARSAL ? ['--quick'] : [])], benchEnv));
+  for (const k of REHEARSAL ? [1] : [1, 8]) {
+    await step(`concurrency benchmark, K = ${k}`, REHEARSAL ? 120 : 150, () =>
+      bench(`concurrency-k${k}`, 'concurrency.js', [`--k=${k}`, '--no-write', '--short-only', ...(REHEARSAL ? ['--quick', '--no-server'] : ['--gpu'])], {}));
+  }
+  say(failed ? `${failed} check(s) FAILED` : 'every check passed');
+  process.exitCode = failed ? 1 : 0;
+}
+
+main().catch((err) => {
+  say(`check script failed: ${(err as Error).stack ?? err}`);
+  process.exitCode = 1;
+});

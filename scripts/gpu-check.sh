@@ -11,7 +11,8 @@
 # same tree (reusing its CUDA objects) and runs the concurrency benchmark at K = 8 against it. Everything printed also goes to
 # build-gpu-bundle/results/ (fetch it from there); a stage that would pass the deadline
 # (FML_GPU_BUDGET_S, default 570 s from the start) is cut and the summary says what finished.
-# FML_GPU_REHEARSAL=1 runs the same on the CPU variant (scripts/gpu-rehearsal.sh does, in CI).
+# FML_GPU_REHEARSAL=1 runs the same on the CPU variant (scripts/gpu-rehearsal.sh does, in CI), without
+# step 4 unless FML_GPU_SERVER=1 (llama-server on 2 cores takes longer than the rest together).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 start=$(date +%s)
@@ -55,13 +56,14 @@ if [ "$rehearsal" != 1 ]; then
   fi
   [ -n "${FML_CUBLAS_ROOT:-}" ] || { say "FAILED: no cuBLAS (NVIDIA's nvidia-cublas wheel, or FML_CUBLAS_ROOT)"; exit 1; }
   say "cuBLAS from $FML_CUBLAS_ROOT"
-  export LD_LIBRARY_PATH="$FML_CUBLAS_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  cuda_root=$(dirname "$(dirname "$(command -v nvcc)")")
+  export LD_LIBRARY_PATH="$FML_CUBLAS_ROOT/lib:$cuda_root/lib64:$cuda_root/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   cuda=(-DFML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${FML_CUDA_ARCHS:-90}" "-DFML_CUBLAS_ROOT=$FML_CUBLAS_ROOT")
 fi
 configure() {  # the flags cmake-js gives the addon: Node-API headers, BUILDING_NODE_EXTENSION
   cmake -S "$here/project" -B "$here/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CPP_DIR="$here/llama.cpp" \
     "-DCMAKE_JS_INC=$here/node-api/include;$here/node-api/node-addon-api" -DCMAKE_CXX_FLAGS=-DBUILDING_NODE_EXTENSION \
-    -DFML_LLAMA_SERVER=$([ "$rehearsal" = 1 ] && echo OFF || echo ON) "${cuda[@]}"
+    -DFML_LLAMA_SERVER=ON "${cuda[@]}"
 }
 say "building the addon (${cuda[*]:-CPU variant}) with -j$jobs"
 if ! configure > "$results/build.log" 2>&1 ||
@@ -83,7 +85,7 @@ finished+=("checks (exit $status)")
 
 # 4. llama-server from the same build tree (its llama and ggml objects are the addon's), and the
 #    concurrency benchmark against it
-if [ "$rehearsal" != 1 ] && [ "$(left)" -gt 200 ]; then
+if { [ "$rehearsal" != 1 ] || [ "${FML_GPU_SERVER:-0}" = 1 ]; } && [ "$(left)" -gt 200 ]; then
   say "building llama-server ($(left) s left)"
   if timeout "$(($(left) - 90))" cmake --build "$here/build" --target llama-server -j "$jobs" > "$results/server-build.log" 2>&1; then
     mkdir -p "$here/app/build-tools/llama-server/bin"

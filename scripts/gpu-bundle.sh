@@ -29,7 +29,7 @@ cp -R node_modules/node-api-headers/include "$out/node-api/include"
 mkdir -p "$out/node-api/node-addon-api" && cp node_modules/node-addon-api/*.h "$out/node-api/node-addon-api/"
 
 tar -cJf "$out/project.tar.xz" native CMakeLists.txt test/native   # test/native: a target CMakeLists.txt declares
-git -C deps/llama.cpp archive --format=tar HEAD CMakeLists.txt cmake ggml src include vendor common tools licenses LICENSE |
+git -C deps/llama.cpp archive --format=tar HEAD CMakeLists.txt cmake ggml src include vendor common tools scripts/ui-assets.cmake licenses LICENSE |
   xz -6 -T0 > "$out/llama.cpp.tar.xz"
 xz -6 -T0 -c "$(command -v node)" > "$out/node.xz"
 cp scripts/gpu-check.sh "$out/gpu-check.sh"

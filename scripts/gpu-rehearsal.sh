@@ -24,7 +24,7 @@ done
 cache=$(ccache -k cache_dir 2>/dev/null || echo "$HOME/.cache/ccache")
 status=0
 env -i HOME="$work" PATH="$work/bin" CCACHE_DIR="$cache" CCACHE_BASEDIR="$work" FML_GPU_REHEARSAL=1 FML_JOBS="${FML_JOBS:-$(nproc)}" \
-  FML_GPU_BUDGET_S="${FML_GPU_BUDGET_S:-1200}" bash "$work/bundle/gpu-check.sh" || status=$?
+  FML_GPU_BUDGET_S="${FML_GPU_BUDGET_S:-1200}" FML_GPU_SERVER="${FML_GPU_SERVER:-0}" bash "$work/bundle/gpu-check.sh" || status=$?
 rm -rf build-gpu-bundle/rehearsal
 cp -R "$work/bundle/results" build-gpu-bundle/rehearsal
 echo "[gpu-rehearsal] exit $status; results in build-gpu-bundle/rehearsal/"

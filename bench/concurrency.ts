@@ -24,6 +24,7 @@ import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { loadModel, type Chat, type ChatOptions, type Model } from '../src/index.ts';
+import type { NativeEngineStats } from '../src/local/binding.ts';
 import { machine, median, qwen35Model, realisticModel, ROOT, smallModels, writeResultsSection } from './common.ts';
 
 const args = process.argv.slice(2);
@@ -56,17 +57,26 @@ const TOPICS = ['the weather in Paris', 'books about the history of science', 't
 const prompt = (chat: number, turn: number) => `Chat ${chat}, turn ${turn}: tell me something new about ${TOPICS[(chat + turn) % TOPICS.length]} and why it matters to people today.`;
 
 interface TurnTiming { ms: number; ttftMs: number; tokens: number }
-interface Run { label: string; k: number; wallMs: number; turns: TurnTiming[]; note?: string }
+/** How ours formed its steps: llama_decode calls (one ubatch each) and tokens, over the measured turns. */
+interface StepStats { steps: number; ubatches: number; tokens: number }
+interface Run { label: string; k: number; wallMs: number; turns: TurnTiming[]; note?: string; steps?: StepStats }
+
+function stepStats(before: NativeEngineStats, after: NativeEngineStats): StepStats {
+  return { steps: after.steps - before.steps, ubatches: after.decodes - before.decodes, tokens: after.tokens - before.tokens };
+}
+const stepNote = (s: StepStats) => `${s.steps} steps, ${(s.ubatches / s.steps).toFixed(2)} ubatches a step, ${(s.tokens / s.ubatches).toFixed(1)} tokens a ubatch`;
 
 const pct = (xs: number[], p: number) => {
   const s = [...xs].sort((a, b) => a - b);
   return s.length ? s[Math.min(s.length - 1, Math.floor(p * (s.length - 1) + 0.5))]! : NaN;
 };
 const summary = (r: Run) => ({
+  tokens: r.turns.reduce((n, t) => n + t.tokens, 0),
   tokPerS: (r.turns.reduce((n, t) => n + t.tokens, 0) * 1000) / r.wallMs,
   p50: median(r.turns.map((t) => t.ms)),
   p99: pct(r.turns.map((t) => t.ms), 0.99),
   ttft: median(r.turns.map((t) => t.ttftMs)),
+  ttft99: pct(r.turns.map((t) => t.ttftMs), 0.99),
 });
 
 // ---- ours ----
@@ -76,20 +86,22 @@ async function oursShort(model: Model, k: number): Promise<Run> {
   // Warm-up: one short turn each (contexts grow to k slots here, not while measuring).
   await Promise.all(chats.map((c, i) => c.send(`hello from chat ${i}`, { maxNewTokens: 2, temperature: 0 })));
   const turns: TurnTiming[] = [];
+  const before = chats[0]!._internals().engineStats();
   const t0 = performance.now();
   await Promise.all(chats.map(async (c, i) => {
     for (let t = 0; t < TURNS; t++) turns.push(await timedTurn(c, prompt(i, t), REPLY));
   }));
   const wallMs = performance.now() - t0;
+  const after = chats[0]!._internals().engineStats();
   chats.forEach((c) => c.dispose());
-  return { label: 'ours', k, wallMs, turns };
+  return { label: 'ours', k, wallMs, turns, steps: stepStats(before, after) };
 }
 
 /** Measured from the caller's side, as for llama-server: send() to the first piece and to the result. */
 async function timedTurn(chat: Chat, message: string, maxNewTokens: number): Promise<TurnTiming> {
   const t0 = performance.now();
   let ttft = NaN;
-  const r = await chat.send(message, { maxNewTokens, temperature: 0, onToken: () => { if (Number.isNaN(ttft)) ttft = performance.now() - t0; } });
+  const r = await chat.send(message, { maxNewTokens, temperature: 0, ignoreEos: true, onToken: () => { if (Number.isNaN(ttft)) ttft = performance.now() - t0; } });
   return { ms: performance.now() - t0, ttftMs: ttft, tokens: r.stats.generatedTokens };
 }
 
@@ -183,7 +195,8 @@ async function serverTurn(url: string, messages: Msg[]): Promise<{ text: string 
   const res = await serverFetch(`${url}/v1/chat/completions`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ messages, max_tokens: REPLY, temperature: 0, stream: true, stream_options: { include_usage: true }, cache_prompt: true }),
+    // ignore_eos: every reply REPLY tokens long, as ours (ignoreEos): equal work on both sides.
+    body: JSON.stringify({ messages, max_tokens: REPLY, temperature: 0, ignore_eos: true, stream: true, stream_options: { include_usage: true }, cache_prompt: true }),
   });
   if (!res.ok || !res.body) throw new Error(`llama-server answered ${res.status}: ${await res.text()}`);
   let ttft = NaN;
@@ -290,7 +303,7 @@ async function main() {
   const m = QUICK ? smallModels('fml-concurrency-small.gguf')[0]! : arg('model') ? { name: arg('model')!, path: arg('model')!, about: 'given with --model' } : HYBRID ? qwen35Model() : realisticModel();
   const server = WITH_SERVER && existsSync(SERVER_BIN);
   if (WITH_SERVER && !server) console.log(`llama-server not built (${SERVER_BIN}): run bash scripts/build-llama-server.sh; comparing nothing`);
-  const model = await loadModel(m.path, { threads: THREADS, slots: Math.max(...KS, LONG_K) });
+  const model = await loadModel(m.path, { threads: THREADS, slots: Math.max(...KS, LONG_K), ...(args.includes('--unified') ? { kvUnified: true } : {}) });
   const setup = [
     `- machine: ${machine()}`,
     `- model: ${m.name}: ${m.about} (${(model.info.nParams / 1e6).toFixed(0)}M parameters, ${model.info.backend})`,
@@ -310,12 +323,13 @@ async function main() {
           const r = who === 'ours' ? await oursShort(model, k) : await serverShort(m.path, k);
           runs[who]!.push(r);
           const x = summary(r);
-          console.log(`K=${k} ${who} (rep ${rep + 1}): ${fmt(x.tokPerS)} tok/s, p50 ${fmt(x.p50, 0)} ms, p99 ${fmt(x.p99, 0)} ms, ttft ${fmt(x.ttft, 0)} ms`);
+          console.log(`K=${k} ${who} (rep ${rep + 1}): ${x.tokens} tokens, ${fmt(x.tokPerS)} tok/s, p50 ${fmt(x.p50, 0)} ms, p99 ${fmt(x.p99, 0)} ms, ttft ${fmt(x.ttft, 0)}/${fmt(x.ttft99, 0)} ms${r.steps ? `; ${stepNote(r.steps)}` : ''}`);
         }
       }
       // Every rep's turns together: tok/s over the summed wall time, percentiles over all turns.
       for (const [who, rs] of Object.entries(runs)) {
-        if (rs.length) short.push({ label: who, k, wallMs: rs.reduce((n, r) => n + r.wallMs, 0), turns: rs.flatMap((r) => r.turns) });
+        const steps = rs.every((r) => r.steps) ? rs.reduce((a, r) => ({ steps: a.steps + r.steps!.steps, ubatches: a.ubatches + r.steps!.ubatches, tokens: a.tokens + r.steps!.tokens }), { steps: 0, ubatches: 0, tokens: 0 }) : undefined;
+        if (rs.length) short.push({ label: who, k, wallMs: rs.reduce((n, r) => n + r.wallMs, 0), turns: rs.flatMap((r) => r.turns), note: steps ? stepNote(steps) : undefined });
       }
     }
   }
@@ -341,7 +355,7 @@ async function main() {
   model.dispose();
 
   const rows = (runs: Run[]) => {
-    const out = ['| K | contender | tok/s (all chats) | p50 turn ms | p99 turn ms | p50 TTFT ms | tok/s: ours / llama-server | p99: llama-server / ours | p50: llama-server / ours |', '|---|---|---|---|---|---|---|---|---|'];
+    const out = ['| K | contender | tokens | tok/s (all chats) | p50 turn ms | p99 turn ms | p50 / p99 TTFT ms | tok/s: ours / llama-server | p99: llama-server / ours | p50: llama-server / ours |', '|---|---|---|---|---|---|---|---|---|---|'];
     for (const r of runs) {
       const s = summary(r);
       const other = runs.find((x) => x.k === r.k && x.label === 'llama-server');
@@ -349,7 +363,7 @@ async function main() {
       const ratio = r.label.startsWith('ours') && o ? `${fmt(s.tokPerS / o.tokPerS, 2)}x` : '';
       const p99 = r.label.startsWith('ours') && o ? `${fmt(o.p99 / s.p99, 2)}x` : '';
       const p50 = r.label.startsWith('ours') && o ? `${fmt(o.p50 / s.p50, 2)}x` : '';
-      out.push(`| ${r.k} | ${r.label}${r.note ? ` (${r.note})` : ''} | ${fmt(s.tokPerS)} | ${fmt(s.p50, 0)} | ${fmt(s.p99, 0)} | ${fmt(s.ttft, 0)} | ${ratio} | ${p99} | ${p50} |`);
+      out.push(`| ${r.k} | ${r.label}${r.note ? ` (${r.note})` : ''} | ${s.tokens} | ${fmt(s.tokPerS)} | ${fmt(s.p50, 0)} | ${fmt(s.p99, 0)} | ${fmt(s.ttft, 0)} / ${fmt(s.ttft99, 0)} | ${ratio} | ${p99} | ${p50} |`);
     }
     return out.join('\n');
   };

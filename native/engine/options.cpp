@@ -217,7 +217,7 @@ chat_options resolve_chat_options(const option_map & raw, int32_t default_thread
 }
 
 generation_options resolve_generation_options(const option_map & raw) {
-    option_reader r(raw, { "maxNewTokens", "temperature", "topK", "topP", "minP", "repeatPenalty", "repeatLastN", "seed", "stop" });
+    option_reader r(raw, { "maxNewTokens", "temperature", "topK", "topP", "minP", "repeatPenalty", "repeatLastN", "seed", "stop", "ignoreEos" });
     generation_options g;
     sampling_options & s = g.sampling;
     const option_value * v = nullptr;
@@ -230,6 +230,7 @@ generation_options resolve_generation_options(const option_map & raw) {
     s.repeat_last_n = (v = r.get("repeatLastN")) ? (int32_t) int_in("repeatLastN", *v, 0, MAX_CONTEXT) : 64;
     // 0xFFFFFFFF is llama.cpp's "random seed"; a given seed must be below it.
     s.seed = (v = r.get("seed")) ? (uint32_t) int_in("seed", *v, 0, 4294967294.0) : 0xFFFFFFFFu;
+    g.ignore_eos = (v = r.get("ignoreEos")) ? boolean_of("ignoreEos", *v) : false;
     if ((v = r.get("stop"))) {
         if (v->kind != option_value::ARRAY || v->items.size() > 64) {
             fail("an array of at most 64 strings", "stop", *v);
@@ -285,7 +286,7 @@ const std::vector<option_doc> & option_docs() {
         { "model", "threads", "number", "the cores", "1 .. 256", "The model's CPU thread budget: every decode of its chats, batched together, uses this many ggml threads, whatever the number of chats.", false },
         { "model", "useMmap", "boolean", "true", "", "Memory-map the weights.", false },
         { "model", "slots", "number", "8", "1 .. 256", "Chats decoded together in one llama.cpp context (a KV stream each; the context grows to this as chats arrive). More chats than slots work: idle ones are parked in host memory and restored at their next turn.", false },
-        { "model", "prefillChunk", "number", "64", "1 .. 65536", "Prefill tokens a step may add while other chats are generating, so a long prompt holds their next token back by one bounded step.", false },
+        { "model", "prefillChunk", "number", "64", "1 .. 65536", "Prefill tokens a step may add per prefilling chat while other chats are generating, so a long prompt holds their next token back by one bounded step, and prompts that arrive together are each in by the next step or so.", false },
         { "model", "kvUnified", "boolean", "false", "", "One KV buffer for all chats instead of a stream each (every token then attends over all chats' cells: slower for long chats; for benchmarks).", true },
         { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'sliding'", "", "Which tokens leave the KV cache when the budget is full.", false },
         { "chat", "maxTokens", "number", "2048", "16 .. 1048576", "Hard cap on tokens in this chat's KV cache. The real minimum depends on the chat template and system prompt; createChat says what does not fit.", false },
@@ -318,6 +319,7 @@ const std::vector<option_doc> & option_docs() {
         { "send", "repeatLastN", "number", "64", "0 .. 1048576", "Tokens the repetition penalty looks back over.", false },
         { "send", "seed", "number", "random", "0 .. 4294967294", "Sampler seed: same seed and history, same reply.", false },
         { "send", "stop", "string[]", "[]", "at most 64, each at most 1024 bytes", "Generation stops before the first of these strings (not included in the reply).", false },
+        { "send", "ignoreEos", "boolean", "false", "", "End-of-generation tokens are never sampled, so the reply runs to maxNewTokens or a stop string (as llama-server's ignore_eos: equal work in benchmarks).", false },
     };
     return docs;
 }

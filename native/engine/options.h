@@ -61,6 +61,7 @@ struct chat_options {
 struct generation_options {
     sampling_options sampling;
     int32_t max_new_tokens = 256;
+    bool ignore_eos = false;     // end-of-generation tokens are never sampled: the reply runs to max_new_tokens (or a stop string)
     std::vector<std::string> stop;
 };
 

@@ -1,5 +1,5 @@
-// Sampler chain from generation options: repeat penalty, top-k, top-p, min-p, temperature, seeded
-// distribution; greedy when temperature is 0.
+// Sampler chain from generation options: banned tokens, repeat penalty, top-k, top-p, min-p,
+// temperature, seeded distribution; greedy when temperature is 0.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +23,8 @@ struct sampling_options {
 // Owns the llama_sampler chain.
 class sampler_chain {
 public:
-    sampler_chain(const sampling_options & opts, int32_t n_vocab);
+    // `banned`: tokens never sampled (a logit bias of -inf: send's ignoreEos bans end-of-generation tokens).
+    sampler_chain(const sampling_options & opts, int32_t n_vocab, const std::vector<int32_t> & banned = {});
     ~sampler_chain();
     sampler_chain(const sampler_chain &) = delete;
     sampler_chain & operator=(const sampler_chain &) = delete;

@@ -716,7 +716,8 @@ void sequence::decoded(const contribution & c, size_t from, size_t to, int32_t l
 void sequence::start_generation() {
     turn_state & t = *turn_;
     t.generating = true;
-    t.sampler = std::make_unique<sampler_chain>(t.req.gen.sampling, model_->info().n_vocab);
+    t.sampler = std::make_unique<sampler_chain>(t.req.gen.sampling, model_->info().n_vocab,
+                                                t.req.gen.ignore_eos ? model_->eog_tokens() : std::vector<int32_t>{});
     t.stream = std::make_unique<text_stream>(t.req.gen.stop);
     t.t_generate = clock_type::now();
 }

@@ -274,6 +274,11 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
     m->model_ = model;
     g_live_models++;
     m->vocab_ = llama_model_get_vocab(model);
+    for (int32_t t = 0; t < llama_vocab_n_tokens(m->vocab_); ++t) {
+        if (llama_vocab_is_eog(m->vocab_, t)) {
+            m->eog_tokens_.push_back(t);
+        }
+    }
     m->default_threads_ = opts.threads;
 
     model_info & info = m->info_;

@@ -90,6 +90,8 @@ public:
     std::string detokenize(const std::vector<int32_t> & tokens, bool render_special) const;
     std::string token_piece(int32_t token, bool render_special) const;
     bool is_eog(int32_t token) const;
+    // Every end-of-generation token of the vocabulary (send's ignoreEos bans them).
+    const std::vector<int32_t> & eog_tokens() const { return eog_tokens_; }
     int32_t bos() const;
     bool add_bos() const;
 
@@ -112,6 +114,7 @@ private:
     model_info info_;
     int32_t default_threads_ = 1;
     std::string template_;   // what llama_chat_apply_template gets
+    std::vector<int32_t> eog_tokens_;
     // Frames per frame_kind, rendered once at load; a template that cannot frame a kind leaves its
     // error here, thrown when a chat needs that frame.
     message_frame frames_[FRAME_KINDS];

@@ -27,7 +27,7 @@ export interface LoadModelOptions {
    * their next turn. Default 8.
    */
   slots?: number;
-  /** Prefill tokens a step may add while other chats are generating (bounds their inter-token delay). Default 64. */
+  /** Prefill tokens a step may add per prefilling chat while other chats are generating (bounds their inter-token delay). Default 64. */
   prefillChunk?: number;
   /** @internal One KV buffer for all chats instead of a stream each (benchmarks compare them). */
   kvUnified?: boolean;
@@ -124,6 +124,8 @@ export interface SendOptions {
   seed?: number;
   /** Generation stops before the first occurrence of any of these strings. Default []. */
   stop?: string[];
+  /** End-of-generation tokens are never sampled: the reply runs to maxNewTokens or a stop string (llama-server's ignore_eos; equal work in benchmarks). Default false. */
+  ignoreEos?: boolean;
   /** Receives each streamed piece of text (never a split UTF-8 character). */
   onToken?: (piece: string) => void;
   /** Aborting resolves the turn with stopReason 'abort'; the chat stays usable. */

@@ -1,7 +1,9 @@
 // Logits under a whole-sequence K-shift, seeded determinism, streaming, abort (lifetimes: test/robustness/lifetimes.test.ts).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { join } from 'node:path';
+import { SPECIAL_TOKEN_IDS, writeLlamaModel } from '../../src/gguf/index.ts';
 import { loadModel, type Model } from '../../src/index.ts';
-import { checkCache, THREADS, maxAbsDiff, testModelPath } from '../helpers.ts';
+import { checkCache, THREADS, maxAbsDiff, testDir, testModelPath } from '../helpers.ts';
 
 let model: Model;
 beforeAll(async () => {
@@ -160,5 +162,40 @@ describe('abort', () => {
     expect(r.stopReason).toBe('abort');
     expect(chat.memory()).toEqual([]);
     chat.dispose();
+  });
+});
+
+describe('ignoreEos', () => {
+  it('a model whose every first choice is end-of-generation: without ignoreEos the reply ends at once, with it it runs to maxNewTokens', async () => {
+    // Constant embeddings and no layer output: every position's hidden state is the same positive
+    // vector, and only the EOS row of the output layer answers it.
+    const path = join(testDir, 'always-eos.gguf');
+    writeLlamaModel(path, { seed: 5 }, {
+      weights: (name, dims) => {
+        const n = dims.reduce((a, b) => a * b, 1);
+        if (name === 'token_embd.weight') return new Float32Array(n).fill(1);
+        if (name.endsWith('attn_output.weight') || name.endsWith('ffn_down.weight')) return new Float32Array(n);
+        if (name === 'output.weight') {
+          const out = new Float32Array(n);
+          out.fill(1, SPECIAL_TOKEN_IDS.eos * dims[0]!, (SPECIAL_TOKEN_IDS.eos + 1) * dims[0]!);
+          return out;
+        }
+        return undefined;
+      },
+    });
+    const m = await loadModel(path, { threads: THREADS });
+    const chat = m.createChat({ maxTokens: 256 });
+    const plain = await chat.send('hello', { maxNewTokens: 12, temperature: 0 });
+    expect(plain.stopReason).toBe('eos');
+    expect(plain.stats.generatedTokens).toBe(0);
+    for (const temperature of [0, 1.5]) {
+      const r = await chat.send('hello again', { maxNewTokens: 12, temperature, seed: 3, ignoreEos: true });
+      expect(r.stopReason).toBe('maxTokens');
+      expect(r.stats.generatedTokens).toBe(12);
+      expect(chat.memory().some((e) => e.token === SPECIAL_TOKEN_IDS.eos && e.role === 'assistant')).toBe(false);
+    }
+    await expect(chat.send('x', { ignoreEos: 'yes' as never })).rejects.toMatchObject({ code: 'INVALID_OPTION' });
+    chat.dispose();
+    m.dispose();
   });
 });

@@ -163,6 +163,8 @@ Napi::Function js_chat::define(Napi::Env env) {
         InstanceMethod("reset", &js_chat::js_reset),
         InstanceMethod("dispose", &js_chat::js_dispose),
         InstanceMethod("saveCheckpoint", &js_chat::js_save_checkpoint),
+        InstanceMethod("checkpoint", &js_chat::js_checkpoint),
+        InstanceMethod("restoredTranscript", &js_chat::js_restored_transcript),
         InstanceMethod("resolvedOptions", &js_chat::js_resolved_options),
         InstanceMethod("pin", &js_chat::js_pin),
         InstanceMethod("unpin", &js_chat::js_unpin),
@@ -389,26 +391,41 @@ Napi::Value js_chat::js_resolved_options(const Napi::CallbackInfo & info) {
 
 namespace {
 
-// Saves a chat: the scheduler snapshots it between steps (applying a pending K-shift first), this
-// worker thread writes the file. The chat is claimed busy until then.
+// Saves a chat, to a file (`path`) or as bytes (the promise's Uint8Array): the scheduler snapshots it
+// between steps (applying a pending K-shift first), this worker thread encodes (and writes) it. The
+// chat is claimed busy until then.
 class save_checkpoint_worker : public promise_worker {
 public:
-    save_checkpoint_worker(Napi::Env env, js_chat & chat, Napi::Object chat_obj, std::string path)
-        : promise_worker(env), chat_(chat), rt_(chat.rt()), seq_(chat.seq()), path_(std::move(path)) {
+    save_checkpoint_worker(Napi::Env env, js_chat & chat, Napi::Object chat_obj, std::string path, bool ledger_only, std::string transcript)
+        : promise_worker(env), chat_(chat), rt_(chat.rt()), seq_(chat.seq()), path_(std::move(path)), ledger_only_(ledger_only),
+          transcript_(std::move(transcript)) {
         chat_ref_ = Napi::Persistent(chat_obj);
     }
     void OnOK() override { chat_.finished(); promise_worker::OnOK(); }
     void OnError(const Napi::Error & e) override { chat_.finished(); promise_worker::OnError(e); }
 protected:
     void run() override {
-        const chat_state state = rt_->run_sync([this] {
+        chat_state state = rt_->run_sync([this] {
             engine * e = seq_->owner();
-            if (e != nullptr) {
+            if (e != nullptr && !ledger_only_) {
                 e->apply_pending_shift(*seq_);
             }
-            return seq_->export_state(e != nullptr ? e->ctx() : nullptr);
+            return seq_->export_state(e != nullptr && !ledger_only_ ? e->ctx() : nullptr);
         });
-        write_checkpoint(path_, seq_->model_fingerprint(), state);
+        state.transcript = std::move(transcript_);
+        if (path_.empty()) {
+            bytes_ = encode_checkpoint(seq_->model_fingerprint(), state, ledger_only_);
+        } else {
+            write_checkpoint(path_, seq_->model_fingerprint(), state);
+        }
+    }
+    Napi::Value result(Napi::Env env) override {
+        if (!path_.empty()) {
+            return env.Undefined();
+        }
+        Napi::Uint8Array out = Napi::Uint8Array::New(env, bytes_.size());
+        std::copy(bytes_.begin(), bytes_.end(), out.Data());
+        return out;
     }
 private:
     js_chat & chat_;
@@ -416,6 +433,9 @@ private:
     std::shared_ptr<runtime> rt_;
     std::shared_ptr<sequence> seq_;
     std::string path_;
+    bool ledger_only_;
+    std::string transcript_;
+    std::vector<uint8_t> bytes_;
 };
 
 // Restores a chat: the file is read and validated here, the KV state goes into a slot on the
@@ -425,10 +445,13 @@ public:
     load_checkpoint_worker(Napi::Env env, std::shared_ptr<runtime> rt, int32_t threads_override)
         : promise_worker(env), rt_(std::move(rt)), threads_(threads_override) {}
     std::string path;
+    std::vector<uint8_t> bytes;   // instead of a path
 protected:
     void run() override {
         const std::shared_ptr<fml_model> & model = rt_->model();
-        chat_state state = read_checkpoint(path, model->info().fingerprint);
+        chat_state state = path.empty() ? decode_checkpoint(bytes.data(), bytes.size(), model->info().fingerprint)
+                                        : read_checkpoint(path, model->info().fingerprint);
+        bytes.clear();
         if (threads_ > 0) {
             state.options.threads = threads_;
         }
@@ -461,12 +484,28 @@ private:
 
 } // namespace
 
+// saveCheckpoint(path, transcript) / checkpoint(ledgerOnly, transcript) -> Uint8Array
 Napi::Value js_chat::js_save_checkpoint(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     require(env);
     const std::string path = string_arg(info, 0, "path");
+    const std::string transcript = info.Length() > 1 && info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "";
     claim(env, "a turn is running on this chat; save the checkpoint after it");
-    return queue_worker<save_checkpoint_worker>(env, *this, Value(), path);
+    return queue_worker<save_checkpoint_worker>(env, *this, Value(), path, false, transcript);
+}
+
+Napi::Value js_chat::js_checkpoint(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    require(env);
+    const bool ledger_only = info.Length() > 0 && info[0].IsBoolean() && info[0].As<Napi::Boolean>().Value();
+    const std::string transcript = info.Length() > 1 && info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "";
+    claim(env, "a turn is running on this chat; take the checkpoint after it");
+    return queue_worker<save_checkpoint_worker>(env, *this, Value(), std::string(), ledger_only, transcript);
+}
+
+Napi::Value js_chat::js_restored_transcript(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    return Napi::String::New(env, require(env).restored_transcript());
 }
 
 namespace {
@@ -574,7 +613,15 @@ Napi::Value js_load_chat(const Napi::CallbackInfo & info) {
         throw_error(env, FML_ERR_INVALID_OPTION, "loadChat(model, path, threads)");
     }
     js_model * m = js_model::Unwrap(info[0].As<Napi::Object>());
-    const std::string path = string_arg(info, 1, "path");
+    // A path, or the checkpoint's bytes (a Uint8Array).
+    std::string path;
+    std::vector<uint8_t> bytes;
+    if (info[1].IsTypedArray() && info[1].As<Napi::TypedArray>().TypedArrayType() == napi_uint8_array) {
+        Napi::Uint8Array a = info[1].As<Napi::Uint8Array>();
+        bytes.assign(a.Data(), a.Data() + a.ByteLength());
+    } else {
+        path = string_arg(info, 1, "path");
+    }
     // An override of the stored thread count, validated like createChat's.
     int32_t threads = 0;
     if (info.Length() > 2 && !info[2].IsUndefined()) {
@@ -587,6 +634,7 @@ Napi::Value js_load_chat(const Napi::CallbackInfo & info) {
     }
     auto * w = new load_checkpoint_worker(env, m->require_runtime(env), threads);
     w->path = path;
+    w->bytes = std::move(bytes);
     Napi::Promise p = w->promise();
     w->Queue();
     return p;

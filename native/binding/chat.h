@@ -38,6 +38,8 @@ private:
     Napi::Value js_reset(const Napi::CallbackInfo & info);
     Napi::Value js_dispose(const Napi::CallbackInfo & info);
     Napi::Value js_save_checkpoint(const Napi::CallbackInfo & info);
+    Napi::Value js_checkpoint(const Napi::CallbackInfo & info);
+    Napi::Value js_restored_transcript(const Napi::CallbackInfo & info);
     Napi::Value js_resolved_options(const Napi::CallbackInfo & info);
     Napi::Value js_pin(const Napi::CallbackInfo & info);
     Napi::Value js_unpin(const Napi::CallbackInfo & info);

@@ -181,12 +181,12 @@ size_t remove_stale_checkpoint_temps(const std::string & dir, const std::string 
     return removed;
 }
 
-void write_checkpoint(const std::string & path, const std::string & fingerprint, const chat_state & s) {
-    check_path(path);
+std::vector<uint8_t> encode_checkpoint(const std::string & fingerprint, const chat_state & s, bool ledger_only) {
+    ledger_only = ledger_only || s.ledger_only;
     byte_writer w;
     w.raw(MAGIC, sizeof(MAGIC));
     w.put<uint32_t>(CHECKPOINT_FORMAT_VERSION);
-    w.put<uint32_t>(0);
+    w.put<uint32_t>(ledger_only ? CHECKPOINT_FLAG_LEDGER_ONLY : 0);
     w.str(fingerprint);
     put_options(w, s.options);
     w.put<uint32_t>(s.turn);
@@ -197,6 +197,7 @@ void write_checkpoint(const std::string & path, const std::string & fingerprint,
     w.put<uint64_t>(s.stats.turns); w.put<uint64_t>(s.stats.tokens_seen); w.put<uint64_t>(s.stats.tokens_evicted);
     w.put<uint64_t>(s.stats.evictions); w.put<uint64_t>(s.stats.fallback_count);
     w.put<uint64_t>(s.stats.compactions);
+    w.str(s.transcript);
     w.put<uint64_t>(s.ledger.size());
     for (const ledger_entry & e : s.ledger) {
         w.put<int32_t>(e.token); w.put<int32_t>(e.pos); w.put<uint32_t>(e.turn); w.put<uint8_t>((uint8_t) e.role);
@@ -206,11 +207,19 @@ void write_checkpoint(const std::string & path, const std::string & fingerprint,
     w.put<uint64_t>(s.embedding_dim);
     w.put<uint64_t>(s.embeddings.size());
     w.raw(s.embeddings.data(), s.embeddings.size() * sizeof(float));
-    w.put<uint64_t>(s.kv.size());
-    w.raw(s.kv.data(), s.kv.size());
+    const size_t n_kv = ledger_only ? 0 : s.kv.size();
+    w.put<uint64_t>(n_kv);
+    w.raw(s.kv.data(), n_kv);
     fnv1a64 h;
     h.add(w.buf.data(), w.buf.size());
     w.put<uint64_t>(h.value());
+    return std::move(w.buf);
+}
+
+void write_checkpoint(const std::string & path, const std::string & fingerprint, const chat_state & s) {
+    check_path(path);
+    byte_writer w;
+    w.buf = encode_checkpoint(fingerprint, s, false);
 
     // Atomic replace: temp file next to the target, fsync, rename, fsync the directory. A process
     // killed mid-save leaves its temp file behind; the next save of the same target removes it.
@@ -267,35 +276,52 @@ chat_state read_checkpoint(const std::string & path, const std::string & expecte
     }
     const size_t got = fread(buf.data(), 1, buf.size(), f);
     fclose(f);
-    if (got != buf.size() || buf.size() < sizeof(MAGIC) + 8 + 8) {
+    if (got != buf.size()) {
         throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "checkpoint is truncated: " + path);
     }
-    if (memcmp(buf.data(), MAGIC, sizeof(MAGIC)) != 0) {
-        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "not a finite-memory-llm checkpoint: " + path);
+    try {
+        return decode_checkpoint(buf.data(), buf.size(), expected_fingerprint);
+    } catch (const fml_error & e) {
+        throw fml_error(e.code(), std::string(e.what()) + ": " + path);
+    }
+}
+
+chat_state decode_checkpoint(const uint8_t * data, size_t size, const std::string & expected_fingerprint) {
+    if (size < sizeof(MAGIC) + 8 + 8) {
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "checkpoint is truncated");
+    }
+    if (memcmp(data, MAGIC, sizeof(MAGIC)) != 0) {
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "not a finite-memory-llm checkpoint");
     }
     uint32_t version = 0;
-    memcpy(&version, buf.data() + sizeof(MAGIC), sizeof(version));
+    uint32_t flags = 0;
+    memcpy(&version, data + sizeof(MAGIC), sizeof(version));
+    memcpy(&flags, data + sizeof(MAGIC) + 4, sizeof(flags));
     if (version == 0) {
-        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "checkpoint has an invalid format version: " + path);
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "checkpoint has an invalid format version");
     }
     if (version > CHECKPOINT_FORMAT_VERSION) {
         throw fml_error(FML_ERR_CHECKPOINT_VERSION, "checkpoint format version " + std::to_string(version) +
                         " is newer than this library's (" + std::to_string(CHECKPOINT_FORMAT_VERSION) + ")");
     }
     uint64_t stored = 0;
-    memcpy(&stored, buf.data() + buf.size() - 8, 8);
+    memcpy(&stored, data + size - 8, 8);
     fnv1a64 h;
-    h.add(buf.data(), buf.size() - 8);
+    h.add(data, size - 8);
     if (h.value() != stored) {
-        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "checkpoint checksum mismatch (corrupted or truncated): " + path);
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "checkpoint checksum mismatch (corrupted or truncated)");
     }
-    byte_reader r(buf.data() + sizeof(MAGIC) + 8, buf.size() - sizeof(MAGIC) - 8 - 8);
+    if ((flags & ~CHECKPOINT_FLAG_LEDGER_ONLY) != 0 || (version < 4 && flags != 0)) {
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "checkpoint has unknown flags");
+    }
+    byte_reader r(data + sizeof(MAGIC) + 8, size - sizeof(MAGIC) - 8 - 8);
     const std::string fingerprint = r.str();
     if (fingerprint != expected_fingerprint) {
         throw fml_error(FML_ERR_CHECKPOINT_MODEL, "checkpoint was made with another model (fingerprint " + fingerprint +
                         ", this model " + expected_fingerprint + ")");
     }
     chat_state s;
+    s.ledger_only = (flags & CHECKPOINT_FLAG_LEDGER_ONLY) != 0;
     s.options = version == 1 ? get_options_v1(r) : get_options(r);
     s.turn = r.get<uint32_t>();
     s.started = r.get<uint8_t>() != 0;
@@ -305,6 +331,7 @@ chat_state read_checkpoint(const std::string & path, const std::string & expecte
     s.stats.turns = r.get<uint64_t>(); s.stats.tokens_seen = r.get<uint64_t>(); s.stats.tokens_evicted = r.get<uint64_t>();
     s.stats.evictions = r.get<uint64_t>(); s.stats.fallback_count = r.get<uint64_t>();
     s.stats.compactions = version >= 3 ? r.get<uint64_t>() : 0;
+    s.transcript = version >= 4 ? r.str() : "";
     const uint64_t n_ledger = r.count(15 + 4 * LEDGER_SCORE_SLOTS);
     s.ledger.resize(n_ledger);
     for (ledger_entry & e : s.ledger) {
@@ -322,6 +349,9 @@ chat_state read_checkpoint(const std::string & path, const std::string & expecte
     s.embeddings.resize(n_emb);
     r.raw(s.embeddings.data(), n_emb * sizeof(float));
     const uint64_t n_kv = r.count(1);
+    if (s.ledger_only && n_kv != 0) {
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "a ledger-only checkpoint holds a KV state");
+    }
     s.kv.resize(n_kv);
     r.raw(s.kv.data(), n_kv);
     if (r.remaining() != 0) {

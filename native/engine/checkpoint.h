@@ -1,13 +1,17 @@
-// Checkpoint files: a chat's KV state, token ledger, policy state (scores, embeddings, summary),
-// options and counters, behind a versioned header with the model's fingerprint and a checksum.
+// Checkpoints: a chat's KV state, token ledger, policy state (scores, embeddings, summary), options,
+// counters and transcript, behind a versioned header with the model's fingerprint and a checksum, as
+// bytes (for any store) or as a file.
 //
-//   "FMLCKPT\0"  u32 format version  u32 flags(0)
+//   "FMLCKPT\0"  u32 format version  u32 flags (bit 0: ledger only, no KV state)
 //   str model fingerprint
-//   options, session counters, ledger (+ embeddings), KV blob     (little-endian, length-prefixed)
+//   options, session counters, transcript, ledger (+ embeddings), KV blob   (little-endian, length-prefixed)
 //   u64 FNV-1a 64 of every byte before it
 //
-// Writes are atomic: a temp file in the same directory, fsync, rename, fsync of the directory; a crash
-// mid-save leaves the previous checkpoint intact. Reads validate everything before touching a chat.
+// Two kinds: the full one restores without any decode; the ledger-only one (a few bytes per retained
+// token) restores by prefilling the retained tokens once, at positions 0..n-1 (and, for a hybrid
+// model, rebuilds the recurrent state from them). File writes are atomic: a temp file in the same
+// directory, fsync, rename, fsync of the directory; a crash mid-save leaves the previous checkpoint
+// intact. Reads validate everything before touching a chat.
 #pragma once
 
 #include "engine/sequence.h"
@@ -17,8 +21,15 @@
 namespace fml {
 
 // 1: options as a struct; 2: options by name (validated by resolve_chat_options when read);
-// 3: the compaction counter (positions may have gaps: kept positions).
-constexpr uint32_t CHECKPOINT_FORMAT_VERSION = 3;
+// 3: the compaction counter (positions may have gaps: kept positions); 4: the transcript, and the
+// ledger-only kind.
+constexpr uint32_t CHECKPOINT_FORMAT_VERSION = 4;
+constexpr uint32_t CHECKPOINT_FLAG_LEDGER_ONLY = 1;
+
+// The checkpoint as bytes; `ledger_only` leaves the KV state out.
+std::vector<uint8_t> encode_checkpoint(const std::string & model_fingerprint, const chat_state & state, bool ledger_only);
+// Throws fml_error (CHECKPOINT_CORRUPT / _VERSION / _MODEL). `expected_fingerprint` must match.
+chat_state decode_checkpoint(const uint8_t * data, size_t size, const std::string & expected_fingerprint);
 
 void write_checkpoint(const std::string & path, const std::string & model_fingerprint, const chat_state & state);
 

@@ -146,7 +146,7 @@ void engine::place(sequence & s, int32_t slot) {
     s.set_slot(slot);
     s.sync_after_reset(ctx_);
     if (s.parked()) {
-        s.unpark(ctx_, streams());
+        s.unpark(*this);
         stats_.restored++;
     }
 }

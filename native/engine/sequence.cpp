@@ -233,6 +233,8 @@ void sequence::reset() {
     cumulative_ = cumulative_stats{};
     parked_ = false;
     parked_kv_.clear();
+    replay_pending_ = false;
+    transcript_.clear();
     reset_pending_ = slot_ >= 0;
 }
 
@@ -387,7 +389,7 @@ void sequence::adopt_state(chat_state && s) {
     if (s.embedding_dim != ledger_.embedding_dim() || s.embeddings.size() != s.ledger.size() * s.embedding_dim) {
         throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint's embeddings do not match this chat");
     }
-    if (s.ledger.empty() != s.kv.empty()) {
+    if (!s.ledger_only && s.ledger.empty() != s.kv.empty()) {
         throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint's KV state and token ledger disagree");
     }
     std::lock_guard<std::mutex> lock(mu_);
@@ -413,8 +415,11 @@ void sequence::adopt_state(chat_state && s) {
     carry_ = std::move(s.carry);
     summary_text_ = std::move(s.summary_text);
     cumulative_ = s.stats;
+    transcript_ = std::move(s.transcript);
     parked_kv_ = std::move(s.kv);
-    parked_ = !parked_kv_.empty();
+    // A ledger-only checkpoint's tokens are prefilled when the chat gets a slot (unpark).
+    replay_pending_ = s.ledger_only && !ledger_.empty();
+    parked_ = !parked_kv_.empty() || replay_pending_;
 }
 
 // ---- slots ----
@@ -433,13 +438,20 @@ void sequence::park(llama_context * ctx) {
     slot_ = -1;
 }
 
-void sequence::unpark(llama_context * ctx, uint32_t streams) {
+void sequence::unpark(engine & e) {
     std::lock_guard<std::mutex> lock(mu_);
     if (!parked_) {
         return;
     }
+    llama_context * ctx = e.ctx();
     try {
-        kv_state_load(ctx, slot_, streams, parked_kv_);
+        if (replay_pending_) {
+            replay_ledger(e);
+            replay_pending_ = false;
+            parked_ = false;
+            return;
+        }
+        kv_state_load(ctx, slot_, e.streams(), parked_kv_);
         // The cache and the ledger must agree, or the state is not what it claims.
         const int32_t expect_max = ledger_.empty() ? -1 : ledger_[ledger_.size() - 1].pos;
         const int32_t expect_min = ledger_.empty() ? -1 : ledger_[0].pos;
@@ -452,12 +464,31 @@ void sequence::unpark(llama_context * ctx, uint32_t streams) {
         carry_.clear();
         started_ = false;
         parked_ = false;
+        replay_pending_ = false;
         parked_kv_.clear();
         throw;
     }
     parked_ = false;
     parked_kv_.clear();
     parked_kv_.shrink_to_fit();
+}
+
+void sequence::replay_ledger(engine & e) {
+    // The retained tokens, prefilled at 0..n-1 in the engine's batches: the same memory as the chat
+    // that was saved (tokens, turns, roles, pins, scores), its positions compacted; a hybrid's
+    // recurrent state is rebuilt from these tokens alone.
+    kv_clear_slot(e.ctx(), slot_);
+    std::vector<int32_t> tokens;
+    for (const ledger_entry & x : ledger_.entries()) {
+        tokens.push_back(x.token);
+    }
+    ledger_.renumber();
+    for (size_t start = 0; start < tokens.size(); start += e.n_batch()) {
+        const size_t n = std::min<size_t>(e.n_batch(), tokens.size() - start);
+        if (!e.decode_one(*this, tokens.data() + start, n, (int32_t) start, false)) {
+            throw fml_error(FML_ERR_DECODE, "llama_decode failed while prefilling a ledger-only checkpoint's tokens");
+        }
+    }
 }
 
 void sequence::sync_after_reset(llama_context * ctx) {
@@ -1210,7 +1241,9 @@ chat_state sequence::export_state(llama_context * ctx) {
     if (ledger_.empty()) {
         return s;
     }
-    if (parked_) {
+    if (replay_pending_) {
+        s.ledger_only = true;   // restored from a ledger-only checkpoint and not prefilled yet
+    } else if (parked_) {
         s.kv = parked_kv_;
     } else if (ctx != nullptr && slot_ >= 0 && !reset_pending_) {
         s.kv = kv_state_save(ctx, slot_);

@@ -114,6 +114,8 @@ struct chat_state {
     size_t embedding_dim = 0;
     std::vector<float> embeddings;
     std::vector<uint8_t> kv;
+    bool ledger_only = false;   // no KV state: the retained tokens are prefilled again on restore
+    std::string transcript;     // the JS side's transcript (JSON), kept with the chat
 };
 
 // The engine geometry a chat needs. Chats with equal keys share one engine (one llama_context).
@@ -254,7 +256,11 @@ public:
     bool parked() const { return parked_; }
     // Moves the KV state out of the slot (its cells are freed by the caller) / back into one.
     void park(llama_context * ctx);
-    void unpark(llama_context * ctx, uint32_t streams);
+    // Back into the slot the engine gave it: the parked KV state, or (a ledger-only checkpoint) the
+    // retained tokens prefilled again.
+    void unpark(engine & e);
+    // The transcript a checkpoint carried (the JS side's, as JSON; empty when it had none).
+    std::string restored_transcript() const { std::lock_guard<std::mutex> lock(mu_); return transcript_; }
     // Frees what reset() left in the cache; call before using the slot.
     void sync_after_reset(llama_context * ctx);
 
@@ -332,6 +338,9 @@ private:
     int32_t slot_ = -1;
     bool parked_ = false;
     std::vector<uint8_t> parked_kv_;
+    bool replay_pending_ = false;           // a ledger-only checkpoint: prefill the retained tokens at unpark
+    std::string transcript_;
+    void replay_ledger(engine & e);
     std::chrono::steady_clock::time_point ready_at_{};
     std::chrono::steady_clock::time_point last_used_{};
 

@@ -124,7 +124,12 @@ export interface NativeChat {
   countTurnTokens(message: string): number;
   reset(): void;
   dispose(): void;
-  saveCheckpoint(path: string): Promise<void>;
+  /** `transcript`: the JS side's messages (JSON), kept in the checkpoint. */
+  saveCheckpoint(path: string, transcript?: string): Promise<void>;
+  /** The checkpoint as bytes: full (KV state included) or ledger-only. */
+  checkpoint(ledgerOnly: boolean, transcript?: string): Promise<Uint8Array>;
+  /** The transcript JSON the checkpoint this chat was restored from carried ('' otherwise). */
+  restoredTranscript(): string;
   ingestExchange(user: string, assistant: string): Promise<number>;
   resolvedOptions(): Record<string, unknown>;
 }
@@ -168,8 +173,8 @@ export interface NativeProbes {
 export interface NativeBinding {
   loadModel(path: string, options: unknown): Promise<NativeModel>;
   NativeChat: new (model: NativeModel, options: NativeRawOptions) => NativeChat;
-  /** `threads` (raw) overrides the checkpoint's. */
-  loadChat(model: NativeModel, path: string, threads?: unknown): Promise<NativeChat>;
+  /** From a file or the checkpoint's bytes; `threads` (raw) overrides the checkpoint's. */
+  loadChat(model: NativeModel, source: string | Uint8Array, threads?: unknown): Promise<NativeChat>;
   resolveChatOptions(options: NativeRawOptions, defaultThreads: number): Record<string, unknown>;
   optionDocs(): NativeOptionDoc[];
   /** Deletes `*.tmp-<pid>-<n>` files of checkpoint saves whose process died; returns how many. */

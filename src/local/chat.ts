@@ -1,6 +1,6 @@
 import { getProbes, type NativeCacheState, type NativeChat, type NativeEngineStats, type NativeEvictionRecord } from './binding.js';
-import { AbortedError, ChatBusyError, DisposedError, InvalidOptionError, fromNativeError } from '../shared/errors.js';
-import { checkInt, checkMessage, checkObject, checkPath } from '../shared/checks.js';
+import { AbortedError, ChatBusyError, CheckpointError, DisposedError, InvalidOptionError, fromNativeError } from '../shared/errors.js';
+import { checkInt, checkMessage, checkObject, checkPath, fail } from '../shared/checks.js';
 import { splitSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
 import { TelemetryEmitter, type EvictionEvent, type Telemetry, type TurnEvent } from '../shared/telemetry.js';
 import { streamFromSend, TranscriptLog, type ChatSurface } from '../shared/chat-surface.js';
@@ -128,7 +128,31 @@ export class Chat implements ChatSurface {
   async saveCheckpoint(path: string): Promise<void> {
     this.#check();
     checkPath('path', path);
-    await this.#exclusive('save the checkpoint', () => this.#native.saveCheckpoint(path));
+    await this.#exclusive('save the checkpoint', () => this.#native.saveCheckpoint(path, this.#transcript.serialize()));
+  }
+
+  /**
+   * The chat's checkpoint as bytes, for any store (`model.loadChat(bytes)` restores it), with the
+   * integrity of a file's (format version, model fingerprint, checksum). `kind: 'full'` (default)
+   * includes the KV state: a restore decodes nothing. `kind: 'ledger'` keeps the retained tokens
+   * with their turns, roles, pins and scores, the counters, options and transcript (a few bytes per
+   * retained token): a restore prefills the retained tokens once (at most maxTokens), at positions
+   * 0..n-1; for a hybrid model the recurrent state is then rebuilt from them alone. Not while a turn
+   * runs (ChatBusyError).
+   */
+  async checkpoint(options: { kind?: 'full' | 'ledger' } = {}): Promise<Uint8Array> {
+    this.#check();
+    const { kind = 'full', ...rest } = checkObject('options', options) as { kind?: unknown };
+    for (const key of Object.keys(rest)) throw new InvalidOptionError(`Unknown option options.${key} (known: kind)`);
+    if (kind !== 'full' && kind !== 'ledger') fail("one of 'full', 'ledger'", 'kind', kind);
+    return this.#exclusive('take the checkpoint', () => this.#native.checkpoint(kind === 'ledger', this.#transcript.serialize()));
+  }
+
+  /** @internal The transcript a restored chat's checkpoint carried. */
+  _restoreTranscript(): void {
+    const messages = TranscriptLog.parse(this.#native.restoredTranscript());
+    if (messages === null) throw new CheckpointError('CHECKPOINT_CORRUPT', "the checkpoint's transcript is not a list of user and assistant messages");
+    this.#transcript.restore(messages);
   }
 
   /**

@@ -101,24 +101,32 @@ export class Model {
   }
 
   /**
-   * Restores a chat saved with `chat.saveCheckpoint(path)` on this model (same fingerprint). Its
-   * options come from the checkpoint; `threads` may be overridden.
+   * Restores a chat on this model (same fingerprint) from a file (`chat.saveCheckpoint(path)`) or
+   * from bytes (`chat.checkpoint()`), with its memory, counters and transcript. Its options come from
+   * the checkpoint; `threads` may be overridden.
    */
-  async loadChat(path: string, options: { threads?: number; telemetry?: Telemetry } = {}): Promise<Chat> {
+  async loadChat(source: string | Uint8Array, options: { threads?: number; telemetry?: Telemetry } = {}): Promise<Chat> {
     this.#check();
-    checkPath('path', path);
+    if (!(source instanceof Uint8Array)) checkPath('path', source);
     const { telemetry: rawTelemetry, threads, ...rest } = checkObject('options', options);
     for (const key of Object.keys(rest)) throw new InvalidOptionError(`Unknown option options.${key} (known: threads, telemetry)`);
     const telemetry = resolveTelemetry(rawTelemetry);
     const stack = new Error().stack;
     let native: NativeChat;
     try {
-      native = await getBinding().loadChat(this.#native, path, threads);
+      native = await getBinding().loadChat(this.#native, source, threads);
     } catch (err) {
       throw fromNativeError(err, stack);
     }
     this.#check();
-    return this.#track(native, native.resolvedOptions() as unknown as ResolvedChatOptions, telemetry);
+    const chat = this.#track(native, native.resolvedOptions() as unknown as ResolvedChatOptions, telemetry);
+    try {
+      chat._restoreTranscript();
+    } catch (err) {
+      chat.dispose();
+      throw err;
+    }
+    return chat;
   }
 
   /**

@@ -68,6 +68,29 @@ export async function* streamFromSend<R>(
 export class TranscriptLog {
   #messages: Transcript['messages'] = [];
 
+  /** The messages as a checkpoint keeps them (JSON). */
+  serialize(): string {
+    return JSON.stringify(this.#messages);
+  }
+
+  /** The messages a checkpoint kept ('' for a checkpoint written before transcripts were kept); null when they are not a message list. */
+  static parse(json: string): Transcript['messages'] | null {
+    if (json === '') return [];
+    let value: unknown;
+    try {
+      value = JSON.parse(json);
+    } catch {
+      return null;
+    }
+    const ok = Array.isArray(value) && value.every((m, i) =>
+      typeof m === 'object' && m !== null && m.role === (i % 2 ? 'assistant' : 'user') && typeof m.content === 'string' && Object.keys(m).length === 2);
+    return ok && (value as unknown[]).length % 2 === 0 ? (value as Transcript['messages']) : null;
+  }
+
+  restore(messages: Transcript['messages']): void {
+    this.#messages = messages.map((m) => ({ ...m }));
+  }
+
   add(user: string, assistant: string): void {
     this.#messages.push({ role: 'user', content: user }, { role: 'assistant', content: assistant });
   }

@@ -243,3 +243,96 @@ describe('transcripts', () => {
     moved.dispose();
   });
 });
+
+describe('checkpoints as bytes', () => {
+  const talk = async (chat: Awaited<ReturnType<Model['loadChat']>>, turns: number, from = 0) => {
+    const out: string[] = [];
+    for (let t = from; t < from + turns; t++) out.push((await chat.send(`message ${t}: the cat sat on the mat`, { maxNewTokens: 6, temperature: 0.8, seed: t })).response);
+    return out;
+  };
+
+  it('full: restores memory, counters, transcript and seeded continuations exactly, with no decode', async () => {
+    const chat = model.createChat({ maxTokens: 80, windowSize: 16, kvType: 'f32', flashAttention: false, systemPrompt: 'Be brief.' });
+    await talk(chat, 10);
+    chat.pin(9);
+    expect(chat.stats().evictions).toBeGreaterThan(0);
+    const bytes = await chat.checkpoint();
+    expect(bytes).toBeInstanceOf(Uint8Array);
+    const restored = await model.loadChat(bytes);
+    expect(restored.memory()).toEqual(chat.memory());
+    expect(restored.pins()).toEqual(chat.pins());
+    expect(restored.exportTranscript()).toEqual(chat.exportTranscript());
+    expect(restored.exportTranscript().messages).toHaveLength(20);
+    const { kvBytes: _a, ...s1 } = chat.stats();
+    const { kvBytes: _b, ...s2 } = restored.stats();
+    expect(s2).toEqual(s1);
+    const probe = model.tokenize('the')[0]!;
+    expect(maxAbsDiff(chat._internals().probeLogits(probe), restored._internals().probeLogits(probe))).toBeLessThan(1e-4);
+    expect(await talk(restored, 4, 10)).toEqual(await talk(chat, 4, 10));
+    expect(restored.exportTranscript()).toEqual(chat.exportTranscript());
+    chat.dispose();
+    restored.dispose();
+  });
+
+  it('ledger: a few bytes a token; restores the same memory (positions 0..n-1) by one prefill, as the chat re-prefilled would be', async () => {
+    const chat = model.createChat({ maxTokens: 80, windowSize: 16, kvType: 'f32', flashAttention: false, policy: 'importance', systemPrompt: 'Be brief.' });
+    await talk(chat, 10);
+    const full = await chat.checkpoint({ kind: 'full' });
+    const ledger = await chat.checkpoint({ kind: 'ledger' });
+    const retained = chat.stats().tokensRetained;
+    expect(ledger.length).toBeLessThan(full.length / 10);
+    expect(ledger.length).toBeLessThan(1500 + 40 * retained); // header, options and transcript, then per token
+    const restored = await model.loadChat(ledger);
+    const strip = (m: ReturnType<typeof chat.memory>) => m.map(({ position: _p, ...e }) => e);
+    expect(strip(restored.memory())).toEqual(strip(chat.memory()));
+    expect(restored.memory().map((e) => e.position)).toEqual(restored.memory().map((_, i) => i));
+    expect(restored.exportTranscript()).toEqual(chat.exportTranscript());
+    expect(restored.stats().turns).toBe(chat.stats().turns);
+    checkCache(restored, 80);
+    // What a ledger restore computes is what re-prefilling the retained tokens computes.
+    chat._internals().replayHistory();
+    const probe = model.tokenize('the')[0]!;
+    expect(maxAbsDiff(chat._internals().probeLogits(probe), restored._internals().probeLogits(probe))).toBeLessThan(1e-4);
+    // A ledger-restored chat saved again before its first turn is still a ledger checkpoint, and valid.
+    const again = await model.loadChat(await restored.checkpoint());
+    expect(strip(again.memory())).toEqual(strip(chat.memory()));
+    await talk(restored, 3, 10);
+    checkCache(restored, 80);
+    for (const c of [chat, restored, again]) c.dispose();
+  });
+
+  it('the transcript travels in file checkpoints too', async () => {
+    const chat = model.createChat({ maxTokens: 64, windowSize: 16 });
+    await talk(chat, 6);
+    const path = file('transcript');
+    await chat.saveCheckpoint(path);
+    const restored = await model.loadChat(path);
+    expect(restored.exportTranscript()).toEqual(chat.exportTranscript());
+    expect(restored.exportTranscript().messages).toHaveLength(12);
+    chat.dispose();
+    restored.dispose();
+  });
+
+  it('refuses bytes from another model, truncated, corrupted, or with a transcript that is not one; the source chat is untouched', async () => {
+    const chat = model.createChat({ maxTokens: 64 });
+    await talk(chat, 3);
+    const bytes = await chat.checkpoint();
+    await expect(other.loadChat(bytes)).rejects.toMatchObject({ code: 'CHECKPOINT_MODEL_MISMATCH' });
+    await expect(model.loadChat(bytes.subarray(0, bytes.length - 9))).rejects.toMatchObject({ code: 'CHECKPOINT_CORRUPT' });
+    const flipped = Uint8Array.from(bytes);
+    flipped[Math.floor(flipped.length / 2)]! ^= 0xff;
+    await expect(model.loadChat(flipped)).rejects.toMatchObject({ code: 'CHECKPOINT_CORRUPT' });
+    await expect(model.loadChat(new Uint8Array(0))).rejects.toMatchObject({ code: 'CHECKPOINT_CORRUPT' });
+    // A valid checksum over a transcript that is not a message list: refused by the JS side.
+    const json = Buffer.from(JSON.stringify(chat.exportTranscript().messages));
+    const forged = Buffer.from(bytes);
+    const at = forged.indexOf(json);
+    expect(at).toBeGreaterThan(0);
+    forged.write('{'.padEnd(json.length, ' '), at);
+    forged.writeBigUInt64LE(fnv1a64(forged.subarray(0, forged.length - 8)), forged.length - 8);
+    await expect(model.loadChat(forged)).rejects.toMatchObject({ code: 'CHECKPOINT_CORRUPT', message: expect.stringMatching(/transcript/) });
+    await expect(chat.checkpoint({ kind: 'kv' as never })).rejects.toMatchObject({ code: 'INVALID_OPTION' });
+    expect((await chat.send('still fine', { maxNewTokens: 2 })).stopReason).toBeDefined();
+    chat.dispose();
+  });
+});

@@ -235,6 +235,25 @@ describe('hybrid models: the recurrent state is the model own memory', () => {
   });
 });
 
+describe('hybrid checkpoints as bytes', () => {
+  it('a ledger-only checkpoint of a hybrid restores its memory by one prefill (the recurrent state rebuilt from the retained tokens)', async () => {
+    const m = model('qwen35');
+    const chat = m.createChat({ ...EXACT, maxTokens: 96, windowSize: 16, systemPrompt: 'Be brief.' });
+    await talk(chat, 12);
+    const restored = await m.loadChat(await chat.checkpoint({ kind: 'ledger' }));
+    const strip = (c: Chat) => c.memory().map(({ position: _p, ...e }) => e);
+    expect(strip(restored)).toEqual(strip(chat));
+    expect(restored.exportTranscript()).toEqual(chat.exportTranscript());
+    // As re-prefilling the retained tokens from nothing does (recurrent state included).
+    chat._internals().replayHistory();
+    expect(Buffer.from(restored._internals().recurrentState().subarray(16)).equals(Buffer.from(chat._internals().recurrentState().subarray(16)))).toBe(true);
+    await talk(restored, 3, 12);
+    checkCache(restored, 96);
+    chat.dispose();
+    restored.dispose();
+  });
+});
+
 describe('a hybrid chat batched with others behaves as it does alone', () => {
   it('same replies and logits next to chats of its own engine and of other families', async () => {
     const m = model('qwen35');

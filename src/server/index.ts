@@ -27,6 +27,9 @@ import { Gate, QueueAbortedError, type Release } from './admission.js';
 import { SessionStore } from './sessions.js';
 import { badRequest, finishReason, HttpError, overloaded, parseCompletion, sendError, sha256, toHttpError, type ParsedCompletion } from './wire.js';
 
+/** After the shutdown deadline's aborts, how long answers may take to flush before connections are closed. */
+const SHUTDOWN_FLUSH_MS = 250;
+
 export interface ServerOptions {
   /** The id clients pass as `model` (and /v1/models lists). Default: the model file's name without extension. */
   modelId?: string;
@@ -425,8 +428,12 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
         // stalled ones (a body that never completes) included, so close() ends within it.
         const timer = opts.abortAfterMs !== undefined
           ? setTimeout(() => {
+            // Aborting answers the queued (503) and the streaming (an error event, then [DONE]); their
+            // responses get a moment to flush before every connection still open is closed.
             controllers.forEach((c) => c.abort());
-            app.server.closeAllConnections();
+            const flushed = Promise.allSettled([...inflight]);
+            const grace = new Promise((r) => setTimeout(r, SHUTDOWN_FLUSH_MS));
+            void Promise.race([flushed, grace]).then(() => app.server.closeAllConnections());
           }, opts.abortAfterMs)
           : undefined;
         try {

@@ -32,7 +32,7 @@ export interface ParsedCompletion {
   /** Conversation messages (system messages removed), the last one being the user's new turn. */
   conversation: Message[];
   last: string;
-  send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[] };
+  send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[]; ignoreEos?: boolean };
   stream: boolean;
   includeUsage: boolean;
   sessionId: string | undefined;
@@ -105,6 +105,11 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
   if (temperature !== undefined) send.temperature = temperature;
   const topP = num('top_p', 0, 1);
   if (topP !== undefined) send.topP = topP;
+  // llama-server's extension: generate max_tokens whatever the model says (benchmarks of equal work).
+  if (body.ignore_eos !== undefined && body.ignore_eos !== null) {
+    if (typeof body.ignore_eos !== 'boolean') throw badRequest("'ignore_eos' must be a boolean", 'ignore_eos');
+    send.ignoreEos = body.ignore_eos;
+  }
   if (body.seed !== undefined && body.seed !== null) {
     if (typeof body.seed !== 'number' || !Number.isSafeInteger(body.seed)) throw badRequest("'seed' must be an integer", 'seed');
     send.seed = ((body.seed % 0xffffffff) + 0xffffffff) % 0xffffffff; // the sampler takes 0..2^32-2

@@ -99,6 +99,22 @@ describe('slow clients and shutdown', () => {
     await Promise.all(stalled.map((s) => s.closed));
   });
 
+  it('at the deadline, queued clients get their 503 and a streaming client its closing [DONE]', async () => {
+    const { server, port } = await start({ maxConcurrent: 1, maxTokensPerRequest: 4096 });
+    const streaming = post(port, { messages: [user('tell a long story')], max_tokens: 4096, stream: true, ignore_eos: true });
+    await new Promise((r) => setTimeout(r, 50));
+    const queued = Array.from({ length: 3 }, (_, i) => post(port, { messages: [user(`queued ${i}`)], max_tokens: 2 }));
+    await new Promise((r) => setTimeout(r, 20));
+    await server.close({ abortAfterMs: 50 });
+    for (const q of await Promise.all(queued)) {
+      expect(q.status).toBe(503);
+      expect(q.body.error?.code).toBe('server_shutting_down');
+    }
+    const s = await streaming;
+    expect(s.status).toBe(200);
+    expect(s.text.trimEnd().endsWith('data: [DONE]')).toBe(true);
+  });
+
   it('`serve` exits on SIGTERM within --shutdown-timeout-ms while slow clients hold connections', async () => {
     const cli = join(import.meta.dirname, '..', '..', 'src', 'cli.ts');
     const child = spawn(process.execPath, ['--import', 'tsx', cli, 'serve', '--model', testModelPath(), '--port', '0', '--max-tokens', '64', '--threads', '1', '--shutdown-timeout-ms', '1000', '--quiet'], { stdio: ['ignore', 'ignore', 'pipe'] });

@@ -29,6 +29,7 @@ import { badRequest, finishReason, HttpError, overloaded, parseCompletion, sendE
 
 /** After the shutdown deadline's aborts, how long answers may take to flush before connections are closed. */
 const SHUTDOWN_FLUSH_MS = 250;
+const SHUTDOWN_ERROR = { message: 'The server is shutting down', type: 'server_error', param: null, code: 'server_shutting_down' } as const;
 
 export interface ServerOptions {
   /** The id clients pass as `model` (and /v1/models lists). Default: the model file's name without extension. */
@@ -239,7 +240,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   async function completion(req: FastifyRequest, reply: FastifyReply): Promise<unknown> {
     const parsed = parseCompletion(req.body, req.headers, req.raw.rawHeaders, modelId, { maxTokensPerRequest, defaultMaxTokens });
     const res: ServerResponse = reply.raw;
-    if (shuttingDown) throw new HttpError(503, 'server_error', 'server_shutting_down', 'The server is shutting down', null, { connection: 'close' });
+    if (shuttingDown) throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, SHUTDOWN_ERROR.message, null, { connection: 'close' });
     const ac = new AbortController();
     // The client went away before the response was complete: abort the turn (or leave the queue).
     let clientGone = false;
@@ -371,6 +372,8 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       if (parsed.stream) {
         start();
         chunk({}, finishReason(result.stopReason), { finite_memory });
+        // Cut short by the shutdown deadline (not by its client): the stream says so before it ends.
+        if (result.stopReason === 'abort' && shuttingDown) write({ error: SHUTDOWN_ERROR });
         if (parsed.includeUsage) write({ ...base, object: 'chat.completion.chunk', choices: [], usage });
         res.end('data: [DONE]\n\n');
         return;
@@ -389,7 +392,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
         res.destroy();
         return;
       }
-      if (err instanceof QueueAbortedError) throw new HttpError(503, 'server_error', 'server_shutting_down', 'The server is shutting down');
+      if (err instanceof QueueAbortedError) throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, SHUTDOWN_ERROR.message);
       throw err;
     } finally {
       res.off('close', onClose);

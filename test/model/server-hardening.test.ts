@@ -99,7 +99,7 @@ describe('slow clients and shutdown', () => {
     await Promise.all(stalled.map((s) => s.closed));
   });
 
-  it('at the deadline, queued clients get their 503 and a streaming client its closing [DONE]', async () => {
+  it('at the deadline, queued clients get their 503 and a streaming client an error event and its closing [DONE]', async () => {
     const { server, port } = await start({ maxConcurrent: 1, maxTokensPerRequest: 4096 });
     const streaming = post(port, { messages: [user('tell a long story')], max_tokens: 4096, stream: true, ignore_eos: true });
     await new Promise((r) => setTimeout(r, 50));
@@ -112,6 +112,7 @@ describe('slow clients and shutdown', () => {
     }
     const s = await streaming;
     expect(s.status).toBe(200);
+    expect(s.text).toMatch(/data: \{"error":\{"message":"The server is shutting down","type":"server_error","param":null,"code":"server_shutting_down"\}\}/);
     expect(s.text.trimEnd().endsWith('data: [DONE]')).toBe(true);
   });
 

@@ -22,7 +22,9 @@ const USAGE = `Usage:
         [--session-ttl-ms 1800000] [--checkpoint-dir DIR] [--max-concurrent N] [--max-queue 64] [--max-session-queue 4]
         [--max-request-tokens 1024] [--max-history-tokens N] [--body-limit 1048576] [--headers-timeout-ms 10000]
         [--request-timeout-ms 30000] [--keep-alive-timeout-ms 5000] [--max-stored-sessions 256]
-        [--max-stored-bytes 8589934592] [--shutdown-timeout-ms 30000] [--quiet]`;
+        [--max-stored-bytes 8589934592] [--shutdown-timeout-ms 30000] [--quiet]
+        [--store redis://[user:password@]host:6379/0 | rediss://... (or FINITE_MEMORY_STORE)] [--store-namespace NS]
+        [--lease-ms 10000] [--lease-wait-ms 2000] [--snapshot-idle-ms 30000]`;
 
 const TOPICS = ['the weather', 'a red bicycle', 'the old lighthouse', 'breakfast', 'a lost key', 'the river', 'music', 'a small cat'];
 
@@ -155,6 +157,11 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
     ...(apiKey ? { apiKey } : {}),
     ...(typeof args['model-id'] === 'string' ? { modelId: args['model-id'] } : {}),
     ...(typeof args['checkpoint-dir'] === 'string' ? { checkpointDir: args['checkpoint-dir'] } : {}),
+    ...(typeof args.store === 'string' ? { store: args.store } : process.env.FINITE_MEMORY_STORE ? { store: process.env.FINITE_MEMORY_STORE } : {}),
+    ...(typeof args['store-namespace'] === 'string' ? { storeNamespace: args['store-namespace'] } : {}),
+    leaseMs: intArg(args, 'lease-ms'),
+    leaseWaitMs: intArg(args, 'lease-wait-ms'),
+    snapshotIdleMs: intArg(args, 'snapshot-idle-ms'),
     maxSessions: intArg(args, 'max-sessions'),
     sessionTtlMs: intArg(args, 'session-ttl-ms'),
     maxConcurrent: intArg(args, 'max-concurrent'),
@@ -173,7 +180,7 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
   const address = await server.listen({ port: intArg(args, 'port') ?? 8080, host: typeof args.host === 'string' ? args.host : '127.0.0.1' });
   console.error(`serving ${server.modelId} at ${address}/v1 (POST /v1/chat/completions, GET /v1/models, /health, /metrics)`);
   // SIGTERM / SIGINT: stop accepting, finish in-flight requests (aborted after --shutdown-timeout-ms),
-  // checkpoint live sessions when --checkpoint-dir is set, then exit.
+  // write every live session's full checkpoint to the store (--checkpoint-dir or --store), then exit.
   await new Promise<void>((resolve) => {
     const stop = (signal: string) => {
       console.error(`${signal}: shutting down (finishing in-flight requests)`);
@@ -201,7 +208,8 @@ async function main(): Promise<number> {
       'max-request-tokens': { type: 'string' }, 'body-limit': { type: 'string' }, 'shutdown-timeout-ms': { type: 'string' },
       'max-history-tokens': { type: 'string' }, 'headers-timeout-ms': { type: 'string' }, 'request-timeout-ms': { type: 'string' },
       'keep-alive-timeout-ms': { type: 'string' }, slots: { type: 'string' }, 'prefill-chunk': { type: 'string' }, 'max-stored-sessions': { type: 'string' }, 'max-stored-bytes': { type: 'string' },
-      quiet: { type: 'boolean' },
+      store: { type: 'string' }, 'store-namespace': { type: 'string' }, 'lease-ms': { type: 'string' }, 'lease-wait-ms': { type: 'string' },
+      'snapshot-idle-ms': { type: 'string' }, quiet: { type: 'boolean' },
     },
   });
   const command = positionals[0];

@@ -1,4 +1,4 @@
-export { loadModel, Model, type ImportTranscriptOptions } from './local/model.js';
+export { loadModel, Model, readCheckpointMessages, type ImportTranscriptOptions } from './local/model.js';
 export { Chat } from './local/chat.js';
 export {
   FiniteMemoryError,

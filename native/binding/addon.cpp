@@ -49,6 +49,19 @@ Napi::Value js_remove_stale_checkpoint_temps(const Napi::CallbackInfo & info) {
     return Napi::Number::New(info.Env(), (double) remove_stale_checkpoint_temps(dir, ""));
 }
 
+// checkpointTranscript(bytes) -> the transcript (JSON) a checkpoint of any model carries, after its
+// integrity checks (CHECKPOINT_CORRUPT / _VERSION): what a server rebuilds a session from when the
+// checkpoint was made with another model.
+Napi::Value js_checkpoint_transcript(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+        throw_error(env, FML_ERR_CHECKPOINT_CORRUPT, "checkpointTranscript expects the checkpoint's bytes (a Uint8Array)");
+    }
+    Napi::Uint8Array bytes = info[0].As<Napi::Uint8Array>();
+    const chat_state s = guarded(env, [&] { return decode_checkpoint(bytes.Data(), bytes.ByteLength(), std::string(), true); });
+    return Napi::String::New(env, s.transcript);
+}
+
 // GPU devices ggml can use in this binary (0 for the CPU variant, or when no driver/device is present).
 Napi::Value js_gpu_device_count(const Napi::CallbackInfo & info) {
     size_t n = 0;
@@ -82,6 +95,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
     exports.Set("resolveChatOptions", Napi::Function::New(env, js_resolve_chat_options));
     exports.Set("optionDocs", Napi::Function::New(env, js_option_docs));
     exports.Set("removeStaleCheckpointTemps", Napi::Function::New(env, js_remove_stale_checkpoint_temps));
+    exports.Set("checkpointTranscript", Napi::Function::New(env, js_checkpoint_transcript));
     exports.Set("gpuDeviceCount", Napi::Function::New(env, js_gpu_device_count));
     exports.Set("systemInfo", Napi::Function::New(env, js_system_info));
     Napi::Array codes = Napi::Array::New(env);

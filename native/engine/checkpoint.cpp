@@ -286,7 +286,7 @@ chat_state read_checkpoint(const std::string & path, const std::string & expecte
     }
 }
 
-chat_state decode_checkpoint(const uint8_t * data, size_t size, const std::string & expected_fingerprint) {
+chat_state decode_checkpoint(const uint8_t * data, size_t size, const std::string & expected_fingerprint, bool any_model) {
     if (size < sizeof(MAGIC) + 8 + 8) {
         throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "checkpoint is truncated");
     }
@@ -316,7 +316,7 @@ chat_state decode_checkpoint(const uint8_t * data, size_t size, const std::strin
     }
     byte_reader r(data + sizeof(MAGIC) + 8, size - sizeof(MAGIC) - 8 - 8);
     const std::string fingerprint = r.str();
-    if (fingerprint != expected_fingerprint) {
+    if (!any_model && fingerprint != expected_fingerprint) {
         throw fml_error(FML_ERR_CHECKPOINT_MODEL, "checkpoint was made with another model (fingerprint " + fingerprint +
                         ", this model " + expected_fingerprint + ")");
     }

@@ -28,8 +28,9 @@ constexpr uint32_t CHECKPOINT_FLAG_LEDGER_ONLY = 1;
 
 // The checkpoint as bytes; `ledger_only` leaves the KV state out.
 std::vector<uint8_t> encode_checkpoint(const std::string & model_fingerprint, const chat_state & state, bool ledger_only);
-// Throws fml_error (CHECKPOINT_CORRUPT / _VERSION / _MODEL). `expected_fingerprint` must match.
-chat_state decode_checkpoint(const uint8_t * data, size_t size, const std::string & expected_fingerprint);
+// Throws fml_error (CHECKPOINT_CORRUPT / _VERSION / _MODEL). `expected_fingerprint` must match unless
+// `any_model` (reading what another model's checkpoint holds, e.g. its transcript: never to restore it).
+chat_state decode_checkpoint(const uint8_t * data, size_t size, const std::string & expected_fingerprint, bool any_model = false);
 
 void write_checkpoint(const std::string & path, const std::string & model_fingerprint, const chat_state & state);
 

@@ -179,6 +179,8 @@ export interface NativeBinding {
   optionDocs(): NativeOptionDoc[];
   /** Deletes `*.tmp-<pid>-<n>` files of checkpoint saves whose process died; returns how many. */
   removeStaleCheckpointTemps(dir: string): number;
+  /** The transcript (JSON; '' when none) a checkpoint of any model carries, after its integrity checks. */
+  checkpointTranscript(bytes: Uint8Array): string;
   gpuDeviceCount(): number;
   systemInfo(): string;
   llamaCppVersion: string;

@@ -1,6 +1,7 @@
 import { getBinding, type NativeChat, type NativeModel } from './binding.js';
 import { Chat } from './chat.js';
-import { DisposedError, fromNativeError, InvalidOptionError } from '../shared/errors.js';
+import { CheckpointError, DisposedError, fromNativeError, InvalidOptionError } from '../shared/errors.js';
+import { TranscriptLog } from '../shared/chat-surface.js';
 import { checkTelemetry, type Telemetry } from '../shared/telemetry.js';
 import { checkObject, checkPath, checkString } from '../shared/checks.js';
 import { splitChatOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions } from './options.js';
@@ -207,4 +208,23 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
   } catch (err) {
     throw fromNativeError(err, stack);
   }
+}
+
+/**
+ * The conversation (user and assistant messages) a checkpoint of any model carries, after its
+ * integrity checks: how a chat is rebuilt (`model.importTranscript`) when its checkpoint was made with
+ * another model and cannot be restored as it is. Throws CheckpointError (corrupt, newer format).
+ */
+export function readCheckpointMessages(bytes: Uint8Array): Transcript['messages'] {
+  if (!(bytes instanceof Uint8Array)) throw new InvalidOptionError('Expected the checkpoint as a Uint8Array');
+  const stack = new Error().stack;
+  let json: string;
+  try {
+    json = getBinding().checkpointTranscript(bytes);
+  } catch (err) {
+    throw fromNativeError(err, stack);
+  }
+  const messages = TranscriptLog.parse(json);
+  if (!messages) throw new CheckpointError('CHECKPOINT_CORRUPT', 'The checkpoint holds a malformed transcript');
+  return messages;
 }

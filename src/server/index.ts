@@ -18,14 +18,17 @@ import { basename, extname } from 'node:path';
 import { fastify, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
 import { Counter, Gauge, Registry } from 'prom-client';
 import type { Chat } from '../local/chat.js';
-import { InvalidOptionError } from '../shared/errors.js';
-import type { Model } from '../local/model.js';
+import { AbortedError, CheckpointError, InvalidOptionError } from '../shared/errors.js';
+import { readCheckpointMessages, type Model } from '../local/model.js';
 import { resolveChatOptions, type ChatOptions } from '../local/options.js';
 import { createPrometheusTelemetry, type PrometheusTelemetry } from '../shared/prometheus.js';
 import type { ChatStats, StopReason, Transcript, TurnStats } from '../shared/types.js';
 import { Gate, QueueAbortedError, type Release } from './admission.js';
-import { SessionStore } from './sessions.js';
-import { badRequest, finishReason, HttpError, overloaded, parseCompletion, sendError, sha256, toHttpError, type ParsedCompletion } from './wire.js';
+import { SessionStore, type TurnLease } from './sessions.js';
+import type { StoredSession } from './store/backend.js';
+import { DirBackend } from './store/dir.js';
+import { RedisBackend, redactUrl } from './store/redis.js';
+import { badRequest, finishReason, HttpError, overloaded, parseCompletion, sendError, sessionKey, sha256, toHttpError, type ParsedCompletion } from './wire.js';
 
 /** After the shutdown deadline's aborts, how long answers may take to flush before connections are closed. */
 const SHUTDOWN_FLUSH_MS = 250;
@@ -81,7 +84,24 @@ export interface ServerOptions {
   maxStoredSessions?: number;
   /** Bytes of checkpoints kept on disk; beyond it the least recently used are deleted. Default 8 GiB. */
   maxStoredBytes?: number;
+  /**
+   * A Redis session store shared by instances: `redis://[user:password@]host:port/db` or `rediss://`
+   * (TLS). Instead of checkpointDir. Every turn's ledger is written through to it; see the README's
+   * "Sessions across instances".
+   */
+  store?: string;
+  /** Redis key namespace. Default: the model's fingerprint (instances of one model share sessions). */
+  storeNamespace?: string;
+  /** A session's lease while a turn runs (renewed meanwhile; what a crashed instance holds it for). Default 10 s. */
+  leaseMs?: number;
+  /** How long a request for a session leased by another instance waits before its 409. Default 2 s. */
+  leaseWaitMs?: number;
+  /** An idle session's full checkpoint is written to the store after this; 0: only when it leaves memory or at shutdown. Default 30 s. */
+  snapshotIdleMs?: number;
 }
+
+/** Where a restored session came from: its full checkpoint, its ledger (re-prefilled), or another model's transcript. */
+type RestoredFrom = 'full' | 'ledger' | 'transcript';
 
 export interface FiniteMemoryServer {
   readonly app: FastifyInstance;
@@ -123,6 +143,12 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   const maxHistoryTokens = int('maxHistoryTokens', options.maxHistoryTokens, 8 * resolvedChat.maxTokens, 0);
   const maxStoredSessions = int('maxStoredSessions', options.maxStoredSessions, 256, 0);
   const maxStoredBytes = int('maxStoredBytes', options.maxStoredBytes, 8 * 1024 ** 3, 0);
+  const leaseMs = int('leaseMs', options.leaseMs, 10_000, 100);
+  const leaseWaitMs = int('leaseWaitMs', options.leaseWaitMs, 2_000, 0);
+  const snapshotIdleMs = int('snapshotIdleMs', options.snapshotIdleMs, 30_000, 0);
+  if (options.store !== undefined && options.checkpointDir !== undefined) throw new InvalidOptionError('Give either store (Redis) or checkpointDir, not both');
+  if (options.store !== undefined && !/^rediss?:\/\/[^\s]+$/.test(options.store)) throw new InvalidOptionError(`store must be a redis:// or rediss:// URL but received ${JSON.stringify(redactUrl(options.store))}`);
+  if (options.storeNamespace !== undefined && !/^[A-Za-z0-9._-]{1,64}$/.test(options.storeNamespace)) throw new InvalidOptionError('storeNamespace must be 1-64 characters of A-Z a-z 0-9 . _ -');
   const apiKeyHash = options.apiKey !== undefined ? sha256(options.apiKey) : undefined;
   if (options.apiKey !== undefined && options.apiKey.length === 0) throw new InvalidOptionError('apiKey must not be empty');
 
@@ -165,11 +191,47 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
 
   // ---- sessions: LRU eviction to checkpoints, restore, TTL (sessions.ts) ----
 
-  const store = await SessionStore.open({
-    checkpointDir: options.checkpointDir, maxSessions, sessionTtlMs, maxSessionQueue, maxStoredSessions, maxStoredBytes,
-    events: sessionEvents, log: app.log, track,
+  const limits = { maxStoredSessions, maxStoredBytes, sessionTtlMs };
+  const backend = options.store !== undefined
+    ? await RedisBackend.open({ url: options.store, namespace: options.storeNamespace ?? model.info.fingerprint.slice(0, 16), limits, log: app.log })
+    : await DirBackend.open(options.checkpointDir, limits, sessionKey);
+  const store = new SessionStore({
+    backend, maxSessions, sessionTtlMs, maxSessionQueue, leaseMs, leaseWaitMs, snapshotIdleMs, events: sessionEvents, log: app.log, track,
   });
   const counts = () => store.counts();
+
+  /**
+   * A stored session's chat: its full checkpoint when it is of the latest turn, else its ledger (the
+   * retained tokens prefilled once); made with another model, its conversation re-prefilled when it
+   * fits maxHistoryTokens. Undefined: it cannot be restored (a newer format, corrupt, too long).
+   */
+  const restoreChat = async (stored: StoredSession, parsed: ParsedCompletion, signal: AbortSignal): Promise<{ chat: Chat; from: RestoredFrom } | undefined> => {
+    const kinds: [RestoredFrom, Uint8Array][] = stored.full ? [['full', stored.full], ['ledger', stored.ledger]] : [['ledger', stored.ledger]];
+    let otherModel = false;
+    for (const [from, bytes] of kinds) {
+      try {
+        return { chat: await model.loadChat(bytes, { telemetry }), from };
+      } catch (err) {
+        if (!(err instanceof CheckpointError)) throw err;
+        otherModel ||= err.code === 'CHECKPOINT_MODEL_MISMATCH';
+        app.log.warn({ err, session: stored.id, kind: from }, 'a stored checkpoint could not be restored');
+      }
+    }
+    if (!otherModel) return undefined;
+    try {
+      const messages = readCheckpointMessages(stored.ledger);
+      const systemPrompt = parsed.system ?? chatOptions.systemPrompt ?? '';
+      let tokens = 0;
+      for (const m of messages) tokens += model.tokenize(m.content).length;
+      if (tokens > maxHistoryTokens) return undefined;
+      const transcript: Transcript = { format: 'finite-memory-llm/transcript', version: 1, systemPrompt, messages };
+      return { chat: await model.importTranscript(transcript, { ...chatOptions, systemPrompt, telemetry, signal }), from: 'transcript' };
+    } catch (err) {
+      if (err instanceof AbortedError) throw err;
+      app.log.warn({ err, session: stored.id }, 'a stored conversation from another model could not be rebuilt');
+      return undefined;
+    }
+  };
 
   /**
    * A new chat holding the conversation before the last message (prefilled, not regenerated): at most
@@ -218,9 +280,13 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
     sendError(reply, new HttpError(404, 'invalid_request_error', 'not_found', `No route ${req.method} ${req.url.split('?')[0]}`)),
   );
 
+  // Degraded (still 200: live sessions are served from memory) while the store is unreachable or
+  // turns wait to be written to it.
   app.get('/health', async () => {
     const c = counts();
-    return { status: 'ok', model: modelId, sessions: c, decoding: global.active, queued: global.waiting };
+    const st = store.health();
+    const status = st.available && st.pendingWrites === 0 ? 'ok' : 'degraded';
+    return { status, model: modelId, sessions: c, decoding: global.active, queued: global.waiting, store: st };
   });
 
   app.get('/metrics', async (_req, reply) => {
@@ -254,6 +320,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
 
     const session = parsed.sessionId !== undefined ? store.session(parsed.sessionId) : undefined;
     let releaseSession: Release | undefined;
+    let lease: TurnLease | undefined;
     let releaseSlot: Release | undefined;
     let oneOff: Chat | undefined;
     try {
@@ -266,42 +333,44 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       if (!slot) throw overloaded('The server is at capacity');
       releaseSlot = await slot;
 
-      // The chat: the session's (live, restored from its checkpoint, or new), or a one-off.
+      // The chat: the session's (live, restored from the store, or new), or a one-off.
       let chat: Chat;
       let sessionReset: 'restore_failed' | undefined;
-      let restored = false;
+      let restoredFrom: RestoredFrom | undefined;
       let created = false;
-      if (session?.chat) {
-        chat = session.chat;
-      } else if (session) {
-        await store.makeRoom();
-        let restoredChat: Chat | undefined;
-        if (session.stored) {
-          try {
-            restoredChat = await model.loadChat(store.checkpointPath(session), { telemetry });
-            restored = true;
-            sessionEvents.inc({ event: 'restored' });
-          } catch (err) {
-            // Another model since a restart, a corrupt or vanished file: a session that cannot be
-            // restored starts fresh (and says so) instead of failing every request from now on.
-            app.log.warn({ err, session: session.id }, 'a stored session could not be restored; it starts fresh');
-            sessionReset = 'restore_failed';
-            session.messagesSeen = 0;
-            sessionEvents.inc({ event: 'restore_failed' });
-          }
-          // A checkpoint exists only for a session that is not in memory (it would be stale from the next turn on).
-          await store.deleteFiles(session);
-        }
-        if (restoredChat) {
-          chat = restoredChat;
+      if (session) {
+        lease = await store.begin(session, ac.signal);
+        if (session.chat) {
+          chat = session.chat;
         } else {
-          chat = await buildChat(parsed, ac.signal);
-          created = true;
-          session.messagesSeen = parsed.conversation.length - 1;
-          sessionEvents.inc({ event: 'created' });
+          await store.makeRoom();
+          const stored = lease.storedVersion > 0 ? await store.read(session) : undefined;
+          let restoredChat: Chat | undefined;
+          if (stored) {
+            const r = await restoreChat(stored, parsed, ac.signal);
+            if (r) {
+              restoredChat = r.chat;
+              restoredFrom = r.from;
+              session.messagesSeen = stored.messagesSeen;
+              sessionEvents.inc({ event: 'restored' });
+            } else {
+              // Another model whose tokens no longer fit, a newer format, corrupt bytes: the session
+              // starts fresh (and says so) instead of failing every request from now on.
+              sessionReset = 'restore_failed';
+              session.messagesSeen = 0;
+              sessionEvents.inc({ event: 'restore_failed' });
+            }
+          }
+          if (restoredChat) {
+            chat = restoredChat;
+          } else {
+            chat = await buildChat(parsed, ac.signal);
+            created = true;
+            session.messagesSeen = parsed.conversation.length - 1;
+            sessionEvents.inc({ event: 'created' });
+          }
+          session.chat = chat;
         }
-        session.chat = chat;
-        session.stored = false; // the checkpoint is stale from the first new turn on
       } else {
         chat = oneOff = await buildChat(parsed, ac.signal);
         created = true;
@@ -347,9 +416,20 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
         res.end('data: [DONE]\n\n');
         return;
       }
+      let persisted: boolean | null = null;
       if (session && result.stats.promptTokens > 0) {
         // Reconciliation: a longer array means the client resends the whole conversation.
         session.messagesSeen = Math.max(parsed.conversation.length, session.messagesSeen + 1) + 1;
+        // Write-through: the store holds this turn before its response completes.
+        try {
+          persisted = await store.commit(session, lease!);
+        } catch (err) {
+          if (!started) throw err;
+          const http = toHttpError(err);
+          write({ error: { message: http.message, type: http.type, param: http.param, code: http.code } });
+          res.end('data: [DONE]\n\n');
+          return;
+        }
       }
       const stats: ChatStats = chat.stats();
       const usage = {
@@ -358,11 +438,11 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
         total_tokens: importedTokens + result.stats.promptTokens + result.stats.generatedTokens,
       };
       const finite_memory: {
-        session_id: string | null; restored: boolean; session_reset: 'restore_failed' | null; messages_seen: number | null; stop_reason: StopReason; turn: TurnStats; chat: ChatStats;
-        pins: { turn: number; tokens: number }[];
+        session_id: string | null; restored: boolean; restored_from: RestoredFrom | null; session_reset: 'restore_failed' | null; messages_seen: number | null;
+        persisted: boolean | null; stop_reason: StopReason; turn: TurnStats; chat: ChatStats; pins: { turn: number; tokens: number }[];
       } = {
-        session_id: session?.id ?? null, restored, session_reset: sessionReset ?? null, messages_seen: session?.messagesSeen ?? null, stop_reason: result.stopReason, turn: result.stats, chat: stats,
-        pins: chat.pins(),
+        session_id: session?.id ?? null, restored: restoredFrom !== undefined, restored_from: restoredFrom ?? null, session_reset: sessionReset ?? null,
+        messages_seen: session?.messagesSeen ?? null, persisted, stop_reason: result.stopReason, turn: result.stats, chat: stats, pins: chat.pins(),
       };
       if (clientGone) {
         reply.hijack();
@@ -400,8 +480,8 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       releaseSlot?.();
       oneOff?.dispose();
       if (session) {
+        store.end(session, lease);
         releaseSession?.();
-        store.done(session);
       }
     }
   }

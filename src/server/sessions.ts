@@ -1,235 +1,353 @@
 /**
- * The server's sessions: each keeps its Chat between requests. Beyond `maxSessions` live ones, the
- * least recently used idle session is checkpointed to disk and its chat freed (restored on its next
- * request); idle sessions past `sessionTtlMs` are dropped with their checkpoint; stored checkpoints
- * are capped in count and bytes. A configured checkpoint dir is read back at start.
+ * The server's sessions: each keeps its Chat in memory between requests, and its state in a session
+ * backend (store/) so that it outlives the process and can move between instances.
+ *
+ * A turn runs under the session's lease (store/backend.ts). Before its response completes, the turn's
+ * ledger checkpoint is written through (small); the full checkpoint is written back when the session
+ * has been idle `snapshotIdleMs`, when it leaves memory (beyond `maxSessions`, least recently used
+ * first), and at shutdown. A session not in memory is restored from the store: its full checkpoint
+ * when it is of the latest turn, else its ledger (the retained tokens prefilled once). While the store
+ * is unreachable, live sessions keep answering from memory and their writes are retried until it is
+ * back; a session that is not in memory then gets 503 (it is not started over).
  */
-import { mkdir, mkdtemp, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import type { Counter } from 'prom-client';
-import { getBinding } from '../local/binding.js';
 import type { Chat } from '../local/chat.js';
 import { Gate } from './admission.js';
-import { sha256 } from './wire.js';
+import { StaleWriteError, StoreUnavailableError, type SessionBackend, type StoredSession } from './store/backend.js';
+import { HttpError, sessionKey } from './wire.js';
 
 export interface Session {
   readonly id: string;
-  /** File name stem (hash of the id): session ids never reach the file system. */
+  /** The store's key (a hash of the id): session ids never reach a file name or a Redis key. */
   readonly key: string;
   readonly gate: Gate;
   chat: Chat | undefined;
-  /** A checkpoint of this session is on disk and current. */
-  stored: boolean;
+  /** Turns of the live chat (the store's version once written). */
+  version: number;
+  /** The version the store is known to hold of this chat (behind `version` while a write is pending). */
+  storedVersion: number;
+  /** The version of the last full checkpoint written back. */
+  fullVersion: number;
   /** Conversation messages (user + assistant, not system) the server has seen; see reconciliation in the README. */
   messagesSeen: number;
   lastUsed: number;
-  /** Size of the checkpoint on disk (when stored). */
-  storedBytes: number;
+  idleTimer: NodeJS.Timeout | undefined;
 }
 
-interface SessionMeta {
-  id: string;
-  messagesSeen: number;
-  lastUsed: number;
+/** A turn's hold on its session: the lease (none while the store is unreachable: served from memory). */
+export interface TurnLease {
+  readonly token: number | undefined;
+  /** The version the store holds (newer than the live chat's: another instance served turns since). */
+  readonly storedVersion: number;
+  readonly renew: NodeJS.Timeout | undefined;
 }
 
 export interface SessionStoreOptions {
-  /** Where checkpoints go; undefined: a temp dir, deleted at close. */
-  checkpointDir: string | undefined;
+  backend: SessionBackend;
   maxSessions: number;
   sessionTtlMs: number;
   maxSessionQueue: number;
-  maxStoredSessions: number;
-  maxStoredBytes: number;
+  /** A session's lease lasts this long (renewed while a turn runs). */
+  leaseMs: number;
+  /** A request for a session leased elsewhere waits this long for it, then gets 409. */
+  leaseWaitMs: number;
+  /** An idle session's full checkpoint is written back after this (0: only at eviction and shutdown). */
+  snapshotIdleMs: number;
   events: Counter<'event'>;
   log: { warn(obj: object, msg: string): void; error(obj: object, msg: string): void };
-  /** Background work (TTL drops, LRU checkpoints) is tracked so close() waits for it. */
+  /** Background work (write-backs, retries) is tracked so close() waits for it. */
   track<T>(p: Promise<T>): Promise<T>;
 }
+
+/** How often writes that failed while the store was unreachable are retried. */
+const RETRY_MS = 500;
 
 export class SessionStore {
   readonly #sessions = new Map<string, Session>();
   readonly #o: SessionStoreOptions;
-  readonly #dir: string;
   readonly #sweeper: NodeJS.Timeout | undefined;
+  /** Sessions whose latest turn the store does not hold yet. */
+  readonly #pending = new Set<Session>();
+  #retrier: NodeJS.Timeout | undefined;
+  #closed = false;
 
-  private constructor(o: SessionStoreOptions, dir: string) {
+  constructor(o: SessionStoreOptions) {
     this.#o = o;
-    this.#dir = dir;
     this.#sweeper = o.sessionTtlMs > 0 ? setInterval(() => this.#expire(), Math.max(250, Math.min(60_000, Math.floor(o.sessionTtlMs / 4)))) : undefined;
     this.#sweeper?.unref();
   }
 
-  static async open(o: SessionStoreOptions): Promise<SessionStore> {
-    const dir = o.checkpointDir ?? (await mkdtemp(join(tmpdir(), 'fml-sessions-')));
-    await mkdir(dir, { recursive: true });
-    // What a process killed mid-write left here: checkpoint temp files (native naming, only those of
-    // dead processes) and session metadata temp files.
-    getBinding().removeStaleCheckpointTemps(dir);
-    const store = new SessionStore(o, dir);
-    if (o.checkpointDir !== undefined) await store.#readBack();
-    return store;
+  get backend(): SessionBackend {
+    return this.#o.backend;
   }
 
-  checkpointPath(s: Session): string {
-    return join(this.#dir, `${s.key}.fmlckpt`);
-  }
-
-  #metaPath(s: Session): string {
-    return join(this.#dir, `${s.key}.json`);
-  }
-
+  /** Sessions live in this process, and those the store holds (as of this instance's last write). */
   counts(): { live: number; stored: number } {
     let live = 0;
-    let stored = 0;
-    for (const s of this.#sessions.values()) {
-      if (s.chat) live++;
-      else if (s.stored) stored++;
-    }
-    return { live, stored };
+    for (const s of this.#sessions.values()) if (s.chat) live++;
+    return { live, stored: this.#o.backend.usage().sessions };
+  }
+
+  /** Store health for /health: degraded while it is unreachable or writes wait for it. */
+  health(): { kind: string; available: boolean; pendingWrites: number } {
+    return { kind: this.#o.backend.kind, available: this.#o.backend.available, pendingWrites: this.#pending.size };
   }
 
   /** The session with this id, created (without a chat) when new. */
   session(id: string): Session {
     let s = this.#sessions.get(id);
-    if (!s) this.#sessions.set(id, (s = this.#newSession(id)));
+    if (!s) {
+      s = { id, key: sessionKey(id), gate: new Gate(1, this.#o.maxSessionQueue), chat: undefined, version: 0, storedVersion: 0, fullVersion: 0, messagesSeen: 0, lastUsed: Date.now(), idleTimer: undefined };
+      this.#sessions.set(id, s);
+    }
     return s;
   }
 
-  /** Before a session gets a chat: checkpoints LRU idle sessions so that one more fits. */
+  /**
+   * Takes the session's lease for a turn, waiting up to leaseWaitMs while another instance holds it
+   * (then 409 with Retry-After). A live chat older than what the store holds is dropped (another
+   * instance served the session since). While the store is unreachable a live session goes on from
+   * memory; one that is not live gets 503.
+   */
+  async begin(s: Session, signal: AbortSignal): Promise<TurnLease> {
+    clearTimeout(s.idleTimer);
+    const deadline = Date.now() + this.#o.leaseWaitMs;
+    for (;;) {
+      let r;
+      try {
+        r = await this.#o.backend.acquire(s.key, this.#o.leaseMs);
+      } catch (err) {
+        if (!(err instanceof StoreUnavailableError)) throw err;
+        if (s.chat) return { token: undefined, storedVersion: s.storedVersion, renew: undefined };
+        throw new HttpError(503, 'server_error', 'session_store_unavailable', 'The session store is unreachable and this session is not in memory here; retry shortly', null, { 'retry-after': '1' });
+      }
+      if ('token' in r) {
+        if (s.chat && r.version > s.version) this.#dropLive(s, 'superseded');
+        if (!s.chat) s.version = s.storedVersion = s.fullVersion = r.version;
+        const token = r.token;
+        const renew = setInterval(() => {
+          this.#o.backend.renew(s.key, token, this.#o.leaseMs).catch(() => {});
+        }, Math.max(50, Math.floor(this.#o.leaseMs / 3)));
+        renew.unref();
+        return { token, storedVersion: r.version, renew };
+      }
+      const left = deadline - Date.now();
+      if (left <= 0 || signal.aborted) {
+        throw new HttpError(409, 'invalid_request_error', 'session_busy', 'Another instance is serving this session; retry shortly', null,
+          { 'retry-after': String(Math.max(1, Math.ceil(r.heldMs / 1000))) });
+      }
+      await new Promise((res) => setTimeout(res, Math.min(left, r.heldMs, 100)));
+    }
+  }
+
+  /** What the store holds of a session that is not live here (undefined: nothing). */
+  read(s: Session): Promise<StoredSession | undefined> {
+    return this.#o.backend.read(s.key);
+  }
+
+  /**
+   * After a turn, before its response completes: the ledger is written through. Returns whether the
+   * store holds the turn now (false: the store is unreachable; the write is retried). A write the
+   * store refuses (the lease was lost to another instance) drops the live chat: 409.
+   */
+  async commit(s: Session, lease: TurnLease): Promise<boolean> {
+    const chat = s.chat;
+    if (!chat) return false;
+    s.version++;
+    s.lastUsed = Date.now();
+    if (!this.#o.backend.durable) return true;
+    if (lease.token === undefined) {
+      this.#markPending(s);
+      return false;
+    }
+    try {
+      await this.#writeLedger(s, chat, lease.token);
+      return true;
+    } catch (err) {
+      if (err instanceof StaleWriteError) {
+        this.#dropLive(s, 'superseded');
+        throw new HttpError(409, 'invalid_request_error', 'session_conflict', 'This session was taken over by another instance while the turn ran; its result is not kept. Retry the message');
+      }
+      this.#o.log.warn({ err, session: s.id }, 'writing a turn to the session store failed; retrying in the background');
+      this.#markPending(s);
+      return false;
+    }
+  }
+
+  /** After a request: the lease goes, the idle write-back is scheduled, LRU sessions beyond the limit leave memory. */
+  end(s: Session, lease: TurnLease | undefined): void {
+    s.lastUsed = Date.now();
+    if (lease) {
+      clearInterval(lease.renew);
+      if (lease.token !== undefined) this.#o.backend.release(s.key, lease.token).catch(() => {});
+    }
+    if (!s.chat && s.gate.idle && !this.#pending.has(s)) this.#sessions.delete(s.id);
+    if (s.chat && this.#o.snapshotIdleMs > 0 && this.#o.backend.durable) {
+      s.idleTimer = setTimeout(() => void this.#o.track(this.#writeBackIdle(s)), this.#o.snapshotIdleMs);
+      s.idleTimer.unref();
+    }
+    void this.#o.track(this.#shrink(this.#o.maxSessions));
+  }
+
+  /** Before a session gets a chat: LRU idle sessions leave memory (written back) so that one more fits. */
   makeRoom(): Promise<void> {
     return this.#shrink(this.#o.maxSessions - 1);
   }
 
-  /** After a request: a session that never got a chat goes; LRU sessions beyond the limit are checkpointed. */
-  done(s: Session): void {
-    s.lastUsed = Date.now();
-    if (!s.chat && !s.stored && s.gate.idle) this.#sessions.delete(s.id);
-    void this.#o.track(this.#shrink(this.#o.maxSessions));
-  }
-
-  deleteFiles(s: Session): Promise<unknown> {
-    return Promise.all([rm(this.checkpointPath(s), { force: true }), rm(this.#metaPath(s), { force: true })]);
-  }
-
-  /** Shutdown: live sessions are checkpointed (when the dir is the user's) and freed; a temp dir goes. */
+  /** Shutdown: every live session's full checkpoint (and any pending turn) goes to the store, then its chat is freed. */
   async close(): Promise<void> {
+    this.#closed = true;
     clearInterval(this.#sweeper);
-    const persist = this.#o.checkpointDir !== undefined;
+    clearTimeout(this.#retrier);
     for (const s of this.#sessions.values()) {
+      clearTimeout(s.idleTimer);
       const chat = s.chat;
       if (!chat) continue;
-      if (persist) {
+      if (this.#o.backend.durable) {
         try {
-          await this.#checkpoint(s, chat);
+          await this.#persist(s, chat, true);
         } catch (err) {
-          this.#o.log.error({ err, session: s.id }, 'checkpointing a session at shutdown failed');
+          this.#o.log.error({ err, session: s.id }, 'writing a session to the store at shutdown failed');
         }
       }
       s.chat = undefined;
       chat.dispose();
     }
     this.#sessions.clear();
-    if (!persist) await rm(this.#dir, { recursive: true, force: true });
+    await this.#o.backend.close();
   }
 
-  #newSession(id: string): Session {
-    return { id, key: sha256(id).toString('hex').slice(0, 40), gate: new Gate(1, this.#o.maxSessionQueue), chat: undefined, stored: false, messagesSeen: 0, lastUsed: Date.now(), storedBytes: 0 };
+  async #writeLedger(s: Session, chat: Chat, token: number): Promise<void> {
+    const version = s.version;
+    const ledger = await chat.checkpoint({ kind: 'ledger' });
+    await this.#o.backend.writeLedger(s.key, token, { id: s.id, version, messagesSeen: s.messagesSeen, lastUsed: s.lastUsed, ledger });
+    s.storedVersion = Math.max(s.storedVersion, version);
+    if (s.storedVersion === s.version) this.#pending.delete(s);
   }
 
-  async #checkpoint(s: Session, chat: Chat): Promise<void> {
-    await chat.saveCheckpoint(this.checkpointPath(s));
-    const meta: SessionMeta = { id: s.id, messagesSeen: s.messagesSeen, lastUsed: s.lastUsed };
-    const tmp = `${this.#metaPath(s)}.tmp`;
-    await writeFile(tmp, JSON.stringify(meta));
-    await rename(tmp, this.#metaPath(s));
-    s.stored = true;
-    s.storedBytes = (await stat(this.checkpointPath(s))).size;
+  /**
+   * Under its own lease: the pending ledger, then (when `full`) the full checkpoint of this version.
+   * False when another instance holds the session or the store refused (the live chat is then stale).
+   */
+  async #persist(s: Session, chat: Chat, full: boolean): Promise<boolean> {
+    const r = await this.#o.backend.acquire(s.key, this.#o.leaseMs);
+    if (!('token' in r)) return false;
+    try {
+      if (r.version > s.version) {
+        this.#dropLive(s, 'superseded');
+        return false;
+      }
+      if (s.storedVersion < s.version || r.version < s.version) await this.#writeLedger(s, chat, r.token);
+      if (full && s.fullVersion < s.version) {
+        await this.#o.backend.writeFull(s.key, r.token, s.version, await chat.checkpoint({ kind: 'full' }));
+        s.fullVersion = s.version;
+      }
+      return true;
+    } catch (err) {
+      if (err instanceof StaleWriteError) {
+        this.#dropLive(s, 'superseded');
+        return false;
+      }
+      throw err;
+    } finally {
+      await this.#o.backend.release(s.key, r.token).catch(() => {});
+    }
   }
 
-  /** Checkpoints an idle live session and frees its chat. False when it is busy (or saving failed: it stays live). */
+  async #writeBackIdle(s: Session): Promise<void> {
+    const release = s.gate.tryEnter();
+    if (!release) return;
+    try {
+      if (s.chat && !this.#closed && s.fullVersion < s.version) await this.#persist(s, s.chat, true);
+    } catch (err) {
+      if (!(err instanceof StoreUnavailableError)) this.#o.log.warn({ err, session: s.id }, 'writing back an idle session failed');
+    } finally {
+      release();
+    }
+  }
+
+  #markPending(s: Session): void {
+    this.#pending.add(s);
+    this.#retrier ??= setTimeout(() => void this.#o.track(this.#retryPending()), RETRY_MS);
+    this.#retrier.unref?.();
+  }
+
+  /** Catch-up after an outage: each pending session's latest ledger, under its lease, once the store answers. */
+  async #retryPending(): Promise<void> {
+    this.#retrier = undefined;
+    if (this.#closed) return;
+    for (const s of [...this.#pending]) {
+      if (!this.#o.backend.available) break;
+      const release = s.gate.tryEnter();
+      if (!release) continue;
+      try {
+        if (!s.chat || !(await this.#persist(s, s.chat, false))) this.#pending.delete(s);
+        else this.#o.events.inc({ event: 'caught_up' });
+      } catch (err) {
+        if (!(err instanceof StoreUnavailableError)) this.#o.log.warn({ err, session: s.id }, 'a pending session write failed');
+      } finally {
+        release();
+      }
+    }
+    if (this.#pending.size > 0 && !this.#closed) {
+      this.#retrier = setTimeout(() => void this.#o.track(this.#retryPending()), RETRY_MS);
+      this.#retrier.unref();
+    }
+  }
+
+  /** The live chat is older than the store's (another instance went on with the session): it goes. */
+  #dropLive(s: Session, event: 'superseded'): void {
+    const chat = s.chat;
+    s.chat = undefined;
+    this.#pending.delete(s);
+    chat?.dispose();
+    this.#o.events.inc({ event });
+    this.#o.log.warn({ session: s.id }, 'a live session was superseded by a newer one in the store; it will be restored from there');
+  }
+
+  /** Writes back an idle live session and frees its chat. False when it is busy or cannot be written (it stays live). */
   async #evict(s: Session): Promise<boolean> {
     const release = s.gate.tryEnter();
     if (!release) return false;
     try {
       const chat = s.chat;
       if (!chat) return false;
-      await this.#checkpoint(s, chat);
+      clearTimeout(s.idleTimer);
+      if (!(await this.#persist(s, chat, true))) return !s.chat;
       s.chat = undefined;
       chat.dispose();
       this.#o.events.inc({ event: 'checkpointed' });
       return true;
     } catch (err) {
-      s.stored = false;
-      this.#o.log.error({ err, session: s.id }, 'checkpointing an idle session failed; it stays in memory');
+      this.#o.log.error({ err, session: s.id }, 'writing back an idle session failed; it stays in memory');
       return false;
     } finally {
       release();
+      if (!s.chat && s.gate.idle) this.#sessions.delete(s.id);
     }
   }
 
-  /** Checkpoints least recently used idle sessions while more than `limit` are live. */
+  /** Writes back least recently used idle sessions while more than `limit` are live. */
   async #shrink(limit: number): Promise<void> {
     while (this.counts().live > limit) {
       let victim: Session | undefined;
-      for (const s of this.#sessions.values()) if (s.chat && s.gate.idle && (!victim || s.lastUsed < victim.lastUsed)) victim = s;
+      for (const s of this.#sessions.values()) if (s.chat && s.gate.idle && !this.#pending.has(s) && (!victim || s.lastUsed < victim.lastUsed)) victim = s;
       if (!victim || !(await this.#evict(victim))) return;
-      await this.#capStored();
     }
   }
 
-  /** Forgets a session that is not live: its checkpoint and metadata go. */
-  async #drop(s: Session, event: 'expired' | 'dropped'): Promise<void> {
-    this.#sessions.delete(s.id);
-    this.#o.events.inc({ event });
-    if (s.stored) await this.deleteFiles(s);
-  }
-
-  /** Deletes the least recently used checkpoints beyond maxStoredSessions / maxStoredBytes. */
-  async #capStored(): Promise<void> {
-    const stored = [...this.#sessions.values()].filter((s) => s.stored && !s.chat && s.gate.idle).sort((a, b) => a.lastUsed - b.lastUsed);
-    let count = this.counts().stored;
-    let bytes = stored.reduce((n, s) => n + s.storedBytes, 0);
-    for (const s of stored) {
-      if (count <= this.#o.maxStoredSessions && bytes <= this.#o.maxStoredBytes) break;
-      count--;
-      bytes -= s.storedBytes;
-      await this.#drop(s, 'dropped');
-    }
-  }
-
+  /** Idle sessions past the TTL leave memory; the store forgets them by its own TTL (another instance may hold a newer turn). */
   #expire(): void {
     const now = Date.now();
     for (const s of this.#sessions.values()) {
       if (!s.gate.idle || now - s.lastUsed <= this.#o.sessionTtlMs) continue;
+      clearTimeout(s.idleTimer);
       s.chat?.dispose();
       s.chat = undefined;
-      this.#o.track(this.#drop(s, 'expired')).catch((err) => this.#o.log.warn({ err }, 'deleting an expired checkpoint failed'));
+      this.#pending.delete(s);
+      this.#sessions.delete(s.id);
+      this.#o.events.inc({ event: 'expired' });
     }
-  }
-
-  /** A configured checkpoint dir is read back: its sessions are restored on their next request. */
-  async #readBack(): Promise<void> {
-    const ttl = this.#o.sessionTtlMs;
-    for (const name of await readdir(this.#dir)) {
-      if (name.endsWith('.json.tmp')) await rm(join(this.#dir, name), { force: true });
-      if (!name.endsWith('.json')) continue;
-      try {
-        const meta = JSON.parse(await readFile(join(this.#dir, name), 'utf8')) as SessionMeta;
-        const s = this.#newSession(String(meta.id));
-        if (`${s.key}.json` !== name) continue;
-        s.messagesSeen = Number(meta.messagesSeen) || 0;
-        s.lastUsed = Number(meta.lastUsed) || 0;
-        const st = await stat(this.checkpointPath(s)).catch(() => undefined);
-        s.stored = st?.isFile() ?? false;
-        s.storedBytes = st?.size ?? 0;
-        if (!s.stored || (ttl > 0 && Date.now() - s.lastUsed > ttl)) await this.deleteFiles(s);
-        else this.#sessions.set(s.id, s);
-      } catch (err) {
-        this.#o.log.warn({ err, file: name }, 'ignoring an unreadable session file');
-      }
-    }
-    await this.#capStored();
+    this.#o.track(this.#o.backend.expire()).catch((err) => this.#o.log.warn({ err }, 'deleting expired sessions failed'));
   }
 }

@@ -208,3 +208,6 @@ export function sendError(reply: FastifyReply, err: HttpError): FastifyReply {
 
 export const finishReason = (stop: StopReason): 'stop' | 'length' => (stop === 'maxTokens' ? 'length' : 'stop');
 export const sha256 = (s: string | Buffer) => createHash('sha256').update(s).digest();
+
+/** A session's key in the store: a hash of its id (ids never reach a file name or a Redis key). */
+export const sessionKey = (id: string): string => sha256(id).toString('hex').slice(0, 40);

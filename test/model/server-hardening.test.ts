@@ -34,7 +34,7 @@ async function start(options: ServerOptions = {}) {
 interface Reply {
   status: number;
   headers: Record<string, string | string[] | undefined>;
-  body: { error?: { code: string; message: string }; finite_memory?: { session_id: string; session_reset: string | null; restored: boolean; chat: { turns: number } } };
+  body: { error?: { code: string; message: string }; finite_memory?: { session_id: string; session_reset: string | null; restored: boolean; restored_from: string | null; chat: { turns: number } } };
   text: string;
 }
 
@@ -178,7 +178,14 @@ describe('stored sessions', () => {
     mkdirSync(d, { recursive: true });
     return d;
   };
-  const checkpoints = (dir: string) => readdirSync(dir).filter((f) => f.endsWith('.fmlckpt'));
+  const checkpoints = (dir: string, ext = '.session') => readdirSync(dir).filter((f) => f.endsWith(ext));
+  /** Flips a byte in the middle of the checkpoint a session file holds (after its header). */
+  const corrupt = (path: string) => {
+    const bytes = readFileSync(path);
+    const body = 8 + bytes.readUInt32LE(4);
+    bytes[body + Math.floor((bytes.length - body) / 2)]! ^= 0xff;
+    writeFileSync(path, bytes);
+  };
 
   it('keeps at most maxStoredSessions checkpoints on disk, dropping the least recently used', async () => {
     const dir = freshDir();
@@ -189,20 +196,20 @@ describe('stored sessions', () => {
     await new Promise((r) => setTimeout(r, 100)); // the LRU checkpoint of the last request runs after it
     expect(server.sessions()).toEqual({ live: 1, stored: 2 });
     expect(checkpoints(dir)).toHaveLength(2);
-    // s1 was dropped: it starts over; s4 was kept: it is restored.
-    const s1 = await post(port, { messages: [user('again')], user: 's1', max_tokens: 2 });
-    expect(s1.body.finite_memory).toMatchObject({ restored: false, chat: { turns: 1 } });
+    // s4 was kept: it is restored; s1 was dropped: it starts over.
     const s4 = await post(port, { messages: [user('again')], user: 's4', max_tokens: 2 });
     expect(s4.body.finite_memory).toMatchObject({ restored: true, chat: { turns: 2 } });
+    const s1 = await post(port, { messages: [user('again')], user: 's1', max_tokens: 2 });
+    expect(s1.body.finite_memory).toMatchObject({ restored: false, chat: { turns: 1 } });
   });
 
-  it('keeps at most maxStoredBytes of checkpoints', async () => {
+  it('keeps at most maxStoredBytes of checkpoints (the session just written stays)', async () => {
     const dir = freshDir();
     const { server, port } = await start({ maxSessions: 1, maxStoredBytes: 1, checkpointDir: dir });
     for (const id of ['b1', 'b2', 'b3']) await post(port, { messages: [user('hi')], user: id, max_tokens: 2 });
     await new Promise((r) => setTimeout(r, 100));
-    expect(server.sessions().stored).toBe(0);
-    expect(checkpoints(dir)).toEqual([]);
+    expect(server.sessions().stored).toBe(1);
+    expect(checkpoints(dir)).toHaveLength(1);
   });
 
   it('a session whose checkpoint cannot be restored starts fresh and says so; no path leaks', async () => {
@@ -210,10 +217,7 @@ describe('stored sessions', () => {
     const first = await start({ checkpointDir: dir });
     await post(first.port, { messages: [user('remember me')], user: 'broken', max_tokens: 2 });
     await first.server.close();
-    const [file] = checkpoints(dir);
-    const bytes = readFileSync(join(dir, file!));
-    bytes[Math.floor(bytes.length / 2)]! ^= 0xff;
-    writeFileSync(join(dir, file!), bytes);
+    for (const f of [...checkpoints(dir), ...checkpoints(dir, '.full')]) corrupt(join(dir, f));
 
     const { port } = await start({ checkpointDir: dir });
     const r = await post(port, { messages: [user('are you there?')], user: 'broken', max_tokens: 2 });
@@ -224,6 +228,28 @@ describe('stored sessions', () => {
     const next = await post(port, { messages: [user('and again')], user: 'broken', max_tokens: 2 });
     expect(next.headers['x-session-reset']).toBeUndefined();
     expect(next.body.finite_memory).toMatchObject({ session_reset: null, chat: { turns: 2 } });
+  });
+
+  it('a full checkpoint that is corrupt or of a newer format falls back to the ledger of the same turn', async () => {
+    for (const damage of ['corrupt', 'newer'] as const) {
+      const dir = freshDir();
+      const first = await start({ checkpointDir: dir });
+      for (const m of ['one', 'two', 'three']) await post(first.port, { messages: [user(m)], user: 'fallback', max_tokens: 2 });
+      await first.server.close();
+      const [full] = checkpoints(dir, '.full');
+      if (damage === 'corrupt') corrupt(join(dir, full!));
+      else {
+        // The checkpoint's format version (after its 8-byte magic), as a later release would write it.
+        const bytes = readFileSync(join(dir, full!));
+        bytes.writeUInt32LE(99, 8 + bytes.readUInt32LE(4) + 8);
+        writeFileSync(join(dir, full!), bytes);
+      }
+      const { port } = await start({ checkpointDir: dir });
+      const r = await post(port, { messages: [user('four')], user: 'fallback', max_tokens: 2 });
+      expect(r.status).toBe(200);
+      expect(r.headers['x-session-reset']).toBeUndefined();
+      expect(r.body.finite_memory).toMatchObject({ restored: true, restored_from: 'ledger', session_reset: null, chat: { turns: 4 } });
+    }
   });
 });
 

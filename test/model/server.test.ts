@@ -35,6 +35,7 @@ type Completion = OpenAI.Chat.Completions.ChatCompletion & { finite_memory: Fini
 interface FiniteMemory {
   session_id: string | null;
   restored: boolean;
+  restored_from: 'full' | 'ledger' | 'transcript' | null;
   messages_seen: number | null;
   stop_reason: string;
   turn: { turn: number; promptTokens: number; generatedTokens: number; retainedTokens: number };
@@ -184,21 +185,25 @@ describe('OpenAI-compatible server', () => {
         expect(r.finite_memory.turn).toMatchObject({ promptTokens, generatedTokens, evictedTokens, retainedTokens });
         expect(r.finite_memory.chat).toEqual(refs[id].stats());
         expect(r.finite_memory.chat.turns).toBe(round);
-        expect(server.sessions()).toEqual({ live: 1, stored: round === 1 && id === 'a' ? 0 : 1 });
+        // Every turn is written through: the store holds both sessions from their first turn on.
+        expect(server.sessions()).toEqual({ live: 1, stored: round === 1 && id === 'a' ? 1 : 2 });
+        if (round > 1) expect(r.finite_memory.restored_from).toBe('full'); // written back when it left memory
       }
     }
     expect(refs.a.stats().evictions).toBeGreaterThan(0);
-    expect(readdirSync(dir).filter((f) => f.endsWith('.fmlckpt'))).toHaveLength(1);
+    const files = (ext: string) => readdirSync(dir).filter((f) => f.endsWith(ext));
+    expect(files('.session')).toHaveLength(2);
+    expect(files('.full')).toHaveLength(1); // the session that left memory; the live one's turns are in its ledger
 
-    // Restart on the same checkpoint dir: close() checkpoints the live session, a new server picks both up.
+    // Restart on the same dir: close() writes back the live session, a new server picks both up.
     await server.close();
-    expect(readdirSync(dir).filter((f) => f.endsWith('.fmlckpt'))).toHaveLength(2);
+    expect(files('.full')).toHaveLength(2);
     const again = await start({ maxSessions: 1, checkpointDir: dir });
     expect(again.server.sessions()).toEqual({ live: 0, stored: 2 });
     const content = 'after the restart';
     const r = (await again.client.chat.completions.create({ model: again.server.modelId, messages: [{ role: 'user', content }], user: 'b', max_tokens: 8, seed: 9 })) as Completion;
     const ref = await refs.b.send(content, { maxNewTokens: 8, seed: 9 });
-    expect(r.finite_memory.restored).toBe(true);
+    expect(r.finite_memory).toMatchObject({ restored: true, restored_from: 'full' });
     expect(r.choices[0]!.message.content).toBe(ref.response);
     expect(r.finite_memory.chat).toEqual(refs.b.stats());
     refs.a.dispose();
@@ -245,7 +250,7 @@ describe('OpenAI-compatible server', () => {
     const dir = freshDir();
     const { client, server } = await start({ maxSessions: 1, sessionTtlMs: 300, checkpointDir: dir });
     for (const user of ['x', 'y']) await client.chat.completions.create({ model: server.modelId, messages: [{ role: 'user', content: 'hi' }], user, max_tokens: 4 });
-    expect(server.sessions()).toEqual({ live: 1, stored: 1 });
+    expect(server.sessions()).toEqual({ live: 1, stored: 2 });
     await new Promise((r) => setTimeout(r, 900));
     expect(server.sessions()).toEqual({ live: 0, stored: 0 });
     expect(readdirSync(dir)).toEqual([]);

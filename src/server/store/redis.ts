@@ -1,0 +1,281 @@
+/**
+ * The Redis session backend: instances share sessions. Keys are namespaced by the model's fingerprint
+ * (or a namespace the deployment names) inside one hash tag, `fml:{<namespace>}:...`, so each script
+ * below touches one slot: atomic on a single Redis and on Redis Cluster alike.
+ *
+ *   fml:{ns}:s:<key>      hash: id, version, messagesSeen, lastUsed, ledger, full, fullVersion (TTL)
+ *   fml:{ns}:lease:<key>  the lease: its fencing token, with an expiry
+ *   fml:{ns}:fence        the counter fencing tokens come from (only grows)
+ *   fml:{ns}:index        sorted set of keys by last use (TTL sweep, LRU caps)
+ *   fml:{ns}:sizes        hash key -> bytes stored;  fml:{ns}:total  their sum
+ *
+ * Writes are compare-and-set in Lua: refused unless the lease holds the writer's token and the stored
+ * version is older (ledger) or equal (full). Caps on sessions and bytes are enforced in the same script.
+ * Commands fail fast while Redis is unreachable (no offline queue, a timeout each); the client
+ * reconnects by itself and `available` says which state it is in.
+ */
+import { createHash } from 'node:crypto';
+import { createClient, RESP_TYPES } from 'redis';
+import { StaleWriteError, StoreUnavailableError, type AcquireResult, type BackendLimits, type LedgerWrite, type SessionBackend, type StoredSession } from './backend.js';
+
+/** How long one Redis command may take before the store counts as unavailable. */
+const COMMAND_TIMEOUT_MS = 2_000;
+
+// Drops one member (its data, size and index entry). Used by the limits below.
+const DROP = `
+local function drop(prefix, index, sizes, total, m)
+  redis.call('DEL', prefix .. 's:' .. m)
+  local sz = tonumber(redis.call('HGET', sizes, m) or '0')
+  redis.call('HDEL', sizes, m)
+  redis.call('INCRBY', total, -sz)
+  redis.call('ZREM', index, m)
+end
+local function limits(prefix, index, sizes, total, keep, now, ttl, maxSessions, maxBytes)
+  if ttl > 0 then
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', now - ttl)) do
+      if m ~= keep then drop(prefix, index, sizes, total, m) end
+    end
+  end
+  while redis.call('ZCARD', index) > maxSessions or tonumber(redis.call('GET', total) or '0') > maxBytes do
+    local oldest = redis.call('ZRANGE', index, 0, 0)[1]
+    if not oldest or oldest == keep then break end
+    drop(prefix, index, sizes, total, oldest)
+  end
+end
+local function usage(index, total)
+  return {'ok', redis.call('ZCARD', index), tonumber(redis.call('GET', total) or '0')}
+end
+local function resize(index, sizes, total, m, size, now)
+  local old = tonumber(redis.call('HGET', sizes, m) or '0')
+  redis.call('HSET', sizes, m, size)
+  redis.call('INCRBY', total, size - old)
+  if now then redis.call('ZADD', index, now, m) end
+end
+`;
+
+const SCRIPTS = {
+  // KEYS lease fence data; ARGV ms -> {token, version} or {-1, pttl}
+  acquire: `
+local t = redis.call('PTTL', KEYS[1])
+if t ~= -2 then return {-1, t} end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
+return {token, tonumber(redis.call('HGET', KEYS[3], 'version') or '0')}`,
+  // KEYS lease; ARGV token ms
+  renew: `
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1`,
+  release: `
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1`,
+  // KEYS lease data index sizes total; ARGV token version id messagesSeen lastUsed ledger member now ttl maxSessions maxBytes prefix
+  writeLedger: `${DROP}
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'lease'} end
+if tonumber(redis.call('HGET', KEYS[2], 'version') or '0') >= tonumber(ARGV[2]) then return {'version'} end
+redis.call('HDEL', KEYS[2], 'full', 'fullVersion')
+redis.call('HSET', KEYS[2], 'id', ARGV[3], 'version', ARGV[2], 'messagesSeen', ARGV[4], 'lastUsed', ARGV[5], 'ledger', ARGV[6])
+local ttl = tonumber(ARGV[9])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+resize(KEYS[3], KEYS[4], KEYS[5], ARGV[7], string.len(ARGV[6]), ARGV[8])
+limits(ARGV[12], KEYS[3], KEYS[4], KEYS[5], ARGV[7], tonumber(ARGV[8]), ttl, tonumber(ARGV[10]), tonumber(ARGV[11]))
+return usage(KEYS[3], KEYS[5])`,
+  // KEYS lease data index sizes total; ARGV token version full member now ttl maxSessions maxBytes prefix
+  writeFull: `${DROP}
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'lease'} end
+if redis.call('HGET', KEYS[2], 'version') ~= ARGV[2] then return {'version'} end
+redis.call('HSET', KEYS[2], 'full', ARGV[3], 'fullVersion', ARGV[2])
+resize(KEYS[3], KEYS[4], KEYS[5], ARGV[4], redis.call('HSTRLEN', KEYS[2], 'ledger') + string.len(ARGV[3]), nil)
+limits(ARGV[9], KEYS[3], KEYS[4], KEYS[5], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
+return usage(KEYS[3], KEYS[5])`,
+  // KEYS index sizes total; ARGV member prefix
+  delete: `${DROP}
+drop(ARGV[2], KEYS[1], KEYS[2], KEYS[3], ARGV[1])
+return usage(KEYS[1], KEYS[3])`,
+} as const;
+
+type ScriptName = keyof typeof SCRIPTS;
+const SHA = Object.fromEntries(Object.entries(SCRIPTS).map(([k, v]) => [k, createHash('sha1').update(v).digest('hex')])) as Record<ScriptName, string>;
+
+export interface RedisBackendOptions {
+  /** redis://[user:password@]host:port/db, or rediss:// for TLS. */
+  url: string;
+  /** Key namespace (default: the model's fingerprint): instances of one model share sessions. */
+  namespace: string;
+  limits: BackendLimits;
+  log: { warn(obj: object, msg: string): void; info(obj: object, msg: string): void };
+}
+
+/** What this backend uses of node-redis's client. */
+interface Client {
+  readonly isReady: boolean;
+  connect(): Promise<unknown>;
+  close(): Promise<void>;
+  destroy(): void;
+  on(event: string, listener: (...args: any[]) => void): unknown; // eslint-disable-line @typescript-eslint/no-explicit-any
+  sendCommand<T>(args: (string | Buffer)[], options: { timeout: number; typeMapping: object }): Promise<T>;
+}
+
+export class RedisBackend implements SessionBackend {
+  readonly kind = 'redis';
+  readonly durable = true;
+  readonly #client: Client;
+  readonly #o: RedisBackendOptions;
+  readonly #prefix: string;
+  #available = false;
+  #closed = false;
+  #usage = { sessions: 0, bytes: 0 };
+
+  private constructor(client: Client, o: RedisBackendOptions) {
+    this.#client = client;
+    this.#o = o;
+    this.#prefix = `fml:{${o.namespace}}:`;
+  }
+
+  get available(): boolean {
+    return this.#available && this.#client.isReady;
+  }
+
+  /** Connects (within a few seconds, else StoreUnavailableError): a server does not start on a store it cannot reach. */
+  static async open(o: RedisBackendOptions): Promise<RedisBackend> {
+    const client: Client = createClient({
+      url: o.url,
+      disableOfflineQueue: true,
+      socket: { connectTimeout: COMMAND_TIMEOUT_MS, reconnectStrategy: (retries: number) => Math.min(50 * 2 ** Math.min(retries, 6), 2_000) },
+    });
+    const b = new RedisBackend(client, o);
+    client.on('error', (err: Error) => {
+      if (b.#available) o.log.warn({ err: err.message }, 'the session store (Redis) is unreachable; sessions are served from memory and their writes retried');
+      b.#available = false;
+    });
+    client.on('ready', () => {
+      if (!b.#available && !b.#closed) o.log.info({}, 'the session store (Redis) is reachable');
+      b.#available = true;
+    });
+    const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new StoreUnavailableError(`Cannot reach the session store at ${redactUrl(o.url)}`)), 5_000).unref());
+    try {
+      await Promise.race([client.connect(), timeout]);
+    } catch (err) {
+      client.destroy();
+      throw err instanceof StoreUnavailableError ? err : new StoreUnavailableError(`Cannot reach the session store at ${redactUrl(o.url)}: ${(err as Error).message}`, { cause: err });
+    }
+    b.#available = true;
+    await b.refreshUsage();
+    return b;
+  }
+
+  #k(kind: 's' | 'lease', key: string): string {
+    return `${this.#prefix}${kind}:${key}`;
+  }
+
+  async #send<T>(args: (string | Buffer)[]): Promise<T> {
+    if (!this.available) throw new StoreUnavailableError('The session store (Redis) is unreachable');
+    try {
+      return await this.#client.sendCommand<T>(args, { timeout: COMMAND_TIMEOUT_MS, typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } });
+    } catch (err) {
+      if (err instanceof Error && /ERR|WRONGTYPE|NOSCRIPT/.test(err.message) && this.#client.isReady) throw err;
+      throw new StoreUnavailableError(`The session store (Redis) failed: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  /** EVALSHA, loading the script on NOSCRIPT (a restarted Redis has none cached). */
+  async #run<T>(name: ScriptName, keys: string[], args: (string | number | Buffer | Uint8Array)[]): Promise<T> {
+    const a = args.map((v) => (v instanceof Uint8Array ? Buffer.from(v.buffer, v.byteOffset, v.byteLength) : String(v)));
+    try {
+      return await this.#send<T>(['EVALSHA', SHA[name], String(keys.length), ...keys, ...a]);
+    } catch (err) {
+      if (!(err instanceof Error) || !err.message.includes('NOSCRIPT')) throw err;
+      return this.#send<T>(['EVAL', SCRIPTS[name], String(keys.length), ...keys, ...a]);
+    }
+  }
+
+  #shared(): string[] {
+    return [`${this.#prefix}index`, `${this.#prefix}sizes`, `${this.#prefix}total`];
+  }
+
+  async acquire(key: string, leaseMs: number): Promise<AcquireResult> {
+    const [token, v] = await this.#run<[number, number]>('acquire', [this.#k('lease', key), `${this.#prefix}fence`, this.#k('s', key)], [leaseMs]);
+    return token < 0 ? { heldMs: Math.max(1, v) } : { token, version: v };
+  }
+
+  async renew(key: string, token: number, leaseMs: number): Promise<boolean> {
+    return (await this.#run<number>('renew', [this.#k('lease', key)], [token, leaseMs])) === 1;
+  }
+
+  async release(key: string, token: number): Promise<void> {
+    await this.#run('release', [this.#k('lease', key)], [token]);
+  }
+
+  async read(key: string): Promise<StoredSession | undefined> {
+    const r = await this.#send<(Buffer | null)[]>(['HMGET', this.#k('s', key), 'id', 'version', 'messagesSeen', 'lastUsed', 'ledger', 'full', 'fullVersion']);
+    const [id, version, messagesSeen, lastUsed, ledger, full, fullVersion] = r;
+    if (!id || !version || !ledger) return undefined;
+    const v = Number(version.toString());
+    return {
+      id: id.toString('utf8'), version: v, messagesSeen: Number(messagesSeen?.toString()) || 0, lastUsed: Number(lastUsed?.toString()) || 0,
+      ledger, full: full && Number(fullVersion?.toString()) === v ? full : undefined,
+    };
+  }
+
+  /** A write script's reply: refused (StaleWriteError), or the store's usage after it. */
+  #check(reply: unknown): void {
+    const [status, sessions, bytes] = reply as [Buffer | string, number, number];
+    const r = String(status);
+    if (r === 'lease' || r === 'version') throw new StaleWriteError(r);
+    this.#usage = { sessions: Number(sessions), bytes: Number(bytes) };
+  }
+
+  #limitArgs(): number[] {
+    const l = this.#o.limits;
+    return [l.sessionTtlMs, l.maxStoredSessions, l.maxStoredBytes];
+  }
+
+  async writeLedger(key: string, token: number, w: LedgerWrite): Promise<void> {
+    this.#check(await this.#run('writeLedger', [this.#k('lease', key), this.#k('s', key), ...this.#shared()],
+      [token, w.version, w.id, w.messagesSeen, w.lastUsed, w.ledger, key, Date.now(), ...this.#limitArgs(), this.#prefix]));
+  }
+
+  async writeFull(key: string, token: number, version: number, full: Uint8Array): Promise<void> {
+    this.#check(await this.#run('writeFull', [this.#k('lease', key), this.#k('s', key), ...this.#shared()],
+      [token, version, full, key, Date.now(), ...this.#limitArgs(), this.#prefix]));
+  }
+
+  async delete(key: string): Promise<void> {
+    this.#check(await this.#run('delete', this.#shared(), [key, this.#prefix]));
+  }
+
+  async expire(): Promise<void> {}
+
+  usage(): { sessions: number; bytes: number } {
+    return this.#usage;
+  }
+
+  async refreshUsage(): Promise<void> {
+    const [index, , total] = this.#shared();
+    const sessions = await this.#send<number>(['ZCARD', index!]);
+    const bytes = await this.#send<Buffer | null>(['GET', total!]);
+    this.#usage = { sessions: Number(sessions), bytes: Number(bytes?.toString() ?? 0) };
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    this.#available = false;
+    try {
+      if (this.#client.isReady) await this.#client.close();
+      else this.#client.destroy();
+    } catch {
+      this.#client.destroy();
+    }
+  }
+}
+
+/** The URL without its password (for messages). */
+export function redactUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    if (u.password) u.password = '***';
+    return u.toString();
+  } catch {
+    return '(an invalid URL)';
+  }
+}

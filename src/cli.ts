@@ -24,7 +24,7 @@ const USAGE = `Usage:
         [--request-timeout-ms 30000] [--keep-alive-timeout-ms 5000] [--max-stored-sessions 256]
         [--max-stored-bytes 8589934592] [--shutdown-timeout-ms 30000] [--quiet]
         [--store redis://[user:password@]host:6379/0 | rediss://... (or FINITE_MEMORY_STORE)] [--store-namespace NS]
-        [--lease-ms 10000] [--lease-wait-ms 2000] [--snapshot-idle-ms 30000]`;
+        [--lease-ms 10000] [--lease-wait-ms 2000] [--snapshot-idle-ms 30000] [--instance-id NAME]`;
 
 const TOPICS = ['the weather', 'a red bicycle', 'the old lighthouse', 'breakfast', 'a lost key', 'the river', 'music', 'a small cat'];
 
@@ -159,6 +159,7 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
     ...(typeof args['checkpoint-dir'] === 'string' ? { checkpointDir: args['checkpoint-dir'] } : {}),
     ...(typeof args.store === 'string' ? { store: args.store } : process.env.FINITE_MEMORY_STORE ? { store: process.env.FINITE_MEMORY_STORE } : {}),
     ...(typeof args['store-namespace'] === 'string' ? { storeNamespace: args['store-namespace'] } : {}),
+    ...(typeof args['instance-id'] === 'string' ? { instanceId: args['instance-id'] } : {}),
     leaseMs: intArg(args, 'lease-ms'),
     leaseWaitMs: intArg(args, 'lease-wait-ms'),
     snapshotIdleMs: intArg(args, 'snapshot-idle-ms'),
@@ -209,7 +210,7 @@ async function main(): Promise<number> {
       'max-history-tokens': { type: 'string' }, 'headers-timeout-ms': { type: 'string' }, 'request-timeout-ms': { type: 'string' },
       'keep-alive-timeout-ms': { type: 'string' }, slots: { type: 'string' }, 'prefill-chunk': { type: 'string' }, 'max-stored-sessions': { type: 'string' }, 'max-stored-bytes': { type: 'string' },
       store: { type: 'string' }, 'store-namespace': { type: 'string' }, 'lease-ms': { type: 'string' }, 'lease-wait-ms': { type: 'string' },
-      'snapshot-idle-ms': { type: 'string' }, quiet: { type: 'boolean' },
+      'snapshot-idle-ms': { type: 'string' }, 'instance-id': { type: 'string' }, quiet: { type: 'boolean' },
     },
   });
   const command = positionals[0];

@@ -14,6 +14,7 @@
  */
 import { randomUUID, timingSafeEqual } from 'node:crypto';
 import type { ServerResponse } from 'node:http';
+import { hostname } from 'node:os';
 import { basename, extname } from 'node:path';
 import { fastify, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
 import { Counter, Gauge, Registry } from 'prom-client';
@@ -98,6 +99,8 @@ export interface ServerOptions {
   leaseWaitMs?: number;
   /** An idle session's full checkpoint is written to the store after this; 0: only when it leaves memory or at shutdown. Default 30 s. */
   snapshotIdleMs?: number;
+  /** This instance's name in responses (`finite_memory.instance`): which instance behind a load balancer served a turn. Default host:pid. */
+  instanceId?: string;
 }
 
 /** Where a restored session came from: its full checkpoint, its ledger (re-prefilled), or another model's transcript. */
@@ -149,6 +152,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   if (options.store !== undefined && options.checkpointDir !== undefined) throw new InvalidOptionError('Give either store (Redis) or checkpointDir, not both');
   if (options.store !== undefined && !/^rediss?:\/\/[^\s]+$/.test(options.store)) throw new InvalidOptionError(`store must be a redis:// or rediss:// URL but received ${JSON.stringify(redactUrl(options.store))}`);
   if (options.storeNamespace !== undefined && !/^[A-Za-z0-9._-]{1,64}$/.test(options.storeNamespace)) throw new InvalidOptionError('storeNamespace must be 1-64 characters of A-Z a-z 0-9 . _ -');
+  const instanceId = options.instanceId ?? `${hostname()}:${process.pid}`;
   const apiKeyHash = options.apiKey !== undefined ? sha256(options.apiKey) : undefined;
   if (options.apiKey !== undefined && options.apiKey.length === 0) throw new InvalidOptionError('apiKey must not be empty');
 
@@ -286,7 +290,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
     const c = counts();
     const st = store.health();
     const status = st.available && st.pendingWrites === 0 ? 'ok' : 'degraded';
-    return { status, model: modelId, sessions: c, decoding: global.active, queued: global.waiting, store: st };
+    return { status, model: modelId, instance: instanceId, sessions: c, decoding: global.active, queued: global.waiting, store: st };
   });
 
   app.get('/metrics', async (_req, reply) => {
@@ -438,10 +442,10 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
         total_tokens: importedTokens + result.stats.promptTokens + result.stats.generatedTokens,
       };
       const finite_memory: {
-        session_id: string | null; restored: boolean; restored_from: RestoredFrom | null; session_reset: 'restore_failed' | null; messages_seen: number | null;
+        instance: string; session_id: string | null; restored: boolean; restored_from: RestoredFrom | null; session_reset: 'restore_failed' | null; messages_seen: number | null;
         persisted: boolean | null; stop_reason: StopReason; turn: TurnStats; chat: ChatStats; pins: { turn: number; tokens: number }[];
       } = {
-        session_id: session?.id ?? null, restored: restoredFrom !== undefined, restored_from: restoredFrom ?? null, session_reset: sessionReset ?? null,
+        instance: instanceId, session_id: session?.id ?? null, restored: restoredFrom !== undefined, restored_from: restoredFrom ?? null, session_reset: sessionReset ?? null,
         messages_seen: session?.messagesSeen ?? null, persisted, stop_reason: result.stopReason, turn: result.stats, chat: stats, pins: chat.pins(),
       };
       if (clientGone) {

@@ -10,6 +10,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type ChatOptions, type Model } from '../../src/index.ts';
 import { createServer, type FiniteMemoryServer, type ServerOptions } from '../../src/server/index.ts';
 import { testDir, testModelPath, THREADS } from '../helpers.ts';
+import { freePort, startServe } from '../services.ts';
 
 const CHAT: ChatOptions = { maxTokens: 128, windowSize: 32, threads: THREADS };
 
@@ -34,7 +35,7 @@ async function start(options: ServerOptions = {}) {
 interface Reply {
   status: number;
   headers: Record<string, string | string[] | undefined>;
-  body: { error?: { code: string; message: string }; finite_memory?: { session_id: string; session_reset: string | null; restored: boolean; restored_from: string | null; chat: { turns: number } } };
+  body: { error?: { code: string; message: string }; finite_memory?: { session_id: string; session_reset: string | null; restored: boolean; restored_from: string | null; persisted: boolean | null; messages_seen: number; chat: { turns: number } } };
   text: string;
 }
 
@@ -228,6 +229,25 @@ describe('stored sessions', () => {
     const next = await post(port, { messages: [user('and again')], user: 'broken', max_tokens: 2 });
     expect(next.headers['x-session-reset']).toBeUndefined();
     expect(next.body.finite_memory).toMatchObject({ session_reset: null, chat: { turns: 2 } });
+  });
+
+  it('kill -9 of `serve --checkpoint-dir` loses no turn: the restarted server continues from the per-turn ledger', async () => {
+    const dir = freshDir();
+    const port = await freePort();
+    const args = ['--model', testModelPath(), '--checkpoint-dir', dir, '--max-tokens', '64'];
+    const first = await startServe(port, args);
+    let last;
+    for (const m of ['one', 'two', 'three']) last = await post(port, { messages: [user(m)], max_tokens: 2 }, { 'x-session-id': 'crash' });
+    expect(last!.body.finite_memory).toMatchObject({ persisted: true, chat: { turns: 3 } });
+    await first.kill9();
+    const second = await startServe(port, args);
+    try {
+      const r = await post(port, { messages: [user('four')], max_tokens: 2 }, { 'x-session-id': 'crash' });
+      expect(r.status).toBe(200);
+      expect(r.body.finite_memory).toMatchObject({ restored: true, restored_from: 'ledger', session_reset: null, messages_seen: 8, chat: { turns: 4 } });
+    } finally {
+      await second.kill9();
+    }
   });
 
   it('a full checkpoint that is corrupt or of a newer format falls back to the ledger of the same turn', async () => {

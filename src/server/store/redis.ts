@@ -124,6 +124,7 @@ export class RedisBackend implements SessionBackend {
   readonly #prefix: string;
   #available = false;
   #closed = false;
+  #everReady = false;
   #usage = { sessions: 0, bytes: 0 };
 
   private constructor(client: Client, o: RedisBackendOptions) {
@@ -141,7 +142,11 @@ export class RedisBackend implements SessionBackend {
     const client: Client = createClient({
       url: o.url,
       disableOfflineQueue: true,
-      socket: { connectTimeout: COMMAND_TIMEOUT_MS, reconnectStrategy: (retries: number) => Math.min(50 * 2 ** Math.min(retries, 6), 2_000) },
+      // Before the first connection a few quick tries (then open() fails); after it, reconnect for ever.
+      socket: {
+        connectTimeout: COMMAND_TIMEOUT_MS,
+        reconnectStrategy: (retries: number, cause: Error) => (!b.#everReady && retries >= 3 ? cause : Math.min(50 * 2 ** Math.min(retries, 6), 2_000)),
+      },
     });
     const b = new RedisBackend(client, o);
     client.on('error', (err: Error) => {
@@ -149,6 +154,7 @@ export class RedisBackend implements SessionBackend {
       b.#available = false;
     });
     client.on('ready', () => {
+      b.#everReady = true;
       if (!b.#available && !b.#closed) o.log.info({}, 'the session store (Redis) is reachable');
       b.#available = true;
     });

@@ -1,0 +1,305 @@
+// Sessions that outlive a process and move between instances: real redis-server, real HAProxy
+// (consistent hashing on X-Session-Id), real `serve` processes killed with SIGKILL. Skipped with a
+// message when the Debian packages are missing; under CI=true they must be there.
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { createClient } from 'redis';
+import { loadModel, type Model } from '../../src/index.ts';
+import { createServer } from '../../src/server/index.ts';
+import { RedisBackend } from '../../src/server/store/redis.ts';
+import { StaleWriteError } from '../../src/server/store/backend.ts';
+import { testModelPath, THREADS } from '../helpers.ts';
+import { freePort, requireBinary, startHaproxy, startRedis, startServe, type Service } from '../services.ts';
+
+const redisBin = requireBinary('redis-server', 'redis-server');
+const haproxyBin = requireBinary('haproxy', 'haproxy');
+const run = redisBin !== undefined && haproxyBin !== undefined;
+
+interface Reply {
+  status: number;
+  headers: Headers;
+  text: string;
+  body: {
+    error?: { code: string };
+    finite_memory: {
+      instance: string; restored: boolean; restored_from: string | null; session_reset: string | null; persisted: boolean | null; messages_seen: number;
+      turn: { promptTokens: number; generatedTokens: number };
+      chat: { turns: number; tokensSeen: number; tokensRetained: number; tokensEvicted: number };
+    };
+  };
+}
+
+async function post(port: number, session: string, content: string, extra: Record<string, unknown> = {}): Promise<Reply> {
+  const r = await fetch(`http://127.0.0.1:${port}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-session-id': session },
+    body: JSON.stringify({ messages: [{ role: 'user', content }], max_tokens: 6, temperature: 0, ...extra }),
+  });
+  const text = await r.text();
+  let body: Reply['body'];
+  try {
+    body = JSON.parse(text) as Reply['body'];
+  } catch {
+    body = {} as Reply['body'];
+  }
+  return { status: r.status, headers: r.headers, text, body };
+}
+
+const health = async (port: number) => (await (await fetch(`http://127.0.0.1:${port}/health`)).json()) as { status: string; store: { available: boolean; pendingWrites: number } };
+
+async function until(what: string, fn: () => Promise<boolean>, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await fn())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+describe.skipIf(!run)('sessions across instances (Redis, HAProxy)', () => {
+  const modelPath = testModelPath();
+  const CHAT = ['--model', modelPath, '--max-tokens', '96', '--lease-ms', '1500', '--lease-wait-ms', '4000', '--snapshot-idle-ms', '0'];
+  let redis: Awaited<ReturnType<typeof startRedis>>;
+  let lb: Service;
+  const instances: Service[] = [];
+  const ports: number[] = [];
+  const byId = new Map<string, number>(); // instance id -> index
+
+  const startInstance = async (i: number) => {
+    instances[i] = await startServe(ports[i]!, [...CHAT, '--store', redis.url, '--instance-id', `i${i}`]);
+    byId.set(`i${i}`, i);
+  };
+
+  beforeAll(async () => {
+    redis = await startRedis(redisBin!);
+    ports.push(await freePort(), await freePort());
+    await Promise.all([startInstance(0), startInstance(1)]);
+    lb = await startHaproxy(haproxyBin!, ports);
+  });
+  afterAll(async () => {
+    await lb?.kill9();
+    await Promise.all(instances.map((s) => s?.kill9()));
+    await redis?.kill9();
+  });
+  /** Both instances up again (a test may have killed one) and HAProxy seeing them. */
+  afterEach(async () => {
+    for (let i = 0; i < 2; i++) if (instances[i]!.process.exitCode !== null || instances[i]!.process.signalCode !== null) await startInstance(i);
+    await new Promise((r) => setTimeout(r, 500));
+  });
+
+  it('kill -9 of the instance between turns: the next turn continues on the other one with the same memory', async () => {
+    let last: Reply | undefined;
+    for (const m of ['my name is Ada', 'I live by the river', 'my cat is called Pip']) {
+      last = await post(lb.port, 'failover', m);
+      expect(last.status).toBe(200);
+      expect(last.body.finite_memory.persisted).toBe(true);
+    }
+    const served = last!.body.finite_memory.instance;
+    await instances[byId.get(served)!]!.kill9();
+    const next = await post(lb.port, 'failover', 'what is my name?');
+    expect(next.status).toBe(200);
+    const fm = next.body.finite_memory;
+    expect(fm.instance).not.toBe(served);
+    expect(fm).toMatchObject({ restored: true, restored_from: 'ledger', session_reset: null, messages_seen: 8 });
+    // The conversation goes on: the turn count, and every token seen before plus this turn's (its last
+    // sampled token enters the memory with the next turn, as in a chat that never moved).
+    const before = last!.body.finite_memory.chat;
+    expect(fm.chat.turns).toBe(before.turns + 1);
+    expect(fm.chat.tokensSeen).toBe(before.tokensSeen + fm.turn.promptTokens + fm.turn.generatedTokens - 1);
+    expect(fm.chat.tokensEvicted).toBeGreaterThanOrEqual(before.tokensEvicted);
+  });
+
+  it('kill -9 mid-turn: that turn fails for its client, the earlier turns are kept, and the retry succeeds elsewhere', async () => {
+    let last: Reply | undefined;
+    for (const m of ['first', 'second']) last = await post(lb.port, 'midturn', m);
+    const served = last!.body.finite_memory.instance;
+    const res = await fetch(`http://127.0.0.1:${lb.port}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'x-session-id': 'midturn' },
+      body: JSON.stringify({ messages: [{ role: 'user', content: 'a long story please' }], max_tokens: 100_000, stream: true, ignore_eos: true }),
+    }).catch((err: Error) => err);
+    // The stream is running (its first bytes came): kill the instance under it.
+    expect(res).toBeInstanceOf(Response);
+    const reader = (res as Response).body!.getReader();
+    await reader.read();
+    await instances[byId.get(served)!]!.kill9();
+    let failed = false;
+    let text = '';
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        text += Buffer.from(value).toString();
+      }
+    } catch {
+      failed = true;
+    }
+    expect(failed || !text.includes('data: [DONE]')).toBe(true);
+    // The dead instance's lease expires (1.5 s), within the other instance's wait (4 s).
+    const retry = await post(lb.port, 'midturn', 'a long story please');
+    expect(retry.status).toBe(200);
+    expect(retry.body.finite_memory).toMatchObject({ restored: true, restored_from: 'ledger' });
+    expect(retry.body.finite_memory.instance).not.toBe(served);
+    expect(retry.body.finite_memory.chat.turns).toBe(last!.body.finite_memory.chat.turns + 1);
+  });
+
+  it('SIGTERM writes every live session\'s full checkpoint: after a rolling restart the next turn needs no prefill', async () => {
+    let last: Reply | undefined;
+    for (const m of ['alpha', 'beta', 'gamma']) last = await post(lb.port, 'rolling', m);
+    const served = byId.get(last!.body.finite_memory.instance)!;
+    expect(await instances[served]!.terminate()).toBe(0);
+    const next = await post(lb.port, 'rolling', 'delta');
+    expect(next.status).toBe(200);
+    expect(next.body.finite_memory).toMatchObject({ restored: true, restored_from: 'full', session_reset: null });
+    expect(next.body.finite_memory.chat.turns).toBe(4);
+  });
+
+  it('Redis stopped: live sessions answer from memory, /health is degraded, nothing crashes; back, the store catches up', async () => {
+    let last: Reply | undefined;
+    for (const m of ['one', 'two']) last = await post(lb.port, 'outage', m);
+    const served = byId.get(last!.body.finite_memory.instance)!;
+    const direct = ports[served]!;
+    const other = ports[1 - served]!;
+    await redis.kill9();
+    const during = await post(direct, 'outage', 'three');
+    expect(during.status).toBe(200);
+    expect(during.body.finite_memory).toMatchObject({ persisted: false });
+    expect(during.body.finite_memory.chat.turns).toBe(3);
+    expect((await health(direct)).status).toBe('degraded');
+    // A session that is not in memory here cannot be restored now: 503, not a silent restart.
+    const cold = await post(other, 'outage', 'hello?');
+    expect(cold.status).toBe(503);
+    expect(cold.body.error?.code).toBe('session_store_unavailable');
+    expect(cold.headers.get('retry-after')).toBe('1');
+    // Redis back (same port, same append-only file): the pending turn is written by itself.
+    redis = await startRedis(redisBin!, redis.port, redis.dir);
+    await until('the store to catch up', async () => (await health(direct)).status === 'ok');
+    await instances[served]!.kill9();
+    const after = await post(other, 'outage', 'four');
+    expect(after.status).toBe(200);
+    expect(after.body.finite_memory).toMatchObject({ restored: true });
+    expect(after.body.finite_memory.chat.turns).toBe(4);
+  });
+});
+
+describe.skipIf(!redisBin)('the Redis store (one process)', () => {
+  let redis: Awaited<ReturnType<typeof startRedis>>;
+  let model: Model;
+  beforeAll(async () => {
+    redis = await startRedis(redisBin!);
+    model = await loadModel(testModelPath(), { threads: THREADS });
+  });
+  afterAll(async () => {
+    model?.dispose();
+    await redis?.kill9();
+  });
+  const log = { warn() {}, info() {} };
+  const limits = { maxStoredSessions: 100, maxStoredBytes: 1 << 30, sessionTtlMs: 0 };
+
+  it('fencing: a write with a lost lease or an older version is refused', async () => {
+    const a = await RedisBackend.open({ url: redis.url, namespace: 'fence', limits, log });
+    const b = await RedisBackend.open({ url: redis.url, namespace: 'fence', limits, log });
+    const ledger = new Uint8Array([1, 2, 3]);
+    const w = (version: number) => ({ id: 's', version, messagesSeen: 0, lastUsed: Date.now(), ledger });
+    const first = await a.acquire('k', 100);
+    if (!('token' in first)) throw new Error('expected the lease');
+    expect(await b.acquire('k', 100)).toMatchObject({ heldMs: expect.any(Number) });
+    await new Promise((r) => setTimeout(r, 150)); // a stalls past its lease
+    const second = await b.acquire('k', 5000);
+    if (!('token' in second)) throw new Error('expected the lease');
+    expect(second.token).toBeGreaterThan(first.token);
+    await b.writeLedger('k', second.token, w(1));
+    await expect(a.writeLedger('k', first.token, w(2))).rejects.toEqual(new StaleWriteError('lease'));
+    await expect(b.writeLedger('k', second.token, w(1))).rejects.toEqual(new StaleWriteError('version'));
+    await expect(b.writeFull('k', second.token, 2, ledger)).rejects.toEqual(new StaleWriteError('version'));
+    await b.writeFull('k', second.token, 1, new Uint8Array([9]));
+    expect(await b.read('k')).toMatchObject({ id: 's', version: 1, full: Buffer.from([9]) });
+    await b.writeLedger('k', second.token, w(2)); // a newer turn: the full of version 1 is no longer offered
+    expect((await b.read('k'))?.full).toBeUndefined();
+    await a.close();
+    await b.close();
+  });
+
+  it('keys are namespaced by the model and hash the session id; TTL and the caps hold in Redis', async () => {
+    const server = await createServer(model, { store: redis.url, chat: { maxTokens: 64 }, maxStoredSessions: 2, sessionTtlMs: 60_000 });
+    const port = await freePort();
+    await server.listen({ port });
+    for (const id of ['n1', 'n2', 'n3']) expect((await post(port, id, 'hi')).status).toBe(200);
+    const c = createClient({ url: redis.url });
+    await c.connect();
+    const ns = `fml:{${model.info.fingerprint.slice(0, 16)}}:`;
+    const keys = await c.keys(`${ns}s:*`);
+    expect(keys).toHaveLength(2);
+    expect(keys.join()).not.toMatch(/n1|n2|n3/);
+    for (const k of keys) {
+      const ttl = await c.pTTL(k);
+      expect(ttl).toBeGreaterThan(50_000);
+      expect(ttl).toBeLessThanOrEqual(60_000);
+    }
+    expect(await c.zCard(`${ns}index`)).toBe(2);
+    expect(server.sessions().stored).toBe(2);
+    await c.close();
+    await server.close();
+  });
+
+  it('a session leased by another instance waits, then gets 409 with Retry-After', async () => {
+    const server = await createServer(model, { store: redis.url, storeNamespace: 'busy', chat: { maxTokens: 64 }, leaseWaitMs: 300 });
+    const port = await freePort();
+    await server.listen({ port });
+    const other = await RedisBackend.open({ url: redis.url, namespace: 'busy', limits, log });
+    const { sessionKey } = await import('../../src/server/wire.ts');
+    expect(await other.acquire(sessionKey('held'), 5_000)).toMatchObject({ token: expect.any(Number) });
+    const t0 = Date.now();
+    const r = await post(port, 'held', 'hello');
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(280);
+    expect(r.status).toBe(409);
+    expect(r.body.error?.code).toBe('session_busy');
+    expect(Number(r.headers.get('retry-after'))).toBeGreaterThanOrEqual(1);
+    await other.close();
+    await server.close();
+  });
+
+  it('a session stored by another model is rebuilt from its conversation; one of a newer format starts fresh and says so', async () => {
+    const other = await loadModel(testModelPath({ seed: 7 }), { threads: THREADS });
+    expect(other.info.fingerprint).not.toBe(model.info.fingerprint);
+    const a = await createServer(model, { store: redis.url, storeNamespace: 'upgrade', chat: { maxTokens: 64 } });
+    const pa = await freePort();
+    await a.listen({ port: pa });
+    for (const m of ['my name is Ada', 'I like tea']) await post(pa, 'moved', m);
+    await a.close();
+    const b = await createServer(other, { store: redis.url, storeNamespace: 'upgrade', chat: { maxTokens: 64 } });
+    const pb = await freePort();
+    await b.listen({ port: pb });
+    const r = await post(pb, 'moved', 'what is my name?');
+    expect(r.status).toBe(200);
+    expect(r.body.finite_memory).toMatchObject({ restored: true, restored_from: 'transcript', session_reset: null });
+    expect(r.body.finite_memory.chat.turns).toBe(3);
+    await b.close();
+
+    // Both checkpoints from a later format: nothing here can read them.
+    const c = createClient({ url: redis.url });
+    await c.connect();
+    const { sessionKey } = await import('../../src/server/wire.ts');
+    const key = `fml:{upgrade}:s:${sessionKey('moved')}`;
+    for (const field of ['ledger', 'full']) {
+      const v = await c.withTypeMapping({ [(await import('redis')).RESP_TYPES.BLOB_STRING]: Buffer }).hGet(key, field);
+      if (!v) continue;
+      v.writeUInt32LE(99, 8);
+      await c.hSet(key, field, v);
+    }
+    await c.close();
+    const again = await createServer(other, { store: redis.url, storeNamespace: 'upgrade', chat: { maxTokens: 64 } });
+    const pc = await freePort();
+    await again.listen({ port: pc });
+    const fresh = await post(pc, 'moved', 'hello again');
+    expect(fresh.status).toBe(200);
+    expect(fresh.headers.get('x-session-reset')).toBe('restore_failed');
+    expect(fresh.body.finite_memory).toMatchObject({ restored: false, session_reset: 'restore_failed' });
+    expect(fresh.body.finite_memory.chat.turns).toBe(1);
+    await again.close();
+    other.dispose();
+  });
+
+  it('refuses a store that is not a Redis URL, and one it cannot reach, with typed errors', async () => {
+    await expect(createServer(model, { store: 'http://nope' })).rejects.toMatchObject({ code: 'INVALID_OPTION' });
+    await expect(createServer(model, { store: `redis://127.0.0.1:${await freePort()}/0` })).rejects.toMatchObject({ code: 'STORE_UNAVAILABLE' });
+  });
+});

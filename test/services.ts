@@ -1,0 +1,118 @@
+/**
+ * Real services for tests (Debian's redis-server and haproxy, our own `serve` processes), each started
+ * by the test on a free loopback port and stopped after it. Without the package a test skips with a
+ * message naming it; under CI=true it fails instead, so CI cannot pass by skipping.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { createServer, connect } from 'node:net';
+import { join } from 'node:path';
+import { testDir } from './helpers.ts';
+
+/** The binary's path, or undefined (with the reason printed) when its package is missing and CI is not set. */
+export function requireBinary(binary: string, pkg: string): string | undefined {
+  const found = ['/usr/bin', '/usr/sbin', '/usr/local/bin'].map((d) => join(d, binary)).find((p) => spawnSync(p, ['-v']).error === undefined);
+  if (found) return found;
+  const msg = `${binary} not found: install the Debian package '${pkg}' (apt-get install -y ${pkg}) to run these tests`;
+  if (process.env.CI === 'true') throw new Error(`${msg} (CI=true: a missing service fails the run)`);
+  console.warn(`skipping: ${msg}`);
+  return undefined;
+}
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** Resolves once something accepts connections on the port. */
+export async function waitForPort(port: number, timeoutMs = 15_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const c = connect(port, '127.0.0.1');
+      c.once('connect', () => { c.destroy(); resolve(true); });
+      c.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > until) throw new Error(`nothing listens on port ${port} after ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+const exited = (p: ChildProcess) => new Promise<void>((resolve) => (p.exitCode !== null || p.signalCode !== null ? resolve() : p.once('exit', () => resolve())));
+
+export interface Service {
+  readonly port: number;
+  readonly process: ChildProcess;
+  /** SIGKILL (kill -9): no chance to clean up. */
+  kill9(): Promise<void>;
+  /** SIGTERM, then waits for the exit (its code). */
+  terminate(): Promise<number | null>;
+  stderr(): string;
+}
+
+function service(p: ChildProcess, port: number): Service {
+  let err = '';
+  p.stderr?.on('data', (d: Buffer) => { err += d.toString(); });
+  return {
+    port, process: p, stderr: () => err,
+    async kill9() { p.kill('SIGKILL'); await exited(p); },
+    async terminate() { p.kill('SIGTERM'); await exited(p); return p.exitCode; },
+  };
+}
+
+/** redis-server on a free port, persisting to an append-only file in its own dir (a restart keeps the data). */
+export async function startRedis(bin: string, port?: number, dir?: string): Promise<Service & { url: string; dir: string }> {
+  const p0 = port ?? (await freePort());
+  const d = dir ?? mkdtempSync(join(testDir, 'redis-'));
+  const proc = spawn(bin, ['--port', String(p0), '--bind', '127.0.0.1', '--dir', d, '--save', '', '--appendonly', 'yes', '--appendfsync', 'everysec', '--protected-mode', 'no'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  await waitForPort(p0);
+  return { ...service(proc, p0), url: `redis://127.0.0.1:${p0}/0`, dir: d };
+}
+
+/** HAProxy in front of `backends`, routing on X-Session-Id with consistent hashing; a dead backend's share goes to the others. */
+export async function startHaproxy(bin: string, backends: number[]): Promise<Service> {
+  const port = await freePort();
+  const cfg = join(mkdtempSync(join(testDir, 'haproxy-')), 'haproxy.cfg');
+  writeFileSync(cfg, `global
+  maxconn 1000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 60s
+  timeout server 60s
+  retries 2
+  option redispatch 1
+  retry-on conn-failure
+frontend fe
+  bind 127.0.0.1:${port}
+  default_backend instances
+backend instances
+  balance hdr(X-Session-Id)
+  hash-type consistent
+  option httpchk GET /health
+  http-check expect status 200
+${backends.map((b, i) => `  server i${i} 127.0.0.1:${b} check inter 200 fall 1 rise 1`).join('\n')}
+`);
+  const proc = spawn(bin, ['-f', cfg, '-db'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  await waitForPort(port);
+  return service(proc, port);
+}
+
+/** `finite-memory-llm serve` as its own process (so it can be killed), on `port`. */
+export async function startServe(port: number, args: string[]): Promise<Service> {
+  const cli = join(import.meta.dirname, '..', 'src', 'cli.ts');
+  const proc = spawn(process.execPath, ['--import', 'tsx', cli, 'serve', '--port', String(port), '--threads', '1', '--quiet', ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const s = service(proc, port);
+  await Promise.race([
+    waitForPort(port, 30_000),
+    exited(proc).then(() => { throw new Error(`serve exited: ${s.stderr()}`); }),
+  ]);
+  return s;
+}

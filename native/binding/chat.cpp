@@ -392,8 +392,8 @@ Napi::Value js_chat::js_resolved_options(const Napi::CallbackInfo & info) {
 namespace {
 
 // Saves a chat, to a file (`path`) or as bytes (the promise's Uint8Array): the scheduler snapshots it
-// between steps (applying a pending K-shift first), this worker thread encodes (and writes) it. The
-// chat is claimed busy until then.
+// between steps (applying a pending K-shift first; the ledger kind is read without it), this worker
+// thread encodes (and writes) it. The chat is claimed busy until then.
 class save_checkpoint_worker : public promise_worker {
 public:
     save_checkpoint_worker(Napi::Env env, js_chat & chat, Napi::Object chat_obj, std::string path, bool ledger_only, std::string transcript)
@@ -405,12 +405,14 @@ public:
     void OnError(const Napi::Error & e) override { chat_.finished(); promise_worker::OnError(e); }
 protected:
     void run() override {
-        chat_state state = rt_->run_sync([this] {
+        // The ledger kind needs no KV state: it is read under the chat's own lock, without waiting for
+        // the scheduler's current step (a turn's write-through would otherwise wait for other chats' decodes).
+        chat_state state = ledger_only_ ? seq_->export_state(nullptr, false) : rt_->run_sync([this] {
             engine * e = seq_->owner();
-            if (e != nullptr && !ledger_only_) {
+            if (e != nullptr) {
                 e->apply_pending_shift(*seq_);
             }
-            return seq_->export_state(e != nullptr && !ledger_only_ ? e->ctx() : nullptr);
+            return seq_->export_state(e != nullptr ? e->ctx() : nullptr);
         });
         state.transcript = std::move(transcript_);
         if (path_.empty()) {

@@ -1224,7 +1224,7 @@ void sequence::cancel_summary(engine & e) {
 
 // ---- checkpoints ----
 
-chat_state sequence::export_state(llama_context * ctx) {
+chat_state sequence::export_state(llama_context * ctx, bool with_kv) {
     chat_state s;
     std::lock_guard<std::mutex> lock(mu_);
     s.options = opts_;
@@ -1241,8 +1241,8 @@ chat_state sequence::export_state(llama_context * ctx) {
     if (ledger_.empty()) {
         return s;
     }
-    if (replay_pending_) {
-        s.ledger_only = true;   // restored from a ledger-only checkpoint and not prefilled yet
+    if (replay_pending_ || !with_kv) {
+        s.ledger_only = true;   // asked for, or restored from a ledger-only checkpoint and not prefilled yet
     } else if (parked_) {
         s.kv = parked_kv_;
     } else if (ctx != nullptr && slot_ >= 0 && !reset_pending_) {

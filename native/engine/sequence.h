@@ -269,7 +269,9 @@ public:
     // compacts positions in place. Returns the tokens evicted (0 when the turn is not in memory).
     size_t forget_turn(uint32_t turn, engine & e);
     // `ctx`: the chat's engine context, or null when the chat never had a turn.
-    chat_state export_state(llama_context * ctx);
+    // With `ctx` null: the ledger-only state. Everything it reads is guarded by mu_, so a ledger-only
+    // export may run on any thread without waiting for the scheduler's step.
+    chat_state export_state(llama_context * ctx, bool with_kv = true);
     cache_view view(llama_context * ctx) const;
 
 private:

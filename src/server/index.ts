@@ -6,9 +6,11 @@
  *   await server.close();                     // stop accepting, finish in-flight, checkpoint or free sessions
  *
  * A session (header `X-Session-Id`, else the request's `user` field) keeps its `Chat` between requests,
- * so a client sends only the new message. Idle sessions beyond `maxSessions` are checkpointed to disk
- * (least recently used first) and restored on their next request; idle sessions past `sessionTtlMs`
- * are dropped with their checkpoint. Admission: one request at a time per session (a small queue
+ * so a client sends only the new message. Its state also lives in a session store (sessions.ts,
+ * store/): every turn's ledger is written through before the response completes, the full checkpoint
+ * written back when it idles, leaves memory (beyond `maxSessions`, least recently used first) or the
+ * server stops; a directory (`checkpointDir`, or a temp dir) or Redis (`store`, shared by instances,
+ * one owner at a time by lease). Idle sessions past `sessionTtlMs` are forgotten. Admission: one request at a time per session (a small queue
  * behind it), `maxConcurrent` turns decoding at once server-wide (a bounded queue behind them), 429
  * with Retry-After beyond that.
  */
@@ -17,7 +19,7 @@ import type { ServerResponse } from 'node:http';
 import { hostname } from 'node:os';
 import { basename, extname } from 'node:path';
 import { fastify, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
-import { Counter, Gauge, Registry } from 'prom-client';
+import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { Chat } from '../local/chat.js';
 import { AbortedError, CheckpointError, InvalidOptionError } from '../shared/errors.js';
 import { readCheckpointMessages, type Model } from '../local/model.js';
@@ -42,13 +44,14 @@ export interface ServerOptions {
   chat?: Omit<ChatOptions, 'telemetry'>;
   /** Require `Authorization: Bearer <apiKey>` on every route except /health. */
   apiKey?: string;
-  /** Sessions kept live in memory; the least recently used idle ones beyond this are checkpointed to disk. Default 32. */
+  /** Sessions kept live in memory; the least recently used idle ones beyond this are written back to the store and freed. Default 32. */
   maxSessions?: number;
-  /** An idle session (live or checkpointed) older than this is disposed and its checkpoint deleted. Default 30 min; 0 = never. */
+  /** An idle session older than this leaves memory and the store forgets it. Default 30 min; 0 = never. */
   sessionTtlMs?: number;
   /**
-   * Where evicted sessions are checkpointed. When set, sessions also survive a restart: live ones are
-   * checkpointed on close() and the directory is read back at start. Default: a temp dir, removed on close().
+   * The local-directory session store. When set, sessions survive a restart and a `kill -9`: every
+   * turn's ledger is written through (crash-safe), full checkpoints are written back, and the
+   * directory is read back at start. Default: a temp dir for sessions leaving memory, removed on close().
    */
   checkpointDir?: string;
   /** Cap on `max_tokens` / `max_completion_tokens`. Default 1024. */
@@ -81,9 +84,9 @@ export interface ServerOptions {
    * prefilled before the turn; beyond: 400 history_too_large). Default 8 x the chat's maxTokens.
    */
   maxHistoryTokens?: number;
-  /** Checkpointed sessions kept on disk; beyond it the least recently used are deleted. Default 256. */
+  /** Sessions kept in the store; beyond it the least recently used are deleted. Default 256. */
   maxStoredSessions?: number;
-  /** Bytes of checkpoints kept on disk; beyond it the least recently used are deleted. Default 8 GiB. */
+  /** Bytes of checkpoints kept in the store; beyond it the least recently used are deleted. Default 8 GiB. */
   maxStoredBytes?: number;
   /**
    * A Redis session store shared by instances: `redis://[user:password@]host:port/db` or `rediss://`
@@ -115,11 +118,11 @@ export interface FiniteMemoryServer {
   /**
    * Graceful shutdown: stops accepting (new requests get 503), closes idle connections, lets in-flight
    * and queued requests finish (after `abortAfterMs`, running turns are aborted and every connection
-   * still open is closed), then checkpoints live sessions when a checkpointDir is configured, and frees
-   * every chat. Idempotent. Does not dispose the model.
+   * still open is closed), then writes every live session's full checkpoint to the store (when it is a
+   * checkpointDir or Redis), and frees every chat. Idempotent. Does not dispose the model.
    */
   close(options?: { abortAfterMs?: number }): Promise<void>;
-  /** Sessions live in memory and checkpointed on disk. */
+  /** Sessions live in this process's memory, and those the store holds (as of this instance's last write). */
   sessions(): { live: number; stored: number };
 }
 
@@ -172,7 +175,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   };
 
   new Gauge({
-    name: 'finite_memory_server_sessions', help: 'Sessions live in memory and checkpointed on disk', labelNames: ['state'] as const, registers: [registry],
+    name: 'finite_memory_server_sessions', help: 'Sessions live in this process and held by the session store', labelNames: ['state'] as const, registers: [registry],
     collect() {
       const c = counts();
       this.set({ state: 'live' }, c.live);
@@ -182,7 +185,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   new Gauge({ name: 'finite_memory_server_decoding', help: 'Requests holding a decode slot', registers: [registry], collect() { this.set(global.active); } });
   new Gauge({ name: 'finite_memory_server_queued', help: 'Requests waiting for a decode slot', registers: [registry], collect() { this.set(global.waiting); } });
   const requests = new Counter({ name: 'finite_memory_server_requests_total', help: 'HTTP requests by route and status', labelNames: ['route', 'status'] as const, registers: [registry] });
-  const sessionEvents = new Counter({ name: 'finite_memory_server_session_events_total', help: 'Sessions created, checkpointed (LRU), restored and expired', labelNames: ['event'] as const, registers: [registry] });
+  const sessionEvents = new Counter({ name: 'finite_memory_server_session_events_total', help: 'Sessions created, written back and freed (checkpointed), restored, superseded, caught up, expired', labelNames: ['event'] as const, registers: [registry] });
 
   // Node's own limits on slow clients (fastify's default requestTimeout 0 turns them off): headers and
   // the whole request must arrive in time, idle keep-alive connections close, and the timers are
@@ -193,14 +196,18 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
     http: { headersTimeout: Math.min(headersTimeoutMs, requestTimeoutMs), connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(headersTimeoutMs / 4))) },
   });
 
-  // ---- sessions: LRU eviction to checkpoints, restore, TTL (sessions.ts) ----
+  // ---- sessions: the store (store/), write-through and write-back, leases, restore (sessions.ts) ----
 
   const limits = { maxStoredSessions, maxStoredBytes, sessionTtlMs };
   const backend = options.store !== undefined
     ? await RedisBackend.open({ url: options.store, namespace: options.storeNamespace ?? model.info.fingerprint.slice(0, 16), limits, log: app.log })
     : await DirBackend.open(options.checkpointDir, limits, sessionKey);
+  const writeSeconds = new Histogram({
+    name: 'finite_memory_server_store_write_seconds', help: 'Writes to the session store: a turn\'s ledger (write-through, before its response completes) and full checkpoints (write-back)',
+    labelNames: ['kind'] as const, buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1], registers: [registry],
+  });
   const store = new SessionStore({
-    backend, maxSessions, sessionTtlMs, maxSessionQueue, leaseMs, leaseWaitMs, snapshotIdleMs, events: sessionEvents, log: app.log, track,
+    backend, maxSessions, sessionTtlMs, maxSessionQueue, leaseMs, leaseWaitMs, snapshotIdleMs, events: sessionEvents, writeSeconds, log: app.log, track,
   });
   const counts = () => store.counts();
 
@@ -421,12 +428,15 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
         return;
       }
       let persisted: boolean | null = null;
+      let storeMs: number | null = null;
       if (session && result.stats.promptTokens > 0) {
         // Reconciliation: a longer array means the client resends the whole conversation.
         session.messagesSeen = Math.max(parsed.conversation.length, session.messagesSeen + 1) + 1;
         // Write-through: the store holds this turn before its response completes.
+        const t0 = performance.now();
         try {
           persisted = await store.commit(session, lease!);
+          if (persisted !== null) storeMs = performance.now() - t0;
         } catch (err) {
           if (!started) throw err;
           const http = toHttpError(err);
@@ -443,10 +453,10 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       };
       const finite_memory: {
         instance: string; session_id: string | null; restored: boolean; restored_from: RestoredFrom | null; session_reset: 'restore_failed' | null; messages_seen: number | null;
-        persisted: boolean | null; stop_reason: StopReason; turn: TurnStats; chat: ChatStats; pins: { turn: number; tokens: number }[];
+        persisted: boolean | null; store_ms: number | null; stop_reason: StopReason; turn: TurnStats; chat: ChatStats; pins: { turn: number; tokens: number }[];
       } = {
         instance: instanceId, session_id: session?.id ?? null, restored: restoredFrom !== undefined, restored_from: restoredFrom ?? null, session_reset: sessionReset ?? null,
-        messages_seen: session?.messagesSeen ?? null, persisted, stop_reason: result.stopReason, turn: result.stats, chat: stats, pins: chat.pins(),
+        messages_seen: session?.messagesSeen ?? null, persisted, store_ms: storeMs, stop_reason: result.stopReason, turn: result.stats, chat: stats, pins: chat.pins(),
       };
       if (clientGone) {
         reply.hijack();

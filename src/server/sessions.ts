@@ -10,7 +10,7 @@
  * is unreachable, live sessions keep answering from memory and their writes are retried until it is
  * back; a session that is not in memory then gets 503 (it is not started over).
  */
-import type { Counter } from 'prom-client';
+import type { Counter, Histogram } from 'prom-client';
 import type { Chat } from '../local/chat.js';
 import { Gate } from './admission.js';
 import { StaleWriteError, StoreUnavailableError, type SessionBackend, type StoredSession } from './store/backend.js';
@@ -54,6 +54,8 @@ export interface SessionStoreOptions {
   /** An idle session's full checkpoint is written back after this (0: only at eviction and shutdown). */
   snapshotIdleMs: number;
   events: Counter<'event'>;
+  /** Time of each write to the store: a turn's ledger (write-through), a full checkpoint (write-back). */
+  writeSeconds: Histogram<'kind'>;
   log: { warn(obj: object, msg: string): void; error(obj: object, msg: string): void };
   /** Background work (write-backs, retries) is tracked so close() waits for it. */
   track<T>(p: Promise<T>): Promise<T>;
@@ -147,21 +149,23 @@ export class SessionStore {
 
   /**
    * After a turn, before its response completes: the ledger is written through. Returns whether the
-   * store holds the turn now (false: the store is unreachable; the write is retried). A write the
+   * store holds the turn now (false: the store is unreachable; the write is retried; null: no store). A write the
    * store refuses (the lease was lost to another instance) drops the live chat: 409.
    */
-  async commit(s: Session, lease: TurnLease): Promise<boolean> {
+  async commit(s: Session, lease: TurnLease): Promise<boolean | null> {
     const chat = s.chat;
     if (!chat) return false;
     s.version++;
     s.lastUsed = Date.now();
-    if (!this.#o.backend.durable) return true;
+    if (!this.#o.backend.durable) return null;
     if (lease.token === undefined) {
       this.#markPending(s);
       return false;
     }
+    const t0 = performance.now();
     try {
       await this.#writeLedger(s, chat, lease.token);
+      this.#o.writeSeconds.observe({ kind: 'ledger' }, (performance.now() - t0) / 1000);
       return true;
     } catch (err) {
       if (err instanceof StaleWriteError) {
@@ -239,7 +243,9 @@ export class SessionStore {
       }
       if (s.storedVersion < s.version || r.version < s.version) await this.#writeLedger(s, chat, r.token);
       if (full && s.fullVersion < s.version) {
+        const t0 = performance.now();
         await this.#o.backend.writeFull(s.key, r.token, s.version, await chat.checkpoint({ kind: 'full' }));
+        this.#o.writeSeconds.observe({ kind: 'full' }, (performance.now() - t0) / 1000);
         s.fullVersion = s.version;
       }
       return true;

@@ -5,7 +5,7 @@
  *   finite-memory-llm chat --model X [--policy sliding] [--max-tokens 2048] [--system "..."]
  *   finite-memory-llm serve --model X [--port 8080] [--policy hybrid] [--max-tokens 2048] [--api-key K] ...
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline/promises';
@@ -23,8 +23,8 @@ const USAGE = `Usage:
         [--max-request-tokens 1024] [--max-history-tokens N] [--body-limit 1048576] [--headers-timeout-ms 10000]
         [--request-timeout-ms 30000] [--keep-alive-timeout-ms 5000] [--max-stored-sessions 256]
         [--max-stored-bytes 8589934592] [--shutdown-timeout-ms 30000] [--quiet]
-        [--store redis://[user:password@]host:6379/0 | rediss://... (or FINITE_MEMORY_STORE)] [--store-namespace NS]
-        [--lease-ms 10000] [--lease-wait-ms 2000] [--snapshot-idle-ms 30000] [--instance-id NAME]`;
+        [--store redis://[user:password@]host:6379/0 | rediss://... (or FINITE_MEMORY_STORE)] [--store-ca ca.pem] [--store-namespace NS]
+        [--lease-ms 10000] [--lease-wait-ms 2000] [--snapshot-idle-ms 30000] [--no-full-snapshots] [--instance-id NAME]`;
 
 const TOPICS = ['the weather', 'a red bicycle', 'the old lighthouse', 'breakfast', 'a lost key', 'the river', 'music', 'a small cat'];
 
@@ -159,10 +159,12 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
     ...(typeof args['checkpoint-dir'] === 'string' ? { checkpointDir: args['checkpoint-dir'] } : {}),
     ...(typeof args.store === 'string' ? { store: args.store } : process.env.FINITE_MEMORY_STORE ? { store: process.env.FINITE_MEMORY_STORE } : {}),
     ...(typeof args['store-namespace'] === 'string' ? { storeNamespace: args['store-namespace'] } : {}),
+    ...(typeof args['store-ca'] === 'string' ? { storeCa: readFileSync(args['store-ca'], 'utf8') } : {}),
     ...(typeof args['instance-id'] === 'string' ? { instanceId: args['instance-id'] } : {}),
     leaseMs: intArg(args, 'lease-ms'),
     leaseWaitMs: intArg(args, 'lease-wait-ms'),
     snapshotIdleMs: intArg(args, 'snapshot-idle-ms'),
+    ...(args['no-full-snapshots'] ? { fullSnapshots: false } : {}),
     maxSessions: intArg(args, 'max-sessions'),
     sessionTtlMs: intArg(args, 'session-ttl-ms'),
     maxConcurrent: intArg(args, 'max-concurrent'),
@@ -209,8 +211,8 @@ async function main(): Promise<number> {
       'max-request-tokens': { type: 'string' }, 'body-limit': { type: 'string' }, 'shutdown-timeout-ms': { type: 'string' },
       'max-history-tokens': { type: 'string' }, 'headers-timeout-ms': { type: 'string' }, 'request-timeout-ms': { type: 'string' },
       'keep-alive-timeout-ms': { type: 'string' }, slots: { type: 'string' }, 'prefill-chunk': { type: 'string' }, 'max-stored-sessions': { type: 'string' }, 'max-stored-bytes': { type: 'string' },
-      store: { type: 'string' }, 'store-namespace': { type: 'string' }, 'lease-ms': { type: 'string' }, 'lease-wait-ms': { type: 'string' },
-      'snapshot-idle-ms': { type: 'string' }, 'instance-id': { type: 'string' }, quiet: { type: 'boolean' },
+      store: { type: 'string' }, 'store-namespace': { type: 'string' }, 'store-ca': { type: 'string' }, 'lease-ms': { type: 'string' }, 'lease-wait-ms': { type: 'string' },
+      'snapshot-idle-ms': { type: 'string' }, 'instance-id': { type: 'string' }, 'no-full-snapshots': { type: 'boolean' }, quiet: { type: 'boolean' },
     },
   });
   const command = positionals[0];

@@ -4,14 +4,14 @@
  * message naming it; under CI=true it fails instead, so CI cannot pass by skipping.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer, connect } from 'node:net';
 import { join } from 'node:path';
 import { testDir } from './helpers.ts';
 
 /** The binary's path, or undefined (with the reason printed) when its package is missing and CI is not set. */
 export function requireBinary(binary: string, pkg: string): string | undefined {
-  const found = ['/usr/bin', '/usr/sbin', '/usr/local/bin'].map((d) => join(d, binary)).find((p) => spawnSync(p, ['-v']).error === undefined);
+  const found = ['/usr/bin', '/usr/sbin', '/usr/local/bin'].map((d) => join(d, binary)).find((p) => spawnSync(p, ['--version']).error === undefined);
   if (found) return found;
   const msg = `${binary} not found: install the Debian package '${pkg}' (apt-get install -y ${pkg}) to run these tests`;
   if (process.env.CI === 'true') throw new Error(`${msg} (CI=true: a missing service fails the run)`);
@@ -68,12 +68,32 @@ function service(p: ChildProcess, port: number): Service {
 }
 
 /** redis-server on a free port, persisting to an append-only file in its own dir (a restart keeps the data). */
-export async function startRedis(bin: string, port?: number, dir?: string): Promise<Service & { url: string; dir: string }> {
+export async function startRedis(bin: string, port?: number, dir?: string, extra: string[] = []): Promise<Service & { url: string; dir: string }> {
   const p0 = port ?? (await freePort());
   const d = dir ?? mkdtempSync(join(testDir, 'redis-'));
-  const proc = spawn(bin, ['--port', String(p0), '--bind', '127.0.0.1', '--dir', d, '--save', '', '--appendonly', 'yes', '--appendfsync', 'everysec', '--protected-mode', 'no'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const proc = spawn(bin, ['--port', String(p0), '--bind', '127.0.0.1', '--dir', d, '--save', '', '--appendonly', 'yes', '--appendfsync', 'everysec', '--protected-mode', 'no', ...extra], { stdio: ['ignore', 'ignore', 'pipe'] });
   await waitForPort(p0);
   return { ...service(proc, p0), url: `redis://127.0.0.1:${p0}/0`, dir: d };
+}
+
+/** redis-server serving TLS only, with a CA and a server certificate made here by openssl (undefined without openssl). */
+export async function startRedisTls(bin: string): Promise<(Service & { url: string; ca: string }) | undefined> {
+  const openssl = requireBinary('openssl', 'openssl');
+  if (!openssl) return undefined;
+  const d = mkdtempSync(join(testDir, 'redis-tls-'));
+  const run = (args: string[]) => {
+    const r = spawnSync(openssl, args, { cwd: d });
+    if (r.status !== 0) throw new Error(`openssl ${args[0]} failed: ${r.stderr.toString()}`);
+  };
+  run(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj', '/CN=test-ca', '-keyout', 'ca.key', '-out', 'ca.pem']);
+  run(['req', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=localhost', '-keyout', 'server.key', '-out', 'server.csr']);
+  writeFileSync(join(d, 'san.ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\n');
+  run(['x509', '-req', '-in', 'server.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '1', '-extfile', 'san.ext', '-out', 'server.pem']);
+  const port = await freePort();
+  const proc = spawn(bin, ['--port', '0', '--tls-port', String(port), '--bind', '127.0.0.1', '--dir', d, '--save', '', '--tls-cert-file', join(d, 'server.pem'),
+    '--tls-key-file', join(d, 'server.key'), '--tls-ca-cert-file', join(d, 'ca.pem'), '--tls-auth-clients', 'no'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  await waitForPort(port);
+  return { ...service(proc, port), url: `rediss://127.0.0.1:${port}/0`, ca: readFileSync(join(d, 'ca.pem'), 'utf8') };
 }
 
 /** HAProxy in front of `backends`, routing on X-Session-Id with consistent hashing; a dead backend's share goes to the others. */

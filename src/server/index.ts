@@ -94,6 +94,8 @@ export interface ServerOptions {
    * "Sessions across instances".
    */
   store?: string;
+  /** PEM of the CA that signed a `rediss://` store's certificate (default: Node's trusted CAs). */
+  storeCa?: string;
   /** Redis key namespace. Default: the model's fingerprint (instances of one model share sessions). */
   storeNamespace?: string;
   /** A session's lease while a turn runs (renewed meanwhile; what a crashed instance holds it for). Default 10 s. */
@@ -102,6 +104,13 @@ export interface ServerOptions {
   leaseWaitMs?: number;
   /** An idle session's full checkpoint is written to the store after this; 0: only when it leaves memory or at shutdown. Default 30 s. */
   snapshotIdleMs?: number;
+  /**
+   * Whether full checkpoints (KV cache included: a restore without prefill) are written back to a
+   * durable store. False: the store holds each session's ledger only, a small fraction of the bytes,
+   * and every restore prefills the retained tokens. Default true. (A session leaving memory for a
+   * temp dir always writes its full checkpoint.)
+   */
+  fullSnapshots?: boolean;
   /** This instance's name in responses (`finite_memory.instance`): which instance behind a load balancer served a turn. Default host:pid. */
   instanceId?: string;
 }
@@ -200,14 +209,14 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
 
   const limits = { maxStoredSessions, maxStoredBytes, sessionTtlMs };
   const backend = options.store !== undefined
-    ? await RedisBackend.open({ url: options.store, namespace: options.storeNamespace ?? model.info.fingerprint.slice(0, 16), limits, log: app.log })
+    ? await RedisBackend.open({ url: options.store, ...(options.storeCa !== undefined ? { ca: options.storeCa } : {}), namespace: options.storeNamespace ?? model.info.fingerprint.slice(0, 16), limits, log: app.log })
     : await DirBackend.open(options.checkpointDir, limits, sessionKey);
   const writeSeconds = new Histogram({
     name: 'finite_memory_server_store_write_seconds', help: 'Writes to the session store: a turn\'s ledger (write-through, before its response completes) and full checkpoints (write-back)',
     labelNames: ['kind'] as const, buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1], registers: [registry],
   });
   const store = new SessionStore({
-    backend, maxSessions, sessionTtlMs, maxSessionQueue, leaseMs, leaseWaitMs, snapshotIdleMs, events: sessionEvents, writeSeconds, log: app.log, track,
+    backend, maxSessions, sessionTtlMs, maxSessionQueue, leaseMs, leaseWaitMs, snapshotIdleMs, fullSnapshots: options.fullSnapshots ?? true, events: sessionEvents, writeSeconds, log: app.log, track,
   });
   const counts = () => store.counts();
 

@@ -53,6 +53,8 @@ export interface SessionStoreOptions {
   leaseWaitMs: number;
   /** An idle session's full checkpoint is written back after this (0: only at eviction and shutdown). */
   snapshotIdleMs: number;
+  /** False: the store holds ledgers only (restores prefill; a fraction of the bytes). */
+  fullSnapshots: boolean;
   events: Counter<'event'>;
   /** Time of each write to the store: a turn's ledger (write-through), a full checkpoint (write-back). */
   writeSeconds: Histogram<'kind'>;
@@ -186,7 +188,7 @@ export class SessionStore {
       if (lease.token !== undefined) this.#o.backend.release(s.key, lease.token).catch(() => {});
     }
     if (!s.chat && s.gate.idle && !this.#pending.has(s)) this.#sessions.delete(s.id);
-    if (s.chat && this.#o.snapshotIdleMs > 0 && this.#o.backend.durable) {
+    if (s.chat && this.#o.snapshotIdleMs > 0 && this.#o.fullSnapshots && this.#o.backend.durable) {
       s.idleTimer = setTimeout(() => void this.#o.track(this.#writeBackIdle(s)), this.#o.snapshotIdleMs);
       s.idleTimer.unref();
     }
@@ -231,28 +233,29 @@ export class SessionStore {
 
   /**
    * Under its own lease: the pending ledger, then (when `full`) the full checkpoint of this version.
-   * False when another instance holds the session or the store refused (the live chat is then stale).
+   * 'held': another owner holds the lease now (try again later); 'superseded': the store holds a newer
+   * version, and the live chat was dropped.
    */
-  async #persist(s: Session, chat: Chat, full: boolean): Promise<boolean> {
+  async #persist(s: Session, chat: Chat, full: boolean): Promise<'written' | 'held' | 'superseded'> {
     const r = await this.#o.backend.acquire(s.key, this.#o.leaseMs);
-    if (!('token' in r)) return false;
+    if (!('token' in r)) return 'held';
     try {
       if (r.version > s.version) {
         this.#dropLive(s, 'superseded');
-        return false;
+        return 'superseded';
       }
       if (s.storedVersion < s.version || r.version < s.version) await this.#writeLedger(s, chat, r.token);
-      if (full && s.fullVersion < s.version) {
+      if (full && (this.#o.fullSnapshots || !this.#o.backend.durable) && s.fullVersion < s.version) {
         const t0 = performance.now();
         await this.#o.backend.writeFull(s.key, r.token, s.version, await chat.checkpoint({ kind: 'full' }));
         this.#o.writeSeconds.observe({ kind: 'full' }, (performance.now() - t0) / 1000);
         s.fullVersion = s.version;
       }
-      return true;
+      return 'written';
     } catch (err) {
       if (err instanceof StaleWriteError) {
         this.#dropLive(s, 'superseded');
-        return false;
+        return 'superseded';
       }
       throw err;
     } finally {
@@ -287,8 +290,11 @@ export class SessionStore {
       const release = s.gate.tryEnter();
       if (!release) continue;
       try {
-        if (!s.chat || !(await this.#persist(s, s.chat, false))) this.#pending.delete(s);
-        else this.#o.events.inc({ event: 'caught_up' });
+        // A lease still held (by another instance, or one of this instance's from before the outage
+        // that Redis kept) is waited out: the session stays pending.
+        const r = s.chat ? await this.#persist(s, s.chat, false) : 'superseded';
+        if (r !== 'held') this.#pending.delete(s);
+        if (r === 'written') this.#o.events.inc({ event: 'caught_up' });
       } catch (err) {
         if (!(err instanceof StoreUnavailableError)) this.#o.log.warn({ err, session: s.id }, 'a pending session write failed');
       } finally {
@@ -319,7 +325,9 @@ export class SessionStore {
       const chat = s.chat;
       if (!chat) return false;
       clearTimeout(s.idleTimer);
-      if (!(await this.#persist(s, chat, true))) return !s.chat;
+      const r = await this.#persist(s, chat, true);
+      if (r === 'superseded') return true;
+      if (r === 'held') return false;
       s.chat = undefined;
       chat.dispose();
       this.#o.events.inc({ event: 'checkpointed' });

@@ -8,7 +8,7 @@ import { createServer } from '../../src/server/index.ts';
 import { RedisBackend } from '../../src/server/store/redis.ts';
 import { StaleWriteError } from '../../src/server/store/backend.ts';
 import { testModelPath, THREADS } from '../helpers.ts';
-import { freePort, requireBinary, startHaproxy, startRedis, startServe, type Service } from '../services.ts';
+import { freePort, requireBinary, startHaproxy, startRedis, startRedisTls, startServe, type Service } from '../services.ts';
 
 const redisBin = requireBinary('redis-server', 'redis-server');
 const haproxyBin = requireBinary('haproxy', 'haproxy');
@@ -240,6 +240,27 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     await server.close();
   });
 
+  it('fullSnapshots: false keeps ledgers only in Redis (a restore prefills them)', async () => {
+    const opts = { store: redis.url, storeNamespace: 'ledgers', chat: { maxTokens: 64 }, fullSnapshots: false } as const;
+    const a = await createServer(model, opts);
+    const pa = await freePort();
+    await a.listen({ port: pa });
+    for (const m of ['one', 'two']) await post(pa, 'lean', m);
+    await a.close(); // would write the full checkpoint
+    const c = createClient({ url: redis.url });
+    await c.connect();
+    const { sessionKey } = await import('../../src/server/wire.ts');
+    const key = `fml:{ledgers}:s:${sessionKey('lean')}`;
+    expect(Boolean(await c.hExists(key, 'ledger'))).toBe(true);
+    expect(Boolean(await c.hExists(key, 'full'))).toBe(false);
+    await c.close();
+    const b = await createServer(model, opts);
+    const pb = await freePort();
+    await b.listen({ port: pb });
+    expect((await post(pb, 'lean', 'three')).body.finite_memory).toMatchObject({ restored: true, restored_from: 'ledger', chat: { turns: 3 } });
+    await b.close();
+  });
+
   it('a session leased by another instance waits, then gets 409 with Retry-After', async () => {
     const server = await createServer(model, { store: redis.url, storeNamespace: 'busy', chat: { maxTokens: 64 }, leaseWaitMs: 300 });
     const port = await freePort();
@@ -296,6 +317,37 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     expect(fresh.body.finite_memory.chat.turns).toBe(1);
     await again.close();
     other.dispose();
+  });
+
+  it('connects with a password and over TLS (rediss:// with the server\'s CA); a wrong password is a typed error that does not echo it', async () => {
+    const locked = await startRedis(redisBin!, undefined, undefined, ['--requirepass', 's3cret-pw']);
+    try {
+      const port = locked.port;
+      const ok = await createServer(model, { store: `redis://:s3cret-pw@127.0.0.1:${port}/0`, chat: { maxTokens: 64 } });
+      const p = await freePort();
+      await ok.listen({ port: p });
+      expect((await post(p, 'pw', 'hello')).body.finite_memory).toMatchObject({ persisted: true });
+      await ok.close();
+      const err = await createServer(model, { store: `redis://:wrong-pw@127.0.0.1:${port}/0` }).catch((e: Error) => e);
+      expect(err).toMatchObject({ code: 'STORE_UNAVAILABLE' });
+      expect((err as Error).message).not.toMatch(/wrong-pw|s3cret-pw/);
+    } finally {
+      await locked.kill9();
+    }
+    const tls = await startRedisTls(redisBin!);
+    if (!tls) return;
+    try {
+      const server = await createServer(model, { store: tls.url, storeCa: tls.ca, chat: { maxTokens: 64 } });
+      const p = await freePort();
+      await server.listen({ port: p });
+      expect((await post(p, 'tls', 'hello')).body.finite_memory).toMatchObject({ persisted: true });
+      expect((await post(p, 'tls', 'again')).body.finite_memory.chat.turns).toBe(2);
+      await server.close();
+      // Without the CA the certificate is not trusted: refused, not downgraded.
+      await expect(createServer(model, { store: tls.url })).rejects.toMatchObject({ code: 'STORE_UNAVAILABLE' });
+    } finally {
+      await tls.kill9();
+    }
   });
 
   it('refuses a store that is not a Redis URL, and one it cannot reach, with typed errors', async () => {

@@ -100,6 +100,8 @@ const SHA = Object.fromEntries(Object.entries(SCRIPTS).map(([k, v]) => [k, creat
 export interface RedisBackendOptions {
   /** redis://[user:password@]host:port/db, or rediss:// for TLS. */
   url: string;
+  /** PEM of the CA that signed a rediss:// server's certificate (default: Node's trusted CAs). */
+  ca?: string;
   /** Key namespace (default: the model's fingerprint): instances of one model share sessions. */
   namespace: string;
   limits: BackendLimits;
@@ -144,6 +146,7 @@ export class RedisBackend implements SessionBackend {
       disableOfflineQueue: true,
       // Before the first connection a few quick tries (then open() fails); after it, reconnect for ever.
       socket: {
+        ...(o.url.startsWith('rediss:') ? { tls: true as const, ...(o.ca !== undefined ? { ca: o.ca } : {}) } : {}),
         connectTimeout: COMMAND_TIMEOUT_MS,
         reconnectStrategy: (retries: number, cause: Error) => (!b.#everReady && retries >= 3 ? cause : Math.min(50 * 2 ** Math.min(retries, 6), 2_000)),
       },

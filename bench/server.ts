@@ -229,6 +229,14 @@ async function main() {
     ...redisMem,
     '',
     'write-through = the turn\'s ledger checkpoint serialised and written (disk: temp file, fdatasync, rename; Redis: one EVALSHA) before its response completes (`finite_memory.store_ms`).',
+    '',
+    'Reading: what a store costs a turn is its write-through. The ledger checkpoint is read under the chat\'s own lock (it does not wait for the',
+    'decode step other chats are in), then written once; against turns that take seconds on this CPU it is within the run-to-run noise of',
+    'req/s. Two instances behind HAProxy serve the same sessions, each session from one instance at a time (consistent hashing), on two cores',
+    'instead of one; the gain stays below 2x because Redis, HAProxy and autocannon share those cores. While sessions are live Redis holds their',
+    'ledgers (a few KiB); after SIGTERM every session also has its full checkpoint (the KV cache of its retained tokens), which',
+    '`--no-full-snapshots` leaves out (restores then prefill). Sessions here are short (a few turns); per-token sizes are in the checkpoint',
+    'section below (`bench/checkpoint.ts`).',
   ].join('\n');
   console.log(out);
   if (!process.argv.includes('--no-write')) writeResultsSection('server', out);

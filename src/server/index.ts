@@ -502,10 +502,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       controllers.delete(ac);
       releaseSlot?.();
       oneOff?.dispose();
-      if (session) {
-        store.end(session, lease);
-        releaseSession?.();
-      }
+      if (session) store.end(session, lease, releaseSession);
     }
   }
 

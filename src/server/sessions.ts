@@ -180,14 +180,20 @@ export class SessionStore {
     }
   }
 
-  /** After a request: the lease goes, the idle write-back is scheduled, LRU sessions beyond the limit leave memory. */
-  end(s: Session, lease: TurnLease | undefined): void {
+  /**
+   * After a request: the lease goes (before the session's gate opens, so the next request of this
+   * session finds it free), then the gate (`releaseGate`); the idle write-back is scheduled, and LRU
+   * sessions beyond the limit leave memory.
+   */
+  end(s: Session, lease: TurnLease | undefined, releaseGate: (() => void) | undefined): void {
     s.lastUsed = Date.now();
     if (lease) {
       clearInterval(lease.renew);
       if (lease.token !== undefined) this.#o.backend.release(s.key, lease.token).catch(() => {});
     }
+    releaseGate?.();
     if (!s.chat && s.gate.idle && !this.#pending.has(s)) this.#sessions.delete(s.id);
+    clearTimeout(s.idleTimer);
     if (s.chat && this.#o.snapshotIdleMs > 0 && this.#o.fullSnapshots && this.#o.backend.durable) {
       s.idleTimer = setTimeout(() => void this.#o.track(this.#writeBackIdle(s)), this.#o.snapshotIdleMs);
       s.idleTimer.unref();

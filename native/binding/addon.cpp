@@ -12,6 +12,8 @@
 #include "ggml-backend.h"
 #include "llama.h"
 
+#include <mutex>
+
 namespace fml {
 
 void register_probes(Napi::Env env, Napi::Object exports);   // probes.cpp or no-probes.cpp
@@ -78,16 +80,21 @@ Napi::Value js_system_info(const Napi::CallbackInfo & info) {
 } // namespace
 
 Napi::Object init(Napi::Env env, Napi::Object exports) {
-    install_llama_log();
-    llama_backend_init();
+    // Once per process: every Worker that loads the addon runs init() again in its own environment.
+    static std::once_flag backend_once;
+    std::call_once(backend_once, [] {
+        install_llama_log();
+        llama_backend_init();
+    });
     auto * data = new addon_data();
     Napi::Function model_ctor = js_model::define(env);
     Napi::Function chat_ctor = js_chat::define(env);
     data->model_ctor = Napi::Persistent(model_ctor);
     data->chat_ctor = Napi::Persistent(chat_ctor);
     env.SetInstanceData(data);
-    // Scheduler threads must be gone before the environment is: they call into it.
-    env.AddCleanupHook([] { runtime::stop_all(); });
+    // Scheduler threads must be gone before their environment is (they call into it); only this
+    // environment's: a Worker's exit must not stop the main thread's models.
+    env.AddCleanupHook([data] { runtime::stop_owned(data); });
     exports.Set("NativeModel", model_ctor);
     exports.Set("NativeChat", chat_ctor);
     exports.Set("loadModel", Napi::Function::New(env, js_load_model));

@@ -32,6 +32,7 @@ std::shared_ptr<runtime> js_model::require_runtime(Napi::Env env) {
         ro.engine.max_slots = load_options.slots;
         ro.engine.prefill_chunk = load_options.prefill_chunk;
         ro.engine.unified = load_options.kv_unified;
+        ro.owner = env.GetInstanceData<addon_data>();
         runtime_ = std::make_shared<runtime>(m, ro);
     }
     return runtime_;

@@ -44,14 +44,14 @@ void runtime::stop() {
     }
 }
 
-void runtime::stop_all() {
-    std::vector<runtime *> all;
-    {
-        std::lock_guard<std::mutex> lock(g_runtimes_mutex);
-        all.assign(g_runtimes.begin(), g_runtimes.end());
-    }
-    for (runtime * r : all) {
-        r->stop();
+void runtime::stop_owned(const void * owner) {
+    // Stopped under the registry lock: a runtime cannot be destroyed (it erases itself under the same
+    // lock) while it is being stopped here.
+    std::lock_guard<std::mutex> lock(g_runtimes_mutex);
+    for (runtime * r : g_runtimes) {
+        if (r->opts_.owner == owner) {
+            r->stop();
+        }
     }
 }
 

@@ -26,6 +26,9 @@ namespace fml {
 struct runtime_options {
     int32_t threads = 1;
     engine_options engine;
+    // Who created it (an opaque tag: the binding's environment), so that stop_owned() stops only
+    // what one Node environment (the main thread or a Worker) created.
+    const void * owner = nullptr;
 };
 
 class runtime {
@@ -63,8 +66,9 @@ public:
     // Figures of every engine (tests, benchmarks), summed.
     engine_stats stats();
 
-    // Stops every live runtime (the addon's environment is going away).
-    static void stop_all();
+    // Stops every live runtime created with this owner (that environment is going away); the
+    // runtimes of other environments (the main thread, other Workers) keep running.
+    static void stop_owned(const void * owner);
     static size_t live_count();
 
 private:

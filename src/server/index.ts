@@ -348,6 +348,8 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
         const entering = session.gate.enter(ac.signal);
         if (!entering) throw overloaded('Too many requests queued for this session');
         releaseSession = await entering;
+        // The lease before a decode slot: waiting for another instance must not hold a slot here.
+        lease = await store.begin(session, ac.signal);
       }
       const slot = global.enter(ac.signal);
       if (!slot) throw overloaded('The server is at capacity');
@@ -359,19 +361,19 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       let restoredFrom: RestoredFrom | undefined;
       let created = false;
       if (session) {
-        lease = await store.begin(session, ac.signal);
         if (session.chat) {
           chat = session.chat;
         } else {
           await store.makeRoom();
-          const stored = lease.storedVersion > 0 ? await store.read(session) : undefined;
           let restoredChat: Chat | undefined;
-          if (stored) {
-            const r = await restoreChat(stored, parsed, ac.signal);
+          if (lease!.storedVersion > 0) {
+            // Gone between the lease and the read (dropped by the caps or the TTL): a reset too.
+            const stored = await store.read(session);
+            const r = stored ? await restoreChat(stored, parsed, ac.signal) : undefined;
             if (r) {
               restoredChat = r.chat;
               restoredFrom = r.from;
-              session.messagesSeen = stored.messagesSeen;
+              session.messagesSeen = stored!.messagesSeen;
               sessionEvents.inc({ event: 'restored' });
             } else {
               // Another model whose tokens no longer fit, a newer format, corrupt bytes: the session

@@ -126,7 +126,10 @@ export class SessionStore {
         throw new HttpError(503, 'server_error', 'session_store_unavailable', 'The session store is unreachable and this session is not in memory here; retry shortly', null, { 'retry-after': '1' });
       }
       if ('token' in r) {
-        if (s.chat && r.version > s.version) this.#dropLive(s, 'superseded');
+        // The store moved on since this chat last wrote or read it (another instance served the
+        // session, possibly while this one answered from memory during an outage): this line of
+        // turns has diverged and goes; the store's is restored.
+        if (s.chat && r.version > s.storedVersion) this.#dropLive(s, 'superseded');
         if (!s.chat) s.version = s.storedVersion = s.fullVersion = r.version;
         const token = r.token;
         const renew = setInterval(() => {
@@ -217,9 +220,16 @@ export class SessionStore {
       if (!chat) continue;
       if (this.#o.backend.durable) {
         try {
-          await this.#persist(s, chat, true);
+          // A lease still held (another instance's turn, or one of ours Redis kept through an outage)
+          // is waited out, at most one lease period.
+          let r = await this.#persist(s, chat, true);
+          for (const until = Date.now() + this.#o.leaseMs; r === 'held' && Date.now() < until;) {
+            await new Promise((res) => setTimeout(res, 100));
+            r = await this.#persist(s, chat, true);
+          }
+          if (r === 'held' && s.storedVersion < s.version) this.#o.log.error({ session: s.id, turns: s.version - s.storedVersion }, 'turns of a session could not be written at shutdown (its lease stayed held)');
         } catch (err) {
-          this.#o.log.error({ err, session: s.id }, 'writing a session to the store at shutdown failed');
+          this.#o.log.error({ err, session: s.id, turns: s.version - s.storedVersion }, 'writing a session to the store at shutdown failed');
         }
       }
       s.chat = undefined;
@@ -245,8 +255,12 @@ export class SessionStore {
   async #persist(s: Session, chat: Chat, full: boolean): Promise<'written' | 'held' | 'superseded'> {
     const r = await this.#o.backend.acquire(s.key, this.#o.leaseMs);
     if (!('token' in r)) return 'held';
+    const token = r.token;
+    // A full checkpoint of a large model takes a while to serialise and send: the lease is renewed meanwhile.
+    const renew = setInterval(() => this.#o.backend.renew(s.key, token, this.#o.leaseMs).catch(() => {}), Math.max(50, Math.floor(this.#o.leaseMs / 3)));
+    renew.unref();
     try {
-      if (r.version > s.version) {
+      if (r.version > s.storedVersion) {
         this.#dropLive(s, 'superseded');
         return 'superseded';
       }
@@ -259,13 +273,16 @@ export class SessionStore {
       }
       return 'written';
     } catch (err) {
+      // The lease ran out under the write (nobody wrote a newer turn for all we know): try again later.
+      if (err instanceof StaleWriteError && err.reason === 'lease') return 'held';
       if (err instanceof StaleWriteError) {
         this.#dropLive(s, 'superseded');
         return 'superseded';
       }
       throw err;
     } finally {
-      await this.#o.backend.release(s.key, r.token).catch(() => {});
+      clearInterval(renew);
+      await this.#o.backend.release(s.key, token).catch(() => {});
     }
   }
 
@@ -308,7 +325,7 @@ export class SessionStore {
       }
     }
     if (this.#pending.size > 0 && !this.#closed) {
-      this.#retrier = setTimeout(() => void this.#o.track(this.#retryPending()), RETRY_MS);
+      this.#retrier ??= setTimeout(() => void this.#o.track(this.#retryPending()), RETRY_MS);
       this.#retrier.unref();
     }
   }

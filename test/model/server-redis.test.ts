@@ -3,7 +3,8 @@
 // message when the Debian packages are missing; under CI=true they must be there.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createClient } from 'redis';
-import { loadModel, type Model } from '../../src/index.ts';
+import { connect, createServer as createNetServer, type Socket } from 'node:net';
+import { loadModel, readCheckpointMessages, type Model } from '../../src/index.ts';
 import { createServer } from '../../src/server/index.ts';
 import { RedisBackend } from '../../src/server/store/redis.ts';
 import { StaleWriteError } from '../../src/server/store/backend.ts';
@@ -259,6 +260,58 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     await b.listen({ port: pb });
     expect((await post(pb, 'lean', 'three')).body.finite_memory).toMatchObject({ restored: true, restored_from: 'ledger', chat: { turns: 3 } });
     await b.close();
+  });
+
+  it('a partitioned instance\'s turns lose to the line the store kept: it drops its chat instead of overwriting', async () => {
+    // A reaches Redis through a proxy the test can cut; B reaches it directly.
+    const sockets = new Set<Socket>();
+    let open = true;
+    const proxy = createNetServer((client) => {
+      if (!open) return client.destroy();
+      const upstream = connect(redis.port, '127.0.0.1');
+      for (const s of [client, upstream]) {
+        sockets.add(s);
+        s.on('error', () => {});
+        s.on('close', () => sockets.delete(s));
+      }
+      client.pipe(upstream).pipe(client);
+    });
+    const proxyPort = await freePort();
+    await new Promise<void>((r) => proxy.listen(proxyPort, '127.0.0.1', r));
+    // A's last lease may never have been released (cut with the partition): it expires within B's wait.
+    const opts = { storeNamespace: 'partition', chat: { maxTokens: 64 }, leaseMs: 1000, leaseWaitMs: 3000 } as const;
+    const a = await createServer(model, { ...opts, store: `redis://127.0.0.1:${proxyPort}/0` });
+    const b = await createServer(model, { ...opts, store: redis.url });
+    const pa = await freePort();
+    const pb = await freePort();
+    await a.listen({ port: pa });
+    await b.listen({ port: pb });
+    const healthA = async () => ((await (await fetch(`http://127.0.0.1:${pa}/health`)).json()) as { status: string }).status;
+
+    expect((await post(pa, 'split', 'turn one on A')).body.finite_memory.persisted).toBe(true);
+    open = false;
+    for (const s of sockets) s.destroy();
+    await until('A to see the outage', async () => (await healthA()) === 'degraded' || (await post(pa, 'probe-a', 'x')).status === 503);
+    for (const m of ['A, partitioned, turn two', 'A, partitioned, turn three']) {
+      expect((await post(pa, 'split', m)).body.finite_memory).toMatchObject({ persisted: false });
+    }
+    const onB = await post(pb, 'split', 'B serves turn two');
+    expect(onB.body.finite_memory).toMatchObject({ restored: true, persisted: true, chat: { turns: 2 } });
+    open = true;
+    await until('A to catch up', async () => (await healthA()) === 'ok');
+    // A's line was dropped, not written over B's: its next turn continues B's conversation.
+    const next = await post(pa, 'split', 'turn three, back on A');
+    expect(next.body.finite_memory).toMatchObject({ restored: true, persisted: true, chat: { turns: 3 } });
+    const c = createClient({ url: redis.url });
+    await c.connect();
+    const { sessionKey } = await import('../../src/server/wire.ts');
+    const ledger = await c.withTypeMapping({ [(await import('redis')).RESP_TYPES.BLOB_STRING]: Buffer }).hGet(`fml:{partition}:s:${sessionKey('split')}`, 'ledger');
+    await c.close();
+    const said = readCheckpointMessages(ledger!).filter((m) => m.role === 'user').map((m) => m.content);
+    expect(said).toEqual(['turn one on A', 'B serves turn two', 'turn three, back on A']);
+    await a.close();
+    await b.close();
+    proxy.close();
   });
 
   it('a session leased by another instance waits, then gets 409 with Retry-After', async () => {

@@ -190,6 +190,15 @@ export class DirBackend implements SessionBackend {
       await rm(tmp, { force: true });
       throw err;
     }
+    // The rename itself reaches the disk with the directory's entry (power loss, not only kill -9).
+    if (this.durable) {
+      const dir = await open(this.#dir, 'r');
+      try {
+        await dir.sync();
+      } finally {
+        await dir.close();
+      }
+    }
   }
 
   /** Expired sessions go, then the least recently used beyond the caps (never `keep`, just written). */

@@ -20,6 +20,8 @@ import { StaleWriteError, StoreUnavailableError, type AcquireResult, type Backen
 
 /** How long one Redis command may take before the store counts as unavailable. */
 const COMMAND_TIMEOUT_MS = 2_000;
+/** A full checkpoint can be hundreds of MiB on a large model: its write gets longer. */
+const FULL_WRITE_TIMEOUT_MS = 60_000;
 
 // Drops one member (its data, size and index entry). Used by the limits below.
 const DROP = `
@@ -36,10 +38,14 @@ local function limits(prefix, index, sizes, total, keep, now, ttl, maxSessions, 
       if m ~= keep then drop(prefix, index, sizes, total, m) end
     end
   end
+  -- The least recently used first, never the session just written nor one leased (a turn runs on it).
   while redis.call('ZCARD', index) > maxSessions or tonumber(redis.call('GET', total) or '0') > maxBytes do
-    local oldest = redis.call('ZRANGE', index, 0, 0)[1]
-    if not oldest or oldest == keep then break end
-    drop(prefix, index, sizes, total, oldest)
+    local victim = nil
+    for _, m in ipairs(redis.call('ZRANGE', index, 0, 31)) do
+      if m ~= keep and redis.call('EXISTS', prefix .. 'lease:' .. m) == 0 then victim = m break end
+    end
+    if not victim then break end
+    drop(prefix, index, sizes, total, victim)
   end
 end
 local function usage(index, total)
@@ -169,7 +175,12 @@ export class RedisBackend implements SessionBackend {
       throw err instanceof StoreUnavailableError ? err : new StoreUnavailableError(`Cannot reach the session store at ${redactUrl(o.url)}: ${(err as Error).message}`, { cause: err });
     }
     b.#available = true;
-    await b.refreshUsage();
+    try {
+      await b.refreshUsage();
+    } catch (err) {
+      client.destroy();
+      throw err instanceof StoreUnavailableError ? err : new StoreUnavailableError(`The session store at ${redactUrl(o.url)} refused a command: ${(err as Error).message}`, { cause: err });
+    }
     return b;
   }
 
@@ -177,10 +188,10 @@ export class RedisBackend implements SessionBackend {
     return `${this.#prefix}${kind}:${key}`;
   }
 
-  async #send<T>(args: (string | Buffer)[]): Promise<T> {
+  async #send<T>(args: (string | Buffer)[], timeout = COMMAND_TIMEOUT_MS): Promise<T> {
     if (!this.available) throw new StoreUnavailableError('The session store (Redis) is unreachable');
     try {
-      return await this.#client.sendCommand<T>(args, { timeout: COMMAND_TIMEOUT_MS, typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } });
+      return await this.#client.sendCommand<T>(args, { timeout, typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } });
     } catch (err) {
       if (err instanceof Error && /ERR|WRONGTYPE|NOSCRIPT/.test(err.message) && this.#client.isReady) throw err;
       throw new StoreUnavailableError(`The session store (Redis) failed: ${(err as Error).message}`, { cause: err });
@@ -188,13 +199,13 @@ export class RedisBackend implements SessionBackend {
   }
 
   /** EVALSHA, loading the script on NOSCRIPT (a restarted Redis has none cached). */
-  async #run<T>(name: ScriptName, keys: string[], args: (string | number | Buffer | Uint8Array)[]): Promise<T> {
+  async #run<T>(name: ScriptName, keys: string[], args: (string | number | Buffer | Uint8Array)[], timeout = COMMAND_TIMEOUT_MS): Promise<T> {
     const a = args.map((v) => (v instanceof Uint8Array ? Buffer.from(v.buffer, v.byteOffset, v.byteLength) : String(v)));
     try {
-      return await this.#send<T>(['EVALSHA', SHA[name], String(keys.length), ...keys, ...a]);
+      return await this.#send<T>(['EVALSHA', SHA[name], String(keys.length), ...keys, ...a], timeout);
     } catch (err) {
       if (!(err instanceof Error) || !err.message.includes('NOSCRIPT')) throw err;
-      return this.#send<T>(['EVAL', SCRIPTS[name], String(keys.length), ...keys, ...a]);
+      return this.#send<T>(['EVAL', SCRIPTS[name], String(keys.length), ...keys, ...a], timeout);
     }
   }
 
@@ -246,7 +257,7 @@ export class RedisBackend implements SessionBackend {
 
   async writeFull(key: string, token: number, version: number, full: Uint8Array): Promise<void> {
     this.#check(await this.#run('writeFull', [this.#k('lease', key), this.#k('s', key), ...this.#shared()],
-      [token, version, full, key, Date.now(), ...this.#limitArgs(), this.#prefix]));
+      [token, version, full, key, Date.now(), ...this.#limitArgs(), this.#prefix], FULL_WRITE_TIMEOUT_MS));
   }
 
   async delete(key: string): Promise<void> {

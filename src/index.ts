@@ -14,6 +14,7 @@ export {
   InferenceError,
   UnsupportedModelError,
   NativeBindingError,
+  CallbackError,
   CheckpointError,
   type ErrorCode,
 } from './shared/errors.js';

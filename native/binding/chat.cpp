@@ -77,7 +77,7 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
                 try {
                     ctx->on_piece.Call({ Napi::String::New(env, event->text) });
                 } catch (const Napi::Error & e) {
-                    // A throwing callback stops the turn; the error is what the promise reports.
+                    // A throwing callback stops the turn (as an abort); the result carries the error.
                     ctx->callback_error = Napi::Persistent(e.Value());
                     ctx->chat->seq()->request_abort();
                     ctx->chat->rt()->wake();
@@ -99,11 +99,12 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
                 result = o;
             }
             ctx->chat->finished();   // may complete a dispose requested meanwhile
-            if (!ctx->callback_error.IsEmpty()) {
-                ctx->deferred.Reject(ctx->callback_error.Value());
-            } else {
-                ctx->deferred.Resolve(result);
+            // A throwing callback stopped the turn, which is kept: the result says what was generated
+            // and carries the callback's error (the JS side reports it as a CallbackError).
+            if (!ctx->callback_error.IsEmpty() && result.IsObject()) {
+                result.As<Napi::Object>().Set("callbackError", ctx->callback_error.Value());
             }
+            ctx->deferred.Resolve(result);
             return;
         }
         case turn_event::FAILED:

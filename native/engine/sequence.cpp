@@ -125,6 +125,12 @@ sequence::sequence(std::shared_ptr<fml_model> model, const chat_options & opts, 
                         " (the model's trained context) for positionLimit but received number " + std::to_string(opts_.position_limit));
     }
     position_limit_ = (int32_t) (opts_.position_limit > 0 ? opts_.position_limit : trained);
+    // A quantized cache stores each head in blocks of 32 values: llama.cpp would refuse the context
+    // at the first turn ("block size 32 does not divide n_embd_head_k"); refuse the chat now.
+    if (opts_.kv_type == "q8_0" && (mi.n_embd_head_k % 32 != 0 || mi.n_embd_head_v % 32 != 0)) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "kvType 'q8_0' stores each attention head in blocks of 32 values, and this model's heads have " +
+                        std::to_string(mi.n_embd_head_k) + " (keys) and " + std::to_string(mi.n_embd_head_v) + " (values): use kvType 'f16' or 'f32'");
+    }
     key_.kv_type = opts_.kv_type;
     key_.flash_attention = fa;
     key_.threads = opts_.threads;

@@ -343,6 +343,28 @@ fml_model::~fml_model() {
     }
 }
 
+// The first character of `text` that the vocabulary cannot tokenize alone, as "'c' (U+XXXX)".
+std::string fml_model::first_unrepresentable(const std::string & text) const {
+    std::vector<llama_token> out(16);
+    size_t i = 0;
+    while (i < text.size()) {
+        const unsigned char c = (unsigned char) text[i];
+        const size_t len = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+        const std::string ch = text.substr(i, len);
+        try {
+            llama_tokenize(vocab_, ch.data(), (int32_t) ch.size(), out.data(), (int32_t) out.size(), false, false);
+        } catch (const std::exception &) {
+            uint32_t cp = len == 1 ? c : c & (0xFF >> (len + 1));
+            for (size_t k = 1; k < ch.size(); ++k) cp = (cp << 6) | ((unsigned char) ch[k] & 0x3F);
+            char hex[16];
+            snprintf(hex, sizeof(hex), "U+%04X", cp);
+            return "'" + ch + "' (" + hex + ")";
+        }
+        i += len;
+    }
+    return "a character";
+}
+
 std::vector<int32_t> fml_model::tokenize(const std::string & text, bool add_bos, bool parse_special) const {
     if (text.size() > (size_t) INT32_MAX / 2) {
         throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "text too large to tokenize");
@@ -355,10 +377,11 @@ std::vector<int32_t> fml_model::tokenize(const std::string & text, bool add_bos,
             out.resize((size_t) -n);
             n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), add_bos, parse_special);
         }
-    } catch (const std::exception & e) {
-        // SPM vocabularies without byte-fallback tokens throw on characters they cannot represent.
-        throw fml_error(FML_ERR_INVALID_OPTION,
-                        std::string("the text contains characters this model's vocabulary cannot represent (it has no byte-fallback tokens): ") + e.what());
+    } catch (const std::exception &) {
+        // SPM vocabularies without byte-fallback tokens throw on characters they cannot represent
+        // (llama.cpp's message is a container's, `unordered_map::at`): name the first such character.
+        throw fml_error(FML_ERR_INVALID_OPTION, "the text contains " + first_unrepresentable(text) +
+                        ", which this model's vocabulary cannot represent (it has no byte-fallback tokens)");
     }
     if (n < 0) {
         throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "tokenization overflow");

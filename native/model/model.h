@@ -107,6 +107,7 @@ public:
     std::string apply_template(const std::vector<std::pair<std::string, std::string>> & messages, bool add_assistant) const;
 
 private:
+    std::string first_unrepresentable(const std::string & text) const;
     fml_model() = default;
 
     llama_model * model_ = nullptr;

@@ -29,6 +29,54 @@ size_t utf8_complete_prefix(const std::string & s) {
     return i;
 }
 
+std::string utf8_sanitize(const std::string & s) {
+    static const char REPLACEMENT[] = "\xEF\xBF\xBD";
+    std::string out;
+    out.reserve(s.size());
+    size_t i = 0;
+    while (i < s.size()) {
+        const unsigned char c = (unsigned char) s[i];
+        if (c < 0x80) {
+            out += (char) c;
+            ++i;
+            continue;
+        }
+        size_t need = 0;
+        unsigned char lower = 0x80;
+        unsigned char upper = 0xBF;
+        if (c >= 0xC2 && c <= 0xDF) {
+            need = 1;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            need = 2;
+            lower = c == 0xE0 ? 0xA0 : 0x80;   // no overlong forms
+            upper = c == 0xED ? 0x9F : 0xBF;   // no surrogates
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            need = 3;
+            lower = c == 0xF0 ? 0x90 : 0x80;
+            upper = c == 0xF4 ? 0x8F : 0xBF;   // nothing past U+10FFFF
+        }
+        size_t j = i + 1;
+        size_t got = 0;
+        while (got < need && j < s.size()) {
+            const unsigned char d = (unsigned char) s[j];
+            if (d < lower || d > upper) {
+                break;
+            }
+            lower = 0x80;
+            upper = 0xBF;
+            ++j;
+            ++got;
+        }
+        if (need > 0 && got == need) {
+            out.append(s, i, j - i);
+        } else {
+            out += REPLACEMENT;   // the lead byte and the valid continuations after it: one U+FFFD
+        }
+        i = j;
+    }
+    return out;
+}
+
 text_stream::text_stream(std::vector<std::string> stop_strings) {
     for (auto & s : stop_strings) {
         if (!s.empty()) {
@@ -60,7 +108,7 @@ std::string text_stream::push(const std::string & piece) {
     bytes_ += piece;
     const size_t complete = utf8_complete_prefix(bytes_);
     const size_t search_from = text_.size() > max_stop_ ? text_.size() - max_stop_ : 0;
-    text_.append(bytes_, 0, complete);
+    text_ += utf8_sanitize(bytes_.substr(0, complete));
     bytes_.erase(0, complete);
 
     size_t cut = std::string::npos;
@@ -85,7 +133,7 @@ std::string text_stream::push(const std::string & piece) {
 
 std::string text_stream::finish() {
     if (!stopped_ && !bytes_.empty()) {
-        text_ += bytes_;   // a dangling partial character: hand it over, JS decodes it as U+FFFD
+        text_ += utf8_sanitize(bytes_);   // a dangling partial character: U+FFFD
         bytes_.clear();
     }
     std::string out = text_.substr(emitted_);

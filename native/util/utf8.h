@@ -11,6 +11,11 @@ namespace fml {
 // complete (the decoder on the JS side turns them into U+FFFD) so a bad byte never stalls output.
 size_t utf8_complete_prefix(const std::string & s);
 
+// `s` with every ill-formed sequence replaced by U+FFFD, one per maximal subpart (the WHATWG
+// decoder's rule, what JS would show): the text a stop string is matched against is the text the
+// user sees.
+std::string utf8_sanitize(const std::string & s);
+
 class text_stream {
 public:
     explicit text_stream(std::vector<std::string> stop_strings);

@@ -34,6 +34,8 @@ export interface NativeTurnResult {
   response: string;
   stopReason: 'eos' | 'maxTokens' | 'stop' | 'abort';
   stats: NativeTurnStats;
+  /** What onToken threw (the turn stopped there and is kept). */
+  callbackError?: unknown;
 }
 
 export interface NativeChatStats {

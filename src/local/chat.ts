@@ -1,5 +1,5 @@
 import { getProbes, type NativeCacheState, type NativeChat, type NativeEngineStats, type NativeEvictionRecord } from './binding.js';
-import { AbortedError, ChatBusyError, CheckpointError, DisposedError, InvalidOptionError, fromNativeError } from '../shared/errors.js';
+import { AbortedError, CallbackError, ChatBusyError, CheckpointError, DisposedError, InvalidOptionError, fromNativeError } from '../shared/errors.js';
 import { checkInt, checkMessage, checkObject, checkPath, fail } from '../shared/checks.js';
 import { splitSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
 import { TelemetryEmitter, type EvictionEvent, type Telemetry, type TurnEvent } from '../shared/telemetry.js';
@@ -97,12 +97,16 @@ export class Chat implements ChatSurface {
     opts.signal?.addEventListener('abort', onAbort, { once: true });
     this.#busy = true;
     try {
-      const raw = await this.#native.send(text, nativeOpts, opts.onToken, opts.pin);
+      const native = await this.#native.send(text, nativeOpts, opts.onToken, opts.pin);
+      const { callbackError, ...raw } = native;
       const { evictionLog, ...stats } = raw.stats;
       const result = { ...raw, stats } as TurnResult;
       if (this.#telemetry && !this.#disposed) this.#emit(result, evictionLog);
       if (result.stats.promptTokens > 0) this.#transcript.add(text, result.response);
-      return this.#remember(result);
+      this.#remember(result);
+      // The turn is kept (memory, stats and transcript agree); the caller's error is reported.
+      if (Object.hasOwn(native, 'callbackError')) throw new CallbackError(result, callbackError);
+      return result;
     } catch (err) {
       const typed = fromNativeError(err, stack);
       this.#telemetry?.error(typed);

@@ -26,6 +26,7 @@ export type ErrorCode =
   | 'REMOTE_UNAVAILABLE'
   | 'REMOTE_TIMEOUT'
   | 'CIRCUIT_OPEN'
+  | 'CALLBACK_FAILED'
   | 'INTERNAL';
 
 export class FiniteMemoryError extends Error {
@@ -93,6 +94,17 @@ export class NativeBindingError extends FiniteMemoryError {
 /** The model's architecture cannot keep a finite memory in place (M-RoPE, recurrent or hybrid state); the message names it and why. */
 export class UnsupportedModelError extends FiniteMemoryError {
   constructor(message: string) { super('UNSUPPORTED_MODEL', message); }
+}
+
+/**
+ * The caller's `onToken` threw: the turn stopped at that piece (as an abort does) and is kept, in
+ * memory, stats and transcript alike, with what was generated up to there (`result`). `cause` is what
+ * the callback threw.
+ */
+export class CallbackError<R = unknown> extends FiniteMemoryError {
+  constructor(readonly result: R, cause: unknown) {
+    super('CALLBACK_FAILED', `the onToken callback threw (${cause instanceof Error ? cause.message : String(cause)}); the turn stopped there and is kept`, { cause });
+  }
 }
 
 // The remote backend's errors (src/remote/).

@@ -11,6 +11,12 @@ const missing = [stories, tiny656].filter((p) => !existsSync(p));
 if (missing.length) console.warn(`[shared-models] skipping: not found ${missing.join(', ')}`);
 
 describe.skipIf(missing.length > 0)('trained tiny models', () => {
+  it('kvType q8_0 is refused at createChat when the heads are not whole blocks of 32 (stories260K: 8)', async () => {
+    const model = await loadModel(stories, { threads: THREADS });
+    expect(() => model.createChat({ kvType: 'q8_0' })).toThrow(/kvType 'q8_0' stores each attention head in blocks of 32 values, and this model's heads have 8/);
+    model.dispose();
+  });
+
   it('stories260K writes English under a small budget and keeps its invariants', async () => {
     const model = await loadModel(stories, { threads: THREADS });
     const chat = model.createChat({ maxTokens: 96, windowSize: 24 });
@@ -27,6 +33,11 @@ describe.skipIf(missing.length > 0)('trained tiny models', () => {
     const model = await loadModel(tiny656, { threads: THREADS });
     const chat = model.createChat({ maxTokens: 128 });
     await expect(chat.send('Once upon a time 😀', { maxNewTokens: 4 })).rejects.toBeInstanceOf(InvalidOptionError);
+    // The message names the character, not a library container (it said `unordered_map::at`).
+    const err = await chat.send('Café ☕ 日本', { maxNewTokens: 4 }).catch((e: Error) => e);
+    expect(err).toBeInstanceOf(InvalidOptionError);
+    expect((err as Error).message).toMatch(/contains '.' \(U\+[0-9A-F]{4,}\), which this model's vocabulary cannot represent/);
+    expect((err as Error).message).not.toMatch(/unordered_map|::/);
     const r = await chat.send('Once upon a time', { maxNewTokens: 8, temperature: 0 });
     expect(r.response.length).toBeGreaterThan(0);
     model.dispose();

@@ -4,6 +4,7 @@
 #include "kv/token-ledger.h"
 #include "policies/policy.h"
 #include "util/error.h"
+#include "util/utf8.h"
 
 #include <cstdio>
 #include <functional>
@@ -244,6 +245,28 @@ TEST(evictable_count_and_window_begin) {
 }
 
 } // namespace
+
+TEST(utf8_sanitize_replaces_each_maximal_subpart) {
+    const std::string R = "\xEF\xBF\xBD";
+    CHECK(utf8_sanitize("ok \xC3\xA9") == "ok \xC3\xA9");                    // valid: untouched
+    CHECK(utf8_sanitize("a\xFF" "b") == "a" + R + "b");                        // an invalid byte
+    CHECK(utf8_sanitize("\xE2\x82x") == R + "x");                               // a truncated sequence: one U+FFFD
+    CHECK(utf8_sanitize("\xE0\x80") == R + R);                                  // overlong: each byte
+    CHECK(utf8_sanitize("\xED\xA0\x80") == R + R + R);                          // a surrogate: each byte
+    CHECK(utf8_sanitize("\xF0\x9F\x98\x80") == "\xF0\x9F\x98\x80");            // U+1F600
+}
+
+TEST(text_stream_matches_a_stop_string_of_replacement_characters) {
+    text_stream t({ "\xEF\xBF\xBD" });
+    CHECK(t.push("hello ") == "hello ");
+    CHECK(t.push("\xFF") == "");                                               // a bad byte: U+FFFD, the stop string
+    CHECK(t.stopped());
+    CHECK(t.text() == "hello ");
+    text_stream u({});
+    std::string out = u.push("x\xE2\x82");                                     // waits for the rest of the character
+    out += u.push("y");                                                        // it never came: U+FFFD, then y
+    CHECK(out == "x\xEF\xBF\xBDy");
+}
 
 int main() {
     for (const test_case & t : registry()) {

@@ -3,7 +3,7 @@ import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
-  ChatBusyError, InvalidOptionError, loadModel, ModelInvalidError, ModelNotFoundError, PromptTooLargeError, type Model,
+  CallbackError, ChatBusyError, InvalidOptionError, loadModel, ModelInvalidError, ModelNotFoundError, PromptTooLargeError, type Model, type TurnResult,
 } from '../../src/index.ts';
 import { testDir, testModelPath, THREADS } from '../helpers.ts';
 
@@ -148,6 +148,30 @@ describe('send', () => {
       chat.send('x', { maxNewTokens: 20, temperature: 1.5, seed: 1, onToken: () => { throw new Error('boom'); } }),
     ).rejects.toThrow('boom');
     await expect(chat.send('y', { maxNewTokens: 2 })).resolves.toBeDefined();
+    chat.dispose();
+  });
+});
+
+describe('a throwing onToken callback', () => {
+  it('ends the turn, keeps it (memory, stats and transcript agree) and reports the caller\'s error as cause', async () => {
+    const chat = model.createChat({ maxTokens: 128 });
+    await chat.send('first', { maxNewTokens: 4 });
+    const boom = new Error('the caller broke');
+    let pieces = 0;
+    const err = await chat.send('second', { maxNewTokens: 40, ignoreEos: true, onToken: () => { if (++pieces === 3) throw boom; } }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(CallbackError);
+    expect(err).toMatchObject({ code: 'CALLBACK_FAILED', cause: boom });
+    const result = (err as CallbackError<TurnResult>).result;
+    expect(result.stopReason).toBe('abort');
+    expect(result.stats.generatedTokens).toBeLessThan(40);
+    // The turn is turn 2 everywhere: stats, transcript, and the next turn is 3.
+    expect(chat.stats().turns).toBe(2);
+    const t = chat.exportTranscript().messages;
+    expect(t).toHaveLength(4);
+    expect(t[3]).toEqual({ role: 'assistant', content: result.response });
+    const third = await chat.send('third', { maxNewTokens: 4 });
+    expect(third.stats.turn).toBe(3);
+    expect(chat.exportTranscript().messages).toHaveLength(6);
     chat.dispose();
   });
 });

@@ -5,7 +5,8 @@
 #     and includes llama.cpp's internal headers (src/llama-*.h); native/probes (test build only) may too;
 #   - policies see only the token ledger (and each other): they decide what to evict, kv-ops does it.
 # And the TypeScript layers: src/shared/ imports no other folder of src/; local/ and remote/ do not
-# import each other or the server (the server builds on local/).
+# import each other or the server (the server builds on local/). And every repository path named in
+# code, comments or docs exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fail=0
@@ -29,5 +30,12 @@ shared=$(grep -rlE "from '\.\./(local|remote|server|gguf)/" src/shared || true)
 layers=$(grep -rlE "from '\.\./(remote|server)/" src/local || true; grep -rlE "from '\.\./(local|server)/" src/remote || true)
 [ -z "$layers" ] || bad "src/local/ and src/remote/ import each other or the server" "$layers"
 
-[ "$fail" = 0 ] && echo "dependency rules hold (napi.h, llama_memory_*, llama.cpp internals, policies, src/ layers)"
+# A repository path named in code, comments or docs must exist (paths under another root, like
+# $here/app/... or ${LLAMA_CPP_DIR}/src/..., are not this repository's and are skipped).
+stale=$( (grep -rhoP '(?<![\w./${}-])(native|src|test|scripts|bench|docs)/[A-Za-z0-9_./-]+\.(cpp|h|ts|mjs|js|sh|md|json|py)\b' \
+          native src test scripts bench docs .ci CMakeLists.txt README.md package.json --exclude=RESULTS.md 2>/dev/null || true) | sort -u |
+        while read -r f; do [ -e "$f" ] || echo "$f"; done)
+[ -z "$stale" ] || bad "paths named in code or docs that do not exist" "$stale"
+
+[ "$fail" = 0 ] && echo "dependency rules hold (napi.h, llama_memory_*, llama.cpp internals, policies, src/ layers, named paths)"
 exit "$fail"

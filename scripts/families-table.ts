@@ -6,7 +6,7 @@
  * and whether a turn's tokens equal the template's rendering of the whole conversation. Nothing in
  * the table is declared: every cell is what this run saw.
  * `npm run docs:families` rewrites README.md between the markers; `--check` exits 1 when it is out
- * of date (test/families.test.ts runs that check).
+ * of date (test/model/families.test.ts runs that check).
  */
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';

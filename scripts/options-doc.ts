@@ -1,7 +1,7 @@
 /**
- * Writes the README's option table from the native option table (native/options.cpp), the one
+ * Writes the README's option table from the native option table (native/engine/options.cpp), the one
  * source of option names, defaults and bounds. `npm run docs:options` rewrites README.md between the
- * markers; `--check` exits 1 when the README is out of date (test/options.test.ts runs that check).
+ * markers; `--check` exits 1 when the README is out of date (test/standalone/options.test.ts runs that check).
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';

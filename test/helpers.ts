@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { expect } from 'vitest';
 import { writeLlamaModel, type LlamaModelOptions } from '../src/gguf/index.ts';
-import type { Chat } from '../src/index.ts';
+import type { Chat, TurnResult } from '../src/index.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'fml-test-'));
 const made = new Map<string, string>();
@@ -46,3 +46,12 @@ export function checkCache(chat: Chat, maxTokens: number) {
 
 /** Largest elementwise difference of two logit vectors (NaN-safe: a missing element counts as NaN). */
 export const maxAbsDiff = (a: Float32Array, b: Float32Array): number => a.reduce((m, v, i) => Math.max(m, Math.abs(v - (b[i] ?? NaN))), 0);
+
+/** The turn ran: it resolved with a result whose prompt was prefilled (not merely "something came back"). */
+export async function expectTurnRan(turn: Promise<TurnResult>): Promise<TurnResult> {
+  const r = await turn;
+  expect(r.stats.promptTokens).toBeGreaterThan(0);
+  expect(typeof r.response).toBe('string');
+  expect(['eos', 'maxTokens', 'stop', 'abort']).toContain(r.stopReason);
+  return r;
+}

@@ -587,10 +587,6 @@ size_t sequence::wants(clock_type::time_point now) const {
     return n;
 }
 
-bool sequence::generating() const {
-    return turn_ && turn_->generating && !turn_->summary;
-}
-
 contribution sequence::take(size_t budget, engine & e) {
     std::lock_guard<std::mutex> lock(mu_);
     turn_state & t = *turn_;

@@ -226,7 +226,6 @@ public:
     // What the chat wants from the next step: 0 (nothing, or not ready before `ready_at`), 1 (one token:
     // generation or summary), or the prefill tokens still to decode.
     size_t wants(std::chrono::steady_clock::time_point now) const;
-    bool generating() const;
     // This step's contribution, at most `budget` tokens (room is made first: the policy may evict, or
     // start a summary whose tokens are then what it contributes). Empty when the turn ended here.
     // Evictions of several chats in one step share the K-shift of the step's first decode; a chat

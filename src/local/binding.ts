@@ -94,7 +94,7 @@ export interface NativeCacheState {
   kvBytes: number;
 }
 
-/** Raw options as the caller gave them: the native option table (native/options.cpp) validates them. */
+/** Raw options as the caller gave them: the native option table (native/engine/options.cpp) validates them. */
 export type NativeRawOptions = Record<string, unknown>;
 
 /** One row of the native option table. */

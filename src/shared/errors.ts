@@ -1,6 +1,6 @@
 /**
  * Every error this library throws is a `FiniteMemoryError` with a stable string `code`. Errors from
- * the native core arrive with the same codes (native/error.h) and are mapped to these classes.
+ * the native core arrive with the same codes (native/util/error.h) and are mapped to these classes.
  */
 export type ErrorCode =
   | 'MODEL_NOT_FOUND'

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { getBinding } from '../../src/local/binding.ts';
 import { CheckpointError, loadModel, POLICIES, type Model } from '../../src/index.ts';
-import { checkCache, THREADS, maxAbsDiff, testDir, testModelPath } from '../helpers.ts';
+import { checkCache, THREADS, maxAbsDiff, testDir, testModelPath, expectTurnRan } from '../helpers.ts';
 
 let model: Model;
 let other: Model;
@@ -22,7 +22,7 @@ afterAll(() => {
 let n = 0;
 const file = (name: string) => join(testDir, `${name}-${n++}.fmlckpt`);
 
-/** FNV-1a 64, as native/hash.h: the checkpoint's trailing checksum. */
+/** FNV-1a 64, as native/util/hash.h: the checkpoint's trailing checksum. */
 function fnv1a64(bytes: Uint8Array): bigint {
   let h = 0xcbf29ce484222325n;
   for (const b of bytes) h = BigInt.asUintN(64, (h ^ BigInt(b)) * 0x100000001b3n);
@@ -112,7 +112,7 @@ describe('checkpoints', () => {
     await expect(model.loadChat(notOne)).rejects.toBeInstanceOf(CheckpointError);
     await expect(model.loadChat(join(testDir, 'missing.fmlckpt'))).rejects.toMatchObject({ code: 'CHECKPOINT_IO' });
     expect(chat.memory()).toEqual(memory);
-    await expect(chat.send('still fine', { maxNewTokens: 3 })).resolves.toBeDefined();
+    await expectTurnRan(chat.send('still fine', { maxNewTokens: 3 }));
     chat.dispose();
   });
 
@@ -124,7 +124,7 @@ describe('checkpoints', () => {
     await expect(chat.saveCheckpoint(dir)).rejects.toMatchObject({ code: 'CHECKPOINT_IO' });
     await expect(chat.saveCheckpoint(join(testDir, 'no', 'such', 'dir', 'x.ckpt'))).rejects.toMatchObject({ code: 'CHECKPOINT_IO' });
     expect(readdirSync(testDir).filter((f) => f.includes('.tmp-'))).toEqual([]);
-    await expect(chat.send('ok', { maxNewTokens: 2 })).resolves.toBeDefined();
+    await expectTurnRan(chat.send('ok', { maxNewTokens: 2 }));
     chat.dispose();
   });
 
@@ -237,7 +237,7 @@ describe('transcripts', () => {
     expect(moved.stats().evictions).toBeGreaterThan(0);
     expect(moved.exportTranscript().messages).toEqual(transcript.messages);
     checkCache(moved, 96);
-    await expect(moved.send('and now?', { maxNewTokens: 4 })).resolves.toBeDefined();
+    await expectTurnRan(moved.send('and now?', { maxNewTokens: 4 }));
     await expect(other.importTranscript({ format: 'nope' } as never)).rejects.toMatchObject({ code: 'INVALID_OPTION' });
     chat.dispose();
     moved.dispose();
@@ -332,7 +332,7 @@ describe('checkpoints as bytes', () => {
     forged.writeBigUInt64LE(fnv1a64(forged.subarray(0, forged.length - 8)), forged.length - 8);
     await expect(model.loadChat(forged)).rejects.toMatchObject({ code: 'CHECKPOINT_CORRUPT', message: expect.stringMatching(/transcript/) });
     await expect(chat.checkpoint({ kind: 'kv' as never })).rejects.toMatchObject({ code: 'INVALID_OPTION' });
-    expect((await chat.send('still fine', { maxNewTokens: 2 })).stopReason).toBeDefined();
+    await expectTurnRan(chat.send('still fine', { maxNewTokens: 2 }));
     chat.dispose();
   });
 });

@@ -57,10 +57,14 @@ describe('bounded KV memory over many turns (sliding)', () => {
 
   it('evicts during generation when the reply itself overflows the budget', async () => {
     const maxTokens = 64;
-    const chat = model.createChat({ maxTokens, windowSize: 16, sinkTokens: 4 });
-    const r = await chat.send('go', { maxNewTokens: 300, temperature: 1, seed: 3 });
+    const phases: string[] = [];
+    const chat = model.createChat({ maxTokens, windowSize: 16, sinkTokens: 4, telemetry: { onEviction: (e) => void phases.push(e.phase) } });
+    const r = await chat.send('go', { maxNewTokens: 300, temperature: 1, seed: 3, ignoreEos: true });
     checkCache(chat, maxTokens);
-    if (r.stats.generatedTokens > maxTokens) expect(r.stats.evictions).toBeGreaterThan(0);
+    expect(r.stats.generatedTokens).toBe(300);
+    expect(r.stats.evictions).toBeGreaterThan(0);
+    await new Promise((res) => setTimeout(res, 10)); // telemetry hooks run on a later tick
+    expect(phases).toContain('generation');
     // Force a long reply regardless of EOS by continuing: the budget holds either way.
     for (let i = 0; i < 5; i++) {
       await chat.send('more', { maxNewTokens: 200, temperature: 1.5, seed: 100 + i });

@@ -46,9 +46,11 @@ describe.each(POLICIES)('policy %s', (policy) => {
     else expect([...signals]).toEqual([null]);
     const summaryEntries = chat.memory().filter((e) => e.role === 'summary');
     if (policy === 'rolling_summary' || policy === 'hybrid') {
-      // The random-weight model may write empty summaries; whatever it wrote is in the cache as role 'summary'.
+      // Summaries were written over 200 turns, and what the last one wrote is in the cache as role 'summary'.
+      expect(summaryTokens).toBeGreaterThan(0);
+      expect(summaryEntries.length).toBeGreaterThan(0);
       expect(summaryEntries.length).toBeLessThanOrEqual(48);
-      if (summaryEntries.length > 0) expect(s.summary.length).toBeGreaterThan(0);
+      expect(s.summary.length).toBeGreaterThan(0);
       expect(summaryTokens).toBeGreaterThanOrEqual(summaryEntries.length);
     } else {
       expect(summaryEntries).toHaveLength(0);

@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   CallbackError, ChatBusyError, InvalidOptionError, loadModel, ModelInvalidError, ModelNotFoundError, PromptTooLargeError, type Model, type TurnResult,
 } from '../../src/index.ts';
-import { testDir, testModelPath, THREADS } from '../helpers.ts';
+import { testDir, testModelPath, THREADS, expectTurnRan } from '../helpers.ts';
 
 let model: Model;
 beforeAll(async () => {
@@ -129,16 +129,16 @@ describe('send', () => {
     expect(() => chat.reset()).toThrow(ChatBusyError);
     const r = await first;
     expect(r.stopReason).not.toBe('abort');
-    await expect(chat.send('three', { maxNewTokens: 2 })).resolves.toBeDefined();
+    await expectTurnRan(chat.send('three', { maxNewTokens: 2 }));
     chat.dispose();
   });
 
   it('NUL bytes, lone surrogates and a 1 MB string', async () => {
     const chat = model.createChat({ maxTokens: 128 });
-    await expect(chat.send('a\u0000b', { maxNewTokens: 2 })).resolves.toBeDefined();
-    await expect(chat.send('bad \uD800 surrogate', { maxNewTokens: 2 })).resolves.toBeDefined();
+    await expectTurnRan(chat.send('a\u0000b', { maxNewTokens: 2 }));
+    await expectTurnRan(chat.send('bad \uD800 surrogate', { maxNewTokens: 2 }));
     await expect(chat.send('x'.repeat(1 << 20))).rejects.toBeInstanceOf(PromptTooLargeError);
-    await expect(chat.send('fine', { maxNewTokens: 2 })).resolves.toBeDefined();
+    await expectTurnRan(chat.send('fine', { maxNewTokens: 2 }));
     chat.dispose();
   });
 
@@ -147,7 +147,7 @@ describe('send', () => {
     await expect(
       chat.send('x', { maxNewTokens: 20, temperature: 1.5, seed: 1, onToken: () => { throw new Error('boom'); } }),
     ).rejects.toThrow('boom');
-    await expect(chat.send('y', { maxNewTokens: 2 })).resolves.toBeDefined();
+    await expectTurnRan(chat.send('y', { maxNewTokens: 2 }));
     chat.dispose();
   });
 });

@@ -14,10 +14,13 @@ afterAll(() => model?.dispose());
 const gc = (globalThis as { gc?: () => void }).gc;
 
 describe('concurrency', () => {
-  it('chats on one model run concurrently', async () => {
+  it('chats on one model run concurrently: their tokens share decodes', async () => {
     const chats = Array.from({ length: 4 }, () => model.createChat({ maxTokens: 96 }));
-    const results = await Promise.all(chats.map((c, i) => c.send(`hi ${i}`, { maxNewTokens: 8, temperature: 0 })));
-    expect(results).toHaveLength(4);
+    const before = chats[0]!._internals().engineStats().sharedDecodes;
+    const results = await Promise.all(chats.map((c, i) => c.send(`hi ${i}`, { maxNewTokens: 8, temperature: 0, ignoreEos: true })));
+    for (const r of results) expect(r.stats.generatedTokens).toBe(8);
+    // Decodes that held tokens of two chats or more: the four turns ran together, not one after another.
+    expect(chats[0]!._internals().engineStats().sharedDecodes - before).toBeGreaterThanOrEqual(4);
     chats.forEach((c) => c.dispose());
   });
 

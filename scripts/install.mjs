@@ -45,7 +45,8 @@ if (missing.length > 0) {
 log(`no prebuilt binary for ${process.platform}-${process.arch}: building from source (llama.cpp + addon, a few minutes on 2 cores)`);
 try {
   execFileSync(process.execPath, [join(root, 'scripts', 'fetch-llama.mjs')], { cwd: root, stdio: 'inherit' });
-  execFileSync(process.execPath, [require.resolve('cmake-js/bin/cmake-js'), 'compile', '--parallel', process.env.FML_JOBS ?? '2'], { cwd: root, stdio: 'inherit' });
+  // The shipped addon only: the unit tests and the addon with probes are the repository's, not a user's.
+  execFileSync(process.execPath, [require.resolve('cmake-js/bin/cmake-js'), 'compile', '--parallel', process.env.FML_JOBS ?? '2', '--CDFML_BUILD_TESTS=OFF'], { cwd: root, stdio: 'inherit' });
 } catch (err) {
   console.error(`[finite-memory-llm] building from source failed: ${err.message}`);
   process.exit(1);

@@ -1,0 +1,85 @@
+/**
+ * Where a request's chat comes from when the session has none in memory: a new chat holding the
+ * request's earlier messages, or a stored session restored (its full checkpoint, its ledger, or
+ * another model's conversation re-prefilled).
+ */
+import type { Chat } from '../local/chat.js';
+import { readCheckpointMessages, type Model } from '../local/model.js';
+import type { ChatOptions } from '../local/options.js';
+import { AbortedError, CheckpointError } from '../shared/errors.js';
+import type { PrometheusTelemetry } from '../shared/prometheus.js';
+import type { Transcript } from '../shared/types.js';
+import type { StoredSession } from './store/backend.js';
+import { badRequest, type ParsedCompletion } from './wire.js';
+
+/** Where a restored session came from: its full checkpoint, its ledger (re-prefilled), or another model's transcript. */
+export type RestoredFrom = 'full' | 'ledger' | 'transcript';
+
+export class ChatSource {
+  constructor(
+    private readonly model: Model,
+    private readonly chatOptions: Omit<ChatOptions, 'telemetry'>,
+    private readonly telemetry: PrometheusTelemetry,
+    private readonly maxHistoryTokens: number,
+    private readonly log: { warn(obj: object, msg: string): void },
+  ) {}
+
+  #transcript(systemPrompt: string, messages: Transcript['messages']): Transcript {
+    return { format: 'finite-memory-llm/transcript', version: 1, systemPrompt, messages };
+  }
+
+  #tokens(messages: Transcript['messages']): number {
+    let n = 0;
+    for (const m of messages) {
+      n += this.model.tokenize(m.content).length;
+      if (n > this.maxHistoryTokens) break;
+    }
+    return n;
+  }
+
+  /**
+   * A new chat holding the conversation before the last message (prefilled, not regenerated): at most
+   * maxHistoryTokens of it (400 beyond), and abortable (the client left: AbortedError).
+   */
+  async build(parsed: ParsedCompletion, signal: AbortSignal): Promise<Chat> {
+    const systemPrompt = parsed.system ?? this.chatOptions.systemPrompt ?? '';
+    const history = parsed.conversation.slice(0, -1);
+    const opts: ChatOptions = { ...this.chatOptions, systemPrompt, telemetry: this.telemetry };
+    if (history.length === 0) return this.model.createChat(opts);
+    if (this.#tokens(history) > this.maxHistoryTokens) {
+      throw badRequest(`The earlier messages hold more than ${this.maxHistoryTokens} tokens, the most a new session or one-off request may bring (send only the new message with a session id, or fewer messages)`, 'messages', 'history_too_large');
+    }
+    return this.model.importTranscript(this.#transcript(systemPrompt, history), { ...opts, signal });
+  }
+
+  /**
+   * A stored session's chat: its full checkpoint when it is of the latest turn, else its ledger (the
+   * retained tokens prefilled once); made with another model, its conversation re-prefilled when it
+   * fits maxHistoryTokens. Undefined: it cannot be restored (a newer format, corrupt, too long).
+   */
+  async restore(stored: StoredSession, parsed: ParsedCompletion, signal: AbortSignal): Promise<{ chat: Chat; from: RestoredFrom } | undefined> {
+    const kinds: [RestoredFrom, Uint8Array][] = stored.full ? [['full', stored.full], ['ledger', stored.ledger]] : [['ledger', stored.ledger]];
+    let otherModel = false;
+    for (const [from, bytes] of kinds) {
+      try {
+        return { chat: await this.model.loadChat(bytes, { telemetry: this.telemetry }), from };
+      } catch (err) {
+        if (!(err instanceof CheckpointError)) throw err;
+        otherModel ||= err.code === 'CHECKPOINT_MODEL_MISMATCH';
+        this.log.warn({ err, session: stored.id, kind: from }, 'a stored checkpoint could not be restored');
+      }
+    }
+    if (!otherModel) return undefined;
+    try {
+      const messages = readCheckpointMessages(stored.ledger);
+      if (this.#tokens(messages) > this.maxHistoryTokens) return undefined;
+      const systemPrompt = parsed.system ?? this.chatOptions.systemPrompt ?? '';
+      const chat = await this.model.importTranscript(this.#transcript(systemPrompt, messages), { ...this.chatOptions, systemPrompt, telemetry: this.telemetry, signal });
+      return { chat, from: 'transcript' };
+    } catch (err) {
+      if (err instanceof AbortedError) throw err;
+      this.log.warn({ err, session: stored.id }, 'a stored conversation from another model could not be rebuilt');
+      return undefined;
+    }
+  }
+}

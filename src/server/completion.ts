@@ -1,0 +1,203 @@
+/**
+ * POST /v1/chat/completions: one request's way through the server.
+ *
+ *   parse -> session gate -> lease (sessions.ts) -> decode slot -> the chat (live, restored or new:
+ *   chats.ts) -> unpin/forget -> chat.send (streamed: sse.ts) -> write-through -> response
+ *
+ * A client that goes away aborts its turn (or leaves its queue); what it generated stays in the
+ * session's memory.
+ */
+import { randomUUID } from 'node:crypto';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { Chat } from '../local/chat.js';
+import type { Model } from '../local/model.js';
+import type { ChatStats, StopReason, TurnResult, TurnStats } from '../shared/types.js';
+import { QueueAbortedError, type Gate, type Release } from './admission.js';
+import type { ChatSource, RestoredFrom } from './chats.js';
+import type { ServerMetrics } from './metrics.js';
+import type { ResolvedServerOptions } from './options.js';
+import type { Session, SessionStore, TurnLease } from './sessions.js';
+import { EventStream } from './sse.js';
+import { finishReason, HttpError, overloaded, parseCompletion, toHttpError, type ParsedCompletion } from './wire.js';
+
+export const SHUTDOWN_ERROR = { message: 'The server is shutting down', type: 'server_error', param: null, code: 'server_shutting_down' } as const;
+
+/** What the handler needs of the server around it. */
+export interface CompletionContext {
+  readonly model: Model;
+  readonly options: ResolvedServerOptions;
+  readonly store: SessionStore;
+  readonly chats: ChatSource;
+  /** Decode slots, server-wide. */
+  readonly slots: Gate;
+  readonly metrics: ServerMetrics;
+  /** Every running request's controller: the shutdown deadline aborts them. */
+  readonly controllers: Set<AbortController>;
+  shuttingDown(): boolean;
+}
+
+/** The chat a request runs on, and how it came to be. */
+interface TurnChat {
+  chat: Chat;
+  /** The chat was made for this request (its earlier messages were prefilled: usage counts them). */
+  created: boolean;
+  restoredFrom: RestoredFrom | undefined;
+  sessionReset: 'restore_failed' | undefined;
+}
+
+export async function handleCompletion(ctx: CompletionContext, req: FastifyRequest, reply: FastifyReply): Promise<unknown> {
+  const { options: o, store } = ctx;
+  const parsed = parseCompletion(req.body, req.headers, req.raw.rawHeaders, o.modelId, o);
+  const res = reply.raw;
+  if (ctx.shuttingDown()) throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, SHUTDOWN_ERROR.message, null, { connection: 'close' });
+  const ac = new AbortController();
+  // The client went away before the response was complete: abort the turn (or leave the queue).
+  let clientGone = false;
+  const onClose = () => {
+    if (res.writableFinished) return;
+    clientGone = true;
+    ac.abort();
+  };
+  res.once('close', onClose);
+  ctx.controllers.add(ac);
+
+  const session = parsed.sessionId !== undefined ? store.session(parsed.sessionId) : undefined;
+  let releaseSession: Release | undefined;
+  let lease: TurnLease | undefined;
+  let releaseSlot: Release | undefined;
+  let oneOff: Chat | undefined;
+  try {
+    if (session) {
+      const entering = session.gate.enter(ac.signal);
+      if (!entering) throw overloaded('Too many requests queued for this session');
+      releaseSession = await entering;
+      // The lease before a decode slot: waiting for another instance must not hold a slot here.
+      lease = await store.begin(session, ac.signal);
+    }
+    const slot = ctx.slots.enter(ac.signal);
+    if (!slot) throw overloaded('The server is at capacity');
+    releaseSlot = await slot;
+
+    const turnChat = session ? await sessionChat(ctx, session, lease!, parsed, ac.signal) : { chat: (oneOff = await ctx.chats.build(parsed, ac.signal)), created: true, restoredFrom: undefined, sessionReset: undefined };
+    const { chat } = turnChat;
+    const importedTokens = turnChat.created ? chat.stats().tokensSeen : 0;
+
+    const base = { id: `chatcmpl-${randomUUID()}`, created: Math.floor(Date.now() / 1000), model: o.modelId, system_fingerprint: `fml-${ctx.model.info.fingerprint.slice(0, 12)}` };
+    const sessionHeaders: Record<string, string> = session ? { 'x-session-id': encodeURIComponent(session.id) } : {};
+    if (turnChat.sessionReset) sessionHeaders['x-session-reset'] = turnChat.sessionReset;
+    const stream = new EventStream(reply, base, () => ({ connection: ctx.shuttingDown() ? 'close' : 'keep-alive', ...sessionHeaders }));
+
+    // Unpin and forget before the turn (each checked: a turn no longer in memory is a 400), so the
+    // room they free is there for it.
+    for (const turn of parsed.memory.unpin) chat.unpin(turn);
+    for (const turn of parsed.memory.forget) await chat.forget(turn);
+    let result: TurnResult;
+    let persisted: boolean | null = null;
+    let storeMs: number | null = null;
+    try {
+      result = await chat.send(parsed.last, {
+        ...parsed.send,
+        pin: parsed.memory.pin,
+        signal: ac.signal,
+        ...(parsed.stream ? { onToken: (piece: string) => { stream.start(); stream.chunk({ content: piece }, null); } } : {}),
+      });
+      if (session && result.stats.promptTokens > 0) {
+        // Reconciliation: a longer array means the client resends the whole conversation.
+        session.messagesSeen = Math.max(parsed.conversation.length, session.messagesSeen + 1) + 1;
+        // Write-through: the store holds this turn before its response completes.
+        const t0 = performance.now();
+        persisted = await store.commit(session, lease!);
+        if (persisted !== null) storeMs = performance.now() - t0;
+      }
+    } catch (err) {
+      if (!stream.started) throw err;
+      const http = toHttpError(err);
+      stream.fail({ message: http.message, type: http.type, param: http.param, code: http.code });
+      return;
+    }
+    const stats: ChatStats = chat.stats();
+    const usage = {
+      prompt_tokens: importedTokens + result.stats.promptTokens,
+      completion_tokens: result.stats.generatedTokens,
+      total_tokens: importedTokens + result.stats.promptTokens + result.stats.generatedTokens,
+    };
+    const finite_memory: {
+      instance: string; session_id: string | null; restored: boolean; restored_from: RestoredFrom | null; session_reset: 'restore_failed' | null; messages_seen: number | null;
+      persisted: boolean | null; store_ms: number | null; stop_reason: StopReason; turn: TurnStats; chat: ChatStats; pins: { turn: number; tokens: number }[];
+    } = {
+      instance: o.instanceId, session_id: session?.id ?? null, restored: turnChat.restoredFrom !== undefined, restored_from: turnChat.restoredFrom ?? null,
+      session_reset: turnChat.sessionReset ?? null, messages_seen: session?.messagesSeen ?? null, persisted, store_ms: storeMs, stop_reason: result.stopReason,
+      turn: result.stats, chat: stats, pins: chat.pins(),
+    };
+    if (clientGone) {
+      reply.hijack();
+      res.destroy();
+      return;
+    }
+    if (parsed.stream) {
+      stream.start();
+      stream.chunk({}, finishReason(result.stopReason), { finite_memory });
+      // Cut short by the shutdown deadline (not by its client): the stream says so before it ends.
+      if (result.stopReason === 'abort' && ctx.shuttingDown()) stream.write({ error: SHUTDOWN_ERROR });
+      if (parsed.includeUsage) stream.write({ ...base, object: 'chat.completion.chunk', choices: [], usage });
+      stream.end();
+      return;
+    }
+    for (const [k, v] of Object.entries(sessionHeaders)) reply.header(k, v);
+    return {
+      ...base,
+      object: 'chat.completion',
+      choices: [{ index: 0, message: { role: 'assistant', content: result.response, refusal: null }, logprobs: null, finish_reason: finishReason(result.stopReason) }],
+      usage,
+      finite_memory,
+    };
+  } catch (err) {
+    if (clientGone) {
+      reply.hijack();
+      res.destroy();
+      return;
+    }
+    if (err instanceof QueueAbortedError) throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, SHUTDOWN_ERROR.message);
+    throw err;
+  } finally {
+    res.off('close', onClose);
+    ctx.controllers.delete(ac);
+    releaseSlot?.();
+    oneOff?.dispose();
+    if (session) store.end(session, lease, releaseSession);
+  }
+}
+
+/** The session's chat: live in memory, restored from the store, or new (a stored one that cannot be restored: new, and said so). */
+async function sessionChat(ctx: CompletionContext, session: Session, lease: TurnLease, parsed: ParsedCompletion, signal: AbortSignal): Promise<TurnChat> {
+  if (session.chat) return { chat: session.chat, created: false, restoredFrom: undefined, sessionReset: undefined };
+  const events = ctx.metrics.sessionEvents;
+  await ctx.store.makeRoom();
+  let restored: Awaited<ReturnType<ChatSource['restore']>>;
+  let sessionReset: 'restore_failed' | undefined;
+  if (lease.storedVersion > 0) {
+    // Gone between the lease and the read (dropped by the caps or the TTL): a reset too.
+    const stored = await ctx.store.read(session);
+    restored = stored ? await ctx.chats.restore(stored, parsed, signal) : undefined;
+    if (restored) {
+      session.messagesSeen = stored!.messagesSeen;
+      events.inc({ event: 'restored' });
+    } else {
+      // Another model whose tokens no longer fit, a newer format, corrupt bytes: the session starts
+      // fresh (and says so) instead of failing every request from now on.
+      sessionReset = 'restore_failed';
+      session.messagesSeen = 0;
+      events.inc({ event: 'restore_failed' });
+    }
+  }
+  let chat: Chat;
+  if (restored) {
+    chat = restored.chat;
+  } else {
+    chat = await ctx.chats.build(parsed, signal);
+    session.messagesSeen = parsed.conversation.length - 1;
+    events.inc({ event: 'created' });
+  }
+  session.chat = chat;
+  return { chat, created: !restored, restoredFrom: restored?.from, sessionReset };
+}

@@ -2,7 +2,7 @@
 // one chat after 256 tokens of history, on the realistic-geometry model (Qwen2.5-0.5B's shape), N
 // from 1 (a lone decode step) to 512. On the CPU the cost per token stops falling at about 32 tokens:
 // past that a step's size only trades its length against the number of steps, and what decides a
-// scheduler's cost is how many ubatches its steps split into (README, "Scheduler").
+// scheduler's cost is how many ubatches its steps split into (docs/memory.md, "Many chats").
 //   npx tsx bench/step-cost.ts [--no-write]
 import { availableParallelism } from 'node:os';
 import { loadModel } from '../src/index.ts';

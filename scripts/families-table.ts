@@ -1,11 +1,11 @@
 /**
- * Writes the README's table of model families x what works, by trying each on a generated model:
+ * Writes docs/models.md's table of model families x what works, by trying each on a generated model:
  * what its memory is and which part finite memory bounds, whether chats evict in place (each turn
  * prefilling only its new tokens), how positions are compacted when a chat reaches its position
  * limit, which policies keep the budget through evicting turns, whether a checkpoint round-trips,
  * and whether a turn's tokens equal the template's rendering of the whole conversation. Nothing in
  * the table is declared: every cell is what this run saw.
- * `npm run docs:families` rewrites README.md between the markers; `--check` exits 1 when it is out
+ * `npm run docs:families` rewrites docs/models.md between the markers; `--check` exits 1 when it is out
  * of date (test/model/families.test.ts runs that check).
  */
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -139,12 +139,12 @@ export function readmeWithTable(readme: string, table: string): string {
 }
 
 if (process.argv[1] && import.meta.url.endsWith(process.argv[1].split('/').pop()!)) {
-  const path = join(import.meta.dirname, '..', 'README.md');
+  const path = join(import.meta.dirname, '..', 'docs', 'models.md');
   const readme = readFileSync(path, 'utf8');
   const next = readmeWithTable(readme, await familiesTable());
   if (process.argv.includes('--check')) {
     if (next !== readme) {
-      console.error('README.md families table is out of date: run npm run docs:families');
+      console.error('docs/models.md families table is out of date: run npm run docs:families');
       process.exit(1);
     }
   } else {

@@ -1,7 +1,7 @@
 /**
- * Writes the README's option table from the native option table (native/engine/options.cpp), the one
- * source of option names, defaults and bounds. `npm run docs:options` rewrites README.md between the
- * markers; `--check` exits 1 when the README is out of date (test/standalone/options.test.ts runs that check).
+ * Writes docs/api.md's option table from the native option table (native/engine/options.cpp), the one
+ * source of option names, defaults and bounds. `npm run docs:options` rewrites docs/api.md between the
+ * markers; `--check` exits 1 when docs/api.md is out of date (test/standalone/options.test.ts runs that check).
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -27,7 +27,7 @@ export function optionsTable(): string {
 export function replaceBetweenMarkers(text: string, begin: string, end: string, block: string): string {
   const a = text.indexOf(begin);
   const b = text.indexOf(end);
-  if (a < 0 || b < a) throw new Error(`README.md has no ${begin} ... ${end} block`);
+  if (a < 0 || b < a) throw new Error(`docs/api.md has no ${begin} ... ${end} block`);
   return `${text.slice(0, a + begin.length)}\n${block}\n${text.slice(b)}`;
 }
 
@@ -36,12 +36,12 @@ export function readmeWithTable(readme: string): string {
 }
 
 if (process.argv[1] && import.meta.url.endsWith(process.argv[1].split('/').pop()!)) {
-  const path = join(import.meta.dirname, '..', 'README.md');
+  const path = join(import.meta.dirname, '..', 'docs', 'api.md');
   const readme = readFileSync(path, 'utf8');
   const next = readmeWithTable(readme);
   if (process.argv.includes('--check')) {
     if (next !== readme) {
-      console.error('README.md option table is out of date: run npm run docs:options');
+      console.error('docs/api.md option table is out of date: run npm run docs:options');
       process.exit(1);
     }
   } else {

@@ -64,8 +64,8 @@ export interface ServerOptions {
   maxStoredBytes?: number;
   /**
    * A Redis session store shared by instances: `redis://[user:password@]host:port/db` or `rediss://`
-   * (TLS). Instead of checkpointDir. Every turn's ledger is written through to it; see the README's
-   * "Sessions across instances".
+   * (TLS). Instead of checkpointDir. Every turn's ledger is written through to it; see docs/server.md's
+   * "Sessions that outlive a process".
    */
   store?: string;
   /** PEM of the CA that signed a `rediss://` store's certificate (default: Node's trusted CAs). */

@@ -28,7 +28,7 @@ export interface Session {
   storedVersion: number;
   /** The version of the last full checkpoint written back. */
   fullVersion: number;
-  /** Conversation messages (user + assistant, not system) the server has seen; see reconciliation in the README. */
+  /** Conversation messages (user + assistant, not system) the server has seen; see reconciliation in docs/server.md. */
   messagesSeen: number;
   lastUsed: number;
   idleTimer: NodeJS.Timeout | undefined;

@@ -215,10 +215,10 @@ describe.each(UNSUPPORTED)('family %s (no in-place eviction)', (family) => {
   });
 });
 
-describe('README families table', () => {
+describe('docs/models.md families table', () => {
   it('is what scripts/families-table.ts finds now (npm run docs:families rewrites it)', async () => {
     const { familiesTable, readmeWithTable } = await import('../../scripts/families-table.ts');
-    const readme = readFileSync(join(import.meta.dirname, '..', '..', 'README.md'), 'utf8');
+    const readme = readFileSync(join(import.meta.dirname, '..', '..', 'docs', 'models.md'), 'utf8');
     expect(readmeWithTable(readme, await familiesTable())).toBe(readme);
   }, 180_000);
 });

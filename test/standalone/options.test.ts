@@ -1,5 +1,5 @@
 // The option table in the native core is the one source of defaults and bounds: what it documents
-// is what it resolves, the TypeScript JSDoc says the same defaults, and the README table is current.
+// is what it resolves, the TypeScript JSDoc says the same defaults, and docs/api.md's table is current.
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -53,8 +53,8 @@ describe('the native option table', () => {
     expect(checked).toBeGreaterThan(25);
   });
 
-  it('is what the README shows (npm run docs:options)', () => {
-    const readme = readFileSync(join(root, 'README.md'), 'utf8');
+  it('is what docs/api.md shows (npm run docs:options)', () => {
+    const readme = readFileSync(join(root, 'docs', 'api.md'), 'utf8');
     expect(readmeWithTable(readme)).toBe(readme);
   });
 

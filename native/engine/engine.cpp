@@ -21,7 +21,7 @@ static bool abort_callback(void * data) {
     return static_cast<const std::atomic<bool> *>(data)->load();
 }
 
-engine::engine(std::shared_ptr<fml_model> model, const engine_key & key, const engine_options & opts, const std::atomic<bool> * stopping)
+engine::engine(std::shared_ptr<fml_model> model, const kv_geometry & key, const engine_options & opts, const std::atomic<bool> * stopping)
     : model_(std::move(model)), key_(key), opts_(opts), stopping_(stopping) {
     capture_.want_attention = key_.attention;
     capture_.want_key_norm = key_.key_norm;

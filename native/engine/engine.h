@@ -1,5 +1,5 @@
 // An engine is one llama_context shared by the chats of a model that need the same KV geometry
-// (engine_key): every chat is a sequence with a KV stream of its own (kv_unified = false, so a
+// (kv_geometry): every chat is a sequence with a KV stream of its own (kv_unified = false, so a
 // token's attention costs what its own chat retains, not what all chats do). Its scheduler thread
 // (runtime.h) calls step(): one batch per step, built from one token of every generating chat and
 // bounded prefill chunks of the prefilling ones, decoded as few ubatches as llama.cpp allows.
@@ -12,6 +12,7 @@
 
 #include "engine/sequence.h"
 #include "engine/signals.h"
+#include "engine/step-context.h"
 
 #include <atomic>
 #include <cstdint>
@@ -42,15 +43,15 @@ struct engine_stats {
     uint32_t occupied = 0;
 };
 
-class engine {
+class engine final : public step_context {
 public:
-    engine(std::shared_ptr<fml_model> model, const engine_key & key, const engine_options & opts, const std::atomic<bool> * stopping);
+    engine(std::shared_ptr<fml_model> model, const kv_geometry & key, const engine_options & opts, const std::atomic<bool> * stopping);
     ~engine();
     engine(const engine &) = delete;
     engine & operator=(const engine &) = delete;
 
-    const engine_key & key() const { return key_; }
-    llama_context * ctx() const { return ctx_; }
+    const kv_geometry & key() const { return key_; }
+    llama_context * ctx() const override { return ctx_; }
     const engine_stats & stats() const { return stats_; }
 
     // A turn to run (scheduler thread): started at once when the chat has or gets a slot, else queued.
@@ -68,16 +69,16 @@ public:
     // pending. Decodes one token for `s` and removes it again when a shift is pending.
     void apply_pending_shift(sequence & s);
     // A chat moved positions (seq_add): the next decode pays a K-shift of every cell of the context.
-    void note_shift() { shift_pending_ = true; }
+    void note_shift() override { shift_pending_ = true; }
     // Whether this context's keys can shift (not with M-RoPE): compaction is a K-shift, else a re-prefill.
-    bool can_shift() const { return can_shift_; }
+    bool can_shift() const override { return can_shift_; }
     eval_capture & capture() { return capture_; }
     // One decode of at most n_batch() `tokens` for chat `s` at `pos0` outside a step (probes, pending
     // shifts); true when it succeeded. `signals`: capture them (capture().member(0) afterwards).
-    bool decode_one(sequence & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false);
-    uint32_t n_batch() const { return n_batch_; }
+    bool decode_one(sequence & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false) override;
+    uint32_t n_batch() const override { return n_batch_; }
     // KV streams of the context: one per slot, or one for all with a unified cache.
-    uint32_t streams() const { return opts_.unified ? 1 : (uint32_t) slots_.size(); }
+    uint32_t streams() const override { return opts_.unified ? 1 : (uint32_t) slots_.size(); }
 
 private:
     struct planned {
@@ -93,7 +94,7 @@ private:
     void decode_group(std::vector<planned> & plan, const std::vector<std::pair<size_t, std::pair<size_t, size_t>>> & rows);
 
     std::shared_ptr<fml_model> model_;
-    engine_key key_;
+    kv_geometry key_;
     engine_options opts_;
     const std::atomic<bool> * stopping_;
     llama_context * ctx_ = nullptr;

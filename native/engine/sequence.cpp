@@ -1,6 +1,5 @@
 #include "engine/sequence.h"
 
-#include "engine/engine.h"
 #include "engine/sequence-turn.h"
 #include "kv/kv-internals.h"
 #include "kv/kv-ops.h"
@@ -331,7 +330,7 @@ std::vector<std::pair<uint32_t, size_t>> sequence::pinned_turns() const {
     return out;
 }
 
-size_t sequence::forget_turn(uint32_t turn, engine & e) {
+size_t sequence::forget_turn(uint32_t turn, step_context & e) {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<bool> drop(ledger_.size(), false);
     for (size_t i = 0; i < ledger_.size(); ++i) {
@@ -444,7 +443,7 @@ void sequence::park(llama_context * ctx) {
     slot_ = -1;
 }
 
-void sequence::unpark(engine & e) {
+void sequence::unpark(step_context & e) {
     std::lock_guard<std::mutex> lock(mu_);
     if (!parked_) {
         return;
@@ -479,7 +478,7 @@ void sequence::unpark(engine & e) {
     parked_kv_.shrink_to_fit();
 }
 
-void sequence::replay_ledger(engine & e) {
+void sequence::replay_ledger(step_context & e) {
     // The retained tokens, prefilled at 0..n-1 in the engine's batches: the same memory as the chat
     // that was saved (tokens, turns, roles, pins, scores), its positions compacted; a hybrid's
     // recurrent state is rebuilt from these tokens alone.
@@ -587,7 +586,7 @@ size_t sequence::wants(clock_type::time_point now) const {
     return n;
 }
 
-contribution sequence::take(size_t budget, engine & e) {
+contribution sequence::take(size_t budget, step_context & e) {
     std::lock_guard<std::mutex> lock(mu_);
     turn_state & t = *turn_;
     contribution c;
@@ -669,7 +668,7 @@ contribution sequence::summary_contribution(size_t budget) {
     return c;
 }
 
-void sequence::decoded(const contribution & c, size_t from, size_t to, int32_t logits_row, const capture_member * signals, engine & e) {
+void sequence::decoded(const contribution & c, size_t from, size_t to, int32_t logits_row, const capture_member * signals, step_context & e) {
     std::lock_guard<std::mutex> lock(mu_);
     turn_state & t = *turn_;
     const auto now = clock_type::now();
@@ -755,7 +754,7 @@ void sequence::start_generation() {
     t.t_generate = clock_type::now();
 }
 
-void sequence::sample_next(engine & e, int32_t logits_row) {
+void sequence::sample_next(step_context & e, int32_t logits_row) {
     turn_state & t = *turn_;
     turn_stats & st = t.result.stats;
     const int32_t tok = llama_sampler_sample(t.sampler->raw(), e.ctx(), logits_row);
@@ -783,7 +782,7 @@ void sequence::sample_next(engine & e, int32_t logits_row) {
     }
 }
 
-void sequence::finish_turn(stop_reason reason, engine & e) {
+void sequence::finish_turn(stop_reason reason, step_context & e) {
     (void) e;
     std::unique_ptr<turn_state> t = std::move(turn_);
     turn_result & r = t->result;
@@ -817,7 +816,7 @@ void sequence::finish_turn(stop_reason reason, engine & e) {
     }
 }
 
-void sequence::abort_turn(engine & e) {
+void sequence::abort_turn(step_context & e) {
     std::lock_guard<std::mutex> lock(mu_);
     if (!turn_) {
         return;
@@ -834,7 +833,7 @@ void sequence::abort_turn(engine & e) {
     fail_turn(fml_error(FML_ERR_ABORTED, "aborted"), e);
 }
 
-void sequence::decode_failed(const fml_error & err, engine & e) {
+void sequence::decode_failed(const fml_error & err, step_context & e) {
     std::lock_guard<std::mutex> lock(mu_);
     if (!turn_) {
         return;
@@ -871,7 +870,7 @@ void sequence::fail_unstarted(const fml_error & err) {
     }
 }
 
-void sequence::fail_turn(const fml_error & err, engine & e, bool state_lost) {
+void sequence::fail_turn(const fml_error & err, step_context & e, bool state_lost) {
     std::unique_ptr<turn_state> & t = turn_;
     if (t->summary) {
         cancel_summary(e);
@@ -913,7 +912,7 @@ void sequence::fail_turn(const fml_error & err, engine & e, bool state_lost) {
     }
 }
 
-void sequence::rollback_to(size_t keep, engine & e) {
+void sequence::rollback_to(size_t keep, step_context & e) {
     // Tokens decoded and then rolled back (an aborted prefill, a probe) were never part of the
     // conversation: the counters must say what the cache holds and what it saw.
     if (slot_ < 0) {
@@ -929,7 +928,7 @@ void sequence::rollback_to(size_t keep, engine & e) {
     }
 }
 
-void sequence::restore_recurrent(const std::vector<uint8_t> & snapshot, engine & e) {
+void sequence::restore_recurrent(const std::vector<uint8_t> & snapshot, step_context & e) {
     kv_recurrent_restore(e.ctx(), slot_, snapshot, ledger_.empty() ? -1 : ledger_[ledger_.size() - 1].pos);
 }
 
@@ -1005,7 +1004,7 @@ void sequence::absorb_signals(const capture_member & m, size_t first_new, size_t
 
 // ---- eviction ----
 
-bool sequence::make_room(size_t incoming, size_t slack, engine & e) {
+bool sequence::make_room(size_t incoming, size_t slack, step_context & e) {
     const size_t budget = opts_.policy.max_tokens;
     // Positions take the slack only before a reply: mid-reply, compacting early would stall its stream.
     const size_t position_slack = turn_ && turn_->generating ? 0 : slack;
@@ -1033,7 +1032,7 @@ bool sequence::make_room(size_t incoming, size_t slack, engine & e) {
     return true;
 }
 
-void sequence::fit_positions(size_t incoming, size_t slack, engine & e) {
+void sequence::fit_positions(size_t incoming, size_t slack, step_context & e) {
     // Positions that are 0..n-1 already cannot get lower (and compact mode keeps them so).
     if ((int64_t) ledger_.next_pos() + (int64_t) (incoming + slack) <= position_limit_ || ledger_.positions_contiguous()) {
         return;
@@ -1044,7 +1043,7 @@ void sequence::fit_positions(size_t incoming, size_t slack, engine & e) {
     }
 }
 
-void sequence::compact(engine & e) {
+void sequence::compact(step_context & e) {
     const auto t0 = clock_type::now();
     llama_context * ctx = e.ctx();
     if (e.can_shift()) {
@@ -1083,7 +1082,7 @@ void sequence::compact(engine & e) {
     }
 }
 
-bool sequence::evict(const eviction_request & req, size_t hard_need, engine & e) {
+bool sequence::evict(const eviction_request & req, size_t hard_need, step_context & e) {
     // Latency guard: a policy that throws or takes longer than max_policy_ms is replaced by sliding
     // for this eviction, and the fallback is counted. The test hook adds its delay to the measured
     // time and holds the chat back that long (without stalling the other chats of the engine).
@@ -1156,7 +1155,7 @@ bool sequence::evict(const eviction_request & req, size_t hard_need, engine & e)
     return true;
 }
 
-void sequence::summary_decoded(engine & e, int32_t logits_row) {
+void sequence::summary_decoded(step_context & e, int32_t logits_row) {
     summary_job & j = *turn_->summary;
     if (j.tokens.size() >= j.max_tokens) {
         finish_summary(e);
@@ -1170,7 +1169,7 @@ void sequence::summary_decoded(engine & e, int32_t logits_row) {
     j.tokens.push_back(tok);   // decoded with the next step; the summary is done once it is in
 }
 
-void sequence::finish_summary(engine & e) {
+void sequence::finish_summary(step_context & e) {
     std::unique_ptr<summary_job> j = std::move(turn_->summary);
     turn_stats & st = turn_->result.stats;
     std::vector<ledger_entry> items;
@@ -1217,7 +1216,7 @@ void sequence::finish_summary(engine & e) {
     cumulative_.evictions += 1;
 }
 
-void sequence::cancel_summary(engine & e) {
+void sequence::cancel_summary(step_context & e) {
     // The scratch cells (instruction, summary so far) go; the planned eviction does not happen.
     kv_drop_unledgered(e.ctx(), slot_, ledger_);
     restore_recurrent(turn_->summary->recurrent, e);

@@ -15,6 +15,7 @@
 #include "engine/options.h"
 #include "engine/sampler.h"
 #include "engine/signals.h"
+#include "engine/step-context.h"
 #include "kv/token-ledger.h"
 #include "model/model.h"
 #include "policies/policy.h"
@@ -118,8 +119,9 @@ struct chat_state {
     std::string transcript;     // the JS side's transcript (JSON), kept with the chat
 };
 
-// The engine geometry a chat needs. Chats with equal keys share one engine (one llama_context).
-struct engine_key {
+// The KV geometry a chat needs (the chat computes it from the model and its options). Chats with equal
+// geometries share one engine (one llama_context).
+struct kv_geometry {
     uint32_t cells = 0;            // KV cells per sequence: the budget plus summary scratch, rounded up
     std::string kv_type;
     int32_t flash_attention = -1;  // -1 llama.cpp's choice, 0 off, 1 on
@@ -128,7 +130,7 @@ struct engine_key {
     int32_t hidden_layer = -1;
     int32_t threads = 1;
     uint32_t n_batch = 512;
-    bool operator==(const engine_key & o) const {
+    bool operator==(const kv_geometry & o) const {
         return cells == o.cells && kv_type == o.kv_type && flash_attention == o.flash_attention && attention == o.attention &&
                key_norm == o.key_norm && hidden_layer == o.hidden_layer && threads == o.threads && n_batch == o.n_batch;
     }
@@ -213,7 +215,7 @@ public:
     std::string summary_text() const;
     size_t count_turn_tokens(const std::string & user_text) const;
     const chat_options & options() const { return opts_; }
-    const engine_key & key() const { return key_; }
+    const kv_geometry & key() const { return key_; }
     int32_t position_limit() const { return position_limit_; }
     importance_signal signal() const { return signal_; }
     const std::string & model_fingerprint() const { return model_->info().fingerprint; }
@@ -230,17 +232,17 @@ public:
     // start a summary whose tokens are then what it contributes). Empty when the turn ended here.
     // Evictions of several chats in one step share the K-shift of the step's first decode; a chat
     // never evicts earlier than it would alone, so its output does not depend on the others.
-    contribution take(size_t budget, engine & e);
+    contribution take(size_t budget, step_context & e);
     // After the llama_decode that held tokens [from, to) of `c`. `logits_row` is the batch row of
     // c's last token when it is in that decode (-1 otherwise).
-    void decoded(const contribution & c, size_t from, size_t to, int32_t logits_row, const capture_member * signals, engine & e);
+    void decoded(const contribution & c, size_t from, size_t to, int32_t logits_row, const capture_member * signals, step_context & e);
     // The decode that held the contribution failed: the turn ends with the error (the cache is rolled back).
-    void decode_failed(const fml_error & err, engine & e);
+    void decode_failed(const fml_error & err, step_context & e);
     // The turn ends before the chat ever decoded for it (no slot, no engine, a state that did not load).
     void fail_unstarted(const fml_error & err);
     // Abort requested (or the runtime is stopping): the turn ends now, with what it has.
     bool abort_pending() const { return abort_.load(); }
-    void abort_turn(engine & e);
+    void abort_turn(step_context & e);
     std::chrono::steady_clock::time_point ready_at() const { return ready_at_; }
     std::chrono::steady_clock::time_point last_used() const { return last_used_; }
 
@@ -257,7 +259,7 @@ public:
     void park(llama_context * ctx);
     // Back into the slot the engine gave it: the parked KV state, or (a ledger-only checkpoint) the
     // retained tokens prefilled again.
-    void unpark(engine & e);
+    void unpark(step_context & e);
     // The transcript a checkpoint carried (the JS side's, as JSON; empty when it had none).
     std::string restored_transcript() const { std::lock_guard<std::mutex> lock(mu_); return transcript_; }
     // Frees what reset() left in the cache; call before using the slot.
@@ -266,7 +268,7 @@ public:
     // Scheduler-thread tasks.
     // Evicts every token of `turn` now (pins included; never the system prompt or the sinks) and
     // compacts positions in place. Returns the tokens evicted (0 when the turn is not in memory).
-    size_t forget_turn(uint32_t turn, engine & e);
+    size_t forget_turn(uint32_t turn, step_context & e);
     // `ctx`: the chat's engine context, or null when the chat never had a turn.
     // With `ctx` null: the ledger-only state. Everything it reads is guarded by mu_, so a ledger-only
     // export may run on any thread without waiting for the scheduler's step.
@@ -289,33 +291,33 @@ private:
     // Frees room for `incoming` more tokens, asking the policy for at least the excess and up to
     // `slack` more (amortises the K-shift). False when a summary started instead (its tokens come
     // first; the room exists once it is done). Throws PROMPT_TOO_LARGE when pinned tokens leave no room.
-    bool make_room(size_t incoming, size_t slack, engine & e);
-    bool evict(const eviction_request & req, size_t hard_need, engine & e);
+    bool make_room(size_t incoming, size_t slack, step_context & e);
+    bool evict(const eviction_request & req, size_t hard_need, step_context & e);
     // Positions: compacts when `incoming` more would pass the limit (early by `slack`: a compaction
     // at a turn's start beats one mid-reply).
-    void fit_positions(size_t incoming, size_t slack, engine & e);
-    void compact(engine & e);
+    void fit_positions(size_t incoming, size_t slack, step_context & e);
+    void compact(step_context & e);
     // The recurrent state at the turn's start (hybrids) goes back after the turn's tokens were removed.
-    void restore_recurrent(const std::vector<uint8_t> & snapshot, engine & e);
+    void restore_recurrent(const std::vector<uint8_t> & snapshot, step_context & e);
     contribution summary_contribution(size_t budget);
-    void summary_decoded(engine & e, int32_t logits_row);
-    void finish_summary(engine & e);
-    void cancel_summary(engine & e);
+    void summary_decoded(step_context & e, int32_t logits_row);
+    void finish_summary(step_context & e);
+    void cancel_summary(step_context & e);
     void append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role, bool pin = false);
     void absorb_signals(const capture_member & m, size_t first_new, size_t n_new);
-    void rollback_to(size_t keep, engine & e);
-    void sample_next(engine & e, int32_t logits_row);
-    void finish_turn(stop_reason reason, engine & e);
+    void rollback_to(size_t keep, step_context & e);
+    void sample_next(step_context & e, int32_t logits_row);
+    void finish_turn(stop_reason reason, step_context & e);
     // `state_lost`: a decode failed partway, so a hybrid's recurrent state may hold part of it and the
     // whole turn is rolled back (a KV cache alone only needs its unledgered cells dropped).
-    void fail_turn(const fml_error & err, engine & e, bool state_lost = false);
+    void fail_turn(const fml_error & err, step_context & e, bool state_lost = false);
     // Ledger index ranges as position ranges [begin, end), split where positions have gaps.
     std::vector<index_range> position_ranges(const std::vector<index_range> & ranges) const;
     void start_generation();
 
     std::shared_ptr<fml_model> model_;
     chat_options opts_;
-    engine_key key_;
+    kv_geometry key_;
     importance_signal signal_ = IMPORTANCE_NONE;
     std::unique_ptr<kv_policy_i> policy_;
     std::vector<int32_t> system_tokens_;
@@ -341,7 +343,7 @@ private:
     std::vector<uint8_t> parked_kv_;
     bool replay_pending_ = false;           // a ledger-only checkpoint: prefill the retained tokens at unpark
     std::string transcript_;
-    void replay_ledger(engine & e);
+    void replay_ledger(step_context & e);
     std::chrono::steady_clock::time_point ready_at_{};
     std::chrono::steady_clock::time_point last_used_{};
 

@@ -1,0 +1,34 @@
+// What a chat may ask of the engine that runs it, and nothing more: the shared context, one decode of
+// its own tokens outside a step, and facts about the context. The engine hands this to a chat's turn
+// and eviction code, so calls run one way (engine -> chat), never back into the scheduler.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "llama.h"
+
+namespace fml {
+
+class sequence;
+
+class step_context {
+public:
+    virtual llama_context * ctx() const = 0;
+    // Tokens one llama_decode takes.
+    virtual uint32_t n_batch() const = 0;
+    // KV streams of the context (one per slot, or one with a unified cache).
+    virtual uint32_t streams() const = 0;
+    // Whether keys can shift (not with M-RoPE): compaction is a K-shift, else a re-prefill.
+    virtual bool can_shift() const = 0;
+    // The chat moved positions (seq_add): the next decode pays a K-shift.
+    virtual void note_shift() = 0;
+    // One decode of at most n_batch() of the chat's `tokens` at `pos0`; true when it succeeded.
+    // `signals`: capture them for the chat.
+    virtual bool decode_one(sequence & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false) = 0;
+
+protected:
+    ~step_context() = default;
+};
+
+} // namespace fml

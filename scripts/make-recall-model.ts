@@ -82,8 +82,16 @@ const RECIPE = {
 /** Held-out conversations train.py scores teacher-forced as it goes (a cheap estimate of the check). */
 const EVAL_CONVERSATIONS = 96;
 
+/** A source file without its comment lines: a comment edit does not change the recipe (nor retrain the model). */
+function withoutComments(path: string, prefixes: string[]): string {
+  return readFileSync(path, 'utf8').split('\n').filter((l) => !prefixes.some((p) => l.trimStart().startsWith(p))).join('\n');
+}
+
 export function defaultRecallModelPath(): string {
-  const hash = createHash('sha256').update(JSON.stringify(RECIPE)).update(readFileSync(join(ROOT, 'scripts', 'recall', 'train.py'))).update(readFileSync(join(ROOT, 'scripts', 'recall', 'dialogues.ts'))).digest('hex').slice(0, 10);
+  const hash = createHash('sha256').update(JSON.stringify(RECIPE))
+    .update(withoutComments(join(ROOT, 'scripts', 'recall', 'train.py'), ['#']))
+    .update(withoutComments(join(ROOT, 'scripts', 'recall', 'dialogues.ts'), ['//', '/*', '*']))
+    .digest('hex').slice(0, 10);
   return join(ROOT, '.cache', 'models', `recall-${hash}.gguf`);
 }
 

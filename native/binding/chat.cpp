@@ -62,7 +62,7 @@ struct turn_context {
     Napi::FunctionReference on_piece;
     Napi::ObjectReference chat_ref;        // keeps the JS chat alive while the turn runs
     Napi::ObjectReference callback_error;  // the first exception onToken threw
-    js_chat * chat = nullptr;
+    js_chat * jc = nullptr;
     bool ingest = false;
 };
 
@@ -79,8 +79,8 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
                 } catch (const Napi::Error & e) {
                     // A throwing callback stops the turn (as an abort); the result carries the error.
                     ctx->callback_error = Napi::Persistent(e.Value());
-                    ctx->chat->seq()->request_abort();
-                    ctx->chat->rt()->wake();
+                    ctx->jc->core()->request_abort();
+                    ctx->jc->rt()->wake();
                 }
             }
             return;
@@ -93,12 +93,12 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
                 o.Set("response", event->result.response);
                 o.Set("stopReason", stop_reason_name(event->result.reason));
                 Napi::Object stats = stats_to_js(env, event->result.stats);
-                const char * signal = importance_signal_name(ctx->chat->seq()->signal());
+                const char * signal = importance_signal_name(ctx->jc->core()->signal());
                 stats.Set("importanceSignal", *signal ? Napi::Value(Napi::String::New(env, signal)) : env.Null());
                 o.Set("stats", stats);
                 result = o;
             }
-            ctx->chat->finished();   // may complete a dispose requested meanwhile
+            ctx->jc->finished();   // may complete a dispose requested meanwhile
             // A throwing callback stopped the turn, which is kept: the result says what was generated
             // and carries the callback's error (the JS side reports it as a CallbackError).
             if (!ctx->callback_error.IsEmpty() && result.IsObject()) {
@@ -108,7 +108,7 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
             return;
         }
         case turn_event::FAILED:
-            ctx->chat->finished();
+            ctx->jc->finished();
             ctx->deferred.Reject(make_error(env, event->code, event->text).Value());
             return;
     }
@@ -117,9 +117,9 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
 using turn_tsfn = Napi::TypedThreadSafeFunction<turn_context, turn_event, deliver>;
 
 // Starts a prepared turn; the promise settles through the thread-safe function.
-Napi::Value start_turn(Napi::Env env, js_chat & chat, Napi::Object chat_obj, turn_request && req, Napi::Function on_piece) {
+Napi::Value start_turn(Napi::Env env, js_chat & jc, Napi::Object chat_obj, turn_request && req, Napi::Function on_piece) {
     auto * ctx = new turn_context(env);
-    ctx->chat = &chat;
+    ctx->jc = &jc;
     ctx->ingest = req.ingest;
     ctx->chat_ref = Napi::Persistent(chat_obj);
     if (!on_piece.IsEmpty()) {
@@ -139,10 +139,10 @@ Napi::Value start_turn(Napi::Env env, js_chat & chat, Napi::Object chat_obj, tur
         tsfn.Release();
     };
     try {
-        chat.rt()->submit(chat.seq(), std::move(req));
+        jc.rt()->submit(jc.core(), std::move(req));
     } catch (const fml_error & e) {
         tsfn.Release();
-        chat.finished();
+        jc.finished();
         throw_error(env, e.code(), e.what());
     }
     return promise;
@@ -179,7 +179,7 @@ js_chat::js_chat(const Napi::CallbackInfo & info) : Napi::ObjectWrap<js_chat>(in
     if (info.Length() >= 1 && info[0].IsExternal()) {
         restored_chat * r = info[0].As<Napi::External<restored_chat>>().Data();
         rt_ = r->rt;
-        seq_ = r->seq;
+        core_ = r->seq;
         return;
     }
     if (info.Length() < 1 || !info[0].IsObject()) {
@@ -188,7 +188,7 @@ js_chat::js_chat(const Napi::CallbackInfo & info) : Napi::ObjectWrap<js_chat>(in
     js_model * m = js_model::Unwrap(info[0].As<Napi::Object>());
     auto model = m->require(env);
     const chat_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 1), m->load_options.threads); });
-    seq_ = guarded(env, [&] { return std::make_shared<sequence>(model, opts, m->load_options.threads); });
+    core_ = guarded(env, [&] { return std::make_shared<chat>(model, opts, m->load_options.threads); });
     rt_ = m->require_runtime(env);
 }
 
@@ -198,22 +198,22 @@ js_chat::~js_chat() {
 }
 
 void js_chat::release() {
-    if (seq_) {
-        rt_->release(seq_);
-        seq_.reset();
+    if (core_) {
+        rt_->release(core_);
+        core_.reset();
         rt_.reset();
     }
 }
 
-sequence & js_chat::require(Napi::Env env) {
-    if (!seq_) {
+chat & js_chat::require(Napi::Env env) {
+    if (!core_) {
         throw_error(env, FML_ERR_DISPOSED, "chat is disposed");
     }
-    return *seq_;
+    return *core_;
 }
 
 void js_chat::claim(Napi::Env env, const char * busy_message) {
-    sequence & s = require(env);
+    chat & s = require(env);
     bool expected = false;
     if (!s.busy().compare_exchange_strong(expected, true)) {
         throw_error(env, FML_ERR_BUSY, busy_message);
@@ -223,8 +223,8 @@ void js_chat::claim(Napi::Env env, const char * busy_message) {
 }
 
 void js_chat::finished() {
-    if (seq_) {
-        seq_->busy().store(false);
+    if (core_) {
+        core_->busy().store(false);
     }
     if (dispose_pending_) {
         release();
@@ -233,7 +233,7 @@ void js_chat::finished() {
 
 Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    sequence & s = require(env);
+    chat & s = require(env);
     const std::string text = string_arg(info, 0, "message");
     generation_options gen = guarded(env, [&] { return resolve_generation_options(options_arg(info, 1)); });
     Napi::Function on_piece = info.Length() > 2 && info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
@@ -251,7 +251,7 @@ Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
 
 Napi::Value js_chat::js_ingest_exchange(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    sequence & s = require(env);
+    chat & s = require(env);
     const std::string user = string_arg(info, 0, "user message");
     const std::string reply = string_arg(info, 1, "assistant message");
     claim(env, "a turn is running on this chat");
@@ -266,8 +266,8 @@ Napi::Value js_chat::js_ingest_exchange(const Napi::CallbackInfo & info) {
 }
 
 Napi::Value js_chat::js_abort(const Napi::CallbackInfo & info) {
-    if (seq_) {
-        seq_->request_abort();
+    if (core_) {
+        core_->request_abort();
         rt_->wake();
     }
     return info.Env().Undefined();
@@ -275,7 +275,7 @@ Napi::Value js_chat::js_abort(const Napi::CallbackInfo & info) {
 
 Napi::Value js_chat::js_stats(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    sequence & s = require(env);
+    chat & s = require(env);
     const cumulative_stats c = s.stats();
     Napi::Object o = Napi::Object::New(env);
     o.Set("turns", (double) c.turns);
@@ -312,7 +312,7 @@ Napi::Value js_chat::js_memory(const Napi::CallbackInfo & info) {
 // each other). Read on the scheduler thread, which owns the cache; waits for the current step.
 Napi::Value js_chat::js_cache_state(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    sequence & s = require(env);
+    chat & s = require(env);
     struct snapshot {
         cache_view v;
         uint64_t rows = 0, violations = 0, mismatches = 0;
@@ -355,14 +355,14 @@ Napi::Value js_chat::js_cache_state(const Napi::CallbackInfo & info) {
 
 Napi::Value js_chat::js_count_turn_tokens(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    sequence & s = require(env);
+    chat & s = require(env);
     const std::string text = string_arg(info, 0, "text");
     return Napi::Number::New(env, (double) guarded(env, [&] { return s.count_turn_tokens(text); }));
 }
 
 Napi::Value js_chat::js_reset(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    sequence & s = require(env);
+    chat & s = require(env);
     if (s.busy().load()) {
         throw_error(env, FML_ERR_BUSY, "cannot reset while a turn is running");
     }
@@ -371,9 +371,9 @@ Napi::Value js_chat::js_reset(const Napi::CallbackInfo & info) {
 }
 
 Napi::Value js_chat::js_dispose(const Napi::CallbackInfo & info) {
-    if (seq_) {
-        if (seq_->busy().load()) {
-            seq_->request_abort();
+    if (core_) {
+        if (core_->busy().load()) {
+            core_->request_abort();
             rt_->wake();
             dispose_pending_ = true;   // the running operation releases the chat when it finishes
         } else {
@@ -397,8 +397,8 @@ namespace {
 // thread encodes (and writes) it. The chat is claimed busy until then.
 class save_checkpoint_worker : public promise_worker {
 public:
-    save_checkpoint_worker(Napi::Env env, js_chat & chat, Napi::Object chat_obj, std::string path, bool ledger_only, std::string transcript)
-        : promise_worker(env), chat_(chat), rt_(chat.rt()), seq_(chat.seq()), path_(std::move(path)), ledger_only_(ledger_only),
+    save_checkpoint_worker(Napi::Env env, js_chat & jc, Napi::Object chat_obj, std::string path, bool ledger_only, std::string transcript)
+        : promise_worker(env), chat_(jc), rt_(jc.rt()), core_(jc.core()), path_(std::move(path)), ledger_only_(ledger_only),
           transcript_(std::move(transcript)) {
         chat_ref_ = Napi::Persistent(chat_obj);
     }
@@ -408,18 +408,18 @@ protected:
     void run() override {
         // The ledger kind needs no KV state: it is read under the chat's own lock, without waiting for
         // the scheduler's current step (a turn's write-through would otherwise wait for other chats' decodes).
-        chat_state state = ledger_only_ ? seq_->export_state(nullptr, false) : rt_->run_sync([this] {
-            engine * e = seq_->owner();
+        chat_state state = ledger_only_ ? core_->export_state(nullptr, false) : rt_->run_sync([this] {
+            engine * e = core_->owner();
             if (e != nullptr) {
-                e->apply_pending_shift(*seq_);
+                e->apply_pending_shift(*core_);
             }
-            return seq_->export_state(e != nullptr ? e->ctx() : nullptr);
+            return core_->export_state(e != nullptr ? e->ctx() : nullptr);
         });
         state.transcript = std::move(transcript_);
         if (path_.empty()) {
-            bytes_ = encode_checkpoint(seq_->model_fingerprint(), state, ledger_only_);
+            bytes_ = encode_checkpoint(core_->model_fingerprint(), state, ledger_only_);
         } else {
-            write_checkpoint(path_, seq_->model_fingerprint(), state);
+            write_checkpoint(path_, core_->model_fingerprint(), state);
         }
     }
     Napi::Value result(Napi::Env env) override {
@@ -434,7 +434,7 @@ private:
     js_chat & chat_;
     Napi::ObjectReference chat_ref_;
     std::shared_ptr<runtime> rt_;
-    std::shared_ptr<sequence> seq_;
+    std::shared_ptr<chat> core_;
     std::string path_;
     bool ledger_only_;
     std::string transcript_;
@@ -459,30 +459,30 @@ protected:
             state.options.threads = threads_;
         }
         try {
-            seq_ = std::make_shared<sequence>(model, state.options, rt_->options().threads);
+            core_ = std::make_shared<chat>(model, state.options, rt_->options().threads);
         } catch (const fml_error & e) {
             throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, std::string("the checkpoint's options are not valid for this model: ") + e.what());
         }
-        seq_->adopt_state(std::move(state));
+        core_->adopt_state(std::move(state));
         rt_->run_sync([this] {
-            engine & e = rt_->engine_for(*seq_);
+            engine & e = rt_->engine_for(*core_);
             try {
-                e.ensure_slot(*seq_);
+                e.ensure_slot(*core_);
             } catch (...) {
-                e.release(*seq_);
+                e.release(*core_);
                 throw;
             }
         });
     }
     Napi::Value result(Napi::Env env) override {
-        restored_chat r{ rt_, seq_ };
+        restored_chat r{ rt_, core_ };
         auto holder = Napi::External<restored_chat>::New(env, &r);
         return env.GetInstanceData<addon_data>()->chat_ctor.New({ holder });
     }
 private:
     std::shared_ptr<runtime> rt_;
     int32_t threads_;
-    std::shared_ptr<sequence> seq_;
+    std::shared_ptr<chat> core_;
 };
 
 } // namespace
@@ -527,8 +527,8 @@ uint32_t turn_arg(const Napi::CallbackInfo & info) {
 // Evicts one turn in place on the scheduler thread (the cache is its); the chat is claimed busy until then.
 class forget_worker : public promise_worker {
 public:
-    forget_worker(Napi::Env env, js_chat & chat, Napi::Object chat_obj, uint32_t turn)
-        : promise_worker(env), chat_(chat), rt_(chat.rt()), seq_(chat.seq()), turn_(turn) {
+    forget_worker(Napi::Env env, js_chat & jc, Napi::Object chat_obj, uint32_t turn)
+        : promise_worker(env), chat_(jc), rt_(jc.rt()), core_(jc.core()), turn_(turn) {
         chat_ref_ = Napi::Persistent(chat_obj);
     }
     void OnOK() override { chat_.finished(); promise_worker::OnOK(); }
@@ -536,15 +536,15 @@ public:
 protected:
     void run() override {
         evicted_ = rt_->run_sync([this]() -> size_t {
-            engine * e = seq_->owner();
+            engine * e = core_->owner();
             if (e == nullptr) {
                 return 0;   // never had a turn: nothing in memory
             }
-            if (!e->ensure_slot(*seq_)) {
+            if (!e->ensure_slot(*core_)) {
                 throw fml_error(FML_ERR_KV, "every slot of the chat's engine is in a turn");
             }
-            e->apply_pending_shift(*seq_);
-            return seq_->forget_turn(turn_, *e);
+            e->apply_pending_shift(*core_);
+            return core_->forget_turn(turn_, *e);
         });
     }
     Napi::Value result(Napi::Env env) override { return Napi::Number::New(env, (double) evicted_); }
@@ -552,7 +552,7 @@ private:
     js_chat & chat_;
     Napi::ObjectReference chat_ref_;
     std::shared_ptr<runtime> rt_;
-    std::shared_ptr<sequence> seq_;
+    std::shared_ptr<chat> core_;
     uint32_t turn_;
     size_t evicted_ = 0;
 };
@@ -561,16 +561,16 @@ private:
 
 // A synchronous ledger operation of an idle chat: claimed for its duration, errors typed.
 template <typename F>
-Napi::Value idle_ledger_call(Napi::Env env, js_chat & chat, const char * busy_message, F fn) {
-    chat.claim(env, busy_message);
+Napi::Value idle_ledger_call(Napi::Env env, js_chat & jc, const char * busy_message, F fn) {
+    jc.claim(env, busy_message);
     size_t n = 0;
     try {
-        n = fn(*chat.seq());
+        n = fn(*jc.core());
     } catch (const fml_error & e) {
-        chat.finished();
+        jc.finished();
         throw_error(env, e.code(), e.what());
     }
-    chat.finished();
+    jc.finished();
     return Napi::Number::New(env, (double) n);
 }
 
@@ -579,14 +579,14 @@ Napi::Value js_chat::js_pin(const Napi::CallbackInfo & info) {
     require(env);
     const uint32_t turn = turn_arg(info);
     const bool with_reply = info.Length() > 1 && info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value();
-    return idle_ledger_call(env, *this, "a turn is running on this chat; pin after it", [&](sequence & s) { return s.pin_turn(turn, with_reply); });
+    return idle_ledger_call(env, *this, "a turn is running on this chat; pin after it", [&](chat & s) { return s.pin_turn(turn, with_reply); });
 }
 
 Napi::Value js_chat::js_unpin(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     require(env);
     const uint32_t turn = turn_arg(info);
-    return idle_ledger_call(env, *this, "a turn is running on this chat; unpin after it", [&](sequence & s) { return s.unpin_turn(turn); });
+    return idle_ledger_call(env, *this, "a turn is running on this chat; unpin after it", [&](chat & s) { return s.unpin_turn(turn); });
 }
 
 Napi::Value js_chat::js_pins(const Napi::CallbackInfo & info) {

@@ -5,7 +5,7 @@
 #include <napi.h>
 
 #include "engine/runtime.h"
-#include "engine/sequence.h"
+#include "chat/chat.h"
 
 #include <memory>
 
@@ -19,8 +19,8 @@ public:
     ~js_chat() override;
 
     // Throws DISPOSED.
-    sequence & require(Napi::Env env);
-    const std::shared_ptr<sequence> & seq() const { return seq_; }
+    chat & require(Napi::Env env);
+    const std::shared_ptr<chat> & core() const { return core_; }
     const std::shared_ptr<runtime> & rt() const { return rt_; }
     // Claims the chat for one operation; throws CHAT_BUSY when a turn (or another operation) runs.
     void claim(Napi::Env env, const char * busy_message);
@@ -48,14 +48,14 @@ private:
     void release();
 
     std::shared_ptr<runtime> rt_;
-    std::shared_ptr<sequence> seq_;
+    std::shared_ptr<chat> core_;
     bool dispose_pending_ = false;
 };
 
 // What loadChat hands the NativeChat constructor.
 struct restored_chat {
     std::shared_ptr<runtime> rt;
-    std::shared_ptr<sequence> seq;
+    std::shared_ptr<chat> seq;
 };
 
 // loadChat(model, path, threads?) -> Promise<NativeChat>

@@ -10,7 +10,7 @@
 #include "model/model.h"
 #include "probes/evict-bench.h"
 #include "probes/swa-cost.h"
-#include "probes/sequence-probes.h"
+#include "probes/chat-probes.h"
 
 namespace fml {
 
@@ -23,16 +23,16 @@ js_chat & chat_arg(const Napi::CallbackInfo & info) {
     return *js_chat::Unwrap(info[0].As<Napi::Object>());
 }
 
-// Runs `fn(sequence, engine)` on the chat's scheduler; the chat must be idle.
+// Runs `fn(chat, engine)` on the chat's scheduler; the chat must be idle.
 template <typename F>
-auto on_scheduler(const Napi::CallbackInfo & info, F fn) -> decltype(fn(std::declval<sequence &>(), std::declval<engine &>())) {
+auto on_scheduler(const Napi::CallbackInfo & info, F fn) -> decltype(fn(std::declval<chat &>(), std::declval<engine &>())) {
     Napi::Env env = info.Env();
-    js_chat & chat = chat_arg(info);
-    sequence & s = chat.require(env);
+    js_chat & jc = chat_arg(info);
+    chat & s = jc.require(env);
     if (s.busy().load()) {
         throw_error(env, FML_ERR_BUSY, "chat is busy");
     }
-    return guarded(env, [&] { return chat.rt()->run_sync([&] { return fn(s, chat.rt()->engine_for(s)); }); });
+    return guarded(env, [&] { return jc.rt()->run_sync([&] { return fn(s, jc.rt()->engine_for(s)); }); });
 }
 
 Napi::Float32Array floats(Napi::Env env, const std::vector<float> & v) {
@@ -43,11 +43,11 @@ Napi::Float32Array floats(Napi::Env env, const std::vector<float> & v) {
 
 Napi::Value probe_logits(const Napi::CallbackInfo & info) {
     const int32_t token = info[1].ToNumber().Int32Value();
-    return floats(info.Env(), on_scheduler(info, [&](sequence & s, engine & e) { return sequence_probes::probe_logits(s, e, token); }));
+    return floats(info.Env(), on_scheduler(info, [&](chat & s, engine & e) { return chat_probes::probe_logits(s, e, token); }));
 }
 
 Napi::Value recurrent_state(const Napi::CallbackInfo & info) {
-    const std::vector<uint8_t> bytes = on_scheduler(info, [&](sequence & s, engine & e) { return sequence_probes::recurrent_state(s, e); });
+    const std::vector<uint8_t> bytes = on_scheduler(info, [&](chat & s, engine & e) { return chat_probes::recurrent_state(s, e); });
     Napi::Uint8Array arr = Napi::Uint8Array::New(info.Env(), bytes.size());
     std::copy(bytes.begin(), bytes.end(), arr.Data());
     return arr;
@@ -55,7 +55,7 @@ Napi::Value recurrent_state(const Napi::CallbackInfo & info) {
 
 Napi::Value shift_positions(const Napi::CallbackInfo & info) {
     const int32_t delta = info[1].ToNumber().Int32Value();
-    on_scheduler(info, [&](sequence & s, engine & e) { sequence_probes::shift_positions(s, e, delta); return 0; });
+    on_scheduler(info, [&](chat & s, engine & e) { chat_probes::shift_positions(s, e, delta); return 0; });
     return info.Env().Undefined();
 }
 
@@ -66,24 +66,24 @@ Napi::Value evaluate_tokens(const Napi::CallbackInfo & info) {
     Napi::Int32Array arr = info[1].As<Napi::Int32Array>();
     std::vector<int32_t> toks(arr.Data(), arr.Data() + arr.ElementLength());
     const size_t chunk = (size_t) info[2].ToNumber().Int64Value();
-    return floats(info.Env(), on_scheduler(info, [&](sequence & s, engine & e) { return sequence_probes::evaluate_tokens(s, e, toks, chunk); }));
+    return floats(info.Env(), on_scheduler(info, [&](chat & s, engine & e) { return chat_probes::evaluate_tokens(s, e, toks, chunk); }));
 }
 
 Napi::Value replay_history(const Napi::CallbackInfo & info) {
-    return Napi::Number::New(info.Env(), on_scheduler(info, [](sequence & s, engine & e) { return sequence_probes::replay_history(s, e); }));
+    return Napi::Number::New(info.Env(), on_scheduler(info, [](chat & s, engine & e) { return chat_probes::replay_history(s, e); }));
 }
 
 Napi::Value plain_decode(const Napi::CallbackInfo & info) {
     const int32_t n = info[1].ToNumber().Int32Value();
-    return Napi::Number::New(info.Env(), on_scheduler(info, [&](sequence & s, engine & e) { return sequence_probes::plain_decode(s, e, n); }));
+    return Napi::Number::New(info.Env(), on_scheduler(info, [&](chat & s, engine & e) { return chat_probes::plain_decode(s, e, n); }));
 }
 
 // engineStats(chat) -> the figures of every engine of the chat's model
 Napi::Value engine_stats_of(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    js_chat & chat = chat_arg(info);
-    chat.require(env);
-    const engine_stats st = guarded(env, [&] { return chat.rt()->stats(); });
+    js_chat & jc = chat_arg(info);
+    jc.require(env);
+    const engine_stats st = guarded(env, [&] { return jc.rt()->stats(); });
     Napi::Object o = Napi::Object::New(env);
     o.Set("steps", (double) st.steps);
     o.Set("decodes", (double) st.decodes);
@@ -246,7 +246,7 @@ Napi::Value swa_cost(const Napi::CallbackInfo & info) {
 Napi::Value live_objects(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     Napi::Object o = Napi::Object::New(env);
-    o.Set("chats", (double) sequence::live_count());
+    o.Set("chats", (double) chat::live_count());
     o.Set("models", (double) fml_model::live_count());
     o.Set("runtimes", (double) runtime::live_count());
     return o;

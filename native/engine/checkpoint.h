@@ -14,7 +14,7 @@
 // intact. Reads validate everything before touching a chat.
 #pragma once
 
-#include "engine/sequence.h"
+#include "chat/chat.h"
 
 #include <string>
 

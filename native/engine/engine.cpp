@@ -119,7 +119,7 @@ bool engine::grow() {
             states[i] = kv_state_save(ctx_, (int32_t) i);
         }
     }
-    std::vector<sequence *> holders = slots_;
+    std::vector<chat *> holders = slots_;
     create_context(next);   // throws before anything is lost: the old context stays until it succeeds
     for (uint32_t i = 0; i < cur; ++i) {
         slots_[i] = holders[i];
@@ -131,9 +131,9 @@ bool engine::grow() {
     return true;
 }
 
-sequence * engine::idle_victim() const {
-    sequence * victim = nullptr;
-    for (sequence * s : slots_) {
+chat * engine::idle_victim() const {
+    chat * victim = nullptr;
+    for (chat * s : slots_) {
         if (s != nullptr && !s->has_turn() && (victim == nullptr || s->last_used() < victim->last_used())) {
             victim = s;
         }
@@ -141,7 +141,7 @@ sequence * engine::idle_victim() const {
     return victim;
 }
 
-void engine::place(sequence & s, int32_t slot) {
+void engine::place(chat & s, int32_t slot) {
     slots_[(size_t) slot] = &s;
     s.set_slot(slot);
     s.sync_after_reset(ctx_);
@@ -151,7 +151,7 @@ void engine::place(sequence & s, int32_t slot) {
     }
 }
 
-bool engine::ensure_slot(sequence & s) {
+bool engine::ensure_slot(chat & s) {
     if (s.slot() >= 0) {
         s.sync_after_reset(ctx_);
         return true;
@@ -165,7 +165,7 @@ bool engine::ensure_slot(sequence & s) {
     if (grow()) {
         return ensure_slot(s);
     }
-    sequence * victim = idle_victim();
+    chat * victim = idle_victim();
     if (victim == nullptr) {
         return false;
     }
@@ -178,17 +178,17 @@ bool engine::ensure_slot(sequence & s) {
     return true;
 }
 
-void engine::release(sequence & s) {
+void engine::release(chat & s) {
     if (s.slot() >= 0 && s.owner() == this) {
         kv_clear_slot(ctx_, s.slot());
         slots_[(size_t) s.slot()] = nullptr;
         s.set_slot(-1);
     }
-    queue_.erase(std::remove_if(queue_.begin(), queue_.end(), [&](const std::shared_ptr<sequence> & q) { return q.get() == &s; }), queue_.end());
-    running_.erase(std::remove_if(running_.begin(), running_.end(), [&](const std::shared_ptr<sequence> & q) { return q.get() == &s; }), running_.end());
+    queue_.erase(std::remove_if(queue_.begin(), queue_.end(), [&](const std::shared_ptr<chat> & q) { return q.get() == &s; }), queue_.end());
+    running_.erase(std::remove_if(running_.begin(), running_.end(), [&](const std::shared_ptr<chat> & q) { return q.get() == &s; }), running_.end());
 }
 
-void engine::enqueue(const std::shared_ptr<sequence> & s) {
+void engine::enqueue(const std::shared_ptr<chat> & s) {
     queue_.push_back(s);
     admit();
 }
@@ -214,7 +214,7 @@ void engine::admit() {
         }
     }
     while (!queue_.empty()) {
-        std::shared_ptr<sequence> s = queue_.front();
+        std::shared_ptr<chat> s = queue_.front();
         try {
             if (!ensure_slot(*s)) {
                 return;   // every slot is mid-turn: the first in line waits
@@ -229,7 +229,7 @@ void engine::admit() {
     }
 }
 
-void engine::start(const std::shared_ptr<sequence> & s) {
+void engine::start(const std::shared_ptr<chat> & s) {
     s->sync_after_reset(ctx_);
     // A chat whose previous turn ended in the last step may still be listed.
     if (std::find(running_.begin(), running_.end(), s) == running_.end()) {
@@ -260,7 +260,7 @@ bool engine::has_work(std::chrono::steady_clock::time_point now, std::chrono::st
     return ready;
 }
 
-void engine::apply_pending_shift(sequence & s) {
+void engine::apply_pending_shift(chat & s) {
     if (!shift_pending_ || s.slot() < 0) {
         return;
     }
@@ -278,7 +278,7 @@ void engine::apply_pending_shift(sequence & s) {
     kv_recurrent_restore(ctx_, s.slot(), recurrent, v.cache_pos_max);
 }
 
-bool engine::decode_one(sequence & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals) {
+bool engine::decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals) {
     batch_.n_tokens = (int32_t) n;
     for (size_t i = 0; i < n; ++i) {
         batch_.token[i] = tokens[i];
@@ -301,7 +301,7 @@ void engine::step() {
     step_chats();
     // Chats whose turn ended leave the running list now: before their next turn is admitted (they
     // may be parked meanwhile), not at the next step.
-    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const std::shared_ptr<sequence> & s) { return !s->has_turn(); }), running_.end());
+    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const std::shared_ptr<chat> & s) { return !s->has_turn(); }), running_.end());
 }
 
 void engine::step_chats() {
@@ -312,10 +312,10 @@ void engine::step_chats() {
             s->abort_turn(*this);
         }
     }
-    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const std::shared_ptr<sequence> & s) { return !s->has_turn(); }), running_.end());
+    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const std::shared_ptr<chat> & s) { return !s->has_turn(); }), running_.end());
 
     // What each ready chat wants, in slot order (consecutive slots share ubatches).
-    struct want { sequence * seq; size_t n; };
+    struct want { chat * seq; size_t n; };
     std::vector<want> wants;
     for (const auto & s : running_) {
         const size_t n = s->wants(now);

@@ -10,9 +10,9 @@
 // when every slot holds a chat mid-turn.
 #pragma once
 
-#include "engine/sequence.h"
+#include "chat/chat.h"
 #include "engine/signals.h"
-#include "engine/step-context.h"
+#include "chat/step-context.h"
 
 #include <atomic>
 #include <cstdint>
@@ -55,19 +55,19 @@ public:
     const engine_stats & stats() const { return stats_; }
 
     // A turn to run (scheduler thread): started at once when the chat has or gets a slot, else queued.
-    void enqueue(const std::shared_ptr<sequence> & s);
+    void enqueue(const std::shared_ptr<chat> & s);
     // Gives queued turns slots (parking idle chats, growing the context) and starts them.
     void admit();
     bool has_work(std::chrono::steady_clock::time_point now, std::chrono::steady_clock::time_point * wake) const;
     // One batch: every chat with a turn contributes, one llama_decode per ubatch.
     void step();
     // Frees the chat's slot (disposed or finalized). Its turn, if any, has ended.
-    void release(sequence & s);
+    void release(chat & s);
     // Makes sure the chat holds a slot now (tasks: checkpoints, probes). False when all slots are busy.
-    bool ensure_slot(sequence & s);
+    bool ensure_slot(chat & s);
     // llama.cpp applies K-shifts lazily at the next llama_decode; state snapshots must not see them
     // pending. Decodes one token for `s` and removes it again when a shift is pending.
-    void apply_pending_shift(sequence & s);
+    void apply_pending_shift(chat & s);
     // A chat moved positions (seq_add): the next decode pays a K-shift of every cell of the context.
     void note_shift() override { shift_pending_ = true; }
     // Whether this context's keys can shift (not with M-RoPE): compaction is a K-shift, else a re-prefill.
@@ -75,22 +75,22 @@ public:
     eval_capture & capture() { return capture_; }
     // One decode of at most n_batch() `tokens` for chat `s` at `pos0` outside a step (probes, pending
     // shifts); true when it succeeded. `signals`: capture them (capture().member(0) afterwards).
-    bool decode_one(sequence & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false) override;
+    bool decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false) override;
     uint32_t n_batch() const override { return n_batch_; }
     // KV streams of the context: one per slot, or one for all with a unified cache.
     uint32_t streams() const override { return opts_.unified ? 1 : (uint32_t) slots_.size(); }
 
 private:
     struct planned {
-        sequence * seq;
+        chat * seq;
         contribution c;
     };
     void step_chats();
-    void start(const std::shared_ptr<sequence> & s);
+    void start(const std::shared_ptr<chat> & s);
     void create_context(uint32_t slots);
     bool grow();
-    sequence * idle_victim() const;
-    void place(sequence & s, int32_t slot);
+    chat * idle_victim() const;
+    void place(chat & s, int32_t slot);
     void decode_group(std::vector<planned> & plan, const std::vector<std::pair<size_t, std::pair<size_t, size_t>>> & rows);
 
     std::shared_ptr<fml_model> model_;
@@ -101,9 +101,9 @@ private:
     ggml_threadpool * threadpool_ = nullptr;   // the model's thread budget, kept warm between decodes
     llama_batch batch_ {};
     uint32_t n_batch_ = 0;
-    std::vector<sequence *> slots_;           // chat in each slot (stream), or null
-    std::deque<std::shared_ptr<sequence>> queue_;   // turns waiting for a slot
-    std::vector<std::shared_ptr<sequence>> running_; // chats with a turn in a slot
+    std::vector<chat *> slots_;           // chat in each slot (stream), or null
+    std::deque<std::shared_ptr<chat>> queue_;   // turns waiting for a slot
+    std::vector<std::shared_ptr<chat>> running_; // chats with a turn in a slot
     eval_capture capture_;
     bool shift_pending_ = false;
     bool can_shift_ = false;

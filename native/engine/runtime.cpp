@@ -60,7 +60,7 @@ size_t runtime::live_count() {
     return g_runtimes.size();
 }
 
-void runtime::submit(const std::shared_ptr<sequence> & s, turn_request && req) {
+void runtime::submit(const std::shared_ptr<chat> & s, turn_request && req) {
     {
         std::lock_guard<std::mutex> lock(mu_);
         if (stopping_.load()) {
@@ -86,7 +86,7 @@ void runtime::post(std::function<void()> fn) {
     cv_.notify_one();
 }
 
-void runtime::release(const std::shared_ptr<sequence> & s) {
+void runtime::release(const std::shared_ptr<chat> & s) {
     try {
         post([this, s] {
             if (s->owner() != nullptr) {
@@ -98,7 +98,7 @@ void runtime::release(const std::shared_ptr<sequence> & s) {
     }
 }
 
-engine & runtime::engine_for(sequence & s) {
+engine & runtime::engine_for(chat & s) {
     if (s.owner() != nullptr) {
         return *s.owner();
     }
@@ -137,7 +137,7 @@ void runtime::loop() {
     using clock = std::chrono::steady_clock;
     while (true) {
         std::deque<std::function<void()>> tasks;
-        std::vector<std::pair<std::shared_ptr<sequence>, turn_request>> incoming;
+        std::vector<std::pair<std::shared_ptr<chat>, turn_request>> incoming;
         {
             std::unique_lock<std::mutex> lock(mu_);
             while (true) {

@@ -8,7 +8,7 @@
 #pragma once
 
 #include "engine/engine.h"
-#include "engine/sequence.h"
+#include "chat/chat.h"
 #include "model/model.h"
 
 #include <atomic>
@@ -44,7 +44,7 @@ public:
     const std::shared_ptr<fml_model> & model() const { return model_; }
 
     // Starts `req` on chat `s` as soon as it has a slot. Its callbacks fire on the scheduler thread.
-    void submit(const std::shared_ptr<sequence> & s, turn_request && req);
+    void submit(const std::shared_ptr<chat> & s, turn_request && req);
     // Runs `fn` on the scheduler between steps.
     void post(std::function<void()> fn);
     // Runs `fn` on the scheduler and waits for it; rethrows what it throws. Not from the scheduler.
@@ -59,9 +59,9 @@ public:
     // A chat's abort flag was set: the scheduler looks at it now rather than at its next wake-up.
     void wake();
     // The chat is gone (disposed or finalized): its slot is freed between steps.
-    void release(const std::shared_ptr<sequence> & s);
+    void release(const std::shared_ptr<chat> & s);
     // Scheduler thread: the chat's engine (created at its first use; throws CONTEXT_CREATE_FAILED).
-    engine & engine_for(sequence & s);
+    engine & engine_for(chat & s);
 
     // Figures of every engine (tests, benchmarks), summed.
     engine_stats stats();
@@ -82,7 +82,7 @@ private:
     std::mutex mu_;
     std::condition_variable cv_;
     std::deque<std::function<void()>> tasks_;
-    std::vector<std::pair<std::shared_ptr<sequence>, turn_request>> incoming_;
+    std::vector<std::pair<std::shared_ptr<chat>, turn_request>> incoming_;
 
     // Scheduler thread only.
     std::vector<std::unique_ptr<engine>> engines_;

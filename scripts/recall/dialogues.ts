@@ -30,7 +30,7 @@ import { SeededRandom } from '../../src/gguf/random.ts';
 
 export const RECALL_SYSTEM_PROMPT = 'Remember every note.';
 
-/** The instruction rolling_summary and hybrid send (SUMMARY_INSTRUCTION in native/engine/sequence.cpp; a test checks they agree). */
+/** The instruction rolling_summary and hybrid send (SUMMARY_INSTRUCTION in native/chat/chat.cpp; a test checks they agree). */
 export const SUMMARY_INSTRUCTION = 'Summarize the conversation so far in one or two short sentences.';
 /** Facts a summary lists at most (about summaryTokens = 48 tokens). */
 const SUMMARY_FACTS = 4;

@@ -47,6 +47,6 @@ describe("importanceScore: 'peak'", () => {
 });
 
 it('the recall dialogues ask for summaries with the instruction rolling_summary sends', () => {
-  const source = readFileSync(join(import.meta.dirname, '..', '..', 'native', 'engine', 'sequence.cpp'), 'utf8');
+  const source = readFileSync(join(import.meta.dirname, '..', '..', 'native', 'chat', 'chat.cpp'), 'utf8');
   expect(source).toContain(`SUMMARY_INSTRUCTION = "${SUMMARY_INSTRUCTION}"`);
 });

@@ -1,8 +1,8 @@
-// The state of a chat's running turn and of a summary in progress: internals of sequence.cpp,
+// The state of a chat's running turn and of a summary in progress: internals of native/chat/,
 // shared only with the probes (native/probes), which drive them outside a step.
 #pragma once
 
-#include "engine/sequence.h"
+#include "chat/chat.h"
 
 #include <chrono>
 #include <memory>
@@ -12,9 +12,17 @@ namespace fml {
 
 using clock_type = std::chrono::steady_clock;
 
+inline double ms_since(clock_type::time_point t0) {
+    return std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
+}
+
+inline clock_type::duration ms_duration(double ms) {
+    return std::chrono::duration_cast<clock_type::duration>(std::chrono::duration<double, std::milli>(ms));
+}
+
 // A summary in progress: the model writes it greedily in scratch cells after the chat's history;
 // when it is done, the evicted tokens go and the summary takes their place (kv_evict_and_insert).
-struct sequence::summary_job {
+struct chat::summary_job {
     std::vector<index_range> ranges;
     uint32_t max_tokens = 0;
     int32_t instruction_pos0 = 0;
@@ -26,7 +34,7 @@ struct sequence::summary_job {
     std::vector<uint8_t> recurrent;   // a hybrid's recurrent state before the scratch: it must not keep it
 };
 
-struct sequence::turn_state {
+struct chat::turn_state {
     struct segment {
         std::vector<int32_t> tokens;
         uint32_t turn;

@@ -1,6 +1,6 @@
-#include "probes/sequence-probes.h"
+#include "probes/chat-probes.h"
 
-#include "engine/sequence-turn.h"
+#include "chat/turn-state.h"
 
 #include "kv/kv-ops.h"
 #include "util/error.h"
@@ -11,14 +11,8 @@
 
 namespace fml {
 
-
-
-static double ms_since(clock_type::time_point t0) {
-    return std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
-}
-
 // The chat holds a slot, its cache is current and its system prompt is in.
-void sequence_probes::ready(sequence & s, engine & e) {
+void chat_probes::ready(chat & s, engine & e) {
     if (s.has_turn()) {
         throw fml_error(FML_ERR_BUSY, "chat is busy");
     }
@@ -40,8 +34,8 @@ void sequence_probes::ready(sequence & s, engine & e) {
 }
 
 // Frees room like a turn would, running a summary to its end when the policy writes one.
-void sequence_probes::make_room(sequence & s, engine & e, size_t incoming) {
-    s.turn_ = std::make_unique<sequence::turn_state>();
+void chat_probes::make_room(chat & s, engine & e, size_t incoming) {
+    s.turn_ = std::make_unique<chat::turn_state>();
     try {
         while (!s.make_room(incoming, 0, e)) {
             while (s.turn_->summary) {
@@ -49,7 +43,7 @@ void sequence_probes::make_room(sequence & s, engine & e, size_t incoming) {
                 if (!e.decode_one(s, c.tokens.data(), c.tokens.size(), c.pos0, false)) {
                     throw fml_error(FML_ERR_DECODE, "llama_decode failed while summarizing");
                 }
-                sequence::summary_job & j = *s.turn_->summary;
+                chat::summary_job & j = *s.turn_->summary;
                 if (j.instruction_done < s.summary_instruction_.size()) {
                     j.instruction_done += c.tokens.size();
                     if (j.instruction_done < s.summary_instruction_.size()) {
@@ -69,7 +63,7 @@ void sequence_probes::make_room(sequence & s, engine & e, size_t incoming) {
     s.turn_.reset();
 }
 
-std::vector<float> sequence_probes::probe_logits(sequence & s, engine & e, int32_t token) {
+std::vector<float> chat_probes::probe_logits(chat & s, engine & e, int32_t token) {
     if (token < 0 || token >= s.model_->info().n_vocab) {
         throw fml_error(FML_ERR_INVALID_OPTION, "token id out of range");
     }
@@ -92,7 +86,7 @@ std::vector<float> sequence_probes::probe_logits(sequence & s, engine & e, int32
     return out;
 }
 
-void sequence_probes::shift_positions(sequence & s, engine & e, int32_t delta) {
+void chat_probes::shift_positions(chat & s, engine & e, int32_t delta) {
     if (s.has_turn()) {
         throw fml_error(FML_ERR_BUSY, "chat is busy");
     }
@@ -107,7 +101,7 @@ void sequence_probes::shift_positions(sequence & s, engine & e, int32_t delta) {
     e.note_shift();
 }
 
-std::vector<float> sequence_probes::evaluate_tokens(sequence & s, engine & e, const std::vector<int32_t> & tokens, size_t chunk) {
+std::vector<float> chat_probes::evaluate_tokens(chat & s, engine & e, const std::vector<int32_t> & tokens, size_t chunk) {
     const int32_t n_vocab = s.model_->info().n_vocab;
     for (int32_t t : tokens) {
         if (t < 0 || t >= n_vocab) {
@@ -139,7 +133,7 @@ std::vector<float> sequence_probes::evaluate_tokens(sequence & s, engine & e, co
     return out;
 }
 
-double sequence_probes::replay_history(sequence & s, engine & e) {
+double chat_probes::replay_history(chat & s, engine & e) {
     ready(s, e);
     std::lock_guard<std::mutex> lock(s.mu_);
     const auto t0 = clock_type::now();
@@ -160,13 +154,13 @@ double sequence_probes::replay_history(sequence & s, engine & e) {
     return ms_since(t0);
 }
 
-std::vector<uint8_t> sequence_probes::recurrent_state(sequence & s, engine & e) {
+std::vector<uint8_t> chat_probes::recurrent_state(chat & s, engine & e) {
     ready(s, e);
     std::lock_guard<std::mutex> lock(s.mu_);
     return kv_recurrent_save(e.ctx(), s.slot_);
 }
 
-double sequence_probes::plain_decode(sequence & s, engine & e, int32_t n) {
+double chat_probes::plain_decode(chat & s, engine & e, int32_t n) {
     ready(s, e);
     std::lock_guard<std::mutex> lock(s.mu_);
     make_room(s, e, (size_t) n + 1);

@@ -1,4 +1,4 @@
-// One chat = one sequence in a shared engine (a llama_context with a KV stream per sequence), its
+// One chat = one sequence in a shared engine (a llama_context with a KV stream per chat), its
 // token ledger, its policy and its turn. A turn prefills only its new tokens; when the budget would
 // overflow, the policy picks tokens and kv-ops removes them in place. The retained tokens keep their
 // positions (positions 'keep'); they are compacted when the next position would pass the chat's
@@ -6,7 +6,7 @@
 // hybrid model only the attention KV is finite: the recurrent state keeps going, and is put back from
 // a snapshot whenever tokens it saw must leave no trace (an aborted prefill, a summary's scratch).
 //
-// Threads: the JS thread creates a sequence, prepares turns (framing, the fit check), reads its state
+// Threads: the JS thread creates a chat, prepares turns (framing, the fit check), reads its state
 // and resets it while idle; everything that touches the KV cache runs on the model's scheduler thread
 // (engine/runtime.h), which drives the turn step by step: take() says what the chat adds to the next
 // batch (making room first), decoded() takes the result. Shared state is guarded by one mutex.
@@ -15,7 +15,7 @@
 #include "engine/options.h"
 #include "engine/sampler.h"
 #include "engine/signals.h"
-#include "engine/step-context.h"
+#include "chat/step-context.h"
 #include "kv/token-ledger.h"
 #include "model/model.h"
 #include "policies/policy.h"
@@ -179,14 +179,14 @@ struct cache_view {
     int32_t scratch_pos_max = -1;   // highest cached position beyond the ledger (summary scratch left behind)
 };
 
-class sequence {
+class chat {
 public:
     // Validates what depends on the model (the budget's real minimum). Throws fml_error. No KV yet:
     // the scheduler gives the chat a slot in its engine at its first turn.
-    sequence(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t model_threads);
-    ~sequence();
-    sequence(const sequence &) = delete;
-    sequence & operator=(const sequence &) = delete;
+    chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t model_threads);
+    ~chat();
+    chat(const chat &) = delete;
+    chat & operator=(const chat &) = delete;
     static size_t live_count();
 
     // ---- JS thread ----
@@ -276,7 +276,7 @@ public:
     cache_view view(llama_context * ctx) const;
 
 private:
-    friend struct sequence_probes;
+    friend struct chat_probes;
     struct turn_state;
     struct summary_job;
 

@@ -5,33 +5,33 @@
 #pragma once
 
 #include "engine/engine.h"
-#include "engine/sequence.h"
+#include "chat/chat.h"
 
 #include <vector>
 
 namespace fml {
 
-struct sequence_probes {
+struct chat_probes {
     // Logits for `token` decoded at the chat's next position (the decode is rolled back).
-    static std::vector<float> probe_logits(sequence & s, engine & e, int32_t token);
+    static std::vector<float> probe_logits(chat & s, engine & e, int32_t token);
     // Shifts every cached position by `delta` (RoPE is relative, so logits must not change).
-    static void shift_positions(sequence & s, engine & e, int32_t delta);
+    static void shift_positions(chat & s, engine & e, int32_t delta);
     // Feeds `tokens` in chunks of `chunk`, evicting with the policy as a conversation would, and
     // returns the logits after every fed token (tokens.size() x n_vocab, row-major).
-    static std::vector<float> evaluate_tokens(sequence & s, engine & e, const std::vector<int32_t> & tokens, size_t chunk);
+    static std::vector<float> evaluate_tokens(chat & s, engine & e, const std::vector<int32_t> & tokens, size_t chunk);
     // Clears the chat's cells and prefills the retained tokens again (the naive re-prefill approach,
     // same retained content); returns ms.
-    static double replay_history(sequence & s, engine & e);
+    static double replay_history(chat & s, engine & e);
     // A hybrid chat's recurrent state as llama.cpp saves it (empty for other models): eviction, an
     // aborted prefill or a summary must leave it as it was.
-    static std::vector<uint8_t> recurrent_state(sequence & s, engine & e);
+    static std::vector<uint8_t> recurrent_state(chat & s, engine & e);
     // Greedy-decodes n tokens with bare llama_decode + sampling (no ledger, streaming or policy),
     // then rolls back; returns ms.
-    static double plain_decode(sequence & s, engine & e, int32_t n);
+    static double plain_decode(chat & s, engine & e, int32_t n);
 
 private:
-    static void ready(sequence & s, engine & e);
-    static void make_room(sequence & s, engine & e, size_t incoming);
+    static void ready(chat & s, engine & e);
+    static void make_room(chat & s, engine & e, size_t incoming);
 };
 
 } // namespace fml

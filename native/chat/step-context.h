@@ -10,7 +10,7 @@
 
 namespace fml {
 
-class sequence;
+class chat;
 
 class step_context {
 public:
@@ -25,7 +25,7 @@ public:
     virtual void note_shift() = 0;
     // One decode of at most n_batch() of the chat's `tokens` at `pos0`; true when it succeeded.
     // `signals`: capture them for the chat.
-    virtual bool decode_one(sequence & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false) = 0;
+    virtual bool decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false) = 0;
 
 protected:
     ~step_context() = default;

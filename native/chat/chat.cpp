@@ -1,0 +1,265 @@
+// A chat's life on the JS thread: creation and its checks against the model, the budget and the
+// framing of a turn (prepared before it is queued), reset and the views (memory, stats).
+#include "chat/chat.h"
+
+#include "chat/turn-state.h"
+#include "kv/kv-internals.h"
+#include "kv/kv-ops.h"
+
+#include "llama.h"
+
+#include <algorithm>
+
+namespace fml {
+
+const char * stop_reason_name(stop_reason r) {
+    switch (r) {
+        case STOP_EOS:        return "eos";
+        case STOP_MAX_TOKENS: return "maxTokens";
+        case STOP_STRING:     return "stop";
+        case STOP_ABORT:      return "abort";
+    }
+    return "eos";
+}
+
+const char * importance_signal_name(importance_signal s) {
+    switch (s) {
+        case IMPORTANCE_ATTENTION: return "attention";
+        case IMPORTANCE_KEY_NORM:  return "keyNorm";
+        case IMPORTANCE_NONE:      return "";
+    }
+    return "";
+}
+
+// What the summarizer is asked, as a user message after the history.
+static const char * SUMMARY_INSTRUCTION = "Summarize the conversation so far in one or two short sentences.";
+
+static std::atomic<size_t> g_live_chats{0};
+size_t chat::live_count() { return g_live_chats.load(); }
+
+chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t model_threads)
+    : model_(std::move(model)), opts_(opts) {
+    // Option values were validated by resolve_chat_options (options.cpp); what is checked here
+    // depends on the model.
+    const policy_options & p = opts_.policy;
+    if (!model_->info().in_place_eviction) {
+        throw fml_error(FML_ERR_UNSUPPORTED_MODEL, "finite memory cannot run on this model: " + model_->info().unsupported_reason);
+    }
+    if (opts_.threads > model_threads) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "Expected an integer between 1 and " + std::to_string(model_threads) +
+                        " (the model's thread budget) for threads but received number " + std::to_string(opts_.threads));
+    }
+    policy_ = make_policy(p);
+    if (model_->add_bos()) {
+        system_tokens_.push_back(model_->bos());
+    }
+    if (!opts_.system_prompt.empty()) {
+        const std::vector<int32_t> framed = model_->frame_tokens(frame_kind::system, opts_.system_prompt);
+        system_tokens_.insert(system_tokens_.end(), framed.begin(), framed.end());
+    }
+    check_budget();
+    chunk_ = (size_t) std::max(1, std::min<int32_t>(opts_.batch_size, (int32_t) p.max_tokens));
+
+    // Signals the policy needs. Attention weights exist only with flash attention off and need the
+    // cell -> position map; otherwise importance uses the key-norm proxy.
+    const model_info & mi = model_->info();
+    int32_t fa = opts_.flash_attention;
+    if (policy_->needs_importance()) {
+        // Sliding-window layers index their attention by the window cache's cells, which the cell
+        // map does not describe: those models use the key-norm proxy.
+        if (fa != 1 && kv_internals_available() && mi.sliding_window == 0) {
+            signal_ = IMPORTANCE_ATTENTION;
+            fa = 0;
+            key_.attention = true;
+        } else {
+            signal_ = IMPORTANCE_KEY_NORM;
+            key_.key_norm = true;
+        }
+    }
+    if (opts_.kv_type == "q8_0") {
+        if (fa == 0) {
+            throw fml_error(FML_ERR_INVALID_OPTION, "kvType q8_0 needs flash attention (the quantized V cache requires it)");
+        }
+        fa = 1;
+    }
+    if (fa < 0 && mi.backend == "cpu") {
+        // llama.cpp's automatic choice is "on"; on the CPU that measured slower per decode step for
+        // every model here (bench/flash-attention.ts), so CPU chats run with it off unless asked.
+        fa = 0;
+    }
+    if (policy_->needs_embeddings()) {
+        // A middle layer: the last one is pruned to the output rows, and middle layers carry more
+        // topical (less next-token-specific) information.
+        key_.hidden_layer = std::max(0, std::min(mi.n_layer - 2, mi.n_layer / 2));
+        ledger_.set_embedding_dim((size_t) mi.n_embd);
+    }
+    uint32_t scratch = 0;
+    if (policy_->summarizes()) {
+        summary_instruction_ = model_->frame_tokens(frame_kind::user, SUMMARY_INSTRUCTION);
+        scratch = (uint32_t) summary_instruction_.size() + p.summary_tokens + 8;
+    }
+    // Streams of one engine are equally long: round up so that nearby budgets share an engine.
+    key_.cells = (p.max_tokens + scratch + 255) / 256 * 256;
+    scratch_ = scratch;
+    // Positions: a limit below the budget and its scratch could not hold even a compacted chat; one
+    // above the trained context would run the model on positions it never saw.
+    if (!opts_.keep_positions && !mi.can_shift) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "positions 'compact' needs keys that can shift, and architecture " + mi.architecture +
+                        " uses " + mi.rope + " positions (M-RoPE), which llama.cpp cannot shift: use positions 'keep'");
+    }
+    const uint32_t trained = std::max<uint32_t>((uint32_t) std::max(0, mi.n_ctx_train), p.max_tokens + scratch);
+    const uint32_t floor = p.max_tokens + scratch;
+    if (opts_.position_limit > 0 && (opts_.position_limit < floor || opts_.position_limit > trained)) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "Expected an integer between " + std::to_string(floor) + " (maxTokens plus " +
+                        std::to_string(scratch) + " summary scratch) and " + std::to_string(trained) +
+                        " (the model's trained context) for positionLimit but received number " + std::to_string(opts_.position_limit));
+    }
+    position_limit_ = (int32_t) (opts_.position_limit > 0 ? opts_.position_limit : trained);
+    // A quantized cache stores each head in blocks of 32 values: llama.cpp would refuse the context
+    // at the first turn ("block size 32 does not divide n_embd_head_k"); refuse the chat now.
+    if (opts_.kv_type == "q8_0" && (mi.n_embd_head_k % 32 != 0 || mi.n_embd_head_v % 32 != 0)) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "kvType 'q8_0' stores each attention head in blocks of 32 values, and this model's heads have " +
+                        std::to_string(mi.n_embd_head_k) + " (keys) and " + std::to_string(mi.n_embd_head_v) + " (values): use kvType 'f16' or 'f32'");
+    }
+    key_.kv_type = opts_.kv_type;
+    key_.flash_attention = fa;
+    key_.threads = opts_.threads;
+    key_.n_batch = std::max<uint32_t>(512, 1u << (32 - __builtin_clz((uint32_t) std::max<size_t>(1, chunk_ - 1))));
+    g_live_chats++;
+}
+
+chat::~chat() {
+    g_live_chats--;
+}
+
+frame_kind chat::next_user_frame() const {
+    // Until a first user message is in, a template that merges the system prompt into it frames
+    // that message without its usual opening.
+    std::lock_guard<std::mutex> lock(mu_);
+    if (turn_no_ > 0) {
+        return frame_kind::user;
+    }
+    return opts_.system_prompt.empty() ? frame_kind::first_user : frame_kind::first_user_after_system;
+}
+
+size_t chat::count_turn_tokens(const std::string & user_text) const {
+    return model_->frame_tokens(next_user_frame(), user_text).size();
+}
+
+size_t chat::pinned_after_start() const {
+    // Sinks are the first tokens of the chat, so once a turn is in, max(system prompt, sinks) are pinned.
+    return std::max(started_ ? ledger_.pinned_count() : system_tokens_.size(), (size_t) opts_.policy.sink_tokens);
+}
+
+void chat::check_budget() {
+    // The smallest turn a chat must always be able to take: the carried end of the previous reply
+    // (its last sampled token and the template's end-of-turn), a one-token message in its framing,
+    // and one reply token, on top of the pinned prefix (system prompt and attention sinks). Summaries
+    // take whatever room an eviction frees beyond that, so they add nothing here.
+    closing_tokens_ = model_->frame_message(frame_kind::assistant).suffix_tokens;
+    const size_t pinned = pinned_after_start();
+    const size_t carry = 1 + closing_tokens_.size();
+    const size_t framing = std::max(model_->frame_tokens(frame_kind::user, "x").size(),
+                                    model_->frame_tokens(opts_.system_prompt.empty() ? frame_kind::first_user : frame_kind::first_user_after_system, "x").size());
+    turn_floor_ = carry + framing + 1;
+    const size_t required = pinned + turn_floor_;
+    if (required <= opts_.policy.max_tokens) {
+        return;
+    }
+    const std::string why = "maxTokens " + std::to_string(opts_.policy.max_tokens) + " cannot hold a turn of this chat: " +
+        std::to_string(pinned) + " pinned tokens (system prompt " + std::to_string(system_tokens_.size()) + ", attention sinks " +
+        std::to_string(opts_.policy.sink_tokens) + "), " + std::to_string(framing) + " for a one-token message in the chat template, " +
+        std::to_string(carry) + " carried from the previous reply and 1 to reply: maxTokens must be at least " + std::to_string(required);
+    // The system prompt is what does not fit when the same chat without it would: the prompt is too
+    // large. Otherwise the budget is too small for this model's framing.
+    const size_t without_system = std::max((size_t) (model_->add_bos() ? 1 : 0), (size_t) opts_.policy.sink_tokens) + carry + framing + 1;
+    throw fml_error(!opts_.system_prompt.empty() && without_system <= opts_.policy.max_tokens ? FML_ERR_PROMPT_TOO_LARGE : FML_ERR_INVALID_OPTION, why);
+}
+
+turn_request chat::prepare_turn(const std::string & user_text, generation_options gen, bool pin) {
+    turn_request req;
+    req.framed = model_->frame_tokens(next_user_frame(), user_text);
+    req.gen = std::move(gen);
+    req.pin = pin;
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t budget = opts_.policy.max_tokens;
+    const size_t prompt = carry_.size() + req.framed.size();
+    const size_t pinned = pinned_after_start();
+    if (pin && pinned + req.framed.size() + turn_floor_ > budget) {
+        throw fml_error(FML_ERR_PIN_LIMIT,
+                        "pinning this message (" + std::to_string(req.framed.size()) + " tokens) would leave " + std::to_string(pinned) +
+                        " pinned tokens plus it in maxTokens " + std::to_string(budget) + ", and the next turn needs " +
+                        std::to_string(turn_floor_) + " more: unpin or forget a turn, or raise maxTokens");
+    }
+    if (pinned + prompt + 1 > budget) {
+        throw fml_error(FML_ERR_PROMPT_TOO_LARGE,
+                        "the message needs " + std::to_string(req.framed.size()) + " tokens but maxTokens " + std::to_string(budget) +
+                        " leaves room for " + std::to_string(budget - std::min(budget, pinned + carry_.size() + 1)) + " after pinned tokens");
+    }
+    return req;
+}
+
+turn_request chat::prepare_ingest(const std::string & user_text, const std::string & assistant_text) {
+    turn_request req;
+    req.ingest = true;
+    req.framed = model_->frame_tokens(next_user_frame(), user_text);
+    // The reply as the template renders it (its opening and content); its closing is carried into
+    // the next turn, as after a generated reply.
+    req.reply = model_->frame_tokens(frame_kind::assistant, assistant_text, false);
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t budget = opts_.policy.max_tokens;
+    const size_t pinned = pinned_after_start();
+    if (pinned + carry_.size() + req.framed.size() + 1 > budget || pinned + req.reply.size() + 1 > budget) {
+        throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "a transcript message does not fit in maxTokens");
+    }
+    return req;
+}
+
+void chat::reset() {
+    std::lock_guard<std::mutex> lock(mu_);
+    ledger_.clear();
+    carry_.clear();
+    summary_text_.clear();
+    turn_no_ = 0;
+    started_ = false;
+    cumulative_ = cumulative_stats{};
+    parked_ = false;
+    parked_kv_.clear();
+    replay_pending_ = false;
+    transcript_.clear();
+    reset_pending_ = slot_ >= 0;
+}
+
+std::vector<memory_entry> chat::memory() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<memory_entry> out;
+    out.reserve(ledger_.size());
+    for (const auto & e : ledger_.entries()) {
+        out.push_back({ e.token, e.pos, e.turn, e.role, e.pinned, e.score[SCORE_IMPORTANCE], model_->token_piece(e.token, true) });
+    }
+    return out;
+}
+
+cumulative_stats chat::stats() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return cumulative_;
+}
+
+size_t chat::retained_tokens() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return ledger_.size();
+}
+
+uint64_t chat::kv_bytes() const {
+    // Bytes the retained tokens occupy: per attention layer, a K and a V row of n_head_kv * head_dim
+    // elements (a hybrid's recurrent state is extra and fixed: model.info.recurrentBytes).
+    const double elem = opts_.kv_type == "f32" ? 4.0 : opts_.kv_type == "q8_0" ? 34.0 / 32.0 : 2.0;
+    return (uint64_t) ((double) retained_tokens() * (double) model_->info().kv_values_per_token * elem);
+}
+
+std::string chat::summary_text() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return summary_text_;
+}
+
+} // namespace fml

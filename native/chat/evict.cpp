@@ -1,0 +1,167 @@
+// Eviction: making room for a turn's tokens. The policy picks ledger ranges (or the latency guard
+// falls back to sliding), kv-ops removes them in place; positions are compacted only when the next
+// one would pass the position limit (a K-shift, or a re-prefill where keys cannot shift).
+#include "chat/chat.h"
+
+#include "chat/turn-state.h"
+#include "kv/kv-internals.h"
+#include "kv/kv-ops.h"
+
+#include "llama.h"
+
+#include <algorithm>
+
+namespace fml {
+
+bool chat::make_room(size_t incoming, size_t slack, step_context & e) {
+    const size_t budget = opts_.policy.max_tokens;
+    // Positions take the slack only before a reply: mid-reply, compacting early would stall its stream.
+    const size_t position_slack = turn_ && turn_->generating ? 0 : slack;
+    if (ledger_.size() + incoming <= budget) {
+        fit_positions(incoming, position_slack, e);
+        return true;
+    }
+    const size_t hard_need = ledger_.size() + incoming - budget;
+    size_t need = hard_need;
+    const size_t evictable = evictable_count(ledger_);
+    if (need > evictable) {
+        throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "not enough evictable tokens to fit the turn in maxTokens");
+    }
+    // A summary takes room too: free enough for the longest one when there is that much to evict.
+    if (policy_->summarizes()) {
+        need = std::min(evictable, need + opts_.policy.summary_tokens);
+    }
+    if (!evict({ need, std::min(evictable, need + slack) }, hard_need, e)) {
+        return false;
+    }
+    if (ledger_.size() + incoming > budget) {
+        throw fml_error(FML_ERR_INTERNAL, "eviction left the budget exceeded");
+    }
+    fit_positions(incoming, position_slack, e);
+    return true;
+}
+
+void chat::fit_positions(size_t incoming, size_t slack, step_context & e) {
+    // Positions that are 0..n-1 already cannot get lower (and compact mode keeps them so).
+    if ((int64_t) ledger_.next_pos() + (int64_t) (incoming + slack) <= position_limit_ || ledger_.positions_contiguous()) {
+        return;
+    }
+    compact(e);
+    if ((int64_t) ledger_.next_pos() + (int64_t) incoming > position_limit_) {
+        throw fml_error(FML_ERR_INTERNAL, "a compaction left the position limit exceeded");
+    }
+}
+
+void chat::compact(step_context & e) {
+    const auto t0 = clock_type::now();
+    llama_context * ctx = e.ctx();
+    if (e.can_shift()) {
+        if (kv_compact_by_shift(ctx, slot_, ledger_) > 0) {
+            e.note_shift();
+        }
+    } else {
+        // Keys that cannot shift are recomputed where they go: the retained tokens, re-prefilled once at
+        // 0..n-1 (at most maxTokens, once per positionLimit - maxTokens positions). The recurrent state
+        // of a hybrid must not see them twice, and a failed decode must leave the chat as it was.
+        const std::vector<uint8_t> before = kv_state_save(ctx, slot_);
+        const std::vector<uint8_t> recurrent = kv_recurrent_save(ctx, slot_);
+        std::vector<int32_t> tokens;
+        std::vector<int32_t> positions;
+        for (const ledger_entry & x : ledger_.entries()) {
+            tokens.push_back(x.token);
+            positions.push_back(x.pos);
+        }
+        kv_clear_for_reprefill(ctx, slot_, ledger_);
+        for (size_t start = 0; start < tokens.size(); start += e.n_batch()) {
+            const size_t n = std::min<size_t>(e.n_batch(), tokens.size() - start);
+            if (!e.decode_one(*this, tokens.data() + start, n, (int32_t) start, false)) {
+                kv_state_load(ctx, slot_, e.streams(), before);
+                for (size_t i = 0; i < positions.size(); ++i) {
+                    ledger_.at(i).pos = positions[i];
+                }
+                throw fml_error(FML_ERR_DECODE, "llama_decode failed while re-prefilling the retained tokens at the position limit");
+            }
+        }
+        restore_recurrent(recurrent, e);
+    }
+    cumulative_.compactions++;
+    if (turn_) {
+        turn_->result.stats.compactions++;
+        turn_->result.stats.compact_ms += ms_since(t0);
+    }
+}
+
+bool chat::evict(const eviction_request & req, size_t hard_need, step_context & e) {
+    // Latency guard: a policy that throws or takes longer than max_policy_ms is replaced by sliding
+    // for this eviction, and the fallback is counted. The test hook adds its delay to the measured
+    // time and holds the chat back that long (without stalling the other chats of the engine).
+    turn_stats & st = turn_->result.stats;
+    auto t0 = clock_type::now();
+    eviction_plan plan;
+    bool fallback = false;
+    try {
+        plan = policy_->plan(ledger_, req);
+        if (plan.total() < req.need) {
+            fallback = true;
+        }
+    } catch (const std::exception &) {
+        fallback = true;
+    }
+    const double elapsed = ms_since(t0) + opts_.test_policy_delay_ms;
+    if (opts_.test_policy_delay_ms > 0) {
+        ready_at_ = clock_type::now() + ms_duration(opts_.test_policy_delay_ms);
+    }
+    if (opts_.max_policy_ms > 0 && elapsed > opts_.max_policy_ms) {
+        fallback = true;
+    }
+    if (fallback) {
+        plan = plan_oldest_first(ledger_, req, opts_.policy.window_size);
+        st.fallback = true;
+        cumulative_.fallback_count++;
+    }
+    const double policy_ms = ms_since(t0) + opts_.test_policy_delay_ms;
+    st.policy_ms += policy_ms;
+    eviction_record rec;
+    rec.policy_ms = policy_ms;
+    rec.fallback = fallback;
+    rec.during_generation = turn_->generating;
+
+    const size_t freed = plan.total();
+    const uint32_t max_summary = (uint32_t) std::min<size_t>(opts_.policy.summary_tokens, freed > hard_need ? freed - hard_need : 0);
+    if (plan.summarize && max_summary > 0 && !summary_instruction_.empty()) {
+        // The summary takes what the eviction frees beyond what the incoming tokens need (a small
+        // budget can leave less than summaryTokens); it is written first, the eviction happens after.
+        // The scratch (instruction + summary) goes after the history: below the position limit.
+        fit_positions(summary_instruction_.size() + max_summary, 0, e);
+        auto j = std::make_unique<summary_job>();
+        j->ranges = normalize_ranges(plan.ranges);
+        j->max_tokens = max_summary;
+        j->instruction_pos0 = ledger_.next_pos();
+        j->recurrent = kv_recurrent_save(e.ctx(), slot_);
+        j->t0 = clock_type::now();
+        j->rec = std::move(rec);
+        sampling_options so;
+        so.temperature = 0.0f;          // summaries are greedy: deterministic, no seed needed
+        so.repeat_penalty = 1.1f;
+        j->sampler = std::make_unique<sampler_chain>(so, model_->info().n_vocab);
+        turn_->summary = std::move(j);
+        return false;
+    }
+    t0 = clock_type::now();
+    rec.positions = position_ranges(plan.ranges);   // positions before the eviction
+    const kv_eviction_result res = kv_evict_ranges(e.ctx(), slot_, ledger_, plan.ranges);
+    rec.evict_ms = ms_since(t0);
+    rec.evicted = (uint32_t) res.evicted;
+    st.evict_ms += rec.evict_ms;
+    st.evicted_tokens += (uint32_t) res.evicted;
+    st.evictions += 1;
+    st.eviction_log.push_back(std::move(rec));
+    cumulative_.tokens_evicted += res.evicted;
+    cumulative_.evictions += 1;
+    if (!opts_.keep_positions) {
+        compact(e);
+    }
+    return true;
+}
+
+} // namespace fml

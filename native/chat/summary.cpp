@@ -1,0 +1,100 @@
+// Rolling summaries (rolling_summary, hybrid): what an eviction leaves behind is summarized in a
+// scratch range of the chat's sequence, and the summary takes the evicted tokens' place.
+#include "chat/chat.h"
+
+#include "chat/turn-state.h"
+#include "kv/kv-internals.h"
+#include "kv/kv-ops.h"
+
+#include "llama.h"
+
+#include <algorithm>
+
+namespace fml {
+
+contribution chat::summary_contribution(size_t budget) {
+    summary_job & j = *turn_->summary;
+    contribution c;
+    c.scratch = true;
+    c.logits_last = true;
+    if (j.instruction_done < summary_instruction_.size()) {
+        const size_t n = std::min({ budget, chunk_, summary_instruction_.size() - j.instruction_done });
+        c.tokens.assign(summary_instruction_.begin() + (long) j.instruction_done, summary_instruction_.begin() + (long) (j.instruction_done + n));
+        c.pos0 = j.instruction_pos0 + (int32_t) j.instruction_done;
+        c.logits_last = j.instruction_done + n == summary_instruction_.size();
+    } else {
+        c.tokens.push_back(j.tokens.back());
+        c.pos0 = j.instruction_pos0 + (int32_t) summary_instruction_.size() + (int32_t) j.tokens.size() - 1;
+    }
+    return c;
+}
+
+void chat::summary_decoded(step_context & e, int32_t logits_row) {
+    summary_job & j = *turn_->summary;
+    if (j.tokens.size() >= j.max_tokens) {
+        finish_summary(e);
+        return;
+    }
+    const int32_t tok = llama_sampler_sample(j.sampler->raw(), e.ctx(), logits_row);
+    if (model_->is_eog(tok)) {
+        finish_summary(e);
+        return;
+    }
+    j.tokens.push_back(tok);   // decoded with the next step; the summary is done once it is in
+}
+
+void chat::finish_summary(step_context & e) {
+    std::unique_ptr<summary_job> j = std::move(turn_->summary);
+    turn_stats & st = turn_->result.stats;
+    std::vector<ledger_entry> items;
+    const uint32_t turn = ledger_[j->ranges.front().begin].turn;
+    for (int32_t tok : j->tokens) {
+        ledger_entry it{};
+        it.token = tok;
+        it.turn = turn;
+        it.role = TOKEN_ROLE_SUMMARY;
+        items.push_back(it);
+    }
+    const auto t0 = clock_type::now();
+    // Kept positions: the summary moves into the first evicted gap (one K-shift), or stays where the
+    // model wrote it when keys cannot shift; otherwise (compact mode, or a gap too small) every
+    // position is renumbered with it.
+    const summary_placement placement = !opts_.keep_positions ? summary_placement::compacted
+                                        : !e.can_shift()      ? summary_placement::after_history
+                                        : summary_fits_gap(ledger_, j->ranges, items.size()) ? summary_placement::in_gap
+                                                                                            : summary_placement::compacted;
+    eviction_record & rec = j->rec;
+    rec.positions = position_ranges(j->ranges);
+    const kv_eviction_result res = kv_evict_and_insert(e.ctx(), slot_, ledger_, j->ranges, placement, j->instruction_pos0,
+                                                       j->instruction_pos0 + (int32_t) summary_instruction_.size(), items);
+    if (res.shifted_runs > 0) {
+        e.note_shift();
+    }
+    if (placement == summary_placement::compacted) {
+        cumulative_.compactions++;
+        st.compactions++;
+    }
+    restore_recurrent(j->recurrent, e);
+    summary_text_ = model_->detokenize(j->tokens, false);
+    rec.evict_ms = ms_since(t0);
+    rec.evicted = (uint32_t) res.evicted;
+    rec.summary_tokens = (uint32_t) items.size();
+    st.evict_ms += rec.evict_ms;
+    st.summary_ms += ms_since(j->t0) - rec.evict_ms;
+    st.summary_tokens += (uint32_t) items.size();
+    st.evicted_tokens += (uint32_t) res.evicted;
+    st.evictions += 1;
+    st.eviction_log.push_back(std::move(rec));
+    cumulative_.tokens_evicted += res.evicted;
+    cumulative_.tokens_seen += items.size();
+    cumulative_.evictions += 1;
+}
+
+void chat::cancel_summary(step_context & e) {
+    // The scratch cells (instruction, summary so far) go; the planned eviction does not happen.
+    kv_drop_unledgered(e.ctx(), slot_, ledger_);
+    restore_recurrent(turn_->summary->recurrent, e);
+    turn_->summary.reset();
+}
+
+} // namespace fml

@@ -1,0 +1,469 @@
+// A turn on the scheduler thread: what the chat adds to a step (its prefill chunk or one token),
+// what it does with the decoded result (signals, sampling, stop strings), and the ways a turn ends
+// (end of generation, max tokens, stop string, abort, failure) with what each keeps.
+#include "chat/chat.h"
+
+#include "chat/turn-state.h"
+#include "kv/kv-internals.h"
+#include "kv/kv-ops.h"
+
+#include "llama.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace fml {
+
+void chat::begin_turn(turn_request && req) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto t = std::make_unique<turn_state>();
+    t->t_start = clock_type::now();
+    t->turn_no = turn_no_ + 1;
+    t->result.stats.policy = policy_->name();
+    const size_t budget = opts_.policy.max_tokens;
+    // Amortise: when evicting anyway, free room for part of the reply too.
+    t->prefill_slack = req.ingest ? 0 : std::min<size_t>((size_t) std::max(req.gen.max_new_tokens, 1), budget / 8);
+    t->gen_chunk = std::max<size_t>(1, budget / 16);
+    if (!started_ && !system_tokens_.empty()) {
+        t->segments.push_back({ system_tokens_, 0, TOKEN_ROLE_SYSTEM, false, true });
+    }
+    // The carried tokens close the previous assistant turn; they belong to it in the ledger.
+    if (!carry_.empty()) {
+        t->segments.push_back({ carry_, t->turn_no - 1, TOKEN_ROLE_ASSISTANT, true, false });
+    }
+    t->carry_before = carry_;
+    t->segments.push_back({ req.framed, t->turn_no, TOKEN_ROLE_USER, carry_.empty(), false });
+    if (req.ingest && !req.reply.empty()) {
+        t->segments.push_back({ req.reply, t->turn_no, TOKEN_ROLE_ASSISTANT, true, false });
+    }
+    if (signal_ != IMPORTANCE_NONE && opts_.policy.importance_decay < 1.0f) {
+        for (size_t i = 0; i < ledger_.size(); ++i) {
+            ledger_.at(i).score[SCORE_IMPORTANCE] *= opts_.policy.importance_decay;
+        }
+    }
+    t->req = std::move(req);
+    if (!started_ && system_tokens_.empty()) {
+        started_ = true;
+    }
+    turn_ = std::move(t);
+    last_used_ = clock_type::now();
+}
+
+size_t chat::wants(clock_type::time_point now) const {
+    if (!turn_ || now < ready_at_) {
+        return 0;
+    }
+    if (turn_->summary) {
+        const summary_job & j = *turn_->summary;
+        return j.instruction_done < summary_instruction_.size() ? summary_instruction_.size() - j.instruction_done : 1;
+    }
+    if (turn_->generating) {
+        return 1;
+    }
+    size_t n = 0;
+    for (size_t i = turn_->seg; i < turn_->segments.size(); ++i) {
+        n += turn_->segments[i].tokens.size() - (i == turn_->seg ? turn_->off : 0);
+    }
+    return n;
+}
+
+contribution chat::take(size_t budget, step_context & e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    turn_state & t = *turn_;
+    contribution c;
+    try {
+        if (slot_ < 0) {
+            throw fml_error(FML_ERR_INTERNAL, "a chat without a slot was asked for tokens");
+        }
+        if (t.summary) {
+            return summary_contribution(budget);
+        }
+        if (t.generating) {
+            if (!make_room(1, t.gen_chunk, e)) {
+                return summary_contribution(budget);
+            }
+            c.tokens.push_back(t.pending);
+            c.pos0 = ledger_.next_pos();
+            c.logits_last = true;
+            t.inflight.assign(1, { TOKEN_ROLE_ASSISTANT, t.turn_no });
+            return c;
+        }
+        // Prefill: room for the whole message first (once), then chunks of at most `chunk_`.
+        turn_state::segment & s = t.segments[t.seg];
+        if (s.room && t.off == 0 && t.room_made_for != t.seg) {
+            size_t incoming = 0;
+            for (size_t i = t.seg; i < t.segments.size() && (i == t.seg || !t.segments[i].room); ++i) {
+                incoming += t.segments[i].tokens.size();
+            }
+            if (!make_room(incoming, t.prefill_slack, e)) {
+                return summary_contribution(budget);
+            }
+            t.room_made_for = t.seg;
+        }
+        if (!t.rollback_set && !s.system) {
+            t.ledger_before = ledger_.size();
+            t.recurrent = kv_recurrent_save(e.ctx(), slot_);
+            t.rollback_set = true;
+        }
+        c.pos0 = ledger_.next_pos();
+        t.inflight.clear();
+        size_t seg = t.seg;
+        size_t off = t.off;
+        const size_t limit = std::min(budget, chunk_);
+        while (c.tokens.size() < limit && seg < t.segments.size()) {
+            const turn_state::segment & cur = t.segments[seg];
+            if (seg != t.seg && cur.room) {
+                break;   // its room is made when it starts
+            }
+            const size_t n = std::min(limit - c.tokens.size(), cur.tokens.size() - off);
+            c.tokens.insert(c.tokens.end(), cur.tokens.begin() + (long) off, cur.tokens.begin() + (long) (off + n));
+            t.inflight.insert(t.inflight.end(), n, { cur.role, cur.turn });
+            off += n;
+            if (off == cur.tokens.size()) {
+                ++seg;
+                off = 0;
+            }
+        }
+        c.logits_last = seg == t.segments.size() && !t.req.ingest;
+        return c;
+    } catch (const fml_error & err) {
+        fail_turn(err, e);
+        return contribution{};
+    }
+}
+
+void chat::decoded(const contribution & c, size_t from, size_t to, int32_t logits_row, const capture_member * signals, step_context & e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    turn_state & t = *turn_;
+    const auto now = clock_type::now();
+    last_used_ = now;
+    if (opts_.test_token_delay_ms > 0) {
+        ready_at_ = now + ms_duration(opts_.test_token_delay_ms);
+    }
+    if (c.scratch) {
+        summary_job & j = *t.summary;
+        if (to < c.tokens.size()) {
+            return;
+        }
+        if (j.instruction_done < summary_instruction_.size()) {
+            j.instruction_done += c.tokens.size();
+            if (j.instruction_done < summary_instruction_.size()) {
+                return;
+            }
+        }
+        summary_decoded(e, logits_row);
+        return;
+    }
+    const size_t first_new = ledger_.size();
+    for (size_t i = from; i < to; ++i) {
+        const auto [role, turn] = t.inflight[i];
+        append_decoded(&c.tokens[i], 1, turn, role, t.req.pin && role == TOKEN_ROLE_USER && turn == t.turn_no);
+    }
+    if (signals != nullptr) {
+        absorb_signals(*signals, first_new, to - from);
+    }
+    if (to < c.tokens.size()) {
+        return;
+    }
+    if (t.generating) {
+        sample_next(e, logits_row);
+        return;
+    }
+    // Advance the prefill cursor past this contribution.
+    size_t n = c.tokens.size();
+    while (n > 0) {
+        turn_state::segment & s = t.segments[t.seg];
+        const size_t k = std::min(n, s.tokens.size() - t.off);
+        t.off += k;
+        n -= k;
+        if (t.off == s.tokens.size()) {
+            if (s.system) {
+                started_ = true;
+            }
+            ++t.seg;
+            t.off = 0;
+        }
+    }
+    if (t.seg < t.segments.size()) {
+        return;
+    }
+    // The whole prompt is in.
+    uint32_t prompt = 0;
+    for (const auto & s : t.segments) {
+        prompt += (uint32_t) s.tokens.size();
+    }
+    t.result.stats.prompt_tokens = prompt;
+    t.result.stats.prefill_ms = ms_since(t.t_start);
+    carry_.clear();
+    turn_no_ = t.turn_no;
+    if (t.req.ingest) {
+        carry_ = closing_tokens_;
+        finish_turn(STOP_EOS, e);
+        return;
+    }
+    start_generation();
+    if (t.req.gen.max_new_tokens == 0) {
+        finish_turn(STOP_MAX_TOKENS, e);
+        return;
+    }
+    sample_next(e, logits_row);
+}
+
+void chat::start_generation() {
+    turn_state & t = *turn_;
+    t.generating = true;
+    t.sampler = std::make_unique<sampler_chain>(t.req.gen.sampling, model_->info().n_vocab,
+                                                t.req.gen.ignore_eos ? model_->eog_tokens() : std::vector<int32_t>{});
+    t.stream = std::make_unique<text_stream>(t.req.gen.stop);
+    t.t_generate = clock_type::now();
+}
+
+void chat::sample_next(step_context & e, int32_t logits_row) {
+    turn_state & t = *turn_;
+    turn_stats & st = t.result.stats;
+    const int32_t tok = llama_sampler_sample(t.sampler->raw(), e.ctx(), logits_row);
+    if (!t.first_token) {
+        t.first_token = true;
+        st.first_token_ms = ms_since(t.t_start);
+    }
+    t.pending = -1;
+    if (model_->is_eog(tok)) {
+        finish_turn(STOP_EOS, e);
+        return;
+    }
+    st.generated_tokens++;
+    const std::string out = t.stream->push(model_->token_piece(tok, false));
+    if (!out.empty() && t.req.cb.on_piece) {
+        t.req.cb.on_piece(out);
+    }
+    t.pending = tok;
+    if (t.stream->stopped()) {
+        finish_turn(STOP_STRING, e);
+    } else if ((int32_t) st.generated_tokens >= t.req.gen.max_new_tokens) {
+        finish_turn(STOP_MAX_TOKENS, e);
+    } else if (abort_.load()) {
+        finish_turn(STOP_ABORT, e);
+    }
+}
+
+void chat::finish_turn(stop_reason reason, step_context & e) {
+    (void) e;
+    std::unique_ptr<turn_state> t = std::move(turn_);
+    turn_result & r = t->result;
+    turn_stats & st = r.stats;
+    r.reason = reason;
+    // The turn's number in the ledger (what pin/unpin/forget take); 0 when it never got in.
+    st.turn = turn_no_ == t->turn_no ? t->turn_no : 0;
+    if (t->stream) {
+        if (reason != STOP_STRING) {
+            const std::string rest = t->stream->finish();
+            if (!rest.empty() && t->req.cb.on_piece) {
+                t->req.cb.on_piece(rest);
+            }
+        }
+        r.response = t->stream->text();
+        st.decode_ms = ms_since(t->t_generate);
+        st.tokens_per_second = st.decode_ms > 0 ? st.generated_tokens * 1000.0 / st.decode_ms : 0;
+        // Close the assistant turn next time: the undecoded last token plus the template's end-of-turn.
+        carry_.clear();
+        if (t->pending >= 0) {
+            carry_.push_back(t->pending);
+        }
+        carry_.insert(carry_.end(), closing_tokens_.begin(), closing_tokens_.end());
+    }
+    st.retained_tokens = (uint32_t) ledger_.size();
+    st.latency_ms = ms_since(t->t_start);
+    cumulative_.turns++;
+    abort_.store(false);
+    if (t->req.cb.on_done) {
+        t->req.cb.on_done(std::move(r));
+    }
+}
+
+void chat::abort_turn(step_context & e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!turn_) {
+        return;
+    }
+    if (turn_->generating && !turn_->summary) {
+        finish_turn(STOP_ABORT, e);
+        return;
+    }
+    if (turn_->generating) {
+        cancel_summary(e);
+        finish_turn(STOP_ABORT, e);
+        return;
+    }
+    fail_turn(fml_error(FML_ERR_ABORTED, "aborted"), e);
+}
+
+void chat::decode_failed(const fml_error & err, step_context & e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!turn_) {
+        return;
+    }
+    // Drop whatever ubatches of the failed decode reached the cache, so cache == ledger again. A
+    // recurrent state cannot drop them: the turn goes back to its snapshot.
+    if (slot_ >= 0) {
+        kv_drop_unledgered(e.ctx(), slot_, ledger_);
+    }
+    fail_turn(err, e, slot_ >= 0 && kv_has_recurrent(e.ctx()));
+}
+
+void chat::fail_unstarted(const fml_error & err) {
+    std::unique_ptr<turn_state> done;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!turn_) {
+            return;
+        }
+        done = std::move(turn_);
+        abort_.store(false);
+    }
+    if (err.code() == FML_ERR_ABORTED && !done->req.ingest) {
+        turn_result r;
+        r.reason = STOP_ABORT;
+        r.stats = done->result.stats;
+        r.stats.retained_tokens = (uint32_t) retained_tokens();
+        r.stats.latency_ms = ms_since(done->t_start);
+        if (done->req.cb.on_done) {
+            done->req.cb.on_done(std::move(r));
+        }
+    } else if (done->req.cb.on_error) {
+        done->req.cb.on_error(err.code() == FML_ERR_ABORTED ? fml_error(FML_ERR_ABORTED, "the transcript import was aborted") : err);
+    }
+}
+
+void chat::fail_turn(const fml_error & err, step_context & e, bool state_lost) {
+    std::unique_ptr<turn_state> & t = turn_;
+    if (t->summary) {
+        cancel_summary(e);
+    }
+    const bool aborted = err.code() == FML_ERR_ABORTED;
+    if (t->generating && !state_lost) {
+        // Generation already started: what was generated stays (like an abort).
+        if (aborted) {
+            finish_turn(STOP_ABORT, e);
+            return;
+        }
+    } else if (t->rollback_set) {
+        rollback_to(t->ledger_before, e);    // the turn's own tokens go; evictions already done stay done
+        if (turn_no_ == t->turn_no) {
+            // Its prompt was in (a state lost mid-reply): the turn never happened.
+            turn_no_ = t->turn_no - 1;
+            carry_ = t->carry_before;
+        }
+    } else if (!started_) {
+        rollback_to(0, e);                    // stopped inside the system prompt: start over next time
+    }
+    std::unique_ptr<turn_state> done = std::move(t);
+    abort_.store(false);
+    if (aborted && !done->req.ingest) {
+        // An aborted prefill is an answer, not an error: the turn ends with nothing generated.
+        turn_result r;
+        r.reason = STOP_ABORT;
+        r.stats = done->result.stats;
+        r.stats.prompt_tokens = 0;
+        r.stats.retained_tokens = (uint32_t) ledger_.size();
+        r.stats.latency_ms = ms_since(done->t_start);
+        if (done->req.cb.on_done) {
+            done->req.cb.on_done(std::move(r));
+        }
+        return;
+    }
+    if (done->req.cb.on_error) {
+        done->req.cb.on_error(aborted ? fml_error(FML_ERR_ABORTED, "the transcript import was aborted") : err);
+    }
+}
+
+void chat::rollback_to(size_t keep, step_context & e) {
+    // Tokens decoded and then rolled back (an aborted prefill, a probe) were never part of the
+    // conversation: the counters must say what the cache holds and what it saw.
+    if (slot_ < 0) {
+        return;   // nothing of this turn reached a cache
+    }
+    const size_t removed = ledger_.size() > keep ? ledger_.size() - keep : 0;
+    kv_truncate(e.ctx(), slot_, ledger_, keep);
+    cumulative_.tokens_seen -= std::min<uint64_t>(cumulative_.tokens_seen, removed);
+    if (keep == 0) {
+        kv_clear_slot(e.ctx(), slot_);
+    } else if (turn_ && turn_->rollback_set) {
+        restore_recurrent(turn_->recurrent, e);
+    }
+}
+
+void chat::restore_recurrent(const std::vector<uint8_t> & snapshot, step_context & e) {
+    kv_recurrent_restore(e.ctx(), slot_, snapshot, ledger_.empty() ? -1 : ledger_[ledger_.size() - 1].pos);
+}
+
+std::vector<index_range> chat::position_ranges(const std::vector<index_range> & ranges) const {
+    // An index range may span gaps an earlier eviction left: one position range per run without one.
+    std::vector<index_range> out;
+    for (const index_range & r : normalize_ranges(ranges)) {
+        for (size_t i = r.begin; i < r.end; ++i) {
+            const size_t pos = (size_t) ledger_[i].pos;
+            if (i > r.begin && out.back().end == pos) {
+                out.back().end = pos + 1;
+            } else {
+                out.push_back({ pos, pos + 1 });
+            }
+        }
+    }
+    return out;
+}
+
+void chat::append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role, bool pin) {
+    for (size_t i = 0; i < n; ++i) {
+        const bool sink = ledger_.size() < opts_.policy.sink_tokens;
+        const std::string piece = model_->token_piece(tokens[i], false);
+        const bool sentence_end = !piece.empty() && strchr(".!?\n", piece.back()) != nullptr;
+        ledger_.append(tokens[i], turn, role, pin || role == TOKEN_ROLE_SYSTEM || sink, sentence_end);
+    }
+    cumulative_.tokens_seen += n;
+}
+
+void chat::absorb_signals(const capture_member & m, size_t first_new, size_t n_new) {
+    if (key_.attention && m.attention_layers_seen > 0) {
+        // Attention received, summed over heads and layers, then divided by the number of queries
+        // that could attend to the token: a plain sum (H2O) favours old tokens just for having been
+        // seen by more queries, which evicts the recent context a small model depends on.
+        // score[ATTENTION_QUERIES] keeps the running count of queries so the average can be updated
+        // incrementally. Cells map to ledger entries through their positions (cells of no entry:
+        // summary scratch).
+        std::vector<float> acc(ledger_.size(), 0.0f);
+        std::vector<float> peak(ledger_.size(), 0.0f);
+        for (size_t c = 0; c < m.cell_pos.size() && c < m.attention_by_cell.size(); ++c) {
+            const size_t i = m.cell_pos[c] >= 0 ? ledger_.index_of_pos(m.cell_pos[c]) : ledger_.size();
+            if (i < ledger_.size()) {
+                acc[i] += m.attention_by_cell[c];
+                peak[i] = std::max(peak[i], m.peak_by_cell[c]);
+            }
+        }
+        for (size_t i = 0; i < ledger_.size(); ++i) {
+            ledger_entry & e = ledger_.at(i);
+            if (opts_.policy.importance_peak) {
+                // Peaks decay with importanceDecay (begin_turn) and are raised by new ones.
+                e.score[SCORE_IMPORTANCE] = std::max(e.score[SCORE_IMPORTANCE], peak[i]);
+                continue;
+            }
+            const float queries = i < first_new ? (float) n_new : (float) (n_new - (i - first_new));
+            const float seen = e.score[SCORE_ATTENTION_QUERIES];
+            const float total = e.score[SCORE_IMPORTANCE] * seen + acc[i];
+            e.score[SCORE_ATTENTION_QUERIES] = seen + queries;
+            e.score[SCORE_IMPORTANCE] = total / e.score[SCORE_ATTENTION_QUERIES];
+        }
+    }
+    if (key_.key_norm && m.key_norm_layers_seen > 0) {
+        for (size_t j = 0; j < n_new && j < m.key_norm_by_token.size(); ++j) {
+            ledger_.at(first_new + j).score[SCORE_IMPORTANCE] = -m.key_norm_by_token[j] / (float) m.key_norm_layers_seen;
+        }
+    }
+    const size_t dim = ledger_.embedding_dim();
+    if (key_.hidden_layer >= 0 && m.hidden_seen && dim > 0 && m.hidden_by_token.size() >= n_new * dim) {
+        for (size_t j = 0; j < n_new; ++j) {
+            std::memcpy(ledger_.embedding_mut(first_new + j), m.hidden_by_token.data() + j * dim, sizeof(float) * dim);
+        }
+    }
+}
+
+} // namespace fml

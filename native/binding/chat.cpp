@@ -313,42 +313,26 @@ Napi::Value js_chat::js_memory(const Napi::CallbackInfo & info) {
 Napi::Value js_chat::js_cache_state(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     chat & s = require(env);
-    struct snapshot {
-        cache_view v;
-        uint64_t rows = 0, violations = 0, mismatches = 0;
-    };
-    const snapshot snap = guarded(env, [&] {
-        return rt_->run_sync([&] {
-            snapshot out;
-            engine * e = s.owner();
-            out.v = s.view(e != nullptr ? e->ctx() : nullptr);
-            if (e != nullptr) {
-                out.rows = e->capture().attention_rows_checked;
-                out.violations = e->capture().causal_violations;
-                out.mismatches = e->capture().layout_mismatches;
-            }
-            return out;
-        });
-    });
+    const runtime::cache_report snap = guarded(env, [&] { return rt_->cache_state(s); });
     Napi::Object o = Napi::Object::New(env);
-    o.Set("ledgerTokens", (double) snap.v.ledger_tokens);
-    o.Set("pinnedTokens", (double) snap.v.pinned_tokens);
-    o.Set("cachePosMin", snap.v.cache_pos_min);
-    o.Set("cachePosMax", snap.v.cache_pos_max);
-    o.Set("positionsContiguous", snap.v.positions_contiguous);
-    o.Set("positionsIncreasing", snap.v.positions_increasing);
-    o.Set("ledgerPosFirst", snap.v.ledger_pos_first);
-    o.Set("ledgerPosLast", snap.v.ledger_pos_last);
-    o.Set("positionLimit", snap.v.position_limit);
-    o.Set("contextSize", snap.v.cells);
-    o.Set("carriedTokens", (double) snap.v.carried_tokens);
-    o.Set("pendingSystemTokens", (double) snap.v.pending_system_tokens);
-    o.Set("slot", snap.v.slot);
-    o.Set("parked", snap.v.parked);
-    o.Set("scratchPosMax", snap.v.scratch_pos_max);
-    o.Set("attentionRowsChecked", (double) snap.rows);
-    o.Set("causalViolations", (double) snap.violations);
-    o.Set("signalLayoutMismatches", (double) snap.mismatches);
+    o.Set("ledgerTokens", (double) snap.view.ledger_tokens);
+    o.Set("pinnedTokens", (double) snap.view.pinned_tokens);
+    o.Set("cachePosMin", snap.view.cache_pos_min);
+    o.Set("cachePosMax", snap.view.cache_pos_max);
+    o.Set("positionsContiguous", snap.view.positions_contiguous);
+    o.Set("positionsIncreasing", snap.view.positions_increasing);
+    o.Set("ledgerPosFirst", snap.view.ledger_pos_first);
+    o.Set("ledgerPosLast", snap.view.ledger_pos_last);
+    o.Set("positionLimit", snap.view.position_limit);
+    o.Set("contextSize", snap.view.cells);
+    o.Set("carriedTokens", (double) snap.view.carried_tokens);
+    o.Set("pendingSystemTokens", (double) snap.view.pending_system_tokens);
+    o.Set("slot", snap.view.slot);
+    o.Set("parked", snap.view.parked);
+    o.Set("scratchPosMax", snap.view.scratch_pos_max);
+    o.Set("attentionRowsChecked", (double) snap.attention_rows_checked);
+    o.Set("causalViolations", (double) snap.causal_violations);
+    o.Set("signalLayoutMismatches", (double) snap.layout_mismatches);
     o.Set("kvBytes", (double) s.kv_bytes());
     return o;
 }
@@ -406,15 +390,9 @@ public:
     void OnError(const Napi::Error & e) override { chat_.finished(); promise_worker::OnError(e); }
 protected:
     void run() override {
-        // The ledger kind needs no KV state: it is read under the chat's own lock, without waiting for
-        // the scheduler's current step (a turn's write-through would otherwise wait for other chats' decodes).
-        chat_state state = ledger_only_ ? core_->export_state(nullptr, false) : rt_->run_sync([this] {
-            engine * e = core_->owner();
-            if (e != nullptr) {
-                e->apply_pending_shift(*core_);
-            }
-            return core_->export_state(e != nullptr ? e->ctx() : nullptr);
-        });
+        // The ledger kind is read without waiting for the scheduler's current step (a server turn's
+        // write-through would otherwise wait for other chats' decodes): runtime::export_chat.
+        chat_state state = rt_->export_chat(*core_, !ledger_only_);
         state.transcript = std::move(transcript_);
         if (path_.empty()) {
             bytes_ = encode_checkpoint(core_->model_fingerprint(), state, ledger_only_);
@@ -464,15 +442,7 @@ protected:
             throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, std::string("the checkpoint's options are not valid for this model: ") + e.what());
         }
         core_->adopt_state(std::move(state));
-        rt_->run_sync([this] {
-            engine & e = rt_->engine_for(*core_);
-            try {
-                e.ensure_slot(*core_);
-            } catch (...) {
-                e.release(*core_);
-                throw;
-            }
-        });
+        rt_->place_restored(*core_);
     }
     Napi::Value result(Napi::Env env) override {
         restored_chat r{ rt_, core_ };
@@ -535,17 +505,7 @@ public:
     void OnError(const Napi::Error & e) override { chat_.finished(); promise_worker::OnError(e); }
 protected:
     void run() override {
-        evicted_ = rt_->run_sync([this]() -> size_t {
-            engine * e = core_->owner();
-            if (e == nullptr) {
-                return 0;   // never had a turn: nothing in memory
-            }
-            if (!e->ensure_slot(*core_)) {
-                throw fml_error(FML_ERR_KV, "every slot of the chat's engine is in a turn");
-            }
-            e->apply_pending_shift(*core_);
-            return core_->forget_turn(turn_, *e);
-        });
+        evicted_ = rt_->forget_turn(*core_, turn_);
     }
     Napi::Value result(Napi::Env env) override { return Napi::Number::New(env, (double) evicted_); }
 private:

@@ -195,4 +195,57 @@ void runtime::loop() {
     tasks_.clear();
 }
 
+chat_state runtime::export_chat(chat & c, bool with_kv) {
+    if (!with_kv) {
+        return c.export_state(nullptr, false);   // everything it reads is guarded by the chat's lock
+    }
+    return run_sync([&] {
+        engine * e = c.owner();
+        if (e != nullptr) {
+            e->apply_pending_shift(c);
+        }
+        return c.export_state(e != nullptr ? e->ctx() : nullptr);
+    });
+}
+
+size_t runtime::forget_turn(chat & c, uint32_t turn) {
+    return run_sync([&]() -> size_t {
+        engine * e = c.owner();
+        if (e == nullptr) {
+            return 0;   // never had a turn: nothing in memory
+        }
+        if (!e->ensure_slot(c)) {
+            throw fml_error(FML_ERR_KV, "every slot of the chat's engine is in a turn");
+        }
+        e->apply_pending_shift(c);
+        return c.forget_turn(turn, *e);
+    });
+}
+
+void runtime::place_restored(chat & c) {
+    run_sync([&] {
+        engine & e = engine_for(c);
+        try {
+            e.ensure_slot(c);
+        } catch (...) {
+            e.release(c);
+            throw;
+        }
+    });
+}
+
+runtime::cache_report runtime::cache_state(chat & c) {
+    return run_sync([&] {
+        cache_report out;
+        engine * e = c.owner();
+        out.view = c.view(e != nullptr ? e->ctx() : nullptr);
+        if (e != nullptr) {
+            out.attention_rows_checked = e->capture().attention_rows_checked;
+            out.causal_violations = e->capture().causal_violations;
+            out.layout_mismatches = e->capture().layout_mismatches;
+        }
+        return out;
+    });
+}
+
 } // namespace fml

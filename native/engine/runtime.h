@@ -63,6 +63,22 @@ public:
     // Scheduler thread: the chat's engine (created at its first use; throws CONTEXT_CREATE_FAILED).
     engine & engine_for(chat & s);
 
+    // Operations on an idle chat, each run where it must (the binding only converts values and
+    // queues them on a worker thread; these block that thread, never the JS one).
+    // Its state for a checkpoint: the ledger kind under the chat's own lock, the full kind on the
+    // scheduler between steps (a pending K-shift applied first).
+    chat_state export_chat(chat & c, bool with_kv);
+    // Evicts every token of `turn` now, in place; returns how many (0: never had a turn).
+    size_t forget_turn(chat & c, uint32_t turn);
+    // A chat restored from a checkpoint's state gets a slot (or stays parked when all are busy).
+    void place_restored(chat & c);
+    // The ledger's and llama.cpp's view of the chat's cache, and the signal checks of its engine.
+    struct cache_report {
+        cache_view view;
+        uint64_t attention_rows_checked = 0, causal_violations = 0, layout_mismatches = 0;
+    };
+    cache_report cache_state(chat & c);
+
     // Figures of every engine (tests, benchmarks), summed.
     engine_stats stats();
 

@@ -8,8 +8,9 @@
 //
 // Threads: the JS thread creates a chat, prepares turns (framing, the fit check), reads its state
 // and resets it while idle; everything that touches the KV cache runs on the model's scheduler thread
-// (engine/runtime.h), which drives the turn step by step: take() says what the chat adds to the next
-// batch (making room first), decoded() takes the result. Shared state is guarded by one mutex.
+// (engine/runtime.h), which drives the turn step by step: tokens_wanted() says how many tokens the chat
+// needs, contribute() what it adds to the next batch (making room first), on_decoded() takes the
+// result. Shared state is guarded by one mutex.
 #pragma once
 
 #include "engine/options.h"
@@ -227,15 +228,15 @@ public:
     bool has_turn() const { return turn_ != nullptr; }
     // What the chat wants from the next step: 0 (nothing, or not ready before `ready_at`), 1 (one token:
     // generation or summary), or the prefill tokens still to decode.
-    size_t wants(std::chrono::steady_clock::time_point now) const;
+    size_t tokens_wanted(std::chrono::steady_clock::time_point now) const;
     // This step's contribution, at most `budget` tokens (room is made first: the policy may evict, or
     // start a summary whose tokens are then what it contributes). Empty when the turn ended here.
     // Evictions of several chats in one step share the K-shift of the step's first decode; a chat
     // never evicts earlier than it would alone, so its output does not depend on the others.
-    contribution take(size_t budget, step_context & e);
+    contribution contribute(size_t budget, step_context & e);
     // After the llama_decode that held tokens [from, to) of `c`. `logits_row` is the batch row of
     // c's last token when it is in that decode (-1 otherwise).
-    void decoded(const contribution & c, size_t from, size_t to, int32_t logits_row, const capture_member * signals, step_context & e);
+    void on_decoded(const contribution & c, size_t from, size_t to, int32_t logits_row, const capture_member * signals, step_context & e);
     // The decode that held the contribution failed: the turn ends with the error (the cache is rolled back).
     void decode_failed(const fml_error & err, step_context & e);
     // The turn ends before the chat ever decoded for it (no slot, no engine, a state that did not load).

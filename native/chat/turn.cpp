@@ -49,7 +49,7 @@ void chat::begin_turn(turn_request && req) {
     last_used_ = clock_type::now();
 }
 
-size_t chat::wants(clock_type::time_point now) const {
+size_t chat::tokens_wanted(clock_type::time_point now) const {
     if (!turn_ || now < ready_at_) {
         return 0;
     }
@@ -67,7 +67,7 @@ size_t chat::wants(clock_type::time_point now) const {
     return n;
 }
 
-contribution chat::take(size_t budget, step_context & e) {
+contribution chat::contribute(size_t budget, step_context & e) {
     std::lock_guard<std::mutex> lock(mu_);
     turn_state & t = *turn_;
     contribution c;
@@ -132,7 +132,7 @@ contribution chat::take(size_t budget, step_context & e) {
     }
 }
 
-void chat::decoded(const contribution & c, size_t from, size_t to, int32_t logits_row, const capture_member * signals, step_context & e) {
+void chat::on_decoded(const contribution & c, size_t from, size_t to, int32_t logits_row, const capture_member * signals, step_context & e) {
     std::lock_guard<std::mutex> lock(mu_);
     turn_state & t = *turn_;
     const auto now = clock_type::now();

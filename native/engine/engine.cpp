@@ -251,7 +251,7 @@ bool engine::has_work(std::chrono::steady_clock::time_point now, std::chrono::st
         if (!s->has_turn()) {
             continue;
         }
-        if (s->abort_pending() || s->wants(now) > 0) {
+        if (s->abort_pending() || s->tokens_wanted(now) > 0) {
             ready = true;
         } else if (s->ready_at() > now && (*wake == std::chrono::steady_clock::time_point{} || s->ready_at() < *wake)) {
             *wake = s->ready_at();
@@ -318,7 +318,7 @@ void engine::step_chats() {
     struct want { chat * seq; size_t n; };
     std::vector<want> wants;
     for (const auto & s : running_) {
-        const size_t n = s->wants(now);
+        const size_t n = s->tokens_wanted(now);
         if (n > 0) {
             wants.push_back({ s.get(), n });
         }
@@ -367,7 +367,7 @@ void engine::step_chats() {
         if (budget[i] == 0) {
             continue;
         }
-        contribution c = wants[i].seq->take(budget[i], *this);
+        contribution c = wants[i].seq->contribute(budget[i], *this);
         if (!c.tokens.empty()) {
             plan.push_back({ wants[i].seq, std::move(c) });
         }
@@ -469,7 +469,7 @@ void engine::decode_group(std::vector<planned> & plan, const std::vector<std::pa
     for (size_t r = 0; r < rows.size(); ++r) {
         planned & pl = plan[rows[r].first];
         if (pl.seq->has_turn()) {
-            pl.seq->decoded(pl.c, rows[r].second.first, rows[r].second.second, logits_row[r], signals_ok ? &capture_.member(r) : nullptr, *this);
+            pl.seq->on_decoded(pl.c, rows[r].second.first, rows[r].second.second, logits_row[r], signals_ok ? &capture_.member(r) : nullptr, *this);
         }
     }
 }

@@ -362,17 +362,6 @@ bool kv_has_recurrent(llama_context * ctx) {
     return kv_memory_of(ctx) == kv_memory_kind::hybrid;
 }
 
-void kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32_t delta) {
-    check_seq(ctx, seq);
-    if (ledger.empty()) {
-        return;
-    }
-    llama_memory_seq_add(llama_get_memory(ctx), seq, 0, -1, delta);
-    for (size_t i = 0; i < ledger.size(); ++i) {
-        ledger.at(i).pos += delta;
-    }
-}
-
 void kv_truncate(llama_context * ctx, int32_t seq, token_ledger & ledger, size_t keep) {
     check_seq(ctx, seq);
     if (keep >= ledger.size()) {

@@ -72,9 +72,6 @@ void kv_recurrent_restore(llama_context * ctx, int32_t seq, const std::vector<ui
 // True when the context's memory has a recurrent half (snapshots then matter).
 bool kv_has_recurrent(llama_context * ctx);
 
-// Shifts every cached position of `seq` by `delta` (test hook: RoPE is relative, so logits must not change).
-void kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32_t delta);
-
 // Removes ledger entries from index `keep` on, from the attention KV too (positions unchanged). A
 // hybrid's recurrent state is restored by the caller from its snapshot.
 void kv_truncate(llama_context * ctx, int32_t seq, token_ledger & ledger, size_t keep);

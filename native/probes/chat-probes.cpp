@@ -96,8 +96,15 @@ void chat_probes::shift_positions(chat & s, engine & e, int32_t delta) {
     if (!e.can_shift()) {
         throw fml_error(FML_ERR_INVALID_OPTION, "this model's keys cannot shift (M-RoPE)");
     }
+    // Every cached position moves by `delta` (RoPE is relative: logits must not change). A probe, so it
+    // lives here and not in kv-ops, which ships.
     std::lock_guard<std::mutex> lock(s.mu_);
-    kv_shift_all(e.ctx(), s.slot_, s.ledger_, delta);
+    if (!s.ledger_.empty()) {
+        llama_memory_seq_add(llama_get_memory(e.ctx()), s.slot_, 0, -1, delta);
+        for (size_t i = 0; i < s.ledger_.size(); ++i) {
+            s.ledger_.at(i).pos += delta;
+        }
+    }
     e.note_shift();
 }
 

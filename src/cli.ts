@@ -93,9 +93,10 @@ async function interactive(args: Record<string, string | boolean | undefined>): 
     return 2;
   }
   const model = await loadModel(args.model);
+  // Unset flags leave the option to the library's defaults (one table, native/engine/options.cpp).
   const chat = model.createChat({
-    policy: String(args.policy ?? 'sliding') as PolicyName,
-    maxTokens: Number(args['max-tokens'] ?? 2048),
+    ...(typeof args.policy === 'string' ? { policy: args.policy as PolicyName } : {}),
+    ...(args['max-tokens'] !== undefined ? { maxTokens: Number(args['max-tokens']) } : {}),
     ...(args.window ? { windowSize: Number(args.window) } : {}),
     ...(args.threads ? { threads: Number(args.threads) } : {}),
     ...(typeof args.system === 'string' ? { systemPrompt: args.system } : {}),
@@ -149,8 +150,8 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
   const apiKey = typeof args['api-key'] === 'string' ? args['api-key'] : process.env.FINITE_MEMORY_API_KEY || undefined;
   const server = await createServer(model, {
     chat: {
-      policy: String(args.policy ?? 'sliding') as PolicyName,
-      maxTokens: intArg(args, 'max-tokens') ?? 2048,
+      ...(typeof args.policy === 'string' ? { policy: args.policy as PolicyName } : {}),
+      ...(intArg(args, 'max-tokens') !== undefined ? { maxTokens: intArg(args, 'max-tokens') } : {}),
       ...(window !== undefined ? { windowSize: window } : {}),
       ...(typeof args.system === 'string' ? { systemPrompt: args.system } : {}),
     },

@@ -20,7 +20,7 @@ export interface RemoteChatOptions {
   /** Most tokens the request's messages (system prompt, summary, history) may hold after a turn. Default 4096. */
   maxTokens?: number;
   systemPrompt?: string;
-  /** rolling_summary/hybrid: longest summary (tokens, also its `max_tokens`). Default min(256, maxTokens / 8). */
+  /** rolling_summary/hybrid: longest summary (tokens, also its `max_tokens`). Default max(8, min(256, maxTokens / 8)). */
   summaryTokens?: number;
   /** hybrid: when summarizing, history is cut down to this many tokens of newest messages. Default maxTokens / 2. */
   windowSize?: number;
@@ -102,20 +102,43 @@ interface ResolvedRemoteChatOptions {
   windowSize: number;
 }
 
+/**
+ * The remote chat's defaults. Where one differs from the local chat's (native/engine/options.cpp),
+ * `differs` says why; a test checks that every other shared option has the local default, and that
+ * docs/remote.md gives each reason.
+ */
+export const REMOTE_CHAT_DEFAULTS = {
+  policy: { value: (): RemotePolicyName => 'sliding' },
+  systemPrompt: { value: () => '' },
+  maxTokens: {
+    value: () => 4096,
+    differs: 'a hosted model\'s context is larger, and the budget counts the tokens each request resends, not a KV cache kept between turns',
+  },
+  summaryTokens: {
+    value: (maxTokens: number) => Math.max(8, Math.min(256, Math.floor(maxTokens / 8))),
+    differs: 'the summary is written by the hosted model in its own request (its max_tokens), so it may be longer; at least 8 tokens to say anything',
+  },
+  windowSize: {
+    value: (maxTokens: number) => Math.floor(maxTokens / 2),
+    differs: 'for hybrid it is the newest history kept verbatim when summarizing, in messages rather than tokens of a cache: half the budget keeps whole recent exchanges',
+  },
+} as const;
+
 function resolveRemoteChatOptions(raw: unknown): ResolvedRemoteChatOptions & { telemetry?: RemoteTelemetry } {
   const o = checkObject('options', raw);
   checkKnownKeys('options', o, ['policy', 'maxTokens', 'systemPrompt', 'summaryTokens', 'windowSize', 'telemetry']);
-  const policy = o.policy ?? 'sliding';
+  const d = REMOTE_CHAT_DEFAULTS;
+  const policy = o.policy ?? d.policy.value();
   if (typeof policy !== 'string' || !(REMOTE_POLICIES as readonly string[]).includes(policy)) {
     throw new InvalidOptionError(`The remote backend supports policies ${REMOTE_POLICIES.join(', ')}; ${JSON.stringify(policy)} needs the local KV cache (use loadModel)`);
   }
-  const maxTokens = o.maxTokens === undefined ? 4096 : checkInt('maxTokens', o.maxTokens, 16, 1 << 24);
+  const maxTokens = o.maxTokens === undefined ? d.maxTokens.value() : checkInt('maxTokens', o.maxTokens, 16, 1 << 24);
   const out: ResolvedRemoteChatOptions & { telemetry?: RemoteTelemetry } = {
     policy: policy as RemotePolicyName,
     maxTokens,
-    systemPrompt: o.systemPrompt === undefined ? '' : checkString('systemPrompt', o.systemPrompt),
-    summaryTokens: o.summaryTokens === undefined ? Math.max(8, Math.min(256, Math.floor(maxTokens / 8))) : checkInt('summaryTokens', o.summaryTokens, 1, Math.floor(maxTokens / 2)),
-    windowSize: o.windowSize === undefined ? Math.floor(maxTokens / 2) : checkInt('windowSize', o.windowSize, 0, maxTokens),
+    systemPrompt: o.systemPrompt === undefined ? d.systemPrompt.value() : checkString('systemPrompt', o.systemPrompt),
+    summaryTokens: o.summaryTokens === undefined ? d.summaryTokens.value(maxTokens) : checkInt('summaryTokens', o.summaryTokens, 1, Math.floor(maxTokens / 2)),
+    windowSize: o.windowSize === undefined ? d.windowSize.value(maxTokens) : checkInt('windowSize', o.windowSize, 0, maxTokens),
   };
   const telemetry = checkTelemetry<RemoteTelemetry>(o.telemetry, ['onTurn', 'onError', 'onClose']);
   if (telemetry) out.telemetry = telemetry;

@@ -65,3 +65,23 @@ describe('the native option table', () => {
     expect(() => resolveChatOptions({ kvType: 'q8_0', flashAttention: false }, 1)).toThrow(/needs flash attention/);
   });
 });
+
+describe('the remote chat\'s defaults', () => {
+  it('equal the local chat\'s, except where REMOTE_CHAT_DEFAULTS says why (and docs/remote.md says so too)', async () => {
+    const { REMOTE_CHAT_DEFAULTS } = await import('../../src/remote/chat.ts');
+    const remoteDocs = readFileSync(join(root, 'docs', 'remote.md'), 'utf8');
+    const local2048 = resolveChatOptions({}, 1) as unknown as Record<string, unknown>;
+    const remoteMax = REMOTE_CHAT_DEFAULTS.maxTokens.value();
+    for (const [name, row] of Object.entries(REMOTE_CHAT_DEFAULTS) as [string, { value: (m: number) => unknown; differs?: string }][]) {
+      expect(Object.hasOwn(local2048, name), `${name} is a local option too`).toBe(true);
+      // Compared at the same maxTokens (the remote default's), so derived defaults compare like for like.
+      const local = name === 'maxTokens' ? local2048.maxTokens : (resolveChatOptions({ maxTokens: remoteMax }, 1) as unknown as Record<string, unknown>)[name];
+      const remote = row.value(remoteMax);
+      if (row.differs === undefined) expect(remote, `${name}: the remote default must be the local one, or say why it differs`).toEqual(local);
+      else {
+        expect(remote, `${name} is declared different`).not.toEqual(local);
+        expect(remoteDocs, `docs/remote.md explains ${name}`).toContain(row.differs);
+      }
+    }
+  });
+});

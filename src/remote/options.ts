@@ -1,0 +1,88 @@
+/** The remote chat's options: defaults (one table), validation of createChat's and send's options. */
+import { InvalidOptionError } from '../shared/errors.js';
+import { checkInt, checkKnownKeys, checkNumber, checkObject, checkString } from '../shared/checks.js';
+import { checkTelemetry } from '../shared/telemetry.js';
+import type { RemotePolicyName, RemoteTelemetry } from './types.js';
+
+const REMOTE_POLICIES: readonly RemotePolicyName[] = ['sliding', 'rolling_summary', 'hybrid'];
+
+export interface ResolvedRemoteChatOptions {
+  policy: RemotePolicyName;
+  maxTokens: number;
+  systemPrompt: string;
+  summaryTokens: number;
+  windowSize: number;
+}
+
+/**
+ * The remote chat's defaults. Where one differs from the local chat's (native/engine/options.cpp),
+ * `differs` says why; a test checks that every other shared option has the local default, and that
+ * docs/remote.md gives each reason.
+ */
+export const REMOTE_CHAT_DEFAULTS = {
+  policy: { value: (): RemotePolicyName => 'sliding' },
+  systemPrompt: { value: () => '' },
+  maxTokens: {
+    value: () => 4096,
+    differs: 'a hosted model\'s context is larger, and the budget counts the tokens each request resends, not a KV cache kept between turns',
+  },
+  summaryTokens: {
+    value: (maxTokens: number) => Math.max(8, Math.min(256, Math.floor(maxTokens / 8))),
+    differs: 'the summary is written by the hosted model in its own request (its max_tokens), so it may be longer; at least 8 tokens to say anything',
+  },
+  windowSize: {
+    value: (maxTokens: number) => Math.floor(maxTokens / 2),
+    differs: 'for hybrid it is the newest history kept verbatim when summarizing, in messages rather than tokens of a cache: half the budget keeps whole recent exchanges',
+  },
+} as const;
+
+export function resolveRemoteChatOptions(raw: unknown): ResolvedRemoteChatOptions & { telemetry?: RemoteTelemetry } {
+  const o = checkObject('options', raw);
+  checkKnownKeys('options', o, ['policy', 'maxTokens', 'systemPrompt', 'summaryTokens', 'windowSize', 'telemetry']);
+  const d = REMOTE_CHAT_DEFAULTS;
+  const policy = o.policy ?? d.policy.value();
+  if (typeof policy !== 'string' || !(REMOTE_POLICIES as readonly string[]).includes(policy)) {
+    throw new InvalidOptionError(`The remote backend supports policies ${REMOTE_POLICIES.join(', ')}; ${JSON.stringify(policy)} needs the local KV cache (use loadModel)`);
+  }
+  const maxTokens = o.maxTokens === undefined ? d.maxTokens.value() : checkInt('maxTokens', o.maxTokens, 16, 1 << 24);
+  const out: ResolvedRemoteChatOptions & { telemetry?: RemoteTelemetry } = {
+    policy: policy as RemotePolicyName,
+    maxTokens,
+    systemPrompt: o.systemPrompt === undefined ? d.systemPrompt.value() : checkString('systemPrompt', o.systemPrompt),
+    summaryTokens: o.summaryTokens === undefined ? d.summaryTokens.value(maxTokens) : checkInt('summaryTokens', o.summaryTokens, 1, Math.floor(maxTokens / 2)),
+    windowSize: o.windowSize === undefined ? d.windowSize.value(maxTokens) : checkInt('windowSize', o.windowSize, 0, maxTokens),
+  };
+  const telemetry = checkTelemetry<RemoteTelemetry>(o.telemetry, ['onTurn', 'onError', 'onClose']);
+  if (telemetry) out.telemetry = telemetry;
+  return out;
+}
+
+export interface ResolvedRemoteSendOptions {
+  maxNewTokens: number;
+  temperature?: number;
+  seed?: number;
+  stop: string[];
+  onToken?: (piece: string) => void;
+  signal?: AbortSignal;
+}
+
+export function resolveRemoteSendOptions(raw: unknown): ResolvedRemoteSendOptions {
+  const o = checkObject('options', raw);
+  checkKnownKeys('options', o, ['maxNewTokens', 'temperature', 'seed', 'stop', 'onToken', 'signal']);
+  const out: ResolvedRemoteSendOptions = { maxNewTokens: o.maxNewTokens === undefined ? 256 : checkInt('maxNewTokens', o.maxNewTokens, 1, 1 << 24), stop: [] };
+  if (o.temperature !== undefined) out.temperature = checkNumber('temperature', o.temperature, 0, 2);
+  if (o.seed !== undefined) out.seed = checkInt('seed', o.seed, 0, Number.MAX_SAFE_INTEGER);
+  if (o.stop !== undefined) {
+    if (!Array.isArray(o.stop) || o.stop.length > 16) throw new InvalidOptionError('Expected an array of at most 16 strings for stop');
+    out.stop = o.stop.map((s, i) => checkString(`stop[${i}]`, s, 1024)).filter((s) => s.length > 0);
+  }
+  if (o.onToken !== undefined) {
+    if (typeof o.onToken !== 'function') throw new InvalidOptionError('Expected a function for onToken');
+    out.onToken = o.onToken as (piece: string) => void;
+  }
+  if (o.signal !== undefined) {
+    if (!(o.signal instanceof AbortSignal)) throw new InvalidOptionError('Expected an AbortSignal for signal');
+    out.signal = o.signal;
+  }
+  return out;
+}

@@ -144,6 +144,146 @@ const std::vector<const char *> POSITION_MODES = { "keep", "compact" };
 // a compaction (kv-ops) and for any trained context a model declares today.
 constexpr double MAX_POSITION_LIMIT = 1 << 30;
 
+// The one table: a row per option, its documentation (what the docs and the TypeScript types show)
+// next to the code that validates it and sets its default. Rows run in order, so a default or bound
+// may depend on an earlier row (windowSize on maxTokens). option_docs() is the rows' documentation.
+
+template <typename Target>
+struct option_row {
+    option_doc doc;
+    // Validates the value (null: not given) and sets the field, its default included.
+    void (*resolve)(Target & t, const option_value * v);
+};
+
+// What each scope's rows resolve into: the options, and what their defaults depend on.
+struct model_target { model_load_options o; int32_t cores; };
+struct chat_target { chat_options o; int32_t default_threads; };
+struct send_target { generation_options g; };
+
+const option_row<model_target> MODEL_ROWS[] = {
+    { { "model", "gpuLayers", "number | 'auto'", "'auto'", "0 .. 100000", "Layers offloaded to the GPU; 'auto' = all when a GPU backend is active, else none.", false },
+      [](model_target & t, const option_value * v) {
+          t.o.gpu_layers = -1;
+          if (v && !(v->kind == option_value::STRING && v->text == "auto")) {
+              if (v->kind != option_value::NUMBER) fail("an integer between 0 and 100000 or 'auto'", "gpuLayers", *v);
+              t.o.gpu_layers = (int32_t) int_in("gpuLayers", *v, 0, 100000);
+          }
+      } },
+    { { "model", "threads", "number", "the cores", "1 .. 256", "The model's CPU thread budget: every decode of its chats, batched together, uses this many ggml threads, whatever the number of chats.", false },
+      [](model_target & t, const option_value * v) { t.o.threads = v ? (int32_t) int_in("threads", *v, 1, 256) : std::max(1, std::min(256, t.cores)); } },
+    { { "model", "useMmap", "boolean", "true", "", "Memory-map the weights.", false },
+      [](model_target & t, const option_value * v) { t.o.use_mmap = v ? boolean_of("useMmap", *v) : true; } },
+    { { "model", "slots", "number", "8", "1 .. 256", "Chats decoded together in one llama.cpp context (a KV stream each; the context grows to this as chats arrive). More chats than slots work: idle ones are parked in host memory and restored at their next turn.", false },
+      [](model_target & t, const option_value * v) { t.o.slots = v ? (uint32_t) int_in("slots", *v, 1, 256) : 8; } },
+    { { "model", "prefillChunk", "number", "64", "1 .. 65536", "Prefill tokens a step may add per prefilling chat while other chats are generating, so a long prompt holds their next token back by one bounded step, and prompts that arrive together are each in by the next step or so.", false },
+      [](model_target & t, const option_value * v) { t.o.prefill_chunk = v ? (uint32_t) int_in("prefillChunk", *v, 1, 65536) : 64; } },
+    { { "model", "kvUnified", "boolean", "false", "", "One KV buffer for all chats instead of a stream each (every token then attends over all chats' cells: slower for long chats; for benchmarks).", true },
+      [](model_target & t, const option_value * v) { t.o.kv_unified = v ? boolean_of("kvUnified", *v) : false; } },
+};
+
+const option_row<chat_target> CHAT_ROWS[] = {
+    { { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'sliding'", "", "Which tokens leave the KV cache when the budget is full.", false },
+      [](chat_target & t, const option_value * v) { t.o.policy.name = v ? choice_of("policy", *v, POLICY_NAMES) : "sliding"; } },
+    // 16 is a floor, not the real minimum: that depends on the model's chat template and the system
+    // prompt, and the chat checks it when created (chat::check_budget).
+    { { "chat", "maxTokens", "number", "2048", "16 .. 1048576", "Hard cap on tokens in this chat's KV cache. The real minimum depends on the chat template and system prompt; createChat says what does not fit.", false },
+      [](chat_target & t, const option_value * v) { t.o.policy.max_tokens = v ? (uint32_t) int_in("maxTokens", *v, 16, MAX_CONTEXT) : 2048; } },
+    { { "chat", "windowSize", "number", "maxTokens / 4", "0 .. maxTokens - 1", "Most recent tokens a policy keeps when anything else can go.", false },
+      [](chat_target & t, const option_value * v) { auto & p = t.o.policy; p.window_size = v ? (uint32_t) int_in("windowSize", *v, 0, p.max_tokens - 1) : p.max_tokens / 4; } },
+    { { "chat", "sinkTokens", "number", "4", "0 .. maxTokens / 2 - 1", "First tokens of the sequence, pinned as attention sinks.", false },
+      [](chat_target & t, const option_value * v) { auto & p = t.o.policy; p.sink_tokens = v ? (uint32_t) int_in("sinkTokens", *v, 0, p.max_tokens / 2 - 1) : 4; } },
+    { { "chat", "systemPrompt", "string", "''", "", "System prompt; pinned, never evicted.", false },
+      [](chat_target & t, const option_value * v) { t.o.system_prompt = v ? text_of("systemPrompt", *v, MAX_TEXT_BYTES) : ""; } },
+    { { "chat", "threads", "number", "the model's threads", "1 .. the model's threads", "CPU threads of this chat's decodes; chats with fewer threads than the model's decode in their own context.", false },
+      [](chat_target & t, const option_value * v) { t.o.threads = v ? (int32_t) int_in("threads", *v, 1, 256) : std::max(1, std::min(256, t.default_threads)); } },
+    { { "chat", "batchSize", "number", "512", "1 .. 65536", "Most prefill tokens of this chat per step.", false },
+      [](chat_target & t, const option_value * v) { t.o.batch_size = v ? (int32_t) int_in("batchSize", *v, 1, 65536) : 512; } },
+    { { "chat", "kvType", "'f16' | 'f32' | 'q8_0'", "'f16'", "", "KV cache element type; 'q8_0' needs flash attention.", false },
+      [](chat_target & t, const option_value * v) { t.o.kv_type = v ? choice_of("kvType", *v, KV_TYPES) : "f16"; } },
+    { { "chat", "flashAttention", "boolean", "off on the CPU, llama.cpp's choice on a GPU", "", "Flash attention on or off; importance and hybrid turn it off to read attention weights unless it is forced on; kvType 'q8_0' turns it on.", false },
+      [](chat_target & t, const option_value * v) {
+          t.o.flash_attention = v ? (boolean_of("flashAttention", *v) ? 1 : 0) : -1;
+          if (t.o.kv_type == "q8_0" && t.o.flash_attention == 0) {
+              throw fml_error(FML_ERR_INVALID_OPTION, "kvType 'q8_0' needs flash attention (a quantized V cache requires it)");
+          }
+      } },
+    { { "chat", "importanceDecay", "number", "1", "0 .. 1", "importance/hybrid: scores are multiplied by this once per turn.", false },
+      [](chat_target & t, const option_value * v) { t.o.policy.importance_decay = v ? (float) number_in("importanceDecay", *v, 0, 1) : 1.0f; } },
+    { { "chat", "importanceGranularity", "'span' | 'token'", "'span'", "", "importance: evict whole low-scoring spans or single tokens (H2O).", false },
+      [](chat_target & t, const option_value * v) { t.o.policy.importance_granularity_spans = v ? choice_of("importanceGranularity", *v, GRANULARITIES) == "span" : true; } },
+    { { "chat", "importanceScore", "'mean' | 'peak'", "'mean'", "", "importance/hybrid: rank tokens by the mean attention they receive per query, or by the peak weight a query at least 32 positions later paid them (tokens the model went back for).", false },
+      [](chat_target & t, const option_value * v) { t.o.policy.importance_peak = v ? choice_of("importanceScore", *v, IMPORTANCE_SCORES) == "peak" : false; } },
+    { { "chat", "semanticClusters", "number", "8", "1 .. 4096", "semantic/hybrid: k-means clusters (topics).", false },
+      [](chat_target & t, const option_value * v) { t.o.policy.semantic_clusters = v ? (uint32_t) int_in("semanticClusters", *v, 1, 4096) : 8; } },
+    { { "chat", "spanMaxTokens", "number", "32", "1 .. 4096", "semantic/hybrid: longest span when history is split into spans.", false },
+      [](chat_target & t, const option_value * v) { t.o.policy.span_max_tokens = v ? (uint32_t) int_in("spanMaxTokens", *v, 1, 4096) : 32; } },
+    { { "chat", "policySeed", "number", "42", "0 .. 4294967295", "semantic/hybrid: k-means++ seed.", false },
+      [](chat_target & t, const option_value * v) { t.o.policy.seed = v ? (uint32_t) int_in("policySeed", *v, 0, 4294967295.0) : 42; } },
+    { { "chat", "summaryTokens", "number", "min(48, maxTokens / 8)", "0 .. maxTokens / 4", "rolling_summary/hybrid: longest summary; 0 turns summaries off in hybrid.", false },
+      [](chat_target & t, const option_value * v) {
+          auto & p = t.o.policy;
+          p.summary_tokens = v ? (uint32_t) int_in("summaryTokens", *v, 0, p.max_tokens / 4) : std::min<uint32_t>(48, p.max_tokens / 8);
+      } },
+    { { "chat", "hybridImportanceShare", "number", "0.5", "0 .. 1", "hybrid: share of the kept history chosen by importance (the rest by semantic representatives).", false },
+      [](chat_target & t, const option_value * v) { t.o.policy.hybrid_importance_share = v ? (float) number_in("hybridImportanceShare", *v, 0, 1) : 0.5f; } },
+    { { "chat", "maxPolicyMs", "number", "50", "0 .. 3600000", "Latency guard: a policy slower than this falls back to sliding; 0 disables.", false },
+      [](chat_target & t, const option_value * v) { t.o.max_policy_ms = v ? number_in("maxPolicyMs", *v, 0, 3600000) : 50.0; } },
+    { { "chat", "positions", "'keep' | 'compact'", "'keep'", "", "After an eviction the retained tokens keep their positions ('keep': their true distances; new tokens are numbered on, and positions are compacted only when the next one would pass positionLimit) or are renumbered 0..n-1 at every eviction ('compact': a K-shift of the whole context each time; needs a model whose keys can shift).", false },
+      [](chat_target & t, const option_value * v) { t.o.keep_positions = v ? choice_of("positions", *v, POSITION_MODES) == "keep" : true; } },
+    // The model's side of the bounds (its trained context, the summary scratch) is checked by the chat.
+    { { "chat", "positionLimit", "number", "the model's nCtxTrain", "maxTokens plus summary scratch .. the model's nCtxTrain", "positions 'keep': compact (by K-shift, or by re-prefilling the retained tokens where keys cannot shift) when the next position would pass this.", false },
+      [](chat_target & t, const option_value * v) { t.o.position_limit = v ? (uint32_t) int_in("positionLimit", *v, t.o.policy.max_tokens, MAX_POSITION_LIMIT) : 0; } },
+    { { "chat", "testPolicyDelayMs", "number", "0", "0 .. 60000", "Test hook: every policy choice takes this long.", true },
+      [](chat_target & t, const option_value * v) { t.o.test_policy_delay_ms = v ? number_in("testPolicyDelayMs", *v, 0, 60000) : 0.0; } },
+    { { "chat", "testTokenDelayMs", "number", "0", "0 .. 60000", "Test hook: this chat waits this long after each of its decodes (the others do not).", true },
+      [](chat_target & t, const option_value * v) { t.o.test_token_delay_ms = v ? number_in("testTokenDelayMs", *v, 0, 60000) : 0.0; } },
+};
+
+const option_row<send_target> SEND_ROWS[] = {
+    { { "send", "maxNewTokens", "number", "256", "0 .. 1048576", "Most tokens to generate.", false },
+      [](send_target & t, const option_value * v) { t.g.max_new_tokens = v ? (int32_t) int_in("maxNewTokens", *v, 0, MAX_CONTEXT) : 256; } },
+    { { "send", "temperature", "number", "0.8", "0 .. 100", "Sampling temperature; 0 = greedy.", false },
+      [](send_target & t, const option_value * v) { t.g.sampling.temperature = v ? (float) number_in("temperature", *v, 0, 100) : 0.8f; } },
+    { { "send", "topK", "number", "40", "0 .. 16777216", "Top-k sampling; 0 = off.", false },
+      [](send_target & t, const option_value * v) { t.g.sampling.top_k = v ? (int32_t) int_in("topK", *v, 0, 1 << 24) : 40; } },
+    { { "send", "topP", "number", "0.95", "0 .. 1", "Nucleus sampling; 1 = off.", false },
+      [](send_target & t, const option_value * v) { t.g.sampling.top_p = v ? (float) number_in("topP", *v, 0, 1) : 0.95f; } },
+    { { "send", "minP", "number", "0.05", "0 .. 1", "Min-p sampling; 0 = off.", false },
+      [](send_target & t, const option_value * v) { t.g.sampling.min_p = v ? (float) number_in("minP", *v, 0, 1) : 0.05f; } },
+    { { "send", "repeatPenalty", "number", "1", "0.01 .. 100", "Repetition penalty; 1 = off.", false },
+      [](send_target & t, const option_value * v) { t.g.sampling.repeat_penalty = v ? (float) number_in("repeatPenalty", *v, 0.01, 100) : 1.0f; } },
+    { { "send", "repeatLastN", "number", "64", "0 .. 1048576", "Tokens the repetition penalty looks back over.", false },
+      [](send_target & t, const option_value * v) { t.g.sampling.repeat_last_n = v ? (int32_t) int_in("repeatLastN", *v, 0, MAX_CONTEXT) : 64; } },
+    // 0xFFFFFFFF is llama.cpp's "random seed"; a given seed must be below it.
+    { { "send", "seed", "number", "random", "0 .. 4294967294", "Sampler seed: same seed and history, same reply.", false },
+      [](send_target & t, const option_value * v) { t.g.sampling.seed = v ? (uint32_t) int_in("seed", *v, 0, 4294967294.0) : 0xFFFFFFFFu; } },
+    { { "send", "stop", "string[]", "[]", "at most 64, each at most 1024 bytes", "Generation stops before the first of these strings (not included in the reply).", false },
+      [](send_target & t, const option_value * v) {
+          t.g.stop.clear();
+          if (!v) return;
+          if (v->kind != option_value::ARRAY || v->items.size() > 64) {
+              fail("an array of at most 64 strings", "stop", *v);
+          }
+          for (size_t i = 0; i < v->items.size(); ++i) {
+              std::string s_i = text_of("stop[" + std::to_string(i) + "]", v->items[i], 1024);
+              if (!s_i.empty()) {
+                  t.g.stop.push_back(std::move(s_i));
+              }
+          }
+      } },
+    { { "send", "ignoreEos", "boolean", "false", "", "End-of-generation tokens are never sampled, so the reply runs to maxNewTokens or a stop string (as llama-server's ignore_eos: equal work in benchmarks).", false },
+      [](send_target & t, const option_value * v) { t.g.ignore_eos = v ? boolean_of("ignoreEos", *v) : false; } },
+};
+
+// Resolves `raw` with a scope's rows: unknown names are refused, every row runs (given or default).
+template <typename Target, size_t N>
+void resolve_rows(const option_row<Target> (&rows)[N], const option_map & raw, Target & t) {
+    std::vector<const char *> known;
+    for (const auto & r : rows) known.push_back(r.doc.name);
+    option_reader reader(raw, known);
+    for (const auto & r : rows) r.resolve(t, reader.get(r.doc.name));
+}
+
 } // namespace
 
 int32_t available_cores() {
@@ -155,95 +295,24 @@ int32_t available_cores() {
     return (int32_t) std::max(1u, std::thread::hardware_concurrency());
 }
 
-// The defaults and bounds below are the only ones; option_docs() describes them in the same order.
-
 model_load_options resolve_model_options(const option_map & raw, int32_t cores) {
-    option_reader r(raw, { "gpuLayers", "threads", "useMmap", "slots", "prefillChunk", "kvUnified" });
-    model_load_options o;
-    if (const option_value * v = r.get("gpuLayers")) {
-        if (!(v->kind == option_value::STRING && v->text == "auto")) {
-            if (v->kind != option_value::NUMBER) fail("an integer between 0 and 100000 or 'auto'", "gpuLayers", *v);
-            o.gpu_layers = (int32_t) int_in("gpuLayers", *v, 0, 100000);
-        }
-    }
-    o.threads = std::max(1, std::min(256, cores));
-    if (const option_value * v = r.get("threads")) o.threads = (int32_t) int_in("threads", *v, 1, 256);
-    if (const option_value * v = r.get("useMmap")) o.use_mmap = boolean_of("useMmap", *v);
-    if (const option_value * v = r.get("slots")) o.slots = (uint32_t) int_in("slots", *v, 1, 256);
-    if (const option_value * v = r.get("prefillChunk")) o.prefill_chunk = (uint32_t) int_in("prefillChunk", *v, 1, 65536);
-    if (const option_value * v = r.get("kvUnified")) o.kv_unified = boolean_of("kvUnified", *v);
-    return o;
+    model_target t{ {}, cores };
+    resolve_rows(MODEL_ROWS, raw, t);
+    return t.o;
 }
 
 chat_options resolve_chat_options(const option_map & raw, int32_t default_threads) {
-    option_reader r(raw, {
-        "policy", "maxTokens", "windowSize", "sinkTokens", "systemPrompt", "threads", "batchSize", "kvType", "flashAttention",
-        "importanceDecay", "importanceGranularity", "importanceScore", "semanticClusters", "spanMaxTokens", "policySeed", "summaryTokens",
-        "hybridImportanceShare", "maxPolicyMs", "positions", "positionLimit", "testPolicyDelayMs", "testTokenDelayMs",
-    });
-    chat_options o;
-    policy_options & p = o.policy;
-    const option_value * v = nullptr;
-    p.name = (v = r.get("policy")) ? choice_of("policy", *v, POLICY_NAMES) : "sliding";
-    // 16 is a floor, not the real minimum: that depends on the model's chat template and the system
-    // prompt, and the chat checks it when created (chat_session::check_budget).
-    p.max_tokens = (v = r.get("maxTokens")) ? (uint32_t) int_in("maxTokens", *v, 16, MAX_CONTEXT) : 2048;
-    p.window_size = (v = r.get("windowSize")) ? (uint32_t) int_in("windowSize", *v, 0, p.max_tokens - 1) : p.max_tokens / 4;
-    p.sink_tokens = (v = r.get("sinkTokens")) ? (uint32_t) int_in("sinkTokens", *v, 0, p.max_tokens / 2 - 1) : 4;
-    o.system_prompt = (v = r.get("systemPrompt")) ? text_of("systemPrompt", *v, MAX_TEXT_BYTES) : "";
-    o.threads = (v = r.get("threads")) ? (int32_t) int_in("threads", *v, 1, 256) : std::max(1, std::min(256, default_threads));
-    o.batch_size = (v = r.get("batchSize")) ? (int32_t) int_in("batchSize", *v, 1, 65536) : 512;
-    o.kv_type = (v = r.get("kvType")) ? choice_of("kvType", *v, KV_TYPES) : "f16";
-    o.flash_attention = (v = r.get("flashAttention")) ? (boolean_of("flashAttention", *v) ? 1 : 0) : -1;
-    if (o.kv_type == "q8_0" && o.flash_attention == 0) {
-        throw fml_error(FML_ERR_INVALID_OPTION, "kvType 'q8_0' needs flash attention (a quantized V cache requires it)");
-    }
-    p.importance_decay = (v = r.get("importanceDecay")) ? (float) number_in("importanceDecay", *v, 0, 1) : 1.0f;
-    p.importance_granularity_spans = (v = r.get("importanceGranularity")) ? choice_of("importanceGranularity", *v, GRANULARITIES) == "span" : true;
-    p.importance_peak = (v = r.get("importanceScore")) ? choice_of("importanceScore", *v, IMPORTANCE_SCORES) == "peak" : false;
-    p.semantic_clusters = (v = r.get("semanticClusters")) ? (uint32_t) int_in("semanticClusters", *v, 1, 4096) : 8;
-    p.span_max_tokens = (v = r.get("spanMaxTokens")) ? (uint32_t) int_in("spanMaxTokens", *v, 1, 4096) : 32;
-    p.seed = (v = r.get("policySeed")) ? (uint32_t) int_in("policySeed", *v, 0, 4294967295.0) : 42;
-    p.summary_tokens = (v = r.get("summaryTokens")) ? (uint32_t) int_in("summaryTokens", *v, 0, p.max_tokens / 4)
-                                                    : std::min<uint32_t>(48, p.max_tokens / 8);
-    p.hybrid_importance_share = (v = r.get("hybridImportanceShare")) ? (float) number_in("hybridImportanceShare", *v, 0, 1) : 0.5f;
-    o.max_policy_ms = (v = r.get("maxPolicyMs")) ? number_in("maxPolicyMs", *v, 0, 3600000) : 50.0;
-    o.keep_positions = (v = r.get("positions")) ? choice_of("positions", *v, POSITION_MODES) == "keep" : true;
-    // The model's side of the bounds (its trained context, the summary scratch) is checked by the chat.
-    o.position_limit = (v = r.get("positionLimit")) ? (uint32_t) int_in("positionLimit", *v, p.max_tokens, MAX_POSITION_LIMIT) : 0;
-    o.test_policy_delay_ms = (v = r.get("testPolicyDelayMs")) ? number_in("testPolicyDelayMs", *v, 0, 60000) : 0.0;
-    o.test_token_delay_ms = (v = r.get("testTokenDelayMs")) ? number_in("testTokenDelayMs", *v, 0, 60000) : 0.0;
-    return o;
+    chat_target t{ {}, default_threads };
+    resolve_rows(CHAT_ROWS, raw, t);
+    return t.o;
 }
 
 generation_options resolve_generation_options(const option_map & raw) {
-    option_reader r(raw, { "maxNewTokens", "temperature", "topK", "topP", "minP", "repeatPenalty", "repeatLastN", "seed", "stop", "ignoreEos" });
-    generation_options g;
-    sampling_options & s = g.sampling;
-    const option_value * v = nullptr;
-    g.max_new_tokens = (v = r.get("maxNewTokens")) ? (int32_t) int_in("maxNewTokens", *v, 0, MAX_CONTEXT) : 256;
-    s.temperature = (v = r.get("temperature")) ? (float) number_in("temperature", *v, 0, 100) : 0.8f;
-    s.top_k = (v = r.get("topK")) ? (int32_t) int_in("topK", *v, 0, 1 << 24) : 40;
-    s.top_p = (v = r.get("topP")) ? (float) number_in("topP", *v, 0, 1) : 0.95f;
-    s.min_p = (v = r.get("minP")) ? (float) number_in("minP", *v, 0, 1) : 0.05f;
-    s.repeat_penalty = (v = r.get("repeatPenalty")) ? (float) number_in("repeatPenalty", *v, 0.01, 100) : 1.0f;
-    s.repeat_last_n = (v = r.get("repeatLastN")) ? (int32_t) int_in("repeatLastN", *v, 0, MAX_CONTEXT) : 64;
-    // 0xFFFFFFFF is llama.cpp's "random seed"; a given seed must be below it.
-    s.seed = (v = r.get("seed")) ? (uint32_t) int_in("seed", *v, 0, 4294967294.0) : 0xFFFFFFFFu;
-    g.ignore_eos = (v = r.get("ignoreEos")) ? boolean_of("ignoreEos", *v) : false;
-    if ((v = r.get("stop"))) {
-        if (v->kind != option_value::ARRAY || v->items.size() > 64) {
-            fail("an array of at most 64 strings", "stop", *v);
-        }
-        for (size_t i = 0; i < v->items.size(); ++i) {
-            std::string s_i = text_of("stop[" + std::to_string(i) + "]", v->items[i], 1024);
-            if (!s_i.empty()) {
-                g.stop.push_back(std::move(s_i));
-            }
-        }
-    }
-    return g;
+    send_target t{};
+    resolve_rows(SEND_ROWS, raw, t);
+    return t.g;
 }
+
 
 option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
     const policy_options & p = o.policy;
@@ -281,46 +350,13 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
 }
 
 const std::vector<option_doc> & option_docs() {
-    static const std::vector<option_doc> docs = {
-        { "model", "gpuLayers", "number | 'auto'", "'auto'", "0 .. 100000", "Layers offloaded to the GPU; 'auto' = all when a GPU backend is active, else none.", false },
-        { "model", "threads", "number", "the cores", "1 .. 256", "The model's CPU thread budget: every decode of its chats, batched together, uses this many ggml threads, whatever the number of chats.", false },
-        { "model", "useMmap", "boolean", "true", "", "Memory-map the weights.", false },
-        { "model", "slots", "number", "8", "1 .. 256", "Chats decoded together in one llama.cpp context (a KV stream each; the context grows to this as chats arrive). More chats than slots work: idle ones are parked in host memory and restored at their next turn.", false },
-        { "model", "prefillChunk", "number", "64", "1 .. 65536", "Prefill tokens a step may add per prefilling chat while other chats are generating, so a long prompt holds their next token back by one bounded step, and prompts that arrive together are each in by the next step or so.", false },
-        { "model", "kvUnified", "boolean", "false", "", "One KV buffer for all chats instead of a stream each (every token then attends over all chats' cells: slower for long chats; for benchmarks).", true },
-        { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'sliding'", "", "Which tokens leave the KV cache when the budget is full.", false },
-        { "chat", "maxTokens", "number", "2048", "16 .. 1048576", "Hard cap on tokens in this chat's KV cache. The real minimum depends on the chat template and system prompt; createChat says what does not fit.", false },
-        { "chat", "windowSize", "number", "maxTokens / 4", "0 .. maxTokens - 1", "Most recent tokens a policy keeps when anything else can go.", false },
-        { "chat", "sinkTokens", "number", "4", "0 .. maxTokens / 2 - 1", "First tokens of the sequence, pinned as attention sinks.", false },
-        { "chat", "systemPrompt", "string", "''", "", "System prompt; pinned, never evicted.", false },
-        { "chat", "threads", "number", "the model's threads", "1 .. the model's threads", "CPU threads of this chat's decodes; chats with fewer threads than the model's decode in their own context.", false },
-        { "chat", "batchSize", "number", "512", "1 .. 65536", "Most prefill tokens of this chat per step.", false },
-        { "chat", "kvType", "'f16' | 'f32' | 'q8_0'", "'f16'", "", "KV cache element type; 'q8_0' needs flash attention.", false },
-        { "chat", "flashAttention", "boolean", "off on the CPU, llama.cpp's choice on a GPU", "", "Flash attention on or off; importance and hybrid turn it off to read attention weights unless it is forced on; kvType 'q8_0' turns it on.", false },
-        { "chat", "importanceDecay", "number", "1", "0 .. 1", "importance/hybrid: scores are multiplied by this once per turn.", false },
-        { "chat", "importanceGranularity", "'span' | 'token'", "'span'", "", "importance: evict whole low-scoring spans or single tokens (H2O).", false },
-        { "chat", "importanceScore", "'mean' | 'peak'", "'mean'", "", "importance/hybrid: rank tokens by the mean attention they receive per query, or by the peak weight a query at least 32 positions later paid them (tokens the model went back for).", false },
-        { "chat", "semanticClusters", "number", "8", "1 .. 4096", "semantic/hybrid: k-means clusters (topics).", false },
-        { "chat", "spanMaxTokens", "number", "32", "1 .. 4096", "semantic/hybrid: longest span when history is split into spans.", false },
-        { "chat", "policySeed", "number", "42", "0 .. 4294967295", "semantic/hybrid: k-means++ seed.", false },
-        { "chat", "summaryTokens", "number", "min(48, maxTokens / 8)", "0 .. maxTokens / 4", "rolling_summary/hybrid: longest summary; 0 turns summaries off in hybrid.", false },
-        { "chat", "hybridImportanceShare", "number", "0.5", "0 .. 1", "hybrid: share of the kept history chosen by importance (the rest by semantic representatives).", false },
-        { "chat", "maxPolicyMs", "number", "50", "0 .. 3600000", "Latency guard: a policy slower than this falls back to sliding; 0 disables.", false },
-        { "chat", "positions", "'keep' | 'compact'", "'keep'", "", "After an eviction the retained tokens keep their positions ('keep': their true distances; new tokens are numbered on, and positions are compacted only when the next one would pass positionLimit) or are renumbered 0..n-1 at every eviction ('compact': a K-shift of the whole context each time; needs a model whose keys can shift).", false },
-        { "chat", "positionLimit", "number", "the model's nCtxTrain", "maxTokens plus summary scratch .. the model's nCtxTrain", "positions 'keep': compact (by K-shift, or by re-prefilling the retained tokens where keys cannot shift) when the next position would pass this.", false },
-        { "chat", "testPolicyDelayMs", "number", "0", "0 .. 60000", "Test hook: every policy choice takes this long.", true },
-        { "chat", "testTokenDelayMs", "number", "0", "0 .. 60000", "Test hook: this chat waits this long after each of its decodes (the others do not).", true },
-        { "send", "maxNewTokens", "number", "256", "0 .. 1048576", "Most tokens to generate.", false },
-        { "send", "temperature", "number", "0.8", "0 .. 100", "Sampling temperature; 0 = greedy.", false },
-        { "send", "topK", "number", "40", "0 .. 16777216", "Top-k sampling; 0 = off.", false },
-        { "send", "topP", "number", "0.95", "0 .. 1", "Nucleus sampling; 1 = off.", false },
-        { "send", "minP", "number", "0.05", "0 .. 1", "Min-p sampling; 0 = off.", false },
-        { "send", "repeatPenalty", "number", "1", "0.01 .. 100", "Repetition penalty; 1 = off.", false },
-        { "send", "repeatLastN", "number", "64", "0 .. 1048576", "Tokens the repetition penalty looks back over.", false },
-        { "send", "seed", "number", "random", "0 .. 4294967294", "Sampler seed: same seed and history, same reply.", false },
-        { "send", "stop", "string[]", "[]", "at most 64, each at most 1024 bytes", "Generation stops before the first of these strings (not included in the reply).", false },
-        { "send", "ignoreEos", "boolean", "false", "", "End-of-generation tokens are never sampled, so the reply runs to maxNewTokens or a stop string (as llama-server's ignore_eos: equal work in benchmarks).", false },
-    };
+    static const std::vector<option_doc> docs = [] {
+        std::vector<option_doc> out;
+        for (const auto & r : MODEL_ROWS) out.push_back(r.doc);
+        for (const auto & r : CHAT_ROWS) out.push_back(r.doc);
+        for (const auto & r : SEND_ROWS) out.push_back(r.doc);
+        return out;
+    }();
     return docs;
 }
 

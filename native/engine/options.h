@@ -1,5 +1,7 @@
-// The one table of options: names, kinds, defaults, bounds and what each means, for models
-// (loadModel), chats (createChat and the options stored in a checkpoint) and turns (send). Every
+// The one table of options (options.cpp: a row per option, its documentation next to the code that
+// validates it and sets its default), for models (loadModel), chats (createChat and the options stored
+// in a checkpoint) and turns (send); option_docs() is the rows' documentation, which the docs and
+// the TypeScript types are checked against. Every
 // value that reaches the core passes through resolve_*(), so createChat and loadChat validate alike
 // and TypeScript (which only strips its JS-only options: telemetry, onToken, signal) shares the
 // same defaults. Messages follow "Expected X for name but received Y".

@@ -10,10 +10,12 @@
 
 namespace fml {
 
+// Initial values for C++ callers (the unit tests) follow the options table's defaults; a chat's come
+// from that table (engine/options.cpp), which is what JS, the docs and checkpoints see.
 struct policy_options {
     std::string name        = "sliding";
     uint32_t    max_tokens  = 2048;
-    uint32_t    window_size = 512;    // most recent tokens kept when anything else can go
+    uint32_t    window_size = max_tokens / 4;   // most recent tokens kept when anything else can go
     uint32_t    sink_tokens = 4;      // first tokens of the sequence, pinned (attention sinks)
     // importance
     float       importance_decay = 1.0f;   // scores are multiplied by this once per turn (1 = no decay)
@@ -26,7 +28,7 @@ struct policy_options {
     uint32_t    span_max_tokens = 32;
     uint32_t    seed = 42;
     // rolling_summary / hybrid
-    uint32_t    summary_tokens = 48;       // upper bound of one summary; 0 disables summaries in hybrid
+    uint32_t    summary_tokens = max_tokens / 8 < 48 ? max_tokens / 8 : 48;   // upper bound of one summary; 0 disables summaries in hybrid
     // hybrid: how the kept part of the evictable middle is split (the rest of the budget is the
     // window, pinned tokens and the summary)
     float       hybrid_importance_share = 0.5f;   // of the kept middle, by importance score

@@ -55,6 +55,13 @@ static float sq_dist(const float * a, const float * b, size_t d) {
     return s;
 }
 
+// Span embeddings are snapped to this grid (per unit-vector component) before clustering: the hidden
+// states they come from differ in their last bits between a chat decoded alone and one batched with
+// others (~1e-4), and k-means turns such differences into other choices. On the grid both decodes give
+// the same inputs, so a chat's choices do not depend on its neighbours, unless a component lies within
+// that noise of a grid boundary.
+static constexpr float SEMANTIC_GRID = 32.0f;
+
 std::vector<size_t> semantic_keep_order(const token_ledger & ledger, const std::vector<text_span> & spans,
                                         uint32_t clusters, uint32_t seed, std::vector<int> * cluster_of) {
     const size_t n = spans.size();
@@ -86,7 +93,7 @@ std::vector<size_t> semantic_keep_order(const token_ledger & ledger, const std::
         norm = std::sqrt(norm);
         if (norm > 0.0f) {
             for (size_t k = 0; k < d; ++k) {
-                out[k] /= norm;
+                out[k] = std::round(out[k] / norm * SEMANTIC_GRID) / SEMANTIC_GRID;
             }
         }
     }

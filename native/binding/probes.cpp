@@ -255,6 +255,7 @@ Napi::Value live_objects(const Napi::CallbackInfo & info) {
 } // namespace
 
 void register_probes(Napi::Env env, Napi::Object exports) {
+    enable_test_options();   // the test build accepts the chat options' test hooks
     Napi::Object p = Napi::Object::New(env);
     p.Set("probeLogits", Napi::Function::New(env, probe_logits));
     p.Set("recurrentState", Napi::Function::New(env, recurrent_state));

@@ -3,6 +3,8 @@
 #include "util/error.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <cmath>
 #include <cstdio>
 #include <sched.h>
@@ -275,13 +277,23 @@ const option_row<send_target> SEND_ROWS[] = {
       [](send_target & t, const option_value * v) { t.g.ignore_eos = v ? boolean_of("ignoreEos", *v) : false; } },
 };
 
+std::atomic<bool> g_test_options{false};
+
+// A test hook's row (testPolicyDelayMs, ...): known only to the test build of the addon.
+bool test_hook(const option_doc & d) {
+    return std::strncmp(d.name, "test", 4) == 0;
+}
+
 // Resolves `raw` with a scope's rows: unknown names are refused, every row runs (given or default).
 template <typename Target, size_t N>
 void resolve_rows(const option_row<Target> (&rows)[N], const option_map & raw, Target & t) {
+    const bool hooks = g_test_options.load();
     std::vector<const char *> known;
-    for (const auto & r : rows) known.push_back(r.doc.name);
+    for (const auto & r : rows) {
+        if (hooks || !test_hook(r.doc)) known.push_back(r.doc.name);
+    }
     option_reader reader(raw, known);
-    for (const auto & r : rows) r.resolve(t, reader.get(r.doc.name));
+    for (const auto & r : rows) r.resolve(t, hooks || !test_hook(r.doc) ? reader.get(r.doc.name) : nullptr);
 }
 
 } // namespace
@@ -293,6 +305,10 @@ int32_t available_cores() {
         return std::max(1, CPU_COUNT(&set));
     }
     return (int32_t) std::max(1u, std::thread::hardware_concurrency());
+}
+
+void enable_test_options() {
+    g_test_options.store(true);
 }
 
 model_load_options resolve_model_options(const option_map & raw, int32_t cores) {

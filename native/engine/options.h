@@ -79,6 +79,10 @@ generation_options resolve_generation_options(const option_map & raw);
 // checkpoint stores. `persisted_only` leaves out test hooks.
 option_map chat_options_to_map(const chat_options & opts, bool persisted_only);
 
+// The test hooks among the chat options (testPolicyDelayMs, testTokenDelayMs) exist only in the test
+// build of the addon (native/binding/probes.cpp turns them on); the shipped one refuses them as unknown.
+void enable_test_options();
+
 // The table itself, for documentation (scripts/options-doc.ts) and tests.
 struct option_doc {
     const char * scope;        // "model" | "chat" | "send"

@@ -85,3 +85,17 @@ describe('the remote chat\'s defaults', () => {
     }
   });
 });
+
+describe('test hooks', () => {
+  it('exist only in the test build: the shipped addon refuses testTokenDelayMs as an unknown option', async () => {
+    const { spawnSync } = await import('node:child_process');
+    const { existsSync } = await import('node:fs');
+    const shipped = join(root, 'build', 'Release', 'finite_memory_llm.node');
+    expect(existsSync(shipped)).toBe(true);
+    const probe = (addon: string) => spawnSync(process.execPath, ['-e', `
+      const b = require(${JSON.stringify(addon)});
+      try { b.resolveChatOptions({ testTokenDelayMs: 5 }, 1); console.log('accepted'); } catch (e) { console.log(e.code, e.message); }`], { encoding: 'utf8' }).stdout.trim();
+    expect(probe(shipped)).toMatch(/^INVALID_OPTION Unknown option options\.testTokenDelayMs/);
+    expect(probe(process.env.FML_ADDON_PATH!)).toBe('accepted');
+  });
+});

@@ -24,7 +24,7 @@ const USAGE = `Usage:
         [--request-timeout-ms 30000] [--keep-alive-timeout-ms 5000] [--max-stored-sessions 256]
         [--max-stored-bytes 8589934592] [--shutdown-timeout-ms 30000] [--quiet]
         [--store redis://[user:password@]host:6379/0 | rediss://... (or FINITE_MEMORY_STORE)] [--store-ca ca.pem] [--store-namespace NS]
-        [--lease-ms 10000] [--lease-wait-ms 2000] [--snapshot-idle-ms 30000] [--no-full-snapshots] [--instance-id NAME]`;
+        [--lease-ms 10000] [--lease-wait-ms 2000] [--snapshot-idle-ms 30000] [--no-full-snapshots] [--instance-id NAME] [--no-ui]`;
 
 const TOPICS = ['the weather', 'a red bicycle', 'the old lighthouse', 'breakfast', 'a lost key', 'the river', 'music', 'a small cat'];
 
@@ -166,6 +166,7 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
     leaseWaitMs: intArg(args, 'lease-wait-ms'),
     snapshotIdleMs: intArg(args, 'snapshot-idle-ms'),
     ...(args['no-full-snapshots'] ? { fullSnapshots: false } : {}),
+    ...(args['no-ui'] ? { ui: false } : {}),
     maxSessions: intArg(args, 'max-sessions'),
     sessionTtlMs: intArg(args, 'session-ttl-ms'),
     maxConcurrent: intArg(args, 'max-concurrent'),
@@ -183,6 +184,7 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
   });
   const address = await server.listen({ port: intArg(args, 'port') ?? 8080, host: typeof args.host === 'string' ? args.host : '127.0.0.1' });
   console.error(`serving ${server.modelId} at ${address}/v1 (POST /v1/chat/completions, GET /v1/models, /health, /metrics)`);
+  if (!args['no-ui']) console.error(`memory inspector: ${address}/`);
   // SIGTERM / SIGINT: stop accepting, finish in-flight requests (aborted after --shutdown-timeout-ms),
   // write every live session's full checkpoint to the store (--checkpoint-dir or --store), then exit.
   await new Promise<void>((resolve) => {
@@ -213,7 +215,7 @@ async function main(): Promise<number> {
       'max-history-tokens': { type: 'string' }, 'headers-timeout-ms': { type: 'string' }, 'request-timeout-ms': { type: 'string' },
       'keep-alive-timeout-ms': { type: 'string' }, slots: { type: 'string' }, 'prefill-chunk': { type: 'string' }, 'max-stored-sessions': { type: 'string' }, 'max-stored-bytes': { type: 'string' },
       store: { type: 'string' }, 'store-namespace': { type: 'string' }, 'store-ca': { type: 'string' }, 'lease-ms': { type: 'string' }, 'lease-wait-ms': { type: 'string' },
-      'snapshot-idle-ms': { type: 'string' }, 'instance-id': { type: 'string' }, 'no-full-snapshots': { type: 'boolean' }, quiet: { type: 'boolean' },
+      'snapshot-idle-ms': { type: 'string' }, 'instance-id': { type: 'string' }, 'no-full-snapshots': { type: 'boolean' }, 'no-ui': { type: 'boolean' }, quiet: { type: 'boolean' },
     },
   });
   const command = positionals[0];

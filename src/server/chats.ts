@@ -8,7 +8,9 @@ import { readCheckpointMessages, type Model } from '../local/model.js';
 import type { ChatOptions } from '../local/options.js';
 import { AbortedError, CheckpointError } from '../shared/errors.js';
 import type { PrometheusTelemetry } from '../shared/prometheus.js';
-import type { Transcript } from '../shared/types.js';
+import type { Telemetry } from '../shared/telemetry.js';
+import type { PolicyName, Transcript } from '../shared/types.js';
+import { SESSION_EVICTIONS_KEPT, type SessionEviction } from './sessions.js';
 import type { StoredSession } from './store/backend.js';
 import { badRequest, type ParsedCompletion } from './wire.js';
 
@@ -23,6 +25,22 @@ export class ChatSource {
     private readonly maxHistoryTokens: number,
     private readonly log: { warn(obj: object, msg: string): void },
   ) {}
+
+  /** A session's chat telemetry: the server's Prometheus metrics, and its evictions kept for its memory view. */
+  telemetryFor(evictions: SessionEviction[] | undefined): Telemetry {
+    if (!evictions) return this.telemetry;
+    const prom = this.telemetry;
+    return {
+      onTurn: (e) => prom.onTurn?.(e),
+      onEviction: (e) => {
+        evictions.push({ ...e, at: Date.now() });
+        if (evictions.length > SESSION_EVICTIONS_KEPT) evictions.splice(0, evictions.length - SESSION_EVICTIONS_KEPT);
+        return prom.onEviction?.(e);
+      },
+      onError: (err, ctx) => prom.onError?.(err, ctx),
+      onClose: (id) => prom.onClose?.(id),
+    };
+  }
 
   #transcript(systemPrompt: string, messages: Transcript['messages']): Transcript {
     return { format: 'finite-memory-llm/transcript', version: 1, systemPrompt, messages };
@@ -41,10 +59,10 @@ export class ChatSource {
    * A new chat holding the conversation before the last message (prefilled, not regenerated): at most
    * maxHistoryTokens of it (400 beyond), and abortable (the client left: AbortedError).
    */
-  async build(parsed: ParsedCompletion, signal: AbortSignal): Promise<Chat> {
+  async build(parsed: ParsedCompletion, signal: AbortSignal, evictions?: SessionEviction[], own?: { policy?: PolicyName; maxTokens?: number }): Promise<Chat> {
     const systemPrompt = parsed.system ?? this.chatOptions.systemPrompt ?? '';
     const history = parsed.conversation.slice(0, -1);
-    const opts: ChatOptions = { ...this.chatOptions, systemPrompt, telemetry: this.telemetry };
+    const opts: ChatOptions = { ...this.chatOptions, ...(own?.policy ? { policy: own.policy } : {}), ...(own?.maxTokens ? { maxTokens: own.maxTokens } : {}), systemPrompt, telemetry: this.telemetryFor(evictions) };
     if (history.length === 0) return this.model.createChat(opts);
     if (this.#tokens(history) > this.maxHistoryTokens) {
       throw badRequest(`The earlier messages hold more than ${this.maxHistoryTokens} tokens, the most a new session or one-off request may bring (send only the new message with a session id, or fewer messages)`, 'messages', 'history_too_large');
@@ -57,12 +75,13 @@ export class ChatSource {
    * retained tokens prefilled once); made with another model, its conversation re-prefilled when it
    * fits maxHistoryTokens. Undefined: it cannot be restored (a newer format, corrupt, too long).
    */
-  async restore(stored: StoredSession, parsed: ParsedCompletion, signal: AbortSignal): Promise<{ chat: Chat; from: RestoredFrom } | undefined> {
+  async restore(stored: StoredSession, parsed: ParsedCompletion, signal: AbortSignal, evictions?: SessionEviction[]): Promise<{ chat: Chat; from: RestoredFrom } | undefined> {
+    const telemetry = this.telemetryFor(evictions);
     const kinds: [RestoredFrom, Uint8Array][] = stored.full ? [['full', stored.full], ['ledger', stored.ledger]] : [['ledger', stored.ledger]];
     let otherModel = false;
     for (const [from, bytes] of kinds) {
       try {
-        return { chat: await this.model.loadChat(bytes, { telemetry: this.telemetry }), from };
+        return { chat: await this.model.loadChat(bytes, { telemetry }), from };
       } catch (err) {
         if (!(err instanceof CheckpointError)) throw err;
         otherModel ||= err.code === 'CHECKPOINT_MODEL_MISMATCH';
@@ -74,7 +93,7 @@ export class ChatSource {
       const messages = readCheckpointMessages(stored.ledger);
       if (this.#tokens(messages) > this.maxHistoryTokens) return undefined;
       const systemPrompt = parsed.system ?? this.chatOptions.systemPrompt ?? '';
-      const chat = await this.model.importTranscript(this.#transcript(systemPrompt, messages), { ...this.chatOptions, systemPrompt, telemetry: this.telemetry, signal });
+      const chat = await this.model.importTranscript(this.#transcript(systemPrompt, messages), { ...this.chatOptions, systemPrompt, telemetry, signal });
       return { chat, from: 'transcript' };
     } catch (err) {
       if (err instanceof AbortedError) throw err;

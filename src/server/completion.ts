@@ -18,7 +18,7 @@ import type { ServerMetrics } from './metrics.js';
 import type { ResolvedServerOptions } from './options.js';
 import type { Session, SessionStore, TurnLease } from './sessions.js';
 import { EventStream } from './sse.js';
-import { finishReason, HttpError, overloaded, parseCompletion, toHttpError, type ParsedCompletion } from './wire.js';
+import { badRequest, finishReason, HttpError, overloaded, parseCompletion, toHttpError, type ParsedCompletion } from './wire.js';
 
 export const SHUTDOWN_ERROR = { message: 'The server is shutting down', type: 'server_error', param: null, code: 'server_shutting_down' } as const;
 
@@ -169,7 +169,15 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
 }
 
 /** The session's chat: live in memory, restored from the store, or new (a stored one that cannot be restored: new, and said so). */
-async function sessionChat(ctx: CompletionContext, session: Session, lease: TurnLease, parsed: ParsedCompletion, signal: AbortSignal): Promise<TurnChat> {
+export async function sessionChat(ctx: CompletionContext, session: Session, lease: TurnLease, parsed: ParsedCompletion, signal: AbortSignal): Promise<TurnChat> {
+  // A session's own policy and budget are chosen when it is created (at most the server's budget).
+  const own = parsed.memory.chat;
+  if (own && (session.chat || lease.storedVersion > 0)) {
+    throw badRequest("'finite_memory.chat' chooses a new session's policy and budget; this session exists (start another session id)", 'finite_memory.chat', 'session_exists');
+  }
+  if (own?.maxTokens !== undefined && own.maxTokens > ctx.options.chatMaxTokens) {
+    throw badRequest(`'finite_memory.chat.max_tokens' is at most the server's budget, ${ctx.options.chatMaxTokens}`, 'finite_memory.chat.max_tokens');
+  }
   if (session.chat) return { chat: session.chat, created: false, restoredFrom: undefined, sessionReset: undefined };
   const events = ctx.metrics.sessionEvents;
   await ctx.store.makeRoom();
@@ -178,7 +186,7 @@ async function sessionChat(ctx: CompletionContext, session: Session, lease: Turn
   if (lease.storedVersion > 0) {
     // Gone between the lease and the read (dropped by the caps or the TTL): a reset too.
     const stored = await ctx.store.read(session);
-    restored = stored ? await ctx.chats.restore(stored, parsed, signal) : undefined;
+    restored = stored ? await ctx.chats.restore(stored, parsed, signal, session.evictions) : undefined;
     if (restored) {
       session.messagesSeen = stored!.messagesSeen;
       events.inc({ event: 'restored' });
@@ -194,7 +202,7 @@ async function sessionChat(ctx: CompletionContext, session: Session, lease: Turn
   if (restored) {
     chat = restored.chat;
   } else {
-    chat = await ctx.chats.build(parsed, signal);
+    chat = await ctx.chats.build(parsed, signal, session.evictions, parsed.memory.chat);
     session.messagesSeen = parsed.conversation.length - 1;
     events.inc({ event: 'created' });
   }

@@ -26,6 +26,8 @@ import { Gate } from './admission.js';
 import { apiKeyCheck } from './auth.js';
 import { ChatSource } from './chats.js';
 import { handleCompletion } from './completion.js';
+import { handleForget, handleMemory, handlePin, handleUnpin } from './memory.js';
+import { memoryPage } from './ui/page.js';
 import { createServerMetrics } from './metrics.js';
 import { resolveServerOptions, type ServerOptions } from './options.js';
 import { SessionStore } from './sessions.js';
@@ -140,6 +142,22 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   });
 
   app.post('/v1/chat/completions', (req, reply) => track(handleCompletion(ctx, req, reply)));
+
+  // A session's memory, and pins / forget on its turns (memory.ts).
+  type SessionRoute = { Params: { id: string; turn?: string }; Querystring: { evictions?: string }; Body: unknown };
+  app.get<SessionRoute>('/v1/sessions/:id/memory', (req, reply) => track(handleMemory(ctx, req, reply)));
+  app.post<SessionRoute>('/v1/sessions/:id/turns/:turn/pin', (req, reply) => track(handlePin(ctx, req, reply)));
+  app.delete<SessionRoute>('/v1/sessions/:id/turns/:turn/pin', (req, reply) => track(handleUnpin(ctx, req, reply)));
+  app.delete<SessionRoute>('/v1/sessions/:id/turns/:turn', (req, reply) => track(handleForget(ctx, req, reply)));
+
+  // The memory inspector page (ui/page.ts): static, no secrets; its API calls carry the key.
+  if (o.ui) {
+    app.get('/', async (_req, reply) => {
+      reply.header('content-type', 'text/html; charset=utf-8').header('cache-control', 'no-cache')
+        .header('content-security-policy', "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:");
+      return memoryPage(o.modelId);
+    });
+  }
 
   // ---- shutdown ----
 

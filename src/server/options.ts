@@ -85,6 +85,8 @@ export interface ServerOptions {
    * temp dir always writes its full checkpoint.)
    */
   fullSnapshots?: boolean;
+  /** Serve the memory inspector page at `/` (chat with a session and watch its memory). Default true. */
+  ui?: boolean;
   /** This instance's name in responses (`finite_memory.instance`): which instance behind a load balancer served a turn. Default host:pid. */
   instanceId?: string;
 }
@@ -123,6 +125,7 @@ export type ResolvedServerOptions = Required<Pick<ServerOptions, IntOption>> & {
   storeCa: string | undefined;
   storeNamespace: string;
   fullSnapshots: boolean;
+  ui: boolean;
   instanceId: string;
   registry: Registry | undefined;
   logger: FastifyServerOptions['logger'];
@@ -154,6 +157,7 @@ export function resolveServerOptions(model: Model, options: ServerOptions): Reso
     storeCa: options.storeCa,
     storeNamespace: options.storeNamespace ?? model.info.fingerprint.slice(0, 16),
     fullSnapshots: options.fullSnapshots ?? true,
+    ui: options.ui ?? true,
     instanceId: options.instanceId ?? `${hostname()}:${process.pid}`,
     registry: options.registry,
     logger: options.logger ?? false,

@@ -12,6 +12,7 @@
  */
 import type { Counter, Histogram } from 'prom-client';
 import type { Chat } from '../local/chat.js';
+import type { EvictionEvent } from '../shared/telemetry.js';
 import { Gate } from './admission.js';
 import { StaleWriteError, StoreUnavailableError, type SessionBackend, type StoredSession } from './store/backend.js';
 import { HttpError, sessionKey } from './wire.js';
@@ -32,7 +33,15 @@ export interface Session {
   messagesSeen: number;
   lastUsed: number;
   idleTimer: NodeJS.Timeout | undefined;
+  /** The latest evictions of this session's chat while this instance served it (newest last), for its memory view. */
+  evictions: SessionEviction[];
 }
+
+/** An eviction of a session's chat, with when it happened. */
+export type SessionEviction = EvictionEvent & { at: number };
+
+/** How many evictions a session's memory view keeps. */
+export const SESSION_EVICTIONS_KEPT = 50;
 
 /** A turn's hold on its session: the lease (none while the store is unreachable: served from memory). */
 export interface TurnLease {
@@ -97,11 +106,16 @@ export class SessionStore {
     return { kind: this.#o.backend.kind, available: this.#o.backend.available, pendingWrites: this.#pending.size };
   }
 
+  /** The session with this id when this instance knows it (in memory, or served before), without creating one. */
+  peek(id: string): Session | undefined {
+    return this.#sessions.get(id);
+  }
+
   /** The session with this id, created (without a chat) when new. */
   session(id: string): Session {
     let s = this.#sessions.get(id);
     if (!s) {
-      s = { id, key: sessionKey(id), gate: new Gate(1, this.#o.maxSessionQueue), chat: undefined, version: 0, storedVersion: 0, fullVersion: 0, messagesSeen: 0, lastUsed: Date.now(), idleTimer: undefined };
+      s = { id, key: sessionKey(id), gate: new Gate(1, this.#o.maxSessionQueue), chat: undefined, version: 0, storedVersion: 0, fullVersion: 0, messagesSeen: 0, lastUsed: Date.now(), idleTimer: undefined, evictions: [] };
       this.#sessions.set(id, s);
     }
     return s;

@@ -5,7 +5,8 @@
 import { createHash } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError } from '../shared/errors.js';
-import type { StopReason } from '../shared/types.js';
+import { POLICIES, type PolicyName, type StopReason } from '../shared/types.js';
+
 /** One API error, rendered as `{ error: { message, type, param, code } }`. */
 export class HttpError extends Error {
   constructor(
@@ -36,8 +37,11 @@ export interface ParsedCompletion {
   stream: boolean;
   includeUsage: boolean;
   sessionId: string | undefined;
-  /** The request's `finite_memory` field: pin the new message; unpin / forget earlier turns first. */
-  memory: { pin: boolean; unpin: number[]; forget: number[] };
+  /**
+   * The request's `finite_memory` field: pin the new message; unpin / forget earlier turns first;
+   * `chat`: a new session's own policy and budget (to compare them side by side).
+   */
+  memory: { pin: boolean; unpin: number[]; forget: number[]; chat?: { policy?: PolicyName; maxTokens?: number } };
 }
 
 export const isObject = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === 'object' && !Array.isArray(v);
@@ -157,7 +161,7 @@ export function parseMemoryField(v: unknown, hasSession: boolean): ParsedComplet
   if (v === undefined || v === null) return out;
   if (!isObject(v)) throw badRequest("'finite_memory' must be an object", 'finite_memory');
   for (const key of Object.keys(v)) {
-    if (key !== 'pin' && key !== 'unpin' && key !== 'forget') throw badRequest(`Unknown field 'finite_memory.${key}' (pin, unpin, forget)`, `finite_memory.${key}`);
+    if (key !== 'pin' && key !== 'unpin' && key !== 'forget' && key !== 'chat') throw badRequest(`Unknown field 'finite_memory.${key}' (pin, unpin, forget, chat)`, `finite_memory.${key}`);
   }
   if (v.pin !== undefined && v.pin !== null) {
     if (typeof v.pin !== 'boolean') throw badRequest("'finite_memory.pin' must be a boolean", 'finite_memory.pin');
@@ -171,6 +175,23 @@ export function parseMemoryField(v: unknown, hasSession: boolean): ParsedComplet
     }
     if (list.length > 0 && !hasSession) throw badRequest(`'finite_memory.${key}' needs a session (X-Session-Id or user)`, `finite_memory.${key}`, 'session_required');
     out[key] = list as number[];
+  }
+  if (v.chat !== undefined && v.chat !== null) {
+    const c = v.chat;
+    if (!isObject(c)) throw badRequest("'finite_memory.chat' must be an object", 'finite_memory.chat');
+    if (!hasSession) throw badRequest("'finite_memory.chat' needs a session (X-Session-Id or user)", 'finite_memory.chat', 'session_required');
+    for (const key of Object.keys(c)) {
+      if (key !== 'policy' && key !== 'max_tokens') throw badRequest(`Unknown field 'finite_memory.chat.${key}' (policy, max_tokens)`, `finite_memory.chat.${key}`);
+    }
+    out.chat = {};
+    if (c.policy !== undefined) {
+      if (typeof c.policy !== 'string' || !(POLICIES as readonly string[]).includes(c.policy)) throw badRequest(`'finite_memory.chat.policy' must be one of ${POLICIES.join(', ')}`, 'finite_memory.chat.policy');
+      out.chat.policy = c.policy as PolicyName;
+    }
+    if (c.max_tokens !== undefined) {
+      if (typeof c.max_tokens !== 'number' || !Number.isInteger(c.max_tokens) || c.max_tokens < 16) throw badRequest("'finite_memory.chat.max_tokens' must be an integer >= 16", 'finite_memory.chat.max_tokens');
+      out.chat.maxTokens = c.max_tokens;
+    }
   }
   return out;
 }

@@ -1,0 +1,154 @@
+/// <reference lib="dom" />
+// See what a chat remembers: the memory API (GET /v1/sessions/:id/memory, pin / unpin / forget a turn)
+// and the page at `/` driven in a real browser (Debian's chromium through playwright-core; skipped with
+// a message naming the package when it is missing, a failure under CI=true).
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadModel, type Model } from '../../src/index.ts';
+import { createServer, type FiniteMemoryServer } from '../../src/server/index.ts';
+import { testModelPath, THREADS } from '../helpers.ts';
+import { requireBinary } from '../services.ts';
+
+let model: Model;
+let server: FiniteMemoryServer;
+let base: string;
+const BUDGET = 96;
+
+beforeAll(async () => {
+  model = await loadModel(testModelPath(), { threads: THREADS });
+  server = await createServer(model, { chat: { maxTokens: BUDGET, windowSize: 24, sinkTokens: 4 } });
+  base = await server.listen({ port: 0 });
+});
+afterAll(async () => {
+  await server?.close();
+  model?.dispose();
+});
+
+const json = async (method: string, path: string, body?: unknown, headers: Record<string, string> = {}) => {
+  const r = await fetch(base + path, { method, headers: { ...(body === undefined ? {} : { 'content-type': 'application/json' }), ...headers }, body: body === undefined ? undefined : JSON.stringify(body) });
+  return { status: r.status, body: (await r.json()) as Record<string, any> }; // eslint-disable-line @typescript-eslint/no-explicit-any
+};
+const say = (session: string, content: string, fm?: unknown) =>
+  json('POST', '/v1/chat/completions', { messages: [{ role: 'user', content }], max_tokens: 12, temperature: 0, ...(fm ? { finite_memory: fm } : {}) }, { 'x-session-id': session });
+
+describe('the memory API', () => {
+  it('shows every retained token, the budget, the policy and the latest evictions', async () => {
+    for (let i = 0; i < 12; i++) expect((await say('mem', `message ${i} about the lighthouse and the river`)).status).toBe(200);
+    const { status, body } = await json('GET', '/v1/sessions/mem/memory');
+    expect(status).toBe(200);
+    expect(body).toMatchObject({ object: 'finite_memory.session', session_id: 'mem', policy: 'sliding', budget: BUDGET, turns: 12 });
+    expect(body.tokens.length).toBe(body.retained_tokens);
+    expect(body.retained_tokens).toBeLessThanOrEqual(BUDGET);
+    expect(body.tokens[0]).toEqual({ position: expect.any(Number), turn: expect.any(Number), role: expect.any(String), pinned: expect.any(Boolean), summary: false, text: expect.any(String) });
+    expect(body.evictions.length).toBeGreaterThan(0);
+    expect(body.evictions.at(-1)).toMatchObject({ at: expect.any(String), turn: expect.any(Number), tokens: expect.any(Number), policy: 'sliding', fallback: false });
+    // What it reports is the chat's own view, token for token.
+    const positions = body.tokens.map((t: { position: number }) => t.position);
+    expect(positions).toEqual([...positions].sort((a: number, b: number) => a - b));
+    expect((await json('GET', '/v1/sessions/mem/memory?evictions=2')).body.evictions).toHaveLength(2);
+  });
+
+  it('pins, unpins and forgets a turn, and a new session can choose its own policy and budget', async () => {
+    await say('steer', 'remember the red door');
+    await say('steer', 'and the blue window');
+    type Tok = { turn: number; role: string; pinned: boolean; position: number };
+    const userTokens = (b: { tokens: Tok[] }, turn: number) => b.tokens.filter((t) => t.turn === turn && t.role === 'user');
+    const pinned = await json('POST', '/v1/sessions/steer/turns/1/pin');
+    expect(pinned.status).toBe(200);
+    expect(pinned.body.pins).toEqual([{ turn: 1, tokens: expect.any(Number) }]);
+    const kept = userTokens(pinned.body as { tokens: Tok[] }, 1).length;
+    for (let i = 0; i < 10; i++) await say('steer', `filler ${i} with a few more words in it`);
+    const later = await json('GET', '/v1/sessions/steer/memory');
+    expect(later.body.evictions.length).toBeGreaterThan(0);
+    expect(userTokens(later.body as { tokens: Tok[] }, 1).length).toBe(kept); // the pinned message stayed whole
+    expect(later.body.tokens.some((t: Tok) => t.turn === 2)).toBe(false); // turn 2 was evicted
+    expect((await json('DELETE', '/v1/sessions/steer/turns/1/pin')).body.pins).toEqual([]);
+    const forgot = await json('DELETE', '/v1/sessions/steer/turns/1');
+    // Only the attention sinks (the first sinkTokens positions) outlive forget.
+    expect(forgot.body.tokens.filter((t: Tok) => t.turn === 1).every((t: Tok) => t.position < 4)).toBe(true);
+    expect(userTokens(forgot.body as { tokens: Tok[] }, 1).length).toBeLessThan(kept);
+    // A turn no longer in memory, a bad turn number: 400s.
+    expect((await json('POST', '/v1/sessions/steer/turns/1/pin')).status).toBe(400);
+    expect((await json('POST', '/v1/sessions/steer/turns/x/pin')).status).toBe(400);
+    // Its own policy and budget, chosen when the session is created; refused for an existing one.
+    const own = await say('own', 'hello', { chat: { policy: 'importance', max_tokens: 64 } });
+    expect(own.status).toBe(200);
+    expect((await json('GET', '/v1/sessions/own/memory')).body).toMatchObject({ policy: 'importance', budget: 64 });
+    expect((await say('own', 'again', { chat: { policy: 'sliding' } })).body.error.code).toBe('session_exists');
+    expect((await say('big', 'hi', { chat: { max_tokens: BUDGET * 2 } })).status).toBe(400);
+  });
+
+  it('refuses unknown sessions (404, nothing created) and bad ids, and requires the key when one is set', async () => {
+    const unknown = await json('GET', '/v1/sessions/nobody/memory');
+    expect(unknown.status).toBe(404);
+    expect(unknown.body.error.code).toBe('session_not_found');
+    expect(server.sessions().live).toBeGreaterThan(0);
+    expect((await json('GET', `/v1/sessions/${encodeURIComponent('a\u0001b')}/memory`)).status).toBe(400);
+    const locked = await createServer(model, { apiKey: 'k3y', chat: { maxTokens: 64 } });
+    const url = await locked.listen({ port: 0 });
+    expect((await fetch(`${url}/v1/sessions/x/memory`)).status).toBe(401);
+    const page = await fetch(`${url}/`);
+    expect(page.status).toBe(200); // the page holds no data; its API calls carry the key
+    expect(await page.text()).toContain('Memory inspector');
+    await locked.close();
+    const noUi = await createServer(model, { ui: false });
+    expect((await noUi.app.inject({ method: 'GET', url: '/' })).statusCode).toBe(404);
+    await noUi.close();
+  });
+});
+
+const chromium = requireBinary('chromium', 'chromium');
+
+describe.skipIf(!chromium)('the memory inspector page in a real browser', () => {
+  it('chats, shows tokens as they come, keeps the bar within the budget, evicts old turns and keeps a pinned one', async () => {
+    const { chromium: pw } = await import('playwright-core');
+    const browser = await pw.launch({ executablePath: chromium!, args: ['--no-sandbox'] });
+    try {
+      const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+      await page.goto(base + '/');
+      await page.getByRole('textbox', { name: 'message' }).waitFor();
+      const send = async (text: string, pin = false) => {
+        if (pin) await page.getByRole('checkbox').check();
+        await page.getByRole('textbox', { name: 'message' }).fill(text);
+        await page.keyboard.press('Enter');   // keyboard: Enter sends
+        await page.waitForFunction(() => /^turn \d+:/.test(document.getElementById('status')!.textContent ?? ''), undefined, { timeout: 30_000 });
+        await page.waitForFunction(() => !(document.getElementById('sendBtn') as HTMLButtonElement).disabled);
+      };
+      await send('remember the code 4817', true);
+      expect(await page.locator('#tokens .tok').count()).toBeGreaterThan(5);
+      const pinnedMessage = await page.locator('#tokens .tok.user.pinned[data-turn="1"]').count();
+      expect(pinnedMessage).toBeGreaterThan(4);   // the whole message, not only the attention sinks
+      for (let i = 0; i < 10; i++) {
+        await send(`tell me about the river, number ${i}`);
+        const [retained, budget] = await page.locator('#bar').evaluate((el) => [Number(el.dataset.retained), Number(el.dataset.budget)]);
+        expect(budget).toBe(BUDGET);
+        expect(retained).toBeGreaterThan(0);
+        expect(retained).toBeLessThanOrEqual(budget);
+      }
+      // Old turns left the memory (rows of the turn table), the pinned first turn stayed.
+      await page.waitForTimeout(1500);   // evicted tokens fade out, then go
+      const turns = await page.locator('#turns tbody tr').evaluateAll((rows) => rows.map((r) => Number((r as HTMLElement).dataset.turn)));
+      expect(turns).toContain(1);
+      expect(turns).not.toContain(2);
+      expect(await page.locator('#tokens .tok.user.pinned[data-turn="1"]').count()).toBe(pinnedMessage);   // the pinned turn stayed whole
+      expect(await page.locator('#tokens .tok[data-turn="2"]').count()).toBe(0);
+      expect(await page.locator('#evictions li').count()).toBeGreaterThan(0);
+      expect(await page.locator('#chart rect').count()).toBeGreaterThan(10);
+      // Unpin from the page.
+      await page.getByRole('button', { name: 'unpin turn 1', exact: true }).click();
+      await page.getByRole('button', { name: 'pin turn 1', exact: true }).waitFor();
+      // Screenshots are the test's artifacts: test-artifacts/ (git-ignored) in the repository.
+      const dir = join(import.meta.dirname, '..', '..', 'test-artifacts');
+      mkdirSync(dir, { recursive: true });
+      await page.screenshot({ path: join(dir, 'memory-inspector-1280x800.png'), fullPage: true });
+      // A phone's width: one column, nothing cut off sideways.
+      await page.setViewportSize({ width: 390, height: 844 });
+      const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+      expect(overflow).toBeLessThanOrEqual(1);
+      await page.screenshot({ path: join(dir, 'memory-inspector-390.png'), fullPage: true });
+    } finally {
+      await browser.close();
+    }
+  });
+});

@@ -10,13 +10,15 @@
  * The data are tokenized by llama.cpp itself (a vocabulary-only model with the same vocabulary),
  * so training sees exactly the tokens a chat feeds.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { writeLlamaModel, type LlamaModelInput } from '../src/gguf/index.ts';
+import { progress } from '../src/progress.ts';
 import { loadModel, type Model } from '../src/index.ts';
 import {
   RECALL_SYSTEM_PROMPT,
@@ -216,6 +218,30 @@ function packConversations(model: Model, conversations: RecallConversation[], li
 
 const systemPython = (): string => (existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3');
 
+/**
+ * Runs train.py: its lines pass through, and its "step N" lines drive a progress bar with the time
+ * left on a terminal (on stderr; a line per quarter elsewhere). Rejects when it fails.
+ */
+function train(work: string, env: NodeJS.ProcessEnv, totalSteps: number): Promise<void> {
+  const bar = progress('training', { eta: true });
+  const tty = process.stderr.isTTY === true;
+  return new Promise((resolveTrain, reject) => {
+    const child = spawn(systemPython(), [join(ROOT, 'scripts', 'recall', 'train.py'), work, work], { stdio: ['ignore', 'pipe', 'inherit'], env });
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      const m = /^step\s+(\d+)/.exec(line);
+      if (m) bar.update(Number(m[1]) / totalSteps);
+      // On a terminal the bar stands in for the step lines; everything else (and all of it in logs) passes through.
+      if (!m || !tty) console.log(tty ? `\r\x1b[K${line}` : line);
+    });
+    child.once('error', reject);
+    child.once('exit', (code) => {
+      bar.done();
+      if (code === 0) resolveTrain();
+      else reject(new Error(`train.py exited with ${code}`));
+    });
+  });
+}
+
 async function main(): Promise<void> {
   // The parity check reads logits through the probes of the test build, as the benchmarks do.
   process.env.FML_ADDON_PATH ??= join(ROOT, 'build', 'Probes', 'finite_memory_llm_probes.node');
@@ -317,7 +343,7 @@ async function main(): Promise<void> {
     const env = { ...process.env, OPENBLAS_NUM_THREADS: '1', OMP_NUM_THREADS: values.threads };
     // --trained DIR takes what an earlier train.py wrote there (an experiment's weights) instead.
     const trainedDir = values.trained ?? work;
-    if (!values.trained) execFileSync(systemPython(), [join(ROOT, 'scripts', 'recall', 'train.py'), work, work], { stdio: 'inherit', env });
+    if (!values.trained) await train(work, env, phases.reduce((n, p) => n + p.steps, 0));
 
     // 3. Export with the same vocabulary and the trained weights.
     const index = JSON.parse(readFileSync(join(trainedDir, 'weights.json'), 'utf8')) as { tensors: Record<string, { dims: number[]; offset: number }> };

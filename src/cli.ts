@@ -12,6 +12,8 @@ import { createInterface } from 'node:readline/promises';
 import { parseArgs } from 'node:util';
 import { writeLlamaModel } from './gguf/index.js';
 import { loadModel, type Model } from './local/model.js';
+import type { LoadModelOptions } from './local/options.js';
+import { progress } from './progress.js';
 import type { PolicyName } from './shared/types.js';
 
 const USAGE = `Usage:
@@ -34,11 +36,19 @@ function scriptedMessage(turn: number): string {
 }
 
 async function demoModel(path: string | undefined): Promise<Model> {
-  if (path) return loadModel(path);
+  if (path) return loadWithProgress(path);
   // A generated llama-architecture model with seeded random weights: no download, same file every time.
   const file = join(tmpdir(), 'finite-memory-llm-demo-v1.gguf');
   if (!existsSync(file)) writeLlamaModel(file, { layers: 2, embd: 64, heads: 4, kvHeads: 2, headDim: 16, ffn: 128, ctx: 4096, type: 'f32', seed: 7 });
-  return loadModel(file);
+  return loadWithProgress(file);
+}
+
+/** loadModel with a progress bar on stderr (a line per quarter when stderr is not a terminal). */
+async function loadWithProgress(path: string, options: LoadModelOptions = {}): Promise<Model> {
+  const bar = progress(`loading ${path.split('/').pop()}`);
+  const model = await loadModel(path, { ...options, onProgress: (f) => bar.update(f) });
+  bar.done();
+  return model;
 }
 
 function pad(v: string | number, n: number): string {
@@ -92,7 +102,7 @@ async function interactive(args: Record<string, string | boolean | undefined>): 
     console.error('chat needs --model <file.gguf>\n' + USAGE);
     return 2;
   }
-  const model = await loadModel(args.model);
+  const model = await loadWithProgress(args.model);
   // Unset flags leave the option to the library's defaults (one table, native/engine/options.cpp).
   const chat = model.createChat({
     ...(typeof args.policy === 'string' ? { policy: args.policy as PolicyName } : {}),
@@ -144,7 +154,7 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
   const threads = intArg(args, 'threads');
   const slots = intArg(args, 'slots');
   const prefillChunk = intArg(args, 'prefill-chunk');
-  const model = await loadModel(args.model, { ...(threads ? { threads } : {}), ...(slots ? { slots } : {}), ...(prefillChunk ? { prefillChunk } : {}) });
+  const model = await loadWithProgress(args.model, { ...(threads ? { threads } : {}), ...(slots ? { slots } : {}), ...(prefillChunk ? { prefillChunk } : {}) });
   const { createServer } = await import('./server/index.js');
   const window = intArg(args, 'window');
   const apiKey = typeof args['api-key'] === 'string' ? args['api-key'] : process.env.FINITE_MEMORY_API_KEY || undefined;

@@ -125,12 +125,37 @@ Napi::Value js_model::js_dispose(const Napi::CallbackInfo & info) {
 
 namespace {
 
+// Loads a model on a worker thread; llama.cpp's progress reaches `on_progress` (a JS function, when
+// given) through a thread-safe function, at most once per percent.
 class load_model_worker : public promise_worker {
 public:
-    load_model_worker(Napi::Env env, std::string path, model_load_options opts)
-        : promise_worker(env), path_(std::move(path)), opts_(opts) {}
+    load_model_worker(Napi::Env env, std::string path, model_load_options opts, Napi::Function on_progress)
+        : promise_worker(env), path_(std::move(path)), opts_(opts) {
+        if (!on_progress.IsEmpty()) {
+            progress_ = Napi::ThreadSafeFunction::New(env, on_progress, "finite-memory-llm load progress", 0, 1);
+        }
+    }
 protected:
-    void run() override { model_ = fml_model::load(path_, opts_); }
+    void run() override {
+        if (!progress_) {
+            model_ = fml_model::load(path_, opts_);
+            return;
+        }
+        int last = -1;
+        auto report = [&](float p) {
+            const int pct = (int) (p * 100.0f);
+            if (pct == last) return;
+            last = pct;
+            progress_.NonBlockingCall([p](Napi::Env env, Napi::Function fn) { fn.Call({ Napi::Number::New(env, p) }); });
+        };
+        try {
+            model_ = fml_model::load(path_, opts_, report);
+        } catch (...) {
+            progress_.Release();
+            throw;
+        }
+        progress_.Release();
+    }
     Napi::Value result(Napi::Env env) override {
         Napi::Object obj = env.GetInstanceData<addon_data>()->model_ctor.New({});
         js_model * m = js_model::Unwrap(obj);
@@ -142,6 +167,7 @@ private:
     std::string path_;
     model_load_options opts_;
     std::shared_ptr<fml_model> model_;
+    Napi::ThreadSafeFunction progress_;
 };
 
 } // namespace
@@ -150,7 +176,8 @@ Napi::Value js_load_model(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     const std::string path = string_arg(info, 0, "path");
     const model_load_options opts = guarded(env, [&] { return resolve_model_options(options_arg(info, 1), available_cores()); });
-    return queue_worker<load_model_worker>(env, path, opts);
+    const Napi::Function on_progress = info.Length() > 2 && info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
+    return queue_worker<load_model_worker>(env, path, opts, on_progress);
 }
 
 } // namespace fml

@@ -247,7 +247,8 @@ static void describe_memory(const llama_model * model, model_info & info) {
     info.in_place_eviction = info.unsupported_reason.empty();
 }
 
-std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model_load_options & opts) {
+std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model_load_options & opts,
+                                           const std::function<void(float)> & on_progress) {
     if (path.find('\0') != std::string::npos) {
         throw fml_error(FML_ERR_MODEL_NOT_FOUND, "model path contains a NUL character");
     }
@@ -257,6 +258,13 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
     mp.n_gpu_layers = opts.gpu_layers;
     if (!opts.use_mmap) {
         mp.load_mode = LLAMA_LOAD_MODE_NONE;
+    }
+    if (on_progress) {
+        mp.progress_callback = [](float p, void * user) {
+            (*static_cast<const std::function<void(float)> *>(user))(p);
+            return true;   // never cancels the load
+        };
+        mp.progress_callback_user_data = const_cast<std::function<void(float)> *>(&on_progress);
     }
     last_llama_errors();   // drop stale messages
     llama_model * model = nullptr;

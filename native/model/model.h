@@ -6,6 +6,7 @@
 #include "engine/options.h"
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -71,7 +72,9 @@ constexpr int FRAME_KINDS = 5;
 class fml_model {
 public:
     // Throws fml_error (MODEL_NOT_FOUND / MODEL_INVALID / MODEL_LOAD_FAILED).
-    static std::shared_ptr<fml_model> load(const std::string & path, const model_load_options & opts);
+    // `on_progress` (optional) hears llama.cpp's load progress, 0..1, on the loading thread.
+    static std::shared_ptr<fml_model> load(const std::string & path, const model_load_options & opts,
+                                           const std::function<void(float)> & on_progress = nullptr);
     ~fml_model();
     static size_t live_count();
 

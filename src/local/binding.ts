@@ -173,7 +173,8 @@ export interface NativeProbes {
 }
 
 export interface NativeBinding {
-  loadModel(path: string, options: unknown): Promise<NativeModel>;
+  /** `onProgress` hears llama.cpp's load progress (0..1), at most once per percent. */
+  loadModel(path: string, options: unknown, onProgress?: (fraction: number) => void): Promise<NativeModel>;
   NativeChat: new (model: NativeModel, options: NativeRawOptions) => NativeChat;
   /** From a file or the checkpoint's bytes; `threads` (raw) overrides the checkpoint's. */
   loadChat(model: NativeModel, source: string | Uint8Array, threads?: unknown): Promise<NativeChat>;

@@ -1,6 +1,6 @@
 import { getBinding, type NativeChat, type NativeModel } from './binding.js';
 import { Chat } from './chat.js';
-import { CheckpointError, DisposedError, fromNativeError, InvalidOptionError } from '../shared/errors.js';
+import { CallbackError, CheckpointError, DisposedError, fromNativeError, InvalidOptionError } from '../shared/errors.js';
 import { TranscriptLog } from '../shared/chat-surface.js';
 import { checkTelemetry, type Telemetry } from '../shared/telemetry.js';
 import { checkObject, checkPath, checkString } from '../shared/checks.js';
@@ -203,7 +203,23 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
   const stack = new Error().stack;
   try {
     checkPath('path', path);
-    const native = await getBinding().loadModel(path, options);
+    const { onProgress, ...nativeOptions } = checkObject('options', options) as LoadModelOptions;
+    if (onProgress !== undefined && typeof onProgress !== 'function') throw new InvalidOptionError('Expected a function for onProgress');
+    // A callback that throws is not called again; the load finishes, then fails with its error as cause.
+    let thrown: { error: unknown } | undefined;
+    const report = onProgress && ((fraction: number) => {
+      if (thrown) return;
+      try {
+        onProgress(fraction);
+      } catch (error) {
+        thrown = { error };
+      }
+    });
+    const native = await getBinding().loadModel(path, nativeOptions, report);
+    if (thrown) {
+      native.dispose();
+      throw new CallbackError(undefined, thrown.error);
+    }
     return new Model(native, path);
   } catch (err) {
     throw fromNativeError(err, stack);

@@ -12,6 +12,8 @@ import type { Telemetry } from '../shared/telemetry.js';
 import type { KvType, PolicyName } from '../shared/types.js';
 
 export interface LoadModelOptions {
+  /** Hears llama.cpp's load progress, a fraction 0..1 (at most once per percent; 1 when the weights are in). */
+  onProgress?: (fraction: number) => void;
   /** Layers to offload to the GPU: a count, or 'auto' (all when a GPU backend is active, else 0). Default 'auto'. */
   gpuLayers?: number | 'auto';
   /**

@@ -97,13 +97,16 @@ export class UnsupportedModelError extends FiniteMemoryError {
 }
 
 /**
- * The caller's `onToken` threw: the turn stopped at that piece (as an abort does) and is kept, in
- * memory, stats and transcript alike, with what was generated up to there (`result`). `cause` is what
- * the callback threw.
+ * A callback of the caller threw. `onToken`: the turn stopped at that piece (as an abort does) and is
+ * kept, in memory, stats and transcript alike, with what was generated up to there (`result`).
+ * loadModel's `onProgress`: the load finished and the model was disposed (`result` undefined). `cause`
+ * is what the callback threw.
  */
 export class CallbackError<R = unknown> extends FiniteMemoryError {
   constructor(readonly result: R, cause: unknown) {
-    super('CALLBACK_FAILED', `the onToken callback threw (${cause instanceof Error ? cause.message : String(cause)}); the turn stopped there and is kept`, { cause });
+    const what = result === undefined ? 'the onProgress callback threw' : 'the onToken callback threw';
+    const then = result === undefined ? 'the model was not kept' : 'the turn stopped there and is kept';
+    super('CALLBACK_FAILED', `${what} (${cause instanceof Error ? cause.message : String(cause)}); ${then}`, { cause });
   }
 }
 

@@ -135,9 +135,22 @@ describe.skipIf(!chromium)('the memory inspector page in a real browser', () => 
       expect(await page.locator('#tokens .tok[data-turn="2"]').count()).toBe(0);
       expect(await page.locator('#evictions li').count()).toBeGreaterThan(0);
       expect(await page.locator('#chart rect').count()).toBeGreaterThan(10);
-      // Unpin from the page.
+      // Unpin, then forget, from the page.
       await page.getByRole('button', { name: 'unpin turn 1', exact: true }).click();
       await page.getByRole('button', { name: 'pin turn 1', exact: true }).waitFor();
+      const newest = Math.max(...turns);
+      await page.getByRole('button', { name: `forget turn ${newest}`, exact: true }).click();
+      await page.waitForFunction((t) => !document.querySelector(`#turns tr[data-turn="${t}"]`), newest);
+      await page.waitForTimeout(1500);
+      expect(await page.locator(`#tokens .tok[data-turn="${newest}"]`).count()).toBe(0);
+      // A new session with another policy and budget, from the header's form.
+      await page.getByRole('combobox', { name: 'policy of a new session' }).selectOption('importance');
+      await page.getByRole('spinbutton', { name: 'budget of a new session (tokens)' }).fill('64');
+      await page.getByRole('button', { name: 'New session' }).click();
+      await send('a fresh start');
+      await page.waitForFunction(() => /importance, budget 64/.test(document.getElementById('policyName')!.textContent ?? ''));
+      await send('and a second turn');
+      expect(await page.locator('#bar').evaluate((el) => Number(el.dataset.budget))).toBe(64);
       // Screenshots are the test's artifacts: test-artifacts/ (git-ignored) in the repository.
       const dir = join(import.meta.dirname, '..', '..', 'test-artifacts');
       mkdirSync(dir, { recursive: true });

@@ -175,3 +175,22 @@ describe('a throwing onToken callback', () => {
     chat.dispose();
   });
 });
+
+describe('loadModel progress', () => {
+  it('reports llama.cpp\'s load progress up to 1; a throwing callback fails the load with CallbackError and keeps no model', async () => {
+    const seen: number[] = [];
+    const m = await loadModel(testModelPath(), { threads: THREADS, onProgress: (f) => seen.push(f) });
+    expect(seen.length).toBeGreaterThan(0);
+    expect(seen.at(-1)).toBe(1);
+    expect(seen).toEqual([...seen].sort((a, b) => a - b));
+    m.dispose();
+    const { getProbes } = await import('../../src/local/binding.ts');
+    const before = getProbes().liveObjects().models;
+    const err = await loadModel(testModelPath(), { threads: THREADS, onProgress: () => { throw new Error('bar broke'); } }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(CallbackError);
+    expect((err as Error).cause).toEqual(new Error('bar broke'));
+    await new Promise((r) => setTimeout(r, 10));
+    expect(getProbes().liveObjects().models).toBe(before);
+    await expect(loadModel(testModelPath(), { onProgress: 'yes' as never })).rejects.toBeInstanceOf(InvalidOptionError);
+  });
+});

@@ -64,6 +64,7 @@ const CONTENDERS: { label: string; options: ChatOptions }[] = [
   { label: 'importance', options: { policy: 'importance' } },
   { label: 'importance (token granularity, H2O-style)', options: { policy: 'importance', importanceGranularity: 'token' } },
   { label: "importance (importanceScore 'peak')", options: { policy: 'importance', importanceScore: 'peak' } },
+  { label: "importance (importanceScore 'blend')", options: { policy: 'importance', importanceScore: 'blend' } },
   { label: 'semantic', options: { policy: 'semantic' } },
   { label: 'rolling_summary', options: { policy: 'rolling_summary' } },
   { label: 'hybrid', options: { policy: 'hybrid' } },
@@ -154,6 +155,15 @@ async function main() {
     m.dispose();
   } else {
     setup.push(`stories260K not found at ${stories}: skipped`);
+  }
+  const tiny = join(SHARED_MODELS, 'TinyStories-656K.f16.gguf');
+  if (existsSync(tiny)) {
+    const m = await loadModel(tiny, { threads: 2 });
+    setup.push(`TinyStories-656K: ${m.info.nLayer} layers, ${m.info.nHead} heads / ${m.info.nHeadKv} KV heads, n_embd ${m.info.nEmbd}, vocab ${m.info.nVocab}; text length 512 tokens`);
+    rows.push(...(await evaluate(m, 'TinyStories-656K', 512)));
+    m.dispose();
+  } else {
+    setup.push(`TinyStories-656K not found at ${tiny}: skipped`);
   }
   const dir = mkdtempSync(join(tmpdir(), 'fml-quality-'));
   const gen = join(dir, 'generated.gguf');

@@ -33,6 +33,7 @@ const CONTENDERS: Contender[] = [
   { label: 'importance', options: { policy: 'importance' } },
   { label: 'importance (token granularity, H2O-style)', options: { policy: 'importance', importanceGranularity: 'token' } },
   { label: "importance (importanceScore 'peak')", options: { policy: 'importance', importanceScore: 'peak' } },
+  { label: "importance (importanceScore 'blend')", options: { policy: 'importance', importanceScore: 'blend' } },
   { label: 'semantic', options: { policy: 'semantic' } },
   { label: 'rolling_summary', options: { policy: 'rolling_summary' } },
   { label: 'hybrid', options: { policy: 'hybrid' } },
@@ -152,7 +153,10 @@ async function showSummaries(model: Model, convs: RecallConversation[]): Promise
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, model: { type: 'string' }, 'no-write': { type: 'boolean', default: false }, 'show-summaries': { type: 'boolean', default: false } } });
+  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, model: { type: 'string' }, 'no-write': { type: 'boolean', default: false }, 'show-summaries': { type: 'boolean', default: false }, only: { type: 'string' } } });
+  // --only a,b: the contenders whose label contains one of these (quick comparisons; implies --no-write).
+  const only = values.only?.split(',').map((x) => x.trim()).filter(Boolean);
+  if (only) values['no-write'] = true;
   const n = Number(values.conversations);
   const path = values.model ?? defaultRecallModelPath();
   if (!values.model && !existsSync(path)) {
@@ -186,7 +190,7 @@ async function main(): Promise<void> {
     const rows_ = restEntries.flatMap((e, i) => (i > 0 && e.role === 'assistant' && finalTurns.has(e.turn) && /^\d\d$/.test(e.text.trim()) ? [i - 1] : []));
     for (const budget of BUDGETS) {
       const maxTokens = Math.floor(length * budget);
-      for (const ct of CONTENDERS) {
+      for (const ct of CONTENDERS.filter((c) => !only || only.some((o) => c.label === o || c.label.includes(`'${o}'`) || c.label === `${o}`))) {
         const key = `${ct.label}@${budget}`;
         const row = rows.get(key) ?? { label: ct.label, budget, maxTokens: 0, live: score(), replay: score(), kl: 0, summaries: 0 };
         rows.set(key, row);
@@ -227,6 +231,11 @@ async function main(): Promise<void> {
   const all = [...rows.values()];
   for (const r of all) {
     lines.push(`| ${r.budget * 100}% (${r.maxTokens.toFixed(0)}) | ${r.label} | ${pct(r.live.finalAsked)} | ${pct(r.live.finalNever)} | ${pct(r.live.along)} | ${pct(r.replay.finalAsked)} | ${pct(r.replay.finalNever)} | ${r.kl.toFixed(3)} |`);
+  }
+  if (only) {
+    // A quick comparison: the table alone (the sections below compare contenders that did not run).
+    console.log(lines.join('\n'));
+    return;
   }
   lines.push('');
   for (const budget of BUDGETS) {

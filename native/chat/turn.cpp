@@ -39,6 +39,7 @@ void chat::begin_turn(turn_request && req) {
     if (signal_ != IMPORTANCE_NONE && opts_.policy.importance_decay < 1.0f) {
         for (size_t i = 0; i < ledger_.size(); ++i) {
             ledger_.at(i).score[SCORE_IMPORTANCE] *= opts_.policy.importance_decay;
+            ledger_.at(i).score[SCORE_PEAK] *= opts_.policy.importance_decay;
         }
     }
     t->req = std::move(req);
@@ -446,6 +447,7 @@ void chat::absorb_signals(const capture_member & m, size_t first_new, size_t n_n
                 e.score[SCORE_IMPORTANCE] = std::max(e.score[SCORE_IMPORTANCE], peak[i]);
                 continue;
             }
+            e.score[SCORE_PEAK] = std::max(e.score[SCORE_PEAK], peak[i]);   // kept for 'blend'
             const float queries = i < first_new ? (float) n_new : (float) (n_new - (i - first_new));
             const float seen = e.score[SCORE_ATTENTION_QUERIES];
             const float total = e.score[SCORE_IMPORTANCE] * seen + acc[i];

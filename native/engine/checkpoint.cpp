@@ -342,7 +342,9 @@ chat_state decode_checkpoint(const uint8_t * data, size_t size, const std::strin
         }
         e.role = (token_role) role;
         e.pinned = r.get<uint8_t>() != 0; e.sentence_end = r.get<uint8_t>() != 0;
-        for (int k = 0; k < LEDGER_SCORE_SLOTS; ++k) e.score[k] = r.get<float>();
+        // Format 5 keeps three score slots (the peak added); earlier ones two (the peak starts at 0).
+        const int slots = version >= 5 ? LEDGER_SCORE_SLOTS : 2;
+        for (int k = 0; k < LEDGER_SCORE_SLOTS; ++k) e.score[k] = k < slots ? r.get<float>() : 0.0f;
     }
     s.embedding_dim = r.get<uint64_t>();
     const uint64_t n_emb = r.count(4);

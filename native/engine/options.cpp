@@ -140,7 +140,7 @@ private:
 const std::vector<const char *> POLICY_NAMES = { "sliding", "importance", "semantic", "rolling_summary", "hybrid" };
 const std::vector<const char *> KV_TYPES = { "f16", "f32", "q8_0" };
 const std::vector<const char *> GRANULARITIES = { "span", "token" };
-const std::vector<const char *> IMPORTANCE_SCORES = { "mean", "peak" };
+const std::vector<const char *> IMPORTANCE_SCORES = { "mean", "peak", "blend" };
 const std::vector<const char *> POSITION_MODES = { "keep", "compact" };
 // llama.cpp positions are int32; a limit this far from overflow leaves room for the park-and-move of
 // a compaction (kv-ops) and for any trained context a model declares today.
@@ -213,8 +213,12 @@ const option_row<chat_target> CHAT_ROWS[] = {
       [](chat_target & t, const option_value * v) { t.o.policy.importance_decay = v ? (float) number_in("importanceDecay", *v, 0, 1) : 1.0f; } },
     { { "chat", "importanceGranularity", "'span' | 'token'", "'span'", "", "importance: evict whole low-scoring spans or single tokens (H2O).", false },
       [](chat_target & t, const option_value * v) { t.o.policy.importance_granularity_spans = v ? choice_of("importanceGranularity", *v, GRANULARITIES) == "span" : true; } },
-    { { "chat", "importanceScore", "'mean' | 'peak'", "'mean'", "", "importance/hybrid: rank tokens by the mean attention they receive per query, or by the peak weight a query at least 32 positions later paid them (tokens the model went back for).", false },
-      [](chat_target & t, const option_value * v) { t.o.policy.importance_peak = v ? choice_of("importanceScore", *v, IMPORTANCE_SCORES) == "peak" : false; } },
+    { { "chat", "importanceScore", "'mean' | 'peak' | 'blend'", "'mean'", "", "importance/hybrid: rank tokens by the mean attention they receive per query, or by the peak weight a query at least 32 positions later paid them (tokens the model went back for); 'blend' (importance): a span stays when either ranks it high among the spans.", false },
+      [](chat_target & t, const option_value * v) {
+          const std::string s = v ? choice_of("importanceScore", *v, IMPORTANCE_SCORES) : "mean";
+          t.o.policy.importance_peak = s == "peak";
+          t.o.policy.importance_blend = s == "blend";
+      } },
     { { "chat", "semanticClusters", "number", "8", "1 .. 4096", "semantic/hybrid: k-means clusters (topics).", false },
       [](chat_target & t, const option_value * v) { t.o.policy.semantic_clusters = v ? (uint32_t) int_in("semanticClusters", *v, 1, 4096) : 8; } },
     { { "chat", "spanMaxTokens", "number", "32", "1 .. 4096", "semantic/hybrid: longest span when history is split into spans.", false },
@@ -343,7 +347,7 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
         { "kvType", option_value::of(o.kv_type) },
         { "importanceDecay", option_value::of((double) p.importance_decay) },
         { "importanceGranularity", option_value::of(std::string(p.importance_granularity_spans ? "span" : "token")) },
-        { "importanceScore", option_value::of(std::string(p.importance_peak ? "peak" : "mean")) },
+        { "importanceScore", option_value::of(std::string(p.importance_peak ? "peak" : p.importance_blend ? "blend" : "mean")) },
         { "semanticClusters", option_value::of((double) p.semantic_clusters) },
         { "spanMaxTokens", option_value::of((double) p.span_max_tokens) },
         { "policySeed", option_value::of((double) p.seed) },

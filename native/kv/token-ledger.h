@@ -20,9 +20,10 @@ enum token_role : uint8_t {
 const char * token_role_name(token_role role);
 
 // Score slots for policies that rank tokens. Unused by `sliding`.
-constexpr int LEDGER_SCORE_SLOTS = 2;
+constexpr int LEDGER_SCORE_SLOTS = 3;
 constexpr int SCORE_IMPORTANCE = 0;   // attention received per query that could see the token, or -(key L2 norm)
 constexpr int SCORE_ATTENTION_QUERIES = 1;   // queries that have attended to the token so far (normaliser)
+constexpr int SCORE_PEAK = 2;         // the peak weight a distant query paid the token (importanceScore 'blend')
 
 struct ledger_entry {
     int32_t    token;

@@ -36,16 +36,47 @@ void top_up_oldest(const token_ledger & ledger, size_t wb, size_t need, std::vec
     }
 }
 
-void mark_lowest_spans(const token_ledger & ledger, size_t wb, uint32_t span_max_tokens, size_t count, std::vector<bool> & evict) {
+// 'blend': only the spans in the top quarter by peak are rescued by it (the rest rank by mean): a peak
+// is a later query's lookup, rare and sharp, while most spans' peaks are noise around their mean.
+static constexpr float BLEND_PEAK_RANK = 0.75f;
+
+// Each span's rank among the spans by `value`, as a share 0 (lowest) .. 1 (highest); ties share a rank.
+static std::vector<float> rank_share(const std::vector<float> & value) {
+    std::vector<size_t> order(value.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return value[a] < value[b]; });
+    std::vector<float> share(value.size(), 0.0f);
+    const float denom = value.size() > 1 ? (float) (value.size() - 1) : 1.0f;
+    for (size_t k = 0; k < order.size(); ++k) {
+        size_t first = k;
+        while (first > 0 && value[order[first - 1]] == value[order[k]]) --first;
+        share[order[k]] = (float) first / denom;
+    }
+    return share;
+}
+
+void mark_lowest_spans(const token_ledger & ledger, size_t wb, uint32_t span_max_tokens, size_t count, std::vector<bool> & evict, bool blend) {
     std::vector<text_span> spans = split_spans(ledger, wb, span_max_tokens, &evict);
-    std::vector<std::pair<float, size_t>> by_score;
+    std::vector<float> mean(spans.size(), 0.0f);
+    std::vector<float> peak(spans.size(), 0.0f);
     for (size_t s = 0; s < spans.size(); ++s) {
         float sum = 0.0f;
         for (size_t i = spans[s].begin; i < spans[s].end; ++i) {
             sum += ledger[i].score[SCORE_IMPORTANCE];
+            peak[s] = std::max(peak[s], ledger[i].score[SCORE_PEAK]);
         }
-        by_score.push_back({ sum / (float) spans[s].size(), s });
+        mean[s] = sum / (float) spans[s].size();
     }
+    // 'blend': a span is as safe as its better rank, by mean attention (what fluency leans on) or by
+    // its peak (a fact a later query went back for).
+    std::vector<float> score = mean;
+    if (blend) {
+        const std::vector<float> by_mean = rank_share(mean);
+        const std::vector<float> by_peak = rank_share(peak);
+        for (size_t s = 0; s < spans.size(); ++s) score[s] = by_peak[s] >= BLEND_PEAK_RANK ? std::max(by_mean[s], by_peak[s]) : by_mean[s];
+    }
+    std::vector<std::pair<float, size_t>> by_score;
+    for (size_t s = 0; s < spans.size(); ++s) by_score.push_back({ score[s], s });
     std::stable_sort(by_score.begin(), by_score.end());
     size_t taken = 0;
     for (const auto & [score, s] : by_score) {
@@ -63,7 +94,7 @@ eviction_plan kv_policy_importance::plan(const token_ledger & ledger, const evic
     const size_t wb = window_begin(ledger, opts_.window_size);
     std::vector<bool> evict(ledger.size(), false);
     if (opts_.importance_granularity_spans) {
-        mark_lowest_spans(ledger, wb, opts_.span_max_tokens, req.want, evict);
+        mark_lowest_spans(ledger, wb, opts_.span_max_tokens, req.want, evict, opts_.importance_blend);
     } else {
         mark_lowest_scores(ledger, wb, req.want, evict);
     }

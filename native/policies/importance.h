@@ -12,7 +12,7 @@ namespace fml {
 void mark_lowest_scores(const token_ledger & ledger, size_t window_begin, size_t count, std::vector<bool> & evict);
 
 // Marks whole spans (see semantic.h) with the lowest mean score until `count` tokens are marked.
-void mark_lowest_spans(const token_ledger & ledger, size_t window_begin, uint32_t span_max_tokens, size_t count, std::vector<bool> & evict);
+void mark_lowest_spans(const token_ledger & ledger, size_t window_begin, uint32_t span_max_tokens, size_t count, std::vector<bool> & evict, bool blend = false);
 
 // Adds the oldest unpinned, unmarked tokens (outside the window first, then inside) until `need` are marked.
 void top_up_oldest(const token_ledger & ledger, size_t window_begin, size_t need, std::vector<bool> & evict);

@@ -69,9 +69,10 @@ export interface ChatOptions {
   /**
    * importance/hybrid: 'mean' ranks tokens by the attention they receive per query that could see
    * them; 'peak' by the largest weight a query at least 32 positions later paid them (tokens the
-   * model went back for, such as a fact it was asked about). Default 'mean'.
+   * model went back for, such as a fact it was asked about); 'blend' (importance) keeps a span when
+   * either ranks it high among the spans. Default 'mean'.
    */
-  importanceScore?: 'mean' | 'peak';
+  importanceScore?: 'mean' | 'peak' | 'blend';
   /** semantic/hybrid: number of k-means clusters (topics). Default 8. */
   semanticClusters?: number;
   /** semantic/hybrid: longest span (tokens) when splitting history into spans. Default 32. */
@@ -153,7 +154,7 @@ export interface ResolvedChatOptions {
   flashAttention?: boolean;
   importanceDecay: number;
   importanceGranularity: 'span' | 'token';
-  importanceScore: 'mean' | 'peak';
+  importanceScore: 'mean' | 'peak' | 'blend';
   semanticClusters: number;
   spanMaxTokens: number;
   policySeed: number;

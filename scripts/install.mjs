@@ -45,8 +45,10 @@ if (missing.length > 0) {
 log(`no prebuilt binary for ${process.platform}-${process.arch}: building from source (llama.cpp + addon, a few minutes on 2 cores)`);
 try {
   execFileSync(process.execPath, [join(root, 'scripts', 'fetch-llama.mjs')], { cwd: root, stdio: 'inherit' });
-  // The shipped addon only: the unit tests and the addon with probes are the repository's, not a user's.
-  execFileSync(process.execPath, [require.resolve('cmake-js/bin/cmake-js'), 'compile', '--parallel', process.env.FML_JOBS ?? '2', '--CDFML_BUILD_TESTS=OFF'], { cwd: root, stdio: 'inherit' });
+  // The shipped addon only (its target): the unit tests and the addon with probes are the repository's,
+  // not a user's. Only the target, not FML_BUILD_TESTS=OFF: that would stay in build/'s CMake cache, and
+  // a developer's `npm run build` in the same tree (CI: npm ci, then npm test) would never build them.
+  execFileSync(process.execPath, [require.resolve('cmake-js/bin/cmake-js'), 'compile', '--parallel', process.env.FML_JOBS ?? '2', '--target', 'finite_memory_llm'], { cwd: root, stdio: 'inherit' });
 } catch (err) {
   console.error(`[finite-memory-llm] building from source failed: ${err.message}`);
   process.exit(1);

@@ -181,31 +181,35 @@ export async function sessionChat(ctx: CompletionContext, session: Session, leas
   if (session.chat) return { chat: session.chat, created: false, restoredFrom: undefined, sessionReset: undefined };
   const events = ctx.metrics.sessionEvents;
   await ctx.store.makeRoom();
-  let restored: Awaited<ReturnType<ChatSource['restore']>>;
   let sessionReset: 'restore_failed' | undefined;
   if (lease.storedVersion > 0) {
-    // Gone between the lease and the read (dropped by the caps or the TTL): a reset too.
-    const stored = await ctx.store.read(session);
-    restored = stored ? await ctx.chats.restore(stored, parsed, signal, session.evictions) : undefined;
-    if (restored) {
-      session.messagesSeen = stored!.messagesSeen;
-      events.inc({ event: 'restored' });
-    } else {
-      // Another model whose tokens no longer fit, a newer format, corrupt bytes: the session starts
-      // fresh (and says so) instead of failing every request from now on.
-      sessionReset = 'restore_failed';
-      session.messagesSeen = 0;
-      events.inc({ event: 'restore_failed' });
-    }
+    const restored = await restoreSession(ctx, session, parsed, signal);
+    if (restored !== 'gone' && restored !== 'failed') return { chat: session.chat!, created: false, restoredFrom: restored, sessionReset: undefined };
+    // Another model whose tokens no longer fit, a newer format, corrupt bytes, or gone between the
+    // lease and the read (the caps, the TTL): the session starts fresh (and says so) instead of
+    // failing every request from now on.
+    sessionReset = 'restore_failed';
+    session.messagesSeen = 0;
+    events.inc({ event: 'restore_failed' });
   }
-  let chat: Chat;
-  if (restored) {
-    chat = restored.chat;
-  } else {
-    chat = await ctx.chats.build(parsed, signal, session.evictions, parsed.memory.chat);
-    session.messagesSeen = parsed.conversation.length - 1;
-    events.inc({ event: 'created' });
-  }
+  const chat = await ctx.chats.build(parsed, signal, session.evictions, parsed.memory.chat);
+  session.messagesSeen = parsed.conversation.length - 1;
+  events.inc({ event: 'created' });
   session.chat = chat;
-  return { chat, created: !restored, restoredFrom: restored?.from, sessionReset };
+  return { chat, created: true, restoredFrom: undefined, sessionReset };
+}
+
+/**
+ * A stored session's chat back in memory (session.chat set): where it came from, or 'gone' (the store
+ * holds nothing now) or 'failed' (what it holds cannot be restored). The caller has made room.
+ */
+export async function restoreSession(ctx: CompletionContext, session: Session, parsed: ParsedCompletion, signal: AbortSignal): Promise<RestoredFrom | 'gone' | 'failed'> {
+  const stored = await ctx.store.read(session);
+  if (!stored) return 'gone';
+  const restored = await ctx.chats.restore(stored, parsed, signal, session.evictions);
+  if (!restored) return 'failed';
+  session.chat = restored.chat;
+  session.messagesSeen = stored.messagesSeen;
+  ctx.metrics.sessionEvents.inc({ event: 'restored' });
+  return restored.from;
 }

@@ -10,7 +10,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Chat } from '../local/chat.js';
 import type { Release } from './admission.js';
-import type { CompletionContext } from './completion.js';
+import { restoreSession, type CompletionContext } from './completion.js';
 import { SESSION_EVICTIONS_KEPT, type Session, type TurnLease } from './sessions.js';
 import { badRequest, checkSessionId, HttpError, isObject, overloaded, type ParsedCompletion } from './wire.js';
 
@@ -21,7 +21,7 @@ type SessionRequest = FastifyRequest<{ Params: { id: string; turn?: string }; Qu
 
 /** GET /v1/sessions/:id/memory */
 export function handleMemory(ctx: CompletionContext, req: SessionRequest, reply: FastifyReply): Promise<unknown> {
-  return withSession(ctx, req, reply, false, () => undefined);
+  return withSession(ctx, req, reply, undefined);
 }
 
 /** POST /v1/sessions/:id/turns/:turn/pin (body `{ "reply": true }` pins its reply too), then the memory view. */
@@ -30,27 +30,27 @@ export function handlePin(ctx: CompletionContext, req: SessionRequest, reply: Fa
   if (!isObject(body) || Object.keys(body).some((k) => k !== 'reply') || (body.reply !== undefined && typeof body.reply !== 'boolean')) {
     throw badRequest("The body is optional: { \"reply\": boolean }", 'reply');
   }
-  return withSession(ctx, req, reply, true, (chat, turn) => void chat.pin(turn, { reply: body.reply === true }));
+  return withSession(ctx, req, reply, (chat, turn) => void chat.pin(turn, { reply: body.reply === true }));
 }
 
 /** DELETE /v1/sessions/:id/turns/:turn/pin, then the memory view. */
 export function handleUnpin(ctx: CompletionContext, req: SessionRequest, reply: FastifyReply): Promise<unknown> {
-  return withSession(ctx, req, reply, true, (chat, turn) => void chat.unpin(turn));
+  return withSession(ctx, req, reply, (chat, turn) => void chat.unpin(turn));
 }
 
 /** DELETE /v1/sessions/:id/turns/:turn: the turn leaves the memory now (forget), then the memory view. */
 export function handleForget(ctx: CompletionContext, req: SessionRequest, reply: FastifyReply): Promise<unknown> {
-  return withSession(ctx, req, reply, true, async (chat, turn) => void (await chat.forget(turn)));
+  return withSession(ctx, req, reply, async (chat, turn) => void (await chat.forget(turn)));
 }
 
 /**
  * Runs `change` on the session's chat as a turn would run (its gate, its lease; restored when stored
  * elsewhere), writes a change through to the store, and answers with the memory view.
  */
-async function withSession(ctx: CompletionContext, req: SessionRequest, reply: FastifyReply, changes: boolean, change: (chat: Chat, turn: number) => void | Promise<void>): Promise<unknown> {
+async function withSession(ctx: CompletionContext, req: SessionRequest, reply: FastifyReply, change: ((chat: Chat, turn: number) => void | Promise<void>) | undefined): Promise<unknown> {
   const id = checkSessionId(req.params.id);
   let turn = 0;
-  if (changes) {
+  if (change) {
     turn = Number(req.params.turn);
     if (!Number.isInteger(turn) || turn < 1 || turn > 0xffffffff) throw badRequest('The turn must be a positive integer (finite_memory.turn.turn of its response)', 'turn');
   }
@@ -69,7 +69,7 @@ async function withSession(ctx: CompletionContext, req: SessionRequest, reply: F
     release = await entering;
     lease = await ctx.store.begin(session, ac.signal);
     if (!session.chat) await restore(ctx, session, lease, ac.signal);
-    if (changes) {
+    if (change) {
       await change(session.chat!, turn);
       await ctx.store.commit(session, lease);
     }
@@ -85,14 +85,9 @@ async function restore(ctx: CompletionContext, session: Session, lease: TurnLeas
   const notFound = () => new HttpError(404, 'invalid_request_error', 'session_not_found', `No session '${session.id}' on this server`, 'id');
   if (lease.storedVersion === 0) throw notFound();
   await ctx.store.makeRoom();
-  const stored = await ctx.store.read(session);
-  if (!stored) throw notFound();
-  const parsed = { system: undefined } as ParsedCompletion;
-  const restored = await ctx.chats.restore(stored, parsed, signal, session.evictions);
-  if (!restored) throw new HttpError(409, 'invalid_request_error', 'session_restore_failed', 'This session could not be restored (its next message starts it over, with X-Session-Reset)');
-  session.chat = restored.chat;
-  session.messagesSeen = stored.messagesSeen;
-  ctx.metrics.sessionEvents.inc({ event: 'restored' });
+  const restored = await restoreSession(ctx, session, { system: undefined } as ParsedCompletion, signal);
+  if (restored === 'gone') throw notFound();
+  if (restored === 'failed') throw new HttpError(409, 'invalid_request_error', 'session_restore_failed', 'This session could not be restored (its next message starts it over, with X-Session-Reset)');
 }
 
 function view(ctx: CompletionContext, session: Session, limit: number): unknown {

@@ -9,15 +9,14 @@
 // session: MEMORY USAGE of its key, with the ledger only (during the run) and with the full checkpoint
 // every session has after SIGTERM.
 //   npx tsx bench/server.ts [--duration 20] [--connections 8] [--sessions 64] [--max-tokens 16] [--budget 512] [--small] [--no-write]
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import autocannon from 'autocannon';
 import { createClient } from 'redis';
 import { writeLlamaModel } from '../src/gguf/index.ts';
-import { machine, realisticModel, ROOT, writeResultsSection } from './common.ts';
+import { freePort, requireBinary, startHaproxy, startRedis, startServe, type Service } from '../test/services.ts';
+import { machine, realisticModel, writeResultsSection } from './common.ts';
 
 const arg = (name: string, def: string) => {
   const i = process.argv.indexOf(`--${name}`);
@@ -30,40 +29,10 @@ const MAX_NEW = Number(arg('max-tokens', '16'));
 const BUDGET = Number(arg('budget', '512'));
 const SMALL = process.argv.includes('--small');
 
-const freePort = () => new Promise<number>((resolve) => {
-  const s = createServer();
-  s.listen(0, '127.0.0.1', () => {
-    const { port } = s.address() as { port: number };
-    s.close(() => resolve(port));
-  });
-});
-
-const which = (bin: string) => ['/usr/bin', '/usr/sbin'].map((d) => join(d, bin)).find((p) => spawnSync(p, ['-v']).error === undefined);
-
-async function waitHealthy(port: number, proc: ChildProcess, log: () => string): Promise<void> {
-  const until = Date.now() + 120_000;
-  for (;;) {
-    if (proc.exitCode !== null) throw new Error(`exited: ${log()}`);
-    const ok = await fetch(`http://127.0.0.1:${port}/health`).then((r) => r.ok, () => false);
-    if (ok) return;
-    if (Date.now() > until) throw new Error(`not healthy: ${log()}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
+/** `serve` on a free port with this run's budget and sessions (a realistic model may take a while to load). */
+async function serve(modelPath: string, extra: string[]): Promise<Service> {
+  return startServe(await freePort(), ['--model', modelPath, '--max-tokens', String(BUDGET), '--max-sessions', String(SESSIONS), ...extra], 120_000);
 }
-
-interface Instance { port: number; proc: ChildProcess; stderr: () => string }
-
-async function serve(modelPath: string, extra: string[]): Promise<Instance> {
-  const port = await freePort();
-  const proc = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'src', 'cli.ts'), 'serve', '--model', modelPath, '--port', String(port), '--threads', '1',
-    '--max-tokens', String(BUDGET), '--max-sessions', String(SESSIONS), '--quiet', ...extra], { stdio: ['ignore', 'ignore', 'pipe'], cwd: ROOT });
-  let err = '';
-  proc.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-  await waitHealthy(port, proc, () => err);
-  return { port, proc, stderr: () => err };
-}
-
-const exit = (p: ChildProcess) => new Promise<number | null>((resolve) => (p.exitCode !== null ? resolve(p.exitCode) : p.once('exit', (c) => resolve(c))));
 
 const pct = (xs: number[], p: number) => {
   if (xs.length === 0) return NaN;
@@ -74,7 +43,7 @@ const pct = (xs: number[], p: number) => {
 interface Row { name: string; requests: number; rps: number; p50: number; p99: number; errors: number; turns: number; storeP50: number; storeP99: number; instances: number; shutdownMs: number; exits: string }
 
 /** SESSIONS sessions, CONNECTIONS at a time, against `port` for DURATION seconds. */
-async function load(name: string, port: number, instances: Instance[]): Promise<Row> {
+async function load(name: string, port: number, instances: Service[]): Promise<Row> {
   const free = Array.from({ length: SESSIONS }, (_, i) => `bench-${i}`);
   const turns = new Map<string, number>();
   const storeMs: number[] = [];
@@ -112,8 +81,7 @@ async function load(name: string, port: number, instances: Instance[]): Promise<
     }],
   });
   const t0 = performance.now();
-  for (const i of instances) i.proc.kill('SIGTERM');
-  const codes = await Promise.all(instances.map((i) => exit(i.proc)));
+  const codes = await Promise.all(instances.map((i) => i.terminate()));
   const shutdownMs = performance.now() - t0;
   return {
     name, requests: result.requests.total, rps: result.requests.average, p50: result.latency.p50, p99: result.latency.p99,
@@ -135,8 +103,8 @@ async function redisPerSession(url: string): Promise<{ sessions: number; bytes: 
 }
 
 async function main() {
-  const redisBin = which('redis-server');
-  const haproxyBin = which('haproxy');
+  const redisBin = requireBinary('redis-server', 'redis-server');
+  const haproxyBin = requireBinary('haproxy', 'haproxy');
   if (!redisBin || !haproxyBin) throw new Error('needs redis-server and haproxy (apt-get install -y redis-server haproxy)');
   let modelPath: string;
   let about: string;
@@ -153,19 +121,13 @@ async function main() {
   const rows: Row[] = [];
   const redisMem: string[] = [];
 
-  const startRedis = async () => {
-    const port = await freePort();
-    const dir = mkdtempSync(join(work, 'redis-'));
-    const proc = spawn(redisBin, ['--port', String(port), '--bind', '127.0.0.1', '--dir', dir, '--save', '', '--appendonly', 'yes', '--appendfsync', 'everysec'], { stdio: 'ignore' });
-    for (let i = 0; i < 100; i++) {
-      const c = createClient({ url: `redis://127.0.0.1:${port}/0`, socket: { reconnectStrategy: false } });
-      if (await c.connect().then(() => true, () => false)) {
-        await c.close();
-        break;
-      }
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    return { url: `redis://127.0.0.1:${port}/0`, proc };
+  /** A load run against `port` with Redis's memory per session measured halfway and after SIGTERM. */
+  const loadOnRedis = async (name: string, label: string, port: number, instances: Service[], redisUrl: string) => {
+    const during = new Promise<void>((r) => setTimeout(r, (DURATION * 1000) / 2)).then(() => redisPerSession(redisUrl));
+    rows.push(await load(name, port, instances));
+    const mid = await during;
+    const after = await redisPerSession(redisUrl);
+    redisMem.push(`| ${label} | ${mid.sessions} | ${(mid.bytes / 1024).toFixed(1)} KiB | ${after.sessions} | ${(after.bytes / 1024 / 1024).toFixed(2)} MiB | ${(after.total / 1024 / 1024).toFixed(1)} MiB |`);
   };
 
   // 1. memory only
@@ -180,32 +142,20 @@ async function main() {
   }
   // 3. one instance on Redis
   {
-    const redis = await startRedis();
+    const redis = await startRedis(redisBin);
     const a = await serve(modelPath, ['--store', redis.url]);
-    const ports = [a.port];
-    const during = new Promise<void>((r) => setTimeout(r, (DURATION * 1000) / 2)).then(() => redisPerSession(redis.url));
-    rows.push(await load('1 instance, --store redis', ports[0]!, [a]));
-    const mid = await during;
-    const after = await redisPerSession(redis.url);
-    redisMem.push(`| 1 instance | ${mid.sessions} | ${(mid.bytes / 1024).toFixed(1)} KiB | ${after.sessions} | ${(after.bytes / 1024 / 1024).toFixed(2)} MiB | ${(after.total / 1024 / 1024).toFixed(1)} MiB |`);
-    redis.proc.kill('SIGKILL');
+    await loadOnRedis('1 instance, --store redis', '1 instance', a.port, [a], redis.url);
+    await redis.kill9();
   }
   // 4. two instances, HAProxy, Redis
   {
-    const redis = await startRedis();
+    const redis = await startRedis(redisBin);
     const [a, b] = await Promise.all([serve(modelPath, ['--store', redis.url, '--instance-id', 'a']), serve(modelPath, ['--store', redis.url, '--instance-id', 'b'])]);
-    const lbPort = await freePort();
-    const cfg = join(work, 'haproxy.cfg');
-    writeFileSync(cfg, `global\n  maxconn 1000\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 120s\n  timeout server 120s\n  retries 2\n  option redispatch 1\n  retry-on conn-failure\nfrontend fe\n  bind 127.0.0.1:${lbPort}\n  default_backend instances\nbackend instances\n  balance hdr(X-Session-Id)\n  hash-type consistent\n  option httpchk GET /health\n  http-check expect status 200\n  server a 127.0.0.1:${a!.port} check inter 500\n  server b 127.0.0.1:${b!.port} check inter 500\n`);
-    const lb = spawn(haproxyBin, ['-f', cfg, '-db'], { stdio: 'ignore' });
-    await new Promise((r) => setTimeout(r, 1000));
-    const during = new Promise<void>((r) => setTimeout(r, (DURATION * 1000) / 2)).then(() => redisPerSession(redis.url));
-    rows.push(await load('2 instances, HAProxy, --store redis', lbPort, [a!, b!]));
-    const mid = await during;
-    const after = await redisPerSession(redis.url);
-    redisMem.push(`| 2 instances | ${mid.sessions} | ${(mid.bytes / 1024).toFixed(1)} KiB | ${after.sessions} | ${(after.bytes / 1024 / 1024).toFixed(2)} MiB | ${(after.total / 1024 / 1024).toFixed(1)} MiB |`);
-    lb.kill('SIGKILL');
-    redis.proc.kill('SIGKILL');
+    const lb = await startHaproxy(haproxyBin, [a.port, b.port]);
+    await new Promise((r) => setTimeout(r, 1000));   // its first health checks
+    await loadOnRedis('2 instances, HAProxy, --store redis', '2 instances', lb.port, [a, b], redis.url);
+    await lb.kill9();
+    await redis.kill9();
   }
 
   const base = rows[0]!;

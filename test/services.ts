@@ -6,8 +6,11 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer, connect } from 'node:net';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { testDir } from './helpers.ts';
+
+/** Where the services keep their files (data, configs, certificates). */
+const servicesDir = mkdtempSync(join(tmpdir(), 'fml-services-'));
 
 /** The binary's path, or undefined (with the reason printed) when its package is missing and CI is not set. */
 export function requireBinary(binary: string, pkg: string): string | undefined {
@@ -70,7 +73,7 @@ function service(p: ChildProcess, port: number): Service {
 /** redis-server on a free port, persisting to an append-only file in its own dir (a restart keeps the data). */
 export async function startRedis(bin: string, port?: number, dir?: string, extra: string[] = []): Promise<Service & { url: string; dir: string }> {
   const p0 = port ?? (await freePort());
-  const d = dir ?? mkdtempSync(join(testDir, 'redis-'));
+  const d = dir ?? mkdtempSync(join(servicesDir, 'redis-'));
   const proc = spawn(bin, ['--port', String(p0), '--bind', '127.0.0.1', '--dir', d, '--save', '', '--appendonly', 'yes', '--appendfsync', 'everysec', '--protected-mode', 'no', ...extra], { stdio: ['ignore', 'ignore', 'pipe'] });
   await waitForPort(p0);
   return { ...service(proc, p0), url: `redis://127.0.0.1:${p0}/0`, dir: d };
@@ -80,7 +83,7 @@ export async function startRedis(bin: string, port?: number, dir?: string, extra
 export async function startRedisTls(bin: string): Promise<(Service & { url: string; ca: string }) | undefined> {
   const openssl = requireBinary('openssl', 'openssl');
   if (!openssl) return undefined;
-  const d = mkdtempSync(join(testDir, 'redis-tls-'));
+  const d = mkdtempSync(join(servicesDir, 'redis-tls-'));
   const run = (args: string[]) => {
     const r = spawnSync(openssl, args, { cwd: d });
     if (r.status !== 0) throw new Error(`openssl ${args[0]} failed: ${r.stderr.toString()}`);
@@ -99,7 +102,7 @@ export async function startRedisTls(bin: string): Promise<(Service & { url: stri
 /** HAProxy in front of `backends`, routing on X-Session-Id with consistent hashing; a dead backend's share goes to the others. */
 export async function startHaproxy(bin: string, backends: number[]): Promise<Service> {
   const port = await freePort();
-  const cfg = join(mkdtempSync(join(testDir, 'haproxy-')), 'haproxy.cfg');
+  const cfg = join(mkdtempSync(join(servicesDir, 'haproxy-')), 'haproxy.cfg');
   writeFileSync(cfg, `global
   maxconn 1000
 defaults
@@ -125,13 +128,13 @@ ${backends.map((b, i) => `  server i${i} 127.0.0.1:${b} check inter 200 fall 1 r
   return service(proc, port);
 }
 
-/** `finite-memory-llm serve` as its own process (so it can be killed), on `port`. */
-export async function startServe(port: number, args: string[]): Promise<Service> {
+/** `finite-memory-llm serve` as its own process (so it can be killed), on `port`; `timeoutMs` for a large model to load. */
+export async function startServe(port: number, args: string[], timeoutMs = 30_000): Promise<Service> {
   const cli = join(import.meta.dirname, '..', 'src', 'cli.ts');
   const proc = spawn(process.execPath, ['--import', 'tsx', cli, 'serve', '--port', String(port), '--threads', '1', '--quiet', ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
   const s = service(proc, port);
   await Promise.race([
-    waitForPort(port, 30_000),
+    waitForPort(port, timeoutMs),
     exited(proc).then(() => { throw new Error(`serve exited: ${s.stderr()}`); }),
   ]);
   return s;

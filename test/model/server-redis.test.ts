@@ -2,10 +2,11 @@
 // (consistent hashing on X-Session-Id), real `serve` processes killed with SIGKILL. Skipped with a
 // message when the Debian packages are missing; under CI=true they must be there.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { createClient } from 'redis';
+import { createClient, RESP_TYPES } from 'redis';
 import { connect, createServer as createNetServer, type Socket } from 'node:net';
 import { loadModel, readCheckpointMessages, type Model } from '../../src/index.ts';
-import { createServer } from '../../src/server/index.ts';
+import { createServer, type ServerOptions } from '../../src/server/index.ts';
+import { sessionKey } from '../../src/server/wire.ts';
 import { RedisBackend } from '../../src/server/store/redis.ts';
 import { StaleWriteError } from '../../src/server/store/backend.ts';
 import { testModelPath, THREADS } from '../helpers.ts';
@@ -193,6 +194,13 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     await redis?.kill9();
   });
   const log = { warn() {}, info() {} };
+  /** A server on `m` listening on a free port. */
+  const up = async (m: Model, options: ServerOptions) => {
+    const server = await createServer(m, options);
+    const port = await freePort();
+    await server.listen({ port });
+    return { server, port };
+  };
   const limits = { maxStoredSessions: 100, maxStoredBytes: 1 << 30, sessionTtlMs: 0 };
 
   it('fencing: a write with a lost lease or an older version is refused', async () => {
@@ -220,9 +228,7 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
   });
 
   it('keys are namespaced by the model and hash the session id; TTL and the caps hold in Redis', async () => {
-    const server = await createServer(model, { store: redis.url, chat: { maxTokens: 64 }, maxStoredSessions: 2, sessionTtlMs: 60_000 });
-    const port = await freePort();
-    await server.listen({ port });
+    const { server, port } = await up(model, { store: redis.url, chat: { maxTokens: 64 }, maxStoredSessions: 2, sessionTtlMs: 60_000 });
     for (const id of ['n1', 'n2', 'n3']) expect((await post(port, id, 'hi')).status).toBe(200);
     const c = createClient({ url: redis.url });
     await c.connect();
@@ -243,21 +249,16 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
 
   it('fullSnapshots: false keeps ledgers only in Redis (a restore prefills them)', async () => {
     const opts = { store: redis.url, storeNamespace: 'ledgers', chat: { maxTokens: 64 }, fullSnapshots: false } as const;
-    const a = await createServer(model, opts);
-    const pa = await freePort();
-    await a.listen({ port: pa });
+    const { server: a, port: pa } = await up(model, opts);
     for (const m of ['one', 'two']) await post(pa, 'lean', m);
     await a.close(); // would write the full checkpoint
     const c = createClient({ url: redis.url });
     await c.connect();
-    const { sessionKey } = await import('../../src/server/wire.ts');
     const key = `fml:{ledgers}:s:${sessionKey('lean')}`;
     expect(Boolean(await c.hExists(key, 'ledger'))).toBe(true);
     expect(Boolean(await c.hExists(key, 'full'))).toBe(false);
     await c.close();
-    const b = await createServer(model, opts);
-    const pb = await freePort();
-    await b.listen({ port: pb });
+    const { server: b, port: pb } = await up(model, opts);
     expect((await post(pb, 'lean', 'three')).body.finite_memory).toMatchObject({ restored: true, restored_from: 'ledger', chat: { turns: 3 } });
     await b.close();
   });
@@ -280,12 +281,8 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     await new Promise<void>((r) => proxy.listen(proxyPort, '127.0.0.1', r));
     // A's last lease may never have been released (cut with the partition): it expires within B's wait.
     const opts = { storeNamespace: 'partition', chat: { maxTokens: 64 }, leaseMs: 1000, leaseWaitMs: 3000 } as const;
-    const a = await createServer(model, { ...opts, store: `redis://127.0.0.1:${proxyPort}/0` });
-    const b = await createServer(model, { ...opts, store: redis.url });
-    const pa = await freePort();
-    const pb = await freePort();
-    await a.listen({ port: pa });
-    await b.listen({ port: pb });
+    const { server: a, port: pa } = await up(model, { ...opts, store: `redis://127.0.0.1:${proxyPort}/0` });
+    const { server: b, port: pb } = await up(model, { ...opts, store: redis.url });
     const healthA = async () => ((await (await fetch(`http://127.0.0.1:${pa}/health`)).json()) as { status: string }).status;
 
     expect((await post(pa, 'split', 'turn one on A')).body.finite_memory.persisted).toBe(true);
@@ -304,8 +301,7 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     expect(next.body.finite_memory).toMatchObject({ restored: true, persisted: true, chat: { turns: 3 } });
     const c = createClient({ url: redis.url });
     await c.connect();
-    const { sessionKey } = await import('../../src/server/wire.ts');
-    const ledger = await c.withTypeMapping({ [(await import('redis')).RESP_TYPES.BLOB_STRING]: Buffer }).hGet(`fml:{partition}:s:${sessionKey('split')}`, 'ledger');
+    const ledger = await c.withTypeMapping({ [RESP_TYPES.BLOB_STRING]: Buffer }).hGet(`fml:{partition}:s:${sessionKey('split')}`, 'ledger');
     await c.close();
     const said = readCheckpointMessages(ledger!).filter((m) => m.role === 'user').map((m) => m.content);
     expect(said).toEqual(['turn one on A', 'B serves turn two', 'turn three, back on A']);
@@ -315,11 +311,8 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
   });
 
   it('a session leased by another instance waits, then gets 409 with Retry-After', async () => {
-    const server = await createServer(model, { store: redis.url, storeNamespace: 'busy', chat: { maxTokens: 64 }, leaseWaitMs: 300 });
-    const port = await freePort();
-    await server.listen({ port });
+    const { server, port } = await up(model, { store: redis.url, storeNamespace: 'busy', chat: { maxTokens: 64 }, leaseWaitMs: 300 });
     const other = await RedisBackend.open({ url: redis.url, namespace: 'busy', limits, log });
-    const { sessionKey } = await import('../../src/server/wire.ts');
     expect(await other.acquire(sessionKey('held'), 5_000)).toMatchObject({ token: expect.any(Number) });
     const t0 = Date.now();
     const r = await post(port, 'held', 'hello');
@@ -334,14 +327,10 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
   it('a session stored by another model is rebuilt from its conversation; one of a newer format starts fresh and says so', async () => {
     const other = await loadModel(testModelPath({ seed: 7 }), { threads: THREADS });
     expect(other.info.fingerprint).not.toBe(model.info.fingerprint);
-    const a = await createServer(model, { store: redis.url, storeNamespace: 'upgrade', chat: { maxTokens: 64 } });
-    const pa = await freePort();
-    await a.listen({ port: pa });
+    const { server: a, port: pa } = await up(model, { store: redis.url, storeNamespace: 'upgrade', chat: { maxTokens: 64 } });
     for (const m of ['my name is Ada', 'I like tea']) await post(pa, 'moved', m);
     await a.close();
-    const b = await createServer(other, { store: redis.url, storeNamespace: 'upgrade', chat: { maxTokens: 64 } });
-    const pb = await freePort();
-    await b.listen({ port: pb });
+    const { server: b, port: pb } = await up(other, { store: redis.url, storeNamespace: 'upgrade', chat: { maxTokens: 64 } });
     const r = await post(pb, 'moved', 'what is my name?');
     expect(r.status).toBe(200);
     expect(r.body.finite_memory).toMatchObject({ restored: true, restored_from: 'transcript', session_reset: null });
@@ -351,18 +340,15 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     // Both checkpoints from a later format: nothing here can read them.
     const c = createClient({ url: redis.url });
     await c.connect();
-    const { sessionKey } = await import('../../src/server/wire.ts');
     const key = `fml:{upgrade}:s:${sessionKey('moved')}`;
     for (const field of ['ledger', 'full']) {
-      const v = await c.withTypeMapping({ [(await import('redis')).RESP_TYPES.BLOB_STRING]: Buffer }).hGet(key, field);
+      const v = await c.withTypeMapping({ [RESP_TYPES.BLOB_STRING]: Buffer }).hGet(key, field);
       if (!v) continue;
       v.writeUInt32LE(99, 8);
       await c.hSet(key, field, v);
     }
     await c.close();
-    const again = await createServer(other, { store: redis.url, storeNamespace: 'upgrade', chat: { maxTokens: 64 } });
-    const pc = await freePort();
-    await again.listen({ port: pc });
+    const { server: again, port: pc } = await up(other, { store: redis.url, storeNamespace: 'upgrade', chat: { maxTokens: 64 } });
     const fresh = await post(pc, 'moved', 'hello again');
     expect(fresh.status).toBe(200);
     expect(fresh.headers.get('x-session-reset')).toBe('restore_failed');
@@ -376,9 +362,7 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     const locked = await startRedis(redisBin!, undefined, undefined, ['--requirepass', 's3cret-pw']);
     try {
       const port = locked.port;
-      const ok = await createServer(model, { store: `redis://:s3cret-pw@127.0.0.1:${port}/0`, chat: { maxTokens: 64 } });
-      const p = await freePort();
-      await ok.listen({ port: p });
+      const { server: ok, port: p } = await up(model, { store: `redis://:s3cret-pw@127.0.0.1:${port}/0`, chat: { maxTokens: 64 } });
       expect((await post(p, 'pw', 'hello')).body.finite_memory).toMatchObject({ persisted: true });
       await ok.close();
       const err = await createServer(model, { store: `redis://:wrong-pw@127.0.0.1:${port}/0` }).catch((e: Error) => e);
@@ -390,9 +374,7 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     const tls = await startRedisTls(redisBin!);
     if (!tls) return;
     try {
-      const server = await createServer(model, { store: tls.url, storeCa: tls.ca, chat: { maxTokens: 64 } });
-      const p = await freePort();
-      await server.listen({ port: p });
+      const { server: server, port: p } = await up(model, { store: tls.url, storeCa: tls.ca, chat: { maxTokens: 64 } });
       expect((await post(p, 'tls', 'hello')).body.finite_memory).toMatchObject({ persisted: true });
       expect((await post(p, 'tls', 'again')).body.finite_memory.chat.turns).toBe(2);
       await server.close();

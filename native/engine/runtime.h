@@ -89,6 +89,8 @@ public:
 
 private:
     void loop();
+    // With `lock` held and turns just arrived at an idle engine: waits briefly for more (see the .cpp).
+    void gather(std::unique_lock<std::mutex> & lock);
     void stop();
 
     std::shared_ptr<fml_model> model_;

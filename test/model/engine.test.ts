@@ -140,6 +140,26 @@ describe("one chat's abort, dispose, checkpoint or restore leaves the others alo
   });
 });
 
+describe('turns sent together', () => {
+  it('start in one step and stay in step (the scheduler gathers them when idle)', async () => {
+    const chats = Array.from({ length: 4 }, () => model.createChat({ maxTokens: 256 }));
+    await Promise.all(chats.map((c, i) => c.send(`hello ${i}`, { maxNewTokens: 2, temperature: 0 })));
+    const rounds = 6;
+    const tokens = 8;
+    const before = chats[0]!._internals().engineStats();
+    // Each chat sends its next turn as soon as its last one ends, as a server's clients would.
+    await Promise.all(chats.map(async (c, i) => {
+      for (let k = 0; k < rounds; k++) await c.send(message(i, k), { maxNewTokens: tokens, temperature: 0, ignoreEos: true });
+    }));
+    const steps = chats[0]!._internals().engineStats().steps - before.steps;
+    // In step, a round is one step with every prompt (each chat's first token) and tokens - 1 steps of
+    // one token each. A prompt started alone puts the others' prompts into its generation steps and
+    // adds steps to every round after.
+    expect(steps).toBe(rounds * tokens);
+    chats.forEach((c) => c.dispose());
+  });
+});
+
 describe('capacity', () => {
   it('more chats than slots: idle ones are parked and restored exactly', async () => {
     const small = await loadModel(testModelPath(), { threads: THREADS, slots: 2 });

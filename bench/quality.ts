@@ -1,6 +1,6 @@
 // Quality benchmark: how much does each policy change the model's next-token distribution?
 // Teacher-forced feed of a long story in 16-token chunks (as turns would arrive), with the budget at
-// 25/50/75% of the text; mean KL(full || budgeted) and top-1 agreement over the same positions (the last
+// 15/25/50/75% of the text; mean KL(full || budgeted) and top-1 agreement over the same positions (the last
 // quarter of the text, where every budget has been evicting for a while). Every policy runs with
 // positions kept (the default) and compacted at every eviction, side by side; a second table feeds a
 // text longer than the model was trained on, to show what the position limit is for.
@@ -14,7 +14,7 @@ import { machine, SHARED_MODELS, writeResultsSection } from './common.ts';
 
 const CHUNK = 16;
 const WINDOW_SHARE = Number(process.env.FML_WINDOW_SHARE ?? 0.5);
-const BUDGETS = [0.25, 0.5, 0.75];
+const BUDGETS = [0.15, 0.25, 0.5, 0.75];
 
 // A TinyStories-style text with characters and objects that come back much later.
 const STORY = [
@@ -62,14 +62,15 @@ function argmax(logits: Float32Array, offset: number, n: number): number {
 const CONTENDERS: { label: string; options: ChatOptions }[] = [
   { label: 'sliding', options: { policy: 'sliding' } },
   { label: 'importance', options: { policy: 'importance' } },
-  { label: 'importance (token granularity, H2O-style)', options: { policy: 'importance', importanceGranularity: 'token' } },
+  { label: "importance (importanceScore 'mean')", options: { policy: 'importance', importanceScore: 'mean' } },
   { label: "importance (importanceScore 'peak')", options: { policy: 'importance', importanceScore: 'peak' } },
-  { label: "importance (importanceScore 'blend')", options: { policy: 'importance', importanceScore: 'blend' } },
+  { label: 'importance (token granularity, H2O-style)', options: { policy: 'importance', importanceGranularity: 'token' } },
   { label: 'semantic', options: { policy: 'semantic' } },
   { label: 'rolling_summary', options: { policy: 'rolling_summary' } },
   { label: 'hybrid', options: { policy: 'hybrid' } },
-  { label: 'hybrid (no summary)', options: { policy: 'hybrid', summaryTokens: 0 } },
+  { label: "hybrid (importanceScore 'mean')", options: { policy: 'hybrid', importanceScore: 'mean' } },
   { label: "hybrid (importanceScore 'peak')", options: { policy: 'hybrid', importanceScore: 'peak' } },
+  { label: 'hybrid (no summary)', options: { policy: 'hybrid', summaryTokens: 0 } },
 ];
 
 type Positions = 'keep' | 'compact';

@@ -213,9 +213,9 @@ const option_row<chat_target> CHAT_ROWS[] = {
       [](chat_target & t, const option_value * v) { t.o.policy.importance_decay = v ? (float) number_in("importanceDecay", *v, 0, 1) : 1.0f; } },
     { { "chat", "importanceGranularity", "'span' | 'token'", "'span'", "", "importance: evict whole low-scoring spans or single tokens (H2O).", false },
       [](chat_target & t, const option_value * v) { t.o.policy.importance_granularity_spans = v ? choice_of("importanceGranularity", *v, GRANULARITIES) == "span" : true; } },
-    { { "chat", "importanceScore", "'mean' | 'peak' | 'blend'", "'mean'", "", "importance/hybrid: rank tokens by the mean attention they receive per query, or by the peak weight a query at least 32 positions later paid them (tokens the model went back for); 'blend' (importance): a span stays when either ranks it high among the spans.", false },
+    { { "chat", "importanceScore", "'mean' | 'peak' | 'blend'", "'blend'", "", "importance/hybrid: rank tokens by the mean attention they receive per query, or by the peak weight a query at least 32 positions later paid them (tokens the model went back for); 'blend' (spans): a span stays when either ranks it high among the spans (its peak only counts in the top quarter by peak). Why 'blend': docs/models.md.", false },
       [](chat_target & t, const option_value * v) {
-          const std::string s = v ? choice_of("importanceScore", *v, IMPORTANCE_SCORES) : "mean";
+          const std::string s = v ? choice_of("importanceScore", *v, IMPORTANCE_SCORES) : "blend";
           t.o.policy.importance_peak = s == "peak";
           t.o.policy.importance_blend = s == "blend";
       } },

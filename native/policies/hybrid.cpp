@@ -33,18 +33,15 @@ eviction_plan kv_policy_hybrid::plan(const token_ledger & ledger, const eviction
     const size_t keep_total = middle.size() - to_evict;
     const size_t keep_importance = (size_t) std::lround((double) keep_total * std::clamp(opts_.hybrid_importance_share, 0.0f, 1.0f));
 
-    // Heavy hitters first: whole spans with the highest mean score (span granularity keeps the kept
+    // Heavy hitters first: whole spans with the highest span_scores (mean, or 'blend') (span granularity keeps the kept
     // text locally coherent; single scattered tokens measured worse in bench/quality).
     size_t kept = 0;
     if (opts_.importance_granularity_spans) {
         const std::vector<text_span> spans = split_spans(ledger, wb, opts_.span_max_tokens, &settled);
+        const std::vector<float> score = span_scores(ledger, spans, opts_.importance_blend);
         std::vector<std::pair<float, size_t>> by_score;
         for (size_t k = 0; k < spans.size(); ++k) {
-            float sum = 0.0f;
-            for (size_t i = spans[k].begin; i < spans[k].end; ++i) {
-                sum += ledger[i].score[SCORE_IMPORTANCE];
-            }
-            by_score.push_back({ -sum / (float) spans[k].size(), k });
+            by_score.push_back({ -score[k], k });
         }
         std::stable_sort(by_score.begin(), by_score.end());
         for (const auto & [neg, k] : by_score) {

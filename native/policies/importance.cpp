@@ -55,8 +55,7 @@ static std::vector<float> rank_share(const std::vector<float> & value) {
     return share;
 }
 
-void mark_lowest_spans(const token_ledger & ledger, size_t wb, uint32_t span_max_tokens, size_t count, std::vector<bool> & evict, bool blend) {
-    std::vector<text_span> spans = split_spans(ledger, wb, span_max_tokens, &evict);
+std::vector<float> span_scores(const token_ledger & ledger, const std::vector<text_span> & spans, bool blend) {
     std::vector<float> mean(spans.size(), 0.0f);
     std::vector<float> peak(spans.size(), 0.0f);
     for (size_t s = 0; s < spans.size(); ++s) {
@@ -67,14 +66,21 @@ void mark_lowest_spans(const token_ledger & ledger, size_t wb, uint32_t span_max
         }
         mean[s] = sum / (float) spans[s].size();
     }
+    if (!blend) {
+        return mean;
+    }
     // 'blend': a span is as safe as its better rank, by mean attention (what fluency leans on) or by
     // its peak (a fact a later query went back for).
-    std::vector<float> score = mean;
-    if (blend) {
-        const std::vector<float> by_mean = rank_share(mean);
-        const std::vector<float> by_peak = rank_share(peak);
-        for (size_t s = 0; s < spans.size(); ++s) score[s] = by_peak[s] >= BLEND_PEAK_RANK ? std::max(by_mean[s], by_peak[s]) : by_mean[s];
-    }
+    const std::vector<float> by_mean = rank_share(mean);
+    const std::vector<float> by_peak = rank_share(peak);
+    std::vector<float> score(spans.size());
+    for (size_t s = 0; s < spans.size(); ++s) score[s] = by_peak[s] >= BLEND_PEAK_RANK ? std::max(by_mean[s], by_peak[s]) : by_mean[s];
+    return score;
+}
+
+void mark_lowest_spans(const token_ledger & ledger, size_t wb, uint32_t span_max_tokens, size_t count, std::vector<bool> & evict, bool blend) {
+    std::vector<text_span> spans = split_spans(ledger, wb, span_max_tokens, &evict);
+    const std::vector<float> score = span_scores(ledger, spans, blend);
     std::vector<std::pair<float, size_t>> by_score;
     for (size_t s = 0; s < spans.size(); ++s) by_score.push_back({ score[s], s });
     std::stable_sort(by_score.begin(), by_score.end());

@@ -5,13 +5,18 @@
 #pragma once
 
 #include "policies/policy.h"
+#include "policies/semantic.h"
 
 namespace fml {
 
 // Marks, among unpinned tokens before the window, the `count` with the lowest score (ties: older first).
 void mark_lowest_scores(const token_ledger & ledger, size_t window_begin, size_t count, std::vector<bool> & evict);
 
-// Marks whole spans (see semantic.h) with the lowest mean score until `count` tokens are marked.
+// Each span's score, higher = keep: its mean importance, or with `blend` the better of its ranks by
+// mean and (for the top quarter by peak) by peak, as shares 0 .. 1 of the spans.
+std::vector<float> span_scores(const token_ledger & ledger, const std::vector<text_span> & spans, bool blend);
+
+// Marks whole spans (see semantic.h) with the lowest span_scores until `count` tokens are marked.
 void mark_lowest_spans(const token_ledger & ledger, size_t window_begin, uint32_t span_max_tokens, size_t count, std::vector<bool> & evict, bool blend = false);
 
 // Adds the oldest unpinned, unmarked tokens (outside the window first, then inside) until `need` are marked.

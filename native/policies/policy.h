@@ -24,7 +24,7 @@ struct policy_options {
     // true = the peak single weight a distant query paid it (signals.h, PEAK_MIN_DISTANCE).
     bool        importance_peak = false;
     // 'blend': a span stays when either its mean attention or its peak ranks high among the spans.
-    bool        importance_blend = false;
+    bool        importance_blend = true;
     // semantic
     uint32_t    semantic_clusters = 8;
     uint32_t    span_max_tokens = 32;

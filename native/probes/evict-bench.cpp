@@ -170,6 +170,7 @@ double run_policy_plan_bench(const policy_options & opts, int32_t n, int32_t wan
     for (int32_t i = 0; i < n; ++i) {
         ledger.append(i, (uint32_t) (i / 64), i % 64 < 40 ? TOKEN_ROLE_USER : TOKEN_ROLE_ASSISTANT, i < 4, rng() % 12 == 0);
         ledger.at((size_t) i).score[SCORE_IMPORTANCE] = uni(rng);
+        ledger.at((size_t) i).score[SCORE_PEAK] = uni(rng);
         float * e = ledger.embedding_mut((size_t) i);
         for (int32_t d = 0; d < embd_dim; ++d) {
             e[d] = uni(rng) - 0.5f;

@@ -69,8 +69,8 @@ export interface ChatOptions {
   /**
    * importance/hybrid: 'mean' ranks tokens by the attention they receive per query that could see
    * them; 'peak' by the largest weight a query at least 32 positions later paid them (tokens the
-   * model went back for, such as a fact it was asked about); 'blend' (importance) keeps a span when
-   * either ranks it high among the spans. Default 'mean'.
+   * model went back for, such as a fact it was asked about); 'blend' keeps a span when either ranks
+   * it high among the spans (the peak only for the top quarter of spans by peak). Default 'blend'.
    */
   importanceScore?: 'mean' | 'peak' | 'blend';
   /** semantic/hybrid: number of k-means clusters (topics). Default 8. */

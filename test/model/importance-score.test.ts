@@ -34,8 +34,11 @@ describe("importanceScore: 'peak'", () => {
     chat.dispose();
   });
 
-  it('the mean score differs, and both keep the cache within budget', async () => {
-    for (const importanceScore of ['mean', 'peak'] as const) {
+  it('every scoring keeps the cache within budget; the default is blend', async () => {
+    const byDefault = model.createChat({ policy: 'importance' });
+    expect(byDefault.options.importanceScore).toBe('blend');
+    byDefault.dispose();
+    for (const importanceScore of ['mean', 'peak', 'blend'] as const) {
       const chat = model.createChat({ policy: 'hybrid', importanceScore, maxTokens: 128, windowSize: 32, threads: THREADS });
       for (let i = 0; i < 20; i++) await chat.send(`turn ${i} about lanterns and rivers`, { temperature: 0, maxNewTokens: 6 });
       checkCache(chat, 128);

@@ -228,23 +228,28 @@ TEST(importance_keeps_the_highest_scores) {
     check_plan(l, plan, { 30, 30 });
 }
 
-TEST(importance_blend_keeps_a_span_a_later_query_went_back_for) {
+TEST(importance_and_hybrid_blend_keep_a_span_a_later_query_went_back_for) {
     // Mean attention falls with age, so 'mean' evicts the oldest spans; tokens 24..31 (an old fact) got
-    // a sharp peak from a distant query. 'blend' keeps them; 'mean' evicts them.
-    auto run = [](bool blend) {
+    // a sharp peak from a distant query. 'blend' keeps them; 'mean' evicts them. Hybrid (its kept
+    // history all chosen by importance, no summary) ranks its heavy hitters the same way.
+    auto run = [](const char * policy, bool blend) {
         token_ledger l = make_ledger(128, 4, 16, [](size_t i) { return (float) i * 0.01f; });
         for (size_t i = 24; i < 32; ++i) l.at(i).score[SCORE_PEAK] = 0.9f;
-        policy_options o = options("importance", 128, 16);
+        policy_options o = options(policy, 128, 16);
         o.span_max_tokens = 8;
         o.importance_blend = blend;
+        o.hybrid_importance_share = 1.0f;
+        o.summary_tokens = 0;
         const eviction_plan plan = make_policy(o)->plan(l, { 40, 40 });
         check_plan(l, plan, { 40, 40 });
         size_t fact_evicted = 0;
         for (size_t i : evicted(plan)) fact_evicted += (i >= 24 && i < 32) ? 1 : 0;
         return fact_evicted;
     };
-    CHECK(run(false) == 8);
-    CHECK(run(true) == 0);
+    CHECK(run("importance", false) == 8);
+    CHECK(run("importance", true) == 0);
+    CHECK(run("hybrid", false) == 8);
+    CHECK(run("hybrid", true) == 0);
 }
 
 TEST(rolling_summary_asks_for_a_summary) {

@@ -74,10 +74,14 @@ async function main() {
   }
 
   // Policy selection time (no model: synthetic ledger with 256-dim embeddings), evicting 25% of C.
+  // Every policy with its defaults (importance and hybrid: importanceScore 'blend', two more ranks over
+  // the spans), and those two with 'mean' for comparison.
+  const planners = [...POLICIES.map((p) => ({ label: p, options: { policy: p } })),
+    ...(['importance', 'hybrid'] as const).map((p) => ({ label: `${p} ('mean')`, options: { policy: p, importanceScore: 'mean' } }))];
   const policyRows: string[] = [];
   for (const C of CONTEXTS) {
-    const cells = POLICIES.map((p) =>
-      fmt(b.benchPolicyPlan({ policy: p, maxTokens: C, windowSize: Math.floor(C / 4), sinkTokens: 4 }, C, Math.floor(C / 4), 256, 9), 3),
+    const cells = planners.map(({ options }) =>
+      fmt(b.benchPolicyPlan({ ...options, maxTokens: C, windowSize: Math.floor(C / 4), sinkTokens: 4 }, C, Math.floor(C / 4), 256, 9), 3),
     );
     policyRows.push(`| ${C} | ${cells.join(' | ')} |`);
   }
@@ -98,8 +102,8 @@ async function main() {
     '',
     `Policy selection (plan) time, ms, median of 9, evicting 25% of C from a synthetic ledger with 256-dim embeddings:`,
     '',
-    `| C | ${POLICIES.join(' | ')} |`,
-    `|---|${POLICIES.map(() => '---').join('|')}|`,
+    `| C | ${planners.map((p) => p.label).join(' | ')} |`,
+    `|---|${planners.map(() => '---').join('|')}|`,
     ...policyRows,
   ];
   let svg = '';

@@ -362,15 +362,24 @@ void engine::step_chats() {
         for (size_t i : prefilling) {
             budget[i] = 0;
         }
+        // Max-min fair shares (round-robin start): each chat gets an equal share, and what a chat
+        // needs less than its share goes to the others in further rounds. With equal shares cut
+        // once, eight 66-token prompts that arrive together at a 512-token step left 2 tokens each
+        // for a second step, one step later than the others for their whole turn (and, as they
+        // finish later, out of step for the next turns too).
         size_t left = prefill_budget;
         const size_t start = rr_++ % prefilling.size();
-        // Equal shares, the remainder to the first in this step's order.
-        const size_t share = std::max<size_t>(1, left / prefilling.size());
-        for (size_t k = 0; k < prefilling.size() && left > 0; ++k) {
-            const size_t i = prefilling[(start + k) % prefilling.size()];
-            const size_t give = std::min({ wants[i].n, left, k == 0 ? std::max(share, left - share * (prefilling.size() - 1)) : share });
-            budget[i] = give;
-            left -= give;
+        size_t open = prefilling.size();
+        while (left > 0 && open > 0) {
+            const size_t share = std::max<size_t>(1, left / open);
+            open = 0;
+            for (size_t k = 0; k < prefilling.size() && left > 0; ++k) {
+                const size_t i = prefilling[(start + k) % prefilling.size()];
+                const size_t give = std::min({ wants[i].n - budget[i], share, left });
+                budget[i] += give;
+                left -= give;
+                open += budget[i] < wants[i].n ? 1 : 0;
+            }
         }
     }
 

@@ -160,6 +160,31 @@ describe('turns sent together', () => {
   });
 });
 
+describe('prompts sent together', () => {
+  it('that fit one step together are all prefilled in it, however unequal their lengths', async () => {
+    // 8 chats, 4 prompts over an equal share (n_batch / 8) and 4 short ones, all in one n_batch:
+    // every chat's first token comes from the same step, so each round takes exactly `tokens` steps.
+    const chats = Array.from({ length: 8 }, () => model.createChat({ maxTokens: 512 }));
+    await Promise.all(chats.map((c, i) => c.send(`hello ${i}`, { maxNewTokens: 2, temperature: 0 })));
+    const share = 512 / 8;
+    const prompt = (c: Chat, long: boolean) => {
+      let text = long ? 'a long prompt' : 'short';
+      while (long && c._internals().countTurnTokens(text) <= share + 4) text += ' about a red bicycle';
+      return text;
+    };
+    const prompts = chats.map((c, i) => prompt(c, i % 2 === 0));
+    expect(prompts.reduce((n, p, i) => n + chats[i]!._internals().countTurnTokens(p), 0)).toBeLessThan(512 - 8);
+    const rounds = 3;
+    const tokens = 6;
+    const before = chats[0]!._internals().engineStats();
+    await Promise.all(chats.map(async (c, i) => {
+      for (let k = 0; k < rounds; k++) await c.send(prompts[i]!, { maxNewTokens: tokens, temperature: 0, ignoreEos: true });
+    }));
+    expect(chats[0]!._internals().engineStats().steps - before.steps).toBe(rounds * tokens);
+    chats.forEach((c) => c.dispose());
+  });
+});
+
 describe('capacity', () => {
   it('more chats than slots: idle ones are parked and restored exactly', async () => {
     const small = await loadModel(testModelPath(), { threads: THREADS, slots: 2 });

@@ -24,7 +24,8 @@ struct ggml_tensor;
 namespace fml {
 // A query at least this many positions after a key is "distant": local heads (previous-token,
 // same-sentence) give every token a high weight from its neighbours; a high weight from far away
-// marks a token the model went back for.
+// marks a token the model went back for. 32 measured best on bench:recall's generators (16 and 48
+// kept fewer of the facts asked before: docs/models.md).
 constexpr int32_t PEAK_MIN_DISTANCE = 32;
 }
 struct llama_context;

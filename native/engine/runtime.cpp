@@ -146,7 +146,7 @@ void runtime::gather(std::unique_lock<std::mutex> & lock) {
     constexpr auto GATHER_MAX = std::chrono::microseconds(8000);
     const auto start = clock::now();
     size_t seen = incoming_.size();
-    auto deadline = std::min(start + GATHER_QUIET, start + GATHER_MAX);
+    auto deadline = start + GATHER_QUIET;
     while (!stopping_.load() && tasks_.empty()) {
         if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && incoming_.size() == seen) {
             break;

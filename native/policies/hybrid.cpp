@@ -33,8 +33,9 @@ eviction_plan kv_policy_hybrid::plan(const token_ledger & ledger, const eviction
     const size_t keep_total = middle.size() - to_evict;
     const size_t keep_importance = (size_t) std::lround((double) keep_total * std::clamp(opts_.hybrid_importance_share, 0.0f, 1.0f));
 
-    // Heavy hitters first: whole spans with the highest span_scores (mean, or 'blend') (span granularity keeps the kept
-    // text locally coherent; single scattered tokens measured worse in bench/quality).
+    // Heavy hitters first: whole spans with the highest span_scores (mean attention, or 'blend'); span
+    // granularity keeps the kept text locally coherent (single scattered tokens measured worse in
+    // bench/quality).
     size_t kept = 0;
     if (opts_.importance_granularity_spans) {
         const std::vector<text_span> spans = split_spans(ledger, wb, opts_.span_max_tokens, &settled);

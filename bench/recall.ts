@@ -65,23 +65,28 @@ async function play(model: Model, c: RecallConversation, options: ChatOptions, r
   const kinds = questionKinds(c);
   const chat = model.createChat({ threads: 2, systemPrompt: RECALL_SYSTEM_PROMPT, ...options });
   const answeredAlong = new Map<number, boolean>();
-  for (let i = 0; i < c.turns.length; i++) {
-    const turn = c.turns[i]!;
-    if (rePrefill && turn.kind === 'question') chat._internals().replayHistory();
-    const r = await chat.send(turn.user, GEN);
-    const kind = kinds[i];
-    if (kind) {
-      const right = isCorrectAnswer(r.response, c.facts[turn.fact!]!);
-      into[kind].total++;
-      if (right) into[kind].correct++;
-      if (kind === 'along') answeredAlong.set(turn.fact!, right);
-      if (kind === 'finalAsked' && answeredAlong.get(turn.fact!)) {
-        into.finalAnswered.total++;
-        if (right) into.finalAnswered.correct++;
+  try {
+    for (let i = 0; i < c.turns.length; i++) {
+      const turn = c.turns[i]!;
+      if (rePrefill && turn.kind === 'question') chat._internals().replayHistory();
+      const r = await chat.send(turn.user, GEN);
+      const kind = kinds[i];
+      if (kind) {
+        const right = isCorrectAnswer(r.response, c.facts[turn.fact!]!);
+        into[kind].total++;
+        if (right) into[kind].correct++;
+        if (kind === 'along') answeredAlong.set(turn.fact!, right);
+        if (kind === 'finalAsked' && answeredAlong.get(turn.fact!)) {
+          into.finalAnswered.total++;
+          if (right) into.finalAnswered.correct++;
+        }
       }
     }
+    return chat;
+  } catch (err) {
+    chat.dispose();   // a message that does not fit the budget (the caller counts it)
+    throw err;
   }
-  return chat;
 }
 
 /** The reference conversation as the full-cache chat holds it, split into the chunks a chat would feed. */
@@ -251,7 +256,7 @@ function sweepSection(results: GeneratorResult[]): string[] {
   const lines = [
     '### Across conversation generators',
     '',
-    'The same measurement on conversations from four generators (`bench/recall-generators.ts`; fillers of new forms the model was not trained on, facts stated up front or along the way, asked once or twice, one restated), no re-prefill. Cells: final questions about facts asked before, correct / asked (-: a message of every conversation is longer than the budget leaves room for); the last column is mean KL at the final answers over the generators, as a multiple of sliding\'s at that budget.',
+    'The same measurement on conversations from four generators (`bench/recall-generators.ts`; fillers of new forms the model was not trained on, facts stated up front or along the way, asked once or twice, one restated), no re-prefill. Cells: final questions about facts asked before, correct / asked (fewer asked, or -, where a message of some or every conversation is longer than the budget leaves room for); the last column is mean KL at the final answers over the generators, as a multiple of sliding\'s at that budget.',
     '',
     ...results.map((r) => `- ${r.generator.name}: ${r.generator.about}; ${r.n} conversations (seeds ${r.seeds}), mean ${r.meanLength.toFixed(0)} tokens; full cache: asked before ${frac(r.full.finalAsked)}, never asked ${frac(r.full.finalNever)}`),
     '',

@@ -99,7 +99,12 @@ export async function startRedisTls(bin: string): Promise<(Service & { url: stri
   return { ...service(proc, port), url: `rediss://127.0.0.1:${port}/0`, ca: readFileSync(join(d, 'ca.pem'), 'utf8') };
 }
 
-/** HAProxy in front of `backends`, routing on X-Session-Id with consistent hashing; a dead backend's share goes to the others. */
+/**
+ * HAProxy in front of `backends`, routing on X-Session-Id with consistent hashing; a dead backend's share goes to the others.
+ * `http-server-close`: each request opens its own connection to a backend, so a request after a backend was killed
+ * meets a refused connection, which `retry-on conn-failure` sends elsewhere. Reusing the idle connection to the dead
+ * backend instead failed after the request was written, and HAProxy closed the client's connection ("other side closed").
+ */
 export async function startHaproxy(bin: string, backends: number[]): Promise<Service> {
   const port = await freePort();
   const cfg = join(mkdtempSync(join(servicesDir, 'haproxy-')), 'haproxy.cfg');
@@ -113,6 +118,7 @@ defaults
   retries 2
   option redispatch 1
   retry-on conn-failure
+  option http-server-close
 frontend fe
   bind 127.0.0.1:${port}
   default_backend instances

@@ -148,13 +148,19 @@ protected:
             last = pct;
             progress_.NonBlockingCall([p](Napi::Env env, Napi::Function fn) { fn.Call({ Napi::Number::New(env, p) }); });
         };
+        // The promise settles on the JS thread through another queue than these calls, so it could
+        // settle before the last of them ran: a -1 after the last tells JS that all have run.
+        const auto finish = [this] {
+            progress_.NonBlockingCall([](Napi::Env env, Napi::Function fn) { fn.Call({ Napi::Number::New(env, -1) }); });
+            progress_.Release();
+        };
         try {
             model_ = fml_model::load(path_, opts_, report);
         } catch (...) {
-            progress_.Release();
+            finish();
             throw;
         }
-        progress_.Release();
+        finish();
     }
     Napi::Value result(Napi::Env env) override {
         Napi::Object obj = env.GetInstanceData<addon_data>()->model_ctor.New({});

@@ -173,7 +173,7 @@ export interface NativeProbes {
 }
 
 export interface NativeBinding {
-  /** `onProgress` hears llama.cpp's load progress (0..1), at most once per percent. */
+  /** `onProgress` hears llama.cpp's load progress (0..1), at most once per percent, then -1 once every earlier call has run (the promise may settle before). */
   loadModel(path: string, options: unknown, onProgress?: (fraction: number) => void): Promise<NativeModel>;
   NativeChat: new (model: NativeModel, options: NativeRawOptions) => NativeChat;
   /** From a file or the checkpoint's bytes; `threads` (raw) overrides the checkpoint's. */

@@ -206,8 +206,12 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
     const { onProgress, ...nativeOptions } = checkObject('options', options) as LoadModelOptions;
     if (onProgress !== undefined && typeof onProgress !== 'function') throw new InvalidOptionError('Expected a function for onProgress');
     // A callback that throws is not called again; the load finishes, then fails with its error as cause.
+    // loadModel resolves only after every progress call has run (the native side ends them with -1).
     let thrown: { error: unknown } | undefined;
+    let reported = (): void => {};
+    const allReported = new Promise<void>((resolve) => (reported = resolve));
     const report = onProgress && ((fraction: number) => {
+      if (fraction < 0) return reported();
       if (thrown) return;
       try {
         onProgress(fraction);
@@ -216,6 +220,7 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
       }
     });
     const native = await getBinding().loadModel(path, nativeOptions, report);
+    if (report) await allReported;
     if (thrown) {
       native.dispose();
       throw new CallbackError(undefined, thrown.error);

@@ -154,7 +154,9 @@ describe('send', () => {
 
 describe('a throwing onToken callback', () => {
   it('ends the turn, keeps it (memory, stats and transcript agree) and reports the caller\'s error as cause', async () => {
-    const chat = model.createChat({ maxTokens: 128 });
+    // 10 ms a token (a test hook): the abort the throw causes must land before the 40 tokens are done,
+    // which on this tiny model under a loaded CI machine it did not always (stopReason 'maxTokens').
+    const chat = model.createChat({ maxTokens: 128, testTokenDelayMs: 10 });
     await chat.send('first', { maxNewTokens: 4 });
     const boom = new Error('the caller broke');
     let pieces = 0;

@@ -192,7 +192,7 @@ export async function sessionChat(ctx: CompletionContext, session: Session, leas
     session.messagesSeen = 0;
     events.inc({ event: 'restore_failed' });
   }
-  const chat = await ctx.chats.build(parsed, signal, session.evictions, parsed.memory.chat);
+  const chat = await ctx.chats.build(parsed, signal, session.evictions, own);
   session.messagesSeen = parsed.conversation.length - 1;
   events.inc({ event: 'created' });
   session.chat = chat;

@@ -60,7 +60,8 @@ async function withSession(ctx: CompletionContext, req: SessionRequest, reply: F
   const ac = new AbortController();
   const onClose = () => ac.abort();
   reply.raw.once('close', onClose);
-  const session = ctx.store.peek(id) ?? ctx.store.session(id);
+  // An unknown id gets a chat-less session for this request; end() drops it again (nothing is created).
+  const session = ctx.store.session(id);
   let release: Release | undefined;
   let lease: TurnLease | undefined;
   try {

@@ -106,11 +106,6 @@ export class SessionStore {
     return { kind: this.#o.backend.kind, available: this.#o.backend.available, pendingWrites: this.#pending.size };
   }
 
-  /** The session with this id when this instance knows it (in memory, or served before), without creating one. */
-  peek(id: string): Session | undefined {
-    return this.#sessions.get(id);
-  }
-
   /** The session with this id, created (without a chat) when new. */
   session(id: string): Session {
     let s = this.#sessions.get(id);

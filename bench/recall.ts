@@ -26,14 +26,10 @@ const BUDGETS = [0.15, 0.25, 0.5, 0.75];
 const GEN = { temperature: 0, maxNewTokens: 8 } as const;
 
 interface Contender { label: string; options: ChatOptions }
-const CONTENDER_OPTIONS: Record<string, ChatOptions> = {
-  sliding: { policy: 'sliding' },
-  importance: { policy: 'importance' },
-  "importance (importanceScore 'mean')": { policy: 'importance', importanceScore: 'mean' },
-  hybrid: { policy: 'hybrid' },
-};
+/** The contenders that also run with positions compacted at every eviction. */
+const COMPACTED = ['sliding', 'importance', "importance (importanceScore 'mean')", 'hybrid'] as const;
 // importance and hybrid run with their defaults (importanceScore 'blend') and with the other scorings.
-const CONTENDERS: Contender[] = [
+const KEPT: Contender[] = [
   { label: 'sliding', options: { policy: 'sliding' } },
   { label: 'importance', options: { policy: 'importance' } },
   { label: "importance (importanceScore 'mean')", options: { policy: 'importance', importanceScore: 'mean' } },
@@ -45,8 +41,11 @@ const CONTENDERS: Contender[] = [
   { label: "hybrid (importanceScore 'mean')", options: { policy: 'hybrid', importanceScore: 'mean' } },
   { label: "hybrid (importanceScore 'peak')", options: { policy: 'hybrid', importanceScore: 'peak' } },
   { label: 'hybrid (no summary)', options: { policy: 'hybrid', summaryTokens: 0 } },
-  // The rows above keep positions (the default); these compact them at every eviction.
-  ...(['sliding', 'importance', "importance (importanceScore 'mean')", 'hybrid'] as const).map((label) => ({ label: `${label}, positions 'compact'`, options: { ...CONTENDER_OPTIONS[label], positions: 'compact' as const } })),
+];
+// The rows above keep positions (the default); these compact them at every eviction.
+const CONTENDERS: Contender[] = [
+  ...KEPT,
+  ...COMPACTED.map((label) => ({ label: `${label}, positions 'compact'`, options: { ...KEPT.find((c) => c.label === label)!.options, positions: 'compact' as const } })),
 ];
 
 type Kind = 'along' | 'finalAsked' | 'finalAnswered' | 'finalNever';
@@ -137,7 +136,10 @@ function klAt(ref: Float32Array, got: Float32Array, rows: number[], nVocab: numb
   return rows.length > 0 ? total / rows.length : 0;
 }
 
-interface Row { label: string; budget: number; maxTokens: number; live: Record<Kind, Score>; replay: Record<Kind, Score>; kl: number; klSum: number; klN: number; summaries: number; tooSmall: number }
+/** A row's mean KL over the conversations that fit its budget (NaN: none did). */
+const meanKl = (r: Row) => r.klSum / r.klN;
+
+interface Row { label: string; budget: number; maxTokens: number; live: Record<Kind, Score>; replay: Record<Kind, Score>; klSum: number; klN: number; summaries: number; tooSmall: number }
 
 const FULL_CACHE: ChatOptions = { policy: 'sliding', maxTokens: 4 * RECALL_TRAINING_TOKENS };
 
@@ -190,7 +192,7 @@ async function playAtBudgets(model: Model, c: RecallConversation, contenders: Co
     const maxTokens = Math.floor(length * budget);
     for (const ct of contenders) {
       const key = `${ct.label}@${budget}`;
-      const row = rows.get(key) ?? { label: ct.label, budget, maxTokens: 0, live: score(), replay: score(), kl: NaN, klSum: 0, klN: 0, summaries: 0, tooSmall: 0 };
+      const row = rows.get(key) ?? { label: ct.label, budget, maxTokens: 0, live: score(), replay: score(), klSum: 0, klN: 0, summaries: 0, tooSmall: 0 };
       rows.set(key, row);
       row.maxTokens += maxTokens / n;
       const options = { ...ct.options, maxTokens };
@@ -212,7 +214,7 @@ async function playAtBudgets(model: Model, c: RecallConversation, contenders: Co
       live.dispose();
       if (withReplay) (await play(model, c, options, true, row.replay)).dispose();
       row.klSum += klAt(refLogits, evaluate(model, options, stream.chunks), klRows, model.info.nVocab);
-      row.kl = row.klSum / ++row.klN;
+      row.klN++;
     }
   }
   return length;
@@ -268,7 +270,7 @@ function sweepSection(results: GeneratorResult[]): string[] {
     return { correct: a.correct + s.correct, total: a.total + s.total };
   }, { correct: 0, total: 0 });
   const kl = (label: string, budget: number) => {
-    const defined = results.map((r) => r.rows.get(`${label}@${budget}`)!.kl).filter((x) => Number.isFinite(x));
+    const defined = results.map((r) => meanKl(r.rows.get(`${label}@${budget}`)!)).filter((x) => Number.isFinite(x));
     return defined.reduce((a, x) => a + x, 0) / defined.length;
   };
   for (const budget of BUDGETS) {
@@ -310,7 +312,7 @@ async function main(): Promise<void> {
     return;
   }
 
-  const full = { live: score(), kl: 0 };
+  const full = { live: score() };
   const rows = new Map<string, Row>();
   let lengthSum = 0;
   const selected = CONTENDERS.filter(chosen);
@@ -349,7 +351,7 @@ async function main(): Promise<void> {
   ];
   const all = [...rows.values()];
   for (const r of all) {
-    lines.push(`| ${r.budget * 100}% (${r.maxTokens.toFixed(0)}) | ${r.label} | ${pct(r.live.finalAsked)} | ${pct(r.live.finalNever)} | ${pct(r.live.along)} | ${pct(r.replay.finalAsked)} | ${pct(r.replay.finalNever)} | ${r.kl.toFixed(3)} |`);
+    lines.push(`| ${r.budget * 100}% (${r.maxTokens.toFixed(0)}) | ${r.label} | ${pct(r.live.finalAsked)} | ${pct(r.live.finalNever)} | ${pct(r.live.along)} | ${pct(r.replay.finalAsked)} | ${pct(r.replay.finalNever)} | ${meanKl(r).toFixed(3)} |`);
   }
   if (only) {
     // A quick comparison: the table alone (the sections below compare contenders that did not run).
@@ -362,7 +364,7 @@ async function main(): Promise<void> {
     const sliding = at.find((r) => r.label === 'sliding')!;
     const best = [...at].sort((a, b) => b.live.finalAsked.correct - a.live.finalAsked.correct)[0]!;
     lines.push(`- ${budget * 100}%: most previously-asked facts recalled by ${best.label} (${best.live.finalAsked.correct}, sliding ${sliding.live.finalAsked.correct}); ` +
-      at.filter((r) => r.label !== 'sliding').map((r) => `${r.label} ${r.live.finalAsked.correct}/${sliding.live.finalAsked.correct} asked, KL ${(r.kl / sliding.kl).toFixed(2)}x`).join('; ') + ' (vs sliding)');
+      at.filter((r) => r.label !== 'sliding').map((r) => `${r.label} ${r.live.finalAsked.correct}/${sliding.live.finalAsked.correct} asked, KL ${(meanKl(r) / meanKl(sliding)).toFixed(2)}x`).join('; ') + ' (vs sliding)');
   }
   const goals = all.filter((r) => r.budget === 0.25 && /^(importance|hybrid)/.test(r.label)).map((r) => ({ label: r.label, ...recallGoal(r.live.finalAsked, rows.get('sliding@0.25')!.live.finalAsked, rows.get(`${r.label}@0.5`)!.live.finalAsked) }));
   lines.push('', `Recall goals (issue #29: at 25% at least 2x sliding's previously-asked facts and 20 points more, at 50% at least 90% of them): met by ${goals.filter((g) => g.ok).map((g) => `${g.label} (${g.text})`).join(', ') || 'none'}; not by ${goals.filter((g) => !g.ok).map((g) => `${g.label} (${g.text})`).join(', ') || '-'}.`);
@@ -387,10 +389,10 @@ async function main(): Promise<void> {
   });
   // Positions: the same policies with positions kept (the default) and compacted at every eviction.
   lines.push('', 'Positions kept (the default) vs compacted at every eviction (final questions, asked before / never asked; mean KL): ' +
-    BUDGETS.map((b) => `${b * 100}%: ` + Object.keys(CONTENDER_OPTIONS).map((label) => {
+    BUDGETS.map((b) => `${b * 100}%: ` + COMPACTED.map((label) => {
       const kept = rows.get(`${label}@${b}`)!;
       const compacted = rows.get(`${label}, positions 'compact'@${b}`)!;
-      return `${label} ${kept.live.finalAsked.correct}/${kept.live.finalNever.correct} vs ${compacted.live.finalAsked.correct}/${compacted.live.finalNever.correct}, KL ${kept.kl.toFixed(3)} vs ${compacted.kl.toFixed(3)}`;
+      return `${label} ${kept.live.finalAsked.correct}/${kept.live.finalNever.correct} vs ${compacted.live.finalAsked.correct}/${compacted.live.finalNever.correct}, KL ${meanKl(kept).toFixed(3)} vs ${meanKl(compacted).toFixed(3)}`;
     }).join(', ')).join('; ') + '.');
   lines.push('', '![recall accuracy](recall.svg)', '', ...sweepSection(sweep));
   const out = lines.join('\n');

@@ -140,22 +140,32 @@ describe("one chat's abort, dispose, checkpoint or restore leaves the others alo
   });
 });
 
+/** `n` chats that have had a turn each (so they hold slots, and the context has grown to them). */
+async function warmChats(n: number, maxTokens: number): Promise<Chat[]> {
+  const chats = Array.from({ length: n }, () => model.createChat({ maxTokens }));
+  await Promise.all(chats.map((c, i) => c.send(`hello ${i}`, { maxNewTokens: 2, temperature: 0 })));
+  return chats;
+}
+
+/**
+ * The engine's steps for `rounds` rounds in which every chat sends `text(i, k)` and generates `tokens`
+ * tokens. Each round's turns are sent in one go (as a server's clients, or Promise.all over chats,
+ * do): they reach the scheduler one by one, microseconds apart. In step, a round is one step with
+ * every prompt (each chat's first token) and tokens - 1 steps of one token each.
+ */
+async function stepsOfRounds(chats: Chat[], rounds: number, tokens: number, text: (i: number, k: number) => string): Promise<number> {
+  const before = chats[0]!._internals().engineStats().steps;
+  for (let k = 0; k < rounds; k++) {
+    await Promise.all(chats.map((c, i) => c.send(text(i, k), { maxNewTokens: tokens, temperature: 0, ignoreEos: true })));
+  }
+  return chats[0]!._internals().engineStats().steps - before;
+}
+
 describe('turns sent together', () => {
   it('start in one step and stay in step (the scheduler gathers them when idle)', async () => {
-    const chats = Array.from({ length: 4 }, () => model.createChat({ maxTokens: 256 }));
-    await Promise.all(chats.map((c, i) => c.send(`hello ${i}`, { maxNewTokens: 2, temperature: 0 })));
-    const rounds = 6;
-    const tokens = 8;
-    const before = chats[0]!._internals().engineStats();
-    // Each round's turns are sent in one go (as a server's clients, or Promise.all over chats, do):
-    // they reach the scheduler one by one, microseconds apart.
-    for (let k = 0; k < rounds; k++) {
-      await Promise.all(chats.map((c, i) => c.send(message(i, k), { maxNewTokens: tokens, temperature: 0, ignoreEos: true })));
-    }
-    const steps = chats[0]!._internals().engineStats().steps - before.steps;
-    // In step, a round is one step with every prompt (each chat's first token) and tokens - 1 steps of
-    // one token each. A prompt started alone puts the others' prompts into its generation steps.
-    expect(steps).toBe(rounds * tokens);
+    const chats = await warmChats(4, 256);
+    // A prompt started alone puts the others' prompts into its generation steps.
+    expect(await stepsOfRounds(chats, 6, 8, message)).toBe(6 * 8);
     chats.forEach((c) => c.dispose());
   });
 });
@@ -164,8 +174,7 @@ describe('prompts sent together', () => {
   it('that fit one step together are all prefilled in it, however unequal their lengths', async () => {
     // 8 chats, 4 prompts over an equal share (n_batch / 8) and 4 short ones, all in one n_batch:
     // every chat's first token comes from the same step, so each round takes exactly `tokens` steps.
-    const chats = Array.from({ length: 8 }, () => model.createChat({ maxTokens: 512 }));
-    await Promise.all(chats.map((c, i) => c.send(`hello ${i}`, { maxNewTokens: 2, temperature: 0 })));
+    const chats = await warmChats(8, 512);
     const share = 512 / 8;
     const prompt = (c: Chat, long: boolean) => {
       let text = long ? 'a long prompt' : 'short';
@@ -174,13 +183,7 @@ describe('prompts sent together', () => {
     };
     const prompts = chats.map((c, i) => prompt(c, i % 2 === 0));
     expect(prompts.reduce((n, p, i) => n + chats[i]!._internals().countTurnTokens(p), 0)).toBeLessThan(512 - 8);
-    const rounds = 3;
-    const tokens = 6;
-    const before = chats[0]!._internals().engineStats();
-    for (let k = 0; k < rounds; k++) {
-      await Promise.all(chats.map((c, i) => c.send(prompts[i]!, { maxNewTokens: tokens, temperature: 0, ignoreEos: true })));
-    }
-    expect(chats[0]!._internals().engineStats().steps - before.steps).toBe(rounds * tokens);
+    expect(await stepsOfRounds(chats, 3, 6, (i) => prompts[i]!)).toBe(3 * 6);
     chats.forEach((c) => c.dispose());
   });
 });

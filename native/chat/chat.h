@@ -159,6 +159,7 @@ struct contribution {
     int32_t pos0 = 0;
     bool logits_last = false;   // the chat samples after its last token
     bool scratch = false;       // summary cells: not in the ledger, no signals
+    int32_t peak_horizon = -1;  // see group_member (engine/signals.h)
 };
 
 // Probe view of the cache (tests, the demo): the ledger's and llama.cpp's idea of the sequence.
@@ -293,6 +294,9 @@ private:
     // `slack` more (amortises the K-shift). False when a summary started instead (its tokens come
     // first; the room exists once it is done). Throws PROMPT_TOO_LARGE when pinned tokens leave no room.
     bool make_room(size_t incoming, size_t slack, step_context & e);
+    // Where keys stop being neighbours for a peak, for queries of (role, turn): the start of the
+    // message PEAK_MESSAGES_BETWEEN before theirs; -1 without attention signals.
+    int32_t peak_horizon(token_role role, uint32_t turn) const;
     bool evict(const eviction_request & req, size_t hard_need, step_context & e);
     // Positions: compacts when `incoming` more would pass the limit (early by `slack`: a compaction
     // at a turn's start beats one mid-reply).

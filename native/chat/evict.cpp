@@ -31,7 +31,7 @@ bool chat::make_room(size_t incoming, size_t slack, step_context & e) {
     if (policy_->summarizes()) {
         need = std::min(evictable, need + opts_.policy.summary_tokens);
     }
-    if (!evict({ need, std::min(evictable, need + slack) }, hard_need, e)) {
+    if (!evict({ need, std::min(evictable, need + slack), incoming }, hard_need, e)) {
         return false;
     }
     if (ledger_.size() + incoming > budget) {

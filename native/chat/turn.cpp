@@ -68,6 +68,12 @@ size_t chat::tokens_wanted(clock_type::time_point now) const {
     return n;
 }
 
+int32_t chat::peak_horizon(token_role role, uint32_t turn) const {
+    // A chunk's queries share its first token's horizon (later ones in it could reach one message
+    // further back: only ever fewer peaks, never a peak from a neighbour).
+    return key_.attention ? ledger_.message_start(turn, role, PEAK_MESSAGES_BETWEEN) : -1;
+}
+
 contribution chat::contribute(size_t budget, step_context & e) {
     std::lock_guard<std::mutex> lock(mu_);
     turn_state & t = *turn_;
@@ -87,6 +93,7 @@ contribution chat::contribute(size_t budget, step_context & e) {
             c.pos0 = ledger_.next_pos();
             c.logits_last = true;
             t.inflight.assign(1, { TOKEN_ROLE_ASSISTANT, t.turn_no });
+            c.peak_horizon = peak_horizon(TOKEN_ROLE_ASSISTANT, t.turn_no);
             return c;
         }
         // Prefill: room for the whole message first (once), then chunks of at most `chunk_`.
@@ -126,6 +133,9 @@ contribution chat::contribute(size_t budget, step_context & e) {
             }
         }
         c.logits_last = seg == t.segments.size() && !t.req.ingest;
+        if (!t.inflight.empty()) {
+            c.peak_horizon = peak_horizon(t.inflight.front().first, t.inflight.front().second);
+        }
         return c;
     } catch (const fml_error & err) {
         fail_turn(err, e);

@@ -464,7 +464,7 @@ void engine::decode_group(std::vector<planned> & plan, const std::vector<std::pa
             }
             ++n;
         }
-        layout.push_back({ pl.seq->slot(), pl.c.pos0 + (int32_t) from, (int32_t) (to - from), !pl.c.scratch });
+        layout.push_back({ pl.seq->slot(), pl.c.pos0 + (int32_t) from, (int32_t) (to - from), !pl.c.scratch, pl.c.peak_horizon });
     }
     batch_.n_tokens = n;
     if (capture_.any()) {

@@ -122,7 +122,8 @@ void eval_capture::observe_attention(ggml_tensor * t) {
                     const int32_t pos = mem.cell_pos[(size_t) c];
                     if (pos >= 0) {
                         mem.attention_by_cell[(size_t) c] += row[c];
-                        if (query_pos - pos >= PEAK_MIN_DISTANCE && row[c] > mem.peak_by_cell[(size_t) c]) {
+                        const bool distant = query_pos - pos >= PEAK_MIN_DISTANCE || pos < mem.peak_horizon;
+                        if (distant && row[c] > mem.peak_by_cell[(size_t) c]) {
                             mem.peak_by_cell[(size_t) c] = row[c];
                         }
                         if (pos > query_pos && row[c] > 1e-6f) {

@@ -27,6 +27,11 @@ namespace fml {
 // marks a token the model went back for. 32 measured best on bench:recall's generators (16 and 48
 // kept fewer of the facts asked before: docs/models.md).
 constexpr int32_t PEAK_MIN_DISTANCE = 32;
+// ... or with at least this many whole messages between the key's message and the query's: a reply
+// that goes back past the last exchange to a fact stated before the question can be closer than 32
+// positions, while the message just before (and the reply before that) is what every query reads.
+// 1 / 2 / 3 measured on bench:recall's generators (docs/models.md); the chat computes the horizon.
+constexpr size_t PEAK_MESSAGES_BETWEEN = 2;
 }
 struct llama_context;
 
@@ -38,6 +43,7 @@ struct group_member {
     int32_t pos0 = 0;          // position of its first token in the group
     int32_t n_tokens = 0;
     bool wanted = true;        // false for summary scratch tokens: no signals
+    int32_t peak_horizon = -1; // keys before this position are distant for a peak whatever the distance
 };
 
 // What was captured for one member.

@@ -100,6 +100,35 @@ size_t token_ledger::index_of_pos(int32_t pos) const {
     return it != entries_.end() && it->pos == pos ? (size_t) (it - entries_.begin()) : entries_.size();
 }
 
+int32_t token_ledger::message_start(uint32_t turn, token_role role, size_t back) const {
+    // Index of the first entry of the run (same turn and role) that ends just before `end` (> 0).
+    const auto run_start = [&](size_t end) {
+        const uint32_t t = entries_[end - 1].turn;
+        const token_role r = entries_[end - 1].role;
+        while (end > 0 && entries_[end - 1].turn == t && entries_[end - 1].role == r) --end;
+        return end;
+    };
+    size_t i = entries_.size();
+    const bool continues = i > 0 && entries_[i - 1].turn == turn && entries_[i - 1].role == role;
+    if (!continues) {
+        if (back == 0) {
+            return next_pos();
+        }
+        --back;   // the next entries start a new message: the last run is the one before it
+    }
+    if (i == 0) {
+        return 0;
+    }
+    i = run_start(i);
+    for (; back > 0; --back) {
+        if (i == 0) {
+            return 0;
+        }
+        i = run_start(i);
+    }
+    return entries_[i].pos;
+}
+
 std::vector<index_range> normalize_ranges(std::vector<index_range> ranges) {
     std::sort(ranges.begin(), ranges.end(), [](const index_range & a, const index_range & b) {
         return a.begin < b.begin;

@@ -10,7 +10,7 @@ namespace fml {
 
 eviction_plan kv_policy_hybrid::plan(const token_ledger & ledger, const eviction_request & req) {
     const size_t n = ledger.size();
-    const size_t wb = window_begin(ledger, opts_.window_size);
+    const size_t wb = window_begin(ledger, opts_.window_size, req.incoming);
     const bool summarize = opts_.summary_tokens > 0;
     std::vector<bool> evict(n, false);
     std::vector<bool> settled(n, false);   // decided: kept or evicted

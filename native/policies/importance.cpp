@@ -97,7 +97,7 @@ void mark_lowest_spans(const token_ledger & ledger, size_t wb, uint32_t span_max
 }
 
 eviction_plan kv_policy_importance::plan(const token_ledger & ledger, const eviction_request & req) {
-    const size_t wb = window_begin(ledger, opts_.window_size);
+    const size_t wb = window_begin(ledger, opts_.window_size, req.incoming);
     std::vector<bool> evict(ledger.size(), false);
     if (opts_.importance_granularity_spans) {
         mark_lowest_spans(ledger, wb, opts_.span_max_tokens, req.want, evict, opts_.importance_blend);

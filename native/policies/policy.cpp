@@ -19,6 +19,11 @@ size_t window_begin(const token_ledger & ledger, uint32_t window_size) {
     return ledger.size() > window_size ? ledger.size() - window_size : 0;
 }
 
+size_t window_begin(const token_ledger & ledger, uint32_t window_size, size_t incoming) {
+    const uint32_t rest = incoming >= window_size ? 0 : (uint32_t) (window_size - incoming);
+    return window_begin(ledger, std::max<uint32_t>(rest, 1));
+}
+
 std::vector<index_range> ranges_from_mask(const std::vector<bool> & evict) {
     std::vector<index_range> out;
     for (size_t i = 0; i < evict.size(); ++i) {

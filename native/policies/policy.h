@@ -40,6 +40,7 @@ struct policy_options {
 struct eviction_request {
     size_t need;   // at least this many tokens must leave
     size_t want;   // evicting up to this many amortises the K-shift (want >= need)
+    size_t incoming = 0;   // tokens about to be added (the scored policies' window counts them)
 };
 
 // The plan is a set of ledger index ranges; never contains a pinned entry.
@@ -77,6 +78,14 @@ size_t evictable_count(const token_ledger & ledger);
 
 // Index where the recent window begins (tokens at or after it are "recent").
 size_t window_begin(const token_ledger & ledger, uint32_t window_size);
+// The scored policies' window: the last `window_size` tokens counting the `incoming` ones. A new
+// message is itself the most recent context, so one as long as the window leaves the older tokens
+// to compete on score: a window kept over them crowded out what the scores would keep (a fact asked
+// for just before three long messages: 0 of 16 kept at 25%, docs/models.md). The newest token always
+// stays (even with window_size 0): it holds the sequence's last position, and a sliding-window cache
+// that has dropped its older cells would be left with a lower one than the ledger's and refuse the
+// next decode (Gemma 4 with hybrid did).
+size_t window_begin(const token_ledger & ledger, uint32_t window_size, size_t incoming);
 
 // Evicts the oldest unpinned tokens: first outside the window up to `want`, then inside it up to
 // `need`. The shared fallback (sliding itself, and every policy when the rest is not enough).

@@ -121,6 +121,19 @@ describe.each(SUPPORTED)('family %s', (family) => {
     chat.dispose();
   });
 
+  // windowSize 0: the scored policies may pick the newest tokens, but never the newest one (a
+  // sliding-window cache left without it refused the next decode: Gemma 4 with hybrid, turn 8).
+  it.each(['importance', 'hybrid'] as const)('policy %s with windowSize 0 keeps the invariants for 40 turns', async (policy) => {
+    const maxTokens = 128;
+    const chat = model.createChat({ policy, maxTokens, windowSize: 0, sinkTokens: 4, systemPrompt: 'You are terse.', maxPolicyMs: 0 });
+    for (let t = 0; t < 40; t++) {
+      await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 4 + (t % 5), temperature: 0.9, seed: t });
+      checkCache(chat, maxTokens);
+    }
+    expect(chat.stats().fallbackCount).toBe(0);
+    chat.dispose();
+  });
+
   it('prefills exactly the template rendering of the whole conversation, message by message', async () => {
     const system = 'You are terse.';
     // Whitespace around content: templates that trim it (Llama 3, Gemma) must be followed.

@@ -1,14 +1,22 @@
-// importanceScore 'peak': a token's score is the largest attention weight a query at least 32
-// positions later paid it, so the most recent 32 tokens have none yet and older ones do; the
-// policy then evicts by it like any score, within the budget.
+// importanceScore 'peak': a token's score is the largest attention weight a distant query paid it:
+// one at least 32 positions later, or with two whole messages between them (engine/signals.h). So
+// the recent tokens of the last three messages have none yet and older ones do; the policy then
+// evicts by it like any score, within the budget.
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { InvalidOptionError, loadModel, type Model } from '../../src/index.ts';
+import { InvalidOptionError, loadModel, type MemoryEntry, type Model } from '../../src/index.ts';
 import { SUMMARY_INSTRUCTION } from '../../scripts/recall/dialogues.ts';
 import { THREADS, checkCache, testModelPath } from '../helpers.ts';
 
 const PEAK_MIN_DISTANCE = 32;
+const PEAK_MESSAGES_BETWEEN = 2;
+
+/** Each entry's message (a run of one turn and role), numbered from 0. */
+const messageOf = (memory: MemoryEntry[]): number[] => {
+  let n = -1;
+  return memory.map((e, i) => (i === 0 || e.turn !== memory[i - 1]!.turn || e.role !== memory[i - 1]!.role ? ++n : n));
+};
 
 let model: Model;
 beforeAll(async () => {
@@ -31,6 +39,24 @@ describe("importanceScore: 'peak'", () => {
     // A weight is at most 1.
     expect(Math.max(...memory.map((e) => e.score))).toBeLessThanOrEqual(1);
     expect(chat.options.importanceScore).toBe('peak');
+    chat.dispose();
+  });
+
+  it('a query two whole messages later is distant however near: short messages get peaks inside 32 positions', async () => {
+    const chat = model.createChat({ policy: 'importance', importanceScore: 'peak', maxTokens: 1024, threads: THREADS });
+    for (let i = 0; i < 12; i++) await chat.send(`note ${i}`, { temperature: 0, maxNewTokens: 2 });
+    const memory = chat.memory();
+    const message = messageOf(memory);
+    const lastQuery = memory.length - 1;
+    const young = memory.map((e, i) => ({ e, m: message[i]! })).filter(({ e }) => lastQuery - e.position < PEAK_MIN_DISTANCE);
+    // The last query's message and the two before it: neighbours, no peak.
+    const near = young.filter(({ m }) => message[lastQuery]! - m <= PEAK_MESSAGES_BETWEEN);
+    // Older messages inside 32 positions: peaks from the queries two whole messages later.
+    const past = young.filter(({ m }) => message[lastQuery]! - m > PEAK_MESSAGES_BETWEEN);
+    expect(near.length).toBeGreaterThan(4);
+    expect(past.length).toBeGreaterThan(4);
+    expect(near.every(({ e }) => e.score === 0)).toBe(true);
+    expect(past.filter(({ e }) => e.score > 0).length).toBeGreaterThan(past.length * 0.9);
     chat.dispose();
   });
 

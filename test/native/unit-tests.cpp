@@ -252,6 +252,55 @@ TEST(importance_and_hybrid_blend_keep_a_span_a_later_query_went_back_for) {
     CHECK(run("hybrid", true) == 0);
 }
 
+TEST(importance_and_hybrid_windows_count_the_incoming_message) {
+    // The newest 16 tokens score lowest, everything older highest. With nothing incoming the window
+    // (16) protects them; a 16-token message about to arrive is the window itself, so they compete
+    // on score and go first (but the newest, see window_begin); with 8 incoming, only the newest 8
+    // stay protected.
+    auto run = [](const char * policy, size_t incoming, size_t need = 16) {
+        token_ledger l = make_ledger(128, 4, 16, [](size_t i) { return i >= 112 ? 0.0f : 1.0f; });
+        policy_options o = options(policy, 128, 16);
+        o.hybrid_importance_share = 1.0f;
+        o.summary_tokens = 0;
+        const eviction_plan plan = make_policy(o)->plan(l, { need, need, incoming });
+        check_plan(l, plan, { need, need });
+        size_t recent_evicted = 0;
+        for (size_t i : evicted(plan)) recent_evicted += i >= 112 ? 1 : 0;
+        return recent_evicted;
+    };
+    for (const char * policy : { "importance", "hybrid" }) {
+        CHECK(run(policy, 0) == 0);
+        CHECK(run(policy, 16, 15) == 15);   // 15: whole spans fit hybrid's kept share exactly
+        CHECK(run(policy, 8) == 8);
+    }
+    token_ledger l = make_ledger(50, 4);
+    CHECK(window_begin(l, 10, 4) == 44);
+    CHECK(window_begin(l, 10, 10) == 49);   // the newest token always stays
+    CHECK(window_begin(l, 10, 30) == 49);
+    CHECK(window_begin(l, 0, 0) == 49);
+}
+
+TEST(ledger_message_start_walks_back_runs_of_one_turn_and_role) {
+    token_ledger l;
+    // Messages: system 0..2, user(1) 3..6, assistant(1) 7..8, user(2) 9..11.
+    for (int i = 0; i < 3; ++i) l.append(i, 0, TOKEN_ROLE_SYSTEM, true);
+    for (int i = 0; i < 4; ++i) l.append(i, 1, TOKEN_ROLE_USER, false);
+    for (int i = 0; i < 2; ++i) l.append(i, 1, TOKEN_ROLE_ASSISTANT, false);
+    for (int i = 0; i < 3; ++i) l.append(i, 2, TOKEN_ROLE_USER, false);
+    CHECK(l.message_start(2, TOKEN_ROLE_USER, 0) == 9);        // continuing the last message
+    CHECK(l.message_start(2, TOKEN_ROLE_USER, 1) == 7);
+    CHECK(l.message_start(2, TOKEN_ROLE_USER, 2) == 3);
+    CHECK(l.message_start(2, TOKEN_ROLE_USER, 3) == 0);
+    CHECK(l.message_start(2, TOKEN_ROLE_USER, 9) == 0);        // past the first: 0
+    CHECK(l.message_start(2, TOKEN_ROLE_ASSISTANT, 0) == 12);  // a new message: it starts next
+    CHECK(l.message_start(2, TOKEN_ROLE_ASSISTANT, 1) == 9);
+    CHECK(l.message_start(2, TOKEN_ROLE_ASSISTANT, 2) == 7);
+    l.remove_ranges({ { 7, 9 } });                              // the whole assistant message (positions 7, 8)
+    CHECK(l.message_start(2, TOKEN_ROLE_USER, 1) == 3);        // an evicted message does not count
+    CHECK(token_ledger().message_start(1, TOKEN_ROLE_USER, 2) == 0);
+    CHECK(token_ledger().message_start(1, TOKEN_ROLE_USER, 0) == 0);
+}
+
 TEST(rolling_summary_asks_for_a_summary) {
     token_ledger l = make_ledger(96, 4);
     auto policy = make_policy(options("rolling_summary", 96, 16));

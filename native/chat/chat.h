@@ -311,6 +311,7 @@ private:
     void append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role, bool pin = false);
     void absorb_signals(const capture_member & m, size_t first_new, size_t n_new);
     void rollback_to(size_t keep, step_context & e);
+    void restore_scores(const std::vector<ledger_entry> & before);
     void sample_next(step_context & e, int32_t logits_row);
     void finish_turn(stop_reason reason, step_context & e);
     // `state_lost`: a decode failed partway, so a hybrid's recurrent state may hold part of it and the

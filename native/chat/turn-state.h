@@ -50,6 +50,8 @@ struct chat::turn_state {
     bool rollback_set = false;
     size_t ledger_before = 0; // rollback point: the ledger before this turn's own tokens
     std::vector<uint8_t> recurrent;   // a hybrid's recurrent state at the rollback point
+    std::vector<ledger_entry> scored_before;   // importance/hybrid: the ledger's scores as the turn began
+    uint64_t compactions_before = 0;           // (positions renumbered since: they cannot be matched)
     std::vector<int32_t> carry_before;   // what closed the previous reply (back if the whole turn is rolled back)
     uint32_t turn_no = 0;
     bool generating = false;

@@ -36,6 +36,12 @@ void chat::begin_turn(turn_request && req) {
     if (req.ingest && !req.reply.empty()) {
         t->segments.push_back({ req.reply, t->turn_no, TOKEN_ROLE_ASSISTANT, true, false });
     }
+    if (signal_ != IMPORTANCE_NONE) {
+        // An aborted turn leaves no trace: what its chunks' attention (and the decay) did to the
+        // scores comes back with the rollback.
+        t->scored_before = ledger_.entries();
+        t->compactions_before = cumulative_.compactions;
+    }
     if (signal_ != IMPORTANCE_NONE && opts_.policy.importance_decay < 1.0f) {
         for (size_t i = 0; i < ledger_.size(); ++i) {
             ledger_.at(i).score[SCORE_IMPORTANCE] *= opts_.policy.importance_decay;
@@ -400,6 +406,22 @@ void chat::rollback_to(size_t keep, step_context & e) {
         kv_clear_slot(e.ctx(), slot_);
     } else if (turn_ && turn_->rollback_set) {
         restore_recurrent(turn_->recurrent, e);
+        if (cumulative_.compactions == turn_->compactions_before) {
+            restore_scores(turn_->scored_before);
+        }
+    }
+}
+
+void chat::restore_scores(const std::vector<ledger_entry> & before) {
+    // Entries are matched by position and content (both in position order; no compaction since): one
+    // evicted since, or a summary in an evicted token's place, keeps what it has.
+    size_t j = 0;
+    for (size_t i = 0; i < ledger_.size(); ++i) {
+        ledger_entry & e = ledger_.at(i);
+        while (j < before.size() && before[j].pos < e.pos) ++j;
+        if (j < before.size() && before[j].pos == e.pos && before[j].token == e.token && before[j].turn == e.turn && before[j].role == e.role) {
+            std::copy(std::begin(before[j].score), std::end(before[j].score), std::begin(e.score));
+        }
     }
 }
 

@@ -66,8 +66,9 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
     int32_t fa = opts_.flash_attention;
     if (policy_->needs_importance()) {
         // Sliding-window layers index their attention by the window cache's cells, which the cell
-        // map does not describe: those models use the key-norm proxy.
-        if (fa != 1 && kv_internals_available() && mi.sliding_window == 0) {
+        // map does not describe: those models use the key-norm proxy. So does a q8_0 cache, which
+        // needs flash attention (no weights to read).
+        if (fa != 1 && opts_.kv_type != "q8_0" && kv_internals_available() && mi.sliding_window == 0) {
             signal_ = IMPORTANCE_ATTENTION;
             fa = 0;
             key_.attention = true;

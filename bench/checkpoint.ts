@@ -16,7 +16,7 @@ async function main() {
   const model = await loadModel(m.path, { threads });
   const rows: string[] = [];
   for (const maxTokens of BUDGETS) {
-    const chat = model.createChat({ maxTokens, flashAttention: false });
+    const chat = model.createChat({ maxTokens, flashAttention: false, policy: 'sliding' });
     for (let t = 0; chat.stats().evictions < 2; t++) {
       await chat.send(`Turn ${t}: tell me something new about the weather in Paris and why it matters to people today.`, { maxNewTokens: 24, temperature: 0 });
     }

@@ -82,7 +82,9 @@ const summary = (r: Run) => ({
 // ---- ours ----
 
 async function oursShort(model: Model, k: number): Promise<Run> {
-  const chats = Array.from({ length: k }, () => model.createChat({ maxTokens: MAX_TOKENS, flashAttention: false }));
+  // sliding: like llama-server, no eviction signals captured (what the default importance's capture
+  // costs a step is bench/decode-overhead.ts's to measure); the short chats never evict anyway.
+  const chats = Array.from({ length: k }, () => model.createChat({ maxTokens: MAX_TOKENS, flashAttention: false, policy: 'sliding' }));
   // Warm-up: one short turn each (contexts grow to k slots here, not while measuring).
   await Promise.all(chats.map((c, i) => c.send(`hello from chat ${i}`, { maxNewTokens: 2, temperature: 0 })));
   const turns: TurnTiming[] = [];
@@ -106,7 +108,7 @@ async function timedTurn(chat: Chat, message: string, maxNewTokens: number): Pro
 }
 
 async function oursLong(model: Model, k: number, label = 'ours', options: ChatOptions = {}): Promise<Run> {
-  const chats = Array.from({ length: k }, () => model.createChat({ maxTokens: LONG_MAX_TOKENS, flashAttention: false, ...options }));
+  const chats = Array.from({ length: k }, () => model.createChat({ maxTokens: LONG_MAX_TOKENS, flashAttention: false, policy: 'sliding', ...options }));
   const turns: TurnTiming[] = [];
   const warm = LONG_WARM;
   let t0 = 0;
@@ -307,7 +309,7 @@ async function main() {
   const setup = [
     `- machine: ${machine()}`,
     `- model: ${m.name}: ${m.about} (${(model.info.nParams / 1e6).toFixed(0)}M parameters, ${model.info.backend})`,
-    `- ${THREADS} threads for both (ours: the model's thread budget; llama-server -t/-tb), flash attention off for both, greedy, ${REPLY}-token replies`,
+    `- ${THREADS} threads for both (ours: the model's thread budget; llama-server -t/-tb), flash attention off for both, policy sliding (no eviction signals, as llama-server), greedy, ${REPLY}-token replies`,
     `- short chats: maxTokens ${MAX_TOKENS}, ${TURNS} turns per chat, all K chats at once, ${REPS} runs per contender and K in alternating order (figures over all of them); llama-server -np K -c K x ${MAX_TOKENS}, whole history per request (its prompt cache reuses it)`,
     `- long chats: K = ${LONG_K}, maxTokens ${LONG_MAX_TOKENS}, ${LONG_TURNS} turns per chat, turns ${LONG_WARM + 1}.. measured (every chat past its budget); llama-server -c K x ${LONG_MAX_TOKENS} gets the history truncated to fit its slot (oldest messages first)`,
   ];

@@ -25,7 +25,7 @@ const CHILD = `
 const [dist, model, threads, maxTokens] = process.argv.slice(1);
 const { loadModel } = await import(dist);
 const m = await loadModel(model, { threads: Number(threads) });
-const chat = m.createChat({ maxTokens: Number(maxTokens), flashAttention: false });
+const chat = m.createChat({ maxTokens: Number(maxTokens), flashAttention: false, policy: 'sliding' });
 const rl = (await import('node:readline')).createInterface({ input: process.stdin });
 console.log('ready');
 for await (const line of rl) {

@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 /**
  * finite-memory-llm CLI.
- *   finite-memory-llm demo [--turns 600] [--max-tokens 256] [--policy sliding] [--model X]
- *   finite-memory-llm chat --model X [--policy sliding] [--max-tokens 2048] [--system "..."]
+ *   finite-memory-llm demo [--turns 600] [--max-tokens 256] [--policy importance] [--model X]
+ *   finite-memory-llm chat --model X [--policy importance] [--max-tokens 2048] [--system "..."]
  *   finite-memory-llm serve --model X [--port 8080] [--policy hybrid] [--max-tokens 2048] [--api-key K] ...
  */
 import { existsSync, readFileSync } from 'node:fs';
@@ -17,9 +17,9 @@ import { progress } from './progress.js';
 import type { PolicyName } from './shared/types.js';
 
 const USAGE = `Usage:
-  finite-memory-llm demo [--turns 600] [--max-tokens 256] [--window 64] [--policy sliding] [--model file.gguf] [--threads N]
-  finite-memory-llm chat --model file.gguf [--policy sliding] [--max-tokens 2048] [--window 512] [--system "..."] [--threads N]
-  finite-memory-llm serve --model file.gguf [--port 8080] [--host 127.0.0.1] [--policy sliding] [--max-tokens 2048] [--window N]
+  finite-memory-llm demo [--turns 600] [--max-tokens 256] [--window 64] [--policy importance] [--model file.gguf] [--threads N]
+  finite-memory-llm chat --model file.gguf [--policy importance] [--max-tokens 2048] [--window 512] [--system "..."] [--threads N]
+  finite-memory-llm serve --model file.gguf [--port 8080] [--host 127.0.0.1] [--policy importance] [--max-tokens 2048] [--window N]
         [--system "..."] [--threads N] [--slots 8] [--prefill-chunk 64] [--api-key K (or FINITE_MEMORY_API_KEY)] [--model-id ID] [--max-sessions 32]
         [--session-ttl-ms 1800000] [--checkpoint-dir DIR] [--max-concurrent N] [--max-queue 64] [--max-session-queue 4]
         [--max-request-tokens 1024] [--max-history-tokens N] [--body-limit 1048576] [--headers-timeout-ms 10000]
@@ -59,12 +59,12 @@ async function demo(args: Record<string, string | boolean | undefined>): Promise
   const turns = Number(args.turns ?? 600);
   const maxTokens = Number(args['max-tokens'] ?? 256);
   const windowSize = Number(args.window ?? 64);
-  const policy = String(args.policy ?? 'sliding') as PolicyName;
   const threads = args.threads ? Number(args.threads) : 1;
   const model = await demoModel(args.model as string | undefined);
-  const chat = model.createChat({ policy, maxTokens, windowSize, sinkTokens: 4, threads, systemPrompt: 'You are a terse assistant. Answer in one sentence.' });
+  // No --policy: the library's default (one table, native/engine/options.cpp).
+  const chat = model.createChat({ ...(typeof args.policy === 'string' ? { policy: args.policy as PolicyName } : {}), maxTokens, windowSize, sinkTokens: 4, threads, systemPrompt: 'You are a terse assistant. Answer in one sentence.' });
   const info = model.info;
-  console.log(`finite-memory-llm demo: ${turns} turns, policy=${policy}, maxTokens=${maxTokens}, windowSize=${windowSize}`);
+  console.log(`finite-memory-llm demo: ${turns} turns, policy=${chat.options.policy}, maxTokens=${maxTokens}, windowSize=${windowSize}`);
   console.log(`model: ${info.description} (${info.nLayer} layers, ${info.nHeadKv} KV heads, vocab ${info.nVocab}) from ${info.path}`);
   console.log(`${pad('turn', 5)} ${pad('new', 5)} ${pad('prefill', 7)} ${pad('gen', 4)} ${pad('seen', 7)} ${pad('retained', 8)} ${pad('evicted', 8)} ${pad('last pos', 8)} ${pad('turn ms', 8)}  check`);
   let failures = 0;

@@ -187,7 +187,7 @@ js_chat::js_chat(const Napi::CallbackInfo & info) : Napi::ObjectWrap<js_chat>(in
     }
     js_model * m = js_model::Unwrap(info[0].As<Napi::Object>());
     auto model = m->require(env);
-    const chat_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 1), m->load_options.threads); });
+    const chat_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 1), m->load_options.threads, model->info().backend != "cpu"); });
     core_ = guarded(env, [&] { return std::make_shared<chat>(model, opts, m->load_options.threads); });
     rt_ = m->require_runtime(env);
 }

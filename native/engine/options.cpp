@@ -159,7 +159,7 @@ struct option_row {
 
 // What each scope's rows resolve into: the options, and what their defaults depend on.
 struct model_target { model_load_options o; int32_t cores; };
-struct chat_target { chat_options o; int32_t default_threads; };
+struct chat_target { chat_options o; int32_t default_threads; bool on_gpu; };
 struct send_target { generation_options g; };
 
 const option_row<model_target> MODEL_ROWS[] = {
@@ -184,8 +184,11 @@ const option_row<model_target> MODEL_ROWS[] = {
 };
 
 const option_row<chat_target> CHAT_ROWS[] = {
-    { { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'sliding'", "", "Which tokens leave the KV cache when the budget is full.", false },
-      [](chat_target & t, const option_value * v) { t.o.policy.name = v ? choice_of("policy", *v, POLICY_NAMES) : "sliding"; } },
+    // The default keeps what later turns went back for (issue #29's goals, met on the CPU: docs/memory.md).
+    // On a GPU, reading attention weights turns flash attention off and copies every layer's weights
+    // to the host, a cost not measured yet, so a GPU model's chats keep the cheapest policy.
+    { { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'importance' on the CPU, 'sliding' on a GPU", "", "Which tokens leave the KV cache when the budget is full.", false },
+      [](chat_target & t, const option_value * v) { t.o.policy.name = v ? choice_of("policy", *v, POLICY_NAMES) : t.on_gpu ? "sliding" : "importance"; } },
     // 16 is a floor, not the real minimum: that depends on the model's chat template and the system
     // prompt, and the chat checks it when created (chat::check_budget).
     { { "chat", "maxTokens", "number", "2048", "16 .. 1048576", "Hard cap on tokens in this chat's KV cache. The real minimum depends on the chat template and system prompt; createChat says what does not fit.", false },
@@ -321,8 +324,8 @@ model_load_options resolve_model_options(const option_map & raw, int32_t cores) 
     return t.o;
 }
 
-chat_options resolve_chat_options(const option_map & raw, int32_t default_threads) {
-    chat_target t{ {}, default_threads };
+chat_options resolve_chat_options(const option_map & raw, int32_t default_threads, bool on_gpu) {
+    chat_target t{ {}, default_threads, on_gpu };
     resolve_rows(CHAT_ROWS, raw, t);
     return t.o;
 }

@@ -13,7 +13,7 @@ namespace fml {
 // Initial values for C++ callers (the unit tests) follow the options table's defaults; a chat's come
 // from that table (engine/options.cpp), which is what JS, the docs and checkpoints see.
 struct policy_options {
-    std::string name        = "sliding";
+    std::string name        = "importance";   // the CPU default (on a GPU: sliding)
     uint32_t    max_tokens  = 2048;
     uint32_t    window_size = max_tokens / 4;   // most recent tokens kept when anything else can go
     uint32_t    sink_tokens = 4;      // first tokens of the sequence, pinned (attention sinks)

@@ -20,7 +20,10 @@ export interface ResolvedRemoteChatOptions {
  * docs/remote.md gives each reason.
  */
 export const REMOTE_CHAT_DEFAULTS = {
-  policy: { value: (): RemotePolicyName => 'sliding' },
+  policy: {
+    value: (): RemotePolicyName => 'sliding',
+    differs: 'importance reads the attention a local KV cache received, which a hosted model does not expose',
+  },
   systemPrompt: { value: () => '' },
   maxTokens: {
     value: () => 4096,

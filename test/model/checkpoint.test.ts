@@ -252,7 +252,7 @@ describe('checkpoints as bytes', () => {
   };
 
   it('full: restores memory, counters, transcript and seeded continuations exactly, with no decode', async () => {
-    const chat = model.createChat({ maxTokens: 80, windowSize: 16, kvType: 'f32', flashAttention: false, systemPrompt: 'Be brief.' });
+    const chat = model.createChat({ policy: 'sliding', maxTokens: 80, windowSize: 16, kvType: 'f32', flashAttention: false, systemPrompt: 'Be brief.' });
     await talk(chat, 10);
     chat.pin(9);
     expect(chat.stats().evictions).toBeGreaterThan(0);

@@ -60,8 +60,10 @@ describe("importanceScore: 'peak'", () => {
     chat.dispose();
   });
 
-  it('every scoring keeps the cache within budget; the default is blend', async () => {
-    const byDefault = model.createChat({ policy: 'importance' });
+  it('every scoring keeps the cache within budget; the default is importance with blend', async () => {
+    const byDefault = model.createChat();
+    expect(model.info.backend).toBe('cpu');
+    expect(byDefault.options.policy).toBe('importance');   // the default on the CPU
     expect(byDefault.options.importanceScore).toBe('blend');
     byDefault.dispose();
     for (const importanceScore of ['mean', 'peak', 'blend'] as const) {

@@ -17,7 +17,8 @@ const BUDGET = 96;
 
 beforeAll(async () => {
   model = await loadModel(testModelPath(), { threads: THREADS });
-  server = await createServer(model, { chat: { maxTokens: BUDGET, windowSize: 24, sinkTokens: 4 } });
+  // sliding: the pin test below needs to know which turn goes first.
+  server = await createServer(model, { chat: { policy: 'sliding', maxTokens: BUDGET, windowSize: 24, sinkTokens: 4 } });
   base = await server.listen({ port: 0 });
 });
 afterAll(async () => {

@@ -23,7 +23,7 @@ describe('telemetry hooks', () => {
     expect(turns).toHaveLength(20);
     expect(turns.map((e) => e.turn)).toEqual(Array.from({ length: 20 }, (_, i) => i + 1));
     expect(turns.at(-1)!.chat.tokensRetained).toBe(chat.stats().tokensRetained);
-    expect(turns.every((e) => e.chatId === chat.id && e.policy === 'sliding')).toBe(true);
+    expect(turns.every((e) => e.chatId === chat.id && e.policy === chat.options.policy)).toBe(true);
     expect(evictions.length).toBe(chat.stats().evictions);
     expect(evictions.reduce((s, e) => s + e.evictedTokens, 0)).toBe(evictedTotal);
     for (const e of evictions) expect(e.positions.reduce((s, [b, end]) => s + end - b, 0)).toBe(e.evictedTokens);
@@ -64,7 +64,7 @@ describe('Prometheus adapter', () => {
     const telemetry = createPrometheusTelemetry({ registry });
     const evictions: EvictionEvent[] = [];
     const chat = model.createChat({ maxTokens: 64, windowSize: 16, policy: 'importance', importanceGranularity: 'token', positionLimit: 200, telemetry: { onEviction: (e) => void evictions.push(e) } });
-    const prom = model.createChat({ maxTokens: 64, windowSize: 16, positionLimit: 200, telemetry });
+    const prom = model.createChat({ policy: 'sliding', maxTokens: 64, windowSize: 16, positionLimit: 200, telemetry });
     let compactions = 0;
     let compactingTurns = 0;
     for (let t = 0; t < 16; t++) {

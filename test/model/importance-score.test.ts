@@ -2,9 +2,11 @@
 // one at least 32 positions later, or with two whole messages between them (engine/signals.h). So
 // the recent tokens of the last three messages have none yet and older ones do; the policy then
 // evicts by it like any score, within the budget.
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { writeModel } from '../../src/gguf/index.ts';
 import { InvalidOptionError, loadModel, type MemoryEntry, type Model } from '../../src/index.ts';
 import { SUMMARY_INSTRUCTION } from '../../scripts/recall/dialogues.ts';
 import { THREADS, checkCache, testModelPath } from '../helpers.ts';
@@ -75,6 +77,26 @@ describe("importanceScore: 'peak'", () => {
     }
     expect(() => model.createChat({ importanceScore: 'max' as never })).toThrow(InvalidOptionError);
   });
+});
+
+it("the default policy with kvType 'q8_0' scores by key norms (a quantized V cache needs flash attention: no weights to read)", async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'fml-q8-'));
+  const path = join(dir, 'heads32.gguf');
+  writeModel(path, { family: 'llama', headDim: 32, seed: 3 });
+  const heads32 = await loadModel(path, { threads: THREADS });
+  try {
+    const chat = heads32.createChat({ kvType: 'q8_0', maxTokens: 64, windowSize: 16 });
+    expect(chat.options.policy).toBe('importance');
+    for (let i = 0; i < 10; i++) await chat.send(`turn ${i} about lanterns and rivers`, { maxNewTokens: 6, temperature: 0 });
+    checkCache(chat, 64);
+    expect(chat.stats().evictions).toBeGreaterThan(0);
+    // Key norms are negated (low norm = high score): the scores are below zero, attention sums are not.
+    expect(chat.memory().filter((e) => !e.pinned).every((e) => e.score <= 0)).toBe(true);
+    chat.dispose();
+  } finally {
+    heads32.dispose();
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 it('the recall dialogues ask for summaries with the instruction rolling_summary sends', () => {

@@ -5,6 +5,8 @@
 // positions kept (the default) and compacted at every eviction, side by side; a second table feeds a
 // text longer than the model was trained on, to show what the position limit is for.
 //   npm run bench:quality            (writes the table into bench/RESULTS.md)
+//   npx tsx bench/quality.ts --contenders '[{"policy":"hybrid","hybridImportanceShare":1}]'
+//     sliding and these options instead of the table's contenders (a quick comparison; writes nothing)
 import { existsSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -88,7 +90,12 @@ function meanNll(logits: Float32Array, tokens: number[], from: number, nVocab: n
 const SENTENCES = STORY.match(/[^.!?]+[.!?]"?/g)!.map((x) => x.trim());
 const TEXTS = [0, 7, 14, 21].map((k) => [...SENTENCES.slice(k), ...SENTENCES.slice(0, k)].join(' '));
 
-async function evaluate(model: Model, label: string, length: number, contenders = CONTENDERS, budgets = BUDGETS, positions: { label: Positions; options: ChatOptions }[] = POSITIONS.map((p) => ({ label: p, options: { positions: p } }))): Promise<Row[]> {
+const EXTRA = process.argv.includes('--contenders') ? process.argv[process.argv.indexOf('--contenders') + 1] : undefined;
+const CHOSEN: typeof CONTENDERS = EXTRA
+  ? [CONTENDERS[0]!, ...(JSON.parse(EXTRA) as ChatOptions[]).map((options) => ({ label: JSON.stringify(options), options }))]
+  : CONTENDERS;
+
+async function evaluate(model: Model, label: string, length: number, contenders = CHOSEN, budgets = BUDGETS, positions: { label: Positions; options: ChatOptions }[] = POSITIONS.map((p) => ({ label: p, options: { positions: p } }))): Promise<Row[]> {
   const all: Row[][] = [];
   for (const text of TEXTS) all.push(await evaluateText(model, label, length, text, contenders, budgets, positions));
   // Mean over texts, row by row (same contender and budget order in each).
@@ -221,7 +228,7 @@ async function main() {
   lines.push('', 'Policies against sliding, positions kept:', '', ...best);
   const out = lines.join('\n');
   console.log(out);
-  if (!process.argv.includes('--no-write')) writeResultsSection('quality', out);
+  if (!process.argv.includes('--no-write') && !EXTRA) writeResultsSection('quality', out);
 }
 
 main().catch((e) => {

@@ -8,7 +8,8 @@
 // Then the main contenders again on conversations from four generators (bench/recall-generators.ts),
 // budgets 15-75%, with issue #29's goals checked per generator.
 //   npm run bench:recall [-- --conversations N] [--generator-conversations N] [--model FILE] [--no-write] [--show-summaries]
-// --only a,b and --sweep-only (the generators alone) make quick comparisons (they write nothing).
+// --only a,b and --sweep-only (the generators alone) make quick comparisons (they write nothing);
+// --contenders '[{"policy":"hybrid","hybridImportanceShare":1}]' sweeps sliding and these options instead.
 // --model runs on another recall model (e.g. an experiment's, written with make-recall-model --check 0
 // --out FILE); the setup then names it, and the full-cache row says how well it recalls.
 import { execFileSync } from 'node:child_process';
@@ -293,10 +294,13 @@ function sweepSection(results: GeneratorResult[]): string[] {
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, model: { type: 'string' }, 'no-write': { type: 'boolean', default: false }, 'show-summaries': { type: 'boolean', default: false }, only: { type: 'string' }, 'generator-conversations': { type: 'string', default: '16' }, 'sweep-only': { type: 'boolean', default: false } } });
+  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, model: { type: 'string' }, 'no-write': { type: 'boolean', default: false }, 'show-summaries': { type: 'boolean', default: false }, only: { type: 'string' }, 'generator-conversations': { type: 'string', default: '16' }, 'sweep-only': { type: 'boolean', default: false }, contenders: { type: 'string' } } });
   // --only a,b: the contenders whose label contains one of these (quick comparisons; implies --no-write).
   const only = values.only?.split(',').map((x) => x.trim()).filter(Boolean);
   const chosen = (c: Contender) => !only || only.some((o) => c.label === o || c.label.includes(`'${o}'`));
+  // --contenders: sliding and these options, on the generators alone.
+  const extra = values.contenders ? (JSON.parse(values.contenders) as ChatOptions[]).map((options) => ({ label: JSON.stringify(options), options })) : undefined;
+  if (extra) values['sweep-only'] = true;
   if (only || values['sweep-only']) values['no-write'] = true;
   const n = Number(values.conversations);
   const path = values.model ?? defaultRecallModelPath();
@@ -322,7 +326,8 @@ async function main(): Promise<void> {
   }
   process.stdout.write('\n');
   // The same question across conversation generators (bench/recall-generators.ts), the main contenders, no re-prefill.
-  const sweep = only && !values['sweep-only'] ? [] : await acrossGenerators(model, Number(values['generator-conversations']), SWEEP_CONTENDERS.filter(chosen));
+  const sweepContenders = extra ? [KEPT[0]!, ...extra] : SWEEP_CONTENDERS.filter(chosen);
+  const sweep = only && !values['sweep-only'] ? [] : await acrossGenerators(model, Number(values['generator-conversations']), sweepContenders);
   model.dispose();
   if (values['sweep-only']) {
     console.log(sweepSection(sweep).join('\n'));

@@ -166,8 +166,12 @@ async function stepsOfRounds(chats: Chat[], rounds: number, tokens: number, text
 describe('turns sent together', () => {
   it('start in one step and stay in step (the scheduler gathers them when idle)', async () => {
     const chats = await warmChats(4, 256);
-    // A prompt started alone puts the others' prompts into its generation steps.
-    expect(await stepsOfRounds(chats, 6, 8, message)).toBe(6 * 8);
+    // A prompt started alone puts the others' prompts into its generation steps: 62-70 steps without
+    // the gather. With it, 48; a round whose sends the test's own thread spread over more than the
+    // gather's quiet time (preempted, in a full parallel run: 1 failure in ~6) costs one step.
+    const steps = await stepsOfRounds(chats, 6, 8, message);
+    expect(steps).toBeGreaterThanOrEqual(6 * 8);
+    expect(steps).toBeLessThanOrEqual(6 * 8 + 2);
     chats.forEach((c) => c.dispose());
   });
 });

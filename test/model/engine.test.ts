@@ -168,7 +168,7 @@ describe('turns sent together', () => {
     const chats = await warmChats(4, 256);
     // A prompt started alone puts the others' prompts into its generation steps: 62-70 steps without
     // the gather. With it, 48; a round whose sends the test's own thread spread over more than the
-    // gather's quiet time (preempted, in a full parallel run: 1 failure in ~6) costs one step.
+    // gather's quiet time (preempted in a full parallel run: seen once) costs one step.
     const steps = await stepsOfRounds(chats, 6, 8, message);
     expect(steps).toBeGreaterThanOrEqual(6 * 8);
     expect(steps).toBeLessThanOrEqual(6 * 8 + 2);

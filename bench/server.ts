@@ -31,7 +31,7 @@ const SMALL = process.argv.includes('--small');
 
 /** `serve` on a free port with this run's budget and sessions (a realistic model may take a while to load). */
 async function serve(modelPath: string, extra: string[]): Promise<Service> {
-  return startServe(await freePort(), ['--model', modelPath, '--max-tokens', String(BUDGET), '--max-sessions', String(SESSIONS), ...extra], 120_000);
+  return startServe(await freePort(), ['--model', modelPath, '--policy', 'sliding', '--max-tokens', String(BUDGET), '--max-sessions', String(SESSIONS), ...extra], 120_000);
 }
 
 const pct = (xs: number[], p: number) => {

@@ -589,7 +589,7 @@ Napi::Value js_load_chat(const Napi::CallbackInfo & info) {
     int32_t threads = 0;
     if (info.Length() > 2 && !info[2].IsUndefined()) {
         const option_map o = { { "threads", to_option_value(info[2]) } };
-        threads = guarded(env, [&] { return resolve_chat_options(o, 1).threads; });
+        threads = guarded(env, [&] { return resolve_chat_options(o, 1, false).threads; });
         if (threads > m->load_options.threads) {
             throw_error(env, FML_ERR_INVALID_OPTION, "Expected an integer between 1 and " + std::to_string(m->load_options.threads) +
                         " (the model's thread budget) for threads but received number " + std::to_string(threads));

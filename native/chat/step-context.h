@@ -25,7 +25,7 @@ public:
     virtual void note_shift() = 0;
     // One decode of at most n_batch() of the chat's `tokens` at `pos0`; true when it succeeded.
     // `signals`: capture them for the chat.
-    virtual bool decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false) = 0;
+    virtual bool decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false, int32_t peak_horizon = -1) = 0;
 
 protected:
     ~step_context() = default;

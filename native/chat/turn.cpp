@@ -414,12 +414,13 @@ void chat::rollback_to(size_t keep, step_context & e) {
 
 void chat::restore_scores(const std::vector<ledger_entry> & before) {
     // Entries are matched by position and content (both in position order; no compaction since): one
-    // evicted since, or a summary in an evicted token's place, keeps what it has.
+    // evicted since keeps what it has, and so does a summary (one written this turn can start like
+    // the one it replaced, in its place).
     size_t j = 0;
     for (size_t i = 0; i < ledger_.size(); ++i) {
         ledger_entry & e = ledger_.at(i);
         while (j < before.size() && before[j].pos < e.pos) ++j;
-        if (j < before.size() && before[j].pos == e.pos && before[j].token == e.token && before[j].turn == e.turn && before[j].role == e.role) {
+        if (e.role != TOKEN_ROLE_SUMMARY && j < before.size() && before[j].pos == e.pos && before[j].token == e.token && before[j].turn == e.turn && before[j].role == e.role) {
             std::copy(std::begin(before[j].score), std::end(before[j].score), std::begin(e.score));
         }
     }

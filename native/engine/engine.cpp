@@ -290,7 +290,7 @@ void engine::apply_pending_shift(chat & s) {
     kv_recurrent_restore(ctx_, s.slot(), recurrent, v.cache_pos_max);
 }
 
-bool engine::decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals) {
+bool engine::decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals, int32_t peak_horizon) {
     batch_.n_tokens = (int32_t) n;
     for (size_t i = 0; i < n; ++i) {
         batch_.token[i] = tokens[i];
@@ -300,7 +300,7 @@ bool engine::decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0
         batch_.logits[i] = all_logits || i + 1 == n;
     }
     if (capture_.any()) {
-        capture_.begin_group({ group_member{ s.slot(), pos0, (int32_t) n, signals } });
+        capture_.begin_group({ group_member{ s.slot(), pos0, (int32_t) n, signals, peak_horizon } });
     }
     const int32_t rc = llama_decode(ctx_, batch_);
     if (rc == 0) {

@@ -78,7 +78,7 @@ public:
     eval_capture & capture() { return capture_; }
     // One decode of at most n_batch() `tokens` for chat `s` at `pos0` outside a step (probes, pending
     // shifts); true when it succeeded. `signals`: capture them (capture().member(0) afterwards).
-    bool decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false) override;
+    bool decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false, int32_t peak_horizon = -1) override;
     uint32_t n_batch() const override { return n_batch_; }
     // KV streams of the context: one per slot, or one for all with a unified cache.
     uint32_t streams() const override { return opts_.unified ? 1 : (uint32_t) slots_.size(); }

@@ -193,7 +193,7 @@ const option_row<chat_target> CHAT_ROWS[] = {
     // prompt, and the chat checks it when created (chat::check_budget).
     { { "chat", "maxTokens", "number", "2048", "16 .. 1048576", "Hard cap on tokens in this chat's KV cache. The real minimum depends on the chat template and system prompt; createChat says what does not fit.", false },
       [](chat_target & t, const option_value * v) { t.o.policy.max_tokens = v ? (uint32_t) int_in("maxTokens", *v, 16, MAX_CONTEXT) : 2048; } },
-    { { "chat", "windowSize", "number", "maxTokens / 4", "0 .. maxTokens - 1", "Most recent tokens a policy keeps when anything else can go.", false },
+    { { "chat", "windowSize", "number", "maxTokens / 4", "0 .. maxTokens - 1", "Most recent tokens a policy keeps when anything else can go (importance and hybrid count the incoming message in it, and keep the newest token).", false },
       [](chat_target & t, const option_value * v) { auto & p = t.o.policy; p.window_size = v ? (uint32_t) int_in("windowSize", *v, 0, p.max_tokens - 1) : p.max_tokens / 4; } },
     { { "chat", "sinkTokens", "number", "4", "0 .. maxTokens / 2 - 1", "First tokens of the sequence, pinned as attention sinks.", false },
       [](chat_target & t, const option_value * v) { auto & p = t.o.policy; p.sink_tokens = v ? (uint32_t) int_in("sinkTokens", *v, 0, p.max_tokens / 2 - 1) : 4; } },
@@ -216,7 +216,7 @@ const option_row<chat_target> CHAT_ROWS[] = {
       [](chat_target & t, const option_value * v) { t.o.policy.importance_decay = v ? (float) number_in("importanceDecay", *v, 0, 1) : 1.0f; } },
     { { "chat", "importanceGranularity", "'span' | 'token'", "'span'", "", "importance: evict whole low-scoring spans or single tokens (H2O).", false },
       [](chat_target & t, const option_value * v) { t.o.policy.importance_granularity_spans = v ? choice_of("importanceGranularity", *v, GRANULARITIES) == "span" : true; } },
-    { { "chat", "importanceScore", "'mean' | 'peak' | 'blend'", "'blend'", "", "importance/hybrid: rank tokens by the mean attention they receive per query, or by the peak weight a query at least 32 positions later paid them (tokens the model went back for); 'blend' (spans): a span stays when either ranks it high among the spans (its peak only counts in the top quarter by peak). Why 'blend': docs/models.md.", false },
+    { { "chat", "importanceScore", "'mean' | 'peak' | 'blend'", "'blend'", "", "importance/hybrid: rank tokens by the mean attention they receive per query, or by the peak weight a distant query paid them (at least 32 positions later, or two whole messages later: tokens the model went back for); 'blend' (spans): a span stays when either ranks it high among the spans (its peak only counts in the top quarter by peak). Why 'blend': docs/models.md.", false },
       [](chat_target & t, const option_value * v) {
           const std::string s = v ? choice_of("importanceScore", *v, IMPORTANCE_SCORES) : "blend";
           t.o.policy.importance_peak = s == "peak";

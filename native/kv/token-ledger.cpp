@@ -101,26 +101,39 @@ size_t token_ledger::index_of_pos(int32_t pos) const {
 }
 
 int32_t token_ledger::message_start(uint32_t turn, token_role role, size_t back) const {
-    // Index of the first entry of the run (same turn and role) that ends just before `end` (> 0).
+    // Summary entries are not a message: a summary placed inside a message (or before the tokens that
+    // close it) leaves it one message, so the horizon never moves closer than the history says.
+    const auto skip_summaries = [&](size_t end) {
+        while (end > 0 && entries_[end - 1].role == TOKEN_ROLE_SUMMARY) --end;
+        return end;
+    };
+    // Index of the first entry of the message whose last entry is end - 1 (not a summary).
     const auto run_start = [&](size_t end) {
         const uint32_t t = entries_[end - 1].turn;
         const token_role r = entries_[end - 1].role;
-        while (end > 0 && entries_[end - 1].turn == t && entries_[end - 1].role == r) --end;
-        return end;
+        size_t first = end - 1;
+        for (size_t i = first; i > 0; --i) {
+            const ledger_entry & p = entries_[i - 1];
+            if (p.role == TOKEN_ROLE_SUMMARY) continue;
+            if (p.turn != t || p.role != r) break;
+            first = i - 1;
+        }
+        return first;
     };
-    size_t i = entries_.size();
+    size_t i = skip_summaries(entries_.size());
     const bool continues = i > 0 && entries_[i - 1].turn == turn && entries_[i - 1].role == role;
     if (!continues) {
         if (back == 0) {
             return next_pos();
         }
-        --back;   // the next entries start a new message: the last run is the one before it
+        --back;   // the next entries start a new message: the last one is the one before it
     }
     if (i == 0) {
         return 0;
     }
     i = run_start(i);
     for (; back > 0; --back) {
+        i = skip_summaries(i);
         if (i == 0) {
             return 0;
         }

@@ -77,7 +77,8 @@ public:
     bool positions_increasing() const;
     // Index of the entry at position `pos`, or size() when no entry holds it (binary search).
     size_t index_of_pos(int32_t pos) const;
-    // A message is a run of entries of one turn and role. Position of the first entry of the message
+    // A message is a run of entries of one turn and role (summary entries inside it do not split it and
+    // are not a message of their own). Position of the first entry of the message
     // `back` messages before the one of (turn, role) that the next entries belong to (back 0: that
     // message's own start, next_pos() when it has no entries yet). Runs evicted whole do not count,
     // so the answer can only be earlier than with the full history; 0 when the ledger runs out.

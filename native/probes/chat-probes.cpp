@@ -125,7 +125,8 @@ std::vector<float> chat_probes::evaluate_tokens(chat & s, engine & e, const std:
         make_room(s, e, n);
         const uint32_t turn = ++s.turn_no_;
         const size_t first_new = s.ledger_.size();
-        if (!e.decode_one(s, tokens.data() + start, n, s.ledger_.next_pos(), true, true)) {
+        // Each chunk is a turn's message, as in a chat: the same horizon for peaks.
+        if (!e.decode_one(s, tokens.data() + start, n, s.ledger_.next_pos(), true, true, s.peak_horizon(TOKEN_ROLE_USER, turn))) {
             throw fml_error(FML_ERR_DECODE, "llama_decode failed during evaluation");
         }
         for (size_t i = 0; i < n; ++i) {

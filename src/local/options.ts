@@ -44,7 +44,7 @@ export interface ChatOptions {
    * what does not fit below it.
    */
   maxTokens?: number;
-  /** Most recent tokens a policy keeps when anything else can go. Default maxTokens / 4. */
+  /** Most recent tokens a policy keeps when anything else can go (importance and hybrid count the incoming message in it, and keep the newest token). Default maxTokens / 4. */
   windowSize?: number;
   /** First tokens of the sequence pinned as attention sinks. Default 4. */
   sinkTokens?: number;
@@ -68,8 +68,8 @@ export interface ChatOptions {
   importanceGranularity?: 'span' | 'token';
   /**
    * importance/hybrid: 'mean' ranks tokens by the attention they receive per query that could see
-   * them; 'peak' by the largest weight a query at least 32 positions later paid them (tokens the
-   * model went back for, such as a fact it was asked about); 'blend' keeps a span when either ranks
+   * them; 'peak' by the largest weight a distant query paid them (at least 32 positions or two whole
+   * messages later: tokens the model went back for, such as a fact it was asked about); 'blend' keeps a span when either ranks
    * it high among the spans (the peak only for the top quarter of spans by peak). Default 'blend'.
    */
   importanceScore?: 'mean' | 'peak' | 'blend';

@@ -64,8 +64,8 @@ describe("importanceScore: 'peak'", () => {
 
   it('every scoring keeps the cache within budget; the default is importance with blend', async () => {
     const byDefault = model.createChat();
-    expect(model.info.backend).toBe('cpu');
-    expect(byDefault.options.policy).toBe('importance');   // the default on the CPU
+    // importance on the CPU; sliding on a GPU (a CUDA build offloads by default).
+    expect(byDefault.options.policy).toBe(model.info.backend === 'cpu' ? 'importance' : 'sliding');
     expect(byDefault.options.importanceScore).toBe('blend');
     byDefault.dispose();
     for (const importanceScore of ['mean', 'peak', 'blend'] as const) {
@@ -79,14 +79,13 @@ describe("importanceScore: 'peak'", () => {
   });
 });
 
-it("the default policy with kvType 'q8_0' scores by key norms (a quantized V cache needs flash attention: no weights to read)", async () => {
+it("importance with kvType 'q8_0' scores by key norms (a quantized V cache needs flash attention: no weights to read)", async () => {
   const dir = mkdtempSync(join(tmpdir(), 'fml-q8-'));
   const path = join(dir, 'heads32.gguf');
   writeModel(path, { family: 'llama', headDim: 32, seed: 3 });
   const heads32 = await loadModel(path, { threads: THREADS });
   try {
-    const chat = heads32.createChat({ kvType: 'q8_0', maxTokens: 64, windowSize: 16 });
-    expect(chat.options.policy).toBe('importance');
+    const chat = heads32.createChat({ policy: 'importance', kvType: 'q8_0', maxTokens: 64, windowSize: 16 });
     for (let i = 0; i < 10; i++) await chat.send(`turn ${i} about lanterns and rivers`, { maxNewTokens: 6, temperature: 0 });
     checkCache(chat, 64);
     expect(chat.stats().evictions).toBeGreaterThan(0);

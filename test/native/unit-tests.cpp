@@ -298,6 +298,17 @@ TEST(ledger_message_start_walks_back_runs_of_one_turn_and_role) {
     l.remove_ranges({ { 7, 9 } });                              // the whole assistant message (positions 7, 8)
     CHECK(l.message_start(2, TOKEN_ROLE_USER, 1) == 3);        // an evicted message does not count
     CHECK(token_ledger().message_start(1, TOKEN_ROLE_USER, 2) == 0);
+    // A summary where the model could not shift it (after the history, before the carried tokens
+    // that close the reply) does not split the reply into two messages.
+    token_ledger m;
+    for (int i = 0; i < 3; ++i) m.append(i, 1, TOKEN_ROLE_USER, false);        // 0..2
+    for (int i = 0; i < 2; ++i) m.append(i, 1, TOKEN_ROLE_ASSISTANT, false);   // 3..4
+    for (int i = 0; i < 2; ++i) m.append(i, 1, TOKEN_ROLE_SUMMARY, false);     // 5..6
+    for (int i = 0; i < 2; ++i) m.append(i, 1, TOKEN_ROLE_ASSISTANT, false);   // 7..8 (the carry)
+    CHECK(m.message_start(2, TOKEN_ROLE_USER, 1) == 3);
+    CHECK(m.message_start(2, TOKEN_ROLE_USER, 2) == 0);
+    CHECK(m.message_start(1, TOKEN_ROLE_ASSISTANT, 0) == 3);
+    CHECK(m.message_start(1, TOKEN_ROLE_ASSISTANT, 1) == 0);
     CHECK(token_ledger().message_start(1, TOKEN_ROLE_USER, 0) == 0);
 }
 

@@ -93,9 +93,26 @@ describe('battery', () => {
     chat.dispose();
   });
 
+  it('an aborted prefill leaves importance\'s scores as they were, after the evictions it made too', async () => {
+    // 8-token chunks at 5 ms a step: the abort lands inside the ~200-token prefill.
+    const chat = model.createChat({ policy: 'importance', maxTokens: 256, windowSize: 16, batchSize: 8, testTokenDelayMs: 5 });
+    for (let t = 0; t < 12; t++) await chat.send(`turn ${t} about lanterns and rivers`, { maxNewTokens: 6, temperature: 0 });
+    const before = chat.memory();
+    const r = await chat.send('word '.repeat(100), { maxNewTokens: 4, signal: AbortSignal.timeout(60) });
+    expect(r.stopReason).toBe('abort');
+    expect(r.stats.promptTokens).toBe(0);
+    const after = chat.memory();
+    expect(after.length).toBeLessThan(before.length - 100);   // its room was made: those evictions stay
+    // What is left is what was there, scores included (the chunks' attention had changed them).
+    const byPosition = new Map(before.map((e) => [e.position, e]));
+    for (const e of after) expect(e).toEqual(byPosition.get(e.position));
+    expect(after.filter((e) => !e.pinned).some((e) => e.score > 0)).toBe(true);
+    await stillUsable(chat);
+    chat.dispose();
+  });
+
   it('abort during prefill rolls the turn back', async () => {
-    // importance: the scores the aborted chunks' attention added come back too (memory() shows them).
-    const chat = model.createChat({ policy: 'importance', maxTokens: 2048, batchSize: 8 });
+    const chat = model.createChat({ maxTokens: 2048, batchSize: 8 });
     await chat.send('warm up', { maxNewTokens: 2, temperature: 0 });
     const before = chat.memory();
     const ac = new AbortController();

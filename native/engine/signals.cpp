@@ -122,7 +122,7 @@ void eval_capture::observe_attention(ggml_tensor * t) {
                     const int32_t pos = mem.cell_pos[(size_t) c];
                     if (pos >= 0) {
                         mem.attention_by_cell[(size_t) c] += row[c];
-                        const bool distant = query_pos - pos >= PEAK_MIN_DISTANCE || pos < mem.peak_horizon;
+                        const bool distant = query_pos - pos >= PEAK_MIN_DISTANCE || (pos < mem.peak_horizon && row[c] >= PEAK_NEAR_LOOKUP_WEIGHT);
                         if (distant && row[c] > mem.peak_by_cell[(size_t) c]) {
                             mem.peak_by_cell[(size_t) c] = row[c];
                         }

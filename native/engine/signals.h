@@ -32,6 +32,10 @@ constexpr int32_t PEAK_MIN_DISTANCE = 32;
 // positions, while the message just before (and the reply before that) is what every query reads.
 // 1 / 2 / 3 measured on bench:recall's generators (docs/models.md); the chat computes the horizon.
 constexpr size_t PEAK_MESSAGES_BETWEEN = 2;
+// Such a nearer query counts only when one head gave the key at least this share of its attention:
+// a copy, not a reply reading around the last exchange (any weight: fewer never-asked facts kept,
+// docs/models.md).
+constexpr float PEAK_NEAR_LOOKUP_WEIGHT = 0.9f;
 }
 struct llama_context;
 

@@ -1,5 +1,6 @@
 // importanceScore 'peak': a token's score is the largest attention weight a distant query paid it:
-// one at least 32 positions later, or with two whole messages between them (engine/signals.h). So
+// one at least 32 positions later, or with two whole messages between them when one head gave it at
+// least 0.9 (engine/signals.h). So
 // the recent tokens of the last three messages have none yet and older ones do; the policy then
 // evicts by it like any score, within the budget.
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -13,6 +14,7 @@ import { THREADS, checkCache, testModelPath } from '../helpers.ts';
 
 const PEAK_MIN_DISTANCE = 32;
 const PEAK_MESSAGES_BETWEEN = 2;
+const PEAK_NEAR_LOOKUP_WEIGHT = 0.9;
 
 /** Each entry's message (a run of one turn and role), numbered from 0. */
 const messageOf = (memory: MemoryEntry[]): number[] => {
@@ -44,7 +46,7 @@ describe("importanceScore: 'peak'", () => {
     chat.dispose();
   });
 
-  it('a query two whole messages later is distant however near: short messages get peaks inside 32 positions', async () => {
+  it('a query two whole messages later counts inside 32 positions only for a copy (one head >= 0.9); nearer ones never', async () => {
     const chat = model.createChat({ policy: 'importance', importanceScore: 'peak', maxTokens: 1024, threads: THREADS });
     for (let i = 0; i < 12; i++) await chat.send(`note ${i}`, { temperature: 0, maxNewTokens: 2 });
     const memory = chat.memory();
@@ -53,12 +55,13 @@ describe("importanceScore: 'peak'", () => {
     const young = memory.map((e, i) => ({ e, m: message[i]! })).filter(({ e }) => lastQuery - e.position < PEAK_MIN_DISTANCE);
     // The last query's message and the two before it: neighbours, no peak.
     const near = young.filter(({ m }) => message[lastQuery]! - m <= PEAK_MESSAGES_BETWEEN);
-    // Older messages inside 32 positions: peaks from the queries two whole messages later.
+    // Older messages inside 32 positions: a peak only where a query two whole messages later copied
+    // (on this random model, none; test/model/recall-model.test.ts has a reply that copies a fact).
     const past = young.filter(({ m }) => message[lastQuery]! - m > PEAK_MESSAGES_BETWEEN);
     expect(near.length).toBeGreaterThan(4);
     expect(past.length).toBeGreaterThan(4);
     expect(near.every(({ e }) => e.score === 0)).toBe(true);
-    expect(past.filter(({ e }) => e.score > 0).length).toBeGreaterThan(past.length * 0.9);
+    expect(past.every(({ e }) => e.score === 0 || e.score >= PEAK_NEAR_LOOKUP_WEIGHT)).toBe(true);
     chat.dispose();
   });
 

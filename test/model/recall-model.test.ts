@@ -5,7 +5,7 @@ import { existsSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { loadModel } from '../../src/index.ts';
 import { defaultRecallModelPath } from '../../scripts/make-recall-model.ts';
-import { RECALL_SYSTEM_PROMPT, benchConversation, isCorrectAnswer, questionTurn } from '../../scripts/recall/dialogues.ts';
+import { RECALL_SYSTEM_PROMPT, benchConversation, factTurn, isCorrectAnswer, questionTurn } from '../../scripts/recall/dialogues.ts';
 import { THREADS } from '../helpers.ts';
 
 const path = process.env.FML_RECALL_MODEL ?? defaultRecallModelPath();
@@ -33,6 +33,28 @@ describe.skipIf(!present)('the recall model', () => {
     expect(pinned.correct).toBe(true);
     const unpinned = await run(false);
     expect(unpinned.inMemory).toBe(false);
+    model.dispose();
+  });
+
+  it('a reply copying a fact stated just before the question marks it, inside 32 positions; its neighbours not', async () => {
+    // importanceScore 'peak' shows the peak itself: the largest weight a distant query paid a token,
+    // where a query two whole messages later is distant when one head gave the key >= 0.9 (a copy).
+    const model = await loadModel(path, { threads: THREADS });
+    const facts = [{ name: 'Ezra', code: '9743' }, { name: 'Vera', code: '4013' }];
+    const chat = model.createChat({ maxTokens: 512, systemPrompt: RECALL_SYSTEM_PROMPT, policy: 'importance', importanceScore: 'peak' });
+    for (const [i, f] of facts.entries()) await chat.send(factTurn(f, i).user, GREEDY);
+    const answer = await chat.send(questionTurn(facts[1]!, 1).user, GREEDY);
+    expect(isCorrectAnswer(answer.response, facts[1]!)).toBe(true);
+    const memory = chat.memory();
+    const last = memory.at(-1)!.position;
+    const factTokens = memory.filter((e) => e.turn === 2 && e.role === 'user' && /\d/.test(e.text));
+    expect(factTokens.length).toBeGreaterThan(0);
+    expect(factTokens.every((e) => last - e.position < 32)).toBe(true);   // no query was 32 positions away
+    expect(Math.max(...factTokens.map((e) => e.score))).toBeGreaterThanOrEqual(0.9);
+    // The reply before the question and the question: read by every query after them, never a peak.
+    const neighbours = memory.filter((e) => (e.turn === 2 && e.role === 'assistant') || e.turn === 3);
+    expect(neighbours.every((e) => e.score === 0)).toBe(true);
+    chat.dispose();
     model.dispose();
   });
 });

@@ -4,6 +4,7 @@ import { cpus, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { writeLlamaModel, writeModel, type LlamaModelInput, type ModelInput } from '../src/gguf/index.ts';
+import type { ChatOptions } from '../src/index.ts';
 
 export const ROOT = join(import.meta.dirname, '..');
 // Benchmarks use the test build of the addon (the shipped one plus probes); the binding loads lazily.
@@ -101,4 +102,9 @@ export function writeResultsSection(name: string, body: string): void {
   const b = text.indexOf(end);
   text = a >= 0 && b > a ? text.slice(0, a) + block + text.slice(b + end.length) : `${text.trimEnd()}\n\n${block}\n`;
   writeFileSync(file, text);
+}
+
+/** A `--contenders '[{...}, ...]'` argument: chat options, each labelled by its JSON (quick comparisons). */
+export function contendersFromJson(json: string): { label: string; options: ChatOptions }[] {
+  return (JSON.parse(json) as ChatOptions[]).map((options) => ({ label: JSON.stringify(options), options }));
 }

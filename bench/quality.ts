@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { writeLlamaModel } from '../src/gguf/index.ts';
 import { loadModel, type ChatOptions, type Model } from '../src/index.ts';
-import { machine, SHARED_MODELS, writeResultsSection } from './common.ts';
+import { contendersFromJson, machine, SHARED_MODELS, writeResultsSection } from './common.ts';
 
 const CHUNK = 16;
 const WINDOW_SHARE = Number(process.env.FML_WINDOW_SHARE ?? 0.5);
@@ -92,7 +92,7 @@ const TEXTS = [0, 7, 14, 21].map((k) => [...SENTENCES.slice(k), ...SENTENCES.sli
 
 const EXTRA = process.argv.includes('--contenders') ? process.argv[process.argv.indexOf('--contenders') + 1] : undefined;
 const CHOSEN: typeof CONTENDERS = EXTRA
-  ? [CONTENDERS[0]!, ...(JSON.parse(EXTRA) as ChatOptions[]).map((options) => ({ label: JSON.stringify(options), options }))]
+  ? [CONTENDERS[0]!, ...contendersFromJson(EXTRA)]
   : CONTENDERS;
 
 async function evaluate(model: Model, label: string, length: number, contenders = CHOSEN, budgets = BUDGETS, positions: { label: Positions; options: ChatOptions }[] = POSITIONS.map((p) => ({ label: p, options: { positions: p } }))): Promise<Row[]> {

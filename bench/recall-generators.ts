@@ -45,6 +45,13 @@ const filler = (r: Rand, sentences: number): RecallTurn =>
 /** Final questions about every fact, in random order: the turns the benchmark scores. */
 const finals = (r: Rand, facts: RecallFact[]): RecallTurn[] => r.shuffle(facts.map((f, i) => questionTurn(f, i)));
 
+/** `n` facts stated first, then what `middle` makes of them, then the finals. */
+function factsFirst(seed: number, n: number, middle: (r: Rand, facts: RecallFact[]) => RecallTurn[]): RecallConversation {
+  const r = new Rand(new SeededRandom(seed));
+  const facts = r.facts(n);
+  return { facts, turns: [...facts.map(factTurn), ...middle(r, facts), ...finals(r, facts)] };
+}
+
 export interface RecallGenerator {
   name: string;
   /** What it varies, for the benchmark's setup lines. */
@@ -61,28 +68,23 @@ export const RECALL_GENERATORS: RecallGenerator[] = [
   {
     name: 'asked once',
     about: '5 facts first, 2 of them asked once, 2 short fillers of new forms',
-    make: (seed) => {
-      const r = new Rand(new SeededRandom(seed));
-      const facts = r.facts(5);
+    make: (seed) => factsFirst(seed, 5, (r, facts) => {
       const middle: RecallTurn[] = Array.from({ length: 2 }, () => filler(r, 1));
       for (const f of [0, 1]) middle.splice(1 + r.int(middle.length), 0, questionTurn(facts[f]!, f));
-      return { facts, turns: [...facts.map(factTurn), ...middle, ...finals(r, facts)] };
-    },
+      return middle;
+    }),
   },
   {
     name: 'long fillers',
     about: '4 facts first, one of the last two asked once right after, then 3 fillers of 2 sentences each (new forms)',
-    make: (seed) => {
-      const r = new Rand(new SeededRandom(seed));
-      const facts = r.facts(4);
+    make: (seed) => factsFirst(seed, 4, (r, facts) => {
       const asked = 2 + r.int(2);
       // Asked while the facts are still recent (a filler longer than a tight budget before the question
       // would evict the fact before anything could mark it), and fillers of two sentences: at 25% of
       // these ~230-token conversations a budget is ~58 tokens, and a message of three or four sentences
       // (~45 tokens with its template) left room for nothing else.
-      const middle = [questionTurn(facts[asked]!, asked), filler(r, 2), filler(r, 2), filler(r, 2)];
-      return { facts, turns: [...facts.map(factTurn), ...middle, ...finals(r, facts)] };
-    },
+      return [questionTurn(facts[asked]!, asked), filler(r, 2), filler(r, 2), filler(r, 2)];
+    }),
   },
   {
     name: 'interleaved',

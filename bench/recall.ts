@@ -19,7 +19,7 @@ import { parseArgs } from 'node:util';
 import { loadModel, PromptTooLargeError, type Chat, type ChatOptions, type MemoryEntry, type Model } from '../src/index.ts';
 import { RECALL_BENCH_SHAPE, RECALL_GEOMETRY, RECALL_TRAINING_TOKENS, defaultRecallModelPath } from '../scripts/make-recall-model.ts';
 import { RECALL_SYSTEM_PROMPT, benchConversation, isCorrectAnswer, type RecallConversation } from '../scripts/recall/dialogues.ts';
-import { ROOT, machine, writeResultsSection } from './common.ts';
+import { ROOT, contendersFromJson, machine, writeResultsSection } from './common.ts';
 import { RECALL_GENERATORS, type RecallGenerator } from './recall-generators.ts';
 import { lineChart } from './svg.ts';
 
@@ -299,7 +299,7 @@ async function main(): Promise<void> {
   const only = values.only?.split(',').map((x) => x.trim()).filter(Boolean);
   const chosen = (c: Contender) => !only || only.some((o) => c.label === o || c.label.includes(`'${o}'`));
   // --contenders: sliding and these options, on the generators alone.
-  const extra = values.contenders ? (JSON.parse(values.contenders) as ChatOptions[]).map((options) => ({ label: JSON.stringify(options), options })) : undefined;
+  const extra = values.contenders ? contendersFromJson(values.contenders) : undefined;
   if (extra) values['sweep-only'] = true;
   if (only || values['sweep-only']) values['no-write'] = true;
   const n = Number(values.conversations);

@@ -184,7 +184,7 @@ const option_row<model_target> MODEL_ROWS[] = {
 };
 
 const option_row<chat_target> CHAT_ROWS[] = {
-    // The default keeps what later turns went back for (issue #29's goals, met on the CPU: docs/memory.md).
+    // The default keeps what later turns went back for (issue #29's goals, met on the CPU: docs/models.md).
     // On a GPU, reading attention weights turns flash attention off and copies every layer's weights
     // to the host, a cost not measured yet, so a GPU model's chats keep the cheapest policy.
     { { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'importance' on the CPU, 'sliding' on a GPU", "", "Which tokens leave the KV cache when the budget is full.", false },
@@ -216,7 +216,7 @@ const option_row<chat_target> CHAT_ROWS[] = {
       [](chat_target & t, const option_value * v) { t.o.policy.importance_decay = v ? (float) number_in("importanceDecay", *v, 0, 1) : 1.0f; } },
     { { "chat", "importanceGranularity", "'span' | 'token'", "'span'", "", "importance: evict whole low-scoring spans or single tokens (H2O).", false },
       [](chat_target & t, const option_value * v) { t.o.policy.importance_granularity_spans = v ? choice_of("importanceGranularity", *v, GRANULARITIES) == "span" : true; } },
-    { { "chat", "importanceScore", "'mean' | 'peak' | 'blend'", "'blend'", "", "importance/hybrid: rank tokens by the mean attention they receive per query, or by the peak weight a distant query paid them (at least 32 positions later, or two whole messages later: tokens the model went back for); 'blend' (spans): a span stays when either ranks it high among the spans (its peak only counts in the top quarter by peak). Why 'blend': docs/models.md.", false },
+    { { "chat", "importanceScore", "'mean' | 'peak' | 'blend'", "'blend'", "", "importance/hybrid: rank tokens by the mean attention they receive per query, or by the peak weight a distant query paid them (at least 32 positions later, or two whole messages later when one head gave them at least 0.9, a copy: tokens the model went back for); 'blend' (spans): a span stays when either ranks it high among the spans (its peak only counts in the top quarter by peak). Why 'blend': docs/models.md.", false },
       [](chat_target & t, const option_value * v) {
           const std::string s = v ? choice_of("importanceScore", *v, IMPORTANCE_SCORES) : "blend";
           t.o.policy.importance_peak = s == "peak";

@@ -47,7 +47,7 @@ struct group_member {
     int32_t pos0 = 0;          // position of its first token in the group
     int32_t n_tokens = 0;
     bool wanted = true;        // false for summary scratch tokens: no signals
-    int32_t peak_horizon = -1; // keys before this position are distant for a peak whatever the distance
+    int32_t peak_horizon = -1; // keys before this position are distant for a peak when a head gives them PEAK_NEAR_LOOKUP_WEIGHT
 };
 
 // What was captured for one member.

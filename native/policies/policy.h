@@ -83,9 +83,8 @@ size_t window_begin(const token_ledger & ledger, uint32_t window_size);
 // to compete on score: a window kept over them crowded out what the scores would keep (a fact asked
 // for just before three long messages: 0 of 16 kept at 25%, docs/models.md). The newest token stays
 // (even with window_size 0; only a turn that needs every evictable token takes it): it holds the
-// sequence's last position, and a sliding-window cache
-// that has dropped its older cells would be left with a lower one than the ledger's and refuse the
-// next decode (Gemma 4 with hybrid did).
+// sequence's last position, and a sliding-window cache that has dropped its older cells would be left
+// with a lower one than the ledger's and refuse the next decode (Gemma 4 with hybrid did).
 size_t window_begin(const token_ledger & ledger, uint32_t window_size, size_t incoming);
 
 // Evicts the oldest unpinned tokens: first outside the window up to `want`, then inside it up to

@@ -68,8 +68,9 @@ export interface ChatOptions {
   importanceGranularity?: 'span' | 'token';
   /**
    * importance/hybrid: 'mean' ranks tokens by the attention they receive per query that could see
-   * them; 'peak' by the largest weight a distant query paid them (at least 32 positions or two whole
-   * messages later: tokens the model went back for, such as a fact it was asked about); 'blend' keeps a span when either ranks
+   * them; 'peak' by the largest weight a distant query paid them (at least 32 positions later, or two
+   * whole messages later when one head gave them at least 0.9, a copy: tokens the model went back for,
+   * such as a fact it was asked about); 'blend' keeps a span when either ranks
    * it high among the spans (the peak only for the top quarter of spans by peak). Default 'blend'.
    */
   importanceScore?: 'mean' | 'peak' | 'blend';

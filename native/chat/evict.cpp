@@ -143,6 +143,7 @@ bool chat::evict(const eviction_request & req, size_t hard_need, step_context & 
         sampling_options so;
         so.temperature = 0.0f;          // summaries are greedy: deterministic, no seed needed
         so.repeat_penalty = 1.1f;
+        so.repeat_last_n = 64;
         j->sampler = std::make_unique<sampler_chain>(so, model_->info().n_vocab);
         turn_->summary = std::move(j);
         return false;

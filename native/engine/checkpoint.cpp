@@ -3,6 +3,7 @@
 #include "util/error.h"
 #include "util/hash.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <cstdlib>
@@ -122,7 +123,10 @@ chat_options get_options_v1(byte_reader & r) {
     o.system_prompt = r.str();
     o.threads = r.get<int32_t>(); o.batch_size = r.get<int32_t>(); o.kv_type = r.str(); o.flash_attention = r.get<int32_t>();
     o.max_policy_ms = r.get<double>();
-    return resolve_stored(chat_options_to_map(o, true));
+    // What format 1 did not store takes the table's default.
+    option_map m = chat_options_to_map(o, true);
+    m.erase(std::remove_if(m.begin(), m.end(), [](const auto & kv) { return kv.first == "importanceScore" || kv.first == "positions"; }), m.end());
+    return resolve_stored(m);
 }
 
 std::string errno_text() { return std::strerror(errno); }

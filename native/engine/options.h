@@ -34,27 +34,28 @@ struct option_value {
 // Name -> value, in the caller's order.
 using option_map = std::vector<std::pair<std::string, option_value>>;
 
+// The fields start empty: every value, default included, comes from the table (options.cpp).
 struct model_load_options {
-    int32_t  gpu_layers = -1;    // -1 = all that the backend can take ('auto')
-    bool     use_mmap   = true;
-    int32_t  threads    = 1;     // the model's CPU thread budget: ggml threads of every decode
-    uint32_t slots      = 8;     // chats decoded together per context; more are parked while idle
-    uint32_t prefill_chunk = 64; // prefill tokens per step while other chats generate
+    int32_t  gpu_layers = 0;     // -1 = all that the backend can take ('auto')
+    bool     use_mmap   = false;
+    int32_t  threads    = 0;     // the model's CPU thread budget: ggml threads of every decode
+    uint32_t slots      = 0;     // chats decoded together per context; more are parked while idle
+    uint32_t prefill_chunk = 0;  // prefill tokens per step while other chats generate
     bool     kv_unified = false; // one KV buffer for all chats (benchmarks compare; slower for long chats)
 };
 
 struct chat_options {
     policy_options policy;
     std::string system_prompt;
-    int32_t     threads = 1;
-    int32_t     batch_size = 512;
-    std::string kv_type = "f16";      // f16 | f32 | q8_0
+    int32_t     threads = 0;
+    int32_t     batch_size = 0;
+    std::string kv_type;              // f16 | f32 | q8_0
     int32_t     flash_attention = -1; // -1 auto, 0 off, 1 on
-    double      max_policy_ms = 50.0; // latency guard: slower choices fall back to sliding (<= 0: off)
+    double      max_policy_ms = 0;    // latency guard: slower choices fall back to sliding (<= 0: off)
     // Positions after an eviction: kept (the retained tokens keep their true distances and new tokens
     // are numbered on; compaction only when the next position would pass `position_limit`) or
     // compacted at every eviction (positions 0..n-1 again: a K-shift of the whole context each time).
-    bool        keep_positions = true;
+    bool        keep_positions = false;
     uint32_t    position_limit = 0;   // 0: the model's trained context (n_ctx_train)
     double      test_policy_delay_ms = 0; // test hook: makes every policy choice this slow
     double      test_token_delay_ms = 0;  // test hook: makes every decode of a turn this slow (deterministic aborts)
@@ -62,7 +63,7 @@ struct chat_options {
 
 struct generation_options {
     sampling_options sampling;
-    int32_t max_new_tokens = 256;
+    int32_t max_new_tokens = 0;
     bool ignore_eos = false;     // end-of-generation tokens are never sampled: the reply runs to max_new_tokens (or a stop string)
     std::vector<std::string> stop;
 };

@@ -10,13 +10,15 @@ struct llama_sampler;
 
 namespace fml {
 
+// As constructed: greedy, no penalty (what the core's own decodes use, summaries and probes); a
+// turn's values, defaults included, come from the options table (options.cpp).
 struct sampling_options {
-    float    temperature    = 0.8f;
-    int32_t  top_k          = 40;
-    float    top_p          = 0.95f;
-    float    min_p          = 0.05f;
+    float    temperature    = 0.0f;
+    int32_t  top_k          = 0;
+    float    top_p          = 1.0f;
+    float    min_p          = 0.0f;
     float    repeat_penalty = 1.0f;
-    int32_t  repeat_last_n  = 64;
+    int32_t  repeat_last_n  = 0;
     uint32_t seed           = 0xFFFFFFFF;   // LLAMA_DEFAULT_SEED: random
 };
 

@@ -10,30 +10,30 @@
 
 namespace fml {
 
-// Initial values for C++ callers (the unit tests) follow the options table's defaults; a chat's come
-// from that table (engine/options.cpp), which is what JS, the docs and checkpoints see.
+// A chat's values, defaults included, come from the options table (engine/options.cpp), the one
+// place defaults live (JS, the docs and checkpoints see that table); the fields here start empty.
 struct policy_options {
-    std::string name        = "importance";   // the CPU default (on a GPU: sliding)
-    uint32_t    max_tokens  = 2048;
-    uint32_t    window_size = max_tokens / 4;   // most recent tokens kept when anything else can go
-    uint32_t    sink_tokens = 4;      // first tokens of the sequence, pinned (attention sinks)
+    std::string name;
+    uint32_t    max_tokens  = 0;
+    uint32_t    window_size = 0;   // most recent tokens kept when anything else can go
+    uint32_t    sink_tokens = 0;   // first tokens of the sequence, pinned (attention sinks)
     // importance
     float       importance_decay = 1.0f;   // scores are multiplied by this once per turn (1 = no decay)
-    bool        importance_granularity_spans = true;   // evict whole low-scoring spans, not single tokens
+    bool        importance_granularity_spans = false;   // evict whole low-scoring spans, not single tokens
     // The attention score: false = mean attention received per query that could see the token;
     // true = the peak single weight a distant query paid it (signals.h, PEAK_MIN_DISTANCE).
     bool        importance_peak = false;
     // 'blend': a span stays when either its mean attention or its peak ranks high among the spans.
-    bool        importance_blend = true;
+    bool        importance_blend = false;
     // semantic
-    uint32_t    semantic_clusters = 8;
-    uint32_t    span_max_tokens = 32;
-    uint32_t    seed = 42;
+    uint32_t    semantic_clusters = 0;
+    uint32_t    span_max_tokens = 0;
+    uint32_t    seed = 0;
     // rolling_summary / hybrid
-    uint32_t    summary_tokens = max_tokens / 8 < 48 ? max_tokens / 8 : 48;   // upper bound of one summary; 0 disables summaries in hybrid
+    uint32_t    summary_tokens = 0;   // upper bound of one summary; 0 disables summaries in hybrid
     // hybrid: how the kept part of the evictable middle is split (the rest of the budget is the
     // window, pinned tokens and the summary)
-    float       hybrid_importance_share = 0.5f;   // of the kept middle, by importance score
+    float       hybrid_importance_share = 0.0f;   // of the kept middle, by importance score
     // (1 - hybrid_importance_share) of the kept middle goes to semantic representatives
 };
 

@@ -6,6 +6,7 @@
 #include "util/error.h"
 #include "util/utf8.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <functional>
 #include <set>
@@ -62,12 +63,20 @@ token_ledger make_ledger(size_t n, size_t sinks, size_t turn_len = 16, const std
     return l;
 }
 
+// The tests' own settings (a chat's come from the options table, which these tests do not link).
 policy_options options(const char * name, uint32_t max_tokens, uint32_t window) {
     policy_options o;
     o.name = name;
     o.max_tokens = max_tokens;
     o.window_size = window;
     o.sink_tokens = 4;
+    o.importance_granularity_spans = true;
+    o.importance_blend = true;
+    o.semantic_clusters = 8;
+    o.span_max_tokens = 32;
+    o.seed = 42;
+    o.summary_tokens = std::min<uint32_t>(48, max_tokens / 8);
+    o.hybrid_importance_share = 0.5f;
     return o;
 }
 

@@ -104,7 +104,28 @@ export function writeResultsSection(name: string, body: string): void {
   writeFileSync(file, text);
 }
 
+/** A chat configuration a benchmark compares, under the label its tables print. */
+export interface Contender { label: string; options: ChatOptions }
+
+/**
+ * What bench:recall and bench:quality compare (sliding first: the baseline of their ratios): every
+ * policy with its defaults, plus the variants that explain the results.
+ */
+export const POLICY_CONTENDERS: readonly Contender[] = [
+  { label: 'sliding', options: { policy: 'sliding' } },
+  { label: 'importance', options: { policy: 'importance' } },
+  { label: "importance (importanceScore 'mean')", options: { policy: 'importance', importanceScore: 'mean' } },
+  { label: "importance (importanceScore 'peak')", options: { policy: 'importance', importanceScore: 'peak' } },
+  { label: 'importance (token granularity, H2O-style)', options: { policy: 'importance', importanceGranularity: 'token' } },
+  { label: 'semantic', options: { policy: 'semantic' } },
+  { label: 'rolling_summary', options: { policy: 'rolling_summary' } },
+  { label: 'hybrid', options: { policy: 'hybrid' } },
+  { label: "hybrid (importanceScore 'mean')", options: { policy: 'hybrid', importanceScore: 'mean' } },
+  { label: "hybrid (importanceScore 'peak')", options: { policy: 'hybrid', importanceScore: 'peak' } },
+  { label: 'hybrid (no summary)', options: { policy: 'hybrid', summaryTokens: 0 } },
+];
+
 /** A `--contenders '[{...}, ...]'` argument: chat options, each labelled by its JSON (quick comparisons). */
-export function contendersFromJson(json: string): { label: string; options: ChatOptions }[] {
+export function contendersFromJson(json: string): Contender[] {
   return (JSON.parse(json) as ChatOptions[]).map((options) => ({ label: JSON.stringify(options), options }));
 }

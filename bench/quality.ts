@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { writeLlamaModel } from '../src/gguf/index.ts';
 import { loadModel, type ChatOptions, type Model } from '../src/index.ts';
-import { contendersFromJson, machine, SHARED_MODELS, writeResultsSection } from './common.ts';
+import { POLICY_CONTENDERS, contendersFromJson, type Contender, machine, SHARED_MODELS, writeResultsSection } from './common.ts';
 
 const CHUNK = 16;
 const WINDOW_SHARE = Number(process.env.FML_WINDOW_SHARE ?? 0.5);
@@ -60,21 +60,6 @@ function argmax(logits: Float32Array, offset: number, n: number): number {
   return best;
 }
 
-// One row per contender: every policy with its defaults, plus variants that explain the results.
-const CONTENDERS: { label: string; options: ChatOptions }[] = [
-  { label: 'sliding', options: { policy: 'sliding' } },
-  { label: 'importance', options: { policy: 'importance' } },
-  { label: "importance (importanceScore 'mean')", options: { policy: 'importance', importanceScore: 'mean' } },
-  { label: "importance (importanceScore 'peak')", options: { policy: 'importance', importanceScore: 'peak' } },
-  { label: 'importance (token granularity, H2O-style)', options: { policy: 'importance', importanceGranularity: 'token' } },
-  { label: 'semantic', options: { policy: 'semantic' } },
-  { label: 'rolling_summary', options: { policy: 'rolling_summary' } },
-  { label: 'hybrid', options: { policy: 'hybrid' } },
-  { label: "hybrid (importanceScore 'mean')", options: { policy: 'hybrid', importanceScore: 'mean' } },
-  { label: "hybrid (importanceScore 'peak')", options: { policy: 'hybrid', importanceScore: 'peak' } },
-  { label: 'hybrid (no summary)', options: { policy: 'hybrid', summaryTokens: 0 } },
-];
-
 type Positions = 'keep' | 'compact';
 const POSITIONS: Positions[] = ['keep', 'compact'];
 interface Row { model: string; policy: string; positions: Positions; budget: number; maxTokens: number; kl: number; top1: number; evicted: number; fallbacks: number; compactions: number; nll: number; refNll: number }
@@ -91,9 +76,9 @@ const SENTENCES = STORY.match(/[^.!?]+[.!?]"?/g)!.map((x) => x.trim());
 const TEXTS = [0, 7, 14, 21].map((k) => [...SENTENCES.slice(k), ...SENTENCES.slice(0, k)].join(' '));
 
 const EXTRA = process.argv.includes('--contenders') ? process.argv[process.argv.indexOf('--contenders') + 1] : undefined;
-const CHOSEN: typeof CONTENDERS = EXTRA
-  ? [CONTENDERS[0]!, ...contendersFromJson(EXTRA)]
-  : CONTENDERS;
+const CHOSEN: readonly Contender[] = EXTRA
+  ? [POLICY_CONTENDERS[0]!, ...contendersFromJson(EXTRA)]
+  : POLICY_CONTENDERS;
 
 async function evaluate(model: Model, label: string, length: number, contenders = CHOSEN, budgets = BUDGETS, positions: { label: Positions; options: ChatOptions }[] = POSITIONS.map((p) => ({ label: p, options: { positions: p } }))): Promise<Row[]> {
   const all: Row[][] = [];
@@ -110,7 +95,7 @@ async function evaluate(model: Model, label: string, length: number, contenders 
   }));
 }
 
-async function evaluateText(model: Model, label: string, length: number, text: string, contenders: typeof CONTENDERS, budgets: number[], positions: { label: Positions; options: ChatOptions }[]): Promise<Row[]> {
+async function evaluateText(model: Model, label: string, length: number, text: string, contenders: readonly Contender[], budgets: number[], positions: { label: Positions; options: ChatOptions }[]): Promise<Row[]> {
   let tokens = model.tokenize(text, { addBos: true });
   while (tokens.length < length) tokens = tokens.concat(model.tokenize(' ' + text));
   tokens = tokens.slice(0, length);
@@ -155,7 +140,7 @@ async function main() {
     setup.push(`stories260K: ${m.info.nLayer} layers, ${m.info.nHead} heads / ${m.info.nHeadKv} KV heads, n_embd ${m.info.nEmbd}, vocab ${m.info.nVocab}; text length 512 tokens (it was trained with 512-token sequences; its GGUF says 2048)`);
     rows.push(...(await evaluate(m, 'stories260K', 512)));
     // Past the trained length: 1024 tokens, so kept positions run to 1023 unless the limit says 512.
-    longRows.push(...(await evaluate(m, 'stories260K', 1024, CONTENDERS.slice(0, 1), [0.25, 0.5], [
+    longRows.push(...(await evaluate(m, 'stories260K', 1024, POLICY_CONTENDERS.slice(0, 1), [0.25, 0.5], [
       { label: 'keep', options: { positions: 'keep' } },
       { label: 'keep', options: { positions: 'keep', positionLimit: 512 } },
       { label: 'compact', options: { positions: 'compact' } },

@@ -19,30 +19,17 @@ import { parseArgs } from 'node:util';
 import { loadModel, PromptTooLargeError, type Chat, type ChatOptions, type MemoryEntry, type Model } from '../src/index.ts';
 import { RECALL_BENCH_SHAPE, RECALL_GEOMETRY, RECALL_TRAINING_TOKENS, defaultRecallModelPath } from '../scripts/make-recall-model.ts';
 import { RECALL_SYSTEM_PROMPT, benchConversation, isCorrectAnswer, type RecallConversation } from '../scripts/recall/dialogues.ts';
-import { ROOT, contendersFromJson, machine, writeResultsSection } from './common.ts';
+import { POLICY_CONTENDERS, ROOT, contendersFromJson, machine, writeResultsSection, type Contender } from './common.ts';
 import { RECALL_GENERATORS, type RecallGenerator } from './recall-generators.ts';
 import { lineChart } from './svg.ts';
 
 const BUDGETS = [0.15, 0.25, 0.5, 0.75];
 const GEN = { temperature: 0, maxNewTokens: 8 } as const;
 
-interface Contender { label: string; options: ChatOptions }
 /** The contenders that also run with positions compacted at every eviction. */
 const COMPACTED = ['sliding', 'importance', "importance (importanceScore 'mean')", 'hybrid'] as const;
 // importance and hybrid run with their defaults (importanceScore 'blend') and with the other scorings.
-const KEPT: Contender[] = [
-  { label: 'sliding', options: { policy: 'sliding' } },
-  { label: 'importance', options: { policy: 'importance' } },
-  { label: "importance (importanceScore 'mean')", options: { policy: 'importance', importanceScore: 'mean' } },
-  { label: "importance (importanceScore 'peak')", options: { policy: 'importance', importanceScore: 'peak' } },
-  { label: 'importance (token granularity, H2O-style)', options: { policy: 'importance', importanceGranularity: 'token' } },
-  { label: 'semantic', options: { policy: 'semantic' } },
-  { label: 'rolling_summary', options: { policy: 'rolling_summary' } },
-  { label: 'hybrid', options: { policy: 'hybrid' } },
-  { label: "hybrid (importanceScore 'mean')", options: { policy: 'hybrid', importanceScore: 'mean' } },
-  { label: "hybrid (importanceScore 'peak')", options: { policy: 'hybrid', importanceScore: 'peak' } },
-  { label: 'hybrid (no summary)', options: { policy: 'hybrid', summaryTokens: 0 } },
-];
+const KEPT = POLICY_CONTENDERS;
 // The rows above keep positions (the default); these compact them at every eviction.
 const CONTENDERS: Contender[] = [
   ...KEPT,

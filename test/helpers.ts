@@ -37,6 +37,7 @@ export function checkCache(chat: Chat, maxTokens: number) {
   expect(cache.cachePosMin).toBe(cache.ledgerPosFirst);
   expect(cache.cachePosMax).toBe(cache.ledgerPosLast);
   expect(cache.ledgerPosLast).toBeLessThan(cache.positionLimit);
+  expect(cache.windowIntact).toBe(true);
   if (chat.options.positions === 'compact') {
     expect(cache.positionsContiguous).toBe(true);
     expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);

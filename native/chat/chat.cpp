@@ -65,10 +65,12 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
     const model_info & mi = model_->info();
     int32_t fa = opts_.flash_attention;
     if (policy_->needs_importance()) {
-        // Sliding-window layers index their attention by the window cache's cells, which the cell
-        // map does not describe: those models use the key-norm proxy. So does a q8_0 cache, which
-        // needs flash attention (no weights to read).
-        if (fa != 1 && opts_.kv_type != "q8_0" && kv_internals_available() && mi.sliding_window == 0) {
+        // Sliding-window layers index their attention by the window cache's cells: the weights are
+        // read from the full layers alone, and a model without one uses the key-norm proxy. So does
+        // a q8_0 cache, which needs flash attention (no weights to read).
+        const size_t sliding = (size_t) std::count(mi.sliding_layers.begin(), mi.sliding_layers.end(), true);
+        const bool full_layer = mi.sliding_window == 0 || (int32_t) sliding < mi.kv_layers;
+        if (fa != 1 && opts_.kv_type != "q8_0" && kv_internals_available() && full_layer) {
             signal_ = IMPORTANCE_ATTENTION;
             fa = 0;
             key_.attention = true;

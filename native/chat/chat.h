@@ -179,6 +179,7 @@ struct cache_view {
     int32_t slot = -1;
     bool parked = false;
     int32_t scratch_pos_max = -1;   // highest cached position beyond the ledger (summary scratch left behind)
+    bool window_intact = true;      // sliding layers: they hold exactly the ledger's tokens the next one sees
 };
 
 class chat {

@@ -138,6 +138,7 @@ bool chat::evict(const eviction_request & req, size_t hard_need, step_context & 
         j->max_tokens = max_summary;
         j->instruction_pos0 = ledger_.next_pos();
         j->recurrent = kv_recurrent_save(e.ctx(), slot_);
+        j->window = kv_window_save(e.ctx(), slot_);
         j->t0 = clock_type::now();
         j->rec = std::move(rec);
         sampling_options so;

@@ -158,6 +158,7 @@ cache_view chat::view(llama_context * ctx) const {
         v.cache_pos_min = kv_pos_min(ctx, slot_);
         v.cache_pos_max = kv_pos_max(ctx, slot_);
         v.scratch_pos_max = v.cache_pos_max >= ledger_.next_pos() ? v.cache_pos_max : -1;
+        v.window_intact = kv_window_matches(ctx, slot_, ledger_);
     } else if (!ledger_.empty()) {
         // Parked: the state is off the cache; report the ledger's view of it.
         v.cache_pos_min = ledger_[0].pos;

@@ -63,6 +63,11 @@ void chat::finish_summary(step_context & e) {
                                         : !e.can_shift()      ? summary_placement::after_history
                                         : summary_fits_gap(ledger_, j->ranges, items.size()) ? summary_placement::in_gap
                                                                                             : summary_placement::compacted;
+    if (placement != summary_placement::after_history) {
+        // The window goes back to the history's newest tokens (the scratch's cells leave it; the summary
+        // lands among older positions). A summary left after the history is the newest itself.
+        kv_window_restore(e.ctx(), slot_, j->window, ledger_);
+    }
     eviction_record & rec = j->rec;
     rec.positions = position_ranges(j->ranges);
     const kv_eviction_result res = kv_evict_and_insert(e.ctx(), slot_, ledger_, j->ranges, placement, j->instruction_pos0,
@@ -93,6 +98,7 @@ void chat::finish_summary(step_context & e) {
 void chat::cancel_summary(step_context & e) {
     // The scratch cells (instruction, summary so far) go; the planned eviction does not happen.
     kv_drop_unledgered(e.ctx(), slot_, ledger_);
+    kv_window_restore(e.ctx(), slot_, turn_->summary->window, ledger_);
     restore_recurrent(turn_->summary->recurrent, e);
     turn_->summary.reset();
 }

@@ -32,6 +32,7 @@ struct chat::summary_job {
     clock_type::time_point t0;
     eviction_record rec;
     std::vector<uint8_t> recurrent;   // a hybrid's recurrent state before the scratch: it must not keep it
+    std::vector<uint8_t> window;      // the sliding layers' window before the scratch (kv_window_save)
 };
 
 struct chat::turn_state {
@@ -50,6 +51,10 @@ struct chat::turn_state {
     bool rollback_set = false;
     size_t ledger_before = 0; // rollback point: the ledger before this turn's own tokens
     std::vector<uint8_t> recurrent;   // a hybrid's recurrent state at the rollback point
+    // The sliding layers' window at the rollback point, when the prefill is long enough to push the
+    // history's newest tokens out of it (kv_window_save), and the compactions then (none since: it holds).
+    std::vector<uint8_t> window;
+    uint64_t window_compactions = 0;
     std::vector<ledger_entry> scored_before;   // importance/hybrid: the ledger's scores as the turn began
     uint64_t compactions_before = 0;           // (positions renumbered since: they cannot be matched)
     std::vector<int32_t> carry_before;   // what closed the previous reply (back if the whole turn is rolled back)

@@ -117,6 +117,15 @@ contribution chat::contribute(size_t budget, step_context & e) {
         if (!t.rollback_set && !s.system) {
             t.ledger_before = ledger_.size();
             t.recurrent = kv_recurrent_save(e.ctx(), slot_);
+            // A prefill of half the window or more can push the history's newest tokens out of the
+            // sliding layers if it is rolled back (kv_window_save); a shorter one is not worth the copy.
+            size_t prefill = 0;
+            for (size_t i = t.seg; i < t.segments.size(); ++i) prefill += t.segments[i].tokens.size() - (i == t.seg ? t.off : 0);
+            const int32_t window = model_->info().sliding_window;
+            if (window > 0 && prefill * 2 >= (size_t) window) {
+                t.window = kv_window_save(e.ctx(), slot_);
+                t.window_compactions = cumulative_.compactions;
+            }
             t.rollback_set = true;
         }
         c.pos0 = ledger_.next_pos();
@@ -405,6 +414,9 @@ void chat::rollback_to(size_t keep, step_context & e) {
     if (keep == 0) {
         kv_clear_slot(e.ctx(), slot_);
     } else if (turn_ && turn_->rollback_set) {
+        if (!turn_->window.empty() && cumulative_.compactions == turn_->window_compactions) {
+            kv_window_restore(e.ctx(), slot_, turn_->window, ledger_);
+        }
         restore_recurrent(turn_->recurrent, e);
         if (cumulative_.compactions == turn_->compactions_before) {
             restore_scores(turn_->scored_before);

@@ -10,10 +10,11 @@
 
 namespace fml {
 
-void eval_capture::bind(llama_context * ctx, int32_t embd, bool unified) {
+void eval_capture::bind(llama_context * ctx, int32_t embd, bool unified, const std::vector<bool> & sliding_layers) {
     ctx_ = ctx;
     n_embd_ = embd;
     unified_ = unified;
+    sliding_layers_ = sliding_layers;
 }
 
 void eval_capture::begin_group(const std::vector<group_member> & layout) {
@@ -142,7 +143,8 @@ void eval_capture::observe_attention(ggml_tensor * t) {
 
 bool eval_capture::observe(ggml_tensor * t, bool ask) {
     int32_t il = -1;
-    const bool is_attn   = want_attention && name_is(t, "kq_soft_max", &il);
+    // A sliding layer's weights are indexed by the window cache's cells: only the full layers' are read.
+    const bool is_attn   = want_attention && name_is(t, "kq_soft_max", &il) && !(il >= 0 && (size_t) il < sliding_layers_.size() && sliding_layers_[(size_t) il]);
     const bool is_key    = want_key_norm && name_is(t, "Kcur", &il) && t->op == GGML_OP_ROPE;
     const bool is_hidden = want_hidden && name_is(t, "l_out", &il) && il == hidden_layer;
     if (ask) {

@@ -71,7 +71,8 @@ public:
     int32_t hidden_layer = 0;
 
     bool any() const { return want_attention || want_key_norm || want_hidden; }
-    void bind(llama_context * ctx, int32_t n_embd, bool unified);
+    // `sliding_layers`: layers whose attention is not read (indexed by the window cache's cells).
+    void bind(llama_context * ctx, int32_t n_embd, bool unified, const std::vector<bool> & sliding_layers);
 
     // Before a group's llama_decode: its members in row order.
     void begin_group(const std::vector<group_member> & layout);
@@ -97,6 +98,7 @@ private:
     llama_context * ctx_ = nullptr;
     int32_t n_embd_ = 0;
     bool unified_ = false;
+    std::vector<bool> sliding_layers_;
     std::vector<capture_member> members_;
     size_t n_members_ = 0;
     int64_t n_rows_ = 0;

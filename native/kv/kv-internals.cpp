@@ -32,11 +32,15 @@ llama_memory_hybrid * hybrid_of(llama_context * ctx) {
     return mem != nullptr && typeid(*mem) == typeid(llama_memory_hybrid) ? static_cast<llama_memory_hybrid *>(mem) : nullptr;
 }
 
-// The attention KV cache that holds every retained token of a sequence.
+// The attention KV cache that holds every retained token of a sequence (with sliding-window layers,
+// the full layers' cache).
 llama_kv_cache * full_cache_of(llama_context * ctx) {
     llama_memory_i * mem = llama_get_memory(ctx);
     if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
         return kv;
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return iswa->get_base();
     }
     if (auto * hybrid = hybrid_of(ctx)) {
         return hybrid->get_mem_attn();
@@ -85,6 +89,7 @@ kv_model_layout kv_layout_of(const llama_model * model) {
         const bool attends = hybrid ? (falcon || (!hp.is_recr(il) && both)) : !recurrent;
         const bool recurs = recurrent || (hybrid && (falcon || (hp.is_recr(il) && both)));
         out.attention_layers += attends ? 1 : 0;
+        out.sliding_layers.push_back(attends && hp.is_swa(il));
         if (attends) {
             out.kv_heads = out.kv_heads > 0 ? out.kv_heads : (int32_t) hp.n_head_kv(il);
             out.kv_values_per_token += (uint64_t) hp.n_embd_k_gqa(il) + hp.n_embd_v_gqa(il);
@@ -108,7 +113,7 @@ bool kv_cell_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & 
     out.clear();
 #ifdef FML_HAVE_KV_INTERNALS
     llama_kv_cache * kv = full_cache_of(ctx);
-    if (kv == nullptr || dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx)) != nullptr) {
+    if (kv == nullptr) {
         return false;
     }
     const llama_kv_cells & cells = kv->get_cells(seq);
@@ -116,6 +121,27 @@ bool kv_cell_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & 
     for (uint32_t i = 0; i < cells.size(); ++i) {
         if (!cells.is_empty(i) && cells.seq_has(i, seq)) {
             out[i] = cells.pos_get(i);
+        }
+    }
+    return true;
+#else
+    (void) ctx;
+    (void) seq;
+    return false;
+#endif
+}
+
+bool kv_window_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out) {
+    out.clear();
+#ifdef FML_HAVE_KV_INTERNALS
+    auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx));
+    if (iswa == nullptr) {
+        return false;
+    }
+    const llama_kv_cells & cells = iswa->get_swa()->get_cells(seq);
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        if (!cells.is_empty(i) && cells.seq_has(i, seq)) {
+            out.push_back(cells.pos_get(i));
         }
     }
     return true;
@@ -180,9 +206,6 @@ void kv_prune_sliding_window(llama_context * ctx, int32_t seq, int32_t next_pos)
 size_t kv_cell_ext_bytes(llama_context * ctx) {
 #ifdef FML_HAVE_KV_INTERNALS
     llama_kv_cache * kv = full_cache_of(ctx);
-    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx))) {
-        kv = iswa->get_base();
-    }
     return kv != nullptr && kv->has_cell_ext() ? sizeof(llama_kv_cell_ext) : 0;
 #else
     const enum llama_rope_type rope = llama_model_rope_type(llama_get_model(ctx));

@@ -39,12 +39,20 @@ struct kv_model_layout {
     uint64_t kv_values_per_token = 0;    // K and V elements one token adds, over every attention layer
     uint64_t recurrent_bytes = 0;
     bool hybrid_supported = false;   // its hybrid memory is a plain llama_memory_hybrid (see kv_memory_kind)
+    // Per layer: it attends within a sliding window, so its attention is indexed by the window
+    // cache's cells, not the full cache's (empty without the internals).
+    std::vector<bool> sliding_layers;
 };
 kv_model_layout kv_layout_of(const llama_model * model);
 
 // out[cell] = position of the cell in `seq`, or -1 when the cell is empty or not in `seq`, for the
-// attention KV cache (a hybrid's attention half). False (and `out` empty) when unavailable.
+// attention KV cache that holds every retained token (a hybrid's attention half; with sliding-window
+// layers, the full layers' cache). False (and `out` empty) when unavailable.
 bool kv_cell_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out);
+
+// Positions of `seq` in the sliding-window cache of a model with sliding layers (any order). False
+// (and `out` empty) without one or without the internals.
+bool kv_window_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out);
 
 // The sequence's smallest position in the cache that holds every retained token: with sliding-window
 // layers the full cache's (llama.cpp reports the window cache's, whose out-of-window cells it reuses),

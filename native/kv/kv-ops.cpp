@@ -362,6 +362,65 @@ bool kv_has_recurrent(llama_context * ctx) {
     return kv_memory_of(ctx) == kv_memory_kind::hybrid;
 }
 
+bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & ledger) {
+    check_seq(ctx, seq);
+    std::vector<int32_t> cached;
+    if (!kv_window_positions(ctx, seq, cached)) {
+        return true;
+    }
+    // What the token at next_pos sees: positions above next_pos - window (llama.cpp's standard mask).
+    const int32_t from = ledger.next_pos() - llama_model_n_swa(llama_get_model(ctx)) + 1;
+    std::vector<int32_t> seen;
+    for (int32_t p : cached) {
+        if (p >= from) seen.push_back(p);
+    }
+    std::sort(seen.begin(), seen.end());
+    std::vector<int32_t> expected;
+    for (size_t i = ledger.size(); i-- > 0 && ledger[i].pos >= from;) {
+        expected.push_back(ledger[i].pos);
+    }
+    std::reverse(expected.begin(), expected.end());
+    return seen == expected;
+}
+
+std::vector<uint8_t> kv_window_save(llama_context * ctx, int32_t seq) {
+    check_seq(ctx, seq);
+    if (kv_memory_of(ctx) != kv_memory_kind::kv_iswa) {
+        return {};
+    }
+    std::vector<uint8_t> blob(llama_state_seq_get_size_ext(ctx, seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY));
+    const size_t n = llama_state_seq_get_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
+    if (n == 0) {
+        throw fml_error(FML_ERR_KV, "llama_state_seq_get_data_ext could not save the sliding window");
+    }
+    blob.resize(n);
+    return blob;
+}
+
+void kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, const token_ledger & ledger) {
+    check_seq(ctx, seq);
+    if (blob.empty()) {
+        return;
+    }
+    if (llama_state_seq_set_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0) {
+        throw fml_error(FML_ERR_KV, "llama_state_seq_set_data_ext could not restore the sliding window");
+    }
+    // Positions evicted since the save, within the window: only the window cache still has them (the
+    // full cache lost them with the eviction), so removing them from the memory touches only it.
+    const int32_t window = llama_model_n_swa(llama_get_model(ctx));
+    int32_t above = ledger.next_pos();
+    for (size_t i = ledger.size(); i-- > 0 && above > ledger.next_pos() - window;) {
+        const int32_t pos = ledger[i].pos;
+        if (pos + 1 < above) {
+            kv_attention_seq_rm(ctx, seq, pos + 1, above);
+        }
+        above = pos;
+    }
+    if (above > 0 && above > ledger.next_pos() - window) {
+        kv_attention_seq_rm(ctx, seq, std::max(0, ledger.next_pos() - window), above);
+    }
+}
+
 void kv_truncate(llama_context * ctx, int32_t seq, token_ledger & ledger, size_t keep) {
     check_seq(ctx, seq);
     if (keep >= ledger.size()) {

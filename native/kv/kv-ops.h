@@ -72,6 +72,19 @@ void kv_recurrent_restore(llama_context * ctx, int32_t seq, const std::vector<ui
 // True when the context's memory has a recurrent half (snapshots then matter).
 bool kv_has_recurrent(llama_context * ctx);
 
+// The sliding layers' window of a chat on a model with sliding-window layers (llama.cpp's partial
+// sequence state of that cache), or empty for other models. Tokens decoded and then removed (a
+// summary's scratch, an aborted prefill) can have taken the cells of the window's own tokens:
+// llama.cpp reuses a cell once it is outside the window of the sequence's newest token, so after as
+// many tokens as the window the history's newest ones are gone from the sliding layers, and the
+// next decode is refused (the window cache no longer ends just before it). Restoring puts the window
+// back as it was, less the positions the ledger no longer holds (evicted since the save).
+std::vector<uint8_t> kv_window_save(llama_context * ctx, int32_t seq);
+void kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, const token_ledger & ledger);
+// True when the sliding layers hold exactly the ledger's positions that the next token sees (always
+// true without sliding layers, or without the internals to look).
+bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & ledger);
+
 // Removes ledger entries from index `keep` on, from the attention KV too (positions unchanged). A
 // hybrid's recurrent state is restored by the caller from its snapshot.
 void kv_truncate(llama_context * ctx, int32_t seq, token_ledger & ledger, size_t keep);

@@ -220,6 +220,7 @@ static void describe_memory(const llama_model * model, model_info & info) {
     info.rope = rope_name(rope);
     const kv_model_layout layout = kv_layout_of(model);
     info.kv_layers = layout.attention_layers;
+    info.sliding_layers = layout.sliding_layers;
     info.kv_values_per_token = layout.kv_values_per_token;
     if (layout.kv_heads > 0) {
         info.n_head_kv = layout.kv_heads;   // LFM2's layer 0 is a convolution: llama_model_n_head_kv says 0

@@ -40,6 +40,9 @@ struct model_info {
     // before any chat: createChat refuses with UNSUPPORTED_MODEL and this reason otherwise).
     std::string memory;               // "kv", "kv-swa" (some layers slide), "recurrent", "hybrid"
     int32_t sliding_window = 0;       // the sliding layers' window (0: none)
+    // Per layer: it attends within the sliding window (its attention weights are indexed by the window
+    // cache's cells, so importance reads only the other layers'). Empty when unknown (no internals).
+    std::vector<bool> sliding_layers;
     int32_t kv_layers = 0;            // layers with a KV cache: what finite memory bounds
     uint64_t kv_values_per_token = 0; // K and V elements one retained token holds over those layers
     uint64_t recurrent_bytes = 0;     // one chat's recurrent state (hybrid: fixed-size, never evicted)

@@ -8,7 +8,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { NativeBindingError } from '../shared/errors.js';
 import type { EvictionEvent } from '../shared/telemetry.js';
-import type { ModelInfo, TurnStats } from '../shared/types.js';
+import type { MemoryEntry, ModelInfo, TurnStats } from '../shared/types.js';
 
 /** The native model's info: the public ModelInfo, which adds the path on the JS side. */
 export type NativeModelInfo = Omit<ModelInfo, 'path'>;
@@ -50,17 +50,6 @@ export interface NativeChatStats {
   summary: string;
 }
 
-export interface NativeMemoryEntry {
-  token: number;
-  position: number;
-  turn: number;
-  role: 'system' | 'user' | 'assistant' | 'summary';
-  pinned: boolean;
-  /** importance/hybrid: the token's importance score (mean attention received, or -key norm); 0 otherwise. */
-  score: number;
-  text: string;
-}
-
 export interface NativeCacheState {
   ledgerTokens: number;
   pinnedTokens: number;
@@ -84,6 +73,8 @@ export interface NativeCacheState {
   slot: number;
   /** Its KV state is in host memory until its next turn. */
   parked: boolean;
+  /** Sliding-window layers hold exactly the ledger's tokens the next token sees (true without such layers). */
+  windowIntact: boolean;
   /** Attention rows read and weights found after their query (must be 0), for the chat's whole engine. */
   attentionRowsChecked: number;
   causalViolations: number;
@@ -120,7 +111,7 @@ export interface NativeChat {
   /** Evicts every token of `turn` in place; resolves with the number evicted. */
   forget(turn: number): Promise<number>;
   stats(): NativeChatStats;
-  memory(): NativeMemoryEntry[];
+  memory(): MemoryEntry[];
   /** Waits for the scheduler between steps (diagnostics: the demo, tests). */
   cacheState(): NativeCacheState;
   countTurnTokens(message: string): number;

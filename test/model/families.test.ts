@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MODEL_FAMILIES, writeModel, type ModelFamily } from '../../src/gguf/index.ts';
-import { loadModel, POLICIES, UnsupportedModelError, type Model } from '../../src/index.ts';
+import { loadModel, POLICIES, UnsupportedModelError, type Chat, type Model } from '../../src/index.ts';
 import { checkCache, maxAbsDiff, THREADS } from '../helpers.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'fml-families-'));
@@ -110,14 +110,24 @@ describe.each(SUPPORTED)('family %s', (family) => {
   it.each(POLICIES)('policy %s keeps the invariants for 40 turns', async (policy) => {
     const maxTokens = 128;
     const chat = model.createChat({ policy, maxTokens, windowSize: 24, sinkTokens: 4, systemPrompt: 'You are terse.', maxPolicyMs: 0 });
+    const scored = policy === 'importance' || policy === 'hybrid';
     for (let t = 0; t < 40; t++) {
       const r = await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 4 + (t % 5), temperature: 0.9, seed: t });
       expect(r.stats.policy).toBe(policy);
+      // Attention weights in every family (sliding-window models: their full layers' weights).
+      expect(r.stats.importanceSignal).toBe(scored ? 'attention' : null);
       checkCache(chat, maxTokens);
     }
     const s = chat.stats();
     expect(s.evictions).toBeGreaterThan(3);
     expect(s.fallbackCount).toBe(0);
+    if (scored) {
+      // The cell -> position map of the cache the weights index: no weight on a later position.
+      const cache = chat._internals().cacheState();
+      expect(cache.attentionRowsChecked).toBeGreaterThan(1000);
+      expect(cache.causalViolations).toBe(0);
+      expect(chat.memory().some((e) => !e.pinned && e.score > 0)).toBe(true);
+    }
     chat.dispose();
   });
 
@@ -193,6 +203,68 @@ describe('sliding-window models: compaction brings old tokens back within the wi
     chat.dispose();
     restored.dispose();
     model.dispose();
+  });
+});
+
+// Tokens decoded and then removed (an aborted prefill, a summary's scratch) can take the cells of the
+// window's own tokens: llama.cpp reuses a cell once it is outside the window of the sequence's newest
+// token. Longer than the window (16 here), they took them all, and the next decode was refused.
+describe.each(SLIDING)('%s: tokens longer than the window, removed again, leave the window as it was', (family) => {
+  let model: Model;
+  beforeAll(async () => {
+    model = await load(family);
+  });
+  afterAll(() => model?.dispose());
+  const EXACT = { kvType: 'f32', flashAttention: false } as const;
+  const talk = async (chat: Chat, from: number, turns: number) => {
+    const out: string[] = [];
+    for (let t = from; t < from + turns; t++) out.push((await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 6, temperature: 0.9, seed: t })).response);
+    return out;
+  };
+
+  it('an aborted prefill: same memory, next logits and replies as a chat that never saw it', async () => {
+    const opts = { ...EXACT, policy: 'sliding', maxTokens: 1024, batchSize: 8, systemPrompt: 'Be brief.' } as const;
+    const twin = model.createChat(opts);
+    await talk(twin, 0, 3);
+    const chat = model.createChat({ ...opts, testTokenDelayMs: 10 });
+    await talk(chat, 0, 3);
+    const memory = chat.memory();
+    const r = await chat.send('word '.repeat(300), { maxNewTokens: 4, signal: AbortSignal.timeout(150) });
+    expect(r.stopReason).toBe('abort');
+    expect(r.stats.promptTokens).toBe(0);
+    expect(chat.memory()).toEqual(memory);
+    checkCache(chat, 1024);
+    const probe = model.tokenize('the')[0]!;
+    expect(maxAbsDiff(chat._internals().probeLogits(probe), twin._internals().probeLogits(probe))).toBeLessThan(1e-4);
+    expect(await talk(chat, 3, 2)).toEqual(await talk(twin, 3, 2));
+    chat.dispose();
+    twin.dispose();
+  });
+
+  it('an aborted prefill once llama.cpp reuses cells: the window holds the history\'s newest tokens again', async () => {
+    // Enough turns that the stream's 256 cells have all been used: cells are now taken wherever the
+    // search finds a free or out-of-window one, the history's own among them.
+    const chat = model.createChat({ ...EXACT, policy: 'sliding', maxTokens: 128, batchSize: 8, systemPrompt: 'Be brief.', testTokenDelayMs: 10 });
+    await talk(chat, 0, 30);
+    const r = await chat.send('word '.repeat(45), { maxNewTokens: 4, signal: AbortSignal.timeout(60) });
+    expect(r.stopReason).toBe('abort');
+    expect(r.stats.promptTokens).toBe(0);
+    checkCache(chat, 128);   // windowIntact
+    await talk(chat, 30, 3);
+    checkCache(chat, 128);
+    chat.dispose();
+  });
+
+  it('summaries longer than the window: every turn goes on, the window ending at the newest token', async () => {
+    const chat = model.createChat({ ...EXACT, policy: 'rolling_summary', maxTokens: 160, windowSize: 24, summaryTokens: 40, systemPrompt: 'Be brief.', maxPolicyMs: 0 });
+    let summaryTokens = 0;
+    for (let t = 0; t < 30; t++) {
+      const r = await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 8, temperature: 0.9, seed: t });
+      summaryTokens = Math.max(summaryTokens, r.stats.summaryTokens);
+      checkCache(chat, 160);
+    }
+    expect(summaryTokens).toBeGreaterThan(16);   // a summary at least as long as the window was written
+    chat.dispose();
   });
 });
 

@@ -184,11 +184,25 @@ const option_row<model_target> MODEL_ROWS[] = {
 };
 
 const option_row<chat_target> CHAT_ROWS[] = {
+    { { "chat", "kvType", "'f16' | 'f32' | 'q8_0'", "'f16'", "", "KV cache element type; 'q8_0' needs flash attention.", false },
+      [](chat_target & t, const option_value * v) { t.o.kv_type = v ? choice_of("kvType", *v, KV_TYPES) : "f16"; } },
+    { { "chat", "flashAttention", "boolean", "off on the CPU, llama.cpp's choice on a GPU", "", "Flash attention on or off; importance and hybrid turn it off to read attention weights unless it is forced on; kvType 'q8_0' turns it on.", false },
+      [](chat_target & t, const option_value * v) {
+          t.o.flash_attention = v ? (boolean_of("flashAttention", *v) ? 1 : 0) : -1;
+          if (t.o.kv_type == "q8_0" && t.o.flash_attention == 0) {
+              throw fml_error(FML_ERR_INVALID_OPTION, "kvType 'q8_0' needs flash attention (a quantized V cache requires it)");
+          }
+      } },
     // The default keeps what later turns went back for (issue #29's goals, met on the CPU: docs/models.md).
     // On a GPU, reading attention weights turns flash attention off and copies every layer's weights
-    // to the host, a cost not measured yet, so a GPU model's chats keep the cheapest policy.
-    { { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'importance' on the CPU, 'sliding' on a GPU", "", "Which tokens leave the KV cache when the budget is full.", false },
-      [](chat_target & t, const option_value * v) { t.o.policy.name = v ? choice_of("policy", *v, POLICY_NAMES) : t.on_gpu ? "sliding" : "importance"; } },
+    // to the host, a cost not measured yet, so a GPU model's chats keep the cheapest policy. With flash
+    // attention on (forced, or for a q8_0 cache) there are no weights to read, and the key-norm proxy
+    // kept fewer facts than sliding (docs/models.md): sliding then too. Hence these rows come first.
+    { { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'importance' on the CPU, 'sliding' on a GPU or with flash attention on (forced, or for kvType 'q8_0')", "", "Which tokens leave the KV cache when the budget is full.", false },
+      [](chat_target & t, const option_value * v) {
+          const bool weights = !t.on_gpu && t.o.flash_attention != 1 && t.o.kv_type != "q8_0";
+          t.o.policy.name = v ? choice_of("policy", *v, POLICY_NAMES) : weights ? "importance" : "sliding";
+      } },
     // 16 is a floor, not the real minimum: that depends on the model's chat template and the system
     // prompt, and the chat checks it when created (chat::check_budget).
     { { "chat", "maxTokens", "number", "2048", "16 .. 1048576", "Hard cap on tokens in this chat's KV cache. The real minimum depends on the chat template and system prompt; createChat says what does not fit.", false },
@@ -203,15 +217,6 @@ const option_row<chat_target> CHAT_ROWS[] = {
       [](chat_target & t, const option_value * v) { t.o.threads = v ? (int32_t) int_in("threads", *v, 1, 256) : std::max(1, std::min(256, t.default_threads)); } },
     { { "chat", "batchSize", "number", "512", "1 .. 65536", "Most prefill tokens of this chat per step.", false },
       [](chat_target & t, const option_value * v) { t.o.batch_size = v ? (int32_t) int_in("batchSize", *v, 1, 65536) : 512; } },
-    { { "chat", "kvType", "'f16' | 'f32' | 'q8_0'", "'f16'", "", "KV cache element type; 'q8_0' needs flash attention.", false },
-      [](chat_target & t, const option_value * v) { t.o.kv_type = v ? choice_of("kvType", *v, KV_TYPES) : "f16"; } },
-    { { "chat", "flashAttention", "boolean", "off on the CPU, llama.cpp's choice on a GPU", "", "Flash attention on or off; importance and hybrid turn it off to read attention weights unless it is forced on; kvType 'q8_0' turns it on.", false },
-      [](chat_target & t, const option_value * v) {
-          t.o.flash_attention = v ? (boolean_of("flashAttention", *v) ? 1 : 0) : -1;
-          if (t.o.kv_type == "q8_0" && t.o.flash_attention == 0) {
-              throw fml_error(FML_ERR_INVALID_OPTION, "kvType 'q8_0' needs flash attention (a quantized V cache requires it)");
-          }
-      } },
     { { "chat", "importanceDecay", "number", "1", "0 .. 1", "importance/hybrid: scores are multiplied by this once per turn.", false },
       [](chat_target & t, const option_value * v) { t.o.policy.importance_decay = v ? (float) number_in("importanceDecay", *v, 0, 1) : 1.0f; } },
     { { "chat", "importanceGranularity", "'span' | 'token'", "'span'", "", "importance: evict whole low-scoring spans or single tokens (H2O).", false },

@@ -71,6 +71,13 @@ describe("importanceScore: 'peak'", () => {
     expect(byDefault.options.policy).toBe(model.info.backend === 'cpu' ? 'importance' : 'sliding');
     expect(byDefault.options.importanceScore).toBe('blend');
     byDefault.dispose();
+    // With flash attention on there are no weights to read, and key norms kept fewer facts than sliding.
+    const on = model.createChat({ flashAttention: true });
+    expect(on.options.policy).toBe('sliding');
+    on.dispose();
+    const off = model.createChat({ flashAttention: false });
+    expect(off.options.policy).toBe(model.info.backend === 'cpu' ? 'importance' : 'sliding');
+    off.dispose();
     for (const importanceScore of ['mean', 'peak', 'blend'] as const) {
       const chat = model.createChat({ policy: 'hybrid', importanceScore, maxTokens: 128, windowSize: 32, threads: THREADS });
       for (let i = 0; i < 20; i++) await chat.send(`turn ${i} about lanterns and rivers`, { temperature: 0, maxNewTokens: 6 });
@@ -95,6 +102,10 @@ it("importance with kvType 'q8_0' scores by key norms (a quantized V cache needs
     // Key norms are negated (low norm = high score): the scores are below zero, attention sums are not.
     expect(chat.memory().filter((e) => !e.pinned).every((e) => e.score <= 0)).toBe(true);
     chat.dispose();
+    // Not by default: with flash attention on, the default is sliding.
+    const byDefault = heads32.createChat({ kvType: 'q8_0' });
+    expect(byDefault.options.policy).toBe('sliding');
+    byDefault.dispose();
   } finally {
     heads32.dispose();
     rmSync(dir, { recursive: true, force: true });

@@ -61,7 +61,7 @@ describe('the native option table', () => {
   it('names the option, what it expected and what it got', () => {
     expect(() => resolveChatOptions({ windowSize: 5000 }, 1)).toThrow('Expected an integer between 0 and 2047 for windowSize but received number 5000');
     expect(() => resolveChatOptions({ policy: 'lru' }, 1)).toThrow('Expected one of sliding, importance, semantic, rolling_summary, hybrid for policy but received string "lru"');
-    expect(() => resolveChatOptions({ maxTokenz: 5 }, 1)).toThrow(/Unknown option options.maxTokenz \(known: policy, maxTokens/);
+    expect(() => resolveChatOptions({ maxTokenz: 5 }, 1)).toThrow(/Unknown option options.maxTokenz \(known: kvType, flashAttention, policy, maxTokens/);
     expect(() => resolveChatOptions({ kvType: 'q8_0', flashAttention: false }, 1)).toThrow(/needs flash attention/);
   });
 });

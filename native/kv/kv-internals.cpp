@@ -109,47 +109,45 @@ kv_model_layout kv_layout_of(const llama_model * model) {
     return out;
 }
 
-bool kv_cell_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out) {
-    out.clear();
 #ifdef FML_HAVE_KV_INTERNALS
-    llama_kv_cache * kv = full_cache_of(ctx);
-    if (kv == nullptr) {
-        return false;
-    }
-    const llama_kv_cells & cells = kv->get_cells(seq);
-    out.resize(cells.size(), -1);
+// out[cell] = position of the cell in `seq`, or -1.
+static void cell_positions(const llama_kv_cache & kv, int32_t seq, std::vector<int32_t> & out) {
+    const llama_kv_cells & cells = kv.get_cells(seq);
+    out.assign(cells.size(), -1);
     for (uint32_t i = 0; i < cells.size(); ++i) {
         if (!cells.is_empty(i) && cells.seq_has(i, seq)) {
             out[i] = cells.pos_get(i);
         }
     }
-    return true;
+}
+#endif
+
+bool kv_cell_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out) {
+    out.clear();
+#ifdef FML_HAVE_KV_INTERNALS
+    if (llama_kv_cache * kv = full_cache_of(ctx)) {
+        cell_positions(*kv, seq, out);
+        return true;
+    }
 #else
     (void) ctx;
     (void) seq;
-    return false;
 #endif
+    return false;
 }
 
 bool kv_window_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out) {
     out.clear();
 #ifdef FML_HAVE_KV_INTERNALS
-    auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx));
-    if (iswa == nullptr) {
-        return false;
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx))) {
+        cell_positions(*iswa->get_swa(), seq, out);
+        return true;
     }
-    const llama_kv_cells & cells = iswa->get_swa()->get_cells(seq);
-    for (uint32_t i = 0; i < cells.size(); ++i) {
-        if (!cells.is_empty(i) && cells.seq_has(i, seq)) {
-            out.push_back(cells.pos_get(i));
-        }
-    }
-    return true;
 #else
     (void) ctx;
     (void) seq;
-    return false;
 #endif
+    return false;
 }
 
 int32_t kv_full_cache_pos_min(llama_context * ctx, int32_t seq) {

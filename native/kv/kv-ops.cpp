@@ -333,18 +333,26 @@ void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std
     }
 }
 
-std::vector<uint8_t> kv_recurrent_save(llama_context * ctx, int32_t seq) {
-    check_seq(ctx, seq);
-    if (!kv_has_recurrent(ctx)) {
-        return {};
-    }
+// llama.cpp's partial sequence state: a hybrid's recurrent half, or an iSWA cache's window cache.
+static std::vector<uint8_t> partial_save(llama_context * ctx, int32_t seq, const char * what) {
     std::vector<uint8_t> blob(llama_state_seq_get_size_ext(ctx, seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY));
     const size_t n = llama_state_seq_get_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
     if (n == 0) {
-        throw fml_error(FML_ERR_KV, "llama_state_seq_get_data_ext could not save the recurrent state");
+        throw fml_error(FML_ERR_KV, std::string("llama_state_seq_get_data_ext could not save the ") + what);
     }
     blob.resize(n);
     return blob;
+}
+
+static void partial_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, const char * what) {
+    if (llama_state_seq_set_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0) {
+        throw fml_error(FML_ERR_KV, std::string("llama_state_seq_set_data_ext could not restore the ") + what);
+    }
+}
+
+std::vector<uint8_t> kv_recurrent_save(llama_context * ctx, int32_t seq) {
+    check_seq(ctx, seq);
+    return kv_has_recurrent(ctx) ? partial_save(ctx, seq, "recurrent state") : std::vector<uint8_t>();
 }
 
 void kv_recurrent_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, int32_t last_pos) {
@@ -352,9 +360,7 @@ void kv_recurrent_restore(llama_context * ctx, int32_t seq, const std::vector<ui
     if (blob.empty()) {
         return;
     }
-    if (llama_state_seq_set_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0) {
-        throw fml_error(FML_ERR_KV, "llama_state_seq_set_data_ext could not restore the recurrent state");
-    }
+    partial_restore(ctx, seq, blob, "recurrent state");
     kv_recurrent_set_pos(ctx, seq, last_pos);
 }
 
@@ -372,7 +378,7 @@ bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & le
     const int32_t from = ledger.next_pos() - llama_model_n_swa(llama_get_model(ctx)) + 1;
     std::vector<int32_t> seen;
     for (int32_t p : cached) {
-        if (p >= from) seen.push_back(p);
+        if (p >= 0 && p >= from) seen.push_back(p);
     }
     std::sort(seen.begin(), seen.end());
     std::vector<int32_t> expected;
@@ -385,16 +391,7 @@ bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & le
 
 std::vector<uint8_t> kv_window_save(llama_context * ctx, int32_t seq) {
     check_seq(ctx, seq);
-    if (kv_memory_of(ctx) != kv_memory_kind::kv_iswa) {
-        return {};
-    }
-    std::vector<uint8_t> blob(llama_state_seq_get_size_ext(ctx, seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY));
-    const size_t n = llama_state_seq_get_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
-    if (n == 0) {
-        throw fml_error(FML_ERR_KV, "llama_state_seq_get_data_ext could not save the sliding window");
-    }
-    blob.resize(n);
-    return blob;
+    return kv_memory_of(ctx) == kv_memory_kind::kv_iswa ? partial_save(ctx, seq, "sliding window") : std::vector<uint8_t>();
 }
 
 void kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, const token_ledger & ledger) {
@@ -402,9 +399,7 @@ void kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8
     if (blob.empty()) {
         return;
     }
-    if (llama_state_seq_set_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0) {
-        throw fml_error(FML_ERR_KV, "llama_state_seq_set_data_ext could not restore the sliding window");
-    }
+    partial_restore(ctx, seq, blob, "sliding window");
     // Positions evicted since the save, within the window: only the window cache still has them (the
     // full cache lost them with the eviction), so removing them from the memory touches only it.
     const int32_t window = llama_model_n_swa(llama_get_model(ctx));

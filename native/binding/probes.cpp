@@ -206,7 +206,7 @@ Napi::Value bench_memcpy(const Napi::CallbackInfo & info) {
     return Napi::Number::New(info.Env(), run_memcpy_bench((size_t) info[0].ToNumber().Int64Value(), info[1].ToNumber().Int32Value()));
 }
 
-// swaCost(model, context, steps, threads) -> Promise<{ context, filled, off, on }>
+// swaCost(model, context, steps, threads) -> Promise<{ context, filled, off, on, window* }>
 class swa_cost_worker : public promise_worker {
 public:
     swa_cost_worker(Napi::Env env, std::shared_ptr<fml_model> model, int32_t context, int32_t steps, int32_t threads)
@@ -226,6 +226,10 @@ protected:
         o.Set("filled", r_.filled);
         o.Set("off", side(r_.off));
         o.Set("on", side(r_.on));
+        o.Set("windowBytes", r_.window_bytes);
+        o.Set("windowSaveMs", r_.window_save_ms);
+        o.Set("windowRestoreMs", r_.window_restore_ms);
+        o.Set("halfWindowPrefillMs", r_.half_window_prefill_ms);
         return o;
     }
 private:

@@ -93,6 +93,35 @@ swa_cost_result run_swa_cost(const fml_model & model, int32_t context, int32_t s
     }
     res.off = { kv_can_shift(off->ctx), (double) kv_allocated_bytes(off->ctx), median(ms_off) };
     res.on = { kv_can_shift(on->ctx), (double) kv_allocated_bytes(on->ctx), median(ms_on) };
+
+    // The window snapshot, as a chat holds it (out-of-window cells pruned), against the prefill it
+    // protects: the last window / 2 positions removed and decoded again in one batch.
+    const int32_t next = res.filled + steps;
+    const int32_t half = llama_model_n_swa(model.raw()) / 2;
+    if (half > 0 && half <= chunk && half < next) {
+        kv_prune_sliding_window(on->ctx, 0, next);
+        token_ledger ledger;
+        for (int32_t p = 0; p < next; ++p) ledger.append(tokens[(size_t) p], 1, TOKEN_ROLE_USER, false, false);
+        std::vector<double> save_ms, restore_ms, prefill_ms;
+        for (int rep = 0; rep < 5; ++rep) {
+            const auto t0 = std::chrono::steady_clock::now();
+            const std::vector<uint8_t> blob = kv_window_save(on->ctx, 0);
+            const auto t1 = std::chrono::steady_clock::now();
+            kv_window_restore(on->ctx, 0, blob, ledger);
+            const auto t2 = std::chrono::steady_clock::now();
+            kv_remove_from(on->ctx, 0, next - half);
+            const auto t3 = std::chrono::steady_clock::now();
+            decode(*on, tokens, next - half, half);
+            const auto t4 = std::chrono::steady_clock::now();
+            res.window_bytes = (double) blob.size();
+            save_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+            restore_ms.push_back(std::chrono::duration<double, std::milli>(t2 - t1).count());
+            prefill_ms.push_back(std::chrono::duration<double, std::milli>(t4 - t3).count());
+        }
+        res.window_save_ms = median(save_ms);
+        res.window_restore_ms = median(restore_ms);
+        res.half_window_prefill_ms = median(prefill_ms);
+    }
     return res;
 }
 

@@ -1,7 +1,9 @@
 // What keeping sliding-window layers at the full budget (swa_full, which in-place eviction needs)
 // costs against llama.cpp's window-sized SWA cache: KV memory allocated and decode time per token at
 // a given fill. Two raw contexts of one sequence each (swa_full off and on), filled alike, then
-// one-token decodes interleaved between them so machine noise hits both equally.
+// one-token decodes interleaved between them so machine noise hits both equally. Then, on the swa_full
+// context, what a chat pays to keep its window through tokens removed again (kv_window_save and
+// kv_window_restore, taken before a prefill of half the window or more) against such a prefill.
 #pragma once
 
 #include "model/model.h"
@@ -19,6 +21,10 @@ struct swa_cost_result {
     int32_t filled = 0;
     swa_cost_side off;             // swa_full = false (llama.cpp's window-sized SWA cache)
     swa_cost_side on;              // swa_full = true (what finite memory uses)
+    double window_bytes = 0;       // the window's snapshot
+    double window_save_ms = 0;     // medians
+    double window_restore_ms = 0;
+    double half_window_prefill_ms = 0;   // a prefill of window / 2 tokens at the fill
 };
 
 swa_cost_result run_swa_cost(const fml_model & model, int32_t context, int32_t steps, int32_t threads);

@@ -59,6 +59,11 @@ Napi::Value shift_positions(const Napi::CallbackInfo & info) {
     return info.Env().Undefined();
 }
 
+Napi::Value window_round_trip(const Napi::CallbackInfo & info) {
+    on_scheduler(info, [&](chat & s, engine & e) { chat_probes::window_round_trip(s, e); return 0; });
+    return info.Env().Undefined();
+}
+
 Napi::Value evaluate_tokens(const Napi::CallbackInfo & info) {
     if (info.Length() < 3 || !info[1].IsTypedArray()) {
         throw_error(info.Env(), FML_ERR_INVALID_OPTION, "evaluateTokens(chat, Int32Array, chunk)");
@@ -264,6 +269,7 @@ void register_probes(Napi::Env env, Napi::Object exports) {
     p.Set("probeLogits", Napi::Function::New(env, probe_logits));
     p.Set("recurrentState", Napi::Function::New(env, recurrent_state));
     p.Set("shiftPositions", Napi::Function::New(env, shift_positions));
+    p.Set("windowRoundTrip", Napi::Function::New(env, window_round_trip));
     p.Set("evaluateTokens", Napi::Function::New(env, evaluate_tokens));
     p.Set("replayHistory", Napi::Function::New(env, replay_history));
     p.Set("plainDecode", Napi::Function::New(env, plain_decode));

@@ -305,6 +305,10 @@ private:
     void compact(step_context & e);
     // The recurrent state at the turn's start (hybrids) goes back after the turn's tokens were removed.
     void restore_recurrent(const std::vector<uint8_t> & snapshot, step_context & e);
+    // The sliding layers' window (kv_window_save), pending K-shift applied first; empty without them.
+    std::vector<uint8_t> save_window(step_context & e);
+    // Before evicting `ranges`: the turn's own tokens among them are gone (turn_state::own).
+    void note_evicted(const std::vector<index_range> & ranges);
     contribution summary_contribution(size_t budget);
     void summary_decoded(step_context & e, int32_t logits_row);
     void finish_summary(step_context & e);

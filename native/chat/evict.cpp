@@ -138,7 +138,7 @@ bool chat::evict(const eviction_request & req, size_t hard_need, step_context & 
         j->max_tokens = max_summary;
         j->instruction_pos0 = ledger_.next_pos();
         j->recurrent = kv_recurrent_save(e.ctx(), slot_);
-        j->window = kv_window_save(e.ctx(), slot_);
+        j->window = save_window(e);
         j->t0 = clock_type::now();
         j->rec = std::move(rec);
         sampling_options so;
@@ -151,6 +151,7 @@ bool chat::evict(const eviction_request & req, size_t hard_need, step_context & 
     }
     t0 = clock_type::now();
     rec.positions = position_ranges(plan.ranges);   // positions before the eviction
+    note_evicted(plan.ranges);
     const kv_eviction_result res = kv_evict_ranges(e.ctx(), slot_, ledger_, plan.ranges);
     rec.evict_ms = ms_since(t0);
     rec.evicted = (uint32_t) res.evicted;

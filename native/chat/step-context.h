@@ -23,6 +23,9 @@ public:
     virtual bool can_shift() const = 0;
     // The chat moved positions (seq_add): the next decode pays a K-shift.
     virtual void note_shift() = 0;
+    // Applies a pending K-shift now, for the chat whose next position is `next_pos`: a state saved
+    // before it would hold unrotated keys under their new positions, which no later shift rotates.
+    virtual void flush_shift(chat & s, int32_t next_pos) = 0;
     // One decode of at most n_batch() of the chat's `tokens` at `pos0`; true when it succeeded.
     // `signals`: capture them for the chat.
     virtual bool decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false, int32_t peak_horizon = -1) = 0;

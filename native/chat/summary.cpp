@@ -64,16 +64,23 @@ void chat::finish_summary(step_context & e) {
                                         : summary_fits_gap(ledger_, j->ranges, items.size()) ? summary_placement::in_gap
                                                                                             : summary_placement::compacted;
     if (placement != summary_placement::after_history) {
-        // The window goes back to the history's newest tokens (the scratch's cells leave it; the summary
-        // lands among older positions). A summary left after the history is the newest itself.
-        kv_window_restore(e.ctx(), slot_, j->window, ledger_);
+        // The window goes back to what it was before the scratch, plus the summary's cells (it moves
+        // with them: into the window when its place is that recent). A summary left after the
+        // history is the newest itself: the window already ends with it.
+        const int32_t summary_pos0 = j->instruction_pos0 + (int32_t) summary_instruction_.size();
+        const std::vector<uint8_t> now = j->window.empty() ? std::vector<uint8_t>() : kv_window_save(e.ctx(), slot_);
+        kv_window_restore(e.ctx(), slot_, kv_window_with(e.ctx(), j->window, now, summary_pos0, summary_pos0 + (int32_t) items.size()), ledger_);
     }
     eviction_record & rec = j->rec;
     rec.positions = position_ranges(j->ranges);
+    note_evicted(j->ranges);
     const kv_eviction_result res = kv_evict_and_insert(e.ctx(), slot_, ledger_, j->ranges, placement, j->instruction_pos0,
                                                        j->instruction_pos0 + (int32_t) summary_instruction_.size(), items);
     if (res.shifted_runs > 0) {
         e.note_shift();
+    }
+    if (placement == summary_placement::after_history && turn_->rollback_set) {
+        turn_->own += items.size();   // after the turn's own tokens: a rollback takes it with them
     }
     if (placement == summary_placement::compacted) {
         cumulative_.compactions++;

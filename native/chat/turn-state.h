@@ -49,10 +49,13 @@ struct chat::turn_state {
     size_t off = 0;
     size_t room_made_for = SIZE_MAX;
     bool rollback_set = false;
-    size_t ledger_before = 0; // rollback point: the ledger before this turn's own tokens
+    // The turn's own tokens in the ledger since the rollback point: always its last `own` entries
+    // (appended at the end; evictions take some, summaries land among older positions). A rollback
+    // removes them, whatever was evicted in between (an index would point elsewhere by then).
+    size_t own = 0;
     std::vector<uint8_t> recurrent;   // a hybrid's recurrent state at the rollback point
-    // The sliding layers' window at the rollback point, when the prefill is long enough to push the
-    // history's newest tokens out of it (kv_window_save), and the compactions then (none since: it holds).
+    // The sliding layers' window at the rollback point when the prefill is half the window or more
+    // (save_window), and the compactions then (none since: it holds).
     std::vector<uint8_t> window;
     uint64_t window_compactions = 0;
     std::vector<ledger_entry> scored_before;   // importance/hybrid: the ledger's scores as the turn began

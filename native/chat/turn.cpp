@@ -115,15 +115,17 @@ contribution chat::contribute(size_t budget, step_context & e) {
             t.room_made_for = t.seg;
         }
         if (!t.rollback_set && !s.system) {
-            t.ledger_before = ledger_.size();
+            t.own = 0;
             t.recurrent = kv_recurrent_save(e.ctx(), slot_);
-            // A prefill of half the window or more can push the history's newest tokens out of the
-            // sliding layers if it is rolled back (kv_window_save); a shorter one is not worth the copy.
+            // Rolled back, a prefill of L tokens in several decodes can have taken the cells of the
+            // window's oldest L tokens (llama.cpp reuses a cell once it is outside the window of the
+            // newest token), and the newest ones too once L reaches the window. From half the window
+            // on it is saved: the copy then costs 0.1-0.3% of the prefill (bench/swa.ts).
             size_t prefill = 0;
             for (size_t i = t.seg; i < t.segments.size(); ++i) prefill += t.segments[i].tokens.size() - (i == t.seg ? t.off : 0);
             const int32_t window = model_->info().sliding_window;
             if (window > 0 && prefill * 2 >= (size_t) window) {
-                t.window = kv_window_save(e.ctx(), slot_);
+                t.window = save_window(e);
                 t.window_compactions = cumulative_.compactions;
             }
             t.rollback_set = true;
@@ -184,6 +186,9 @@ void chat::on_decoded(const contribution & c, size_t from, size_t to, int32_t lo
     for (size_t i = from; i < to; ++i) {
         const auto [role, turn] = t.inflight[i];
         append_decoded(&c.tokens[i], 1, turn, role, t.req.pin && role == TOKEN_ROLE_USER && turn == t.turn_no);
+    }
+    if (t.rollback_set) {
+        t.own += to - from;
     }
     if (signals != nullptr) {
         absorb_signals(*signals, first_new, to - from);
@@ -373,7 +378,7 @@ void chat::fail_turn(const fml_error & err, step_context & e, bool state_lost) {
             return;
         }
     } else if (t->rollback_set) {
-        rollback_to(t->ledger_before, e);    // the turn's own tokens go; evictions already done stay done
+        rollback_to(ledger_.size() - std::min(t->own, ledger_.size()), e);   // the turn's own tokens go; evictions already done stay done
         if (turn_no_ == t->turn_no) {
             // Its prompt was in (a state lost mid-reply): the turn never happened.
             turn_no_ = t->turn_no - 1;
@@ -415,7 +420,10 @@ void chat::rollback_to(size_t keep, step_context & e) {
         kv_clear_slot(e.ctx(), slot_);
     } else if (turn_ && turn_->rollback_set) {
         if (!turn_->window.empty() && cumulative_.compactions == turn_->window_compactions) {
+            // Less what was evicted since: below the ledger's end by the restore, above it here (the
+            // newest tokens before the turn can have gone too).
             kv_window_restore(e.ctx(), slot_, turn_->window, ledger_);
+            kv_drop_unledgered(e.ctx(), slot_, ledger_);
         }
         restore_recurrent(turn_->recurrent, e);
         if (cumulative_.compactions == turn_->compactions_before) {
@@ -436,6 +444,26 @@ void chat::restore_scores(const std::vector<ledger_entry> & before) {
             std::copy(std::begin(before[j].score), std::end(before[j].score), std::begin(e.score));
         }
     }
+}
+
+std::vector<uint8_t> chat::save_window(step_context & e) {
+    if (model_->info().sliding_window <= 0) {
+        return {};
+    }
+    e.flush_shift(*this, ledger_.next_pos());
+    return kv_window_save(e.ctx(), slot_);
+}
+
+void chat::note_evicted(const std::vector<index_range> & ranges) {
+    if (!turn_ || !turn_->rollback_set) {
+        return;
+    }
+    const size_t first_own = ledger_.size() - std::min(turn_->own, ledger_.size());
+    size_t gone = 0;
+    for (const index_range & r : normalize_ranges(ranges)) {
+        gone += r.end > first_own ? r.end - std::max(r.begin, first_own) : 0;
+    }
+    turn_->own -= std::min(gone, turn_->own);
 }
 
 void chat::restore_recurrent(const std::vector<uint8_t> & snapshot, step_context & e) {

@@ -276,18 +276,24 @@ void engine::apply_pending_shift(chat & s) {
     if (!shift_pending_ || s.slot() < 0) {
         return;
     }
-    // llama.cpp has no public call to apply a K-shift now: decode one token at the chat's next
-    // position (it must be consecutive) and remove it again.
     const cache_view v = s.view(ctx_);
-    if (v.ledger_tokens == 0) {
+    if (v.ledger_tokens > 0) {
+        flush_shift(s, v.cache_pos_max + 1);
+    }
+}
+
+void engine::flush_shift(chat & s, int32_t next_pos) {
+    if (!shift_pending_ || s.slot() < 0 || next_pos <= 0) {
         return;
     }
-    // A hybrid's recurrent layers would take the token in for good: their state is put back after.
+    // llama.cpp has no public call to apply a K-shift now: decode one token at the chat's next
+    // position (it must be consecutive) and remove it again. A hybrid's recurrent layers would take
+    // the token in for good: their state is put back after.
     const std::vector<uint8_t> recurrent = kv_recurrent_save(ctx_, s.slot());
     const int32_t token = model_->bos() >= 0 ? model_->bos() : 0;
-    decode_one(s, &token, 1, v.cache_pos_max + 1, false);
-    kv_remove_from(ctx_, s.slot(), v.cache_pos_max + 1);
-    kv_recurrent_restore(ctx_, s.slot(), recurrent, v.cache_pos_max);
+    decode_one(s, &token, 1, next_pos, false);
+    kv_remove_from(ctx_, s.slot(), next_pos);
+    kv_recurrent_restore(ctx_, s.slot(), recurrent, next_pos - 1);
 }
 
 bool engine::decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals, int32_t peak_horizon) {

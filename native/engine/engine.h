@@ -73,6 +73,7 @@ public:
     void apply_pending_shift(chat & s);
     // A chat moved positions (seq_add): the next decode pays a K-shift of every cell of the context.
     void note_shift() override { shift_pending_ = true; }
+    void flush_shift(chat & s, int32_t next_pos) override;
     // Whether this context's keys can shift (not with M-RoPE): compaction is a K-shift, else a re-prefill.
     bool can_shift() const override { return can_shift_; }
     eval_capture & capture() { return capture_; }

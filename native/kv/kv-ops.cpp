@@ -374,11 +374,13 @@ bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & le
     if (!kv_window_positions(ctx, seq, cached)) {
         return true;
     }
-    // What the token at next_pos sees: positions above next_pos - window (llama.cpp's standard mask).
+    // What the token at next_pos sees: positions above next_pos - window (llama.cpp's standard mask;
+    // chunked windows, Llama 4's, differ). Cells beyond the ledger (a summary's scratch while it is
+    // written) are the cache's end, which kv_pos_max reports.
     const int32_t from = ledger.next_pos() - llama_model_n_swa(llama_get_model(ctx)) + 1;
     std::vector<int32_t> seen;
     for (int32_t p : cached) {
-        if (p >= 0 && p >= from) seen.push_back(p);
+        if (p >= 0 && p >= from && p < ledger.next_pos()) seen.push_back(p);
     }
     std::sort(seen.begin(), seen.end());
     std::vector<int32_t> expected;
@@ -392,6 +394,152 @@ bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & le
 std::vector<uint8_t> kv_window_save(llama_context * ctx, int32_t seq) {
     check_seq(ctx, seq);
     return kv_memory_of(ctx) == kv_memory_kind::kv_iswa ? partial_save(ctx, seq, "sliding window") : std::vector<uint8_t>();
+}
+
+namespace {
+
+// One window save (llama.cpp's partial state of an iSWA cache, kv_window_save) split per cell: the
+// stream that holds the sequence's cells, each cell's metadata, and each layer's K rows and V rows
+// (or, with V transposed, V elements: [n_embd_v][cells][element]).
+struct window_save {
+    uint32_t n_stream = 0;
+    uint32_t stream = UINT32_MAX;   // none: no cells
+    std::vector<int32_t> pos;
+    std::vector<std::vector<uint8_t>> meta;
+    uint32_t v_trans = 0;
+    uint32_t n_layer = 0;
+    struct layer { int32_t type = 0; uint64_t row = 0; uint32_t el = 0; uint32_t n_embd = 0; std::vector<uint8_t> data; };
+    std::vector<layer> k, v;
+
+    bool same_layout(const window_save & o) const {
+        if (n_stream != o.n_stream || v_trans != o.v_trans || n_layer != o.n_layer || k.size() != o.k.size() || v.size() != o.v.size()) return false;
+        for (size_t l = 0; l < k.size(); ++l) {
+            if (k[l].type != o.k[l].type || k[l].row != o.k[l].row) return false;
+        }
+        for (size_t l = 0; l < v.size(); ++l) {
+            if (v[l].type != o.v[l].type || v[l].row != o.v[l].row || v[l].el != o.v[l].el || v[l].n_embd != o.v[l].n_embd) return false;
+        }
+        return true;
+    }
+};
+
+window_save parse_window(const std::vector<uint8_t> & b, size_t cell_ext) {
+    window_save w;
+    blob_reader r{ b, STATE_HEADER, cell_ext };
+    w.n_stream = r.get<uint32_t>();
+    for (uint32_t s = 0; s < w.n_stream; ++s) {
+        const uint32_t cells = r.get<uint32_t>();
+        if (cells == 0) continue;
+        if (w.stream != UINT32_MAX) throw fml_error(FML_ERR_KV, "unexpected window state layout (cells in more than one stream)");
+        w.stream = s;
+        for (uint32_t c = 0; c < cells; ++c) {
+            const size_t at = r.at;
+            w.pos.push_back(r.get<int32_t>());
+            const uint32_t n_seq = r.get<uint32_t>();
+            r.skip(r.cell_ext);
+            r.skip(4ull * n_seq);
+            w.meta.emplace_back(b.begin() + (long) at, b.begin() + (long) r.at);
+        }
+        w.v_trans = r.get<uint32_t>();
+        w.n_layer = r.get<uint32_t>();
+        auto bytes = [&](uint64_t n) {
+            const size_t at = r.at;
+            r.skip(n);
+            return std::vector<uint8_t>(b.begin() + (long) at, b.begin() + (long) r.at);
+        };
+        for (uint32_t l = 0; l < w.n_layer; ++l) {
+            window_save::layer x;
+            x.type = r.get<int32_t>();
+            x.row = r.get<uint64_t>();
+            x.data = bytes(x.row * cells);
+            w.k.push_back(std::move(x));
+        }
+        for (uint32_t l = 0; l < w.n_layer; ++l) {
+            window_save::layer x;
+            x.type = r.get<int32_t>();
+            if (w.v_trans == 0) {
+                x.row = r.get<uint64_t>();
+                x.data = bytes(x.row * cells);
+            } else {
+                x.el = r.get<uint32_t>();
+                x.n_embd = r.get<uint32_t>();
+                x.data = bytes((uint64_t) x.el * x.n_embd * cells);
+            }
+            w.v.push_back(std::move(x));
+        }
+    }
+    if (r.at != b.size()) throw fml_error(FML_ERR_KV, "unexpected window state layout (trailing bytes)");
+    return w;
+}
+
+} // namespace
+
+std::vector<uint8_t> kv_window_with(llama_context * ctx, const std::vector<uint8_t> & before, const std::vector<uint8_t> & after, int32_t pos0,
+                                    int32_t pos1) {
+    if (before.empty() || after.empty()) {
+        return before;
+    }
+    window_save a, b;
+    try {
+        a = parse_window(before, kv_cell_ext_bytes(ctx));
+        b = parse_window(after, kv_cell_ext_bytes(ctx));
+    } catch (const fml_error &) {
+        return before;
+    }
+    std::vector<size_t> add;
+    for (size_t i = 0; i < b.pos.size(); ++i) {
+        if (b.pos[i] >= pos0 && b.pos[i] < pos1) add.push_back(i);
+    }
+    if (add.empty() || b.stream == UINT32_MAX || (a.stream != UINT32_MAX && (a.stream != b.stream || !a.same_layout(b)))) {
+        return before;
+    }
+    if (a.stream == UINT32_MAX) {   // the window was empty: the layout is the later save's
+        const size_t n = a.n_stream;
+        a = b;
+        a.n_stream = (uint32_t) n;
+        a.pos.clear();
+        a.meta.clear();
+        for (auto & l : a.k) l.data.clear();
+        for (auto & l : a.v) l.data.clear();
+    }
+    const size_t n_a = a.pos.size();
+    const size_t n = n_a + add.size();
+    std::vector<uint8_t> out(before.begin(), before.begin() + (long) STATE_HEADER);
+    auto put = [&](const void * p, size_t len) { out.insert(out.end(), (const uint8_t *) p, (const uint8_t *) p + len); };
+    put(&a.n_stream, 4);
+    for (uint32_t s = 0; s < a.n_stream; ++s) {
+        const uint32_t cells = s == b.stream ? (uint32_t) n : 0;
+        put(&cells, 4);
+        if (cells == 0) continue;
+        for (const auto & m : a.meta) put(m.data(), m.size());
+        for (size_t i : add) put(b.meta[i].data(), b.meta[i].size());
+        put(&a.v_trans, 4);
+        put(&a.n_layer, 4);
+        for (size_t l = 0; l < a.k.size(); ++l) {   // K rows: the window's, then the added cells'
+            put(&a.k[l].type, 4);
+            put(&a.k[l].row, 8);
+            put(a.k[l].data.data(), a.k[l].data.size());
+            for (size_t i : add) put(b.k[l].data.data() + i * b.k[l].row, b.k[l].row);
+        }
+        for (size_t l = 0; l < a.v.size(); ++l) {
+            put(&a.v[l].type, 4);
+            if (a.v_trans == 0) {
+                put(&a.v[l].row, 8);
+                put(a.v[l].data.data(), a.v[l].data.size());
+                for (size_t i : add) put(b.v[l].data.data() + i * b.v[l].row, b.v[l].row);
+            } else {   // per element of the embedding, every cell's value
+                put(&a.v[l].el, 4);
+                put(&a.v[l].n_embd, 4);
+                const size_t el = a.v[l].el;
+                const size_t n_b = b.pos.size();
+                for (uint32_t j = 0; j < a.v[l].n_embd; ++j) {
+                    put(a.v[l].data.data() + (size_t) j * n_a * el, n_a * el);
+                    for (size_t i : add) put(b.v[l].data.data() + ((size_t) j * n_b + i) * el, el);
+                }
+            }
+        }
+    }
+    return out;
 }
 
 void kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, const token_ledger & ledger) {

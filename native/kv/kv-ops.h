@@ -78,9 +78,15 @@ bool kv_has_recurrent(llama_context * ctx);
 // llama.cpp reuses a cell once it is outside the window of the sequence's newest token, so after as
 // many tokens as the window the history's newest ones are gone from the sliding layers, and the
 // next decode is refused (the window cache no longer ends just before it). Restoring puts the window
-// back as it was, less the positions the ledger no longer holds (evicted since the save).
+// back as it was, less the positions the ledger no longer holds (evicted since the save). Saving while
+// a K-shift is pending would keep unrotated keys that no later shift rotates: callers apply it first.
 std::vector<uint8_t> kv_window_save(llama_context * ctx, int32_t seq);
 void kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, const token_ledger & ledger);
+// `before` with the cells of `after` (a later window save) at positions [pos0, pos1) added: the
+// window as it was plus what a summary wrote in the scratch. `before` alone when the two saves do
+// not have the same layout.
+std::vector<uint8_t> kv_window_with(llama_context * ctx, const std::vector<uint8_t> & before, const std::vector<uint8_t> & after, int32_t pos0,
+                                    int32_t pos1);
 // True when the sliding layers hold exactly the ledger's positions that the next token sees (always
 // true without sliding layers, or without the internals to look).
 bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & ledger);

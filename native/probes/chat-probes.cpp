@@ -86,6 +86,12 @@ std::vector<float> chat_probes::probe_logits(chat & s, engine & e, int32_t token
     return out;
 }
 
+void chat_probes::window_round_trip(chat & s, engine & e) {
+    ready(s, e);
+    std::lock_guard<std::mutex> lock(s.mu_);
+    kv_window_restore(e.ctx(), s.slot_, s.save_window(e), s.ledger_);
+}
+
 void chat_probes::shift_positions(chat & s, engine & e, int32_t delta) {
     if (s.has_turn()) {
         throw fml_error(FML_ERR_BUSY, "chat is busy");

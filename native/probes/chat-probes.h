@@ -16,6 +16,10 @@ struct chat_probes {
     static std::vector<float> probe_logits(chat & s, engine & e, int32_t token);
     // Shifts every cached position by `delta` (RoPE is relative, so logits must not change).
     static void shift_positions(chat & s, engine & e, int32_t delta);
+    // Saves the sliding layers' window as a turn does before a long prefill, and restores it: the
+    // cache must answer as before (a pending K-shift is applied first, else the saved keys would
+    // never be rotated). No-op for models without sliding layers.
+    static void window_round_trip(chat & s, engine & e);
     // Feeds `tokens` in chunks of `chunk`, evicting with the policy as a conversation would, and
     // returns the logits after every fed token (tokens.size() x n_vocab, row-major).
     static std::vector<float> evaluate_tokens(chat & s, engine & e, const std::vector<int32_t> & tokens, size_t chunk);

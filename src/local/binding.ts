@@ -150,6 +150,8 @@ export interface NativeProbes {
   /** A hybrid chat's recurrent state as llama.cpp saves it (empty for other models). */
   recurrentState(chat: NativeChat): Uint8Array;
   shiftPositions(chat: NativeChat, delta: number): void;
+  /** Saves the sliding layers' window as a turn does and restores it (no-op without such layers). */
+  windowRoundTrip(chat: NativeChat): void;
   evaluateTokens(chat: NativeChat, tokens: Int32Array, chunk: number): Float32Array;
   replayHistory(chat: NativeChat): number;
   plainDecode(chat: NativeChat, n: number): number;

@@ -23,6 +23,8 @@ export interface ChatInternals {
   /** A hybrid chat's recurrent state as llama.cpp saves it (empty for other models). */
   recurrentState(): Uint8Array;
   shiftPositions(delta: number): void;
+  /** Saves the sliding layers' window as a turn does and restores it (no-op without such layers). */
+  windowRoundTrip(): void;
   /** Teacher-forced feed in chunks (evicting as a chat would); logits after every token. */
   evaluateTokens(tokens: readonly number[], chunk: number): Float32Array;
   /** Benchmark: clears the cache and prefills the retained tokens again (naive re-prefill); returns ms. */
@@ -317,6 +319,7 @@ export class Chat implements ChatSurface {
       probeLogits: (t) => wrap(() => getProbes().probeLogits(native, t)),
       recurrentState: () => wrap(() => getProbes().recurrentState(native)),
       shiftPositions: (d) => wrap(() => getProbes().shiftPositions(native, d)),
+      windowRoundTrip: () => wrap(() => getProbes().windowRoundTrip(native)),
       evaluateTokens: (t, c) => wrap(() => getProbes().evaluateTokens(native, Int32Array.from(t), c)),
       replayHistory: () => wrap(() => getProbes().replayHistory(native)),
       plainDecode: (n) => wrap(() => getProbes().plainDecode(native, n)),

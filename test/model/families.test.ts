@@ -255,6 +255,36 @@ describe.each(SLIDING)('%s: tokens longer than the window, removed again, leave 
     chat.dispose();
   });
 
+  it('a window saved while a K-shift is pending keeps its keys rotated', async () => {
+    const chat = model.createChat({ ...EXACT, maxTokens: 256, systemPrompt: 'Be brief.' });
+    await talk(chat, 0, 3);
+    const probe = model.tokenize('the')[0]!;
+    const before = chat._internals().probeLogits(probe);
+    chat._internals().shiftPositions(40);   // the shift is pending until the next decode
+    chat._internals().windowRoundTrip();
+    expect(maxAbsDiff(chat._internals().probeLogits(probe), before)).toBeLessThan(1e-3);
+    checkCache(chat, 256);
+    chat.dispose();
+  });
+
+  it('a summary placed within the window is in the sliding layers too', async () => {
+    // Window 256 over a budget of 128: wherever the summary lands, the next token's window covers it.
+    const path = join(dir, `${family}-w256.gguf`);
+    writeModel(path, { family, seed: 7, slidingWindow: 256 });
+    const wide = await loadModel(path, { threads: THREADS });
+    for (const positions of ['keep', 'compact'] as const) {
+      const chat = wide.createChat({ ...EXACT, policy: 'rolling_summary', positions, maxTokens: 128, windowSize: 24, summaryTokens: 16, systemPrompt: 'Be brief.', maxPolicyMs: 0 });
+      let summaries = 0;
+      for (let t = 0; t < 20; t++) {
+        summaries += (await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 8, temperature: 0.9, seed: t })).stats.summaryTokens > 0 ? 1 : 0;
+        checkCache(chat, 128);   // windowIntact: the summary's tokens included
+      }
+      expect(summaries).toBeGreaterThan(1);
+      chat.dispose();
+    }
+    wide.dispose();
+  });
+
   it('summaries longer than the window: every turn goes on, the window ending at the newest token', async () => {
     const chat = model.createChat({ ...EXACT, policy: 'rolling_summary', maxTokens: 160, windowSize: 24, summaryTokens: 40, systemPrompt: 'Be brief.', maxPolicyMs: 0 });
     let summaryTokens = 0;

@@ -111,6 +111,21 @@ describe('battery', () => {
     chat.dispose();
   });
 
+  it('an import aborted in its reply, after the reply made room, leaves nothing of the exchange', async () => {
+    // The reply's room is made mid-turn, by evicting older history: a rollback point kept as an
+    // index pointed past the exchange's first tokens by then, and kept them.
+    const chat = model.createChat({ policy: 'sliding', maxTokens: 160, windowSize: 16, batchSize: 8, testTokenDelayMs: 10 });
+    for (let t = 0; t < 4; t++) await chat.send(`turn ${t} about lanterns and rivers`, { maxNewTokens: 6, temperature: 0 });
+    const evictedBefore = chat.stats().tokensEvicted;
+    const lastTurn = Math.max(...chat.memory().map((e) => e.turn));
+    // ~20 tokens of user message (3 steps), then ~100 of reply (13 steps): the abort lands in the reply.
+    await expect(chat._ingest('word '.repeat(10), 'reply '.repeat(50), AbortSignal.timeout(90))).rejects.toMatchObject({ code: 'ABORTED' });
+    expect(chat.stats().tokensEvicted).toBeGreaterThan(evictedBefore);   // the reply's room was made
+    expect(chat.memory().filter((e) => e.turn > lastTurn)).toEqual([]);
+    await stillUsable(chat);
+    chat.dispose();
+  });
+
   it('abort during prefill rolls the turn back', async () => {
     const chat = model.createChat({ maxTokens: 2048, batchSize: 8 });
     await chat.send('warm up', { maxNewTokens: 2, temperature: 0 });

@@ -303,12 +303,19 @@ private:
     // at a turn's start beats one mid-reply).
     void fit_positions(size_t incoming, size_t slack, step_context & e);
     void compact(step_context & e);
+    // After tokens were removed (a rollback, a summary's scratch, forget), the sliding layers can lack
+    // tokens the next one sees: llama.cpp reused their cells once they were outside the window of the
+    // newest token, and the removal moved the end back. The tokens from the first one missing are
+    // decoded again, numbered on from the window cache's own end (the only position llama.cpp
+    // accepts next): a compaction of that tail. Must run outside a step's decode (it decodes).
+    void repair_window(step_context & e);
     // The recurrent state at the turn's start (hybrids) goes back after the turn's tokens were removed.
     void restore_recurrent(const std::vector<uint8_t> & snapshot, step_context & e);
     // The sliding layers' window (kv_window_save), pending K-shift applied first; empty without them.
     std::vector<uint8_t> save_window(step_context & e);
-    // Before evicting `ranges`: the turn's own tokens among them are gone (turn_state::own).
-    void note_evicted(const std::vector<index_range> & ranges);
+    // How many of the turn's own tokens (turn_state::own) `ranges` hold, and the index of its first.
+    size_t own_among(const std::vector<index_range> & ranges) const;
+    size_t first_own() const;
     contribution summary_contribution(size_t budget);
     void summary_decoded(step_context & e, int32_t logits_row);
     void finish_summary(step_context & e);
@@ -353,6 +360,7 @@ private:
     bool parked_ = false;
     std::vector<uint8_t> parked_kv_;
     bool replay_pending_ = false;           // a ledger-only checkpoint: prefill the retained tokens at unpark
+    bool window_suspect_ = false;           // a summary finished inside a step: repair_window at the next contribution
     std::string transcript_;
     void replay_ledger(step_context & e);
     std::chrono::steady_clock::time_point ready_at_{};

@@ -91,6 +91,55 @@ void chat::compact(step_context & e) {
     }
 }
 
+void chat::repair_window(step_context & e) {
+    window_suspect_ = false;
+    if (model_->info().sliding_window <= 0 || slot_ < 0 || ledger_.empty()) {
+        return;
+    }
+    llama_context * ctx = e.ctx();
+    size_t k = kv_window_first_missing(ctx, slot_, ledger_);
+    if (k >= ledger_.size()) {
+        return;
+    }
+    const auto t0 = clock_type::now();
+    const std::vector<uint8_t> before = kv_state_save(ctx, slot_);
+    std::vector<int32_t> positions;
+    for (const ledger_entry & x : ledger_.entries()) positions.push_back(x.pos);
+    // The window cache keeps only the window, then loses the tail from the first token missing. Its
+    // newest cell is then the token before that one, or none (llama.cpp then takes any position):
+    // the tail is decoded again from there. A cell of another position (none is expected) means
+    // every token above it goes again.
+    kv_prune_sliding_window(ctx, slot_, ledger_.next_pos());
+    kv_remove_from(ctx, slot_, ledger_[k].pos);
+    const int32_t last = kv_pos_max(ctx, slot_);
+    if (last >= 0 && (k == 0 || ledger_[k - 1].pos != last)) {
+        while (k > 0 && ledger_[k - 1].pos > last) --k;
+        kv_remove_from(ctx, slot_, ledger_[k].pos);
+    }
+    const int32_t pos0 = last >= 0 ? last + 1 : ledger_[k].pos;
+    std::vector<int32_t> tokens;
+    for (size_t i = k; i < ledger_.size(); ++i) {
+        tokens.push_back(ledger_[i].token);
+        ledger_.at(i).pos = pos0 + (int32_t) (i - k);
+    }
+    for (size_t start = 0; start < tokens.size(); start += e.n_batch()) {
+        const size_t n = std::min<size_t>(e.n_batch(), tokens.size() - start);
+        if (!e.decode_one(*this, tokens.data() + start, n, pos0 + (int32_t) start, false)) {
+            kv_state_load(ctx, slot_, e.streams(), before);
+            for (size_t i = 0; i < positions.size(); ++i) ledger_.at(i).pos = positions[i];
+            throw fml_error(FML_ERR_DECODE, "llama_decode failed while decoding again the tokens the sliding layers had lost");
+        }
+    }
+    // Numbered on where the tail had gaps or started above the window's end: a compaction of it.
+    bool moved = false;
+    for (size_t i = k; i < ledger_.size(); ++i) moved = moved || ledger_[i].pos != positions[i];
+    cumulative_.compactions += moved ? 1 : 0;
+    if (turn_) {
+        turn_->result.stats.compactions += moved ? 1 : 0;
+        turn_->result.stats.compact_ms += ms_since(t0);
+    }
+}
+
 bool chat::evict(const eviction_request & req, size_t hard_need, step_context & e) {
     // Latency guard: a policy that throws or takes longer than max_policy_ms is replaced by sliding
     // for this eviction, and the fallback is counted. The test hook adds its delay to the measured
@@ -151,8 +200,9 @@ bool chat::evict(const eviction_request & req, size_t hard_need, step_context & 
     }
     t0 = clock_type::now();
     rec.positions = position_ranges(plan.ranges);   // positions before the eviction
-    note_evicted(plan.ranges);
+    const size_t own_gone = own_among(plan.ranges);
     const kv_eviction_result res = kv_evict_ranges(e.ctx(), slot_, ledger_, plan.ranges);
+    turn_->own -= std::min(own_gone, turn_->own);
     rec.evict_ms = ms_since(t0);
     rec.evicted = (uint32_t) res.evicted;
     st.evict_ms += rec.evict_ms;

@@ -108,6 +108,7 @@ size_t chat::forget_turn(uint32_t turn, step_context & e) {
     if (!opts_.keep_positions) {
         compact(e);
     }
+    repair_window(e);   // forgetting the newest turn moves the end back
     return res.evicted;
 }
 

@@ -73,20 +73,31 @@ void chat::finish_summary(step_context & e) {
     }
     eviction_record & rec = j->rec;
     rec.positions = position_ranges(j->ranges);
-    note_evicted(j->ranges);
+    // The summary lands where the first evicted range was (or after the history): among the turn's
+    // own tokens it is one of them, and a rollback takes it with them.
+    const size_t own_gone = own_among(j->ranges);
+    const size_t insert_at = placement == summary_placement::after_history ? ledger_.size() : normalize_ranges(j->ranges).front().begin;
+    const bool summary_own = turn_->rollback_set && insert_at >= first_own();
+    const int32_t summary_to = ledger_[normalize_ranges(j->ranges).front().begin].pos;
     const kv_eviction_result res = kv_evict_and_insert(e.ctx(), slot_, ledger_, j->ranges, placement, j->instruction_pos0,
                                                        j->instruction_pos0 + (int32_t) summary_instruction_.size(), items);
+    turn_->own -= std::min(own_gone, turn_->own);
+    if (summary_own) {
+        turn_->own += items.size();
+    } else if (placement == summary_placement::in_gap && !turn_->window.empty()) {
+        // A rollback keeps it (evictions done stay done): its cells join the rollback point's window
+        // then (turn_state::window_summaries), from a save after its K-shift.
+        turn_->window_summaries.emplace_back(summary_to, summary_to + (int32_t) items.size());
+    }
     if (res.shifted_runs > 0) {
         e.note_shift();
-    }
-    if (placement == summary_placement::after_history && turn_->rollback_set) {
-        turn_->own += items.size();   // after the turn's own tokens: a rollback takes it with them
     }
     if (placement == summary_placement::compacted) {
         cumulative_.compactions++;
         st.compactions++;
     }
     restore_recurrent(j->recurrent, e);
+    window_suspect_ = model_->info().sliding_window > 0;   // finished inside a step: repaired at the next contribution
     summary_text_ = model_->detokenize(j->tokens, false);
     rec.evict_ms = ms_since(t0);
     rec.evicted = (uint32_t) res.evicted;
@@ -108,6 +119,7 @@ void chat::cancel_summary(step_context & e) {
     kv_window_restore(e.ctx(), slot_, turn_->summary->window, ledger_);
     restore_recurrent(turn_->summary->recurrent, e);
     turn_->summary.reset();
+    repair_window(e);
 }
 
 } // namespace fml

@@ -58,6 +58,8 @@ struct chat::turn_state {
     // (save_window), and the compactions then (none since: it holds).
     std::vector<uint8_t> window;
     uint64_t window_compactions = 0;
+    // Positions [first, second) of the summaries written since, which a rollback keeps (not in `window` yet).
+    std::vector<std::pair<int32_t, int32_t>> window_summaries;
     std::vector<ledger_entry> scored_before;   // importance/hybrid: the ledger's scores as the turn began
     uint64_t compactions_before = 0;           // (positions renumbered since: they cannot be matched)
     std::vector<int32_t> carry_before;   // what closed the previous reply (back if the whole turn is rolled back)

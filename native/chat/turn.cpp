@@ -91,6 +91,9 @@ contribution chat::contribute(size_t budget, step_context & e) {
         if (t.summary) {
             return summary_contribution(budget);
         }
+        if (window_suspect_) {
+            repair_window(e);
+        }
         if (t.generating) {
             if (!make_room(1, t.gen_chunk, e)) {
                 return summary_contribution(budget);
@@ -414,6 +417,14 @@ void chat::rollback_to(size_t keep, step_context & e) {
         return;   // nothing of this turn reached a cache
     }
     const size_t removed = ledger_.size() > keep ? ledger_.size() - keep : 0;
+    if (turn_ && !turn_->window_summaries.empty() && !turn_->window.empty()) {
+        // Summaries written since stay: their cells join the window saved at the rollback point
+        // (saved now, before the turn's own tokens go: the cache still ends where the ledger does).
+        const std::vector<uint8_t> now = save_window(e);
+        for (const auto & [pos0, pos1] : turn_->window_summaries) {
+            turn_->window = kv_window_with(e.ctx(), turn_->window, now, pos0, pos1);
+        }
+    }
     kv_truncate(e.ctx(), slot_, ledger_, keep);
     cumulative_.tokens_seen -= std::min<uint64_t>(cumulative_.tokens_seen, removed);
     if (keep == 0) {
@@ -426,6 +437,7 @@ void chat::rollback_to(size_t keep, step_context & e) {
             kv_drop_unledgered(e.ctx(), slot_, ledger_);
         }
         restore_recurrent(turn_->recurrent, e);
+        repair_window(e);
         if (cumulative_.compactions == turn_->compactions_before) {
             restore_scores(turn_->scored_before);
         }
@@ -454,16 +466,17 @@ std::vector<uint8_t> chat::save_window(step_context & e) {
     return kv_window_save(e.ctx(), slot_);
 }
 
-void chat::note_evicted(const std::vector<index_range> & ranges) {
-    if (!turn_ || !turn_->rollback_set) {
-        return;
-    }
-    const size_t first_own = ledger_.size() - std::min(turn_->own, ledger_.size());
-    size_t gone = 0;
+size_t chat::first_own() const {
+    return turn_ && turn_->rollback_set ? ledger_.size() - std::min(turn_->own, ledger_.size()) : ledger_.size();
+}
+
+size_t chat::own_among(const std::vector<index_range> & ranges) const {
+    const size_t first = first_own();
+    size_t n = 0;
     for (const index_range & r : normalize_ranges(ranges)) {
-        gone += r.end > first_own ? r.end - std::max(r.begin, first_own) : 0;
+        n += r.end > first ? r.end - std::max(r.begin, first) : 0;
     }
-    turn_->own -= std::min(gone, turn_->own);
+    return n;
 }
 
 void chat::restore_recurrent(const std::vector<uint8_t> & snapshot, step_context & e) {

@@ -368,27 +368,59 @@ bool kv_has_recurrent(llama_context * ctx) {
     return kv_memory_of(ctx) == kv_memory_kind::hybrid;
 }
 
+namespace {
+
+// The first position the token at next_pos sees in the sliding layers: positions above next_pos -
+// window (llama.cpp's standard mask; chunked windows, Llama 4's, differ).
+int32_t window_from(llama_context * ctx, const token_ledger & ledger) {
+    return ledger.next_pos() - llama_model_n_swa(llama_get_model(ctx)) + 1;
+}
+
+// The window cache's positions in [from, ledger.next_pos()), sorted. Cells beyond the ledger (a
+// summary's scratch while it is written) are the cache's end, which kv_pos_max reports.
+bool window_cells(llama_context * ctx, int32_t seq, const token_ledger & ledger, std::vector<int32_t> & out) {
+    std::vector<int32_t> cached;
+    out.clear();
+    if (!kv_window_positions(ctx, seq, cached)) {
+        return false;
+    }
+    const int32_t from = window_from(ctx, ledger);
+    for (int32_t p : cached) {
+        if (p >= 0 && p >= from && p < ledger.next_pos()) out.push_back(p);
+    }
+    std::sort(out.begin(), out.end());
+    return true;
+}
+
+} // namespace
+
 bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & ledger) {
     check_seq(ctx, seq);
-    std::vector<int32_t> cached;
-    if (!kv_window_positions(ctx, seq, cached)) {
+    std::vector<int32_t> seen;
+    if (!window_cells(ctx, seq, ledger, seen)) {
         return true;
     }
-    // What the token at next_pos sees: positions above next_pos - window (llama.cpp's standard mask;
-    // chunked windows, Llama 4's, differ). Cells beyond the ledger (a summary's scratch while it is
-    // written) are the cache's end, which kv_pos_max reports.
-    const int32_t from = ledger.next_pos() - llama_model_n_swa(llama_get_model(ctx)) + 1;
-    std::vector<int32_t> seen;
-    for (int32_t p : cached) {
-        if (p >= 0 && p >= from && p < ledger.next_pos()) seen.push_back(p);
-    }
-    std::sort(seen.begin(), seen.end());
+    const int32_t from = window_from(ctx, ledger);
     std::vector<int32_t> expected;
     for (size_t i = ledger.size(); i-- > 0 && ledger[i].pos >= from;) {
         expected.push_back(ledger[i].pos);
     }
     std::reverse(expected.begin(), expected.end());
     return seen == expected;
+}
+
+size_t kv_window_first_missing(llama_context * ctx, int32_t seq, const token_ledger & ledger) {
+    check_seq(ctx, seq);
+    std::vector<int32_t> seen;
+    if (!window_cells(ctx, seq, ledger, seen)) {
+        return ledger.size();
+    }
+    const int32_t from = window_from(ctx, ledger);
+    size_t first = ledger.size();
+    for (size_t i = ledger.size(); i-- > 0 && ledger[i].pos >= from;) {
+        if (!std::binary_search(seen.begin(), seen.end(), ledger[i].pos)) first = i;
+    }
+    return first;
 }
 
 std::vector<uint8_t> kv_window_save(llama_context * ctx, int32_t seq) {

@@ -90,6 +90,9 @@ std::vector<uint8_t> kv_window_with(llama_context * ctx, const std::vector<uint8
 // True when the sliding layers hold exactly the ledger's positions that the next token sees (always
 // true without sliding layers, or without the internals to look).
 bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & ledger);
+// Index of the first ledger entry the next token sees that the sliding layers lack (ledger.size()
+// when none does, or without sliding layers or the internals to look).
+size_t kv_window_first_missing(llama_context * ctx, int32_t seq, const token_ledger & ledger);
 
 // Removes ledger entries from index `keep` on, from the attention KV too (positions unchanged). A
 // hybrid's recurrent state is restored by the caller from its snapshot.

@@ -211,10 +211,17 @@ describe('sliding-window models: compaction brings old tokens back within the wi
 // token. Longer than the window (16 here), they took them all, and the next decode was refused.
 describe.each(SLIDING)('%s: tokens longer than the window, removed again, leave the window as it was', (family) => {
   let model: Model;
+  let wide: Model;   // window 256
   beforeAll(async () => {
     model = await load(family);
+    const path = join(dir, `${family}-w256.gguf`);
+    writeModel(path, { family, seed: 7, slidingWindow: 256 });
+    wide = await loadModel(path, { threads: THREADS });
   });
-  afterAll(() => model?.dispose());
+  afterAll(() => {
+    model?.dispose();
+    wide?.dispose();
+  });
   const EXACT = { kvType: 'f32', flashAttention: false } as const;
   const talk = async (chat: Chat, from: number, turns: number) => {
     const out: string[] = [];
@@ -269,9 +276,6 @@ describe.each(SLIDING)('%s: tokens longer than the window, removed again, leave 
 
   it('a summary placed within the window is in the sliding layers too', async () => {
     // Window 256 over a budget of 128: wherever the summary lands, the next token's window covers it.
-    const path = join(dir, `${family}-w256.gguf`);
-    writeModel(path, { family, seed: 7, slidingWindow: 256 });
-    const wide = await loadModel(path, { threads: THREADS });
     for (const positions of ['keep', 'compact'] as const) {
       const chat = wide.createChat({ ...EXACT, policy: 'rolling_summary', positions, maxTokens: 128, windowSize: 24, summaryTokens: 16, systemPrompt: 'Be brief.', maxPolicyMs: 0 });
       let summaries = 0;
@@ -282,7 +286,67 @@ describe.each(SLIDING)('%s: tokens longer than the window, removed again, leave 
       expect(summaries).toBeGreaterThan(1);
       chat.dispose();
     }
-    wide.dispose();
+  });
+
+  // An import's reply makes room mid-turn; the summary of what it evicts lands where the first
+  // evicted range was. Aborted in the reply, the rollback takes the exchange and keeps the rest.
+  // Where the reply's prefill runs depends on the summary's length: a twin chat, identical so far,
+  // times the whole import first, and the abort lands half-way through the reply's last steps.
+  const abortInReply = async (m: Model, chat: Chat, twin: Chat, user: string, reply: string) => {
+    const t0 = performance.now();
+    await twin._ingest(user, reply);
+    const total = performance.now() - t0;
+    const replyMs = Math.ceil(m.tokenize(reply).length / 8) * 10;
+    await expect(chat._ingest(user, reply, AbortSignal.timeout(Math.round(total - replyMs / 2)))).rejects.toMatchObject({ code: 'ABORTED' });
+  };
+
+  it('an import aborted in its reply after a summary of its own message: nothing of the exchange stays', async () => {
+    const opts = { ...EXACT, policy: 'rolling_summary', maxTokens: 160, batchSize: 8, systemPrompt: 'Be brief.', maxPolicyMs: 0, testTokenDelayMs: 10 } as const;
+    const chat = model.createChat(opts);
+    const twin = model.createChat(opts);
+    // ~100 tokens of message, then the reply's room (a summary of the message), then ~130 of reply.
+    await abortInReply(model, chat, twin, 'a '.repeat(90), 'a '.repeat(120));
+    expect(chat.stats().summary.length).toBeGreaterThan(0);   // the summary was written
+    expect(chat.memory().filter((e) => e.turn > 0)).toEqual([]);
+    checkCache(chat, 160);
+    await talk(chat, 0, 2);
+    checkCache(chat, 160);
+    chat.dispose();
+    twin.dispose();
+  });
+
+  it('an import aborted in its reply after a summary of older history: the summary stays, in the window too', async () => {
+    // Window 256: the summary of the history the reply evicts lands within the next token's window.
+    const opts = { ...EXACT, policy: 'rolling_summary', maxTokens: 256, batchSize: 8, summaryTokens: 16, systemPrompt: 'Be brief.', maxPolicyMs: 0, testTokenDelayMs: 10 } as const;
+    const chat = wide.createChat(opts);
+    const twin = wide.createChat(opts);
+    await talk(chat, 0, 10);
+    await talk(twin, 0, 10);
+    const evictions = chat.stats().evictions;
+    // ~40 tokens of message, the reply's room (a summary of older history), ~220 tokens of reply.
+    await abortInReply(wide, chat, twin, 'a '.repeat(36), 'a '.repeat(200));
+    expect(chat.stats().evictions).toBeGreaterThan(evictions);
+    const memory = chat.memory();
+    expect(memory.filter((e) => e.turn > 10 && e.role !== 'summary')).toEqual([]);
+    expect(memory.some((e) => e.role === 'summary')).toBe(true);
+    checkCache(chat, 256);   // windowIntact: the summary's cells are in the sliding layers
+    await talk(chat, 10, 2);
+    checkCache(chat, 256);
+    chat.dispose();
+    twin.dispose();
+  });
+
+  it('forgetting the newest turn, longer than the window: the window holds the tokens before it again', async () => {
+    const chat = model.createChat({ ...EXACT, policy: 'sliding', maxTokens: 128, batchSize: 8, systemPrompt: 'Be brief.' });
+    await talk(chat, 0, 30);   // every cell of the stream used: cells are reused where the search finds them
+    const r = await chat.send('a '.repeat(90), { maxNewTokens: 4, temperature: 0 });
+    const last = Math.max(...chat.memory().map((e) => e.turn));
+    expect(await chat.forget(last)).toBeGreaterThan(16);
+    checkCache(chat, 128);   // windowIntact
+    expect(r.stats.promptTokens).toBeGreaterThan(40);
+    await talk(chat, 30, 2);
+    checkCache(chat, 128);
+    chat.dispose();
   });
 
   it('summaries longer than the window: every turn goes on, the window ending at the newest token', async () => {

@@ -2,8 +2,8 @@
 // budget (llama.cpp's swa_full) so the cache can K-shift, instead of a window-sized cache that
 // cannot. Side by side in one run on a model with Gemma 3 1B's geometry (seeded random weights):
 // KV buffers allocated and the decode time per token, swa_full on vs off; then what keeping the window
-// through tokens removed again costs (kv_window_save + kv_window_restore, taken before a prefill of
-// half the window or more) against that prefill.
+// through tokens removed again costs (kv_window_save at every turn, kv_window_restore when a turn is
+// rolled back) against a short message's prefill.
 //
 //   npx tsx bench/swa.ts [--contexts=1024,2048,4096] [--steps=16] [--no-write]
 import { getProbes } from '../src/local/binding.ts';
@@ -32,11 +32,11 @@ async function main() {
     `- model: Gemma 3 1B geometry (26 layers: 22 sliding with window 512, 4 global; hidden 1152, 4 query / 1 KV head x 256, FFN 6912, Q8_0), seeded random weights, ${(model.info.nParams / 1e6).toFixed(0)}M parameters`,
     `- one sequence per context, F16 KV, flash attention off, ${THREADS} threads, n_ubatch = min(512, context); both contexts filled alike to context - ${STEPS + 1} tokens, then ${STEPS} one-token decodes in each, interleaved (order alternating); medians`,
     `- swa_full off: llama.cpp's SWA cache of pad256(min(context, window + n_ubatch)) cells, which cannot K-shift once smaller than the context; on: every layer holds the context (what finite memory uses)`,
-    `- window snapshot (swa_full on, out-of-window cells pruned as a chat's are): save + restore of the sliding layers' window, against a prefill of window / 2 tokens (the shortest a chat takes the snapshot for) at the fill; medians of 5`,
+    `- window snapshot (swa_full on, out-of-window cells pruned as a chat's are): the save every turn pays and the restore an aborted turn pays, against the prefill of a short message (32 tokens) at the fill; medians of 5`,
   ];
   console.log(setup.join('\n'));
   const rows = ['| context | swa_full | can K-shift | KV allocated (MiB) | decode ms/token | KV: on / off | decode: on / off |', '|---:|---|---|---:|---:|---:|---:|'];
-  const windowRows = ['| context | snapshot (MiB) | save ms | restore ms | prefill of window / 2 ms | (save + restore) / prefill |', '|---:|---:|---:|---:|---:|---:|'];
+  const windowRows = ['| context | snapshot (MiB) | save ms | restore ms | prefill of 32 tokens ms | save / prefill |', '|---:|---:|---:|---:|---:|---:|'];
   for (const context of CONTEXTS) {
     const r = await probes.swaCost(model._native(), context, STEPS, THREADS);
     for (const [name, x] of [['off', r.off], ['on', r.on]] as const) {
@@ -44,8 +44,8 @@ async function main() {
     }
     rows.push(`| ${r.context} | off | ${r.off.canShift ? 'yes' : 'no'} | ${mib(r.off.kvBytes)} | ${r.off.decodeMs.toFixed(1)} |  |  |`);
     rows.push(`| ${r.context} | on | ${r.on.canShift ? 'yes' : 'no'} | ${mib(r.on.kvBytes)} | ${r.on.decodeMs.toFixed(1)} | ${(r.on.kvBytes / r.off.kvBytes).toFixed(2)}x | ${(r.on.decodeMs / r.off.decodeMs).toFixed(2)}x |`);
-    console.log(`context ${r.context} window snapshot: ${mib(r.windowBytes)} MiB, save ${r.windowSaveMs.toFixed(2)} ms, restore ${r.windowRestoreMs.toFixed(2)} ms, prefill of window / 2 ${r.halfWindowPrefillMs.toFixed(1)} ms`);
-    windowRows.push(`| ${r.context} | ${mib(r.windowBytes)} | ${r.windowSaveMs.toFixed(2)} | ${r.windowRestoreMs.toFixed(2)} | ${r.halfWindowPrefillMs.toFixed(1)} | ${((r.windowSaveMs + r.windowRestoreMs) / r.halfWindowPrefillMs).toFixed(3)} |`);
+    console.log(`context ${r.context} window snapshot: ${mib(r.windowBytes)} MiB, save ${r.windowSaveMs.toFixed(2)} ms, restore ${r.windowRestoreMs.toFixed(2)} ms, prefill of ${r.prefillTokens} tokens ${r.prefillMs.toFixed(1)} ms`);
+    windowRows.push(`| ${r.context} | ${mib(r.windowBytes)} | ${r.windowSaveMs.toFixed(2)} | ${r.windowRestoreMs.toFixed(2)} | ${r.prefillMs.toFixed(1)} | ${(r.windowSaveMs / r.prefillMs).toFixed(3)} |`);
   }
   model.dispose();
   const body = [`Command: \`npx tsx bench/swa.ts\``, '', ...setup, '', rows.join('\n'), '', windowRows.join('\n')].join('\n');

@@ -234,7 +234,8 @@ protected:
         o.Set("windowBytes", r_.window_bytes);
         o.Set("windowSaveMs", r_.window_save_ms);
         o.Set("windowRestoreMs", r_.window_restore_ms);
-        o.Set("halfWindowPrefillMs", r_.half_window_prefill_ms);
+        o.Set("prefillTokens", r_.prefill_tokens);
+        o.Set("prefillMs", r_.prefill_ms);
         return o;
     }
 private:

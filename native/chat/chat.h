@@ -305,9 +305,9 @@ private:
     void compact(step_context & e);
     // After tokens were removed (a rollback, a summary's scratch, forget), the sliding layers can lack
     // tokens the next one sees: llama.cpp reused their cells once they were outside the window of the
-    // newest token, and the removal moved the end back. The tokens from the first one missing are
-    // decoded again, numbered on from the window cache's own end (the only position llama.cpp
-    // accepts next): a compaction of that tail. Must run outside a step's decode (it decodes).
+    // newest token, and the removal moved the end back. Then the last `window` tokens are decoded
+    // again (a compaction of that tail). Must run outside a step's decode (it decodes); never throws:
+    // if a decode fails, the cache is rebuilt from the ledger before the next one (replay_pending_).
     void repair_window(step_context & e);
     // The recurrent state at the turn's start (hybrids) goes back after the turn's tokens were removed.
     void restore_recurrent(const std::vector<uint8_t> & snapshot, step_context & e);
@@ -359,7 +359,7 @@ private:
     int32_t slot_ = -1;
     bool parked_ = false;
     std::vector<uint8_t> parked_kv_;
-    bool replay_pending_ = false;           // a ledger-only checkpoint: prefill the retained tokens at unpark
+    bool replay_pending_ = false;           // prefill the retained tokens at unpark or the next contribution (a ledger-only checkpoint, a failed repair)
     bool window_suspect_ = false;           // a summary finished inside a step: repair_window at the next contribution
     std::string transcript_;
     void replay_ledger(step_context & e);

@@ -93,46 +93,42 @@ void chat::compact(step_context & e) {
 
 void chat::repair_window(step_context & e) {
     window_suspect_ = false;
-    if (model_->info().sliding_window <= 0 || slot_ < 0 || ledger_.empty()) {
+    const int32_t window = model_->info().sliding_window;
+    if (window <= 0 || slot_ < 0 || ledger_.empty() || kv_window_first_missing(e.ctx(), slot_, ledger_) >= ledger_.size()) {
         return;
     }
+    // The last `window` tokens are decoded again, numbered on from the first of them: the window of
+    // the next token is then theirs alone, whatever the renumbering closed. Below them the window cache
+    // is emptied, which is what lets llama.cpp take that first position (with cells there, only the
+    // one after its newest).
     llama_context * ctx = e.ctx();
-    size_t k = kv_window_first_missing(ctx, slot_, ledger_);
-    if (k >= ledger_.size()) {
-        return;
-    }
     const auto t0 = clock_type::now();
-    const std::vector<uint8_t> before = kv_state_save(ctx, slot_);
-    std::vector<int32_t> positions;
-    for (const ledger_entry & x : ledger_.entries()) positions.push_back(x.pos);
-    // The window cache keeps only the window, then loses the tail from the first token missing. Its
-    // newest cell is then the token before that one, or none (llama.cpp then takes any position):
-    // the tail is decoded again from there. A cell of another position (none is expected) means
-    // every token above it goes again.
-    kv_prune_sliding_window(ctx, slot_, ledger_.next_pos());
-    kv_remove_from(ctx, slot_, ledger_[k].pos);
-    const int32_t last = kv_pos_max(ctx, slot_);
-    if (last >= 0 && (k == 0 || ledger_[k - 1].pos != last)) {
-        while (k > 0 && ledger_[k - 1].pos > last) --k;
-        kv_remove_from(ctx, slot_, ledger_[k].pos);
-    }
-    const int32_t pos0 = last >= 0 ? last + 1 : ledger_[k].pos;
-    std::vector<int32_t> tokens;
-    for (size_t i = k; i < ledger_.size(); ++i) {
-        tokens.push_back(ledger_[i].token);
-        ledger_.at(i).pos = pos0 + (int32_t) (i - k);
-    }
-    for (size_t start = 0; start < tokens.size(); start += e.n_batch()) {
-        const size_t n = std::min<size_t>(e.n_batch(), tokens.size() - start);
-        if (!e.decode_one(*this, tokens.data() + start, n, pos0 + (int32_t) start, false)) {
-            kv_state_load(ctx, slot_, e.streams(), before);
-            for (size_t i = 0; i < positions.size(); ++i) ledger_.at(i).pos = positions[i];
-            throw fml_error(FML_ERR_DECODE, "llama_decode failed while decoding again the tokens the sliding layers had lost");
-        }
-    }
-    // Numbered on where the tail had gaps or started above the window's end: a compaction of it.
+    const size_t k = ledger_.size() > (size_t) window ? ledger_.size() - (size_t) window : 0;
+    const int32_t pos0 = ledger_[k].pos;
     bool moved = false;
-    for (size_t i = k; i < ledger_.size(); ++i) moved = moved || ledger_[i].pos != positions[i];
+    try {
+        kv_remove_from(ctx, slot_, pos0);
+        kv_prune_sliding_window(ctx, slot_, pos0 + window - 1);
+        std::vector<int32_t> tokens;
+        for (size_t i = k; i < ledger_.size(); ++i) {
+            tokens.push_back(ledger_[i].token);
+            moved = moved || ledger_[i].pos != pos0 + (int32_t) (i - k);
+            ledger_.at(i).pos = pos0 + (int32_t) (i - k);
+        }
+        for (size_t start = 0; start < tokens.size(); start += e.n_batch()) {
+            const size_t n = std::min<size_t>(e.n_batch(), tokens.size() - start);
+            if (!e.decode_one(*this, tokens.data() + start, n, pos0 + (int32_t) start, false)) {
+                throw fml_error(FML_ERR_DECODE, "llama_decode failed");
+            }
+        }
+    } catch (const fml_error &) {
+        // Runs where nothing may throw (an abort's rollback): the cache is rebuilt from the ledger
+        // before the chat's next decode instead (the path of a ledger-only checkpoint).
+        kv_clear_slot(ctx, slot_);
+        replay_pending_ = true;
+        moved = true;
+    }
+    // Numbered on where the tail had gaps: a compaction of it.
     cumulative_.compactions += moved ? 1 : 0;
     if (turn_) {
         turn_->result.stats.compactions += moved ? 1 : 0;

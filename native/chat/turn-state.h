@@ -54,8 +54,8 @@ struct chat::turn_state {
     // removes them, whatever was evicted in between (an index would point elsewhere by then).
     size_t own = 0;
     std::vector<uint8_t> recurrent;   // a hybrid's recurrent state at the rollback point
-    // The sliding layers' window at the rollback point when the prefill is half the window or more
-    // (save_window), and the compactions then (none since: it holds).
+    // The sliding layers' window at the rollback point (save_window), and the compactions then (none
+    // since: it holds).
     std::vector<uint8_t> window;
     uint64_t window_compactions = 0;
     // Positions [first, second) of the summaries written since, which a rollback keeps (not in `window` yet).

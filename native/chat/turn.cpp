@@ -88,6 +88,10 @@ contribution chat::contribute(size_t budget, step_context & e) {
         if (slot_ < 0) {
             throw fml_error(FML_ERR_INTERNAL, "a chat without a slot was asked for tokens");
         }
+        if (replay_pending_) {
+            replay_ledger(e);
+            replay_pending_ = false;
+        }
         if (t.summary) {
             return summary_contribution(budget);
         }
@@ -120,14 +124,12 @@ contribution chat::contribute(size_t budget, step_context & e) {
         if (!t.rollback_set && !s.system) {
             t.own = 0;
             t.recurrent = kv_recurrent_save(e.ctx(), slot_);
-            // Rolled back, a prefill of L tokens in several decodes can have taken the cells of the
-            // window's oldest L tokens (llama.cpp reuses a cell once it is outside the window of the
-            // newest token), and the newest ones too once L reaches the window. From half the window
-            // on it is saved: the copy then costs 0.1-0.3% of the prefill (bench/swa.ts).
-            size_t prefill = 0;
-            for (size_t i = t.seg; i < t.segments.size(); ++i) prefill += t.segments[i].tokens.size() - (i == t.seg ? t.off : 0);
-            const int32_t window = model_->info().sliding_window;
-            if (window > 0 && prefill * 2 >= (size_t) window) {
+            // Rolled back, a prefill of L tokens in several decodes (how many depends on the other
+            // chats' steps) can have taken the cells of the window's oldest L tokens (llama.cpp reuses
+            // a cell once it is outside the window of the newest token), and the newest ones too once
+            // L reaches the window. The window is saved at every turn: a copy of the window's cells,
+            // far cheaper than the turn (bench/swa.ts).
+            if (model_->info().sliding_window > 0) {
                 t.window = save_window(e);
                 t.window_compactions = cumulative_.compactions;
             }

@@ -139,7 +139,10 @@ bool kv_cell_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & 
 bool kv_window_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out) {
     out.clear();
 #ifdef FML_HAVE_KV_INTERNALS
-    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx))) {
+    // Chunked windows (Llama 4's) see from the chunk's start, not the last `window` positions: what
+    // the callers check (kv_window_matches, repair) does not describe them.
+    auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx));
+    if (iswa != nullptr && llama_get_model(ctx)->hparams.swa_type == LLAMA_SWA_TYPE_STANDARD) {
         cell_positions(*iswa->get_swa(), seq, out);
         return true;
     }

@@ -50,8 +50,9 @@ kv_model_layout kv_layout_of(const llama_model * model);
 // layers, the full layers' cache). False (and `out` empty) when unavailable.
 bool kv_cell_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out);
 
-// The same map for the sliding-window cache of a model with sliding layers. False (and `out` empty)
-// without one or without the internals.
+// The same map for the sliding-window cache of a model with sliding layers (standard windows: the
+// last `window` positions). False (and `out` empty) without one, for chunked windows, or without the
+// internals.
 bool kv_window_positions(llama_context * ctx, int32_t seq, std::vector<int32_t> & out);
 
 // The sequence's smallest position in the cache that holds every retained token: with sliding-window

@@ -94,11 +94,12 @@ swa_cost_result run_swa_cost(const fml_model & model, int32_t context, int32_t s
     res.off = { kv_can_shift(off->ctx), (double) kv_allocated_bytes(off->ctx), median(ms_off) };
     res.on = { kv_can_shift(on->ctx), (double) kv_allocated_bytes(on->ctx), median(ms_on) };
 
-    // The window snapshot, as a chat holds it (out-of-window cells pruned), against the prefill it
-    // protects: the last window / 2 positions removed and decoded again in one batch.
+    // The window snapshot, as a chat holds it (out-of-window cells pruned), against a short message's
+    // prefill: the last 32 positions removed and decoded again in one batch.
     const int32_t next = res.filled + steps;
-    const int32_t half = llama_model_n_swa(model.raw()) / 2;
-    if (half > 0 && half <= chunk && half < next) {
+    const int32_t half = 32;
+    res.prefill_tokens = half;
+    if (llama_model_n_swa(model.raw()) > 0 && half <= chunk && half < next) {
         kv_prune_sliding_window(on->ctx, 0, next);
         token_ledger ledger;
         for (int32_t p = 0; p < next; ++p) ledger.append(tokens[(size_t) p], 1, TOKEN_ROLE_USER, false, false);
@@ -120,7 +121,7 @@ swa_cost_result run_swa_cost(const fml_model & model, int32_t context, int32_t s
         }
         res.window_save_ms = median(save_ms);
         res.window_restore_ms = median(restore_ms);
-        res.half_window_prefill_ms = median(prefill_ms);
+        res.prefill_ms = median(prefill_ms);
     }
     return res;
 }

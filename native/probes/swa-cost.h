@@ -2,8 +2,8 @@
 // costs against llama.cpp's window-sized SWA cache: KV memory allocated and decode time per token at
 // a given fill. Two raw contexts of one sequence each (swa_full off and on), filled alike, then
 // one-token decodes interleaved between them so machine noise hits both equally. Then, on the swa_full
-// context, what a chat pays to keep its window through tokens removed again (kv_window_save and
-// kv_window_restore, taken before a prefill of half the window or more) against such a prefill.
+// context, what a chat pays to keep its window through tokens removed again (kv_window_save at every
+// turn, kv_window_restore when a turn is rolled back) against a short message's prefill.
 #pragma once
 
 #include "model/model.h"
@@ -24,7 +24,8 @@ struct swa_cost_result {
     double window_bytes = 0;       // the window's snapshot
     double window_save_ms = 0;     // medians
     double window_restore_ms = 0;
-    double half_window_prefill_ms = 0;   // a prefill of window / 2 tokens at the fill
+    int32_t prefill_tokens = 0;    // a short message: 32 tokens
+    double prefill_ms = 0;         // its prefill at the fill
 };
 
 swa_cost_result run_swa_cost(const fml_model & model, int32_t context, int32_t steps, int32_t threads);

@@ -161,7 +161,7 @@ export interface NativeProbes {
   benchPolicyPlan(options: NativeRawOptions, n: number, want: number, embdDim: number, reps: number): number;
   benchMemcpy(bytes: number, reps: number): number;
   /** Sliding-window cache at the window's size (off) vs the full budget (on): KV allocated, decode ms per token (interleaved). */
-  swaCost(model: NativeModel, context: number, steps: number, threads: number): Promise<{ context: number; filled: number; off: NativeSwaSide; on: NativeSwaSide; windowBytes: number; windowSaveMs: number; windowRestoreMs: number; halfWindowPrefillMs: number }>;
+  swaCost(model: NativeModel, context: number, steps: number, threads: number): Promise<{ context: number; filled: number; off: NativeSwaSide; on: NativeSwaSide; windowBytes: number; windowSaveMs: number; windowRestoreMs: number; prefillTokens: number; prefillMs: number }>;
   liveObjects(): { chats: number; models: number; runtimes: number };
 }
 

@@ -349,6 +349,20 @@ describe.each(SLIDING)('%s: tokens longer than the window, removed again, leave 
     chat.dispose();
   });
 
+  it('model.dispose() during long prefills: every turn ends with abort, nothing crashes', async () => {
+    // The rollbacks run while the engine stops: a decode they need (a K-shift, a repair) is refused.
+    const m = await load(family);
+    const chats = Array.from({ length: 3 }, () => m.createChat({ ...EXACT, policy: 'rolling_summary', maxTokens: 128, batchSize: 8, maxPolicyMs: 0, testTokenDelayMs: 5 }));
+    for (const c of chats) await talk(c, 0, 8);
+    const turns = chats.map((c) => c.send('a '.repeat(90), { maxNewTokens: 8 }));
+    await new Promise((r) => setTimeout(r, 60));
+    m.dispose();
+    for (const r of await Promise.allSettled(turns)) {
+      expect(r.status).toBe('fulfilled');
+      if (r.status === 'fulfilled') expect(r.value.stopReason).toBe('abort');
+    }
+  });
+
   it('summaries longer than the window: every turn goes on, the window ending at the newest token', async () => {
     const chat = model.createChat({ ...EXACT, policy: 'rolling_summary', maxTokens: 160, windowSize: 24, summaryTokens: 40, systemPrompt: 'Be brief.', maxPolicyMs: 0 });
     let summaryTokens = 0;

@@ -69,6 +69,7 @@ void chat::finish_summary(step_context & e) {
         // history is the newest itself: the window already ends with it.
         const int32_t summary_pos0 = j->instruction_pos0 + (int32_t) summary_instruction_.size();
         const std::vector<uint8_t> now = j->window.empty() ? std::vector<uint8_t>() : kv_window_save(e.ctx(), slot_);
+        // Refused (a save from before the context grew), the window is repaired at the next contribution.
         kv_window_restore(e.ctx(), slot_, kv_window_with(e.ctx(), j->window, now, summary_pos0, summary_pos0 + (int32_t) items.size()), ledger_);
     }
     eviction_record & rec = j->rec;
@@ -116,7 +117,7 @@ void chat::finish_summary(step_context & e) {
 void chat::cancel_summary(step_context & e) {
     // The scratch cells (instruction, summary so far) go; the planned eviction does not happen.
     kv_drop_unledgered(e.ctx(), slot_, ledger_);
-    kv_window_restore(e.ctx(), slot_, turn_->summary->window, ledger_);
+    kv_window_restore(e.ctx(), slot_, turn_->summary->window, ledger_);   // refused: repaired below
     restore_recurrent(turn_->summary->recurrent, e);
     turn_->summary.reset();
     repair_window(e);

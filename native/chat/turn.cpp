@@ -88,15 +88,15 @@ contribution chat::contribute(size_t budget, step_context & e) {
         if (slot_ < 0) {
             throw fml_error(FML_ERR_INTERNAL, "a chat without a slot was asked for tokens");
         }
-        if (replay_pending_) {
+        if (window_suspect_) {
+            repair_window(e);
+        }
+        if (replay_pending_) {   // a failed repair (or one of a rollback) cleared the cache
             replay_ledger(e);
             replay_pending_ = false;
         }
         if (t.summary) {
             return summary_contribution(budget);
-        }
-        if (window_suspect_) {
-            repair_window(e);
         }
         if (t.generating) {
             if (!make_room(1, t.gen_chunk, e)) {
@@ -435,8 +435,9 @@ void chat::rollback_to(size_t keep, step_context & e) {
         if (!turn_->window.empty() && cumulative_.compactions == turn_->window_compactions) {
             // Less what was evicted since: below the ledger's end by the restore, above it here (the
             // newest tokens before the turn can have gone too).
-            kv_window_restore(e.ctx(), slot_, turn_->window, ledger_);
-            kv_drop_unledgered(e.ctx(), slot_, ledger_);
+            if (kv_window_restore(e.ctx(), slot_, turn_->window, ledger_)) {
+                kv_drop_unledgered(e.ctx(), slot_, ledger_);
+            }
         }
         restore_recurrent(turn_->recurrent, e);
         repair_window(e);

@@ -574,12 +574,14 @@ std::vector<uint8_t> kv_window_with(llama_context * ctx, const std::vector<uint8
     return out;
 }
 
-void kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, const token_ledger & ledger) {
+bool kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, const token_ledger & ledger) {
     check_seq(ctx, seq);
     if (blob.empty()) {
-        return;
+        return true;
     }
-    partial_restore(ctx, seq, blob, "sliding window");
+    if (llama_state_seq_set_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0) {
+        return false;
+    }
     // Positions evicted since the save, within the window: only the window cache still has them (the
     // full cache lost them with the eviction), so removing them from the memory touches only it.
     const int32_t window = llama_model_n_swa(llama_get_model(ctx));
@@ -594,6 +596,7 @@ void kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8
     if (above > 0 && above > ledger.next_pos() - window) {
         kv_attention_seq_rm(ctx, seq, std::max(0, ledger.next_pos() - window), above);
     }
+    return true;
 }
 
 void kv_truncate(llama_context * ctx, int32_t seq, token_ledger & ledger, size_t keep) {

@@ -81,7 +81,10 @@ bool kv_has_recurrent(llama_context * ctx);
 // back as it was, less the positions the ledger no longer holds (evicted since the save). Saving while
 // a K-shift is pending would keep unrotated keys that no later shift rotates: callers apply it first.
 std::vector<uint8_t> kv_window_save(llama_context * ctx, int32_t seq);
-void kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, const token_ledger & ledger);
+// False when llama.cpp refuses the save (one made before the context grew to more streams; the
+// window cache may then have lost the sequence's cells): callers then repair the window
+// (chat::repair_window).
+bool kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, const token_ledger & ledger);
 // `before` with the cells of `after` (a later window save) at positions [pos0, pos1) added: the
 // window as it was plus what a summary wrote in the scratch. `before` alone when the two saves do
 // not have the same layout.

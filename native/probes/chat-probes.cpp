@@ -89,7 +89,9 @@ std::vector<float> chat_probes::probe_logits(chat & s, engine & e, int32_t token
 void chat_probes::window_round_trip(chat & s, engine & e) {
     ready(s, e);
     std::lock_guard<std::mutex> lock(s.mu_);
-    kv_window_restore(e.ctx(), s.slot_, s.save_window(e), s.ledger_);
+    if (!kv_window_restore(e.ctx(), s.slot_, s.save_window(e), s.ledger_)) {
+        throw fml_error(FML_ERR_KV, "llama.cpp refused the window it had just saved");
+    }
 }
 
 void chat_probes::shift_positions(chat & s, engine & e, int32_t delta) {

@@ -108,7 +108,9 @@ swa_cost_result run_swa_cost(const fml_model & model, int32_t context, int32_t s
             const auto t0 = std::chrono::steady_clock::now();
             const std::vector<uint8_t> blob = kv_window_save(on->ctx, 0);
             const auto t1 = std::chrono::steady_clock::now();
-            kv_window_restore(on->ctx, 0, blob, ledger);
+            if (!kv_window_restore(on->ctx, 0, blob, ledger)) {
+                throw fml_error(FML_ERR_KV, "llama.cpp refused the window it had just saved");
+            }
             const auto t2 = std::chrono::steady_clock::now();
             kv_remove_from(on->ctx, 0, next - half);
             const auto t3 = std::chrono::steady_clock::now();

@@ -363,6 +363,28 @@ describe.each(SLIDING)('%s: tokens longer than the window, removed again, leave 
     }
   });
 
+  it('a turn rolled back after the context grew for another chat: its window is repaired, nothing crashes', async () => {
+    // The window saved as the turn began has the old context's stream count, which llama.cpp refuses.
+    const m = await load(family);
+    const opts = { ...EXACT, policy: 'sliding', maxTokens: 256, batchSize: 8, systemPrompt: 'Be brief.', testTokenDelayMs: 10 } as const;
+    const a = m.createChat(opts);
+    await talk(a, 0, 3);
+    const streams = a._internals().engineStats().slots;
+    const ac = new AbortController();
+    const turn = a.send('a '.repeat(100), { maxNewTokens: 4, signal: ac.signal });
+    await new Promise((r) => setTimeout(r, 40));
+    const b = m.createChat(opts);
+    await b.send('hello', { maxNewTokens: 2, temperature: 0 });   // a second chat: the context grows
+    expect(a._internals().engineStats().slots).toBeGreaterThan(streams);
+    ac.abort();
+    const r = await turn;
+    expect(r.stopReason).toBe('abort');
+    checkCache(a, 256);
+    await talk(a, 3, 2);
+    checkCache(a, 256);
+    m.dispose();
+  });
+
   it('summaries longer than the window: every turn goes on, the window ending at the newest token', async () => {
     const chat = model.createChat({ ...EXACT, policy: 'rolling_summary', maxTokens: 160, windowSize: 24, summaryTokens: 40, systemPrompt: 'Be brief.', maxPolicyMs: 0 });
     let summaryTokens = 0;

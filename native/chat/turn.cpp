@@ -422,9 +422,13 @@ void chat::rollback_to(size_t keep, step_context & e) {
     if (turn_ && !turn_->window_summaries.empty() && !turn_->window.empty()) {
         // Summaries written since stay: their cells join the window saved at the rollback point
         // (saved now, before the turn's own tokens go: the cache still ends where the ledger does).
-        const std::vector<uint8_t> now = save_window(e);
-        for (const auto & [pos0, pos1] : turn_->window_summaries) {
-            turn_->window = kv_window_with(e.ctx(), turn_->window, now, pos0, pos1);
+        try {
+            const std::vector<uint8_t> now = save_window(e);
+            for (const auto & [pos0, pos1] : turn_->window_summaries) {
+                turn_->window = kv_window_with(e.ctx(), turn_->window, now, pos0, pos1);
+            }
+        } catch (const fml_error &) {
+            // Runs where nothing may throw (an abort): without the summaries' cells the repair below decodes them.
         }
     }
     kv_truncate(e.ctx(), slot_, ledger_, keep);

@@ -94,7 +94,7 @@ void chat::compact(step_context & e) {
 void chat::repair_window(step_context & e) {
     window_suspect_ = false;
     const int32_t window = model_->info().sliding_window;
-    if (window <= 0 || slot_ < 0 || ledger_.empty() || kv_window_first_missing(e.ctx(), slot_, ledger_) >= ledger_.size()) {
+    if (window <= 0 || slot_ < 0 || ledger_.empty() || kv_window_matches(e.ctx(), slot_, ledger_)) {
         return;
     }
     // The last `window` tokens are decoded again, numbered on from the first of them: the window of
@@ -197,8 +197,12 @@ bool chat::evict(const eviction_request & req, size_t hard_need, step_context & 
     t0 = clock_type::now();
     rec.positions = position_ranges(plan.ranges);   // positions before the eviction
     const size_t own_gone = own_among(plan.ranges);
+    const int32_t end_before = ledger_.next_pos();
     const kv_eviction_result res = kv_evict_ranges(e.ctx(), slot_, ledger_, plan.ranges);
     turn_->own -= std::min(own_gone, turn_->own);
+    if (ledger_.next_pos() < end_before) {
+        repair_window(e);   // the newest tokens went: the window of the new end can reach reused cells
+    }
     rec.evict_ms = ms_since(t0);
     rec.evicted = (uint32_t) res.evicted;
     st.evict_ms += rec.evict_ms;

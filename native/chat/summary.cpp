@@ -63,14 +63,19 @@ void chat::finish_summary(step_context & e) {
                                         : !e.can_shift()      ? summary_placement::after_history
                                         : summary_fits_gap(ledger_, j->ranges, items.size()) ? summary_placement::in_gap
                                                                                             : summary_placement::compacted;
-    if (placement != summary_placement::after_history) {
+    if (placement != summary_placement::after_history && !j->window.empty()) {
         // The window goes back to what it was before the scratch, plus the summary's cells (it moves
         // with them: into the window when its place is that recent). A summary left after the
-        // history is the newest itself: the window already ends with it.
+        // history is the newest itself: the window already ends with it. Refused (a save from before
+        // the context grew), the window is repaired at the next contribution (this runs in a step).
         const int32_t summary_pos0 = j->instruction_pos0 + (int32_t) summary_instruction_.size();
-        const std::vector<uint8_t> now = j->window.empty() ? std::vector<uint8_t>() : kv_window_save(e.ctx(), slot_);
-        // Refused (a save from before the context grew), the window is repaired at the next contribution.
-        kv_window_restore(e.ctx(), slot_, kv_window_with(e.ctx(), j->window, now, summary_pos0, summary_pos0 + (int32_t) items.size()), ledger_);
+        try {
+            const std::vector<uint8_t> now = kv_window_save(e.ctx(), slot_);
+            const std::vector<uint8_t> merged = kv_window_with(e.ctx(), j->window, now, summary_pos0, summary_pos0 + (int32_t) items.size());
+            window_suspect_ = !kv_window_restore(e.ctx(), slot_, merged, ledger_);
+        } catch (const fml_error &) {
+            window_suspect_ = true;
+        }
     }
     eviction_record & rec = j->rec;
     rec.positions = position_ranges(j->ranges);
@@ -98,7 +103,6 @@ void chat::finish_summary(step_context & e) {
         st.compactions++;
     }
     restore_recurrent(j->recurrent, e);
-    window_suspect_ = model_->info().sliding_window > 0;   // finished inside a step: repaired at the next contribution
     summary_text_ = model_->detokenize(j->tokens, false);
     rec.evict_ms = ms_since(t0);
     rec.evicted = (uint32_t) res.evicted;

@@ -428,7 +428,9 @@ void chat::rollback_to(size_t keep, step_context & e) {
                 turn_->window = kv_window_with(e.ctx(), turn_->window, now, pos0, pos1);
             }
         } catch (const fml_error &) {
-            // Runs where nothing may throw (an abort): without the summaries' cells the repair below decodes them.
+            // Runs where nothing may throw (an abort): the window is then the one saved at the rollback
+            // point, which still holds the evicted tokens where the summaries stand (not expected: the
+            // save only fails if llama.cpp cannot write the state).
         }
     }
     kv_truncate(e.ctx(), slot_, ledger_, keep);

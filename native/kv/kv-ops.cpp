@@ -409,20 +409,6 @@ bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & le
     return seen == expected;
 }
 
-size_t kv_window_first_missing(llama_context * ctx, int32_t seq, const token_ledger & ledger) {
-    check_seq(ctx, seq);
-    std::vector<int32_t> seen;
-    if (!window_cells(ctx, seq, ledger, seen)) {
-        return ledger.size();
-    }
-    const int32_t from = window_from(ctx, ledger);
-    size_t first = ledger.size();
-    for (size_t i = ledger.size(); i-- > 0 && ledger[i].pos >= from;) {
-        if (!std::binary_search(seen.begin(), seen.end(), ledger[i].pos)) first = i;
-    }
-    return first;
-}
-
 std::vector<uint8_t> kv_window_save(llama_context * ctx, int32_t seq) {
     check_seq(ctx, seq);
     return kv_memory_of(ctx) == kv_memory_kind::kv_iswa ? partial_save(ctx, seq, "sliding window") : std::vector<uint8_t>();
@@ -534,8 +520,13 @@ std::vector<uint8_t> kv_window_with(llama_context * ctx, const std::vector<uint8
         for (auto & l : a.k) l.data.clear();
         for (auto & l : a.v) l.data.clear();
     }
+    // The earlier save's cells at those positions (tokens evicted since, where the summary now is) go.
+    std::vector<size_t> keep;
+    for (size_t i = 0; i < a.pos.size(); ++i) {
+        if (a.pos[i] < pos0 || a.pos[i] >= pos1) keep.push_back(i);
+    }
     const size_t n_a = a.pos.size();
-    const size_t n = n_a + add.size();
+    const size_t n = keep.size() + add.size();
     std::vector<uint8_t> out(before.begin(), before.begin() + (long) STATE_HEADER);
     auto put = [&](const void * p, size_t len) { out.insert(out.end(), (const uint8_t *) p, (const uint8_t *) p + len); };
     put(&a.n_stream, 4);
@@ -543,21 +534,21 @@ std::vector<uint8_t> kv_window_with(llama_context * ctx, const std::vector<uint8
         const uint32_t cells = s == b.stream ? (uint32_t) n : 0;
         put(&cells, 4);
         if (cells == 0) continue;
-        for (const auto & m : a.meta) put(m.data(), m.size());
+        for (size_t i : keep) put(a.meta[i].data(), a.meta[i].size());
         for (size_t i : add) put(b.meta[i].data(), b.meta[i].size());
         put(&a.v_trans, 4);
         put(&a.n_layer, 4);
         for (size_t l = 0; l < a.k.size(); ++l) {   // K rows: the window's, then the added cells'
             put(&a.k[l].type, 4);
             put(&a.k[l].row, 8);
-            put(a.k[l].data.data(), a.k[l].data.size());
+            for (size_t i : keep) put(a.k[l].data.data() + i * a.k[l].row, a.k[l].row);
             for (size_t i : add) put(b.k[l].data.data() + i * b.k[l].row, b.k[l].row);
         }
         for (size_t l = 0; l < a.v.size(); ++l) {
             put(&a.v[l].type, 4);
             if (a.v_trans == 0) {
                 put(&a.v[l].row, 8);
-                put(a.v[l].data.data(), a.v[l].data.size());
+                for (size_t i : keep) put(a.v[l].data.data() + i * a.v[l].row, a.v[l].row);
                 for (size_t i : add) put(b.v[l].data.data() + i * b.v[l].row, b.v[l].row);
             } else {   // per element of the embedding, every cell's value
                 put(&a.v[l].el, 4);
@@ -565,7 +556,7 @@ std::vector<uint8_t> kv_window_with(llama_context * ctx, const std::vector<uint8
                 const size_t el = a.v[l].el;
                 const size_t n_b = b.pos.size();
                 for (uint32_t j = 0; j < a.v[l].n_embd; ++j) {
-                    put(a.v[l].data.data() + (size_t) j * n_a * el, n_a * el);
+                    for (size_t i : keep) put(a.v[l].data.data() + ((size_t) j * n_a + i) * el, el);
                     for (size_t i : add) put(b.v[l].data.data() + ((size_t) j * n_b + i) * el, el);
                 }
             }

@@ -85,17 +85,14 @@ std::vector<uint8_t> kv_window_save(llama_context * ctx, int32_t seq);
 // window cache may then have lost the sequence's cells): callers then repair the window
 // (chat::repair_window).
 bool kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, const token_ledger & ledger);
-// `before` with the cells of `after` (a later window save) at positions [pos0, pos1) added: the
-// window as it was plus what a summary wrote in the scratch. `before` alone when the two saves do
-// not have the same layout.
+// `before` with its cells at positions [pos0, pos1) replaced by those of `after` (a later window
+// save): the window as it was plus what a summary wrote (in the scratch, or where it now stands).
+// `before` alone when the two saves do not have the same layout.
 std::vector<uint8_t> kv_window_with(llama_context * ctx, const std::vector<uint8_t> & before, const std::vector<uint8_t> & after, int32_t pos0,
                                     int32_t pos1);
 // True when the sliding layers hold exactly the ledger's positions that the next token sees (always
 // true without sliding layers, or without the internals to look).
 bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & ledger);
-// Index of the first ledger entry the next token sees that the sliding layers lack (ledger.size()
-// when none does, or without sliding layers or the internals to look).
-size_t kv_window_first_missing(llama_context * ctx, int32_t seq, const token_ledger & ledger);
 
 // Removes ledger entries from index `keep` on, from the attention KV too (positions unchanged). A
 // hybrid's recurrent state is restored by the caller from its snapshot.

@@ -73,7 +73,10 @@ export interface NativeCacheState {
   slot: number;
   /** Its KV state is in host memory until its next turn. */
   parked: boolean;
-  /** Sliding-window layers hold exactly the ledger's tokens the next token sees (true without such layers). */
+  /**
+   * Sliding-window layers hold exactly the ledger's tokens the next token sees (true without such
+   * layers). A compaction can make it false by design: tokens that had left the window stay out.
+   */
   windowIntact: boolean;
   /** Attention rows read and weights found after their query (must be 0), for the chat's whole engine. */
   attentionRowsChecked: number;

@@ -303,12 +303,16 @@ private:
     // at a turn's start beats one mid-reply).
     void fit_positions(size_t incoming, size_t slack, step_context & e);
     void compact(step_context & e);
-    // After tokens were removed (a rollback, a summary's scratch, forget), the sliding layers can lack
-    // tokens the next one sees: llama.cpp reused their cells once they were outside the window of the
-    // newest token, and the removal moved the end back. Then the last `window` tokens are decoded
-    // again (a compaction of that tail). Must run outside a step's decode (it decodes); never throws:
-    // if a decode fails, the cache is rebuilt from the ledger before the next one (replay_pending_).
-    void repair_window(step_context & e);
+    // After tokens were removed (a rollback, a summary's scratch, forget, an eviction of the newest),
+    // the sliding layers can lack tokens the next one sees: llama.cpp reused their cells once they
+    // were outside the window of the newest token, and the removal moved the end back. Then the last
+    // `window` tokens are decoded again (a compaction of that tail). It always does when the window
+    // cache does not end at the ledger's last token (the next decode would be refused); `thorough`:
+    // also when the window differs otherwise (the end moved back, or a snapshot was refused). Not
+    // otherwise: after a compaction, tokens that had left the window stay out by design. Must run
+    // outside a step's decode (it decodes); never throws: if a decode fails, the cache is rebuilt
+    // from the ledger before the next one (replay_pending_).
+    void repair_window(step_context & e, bool thorough);
     // The recurrent state at the turn's start (hybrids) goes back after the turn's tokens were removed.
     void restore_recurrent(const std::vector<uint8_t> & snapshot, step_context & e);
     // The sliding layers' window (kv_window_save), pending K-shift applied first; empty without them.
@@ -361,6 +365,7 @@ private:
     std::vector<uint8_t> parked_kv_;
     bool replay_pending_ = false;           // prefill the retained tokens at unpark or the next contribution (a ledger-only checkpoint, a failed repair)
     bool window_suspect_ = false;           // a summary finished inside a step: repair_window at the next contribution
+    bool window_thorough_ = false;          // ... thorough (see repair_window)
     std::string transcript_;
     void replay_ledger(step_context & e);
     std::chrono::steady_clock::time_point ready_at_{};

@@ -91,10 +91,15 @@ void chat::compact(step_context & e) {
     }
 }
 
-void chat::repair_window(step_context & e) {
+void chat::repair_window(step_context & e, bool thorough) {
     window_suspect_ = false;
+    window_thorough_ = false;
     const int32_t window = model_->info().sliding_window;
-    if (window <= 0 || slot_ < 0 || ledger_.empty() || kv_window_matches(e.ctx(), slot_, ledger_)) {
+    if (window <= 0 || slot_ < 0 || ledger_.empty()) {
+        return;
+    }
+    const bool refused = kv_pos_max(e.ctx(), slot_) != ledger_[ledger_.size() - 1].pos;
+    if (!refused && !(thorough && !kv_window_matches(e.ctx(), slot_, ledger_))) {
         return;
     }
     // The last `window` tokens are decoded again, numbered on from the first of them: the window of
@@ -201,7 +206,11 @@ bool chat::evict(const eviction_request & req, size_t hard_need, step_context & 
     const kv_eviction_result res = kv_evict_ranges(e.ctx(), slot_, ledger_, plan.ranges);
     turn_->own -= std::min(own_gone, turn_->own);
     if (ledger_.next_pos() < end_before) {
-        repair_window(e);   // the newest tokens went: the window of the new end can reach reused cells
+        repair_window(e, true);   // the newest tokens went: the window of the new end can reach reused cells
+        if (replay_pending_) {    // the repair failed: the cache is rebuilt before this turn decodes
+            replay_ledger(e);
+            replay_pending_ = false;
+        }
     }
     rec.evict_ms = ms_since(t0);
     rec.evicted = (uint32_t) res.evicted;

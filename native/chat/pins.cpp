@@ -102,13 +102,14 @@ size_t chat::forget_turn(uint32_t turn, step_context & e) {
             ledger_.at(i).pinned = false;   // forgetting a pinned turn releases its pin first
         }
     }
+    const int32_t end_before = ledger_.next_pos();
     const kv_eviction_result res = kv_evict_ranges(e.ctx(), slot_, ledger_, ranges);
     cumulative_.tokens_evicted += res.evicted;
     cumulative_.evictions++;
     if (!opts_.keep_positions) {
         compact(e);
     }
-    repair_window(e);   // forgetting the newest turn moves the end back
+    repair_window(e, ledger_.next_pos() < end_before);   // forgetting the newest turn moves the end back
     return res.evicted;
 }
 

@@ -63,20 +63,23 @@ void chat::finish_summary(step_context & e) {
                                         : !e.can_shift()      ? summary_placement::after_history
                                         : summary_fits_gap(ledger_, j->ranges, items.size()) ? summary_placement::in_gap
                                                                                             : summary_placement::compacted;
+    // The window is checked at the next contribution (this runs inside a step, where nothing may
+    // decode): thoroughly when its snapshot was refused or the end moved back (see repair_window).
+    bool thorough = false;
     if (placement != summary_placement::after_history && !j->window.empty()) {
         // The window goes back to what it was before the scratch, plus the summary's cells (it moves
         // with them: into the window when its place is that recent). A summary left after the
-        // history is the newest itself: the window already ends with it. Refused (a save from before
-        // the context grew), the window is repaired at the next contribution (this runs in a step).
+        // history is the newest itself: the window already ends with it.
         const int32_t summary_pos0 = j->instruction_pos0 + (int32_t) summary_instruction_.size();
         try {
             const std::vector<uint8_t> now = kv_window_save(e.ctx(), slot_);
             const std::vector<uint8_t> merged = kv_window_with(e.ctx(), j->window, now, summary_pos0, summary_pos0 + (int32_t) items.size());
-            window_suspect_ = !kv_window_restore(e.ctx(), slot_, merged, ledger_);
+            thorough = !kv_window_restore(e.ctx(), slot_, merged, ledger_);
         } catch (const fml_error &) {
-            window_suspect_ = true;
+            thorough = true;
         }
     }
+    const int32_t end_before = ledger_.next_pos();
     eviction_record & rec = j->rec;
     rec.positions = position_ranges(j->ranges);
     // The summary lands where the first evicted range was (or after the history): among the turn's
@@ -97,6 +100,10 @@ void chat::finish_summary(step_context & e) {
     }
     if (res.shifted_runs > 0) {
         e.note_shift();
+    }
+    if (model_->info().sliding_window > 0) {
+        window_suspect_ = true;
+        window_thorough_ = thorough || (placement == summary_placement::in_gap && ledger_.next_pos() < end_before);
     }
     if (placement == summary_placement::compacted) {
         cumulative_.compactions++;
@@ -121,10 +128,10 @@ void chat::finish_summary(step_context & e) {
 void chat::cancel_summary(step_context & e) {
     // The scratch cells (instruction, summary so far) go; the planned eviction does not happen.
     kv_drop_unledgered(e.ctx(), slot_, ledger_);
-    kv_window_restore(e.ctx(), slot_, turn_->summary->window, ledger_);   // refused: repaired below
+    const bool restored = kv_window_restore(e.ctx(), slot_, turn_->summary->window, ledger_);   // refused: repaired below
     restore_recurrent(turn_->summary->recurrent, e);
     turn_->summary.reset();
-    repair_window(e);
+    repair_window(e, !restored);
 }
 
 } // namespace fml

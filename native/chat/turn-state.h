@@ -58,6 +58,7 @@ struct chat::turn_state {
     // since: it holds).
     std::vector<uint8_t> window;
     uint64_t window_compactions = 0;
+    int32_t window_end = 0;   // the ledger's next position then
     // Positions [first, second) of the summaries written since, which a rollback keeps (not in `window` yet).
     std::vector<std::pair<int32_t, int32_t>> window_summaries;
     std::vector<ledger_entry> scored_before;   // importance/hybrid: the ledger's scores as the turn began

@@ -89,7 +89,7 @@ contribution chat::contribute(size_t budget, step_context & e) {
             throw fml_error(FML_ERR_INTERNAL, "a chat without a slot was asked for tokens");
         }
         if (window_suspect_) {
-            repair_window(e);
+            repair_window(e, window_thorough_);
         }
         if (replay_pending_) {   // a failed repair (or one of a rollback) cleared the cache
             replay_ledger(e);
@@ -132,6 +132,7 @@ contribution chat::contribute(size_t budget, step_context & e) {
             if (model_->info().sliding_window > 0) {
                 t.window = save_window(e);
                 t.window_compactions = cumulative_.compactions;
+                t.window_end = ledger_.next_pos();
             }
             t.rollback_set = true;
         }
@@ -438,15 +439,19 @@ void chat::rollback_to(size_t keep, step_context & e) {
     if (keep == 0) {
         kv_clear_slot(e.ctx(), slot_);
     } else if (turn_ && turn_->rollback_set) {
+        // The snapshot held, the window is exact unless the end moved back since (the newest history
+        // evicted mid-turn): its window then reaches tokens the snapshot did not have.
+        bool exact = false;
         if (!turn_->window.empty() && cumulative_.compactions == turn_->window_compactions) {
             // Less what was evicted since: below the ledger's end by the restore, above it here (the
             // newest tokens before the turn can have gone too).
             if (kv_window_restore(e.ctx(), slot_, turn_->window, ledger_)) {
                 kv_drop_unledgered(e.ctx(), slot_, ledger_);
+                exact = ledger_.next_pos() >= turn_->window_end;
             }
         }
         restore_recurrent(turn_->recurrent, e);
-        repair_window(e);
+        repair_window(e, !exact);
         if (cumulative_.compactions == turn_->compactions_before) {
             restore_scores(turn_->scored_before);
         }

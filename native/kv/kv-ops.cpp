@@ -508,8 +508,11 @@ std::vector<uint8_t> kv_window_with(llama_context * ctx, const std::vector<uint8
     for (size_t i = 0; i < b.pos.size(); ++i) {
         if (b.pos[i] >= pos0 && b.pos[i] < pos1) add.push_back(i);
     }
-    if (add.empty() || b.stream == UINT32_MAX || (a.stream != UINT32_MAX && (a.stream != b.stream || !a.same_layout(b)))) {
+    if (!add.empty() && a.stream != UINT32_MAX && (a.stream != b.stream || !a.same_layout(b))) {
         return before;
+    }
+    if (add.empty() && a.stream == UINT32_MAX) {
+        return before;   // nothing to drop, nothing to add
     }
     if (a.stream == UINT32_MAX) {   // the window was empty: the layout is the later save's
         const size_t n = a.n_stream;
@@ -527,11 +530,12 @@ std::vector<uint8_t> kv_window_with(llama_context * ctx, const std::vector<uint8
     }
     const size_t n_a = a.pos.size();
     const size_t n = keep.size() + add.size();
+    const uint32_t stream = a.stream != UINT32_MAX ? a.stream : b.stream;
     std::vector<uint8_t> out(before.begin(), before.begin() + (long) STATE_HEADER);
     auto put = [&](const void * p, size_t len) { out.insert(out.end(), (const uint8_t *) p, (const uint8_t *) p + len); };
     put(&a.n_stream, 4);
     for (uint32_t s = 0; s < a.n_stream; ++s) {
-        const uint32_t cells = s == b.stream ? (uint32_t) n : 0;
+        const uint32_t cells = s == stream ? (uint32_t) n : 0;
         put(&cells, 4);
         if (cells == 0) continue;
         for (size_t i : keep) put(a.meta[i].data(), a.meta[i].size());

@@ -184,8 +184,12 @@ chat_state chat::export_state(llama_context * ctx, bool with_kv) {
     if (ledger_.empty()) {
         return s;
     }
-    if (replay_pending_ || !with_kv) {
-        s.ledger_only = true;   // asked for, or restored from a ledger-only checkpoint and not prefilled yet
+    // A window the next contribution would repair (a summary finished inside a step) is not saved as
+    // it is: the checkpoint's tokens are prefilled again when it is loaded.
+    const bool window_broken = window_suspect_ && ctx != nullptr && slot_ >= 0 && !parked_ &&
+                               (kv_pos_max(ctx, slot_) != ledger_[ledger_.size() - 1].pos || (window_thorough_ && !kv_window_matches(ctx, slot_, ledger_)));
+    if (replay_pending_ || !with_kv || window_broken) {
+        s.ledger_only = true;   // asked for, restored from a ledger-only checkpoint and not prefilled yet, or a broken window
     } else if (parked_) {
         s.kv = parked_kv_;
     } else if (ctx != nullptr && slot_ >= 0 && !reset_pending_) {

@@ -313,6 +313,14 @@ private:
     // outside a step's decode (it decodes); never throws: if a decode fails, the cache is rebuilt
     // from the ledger before the next one (replay_pending_).
     void repair_window(step_context & e, bool thorough);
+    // Whether repair_window would decode: the window cache does not end at the ledger's last token,
+    // or (`thorough`) it differs from the ledger's window otherwise.
+    bool window_needs_repair(llama_context * ctx, bool thorough) const;
+    // A cache cleared by a failed repair (replay_pending_) is rebuilt from the ledger now.
+    void replay_if_pending(step_context & e);
+    // Decodes the ledger's `tokens` at pos0, pos0 + 1, ... in the engine's batches (no signals, no
+    // logits kept); false when a decode fails.
+    bool decode_run(step_context & e, const std::vector<int32_t> & tokens, int32_t pos0);
     // The recurrent state at the turn's start (hybrids) goes back after the turn's tokens were removed.
     void restore_recurrent(const std::vector<uint8_t> & snapshot, step_context & e);
     // The sliding layers' window (kv_window_save), pending K-shift applied first; empty without them.

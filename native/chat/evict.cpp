@@ -72,15 +72,12 @@ void chat::compact(step_context & e) {
             positions.push_back(x.pos);
         }
         kv_clear_for_reprefill(ctx, slot_, ledger_);
-        for (size_t start = 0; start < tokens.size(); start += e.n_batch()) {
-            const size_t n = std::min<size_t>(e.n_batch(), tokens.size() - start);
-            if (!e.decode_one(*this, tokens.data() + start, n, (int32_t) start, false)) {
-                kv_state_load(ctx, slot_, e.streams(), before);
-                for (size_t i = 0; i < positions.size(); ++i) {
-                    ledger_.at(i).pos = positions[i];
-                }
-                throw fml_error(FML_ERR_DECODE, "llama_decode failed while re-prefilling the retained tokens at the position limit");
+        if (!decode_run(e, tokens, 0)) {
+            kv_state_load(ctx, slot_, e.streams(), before);
+            for (size_t i = 0; i < positions.size(); ++i) {
+                ledger_.at(i).pos = positions[i];
             }
+            throw fml_error(FML_ERR_DECODE, "llama_decode failed while re-prefilling the retained tokens at the position limit");
         }
         restore_recurrent(recurrent, e);
     }
@@ -91,17 +88,37 @@ void chat::compact(step_context & e) {
     }
 }
 
+bool chat::decode_run(step_context & e, const std::vector<int32_t> & tokens, int32_t pos0) {
+    for (size_t start = 0; start < tokens.size(); start += e.n_batch()) {
+        const size_t n = std::min<size_t>(e.n_batch(), tokens.size() - start);
+        if (!e.decode_one(*this, tokens.data() + start, n, pos0 + (int32_t) start, false)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+bool chat::window_needs_repair(llama_context * ctx, bool thorough) const {
+    if (model_->info().sliding_window <= 0 || slot_ < 0 || ledger_.empty()) {
+        return false;
+    }
+    return kv_pos_max(ctx, slot_) != ledger_.next_pos() - 1 || (thorough && !kv_window_matches(ctx, slot_, ledger_));
+}
+
+void chat::replay_if_pending(step_context & e) {
+    if (replay_pending_) {
+        replay_ledger(e);
+        replay_pending_ = false;
+    }
+}
+
 void chat::repair_window(step_context & e, bool thorough) {
     window_suspect_ = false;
     window_thorough_ = false;
+    if (!window_needs_repair(e.ctx(), thorough)) {
+        return;
+    }
     const int32_t window = model_->info().sliding_window;
-    if (window <= 0 || slot_ < 0 || ledger_.empty()) {
-        return;
-    }
-    const bool refused = kv_pos_max(e.ctx(), slot_) != ledger_[ledger_.size() - 1].pos;
-    if (!refused && !(thorough && !kv_window_matches(e.ctx(), slot_, ledger_))) {
-        return;
-    }
     // The last `window` tokens are decoded again, numbered on from the first of them: the window of
     // the next token is then theirs alone, whatever the renumbering closed. Below them the window cache
     // is emptied, which is what lets llama.cpp take that first position (with cells there, only the
@@ -120,11 +137,8 @@ void chat::repair_window(step_context & e, bool thorough) {
             moved = moved || ledger_[i].pos != pos0 + (int32_t) (i - k);
             ledger_.at(i).pos = pos0 + (int32_t) (i - k);
         }
-        for (size_t start = 0; start < tokens.size(); start += e.n_batch()) {
-            const size_t n = std::min<size_t>(e.n_batch(), tokens.size() - start);
-            if (!e.decode_one(*this, tokens.data() + start, n, pos0 + (int32_t) start, false)) {
-                throw fml_error(FML_ERR_DECODE, "llama_decode failed");
-            }
+        if (!decode_run(e, tokens, pos0)) {
+            throw fml_error(FML_ERR_DECODE, "llama_decode failed");
         }
     } catch (const fml_error &) {
         // Runs where nothing may throw (an abort's rollback): the cache is rebuilt from the ledger
@@ -207,10 +221,7 @@ bool chat::evict(const eviction_request & req, size_t hard_need, step_context & 
     turn_->own -= std::min(own_gone, turn_->own);
     if (ledger_.next_pos() < end_before) {
         repair_window(e, true);   // the newest tokens went: the window of the new end can reach reused cells
-        if (replay_pending_) {    // the repair failed: the cache is rebuilt before this turn decodes
-            replay_ledger(e);
-            replay_pending_ = false;
-        }
+        replay_if_pending(e);     // the repair failed: the cache is rebuilt before this turn decodes
     }
     rec.evict_ms = ms_since(t0);
     rec.evicted = (uint32_t) res.evicted;

@@ -123,11 +123,8 @@ void chat::replay_ledger(step_context & e) {
         tokens.push_back(x.token);
     }
     ledger_.renumber();
-    for (size_t start = 0; start < tokens.size(); start += e.n_batch()) {
-        const size_t n = std::min<size_t>(e.n_batch(), tokens.size() - start);
-        if (!e.decode_one(*this, tokens.data() + start, n, (int32_t) start, false)) {
-            throw fml_error(FML_ERR_DECODE, "llama_decode failed while prefilling a ledger-only checkpoint's tokens");
-        }
+    if (!decode_run(e, tokens, 0)) {
+        throw fml_error(FML_ERR_DECODE, "llama_decode failed while prefilling a ledger-only checkpoint's tokens");
     }
 }
 
@@ -186,8 +183,7 @@ chat_state chat::export_state(llama_context * ctx, bool with_kv) {
     }
     // A window the next contribution would repair (a summary finished inside a step) is not saved as
     // it is: the checkpoint's tokens are prefilled again when it is loaded.
-    const bool window_broken = window_suspect_ && ctx != nullptr && slot_ >= 0 && !parked_ &&
-                               (kv_pos_max(ctx, slot_) != ledger_[ledger_.size() - 1].pos || (window_thorough_ && !kv_window_matches(ctx, slot_, ledger_)));
+    const bool window_broken = window_suspect_ && ctx != nullptr && !parked_ && window_needs_repair(ctx, window_thorough_);
     if (replay_pending_ || !with_kv || window_broken) {
         s.ledger_only = true;   // asked for, restored from a ledger-only checkpoint and not prefilled yet, or a broken window
     } else if (parked_) {

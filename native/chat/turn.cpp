@@ -91,10 +91,7 @@ contribution chat::contribute(size_t budget, step_context & e) {
         if (window_suspect_) {
             repair_window(e, window_thorough_);
         }
-        if (replay_pending_) {   // a failed repair (or one of a rollback) cleared the cache
-            replay_ledger(e);
-            replay_pending_ = false;
-        }
+        replay_if_pending(e);   // a failed repair (or one of a rollback) cleared the cache
         if (t.summary) {
             return summary_contribution(budget);
         }

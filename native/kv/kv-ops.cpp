@@ -344,10 +344,9 @@ static std::vector<uint8_t> partial_save(llama_context * ctx, int32_t seq, const
     return blob;
 }
 
-static void partial_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob, const char * what) {
-    if (llama_state_seq_set_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0) {
-        throw fml_error(FML_ERR_KV, std::string("llama_state_seq_set_data_ext could not restore the ") + what);
-    }
+// False when llama.cpp refuses it (a save from a context with another stream count, ...).
+static bool partial_restore(llama_context * ctx, int32_t seq, const std::vector<uint8_t> & blob) {
+    return llama_state_seq_set_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) != 0;
 }
 
 std::vector<uint8_t> kv_recurrent_save(llama_context * ctx, int32_t seq) {
@@ -360,7 +359,9 @@ void kv_recurrent_restore(llama_context * ctx, int32_t seq, const std::vector<ui
     if (blob.empty()) {
         return;
     }
-    partial_restore(ctx, seq, blob, "recurrent state");
+    if (!partial_restore(ctx, seq, blob)) {
+        throw fml_error(FML_ERR_KV, "llama_state_seq_set_data_ext could not restore the recurrent state");
+    }
     kv_recurrent_set_pos(ctx, seq, last_pos);
 }
 
@@ -574,7 +575,7 @@ bool kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8
     if (blob.empty()) {
         return true;
     }
-    if (llama_state_seq_set_data_ext(ctx, blob.data(), blob.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0) {
+    if (!partial_restore(ctx, seq, blob)) {
         return false;
     }
     // Positions evicted since the save, within the window: only the window cache still has them (the

@@ -97,9 +97,9 @@ swa_cost_result run_swa_cost(const fml_model & model, int32_t context, int32_t s
     // The window snapshot, as a chat holds it (out-of-window cells pruned), against a short message's
     // prefill: the last 32 positions removed and decoded again in one batch.
     const int32_t next = res.filled + steps;
-    const int32_t half = 32;
-    res.prefill_tokens = half;
-    if (llama_model_n_swa(model.raw()) > 0 && half <= chunk && half < next) {
+    const int32_t prefill = 32;
+    res.prefill_tokens = prefill;
+    if (llama_model_n_swa(model.raw()) > 0 && prefill <= chunk && prefill < next) {
         kv_prune_sliding_window(on->ctx, 0, next);
         token_ledger ledger;
         for (int32_t p = 0; p < next; ++p) ledger.append(tokens[(size_t) p], 1, TOKEN_ROLE_USER, false, false);
@@ -112,9 +112,9 @@ swa_cost_result run_swa_cost(const fml_model & model, int32_t context, int32_t s
                 throw fml_error(FML_ERR_KV, "llama.cpp refused the window it had just saved");
             }
             const auto t2 = std::chrono::steady_clock::now();
-            kv_remove_from(on->ctx, 0, next - half);
+            kv_remove_from(on->ctx, 0, next - prefill);
             const auto t3 = std::chrono::steady_clock::now();
-            decode(*on, tokens, next - half, half);
+            decode(*on, tokens, next - prefill, prefill);
             const auto t4 = std::chrono::steady_clock::now();
             res.window_bytes = (double) blob.size();
             save_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());

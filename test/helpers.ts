@@ -38,6 +38,10 @@ export function checkCache(chat: Chat, maxTokens: number) {
   expect(cache.cachePosMax).toBe(cache.ledgerPosLast);
   expect(cache.ledgerPosLast).toBeLessThan(cache.positionLimit);
   expect(cache.windowIntact).toBe(true);
+  // Attention signals: every decode's tensors had the planned layout, and no weight fell on a
+  // position after its query (a wrong cell -> position map would put some there).
+  expect(cache.signalLayoutMismatches).toBe(0);
+  expect(cache.causalViolations).toBe(0);
   if (chat.options.positions === 'compact') {
     expect(cache.positionsContiguous).toBe(true);
     expect(cache.cachePosMax).toBe(cache.ledgerTokens - 1);

@@ -60,20 +60,24 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
     check_budget();
     chunk_ = (size_t) std::max(1, std::min<int32_t>(opts_.batch_size, (int32_t) p.max_tokens));
 
-    // Signals the policy needs. Attention weights exist only with flash attention off and need the
-    // cell -> position map; otherwise importance uses the key-norm proxy.
+    // Signals the policy needs. Attention weights need the cell -> position map; otherwise
+    // importance uses the key-norm proxy.
     const model_info & mi = model_->info();
     int32_t fa = opts_.flash_attention;
     if (policy_->needs_importance()) {
         // Sliding-window layers index their attention by the window cache's cells: the weights are
-        // read from the full layers alone, and a model without one uses the key-norm proxy. So does
-        // a q8_0 cache, which needs flash attention (no weights to read).
+        // read from the full layers alone, and a model without one uses the key-norm proxy.
         const size_t sliding = (size_t) std::count(mi.sliding_layers.begin(), mi.sliding_layers.end(), true);
         const bool full_layer = mi.sliding_window == 0 || (int32_t) sliding < mi.kv_layers;
-        if (fa != 1 && opts_.kv_type != "q8_0" && kv_internals_available() && full_layer) {
+        if (kv_internals_available() && full_layer) {
             signal_ = IMPORTANCE_ATTENTION;
-            fa = 0;
             key_.attention = true;
+            // With flash attention on (forced, or for a q8_0 cache) the weights are recomputed from
+            // its inputs (engine/flash-weights.h); left to llama.cpp, it is turned off so the graph's
+            // own weights are read.
+            if (fa < 0 && opts_.kv_type != "q8_0") {
+                fa = 0;
+            }
         } else {
             signal_ = IMPORTANCE_KEY_NORM;
             key_.key_norm = true;

@@ -94,7 +94,7 @@ void engine::create_context(uint32_t slots) {
         llama_attach_threadpool(ctx_, threadpool_, threadpool_);
     }
     batch_ = llama_batch_init((int32_t) n_batch_, 0, 1);
-    capture_.bind(ctx_, model_->info().n_embd, opts_.unified, model_->info().sliding_layers);
+    capture_.bind(ctx_, model_->info().n_embd, opts_.unified, model_->info().sliding_layers, threadpool_, (int32_t) key_.threads);
     slots_.resize(slots, nullptr);
     stats_.slots = slots;
     shift_pending_ = false;

@@ -186,22 +186,21 @@ const option_row<model_target> MODEL_ROWS[] = {
 const option_row<chat_target> CHAT_ROWS[] = {
     { { "chat", "kvType", "'f16' | 'f32' | 'q8_0'", "'f16'", "", "KV cache element type; 'q8_0' needs flash attention.", false },
       [](chat_target & t, const option_value * v) { t.o.kv_type = v ? choice_of("kvType", *v, KV_TYPES) : "f16"; } },
-    { { "chat", "flashAttention", "boolean", "off on the CPU, llama.cpp's choice on a GPU", "", "Flash attention on or off; importance and hybrid turn it off to read attention weights unless it is forced on; kvType 'q8_0' turns it on.", false },
+    { { "chat", "flashAttention", "boolean", "off on the CPU, llama.cpp's choice on a GPU", "", "Flash attention on or off; kvType 'q8_0' turns it on. Left to choose, importance and hybrid turn it off and read the graph's attention weights; forced on, they recompute the weights from the flash-attention node's inputs (same scores, a dearer step: bench/RESULTS.md).", false },
       [](chat_target & t, const option_value * v) {
           t.o.flash_attention = v ? (boolean_of("flashAttention", *v) ? 1 : 0) : -1;
           if (t.o.kv_type == "q8_0" && t.o.flash_attention == 0) {
               throw fml_error(FML_ERR_INVALID_OPTION, "kvType 'q8_0' needs flash attention (a quantized V cache requires it)");
           }
       } },
-    // The default keeps what later turns went back for (issue #29's goals, met on the CPU: docs/models.md).
-    // On a GPU, reading attention weights turns flash attention off and copies every layer's weights
-    // to the host, a cost not measured yet, so a GPU model's chats keep the cheapest policy. With flash
-    // attention on (forced, or for a q8_0 cache) there are no weights to read, and the key-norm proxy
-    // kept fewer facts than sliding (docs/models.md): sliding then too. Hence these rows come first.
-    { { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'importance' on the CPU, 'sliding' on a GPU or with flash attention on (forced, or for kvType 'q8_0')", "", "Which tokens leave the KV cache when the budget is full.", false },
+    // The default keeps what later turns went back for (issue #29's goals, met on the CPU: docs/models.md),
+    // with flash attention on or off (on, the weights are recomputed from the flash node's inputs: the
+    // same recall, bench/RESULTS.md "Recall"). On a GPU, reading the weights copies every attention
+    // layer's weights (or keys and queries) to the host, a cost not measured yet, so a GPU model's
+    // chats keep the cheapest policy.
+    { { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'importance' on the CPU, 'sliding' on a GPU", "", "Which tokens leave the KV cache when the budget is full.", false },
       [](chat_target & t, const option_value * v) {
-          const bool weights = !t.on_gpu && t.o.flash_attention != 1 && t.o.kv_type != "q8_0";
-          t.o.policy.name = v ? choice_of("policy", *v, POLICY_NAMES) : weights ? "importance" : "sliding";
+          t.o.policy.name = v ? choice_of("policy", *v, POLICY_NAMES) : t.on_gpu ? "sliding" : "importance";
       } },
     // 16 is a floor, not the real minimum: that depends on the model's chat template and the system
     // prompt, and the chat checks it when created (chat::check_budget).

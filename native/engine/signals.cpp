@@ -10,8 +10,9 @@
 
 namespace fml {
 
-void eval_capture::bind(llama_context * ctx, int32_t embd, bool unified, const std::vector<bool> & sliding_layers) {
+void eval_capture::bind(llama_context * ctx, int32_t embd, bool unified, const std::vector<bool> & sliding_layers, ggml_threadpool * pool, int32_t n_threads) {
     ctx_ = ctx;
+    flash_.bind(pool, n_threads);
     n_embd_ = embd;
     unified_ = unified;
     sliding_layers_ = sliding_layers;
@@ -79,20 +80,12 @@ bool eval_capture::row_owner(int64_t r, size_t & member, int32_t & token) const 
     return false;
 }
 
-void eval_capture::observe_attention(ggml_tensor * t) {
+bool eval_capture::begin_attention(int64_t n_tok, int64_t n_stream) {
     // streams: [n_kv, tokens per member, n_head, members]; unified: [n_kv, rows, n_head, 1].
-    const int64_t n_kv = t->ne[0];
-    const int64_t n_tok = t->ne[1];
-    const int64_t n_head = t->ne[2];
-    const int64_t n_stream = t->ne[3];
     if (n_tok * n_stream != n_rows_ || (!unified_ && n_stream != (int64_t) n_members_)) {
         layout_ok_ = false;
         layout_mismatches++;
-        return;
-    }
-    const float * w = tensor_f32(t);
-    if (w == nullptr) {
-        return;
+        return false;
     }
     if (!maps_ready_) {
         // Cells are placed before the graph runs, so the map read at layer 0 holds for all layers.
@@ -104,54 +97,93 @@ void eval_capture::observe_attention(ggml_tensor * t) {
         }
         maps_ready_ = true;
     }
-    for (int64_t s = 0; s < n_stream; ++s) {
-        for (int64_t h = 0; h < n_head; ++h) {
-            for (int64_t r = 0; r < n_tok; ++r) {
-                size_t m = 0;
-                int32_t token = 0;
-                if (!row_owner(unified_ ? r : s * n_tok + r, m, token)) {
-                    continue;
-                }
-                capture_member & mem = members_[m];
-                if (!mem.wanted) {
-                    continue;
-                }
-                const float * row = w + ((s * n_head + h) * n_tok + r) * n_kv;
-                const int32_t query_pos = mem.pos0 + token;
-                const int64_t n_cells = std::min<int64_t>(n_kv, (int64_t) mem.cell_pos.size());
-                for (int64_t c = 0; c < n_cells; ++c) {
-                    const int32_t pos = mem.cell_pos[(size_t) c];
-                    if (pos >= 0) {
-                        mem.attention_by_cell[(size_t) c] += row[c];
-                        const bool distant = query_pos - pos >= PEAK_MIN_DISTANCE || (pos < mem.peak_horizon && row[c] >= PEAK_NEAR_LOOKUP_WEIGHT);
-                        if (distant && row[c] > mem.peak_by_cell[(size_t) c]) {
-                            mem.peak_by_cell[(size_t) c] = row[c];
-                        }
-                        if (pos > query_pos && row[c] > 1e-6f) {
-                            causal_violations++;
-                        }
-                    }
-                }
-                attention_rows_checked++;
+    return true;
+}
+
+void eval_capture::absorb_row(int64_t s, int64_t r, int64_t n_tok, const float * row, int64_t n_kv) {
+    size_t m = 0;
+    int32_t token = 0;
+    if (!row_owner(unified_ ? r : s * n_tok + r, m, token)) {
+        return;
+    }
+    capture_member & mem = members_[m];
+    if (!mem.wanted) {
+        return;
+    }
+    const int32_t query_pos = mem.pos0 + token;
+    const int64_t n_cells = std::min<int64_t>(n_kv, (int64_t) mem.cell_pos.size());
+    for (int64_t c = 0; c < n_cells; ++c) {
+        const int32_t pos = mem.cell_pos[(size_t) c];
+        if (pos >= 0) {
+            mem.attention_by_cell[(size_t) c] += row[c];
+            const bool distant = query_pos - pos >= PEAK_MIN_DISTANCE || (pos < mem.peak_horizon && row[c] >= PEAK_NEAR_LOOKUP_WEIGHT);
+            if (distant && row[c] > mem.peak_by_cell[(size_t) c]) {
+                mem.peak_by_cell[(size_t) c] = row[c];
+            }
+            if (pos > query_pos && row[c] > 1e-6f) {
+                causal_violations++;
             }
         }
     }
+    attention_rows_checked++;
+}
+
+void eval_capture::end_attention() {
     for (size_t m = 0; m < n_members_; ++m) {
         members_[m].attention_layers_seen++;
+    }
+}
+
+void eval_capture::observe_attention(ggml_tensor * t) {
+    const int64_t n_kv = t->ne[0], n_tok = t->ne[1], n_head = t->ne[2], n_stream = t->ne[3];
+    if (!begin_attention(n_tok, n_stream)) {
+        return;
+    }
+    const float * w = tensor_f32(t);
+    if (w == nullptr) {
+        return;
+    }
+    for (int64_t s = 0; s < n_stream; ++s) {
+        for (int64_t h = 0; h < n_head; ++h) {
+            for (int64_t r = 0; r < n_tok; ++r) {
+                absorb_row(s, r, n_tok, w + ((s * n_head + h) * n_tok + r) * n_kv, n_kv);
+            }
+        }
+    }
+    end_attention();
+}
+
+void eval_capture::observe_flash(ggml_tensor * t) {
+    int64_t ne[4];
+    flash_weights::shape_of(t, ne);
+    if (!begin_attention(ne[1], ne[3])) {
+        return;
+    }
+    const int64_t n_kv = ne[0], n_tok = ne[1];
+    if (flash_.compute(t, [&](int64_t s, int64_t, int64_t r, const float * row) { absorb_row(s, r, n_tok, row, n_kv); })) {
+        end_attention();
+    } else {
+        // Inputs of a layout flash_weights does not read: this decode's signals are not trusted.
+        layout_ok_ = false;
+        layout_mismatches++;
     }
 }
 
 bool eval_capture::observe(ggml_tensor * t, bool ask) {
     int32_t il = -1;
     // A sliding layer's weights are indexed by the window cache's cells: only the full layers' are read.
-    const bool is_attn   = want_attention && name_is(t, "kq_soft_max", &il) && !(il >= 0 && (size_t) il < sliding_layers_.size() && sliding_layers_[(size_t) il]);
+    const auto full_layer = [&](int32_t layer) { return !(layer >= 0 && (size_t) layer < sliding_layers_.size() && sliding_layers_[(size_t) layer]); };
+    const bool is_attn   = want_attention && name_is(t, "kq_soft_max", &il) && full_layer(il);
+    const bool is_flash  = want_attention && t->op == GGML_OP_FLASH_ATTN_EXT && (il = flash_weights::layer_of(t)) >= 0 && full_layer(il);
     const bool is_key    = want_key_norm && name_is(t, "Kcur", &il) && t->op == GGML_OP_ROPE;
     const bool is_hidden = want_hidden && name_is(t, "l_out", &il) && il == hidden_layer;
     if (ask) {
-        return is_attn || is_key || is_hidden;
+        return is_attn || is_flash || is_key || is_hidden;
     }
     if (is_attn) {
         observe_attention(t);
+    } else if (is_flash) {
+        observe_flash(t);
     } else if (is_key) {
         // [head_dim, n_head_kv, rows]
         const float * k = tensor_f32(t);

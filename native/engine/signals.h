@@ -1,7 +1,8 @@
 // Reads the model's own signals during llama_decode through the context's eval callback (cb_eval),
 // for every chat of a decode group:
-//   - attention received per KV cell (and the cell's position), from `kq_soft_max-<layer>` (exists only
-//     with flash attention off; a hybrid model's attention layers only);
+//   - attention received per KV cell (and the cell's position), from `kq_soft_max-<layer>` with flash
+//     attention off, or recomputed from a flash-attention node's inputs with it on (flash-weights.h);
+//     a hybrid model's attention layers only;
 //   - post-RoPE key L2 norms per token, from `Kcur-<layer>` (both modes; the keyNorm proxy);
 //   - hidden states per token, from `l_out-<layer>` of a middle layer (semantic embeddings).
 // Only the wanted tensors answer the callback's "ask" phase: every observed node forces a scheduler
@@ -19,7 +20,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "engine/flash-weights.h"
+
 struct ggml_tensor;
+struct ggml_threadpool;
 
 namespace fml {
 // A query at least this many positions after a key is "distant": local heads (previous-token,
@@ -72,7 +76,8 @@ public:
 
     bool any() const { return want_attention || want_key_norm || want_hidden; }
     // `sliding_layers`: layers whose attention is not read (indexed by the window cache's cells).
-    void bind(llama_context * ctx, int32_t n_embd, bool unified, const std::vector<bool> & sliding_layers);
+    // `pool`/`n_threads`: where flash-attention weights are recomputed.
+    void bind(llama_context * ctx, int32_t n_embd, bool unified, const std::vector<bool> & sliding_layers, ggml_threadpool * pool, int32_t n_threads);
 
     // Before a group's llama_decode: its members in row order.
     void begin_group(const std::vector<group_member> & layout);
@@ -92,6 +97,11 @@ private:
     bool observe(ggml_tensor * t, bool ask);
     const float * tensor_f32(ggml_tensor * t);
     void observe_attention(ggml_tensor * t);
+    void observe_flash(ggml_tensor * t);
+    bool begin_attention(int64_t n_tok, int64_t n_stream);
+    // Row r of stream s (n_tok rows per stream), weights over n_kv cells.
+    void absorb_row(int64_t s, int64_t r, int64_t n_tok, const float * row, int64_t n_kv);
+    void end_attention();
     // Member and token index of group row r.
     bool row_owner(int64_t r, size_t & member, int32_t & token) const;
 
@@ -105,6 +115,7 @@ private:
     bool maps_ready_ = false;
     bool layout_ok_ = true;
     std::vector<float> scratch_;
+    flash_weights flash_;
 };
 
 } // namespace fml

@@ -36,7 +36,7 @@ export interface LoadModelOptions {
 }
 
 export interface ChatOptions {
-  /** Which tokens leave the KV cache when the budget is full. Default 'importance' on the CPU, 'sliding' on a GPU or with flash attention on (forced, or for kvType 'q8_0'). */
+  /** Which tokens leave the KV cache when the budget is full. Default 'importance' on the CPU, 'sliding' on a GPU. */
   policy?: PolicyName;
   /**
    * Hard cap on tokens in this chat's KV cache (the context is exactly this size). Default 2048. At
@@ -57,9 +57,10 @@ export interface ChatOptions {
   /** KV cache element type; 'q8_0' needs flash attention. Default 'f16'. */
   kvType?: KvType;
   /**
-   * Flash attention: true or false. `importance` and `hybrid` turn it off (unless it is forced on) to
-   * read attention weights; forced on, they use the key-norm proxy instead (`TurnStats.importanceSignal`).
-   * Default off on the CPU, llama.cpp's choice on a GPU.
+   * Flash attention: true or false. Left to choose, `importance` and `hybrid` turn it off and read the
+   * graph's attention weights; forced on (or for kvType 'q8_0'), they recompute the same weights from
+   * the flash-attention node's inputs, a dearer step (bench/RESULTS.md "Attention weights under flash
+   * attention"). Default off on the CPU, llama.cpp's choice on a GPU.
    */
   flashAttention?: boolean;
   /** importance/hybrid: scores are multiplied by this once per turn (1: a plain sum, as in H2O). Default 1. */

@@ -144,6 +144,37 @@ describe.each(SUPPORTED)('family %s', (family) => {
     chat.dispose();
   });
 
+  // With flash attention on, the weights are recomputed from the flash node's inputs (the full
+  // layers' only, for sliding-window models; the attention layers of a hybrid): the same scores as the
+  // graph's own weights, then 30 evicting turns with the cell map checked (checkCache).
+  it('importance reads the same attention weights with flash attention on', async () => {
+    // An imported conversation and one sampled token (carried, not decoded): the same tokens in both,
+    // whatever greedy decoding would pick with either kernel's rounding.
+    const messages = MESSAGES.flatMap((m, i) => [{ role: 'user' as const, content: `turn ${i}. ${m}` }, { role: 'assistant' as const, content: MESSAGES[(i + 1) % 4]! }]);
+    const memories = await Promise.all([false, true].map(async (flashAttention) => {
+      const chat = await model.importTranscript({ format: 'finite-memory-llm/transcript', version: 1, systemPrompt: 'You are terse.', messages },
+        { policy: 'importance', importanceScore: 'mean', maxTokens: 512, flashAttention });
+      await chat.send('One more question', { maxNewTokens: 1, temperature: 0 });
+      const memory = chat.memory();
+      chat.dispose();
+      return memory;
+    }));
+    const [off, on] = memories as [ReturnType<Chat['memory']>, ReturnType<Chat['memory']>];
+    expect(on.map((e) => e.token)).toEqual(off.map((e) => e.token));
+    expect(Math.max(...off.map((e) => e.score))).toBeGreaterThan(0.01);
+    expect(Math.max(...off.map((e, i) => Math.abs(e.score - on[i]!.score)))).toBeLessThan(1e-3);
+
+    const chat = model.createChat({ policy: 'importance', maxTokens: 96, windowSize: 16, sinkTokens: 4, flashAttention: true, maxPolicyMs: 0 });
+    for (let t = 0; t < 30; t++) {
+      const r = await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 4 + (t % 5), temperature: 0.9, seed: t });
+      expect(r.stats.importanceSignal).toBe('attention');
+      checkCache(chat, 96);
+    }
+    expect(chat.stats().evictions).toBeGreaterThan(3);
+    expect(chat._internals().cacheState().attentionRowsChecked).toBeGreaterThan(1000);
+    chat.dispose();
+  });
+
   it('prefills exactly the template rendering of the whole conversation, message by message', async () => {
     const system = 'You are terse.';
     // Whitespace around content: templates that trim it (Llama 3, Gemma) must be followed.

@@ -1,10 +1,12 @@
 // C++ unit tests of the token ledger and the eviction policies on synthetic ledgers: no llama.cpp,
-// no model, no Node. Built as build/<config>/fml_unit_tests by CMake and run by
+// no model, no Node (flash-weights-tests.cpp, in the same binary, runs ggml's CPU kernels). Built as build/<config>/fml_unit_tests by CMake and run by
 // test/standalone/native-units.test.ts (so `npm test` runs them). Exit status 1 on any failure.
 #include "kv/token-ledger.h"
 #include "policies/policy.h"
 #include "util/error.h"
 #include "util/utf8.h"
+
+#include "unit-check.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -14,39 +16,9 @@
 #include <vector>
 
 using namespace fml;
+using namespace fml_test;
 
 namespace {
-
-int g_failed = 0;
-int g_checks = 0;
-
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        ++g_checks;                                                                  \
-        if (!(cond)) {                                                               \
-            ++g_failed;                                                              \
-            std::fprintf(stderr, "  FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-        }                                                                            \
-    } while (0)
-
-struct test_case {
-    const char * name;
-    std::function<void()> fn;
-};
-
-std::vector<test_case> & registry() {
-    static std::vector<test_case> tests;
-    return tests;
-}
-
-struct registrar {
-    registrar(const char * name, std::function<void()> fn) { registry().push_back({ name, std::move(fn) }); }
-};
-
-#define TEST(name) \
-    void name();   \
-    registrar name##_registrar(#name, name); \
-    void name()
 
 // A ledger of `n` tokens: `sinks` pinned at the front, turns of `turn_len` tokens, sentence ends
 // every 8 tokens; importance scores from `score(i)` when given.

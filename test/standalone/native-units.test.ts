@@ -1,4 +1,4 @@
-// Runs the C++ unit tests of the ledger and the policies (test/native/unit-tests.cpp, built by CMake
+// Runs the C++ unit tests of the ledger, the policies and the flash-attention weights (test/native/, built by CMake
 // with the addon as build/UnitTests/fml_unit_tests), so `npm test` fails when one of them does.
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 
 const binary = join(import.meta.dirname, '..', '..', 'build', 'UnitTests', 'fml_unit_tests');
 
-describe('C++ unit tests (ledger, policies)', () => {
+describe('C++ unit tests (ledger, policies, flash-attention weights)', () => {
   it('build/UnitTests/fml_unit_tests passes', () => {
     expect(existsSync(binary), `${binary} is missing: npm run build:native builds it`).toBe(true);
     let out = '';

@@ -22,6 +22,16 @@ fi
 grep -q 'package/prebuilds/linux-x64/finite-memory-llm.node' <<<"$listing" || { echo "[test-pack] FAIL: no prebuild in the tarball"; exit 1; }
 grep -q 'package/dist/index.d.ts' <<<"$listing" || { echo "[test-pack] FAIL: no types in the tarball"; exit 1; }
 
+# Where no prebuild fits, install.mjs builds from the packed sources: they must configure as they are
+# (the package has no test/; CMakeLists.txt once listed a unit test from there and could not).
+src="$work/src"
+mkdir -p "$src"
+tar -xzf "$work/$tarball" -C "$src"
+if ! LLAMA_CPP_DIR="$root/deps/llama.cpp" cmake -S "$src/package" -B "$src/build" -G Ninja >"$src/configure.log" 2>&1; then
+  tail -20 "$src/configure.log"; echo "[test-pack] FAIL: the packed sources do not configure"; exit 1
+fi
+echo "[test-pack] the packed sources configure (a source build's first step)"
+
 # A PATH with node and npm but no cmake, make, ninja or C/C++ compiler.
 bin="$work/bin"
 mkdir -p "$bin"

@@ -99,6 +99,8 @@ Napi::Value engine_stats_of(const Napi::CallbackInfo & info) {
     o.Set("grown", (double) st.grown);
     o.Set("shiftSteps", (double) st.shift_steps);
     o.Set("slots", (double) st.slots);
+    o.Set("engines", (double) st.engines);
+    o.Set("threadPools", (double) st.thread_pools);
     return o;
 }
 

@@ -21,8 +21,8 @@ static bool abort_callback(void * data) {
     return static_cast<const std::atomic<bool> *>(data)->load();
 }
 
-engine::engine(std::shared_ptr<fml_model> model, const kv_geometry & key, const engine_options & opts, const std::atomic<bool> * stopping)
-    : model_(std::move(model)), key_(key), opts_(opts), stopping_(stopping) {
+engine::engine(std::shared_ptr<fml_model> model, const kv_geometry & key, const engine_options & opts, const std::atomic<bool> * stopping, ggml_threadpool * pool)
+    : model_(std::move(model)), key_(key), opts_(opts), stopping_(stopping), threadpool_(pool) {
     capture_.want_attention = key_.attention;
     capture_.want_key_norm = key_.key_norm;
     capture_.want_hidden = key_.hidden_layer >= 0;
@@ -36,9 +36,6 @@ engine::~engine() {
     if (ctx_ != nullptr) {
         llama_batch_free(batch_);
         llama_free(ctx_);
-    }
-    if (threadpool_ != nullptr) {
-        ggml_threadpool_free(threadpool_);
     }
 }
 
@@ -86,10 +83,6 @@ void engine::create_context(uint32_t slots) {
     can_shift_ = kv_can_shift(ctx_);
     // A persistent ggml threadpool (what llama-server attaches too): without one, every graph
     // compute starts and joins its worker threads, several times per step here.
-    if (threadpool_ == nullptr) {
-        ggml_threadpool_params tpp = ggml_threadpool_params_default(key_.threads);
-        threadpool_ = ggml_threadpool_new(&tpp);
-    }
     if (threadpool_ != nullptr) {
         llama_attach_threadpool(ctx_, threadpool_, threadpool_);
     }

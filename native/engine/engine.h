@@ -41,11 +41,15 @@ struct engine_stats {
     uint64_t shift_steps = 0;      // steps that paid a K-shift
     uint32_t slots = 0;
     uint32_t occupied = 0;
+    uint32_t engines = 0;          // runtime::stats() only: engines of the model
+    uint32_t thread_pools = 0;     // runtime::stats() only: ggml thread pools they run on
 };
 
 class engine final : public step_context {
 public:
-    engine(std::shared_ptr<fml_model> model, const kv_geometry & key, const engine_options & opts, const std::atomic<bool> * stopping);
+    // `pool`: the ggml thread pool its decodes run on (the runtime's, shared with its other engines;
+    // may be null).
+    engine(std::shared_ptr<fml_model> model, const kv_geometry & key, const engine_options & opts, const std::atomic<bool> * stopping, ggml_threadpool * pool);
     ~engine();
     engine(const engine &) = delete;
     engine & operator=(const engine &) = delete;
@@ -102,7 +106,7 @@ private:
     engine_options opts_;
     const std::atomic<bool> * stopping_;
     llama_context * ctx_ = nullptr;
-    ggml_threadpool * threadpool_ = nullptr;   // the model's thread budget, kept warm between decodes
+    ggml_threadpool * threadpool_ = nullptr;   // not owned: the runtime's pool for this thread count
     llama_batch batch_ {};
     uint32_t n_batch_ = 0;
     std::vector<chat *> slots_;           // chat in each slot (stream), or null

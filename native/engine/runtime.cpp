@@ -1,5 +1,7 @@
 #include "engine/runtime.h"
 
+#include "ggml-cpu.h"
+
 #include "util/error.h"
 
 #include <algorithm>
@@ -98,6 +100,10 @@ void runtime::release(const std::shared_ptr<chat> & s) {
     }
 }
 
+void runtime::pool_deleter::operator()(ggml_threadpool * p) const {
+    ggml_threadpool_free(p);
+}
+
 engine & runtime::engine_for(chat & s) {
     if (s.owner() != nullptr) {
         return *s.owner();
@@ -108,7 +114,12 @@ engine & runtime::engine_for(chat & s) {
             return *e;
         }
     }
-    engines_.push_back(std::make_unique<engine>(model_, s.key(), opts_.engine, &stopping_));
+    auto & pool = pools_[s.key().threads];
+    if (pool == nullptr) {
+        ggml_threadpool_params tpp = ggml_threadpool_params_default(s.key().threads);
+        pool.reset(ggml_threadpool_new(&tpp));   // null: llama.cpp then starts threads per graph
+    }
+    engines_.push_back(std::make_unique<engine>(model_, s.key(), opts_.engine, &stopping_, pool.get()));
     s.bind_engine(engines_.back().get());
     return *engines_.back();
 }
@@ -129,6 +140,8 @@ engine_stats runtime::stats() {
             total.slots += s.slots;
             total.occupied += s.occupied;
         }
+        total.engines = (uint32_t) engines_.size();
+        total.thread_pools = (uint32_t) std::count_if(pools_.begin(), pools_.end(), [](const auto & p) { return p.second != nullptr; });
         return total;
     });
 }

@@ -145,6 +145,9 @@ export interface NativeEngineStats {
   /** Steps that paid a K-shift. */
   shiftSteps: number;
   slots: number;
+  /** Engines (llama contexts) of the model, and the ggml thread pools they share (one per thread count). */
+  engines: number;
+  threadPools: number;
 }
 
 /** Only in the test build (build/Probes/finite_memory_llm_probes.node; FML_ADDON_PATH selects it). */

@@ -202,6 +202,24 @@ describe('prompts sent together', () => {
   });
 });
 
+describe('engines of one model', () => {
+  // The scheduler runs one engine at a time: a pool per engine kept its workers polling through the
+  // other engine's steps (bench/engines.ts times it).
+  it('share one ggml thread pool per thread count', async () => {
+    const m = await loadModel(testModelPath(), { threads: 2 });
+    try {
+      const chats = [m.createChat({ maxTokens: 128 }), m.createChat({ maxTokens: 128, kvType: 'f32' }), m.createChat({ maxTokens: 128, threads: 1 })];
+      for (const c of chats) await expectTurnRan(c.send('hello there', { maxNewTokens: 4, temperature: 0 }));
+      const stats = chats[0]!._internals().engineStats();
+      expect(stats.engines).toBe(3);
+      expect(stats.threadPools).toBe(2);
+      for (const c of chats) c.dispose();
+    } finally {
+      m.dispose();
+    }
+  });
+});
+
 describe('capacity', () => {
   it('more chats than slots: idle ones are parked and restored exactly', async () => {
     const small = await loadModel(testModelPath(), { threads: THREADS, slots: 2 });

@@ -304,6 +304,9 @@ bool engine::decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0
     const int32_t rc = llama_decode(ctx_, batch_);
     if (rc == 0) {
         shift_pending_ = false;
+        if (capture_.any()) {
+            capture_.finish_group();
+        }
     }
     return rc == 0;
 }
@@ -485,7 +488,7 @@ void engine::decode_group(std::vector<planned> & plan, const std::vector<std::pa
         return;
     }
     shift_pending_ = false;
-    const bool signals_ok = capture_.any() && capture_.layout_ok();
+    const bool signals_ok = capture_.any() && capture_.finish_group();
     for (size_t r = 0; r < rows.size(); ++r) {
         planned & pl = plan[rows[r].first];
         if (pl.seq->has_turn()) {

@@ -20,6 +20,20 @@ static float op_param_f32(const ggml_tensor * t, int i) {
     return v;
 }
 
+// The layer in a cache tensor's name: llama_kv_cache names them cache_<tag>k_l<il>
+// (llama-kv-cache.cpp); a view, permute or copy of one appends " (view)", " (permuted)" ...; the
+// scheduler's copy for another backend is "<backend>#<name>#<n>".
+static int32_t layer_in_name(const char * name) {
+    const char * cache = strstr(name, "cache_");
+    const char * l = cache != nullptr ? strstr(cache, "k_l") : nullptr;
+    if (l == nullptr) {
+        return -1;
+    }
+    char * end = nullptr;
+    const long il = strtol(l + 3, &end, 10);
+    return end != l + 3 && (*end == '\0' || *end == ' ' || *end == '#') ? (int32_t) il : -1;
+}
+
 int32_t flash_weights::layer_of(const ggml_tensor * fa) {
     if (fa->op != GGML_OP_FLASH_ATTN_EXT || fa->src[0] == nullptr || fa->src[1] == nullptr) {
         return -1;
@@ -32,18 +46,11 @@ int32_t flash_weights::layer_of(const ggml_tensor * fa) {
         return -1;
     }
     const ggml_tensor * k = fa->src[1];
-    const ggml_tensor * root = k->view_src != nullptr ? k->view_src : k;
-    // llama_kv_cache names its tensors cache_<tag>k_l<il> (llama-kv-cache.cpp).
-    if (strncmp(root->name, "cache_", 6) != 0) {
-        return -1;
+    // An f32 cache's keys reach the kernel as an f16 copy of the cache view (build_attn_mha).
+    if (k->op == GGML_OP_CPY && k->src[0] != nullptr) {
+        k = k->src[0];
     }
-    const char * l = strstr(root->name, "k_l");
-    if (l == nullptr) {
-        return -1;
-    }
-    char * end = nullptr;
-    const long il = strtol(l + 3, &end, 10);
-    return end != l + 3 && *end == '\0' ? (int32_t) il : -1;
+    return layer_in_name((k->view_src != nullptr ? k->view_src : k)->name);
 }
 
 void flash_weights::shape_of(const ggml_tensor * fa, int64_t ne[4]) {

@@ -24,10 +24,12 @@ void eval_capture::begin_group(const std::vector<group_member> & layout) {
     }
     n_members_ = layout.size();
     n_rows_ = 0;
+    any_wanted_ = false;
     for (size_t m = 0; m < layout.size(); ++m) {
         capture_member & mem = members_[m];
         static_cast<group_member &>(mem) = layout[m];
         n_rows_ += mem.n_tokens;
+        any_wanted_ = any_wanted_ || mem.wanted;
         mem.attention_layers_seen = 0;
         mem.key_norm_layers_seen = 0;
         mem.hidden_seen = false;
@@ -36,6 +38,16 @@ void eval_capture::begin_group(const std::vector<group_member> & layout) {
     }
     maps_ready_ = false;
     layout_ok_ = true;
+}
+
+bool eval_capture::finish_group() {
+    // Every decode of a chat that reads attention passes attention layers: reading none (a flash
+    // node whose keys this did not recognise, say) would leave the scores silently stale.
+    if (layout_ok_ && want_attention && any_wanted_ && n_members_ > 0 && members_[0].attention_layers_seen == 0) {
+        layout_ok_ = false;
+        layout_mismatches++;
+    }
+    return layout_ok_;
 }
 
 bool eval_capture::callback(ggml_tensor * t, bool ask, void * user_data) {
@@ -173,8 +185,11 @@ bool eval_capture::observe(ggml_tensor * t, bool ask) {
     int32_t il = -1;
     // A sliding layer's weights are indexed by the window cache's cells: only the full layers' are read.
     const auto full_layer = [&](int32_t layer) { return !(layer >= 0 && (size_t) layer < sliding_layers_.size() && sliding_layers_[(size_t) layer]); };
-    const bool is_attn   = want_attention && name_is(t, "kq_soft_max", &il) && full_layer(il);
-    const bool is_flash  = want_attention && t->op == GGML_OP_FLASH_ATTN_EXT && (il = flash_weights::layer_of(t)) >= 0 && full_layer(il);
+    // Nothing is read for a group of summary scratch alone, or once its layout went wrong: asking
+    // costs a scheduler split per node, and a flash node's weights a matrix product.
+    const bool attention = want_attention && any_wanted_ && layout_ok_;
+    const bool is_attn   = attention && name_is(t, "kq_soft_max", &il) && full_layer(il);
+    const bool is_flash  = attention && t->op == GGML_OP_FLASH_ATTN_EXT && (il = flash_weights::layer_of(t)) >= 0 && full_layer(il);
     const bool is_key    = want_key_norm && name_is(t, "Kcur", &il) && t->op == GGML_OP_ROPE;
     const bool is_hidden = want_hidden && name_is(t, "l_out", &il) && il == hidden_layer;
     if (ask) {

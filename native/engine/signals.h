@@ -82,7 +82,9 @@ public:
     // Before a group's llama_decode: its members in row order.
     void begin_group(const std::vector<group_member> & layout);
     const capture_member & member(size_t i) const { return members_[i]; }
-    // After it: whether the tensors seen had the layout the group promised (else nothing is trusted).
+    // After it (the engine, once): whether the tensors seen had the layout the group promised and,
+    // where attention was wanted, at least one attention layer was read (else nothing is trusted).
+    bool finish_group();
     bool layout_ok() const { return layout_ok_; }
 
     // Self-check of the cell -> position map: attention weight found on a cell whose mapped position
@@ -114,6 +116,7 @@ private:
     int64_t n_rows_ = 0;
     bool maps_ready_ = false;
     bool layout_ok_ = true;
+    bool any_wanted_ = false;   // some member of the group wants signals (summary scratch does not)
     std::vector<float> scratch_;
     flash_weights flash_;
 };

@@ -3,7 +3,7 @@
 // sliding with the same attention setting, on the realistic-geometry model with the budget full.
 //   npx tsx bench/flash-weights.ts [--no-write] [--threads=N] [--rounds=N]
 // Per contender one chat, filled to maxTokens - 100 by the same greedy turns; then rounds of one turn
-// each (a 30-token message, 32 greedy tokens), contenders interleaved round by round so that load
+// each (a 20-word message, 32 greedy tokens), contenders interleaved round by round so that load
 // from other processes hits them alike. Reported: medians of prefill ms per prompt token and of
 // decode ms per step, and each importance row over its sliding row.
 import { availableParallelism } from 'node:os';
@@ -38,6 +38,13 @@ for (let r = 0; r < ROUNDS; r++) {
   for (const c of r % 2 ? [...chats].reverse() : chats) {
     const t = await c.chat.send(MESSAGE, { maxNewTokens: STEPS, temperature: 0 });
     c.prefill.push(t.stats.prefillMs / t.stats.promptTokens);
+    if (c.policy === 'importance') {
+      // The weights were read: the signal names the configuration, these say it worked.
+      const cache = c.chat._internals().cacheState();
+      if (!(cache.attentionRowsChecked > 0) || cache.signalLayoutMismatches !== 0 || cache.causalViolations !== 0) {
+        throw new Error(`${c.setting}: attention weights not read (${JSON.stringify({ rows: cache.attentionRowsChecked, layout: cache.signalLayoutMismatches, causal: cache.causalViolations })})`);
+      }
+    }
     c.signal = t.stats.importanceSignal ?? '-';
     const steps = t.stopReason === 'eos' ? t.stats.generatedTokens : t.stats.generatedTokens - 1;
     if (steps >= 8) c.decode.push(t.stats.decodeMs / steps);

@@ -9,7 +9,8 @@
 // budgets 15-75%, with issue #29's goals checked per generator.
 //   npm run bench:recall [-- --conversations N] [--generator-conversations N] [--model FILE] [--no-write] [--show-summaries]
 // --only a,b and --sweep-only (the generators alone) make quick comparisons (they write nothing);
-// --contenders '[{"policy":"hybrid","hybridImportanceShare":1}]' sweeps sliding and these options instead.
+// --contenders '[{"policy":"hybrid","hybridImportanceShare":1}]' sweeps sliding and these options instead
+// (--section NAME: and writes that table to RESULTS.md as section recall-NAME).
 // --model runs on another recall model (e.g. an experiment's, written with make-recall-model --check 0
 // --out FILE); the setup then names it, and the full-cache row says how well it recalls.
 import { execFileSync } from 'node:child_process';
@@ -281,13 +282,15 @@ function sweepSection(results: GeneratorResult[]): string[] {
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, model: { type: 'string' }, 'no-write': { type: 'boolean', default: false }, 'show-summaries': { type: 'boolean', default: false }, only: { type: 'string' }, 'generator-conversations': { type: 'string', default: '16' }, 'sweep-only': { type: 'boolean', default: false }, contenders: { type: 'string' } } });
+  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, model: { type: 'string' }, 'no-write': { type: 'boolean', default: false }, 'show-summaries': { type: 'boolean', default: false }, only: { type: 'string' }, 'generator-conversations': { type: 'string', default: '16' }, 'sweep-only': { type: 'boolean', default: false }, contenders: { type: 'string' }, section: { type: 'string' } } });
   // --only a,b: the contenders whose label contains one of these (quick comparisons; implies --no-write).
   const only = values.only?.split(',').map((x) => x.trim()).filter(Boolean);
   const chosen = (c: Contender) => !only || only.some((o) => c.label === o || c.label.includes(`'${o}'`));
-  // --contenders: sliding and these options, on the generators alone.
+  // --contenders: sliding and these options, on the generators alone; --section NAME writes that
+  // table to RESULTS.md as section recall-NAME (the main "Recall" section is the full run's).
   const extra = values.contenders ? contendersFromJson(values.contenders) : undefined;
   if (extra) values['sweep-only'] = true;
+  const section = extra && values.section && !values['no-write'] ? `recall-${values.section}` : undefined;
   if (only || values['sweep-only']) values['no-write'] = true;
   const n = Number(values.conversations);
   const path = values.model ?? defaultRecallModelPath();
@@ -317,7 +320,12 @@ async function main(): Promise<void> {
   const sweep = only && !values['sweep-only'] ? [] : await acrossGenerators(model, Number(values['generator-conversations']), sweepContenders);
   model.dispose();
   if (values['sweep-only']) {
-    console.log(sweepSection(sweep).join('\n'));
+    const body = sweepSection(sweep).join('\n');
+    console.log(body);
+    if (section) {
+      const command = `npx tsx bench/recall.ts --contenders '${values.contenders}' --section ${values.section}`;
+      writeResultsSection(section, [`## Recall, contenders compared (\`${command}\`)`, '', `- machine: ${machine()}`, '', body].join('\n'));
+    }
     return;
   }
 

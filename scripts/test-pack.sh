@@ -27,7 +27,9 @@ grep -q 'package/dist/index.d.ts' <<<"$listing" || { echo "[test-pack] FAIL: no 
 src="$work/src"
 mkdir -p "$src"
 tar -xzf "$work/$tarball" -C "$src"
-if ! LLAMA_CPP_DIR="$root/deps/llama.cpp" cmake -S "$src/package" -B "$src/build" -G Ninja >"$src/configure.log" 2>&1; then
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+if ! LLAMA_CPP_DIR="$root/deps/llama.cpp" cmake -S "$src/package" -B "$src/build" "${generator[@]}" >"$src/configure.log" 2>&1; then
   tail -20 "$src/configure.log"; echo "[test-pack] FAIL: the packed sources do not configure"; exit 1
 fi
 echo "[test-pack] the packed sources configure (a source build's first step)"

@@ -195,7 +195,7 @@ const option_row<chat_target> CHAT_ROWS[] = {
       } },
     // The default keeps what later turns went back for (issue #29's goals, met on the CPU: docs/models.md),
     // with flash attention on or off (on, the weights are recomputed from the flash node's inputs: the
-    // same recall, bench/RESULTS.md "Recall"). On a GPU, reading the weights copies every attention
+    // same recall, bench/RESULTS.md "Recall, contenders compared"). On a GPU, reading the weights copies every attention
     // layer's weights (or keys and queries) to the host, a cost not measured yet, so a GPU model's
     // chats keep the cheapest policy.
     { { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'importance' on the CPU, 'sliding' on a GPU", "", "Which tokens leave the KV cache when the budget is full.", false },

@@ -1,6 +1,7 @@
 // importance (heavy hitters, as in H2O): each token's score is the attention it has received from
-// later queries, summed over heads and layers (or, with flash attention on, the negated L2 norm of its
-// post-RoPE key: keys with a low norm draw more attention). Keeps pinned + the recent window + the
+// later queries, summed over heads and layers (read from the graph, or recomputed from a flash-attention
+// node's inputs; a model whose every layer slides has the negated L2 norm of its post-RoPE key instead:
+// keys with a low norm draw more attention). Keeps pinned + the recent window + the
 // highest-scoring others; evicts the lowest-scoring tokens outside the window.
 #pragma once
 

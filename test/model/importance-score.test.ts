@@ -71,7 +71,7 @@ describe("importanceScore: 'peak'", () => {
     expect(byDefault.options.policy).toBe(model.info.backend === 'cpu' ? 'importance' : 'sliding');
     expect(byDefault.options.importanceScore).toBe('blend');
     byDefault.dispose();
-    // With flash attention on too: its weights are recomputed (the same recall: RESULTS "Recall").
+    // With flash attention on too: its weights are recomputed (the same recall: RESULTS "Recall, contenders compared").
     const on = model.createChat({ flashAttention: true });
     expect(on.options.policy).toBe(model.info.backend === 'cpu' ? 'importance' : 'sliding');
     on.dispose();

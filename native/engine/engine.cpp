@@ -409,9 +409,10 @@ void engine::step_chats() {
     // left, the run of consecutive slots after it that also have tokens left, and the same number of
     // tokens from each (the fewest any of them has left) — the split llama.cpp itself makes. Eight
     // generating chats are one group of eight tokens; eight prefill chunks of a step are one group
-    // too when their slots are consecutive. A unified cache takes everything in one ubatch.
+    // too when their slots are consecutive. A unified cache takes everything in one ubatch, except a
+    // hybrid model's: llama_memory_hybrid splits every batch equally (split_equal), as streams do.
     using rows_t = std::vector<std::pair<size_t, std::pair<size_t, size_t>>>;   // plan index, [from, to)
-    if (opts_.unified) {
+    if (opts_.unified && model_->info().memory != "hybrid") {
         rows_t rows;
         for (size_t p = 0; p < plan.size(); ++p) {
             rows.push_back({ p, { 0, plan[p].c.tokens.size() } });

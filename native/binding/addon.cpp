@@ -24,7 +24,7 @@ namespace {
 Napi::Value js_resolve_chat_options(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     const int32_t threads = info.Length() > 1 && info[1].IsNumber() ? info[1].ToNumber().Int32Value() : 1;
-    const chat_options o = guarded(env, [&] { return resolve_chat_options(options_arg(info, 0), threads, false); });   // no model: the CPU's defaults
+    const chat_options o = guarded(env, [&] { return resolve_chat_options(options_arg(info, 0), threads, true); });   // no model: the CPU's defaults
     return from_option_map(env, chat_options_to_map(o, false));
 }
 

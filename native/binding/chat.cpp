@@ -187,7 +187,8 @@ js_chat::js_chat(const Napi::CallbackInfo & info) : Napi::ObjectWrap<js_chat>(in
     }
     js_model * m = js_model::Unwrap(info[0].As<Napi::Object>());
     auto model = m->require(env);
-    const chat_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 1), m->load_options.threads, model->info().backend != "cpu"); });
+    const chat_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 1), m->load_options.threads,
+                                                                                model->info().backend == "cpu" && chat::reads_attention_weights(model->info())); });
     core_ = guarded(env, [&] { return std::make_shared<chat>(model, opts, m->load_options.threads); });
     rt_ = m->require_runtime(env);
 }
@@ -590,7 +591,7 @@ Napi::Value js_load_chat(const Napi::CallbackInfo & info) {
     int32_t threads = 0;
     if (info.Length() > 2 && !info[2].IsUndefined()) {
         const option_map o = { { "threads", to_option_value(info[2]) } };
-        threads = guarded(env, [&] { return resolve_chat_options(o, 1, false).threads; });
+        threads = guarded(env, [&] { return resolve_chat_options(o, 1, true).threads; });
         if (threads > m->load_options.threads) {
             throw_error(env, FML_ERR_INVALID_OPTION, "Expected an integer between 1 and " + std::to_string(m->load_options.threads) +
                         " (the model's thread budget) for threads but received number " + std::to_string(threads));

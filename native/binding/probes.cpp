@@ -108,7 +108,7 @@ Napi::Value engine_stats_of(const Napi::CallbackInfo & info) {
 // Runs a policy on a synthetic ledger, so policies are testable without a model or a KV cache.
 Napi::Value plan_eviction(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    const policy_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 0), 1, false).policy; });
+    const policy_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 0), 1, true).policy; });
     if (info.Length() < 4 || !info[1].IsArray()) {
         throw_error(env, FML_ERR_INVALID_OPTION, "planEviction(options, entries, need, want)");
     }
@@ -202,7 +202,7 @@ Napi::Value bench_evict(const Napi::CallbackInfo & info) {
 // benchPolicyPlan(options, n, want, embdDim, reps) -> median ms
 Napi::Value bench_policy_plan(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    const policy_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 0), 1, false).policy; });
+    const policy_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 0), 1, true).policy; });
     return Napi::Number::New(env, guarded(env, [&] {
         return run_policy_plan_bench(opts, info[1].ToNumber().Int32Value(), info[2].ToNumber().Int32Value(),
                                      info[3].ToNumber().Int32Value(), info[4].ToNumber().Int32Value());

@@ -37,6 +37,11 @@ static const char * SUMMARY_INSTRUCTION = "Summarize the conversation so far in 
 static std::atomic<size_t> g_live_chats{0};
 size_t chat::live_count() { return g_live_chats.load(); }
 
+bool chat::reads_attention_weights(const model_info & mi) {
+    const size_t sliding = (size_t) std::count(mi.sliding_layers.begin(), mi.sliding_layers.end(), true);
+    return kv_internals_available() && (mi.sliding_window == 0 || (int32_t) sliding < mi.kv_layers);
+}
+
 chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t model_threads)
     : model_(std::move(model)), opts_(opts) {
     // Option values were validated by resolve_chat_options (options.cpp); what is checked here
@@ -67,9 +72,7 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
     if (policy_->needs_importance()) {
         // Sliding-window layers index their attention by the window cache's cells: the weights are
         // read from the full layers alone, and a model without one uses the key-norm proxy.
-        const size_t sliding = (size_t) std::count(mi.sliding_layers.begin(), mi.sliding_layers.end(), true);
-        const bool full_layer = mi.sliding_window == 0 || (int32_t) sliding < mi.kv_layers;
-        if (kv_internals_available() && full_layer) {
+        if (reads_attention_weights(mi)) {
             signal_ = IMPORTANCE_ATTENTION;
             key_.attention = true;
             // With flash attention on (forced, or for a q8_0 cache) the weights are recomputed from

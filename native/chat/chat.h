@@ -191,6 +191,9 @@ public:
     chat(const chat &) = delete;
     chat & operator=(const chat &) = delete;
     static size_t live_count();
+    // Whether importance can read this model's attention weights (the cell map of llama.cpp's
+    // internals, and a layer that does not slide: a sliding layer's weights index the window cache).
+    static bool reads_attention_weights(const model_info & mi);
 
     // ---- JS thread ----
     // Frames the message and checks it fits (PROMPT_TOO_LARGE otherwise; nothing changes).

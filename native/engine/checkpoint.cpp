@@ -95,7 +95,7 @@ void put_options(byte_writer & w, const chat_options & o) {
 
 chat_options resolve_stored(const option_map & m) {
     try {
-        return resolve_chat_options(m, 1, false);   // every option is stored by name: no default is used
+        return resolve_chat_options(m, 1, true);   // every option is stored by name: no default is used
     } catch (const fml_error & e) {
         throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, std::string("the checkpoint's options are not valid: ") + e.what());
     }

@@ -159,7 +159,7 @@ struct option_row {
 
 // What each scope's rows resolve into: the options, and what their defaults depend on.
 struct model_target { model_load_options o; int32_t cores; };
-struct chat_target { chat_options o; int32_t default_threads; bool on_gpu; };
+struct chat_target { chat_options o; int32_t default_threads; bool weights_by_default; };
 struct send_target { generation_options g; };
 
 const option_row<model_target> MODEL_ROWS[] = {
@@ -197,10 +197,11 @@ const option_row<chat_target> CHAT_ROWS[] = {
     // with flash attention on or off (on, the weights are recomputed from the flash node's inputs: the
     // same recall, bench/RESULTS.md "Recall, contenders compared"). On a GPU, reading the weights copies every attention
     // layer's weights (or keys and queries) to the host, a cost not measured yet, so a GPU model's
-    // chats keep the cheapest policy.
-    { { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'importance' on the CPU, 'sliding' on a GPU", "", "Which tokens leave the KV cache when the budget is full.", false },
+    // chats keep the cheapest policy; so do a model's whose every layer slides (its key-norm proxy
+    // kept fewer facts than sliding: docs/models.md).
+    { { "chat", "policy", "'sliding' | 'importance' | 'semantic' | 'rolling_summary' | 'hybrid'", "'importance' on the CPU, 'sliding' on a GPU or where attention weights cannot be read (every layer slides)", "", "Which tokens leave the KV cache when the budget is full.", false },
       [](chat_target & t, const option_value * v) {
-          t.o.policy.name = v ? choice_of("policy", *v, POLICY_NAMES) : t.on_gpu ? "sliding" : "importance";
+          t.o.policy.name = v ? choice_of("policy", *v, POLICY_NAMES) : t.weights_by_default ? "importance" : "sliding";
       } },
     // 16 is a floor, not the real minimum: that depends on the model's chat template and the system
     // prompt, and the chat checks it when created (chat::check_budget).
@@ -328,8 +329,8 @@ model_load_options resolve_model_options(const option_map & raw, int32_t cores) 
     return t.o;
 }
 
-chat_options resolve_chat_options(const option_map & raw, int32_t default_threads, bool on_gpu) {
-    chat_target t{ {}, default_threads, on_gpu };
+chat_options resolve_chat_options(const option_map & raw, int32_t default_threads, bool weights_by_default) {
+    chat_target t{ {}, default_threads, weights_by_default };
     resolve_rows(CHAT_ROWS, raw, t);
     return t.o;
 }

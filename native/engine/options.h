@@ -73,8 +73,9 @@ int32_t available_cores();
 
 // Throw fml_error(INVALID_OPTION) naming the option, what was expected and what was given.
 model_load_options resolve_model_options(const option_map & raw, int32_t cores);
-// on_gpu: the chat's model runs on a GPU (some defaults differ there: see the options table).
-chat_options       resolve_chat_options(const option_map & raw, int32_t default_threads, bool on_gpu);
+// `weights_by_default`: the model runs on the CPU and its attention weights can be read
+// (chat::reads_attention_weights): the default policy is importance, else sliding.
+chat_options       resolve_chat_options(const option_map & raw, int32_t default_threads, bool weights_by_default);
 generation_options resolve_generation_options(const option_map & raw);
 
 // The resolved chat options as a map (the same names): what `chat.options` reports and what a

@@ -36,7 +36,7 @@ export interface LoadModelOptions {
 }
 
 export interface ChatOptions {
-  /** Which tokens leave the KV cache when the budget is full. Default 'importance' on the CPU, 'sliding' on a GPU. */
+  /** Which tokens leave the KV cache when the budget is full. Default 'importance' on the CPU, 'sliding' on a GPU or where attention weights cannot be read (every layer slides). */
   policy?: PolicyName;
   /**
    * Hard cap on tokens in this chat's KV cache (the context is exactly this size). Default 2048. At

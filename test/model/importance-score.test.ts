@@ -130,6 +130,10 @@ it('a model whose every attention layer slides scores by key norms (its weights 
     // Key norms are negated (low norm = high score): the scores are below zero, attention sums are not.
     expect(chat.memory().filter((e) => !e.pinned).every((e) => e.score <= 0)).toBe(true);
     chat.dispose();
+    // Not by default: the proxy kept fewer facts than sliding (docs/models.md).
+    const byDefault = allSliding.createChat();
+    expect(byDefault.options.policy).toBe('sliding');
+    byDefault.dispose();
   } finally {
     allSliding.dispose();
     rmSync(dir, { recursive: true, force: true });

@@ -12,7 +12,7 @@ import { machine, median, realisticModel, smallModels, writeResultsSection } fro
 
 const WRITE = !process.argv.includes('--no-write');
 const THREADS = Number(process.argv.find((a) => a.startsWith('--threads='))?.slice(10) ?? availableParallelism());
-const RUNS = 7;
+const RUNS = 15;
 const STEPS = 32;
 const SETTINGS = [
   { label: 'on (llama.cpp auto)', flashAttention: true },

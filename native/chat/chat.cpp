@@ -93,8 +93,9 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
         fa = 1;
     }
     if (fa < 0 && mi.backend == "cpu") {
-        // llama.cpp's automatic choice is "on"; on the CPU that measured slower per decode step for
-        // every model here (bench/flash-attention.ts), so CPU chats run with it off unless asked.
+        // llama.cpp's automatic choice is "on"; on the CPU that measured slower per decode step on the
+        // realistic-geometry model and stories260K (bench/flash-attention.ts), so CPU chats run with it
+        // off unless asked.
         fa = 0;
     }
     if (policy_->needs_embeddings()) {

@@ -101,6 +101,39 @@ describe('importance signals', () => {
     }
   });
 
+  // Chats decoded together: the flash node holds a KV stream per chat (queries [d, T, H, chats], keys
+  // [d, n_kv, Hkv, chats]). Four different conversations imported at once, flash off and on: each
+  // chat's scores from its own stream, as the graph's weights give them.
+  it('with flash attention forced on, chats decoded together each read their own stream', async () => {
+    const transcript = (i: number) => ({
+      format: 'finite-memory-llm/transcript' as const, version: 1 as const, systemPrompt: 'Be brief.',
+      messages: Array.from({ length: 3 + i }, (_, t) => [
+        { role: 'user' as const, content: `chat ${i} message ${t}: ${'the river runs past the mill '.repeat(1 + ((i + t) % 3))}` },
+        { role: 'assistant' as const, content: `reply ${t} of chat ${i}` },
+      ]).flat(),
+    });
+    const run = async (flashAttention: boolean) => {
+      const chats = await Promise.all([0, 1, 2, 3].map((i) => model.importTranscript(transcript(i), { policy: 'importance', importanceScore: 'mean', maxTokens: 1024, flashAttention })));
+      await Promise.all(chats.map((c) => c.send('and then?', { maxNewTokens: 1, temperature: 0 })));
+      const shared = chats[0]!._internals().engineStats().sharedDecodes;
+      const memories = chats.map((c) => {
+        checkCache(c, 1024);
+        const memory = c.memory();
+        c.dispose();
+        return memory;
+      });
+      return { memories, shared };
+    };
+    const off = await run(false);
+    const on = await run(true);
+    expect(on.shared).toBeGreaterThan(0);
+    for (let i = 0; i < 4; i++) {
+      const [a, b] = [off.memories[i]!, on.memories[i]!];
+      expect(b.map((e) => e.token)).toEqual(a.map((e) => e.token));
+      expect(Math.max(...a.map((e, k) => Math.abs(e.score - b[k]!.score)))).toBeLessThan(1e-3);
+    }
+  });
+
   it('with flash attention forced on, evicts by those weights through hundreds of cell reuses', async () => {
     const chat = model.createChat({ policy: 'importance', maxTokens: 96, windowSize: 16, flashAttention: true, maxPolicyMs: 0 });
     for (let t = 0; t < 30; t++) {

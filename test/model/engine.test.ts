@@ -261,10 +261,11 @@ describe('capacity: waiting turns', () => {
 });
 
 describe('stress', () => {
-  it('16 chats x 50 turns, random policies and aborts: no crash, no lost state', async () => {
+  it('16 chats x 50 turns, random policies, flash attention on and off, and aborts: no crash, no lost state', async () => {
     let rng = 12345;
     const rand = (n: number) => ((rng = (rng * 1103515245 + 12345) & 0x7fffffff) % n);
-    const chats = Array.from({ length: 16 }, (_, i) => model.createChat({ policy: POLICIES[rand(POLICIES.length)]!, maxTokens: 48 + 16 * rand(6), testTokenDelayMs: i % 4 === 0 ? 1 : 0 }));
+    // A quarter with flash attention on: importance and hybrid recompute its weights, under aborts too.
+    const chats = Array.from({ length: 16 }, (_, i) => model.createChat({ policy: POLICIES[rand(POLICIES.length)]!, maxTokens: 48 + 16 * rand(6), testTokenDelayMs: i % 4 === 0 ? 1 : 0, ...(i % 4 === 1 ? { flashAttention: true } : {}) }));
     let aborted = 0;
     await Promise.all(chats.map(async (c, i) => {
       for (let k = 0; k < 50; k++) {

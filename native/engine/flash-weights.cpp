@@ -11,7 +11,7 @@
 namespace fml {
 
 // Rows of weights computed per ggml graph: bounds the host memory a long prefill's weights take
-// (n_kv x rows x heads floats) the way the non-flash graph never does.
+// (n_kv x rows x heads floats), kept by the engine for its next decode.
 constexpr size_t WEIGHT_CHUNK_BYTES = 16u << 20;
 
 static float op_param_f32(const ggml_tensor * t, int i) {
@@ -111,7 +111,6 @@ bool flash_weights::compute(ggml_tensor * fa, const row_fn & row) {
         sink_values.assign(sv, sv + n_head);
     }
     weights_.resize((size_t) n_kv * rows_max * (size_t) n_head);
-    logits_.resize(weights_.size());
 
     for (int64_t s = 0; s < n_stream; ++s) {
         // The stream's keys as [d, Hkv, n_kv] (the cache's own row layout: no copy on the CPU).
@@ -163,7 +162,7 @@ bool flash_weights::compute(ggml_tensor * fa, const row_fn & row) {
             m->data = mask_packed_.data();
             // [n_kv, G x rows, H / G]; dimension 2 broadcasts over the key heads as the model's does.
             ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, keys, 0, 2, 1, 3), queries);
-            kq->data = logits_.data();
+            kq->data = weights_.data();
             float softmax_scale = scale;
             if (softcap != 0.0f) {
                 // As the flash kernel: softcap * tanh(kq * scale / softcap), then the mask.
@@ -172,8 +171,8 @@ bool flash_weights::compute(ggml_tensor * fa, const row_fn & row) {
                 kq = ggml_scale_inplace(ctx, kq, softcap);
                 softmax_scale = 1.0f;
             }
-            ggml_tensor * w = ggml_soft_max_ext(ctx, kq, m, softmax_scale, max_bias);
-            w->data = weights_.data();
+            // In place: the logits' buffer becomes the weights' (one buffer of WEIGHT_CHUNK_BYTES at most).
+            ggml_tensor * w = ggml_soft_max_ext_inplace(ctx, kq, m, softmax_scale, max_bias);
             ggml_tensor * sink_t = nullptr;
             if (sinks != nullptr) {
                 sink_t = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_head);

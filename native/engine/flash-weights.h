@@ -37,7 +37,7 @@ private:
     int32_t n_threads_ = 1;
     std::vector<uint8_t> k_buf_, q_buf_, mask_buf_;   // device tensors' bytes
     std::vector<uint8_t> k_packed_, mask_packed_, work_;
-    std::vector<float> q_packed_, logits_, weights_;
+    std::vector<float> q_packed_, weights_;   // weights_: the logits, then the softmax in place
 };
 
 } // namespace fml

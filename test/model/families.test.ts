@@ -437,15 +437,16 @@ describe('sliding-window models and one KV buffer for all chats', () => {
   });
 });
 
-describe('hybrid models and one KV buffer for all chats', () => {
+describe('one KV buffer for all chats (kvUnified)', () => {
   // llama_memory_hybrid splits every batch equally per sequence: a step that mixed one chat's prefill
   // with another's generated token became several ubatches, and its attention signals were dropped.
-  it('chats in different phases keep their attention signals', async () => {
-    const path = join(dir, 'qwen35-unified.gguf');
-    writeModel(path, { family: 'qwen35', seed: 7 });
+  // With flash attention on, one node holds every chat's rows over the shared cells, told apart by the mask.
+  it.each([['qwen35', false], ['qwen35', true], ['llama', false], ['llama', true]] as const)('%s: chats in different phases keep their attention signals (flash attention %s)', async (family, flashAttention) => {
+    const path = join(dir, `${family}-unified.gguf`);
+    writeModel(path, { family, seed: 7 });
     const m = await loadModel(path, { threads: THREADS, kvUnified: true });
     try {
-      const chats = [0, 1, 2].map(() => m.createChat({ policy: 'importance', maxTokens: 128, windowSize: 16, maxPolicyMs: 0 }));
+      const chats = [0, 1, 2].map(() => m.createChat({ policy: 'importance', maxTokens: 128, windowSize: 16, maxPolicyMs: 0, flashAttention }));
       for (let t = 0; t < 8; t++) {
         // Different message and reply lengths: some chats prefill while others generate.
         await Promise.all(chats.map((c, i) => c.send(`${MESSAGES[(t + i) % 4]} `.repeat(1 + ((t + i) % 3)), { maxNewTokens: 3 + 4 * i, temperature: 0.9, seed: t })));

@@ -1,7 +1,9 @@
 // What reading attention costs with flash attention on (weights recomputed from the flash node's
 // inputs, engine/flash-weights.h) against reading the non-flash graph's own weights, each next to
 // sliding with the same attention setting, on the realistic-geometry model with the budget full.
-//   npx tsx bench/flash-weights.ts [--no-write] [--threads=N] [--rounds=N]
+//   npx tsx bench/flash-weights.ts [--no-write] [--threads=N] [--rounds=N] [--quick]
+// (--quick: maxTokens 256 and 2 rounds, a smoke run: the GPU check's rehearsal; implies --no-write.)
+// The model runs where loadModel puts it by default (every layer on a GPU in a CUDA build).
 // Per contender one chat, filled to maxTokens - 100 by the same greedy turns; then rounds of one turn
 // each (a 20-word message, 32 greedy tokens), contenders interleaved round by round so that load
 // from other processes hits them alike. Reported: medians of prefill ms per prompt token and of
@@ -10,10 +12,11 @@ import { availableParallelism } from 'node:os';
 import { loadModel, type ChatOptions } from '../src/index.ts';
 import { machine, median, realisticModel, writeResultsSection } from './common.ts';
 
-const WRITE = !process.argv.includes('--no-write');
+const QUICK = process.argv.includes('--quick');
+const WRITE = !process.argv.includes('--no-write') && !QUICK;
 const THREADS = Number(process.argv.find((a) => a.startsWith('--threads='))?.slice(10) ?? availableParallelism());
-const ROUNDS = Number(process.argv.find((a) => a.startsWith('--rounds='))?.slice(9) ?? 8);
-const MAX_TOKENS = 1024;
+const ROUNDS = Number(process.argv.find((a) => a.startsWith('--rounds='))?.slice(9) ?? (QUICK ? 2 : 8));
+const MAX_TOKENS = QUICK ? 256 : 1024;
 const STEPS = 32;
 const MESSAGE = 'Tell me more about the little dog who liked to run in the park with her friends every single morning.';
 
@@ -26,6 +29,7 @@ const SETTINGS: { label: string; options: ChatOptions }[] = [
 
 const m = realisticModel();
 const model = await loadModel(m.path, { threads: THREADS });
+const where = `${model.info.backend} (${model.info.device})`;
 const chats = SETTINGS.flatMap((s) =>
   (['sliding', 'importance'] as const).map((policy) => ({ setting: s.label, policy, chat: model.createChat({ ...s.options, policy, maxTokens: MAX_TOKENS }), prefill: [] as number[], decode: [] as number[], signal: '-' })),
 );
@@ -65,7 +69,7 @@ const body = [
   '## Attention weights under flash attention (`npx tsx bench/flash-weights.ts`)',
   '',
   `- machine: ${machine()}`,
-  `- model ${m.name}: ${m.about}`,
+  `- model ${m.name}: ${m.about}; on ${where}`,
   `- maxTokens ${MAX_TOKENS}, budget full (filled to maxTokens - 100, then every turn evicts), ${THREADS} threads; ${ROUNDS} rounds of one turn per chat (a ${MESSAGE.split(' ').length}-word message, ${STEPS} greedy tokens), interleaved; medians`,
   '',
   '| setting | importance signal | sliding prefill ms/token | importance prefill ms/token | ratio | sliding decode ms/step | importance decode ms/step | ratio |',

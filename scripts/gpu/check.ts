@@ -217,6 +217,10 @@ async function main(): Promise<void> {
     await step(`concurrency benchmark, K = ${k}`, REHEARSAL ? 120 : 150, () =>
       bench(`concurrency-k${k}`, 'concurrency.js', [`--k=${k}`, '--no-write', '--short-only', ...(REHEARSAL ? ['--quick', '--no-server'] : ['--gpu'])], {}));
   }
+  // Last: what reading attention costs with flash attention on and off, on the realistic geometry
+  // (the model is generated there first, ~20 s; the bench fails unless the weights were read).
+  await step('attention weights under flash attention (Qwen2.5-0.5B shape)', REHEARSAL ? 150 : 120, () =>
+    bench('flash-weights', 'flash-weights.js', ['--no-write', ...(REHEARSAL ? ['--quick'] : ['--rounds=4'])], {}));
   say(failed ? `${failed} check(s) FAILED` : 'every check passed');
   process.exitCode = failed ? 1 : 0;
 }

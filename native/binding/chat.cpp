@@ -93,7 +93,8 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
                 o.Set("response", event->result.response);
                 o.Set("stopReason", stop_reason_name(event->result.reason));
                 Napi::Object stats = stats_to_js(env, event->result.stats);
-                const char * signal = importance_signal_name(ctx->jc->core()->signal());
+                // What this turn's scores came from: none where no decode of it gave a signal.
+                const char * signal = event->result.stats.signal_reads > 0 ? importance_signal_name(ctx->jc->core()->signal()) : "";
                 stats.Set("importanceSignal", *signal ? Napi::Value(Napi::String::New(env, signal)) : env.Null());
                 o.Set("stats", stats);
                 result = o;

@@ -75,6 +75,7 @@ struct turn_stats {
     bool     fallback = false;
     double   summary_ms = 0;          // time the model spent writing summaries this turn
     uint32_t summary_tokens = 0;      // summary tokens placed in the cache this turn
+    uint32_t signal_reads = 0;        // decodes of this turn whose importance signals the scores took
     std::string policy;
     std::vector<eviction_record> eviction_log;
 };

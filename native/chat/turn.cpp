@@ -195,6 +195,9 @@ void chat::on_decoded(const contribution & c, size_t from, size_t to, int32_t lo
     }
     if (signals != nullptr) {
         absorb_signals(*signals, first_new, to - from);
+        if (signal_ != IMPORTANCE_NONE) {
+            t.result.stats.signal_reads++;
+        }
     }
     if (to < c.tokens.size()) {
         return;

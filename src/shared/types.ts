@@ -70,7 +70,11 @@ export interface TurnStats {
   summaryMs: number;
   /** rolling_summary/hybrid: summary tokens placed in the cache this turn. */
   summaryTokens: number;
-  /** importance/hybrid: where scores came from ('attention' weights, or the 'keyNorm' proxy); null for other policies. */
+  /**
+   * importance/hybrid: where this turn's scores came from ('attention' weights, or the 'keyNorm' proxy);
+   * null for other policies, and where no decode of the turn gave a signal (a turn aborted before its
+   * first decode; decodes whose signal tensors were not read: `signalLayoutMismatches` counts them).
+   */
   importanceSignal: 'attention' | 'keyNorm' | null;
   policy: PolicyName;
 }

@@ -161,6 +161,9 @@ describe('abort', () => {
     const r = await chat.send('x', { signal: AbortSignal.abort() });
     expect(r.stopReason).toBe('abort');
     expect(chat.memory()).toEqual([]);
+    // Nothing was decoded, so the (default) importance policy read no attention this turn.
+    expect(chat.options.policy).toBe(model.info.backend === 'cpu' ? 'importance' : 'sliding');
+    expect(r.stats.importanceSignal).toBeNull();
     chat.dispose();
   });
 });

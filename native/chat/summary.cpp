@@ -85,9 +85,10 @@ void chat::finish_summary(step_context & e) {
     // The summary lands where the first evicted range was (or after the history): among the turn's
     // own tokens it is one of them, and a rollback takes it with them.
     const size_t own_gone = own_among(j->ranges);
-    const size_t insert_at = placement == summary_placement::after_history ? ledger_.size() : normalize_ranges(j->ranges).front().begin;
+    const size_t first_evicted = normalize_ranges(j->ranges).front().begin;
+    const size_t insert_at = placement == summary_placement::after_history ? ledger_.size() : first_evicted;
     const bool summary_own = turn_->rollback_set && insert_at >= first_own();
-    const int32_t summary_to = ledger_[normalize_ranges(j->ranges).front().begin].pos;
+    const int32_t summary_to = ledger_[first_evicted].pos;
     const kv_eviction_result res = kv_evict_and_insert(e.ctx(), slot_, ledger_, j->ranges, placement, j->instruction_pos0,
                                                        j->instruction_pos0 + (int32_t) summary_instruction_.size(), items);
     turn_->own -= std::min(own_gone, turn_->own);

@@ -132,12 +132,13 @@ bool flash_weights::compute(ggml_tensor * fa, const row_fn & row) {
             // Queries as [d, G x rows, H / G]: the G query heads that read one key head side by side
             // (column r * G + g), so a decode step's single row still makes a matrix product
             // (perf: one query row per head ran as vector dot products, as slow as the flash kernel).
-            // Per-head terms (ALiBi slopes, sinks) index dimension 2: those nodes keep G = 1.
+            // Per-head terms (ALiBi slopes, sinks) index dimension 2: those nodes keep G = 1. The
+            // weights come out in the same columns.
+            const auto column = [&](int64_t h, int64_t r) { return (h / group) * rows * group + r * group + h % group; };
             q_packed_.resize((size_t) (d * n_head * rows));
             for (int64_t r = 0; r < rows; ++r) {
                 for (int64_t h = 0; h < n_head; ++h) {
-                    const int64_t column = (h / group) * rows * group + r * group + h % group;
-                    memcpy(q_packed_.data() + (size_t) (column * d), qb + (r0 + r) * q->nb[1] + h * q->nb[2], sizeof(float) * (size_t) d);
+                    memcpy(q_packed_.data() + (size_t) (column(h, r) * d), qb + (r0 + r) * q->nb[1] + h * q->nb[2], sizeof(float) * (size_t) d);
                 }
             }
             // Each query row's mask, once per head of its group.
@@ -173,9 +174,8 @@ bool flash_weights::compute(ggml_tensor * fa, const row_fn & row) {
             }
             // In place: the logits' buffer becomes the weights' (one buffer of WEIGHT_CHUNK_BYTES at most).
             ggml_tensor * w = ggml_soft_max_ext_inplace(ctx, kq, m, softmax_scale, max_bias);
-            ggml_tensor * sink_t = nullptr;
             if (sinks != nullptr) {
-                sink_t = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_head);
+                ggml_tensor * sink_t = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_head);
                 sink_t->data = sink_values.data();
                 ggml_soft_max_add_sinks(w, sink_t);
             }
@@ -191,8 +191,7 @@ bool flash_weights::compute(ggml_tensor * fa, const row_fn & row) {
             }
             for (int64_t h = 0; h < n_head; ++h) {
                 for (int64_t r = 0; r < rows; ++r) {
-                    const int64_t column = (h / group) * rows * group + r * group + h % group;
-                    row(s, h, r0 + r, weights_.data() + (size_t) (column * n_kv));
+                    row(s, h, r0 + r, weights_.data() + (size_t) (column(h, r) * n_kv));
                 }
             }
         }

@@ -3,14 +3,13 @@
 // least 0.9 (engine/signals.h). So
 // the recent tokens of the last three messages have none yet and older ones do; the policy then
 // evicts by it like any score, within the budget.
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { writeModel } from '../../src/gguf/index.ts';
-import { InvalidOptionError, loadModel, type MemoryEntry, type Model } from '../../src/index.ts';
+import { writeModel, type ModelInput } from '../../src/gguf/index.ts';
+import { InvalidOptionError, loadModel, type ChatOptions, type MemoryEntry, type Model } from '../../src/index.ts';
 import { SUMMARY_INSTRUCTION } from '../../scripts/recall/dialogues.ts';
-import { THREADS, checkCache, testModelPath } from '../helpers.ts';
+import { THREADS, checkCache, testDir, testModelPath } from '../helpers.ts';
 
 const PEAK_MIN_DISTANCE = 32;
 const PEAK_MESSAGES_BETWEEN = 2;
@@ -89,55 +88,53 @@ describe("importanceScore: 'peak'", () => {
   });
 });
 
-it("importance with kvType 'q8_0' reads attention weights (recomputed under the flash attention it needs)", async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'fml-q8-'));
-  const path = join(dir, 'heads32.gguf');
-  writeModel(path, { family: 'llama', headDim: 32, seed: 3 });
-  const heads32 = await loadModel(path, { threads: THREADS });
+/** Writes `input` into the tests' temp dir and loads it for `body`; disposes and deletes it after. */
+async function withWrittenModel(file: string, input: ModelInput, body: (m: Model) => Promise<void>): Promise<void> {
+  const path = join(testDir, file);
+  writeModel(path, input);
+  const m = await loadModel(path, { threads: THREADS });
   try {
-    const chat = heads32.createChat({ policy: 'importance', kvType: 'q8_0', maxTokens: 64, windowSize: 16 });
-    for (let i = 0; i < 10; i++) {
-      const r = await chat.send(`turn ${i} about lanterns and rivers`, { maxNewTokens: 6, temperature: 0 });
-      expect(r.stats.importanceSignal).toBe('attention');
-    }
-    checkCache(chat, 64);
-    expect(chat.stats().evictions).toBeGreaterThan(0);
+    await body(m);
+  } finally {
+    m.dispose();
+    rmSync(path, { force: true });
+  }
+}
+
+/** Ten importance turns past a 64-token budget, each scored by `signal`: the unpinned tokens' scores. */
+async function tenImportanceTurns(m: Model, options: ChatOptions, signal: 'attention' | 'keyNorm'): Promise<number[]> {
+  const chat = m.createChat({ policy: 'importance', maxTokens: 64, windowSize: 16, ...options });
+  for (let i = 0; i < 10; i++) {
+    const r = await chat.send(`turn ${i} about lanterns and rivers`, { maxNewTokens: 6, temperature: 0 });
+    expect(r.stats.importanceSignal).toBe(signal);
+  }
+  checkCache(chat, 64);
+  expect(chat.stats().evictions).toBeGreaterThan(0);
+  const scores = chat.memory().filter((e) => !e.pinned).map((e) => e.score);
+  chat.dispose();
+  return scores;
+}
+
+it("importance with kvType 'q8_0' reads attention weights (recomputed under the flash attention it needs)", async () => {
+  await withWrittenModel('heads32.gguf', { family: 'llama', headDim: 32, seed: 3 }, async (heads32) => {
     // Attention received: at least zero, some above.
-    const scores = chat.memory().filter((e) => !e.pinned).map((e) => e.score);
+    const scores = await tenImportanceTurns(heads32, { kvType: 'q8_0' }, 'attention');
     expect(scores.every((x) => x >= 0)).toBe(true);
     expect(scores.some((x) => x > 0)).toBe(true);
-    chat.dispose();
-  } finally {
-    heads32.dispose();
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 it('a model whose every attention layer slides scores by key norms (its weights index the window cache)', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'fml-allswa-'));
-  const path = join(dir, 'gemma3-all-sliding.gguf');
   // llama.cpp: layer il slides unless il % pattern == pattern - 1; a pattern past the last layer slides them all.
-  writeModel(path, { family: 'gemma3', swaPattern: 64, seed: 3 });
-  const allSliding = await loadModel(path, { threads: THREADS });
-  try {
-    const chat = allSliding.createChat({ policy: 'importance', maxTokens: 64, windowSize: 16 });
-    for (let i = 0; i < 10; i++) {
-      const r = await chat.send(`turn ${i} about lanterns and rivers`, { maxNewTokens: 6, temperature: 0 });
-      expect(r.stats.importanceSignal).toBe('keyNorm');
-    }
-    checkCache(chat, 64);
-    expect(chat.stats().evictions).toBeGreaterThan(0);
+  await withWrittenModel('gemma3-all-sliding.gguf', { family: 'gemma3', swaPattern: 64, seed: 3 }, async (allSliding) => {
     // Key norms are negated (low norm = high score): the scores are below zero, attention sums are not.
-    expect(chat.memory().filter((e) => !e.pinned).every((e) => e.score <= 0)).toBe(true);
-    chat.dispose();
+    const scores = await tenImportanceTurns(allSliding, {}, 'keyNorm');
+    expect(scores.every((x) => x <= 0)).toBe(true);
     // Not by default: the proxy kept fewer facts than sliding (docs/models.md).
     const byDefault = allSliding.createChat();
     expect(byDefault.options.policy).toBe('sliding');
     byDefault.dispose();
-  } finally {
-    allSliding.dispose();
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 it('the recall dialogues ask for summaries with the instruction rolling_summary sends', () => {

@@ -533,11 +533,13 @@ void chat::absorb_signals(const capture_member & m, size_t first_new, size_t n_n
         // summary scratch).
         std::vector<float> acc(ledger_.size(), 0.0f);
         std::vector<float> peak(ledger_.size(), 0.0f);
+        size_t next = 0;
         for (size_t c = 0; c < m.cell_pos.size() && c < m.attention_by_cell.size(); ++c) {
-            const size_t i = m.cell_pos[c] >= 0 ? ledger_.index_of_pos(m.cell_pos[c]) : ledger_.size();
+            const size_t i = m.cell_pos[c] >= 0 ? ledger_.index_of_pos(m.cell_pos[c], next) : ledger_.size();
             if (i < ledger_.size()) {
                 acc[i] += m.attention_by_cell[c];
                 peak[i] = std::max(peak[i], m.peak_by_cell[c]);
+                next = i + 1;
             }
         }
         for (size_t i = 0; i < ledger_.size(); ++i) {

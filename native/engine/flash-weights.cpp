@@ -80,7 +80,7 @@ static size_t span_of(const ggml_tensor * t, int dims) {
     return span;
 }
 
-bool flash_weights::compute(ggml_tensor * fa, const row_fn & row) {
+bool flash_weights::compute(ggml_tensor * fa, const query_fn & query) {
     const ggml_tensor * q = fa->src[0];     // [d, T, H, S] f32
     const ggml_tensor * k = fa->src[1];     // [d, n_kv, Hkv, S], the cache's type
     const ggml_tensor * mask = fa->src[3];  // [n_kv, >= T, 1, S or 1]
@@ -189,10 +189,12 @@ bool flash_weights::compute(ggml_tensor * fa, const row_fn & row) {
             if (st != GGML_STATUS_SUCCESS) {
                 return false;
             }
-            for (int64_t h = 0; h < n_head; ++h) {
-                for (int64_t r = 0; r < rows; ++r) {
-                    row(s, h, r0 + r, weights_.data() + (size_t) (column(h, r) * n_kv));
+            heads_.resize((size_t) n_head);
+            for (int64_t r = 0; r < rows; ++r) {
+                for (int64_t h = 0; h < n_head; ++h) {
+                    heads_[(size_t) h] = weights_.data() + (size_t) (column(h, r) * n_kv);
                 }
+                query(s, r0 + r, heads_.data());
             }
         }
     }

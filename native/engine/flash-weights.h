@@ -17,8 +17,9 @@ namespace fml {
 
 class flash_weights {
 public:
-    // (stream, head, token of the stream, weights over the node's n_kv cells)
-    using row_fn = std::function<void(int64_t, int64_t, int64_t, const float *)>;
+    // (stream, token of the stream, heads): heads[h] is head h's weights over the node's n_kv cells.
+    // All heads of a query come together: what reads them can combine the heads before its per-cell work.
+    using query_fn = std::function<void(int64_t, int64_t, const float * const *)>;
 
     // Layer of a flash-attention node's keys (a cache tensor named cache_*k_l<il>), or -1 when the
     // node is not one this can read (no cache keys, a top-k sparse node).
@@ -28,7 +29,7 @@ public:
 
     void bind(ggml_threadpool * pool, int32_t n_threads) { pool_ = pool; n_threads_ = n_threads; }
     // False when the node's inputs are not a layout this reads (then nothing was reported).
-    bool compute(ggml_tensor * fa, const row_fn & row);
+    bool compute(ggml_tensor * fa, const query_fn & query);
 
 private:
     const uint8_t * fetch(const ggml_tensor * t, size_t offset, size_t size, std::vector<uint8_t> & buf);
@@ -38,6 +39,7 @@ private:
     std::vector<uint8_t> k_buf_, q_buf_, mask_buf_;   // device tensors' bytes
     std::vector<uint8_t> k_packed_, mask_packed_, work_;
     std::vector<float> q_packed_, weights_;   // weights_: the logits, then the softmax in place
+    std::vector<const float *> heads_;       // one query's rows of weights_, by head
 };
 
 } // namespace fml

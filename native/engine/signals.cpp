@@ -112,7 +112,7 @@ bool eval_capture::begin_attention(int64_t n_tok, int64_t n_stream) {
     return true;
 }
 
-void eval_capture::absorb_row(int64_t s, int64_t r, int64_t n_tok, const float * row, int64_t n_kv) {
+void eval_capture::absorb_query(int64_t s, int64_t r, int64_t n_tok, const float * const * heads, int64_t n_head, int64_t n_kv) {
     size_t m = 0;
     int32_t token = 0;
     if (!row_owner(unified_ ? r : s * n_tok + r, m, token)) {
@@ -122,22 +122,38 @@ void eval_capture::absorb_row(int64_t s, int64_t r, int64_t n_tok, const float *
     if (!mem.wanted) {
         return;
     }
-    const int32_t query_pos = mem.pos0 + token;
+    // The heads are summed and maxed first, in loops the compiler vectorizes; the per-cell work below
+    // (position map, distance, peak, causal check) then runs once per query instead of once per head
+    // (perf: it was 3% of a decode step's wall time on the Qwen2.5-0.5B shape, 14 heads).
+    // Each test reads the same through the max: a cell's peak is its largest weight from a head, and
+    // a weight of a future cell shows in the max if in any head.
     const int64_t n_cells = std::min<int64_t>(n_kv, (int64_t) mem.cell_pos.size());
+    head_sum_.assign((size_t) n_cells, 0.0f);
+    head_max_.assign((size_t) n_cells, 0.0f);
+    float * sum = head_sum_.data();
+    float * max = head_max_.data();
+    for (int64_t h = 0; h < n_head; ++h) {
+        const float * w = heads[h];
+        for (int64_t c = 0; c < n_cells; ++c) {
+            sum[c] += w[c];
+            max[c] = max[c] < w[c] ? w[c] : max[c];
+        }
+    }
+    const int32_t query_pos = mem.pos0 + token;
     for (int64_t c = 0; c < n_cells; ++c) {
         const int32_t pos = mem.cell_pos[(size_t) c];
         if (pos >= 0) {
-            mem.attention_by_cell[(size_t) c] += row[c];
-            const bool distant = query_pos - pos >= PEAK_MIN_DISTANCE || (pos < mem.peak_horizon && row[c] >= PEAK_NEAR_LOOKUP_WEIGHT);
-            if (distant && row[c] > mem.peak_by_cell[(size_t) c]) {
-                mem.peak_by_cell[(size_t) c] = row[c];
+            mem.attention_by_cell[(size_t) c] += sum[c];
+            const bool distant = query_pos - pos >= PEAK_MIN_DISTANCE || (pos < mem.peak_horizon && max[c] >= PEAK_NEAR_LOOKUP_WEIGHT);
+            if (distant && max[c] > mem.peak_by_cell[(size_t) c]) {
+                mem.peak_by_cell[(size_t) c] = max[c];
             }
-            if (pos > query_pos && row[c] > 1e-6f) {
+            if (pos > query_pos && max[c] > 1e-6f) {
                 causal_violations++;
             }
         }
     }
-    attention_rows_checked++;
+    attention_rows_checked += (uint64_t) n_head;
 }
 
 void eval_capture::end_attention() {
@@ -155,11 +171,13 @@ void eval_capture::observe_attention(ggml_tensor * t) {
     if (w == nullptr) {
         return;
     }
+    heads_.resize((size_t) n_head);
     for (int64_t s = 0; s < n_stream; ++s) {
-        for (int64_t h = 0; h < n_head; ++h) {
-            for (int64_t r = 0; r < n_tok; ++r) {
-                absorb_row(s, r, n_tok, w + ((s * n_head + h) * n_tok + r) * n_kv, n_kv);
+        for (int64_t r = 0; r < n_tok; ++r) {
+            for (int64_t h = 0; h < n_head; ++h) {
+                heads_[(size_t) h] = w + ((s * n_head + h) * n_tok + r) * n_kv;
             }
+            absorb_query(s, r, n_tok, heads_.data(), n_head, n_kv);
         }
     }
     end_attention();
@@ -171,8 +189,8 @@ void eval_capture::observe_flash(ggml_tensor * t) {
     if (!begin_attention(ne[1], ne[3])) {
         return;
     }
-    const int64_t n_kv = ne[0], n_tok = ne[1];
-    if (flash_.compute(t, [&](int64_t s, int64_t, int64_t r, const float * row) { absorb_row(s, r, n_tok, row, n_kv); })) {
+    const int64_t n_kv = ne[0], n_tok = ne[1], n_head = ne[2];
+    if (flash_.compute(t, [&](int64_t s, int64_t r, const float * const * heads) { absorb_query(s, r, n_tok, heads, n_head, n_kv); })) {
         end_attention();
     } else {
         // Inputs of a layout flash_weights does not read: this decode's signals are not trusted.

@@ -101,8 +101,8 @@ private:
     void observe_attention(ggml_tensor * t);
     void observe_flash(ggml_tensor * t);
     bool begin_attention(int64_t n_tok, int64_t n_stream);
-    // Row r of stream s (n_tok rows per stream), weights over n_kv cells.
-    void absorb_row(int64_t s, int64_t r, int64_t n_tok, const float * row, int64_t n_kv);
+    // Query r of stream s (n_tok per stream): heads[h] is head h's weights over n_kv cells.
+    void absorb_query(int64_t s, int64_t r, int64_t n_tok, const float * const * heads, int64_t n_head, int64_t n_kv);
     void end_attention();
     // Member and token index of group row r.
     bool row_owner(int64_t r, size_t & member, int32_t & token) const;
@@ -118,6 +118,8 @@ private:
     bool layout_ok_ = true;
     bool any_wanted_ = false;   // some member of the group wants signals (summary scratch does not)
     std::vector<float> scratch_;
+    std::vector<float> head_sum_, head_max_;   // one query's weights summed and maxed over its heads
+    std::vector<const float *> heads_;
     flash_weights flash_;
 };
 

@@ -100,6 +100,10 @@ size_t token_ledger::index_of_pos(int32_t pos) const {
     return it != entries_.end() && it->pos == pos ? (size_t) (it - entries_.begin()) : entries_.size();
 }
 
+size_t token_ledger::index_of_pos(int32_t pos, size_t hint) const {
+    return hint < entries_.size() && entries_[hint].pos == pos ? hint : index_of_pos(pos);
+}
+
 int32_t token_ledger::message_start(uint32_t turn, token_role role, size_t back) const {
     // Summary entries are not a message: a summary placed inside a message (or before the tokens that
     // close it) leaves it one message, so the horizon never moves closer than the history says.

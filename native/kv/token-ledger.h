@@ -77,6 +77,9 @@ public:
     bool positions_increasing() const;
     // Index of the entry at position `pos`, or size() when no entry holds it (binary search).
     size_t index_of_pos(int32_t pos) const;
+    // The same, trying `hint` first: cells hold runs of consecutive entries, so the entry after the
+    // previous cell's is usually the one (perf: a search per cell per decode was 3% of a step).
+    size_t index_of_pos(int32_t pos, size_t hint) const;
     // A message is a run of entries of one turn and role (summary entries inside it do not split it and
     // are not a message of their own). Position of the first entry of the message
     // `back` messages before the one of (turn, role) that the next entries belong to (back 0: that

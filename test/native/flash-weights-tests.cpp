@@ -125,7 +125,7 @@ void check_case(const fa_case & fc) {
     // Written as !(x < bound): a NaN fails them.
     bool out_ok = true, sum_ok = true, masked_ok = true;
     float worst_out = 0.0f;
-    const bool ok = fw.compute(fa, [&](int64_t s, int64_t h, int64_t r, const float * w) {
+    const auto check_row = [&](int64_t s, int64_t h, int64_t r, const float * w) {
         rows++;
         const int64_t kvh = h / (fc.n_head / fc.n_head_kv);
         float sum = 0.0f;
@@ -146,6 +146,9 @@ void check_case(const fa_case & fc) {
         }
         // A sink takes a share: then the weights sum to less than one, never more.
         if (fc.sinks ? !(sum > 0.0f && sum < 1.0f + 1e-4f) : !(std::fabs(sum - 1.0f) < 1e-4f)) sum_ok = false;
+    };
+    const bool ok = fw.compute(fa, [&](int64_t s, int64_t r, const float * const * heads) {
+        for (int64_t h = 0; h < fc.n_head; ++h) check_row(s, h, r, heads[h]);
     });
     CHECK(ok);
     CHECK(rows == fc.n_head * fc.n_tok * fc.n_stream);
@@ -215,7 +218,7 @@ TEST(flash_weights_layer_of_reads_the_cache_tensor_name) {
     CHECK(flash_weights::layer_of(fa) == -1);
     // No mask: not a layout compute reads (it says so instead of reporting anything).
     flash_weights fw;
-    CHECK(!fw.compute(fa, [](int64_t, int64_t, int64_t, const float *) {}));
+    CHECK(!fw.compute(fa, [](int64_t, int64_t, const float * const *) {}));
     ggml_free(ctx);
 }
 

@@ -92,6 +92,10 @@ TEST(ledger_remove_ranges_keeps_positions_and_renumber_compacts) {
     CHECK(l.next_pos() == 20);
     CHECK(l.index_of_pos(6) == 3);
     CHECK(l.index_of_pos(4) == l.size());   // evicted
+    CHECK(l.index_of_pos(6, 3) == 3);       // a right hint
+    CHECK(l.index_of_pos(6, 9) == 3);       // a wrong one, or one past the end: searched
+    CHECK(l.index_of_pos(6, 99) == 3);
+    CHECK(l.index_of_pos(4, 2) == l.size());
     l.renumber();
     CHECK(l.positions_contiguous());
     CHECK(l[7].pos == 7 && l.next_pos() == 15);

@@ -333,6 +333,7 @@ Napi::Value js_chat::js_cache_state(const Napi::CallbackInfo & info) {
     o.Set("parked", snap.view.parked);
     o.Set("scratchPosMax", snap.view.scratch_pos_max);
     o.Set("windowIntact", snap.view.window_intact);
+    o.Set("windowRepairs", (double) snap.view.window_repairs);
     o.Set("attentionRowsChecked", (double) snap.attention_rows_checked);
     o.Set("causalViolations", (double) snap.causal_violations);
     o.Set("signalLayoutMismatches", (double) snap.layout_mismatches);

@@ -181,6 +181,7 @@ struct cache_view {
     bool parked = false;
     int32_t scratch_pos_max = -1;   // highest cached position beyond the ledger (summary scratch left behind)
     bool window_intact = true;      // sliding layers: they hold exactly the ledger's tokens the next one sees
+    uint64_t window_repairs = 0;    // times repair_window decoded the window's tokens again (or left a replay)
 };
 
 class chat {
@@ -302,7 +303,9 @@ private:
     // Where keys stop being neighbours for a peak, for queries of (role, turn): the start of the
     // message PEAK_MESSAGES_BETWEEN before theirs; -1 without attention signals.
     int32_t peak_horizon(token_role role, uint32_t turn) const;
-    bool evict(const eviction_request & req, size_t hard_need, step_context & e);
+    // `req` is the policy's (with a summary's room); `plain` what the turn needs without one: the
+    // latency guard's fallback (sliding) asks for that, as sliding itself would.
+    bool evict(const eviction_request & req, const eviction_request & plain, step_context & e);
     // Positions: compacts when `incoming` more would pass the limit (early by `slack`: a compaction
     // at a turn's start beats one mid-reply).
     void fit_positions(size_t incoming, size_t slack, step_context & e);
@@ -376,6 +379,7 @@ private:
     bool parked_ = false;
     std::vector<uint8_t> parked_kv_;
     bool replay_pending_ = false;           // prefill the retained tokens at unpark or the next contribution (a ledger-only checkpoint, a failed repair)
+    uint64_t window_repairs_ = 0;           // for cacheState: tests check that a repair path ran
     bool window_suspect_ = false;           // a summary finished inside a step: repair_window at the next contribution
     bool window_thorough_ = false;          // ... thorough (see repair_window)
     std::string transcript_;

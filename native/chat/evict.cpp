@@ -31,7 +31,8 @@ bool chat::make_room(size_t incoming, size_t slack, step_context & e) {
     if (policy_->summarizes()) {
         need = std::min(evictable, need + opts_.policy.summary_tokens);
     }
-    if (!evict({ need, std::min(evictable, need + slack), incoming }, hard_need, e)) {
+    const eviction_request plain{ hard_need, std::min(evictable, hard_need + slack), incoming };
+    if (!evict({ need, std::min(evictable, need + slack), incoming }, plain, e)) {
         return false;
     }
     if (ledger_.size() + incoming > budget) {
@@ -118,6 +119,7 @@ void chat::repair_window(step_context & e, bool thorough) {
     if (!window_needs_repair(e.ctx(), thorough)) {
         return;
     }
+    window_repairs_++;
     const int32_t window = model_->info().sliding_window;
     // The last `window` tokens are decoded again, numbered on from the first of them: the window of
     // the next token is then theirs alone, whatever the renumbering closed. Below them the window cache
@@ -155,7 +157,7 @@ void chat::repair_window(step_context & e, bool thorough) {
     }
 }
 
-bool chat::evict(const eviction_request & req, size_t hard_need, step_context & e) {
+bool chat::evict(const eviction_request & req, const eviction_request & plain, step_context & e) {
     // Latency guard: a policy that throws or takes longer than max_policy_ms is replaced by sliding
     // for this eviction, and the fallback is counted. The test hook adds its delay to the measured
     // time and holds the chat back that long (without stalling the other chats of the engine).
@@ -179,7 +181,8 @@ bool chat::evict(const eviction_request & req, size_t hard_need, step_context & 
         fallback = true;
     }
     if (fallback) {
-        plan = plan_oldest_first(ledger_, req, opts_.policy.window_size);
+        // Sliding writes no summary: the room the policy asked for one stays with the history.
+        plan = plan_oldest_first(ledger_, plain, opts_.policy.window_size);
         st.fallback = true;
         cumulative_.fallback_count++;
     }
@@ -191,6 +194,7 @@ bool chat::evict(const eviction_request & req, size_t hard_need, step_context & 
     rec.during_generation = turn_->generating;
 
     const size_t freed = plan.total();
+    const size_t hard_need = plain.need;
     const uint32_t max_summary = (uint32_t) std::min<size_t>(opts_.policy.summary_tokens, freed > hard_need ? freed - hard_need : 0);
     if (plan.summarize && max_summary > 0 && !summary_instruction_.empty()) {
         // The summary takes what the eviction frees beyond what the incoming tokens need (a small

@@ -151,6 +151,7 @@ cache_view chat::view(llama_context * ctx) const {
     v.pending_system_tokens = started_ ? 0 : system_tokens_.size();
     v.slot = slot_;
     v.parked = parked_;
+    v.window_repairs = window_repairs_;
     if (ctx != nullptr && slot_ >= 0 && !reset_pending_) {
         v.cache_pos_min = kv_pos_min(ctx, slot_);
         v.cache_pos_max = kv_pos_max(ctx, slot_);

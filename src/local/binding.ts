@@ -78,6 +78,8 @@ export interface NativeCacheState {
    * layers). A compaction can make it false by design: tokens that had left the window stay out.
    */
   windowIntact: boolean;
+  /** Times the chat decoded its window's tokens again (repair_window): the end of the conversation moved back. */
+  windowRepairs: number;
   /** Attention rows read and weights found after their query (must be 0), for the chat's whole engine. */
   attentionRowsChecked: number;
   causalViolations: number;

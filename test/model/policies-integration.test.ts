@@ -168,6 +168,25 @@ describe('latency guard', () => {
     chat.dispose();
     fast.dispose();
   });
+
+  // The fallback is sliding for that eviction: a summarizing policy frees room for a summary, which
+  // the fallback does not write, so that room is not taken from the history.
+  it.each(['rolling_summary', 'hybrid'] as const)('a %s eviction that falls back evicts what sliding would', async (policy) => {
+    const opts = { maxTokens: 96, windowSize: 16, summaryTokens: 24 } as const;
+    const slow = model.createChat({ ...opts, policy, maxPolicyMs: 5, testPolicyDelayMs: 20 });
+    const sliding = model.createChat({ ...opts, policy: 'sliding' });
+    let evictions = 0;
+    for (let t = 0; t < 12; t++) {
+      const [a, b] = await Promise.all([slow, sliding].map((c) => c.send(`m${t} ${'word '.repeat(t % 5)}`, { maxNewTokens: 8, temperature: 0 })));
+      expect(a!.stats.evictedTokens).toBe(b!.stats.evictedTokens);
+      evictions += a!.stats.evictions;
+      if (a!.stats.evictions > 0) expect(a!.stats.fallback).toBe(true);
+    }
+    expect(evictions).toBeGreaterThan(2);
+    expect(slow.memory().map((e) => [e.position, e.token])).toEqual(sliding.memory().map((e) => [e.position, e.token]));
+    slow.dispose();
+    sliding.dispose();
+  });
 });
 
 const stories = join(SHARED_MODELS, 'stories260K.gguf');

@@ -94,6 +94,11 @@ size_t chat::forget_turn(uint32_t turn, step_context & e) {
         drop[i] = ledger_[i].turn == turn && user_owned(i);
     }
     const std::vector<index_range> ranges = ranges_from_mask(drop);
+    if (turn == turn_no_) {
+        // The newest turn's reply ends in tokens not decoded yet (its last sampled token, the
+        // template's closing): they go with it, or the next turn would decode them as turn `turn`.
+        carry_.clear();
+    }
     if (ranges.empty()) {
         return 0;
     }

@@ -164,6 +164,22 @@ describe('pin / unpin / forget', () => {
     chat.dispose();
   });
 
+  it('forgetting the newest turn forgets its reply\'s last token and closing too (they wait to be decoded)', async () => {
+    const maxTokens = 256;
+    const chat = model.createChat({ maxTokens, threads: THREADS });
+    await talk(chat, 2);
+    await chat.send('the newest turn', { maxNewTokens: 6, temperature: 0 });   // stops at maxNewTokens: its last token is carried
+    expect(chat._internals().cacheState().carriedTokens).toBeGreaterThan(0);
+    const before = chat.memory();
+    await chat.forget(3);
+    expect(chat._internals().cacheState().carriedTokens).toBe(0);
+    expect(chat.memory()).toEqual(before.filter((e) => e.turn !== 3));
+    await chat.send('and now?', GEN);
+    expect(chat.memory().filter((e) => e.turn === 3)).toEqual([]);   // nothing of turn 3 came back
+    checkCache(chat, maxTokens);
+    chat.dispose();
+  });
+
   it("with positions 'compact', forget renumbers the rest 0..n-1", async () => {
     const maxTokens = 256;
     const chat = model.createChat({ maxTokens, threads: THREADS, positions: 'compact' });

@@ -310,6 +310,38 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     proxy.close();
   });
 
+  it('Redis that stops answering but keeps its connections (SIGSTOP): turns fail fast, /health says so, close() ends; answering again, it catches up', async () => {
+    const frozen = await startRedis(redisBin!);
+    try {
+      const { server, port } = await up(model, { store: frozen.url, storeNamespace: 'frozen', chat: { maxTokens: 64 } });
+      const status = async () => ((await (await fetch(`http://127.0.0.1:${port}/health`)).json()) as { status: string }).status;
+      expect((await post(port, 'live', 'hello')).body.finite_memory.persisted).toBe(true);
+      frozen.process.kill('SIGSTOP');
+      // A session not in memory cannot be restored: 503 after the command timeout, not a hang.
+      let t0 = Date.now();
+      const cold = await post(port, 'cold', 'hi');
+      expect(cold.status).toBe(503);
+      expect(cold.body.error?.code).toBe('session_store_unavailable');
+      expect(Date.now() - t0).toBeLessThan(8_000);
+      // A live one answers from memory, its turn written later.
+      t0 = Date.now();
+      const live = await post(port, 'live', 'again');
+      expect(live.status).toBe(200);
+      expect(live.body.finite_memory.persisted).toBe(false);
+      expect(Date.now() - t0).toBeLessThan(8_000);
+      await until('/health to say the store is gone', async () => (await status()) === 'degraded', 15_000);
+      frozen.process.kill('SIGCONT');
+      await until('the store to catch up', async () => (await status()) === 'ok', 15_000);
+      frozen.process.kill('SIGSTOP');
+      t0 = Date.now();
+      await server.close();   // writes what it can, within the command timeouts
+      expect(Date.now() - t0).toBeLessThan(15_000);
+    } finally {
+      frozen.process.kill('SIGCONT');
+      await frozen.kill9();
+    }
+  });
+
   it('a session leased by another instance waits, then gets 409 with Retry-After', async () => {
     const { server, port } = await up(model, { store: redis.url, storeNamespace: 'busy', chat: { maxTokens: 64 }, leaseWaitMs: 300 });
     const other = await RedisBackend.open({ url: redis.url, namespace: 'busy', limits, log });

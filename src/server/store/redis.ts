@@ -11,8 +11,10 @@
  *
  * Writes are compare-and-set in Lua: refused unless the lease holds the writer's token and the stored
  * version is older (ledger) or equal (full). Caps on sessions and bytes are enforced in the same script.
- * Commands fail fast while Redis is unreachable (no offline queue, a timeout each); the client
- * reconnects by itself and `available` says which state it is in.
+ * Commands fail fast while Redis is unreachable (no offline queue, a timeout each, also once sent);
+ * a Redis that keeps its connections but stops answering (a stopped process, a hung host) is seen by
+ * the pings going unanswered: the socket closes and the client reconnects by itself, and `available`
+ * says which state it is in.
  */
 import { createHash } from 'node:crypto';
 import { createClient, RESP_TYPES } from 'redis';
@@ -22,6 +24,13 @@ import { StaleWriteError, StoreUnavailableError, type AcquireResult, type Backen
 const COMMAND_TIMEOUT_MS = 2_000;
 /** A full checkpoint can be hundreds of MiB on a large model: its write gets longer. */
 const FULL_WRITE_TIMEOUT_MS = 60_000;
+/**
+ * A PING this often keeps the connection busy, so that a socket silent for SOCKET_TIMEOUT_MS means a
+ * Redis that stopped answering: the socket closes, `available` turns false (/health: degraded) and the
+ * client reconnects. Without it a stopped Redis left every command and shutdown waiting for ever.
+ */
+const PING_INTERVAL_MS = 1_000;
+const SOCKET_TIMEOUT_MS = 5_000;
 
 // Drops one member (its data, size and index entry). Used by the limits below.
 const DROP = `
@@ -121,7 +130,7 @@ interface Client {
   close(): Promise<void>;
   destroy(): void;
   on(event: string, listener: (...args: any[]) => void): unknown; // eslint-disable-line @typescript-eslint/no-explicit-any
-  sendCommand<T>(args: (string | Buffer)[], options: { timeout: number; typeMapping: object }): Promise<T>;
+  sendCommand<T>(args: (string | Buffer)[], options: { timeout: number; rejectInFlight: boolean; typeMapping: object }): Promise<T>;
 }
 
 export class RedisBackend implements SessionBackend {
@@ -150,10 +159,12 @@ export class RedisBackend implements SessionBackend {
     const client: Client = createClient({
       url: o.url,
       disableOfflineQueue: true,
+      pingInterval: PING_INTERVAL_MS,
       // Before the first connection a few quick tries (then open() fails); after it, reconnect for ever.
       socket: {
         ...(o.url.startsWith('rediss:') ? { tls: true as const, ...(o.ca !== undefined ? { ca: o.ca } : {}) } : {}),
         connectTimeout: COMMAND_TIMEOUT_MS,
+        socketTimeout: SOCKET_TIMEOUT_MS,
         reconnectStrategy: (retries: number, cause: Error) => (!b.#everReady && retries >= 3 ? cause : Math.min(50 * 2 ** Math.min(retries, 6), 2_000)),
       },
     });
@@ -191,7 +202,10 @@ export class RedisBackend implements SessionBackend {
   async #send<T>(args: (string | Buffer)[], timeout = COMMAND_TIMEOUT_MS): Promise<T> {
     if (!this.available) throw new StoreUnavailableError('The session store (Redis) is unreachable');
     try {
-      return await this.#client.sendCommand<T>(args, { timeout, typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } });
+      // rejectInFlight: the timeout holds after the command was sent too (node-redis's applies only
+      // while it waits to be sent). A write that timed out may still land: the versions then say the
+      // store holds this instance's turn, which a restore brings back, never an older one.
+      return await this.#client.sendCommand<T>(args, { timeout, rejectInFlight: true, typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } });
     } catch (err) {
       if (err instanceof Error && /ERR|WRONGTYPE|NOSCRIPT/.test(err.message) && this.#client.isReady) throw err;
       throw new StoreUnavailableError(`The session store (Redis) failed: ${(err as Error).message}`, { cause: err });
@@ -280,11 +294,16 @@ export class RedisBackend implements SessionBackend {
   async close(): Promise<void> {
     this.#closed = true;
     this.#available = false;
+    // close() waits for the replies of commands already sent, which a Redis that stopped answering
+    // never gives (their callers gave up at their timeouts): then the socket is destroyed.
+    let timer: NodeJS.Timeout | undefined;
     try {
-      if (this.#client.isReady) await this.#client.close();
-      else this.#client.destroy();
+      if (!this.#client.isReady) this.#client.destroy();
+      else await Promise.race([this.#client.close(), new Promise<void>((_, reject) => { timer = setTimeout(() => reject(new Error('close timed out')), COMMAND_TIMEOUT_MS); })]);
     } catch {
       this.#client.destroy();
+    } finally {
+      clearTimeout(timer);
     }
   }
 }

@@ -163,8 +163,9 @@ export class SessionStore {
 
   /**
    * After a turn, before its response completes: the ledger is written through. Returns whether the
-   * store holds the turn now (false: the store is unreachable; the write is retried; null: no store). A write the
-   * store refuses (the lease was lost to another instance) drops the live chat: 409.
+   * store holds the turn now (false: the store is unreachable or the lease ran out; the write is
+   * retried; null: no store). A write the store refuses for a newer version (another instance went on
+   * with the session) drops the live chat: 409.
    */
   async commit(s: Session, lease: TurnLease): Promise<boolean | null> {
     const chat = s.chat;
@@ -182,7 +183,9 @@ export class SessionStore {
       this.#o.writeSeconds.observe({ kind: 'ledger' }, (performance.now() - t0) / 1000);
       return true;
     } catch (err) {
-      if (err instanceof StaleWriteError) {
+      // A lease that ran out under the turn (Redis away past leaseMs, say) is not a takeover: the turn
+      // stays and is written under a new lease, where the versions say whether another instance went on.
+      if (err instanceof StaleWriteError && err.reason !== 'lease') {
         this.#dropLive(s, 'superseded');
         throw new HttpError(409, 'invalid_request_error', 'session_conflict', 'This session was taken over by another instance while the turn ran; its result is not kept. Retry the message');
       }

@@ -342,6 +342,26 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     }
   });
 
+  it('a lease that expired under a turn (no other instance took it): the turn is kept and written later, not a 409', async () => {
+    const { server, port } = await up(model, { store: redis.url, storeNamespace: 'expired', chat: { maxTokens: 64, testTokenDelayMs: 20 }, leaseMs: 5_000 });
+    expect((await post(port, 'lapsed', 'one')).status).toBe(200);
+    const c = createClient({ url: redis.url });
+    await c.connect();
+    const turn = post(port, 'lapsed', 'two', { max_tokens: 20 });
+    // The lease key goes as an expiry would take it (Redis unreachable past leaseMs, say).
+    const leaseKey = `fml:{expired}:lease:${sessionKey('lapsed')}`;
+    await until('the turn to hold its lease', async () => (await c.exists(leaseKey)) === 1, 5_000);
+    await c.del(leaseKey);
+    const r = await turn;
+    expect(r.status).toBe(200);
+    expect(r.body.finite_memory).toMatchObject({ persisted: false, chat: { turns: 2 } });
+    const stored = async () => readCheckpointMessages((await c.withTypeMapping({ [RESP_TYPES.BLOB_STRING]: Buffer }).hGet(`fml:{expired}:s:${sessionKey('lapsed')}`, 'ledger'))!);
+    await until('the turn to be written', async () => (await stored()).filter((m) => m.role === 'user').length === 2, 5_000);
+    expect((await post(port, 'lapsed', 'three')).body.finite_memory).toMatchObject({ restored: false, persisted: true, chat: { turns: 3 } });
+    await c.close();
+    await server.close();
+  });
+
   it('a session leased by another instance waits, then gets 409 with Retry-After', async () => {
     const { server, port } = await up(model, { store: redis.url, storeNamespace: 'busy', chat: { maxTokens: 64 }, leaseWaitMs: 300 });
     const other = await RedisBackend.open({ url: redis.url, namespace: 'busy', limits, log });

@@ -46,13 +46,34 @@ export class ChatSource {
     return { format: 'finite-memory-llm/transcript', version: 1, systemPrompt, messages };
   }
 
+  #framing: number | undefined;
+
+  /**
+   * What importing `messages` prefills, at least: their text and the template's tokens around each
+   * exchange (importTranscript makes one of a user message and the reply after it, or of a message
+   * alone), which an empty message has too: counting text only let 30,000 empty messages through.
+   */
   #tokens(messages: Transcript['messages']): number {
+    this.#framing ??= this.#exchangeFraming();
     let n = 0;
-    for (const m of messages) {
+    for (let i = 0; i < messages.length; i++) {
+      const m = messages[i]!;
       n += this.model.tokenize(m.content).length;
+      const paired = m.role === 'assistant' && messages[i - 1]?.role === 'user';
+      if (!paired) n += this.#framing;
       if (n > this.maxHistoryTokens) break;
     }
     return n;
+  }
+
+  /** Tokens of an empty exchange as the template frames it (1 when it cannot be rendered: still never free). */
+  #exchangeFraming(): number {
+    try {
+      const text = this.model.applyTemplate([{ role: 'user', content: '' }, { role: 'assistant', content: '' }]);
+      return Math.max(1, this.model.tokenize(text, { special: true }).length);
+    } catch {
+      return 1;
+    }
   }
 
   /**

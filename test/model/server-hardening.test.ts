@@ -157,6 +157,18 @@ describe('history of new sessions and one-off requests', () => {
     expect(within.status).toBe(200);
   });
 
+  it('counts the template tokens around each message: many empty messages are refused too', async () => {
+    // Each message is prefilled as an exchange framed by the template, even an empty one: 400 empty
+    // messages hold no text but hundreds of template tokens.
+    const { port, server } = await start({ maxHistoryTokens: 60 });
+    const t0 = performance.now();
+    const r = await post(port, { messages: [...Array.from({ length: 400 }, () => user('')), user('and now?')], max_tokens: 2 });
+    expect(r.status).toBe(400);
+    expect(r.body.error?.code).toBe('history_too_large');
+    expect(performance.now() - t0).toBeLessThan(2000);
+    expect(server.sessions()).toEqual({ live: 0, stored: 0 });
+  });
+
   it('aborts an import when the client leaves and frees its decode slot at once', async () => {
     // Every decode takes 20 ms and batches are 4 tokens: importing this history takes seconds.
     const { url, port } = await start({ chat: { ...CHAT, batchSize: 4, testTokenDelayMs: 20 }, maxConcurrent: 1 });

@@ -15,7 +15,7 @@ import type { Chat } from '../local/chat.js';
 import type { EvictionEvent } from '../shared/telemetry.js';
 import { Gate } from './admission.js';
 import { StaleWriteError, StoreUnavailableError, type SessionBackend, type StoredSession } from './store/backend.js';
-import { HttpError, sessionKey } from './wire.js';
+import { HttpError, sessionKey, storeUnavailable } from './wire.js';
 
 export interface Session {
   readonly id: string;
@@ -132,7 +132,7 @@ export class SessionStore {
       } catch (err) {
         if (!(err instanceof StoreUnavailableError)) throw err;
         if (s.chat) return { token: undefined, storedVersion: s.storedVersion, renew: undefined };
-        throw new HttpError(503, 'server_error', 'session_store_unavailable', 'The session store is unreachable and this session is not in memory here; retry shortly', null, { 'retry-after': '1' });
+        throw storeUnavailable();
       }
       if ('token' in r) {
         // The store moved on since this chat last wrote or read it (another instance served the

@@ -6,6 +6,7 @@ import { createHash } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError } from '../shared/errors.js';
 import { POLICIES, type PolicyName, type StopReason } from '../shared/types.js';
+import { StoreUnavailableError } from './store/backend.js';
 
 /** One API error, rendered as `{ error: { message, type, param, code } }`. */
 export class HttpError extends Error {
@@ -25,6 +26,9 @@ export const badRequest = (message: string, param: string | null = null, code: s
   new HttpError(400, 'invalid_request_error', code, message, param);
 export const overloaded = (what: string) =>
   new HttpError(429, 'rate_limit_error', 'rate_limit_exceeded', `${what}; retry later`, null, { 'retry-after': '1' });
+/** The store cannot be reached and the session is not in memory here (or a store command failed mid-request). */
+export const storeUnavailable = () =>
+  new HttpError(503, 'server_error', 'session_store_unavailable', 'The session store is unreachable and this session is not in memory here; retry shortly', null, { 'retry-after': '1' });
 
 export type Message = { role: 'user' | 'assistant'; content: string };
 
@@ -66,8 +70,14 @@ export function contentText(v: unknown, param: string, allowNull: boolean): stri
  * X-Session-Id response header percent-encoded (encodeURIComponent: letters, digits and -_.!~*'()
  * unchanged), never raw, because header values are Latin-1 only.
  */
+export const MAX_SESSION_ID_LENGTH = 256;
+/** The longest session id once percent-encoded in a URL path (/v1/sessions/:id): 9 bytes of %XX per UTF-16 unit at most. */
+export const MAX_SESSION_ID_IN_PATH = MAX_SESSION_ID_LENGTH * 9;
+
 export function checkSessionId(raw: unknown): string {
-  if (typeof raw !== 'string' || raw.length > 256) throw badRequest('The session id (X-Session-Id or user) must be a string of at most 256 characters', 'user', 'invalid_session_id');
+  if (typeof raw !== 'string' || raw.length > MAX_SESSION_ID_LENGTH) {
+    throw badRequest(`The session id (X-Session-Id or user) must be a string of at most ${MAX_SESSION_ID_LENGTH} characters`, 'user', 'invalid_session_id');
+  }
   // eslint-disable-next-line no-control-regex
   if (/[\u0000-\u001f\u007f-\u009f]/.test(raw) || !raw.isWellFormed()) {
     throw badRequest('The session id (X-Session-Id or user) must not contain control characters or unpaired surrogates', 'user', 'invalid_session_id');
@@ -136,7 +146,9 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
     throw badRequest('Send one X-Session-Id header, not several', 'x-session-id', 'duplicate_session_id');
   }
   const header = headers['x-session-id'];
-  const rawId = (Array.isArray(header) ? header[0] : header) ?? body.user;
+  const fromHeader = Array.isArray(header) ? header[0] : header;
+  // An empty header names no session: `user` still can (as when the header is absent).
+  const rawId = fromHeader !== undefined && fromHeader !== '' ? fromHeader : body.user;
   if (rawId !== undefined && rawId !== null && rawId !== '') sessionId = checkSessionId(rawId);
   const memory = parseMemoryField(body.finite_memory, sessionId !== undefined);
   return {
@@ -204,6 +216,7 @@ export function toHttpError(err: unknown): HttpError {
   if (err instanceof InvalidOptionError) return badRequest(err.message, null, 'invalid_value');
   // Server-side failures say what failed, never the details: those (file paths among them) go to the log.
   if (err instanceof CheckpointError) return new HttpError(500, 'server_error', 'session_store_failed', 'The session could not be stored or restored');
+  if (err instanceof StoreUnavailableError) return storeUnavailable();
   if (err instanceof FiniteMemoryError) {
     if (err.code === 'CHAT_BUSY') return overloaded('The session is busy');
     return new HttpError(500, 'server_error', err.code.toLowerCase(), `The model failed to answer (${err.code})`);

@@ -50,6 +50,20 @@ describe('the memory API', () => {
     expect((await json('GET', '/v1/sessions/mem/memory?evictions=2')).body.evictions).toHaveLength(2);
   });
 
+  it('a session id of up to 256 characters, any of them percent-encoded, reaches the memory routes', async () => {
+    const id = `${'ü'.repeat(200)}/?#%`;   // 1,212 characters in the path
+    expect((await say(id, 'hello')).status).toBe(200);
+    const { status, body } = await json('GET', `/v1/sessions/${encodeURIComponent(id)}/memory`);
+    expect(status).toBe(200);
+    expect(body).toMatchObject({ session_id: id, turns: 1 });
+  });
+
+  it('an empty X-Session-Id header leaves the session to `user`', async () => {
+    const r = await json('POST', '/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], max_tokens: 2, user: 'by-user' }, { 'x-session-id': '' });
+    expect(r.status).toBe(200);
+    expect((await json('GET', '/v1/sessions/by-user/memory')).body).toMatchObject({ session_id: 'by-user', turns: 1 });
+  });
+
   it('pins, unpins and forgets a turn, and a new session can choose its own policy and budget', async () => {
     await say('steer', 'remember the red door');
     await say('steer', 'and the blue window');

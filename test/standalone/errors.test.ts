@@ -26,3 +26,13 @@ describe('native error codes', () => {
     expect(fromNativeError('plain string').message).toBe('plain string');
   });
 });
+
+describe('server errors', () => {
+  it('a session store that fails mid-request is a 503 to retry, as when it is unreachable at the start', async () => {
+    const { toHttpError } = await import('../../src/server/wire.ts');
+    const { StoreUnavailableError } = await import('../../src/server/store/backend.ts');
+    const e = toHttpError(new StoreUnavailableError('The session store (Redis) failed: socket closed'));
+    expect(e).toMatchObject({ status: 503, code: 'session_store_unavailable', headers: { 'retry-after': '1' } });
+    expect(e.message).not.toContain('socket');
+  });
+});

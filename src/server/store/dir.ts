@@ -177,16 +177,18 @@ export class DirBackend implements SessionBackend {
   /** Temp file, flushed, renamed over the old one: a crash leaves one whole version. */
   async #writeAtomic(path: string, data: Buffer): Promise<void> {
     const tmp = `${path}.tmp-${process.pid}-${randomUUID().slice(0, 8)}`;
-    const fh = await open(tmp, 'w');
     try {
-      await fh.writeFile(data);
-      if (this.durable) await fh.datasync();
-    } finally {
-      await fh.close();
-    }
-    try {
+      const fh = await open(tmp, 'w');
+      try {
+        await fh.writeFile(data);
+        if (this.durable) await fh.datasync();
+      } finally {
+        await fh.close();
+      }
       await rename(tmp, path);
     } catch (err) {
+      // A full disk (ENOSPC) fails the write itself: the partial temp file goes too, or each retry of
+      // a pending session would leave another one eating what space is freed.
       await rm(tmp, { force: true });
       throw err;
     }

@@ -96,6 +96,9 @@ contribution chat::contribute(size_t budget, step_context & e) {
             return summary_contribution(budget);
         }
         if (t.generating) {
+            if (opts_.test_fail_after_tokens > 0 && t.result.stats.generated_tokens >= opts_.test_fail_after_tokens) {
+                throw fml_error(FML_ERR_DECODE, "llama_decode failed (test hook testFailAfterTokens)");
+            }
             if (!make_room(1, t.gen_chunk, e)) {
                 return summary_contribution(budget);
             }
@@ -377,16 +380,17 @@ void chat::fail_turn(const fml_error & err, step_context & e, bool state_lost) {
         cancel_summary(e);
     }
     const bool aborted = err.code() == FML_ERR_ABORTED;
-    if (t->generating && !state_lost) {
-        // Generation already started: what was generated stays (like an abort).
-        if (aborted) {
-            finish_turn(STOP_ABORT, e);
-            return;
-        }
-    } else if (t->rollback_set) {
+    if (t->generating && !state_lost && aborted) {
+        // An abort mid-reply is an answer: what was generated stays.
+        finish_turn(STOP_ABORT, e);
+        return;
+    }
+    // Any other failure is an error: its caller gets no result, so the turn goes whole (mid-reply
+    // too: its message and reply so far stayed in the ledger with nothing to close them).
+    if (t->rollback_set) {
         rollback_to(ledger_.size() - std::min(t->own, ledger_.size()), e);   // the turn's own tokens go; evictions already done stay done
         if (turn_no_ == t->turn_no) {
-            // Its prompt was in (a state lost mid-reply): the turn never happened.
+            // Its prompt was in (an error or a lost state mid-reply): the turn never happened.
             turn_no_ = t->turn_no - 1;
             carry_ = t->carry_before;
         }

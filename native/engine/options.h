@@ -59,6 +59,7 @@ struct chat_options {
     uint32_t    position_limit = 0;   // 0: the model's trained context (n_ctx_train)
     double      test_policy_delay_ms = 0; // test hook: makes every policy choice this slow
     double      test_token_delay_ms = 0;  // test hook: makes every decode of a turn this slow (deterministic aborts)
+    uint32_t    test_fail_after_tokens = 0; // test hook: a reply's decode fails (as llama_decode can) once it has this many tokens
 };
 
 struct generation_options {

@@ -106,6 +106,8 @@ export interface ChatOptions {
   testPolicyDelayMs?: number;
   /** @internal Test hook: makes every generated token this slow (deterministic mid-turn aborts). */
   testTokenDelayMs?: number;
+  /** @internal Test hook: a reply's next decode fails (as llama_decode can) once it has this many tokens. */
+  testFailAfterTokens?: number;
   /** Hooks called after each turn and eviction (see `Telemetry`, `createPrometheusTelemetry`). */
   telemetry?: Telemetry;
 }
@@ -168,6 +170,7 @@ export interface ResolvedChatOptions {
   positionLimit?: number;
   testPolicyDelayMs?: number;
   testTokenDelayMs?: number;
+  testFailAfterTokens?: number;
 }
 
 /** Splits off what only JS has (telemetry) and lets the native table validate the rest. */

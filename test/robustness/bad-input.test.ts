@@ -3,9 +3,9 @@ import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
-  CallbackError, ChatBusyError, InvalidOptionError, loadModel, ModelInvalidError, ModelNotFoundError, PromptTooLargeError, type Model, type TurnResult,
+  CallbackError, ChatBusyError, InferenceError, InvalidOptionError, loadModel, ModelInvalidError, ModelNotFoundError, PromptTooLargeError, type Model, type TurnResult,
 } from '../../src/index.ts';
-import { testDir, testModelPath, THREADS, expectTurnRan } from '../helpers.ts';
+import { checkCache, testDir, testModelPath, THREADS, expectTurnRan } from '../helpers.ts';
 
 let model: Model;
 beforeAll(async () => {
@@ -174,6 +174,28 @@ describe('a throwing onToken callback', () => {
     const third = await chat.send('third', { maxNewTokens: 4 });
     expect(third.stats.turn).toBe(3);
     expect(chat.exportTranscript().messages).toHaveLength(6);
+    chat.dispose();
+  });
+});
+
+describe('a decode that fails mid-reply', () => {
+  it('rolls the whole turn back: memory, carried tokens, stats and transcript as before it, and the chat goes on', async () => {
+    const chat = model.createChat({ maxTokens: 128, testFailAfterTokens: 3 });
+    await chat.send('first', { maxNewTokens: 2, temperature: 0 });   // stops before the hook fires
+    const memory = chat.memory();
+    const carried = chat._internals().cacheState().carriedTokens;
+    const err = await chat.send('second', { maxNewTokens: 10, ignoreEos: true, temperature: 0 }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(InferenceError);
+    expect(err).toMatchObject({ code: 'DECODE_FAILED' });
+    expect(chat.memory()).toEqual(memory);
+    expect(chat._internals().cacheState().carriedTokens).toBe(carried);
+    expect(chat.stats().turns).toBe(1);
+    expect(chat.exportTranscript().messages).toHaveLength(2);
+    checkCache(chat, 128);
+    const next = await chat.send('third', { maxNewTokens: 2, temperature: 0 });
+    expect(next.stats.turn).toBe(2);
+    expect(chat.memory().filter((e) => e.turn === 2 && e.role === 'user').map((e) => e.text).join('')).toContain('third');
+    checkCache(chat, 128);
     chat.dispose();
   });
 });

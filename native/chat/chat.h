@@ -274,8 +274,9 @@ public:
     void sync_after_reset(llama_context * ctx);
 
     // Scheduler-thread tasks.
-    // Evicts every token of `turn` now (pins included; never the system prompt or the sinks) and
-    // compacts positions in place. Returns the tokens evicted (0 when the turn is not in memory).
+    // Evicts every token of `turn` now (pins included; never the system prompt or the sinks), and
+    // the newest turn's undecoded tail with it; positions are compacted only with positions
+    // 'compact'. Returns the tokens evicted (0 when the turn is not in memory).
     size_t forget_turn(uint32_t turn, step_context & e);
     // `ctx`: the chat's engine context, or null when the chat never had a turn.
     // With `ctx` null: the ledger-only state. Everything it reads is guarded by mu_, so a ledger-only

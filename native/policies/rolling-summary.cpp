@@ -15,8 +15,8 @@ eviction_plan kv_policy_rolling_summary::plan(const token_ledger & ledger, const
             ++taken;
         }
     }
-    // Then whole turns, oldest first, until `want` is reached (a turn is never split unless the
-    // window has to give way below).
+    // Then whole turns, oldest first, until `want` is reached (a turn is split only where the window
+    // begins, or when the window has to give way below).
     size_t i = 0;
     while (i < wb && taken < req.want) {
         if (ledger[i].pinned || evict[i]) {

@@ -9,8 +9,8 @@
  */
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Chat } from '../local/chat.js';
-import type { Release } from './admission.js';
-import { restoreSession, type CompletionContext } from './completion.js';
+import { QueueAbortedError, type Release } from './admission.js';
+import { restoreSession, SHUTDOWN_ERROR, type CompletionContext } from './completion.js';
 import { SESSION_EVICTIONS_KEPT, type Session, type TurnLease } from './sessions.js';
 import { badRequest, checkSessionId, HttpError, isObject, overloaded, type ParsedCompletion } from './wire.js';
 
@@ -57,26 +57,41 @@ async function withSession(ctx: CompletionContext, req: SessionRequest, reply: F
   const raw = req.query.evictions;
   const limit = raw === undefined ? DEFAULT_EVICTIONS : Number(raw);
   if (!Number.isInteger(limit) || limit < 0 || limit > SESSION_EVICTIONS_KEPT) throw badRequest(`'evictions' must be an integer between 0 and ${SESSION_EVICTIONS_KEPT}`, 'evictions');
+  if (ctx.shuttingDown()) throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, SHUTDOWN_ERROR.message, null, { connection: 'close' });
   const ac = new AbortController();
   const onClose = () => ac.abort();
   reply.raw.once('close', onClose);
+  ctx.controllers.add(ac);   // a shutdown's deadline aborts a restore too
   // An unknown id gets a chat-less session for this request; end() drops it again (nothing is created).
   const session = ctx.store.session(id);
   let release: Release | undefined;
   let lease: TurnLease | undefined;
+  let releaseSlot: Release | undefined;
   try {
     const entering = session.gate.enter(ac.signal);
     if (!entering) throw overloaded('Too many requests queued for this session');
     release = await entering;
     lease = await ctx.store.begin(session, ac.signal);
+    if (!session.chat || change) {
+      // A restore prefills and a change can decode (a forget's repair or K-shift): a decode slot as
+      // a turn takes one, so these routes queue with the turns and count against maxConcurrent.
+      const slot = ctx.slots.enter(ac.signal);
+      if (!slot) throw overloaded('The server is at capacity');
+      releaseSlot = await slot;
+    }
     if (!session.chat) await restore(ctx, session, lease, ac.signal);
     if (change) {
       await change(session.chat!, turn);
       await ctx.store.commit(session, lease);
     }
     return view(ctx, session, limit);
+  } catch (err) {
+    if (err instanceof QueueAbortedError) throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, SHUTDOWN_ERROR.message);
+    throw err;
   } finally {
     reply.raw.off('close', onClose);
+    ctx.controllers.delete(ac);
+    releaseSlot?.();
     ctx.store.end(session, lease, release);
   }
 }

@@ -115,6 +115,28 @@ describe('the memory API', () => {
 
 const chromium = requireBinary('chromium', 'chromium');
 
+describe('the memory routes and admission', () => {
+  it('a change or a restore takes a decode slot like a turn (429 at capacity); a view of a live chat does not', async () => {
+    const s = await createServer(model, { chat: { maxTokens: BUDGET, testTokenDelayMs: 20 }, maxConcurrent: 1, maxQueue: 0 });
+    const url = await s.listen({ port: 0 });
+    const call = async (method: string, path: string, body?: unknown, headers: Record<string, string> = {}) => {
+      const r = await fetch(url + path, { method, headers: { ...(body === undefined ? {} : { 'content-type': 'application/json' }), ...headers }, body: body === undefined ? undefined : JSON.stringify(body) });
+      return { status: r.status, body: (await r.json()) as Record<string, any> }; // eslint-disable-line @typescript-eslint/no-explicit-any
+    };
+    const turn = (session: string, max_tokens: number) => call('POST', '/v1/chat/completions', { messages: [{ role: 'user', content: 'hello there' }], max_tokens, temperature: 0 }, { 'x-session-id': session });
+    expect((await turn('a', 2)).status).toBe(200);
+    const running = turn('b', 40);   // holds the only slot for ~1 s
+    await new Promise((r) => setTimeout(r, 200));
+    const forget = await call('DELETE', '/v1/sessions/a/turns/1');
+    expect(forget.status).toBe(429);
+    expect(forget.body.error.code).toBe('rate_limit_exceeded');
+    expect((await call('GET', '/v1/sessions/a/memory')).status).toBe(200);
+    expect((await running).status).toBe(200);
+    expect((await call('DELETE', '/v1/sessions/a/turns/1')).status).toBe(200);
+    await s.close();
+  });
+});
+
 describe.skipIf(!chromium)('the memory inspector page in a real browser', () => {
   it('chats, shows tokens as they come, keeps the bar within the budget, evicts old turns and keeps a pinned one', async () => {
     const { chromium: pw } = await import('playwright-core');

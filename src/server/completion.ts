@@ -18,7 +18,7 @@ import type { ServerMetrics } from './metrics.js';
 import type { ResolvedServerOptions } from './options.js';
 import type { Session, SessionStore, TurnLease } from './sessions.js';
 import { EventStream } from './sse.js';
-import { badRequest, finishReason, HttpError, overloaded, parseCompletion, toHttpError, type ParsedCompletion } from './wire.js';
+import { badRequest, checkForgettable, finishReason, HttpError, overloaded, parseCompletion, toHttpError, type ParsedCompletion } from './wire.js';
 
 export const SHUTDOWN_ERROR = { message: 'The server is shutting down', type: 'server_error', param: null, code: 'server_shutting_down' } as const;
 
@@ -90,6 +90,7 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     // Unpin and forget before the turn (each checked: a turn no longer in memory is a 400), so the
     // room they free is there for it.
     for (const turn of parsed.memory.unpin) chat.unpin(turn);
+    checkForgettable(chat, parsed.memory.forget, 'finite_memory.forget');
     for (const turn of parsed.memory.forget) await chat.forget(turn);
     let result: TurnResult;
     let persisted: boolean | null = null;

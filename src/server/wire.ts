@@ -4,6 +4,7 @@
  */
 import { createHash } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { Chat } from '../local/chat.js';
 import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError } from '../shared/errors.js';
 import { POLICIES, type PolicyName, type StopReason } from '../shared/types.js';
 import { StoreUnavailableError } from './store/backend.js';
@@ -206,6 +207,19 @@ export function parseMemoryField(v: unknown, hasSession: boolean): ParsedComplet
     }
   }
   return out;
+}
+
+/**
+ * A turn to forget must be in memory (400 otherwise), checked before anything changes: the library's
+ * forget resolves 0 for one that is not. In memory means as forget counts it: a token of the turn past
+ * the attention sinks that is not the system prompt's.
+ */
+export function checkForgettable(chat: Pick<Chat, 'memory' | 'options'>, turns: readonly number[], param: string): void {
+  const sinks = chat.options.sinkTokens;
+  const present = new Set(chat.memory().filter((e, i) => i >= sinks && e.role !== 'system').map((e) => e.turn));
+  for (const turn of turns) {
+    if (!present.has(turn)) throw badRequest(`Turn ${turn} is not in memory (evicted or forgotten already)`, param);
+  }
 }
 
 /** Maps anything thrown while serving to an OpenAI-style error. */

@@ -85,6 +85,9 @@ describe('the memory API', () => {
     expect(userTokens(forgot.body as { tokens: Tok[] }, 1).length).toBeLessThan(kept);
     // A turn no longer in memory, a bad turn number: 400s.
     expect((await json('POST', '/v1/sessions/steer/turns/1/pin')).status).toBe(400);
+    expect((await json('DELETE', '/v1/sessions/steer/turns/1')).status).toBe(400);
+    expect((await json('DELETE', '/v1/sessions/steer/turns/99')).status).toBe(400);
+    expect((await say('steer', 'hi', { forget: [99] })).body.error).toMatchObject({ code: 'invalid_value', param: 'finite_memory.forget' });
     expect((await json('POST', '/v1/sessions/steer/turns/x/pin')).status).toBe(400);
     // Its own policy and budget, chosen when the session is created; refused for an existing one.
     const own = await say('own', 'hello', { chat: { policy: 'importance', max_tokens: 64 } });

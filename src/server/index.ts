@@ -78,7 +78,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   // the whole request must arrive in time, idle keep-alive connections close, and the timers are
   // checked often enough to act within the limit (Node checks every 30 s by default).
   const app = fastify({
-    bodyLimit: o.bodyLimit, logger: o.logger, return503OnClosing: true, maxParamLength: MAX_SESSION_ID_IN_PATH,
+    bodyLimit: o.bodyLimit, logger: o.logger, return503OnClosing: true, routerOptions: { maxParamLength: MAX_SESSION_ID_IN_PATH },
     requestTimeout: o.requestTimeoutMs, keepAliveTimeout: o.keepAliveTimeoutMs,
     http: { headersTimeout: Math.min(o.headersTimeoutMs, o.requestTimeoutMs), connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(o.headersTimeoutMs / 4))) },
   });

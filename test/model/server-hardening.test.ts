@@ -2,7 +2,8 @@
 // history imports, disk caps for stored sessions, sessions that cannot be restored, session ids that
 // are not Latin-1 or come twice.
 import { spawn } from 'node:child_process';
-import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, utimesSync, writeFileSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { request } from 'node:http';
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
@@ -223,6 +224,31 @@ describe('stored sessions', () => {
     await new Promise((r) => setTimeout(r, 100));
     expect(server.sessions().stored).toBe(1);
     expect(checkpoints(dir)).toHaveLength(1);
+  });
+
+  it('one server per checkpoint dir: a second is refused while the first runs, and takes over a lock its owner left behind', async () => {
+    const dir = freshDir();
+    const first = await start({ checkpointDir: dir });
+    await expect(createServer(model, { chat: CHAT, checkpointDir: dir })).rejects.toMatchObject({ code: 'STORE_UNAVAILABLE', message: expect.stringMatching(/in use by another server \(pid \d+/) });
+    await first.server.close();
+    const second = await start({ checkpointDir: dir });
+    await second.server.close();
+    // A lock left by a process that is gone (kill -9): its pid is checked on this host.
+    const lockFile = readdirSync(dir, { withFileTypes: false }).find((f) => f.includes('lock'));
+    expect(lockFile).toBeUndefined();   // close() gave it up
+    const gone = spawn(process.execPath, ['-e', '']);
+    await new Promise((r) => gone.once('exit', r));
+    writeFileSync(join(dir, '.finite-memory-llm.lock'), JSON.stringify({ pid: gone.pid, host: hostname() }));
+    const third = await start({ checkpointDir: dir });
+    await third.server.close();
+    // Another host's lock is trusted while it is touched, and taken over once it is stale.
+    const foreign = join(dir, '.finite-memory-llm.lock');
+    writeFileSync(foreign, JSON.stringify({ pid: 1, host: 'another-host' }));
+    await expect(createServer(model, { chat: CHAT, checkpointDir: dir })).rejects.toMatchObject({ message: expect.stringMatching(/pid 1 on another-host/) });
+    const old = new Date(Date.now() - 60_000);
+    utimesSync(foreign, old, old);
+    const fourth = await start({ checkpointDir: dir });
+    await fourth.server.close();
   });
 
   it('a session whose checkpoint cannot be restored starts fresh and says so; no path leaks', async () => {

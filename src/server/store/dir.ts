@@ -9,6 +9,7 @@ import { randomUUID } from 'node:crypto';
 import { mkdir, mkdtemp, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { DirLock } from './dir-lock.js';
 import { StaleWriteError, type AcquireResult, type BackendLimits, type LedgerWrite, type SessionBackend, type StoredSession } from './backend.js';
 
 const MAGIC = Buffer.from('FMLS');
@@ -72,6 +73,7 @@ export class DirBackend implements SessionBackend {
   readonly #index = new Map<string, Entry>();
   readonly #leases = new Map<string, { token: number; until: number }>();
   #fence = 0;
+  #lock: DirLock | undefined;
 
   private constructor(dir: string, durable: boolean, limits: BackendLimits) {
     this.#dir = dir;
@@ -85,7 +87,15 @@ export class DirBackend implements SessionBackend {
     const path = dir ?? (await mkdtemp(join(tmpdir(), 'fml-sessions-')));
     await mkdir(path, { recursive: true });
     const b = new DirBackend(path, durable, limits);
-    if (durable) await b.#readBack(keyOf);
+    if (durable) {
+      b.#lock = await DirLock.take(path);
+      try {
+        await b.#readBack(keyOf);
+      } catch (err) {
+        await b.#lock.release();
+        throw err;
+      }
+    }
     return b;
   }
 
@@ -172,6 +182,7 @@ export class DirBackend implements SessionBackend {
 
   async close(): Promise<void> {
     if (!this.durable) await rm(this.#dir, { recursive: true, force: true });
+    await this.#lock?.release();
   }
 
   /** Temp file, flushed, renamed over the old one: a crash leaves one whole version. */

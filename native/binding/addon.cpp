@@ -64,6 +64,22 @@ Napi::Value js_checkpoint_transcript(const Napi::CallbackInfo & info) {
     return Napi::String::New(env, s.transcript);
 }
 
+// checkpointSettings(bytes) -> { systemPrompt, policy, maxTokens } the chat was created with, read as
+// checkpointTranscript reads its transcript: what a session rebuilt on another model keeps.
+Napi::Value js_checkpoint_settings(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+        throw_error(env, FML_ERR_CHECKPOINT_CORRUPT, "checkpointSettings expects the checkpoint's bytes (a Uint8Array)");
+    }
+    Napi::Uint8Array bytes = info[0].As<Napi::Uint8Array>();
+    const chat_state s = guarded(env, [&] { return decode_checkpoint(bytes.Data(), bytes.ByteLength(), std::string(), true); });
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("systemPrompt", s.options.system_prompt);
+    o.Set("policy", s.options.policy.name);
+    o.Set("maxTokens", (double) s.options.policy.max_tokens);
+    return o;
+}
+
 // GPU devices ggml can use in this binary (0 for the CPU variant, or when no driver/device is present).
 Napi::Value js_gpu_device_count(const Napi::CallbackInfo & info) {
     size_t n = 0;
@@ -103,6 +119,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
     exports.Set("optionDocs", Napi::Function::New(env, js_option_docs));
     exports.Set("removeStaleCheckpointTemps", Napi::Function::New(env, js_remove_stale_checkpoint_temps));
     exports.Set("checkpointTranscript", Napi::Function::New(env, js_checkpoint_transcript));
+    exports.Set("checkpointSettings", Napi::Function::New(env, js_checkpoint_settings));
     exports.Set("gpuDeviceCount", Napi::Function::New(env, js_gpu_device_count));
     exports.Set("systemInfo", Napi::Function::New(env, js_system_info));
     Napi::Array codes = Napi::Array::New(env);

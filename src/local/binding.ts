@@ -185,6 +185,8 @@ export interface NativeBinding {
   removeStaleCheckpointTemps(dir: string): number;
   /** The transcript (JSON; '' when none) a checkpoint of any model carries, after its integrity checks. */
   checkpointTranscript(bytes: Uint8Array): string;
+  /** What the chat of a checkpoint (of any model) was created with. */
+  checkpointSettings(bytes: Uint8Array): { systemPrompt: string; policy: string; maxTokens: number };
   gpuDeviceCount(): number;
   systemInfo(): string;
   llamaCppVersion: string;

@@ -5,7 +5,7 @@ import { TranscriptLog } from '../shared/chat-surface.js';
 import { checkTelemetry, type Telemetry } from '../shared/telemetry.js';
 import { checkObject, checkPath, checkString } from '../shared/checks.js';
 import { splitChatOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions } from './options.js';
-import type { ModelInfo, Transcript } from '../shared/types.js';
+import type { ModelInfo, PolicyName, Transcript } from '../shared/types.js';
 
 const resolveTelemetry = (telemetry: unknown): Telemetry | undefined => checkTelemetry<Telemetry>(telemetry);
 
@@ -248,4 +248,19 @@ export function readCheckpointMessages(bytes: Uint8Array): Transcript['messages'
   const messages = TranscriptLog.parse(json);
   if (!messages) throw new CheckpointError('CHECKPOINT_CORRUPT', 'The checkpoint holds a malformed transcript');
   return messages;
+}
+
+/**
+ * The system prompt, policy and budget a checkpoint's chat (of any model) was created with, after the
+ * same integrity checks as readCheckpointMessages: a conversation rebuilt on another model keeps them.
+ */
+export function readCheckpointSettings(bytes: Uint8Array): { systemPrompt: string; policy: PolicyName; maxTokens: number } {
+  if (!(bytes instanceof Uint8Array)) throw new InvalidOptionError('Expected the checkpoint as a Uint8Array');
+  const stack = new Error().stack;
+  try {
+    const s = getBinding().checkpointSettings(bytes);
+    return { systemPrompt: s.systemPrompt, policy: s.policy as PolicyName, maxTokens: s.maxTokens };
+  } catch (err) {
+    throw fromNativeError(err, stack);
+  }
 }

@@ -4,9 +4,9 @@
  * another model's conversation re-prefilled).
  */
 import type { Chat } from '../local/chat.js';
-import { readCheckpointMessages, type Model } from '../local/model.js';
+import { readCheckpointMessages, readCheckpointSettings, type Model } from '../local/model.js';
 import type { ChatOptions } from '../local/options.js';
-import { AbortedError, CheckpointError } from '../shared/errors.js';
+import { AbortedError, CheckpointError, InvalidOptionError } from '../shared/errors.js';
 import type { PrometheusTelemetry } from '../shared/prometheus.js';
 import type { Telemetry } from '../shared/telemetry.js';
 import type { PolicyName, Transcript } from '../shared/types.js';
@@ -96,7 +96,7 @@ export class ChatSource {
    * retained tokens prefilled once); made with another model, its conversation re-prefilled when it
    * fits maxHistoryTokens. Undefined: it cannot be restored (a newer format, corrupt, too long).
    */
-  async restore(stored: StoredSession, parsed: ParsedCompletion, signal: AbortSignal, evictions?: SessionEviction[]): Promise<{ chat: Chat; from: RestoredFrom } | undefined> {
+  async restore(stored: StoredSession, signal: AbortSignal, evictions?: SessionEviction[]): Promise<{ chat: Chat; from: RestoredFrom } | undefined> {
     const telemetry = this.telemetryFor(evictions);
     const kinds: [RestoredFrom, Uint8Array][] = stored.full ? [['full', stored.full], ['ledger', stored.ledger]] : [['ledger', stored.ledger]];
     let otherModel = false;
@@ -113,8 +113,15 @@ export class ChatSource {
     try {
       const messages = readCheckpointMessages(stored.ledger);
       if (this.#tokens(messages) > this.maxHistoryTokens) return undefined;
-      const systemPrompt = parsed.system ?? this.chatOptions.systemPrompt ?? '';
-      const chat = await this.model.importTranscript(this.#transcript(systemPrompt, messages), { ...this.chatOptions, systemPrompt, telemetry, signal });
+      // The session keeps what it was created with (its system prompt is fixed then, and it may have
+      // chosen its own policy and budget); a budget the new model cannot hold falls back to the server's.
+      const { systemPrompt, policy, maxTokens } = readCheckpointSettings(stored.ledger);
+      const transcript = this.#transcript(systemPrompt, messages);
+      const opts = { ...this.chatOptions, systemPrompt, telemetry, signal };
+      const chat = await this.model.importTranscript(transcript, { ...opts, policy, maxTokens }).catch((err: unknown) => {
+        if (!(err instanceof InvalidOptionError)) throw err;
+        return this.model.importTranscript(transcript, opts);
+      });
       return { chat, from: 'transcript' };
     } catch (err) {
       if (err instanceof AbortedError) throw err;

@@ -184,7 +184,7 @@ export async function sessionChat(ctx: CompletionContext, session: Session, leas
   await ctx.store.makeRoom();
   let sessionReset: 'restore_failed' | undefined;
   if (lease.storedVersion > 0) {
-    const restored = await restoreSession(ctx, session, parsed, signal);
+    const restored = await restoreSession(ctx, session, signal);
     if (restored !== 'gone' && restored !== 'failed') return { chat: session.chat!, created: false, restoredFrom: restored, sessionReset: undefined };
     // Another model whose tokens no longer fit, a newer format, corrupt bytes, or gone between the
     // lease and the read (the caps, the TTL): the session starts fresh (and says so) instead of
@@ -204,10 +204,10 @@ export async function sessionChat(ctx: CompletionContext, session: Session, leas
  * A stored session's chat back in memory (session.chat set): where it came from, or 'gone' (the store
  * holds nothing now) or 'failed' (what it holds cannot be restored). The caller has made room.
  */
-export async function restoreSession(ctx: CompletionContext, session: Session, parsed: ParsedCompletion, signal: AbortSignal): Promise<RestoredFrom | 'gone' | 'failed'> {
+export async function restoreSession(ctx: CompletionContext, session: Session, signal: AbortSignal): Promise<RestoredFrom | 'gone' | 'failed'> {
   const stored = await ctx.store.read(session);
   if (!stored) return 'gone';
-  const restored = await ctx.chats.restore(stored, parsed, signal, session.evictions);
+  const restored = await ctx.chats.restore(stored, signal, session.evictions);
   if (!restored) return 'failed';
   session.chat = restored.chat;
   session.messagesSeen = stored.messagesSeen;

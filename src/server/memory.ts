@@ -12,7 +12,7 @@ import type { Chat } from '../local/chat.js';
 import { QueueAbortedError, type Release } from './admission.js';
 import { restoreSession, SHUTDOWN_ERROR, type CompletionContext } from './completion.js';
 import { SESSION_EVICTIONS_KEPT, type Session, type TurnLease } from './sessions.js';
-import { badRequest, checkForgettable, checkSessionId, HttpError, isObject, overloaded, type ParsedCompletion } from './wire.js';
+import { badRequest, checkForgettable, checkSessionId, HttpError, isObject, overloaded } from './wire.js';
 
 /** Evictions a memory view returns by default (`?evictions=N`, at most what a session keeps). */
 const DEFAULT_EVICTIONS = 20;
@@ -104,7 +104,7 @@ async function restore(ctx: CompletionContext, session: Session, lease: TurnLeas
   const notFound = () => new HttpError(404, 'invalid_request_error', 'session_not_found', `No session '${session.id}' on this server`, 'id');
   if (lease.storedVersion === 0) throw notFound();
   await ctx.store.makeRoom();
-  const restored = await restoreSession(ctx, session, { system: undefined } as ParsedCompletion, signal);
+  const restored = await restoreSession(ctx, session, signal);
   if (restored === 'gone') throw notFound();
   if (restored === 'failed') throw new HttpError(409, 'invalid_request_error', 'session_restore_failed', 'This session could not be restored (its next message starts it over, with X-Session-Reset)');
 }

@@ -380,13 +380,18 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     const other = await loadModel(testModelPath({ seed: 7 }), { threads: THREADS });
     expect(other.info.fingerprint).not.toBe(model.info.fingerprint);
     const { server: a, port: pa } = await up(model, { store: redis.url, storeNamespace: 'upgrade', chat: { maxTokens: 64 } });
-    for (const m of ['my name is Ada', 'I like tea']) await post(pa, 'moved', m);
+    // The session's own system prompt, policy and budget, chosen when it was created.
+    await post(pa, 'moved', 'my name is Ada', { messages: [{ role: 'system', content: 'Answer in French.' }, { role: 'user', content: 'my name is Ada' }], finite_memory: { chat: { policy: 'sliding', max_tokens: 48 } } });
+    await post(pa, 'moved', 'I like tea');
     await a.close();
-    const { server: b, port: pb } = await up(other, { store: redis.url, storeNamespace: 'upgrade', chat: { maxTokens: 64 } });
+    const { server: b, port: pb } = await up(other, { store: redis.url, storeNamespace: 'upgrade', chat: { maxTokens: 64, systemPrompt: 'The server default.' } });
     const r = await post(pb, 'moved', 'what is my name?');
     expect(r.status).toBe(200);
     expect(r.body.finite_memory).toMatchObject({ restored: true, restored_from: 'transcript', session_reset: null });
     expect(r.body.finite_memory.chat.turns).toBe(3);
+    const view = (await (await fetch(`http://127.0.0.1:${pb}/v1/sessions/moved/memory`)).json()) as { policy: string; budget: number; tokens: { role: string; text: string }[] };
+    expect(view).toMatchObject({ policy: 'sliding', budget: 48 });
+    expect(view.tokens.filter((t) => t.role === 'system').map((t) => t.text).join('')).toContain('Answer in French.');
     await b.close();
 
     // Both checkpoints from a later format: nothing here can read them.

@@ -194,11 +194,14 @@ bool chat::evict(const eviction_request & req, const eviction_request & plain, s
     rec.during_generation = turn_->generating;
 
     const size_t freed = plan.total();
-    const size_t hard_need = plain.need;
-    const uint32_t max_summary = (uint32_t) std::min<size_t>(opts_.policy.summary_tokens, freed > hard_need ? freed - hard_need : 0);
+    // The summary takes what the eviction frees beyond what the incoming tokens need and the slack
+    // asked with them (a small budget can leave less than summaryTokens). Taking the slack too left a
+    // chat whose window held all it could evict (a long pinned system prompt) one free token per
+    // summary: a summary every token of a reply, 7x its latency.
+    const size_t keep_free = plain.want;
+    const uint32_t max_summary = (uint32_t) std::min<size_t>(opts_.policy.summary_tokens, freed > keep_free ? freed - keep_free : 0);
     if (plan.summarize && max_summary > 0 && !summary_instruction_.empty()) {
-        // The summary takes what the eviction frees beyond what the incoming tokens need (a small
-        // budget can leave less than summaryTokens); it is written first, the eviction happens after.
+        // It is written first, the eviction happens after.
         // The scratch (instruction + summary) goes after the history: below the position limit.
         fit_positions(summary_instruction_.size() + max_summary, 0, e);
         auto j = std::make_unique<summary_job>();

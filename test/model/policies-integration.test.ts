@@ -169,6 +169,23 @@ describe('latency guard', () => {
     fast.dispose();
   });
 
+  // A long pinned system prompt leaves the window all there is to evict: a summary as long as what
+  // the eviction freed left one free token, so every generated token summarized again.
+  it.each(['rolling_summary', 'hybrid'] as const)('%s under a system prompt of most of the budget: a summary leaves the reply room to go on', async (policy) => {
+    const systemPrompt = 'You are a careful assistant. '.repeat(22);
+    expect(model.tokenize(systemPrompt).length).toBeGreaterThan(150);
+    const chat = model.createChat({ policy, maxTokens: 256, summaryTokens: 24, systemPrompt, maxPolicyMs: 0 });
+    let summaries = 0;
+    for (let t = 0; t < 3; t++) {
+      const r = await chat.send(`question ${t} about the river`, { maxNewTokens: 60, ignoreEos: true, temperature: 0.8, seed: t });
+      expect(r.stats.evictions).toBeLessThanOrEqual(8);   // 35-50 a turn before
+      summaries += r.stats.summaryTokens;
+      checkCache(chat, 256);
+    }
+    expect(summaries).toBeGreaterThan(0);
+    chat.dispose();
+  });
+
   // The fallback is sliding for that eviction: a summarizing policy frees room for a summary, which
   // the fallback does not write, so that room is not taken from the history.
   it.each(['rolling_summary', 'hybrid'] as const)('a %s eviction that falls back evicts what sliding would', async (policy) => {

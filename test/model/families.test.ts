@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MODEL_FAMILIES, writeModel, type ModelFamily } from '../../src/gguf/index.ts';
-import { loadModel, POLICIES, UnsupportedModelError, type Chat, type Model, type TurnResult } from '../../src/index.ts';
+import { loadModel, POLICIES, UnsupportedModelError, type Chat, type Model } from '../../src/index.ts';
 import { checkCache, maxAbsDiff, THREADS } from '../helpers.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'fml-families-'));
@@ -385,21 +385,32 @@ describe.each(SLIDING)('%s: tokens longer than the window, removed again, leave 
     // room takes nearly every unpinned token, and the summary is decoded after the history and moved
     // to where the first was. The window then holds cells the sliding layers must not see: the chat
     // decodes the window's tokens again at its next contribution (repair_window).
-    const chat = model.createChat({ ...EXACT, policy: 'rolling_summary', maxTokens: 128, batchSize: 8, summaryTokens: 16, sinkTokens: 0, maxPolicyMs: 0 });
-    await chat.send('Remember this: the code is 4817 and the door is blue.', { maxNewTokens: 2, temperature: 0, pin: true });
-    await talk(chat, 0, 12);   // every cell of the stream used: cells are reused where the search finds them
-    const repairs = chat._internals().cacheState().windowRepairs;
-    // The longest message that fits beside the pinned tokens.
-    let last: TurnResult | undefined;
-    for (let words = 120; words > 0 && !last; words--) {
+    const opts = { ...EXACT, policy: 'rolling_summary', maxTokens: 128, batchSize: 8, summaryTokens: 16, sinkTokens: 0, maxPolicyMs: 0 } as const;
+    const setUp = async () => {
+      const c = model.createChat(opts);
+      await c.send('Remember this: the code is 4817 and the door is blue.', { maxNewTokens: 2, temperature: 0, pin: true });
+      await talk(c, 0, 12);   // every cell of the stream used: cells are reused where the search finds them
+      return c;
+    };
+    // The longest message that fits beside the pinned tokens, found on a twin (a send that fits runs).
+    const twin = await setUp();
+    let longest = 0;
+    for (let words = 120; words > 0 && longest === 0; words--) {
       try {
-        last = await chat.send('word '.repeat(words), { maxNewTokens: 1, temperature: 0 });
+        await twin.send('word '.repeat(words), { maxNewTokens: 1, temperature: 0 });
+        longest = words;
       } catch (e) {
         expect(e).toMatchObject({ code: 'PROMPT_TOO_LARGE' });
       }
     }
-    expect(last?.stats.summaryTokens).toBeGreaterThan(0);
-    expect(last?.stats.evictedTokens).toBeGreaterThan(40);
+    twin.dispose();
+    const chat = await setUp();
+    const repairs = chat._internals().cacheState().windowRepairs;
+    // A few words less: room for a short summary beyond what the message and its reply need, while
+    // every unpinned token still goes (the newest among them: the end of the conversation moves back).
+    const last = await chat.send('word '.repeat(longest - 3), { maxNewTokens: 1, temperature: 0 });
+    expect(last.stats.summaryTokens).toBeGreaterThan(0);
+    expect(last.stats.evictedTokens).toBeGreaterThan(40);
     expect(chat._internals().cacheState().windowRepairs).toBeGreaterThan(repairs);
     checkCache(chat, 128);   // windowIntact
     await talk(chat, 12, 2);

@@ -83,7 +83,10 @@ export class Chat implements ChatSurface {
    * budget would overflow, the policy evicts tokens from the KV cache first.
    */
   send(message: string, options: SendOptions = {}): Promise<TurnResult> {
-    return this.#track(this.#send(message, options));
+    // A call refused as busy must not replace the running turn that asyncDispose waits for.
+    const idle = !this.#busy;
+    const turn = this.#send(message, options);
+    return idle ? this.#track(turn) : turn;
   }
 
   async #send(message: string, options: SendOptions): Promise<TurnResult> {

@@ -53,10 +53,13 @@ export class RemoteChat implements ChatSurface {
     this.#telemetry = telemetry ? new TelemetryEmitter(telemetry, this.id) : undefined;
     this.#onDispose = onDispose;
     const systemTokens = resolved.systemPrompt ? this.#count(resolved.systemPrompt) : 0;
-    if (systemTokens + (resolved.policy === 'sliding' ? 0 : resolved.summaryTokens + 4) >= resolved.maxTokens) {
+    // The summary message: summaryTokens of summary after its prefix (the prefix was counted inside
+    // summaryTokens, which left a default summary of 8 tokens no room at all).
+    const summaryRoom = resolved.policy === 'sliding' ? 0 : resolved.summaryTokens + this.#count(SUMMARY_PREFIX);
+    if (systemTokens + summaryRoom >= resolved.maxTokens) {
       throw new PromptTooLargeError(`the system prompt (${systemTokens} tokens) leaves no room in maxTokens ${resolved.maxTokens}`);
     }
-    this.#memory = new MessageMemory(resolved, systemTokens, (text) => this.#count(text));
+    this.#memory = new MessageMemory(resolved, systemTokens, summaryRoom, (text) => this.#count(text));
   }
 
   get options(): Readonly<ResolvedRemoteChatOptions> {
@@ -86,8 +89,10 @@ export class RemoteChat implements ChatSurface {
    * reply fits. With rolling_summary/hybrid, leaving messages are summarized by the remote model.
    */
   send(message: string, options: RemoteSendOptions = {}): Promise<RemoteTurnResult> {
+    // A call refused as busy must not replace the running turn that asyncDispose waits for.
+    const idle = !this.#busy;
     const turn = this.#send(message, options);
-    this.#turn = turn;
+    if (idle) this.#turn = turn;
     return turn;
   }
 
@@ -101,7 +106,7 @@ export class RemoteChat implements ChatSurface {
     const user: Msg = { role: 'user', content: text, tokens: this.#count(text) };
     const { maxTokens } = this.#options;
     const memory = this.#memory;
-    const floor = memory.systemTokens + (this.#options.policy === 'sliding' ? 0 : this.#options.summaryTokens + 4);
+    const floor = memory.systemTokens + memory.summaryRoom;
     if (floor + user.tokens > maxTokens) {
       throw new PromptTooLargeError(`the message (${user.tokens} tokens) does not fit in maxTokens ${maxTokens} beside the system prompt${floor > memory.systemTokens ? ' and summary' : ''}`);
     }
@@ -123,6 +128,8 @@ export class RemoteChat implements ChatSurface {
       const messages = memory.requestMessages(user);
       const promptTokens = memory.retained() + user.tokens;
       const body: Record<string, unknown> = { model: this.#model, messages, max_tokens: opts.maxNewTokens, stream: opts.onToken !== undefined };
+      // A stream carries the remote's token counts only when asked (OpenAI, this project's server).
+      if (opts.onToken) body.stream_options = { include_usage: true };
       if (opts.temperature !== undefined) body.temperature = opts.temperature;
       if (opts.seed !== undefined) body.seed = opts.seed;
       if (opts.stop.length > 0) body.stop = opts.stop;
@@ -189,7 +196,7 @@ export class RemoteChat implements ChatSurface {
     const r = await this.#transport.complete(body, { signal });
     let summary = r.text.trim();
     // The summary message must fit its room whatever the remote's tokenizer did.
-    const room = this.#options.summaryTokens + 4;
+    const room = this.#memory.summaryRoom;
     while (summary && this.#count(SUMMARY_PREFIX + summary) > room) summary = summary.slice(0, Math.floor(summary.length * 0.9)).trimEnd();
     return summary || previous;
   }

@@ -27,7 +27,9 @@ export class CircuitBreaker {
       this.#state = 'half-open';
       return { trial: true };
     }
-    throw new CircuitOpenError(Math.max(0, left)); // open, or half-open with its trial in flight
+    // Open, or half-open with its trial in flight: then the caller waits a cooldown's share, never 0
+    // (which made callers retry in a tight loop while the trial ran).
+    throw new CircuitOpenError(this.#state === 'half-open' ? Math.max(1, Math.ceil(this.options.cooldownMs / 10)) : Math.max(0, left));
   }
 
   success(): void {

@@ -24,6 +24,8 @@ export class MessageMemory {
   constructor(
     private readonly options: ResolvedRemoteChatOptions,
     readonly systemTokens: number,
+    /** Tokens the summary message may take (its prefix and summaryTokens of summary; 0 for sliding). */
+    readonly summaryRoom: number,
     private readonly count: (text: string) => number,
   ) {}
 
@@ -67,8 +69,7 @@ export class MessageMemory {
   async fit(limit: number, turn: TurnEvictions, signal: AbortSignal, summarize: (leaving: Msg[], signal: AbortSignal) => Promise<string>): Promise<void> {
     if (this.options.policy === 'sliding') return this.fitSliding(limit, turn);
     while (this.retained() > limit && this.messages.length > 0) {
-      // Room the summary will take (its size is bounded by summaryTokens).
-      const summaryRoom = this.options.summaryTokens + 4;
+      const summaryRoom = this.summaryRoom;
       const target = this.options.policy === 'hybrid' ? Math.min(limit, this.systemTokens + summaryRoom + this.options.windowSize) : limit;
       let keep = this.retained() - (this.summary ? this.summaryTokens : 0) + summaryRoom;
       let n = 0;

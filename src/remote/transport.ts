@@ -126,9 +126,10 @@ export class Transport {
           const retryAfter = err.retryAfterMs;
           if (!err.retryable || attempt >= maxAttempts || (retryAfter !== undefined && retryAfter > MAX_RETRY_AFTER_MS)) {
             const final = err.error(attempt);
-            // Client errors (4xx other than 408/429) say nothing about the remote's health.
+            // Client errors (4xx other than 408/429) say nothing about the remote's health: they
+            // neither count as a failure nor close the circuit (a half-open trial then lets the next try).
             if (!(final instanceof RemoteHttpError) || retryableStatus(final.status)) this.#o.circuit.failure();
-            else this.#o.circuit.success();
+            else this.#o.circuit.release(trial);
             throw final;
           }
           await sleep(retryAfter ?? backoffMs(this.#o.retry, attempt), signal);
@@ -178,7 +179,7 @@ export class Transport {
       if (!onToken) {
         const j = (await res.json()) as { choices?: { message?: { content?: unknown }; finish_reason?: unknown }[]; usage?: CompletionResult['usage']; finite_memory?: unknown };
         const choice = j.choices?.[0];
-        if (!choice) throw new AttemptError((n) => new RemoteHttpError(res.status, `the remote's answer has no choices (${n} attempts)`, n), false);
+        if (!choice) throw new AttemptError((n) => new RemoteUnavailableError(`the remote's answer has no choices (${n} attempt${n > 1 ? 's' : ''})`, n), true);
         return {
           text: typeof choice.message?.content === 'string' ? choice.message.content : '',
           finishReason: typeof choice.finish_reason === 'string' ? choice.finish_reason : null,
@@ -213,8 +214,11 @@ export class Transport {
           throw new AttemptError((n) => new RemoteUnavailableError('the remote sent a malformed stream event', n), !delivered);
         }
         if (j.error) {
+          // The remote failed after its 200: a failure of the remote (the circuit counts it), retried
+          // while no token has reached the caller.
           const m = this.#redact(typeof j.error.message === 'string' ? j.error.message.slice(0, 300) : 'unknown error');
-          throw new AttemptError((n) => new RemoteHttpError(res.status, `the remote reported an error mid-stream: ${m}`, n), false);
+          const suffix = delivered ? ' after the stream had started (not retried)' : '';
+          throw new AttemptError((n) => new RemoteUnavailableError(`the remote reported an error mid-stream${suffix}: ${m} (${n} attempt${n > 1 ? 's' : ''})`, n), !delivered);
         }
         if (j.usage) usage = j.usage;
         const choice = j.choices?.[0];
@@ -236,7 +240,14 @@ export class Transport {
       };
       try {
         while (!done) {
-          const { value, done: end } = await reader.read();
+          let chunk: ReadableStreamReadResult<string>;
+          try {
+            chunk = await reader.read();
+          } catch (err) {
+            if (finishReason !== null) break;   // the reply was complete: only its [DONE] was lost
+            throw err;
+          }
+          const { value, done: end } = chunk;
           if (end) break;
           buffer += value;
           let m: RegExpExecArray | null;

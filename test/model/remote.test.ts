@@ -104,6 +104,18 @@ describe('remote backend against the project server', () => {
     remote.dispose();
   });
 
+  it('rolling_summary with a short summaryTokens keeps summaries (its prefix is not counted in it)', async () => {
+    const remote = connectRemote({ baseURL: `${url}/v1`, model: server.modelId });   // the estimate counter: the prefix is 14 tokens
+    const chat = remote.createChat({ policy: 'rolling_summary', maxTokens: 96, summaryTokens: 8 });
+    for (let t = 1; t <= 12; t++) {
+      const r = await chat.send(`turn ${t}: the lighthouse keeper has a cat named number ${t}`, { maxNewTokens: 6, seed: t });
+      expect(r.stats.retainedTokens).toBeLessThanOrEqual(96);
+    }
+    expect(chat.stats().summaries).toBeGreaterThan(0);
+    expect(chat.memory().some((m) => m.role === 'summary' && m.content.length > 0)).toBe(true);
+    remote.dispose();
+  });
+
   it('streams over SSE, exports the transcript, refuses KV-cache policies', async () => {
     const remote = connectRemote({ baseURL: `${url}/v1`, model: server.modelId });
     const chat = remote.createChat({ policy: 'hybrid', maxTokens: 300 });
@@ -336,7 +348,82 @@ describe('remote transport under faults', () => {
   });
 });
 
+describe('remote transport: streams that fail, and the circuit', () => {
+  const event = (o: unknown) => `data: ${JSON.stringify(o)}\n\n`;
+  it('an error event before any token is a failure of the remote: retried, and counted by the circuit', async () => {
+    const url = await startFault((_req, res, n) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      if (n <= 2) res.end(event({ error: { message: 'overloaded' } }) + 'data: [DONE]\n\n');
+      else res.end(event({ choices: [{ index: 0, delta: { content: 'fine' }, finish_reason: 'stop' }] }) + 'data: [DONE]\n\n');
+    });
+    const r = await connect(url).createChat().send('hi', { onToken: () => {} });
+    expect(r.response).toBe('fine');
+    expect(r.stats.attempts).toBe(3);
+    // Always failing: the circuit opens (a 200 with an error event used to count as a success).
+    await startFault((_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      res.end(event({ error: { message: 'overloaded' } }));
+    });
+    const remote = connect(`http://127.0.0.1:${(fault!.address() as AddressInfo).port}/v1`, { retry: { retries: 0, minDelayMs: 1, maxDelayMs: 1 }, circuit: { failureThreshold: 2, cooldownMs: 60_000 } });
+    const chat = remote.createChat();
+    for (let i = 0; i < 2; i++) await expect(chat.send('a', { onToken: () => {} })).rejects.toBeInstanceOf(RemoteUnavailableError);
+    await expect(chat.send('b', { onToken: () => {} })).rejects.toBeInstanceOf(CircuitOpenError);
+    remote.dispose();
+  });
+
+  it('a stream cut after its finish_reason is a complete reply; a stream asks for its usage', async () => {
+    const bodies: Body[] = [];
+    const url = await startFault((req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      res.write(event({ choices: [{ index: 0, delta: { content: 'all' }, finish_reason: null }] }));
+      res.write(event({ choices: [{ index: 0, delta: {}, finish_reason: 'stop' }] }));
+      res.write(event({ choices: [], usage: { prompt_tokens: 3, completion_tokens: 7 } }));
+      setTimeout(() => req.socket.destroy(), 30);   // no [DONE]
+    });
+    const chat = connect(url, { fetch: recordingFetch(bodies) }).createChat();
+    const r = await chat.send('hi', { onToken: () => {} });
+    expect(r.response).toBe('all');
+    expect(r.stats.generatedTokens).toBe(7);
+    expect(hits).toBe(1);
+    expect((bodies[0] as Body & { stream_options?: unknown }).stream_options).toEqual({ include_usage: true });
+  });
+
+  it('a half-open circuit with its trial in flight tells callers to wait, and a 4xx trial does not close it', async () => {
+    let mode: 'fail' | 'slow' | 'bad' = 'fail';
+    const url = await startFault((_req, res) => {
+      if (mode === 'fail') return status(res, 502);
+      if (mode === 'bad') return status(res, 401);
+      setTimeout(() => ok(res, 'late'), 300);
+    });
+    const remote = connect(url, { retry: { retries: 0, minDelayMs: 1, maxDelayMs: 1 }, circuit: { failureThreshold: 1, cooldownMs: 200 } });
+    const chat = remote.createChat();
+    const other = remote.createChat();
+    await expect(chat.send('a')).rejects.toBeInstanceOf(RemoteHttpError);
+    await new Promise((r) => setTimeout(r, 250));
+    mode = 'bad';
+    await expect(chat.send('b')).rejects.toMatchObject({ status: 401 });   // the trial: a client error
+    mode = 'slow';
+    const trial = other.send('c');   // the circuit is not closed by the 401: this is a trial again
+    await new Promise((r) => setTimeout(r, 50));
+    const err = await chat.send('d').catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(CircuitOpenError);
+    expect((err as CircuitOpenError).retryAfterMs).toBeGreaterThan(0);
+    expect((await trial).response).toBe('late');
+    remote.dispose();
+  });
+});
+
 describe('remote chat state', () => {
+  it('asyncDispose waits for the running turn, not for a second send refused as busy', async () => {
+    const url = await startFault((_req, res) => setTimeout(() => ok(res, 'slow'), 200));
+    const chat = connect(url).createChat();
+    const first = chat.send('a');
+    await expect(chat.send('b')).rejects.toMatchObject({ code: 'CHAT_BUSY' });
+    await chat[Symbol.asyncDispose]();
+    expect(chat.busy).toBe(false);
+    await first.catch(() => {});
+  });
+
   it('a failed turn leaves the memory as it was; telemetry gets onTurn and onError; onToken errors propagate', async () => {
     let fail = false;
     const url = await startFault((_req, res) => (fail ? status(res, 500) : ok(res, 'fine')));

@@ -3,12 +3,12 @@
  * so memory is managed at the message level: every request carries the system prompt, the summary (if
  * any) and the newest messages that fit in `maxTokens`.
  */
-import { ChatBusyError, DisposedError, PromptTooLargeError } from '../shared/errors.js';
+import { CallbackError, ChatBusyError, DisposedError, PromptTooLargeError } from '../shared/errors.js';
 import { streamFromSend, TranscriptLog, type ChatSurface } from '../shared/chat-surface.js';
 import { checkMessage } from '../shared/checks.js';
 import { TelemetryEmitter } from '../shared/telemetry.js';
 import type { StopReason, Transcript } from '../shared/types.js';
-import { AbortedError, type Transport } from './transport.js';
+import { AbortedError, CallerError, type Transport } from './transport.js';
 import type { RemoteTokenizer } from './connect.js';
 import { MessageMemory, SUMMARY_PREFIX, type Msg, type TurnEvictions } from './memory.js';
 import { resolveRemoteChatOptions, resolveRemoteSendOptions, type ResolvedRemoteChatOptions } from './options.js';
@@ -152,8 +152,9 @@ export class RemoteChat implements ChatSurface {
       this.#emit(result);
       return result;
     } catch (err) {
-      if (err instanceof AbortedError) {
+      if (err instanceof AbortedError || err instanceof CallerError) {
         // What was streamed before the abort stays in memory, as with a local chat; else nothing changes.
+        // An onToken that threw ends the turn there too: kept, and its error reported (CallbackError).
         if (!partial.text) restore();
         else {
           const reply: Msg = { role: 'assistant', content: partial.text, tokens: this.#count(partial.text) };
@@ -164,6 +165,7 @@ export class RemoteChat implements ChatSurface {
         // Telemetry sees an aborted turn as a local chat's does: a turn with stopReason 'abort'.
         const result = abortResult(partial.text);
         if (partial.text) this.#emit(result);
+        if (err instanceof CallerError) throw new CallbackError(result, err.error);
         return result;
       }
       restore();

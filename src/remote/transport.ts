@@ -72,8 +72,8 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
-/** The caller's onToken threw: rethrown as is, never retried, not the remote's failure. */
-class CallerError extends Error {
+/** The caller's onToken threw (`error`): never retried, not the remote's failure; the chat keeps the turn. */
+export class CallerError extends Error {
   constructor(readonly error: unknown) {
     super('onToken threw');
   }
@@ -137,10 +137,7 @@ export class Transport {
       }
     } catch (err) {
       if (err instanceof AbortedError) this.#o.circuit.release(trial);
-      if (err instanceof CallerError) {
-        this.#o.circuit.release(trial);
-        throw err.error;
-      }
+      if (err instanceof CallerError) this.#o.circuit.release(trial);
       throw err;
     }
   }

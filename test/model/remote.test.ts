@@ -5,7 +5,7 @@
 import { createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { InvalidOptionError, loadModel, type Model } from '../../src/index.ts';
+import { CallbackError, InvalidOptionError, loadModel, type Model } from '../../src/index.ts';
 import { CircuitOpenError, connectRemote, RemoteHttpError, RemoteTimeoutError, RemoteUnavailableError, type RemoteOptions } from '../../src/remote/index.ts';
 import { SUMMARIZER_PROMPT } from '../../src/remote/index.ts';
 import { parseRetryAfter } from '../../src/remote/transport.ts';
@@ -449,7 +449,7 @@ describe('remote chat state', () => {
     await expect(chat.send('hi')).rejects.toMatchObject({ code: 'DISPOSED' });
   });
 
-  it('an onToken that throws rejects the turn with its own error (not retried, circuit untouched)', async () => {
+  it('an onToken that throws keeps the turn and rejects with CallbackError, as a local chat (not retried, circuit untouched)', async () => {
     const url = await startFault((_req, res) => {
       res.writeHead(200, { 'content-type': 'text/event-stream' });
       res.write(`data: ${JSON.stringify({ choices: [{ index: 0, delta: { content: 'a' }, finish_reason: null }] })}\n\n`);
@@ -458,8 +458,13 @@ describe('remote chat state', () => {
     const remote = connect(url, { circuit: { failureThreshold: 1, cooldownMs: 60_000 } });
     const chat = remote.createChat();
     const boom = new Error('boom');
-    await expect(chat.send('hi', { onToken: () => { throw boom; } })).rejects.toBe(boom);
+    const err = await chat.send('hi', { onToken: () => { throw boom; } }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(CallbackError);
+    expect(err).toMatchObject({ code: 'CALLBACK_FAILED', cause: boom, result: { response: 'a', stopReason: 'abort' } });
     expect(hits).toBe(1);
+    // Kept: memory, stats and transcript agree.
+    expect(chat.stats().turns).toBe(1);
+    expect(chat.exportTranscript().messages).toEqual([{ role: 'user', content: 'hi' }, { role: 'assistant', content: 'a' }]);
     const r = await chat.send('hi', { onToken: () => {} });
     expect(r.response).toBe('a');
     expect(r.stopReason).toBe('eos');

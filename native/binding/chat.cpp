@@ -61,7 +61,7 @@ struct turn_context {
     Napi::Promise::Deferred deferred;
     Napi::FunctionReference on_piece;
     Napi::ObjectReference chat_ref;        // keeps the JS chat alive while the turn runs
-    Napi::ObjectReference callback_error;  // the first exception onToken threw
+    Napi::ObjectReference callback_error;  // { value }: the first exception onToken threw (any value)
     js_chat * jc = nullptr;
     bool ingest = false;
 };
@@ -78,7 +78,11 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
                     ctx->on_piece.Call({ Napi::String::New(env, event->text) });
                 } catch (const Napi::Error & e) {
                     // A throwing callback stops the turn (as an abort); the result carries the error.
-                    ctx->callback_error = Napi::Persistent(e.Value());
+                    // Held in an object: a thrown string or number cannot be referenced (N-API < 10),
+                    // and referencing it threw from here, so the turn went on and the error was lost.
+                    Napi::Object holder = Napi::Object::New(env);
+                    holder.Set("value", e.Value());
+                    ctx->callback_error = Napi::Persistent(holder);
                     ctx->jc->core()->request_abort();
                     ctx->jc->rt()->wake();
                 }
@@ -103,7 +107,7 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
             // A throwing callback stopped the turn, which is kept: the result says what was generated
             // and carries the callback's error (the JS side reports it as a CallbackError).
             if (!ctx->callback_error.IsEmpty() && result.IsObject()) {
-                result.As<Napi::Object>().Set("callbackError", ctx->callback_error.Value());
+                result.As<Napi::Object>().Set("callbackError", ctx->callback_error.Value().Get("value"));
             }
             ctx->deferred.Resolve(result);
             return;

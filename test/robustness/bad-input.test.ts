@@ -178,6 +178,21 @@ describe('a throwing onToken callback', () => {
   });
 });
 
+describe('an onToken that throws something other than an Error', () => {
+  it.each(['stop', 42, undefined, null])('throwing %s ends the turn with CallbackError, its value as cause', async (value) => {
+    // A thrown primitive could not be referenced by the binding: the turn went on, onToken was
+    // called again for every token, and the error was lost.
+    const chat = model.createChat({ maxTokens: 128, testTokenDelayMs: 5 });
+    let calls = 0;
+    const err = await chat.send('hi', { maxNewTokens: 20, ignoreEos: true, onToken: () => { calls++; throw value; } }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(CallbackError);
+    expect((err as CallbackError<TurnResult>).cause).toBe(value);
+    expect((err as CallbackError<TurnResult>).result.stopReason).toBe('abort');
+    expect(calls).toBe(1);
+    chat.dispose();
+  });
+});
+
 describe('a decode that fails mid-reply', () => {
   it('rolls the whole turn back: memory, carried tokens, stats and transcript as before it, and the chat goes on', async () => {
     const chat = model.createChat({ maxTokens: 128, testFailAfterTokens: 3 });

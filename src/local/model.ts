@@ -119,7 +119,12 @@ export class Model {
     } catch (err) {
       throw fromNativeError(err, stack);
     }
-    this.#check();
+    if (this.#disposed) {
+      // Disposed while the checkpoint loaded: the chat it made holds a slot, the scheduler and the
+      // weights, and nothing else would free it before a garbage collection.
+      native.dispose();
+      this.#check();
+    }
     const chat = this.#track(native, native.resolvedOptions() as unknown as ResolvedChatOptions, telemetry);
     try {
       chat._restoreTranscript();

@@ -118,6 +118,21 @@ describe('native memory', () => {
   });
 });
 
+describe('dispose during a load', () => {
+  it('model.dispose() while loadChat runs: DisposedError, and the chat it made is freed at once (no GC needed)', async () => {
+    const m = await loadModel(testModelPath(), { threads: THREADS });
+    const c = m.createChat({ maxTokens: 128 });
+    await c.send('hello', { maxNewTokens: 2 });
+    const bytes = await c.checkpoint();
+    c.dispose();
+    const before = getProbes().liveObjects().chats;
+    const loading = m.loadChat(bytes);
+    m.dispose();
+    await expect(loading).rejects.toBeInstanceOf(DisposedError);
+    expect(getProbes().liveObjects().chats).toBe(before);
+  });
+});
+
 describe('dispose', () => {
   it('using a disposed chat or model throws DisposedError', async () => {
     const m = await loadModel(testModelPath(), { threads: THREADS });

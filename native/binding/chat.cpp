@@ -247,10 +247,12 @@ Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
     claim(env, "a turn is already running on this chat; await it (or abort it) before sending again");
     turn_request req;
     try {
-        req = s.prepare_turn(text, std::move(gen), pin);
-    } catch (const fml_error & e) {
+        // Any exception (std::bad_alloc tokenizing a huge message too) releases the claim: else the
+        // chat stayed busy for ever, and a non-fml_error escaping into N-API ended the process.
+        req = guarded(env, [&] { return s.prepare_turn(text, std::move(gen), pin); });
+    } catch (...) {
         finished();
-        throw_error(env, e.code(), e.what());
+        throw;
     }
     return start_turn(env, *this, Value(), std::move(req), on_piece);
 }
@@ -263,10 +265,10 @@ Napi::Value js_chat::js_ingest_exchange(const Napi::CallbackInfo & info) {
     claim(env, "a turn is running on this chat");
     turn_request req;
     try {
-        req = s.prepare_ingest(user, reply);
-    } catch (const fml_error & e) {
+        req = guarded(env, [&] { return s.prepare_ingest(user, reply); });
+    } catch (...) {
         finished();
-        throw_error(env, e.code(), e.what());
+        throw;
     }
     return start_turn(env, *this, Value(), std::move(req), Napi::Function());
 }
@@ -533,10 +535,10 @@ Napi::Value idle_ledger_call(Napi::Env env, js_chat & jc, const char * busy_mess
     jc.claim(env, busy_message);
     size_t n = 0;
     try {
-        n = fn(*jc.core());
-    } catch (const fml_error & e) {
+        n = guarded(env, [&] { return fn(*jc.core()); });
+    } catch (...) {
         jc.finished();
-        throw_error(env, e.code(), e.what());
+        throw;
     }
     jc.finished();
     return Napi::Number::New(env, (double) n);

@@ -95,7 +95,8 @@ export class Chat implements ChatSurface {
     const { native: nativeOpts, js: opts } = splitSendOptions(options);
     if (this.#busy) throw new ChatBusyError();
     if (opts.signal?.aborted) {
-      return this.#remember(abortedBeforeStart(this.#options.policy, this.#native.cacheState().ledgerTokens));
+      // stats() reads under the chat's lock; cacheState() would wait on the JS thread for the scheduler's step.
+      return this.#remember(abortedBeforeStart(this.#options.policy, this.#native.stats().tokensRetained));
     }
     const stack = new Error().stack;
     const onAbort = () => this.#native.abort();

@@ -171,14 +171,24 @@ bool engine::ensure_slot(chat & s) {
     return true;
 }
 
+void engine::bind(chat & s) {
+    s.bind_engine(this);
+    bound_++;
+}
+
 void engine::release(chat & s) {
-    if (s.slot() >= 0 && s.owner() == this) {
+    if (s.owner() != this) {
+        return;
+    }
+    if (s.slot() >= 0) {
         kv_clear_slot(ctx_, s.slot());
         slots_[(size_t) s.slot()] = nullptr;
         s.set_slot(-1);
     }
     queue_.erase(std::remove_if(queue_.begin(), queue_.end(), [&](const std::shared_ptr<chat> & q) { return q.get() == &s; }), queue_.end());
     running_.erase(std::remove_if(running_.begin(), running_.end(), [&](const std::shared_ptr<chat> & q) { return q.get() == &s; }), running_.end());
+    s.bind_engine(nullptr);
+    bound_--;
 }
 
 void engine::enqueue(const std::shared_ptr<chat> & s) {

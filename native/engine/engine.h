@@ -68,8 +68,12 @@ public:
     bool idle_with_peers() const;
     // One batch: every chat with a turn contributes, one llama_decode per ubatch.
     void step();
-    // Frees the chat's slot (disposed or finalized). Its turn, if any, has ended.
+    // The chat decodes here from now on (its turns, its slot, its parked state).
+    void bind(chat & s);
+    // Frees the chat's slot and unbinds it (disposed or finalized). Its turn, if any, has ended.
     void release(chat & s);
+    // No chat is bound any more: the runtime frees the context (its KV buffers) at once.
+    bool unused() const { return bound_ == 0 && queue_.empty() && running_.empty(); }
     // Makes sure the chat holds a slot now (tasks: checkpoints, probes). False when all slots are busy.
     bool ensure_slot(chat & s);
     // llama.cpp applies K-shifts lazily at the next llama_decode; state snapshots must not see them
@@ -116,6 +120,7 @@ private:
     bool shift_pending_ = false;
     bool can_shift_ = false;
     size_t rr_ = 0;                           // round-robin start among prefilling chats
+    uint32_t bound_ = 0;                      // chats bound (in a slot or parked)
     engine_stats stats_;
 };
 

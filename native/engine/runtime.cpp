@@ -91,8 +91,9 @@ void runtime::post(std::function<void()> fn) {
 void runtime::release(const std::shared_ptr<chat> & s) {
     try {
         post([this, s] {
-            if (s->owner() != nullptr) {
-                s->owner()->release(*s);
+            if (engine * e = s->owner()) {
+                e->release(*s);
+                retire_if_unused(e);
             }
         });
     } catch (const fml_error &) {
@@ -110,7 +111,7 @@ engine & runtime::engine_for(chat & s) {
     }
     for (const auto & e : engines_) {
         if (e->key() == s.key()) {
-            s.bind_engine(e.get());
+            e->bind(s);
             return *e;
         }
     }
@@ -120,13 +121,35 @@ engine & runtime::engine_for(chat & s) {
         pool.reset(ggml_threadpool_new(&tpp));   // null: llama.cpp then starts threads per graph
     }
     engines_.push_back(std::make_unique<engine>(model_, s.key(), opts_.engine, &stopping_, pool.get()));
-    s.bind_engine(engines_.back().get());
+    engines_.back()->bind(s);
     return *engines_.back();
+}
+
+void runtime::retire_if_unused(engine * e) {
+    // A geometry no chat uses any more (its chats disposed: a server's sessions that chose another
+    // budget, say) gives its context and KV buffers back now; its counters stay in the totals.
+    if (!e->unused()) {
+        return;
+    }
+    const auto it = std::find_if(engines_.begin(), engines_.end(), [&](const auto & p) { return p.get() == e; });
+    if (it == engines_.end()) {
+        return;
+    }
+    const engine_stats & s = e->stats();
+    retired_.steps += s.steps;
+    retired_.decodes += s.decodes;
+    retired_.shared_decodes += s.shared_decodes;
+    retired_.tokens += s.tokens;
+    retired_.parked += s.parked;
+    retired_.restored += s.restored;
+    retired_.grown += s.grown;
+    retired_.shift_steps += s.shift_steps;
+    engines_.erase(it);
 }
 
 engine_stats runtime::stats() {
     return run_sync([this] {
-        engine_stats total;
+        engine_stats total = retired_;
         for (const auto & e : engines_) {
             const engine_stats & s = e->stats();
             total.steps += s.steps;
@@ -271,6 +294,7 @@ void runtime::place_restored(chat & c) {
             e.ensure_slot(c);
         } catch (...) {
             e.release(c);
+            retire_if_unused(&e);
             throw;
         }
     });

@@ -63,6 +63,8 @@ public:
     void release(const std::shared_ptr<chat> & s);
     // Scheduler thread: the chat's engine (created at its first use; throws CONTEXT_CREATE_FAILED).
     engine & engine_for(chat & s);
+    // Frees an engine no chat is bound to any more.
+    void retire_if_unused(engine * e);
 
     // Operations on an idle chat, each run where it must (the binding only converts values and
     // queues them on a worker thread; these block that thread, never the JS one).
@@ -111,6 +113,7 @@ private:
     struct pool_deleter { void operator()(ggml_threadpool * p) const; };
     std::map<int32_t, std::unique_ptr<ggml_threadpool, pool_deleter>> pools_;
     std::vector<std::unique_ptr<engine>> engines_;
+    engine_stats retired_;   // the cumulative counters of engines freed (retire_if_unused)
     std::thread thread_;
 };
 

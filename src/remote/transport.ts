@@ -237,7 +237,7 @@ export class Transport {
       };
       try {
         while (!done) {
-          let chunk: ReadableStreamReadResult<string>;
+          let chunk: Awaited<ReturnType<typeof reader.read>>;
           try {
             chunk = await reader.read();
           } catch (err) {

@@ -218,6 +218,35 @@ describe('engines of one model', () => {
       m.dispose();
     }
   });
+
+  // A server whose sessions choose their own budget makes an engine per geometry: each must give its
+  // context and KV buffers back when its last chat goes, or memory grows with every budget ever used.
+  it('an engine whose last chat is disposed is freed; its counters stay in the totals', async () => {
+    const m = await loadModel(testModelPath(), { threads: 1 });
+    try {
+      const keep = m.createChat({ maxTokens: 128 });
+      await expectTurnRan(keep.send('hello there', { maxNewTokens: 2, temperature: 0 }));
+      const first = keep._internals().engineStats();
+      expect(first.engines).toBe(1);
+      for (const maxTokens of [512, 768, 1024]) {
+        const c = m.createChat({ maxTokens });
+        await expectTurnRan(c.send('hello there', { maxNewTokens: 2, temperature: 0 }));
+        expect(keep._internals().engineStats().engines).toBe(2);
+        // Checkpointed and restored: bound to its engine again, and released again.
+        const restored = await m.loadChat(await c.checkpoint());
+        c.dispose();
+        await expectTurnRan(restored.send('again', { maxNewTokens: 2, temperature: 0 }));
+        restored.dispose();
+      }
+      const after = keep._internals().engineStats();
+      expect(after.engines).toBe(1);
+      expect(after.tokens).toBeGreaterThan(first.tokens + 20);   // the freed engines' tokens are still counted
+      await expectTurnRan(keep.send('still here', { maxNewTokens: 2, temperature: 0 }));
+      keep.dispose();
+    } finally {
+      m.dispose();
+    }
+  });
 });
 
 describe('capacity', () => {

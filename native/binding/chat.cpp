@@ -181,16 +181,14 @@ Napi::Function js_chat::define(Napi::Env env) {
 
 js_chat::js_chat(const Napi::CallbackInfo & info) : Napi::ObjectWrap<js_chat>(info) {
     Napi::Env env = info.Env();
+    info.This().As<Napi::Object>().TypeTag(&CHAT_TYPE_TAG);
     if (info.Length() >= 1 && info[0].IsExternal()) {
         restored_chat * r = info[0].As<Napi::External<restored_chat>>().Data();
         rt_ = r->rt;
         core_ = r->seq;
         return;
     }
-    if (info.Length() < 1 || !info[0].IsObject()) {
-        throw_error(env, FML_ERR_INVALID_OPTION, "expected a model");
-    }
-    js_model * m = js_model::Unwrap(info[0].As<Napi::Object>());
+    js_model * m = unwrap_tagged<js_model>(env, info[0], MODEL_TYPE_TAG, "NativeModel");
     auto model = m->require(env);
     const chat_options opts = guarded(env, [&] { return resolve_chat_options(options_arg(info, 1), m->load_options.threads,
                                                                                 model->info().backend == "cpu" && chat::reads_attention_weights(model->info())); });
@@ -585,7 +583,7 @@ Napi::Value js_load_chat(const Napi::CallbackInfo & info) {
     if (info.Length() < 2 || !info[0].IsObject()) {
         throw_error(env, FML_ERR_INVALID_OPTION, "loadChat(model, path, threads)");
     }
-    js_model * m = js_model::Unwrap(info[0].As<Napi::Object>());
+    js_model * m = unwrap_tagged<js_model>(env, info[0], MODEL_TYPE_TAG, "NativeModel");
     // A path, or the checkpoint's bytes (a Uint8Array).
     std::string path;
     std::vector<uint8_t> bytes;

@@ -41,6 +41,19 @@ auto guarded(Napi::Env env, F fn) -> decltype(fn()) {
     }
 }
 
+// Type tags of the wrapped classes. ObjectWrap::Unwrap trusts an object's class: a NativeChat passed
+// where a NativeModel was expected was reinterpreted as one. Every wrapped argument is checked first.
+inline constexpr napi_type_tag MODEL_TYPE_TAG = { 0x3f1c9a7e52d04b6bULL, 0x8e2a61c4d7f93a05ULL };
+inline constexpr napi_type_tag CHAT_TYPE_TAG = { 0x6b48e0d2a19c5f37ULL, 0xc05d7f3e8a2b1946ULL };
+
+template <typename T>
+T * unwrap_tagged(Napi::Env env, const Napi::Value & v, const napi_type_tag & tag, const char * what) {
+    if (!v.IsObject() || !v.As<Napi::Object>().CheckTypeTag(&tag)) {
+        throw_error(env, FML_ERR_INVALID_OPTION, std::string("expected a ") + what);
+    }
+    return T::Unwrap(v.As<Napi::Object>());
+}
+
 inline std::string string_arg(const Napi::CallbackInfo & info, size_t i, const char * what) {
     if (info.Length() <= i || !info[i].IsString()) {
         throw_error(info.Env(), FML_ERR_INVALID_OPTION, std::string("expected a string for ") + what);

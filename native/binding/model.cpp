@@ -15,7 +15,9 @@ Napi::Function js_model::define(Napi::Env env) {
     });
 }
 
-js_model::js_model(const Napi::CallbackInfo & info) : Napi::ObjectWrap<js_model>(info) {}
+js_model::js_model(const Napi::CallbackInfo & info) : Napi::ObjectWrap<js_model>(info) {
+    info.This().As<Napi::Object>().TypeTag(&MODEL_TYPE_TAG);
+}
 
 std::shared_ptr<fml_model> js_model::require(Napi::Env env) {
     if (!model) {
@@ -88,8 +90,8 @@ Napi::Value js_model::js_tokenize(const Napi::CallbackInfo & info) {
 Napi::Value js_model::js_detokenize(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     auto m = require(env);
-    if (info.Length() < 1 || !info[0].IsTypedArray()) {
-        throw_error(env, FML_ERR_INVALID_OPTION, "expected an Int32Array of tokens");
+    if (info.Length() < 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array) {
+        throw_error(env, FML_ERR_INVALID_OPTION, "expected an Int32Array of tokens");   // another typed array was read past its end
     }
     Napi::Int32Array arr = info[0].As<Napi::Int32Array>();
     std::vector<int32_t> toks(arr.Data(), arr.Data() + arr.ElementLength());

@@ -17,10 +17,7 @@ namespace fml {
 namespace {
 
 js_chat & chat_arg(const Napi::CallbackInfo & info) {
-    if (info.Length() < 1 || !info[0].IsObject()) {
-        throw_error(info.Env(), FML_ERR_INVALID_OPTION, "expected a NativeChat");
-    }
-    return *js_chat::Unwrap(info[0].As<Napi::Object>());
+    return *unwrap_tagged<js_chat>(info.Env(), info[0], CHAT_TYPE_TAG, "NativeChat");
 }
 
 // Runs `fn(chat, engine)` on the chat's scheduler; the chat must be idle.
@@ -189,7 +186,7 @@ private:
 // benchEvict(model, context, evictCounts, reps, threads) -> Promise
 Napi::Value bench_evict(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    auto model = js_model::Unwrap(info[0].As<Napi::Object>())->require(env);
+    auto model = unwrap_tagged<js_model>(env, info[0], MODEL_TYPE_TAG, "NativeModel")->require(env);
     std::vector<int32_t> counts;
     Napi::Array a = info[2].As<Napi::Array>();
     for (uint32_t i = 0; i < a.Length(); ++i) {
@@ -250,7 +247,7 @@ private:
 
 Napi::Value swa_cost(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    auto model = js_model::Unwrap(info[0].As<Napi::Object>())->require(env);
+    auto model = unwrap_tagged<js_model>(env, info[0], MODEL_TYPE_TAG, "NativeModel")->require(env);
     return queue_worker<swa_cost_worker>(env, model, info[1].ToNumber().Int32Value(), info[2].ToNumber().Int32Value(), info[3].ToNumber().Int32Value());
 }
 

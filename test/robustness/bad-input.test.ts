@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   CallbackError, ChatBusyError, InferenceError, InvalidOptionError, loadModel, ModelInvalidError, ModelNotFoundError, PromptTooLargeError, type Model, type TurnResult,
 } from '../../src/index.ts';
+import { getBinding } from '../../src/local/binding.ts';
 import { checkCache, testDir, testModelPath, THREADS, expectTurnRan } from '../helpers.ts';
 
 let model: Model;
@@ -175,6 +176,21 @@ describe('a throwing onToken callback', () => {
     expect(third.stats.turn).toBe(3);
     expect(chat.exportTranscript().messages).toHaveLength(6);
     chat.dispose();
+  });
+});
+
+describe('the internal binding', () => {
+  it('checks the class of the objects it is given and the type of typed arrays (no reinterpretation, no over-read)', async () => {
+    const b = getBinding();
+    const nativeModel = await b.loadModel(testModelPath(), { threads: 1 });
+    const nativeChat = new b.NativeChat(nativeModel, {});
+    const asModel = nativeChat as unknown as Parameters<typeof b.loadChat>[0];
+    expect(() => new b.NativeChat(asModel, {})).toThrow(/expected a NativeModel/);
+    await expect(Promise.resolve().then(() => b.loadChat(asModel, new Uint8Array(16), 1))).rejects.toThrow(/expected a NativeModel/);
+    expect(() => nativeModel.detokenize(new Uint8Array(1000) as unknown as Int32Array, false)).toThrow(/Int32Array/);
+    expect(nativeModel.detokenize(Int32Array.from([1]), false)).toEqual(expect.any(String));
+    nativeChat.dispose();
+    nativeModel.dispose();
   });
 });
 

@@ -31,7 +31,7 @@ export interface RemoteOptions {
   tokenizer?: RemoteTokenizer;
   /** Default { retries: 2, minDelayMs: 250, maxDelayMs: 8000 }. */
   retry?: Partial<RetryOptions>;
-  /** Per-attempt timeout (headers and body), ms. Default 60000. */
+  /** Per-attempt timeout, ms: for the answer (headers and a whole JSON body), and in a stream for each next event. Default 60000. */
   timeoutMs?: number;
   /** Default { failureThreshold: 5, cooldownMs: 30000 }. Shared by the chats of this connection. */
   circuit?: Partial<CircuitOptions>;

@@ -143,7 +143,17 @@ export class Transport {
   }
 
   async #attempt(body: Record<string, unknown>, signal: AbortSignal | undefined, onToken: ((piece: string) => void) | undefined, partial: { text: string } | undefined): Promise<Omit<CompletionResult, 'attempts'>> {
-    const timeout = AbortSignal.timeout(this.#o.timeoutMs);
+    // timeoutMs bounds the wait for the answer and, in a stream, each wait for the next event: a long
+    // reply that keeps streaming is not cut at timeoutMs (a deadline for the whole stream failed every
+    // reply longer than it, and the turn then lost what the user had seen).
+    const timer = new AbortController();
+    let deadline: NodeJS.Timeout | undefined;
+    const arm = () => {
+      clearTimeout(deadline);
+      deadline = setTimeout(() => timer.abort(), this.#o.timeoutMs);
+    };
+    arm();
+    const timeout = timer.signal;
     const combined = signal ? AbortSignal.any([signal, timeout]) : timeout;
     const headers: Record<string, string> = { 'content-type': 'application/json', accept: onToken ? 'text/event-stream' : 'application/json' };
     if (this.#o.apiKey) headers.authorization = `Bearer ${this.#o.apiKey}`;
@@ -240,6 +250,7 @@ export class Transport {
           let chunk: Awaited<ReturnType<typeof reader.read>>;
           try {
             chunk = await reader.read();
+            arm();
           } catch (err) {
             if (finishReason !== null) break;   // the reply was complete: only its [DONE] was lost
             throw err;
@@ -263,6 +274,8 @@ export class Transport {
       return { text, finishReason, usage, extra };
     } catch (err) {
       return fail(err);
+    } finally {
+      clearTimeout(deadline);
     }
   }
 }

@@ -388,6 +388,30 @@ describe('remote transport: streams that fail, and the circuit', () => {
     expect((bodies[0] as Body & { stream_options?: unknown }).stream_options).toEqual({ include_usage: true });
   });
 
+  it('timeoutMs bounds each wait in a stream, not the whole stream: a long reply that keeps coming completes; a stall fails', async () => {
+    const url = await startFault((_req, res, n) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      let i = 0;
+      const tick = setInterval(() => {
+        if (n > 1 && i === 2) return clearInterval(tick);   // the second request stalls after two pieces
+        if (i < 6) res.write(event({ choices: [{ index: 0, delta: { content: `p${i}` }, finish_reason: null }] }));
+        else {
+          clearInterval(tick);
+          res.end(event({ choices: [{ index: 0, delta: {}, finish_reason: 'stop' }] }) + 'data: [DONE]\n\n');
+        }
+        i++;
+      }, 80);
+    });
+    const chat = connect(url, { timeoutMs: 200 }).createChat();
+    const t0 = performance.now();
+    const r = await chat.send('long', { onToken: () => {} });
+    expect(performance.now() - t0).toBeGreaterThan(400);   // twice timeoutMs in all
+    expect(r.response).toBe('p0p1p2p3p4p5');
+    const err = await chat.send('stall', { onToken: () => {} }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(RemoteTimeoutError);
+    expect((err as Error).message).toMatch(/not retried/);
+  });
+
   it('a half-open circuit with its trial in flight tells callers to wait, and a 4xx trial does not close it', async () => {
     let mode: 'fail' | 'slow' | 'bad' = 'fail';
     const url = await startFault((_req, res) => {

@@ -138,7 +138,10 @@ export class RemoteChat implements ChatSurface {
       memory.add(user, reply);
       this.#transcript.add(text, r.text);
       // The reply may be longer than reserved (or counted differently): evict again.
-      let stopReason: StopReason = r.finishReason === 'length' ? 'maxTokens' : 'eos';
+      // OpenAI's finish_reason 'stop' covers both an end of turn and a stop string; this project's
+      // server says which (finite_memory.stop_reason), as a local chat would.
+      const told = (r.extra as { stop_reason?: unknown } | undefined)?.stop_reason;
+      let stopReason: StopReason = told === 'eos' || told === 'maxTokens' || told === 'stop' ? told : r.finishReason === 'length' ? 'maxTokens' : 'eos';
       try {
         await memory.fit(maxTokens, turn, signal, summarize);
       } catch (err) {

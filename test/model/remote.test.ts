@@ -142,6 +142,14 @@ describe('remote backend against the project server', () => {
     // What a user writes once and points at either backend: send, stream (broken off early), stats,
     // the transcript, telemetry, reset, await using.
     const conversation = async (chat: ChatSurface) => {
+      // A stop string inside the reply: 'stop' on both (OpenAI's finish_reason alone says 'stop' for an
+      // end of turn too). The same first turn again after reset() gives the same reply.
+      const probe = await chat.send('Hello there', { maxNewTokens: 6, temperature: 0 });
+      chat.reset();
+      const stop = probe.response.trim().slice(1, 3);
+      expect(stop).toHaveLength(2);
+      expect((await chat.send('Hello there', { maxNewTokens: 6, temperature: 0, stop: [stop] })).stopReason).toBe('stop');
+      chat.reset();
       const first = await chat.send('Hello there', { maxNewTokens: 6, temperature: 0 });
       const pieces: string[] = [];
       for await (const piece of chat.stream('Tell me more', { maxNewTokens: 6, temperature: 0 })) pieces.push(piece);

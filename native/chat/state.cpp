@@ -46,7 +46,8 @@ void chat::adopt_state(chat_state && s) {
     }
     // Increasing and not negative (a negative position would leave a cell seq_rm can never remove),
     // below the chat's limit, and consecutive unless the chat keeps positions.
-    const bool ordered = ledger_.positions_increasing() && (ledger_.empty() || ledger_.next_pos() <= position_limit_);
+    // (The last position is compared, not next_pos(): one at INT32_MAX overflowed it past the check.)
+    const bool ordered = ledger_.positions_increasing() && (ledger_.empty() || ledger_[ledger_.size() - 1].pos < position_limit_);
     if (!ordered || (!opts_.keep_positions && !ledger_.empty() && ledger_[ledger_.size() - 1].pos != ledger_[0].pos + (int32_t) ledger_.size() - 1)) {
         ledger_.clear();
         throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint's token positions are negative, out of order, past the position limit "
@@ -95,7 +96,7 @@ void chat::unpark(step_context & e) {
         // The cache and the ledger must agree, or the state is not what it claims.
         const int32_t expect_max = ledger_.empty() ? -1 : ledger_[ledger_.size() - 1].pos;
         const int32_t expect_min = ledger_.empty() ? -1 : ledger_[0].pos;
-        if (kv_pos_max(ctx, slot_) != expect_max || kv_pos_min(ctx, slot_) != expect_min) {
+        if (kv_pos_max(ctx, slot_) != expect_max || kv_pos_min(ctx, slot_) != expect_min || !kv_cells_match_ledger(ctx, slot_, ledger_)) {
             throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the checkpoint's KV state and token ledger disagree");
         }
     } catch (...) {

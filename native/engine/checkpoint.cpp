@@ -336,7 +336,8 @@ chat_state decode_checkpoint(const uint8_t * data, size_t size, const std::strin
     s.stats.evictions = r.get<uint64_t>(); s.stats.fallback_count = r.get<uint64_t>();
     s.stats.compactions = version >= 3 ? r.get<uint64_t>() : 0;
     s.transcript = version >= 4 ? r.str() : "";
-    const uint64_t n_ledger = r.count(15 + 4 * LEDGER_SCORE_SLOTS);
+    // Entries of format 5 keep three score slots, earlier ones two: the bound uses the version's size.
+    const uint64_t n_ledger = r.count(15 + 4 * (version >= 5 ? LEDGER_SCORE_SLOTS : 2));
     s.ledger.resize(n_ledger);
     for (ledger_entry & e : s.ledger) {
         e.token = r.get<int32_t>(); e.pos = r.get<int32_t>(); e.turn = r.get<uint32_t>();

@@ -1,5 +1,6 @@
 #include "engine/options.h"
 
+#include "kv/token-ledger.h"
 #include "util/error.h"
 
 #include <algorithm>
@@ -144,7 +145,7 @@ const std::vector<const char *> IMPORTANCE_SCORES = { "mean", "peak", "blend" };
 const std::vector<const char *> POSITION_MODES = { "keep", "compact" };
 // llama.cpp positions are int32; a limit this far from overflow leaves room for the park-and-move of
 // a compaction (kv-ops) and for any trained context a model declares today.
-constexpr double MAX_POSITION_LIMIT = 1 << 30;
+constexpr double MAX_POSITION_LIMIT = MAX_POSITION;
 
 // The one table: a row per option, its documentation (what the docs and the TypeScript types show)
 // next to the code that validates it and sets its default. Rows run in order, so a default or bound

@@ -194,6 +194,7 @@ struct blob_reader {
     const std::vector<uint8_t> & b;
     size_t at;
     size_t cell_ext = 0;   // extra bytes after each cell's seq id count (kv_cell_ext_bytes)
+    bool loading = false;  // a blob to load (a checkpoint's): its cells are checked, not only skipped
     template <typename T> T get() {
         if (at + sizeof(T) > b.size()) {
             throw fml_error(FML_ERR_KV, "unexpected KV state layout (truncated)");
@@ -214,8 +215,13 @@ struct blob_reader {
 // Skips one stream's `cells` cells (llama_kv_cache::state_write_meta, then state_write_data).
 void skip_stream_cells(blob_reader & r, uint32_t cells) {
     for (uint32_t c = 0; c < cells; ++c) {
-        r.get<int32_t>();                       // pos
+        const int32_t pos = r.get<int32_t>();
         const uint32_t n_seq = r.get<uint32_t>();
+        // A cell below 0 or at INT32_MAX is one seq_rm(seq, -1, -1) can never remove (llama.cpp reads
+        // those bounds as 0 and INT32_MAX, exclusive): it would stay in the slot for the next chat.
+        if (r.loading && (pos < 0 || pos > MAX_POSITION || n_seq != 1)) {
+            throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the KV state holds a cell at an impossible position");
+        }
         r.skip(r.cell_ext);                     // M-RoPE's 2D position
         r.skip(4ull * n_seq);                   // seq ids
     }
@@ -243,7 +249,7 @@ void skip_stream_cells(blob_reader & r, uint32_t cells) {
 std::vector<std::pair<size_t, size_t>> section_streams(const std::vector<uint8_t> & raw, bool one_stream, size_t max_sections, size_t cell_ext,
                                                        size_t & tail) {
     std::vector<std::pair<size_t, size_t>> out;
-    blob_reader r{ raw, STATE_HEADER, cell_ext };
+    blob_reader r{ raw, STATE_HEADER, cell_ext, one_stream };
     while (r.at < raw.size() && out.size() < max_sections) {
         const uint32_t n_stream = r.get<uint32_t>();
         if (n_stream == 0 || (one_stream && n_stream != 1)) {
@@ -270,6 +276,24 @@ std::vector<std::pair<size_t, size_t>> section_streams(const std::vector<uint8_t
     }
     tail = r.at;
     return out;
+}
+
+// A hybrid's recurrent state after its attention section, as llama_memory_recurrent::state_write
+// writes one sequence: [u32 cell count][cells: i32 pos, u32 seq id count (0)][data]. llama.cpp asserts
+// on a loaded one that is not (more cells than the sequence can take: the process aborted), so the
+// metadata is checked here; the data's sizes llama.cpp checks itself.
+void check_recurrent_tail(const std::vector<uint8_t> & raw, size_t tail) {
+    blob_reader r{ raw, tail };
+    const uint32_t cells = r.get<uint32_t>();
+    if (cells > 1) {
+        throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the recurrent state holds more than one cell");
+    }
+    if (cells == 1) {
+        const int32_t pos = r.get<int32_t>();
+        if (pos < 0 || pos > MAX_POSITION || r.get<uint32_t>() != 0) {
+            throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the recurrent state's cell is not one sequence's");
+        }
+    }
 }
 
 // KV sections in a sequence's state: a full cache and a window cache, or one (a hybrid's attention
@@ -316,7 +340,15 @@ void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std
     size_t tail = 0;
     try {
         sections = section_streams(blob, true, kv_sections(ctx), kv_cell_ext_bytes(ctx), tail);
-    } catch (const fml_error &) {
+        if (kv_has_recurrent(ctx)) {
+            check_recurrent_tail(blob, tail);
+        } else if (tail != blob.size()) {
+            throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "trailing bytes");
+        }
+    } catch (const fml_error & e) {
+        if (e.code() == FML_ERR_CHECKPOINT_CORRUPT) {
+            throw;
+        }
         throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "the KV state is not in the one-stream form this library writes");
     }
     // Widen every section to the context's stream count: the stream, then an empty entry for every other one.
@@ -394,6 +426,30 @@ bool window_cells(llama_context * ctx, int32_t seq, const token_ledger & ledger,
 }
 
 } // namespace
+
+bool kv_cells_match_ledger(llama_context * ctx, int32_t seq, const token_ledger & ledger) {
+    check_seq(ctx, seq);
+    std::vector<int32_t> cells;
+    if (!kv_cell_positions(ctx, seq, cells)) {
+        return true;
+    }
+    std::vector<int32_t> seen;
+    for (const int32_t p : cells) {
+        if (p >= 0) {
+            seen.push_back(p);
+        }
+    }
+    std::sort(seen.begin(), seen.end());
+    if (seen.size() != ledger.size()) {
+        return false;
+    }
+    for (size_t i = 0; i < seen.size(); ++i) {
+        if (seen[i] != ledger[i].pos) {
+            return false;
+        }
+    }
+    return true;
+}
 
 bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & ledger) {
     check_seq(ctx, seq);

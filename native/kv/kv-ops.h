@@ -90,6 +90,10 @@ bool kv_window_restore(llama_context * ctx, int32_t seq, const std::vector<uint8
 // `before` alone when the two saves do not have the same layout.
 std::vector<uint8_t> kv_window_with(llama_context * ctx, const std::vector<uint8_t> & before, const std::vector<uint8_t> & after, int32_t pos0,
                                     int32_t pos1);
+// True when the cache that holds every retained token has exactly one cell per ledger entry, at its
+// position (a loaded state must not bring cells the ledger does not know: duplicates, gaps, cells
+// past the end on a model whose reported maximum is another cache's). True without the internals.
+bool kv_cells_match_ledger(llama_context * ctx, int32_t seq, const token_ledger & ledger);
 // True when the sliding layers hold exactly the ledger's positions that the next token sees (always
 // true without sliding layers, or without the internals to look).
 bool kv_window_matches(llama_context * ctx, int32_t seq, const token_ledger & ledger);

@@ -10,6 +10,10 @@
 
 namespace fml {
 
+// The highest position a chat can reach (positionLimit's upper bound): a loaded state with a cell
+// beyond it is corrupt.
+constexpr int32_t MAX_POSITION = 1 << 30;
+
 enum token_role : uint8_t {
     TOKEN_ROLE_SYSTEM    = 0,
     TOKEN_ROLE_USER      = 1,

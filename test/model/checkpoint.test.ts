@@ -5,6 +5,7 @@ import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { getBinding } from '../../src/local/binding.ts';
+import { writeModel } from '../../src/gguf/index.ts';
 import { CheckpointError, loadModel, POLICIES, type Model } from '../../src/index.ts';
 import { checkCache, THREADS, maxAbsDiff, testDir, testModelPath, expectTurnRan } from '../helpers.ts';
 
@@ -215,6 +216,96 @@ describe('checkpoint positions', () => {
     await chat.saveCheckpoint(path);
     await expect(model.loadChat(path)).rejects.toMatchObject({ code: 'CHECKPOINT_CORRUPT', message: expect.stringContaining('negative') });
     chat.dispose();
+  });
+});
+
+/** The KV blob a full checkpoint carries last, before its checksum ([u64 size][bytes][u64 checksum]). */
+function kvBlob(bytes: Buffer): { at: number; size: number } {
+  // The largest size that fits (a smaller one can match by chance inside the blob).
+  for (let size = bytes.length - 24; size >= 16; size--) {
+    const at = bytes.length - 8 - size;
+    if (bytes.readBigUInt64LE(at - 8) === BigInt(size)) return { at, size };
+  }
+  throw new Error('no KV blob found');
+}
+const resum = (b: Buffer) => {
+  b.writeBigUInt64LE(fnv1a64(b.subarray(0, b.length - 8)), b.length - 8);
+  return b;
+};
+
+describe('hostile KV states (valid checksums): a typed error, never an abort, and no cell left behind', () => {
+  // The one-stream blob: [magic, seq id: 8 bytes][u32 streams = 1][u32 cells][cell: i32 pos, u32 seq ids, i32 seq id]...
+  const CELLS = 8 + 4;
+  const cellAt = (blob: number, i: number) => blob + CELLS + 4 + i * 12;
+  const saved = async () => {
+    const chat = model.createChat({ maxTokens: 128, kvType: 'f32', flashAttention: false });
+    await chat.send('hello there, how are you today', { maxNewTokens: 4, temperature: 0 });
+    const bytes = Buffer.from(await chat.checkpoint());
+    chat.dispose();
+    return bytes;
+  };
+  const stillClean = async () => {
+    // Every slot serves new chats as if nothing had been loaded (a cell left at a position seq_rm
+    // cannot reach, below 0 or at INT32_MAX, would stay in the slot for the next chat placed there;
+    // those two were refused before this check too, by llama.cpp and by the min/max comparison).
+    const chats = [0, 1].map(() => model.createChat({ maxTokens: 128 }));
+    for (const c of chats) {
+      await expectTurnRan(c.send('fresh start', { maxNewTokens: 2, temperature: 0 }));
+      checkCache(c, 128);
+      c.dispose();
+    }
+  };
+
+  it.each([['negative', -1], ['INT32_MAX', 2 ** 31 - 1]] as const)('a cell at a %s position', async (_what, pos) => {
+    const bytes = await saved();
+    const { at } = kvBlob(bytes);
+    expect(bytes.readUInt32LE(at + 8)).toBe(1);   // one stream
+    bytes.writeInt32LE(pos, cellAt(at, 1));
+    await expect(model.loadChat(resum(bytes))).rejects.toMatchObject({ code: 'CHECKPOINT_CORRUPT' });
+    await stillClean();
+  });
+
+  it('a cell duplicating another\'s position (the smallest and largest unchanged)', async () => {
+    const bytes = await saved();
+    const { at } = kvBlob(bytes);
+    bytes.writeInt32LE(bytes.readInt32LE(cellAt(at, 1)), cellAt(at, 2));
+    await expect(model.loadChat(resum(bytes))).rejects.toMatchObject({ code: 'CHECKPOINT_CORRUPT' });
+    await stillClean();
+  });
+
+  it('a hybrid\'s recurrent state with more cells than one sequence has', async () => {
+    const path = join(testDir, 'ckpt-qwen35.gguf');
+    writeModel(path, { family: 'qwen35', seed: 3 });
+    const hybrid = await loadModel(path, { threads: THREADS });
+    try {
+      const chat = hybrid.createChat({ maxTokens: 128 });
+      await chat.send('hello there, how are you today', { maxNewTokens: 4, temperature: 0 });
+      const last = chat.memory().at(-1)!.position;
+      const bytes = Buffer.from(await chat.checkpoint());
+      chat.dispose();
+      // The recurrent tail: [u32 cells = 1][i32 pos = the last token's][u32 seq ids = 0][u32 s_trans = 0][u32 n_layer].
+      const { at, size } = kvBlob(bytes);
+      const tail = Buffer.alloc(20);
+      tail.writeUInt32LE(1, 0);
+      tail.writeInt32LE(last, 4);
+      tail.writeUInt32LE(hybrid.info.nLayer, 16);
+      const found = bytes.subarray(at, at + size).indexOf(tail);
+      expect(found).toBeGreaterThan(0);
+      // Two cells for the one sequence, each well formed: llama.cpp finds a slot for them and then
+      // asserts that they are where it put them.
+      const extra = Buffer.alloc(8);
+      extra.writeInt32LE(last + 1, 0);
+      const start = at + found;
+      const hostile = Buffer.concat([bytes.subarray(0, at - 8), Buffer.alloc(8), bytes.subarray(at, start), Buffer.from([2, 0, 0, 0]),
+        bytes.subarray(start + 4, start + 12), extra, bytes.subarray(start + 12)]);
+      hostile.writeBigUInt64LE(BigInt(size + 8), at - 8);
+      await expect(hybrid.loadChat(resum(hostile))).rejects.toMatchObject({ code: 'CHECKPOINT_CORRUPT' });
+      const fresh = hybrid.createChat({ maxTokens: 128 });
+      await expectTurnRan(fresh.send('fresh start', { maxNewTokens: 2, temperature: 0 }));
+      fresh.dispose();
+    } finally {
+      hybrid.dispose();
+    }
   });
 });
 

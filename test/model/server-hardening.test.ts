@@ -269,6 +269,22 @@ describe('stored sessions', () => {
     expect(next.body.finite_memory).toMatchObject({ session_reset: null, chat: { turns: 2 } });
   });
 
+  it('a session file damaged in its header (not a session file any more) starts fresh and says so, not a 500', async () => {
+    const dir = freshDir();
+    const first = await start({ checkpointDir: dir });
+    await post(first.port, { messages: [user('remember me')], user: 'mangled', max_tokens: 2 });
+    const [file] = checkpoints(dir);
+    const bytes = readFileSync(join(dir, file!));
+    bytes.write('XXXX', 0);   // the magic
+    writeFileSync(join(dir, file!), bytes);
+    await first.server.close();
+    writeFileSync(join(dir, file!), bytes);   // close() wrote it back: damage it again
+    const { port } = await start({ checkpointDir: dir });
+    const r = await post(port, { messages: [user('are you there?')], user: 'mangled', max_tokens: 2 });
+    expect(r.status).toBe(200);
+    expect(r.headers['x-session-reset']).toBe('restore_failed');
+  });
+
   it('kill -9 of `serve --checkpoint-dir` loses no turn: the restarted server continues from the per-turn ledger', async () => {
     const dir = freshDir();
     const port = await freePort();

@@ -135,7 +135,15 @@ export class DirBackend implements SessionBackend {
       await this.delete(key);
       return undefined;
     }
-    const { header, body } = decode(await readFile(this.#file(key, 'session')));
+    // A session file that cannot be read back (damaged on disk, its header too) is a session that
+    // cannot be restored: it starts over with X-Session-Reset, not a 500 on every request.
+    let session: ReturnType<typeof decode>;
+    try {
+      session = decode(await readFile(this.#file(key, 'session')));
+    } catch {
+      return undefined;
+    }
+    const { header, body } = session;
     let full: Uint8Array | undefined;
     if (e.fullVersion === header.version) {
       const f = await readFile(this.#file(key, 'full')).then(decode, () => undefined);
@@ -246,7 +254,10 @@ export class DirBackend implements SessionBackend {
         const fullVersion = full ? ((await readHeader(this.#file(key, 'full')).catch(() => undefined))?.of ?? 0) : 0;
         this.#index.set(key, { id: header.id, version: header.version, lastUsed: header.lastUsed, ledgerBytes: body.byteLength, fullBytes: full?.size ?? 0, fullVersion });
       } catch {
-        // An unreadable file is left alone (and never restored).
+        // An unreadable file is left alone and never restored, but the session is known (its key is
+        // the name): its next request gets X-Session-Reset (restore_failed), not a silent new session.
+        const st = await stat(join(this.#dir, name)).catch(() => undefined);
+        this.#index.set(key, { id: '', version: 1, lastUsed: st?.mtimeMs ?? Date.now(), ledgerBytes: st?.size ?? 0, fullBytes: 0, fullVersion: 0 });
       }
     }
     await this.#enforceLimits('');

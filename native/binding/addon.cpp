@@ -54,25 +54,25 @@ Napi::Value js_remove_stale_checkpoint_temps(const Napi::CallbackInfo & info) {
 // checkpointTranscript(bytes) -> the transcript (JSON) a checkpoint of any model carries, after its
 // integrity checks (CHECKPOINT_CORRUPT / _VERSION): what a server rebuilds a session from when the
 // checkpoint was made with another model.
-Napi::Value js_checkpoint_transcript(const Napi::CallbackInfo & info) {
+// A checkpoint of any model given as bytes (info[0]), decoded after its integrity checks.
+chat_state any_checkpoint_arg(const Napi::CallbackInfo & info, const char * fn) {
     Napi::Env env = info.Env();
     if (info.Length() < 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
-        throw_error(env, FML_ERR_CHECKPOINT_CORRUPT, "checkpointTranscript expects the checkpoint's bytes (a Uint8Array)");
+        throw_error(env, FML_ERR_CHECKPOINT_CORRUPT, std::string(fn) + " expects the checkpoint's bytes (a Uint8Array)");
     }
     Napi::Uint8Array bytes = info[0].As<Napi::Uint8Array>();
-    const chat_state s = guarded(env, [&] { return decode_checkpoint(bytes.Data(), bytes.ByteLength(), std::string(), true); });
-    return Napi::String::New(env, s.transcript);
+    return guarded(env, [&] { return decode_checkpoint(bytes.Data(), bytes.ByteLength(), std::string(), true); });
+}
+
+Napi::Value js_checkpoint_transcript(const Napi::CallbackInfo & info) {
+    return Napi::String::New(info.Env(), any_checkpoint_arg(info, "checkpointTranscript").transcript);
 }
 
 // checkpointSettings(bytes) -> { systemPrompt, policy, maxTokens } the chat was created with, read as
 // checkpointTranscript reads its transcript: what a session rebuilt on another model keeps.
 Napi::Value js_checkpoint_settings(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    if (info.Length() < 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
-        throw_error(env, FML_ERR_CHECKPOINT_CORRUPT, "checkpointSettings expects the checkpoint's bytes (a Uint8Array)");
-    }
-    Napi::Uint8Array bytes = info[0].As<Napi::Uint8Array>();
-    const chat_state s = guarded(env, [&] { return decode_checkpoint(bytes.Data(), bytes.ByteLength(), std::string(), true); });
+    const chat_state s = any_checkpoint_arg(info, "checkpointSettings");
     Napi::Object o = Napi::Object::New(env);
     o.Set("systemPrompt", s.options.system_prompt);
     o.Set("policy", s.options.policy.name);

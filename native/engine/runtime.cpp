@@ -125,6 +125,18 @@ engine & runtime::engine_for(chat & s) {
     return *engines_.back();
 }
 
+// The cumulative counters of `s` added to `into` (not its current slots).
+static void add_counters(engine_stats & into, const engine_stats & s) {
+    into.steps += s.steps;
+    into.decodes += s.decodes;
+    into.shared_decodes += s.shared_decodes;
+    into.tokens += s.tokens;
+    into.parked += s.parked;
+    into.restored += s.restored;
+    into.grown += s.grown;
+    into.shift_steps += s.shift_steps;
+}
+
 void runtime::retire_if_unused(engine * e) {
     // A geometry no chat uses any more (its chats disposed: a server's sessions that chose another
     // budget, say) gives its context and KV buffers back now; its counters stay in the totals.
@@ -135,15 +147,7 @@ void runtime::retire_if_unused(engine * e) {
     if (it == engines_.end()) {
         return;
     }
-    const engine_stats & s = e->stats();
-    retired_.steps += s.steps;
-    retired_.decodes += s.decodes;
-    retired_.shared_decodes += s.shared_decodes;
-    retired_.tokens += s.tokens;
-    retired_.parked += s.parked;
-    retired_.restored += s.restored;
-    retired_.grown += s.grown;
-    retired_.shift_steps += s.shift_steps;
+    add_counters(retired_, e->stats());
     engines_.erase(it);
 }
 
@@ -151,17 +155,9 @@ engine_stats runtime::stats() {
     return run_sync([this] {
         engine_stats total = retired_;
         for (const auto & e : engines_) {
-            const engine_stats & s = e->stats();
-            total.steps += s.steps;
-            total.decodes += s.decodes;
-            total.shared_decodes += s.shared_decodes;
-            total.tokens += s.tokens;
-            total.parked += s.parked;
-            total.restored += s.restored;
-            total.grown += s.grown;
-            total.shift_steps += s.shift_steps;
-            total.slots += s.slots;
-            total.occupied += s.occupied;
+            add_counters(total, e->stats());
+            total.slots += e->stats().slots;
+            total.occupied += e->stats().occupied;
         }
         total.engines = (uint32_t) engines_.size();
         total.thread_pools = (uint32_t) std::count_if(pools_.begin(), pools_.end(), [](const auto & p) { return p.second != nullptr; });

@@ -24,6 +24,22 @@ export const SUMMARIZER_PROMPT =
 let nextId = 1;
 
 /**
+ * Tokens of `text` without a tokenizer: ceil(ASCII characters / 4), plus one per other character. A
+ * BPE vocabulary spends about a token per CJK character and more than one per emoji; chars / 4 for
+ * every script undercounted Chinese text 2-4x, and the remote then refused a context that the budget
+ * said fit, on every turn until reset().
+ */
+export function estimateTokens(text: string): number {
+  let ascii = 0;
+  let other = 0;
+  for (const ch of text) {
+    if (ch.charCodeAt(0) < 0x80) ascii++;
+    else other++;
+  }
+  return Math.ceil(ascii / 4) + other;
+}
+
+/**
  * A conversation with a remote model whose request never carries more than `maxTokens` tokens of
  * messages (counted locally). One turn at a time (a second send rejects with ChatBusyError).
  */
@@ -78,9 +94,9 @@ export class RemoteChat implements ChatSurface {
     return this.#tokenizer ? 'model' : 'estimate';
   }
 
-  /** Tokens of one message: the tokenizer's count, or ceil(chars / 4); plus 4 for the message's framing. */
+  /** Tokens of one message: the tokenizer's count, or the estimate (estimateTokens); plus 4 for the message's framing. */
   #count(text: string): number {
-    return (this.#tokenizer ? this.#tokenizer.tokenize(text).length : Math.ceil(text.length / 4)) + 4;
+    return (this.#tokenizer ? this.#tokenizer.tokenize(text).length : estimateTokens(text)) + 4;
   }
 
   /**

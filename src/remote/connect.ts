@@ -27,7 +27,7 @@ export interface RemoteOptions {
   apiKey?: string;
   /** The remote model id sent as `model`. */
   model: string;
-  /** Counts tokens exactly (`tokenize(text).length`); without it, the estimate ceil(chars / 4) + 4 per message. */
+  /** Counts tokens exactly (`tokenize(text).length`); without it, the estimate ceil(ASCII chars / 4) + other chars, + 4 per message. */
   tokenizer?: RemoteTokenizer;
   /** Default { retries: 2, minDelayMs: 250, maxDelayMs: 8000 }. */
   retry?: Partial<RetryOptions>;

@@ -35,7 +35,7 @@ export interface TurnEvent {
 }
 
 /** Where a reported error came from: the turn itself, or a hook that threw. */
-export type TelemetrySource = 'turn' | 'onTurn' | 'onEviction';
+export type TelemetrySource = 'turn' | 'onTurn' | 'onEviction' | 'onClose';
 
 /** The hooks of any chat, local or remote: `TTurn` is its turn event, `TEviction` its eviction event. */
 export interface TelemetryHooks<TTurn, TEviction = never> {
@@ -71,12 +71,19 @@ export class TelemetryEmitter<TTurn, TEviction = never> {
     setImmediate(() => this.#report(err, 'turn'));
   }
 
+  /**
+   * On a later tick too, after the hooks of turns already ended: a chat disposed right after its
+   * turn (a server's one-off request) had onClose before onTurn, which then put its gauges back for
+   * good (a Prometheus map entry per request).
+   */
   close(): void {
-    try {
-      this.#hooks.onClose?.(this.#chatId);
-    } catch (err) {
-      this.#report(err, 'onTurn');
-    }
+    setImmediate(() => {
+      try {
+        this.#hooks.onClose?.(this.#chatId);
+      } catch (err) {
+        this.#report(err, 'onClose');
+      }
+    });
   }
 
   #call(source: 'onTurn' | 'onEviction', fn: () => void | Promise<void> | undefined): void {

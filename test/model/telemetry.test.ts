@@ -108,8 +108,27 @@ describe('Prometheus adapter', () => {
     expect(text).toContain('finite_memory_policy_seconds_bucket');
     expect(text).toContain('finite_memory_prefill_seconds_sum{policy="importance"}');
     a.dispose();
+    await tick();
     const after = await registry.metrics();
     expect(after).toContain('finite_memory_retained_tokens{policy="sliding"} 0');
     b.dispose();
+  });
+
+  it('a chat disposed right after its turn leaves no gauge behind (onClose after onTurn)', async () => {
+    // A server's one-off request: send, then dispose in the same tick. onClose ran before the
+    // deferred onTurn, which then put the chat's gauges back for good.
+    const registry = new Registry();
+    const telemetry = createPrometheusTelemetry({ registry });
+    const order: string[] = [];
+    const hooks = { ...telemetry, onTurn: (e: TurnEvent) => { order.push('turn'); return telemetry.onTurn?.(e); }, onClose: (id: string) => { order.push('close'); telemetry.onClose?.(id); } };
+    for (let i = 0; i < 3; i++) {
+      const chat = model.createChat({ policy: 'sliding', maxTokens: 64, telemetry: hooks });
+      await chat.send('hello there', { maxNewTokens: 4, temperature: 0 });
+      chat.dispose();
+    }
+    await tick();
+    await tick();
+    expect(order).toEqual(['turn', 'close', 'turn', 'close', 'turn', 'close']);
+    expect(await registry.metrics()).toContain('finite_memory_retained_tokens{policy="sliding"} 0');
   });
 });

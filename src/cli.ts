@@ -56,10 +56,10 @@ function pad(v: string | number, n: number): string {
 }
 
 async function demo(args: Record<string, string | boolean | undefined>): Promise<number> {
-  const turns = Number(args.turns ?? 600);
-  const maxTokens = Number(args['max-tokens'] ?? 256);
-  const windowSize = Number(args.window ?? 64);
-  const threads = args.threads ? Number(args.threads) : 1;
+  const turns = intArg(args, 'turns', 1) ?? 600;
+  const maxTokens = intArg(args, 'max-tokens', 1) ?? 256;
+  const windowSize = intArg(args, 'window') ?? 64;
+  const threads = intArg(args, 'threads', 1) ?? 1;
   const model = await demoModel(args.model as string | undefined);
   // No --policy: the library's default (one table, native/engine/options.cpp).
   const chat = model.createChat({ ...(typeof args.policy === 'string' ? { policy: args.policy as PolicyName } : {}), maxTokens, windowSize, sinkTokens: 4, threads, systemPrompt: 'You are a terse assistant. Answer in one sentence.' });
@@ -102,13 +102,16 @@ async function interactive(args: Record<string, string | boolean | undefined>): 
     console.error('chat needs --model <file.gguf>\n' + USAGE);
     return 2;
   }
+  const maxTokens = intArg(args, 'max-tokens', 1);
+  const windowSize = intArg(args, 'window');
+  const threads = intArg(args, 'threads', 1);
   const model = await loadWithProgress(args.model);
   // Unset flags leave the option to the library's defaults (one table, native/engine/options.cpp).
   const chat = model.createChat({
     ...(typeof args.policy === 'string' ? { policy: args.policy as PolicyName } : {}),
-    ...(args['max-tokens'] !== undefined ? { maxTokens: Number(args['max-tokens']) } : {}),
-    ...(args.window ? { windowSize: Number(args.window) } : {}),
-    ...(args.threads ? { threads: Number(args.threads) } : {}),
+    ...(maxTokens !== undefined ? { maxTokens } : {}),
+    ...(windowSize !== undefined ? { windowSize } : {}),
+    ...(threads !== undefined ? { threads } : {}),
     ...(typeof args.system === 'string' ? { systemPrompt: args.system } : {}),
   });
   const rl = createInterface({ input: process.stdin, output: process.stdout });
@@ -116,19 +119,26 @@ async function interactive(args: Record<string, string | boolean | undefined>): 
   rl.on('SIGINT', () => (controller.current ? controller.current.abort() : rl.close()));
   console.log(`chat with ${model.info.description}; Ctrl+C aborts a reply, Ctrl+D quits`);
   try {
-    while (true) {
-      let line: string;
-      try {
-        line = await rl.question('> ');
-      } catch {
-        break;
+    // Lines are read as they come, queued while a reply runs: piped input is a conversation too
+    // (question() dropped every line that arrived during a reply).
+    rl.setPrompt('> ');
+    rl.prompt();
+    for await (const line of rl) {
+      if (line.trim()) {
+        controller.current = new AbortController();
+        try {
+          const r = await chat.send(line, { maxNewTokens: 256, onToken: (p) => process.stdout.write(p), signal: controller.current.signal });
+          const s = chat.stats();
+          console.log(`\n[${r.stopReason}] prefill ${r.stats.promptTokens} tok ${r.stats.prefillMs.toFixed(1)} ms, ${r.stats.generatedTokens} tok at ${r.stats.tokensPerSecond.toFixed(1)} tok/s | memory ${s.tokensRetained}/${chat.options.maxTokens} tokens, seen ${s.tokensSeen}, evicted ${s.tokensEvicted}`);
+        } catch (err) {
+          // One turn that cannot run (a message too long for the budget) does not end the conversation.
+          const e = err as Error & { code?: string };
+          console.error(`error${e.code ? ` [${e.code}]` : ''}: ${e.message}`);
+        } finally {
+          controller.current = undefined;
+        }
       }
-      if (!line.trim()) continue;
-      controller.current = new AbortController();
-      const r = await chat.send(line, { maxNewTokens: 256, onToken: (p) => process.stdout.write(p), signal: controller.current.signal });
-      controller.current = undefined;
-      const s = chat.stats();
-      console.log(`\n[${r.stopReason}] prefill ${r.stats.promptTokens} tok ${r.stats.prefillMs.toFixed(1)} ms, ${r.stats.generatedTokens} tok at ${r.stats.tokensPerSecond.toFixed(1)} tok/s | memory ${s.tokensRetained}/${chat.options.maxTokens} tokens, seen ${s.tokensSeen}, evicted ${s.tokensEvicted}`);
+      rl.prompt();
     }
   } finally {
     rl.close();
@@ -138,78 +148,99 @@ async function interactive(args: Record<string, string | boolean | undefined>): 
   return 0;
 }
 
-function intArg(args: Record<string, string | boolean | undefined>, name: string): number | undefined {
+/**
+ * An integer flag (undefined when absent). An empty value (`--port "$PORT"` with PORT unset) is an
+ * error, not 0: Number('') is 0, which listened on a random port and refused every queued request.
+ */
+function intArg(args: Record<string, string | boolean | undefined>, name: string, min = 0): number | undefined {
   const v = args[name];
   if (v === undefined) return undefined;
-  const n = Number(v);
-  if (typeof v !== 'string' || !Number.isInteger(n) || n < 0) throw new Error(`--${name} expects a non-negative integer, got ${String(v)}`);
+  const n = typeof v === 'string' && v.trim() !== '' ? Number(v) : Number.NaN;
+  if (!Number.isInteger(n) || n < min) throw new UsageError(`--${name} expects an integer of at least ${min}, got ${JSON.stringify(v)}`);
   return n;
 }
+
+/** A command line that cannot run: printed with the usage, exit code 2. */
+class UsageError extends Error {}
 
 async function serve(args: Record<string, string | boolean | undefined>): Promise<number> {
   if (typeof args.model !== 'string') {
     console.error('serve needs --model <file.gguf>\n' + USAGE);
     return 2;
   }
-  const threads = intArg(args, 'threads');
-  const slots = intArg(args, 'slots');
-  const prefillChunk = intArg(args, 'prefill-chunk');
-  const model = await loadWithProgress(args.model, { ...(threads ? { threads } : {}), ...(slots ? { slots } : {}), ...(prefillChunk ? { prefillChunk } : {}) });
-  const { createServer } = await import('./server/index.js');
+  // Every number is read before the model loads: a typo costs no load, and a bad
+  // --shutdown-timeout-ms is not found inside the SIGTERM handler (an uncaught exception, no checkpoints).
+  const threads = intArg(args, 'threads', 1);
+  const slots = intArg(args, 'slots', 1);
+  const prefillChunk = intArg(args, 'prefill-chunk', 1);
   const window = intArg(args, 'window');
+  const port = intArg(args, 'port') ?? 8080;
+  const shutdownMs = intArg(args, 'shutdown-timeout-ms') ?? 30_000;
+  const numbers = Object.fromEntries((['max-tokens', 'lease-ms', 'lease-wait-ms', 'snapshot-idle-ms', 'max-sessions', 'session-ttl-ms', 'max-concurrent',
+    'max-queue', 'max-session-queue', 'max-request-tokens', 'max-history-tokens', 'body-limit', 'headers-timeout-ms', 'request-timeout-ms',
+    'keep-alive-timeout-ms', 'max-stored-sessions', 'max-stored-bytes'] as const).map((name) => [name, intArg(args, name)]));
+  // An empty --api-key (an unset variable) is refused by the server's own check, never a server without a key.
   const apiKey = typeof args['api-key'] === 'string' ? args['api-key'] : process.env.FINITE_MEMORY_API_KEY || undefined;
+  const model = await loadWithProgress(args.model, { ...(threads !== undefined ? { threads } : {}), ...(slots !== undefined ? { slots } : {}), ...(prefillChunk !== undefined ? { prefillChunk } : {}) });
+  const { createServer } = await import('./server/index.js');
   const server = await createServer(model, {
     chat: {
       ...(typeof args.policy === 'string' ? { policy: args.policy as PolicyName } : {}),
-      ...(intArg(args, 'max-tokens') !== undefined ? { maxTokens: intArg(args, 'max-tokens') } : {}),
+      ...(numbers['max-tokens'] !== undefined ? { maxTokens: numbers['max-tokens'] } : {}),
       ...(window !== undefined ? { windowSize: window } : {}),
       ...(typeof args.system === 'string' ? { systemPrompt: args.system } : {}),
     },
-    ...(apiKey ? { apiKey } : {}),
+    ...(apiKey !== undefined ? { apiKey } : {}),
     ...(typeof args['model-id'] === 'string' ? { modelId: args['model-id'] } : {}),
     ...(typeof args['checkpoint-dir'] === 'string' ? { checkpointDir: args['checkpoint-dir'] } : {}),
     ...(typeof args.store === 'string' ? { store: args.store } : process.env.FINITE_MEMORY_STORE ? { store: process.env.FINITE_MEMORY_STORE } : {}),
     ...(typeof args['store-namespace'] === 'string' ? { storeNamespace: args['store-namespace'] } : {}),
     ...(typeof args['store-ca'] === 'string' ? { storeCa: readFileSync(args['store-ca'], 'utf8') } : {}),
     ...(typeof args['instance-id'] === 'string' ? { instanceId: args['instance-id'] } : {}),
-    leaseMs: intArg(args, 'lease-ms'),
-    leaseWaitMs: intArg(args, 'lease-wait-ms'),
-    snapshotIdleMs: intArg(args, 'snapshot-idle-ms'),
+    leaseMs: numbers['lease-ms'],
+    leaseWaitMs: numbers['lease-wait-ms'],
+    snapshotIdleMs: numbers['snapshot-idle-ms'],
     ...(args['no-full-snapshots'] ? { fullSnapshots: false } : {}),
     ...(args['no-ui'] ? { ui: false } : {}),
-    maxSessions: intArg(args, 'max-sessions'),
-    sessionTtlMs: intArg(args, 'session-ttl-ms'),
-    maxConcurrent: intArg(args, 'max-concurrent'),
-    maxQueue: intArg(args, 'max-queue'),
-    maxSessionQueue: intArg(args, 'max-session-queue'),
-    maxTokensPerRequest: intArg(args, 'max-request-tokens'),
-    maxHistoryTokens: intArg(args, 'max-history-tokens'),
-    bodyLimit: intArg(args, 'body-limit'),
-    headersTimeoutMs: intArg(args, 'headers-timeout-ms'),
-    requestTimeoutMs: intArg(args, 'request-timeout-ms'),
-    keepAliveTimeoutMs: intArg(args, 'keep-alive-timeout-ms'),
-    maxStoredSessions: intArg(args, 'max-stored-sessions'),
-    maxStoredBytes: intArg(args, 'max-stored-bytes'),
+    maxSessions: numbers['max-sessions'],
+    sessionTtlMs: numbers['session-ttl-ms'],
+    maxConcurrent: numbers['max-concurrent'],
+    maxQueue: numbers['max-queue'],
+    maxSessionQueue: numbers['max-session-queue'],
+    maxTokensPerRequest: numbers['max-request-tokens'],
+    maxHistoryTokens: numbers['max-history-tokens'],
+    bodyLimit: numbers['body-limit'],
+    headersTimeoutMs: numbers['headers-timeout-ms'],
+    requestTimeoutMs: numbers['request-timeout-ms'],
+    keepAliveTimeoutMs: numbers['keep-alive-timeout-ms'],
+    maxStoredSessions: numbers['max-stored-sessions'],
+    maxStoredBytes: numbers['max-stored-bytes'],
     logger: args.quiet ? false : { level: 'info' },
   });
-  const address = await server.listen({ port: intArg(args, 'port') ?? 8080, host: typeof args.host === 'string' ? args.host : '127.0.0.1' });
+  const address = await server.listen({ port, host: typeof args.host === 'string' ? args.host : '127.0.0.1' });
   console.error(`serving ${server.modelId} at ${address}/v1 (POST /v1/chat/completions, GET /v1/models, /health, /metrics)`);
   if (!args['no-ui']) console.error(`memory inspector: ${address}/`);
   // SIGTERM / SIGINT: stop accepting, finish in-flight requests (aborted after --shutdown-timeout-ms),
   // write every live session's full checkpoint to the store (--checkpoint-dir or --store), then exit.
+  // A second signal while draining does not kill the process (the default handler would, mid-write).
+  let failed = false;
   await new Promise<void>((resolve) => {
+    let stopping = false;
     const stop = (signal: string) => {
+      if (stopping) return void console.error(`${signal}: already shutting down`);
+      stopping = true;
       console.error(`${signal}: shutting down (finishing in-flight requests)`);
-      server.close({ abortAfterMs: intArg(args, 'shutdown-timeout-ms') ?? 30_000 }).then(resolve, (err: Error) => {
+      server.close({ abortAfterMs: shutdownMs }).then(resolve, (err: Error) => {
         console.error(`shutdown: ${err.message}`);
+        failed = true;
         resolve();
       });
     };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
+    process.on('SIGTERM', () => stop('SIGTERM'));
+    process.on('SIGINT', () => stop('SIGINT'));
   });
   model.dispose();
-  return 0;
+  return failed ? 1 : 0;
 }
 
 async function main(): Promise<number> {
@@ -231,7 +262,7 @@ async function main(): Promise<number> {
   const command = positionals[0];
   if (values.help || !command) {
     console.log(USAGE);
-    return command ? 0 : 2;
+    return values.help ? 0 : 2;
   }
   if (command === 'demo') return demo(values);
   if (command === 'chat') return interactive(values);
@@ -243,7 +274,9 @@ async function main(): Promise<number> {
 main().then(
   (code) => process.exit(code),
   (err: Error & { code?: string }) => {
-    console.error(`error${err.code ? ` [${err.code}]` : ''}: ${err.message}`);
-    process.exit(1);
+    // A flag parseArgs does not know, or a value a flag cannot take: the usage, exit 2.
+    const usage = err instanceof UsageError || (typeof err.code === 'string' && err.code.startsWith('ERR_PARSE_ARGS'));
+    console.error(`error${err.code ? ` [${err.code}]` : ''}: ${err.message}${usage ? `\n${USAGE}` : ''}`);
+    process.exit(usage ? 2 : 1);
   },
 );

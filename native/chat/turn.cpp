@@ -42,7 +42,10 @@ void chat::begin_turn(turn_request && req) {
         t->scored_before = ledger_.entries();
         t->compactions_before = cumulative_.compactions;
     }
-    if (signal_ != IMPORTANCE_NONE && opts_.policy.importance_decay < 1.0f) {
+    // Decay ages attention received. A key-norm score (negated, set once per token) is a property of
+    // the key, not of how recently it was read: decayed toward 0, the best score, it ranked old tokens
+    // up every turn, the opposite of a decay.
+    if (signal_ == IMPORTANCE_ATTENTION && opts_.policy.importance_decay < 1.0f) {
         for (size_t i = 0; i < ledger_.size(); ++i) {
             ledger_.at(i).score[SCORE_IMPORTANCE] *= opts_.policy.importance_decay;
             ledger_.at(i).score[SCORE_PEAK] *= opts_.policy.importance_decay;

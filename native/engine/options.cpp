@@ -218,7 +218,7 @@ const option_row<chat_target> CHAT_ROWS[] = {
       [](chat_target & t, const option_value * v) { t.o.threads = v ? (int32_t) int_in("threads", *v, 1, 256) : std::max(1, std::min(256, t.default_threads)); } },
     { { "chat", "batchSize", "number", "512", "1 .. 65536", "Most prefill tokens of this chat per step.", false },
       [](chat_target & t, const option_value * v) { t.o.batch_size = v ? (int32_t) int_in("batchSize", *v, 1, 65536) : 512; } },
-    { { "chat", "importanceDecay", "number", "1", "0 .. 1", "importance/hybrid: scores are multiplied by this once per turn.", false },
+    { { "chat", "importanceDecay", "number", "1", "0 .. 1", "importance/hybrid: attention scores are multiplied by this once per turn (key-norm scores, a property of the key, do not age).", false },
       [](chat_target & t, const option_value * v) { t.o.policy.importance_decay = v ? (float) number_in("importanceDecay", *v, 0, 1) : 1.0f; } },
     { { "chat", "importanceGranularity", "'span' | 'token'", "'span'", "", "importance: evict whole low-scoring spans or single tokens (H2O).", false },
       [](chat_target & t, const option_value * v) { t.o.policy.importance_granularity_spans = v ? choice_of("importanceGranularity", *v, GRANULARITIES) == "span" : true; } },

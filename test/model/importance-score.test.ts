@@ -130,6 +130,8 @@ it('a model whose every attention layer slides scores by key norms (its weights 
     // Key norms are negated (low norm = high score): the scores are below zero, attention sums are not.
     const scores = await tenImportanceTurns(allSliding, {}, 'keyNorm');
     expect(scores.every((x) => x <= 0)).toBe(true);
+    // importanceDecay ages attention only: a decayed key norm moved toward 0, the best score.
+    expect(await tenImportanceTurns(allSliding, { importanceDecay: 0.5 }, 'keyNorm')).toEqual(scores);
     // Not by default: the proxy kept fewer facts than sliding (docs/models.md).
     const byDefault = allSliding.createChat();
     expect(byDefault.options.policy).toBe('sliding');

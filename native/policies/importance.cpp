@@ -47,9 +47,11 @@ static std::vector<float> rank_share(const std::vector<float> & value) {
     std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return value[a] < value[b]; });
     std::vector<float> share(value.size(), 0.0f);
     const float denom = value.size() > 1 ? (float) (value.size() - 1) : 1.0f;
+    // The start of each run of ties carried forward: walking back from every member was O(n^2) when
+    // most values tie (all-zero peaks under the key-norm signal: thousands of spans at 128k tokens).
+    size_t first = 0;
     for (size_t k = 0; k < order.size(); ++k) {
-        size_t first = k;
-        while (first > 0 && value[order[first - 1]] == value[order[k]]) --first;
+        if (k > 0 && !(value[order[k - 1]] == value[order[k]])) first = k;
         share[order[k]] = (float) first / denom;
     }
     return share;

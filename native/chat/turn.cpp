@@ -10,7 +10,9 @@
 #include "llama.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace fml {
 
@@ -544,8 +546,11 @@ void chat::absorb_signals(const capture_member & m, size_t first_new, size_t n_n
         for (size_t c = 0; c < m.cell_pos.size() && c < m.attention_by_cell.size(); ++c) {
             const size_t i = m.cell_pos[c] >= 0 ? ledger_.index_of_pos(m.cell_pos[c], next) : ledger_.size();
             if (i < ledger_.size()) {
-                acc[i] += m.attention_by_cell[c];
-                peak[i] = std::max(peak[i], m.peak_by_cell[c]);
+                // A weight that is not finite (an overflow in a reduced-precision kernel) counts as
+                // none: a NaN score breaks the policies' strict ordering and spreads through means.
+                const float a = m.attention_by_cell[c], p = m.peak_by_cell[c];
+                acc[i] += std::isfinite(a) ? a : 0.0f;
+                peak[i] = std::max(peak[i], std::isfinite(p) ? p : 0.0f);
                 next = i + 1;
             }
         }
@@ -566,7 +571,9 @@ void chat::absorb_signals(const capture_member & m, size_t first_new, size_t n_n
     }
     if (key_.key_norm && m.key_norm_layers_seen > 0) {
         for (size_t j = 0; j < n_new && j < m.key_norm_by_token.size(); ++j) {
-            ledger_.at(first_new + j).score[SCORE_IMPORTANCE] = -m.key_norm_by_token[j] / (float) m.key_norm_layers_seen;
+            const float norm = m.key_norm_by_token[j] / (float) m.key_norm_layers_seen;
+            // Not finite: the lowest score (0 would be the best one, negated norms being at most 0).
+            ledger_.at(first_new + j).score[SCORE_IMPORTANCE] = std::isfinite(norm) ? -norm : -std::numeric_limits<float>::max();
         }
     }
     const size_t dim = ledger_.embedding_dim();

@@ -22,7 +22,8 @@ export interface PrometheusTelemetry extends Telemetry {
   readonly registry: Registry;
 }
 
-const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+// Up to 5 minutes: a CPU turn allowed 1,024 new tokens on a large model runs well past 30 s (it fell in +Inf).
+const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
 
 export function createPrometheusTelemetry(options: PrometheusTelemetryOptions = {}): PrometheusTelemetry {
   const registry = options.registry ?? new Registry();

@@ -148,6 +148,9 @@ std::vector<size_t> semantic_keep_order(const token_ledger & ledger, const std::
         if (!changed && iter > 0) {
             break;
         }
+        // A cluster left empty keeps its centroid: zeroed, it sat at the origin, about as far from
+        // every (normalised) span, and gathered the outliers of all topics as one "cluster".
+        const std::vector<float> previous = cent;
         std::fill(cent.begin(), cent.end(), 0.0f);
         std::vector<size_t> count(k, 0);
         for (size_t s = 0; s < n; ++s) {
@@ -161,6 +164,8 @@ std::vector<size_t> semantic_keep_order(const token_ledger & ledger, const std::
                 for (size_t q = 0; q < d; ++q) {
                     cent[c * d + q] /= (float) count[c];
                 }
+            } else {
+                std::copy(previous.begin() + (long) (c * d), previous.begin() + (long) ((c + 1) * d), cent.begin() + (long) (c * d));
             }
         }
     }

@@ -22,6 +22,25 @@ import { badRequest, checkForgettable, finishReason, HttpError, overloaded, pars
 
 export const SHUTDOWN_ERROR = { message: 'The server is shutting down', type: 'server_error', param: null, code: 'server_shutting_down' } as const;
 
+/** 503 for a request the shutdown refuses (its connection closes: `headers`) or takes out of a queue. */
+export function shutdownError(headers: Record<string, string> = {}): HttpError {
+  return new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, SHUTDOWN_ERROR.message, null, headers);
+}
+
+/** The session's turn, one request at a time (429 when its queue is full); the turns and the memory routes. */
+export function enterSession(session: Session, signal: AbortSignal): Promise<Release> {
+  const entering = session.gate.enter(signal);
+  if (!entering) throw overloaded('Too many requests queued for this session');
+  return entering;
+}
+
+/** A decode slot, server-wide (429 when the queue is full). */
+export function takeDecodeSlot(ctx: CompletionContext, signal: AbortSignal): Promise<Release> {
+  const slot = ctx.slots.enter(signal);
+  if (!slot) throw overloaded('The server is at capacity');
+  return slot;
+}
+
 /** What the handler needs of the server around it. */
 export interface CompletionContext {
   readonly model: Model;
@@ -49,7 +68,7 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
   const { options: o, store } = ctx;
   const parsed = parseCompletion(req.body, req.headers, req.raw.rawHeaders, o.modelId, o);
   const res = reply.raw;
-  if (ctx.shuttingDown()) throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, SHUTDOWN_ERROR.message, null, { connection: 'close' });
+  if (ctx.shuttingDown()) throw shutdownError({ connection: 'close' });
   const ac = new AbortController();
   // The client went away before the response was complete: abort the turn (or leave the queue).
   let clientGone = false;
@@ -68,15 +87,11 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
   let oneOff: Chat | undefined;
   try {
     if (session) {
-      const entering = session.gate.enter(ac.signal);
-      if (!entering) throw overloaded('Too many requests queued for this session');
-      releaseSession = await entering;
+      releaseSession = await enterSession(session, ac.signal);
       // The lease before a decode slot: waiting for another instance must not hold a slot here.
       lease = await store.begin(session, ac.signal);
     }
-    const slot = ctx.slots.enter(ac.signal);
-    if (!slot) throw overloaded('The server is at capacity');
-    releaseSlot = await slot;
+    releaseSlot = await takeDecodeSlot(ctx, ac.signal);
 
     const turnChat = session ? await sessionChat(ctx, session, lease!, parsed, ac.signal) : { chat: (oneOff = await ctx.chats.build(parsed, ac.signal)), created: true, restoredFrom: undefined, sessionReset: undefined };
     const { chat } = turnChat;
@@ -158,7 +173,7 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
       res.destroy();
       return;
     }
-    if (err instanceof QueueAbortedError) throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, SHUTDOWN_ERROR.message);
+    if (err instanceof QueueAbortedError) throw shutdownError();
     throw err;
   } finally {
     res.off('close', onClose);

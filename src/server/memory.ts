@@ -10,9 +10,9 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Chat } from '../local/chat.js';
 import { QueueAbortedError, type Release } from './admission.js';
-import { restoreSession, SHUTDOWN_ERROR, type CompletionContext } from './completion.js';
+import { enterSession, restoreSession, shutdownError, takeDecodeSlot, type CompletionContext } from './completion.js';
 import { SESSION_EVICTIONS_KEPT, type Session, type TurnLease } from './sessions.js';
-import { badRequest, checkForgettable, checkSessionId, HttpError, isObject, overloaded } from './wire.js';
+import { badRequest, checkForgettable, checkSessionId, HttpError, isObject } from './wire.js';
 
 /** Evictions a memory view returns by default (`?evictions=N`, at most what a session keeps). */
 const DEFAULT_EVICTIONS = 20;
@@ -60,7 +60,7 @@ async function withSession(ctx: CompletionContext, req: SessionRequest, reply: F
   const raw = req.query.evictions;
   const limit = raw === undefined ? DEFAULT_EVICTIONS : Number(raw);
   if (!Number.isInteger(limit) || limit < 0 || limit > SESSION_EVICTIONS_KEPT) throw badRequest(`'evictions' must be an integer between 0 and ${SESSION_EVICTIONS_KEPT}`, 'evictions');
-  if (ctx.shuttingDown()) throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, SHUTDOWN_ERROR.message, null, { connection: 'close' });
+  if (ctx.shuttingDown()) throw shutdownError({ connection: 'close' });
   const ac = new AbortController();
   const onClose = () => ac.abort();
   reply.raw.once('close', onClose);
@@ -71,16 +71,12 @@ async function withSession(ctx: CompletionContext, req: SessionRequest, reply: F
   let lease: TurnLease | undefined;
   let releaseSlot: Release | undefined;
   try {
-    const entering = session.gate.enter(ac.signal);
-    if (!entering) throw overloaded('Too many requests queued for this session');
-    release = await entering;
+    release = await enterSession(session, ac.signal);
     lease = await ctx.store.begin(session, ac.signal);
     if (!session.chat || change) {
       // A restore prefills and a change can decode (a forget's repair or K-shift): a decode slot as
       // a turn takes one, so these routes queue with the turns and count against maxConcurrent.
-      const slot = ctx.slots.enter(ac.signal);
-      if (!slot) throw overloaded('The server is at capacity');
-      releaseSlot = await slot;
+      releaseSlot = await takeDecodeSlot(ctx, ac.signal);
     }
     if (!session.chat) await restore(ctx, session, lease, ac.signal);
     if (change) {
@@ -89,7 +85,7 @@ async function withSession(ctx: CompletionContext, req: SessionRequest, reply: F
     }
     return view(ctx, session, limit);
   } catch (err) {
-    if (err instanceof QueueAbortedError) throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, SHUTDOWN_ERROR.message);
+    if (err instanceof QueueAbortedError) throw shutdownError();
     throw err;
   } finally {
     reply.raw.off('close', onClose);

@@ -241,15 +241,19 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
  * integrity checks: how a chat is rebuilt (`model.importTranscript`) when its checkpoint was made with
  * another model and cannot be restored as it is. Throws CheckpointError (corrupt, newer format).
  */
-export function readCheckpointMessages(bytes: Uint8Array): Transcript['messages'] {
+/** What `read` takes from a checkpoint of any model, after its integrity checks (errors typed, the caller's stack). */
+function readAnyCheckpoint<T>(bytes: Uint8Array, read: (bytes: Uint8Array) => T): T {
   if (!(bytes instanceof Uint8Array)) throw new InvalidOptionError('Expected the checkpoint as a Uint8Array');
   const stack = new Error().stack;
-  let json: string;
   try {
-    json = getBinding().checkpointTranscript(bytes);
+    return read(bytes);
   } catch (err) {
     throw fromNativeError(err, stack);
   }
+}
+
+export function readCheckpointMessages(bytes: Uint8Array): Transcript['messages'] {
+  const json = readAnyCheckpoint(bytes, (b) => getBinding().checkpointTranscript(b));
   const messages = TranscriptLog.parse(json);
   if (!messages) throw new CheckpointError('CHECKPOINT_CORRUPT', 'The checkpoint holds a malformed transcript');
   return messages;
@@ -260,12 +264,6 @@ export function readCheckpointMessages(bytes: Uint8Array): Transcript['messages'
  * same integrity checks as readCheckpointMessages: a conversation rebuilt on another model keeps them.
  */
 export function readCheckpointSettings(bytes: Uint8Array): { systemPrompt: string; policy: PolicyName; maxTokens: number } {
-  if (!(bytes instanceof Uint8Array)) throw new InvalidOptionError('Expected the checkpoint as a Uint8Array');
-  const stack = new Error().stack;
-  try {
-    const s = getBinding().checkpointSettings(bytes);
-    return { systemPrompt: s.systemPrompt, policy: s.policy as PolicyName, maxTokens: s.maxTokens };
-  } catch (err) {
-    throw fromNativeError(err, stack);
-  }
+  const s = readAnyCheckpoint(bytes, (b) => getBinding().checkpointSettings(b));
+  return { systemPrompt: s.systemPrompt, policy: s.policy as PolicyName, maxTokens: s.maxTokens };
 }

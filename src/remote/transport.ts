@@ -72,6 +72,9 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
+/** "1 attempt", "3 attempts": how error messages say how often the request was sent. */
+const attempts = (n: number) => `${n} attempt${n > 1 ? 's' : ''}`;
+
 /** The caller's onToken threw (`error`): never retried, not the remote's failure; the chat keeps the turn. */
 export class CallerError extends Error {
   constructor(readonly error: unknown) {
@@ -158,15 +161,17 @@ export class Transport {
     const headers: Record<string, string> = { 'content-type': 'application/json', accept: onToken ? 'text/event-stream' : 'application/json' };
     if (this.#o.apiKey) headers.authorization = `Bearer ${this.#o.apiKey}`;
     let delivered = false;
+    // Said of a failure after tokens reached the caller (never retried then).
+    const started = () => (delivered ? ' after the stream had started (not retried)' : '');
     // Maps a thrown fetch/body error to an attempt error (or an abort).
     const fail = (err: unknown): never => {
       if (err instanceof AttemptError || err instanceof AbortedError || err instanceof CallerError) throw err;
       if (signal?.aborted) throw new AbortedError();
       const retryable = !delivered; // never retry once tokens reached the caller
-      const suffix = delivered ? ' after the stream had started (not retried)' : '';
-      if (timeout.aborted) throw new AttemptError((n) => new RemoteTimeoutError(`the remote did not answer within ${this.#o.timeoutMs} ms${suffix} (${n} attempt${n > 1 ? 's' : ''})`, n), retryable);
+      const suffix = started();
+      if (timeout.aborted) throw new AttemptError((n) => new RemoteTimeoutError(`the remote did not answer within ${this.#o.timeoutMs} ms${suffix} (${attempts(n)})`, n), retryable);
       const detail = this.#redact(err instanceof Error ? (err.cause instanceof Error ? `${err.message}: ${err.cause.message}` : err.message) : String(err));
-      throw new AttemptError((n) => new RemoteUnavailableError(`the remote connection failed${suffix}: ${detail} (${n} attempt${n > 1 ? 's' : ''})`, n, err), retryable);
+      throw new AttemptError((n) => new RemoteUnavailableError(`the remote connection failed${suffix}: ${detail} (${attempts(n)})`, n, err), retryable);
     };
     try {
       const res = await this.#o.fetch(this.#url, { method: 'POST', headers, body: JSON.stringify(body), signal: combined });
@@ -181,12 +186,12 @@ export class Transport {
         }
         const status = res.status;
         const msg = this.#redact(`the remote answered HTTP ${status}${message ? `: ${message}` : ''}`);
-        throw new AttemptError((n) => new RemoteHttpError(status, `${msg} (${n} attempt${n > 1 ? 's' : ''})`, n), retryableStatus(status), retryableStatus(status) ? parseRetryAfter(res.headers.get('retry-after')) : undefined);
+        throw new AttemptError((n) => new RemoteHttpError(status, `${msg} (${attempts(n)})`, n), retryableStatus(status), retryableStatus(status) ? parseRetryAfter(res.headers.get('retry-after')) : undefined);
       }
       if (!onToken) {
         const j = (await res.json()) as { choices?: { message?: { content?: unknown }; finish_reason?: unknown }[]; usage?: CompletionResult['usage']; finite_memory?: unknown };
         const choice = j.choices?.[0];
-        if (!choice) throw new AttemptError((n) => new RemoteUnavailableError(`the remote's answer has no choices (${n} attempt${n > 1 ? 's' : ''})`, n), true);
+        if (!choice) throw new AttemptError((n) => new RemoteUnavailableError(`the remote's answer has no choices (${attempts(n)})`, n), true);
         return {
           text: typeof choice.message?.content === 'string' ? choice.message.content : '',
           finishReason: typeof choice.finish_reason === 'string' ? choice.finish_reason : null,
@@ -224,8 +229,8 @@ export class Transport {
           // The remote failed after its 200: a failure of the remote (the circuit counts it), retried
           // while no token has reached the caller.
           const m = this.#redact(typeof j.error.message === 'string' ? j.error.message.slice(0, 300) : 'unknown error');
-          const suffix = delivered ? ' after the stream had started (not retried)' : '';
-          throw new AttemptError((n) => new RemoteUnavailableError(`the remote reported an error mid-stream${suffix}: ${m} (${n} attempt${n > 1 ? 's' : ''})`, n), !delivered);
+          const suffix = started();
+          throw new AttemptError((n) => new RemoteUnavailableError(`the remote reported an error mid-stream${suffix}: ${m} (${attempts(n)})`, n), !delivered);
         }
         if (j.usage) usage = j.usage;
         const choice = j.choices?.[0];

@@ -377,7 +377,8 @@ private:
 
     engine * engine_ = nullptr;
     int32_t slot_ = -1;
-    bool parked_ = false;
+    // Written under mu_ (reset() runs on the JS thread), read by the scheduler without it.
+    std::atomic<bool> parked_{false};
     std::vector<uint8_t> parked_kv_;
     bool replay_pending_ = false;           // prefill the retained tokens at unpark or the next contribution (a ledger-only checkpoint, a failed repair)
     uint64_t window_repairs_ = 0;           // for cacheState: tests check that a repair path ran

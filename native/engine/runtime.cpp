@@ -74,6 +74,10 @@ void runtime::submit(const std::shared_ptr<chat> & s, turn_request && req) {
 }
 
 void runtime::wake() {
+    // Taking the lock orders this wake-up after the flag its caller set: the scheduler reads abort
+    // flags under this lock before it waits, so without it a wake-up landing between that read and the
+    // wait was lost, and an abort waited for the next unrelated wake-up (for ever when none came).
+    { std::lock_guard<std::mutex> lock(mu_); }
     cv_.notify_one();
 }
 

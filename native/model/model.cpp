@@ -1,4 +1,5 @@
 #include "model/model.h"
+#include "model/gguf-file.h"
 #include "kv/kv-internals.h"
 
 #include "util/error.h"
@@ -50,118 +51,6 @@ std::string last_llama_errors() {
         out.pop_back();
     }
     return out;
-}
-
-// ---- file validation -------------------------------------------------------------------------
-
-static size_t gguf_scalar_size(enum gguf_type t) {
-    switch (t) {
-        case GGUF_TYPE_UINT8: case GGUF_TYPE_INT8: case GGUF_TYPE_BOOL: return 1;
-        case GGUF_TYPE_UINT16: case GGUF_TYPE_INT16: return 2;
-        case GGUF_TYPE_UINT32: case GGUF_TYPE_INT32: case GGUF_TYPE_FLOAT32: return 4;
-        case GGUF_TYPE_UINT64: case GGUF_TYPE_INT64: case GGUF_TYPE_FLOAT64: return 8;
-        default: return 0;
-    }
-}
-
-// Metadata and tensor layout, plus the first bytes of every tensor's data: two files with the same
-// shapes but different weights (fine-tunes, other seeds) must not share a fingerprint.
-static std::string gguf_fingerprint(const gguf_context * g, FILE * f) {
-    fnv1a64 h;
-    for (int64_t k = 0; k < gguf_get_n_kv(g); ++k) {
-        h.add_str(gguf_get_key(g, k));
-        const enum gguf_type t = gguf_get_kv_type(g, k);
-        h.add(&t, sizeof(t));
-        if (t == GGUF_TYPE_STRING) {
-            h.add_str(gguf_get_val_str(g, k));
-        } else if (t == GGUF_TYPE_ARRAY) {
-            const enum gguf_type at = gguf_get_arr_type(g, k);
-            const uint64_t n = gguf_get_arr_n(g, k);
-            h.add(&at, sizeof(at));
-            h.add(&n, sizeof(n));
-            if (at == GGUF_TYPE_STRING) {
-                for (uint64_t i = 0; i < n; ++i) {
-                    h.add_str(gguf_get_arr_str(g, k, i));
-                }
-            } else if (gguf_scalar_size(at) > 0) {
-                h.add(gguf_get_arr_data(g, k), n * gguf_scalar_size(at));
-            }
-        } else if (gguf_scalar_size(t) > 0) {
-            h.add(gguf_get_val_data(g, k), gguf_scalar_size(t));
-        }
-    }
-    for (int64_t i = 0; i < gguf_get_n_tensors(g); ++i) {
-        h.add_str(gguf_get_tensor_name(g, i));
-        const enum ggml_type tt = gguf_get_tensor_type(g, i);
-        h.add(&tt, sizeof(tt));
-        h.add(gguf_get_tensor_ne(g, i), sizeof(int64_t) * GGML_MAX_DIMS);
-        const uint64_t off = gguf_get_tensor_offset(g, i);
-        h.add(&off, sizeof(off));
-        if (f != nullptr) {
-            unsigned char sample[256];
-            const size_t want = std::min<size_t>(sizeof(sample), gguf_get_tensor_size(g, i));
-            if (fseeko(f, (off_t) (gguf_get_data_offset(g) + off), SEEK_SET) == 0) {
-                const size_t got = fread(sample, 1, want, f);
-                h.add(sample, got);
-            }
-        }
-    }
-    return h.hex();
-}
-
-std::string validate_gguf_file(const std::string & path) {
-    struct stat st {};
-    if (path.empty() || stat(path.c_str(), &st) != 0) {
-        throw fml_error(FML_ERR_MODEL_NOT_FOUND, "model file not found: " + path);
-    }
-    if (S_ISDIR(st.st_mode)) {
-        throw fml_error(FML_ERR_MODEL_INVALID, "model path is a directory: " + path);
-    }
-    FILE * f = fopen(path.c_str(), "rb");
-    if (f == nullptr) {
-        throw fml_error(FML_ERR_MODEL_NOT_FOUND, "model file is not readable: " + path);
-    }
-    char magic[4] = {0};
-    const size_t n = fread(magic, 1, 4, f);
-    fclose(f);
-    if (n < 4 || memcmp(magic, "GGUF", 4) != 0) {
-        throw fml_error(FML_ERR_MODEL_INVALID, "not a GGUF file (bad magic): " + path);
-    }
-    // gguf's own parser reports malformed headers by returning NULL (no abort).
-    gguf_init_params params = { /*no_alloc =*/ true, /*ctx =*/ nullptr };
-    gguf_context * g = gguf_init_from_file(path.c_str(), params);
-    if (g == nullptr) {
-        throw fml_error(FML_ERR_MODEL_INVALID, "malformed GGUF header: " + path);
-    }
-    const size_t data_offset = gguf_get_data_offset(g);
-    const int64_t n_tensors = gguf_get_n_tensors(g);
-    uint64_t data_end = data_offset;
-    for (int64_t i = 0; i < n_tensors; ++i) {
-        const uint64_t end = data_offset + gguf_get_tensor_offset(g, i) + gguf_get_tensor_size(g, i);
-        data_end = end > data_end ? end : data_end;
-    }
-    const bool has_arch = gguf_find_key(g, "general.architecture") >= 0;
-    std::string fingerprint;
-    if (data_end <= (uint64_t) st.st_size) {
-        FILE * data = fopen(path.c_str(), "rb");
-        fingerprint = gguf_fingerprint(g, data);
-        if (data != nullptr) {
-            fclose(data);
-        }
-    }
-    gguf_free(g);
-    if (n_tensors == 0) {
-        throw fml_error(FML_ERR_MODEL_INVALID, "GGUF file holds no tensors: " + path);
-    }
-    if (!has_arch) {
-        throw fml_error(FML_ERR_MODEL_INVALID, "GGUF file has no general.architecture: " + path);
-    }
-    if (data_end > (uint64_t) st.st_size) {
-        throw fml_error(FML_ERR_MODEL_INVALID,
-                        "truncated GGUF file: tensor data ends at byte " + std::to_string(data_end) +
-                        " but the file has " + std::to_string((uint64_t) st.st_size) + ": " + path);
-    }
-    return fingerprint;
 }
 
 // ---- model -----------------------------------------------------------------------------------
@@ -283,6 +172,11 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
     m->model_ = model;
     g_live_models++;
     m->vocab_ = llama_model_get_vocab(model);
+    if (llama_vocab_type(m->vocab_) == LLAMA_VOCAB_TYPE_NONE) {
+        // llama.cpp loads a GGUF without a tokenizer (tokenizer.ggml.model "none"), then aborts on the
+        // first tokenization; a chat model needs one.
+        throw fml_error(FML_ERR_MODEL_INVALID, "the GGUF has no tokenizer (tokenizer.ggml.model is 'none'): " + path);
+    }
     for (int32_t t = 0; t < llama_vocab_n_tokens(m->vocab_); ++t) {
         if (llama_vocab_is_eog(m->vocab_, t)) {
             m->eog_tokens_.push_back(t);

@@ -131,11 +131,6 @@ private:
     void render_frames();   // the template's frames (compute_frames adds plain framing and the tokens)
 };
 
-// Checks that `path` is a readable GGUF whose tensor data lies inside the file, without letting
-// llama.cpp touch it (llama.cpp aborts on some malformed input). Throws fml_error. Returns the
-// model's fingerprint: a hash of every metadata key and value and of the tensor layout.
-std::string validate_gguf_file(const std::string & path);
-
 // The last error lines llama.cpp logged (llama.cpp reports load failures only through its log).
 std::string last_llama_errors();
 void install_llama_log();

@@ -141,7 +141,7 @@ class ByteBuilder {
   }
   u32(v: number): void {
     this.ensure(4);
-    this.buf.writeUInt32LE(v >>> 0, this.length);
+    this.buf.writeUInt32LE(v, this.length);
     this.length += 4;
   }
   i32(v: number): void {
@@ -191,25 +191,32 @@ function expectNumber(v: ScalarValue, key: string): number {
   return v;
 }
 
+/** An integer in [min, max]: Buffer's writers truncate fractions, and a u32 used to wrap (2**32 + 5 became 5). */
+function expectInteger(v: ScalarValue, key: string, min: number, max: number): number {
+  const n = expectNumber(v, key);
+  if (!Number.isInteger(n) || n < min || n > max) throw new RangeError(`GGUF key ${key}: expected an integer in ${min}..${max}, got ${n}`);
+  return n;
+}
+
 function writeScalar(b: ByteBuilder, type: GGUFScalarType, v: ScalarValue, key: string): void {
   switch (type) {
     case GGUFValueType.UINT8:
-      b.u8(expectNumber(v, key));
+      b.u8(expectInteger(v, key, 0, 0xff));
       break;
     case GGUFValueType.INT8:
-      b.i8(expectNumber(v, key));
+      b.i8(expectInteger(v, key, -0x80, 0x7f));
       break;
     case GGUFValueType.UINT16:
-      b.u16(expectNumber(v, key));
+      b.u16(expectInteger(v, key, 0, 0xffff));
       break;
     case GGUFValueType.INT16:
-      b.i16(expectNumber(v, key));
+      b.i16(expectInteger(v, key, -0x8000, 0x7fff));
       break;
     case GGUFValueType.UINT32:
-      b.u32(expectNumber(v, key));
+      b.u32(expectInteger(v, key, 0, 0xffffffff));
       break;
     case GGUFValueType.INT32:
-      b.i32(expectNumber(v, key));
+      b.i32(expectInteger(v, key, -0x80000000, 0x7fffffff));
       break;
     case GGUFValueType.FLOAT32:
       b.f32(expectNumber(v, key));
@@ -259,8 +266,9 @@ export class GGUFWriter {
   private dataSize = 0;
 
   constructor(alignment: number = GGUF_DEFAULT_ALIGNMENT) {
-    if (!Number.isInteger(alignment) || alignment <= 0 || alignment % 8 !== 0) {
-      throw new Error(`alignment must be a positive multiple of 8, got ${alignment}`);
+    // llama.cpp's reader asks for a power of two (a multiple of 8 such as 24 wrote a file it refuses).
+    if (!Number.isInteger(alignment) || alignment < 8 || alignment > 2 ** 30 || (alignment & (alignment - 1)) !== 0) {
+      throw new Error(`alignment must be a power of two of at least 8, got ${alignment}`);
     }
     this.alignment = alignment;
     this.addUint32('general.alignment', alignment);
@@ -363,10 +371,15 @@ export class GGUFWriter {
     return b.bytes();
   }
 
-  /** Writes the file; returns its total size in bytes. */
+  /**
+   * Writes the file; returns its total size in bytes. Written beside `path` and renamed over it:
+   * truncating a file in place killed (SIGBUS) a process that had it memory-mapped as a loaded
+   * model, and a failed write deleted the file that was there.
+   */
   write(path: string, chunkBytes = 1 << 20): number {
     const header = this.buildHeader();
-    const fd = fs.openSync(path, 'w');
+    const temp = `${path}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 8)}`;
+    const fd = fs.openSync(temp, 'wx');
     try {
       let filePos = 0;
       const writeAll = (buf: Uint8Array): void => {
@@ -415,10 +428,11 @@ export class GGUFWriter {
       flush();
       if (filePos !== dataStart + this.dataSize) throw new Error('internal: file size mismatch');
       fs.closeSync(fd);
+      fs.renameSync(temp, path);
       return filePos;
     } catch (err) {
-      fs.closeSync(fd);
-      fs.rmSync(path, { force: true }); // do not leave a truncated model behind
+      try { fs.closeSync(fd); } catch { /* closed before the rename */ }
+      fs.rmSync(temp, { force: true }); // no truncated model left behind, the previous file kept
       throw err;
     }
   }

@@ -152,6 +152,9 @@ const ROPE_BASE: Record<string, number> = { gemma3: 1e6, qwen35: 1e7, qwen35moe:
 /** Mamba: d_inner = 2 x embd (llama.cpp accepts only that), the usual state size and kernel. */
 const SSM = { stateSize: 16, convKernel: 4, dtRank: 4 } as const;
 
+/** llama.cpp refuses more layers (LLAMA_MAX_LAYERS, src/llama-hparams.h). */
+const MAX_LAYERS = 512;
+
 function checkPositiveInt(name: string, v: number): void {
   if (!Number.isInteger(v) || v <= 0) throw new Error(`${name} must be a positive integer, got ${v}`);
 }
@@ -170,6 +173,8 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   for (const key of ['ropeDims', 'convKernel'] as const) {
     if (!Number.isInteger(o[key]) || o[key] < 0) throw new Error(`${key} must be a non-negative integer, got ${o[key]}`);
   }
+  if (o.layers > MAX_LAYERS) throw new Error(`layers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers}`);
+  if (o.family === 'gemma4' && o.layers < 2) throw new Error('gemma4 needs at least 2 layers (llama.cpp asserts two layers keep their own KV)');
   const hybrid = o.family === 'qwen35' || o.family === 'qwen35moe' || o.family === 'lfm2';
   if (hybrid && (o.attentionInterval < 2 || o.layers < o.attentionInterval)) {
     throw new Error(`${o.family} needs attentionInterval >= 2 and layers >= attentionInterval (at least one recurrent and one attention layer), got ${o.attentionInterval} and ${o.layers}`);

@@ -5,7 +5,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   CallbackError, ChatBusyError, InferenceError, InvalidOptionError, loadModel, ModelInvalidError, ModelNotFoundError, PromptTooLargeError, type Model, type TurnResult,
 } from '../../src/index.ts';
+import { GGUFValueType, writeModel, type ModelFamily } from '../../src/gguf/index.ts';
 import { getBinding } from '../../src/local/binding.ts';
+import { editGGUF, type ParsedGGUF } from '../gguf-file.ts';
 import { checkCache, testDir, testModelPath, THREADS, expectTurnRan } from '../helpers.ts';
 
 let model: Model;
@@ -44,6 +46,39 @@ describe('model files', () => {
     const p = join(testDir, 'wrong-count.gguf');
     writeFileSync(p, bytes);
     await expect(loadModel(p)).rejects.toMatchObject({ code: expect.stringMatching(/MODEL_INVALID|MODEL_LOAD_FAILED/) });
+  });
+
+  it('hyperparameters llama.cpp would abort on are refused with MODEL_INVALID (the process lives)', async () => {
+    const { UINT32: U32, FLOAT32: F32, STRING: STR, INT32 } = GGUFValueType;
+    const cases: [ModelFamily, string, (m: ParsedGGUF['kv']) => void][] = [
+      ['llama', 'no layers', (m) => m.set('llama.block_count', { type: U32, value: 0 })],
+      ['llama', '513 layers', (m) => m.set('llama.block_count', { type: U32, value: 513 })],
+      ['llama', 'a NaN epsilon', (m) => m.set('llama.attention.layer_norm_rms_epsilon', { type: F32, value: NaN })],
+      ['llama', 'a negative epsilon', (m) => m.set('llama.attention.layer_norm_rms_epsilon', { type: F32, value: -1e-5 })],
+      ['llama', 'an unknown RoPE scaling', (m) => m.set('llama.rope.scaling.type', { type: STR, value: 'zzz' })],
+      ['llama', 'no tokenizer', (m) => m.set('tokenizer.ggml.model', { type: STR, value: 'none' })],
+      ['llama', 'a token twice', (m) => {
+        const tokens = m.get('tokenizer.ggml.tokens')!.value as string[];
+        tokens[40] = tokens[41]!;
+      }],
+      ['qwen3moe', 'no expert used per token', (m) => m.set('qwen3moe.expert_used_count', { type: U32, value: 0 })],
+      ['qwen3moe', 'more experts used than exist', (m) => m.set('qwen3moe.expert_used_count', { type: U32, value: 9 })],
+      ['qwen35', 'an attention interval of 0', (m) => m.set('qwen35.full_attention_interval', { type: U32, value: 0 })],
+      ['qwen2vl', 'M-RoPE sections all 0', (m) => m.set('qwen2vl.rope.dimension_sections', { type: INT32, value: [0, 0, 0, 0] })],
+      ['qwen2vl', 'M-RoPE sections wider than a head', (m) => m.set('qwen2vl.rope.dimension_sections', { type: INT32, value: [1000, 1000, 1000, 0] })],
+      ['gemma4', 'every layer reusing another\'s KV', (m) => m.set('gemma4.attention.shared_kv_layers', { type: U32, value: 100 })],
+    ];
+    for (const family of new Set(cases.map(([f]) => f))) {
+      // The unedited file loads and chats: what is refused below is the edit.
+      const m = await loadModel(writeModel(join(testDir, `fam-${family}.gguf`), { family }).path, { threads: THREADS });
+      await expectTurnRan(m.createChat({ maxTokens: 64 }).send('hello', { maxNewTokens: 2 }));
+      m.dispose();
+    }
+    for (const [family, what, edit] of cases) {
+      const p = join(testDir, `hostile-${family}-${what.replace(/\W+/g, '-')}.gguf`);
+      editGGUF(join(testDir, `fam-${family}.gguf`), p, edit);
+      await expect(loadModel(p, { threads: THREADS }), what).rejects.toMatchObject({ code: 'MODEL_INVALID' });
+    }
   });
 
   it('loading still works after all that', async () => {

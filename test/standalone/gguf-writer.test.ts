@@ -6,6 +6,7 @@ import {
   CHATML_TEMPLATE,
   DEFAULT_LLAMA_MODEL_OPTIONS,
   GGMLType,
+  GGUFWriter,
   SPECIAL_TOKEN_IDS,
   SPM_SPACE,
   TokenType,
@@ -199,6 +200,23 @@ describe('writeLlamaModel', () => {
     );
     expect(() => writeLlamaModel(f, { heads: 4, kvHeads: 3 })).toThrow(/kvHeads/);
     expect(() => writeLlamaModel(f, { layers: 0 })).toThrow(/layers/);
+    expect(() => writeLlamaModel(f, { layers: 513 })).toThrow(/at most 512/);
+    expect(() => new GGUFWriter(24)).toThrow(/power of two/);
+    expect(() => new GGUFWriter().addUint32('x', 2 ** 32 + 5).write(f)).toThrow(/0\.\.4294967295/);
+    expect(() => new GGUFWriter().addInt32('x', 1.5).write(f)).toThrow(/integer/);
+  });
+
+  it('replaces a file by renaming (a process that maps the old one keeps it); a failed write keeps the old file', () => {
+    const f = path.join(dir, 'replace.gguf');
+    writeLlamaModel(f, { seed: 1 });
+    const before = fs.statSync(f);
+    writeLlamaModel(f, { seed: 2 });
+    expect(fs.statSync(f).ino).not.toBe(before.ino);
+    const bytes = fs.readFileSync(f);
+    const w = new GGUFWriter().addTensor({ name: 't', dims: [4], type: GGMLType.F32, produce: (emit) => emit(new Uint8Array(3)) });
+    expect(() => w.write(f)).toThrow(/emitted 3 bytes/);
+    expect(fs.readFileSync(f).equals(bytes)).toBe(true);
+    expect(fs.readdirSync(dir).filter((n) => n.includes('.tmp-'))).toEqual([]);
   });
 });
 

@@ -1,7 +1,7 @@
 import { getBinding, type NativeChat, type NativeModel } from './binding.js';
 import { Chat } from './chat.js';
 import { CallbackError, CheckpointError, DisposedError, fromNativeError, InvalidOptionError } from '../shared/errors.js';
-import { TranscriptLog } from '../shared/chat-surface.js';
+import { exchangesOf, TranscriptLog } from '../shared/chat-surface.js';
 import { checkTelemetry, type Telemetry } from '../shared/telemetry.js';
 import { checkObject, checkPath, checkString } from '../shared/checks.js';
 import { splitChatOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions } from './options.js';
@@ -147,24 +147,16 @@ export class Model {
     if (t.format !== 'finite-memory-llm/transcript' || t.version !== 1 || !Array.isArray(t.messages)) {
       throw new InvalidOptionError("Expected a transcript with format 'finite-memory-llm/transcript', version 1 and a messages array");
     }
-    const messages = t.messages.map((m: unknown, i: number) => {
+    const messages: Transcript['messages'] = t.messages.map((m: unknown, i: number) => {
       const msg = checkObject(`messages[${i}]`, m);
       if (msg.role !== 'user' && msg.role !== 'assistant') throw new InvalidOptionError(`messages[${i}].role must be 'user' or 'assistant'`);
-      return { role: msg.role, content: checkString(`messages[${i}].content`, msg.content) };
+      return { role: msg.role as 'user' | 'assistant', content: checkString(`messages[${i}].content`, msg.content) };
     });
     const systemPrompt = chatOptions.systemPrompt ?? (typeof t.systemPrompt === 'string' ? t.systemPrompt : '');
     const chat = this.createChat({ ...chatOptions, systemPrompt });
     try {
-      for (let i = 0; i < messages.length; i++) {
-        const m = messages[i]!;
-        if (m.role === 'user') {
-          const next = messages[i + 1];
-          const reply = next?.role === 'assistant' ? next.content : '';
-          if (next?.role === 'assistant') i++;
-          await chat._ingest(m.content, reply, signal);
-        } else {
-          await chat._ingest('', m.content, signal);
-        }
+      for (const { user, assistant } of exchangesOf(messages)) {
+        await chat._ingest(user, assistant, signal);
       }
     } catch (err) {
       chat.dispose();

@@ -7,6 +7,7 @@ import type { Chat } from '../local/chat.js';
 import { readCheckpointMessages, readCheckpointSettings, type Model } from '../local/model.js';
 import type { ChatOptions } from '../local/options.js';
 import { AbortedError, CheckpointError, InvalidOptionError } from '../shared/errors.js';
+import { exchangesOf } from '../shared/chat-surface.js';
 import type { PrometheusTelemetry } from '../shared/prometheus.js';
 import type { Telemetry } from '../shared/telemetry.js';
 import type { PolicyName, Transcript } from '../shared/types.js';
@@ -50,17 +51,14 @@ export class ChatSource {
 
   /**
    * What importing `messages` prefills, at least: their text and the template's tokens around each
-   * exchange (importTranscript makes one of a user message and the reply after it, or of a message
-   * alone), which an empty message has too: counting text only let 30,000 empty messages through.
+   * exchange (exchangesOf: what importTranscript prefills), which an empty message has too: counting
+   * text only let 30,000 empty messages through.
    */
   #tokens(messages: Transcript['messages']): number {
     this.#framing ??= this.#exchangeFraming();
     let n = 0;
-    for (let i = 0; i < messages.length; i++) {
-      const m = messages[i]!;
-      n += this.model.tokenize(m.content).length;
-      const paired = m.role === 'assistant' && messages[i - 1]?.role === 'user';
-      if (!paired) n += this.#framing;
+    for (const { user, assistant } of exchangesOf(messages)) {
+      n += this.model.tokenize(user).length + this.model.tokenize(assistant).length + this.#framing;
       if (n > this.maxHistoryTokens) break;
     }
     return n;

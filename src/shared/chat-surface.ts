@@ -65,6 +65,31 @@ export async function* streamFromSend<R>(
 }
 
 /** The plain conversation a chat keeps for exportTranscript(): what was said, not what memory still holds. */
+/**
+ * The exchanges (a user message and the reply after it) a list of messages is prefilled as. Messages
+ * of one role in a row are joined by a blank line, as a template of alternating roles needs them: an
+ * empty message put between them was a turn nobody said, in the memory. A reply with no user message
+ * before it (a greeting) gets an empty one: a frame holds a user message and the reply it prompts.
+ */
+export function exchangesOf(messages: Transcript['messages']): { user: string; assistant: string }[] {
+  const out: { user: string; assistant: string; replied: boolean }[] = [];
+  for (const m of messages) {
+    const last = out[out.length - 1];
+    if (m.role === 'user') {
+      if (last && !last.replied) last.user += `\n\n${m.content}`;
+      else out.push({ user: m.content, assistant: '', replied: false });
+    } else if (last?.replied) {
+      last.assistant += `\n\n${m.content}`;
+    } else if (last) {
+      last.assistant = m.content;
+      last.replied = true;
+    } else {
+      out.push({ user: '', assistant: m.content, replied: true });
+    }
+  }
+  return out.map(({ user, assistant }) => ({ user, assistant }));
+}
+
 export class TranscriptLog {
   #messages: Transcript['messages'] = [];
 

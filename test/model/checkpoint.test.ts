@@ -333,6 +333,19 @@ describe('transcripts', () => {
     chat.dispose();
     moved.dispose();
   });
+
+  it('messages of one role in a row are one message (no empty turn between them); a leading reply gets an empty user message', async () => {
+    const u = (content: string) => ({ role: 'user' as const, content });
+    const a = (content: string) => ({ role: 'assistant' as const, content });
+    const chat = await model.importTranscript({ format: 'finite-memory-llm/transcript', version: 1, systemPrompt: '',
+      messages: [a('Welcome!'), a('Ask me.'), u('one'), u('two'), a('yes'), u('three')] }, { maxTokens: 256 });
+    expect(chat.exportTranscript().messages).toEqual([u(''), a('Welcome!\n\nAsk me.'), u('one\n\ntwo'), a('yes'), u('three'), a('')]);
+    expect(chat.stats().turns).toBe(3);
+    const text = chat.memory().map((e) => e.text).join('');
+    expect(text).toContain('one\n\ntwo');
+    expect(text.match(/<\|im_start\|> ?user/g)).toHaveLength(3);   // the framing of three user messages, none empty but the first
+    chat.dispose();
+  });
 });
 
 describe('checkpoints as bytes', () => {

@@ -18,7 +18,7 @@ import type { ServerMetrics } from './metrics.js';
 import type { ResolvedServerOptions } from './options.js';
 import type { Session, SessionStore, TurnLease } from './sessions.js';
 import { EventStream } from './sse.js';
-import { badRequest, checkForgettable, finishReason, HttpError, overloaded, parseCompletion, toHttpError, type ParsedCompletion } from './wire.js';
+import { badRequest, checkInMemory, finishReason, HttpError, overloaded, parseCompletion, toHttpError, type ParsedCompletion } from './wire.js';
 
 export const SHUTDOWN_ERROR = { message: 'The server is shutting down', type: 'server_error', param: null, code: 'server_shutting_down' } as const;
 
@@ -102,11 +102,13 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     if (turnChat.sessionReset) sessionHeaders['x-session-reset'] = turnChat.sessionReset;
     const stream = new EventStream(reply, base, () => ({ connection: ctx.shuttingDown() ? 'close' : 'keep-alive', ...sessionHeaders }));
 
-    // Unpin and forget before the turn (each checked: a turn no longer in memory is a 400), so the
-    // room they free is there for it.
-    for (const turn of parsed.memory.unpin) chat.unpin(turn);
-    checkForgettable(chat, parsed.memory.forget, 'finite_memory.forget');
-    for (const turn of parsed.memory.forget) await chat.forget(turn);
+    // Unpin and forget before the turn, so the room they free is there for it; checked before either
+    // changes anything (a turn no longer in memory is a 400 that leaves the memory as it was).
+    checkInMemory(chat, parsed.memory.unpin, 'finite_memory.unpin', true);
+    checkInMemory(chat, parsed.memory.forget, 'finite_memory.forget');
+    let memoryChanged = false;
+    for (const turn of parsed.memory.unpin) memoryChanged = chat.unpin(turn) > 0 || memoryChanged;
+    for (const turn of parsed.memory.forget) memoryChanged = (await chat.forget(turn)) > 0 || memoryChanged;
     let result: TurnResult;
     let persisted: boolean | null = null;
     let storeMs: number | null = null;
@@ -126,6 +128,9 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
         if (persisted !== null) storeMs = performance.now() - t0;
       }
     } catch (err) {
+      // The turn was refused (a pin over the limit, a message too large, ...) after its unpins and
+      // forgets were applied: they stay, and are stored, so the store holds what the memory does.
+      if (session && memoryChanged) await store.commit(session, lease!).catch(() => { /* commit logs and retries its failures; a takeover dropped the session */ });
       if (!stream.started) throw err;
       const http = toHttpError(err);
       stream.fail({ message: http.message, type: http.type, param: http.param, code: http.code });

@@ -12,7 +12,7 @@ import type { Chat } from '../local/chat.js';
 import { QueueAbortedError, type Release } from './admission.js';
 import { enterSession, restoreSession, shutdownError, takeDecodeSlot, type CompletionContext } from './completion.js';
 import { SESSION_EVICTIONS_KEPT, type Session, type TurnLease } from './sessions.js';
-import { badRequest, checkForgettable, checkSessionId, HttpError, isObject } from './wire.js';
+import { badRequest, checkInMemory, checkSessionId, HttpError, isObject } from './wire.js';
 
 /** Evictions a memory view returns by default (`?evictions=N`, at most what a session keeps). */
 const DEFAULT_EVICTIONS = 20;
@@ -41,7 +41,7 @@ export function handleUnpin(ctx: CompletionContext, req: SessionRequest, reply: 
 /** DELETE /v1/sessions/:id/turns/:turn: the turn leaves the memory now (forget), then the memory view. */
 export function handleForget(ctx: CompletionContext, req: SessionRequest, reply: FastifyReply): Promise<unknown> {
   return withSession(ctx, req, reply, async (chat, turn) => {
-    checkForgettable(chat, [turn], 'turn');
+    checkInMemory(chat, [turn], 'turn');
     await chat.forget(turn);
   });
 }

@@ -210,13 +210,14 @@ export function parseMemoryField(v: unknown, hasSession: boolean): ParsedComplet
 }
 
 /**
- * A turn to forget must be in memory (400 otherwise), checked before anything changes: the library's
- * forget resolves 0 for one that is not. In memory means as forget counts it: a token of the turn past
- * the attention sinks that is not the system prompt's.
+ * A turn to forget or unpin must be in memory (400 otherwise), checked before anything changes: the
+ * library's forget resolves 0 for one that is not, and its unpin throws after earlier unpins of the
+ * request were applied. In memory means as they count it: a token of the turn past the attention
+ * sinks, that is not the system prompt's for forget (`withSystem`: unpin accepts it, and keeps it pinned).
  */
-export function checkForgettable(chat: Pick<Chat, 'memory' | 'options'>, turns: readonly number[], param: string): void {
+export function checkInMemory(chat: Pick<Chat, 'memory' | 'options'>, turns: readonly number[], param: string, withSystem = false): void {
   const sinks = chat.options.sinkTokens;
-  const present = new Set(chat.memory().filter((e, i) => i >= sinks && e.role !== 'system').map((e) => e.turn));
+  const present = new Set(chat.memory().filter((e, i) => i >= sinks && (withSystem || e.role !== 'system')).map((e) => e.turn));
   for (const turn of turns) {
     if (!present.has(turn)) throw badRequest(`Turn ${turn} is not in memory (evicted or forgotten already)`, param);
   }

@@ -235,6 +235,14 @@ describe('OpenAI-compatible server', () => {
     const unpinned = await send('unpin it', { unpin: [again.body.finite_memory.turn.turn] });
     expect(unpinned.status).toBe(200);
     expect(unpinned.body.finite_memory.pins).toEqual([]);
+    // A request refused for one of its turns changes nothing: its unpin is not applied either.
+    const kept = (await send('pin this too', { pin: true })).body.finite_memory.turn.turn;
+    const refused = await send('x', { unpin: [kept], forget: [999] });
+    expect(refused.status).toBe(400);
+    expect(refused.body.error?.param).toBe('finite_memory.forget');
+    const refusedUnpin = await send('x', { unpin: [kept, 999] });
+    expect(refusedUnpin.body.error?.param).toBe('finite_memory.unpin');
+    expect((await send('still pinned?')).body.finite_memory.pins.map((p) => p.turn)).toEqual([kept]);
     // A turn no longer in memory, a bad field, forget without a session: 400s, OpenAI-style.
     expect((await send('x', { unpin: [1] })).status).toBe(400);
     const bad = await send('x', { pinn: true });

@@ -227,6 +227,55 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     await b.close();
   });
 
+  it('a full checkpoint that takes longer than a command\'s timeout to arrive is read whole, on its own connection: other sessions are not held up', async () => {
+    // Redis's replies reach this backend at 1 MB/s (a slow link): 3 MB take 3 s, over the 2 s a command may take.
+    const RATE = 1_000_000;
+    const proxy = createNetServer((client) => {
+      const upstream = connect(redis.port, '127.0.0.1');
+      client.pipe(upstream);
+      const queue: Buffer[] = [];
+      let sending = false;
+      const pump = () => {
+        if (sending) return;
+        const next = queue.shift();
+        if (!next) return;
+        const chunk = next.subarray(0, 16_384);
+        if (next.length > chunk.length) queue.unshift(next.subarray(chunk.length));
+        sending = true;
+        client.write(chunk);
+        setTimeout(() => { sending = false; pump(); }, (chunk.length / RATE) * 1000);
+      };
+      upstream.on('data', (d: Buffer) => { queue.push(d); pump(); });
+      for (const s of [client, upstream]) {
+        s.on('error', () => {});
+        s.on('close', () => { client.destroy(); upstream.destroy(); });
+      }
+    });
+    const proxyPort = await freePort();
+    await new Promise<void>((r) => proxy.listen(proxyPort, '127.0.0.1', r));
+    const be = await RedisBackend.open({ url: `redis://127.0.0.1:${proxyPort}/0`, namespace: 'bulk', limits, log });
+    try {
+      const lease = await be.acquire('big', 30_000);
+      if (!('token' in lease)) throw new Error('expected the lease');
+      await be.writeLedger('big', lease.token, { id: 'big', version: 1, messagesSeen: 0, lastUsed: Date.now(), ledger: new Uint8Array([1, 2, 3]) });
+      const full = Buffer.alloc(3_000_000, 7);
+      await be.writeFull('big', lease.token, 1, full);
+      const t0 = Date.now();
+      const reading = be.read('big');
+      await new Promise((r) => setTimeout(r, 300));   // the full checkpoint is on its way
+      const other = await be.acquire('other', 1000);   // another session's command
+      const otherMs = Date.now() - t0;
+      const stored = await reading;
+      expect(Date.now() - t0).toBeGreaterThan(2_000);
+      expect(Buffer.from(stored!.full!).equals(full)).toBe(true);
+      expect(other).toMatchObject({ token: expect.any(Number) });
+      expect(otherMs).toBeLessThan(1_500);
+    } finally {
+      await be.close();
+      proxy.close();
+    }
+  });
+
   it('keys are namespaced by the model and hash the session id; TTL and the caps hold in Redis', async () => {
     const { server, port } = await up(model, { store: redis.url, chat: { maxTokens: 64 }, maxStoredSessions: 2, sessionTtlMs: 60_000 });
     for (const id of ['n1', 'n2', 'n3']) expect((await post(port, id, 'hi')).status).toBe(200);

@@ -1,7 +1,8 @@
 /**
  * The Redis session backend: instances share sessions. Keys are namespaced by the model's fingerprint
  * (or a namespace the deployment names) inside one hash tag, `fml:{<namespace>}:...`, so each script
- * below touches one slot: atomic on a single Redis and on Redis Cluster alike.
+ * below touches one slot (laid out for Redis Cluster, which this client does not speak: it connects
+ * to one Redis and does not follow MOVED redirections).
  *
  *   fml:{ns}:s:<key>      hash: id, version, messagesSeen, lastUsed, ledger, full, fullVersion (TTL)
  *   fml:{ns}:lease:<key>  the lease: its fencing token, with an expiry
@@ -22,8 +23,12 @@ import { StaleWriteError, StoreUnavailableError, type AcquireResult, type Backen
 
 /** How long one Redis command may take before the store counts as unavailable. */
 const COMMAND_TIMEOUT_MS = 2_000;
-/** A full checkpoint can be hundreds of MiB on a large model: its write gets longer. */
-const FULL_WRITE_TIMEOUT_MS = 60_000;
+/**
+ * A full checkpoint can be hundreds of MiB on a large model (256 MiB: over 2 s at 1 Gbit/s): its
+ * write and read get longer, on a connection of their own, so that other sessions' commands do not
+ * wait behind it (one connection answers in order) and time out.
+ */
+const FULL_TRANSFER_TIMEOUT_MS = 60_000;
 /**
  * A PING this often keeps the connection busy, so that a socket silent for SOCKET_TIMEOUT_MS means a
  * Redis that stopped answering: the socket closes, `available` turns false (/health: degraded) and the
@@ -137,6 +142,8 @@ export class RedisBackend implements SessionBackend {
   readonly kind = 'redis';
   readonly durable = true;
   readonly #client: Client;
+  /** Full checkpoints' reads and writes (see FULL_TRANSFER_TIMEOUT_MS). */
+  readonly #bulk: Client;
   readonly #o: RedisBackendOptions;
   readonly #prefix: string;
   #available = false;
@@ -144,8 +151,9 @@ export class RedisBackend implements SessionBackend {
   #everReady = false;
   #usage = { sessions: 0, bytes: 0 };
 
-  private constructor(client: Client, o: RedisBackendOptions) {
+  private constructor(client: Client, bulk: Client, o: RedisBackendOptions) {
     this.#client = client;
+    this.#bulk = bulk;
     this.#o = o;
     this.#prefix = `fml:{${o.namespace}}:`;
   }
@@ -156,7 +164,7 @@ export class RedisBackend implements SessionBackend {
 
   /** Connects (within a few seconds, else StoreUnavailableError): a server does not start on a store it cannot reach. */
   static async open(o: RedisBackendOptions): Promise<RedisBackend> {
-    const client: Client = createClient({
+    const options = {
       url: o.url,
       disableOfflineQueue: true,
       pingInterval: PING_INTERVAL_MS,
@@ -167,12 +175,17 @@ export class RedisBackend implements SessionBackend {
         socketTimeout: SOCKET_TIMEOUT_MS,
         reconnectStrategy: (retries: number, cause: Error) => (!b.#everReady && retries >= 3 ? cause : Math.min(50 * 2 ** Math.min(retries, 6), 2_000)),
       },
-    });
-    const b = new RedisBackend(client, o);
+    };
+    const client: Client = createClient(options);
+    const bulk: Client = createClient(options);
+    const b = new RedisBackend(client, bulk, o);
     client.on('error', (err: Error) => {
       if (b.#available) o.log.warn({ err: err.message }, 'the session store (Redis) is unreachable; sessions are served from memory and their writes retried');
       b.#available = false;
     });
+    // The main connection says whether Redis is reachable; a failed full transfer is retried (a write)
+    // or falls back to the ledger (a read) and logs there.
+    bulk.on('error', () => {});
     client.on('ready', () => {
       b.#everReady = true;
       if (!b.#available && !b.#closed) o.log.info({}, 'the session store (Redis) is reachable');
@@ -180,9 +193,10 @@ export class RedisBackend implements SessionBackend {
     });
     const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new StoreUnavailableError(`Cannot reach the session store at ${redactUrl(o.url)}`)), 5_000).unref());
     try {
-      await Promise.race([client.connect(), timeout]);
+      await Promise.race([Promise.all([client.connect(), bulk.connect()]), timeout]);
     } catch (err) {
       client.destroy();
+      bulk.destroy();
       throw err instanceof StoreUnavailableError ? err : new StoreUnavailableError(`Cannot reach the session store at ${redactUrl(o.url)}: ${(err as Error).message}`, { cause: err });
     }
     b.#available = true;
@@ -190,6 +204,7 @@ export class RedisBackend implements SessionBackend {
       await b.refreshUsage();
     } catch (err) {
       client.destroy();
+      bulk.destroy();
       throw err instanceof StoreUnavailableError ? err : new StoreUnavailableError(`The session store at ${redactUrl(o.url)} refused a command: ${(err as Error).message}`, { cause: err });
     }
     return b;
@@ -199,27 +214,30 @@ export class RedisBackend implements SessionBackend {
     return `${this.#prefix}${kind}:${key}`;
   }
 
-  async #send<T>(args: (string | Buffer)[], timeout = COMMAND_TIMEOUT_MS): Promise<T> {
+  /** One command on the main connection, or (`bulk`) on the one for full checkpoints with their timeout. */
+  async #send<T>(args: (string | Buffer)[], bulk = false): Promise<T> {
     if (!this.available) throw new StoreUnavailableError('The session store (Redis) is unreachable');
+    const conn = bulk ? this.#bulk : this.#client;
     try {
       // rejectInFlight: the timeout holds after the command was sent too (node-redis's applies only
       // while it waits to be sent). A write that timed out may still land: the versions then say the
       // store holds this instance's turn, which a restore brings back, never an older one.
-      return await this.#client.sendCommand<T>(args, { timeout, rejectInFlight: true, typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } });
+      const timeout = bulk ? FULL_TRANSFER_TIMEOUT_MS : COMMAND_TIMEOUT_MS;
+      return await conn.sendCommand<T>(args, { timeout, rejectInFlight: true, typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } });
     } catch (err) {
-      if (err instanceof Error && /ERR|WRONGTYPE|NOSCRIPT/.test(err.message) && this.#client.isReady) throw err;
+      if (err instanceof Error && /ERR|WRONGTYPE|NOSCRIPT/.test(err.message) && conn.isReady) throw err;
       throw new StoreUnavailableError(`The session store (Redis) failed: ${(err as Error).message}`, { cause: err });
     }
   }
 
   /** EVALSHA, loading the script on NOSCRIPT (a restarted Redis has none cached). */
-  async #run<T>(name: ScriptName, keys: string[], args: (string | number | Buffer | Uint8Array)[], timeout = COMMAND_TIMEOUT_MS): Promise<T> {
+  async #run<T>(name: ScriptName, keys: string[], args: (string | number | Buffer | Uint8Array)[], bulk = false): Promise<T> {
     const a = args.map((v) => (v instanceof Uint8Array ? Buffer.from(v.buffer, v.byteOffset, v.byteLength) : String(v)));
     try {
-      return await this.#send<T>(['EVALSHA', SHA[name], String(keys.length), ...keys, ...a], timeout);
+      return await this.#send<T>(['EVALSHA', SHA[name], String(keys.length), ...keys, ...a], bulk);
     } catch (err) {
       if (!(err instanceof Error) || !err.message.includes('NOSCRIPT')) throw err;
-      return this.#send<T>(['EVAL', SCRIPTS[name], String(keys.length), ...keys, ...a], timeout);
+      return this.#send<T>(['EVAL', SCRIPTS[name], String(keys.length), ...keys, ...a], bulk);
     }
   }
 
@@ -241,14 +259,25 @@ export class RedisBackend implements SessionBackend {
   }
 
   async read(key: string): Promise<StoredSession | undefined> {
-    const r = await this.#send<(Buffer | null)[]>(['HMGET', this.#k('s', key), 'id', 'version', 'messagesSeen', 'lastUsed', 'ledger', 'full', 'fullVersion']);
-    const [id, version, messagesSeen, lastUsed, ledger, full, fullVersion] = r;
+    const r = await this.#send<(Buffer | null)[]>(['HMGET', this.#k('s', key), 'id', 'version', 'messagesSeen', 'lastUsed', 'ledger', 'fullVersion']);
+    const [id, version, messagesSeen, lastUsed, ledger, fullVersion] = r;
     if (!id || !version || !ledger) return undefined;
     const v = Number(version.toString());
     return {
       id: id.toString('utf8'), version: v, messagesSeen: Number(messagesSeen?.toString()) || 0, lastUsed: Number(lastUsed?.toString()) || 0,
-      ledger, full: full && Number(fullVersion?.toString()) === v ? full : undefined,
+      ledger, full: Number(fullVersion?.toString()) === v ? await this.#readFull(key, v) : undefined,
     };
+  }
+
+  /** The full checkpoint of `version`, on the bulk connection; undefined (a ledger restore) when that fails. */
+  async #readFull(key: string, version: number): Promise<Buffer | undefined> {
+    try {
+      const [full, fullVersion] = await this.#send<(Buffer | null)[]>(['HMGET', this.#k('s', key), 'full', 'fullVersion'], true);
+      return full && Number(fullVersion?.toString()) === version ? full : undefined;
+    } catch (err) {
+      this.#o.log.warn({ err: (err as Error).message }, 'reading a full checkpoint from the session store failed; the session is restored from its ledger');
+      return undefined;
+    }
   }
 
   /** A write script's reply: refused (StaleWriteError), or the store's usage after it. */
@@ -271,7 +300,7 @@ export class RedisBackend implements SessionBackend {
 
   async writeFull(key: string, token: number, version: number, full: Uint8Array): Promise<void> {
     this.#check(await this.#run('writeFull', [this.#k('lease', key), this.#k('s', key), ...this.#shared()],
-      [token, version, full, key, Date.now(), ...this.#limitArgs(), this.#prefix], FULL_WRITE_TIMEOUT_MS));
+      [token, version, full, key, Date.now(), ...this.#limitArgs(), this.#prefix], true));
   }
 
   async delete(key: string): Promise<void> {
@@ -296,15 +325,17 @@ export class RedisBackend implements SessionBackend {
     this.#available = false;
     // close() waits for the replies of commands already sent, which a Redis that stopped answering
     // never gives (their callers gave up at their timeouts): then the socket is destroyed.
-    let timer: NodeJS.Timeout | undefined;
-    try {
-      if (!this.#client.isReady) this.#client.destroy();
-      else await Promise.race([this.#client.close(), new Promise<void>((_, reject) => { timer = setTimeout(() => reject(new Error('close timed out')), COMMAND_TIMEOUT_MS); })]);
-    } catch {
-      this.#client.destroy();
-    } finally {
-      clearTimeout(timer);
-    }
+    await Promise.all([this.#client, this.#bulk].map(async (conn) => {
+      let timer: NodeJS.Timeout | undefined;
+      try {
+        if (!conn.isReady) conn.destroy();
+        else await Promise.race([conn.close(), new Promise<void>((_, reject) => { timer = setTimeout(() => reject(new Error('close timed out')), COMMAND_TIMEOUT_MS); })]);
+      } catch {
+        conn.destroy();
+      } finally {
+        clearTimeout(timer);
+      }
+    }));
   }
 }
 

@@ -164,6 +164,12 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
       stream.end();
       return;
     }
+    // Cut short by the shutdown deadline: a 200 would pass a truncated answer off as a whole one.
+    if (result.stopReason === 'abort' && ctx.shuttingDown()) {
+      throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, session
+        ? 'The server shut down while answering; the turn and the part of the reply generated are kept in the session (resending the message would repeat it)'
+        : 'The server shut down while answering', null, { connection: 'close', ...sessionHeaders });
+    }
     for (const [k, v] of Object.entries(sessionHeaders)) reply.header(k, v);
     return {
       ...base,

@@ -118,6 +118,17 @@ describe('slow clients and shutdown', () => {
     expect(s.text.trimEnd().endsWith('data: [DONE]')).toBe(true);
   });
 
+  it('at the deadline, a non-streamed answer cut short is a 503, not a 200 passing a truncated answer off as whole', async () => {
+    const { server, port } = await start({ maxTokensPerRequest: 4096 });
+    const answering = post(port, { messages: [user('tell a long story')], max_tokens: 4096, ignore_eos: true }, { 'x-session-id': 'cut' });
+    await new Promise((r) => setTimeout(r, 150));
+    await server.close({ abortAfterMs: 50 });
+    const r = await answering;
+    expect(r.status).toBe(503);
+    expect(r.body.error?.code).toBe('server_shutting_down');
+    expect(r.body.error?.message).toMatch(/kept in the session/);
+  });
+
   it('`serve` exits on SIGTERM within --shutdown-timeout-ms while slow clients hold connections', async () => {
     const cli = join(import.meta.dirname, '..', '..', 'src', 'cli.ts');
     const child = spawn(process.execPath, ['--import', 'tsx', cli, 'serve', '--model', testModelPath(), '--port', '0', '--max-tokens', '64', '--threads', '1', '--shutdown-timeout-ms', '1000', '--quiet'], { stdio: ['ignore', 'ignore', 'pipe'] });

@@ -75,6 +75,19 @@ export const MAX_SESSION_ID_LENGTH = 256;
 /** The longest session id once percent-encoded in a URL path (/v1/sessions/:id): 9 bytes of %XX per UTF-16 unit at most. */
 export const MAX_SESSION_ID_IN_PATH = MAX_SESSION_ID_LENGTH * 9;
 
+/**
+ * A header's value as text. Node reads header bytes as Latin-1, so an id sent as UTF-8 (curl, most
+ * HTTP libraries) arrived as mojibake, some of its bytes as C1 control characters (refused), and named
+ * another session than the same id in `user` or a memory route's path. Bytes that are valid UTF-8 are
+ * read as UTF-8; others (Latin-1, as fetch sends a string of code points below 256) stay as they are.
+ */
+export function headerText(value: string): string {
+  if (!/[\u0080-\u00ff]/.test(value)) return value;
+  const bytes = Buffer.from(value, 'latin1');
+  const text = bytes.toString('utf8');
+  return Buffer.from(text, 'utf8').equals(bytes) ? text : value;
+}
+
 export function checkSessionId(raw: unknown): string {
   if (typeof raw !== 'string' || raw.length > MAX_SESSION_ID_LENGTH) {
     throw badRequest(`The session id (X-Session-Id or user) must be a string of at most ${MAX_SESSION_ID_LENGTH} characters`, 'user', 'invalid_session_id');
@@ -147,9 +160,9 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
     throw badRequest('Send one X-Session-Id header, not several', 'x-session-id', 'duplicate_session_id');
   }
   const header = headers['x-session-id'];
-  const fromHeader = Array.isArray(header) ? header[0] : header;
+  const fromHeader = headerText((Array.isArray(header) ? header[0] : header) ?? '');
   // An empty header names no session: `user` still can (as when the header is absent).
-  const rawId = fromHeader !== undefined && fromHeader !== '' ? fromHeader : body.user;
+  const rawId = fromHeader !== '' ? fromHeader : body.user;
   if (rawId !== undefined && rawId !== null && rawId !== '') sessionId = checkSessionId(rawId);
   const memory = parseMemoryField(body.finite_memory, sessionId !== undefined);
   return {

@@ -58,7 +58,8 @@ function post(port: number, body: unknown, headers: Record<string, string | stri
       });
     });
     req.on('error', reject);
-    req.end(JSON.stringify(body));
+    // As bytes: with a string, Node writes the headers in the body's encoding (UTF-8), not as Latin-1.
+    req.end(Buffer.from(JSON.stringify(body)));
   });
 }
 
@@ -353,6 +354,19 @@ describe('session ids', () => {
     expect(s.text.trim().endsWith('data: [DONE]')).toBe(true);
     const plain = await post(port, { messages: [user('hi')], user: 'user-42_a.b', max_tokens: 2 });
     expect(plain.headers['x-session-id']).toBe('user-42_a.b');
+  });
+
+  it('reads an X-Session-Id sent as UTF-8 as the same id as in `user` (and one sent as Latin-1 too)', async () => {
+    const { port } = await start();
+    const utf8 = (id: string) => Buffer.from(id, 'utf8').toString('latin1');   // the header's bytes, as Node sends a string's
+    for (const [id, header] of [['€uro', utf8('€uro')], ['café', utf8('café')], ['café', 'café']] as const) {
+      const r = await post(port, { messages: [user('hi')], max_tokens: 2 }, { 'x-session-id': header });
+      expect(r.status, id).toBe(200);
+      expect(r.body.finite_memory.session_id).toBe(id);
+      expect(r.headers['x-session-id']).toBe(encodeURIComponent(id));
+    }
+    const again = await post(port, { messages: [user('hi')], user: 'café', max_tokens: 2 });
+    expect(again.body.finite_memory.chat.turns).toBe(3);
   });
 
   it('refuses control characters and unpaired surrogates before any turn runs', async () => {

@@ -253,6 +253,24 @@ describe('stored sessions', () => {
     writeFileSync(join(dir, '.finite-memory-llm.lock'), JSON.stringify({ pid: gone.pid, host: hostname() }));
     const third = await start({ checkpointDir: dir });
     await third.server.close();
+    // A pid another process has since: alive, but the lock is no longer touched. And a process that
+    // exited but is not reaped yet (a zombie: `sleep 0`, whose parent then execs and never waits).
+    const reused = spawn('sleep', ['30']);
+    const zombieParent = spawn('sh', ['-c', 'sleep 0 & echo $!; exec sleep 30']);
+    const zombie = Number(await new Promise<string>((r) => zombieParent.stdout.once('data', (d: Buffer) => r(d.toString()))));
+    await new Promise((r) => setTimeout(r, 200));
+    try {
+      writeFileSync(join(dir, '.finite-memory-llm.lock'), JSON.stringify({ pid: reused.pid, host: hostname() }));
+      await expect(createServer(model, { chat: CHAT, checkpointDir: dir })).rejects.toMatchObject({ message: expect.stringMatching(/in use by another server/) });
+      const stale = new Date(Date.now() - 60_000);
+      utimesSync(join(dir, '.finite-memory-llm.lock'), stale, stale);
+      await (await start({ checkpointDir: dir })).server.close();
+      writeFileSync(join(dir, '.finite-memory-llm.lock'), JSON.stringify({ pid: zombie, host: hostname() }));
+      await (await start({ checkpointDir: dir })).server.close();
+    } finally {
+      reused.kill();
+      zombieParent.kill();
+    }
     // Another host's lock is trusted while it is touched, and taken over once it is stale.
     const foreign = join(dir, '.finite-memory-llm.lock');
     writeFileSync(foreign, JSON.stringify({ pid: 1, host: 'another-host' }));
@@ -362,11 +380,11 @@ describe('session ids', () => {
     for (const [id, header] of [['€uro', utf8('€uro')], ['café', utf8('café')], ['café', 'café']] as const) {
       const r = await post(port, { messages: [user('hi')], max_tokens: 2 }, { 'x-session-id': header });
       expect(r.status, id).toBe(200);
-      expect(r.body.finite_memory.session_id).toBe(id);
+      expect(r.body.finite_memory!.session_id).toBe(id);
       expect(r.headers['x-session-id']).toBe(encodeURIComponent(id));
     }
     const again = await post(port, { messages: [user('hi')], user: 'café', max_tokens: 2 });
-    expect(again.body.finite_memory.chat.turns).toBe(3);
+    expect(again.body.finite_memory!.chat.turns).toBe(3);
   });
 
   it('refuses control characters and unpaired surrogates before any turn runs', async () => {

@@ -3,8 +3,9 @@
  * the same directory would serve the same sessions with nothing to fence them (and its start-up sweep
  * would delete the other's temp files). Sharing sessions between instances is what the Redis store is
  * for. The lock is a file holding its owner (pid, host), touched every LOCK_BEAT_MS: a lock left by a
- * process that is gone (kill -9) is taken over at once on the same host; one from another host once
- * it is LOCK_STALE_MS old, since that process cannot be asked.
+ * process that is gone (kill -9, or exited and not yet reaped) is taken over at once on the same host;
+ * any lock once it is LOCK_STALE_MS old (another host's process cannot be asked, and a pid can be
+ * reused by another process).
  */
 import { hostname } from 'node:os';
 import { readFile, rm, stat, utimes, writeFile } from 'node:fs/promises';
@@ -84,10 +85,19 @@ async function holder(path: string): Promise<{ live: boolean; who: string }> {
   // This host: ask the process. Our own pid holds it if this process took it; else it is an earlier
   // life of this pid (a container restarted with the same pid), not a live holder.
   if (owner.pid === process.pid) return { live: held.has(path), who };
+  // A live holder touches the lock every LOCK_BEAT_MS: a stale one names a pid that was reused by
+  // another process since (which would have kept the directory locked for as long as that one ran).
+  if (!fresh) return { live: false, who };
   try {
     process.kill(owner.pid, 0);
-    return { live: true, who };
+    return { live: !(await isZombie(owner.pid)), who };   // killed, not yet reaped by its parent
   } catch (err) {
     return { live: (err as NodeJS.ErrnoException).code === 'EPERM', who };
   }
+}
+
+/** Linux: the process has exited and waits for its parent to reap it (state Z in /proc/<pid>/stat). */
+async function isZombie(pid: number): Promise<boolean> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  return / Z /.test(stat.slice(stat.lastIndexOf(')')));
 }

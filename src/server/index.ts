@@ -102,7 +102,9 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   app.addHook('onRequest', async (req, reply) => {
     const res = reply.raw;
     res.once('close', () => {
-      metrics.requests.inc({ route: req.routeOptions.url ?? 'unmatched', status: String(res.statusCode) });
+      // A response that never completed (its client left, or the connection was cut) is 499, as in
+      // nginx: its statusCode is still the default 200 when nothing was sent.
+      metrics.requests.inc({ route: req.routeOptions.url ?? 'unmatched', status: res.writableFinished ? String(res.statusCode) : '499' });
       // Shutting down: a keep-alive connection whose last response just ended must not hold close() up
       // until its keep-alive timeout.
       if (shuttingDown) setImmediate(() => app.server.closeIdleConnections());

@@ -359,6 +359,16 @@ describe('OpenAI-compatible server', () => {
     expect(metrics).toMatch(new RegExp(`finite_memory_turns_total\\{policy="${policy}"\\} 1`));
     expect(metrics).toMatch(/finite_memory_server_sessions\{state="live"\} 1/);
     expect(metrics).toMatch(/finite_memory_server_requests_total\{route="\/v1\/chat\/completions",status="200"\} 1/);
+    // A request its client leaves is not counted as a 200.
+    const leaving = new AbortController();
+    const left = post(url, { messages: [{ role: 'user', content: 'leave me' }], max_tokens: 60, ignore_eos: true }, {}, leaving.signal).catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 30));
+    leaving.abort();
+    await left;
+    await new Promise((r) => setTimeout(r, 50));
+    const after = await (await fetch(`${url}/metrics`)).text();
+    expect(after).toMatch(/finite_memory_server_requests_total\{route="\/v1\/chat\/completions",status="200"\} 1\n/);
+    expect(after).toMatch(/finite_memory_server_requests_total\{route="\/v1\/chat\/completions",status="499"\} 1/);
 
     // A slow one-off request (its history evicts, 100 ms each) is still running when close() starts.
     const inFlight = post(url, { messages: [...HISTORY, { role: 'user', content: 'finish me' }], max_tokens: 4 });

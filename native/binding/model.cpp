@@ -34,6 +34,7 @@ std::shared_ptr<runtime> js_model::require_runtime(Napi::Env env) {
         ro.engine.max_slots = load_options.slots;
         ro.engine.prefill_chunk = load_options.prefill_chunk;
         ro.engine.unified = load_options.kv_unified;
+        ro.engine.test_context_slot_limit = load_options.test_context_slot_limit;
         ro.owner = env.GetInstanceData<addon_data>();
         runtime_ = std::make_shared<runtime>(m, ro);
     }

@@ -65,6 +65,9 @@ void engine::create_context(uint32_t slots) {
         cp.cb_eval = eval_capture::callback;
         cp.cb_eval_user_data = &capture_;
     }
+    if (opts_.test_context_slot_limit > 0 && slots > opts_.test_context_slot_limit) {
+        throw fml_error(FML_ERR_CONTEXT_CREATE, "llama.cpp could not create a context (test hook testContextSlotLimit)");
+    }
     last_llama_errors();
     llama_context * ctx = llama_init_from_model(model_->raw(), cp);
     if (ctx == nullptr) {
@@ -113,7 +116,15 @@ bool engine::grow() {
         }
     }
     std::vector<chat *> holders = slots_;
-    create_context(next);   // throws before anything is lost: the old context stays until it succeeds
+    try {
+        create_context(next);   // throws before anything is lost: the old context stays until it succeeds
+    } catch (const fml_error &) {
+        // No memory for the bigger context (a GPU, a host): this engine keeps the slots it has, and
+        // idle chats are parked to make room as at max_slots. Without this every turn that needed a
+        // slot retried the allocation and failed, while idle chats held the slots.
+        opts_.max_slots = cur;
+        return false;
+    }
     for (uint32_t i = 0; i < cur; ++i) {
         slots_[i] = holders[i];
         if (holders[i] != nullptr && !states[i].empty()) {

@@ -28,6 +28,7 @@ struct engine_options {
     uint32_t max_slots = 8;
     uint32_t prefill_chunk = 64;   // prefill tokens per prefilling chat and step while other chats generate
     bool unified = false;          // one KV buffer for all sequences (measured slower; see README)
+    uint32_t test_context_slot_limit = 0;   // test hook: contexts of more slots fail (0: never)
 };
 
 struct engine_stats {

@@ -182,6 +182,8 @@ const option_row<model_target> MODEL_ROWS[] = {
       [](model_target & t, const option_value * v) { t.o.prefill_chunk = v ? (uint32_t) int_in("prefillChunk", *v, 1, 65536) : 64; } },
     { { "model", "kvUnified", "boolean", "false", "", "One KV buffer for all chats instead of a stream each (every token then attends over all chats' cells: slower for long chats; for benchmarks).", true },
       [](model_target & t, const option_value * v) { t.o.kv_unified = v ? boolean_of("kvUnified", *v) : false; } },
+    { { "model", "testContextSlotLimit", "number", "0", "0 .. 256", "Test hook: creating a context of more slots than this fails, as when memory runs out (0: never).", true },
+      [](model_target & t, const option_value * v) { t.o.test_context_slot_limit = v ? (uint32_t) int_in("testContextSlotLimit", *v, 0, 256) : 0; } },
 };
 
 const option_row<chat_target> CHAT_ROWS[] = {

@@ -42,6 +42,7 @@ struct model_load_options {
     uint32_t slots      = 0;     // chats decoded together per context; more are parked while idle
     uint32_t prefill_chunk = 0;  // prefill tokens per step while other chats generate
     bool     kv_unified = false; // one KV buffer for all chats (benchmarks compare; slower for long chats)
+    uint32_t test_context_slot_limit = 0; // test hook: a context of more slots fails to be created (0: never)
 };
 
 struct chat_options {

@@ -33,6 +33,8 @@ export interface LoadModelOptions {
   prefillChunk?: number;
   /** @internal One KV buffer for all chats instead of a stream each (benchmarks compare them). */
   kvUnified?: boolean;
+  /** @internal Test hook: creating a context of more slots than this fails, as when memory runs out. */
+  testContextSlotLimit?: number;
 }
 
 export interface ChatOptions {

@@ -275,6 +275,30 @@ describe('capacity', () => {
   });
 });
 
+describe('capacity: no memory for more slots', () => {
+  it('when a bigger context cannot be created, idle chats are parked instead, and turns, loadChat and forget go on', async () => {
+    const small = await loadModel(testModelPath(), { threads: THREADS, slots: 4, testContextSlotLimit: 1 });
+    const [a, b] = [0, 1].map(() => small.createChat({ maxTokens: 96 }));
+    await expectTurnRan(a!.send('first', { maxNewTokens: 3 }));
+    const saved = await a!.checkpoint();
+    for (let i = 0; i < 3; i++) {
+      await expectTurnRan(b!.send(`b ${i}`, { maxNewTokens: 3 }));   // a holds the one slot, idle: parked
+      await expectTurnRan(a!.send(`a ${i}`, { maxNewTokens: 3 }));
+    }
+    const restored = await small.loadChat(saved);
+    expect(await b!.forget(1)).toBeGreaterThan(0);
+    const engine = a!._internals().engineStats();
+    expect(engine).toMatchObject({ slots: 1, grown: 0 });
+    expect(engine.parked).toBeGreaterThanOrEqual(6);
+    for (const c of [a!, b!, restored]) {
+      await expectTurnRan(c.send('still here', { maxNewTokens: 2 }));
+      checkCache(c, 96);
+      c.dispose();
+    }
+    small.dispose();
+  });
+});
+
 describe('capacity: waiting turns', () => {
   it('a chat without a slot waits behind chats that hold theirs, and nothing deadlocks', async () => {
     const small = await loadModel(testModelPath(), { threads: THREADS, slots: 2 });

@@ -522,7 +522,7 @@ private:
     std::shared_ptr<runtime> rt_;
     std::shared_ptr<chat> core_;
     uint32_t turn_;
-    size_t evicted_ = 0;
+    int64_t evicted_ = 0;
 };
 
 } // namespace

@@ -273,17 +273,17 @@ chat_state runtime::export_chat(chat & c, bool with_kv) {
     });
 }
 
-size_t runtime::forget_turn(chat & c, uint32_t turn) {
-    return run_sync([&]() -> size_t {
+int64_t runtime::forget_turn(chat & c, uint32_t turn) {
+    return run_sync([&]() -> int64_t {
         engine * e = c.owner();
         if (e == nullptr) {
             return 0;   // never had a turn: nothing in memory
         }
         if (!e->ensure_slot(c)) {
-            throw fml_error(FML_ERR_KV, "every slot of the chat's engine is in a turn");
+            return -1;
         }
         e->apply_pending_shift(c);
-        return c.forget_turn(turn, *e);
+        return (int64_t) c.forget_turn(turn, *e);
     });
 }
 

@@ -71,8 +71,10 @@ public:
     // Its state for a checkpoint: the ledger kind under the chat's own lock, the full kind on the
     // scheduler between steps (a pending K-shift applied first).
     chat_state export_chat(chat & c, bool with_kv);
-    // Evicts every token of `turn` now, in place; returns how many (0: never had a turn).
-    size_t forget_turn(chat & c, uint32_t turn);
+    // Evicts every token of `turn` now, in place; returns how many (0: never had a turn), or -1 when
+    // the chat is parked and every slot of its engine is in a turn (the caller tries again later: a
+    // worker thread must not wait out another chat's turn).
+    int64_t forget_turn(chat & c, uint32_t turn);
     // A chat restored from a checkpoint's state gets a slot (or stays parked when all are busy).
     void place_restored(chat & c);
     // The ledger's and llama.cpp's view of the chat's cache, and the signal checks of its engine.

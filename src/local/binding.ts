@@ -113,7 +113,7 @@ export interface NativeChat {
   unpin(turn: number): number;
   /** Turns with pinned tokens (system prompt and attention sinks excluded). */
   pins(): { turn: number; tokens: number }[];
-  /** Evicts every token of `turn` in place; resolves with the number evicted. */
+  /** Evicts every token of `turn` in place; resolves with the number evicted, or -1 when the chat is parked and every slot of its engine is in a turn (try again). */
   forget(turn: number): Promise<number>;
   stats(): NativeChatStats;
   memory(): MemoryEntry[];

@@ -230,12 +230,21 @@ export class Chat implements ChatSurface {
   /**
    * Evicts every token of `turn` from the KV cache now, in place (positions compacted as in any
    * eviction), pinned or not; resolves with the number of tokens evicted (0 when the turn is no
-   * longer in memory). The transcript keeps the turn. Not while a turn runs (ChatBusyError).
+   * longer in memory). The transcript keeps the turn. Not while a turn runs (ChatBusyError). A chat
+   * parked while every slot is in a turn waits for a slot, as a turn does.
    */
   async forget(turn: number): Promise<number> {
     this.#check();
     const t = checkInt('turn', turn, 0, 2 ** 32 - 1);
-    return this.#exclusive('forget', () => this.#native.forget(t));
+    return this.#exclusive('forget', async () => {
+      // A parked chat needs a slot, and every one may be in a turn: it waits, as a turn would, for
+      // one to end (polled: the native side must not block a worker thread for another chat's turn).
+      for (let waitMs = 1; ; waitMs = Math.min(waitMs * 2, 20)) {
+        const evicted = await this.#native.forget(t);
+        if (evicted >= 0) return evicted;
+        await new Promise((r) => setTimeout(r, waitMs));
+      }
+    });
   }
 
   /**

@@ -299,6 +299,28 @@ describe('capacity: no memory for more slots', () => {
   });
 });
 
+describe('capacity: forgetting while parked', () => {
+  it('forget() of a parked chat while every slot is in a turn waits for a slot, as a turn does', async () => {
+    const small = await loadModel(testModelPath(), { threads: THREADS, slots: 1 });
+    const busy = small.createChat({ maxTokens: 96, testTokenDelayMs: 5 });
+    const parked = small.createChat({ maxTokens: 96 });
+    await expectTurnRan(parked.send('forget me later', { maxNewTokens: 2 }));
+    const turn = busy.send('a long reply', { maxNewTokens: 40, ignoreEos: true });
+    await new Promise((r) => setTimeout(r, 50));   // busy holds the one slot, parked is parked
+    let turnDone = false;
+    void turn.then(() => (turnDone = true));
+    const evicted = await parked.forget(1);
+    expect(turnDone).toBe(true);
+    expect(evicted).toBeGreaterThan(0);
+    expect(parked.memory().slice(parked.options.sinkTokens).filter((e) => e.turn === 1)).toEqual([]);   // the attention sinks stay
+    checkCache(parked, 96);
+    await expectTurnRan(turn);
+    busy.dispose();
+    parked.dispose();
+    small.dispose();
+  });
+});
+
 describe('capacity: waiting turns', () => {
   it('a chat without a slot waits behind chats that hold theirs, and nothing deadlocks', async () => {
     const small = await loadModel(testModelPath(), { threads: THREADS, slots: 2 });

@@ -274,16 +274,12 @@ bool engine::has_work(std::chrono::steady_clock::time_point now, std::chrono::st
     return ready;
 }
 
+bool engine::idle() const {
+    return queue_.empty() && std::none_of(running_.begin(), running_.end(), [](const auto & s) { return s->has_turn(); });
+}
+
 bool engine::idle_with_peers() const {
-    if (!queue_.empty()) {
-        return false;
-    }
-    for (const auto & s : running_) {
-        if (s->has_turn()) {
-            return false;
-        }
-    }
-    return std::count_if(slots_.begin(), slots_.end(), [](const chat * c) { return c != nullptr; }) >= 2;
+    return idle() && std::count_if(slots_.begin(), slots_.end(), [](const chat * c) { return c != nullptr; }) >= 2;
 }
 
 void engine::apply_pending_shift(chat & s) {

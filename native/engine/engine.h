@@ -66,6 +66,7 @@ public:
     bool has_work(std::chrono::steady_clock::time_point now, std::chrono::steady_clock::time_point * wake) const;
     // No turn running or waiting, and at least two chats hold slots: a turn arriving now may be the
     // first of several sent together (runtime::loop gathers them into one step).
+    bool idle() const;   // no turn running or waiting
     bool idle_with_peers() const;
     // One batch: every chat with a turn contributes, one llama_decode per ubatch.
     void step();

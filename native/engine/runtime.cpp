@@ -169,6 +169,21 @@ engine_stats runtime::stats() {
     });
 }
 
+bool runtime::should_gather() const {
+    // Only for turns bound for an idle engine with other chats, and never while another engine has
+    // turns to step: a lone chat of another engine (another budget, say) waited 2-8 ms per turn, and
+    // a generating engine's steps paused for as long.
+    bool wanted = false;
+    for (const auto & [s, req] : incoming_) {
+        const engine * target = s->owner();
+        for (const auto & e : engines_) {
+            target = target != nullptr ? target : (e->key() == s->key() ? e.get() : nullptr);
+        }
+        wanted = wanted || (target != nullptr && target->idle_with_peers());
+    }
+    return wanted && std::all_of(engines_.begin(), engines_.end(), [](const auto & e) { return e->idle(); });
+}
+
 void runtime::gather(std::unique_lock<std::mutex> & lock) {
     // Turns sent together (Promise.all over chats, a server answering several clients, chats whose
     // turns ended in the same step) reach this thread one by one, tens to hundreds of microseconds
@@ -220,8 +235,7 @@ void runtime::loop() {
                     cv_.wait(lock);
                 }
             }
-            if (!incoming_.empty() &&
-                std::any_of(engines_.begin(), engines_.end(), [](const auto & e) { return e->idle_with_peers(); })) {
+            if (should_gather()) {
                 gather(lock);
             }
             if (stopping_.load()) {

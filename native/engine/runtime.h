@@ -95,6 +95,7 @@ public:
 private:
     void loop();
     // With `lock` held and turns just arrived at an idle engine: waits briefly for more (see the .cpp).
+    bool should_gather() const;
     void gather(std::unique_lock<std::mutex> & lock);
     void stop();
 

@@ -7,6 +7,7 @@
 
 #include "ggml-backend.h"
 
+#include <algorithm>
 #include <tuple>
 #include "gguf.h"
 #include "llama.h"
@@ -431,14 +432,16 @@ void fml_model::render_frames() {
     auto & system = frames_[(int) frame_kind::system];
     auto & assistant = frames_[(int) frame_kind::assistant];
     const std::string padded = " " + SENTINEL_A + " ";
-    auto trims = [&](const std::string & rendered) { return rendered.find(padded) == std::string::npos; };
+    // A template trims content when padding it changes nothing. (Looking for the padded sentinel in
+    // the rendering missed Llama 2's, whose frame has a space on both sides of the stripped content.)
+    auto trims = [&](const auto & render) { return render(padded) == render(SENTINEL_A); };
     auto fail = [&](frame_kind k, const std::string & why) { frame_errors_[(int) k] = why; };
     try {
         if (!split_at(apply_template({ { "user", SENTINEL_A } }, true), SENTINEL_A, lone_user.prefix, lone_user.suffix)) {
             fail(frame_kind::first_user, "the chat template drops the content of user messages");
             fail(frame_kind::user, "the chat template drops the content of user messages");
         }
-        lone_user.trim = trims(apply_template({ { "user", padded } }, true));
+        lone_user.trim = trims([&](const std::string & c) { return apply_template({ { "user", c } }, true); });
         // A later user message: what it adds to a conversation of one exchange.
         const std::string exchange = apply_template({ { "user", "u" }, { "assistant", "a" } }, false);
         auto after_exchange = [&](const std::string & content) {
@@ -448,19 +451,22 @@ void fml_model::render_frames() {
         if (!split_at(after_exchange(SENTINEL_A), SENTINEL_A, user.prefix, user.suffix)) {
             user = lone_user;   // the template re-renders earlier turns differently: frame like the first
         } else {
-            user.trim = trims(after_exchange(padded));
+            user.trim = trims(after_exchange);
         }
 
         // The assistant's frame is what its message adds after a user turn with the generation prompt.
         const std::string context = apply_template({ { "user", "u" } }, true);
         auto after_user = [&](const std::string & content) {
             std::string r = apply_template({ { "user", "u" }, { "assistant", content } }, false);
-            return r.compare(0, context.size(), context) == 0 ? r.substr(context.size()) : r;
+            // A generation prompt the finished turn does not have (an opening <think>, say): the frame
+            // starts where the two renderings part, never at the start (the probe's user message in it).
+            const size_t common = (size_t) (std::mismatch(context.begin(), context.begin() + (long) std::min(context.size(), r.size()), r.begin()).first - context.begin());
+            return r.substr(common);
         };
         if (!split_at(after_user(SENTINEL_A), SENTINEL_A, assistant.prefix, assistant.suffix)) {
             fail(frame_kind::assistant, "the chat template drops the content of assistant messages");
         }
-        assistant.trim = trims(after_user(padded));
+        assistant.trim = trims(after_user);
 
         // The system prompt is framed with the first user turn, because some templates (Gemma,
         // Mistral) put it inside that turn: system + user renders as A S B U C. When B ends with the
@@ -478,7 +484,7 @@ void fml_model::render_frames() {
             system = { a, b, false };
             first_user = { "", c, lone_user.trim };
         }
-        system.trim = trims(apply_template({ { "system", padded }, { "user", SENTINEL_B } }, true));
+        system.trim = trims([&](const std::string & c) { return apply_template({ { "system", c }, { "user", SENTINEL_B } }, true); });
     } catch (const fml_error & e) {
         for (auto & err : frame_errors_) {
             if (err.empty()) err = e.what();

@@ -176,34 +176,54 @@ describe.each(SUPPORTED)('family %s', (family) => {
   });
 
   it('prefills exactly the template rendering of the whole conversation, message by message', async () => {
-    const system = 'You are terse.';
-    // Whitespace around content: templates that trim it (Llama 3, Gemma) must be followed.
-    const turns = [
-      { user: 'Hello there', assistant: 'Hi. The sky is blue' },
-      { user: '  Why is that?\n', assistant: 'Because of the sea' },
-      { user: 'Thank you', assistant: 'Yes' },
-    ];
-    const last = 'One more question';
-    const chat = await model.importTranscript({
-      format: 'finite-memory-llm/transcript',
-      version: 1,
-      systemPrompt: system,
-      messages: turns.flatMap((t) => [{ role: 'user' as const, content: t.user }, { role: 'assistant' as const, content: t.assistant }]),
-    }, { maxTokens: 1024 });
-    await chat.send(last, { maxNewTokens: 1, temperature: 0 });
-    const cached = chat.memory().map((e) => e.token);
-    const rendered = model.applyTemplate([
-      { role: 'system', content: system },
-      ...turns.flatMap((t) => [{ role: 'user' as const, content: t.user }, { role: 'assistant' as const, content: t.assistant }]),
-      { role: 'user', content: last },
-    ], { addAssistant: true });
-    const expected = model.tokenize(rendered, { addBos: true, special: true });
-    // The cache holds the rendered conversation (the one sampled reply token is not decoded yet).
-    expect(chat.stats().tokensEvicted).toBe(0);
-    const show = (t: number[]) => t.map((x) => model.detokenize([x], { special: true })).join('|');
-    expect(show(cached)).toBe(show(expected));
-    expect(cached).toEqual(expected);
-    chat.dispose();
+    await expectPrefillIsTemplateRendering(model);
+  });
+});
+
+/** An imported conversation and a sent message are, token for token, the template's rendering of the whole conversation. */
+async function expectPrefillIsTemplateRendering(model: Model): Promise<void> {
+  const system = 'You are terse.';
+  // Whitespace around content: templates that trim it (Llama 2 and 3, Gemma) must be followed.
+  const turns = [
+    { user: 'Hello there', assistant: 'Hi. The sky is blue' },
+    { user: '  Why is that?\n', assistant: 'Because of the sea' },
+    { user: 'Thank you', assistant: 'Yes' },
+  ];
+  const last = 'One more question';
+  const chat = await model.importTranscript({
+    format: 'finite-memory-llm/transcript',
+    version: 1,
+    systemPrompt: system,
+    messages: turns.flatMap((t) => [{ role: 'user' as const, content: t.user }, { role: 'assistant' as const, content: t.assistant }]),
+  }, { maxTokens: 1024 });
+  await chat.send(last, { maxNewTokens: 1, temperature: 0 });
+  const cached = chat.memory().map((e) => e.token);
+  const rendered = model.applyTemplate([
+    { role: 'system', content: system },
+    ...turns.flatMap((t) => [{ role: 'user' as const, content: t.user }, { role: 'assistant' as const, content: t.assistant }]),
+    { role: 'user', content: last },
+  ], { addAssistant: true });
+  const expected = model.tokenize(rendered, { addBos: true, special: true });
+  // The cache holds the rendered conversation (the one sampled reply token is not decoded yet).
+  expect(chat.stats().tokensEvicted).toBe(0);
+  const show = (t: number[]) => t.map((x) => model.detokenize([x], { special: true })).join('|');
+  expect(show(cached)).toBe(show(expected));
+  expect(cached).toEqual(expected);
+  chat.dispose();
+}
+
+describe('templates of real models outside the generated families', () => {
+  // Meta's Llama-2-chat template (llama.cpp: llama2-sys-strip): content stripped inside '[INST] ' and ' [/INST]'.
+  const LLAMA2 = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
+  it('Llama 2 chat: prefills exactly its rendering (whitespace stripped)', async () => {
+    const path = join(dir, 'llama2-chat.gguf');
+    writeModel(path, { family: 'llama', seed: 7, template: 'mistral', chatTemplate: LLAMA2 });
+    const model = await loadModel(path, { threads: THREADS });
+    try {
+      await expectPrefillIsTemplateRendering(model);
+    } finally {
+      model.dispose();
+    }
   });
 });
 

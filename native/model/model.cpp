@@ -328,12 +328,14 @@ bool fml_model::add_bos() const { return llama_vocab_get_add_bos(vocab_) && llam
 std::string fml_model::apply_template(const std::vector<std::pair<std::string, std::string>> & messages, bool add_assistant) const {
     if (info_.framing == "plain") {
         // No template: the plain frames, each user message ending in the "Assistant:" cue.
+        // Without add_assistant a last user message ends without the cue, as a template's would.
         std::string out;
-        for (const auto & m : messages) {
+        for (size_t i = 0; i < messages.size(); ++i) {
+            const auto & m = messages[i];
             const frame_kind k = m.first == "system" ? frame_kind::system : m.first == "user" ? frame_kind::user : frame_kind::assistant;
-            out += frames_[(int) k].prefix + m.second + frames_[(int) k].suffix;
+            out += frames_[(int) k].prefix + m.second;
+            out += k == frame_kind::user && i + 1 == messages.size() && !add_assistant ? "\n" : frames_[(int) k].suffix;
         }
-        (void) add_assistant;
         return out;
     }
     std::vector<llama_chat_message> chat;

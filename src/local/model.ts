@@ -71,6 +71,8 @@ export class Model {
     if (!Array.isArray(messages) || messages.some((m) => !m || !['system', 'user', 'assistant'].includes(m.role) || typeof m.content !== 'string')) {
       throw fromNativeError({ code: 'INVALID_OPTION', message: 'Expected an array of { role: "system" | "user" | "assistant", content: string } for messages' });
     }
+    // llama.cpp's template API takes C strings: the text after a NUL was dropped from the rendering.
+    if (messages.some((m) => m.content.includes('\0'))) throw new InvalidOptionError('A message given to applyTemplate contains a NUL character');
     try {
       return this.#native.applyTemplate(messages.flatMap((m) => [m.role, m.content]), options.addAssistant ?? false);
     } catch (err) {

@@ -81,6 +81,15 @@ describe('model files', () => {
     }
   });
 
+  it('applyTemplate refuses a NUL (the text after it was dropped); plain framing honours addAssistant', async () => {
+    expect(() => model.applyTemplate([{ role: 'user', content: 'secret\0 tail' }])).toThrow(InvalidOptionError);
+    const base = await loadModel(writeModel(join(testDir, 'plain.gguf'), { chatTemplate: null }).path, { threads: THREADS });
+    expect(base.info.framing).toBe('plain');
+    expect(base.applyTemplate([{ role: 'user', content: 'Hi' }], { addAssistant: true })).toBe('User: Hi\nAssistant:');
+    expect(base.applyTemplate([{ role: 'user', content: 'Hi' }])).toBe('User: Hi\n');
+    base.dispose();
+  });
+
   it('loading still works after all that', async () => {
     const p = join(testDir, 'copy.gguf');
     copyFileSync(testModelPath(), p);

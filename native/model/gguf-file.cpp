@@ -77,7 +77,7 @@ static std::string gguf_fingerprint(const gguf_context * g, FILE * f) {
 // expected type are judged here. Mirrors llama_model_base::load_hparams and the per-architecture
 // loaders of the pinned source.
 
-constexpr int64_t MAX_LAYERS = 512;    // LLAMA_MAX_LAYERS (src/llama-hparams.h)
+constexpr int64_t MAX_LAYERS = 512;    // LLAMA_MAX_LAYERS (llama.cpp's llama-hparams.h)
 constexpr int64_t MAX_EXPERTS = 1024;  // LLAMA_MAX_EXPERTS
 
 static bool is_int_type(enum gguf_type t) {

@@ -152,7 +152,7 @@ const ROPE_BASE: Record<string, number> = { gemma3: 1e6, qwen35: 1e7, qwen35moe:
 /** Mamba: d_inner = 2 x embd (llama.cpp accepts only that), the usual state size and kernel. */
 const SSM = { stateSize: 16, convKernel: 4, dtRank: 4 } as const;
 
-/** llama.cpp refuses more layers (LLAMA_MAX_LAYERS, src/llama-hparams.h). */
+/** llama.cpp refuses more layers (LLAMA_MAX_LAYERS in llama.cpp's llama-hparams.h). */
 const MAX_LAYERS = 512;
 
 function checkPositiveInt(name: string, v: number): void {

@@ -13,7 +13,7 @@
 import type { Counter, Histogram } from 'prom-client';
 import type { Chat } from '../local/chat.js';
 import type { EvictionEvent } from '../shared/telemetry.js';
-import { Gate } from './admission.js';
+import { Gate, QueueAbortedError } from './admission.js';
 import { StaleWriteError, StoreUnavailableError, type SessionBackend, type StoredSession } from './store/backend.js';
 import { HttpError, sessionKey, storeUnavailable } from './wire.js';
 
@@ -147,8 +147,10 @@ export class SessionStore {
         renew.unref();
         return { token, storedVersion: r.version, renew };
       }
+      // Aborted while waiting (the shutdown's deadline, or the client left): not a busy session.
+      if (signal.aborted) throw new QueueAbortedError();
       const left = deadline - Date.now();
-      if (left <= 0 || signal.aborted) {
+      if (left <= 0) {
         throw new HttpError(409, 'invalid_request_error', 'session_busy', 'Another instance is serving this session; retry shortly', null,
           { 'retry-after': String(Math.max(1, Math.ceil(r.heldMs / 1000))) });
       }

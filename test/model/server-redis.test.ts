@@ -421,6 +421,14 @@ describe.skipIf(!redisBin)('the Redis store (one process)', () => {
     expect(r.status).toBe(409);
     expect(r.body.error?.code).toBe('session_busy');
     expect(Number(r.headers.get('retry-after'))).toBeGreaterThanOrEqual(1);
+    // Waiting for that lease when the shutdown's deadline comes: the server is going, not the session busy.
+    const { server: going, port: goingPort } = await up(model, { store: redis.url, storeNamespace: 'busy', chat: { maxTokens: 64 }, leaseWaitMs: 10_000 });
+    const waiting = post(goingPort, 'held', 'hello');
+    await new Promise((res) => setTimeout(res, 200));
+    await going.close({ abortAfterMs: 100 });
+    const cut = await waiting;
+    expect(cut.status).toBe(503);
+    expect(cut.body.error?.code).toBe('server_shutting_down');
     await other.close();
     await server.close();
   });

@@ -237,6 +237,7 @@ void chat::reset() {
     parked_ = false;
     parked_kv_.clear();
     replay_pending_ = false;
+    replay_done_ = 0;
     transcript_.clear();
     reset_pending_ = slot_ >= 0;
 }

@@ -160,6 +160,7 @@ struct contribution {
     int32_t pos0 = 0;
     bool logits_last = false;   // the chat samples after its last token
     bool scratch = false;       // summary cells: not in the ledger, no signals
+    bool replay = false;        // retained tokens prefilled again (a ledger-only restore): in the ledger already, no signals
     int32_t peak_horizon = -1;  // see group_member (engine/signals.h)
 };
 
@@ -263,6 +264,8 @@ public:
         slot_ = s;
     }
     bool parked() const { return parked_; }
+    // Its cache is to be prefilled from the ledger before its next turn (a ledger-only restore).
+    bool replay_pending() const { return replay_pending_; }
     // Moves the KV state out of the slot (its cells are freed by the caller) / back into one.
     void park(llama_context * ctx);
     // Back into the slot the engine gave it: the parked KV state, or (a ledger-only checkpoint) the
@@ -324,8 +327,14 @@ private:
     // Whether repair_window would decode: the window cache does not end at the ledger's last token,
     // or (`thorough`) it differs from the ledger's window otherwise.
     bool window_needs_repair(llama_context * ctx, bool thorough) const;
-    // A cache cleared by a failed repair (replay_pending_) is rebuilt from the ledger now.
+    // A cache cleared by a failed repair, or not prefilled yet after a ledger-only restore
+    // (replay_pending_), is rebuilt from the ledger now, all of what is left at once.
     void replay_if_pending(step_context & e);
+    // The next chunk of that rebuild, as the turn's first contributions (replay_done_ tokens are in).
+    contribution replay_contribution(size_t budget, step_context & e);
+    // A pending replay goes in chunks when it opens a turn (nothing of the turn decoded yet); a cache
+    // cleared mid-turn is rebuilt at once.
+    bool replays_in_chunks() const;
     // Decodes the ledger's `tokens` at pos0, pos0 + 1, ... in the engine's batches (no signals, no
     // logits kept); false when a decode fails.
     bool decode_run(step_context & e, const std::vector<int32_t> & tokens, int32_t pos0);
@@ -380,7 +389,11 @@ private:
     // Written under mu_ (reset() runs on the JS thread), read by the scheduler without it.
     std::atomic<bool> parked_{false};
     std::vector<uint8_t> parked_kv_;
-    bool replay_pending_ = false;           // prefill the retained tokens at unpark or the next contribution (a ledger-only checkpoint, a failed repair)
+    // Prefill the retained tokens before the next decode (a ledger-only checkpoint: in chunks, as the
+    // next turn's first contributions, so other chats' steps go on; a failed repair: at once). While no
+    // turn runs, the slot's cache then holds none of them.
+    bool replay_pending_ = false;
+    size_t replay_done_ = 0;                // ledger entries prefilled so far by replay contributions
     uint64_t window_repairs_ = 0;           // for cacheState: tests check that a repair path ran
     bool window_suspect_ = false;           // a summary finished inside a step: repair_window at the next contribution
     bool window_thorough_ = false;          // ... thorough (see repair_window)

@@ -113,6 +113,21 @@ void chat::replay_if_pending(step_context & e) {
     }
 }
 
+contribution chat::replay_contribution(size_t budget, step_context & e) {
+    if (replay_done_ == 0) {
+        kv_clear_slot(e.ctx(), slot_);
+        ledger_.renumber();   // forget() may have left gaps since the restore
+    }
+    contribution c;
+    const size_t n = std::min({ budget, chunk_, ledger_.size() - replay_done_ });
+    c.pos0 = (int32_t) replay_done_;
+    for (size_t i = replay_done_; i < replay_done_ + n; ++i) {
+        c.tokens.push_back(ledger_[i].token);
+    }
+    c.replay = true;
+    return c;
+}
+
 void chat::repair_window(step_context & e, bool thorough) {
     window_suspect_ = false;
     window_thorough_ = false;

@@ -111,6 +111,9 @@ size_t chat::forget_turn(uint32_t turn, step_context & e) {
     const kv_eviction_result res = kv_evict_ranges(e.ctx(), slot_, ledger_, ranges);
     cumulative_.tokens_evicted += res.evicted;
     cumulative_.evictions++;
+    if (replay_pending_) {
+        return res.evicted;   // none of it is in the cache yet: the ledger alone changes (renumbered at the replay)
+    }
     if (!opts_.keep_positions) {
         compact(e);
     }

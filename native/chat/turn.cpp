@@ -61,9 +61,16 @@ void chat::begin_turn(turn_request && req) {
     last_used_ = clock_type::now();
 }
 
+bool chat::replays_in_chunks() const {
+    return turn_ && !turn_->rollback_set && !turn_->generating && !turn_->summary;
+}
+
 size_t chat::tokens_wanted(clock_type::time_point now) const {
     if (!turn_ || now < ready_at_) {
         return 0;
+    }
+    if (replay_pending_ && replays_in_chunks()) {
+        return ledger_.size() - replay_done_;
     }
     if (turn_->summary) {
         const summary_job & j = *turn_->summary;
@@ -92,6 +99,9 @@ contribution chat::contribute(size_t budget, step_context & e) {
     try {
         if (slot_ < 0) {
             throw fml_error(FML_ERR_INTERNAL, "a chat without a slot was asked for tokens");
+        }
+        if (replay_pending_ && replays_in_chunks()) {
+            return replay_contribution(budget, e);   // a ledger-only restore: the retained tokens first
         }
         if (window_suspect_) {
             repair_window(e, window_thorough_);
@@ -178,6 +188,14 @@ void chat::on_decoded(const contribution & c, size_t from, size_t to, int32_t lo
     last_used_ = now;
     if (opts_.test_token_delay_ms > 0) {
         ready_at_ = now + ms_duration(opts_.test_token_delay_ms);
+    }
+    if (c.replay) {
+        replay_done_ += to - from;
+        if (replay_done_ >= ledger_.size()) {
+            replay_pending_ = false;
+            replay_done_ = 0;
+        }
+        return;
     }
     if (c.scratch) {
         summary_job & j = *t.summary;
@@ -381,6 +399,12 @@ void chat::fail_unstarted(const fml_error & err) {
 
 void chat::fail_turn(const fml_error & err, step_context & e, bool state_lost) {
     std::unique_ptr<turn_state> & t = turn_;
+    if (replay_pending_ && replay_done_ > 0 && slot_ >= 0) {
+        // Stopped inside a ledger restore's prefill: it starts over at the next turn (no turn runs
+        // with part of it in the cache).
+        kv_clear_slot(e.ctx(), slot_);
+        replay_done_ = 0;
+    }
     if (t->summary) {
         cancel_summary(e);
     }

@@ -111,7 +111,7 @@ bool engine::grow() {
         }
     }
     for (uint32_t i = 0; i < cur; ++i) {
-        if (slots_[i] != nullptr && !slots_[i]->parked()) {
+        if (slots_[i] != nullptr && !slots_[i]->parked() && !slots_[i]->replay_pending()) {
             states[i] = kv_state_save(ctx_, (int32_t) i);
         }
     }
@@ -484,7 +484,7 @@ void engine::decode_group(std::vector<planned> & plan, const std::vector<std::pa
             }
             ++n;
         }
-        layout.push_back({ pl.seq->slot(), pl.c.pos0 + (int32_t) from, (int32_t) (to - from), !pl.c.scratch, pl.c.peak_horizon });
+        layout.push_back({ pl.seq->slot(), pl.c.pos0 + (int32_t) from, (int32_t) (to - from), !pl.c.scratch && !pl.c.replay, pl.c.peak_horizon });
     }
     batch_.n_tokens = n;
     if (capture_.any()) {

@@ -20,6 +20,7 @@ void chat_probes::ready(chat & s, engine & e) {
         throw fml_error(FML_ERR_KV, "every slot of the chat's engine is in a turn");
     }
     std::lock_guard<std::mutex> lock(s.mu_);
+    s.replay_if_pending(e);   // a ledger restore's tokens, prefilled at its next turn otherwise
     if (!s.started_) {
         const std::vector<int32_t> & sys = s.system_tokens_;
         for (size_t start = 0; start < sys.size(); start += e.n_batch()) {

@@ -147,8 +147,9 @@ export class Chat implements ChatSurface {
    * includes the KV state: a restore decodes nothing. `kind: 'ledger'` keeps the retained tokens
    * with their turns, roles, pins and scores, the counters, options and transcript (a few bytes per
    * retained token): a restore prefills the retained tokens once (at most maxTokens), at positions
-   * 0..n-1; for a hybrid model the recurrent state is then rebuilt from them alone. Not while a turn
-   * runs (ChatBusyError).
+   * 0..n-1, as the first steps of its next turn (in chunks beside other chats' steps, not holding
+   * them up); for a hybrid model the recurrent state is then rebuilt from them alone. Not while a
+   * turn runs (ChatBusyError).
    */
   async checkpoint(options: { kind?: 'full' | 'ledger' } = {}): Promise<Uint8Array> {
     this.#check();

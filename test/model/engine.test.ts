@@ -299,6 +299,58 @@ describe('capacity: no memory for more slots', () => {
   });
 });
 
+describe('ledger restores', () => {
+  it('are prefilled in the steps of their next turn, in chunks beside the other chats, not at once while they wait', async () => {
+    const donor = model.createChat({ maxTokens: 512, policy: 'sliding' });
+    for (let i = 0; i < 12; i++) await donor.send(`message ${i}: the river runs past the old mill and the lighthouse`, { maxNewTokens: 8, ignoreEos: true });
+    const retained = donor.stats().tokensRetained;
+    expect(retained).toBeGreaterThan(300);
+    const saved = await donor.checkpoint({ kind: 'ledger' });
+    const other = model.createChat({ maxTokens: 96 });
+    const restored = await model.loadChat(saved);
+    expect(restored.memory().map((e) => e.token)).toEqual(donor.memory().map((e) => e.token));
+    checkCache(restored, 512);
+    let during = 0;
+    let restoring = true;
+    const generating = other.send('go on', { maxNewTokens: 300, ignoreEos: true, onToken: () => { if (restoring) during++; } });
+    await new Promise((r) => setTimeout(r, 30));
+    const before = restored._internals().engineStats().tokens;
+    const r = await restored.send('and now?', { maxNewTokens: 1 });
+    restoring = false;
+    // The retained tokens went through the engine's steps (at most prefillChunk = 64 a step while
+    // the other chat generates), one of its tokens a step meanwhile.
+    expect(restored._internals().engineStats().tokens - before).toBeGreaterThanOrEqual(retained + r.stats.promptTokens);
+    expect(during).toBeGreaterThanOrEqual(Math.floor(retained / 64));
+    expect(r.stats.promptTokens).toBeLessThan(40);   // the turn's own prompt: the replay is not its prompt
+    checkCache(restored, 512);
+    await generating;
+
+    // Aborted inside the replay: the memory is the restored one, prefilled again at the next turn.
+    // (Restored with the source's options: 16 tokens a step, each step 5 ms apart.)
+    const slow = await model.importTranscript(donor.exportTranscript(), { maxTokens: 512, policy: 'sliding', batchSize: 16, testTokenDelayMs: 5 });
+    const again = await model.loadChat(await slow.checkpoint({ kind: 'ledger' }));
+    const expected = slow.memory().map((e) => e.token);
+    slow.dispose();
+    const ac = new AbortController();
+    const t0 = again._internals().engineStats().tokens;
+    const cutting = again.send('and now?', { maxNewTokens: 1, signal: ac.signal });
+    let inAtAbort = 0;
+    while ((inAtAbort = again._internals().engineStats().tokens - t0) < 32) await new Promise((r) => setImmediate(r));
+    ac.abort();
+    const cut = await cutting;
+    expect(inAtAbort).toBeLessThan(expected.length);   // stopped inside the replay
+    expect(cut.stopReason).toBe('abort');
+    expect(cut.stats.promptTokens).toBe(0);
+    expect(again.memory().map((e) => e.token)).toEqual(expected);
+    // Forgotten before the replay: the ledger alone changes, and the replay prefills what is left.
+    expect(await again.forget(3)).toBeGreaterThan(0);
+    expect(again.memory().slice(again.options.sinkTokens).filter((e) => e.turn === 3)).toEqual([]);
+    await expectTurnRan(again.send('and now?', { maxNewTokens: 2 }));
+    checkCache(again, 512);
+    for (const c of [donor, other, restored, again]) c.dispose();
+  });
+});
+
 describe('capacity: forgetting while parked', () => {
   it('forget() of a parked chat while every slot is in a turn waits for a slot, as a turn does', async () => {
     const small = await loadModel(testModelPath(), { threads: THREADS, slots: 1 });

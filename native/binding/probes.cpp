@@ -80,12 +80,13 @@ Napi::Value plain_decode(const Napi::CallbackInfo & info) {
     return Napi::Number::New(info.Env(), on_scheduler(info, [&](chat & s, engine & e) { return chat_probes::plain_decode(s, e, n); }));
 }
 
-// engineStats(chat) -> the figures of every engine of the chat's model
+// engineStats(chat, own?) -> the figures of every engine of the chat's model, or (own) of its own engine
 Napi::Value engine_stats_of(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     js_chat & jc = chat_arg(info);
     jc.require(env);
-    const engine_stats st = guarded(env, [&] { return jc.rt()->stats(); });
+    const bool own = info.Length() > 1 && info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value();
+    const engine_stats st = guarded(env, [&] { return own ? jc.rt()->stats_of(*jc.core()) : jc.rt()->stats(); });
     Napi::Object o = Napi::Object::New(env);
     o.Set("steps", (double) st.steps);
     o.Set("decodes", (double) st.decodes);

@@ -328,14 +328,18 @@ bool engine::decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0
     return rc == 0;
 }
 
-void engine::step() {
-    step_chats();
+bool engine::generating(std::chrono::steady_clock::time_point now) const {
+    return std::any_of(running_.begin(), running_.end(), [&](const auto & s) { return s->has_turn() && s->tokens_wanted(now) == 1; });
+}
+
+void engine::step(bool generating_elsewhere) {
+    step_chats(generating_elsewhere);
     // Chats whose turn ended leave the running list now: before their next turn is admitted (they
     // may be parked meanwhile), not at the next step.
     running_.erase(std::remove_if(running_.begin(), running_.end(), [](const std::shared_ptr<chat> & s) { return !s->has_turn(); }), running_.end());
 }
 
-void engine::step_chats() {
+void engine::step_chats(bool generating_elsewhere) {
     const auto now = std::chrono::steady_clock::now();
     // Turns that want to stop do so between steps.
     for (const auto & s : running_) {
@@ -371,9 +375,10 @@ void engine::step_chats() {
         }
     }
     size_t prefill_budget = n_batch_ - std::min<size_t>(n_batch_, singles);
-    if (singles > 0) {
+    if (singles > 0 || generating_elsewhere) {
         // `prefill_chunk` per prefilling chat: one long prompt holds the generating chats back by a
         // bounded step, and turns that start together (a batch of requests) still get in together.
+        // Chats of other engines wait for this step too (a 511-token chunk held them 2 s on a 0.5B model).
         prefill_budget = std::min<size_t>(prefill_budget, (size_t) opts_.prefill_chunk * prefilling.size());
     }
     std::vector<size_t> budget(wants.size(), 1);

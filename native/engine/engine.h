@@ -64,12 +64,16 @@ public:
     // Gives queued turns slots (parking idle chats, growing the context) and starts them.
     void admit();
     bool has_work(std::chrono::steady_clock::time_point now, std::chrono::steady_clock::time_point * wake) const;
+    bool idle() const;   // no turn running or waiting
     // No turn running or waiting, and at least two chats hold slots: a turn arriving now may be the
     // first of several sent together (runtime::loop gathers them into one step).
-    bool idle() const;   // no turn running or waiting
     bool idle_with_peers() const;
     // One batch: every chat with a turn contributes, one llama_decode per ubatch.
-    void step();
+    // `generating_elsewhere`: a chat of another engine of the runtime generates, so this step's prefill
+    // is capped as if one of its own did (the engines' steps run one after the other).
+    void step(bool generating_elsewhere = false);
+    // A chat of this engine is generating (or summarizing) a token at a time.
+    bool generating(std::chrono::steady_clock::time_point now) const;
     // The chat decodes here from now on (its turns, its slot, its parked state).
     void bind(chat & s);
     // Frees the chat's slot and unbinds it (disposed or finalized). Its turn, if any, has ended.
@@ -99,7 +103,7 @@ private:
         chat * seq;
         contribution c;
     };
-    void step_chats();
+    void step_chats(bool generating_elsewhere);
     void start(const std::shared_ptr<chat> & s);
     void create_context(uint32_t slots);
     bool grow();

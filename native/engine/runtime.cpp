@@ -184,6 +184,10 @@ bool runtime::should_gather() const {
     return wanted && std::all_of(engines_.begin(), engines_.end(), [](const auto & e) { return e->idle(); });
 }
 
+engine_stats runtime::stats_of(chat & c) {
+    return run_sync([&] { return c.owner() != nullptr ? c.owner()->stats() : engine_stats{}; });
+}
+
 void runtime::gather(std::unique_lock<std::mutex> & lock) {
     // Turns sent together (Promise.all over chats, a server answering several clients, chats whose
     // turns ended in the same step) reach this thread one by one, tens to hundreds of microseconds
@@ -255,9 +259,11 @@ void runtime::loop() {
                 s->fail_unstarted(err);
             }
         }
+        const auto now = clock::now();
         for (const auto & e : engines_) {
             e->admit();
-            e->step();
+            const bool elsewhere = std::any_of(engines_.begin(), engines_.end(), [&](const auto & o) { return o.get() != e.get() && o->generating(now); });
+            e->step(elsewhere);
         }
     }
     // Stopping: turns still running or waiting end as aborted, so their promises settle.

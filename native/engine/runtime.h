@@ -84,8 +84,9 @@ public:
     };
     cache_report cache_state(chat & c);
 
-    // Figures of every engine (tests, benchmarks), summed.
+    // Figures of every engine (tests, benchmarks), summed; of the chat's own engine.
     engine_stats stats();
+    engine_stats stats_of(chat & c);
 
     // Stops every live runtime created with this owner (that environment is going away); the
     // runtimes of other environments (the main thread, other Workers) keep running.

@@ -163,7 +163,7 @@ export interface NativeProbes {
   evaluateTokens(chat: NativeChat, tokens: Int32Array, chunk: number): Float32Array;
   replayHistory(chat: NativeChat): number;
   plainDecode(chat: NativeChat, n: number): number;
-  engineStats(chat: NativeChat): NativeEngineStats;
+  engineStats(chat: NativeChat, own?: boolean): NativeEngineStats;
   planEviction(options: NativeRawOptions, entries: SyntheticLedgerEntry[], need: number, want: number): { ranges: [number, number][]; summarize: boolean };
   benchEvict(model: NativeModel, context: number, evictCounts: number[], reps: number, threads: number): Promise<NativeEvictBench>;
   benchPolicyPlan(options: NativeRawOptions, n: number, want: number, embdDim: number, reps: number): number;

@@ -17,8 +17,8 @@ let nextChatId = 1;
 export interface ChatInternals {
   cacheState(): NativeCacheState;
   countTurnTokens(message: string): number;
-  /** Every engine (shared context) of the chat's model, summed. */
-  engineStats(): NativeEngineStats;
+  /** Every engine (shared context) of the chat's model, summed; `own`: the chat's engine alone. */
+  engineStats(own?: boolean): NativeEngineStats;
   probeLogits(token: number): Float32Array;
   /** A hybrid chat's recurrent state as llama.cpp saves it (empty for other models). */
   recurrentState(): Uint8Array;
@@ -329,7 +329,7 @@ export class Chat implements ChatSurface {
     return {
       cacheState: () => wrap(() => native.cacheState()),
       countTurnTokens: (m) => wrap(() => native.countTurnTokens(m)),
-      engineStats: () => wrap(() => getProbes().engineStats(native)),
+      engineStats: (own) => wrap(() => getProbes().engineStats(native, own)),
       probeLogits: (t) => wrap(() => getProbes().probeLogits(native, t)),
       recurrentState: () => wrap(() => getProbes().recurrentState(native)),
       shiftPositions: (d) => wrap(() => getProbes().shiftPositions(native, d)),

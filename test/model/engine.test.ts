@@ -299,6 +299,31 @@ describe('capacity: no memory for more slots', () => {
   });
 });
 
+describe('engines taking turns', () => {
+  it('a long prompt in one engine goes in chunks while a chat of another engine generates (that chat is not held up)', async () => {
+    const generating = model.createChat({ maxTokens: 96 });
+    const prompting = model.createChat({ maxTokens: 1024 });   // another budget: another engine
+    await expectTurnRan(prompting.send('hello', { maxNewTokens: 1 }));
+    const long = 'the river runs past the old mill and the lighthouse, '.repeat(25);
+    const promptTokens = model.tokenize(long).length;
+    expect(promptTokens).toBeGreaterThan(500);
+    let first!: () => void;
+    const generatingNow = new Promise<void>((r) => (first = r));
+    const stream = generating.send('go on', { maxNewTokens: 2000, ignoreEos: true, onToken: () => first() });
+    await generatingNow;
+    const before = prompting._internals().engineStats(true).decodes;
+    await expectTurnRan(prompting.send(long, { maxNewTokens: 1 }));
+    const decodes = prompting._internals().engineStats(true).decodes - before;
+    expect(prompting._internals().engineStats().engines).toBeGreaterThanOrEqual(2);
+    // At most prefillChunk (64) prompt tokens a step while the other engine's chat generates (one of
+    // its tokens a step); before, the prompt went in 511 tokens at once while that chat waited.
+    expect(decodes).toBeGreaterThanOrEqual(Math.ceil(promptTokens / 64));
+    generating.dispose();
+    await stream.catch(() => undefined);
+    prompting.dispose();
+  });
+});
+
 describe('ledger restores', () => {
   it('are prefilled in the steps of their next turn, in chunks beside the other chats, not at once while they wait', async () => {
     const donor = model.createChat({ maxTokens: 512, policy: 'sliding' });

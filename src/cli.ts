@@ -20,7 +20,7 @@ const USAGE = `Usage:
   finite-memory-llm demo [--turns 600] [--max-tokens 256] [--window 64] [--policy importance] [--model file.gguf] [--threads N]
   finite-memory-llm chat --model file.gguf [--policy importance] [--max-tokens 2048] [--window 512] [--system "..."] [--threads N]
   finite-memory-llm serve --model file.gguf [--port 8080] [--host 127.0.0.1] [--policy importance] [--max-tokens 2048] [--window N]
-        [--system "..."] [--threads N] [--slots 8] [--prefill-chunk 64] [--api-key K (or FINITE_MEMORY_API_KEY)] [--model-id ID] [--max-sessions 32]
+        [--system "..."] [--threads N] [--slots 8] [--prefill-chunk 64] [--api-key K (or FINITE_MEMORY_API_KEY)] [--allowed-hosts a.example,b.example] [--model-id ID] [--max-sessions 32]
         [--session-ttl-ms 1800000] [--checkpoint-dir DIR] [--max-concurrent N] [--max-queue 64] [--max-session-queue 4]
         [--max-request-tokens 1024] [--max-history-tokens N] [--body-limit 1048576] [--headers-timeout-ms 10000]
         [--request-timeout-ms 30000] [--keep-alive-timeout-ms 5000] [--max-stored-sessions 256]
@@ -192,6 +192,7 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
     },
     ...(apiKey !== undefined ? { apiKey } : {}),
     ...(typeof args['model-id'] === 'string' ? { modelId: args['model-id'] } : {}),
+    ...(typeof args['allowed-hosts'] === 'string' ? { allowedHosts: args['allowed-hosts'].split(',').map((h) => h.trim()).filter((h) => h !== '') } : {}),
     ...(typeof args['checkpoint-dir'] === 'string' ? { checkpointDir: args['checkpoint-dir'] } : {}),
     ...(typeof args.store === 'string' ? { store: args.store } : process.env.FINITE_MEMORY_STORE ? { store: process.env.FINITE_MEMORY_STORE } : {}),
     ...(typeof args['store-namespace'] === 'string' ? { storeNamespace: args['store-namespace'] } : {}),
@@ -249,7 +250,7 @@ async function main(): Promise<number> {
     options: {
       model: { type: 'string' }, policy: { type: 'string' }, 'max-tokens': { type: 'string' }, window: { type: 'string' },
       turns: { type: 'string' }, threads: { type: 'string' }, system: { type: 'string' }, help: { type: 'boolean', short: 'h' },
-      port: { type: 'string' }, host: { type: 'string' }, 'api-key': { type: 'string' }, 'model-id': { type: 'string' },
+      port: { type: 'string' }, host: { type: 'string' }, 'api-key': { type: 'string' }, 'model-id': { type: 'string' }, 'allowed-hosts': { type: 'string' },
       'max-sessions': { type: 'string' }, 'session-ttl-ms': { type: 'string' }, 'checkpoint-dir': { type: 'string' },
       'max-concurrent': { type: 'string' }, 'max-queue': { type: 'string' }, 'max-session-queue': { type: 'string' },
       'max-request-tokens': { type: 'string' }, 'body-limit': { type: 'string' }, 'shutdown-timeout-ms': { type: 'string' },

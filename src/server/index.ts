@@ -23,7 +23,7 @@ import { Registry } from 'prom-client';
 import type { Model } from '../local/model.js';
 import { createPrometheusTelemetry, type PrometheusTelemetry } from '../shared/prometheus.js';
 import { Gate } from './admission.js';
-import { apiKeyCheck } from './auth.js';
+import { apiKeyCheck, hostCheck } from './auth.js';
 import { ChatSource } from './chats.js';
 import { handleCompletion } from './completion.js';
 import { handleForget, handleMemory, handlePin, handleUnpin } from './memory.js';
@@ -99,6 +99,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   // ---- HTTP ----
 
   const authorize = apiKeyCheck(o.apiKey);
+  const checkHost = hostCheck(o.apiKey, o.allowedHosts);
   app.addHook('onRequest', async (req, reply) => {
     const res = reply.raw;
     res.once('close', () => {
@@ -110,7 +111,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       if (shuttingDown) setImmediate(() => app.server.closeIdleConnections());
     });
     if (shuttingDown) reply.header('connection', 'close');
-    const denied = authorize(req.url, req.headers.authorization);
+    const denied = checkHost(req.url, req.headers.host) ?? authorize(req.url, req.headers.authorization);
     if (denied) return sendError(reply, denied);
   });
 

@@ -18,6 +18,11 @@ export interface ServerOptions {
   chat?: Omit<ChatOptions, 'telemetry'>;
   /** Require `Authorization: Bearer <apiKey>` on every route except /health. */
   apiKey?: string;
+  /**
+   * Without an apiKey, host names (Host header) the server answers besides IP addresses and localhost
+   * (others get 403 forbidden_host: a guard against DNS rebinding); `['*']`: any. Default none.
+   */
+  allowedHosts?: string[];
   /** Sessions kept live in memory; the least recently used idle ones beyond this are written back to the store and freed. Default 32. */
   maxSessions?: number;
   /** An idle session older than this leaves memory and the store forgets it. Default 30 min; 0 = never. */
@@ -120,6 +125,7 @@ export type ResolvedServerOptions = Required<Pick<ServerOptions, IntOption>> & {
   /** The chat options' maxTokens, resolved. */
   chatMaxTokens: number;
   apiKey: string | undefined;
+  allowedHosts: string[];
   checkpointDir: string | undefined;
   store: string | undefined;
   storeCa: string | undefined;
@@ -147,11 +153,15 @@ export function resolveServerOptions(model: Model, options: ServerOptions): Reso
   if (options.store !== undefined && !/^rediss?:\/\/[^\s]+$/.test(options.store)) throw new InvalidOptionError(`store must be a redis:// or rediss:// URL but received ${JSON.stringify(redactUrl(options.store))}`);
   if (options.storeNamespace !== undefined && !/^[A-Za-z0-9._-]{1,64}$/.test(options.storeNamespace)) throw new InvalidOptionError('storeNamespace must be 1-64 characters of A-Z a-z 0-9 . _ -');
   if (options.apiKey !== undefined && options.apiKey.length === 0) throw new InvalidOptionError('apiKey must not be empty');
+  if (options.allowedHosts !== undefined && (!Array.isArray(options.allowedHosts) || options.allowedHosts.some((h) => typeof h !== 'string' || h === '' || /[\s/:@]/.test(h)))) {
+    throw new InvalidOptionError('allowedHosts must be an array of host names (no ports, schemes or spaces), or [\'*\']');
+  }
   return {
     ...ints,
     modelId: options.modelId ?? basename(model.info.path, extname(model.info.path)),
     chat, chatMaxTokens,
     apiKey: options.apiKey,
+    allowedHosts: [...(options.allowedHosts ?? [])],
     checkpointDir: options.checkpointDir,
     store: options.store,
     storeCa: options.storeCa,

@@ -357,6 +357,30 @@ describe('stored sessions', () => {
   });
 });
 
+describe('host names (DNS rebinding)', () => {
+  it('without an API key, a request naming the server by another host name is refused; IPs, localhost and allowedHosts pass', async () => {
+    const { port } = await start({ allowedHosts: ['models.internal'] });
+    const ask = (host: string) => post(port, { messages: [user('hi')], max_tokens: 2 }, { host });
+    const evil = await ask(`attacker.example:${port}`);
+    expect(evil.status).toBe(403);
+    expect(evil.body.error?.code).toBe('forbidden_host');
+    for (const host of [`127.0.0.1:${port}`, `localhost:${port}`, `[::1]:${port}`, 'models.internal', `MODELS.internal:${port}`]) {
+      expect((await ask(host)).status, host).toBe(200);
+    }
+    const health = await new Promise<number>((resolve, reject) => {
+      request({ port, host: '127.0.0.1', path: '/health', headers: { host: 'attacker.example' } }, (res) => { res.resume(); resolve(res.statusCode ?? 0); }).on('error', reject).end();
+    });
+    expect(health).toBe(200);
+  });
+
+  it('with an API key any host name passes to the key check', async () => {
+    const { port } = await start({ apiKey: 'k' });
+    const r = await post(port, { messages: [user('hi')], max_tokens: 2 }, { host: 'anything.example', authorization: 'Bearer k' });
+    expect(r.status).toBe(200);
+    await expect(createServer(model, { chat: CHAT, allowedHosts: ['a b'] })).rejects.toMatchObject({ code: 'INVALID_OPTION' });
+  });
+});
+
 describe('session ids', () => {
   it('accepts ids outside Latin-1 and echoes them percent-encoded, also when streaming', async () => {
     const { port } = await start();

@@ -25,7 +25,7 @@ import { createPrometheusTelemetry, type PrometheusTelemetry } from '../shared/p
 import { Gate } from './admission.js';
 import { apiKeyCheck, hostCheck } from './auth.js';
 import { ChatSource } from './chats.js';
-import { handleCompletion } from './completion.js';
+import { handleCompletion, shutdownError } from './completion.js';
 import { handleForget, handleMemory, handlePin, handleUnpin } from './memory.js';
 import { memoryPage } from './ui/page.js';
 import { createServerMetrics } from './metrics.js';
@@ -78,7 +78,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   // the whole request must arrive in time, idle keep-alive connections close, and the timers are
   // checked often enough to act within the limit (Node checks every 30 s by default).
   const app = fastify({
-    bodyLimit: o.bodyLimit, logger: o.logger, return503OnClosing: true, routerOptions: { maxParamLength: MAX_SESSION_ID_IN_PATH },
+    bodyLimit: o.bodyLimit, logger: o.logger, return503OnClosing: false, routerOptions: { maxParamLength: MAX_SESSION_ID_IN_PATH },
     requestTimeout: o.requestTimeoutMs, keepAliveTimeout: o.keepAliveTimeoutMs,
     http: { headersTimeout: Math.min(o.headersTimeoutMs, o.requestTimeoutMs), connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(o.headersTimeoutMs / 4))) },
   });
@@ -110,7 +110,9 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
       // until its keep-alive timeout.
       if (shuttingDown) setImmediate(() => app.server.closeIdleConnections());
     });
-    if (shuttingDown) reply.header('connection', 'close');
+    // A request that arrives while the server shuts down (on a connection kept alive or pipelined):
+    // the 503 every route gives then, in the server's error shape and counted (fastify's own skipped both).
+    if (shuttingDown) return sendError(reply, shutdownError({ connection: 'close' }));
     const denied = checkHost(req.url, req.headers.host) ?? authorize(req.url, req.headers.authorization);
     if (denied) return sendError(reply, denied);
   });

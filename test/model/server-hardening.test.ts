@@ -119,6 +119,26 @@ describe('slow clients and shutdown', () => {
     expect(s.text.trimEnd().endsWith('data: [DONE]')).toBe(true);
   });
 
+  it('a request that arrives while the server shuts down (on a connection busy with a turn) gets the server\'s 503', async () => {
+    const { server, port } = await start({ maxTokensPerRequest: 4096 });
+    const body = (content: string, max: number) => JSON.stringify({ messages: [user(content)], max_tokens: max, ignore_eos: true });
+    const req = (b: string) => `POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(b)}\r\n\r\n${b}`;
+    const socket = connect(port, '127.0.0.1');
+    let text = '';
+    socket.on('data', (d: Buffer) => (text += d.toString()));
+    const ended = new Promise<void>((r) => socket.on('close', () => r()));
+    socket.write(req(body('a long one', 4000)));
+    await new Promise((r) => setTimeout(r, 100));
+    const closing = server.close();
+    await new Promise((r) => setTimeout(r, 20));
+    socket.write(req(body('the second', 2)));   // on the busy connection, after the shutdown began
+    await closing;
+    await ended;
+    const statuses = [...text.matchAll(/HTTP\/1\.1 (\d+)/g)].map((m) => m[1]);
+    expect(statuses).toEqual(['200', '503']);
+    expect(text).toContain('"code":"server_shutting_down"');
+  });
+
   it('at the deadline, a non-streamed answer cut short is a 503, not a 200 passing a truncated answer off as whole', async () => {
     const { server, port } = await start({ maxTokensPerRequest: 4096 });
     const answering = post(port, { messages: [user('tell a long story')], max_tokens: 4096, ignore_eos: true }, { 'x-session-id': 'cut' });

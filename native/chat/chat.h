@@ -266,6 +266,10 @@ public:
     bool parked() const { return parked_; }
     // Its cache is to be prefilled from the ledger before its next turn (a ledger-only restore).
     bool replay_pending() const { return replay_pending_; }
+    // That prefill is under way as its turn's contributions (scheduler thread).
+    bool replaying() const { return replay_pending_ && replays_in_chunks(); }
+    // The context was rebuilt (grown) without its cells: a replay under way starts over.
+    void context_lost();
     // Moves the KV state out of the slot (its cells are freed by the caller) / back into one.
     void park(llama_context * ctx);
     // Back into the slot the engine gave it: the parked KV state, or (a ledger-only checkpoint) the

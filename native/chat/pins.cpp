@@ -112,7 +112,11 @@ size_t chat::forget_turn(uint32_t turn, step_context & e) {
     cumulative_.tokens_evicted += res.evicted;
     cumulative_.evictions++;
     if (replay_pending_) {
-        return res.evicted;   // none of it is in the cache yet: the ledger alone changes (renumbered at the replay)
+        // None of it is in the cache yet: the ledger alone changes, numbered as the replay will put it
+        // (a checkpoint of it then holds consecutive positions, as 'compact' requires).
+        ledger_.renumber();
+        replay_pending_ = !ledger_.empty();
+        return res.evicted;
     }
     if (!opts_.keep_positions) {
         compact(e);

@@ -63,6 +63,9 @@ void chat::adopt_state(chat_state && s) {
     // A ledger-only checkpoint's tokens are prefilled when the chat gets a slot (unpark).
     replay_pending_ = s.ledger_only && !ledger_.empty();
     replay_done_ = 0;
+    if (replay_pending_) {
+        ledger_.renumber();   // where the replay puts them: 0..n-1, from the start (scores are matched by position)
+    }
     parked_ = !parked_kv_.empty() || replay_pending_;
 }
 
@@ -140,6 +143,11 @@ void chat::replay_ledger(step_context & e) {
         kv_clear_slot(e.ctx(), slot_);
         throw fml_error(FML_ERR_DECODE, "llama_decode failed while prefilling a ledger-only checkpoint's tokens");
     }
+}
+
+void chat::context_lost() {
+    std::lock_guard<std::mutex> lock(mu_);
+    replay_done_ = 0;
 }
 
 void chat::sync_after_reset(llama_context * ctx) {

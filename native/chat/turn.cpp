@@ -69,7 +69,7 @@ size_t chat::tokens_wanted(clock_type::time_point now) const {
     if (!turn_ || now < ready_at_) {
         return 0;
     }
-    if (replay_pending_ && replays_in_chunks()) {
+    if (replay_pending_ && replays_in_chunks() && replay_done_ < ledger_.size()) {
         return ledger_.size() - replay_done_;
     }
     if (turn_->summary) {

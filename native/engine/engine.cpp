@@ -106,7 +106,7 @@ bool engine::grow() {
     // applied first: a snapshot taken with one pending stores unrotated keys.
     std::vector<std::vector<uint8_t>> states(cur);
     for (uint32_t i = 0; i < cur; ++i) {
-        if (slots_[i] != nullptr) {
+        if (slots_[i] != nullptr && !slots_[i]->replay_pending()) {
             apply_pending_shift(*slots_[i]);
         }
     }
@@ -129,6 +129,8 @@ bool engine::grow() {
         slots_[i] = holders[i];
         if (holders[i] != nullptr && !states[i].empty()) {
             kv_state_load(ctx_, (int32_t) i, streams(), states[i]);
+        } else if (holders[i] != nullptr && holders[i]->replay_pending()) {
+            holders[i]->context_lost();   // what its replay had put in is gone with the old context
         }
     }
     stats_.grown++;
@@ -283,7 +285,9 @@ bool engine::idle_with_peers() const {
 }
 
 void engine::apply_pending_shift(chat & s) {
-    if (!shift_pending_ || s.slot() < 0) {
+    // A chat whose cache is to be prefilled from its ledger holds nothing it could have shifted (and
+    // its cache does not end where its ledger does).
+    if (!shift_pending_ || s.slot() < 0 || s.replay_pending()) {
         return;
     }
     const cache_view v = s.view(ctx_);
@@ -329,7 +333,7 @@ bool engine::decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0
 }
 
 bool engine::generating(std::chrono::steady_clock::time_point now) const {
-    return std::any_of(running_.begin(), running_.end(), [&](const auto & s) { return s->has_turn() && s->tokens_wanted(now) == 1; });
+    return std::any_of(running_.begin(), running_.end(), [&](const auto & s) { return s->has_turn() && !s->replaying() && s->tokens_wanted(now) == 1; });
 }
 
 void engine::step(bool generating_elsewhere) {

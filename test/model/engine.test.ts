@@ -4,6 +4,8 @@
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, POLICIES, type Chat, type ChatOptions, type Model, type PolicyName } from '../../src/index.ts';
+import { editGGUF } from '../gguf-file.ts';
+import { GGUFValueType } from '../../src/gguf/index.ts';
 import { checkCache, maxAbsDiff, testDir, testModelPath, THREADS, expectTurnRan } from '../helpers.ts';
 
 let model: Model;
@@ -373,6 +375,61 @@ describe('ledger restores', () => {
     await expectTurnRan(again.send('and now?', { maxNewTokens: 2 }));
     checkCache(again, 512);
     for (const c of [donor, other, restored, again]) c.dispose();
+  });
+});
+
+describe('ledger restores: what can happen before or during the replay', () => {
+  it('a context grown mid-replay (another chat takes a slot): the replay starts over, the cache is whole', async () => {
+    const small = await loadModel(testModelPath(), { threads: THREADS, slots: 4 });
+    const options = { maxTokens: 512, policy: 'sliding', batchSize: 16 } as const;
+    const source = small.createChat({ ...options, testTokenDelayMs: 5 });   // 16 tokens a step, 5 ms apart
+    for (let i = 0; i < 10; i++) await source.send(`message ${i}: the river runs past the old mill`, { maxNewTokens: 8, ignoreEos: true });
+    const saved = await source.checkpoint({ kind: 'ledger' });
+    const expected = source.memory().map((e) => e.token);
+    source.dispose();   // its slot goes: the context has one
+    const restored = await small.loadChat(saved);
+    const t0 = restored._internals().engineStats(true).tokens;
+    const turn = restored.send('and now?', { maxNewTokens: 1 });
+    while (restored._internals().engineStats(true).tokens - t0 < 48) await new Promise((r) => setImmediate(r));
+    const other = small.createChat(options);
+    await expectTurnRan(other.send('hello', { maxNewTokens: 2 }));   // needs a second slot: the context grows
+    await expectTurnRan(turn);
+    expect(restored._internals().engineStats(true).grown).toBeGreaterThanOrEqual(1);
+    expect(restored.memory().slice(0, expected.length).map((e) => e.token)).toEqual(expected);
+    checkCache(restored, 512);
+    for (const c of [restored, other]) c.dispose();
+    small.dispose();
+  });
+
+  it('positions compact, a turn forgotten before the replay: a checkpoint then holds consecutive positions', async () => {
+    const source = model.createChat({ maxTokens: 256, positions: 'compact' });
+    for (let i = 0; i < 4; i++) await source.send(`message ${i}`, { maxNewTokens: 4, ignoreEos: true });
+    const restored = await model.loadChat(await source.checkpoint({ kind: 'ledger' }));
+    expect(await restored.forget(2)).toBeGreaterThan(0);
+    checkCache(restored, 256);
+    const again = await model.loadChat(await restored.checkpoint());
+    expect(again.memory().map((e) => e.token)).toEqual(restored.memory().map((e) => e.token));
+    for (const c of [source, restored, again]) {
+      await expectTurnRan(c.send('and now?', { maxNewTokens: 2 }));
+      checkCache(c, 256);
+      c.dispose();
+    }
+  });
+
+  it('every token forgotten before the replay (no BOS, no system prompt, no sinks): the next turn runs', async () => {
+    const path = join(testDir, 'no-bos.gguf');
+    editGGUF(testModelPath(), path, (kv) => kv.set('tokenizer.ggml.add_bos_token', { type: GGUFValueType.BOOL, value: false }));
+    const noBos = await loadModel(path, { threads: THREADS });
+    const source = noBos.createChat({ maxTokens: 128, sinkTokens: 0 });
+    await source.send('hello there', { maxNewTokens: 4, ignoreEos: true });
+    const restored = await noBos.loadChat(await source.checkpoint({ kind: 'ledger' }));
+    await restored.forget(1);
+    expect(restored.memory()).toEqual([]);
+    const r = await Promise.race([restored.send('again', { maxNewTokens: 2 }), new Promise<'hung'>((res) => setTimeout(() => res('hung'), 10_000))]);
+    expect(r).not.toBe('hung');
+    checkCache(restored, 128);
+    for (const c of [source, restored]) c.dispose();
+    noBos.dispose();
   });
 });
 

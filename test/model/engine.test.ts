@@ -353,8 +353,9 @@ describe('ledger restores', () => {
     await generating;
 
     // Aborted inside the replay: the memory is the restored one, prefilled again at the next turn.
-    // (Restored with the source's options: 16 tokens a step, each step 5 ms apart.)
-    const slow = await model.importTranscript(donor.exportTranscript(), { maxTokens: 512, policy: 'sliding', batchSize: 16, testTokenDelayMs: 5 });
+    // (batchSize is restored with the checkpoint: 16 tokens a step, so the replay takes 30 steps or more;
+    // engineStats() waits for the scheduler between steps, so the loop below sees each of them.)
+    const slow = await model.importTranscript(donor.exportTranscript(), { maxTokens: 512, policy: 'sliding', batchSize: 16 });
     const again = await model.loadChat(await slow.checkpoint({ kind: 'ledger' }));
     const expected = slow.memory().map((e) => e.token);
     slow.dispose();
@@ -382,7 +383,7 @@ describe('ledger restores: what can happen before or during the replay', () => {
   it('a context grown mid-replay (another chat takes a slot): the replay starts over, the cache is whole', async () => {
     const small = await loadModel(testModelPath(), { threads: THREADS, slots: 4 });
     const options = { maxTokens: 512, policy: 'sliding', batchSize: 16 } as const;
-    const source = small.createChat({ ...options, testTokenDelayMs: 5 });   // 16 tokens a step, 5 ms apart
+    const source = small.createChat(options);   // restored with batchSize 16: 16 tokens a step
     for (let i = 0; i < 10; i++) await source.send(`message ${i}: the river runs past the old mill`, { maxNewTokens: 8, ignoreEos: true });
     const saved = await source.checkpoint({ kind: 'ledger' });
     const expected = source.memory().map((e) => e.token);

@@ -249,6 +249,9 @@ public:
     void decode_failed(const fml_error & err, step_context & e);
     // The turn ends before the chat ever decoded for it (no slot, no engine, a state that did not load).
     void fail_unstarted(const fml_error & err);
+    // An error escaped a step (a bug, not a failed decode): the turn ends with INTERNAL, its own tokens
+    // leave the ledger, and the cache is rebuilt from the ledger before the next turn. Never throws.
+    void fail_unexpected(const std::exception & ex, step_context & e) noexcept;
     // Abort requested (or the runtime is stopping): the turn ends now, with what it has.
     bool abort_pending() const { return abort_.load(); }
     void abort_turn(step_context & e);

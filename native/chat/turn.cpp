@@ -219,6 +219,9 @@ void chat::on_decoded(const contribution & c, size_t from, size_t to, int32_t lo
     if (t.rollback_set) {
         t.own += to - from;
     }
+    if (opts_.test_internal_error_after_tokens > 0 && t.generating && t.result.stats.generated_tokens >= opts_.test_internal_error_after_tokens) {
+        throw fml_error(FML_ERR_INTERNAL, "an unexpected error (test hook testInternalErrorAfterTokens)");
+    }
     if (signals != nullptr) {
         absorb_signals(*signals, first_new, to - from);
         if (signal_ != IMPORTANCE_NONE) {
@@ -371,6 +374,52 @@ void chat::decode_failed(const fml_error & err, step_context & e) {
         kv_drop_unledgered(e.ctx(), slot_, ledger_);
     }
     fail_turn(err, e, slot_ >= 0 && kv_has_recurrent(e.ctx()));
+}
+
+void chat::fail_unexpected(const std::exception & ex, step_context & e) noexcept {
+    std::unique_ptr<turn_state> done;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!turn_) {
+            return;
+        }
+        // Nothing about the cache can be trusted (the step stopped anywhere): it is emptied and
+        // prefilled from the ledger, less this turn's own tokens, before the next turn (a replay).
+        try {
+            if (slot_ >= 0) {
+                kv_clear_slot(e.ctx(), slot_);
+            }
+        } catch (...) {
+            // The slot's cells stay; the replay clears them first.
+        }
+        turn_state & t = *turn_;
+        if (t.rollback_set) {
+            const size_t own = std::min(t.own, ledger_.size());
+            ledger_.remove_ranges({ { ledger_.size() - own, ledger_.size() } });
+            cumulative_.tokens_seen -= std::min<uint64_t>(cumulative_.tokens_seen, own);   // as a rollback counts them
+            if (turn_no_ == t.turn_no) {
+                turn_no_ = t.turn_no - 1;
+                carry_ = t.carry_before;
+            }
+            if (cumulative_.compactions == t.compactions_before) {
+                restore_scores(t.scored_before);   // what the turn's queries added to the older tokens' scores
+            }
+        }
+        if (!started_) {
+            ledger_.clear();   // stopped inside the system prompt: it goes in again with the next turn
+        }
+        replay_pending_ = !ledger_.empty();
+        replay_done_ = 0;
+        done = std::move(turn_);
+        abort_.store(false);
+    }
+    if (done->req.cb.on_error) {
+        try {
+            done->req.cb.on_error(fml_error(FML_ERR_INTERNAL, std::string("the turn stopped on an internal error: ") + ex.what()));
+        } catch (...) {
+            // Its promise is the binding's to settle; nothing more can be done here.
+        }
+    }
 }
 
 void chat::fail_unstarted(const fml_error & err) {

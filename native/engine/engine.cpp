@@ -332,6 +332,13 @@ bool engine::decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0
     return rc == 0;
 }
 
+void engine::fail_all(const std::exception & ex) noexcept {
+    for (const auto & s : running_) {
+        s->fail_unexpected(ex, *this);
+    }
+    running_.clear();
+}
+
 bool engine::generating(std::chrono::steady_clock::time_point now) const {
     return std::any_of(running_.begin(), running_.end(), [&](const auto & s) { return s->has_turn() && !s->replaying() && s->tokens_wanted(now) == 1; });
 }

@@ -74,6 +74,9 @@ public:
     void step(bool generating_elsewhere = false);
     // A chat of this engine is generating (or summarizing) a token at a time.
     bool generating(std::chrono::steady_clock::time_point now) const;
+    // An error escaped admit() or step(): every turn of this engine ends with it (which of them the step
+    // left half done is unknown), their caches to be rebuilt from their ledgers.
+    void fail_all(const std::exception & ex) noexcept;
     // The chat decodes here from now on (its turns, its slot, its parked state).
     void bind(chat & s);
     // Frees the chat's slot and unbinds it (disposed or finalized). Its turn, if any, has ended.

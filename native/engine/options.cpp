@@ -256,6 +256,8 @@ const option_row<chat_target> CHAT_ROWS[] = {
       [](chat_target & t, const option_value * v) { t.o.test_token_delay_ms = v ? number_in("testTokenDelayMs", *v, 0, 60000) : 0.0; } },
     { { "chat", "testFailAfterTokens", "number", "0", "0 .. 65536", "Test hook: a reply's next decode fails (FML_ERR_DECODE) once it has this many tokens (0: never).", true },
       [](chat_target & t, const option_value * v) { t.o.test_fail_after_tokens = v ? (uint32_t) int_in("testFailAfterTokens", *v, 0, 65536) : 0; } },
+    { { "chat", "testInternalErrorAfterTokens", "number", "0", "0 .. 65536", "Test hook: an unexpected error escapes the scheduler's step once a reply has this many tokens (0: never).", true },
+      [](chat_target & t, const option_value * v) { t.o.test_internal_error_after_tokens = v ? (uint32_t) int_in("testInternalErrorAfterTokens", *v, 0, 65536) : 0; } },
 };
 
 const option_row<send_target> SEND_ROWS[] = {
@@ -379,6 +381,7 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
         if (o.test_policy_delay_ms > 0) m.push_back({ "testPolicyDelayMs", option_value::of(o.test_policy_delay_ms) });
         if (o.test_token_delay_ms > 0) m.push_back({ "testTokenDelayMs", option_value::of(o.test_token_delay_ms) });
         if (o.test_fail_after_tokens > 0) m.push_back({ "testFailAfterTokens", option_value::of((double) o.test_fail_after_tokens) });
+        if (o.test_internal_error_after_tokens > 0) m.push_back({ "testInternalErrorAfterTokens", option_value::of((double) o.test_internal_error_after_tokens) });
     }
     return m;
 }

@@ -261,9 +261,15 @@ void runtime::loop() {
         }
         const auto now = clock::now();
         for (const auto & e : engines_) {
-            e->admit();
-            const bool elsewhere = std::any_of(engines_.begin(), engines_.end(), [&](const auto & o) { return o.get() != e.get() && o->generating(now); });
-            e->step(elsewhere);
+            try {
+                e->admit();
+                const bool elsewhere = std::any_of(engines_.begin(), engines_.end(), [&](const auto & o) { return o.get() != e.get() && o->generating(now); });
+                e->step(elsewhere);
+            } catch (const std::exception & ex) {
+                // A bug, not a failed decode (those end their turn inside the step): on this thread it
+                // would end the process. The engine's turns end with it instead; the other engines go on.
+                e->fail_all(ex);
+            }
         }
     }
     // Stopping: turns still running or waiting end as aborted, so their promises settle.

@@ -110,6 +110,8 @@ export interface ChatOptions {
   testTokenDelayMs?: number;
   /** @internal Test hook: a reply's next decode fails (as llama_decode can) once it has this many tokens. */
   testFailAfterTokens?: number;
+  /** @internal Test hook: an unexpected error escapes the scheduler's step once a reply has this many tokens. */
+  testInternalErrorAfterTokens?: number;
   /** Hooks called after each turn and eviction (see `Telemetry`, `createPrometheusTelemetry`). */
   telemetry?: Telemetry;
 }
@@ -173,6 +175,7 @@ export interface ResolvedChatOptions {
   testPolicyDelayMs?: number;
   testTokenDelayMs?: number;
   testFailAfterTokens?: number;
+  testInternalErrorAfterTokens?: number;
 }
 
 /** Splits off what only JS has (telemetry) and lets the native table validate the rest. */

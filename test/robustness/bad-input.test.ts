@@ -275,6 +275,35 @@ describe('a decode that fails mid-reply', () => {
   });
 });
 
+describe('an unexpected error inside a step (a bug, not a failed decode)', () => {
+  it('ends the turns of that engine with INTERNAL instead of the process; their memory is as before, rebuilt at the next turn', async () => {
+    const chat = model.createChat({ maxTokens: 128, testInternalErrorAfterTokens: 3 });
+    const neighbour = model.createChat({ maxTokens: 128, testInternalErrorAfterTokens: 3 });   // the same engine
+    await chat.send('first', { maxNewTokens: 2, temperature: 0 });   // stops before the hook fires
+    const memory = chat.memory();
+    const seen = chat.stats().tokensSeen;
+    const [err, other] = await Promise.all([
+      chat.send('second', { maxNewTokens: 10, ignoreEos: true, temperature: 0 }).catch((e: unknown) => e),
+      neighbour.send('hello', { maxNewTokens: 10, ignoreEos: true, temperature: 0 }).catch((e: unknown) => e),
+    ]);
+    expect(err).toBeInstanceOf(InferenceError);
+    expect(err).toMatchObject({ code: 'INTERNAL' });
+    expect(other).toMatchObject({ code: 'INTERNAL' });
+    expect(chat.memory()).toEqual(memory);
+    expect(chat.stats().turns).toBe(1);
+    expect(chat.stats().tokensSeen).toBe(seen);
+    checkCache(chat, 128);
+    const next = await chat.send('third', { maxNewTokens: 2, temperature: 0 });
+    expect(next.stats.turn).toBe(2);
+    expect(chat.memory().slice(0, memory.length).map((e) => e.token)).toEqual(memory.map((e) => e.token));
+    checkCache(chat, 128);
+    await expectTurnRan(neighbour.send('again', { maxNewTokens: 2, temperature: 0 }));
+    checkCache(neighbour, 128);
+    chat.dispose();
+    neighbour.dispose();
+  });
+});
+
 describe('loadModel progress', () => {
   it('reports llama.cpp\'s load progress up to 1; a throwing callback fails the load with CallbackError and keeps no model', async () => {
     const seen: number[] = [];

@@ -406,7 +406,9 @@ void chat::fail_unexpected(const std::exception & ex, step_context & e) noexcept
             }
         }
         if (!started_) {
-            ledger_.clear();   // stopped inside the system prompt: it goes in again with the next turn
+            // Stopped inside the system prompt: it goes in again with the next turn (uncounted till then).
+            cumulative_.tokens_seen -= std::min<uint64_t>(cumulative_.tokens_seen, ledger_.size());
+            ledger_.clear();
         }
         replay_pending_ = !ledger_.empty();
         replay_done_ = 0;

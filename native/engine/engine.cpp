@@ -239,6 +239,10 @@ void engine::admit() {
             queue_.pop_front();
             s->fail_unstarted(err);
             continue;
+        } catch (const std::exception & ex) {
+            queue_.pop_front();   // not left holding a slot it would be started with at the next admit
+            s->fail_unstarted(fml_error(FML_ERR_INTERNAL, std::string("the turn could not start: ") + ex.what()));
+            continue;
         }
         queue_.pop_front();
         start(s);

@@ -12,7 +12,8 @@ export function apiKeyCheck(apiKey: string | undefined): (url: string, authoriza
   if (apiKey === undefined) return () => undefined;
   const expected = sha256(apiKey);
   return (url, authorization) => {
-    if (url === '/health' || url === '/') return undefined;   // the page holds no data; its API calls carry the key
+    const path = url.split('?')[0];
+    if (path === '/health' || path === '/') return undefined;   // the page holds no data; its API calls carry the key
     const m = /^Bearer\s+(.+)$/i.exec(authorization ?? '');
     if (m && timingSafeEqual(sha256(m[1]!.trim()), expected)) return undefined;
     return new HttpError(401, 'invalid_request_error', 'invalid_api_key', 'Missing or invalid API key (Authorization: Bearer <key>)');
@@ -30,8 +31,8 @@ export function hostCheck(apiKey: string | undefined, allowedHosts: readonly str
   const allowed = new Set(allowedHosts.map((h) => h.toLowerCase()));
   if (apiKey !== undefined || allowed.has('*')) return () => undefined;
   return (url, host) => {
-    if (url === '/health' || host === undefined || host === '') return undefined;
-    const name = (host.startsWith('[') ? host.slice(1, host.indexOf(']')) : host.replace(/:\d*$/, '')).toLowerCase();
+    if (url.split('?')[0] === '/health' || host === undefined || host === '') return undefined;
+    const name = (host.startsWith('[') ? host.slice(1, host.indexOf(']')) : host.replace(/:\d*$/, '')).toLowerCase().replace(/\.$/, '');
     if (isIP(name) !== 0 || name === 'localhost' || name.endsWith('.localhost') || allowed.has(name)) return undefined;
     return new HttpError(403, 'invalid_request_error', 'forbidden_host',
       `This server has no API key, so it answers only requests that name it by IP address or as localhost (Host '${name.slice(0, 100)}'); set an API key, or list the name in allowedHosts (--allowed-hosts)`);

@@ -119,10 +119,11 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
         signal: ac.signal,
         ...(parsed.stream ? { onToken: (piece: string) => { stream.start(); stream.chunk({ content: piece }, null); } } : {}),
       });
-      if (session && result.stats.promptTokens > 0) {
+      if (session && (result.stats.promptTokens > 0 || memoryChanged)) {
         // Reconciliation: a longer array means the client resends the whole conversation.
-        session.messagesSeen = Math.max(parsed.conversation.length, session.messagesSeen + 1) + 1;
-        // Write-through: the store holds this turn before its response completes.
+        if (result.stats.promptTokens > 0) session.messagesSeen = Math.max(parsed.conversation.length, session.messagesSeen + 1) + 1;
+        // Write-through: the store holds this turn (or, aborted in its prefill, its unpins and forgets)
+        // before its response completes.
         const t0 = performance.now();
         persisted = await store.commit(session, lease!);
         if (persisted !== null) storeMs = performance.now() - t0;
@@ -166,9 +167,11 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     }
     // Cut short by the shutdown deadline: a 200 would pass a truncated answer off as a whole one.
     if (result.stopReason === 'abort' && ctx.shuttingDown()) {
-      throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, session
+      // Aborted in its prefill, the turn was rolled back: then the message is not in the session.
+      const kept = session !== undefined && result.stats.promptTokens > 0;
+      throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, kept
         ? 'The server shut down while answering; the turn and the part of the reply generated are kept in the session (resending the message would repeat it)'
-        : 'The server shut down while answering', null, { connection: 'close', ...sessionHeaders });
+        : 'The server shut down before answering; the message is not in the session (resend it)', null, { connection: 'close', ...sessionHeaders });
     }
     for (const [k, v] of Object.entries(sessionHeaders)) reply.header(k, v);
     return {

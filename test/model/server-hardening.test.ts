@@ -285,6 +285,14 @@ describe('stored sessions', () => {
       const stale = new Date(Date.now() - 60_000);
       utimesSync(join(dir, '.finite-memory-llm.lock'), stale, stale);
       await (await start({ checkpointDir: dir })).server.close();
+      // With its start time (Linux): a live owner keeps the lock untouched (stopped, say), and one whose
+      // pid another process took since loses it at once.
+      const startOf = (pid: number) => readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ')[19]!;
+      writeFileSync(join(dir, '.finite-memory-llm.lock'), JSON.stringify({ pid: reused.pid, host: hostname(), started: startOf(reused.pid!) }));
+      utimesSync(join(dir, '.finite-memory-llm.lock'), stale, stale);
+      await expect(createServer(model, { chat: CHAT, checkpointDir: dir })).rejects.toMatchObject({ message: expect.stringMatching(/in use by another server/) });
+      writeFileSync(join(dir, '.finite-memory-llm.lock'), JSON.stringify({ pid: reused.pid, host: hostname(), started: '1' }));
+      await (await start({ checkpointDir: dir })).server.close();
       writeFileSync(join(dir, '.finite-memory-llm.lock'), JSON.stringify({ pid: zombie, host: hostname() }));
       await (await start({ checkpointDir: dir })).server.close();
     } finally {
@@ -384,11 +392,11 @@ describe('host names (DNS rebinding)', () => {
     const evil = await ask(`attacker.example:${port}`);
     expect(evil.status).toBe(403);
     expect(evil.body.error?.code).toBe('forbidden_host');
-    for (const host of [`127.0.0.1:${port}`, `localhost:${port}`, `[::1]:${port}`, 'models.internal', `MODELS.internal:${port}`]) {
+    for (const host of [`127.0.0.1:${port}`, `localhost:${port}`, `localhost.:${port}`, `[::1]:${port}`, 'models.internal', `MODELS.internal:${port}`]) {
       expect((await ask(host)).status, host).toBe(200);
     }
     const health = await new Promise<number>((resolve, reject) => {
-      request({ port, host: '127.0.0.1', path: '/health', headers: { host: 'attacker.example' } }, (res) => { res.resume(); resolve(res.statusCode ?? 0); }).on('error', reject).end();
+      request({ port, host: '127.0.0.1', path: '/health?probe=1', headers: { host: 'attacker.example' } }, (res) => { res.resume(); resolve(res.statusCode ?? 0); }).on('error', reject).end();
     });
     expect(health).toBe(200);
   });

@@ -302,6 +302,27 @@ describe('an unexpected error inside a step (a bug, not a failed decode)', () =>
     chat.dispose();
     neighbour.dispose();
   });
+
+  it('a neighbour stopped inside its system prompt starts over with it, counted once', async () => {
+    const failing = model.createChat({ maxTokens: 256, batchSize: 16, testInternalErrorAfterTokens: 2 });
+    const system = 'You are a careful assistant who answers in short sentences about rivers, mills and lighthouses. '.repeat(4);
+    const starting = model.createChat({ maxTokens: 256, batchSize: 16, systemPrompt: system });   // 16 tokens a step
+    const [a, b] = await Promise.all([
+      failing.send('hi', { maxNewTokens: 8, ignoreEos: true }).catch((e: unknown) => e),
+      starting.send('hello', { maxNewTokens: 2 }).catch((e: unknown) => e),
+    ]);
+    expect(a).toMatchObject({ code: 'INTERNAL' });
+    expect(b).toMatchObject({ code: 'INTERNAL' });
+    expect(starting.memory()).toEqual([]);
+    expect(starting.stats().tokensSeen).toBe(0);
+    await expectTurnRan(starting.send('hello', { maxNewTokens: 2, temperature: 0 }));
+    const fresh = model.createChat({ maxTokens: 256, batchSize: 16, systemPrompt: system });
+    await fresh.send('hello', { maxNewTokens: 2, temperature: 0 });
+    expect(starting.stats().tokensSeen).toBe(fresh.stats().tokensSeen);
+    expect(starting.memory()).toEqual(fresh.memory());
+    checkCache(starting, 256);
+    for (const c of [failing, starting, fresh]) c.dispose();
+  });
 });
 
 describe('loadModel progress', () => {

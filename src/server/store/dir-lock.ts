@@ -2,10 +2,11 @@
  * One server per checkpoint directory. Its leases live in that server's memory, so a second server on
  * the same directory would serve the same sessions with nothing to fence them (and its start-up sweep
  * would delete the other's temp files). Sharing sessions between instances is what the Redis store is
- * for. The lock is a file holding its owner (pid, host), touched every LOCK_BEAT_MS: a lock left by a
- * process that is gone (kill -9, or exited and not yet reaped) is taken over at once on the same host;
- * any lock once it is LOCK_STALE_MS old (another host's process cannot be asked, and a pid can be
- * reused by another process).
+ * for. The lock is a file holding its owner (pid, host, and on Linux when that process started),
+ * touched every LOCK_BEAT_MS: a lock left by a process that is gone (kill -9, exited and not yet
+ * reaped, or its pid since taken by another process: another start time) is taken over at once on the
+ * same host, and a live owner keeps it however long it does not touch it (stopped, say); another
+ * host's lock, which cannot be asked, once it is LOCK_STALE_MS old.
  */
 import { hostname } from 'node:os';
 import { readFile, rm, stat, utimes, writeFile } from 'node:fs/promises';
@@ -22,6 +23,8 @@ const held = new Set<string>();
 interface Owner {
   pid: number;
   host: string;
+  /** Linux: the process's start time (/proc/<pid>/stat field 22), which tells a reused pid. */
+  started?: string;
 }
 
 export class DirLock {
@@ -36,7 +39,8 @@ export class DirLock {
 
   /** Takes the directory's lock, or throws StoreUnavailableError naming the server that holds it. */
   static async take(dir: string): Promise<DirLock> {
-    const lock = new DirLock(join(dir, LOCK_FILE), JSON.stringify({ pid: process.pid, host: hostname() } satisfies Owner));
+    const started = await startedAt(process.pid);
+    const lock = new DirLock(join(dir, LOCK_FILE), JSON.stringify({ pid: process.pid, host: hostname(), ...(started !== undefined ? { started } : {}) } satisfies Owner));
     for (let attempt = 0; attempt < 2; attempt++) {
       try {
         await writeFile(lock.#path, lock.#owner, { flag: 'wx' });
@@ -74,7 +78,7 @@ async function holder(path: string): Promise<{ live: boolean; who: string }> {
   let owner: Owner | undefined;
   try {
     const o = JSON.parse(text) as Partial<Owner>;
-    if (Number.isSafeInteger(o.pid) && typeof o.host === 'string') owner = { pid: o.pid!, host: o.host };
+    if (Number.isSafeInteger(o.pid) && typeof o.host === 'string') owner = { pid: o.pid!, host: o.host, ...(typeof o.started === 'string' ? { started: o.started } : {}) };
   } catch {
     // Unreadable (a crash while writing it): only its age says anything.
   }
@@ -85,15 +89,24 @@ async function holder(path: string): Promise<{ live: boolean; who: string }> {
   // This host: ask the process. Our own pid holds it if this process took it; else it is an earlier
   // life of this pid (a container restarted with the same pid), not a live holder.
   if (owner.pid === process.pid) return { live: held.has(path), who };
-  // A live holder touches the lock every LOCK_BEAT_MS: a stale one names a pid that was reused by
-  // another process since (which would have kept the directory locked for as long as that one ran).
-  if (!fresh) return { live: false, who };
   try {
     process.kill(owner.pid, 0);
-    return { live: !(await isZombie(owner.pid)), who };   // killed, not yet reaped by its parent
   } catch (err) {
-    return { live: (err as NodeJS.ErrnoException).code === 'EPERM', who };
+    if ((err as NodeJS.ErrnoException).code !== 'EPERM') return { live: false, who };   // EPERM: it runs, as another user
   }
+  if (await isZombie(owner.pid)) return { live: false, who };   // killed, not yet reaped by its parent
+  // Alive: the owner, unless another process took its pid since (which would keep the directory
+  // locked for as long as it ran). Its start time says; without one (not Linux, an older lock), a
+  // live owner touches the lock every LOCK_BEAT_MS.
+  const started = owner.started !== undefined ? await startedAt(owner.pid) : undefined;
+  return { live: started !== undefined ? started === owner.started : fresh, who };
+}
+
+/** Linux: when the process started (clock ticks since boot, /proc/<pid>/stat field 22); undefined elsewhere. */
+async function startedAt(pid: number): Promise<string | undefined> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  const field = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];   // fields from the 3rd on
+  return field !== undefined && /^\d+$/.test(field) ? field : undefined;
 }
 
 /** Linux: the process has exited and waits for its parent to reap it (state Z in /proc/<pid>/stat). */

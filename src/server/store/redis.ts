@@ -184,8 +184,15 @@ export class RedisBackend implements SessionBackend {
       b.#available = false;
     });
     // The main connection says whether Redis is reachable; a failed full transfer is retried (a write)
-    // or falls back to the ledger (a read) and logs there.
-    bulk.on('error', () => {});
+    // or falls back to the ledger (a read). Its connection's errors are said once, till it is back.
+    let bulkDown = false;
+    bulk.on('error', (err: Error) => {
+      if (!bulkDown && !b.#closed) o.log.warn({ err: err.message }, 'the session store\'s connection for full checkpoints failed; sessions are restored from their ledgers meanwhile');
+      bulkDown = true;
+    });
+    bulk.on('ready', () => {
+      bulkDown = false;
+    });
     client.on('ready', () => {
       b.#everReady = true;
       if (!b.#available && !b.#closed) o.log.info({}, 'the session store (Redis) is reachable');

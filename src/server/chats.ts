@@ -80,7 +80,7 @@ export class ChatSource {
    */
   async build(parsed: ParsedCompletion, signal: AbortSignal, evictions?: SessionEviction[], own?: { policy?: PolicyName; maxTokens?: number }): Promise<Chat> {
     const systemPrompt = parsed.system ?? this.chatOptions.systemPrompt ?? '';
-    const history = parsed.conversation.slice(0, -1);
+    const history = parsed.history;
     const opts: ChatOptions = { ...this.chatOptions, ...(own?.policy ? { policy: own.policy } : {}), ...(own?.maxTokens ? { maxTokens: own.maxTokens } : {}), systemPrompt, telemetry: this.telemetryFor(evictions) };
     if (history.length === 0) return this.model.createChat(opts);
     if (this.#tokens(history) > this.maxHistoryTokens) {

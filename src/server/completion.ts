@@ -113,7 +113,7 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     let persisted: boolean | null = null;
     let storeMs: number | null = null;
     try {
-      result = await chat.send(parsed.last, {
+      result = await chat.send(turnChat.created ? parsed.firstTurn : parsed.last, {
         ...parsed.send,
         pin: parsed.memory.pin,
         signal: ac.signal,

@@ -38,6 +38,13 @@ export interface ParsedCompletion {
   /** Conversation messages (system messages removed), the last one being the user's new turn. */
   conversation: Message[];
   last: string;
+  /**
+   * What a chat made for this request (one-off, or a new session) prefills before its turn, and the
+   * turn's message: user messages in a row before the last one are joined to it (blank lines between),
+   * so a stateless client's context message and question are one turn, not a turn with an empty reply.
+   */
+  history: Message[];
+  firstTurn: string;
   send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[]; ignoreEos?: boolean };
   stream: boolean;
   includeUsage: boolean;
@@ -170,6 +177,7 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
     system: systems.length > 0 ? systems.join('\n\n') : undefined,
     conversation,
     last: lastMessage.content,
+    ...firstTurnOf(conversation),
     send,
     stream: body.stream === true,
     includeUsage,
@@ -220,6 +228,12 @@ export function parseMemoryField(v: unknown, hasSession: boolean): ParsedComplet
     }
   }
   return out;
+}
+
+function firstTurnOf(conversation: Message[]): { history: Message[]; firstTurn: string } {
+  let start = conversation.length - 1;
+  while (start > 0 && conversation[start - 1]!.role === 'user') start--;
+  return { history: conversation.slice(0, start), firstTurn: conversation.slice(start).map((m) => m.content).join('\n\n') };
 }
 
 /**

@@ -102,6 +102,13 @@ describe('OpenAI-compatible server', () => {
     expect(h.choices[0]!.message.content).toBe(ref2.response);
     expect(h.usage!.prompt_tokens).toBe(importedTokens + ref2.stats.promptTokens);
     imported.dispose();
+    // User messages in a row before the answer (a context message, then the question): one turn.
+    const joined = (await client.chat.completions.create({ messages: [{ role: 'user', content: 'Some context.' }, { role: 'user', content: 'The question?' }], model: server.modelId, max_tokens: 4, temperature: 0 })) as Completion;
+    const together = model.createChat(CHAT);
+    const ref3 = await together.send('Some context.\n\nThe question?', { maxNewTokens: 4, temperature: 0 });
+    expect(joined.finite_memory.chat.turns).toBe(1);
+    expect(joined.choices[0]!.message.content).toBe(ref3.response);
+    together.dispose();
     expect(server.sessions()).toEqual({ live: 0, stored: 0 }); // one-off chats are disposed
   });
 

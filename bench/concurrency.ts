@@ -47,6 +47,8 @@ const SERVER_BIN = join(ROOT, 'build-tools', 'llama-server', 'bin', 'llama-serve
 const WITH_SERVER = !args.includes('--no-server');
 /** Short mode: each K runs REPS times per contender, in alternating order (ours, server, server, ours...): this machine's speed drifts by tens of percent over minutes. */
 const REPS = Number(arg('reps') ?? (QUICK ? 1 : 2));
+/** llama-server's --cache-reuse in the long chats (its smallest reusable chunk, tokens). */
+const CACHE_REUSE = 64;
 /** --gpu: llama-server offloads every layer too (ours: gpuLayers 'auto', the default). */
 const SERVER_GPU_LAYERS = args.includes('--gpu') ? '999' : '0';
 
@@ -146,10 +148,10 @@ async function withServerLog<T>(server: Server, work: () => Promise<T>): Promise
   }
 }
 
-async function startServer(modelPath: string, k: number, ctxPerSlot: number): Promise<Server> {
+async function startServer(modelPath: string, k: number, ctxPerSlot: number, extra: string[] = []): Promise<Server> {
   const port = 20000 + Math.floor(Math.random() * 20000);
   const proc = spawn(SERVER_BIN, ['-m', modelPath, '-np', String(k), '-c', String(k * ctxPerSlot), '-t', String(THREADS), '-tb', String(THREADS),
-    '-fa', 'off', '-ngl', SERVER_GPU_LAYERS, '--host', '127.0.0.1', '--port', String(port), '--no-webui', '--threads-http', String(k + 2)], { stdio: ['ignore', 'ignore', 'pipe'] });
+    '-fa', 'off', '-ngl', SERVER_GPU_LAYERS, '--host', '127.0.0.1', '--port', String(port), '--no-webui', '--threads-http', String(k + 2), ...extra], { stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
   proc.stderr!.on('data', (d: Buffer) => (log = (log + d.toString()).slice(-4000)));
   const url = `http://127.0.0.1:${port}`;
@@ -263,17 +265,21 @@ async function serverPromptTokens(url: string, messages: Msg[]): Promise<number>
  * with room for the reply. Counted by the server, because a reply re-tokenized from its text can take
  * more tokens than it was generated as, and a prompt over the slot fails the request.
  */
-async function truncated(url: string, history: Msg[], budget: number): Promise<Msg[]> {
-  let from = 0;
+async function truncated(url: string, history: Msg[], budget: number, start: number): Promise<number> {
+  // From where the last request of this chat started (a history only grows): one or two /tokenize
+  // calls a turn, not a walk from the first message inside the timed window.
+  let from = start;
   while (from < history.length - 1 && (await serverPromptTokens(url, history.slice(from))) + REPLY > budget) {
     from++;
     while (from < history.length - 1 && history[from]!.role !== 'user') from++;
   }
-  return history.slice(from);
+  return from;
 }
 
 async function serverLong(modelPath: string, k: number): Promise<Run> {
-  const server = await startServer(modelPath, k, LONG_MAX_TOKENS);
+  // --cache-reuse: a truncated history reuses the cached chunks it still shares with the last request,
+  // shifted into place (off by default): llama-server at its best for long chats.
+  const server = await startServer(modelPath, k, LONG_MAX_TOKENS, ['--cache-reuse', String(CACHE_REUSE)]);
   try {
     const turns: TurnTiming[] = [];
     const warm = LONG_WARM;
@@ -281,9 +287,11 @@ async function serverLong(modelPath: string, k: number): Promise<Run> {
     let truncatedTurns = 0;
     await withServerLog(server, () => Promise.all(Array.from({ length: k }, async (_, i) => {
       const history: Msg[] = [];
+      let from = 0;
       for (let t = 0; t < LONG_TURNS; t++) {
         history.push({ role: 'user', content: prompt(i, t) });
-        const sent = await truncated(server.url, history, LONG_MAX_TOKENS);
+        from = await truncated(server.url, history, LONG_MAX_TOKENS, from);
+        const sent = history.slice(from);
         if (sent.length < history.length && t >= warm) truncatedTurns++;
         const r = await serverTurn(server.url, sent);
         history.push({ role: 'assistant', content: r.text });
@@ -311,7 +319,7 @@ async function main() {
     `- model: ${m.name}: ${m.about} (${(model.info.nParams / 1e6).toFixed(0)}M parameters, ${model.info.backend})`,
     `- ${THREADS} threads for both (ours: the model's thread budget; llama-server -t/-tb), flash attention off for both, policy sliding (no eviction signals, as llama-server), greedy, ${REPLY}-token replies`,
     `- short chats: maxTokens ${MAX_TOKENS}, ${TURNS} turns per chat, all K chats at once, ${REPS} runs per contender and K in alternating order (figures over all of them); llama-server -np K -c K x ${MAX_TOKENS}, whole history per request (its prompt cache reuses it)`,
-    `- long chats: K = ${LONG_K}, maxTokens ${LONG_MAX_TOKENS}, ${LONG_TURNS} turns per chat, turns ${LONG_WARM + 1}.. measured (every chat past its budget); llama-server -c K x ${LONG_MAX_TOKENS} gets the history truncated to fit its slot (oldest messages first)`,
+    `- long chats: K = ${LONG_K}, maxTokens ${LONG_MAX_TOKENS}, ${LONG_TURNS} turns per chat, turns ${LONG_WARM + 1}.. measured (every chat past its budget); llama-server -c K x ${LONG_MAX_TOKENS} gets the history truncated to fit its slot (oldest messages first), with \`--cache-reuse ${CACHE_REUSE}\` (chunks of the truncated history still cached are shifted into place, not prefilled again)`,
   ];
   console.log(setup.join('\n'));
   const short: Run[] = [];
@@ -376,7 +384,7 @@ async function main() {
     if (WRITE) writeResultsSection('hybrid-long-chats', `## Long chats on a Qwen3.5-2B-shaped hybrid\n\n${body}`);
     return;
   }
-  const body = [`Command: \`npx tsx bench/concurrency.ts\``, '', ...setup, resentNote, '', '### Short chats', '', rows(short), '', '### Long chats (past the budget)', '', rows(long)].join('\n');
+  const body = [`Command: \`npx tsx bench/concurrency.ts${REPS !== 2 ? ` --reps=${REPS}` : ''}\``, '', ...setup, resentNote, '', '### Short chats', '', rows(short), '', '### Long chats (past the budget)', '', rows(long)].join('\n');
   console.log(`\n${body}`);
   if (WRITE) writeResultsSection('concurrency', `## Concurrency: many chats at once\n\n${body}`);
 }

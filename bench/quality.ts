@@ -185,7 +185,7 @@ async function main() {
   for (const model of new Set(rows.map((r) => r.model))) {
     const ratios = pairs.filter((p) => p.keep.model === model).map((p) => p.keep.kl / p.compact.kl);
     const better = ratios.filter((r) => r < 1).length;
-    verdict.push(`- ${model}: kept positions' KL is ${geo(ratios).toFixed(2)}x compacted's (geometric mean over ${ratios.length} policy x budget rows; lower in ${better} of them); mean KL ${geo(byModel(model, 'keep')).toFixed(4)} kept vs ${geo(byModel(model, 'compact')).toFixed(4)} compacted`);
+    verdict.push(`- ${model}: kept positions' KL is ${geo(ratios).toFixed(2)}x compacted's (geometric mean over ${ratios.length} policy x budget rows; lower in ${better} of them); geometric mean KL ${geo(byModel(model, 'keep')).toFixed(4)} kept vs ${geo(byModel(model, 'compact')).toFixed(4)} compacted`);
   }
   lines.push('', ...verdict);
   if (longRows.length) {

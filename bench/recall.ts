@@ -9,6 +9,7 @@
 // budgets 15-75%, with issue #29's goals checked per generator.
 //   npm run bench:recall [-- --conversations N] [--generator-conversations N] [--model FILE] [--no-write] [--show-summaries]
 // --only a,b and --sweep-only (the generators alone) make quick comparisons (they write nothing);
+// --seed-base N: the generators' conversations from other seeds (800000: held out from the tuning);
 // --contenders '[{"policy":"hybrid","hybridImportanceShare":1}]' sweeps sliding and these options instead
 // (--section NAME: and writes that table to RESULTS.md as section recall-NAME).
 // --model runs on another recall model (e.g. an experiment's, written with make-recall-model --check 0
@@ -214,11 +215,12 @@ const SWEEP_CONTENDERS = CONTENDERS.filter((c) => !c.options.positions && /^(sli
 
 interface GeneratorResult { generator: RecallGenerator; contenders: Contender[]; n: number; seeds: string; meanLength: number; full: Record<Kind, Score>; rows: Map<string, Row> }
 
-async function acrossGenerators(model: Model, n: number, contenders: Contender[]): Promise<GeneratorResult[]> {
+async function acrossGenerators(model: Model, n: number, contenders: Contender[], seedBase: number): Promise<GeneratorResult[]> {
   const out: GeneratorResult[] = [];
   for (const [gi, generator] of RECALL_GENERATORS.entries()) {
-    // Seeds apart from the main table's (500000..) and from each other's.
-    const first = 700_000 + 10_000 * gi;
+    // Seeds apart from the main table's (500000..) and from each other's. The importance scoring's
+    // constants were chosen on the default base (700000): --seed-base 800000 gives held-out conversations.
+    const first = seedBase + 10_000 * gi;
     const full = score();
     const rows = new Map<string, Row>();
     let lengthSum = 0;
@@ -282,7 +284,7 @@ function sweepSection(results: GeneratorResult[]): string[] {
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, model: { type: 'string' }, 'no-write': { type: 'boolean', default: false }, 'show-summaries': { type: 'boolean', default: false }, only: { type: 'string' }, 'generator-conversations': { type: 'string', default: '16' }, 'sweep-only': { type: 'boolean', default: false }, contenders: { type: 'string' }, section: { type: 'string' } } });
+  const { values } = parseArgs({ options: { conversations: { type: 'string', default: '24' }, model: { type: 'string' }, 'no-write': { type: 'boolean', default: false }, 'show-summaries': { type: 'boolean', default: false }, only: { type: 'string' }, 'generator-conversations': { type: 'string', default: '16' }, 'sweep-only': { type: 'boolean', default: false }, contenders: { type: 'string' }, section: { type: 'string' }, 'seed-base': { type: 'string', default: '700000' } } });
   // --only a,b: the contenders whose label contains one of these (quick comparisons; implies --no-write).
   const only = values.only?.split(',').map((x) => x.trim()).filter(Boolean);
   const chosen = (c: Contender) => !only || only.some((o) => c.label === o || c.label.includes(`'${o}'`));
@@ -317,7 +319,7 @@ async function main(): Promise<void> {
   process.stdout.write('\n');
   // The same question across conversation generators (bench/recall-generators.ts), the main contenders, no re-prefill.
   const sweepContenders = extra ? [KEPT[0]!, ...extra] : SWEEP_CONTENDERS.filter(chosen);
-  const sweep = only && !values['sweep-only'] ? [] : await acrossGenerators(model, Number(values['generator-conversations']), sweepContenders);
+  const sweep = only && !values['sweep-only'] ? [] : await acrossGenerators(model, Number(values['generator-conversations']), sweepContenders, Number(values['seed-base']));
   model.dispose();
   if (values['sweep-only']) {
     const body = sweepSection(sweep).join('\n');

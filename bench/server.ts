@@ -161,7 +161,7 @@ async function main() {
   const base = rows[0]!;
   const f = (x: number, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : '-');
   const out = [
-    `## HTTP server under load, by session store (\`npx tsx bench/server.ts\`${SMALL ? ' --small' : ''})`,
+    `## HTTP server under load, by session store (\`npx tsx bench/server.ts${SMALL ? ' --small' : ''}${DURATION !== 20 ? ` --duration ${DURATION}` : ''}${MAX_NEW !== 16 ? ` --max-tokens ${MAX_NEW}` : ''}\`)`,
     '',
     `- machine: ${machine()}`,
     `- model: ${about}; policy sliding, maxTokens ${BUDGET}, 1 thread per instance (two instances use two cores, one instance one)`,

@@ -41,7 +41,7 @@ async function main() {
     '## What a step costs by its size (`npx tsx bench/step-cost.ts`)',
     '',
     `- machine: ${machine()}`,
-    `- model: ${m.name}: ${m.about}; ${threads} threads, flash attention off, one chat with ${HISTORY} tokens of history; one llama_decode of N tokens (one ubatch), median of ${REPS}`,
+    `- model: ${m.name}: ${m.about}; ${threads} threads, flash attention off, one chat with ${HISTORY} tokens of history; one llama_decode of N tokens (one ubatch), timed from JS around evaluateTokens: the scheduler round trip and every row's logits copied to JS included (a 1-token step here is 2-3 ms above a bare decode step), median of ${REPS}`,
     '',
     '| tokens in the step | ms | ms a token | vs a 1-token step | ms a token vs a 512-token step |',
     '|---|---|---|---|---|',

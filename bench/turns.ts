@@ -116,7 +116,7 @@ async function main(): Promise<void> {
     `- machine: ${machine()}`,
     ...models.map((m) => `- model ${m.name}: ${m.shape}`),
     ...skipped.map((s) => `- skipped: ${s}`),
-    `- threads ${THREADS} for every contender, KV cache F16, flash attention: llama.cpp's automatic choice (importance/hybrid turn it off to read attention), batch 512`,
+    `- threads ${THREADS} for every contender, KV cache F16, flash attention off for every contender (this library's CPU default; node-llama-cpp's createContext({ flashAttention: false })), batch 512`,
     `- maxTokens ${models.map((m) => `${(m.budgets ?? BUDGETS).join(' and ')} (${m.name})`).join(', ')} (node-llama-cpp: contextSize = maxTokens); window = maxTokens / 4, 4 sink tokens, policy defaults`,
     `- ${PROMPTS.length} user messages of similar length cycled in order, system prompt pinned, maxNewTokens ${MAX_NEW}, greedy (temperature 0)`,
     `- warm-up: turns until the first eviction (ours) or context shift (node-llama-cpp), then ${WARMUP_AFTER_EVICT} more; then ${MEASURED} measured turns each, taken round-robin across the contenders of a model and budget; median and p90 (nearest rank) over them`,

@@ -184,7 +184,9 @@ export async function nlcSetup(job: NlcJob) {
   const { getLlama, LlamaChatSession, LlamaLogLevel } = await import('node-llama-cpp');
   const llama = await getLlama({ gpu: false, build: 'never', skipDownload: true, maxThreads: THREADS, logLevel: LlamaLogLevel.error });
   const model = await llama.loadModel({ modelPath: job.modelPath });
-  const context = await model.createContext({ contextSize: job.maxTokens, threads: THREADS });
+  // Flash attention off, as this library's chats run on the CPU (its default there is on, whose steps
+  // are 1.1-3.6x slower here: bench/flash-attention.ts), so both sides decode alike.
+  const context = await model.createContext({ contextSize: job.maxTokens, threads: THREADS, flashAttention: false });
   const seq = context.getSequence();
   const session = new LlamaChatSession({ contextSequence: seq, systemPrompt: SYSTEM_PROMPT });
   let i = 0;

@@ -402,6 +402,10 @@ private:
     bool replay_pending_ = false;
     size_t replay_done_ = 0;                // ledger entries prefilled so far by replay contributions
     uint64_t window_repairs_ = 0;           // for cacheState: tests check that a repair path ran
+    // Latency guard: evictions in a row whose policy ran over maxPolicyMs, and how many evictions go to
+    // sliding without running it (the guard otherwise paid the slow plan and sliding at every one).
+    uint32_t slow_plans_in_a_row_ = 0;
+    uint32_t plans_to_skip_ = 0;
     bool window_suspect_ = false;           // a summary finished inside a step: repair_window at the next contribution
     bool window_thorough_ = false;          // ... thorough (see repair_window)
     std::string transcript_;

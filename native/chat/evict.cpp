@@ -177,23 +177,38 @@ bool chat::evict(const eviction_request & req, const eviction_request & plain, s
     // for this eviction, and the fallback is counted. The test hook adds its delay to the measured
     // time and holds the chat back that long (without stalling the other chats of the engine).
     turn_stats & st = turn_->result.stats;
+    // A policy over the limit GUARD_STRIKES times in a row is not run for the next GUARD_SKIPS
+    // evictions (sliding's plan at once), then tried again.
+    constexpr uint32_t GUARD_STRIKES = 3;
+    constexpr uint32_t GUARD_SKIPS = 16;
     auto t0 = clock_type::now();
     eviction_plan plan;
     bool fallback = false;
-    try {
-        plan = policy_->plan(ledger_, req);
-        if (plan.total() < req.need) {
+    double policy_extra_ms = 0;
+    if (plans_to_skip_ > 0) {
+        plans_to_skip_--;
+        fallback = true;
+    } else {
+        try {
+            plan = policy_->plan(ledger_, req);
+            if (plan.total() < req.need) {
+                fallback = true;
+            }
+        } catch (const std::exception &) {
             fallback = true;
         }
-    } catch (const std::exception &) {
-        fallback = true;
-    }
-    const double elapsed = ms_since(t0) + opts_.test_policy_delay_ms;
-    if (opts_.test_policy_delay_ms > 0) {
-        ready_at_ = clock_type::now() + ms_duration(opts_.test_policy_delay_ms);
-    }
-    if (opts_.max_policy_ms > 0 && elapsed > opts_.max_policy_ms) {
-        fallback = true;
+        policy_extra_ms = opts_.test_policy_delay_ms;
+        const double elapsed = ms_since(t0) + policy_extra_ms;
+        if (opts_.test_policy_delay_ms > 0) {
+            ready_at_ = clock_type::now() + ms_duration(opts_.test_policy_delay_ms);
+        }
+        const bool slow = opts_.max_policy_ms > 0 && elapsed > opts_.max_policy_ms;
+        fallback = fallback || slow;
+        slow_plans_in_a_row_ = slow ? slow_plans_in_a_row_ + 1 : 0;
+        if (slow_plans_in_a_row_ >= GUARD_STRIKES) {
+            slow_plans_in_a_row_ = 0;
+            plans_to_skip_ = GUARD_SKIPS;
+        }
     }
     if (fallback) {
         // Sliding writes no summary: the room the policy asked for one stays with the history.
@@ -201,7 +216,7 @@ bool chat::evict(const eviction_request & req, const eviction_request & plain, s
         st.fallback = true;
         cumulative_.fallback_count++;
     }
-    const double policy_ms = ms_since(t0) + opts_.test_policy_delay_ms;
+    const double policy_ms = ms_since(t0) + policy_extra_ms;
     st.policy_ms += policy_ms;
     eviction_record rec;
     rec.policy_ms = policy_ms;

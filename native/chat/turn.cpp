@@ -654,7 +654,11 @@ void chat::absorb_signals(const capture_member & m, size_t first_new, size_t n_n
     const size_t dim = ledger_.embedding_dim();
     if (key_.hidden_layer >= 0 && m.hidden_seen && dim > 0 && m.hidden_by_token.size() >= n_new * dim) {
         for (size_t j = 0; j < n_new; ++j) {
-            std::memcpy(ledger_.embedding_mut(first_new + j), m.hidden_by_token.data() + j * dim, sizeof(float) * dim);
+            float * e = ledger_.embedding_mut(first_new + j);
+            std::memcpy(e, m.hidden_by_token.data() + j * dim, sizeof(float) * dim);
+            for (size_t d = 0; d < dim; ++d) {
+                e[d] = std::isfinite(e[d]) ? e[d] : 0.0f;   // a NaN would break the clustering's orderings
+            }
         }
     }
 }

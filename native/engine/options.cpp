@@ -243,7 +243,7 @@ const option_row<chat_target> CHAT_ROWS[] = {
       } },
     { { "chat", "hybridImportanceShare", "number", "0.5", "0 .. 1", "hybrid: share of the kept history chosen by importance (the rest by semantic representatives).", false },
       [](chat_target & t, const option_value * v) { t.o.policy.hybrid_importance_share = v ? (float) number_in("hybridImportanceShare", *v, 0, 1) : 0.5f; } },
-    { { "chat", "maxPolicyMs", "number", "50", "0 .. 3600000", "Latency guard: a policy slower than this falls back to sliding; 0 disables.", false },
+    { { "chat", "maxPolicyMs", "number", "50", "0 .. 3600000", "Latency guard: a policy slower than this falls back to sliding (after 3 in a row, sliding alone for the next 16 evictions); 0 disables.", false },
       [](chat_target & t, const option_value * v) { t.o.max_policy_ms = v ? number_in("maxPolicyMs", *v, 0, 3600000) : 50.0; } },
     { { "chat", "positions", "'keep' | 'compact'", "'keep'", "", "After an eviction the retained tokens keep their positions ('keep': their true distances; new tokens are numbered on, and positions are compacted only when the next one would pass positionLimit) or are renumbered 0..n-1 at every eviction ('compact': a K-shift of the whole context each time; needs a model whose keys can shift).", false },
       [](chat_target & t, const option_value * v) { t.o.keep_positions = v ? choice_of("positions", *v, POSITION_MODES) == "keep" : true; } },

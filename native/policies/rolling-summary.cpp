@@ -5,7 +5,7 @@
 namespace fml {
 
 eviction_plan kv_policy_rolling_summary::plan(const token_ledger & ledger, const eviction_request & req) {
-    const size_t wb = window_begin(ledger, opts_.window_size);
+    const size_t wb = window_begin(ledger, std::max<uint32_t>(opts_.window_size, 1));   // the newest token stays (see semantic)
     std::vector<bool> evict(ledger.size(), false);
     size_t taken = 0;
     // The previous summary always rolls into the next one.

@@ -191,7 +191,9 @@ std::vector<size_t> semantic_keep_order(const token_ledger & ledger, const std::
 }
 
 eviction_plan kv_policy_semantic::plan(const token_ledger & ledger, const eviction_request & req) {
-    const size_t wb = window_begin(ledger, opts_.window_size);
+    // The newest token stays with windowSize 0 too, as in importance and hybrid: evicting it moves the
+    // cache's end back (a sliding-window model's window is then decoded again).
+    const size_t wb = window_begin(ledger, std::max<uint32_t>(opts_.window_size, 1));
     const std::vector<text_span> spans = split_spans(ledger, wb, opts_.span_max_tokens);
     size_t region = 0;
     for (const auto & s : spans) {

@@ -169,6 +169,21 @@ describe('latency guard', () => {
     fast.dispose();
   });
 
+  it('after 3 slow plans in a row, the policy is not run for the next 16 evictions (sliding at once), then tried again', async () => {
+    const policyMs: number[] = [];
+    const chat = model.createChat({ policy: 'importance', maxTokens: 64, windowSize: 8, maxPolicyMs: 5, testPolicyDelayMs: 20,
+      telemetry: { onEviction: (e) => { policyMs.push(e.policyMs); } } });
+    for (let t = 0; policyMs.length < 21 && t < 200; t++) await chat.send(`message ${t}`, { maxNewTokens: 4, ignoreEos: true, temperature: 0 });
+    await new Promise((r) => setImmediate(r));   // hooks run after the turn settles
+    const ran = policyMs.map((ms) => ms >= 20);
+    expect(ran.slice(0, 3)).toEqual([true, true, true]);
+    expect(ran.slice(3, 19)).toEqual(Array(16).fill(false));
+    expect(ran[19]).toBe(true);
+    expect(chat.stats().fallbackCount).toBeGreaterThanOrEqual(20);
+    checkCache(chat, 64);
+    chat.dispose();
+  });
+
   // A long pinned system prompt leaves the window all there is to evict: a summary as long as what
   // the eviction freed left one free token, so every generated token summarized again.
   it.each(['rolling_summary', 'hybrid'] as const)('%s under a system prompt of most of the budget: a summary leaves the reply room to go on', async (policy) => {

@@ -71,6 +71,15 @@ describe('semantic', () => {
     expect(keptTopics).toEqual(new Set([0, 1, 2, 3]));
   });
 
+  it('keeps the newest token with windowSize 0 (as importance and hybrid do), whatever it clusters with', () => {
+    for (const policy of ['semantic', 'rolling_summary']) {
+      // The newest span an outlier of the one cluster: ranked last, it was evicted with its newest token.
+      const entries = ledger(24, (i) => ({ embedding: i >= 20 ? [0, 1] : [1, 0], sentenceEnd: i % 4 === 3, turn: i >= 20 ? 3 : Math.floor(i / 10) }));
+      const { evicted } = plan(policy, entries, 0, 4, 10, { semanticClusters: 1, spanMaxTokens: 4 });
+      expect(evicted.has(23), policy).toBe(false);
+    }
+  });
+
   it('is deterministic for a seed', () => {
     const entries = ledger(120, (i) => ({ embedding: [Math.sin(i), Math.cos(i * 0.7), (i % 5) / 5], sentenceEnd: i % 6 === 5 }));
     const a = plan('semantic', entries, 16, 40, 50, { policySeed: 7 });

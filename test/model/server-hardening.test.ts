@@ -195,9 +195,13 @@ describe('history of new sessions and one-off requests', () => {
     // messages hold no text but hundreds of template tokens.
     const { port, server } = await start({ maxHistoryTokens: 60 });
     const t0 = performance.now();
-    const r = await post(port, { messages: [...Array.from({ length: 400 }, () => user('')), user('and now?')], max_tokens: 2 });
+    const r = await post(port, { messages: [...Array.from({ length: 200 }, () => [user(''), { role: 'assistant', content: '' }]).flat(), user('and now?')], max_tokens: 2 });
     expect(r.status).toBe(400);
     expect(r.body.error?.code).toBe('history_too_large');
+    // Empty user messages in a row before the last are its turn, one message: too large for the budget.
+    const joined = await post(port, { messages: [...Array.from({ length: 400 }, () => user('')), user('and now?')], max_tokens: 2 });
+    expect(joined.status).toBe(400);
+    expect(joined.body.error?.code).toBe('context_length_exceeded');
     expect(performance.now() - t0).toBeLessThan(2000);
     expect(server.sessions()).toEqual({ live: 0, stored: 0 });
   });

@@ -47,7 +47,17 @@ void chat::finish_summary(step_context & e) {
     std::unique_ptr<summary_job> j = std::move(turn_->summary);
     turn_stats & st = turn_->result.stats;
     std::vector<ledger_entry> items;
-    const uint32_t turn = ledger_[j->ranges.front().begin].turn;
+    const std::vector<index_range> ranges = normalize_ranges(j->ranges);
+    // Kept positions: the summary moves into the first evicted range whose positions hold it (one
+    // K-shift), else it stays where the model wrote it, after the history (also where keys cannot
+    // shift); compact mode renumbers every position with it. Compacting when the first gap was too
+    // small shifted every cell of the context at most summaries, far below the position limit.
+    const int64_t gap = opts_.keep_positions && e.can_shift() ? summary_gap(ledger_, ranges, j->tokens.size()) : -1;
+    const summary_placement placement = !opts_.keep_positions ? summary_placement::compacted
+                                        : gap >= 0            ? summary_placement::in_gap
+                                                              : summary_placement::after_history;
+    const index_range & host = ranges[placement == summary_placement::in_gap ? (size_t) gap : 0];
+    const uint32_t turn = ledger_[host.begin].turn;
     for (int32_t tok : j->tokens) {
         ledger_entry it{};
         it.token = tok;
@@ -56,13 +66,6 @@ void chat::finish_summary(step_context & e) {
         items.push_back(it);
     }
     const auto t0 = clock_type::now();
-    // Kept positions: the summary moves into the first evicted gap (one K-shift), or stays where the
-    // model wrote it when keys cannot shift; otherwise (compact mode, or a gap too small) every
-    // position is renumbered with it.
-    const summary_placement placement = !opts_.keep_positions ? summary_placement::compacted
-                                        : !e.can_shift()      ? summary_placement::after_history
-                                        : summary_fits_gap(ledger_, j->ranges, items.size()) ? summary_placement::in_gap
-                                                                                            : summary_placement::compacted;
     // The window is checked at the next contribution (this runs inside a step, where nothing may
     // decode): thoroughly when its snapshot was refused or the end moved back (see repair_window).
     bool thorough = false;
@@ -82,15 +85,15 @@ void chat::finish_summary(step_context & e) {
     const int32_t end_before = ledger_.next_pos();
     eviction_record & rec = j->rec;
     rec.positions = position_ranges(j->ranges);
-    // The summary lands where the first evicted range was (or after the history): among the turn's
-    // own tokens it is one of them, and a rollback takes it with them.
+    // The summary lands where its evicted range was (or after the history): among the turn's own
+    // tokens it is one of them, and a rollback takes it with them.
     const size_t own_gone = own_among(j->ranges);
-    const size_t first_evicted = normalize_ranges(j->ranges).front().begin;
-    const size_t insert_at = placement == summary_placement::after_history ? ledger_.size() : first_evicted;
+    const size_t insert_at = placement == summary_placement::after_history ? ledger_.size() : host.begin;
     const bool summary_own = turn_->rollback_set && insert_at >= first_own();
-    const int32_t summary_to = ledger_[first_evicted].pos;
+    const int32_t summary_to = ledger_[host.begin].pos;
     const kv_eviction_result res = kv_evict_and_insert(e.ctx(), slot_, ledger_, j->ranges, placement, j->instruction_pos0,
-                                                       j->instruction_pos0 + (int32_t) summary_instruction_.size(), items);
+                                                       j->instruction_pos0 + (int32_t) summary_instruction_.size(), items,
+                                                       placement == summary_placement::in_gap ? (size_t) gap : 0);
     turn_->own -= std::min(own_gone, turn_->own);
     if (summary_own) {
         turn_->own += items.size();

@@ -124,20 +124,21 @@ void kv_clear_for_reprefill(llama_context * ctx, int32_t seq, token_ledger & led
     ledger.renumber();
 }
 
-bool summary_fits_gap(const token_ledger & ledger, const std::vector<index_range> & ranges_in, size_t n) {
+int64_t summary_gap(const token_ledger & ledger, const std::vector<index_range> & ranges_in, size_t n) {
     const std::vector<index_range> ranges = normalize_ranges(ranges_in);
-    if (ranges.empty()) {
-        return false;
+    for (size_t k = 0; k < ranges.size(); ++k) {
+        const int32_t begin = ledger[ranges[k].begin].pos;
+        const int32_t end = ranges[k].end < ledger.size() ? ledger[ranges[k].end].pos : ledger.next_pos();
+        if ((size_t) (end - begin) >= n) {
+            return (int64_t) k;
+        }
     }
-    const index_range & first = ranges.front();
-    const int32_t begin = ledger[first.begin].pos;
-    const int32_t end = first.end < ledger.size() ? ledger[first.end].pos : ledger.next_pos();
-    return (size_t) (end - begin) >= n;
+    return -1;
 }
 
 kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<index_range> & ranges_in,
                                        summary_placement placement, int32_t instruction_pos0, int32_t summary_pos0,
-                                       const std::vector<ledger_entry> & items_in) {
+                                       const std::vector<ledger_entry> & items_in, size_t gap) {
     check_seq(ctx, seq);
     kv_eviction_result res;
     const std::vector<index_range> ranges = normalize_ranges(ranges_in);
@@ -146,7 +147,10 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_l
     if (ranges.empty() || instruction_pos0 < ledger.next_pos() || summary_pos0 < instruction_pos0) {
         throw fml_error(FML_ERR_KV, "a summary must replace evicted tokens, from scratch cells after the history");
     }
-    if (placement == summary_placement::in_gap && !summary_fits_gap(ledger, ranges, n_insert)) {
+    if (placement != summary_placement::in_gap) {
+        gap = 0;
+    }
+    if (placement == summary_placement::in_gap && (gap >= ranges.size() || summary_gap(ledger, { ranges.begin() + (long) gap, ranges.end() }, n_insert) != 0)) {
         throw fml_error(FML_ERR_KV, "the summary does not fit in the positions the eviction frees");
     }
     if (placement != summary_placement::after_history) {
@@ -155,7 +159,12 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_l
     // The instruction and anything after the summary go; so do the evicted ranges.
     kv_attention_seq_rm(ctx, seq, instruction_pos0, summary_pos0);
     kv_attention_seq_rm(ctx, seq, summary_pos0 + (int32_t) n_insert, -1);
-    const int32_t gap_pos0 = ledger[ranges.front().begin].pos;
+    const int32_t gap_pos0 = ledger[ranges[gap].begin].pos;
+    // Its index once the ranges before it are gone.
+    size_t host_at = ranges[gap].begin;
+    for (size_t k = 0; k < gap; ++k) {
+        host_at -= ranges[k].end - ranges[k].begin;
+    }
     remove_ranges(ctx, seq, ledger, ranges);
     res.evicted = ledger.remove_ranges(ranges);
     // The summary's entries carry the positions their cells have now; the ledger then says where
@@ -164,7 +173,7 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_l
     for (size_t i = 0; i < n_insert; ++i) {
         items[i].pos = summary_pos0 + (int32_t) i;
     }
-    const size_t insert_at = placement == summary_placement::after_history ? ledger.size() : ranges.front().begin;
+    const size_t insert_at = placement == summary_placement::after_history ? ledger.size() : host_at;
     ledger.insert(insert_at, items);
     std::vector<int32_t> targets(ledger.size());
     for (size_t i = 0; i < ledger.size(); ++i) {

@@ -44,17 +44,19 @@ void kv_clear_for_reprefill(llama_context * ctx, int32_t seq, token_ledger & led
 // an instruction at positions [instruction_pos0, summary_pos0) and the summary tokens from summary_pos0
 // (scratch cells: not in the ledger).
 enum class summary_placement {
-    in_gap,          // at the first evicted token's index and positions (its cells move there: a K-shift)
-    after_history,   // where the model wrote it, after the retained history (no move: for keys that cannot shift)
+    in_gap,          // in an evicted range's index and positions (its cells move there: a K-shift)
+    after_history,   // where the model wrote it, after the retained history (no move)
     compacted,       // at the first evicted token's index, with every position renumbered 0..n-1 (a K-shift)
 };
 // Removes the instruction, evicts `ranges` and places the summary's `items` as `placement` says.
-// in_gap needs the first evicted range to span at least items.size() positions (summary_fits_gap).
+// in_gap: in the `gap`-th of the (sorted, merged) ranges, which must span at least items.size()
+// positions (summary_gap).
 kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<index_range> & ranges,
                                        summary_placement placement, int32_t instruction_pos0, int32_t summary_pos0,
-                                       const std::vector<ledger_entry> & items);
-// Whether `n` summary tokens fit in the positions the first of `ranges` frees (up to the next kept token).
-bool summary_fits_gap(const token_ledger & ledger, const std::vector<index_range> & ranges, size_t n);
+                                       const std::vector<ledger_entry> & items, size_t gap = 0);
+// The first of `ranges` (sorted, merged) whose freed positions (up to the next kept token) hold `n`
+// summary tokens; -1 when none does.
+int64_t summary_gap(const token_ledger & ledger, const std::vector<index_range> & ranges, size_t n);
 
 // The sequence's KV state as bytes (llama_state_seq_get_data, in a one-stream form that loads into a
 // context with any number of streams) and back into (another) sequence of a context with `streams`

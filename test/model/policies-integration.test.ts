@@ -149,6 +149,26 @@ describe('importance signals', () => {
   });
 });
 
+describe('summaries with positions kept', () => {
+  it.each(['hybrid', 'rolling_summary'] as const)('%s: a summary goes into an evicted range it fits, else after the history: no compaction below the position limit', async (policy) => {
+    const chat = model.createChat({ policy, maxTokens: 256, maxPolicyMs: 0, systemPrompt: 'You are terse.' });
+    const words = 'the cat sat on a mat. rain fell! why is the sky blue? bread and jam\nok'.split(' ');
+    let compactions = 0;
+    let summaries = 0;
+    for (let t = 0; t < 30; t++) {
+      const msg = Array.from({ length: 5 + (t * 7) % 30 }, (_, i) => words[(t * 3 + i) % words.length]).join(' ');
+      const r = await chat.send(msg, { maxNewTokens: 20, temperature: 0.8, seed: t });
+      compactions += r.stats.compactions;
+      summaries += r.stats.summaryTokens > 0 ? 1 : 0;
+      checkCache(chat, 256);
+    }
+    expect(summaries).toBeGreaterThan(0);
+    expect(chat._internals().cacheState().ledgerPosLast).toBeLessThan(chat._internals().cacheState().positionLimit);
+    expect(compactions).toBe(0);
+    chat.dispose();
+  });
+});
+
 describe('latency guard', () => {
   it('falls back to sliding when the policy is too slow, and counts it', async () => {
     const chat = model.createChat({ policy: 'hybrid', maxTokens: 96, windowSize: 16, maxPolicyMs: 5, testPolicyDelayMs: 20 });

@@ -339,6 +339,8 @@ private:
     void replay_if_pending(step_context & e);
     // The next chunk of that rebuild, as the turn's first contributions (replay_done_ tokens are in).
     contribution replay_contribution(size_t budget, step_context & e);
+    // A rebuild from nothing: the slot emptied and the ledger numbered 0..n-1, where it puts the tokens.
+    void restart_replay(llama_context * ctx);
     // A pending replay goes in chunks when it opens a turn (nothing of the turn decoded yet); a cache
     // cleared mid-turn is rebuilt at once.
     bool replays_in_chunks() const;

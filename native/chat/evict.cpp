@@ -113,10 +113,15 @@ void chat::replay_if_pending(step_context & e) {
     }
 }
 
+void chat::restart_replay(llama_context * ctx) {
+    kv_clear_slot(ctx, slot_);
+    ledger_.renumber();
+    replay_done_ = 0;
+}
+
 contribution chat::replay_contribution(size_t budget, step_context & e) {
     if (replay_done_ == 0) {
-        kv_clear_slot(e.ctx(), slot_);
-        ledger_.renumber();   // forget() may have left gaps since the restore
+        restart_replay(e.ctx());   // after an error or a failed repair, the ledger can have gaps
     }
     contribution c;
     const size_t n = std::min({ budget, chunk_, ledger_.size() - replay_done_ });

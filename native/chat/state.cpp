@@ -97,9 +97,7 @@ void chat::unpark(step_context & e) {
         if (replay_pending_) {
             // Prefilled in chunks as its next turn's first contributions (replay_contribution), so
             // other chats' steps go on: at once, a 1,000-token restore held them 4 s on a 0.5B model.
-            kv_clear_slot(ctx, slot_);
-            ledger_.renumber();
-            replay_done_ = 0;
+            restart_replay(ctx);
             parked_ = false;
             return;
         }
@@ -130,8 +128,7 @@ void chat::replay_ledger(step_context & e) {
     // that was saved (tokens, turns, roles, pins, scores), its positions compacted; a hybrid's
     // recurrent state is rebuilt from these tokens alone. What replay contributions put in stays.
     if (replay_done_ == 0) {
-        kv_clear_slot(e.ctx(), slot_);
-        ledger_.renumber();
+        restart_replay(e.ctx());
     }
     std::vector<int32_t> tokens;
     for (size_t i = replay_done_; i < ledger_.size(); ++i) {

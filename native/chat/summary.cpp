@@ -56,7 +56,8 @@ void chat::finish_summary(step_context & e) {
     const summary_placement placement = !opts_.keep_positions ? summary_placement::compacted
                                         : gap >= 0            ? summary_placement::in_gap
                                                               : summary_placement::after_history;
-    const index_range & host = ranges[placement == summary_placement::in_gap ? (size_t) gap : 0];
+    const size_t host_index = placement == summary_placement::in_gap ? (size_t) gap : 0;
+    const index_range & host = ranges[host_index];
     const uint32_t turn = ledger_[host.begin].turn;
     for (int32_t tok : j->tokens) {
         ledger_entry it{};
@@ -92,8 +93,7 @@ void chat::finish_summary(step_context & e) {
     const bool summary_own = turn_->rollback_set && insert_at >= first_own();
     const int32_t summary_to = ledger_[host.begin].pos;
     const kv_eviction_result res = kv_evict_and_insert(e.ctx(), slot_, ledger_, j->ranges, placement, j->instruction_pos0,
-                                                       j->instruction_pos0 + (int32_t) summary_instruction_.size(), items,
-                                                       placement == summary_placement::in_gap ? (size_t) gap : 0);
+                                                       j->instruction_pos0 + (int32_t) summary_instruction_.size(), items, host_index);
     turn_->own -= std::min(own_gone, turn_->own);
     if (summary_own) {
         turn_->own += items.size();

@@ -109,15 +109,24 @@ void runtime::pool_deleter::operator()(ggml_threadpool * p) const {
     ggml_threadpool_free(p);
 }
 
-engine & runtime::engine_for(chat & s) {
+engine * runtime::engine_of(const chat & s) const {
     if (s.owner() != nullptr) {
-        return *s.owner();
+        return s.owner();
     }
     for (const auto & e : engines_) {
         if (e->key() == s.key()) {
-            e->bind(s);
-            return *e;
+            return e.get();
         }
+    }
+    return nullptr;
+}
+
+engine & runtime::engine_for(chat & s) {
+    if (engine * e = engine_of(s)) {
+        if (s.owner() == nullptr) {
+            e->bind(s);
+        }
+        return *e;
     }
     auto & pool = pools_[s.key().threads];
     if (pool == nullptr) {
@@ -175,10 +184,7 @@ bool runtime::should_gather() const {
     // a generating engine's steps paused for as long.
     bool wanted = false;
     for (const auto & [s, req] : incoming_) {
-        const engine * target = s->owner();
-        for (const auto & e : engines_) {
-            target = target != nullptr ? target : (e->key() == s->key() ? e.get() : nullptr);
-        }
+        const engine * target = engine_of(*s);
         wanted = wanted || (target != nullptr && target->idle_with_peers());
     }
     return wanted && std::all_of(engines_.begin(), engines_.end(), [](const auto & e) { return e->idle(); });

@@ -63,6 +63,8 @@ public:
     void release(const std::shared_ptr<chat> & s);
     // Scheduler thread: the chat's engine (created at its first use; throws CONTEXT_CREATE_FAILED).
     engine & engine_for(chat & s);
+    // The engine the chat is bound to, or the one of its geometry it would be (nullptr: none yet).
+    engine * engine_of(const chat & s) const;
     // Frees an engine no chat is bound to any more.
     void retire_if_unused(engine * e);
 

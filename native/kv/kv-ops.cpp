@@ -124,12 +124,17 @@ void kv_clear_for_reprefill(llama_context * ctx, int32_t seq, token_ledger & led
     ledger.renumber();
 }
 
+// The positions evicting `r` frees (up to the next kept token) hold `n` tokens.
+static bool range_holds(const token_ledger & ledger, const index_range & r, size_t n) {
+    const int32_t begin = ledger[r.begin].pos;
+    const int32_t end = r.end < ledger.size() ? ledger[r.end].pos : ledger.next_pos();
+    return (size_t) (end - begin) >= n;
+}
+
 int64_t summary_gap(const token_ledger & ledger, const std::vector<index_range> & ranges_in, size_t n) {
     const std::vector<index_range> ranges = normalize_ranges(ranges_in);
     for (size_t k = 0; k < ranges.size(); ++k) {
-        const int32_t begin = ledger[ranges[k].begin].pos;
-        const int32_t end = ranges[k].end < ledger.size() ? ledger[ranges[k].end].pos : ledger.next_pos();
-        if ((size_t) (end - begin) >= n) {
+        if (range_holds(ledger, ranges[k], n)) {
             return (int64_t) k;
         }
     }
@@ -150,7 +155,7 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_l
     if (placement != summary_placement::in_gap) {
         gap = 0;
     }
-    if (placement == summary_placement::in_gap && (gap >= ranges.size() || summary_gap(ledger, { ranges.begin() + (long) gap, ranges.end() }, n_insert) != 0)) {
+    if (placement == summary_placement::in_gap && (gap >= ranges.size() || !range_holds(ledger, ranges[gap], n_insert))) {
         throw fml_error(FML_ERR_KV, "the summary does not fit in the positions the eviction frees");
     }
     if (placement != summary_placement::after_history) {

@@ -22,9 +22,9 @@ import { badRequest, checkInMemory, finishReason, HttpError, overloaded, parseCo
 
 export const SHUTDOWN_ERROR = { message: 'The server is shutting down', type: 'server_error', param: null, code: 'server_shutting_down' } as const;
 
-/** 503 for a request the shutdown refuses (its connection closes: `headers`) or takes out of a queue. */
-export function shutdownError(headers: Record<string, string> = {}): HttpError {
-  return new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, SHUTDOWN_ERROR.message, null, headers);
+/** 503 for a request the shutdown refuses (its connection closes: `headers`), takes out of a queue or cuts short (`message`). */
+export function shutdownError(headers: Record<string, string> = {}, message: string = SHUTDOWN_ERROR.message): HttpError {
+  return new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, message, null, headers);
 }
 
 /** The session's turn, one request at a time (429 when its queue is full); the turns and the memory routes. */
@@ -169,9 +169,9 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     if (result.stopReason === 'abort' && ctx.shuttingDown()) {
       // Aborted in its prefill, the turn was rolled back: then the message is not in the session.
       const kept = session !== undefined && result.stats.promptTokens > 0;
-      throw new HttpError(503, SHUTDOWN_ERROR.type, SHUTDOWN_ERROR.code, kept
+      throw shutdownError({ connection: 'close', ...sessionHeaders }, kept
         ? 'The server shut down while answering; the turn and the part of the reply generated are kept in the session (resending the message would repeat it)'
-        : 'The server shut down before answering; the message is not in the session (resend it)', null, { connection: 'close', ...sessionHeaders });
+        : 'The server shut down before answering; the message is not in the session (resend it)');
     }
     for (const [k, v] of Object.entries(sessionHeaders)) reply.header(k, v);
     return {

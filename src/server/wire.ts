@@ -5,6 +5,7 @@
 import { createHash } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Chat } from '../local/chat.js';
+import { exchangesOf } from '../shared/chat-surface.js';
 import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError } from '../shared/errors.js';
 import { POLICIES, type PolicyName, type StopReason } from '../shared/types.js';
 import { StoreUnavailableError } from './store/backend.js';
@@ -233,7 +234,7 @@ export function parseMemoryField(v: unknown, hasSession: boolean): ParsedComplet
 function firstTurnOf(conversation: Message[]): { history: Message[]; firstTurn: string } {
   let start = conversation.length - 1;
   while (start > 0 && conversation[start - 1]!.role === 'user') start--;
-  return { history: conversation.slice(0, start), firstTurn: conversation.slice(start).map((m) => m.content).join('\n\n') };
+  return { history: conversation.slice(0, start), firstTurn: exchangesOf(conversation.slice(start))[0]!.user };   // joined as an import joins them
 }
 
 /**

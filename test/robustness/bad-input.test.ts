@@ -306,10 +306,12 @@ describe('an unexpected error inside a step (a bug, not a failed decode)', () =>
   it('a neighbour stopped inside its system prompt starts over with it, counted once', async () => {
     const failing = model.createChat({ maxTokens: 256, batchSize: 16, testInternalErrorAfterTokens: 2 });
     const system = 'You are a careful assistant who answers in short sentences about rivers, mills and lighthouses. '.repeat(4);
-    const starting = model.createChat({ maxTokens: 256, batchSize: 16, systemPrompt: system });   // 16 tokens a step
-    const [a, b] = await Promise.all([
-      failing.send('hi', { maxNewTokens: 8, ignoreEos: true }).catch((e: unknown) => e),
+    // 16 tokens a step, each of its steps 5 ms apart: its system prompt is still going in when the
+    // other chat's error comes, whichever of the two turns reached the scheduler first.
+    const starting = model.createChat({ maxTokens: 256, batchSize: 16, systemPrompt: system, testTokenDelayMs: 5 });
+    const [b, a] = await Promise.all([
       starting.send('hello', { maxNewTokens: 2 }).catch((e: unknown) => e),
+      failing.send('hi', { maxNewTokens: 8, ignoreEos: true }).catch((e: unknown) => e),
     ]);
     expect(a).toMatchObject({ code: 'INTERNAL' });
     expect(b).toMatchObject({ code: 'INTERNAL' });

@@ -50,6 +50,13 @@ Napi::Value recurrent_state(const Napi::CallbackInfo & info) {
     return arr;
 }
 
+Napi::Value summary_prompt(const Napi::CallbackInfo & info) {
+    const std::vector<int32_t> tokens = on_scheduler(info, [](chat & s, engine &) { return chat_probes::summary_prompt(s); });
+    Napi::Int32Array arr = Napi::Int32Array::New(info.Env(), tokens.size());
+    std::copy(tokens.begin(), tokens.end(), arr.Data());
+    return arr;
+}
+
 Napi::Value shift_positions(const Napi::CallbackInfo & info) {
     const int32_t delta = info[1].ToNumber().Int32Value();
     on_scheduler(info, [&](chat & s, engine & e) { chat_probes::shift_positions(s, e, delta); return 0; });
@@ -269,6 +276,7 @@ void register_probes(Napi::Env env, Napi::Object exports) {
     Napi::Object p = Napi::Object::New(env);
     p.Set("probeLogits", Napi::Function::New(env, probe_logits));
     p.Set("recurrentState", Napi::Function::New(env, recurrent_state));
+    p.Set("summaryPrompt", Napi::Function::New(env, summary_prompt));
     p.Set("shiftPositions", Napi::Function::New(env, shift_positions));
     p.Set("windowRoundTrip", Napi::Function::New(env, window_round_trip));
     p.Set("evaluateTokens", Napi::Function::New(env, evaluate_tokens));

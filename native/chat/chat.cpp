@@ -107,11 +107,11 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
     uint32_t scratch = 0;
     if (policy_->summarizes()) {
         summary_instruction_ = model_->frame_tokens(frame_kind::user, SUMMARY_INSTRUCTION);
-        scratch = (uint32_t) summary_instruction_.size() + p.summary_tokens + 8;
+        // The prompt closes a reply left open (its last token and end of turn) before the instruction.
+        scratch = (uint32_t) (1 + closing_tokens_.size() + summary_instruction_.size()) + p.summary_tokens + 8;
     }
     // Streams of one engine are equally long: round up so that nearby budgets share an engine.
     key_.cells = (p.max_tokens + scratch + 255) / 256 * 256;
-    scratch_ = scratch;
     // Positions: a limit below the budget and its scratch could not hold even a compacted chat; one
     // above the trained context would run the model on positions it never saw.
     if (!opts_.keep_positions && !mi.can_shift) {

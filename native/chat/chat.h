@@ -354,7 +354,11 @@ private:
     // How many of the turn's own tokens (turn_state::own) `ranges` hold, and the index of its first.
     size_t own_among(const std::vector<index_range> & ranges) const;
     size_t first_own() const;
+    // What the model reads before it writes a summary: the open reply closed, then the instruction.
+    std::vector<int32_t> summary_prompt() const;
     contribution summary_contribution(size_t budget);
+    // Counts `n` prompt tokens in; true once the whole prompt is (the next logits are the summary's).
+    bool summary_prompt_decoded(size_t n);
     void summary_decoded(step_context & e, int32_t logits_row);
     void finish_summary(step_context & e);
     void cancel_summary(step_context & e);
@@ -367,6 +371,8 @@ private:
     // `state_lost`: a decode failed partway, so a hybrid's recurrent state may hold part of it and the
     // whole turn is rolled back (a KV cache alone only needs its unledgered cells dropped).
     void fail_turn(const fml_error & err, step_context & e, bool state_lost = false);
+    // A failed turn whose prompt was in takes its number back, and the previous reply's carry.
+    void forget_turn_number(const turn_state & t);
     // Ledger index ranges as position ranges [begin, end), split where positions have gaps.
     std::vector<index_range> position_ranges(const std::vector<index_range> & ranges) const;
     void start_generation();
@@ -381,7 +387,6 @@ private:
     std::vector<int32_t> closing_tokens_;   // the template's end of an assistant turn
     size_t chunk_ = 512;                    // most prefill tokens per step (batchSize)
     int32_t position_limit_ = 0;            // positions stay below this (compaction otherwise)
-    uint32_t scratch_ = 0;                  // summary cells after the history (instruction + summary)
 
     mutable std::mutex mu_;                 // guards everything below against JS-thread readers
     token_ledger ledger_;

@@ -237,12 +237,13 @@ bool chat::evict(const eviction_request & req, const eviction_request & plain, s
     const uint32_t max_summary = (uint32_t) std::min<size_t>(opts_.policy.summary_tokens, freed > keep_free ? freed - keep_free : 0);
     if (plan.summarize && max_summary > 0 && !summary_instruction_.empty()) {
         // It is written first, the eviction happens after.
-        // The scratch (instruction + summary) goes after the history: below the position limit.
-        fit_positions(summary_instruction_.size() + max_summary, 0, e);
+        // The scratch (prompt + summary) goes after the history: below the position limit.
         auto j = std::make_unique<summary_job>();
+        j->prompt = summary_prompt();
+        fit_positions(j->prompt.size() + max_summary, 0, e);
         j->ranges = normalize_ranges(plan.ranges);
         j->max_tokens = max_summary;
-        j->instruction_pos0 = ledger_.next_pos();
+        j->prompt_pos0 = ledger_.next_pos();
         j->recurrent = kv_recurrent_save(e.ctx(), slot_);
         j->window = save_window(e);
         j->t0 = clock_type::now();

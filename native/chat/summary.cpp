@@ -17,16 +17,45 @@ contribution chat::summary_contribution(size_t budget) {
     contribution c;
     c.scratch = true;
     c.logits_last = true;
-    if (j.instruction_done < summary_instruction_.size()) {
-        const size_t n = std::min({ budget, chunk_, summary_instruction_.size() - j.instruction_done });
-        c.tokens.assign(summary_instruction_.begin() + (long) j.instruction_done, summary_instruction_.begin() + (long) (j.instruction_done + n));
-        c.pos0 = j.instruction_pos0 + (int32_t) j.instruction_done;
-        c.logits_last = j.instruction_done + n == summary_instruction_.size();
+    if (j.prompt_done < j.prompt.size()) {
+        const size_t n = std::min({ budget, chunk_, j.prompt.size() - j.prompt_done });
+        c.tokens.assign(j.prompt.begin() + (long) j.prompt_done, j.prompt.begin() + (long) (j.prompt_done + n));
+        c.pos0 = j.prompt_pos0 + (int32_t) j.prompt_done;
+        c.logits_last = j.prompt_done + n == j.prompt.size();
     } else {
         c.tokens.push_back(j.tokens.back());
-        c.pos0 = j.instruction_pos0 + (int32_t) summary_instruction_.size() + (int32_t) j.tokens.size() - 1;
+        c.pos0 = j.prompt_pos0 + (int32_t) j.prompt.size() + (int32_t) j.tokens.size() - 1;
     }
     return c;
+}
+
+bool chat::summary_prompt_decoded(size_t n) {
+    summary_job & j = *turn_->summary;
+    if (j.prompt_done < j.prompt.size()) {
+        j.prompt_done += n;
+        return j.prompt_done >= j.prompt.size();
+    }
+    return true;
+}
+
+std::vector<int32_t> chat::summary_prompt() const {
+    // The reply still open at this point is closed first, as the next turn will close it (its last
+    // sampled token and the template's end of turn): without them the instruction read as more of
+    // the assistant's reply. Scratch like the rest: the reply's own end is decoded where it belongs.
+    std::vector<int32_t> p;
+    if (turn_ && turn_->generating) {
+        if (turn_->pending >= 0) {
+            p.push_back(turn_->pending);
+        }
+        p.insert(p.end(), closing_tokens_.begin(), closing_tokens_.end());
+    } else if (turn_ && turn_->seg < turn_->segments.size() && turn_->segments[turn_->seg].role == TOKEN_ROLE_ASSISTANT &&
+               turn_->segments[turn_->seg].turn == turn_->turn_no) {
+        p = closing_tokens_;   // an ingested reply makes its room as it starts: its header is open, it is empty
+    } else {
+        p = carry_;   // a turn makes room before the previous reply's end goes in (carry_ until the prompt is in)
+    }
+    p.insert(p.end(), summary_instruction_.begin(), summary_instruction_.end());
+    return p;
 }
 
 void chat::summary_decoded(step_context & e, int32_t logits_row) {
@@ -74,7 +103,7 @@ void chat::finish_summary(step_context & e) {
         // The window goes back to what it was before the scratch, plus the summary's cells (it moves
         // with them: into the window when its place is that recent). A summary left after the
         // history is the newest itself: the window already ends with it.
-        const int32_t summary_pos0 = j->instruction_pos0 + (int32_t) summary_instruction_.size();
+        const int32_t summary_pos0 = j->prompt_pos0 + (int32_t) j->prompt.size();
         try {
             const std::vector<uint8_t> now = kv_window_save(e.ctx(), slot_);
             const std::vector<uint8_t> merged = kv_window_with(e.ctx(), j->window, now, summary_pos0, summary_pos0 + (int32_t) items.size());
@@ -92,8 +121,8 @@ void chat::finish_summary(step_context & e) {
     const size_t insert_at = placement == summary_placement::after_history ? ledger_.size() : host.begin;
     const bool summary_own = turn_->rollback_set && insert_at >= first_own();
     const int32_t summary_to = ledger_[host.begin].pos;
-    const kv_eviction_result res = kv_evict_and_insert(e.ctx(), slot_, ledger_, j->ranges, placement, j->instruction_pos0,
-                                                       j->instruction_pos0 + (int32_t) summary_instruction_.size(), items, host_index);
+    const kv_eviction_result res = kv_evict_and_insert(e.ctx(), slot_, ledger_, j->ranges, placement, j->prompt_pos0,
+                                                       j->prompt_pos0 + (int32_t) j->prompt.size(), items, host_index);
     turn_->own -= std::min(own_gone, turn_->own);
     if (summary_own) {
         turn_->own += items.size();

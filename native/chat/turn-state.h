@@ -25,8 +25,9 @@ inline clock_type::duration ms_duration(double ms) {
 struct chat::summary_job {
     std::vector<index_range> ranges;
     uint32_t max_tokens = 0;
-    int32_t instruction_pos0 = 0;
-    size_t instruction_done = 0;
+    std::vector<int32_t> prompt;      // what the model reads before writing it (chat::summary_prompt)
+    int32_t prompt_pos0 = 0;
+    size_t prompt_done = 0;
     std::vector<int32_t> tokens;
     std::unique_ptr<sampler_chain> sampler;
     clock_type::time_point t0;

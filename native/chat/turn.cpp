@@ -74,7 +74,7 @@ size_t chat::tokens_wanted(clock_type::time_point now) const {
     }
     if (turn_->summary) {
         const summary_job & j = *turn_->summary;
-        return j.instruction_done < summary_instruction_.size() ? summary_instruction_.size() - j.instruction_done : 1;
+        return j.prompt_done < j.prompt.size() ? j.prompt.size() - j.prompt_done : 1;
     }
     if (turn_->generating) {
         return 1;
@@ -198,15 +198,8 @@ void chat::on_decoded(const contribution & c, size_t from, size_t to, int32_t lo
         return;
     }
     if (c.scratch) {
-        summary_job & j = *t.summary;
-        if (to < c.tokens.size()) {
+        if (to < c.tokens.size() || !summary_prompt_decoded(c.tokens.size())) {
             return;
-        }
-        if (j.instruction_done < summary_instruction_.size()) {
-            j.instruction_done += c.tokens.size();
-            if (j.instruction_done < summary_instruction_.size()) {
-                return;
-            }
         }
         summary_decoded(e, logits_row);
         return;
@@ -397,10 +390,7 @@ void chat::fail_unexpected(const std::exception & ex, step_context & e) noexcept
             const size_t own = std::min(t.own, ledger_.size());
             ledger_.remove_ranges({ { ledger_.size() - own, ledger_.size() } });
             cumulative_.tokens_seen -= std::min<uint64_t>(cumulative_.tokens_seen, own);   // as a rollback counts them
-            if (turn_no_ == t.turn_no) {
-                turn_no_ = t.turn_no - 1;
-                carry_ = t.carry_before;
-            }
+            forget_turn_number(t);
             if (cumulative_.compactions == t.compactions_before) {
                 restore_scores(t.scored_before);   // what the turn's queries added to the older tokens' scores
             }
@@ -448,6 +438,14 @@ void chat::fail_unstarted(const fml_error & err) {
     }
 }
 
+void chat::forget_turn_number(const turn_state & t) {
+    if (turn_no_ == t.turn_no) {
+        // Its prompt was in (an error or a lost state mid-reply): the turn never happened.
+        turn_no_ = t.turn_no - 1;
+        carry_ = t.carry_before;
+    }
+}
+
 void chat::fail_turn(const fml_error & err, step_context & e, bool state_lost) {
     std::unique_ptr<turn_state> & t = turn_;
     if (replay_pending_ && replay_done_ > 0 && slot_ >= 0) {
@@ -469,11 +467,7 @@ void chat::fail_turn(const fml_error & err, step_context & e, bool state_lost) {
     // too: its message and reply so far stayed in the ledger with nothing to close them).
     if (t->rollback_set) {
         rollback_to(ledger_.size() - std::min(t->own, ledger_.size()), e);   // the turn's own tokens go; evictions already done stay done
-        if (turn_no_ == t->turn_no) {
-            // Its prompt was in (an error or a lost state mid-reply): the turn never happened.
-            turn_no_ = t->turn_no - 1;
-            carry_ = t->carry_before;
-        }
+        forget_turn_number(*t);
     } else if (!started_) {
         rollback_to(0, e);                    // stopped inside the system prompt: start over next time
     }

@@ -142,14 +142,14 @@ int64_t summary_gap(const token_ledger & ledger, const std::vector<index_range> 
 }
 
 kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<index_range> & ranges_in,
-                                       summary_placement placement, int32_t instruction_pos0, int32_t summary_pos0,
+                                       summary_placement placement, int32_t prompt_pos0, int32_t summary_pos0,
                                        const std::vector<ledger_entry> & items_in, size_t gap) {
     check_seq(ctx, seq);
     kv_eviction_result res;
     const std::vector<index_range> ranges = normalize_ranges(ranges_in);
     const size_t n_insert = items_in.size();
     check_plan(ledger, ranges);
-    if (ranges.empty() || instruction_pos0 < ledger.next_pos() || summary_pos0 < instruction_pos0) {
+    if (ranges.empty() || prompt_pos0 < ledger.next_pos() || summary_pos0 < prompt_pos0) {
         throw fml_error(FML_ERR_KV, "a summary must replace evicted tokens, from scratch cells after the history");
     }
     if (placement != summary_placement::in_gap) {
@@ -161,8 +161,8 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_l
     if (placement != summary_placement::after_history) {
         kv_prune_sliding_window(ctx, seq, ledger.next_pos());
     }
-    // The instruction and anything after the summary go; so do the evicted ranges.
-    kv_attention_seq_rm(ctx, seq, instruction_pos0, summary_pos0);
+    // The prompt and anything after the summary go; so do the evicted ranges.
+    kv_attention_seq_rm(ctx, seq, prompt_pos0, summary_pos0);
     kv_attention_seq_rm(ctx, seq, summary_pos0 + (int32_t) n_insert, -1);
     const int32_t gap_pos0 = ledger[ranges[gap].begin].pos;
     // Its index once the ranges before it are gone.

@@ -41,18 +41,18 @@ size_t kv_compact_by_shift(llama_context * ctx, int32_t seq, token_ledger & ledg
 void kv_clear_for_reprefill(llama_context * ctx, int32_t seq, token_ledger & ledger);
 
 // Where a finished summary goes. Summaries are written in the chat's own sequence after its history:
-// an instruction at positions [instruction_pos0, summary_pos0) and the summary tokens from summary_pos0
+// its prompt (the instruction) at positions [prompt_pos0, summary_pos0) and the summary tokens from summary_pos0
 // (scratch cells: not in the ledger).
 enum class summary_placement {
     in_gap,          // in an evicted range's index and positions (its cells move there: a K-shift)
     after_history,   // where the model wrote it, after the retained history (no move)
     compacted,       // at the first evicted token's index, with every position renumbered 0..n-1 (a K-shift)
 };
-// Removes the instruction, evicts `ranges` and places the summary's `items` as `placement` says.
+// Removes the prompt, evicts `ranges` and places the summary's `items` as `placement` says.
 // in_gap: in the `gap`-th of the (sorted, merged) ranges, which must span at least items.size()
 // positions (summary_gap).
 kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_ledger & ledger, const std::vector<index_range> & ranges,
-                                       summary_placement placement, int32_t instruction_pos0, int32_t summary_pos0,
+                                       summary_placement placement, int32_t prompt_pos0, int32_t summary_pos0,
                                        const std::vector<ledger_entry> & items, size_t gap = 0);
 // The first of `ranges` (sorted, merged) whose freed positions (up to the next kept token) hold `n`
 // summary tokens; -1 when none does.

@@ -44,14 +44,9 @@ void chat_probes::make_room(chat & s, engine & e, size_t incoming) {
                 if (!e.decode_one(s, c.tokens.data(), c.tokens.size(), c.pos0, false)) {
                     throw fml_error(FML_ERR_DECODE, "llama_decode failed while summarizing");
                 }
-                chat::summary_job & j = *s.turn_->summary;
-                if (j.instruction_done < s.summary_instruction_.size()) {
-                    j.instruction_done += c.tokens.size();
-                    if (j.instruction_done < s.summary_instruction_.size()) {
-                        continue;
-                    }
+                if (s.summary_prompt_decoded(c.tokens.size())) {
+                    s.summary_decoded(e, (int32_t) c.tokens.size() - 1);
                 }
-                s.summary_decoded(e, (int32_t) c.tokens.size() - 1);
             }
         }
     } catch (...) {
@@ -62,6 +57,11 @@ void chat_probes::make_room(chat & s, engine & e, size_t incoming) {
         throw;
     }
     s.turn_.reset();
+}
+
+std::vector<int32_t> chat_probes::summary_prompt(chat & s) {
+    std::lock_guard<std::mutex> lock(s.mu_);
+    return s.summary_instruction_.empty() ? std::vector<int32_t>{} : s.summary_prompt();
 }
 
 std::vector<float> chat_probes::probe_logits(chat & s, engine & e, int32_t token) {

@@ -29,6 +29,9 @@ struct chat_probes {
     // A hybrid chat's recurrent state as llama.cpp saves it (empty for other models): eviction, an
     // aborted prefill or a summary must leave it as it was.
     static std::vector<uint8_t> recurrent_state(chat & s, engine & e);
+    // The tokens a summary written now (between turns: at the next turn's start) would read before its
+    // text: the previous reply's end, then the instruction. Empty for policies that write none.
+    static std::vector<int32_t> summary_prompt(chat & s);
     // Greedy-decodes n tokens with bare llama_decode + sampling (no ledger, streaming or policy),
     // then rolls back; returns ms.
     static double plain_decode(chat & s, engine & e, int32_t n);

@@ -157,6 +157,8 @@ export interface NativeProbes {
   probeLogits(chat: NativeChat, token: number): Float32Array;
   /** A hybrid chat's recurrent state as llama.cpp saves it (empty for other models). */
   recurrentState(chat: NativeChat): Uint8Array;
+  /** What a summary written now (at the next turn's start) reads before its text; empty without summaries. */
+  summaryPrompt(chat: NativeChat): Int32Array;
   shiftPositions(chat: NativeChat, delta: number): void;
   /** Saves the sliding layers' window as a turn does and restores it (no-op without such layers). */
   windowRoundTrip(chat: NativeChat): void;

@@ -22,6 +22,8 @@ export interface ChatInternals {
   probeLogits(token: number): Float32Array;
   /** A hybrid chat's recurrent state as llama.cpp saves it (empty for other models). */
   recurrentState(): Uint8Array;
+  /** What a summary written now (at the next turn's start) reads before its text; empty without summaries. */
+  summaryPrompt(): number[];
   shiftPositions(delta: number): void;
   /** Saves the sliding layers' window as a turn does and restores it (no-op without such layers). */
   windowRoundTrip(): void;
@@ -332,6 +334,7 @@ export class Chat implements ChatSurface {
       engineStats: (own) => wrap(() => getProbes().engineStats(native, own)),
       probeLogits: (t) => wrap(() => getProbes().probeLogits(native, t)),
       recurrentState: () => wrap(() => getProbes().recurrentState(native)),
+      summaryPrompt: () => wrap(() => Array.from(getProbes().summaryPrompt(native))),
       shiftPositions: (d) => wrap(() => getProbes().shiftPositions(native, d)),
       windowRoundTrip: () => wrap(() => getProbes().windowRoundTrip(native)),
       evaluateTokens: (t, c) => wrap(() => getProbes().evaluateTokens(native, Int32Array.from(t), c)),

@@ -167,6 +167,22 @@ describe('summaries with positions kept', () => {
     expect(compactions).toBe(0);
     chat.dispose();
   });
+
+  it('a summary at a turn\'s start reads the previous reply closed (its last token and end of turn), then the instruction', async () => {
+    const chat = model.createChat({ policy: 'rolling_summary', maxTokens: 256, maxPolicyMs: 0 });
+    const instruction = chat._internals().summaryPrompt();
+    expect(model.detokenize(instruction, { special: true })).toContain('Summarize the conversation so far');
+    await chat.send('the cat sat on a mat', { maxNewTokens: 6, temperature: 0 });
+    const prompt = chat._internals().summaryPrompt();
+    const closing = prompt.slice(0, prompt.length - instruction.length);
+    expect(prompt.slice(closing.length)).toEqual(instruction);
+    expect(closing.length).toBe(chat._internals().cacheState().carriedTokens);
+    expect(model.detokenize(closing, { special: true })).toContain('<|im_end|>');
+    const sliding = model.createChat({ policy: 'sliding', maxTokens: 256 });
+    expect(sliding._internals().summaryPrompt()).toEqual([]);
+    sliding.dispose();
+    chat.dispose();
+  });
 });
 
 describe('latency guard', () => {

@@ -86,7 +86,7 @@ export async function createServer(model: Model, options: ServerOptions = {}): P
   const limits = { maxStoredSessions: o.maxStoredSessions, maxStoredBytes: o.maxStoredBytes, sessionTtlMs: o.sessionTtlMs };
   const backend = o.store !== undefined
     ? await RedisBackend.open({ url: o.store, ...(o.storeCa !== undefined ? { ca: o.storeCa } : {}), namespace: o.storeNamespace, limits, log: app.log })
-    : await DirBackend.open(o.checkpointDir, limits, sessionKey);
+    : await DirBackend.open(o.checkpointDir, limits, sessionKey, (why) => app.log.error(`the checkpoint dir lock was lost (${why}): no session is written any more; restart this server`));
   const counts = () => store.counts();
   const metrics = createServerMetrics(registry, { sessions: counts, decoding: () => slots.active, queued: () => slots.waiting });
   const store = new SessionStore({

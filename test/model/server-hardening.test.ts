@@ -2,7 +2,7 @@
 // history imports, disk caps for stored sessions, sessions that cannot be restored, session ids that
 // are not Latin-1 or come twice.
 import { spawn } from 'node:child_process';
-import { mkdirSync, readdirSync, readFileSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { request } from 'node:http';
 import { connect, type Socket } from 'node:net';
@@ -311,6 +311,35 @@ describe('stored sessions', () => {
     utimesSync(foreign, old, old);
     const fourth = await start({ checkpointDir: dir });
     await fourth.server.close();
+  });
+
+  it('a server whose checkpoint dir lock another server took writes no session after, says so in /health; an rm of the lock is undone', async () => {
+    const dir = freshDir();
+    const { server, url, port } = await start({ checkpointDir: dir });
+    const lock = join(dir, '.finite-memory-llm.lock');
+    const ours = readFileSync(lock, 'utf8');
+    const health = async () => (await (await fetch(`${url}/health`)).json()) as { status: string; store: { available: boolean } };
+    expect((await post(port, { messages: [user('one')], user: 'kept', max_tokens: 2 })).status).toBe(200);
+    // Removed (an operator's rm): put back at the next beat.
+    rmSync(lock);
+    await expect.poll(() => existsSync(lock) && readFileSync(lock, 'utf8') === ours, { timeout: 5000, interval: 50 }).toBe(true);
+    expect((await health()).status).toBe('ok');
+    // Taken by another host's server (its beats seen as stale over a shared filesystem, say).
+    writeFileSync(lock, JSON.stringify({ pid: 1, host: 'another-host' }));
+    await expect.poll(async () => (await health()).store.available, { timeout: 5000, interval: 100 }).toBe(false);
+    expect((await health()).status).toBe('degraded');
+    const stored = readFileSync(join(dir, checkpoints(dir)[0]!));
+    // The live session goes on from memory, unwritten; a session not in memory cannot be served.
+    const again = await post(port, { messages: [user('two')], user: 'kept', max_tokens: 2 });
+    expect(again.status).toBe(200);
+    expect(again.body.finite_memory?.persisted).toBe(false);
+    expect(readFileSync(join(dir, checkpoints(dir)[0]!)).equals(stored)).toBe(true);
+    const other = await post(port, { messages: [user('hello')], user: 'new-one', max_tokens: 2 });
+    expect(other.status).toBe(503);
+    expect(other.body.error?.code).toBe('session_store_unavailable');
+    expect(checkpoints(dir)).toHaveLength(1);
+    await server.close();
+    expect(readFileSync(lock, 'utf8')).toContain('another-host');   // the other server's: left alone
   });
 
   it('a session whose checkpoint cannot be restored starts fresh and says so; no path leaks', async () => {

@@ -7,6 +7,11 @@
  * reaped, or its pid since taken by another process: another start time) is taken over at once on the
  * same host, and a live owner keeps it however long it does not touch it (stopped, say); another
  * host's lock, which cannot be asked, once it is LOCK_STALE_MS old.
+ *
+ * The holder checks at every beat that the file is still its own (an operator's rm is undone; a lock
+ * another server took, say over a shared filesystem after beats failed for LOCK_STALE_MS, is lost for
+ * good), and before every write when its last touch is older than two beats: a server that lost its
+ * lock, or cannot tell, writes nothing more (StoreUnavailableError: live sessions go on from memory).
  */
 import { hostname } from 'node:os';
 import { readFile, rm, stat, utimes, writeFile } from 'node:fs/promises';
@@ -31,24 +36,31 @@ export class DirLock {
   readonly #path: string;
   readonly #owner: string;
   #beat: NodeJS.Timeout | undefined;
+  #touchedAt = Date.now();
+  #lost: string | undefined;
+  #checking: Promise<void> | undefined;
+  readonly #onLost: (why: string) => void;
 
-  private constructor(path: string, owner: string) {
+  private constructor(path: string, owner: string, onLost: (why: string) => void) {
     this.#path = path;
     this.#owner = owner;
+    this.#onLost = onLost;
   }
 
-  /** Takes the directory's lock, or throws StoreUnavailableError naming the server that holds it. */
-  static async take(dir: string): Promise<DirLock> {
+  /**
+   * Takes the directory's lock, or throws StoreUnavailableError naming the server that holds it.
+   * `onLost` hears once why it was lost, if it ever is.
+   */
+  static async take(dir: string, onLost: (why: string) => void = () => {}): Promise<DirLock> {
     const started = await startedAt(process.pid);
-    const lock = new DirLock(join(dir, LOCK_FILE), JSON.stringify({ pid: process.pid, host: hostname(), ...(started !== undefined ? { started } : {}) } satisfies Owner));
+    const owner = JSON.stringify({ pid: process.pid, host: hostname(), ...(started !== undefined ? { started } : {}) } satisfies Owner);
+    const lock = new DirLock(join(dir, LOCK_FILE), owner, onLost);
     for (let attempt = 0; attempt < 2; attempt++) {
       try {
         await writeFile(lock.#path, lock.#owner, { flag: 'wx' });
         held.add(lock.#path);
-        lock.#beat = setInterval(() => {
-          const now = new Date();
-          utimes(lock.#path, now, now).catch(() => {});
-        }, LOCK_BEAT_MS);
+        lock.#touchedAt = Date.now();
+        lock.#beat = setInterval(() => void lock.#check().catch(() => {}), LOCK_BEAT_MS);
         lock.#beat.unref();
         return lock;
       } catch (err) {
@@ -61,6 +73,58 @@ export class DirLock {
       await rm(lock.#path, { force: true });   // its owner is gone: taken over
     }
     throw new StoreUnavailableError(`The checkpoint dir ${dir} was locked by another server starting at the same time`);
+  }
+
+  /** Why this process no longer holds the lock; undefined while it does. */
+  get lost(): string | undefined {
+    return this.#lost;
+  }
+
+  /** Throws StoreUnavailableError unless the lock is still this process's and was touched in time. */
+  async assertHeld(): Promise<void> {
+    if (this.#lost === undefined && Date.now() - this.#touchedAt > 2 * LOCK_BEAT_MS) await this.#check();
+    if (this.#lost !== undefined) throw new StoreUnavailableError(`This server lost its checkpoint dir lock (${this.#lost}): it writes no sessions until restarted`);
+    // Untouched this long, another host may take it: nothing is written until a touch succeeds.
+    if (Date.now() - this.#touchedAt > LOCK_STALE_MS - LOCK_BEAT_MS) throw new StoreUnavailableError('The checkpoint dir lock could not be touched lately: no session is written until it can');
+  }
+
+  /** One beat: the file must still be this process's. Serialized (a beat and a write's check). */
+  #check(): Promise<void> {
+    this.#checking ??= this.#checkOnce().finally(() => (this.#checking = undefined));
+    return this.#checking;
+  }
+
+  async #checkOnce(): Promise<void> {
+    if (this.#lost !== undefined) return;
+    let text: string | undefined;
+    try {
+      text = await readFile(this.#path, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') return;   // unreadable for now: the next beat tries again
+    }
+    if (text === undefined) {
+      // Removed under this server (an operator's rm): put back, unless another server took it first.
+      try {
+        await writeFile(this.#path, this.#owner, { flag: 'wx' });
+        this.#touchedAt = Date.now();
+      } catch {
+        this.#lose(`taken by ${(await holder(this.#path)).who} after it was removed`);
+      }
+      return;
+    }
+    if (text !== this.#owner) {
+      this.#lose(`taken by ${(await holder(this.#path)).who}`);
+      return;
+    }
+    const now = new Date();
+    await utimes(this.#path, now, now);
+    this.#touchedAt = now.getTime();
+  }
+
+  #lose(why: string): void {
+    this.#lost = why;
+    clearInterval(this.#beat);
+    this.#onLost(why);
   }
 
   /** Gives the lock up (only if it is still this process's). */

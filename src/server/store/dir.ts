@@ -66,7 +66,6 @@ async function readHeader(path: string): Promise<Header> {
 
 export class DirBackend implements SessionBackend {
   readonly kind = 'dir';
-  readonly available = true;
   readonly durable: boolean;
   readonly #dir: string;
   readonly #limits: BackendLimits;
@@ -81,14 +80,17 @@ export class DirBackend implements SessionBackend {
     this.#limits = limits;
   }
 
-  /** `dir` undefined: a temp dir that close() removes (sessions then only move out of memory). */
-  static async open(dir: string | undefined, limits: BackendLimits, keyOf: (id: string) => string): Promise<DirBackend> {
+  /**
+   * `dir` undefined: a temp dir that close() removes (sessions then only move out of memory).
+   * `onLockLost`: told once if another server takes the directory's lock (see dir-lock.ts).
+   */
+  static async open(dir: string | undefined, limits: BackendLimits, keyOf: (id: string) => string, onLockLost?: (why: string) => void): Promise<DirBackend> {
     const durable = dir !== undefined;
     const path = dir ?? (await mkdtemp(join(tmpdir(), 'fml-sessions-')));
     await mkdir(path, { recursive: true });
     const b = new DirBackend(path, durable, limits);
     if (durable) {
-      b.#lock = await DirLock.take(path);
+      b.#lock = await DirLock.take(path, onLockLost);
       try {
         await b.#readBack(keyOf);
       } catch (err) {
@@ -99,11 +101,17 @@ export class DirBackend implements SessionBackend {
     return b;
   }
 
+  /** False once the directory's lock is lost (another server took it): nothing is written then. */
+  get available(): boolean {
+    return this.#lock?.lost === undefined;
+  }
+
   #file(key: string, ext: 'session' | 'full'): string {
     return join(this.#dir, `${key}.${ext}`);
   }
 
   async acquire(key: string, leaseMs: number): Promise<AcquireResult> {
+    await this.#lock?.assertHeld();
     const now = Date.now();
     const held = this.#leases.get(key);
     if (held && held.until > now) return { heldMs: held.until - now };
@@ -154,6 +162,7 @@ export class DirBackend implements SessionBackend {
 
   async writeLedger(key: string, token: number, w: LedgerWrite): Promise<void> {
     this.#check(key, token);
+    await this.#lock?.assertHeld();
     const e = this.#index.get(key);
     if (e && e.version >= w.version) throw new StaleWriteError('version');
     await this.#writeAtomic(this.#file(key, 'session'), encode({ id: w.id, version: w.version, messagesSeen: w.messagesSeen, lastUsed: w.lastUsed }, w.ledger));
@@ -165,6 +174,7 @@ export class DirBackend implements SessionBackend {
 
   async writeFull(key: string, token: number, version: number, full: Uint8Array): Promise<void> {
     this.#check(key, token);
+    await this.#lock?.assertHeld();
     const e = this.#index.get(key);
     if (!e || e.version !== version) throw new StaleWriteError('version');
     await this.#writeAtomic(this.#file(key, 'full'), encode({ id: e.id, version, messagesSeen: 0, lastUsed: e.lastUsed, of: version }, full));
@@ -174,12 +184,13 @@ export class DirBackend implements SessionBackend {
   }
 
   async delete(key: string): Promise<void> {
+    await this.#lock?.assertHeld();
     this.#index.delete(key);
     await Promise.all([rm(this.#file(key, 'session'), { force: true }), rm(this.#file(key, 'full'), { force: true })]);
   }
 
   expire(): Promise<void> {
-    return this.#enforceLimits('');
+    return this.available ? this.#enforceLimits('') : Promise.resolve();
   }
 
   usage(): { sessions: number; bytes: number } {

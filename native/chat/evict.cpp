@@ -28,11 +28,15 @@ bool chat::make_room(size_t incoming, size_t slack, step_context & e) {
         throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "not enough evictable tokens to fit the turn in maxTokens");
     }
     // A summary takes room too: free enough for the longest one when there is that much to evict.
+    // And, as it costs up to summaryTokens decodes, room for the next turns with it (a summary every
+    // few turns, not at every one).
+    size_t room = slack;
     if (policy_->summarizes()) {
         need = std::min(evictable, need + opts_.policy.summary_tokens);
+        room = std::max<size_t>(slack, opts_.policy.summary_evict_tokens);
     }
     const eviction_request plain{ hard_need, std::min(evictable, hard_need + slack), incoming };
-    if (!evict({ need, std::min(evictable, need + slack), incoming }, plain, e)) {
+    if (!evict({ need, std::min(evictable, need + room), incoming }, plain, e)) {
         return false;
     }
     if (ledger_.size() + incoming > budget) {

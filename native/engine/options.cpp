@@ -241,6 +241,11 @@ const option_row<chat_target> CHAT_ROWS[] = {
           auto & p = t.o.policy;
           p.summary_tokens = v ? (uint32_t) int_in("summaryTokens", *v, 0, p.max_tokens / 4) : std::min<uint32_t>(48, p.max_tokens / 8);
       } },
+    { { "chat", "summaryEvictTokens", "number", "maxTokens / 4", "0 .. maxTokens / 2", "rolling_summary/hybrid: an eviction that writes a summary frees at least this many tokens beyond what the turn needs, room for the next turns: a summary every few turns instead of at every one once the budget is full (each is up to summaryTokens decodes). 0: only what the turn needs.", false },
+      [](chat_target & t, const option_value * v) {
+          auto & p = t.o.policy;
+          p.summary_evict_tokens = v ? (uint32_t) int_in("summaryEvictTokens", *v, 0, p.max_tokens / 2) : p.max_tokens / 4;
+      } },
     { { "chat", "hybridImportanceShare", "number", "0.5", "0 .. 1", "hybrid: share of the kept history chosen by importance (the rest by semantic representatives).", false },
       [](chat_target & t, const option_value * v) { t.o.policy.hybrid_importance_share = v ? (float) number_in("hybridImportanceShare", *v, 0, 1) : 0.5f; } },
     { { "chat", "maxPolicyMs", "number", "50", "0 .. 3600000", "Latency guard: a policy slower than this falls back to sliding (after 3 in a row, sliding alone for the next 16 evictions); 0 disables.", false },
@@ -367,6 +372,7 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
         { "spanMaxTokens", option_value::of((double) p.span_max_tokens) },
         { "policySeed", option_value::of((double) p.seed) },
         { "summaryTokens", option_value::of((double) p.summary_tokens) },
+        { "summaryEvictTokens", option_value::of((double) p.summary_evict_tokens) },
         { "hybridImportanceShare", option_value::of((double) p.hybrid_importance_share) },
         { "maxPolicyMs", option_value::of(o.max_policy_ms) },
         { "positions", option_value::of(std::string(o.keep_positions ? "keep" : "compact")) },

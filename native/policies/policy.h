@@ -31,6 +31,7 @@ struct policy_options {
     uint32_t    seed = 0;
     // rolling_summary / hybrid
     uint32_t    summary_tokens = 0;   // upper bound of one summary; 0 disables summaries in hybrid
+    uint32_t    summary_evict_tokens = 0;   // room an eviction that summarizes frees beyond the turn's need
     // hybrid: how the kept part of the evictable middle is split (the rest of the budget is the
     // window, pinned tokens and the summary)
     float       hybrid_importance_share = 0.0f;   // of the kept middle, by importance score

@@ -85,6 +85,12 @@ export interface ChatOptions {
   policySeed?: number;
   /** rolling_summary/hybrid: longest summary in tokens; 0 turns summaries off in hybrid. Default min(48, maxTokens / 8). */
   summaryTokens?: number;
+  /**
+   * rolling_summary/hybrid: an eviction that writes a summary frees at least this many tokens beyond
+   * what the turn needs, room for the next turns: a summary every few turns instead of at every one once
+   * the budget is full (each costs up to summaryTokens decodes). 0: only what the turn needs. Default maxTokens / 4.
+   */
+  summaryEvictTokens?: number;
   /** hybrid: share of the kept history chosen by importance; the rest by semantic representatives. Default 0.5. */
   hybridImportanceShare?: number;
   /** Latency guard: a policy that takes longer than this (ms) to choose falls back to sliding. 0 disables. Default 50. */
@@ -167,6 +173,7 @@ export interface ResolvedChatOptions {
   spanMaxTokens: number;
   policySeed: number;
   summaryTokens: number;
+  summaryEvictTokens: number;
   hybridImportanceShare: number;
   maxPolicyMs: number;
   positions: 'keep' | 'compact';

@@ -168,6 +168,30 @@ describe('summaries with positions kept', () => {
     chat.dispose();
   });
 
+  it.each(['rolling_summary', 'hybrid'] as const)('%s: an eviction that summarizes frees summaryEvictTokens more, so summaries come every few turns', async (policy) => {
+    const run = async (summaryEvictTokens?: number) => {
+      const chat = model.createChat({ policy, maxTokens: 512, maxPolicyMs: 0, systemPrompt: 'You are terse.', ...(summaryEvictTokens === undefined ? {} : { summaryEvictTokens }) });
+      expect(chat.options.summaryEvictTokens).toBe(summaryEvictTokens ?? 128);   // maxTokens / 4: two turns of ~65 tokens here
+      let summaries = 0;
+      let minRetained = Infinity;
+      for (let t = 0; t < 40; t++) {
+        const r = await chat.send(`turn ${t}. the cat sat on a mat. rain fell! why is the sky blue?`, { maxNewTokens: 16, temperature: 0.8, seed: t });
+        summaries += r.stats.summaryTokens > 0 ? 1 : 0;
+        if (t >= 20) minRetained = Math.min(minRetained, r.stats.retainedTokens);
+        checkCache(chat, 512);
+      }
+      chat.dispose();
+      return { summaries, minRetained };
+    };
+    const every = await run(0);
+    const amortised = await run();
+    expect(every.summaries).toBeGreaterThanOrEqual(25);
+    expect(amortised.summaries).toBeGreaterThan(0);
+    expect(amortised.summaries * 2).toBeLessThanOrEqual(every.summaries);
+    // The price: after a summary the chat holds less than the budget, for a few turns.
+    expect(amortised.minRetained).toBeLessThan(every.minRetained);
+  });
+
   it('a summary at a turn\'s start reads the previous reply closed (its last token and end of turn), then the instruction', async () => {
     const chat = model.createChat({ policy: 'rolling_summary', maxTokens: 256, maxPolicyMs: 0 });
     const instruction = chat._internals().summaryPrompt();

@@ -105,7 +105,19 @@ export function writeResultsSection(name: string, body: string): void {
 }
 
 /** A chat configuration a benchmark compares, under the label its tables print. */
-export interface Contender { label: string; options: ChatOptions }
+export interface Contender {
+  label: string;
+  options: ChatOptions;
+  /** Options that scale with the budget a bench gives the chat (added to `options`). */
+  perBudget?: (maxTokens: number) => ChatOptions;
+}
+
+/** The contender's options at a budget. */
+export const contenderOptions = (c: Contender, maxTokens: number): ChatOptions => ({ ...c.options, ...c.perBudget?.(maxTokens), maxTokens });
+
+/** summaryEvictTokens maxTokens / 4: a summary every few turns (bench/turns.ts has its per-turn side). */
+const summaryEvery = (policy: 'rolling_summary' | 'hybrid'): Contender =>
+  ({ label: `${policy} (summaryEvictTokens maxTokens / 4)`, options: { policy }, perBudget: (maxTokens) => ({ summaryEvictTokens: Math.floor(maxTokens / 4) }) });
 
 /**
  * What bench:recall and bench:quality compare (sliding first: the baseline of their ratios): every
@@ -119,10 +131,12 @@ export const POLICY_CONTENDERS: readonly Contender[] = [
   { label: 'importance (token granularity, H2O-style)', options: { policy: 'importance', importanceGranularity: 'token' } },
   { label: 'semantic', options: { policy: 'semantic' } },
   { label: 'rolling_summary', options: { policy: 'rolling_summary' } },
+  summaryEvery('rolling_summary'),
   { label: 'hybrid', options: { policy: 'hybrid' } },
   { label: "hybrid (importanceScore 'mean')", options: { policy: 'hybrid', importanceScore: 'mean' } },
   { label: "hybrid (importanceScore 'peak')", options: { policy: 'hybrid', importanceScore: 'peak' } },
   { label: 'hybrid (no summary)', options: { policy: 'hybrid', summaryTokens: 0 } },
+  summaryEvery('hybrid'),
 ];
 
 /** A `--contenders '[{...}, ...]'` argument: chat options, each labelled by its JSON (quick comparisons). */

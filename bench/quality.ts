@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { writeLlamaModel } from '../src/gguf/index.ts';
 import { loadModel, type ChatOptions, type Model } from '../src/index.ts';
-import { POLICY_CONTENDERS, contendersFromJson, type Contender, machine, SHARED_MODELS, writeResultsSection } from './common.ts';
+import { POLICY_CONTENDERS, contenderOptions, contendersFromJson, type Contender, machine, SHARED_MODELS, writeResultsSection } from './common.ts';
 
 const CHUNK = 16;
 const WINDOW_SHARE = Number(process.env.FML_WINDOW_SHARE ?? 0.5);
@@ -109,9 +109,10 @@ async function evaluateText(model: Model, label: string, length: number, text: s
   const rows: Row[] = [];
   for (const budget of budgets) {
     const maxTokens = Math.floor(length * budget);
-    for (const { label: policy, options } of contenders) {
+    for (const contender of contenders) {
+      const policy = contender.label;
       for (const { label: pos, options: posOptions } of positions) {
-      const chat = model.createChat({ ...common, ...options, ...posOptions, maxTokens, windowSize: Math.floor(maxTokens * WINDOW_SHARE) });
+      const chat = model.createChat({ ...common, ...contenderOptions(contender, maxTokens), ...posOptions, windowSize: Math.floor(maxTokens * WINDOW_SHARE) });
       const got = chat._internals().evaluateTokens(tokens, CHUNK);
       let kl = 0;
       let agree = 0;

@@ -25,7 +25,7 @@ import { writeLlamaModel, type LlamaModelInput } from '../src/gguf/index.ts';
 import { loadModel, POLICIES, type Chat, type Model, type PolicyName } from '../src/index.ts';
 import { GENERATED_MODEL, machine, median, realisticModel, ROOT, SHARED_MODELS, writeResultsSection } from './common.ts';
 import { barChart } from './svg.ts';
-import { BUDGETS, GENERATED, MAX_NEW, MAX_OTHER_CPU, MAX_REDOS_PER_CONTENDER, MEASURED, ModelSpec, NLC_VERSION, ONLY_MODEL, PROMPTS, QUICK, Result, SLOW_FACTOR, THREADS, WARMUP_AFTER_EVICT, WRITE, args, errorText, fmt, log } from './turns/config.ts';
+import { BUDGETS, GENERATED, MAX_NEW, MAX_OTHER_CPU, MAX_REDOS_PER_CONTENDER, MEASURED, ModelSpec, NLC_VERSION, ONLY_MODEL, PROMPTS, QUICK, Result, SLOW_FACTOR, SUMMARY_EVICT_VARIANTS, summaryEvictVariant, THREADS, WARMUP_AFTER_EVICT, WRITE, args, errorText, fmt, log } from './turns/config.ts';
 import { Calibrator, cpuLog, calibration } from './turns/noise.ts';
 import { Contender, NlcJob, nlcContender, nlcWorker, oursContender, runContenders } from './turns/contenders.ts';
 import { decodeGoal, decodeTable, goals, latencyTable, rows } from './turns/report.ts';
@@ -91,6 +91,7 @@ async function main(): Promise<void> {
     for (const maxTokens of spec.budgets ?? BUDGETS) {
       const contenders: Contender[] = [];
       for (const policy of POLICIES) contenders.push(oursContender(model, spec, maxTokens, policy, false));
+      for (const policy of SUMMARY_EVICT_VARIANTS) contenders.push(oursContender(model, spec, maxTokens, policy, false, summaryEvictVariant(maxTokens)));
       contenders.push(oursContender(model, spec, maxTokens, 'sliding', true));
       contenders.push(await nlcContender(spec, maxTokens));
       await runContenders(contenders, `${spec.name} @${maxTokens}`);
@@ -105,7 +106,7 @@ async function main(): Promise<void> {
 
   // Order: per model, per budget: ours policies, re-prefill, node-llama-cpp.
   const order = (r: Result) =>
-    models.findIndex((m) => m.name === r.model) * 1000 + (models.find((m) => m.name === r.model)?.budgets ?? BUDGETS).indexOf(r.maxTokens) * 100 + (r.kind === 'ours' ? POLICIES.indexOf(r.policy!) : r.kind === 'reprefill' ? 10 : 20);
+    models.findIndex((m) => m.name === r.model) * 1000 + (models.find((m) => m.name === r.model)?.budgets ?? BUDGETS).indexOf(r.maxTokens) * 100 + (r.kind === 'ours' ? POLICIES.indexOf(r.policy!) + (r.variant ? 0.5 : 0) : r.kind === 'reprefill' ? 10 : 20);
   results.sort((a, b) => order(a) - order(b));
   const all = rows(results);
   // The goals of the turn benchmark are stated at maxTokens 2048: judged on the first model run there.

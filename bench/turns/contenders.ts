@@ -4,7 +4,7 @@
 // Contenders. Each warms up on its own; then the measured turns run round-robin across all contenders
 // of a model and budget (one turn each, starting point rotating), so load from anything else on the
 // machine hits them alike; then each finishes (decode check, clean-up).
-import { type Chat, type Model, type PolicyName } from '../../src/index.ts';
+import { type Chat, type ChatOptions, type Model, type PolicyName } from '../../src/index.ts';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { median, ROOT } from '../common.ts';
@@ -52,12 +52,14 @@ export function plainRuns(internals: ReturnType<Chat['_internals']>, n: number):
 }
 
 /** 1 and 2: our chat with a policy, or naive re-prefill on top of our sliding chat. */
-export function oursContender(model: Model, spec: ModelSpec, maxTokens: number, policy: PolicyName, reprefill: boolean): Contender {
+export function oursContender(model: Model, spec: ModelSpec, maxTokens: number, policy: PolicyName, reprefill: boolean,
+  variant?: { label: string; options: ChatOptions }): Contender {
   const result: Result = {
     model: spec.name,
-    contender: reprefill ? 'naive re-prefill (sliding)' : `ours: ${policy}`,
+    contender: reprefill ? 'naive re-prefill (sliding)' : `ours: ${policy}${variant ? ` ${variant.label}` : ''}`,
     kind: reprefill ? 'reprefill' : 'ours',
     policy,
+    ...(variant ? { variant: variant.label } : {}),
     maxTokens,
     warmupTurns: 0,
     turns: [],
@@ -65,7 +67,7 @@ export function oursContender(model: Model, spec: ModelSpec, maxTokens: number, 
   let chat: Chat;
   let internals: ReturnType<Chat['_internals']>;
   try {
-    chat = model.createChat({ policy, maxTokens, threads: THREADS, systemPrompt: SYSTEM_PROMPT });
+    chat = model.createChat({ ...variant?.options, policy, maxTokens, threads: THREADS, systemPrompt: SYSTEM_PROMPT });
     internals = chat._internals();
     if (reprefill && typeof internals.replayHistory !== 'function') throw new Error('this build has no replayHistory hook');
   } catch (err) {

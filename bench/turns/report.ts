@@ -1,7 +1,7 @@
 // bench/turns.ts: the report (latency and decode tables, the goals paragraph).
 // Report
 import { median } from '../common.ts';
-import { BUDGETS, DecodeCheck, MAX_NEW, NLC_VERSION, PLAIN_RUNS, Result, fmt, mean, p90 } from './config.ts';
+import { BUDGETS, DecodeCheck, MAX_NEW, NLC_VERSION, PLAIN_RUNS, Result, fmt, mean, p90, policyLabel } from './config.ts';
 
 export interface Row {
   r: Result;
@@ -59,12 +59,12 @@ export function decodeTable(results: Result[]): string {
     if (r.kind !== 'ours') continue;
     if (!r.decode) {
       const why = r.error ?? r.decodeError;
-      lines.push(`| ${r.model} | ${r.policy} | ${r.maxTokens} | ${why ? 'error: ' + why.replace(/\|/g, '/') : 'n/a'} | | | | | | |`);
+      lines.push(`| ${r.model} | ${policyLabel(r)} | ${r.maxTokens} | ${why ? 'error: ' + why.replace(/\|/g, '/') : 'n/a'} | | | | | | |`);
       continue;
     }
     const d = r.decode;
     lines.push(
-      `| ${r.model} | ${r.policy} | ${r.maxTokens} | ${fmt(d.oursMsPerStep, 3)} | ${fmt(d.plainMsPerStep, 3)} | ${fmt(1000 / d.oursMsPerStep)} | ` +
+      `| ${r.model} | ${policyLabel(r)} | ${r.maxTokens} | ${fmt(d.oursMsPerStep, 3)} | ${fmt(d.plainMsPerStep, 3)} | ${fmt(1000 / d.oursMsPerStep)} | ` +
         `${fmt(1000 / d.plainMsPerStep)} | ${fmt(overhead(d) * 100)}% | ${fmt(d.oursReportedTps)} | ${fmt(d.plainSpread * 100)}% |`,
     );
   }
@@ -94,7 +94,8 @@ export function goals(all: Row[], primary: string): string[] {
       const speedup = naive.med / ours.med;
       const oursAll = all.filter((x) => x.r.model === m && x.r.maxTokens === 2048 && x.r.kind === 'ours' && !x.r.error);
       const worst = Math.max(...oursAll.map((x) => x.med));
-      const worstName = oursAll.find((x) => x.med === worst)?.r.policy;
+      const worstRow = oursAll.find((x) => x.med === worst)?.r;
+      const worstName = worstRow ? policyLabel(worstRow) : 'n/a';
       const decodeMs = median(ours.r.turns.map((t) => t.decodeMs ?? NaN));
       parts.push(
         `${m}: re-prefill ${fmt(naive.med)} ms vs ours-sliding ${fmt(ours.med)} ms = **${speedup.toFixed(1)}x** ` +
@@ -126,7 +127,7 @@ export function goals(all: Row[], primary: string): string[] {
         const genRatio = nlc.meanGen / (sliding ?? worst).meanGen;
         let s =
           `${m} @ ${b}: node-llama-cpp ${fmt(nlc.med)} ms (p90 ${fmt(nlc.p90)}) vs ours-sliding ${sliding ? fmt(sliding.med) : 'n/a'} ms ` +
-          `(${sliding ? speed(nlc.med / sliding.med) : 'n/a'}), slowest policy ${worst.r.policy} ${fmt(worst.med)} ms`;
+          `(${sliding ? speed(nlc.med / sliding.med) : 'n/a'}), slowest policy ${policyLabel(worst.r)} ${fmt(worst.med)} ms`;
         if (Math.abs(genRatio - 1) > 0.2) {
           s += `; generated tokens differ (${fmt(nlc.meanGen)} vs ${fmt((sliding ?? worst).meanGen)}), per token: ${fmt(nlc.msPerToken, 2)} vs ${fmt((sliding ?? worst).msPerToken, 2)} ms`;
         }
@@ -153,7 +154,7 @@ export function decodeGoal(results: Result[], primary: string): string {
   const verdict = main?.decode ? (overhead(main.decode) <= 0.03 ? 'met' : 'not met') : 'not measured';
   const others = results
     .filter((r) => r.kind === 'ours' && r.decode && r !== main)
-    .map((r) => `${r.model}/${r.policy}@${r.maxTokens} ${fmt(overhead(r.decode!) * 100)}%`);
+    .map((r) => `${r.model}/${policyLabel(r)}@${r.maxTokens} ${fmt(overhead(r.decode!) * 100)}%`);
   return (
     `**Goal 3 — decode overhead of memory management <= 3%: ${verdict}** ` +
     (main?.decode

@@ -241,10 +241,12 @@ const option_row<chat_target> CHAT_ROWS[] = {
           auto & p = t.o.policy;
           p.summary_tokens = v ? (uint32_t) int_in("summaryTokens", *v, 0, p.max_tokens / 4) : std::min<uint32_t>(48, p.max_tokens / 8);
       } },
-    { { "chat", "summaryEvictTokens", "number", "maxTokens / 4", "0 .. maxTokens / 2", "rolling_summary/hybrid: an eviction that writes a summary frees at least this many tokens beyond what the turn needs, room for the next turns: a summary every few turns instead of at every one once the budget is full (each is up to summaryTokens decodes). 0: only what the turn needs.", false },
+    // 0 by default: freeing maxTokens / 4 at once cost hybrid much of its recall (bench/recall.ts, the
+    // "(summaryEvictTokens maxTokens / 4)" rows), a price for latency that is the user's to choose.
+    { { "chat", "summaryEvictTokens", "number", "0", "0 .. maxTokens / 2", "rolling_summary/hybrid: an eviction that writes a summary frees at least this many tokens beyond what the turn needs, room for the next turns: a summary (up to summaryTokens decodes) every few turns instead of at every one once the budget is full, for less retained and lower recall (bench/RESULTS.md). 0: only what the turn needs.", false },
       [](chat_target & t, const option_value * v) {
           auto & p = t.o.policy;
-          p.summary_evict_tokens = v ? (uint32_t) int_in("summaryEvictTokens", *v, 0, p.max_tokens / 2) : p.max_tokens / 4;
+          p.summary_evict_tokens = v ? (uint32_t) int_in("summaryEvictTokens", *v, 0, p.max_tokens / 2) : 0;
       } },
     { { "chat", "hybridImportanceShare", "number", "0.5", "0 .. 1", "hybrid: share of the kept history chosen by importance (the rest by semantic representatives).", false },
       [](chat_target & t, const option_value * v) { t.o.policy.hybrid_importance_share = v ? (float) number_in("hybridImportanceShare", *v, 0, 1) : 0.5f; } },

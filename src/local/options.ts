@@ -87,8 +87,9 @@ export interface ChatOptions {
   summaryTokens?: number;
   /**
    * rolling_summary/hybrid: an eviction that writes a summary frees at least this many tokens beyond
-   * what the turn needs, room for the next turns: a summary every few turns instead of at every one once
-   * the budget is full (each costs up to summaryTokens decodes). 0: only what the turn needs. Default maxTokens / 4.
+   * what the turn needs, room for the next turns: a summary (up to summaryTokens decodes) every few turns
+   * instead of at every one once the budget is full, for less retained and lower recall (bench/RESULTS.md).
+   * 0 frees only what the turn needs. Default 0.
    */
   summaryEvictTokens?: number;
   /** hybrid: share of the kept history chosen by importance; the rest by semantic representatives. Default 0.5. */

@@ -392,6 +392,9 @@ private:
     token_ledger ledger_;
     cumulative_stats cumulative_;
     std::vector<int32_t> carry_;            // closes the last assistant turn; prefilled at the next turn
+    // Times retained tokens' positions moved (compactions, window repairs, pushed summaries): what a
+    // rollback saved by position (scores, the window's cells) no longer matches after one.
+    uint64_t positions_moved_ = 0;
     std::string summary_text_;
     uint32_t turn_no_ = 0;
     bool started_ = false;                  // the system prompt is in the cache

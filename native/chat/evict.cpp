@@ -87,6 +87,7 @@ void chat::compact(step_context & e) {
         restore_recurrent(recurrent, e);
     }
     cumulative_.compactions++;
+    positions_moved_++;
     if (turn_) {
         turn_->result.stats.compactions++;
         turn_->result.stats.compact_ms += ms_since(t0);
@@ -175,6 +176,7 @@ void chat::repair_window(step_context & e, bool thorough) {
     }
     // Numbered on where the tail had gaps: a compaction of it.
     cumulative_.compactions += moved ? 1 : 0;
+    positions_moved_ += moved ? 1 : 0;
     if (turn_) {
         turn_->result.stats.compactions += moved ? 1 : 0;
         turn_->result.stats.compact_ms += ms_since(t0);

@@ -55,15 +55,15 @@ struct chat::turn_state {
     // removes them, whatever was evicted in between (an index would point elsewhere by then).
     size_t own = 0;
     std::vector<uint8_t> recurrent;   // a hybrid's recurrent state at the rollback point
-    // The sliding layers' window at the rollback point (save_window), and the compactions then (none
+    // The sliding layers' window at the rollback point (save_window), and chat::positions_moved_ then (none
     // since: it holds).
     std::vector<uint8_t> window;
-    uint64_t window_compactions = 0;
+    uint64_t window_positions_moved = 0;
     int32_t window_end = 0;   // the ledger's next position then
     // Positions [first, second) of the summaries written since, which a rollback keeps (not in `window` yet).
     std::vector<std::pair<int32_t, int32_t>> window_summaries;
     std::vector<ledger_entry> scored_before;   // importance/hybrid: the ledger's scores as the turn began
-    uint64_t compactions_before = 0;           // (positions renumbered since: they cannot be matched)
+    uint64_t positions_moved_before = 0;       // (positions moved since: they cannot be matched)
     std::vector<int32_t> carry_before;   // what closed the previous reply (back if the whole turn is rolled back)
     uint32_t turn_no = 0;
     bool generating = false;

@@ -42,7 +42,7 @@ void chat::begin_turn(turn_request && req) {
         // An aborted turn leaves no trace: what its chunks' attention (and the decay) did to the
         // scores comes back with the rollback.
         t->scored_before = ledger_.entries();
-        t->compactions_before = cumulative_.compactions;
+        t->positions_moved_before = positions_moved_;
     }
     // Decay ages attention received. A key-norm score (negated, set once per token) is a property of
     // the key, not of how recently it was read: decayed toward 0, the best score, it ranked old tokens
@@ -146,7 +146,7 @@ contribution chat::contribute(size_t budget, step_context & e) {
             // far cheaper than the turn (bench/swa.ts).
             if (model_->info().sliding_window > 0) {
                 t.window = save_window(e);
-                t.window_compactions = cumulative_.compactions;
+                t.window_positions_moved = positions_moved_;
                 t.window_end = ledger_.next_pos();
             }
             t.rollback_set = true;
@@ -391,7 +391,7 @@ void chat::fail_unexpected(const std::exception & ex, step_context & e) noexcept
             ledger_.remove_ranges({ { ledger_.size() - own, ledger_.size() } });
             cumulative_.tokens_seen -= std::min<uint64_t>(cumulative_.tokens_seen, own);   // as a rollback counts them
             forget_turn_number(t);
-            if (cumulative_.compactions == t.compactions_before) {
+            if (positions_moved_ == t.positions_moved_before) {
                 restore_scores(t.scored_before);   // what the turn's queries added to the older tokens' scores
             }
         }
@@ -520,7 +520,7 @@ void chat::rollback_to(size_t keep, step_context & e) {
         // The snapshot held, the window is exact unless the end moved back since (the newest history
         // evicted mid-turn): its window then reaches tokens the snapshot did not have.
         bool exact = false;
-        if (!turn_->window.empty() && cumulative_.compactions == turn_->window_compactions) {
+        if (!turn_->window.empty() && positions_moved_ == turn_->window_positions_moved) {
             // Less what was evicted since: below the ledger's end by the restore, above it here (the
             // newest tokens before the turn can have gone too).
             if (kv_window_restore(e.ctx(), slot_, turn_->window, ledger_)) {
@@ -530,7 +530,7 @@ void chat::rollback_to(size_t keep, step_context & e) {
         }
         restore_recurrent(turn_->recurrent, e);
         repair_window(e, !exact);
-        if (cumulative_.compactions == turn_->compactions_before) {
+        if (positions_moved_ == turn_->positions_moved_before) {
             restore_scores(turn_->scored_before);
         }
     }

@@ -153,7 +153,7 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_l
         throw fml_error(FML_ERR_KV, "a summary must replace evicted tokens, from scratch cells after the history");
     }
     if (placement != summary_placement::in_gap) {
-        gap = 0;
+        gap = 0;   // pushed and compacted: at the first evicted range
     }
     if (placement == summary_placement::in_gap && (gap >= ranges.size() || !range_holds(ledger, ranges[gap], n_insert))) {
         throw fml_error(FML_ERR_KV, "the summary does not fit in the positions the eviction frees");
@@ -185,6 +185,10 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_l
         const bool summary = i >= insert_at && i < insert_at + n_insert;
         switch (placement) {
             case summary_placement::in_gap:        targets[i] = summary ? gap_pos0 + (int32_t) (i - insert_at) : ledger[i].pos; break;
+            case summary_placement::pushed:
+                // After the summary, a token moves only as far as the one before it now needs.
+                targets[i] = summary ? gap_pos0 + (int32_t) (i - insert_at) : i > insert_at ? std::max(ledger[i].pos, targets[i - 1] + 1) : ledger[i].pos;
+                break;
             case summary_placement::after_history: targets[i] = ledger[i].pos; break;
             case summary_placement::compacted:     targets[i] = (int32_t) i; break;
         }

@@ -45,7 +45,9 @@ void kv_clear_for_reprefill(llama_context * ctx, int32_t seq, token_ledger & led
 // (scratch cells: not in the ledger).
 enum class summary_placement {
     in_gap,          // in an evicted range's index and positions (its cells move there: a K-shift)
-    after_history,   // where the model wrote it, after the retained history (no move)
+    pushed,          // at the first evicted range's index and first position, the tokens after it pushed
+                     // forward as far as it needs, until a gap takes the push (one K-shift)
+    after_history,   // where the model wrote it, after the retained history (no move; keys that cannot shift)
     compacted,       // at the first evicted token's index, with every position renumbered 0..n-1 (a K-shift)
 };
 // Removes the prompt, evicts `ranges` and places the summary's `items` as `placement` says.

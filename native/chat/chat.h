@@ -361,6 +361,9 @@ private:
     bool summary_prompt_decoded(size_t n);
     void summary_decoded(step_context & e, int32_t logits_row);
     void finish_summary(step_context & e);
+    // After a pushed summary: the snapshot keeps the entries still in the ledger, at their new positions
+    // (kept_before: the kept entries' positions before, in order; the summary sits at insert_at, n_summary long).
+    void remap_positions(std::vector<ledger_entry> & snapshot, const std::vector<int32_t> & kept_before, size_t insert_at, size_t n_summary) const;
     void cancel_summary(step_context & e);
     void append_decoded(const int32_t * tokens, size_t n, uint32_t turn, token_role role, bool pin = false);
     void absorb_signals(const capture_member & m, size_t first_new, size_t n_new);

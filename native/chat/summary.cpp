@@ -124,6 +124,19 @@ void chat::finish_summary(step_context & e) {
     const size_t insert_at = placement == summary_placement::after_history ? ledger_.size() : host.begin;
     const bool summary_own = turn_->rollback_set && insert_at >= first_own();
     const int32_t summary_to = ledger_[host.begin].pos;
+    // Pushed: the positions of the entries that stay, before, to move the turn's score snapshot with them.
+    std::vector<int32_t> kept_pos_before;
+    if (placement == summary_placement::pushed && signal_ != IMPORTANCE_NONE) {
+        std::vector<bool> gone(ledger_.size(), false);
+        for (const index_range & r : ranges) {
+            std::fill(gone.begin() + (long) r.begin, gone.begin() + (long) r.end, true);
+        }
+        for (size_t i = 0; i < ledger_.size(); ++i) {
+            if (!gone[i]) {
+                kept_pos_before.push_back(ledger_[i].pos);
+            }
+        }
+    }
     const kv_eviction_result res = kv_evict_and_insert(e.ctx(), slot_, ledger_, j->ranges, placement, j->prompt_pos0,
                                                        j->prompt_pos0 + (int32_t) j->prompt.size(), items, host_index);
     turn_->own -= std::min(own_gone, turn_->own);
@@ -147,7 +160,12 @@ void chat::finish_summary(step_context & e) {
         st.compactions++;
     }
     if (placement == summary_placement::compacted || (placement == summary_placement::pushed && res.shifted_runs > 0)) {
-        positions_moved_++;
+        positions_moved_++;   // the window saved at the turn's rollback point no longer matches
+    }
+    if (placement == summary_placement::pushed && res.shifted_runs > 0 && !kept_pos_before.empty()) {
+        // Pushing keeps the order: the score snapshot moves with the tokens and still matches.
+        remap_positions(turn_->scored_before, kept_pos_before, insert_at, items.size());
+        turn_->positions_moved_before++;
     }
     restore_recurrent(j->recurrent, e);
     summary_text_ = model_->detokenize(j->tokens, false);
@@ -163,6 +181,28 @@ void chat::finish_summary(step_context & e) {
     cumulative_.tokens_evicted += res.evicted;
     cumulative_.tokens_seen += items.size();
     cumulative_.evictions += 1;
+}
+
+void chat::remap_positions(std::vector<ledger_entry> & snapshot, const std::vector<int32_t> & kept_before, size_t insert_at, size_t n_summary) const {
+    // The ledger less the summary is the kept entries in their old order: their new positions.
+    std::vector<int32_t> kept_after;
+    for (size_t i = 0; i < ledger_.size(); ++i) {
+        if (i < insert_at || i >= insert_at + n_summary) {
+            kept_after.push_back(ledger_[i].pos);
+        }
+    }
+    // Entries of the snapshot that are gone (evicted by now) leave it: an old position of theirs could
+    // be a kept entry's new one. The rest take their new positions (both lists in position order).
+    std::vector<ledger_entry> out;
+    size_t k = 0;
+    for (const ledger_entry & x : snapshot) {
+        while (k < kept_before.size() && kept_before[k] < x.pos) ++k;
+        if (k < kept_before.size() && kept_before[k] == x.pos && k < kept_after.size()) {
+            out.push_back(x);
+            out.back().pos = kept_after[k];
+        }
+    }
+    snapshot = std::move(out);
 }
 
 void chat::cancel_summary(step_context & e) {

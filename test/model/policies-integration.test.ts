@@ -2,7 +2,7 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel, POLICIES, type Chat, type ChatOptions, type EvictionEvent, type Model, type PolicyName } from '../../src/index.ts';
+import { loadModel, POLICIES, type Chat, type ChatOptions, type EvictionEvent, type MemoryEntry, type Model, type PolicyName } from '../../src/index.ts';
 import { checkCache, SHARED_MODELS, testModelPath, THREADS } from '../helpers.ts';
 
 let model: Model;
@@ -173,6 +173,41 @@ describe('summaries with positions kept', () => {
     expect(summaries).toBeGreaterThan(5);
     expect(chat._internals().cacheState().ledgerPosLast).toBeLessThan(chat._internals().cacheState().positionLimit);
     expect(compactions).toBe(0);
+    chat.dispose();
+  });
+
+  it('hybrid: a turn rolled back after its summary pushed the tokens after it leaves their scores as they were', async () => {
+    // testFailAfterTokens: a reply's 21st decode fails and the whole turn goes (its prompt's and reply's
+    // attention with it); every other turn is one, stopping at 20. Long summaries over short spans:
+    // no freed range holds one at times, and it is pushed in (turn 5 here).
+    const chat = model.createChat({ policy: 'hybrid', maxTokens: 256, maxPolicyMs: 0, systemPrompt: 'You are terse.', testFailAfterTokens: 21, summaryTokens: 60, spanMaxTokens: 16 });
+    const words = 'the cat sat on a mat. rain fell! why is the sky blue? bread and jam\nok'.split(' ');
+    const say = (t: number) => Array.from({ length: 5 + (t * 7) % 30 }, (_, i) => words[(t * 3 + i) % words.length]).join(' ');
+    const key = (e: MemoryEntry) => `${e.turn}:${e.role}:${e.token}`;
+    let pushed = 0;
+    for (let t = 0; t < 12; t++) {
+      const before = chat.memory();
+      if (t % 2 === 0) {
+        await chat.send(say(t), { maxNewTokens: 20, temperature: 0.8, seed: t });
+        continue;
+      }
+      await expect(chat.send(say(t), { maxNewTokens: 30, ignoreEos: true, temperature: 0.8, seed: t })).rejects.toThrow(/testFailAfterTokens/);
+      // The entries still there, in order, with the scores they had (evictions done stay done): each
+      // where it was, or pushed forward by less than a summary's length.
+      const after = chat.memory();
+      let j = 0;
+      for (const e of after.filter((x) => x.role !== 'summary')) {
+        const at = (b: MemoryEntry) => key(b) === key(e) && (b.position === e.position ||
+          (b.position < e.position && e.position - b.position <= 64 && !before.some((o) => o.position === e.position && key(o) === key(e))));
+        while (j < before.length && !at(before[j]!)) j++;
+        expect(j).toBeLessThan(before.length);
+        expect(e.score).toBe(before[j]!.score);
+        if (e.position !== before[j]!.position) pushed++;
+        j++;
+      }
+      checkCache(chat, 256);
+    }
+    expect(pushed).toBeGreaterThan(0);   // the case this is about happened
     chat.dispose();
   });
 

@@ -39,6 +39,7 @@ export class DirLock {
   #touchedAt = Date.now();
   #lost: string | undefined;
   #checking: Promise<void> | undefined;
+  #released = false;
   readonly #onLost: (why: string) => void;
 
   private constructor(path: string, owner: string, onLost: (why: string) => void) {
@@ -82,6 +83,7 @@ export class DirLock {
 
   /** Throws StoreUnavailableError unless the lock is still this process's and was touched in time. */
   async assertHeld(): Promise<void> {
+    if (this.#released) throw new StoreUnavailableError('The checkpoint dir lock was given up: this server is closing');
     if (this.#lost === undefined && Date.now() - this.#touchedAt > 2 * LOCK_BEAT_MS) await this.#check();
     if (this.#lost !== undefined) throw new StoreUnavailableError(`This server lost its checkpoint dir lock (${this.#lost}): it writes no sessions until restarted`);
     // Untouched this long, another host may take it: nothing is written until a touch succeeds.
@@ -95,7 +97,7 @@ export class DirLock {
   }
 
   async #checkOnce(): Promise<void> {
-    if (this.#lost !== undefined) return;
+    if (this.#lost !== undefined || this.#released) return;
     let text: string | undefined;
     try {
       text = await readFile(this.#path, 'utf8');
@@ -107,8 +109,10 @@ export class DirLock {
       try {
         await writeFile(this.#path, this.#owner, { flag: 'wx' });
         this.#touchedAt = Date.now();
-      } catch {
-        this.#lose(`taken by ${(await holder(this.#path)).who} after it was removed`);
+      } catch (err) {
+        // Only another server's file is a loss; anything else (EMFILE, ENOSPC, the directory gone) is
+        // tried again at the next beat, nothing being written meanwhile once the touch is old.
+        if ((err as NodeJS.ErrnoException).code === 'EEXIST') this.#lose(`taken by ${(await holder(this.#path)).who} after it was removed`);
       }
       return;
     }
@@ -117,8 +121,12 @@ export class DirLock {
       return;
     }
     const now = new Date();
-    await utimes(this.#path, now, now);
-    this.#touchedAt = now.getTime();
+    try {
+      await utimes(this.#path, now, now);
+      this.#touchedAt = now.getTime();
+    } catch {
+      // Removed between the read and the touch, or the filesystem failing: the next beat sees which.
+    }
   }
 
   #lose(why: string): void {
@@ -129,7 +137,9 @@ export class DirLock {
 
   /** Gives the lock up (only if it is still this process's). */
   async release(): Promise<void> {
+    this.#released = true;
     clearInterval(this.#beat);
+    await this.#checking?.catch(() => {});   // a beat in flight could otherwise put the file back after it goes
     held.delete(this.#path);
     if ((await readFile(this.#path, 'utf8').catch(() => '')) === this.#owner) await rm(this.#path, { force: true });
   }

@@ -108,7 +108,7 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
     if (policy_->summarizes()) {
         summary_instruction_ = model_->frame_tokens(frame_kind::user, SUMMARY_INSTRUCTION);
         // The prompt closes a reply left open (its last token and end of turn) before the instruction.
-        scratch = (uint32_t) (1 + closing_tokens_.size() + summary_instruction_.size()) + p.summary_tokens + 8;
+        scratch = (uint32_t) (carry_capacity() + summary_instruction_.size()) + p.summary_tokens + 8;
     }
     // Streams of one engine are equally long: round up so that nearby budgets share an engine.
     key_.cells = (p.max_tokens + scratch + 255) / 256 * 256;
@@ -169,7 +169,7 @@ void chat::check_budget() {
     // take whatever room an eviction frees beyond that, so they add nothing here.
     closing_tokens_ = model_->frame_message(frame_kind::assistant).suffix_tokens;
     const size_t pinned = pinned_after_start();
-    const size_t carry = 1 + closing_tokens_.size();
+    const size_t carry = carry_capacity();
     const size_t framing = std::max(model_->frame_tokens(frame_kind::user, "x").size(),
                                     model_->frame_tokens(opts_.system_prompt.empty() ? frame_kind::first_user : frame_kind::first_user_after_system, "x").size());
     turn_floor_ = carry + framing + 1;

@@ -337,6 +337,9 @@ private:
     // A cache cleared by a failed repair, or not prefilled yet after a ledger-only restore
     // (replay_pending_), is rebuilt from the ledger now, all of what is left at once.
     void replay_if_pending(step_context & e);
+    // Before the chat decodes: the window a finished summary left suspect is checked (repair_window),
+    // then a cache a failed repair cleared is rebuilt.
+    void settle_cache(step_context & e);
     // The next chunk of that rebuild, as the turn's first contributions (replay_done_ tokens are in).
     contribution replay_contribution(size_t budget, step_context & e);
     // A rebuild from nothing: the slot emptied and the ledger numbered 0..n-1, where it puts the tokens.
@@ -388,6 +391,8 @@ private:
     std::vector<int32_t> system_tokens_;
     std::vector<int32_t> summary_instruction_;
     std::vector<int32_t> closing_tokens_;   // the template's end of an assistant turn
+    // The most a carry holds: a reply's last sampled token and the template's end of turn.
+    size_t carry_capacity() const { return 1 + closing_tokens_.size(); }
     size_t chunk_ = 512;                    // most prefill tokens per step (batchSize)
     int32_t position_limit_ = 0;            // positions stay below this (compaction otherwise)
 

@@ -111,6 +111,13 @@ bool chat::window_needs_repair(llama_context * ctx, bool thorough) const {
     return kv_pos_max(ctx, slot_) != ledger_.next_pos() - 1 || (thorough && !kv_window_matches(ctx, slot_, ledger_));
 }
 
+void chat::settle_cache(step_context & e) {
+    if (window_suspect_) {
+        repair_window(e, window_thorough_);
+    }
+    replay_if_pending(e);   // a failed repair (or one of a rollback) cleared the cache
+}
+
 void chat::replay_if_pending(step_context & e) {
     if (replay_pending_) {
         replay_ledger(e);

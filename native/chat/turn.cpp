@@ -103,10 +103,7 @@ contribution chat::contribute(size_t budget, step_context & e) {
         if (replay_pending_ && replays_in_chunks()) {
             return replay_contribution(budget, e);   // a ledger-only restore: the retained tokens first
         }
-        if (window_suspect_) {
-            repair_window(e, window_thorough_);
-        }
-        replay_if_pending(e);   // a failed repair (or one of a rollback) cleared the cache
+        settle_cache(e);
         if (t.summary) {
             return summary_contribution(budget);
         }

@@ -49,11 +49,7 @@ void chat_probes::make_room(chat & s, engine & e, size_t incoming) {
                 }
             }
         }
-        // What a turn's next contribution would do: a finished summary left the window to check.
-        if (s.window_suspect_) {
-            s.repair_window(e, s.window_thorough_);
-        }
-        s.replay_if_pending(e);
+        s.settle_cache(e);   // as a turn's next contribution would: a finished summary left the window to check
     } catch (...) {
         if (s.turn_->summary) {
             s.cancel_summary(e);

@@ -115,9 +115,14 @@ export interface Contender {
 /** The contender's options at a budget. */
 export const contenderOptions = (c: Contender, maxTokens: number): ChatOptions => ({ ...c.options, ...c.perBudget?.(maxTokens), maxTokens });
 
-/** summaryEvictTokens maxTokens / 4: a summary every few turns (bench/turns.ts has its per-turn side). */
-const summaryEvery = (policy: 'rolling_summary' | 'hybrid'): Contender =>
-  ({ label: `${policy} (summaryEvictTokens maxTokens / 4)`, options: { policy }, perBudget: (maxTokens) => ({ summaryEvictTokens: Math.floor(maxTokens / 4) }) });
+/**
+ * summaryEvictTokens maxTokens / 4: a summary every few turns instead of at every one. The summarizing
+ * policies run with it too in bench:recall and bench:quality (what it costs) and bench/turns.ts (what it buys).
+ */
+export const SUMMARY_EVICT_VARIANT = { label: '(summaryEvictTokens maxTokens / 4)', perBudget: (maxTokens: number): ChatOptions => ({ summaryEvictTokens: Math.floor(maxTokens / 4) }) };
+export const SUMMARY_EVICT_POLICIES = ['rolling_summary', 'hybrid'] as const;
+const summaryEvery = (policy: (typeof SUMMARY_EVICT_POLICIES)[number]): Contender =>
+  ({ label: `${policy} ${SUMMARY_EVICT_VARIANT.label}`, options: { policy }, perBudget: SUMMARY_EVICT_VARIANT.perBudget });
 
 /**
  * What bench:recall and bench:quality compare (sliding first: the baseline of their ratios): every

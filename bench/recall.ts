@@ -21,7 +21,7 @@ import { parseArgs } from 'node:util';
 import { loadModel, PromptTooLargeError, type Chat, type ChatOptions, type MemoryEntry, type Model } from '../src/index.ts';
 import { RECALL_BENCH_SHAPE, RECALL_GEOMETRY, RECALL_TRAINING_TOKENS, defaultRecallModelPath } from '../scripts/make-recall-model.ts';
 import { RECALL_SYSTEM_PROMPT, benchConversation, isCorrectAnswer, type RecallConversation } from '../scripts/recall/dialogues.ts';
-import { POLICY_CONTENDERS, ROOT, contenderOptions, contendersFromJson, machine, writeResultsSection, type Contender } from './common.ts';
+import { POLICY_CONTENDERS, ROOT, SUMMARY_EVICT_VARIANT, contenderOptions, contendersFromJson, machine, writeResultsSection, type Contender } from './common.ts';
 import { RECALL_GENERATORS, type RecallGenerator } from './recall-generators.ts';
 import { lineChart } from './svg.ts';
 
@@ -211,7 +211,8 @@ async function playAtBudgets(model: Model, c: RecallConversation, contenders: Co
 }
 
 /** What the generator sweep compares: the default, the scored policies and their scorings. */
-const SWEEP_CONTENDERS = CONTENDERS.filter((c) => !c.options.positions && /^(sliding|importance|hybrid)( \(importanceScore '(mean|peak)'\)| \(summaryEvictTokens maxTokens \/ 4\))?$/.test(c.label));
+const SWEEP_CONTENDERS = CONTENDERS.filter((c) => !c.options.positions &&
+  (/^(sliding|importance|hybrid)( \(importanceScore '(mean|peak)'\))?$/.test(c.label) || c.label === `hybrid ${SUMMARY_EVICT_VARIANT.label}`));
 
 interface GeneratorResult { generator: RecallGenerator; contenders: Contender[]; n: number; seeds: string; meanLength: number; full: Record<Kind, Score>; rows: Map<string, Row> }
 

@@ -23,9 +23,9 @@ import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { writeLlamaModel, type LlamaModelInput } from '../src/gguf/index.ts';
 import { loadModel, POLICIES, type Chat, type Model, type PolicyName } from '../src/index.ts';
-import { GENERATED_MODEL, machine, median, realisticModel, ROOT, SHARED_MODELS, writeResultsSection } from './common.ts';
+import { GENERATED_MODEL, machine, median, realisticModel, ROOT, SHARED_MODELS, SUMMARY_EVICT_POLICIES, SUMMARY_EVICT_VARIANT, writeResultsSection } from './common.ts';
 import { barChart } from './svg.ts';
-import { BUDGETS, GENERATED, MAX_NEW, MAX_OTHER_CPU, MAX_REDOS_PER_CONTENDER, MEASURED, ModelSpec, NLC_VERSION, ONLY_MODEL, PROMPTS, QUICK, Result, SLOW_FACTOR, SUMMARY_EVICT_VARIANTS, summaryEvictVariant, THREADS, WARMUP_AFTER_EVICT, WRITE, args, errorText, fmt, log } from './turns/config.ts';
+import { BUDGETS, GENERATED, MAX_NEW, MAX_OTHER_CPU, MAX_REDOS_PER_CONTENDER, MEASURED, ModelSpec, NLC_VERSION, ONLY_MODEL, PROMPTS, QUICK, Result, SLOW_FACTOR, THREADS, WARMUP_AFTER_EVICT, WRITE, args, errorText, fmt, log } from './turns/config.ts';
 import { Calibrator, cpuLog, calibration } from './turns/noise.ts';
 import { Contender, NlcJob, nlcContender, nlcWorker, oursContender, runContenders } from './turns/contenders.ts';
 import { decodeGoal, decodeTable, goals, latencyTable, rows } from './turns/report.ts';
@@ -91,7 +91,8 @@ async function main(): Promise<void> {
     for (const maxTokens of spec.budgets ?? BUDGETS) {
       const contenders: Contender[] = [];
       for (const policy of POLICIES) contenders.push(oursContender(model, spec, maxTokens, policy, false));
-      for (const policy of SUMMARY_EVICT_VARIANTS) contenders.push(oursContender(model, spec, maxTokens, policy, false, summaryEvictVariant(maxTokens)));
+      const variant = { label: SUMMARY_EVICT_VARIANT.label, options: SUMMARY_EVICT_VARIANT.perBudget(maxTokens) };
+      for (const policy of SUMMARY_EVICT_POLICIES) contenders.push(oursContender(model, spec, maxTokens, policy, false, variant));
       contenders.push(oursContender(model, spec, maxTokens, 'sliding', true));
       contenders.push(await nlcContender(spec, maxTokens));
       await runContenders(contenders, `${spec.name} @${maxTokens}`);

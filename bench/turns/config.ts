@@ -94,14 +94,6 @@ export interface Result {
 /** The policy as a table row names it: with its variant's options. */
 export const policyLabel = (r: Result): string => `${r.policy}${r.variant ? ` ${r.variant}` : ''}`;
 
-/**
- * The summarizing policies again with summaryEvictTokens maxTokens / 4 (a summary every few turns
- * instead of at every one): what that option buys per turn, beside what it costs in recall
- * (bench/recall.ts's rows of the same name).
- */
-export const SUMMARY_EVICT_VARIANTS: readonly PolicyName[] = ['rolling_summary', 'hybrid'];
-export const summaryEvictVariant = (maxTokens: number) => ({ label: '(summaryEvictTokens maxTokens / 4)', options: { summaryEvictTokens: Math.floor(maxTokens / 4) } });
-
 export interface ModelSpec {
   name: string;
   path: string;

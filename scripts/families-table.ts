@@ -15,6 +15,9 @@ import { MODEL_FAMILIES, MODEL_FAMILY_NAMES, writeModel, type ModelFamily } from
 import { loadModel, POLICIES, type Chat, type Model, type ModelInfo } from '../src/index.ts';
 import { replaceBetweenMarkers } from './options-doc.ts';
 
+// The compaction column counts re-prefilled tokens (a probe): the test build of the addon.
+process.env.FML_ADDON_PATH ??= join(import.meta.dirname, '..', 'build', 'Probes', 'finite_memory_llm_probes.node');
+
 export const BEGIN = '<!-- families:begin (npm run docs:families) -->';
 export const END = '<!-- families:end -->';
 
@@ -44,16 +47,25 @@ async function policiesThatHold(model: Model): Promise<string[]> {
   return ok;
 }
 
-/** How a chat that reaches its position limit compacts: 'K-shift' or 're-prefill', when it held the invariants doing so. */
+/**
+ * How a chat that reaches its position limit compacts, when it held the invariants doing so: a
+ * K-shift (llama.cpp's, or for M-RoPE keys this library's rotation), or a re-prefill of the retained
+ * tokens (seen as tokens decoded outside the scheduler's steps, beyond the sliding window's repair
+ * of its last slidingWindow tokens).
+ */
 async function compactionAtLimit(model: Model): Promise<string> {
   const maxTokens = 96;
   const chat = model.createChat({ maxTokens, windowSize: 16, systemPrompt: 'Be brief.', positionLimit: 240, threads: 1 });
+  const sideBefore = chat._internals().engineStats(true).sideTokens;
   let holds = true;
   for (let t = 0; t < 24 && holds; t++) holds = await turnHolds(chat, maxTokens, `turn ${t}. ${MESSAGES[t % 3]}`, t);
   const compactions = chat.stats().compactions;
+  const side = chat._internals().engineStats(true).sideTokens - sideBefore;
+  const reprefilled = side > compactions * model.info.slidingWindow;
   chat.dispose();
   if (!holds || compactions === 0) return 'failed';
-  return model.info.canShift ? 'K-shift' : 're-prefill of the retained tokens';
+  if (reprefilled) return 're-prefill of the retained tokens';
+  return ['mrope', 'imrope'].includes(model.info.rope) ? 'K-shift (by this library: llama.cpp has none for M-RoPE)' : 'K-shift';
 }
 
 /** What the model keeps, and which part of it finite memory bounds. */

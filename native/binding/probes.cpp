@@ -103,6 +103,7 @@ Napi::Value engine_stats_of(const Napi::CallbackInfo & info) {
     o.Set("restored", (double) st.restored);
     o.Set("grown", (double) st.grown);
     o.Set("shiftSteps", (double) st.shift_steps);
+    o.Set("sideTokens", (double) st.side_tokens);
     o.Set("slots", (double) st.slots);
     o.Set("engines", (double) st.engines);
     o.Set("threadPools", (double) st.thread_pools);

@@ -84,6 +84,7 @@ void engine::create_context(uint32_t slots) {
     }
     ctx_ = ctx;
     can_shift_ = kv_can_shift(ctx_);
+    shift_deferred_ = kv_shift_deferred(ctx_);
     // A persistent ggml threadpool (what llama-server attaches too): without one, every graph
     // compute starts and joins its worker threads, several times per step here.
     if (threadpool_ != nullptr) {
@@ -327,6 +328,7 @@ bool engine::decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0
         capture_.begin_group({ group_member{ s.slot(), pos0, (int32_t) n, signals, peak_horizon } });
     }
     const int32_t rc = llama_decode(ctx_, batch_);
+    stats_.side_tokens += n;
     if (rc == 0) {
         shift_pending_ = false;
         if (capture_.any()) {

@@ -40,6 +40,7 @@ struct engine_stats {
     uint64_t restored = 0;
     uint64_t grown = 0;            // times the context was rebuilt with more slots
     uint64_t shift_steps = 0;      // steps that paid a K-shift
+    uint64_t side_tokens = 0;      // tokens decoded outside steps (re-prefills, window repairs, K-shift flushes)
     uint32_t slots = 0;
     uint32_t occupied = 0;
     uint32_t engines = 0;          // runtime::stats() only: engines of the model
@@ -89,9 +90,10 @@ public:
     // pending. Decodes one token for `s` and removes it again when a shift is pending.
     void apply_pending_shift(chat & s);
     // A chat moved positions (seq_add): the next decode pays a K-shift of every cell of the context.
-    void note_shift() override { shift_pending_ = true; }
+    void note_shift() override { shift_pending_ = shift_pending_ || shift_deferred_; }
     void flush_shift(chat & s, int32_t next_pos) override;
-    // Whether this context's keys can shift (not with M-RoPE): compaction is a K-shift, else a re-prefill.
+    // Whether this context's keys can move (M-RoPE: rotated by kv-internals, not with a quantized key
+    // cache): compaction is a K-shift, else a re-prefill.
     bool can_shift() const override { return can_shift_; }
     eval_capture & capture() { return capture_; }
     // One decode of at most n_batch() `tokens` for chat `s` at `pos0` outside a step (probes, pending
@@ -128,6 +130,7 @@ private:
     eval_capture capture_;
     bool shift_pending_ = false;
     bool can_shift_ = false;
+    bool shift_deferred_ = false;   // llama.cpp applies moves in the next decode (M-RoPE keys are rotated at once)
     size_t rr_ = 0;                           // round-robin start among prefilling chats
     uint32_t bound_ = 0;                      // chats bound (in a slot or parked)
     engine_stats stats_;

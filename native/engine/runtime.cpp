@@ -148,6 +148,7 @@ static void add_counters(engine_stats & into, const engine_stats & s) {
     into.restored += s.restored;
     into.grown += s.grown;
     into.shift_steps += s.shift_steps;
+    into.side_tokens += s.side_tokens;
 }
 
 void runtime::retire_if_unused(engine * e) {

@@ -1,10 +1,18 @@
 #include "kv/kv-internals.h"
 
+#include "util/error.h"
+
 #include "llama.h"
 
+#include <map>
+#include <memory>
 #include <typeinfo>
+#include <unordered_map>
 
 #ifdef FML_HAVE_KV_INTERNALS
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "llama-context.h"
 #include "llama-kv-cache.h"
 #include "llama-kv-cache-iswa.h"
 #include "llama-kv-cells.h"
@@ -201,6 +209,163 @@ void kv_prune_sliding_window(llama_context * ctx, int32_t seq, int32_t next_pos)
     (void) ctx;
     (void) seq;
     (void) next_pos;
+#endif
+}
+
+#if defined(FML_HAVE_KV_INTERNALS) && defined(FML_HAVE_KV_ROTATION)
+namespace {
+
+struct backend_deleter { void operator()(ggml_backend_t b) const { ggml_backend_free(b); } };
+struct context_deleter { void operator()(ggml_context * c) const { ggml_free(c); } };
+struct buffer_deleter { void operator()(ggml_backend_buffer_t b) const { ggml_backend_buffer_free(b); } };
+
+// The keys of `layers` (all on `dev`) in `stream`'s cells, rotated by delta[cell] positions: the
+// graph of llama_kv_cache::build_graph_shift for unquantized keys, with NEOX ordering as it uses for
+// M-RoPE, on the chat's stream only.
+void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t dev, const std::vector<uint32_t> & layers,
+                    uint32_t stream, const std::vector<int32_t> & delta) {
+    const llama_model & model = *llama_get_model(ctx);
+    const llama_hparams & hp = model.hparams;
+    const llama_cparams & cp = ctx->get_cparams();
+    const uint32_t size = kv.get_size();
+    std::unique_ptr<ggml_backend, backend_deleter> backend(ggml_backend_dev_init(dev, nullptr));
+    if (!backend) {
+        throw fml_error(FML_ERR_KV, "no backend for the device that holds the keys");
+    }
+    if (auto * set_threads = (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_set_n_threads")) {
+        set_threads(backend.get(), llama_n_threads(ctx));
+    }
+    const ggml_init_params params{ ggml_tensor_overhead() * (3 * layers.size() + 4) + ggml_graph_overhead(), nullptr, true };
+    std::unique_ptr<ggml_context, context_deleter> gctx(ggml_init(params));
+    ggml_tensor * shift = ggml_new_tensor_1d(gctx.get(), GGML_TYPE_I32, size);
+    ggml_cgraph * gf = ggml_new_graph(gctx.get());
+    for (uint32_t il : layers) {
+        ggml_tensor * k = kv.get_k_storage((int32_t) il);
+        const uint32_t n_rot = hp.n_rot(il);
+        const int64_t head = hp.n_embd_head_k(il);
+        const int64_t nope = hp.n_lora_kv > 0 ? head - n_rot : 0;
+        const size_t row = ggml_row_size(k->type, hp.n_embd_k_gqa(il));
+        ggml_tensor * view = ggml_view_3d(gctx.get(), k, n_rot, hp.n_head_kv(il), size, ggml_row_size(k->type, head), row,
+                                          ggml_row_size(k->type, nope) + (size_t) stream * size * row);
+        ggml_tensor * cur = ggml_rope_ext_inplace(gctx.get(), view, shift, nullptr, (int) n_rot, LLAMA_ROPE_TYPE_NEOX, (int) cp.n_ctx_orig_yarn,
+                                                  model.get_rope_freq_base(cp, (int) il), model.get_rope_freq_scale(cp, (int) il),
+                                                  cp.yarn_ext_factor, cp.yarn_attn_factor, cp.yarn_beta_fast, cp.yarn_beta_slow);
+        ggml_build_forward_expand(gf, cur);
+    }
+    std::unique_ptr<ggml_backend_buffer, buffer_deleter> buf(ggml_backend_alloc_ctx_tensors(gctx.get(), backend.get()));
+    if (!buf) {
+        throw fml_error(FML_ERR_KV, "could not allocate the key rotation's inputs");
+    }
+    ggml_backend_tensor_set(shift, delta.data(), 0, ggml_nbytes(shift));
+    if (ggml_backend_graph_compute(backend.get(), gf) != GGML_STATUS_SUCCESS) {
+        throw fml_error(FML_ERR_KV, "the key rotation failed to compute");
+    }
+    ggml_backend_synchronize(backend.get());
+}
+
+} // namespace
+#endif
+
+bool kv_rotation_built() {
+#if defined(FML_HAVE_KV_INTERNALS) && defined(FML_HAVE_KV_ROTATION)
+    return true;
+#else
+    return false;
+#endif
+}
+
+bool kv_rotation_available(llama_context * ctx) {
+#if defined(FML_HAVE_KV_INTERNALS) && defined(FML_HAVE_KV_ROTATION)
+    const llama_model * model = llama_get_model(ctx);
+    const llama_hparams & hp = model->hparams;
+    if (hp.rope_type != LLAMA_ROPE_TYPE_MROPE && hp.rope_type != LLAMA_ROPE_TYPE_IMROPE) {
+        return false;
+    }
+    const kv_memory_kind kind = kv_memory_of(ctx);
+    llama_kv_cache * kv = full_cache_of(ctx);
+    if ((kind != kv_memory_kind::kv && kind != kv_memory_kind::hybrid) || kv == nullptr || ggml_is_quantized(kv->type_k())) {
+        return false;
+    }
+    for (uint32_t il : kv->get_layer_ids()) {
+        if (hp.has_rope(il) && model->get_rope_factors(ctx->get_cparams(), (int) il) != nullptr) {
+            return false;
+        }
+    }
+    return true;
+#else
+    (void) ctx;
+    return false;
+#endif
+}
+
+void kv_rotate_positions(llama_context * ctx, int32_t seq, const std::vector<std::pair<int32_t, int32_t>> & moves) {
+#if defined(FML_HAVE_KV_INTERNALS) && defined(FML_HAVE_KV_ROTATION)
+    if (!kv_rotation_available(ctx)) {
+        throw fml_error(FML_ERR_INTERNAL, "keys rotated on a context whose keys this build cannot rotate");
+    }
+    if (moves.empty()) {
+        return;
+    }
+    llama_kv_cache & kv = *full_cache_of(ctx);
+    // The cells object is the cache's own (get_cells hands it out read-only): positions are set here
+    // without pos_add, whose pending shift llama.cpp would refuse to apply (GGML_ABORT) for M-RoPE.
+    auto & cells = const_cast<llama_kv_cells &>(kv.get_cells(seq));
+    const uint32_t stream = kv.get_n_stream() == 1 ? 0 : (uint32_t) seq;   // llama.cpp maps sequence s to stream s
+    std::unordered_map<int32_t, int32_t> target(moves.begin(), moves.end());
+    std::vector<int32_t> delta(kv.get_size(), 0);
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        if (!cells.is_empty(i) && cells.seq_has(i, seq)) {
+            const auto it = target.find(cells.pos_get(i));
+            if (it != target.end()) {
+                delta[i] = it->second - it->first;
+            }
+        }
+    }
+    llama_synchronize(ctx);   // the context's own work on these keys is done
+    std::map<ggml_backend_dev_t, std::vector<uint32_t>> layers_by_device;
+    const llama_hparams & hp = llama_get_model(ctx)->hparams;
+    for (uint32_t il : kv.get_layer_ids()) {
+        if (hp.has_rope(il)) {
+            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv.get_k_storage((int32_t) il)->buffer);
+            ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+            if (dev == nullptr && ggml_backend_buft_is_host(buft)) {
+                dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);   // a plain host buffer names no device
+            }
+            if (dev == nullptr) {
+                throw fml_error(FML_ERR_KV, "the keys are in a buffer of no known device");
+            }
+            layers_by_device[dev].push_back(il);
+        }
+    }
+    for (const auto & [dev, layers] : layers_by_device) {
+        rotate_keys_on(ctx, kv, dev, layers, stream, delta);
+    }
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        if (delta[i] == 0) {
+            continue;
+        }
+        const llama_pos from = cells.pos_get(i);
+        const llama_pos to = from + delta[i];
+        llama_kv_cell_ext ext = cells.ext_get(i);
+        cells.rm(i);
+        cells.pos_set(i, to);
+        cells.seq_add(i, seq);
+        if (ext.x == from && ext.y == from) {
+            ext.x = ext.y = to;   // a text token's 2D position is its position (llama_batch_allocr)
+        }
+        cells.ext_set(i, ext);
+    }
+    if (auto * hybrid = hybrid_of(ctx)) {
+        const auto it = target.find(hybrid->get_mem_recr()->seq_pos_max(seq));
+        if (it != target.end()) {
+            kv_recurrent_set_pos(ctx, seq, it->second);
+        }
+    }
+#else
+    (void) ctx;
+    (void) seq;
+    (void) moves;
+    throw fml_error(FML_ERR_INTERNAL, "this build cannot rotate keys");
 #endif
 }
 

@@ -8,10 +8,12 @@
 //     refuses a partial range because its recurrent half cannot forget some tokens, so finite memory
 //     evicts from the attention half alone and never touches the recurrent state's contents.
 //   - Sliding-window layers' own cache, and the per-layer geometry of a model (which layers attend).
+//   - The keys themselves, to move positions where llama.cpp will not (M-RoPE: kv_rotate_positions).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 struct llama_context;
@@ -77,6 +79,24 @@ void kv_recurrent_set_pos(llama_context * ctx, int32_t seq, int32_t pos);
 // checkpoint (which stores only cells in the window) would see different tokens. Pruned here, a token
 // that left a sliding layer's window stays out of it, deterministically. No-op for other caches.
 void kv_prune_sliding_window(llama_context * ctx, int32_t seq, int32_t next_pos);
+
+// Keys with multi-section positions (M-RoPE, interleaved or not), which llama.cpp refuses to shift
+// (get_can_shift) because an image token's sections hold different coordinates. A text token's
+// sections all hold its one position, so moving it by d rotates every pair of its rotated dims by d
+// times that pair's frequency: a NEOX rotation, which is what llama.cpp's own K-shift graph runs for
+// these models (build_rope_shift). True where this build can do that for the context: the internals
+// with get_k_storage, one KV cache (or a hybrid's attention half), unquantized keys (a quantized one
+// may be stored rotated: llama.cpp's Hadamard input is host-only) and no per-layer rope factors.
+bool kv_rotation_available(llama_context * ctx);
+// Whether this build has the rotation at all (the context decides the rest).
+bool kv_rotation_built();
+
+// Moves the cells of `seq` at each old position to its new one (`moves`: (old, new), old positions
+// unique; new ones must not collide with positions that stay) and re-rotates their keys now, in one
+// graph per device that holds keys, computed on a backend of that device: no K-shift is left for
+// the next decode. A hybrid's recurrent state follows its position's move. Throws fml_error(KV)
+// when unavailable or the computation fails (positions then unchanged).
+void kv_rotate_positions(llama_context * ctx, int32_t seq, const std::vector<std::pair<int32_t, int32_t>> & moves);
 
 // Bytes of per-cell extra metadata llama.cpp writes in a sequence's state after each cell's seq ids
 // count (M-RoPE's 2D position; 0 for ordinary caches): what a reader of that state must skip.

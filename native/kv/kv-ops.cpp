@@ -68,7 +68,16 @@ static size_t move_positions(llama_context * ctx, int32_t seq, token_ledger & le
         return 0;
     }
     llama_memory_t mem = llama_get_memory(ctx);
-    if (std::all_of(runs.begin(), runs.end(), [](const run & r) { return r.to < r.from; })) {
+    if (!llama_memory_can_shift(mem)) {
+        // M-RoPE: every moved cell at once, keys rotated now (kv-internals; kv_can_shift said so).
+        std::vector<std::pair<int32_t, int32_t>> moves;
+        for (size_t i = 0; i < ledger.size(); ++i) {
+            if (ledger[i].pos != targets[i]) {
+                moves.emplace_back(ledger[i].pos, targets[i]);
+            }
+        }
+        kv_rotate_positions(ctx, seq, moves);
+    } else if (std::all_of(runs.begin(), runs.end(), [](const run & r) { return r.to < r.from; })) {
         // Every run moves left (a compaction): in ascending order each lands on positions already
         // vacated, below every run not moved yet. One seq_add per run (each one visits every cell).
         for (const run & r : runs) {
@@ -697,6 +706,19 @@ void kv_remove_from(llama_context * ctx, int32_t seq, int32_t pos) {
 
 int32_t kv_pos_min(llama_context * ctx, int32_t seq) { check_seq(ctx, seq); return kv_full_cache_pos_min(ctx, seq); }
 int32_t kv_pos_max(llama_context * ctx, int32_t seq) { check_seq(ctx, seq); return llama_memory_seq_pos_max(llama_get_memory(ctx), seq); }
-bool kv_can_shift(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
+bool kv_can_shift(llama_context * ctx) { return kv_shift_deferred(ctx) || kv_rotation_available(ctx); }
+bool kv_shift_deferred(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
+
+size_t kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32_t delta) {
+    check_seq(ctx, seq);
+    if (!kv_can_shift(ctx)) {
+        throw fml_error(FML_ERR_INTERNAL, "a position shift on a cache that cannot shift");
+    }
+    std::vector<int32_t> targets(ledger.size());
+    for (size_t i = 0; i < targets.size(); ++i) {
+        targets[i] = ledger[i].pos + delta;
+    }
+    return move_positions(ctx, seq, ledger, targets);
+}
 
 } // namespace fml

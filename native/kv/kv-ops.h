@@ -5,8 +5,9 @@
 // between them stay the true ones and the next tokens are numbered on from the last position + 1.
 // Compaction (positions 0..n-1 again) is separate and rare: one seq_add per moved run, whose RoPE
 // re-rotation of the keys (K-shift) runs lazily inside the next llama_decode for every cell of the
-// context (llama.cpp has no per-sequence shift), or, where keys cannot shift (M-RoPE), a re-prefill
-// of the retained tokens by the caller. For a hybrid model every removal touches the attention KV
+// context (llama.cpp has no per-sequence shift). M-RoPE keys, which llama.cpp will not shift, are
+// rotated at once by kv-internals (kv_rotate_positions); where even that is unavailable (a quantized
+// key cache), the caller re-prefills the retained tokens. For a hybrid model every removal touches the attention KV
 // only: the recurrent state keeps everything it has seen (kv-internals.h).
 //
 // Cells vs positions: llama.cpp never compacts KV cells physically. seq_rm frees the cells and moves
@@ -25,7 +26,7 @@ namespace fml {
 
 struct kv_eviction_result {
     size_t evicted = 0;
-    size_t shifted_runs = 0;   // runs of positions moved (seq_add calls, a K-shift in the next decode)
+    size_t shifted_runs = 0;   // runs of positions moved (seq_add calls: a K-shift in the next decode where kv_shift_deferred)
 };
 
 // Evicts the ranges (ledger indices) from sequence `seq` and its ledger; the retained tokens keep
@@ -47,7 +48,7 @@ enum class summary_placement {
     in_gap,          // in an evicted range's index and positions (its cells move there: a K-shift)
     pushed,          // at the first evicted range's index and first position, the tokens after it pushed
                      // forward as far as it needs, until a gap takes the push (one K-shift)
-    after_history,   // where the model wrote it, after the retained history (no move; keys that cannot shift)
+    after_history,   // where the model wrote it, after the retained history (no move; keys that cannot move)
     compacted,       // at the first evicted token's index, with every position renumbered 0..n-1 (a K-shift)
 };
 // Removes the prompt, evicts `ranges` and places the summary's `items` as `placement` says.
@@ -122,6 +123,12 @@ void kv_remove_from(llama_context * ctx, int32_t seq, int32_t pos);
 int32_t kv_pos_min(llama_context * ctx, int32_t seq);
 int32_t kv_pos_max(llama_context * ctx, int32_t seq);
 
+// Keys can move to new positions: by llama.cpp's K-shift, or (M-RoPE) by kv_rotate_positions.
 bool kv_can_shift(llama_context * ctx);
+// A move of positions is applied by llama.cpp inside the next decode (its K-shift of every cell of
+// the context), not at once (the M-RoPE rotation is done when the positions move).
+bool kv_shift_deferred(llama_context * ctx);
+// Moves every retained position of `seq` by `delta` (tests: RoPE is relative, logits must not change).
+size_t kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32_t delta);
 
 } // namespace fml

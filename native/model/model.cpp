@@ -102,7 +102,7 @@ static const char * rope_name(enum llama_rope_type rope) {
 
 // What kind of memory the model has and whether finite memory can evict from it in place. Decided
 // per architecture family before any chat exists, so createChat can say why not. Evicting needs
-// only seq_rm; positions are kept, and compacted (K-shift, or a re-prefill where keys cannot shift)
+// only seq_rm; positions are kept, and compacted (K-shift, or a re-prefill where keys cannot move)
 // only at the position limit. A hybrid evicts from its attention half alone.
 static void describe_memory(const llama_model * model, model_info & info) {
     info.sliding_window = llama_model_n_swa(model);
@@ -116,8 +116,10 @@ static void describe_memory(const llama_model * model, model_info & info) {
         info.n_head_kv = layout.kv_heads;   // LFM2's layer 0 is a convolution: llama_model_n_head_kv says 0
     }
     info.recurrent_bytes = layout.recurrent_bytes;
-    // llama_kv_cache::get_can_shift: multi-section positions (M-RoPE) have no K-shift.
-    info.can_shift = rope != LLAMA_ROPE_TYPE_MROPE && rope != LLAMA_ROPE_TYPE_IMROPE && info.architecture != "step35";
+    // llama_kv_cache::get_can_shift: multi-section positions (M-RoPE) have no K-shift in llama.cpp;
+    // kv-internals rotates text tokens' keys itself (kv_rotate_positions), unquantized ones.
+    const bool mrope = rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE;
+    info.can_shift = (!mrope || kv_rotation_built()) && info.architecture != "step35";
     const std::string arch = "architecture " + info.architecture;
     if (llama_model_is_recurrent(model)) {
         info.memory = "recurrent";

@@ -104,18 +104,13 @@ void chat_probes::shift_positions(chat & s, engine & e, int32_t delta) {
         throw fml_error(FML_ERR_KV, "every slot of the chat's engine is in a turn");
     }
     if (!e.can_shift()) {
-        throw fml_error(FML_ERR_INVALID_OPTION, "this model's keys cannot shift (M-RoPE)");
+        throw fml_error(FML_ERR_INVALID_OPTION, "this chat's keys cannot move (an M-RoPE model's quantized cache)");
     }
-    // Every cached position moves by `delta` (RoPE is relative: logits must not change). A probe, so it
-    // lives here and not in kv-ops, which ships.
+    // Every cached position moves by `delta` (RoPE is relative: logits must not change).
     std::lock_guard<std::mutex> lock(s.mu_);
-    if (!s.ledger_.empty()) {
-        llama_memory_seq_add(llama_get_memory(e.ctx()), s.slot_, 0, -1, delta);
-        for (size_t i = 0; i < s.ledger_.size(); ++i) {
-            s.ledger_.at(i).pos += delta;
-        }
+    if (kv_shift_all(e.ctx(), s.slot_, s.ledger_, delta) > 0) {
+        e.note_shift();
     }
-    e.note_shift();
 }
 
 std::vector<float> chat_probes::evaluate_tokens(chat & s, engine & e, const std::vector<int32_t> & tokens, size_t chunk) {

@@ -137,12 +137,23 @@ async function main(): Promise<void> {
     return [`${s.evictions} evictions, ${s.compactions} compactions, ${s.tokensSeen} tokens seen, ${s.tokensRetained} retained`];
   });
 
-  await step('hybrid model (Qwen3.5 layout: Gated DeltaNet + attention, IMROPE) on the device: 100 turns, re-prefill compactions, abort rollback', 90, async () => {
+  await step('hybrid model (Qwen3.5 layout: Gated DeltaNet + attention, IMROPE) on the device: M-RoPE key rotation, 100 turns, compactions, abort rollback', 90, async () => {
     const m = await loadModel(hybrid, { ...GPU, threads: THREADS });
     try {
+      // IMROPE keys are rotated by this library's own graph (llama.cpp has no K-shift for them): on the device's keys.
+      const probeChat = m.createChat({ ...EXACT, maxTokens: 256 });
+      await probeChat.send('Tell me about the sea and the sky.', { maxNewTokens: 12, temperature: 0 });
+      const probe = m.tokenize('the')[0]!;
+      const before = probeChat._internals().probeLogits(probe);
+      probeChat._internals().shiftPositions(40);
+      const rotated = maxAbsDiff(before, probeChat._internals().probeLogits(probe));
+      probeChat.dispose();
+      check(rotated < 1e-3, `rotating the IMROPE keys by 40 positions changed the logits by ${rotated}`);
       const chat = m.createChat({ maxTokens: 96, windowSize: 24, systemPrompt: 'Be brief.', positionLimit: 300 });
+      const sideBefore = chat._internals().engineStats(true).sideTokens;
       await evictingTurns(chat, 100, 96);
       const s = chat.stats();
+      const side = chat._internals().engineStats(true).sideTokens - sideBefore;
       chat.dispose();
       // An aborted prefill (small steps, each held back 5 ms) leaves neither tokens nor recurrent state behind.
       const slow = m.createChat({ maxTokens: 1024, batchSize: 8, testTokenDelayMs: 5 });
@@ -154,7 +165,11 @@ async function main(): Promise<void> {
       check(Buffer.from(slow._internals().recurrentState()).equals(Buffer.from(state)), 'an aborted prefill changed the recurrent state');
       slow.dispose();
       check(s.compactions > 2, `${s.compactions} compactions`);
-      return [`backend ${m.info.backend}; ${s.evictions} evictions, ${s.compactions} compactions (re-prefill), recurrent state ${m.info.recurrentBytes} bytes per chat`];
+      check(side === 0, `${side} tokens re-prefilled: the compactions did not rotate the keys`);
+      return [
+        `backend ${m.info.backend}; max |logit difference| after rotating every key by 40 positions: ${rotated.toExponential(2)}`,
+        `${s.evictions} evictions, ${s.compactions} compactions (keys rotated, nothing re-prefilled), recurrent state ${m.info.recurrentBytes} bytes per chat`,
+      ];
     } finally {
       m.dispose();
     }

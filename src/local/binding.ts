@@ -146,6 +146,8 @@ export interface NativeEngineStats {
   grown: number;
   /** Steps that paid a K-shift. */
   shiftSteps: number;
+  /** Tokens decoded outside the scheduler's steps: compaction re-prefills, window repairs, K-shift flushes. */
+  sideTokens: number;
   slots: number;
   /** Engines (llama contexts) of the model, and the ggml thread pools they share (one per thread count). */
   engines: number;

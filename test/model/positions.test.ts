@@ -1,7 +1,8 @@
 // Positions after an eviction, and the model families that depend on them. With positions 'keep' an
 // eviction is a seq_rm alone: the retained tokens keep their positions, no K-shift is paid, and the
-// positions are compacted only when a turn would pass the chat's position limit (by a K-shift, or by
-// re-prefilling the retained tokens where keys cannot shift: M-RoPE). Hybrid models evict from their
+// positions are compacted only when a turn would pass the chat's position limit (by a K-shift; M-RoPE
+// keys, which llama.cpp will not shift, rotated by this library; a re-prefill of the retained tokens
+// where even that cannot be done: a quantized M-RoPE key cache). Hybrid models evict from their
 // attention KV only; their recurrent state is never touched by eviction and is put back from a
 // snapshot when a turn must leave no trace.
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -15,6 +16,9 @@ import { checkCache, maxAbsDiff, THREADS } from '../helpers.ts';
 const dir = mkdtempSync(join(tmpdir(), 'fml-positions-'));
 const models = new Map<ModelFamily, Model>();
 const FAMILIES: ModelFamily[] = ['llama', 'qwen3vl', 'qwen35', 'lfm2'];
+// M-RoPE keys in a q8_0 cache (heads of 32 values: its blocks) cannot be rotated here: the re-prefill path.
+let quantizedMrope: Model;
+const Q8: ChatOptions = { kvType: 'q8_0' };
 
 beforeAll(async () => {
   for (const family of FAMILIES) {
@@ -22,8 +26,12 @@ beforeAll(async () => {
     writeModel(path, { family, seed: 5, layers: family === 'llama' || family === 'qwen3vl' ? 2 : 4 });
     models.set(family, await loadModel(path, { threads: THREADS, slots: 4 }));
   }
+  const path = join(dir, 'qwen35-head32.gguf');
+  writeModel(path, { family: 'qwen35', seed: 5, layers: 4, headDim: 32 });
+  quantizedMrope = await loadModel(path, { threads: THREADS, slots: 4 });
 });
 afterAll(() => {
+  quantizedMrope.dispose();
   for (const m of models.values()) m.dispose();
   rmSync(dir, { recursive: true, force: true });
 });
@@ -65,23 +73,29 @@ describe("positions 'keep' (the default)", () => {
     chat.dispose();
   });
 
-  it("positions 'compact' renumbers 0..n-1 at every eviction and pays a K-shift for it", async () => {
-    const chat = model('llama').createChat({ maxTokens: 96, windowSize: 16, systemPrompt: 'Be brief.', positions: 'compact' });
-    const shiftsBefore = chat._internals().engineStats().shiftSteps;
-    for (let t = 0; t < 30; t++) {
-      await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 6, temperature: 0.9, seed: t });
-      expect(checkCache(chat, 96).positionsContiguous).toBe(true);
+  it("positions 'compact' renumbers 0..n-1 at every eviction and pays a K-shift for it (M-RoPE: keys rotated at once)", async () => {
+    for (const family of ['llama', 'qwen3vl'] as const) {
+      const chat = model(family).createChat({ maxTokens: 96, windowSize: 16, systemPrompt: 'Be brief.', positions: 'compact' });
+      const before = chat._internals().engineStats(true);
+      for (let t = 0; t < 30; t++) {
+        await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 6, temperature: 0.9, seed: t });
+        expect(checkCache(chat, 96).positionsContiguous).toBe(true);
+      }
+      const s = chat.stats();
+      expect(s.evictions).toBeGreaterThan(10);
+      expect(s.compactions).toBe(s.evictions);
+      const after = chat._internals().engineStats(true);
+      // llama.cpp's K-shift runs inside the next decode; the M-RoPE rotation runs when positions move.
+      if (family === 'llama') expect(after.shiftSteps - before.shiftSteps).toBeGreaterThan(10);
+      else expect(after.shiftSteps - before.shiftSteps).toBe(0);
+      expect(after.sideTokens - before.sideTokens).toBe(0); // nothing re-prefilled
+      chat.dispose();
     }
-    const s = chat.stats();
-    expect(s.evictions).toBeGreaterThan(10);
-    expect(s.compactions).toBe(s.evictions);
-    expect(chat._internals().engineStats().shiftSteps - shiftsBefore).toBeGreaterThan(10);
-    chat.dispose();
   });
 
-  it('a rolling summary takes the first evicted gap where keys shift, and stays after the history where they cannot', async () => {
-    for (const family of ['llama', 'qwen3vl'] as const) {
-      const chat = model(family).createChat({ policy: 'rolling_summary', maxTokens: 128, windowSize: 24, summaryTokens: 12, systemPrompt: 'Be brief.', maxPolicyMs: 0 });
+  it('a rolling summary takes the first evicted gap (M-RoPE too), and stays after the history only where keys cannot move', async () => {
+    for (const [family, m, options] of [['llama', model('llama'), {}], ['qwen3vl', model('qwen3vl'), {}], ['qwen35 q8_0', quantizedMrope, Q8]] as const) {
+      const chat = m.createChat({ ...options, policy: 'rolling_summary', maxTokens: 128, windowSize: 24, summaryTokens: 12, systemPrompt: 'Be brief.', maxPolicyMs: 0 });
       let summaries = 0;
       for (let t = 0; t < 24; t++) {
         await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 5, temperature: 0.9, seed: t });
@@ -91,7 +105,7 @@ describe("positions 'keep' (the default)", () => {
         if (first < 0) continue;
         summaries++;
         const last = mem.map((e) => e.role).lastIndexOf('summary');
-        if (family === 'llama') {
+        if (family !== 'qwen35 q8_0') {
           // In the gap: older than the recent window, right after the pinned prefix.
           expect(mem.slice(0, first).every((e) => e.pinned)).toBe(true);
         } else {
@@ -108,14 +122,18 @@ describe("positions 'keep' (the default)", () => {
 describe('compaction at the position limit', () => {
   const maxTokens = 96;
   const maxNewTokens = 6; // below maxTokens / 8: a turn's reply fits the room its prompt makes
-  it.each(['llama', 'qwen3vl', 'qwen35', 'lfm2'] as const)('%s compacts exactly when a turn would pass the limit, and only then', async (family) => {
-    const m = model(family);
+  it.each(['llama', 'qwen3vl', 'qwen35', 'lfm2', 'qwen35 q8_0'] as const)('%s compacts exactly when a turn would pass the limit, and only then', async (family) => {
+    const m = family === 'qwen35 q8_0' ? quantizedMrope : model(family);
     const limit = 300;
-    const chat = m.createChat({ ...EXACT, maxTokens, windowSize: 16, systemPrompt: 'Be brief.', positionLimit: limit });
+    const chat = m.createChat({ ...(family === 'qwen35 q8_0' ? Q8 : EXACT), maxTokens, windowSize: 16, systemPrompt: 'Be brief.', positionLimit: limit });
+    // M-RoPE keys are rotated where they are (nothing decoded again), unless quantized: re-prefilled.
+    const rotated = family === 'qwen3vl' || family === 'qwen35';
+    const reprefilled = family === 'qwen35 q8_0';
     let compacted = 0;
     for (let t = 0; t < 60; t++) {
       const internals = chat._internals();
       const before = internals.cacheState();
+      const sideBefore = internals.engineStats(true).sideTokens;
       const message = `turn ${t}. ${MESSAGES[t % 4]}`;
       const prompt = internals.countTurnTokens(message) + before.carriedTokens + before.pendingSystemTokens;
       const r = await chat.send(message, { maxNewTokens, temperature: 0.9, seed: t });
@@ -127,7 +145,9 @@ describe('compaction at the position limit', () => {
       if (passes) {
         compacted++;
         expect(after.ledgerPosFirst).toBe(0);
-        if (!m.info.canShift) expect(r.stats.compactMs).toBeGreaterThan(0); // the re-prefill's decodes
+        const side = chat._internals().engineStats(true).sideTokens - sideBefore;
+        if (rotated) expect(side).toBe(0);
+        if (reprefilled) expect(side).toBeGreaterThanOrEqual(after.ledgerTokens - prompt - maxNewTokens);
       }
     }
     expect(compacted).toBeGreaterThan(3);
@@ -135,7 +155,7 @@ describe('compaction at the position limit', () => {
     chat.dispose();
   });
 
-  it('a compacted chat answers like its checkpoint restored, through more compactions (keys that cannot shift, hybrid)', async () => {
+  it('a compacted chat answers like its checkpoint restored, through more compactions (M-RoPE keys rotated, hybrid)', async () => {
     const m = model('qwen35');
     const chat = m.createChat({ ...EXACT, maxTokens, windowSize: 16, positionLimit: 200 });
     await talk(chat, 12);
@@ -229,8 +249,22 @@ describe('hybrid models: the recurrent state is the model own memory', () => {
       });
     });
 
-    it('a compaction by re-prefill does not feed the retained tokens to the recurrent layers twice', async () => {
+    it('a compaction (keys rotated) does not feed the retained tokens to the recurrent layers', async () => {
       await same({ maxTokens: 96, windowSize: 16, positionLimit: 160 }, (c) => expect(c.stats().compactions).toBeGreaterThan(0));
+    });
+
+    it('a compaction by re-prefill (a quantized M-RoPE key cache) does not feed them to the recurrent layers twice', async () => {
+      const path = join(dir, 'qwen35-first-recurrent-head32.gguf');
+      writeModel(path, { family: 'qwen35', seed: 9, layers: 2, headDim: 32 });
+      const q = await loadModel(path, { threads: THREADS });
+      const chat = await q.importTranscript(transcript, { ...Q8, batchSize: 16, maxTokens: 96, windowSize: 16, positionLimit: 160 });
+      const whole = await q.importTranscript(transcript, { ...Q8, maxTokens: 2048, batchSize: 16 });
+      expect(chat.stats().compactions).toBeGreaterThan(0);
+      expect(chat._internals().engineStats(true).sideTokens).toBeGreaterThan(0);
+      expect(content(chat).equals(content(whole))).toBe(true);
+      chat.dispose();
+      whole.dispose();
+      q.dispose();
     });
   });
 });
@@ -299,11 +333,11 @@ describe('a hybrid chat batched with others behaves as it does alone', () => {
 });
 
 describe('options', () => {
-  it("positions 'compact' is refused where keys cannot shift (M-RoPE), saying why", () => {
-    for (const family of ['qwen3vl', 'qwen35'] as const) {
+  it("positions 'compact' is refused where keys cannot shift (a quantized M-RoPE cache), saying why", () => {
+    for (const m of [quantizedMrope]) {
       let err: unknown;
       try {
-        model(family).createChat({ maxTokens: 96, positions: 'compact' });
+        m.createChat({ ...Q8, maxTokens: 96, positions: 'compact' });
       } catch (e) {
         err = e;
       }

@@ -4,6 +4,7 @@
 
 #include "llama.h"
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <typeinfo>
@@ -338,7 +339,20 @@ void kv_rotate_positions(llama_context * ctx, int32_t seq, const std::vector<std
         }
     }
     for (const auto & [dev, layers] : layers_by_device) {
-        rotate_keys_on(ctx, kv, dev, layers, stream, delta);
+        try {
+            rotate_keys_on(ctx, kv, dev, layers, stream, delta);
+        } catch (const fml_error &) {
+            // Keys split over devices: those already rotated go back, so keys and positions agree.
+            std::vector<int32_t> back(delta.size());
+            std::transform(delta.begin(), delta.end(), back.begin(), [](int32_t d) { return -d; });
+            for (const auto & [done_dev, done_layers] : layers_by_device) {
+                if (done_dev == dev) {
+                    break;
+                }
+                rotate_keys_on(ctx, kv, done_dev, done_layers, stream, back);
+            }
+            throw;
+        }
     }
     for (uint32_t i = 0; i < cells.size(); ++i) {
         if (delta[i] == 0) {

@@ -251,6 +251,9 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
         ggml_tensor * cur = ggml_rope_ext_inplace(gctx.get(), view, shift, nullptr, (int) n_rot, LLAMA_ROPE_TYPE_NEOX, (int) cp.n_ctx_orig_yarn,
                                                   model.get_rope_freq_base(cp, (int) il), model.get_rope_freq_scale(cp, (int) il),
                                                   cp.yarn_ext_factor, cp.yarn_attn_factor, cp.yarn_beta_fast, cp.yarn_beta_slow);
+        if (!ggml_backend_supports_op(backend.get(), cur)) {
+            throw fml_error(FML_ERR_KV, std::string("the device that holds the keys cannot rotate them (") + ggml_backend_name(backend.get()) + ")");
+        }
         ggml_build_forward_expand(gf, cur);
     }
     std::unique_ptr<ggml_backend_buffer, buffer_deleter> buf(ggml_backend_alloc_ctx_tensors(gctx.get(), backend.get()));
@@ -267,32 +270,35 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
 } // namespace
 #endif
 
-bool kv_rotation_built() {
+bool kv_rotation_supported(const llama_model * model) {
 #if defined(FML_HAVE_KV_INTERNALS) && defined(FML_HAVE_KV_ROTATION)
+    const llama_hparams & hp = model->hparams;
+    if ((hp.rope_type != LLAMA_ROPE_TYPE_MROPE && hp.rope_type != LLAMA_ROPE_TYPE_IMROPE) || hp.swa_type != LLAMA_SWA_TYPE_NONE) {
+        return false;
+    }
+    if (llama_model_is_recurrent(model) || (llama_model_is_hybrid(model) && !kv_layout_of(model).hybrid_supported)) {
+        return false;
+    }
+    for (const auto & layer : model->layers) {
+        if (layer.rope_freqs != nullptr || layer.rope_long != nullptr || layer.rope_short != nullptr) {
+            return false;
+        }
+    }
     return true;
 #else
+    (void) model;
     return false;
 #endif
 }
 
 bool kv_rotation_available(llama_context * ctx) {
 #if defined(FML_HAVE_KV_INTERNALS) && defined(FML_HAVE_KV_ROTATION)
-    const llama_model * model = llama_get_model(ctx);
-    const llama_hparams & hp = model->hparams;
-    if (hp.rope_type != LLAMA_ROPE_TYPE_MROPE && hp.rope_type != LLAMA_ROPE_TYPE_IMROPE) {
+    if (!kv_rotation_supported(llama_get_model(ctx))) {
         return false;
     }
     const kv_memory_kind kind = kv_memory_of(ctx);
     llama_kv_cache * kv = full_cache_of(ctx);
-    if ((kind != kv_memory_kind::kv && kind != kv_memory_kind::hybrid) || kv == nullptr || ggml_is_quantized(kv->type_k())) {
-        return false;
-    }
-    for (uint32_t il : kv->get_layer_ids()) {
-        if (hp.has_rope(il) && model->get_rope_factors(ctx->get_cparams(), (int) il) != nullptr) {
-            return false;
-        }
-    }
-    return true;
+    return (kind == kv_memory_kind::kv || kind == kv_memory_kind::hybrid) && kv != nullptr && !ggml_is_quantized(kv->type_k());
 #else
     (void) ctx;
     return false;
@@ -306,6 +312,11 @@ void kv_rotate_positions(llama_context * ctx, int32_t seq, const std::vector<std
     }
     if (moves.empty()) {
         return;
+    }
+    for (const auto & [from, to] : moves) {
+        if (to < 0) {
+            throw fml_error(FML_ERR_INTERNAL, "a position moved below 0 (" + std::to_string(from) + " -> " + std::to_string(to) + ")");
+        }
     }
     llama_kv_cache & kv = *full_cache_of(ctx);
     // The cells object is the cache's own (get_cells hands it out read-only): positions are set here

@@ -167,6 +167,9 @@ kv_eviction_result kv_evict_and_insert(llama_context * ctx, int32_t seq, token_l
     if (placement == summary_placement::in_gap && (gap >= ranges.size() || !range_holds(ledger, ranges[gap], n_insert))) {
         throw fml_error(FML_ERR_KV, "the summary does not fit in the positions the eviction frees");
     }
+    if (placement != summary_placement::after_history && !kv_can_shift(ctx)) {
+        throw fml_error(FML_ERR_INTERNAL, "a summary placement that moves positions, on a cache whose keys cannot move");
+    }
     if (placement != summary_placement::after_history) {
         kv_prune_sliding_window(ctx, seq, ledger.next_pos());
     }
@@ -713,6 +716,9 @@ size_t kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int
     check_seq(ctx, seq);
     if (!kv_can_shift(ctx)) {
         throw fml_error(FML_ERR_INTERNAL, "a position shift on a cache that cannot shift");
+    }
+    if (!ledger.empty() && (int64_t) ledger[0].pos + delta < 0) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "a shift of " + std::to_string(delta) + " would move positions below position 0");
     }
     std::vector<int32_t> targets(ledger.size());
     for (size_t i = 0; i < targets.size(); ++i) {

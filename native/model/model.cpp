@@ -119,7 +119,7 @@ static void describe_memory(const llama_model * model, model_info & info) {
     // llama_kv_cache::get_can_shift: multi-section positions (M-RoPE) have no K-shift in llama.cpp;
     // kv-internals rotates text tokens' keys itself (kv_rotate_positions), unquantized ones.
     const bool mrope = rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE;
-    info.can_shift = (!mrope || kv_rotation_built()) && info.architecture != "step35";
+    info.can_shift = (!mrope || kv_rotation_supported(model)) && info.architecture != "step35";
     const std::string arch = "architecture " + info.architecture;
     if (llama_model_is_recurrent(model)) {
         info.memory = "recurrent";

@@ -79,6 +79,7 @@ describe.each(SUPPORTED)('family %s', (family) => {
     const shifted = internals.probeLogits(probe);
     internals.shiftPositions(-40);
     expect(maxAbsDiff(before, shifted)).toBeLessThan(1e-3);
+    expect(() => internals.shiftPositions(-1)).toThrow(/below position 0/);
     expect(maxAbsDiff(before, internals.probeLogits(model.tokenize('sea')[0]!))).toBeGreaterThan(1e-3);
     chat.dispose();
   });

@@ -717,9 +717,6 @@ size_t kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int
     if (!kv_can_shift(ctx)) {
         throw fml_error(FML_ERR_INTERNAL, "a position shift on a cache that cannot shift");
     }
-    if (!ledger.empty() && (int64_t) ledger[0].pos + delta < 0) {
-        throw fml_error(FML_ERR_INVALID_OPTION, "a shift of " + std::to_string(delta) + " would move positions below position 0");
-    }
     std::vector<int32_t> targets(ledger.size());
     for (size_t i = 0; i < targets.size(); ++i) {
         targets[i] = ledger[i].pos + delta;

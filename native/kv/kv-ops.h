@@ -129,6 +129,8 @@ bool kv_can_shift(llama_context * ctx);
 // the context), not at once (the M-RoPE rotation is done when the positions move).
 bool kv_shift_deferred(llama_context * ctx);
 // Moves every retained position of `seq` by `delta` (tests: RoPE is relative, logits must not change).
+// Below 0: llama.cpp's seq_add drops those cells (a test crafts a corrupt checkpoint so); the M-RoPE
+// rotation refuses (kv_rotate_positions).
 size_t kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32_t delta);
 
 } // namespace fml

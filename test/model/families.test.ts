@@ -79,7 +79,8 @@ describe.each(SUPPORTED)('family %s', (family) => {
     const shifted = internals.probeLogits(probe);
     internals.shiftPositions(-40);
     expect(maxAbsDiff(before, shifted)).toBeLessThan(1e-3);
-    expect(() => internals.shiftPositions(-1)).toThrow(/below position 0/);
+    // Below position 0 the M-RoPE rotation refuses (a cell at -1 would read as empty); llama.cpp's seq_add drops such cells.
+    if (MROPE.includes(family)) expect(() => internals.shiftPositions(-1)).toThrow(/below 0/);
     expect(maxAbsDiff(before, internals.probeLogits(model.tokenize('sea')[0]!))).toBeGreaterThan(1e-3);
     chat.dispose();
   });

@@ -19,8 +19,9 @@ async function main() {
   const model = await loadModel(m.path, { threads, slots: 1 });
   const words = model.tokenize(' the cat sat on the mat and looked at the sea while the rain fell'.repeat(200));
   const rows: string[] = [];
-  for (const h of HISTORIES) {
-    const chat = model.createChat({ maxTokens: 4096, policy: 'sliding' });
+  for (const kvType of ['f16', 'q8_0'] as const) for (const h of HISTORIES) {
+    // q8_0: keys back to F32 and out of llama.cpp's Hadamard rotation, turned, rotated and quantized again.
+    const chat = model.createChat({ maxTokens: 4096, policy: 'sliding', kvType });
     const internals = chat._internals();
     internals.evaluateTokens(words.slice(0, h), 512);
     const rotate: number[] = [];
@@ -36,7 +37,7 @@ async function main() {
     chat.dispose();
     const r = median(rotate);
     const p = median(reprefill);
-    rows.push(`| ${h} | ${r.toFixed(2)} | ${p.toFixed(0)} | ${(p / r).toFixed(0)}x |`);
+    rows.push(`| ${kvType} | ${h} | ${r.toFixed(2)} | ${p.toFixed(0)} | ${(p / r).toFixed(0)}x |`);
     console.log(rows.at(-1));
   }
   model.dispose();
@@ -44,12 +45,12 @@ async function main() {
     '## Moving an M-RoPE chat\'s positions: keys rotated vs re-prefilled (`npx tsx bench/mrope-shift.ts`)',
     '',
     `- machine: ${machine()}`,
-    `- model: ${m.name}: ${m.about}; ${threads} threads, F16 KV, one chat with H tokens of history`,
+    `- model: ${m.name}: ${m.about}; ${threads} threads, one chat with H tokens of history (q8_0 KV: flash attention on, as it needs)`,
     `- rotation: every retained key moved by 1000 positions (kv_rotate_positions, as a compaction or a summary's move now runs it), timed from JS around the probe, median of ${ROTATIONS}; re-prefill: the chat's cells cleared and its H tokens decoded again at 0..H-1 (how M-RoPE chats compacted before), median of ${REPREFILLS}`,
     '- that the rotation is right is what tests check (test/model/families.test.ts: every position shifted by 40 leaves the logits unchanged, F32 KV; it fails with the wrong rotation)',
     '',
-    '| H retained tokens | rotation ms | re-prefill ms | re-prefill / rotation |',
-    '|---|---|---|---|',
+    '| KV | H retained tokens | rotation ms | re-prefill ms | re-prefill / rotation |',
+    '|---|---|---|---|---|',
     ...rows,
   ].join('\n');
   console.log(out);

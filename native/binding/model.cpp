@@ -35,6 +35,7 @@ std::shared_ptr<runtime> js_model::require_runtime(Napi::Env env) {
         ro.engine.prefill_chunk = load_options.prefill_chunk;
         ro.engine.unified = load_options.kv_unified;
         ro.engine.test_context_slot_limit = load_options.test_context_slot_limit;
+        ro.engine.test_no_key_rotation = load_options.test_no_key_rotation;
         ro.owner = env.GetInstanceData<addon_data>();
         runtime_ = std::make_shared<runtime>(m, ro);
     }

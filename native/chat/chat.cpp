@@ -114,11 +114,9 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
     key_.cells = (p.max_tokens + scratch + 255) / 256 * 256;
     // Positions: a limit below the budget and its scratch could not hold even a compacted chat; one
     // above the trained context would run the model on positions it never saw.
-    const bool mrope = mi.rope == "mrope" || mi.rope == "imrope";
-    if (!opts_.keep_positions && (!mi.can_shift || (mrope && opts_.kv_type == "q8_0"))) {
+    if (!opts_.keep_positions && !mi.can_shift) {
         throw fml_error(FML_ERR_INVALID_OPTION, "positions 'compact' needs keys that can shift, and architecture " + mi.architecture +
-                        " uses " + mi.rope + " positions (M-RoPE), which " + (mi.can_shift ? "cannot shift in a quantized key cache (kvType 'q8_0')" : "this build cannot shift") +
-                        ": use positions 'keep'");
+                        " uses " + mi.rope + " positions (M-RoPE), which this build cannot shift: use positions 'keep'");
     }
     const uint32_t trained = std::max<uint32_t>((uint32_t) std::max(0, mi.n_ctx_train), p.max_tokens + scratch);
     const uint32_t floor = p.max_tokens + scratch;

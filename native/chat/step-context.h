@@ -19,7 +19,7 @@ public:
     virtual uint32_t n_batch() const = 0;
     // KV streams of the context (one per slot, or one with a unified cache).
     virtual uint32_t streams() const = 0;
-    // Whether keys can move (M-RoPE ones rotated at once, not in a quantized cache): compaction is a
+    // Whether keys can move (M-RoPE ones rotated at once, with llama.cpp's internals): compaction is a
     // K-shift, else a re-prefill.
     virtual bool can_shift() const = 0;
     // The chat moved positions (seq_add): the next decode pays a K-shift.

@@ -83,8 +83,8 @@ void engine::create_context(uint32_t slots) {
         llama_free(ctx_);
     }
     ctx_ = ctx;
-    can_shift_ = kv_can_shift(ctx_);
     shift_deferred_ = kv_shift_deferred(ctx_);
+    can_shift_ = shift_deferred_ || (kv_can_shift(ctx_) && !opts_.test_no_key_rotation);
     // A persistent ggml threadpool (what llama-server attaches too): without one, every graph
     // compute starts and joins its worker threads, several times per step here.
     if (threadpool_ != nullptr) {

@@ -29,6 +29,7 @@ struct engine_options {
     uint32_t prefill_chunk = 64;   // prefill tokens per prefilling chat and step while other chats generate
     bool unified = false;          // one KV buffer for all sequences (measured slower; see README)
     uint32_t test_context_slot_limit = 0;   // test hook: contexts of more slots fail (0: never)
+    bool test_no_key_rotation = false;      // test hook: M-RoPE keys are not rotated (compaction re-prefills)
 };
 
 struct engine_stats {
@@ -92,8 +93,8 @@ public:
     // A chat moved positions (seq_add): the next decode pays a K-shift of every cell of the context.
     void note_shift() override { shift_pending_ = shift_pending_ || shift_deferred_; }
     void flush_shift(chat & s, int32_t next_pos) override;
-    // Whether this context's keys can move (M-RoPE: rotated by kv-internals, not with a quantized key
-    // cache): compaction is a K-shift, else a re-prefill.
+    // Whether this context's keys can move (M-RoPE: rotated by kv-internals where it can): compaction
+    // is a K-shift, else a re-prefill.
     bool can_shift() const override { return can_shift_; }
     eval_capture & capture() { return capture_; }
     // One decode of at most n_batch() `tokens` for chat `s` at `pos0` outside a step (probes, pending

@@ -14,6 +14,7 @@
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "llama-context.h"
+#include "llama-impl.h"
 #include "llama-kv-cache.h"
 #include "llama-kv-cache-iswa.h"
 #include "llama-kv-cells.h"
@@ -220,9 +221,28 @@ struct backend_deleter { void operator()(ggml_backend_t b) const { ggml_backend_
 struct context_deleter { void operator()(ggml_context * c) const { ggml_free(c); } };
 struct buffer_deleter { void operator()(ggml_backend_buffer_t b) const { ggml_backend_buffer_free(b); } };
 
+struct gallocr_deleter { void operator()(ggml_gallocr_t g) const { ggml_gallocr_free(g); } };
+
+// The Hadamard matrix llama.cpp stores a quantized cache's keys rotated by (attn_rot_k), copied into
+// `dst` (on any device): llama.cpp fills it in host memory only.
+void fill_key_hadamard(llama_kv_cache & kv, ggml_tensor * dst) {
+    const ggml_init_params params{ ggml_tensor_overhead(), nullptr, true };
+    std::unique_ptr<ggml_context, context_deleter> hctx(ggml_init(params));
+    ggml_tensor * host = ggml_dup_tensor(hctx.get(), dst);
+    ggml_backend_buffer_type_t host_type = ggml_backend_dev_buffer_type(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU));
+    std::unique_ptr<ggml_backend_buffer, buffer_deleter> buf(ggml_backend_alloc_ctx_tensors_from_buft(hctx.get(), host_type));
+    if (!buf) {
+        throw fml_error(FML_ERR_KV, "could not allocate the keys' Hadamard matrix");
+    }
+    kv.set_input_k_rot(host);
+    ggml_backend_tensor_set(dst, host->data, 0, ggml_nbytes(dst));
+}
+
 // The keys of `layers` (all on `dev`) in `stream`'s cells, rotated by delta[cell] positions: the
-// graph of llama_kv_cache::build_graph_shift for unquantized keys, with NEOX ordering as it uses for
-// M-RoPE, on the chat's stream only.
+// graph of llama_kv_cache::build_graph_shift, with NEOX ordering as it uses for M-RoPE, on the chat's
+// stream only. A quantized key goes back to F32 (and out of its Hadamard rotation, over the whole
+// head: llama.cpp's shift rotates only the first n_rot values there, which is wrong for partial
+// rotary dims), its first n_rot values turn, and it is rotated and quantized again.
 void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t dev, const std::vector<uint32_t> & layers,
                     uint32_t stream, const std::vector<int32_t> & delta) {
     const llama_model & model = *llama_get_model(ctx);
@@ -236,31 +256,69 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
     if (auto * set_threads = (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_set_n_threads")) {
         set_threads(backend.get(), llama_n_threads(ctx));
     }
-    const ggml_init_params params{ ggml_tensor_overhead() * (3 * layers.size() + 4) + ggml_graph_overhead(), nullptr, true };
+    const ggml_init_params params{ ggml_tensor_overhead() * (16 * layers.size() + 8) + ggml_graph_overhead(), nullptr, true };
     std::unique_ptr<ggml_context, context_deleter> gctx(ggml_init(params));
-    ggml_tensor * shift = ggml_new_tensor_1d(gctx.get(), GGML_TYPE_I32, size);
-    ggml_cgraph * gf = ggml_new_graph(gctx.get());
+    ggml_context * g = gctx.get();
+    ggml_tensor * shift = ggml_new_tensor_1d(g, GGML_TYPE_I32, size);
+    ggml_set_input(shift);
+    const bool quantized = ggml_is_quantized(kv.type_k());
+    ggml_tensor * hadamard = quantized ? kv.build_input_k_rot(g) : nullptr;
+    ggml_cgraph * gf = ggml_new_graph(g);
+    auto rope = [&](ggml_tensor * x, uint32_t il, bool inplace) {
+        const int n_rot = (int) hp.n_rot(il);
+        const float base = model.get_rope_freq_base(cp, (int) il);
+        const float scale = model.get_rope_freq_scale(cp, (int) il);
+        return inplace ? ggml_rope_ext_inplace(g, x, shift, nullptr, n_rot, LLAMA_ROPE_TYPE_NEOX, (int) cp.n_ctx_orig_yarn, base, scale,
+                                               cp.yarn_ext_factor, cp.yarn_attn_factor, cp.yarn_beta_fast, cp.yarn_beta_slow)
+                       : ggml_rope_ext(g, x, shift, nullptr, n_rot, LLAMA_ROPE_TYPE_NEOX, (int) cp.n_ctx_orig_yarn, base, scale,
+                                       cp.yarn_ext_factor, cp.yarn_attn_factor, cp.yarn_beta_fast, cp.yarn_beta_slow);
+    };
     for (uint32_t il : layers) {
         ggml_tensor * k = kv.get_k_storage((int32_t) il);
-        const uint32_t n_rot = hp.n_rot(il);
+        const int64_t n_rot = hp.n_rot(il);
         const int64_t head = hp.n_embd_head_k(il);
+        const int64_t n_head = hp.n_head_kv(il);
         const int64_t nope = hp.n_lora_kv > 0 ? head - n_rot : 0;
         const size_t row = ggml_row_size(k->type, hp.n_embd_k_gqa(il));
-        ggml_tensor * view = ggml_view_3d(gctx.get(), k, n_rot, hp.n_head_kv(il), size, ggml_row_size(k->type, head), row,
-                                          ggml_row_size(k->type, nope) + (size_t) stream * size * row);
-        ggml_tensor * cur = ggml_rope_ext_inplace(gctx.get(), view, shift, nullptr, (int) n_rot, LLAMA_ROPE_TYPE_NEOX, (int) cp.n_ctx_orig_yarn,
-                                                  model.get_rope_freq_base(cp, (int) il), model.get_rope_freq_scale(cp, (int) il),
-                                                  cp.yarn_ext_factor, cp.yarn_attn_factor, cp.yarn_beta_fast, cp.yarn_beta_slow);
-        if (!ggml_backend_supports_op(backend.get(), cur)) {
-            throw fml_error(FML_ERR_KV, std::string("the device that holds the keys cannot rotate them (") + ggml_backend_name(backend.get()) + ")");
+        const size_t at = (size_t) stream * size * row;
+        ggml_tensor * cur;
+        if (!quantized) {
+            cur = rope(ggml_view_3d(g, k, n_rot, n_head, size, ggml_row_size(k->type, head), row, at + ggml_row_size(k->type, nope)), il, true);
+        } else {
+            if (nope > 0) {
+                throw fml_error(FML_ERR_KV, "a quantized key cache with unrotated dims first cannot be rotated");
+            }
+            ggml_tensor * heads = ggml_view_3d(g, k, head, n_head, size, ggml_row_size(k->type, head), row, at);
+            ggml_tensor * x = ggml_cast(g, heads, GGML_TYPE_F32);
+            if (hadamard != nullptr) {
+                x = llama_mul_mat_hadamard(g, x, hadamard);   // its own inverse
+            }
+            ggml_tensor * turned = rope(ggml_view_3d(g, x, n_rot, n_head, size, x->nb[1], x->nb[2], 0), il, false);
+            if (n_rot < head) {
+                ggml_tensor * rest = ggml_cont(g, ggml_view_3d(g, x, head - n_rot, n_head, size, x->nb[1], x->nb[2], ggml_row_size(GGML_TYPE_F32, n_rot)));
+                turned = ggml_concat(g, turned, rest, 0);
+            }
+            if (hadamard != nullptr) {
+                turned = llama_mul_mat_hadamard(g, turned, hadamard);
+            }
+            cur = ggml_cpy(g, turned, heads);
         }
         ggml_build_forward_expand(gf, cur);
     }
-    std::unique_ptr<ggml_backend_buffer, buffer_deleter> buf(ggml_backend_alloc_ctx_tensors(gctx.get(), backend.get()));
-    if (!buf) {
-        throw fml_error(FML_ERR_KV, "could not allocate the key rotation's inputs");
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        if (!ggml_backend_supports_op(backend.get(), ggml_graph_node(gf, i))) {
+            throw fml_error(FML_ERR_KV, std::string("the device that holds the keys cannot rotate them (") + ggml_backend_name(backend.get()) + ": " +
+                            ggml_op_desc(ggml_graph_node(gf, i)) + ")");
+        }
+    }
+    std::unique_ptr<ggml_gallocr, gallocr_deleter> galloc(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend.get())));
+    if (!galloc || !ggml_gallocr_alloc_graph(galloc.get(), gf)) {
+        throw fml_error(FML_ERR_KV, "could not allocate the key rotation's graph");
     }
     ggml_backend_tensor_set(shift, delta.data(), 0, ggml_nbytes(shift));
+    if (hadamard != nullptr) {
+        fill_key_hadamard(kv, hadamard);
+    }
     if (ggml_backend_graph_compute(backend.get(), gf) != GGML_STATUS_SUCCESS) {
         throw fml_error(FML_ERR_KV, "the key rotation failed to compute");
     }
@@ -297,8 +355,7 @@ bool kv_rotation_available(llama_context * ctx) {
         return false;
     }
     const kv_memory_kind kind = kv_memory_of(ctx);
-    llama_kv_cache * kv = full_cache_of(ctx);
-    return (kind == kv_memory_kind::kv || kind == kv_memory_kind::hybrid) && kv != nullptr && !ggml_is_quantized(kv->type_k());
+    return (kind == kv_memory_kind::kv || kind == kv_memory_kind::hybrid) && full_cache_of(ctx) != nullptr;
 #else
     (void) ctx;
     return false;

@@ -85,12 +85,10 @@ void kv_prune_sliding_window(llama_context * ctx, int32_t seq, int32_t next_pos)
 // sections all hold its one position, so moving it by d rotates every pair of its rotated dims by d
 // times that pair's frequency: a NEOX rotation, which is what llama.cpp's own K-shift graph runs for
 // these models (build_rope_shift). True where this build can do that for the context: the model is
-// supported (kv_rotation_supported) and its keys are unquantized (a quantized one may be stored
-// Hadamard-rotated, whose input llama.cpp fills in host memory only).
+// supported (kv_rotation_supported) and the context's memory is one KV cache or a plain hybrid.
 bool kv_rotation_available(llama_context * ctx);
-// Whether the model's M-RoPE keys can be rotated by this build with an unquantized key cache (the
-// context's key type decides the rest): the build has it, no layer has rope factors, and the model's
-// memory is one KV cache or a plain hybrid. False for models without M-RoPE.
+// Whether this build can rotate the model's M-RoPE keys: it has llama.cpp's internals, no layer has
+// rope factors, and the model's memory is one KV cache or a plain hybrid. False without M-RoPE.
 bool kv_rotation_supported(const llama_model * model);
 
 // Moves the cells of `seq` at each old position to its new one (`moves`: (old, new), old positions

@@ -6,8 +6,8 @@
 // Compaction (positions 0..n-1 again) is separate and rare: one seq_add per moved run, whose RoPE
 // re-rotation of the keys (K-shift) runs lazily inside the next llama_decode for every cell of the
 // context (llama.cpp has no per-sequence shift). M-RoPE keys, which llama.cpp will not shift, are
-// rotated at once by kv-internals (kv_rotate_positions); where even that is unavailable (a quantized
-// key cache), the caller re-prefills the retained tokens. For a hybrid model every removal touches the attention KV
+// rotated at once by kv-internals (kv_rotate_positions); where even that is unavailable (a build
+// without llama.cpp's internals), the caller re-prefills the retained tokens. For a hybrid model every removal touches the attention KV
 // only: the recurrent state keeps everything it has seen (kv-internals.h).
 //
 // Cells vs positions: llama.cpp never compacts KV cells physically. seq_rm frees the cells and moves

@@ -104,7 +104,7 @@ static const char * rope_name(enum llama_rope_type rope) {
 // per architecture family before any chat exists, so createChat can say why not. Evicting needs
 // only seq_rm; positions are kept, and compacted (K-shift, or a re-prefill where keys cannot move)
 // only at the position limit. A hybrid evicts from its attention half alone.
-static void describe_memory(const llama_model * model, model_info & info) {
+static void describe_memory(const llama_model * model, const model_load_options & opts, model_info & info) {
     info.sliding_window = llama_model_n_swa(model);
     const enum llama_rope_type rope = llama_model_rope_type(model);
     info.rope = rope_name(rope);
@@ -119,7 +119,7 @@ static void describe_memory(const llama_model * model, model_info & info) {
     // llama_kv_cache::get_can_shift: multi-section positions (M-RoPE) have no K-shift in llama.cpp;
     // kv-internals rotates text tokens' keys itself (kv_rotate_positions), unquantized ones.
     const bool mrope = rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE;
-    info.can_shift = (!mrope || kv_rotation_supported(model)) && info.architecture != "step35";
+    info.can_shift = (!mrope || (kv_rotation_supported(model) && !opts.test_no_key_rotation)) && info.architecture != "step35";
     const std::string arch = "architecture " + info.architecture;
     if (llama_model_is_recurrent(model)) {
         info.memory = "recurrent";
@@ -215,7 +215,7 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
         info.gpu_layers = 0;
     }
 
-    describe_memory(model, info);
+    describe_memory(model, opts, info);
     if (opts.kv_unified && info.sliding_window > 0) {
         // One buffer for all chats would let one chat's decodes reuse another's out-of-window cells
         // in the sliding layers, so a chat's output would depend on the others.

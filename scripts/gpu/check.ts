@@ -149,6 +149,14 @@ async function main(): Promise<void> {
       const rotated = maxAbsDiff(before, probeChat._internals().probeLogits(probe));
       probeChat.dispose();
       check(rotated < 1e-3, `rotating the IMROPE keys by 40 positions changed the logits by ${rotated}`);
+      // q8_0 keys: back to F32, turned, quantized again (re-quantization noise only).
+      const q8Chat = m.createChat({ kvType: 'q8_0', maxTokens: 256 });
+      await q8Chat.send('Tell me about the sea and the sky.', { maxNewTokens: 12, temperature: 0 });
+      const q8Before = q8Chat._internals().probeLogits(probe);
+      q8Chat._internals().shiftPositions(40);
+      const q8Rotated = maxAbsDiff(q8Before, q8Chat._internals().probeLogits(probe));
+      q8Chat.dispose();
+      check(q8Rotated < 0.5, `rotating the IMROPE keys of a q8_0 cache by 40 positions changed the logits by ${q8Rotated}`);
       const chat = m.createChat({ maxTokens: 96, windowSize: 24, systemPrompt: 'Be brief.', positionLimit: 300 });
       const sideBefore = chat._internals().engineStats(true).sideTokens;
       await evictingTurns(chat, 100, 96);
@@ -167,7 +175,7 @@ async function main(): Promise<void> {
       check(s.compactions > 2, `${s.compactions} compactions`);
       check(side === 0, `${side} tokens re-prefilled: the compactions did not rotate the keys`);
       return [
-        `backend ${m.info.backend}; max |logit difference| after rotating every key by 40 positions: ${rotated.toExponential(2)}`,
+        `backend ${m.info.backend}; max |logit difference| after rotating every key by 40 positions: ${rotated.toExponential(2)} (F32 KV), ${q8Rotated.toExponential(2)} (q8_0 KV)`,
         `${s.evictions} evictions, ${s.compactions} compactions (keys rotated, nothing re-prefilled), recurrent state ${m.info.recurrentBytes} bytes per chat`,
       ];
     } finally {

@@ -35,6 +35,8 @@ export interface LoadModelOptions {
   kvUnified?: boolean;
   /** @internal Test hook: creating a context of more slots than this fails, as when memory runs out. */
   testContextSlotLimit?: number;
+  /** @internal Test hook: M-RoPE keys are not rotated, as in a build without the internals (compaction re-prefills). */
+  testNoKeyRotation?: boolean;
 }
 
 export interface ChatOptions {
@@ -101,14 +103,14 @@ export interface ChatOptions {
    * keep their true distances (as sliding-window attention sees them) and new tokens are numbered on,
    * so an eviction is one seq_rm and never re-rotates the cache. Positions are compacted only when the
    * next one would pass `positionLimit`. 'compact': renumbered 0..n-1 at every eviction (a K-shift of
-   * every cell of the context in the next decode; M-RoPE keys rotated at once); not for an M-RoPE
-   * model's q8_0 key cache, whose keys cannot move.
+   * every cell of the context in the next decode; M-RoPE keys rotated at once); not where keys
+   * cannot move (M-RoPE in a build without llama.cpp's internals).
    */
   positions?: 'keep' | 'compact';
   /**
    * positions 'keep': the position the chat never reaches; when the next one would, the retained
    * tokens are compacted to 0..n-1 (a K-shift, or one re-prefill of at most maxTokens tokens where
-   * keys cannot move: an M-RoPE model's q8_0 key cache). At most the model's trained context (`model.info.nCtxTrain`), at least
+   * keys cannot move: M-RoPE in a build without llama.cpp's internals). At most the model's trained context (`model.info.nCtxTrain`), at least
    * maxTokens plus the summary scratch. Default the model's nCtxTrain.
    */
   positionLimit?: number;

@@ -59,7 +59,7 @@ export interface TurnStats {
    * positions 'compact'; with 'keep', only when the next position would pass `positionLimit`.
    */
   compactions: number;
-  /** Time those compactions took: an M-RoPE rotation of the keys, or a re-prefill's decodes where they cannot move (a q8_0 M-RoPE cache); for llama.cpp's K-shift only its bookkeeping (the shift itself runs inside the next decode). */
+  /** Time those compactions took: an M-RoPE rotation of the keys, or a re-prefill's decodes where they cannot move (M-RoPE in a build without llama.cpp's internals); for llama.cpp's K-shift only its bookkeeping (the shift itself runs inside the next decode). */
   compactMs: number;
   /** Tokens in the KV cache after the turn (<= maxTokens). */
   retainedTokens: number;
@@ -137,7 +137,7 @@ export interface ModelInfo {
   kvLayers: number;
   /** Bytes of one chat's recurrent state (hybrid models; 0 otherwise): fixed-size, never evicted, the model's own memory of everything it saw. */
   recurrentBytes: number;
-  /** Whether keys can be moved to new positions: llama.cpp's K-shift, or for M-RoPE this library's rotation of them (not in a q8_0 key cache, whose chats re-prefill the retained tokens to compact). */
+  /** Whether keys can be moved to new positions: llama.cpp's K-shift, or for M-RoPE this library's rotation of them (false only in a build without llama.cpp's internals, whose chats re-prefill the retained tokens to compact). */
   canShift: boolean;
   /** The model's RoPE kind: 'norm', 'neox', 'mrope', 'imrope' (interleaved M-RoPE), 'vision' or 'none'. */
   rope: string;

@@ -16,8 +16,10 @@ import { checkCache, maxAbsDiff, THREADS } from '../helpers.ts';
 const dir = mkdtempSync(join(tmpdir(), 'fml-positions-'));
 const models = new Map<ModelFamily, Model>();
 const FAMILIES: ModelFamily[] = ['llama', 'qwen3vl', 'qwen35', 'lfm2'];
-// M-RoPE keys in a q8_0 cache (heads of 32 values: its blocks) cannot be rotated here: the re-prefill path.
-let quantizedMrope: Model;
+// M-RoPE keys not rotated (a build without llama.cpp's internals; here the test hook): the re-prefill path.
+let unrotated: Model;
+// Keys in a q8_0 cache (heads of 64 values: llama.cpp stores them Hadamard-rotated; 16 of them rotary).
+let quantized: Model;
 const Q8: ChatOptions = { kvType: 'q8_0' };
 
 beforeAll(async () => {
@@ -26,12 +28,14 @@ beforeAll(async () => {
     writeModel(path, { family, seed: 5, layers: family === 'llama' || family === 'qwen3vl' ? 2 : 4 });
     models.set(family, await loadModel(path, { threads: THREADS, slots: 4 }));
   }
-  const path = join(dir, 'qwen35-head32.gguf');
-  writeModel(path, { family: 'qwen35', seed: 5, layers: 4, headDim: 32 });
-  quantizedMrope = await loadModel(path, { threads: THREADS, slots: 4 });
+  unrotated = await loadModel(join(dir, 'qwen35.gguf'), { threads: THREADS, slots: 4, testNoKeyRotation: true });
+  const path = join(dir, 'qwen35-head64.gguf');
+  writeModel(path, { family: 'qwen35', seed: 5, layers: 4, headDim: 64, ropeDims: 16 });
+  quantized = await loadModel(path, { threads: THREADS, slots: 4 });
 });
 afterAll(() => {
-  quantizedMrope.dispose();
+  unrotated.dispose();
+  quantized.dispose();
   for (const m of models.values()) m.dispose();
   rmSync(dir, { recursive: true, force: true });
 });
@@ -94,7 +98,7 @@ describe("positions 'keep' (the default)", () => {
   });
 
   it('a rolling summary takes the first evicted gap (M-RoPE too), and stays after the history only where keys cannot move', async () => {
-    for (const [family, m, options] of [['llama', model('llama'), {}], ['qwen3vl', model('qwen3vl'), {}], ['qwen35 q8_0', quantizedMrope, Q8]] as const) {
+    for (const [family, m, options] of [['llama', model('llama'), {}], ['qwen3vl', model('qwen3vl'), {}], ['qwen35 q8_0', quantized, Q8], ['qwen35 unrotated', unrotated, {}]] as const) {
       const chat = m.createChat({ ...options, policy: 'rolling_summary', maxTokens: 128, windowSize: 24, summaryTokens: 12, systemPrompt: 'Be brief.', maxPolicyMs: 0 });
       let summaries = 0;
       for (let t = 0; t < 24; t++) {
@@ -105,7 +109,7 @@ describe("positions 'keep' (the default)", () => {
         if (first < 0) continue;
         summaries++;
         const last = mem.map((e) => e.role).lastIndexOf('summary');
-        if (family !== 'qwen35 q8_0') {
+        if (family !== 'qwen35 unrotated') {
           // In the gap: older than the recent window, right after the pinned prefix.
           expect(mem.slice(0, first).every((e) => e.pinned)).toBe(true);
         } else {
@@ -122,13 +126,13 @@ describe("positions 'keep' (the default)", () => {
 describe('compaction at the position limit', () => {
   const maxTokens = 96;
   const maxNewTokens = 6; // below maxTokens / 8: a turn's reply fits the room its prompt makes
-  it.each(['llama', 'qwen3vl', 'qwen35', 'lfm2', 'qwen35 q8_0'] as const)('%s compacts exactly when a turn would pass the limit, and only then', async (family) => {
-    const m = family === 'qwen35 q8_0' ? quantizedMrope : model(family);
+  it.each(['llama', 'qwen3vl', 'qwen35', 'lfm2', 'qwen35 q8_0', 'qwen35 unrotated'] as const)('%s compacts exactly when a turn would pass the limit, and only then', async (family) => {
+    const m = family === 'qwen35 q8_0' ? quantized : family === 'qwen35 unrotated' ? unrotated : model(family);
     const limit = 300;
     const chat = m.createChat({ ...(family === 'qwen35 q8_0' ? Q8 : EXACT), maxTokens, windowSize: 16, systemPrompt: 'Be brief.', positionLimit: limit });
-    // M-RoPE keys are rotated where they are (nothing decoded again), unless quantized: re-prefilled.
-    const rotated = family === 'qwen3vl' || family === 'qwen35';
-    const reprefilled = family === 'qwen35 q8_0';
+    // M-RoPE keys are rotated where they are (nothing decoded again), quantized ones too; unrotated: re-prefilled.
+    const rotated = family === 'qwen3vl' || family === 'qwen35' || family === 'qwen35 q8_0';
+    const reprefilled = family === 'qwen35 unrotated';
     let compacted = 0;
     for (let t = 0; t < 60; t++) {
       const internals = chat._internals();
@@ -253,12 +257,10 @@ describe('hybrid models: the recurrent state is the model own memory', () => {
       await same({ maxTokens: 96, windowSize: 16, positionLimit: 160 }, (c) => expect(c.stats().compactions).toBeGreaterThan(0));
     });
 
-    it('a compaction by re-prefill (a quantized M-RoPE key cache) does not feed them to the recurrent layers twice', async () => {
-      const path = join(dir, 'qwen35-first-recurrent-head32.gguf');
-      writeModel(path, { family: 'qwen35', seed: 9, layers: 2, headDim: 32 });
-      const q = await loadModel(path, { threads: THREADS });
-      const chat = await q.importTranscript(transcript, { ...Q8, batchSize: 16, maxTokens: 96, windowSize: 16, positionLimit: 160 });
-      const whole = await q.importTranscript(transcript, { ...Q8, maxTokens: 2048, batchSize: 16 });
+    it('a compaction by re-prefill (M-RoPE keys not rotated) does not feed them to the recurrent layers twice', async () => {
+      const q = await loadModel(join(dir, 'qwen35-first-recurrent.gguf'), { threads: THREADS, testNoKeyRotation: true });
+      const chat = await q.importTranscript(transcript, { ...EXACT, batchSize: 16, maxTokens: 96, windowSize: 16, positionLimit: 160 });
+      const whole = await q.importTranscript(transcript, { ...EXACT, maxTokens: 2048, batchSize: 16 });
       expect(chat.stats().compactions).toBeGreaterThan(0);
       expect(chat._internals().engineStats(true).sideTokens).toBeGreaterThan(0);
       expect(content(chat).equals(content(whole))).toBe(true);
@@ -332,12 +334,29 @@ describe('a hybrid chat batched with others behaves as it does alone', () => {
   });
 });
 
+describe('M-RoPE keys in a q8_0 cache (stored Hadamard-rotated by llama.cpp; 16 of 64 dims rotary)', () => {
+  it('move: every position shifted by 40 leaves the logits within the re-quantization noise', async () => {
+    const chat = quantized.createChat({ ...Q8, maxTokens: 256 });
+    await chat.send('Tell me about the sea and the sky.', { maxNewTokens: 12, temperature: 0 });
+    const internals = chat._internals();
+    const probe = quantized.tokenize('the')[0]!;
+    const before = internals.probeLogits(probe);
+    internals.shiftPositions(40);
+    // Re-quantizing the turned keys moves these logits by ~1e-2; turning them without taking the
+    // Hadamard rotation off first, or with the wrong pairing, moved them by ~2 (checked by mutation).
+    expect(maxAbsDiff(internals.probeLogits(probe), before)).toBeLessThan(0.2);
+    expect(maxAbsDiff(internals.probeLogits(quantized.tokenize('sea')[0]!), before)).toBeGreaterThan(2);
+    expect(internals.engineStats(true).shiftSteps).toBe(0);
+    chat.dispose();
+  });
+});
+
 describe('options', () => {
-  it("positions 'compact' is refused where keys cannot shift (a quantized M-RoPE cache), saying why", () => {
-    for (const m of [quantizedMrope]) {
+  it("positions 'compact' is refused where keys cannot shift (M-RoPE keys not rotated), saying why", () => {
+    for (const m of [unrotated]) {
       let err: unknown;
       try {
-        m.createChat({ ...Q8, maxTokens: 96, positions: 'compact' });
+        m.createChat({ maxTokens: 96, positions: 'compact' });
       } catch (e) {
         err = e;
       }

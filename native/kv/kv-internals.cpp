@@ -242,7 +242,8 @@ void fill_key_hadamard(llama_kv_cache & kv, ggml_tensor * dst) {
 // graph of llama_kv_cache::build_graph_shift, with NEOX ordering as it uses for M-RoPE, on the chat's
 // stream only. A quantized key goes back to F32 (and out of its Hadamard rotation, over the whole
 // head: llama.cpp's shift rotates only the first n_rot values there, which is wrong for partial
-// rotary dims), its first n_rot values turn, and it is rotated and quantized again.
+// rotary dims), its first n_rot values turn, and it is rotated and quantized again: the moved cells'
+// keys only (gathered and scattered by index), as a summary moves a few cells of a whole stream.
 void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t dev, const std::vector<uint32_t> & layers,
                     uint32_t stream, const std::vector<int32_t> & delta) {
     const llama_model & model = *llama_get_model(ctx);
@@ -259,9 +260,26 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
     const ggml_init_params params{ ggml_tensor_overhead() * (16 * layers.size() + 8) + ggml_graph_overhead(), nullptr, true };
     std::unique_ptr<ggml_context, context_deleter> gctx(ggml_init(params));
     ggml_context * g = gctx.get();
-    ggml_tensor * shift = ggml_new_tensor_1d(g, GGML_TYPE_I32, size);
-    ggml_set_input(shift);
     const bool quantized = ggml_is_quantized(kv.type_k());
+    // Quantized: the moved cells (their indices and deltas) alone; otherwise every cell of the stream.
+    std::vector<int32_t> moved;
+    std::vector<int32_t> moved_delta;
+    for (uint32_t i = 0; quantized && i < size; ++i) {
+        if (delta[i] != 0) {
+            moved.push_back((int32_t) i);
+            moved_delta.push_back(delta[i]);
+        }
+    }
+    if (quantized && moved.empty()) {
+        return;
+    }
+    ggml_tensor * shift = ggml_new_tensor_1d(g, GGML_TYPE_I32, quantized ? (int64_t) moved.size() : size);
+    ggml_set_input(shift);
+    ggml_tensor * rows_at = nullptr;
+    if (quantized) {
+        rows_at = ggml_new_tensor_1d(g, GGML_TYPE_I32, (int64_t) moved.size());
+        ggml_set_input(rows_at);
+    }
     ggml_tensor * hadamard = quantized ? kv.build_input_k_rot(g) : nullptr;
     ggml_cgraph * gf = ggml_new_graph(g);
     auto rope = [&](ggml_tensor * x, uint32_t il, bool inplace) {
@@ -288,20 +306,21 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
             if (nope > 0) {
                 throw fml_error(FML_ERR_KV, "a quantized key cache with unrotated dims first cannot be rotated");
             }
-            ggml_tensor * heads = ggml_view_3d(g, k, head, n_head, size, ggml_row_size(k->type, head), row, at);
-            ggml_tensor * x = ggml_cast(g, heads, GGML_TYPE_F32);
+            const int64_t n = (int64_t) moved.size();
+            ggml_tensor * cells = ggml_view_2d(g, k, hp.n_embd_k_gqa(il), size, row, at);
+            ggml_tensor * x = ggml_reshape_3d(g, ggml_get_rows(g, cells, rows_at), head, n_head, n);   // F32
             if (hadamard != nullptr) {
                 x = llama_mul_mat_hadamard(g, x, hadamard);   // its own inverse
             }
-            ggml_tensor * turned = rope(ggml_view_3d(g, x, n_rot, n_head, size, x->nb[1], x->nb[2], 0), il, false);
+            ggml_tensor * turned = rope(ggml_view_3d(g, x, n_rot, n_head, n, x->nb[1], x->nb[2], 0), il, false);
             if (n_rot < head) {
-                ggml_tensor * rest = ggml_cont(g, ggml_view_3d(g, x, head - n_rot, n_head, size, x->nb[1], x->nb[2], ggml_row_size(GGML_TYPE_F32, n_rot)));
+                ggml_tensor * rest = ggml_cont(g, ggml_view_3d(g, x, head - n_rot, n_head, n, x->nb[1], x->nb[2], ggml_row_size(GGML_TYPE_F32, n_rot)));
                 turned = ggml_concat(g, turned, rest, 0);
             }
             if (hadamard != nullptr) {
                 turned = llama_mul_mat_hadamard(g, turned, hadamard);
             }
-            cur = ggml_cpy(g, turned, heads);
+            cur = ggml_set_rows(g, cells, ggml_reshape_2d(g, turned, hp.n_embd_k_gqa(il), n), rows_at);
         }
         ggml_build_forward_expand(gf, cur);
     }
@@ -315,7 +334,10 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
     if (!galloc || !ggml_gallocr_alloc_graph(galloc.get(), gf)) {
         throw fml_error(FML_ERR_KV, "could not allocate the key rotation's graph");
     }
-    ggml_backend_tensor_set(shift, delta.data(), 0, ggml_nbytes(shift));
+    ggml_backend_tensor_set(shift, quantized ? moved_delta.data() : delta.data(), 0, ggml_nbytes(shift));
+    if (rows_at != nullptr) {
+        ggml_backend_tensor_set(rows_at, moved.data(), 0, ggml_nbytes(rows_at));
+    }
     if (hadamard != nullptr) {
         fill_key_hadamard(kv, hadamard);
     }

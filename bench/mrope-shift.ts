@@ -47,7 +47,7 @@ async function main() {
     `- machine: ${machine()}`,
     `- model: ${m.name}: ${m.about}; ${threads} threads, one chat with H tokens of history (q8_0 KV: flash attention on, as it needs)`,
     `- rotation: every retained key moved by 1000 positions (kv_rotate_positions, as a compaction or a summary's move now runs it), timed from JS around the probe, median of ${ROTATIONS}; re-prefill: the chat's cells cleared and its H tokens decoded again at 0..H-1 (how M-RoPE chats compacted before), median of ${REPREFILLS}`,
-    '- that the rotation is right is what tests check (test/model/families.test.ts: every position shifted by 40 leaves the logits unchanged, F32 KV; it fails with the wrong rotation)',
+    '- that the rotation is right is what tests check (test/model/families.test.ts: every position shifted by 40 leaves the logits unchanged, F32 KV; test/model/positions.test.ts: within 0.2 for q8_0; both fail with a wrong rotation)',
     '',
     '| KV | H retained tokens | rotation ms | re-prefill ms | re-prefill / rotation |',
     '|---|---|---|---|---|',

@@ -257,7 +257,9 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
     if (auto * set_threads = (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_set_n_threads")) {
         set_threads(backend.get(), llama_n_threads(ctx));
     }
-    const ggml_init_params params{ ggml_tensor_overhead() * (16 * layers.size() + 8) + ggml_graph_overhead(), nullptr, true };
+    // At most 16 tensors a layer (the quantized path), with room to spare; a graph sized to them.
+    const size_t graph_size = 32 * layers.size() + 16;
+    const ggml_init_params params{ ggml_tensor_overhead() * graph_size + ggml_graph_overhead_custom(graph_size, false), nullptr, true };
     std::unique_ptr<ggml_context, context_deleter> gctx(ggml_init(params));
     ggml_context * g = gctx.get();
     const bool quantized = ggml_is_quantized(kv.type_k());
@@ -281,7 +283,7 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
         ggml_set_input(rows_at);
     }
     ggml_tensor * hadamard = quantized ? kv.build_input_k_rot(g) : nullptr;
-    ggml_cgraph * gf = ggml_new_graph(g);
+    ggml_cgraph * gf = ggml_new_graph_custom(g, graph_size, false);
     auto rope = [&](ggml_tensor * x, uint32_t il, bool inplace) {
         const int n_rot = (int) hp.n_rot(il);
         const float base = model.get_rope_freq_base(cp, (int) il);

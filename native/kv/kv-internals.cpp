@@ -220,7 +220,6 @@ namespace {
 struct backend_deleter { void operator()(ggml_backend_t b) const { ggml_backend_free(b); } };
 struct context_deleter { void operator()(ggml_context * c) const { ggml_free(c); } };
 struct buffer_deleter { void operator()(ggml_backend_buffer_t b) const { ggml_backend_buffer_free(b); } };
-
 struct gallocr_deleter { void operator()(ggml_gallocr_t g) const { ggml_gallocr_free(g); } };
 
 // The Hadamard matrix llama.cpp stores a quantized cache's keys rotated by (attn_rot_k), copied into

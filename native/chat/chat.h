@@ -54,6 +54,7 @@ struct eviction_record {
     double evict_ms = 0;
     bool fallback = false;
     uint32_t summary_tokens = 0;
+    uint32_t summary_prompt_tokens = 0;   // decoded before the summary: the open reply's close, the instruction
     bool during_generation = false;
 };
 

@@ -172,6 +172,7 @@ void chat::finish_summary(step_context & e) {
     rec.evict_ms = ms_since(t0);
     rec.evicted = (uint32_t) res.evicted;
     rec.summary_tokens = (uint32_t) items.size();
+    rec.summary_prompt_tokens = (uint32_t) j->prompt.size();
     st.evict_ms += rec.evict_ms;
     st.summary_ms += ms_since(j->t0) - rec.evict_ms;
     st.summary_tokens += (uint32_t) items.size();

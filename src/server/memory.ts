@@ -120,7 +120,7 @@ function view(ctx: CompletionContext, session: Session, limit: number): unknown 
     pins: chat.pins(),
     evictions: session.evictions.slice(-limit).map((e) => ({
       at: new Date(e.at).toISOString(), turn: e.turn, phase: e.phase, tokens: e.evictedTokens, positions: e.positions,
-      policy: e.policy, policy_ms: e.policyMs, evict_ms: e.evictMs, fallback: e.fallback, summary_tokens: e.summaryTokens,
+      policy: e.policy, policy_ms: e.policyMs, evict_ms: e.evictMs, fallback: e.fallback, summary_tokens: e.summaryTokens, summary_prompt_tokens: e.summaryPromptTokens,
     })),
     stats,
   };

@@ -22,6 +22,8 @@ export interface EvictionEvent {
   fallback: boolean;
   /** rolling_summary/hybrid: summary tokens that took the evicted tokens' place. */
   summaryTokens: number;
+  /** rolling_summary/hybrid: tokens decoded before the summary (the reply left open closed, then the instruction); 0 without one. */
+  summaryPromptTokens: number;
 }
 
 export interface TurnEvent {

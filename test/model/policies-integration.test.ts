@@ -250,6 +250,25 @@ describe('summaries with positions kept', () => {
     sliding.dispose();
     chat.dispose();
   });
+
+  it('a summary written mid-reply reads the reply closed too: its pending token and end of turn, then the instruction', async () => {
+    const events: EvictionEvent[] = [];
+    const chat = model.createChat({ policy: 'rolling_summary', maxTokens: 128, windowSize: 24, summaryTokens: 12, maxPolicyMs: 0, telemetry: { onEviction: (e) => void events.push(e) } });
+    // A reply that ended on maxTokens leaves its last token pending: between turns the prompt is that
+    // token, the end of turn and the instruction; mid-reply it is the same three parts.
+    await chat.send('the cat sat on a mat', { maxNewTokens: 6, ignoreEos: true, temperature: 0 });
+    const between = chat._internals().summaryPrompt().length;
+    // Replies longer than the budget: room is made while they are written.
+    for (let t = 0; t < 3; t++) await chat.send(`turn ${t}: the dog ran`, { maxNewTokens: 150, ignoreEos: true, temperature: 0.8, seed: t });
+    await chat.send('and then? '.repeat(12), { maxNewTokens: 4, ignoreEos: true, temperature: 0 }); // room made before its prompt
+    await new Promise((r) => setTimeout(r, 20)); // hooks run on a later tick
+    const midReply = events.filter((e) => e.phase === 'generation' && e.summaryTokens > 0);
+    const atStart = events.filter((e) => e.phase === 'prefill' && e.summaryTokens > 0);
+    expect(midReply.length).toBeGreaterThan(0);
+    expect(atStart.length).toBeGreaterThan(0);
+    for (const e of [...midReply, ...atStart]) expect(e.summaryPromptTokens).toBe(between);
+    chat.dispose();
+  });
 });
 
 describe('latency guard', () => {

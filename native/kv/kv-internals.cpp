@@ -284,13 +284,9 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
     ggml_tensor * hadamard = quantized ? kv.build_input_k_rot(g) : nullptr;
     ggml_cgraph * gf = ggml_new_graph_custom(g, graph_size, false);
     auto rope = [&](ggml_tensor * x, uint32_t il, bool inplace) {
-        const int n_rot = (int) hp.n_rot(il);
-        const float base = model.get_rope_freq_base(cp, (int) il);
-        const float scale = model.get_rope_freq_scale(cp, (int) il);
-        return inplace ? ggml_rope_ext_inplace(g, x, shift, nullptr, n_rot, LLAMA_ROPE_TYPE_NEOX, (int) cp.n_ctx_orig_yarn, base, scale,
-                                               cp.yarn_ext_factor, cp.yarn_attn_factor, cp.yarn_beta_fast, cp.yarn_beta_slow)
-                       : ggml_rope_ext(g, x, shift, nullptr, n_rot, LLAMA_ROPE_TYPE_NEOX, (int) cp.n_ctx_orig_yarn, base, scale,
-                                       cp.yarn_ext_factor, cp.yarn_attn_factor, cp.yarn_beta_fast, cp.yarn_beta_slow);
+        const auto op = inplace ? &ggml_rope_ext_inplace : &ggml_rope_ext;   // same parameters
+        return op(g, x, shift, nullptr, (int) hp.n_rot(il), LLAMA_ROPE_TYPE_NEOX, (int) cp.n_ctx_orig_yarn, model.get_rope_freq_base(cp, (int) il),
+                  model.get_rope_freq_scale(cp, (int) il), cp.yarn_ext_factor, cp.yarn_attn_factor, cp.yarn_beta_fast, cp.yarn_beta_slow);
     };
     for (uint32_t il : layers) {
         ggml_tensor * k = kv.get_k_storage((int32_t) il);

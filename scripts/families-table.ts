@@ -56,16 +56,19 @@ async function policiesThatHold(model: Model): Promise<string[]> {
 async function compactionAtLimit(model: Model): Promise<string> {
   const maxTokens = 96;
   const chat = model.createChat({ maxTokens, windowSize: 16, systemPrompt: 'Be brief.', positionLimit: 240, threads: 1 });
-  const sideBefore = chat._internals().engineStats(true).sideTokens;
+  const before = chat._internals().engineStats(true);
   let holds = true;
   for (let t = 0; t < 24 && holds; t++) holds = await turnHolds(chat, maxTokens, `turn ${t}. ${MESSAGES[t % 3]}`, t);
   const compactions = chat.stats().compactions;
-  const side = chat._internals().engineStats(true).sideTokens - sideBefore;
-  const reprefilled = side > compactions * model.info.slidingWindow;
+  const after = chat._internals().engineStats(true);
+  const reprefilled = after.sideTokens - before.sideTokens > compactions * model.info.slidingWindow;
+  const llamaShifted = after.shiftSteps > before.shiftSteps; // llama.cpp's K-shift runs inside a step; this library's rotation at once
   chat.dispose();
   if (!holds || compactions === 0) return 'failed';
   if (reprefilled) return 're-prefill of the retained tokens';
-  return ['mrope', 'imrope'].includes(model.info.rope) ? 'K-shift (by this library: llama.cpp has none for M-RoPE)' : 'K-shift';
+  if (llamaShifted) return 'K-shift';
+  const why = ['mrope', 'imrope'].includes(model.info.rope) ? 'llama.cpp has none for M-RoPE' : "llama.cpp's would rescale YaRN keys";
+  return `K-shift (by this library: ${why})`;
 }
 
 /** What the model keeps, and which part of it finite memory bounds. */

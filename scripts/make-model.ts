@@ -5,7 +5,7 @@
  *       --layers 2 --embd 64 --heads 4 --kv-heads 2 --head-dim 16 --ffn 128 --ctx 4096
  *       --type f32|f16|q8_0 --seed 42 --vocab-extra N
  *       hybrids: --attention-interval 2 --rope-dims 0 --ssm-state 16 --ssm-groups 2 --ssm-heads 4 --conv-kernel 0
- *       MoE: --experts 4 --experts-used 2]
+ *       MoE: --experts 4 --experts-used 2; --yarn-factor N]
  *
  * Without --arch it writes the llama model with the ChatML template that most tests use.
  */
@@ -50,8 +50,9 @@ Family options (ignored by the others):
   --ssm-groups <n>       qwen35, qwen35moe: DeltaNet key heads [${DEFAULT_MODEL_OPTIONS.ssmGroups}]
   --ssm-heads <n>        qwen35, qwen35moe: DeltaNet value heads [${DEFAULT_MODEL_OPTIONS.ssmHeads}]
   --conv-kernel <n>      qwen35, qwen35moe: DeltaNet convolution; lfm2: short convolution (0: 4 / 3) [${DEFAULT_MODEL_OPTIONS.convKernel}]
-  --experts <n>          qwen3moe, qwen35moe: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
-  --experts-used <n>     qwen3moe, qwen35moe: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
+  --experts <n>          qwen3moe, qwen35moe, gptoss: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
+  --experts-used <n>     qwen3moe, qwen35moe, gptoss: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
+  --yarn-factor <n>      YaRN context extension factor (0: the family's, 32 for gptoss, none for the others) [${DEFAULT_MODEL_OPTIONS.yarnFactor}]
   --help, -h             show this help
 `;
 
@@ -95,6 +96,7 @@ function main(argv: string[]): number {
       'conv-kernel': { type: 'string' },
       experts: { type: 'string' },
       'experts-used': { type: 'string' },
+      'yarn-factor': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -144,6 +146,7 @@ function main(argv: string[]): number {
     convKernel: parseIntArg('conv-kernel', values['conv-kernel']),
     experts: parseIntArg('experts', values.experts),
     expertsUsed: parseIntArg('experts-used', values['experts-used']),
+    yarnFactor: parseIntArg('yarn-factor', values['yarn-factor']),
   };
   const r = values.arch === undefined ? writeLlamaModel(out, options) : writeModel(out, { ...options, ...familyOptions, family: values.arch as ModelFamily });
   const ms = performance.now() - t0;

@@ -65,9 +65,10 @@ void chat::compact(step_context & e) {
             e.note_shift();
         }
     } else {
-        // Keys that cannot move (M-RoPE without llama.cpp's internals) are recomputed where they go: the retained tokens, re-prefilled once at
-        // 0..n-1 (at most maxTokens, once per positionLimit - maxTokens positions). The recurrent state
-        // of a hybrid must not see them twice, and a failed decode must leave the chat as it was.
+        // Keys that cannot move (M-RoPE or YaRN without llama.cpp's internals) are recomputed where
+        // they go: the retained tokens, re-prefilled once at 0..n-1 (at most maxTokens, once per
+        // positionLimit - maxTokens positions). The recurrent state of a hybrid must not see them
+        // twice, and a failed decode must leave the chat as it was.
         const std::vector<uint8_t> before = kv_state_save(ctx, slot_);
         const std::vector<uint8_t> recurrent = kv_recurrent_save(ctx, slot_);
         std::vector<int32_t> tokens;

@@ -5,6 +5,7 @@
 #include "llama.h"
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <typeinfo>
@@ -58,8 +59,53 @@ llama_kv_cache * full_cache_of(llama_context * ctx) {
     return nullptr;
 }
 
+// Every attention KV cache of the context: with sliding-window layers the full layers' and the
+// window's; a hybrid's attention half.
+std::vector<llama_kv_cache *> attention_caches_of(llama_context * ctx) {
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx))) {
+        return { iswa->get_base(), iswa->get_swa() };
+    }
+    llama_kv_cache * kv = full_cache_of(ctx);
+    return kv != nullptr ? std::vector<llama_kv_cache *>{ kv } : std::vector<llama_kv_cache *>{};
+}
+
+// The magnitude ggml's rope gives a rotated pair at this layer with the context's YaRN settings
+// (ggml-cpu ops.cpp rope_yarn: cos and sin times attn_factor, and times 1 + 0.1 ln(1 / freq_scale)
+// where ext_factor != 0). A model's own rope applies it once on purpose (YaRN's attention
+// temperature); a K-shift graph that passes the same factors applies it again to keys already scaled.
+float rope_magnitude(const llama_model & model, const llama_cparams & cp, uint32_t il, float attn_factor) {
+    const float freq_scale = model.get_rope_freq_scale(cp, (int) il);
+    return attn_factor * (cp.yarn_ext_factor != 0.0f ? 1.0f + 0.1f * logf(1.0f / freq_scale) : 1.0f);
+}
+
 } // namespace
 #endif
+
+bool kv_shift_rescales_keys(llama_context * ctx) {
+#ifdef FML_HAVE_KV_INTERNALS
+    const llama_model & model = *llama_get_model(ctx);
+    const llama_cparams & cp = ctx->get_cparams();
+    for (uint32_t il = 0; il < model.hparams.n_layer(); ++il) {
+        if (model.hparams.has_rope(il) && std::fabs(rope_magnitude(model, cp, il, cp.yarn_attn_factor) - 1.0f) > 1e-6f) {
+            return true;
+        }
+    }
+    return false;
+#else
+    (void) ctx;
+    return false;
+#endif
+}
+
+bool kv_shift_may_rescale_keys(const llama_model * model) {
+#ifdef FML_HAVE_KV_INTERNALS
+    const llama_hparams & hp = model->hparams;
+    return hp.rope_scaling_type_train == LLAMA_ROPE_SCALING_TYPE_YARN || hp.rope_attn_factor != 1.0f || hp.yarn_attn_factor != 1.0f;
+#else
+    (void) model;
+    return false;
+#endif
+}
 
 kv_memory_kind kv_memory_of(llama_context * ctx) {
 #ifdef FML_HAVE_KV_INTERNALS
@@ -283,10 +329,14 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
     }
     ggml_tensor * hadamard = quantized ? kv.build_input_k_rot(g) : nullptr;
     ggml_cgraph * gf = ggml_new_graph_custom(g, graph_size, false);
+    // M-RoPE text keys turn as NEOX (llama.cpp's build_rope_shift does the same); and a pure rotation:
+    // an attn_factor that cancels the magnitude rope_magnitude says the rope applies.
+    const int mode = hp.rope_type == LLAMA_ROPE_TYPE_MROPE || hp.rope_type == LLAMA_ROPE_TYPE_IMROPE ? LLAMA_ROPE_TYPE_NEOX : hp.rope_type;
     auto rope = [&](ggml_tensor * x, uint32_t il, bool inplace) {
         const auto op = inplace ? &ggml_rope_ext_inplace : &ggml_rope_ext;   // same parameters
-        return op(g, x, shift, nullptr, (int) hp.n_rot(il), LLAMA_ROPE_TYPE_NEOX, (int) cp.n_ctx_orig_yarn, model.get_rope_freq_base(cp, (int) il),
-                  model.get_rope_freq_scale(cp, (int) il), cp.yarn_ext_factor, cp.yarn_attn_factor, cp.yarn_beta_fast, cp.yarn_beta_slow);
+        return op(g, x, shift, nullptr, (int) hp.n_rot(il), mode, (int) cp.n_ctx_orig_yarn, model.get_rope_freq_base(cp, (int) il),
+                  model.get_rope_freq_scale(cp, (int) il), cp.yarn_ext_factor, 1.0f / rope_magnitude(model, cp, il, 1.0f), cp.yarn_beta_fast,
+                  cp.yarn_beta_slow);
     };
     for (uint32_t il : layers) {
         ggml_tensor * k = kv.get_k_storage((int32_t) il);
@@ -350,7 +400,10 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
 bool kv_rotation_supported(const llama_model * model) {
 #if defined(FML_HAVE_KV_INTERNALS) && defined(FML_HAVE_KV_ROTATION)
     const llama_hparams & hp = model->hparams;
-    if ((hp.rope_type != LLAMA_ROPE_TYPE_MROPE && hp.rope_type != LLAMA_ROPE_TYPE_IMROPE) || hp.swa_type != LLAMA_SWA_TYPE_NONE) {
+    const bool rope_supported = hp.rope_type == LLAMA_ROPE_TYPE_NORM || hp.rope_type == LLAMA_ROPE_TYPE_NEOX || hp.rope_type == LLAMA_ROPE_TYPE_MROPE ||
+                                hp.rope_type == LLAMA_ROPE_TYPE_IMROPE;
+    // Chunked windows (Llama 4) and symmetric ones keep cells a plain window would not: not moved here.
+    if (!rope_supported || (hp.swa_type != LLAMA_SWA_TYPE_NONE && hp.swa_type != LLAMA_SWA_TYPE_STANDARD)) {
         return false;
     }
     if (llama_model_is_recurrent(model) || (llama_model_is_hybrid(model) && !kv_layout_of(model).hybrid_supported)) {
@@ -374,7 +427,7 @@ bool kv_rotation_available(llama_context * ctx) {
         return false;
     }
     const kv_memory_kind kind = kv_memory_of(ctx);
-    return (kind == kv_memory_kind::kv || kind == kv_memory_kind::hybrid) && full_cache_of(ctx) != nullptr;
+    return (kind == kv_memory_kind::kv || kind == kv_memory_kind::kv_iswa || kind == kv_memory_kind::hybrid) && full_cache_of(ctx) != nullptr;
 #else
     (void) ctx;
     return false;
@@ -394,67 +447,84 @@ void kv_rotate_positions(llama_context * ctx, int32_t seq, const std::vector<std
             throw fml_error(FML_ERR_INTERNAL, "a position moved below 0 (" + std::to_string(from) + " -> " + std::to_string(to) + ")");
         }
     }
-    llama_kv_cache & kv = *full_cache_of(ctx);
-    // The cells object is the cache's own (get_cells hands it out read-only): positions are set here
-    // without pos_add, whose pending shift llama.cpp would refuse to apply (GGML_ABORT) for M-RoPE.
-    auto & cells = const_cast<llama_kv_cells &>(kv.get_cells(seq));
-    const uint32_t stream = kv.get_n_stream() == 1 ? 0 : (uint32_t) seq;   // llama.cpp maps sequence s to stream s
     std::unordered_map<int32_t, int32_t> target(moves.begin(), moves.end());
-    std::vector<int32_t> delta(kv.get_size(), 0);
-    for (uint32_t i = 0; i < cells.size(); ++i) {
-        if (!cells.is_empty(i) && cells.seq_has(i, seq)) {
-            const auto it = target.find(cells.pos_get(i));
-            if (it != target.end()) {
-                delta[i] = it->second - it->first;
+    const llama_hparams & hp = llama_get_model(ctx)->hparams;
+    // One job per cache and device that holds keys: its layers, and how far each of its cells moves.
+    struct job {
+        llama_kv_cache * kv;
+        uint32_t stream;
+        ggml_backend_dev_t dev;
+        std::vector<uint32_t> layers;
+        const std::vector<int32_t> * delta;
+    };
+    const std::vector<llama_kv_cache *> caches = attention_caches_of(ctx);
+    std::vector<std::vector<int32_t>> deltas(caches.size());
+    std::vector<job> jobs;
+    for (size_t c = 0; c < caches.size(); ++c) {
+        llama_kv_cache & kv = *caches[c];
+        const llama_kv_cells & cells = kv.get_cells(seq);
+        deltas[c].assign(kv.get_size(), 0);
+        for (uint32_t i = 0; i < cells.size(); ++i) {
+            if (!cells.is_empty(i) && cells.seq_has(i, seq)) {
+                const auto it = target.find(cells.pos_get(i));
+                if (it != target.end()) {
+                    deltas[c][i] = it->second - it->first;
+                }
             }
+        }
+        std::map<ggml_backend_dev_t, std::vector<uint32_t>> layers_by_device;
+        for (uint32_t il : kv.get_layer_ids()) {
+            if (hp.has_rope(il)) {
+                ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv.get_k_storage((int32_t) il)->buffer);
+                ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+                if (dev == nullptr && ggml_backend_buft_is_host(buft)) {
+                    dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);   // a plain host buffer names no device
+                }
+                if (dev == nullptr) {
+                    throw fml_error(FML_ERR_KV, "the keys are in a buffer of no known device");
+                }
+                layers_by_device[dev].push_back(il);
+            }
+        }
+        const uint32_t stream = kv.get_n_stream() == 1 ? 0 : (uint32_t) seq;   // llama.cpp maps sequence s to stream s
+        for (auto & [dev, layers] : layers_by_device) {
+            jobs.push_back({ &kv, stream, dev, std::move(layers), &deltas[c] });
         }
     }
     llama_synchronize(ctx);   // the context's own work on these keys is done
-    std::map<ggml_backend_dev_t, std::vector<uint32_t>> layers_by_device;
-    const llama_hparams & hp = llama_get_model(ctx)->hparams;
-    for (uint32_t il : kv.get_layer_ids()) {
-        if (hp.has_rope(il)) {
-            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv.get_k_storage((int32_t) il)->buffer);
-            ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
-            if (dev == nullptr && ggml_backend_buft_is_host(buft)) {
-                dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);   // a plain host buffer names no device
-            }
-            if (dev == nullptr) {
-                throw fml_error(FML_ERR_KV, "the keys are in a buffer of no known device");
-            }
-            layers_by_device[dev].push_back(il);
-        }
-    }
-    for (const auto & [dev, layers] : layers_by_device) {
+    for (size_t j = 0; j < jobs.size(); ++j) {
         try {
-            rotate_keys_on(ctx, kv, dev, layers, stream, delta);
+            rotate_keys_on(ctx, *jobs[j].kv, jobs[j].dev, jobs[j].layers, jobs[j].stream, *jobs[j].delta);
         } catch (const fml_error &) {
-            // Keys split over devices: those already rotated go back, so keys and positions agree.
-            std::vector<int32_t> back(delta.size());
-            std::transform(delta.begin(), delta.end(), back.begin(), [](int32_t d) { return -d; });
-            for (const auto & [done_dev, done_layers] : layers_by_device) {
-                if (done_dev == dev) {
-                    break;
-                }
-                rotate_keys_on(ctx, kv, done_dev, done_layers, stream, back);
+            // Keys split over caches or devices: those already rotated go back, so keys and positions agree.
+            for (size_t done = 0; done < j; ++done) {
+                std::vector<int32_t> back(jobs[done].delta->size());
+                std::transform(jobs[done].delta->begin(), jobs[done].delta->end(), back.begin(), [](int32_t d) { return -d; });
+                rotate_keys_on(ctx, *jobs[done].kv, jobs[done].dev, jobs[done].layers, jobs[done].stream, back);
             }
             throw;
         }
     }
-    for (uint32_t i = 0; i < cells.size(); ++i) {
-        if (delta[i] == 0) {
-            continue;
+    for (size_t c = 0; c < caches.size(); ++c) {
+        // The cells object is the cache's own (get_cells hands it out read-only): positions are set
+        // here without pos_add, whose pending shift llama.cpp would apply again (and GGML_ABORTs on for M-RoPE).
+        auto & cells = const_cast<llama_kv_cells &>(caches[c]->get_cells(seq));
+        const std::vector<int32_t> & delta = deltas[c];
+        for (uint32_t i = 0; i < cells.size(); ++i) {
+            if (delta[i] == 0) {
+                continue;
+            }
+            const llama_pos from = cells.pos_get(i);
+            const llama_pos to = from + delta[i];
+            llama_kv_cell_ext ext = cells.ext_get(i);
+            cells.rm(i);
+            cells.pos_set(i, to);
+            cells.seq_add(i, seq);
+            if (ext.x == from && ext.y == from) {
+                ext.x = ext.y = to;   // a text token's 2D position is its position (llama_batch_allocr)
+            }
+            cells.ext_set(i, ext);
         }
-        const llama_pos from = cells.pos_get(i);
-        const llama_pos to = from + delta[i];
-        llama_kv_cell_ext ext = cells.ext_get(i);
-        cells.rm(i);
-        cells.pos_set(i, to);
-        cells.seq_add(i, seq);
-        if (ext.x == from && ext.y == from) {
-            ext.x = ext.y = to;   // a text token's 2D position is its position (llama_batch_allocr)
-        }
-        cells.ext_set(i, ext);
     }
     if (auto * hybrid = hybrid_of(ctx)) {
         const auto it = target.find(hybrid->get_mem_recr()->seq_pos_max(seq));

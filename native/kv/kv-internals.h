@@ -80,16 +80,27 @@ void kv_recurrent_set_pos(llama_context * ctx, int32_t seq, int32_t pos);
 // that left a sliding layer's window stays out of it, deterministically. No-op for other caches.
 void kv_prune_sliding_window(llama_context * ctx, int32_t seq, int32_t next_pos);
 
-// Keys with multi-section positions (M-RoPE, interleaved or not), which llama.cpp refuses to shift
-// (get_can_shift) because an image token's sections hold different coordinates. A text token's
-// sections all hold its one position, so moving it by d rotates every pair of its rotated dims by d
-// times that pair's frequency: a NEOX rotation, which is what llama.cpp's own K-shift graph runs for
-// these models (build_rope_shift). True where this build can do that for the context: the model is
-// supported (kv_rotation_supported) and the context's memory is one KV cache or a plain hybrid.
+// Keys this library moves itself, where llama.cpp's K-shift cannot or would be wrong: multi-section
+// positions (M-RoPE, interleaved or not), which llama.cpp refuses to shift (get_can_shift) because
+// an image token's sections hold different coordinates (a text token's sections all hold its one
+// position, so moving it by d is a NEOX rotation, what llama.cpp's build_rope_shift runs for them),
+// and YaRN models (gpt-oss), whose keys llama.cpp's shift graph scales by YaRN's magnitude again at
+// every shift (kv_shift_rescales_keys). True where this build can do that for the context: the
+// model is supported (kv_rotation_supported) and the context's memory is KV caches (with or without
+// sliding-window layers) or a plain hybrid.
 bool kv_rotation_available(llama_context * ctx);
-// Whether this build can rotate the model's M-RoPE keys: it has llama.cpp's internals, no layer has
-// rope factors, and the model's memory is one KV cache or a plain hybrid. False without M-RoPE.
+// Whether this build can rotate the model's keys: it has llama.cpp's internals, its rope is norm,
+// NEOX or M-RoPE, no layer has rope factors, windows (if any) are plain sliding ones, and the
+// model's memory is KV caches or a plain hybrid.
 bool kv_rotation_supported(const llama_model * model);
+
+// Whether llama.cpp's K-shift of this context would change its keys' magnitude besides their
+// rotation (ggml's rope scales by the YaRN factors the context passes: gpt-oss's YaRN by 1.35 per
+// shift). Where it would, positions move by kv_rotate_positions, which rotates only.
+bool kv_shift_rescales_keys(llama_context * ctx);
+// The same before a context exists, from the model's metadata alone (no user option changes its
+// rope): true where it might (YaRN, or an attention factor), false where it cannot.
+bool kv_shift_may_rescale_keys(const llama_model * model);
 
 // Moves the cells of `seq` at each old position to its new one (`moves`: (old, new), old positions
 // unique; new ones must not collide with positions that stay) and re-rotates their keys now, in one

@@ -68,8 +68,8 @@ static size_t move_positions(llama_context * ctx, int32_t seq, token_ledger & le
         return 0;
     }
     llama_memory_t mem = llama_get_memory(ctx);
-    if (!llama_memory_can_shift(mem)) {
-        // M-RoPE: every moved cell at once, keys rotated now (kv-internals; kv_can_shift said so).
+    if (!kv_shift_deferred(ctx)) {
+        // M-RoPE or YaRN: every moved cell at once, keys rotated now (kv-internals; kv_can_shift said so).
         std::vector<std::pair<int32_t, int32_t>> moves;
         for (size_t i = 0; i < ledger.size(); ++i) {
             if (ledger[i].pos != targets[i]) {
@@ -710,7 +710,7 @@ void kv_remove_from(llama_context * ctx, int32_t seq, int32_t pos) {
 int32_t kv_pos_min(llama_context * ctx, int32_t seq) { check_seq(ctx, seq); return kv_full_cache_pos_min(ctx, seq); }
 int32_t kv_pos_max(llama_context * ctx, int32_t seq) { check_seq(ctx, seq); return llama_memory_seq_pos_max(llama_get_memory(ctx), seq); }
 bool kv_can_shift(llama_context * ctx) { return kv_shift_deferred(ctx) || kv_rotation_available(ctx); }
-bool kv_shift_deferred(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
+bool kv_shift_deferred(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)) && !kv_shift_rescales_keys(ctx); }
 
 size_t kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32_t delta) {
     check_seq(ctx, seq);

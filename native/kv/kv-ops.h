@@ -123,10 +123,11 @@ void kv_remove_from(llama_context * ctx, int32_t seq, int32_t pos);
 int32_t kv_pos_min(llama_context * ctx, int32_t seq);
 int32_t kv_pos_max(llama_context * ctx, int32_t seq);
 
-// Keys can move to new positions: by llama.cpp's K-shift, or (M-RoPE) by kv_rotate_positions.
+// Keys can move to new positions: by llama.cpp's K-shift, or (M-RoPE, YaRN) by kv_rotate_positions.
 bool kv_can_shift(llama_context * ctx);
 // A move of positions is applied by llama.cpp inside the next decode (its K-shift of every cell of
-// the context), not at once (the M-RoPE rotation is done when the positions move).
+// the context), not at once: where llama.cpp can shift and its shift only rotates (otherwise the
+// rotation of kv-internals is done when the positions move).
 bool kv_shift_deferred(llama_context * ctx);
 // Moves every retained position of `seq` by `delta` (tests: RoPE is relative, logits must not change).
 // Below 0: llama.cpp's seq_add drops those cells (a test crafts a corrupt checkpoint so); the M-RoPE

@@ -116,10 +116,12 @@ static void describe_memory(const llama_model * model, const model_load_options 
         info.n_head_kv = layout.kv_heads;   // LFM2's layer 0 is a convolution: llama_model_n_head_kv says 0
     }
     info.recurrent_bytes = layout.recurrent_bytes;
-    // llama_kv_cache::get_can_shift: multi-section positions (M-RoPE) have no K-shift in llama.cpp;
-    // kv-internals rotates text tokens' keys itself (kv_rotate_positions), unquantized ones.
+    // llama_kv_cache::get_can_shift: multi-section positions (M-RoPE) have no K-shift in llama.cpp,
+    // and its shift of YaRN keys scales them too; kv-internals rotates such keys itself
+    // (kv_rotate_positions). The engine decides the same with its context (kv_can_shift).
     const bool mrope = rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE;
-    info.can_shift = (!mrope || (kv_rotation_supported(model) && !opts.test_no_key_rotation)) && info.architecture != "step35";
+    const bool llama_shift_exact = !mrope && !kv_shift_may_rescale_keys(model);
+    info.can_shift = (llama_shift_exact || (kv_rotation_supported(model) && !opts.test_no_key_rotation)) && info.architecture != "step35";
     const std::string arch = "architecture " + info.architecture;
     if (llama_model_is_recurrent(model)) {
         info.memory = "recurrent";

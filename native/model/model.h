@@ -46,7 +46,7 @@ struct model_info {
     int32_t kv_layers = 0;            // layers with a KV cache: what finite memory bounds
     uint64_t kv_values_per_token = 0; // K and V elements one retained token holds over those layers
     uint64_t recurrent_bytes = 0;     // one chat's recurrent state (hybrid: fixed-size, never evicted)
-    bool can_shift = false;           // keys can be re-rotated to new positions (not with M-RoPE)
+    bool can_shift = false;           // keys can be re-rotated to new positions (by llama.cpp, or by kv_rotate_positions)
     std::string rope;                 // "norm", "neox", "mrope", "imrope", "vision" or "none"
     bool in_place_eviction = false;
     std::string unsupported_reason;   // why not, when not

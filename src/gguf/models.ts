@@ -1,6 +1,6 @@
 /**
  * Model generators: seeded random-weight GGUF files in the shapes of the families people load
- * (Llama 3, Mistral, Qwen 2/3, Gemma 3, Phi-3, a Qwen3 MoE), the M-RoPE ones (Qwen2-VL and
+ * (Llama 3, Mistral, Qwen 2/3, Gemma 3/4, Phi-3, a Qwen3 MoE, gpt-oss), the M-RoPE ones (Qwen2-VL and
  * Qwen3-VL text models), the hybrids of attention and a recurrent state (Qwen3.5 and its MoE with
  * Gated DeltaNet layers, LFM2 with short convolutions), and Mamba, whose recurrent state alone
  * finite memory cannot evict from, so that answer can be tested too.
@@ -37,6 +37,7 @@ export const MODEL_FAMILIES = {
   gemma3: { arch: 'gemma3', template: 'gemma', addSpacePrefix: false, about: 'Gemma 3: interleaved sliding-window layers, q/k and post norms, scaled embeddings, tied output, Gemma template' },
   gemma4: { arch: 'gemma4', template: 'gemma4', addSpacePrefix: false, about: 'Gemma 4: sliding-window layers of headDim and full-attention layers of 2 x headDim, q/k/v norms, scaled embeddings, tied output, Gemma 4 template (framed as ChatML: llama.cpp has no formatter for it)' },
   phi3: { arch: 'phi3', template: 'phi3', addSpacePrefix: true, about: 'Phi-3: fused QKV and gate/up, NEOX RoPE, Phi-3 template' },
+  gptoss: { arch: 'gpt-oss', template: 'harmony', addSpacePrefix: false, about: 'gpt-oss: sliding-window layers alternating with full attention, attention sinks, QKV and output biases, routed experts with biases (SwiGLU-OAI), YaRN RoPE, harmony template' },
   qwen3moe: { arch: 'qwen3moe', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3 MoE: routed experts (softmax top-k), q/k norms, ChatML' },
   qwen2vl: { arch: 'qwen2vl', template: 'chatml', addSpacePrefix: false, about: 'Qwen2-VL text model: M-RoPE positions, ChatML' },
   qwen3vl: { arch: 'qwen3vl', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3-VL text model: interleaved M-RoPE, q/k norms, ChatML' },
@@ -78,11 +79,11 @@ export interface ModelOptions {
   template: TemplateName | undefined;
   /** tokenizer.chat_template text: undefined = the template's; null writes none (a base model: plain framing) */
   chatTemplate: string | null | undefined;
-  /** gemma3, gemma4: sliding-window size of its local layers */
+  /** gemma3, gemma4, gptoss: sliding-window size of its local layers */
   slidingWindow: number;
-  /** gemma3, gemma4: every n-th layer is global (full attention), the others slide */
+  /** gemma3, gemma4, gptoss: every n-th layer is global (full attention), the others slide */
   swaPattern: number;
-  /** qwen3moe, qwen35moe: experts per layer, and how many each token uses */
+  /** qwen3moe, qwen35moe, gptoss: experts per layer, and how many each token uses */
   experts: number;
   expertsUsed: number;
   /** qwen35, qwen35moe, lfm2: layer i attends when (i + 1) is a multiple of this; the others are recurrent */
@@ -95,6 +96,8 @@ export interface ModelOptions {
   ssmHeads: number;
   /** qwen35, qwen35moe: the DeltaNet convolution's kernel; lfm2: the short convolution's length (0 = the family's: 4, 3) */
   convKernel: number;
+  /** YaRN context extension: the trained context is this many times the original (0 = the family's: 32 for gptoss, none for the others) */
+  yarnFactor: number;
 }
 
 /** Options accepted by writeModel: any subset; missing or undefined fields take the defaults. */
@@ -125,6 +128,7 @@ export const DEFAULT_MODEL_OPTIONS: Readonly<ModelOptions> = Object.freeze({
   ssmGroups: 2,
   ssmHeads: 4,
   convKernel: 0,
+  yarnFactor: 0,
 });
 
 
@@ -148,7 +152,9 @@ const BYTE_LOGIT_SCALE = 0.5; // output rows of the 256 byte tokens are scaled d
 const NORM_NOISE = 0.05; // norm weights ~ 1 + NORM_NOISE * N(0, 1)
 const BIAS_STD = 0.1;
 /** RoPE bases of the real models (the others use 10000). */
-const ROPE_BASE: Record<string, number> = { gemma3: 1e6, qwen35: 1e7, qwen35moe: 1e7, qwen3vl: 5e6, lfm2: 1e6 };
+const ROPE_BASE: Record<string, number> = { 'gpt-oss': 150000, gemma3: 1e6, qwen35: 1e7, qwen35moe: 1e7, qwen3vl: 5e6, lfm2: 1e6 };
+/** YaRN by family: gpt-oss's trained context is 32 x the original (131072 = 32 x 4096). */
+const YARN_FACTOR: Record<string, number> = { 'gpt-oss': 32 };
 /** Mamba: d_inner = 2 x embd (llama.cpp accepts only that), the usual state size and kernel. */
 const SSM = { stateSize: 16, convKernel: 4, dtRank: 4 } as const;
 
@@ -170,7 +176,7 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   for (const key of ['layers', 'embd', 'heads', 'kvHeads', 'headDim', 'ffn', 'ctx', 'slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ssmStateSize', 'ssmGroups', 'ssmHeads'] as const) {
     checkPositiveInt(key, o[key]);
   }
-  for (const key of ['ropeDims', 'convKernel'] as const) {
+  for (const key of ['ropeDims', 'convKernel', 'yarnFactor'] as const) {
     if (!Number.isInteger(o[key]) || o[key] < 0) throw new Error(`${key} must be a non-negative integer, got ${o[key]}`);
   }
   if (o.layers > MAX_LAYERS) throw new Error(`layers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers}`);
@@ -300,7 +306,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   const rot = o.ropeDims || o.headDim;
   const convKernel = o.convKernel || (arch === 'lfm2' ? 3 : 4);
   /** gemma4: which layers slide (every swaPattern-th is full attention), and the full layers' head size. */
-  const slides = (i: number): boolean => (i + 1) % o.swaPattern !== 0;
+  const slides = (i: number): boolean => (i + 1) % o.swaPattern !== 0; // also llama.cpp's set_swa_pattern for gemma3 and gpt-oss
   const fullHeadDim = arch === 'gemma4' ? 2 * o.headDim : o.headDim;
   let ropeFreqsWritten = false;
   /** Hybrids: which layers attend (the others are recurrent: DeltaNet or a short convolution). */
@@ -353,7 +359,18 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     w.addUint32(key('attention.shared_kv_layers'), 0);
     w.addFloat32(key('final_logit_softcapping'), 30);
   }
-  if (arch === 'qwen3moe') {
+  if (arch === 'gpt-oss') {
+    w.addUint32(key('attention.sliding_window'), o.slidingWindow);
+    w.addUint32(key('attention.sliding_window_pattern'), o.swaPattern);
+  }
+  const yarnFactor = o.yarnFactor || (YARN_FACTOR[arch] ?? 0);
+  if (yarnFactor > 0 && arch !== 'mamba') {
+    // The rope applies YaRN's magnitude (attention temperature) besides the rotation: what a K-shift must not repeat.
+    w.addString(key('rope.scaling.type'), 'yarn');
+    w.addFloat32(key('rope.scaling.factor'), yarnFactor);
+    w.addUint32(key('rope.scaling.original_context_length'), Math.max(1, Math.floor(o.ctx / yarnFactor)));
+  }
+  if (arch === 'qwen3moe' || arch === 'gpt-oss') {
     w.addUint32(key('expert_count'), o.experts);
     w.addUint32(key('expert_used_count'), o.expertsUsed);
     w.addUint32(key('expert_feed_forward_length'), o.ffn);
@@ -434,6 +451,10 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
       gemma4Layer(i);
       continue;
     }
+    if (arch === 'gpt-oss') {
+      gptOssLayer(i);
+      continue;
+    }
     norm(`${p}attn_norm.weight`);
     if (arch === 'mamba') {
       const inner = 2 * E;
@@ -507,6 +528,31 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     matrix(`${p}ffn_up.weight`, [E, o.ffn]);
     matrix(`${p}ffn_down.weight`, [o.ffn, E]);
     norm(`${p}post_ffw_norm.weight`);
+  }
+
+  /** One gpt-oss layer: biased attention with a sink logit per head, then routed experts with biases. */
+  function gptOssLayer(i: number): void {
+    const p = `blk.${i}.`;
+    norm(`${p}attn_norm.weight`);
+    matrix(`${p}attn_q.weight`, [E, qDim]);
+    matrix(`${p}attn_k.weight`, [E, kvDim]);
+    matrix(`${p}attn_v.weight`, [E, kvDim]);
+    bias(`${p}attn_q.bias`, qDim);
+    bias(`${p}attn_k.bias`, kvDim);
+    bias(`${p}attn_v.bias`, kvDim);
+    matrix(`${p}attn_output.weight`, [qDim, E]);
+    bias(`${p}attn_output.bias`, E);
+    // A sink is a logit every query's softmax has besides its keys' (no value): about as large as a key's.
+    tensor(`${p}attn_sinks.weight`, [o.heads], GGMLType.F32, 1);
+    norm(`${p}post_attention_norm.weight`);
+    tensor(`${p}ffn_gate_inp.weight`, [E, o.experts], GGMLType.F32, 1 / Math.sqrt(E));
+    bias(`${p}ffn_gate_inp.bias`, o.experts);
+    matrix(`${p}ffn_gate_exps.weight`, [E, o.ffn, o.experts]);
+    matrix(`${p}ffn_up_exps.weight`, [E, o.ffn, o.experts]);
+    matrix(`${p}ffn_down_exps.weight`, [o.ffn, E, o.experts]);
+    tensor(`${p}ffn_gate_exps.bias`, [o.ffn, o.experts], GGMLType.F32, BIAS_STD);
+    tensor(`${p}ffn_up_exps.bias`, [o.ffn, o.experts], GGMLType.F32, BIAS_STD);
+    tensor(`${p}ffn_down_exps.bias`, [E, o.experts], GGMLType.F32, BIAS_STD);
   }
 
   /** One layer of a hybrid: its mixer (attention, or DeltaNet / short convolution) and its feed-forward. */
@@ -584,7 +630,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
 // ---- the llama generator most tests use (ChatML by default, as before there were families) ----
 
 /** Options only some families read (the llama generator has none of them). */
-const FAMILY_ONLY_OPTIONS = ['slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ropeDims', 'ssmStateSize', 'ssmGroups', 'ssmHeads', 'convKernel'] as const;
+const FAMILY_ONLY_OPTIONS = ['slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ropeDims', 'ssmStateSize', 'ssmGroups', 'ssmHeads', 'convKernel', 'yarnFactor'] as const;
 type FamilyOnlyOption = (typeof FAMILY_ONLY_OPTIONS)[number];
 
 export type LlamaModelOptions = Omit<ModelOptions, 'family' | FamilyOnlyOption | 'template' | 'chatTemplate'> & {

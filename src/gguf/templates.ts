@@ -229,6 +229,42 @@ const GEMMA4 = String.raw`{{- bos_token -}}
     {%- endif -%}
 {%- endif -%}`;
 
+/**
+ * gpt-oss (openai/gpt-oss-20b's harmony template, abridged: the tool, reasoning-effort and
+ * thinking branches left out). llama.cpp picks its gpt-oss formatter by `<|start|>` and `<|channel|>`
+ * and renders every message as `<|start|>role<|message|>content<|end|>` (an assistant's ends with
+ * `<|return|>`), which is what chats of such a model are framed with.
+ */
+const HARMONY = String.raw`{#- Abridged from openai/gpt-oss-20b chat_template.jinja -#}
+{%- macro render_system_message(model_identity, reasoning_effort) -%}
+    {{- model_identity + "\n" }}
+    {{- "Knowledge cutoff: 2024-06\n" }}
+    {{- "\nReasoning: " + reasoning_effort + "\n\n" }}
+    {{- "# Valid channels: analysis, commentary, final. Channel must be included for every message." }}
+{%- endmacro -%}
+{{- "<|start|>system<|message|>" }}
+{{- render_system_message("You are ChatGPT, a large language model trained by OpenAI.", reasoning_effort | default("medium")) }}
+{{- "<|end|>" }}
+{%- if messages[0].role == "developer" or messages[0].role == "system" %}
+    {{- "<|start|>developer<|message|># Instructions\n\n" + messages[0].content + "<|end|>" }}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- for message in loop_messages -%}
+    {%- if message.role == "assistant" -%}
+        {%- if "thinking" in message and loop.last %}
+            {{- "<|start|>assistant<|channel|>analysis<|message|>" + message.thinking + "<|end|>" }}
+        {%- endif %}
+        {{- "<|start|>assistant<|channel|>final<|message|>" + message.content + "<|end|>" }}
+    {%- elif message.role == "user" -%}
+        {{- "<|start|>user<|message|>" + message.content + "<|end|>" }}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|start|>assistant
+{%- endif -%}`;
+
 export const TEMPLATES = {
   chatml: { text: QWEN_CHATML, control: [], endOfTurn: '<|im_end|>' },
   qwen3: { text: QWEN3_CHATML, control: [], endOfTurn: '<|im_end|>' },
@@ -239,6 +275,9 @@ export const TEMPLATES = {
   llama3: { text: LLAMA3, control: ['<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'], endOfTurn: '<|eot_id|>' },
   gemma: { text: GEMMA3, control: ['<start_of_turn>', '<end_of_turn>'], endOfTurn: '<end_of_turn>' },
   phi3: { text: PHI3, control: ['<|system|>', '<|user|>', '<|assistant|>', '<|end|>'], endOfTurn: '<|end|>' },
+  // <|call|> too: with <|return|> and it in the vocabulary llama.cpp stops treating <|end|> (which ends a
+  // thinking message) as the end of generation, as for the real models.
+  harmony: { text: HARMONY, control: ['<|start|>', '<|message|>', '<|channel|>', '<|constrain|>', '<|end|>', '<|return|>', '<|call|>'], endOfTurn: '<|return|>' },
   mistral: { text: MISTRAL, control: ['[INST]', '[/INST]', '[AVAILABLE_TOOLS]', '[/AVAILABLE_TOOLS]'], endOfTurn: '</s>' },
 } as const satisfies Record<string, TemplateFamily>;
 

@@ -103,8 +103,8 @@ export interface ChatOptions {
    * keep their true distances (as sliding-window attention sees them) and new tokens are numbered on,
    * so an eviction is one seq_rm and never re-rotates the cache. Positions are compacted only when the
    * next one would pass `positionLimit`. 'compact': renumbered 0..n-1 at every eviction (a K-shift of
-   * every cell of the context in the next decode; M-RoPE keys rotated at once); not where keys
-   * cannot move (M-RoPE in a build without llama.cpp's internals).
+   * every cell of the context in the next decode; M-RoPE and YaRN keys rotated at once); not where
+   * keys cannot move (M-RoPE or YaRN keys in a build without llama.cpp's internals).
    */
   positions?: 'keep' | 'compact';
   /**

@@ -59,7 +59,7 @@ export interface TurnStats {
    * positions 'compact'; with 'keep', only when the next position would pass `positionLimit`.
    */
   compactions: number;
-  /** Time those compactions took: an M-RoPE rotation of the keys, or a re-prefill's decodes where they cannot move (M-RoPE in a build without llama.cpp's internals); for llama.cpp's K-shift only its bookkeeping (the shift itself runs inside the next decode). */
+  /** Time those compactions took: this library's rotation of the keys (M-RoPE, YaRN), or a re-prefill's decodes where they cannot move (those in a build without llama.cpp's internals); for llama.cpp's K-shift only its bookkeeping (the shift itself runs inside the next decode). */
   compactMs: number;
   /** Tokens in the KV cache after the turn (<= maxTokens). */
   retainedTokens: number;

@@ -351,6 +351,51 @@ describe('M-RoPE keys in a q8_0 cache (stored Hadamard-rotated by llama.cpp; 16 
   });
 });
 
+describe('YaRN keys (gpt-oss; any model extended with YaRN): moved by a rotation alone', () => {
+  // llama.cpp's K-shift graph passes the context's YaRN factors to ggml's rope, which scales the
+  // rotated pairs by YaRN's magnitude (1 + 0.1 ln(factor): 1.35 for gpt-oss) at every shift: keys
+  // already scaled once by the model's own rope grew at each move (logits moved by ~1.7 here).
+  it.each([
+    ['llama', 'f32', { family: 'llama', yarnFactor: 4 }],
+    ['qwen3', 'f32', { family: 'qwen3', yarnFactor: 8 }],
+    ['gptoss', 'f32', { family: 'gptoss' }],
+    ['gptoss', 'q8_0', { family: 'gptoss', headDim: 64, embd: 128 }],
+  ] as const)('%s (%s keys): every position shifted by 40 leaves the logits as they were, with no K-shift of llama.cpp', async (name, kvType, options) => {
+    const path = join(dir, `${name}-yarn-${kvType}.gguf`);
+    writeModel(path, { seed: 9, ...options });
+    const m = await loadModel(path, { threads: THREADS, slots: 2 });
+    try {
+      expect(m.info.canShift).toBe(true);
+      const chat = m.createChat({ kvType, flashAttention: kvType !== 'f32', maxTokens: 256 });
+      await chat.send('Tell me about the sea and the sky, and why the rain falls.', { maxNewTokens: 12, temperature: 0 });
+      const internals = chat._internals();
+      const probe = m.tokenize('the')[0]!;
+      const before = internals.probeLogits(probe);
+      internals.shiftPositions(40);
+      internals.shiftPositions(-25);
+      // q8_0: re-quantizing the turned keys moves these logits by 0.2-0.7 (three seeds); llama.cpp's
+      // shift, which rescaled them, by 6-12 (and the f32 ones by ~1.7).
+      expect(maxAbsDiff(internals.probeLogits(probe), before)).toBeLessThan(kvType === 'f32' ? 1e-3 : 1);
+      expect(internals.engineStats(true).shiftSteps).toBe(0);
+      checkCache(chat, 256);
+      chat.dispose();
+    } finally {
+      m.dispose();
+    }
+  });
+
+  it('without YaRN llama.cpp still shifts (in the next step), as before', async () => {
+    const chat = model('llama').createChat({ ...EXACT, maxTokens: 256 });
+    await chat.send('Tell me about the sea.', { maxNewTokens: 4, temperature: 0 });
+    const internals = chat._internals();
+    const steps = internals.engineStats(true).shiftSteps;
+    internals.shiftPositions(10);
+    await chat.send('And the sky?', { maxNewTokens: 2, temperature: 0 });
+    expect(internals.engineStats(true).shiftSteps).toBe(steps + 1);
+    chat.dispose();
+  });
+});
+
 describe('options', () => {
   it("positions 'compact' is refused where keys cannot shift (M-RoPE keys not rotated), saying why", () => {
     for (const m of [unrotated]) {

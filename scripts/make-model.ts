@@ -45,13 +45,13 @@ ${MODEL_FAMILY_NAMES.map((f) => `                           ${f}: ${MODEL_FAMILI
   --name <s>             general.name
 Family options (ignored by the others):
   --attention-interval <n>  qwen35, qwen35moe, lfm2: layer i attends when i + 1 is a multiple of n [${DEFAULT_MODEL_OPTIONS.attentionInterval}]
-  --rope-dims <n>        qwen35, qwen35moe: rotary dimensions per head (0: the head dim) [${DEFAULT_MODEL_OPTIONS.ropeDims}]
+  --rope-dims <n>        qwen35, qwen35moe: rotary dimensions per head; deepseek2: of the shared rotary key (0: the head dim; deepseek2: half of it) [${DEFAULT_MODEL_OPTIONS.ropeDims}]
   --ssm-state <n>        qwen35, qwen35moe: Gated DeltaNet head size (16, 32, 64 or 128) [${DEFAULT_MODEL_OPTIONS.ssmStateSize}]
   --ssm-groups <n>       qwen35, qwen35moe: DeltaNet key heads [${DEFAULT_MODEL_OPTIONS.ssmGroups}]
   --ssm-heads <n>        qwen35, qwen35moe: DeltaNet value heads [${DEFAULT_MODEL_OPTIONS.ssmHeads}]
   --conv-kernel <n>      qwen35, qwen35moe: DeltaNet convolution; lfm2: short convolution (0: 4 / 3) [${DEFAULT_MODEL_OPTIONS.convKernel}]
-  --experts <n>          qwen3moe, qwen35moe, gptoss: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
-  --experts-used <n>     qwen3moe, qwen35moe, gptoss: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
+  --experts <n>          qwen3moe, qwen35moe, gptoss, deepseek2: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
+  --experts-used <n>     qwen3moe, qwen35moe, gptoss, deepseek2: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
   --yarn-factor <n>      YaRN context extension factor (0: the family's, 32 for gptoss, none for the others) [${DEFAULT_MODEL_OPTIONS.yarnFactor}]
   --help, -h             show this help
 `;
@@ -158,9 +158,11 @@ function main(argv: string[]): number {
     `wrote ${out}`,
     `  architecture  ${r.arch}, ${o.layers} layers, embd ${o.embd}, ffn ${o.ffn}, ctx ${o.ctx}`,
     `  attention     ${o.heads} heads x ${o.headDim} (q ${o.heads * o.headDim}), ${o.kvHeads} kv heads (kv ${o.kvHeads * o.headDim})`,
-    hybrid
-      ? `  kv cache      ${2 * attentionLayers * o.kvHeads * o.headDim} values per token (the ${attentionLayers} attention layers, K+V; the other ${o.layers - attentionLayers} keep a recurrent state)`
-      : `  kv cache      ${2 * o.layers * o.kvHeads * o.headDim} values per token (all layers, K+V)`,
+    r.arch === 'deepseek2'
+      ? `  kv cache      ${o.layers * (4 * o.headDim + (o.ropeDims || o.headDim / 2))} values per token (latent attention: each layer's latent and shared rotary key; no values)`
+      : hybrid
+        ? `  kv cache      ${2 * attentionLayers * o.kvHeads * o.headDim} values per token (the ${attentionLayers} attention layers, K+V; the other ${o.layers - attentionLayers} keep a recurrent state)`
+        : `  kv cache      ${2 * o.layers * o.kvHeads * o.headDim} values per token (all layers, K+V)`,
     `  vocab         ${r.nVocab} tokens (bos ${r.specialTokens.bos}, eos ${r.specialTokens.eos}, chat template ${values.arch ?? 'chatml'})`,
     `  weights       ${o.type}, seed ${o.seed}, ${r.nParams.toLocaleString('en-US')} params in ${r.tensors.length} tensors`,
     `  file size     ${r.fileSize} bytes (${formatBytes(r.fileSize)}), written in ${ms.toFixed(0)} ms`,

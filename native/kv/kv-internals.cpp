@@ -69,6 +69,21 @@ std::vector<llama_kv_cache *> attention_caches_of(llama_context * ctx) {
     return kv != nullptr ? std::vector<llama_kv_cache *>{ kv } : std::vector<llama_kv_cache *>{};
 }
 
+// llama.cpp's shift graph of a quantized key cache applies the cache's Hadamard matrix
+// (llama_mul_mat_hadamard reads rot->ne[0]) whether the cache made one or not: it makes one only
+// for heads that are a multiple of 64 values, so shifting a quantized cache of other heads (Phi-3's
+// 96, a tiny latent attention's) dereferenced a null tensor and crashed the process.
+bool llama_shift_would_crash(llama_kv_cache & kv) {
+    if (!ggml_is_quantized(kv.type_k())) {
+        return false;
+    }
+    const ggml_init_params params{ ggml_tensor_overhead(), nullptr, true };
+    ggml_context * probe = ggml_init(params);
+    const bool has_matrix = probe != nullptr && kv.build_input_k_rot(probe) != nullptr;
+    ggml_free(probe);
+    return !has_matrix;
+}
+
 // The magnitude ggml's rope gives a rotated pair at this layer with the context's YaRN settings
 // (ggml-cpu ops.cpp rope_yarn: cos and sin times attn_factor, and times 1 + 0.1 ln(1 / freq_scale)
 // where ext_factor != 0). A model's own rope applies it once on purpose (YaRN's attention
@@ -81,10 +96,15 @@ float rope_magnitude(const llama_model & model, const llama_cparams & cp, uint32
 } // namespace
 #endif
 
-bool kv_shift_rescales_keys(llama_context * ctx) {
+bool kv_llama_shift_unsound(llama_context * ctx) {
 #ifdef FML_HAVE_KV_INTERNALS
     const llama_model & model = *llama_get_model(ctx);
     const llama_cparams & cp = ctx->get_cparams();
+    for (llama_kv_cache * kv : attention_caches_of(ctx)) {
+        if (llama_shift_would_crash(*kv)) {
+            return true;
+        }
+    }
     for (uint32_t il = 0; il < model.hparams.n_layer(); ++il) {
         if (model.hparams.has_rope(il) && std::fabs(rope_magnitude(model, cp, il, cp.yarn_attn_factor) - 1.0f) > 1e-6f) {
             return true;
@@ -148,7 +168,8 @@ kv_model_layout kv_layout_of(const llama_model * model) {
         out.sliding_layers.push_back(attends && hp.is_swa(il));
         if (attends) {
             out.kv_heads = out.kv_heads > 0 ? out.kv_heads : (int32_t) hp.n_head_kv(il);
-            out.kv_values_per_token += (uint64_t) hp.n_embd_k_gqa(il) + hp.n_embd_v_gqa(il);
+            // Latent attention (DeepSeek-V2/V3, GLM-4.7-Flash) keeps no value cache: values are a view of the keys' latent.
+            out.kv_values_per_token += (uint64_t) hp.n_embd_k_gqa(il) + (hp.is_mla() ? 0 : hp.n_embd_v_gqa(il));
         }
         if (recurs) {
             out.recurrent_bytes += per_layer + (hp.ple_conv_state() > 0 && hp.is_ple(il) ? (uint64_t) hp.ple_conv_state() * sizeof(float) : 0);
@@ -350,19 +371,23 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
         if (!quantized) {
             cur = rope(ggml_view_3d(g, k, n_rot, n_head, size, ggml_row_size(k->type, head), row, at + ggml_row_size(k->type, nope)), il, true);
         } else {
-            if (nope > 0) {
-                throw fml_error(FML_ERR_KV, "a quantized key cache with unrotated dims first cannot be rotated");
-            }
             const int64_t n = (int64_t) moved.size();
             ggml_tensor * cells = ggml_view_2d(g, k, hp.n_embd_k_gqa(il), size, row, at);
             ggml_tensor * x = ggml_reshape_3d(g, ggml_get_rows(g, cells, rows_at), head, n_head, n);   // F32
             if (hadamard != nullptr) {
                 x = llama_mul_mat_hadamard(g, x, hadamard);   // its own inverse
             }
-            ggml_tensor * turned = rope(ggml_view_3d(g, x, n_rot, n_head, n, x->nb[1], x->nb[2], 0), il, false);
-            if (n_rot < head) {
-                ggml_tensor * rest = ggml_cont(g, ggml_view_3d(g, x, head - n_rot, n_head, n, x->nb[1], x->nb[2], ggml_row_size(GGML_TYPE_F32, n_rot)));
-                turned = ggml_concat(g, turned, rest, 0);
+            // A head is [nope unrotated | n_rot rotary | the rest unrotated]: latent attention's keys
+            // rotate after the latent, the others first (partial rotary dims after them).
+            const auto part = [&](int64_t from, int64_t len) {
+                return ggml_view_3d(g, x, len, n_head, n, x->nb[1], x->nb[2], ggml_row_size(GGML_TYPE_F32, from));
+            };
+            ggml_tensor * turned = rope(part(nope, n_rot), il, false);
+            if (nope > 0) {
+                turned = ggml_concat(g, ggml_cont(g, part(0, nope)), turned, 0);
+            }
+            if (nope + n_rot < head) {
+                turned = ggml_concat(g, turned, ggml_cont(g, part(nope + n_rot, head - nope - n_rot)), 0);
             }
             if (hadamard != nullptr) {
                 turned = llama_mul_mat_hadamard(g, turned, hadamard);
@@ -537,6 +562,15 @@ void kv_rotate_positions(llama_context * ctx, int32_t seq, const std::vector<std
     (void) seq;
     (void) moves;
     throw fml_error(FML_ERR_INTERNAL, "this build cannot rotate keys");
+#endif
+}
+
+bool kv_keeps_values(llama_context * ctx) {
+#ifdef FML_HAVE_KV_INTERNALS
+    return !llama_get_model(ctx)->hparams.is_mla();
+#else
+    (void) ctx;
+    return true;
 #endif
 }
 

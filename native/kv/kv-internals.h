@@ -84,8 +84,8 @@ void kv_prune_sliding_window(llama_context * ctx, int32_t seq, int32_t next_pos)
 // positions (M-RoPE, interleaved or not), which llama.cpp refuses to shift (get_can_shift) because
 // an image token's sections hold different coordinates (a text token's sections all hold its one
 // position, so moving it by d is a NEOX rotation, what llama.cpp's build_rope_shift runs for them),
-// and YaRN models (gpt-oss), whose keys llama.cpp's shift graph scales by YaRN's magnitude again at
-// every shift (kv_shift_rescales_keys). True where this build can do that for the context: the
+// and keys llama.cpp's shift would get wrong (kv_llama_shift_unsound): YaRN models' (gpt-oss),
+// scaled by YaRN's magnitude again at every shift, and quantized ones without a Hadamard matrix. True where this build can do that for the context: the
 // model is supported (kv_rotation_supported) and the context's memory is KV caches (with or without
 // sliding-window layers) or a plain hybrid.
 bool kv_rotation_available(llama_context * ctx);
@@ -94,10 +94,12 @@ bool kv_rotation_available(llama_context * ctx);
 // model's memory is KV caches or a plain hybrid.
 bool kv_rotation_supported(const llama_model * model);
 
-// Whether llama.cpp's K-shift of this context would change its keys' magnitude besides their
-// rotation (ggml's rope scales by the YaRN factors the context passes: gpt-oss's YaRN by 1.35 per
-// shift). Where it would, positions move by kv_rotate_positions, which rotates only.
-bool kv_shift_rescales_keys(llama_context * ctx);
+// Whether llama.cpp's K-shift of this context would be wrong: change its keys' magnitude besides
+// their rotation (ggml's rope scales by the YaRN factors the context passes: gpt-oss's YaRN by 1.35
+// per shift), or crash (a quantized key cache of heads that are not a multiple of 64 values, e.g.
+// Phi-3's 96: the shift applies a Hadamard matrix the cache never made). Where it would, positions
+// move by kv_rotate_positions, which rotates only.
+bool kv_llama_shift_unsound(llama_context * ctx);
 // The same before a context exists, from the model's metadata alone (no user option changes its
 // rope): true where it might (YaRN, or an attention factor), false where it cannot.
 bool kv_shift_may_rescale_keys(const llama_model * model);
@@ -108,6 +110,10 @@ bool kv_shift_may_rescale_keys(const llama_model * model);
 // the next decode. A hybrid's recurrent state follows its position's move. Throws fml_error(KV)
 // when unavailable or the computation fails (positions then unchanged).
 void kv_rotate_positions(llama_context * ctx, int32_t seq, const std::vector<std::pair<int32_t, int32_t>> & moves);
+
+// Whether the context's KV cache stores values: not latent attention's (DeepSeek-V2/V3, GLM-4.7-Flash:
+// llama.cpp writes no value rows in a sequence's state; values are a view of the keys' latent).
+bool kv_keeps_values(llama_context * ctx);
 
 // Bytes of per-cell extra metadata llama.cpp writes in a sequence's state after each cell's seq ids
 // count (M-RoPE's 2D position; 0 for ordinary caches): what a reader of that state must skip.

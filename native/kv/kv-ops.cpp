@@ -225,6 +225,7 @@ struct blob_reader {
     size_t at;
     size_t cell_ext = 0;   // extra bytes after each cell's seq id count (kv_cell_ext_bytes)
     bool loading = false;  // a blob to load (a checkpoint's): its cells are checked, not only skipped
+    bool values = true;    // the cache keeps values (not latent attention's, whose values are its keys)
     template <typename T> T get() {
         if (at + sizeof(T) > b.size()) {
             throw fml_error(FML_ERR_KV, "unexpected KV state layout (truncated)");
@@ -261,7 +262,7 @@ void skip_stream_cells(blob_reader & r, uint32_t cells) {
         r.get<int32_t>();
         r.skip(r.get<uint64_t>() * cells);
     }
-    for (uint32_t l = 0; l < n_layer; ++l) {    // V rows, or V elements when transposed
+    for (uint32_t l = 0; r.values && l < n_layer; ++l) {    // V rows, or V elements when transposed
         r.get<int32_t>();
         if (v_trans == 0) {
             r.skip(r.get<uint64_t>() * cells);
@@ -277,9 +278,9 @@ void skip_stream_cells(blob_reader & r, uint32_t cells) {
 // `max_sections` of them; `tail` is where what follows them begins (a hybrid's recurrent state,
 // which has no streams and travels as it is).
 std::vector<std::pair<size_t, size_t>> section_streams(const std::vector<uint8_t> & raw, bool one_stream, size_t max_sections, size_t cell_ext,
-                                                       size_t & tail) {
+                                                       bool values, size_t & tail) {
     std::vector<std::pair<size_t, size_t>> out;
-    blob_reader r{ raw, STATE_HEADER, cell_ext, one_stream };
+    blob_reader r{ raw, STATE_HEADER, cell_ext, one_stream, values };
     while (r.at < raw.size() && out.size() < max_sections) {
         const uint32_t n_stream = r.get<uint32_t>();
         if (n_stream == 0 || (one_stream && n_stream != 1)) {
@@ -334,14 +335,14 @@ size_t kv_sections(llama_context * ctx) {
 
 } // namespace
 
-static std::vector<uint8_t> to_one_stream(const std::vector<uint8_t> & raw, size_t sections, size_t cell_ext) {
+static std::vector<uint8_t> to_one_stream(const std::vector<uint8_t> & raw, size_t sections, size_t cell_ext, bool values) {
     if (raw.size() < STATE_HEADER + 4) {
         throw fml_error(FML_ERR_KV, "llama_state_seq_get_data returned too few bytes");
     }
     std::vector<uint8_t> out(raw.begin(), raw.begin() + (long) STATE_HEADER);
     const uint32_t one = 1;
     size_t tail = 0;
-    for (const auto & [begin, end] : section_streams(raw, false, sections, cell_ext, tail)) {
+    for (const auto & [begin, end] : section_streams(raw, false, sections, cell_ext, values, tail)) {
         out.insert(out.end(), (const uint8_t *) &one, (const uint8_t *) &one + 4);
         out.insert(out.end(), raw.begin() + (long) begin, raw.begin() + (long) end);
     }
@@ -357,7 +358,7 @@ std::vector<uint8_t> kv_state_save(llama_context * ctx, int32_t seq) {
         throw fml_error(FML_ERR_KV, "llama_state_seq_get_data failed");
     }
     blob.resize(n);
-    return to_one_stream(blob, kv_sections(ctx), kv_cell_ext_bytes(ctx));
+    return to_one_stream(blob, kv_sections(ctx), kv_cell_ext_bytes(ctx), kv_keeps_values(ctx));
 }
 
 void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std::vector<uint8_t> & blob) {
@@ -369,7 +370,7 @@ void kv_state_load(llama_context * ctx, int32_t seq, uint32_t streams, const std
     std::vector<std::pair<size_t, size_t>> sections;
     size_t tail = 0;
     try {
-        sections = section_streams(blob, true, kv_sections(ctx), kv_cell_ext_bytes(ctx), tail);
+        sections = section_streams(blob, true, kv_sections(ctx), kv_cell_ext_bytes(ctx), kv_keeps_values(ctx), tail);
         if (kv_has_recurrent(ctx)) {
             check_recurrent_tail(blob, tail);
         } else if (tail != blob.size()) {
@@ -710,7 +711,7 @@ void kv_remove_from(llama_context * ctx, int32_t seq, int32_t pos) {
 int32_t kv_pos_min(llama_context * ctx, int32_t seq) { check_seq(ctx, seq); return kv_full_cache_pos_min(ctx, seq); }
 int32_t kv_pos_max(llama_context * ctx, int32_t seq) { check_seq(ctx, seq); return llama_memory_seq_pos_max(llama_get_memory(ctx), seq); }
 bool kv_can_shift(llama_context * ctx) { return kv_shift_deferred(ctx) || kv_rotation_available(ctx); }
-bool kv_shift_deferred(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)) && !kv_shift_rescales_keys(ctx); }
+bool kv_shift_deferred(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)) && !kv_llama_shift_unsound(ctx); }
 
 size_t kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32_t delta) {
     check_seq(ctx, seq);

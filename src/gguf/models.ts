@@ -1,6 +1,6 @@
 /**
  * Model generators: seeded random-weight GGUF files in the shapes of the families people load
- * (Llama 3, Mistral, Qwen 2/3, Gemma 3/4, Phi-3, a Qwen3 MoE, gpt-oss), the M-RoPE ones (Qwen2-VL and
+ * (Llama 3, Mistral, Qwen 2/3, Gemma 3/4, Phi-3, a Qwen3 MoE, gpt-oss, DeepSeek-V2's latent attention), the M-RoPE ones (Qwen2-VL and
  * Qwen3-VL text models), the hybrids of attention and a recurrent state (Qwen3.5 and its MoE with
  * Gated DeltaNet layers, LFM2 with short convolutions), and Mamba, whose recurrent state alone
  * finite memory cannot evict from, so that answer can be tested too.
@@ -37,6 +37,7 @@ export const MODEL_FAMILIES = {
   gemma3: { arch: 'gemma3', template: 'gemma', addSpacePrefix: false, about: 'Gemma 3: interleaved sliding-window layers, q/k and post norms, scaled embeddings, tied output, Gemma template' },
   gemma4: { arch: 'gemma4', template: 'gemma4', addSpacePrefix: false, about: 'Gemma 4: sliding-window layers of headDim and full-attention layers of 2 x headDim, q/k/v norms, scaled embeddings, tied output, Gemma 4 template (framed as ChatML: llama.cpp has no formatter for it)' },
   phi3: { arch: 'phi3', template: 'phi3', addSpacePrefix: true, about: 'Phi-3: fused QKV and gate/up, NEOX RoPE, Phi-3 template' },
+  deepseek2: { arch: 'deepseek2', template: 'deepseek2', addSpacePrefix: false, about: 'DeepSeek-V2-Lite: multi-head latent attention (one compressed key/value latent and one shared rotary key per token), a dense first layer then routed and shared experts, DeepSeek-V2 template' },
   gptoss: { arch: 'gpt-oss', template: 'harmony', addSpacePrefix: false, about: 'gpt-oss: sliding-window layers alternating with full attention, attention sinks, QKV and output biases, routed experts with biases (SwiGLU-OAI), YaRN RoPE, harmony template' },
   qwen3moe: { arch: 'qwen3moe', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3 MoE: routed experts (softmax top-k), q/k norms, ChatML' },
   qwen2vl: { arch: 'qwen2vl', template: 'chatml', addSpacePrefix: false, about: 'Qwen2-VL text model: M-RoPE positions, ChatML' },
@@ -83,12 +84,12 @@ export interface ModelOptions {
   slidingWindow: number;
   /** gemma3, gemma4, gptoss: every n-th layer is global (full attention), the others slide */
   swaPattern: number;
-  /** qwen3moe, qwen35moe, gptoss: experts per layer, and how many each token uses */
+  /** qwen3moe, qwen35moe, gptoss, deepseek2: experts per layer, and how many each token uses */
   experts: number;
   expertsUsed: number;
   /** qwen35, qwen35moe, lfm2: layer i attends when (i + 1) is a multiple of this; the others are recurrent */
   attentionInterval: number;
-  /** qwen35, qwen35moe: rotary dimensions per head (partial rotary; 0 = headDim) */
+  /** qwen35, qwen35moe: rotary dimensions per head (partial rotary; 0 = headDim); deepseek2: the shared rotary key's (0 = headDim / 2) */
   ropeDims: number;
   /** qwen35, qwen35moe: Gated DeltaNet head size (16, 32, 64 or 128: CUDA has kernels for those), key heads and value heads */
   ssmStateSize: number;
@@ -155,6 +156,9 @@ const BIAS_STD = 0.1;
 const ROPE_BASE: Record<string, number> = { 'gpt-oss': 150000, gemma3: 1e6, qwen35: 1e7, qwen35moe: 1e7, qwen3vl: 5e6, lfm2: 1e6 };
 /** YaRN by family: gpt-oss's trained context is 32 x the original (131072 = 32 x 4096). */
 const YARN_FACTOR: Record<string, number> = { 'gpt-oss': 32 };
+/** DeepSeek-V2's latent attention in V2-Lite's proportions (heads of 128 values from the latent and 64
+ * rotary ones, a latent of 512): the latent is 4 x headDim and the shared rotary key headDim / 2. */
+const MLA_LATENT_PER_HEAD_DIM = 4;
 /** Mamba: d_inner = 2 x embd (llama.cpp accepts only that), the usual state size and kernel. */
 const SSM = { stateSize: 16, convKernel: 4, dtRank: 4 } as const;
 
@@ -185,7 +189,9 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   if (hybrid && (o.attentionInterval < 2 || o.layers < o.attentionInterval)) {
     throw new Error(`${o.family} needs attentionInterval >= 2 and layers >= attentionInterval (at least one recurrent and one attention layer), got ${o.attentionInterval} and ${o.layers}`);
   }
-  if (o.family === 'qwen35' || o.family === 'qwen35moe') {
+  if (o.family === 'deepseek2' && (o.ropeDims || o.headDim / 2) % 2 !== 0) {
+    throw new Error(`deepseek2 needs an even ropeDims (0: headDim / 2), got ${o.ropeDims || o.headDim / 2}`);
+  } else if (o.family === 'qwen35' || o.family === 'qwen35moe') {
     const rot = o.ropeDims || o.headDim;
     if (rot % 2 !== 0 || rot > o.headDim || rot < 6) throw new Error(`ropeDims must be even, at least 6 and at most headDim (${o.headDim}), got ${rot}`);
     if (![16, 32, 64, 128].includes(o.ssmStateSize)) throw new Error(`ssmStateSize must be 16, 32, 64 or 128 (CUDA's Gated DeltaNet kernels), got ${o.ssmStateSize}`);
@@ -309,6 +315,9 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   const slides = (i: number): boolean => (i + 1) % o.swaPattern !== 0; // also llama.cpp's set_swa_pattern for gemma3 and gpt-oss
   const fullHeadDim = arch === 'gemma4' ? 2 * o.headDim : o.headDim;
   let ropeFreqsWritten = false;
+  /** deepseek2: the latent's size and the shared rotary key's. */
+  const mlaLatent = MLA_LATENT_PER_HEAD_DIM * o.headDim;
+  const mlaRope = o.ropeDims || o.headDim / 2;
   /** Hybrids: which layers attend (the others are recurrent: DeltaNet or a short convolution). */
   const attends = (i: number): boolean => !(qwen35 || arch === 'lfm2') || (i + 1) % o.attentionInterval === 0;
 
@@ -330,15 +339,19 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   } else {
     w.addUint32(key('feed_forward_length'), o.ffn);
     w.addUint32(key('attention.head_count'), o.heads);
-    if (arch === 'lfm2') {
+    if (arch === 'deepseek2') {
+      mlaKeys();
+    } else if (arch === 'lfm2') {
       // LFM2 marks its convolution layers by 0 KV heads.
       w.addInt32Array(key('attention.head_count_kv'), Array.from({ length: o.layers }, (_, i) => (attends(i) ? o.kvHeads : 0)));
     } else {
       w.addUint32(key('attention.head_count_kv'), o.kvHeads);
     }
-    w.addUint32(key('attention.key_length'), fullHeadDim);
-    w.addUint32(key('attention.value_length'), fullHeadDim);
-    w.addUint32(key('rope.dimension_count'), arch === 'gemma4' ? fullHeadDim : rot);
+    if (arch !== 'deepseek2') {
+      w.addUint32(key('attention.key_length'), fullHeadDim);
+      w.addUint32(key('attention.value_length'), fullHeadDim);
+      w.addUint32(key('rope.dimension_count'), arch === 'gemma4' ? fullHeadDim : rot);
+    }
     w.addFloat32(key('rope.freq_base'), ROPE_BASE[arch] ?? 10000);
   }
   if (arch === 'gemma3') {
@@ -370,7 +383,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     w.addFloat32(key('rope.scaling.factor'), yarnFactor);
     w.addUint32(key('rope.scaling.original_context_length'), Math.max(1, Math.floor(o.ctx / yarnFactor)));
   }
-  if (arch === 'qwen3moe' || arch === 'gpt-oss') {
+  if (arch === 'qwen3moe' || arch === 'gpt-oss' || arch === 'deepseek2') {
     w.addUint32(key('expert_count'), o.experts);
     w.addUint32(key('expert_used_count'), o.expertsUsed);
     w.addUint32(key('expert_feed_forward_length'), o.ffn);
@@ -455,6 +468,10 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
       gptOssLayer(i);
       continue;
     }
+    if (arch === 'deepseek2') {
+      deepseek2Layer(i);
+      continue;
+    }
     norm(`${p}attn_norm.weight`);
     if (arch === 'mamba') {
       const inner = 2 * E;
@@ -528,6 +545,50 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     matrix(`${p}ffn_up.weight`, [E, o.ffn]);
     matrix(`${p}ffn_down.weight`, [o.ffn, E]);
     norm(`${p}post_ffw_norm.weight`);
+  }
+
+  /**
+   * DeepSeek-V2's latent attention: one cache row per token holds the compressed latent (what keys and
+   * values are decompressed from, per head) and the one rotary key all heads share; no value cache.
+   */
+  function mlaKeys(): void {
+    w.addUint32(key('attention.head_count_kv'), 1);
+    w.addUint32(key('attention.key_length'), mlaLatent + mlaRope); // the cache row
+    w.addUint32(key('attention.value_length'), mlaLatent);
+    w.addUint32(key('attention.key_length_mla'), o.headDim + mlaRope); // a head's key: from the latent + rotary
+    w.addUint32(key('attention.value_length_mla'), o.headDim);
+    w.addUint32(key('rope.dimension_count'), mlaRope);
+    w.addUint32(key('attention.q_lora_rank'), 0); // queries straight from the hidden state (V2-Lite)
+    w.addUint32(key('attention.kv_lora_rank'), mlaLatent);
+    w.addUint32(key('leading_dense_block_count'), 1);
+    w.addUint32(key('expert_shared_count'), 1);
+  }
+
+  /** One DeepSeek-V2 layer: latent attention, then a dense feed-forward (layer 0) or routed and shared experts. */
+  function deepseek2Layer(i: number): void {
+    const p = `blk.${i}.`;
+    norm(`${p}attn_norm.weight`);
+    matrix(`${p}attn_q.weight`, [E, o.heads * (o.headDim + mlaRope)]);
+    matrix(`${p}attn_kv_a_mqa.weight`, [E, mlaLatent + mlaRope]);
+    norm(`${p}attn_kv_a_norm.weight`, mlaLatent);
+    // Per-head decompressions of the latent (small: kept F32 whatever the weight type, as q8_0 needs rows of 32).
+    tensor(`${p}attn_k_b.weight`, [o.headDim, mlaLatent, o.heads], GGMLType.F32, LAYER_GAIN / Math.sqrt(o.headDim));
+    tensor(`${p}attn_v_b.weight`, [mlaLatent, o.headDim, o.heads], GGMLType.F32, LAYER_GAIN / Math.sqrt(mlaLatent));
+    matrix(`${p}attn_output.weight`, [o.heads * o.headDim, E]);
+    norm(`${p}ffn_norm.weight`);
+    if (i === 0) {
+      matrix(`${p}ffn_gate.weight`, [E, o.ffn]);
+      matrix(`${p}ffn_up.weight`, [E, o.ffn]);
+      matrix(`${p}ffn_down.weight`, [o.ffn, E]);
+      return;
+    }
+    tensor(`${p}ffn_gate_inp.weight`, [E, o.experts], GGMLType.F32, 1 / Math.sqrt(E));
+    matrix(`${p}ffn_gate_exps.weight`, [E, o.ffn, o.experts]);
+    matrix(`${p}ffn_up_exps.weight`, [E, o.ffn, o.experts]);
+    matrix(`${p}ffn_down_exps.weight`, [o.ffn, E, o.experts]);
+    matrix(`${p}ffn_gate_shexp.weight`, [E, o.ffn]);
+    matrix(`${p}ffn_up_shexp.weight`, [E, o.ffn]);
+    matrix(`${p}ffn_down_shexp.weight`, [o.ffn, E]);
   }
 
   /** One gpt-oss layer: biased attention with a sink logit per head, then routed experts with biases. */

@@ -265,6 +265,9 @@ const HARMONY = String.raw`{#- Abridged from openai/gpt-oss-20b chat_template.ji
 <|start|>assistant
 {%- endif -%}`;
 
+/** DeepSeek-V2-Lite-Chat (verbatim): a turn ends with the end-of-sentence token. */
+const DEEPSEEK2 = String.raw`{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}`;
+
 export const TEMPLATES = {
   chatml: { text: QWEN_CHATML, control: [], endOfTurn: '<|im_end|>' },
   qwen3: { text: QWEN3_CHATML, control: [], endOfTurn: '<|im_end|>' },
@@ -278,6 +281,8 @@ export const TEMPLATES = {
   // <|call|> too: with <|return|> and it in the vocabulary llama.cpp stops treating <|end|> (which ends a
   // thinking message) as the end of generation, as for the real models.
   harmony: { text: HARMONY, control: ['<|start|>', '<|message|>', '<|channel|>', '<|constrain|>', '<|end|>', '<|return|>', '<|call|>'], endOfTurn: '<|return|>' },
+  // llama.cpp's formatter writes the real end-of-sentence text after each answer, so the vocabulary has it.
+  deepseek2: { text: DEEPSEEK2, control: ['<｜end▁of▁sentence｜>'], endOfTurn: '<｜end▁of▁sentence｜>' },
   mistral: { text: MISTRAL, control: ['[INST]', '[/INST]', '[AVAILABLE_TOOLS]', '[/AVAILABLE_TOOLS]'], endOfTurn: '</s>' },
 } as const satisfies Record<string, TemplateFamily>;
 

@@ -12,7 +12,7 @@ import { checkCache, maxAbsDiff, THREADS } from '../helpers.ts';
 const dir = mkdtempSync(join(tmpdir(), 'fml-families-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-const SUPPORTED: ModelFamily[] = ['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3', 'gemma4', 'phi3', 'qwen3moe', 'gptoss', 'qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe', 'lfm2'];
+const SUPPORTED: ModelFamily[] = ['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3', 'gemma4', 'phi3', 'qwen3moe', 'gptoss', 'deepseek2', 'qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe', 'lfm2'];
 const SLIDING: ModelFamily[] = ['gemma3', 'gemma4', 'gptoss'];
 const HYBRID: ModelFamily[] = ['qwen35', 'qwen35moe', 'lfm2'];
 const MROPE: ModelFamily[] = ['qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe'];
@@ -43,6 +43,7 @@ describe.each(SUPPORTED)('family %s', (family) => {
     expect(model.info.slidingWindow).toBe(SLIDING.includes(family) ? 16 : 0);
     // Hybrids: half the layers attend (attentionInterval 2) and each chat has a recurrent state besides.
     expect(model.info.kvLayers).toBe(HYBRID.includes(family) ? model.info.nLayer / 2 : model.info.nLayer);
+
     expect(model.info.recurrentBytes > 0).toBe(HYBRID.includes(family));
     // M-RoPE: llama.cpp will not shift these keys; this library rotates a text token's keys itself.
     expect(model.info.canShift).toBe(true);
@@ -66,6 +67,14 @@ describe.each(SUPPORTED)('family %s', (family) => {
       expect(pinned).toBe(pinned0);
     }
     expect(chat.stats().evictions).toBeGreaterThan(20);
+    chat.dispose();
+  });
+
+  it.runIf(family === 'deepseek2')('latent attention: kvBytes counts one F16 row a token and layer (the latent and the shared rotary key), no values', async () => {
+    const chat = model.createChat({ maxTokens: 64, kvType: 'f16' });
+    await chat.send('The cat sat.', { maxNewTokens: 4, temperature: 0 });
+    const s = chat.stats();
+    expect(s.kvBytes).toBe(s.tokensRetained * model.info.nLayer * (4 * 16 + 8) * 2);
     chat.dispose();
   });
 

@@ -351,17 +351,23 @@ describe('M-RoPE keys in a q8_0 cache (stored Hadamard-rotated by llama.cpp; 16 
   });
 });
 
-describe('YaRN keys (gpt-oss; any model extended with YaRN): moved by a rotation alone', () => {
-  // llama.cpp's K-shift graph passes the context's YaRN factors to ggml's rope, which scales the
-  // rotated pairs by YaRN's magnitude (1 + 0.1 ln(factor): 1.35 for gpt-oss) at every shift: keys
-  // already scaled once by the model's own rope grew at each move (logits moved by ~1.7 here).
+describe("keys llama.cpp's K-shift gets wrong, moved by this library's rotation", () => {
+  // YaRN (gpt-oss; any model extended with YaRN): llama.cpp's K-shift graph passes the context's
+  // YaRN factors to ggml's rope, which scales the rotated pairs by YaRN's magnitude (1 + 0.1
+  // ln(factor): 1.35 for gpt-oss) at every shift: keys already scaled once by the model's own rope
+  // grew at each move (logits moved by ~1.7 here). Quantized keys of heads that are not a multiple
+  // of 64 values (Phi-3's 96; a latent attention row of 288): its shift applied a Hadamard matrix
+  // the cache never made, a null pointer, and the process died (SIGSEGV).
   it.each([
-    ['llama', 'f32', { family: 'llama', yarnFactor: 4 }],
-    ['qwen3', 'f32', { family: 'qwen3', yarnFactor: 8 }],
+    ['llama yarn', 'f32', { family: 'llama', yarnFactor: 4 }],
+    ['qwen3 yarn', 'f32', { family: 'qwen3', yarnFactor: 8 }],
     ['gptoss', 'f32', { family: 'gptoss' }],
     ['gptoss', 'q8_0', { family: 'gptoss', headDim: 64, embd: 128 }],
+    ['deepseek2 yarn', 'f32', { family: 'deepseek2', yarnFactor: 4 }],
+    ['deepseek2 (rows of 288)', 'q8_0', { family: 'deepseek2', headDim: 64 }],
+    ['phi3 (heads of 96)', 'q8_0', { family: 'phi3', headDim: 96, heads: 4, kvHeads: 4, embd: 384 }],
   ] as const)('%s (%s keys): every position shifted by 40 leaves the logits as they were, with no K-shift of llama.cpp', async (name, kvType, options) => {
-    const path = join(dir, `${name}-yarn-${kvType}.gguf`);
+    const path = join(dir, `${name.split(' ')[0]}-unsound-${kvType}.gguf`);
     writeModel(path, { seed: 9, ...options });
     const m = await loadModel(path, { threads: THREADS, slots: 2 });
     try {
@@ -373,8 +379,8 @@ describe('YaRN keys (gpt-oss; any model extended with YaRN): moved by a rotation
       const before = internals.probeLogits(probe);
       internals.shiftPositions(40);
       internals.shiftPositions(-25);
-      // q8_0: re-quantizing the turned keys moves these logits by 0.2-0.7 (three seeds); llama.cpp's
-      // shift, which rescaled them, by 6-12 (and the f32 ones by ~1.7).
+      // q8_0: re-quantizing the turned keys moves these logits by 0.2-0.7 (gpt-oss, three seeds;
+      // 0.16-0.19 the others); llama.cpp's shift, which rescaled gpt-oss's, by 6-12 (f32 ones by ~1.7).
       expect(maxAbsDiff(internals.probeLogits(probe), before)).toBeLessThan(kvType === 'f32' ? 1e-3 : 1);
       expect(internals.engineStats(true).shiftSteps).toBe(0);
       checkCache(chat, 256);

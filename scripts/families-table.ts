@@ -67,6 +67,8 @@ async function compactionAtLimit(model: Model): Promise<string> {
   if (!holds || compactions === 0) return 'failed';
   if (reprefilled) return 're-prefill of the retained tokens';
   if (llamaShifted) return 'K-shift';
+  if (model.info.rope === 'none') return 'cells moved by this library (no positions in the keys)';
+  // At the table's F16 keys, llama.cpp's shift is refused or wrong only for M-RoPE and YaRN.
   const why = ['mrope', 'imrope'].includes(model.info.rope) ? 'llama.cpp has none for M-RoPE' : "llama.cpp's would rescale YaRN keys";
   return `K-shift (by this library: ${why})`;
 }
@@ -138,7 +140,8 @@ export async function familiesTable(): Promise<string> {
       } else {
         const policies = await policiesThatHold(model);
         const evicts = i.memory === 'hybrid' ? 'yes, from the attention KV' : 'yes';
-        rows.push(`| ${family} | ${i.architecture} | ${memory} | ${evicts} | ${await compactionAtLimit(model)} (${i.rope} RoPE) | ${policies.length === POLICIES.length ? 'all five' : policies.join(', ') || 'none'} | ${(await checkpointRoundTrips(model, dir)) ? 'yes' : 'no'} | ${(await framingMatches(model)) ? 'yes' : 'no'} |`);
+        const rope = i.rope === 'none' ? 'NoPE' : `${i.rope} RoPE`;
+        rows.push(`| ${family} | ${i.architecture} | ${memory} | ${evicts} | ${await compactionAtLimit(model)} (${rope}) | ${policies.length === POLICIES.length ? 'all five' : policies.join(', ') || 'none'} | ${(await checkpointRoundTrips(model, dir)) ? 'yes' : 'no'} | ${(await framingMatches(model)) ? 'yes' : 'no'} |`);
       }
       model.dispose();
     }

@@ -100,10 +100,20 @@ bool kv_llama_shift_unsound(llama_context * ctx) {
 #ifdef FML_HAVE_KV_INTERNALS
     const llama_model & model = *llama_get_model(ctx);
     const llama_cparams & cp = ctx->get_cparams();
+    bool rotary = false;
     for (llama_kv_cache * kv : attention_caches_of(ctx)) {
         if (llama_shift_would_crash(*kv)) {
             return true;
         }
+        for (uint32_t il : kv->get_layer_ids()) {
+            rotary = rotary || model.hparams.has_rope(il);
+        }
+    }
+    // Attention without positions (NoPE: Granite 4.0-H): llama.cpp's shift graph then has no node
+    // reading its shift input, which stays unallocated, and setting it aborts (GGML_ASSERT(buffer)).
+    // Moving such cells changes no key.
+    if (!rotary) {
+        return true;
     }
     for (uint32_t il = 0; il < model.hparams.n_layer(); ++il) {
         if (model.hparams.has_rope(il) && std::fabs(rope_magnitude(model, cp, il, cp.yarn_attn_factor) - 1.0f) > 1e-6f) {
@@ -165,6 +175,7 @@ kv_model_layout kv_layout_of(const llama_model * model) {
         const bool attends = hybrid ? (falcon || (!hp.is_recr(il) && both)) : !recurrent;
         const bool recurs = recurrent || (hybrid && (falcon || (hp.is_recr(il) && both)));
         out.attention_layers += attends ? 1 : 0;
+        out.rotary_layers += attends && hp.has_rope(il) ? 1 : 0;
         out.sliding_layers.push_back(attends && hp.is_swa(il));
         if (attends) {
             out.kv_heads = out.kv_heads > 0 ? out.kv_heads : (int32_t) hp.n_head_kv(il);
@@ -179,6 +190,7 @@ kv_model_layout kv_layout_of(const llama_model * model) {
     out.hybrid_supported = hybrid && hp.swa_type == LLAMA_SWA_TYPE_NONE && model->arch != LLM_ARCH_QWEN4EXP;
 #else
     out.attention_layers = llama_model_is_recurrent(model) ? 0 : llama_model_n_layer(model);
+    out.rotary_layers = out.attention_layers;   // unknown without the internals: as llama_model_rope_type says
     out.kv_heads = llama_model_n_head_kv(model);
     const int32_t head = llama_model_n_head(model) > 0 ? llama_model_n_embd(model) / llama_model_n_head(model) : 0;
     out.kv_values_per_token = 2ull * (uint64_t) out.attention_layers * (uint64_t) out.kv_heads * (uint64_t) head;

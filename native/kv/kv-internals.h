@@ -37,6 +37,7 @@ kv_memory_kind kv_memory_of(llama_context * ctx);
 // and the bytes of one sequence's recurrent state (0 without one). Read from llama.cpp's hyperparameters.
 struct kv_model_layout {
     int32_t attention_layers = 0;
+    int32_t rotary_layers = 0;           // attention layers whose keys carry RoPE positions (0: NoPE, Granite 4.0-H)
     int32_t kv_heads = 0;                // KV heads of the first attention layer (llama_model_n_head_kv reads layer 0's)
     uint64_t kv_values_per_token = 0;    // K and V elements one token adds, over every attention layer
     uint64_t recurrent_bytes = 0;
@@ -97,7 +98,8 @@ bool kv_rotation_supported(const llama_model * model);
 // Whether llama.cpp's K-shift of this context would be wrong: change its keys' magnitude besides
 // their rotation (ggml's rope scales by the YaRN factors the context passes: gpt-oss's YaRN by 1.35
 // per shift), or crash (a quantized key cache of heads that are not a multiple of 64 values, e.g.
-// Phi-3's 96: the shift applies a Hadamard matrix the cache never made). Where it would, positions
+// Phi-3's 96: the shift applies a Hadamard matrix the cache never made; attention without
+// positions, Granite 4.0-H's: the shift graph leaves its own input unallocated and aborts). Where it would, positions
 // move by kv_rotate_positions, which rotates only.
 bool kv_llama_shift_unsound(llama_context * ctx);
 // The same before a context exists, from the model's metadata alone (no user option changes its

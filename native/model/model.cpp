@@ -109,6 +109,9 @@ static void describe_memory(const llama_model * model, const model_load_options 
     const enum llama_rope_type rope = llama_model_rope_type(model);
     info.rope = rope_name(rope);
     const kv_model_layout layout = kv_layout_of(model);
+    if (layout.attention_layers > 0 && layout.rotary_layers == 0) {
+        info.rope = "none";   // attention without positions (NoPE): only recurrent layers see order
+    }
     info.kv_layers = layout.attention_layers;
     info.sliding_layers = layout.sliding_layers;
     info.kv_values_per_token = layout.kv_values_per_token;

@@ -2,7 +2,7 @@
  * Model generators: seeded random-weight GGUF files in the shapes of the families people load
  * (Llama 3, Mistral, Qwen 2/3, Gemma 3/4, Phi-3, a Qwen3 MoE, gpt-oss, DeepSeek-V2's latent attention), the M-RoPE ones (Qwen2-VL and
  * Qwen3-VL text models), the hybrids of attention and a recurrent state (Qwen3.5 and its MoE with
- * Gated DeltaNet layers, LFM2 with short convolutions), and Mamba, whose recurrent state alone
+ * Gated DeltaNet layers, LFM2 with short convolutions, Granite 4.0-H with Mamba-2 layers), and Mamba, whose recurrent state alone
  * finite memory cannot evict from, so that answer can be tested too.
  * Tensor names, shapes and metadata keys are the ones the pinned llama.cpp loads for each
  * architecture (src/models/<arch>.cpp there); every tensor it expects is written, nothing else.
@@ -45,6 +45,7 @@ export const MODEL_FAMILIES = {
   qwen35: { arch: 'qwen35', template: 'qwen35', addSpacePrefix: false, about: 'Qwen3.5: Gated DeltaNet layers with every attentionInterval-th layer gated attention (interleaved M-RoPE, partial rotary), Qwen3.5 template' },
   qwen35moe: { arch: 'qwen35moe', template: 'qwen35', addSpacePrefix: false, about: 'Qwen3.5/3.6 MoE: the Qwen3.5 layers with routed and shared experts' },
   lfm2: { arch: 'lfm2', template: 'lfm2', addSpacePrefix: false, about: 'LFM2: short-convolution layers with every attentionInterval-th layer attention (NEOX RoPE), LFM2.5 template' },
+  granite4: { arch: 'granitehybrid', template: 'granite4', addSpacePrefix: false, about: 'Granite 4.0-H: Mamba-2 layers with every attentionInterval-th layer attention without positions (NoPE), Granite 4.0 template' },
   mamba: { arch: 'mamba', template: 'chatml', addSpacePrefix: false, about: 'Mamba: recurrent state (no KV cache), ChatML' },
 } as const satisfies Record<string, FamilySpec>;
 
@@ -185,7 +186,7 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   }
   if (o.layers > MAX_LAYERS) throw new Error(`layers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers}`);
   if (o.family === 'gemma4' && o.layers < 2) throw new Error('gemma4 needs at least 2 layers (llama.cpp asserts two layers keep their own KV)');
-  const hybrid = o.family === 'qwen35' || o.family === 'qwen35moe' || o.family === 'lfm2';
+  const hybrid = o.family === 'qwen35' || o.family === 'qwen35moe' || o.family === 'lfm2' || o.family === 'granite4';
   if (hybrid && (o.attentionInterval < 2 || o.layers < o.attentionInterval)) {
     throw new Error(`${o.family} needs attentionInterval >= 2 and layers >= attentionInterval (at least one recurrent and one attention layer), got ${o.attentionInterval} and ${o.layers}`);
   }
@@ -196,7 +197,9 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
     if (rot % 2 !== 0 || rot > o.headDim || rot < 6) throw new Error(`ropeDims must be even, at least 6 and at most headDim (${o.headDim}), got ${rot}`);
     if (![16, 32, 64, 128].includes(o.ssmStateSize)) throw new Error(`ssmStateSize must be 16, 32, 64 or 128 (CUDA's Gated DeltaNet kernels), got ${o.ssmStateSize}`);
     if (o.ssmHeads % o.ssmGroups !== 0) throw new Error(`ssmHeads (${o.ssmHeads}) must be a multiple of ssmGroups (${o.ssmGroups})`);
-  } else if (o.ropeDims !== 0 && o.ropeDims !== o.headDim) {
+  } else if (o.family === 'granite4' && (o.ssmHeads % o.ssmGroups !== 0 || (2 * o.embd) % o.ssmHeads !== 0)) {
+    throw new Error(`granite4 needs ssmHeads (${o.ssmHeads}) a multiple of ssmGroups (${o.ssmGroups}) and dividing 2 x embd (${2 * o.embd}): Mamba-2's heads split its inner size`);
+  } else if (o.ropeDims !== 0 && o.ropeDims !== o.headDim && o.family !== 'deepseek2') {
     throw new Error(`${o.family} rotates whole heads: ropeDims must be 0 or headDim (${o.headDim}), got ${o.ropeDims}`);
   }
   if (o.convKernel !== 0 && ![3, 4, 5, 9, 15].includes(o.convKernel)) throw new Error(`convKernel must be 3, 4, 5, 9 or 15 (CUDA's convolution kernels), got ${o.convKernel}`);
@@ -319,7 +322,8 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   const mlaLatent = MLA_LATENT_PER_HEAD_DIM * o.headDim;
   const mlaRope = o.ropeDims || o.headDim / 2;
   /** Hybrids: which layers attend (the others are recurrent: DeltaNet or a short convolution). */
-  const attends = (i: number): boolean => !(qwen35 || arch === 'lfm2') || (i + 1) % o.attentionInterval === 0;
+  const hybrid = qwen35 || arch === 'lfm2' || arch === 'granitehybrid';
+  const attends = (i: number): boolean => !hybrid || (i + 1) % o.attentionInterval === 0;
 
   const w = new GGUFWriter(GGUF_DEFAULT_ALIGNMENT);
   const key = (k: string) => `${arch}.${k}`;
@@ -341,8 +345,8 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     w.addUint32(key('attention.head_count'), o.heads);
     if (arch === 'deepseek2') {
       mlaKeys();
-    } else if (arch === 'lfm2') {
-      // LFM2 marks its convolution layers by 0 KV heads.
+    } else if (arch === 'lfm2' || arch === 'granitehybrid') {
+      // LFM2 and Granite mark their convolution / Mamba-2 layers by 0 KV heads.
       w.addInt32Array(key('attention.head_count_kv'), Array.from({ length: o.layers }, (_, i) => (attends(i) ? o.kvHeads : 0)));
     } else {
       w.addUint32(key('attention.head_count_kv'), o.kvHeads);
@@ -415,6 +419,16 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     w.addUint32(key('expert_shared_feed_forward_length'), o.ffn);
   }
   if (arch === 'lfm2') w.addUint32(key('shortconv.l_cache'), convKernel);
+  if (arch === 'granitehybrid') {
+    // Mamba-2: d_inner = 2 x embd (llama.cpp accepts only that), heads of d_inner / ssmHeads values.
+    w.addUint32(key('ssm.conv_kernel'), convKernel);
+    w.addUint32(key('ssm.inner_size'), 2 * E);
+    w.addUint32(key('ssm.state_size'), o.ssmStateSize);
+    w.addUint32(key('ssm.time_step_rank'), o.ssmHeads);
+    w.addUint32(key('ssm.group_count'), o.ssmGroups);
+    // Granite 4.0-H's attention has no positions (its converter writes this false: NoPE).
+    w.addBool(key('rope.scaling.finetuned'), false);
+  }
 
   w.addString('tokenizer.ggml.model', 'llama');
   w.addStringArray('tokenizer.ggml.tokens', vocab.tokens);
@@ -456,7 +470,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   }
   for (let i = 0; i < o.layers; i++) {
     const p = `blk.${i}.`;
-    if (qwen35 || arch === 'lfm2') {
+    if (hybrid) {
       hybridLayer(i);
       continue;
     }
@@ -635,6 +649,31 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
         matrix(`${p}ffn_down.weight`, [o.ffn, E]);
       }
     };
+    if (arch === 'granitehybrid') {
+      norm(`${p}attn_norm.weight`);
+      if (attends(i)) {
+        matrix(`${p}attn_q.weight`, [E, qDim]);
+        matrix(`${p}attn_k.weight`, [E, kvDim]);
+        matrix(`${p}attn_v.weight`, [E, kvDim]);
+        matrix(`${p}attn_output.weight`, [qDim, E]);
+      } else {
+        const inner = 2 * E;
+        const convDim = inner + 2 * o.ssmGroups * o.ssmStateSize;
+        matrix(`${p}ssm_in.weight`, [E, inner + convDim + o.ssmHeads]); // z, x B C, dt
+        tensor(`${p}ssm_conv1d.weight`, [convKernel, convDim], GGMLType.F32, 1 / Math.sqrt(convKernel));
+        bias(`${p}ssm_conv1d.bias`, convDim);
+        tensor(`${p}ssm_dt.bias`, [o.ssmHeads], GGMLType.F32, 0.5, Math.log(Math.expm1(0.01)));
+        // A = -exp(A_log) per head (one row each), in (-16, -1] as for Qwen3.5's DeltaNet; D = 1.
+        const a = Float32Array.from({ length: o.ssmHeads }, (_, h) => -(1 + ((h * 7) % 15)));
+        w.addTensor({ name: `${p}ssm_a`, dims: [1, o.ssmHeads], type: GGMLType.F32, produce: valuesTensor([1, o.ssmHeads], GGMLType.F32, a) });
+        tensor(`${p}ssm_d`, [1, o.ssmHeads], GGMLType.F32, 0, 1);
+        tensor(`${p}ssm_norm.weight`, [inner / o.ssmGroups, o.ssmGroups], GGMLType.F32, NORM_NOISE, 1); // grouped RMS norm
+        matrix(`${p}ssm_out.weight`, [inner, E]);
+      }
+      norm(`${p}ffn_norm.weight`);
+      ffn();
+      return;
+    }
     if (arch === 'lfm2') {
       norm(`${p}ffn_norm.weight`);
       ffn();

@@ -268,6 +268,32 @@ const HARMONY = String.raw`{#- Abridged from openai/gpt-oss-20b chat_template.ji
 /** DeepSeek-V2-Lite-Chat (verbatim): a turn ends with the end-of-sentence token. */
 const DEEPSEEK2 = String.raw`{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}`;
 
+/**
+ * Granite 4.0 (ibm-granite/granite-4.0-h-small, abridged: the tool and document branches left out;
+ * llama.cpp tells it from Granite 3 by its tool tags and default system message).
+ */
+const GRANITE4 = String.raw`{%- set tools_system_message_prefix = 'You are a helpful assistant with access to the following tools. You may call one or more tools to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>' %}
+{%- set tools_system_message_suffix = '\n</tools>\n\nFor each tool call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>.' %}
+{%- set g4_default_system_message = 'You are a helpful assistant. Please ensure responses are professional, accurate, and safe.' %}
+{%- set ns = namespace(system_message='') %}
+{%- if messages[0].role == 'system' %}
+    {%- set ns.system_message = messages[0].content %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- if ns.system_message %}
+    {{- '<|start_of_role|>system<|end_of_role|>' + ns.system_message + '<|end_of_text|>\n' }}
+{%- else %}
+    {{- '<|start_of_role|>system<|end_of_role|>' + g4_default_system_message + '<|end_of_text|>\n' }}
+{%- endif %}
+{%- for message in loop_messages %}
+    {{- '<|start_of_role|>' + message.role + '<|end_of_role|>' + message.content + '<|end_of_text|>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_of_role|>assistant<|end_of_role|>' }}
+{%- endif %}`;
+
 export const TEMPLATES = {
   chatml: { text: QWEN_CHATML, control: [], endOfTurn: '<|im_end|>' },
   qwen3: { text: QWEN3_CHATML, control: [], endOfTurn: '<|im_end|>' },
@@ -283,6 +309,7 @@ export const TEMPLATES = {
   harmony: { text: HARMONY, control: ['<|start|>', '<|message|>', '<|channel|>', '<|constrain|>', '<|end|>', '<|return|>', '<|call|>'], endOfTurn: '<|return|>' },
   // llama.cpp's formatter writes the real end-of-sentence text after each answer, so the vocabulary has it.
   deepseek2: { text: DEEPSEEK2, control: ['<｜end▁of▁sentence｜>'], endOfTurn: '<｜end▁of▁sentence｜>' },
+  granite4: { text: GRANITE4, control: ['<|start_of_role|>', '<|end_of_role|>', '<|end_of_text|>', '<|tool_call|>'], endOfTurn: '<|end_of_text|>' },
   mistral: { text: MISTRAL, control: ['[INST]', '[/INST]', '[AVAILABLE_TOOLS]', '[/AVAILABLE_TOOLS]'], endOfTurn: '</s>' },
 } as const satisfies Record<string, TemplateFamily>;
 

@@ -44,14 +44,14 @@ ${MODEL_FAMILY_NAMES.map((f) => `                           ${f}: ${MODEL_FAMILI
   --vocab-extra <n>      extra generated vocabulary pieces [${d.vocabExtra}]
   --name <s>             general.name
 Family options (ignored by the others):
-  --attention-interval <n>  qwen35, qwen35moe, lfm2, granite4: layer i attends when i + 1 is a multiple of n [${DEFAULT_MODEL_OPTIONS.attentionInterval}]
-  --rope-dims <n>        qwen35, qwen35moe: rotary dimensions per head; deepseek2: of the shared rotary key (0: the head dim; deepseek2: half of it) [${DEFAULT_MODEL_OPTIONS.ropeDims}]
-  --ssm-state <n>        qwen35, qwen35moe: Gated DeltaNet head size (16, 32, 64 or 128); granite4: Mamba-2 state size [${DEFAULT_MODEL_OPTIONS.ssmStateSize}]
-  --ssm-groups <n>       qwen35, qwen35moe: DeltaNet key heads; granite4: Mamba-2 groups [${DEFAULT_MODEL_OPTIONS.ssmGroups}]
-  --ssm-heads <n>        qwen35, qwen35moe: DeltaNet value heads; granite4: Mamba-2 heads [${DEFAULT_MODEL_OPTIONS.ssmHeads}]
-  --conv-kernel <n>      qwen35, qwen35moe, granite4: DeltaNet / Mamba-2 convolution; lfm2: short convolution (0: 4 / 3) [${DEFAULT_MODEL_OPTIONS.convKernel}]
-  --experts <n>          qwen3moe, qwen35moe, gptoss, deepseek2: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
-  --experts-used <n>     qwen3moe, qwen35moe, gptoss, deepseek2: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
+  --attention-interval <n>  qwen35, qwen35moe, qwen3next, lfm2, granite4: layer i attends when i + 1 is a multiple of n [${DEFAULT_MODEL_OPTIONS.attentionInterval}]
+  --rope-dims <n>        qwen35, qwen35moe, qwen3next: rotary dimensions per head; deepseek2: of the shared rotary key (0: the head dim; deepseek2: half of it) [${DEFAULT_MODEL_OPTIONS.ropeDims}]
+  --ssm-state <n>        qwen35, qwen35moe, qwen3next: Gated DeltaNet head size (16, 32, 64 or 128); granite4: Mamba-2 state size [${DEFAULT_MODEL_OPTIONS.ssmStateSize}]
+  --ssm-groups <n>       qwen35, qwen35moe, qwen3next: DeltaNet key heads; granite4: Mamba-2 groups [${DEFAULT_MODEL_OPTIONS.ssmGroups}]
+  --ssm-heads <n>        qwen35, qwen35moe, qwen3next: DeltaNet value heads; granite4: Mamba-2 heads [${DEFAULT_MODEL_OPTIONS.ssmHeads}]
+  --conv-kernel <n>      qwen35, qwen35moe, qwen3next, granite4: DeltaNet / Mamba-2 convolution; lfm2: short convolution (0: 4 / 3) [${DEFAULT_MODEL_OPTIONS.convKernel}]
+  --experts <n>          qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
+  --experts-used <n>     qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
   --yarn-factor <n>      YaRN context extension factor (0: the family's, 32 for gptoss, none for the others) [${DEFAULT_MODEL_OPTIONS.yarnFactor}]
   --help, -h             show this help
 `;
@@ -151,7 +151,7 @@ function main(argv: string[]): number {
   const r = values.arch === undefined ? writeLlamaModel(out, options) : writeModel(out, { ...options, ...familyOptions, family: values.arch as ModelFamily });
   const ms = performance.now() - t0;
   const o = r.options;
-  const hybrid = ['qwen35', 'qwen35moe', 'lfm2', 'granitehybrid'].includes(r.arch);
+  const hybrid = ['qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granitehybrid'].includes(r.arch);
   const attentionLayers = Math.floor(o.layers / o.attentionInterval);
 
   const lines = [

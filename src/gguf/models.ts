@@ -2,7 +2,7 @@
  * Model generators: seeded random-weight GGUF files in the shapes of the families people load
  * (Llama 3, Mistral, Qwen 2/3, Gemma 3/4, Phi-3, a Qwen3 MoE, gpt-oss, DeepSeek-V2's latent attention), the M-RoPE ones (Qwen2-VL and
  * Qwen3-VL text models), the hybrids of attention and a recurrent state (Qwen3.5 and its MoE with
- * Gated DeltaNet layers, LFM2 with short convolutions, Granite 4.0-H with Mamba-2 layers), and Mamba, whose recurrent state alone
+ * Gated DeltaNet layers, Qwen3-Next, LFM2 with short convolutions, Granite 4.0-H with Mamba-2 layers), and Mamba, whose recurrent state alone
  * finite memory cannot evict from, so that answer can be tested too.
  * Tensor names, shapes and metadata keys are the ones the pinned llama.cpp loads for each
  * architecture (src/models/<arch>.cpp there); every tensor it expects is written, nothing else.
@@ -44,6 +44,7 @@ export const MODEL_FAMILIES = {
   qwen3vl: { arch: 'qwen3vl', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3-VL text model: interleaved M-RoPE, q/k norms, ChatML' },
   qwen35: { arch: 'qwen35', template: 'qwen35', addSpacePrefix: false, about: 'Qwen3.5: Gated DeltaNet layers with every attentionInterval-th layer gated attention (interleaved M-RoPE, partial rotary), Qwen3.5 template' },
   qwen35moe: { arch: 'qwen35moe', template: 'qwen35', addSpacePrefix: false, about: 'Qwen3.5/3.6 MoE: the Qwen3.5 layers with routed and shared experts' },
+  qwen3next: { arch: 'qwen3next', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3-Next: the Qwen3.5 MoE layers with plain NEOX RoPE (partial rotary), ChatML' },
   lfm2: { arch: 'lfm2', template: 'lfm2', addSpacePrefix: false, about: 'LFM2: short-convolution layers with every attentionInterval-th layer attention (NEOX RoPE), LFM2.5 template' },
   granite4: { arch: 'granitehybrid', template: 'granite4', addSpacePrefix: false, about: 'Granite 4.0-H: Mamba-2 layers with every attentionInterval-th layer attention without positions (NoPE), Granite 4.0 template' },
   mamba: { arch: 'mamba', template: 'chatml', addSpacePrefix: false, about: 'Mamba: recurrent state (no KV cache), ChatML' },
@@ -85,18 +86,18 @@ export interface ModelOptions {
   slidingWindow: number;
   /** gemma3, gemma4, gptoss: every n-th layer is global (full attention), the others slide */
   swaPattern: number;
-  /** qwen3moe, qwen35moe, gptoss, deepseek2: experts per layer, and how many each token uses */
+  /** qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2: experts per layer, and how many each token uses */
   experts: number;
   expertsUsed: number;
-  /** qwen35, qwen35moe, lfm2: layer i attends when (i + 1) is a multiple of this; the others are recurrent */
+  /** qwen35, qwen35moe, qwen3next, lfm2, granite4: layer i attends when (i + 1) is a multiple of this; the others are recurrent */
   attentionInterval: number;
-  /** qwen35, qwen35moe: rotary dimensions per head (partial rotary; 0 = headDim); deepseek2: the shared rotary key's (0 = headDim / 2) */
+  /** qwen35, qwen35moe, qwen3next: rotary dimensions per head (partial rotary; 0 = headDim); deepseek2: the shared rotary key's (0 = headDim / 2) */
   ropeDims: number;
-  /** qwen35, qwen35moe: Gated DeltaNet head size (16, 32, 64 or 128: CUDA has kernels for those), key heads and value heads */
+  /** qwen35, qwen35moe, qwen3next: Gated DeltaNet head size (granite4: Mamba-2 state size) (16, 32, 64 or 128: CUDA has kernels for those), key heads and value heads */
   ssmStateSize: number;
   ssmGroups: number;
   ssmHeads: number;
-  /** qwen35, qwen35moe: the DeltaNet convolution's kernel; lfm2: the short convolution's length (0 = the family's: 4, 3) */
+  /** qwen35, qwen35moe, qwen3next, granite4: the DeltaNet / Mamba-2 convolution's kernel; lfm2: the short convolution's length (0 = the family's: 4, 3) */
   convKernel: number;
   /** YaRN context extension: the trained context is this many times the original (0 = the family's: 32 for gptoss, none for the others) */
   yarnFactor: number;
@@ -154,7 +155,7 @@ const BYTE_LOGIT_SCALE = 0.5; // output rows of the 256 byte tokens are scaled d
 const NORM_NOISE = 0.05; // norm weights ~ 1 + NORM_NOISE * N(0, 1)
 const BIAS_STD = 0.1;
 /** RoPE bases of the real models (the others use 10000). */
-const ROPE_BASE: Record<string, number> = { 'gpt-oss': 150000, gemma3: 1e6, qwen35: 1e7, qwen35moe: 1e7, qwen3vl: 5e6, lfm2: 1e6 };
+const ROPE_BASE: Record<string, number> = { 'gpt-oss': 150000, gemma3: 1e6, qwen35: 1e7, qwen35moe: 1e7, qwen3next: 1e7, qwen3vl: 5e6, lfm2: 1e6 };
 /** YaRN by family: gpt-oss's trained context is 32 x the original (131072 = 32 x 4096). */
 const YARN_FACTOR: Record<string, number> = { 'gpt-oss': 32 };
 /** DeepSeek-V2's latent attention in V2-Lite's proportions (heads of 128 values from the latent and 64
@@ -186,13 +187,14 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   }
   if (o.layers > MAX_LAYERS) throw new Error(`layers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers}`);
   if (o.family === 'gemma4' && o.layers < 2) throw new Error('gemma4 needs at least 2 layers (llama.cpp asserts two layers keep their own KV)');
-  const hybrid = o.family === 'qwen35' || o.family === 'qwen35moe' || o.family === 'lfm2' || o.family === 'granite4';
+  const deltaNet = o.family === 'qwen35' || o.family === 'qwen35moe' || o.family === 'qwen3next';
+  const hybrid = deltaNet || o.family === 'lfm2' || o.family === 'granite4';
   if (hybrid && (o.attentionInterval < 2 || o.layers < o.attentionInterval)) {
     throw new Error(`${o.family} needs attentionInterval >= 2 and layers >= attentionInterval (at least one recurrent and one attention layer), got ${o.attentionInterval} and ${o.layers}`);
   }
   if (o.family === 'deepseek2' && (o.ropeDims || o.headDim / 2) % 2 !== 0) {
     throw new Error(`deepseek2 needs an even ropeDims (0: headDim / 2), got ${o.ropeDims || o.headDim / 2}`);
-  } else if (o.family === 'qwen35' || o.family === 'qwen35moe') {
+  } else if (deltaNet) {
     const rot = o.ropeDims || o.headDim;
     if (rot % 2 !== 0 || rot > o.headDim || rot < 6) throw new Error(`ropeDims must be even, at least 6 and at most headDim (${o.headDim}), got ${rot}`);
     if (![16, 32, 64, 128].includes(o.ssmStateSize)) throw new Error(`ssmStateSize must be 16, 32, 64 or 128 (CUDA's Gated DeltaNet kernels), got ${o.ssmStateSize}`);
@@ -230,7 +232,7 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
       ['ffn', o.ffn],
     ];
     if (o.family === 'mamba') rows.push(['2*embd (ssm inner size)', 2 * o.embd]);
-    if (o.family === 'qwen35' || o.family === 'qwen35moe') rows.push(['ssmStateSize*ssmHeads (DeltaNet value size)', o.ssmStateSize * o.ssmHeads]);
+    if (deltaNet) rows.push(['ssmStateSize*ssmHeads (DeltaNet value size)', o.ssmStateSize * o.ssmHeads]);
     for (const [what, n] of rows) {
       if (n % QK8_0 !== 0) {
         throw new Error(
@@ -312,6 +314,9 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   const qDim = o.heads * o.headDim;
   const kvDim = o.kvHeads * o.headDim;
   const qwen35 = arch === 'qwen35' || arch === 'qwen35moe';
+  /** Gated DeltaNet hybrids: Qwen3.5 and Qwen3-Next (whose attention has plain RoPE, not M-RoPE). */
+  const deltaNet = qwen35 || arch === 'qwen3next';
+  const moeShared = arch === 'qwen35moe' || arch === 'qwen3next';
   const rot = o.ropeDims || o.headDim;
   const convKernel = o.convKernel || (arch === 'lfm2' ? 3 : 4);
   /** gemma4: which layers slide (every swaPattern-th is full attention), and the full layers' head size. */
@@ -322,7 +327,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   const mlaLatent = MLA_LATENT_PER_HEAD_DIM * o.headDim;
   const mlaRope = o.ropeDims || o.headDim / 2;
   /** Hybrids: which layers attend (the others are recurrent: DeltaNet or a short convolution). */
-  const hybrid = qwen35 || arch === 'lfm2' || arch === 'granitehybrid';
+  const hybrid = deltaNet || arch === 'lfm2' || arch === 'granitehybrid';
   const attends = (i: number): boolean => !hybrid || (i + 1) % o.attentionInterval === 0;
 
   const w = new GGUFWriter(GGUF_DEFAULT_ALIGNMENT);
@@ -404,7 +409,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     if (sections.length === 2) sections.push(half - sections[0]! - sections[1]!);
     w.addArray(key('rope.dimension_sections'), GGUFValueType.INT32, [...sections, 0]);
   }
-  if (qwen35) {
+  if (deltaNet) {
     w.addUint32(key('ssm.conv_kernel'), convKernel);
     w.addUint32(key('ssm.state_size'), o.ssmStateSize);
     w.addUint32(key('ssm.group_count'), o.ssmGroups);
@@ -412,7 +417,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     w.addUint32(key('ssm.inner_size'), o.ssmStateSize * o.ssmHeads);
     w.addUint32(key('full_attention_interval'), o.attentionInterval);
   }
-  if (arch === 'qwen35moe') {
+  if (moeShared) {
     w.addUint32(key('expert_count'), o.experts);
     w.addUint32(key('expert_used_count'), o.expertsUsed);
     w.addUint32(key('expert_feed_forward_length'), o.ffn);
@@ -634,7 +639,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   function hybridLayer(i: number): void {
     const p = `blk.${i}.`;
     const ffn = () => {
-      if (arch === 'qwen35moe') {
+      if (moeShared) {
         tensor(`${p}ffn_gate_inp.weight`, [E, o.experts], GGMLType.F32, 1 / Math.sqrt(E));
         matrix(`${p}ffn_gate_exps.weight`, [E, o.ffn, o.experts]);
         matrix(`${p}ffn_up_exps.weight`, [E, o.ffn, o.experts]);
@@ -692,7 +697,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
       }
       return;
     }
-    // Qwen3.5: no ffn_norm; post_attention_norm is the norm before the feed-forward.
+    // Qwen3.5 and Qwen3-Next: no ffn_norm; post_attention_norm is the norm before the feed-forward.
     norm(`${p}attn_norm.weight`);
     norm(`${p}post_attention_norm.weight`);
     if (attends(i)) {
@@ -713,8 +718,12 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
       // dt = softplus(bias + ...) around 0.01, and A in [1, 16) (its log-decay must be negative: ssm_a = -A).
       tensor(`${p}ssm_dt.bias`, [o.ssmHeads], GGMLType.F32, 0.5, Math.log(Math.expm1(0.01)));
       tensor(`${p}ssm_a`, [o.ssmHeads], GGMLType.F32, 0, 0, undefined, (_v, col) => -(1 + ((col * 7) % 15)));
-      matrix(`${p}ssm_beta.weight`, [E, o.ssmHeads]);
-      matrix(`${p}ssm_alpha.weight`, [E, o.ssmHeads]);
+      if (arch === 'qwen3next') {
+        matrix(`${p}ssm_ba.weight`, [E, 2 * o.ssmHeads]); // beta and alpha in one matrix
+      } else {
+        matrix(`${p}ssm_beta.weight`, [E, o.ssmHeads]);
+        matrix(`${p}ssm_alpha.weight`, [E, o.ssmHeads]);
+      }
       norm(`${p}ssm_norm.weight`, o.ssmStateSize);
       matrix(`${p}ssm_out.weight`, [valueDim, E]);
     }

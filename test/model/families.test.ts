@@ -12,9 +12,9 @@ import { checkCache, maxAbsDiff, THREADS } from '../helpers.ts';
 const dir = mkdtempSync(join(tmpdir(), 'fml-families-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-const SUPPORTED: ModelFamily[] = ['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3', 'gemma4', 'phi3', 'qwen3moe', 'gptoss', 'deepseek2', 'qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe', 'lfm2', 'granite4'];
+const SUPPORTED: ModelFamily[] = ['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3', 'gemma4', 'phi3', 'qwen3moe', 'gptoss', 'deepseek2', 'qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granite4'];
 const SLIDING: ModelFamily[] = ['gemma3', 'gemma4', 'gptoss'];
-const HYBRID: ModelFamily[] = ['qwen35', 'qwen35moe', 'lfm2', 'granite4'];
+const HYBRID: ModelFamily[] = ['qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granite4'];
 const MROPE: ModelFamily[] = ['qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe'];
 const UNSUPPORTED: ModelFamily[] = ['mamba'];
 

@@ -66,8 +66,8 @@ async function compactionAtLimit(model: Model): Promise<string> {
   chat.dispose();
   if (!holds || compactions === 0) return 'failed';
   if (reprefilled) return 're-prefill of the retained tokens';
+  if (model.info.rope === 'none') return `cells moved by ${llamaShifted ? 'llama.cpp' : 'this library'} (no positions in the keys)`;
   if (llamaShifted) return 'K-shift';
-  if (model.info.rope === 'none') return 'cells moved by this library (no positions in the keys)';
   // At the table's F16 keys, llama.cpp's shift is refused or wrong only for M-RoPE and YaRN.
   const why = ['mrope', 'imrope'].includes(model.info.rope) ? 'llama.cpp has none for M-RoPE' : "llama.cpp's would rescale YaRN keys";
   return `K-shift (by this library: ${why})`;

@@ -44,14 +44,14 @@ ${MODEL_FAMILY_NAMES.map((f) => `                           ${f}: ${MODEL_FAMILI
   --vocab-extra <n>      extra generated vocabulary pieces [${d.vocabExtra}]
   --name <s>             general.name
 Family options (ignored by the others):
-  --attention-interval <n>  qwen35, qwen35moe, qwen3next, lfm2, granite4: layer i attends when i + 1 is a multiple of n [${DEFAULT_MODEL_OPTIONS.attentionInterval}]
+  --attention-interval <n>  qwen35, qwen35moe, qwen3next, lfm2, granite4, nemotron3 (of its mixers): layer i attends when i + 1 is a multiple of n [${DEFAULT_MODEL_OPTIONS.attentionInterval}]
   --rope-dims <n>        qwen35, qwen35moe, qwen3next: rotary dimensions per head; deepseek2: of the shared rotary key (0: the head dim; deepseek2: half of it) [${DEFAULT_MODEL_OPTIONS.ropeDims}]
-  --ssm-state <n>        qwen35, qwen35moe, qwen3next: Gated DeltaNet head size (16, 32, 64 or 128); granite4: Mamba-2 state size [${DEFAULT_MODEL_OPTIONS.ssmStateSize}]
-  --ssm-groups <n>       qwen35, qwen35moe, qwen3next: DeltaNet key heads; granite4: Mamba-2 groups [${DEFAULT_MODEL_OPTIONS.ssmGroups}]
-  --ssm-heads <n>        qwen35, qwen35moe, qwen3next: DeltaNet value heads; granite4: Mamba-2 heads [${DEFAULT_MODEL_OPTIONS.ssmHeads}]
-  --conv-kernel <n>      qwen35, qwen35moe, qwen3next, granite4: DeltaNet / Mamba-2 convolution; lfm2: short convolution (0: 4 / 3) [${DEFAULT_MODEL_OPTIONS.convKernel}]
-  --experts <n>          qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
-  --experts-used <n>     qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
+  --ssm-state <n>        qwen35, qwen35moe, qwen3next: Gated DeltaNet head size (16, 32, 64 or 128); granite4, nemotron3: Mamba-2 state size [${DEFAULT_MODEL_OPTIONS.ssmStateSize}]
+  --ssm-groups <n>       qwen35, qwen35moe, qwen3next: DeltaNet key heads; granite4, nemotron3: Mamba-2 groups [${DEFAULT_MODEL_OPTIONS.ssmGroups}]
+  --ssm-heads <n>        qwen35, qwen35moe, qwen3next: DeltaNet value heads; granite4, nemotron3: Mamba-2 heads [${DEFAULT_MODEL_OPTIONS.ssmHeads}]
+  --conv-kernel <n>      qwen35, qwen35moe, qwen3next, granite4, nemotron3: DeltaNet / Mamba-2 convolution; lfm2: short convolution (0: 4 / 3) [${DEFAULT_MODEL_OPTIONS.convKernel}]
+  --experts <n>          qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, nemotron3: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
+  --experts-used <n>     qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, nemotron3: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
   --yarn-factor <n>      YaRN context extension factor (0: the family's, 32 for gptoss, none for the others) [${DEFAULT_MODEL_OPTIONS.yarnFactor}]
   --help, -h             show this help
 `;
@@ -151,8 +151,10 @@ function main(argv: string[]): number {
   const r = values.arch === undefined ? writeLlamaModel(out, options) : writeModel(out, { ...options, ...familyOptions, family: values.arch as ModelFamily });
   const ms = performance.now() - t0;
   const o = r.options;
-  const hybrid = ['qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granitehybrid'].includes(r.arch);
-  const attentionLayers = Math.floor(o.layers / o.attentionInterval);
+  const hybrid = ['qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granitehybrid', 'nemotron_h_moe'].includes(r.arch);
+  // Nemotron 3's mixers (Mamba-2 or attention) are its even layers; the odd ones hold experts.
+  const mixers = r.arch === 'nemotron_h_moe' ? Math.ceil(o.layers / 2) : o.layers;
+  const attentionLayers = Math.floor(mixers / o.attentionInterval);
 
   const lines = [
     `wrote ${out}`,
@@ -161,7 +163,7 @@ function main(argv: string[]): number {
     r.arch === 'deepseek2'
       ? `  kv cache      ${o.layers * (4 * o.headDim + (o.ropeDims || o.headDim / 2))} values per token (latent attention: each layer's latent and shared rotary key; no values)`
       : hybrid
-        ? `  kv cache      ${2 * attentionLayers * o.kvHeads * o.headDim} values per token (the ${attentionLayers} attention layers, K+V; the other ${o.layers - attentionLayers} keep a recurrent state)`
+        ? `  kv cache      ${2 * attentionLayers * o.kvHeads * o.headDim} values per token (the ${attentionLayers} attention layers, K+V; ${mixers - attentionLayers} more keep a recurrent state)`
         : `  kv cache      ${2 * o.layers * o.kvHeads * o.headDim} values per token (all layers, K+V)`,
     `  vocab         ${r.nVocab} tokens (bos ${r.specialTokens.bos}, eos ${r.specialTokens.eos}, chat template ${values.arch ?? 'chatml'})`,
     `  weights       ${o.type}, seed ${o.seed}, ${r.nParams.toLocaleString('en-US')} params in ${r.tensors.length} tensors`,

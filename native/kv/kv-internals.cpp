@@ -109,10 +109,11 @@ bool kv_llama_shift_unsound(llama_context * ctx) {
             rotary = rotary || model.hparams.has_rope(il);
         }
     }
-    // Attention without positions (NoPE: Granite 4.0-H): llama.cpp's shift graph then has no node
-    // reading its shift input, which stays unallocated, and setting it aborts (GGML_ASSERT(buffer)).
-    // Moving such cells changes no key.
-    if (!rotary) {
+    // Attention without positions in a model llama.cpp thinks has them (Granite 4.0-H: norm RoPE
+    // switched off per layer): its shift graph has no node reading the shift input, which stays
+    // unallocated, and setting it aborts (GGML_ASSERT(buffer)). Where the model's rope type is none
+    // (Nemotron-H) llama.cpp builds no graph and only moves the cells, which is right.
+    if (!rotary && model.hparams.rope_type != LLAMA_ROPE_TYPE_NONE) {
         return true;
     }
     for (uint32_t il = 0; il < model.hparams.n_layer(); ++il) {

@@ -2,7 +2,8 @@
  * Model generators: seeded random-weight GGUF files in the shapes of the families people load
  * (Llama 3, Mistral, Qwen 2/3, Gemma 3/4, Phi-3, a Qwen3 MoE, gpt-oss, DeepSeek-V2's latent attention), the M-RoPE ones (Qwen2-VL and
  * Qwen3-VL text models), the hybrids of attention and a recurrent state (Qwen3.5 and its MoE with
- * Gated DeltaNet layers, Qwen3-Next, LFM2 with short convolutions, Granite 4.0-H with Mamba-2 layers), and Mamba, whose recurrent state alone
+ * Gated DeltaNet layers, Qwen3-Next, LFM2 with short convolutions, Granite 4.0-H and Nemotron 3 with
+ * Mamba-2 layers), and Mamba, whose recurrent state alone
  * finite memory cannot evict from, so that answer can be tested too.
  * Tensor names, shapes and metadata keys are the ones the pinned llama.cpp loads for each
  * architecture (src/models/<arch>.cpp there); every tensor it expects is written, nothing else.
@@ -27,6 +28,8 @@ interface FamilySpec {
   /** SentencePiece's leading space (Llama 2 / Mistral / Phi-3 tokenizers add one; Gemma's does not). */
   addSpacePrefix: boolean;
   about: string;
+  /** transformer blocks when the options give none (the generator's default, 2, is too few for its layer pattern) */
+  layers?: number;
 }
 
 export const MODEL_FAMILIES = {
@@ -47,6 +50,7 @@ export const MODEL_FAMILIES = {
   qwen3next: { arch: 'qwen3next', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3-Next: the Qwen3.5 MoE layers with plain NEOX RoPE (partial rotary), ChatML' },
   lfm2: { arch: 'lfm2', template: 'lfm2', addSpacePrefix: false, about: 'LFM2: short-convolution layers with every attentionInterval-th layer attention (NEOX RoPE), LFM2.5 template' },
   granite4: { arch: 'granitehybrid', template: 'granite4', addSpacePrefix: false, about: 'Granite 4.0-H: Mamba-2 layers with every attentionInterval-th layer attention without positions (NoPE), Granite 4.0 template' },
+  nemotron3: { arch: 'nemotron_h_moe', template: 'chatml', addSpacePrefix: false, layers: 4, about: 'Nemotron 3 Nano: Mamba-2 and attention layers without positions (NoPE), each followed by a layer of routed and shared experts, ChatML' },
   mamba: { arch: 'mamba', template: 'chatml', addSpacePrefix: false, about: 'Mamba: recurrent state (no KV cache), ChatML' },
 } as const satisfies Record<string, FamilySpec>;
 
@@ -179,6 +183,8 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   if (!Object.hasOwn(MODEL_FAMILIES, o.family)) {
     throw new Error(`family must be one of ${MODEL_FAMILY_NAMES.join(', ')}, got ${String(o.family)}`);
   }
+  const spec: FamilySpec = MODEL_FAMILIES[o.family];
+  if (options.layers === undefined && spec.layers !== undefined) o.layers = spec.layers;
   for (const key of ['layers', 'embd', 'heads', 'kvHeads', 'headDim', 'ffn', 'ctx', 'slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ssmStateSize', 'ssmGroups', 'ssmHeads'] as const) {
     checkPositiveInt(key, o[key]);
   }
@@ -189,6 +195,9 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   if (o.family === 'gemma4' && o.layers < 2) throw new Error('gemma4 needs at least 2 layers (llama.cpp asserts two layers keep their own KV)');
   const deltaNet = o.family === 'qwen35' || o.family === 'qwen35moe' || o.family === 'qwen3next';
   const hybrid = deltaNet || o.family === 'lfm2' || o.family === 'granite4';
+  if (o.family === 'nemotron3' && (o.attentionInterval < 2 || o.layers < 2 * o.attentionInterval)) {
+    throw new Error(`nemotron3 needs attentionInterval >= 2 and layers >= 2 x attentionInterval (its mixers, Mamba-2 or attention, alternate with expert layers), got ${o.attentionInterval} and ${o.layers}`);
+  }
   if (hybrid && (o.attentionInterval < 2 || o.layers < o.attentionInterval)) {
     throw new Error(`${o.family} needs attentionInterval >= 2 and layers >= attentionInterval (at least one recurrent and one attention layer), got ${o.attentionInterval} and ${o.layers}`);
   }
@@ -199,8 +208,8 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
     if (rot % 2 !== 0 || rot > o.headDim || rot < 6) throw new Error(`ropeDims must be even, at least 6 and at most headDim (${o.headDim}), got ${rot}`);
     if (![16, 32, 64, 128].includes(o.ssmStateSize)) throw new Error(`ssmStateSize must be 16, 32, 64 or 128 (CUDA's Gated DeltaNet kernels), got ${o.ssmStateSize}`);
     if (o.ssmHeads % o.ssmGroups !== 0) throw new Error(`ssmHeads (${o.ssmHeads}) must be a multiple of ssmGroups (${o.ssmGroups})`);
-  } else if (o.family === 'granite4' && (o.ssmHeads % o.ssmGroups !== 0 || (2 * o.embd) % o.ssmHeads !== 0)) {
-    throw new Error(`granite4 needs ssmHeads (${o.ssmHeads}) a multiple of ssmGroups (${o.ssmGroups}) and dividing 2 x embd (${2 * o.embd}): Mamba-2's heads split its inner size`);
+  } else if ((o.family === 'granite4' || o.family === 'nemotron3') && (o.ssmHeads % o.ssmGroups !== 0 || (2 * o.embd) % o.ssmHeads !== 0)) {
+    throw new Error(`${o.family} needs ssmHeads (${o.ssmHeads}) a multiple of ssmGroups (${o.ssmGroups}) and dividing 2 x embd (${2 * o.embd}): Mamba-2's heads split its inner size`);
   } else if (o.ropeDims !== 0 && o.ropeDims !== o.headDim && o.family !== 'deepseek2') {
     throw new Error(`${o.family} rotates whole heads: ropeDims must be 0 or headDim (${o.headDim}), got ${o.ropeDims}`);
   }
@@ -328,7 +337,11 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   const mlaRope = o.ropeDims || o.headDim / 2;
   /** Hybrids: which layers attend (the others are recurrent: DeltaNet or a short convolution). */
   const hybrid = deltaNet || arch === 'lfm2' || arch === 'granitehybrid';
-  const attends = (i: number): boolean => !hybrid || (i + 1) % o.attentionInterval === 0;
+  const nemotron = arch === 'nemotron_h_moe';
+  /** Nemotron 3: even layers mix (every attentionInterval-th mixer attends, the others are Mamba-2), odd ones are experts. */
+  const nemotronKind = (i: number): 'mamba' | 'attention' | 'experts' =>
+    i % 2 === 1 ? 'experts' : (i / 2 + 1) % o.attentionInterval === 0 ? 'attention' : 'mamba';
+  const attends = (i: number): boolean => (nemotron ? nemotronKind(i) === 'attention' : !hybrid || (i + 1) % o.attentionInterval === 0);
 
   const w = new GGUFWriter(GGUF_DEFAULT_ALIGNMENT);
   const key = (k: string) => `${arch}.${k}`;
@@ -346,12 +359,12 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     w.addUint32(key('ssm.state_size'), SSM.stateSize);
     w.addUint32(key('ssm.time_step_rank'), SSM.dtRank);
   } else {
-    w.addUint32(key('feed_forward_length'), o.ffn);
+    if (!nemotron) w.addUint32(key('feed_forward_length'), o.ffn);
     w.addUint32(key('attention.head_count'), o.heads);
     if (arch === 'deepseek2') {
       mlaKeys();
-    } else if (arch === 'lfm2' || arch === 'granitehybrid') {
-      // LFM2 and Granite mark their convolution / Mamba-2 layers by 0 KV heads.
+    } else if (arch === 'lfm2' || arch === 'granitehybrid' || nemotron) {
+      // LFM2, Granite and Nemotron mark their convolution / Mamba-2 (and expert) layers by 0 KV heads.
       w.addInt32Array(key('attention.head_count_kv'), Array.from({ length: o.layers }, (_, i) => (attends(i) ? o.kvHeads : 0)));
     } else {
       w.addUint32(key('attention.head_count_kv'), o.kvHeads);
@@ -424,16 +437,26 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     w.addUint32(key('expert_shared_feed_forward_length'), o.ffn);
   }
   if (arch === 'lfm2') w.addUint32(key('shortconv.l_cache'), convKernel);
-  if (arch === 'granitehybrid') {
-    // Mamba-2: d_inner = 2 x embd (llama.cpp accepts only that), heads of d_inner / ssmHeads values.
+  if (nemotron) {
+    // A layer with a feed-forward length is an expert layer; the others mix (Mamba-2, or attention with KV heads).
+    w.addInt32Array(key('feed_forward_length'), Array.from({ length: o.layers }, (_, i) => (nemotronKind(i) === 'experts' ? o.ffn : 0)));
+    w.addUint32(key('expert_count'), o.experts);
+    w.addUint32(key('expert_used_count'), o.expertsUsed);
+    w.addUint32(key('expert_feed_forward_length'), o.ffn);
+    w.addUint32(key('expert_shared_feed_forward_length'), o.ffn);
+    w.addBool(key('expert_weights_norm'), true);
+    w.addFloat32(key('attention.layer_norm_epsilon'), 1e-5);
+  }
+  if (arch === 'granitehybrid' || nemotron) {
+    // Mamba-2: d_inner = 2 x embd (Granite accepts only that), heads of d_inner / ssmHeads values.
     w.addUint32(key('ssm.conv_kernel'), convKernel);
     w.addUint32(key('ssm.inner_size'), 2 * E);
     w.addUint32(key('ssm.state_size'), o.ssmStateSize);
     w.addUint32(key('ssm.time_step_rank'), o.ssmHeads);
     w.addUint32(key('ssm.group_count'), o.ssmGroups);
-    // Granite 4.0-H's attention has no positions (its converter writes this false: NoPE).
-    w.addBool(key('rope.scaling.finetuned'), false);
   }
+  // Granite 4.0-H's attention has no positions (its converter writes this false: NoPE); Nemotron's has none by architecture.
+  if (arch === 'granitehybrid') w.addBool(key('rope.scaling.finetuned'), false);
 
   w.addString('tokenizer.ggml.model', 'llama');
   w.addStringArray('tokenizer.ggml.tokens', vocab.tokens);
@@ -475,6 +498,10 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   }
   for (let i = 0; i < o.layers; i++) {
     const p = `blk.${i}.`;
+    if (nemotron) {
+      nemotronLayer(i);
+      continue;
+    }
     if (hybrid) {
       hybridLayer(i);
       continue;
@@ -635,6 +662,44 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     tensor(`${p}ffn_down_exps.bias`, [E, o.experts], GGMLType.F32, BIAS_STD);
   }
 
+  /** A Mamba-2 mixer (Granite 4.0-H, Nemotron): d_inner = 2 x embd in heads of d_inner / ssmHeads values. */
+  function mamba2Mixer(p: string): void {
+    const inner = 2 * E;
+    const convDim = inner + 2 * o.ssmGroups * o.ssmStateSize;
+    matrix(`${p}ssm_in.weight`, [E, inner + convDim + o.ssmHeads]); // z, x B C, dt
+    tensor(`${p}ssm_conv1d.weight`, [convKernel, convDim], GGMLType.F32, 1 / Math.sqrt(convKernel));
+    bias(`${p}ssm_conv1d.bias`, convDim);
+    tensor(`${p}ssm_dt.bias`, [o.ssmHeads], GGMLType.F32, 0.5, Math.log(Math.expm1(0.01)));
+    // A = -exp(A_log) per head (one row each), in (-16, -1] as for Qwen3.5's DeltaNet; D = 1.
+    const a = Float32Array.from({ length: o.ssmHeads }, (_, h) => -(1 + ((h * 7) % 15)));
+    w.addTensor({ name: `${p}ssm_a`, dims: [1, o.ssmHeads], type: GGMLType.F32, produce: valuesTensor([1, o.ssmHeads], GGMLType.F32, a) });
+    tensor(`${p}ssm_d`, [1, o.ssmHeads], GGMLType.F32, 0, 1);
+    tensor(`${p}ssm_norm.weight`, [inner / o.ssmGroups, o.ssmGroups], GGMLType.F32, NORM_NOISE, 1); // grouped RMS norm
+    matrix(`${p}ssm_out.weight`, [inner, E]);
+  }
+
+  /** One Nemotron 3 layer: one norm, then a Mamba-2 mixer, attention without positions, or experts (relu^2, no gate). */
+  function nemotronLayer(i: number): void {
+    const p = `blk.${i}.`;
+    norm(`${p}attn_norm.weight`);
+    const kind = nemotronKind(i);
+    if (kind === 'mamba') {
+      mamba2Mixer(p);
+    } else if (kind === 'attention') {
+      matrix(`${p}attn_q.weight`, [E, qDim]);
+      matrix(`${p}attn_k.weight`, [E, kvDim]);
+      matrix(`${p}attn_v.weight`, [E, kvDim]);
+      matrix(`${p}attn_output.weight`, [qDim, E]);
+    } else {
+      tensor(`${p}ffn_gate_inp.weight`, [E, o.experts], GGMLType.F32, 1 / Math.sqrt(E));
+      bias(`${p}exp_probs_b.bias`, o.experts);
+      matrix(`${p}ffn_up_exps.weight`, [E, o.ffn, o.experts]);
+      matrix(`${p}ffn_down_exps.weight`, [o.ffn, E, o.experts]);
+      matrix(`${p}ffn_up_shexp.weight`, [E, o.ffn]);
+      matrix(`${p}ffn_down_shexp.weight`, [o.ffn, E]);
+    }
+  }
+
   /** One layer of a hybrid: its mixer (attention, or DeltaNet / short convolution) and its feed-forward. */
   function hybridLayer(i: number): void {
     const p = `blk.${i}.`;
@@ -662,18 +727,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
         matrix(`${p}attn_v.weight`, [E, kvDim]);
         matrix(`${p}attn_output.weight`, [qDim, E]);
       } else {
-        const inner = 2 * E;
-        const convDim = inner + 2 * o.ssmGroups * o.ssmStateSize;
-        matrix(`${p}ssm_in.weight`, [E, inner + convDim + o.ssmHeads]); // z, x B C, dt
-        tensor(`${p}ssm_conv1d.weight`, [convKernel, convDim], GGMLType.F32, 1 / Math.sqrt(convKernel));
-        bias(`${p}ssm_conv1d.bias`, convDim);
-        tensor(`${p}ssm_dt.bias`, [o.ssmHeads], GGMLType.F32, 0.5, Math.log(Math.expm1(0.01)));
-        // A = -exp(A_log) per head (one row each), in (-16, -1] as for Qwen3.5's DeltaNet; D = 1.
-        const a = Float32Array.from({ length: o.ssmHeads }, (_, h) => -(1 + ((h * 7) % 15)));
-        w.addTensor({ name: `${p}ssm_a`, dims: [1, o.ssmHeads], type: GGMLType.F32, produce: valuesTensor([1, o.ssmHeads], GGMLType.F32, a) });
-        tensor(`${p}ssm_d`, [1, o.ssmHeads], GGMLType.F32, 0, 1);
-        tensor(`${p}ssm_norm.weight`, [inner / o.ssmGroups, o.ssmGroups], GGMLType.F32, NORM_NOISE, 1); // grouped RMS norm
-        matrix(`${p}ssm_out.weight`, [inner, E]);
+        mamba2Mixer(p);
       }
       norm(`${p}ffn_norm.weight`);
       ffn();

@@ -12,9 +12,9 @@ import { checkCache, maxAbsDiff, THREADS } from '../helpers.ts';
 const dir = mkdtempSync(join(tmpdir(), 'fml-families-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-const SUPPORTED: ModelFamily[] = ['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3', 'gemma4', 'phi3', 'qwen3moe', 'gptoss', 'deepseek2', 'qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granite4'];
+const SUPPORTED: ModelFamily[] = ['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3', 'gemma4', 'phi3', 'qwen3moe', 'gptoss', 'deepseek2', 'qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granite4', 'nemotron3'];
 const SLIDING: ModelFamily[] = ['gemma3', 'gemma4', 'gptoss'];
-const HYBRID: ModelFamily[] = ['qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granite4'];
+const HYBRID: ModelFamily[] = ['qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granite4', 'nemotron3'];
 const MROPE: ModelFamily[] = ['qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe'];
 const UNSUPPORTED: ModelFamily[] = ['mamba'];
 
@@ -42,7 +42,8 @@ describe.each(SUPPORTED)('family %s', (family) => {
     expect(model.info.memory).toBe(SLIDING.includes(family) ? 'kv-swa' : HYBRID.includes(family) ? 'hybrid' : 'kv');
     expect(model.info.slidingWindow).toBe(SLIDING.includes(family) ? 16 : 0);
     // Hybrids: half the layers attend (attentionInterval 2) and each chat has a recurrent state besides.
-    expect(model.info.kvLayers).toBe(HYBRID.includes(family) ? model.info.nLayer / 2 : model.info.nLayer);
+    // (Nemotron 3: one of its four layers; its expert layers keep neither.)
+    expect(model.info.kvLayers).toBe(family === 'nemotron3' ? 1 : HYBRID.includes(family) ? model.info.nLayer / 2 : model.info.nLayer);
 
     expect(model.info.recurrentBytes > 0).toBe(HYBRID.includes(family));
     // M-RoPE: llama.cpp will not shift these keys; this library rotates a text token's keys itself.

@@ -15,7 +15,7 @@ import { checkCache, maxAbsDiff, THREADS } from '../helpers.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'fml-positions-'));
 const models = new Map<ModelFamily, Model>();
-const FAMILIES: ModelFamily[] = ['llama', 'qwen3vl', 'qwen35', 'lfm2', 'granite4'];
+const FAMILIES: ModelFamily[] = ['llama', 'qwen3vl', 'qwen35', 'lfm2', 'granite4', 'nemotron3'];
 // M-RoPE keys not rotated (a build without llama.cpp's internals; here the test hook): the re-prefill path.
 let unrotated: Model;
 // Keys in a q8_0 cache (heads of 64 values: llama.cpp stores them Hadamard-rotated; 16 of them rotary).
@@ -26,6 +26,7 @@ beforeAll(async () => {
   for (const family of FAMILIES) {
     const path = join(dir, `${family}.gguf`);
     writeModel(path, { family, seed: 5, layers: family === 'llama' || family === 'qwen3vl' ? 2 : 4 });
+    // (nemotron3: Mamba-2, experts, attention, experts.)
     models.set(family, await loadModel(path, { threads: THREADS, slots: 4 }));
   }
   unrotated = await loadModel(join(dir, 'qwen35.gguf'), { threads: THREADS, slots: 4, testNoKeyRotation: true });
@@ -126,14 +127,14 @@ describe("positions 'keep' (the default)", () => {
 describe('compaction at the position limit', () => {
   const maxTokens = 96;
   const maxNewTokens = 6; // below maxTokens / 8: a turn's reply fits the room its prompt makes
-  it.each(['llama', 'qwen3vl', 'qwen35', 'lfm2', 'granite4', 'qwen35 q8_0', 'qwen35 unrotated'] as const)('%s compacts exactly when a turn would pass the limit, and only then', async (family) => {
+  it.each(['llama', 'qwen3vl', 'qwen35', 'lfm2', 'granite4', 'nemotron3', 'qwen35 q8_0', 'qwen35 unrotated'] as const)('%s compacts exactly when a turn would pass the limit, and only then', async (family) => {
     const m = family === 'qwen35 q8_0' ? quantized : family === 'qwen35 unrotated' ? unrotated : model(family);
     const limit = 300;
     const chat = m.createChat({ ...(family === 'qwen35 q8_0' ? Q8 : EXACT), maxTokens, windowSize: 16, systemPrompt: 'Be brief.', positionLimit: limit });
     // M-RoPE keys are rotated where they are (nothing decoded again), quantized ones too; unrotated:
-    // re-prefilled. Granite 4.0-H's attention has no positions (NoPE): its cells move, no key changes
-    // (llama.cpp's own shift aborted the process there: GGML_ASSERT(buffer)).
-    const rotated = family === 'qwen3vl' || family === 'qwen35' || family === 'qwen35 q8_0' || family === 'granite4';
+    // re-prefilled. Granite 4.0-H's and Nemotron's attention has no positions (NoPE): their cells move,
+    // no key changes (llama.cpp's own shift aborted the process for Granite: GGML_ASSERT(buffer)).
+    const rotated = family === 'qwen3vl' || family === 'qwen35' || family === 'qwen35 q8_0' || family === 'granite4' || family === 'nemotron3';
     const reprefilled = family === 'qwen35 unrotated';
     let compacted = 0;
     for (let t = 0; t < 60; t++) {

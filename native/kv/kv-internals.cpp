@@ -74,7 +74,8 @@ std::vector<llama_kv_cache *> attention_caches_of(llama_context * ctx) {
 // for heads that are a multiple of 64 values, so shifting a quantized cache of other heads (Phi-3's
 // 96, a tiny latent attention's) dereferenced a null tensor and crashed the process.
 bool llama_shift_would_crash(llama_kv_cache & kv) {
-    if (!ggml_is_quantized(kv.type_k())) {
+    // A cache of no layer (the full layers' of a model whose every layer slides) has no key type.
+    if (kv.get_layer_ids().empty() || !ggml_is_quantized(kv.type_k())) {
         return false;
     }
     const ggml_init_params params{ ggml_tensor_overhead(), nullptr, true };

@@ -7,7 +7,9 @@
  *   gguf/random.ts     seeded PRNG
  *   gguf/vocab.ts      SentencePiece-style vocabulary with byte fallback
  *   gguf/templates.ts  the families' chat templates and their control tokens
- *   gguf/models.ts     the model families (llama, mistral, qwen2, qwen3, gemma3, phi3, qwen3moe, qwen2vl, mamba)
+ *   gguf/model-options.ts  the model families, their options and defaults
+ *   gguf/models.ts     a model file: metadata, embeddings, output (the families in model-options.ts)
+ *   gguf/layers.ts     the families' transformer blocks
  */
 export * from './format.js';
 export * from './encode.js';

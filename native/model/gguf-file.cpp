@@ -219,6 +219,47 @@ static void check_hparams(const gguf_context * g, const std::string & path) {
         }
     }
 
+    // Recurrent layers' sizes, which the graph asserts on at the first decode (or the loader at load).
+    const std::optional<int64_t> d_inner = int_of(g, key("ssm.inner_size"));
+    const std::optional<int64_t> ssm_heads = int_of(g, key("ssm.time_step_rank"));
+    const std::optional<int64_t> ssm_groups = int_of(g, key("ssm.group_count"));
+    const std::optional<int64_t> ssm_state = int_of(g, key("ssm.state_size"));
+    // Mamba-2 (build_mamba2_layer): heads and groups split the inner size; the CPU scan splits heads by groups.
+    if ((arch == "mamba2" || arch == "granitehybrid" || arch == "nemotron_h" || arch == "nemotron_h_moe" || arch == "falcon-h1") &&
+        d_inner && ssm_heads && ssm_groups &&
+        (*ssm_heads < 1 || *ssm_groups < 1 || *d_inner % *ssm_heads != 0 || *d_inner % *ssm_groups != 0 || *ssm_heads % *ssm_groups != 0)) {
+        refuse("Mamba-2 sizes do not divide (inner " + std::to_string(*d_inner) + ", " + std::to_string(*ssm_heads) + " heads, " +
+               std::to_string(*ssm_groups) + " groups)");
+    }
+    const std::optional<int64_t> embd = int_of(g, key("embedding_length"));
+    if (arch == "granitehybrid" && d_inner && embd && *d_inner != 2 * *embd) {
+        refuse(key("ssm.inner_size") + " is not twice its embedding_length (the only expansion llama.cpp supports)");
+    }
+    // Gated DeltaNet (Qwen3.5, Qwen3-Next): value heads of state_size values, a whole number per key head.
+    if ((arch == "qwen35" || arch == "qwen35moe" || arch == "qwen3next") && d_inner && ssm_heads && ssm_groups && ssm_state &&
+        (*ssm_heads < 1 || *ssm_groups < 1 || *ssm_heads % *ssm_groups != 0 || *d_inner != *ssm_state * *ssm_heads)) {
+        refuse("Gated DeltaNet sizes disagree (inner " + std::to_string(*d_inner) + ", state " + std::to_string(*ssm_state) + " x " +
+               std::to_string(*ssm_heads) + " value heads, " + std::to_string(*ssm_groups) + " key heads)");
+    }
+    // Latent attention (DeepSeek-V2/V3, GLM-4.7-Flash): a head's key holds the rotary dims and at least
+    // one more, and every head reads the one latent row a token caches.
+    if (arch == "deepseek2") {
+        const std::optional<int64_t> heads = int_of(g, key("attention.head_count"));
+        const int64_t head_default = embd && heads && *heads > 0 ? *embd / *heads : 0;
+        const int64_t key_len = int_of(g, key("attention.key_length")).value_or(head_default);
+        const std::optional<int64_t> key_mla = int_of(g, key("attention.key_length_mla"));
+        const bool mla = key_mla && int_of(g, key("attention.value_length_mla"));
+        const int64_t rot = int_of(g, key("rope.dimension_count")).value_or(key_len);
+        if (key_mla.value_or(key_len) - rot < 1) {
+            refuse("latent attention keys have no dims besides their " + std::to_string(rot) + " rotary ones");
+        }
+        for (int64_t kv_heads : ints_of(g, key("attention.head_count_kv"))) {
+            if (mla && kv_heads != 1) {
+                refuse("latent attention has " + std::to_string(kv_heads) + " KV heads, not the one latent row every head reads");
+            }
+        }
+    }
+
     // Gemma 4: the last shared_kv_layers reuse the KV of earlier ones; at least two keep their own.
     if (arch == "gemma4") {
         const int64_t shared = int_of(g, key("attention.shared_kv_layers")).value_or(0);

@@ -14,7 +14,7 @@ import { spawnSync } from 'node:child_process';
 import { appendFileSync, mkdirSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
-import { writeLlamaModel, writeModel } from '../../src/gguf/index.ts';
+import { writeLlamaModel, writeModel, type ModelInput } from '../../src/gguf/index.ts';
 import { loadModel, type Chat, type ChatOptions, type Model } from '../../src/index.ts';
 
 const REHEARSAL = process.env.FML_GPU_REHEARSAL === '1';
@@ -181,6 +181,45 @@ async function main(): Promise<void> {
     } finally {
       m.dispose();
     }
+  });
+
+  await step("keys llama.cpp's shift gets wrong, moved on the device: gpt-oss YaRN (sliding-window caches; F32, q8_0), Phi-3 q8_0 heads of 96, Granite NoPE at its limit", 60, async () => {
+    const lines: string[] = [];
+    const shifted = async (name: string, options: ModelInput, kvType: 'f32' | 'q8_0', bound: number) => {
+      const path = join(MODELS, `${name}.gguf`);
+      writeModel(path, { seed: 9, ...options });
+      const m = await loadModel(path, { ...GPU, threads: THREADS });
+      try {
+        const chat = m.createChat({ kvType, flashAttention: kvType !== 'f32', maxTokens: 256 });
+        await chat.send('Tell me about the sea and the sky, and why the rain falls.', { maxNewTokens: 12, temperature: 0 });
+        const probe = m.tokenize('the')[0]!;
+        const before = chat._internals().probeLogits(probe);
+        chat._internals().shiftPositions(40);
+        const d = maxAbsDiff(before, chat._internals().probeLogits(probe));
+        chat.dispose();
+        check(d < bound, `${name} (${kvType} keys): a shift of 40 positions changed the logits by ${d}`);
+        lines.push(`${name} (${kvType} keys, ${m.info.backend}): max |logit difference| after shifting every position by 40: ${d.toExponential(2)}`);
+      } finally {
+        m.dispose();
+      }
+    };
+    await shifted('gptoss-tiny', { family: 'gptoss', headDim: 64, embd: 128 }, 'f32', 1e-3);
+    await shifted('gptoss-tiny', { family: 'gptoss', headDim: 64, embd: 128 }, 'q8_0', 1);
+    await shifted('phi3-heads96', { family: 'phi3', headDim: 96, heads: 4, kvHeads: 4, embd: 384 }, 'q8_0', 1);
+    const granite = join(MODELS, 'granite4-tiny.gguf');
+    writeModel(granite, { family: 'granite4', layers: 4, embd: 128, heads: 4, kvHeads: 2, headDim: 32, ffn: 256, seed: 3 });
+    const m = await loadModel(granite, { ...GPU, threads: THREADS });
+    try {
+      const chat = m.createChat({ maxTokens: 96, windowSize: 24, positionLimit: 300 });
+      await evictingTurns(chat, 60, 96);
+      const s = chat.stats();
+      chat.dispose();
+      check(s.compactions > 2, `granite4: ${s.compactions} compactions`);
+      lines.push(`granite4 (NoPE, ${m.info.backend}): ${s.compactions} compactions at a position limit of 300, ${s.evictions} evictions`);
+    } finally {
+      m.dispose();
+    }
+    return lines;
   });
 
   await step('greedy output, CPU vs the device, same model and build', 60, async () => {

@@ -67,6 +67,14 @@ describe('model files', () => {
       ['qwen2vl', 'M-RoPE sections all 0', (m) => m.set('qwen2vl.rope.dimension_sections', { type: INT32, value: [0, 0, 0, 0] })],
       ['qwen2vl', 'M-RoPE sections wider than a head', (m) => m.set('qwen2vl.rope.dimension_sections', { type: INT32, value: [1000, 1000, 1000, 0] })],
       ['gemma4', 'every layer reusing another\'s KV', (m) => m.set('gemma4.attention.shared_kv_layers', { type: U32, value: 100 })],
+      // Each of these aborted the process (GGML_ASSERT at load or at the first decode) before it was checked.
+      ['deepseek2', 'latent keys no wider than their rotary dims', (m) => m.set('deepseek2.attention.key_length_mla', { type: U32, value: 8 })],
+      ['deepseek2', 'latent keys without rope.dimension_count', (m) => m.delete('deepseek2.rope.dimension_count')],
+      ['deepseek2', 'latent attention with two KV heads', (m) => m.set('deepseek2.attention.head_count_kv', { type: U32, value: 2 })],
+      ['granite4', 'a Mamba-2 inner size of 3 x embd', (m) => m.set('granitehybrid.ssm.inner_size', { type: U32, value: 192 })],
+      ['nemotron3', 'Mamba-2 heads that do not divide its inner size', (m) => m.set('nemotron_h_moe.ssm.time_step_rank', { type: U32, value: 3 })],
+      ['qwen3next', 'a DeltaNet inner size that is not state x heads', (m) => m.set('qwen3next.ssm.inner_size', { type: U32, value: 48 })],
+      ['qwen35', 'a DeltaNet inner size that is not state x heads', (m) => m.set('qwen35.ssm.inner_size', { type: U32, value: 48 })],
     ];
     for (const family of new Set(cases.map(([f]) => f))) {
       // The unedited file loads and chats: what is refused below is the edit.

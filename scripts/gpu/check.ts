@@ -78,6 +78,18 @@ async function evictingTurns(chat: Chat, turns: number, maxTokens: number): Prom
   }
 }
 
+/** How far shifting every position of a short chat by 40 moves its next-token logits (a pure rotation: float noise). */
+async function shiftDrift(m: Model, options: ChatOptions): Promise<number> {
+  const chat = m.createChat({ maxTokens: 256, ...options });
+  await chat.send('Tell me about the sea and the sky.', { maxNewTokens: 12, temperature: 0 });
+  const probe = m.tokenize('the')[0]!;
+  const before = chat._internals().probeLogits(probe);
+  chat._internals().shiftPositions(40);
+  const d = maxAbsDiff(before, chat._internals().probeLogits(probe));
+  chat.dispose();
+  return d;
+}
+
 /** Greedy tokens of a fixed conversation: `n` replies' worth. */
 async function greedy(model: Model, turns: number): Promise<string[]> {
   // sliding on both: the default differs between the CPU and a GPU.
@@ -141,21 +153,10 @@ async function main(): Promise<void> {
     const m = await loadModel(hybrid, { ...GPU, threads: THREADS });
     try {
       // IMROPE keys are rotated by this library's own graph (llama.cpp has no K-shift for them): on the device's keys.
-      const probeChat = m.createChat({ ...EXACT, maxTokens: 256 });
-      await probeChat.send('Tell me about the sea and the sky.', { maxNewTokens: 12, temperature: 0 });
-      const probe = m.tokenize('the')[0]!;
-      const before = probeChat._internals().probeLogits(probe);
-      probeChat._internals().shiftPositions(40);
-      const rotated = maxAbsDiff(before, probeChat._internals().probeLogits(probe));
-      probeChat.dispose();
+      const rotated = await shiftDrift(m, EXACT);
       check(rotated < 1e-3, `rotating the IMROPE keys by 40 positions changed the logits by ${rotated}`);
       // q8_0 keys: back to F32, turned, quantized again (re-quantization noise only).
-      const q8Chat = m.createChat({ kvType: 'q8_0', maxTokens: 256 });
-      await q8Chat.send('Tell me about the sea and the sky.', { maxNewTokens: 12, temperature: 0 });
-      const q8Before = q8Chat._internals().probeLogits(probe);
-      q8Chat._internals().shiftPositions(40);
-      const q8Rotated = maxAbsDiff(q8Before, q8Chat._internals().probeLogits(probe));
-      q8Chat.dispose();
+      const q8Rotated = await shiftDrift(m, { kvType: 'q8_0' });
       check(q8Rotated < 0.5, `rotating the IMROPE keys of a q8_0 cache by 40 positions changed the logits by ${q8Rotated}`);
       const chat = m.createChat({ maxTokens: 96, windowSize: 24, systemPrompt: 'Be brief.', positionLimit: 300 });
       const sideBefore = chat._internals().engineStats(true).sideTokens;
@@ -190,13 +191,7 @@ async function main(): Promise<void> {
       writeModel(path, { seed: 9, ...options });
       const m = await loadModel(path, { ...GPU, threads: THREADS });
       try {
-        const chat = m.createChat({ kvType, flashAttention: kvType !== 'f32', maxTokens: 256 });
-        await chat.send('Tell me about the sea and the sky, and why the rain falls.', { maxNewTokens: 12, temperature: 0 });
-        const probe = m.tokenize('the')[0]!;
-        const before = chat._internals().probeLogits(probe);
-        chat._internals().shiftPositions(40);
-        const d = maxAbsDiff(before, chat._internals().probeLogits(probe));
-        chat.dispose();
+        const d = await shiftDrift(m, { kvType, flashAttention: kvType !== 'f32' });
         check(d < bound, `${name} (${kvType} keys): a shift of 40 positions changed the logits by ${d}`);
         lines.push(`${name} (${kvType} keys, ${m.info.backend}): max |logit difference| after shifting every position by 40: ${d.toExponential(2)}`);
       } finally {

@@ -62,14 +62,14 @@ async function compactionAtLimit(model: Model): Promise<string> {
   const compactions = chat.stats().compactions;
   const after = chat._internals().engineStats(true);
   const reprefilled = after.sideTokens - before.sideTokens > compactions * model.info.slidingWindow;
-  const llamaShifted = after.shiftSteps > before.shiftSteps; // llama.cpp's K-shift runs inside a step; this library's rotation at once
+  const llamaShifted = after.deferredMoves > before.deferredMoves && after.rotatedMoves === before.rotatedMoves;
   chat.dispose();
   if (!holds || compactions === 0) return 'failed';
   if (reprefilled) return 're-prefill of the retained tokens';
   if (model.info.rope === 'none') return `cells moved by ${llamaShifted ? 'llama.cpp' : 'this library'} (no positions in the keys)`;
   if (llamaShifted) return 'K-shift';
-  // At the table's F16 keys, llama.cpp's shift is refused or wrong only for M-RoPE and YaRN.
-  const why = ['mrope', 'imrope'].includes(model.info.rope) ? 'llama.cpp has none for M-RoPE' : "llama.cpp's would rescale YaRN keys";
+  // Why is docs/memory.md's (YaRN's magnitude, NoPE layers the shift would turn, Hadamard matrices that do not fit).
+  const why = ['mrope', 'imrope'].includes(model.info.rope) ? 'llama.cpp has none for M-RoPE' : "llama.cpp's would get these keys wrong";
   return `K-shift (by this library: ${why})`;
 }
 

@@ -103,6 +103,8 @@ Napi::Value engine_stats_of(const Napi::CallbackInfo & info) {
     o.Set("restored", (double) st.restored);
     o.Set("grown", (double) st.grown);
     o.Set("shiftSteps", (double) st.shift_steps);
+    o.Set("deferredMoves", (double) st.deferred_moves);
+    o.Set("rotatedMoves", (double) st.rotated_moves);
     o.Set("sideTokens", (double) st.side_tokens);
     o.Set("slots", (double) st.slots);
     o.Set("engines", (double) st.engines);

@@ -41,6 +41,8 @@ struct engine_stats {
     uint64_t restored = 0;
     uint64_t grown = 0;            // times the context was rebuilt with more slots
     uint64_t shift_steps = 0;      // steps that paid a K-shift
+    uint64_t deferred_moves = 0;   // position moves llama.cpp's K-shift applies in a later decode
+    uint64_t rotated_moves = 0;    // position moves this library rotated the keys of at once (kv_rotate_positions)
     uint64_t side_tokens = 0;      // tokens decoded outside steps (re-prefills, window repairs, K-shift flushes)
     uint32_t slots = 0;
     uint32_t occupied = 0;
@@ -91,7 +93,10 @@ public:
     // pending. Decodes one token for `s` and removes it again when a shift is pending.
     void apply_pending_shift(chat & s);
     // A chat moved positions (seq_add): the next decode pays a K-shift of every cell of the context.
-    void note_shift() override { shift_pending_ = shift_pending_ || shift_deferred_; }
+    void note_shift() override {
+        shift_pending_ = shift_pending_ || shift_deferred_;
+        (shift_deferred_ ? stats_.deferred_moves : stats_.rotated_moves)++;
+    }
     void flush_shift(chat & s, int32_t next_pos) override;
     // Whether this context's keys can move (M-RoPE: rotated by kv-internals where it can): compaction
     // is a K-shift, else a re-prefill.

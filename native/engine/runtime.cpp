@@ -148,6 +148,8 @@ static void add_counters(engine_stats & into, const engine_stats & s) {
     into.restored += s.restored;
     into.grown += s.grown;
     into.shift_steps += s.shift_steps;
+    into.deferred_moves += s.deferred_moves;
+    into.rotated_moves += s.rotated_moves;
     into.side_tokens += s.side_tokens;
 }
 

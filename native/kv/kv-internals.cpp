@@ -69,29 +69,112 @@ std::vector<llama_kv_cache *> attention_caches_of(llama_context * ctx) {
     return kv != nullptr ? std::vector<llama_kv_cache *>{ kv } : std::vector<llama_kv_cache *>{};
 }
 
-// llama.cpp's shift graph of a quantized key cache applies the cache's Hadamard matrix
-// (llama_mul_mat_hadamard reads rot->ne[0]) whether the cache made one or not: it makes one only
-// for heads that are a multiple of 64 values, so shifting a quantized cache of other heads (Phi-3's
-// 96, a tiny latent attention's) dereferenced a null tensor and crashed the process.
-bool llama_shift_would_crash(llama_kv_cache & kv) {
-    // A cache of no layer (the full layers' of a model whose every layer slides) has no key type.
-    if (kv.get_layer_ids().empty() || !ggml_is_quantized(kv.type_k())) {
+// How a layer's graph applies RoPE, where it departs from the hyperparameters llama.cpp's K-shift
+// reads (has_rope, get_rope_freq_*, the context's ext_factor): some graphs leave layers without
+// positions that has_rope calls rotary (NoPE layers), and some slide without YaRN. Mirrors
+// src/models/<arch>.cpp of the pinned llama.cpp.
+struct layer_rope {
+    bool positions;   // its keys carry RoPE positions
+    float freq_base;
+    float freq_scale;
+    float ext_factor;
+};
+
+bool layer_has_positions(const llama_model & model, uint32_t il) {
+    const llama_hparams & hp = model.hparams;
+    if (hp.rope_type == LLAMA_ROPE_TYPE_NONE || !hp.has_rope(il)) {
         return false;
     }
-    const ggml_init_params params{ ggml_tensor_overhead(), nullptr, true };
-    ggml_context * probe = ggml_init(params);
-    const bool has_matrix = probe != nullptr && kv.build_input_k_rot(probe) != nullptr;
-    ggml_free(probe);
-    return !has_matrix;
+    switch (model.arch) {
+        case LLM_ARCH_SMOLLM3:
+        case LLM_ARCH_LLAMA4:
+        case LLM_ARCH_AFMOE:
+            return hp.n_no_rope_layer_step > 0 && (il + 1) % hp.n_no_rope_layer_step != 0;
+        case LLM_ARCH_SMALLTHINKER:
+            return hp.n_no_rope_layer_step == hp.n_layer() || il % hp.n_no_rope_layer_step != 0;
+        case LLM_ARCH_COHERE2:
+        case LLM_ARCH_MUSE_GLIMMER:
+            return hp.is_swa(il);
+        case LLM_ARCH_COHERE2MOE:
+            return hp.is_swa(il) || il < hp.n_layer_dense_lead;
+        case LLM_ARCH_EXAONE4:
+            return hp.is_swa(il) || hp.swa_type == LLAMA_SWA_TYPE_NONE;
+        default:
+            return true;
+    }
 }
 
-// The magnitude ggml's rope gives a rotated pair at this layer with the context's YaRN settings
-// (ggml-cpu ops.cpp rope_yarn: cos and sin times attn_factor, and times 1 + 0.1 ln(1 / freq_scale)
-// where ext_factor != 0). A model's own rope applies it once on purpose (YaRN's attention
-// temperature); a K-shift graph that passes the same factors applies it again to keys already scaled.
-float rope_magnitude(const llama_model & model, const llama_cparams & cp, uint32_t il, float attn_factor) {
-    const float freq_scale = model.get_rope_freq_scale(cp, (int) il);
-    return attn_factor * (cp.yarn_ext_factor != 0.0f ? 1.0f + 0.1f * logf(1.0f / freq_scale) : 1.0f);
+layer_rope rope_of_layer(const llama_model & model, const llama_cparams & cp, uint32_t il) {
+    layer_rope r{ layer_has_positions(model, il), model.get_rope_freq_base(cp, (int) il), model.get_rope_freq_scale(cp, (int) il), cp.yarn_ext_factor };
+    if ((model.arch == LLM_ARCH_MELLUM || model.arch == LLM_ARCH_OLMO2) && model.hparams.is_swa(il)) {
+        // Their sliding layers rope without YaRN, at the model's own base.
+        r.freq_base = cp.rope_freq_base;
+        r.freq_scale = 1.0f;
+        r.ext_factor = 0.0f;
+    }
+    return r;
+}
+
+// The magnitude ggml's rope gives a rotated pair (ggml-cpu ops.cpp rope_yarn: cos and sin times
+// attn_factor, and times 1 + 0.1 ln(1 / freq_scale) where ext_factor != 0). A model's own rope
+// applies it once on purpose (YaRN's attention temperature); a K-shift graph that passes the same
+// factors applies it again to keys already scaled.
+float rope_magnitude(float freq_scale, float ext_factor, float attn_factor) {
+    return attn_factor * (ext_factor != 0.0f ? 1.0f + 0.1f * logf(1.0f / freq_scale) : 1.0f);
+}
+
+// Whether llama.cpp's shift of this cache's keys would be wrong or kill the process.
+bool llama_cache_shift_unsound(const llama_model & model, const llama_cparams & cp, llama_kv_cache & kv) {
+    const llama_hparams & hp = model.hparams;
+    if (hp.rope_type == LLAMA_ROPE_TYPE_NONE) {
+        return false;   // llama.cpp builds no shift graph: it moves the cells, which is all there is to do
+    }
+    bool rotary = false;
+    for (uint32_t il : kv.get_layer_ids()) {
+        const layer_rope r = rope_of_layer(model, cp, il);
+        rotary = rotary || hp.has_rope(il);
+        // It turns a layer's keys by has_rope with the context's frequencies and YaRN factors: keys
+        // without positions get some, sliding layers without YaRN get it, and YaRN's magnitude is
+        // applied again at every shift (1.35x for gpt-oss).
+        if (r.positions != hp.has_rope(il)) {
+            return true;
+        }
+        if (r.positions && (r.freq_base != model.get_rope_freq_base(cp, (int) il) || r.freq_scale != model.get_rope_freq_scale(cp, (int) il) ||
+                            r.ext_factor != cp.yarn_ext_factor ||
+                            std::fabs(rope_magnitude(r.freq_scale, r.ext_factor, cp.yarn_attn_factor) - 1.0f) > 1e-6f)) {
+            return true;
+        }
+    }
+    // No rotary layer at all (Granite 4.0-H's NoPE under a norm rope type; the full cache of a model
+    // whose every layer slides): its shift graph has no node reading the shift input, which stays
+    // unallocated, and setting it aborts (GGML_ASSERT(buffer)).
+    if (!rotary) {
+        return true;
+    }
+    if (!ggml_is_quantized(kv.type_k())) {
+        return false;
+    }
+    // A quantized cache's keys are turned through its Hadamard matrix (llama_mul_mat_hadamard, which
+    // reads rot->ne[0]): made only for heads that are a multiple of 64 values, so for others (Phi-3's
+    // 96) the shift dereferenced a null tensor; applied in blocks of its size to the rotary values
+    // alone, which mixes heads where those are not whole blocks (partial rotary dims: Qwen3-Next's 64
+    // of 256); and applied to latent attention's keys, which the graph stores without it.
+    const ggml_init_params params{ ggml_tensor_overhead(), nullptr, true };
+    ggml_context * probe = ggml_init(params);
+    ggml_tensor * matrix = probe != nullptr ? kv.build_input_k_rot(probe) : nullptr;
+    const int64_t block = matrix != nullptr ? matrix->ne[0] : 0;
+    ggml_free(probe);
+    if (block == 0 || hp.is_mla()) {
+        return true;
+    }
+    for (uint32_t il : kv.get_layer_ids()) {
+        const int64_t n_rot = hp.n_rot(il);
+        const int64_t nope = hp.n_lora_kv > 0 ? (int64_t) hp.n_embd_head_k(il) - n_rot : 0;
+        if (n_rot % block != 0 || nope % block != 0) {
+            return true;
+        }
+    }
+    return false;
 }
 
 } // namespace
@@ -100,25 +183,8 @@ float rope_magnitude(const llama_model & model, const llama_cparams & cp, uint32
 bool kv_llama_shift_unsound(llama_context * ctx) {
 #ifdef FML_HAVE_KV_INTERNALS
     const llama_model & model = *llama_get_model(ctx);
-    const llama_cparams & cp = ctx->get_cparams();
-    bool rotary = false;
     for (llama_kv_cache * kv : attention_caches_of(ctx)) {
-        if (llama_shift_would_crash(*kv)) {
-            return true;
-        }
-        for (uint32_t il : kv->get_layer_ids()) {
-            rotary = rotary || model.hparams.has_rope(il);
-        }
-    }
-    // Attention without positions in a model llama.cpp thinks has them (Granite 4.0-H: norm RoPE
-    // switched off per layer): its shift graph has no node reading the shift input, which stays
-    // unallocated, and setting it aborts (GGML_ASSERT(buffer)). Where the model's rope type is none
-    // (Nemotron-H) llama.cpp builds no graph and only moves the cells, which is right.
-    if (!rotary && model.hparams.rope_type != LLAMA_ROPE_TYPE_NONE) {
-        return true;
-    }
-    for (uint32_t il = 0; il < model.hparams.n_layer(); ++il) {
-        if (model.hparams.has_rope(il) && std::fabs(rope_magnitude(model, cp, il, cp.yarn_attn_factor) - 1.0f) > 1e-6f) {
+        if (llama_cache_shift_unsound(model, ctx->get_cparams(), *kv)) {
             return true;
         }
     }
@@ -177,7 +243,7 @@ kv_model_layout kv_layout_of(const llama_model * model) {
         const bool attends = hybrid ? (falcon || (!hp.is_recr(il) && both)) : !recurrent;
         const bool recurs = recurrent || (hybrid && (falcon || (hp.is_recr(il) && both)));
         out.attention_layers += attends ? 1 : 0;
-        out.rotary_layers += attends && hp.has_rope(il) ? 1 : 0;
+        out.rotary_layers += attends && layer_has_positions(*model, il) ? 1 : 0;
         out.sliding_layers.push_back(attends && hp.is_swa(il));
         if (attends) {
             out.kv_heads = out.kv_heads > 0 ? out.kv_heads : (int32_t) hp.n_head_kv(il);
@@ -362,16 +428,17 @@ void rotate_keys_on(llama_context * ctx, llama_kv_cache & kv, ggml_backend_dev_t
         rows_at = ggml_new_tensor_1d(g, GGML_TYPE_I32, (int64_t) moved.size());
         ggml_set_input(rows_at);
     }
-    ggml_tensor * hadamard = quantized ? kv.build_input_k_rot(g) : nullptr;
+    // Latent attention's graph stores its keys without the cache's Hadamard matrix (build_attn_inp_k).
+    ggml_tensor * hadamard = quantized && !hp.is_mla() ? kv.build_input_k_rot(g) : nullptr;
     ggml_cgraph * gf = ggml_new_graph_custom(g, graph_size, false);
     // M-RoPE text keys turn as NEOX (llama.cpp's build_rope_shift does the same); and a pure rotation:
     // an attn_factor that cancels the magnitude rope_magnitude says the rope applies.
     const int mode = hp.rope_type == LLAMA_ROPE_TYPE_MROPE || hp.rope_type == LLAMA_ROPE_TYPE_IMROPE ? LLAMA_ROPE_TYPE_NEOX : hp.rope_type;
     auto rope = [&](ggml_tensor * x, uint32_t il, bool inplace) {
         const auto op = inplace ? &ggml_rope_ext_inplace : &ggml_rope_ext;   // same parameters
-        return op(g, x, shift, nullptr, (int) hp.n_rot(il), mode, (int) cp.n_ctx_orig_yarn, model.get_rope_freq_base(cp, (int) il),
-                  model.get_rope_freq_scale(cp, (int) il), cp.yarn_ext_factor, 1.0f / rope_magnitude(model, cp, il, 1.0f), cp.yarn_beta_fast,
-                  cp.yarn_beta_slow);
+        const layer_rope r = rope_of_layer(model, cp, il);
+        return op(g, x, shift, nullptr, (int) hp.n_rot(il), mode, (int) cp.n_ctx_orig_yarn, r.freq_base, r.freq_scale, r.ext_factor,
+                  1.0f / rope_magnitude(r.freq_scale, r.ext_factor, 1.0f), cp.yarn_beta_fast, cp.yarn_beta_slow);
     };
     for (uint32_t il : layers) {
         ggml_tensor * k = kv.get_k_storage((int32_t) il);
@@ -513,7 +580,7 @@ void kv_rotate_positions(llama_context * ctx, int32_t seq, const std::vector<std
         }
         std::map<ggml_backend_dev_t, std::vector<uint32_t>> layers_by_device;
         for (uint32_t il : kv.get_layer_ids()) {
-            if (hp.has_rope(il)) {
+            if (layer_has_positions(*llama_get_model(ctx), il)) {
                 ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv.get_k_storage((int32_t) il)->buffer);
                 ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
                 if (dev == nullptr && ggml_backend_buft_is_host(buft)) {
@@ -534,12 +601,16 @@ void kv_rotate_positions(llama_context * ctx, int32_t seq, const std::vector<std
     for (size_t j = 0; j < jobs.size(); ++j) {
         try {
             rotate_keys_on(ctx, *jobs[j].kv, jobs[j].dev, jobs[j].layers, jobs[j].stream, *jobs[j].delta);
-        } catch (const fml_error &) {
-            // Keys split over caches or devices: those already rotated go back, so keys and positions agree.
+        } catch (...) {
+            // Keys split over caches or devices: those already rotated go back (as far as they can),
+            // so keys and positions agree; the first failure is what the caller hears.
             for (size_t done = 0; done < j; ++done) {
                 std::vector<int32_t> back(jobs[done].delta->size());
                 std::transform(jobs[done].delta->begin(), jobs[done].delta->end(), back.begin(), [](int32_t d) { return -d; });
-                rotate_keys_on(ctx, *jobs[done].kv, jobs[done].dev, jobs[done].layers, jobs[done].stream, back);
+                try {
+                    rotate_keys_on(ctx, *jobs[done].kv, jobs[done].dev, jobs[done].layers, jobs[done].stream, back);
+                } catch (...) {
+                }
             }
             throw;
         }

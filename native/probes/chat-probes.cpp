@@ -104,7 +104,7 @@ void chat_probes::shift_positions(chat & s, engine & e, int32_t delta) {
         throw fml_error(FML_ERR_KV, "every slot of the chat's engine is in a turn");
     }
     if (!e.can_shift()) {
-        throw fml_error(FML_ERR_INVALID_OPTION, "this chat's keys cannot move (M-RoPE or YaRN keys in a build without llama.cpp's internals)");
+        throw fml_error(FML_ERR_INVALID_OPTION, "this chat's keys cannot move (keys llama.cpp cannot shift, in a build without llama.cpp's internals)");
     }
     // Every cached position moves by `delta` (RoPE is relative: logits must not change).
     std::lock_guard<std::mutex> lock(s.mu_);

@@ -146,6 +146,10 @@ export interface NativeEngineStats {
   grown: number;
   /** Steps that paid a K-shift. */
   shiftSteps: number;
+  /** Position moves (compactions, summaries moved) llama.cpp's K-shift applies in a later decode. */
+  deferredMoves: number;
+  /** Position moves whose keys this library rotated at once (M-RoPE, YaRN, NoPE layers, quantized keys llama.cpp's shift gets wrong). */
+  rotatedMoves: number;
   /** Tokens decoded outside the scheduler's steps: compaction re-prefills, window repairs, K-shift flushes. */
   sideTokens: number;
   slots: number;

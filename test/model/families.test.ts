@@ -12,7 +12,7 @@ import { checkCache, maxAbsDiff, THREADS } from '../helpers.ts';
 const dir = mkdtempSync(join(tmpdir(), 'fml-families-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-const SUPPORTED: ModelFamily[] = ['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3', 'gemma4', 'phi3', 'qwen3moe', 'gptoss', 'deepseek2', 'qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granite4', 'nemotron3'];
+const SUPPORTED: ModelFamily[] = ['llama', 'mistral', 'smollm3', 'qwen2', 'qwen3', 'gemma3', 'gemma4', 'phi3', 'qwen3moe', 'gptoss', 'deepseek2', 'qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granite4', 'nemotron3'];
 const SLIDING: ModelFamily[] = ['gemma3', 'gemma4', 'gptoss'];
 const HYBRID: ModelFamily[] = ['qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granite4', 'nemotron3'];
 const MROPE: ModelFamily[] = ['qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe'];

@@ -369,6 +369,10 @@ describe("keys llama.cpp's K-shift gets wrong, moved by this library's rotation"
     ['deepseek2 yarn', 'f32', { family: 'deepseek2', yarnFactor: 4 }],
     ['deepseek2 (rows of 288)', 'q8_0', { family: 'deepseek2', headDim: 64 }],
     ['phi3 (heads of 96)', 'q8_0', { family: 'phi3', headDim: 96, heads: 4, kvHeads: 4, embd: 384 }],
+    // A Hadamard matrix llama.cpp applied where it does not fit: latent rows of 320 (the graph stores
+    // them without it), and 16 rotary dims of 64 turned through a 64-wide matrix (mixing heads).
+    ['deepseek2 (rows of 320)', 'q8_0', { family: 'deepseek2', headDim: 64, ropeDims: 64 }],
+    ['qwen3next (16 of 64 dims rotary)', 'q8_0', { family: 'qwen3next', headDim: 64, ropeDims: 16 }],
   ] as const)('%s (%s keys): every position shifted by 40 leaves the logits as they were, with no K-shift of llama.cpp', async (name, kvType, options) => {
     const path = join(dir, `${name.split(' ')[0]}-unsound-${kvType}.gguf`);
     writeModel(path, { seed: 9, ...options });
@@ -385,8 +389,25 @@ describe("keys llama.cpp's K-shift gets wrong, moved by this library's rotation"
       // q8_0: re-quantizing the turned keys moves these logits by 0.2-0.7 (gpt-oss, three seeds;
       // 0.16-0.19 the others); llama.cpp's shift, which rescaled gpt-oss's, by 6-12 (f32 ones by ~1.7).
       expect(maxAbsDiff(internals.probeLogits(probe), before)).toBeLessThan(kvType === 'f32' ? 1e-3 : 1);
-      expect(internals.engineStats(true).shiftSteps).toBe(0);
+      const stats = internals.engineStats(true);
+      expect([stats.shiftSteps, stats.deferredMoves, stats.rotatedMoves]).toEqual([0, 0, 2]);
       checkCache(chat, 256);
+      chat.dispose();
+    } finally {
+      m.dispose();
+    }
+  });
+
+  it('a model whose every layer slides (its full cache holds no layer) compacts at its limit', async () => {
+    // llama.cpp's shift of the layerless full cache built no node reading its shift input: an abort.
+    const path = join(dir, 'gemma3-all-sliding.gguf');
+    writeModel(path, { family: 'gemma3', swaPattern: 64, seed: 3 });
+    const m = await loadModel(path, { threads: THREADS, slots: 2 });
+    try {
+      const chat = m.createChat({ maxTokens: 96, windowSize: 16, positionLimit: 300 });
+      await talk(chat, 40);
+      expect(chat.stats().compactions).toBeGreaterThan(2);
+      checkCache(chat, 96);
       chat.dispose();
     } finally {
       m.dispose();
@@ -397,10 +418,11 @@ describe("keys llama.cpp's K-shift gets wrong, moved by this library's rotation"
     const chat = model('llama').createChat({ ...EXACT, maxTokens: 256 });
     await chat.send('Tell me about the sea.', { maxNewTokens: 4, temperature: 0 });
     const internals = chat._internals();
-    const steps = internals.engineStats(true).shiftSteps;
+    const before = internals.engineStats(true);
     internals.shiftPositions(10);
     await chat.send('And the sky?', { maxNewTokens: 2, temperature: 0 });
-    expect(internals.engineStats(true).shiftSteps).toBe(steps + 1);
+    const after = internals.engineStats(true);
+    expect([after.shiftSteps - before.shiftSteps, after.deferredMoves - before.deferredMoves, after.rotatedMoves - before.rotatedMoves]).toEqual([1, 1, 0]);
     chat.dispose();
   });
 });

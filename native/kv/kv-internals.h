@@ -85,8 +85,7 @@ void kv_prune_sliding_window(llama_context * ctx, int32_t seq, int32_t next_pos)
 // positions (M-RoPE, interleaved or not), which llama.cpp refuses to shift (get_can_shift) because
 // an image token's sections hold different coordinates (a text token's sections all hold its one
 // position, so moving it by d is a NEOX rotation, what llama.cpp's build_rope_shift runs for them),
-// and keys llama.cpp's shift would get wrong (kv_llama_shift_unsound): YaRN models' (gpt-oss),
-// scaled by YaRN's magnitude again at every shift, and quantized ones without a Hadamard matrix. True where this build can do that for the context: the
+// and every case of kv_llama_shift_unsound. True where this build can do that for the context: the
 // model is supported (kv_rotation_supported) and the context's memory is KV caches (with or without
 // sliding-window layers) or a plain hybrid.
 bool kv_rotation_available(llama_context * ctx);
@@ -95,12 +94,15 @@ bool kv_rotation_available(llama_context * ctx);
 // model's memory is KV caches or a plain hybrid.
 bool kv_rotation_supported(const llama_model * model);
 
-// Whether llama.cpp's K-shift of this context would be wrong: change its keys' magnitude besides
-// their rotation (ggml's rope scales by the YaRN factors the context passes: gpt-oss's YaRN by 1.35
-// per shift), or crash (a quantized key cache of heads that are not a multiple of 64 values, e.g.
-// Phi-3's 96: the shift applies a Hadamard matrix the cache never made; attention without
-// positions, Granite 4.0-H's: the shift graph leaves its own input unallocated and aborts). Where it would, positions
-// move by kv_rotate_positions, which rotates only.
+// Whether llama.cpp's K-shift of this context would be wrong or kill the process, cache by cache:
+// it turns keys with the context's YaRN factors (scaling them by YaRN's magnitude again at every
+// shift: 1.35x for gpt-oss), turns layers by has_rope at the hyperparameters' frequencies where the
+// architecture's graph leaves layers without positions or slides without YaRN (SmolLM3, Cohere2,
+// EXAONE 4, Llama 4, Mellum, OLMo 2), applies a quantized cache's Hadamard matrix where there is
+// none (heads not a multiple of 64 values, e.g. Phi-3's 96: a null pointer) or where it does not fit
+// (partial rotary dims, latent attention rows: an abort), and aborts on a cache with no rotary layer
+// (Granite 4.0-H's NoPE, the layerless full cache of an all-sliding model). Where it would, positions
+// move by kv_rotate_positions, which turns only layers with positions, at their own frequencies.
 bool kv_llama_shift_unsound(llama_context * ctx);
 // The same before a context exists, from the model's metadata alone (no user option changes its
 // rope): true where it might (YaRN, or an attention factor), false where it cannot.

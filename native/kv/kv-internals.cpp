@@ -195,10 +195,25 @@ bool kv_llama_shift_unsound(llama_context * ctx) {
 #endif
 }
 
-bool kv_shift_may_rescale_keys(const llama_model * model) {
+bool kv_shift_may_be_unsound(const llama_model * model) {
 #ifdef FML_HAVE_KV_INTERNALS
     const llama_hparams & hp = model->hparams;
-    return hp.rope_scaling_type_train == LLAMA_ROPE_SCALING_TYPE_YARN || hp.rope_attn_factor != 1.0f || hp.yarn_attn_factor != 1.0f;
+    if (hp.rope_type == LLAMA_ROPE_TYPE_NONE) {
+        return false;
+    }
+    if (hp.rope_scaling_type_train == LLAMA_ROPE_SCALING_TYPE_YARN || hp.rope_attn_factor != 1.0f || hp.yarn_attn_factor != 1.0f) {
+        return true;
+    }
+    bool rotary = false;
+    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+        rotary = rotary || hp.has_rope(il);
+        if (layer_has_positions(*model, il) != hp.has_rope(il) ||
+            ((model->arch == LLM_ARCH_MELLUM || model->arch == LLM_ARCH_OLMO2) && hp.is_swa(il) &&
+             (hp.rope_freq_scale_train_swa != 1.0f || hp.rope_freq_base_train_swa != hp.rope_freq_base_train))) {
+            return true;
+        }
+    }
+    return !rotary;
 #else
     (void) model;
     return false;

@@ -105,8 +105,9 @@ bool kv_rotation_supported(const llama_model * model);
 // move by kv_rotate_positions, which turns only layers with positions, at their own frequencies.
 bool kv_llama_shift_unsound(llama_context * ctx);
 // The same before a context exists, from the model's metadata alone (no user option changes its
-// rope): true where it might (YaRN, or an attention factor), false where it cannot.
-bool kv_shift_may_rescale_keys(const llama_model * model);
+// rope; a quantized cache's matrix is the chat's kvType's): true where it might be (YaRN or an
+// attention factor, layers whose graph differs from has_rope, no rotary layer).
+bool kv_shift_may_be_unsound(const llama_model * model);
 
 // Moves the cells of `seq` at each old position to its new one (`moves`: (old, new), old positions
 // unique; new ones must not collide with positions that stay) and re-rotates their keys now, in one

@@ -120,10 +120,11 @@ static void describe_memory(const llama_model * model, const model_load_options 
     }
     info.recurrent_bytes = layout.recurrent_bytes;
     // llama_kv_cache::get_can_shift: multi-section positions (M-RoPE) have no K-shift in llama.cpp,
-    // and its shift of YaRN keys scales them too; kv-internals rotates such keys itself
-    // (kv_rotate_positions). The engine decides the same with its context (kv_can_shift).
+    // and its shift gets some keys wrong (kv_llama_shift_unsound); kv-internals rotates such keys
+    // itself (kv_rotate_positions). The engine decides with its context (kv_can_shift), which also
+    // knows the chat's key type.
     const bool mrope = rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE;
-    const bool llama_shift_exact = !mrope && !kv_shift_may_rescale_keys(model);
+    const bool llama_shift_exact = !mrope && !kv_shift_may_be_unsound(model);
     info.can_shift = (llama_shift_exact || (kv_rotation_supported(model) && !opts.test_no_key_rotation)) && info.architecture != "step35";
     const std::string arch = "architecture " + info.architecture;
     if (llama_model_is_recurrent(model)) {

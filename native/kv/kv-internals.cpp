@@ -104,10 +104,14 @@ bool layer_has_positions(const llama_model & model, uint32_t il) {
     }
 }
 
+// Mellum's and OLMo 2/3's sliding layers rope without YaRN, at the model's own base.
+bool slides_without_yarn(const llama_model & model, uint32_t il) {
+    return (model.arch == LLM_ARCH_MELLUM || model.arch == LLM_ARCH_OLMO2) && model.hparams.is_swa(il);
+}
+
 layer_rope rope_of_layer(const llama_model & model, const llama_cparams & cp, uint32_t il) {
     layer_rope r{ layer_has_positions(model, il), model.get_rope_freq_base(cp, (int) il), model.get_rope_freq_scale(cp, (int) il), cp.yarn_ext_factor };
-    if ((model.arch == LLM_ARCH_MELLUM || model.arch == LLM_ARCH_OLMO2) && model.hparams.is_swa(il)) {
-        // Their sliding layers rope without YaRN, at the model's own base.
+    if (slides_without_yarn(model, il)) {
         r.freq_base = cp.rope_freq_base;
         r.freq_scale = 1.0f;
         r.ext_factor = 0.0f;
@@ -208,8 +212,7 @@ bool kv_shift_may_be_unsound(const llama_model * model) {
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         rotary = rotary || hp.has_rope(il);
         if (layer_has_positions(*model, il) != hp.has_rope(il) ||
-            ((model->arch == LLM_ARCH_MELLUM || model->arch == LLM_ARCH_OLMO2) && hp.is_swa(il) &&
-             (hp.rope_freq_scale_train_swa != 1.0f || hp.rope_freq_base_train_swa != hp.rope_freq_base_train))) {
+            (slides_without_yarn(*model, il) && (hp.rope_freq_scale_train_swa != 1.0f || hp.rope_freq_base_train_swa != hp.rope_freq_base_train))) {
             return true;
         }
     }

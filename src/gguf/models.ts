@@ -182,10 +182,13 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     w.addFloat32(key('rope.scaling.factor'), yarnFactor);
     w.addUint32(key('rope.scaling.original_context_length'), Math.max(1, Math.floor(o.ctx / yarnFactor)));
   }
-  if (arch === 'qwen3moe' || arch === 'gpt-oss' || arch === 'deepseek2') {
+  // Routed experts, and for some families a shared one beside them.
+  const sharedExpert = moeShared || nemotron;
+  if (arch === 'qwen3moe' || arch === 'gpt-oss' || arch === 'deepseek2' || sharedExpert) {
     w.addUint32(key('expert_count'), o.experts);
     w.addUint32(key('expert_used_count'), o.expertsUsed);
     w.addUint32(key('expert_feed_forward_length'), o.ffn);
+    if (sharedExpert) w.addUint32(key('expert_shared_feed_forward_length'), o.ffn);
   }
   if (arch === 'qwen2vl' || arch === 'qwen3vl' || qwen35) {
     // Four sections of the rotary half (temporal, height, width, unused): text tokens use the same
@@ -207,20 +210,10 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     w.addUint32(key('ssm.inner_size'), o.ssmStateSize * o.ssmHeads);
     w.addUint32(key('full_attention_interval'), o.attentionInterval);
   }
-  if (moeShared) {
-    w.addUint32(key('expert_count'), o.experts);
-    w.addUint32(key('expert_used_count'), o.expertsUsed);
-    w.addUint32(key('expert_feed_forward_length'), o.ffn);
-    w.addUint32(key('expert_shared_feed_forward_length'), o.ffn);
-  }
   if (arch === 'lfm2') w.addUint32(key('shortconv.l_cache'), convKernel);
   if (nemotron) {
     // A layer with a feed-forward length is an expert layer; the others mix (Mamba-2, or attention with KV heads).
     w.addInt32Array(key('feed_forward_length'), Array.from({ length: o.layers }, (_, i) => (nemotronKind(i) === 'experts' ? o.ffn : 0)));
-    w.addUint32(key('expert_count'), o.experts);
-    w.addUint32(key('expert_used_count'), o.expertsUsed);
-    w.addUint32(key('expert_feed_forward_length'), o.ffn);
-    w.addUint32(key('expert_shared_feed_forward_length'), o.ffn);
     w.addBool(key('expert_weights_norm'), true);
     w.addFloat32(key('attention.layer_norm_epsilon'), 1e-5);
   }

@@ -115,8 +115,9 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
     // Positions: a limit below the budget and its scratch could not hold even a compacted chat; one
     // above the trained context would run the model on positions it never saw.
     if (!opts_.keep_positions && !mi.can_shift) {
-        throw fml_error(FML_ERR_INVALID_OPTION, "positions 'compact' needs keys that can shift, and architecture " + mi.architecture +
-                        " uses " + mi.rope + " positions (M-RoPE), which this build cannot shift: use positions 'keep'");
+        throw fml_error(FML_ERR_INVALID_OPTION, "positions 'compact' needs keys that can move, and architecture " + mi.architecture +
+                        " (" + mi.rope + " positions) has keys llama.cpp cannot shift right (M-RoPE, YaRN, layers without positions) "
+                        "that this build cannot rotate either: use positions 'keep'");
     }
     const uint32_t trained = std::max<uint32_t>((uint32_t) std::max(0, mi.n_ctx_train), p.max_tokens + scratch);
     const uint32_t floor = p.max_tokens + scratch;

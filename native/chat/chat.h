@@ -2,8 +2,8 @@
 // token ledger, its policy and its turn. A turn prefills only its new tokens; when the budget would
 // overflow, the policy picks tokens and kv-ops removes them in place. The retained tokens keep their
 // positions (positions 'keep'); they are compacted when the next position would pass the chat's
-// position limit, by a K-shift (M-RoPE keys rotated by kv-internals) or, where keys cannot move
-// (M-RoPE without llama.cpp's internals), by re-prefilling them once. For a
+// position limit, by a K-shift (or kv-internals' rotation where llama.cpp's is wrong: M-RoPE, YaRN,
+// layers without positions) or, where keys cannot move at all, by re-prefilling them once. For a
 // hybrid model only the attention KV is finite: the recurrent state keeps going, and is put back from
 // a snapshot whenever tokens it saw must leave no trace (an aborted prefill, a summary's scratch).
 //

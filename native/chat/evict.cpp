@@ -65,7 +65,7 @@ void chat::compact(step_context & e) {
             e.note_shift();
         }
     } else {
-        // Keys that cannot move (M-RoPE or YaRN without llama.cpp's internals) are recomputed where
+        // Keys that cannot move (kv_can_shift: no sound K-shift, no rotation) are recomputed where
         // they go: the retained tokens, re-prefilled once at 0..n-1 (at most maxTokens, once per
         // positionLimit - maxTokens positions). The recurrent state of a hybrid must not see them
         // twice, and a failed decode must leave the chat as it was.

@@ -19,10 +19,10 @@ public:
     virtual uint32_t n_batch() const = 0;
     // KV streams of the context (one per slot, or one with a unified cache).
     virtual uint32_t streams() const = 0;
-    // Whether keys can move (M-RoPE ones rotated at once, with llama.cpp's internals): compaction is a
+    // Whether keys can move (llama.cpp's K-shift, or kv-internals' rotation at once): compaction is a
     // K-shift, else a re-prefill.
     virtual bool can_shift() const = 0;
-    // The chat moved positions (seq_add): the next decode pays a K-shift.
+    // The chat moved positions: the next decode pays llama.cpp's K-shift, unless the keys were rotated at once.
     virtual void note_shift() = 0;
     // Applies a pending K-shift now, for the chat whose next position is `next_pos`: a state saved
     // before it would hold unrotated keys under their new positions, which no later shift rotates.

@@ -29,7 +29,7 @@ struct engine_options {
     uint32_t prefill_chunk = 64;   // prefill tokens per prefilling chat and step while other chats generate
     bool unified = false;          // one KV buffer for all sequences (measured slower; see README)
     uint32_t test_context_slot_limit = 0;   // test hook: contexts of more slots fail (0: never)
-    bool test_no_key_rotation = false;      // test hook: M-RoPE keys are not rotated (compaction re-prefills)
+    bool test_no_key_rotation = false;      // test hook: keys llama.cpp cannot shift are not rotated (compaction re-prefills)
 };
 
 struct engine_stats {
@@ -92,14 +92,15 @@ public:
     // llama.cpp applies K-shifts lazily at the next llama_decode; state snapshots must not see them
     // pending. Decodes one token for `s` and removes it again when a shift is pending.
     void apply_pending_shift(chat & s);
-    // A chat moved positions (seq_add): the next decode pays a K-shift of every cell of the context.
+    // A chat moved positions: with llama.cpp's K-shift the next decode pays it for every cell of the
+    // context; keys kv-internals rotated are already in place.
     void note_shift() override {
         shift_pending_ = shift_pending_ || shift_deferred_;
         (shift_deferred_ ? stats_.deferred_moves : stats_.rotated_moves)++;
     }
     void flush_shift(chat & s, int32_t next_pos) override;
-    // Whether this context's keys can move (M-RoPE: rotated by kv-internals where it can): compaction
-    // is a K-shift, else a re-prefill.
+    // Whether this context's keys can move (llama.cpp's K-shift where sound, else kv-internals'
+    // rotation where it can): compaction is a K-shift, else a re-prefill.
     bool can_shift() const override { return can_shift_; }
     eval_capture & capture() { return capture_; }
     // One decode of at most n_batch() `tokens` for chat `s` at `pos0` outside a step (probes, pending
@@ -136,7 +137,7 @@ private:
     eval_capture capture_;
     bool shift_pending_ = false;
     bool can_shift_ = false;
-    bool shift_deferred_ = false;   // llama.cpp applies moves in the next decode (M-RoPE keys are rotated at once)
+    bool shift_deferred_ = false;   // llama.cpp applies moves in the next decode (kv_shift_deferred; else rotated at once)
     size_t rr_ = 0;                           // round-robin start among prefilling chats
     uint32_t bound_ = 0;                      // chats bound (in a slot or parked)
     engine_stats stats_;

@@ -184,7 +184,7 @@ const option_row<model_target> MODEL_ROWS[] = {
       [](model_target & t, const option_value * v) { t.o.kv_unified = v ? boolean_of("kvUnified", *v) : false; } },
     { { "model", "testContextSlotLimit", "number", "0", "0 .. 256", "Test hook: creating a context of more slots than this fails, as when memory runs out (0: never).", true },
       [](model_target & t, const option_value * v) { t.o.test_context_slot_limit = v ? (uint32_t) int_in("testContextSlotLimit", *v, 0, 256) : 0; } },
-    { { "model", "testNoKeyRotation", "boolean", "false", "", "Test hook: M-RoPE and YaRN keys are not rotated, as in a build without the internals: compaction re-prefills the retained tokens, summaries stay after the history, positions 'compact' is refused.", true },
+    { { "model", "testNoKeyRotation", "boolean", "false", "", "Test hook: keys llama.cpp cannot shift right (M-RoPE, YaRN, layers without positions, some quantized caches) are not rotated, as in a build without the internals: compaction re-prefills the retained tokens, summaries stay after the history, positions 'compact' is refused.", true },
       [](model_target & t, const option_value * v) { t.o.test_no_key_rotation = v ? boolean_of("testNoKeyRotation", *v) : false; } },
 };
 
@@ -257,7 +257,7 @@ const option_row<chat_target> CHAT_ROWS[] = {
     { { "chat", "positions", "'keep' | 'compact'", "'keep'", "", "After an eviction the retained tokens keep their positions ('keep': their true distances; new tokens are numbered on, and positions are compacted only when the next one would pass positionLimit) or are renumbered 0..n-1 at every eviction ('compact': a K-shift of the whole context each time; needs a model whose keys can shift).", false },
       [](chat_target & t, const option_value * v) { t.o.keep_positions = v ? choice_of("positions", *v, POSITION_MODES) == "keep" : true; } },
     // The model's side of the bounds (its trained context, the summary scratch) is checked by the chat.
-    { { "chat", "positionLimit", "number", "the model's nCtxTrain", "maxTokens plus summary scratch .. the model's nCtxTrain", "positions 'keep': compact (by K-shift, or by re-prefilling the retained tokens where keys cannot move: M-RoPE or YaRN keys in a build without llama.cpp's internals) when the next position would pass this.", false },
+    { { "chat", "positionLimit", "number", "the model's nCtxTrain", "maxTokens plus summary scratch .. the model's nCtxTrain", "positions 'keep': compact (by K-shift, or by re-prefilling the retained tokens where keys cannot move) when the next position would pass this.", false },
       [](chat_target & t, const option_value * v) { t.o.position_limit = v ? (uint32_t) int_in("positionLimit", *v, t.o.policy.max_tokens, MAX_POSITION_LIMIT) : 0; } },
     { { "chat", "testPolicyDelayMs", "number", "0", "0 .. 60000", "Test hook: every policy choice takes this long.", true },
       [](chat_target & t, const option_value * v) { t.o.test_policy_delay_ms = v ? number_in("testPolicyDelayMs", *v, 0, 60000) : 0.0; } },

@@ -43,7 +43,7 @@ struct model_load_options {
     uint32_t prefill_chunk = 0;  // prefill tokens per step while other chats generate
     bool     kv_unified = false; // one KV buffer for all chats (benchmarks compare; slower for long chats)
     uint32_t test_context_slot_limit = 0; // test hook: a context of more slots fails to be created (0: never)
-    bool     test_no_key_rotation = false; // test hook: M-RoPE keys are not rotated (the path of builds that cannot)
+    bool     test_no_key_rotation = false; // test hook: keys llama.cpp cannot shift are not rotated (the path of builds that cannot)
 };
 
 struct chat_options {

@@ -5,9 +5,10 @@
 // between them stay the true ones and the next tokens are numbered on from the last position + 1.
 // Compaction (positions 0..n-1 again) is separate and rare: one seq_add per moved run, whose RoPE
 // re-rotation of the keys (K-shift) runs lazily inside the next llama_decode for every cell of the
-// context (llama.cpp has no per-sequence shift). M-RoPE keys, which llama.cpp will not shift, are
-// rotated at once by kv-internals (kv_rotate_positions); where even that is unavailable (a build
-// without llama.cpp's internals), the caller re-prefills the retained tokens. For a hybrid model every removal touches the attention KV
+// context (llama.cpp has no per-sequence shift). Keys llama.cpp will not shift or would shift wrong
+// (M-RoPE, YaRN, layers without positions, some quantized caches: kv_llama_shift_unsound) are rotated
+// at once by kv-internals (kv_rotate_positions); where even that is unavailable, the caller
+// re-prefills the retained tokens. For a hybrid model every removal touches the attention KV
 // only: the recurrent state keeps everything it has seen (kv-internals.h).
 //
 // Cells vs positions: llama.cpp never compacts KV cells physically. seq_rm frees the cells and moves
@@ -123,14 +124,14 @@ void kv_remove_from(llama_context * ctx, int32_t seq, int32_t pos);
 int32_t kv_pos_min(llama_context * ctx, int32_t seq);
 int32_t kv_pos_max(llama_context * ctx, int32_t seq);
 
-// Keys can move to new positions: by llama.cpp's K-shift, or (M-RoPE, YaRN) by kv_rotate_positions.
+// Keys can move to new positions: by llama.cpp's K-shift where it is sound, else by kv_rotate_positions.
 bool kv_can_shift(llama_context * ctx);
 // A move of positions is applied by llama.cpp inside the next decode (its K-shift of every cell of
 // the context), not at once: where llama.cpp can shift and its shift only rotates (otherwise the
 // rotation of kv-internals is done when the positions move).
 bool kv_shift_deferred(llama_context * ctx);
 // Moves every retained position of `seq` by `delta` (tests: RoPE is relative, logits must not change).
-// Below 0: llama.cpp's seq_add drops those cells (a test crafts a corrupt checkpoint so); the M-RoPE
+// Below 0: llama.cpp's seq_add drops those cells (a test crafts a corrupt checkpoint so); the
 // rotation refuses (kv_rotate_positions).
 size_t kv_shift_all(llama_context * ctx, int32_t seq, token_ledger & ledger, int32_t delta);
 

@@ -35,7 +35,7 @@ export interface LoadModelOptions {
   kvUnified?: boolean;
   /** @internal Test hook: creating a context of more slots than this fails, as when memory runs out. */
   testContextSlotLimit?: number;
-  /** @internal Test hook: M-RoPE keys are not rotated, as in a build without the internals (compaction re-prefills). */
+  /** @internal Test hook: keys llama.cpp cannot shift right (M-RoPE, YaRN, layers without positions, some quantized caches) are not rotated, as in a build without the internals (compaction re-prefills). */
   testNoKeyRotation?: boolean;
 }
 
@@ -103,14 +103,14 @@ export interface ChatOptions {
    * keep their true distances (as sliding-window attention sees them) and new tokens are numbered on,
    * so an eviction is one seq_rm and never re-rotates the cache. Positions are compacted only when the
    * next one would pass `positionLimit`. 'compact': renumbered 0..n-1 at every eviction (a K-shift of
-   * every cell of the context in the next decode; M-RoPE and YaRN keys rotated at once); not where
-   * keys cannot move (M-RoPE or YaRN keys in a build without llama.cpp's internals).
+   * every cell of the context in the next decode; keys llama.cpp cannot shift right, such as M-RoPE,
+   * YaRN and layers without positions, rotated at once); not where keys cannot move.
    */
   positions?: 'keep' | 'compact';
   /**
    * positions 'keep': the position the chat never reaches; when the next one would, the retained
    * tokens are compacted to 0..n-1 (a K-shift, or one re-prefill of at most maxTokens tokens where
-   * keys cannot move: M-RoPE in a build without llama.cpp's internals). At most the model's trained context (`model.info.nCtxTrain`), at least
+   * keys cannot move). At most the model's trained context (`model.info.nCtxTrain`), at least
    * maxTokens plus the summary scratch. Default the model's nCtxTrain.
    */
   positionLimit?: number;

@@ -59,7 +59,7 @@ export interface TurnStats {
    * positions 'compact'; with 'keep', only when the next position would pass `positionLimit`.
    */
   compactions: number;
-  /** Time those compactions took: this library's rotation of the keys (M-RoPE, YaRN), or a re-prefill's decodes where they cannot move (those in a build without llama.cpp's internals); for llama.cpp's K-shift only its bookkeeping (the shift itself runs inside the next decode). */
+  /** Time those compactions took: this library's rotation of the keys (keys llama.cpp cannot shift right (M-RoPE, YaRN, layers without positions, some quantized caches)), or a re-prefill's decodes where they cannot move; for llama.cpp's K-shift only its bookkeeping (the shift itself runs inside the next decode). */
   compactMs: number;
   /** Tokens in the KV cache after the turn (<= maxTokens). */
   retainedTokens: number;
@@ -137,7 +137,7 @@ export interface ModelInfo {
   kvLayers: number;
   /** Bytes of one chat's recurrent state (hybrid models; 0 otherwise): fixed-size, never evicted, the model's own memory of everything it saw. */
   recurrentBytes: number;
-  /** Whether keys can be moved to new positions: llama.cpp's K-shift, or for M-RoPE this library's rotation of them (false only in a build without llama.cpp's internals, whose chats re-prefill the retained tokens to compact). */
+  /** Whether keys can be moved to new positions: llama.cpp's K-shift, or for keys llama.cpp cannot shift right (M-RoPE, YaRN, layers without positions, some quantized caches) this library's rotation of them (false where neither can: a build without llama.cpp's internals, or rope factor tensors; those chats re-prefill the retained tokens to compact). */
   canShift: boolean;
   /** The model's RoPE kind: 'norm', 'neox', 'mrope', 'imrope' (interleaved M-RoPE), 'vision' or 'none'. */
   rope: string;

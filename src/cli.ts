@@ -12,14 +12,16 @@ import { createInterface } from 'node:readline/promises';
 import { parseArgs } from 'node:util';
 import { writeLlamaModel } from './gguf/index.js';
 import { loadModel, type Model } from './local/model.js';
-import type { LoadModelOptions } from './local/options.js';
+import type { ChatOptions, LoadModelOptions } from './local/options.js';
 import { progress } from './progress.js';
 import type { PolicyName } from './shared/types.js';
 
 const USAGE = `Usage:
   finite-memory-llm demo [--turns 600] [--max-tokens 256] [--window 64] [--policy importance] [--model file.gguf] [--threads N]
   finite-memory-llm chat --model file.gguf [--policy importance] [--max-tokens 2048] [--window 512] [--system "..."] [--threads N]
+        [--past-reasoning drop|first|keep]
   finite-memory-llm serve --model file.gguf [--port 8080] [--host 127.0.0.1] [--policy importance] [--max-tokens 2048] [--window N]
+        [--past-reasoning drop|first|keep]
         [--system "..."] [--threads N] [--slots 8] [--prefill-chunk 64] [--api-key K (or FINITE_MEMORY_API_KEY)] [--allowed-hosts a.example,b.example] [--model-id ID] [--max-sessions 32]
         [--session-ttl-ms 1800000] [--checkpoint-dir DIR] [--max-concurrent N] [--max-queue 64] [--max-session-queue 4]
         [--max-request-tokens 1024] [--max-history-tokens N] [--body-limit 1048576] [--headers-timeout-ms 10000]
@@ -113,6 +115,7 @@ async function interactive(args: Record<string, string | boolean | undefined>): 
     ...(windowSize !== undefined ? { windowSize } : {}),
     ...(threads !== undefined ? { threads } : {}),
     ...(typeof args.system === 'string' ? { systemPrompt: args.system } : {}),
+    ...pastReasoningArg(args),
   });
   const rl = createInterface({ input: process.stdin, output: process.stdout });
   const controller = { current: undefined as AbortController | undefined };
@@ -127,7 +130,19 @@ async function interactive(args: Record<string, string | boolean | undefined>): 
       if (line.trim()) {
         controller.current = new AbortController();
         try {
-          const r = await chat.send(line, { maxNewTokens: 256, onToken: (p) => process.stdout.write(p), signal: controller.current.signal });
+          // A reasoning model's reasoning is shown apart (dimmed on a terminal) before its answer.
+          const [dim, plain] = process.stdout.isTTY ? ['\x1b[2m', '\x1b[22m'] : ['', ''];
+          let thinking = false;
+          const onReasoning = (p: string) => {
+            process.stdout.write(thinking ? p : `${dim}${p}`);
+            thinking = true;
+          };
+          const onToken = (p: string) => {
+            process.stdout.write(thinking ? `${plain}\n${p}` : p);
+            thinking = false;
+          };
+          const r = await chat.send(line, { maxNewTokens: 256, onToken, onReasoning, signal: controller.current.signal });
+          if (thinking) process.stdout.write(plain);
           const s = chat.stats();
           console.log(`\n[${r.stopReason}] prefill ${r.stats.promptTokens} tok ${r.stats.prefillMs.toFixed(1)} ms, ${r.stats.generatedTokens} tok at ${r.stats.tokensPerSecond.toFixed(1)} tok/s | memory ${s.tokensRetained}/${chat.options.maxTokens} tokens, seen ${s.tokensSeen}, evicted ${s.tokensEvicted}`);
         } catch (err) {
@@ -152,6 +167,12 @@ async function interactive(args: Record<string, string | boolean | undefined>): 
  * An integer flag (undefined when absent). An empty value (`--port "$PORT"` with PORT unset) is an
  * error, not 0: Number('') is 0, which listened on a random port and refused every queued request.
  */
+/** `--past-reasoning`: passed as given (the options table names what it takes when it is wrong). */
+function pastReasoningArg(args: Record<string, string | boolean | undefined>): { pastReasoning?: ChatOptions['pastReasoning'] } {
+  const v = args['past-reasoning'];
+  return typeof v === 'string' ? { pastReasoning: v as ChatOptions['pastReasoning'] } : {};
+}
+
 function intArg(args: Record<string, string | boolean | undefined>, name: string, min = 0): number | undefined {
   const v = args[name];
   if (v === undefined) return undefined;
@@ -189,6 +210,7 @@ async function serve(args: Record<string, string | boolean | undefined>): Promis
       ...(numbers['max-tokens'] !== undefined ? { maxTokens: numbers['max-tokens'] } : {}),
       ...(window !== undefined ? { windowSize: window } : {}),
       ...(typeof args.system === 'string' ? { systemPrompt: args.system } : {}),
+      ...pastReasoningArg(args),
     },
     ...(apiKey !== undefined ? { apiKey } : {}),
     ...(typeof args['model-id'] === 'string' ? { modelId: args['model-id'] } : {}),
@@ -248,7 +270,7 @@ async function main(): Promise<number> {
   const { positionals, values } = parseArgs({
     allowPositionals: true,
     options: {
-      model: { type: 'string' }, policy: { type: 'string' }, 'max-tokens': { type: 'string' }, window: { type: 'string' },
+      model: { type: 'string' }, policy: { type: 'string' }, 'max-tokens': { type: 'string' }, window: { type: 'string' }, 'past-reasoning': { type: 'string' },
       turns: { type: 'string' }, threads: { type: 'string' }, system: { type: 'string' }, help: { type: 'boolean', short: 'h' },
       port: { type: 'string' }, host: { type: 'string' }, 'api-key': { type: 'string' }, 'model-id': { type: 'string' }, 'allowed-hosts': { type: 'string' },
       'max-sessions': { type: 'string' }, 'session-ttl-ms': { type: 'string' }, 'checkpoint-dir': { type: 'string' },

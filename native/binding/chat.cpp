@@ -55,6 +55,7 @@ struct turn_event {
     std::string text;      // PIECE: the piece; FAILED: the message
     std::string code;      // FAILED
     turn_result result;    // DONE
+    bool reasoning = false;   // PIECE: of the reply's reasoning
 };
 
 struct turn_context {
@@ -76,7 +77,7 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
         case turn_event::PIECE:
             if (!ctx->on_piece.IsEmpty() && ctx->callback_error.IsEmpty()) {
                 try {
-                    ctx->on_piece.Call({ Napi::String::New(env, event->text) });
+                    ctx->on_piece.Call({ Napi::String::New(env, event->text), Napi::Boolean::New(env, event->reasoning) });
                 } catch (const Napi::Error & e) {
                     // A throwing callback stops the turn (as an abort); the result carries the error.
                     // Held in an object: a thrown string or number cannot be referenced (N-API < 10),
@@ -96,6 +97,7 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
             } else {
                 Napi::Object o = Napi::Object::New(env);
                 o.Set("response", event->result.response);
+                o.Set("reasoning", event->result.reasoning);
                 o.Set("stopReason", stop_reason_name(event->result.reason));
                 Napi::Object stats = stats_to_js(env, event->result.stats);
                 // What this turn's scores came from: none where no decode of it gave a signal.
@@ -133,8 +135,8 @@ Napi::Value start_turn(Napi::Env env, js_chat & jc, Napi::Object chat_obj, turn_
     }
     Napi::Promise promise = ctx->deferred.Promise();
     turn_tsfn tsfn = turn_tsfn::New(env, "finite-memory-llm turn", 0, 1, ctx, [](Napi::Env, void *, turn_context * c) { delete c; });
-    req.cb.on_piece = [tsfn](const std::string & piece) mutable {
-        tsfn.NonBlockingCall(new turn_event{ turn_event::PIECE, piece, {}, {} });
+    req.cb.on_piece = [tsfn](const std::string & piece, bool reasoning) mutable {
+        tsfn.NonBlockingCall(new turn_event{ turn_event::PIECE, piece, {}, {}, reasoning });
     };
     req.cb.on_done = [tsfn](turn_result && r) mutable {
         tsfn.NonBlockingCall(new turn_event{ turn_event::DONE, {}, {}, std::move(r) });

@@ -69,6 +69,7 @@ Napi::Value js_model::js_info(const Napi::CallbackInfo & info) {
     o.Set("recurrentBytes", Napi::Number::New(env, (double) mi.recurrent_bytes));
     o.Set("canShift", mi.can_shift);
     o.Set("rope", mi.rope);
+    o.Set("reasoning", mi.reasoning);
     o.Set("inPlaceEviction", mi.in_place_eviction);
     o.Set("unsupportedReason", mi.unsupported_reason.empty() ? env.Null() : Napi::String::New(env, mi.unsupported_reason));
     o.Set("threads", load_options.threads);

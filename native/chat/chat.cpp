@@ -104,6 +104,9 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
         key_.hidden_layer = std::max(0, std::min(mi.n_layer - 2, mi.n_layer / 2));
         ledger_.set_embedding_dim((size_t) mi.n_embd);
     }
+    if (!opts_.test_reply.empty()) {
+        test_reply_ = model_->tokenize(opts_.test_reply, false, true);
+    }
     uint32_t scratch = 0;
     if (policy_->summarizes()) {
         summary_instruction_ = model_->frame_tokens(frame_kind::user, SUMMARY_INSTRUCTION);
@@ -191,6 +194,7 @@ void chat::check_budget() {
 turn_request chat::prepare_turn(const std::string & user_text, generation_options gen, bool pin) {
     turn_request req;
     req.framed = model_->frame_tokens(next_user_frame(), user_text);
+    req.reasoning_opened = !req.framed.empty() && req.framed.back() == model_->reasoning().think_open;
     req.gen = std::move(gen);
     req.pin = pin;
     std::lock_guard<std::mutex> lock(mu_);
@@ -231,6 +235,7 @@ void chat::reset() {
     std::lock_guard<std::mutex> lock(mu_);
     ledger_.clear();
     carry_.clear();
+    carry_reasoning_ = false;
     summary_text_.clear();
     turn_no_ = 0;
     started_ = false;

@@ -83,7 +83,8 @@ struct turn_stats {
 };
 
 struct turn_result {
-    std::string response;
+    std::string response;            // the answer (a reasoning model's reasoning apart: `reasoning`)
+    std::string reasoning;
     stop_reason reason = STOP_EOS;
     turn_stats stats;
 };
@@ -113,6 +114,7 @@ struct chat_state {
     uint32_t turn = 0;
     bool started = false;
     std::vector<int32_t> carry;
+    bool carry_reasoning = false;   // the carry's first token (the reply's last sampled one) is reasoning
     std::string summary_text;
     cumulative_stats stats;
     std::vector<ledger_entry> ledger;
@@ -141,7 +143,8 @@ struct kv_geometry {
 };
 
 struct turn_callbacks {
-    std::function<void(const std::string &)> on_piece;   // scheduler thread, in order; never splits UTF-8
+    // Scheduler thread, in order; never splits UTF-8. `reasoning`: the piece is reasoning, not answer.
+    std::function<void(const std::string &, bool reasoning)> on_piece;
     std::function<void(turn_result &&)> on_done;         // exactly one of on_done / on_error, once
     std::function<void(const fml_error &)> on_error;
 };
@@ -152,6 +155,7 @@ struct turn_request {
     bool pin = false;                // the user message stays through every eviction (send's `pin`)
     std::vector<int32_t> framed;     // the user message in its template framing
     std::vector<int32_t> reply;      // ingest: the assistant's reply
+    bool reasoning_opened = false;   // the framing's generation prompt opens a think block
     generation_options gen;
     turn_callbacks cb;
 };
@@ -316,6 +320,16 @@ private:
     // Where keys stop being neighbours for a peak, for queries of (role, turn): the start of the
     // message PEAK_MESSAGES_BETWEEN before theirs; -1 without attention signals.
     int32_t peak_horizon(token_role role, uint32_t turn) const;
+    // pastReasoning: earlier turns' reasoning tokens leave the cache, oldest first, up to `want` of
+    // them (SIZE_MAX: all, 'drop'). Returns how many left.
+    size_t evict_past_reasoning(size_t want, step_context & e);
+    // Removes the ranges (ledger indices) from the cache and the ledger and records the eviction.
+    void apply_eviction(const std::vector<index_range> & ranges, eviction_record && rec, step_context & e);
+    // The reply's tokens [from, to) change part (reasoning_splitter's relabel): those already in the
+    // ledger take the role too.
+    void relabel_reply(size_t from, size_t to, token_role role);
+    // The reply's next sampled token: its part, its text to the right stream and callback.
+    void split_piece(int32_t tok);
     // `req` is the policy's (with a summary's room); `plain` what the turn needs without one: the
     // latency guard's fallback (sliding) asks for that, as sliding itself would.
     bool evict(const eviction_request & req, const eviction_request & plain, step_context & e);
@@ -393,6 +407,7 @@ private:
     std::vector<int32_t> system_tokens_;
     std::vector<int32_t> summary_instruction_;
     std::vector<int32_t> closing_tokens_;   // the template's end of an assistant turn
+    std::vector<int32_t> test_reply_;       // test hook testReply: every reply's tokens
     // The most a carry holds: a reply's last sampled token and the template's end of turn.
     size_t carry_capacity() const { return 1 + closing_tokens_.size(); }
     size_t chunk_ = 512;                    // most prefill tokens per step (batchSize)
@@ -402,6 +417,7 @@ private:
     token_ledger ledger_;
     cumulative_stats cumulative_;
     std::vector<int32_t> carry_;            // closes the last assistant turn; prefilled at the next turn
+    bool carry_reasoning_ = false;          // its first token is the reply's last, and reasoning (a reply cut mid-thought)
     // Times retained tokens' positions moved (compactions, window repairs, pushed summaries): what a
     // rollback saved by position (scores, the window's cells) no longer matches after one.
     uint64_t positions_moved_ = 0;

@@ -17,6 +17,10 @@ bool chat::make_room(size_t incoming, size_t slack, step_context & e) {
     const size_t budget = opts_.policy.max_tokens;
     // Positions take the slack only before a reply: mid-reply, compacting early would stall its stream.
     const size_t position_slack = turn_ && turn_->generating ? 0 : slack;
+    if (ledger_.size() + incoming > budget && opts_.past_reasoning == past_reasoning_mode::first) {
+        // Earlier replies' reasoning goes before anything the policy would choose.
+        evict_past_reasoning(ledger_.size() + incoming - budget + slack, e);
+    }
     if (ledger_.size() + incoming <= budget) {
         fit_positions(incoming, position_slack, e);
         return true;
@@ -270,11 +274,35 @@ bool chat::evict(const eviction_request & req, const eviction_request & plain, s
         turn_->summary = std::move(j);
         return false;
     }
-    t0 = clock_type::now();
-    rec.positions = position_ranges(plan.ranges);   // positions before the eviction
-    const size_t own_gone = own_among(plan.ranges);
+    apply_eviction(plan.ranges, std::move(rec), e);
+    return true;
+}
+
+size_t chat::evict_past_reasoning(size_t want, step_context & e) {
+    std::vector<bool> drop(ledger_.size(), false);
+    size_t n = 0;
+    for (size_t i = 0; i < ledger_.size() && n < want; ++i) {
+        const ledger_entry & x = ledger_[i];
+        if (x.role == TOKEN_ROLE_REASONING && x.turn < turn_->turn_no && !x.pinned) {
+            drop[i] = true;
+            ++n;
+        }
+    }
+    if (n > 0) {
+        eviction_record rec;
+        rec.during_generation = turn_->generating;
+        apply_eviction(ranges_from_mask(drop), std::move(rec), e);
+    }
+    return n;
+}
+
+void chat::apply_eviction(const std::vector<index_range> & ranges, eviction_record && rec, step_context & e) {
+    turn_stats & st = turn_->result.stats;
+    const auto t0 = clock_type::now();
+    rec.positions = position_ranges(ranges);   // positions before the eviction
+    const size_t own_gone = own_among(ranges);
     const int32_t end_before = ledger_.next_pos();
-    const kv_eviction_result res = kv_evict_ranges(e.ctx(), slot_, ledger_, plan.ranges);
+    const kv_eviction_result res = kv_evict_ranges(e.ctx(), slot_, ledger_, ranges);
     turn_->own -= std::min(own_gone, turn_->own);
     if (ledger_.next_pos() < end_before) {
         repair_window(e, true);   // the newest tokens went: the window of the new end can reach reused cells
@@ -291,7 +319,6 @@ bool chat::evict(const eviction_request & req, const eviction_request & plain, s
     if (!opts_.keep_positions) {
         compact(e);
     }
-    return true;
 }
 
 } // namespace fml

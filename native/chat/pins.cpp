@@ -98,6 +98,7 @@ size_t chat::forget_turn(uint32_t turn, step_context & e) {
         // The newest turn's reply ends in tokens not decoded yet (its last sampled token, the
         // template's closing): they go with it, or the next turn would decode them as turn `turn`.
         carry_.clear();
+        carry_reasoning_ = false;
     }
     if (ranges.empty()) {
         return 0;

@@ -56,6 +56,7 @@ void chat::adopt_state(chat_state && s) {
     turn_no_ = s.turn;
     started_ = s.started;
     carry_ = std::move(s.carry);
+    carry_reasoning_ = s.carry_reasoning && !carry_.empty();
     summary_text_ = std::move(s.summary_text);
     cumulative_ = s.stats;
     transcript_ = std::move(s.transcript);
@@ -112,6 +113,7 @@ void chat::unpark(step_context & e) {
         kv_clear_slot(ctx, slot_);
         ledger_.clear();
         carry_.clear();
+        carry_reasoning_ = false;
         started_ = false;
         parked_ = false;
         replay_pending_ = false;
@@ -191,6 +193,7 @@ chat_state chat::export_state(llama_context * ctx, bool with_kv) {
     s.turn = turn_no_;
     s.started = started_;
     s.carry = carry_;
+    s.carry_reasoning = carry_reasoning_;
     s.summary_text = summary_text_;
     s.stats = cumulative_;
     s.ledger = ledger_.entries();

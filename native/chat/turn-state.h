@@ -3,6 +3,7 @@
 #pragma once
 
 #include "chat/chat.h"
+#include "chat/reasoning.h"
 
 #include <chrono>
 #include <memory>
@@ -65,12 +66,19 @@ struct chat::turn_state {
     std::vector<ledger_entry> scored_before;   // importance/hybrid: the ledger's scores as the turn began
     uint64_t positions_moved_before = 0;       // (positions moved since: they cannot be matched)
     std::vector<int32_t> carry_before;   // what closed the previous reply (back if the whole turn is rolled back)
+    bool carry_reasoning_before = false;
     uint32_t turn_no = 0;
     bool generating = false;
     // the contribution in flight: role and turn of each token
     std::vector<std::pair<token_role, uint32_t>> inflight;
     std::unique_ptr<sampler_chain> sampler;
-    std::unique_ptr<text_stream> stream;
+    std::unique_ptr<text_stream> stream;             // the answer's text (stop strings apply to it)
+    std::unique_ptr<text_stream> reasoning_stream;   // the reasoning's (no stop strings)
+    std::unique_ptr<reasoning_splitter> splitter;
+    std::vector<token_role> reply_roles;             // per sampled token of the reply: ASSISTANT or REASONING
+    size_t reply_in_ledger = 0;                      // of them, appended to the ledger so far
+    bool past_reasoning_done = false;                // pastReasoning 'drop' ran for this turn
+    size_t forced_next = 0;                          // testReply: the next of chat::test_reply_
     int32_t pending = -1;     // sampled, not yet decoded
     std::unique_ptr<summary_job> summary;
     turn_result result;

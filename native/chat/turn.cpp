@@ -29,12 +29,21 @@ void chat::begin_turn(turn_request && req) {
     if (!started_ && !system_tokens_.empty()) {
         t->segments.push_back({ system_tokens_, 0, TOKEN_ROLE_SYSTEM, false, true });
     }
-    // The carried tokens close the previous assistant turn; they belong to it in the ledger.
+    // The carried tokens close the previous assistant turn; they belong to it in the ledger (a reply
+    // cut mid-thought: its last token is reasoning).
     if (!carry_.empty()) {
-        t->segments.push_back({ carry_, t->turn_no - 1, TOKEN_ROLE_ASSISTANT, true, false });
+        if (carry_reasoning_) {
+            t->segments.push_back({ { carry_[0] }, t->turn_no - 1, TOKEN_ROLE_REASONING, true, false });
+        }
+        const size_t first = carry_reasoning_ ? 1 : 0;
+        if (carry_.size() > first) {
+            t->segments.push_back({ std::vector<int32_t>(carry_.begin() + (long) first, carry_.end()), t->turn_no - 1, TOKEN_ROLE_ASSISTANT,
+                                    t->segments.empty() || t->segments.back().system, false });
+        }
     }
     t->carry_before = carry_;
-    t->segments.push_back({ req.framed, t->turn_no, TOKEN_ROLE_USER, carry_.empty(), false });
+    t->carry_reasoning_before = carry_reasoning_;
+    t->segments.push_back({ req.framed, t->turn_no, TOKEN_ROLE_USER, t->segments.empty() || t->segments.back().system, false });
     if (req.ingest && !req.reply.empty()) {
         t->segments.push_back({ req.reply, t->turn_no, TOKEN_ROLE_ASSISTANT, true, false });
     }
@@ -117,13 +126,20 @@ contribution chat::contribute(size_t budget, step_context & e) {
             c.tokens.push_back(t.pending);
             c.pos0 = ledger_.next_pos();
             c.logits_last = true;
-            t.inflight.assign(1, { TOKEN_ROLE_ASSISTANT, t.turn_no });
+            t.inflight.assign(1, { t.reply_roles.back(), t.turn_no });
             c.peak_horizon = peak_horizon(TOKEN_ROLE_ASSISTANT, t.turn_no);
             return c;
         }
         // Prefill: room for the whole message first (once), then chunks of at most `chunk_`.
         turn_state::segment & s = t.segments[t.seg];
         if (s.room && t.off == 0 && t.room_made_for != t.seg) {
+            if (!t.past_reasoning_done) {
+                // Before the turn's room is counted: what the earlier replies' reasoning frees is room.
+                t.past_reasoning_done = true;
+                if (opts_.past_reasoning == past_reasoning_mode::drop) {
+                    evict_past_reasoning(SIZE_MAX, e);
+                }
+            }
             size_t incoming = 0;
             for (size_t i = t.seg; i < t.segments.size() && (i == t.seg || !t.segments[i].room); ++i) {
                 incoming += t.segments[i].tokens.size();
@@ -209,6 +225,9 @@ void chat::on_decoded(const contribution & c, size_t from, size_t to, int32_t lo
     if (t.rollback_set) {
         t.own += to - from;
     }
+    if (t.generating) {
+        t.reply_in_ledger += to - from;
+    }
     if (opts_.test_internal_error_after_tokens > 0 && t.generating && t.result.stats.generated_tokens >= opts_.test_internal_error_after_tokens) {
         throw fml_error(FML_ERR_INTERNAL, "an unexpected error (test hook testInternalErrorAfterTokens)");
     }
@@ -251,6 +270,7 @@ void chat::on_decoded(const contribution & c, size_t from, size_t to, int32_t lo
     t.result.stats.prompt_tokens = prompt;
     t.result.stats.prefill_ms = ms_since(t.t_start);
     carry_.clear();
+    carry_reasoning_ = false;
     turn_no_ = t.turn_no;
     if (t.req.ingest) {
         carry_ = closing_tokens_;
@@ -271,27 +291,77 @@ void chat::start_generation() {
     t.sampler = std::make_unique<sampler_chain>(t.req.gen.sampling, model_->info().n_vocab,
                                                 t.req.gen.ignore_eos ? model_->eog_tokens() : std::vector<int32_t>{});
     t.stream = std::make_unique<text_stream>(t.req.gen.stop);
+    t.reasoning_stream = std::make_unique<text_stream>(std::vector<std::string>{});
+    t.splitter = std::make_unique<reasoning_splitter>(model_->reasoning(), t.req.reasoning_opened);
     t.t_generate = clock_type::now();
+}
+
+void chat::split_piece(int32_t tok) {
+    turn_state & t = *turn_;
+    const std::string piece = model_->token_piece(tok, false);
+    const split_step s = t.splitter->push(tok, piece);
+    const token_role role = s.part == reply_part::reasoning ? TOKEN_ROLE_REASONING : TOKEN_ROLE_ASSISTANT;
+    t.reply_roles.push_back(role);
+    if (s.relabel_from != SIZE_MAX) {
+        const token_role to = s.relabel_part == reply_part::reasoning ? TOKEN_ROLE_REASONING : TOKEN_ROLE_ASSISTANT;
+        relabel_reply(s.relabel_from, t.reply_roles.size() - 1, to);
+        if (s.relabel_from == 0 && to == TOKEN_ROLE_REASONING && !t.stream->text().empty()) {
+            // A think block closed that the prompt had opened: the text so far was reasoning. Its
+            // pieces went to on_piece as answer already; the result says what it was.
+            t.reasoning_stream->push(t.stream->text());
+            t.stream = std::make_unique<text_stream>(t.req.gen.stop);
+        }
+    }
+    if (!s.has_text) {
+        return;
+    }
+    const bool reasoning = role == TOKEN_ROLE_REASONING;
+    const std::string out = (reasoning ? t.reasoning_stream : t.stream)->push(piece);
+    if (!out.empty() && t.req.cb.on_piece) {
+        t.req.cb.on_piece(out, reasoning);
+    }
+}
+
+void chat::relabel_reply(size_t from, size_t to, token_role role) {
+    turn_state & t = *turn_;
+    for (size_t k = from; k < to; ++k) {
+        t.reply_roles[k] = role;
+    }
+    // Those in the ledger are the reply's newest entries (generated tokens are appended at the end;
+    // policies keep the newest), walked back from the end; summaries are no part of it, and the turn's
+    // user message ends it.
+    // (`to` is past them: the newest sampled token is never in the ledger yet.)
+    size_t n = t.reply_in_ledger > from ? std::min(to, t.reply_in_ledger) - from : 0;
+    for (size_t i = ledger_.size(); i > 0 && n > 0; --i) {
+        ledger_entry & x = ledger_.at(i - 1);
+        if (x.role == TOKEN_ROLE_SUMMARY) {
+            continue;
+        }
+        if (x.turn != t.turn_no || message_role(x.role) != TOKEN_ROLE_ASSISTANT) {
+            break;
+        }
+        x.role = role;
+        --n;
+    }
 }
 
 void chat::sample_next(step_context & e, int32_t logits_row) {
     turn_state & t = *turn_;
     turn_stats & st = t.result.stats;
-    const int32_t tok = llama_sampler_sample(t.sampler->raw(), e.ctx(), logits_row);
+    const bool forced = !test_reply_.empty();
+    const int32_t tok = !forced ? llama_sampler_sample(t.sampler->raw(), e.ctx(), logits_row)
+                                : t.forced_next < test_reply_.size() ? test_reply_[t.forced_next++] : -1;
     if (!t.first_token) {
         t.first_token = true;
         st.first_token_ms = ms_since(t.t_start);
     }
     t.pending = -1;
-    if (model_->is_eog(tok)) {
+    if (tok < 0 || model_->is_eog(tok)) {
         finish_turn(STOP_EOS, e);
         return;
     }
     st.generated_tokens++;
-    const std::string out = t.stream->push(model_->token_piece(tok, false));
-    if (!out.empty() && t.req.cb.on_piece) {
-        t.req.cb.on_piece(out);
-    }
+    split_piece(tok);
     t.pending = tok;
     if (t.stream->stopped()) {
         finish_turn(STOP_STRING, e);
@@ -311,19 +381,31 @@ void chat::finish_turn(stop_reason reason, step_context & e) {
     // The turn's number in the ledger (what pin/unpin/forget take); 0 when it never got in.
     st.turn = turn_no_ == t->turn_no ? t->turn_no : 0;
     if (t->stream) {
+        const std::string thought = t->reasoning_stream->finish();
+        if (!thought.empty() && t->req.cb.on_piece) {
+            t->req.cb.on_piece(thought, true);
+        }
         if (reason != STOP_STRING) {
             const std::string rest = t->stream->finish();
             if (!rest.empty() && t->req.cb.on_piece) {
-                t->req.cb.on_piece(rest);
+                t->req.cb.on_piece(rest, false);
             }
         }
         r.response = t->stream->text();
+        // Without the blank line before </think> (chat templates strip it too).
+        r.reasoning = t->reasoning_stream->text();
+        r.reasoning.erase(r.reasoning.find_last_not_of(" \t\r\n") + 1);
         st.decode_ms = ms_since(t->t_generate);
         st.tokens_per_second = st.decode_ms > 0 ? st.generated_tokens * 1000.0 / st.decode_ms : 0;
         // Close the assistant turn next time: the undecoded last token plus the template's end-of-turn.
         carry_.clear();
-        if (t->pending >= 0) {
+        carry_reasoning_ = false;
+        // A reply cut mid-thought ends in a reasoning token, which pastReasoning 'drop' would evict as
+        // soon as it was in: it is not carried then.
+        const bool reasoning = t->pending >= 0 && t->reply_roles.back() == TOKEN_ROLE_REASONING;
+        if (t->pending >= 0 && !(reasoning && opts_.past_reasoning == past_reasoning_mode::drop)) {
             carry_.push_back(t->pending);
+            carry_reasoning_ = reasoning;
         }
         carry_.insert(carry_.end(), closing_tokens_.begin(), closing_tokens_.end());
     }
@@ -440,6 +522,7 @@ void chat::forget_turn_number(const turn_state & t) {
         // Its prompt was in (an error or a lost state mid-reply): the turn never happened.
         turn_no_ = t.turn_no - 1;
         carry_ = t.carry_before;
+        carry_reasoning_ = t.carry_reasoning_before;
     }
 }
 

@@ -197,6 +197,7 @@ std::vector<uint8_t> encode_checkpoint(const std::string & fingerprint, const ch
     w.put<uint8_t>(s.started ? 1 : 0);
     w.put<uint64_t>(s.carry.size());
     for (int32_t t : s.carry) w.put<int32_t>(t);
+    w.put<uint8_t>(s.carry_reasoning ? 1 : 0);
     w.str(s.summary_text);
     w.put<uint64_t>(s.stats.turns); w.put<uint64_t>(s.stats.tokens_seen); w.put<uint64_t>(s.stats.tokens_evicted);
     w.put<uint64_t>(s.stats.evictions); w.put<uint64_t>(s.stats.fallback_count);
@@ -331,6 +332,7 @@ chat_state decode_checkpoint(const uint8_t * data, size_t size, const std::strin
     s.started = r.get<uint8_t>() != 0;
     const uint64_t n_carry = r.count(4);
     for (uint64_t i = 0; i < n_carry; ++i) s.carry.push_back(r.get<int32_t>());
+    s.carry_reasoning = version >= 6 && r.get<uint8_t>() != 0;
     s.summary_text = r.str();
     s.stats.turns = r.get<uint64_t>(); s.stats.tokens_seen = r.get<uint64_t>(); s.stats.tokens_evicted = r.get<uint64_t>();
     s.stats.evictions = r.get<uint64_t>(); s.stats.fallback_count = r.get<uint64_t>();
@@ -342,7 +344,7 @@ chat_state decode_checkpoint(const uint8_t * data, size_t size, const std::strin
     for (ledger_entry & e : s.ledger) {
         e.token = r.get<int32_t>(); e.pos = r.get<int32_t>(); e.turn = r.get<uint32_t>();
         const uint8_t role = r.get<uint8_t>();
-        if (role > TOKEN_ROLE_SUMMARY) {
+        if (role > (version >= 6 ? TOKEN_ROLE_REASONING : TOKEN_ROLE_SUMMARY)) {
             throw fml_error(FML_ERR_CHECKPOINT_CORRUPT, "checkpoint has an invalid token role");
         }
         e.role = (token_role) role;

@@ -22,8 +22,8 @@ namespace fml {
 
 // 1: options as a struct; 2: options by name (validated by resolve_chat_options when read);
 // 3: the compaction counter (positions may have gaps: kept positions); 4: the transcript, and the
-// ledger-only kind.
-constexpr uint32_t CHECKPOINT_FORMAT_VERSION = 5;   // 5: a third score slot per ledger entry (peaks)
+// ledger-only kind; 5: a third score slot per ledger entry (peaks).
+constexpr uint32_t CHECKPOINT_FORMAT_VERSION = 6;   // 6: the reasoning role, and whether the carry starts with reasoning
 constexpr uint32_t CHECKPOINT_FLAG_LEDGER_ONLY = 1;
 
 // The checkpoint as bytes; `ledger_only` leaves the KV state out.

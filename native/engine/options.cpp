@@ -143,6 +143,7 @@ const std::vector<const char *> KV_TYPES = { "f16", "f32", "q8_0" };
 const std::vector<const char *> GRANULARITIES = { "span", "token" };
 const std::vector<const char *> IMPORTANCE_SCORES = { "mean", "peak", "blend" };
 const std::vector<const char *> POSITION_MODES = { "keep", "compact" };
+const std::vector<const char *> PAST_REASONING_MODES = { "drop", "first", "keep" };
 // llama.cpp positions are int32; a limit this far from overflow leaves room for the park-and-move of
 // a compaction (kv-ops) and for any trained context a model declares today.
 constexpr double MAX_POSITION_LIMIT = MAX_POSITION;
@@ -259,6 +260,15 @@ const option_row<chat_target> CHAT_ROWS[] = {
     // The model's side of the bounds (its trained context, the summary scratch) is checked by the chat.
     { { "chat", "positionLimit", "number", "the model's nCtxTrain", "maxTokens plus summary scratch .. the model's nCtxTrain", "positions 'keep': compact (by K-shift, or by re-prefilling the retained tokens where keys cannot move) when the next position would pass this.", false },
       [](chat_target & t, const option_value * v) { t.o.position_limit = v ? (uint32_t) int_in("positionLimit", *v, t.o.policy.max_tokens, MAX_POSITION_LIMIT) : 0; } },
+    // 'drop' by default: the chat templates of reasoning models (Qwen3, Qwen3.5, DeepSeek-R1, gpt-oss)
+    // render past replies without their reasoning, so a model never saw its old reasoning in training.
+    { { "chat", "pastReasoning", "'drop' | 'first' | 'keep'", "'drop'", "", "Earlier replies' reasoning (think blocks, gpt-oss's analysis channel: ModelInfo.reasoning): 'drop' evicts it from the KV cache when the next turn starts, as the model's chat template drops it from the history it renders; 'first' keeps it while there is room and evicts it before anything the policy would choose; 'keep' leaves it to the policy like any other token.", false },
+      [](chat_target & t, const option_value * v) {
+          const std::string s = v ? choice_of("pastReasoning", *v, PAST_REASONING_MODES) : "drop";
+          t.o.past_reasoning = s == "first" ? past_reasoning_mode::first : s == "keep" ? past_reasoning_mode::keep : past_reasoning_mode::drop;
+      } },
+    { { "chat", "testReply", "string", "''", "at most 65536 bytes", "Test hook: every reply is this text's tokens (control tokens parsed), taken in order in place of sampled ones, then the end of generation ('': sampled).", true },
+      [](chat_target & t, const option_value * v) { t.o.test_reply = v ? text_of("testReply", *v, 65536) : ""; } },
     { { "chat", "testPolicyDelayMs", "number", "0", "0 .. 60000", "Test hook: every policy choice takes this long.", true },
       [](chat_target & t, const option_value * v) { t.o.test_policy_delay_ms = v ? number_in("testPolicyDelayMs", *v, 0, 60000) : 0.0; } },
     { { "chat", "testTokenDelayMs", "number", "0", "0 .. 60000", "Test hook: this chat waits this long after each of its decodes (the others do not).", true },
@@ -380,6 +390,7 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
         { "hybridImportanceShare", option_value::of((double) p.hybrid_importance_share) },
         { "maxPolicyMs", option_value::of(o.max_policy_ms) },
         { "positions", option_value::of(std::string(o.keep_positions ? "keep" : "compact")) },
+        { "pastReasoning", option_value::of(std::string(o.past_reasoning == past_reasoning_mode::first ? "first" : o.past_reasoning == past_reasoning_mode::keep ? "keep" : "drop")) },
     };
     if (o.position_limit > 0) {
         m.push_back({ "positionLimit", option_value::of((double) o.position_limit) });
@@ -391,6 +402,7 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
         if (o.test_policy_delay_ms > 0) m.push_back({ "testPolicyDelayMs", option_value::of(o.test_policy_delay_ms) });
         if (o.test_token_delay_ms > 0) m.push_back({ "testTokenDelayMs", option_value::of(o.test_token_delay_ms) });
         if (o.test_fail_after_tokens > 0) m.push_back({ "testFailAfterTokens", option_value::of((double) o.test_fail_after_tokens) });
+        if (!o.test_reply.empty()) m.push_back({ "testReply", option_value::of(o.test_reply) });
         if (o.test_internal_error_after_tokens > 0) m.push_back({ "testInternalErrorAfterTokens", option_value::of((double) o.test_internal_error_after_tokens) });
     }
     return m;

@@ -46,6 +46,9 @@ struct model_load_options {
     bool     test_no_key_rotation = false; // test hook: keys llama.cpp cannot shift are not rotated (the path of builds that cannot)
 };
 
+// What becomes of earlier replies' reasoning (pastReasoning).
+enum class past_reasoning_mode : uint8_t { drop, first, keep };
+
 struct chat_options {
     policy_options policy;
     std::string system_prompt;
@@ -59,9 +62,11 @@ struct chat_options {
     // compacted at every eviction (positions 0..n-1 again: a K-shift of the whole context each time).
     bool        keep_positions = false;
     uint32_t    position_limit = 0;   // 0: the model's trained context (n_ctx_train)
+    past_reasoning_mode past_reasoning = past_reasoning_mode::drop;
     double      test_policy_delay_ms = 0; // test hook: makes every policy choice this slow
     double      test_token_delay_ms = 0;  // test hook: makes every decode of a turn this slow (deterministic aborts)
     uint32_t    test_fail_after_tokens = 0; // test hook: a reply's decode fails (as llama_decode can) once it has this many tokens
+    std::string test_reply;               // test hook: every reply is this text's tokens (control tokens parsed), not sampled ones
     uint32_t    test_internal_error_after_tokens = 0; // test hook: an unexpected error escapes the step once a reply has this many tokens
 };
 

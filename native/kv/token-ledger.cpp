@@ -11,6 +11,7 @@ const char * token_role_name(token_role role) {
         case TOKEN_ROLE_USER:      return "user";
         case TOKEN_ROLE_ASSISTANT: return "assistant";
         case TOKEN_ROLE_SUMMARY:   return "summary";
+        case TOKEN_ROLE_REASONING: return "reasoning";
     }
     return "unknown";
 }
@@ -118,18 +119,18 @@ int32_t token_ledger::message_start(uint32_t turn, token_role role, size_t back)
     // Index of the first entry of the message whose last entry is end - 1 (not a summary).
     const auto run_start = [&](size_t end) {
         const uint32_t t = entries_[end - 1].turn;
-        const token_role r = entries_[end - 1].role;
+        const token_role r = message_role(entries_[end - 1].role);
         size_t first = end - 1;
         for (size_t i = first; i > 0; --i) {
             const ledger_entry & p = entries_[i - 1];
             if (p.role == TOKEN_ROLE_SUMMARY) continue;
-            if (p.turn != t || p.role != r) break;
+            if (p.turn != t || message_role(p.role) != r) break;
             first = i - 1;
         }
         return first;
     };
     size_t i = skip_summaries(entries_.size());
-    const bool continues = i > 0 && entries_[i - 1].turn == turn && entries_[i - 1].role == role;
+    const bool continues = i > 0 && entries_[i - 1].turn == turn && message_role(entries_[i - 1].role) == message_role(role);
     if (!continues) {
         if (back == 0) {
             return next_pos();

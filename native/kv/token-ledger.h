@@ -19,9 +19,12 @@ enum token_role : uint8_t {
     TOKEN_ROLE_USER      = 1,
     TOKEN_ROLE_ASSISTANT = 2,
     TOKEN_ROLE_SUMMARY   = 3,
+    TOKEN_ROLE_REASONING = 4,   // a reply's reasoning (chat/reasoning.h): part of the assistant's message
 };
 
 const char * token_role_name(token_role role);
+// The role of the message a token belongs to: a reply's reasoning is part of the assistant's.
+inline token_role message_role(token_role role) { return role == TOKEN_ROLE_REASONING ? TOKEN_ROLE_ASSISTANT : role; }
 
 // Score slots for policies that rank tokens. Unused by `sliding`.
 constexpr int LEDGER_SCORE_SLOTS = 3;

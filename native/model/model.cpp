@@ -245,7 +245,35 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
         }
     }
     m->compute_frames();
+    m->find_reasoning_markers();
     return m;
+}
+
+void fml_model::find_reasoning_markers() {
+    // A marker counts only as one token of its own (what the model emits), never as text spelled
+    // in pieces: "<think>" typed in a message of a model without it is just text.
+    auto single = [&](const char * text) -> int32_t {
+        try {
+            const std::vector<int32_t> t = tokenize(text, false, true);
+            return t.size() == 1 && token_piece(t[0], true) == text ? t[0] : -1;
+        } catch (const fml_error &) {
+            return -1;   // a vocabulary without byte fallback that cannot spell it: no such token either
+        }
+    };
+    reasoning_markers & r = reasoning_;
+    r.start = single("<|start|>");
+    r.channel = single("<|channel|>");
+    r.message = single("<|message|>");
+    r.end = single("<|end|>");
+    if (!r.harmony()) {
+        r.start = r.channel = r.message = r.end = -1;
+        r.think_open = single("<think>");
+        r.think_close = single("</think>");
+        if (!r.think()) {
+            r.think_open = r.think_close = -1;
+        }
+    }
+    info_.reasoning = r.harmony() ? "harmony" : r.think() ? "think" : "none";
 }
 
 fml_model::~fml_model() {

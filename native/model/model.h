@@ -50,6 +50,22 @@ struct model_info {
     std::string rope;                 // "norm", "neox", "mrope", "imrope", "vision" or "none"
     bool in_place_eviction = false;
     std::string unsupported_reason;   // why not, when not
+    std::string reasoning;            // how replies carry reasoning: "think", "harmony" or "none" (reasoning_markers)
+};
+
+// The tokens that set a reply's reasoning apart (chat/reasoning.h), each -1 where the vocabulary lacks
+// it as a single token. "think": <think> ... </think> (Qwen3, Qwen3.5, DeepSeek-R1, SmolLM3, GLM,
+// Nemotron, LFM2.5, MiniMax). "harmony" (gpt-oss): messages <|start|>role<|channel|>name<|message|>
+// text<|end|>, reasoning in the "analysis" channel.
+struct reasoning_markers {
+    int32_t think_open = -1;
+    int32_t think_close = -1;
+    int32_t start = -1;
+    int32_t channel = -1;
+    int32_t message = -1;
+    int32_t end = -1;
+    bool harmony() const { return start >= 0 && channel >= 0 && message >= 0 && end >= 0; }
+    bool think() const { return think_open >= 0 && think_close >= 0; }
 };
 
 // The text around a message's content once a chat template is applied: prefix + content + suffix.
@@ -100,6 +116,7 @@ public:
     const std::vector<int32_t> & eog_tokens() const { return eog_tokens_; }
     int32_t bos() const;
     bool add_bos() const;
+    const reasoning_markers & reasoning() const { return reasoning_; }
 
     // Frames for one message under the model's template. For user messages, the suffix includes the
     // assistant generation prompt.
@@ -122,6 +139,8 @@ private:
     int32_t default_threads_ = 1;
     std::string template_;   // what llama_chat_apply_template gets
     std::vector<int32_t> eog_tokens_;
+    reasoning_markers reasoning_;
+    void find_reasoning_markers();
     // Frames per frame_kind, rendered once at load; a template that cannot frame a kind leaves its
     // error here, thrown when a chat needs that frame.
     message_frame frames_[FRAME_KINDS];

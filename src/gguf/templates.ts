@@ -13,7 +13,12 @@ export interface TemplateFamily {
   control: readonly string[];
   /** The token that ends a turn (tokenizer.ggml.eot_token_id); `</s>` for templates that use EOS. */
   endOfTurn: string;
+  /** Tokens the family's tokenizer adds as text, not control (Qwen3's `<think>`: USER_DEFINED tokens of the vocabulary). */
+  userDefined?: readonly string[];
 }
+
+/** The think-block markers of the reasoning families (Qwen3, Qwen3.5, LFM2.5): tokens of their own, rendered as text. */
+const THINK_TOKENS = ['<think>', '</think>'] as const;
 
 /** ChatML as Qwen2.5 writes it (tool-calling branches left out: llama.cpp's formatter ignores them). */
 const QWEN_CHATML = String.raw`{%- if messages[0]['role'] == 'system' %}
@@ -296,11 +301,11 @@ const GRANITE4 = String.raw`{%- set tools_system_message_prefix = 'You are a hel
 
 export const TEMPLATES = {
   chatml: { text: QWEN_CHATML, control: [], endOfTurn: '<|im_end|>' },
-  qwen3: { text: QWEN3_CHATML, control: [], endOfTurn: '<|im_end|>' },
-  qwen35: { text: QWEN35, control: ['<|vision_start|>', '<|vision_end|>', '<|image_pad|>', '<|video_pad|>'], endOfTurn: '<|im_end|>' },
+  qwen3: { text: QWEN3_CHATML, control: [], endOfTurn: '<|im_end|>', userDefined: THINK_TOKENS },
+  qwen35: { text: QWEN35, control: ['<|vision_start|>', '<|vision_end|>', '<|image_pad|>', '<|video_pad|>'], endOfTurn: '<|im_end|>', userDefined: THINK_TOKENS },
   // Not <|tool_response>: with it in the vocabulary llama.cpp drops </s> from the end-of-generation tokens.
   gemma4: { text: GEMMA4, control: ['<|turn>', '<turn|>', '<|channel>', '<channel|>', '<|think|>'], endOfTurn: '<turn|>' },
-  lfm2: { text: LFM2, control: ['<|startoftext|>', '<|tool_list_start|>', '<|tool_list_end|>'], endOfTurn: '<|im_end|>' },
+  lfm2: { text: LFM2, control: ['<|startoftext|>', '<|tool_list_start|>', '<|tool_list_end|>'], endOfTurn: '<|im_end|>', userDefined: THINK_TOKENS },
   llama3: { text: LLAMA3, control: ['<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'], endOfTurn: '<|eot_id|>' },
   gemma: { text: GEMMA3, control: ['<start_of_turn>', '<end_of_turn>'], endOfTurn: '<end_of_turn>' },
   phi3: { text: PHI3, control: ['<|system|>', '<|user|>', '<|assistant|>', '<|end|>'], endOfTurn: '<|end|>' },

@@ -73,9 +73,9 @@ function codepointLength(s: string): number {
  * all its prefixes in the vocabulary, so SPM bigram merging can reach it.
  * `extra` appends that many generated lowercase pieces; `pieces` adds pieces as given (write
  * `▁word` for the word after a space, `word` for it at the start of a message); `control`
- * appends a chat template's control tokens last (so the fixed ids above stay the same for every family); `common: false` leaves out the common English words.
+ * appends a chat template's control tokens last (so the fixed ids above stay the same for every family), then its `userDefined` ones (tokens rendered as text: Qwen3's `<think>`); `common: false` leaves out the common English words.
  */
-export function buildVocab(extra = 0, control: readonly string[] = [], pieces: readonly string[] = [], common = true): Vocab {
+export function buildVocab(extra = 0, control: readonly string[] = [], pieces: readonly string[] = [], common = true, userDefined: readonly string[] = []): Vocab {
   const tokens: string[] = ['<unk>', '<s>', '</s>', '<|im_start|>', '<|im_end|>'];
   const types: number[] = [
     TokenType.UNKNOWN,
@@ -156,6 +156,13 @@ export function buildVocab(extra = 0, control: readonly string[] = [], pieces: r
     seen.add(piece);
     tokens.push(piece);
     types.push(TokenType.CONTROL);
+    scores.push(0);
+  }
+  for (const piece of userDefined) {
+    if (seen.has(piece)) continue;
+    seen.add(piece);
+    tokens.push(piece);
+    types.push(TokenType.USER_DEFINED);
     scores.push(0);
   }
   return { tokens, scores, types };

@@ -32,6 +32,7 @@ export type NativeEvictionRecord = Omit<EvictionEvent, 'chatId' | 'policy' | 'tu
 
 export interface NativeTurnResult {
   response: string;
+  reasoning: string;
   stopReason: 'eos' | 'maxTokens' | 'stop' | 'abort';
   stats: NativeTurnStats;
   /** What onToken threw (the turn stopped there and is kept). */
@@ -105,7 +106,7 @@ export interface NativeOptionDoc {
 }
 
 export interface NativeChat {
-  send(message: string, options: NativeRawOptions, onPiece?: (piece: string) => void, pin?: boolean): Promise<NativeTurnResult>;
+  send(message: string, options: NativeRawOptions, onPiece?: (piece: string, reasoning: boolean) => void, pin?: boolean): Promise<NativeTurnResult>;
   abort(): void;
   /** Pins the user message of `turn` (and its reply with withReply); returns the tokens newly pinned. Throws PIN_LIMIT / INVALID_OPTION. */
   pin(turn: number, withReply?: boolean): number;

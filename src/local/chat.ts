@@ -105,7 +105,8 @@ export class Chat implements ChatSurface {
     opts.signal?.addEventListener('abort', onAbort, { once: true });
     this.#busy = true;
     try {
-      const native = await this.#native.send(text, nativeOpts, opts.onToken, opts.pin);
+      const onPiece = opts.onToken || opts.onReasoning ? (piece: string, reasoning: boolean) => (reasoning ? opts.onReasoning : opts.onToken)?.(piece) : undefined;
+      const native = await this.#native.send(text, nativeOpts, onPiece, opts.pin);
       const { callbackError, ...raw } = native;
       const { evictionLog, ...stats } = raw.stats;
       const result = { ...raw, stats } as TurnResult;
@@ -363,6 +364,7 @@ export class Chat implements ChatSurface {
 function abortedBeforeStart(policy: ResolvedChatOptions['policy'], retained: number): TurnResult {
   return {
     response: '',
+    reasoning: '',
     stopReason: 'abort',
     stats: {
       turn: 0, promptTokens: 0, generatedTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0, firstTokenMs: 0, policyMs: 0, evictMs: 0,

@@ -114,6 +114,14 @@ export interface ChatOptions {
    * maxTokens plus the summary scratch. Default the model's nCtxTrain.
    */
   positionLimit?: number;
+  /**
+   * Earlier replies' reasoning (think blocks, gpt-oss's analysis channel; `model.info.reasoning`).
+   * 'drop' (default): evicted from the KV cache when the next turn starts, as the model's own chat
+   * template leaves it out of the history it renders (what the model was trained to see). 'first':
+   * kept while there is room, evicted before anything the policy would choose. 'keep': tokens like
+   * any other, for the policy to weigh.
+   */
+  pastReasoning?: 'drop' | 'first' | 'keep';
   /** @internal Test hook: makes every policy choice this slow (exercises the latency guard). */
   testPolicyDelayMs?: number;
   /** @internal Test hook: makes every generated token this slow (deterministic mid-turn aborts). */
@@ -122,6 +130,8 @@ export interface ChatOptions {
   testFailAfterTokens?: number;
   /** @internal Test hook: an unexpected error escapes the scheduler's step once a reply has this many tokens. */
   testInternalErrorAfterTokens?: number;
+  /** @internal Test hook: every reply is this text's tokens (control tokens parsed) in place of sampled ones, then the end. */
+  testReply?: string;
   /** Hooks called after each turn and eviction (see `Telemetry`, `createPrometheusTelemetry`). */
   telemetry?: Telemetry;
 }
@@ -147,8 +157,10 @@ export interface SendOptions {
   stop?: string[];
   /** End-of-generation tokens are never sampled: the reply runs to maxNewTokens or a stop string (llama-server's ignore_eos; equal work in benchmarks). Default false. */
   ignoreEos?: boolean;
-  /** Receives each streamed piece of text (never a split UTF-8 character). */
+  /** Receives each streamed piece of the answer (never a split UTF-8 character; reasoning goes to onReasoning). */
   onToken?: (piece: string) => void;
+  /** Receives each streamed piece of a reasoning model's reasoning (`model.info.reasoning`), apart from the answer. */
+  onReasoning?: (piece: string) => void;
   /** Aborting resolves the turn with stopReason 'abort'; the chat stays usable. */
   signal?: AbortSignal;
   /**
@@ -181,12 +193,14 @@ export interface ResolvedChatOptions {
   hybridImportanceShare: number;
   maxPolicyMs: number;
   positions: 'keep' | 'compact';
+  pastReasoning: 'drop' | 'first' | 'keep';
   /** Only when given (the model's trained context otherwise). */
   positionLimit?: number;
   testPolicyDelayMs?: number;
   testTokenDelayMs?: number;
   testFailAfterTokens?: number;
   testInternalErrorAfterTokens?: number;
+  testReply?: string;
 }
 
 /** Splits off what only JS has (telemetry) and lets the native table validate the rest. */
@@ -208,12 +222,13 @@ export function resolveChatOptions(raw: unknown, defaultThreads: number): Resolv
 /** send() options that exist only in JS; the rest goes to the native table as given. */
 export interface JsSendOptions {
   onToken?: (piece: string) => void;
+  onReasoning?: (piece: string) => void;
   signal?: AbortSignal;
   pin?: boolean;
 }
 
 export function splitSendOptions(raw: unknown): { native: Record<string, unknown>; js: JsSendOptions } {
-  const { onToken, signal, pin, ...native } = checkObject('options', raw);
+  const { onToken, onReasoning, signal, pin, ...native } = checkObject('options', raw);
   const js: JsSendOptions = {};
   if (pin !== undefined) {
     if (typeof pin !== 'boolean') fail('a boolean', 'pin', pin);
@@ -222,6 +237,10 @@ export function splitSendOptions(raw: unknown): { native: Record<string, unknown
   if (onToken !== undefined) {
     if (typeof onToken !== 'function') fail('a function', 'onToken', onToken);
     js.onToken = onToken as (piece: string) => void;
+  }
+  if (onReasoning !== undefined) {
+    if (typeof onReasoning !== 'function') fail('a function', 'onReasoning', onReasoning);
+    js.onReasoning = onReasoning as (piece: string) => void;
   }
   if (signal !== undefined) {
     if (!(signal instanceof AbortSignal)) fail('an AbortSignal', 'signal', signal);

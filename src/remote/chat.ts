@@ -126,7 +126,7 @@ export class RemoteChat implements ChatSurface {
     if (floor + user.tokens > maxTokens) {
       throw new PromptTooLargeError(`the message (${user.tokens} tokens) does not fit in maxTokens ${maxTokens} beside the system prompt${floor > memory.systemTokens ? ' and summary' : ''}`);
     }
-    const abortResult = (response: string): RemoteTurnResult => ({ response, stopReason: 'abort', stats: this.#turnStats(turn, 0, 0, 0, t0) });
+    const abortResult = (response: string): RemoteTurnResult => ({ response, reasoning: '', stopReason: 'abort', stats: this.#turnStats(turn, 0, 0, 0, t0) });
     if (opts.signal?.aborted) return abortResult('');
 
     this.#busy = true;
@@ -143,13 +143,14 @@ export class RemoteChat implements ChatSurface {
       await memory.fit(maxTokens - user.tokens - reserve, turn, signal, summarize);
       const messages = memory.requestMessages(user);
       const promptTokens = memory.retained() + user.tokens;
-      const body: Record<string, unknown> = { model: this.#model, messages, max_tokens: opts.maxNewTokens, stream: opts.onToken !== undefined };
+      const streamed = opts.onToken !== undefined || opts.onReasoning !== undefined;
+      const body: Record<string, unknown> = { model: this.#model, messages, max_tokens: opts.maxNewTokens, stream: streamed };
       // A stream carries the remote's token counts only when asked (OpenAI, this project's server).
-      if (opts.onToken) body.stream_options = { include_usage: true };
+      if (streamed) body.stream_options = { include_usage: true };
       if (opts.temperature !== undefined) body.temperature = opts.temperature;
       if (opts.seed !== undefined) body.seed = opts.seed;
       if (opts.stop.length > 0) body.stop = opts.stop;
-      const r = await this.#transport.complete(body, { signal, ...(opts.onToken ? { onToken: opts.onToken } : {}), partial });
+      const r = await this.#transport.complete(body, { signal, onToken: opts.onToken, onReasoning: opts.onReasoning, partial });
       const reply: Msg = { role: 'assistant', content: r.text, tokens: this.#count(r.text) };
       memory.add(user, reply);
       this.#transcript.add(text, r.text);
@@ -167,7 +168,8 @@ export class RemoteChat implements ChatSurface {
         else this.#telemetry?.error(err);
       }
       const generated = typeof r.usage?.completion_tokens === 'number' ? r.usage.completion_tokens : reply.tokens - 4;
-      const result: RemoteTurnResult = { response: r.text, stopReason, stats: this.#turnStats(turn, promptTokens, generated, r.attempts, t0) };
+      // The reasoning is not kept in the history sent next time: chat templates leave it out.
+      const result: RemoteTurnResult = { response: r.text, reasoning: r.reasoning, stopReason, stats: this.#turnStats(turn, promptTokens, generated, r.attempts, t0) };
       this.#emit(result);
       return result;
     } catch (err) {

@@ -66,12 +66,13 @@ export interface ResolvedRemoteSendOptions {
   seed?: number;
   stop: string[];
   onToken?: (piece: string) => void;
+  onReasoning?: (piece: string) => void;
   signal?: AbortSignal;
 }
 
 export function resolveRemoteSendOptions(raw: unknown): ResolvedRemoteSendOptions {
   const o = checkObject('options', raw);
-  checkKnownKeys('options', o, ['maxNewTokens', 'temperature', 'seed', 'stop', 'onToken', 'signal']);
+  checkKnownKeys('options', o, ['maxNewTokens', 'temperature', 'seed', 'stop', 'onToken', 'onReasoning', 'signal']);
   const out: ResolvedRemoteSendOptions = { maxNewTokens: o.maxNewTokens === undefined ? 256 : checkInt('maxNewTokens', o.maxNewTokens, 1, 1 << 24), stop: [] };
   if (o.temperature !== undefined) out.temperature = checkNumber('temperature', o.temperature, 0, 2);
   if (o.seed !== undefined) out.seed = checkInt('seed', o.seed, 0, Number.MAX_SAFE_INTEGER);
@@ -82,6 +83,10 @@ export function resolveRemoteSendOptions(raw: unknown): ResolvedRemoteSendOption
   if (o.onToken !== undefined) {
     if (typeof o.onToken !== 'function') throw new InvalidOptionError('Expected a function for onToken');
     out.onToken = o.onToken as (piece: string) => void;
+  }
+  if (o.onReasoning !== undefined) {
+    if (typeof o.onReasoning !== 'function') throw new InvalidOptionError('Expected a function for onReasoning');
+    out.onReasoning = o.onReasoning as (piece: string) => void;
   }
   if (o.signal !== undefined) {
     if (!(o.signal instanceof AbortSignal)) throw new InvalidOptionError('Expected an AbortSignal for signal');

@@ -25,6 +25,8 @@ export class AbortedError extends Error {}
 
 export interface CompletionResult {
   text: string;
+  /** The reply's reasoning (`reasoning_content`, as llama-server, DeepSeek and this project's server send it); '' when none. */
+  reasoning: string;
   finishReason: string | null;
   usage: { prompt_tokens?: number; completion_tokens?: number } | undefined;
   attempts: number;
@@ -89,6 +91,12 @@ class AttemptError extends Error {
   }
 }
 
+/** Where a streamed reply's pieces go. */
+interface StreamSink {
+  onToken?: (piece: string) => void;
+  onReasoning?: (piece: string) => void;
+}
+
 const retryableStatus = (s: number) => s === 408 || s === 429 || s >= 500;
 
 export class Transport {
@@ -106,11 +114,12 @@ export class Transport {
   }
 
   /**
-   * Sends one chat completion. With `onToken`, streams it (SSE). Throws AbortedError when `signal`
+   * Sends one chat completion. With `onToken` or `onReasoning`, streams it (SSE). Throws AbortedError when `signal`
    * aborts (with the text delivered so far in `partial`), else a typed FiniteMemoryError.
    */
-  async complete(body: Record<string, unknown>, options: { signal?: AbortSignal; onToken?: (piece: string) => void; partial?: { text: string } }): Promise<CompletionResult> {
-    const { signal, onToken } = options;
+  async complete(body: Record<string, unknown>, options: { signal?: AbortSignal; onToken?: (piece: string) => void; onReasoning?: (piece: string) => void; partial?: { text: string } }): Promise<CompletionResult> {
+    const { signal, onToken, onReasoning } = options;
+    const sink = onToken || onReasoning ? { onToken, onReasoning } : undefined;
     if (signal?.aborted) throw new AbortedError();
     const { trial } = this.#o.circuit.admit();
     const maxAttempts = trial ? 1 : this.#o.retry.retries + 1;
@@ -119,7 +128,7 @@ export class Transport {
       while (true) {
         attempt++;
         try {
-          const r = await this.#attempt(body, signal, onToken, options.partial);
+          const r = await this.#attempt(body, signal, sink, options.partial);
           this.#o.circuit.success();
           return { ...r, attempts: attempt };
         } catch (err) {
@@ -145,7 +154,7 @@ export class Transport {
     }
   }
 
-  async #attempt(body: Record<string, unknown>, signal: AbortSignal | undefined, onToken: ((piece: string) => void) | undefined, partial: { text: string } | undefined): Promise<Omit<CompletionResult, 'attempts'>> {
+  async #attempt(body: Record<string, unknown>, signal: AbortSignal | undefined, sink: StreamSink | undefined, partial: { text: string } | undefined): Promise<Omit<CompletionResult, 'attempts'>> {
     // timeoutMs bounds the wait for the answer and, in a stream, each wait for the next event: a long
     // reply that keeps streaming is not cut at timeoutMs (a deadline for the whole stream failed every
     // reply longer than it, and the turn then lost what the user had seen).
@@ -158,7 +167,7 @@ export class Transport {
     arm();
     const timeout = timer.signal;
     const combined = signal ? AbortSignal.any([signal, timeout]) : timeout;
-    const headers: Record<string, string> = { 'content-type': 'application/json', accept: onToken ? 'text/event-stream' : 'application/json' };
+    const headers: Record<string, string> = { 'content-type': 'application/json', accept: sink ? 'text/event-stream' : 'application/json' };
     if (this.#o.apiKey) headers.authorization = `Bearer ${this.#o.apiKey}`;
     let delivered = false;
     // Said of a failure after tokens reached the caller (never retried then).
@@ -188,12 +197,13 @@ export class Transport {
         const msg = this.#redact(`the remote answered HTTP ${status}${message ? `: ${message}` : ''}`);
         throw new AttemptError((n) => new RemoteHttpError(status, `${msg} (${attempts(n)})`, n), retryableStatus(status), retryableStatus(status) ? parseRetryAfter(res.headers.get('retry-after')) : undefined);
       }
-      if (!onToken) {
-        const j = (await res.json()) as { choices?: { message?: { content?: unknown }; finish_reason?: unknown }[]; usage?: CompletionResult['usage']; finite_memory?: unknown };
+      if (!sink) {
+        const j = (await res.json()) as { choices?: { message?: { content?: unknown; reasoning_content?: unknown }; finish_reason?: unknown }[]; usage?: CompletionResult['usage']; finite_memory?: unknown };
         const choice = j.choices?.[0];
         if (!choice) throw new AttemptError((n) => new RemoteUnavailableError(`the remote's answer has no choices (${attempts(n)})`, n), true);
         return {
           text: typeof choice.message?.content === 'string' ? choice.message.content : '',
+          reasoning: typeof choice.message?.reasoning_content === 'string' ? choice.message.reasoning_content : '',
           finishReason: typeof choice.finish_reason === 'string' ? choice.finish_reason : null,
           usage: j.usage ?? undefined,
           extra: j.finite_memory,
@@ -204,6 +214,7 @@ export class Transport {
       const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = '';
       let text = '';
+      let reasoning = '';
       let finishReason: string | null = null;
       let usage: CompletionResult['usage'];
       let extra: unknown;
@@ -219,7 +230,7 @@ export class Transport {
           done = true;
           return;
         }
-        let j: { error?: { message?: unknown }; choices?: { delta?: { content?: unknown }; finish_reason?: unknown }[]; usage?: CompletionResult['usage']; finite_memory?: unknown };
+        let j: { error?: { message?: unknown }; choices?: { delta?: { content?: unknown; reasoning_content?: unknown }; finish_reason?: unknown }[]; usage?: CompletionResult['usage']; finite_memory?: unknown };
         try {
           j = JSON.parse(data);
         } catch {
@@ -238,13 +249,23 @@ export class Transport {
         if ((choice as { finite_memory?: unknown }).finite_memory !== undefined) extra = (choice as { finite_memory?: unknown }).finite_memory;
         if (j.finite_memory !== undefined) extra = j.finite_memory;
         if (typeof choice.finish_reason === 'string') finishReason = choice.finish_reason;
+        const thought = choice.delta?.reasoning_content;
+        if (typeof thought === 'string' && thought.length > 0) {
+          delivered = true;
+          reasoning += thought;
+          try {
+            sink.onReasoning?.(thought);
+          } catch (e) {
+            throw new CallerError(e);
+          }
+        }
         const piece = choice.delta?.content;
         if (typeof piece === 'string' && piece.length > 0) {
           delivered = true;
           text += piece;
           if (partial) partial.text = text;
           try {
-            onToken(piece);
+            sink.onToken?.(piece);
           } catch (e) {
             throw new CallerError(e);
           }
@@ -276,7 +297,7 @@ export class Transport {
       if (!done && finishReason === null) {
         throw new AttemptError((n) => new RemoteUnavailableError(`the remote's stream ended early${delivered ? ' after it had started (not retried)' : ''}`, n), !delivered);
       }
-      return { text, finishReason, usage, extra };
+      return { text, reasoning, finishReason, usage, extra };
     } catch (err) {
       return fail(err);
     } finally {

@@ -117,7 +117,11 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
         ...parsed.send,
         pin: parsed.memory.pin,
         signal: ac.signal,
-        ...(parsed.stream ? { onToken: (piece: string) => { stream.start(); stream.chunk({ content: piece }, null); } } : {}),
+        // Reasoning streams as `reasoning_content` deltas (llama-server's and DeepSeek's field).
+        ...(parsed.stream ? {
+          onToken: (piece: string) => { stream.start(); stream.chunk({ content: piece }, null); },
+          onReasoning: (piece: string) => { stream.start(); stream.chunk({ reasoning_content: piece }, null); },
+        } : {}),
       });
       if (session && (result.stats.promptTokens > 0 || memoryChanged)) {
         // Reconciliation: a longer array means the client resends the whole conversation.
@@ -177,7 +181,12 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     return {
       ...base,
       object: 'chat.completion',
-      choices: [{ index: 0, message: { role: 'assistant', content: result.response, refusal: null }, logprobs: null, finish_reason: finishReason(result.stopReason) }],
+      choices: [{
+        index: 0,
+        message: { role: 'assistant', content: result.response, ...(result.reasoning ? { reasoning_content: result.reasoning } : {}), refusal: null },
+        logprobs: null,
+        finish_reason: finishReason(result.stopReason),
+      }],
       usage,
       finite_memory,
     };

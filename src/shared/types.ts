@@ -11,12 +11,16 @@ export interface CommonSendOptions {
   seed?: number;
   stop?: string[];
   onToken?: (piece: string) => void;
+  onReasoning?: (piece: string) => void;
   signal?: AbortSignal;
 }
 
 /** What a turn returns on both (each adds its own `stats`). */
 export interface CommonTurnResult {
+  /** The answer (a reasoning model's reasoning is apart, in `reasoning`). */
   response: string;
+  /** A reasoning model's reasoning in this reply (its think block, gpt-oss's analysis channel); '' when none. */
+  reasoning: string;
   stopReason: StopReason;
 }
 
@@ -97,7 +101,8 @@ export interface MemoryEntry {
   token: number;
   position: number;
   turn: number;
-  role: 'system' | 'user' | 'assistant' | 'summary';
+  /** 'reasoning': a reply's reasoning (see `pastReasoning`). */
+  role: 'system' | 'user' | 'assistant' | 'reasoning' | 'summary';
   pinned: boolean;
   /** importance/hybrid: the token's importance score (mean attention received, or -key norm); 0 otherwise. */
   score: number;
@@ -141,6 +146,13 @@ export interface ModelInfo {
   canShift: boolean;
   /** The model's RoPE kind: 'norm', 'neox', 'mrope', 'imrope' (interleaved M-RoPE), 'vision' or 'none'. */
   rope: string;
+  /**
+   * How its replies carry reasoning, told from its vocabulary: 'think' (`<think>`...`</think>`: Qwen3,
+   * Qwen3.5, DeepSeek-R1, SmolLM3, GLM, Nemotron, LFM2.5), 'harmony' (gpt-oss's analysis channel) or
+   * 'none'. Replies then have it apart (`TurnResult.reasoning`, `onReasoning`), and memory keeps it
+   * as `pastReasoning` says.
+   */
+  reasoning: 'think' | 'harmony' | 'none';
   /** Whether chats can evict in place on this model; createChat throws UnsupportedModelError otherwise. */
   inPlaceEviction: boolean;
   /** Why not, naming the architecture (null when supported). */

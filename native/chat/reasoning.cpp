@@ -1,0 +1,112 @@
+#include "chat/reasoning.h"
+
+#include <algorithm>
+#include <cctype>
+
+namespace fml {
+
+namespace {
+
+bool blank(const std::string & s) {
+    return std::all_of(s.begin(), s.end(), [](unsigned char c) { return std::isspace(c) != 0; });
+}
+
+} // namespace
+
+reasoning_splitter::reasoning_splitter(const reasoning_markers & markers, bool opened) : m_(markers) {
+    if (opened && m_.think()) {
+        part_ = reply_part::reasoning;
+        think_seen_ = true;
+    }
+}
+
+split_step reasoning_splitter::push(int32_t token, const std::string & piece) {
+    split_step s = m_.harmony() ? push_harmony(token, piece) : m_.think() ? push_think(token, piece) : split_step{ reply_part::content, true };
+    ++index_;
+    return s;
+}
+
+split_step reasoning_splitter::push_think(int32_t token, const std::string & piece) {
+    split_step s;
+    if (token == m_.think_open) {
+        state_ = state::after_open;
+        part_ = reply_part::reasoning;
+        think_seen_ = true;
+        s.part = reply_part::reasoning;
+        return s;
+    }
+    if (token == m_.think_close && part_ == reply_part::reasoning) {
+        state_ = state::after_close;
+        part_ = reply_part::content;
+        s.part = reply_part::reasoning;
+        return s;
+    }
+    if (token == m_.think_close && !think_seen_) {
+        // Closed without being opened: the model was trained on prompts that open the block (Qwen3.5,
+        // DeepSeek-R1-0528), so everything before this was reasoning.
+        think_seen_ = true;
+        state_ = state::after_close;
+        part_ = reply_part::content;
+        s.part = reply_part::reasoning;
+        s.relabel_from = 0;
+        s.relabel_part = reply_part::reasoning;
+        return s;
+    }
+    if ((state_ == state::after_open || state_ == state::after_close) && blank(piece)) {
+        s.part = reply_part::reasoning;   // the blank lines around the block's markers (templates strip them)
+        return s;
+    }
+    state_ = state::text;
+    s.part = part_;
+    s.has_text = true;
+    return s;
+}
+
+split_step reasoning_splitter::push_harmony(int32_t token, const std::string & piece) {
+    // The prompt ends in "<|start|>assistant": the reply starts with a message's channel, or its text.
+    split_step s;
+    if (token == m_.channel && state_ != state::header) {
+        // The header's part is known at its <|message|>; until then its tokens count as content.
+        state_ = state::header;
+        header_begin_ = index_;
+        header_.clear();
+        s.part = reply_part::content;
+        return s;
+    }
+    if (token == m_.message && (state_ == state::header || state_ == state::role)) {
+        part_ = state_ == state::header && header_.find("analysis") != std::string::npos ? reply_part::reasoning : reply_part::content;
+        s.part = part_;
+        if (state_ == state::header) {
+            s.relabel_from = header_begin_;
+            s.relabel_part = part_;
+        }
+        state_ = state::text;
+        return s;
+    }
+    if (token == m_.end) {
+        // The message ends; up to the next header, "<|start|>assistant" belongs with it (a past
+        // reply's template rendering has only the final message's header after the prompt's own).
+        state_ = state::role;
+        s.part = part_;
+        return s;
+    }
+    if (token == m_.start) {
+        state_ = state::role;
+        s.part = part_;
+        return s;
+    }
+    if (state_ == state::header) {
+        header_ += piece;
+        s.part = reply_part::content;
+        return s;
+    }
+    if (state_ == state::role) {
+        s.part = part_;
+        return s;
+    }
+    s.part = part_;
+    s.has_text = true;
+    return s;
+}
+
+} // namespace fml

@@ -1,0 +1,48 @@
+// Sets a reply's reasoning apart from its answer, token by token as it is sampled: which part each
+// token belongs to (the ledger keeps reasoning tokens under their own role, so pastReasoning can
+// evict them) and what text it adds to which part. Markers and framing (<think>, </think>, harmony's
+// headers) add no text. Some tokens are only placed later (a harmony header is known to open the
+// analysis channel only at its <|message|>; a </think> that was never opened makes everything before
+// it reasoning): the step then says which earlier tokens change part.
+#pragma once
+
+#include "model/model.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace fml {
+
+enum class reply_part : uint8_t { content, reasoning };
+
+struct split_step {
+    reply_part part = reply_part::content;   // this token's part, as far as known now
+    bool has_text = false;                    // the token's piece is text of `part` (not a marker)
+    // Tokens [relabel_from, this one) of the reply now belong to `relabel_part` (SIZE_MAX: none).
+    size_t relabel_from = SIZE_MAX;
+    reply_part relabel_part = reply_part::content;
+};
+
+class reasoning_splitter {
+public:
+    // `opened`: the generation prompt already opened a think block (the reply starts in reasoning).
+    reasoning_splitter(const reasoning_markers & markers, bool opened);
+    // The reply's next token and its piece (rendered as text).
+    split_step push(int32_t token, const std::string & piece);
+
+private:
+    split_step push_think(int32_t token, const std::string & piece);
+    split_step push_harmony(int32_t token, const std::string & piece);
+
+    enum class state : uint8_t { text, after_open, after_close, role, header };
+    reasoning_markers m_;
+    state state_ = state::text;
+    reply_part part_ = reply_part::content;   // the part text goes to now (harmony: the message's channel)
+    bool think_seen_ = false;                 // a think block was opened in this reply (or by the prompt)
+    size_t index_ = 0;                        // tokens pushed so far
+    size_t header_begin_ = 0;                 // harmony: the first token of the header being read
+    std::string header_;                      // ... and its text
+};
+
+} // namespace fml

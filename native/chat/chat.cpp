@@ -194,12 +194,19 @@ void chat::check_budget() {
 turn_request chat::prepare_turn(const std::string & user_text, generation_options gen, bool pin) {
     turn_request req;
     req.framed = model_->frame_tokens(next_user_frame(), user_text);
-    req.reasoning_opened = !req.framed.empty() && req.framed.back() == model_->reasoning().think_open;
+    const reasoning_markers & rm = model_->reasoning();
+    req.reasoning_opened = !req.framed.empty() && req.framed.back() == rm.think_open;
+    if (!gen.thinking && !req.reasoning_opened) {
+        // An empty think block is reasoning (a past reply's rendering has none); harmony's final
+        // channel header is what a past reply keeps.
+        req.reply_prefix = rm.skip;
+        req.reply_prefix_role = rm.harmony() ? TOKEN_ROLE_ASSISTANT : TOKEN_ROLE_REASONING;
+    }
     req.gen = std::move(gen);
     req.pin = pin;
     std::lock_guard<std::mutex> lock(mu_);
     const size_t budget = opts_.policy.max_tokens;
-    const size_t prompt = carry_.size() + req.framed.size();
+    const size_t prompt = carry_.size() + req.framed.size() + req.reply_prefix.size();
     const size_t pinned = pinned_after_start();
     if (pin && pinned + req.framed.size() + turn_floor_ > budget) {
         throw fml_error(FML_ERR_PIN_LIMIT,

@@ -13,9 +13,12 @@ bool blank(const std::string & s) {
 
 } // namespace
 
-reasoning_splitter::reasoning_splitter(const reasoning_markers & markers, bool opened) : m_(markers) {
-    if (opened && m_.think()) {
+reasoning_splitter::reasoning_splitter(const reasoning_markers & markers, reply_start start) : m_(markers) {
+    if (start == reply_start::in_reasoning && m_.think()) {
         part_ = reply_part::reasoning;
+        think_seen_ = true;
+    } else if (start == reply_start::after_reasoning && m_.think()) {
+        state_ = state::after_close;   // the skipped block's blank lines are in the prompt; more are blank too
         think_seen_ = true;
     }
 }

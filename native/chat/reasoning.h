@@ -16,6 +16,10 @@ namespace fml {
 
 enum class reply_part : uint8_t { content, reasoning };
 
+// Where the reply starts: in a think block the prompt opened, right after reasoning the prompt
+// skipped (send's thinking false), or fresh.
+enum class reply_start : uint8_t { fresh, in_reasoning, after_reasoning };
+
 struct split_step {
     reply_part part = reply_part::content;   // this token's part, as far as known now
     bool has_text = false;                    // the token's piece is text of `part` (not a marker)
@@ -26,8 +30,7 @@ struct split_step {
 
 class reasoning_splitter {
 public:
-    // `opened`: the generation prompt already opened a think block (the reply starts in reasoning).
-    reasoning_splitter(const reasoning_markers & markers, bool opened);
+    reasoning_splitter(const reasoning_markers & markers, reply_start start);
     // The reply's next token and its piece (rendered as text).
     split_step push(int32_t token, const std::string & piece);
 

@@ -44,6 +44,9 @@ void chat::begin_turn(turn_request && req) {
     t->carry_before = carry_;
     t->carry_reasoning_before = carry_reasoning_;
     t->segments.push_back({ req.framed, t->turn_no, TOKEN_ROLE_USER, t->segments.empty() || t->segments.back().system, false });
+    if (!req.reply_prefix.empty()) {
+        t->segments.push_back({ req.reply_prefix, t->turn_no, req.reply_prefix_role, false, false });
+    }
     if (req.ingest && !req.reply.empty()) {
         t->segments.push_back({ req.reply, t->turn_no, TOKEN_ROLE_ASSISTANT, true, false });
     }
@@ -292,7 +295,8 @@ void chat::start_generation() {
                                                 t.req.gen.ignore_eos ? model_->eog_tokens() : std::vector<int32_t>{});
     t.stream = std::make_unique<text_stream>(t.req.gen.stop);
     t.reasoning_stream = std::make_unique<text_stream>(std::vector<std::string>{});
-    t.splitter = std::make_unique<reasoning_splitter>(model_->reasoning(), t.req.reasoning_opened);
+    const reply_start start = t.req.reasoning_opened ? reply_start::in_reasoning : !t.req.reply_prefix.empty() ? reply_start::after_reasoning : reply_start::fresh;
+    t.splitter = std::make_unique<reasoning_splitter>(model_->reasoning(), start);
     t.t_generate = clock_type::now();
 }
 

@@ -74,6 +74,7 @@ struct generation_options {
     sampling_options sampling;
     int32_t max_new_tokens = 0;
     bool ignore_eos = false;     // end-of-generation tokens are never sampled: the reply runs to max_new_tokens (or a stop string)
+    bool thinking = true;        // false: a reasoning model's reply starts by skipping its reasoning (reasoning_markers::skip)
     std::vector<std::string> stop;
 };
 

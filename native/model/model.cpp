@@ -274,6 +274,9 @@ void fml_model::find_reasoning_markers() {
         }
     }
     info_.reasoning = r.harmony() ? "harmony" : r.think() ? "think" : "none";
+    if (r.harmony() || r.think()) {
+        r.skip = tokenize(r.harmony() ? "<|channel|>final<|message|>" : "<think>\n\n</think>\n\n", false, true);
+    }
 }
 
 fml_model::~fml_model() {

@@ -64,6 +64,9 @@ struct reasoning_markers {
     int32_t channel = -1;
     int32_t message = -1;
     int32_t end = -1;
+    // What a reply starts with to skip its reasoning (send's `thinking: false`): an empty think block
+    // (Qwen3's template with enable_thinking false), or harmony's final channel opened at once.
+    std::vector<int32_t> skip;
     bool harmony() const { return start >= 0 && channel >= 0 && message >= 0 && end >= 0; }
     bool think() const { return think_open >= 0 && think_close >= 0; }
 };

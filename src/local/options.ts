@@ -157,6 +157,12 @@ export interface SendOptions {
   stop?: string[];
   /** End-of-generation tokens are never sampled: the reply runs to maxNewTokens or a stop string (llama-server's ignore_eos; equal work in benchmarks). Default false. */
   ignoreEos?: boolean;
+  /**
+   * false: a reasoning model (`model.info.reasoning`) answers without reasoning: the reply starts with
+   * an empty think block (Qwen3's template with enable_thinking false) or gpt-oss's final channel.
+   * No effect on other models. Default true (the model decides).
+   */
+  thinking?: boolean;
   /** Receives each streamed piece of the answer (never a split UTF-8 character; reasoning goes to onReasoning). */
   onToken?: (piece: string) => void;
   /** Receives each streamed piece of a reasoning model's reasoning (`model.info.reasoning`), apart from the answer. */

@@ -150,6 +150,7 @@ export class RemoteChat implements ChatSurface {
       if (opts.temperature !== undefined) body.temperature = opts.temperature;
       if (opts.seed !== undefined) body.seed = opts.seed;
       if (opts.stop.length > 0) body.stop = opts.stop;
+      if (opts.thinking === false) body.chat_template_kwargs = { enable_thinking: false };
       const r = await this.#transport.complete(body, { signal, onToken: opts.onToken, onReasoning: opts.onReasoning, partial });
       const reply: Msg = { role: 'assistant', content: r.text, tokens: this.#count(r.text) };
       memory.add(user, reply);

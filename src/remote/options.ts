@@ -67,12 +67,13 @@ export interface ResolvedRemoteSendOptions {
   stop: string[];
   onToken?: (piece: string) => void;
   onReasoning?: (piece: string) => void;
+  thinking?: boolean;
   signal?: AbortSignal;
 }
 
 export function resolveRemoteSendOptions(raw: unknown): ResolvedRemoteSendOptions {
   const o = checkObject('options', raw);
-  checkKnownKeys('options', o, ['maxNewTokens', 'temperature', 'seed', 'stop', 'onToken', 'onReasoning', 'signal']);
+  checkKnownKeys('options', o, ['maxNewTokens', 'temperature', 'seed', 'stop', 'onToken', 'onReasoning', 'thinking', 'signal']);
   const out: ResolvedRemoteSendOptions = { maxNewTokens: o.maxNewTokens === undefined ? 256 : checkInt('maxNewTokens', o.maxNewTokens, 1, 1 << 24), stop: [] };
   if (o.temperature !== undefined) out.temperature = checkNumber('temperature', o.temperature, 0, 2);
   if (o.seed !== undefined) out.seed = checkInt('seed', o.seed, 0, Number.MAX_SAFE_INTEGER);
@@ -83,6 +84,10 @@ export function resolveRemoteSendOptions(raw: unknown): ResolvedRemoteSendOption
   if (o.onToken !== undefined) {
     if (typeof o.onToken !== 'function') throw new InvalidOptionError('Expected a function for onToken');
     out.onToken = o.onToken as (piece: string) => void;
+  }
+  if (o.thinking !== undefined) {
+    if (typeof o.thinking !== 'boolean') throw new InvalidOptionError('Expected a boolean for thinking');
+    out.thinking = o.thinking;
   }
   if (o.onReasoning !== undefined) {
     if (typeof o.onReasoning !== 'function') throw new InvalidOptionError('Expected a function for onReasoning');

@@ -46,7 +46,7 @@ export interface ParsedCompletion {
    */
   history: Message[];
   firstTurn: string;
-  send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[]; ignoreEos?: boolean };
+  send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[]; ignoreEos?: boolean; thinking?: boolean };
   stream: boolean;
   includeUsage: boolean;
   sessionId: string | undefined;
@@ -145,6 +145,15 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
   if (body.ignore_eos !== undefined && body.ignore_eos !== null) {
     if (typeof body.ignore_eos !== 'boolean') throw badRequest("'ignore_eos' must be a boolean", 'ignore_eos');
     send.ignoreEos = body.ignore_eos;
+  }
+  // llama-server's and vLLM's way to turn a reasoning model's thinking off: the template's variable.
+  if (body.chat_template_kwargs !== undefined && body.chat_template_kwargs !== null) {
+    const kwargs = body.chat_template_kwargs;
+    if (!isObject(kwargs)) throw badRequest("'chat_template_kwargs' must be an object", 'chat_template_kwargs');
+    if (kwargs.enable_thinking !== undefined && kwargs.enable_thinking !== null) {
+      if (typeof kwargs.enable_thinking !== 'boolean') throw badRequest("'chat_template_kwargs.enable_thinking' must be a boolean", 'chat_template_kwargs.enable_thinking');
+      send.thinking = kwargs.enable_thinking;
+    }
   }
   if (body.seed !== undefined && body.seed !== null) {
     if (typeof body.seed !== 'number' || !Number.isSafeInteger(body.seed)) throw badRequest("'seed' must be an integer", 'seed');

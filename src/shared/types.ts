@@ -12,6 +12,8 @@ export interface CommonSendOptions {
   stop?: string[];
   onToken?: (piece: string) => void;
   onReasoning?: (piece: string) => void;
+  /** false: a reasoning model answers without reasoning (the remote gets `chat_template_kwargs.enable_thinking: false`). */
+  thinking?: boolean;
   signal?: AbortSignal;
 }
 

@@ -4,6 +4,8 @@
 // when the next turn starts, as the chat templates render past replies; 'first': the first to go;
 // 'keep': the policy's). The replies are fixed by the testReply hook (random weights think nothing),
 // so every token's part is known; the cache is checked against llama.cpp's view after each step.
+import { createServer as createHttpServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -174,6 +176,39 @@ describe('a reply with reasoning', () => {
   });
 });
 
+describe('thinking: false', () => {
+  it('starts the reply with an empty think block, which is reasoning and dropped like any (qwen3)', async () => {
+    const chat = qwen3.createChat({ ...BASE, testReply: 'Hello there.' });
+    await chat.send('hi');
+    const off = await chat.send('hi', { thinking: false });
+    expect([off.response, off.reasoning]).toEqual(['Hello there.', '']);
+    const skipped = ofTurn(chat, 2, 'reasoning');
+    expect(text(skipped)).toBe('<think>\n\n</think>\n\n');
+    const on = await chat.send('hi');   // the same message after a reply: the same prompt, less the block
+    expect(off.stats.promptTokens).toBe(on.stats.promptTokens + skipped.length);
+    expect(ofTurn(chat, 2, 'reasoning')).toEqual([]);
+    checkCache(chat, BASE.maxTokens!);
+    chat.dispose();
+  });
+
+  it("opens gpt-oss's final channel at once; a model without reasoning is unchanged", async () => {
+    const chat = gptoss.createChat({ ...BASE, testReply: 'Hello there.' });
+    const r = await chat.send('hi', { thinking: false });
+    expect([r.response, r.reasoning]).toEqual(['Hello there.', '']);
+    expect(text(ofTurn(chat, 1, 'assistant'))).toBe('<|channel|>final<|message|>Hello there.');
+    chat.dispose();
+    const plain = await loadModel(testModelPath(), { threads: THREADS });
+    const a = plain.createChat({ maxTokens: 128, threads: THREADS });
+    const b = plain.createChat({ maxTokens: 128, threads: THREADS });
+    const ra = await a.send('hi', { temperature: 0, maxNewTokens: 6 });
+    const rb = await b.send('hi', { temperature: 0, maxNewTokens: 6, thinking: false });
+    expect([rb.response, rb.stats.promptTokens]).toEqual([ra.response, ra.stats.promptTokens]);
+    a.dispose();
+    b.dispose();
+    plain.dispose();
+  });
+});
+
 describe('reasoning over HTTP', () => {
   it('the server sends reasoning_content apart from content; the remote chat reads it', async () => {
     const server = await createServer(qwen3, { chat: { ...BASE, testReply: THINK } as ChatOptions });
@@ -207,8 +242,47 @@ describe('reasoning over HTTP', () => {
       // The history it sends back holds the answers only.
       expect(remote.exportTranscript().messages.filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['Hello there.', 'Hello there.']);
       remote.dispose();
+
+      // chat_template_kwargs.enable_thinking false (llama-server's and vLLM's field): the empty think block is prefilled.
+      const asked = (enable_thinking?: unknown) => post(url, { messages, max_tokens: 64, ...(enable_thinking === undefined ? {} : { chat_template_kwargs: { enable_thinking } }) });
+      const withThinking = (await (await asked()).json()) as { finite_memory: { turn: { promptTokens: number } } };
+      const without = (await (await asked(false)).json()) as { finite_memory: { turn: { promptTokens: number } } };
+      expect(without.finite_memory.turn.promptTokens).toBeGreaterThan(withThinking.finite_memory.turn.promptTokens);
+      const bad = await asked('no');
+      expect(bad.status).toBe(400);
+      expect(((await bad.json()) as { error: { param: string } }).error.param).toBe('chat_template_kwargs.enable_thinking');
     } finally {
       await server.close();
     }
   });
+
+  it('a remote chat asks for no thinking with chat_template_kwargs', async () => {
+    const bodies: Record<string, unknown>[] = [];
+    const fake = createHttpServer((req, res) => {
+      let data = '';
+      req.on('data', (c) => (data += c));
+      req.on('end', () => {
+        bodies.push(JSON.parse(data) as Record<string, unknown>);
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(JSON.stringify({ choices: [{ message: { role: 'assistant', content: 'ok', reasoning_content: 'thought' }, finish_reason: 'stop' }] }));
+      });
+    });
+    await new Promise<void>((r) => fake.listen(0, '127.0.0.1', r));
+    try {
+      const chat = connectRemote({ baseURL: `http://127.0.0.1:${(fake.address() as AddressInfo).port}/v1`, model: 'm' }).createChat();
+      const r = await chat.send('hi', { thinking: false });
+      expect([r.response, r.reasoning]).toEqual(['ok', 'thought']);
+      expect(bodies[0]!.chat_template_kwargs).toEqual({ enable_thinking: false });
+      await chat.send('again');
+      expect(bodies[1]!.chat_template_kwargs).toBeUndefined();
+      // The history sent holds the answer, never the reasoning.
+      expect(JSON.stringify(bodies[1]!.messages)).not.toContain('thought');
+      chat.dispose();
+    } finally {
+      await new Promise((r) => fake.close(r));
+    }
+  });
 });
+
+const post = (url: string, body: unknown) =>
+  fetch(`${url}/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });

@@ -227,8 +227,15 @@ turn_request chat::prepare_ingest(const std::string & user_text, const std::stri
     req.ingest = true;
     req.framed = model_->frame_tokens(next_user_frame(), user_text);
     // The reply as the template renders it (its opening and content); its closing is carried into
-    // the next turn, as after a generated reply.
-    req.reply = model_->frame_tokens(frame_kind::assistant, assistant_text, false);
+    // the next turn, as after a generated reply. A past reply's think block is left out, as the
+    // reasoning models' templates render one (what follows its last </think>, blank lines stripped).
+    std::string answer = assistant_text;
+    const size_t close = model_->reasoning().think() ? answer.rfind("</think>") : std::string::npos;
+    if (close != std::string::npos) {
+        answer.erase(0, close + 8);
+        answer.erase(0, answer.find_first_not_of('\n') == std::string::npos ? answer.size() : answer.find_first_not_of('\n'));
+    }
+    req.reply = model_->frame_tokens(frame_kind::assistant, answer, false);
     std::lock_guard<std::mutex> lock(mu_);
     const size_t budget = opts_.policy.max_tokens;
     const size_t pinned = pinned_after_start();

@@ -176,6 +176,21 @@ describe('a reply with reasoning', () => {
   });
 });
 
+describe('an imported conversation', () => {
+  it("leaves past replies' think blocks out, as the template renders them", async () => {
+    const chat = await qwen3.importTranscript({
+      format: 'finite-memory-llm/transcript', version: 1, systemPrompt: 'be brief',
+      messages: [{ role: 'user', content: 'hi' }, { role: 'assistant', content: '<think>\nplan a greeting\n</think>\n\nHello there.' }],
+    }, { ...BASE });
+    const reply = ofTurn(chat, 1).filter((e) => e.role !== 'user');
+    expect(reply.every((e) => e.role === 'assistant')).toBe(true);
+    expect(text(reply)).not.toContain('think');
+    expect(text(reply)).toContain('Hello there.');
+    checkCache(chat, BASE.maxTokens!);
+    chat.dispose();
+  });
+});
+
 describe('thinking: false', () => {
   it('starts the reply with an empty think block, which is reasoning and dropped like any (qwen3)', async () => {
     const chat = qwen3.createChat({ ...BASE, testReply: 'Hello there.' });

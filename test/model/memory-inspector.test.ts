@@ -5,9 +5,10 @@
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel, type Model } from '../../src/index.ts';
+import { writeModel } from '../../src/gguf/index.ts';
+import { loadModel, type ChatOptions, type Model } from '../../src/index.ts';
 import { createServer, type FiniteMemoryServer } from '../../src/server/index.ts';
-import { testModelPath, THREADS } from '../helpers.ts';
+import { testDir, testModelPath, THREADS } from '../helpers.ts';
 import { requireBinary } from '../services.ts';
 
 let model: Model;
@@ -202,6 +203,39 @@ describe.skipIf(!chromium)('the memory inspector page in a real browser', () => 
       await page.screenshot({ path: join(dir, 'memory-inspector-390.png'), fullPage: true });
     } finally {
       await browser.close();
+    }
+  });
+
+  it("shows a reasoning model's thinking apart from its answer, and its reasoning tokens leave at the next turn", async () => {
+    const path = join(testDir, 'inspector-qwen3.gguf');
+    writeModel(path, { family: 'qwen3', seed: 7 });
+    const qwen3 = await loadModel(path, { threads: THREADS });
+    const thinking = await createServer(qwen3, { chat: { policy: 'sliding', maxTokens: 256, testReply: '<think>\nplan a greeting\n</think>\n\nHello there.' } as ChatOptions });
+    const url = await thinking.listen({ port: 0 });
+    const { chromium: pw } = await import('playwright-core');
+    const browser = await pw.launch({ executablePath: chromium!, args: ['--no-sandbox'] });
+    try {
+      const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+      await page.goto(url + '/');
+      const send = async (text: string) => {
+        await page.getByRole('textbox', { name: 'message' }).fill(text);
+        await page.keyboard.press('Enter');
+        await page.waitForFunction(() => /^turn \d+:/.test(document.getElementById('status')!.textContent ?? ''), undefined, { timeout: 30_000 });
+        await page.waitForFunction(() => !(document.getElementById('sendBtn') as HTMLButtonElement).disabled);
+      };
+      await send('hi');
+      const reply = page.locator('#log .msg').last();
+      expect((await reply.locator('.thought').textContent())?.trim()).toBe('plan a greeting');
+      expect(await reply.evaluate((el) => el.lastChild!.textContent)).toBe('Hello there.');
+      await page.waitForFunction(() => document.querySelectorAll('#tokens .tok.reasoning[data-turn="1"]').length > 0);
+      await send('and again');
+      await page.waitForTimeout(1500);   // evicted tokens fade out, then go
+      expect(await page.locator('#tokens .tok.reasoning[data-turn="1"]').count()).toBe(0);
+      expect(await page.locator('#tokens .tok.reasoning[data-turn="2"]').count()).toBeGreaterThan(0);
+    } finally {
+      await browser.close();
+      await thinking.close();
+      qwen3.dispose();
     }
   });
 });

@@ -46,6 +46,8 @@ button:focus-visible, input:focus-visible, select:focus-visible { outline: 2px s
 .tok.system { border-color: var(--muted); }
 .tok.pinned { outline: 2px solid #d9a400; outline-offset: -1px; }
 .tok.summary { font-style: italic; border: 1px dashed currentColor; }
+.tok.reasoning { opacity: .55; font-style: italic; }
+.msg .thought { display: block; opacity: .6; font-style: italic; white-space: pre-wrap; }
 .tok.evicted { opacity: 0; text-decoration: line-through; }
 #turns { max-height: 22vh; overflow: auto; border: 1px solid var(--line); border-radius: 6px; }
 #turns table { width: 100%; border-collapse: collapse; font-size: 12px; }
@@ -151,7 +153,7 @@ function drawTokens(tokens) {
 }
 function drawTurns(tokens, pins) {
   const counts = new Map();
-  for (const t of tokens) if (t.role === 'user' || t.role === 'assistant') counts.set(t.turn, (counts.get(t.turn) || 0) + 1);
+  for (const t of tokens) if (t.role === 'user' || t.role === 'assistant' || t.role === 'reasoning') counts.set(t.turn, (counts.get(t.turn) || 0) + 1);
   const pinned = new Set(pins.map((p) => p.turn));
   const body = $('turns').querySelector('tbody'); body.textContent = '';
   for (const [turn, n] of [...counts].sort((a, b) => a[0] - b[0])) {
@@ -227,6 +229,12 @@ async function send(text) {
         if (ev.error) throw new Error(ev.error.message);
         const d = ev.choices && ev.choices[0] && ev.choices[0].delta;
         if (d && d.content) out.lastChild.textContent += d.content;
+        if (d && d.reasoning_content) {
+          // A reasoning model's thinking, shown dimmed above its answer.
+          let thought = out.querySelector('.thought');
+          if (!thought) { thought = document.createElement('span'); thought.className = 'thought'; out.insertBefore(thought, out.lastChild); }
+          thought.textContent += d.reasoning_content;
+        }
         if (ev.finite_memory) last = ev.finite_memory;
       }
     }

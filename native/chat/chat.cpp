@@ -195,12 +195,28 @@ turn_request chat::prepare_turn(const std::string & user_text, generation_option
     turn_request req;
     req.framed = model_->frame_tokens(next_user_frame(), user_text);
     const reasoning_markers & rm = model_->reasoning();
-    req.reasoning_opened = !req.framed.empty() && req.framed.back() == rm.think_open;
-    if (!gen.thinking && !req.reasoning_opened) {
-        // An empty think block is reasoning (a past reply's rendering has none); harmony's final
+    // A generation prompt that opens the think block (Bailing's): its <think> and the blank tokens
+    // after it are the reply's reasoning, dropped with it (a past reply's rendering has none of it).
+    size_t open = req.framed.size();
+    auto blank_token = [&](int32_t tok) {
+        const std::string piece = model_->token_piece(tok, false);
+        return !piece.empty() && is_blank(piece);
+    };
+    while (open > 0 && rm.think() && blank_token(req.framed[open - 1])) {
+        --open;
+    }
+    if (open > 0 && rm.think() && req.framed[open - 1] == rm.think_open) {
+        req.reasoning_opened = true;
+        req.reply_prefix.assign(req.framed.begin() + (long) open - 1, req.framed.end());
+        req.framed.resize(open - 1);
+    }
+    if (!gen.thinking && (rm.think() || rm.harmony())) {
+        // An empty think block is reasoning (closed here when the prompt opened it); harmony's final
         // channel header is what a past reply keeps.
-        req.reply_prefix = rm.skip;
+        const std::vector<int32_t> skip = req.reasoning_opened ? model_->tokenize("\n\n</think>\n\n", false, true) : rm.skip;
+        req.reply_prefix.insert(req.reply_prefix.end(), skip.begin(), skip.end());
         req.reply_prefix_role = rm.harmony() ? TOKEN_ROLE_ASSISTANT : TOKEN_ROLE_REASONING;
+        req.reasoning_skipped = true;
     }
     req.gen = std::move(gen);
     req.pin = pin;

@@ -156,8 +156,11 @@ struct turn_request {
     std::vector<int32_t> framed;     // the user message in its template framing
     std::vector<int32_t> reply;      // ingest: the assistant's reply
     bool reasoning_opened = false;   // the framing's generation prompt opens a think block
-    std::vector<int32_t> reply_prefix;   // thinking false: the reply's start that skips its reasoning (prefilled)
+    // The reply's start, prefilled: the think block the generation prompt opened, and (thinking false)
+    // what skips the reasoning.
+    std::vector<int32_t> reply_prefix;
     token_role reply_prefix_role = TOKEN_ROLE_REASONING;
+    bool reasoning_skipped = false;  // thinking false: the reply starts after its (empty) reasoning
     generation_options gen;
     turn_callbacks cb;
 };

@@ -5,13 +5,9 @@
 
 namespace fml {
 
-namespace {
-
-bool blank(const std::string & s) {
-    return std::all_of(s.begin(), s.end(), [](unsigned char c) { return std::isspace(c) != 0; });
+bool is_blank(const std::string & text) {
+    return std::all_of(text.begin(), text.end(), [](unsigned char c) { return std::isspace(c) != 0; });
 }
-
-} // namespace
 
 reasoning_splitter::reasoning_splitter(const reasoning_markers & markers, reply_start start) : m_(markers) {
     if (start == reply_start::in_reasoning && m_.think()) {
@@ -55,7 +51,7 @@ split_step reasoning_splitter::push_think(int32_t token, const std::string & pie
         s.relabel_part = reply_part::reasoning;
         return s;
     }
-    if ((state_ == state::after_open || state_ == state::after_close) && blank(piece)) {
+    if ((state_ == state::after_open || state_ == state::after_close) && is_blank(piece)) {
         s.part = reply_part::reasoning;   // the blank lines around the block's markers (templates strip them)
         return s;
     }
@@ -77,7 +73,9 @@ split_step reasoning_splitter::push_harmony(int32_t token, const std::string & p
         return s;
     }
     if (token == m_.message && (state_ == state::header || state_ == state::role)) {
-        part_ = state_ == state::header && header_.find("analysis") != std::string::npos ? reply_part::reasoning : reply_part::content;
+        // The channel's name is the header's first word ("commentary to=functions.x" is a tool call).
+        const std::string channel = header_.substr(0, header_.find_first_of(" \t\n<"));
+        part_ = state_ == state::header && channel == "analysis" ? reply_part::reasoning : reply_part::content;
         s.part = part_;
         if (state_ == state::header) {
             s.relabel_from = header_begin_;

@@ -28,6 +28,9 @@ struct split_step {
     reply_part relabel_part = reply_part::content;
 };
 
+// True when the text is whitespace only (the blank lines around think-block markers).
+bool is_blank(const std::string & text);
+
 class reasoning_splitter {
 public:
     reasoning_splitter(const reasoning_markers & markers, reply_start start);

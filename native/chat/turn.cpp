@@ -295,7 +295,7 @@ void chat::start_generation() {
                                                 t.req.gen.ignore_eos ? model_->eog_tokens() : std::vector<int32_t>{});
     t.stream = std::make_unique<text_stream>(t.req.gen.stop);
     t.reasoning_stream = std::make_unique<text_stream>(std::vector<std::string>{});
-    const reply_start start = t.req.reasoning_opened ? reply_start::in_reasoning : !t.req.reply_prefix.empty() ? reply_start::after_reasoning : reply_start::fresh;
+    const reply_start start = t.req.reasoning_skipped ? reply_start::after_reasoning : t.req.reasoning_opened ? reply_start::in_reasoning : reply_start::fresh;
     t.splitter = std::make_unique<reasoning_splitter>(model_->reasoning(), start);
     t.t_generate = clock_type::now();
 }
@@ -309,10 +309,15 @@ void chat::split_piece(int32_t tok) {
     if (s.relabel_from != SIZE_MAX) {
         const token_role to = s.relabel_part == reply_part::reasoning ? TOKEN_ROLE_REASONING : TOKEN_ROLE_ASSISTANT;
         relabel_reply(s.relabel_from, t.reply_roles.size() - 1, to);
-        if (s.relabel_from == 0 && to == TOKEN_ROLE_REASONING && !t.stream->text().empty()) {
-            // A think block closed that the prompt had opened: the text so far was reasoning. Its
-            // pieces went to on_piece as answer already; the result says what it was.
+        if (s.relabel_from == 0 && to == TOKEN_ROLE_REASONING) {
+            // A think block closed that was never opened: the text so far was reasoning. What went to
+            // on_piece as answer already stays sent; what the answer's stream still held back (a
+            // possible stop string's start, an unfinished character) goes out as reasoning.
+            const std::string held = t.stream->finish();
             t.reasoning_stream->push(t.stream->text());
+            if (!held.empty() && t.req.cb.on_piece) {
+                t.req.cb.on_piece(held, true);
+            }
             t.stream = std::make_unique<text_stream>(t.req.gen.stop);
         }
     }

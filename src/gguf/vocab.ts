@@ -151,19 +151,14 @@ export function buildVocab(extra = 0, control: readonly string[] = [], pieces: r
     types.push(TokenType.NORMAL);
     scores.push(codepointLength(piece) - 100 - i * 1e-4);
   });
-  for (const piece of control) {
-    if (seen.has(piece)) continue;
-    seen.add(piece);
-    tokens.push(piece);
-    types.push(TokenType.CONTROL);
-    scores.push(0);
-  }
-  for (const piece of userDefined) {
-    if (seen.has(piece)) continue;
-    seen.add(piece);
-    tokens.push(piece);
-    types.push(TokenType.USER_DEFINED);
-    scores.push(0);
+  for (const [pieces, type] of [[control, TokenType.CONTROL], [userDefined, TokenType.USER_DEFINED]] as const) {
+    for (const piece of pieces) {
+      if (seen.has(piece)) continue;
+      seen.add(piece);
+      tokens.push(piece);
+      types.push(type);
+      scores.push(0);
+    }
   }
   return { tokens, scores, types };
 }

@@ -207,7 +207,7 @@ export class Chat implements ChatSurface {
 
   /**
    * Pins `turn` (a number from `memory()` or `stats().turns`): its user message, and its reply with
-   * `{ reply: true }`, stay through every eviction. Pins count against maxTokens; a pin that would
+   * `{ reply: true }` (its answer: a reply's reasoning is never pinned), stay through every eviction. Pins count against maxTokens; a pin that would
    * leave no room for the next turn throws PinLimitError and changes nothing. Returns the tokens
    * newly pinned. Not while a turn runs (ChatBusyError); a turn no longer in memory is InvalidOptionError.
    */

@@ -160,7 +160,7 @@ export interface SendOptions {
   /**
    * false: a reasoning model (`model.info.reasoning`) answers without reasoning: the reply starts with
    * an empty think block (Qwen3's template with enable_thinking false) or gpt-oss's final channel.
-   * No effect on other models. Default true (the model decides).
+   * No effect on other models; true leaves it to the model. Default true.
    */
   thinking?: boolean;
   /** Receives each streamed piece of the answer (never a split UTF-8 character; reasoning goes to onReasoning). */

@@ -126,14 +126,14 @@ export class RemoteChat implements ChatSurface {
     if (floor + user.tokens > maxTokens) {
       throw new PromptTooLargeError(`the message (${user.tokens} tokens) does not fit in maxTokens ${maxTokens} beside the system prompt${floor > memory.systemTokens ? ' and summary' : ''}`);
     }
-    const abortResult = (response: string): RemoteTurnResult => ({ response, reasoning: '', stopReason: 'abort', stats: this.#turnStats(turn, 0, 0, 0, t0) });
+    const abortResult = (response: string, reasoning = ''): RemoteTurnResult => ({ response, reasoning, stopReason: 'abort', stats: this.#turnStats(turn, 0, 0, 0, t0) });
     if (opts.signal?.aborted) return abortResult('');
 
     this.#busy = true;
     const ac = new AbortController();
     this.#running = ac;
     const signal = opts.signal ? AbortSignal.any([opts.signal, ac.signal]) : ac.signal;
-    const partial = { text: '' };
+    const partial = { text: '', reasoning: '' };
     // A turn that fails (or is aborted before any reply) leaves the memory as it was.
     const restore = memory.snapshot();
     const summarize = (leaving: Msg[], s: AbortSignal) => this.#summarize(leaving, s);
@@ -185,7 +185,7 @@ export class RemoteChat implements ChatSurface {
           memory.fitSliding(maxTokens, turn);
         }
         // Telemetry sees an aborted turn as a local chat's does: a turn with stopReason 'abort'.
-        const result = abortResult(partial.text);
+        const result = abortResult(partial.text, partial.reasoning);
         if (partial.text) this.#emit(result);
         if (err instanceof CallerError) throw new CallbackError(result, err.error);
         return result;

@@ -117,7 +117,7 @@ export class Transport {
    * Sends one chat completion. With `onToken` or `onReasoning`, streams it (SSE). Throws AbortedError when `signal`
    * aborts (with the text delivered so far in `partial`), else a typed FiniteMemoryError.
    */
-  async complete(body: Record<string, unknown>, options: { signal?: AbortSignal; onToken?: (piece: string) => void; onReasoning?: (piece: string) => void; partial?: { text: string } }): Promise<CompletionResult> {
+  async complete(body: Record<string, unknown>, options: { signal?: AbortSignal; onToken?: (piece: string) => void; onReasoning?: (piece: string) => void; partial?: { text: string; reasoning?: string } }): Promise<CompletionResult> {
     const { signal, onToken, onReasoning } = options;
     const sink = onToken || onReasoning ? { onToken, onReasoning } : undefined;
     if (signal?.aborted) throw new AbortedError();
@@ -154,7 +154,7 @@ export class Transport {
     }
   }
 
-  async #attempt(body: Record<string, unknown>, signal: AbortSignal | undefined, sink: StreamSink | undefined, partial: { text: string } | undefined): Promise<Omit<CompletionResult, 'attempts'>> {
+  async #attempt(body: Record<string, unknown>, signal: AbortSignal | undefined, sink: StreamSink | undefined, partial: { text: string; reasoning?: string } | undefined): Promise<Omit<CompletionResult, 'attempts'>> {
     // timeoutMs bounds the wait for the answer and, in a stream, each wait for the next event: a long
     // reply that keeps streaming is not cut at timeoutMs (a deadline for the whole stream failed every
     // reply longer than it, and the turn then lost what the user had seen).
@@ -253,6 +253,7 @@ export class Transport {
         if (typeof thought === 'string' && thought.length > 0) {
           delivered = true;
           reasoning += thought;
+          if (partial) partial.reasoning = reasoning;
           try {
             sink.onReasoning?.(thought);
           } catch (e) {

@@ -104,7 +104,7 @@ export class UnsupportedModelError extends FiniteMemoryError {
  */
 export class CallbackError<R = unknown> extends FiniteMemoryError {
   constructor(readonly result: R, cause: unknown) {
-    const what = result === undefined ? 'the onProgress callback threw' : 'the onToken callback threw';
+    const what = result === undefined ? 'the onProgress callback threw' : 'the onToken (or onReasoning) callback threw';
     const then = result === undefined ? 'the model was not kept' : 'the turn stopped there and is kept';
     super('CALLBACK_FAILED', `${what} (${cause instanceof Error ? cause.message : String(cause)}); ${then}`, { cause });
   }

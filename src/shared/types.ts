@@ -152,7 +152,9 @@ export interface ModelInfo {
    * How its replies carry reasoning, told from its vocabulary: 'think' (`<think>`...`</think>`: Qwen3,
    * Qwen3.5, DeepSeek-R1, SmolLM3, GLM, Nemotron, LFM2.5), 'harmony' (gpt-oss's analysis channel) or
    * 'none'. Replies then have it apart (`TurnResult.reasoning`, `onReasoning`), and memory keeps it
-   * as `pastReasoning` says.
+   * as `pastReasoning` says. A model that shares a reasoning model's vocabulary but does not think
+   * (Qwen3-Instruct-2507) says 'think' too: its replies have no reasoning, and `thinking: false` gives
+   * it an empty think block it was not trained on.
    */
   reasoning: 'think' | 'harmony' | 'none';
   /** Whether chats can evict in place on this model; createChat throws UnsupportedModelError otherwise. */

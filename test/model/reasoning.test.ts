@@ -142,6 +142,55 @@ describe('a reply with reasoning', () => {
     chat.dispose();
   });
 
+  it('an unopened block: what the answer stream held back (a possible stop string) goes out as reasoning', async () => {
+    const chat = qwen3.createChat({ ...BASE, testReply: 'an unopened thought</think>\n\nFine.' });
+    const answer: string[] = [];
+    const thought: string[] = [];
+    const r = await chat.send('hi', { stop: ['thought!'], onToken: (p) => answer.push(p), onReasoning: (p) => thought.push(p) });
+    expect([r.reasoning, r.response]).toEqual(['an unopened thought', 'Fine.']);
+    // "thought" could have begun the stop string: held back, then sent as the reasoning it was.
+    expect(thought.join('')).toBe('thought');
+    expect(answer.join('')).toBe('an unopened Fine.');
+    chat.dispose();
+  });
+
+  it("a harmony tool call (commentary channel) is answer, not reasoning, whatever its recipient's name", async () => {
+    const chat = gptoss.createChat({ ...BASE, testReply: '<|channel|>commentary to=functions.run_analysis<|message|>{"a":1}' });
+    const r = await chat.send('hi');
+    expect([r.reasoning, r.response]).toEqual(['', '{"a":1}']);
+    expect(ofTurn(chat, 1, 'reasoning')).toEqual([]);
+    chat.dispose();
+  });
+
+  it('a generation prompt that opens the think block (Bailing-think): the opener is reasoning, the reply starts in it', async () => {
+    // llama.cpp's Bailing-think formatter is the one that ends its generation prompt with <think>.
+    const template = '{% for message in messages %}<role>{{ "HUMAN" if message["role"] == "user" else message["role"] | upper }}</role>{{ message["content"] }}{% endfor %}{% if add_generation_prompt %}<role>ASSISTANT</role><think>{% endif %}';
+    const path = join(testDir, 'reasoning-bailing.gguf');
+    writeModel(path, { family: 'qwen3', seed: 7, chatTemplate: template });
+    const model = await loadModel(path, { threads: THREADS });
+    try {
+      expect(model.info.framing).toBe('template');
+      const chat = model.createChat({ ...BASE, systemPrompt: '', testReply: 'I plan a greeting.\n</think>\n\nHello there.' });
+      const answer: string[] = [];
+      const r = await chat.send('hi', { onToken: (p) => answer.push(p) });
+      expect([r.reasoning, r.response, answer.join('')]).toEqual(['I plan a greeting.', 'Hello there.', 'Hello there.']);
+      expect(text(ofTurn(chat, 1, 'reasoning'))).toBe('<think>I plan a greeting.\n</think>\n\n');
+      expect(text(ofTurn(chat, 1, 'user'))).not.toContain('<think>');
+      await chat.send('again');
+      expect(ofTurn(chat, 1, 'reasoning')).toEqual([]);
+      checkCache(chat, BASE.maxTokens!);
+      chat.dispose();
+      // thinking false closes the block the prompt opened (never a second <think>).
+      const quiet = model.createChat({ ...BASE, systemPrompt: '', testReply: 'Hello there.' });
+      const q = await quiet.send('hi', { thinking: false });
+      expect([q.reasoning, q.response]).toEqual(['', 'Hello there.']);
+      expect(text(ofTurn(quiet, 1, 'reasoning'))).toBe('<think>\n\n</think>\n\n');
+      quiet.dispose();
+    } finally {
+      model.dispose();
+    }
+  });
+
   it('a reply cut mid-thought: its carried last token is reasoning, dropped with the rest', async () => {
     for (const pastReasoning of ['drop', 'keep'] as const) {
       const chat = qwen3.createChat({ ...BASE, testReply: THINK, pastReasoning });

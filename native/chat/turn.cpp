@@ -449,6 +449,18 @@ void chat::decode_failed(const fml_error & err, step_context & e) {
     if (!turn_) {
         return;
     }
+    if (turn_->summary && err.code() == FML_ERR_DECODE && slot_ >= 0) {
+        // The summary could not be written: the eviction it was for goes ahead without it, and the
+        // turn goes on (its scratch cells go, the window and a recurrent state back to before it).
+        std::vector<index_range> ranges = turn_->summary->ranges;
+        eviction_record rec = std::move(turn_->summary->rec);
+        cancel_summary(e);
+        rec.fallback = true;
+        turn_->result.stats.fallback = true;
+        cumulative_.fallback_count++;
+        apply_eviction(ranges, std::move(rec), e);
+        return;
+    }
     // Drop whatever ubatches of the failed decode reached the cache, so cache == ledger again. A
     // recurrent state cannot drop them: the turn goes back to its snapshot.
     if (slot_ >= 0) {

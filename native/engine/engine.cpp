@@ -512,7 +512,11 @@ void engine::decode_group(std::vector<planned> & plan, const std::vector<std::pa
     if (capture_.any()) {
         capture_.begin_group(layout);
     }
-    const int32_t rc = llama_decode(ctx_, batch_);
+    // Test hook testFailSummaryDecode: a decode holding such a chat's summary fails as llama_decode can.
+    const bool fail_summary = std::any_of(rows.begin(), rows.end(), [&](const auto & row) {
+        return plan[row.first].c.scratch && plan[row.first].seq->options().test_fail_summary_decode;
+    });
+    const int32_t rc = fail_summary ? -1 : llama_decode(ctx_, batch_);
     stats_.decodes++;
     stats_.shared_decodes += rows.size() > 1 ? 1 : 0;
     stats_.tokens += (uint64_t) n;

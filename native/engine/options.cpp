@@ -267,6 +267,8 @@ const option_row<chat_target> CHAT_ROWS[] = {
           const std::string s = v ? choice_of("pastReasoning", *v, PAST_REASONING_MODES) : "drop";
           t.o.past_reasoning = s == "first" ? past_reasoning_mode::first : s == "keep" ? past_reasoning_mode::keep : past_reasoning_mode::drop;
       } },
+    { { "chat", "testFailSummaryDecode", "boolean", "false", "", "Test hook: every decode holding this chat's summary (its instruction or text) fails, as llama_decode can.", true },
+      [](chat_target & t, const option_value * v) { t.o.test_fail_summary_decode = v ? boolean_of("testFailSummaryDecode", *v) : false; } },
     { { "chat", "testReply", "string", "''", "at most 65536 bytes", "Test hook: every reply is this text's tokens (control tokens parsed), taken in order in place of sampled ones, then the end of generation ('': sampled).", true },
       [](chat_target & t, const option_value * v) { t.o.test_reply = v ? text_of("testReply", *v, 65536) : ""; } },
     { { "chat", "testPolicyDelayMs", "number", "0", "0 .. 60000", "Test hook: every policy choice takes this long.", true },
@@ -404,6 +406,7 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
         if (o.test_policy_delay_ms > 0) m.push_back({ "testPolicyDelayMs", option_value::of(o.test_policy_delay_ms) });
         if (o.test_token_delay_ms > 0) m.push_back({ "testTokenDelayMs", option_value::of(o.test_token_delay_ms) });
         if (o.test_fail_after_tokens > 0) m.push_back({ "testFailAfterTokens", option_value::of((double) o.test_fail_after_tokens) });
+        if (o.test_fail_summary_decode) m.push_back({ "testFailSummaryDecode", option_value::of(true) });
         if (!o.test_reply.empty()) m.push_back({ "testReply", option_value::of(o.test_reply) });
         if (o.test_internal_error_after_tokens > 0) m.push_back({ "testInternalErrorAfterTokens", option_value::of((double) o.test_internal_error_after_tokens) });
     }

@@ -66,6 +66,7 @@ struct chat_options {
     double      test_policy_delay_ms = 0; // test hook: makes every policy choice this slow
     double      test_token_delay_ms = 0;  // test hook: makes every decode of a turn this slow (deterministic aborts)
     uint32_t    test_fail_after_tokens = 0; // test hook: a reply's decode fails (as llama_decode can) once it has this many tokens
+    bool        test_fail_summary_decode = false; // test hook: every decode of a summary's scratch fails (as llama_decode can)
     std::string test_reply;               // test hook: every reply is this text's tokens (control tokens parsed), not sampled ones
     uint32_t    test_internal_error_after_tokens = 0; // test hook: an unexpected error escapes the step once a reply has this many tokens
 };

@@ -132,6 +132,8 @@ export interface ChatOptions {
   testInternalErrorAfterTokens?: number;
   /** @internal Test hook: every reply is this text's tokens (control tokens parsed) in place of sampled ones, then the end. */
   testReply?: string;
+  /** @internal Test hook: every decode holding this chat's summary fails, as llama_decode can. */
+  testFailSummaryDecode?: boolean;
   /** Hooks called after each turn and eviction (see `Telemetry`, `createPrometheusTelemetry`). */
   telemetry?: Telemetry;
 }
@@ -207,6 +209,7 @@ export interface ResolvedChatOptions {
   testFailAfterTokens?: number;
   testInternalErrorAfterTokens?: number;
   testReply?: string;
+  testFailSummaryDecode?: boolean;
 }
 
 /** Splits off what only JS has (telemetry) and lets the native table validate the rest. */

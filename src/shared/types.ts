@@ -70,7 +70,10 @@ export interface TurnStats {
   /** Tokens in the KV cache after the turn (<= maxTokens). */
   retainedTokens: number;
   latencyMs: number;
-  /** True when the latency guard fell back to `sliding` in this turn. */
+  /**
+   * True when the latency guard fell back to `sliding` in this turn, or a summary could not be
+   * written (its decode failed) and the eviction it was for went ahead without it.
+   */
   fallback: boolean;
   /** rolling_summary/hybrid: time the model spent writing summaries this turn. */
   summaryMs: number;

@@ -176,6 +176,26 @@ describe('summaries with positions kept', () => {
     chat.dispose();
   });
 
+  it.each(['rolling_summary', 'hybrid'] as const)('%s: a summary whose decode fails: the eviction goes ahead without it and the turn goes on', async (policy) => {
+    const run = async (testFailSummaryDecode: boolean) => {
+      const chat = model.createChat({ policy, maxTokens: 128, maxPolicyMs: 0, systemPrompt: 'You are terse.', summaryTokens: 12, testFailSummaryDecode });
+      for (let t = 0; t < 14; t++) {
+        const r = await chat.send(`message ${t} about the cat, the mat and the rain on the hill`, { maxNewTokens: 8, temperature: 0 });
+        expect(r.stats.promptTokens).toBeGreaterThan(0);
+        checkCache(chat, 128);
+      }
+      const seen = { fallbacks: chat.stats().fallbackCount, evictions: chat.stats().evictions, summaries: chat.memory().filter((e) => e.role === 'summary').length };
+      chat.dispose();
+      return seen;
+    };
+    const failing = await run(true);
+    const writing = await run(false);
+    expect(writing.summaries).toBeGreaterThan(0);   // the same chat without the hook writes summaries
+    expect(failing.summaries).toBe(0);
+    expect(failing.fallbacks).toBeGreaterThan(0);
+    expect(failing.fallbacks).toBe(failing.evictions);   // every eviction wanted a summary and went without it
+  });
+
   it('hybrid: a turn rolled back after its summary pushed the tokens after it leaves their scores as they were', async () => {
     // testFailAfterTokens: a reply's 21st decode fails and the whole turn goes (its prompt's and reply's
     // attention with it); every other turn is one, stopping at 20. Long summaries over short spans:

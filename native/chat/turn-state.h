@@ -77,6 +77,11 @@ struct chat::turn_state {
     std::unique_ptr<reasoning_splitter> splitter;
     std::vector<token_role> reply_roles;             // per sampled token of the reply: ASSISTANT or REASONING
     size_t reply_in_ledger = 0;                      // of them, appended to the ledger so far
+    // Where each was appended, and chat::positions_moved_ then: a relabel finds them by position
+    // while no compaction moved them since (entries evicted in between cannot shift the count).
+    std::vector<int32_t> reply_pos;
+    uint64_t reply_pos_moved = 0;
+    size_t reply_pos_valid = 0;                      // reply_pos[k] for k >= this still hold
     bool past_reasoning_done = false;                // pastReasoning 'drop' ran for this turn
     size_t forced_next = 0;                          // testReply: the next of chat::test_reply_
     int32_t pending = -1;     // sampled, not yet decoded

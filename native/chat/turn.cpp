@@ -229,6 +229,13 @@ void chat::on_decoded(const contribution & c, size_t from, size_t to, int32_t lo
         t.own += to - from;
     }
     if (t.generating) {
+        if (positions_moved_ != t.reply_pos_moved) {
+            t.reply_pos_moved = positions_moved_;
+            t.reply_pos_valid = t.reply_pos.size();   // the ones before moved
+        }
+        for (size_t i = from; i < to; ++i) {
+            t.reply_pos.push_back(ledger_[first_new + (i - from)].pos);
+        }
         t.reply_in_ledger += to - from;
     }
     if (opts_.test_internal_error_after_tokens > 0 && t.generating && t.result.stats.generated_tokens >= opts_.test_internal_error_after_tokens) {
@@ -336,17 +343,21 @@ void chat::relabel_reply(size_t from, size_t to, token_role role) {
     for (size_t k = from; k < to; ++k) {
         t.reply_roles[k] = role;
     }
-    // Those in the ledger are the reply's newest entries (generated tokens are appended at the end;
-    // policies keep the newest), walked back from the end; summaries are no part of it, and the turn's
-    // user message ends it.
-    // (`to` is past them: the newest sampled token is never in the ledger yet.)
-    size_t n = t.reply_in_ledger > from ? std::min(to, t.reply_in_ledger) - from : 0;
+    if (from >= t.reply_in_ledger) {
+        return;   // none in the ledger yet (`to` is past them: the newest sampled token never is)
+    }
+    // Those in the ledger are the reply's newest entries, walked back from the end (summaries are no
+    // part of it; the turn's user message ends it): down to the position the first had, while no
+    // compaction moved them since; else as many as there were (policies keep the newest tokens).
+    const bool by_pos = from >= t.reply_pos_valid && positions_moved_ == t.reply_pos_moved;
+    const int32_t first_pos = by_pos ? t.reply_pos[from] : 0;
+    size_t n = std::min(to, t.reply_in_ledger) - from;
     for (size_t i = ledger_.size(); i > 0 && n > 0; --i) {
         ledger_entry & x = ledger_.at(i - 1);
         if (x.role == TOKEN_ROLE_SUMMARY) {
             continue;
         }
-        if (x.turn != t.turn_no || message_role(x.role) != TOKEN_ROLE_ASSISTANT) {
+        if (x.turn != t.turn_no || message_role(x.role) != TOKEN_ROLE_ASSISTANT || (by_pos && x.pos < first_pos)) {
             break;
         }
         x.role = role;

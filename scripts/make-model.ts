@@ -53,6 +53,7 @@ Family options (ignored by the others):
   --experts <n>          qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, nemotron3: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
   --experts-used <n>     qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, nemotron3: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
   --yarn-factor <n>      YaRN context extension factor (0: the family's, 32 for gptoss, none for the others) [${DEFAULT_MODEL_OPTIONS.yarnFactor}]
+  --nextn-layers <n>     deepseek2: multi-token-prediction blocks declared after the trunk (no tensors, as a main model's GGUF) [${DEFAULT_MODEL_OPTIONS.nextnLayers}]
   --help, -h             show this help
 `;
 
@@ -97,6 +98,7 @@ function main(argv: string[]): number {
       experts: { type: 'string' },
       'experts-used': { type: 'string' },
       'yarn-factor': { type: 'string' },
+      'nextn-layers': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -147,6 +149,7 @@ function main(argv: string[]): number {
     experts: parseIntArg('experts', values.experts),
     expertsUsed: parseIntArg('experts-used', values['experts-used']),
     yarnFactor: parseIntArg('yarn-factor', values['yarn-factor']),
+    nextnLayers: parseIntArg('nextn-layers', values['nextn-layers']),
   };
   const r = values.arch === undefined ? writeLlamaModel(out, options) : writeModel(out, { ...options, ...familyOptions, family: values.arch as ModelFamily });
   const ms = performance.now() - t0;

@@ -96,6 +96,12 @@ export interface ModelOptions {
   convKernel: number;
   /** YaRN context extension: the trained context is this many times the original (0 = the family's: 32 for gptoss, none for the others) */
   yarnFactor: number;
+  /**
+   * deepseek2: trailing multi-token-prediction (NextN) blocks the file declares (`nextn_predict_layers`)
+   * without their tensors, as a GGUF converted with them leaves the main model: llama.cpp still gives
+   * them a KV cache, one layer more than the trunk attends with (DeepSeek-V3, Kimi K2, GLM-4.7-Flash).
+   */
+  nextnLayers: number;
 }
 
 /** Options accepted by writeModel: any subset; missing or undefined fields take the defaults. */
@@ -127,6 +133,7 @@ export const DEFAULT_MODEL_OPTIONS: Readonly<ModelOptions> = Object.freeze({
   ssmHeads: 4,
   convKernel: 0,
   yarnFactor: 0,
+  nextnLayers: 0,
 });
 
 /** llama.cpp refuses more layers (LLAMA_MAX_LAYERS in llama.cpp's llama-hparams.h). */
@@ -149,9 +156,10 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   for (const key of ['layers', 'embd', 'heads', 'kvHeads', 'headDim', 'ffn', 'ctx', 'slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ssmStateSize', 'ssmGroups', 'ssmHeads'] as const) {
     checkPositiveInt(key, o[key]);
   }
-  for (const key of ['ropeDims', 'convKernel', 'yarnFactor'] as const) {
+  for (const key of ['ropeDims', 'convKernel', 'yarnFactor', 'nextnLayers'] as const) {
     if (!Number.isInteger(o[key]) || o[key] < 0) throw new Error(`${key} must be a non-negative integer, got ${o[key]}`);
   }
+  if (o.nextnLayers > 0 && o.family !== 'deepseek2') throw new Error(`nextnLayers is for deepseek2 (its MTP blocks), got ${o.family}`);
   if (o.layers > MAX_LAYERS) throw new Error(`layers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers}`);
   if (o.family === 'gemma4' && o.layers < 2) throw new Error('gemma4 needs at least 2 layers (llama.cpp asserts two layers keep their own KV)');
   const deltaNet = o.family === 'qwen35' || o.family === 'qwen35moe' || o.family === 'qwen3next';
@@ -218,7 +226,7 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
 // ---- the llama generator most tests use (ChatML by default, as before there were families) ----
 
 /** Options only some families read (the llama generator has none of them). */
-const FAMILY_ONLY_OPTIONS = ['slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ropeDims', 'ssmStateSize', 'ssmGroups', 'ssmHeads', 'convKernel', 'yarnFactor'] as const;
+const FAMILY_ONLY_OPTIONS = ['slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ropeDims', 'ssmStateSize', 'ssmGroups', 'ssmHeads', 'convKernel', 'yarnFactor', 'nextnLayers'] as const;
 type FamilyOnlyOption = (typeof FAMILY_ONLY_OPTIONS)[number];
 
 export type LlamaModelOptions = Omit<ModelOptions, 'family' | FamilyOnlyOption | 'template' | 'chatTemplate'> & {

@@ -128,7 +128,8 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   w.addUint32(key('vocab_size'), nVocab);
   w.addUint32(key('context_length'), o.ctx);
   w.addUint32(key('embedding_length'), E);
-  w.addUint32(key('block_count'), o.layers);
+  w.addUint32(key('block_count'), o.layers + o.nextnLayers);
+  if (o.nextnLayers > 0) w.addUint32(key('nextn_predict_layers'), o.nextnLayers);
   w.addFloat32(key('attention.layer_norm_rms_epsilon'), 1e-5);
   if (arch === 'mamba') {
     w.addUint32(key('ssm.conv_kernel'), SSM.convKernel);

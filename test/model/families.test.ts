@@ -79,6 +79,37 @@ describe.each(SUPPORTED)('family %s', (family) => {
     chat.dispose();
   });
 
+  it.runIf(family === 'deepseek2')('a multi-token-prediction block the file declares: its KV layer is counted, and chats run, move and round-trip as without it', async () => {
+    // DeepSeek-V3, Kimi K2 and GLM-4.7-Flash GGUFs carry a NextN block after the trunk: llama.cpp's
+    // main context keeps a KV layer for it that the trunk never attends with.
+    const path = join(dir, 'deepseek2-nextn.gguf');
+    writeModel(path, { family, seed: 7, nextnLayers: 1 });
+    const mtp = await loadModel(path, { threads: THREADS });
+    try {
+      expect(mtp.info.nLayer).toBe(model.info.nLayer);
+      expect(mtp.info.kvLayers).toBe(model.info.kvLayers + 1);
+      const chat = mtp.createChat({ maxTokens: 64, windowSize: 16, kvType: 'f32', systemPrompt: 'You are terse.', positionLimit: 128 });
+      for (let t = 0; t < 20; t++) {
+        await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 5, temperature: 0 });
+        checkCache(chat, 64);
+      }
+      const s = chat.stats();
+      expect(s.compactions).toBeGreaterThan(0);
+      expect(s.kvBytes).toBe(s.tokensRetained * (model.info.nLayer + 1) * (4 * 16 + 8) * 4);
+      const internals = chat._internals();
+      const probe = mtp.tokenize('the')[0]!;
+      const before = internals.probeLogits(probe);
+      internals.shiftPositions(40);
+      expect(maxAbsDiff(before, internals.probeLogits(probe))).toBeLessThan(1e-3);
+      const back = await mtp.loadChat(await chat.checkpoint());
+      expect(maxAbsDiff(internals.probeLogits(probe), back._internals().probeLogits(probe))).toBe(0);
+      back.dispose();
+      chat.dispose();
+    } finally {
+      mtp.dispose();
+    }
+  });
+
   it('a whole-sequence position shift leaves the next-token logits unchanged', async () => {
     const chat = model.createChat({ maxTokens: 256, kvType: 'f32', flashAttention: false, systemPrompt: 'You are terse.' });
     await chat.send('Tell me about the sea and the sky.', { maxNewTokens: 12, temperature: 0 });

@@ -251,25 +251,24 @@ export class Transport {
         if (typeof choice.finish_reason === 'string') finishReason = choice.finish_reason;
         const thought = choice.delta?.reasoning_content;
         if (typeof thought === 'string' && thought.length > 0) {
-          delivered = true;
           reasoning += thought;
           if (partial) partial.reasoning = reasoning;
-          try {
-            sink.onReasoning?.(thought);
-          } catch (e) {
-            throw new CallerError(e);
-          }
+          hand(sink.onReasoning, thought);
         }
         const piece = choice.delta?.content;
         if (typeof piece === 'string' && piece.length > 0) {
-          delivered = true;
           text += piece;
           if (partial) partial.text = text;
-          try {
-            sink.onToken?.(piece);
-          } catch (e) {
-            throw new CallerError(e);
-          }
+          hand(sink.onToken, piece);
+        }
+      };
+      /** A piece reached the caller (no retry after it); what its callback throws is the caller's. */
+      const hand = (callback: ((piece: string) => void) | undefined, piece: string) => {
+        delivered = true;
+        try {
+          callback?.(piece);
+        } catch (e) {
+          throw new CallerError(e);
         }
       };
       try {

@@ -64,7 +64,7 @@ export function modelShape(o: ModelOptions, arch: string): ModelShape {
     moeShared: arch === 'qwen35moe' || arch === 'qwen3next',
     hybrid,
     nemotron,
-    rot: o.ropeDims || o.headDim,
+    rot: o.ropeDims || (arch === 'glm4moe' ? o.headDim / 2 : o.headDim),
     convKernel: o.convKernel || (arch === 'lfm2' ? 3 : 4),
     fullHeadDim: arch === 'gemma4' ? 2 * o.headDim : o.headDim,
     mlaLatent: MLA_LATENT_PER_HEAD_DIM * o.headDim,
@@ -112,6 +112,10 @@ export function writeLayers(shape: ModelShape, sink: TensorSink): void {
     }
     if (arch === 'deepseek2') {
       deepseek2Layer(i);
+      continue;
+    }
+    if (arch === 'glm4moe') {
+      glm4MoeLayer(i);
       continue;
     }
     norm(`${p}attn_norm.weight`);
@@ -208,6 +212,34 @@ export function writeLayers(shape: ModelShape, sink: TensorSink): void {
       return;
     }
     tensor(`${p}ffn_gate_inp.weight`, [E, o.experts], GGMLType.F32, 1 / Math.sqrt(E));
+    matrix(`${p}ffn_gate_exps.weight`, [E, o.ffn, o.experts]);
+    matrix(`${p}ffn_up_exps.weight`, [E, o.ffn, o.experts]);
+    matrix(`${p}ffn_down_exps.weight`, [o.ffn, E, o.experts]);
+    matrix(`${p}ffn_gate_shexp.weight`, [E, o.ffn]);
+    matrix(`${p}ffn_up_shexp.weight`, [E, o.ffn]);
+    matrix(`${p}ffn_down_shexp.weight`, [o.ffn, E]);
+  }
+
+  /** One GLM-4.5 layer: biased attention, the post-attention norm before the feed-forward, a dense one (layer 0) or routed experts with a selection bias and a shared one. */
+  function glm4MoeLayer(i: number): void {
+    const p = `blk.${i}.`;
+    norm(`${p}attn_norm.weight`);
+    matrix(`${p}attn_q.weight`, [E, qDim]);
+    matrix(`${p}attn_k.weight`, [E, kvDim]);
+    matrix(`${p}attn_v.weight`, [E, kvDim]);
+    bias(`${p}attn_q.bias`, qDim);
+    bias(`${p}attn_k.bias`, kvDim);
+    bias(`${p}attn_v.bias`, kvDim);
+    matrix(`${p}attn_output.weight`, [qDim, E]);
+    norm(`${p}post_attention_norm.weight`);
+    if (i === 0) {
+      matrix(`${p}ffn_gate.weight`, [E, o.ffn]);
+      matrix(`${p}ffn_up.weight`, [E, o.ffn]);
+      matrix(`${p}ffn_down.weight`, [o.ffn, E]);
+      return;
+    }
+    tensor(`${p}ffn_gate_inp.weight`, [E, o.experts], GGMLType.F32, 1 / Math.sqrt(E));
+    bias(`${p}exp_probs_b.bias`, o.experts);
     matrix(`${p}ffn_gate_exps.weight`, [E, o.ffn, o.experts]);
     matrix(`${p}ffn_up_exps.weight`, [E, o.ffn, o.experts]);
     matrix(`${p}ffn_down_exps.weight`, [o.ffn, E, o.experts]);

@@ -32,6 +32,7 @@ export const MODEL_FAMILIES = {
   smollm3: { arch: 'smollm3', template: 'chatml', addSpacePrefix: false, layers: 4, about: 'SmolLM3: the llama layers with every fourth one attending without positions (NoPE), ChatML' },
   phi3: { arch: 'phi3', template: 'phi3', addSpacePrefix: true, about: 'Phi-3: fused QKV and gate/up, NEOX RoPE, Phi-3 template' },
   deepseek2: { arch: 'deepseek2', template: 'deepseek2', addSpacePrefix: false, about: 'DeepSeek-V2-Lite: multi-head latent attention (one compressed key/value latent and one shared rotary key per token), a dense first layer then routed and shared experts, DeepSeek-V2 template' },
+  glm4moe: { arch: 'glm4moe', template: 'glm4', addSpacePrefix: false, about: 'GLM-4.5/4.6/4.7: QKV biases, NEOX RoPE over half of each head, a dense first layer then routed experts (sigmoid gating with a selection bias) and a shared one, a multi-token-prediction block after the trunk (its KV layer allocated, never attended), ChatGLM-4 template with think blocks' },
   gptoss: { arch: 'gpt-oss', template: 'harmony', addSpacePrefix: false, about: 'gpt-oss: sliding-window layers alternating with full attention, attention sinks, QKV and output biases, routed experts with biases (SwiGLU-OAI), YaRN RoPE, harmony template' },
   qwen3moe: { arch: 'qwen3moe', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3 MoE: routed experts (softmax top-k), q/k norms, ChatML' },
   qwen2vl: { arch: 'qwen2vl', template: 'chatml', addSpacePrefix: false, about: 'Qwen2-VL text model: M-RoPE positions, ChatML' },
@@ -86,7 +87,7 @@ export interface ModelOptions {
   expertsUsed: number;
   /** qwen35, qwen35moe, qwen3next, lfm2, granite4: layer i attends when (i + 1) is a multiple of this; the others are recurrent */
   attentionInterval: number;
-  /** qwen35, qwen35moe, qwen3next: rotary dimensions per head (partial rotary; 0 = headDim); deepseek2: the shared rotary key's (0 = headDim / 2) */
+  /** qwen35, qwen35moe, qwen3next: rotary dimensions per head (partial rotary; 0 = headDim); deepseek2: the shared rotary key's (0 = headDim / 2); glm4moe: 0 = headDim / 2 */
   ropeDims: number;
   /** qwen35, qwen35moe, qwen3next: Gated DeltaNet head size (granite4: Mamba-2 state size) (16, 32, 64 or 128: CUDA has kernels for those), key heads and value heads */
   ssmStateSize: number;
@@ -97,9 +98,10 @@ export interface ModelOptions {
   /** YaRN context extension: the trained context is this many times the original (0 = the family's: 32 for gptoss, none for the others) */
   yarnFactor: number;
   /**
-   * deepseek2: trailing multi-token-prediction (NextN) blocks the file declares (`nextn_predict_layers`)
-   * without their tensors, as a GGUF converted with them leaves the main model: llama.cpp still gives
-   * them a KV cache, one layer more than the trunk attends with (DeepSeek-V3, Kimi K2, GLM-4.7-Flash).
+   * deepseek2, glm4moe: trailing multi-token-prediction (NextN) blocks the file declares
+   * (`nextn_predict_layers`) without their tensors, as a GGUF converted with them leaves the main
+   * model: llama.cpp still gives them a KV cache, one layer more than the trunk attends with
+   * (DeepSeek-V3, Kimi K2, GLM-4.5/4.7). 0 = the family's: 1 for glm4moe, none for deepseek2.
    */
   nextnLayers: number;
 }
@@ -159,7 +161,7 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   for (const key of ['ropeDims', 'convKernel', 'yarnFactor', 'nextnLayers'] as const) {
     if (!Number.isInteger(o[key]) || o[key] < 0) throw new Error(`${key} must be a non-negative integer, got ${o[key]}`);
   }
-  if (o.nextnLayers > 0 && o.family !== 'deepseek2') throw new Error(`nextnLayers is for deepseek2 (its MTP blocks), got ${o.family}`);
+  if (o.nextnLayers > 0 && o.family !== 'deepseek2' && o.family !== 'glm4moe') throw new Error(`nextnLayers is for deepseek2 and glm4moe (their MTP blocks), got ${o.family}`);
   if (o.layers > MAX_LAYERS) throw new Error(`layers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers}`);
   if (o.family === 'gemma4' && o.layers < 2) throw new Error('gemma4 needs at least 2 layers (llama.cpp asserts two layers keep their own KV)');
   const deltaNet = o.family === 'qwen35' || o.family === 'qwen35moe' || o.family === 'qwen3next';
@@ -179,6 +181,9 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
     if (o.ssmHeads % o.ssmGroups !== 0) throw new Error(`ssmHeads (${o.ssmHeads}) must be a multiple of ssmGroups (${o.ssmGroups})`);
   } else if ((o.family === 'granite4' || o.family === 'nemotron3') && (o.ssmHeads % o.ssmGroups !== 0 || (2 * o.embd) % o.ssmHeads !== 0)) {
     throw new Error(`${o.family} needs ssmHeads (${o.ssmHeads}) a multiple of ssmGroups (${o.ssmGroups}) and dividing 2 x embd (${2 * o.embd}): Mamba-2's heads split its inner size`);
+  } else if (o.family === 'glm4moe') {
+    const rot = o.ropeDims || o.headDim / 2;
+    if (rot % 2 !== 0 || rot > o.headDim) throw new Error(`glm4moe needs an even ropeDims of at most headDim (${o.headDim}; 0: headDim / 2), got ${rot}`);
   } else if (o.ropeDims !== 0 && o.ropeDims !== o.headDim && o.family !== 'deepseek2') {
     throw new Error(`${o.family} rotates whole heads: ropeDims must be 0 or headDim (${o.headDim}), got ${o.ropeDims}`);
   }

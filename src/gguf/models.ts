@@ -48,7 +48,7 @@ const EMBED_STD = 1.0;
 const LOGIT_STD = 4.0; // output.weight std = LOGIT_STD / sqrt(embd) -> logits of std ~LOGIT_STD
 const BYTE_LOGIT_SCALE = 0.5; // output rows of the 256 byte tokens are scaled down by this
 /** RoPE bases of the real models (the others use 10000). */
-const ROPE_BASE: Record<string, number> = { 'gpt-oss': 150000, gemma3: 1e6, qwen35: 1e7, qwen35moe: 1e7, qwen3next: 1e7, qwen3vl: 5e6, lfm2: 1e6 };
+const ROPE_BASE: Record<string, number> = { glm4moe: 1e6, 'gpt-oss': 150000, gemma3: 1e6, qwen35: 1e7, qwen35moe: 1e7, qwen3next: 1e7, qwen3vl: 5e6, lfm2: 1e6 };
 /** YaRN by family: gpt-oss's trained context is 32 x the original (131072 = 32 x 4096). */
 const YARN_FACTOR: Record<string, number> = { 'gpt-oss': 32 };
 
@@ -128,8 +128,10 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   w.addUint32(key('vocab_size'), nVocab);
   w.addUint32(key('context_length'), o.ctx);
   w.addUint32(key('embedding_length'), E);
-  w.addUint32(key('block_count'), o.layers + o.nextnLayers);
-  if (o.nextnLayers > 0) w.addUint32(key('nextn_predict_layers'), o.nextnLayers);
+  // GLM-4.5's GGUFs declare their multi-token-prediction block; DeepSeek-V2-Lite has none.
+  const nextn = o.nextnLayers || (arch === 'glm4moe' ? 1 : 0);
+  w.addUint32(key('block_count'), o.layers + nextn);
+  if (nextn > 0) w.addUint32(key('nextn_predict_layers'), nextn);
   w.addFloat32(key('attention.layer_norm_rms_epsilon'), 1e-5);
   if (arch === 'mamba') {
     w.addUint32(key('ssm.conv_kernel'), SSM.convKernel);
@@ -185,11 +187,19 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   }
   // Routed experts, and for some families a shared one beside them.
   const sharedExpert = moeShared || nemotron;
-  if (arch === 'qwen3moe' || arch === 'gpt-oss' || arch === 'deepseek2' || sharedExpert) {
+  if (arch === 'qwen3moe' || arch === 'gpt-oss' || arch === 'deepseek2' || arch === 'glm4moe' || sharedExpert) {
     w.addUint32(key('expert_count'), o.experts);
     w.addUint32(key('expert_used_count'), o.expertsUsed);
     w.addUint32(key('expert_feed_forward_length'), o.ffn);
     if (sharedExpert) w.addUint32(key('expert_shared_feed_forward_length'), o.ffn);
+  }
+  if (arch === 'glm4moe') {
+    // A dense first layer, then routed experts picked by sigmoid scores plus a selection bias, and one shared.
+    w.addUint32(key('leading_dense_block_count'), 1);
+    w.addUint32(key('expert_shared_count'), 1);
+    w.addUint32(key('expert_gating_func'), 2);
+    w.addBool(key('expert_weights_norm'), true);
+    w.addFloat32(key('expert_weights_scale'), 1);
   }
   if (arch === 'qwen2vl' || arch === 'qwen3vl' || qwen35) {
     // Four sections of the rotary half (temporal, height, width, unused): text tokens use the same

@@ -270,6 +270,38 @@ const HARMONY = String.raw`{#- Abridged from openai/gpt-oss-20b chat_template.ji
 <|start|>assistant
 {%- endif -%}`;
 
+/**
+ * GLM-4.5 (zai-org/GLM-4.5-Air's, abridged: the tool and observation branches left out). llama.cpp
+ * knows it by `[gMASK]<sop>` and frames it as ChatGLM-4: `<|role|>` then a newline before each
+ * message, the conversation opened once; a reply ends where the model writes `<|user|>` (its end of
+ * turn). Past replies are rendered with an empty think block.
+ */
+const GLM4 = String.raw`[gMASK]<sop>
+{%- for m in messages %}
+    {%- if m.role == 'system' %}
+        {{- '<|system|>
+' + m.content }}
+    {%- elif m.role == 'user' %}
+        {{- '<|user|>
+' + m.content }}
+    {%- elif m.role == 'assistant' %}
+        {%- set content = m.content %}
+        {%- if '</think>' in content %}
+            {%- set content = content.split('</think>')[-1].strip() %}
+        {%- endif %}
+        {{- '<|assistant|>
+<think></think>
+' + content.strip() }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|assistant|>' }}
+    {%- if enable_thinking is defined and not enable_thinking %}
+        {{- '
+<think></think>' }}
+    {%- endif %}
+{%- endif %}`;
+
 /** DeepSeek-V2-Lite-Chat (verbatim): a turn ends with the end-of-sentence token. */
 const DEEPSEEK2 = String.raw`{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}`;
 
@@ -312,6 +344,8 @@ export const TEMPLATES = {
   // <|call|> too: with <|return|> and it in the vocabulary llama.cpp stops treating <|end|> (which ends a
   // thinking message) as the end of generation, as for the real models.
   harmony: { text: HARMONY, control: ['<|start|>', '<|message|>', '<|channel|>', '<|constrain|>', '<|end|>', '<|return|>', '<|call|>'], endOfTurn: '<|return|>' },
+  // <|user|> ends a reply (the GGUF's end-of-turn token), as in GLM-4.5's.
+  glm4: { text: GLM4, control: ['[gMASK]', '<sop>', '<|system|>', '<|user|>', '<|assistant|>', '<|observation|>'], endOfTurn: '<|user|>', userDefined: THINK_TOKENS },
   // llama.cpp's formatter writes the real end-of-sentence text after each answer, so the vocabulary has it.
   deepseek2: { text: DEEPSEEK2, control: ['<｜end▁of▁sentence｜>'], endOfTurn: '<｜end▁of▁sentence｜>' },
   granite4: { text: GRANITE4, control: ['<|start_of_role|>', '<|end_of_role|>', '<|end_of_text|>', '<|tool_call|>'], endOfTurn: '<|end_of_text|>' },

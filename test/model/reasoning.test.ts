@@ -31,6 +31,7 @@ let gptoss: Model;
 beforeAll(async () => {
   qwen3 = await load('qwen3');
   gptoss = await load('gptoss');
+  await load('glm4moe');
 });
 afterAll(() => {
   for (const m of models.values()) m.dispose();
@@ -51,7 +52,7 @@ describe('ModelInfo.reasoning', () => {
 });
 
 describe('a reply with reasoning', () => {
-  for (const [family, reply] of [['qwen3', THINK], ['gptoss', HARMONY]] as const) {
+  for (const [family, reply] of [['qwen3', THINK], ['glm4moe', THINK], ['gptoss', HARMONY]] as const) {
     it(`comes apart from the answer, streamed and in the result (${family})`, async () => {
       const chat = models.get(family)!.createChat({ ...BASE, testReply: reply });
       const answer: string[] = [];
@@ -64,9 +65,9 @@ describe('a reply with reasoning', () => {
       // The ledger: the markers and framing around the reasoning are reasoning too; what stays is
       // what the model's template renders for a past reply.
       const reasoning = text(ofTurn(chat, 1, 'reasoning'));
-      expect(reasoning).toBe(family === 'qwen3' ? '<think>\nI should greet them warmly.\n</think>\n\n'
+      expect(reasoning).toBe(family !== 'gptoss' ? '<think>\nI should greet them warmly.\n</think>\n\n'
         : '<|channel|>analysis<|message|>I should greet them warmly.<|end|><|start|>assistant');
-      expect(text(ofTurn(chat, 1, 'assistant'))).toBe(family === 'qwen3' ? 'Hello there.' : '<|channel|>final<|message|>Hello there.');
+      expect(text(ofTurn(chat, 1, 'assistant'))).toBe(family !== 'gptoss' ? 'Hello there.' : '<|channel|>final<|message|>Hello there.');
       // Transcripts keep the answer only (templates drop past reasoning).
       expect(chat.exportTranscript().messages).toEqual([{ role: 'user', content: 'hi' }, { role: 'assistant', content: 'Hello there.' }]);
       checkCache(chat, BASE.maxTokens!);

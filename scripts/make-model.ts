@@ -53,7 +53,7 @@ Family options (ignored by the others):
   --experts <n>          qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, nemotron3: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
   --experts-used <n>     qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, nemotron3: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
   --yarn-factor <n>      YaRN context extension factor (0: the family's, 32 for gptoss, none for the others) [${DEFAULT_MODEL_OPTIONS.yarnFactor}]
-  --nextn-layers <n>     deepseek2, glm4moe: multi-token-prediction blocks declared after the trunk (no tensors, as a main model's GGUF; 0: 1 for glm4moe) [${DEFAULT_MODEL_OPTIONS.nextnLayers}]
+  --nextn-layers <n>     deepseek2, deepseek3, glm4moe: multi-token-prediction blocks declared after the trunk (no tensors, as a main model's GGUF; 0: 1 for deepseek3 and glm4moe) [${DEFAULT_MODEL_OPTIONS.nextnLayers}]
   --help, -h             show this help
 `;
 

@@ -35,9 +35,10 @@ export interface ModelShape {
   convKernel: number;
   /** gemma4: the full layers' head size (2 x headDim); the others' headDim */
   fullHeadDim: number;
-  /** deepseek2: the latent's size and the shared rotary key's */
+  /** deepseek2: the latent's size and the shared rotary key's; queries' own low-rank projection (q-LoRA; 0: none, as V2-Lite) */
   mlaLatent: number;
   mlaRope: number;
+  qLora: number;
   /** gemma3, gemma4, gpt-oss: layer i slides (every swaPattern-th is full attention; llama.cpp's set_swa_pattern) */
   slides(i: number): boolean;
   /** Nemotron 3: even layers mix (every attentionInterval-th mixer attends, the others are Mamba-2), odd ones are experts */
@@ -69,6 +70,8 @@ export function modelShape(o: ModelOptions, arch: string): ModelShape {
     fullHeadDim: arch === 'gemma4' ? 2 * o.headDim : o.headDim,
     mlaLatent: MLA_LATENT_PER_HEAD_DIM * o.headDim,
     mlaRope: o.ropeDims || o.headDim / 2,
+    // DeepSeek-V3's q-LoRA rank is 1536 for a hidden size of 7168: about a fifth; a multiple of 32 here (q8_0 rows).
+    qLora: o.family === 'deepseek3' ? Math.max(32, Math.round(o.embd / 4 / 32) * 32) : 0,
     slides: (i) => (i + 1) % o.swaPattern !== 0,
     nemotronKind,
     attends: (i) => (nemotron ? nemotronKind(i) === 'attention' : !hybrid || (i + 1) % o.attentionInterval === 0),
@@ -89,7 +92,7 @@ export interface TensorSink {
 
 /** Writes every transformer block of the model. */
 export function writeLayers(shape: ModelShape, sink: TensorSink): void {
-  const { o, arch, E, qDim, kvDim, deltaNet, moeShared, hybrid, nemotron, convKernel, fullHeadDim, mlaLatent, mlaRope, slides, nemotronKind, attends } = shape;
+  const { o, arch, E, qDim, kvDim, deltaNet, moeShared, hybrid, nemotron, convKernel, fullHeadDim, mlaLatent, mlaRope, qLora, slides, nemotronKind, attends } = shape;
   const { tensor, matrix, norm, bias, values } = sink;
   let ropeFreqsWritten = false;
   for (let i = 0; i < o.layers; i++) {
@@ -193,11 +196,18 @@ export function writeLayers(shape: ModelShape, sink: TensorSink): void {
     norm(`${p}post_ffw_norm.weight`);
   }
 
-  /** One DeepSeek-V2 layer: latent attention, then a dense feed-forward (layer 0) or routed and shared experts. */
+  /** One DeepSeek-V2/V3 layer: latent attention, then a dense feed-forward (layer 0) or routed and shared experts. */
   function deepseek2Layer(i: number): void {
     const p = `blk.${i}.`;
     norm(`${p}attn_norm.weight`);
-    matrix(`${p}attn_q.weight`, [E, o.heads * (o.headDim + mlaRope)]);
+    if (qLora > 0) {
+      // V3: queries through their own compressed projection, normed between its halves.
+      matrix(`${p}attn_q_a.weight`, [E, qLora]);
+      norm(`${p}attn_q_a_norm.weight`, qLora);
+      matrix(`${p}attn_q_b.weight`, [qLora, o.heads * (o.headDim + mlaRope)]);
+    } else {
+      matrix(`${p}attn_q.weight`, [E, o.heads * (o.headDim + mlaRope)]);
+    }
     matrix(`${p}attn_kv_a_mqa.weight`, [E, mlaLatent + mlaRope]);
     norm(`${p}attn_kv_a_norm.weight`, mlaLatent);
     // Per-head decompressions of the latent (small: kept F32 whatever the weight type, as q8_0 needs rows of 32).
@@ -212,6 +222,7 @@ export function writeLayers(shape: ModelShape, sink: TensorSink): void {
       return;
     }
     tensor(`${p}ffn_gate_inp.weight`, [E, o.experts], GGMLType.F32, 1 / Math.sqrt(E));
+    if (qLora > 0) bias(`${p}exp_probs_b.bias`, o.experts); // V3's sigmoid routing picks with a selection bias
     matrix(`${p}ffn_gate_exps.weight`, [E, o.ffn, o.experts]);
     matrix(`${p}ffn_up_exps.weight`, [E, o.ffn, o.experts]);
     matrix(`${p}ffn_down_exps.weight`, [o.ffn, E, o.experts]);

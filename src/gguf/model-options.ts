@@ -32,6 +32,7 @@ export const MODEL_FAMILIES = {
   smollm3: { arch: 'smollm3', template: 'chatml', addSpacePrefix: false, layers: 4, about: 'SmolLM3: the llama layers with every fourth one attending without positions (NoPE), ChatML' },
   phi3: { arch: 'phi3', template: 'phi3', addSpacePrefix: true, about: 'Phi-3: fused QKV and gate/up, NEOX RoPE, Phi-3 template' },
   deepseek2: { arch: 'deepseek2', template: 'deepseek2', addSpacePrefix: false, about: 'DeepSeek-V2-Lite: multi-head latent attention (one compressed key/value latent and one shared rotary key per token), a dense first layer then routed and shared experts, DeepSeek-V2 template' },
+  deepseek3: { arch: 'deepseek2', template: 'deepseek3', addSpacePrefix: false, about: 'DeepSeek-V3/R1 (Kimi K2 and GLM-4.7-Flash share the layout): the latent attention with queries through their own low-rank projection (q-LoRA), sigmoid-routed experts with a selection bias and a shared one after a dense first layer, a multi-token-prediction block after the trunk, DeepSeek-V3 template with think blocks' },
   glm4moe: { arch: 'glm4moe', template: 'glm4', addSpacePrefix: false, about: 'GLM-4.5/4.6/4.7: QKV biases, NEOX RoPE over half of each head, a dense first layer then routed experts (sigmoid gating with a selection bias) and a shared one, a multi-token-prediction block after the trunk (its KV layer allocated, never attended), ChatGLM-4 template with think blocks' },
   gptoss: { arch: 'gpt-oss', template: 'harmony', addSpacePrefix: false, about: 'gpt-oss: sliding-window layers alternating with full attention, attention sinks, QKV and output biases, routed experts with biases (SwiGLU-OAI), YaRN RoPE, harmony template' },
   qwen3moe: { arch: 'qwen3moe', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3 MoE: routed experts (softmax top-k), q/k norms, ChatML' },
@@ -101,7 +102,7 @@ export interface ModelOptions {
    * deepseek2, glm4moe: trailing multi-token-prediction (NextN) blocks the file declares
    * (`nextn_predict_layers`) without their tensors, as a GGUF converted with them leaves the main
    * model: llama.cpp still gives them a KV cache, one layer more than the trunk attends with
-   * (DeepSeek-V3, Kimi K2, GLM-4.5/4.7). 0 = the family's: 1 for glm4moe, none for deepseek2.
+   * (DeepSeek-V3, Kimi K2, GLM-4.5/4.7). 0 = the family's: 1 for glm4moe and deepseek3, none for deepseek2.
    */
   nextnLayers: number;
 }
@@ -161,7 +162,8 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   for (const key of ['ropeDims', 'convKernel', 'yarnFactor', 'nextnLayers'] as const) {
     if (!Number.isInteger(o[key]) || o[key] < 0) throw new Error(`${key} must be a non-negative integer, got ${o[key]}`);
   }
-  if (o.nextnLayers > 0 && o.family !== 'deepseek2' && o.family !== 'glm4moe') throw new Error(`nextnLayers is for deepseek2 and glm4moe (their MTP blocks), got ${o.family}`);
+  const latent = o.family === 'deepseek2' || o.family === 'deepseek3';
+  if (o.nextnLayers > 0 && !latent && o.family !== 'glm4moe') throw new Error(`nextnLayers is for deepseek2, deepseek3 and glm4moe (their MTP blocks), got ${o.family}`);
   if (o.layers > MAX_LAYERS) throw new Error(`layers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers}`);
   if (o.family === 'gemma4' && o.layers < 2) throw new Error('gemma4 needs at least 2 layers (llama.cpp asserts two layers keep their own KV)');
   const deltaNet = o.family === 'qwen35' || o.family === 'qwen35moe' || o.family === 'qwen3next';
@@ -172,8 +174,8 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   if (hybrid && (o.attentionInterval < 2 || o.layers < o.attentionInterval)) {
     throw new Error(`${o.family} needs attentionInterval >= 2 and layers >= attentionInterval (at least one recurrent and one attention layer), got ${o.attentionInterval} and ${o.layers}`);
   }
-  if (o.family === 'deepseek2' && (o.ropeDims || o.headDim / 2) % 2 !== 0) {
-    throw new Error(`deepseek2 needs an even ropeDims (0: headDim / 2), got ${o.ropeDims || o.headDim / 2}`);
+  if (latent && (o.ropeDims || o.headDim / 2) % 2 !== 0) {
+    throw new Error(`${o.family} needs an even ropeDims (0: headDim / 2), got ${o.ropeDims || o.headDim / 2}`);
   } else if (deltaNet) {
     const rot = o.ropeDims || o.headDim;
     if (rot % 2 !== 0 || rot > o.headDim || rot < 6) throw new Error(`ropeDims must be even, at least 6 and at most headDim (${o.headDim}), got ${rot}`);
@@ -184,7 +186,7 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   } else if (o.family === 'glm4moe') {
     const rot = o.ropeDims || o.headDim / 2;
     if (rot % 2 !== 0 || rot > o.headDim) throw new Error(`glm4moe needs an even ropeDims of at most headDim (${o.headDim}; 0: headDim / 2), got ${rot}`);
-  } else if (o.ropeDims !== 0 && o.ropeDims !== o.headDim && o.family !== 'deepseek2') {
+  } else if (o.ropeDims !== 0 && o.ropeDims !== o.headDim && !latent) {
     throw new Error(`${o.family} rotates whole heads: ropeDims must be 0 or headDim (${o.headDim}), got ${o.ropeDims}`);
   }
   if (o.convKernel !== 0 && ![3, 4, 5, 9, 15].includes(o.convKernel)) throw new Error(`convKernel must be 3, 4, 5, 9 or 15 (CUDA's convolution kernels), got ${o.convKernel}`);

@@ -118,7 +118,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   const wtype = WEIGHT_GGML_TYPE[o.type];
   const { arch } = family;
   const shape = modelShape(o, arch);
-  const { E, qwen35, deltaNet, moeShared, nemotron, rot, convKernel, fullHeadDim, mlaLatent, mlaRope, slides, nemotronKind, attends } = shape;
+  const { E, qwen35, deltaNet, moeShared, nemotron, rot, convKernel, fullHeadDim, mlaLatent, mlaRope, qLora, slides, nemotronKind, attends } = shape;
 
   const w = new GGUFWriter(GGUF_DEFAULT_ALIGNMENT);
   const key = (k: string) => `${arch}.${k}`;
@@ -128,8 +128,8 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   w.addUint32(key('vocab_size'), nVocab);
   w.addUint32(key('context_length'), o.ctx);
   w.addUint32(key('embedding_length'), E);
-  // GLM-4.5's GGUFs declare their multi-token-prediction block; DeepSeek-V2-Lite has none.
-  const nextn = o.nextnLayers || (arch === 'glm4moe' ? 1 : 0);
+  // GLM-4.5's and DeepSeek-V3's GGUFs declare their multi-token-prediction block; DeepSeek-V2-Lite has none.
+  const nextn = o.nextnLayers || (arch === 'glm4moe' || o.family === 'deepseek3' ? 1 : 0);
   w.addUint32(key('block_count'), o.layers + nextn);
   if (nextn > 0) w.addUint32(key('nextn_predict_layers'), nextn);
   w.addFloat32(key('attention.layer_norm_rms_epsilon'), 1e-5);
@@ -197,9 +197,11 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     // A dense first layer, then routed experts picked by sigmoid scores plus a selection bias, and one shared.
     w.addUint32(key('leading_dense_block_count'), 1);
     w.addUint32(key('expert_shared_count'), 1);
+  }
+  if (arch === 'glm4moe' || o.family === 'deepseek3') {
     w.addUint32(key('expert_gating_func'), 2);
     w.addBool(key('expert_weights_norm'), true);
-    w.addFloat32(key('expert_weights_scale'), 1);
+    w.addFloat32(key('expert_weights_scale'), o.family === 'deepseek3' ? 2.5 : 1);
   }
   if (arch === 'qwen2vl' || arch === 'qwen3vl' || qwen35) {
     // Four sections of the rotary half (temporal, height, width, unused): text tokens use the same
@@ -291,7 +293,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     w.addUint32(key('attention.key_length_mla'), o.headDim + mlaRope); // a head's key: from the latent + rotary
     w.addUint32(key('attention.value_length_mla'), o.headDim);
     w.addUint32(key('rope.dimension_count'), mlaRope);
-    w.addUint32(key('attention.q_lora_rank'), 0); // queries straight from the hidden state (V2-Lite)
+    w.addUint32(key('attention.q_lora_rank'), qLora); // 0: queries straight from the hidden state (V2-Lite)
     w.addUint32(key('attention.kv_lora_rank'), mlaLatent);
     w.addUint32(key('leading_dense_block_count'), 1);
     w.addUint32(key('expert_shared_count'), 1);

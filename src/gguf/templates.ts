@@ -302,6 +302,27 @@ const GLM4 = String.raw`[gMASK]<sop>
     {%- endif %}
 {%- endif %}`;
 
+/**
+ * DeepSeek-V3/R1 (deepseek-ai/DeepSeek-R1's, abridged: the tool branches left out). llama.cpp knows it
+ * by `<｜User｜>`, `<｜Assistant｜>` and `<｜end▁of▁sentence｜>`; a past reply is rendered after its
+ * last `</think>`.
+ */
+const DEEPSEEK3 = String.raw`{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}
+{%- set ns = namespace(system_prompt='') %}
+{%- for message in messages %}{%- if message['role'] == 'system' %}{%- set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}
+{{- bos_token }}{{- ns.system_prompt }}
+{%- for message in messages %}
+    {%- if message['role'] == 'user' %}
+        {{- '<｜User｜>' + message['content'] }}
+    {%- elif message['role'] == 'assistant' %}
+        {%- set content = message['content'] %}
+        {%- if '</think>' in content %}{%- set content = content.split('</think>')[-1] %}{%- endif %}
+        {{- '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<｜Assistant｜><think>
+' }}{%- endif %}`;
+
 /** DeepSeek-V2-Lite-Chat (verbatim): a turn ends with the end-of-sentence token. */
 const DEEPSEEK2 = String.raw`{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}`;
 
@@ -345,6 +366,7 @@ export const TEMPLATES = {
   // thinking message) as the end of generation, as for the real models.
   harmony: { text: HARMONY, control: ['<|start|>', '<|message|>', '<|channel|>', '<|constrain|>', '<|end|>', '<|return|>', '<|call|>'], endOfTurn: '<|return|>' },
   // <|user|> ends a reply (the GGUF's end-of-turn token), as in GLM-4.5's.
+  deepseek3: { text: DEEPSEEK3, control: ['<｜User｜>', '<｜Assistant｜>', '<｜end▁of▁sentence｜>'], endOfTurn: '<｜end▁of▁sentence｜>', userDefined: THINK_TOKENS },
   glm4: { text: GLM4, control: ['[gMASK]', '<sop>', '<|system|>', '<|user|>', '<|assistant|>', '<|observation|>'], endOfTurn: '<|user|>', userDefined: THINK_TOKENS },
   // llama.cpp's formatter writes the real end-of-sentence text after each answer, so the vocabulary has it.
   deepseek2: { text: DEEPSEEK2, control: ['<｜end▁of▁sentence｜>'], endOfTurn: '<｜end▁of▁sentence｜>' },

@@ -12,11 +12,13 @@ import { checkCache, maxAbsDiff, THREADS } from '../helpers.ts';
 const dir = mkdtempSync(join(tmpdir(), 'fml-families-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-const SUPPORTED: ModelFamily[] = ['llama', 'mistral', 'smollm3', 'qwen2', 'qwen3', 'gemma3', 'gemma4', 'phi3', 'qwen3moe', 'gptoss', 'deepseek2', 'glm4moe', 'qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granite4', 'nemotron3'];
+const SUPPORTED: ModelFamily[] = ['llama', 'mistral', 'smollm3', 'qwen2', 'qwen3', 'gemma3', 'gemma4', 'phi3', 'qwen3moe', 'gptoss', 'deepseek2', 'deepseek3', 'glm4moe', 'qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granite4', 'nemotron3'];
 const SLIDING: ModelFamily[] = ['gemma3', 'gemma4', 'gptoss'];
 const HYBRID: ModelFamily[] = ['qwen35', 'qwen35moe', 'qwen3next', 'lfm2', 'granite4', 'nemotron3'];
 const MROPE: ModelFamily[] = ['qwen2vl', 'qwen3vl', 'qwen35', 'qwen35moe'];
 const UNSUPPORTED: ModelFamily[] = ['mamba'];
+/** Families whose files declare a multi-token-prediction block after the trunk. */
+const MTP: ModelFamily[] = ['glm4moe', 'deepseek3'];
 
 async function load(family: ModelFamily): Promise<Model> {
   const path = join(dir, `${family}.gguf`);
@@ -43,8 +45,8 @@ describe.each(SUPPORTED)('family %s', (family) => {
     expect(model.info.slidingWindow).toBe(SLIDING.includes(family) ? 16 : 0);
     // Hybrids: half the layers attend (attentionInterval 2) and each chat has a recurrent state besides.
     // (Nemotron 3: one of its four layers; its expert layers keep neither.)
-    // (GLM-4.5: one more, its multi-token-prediction block's, which llama.cpp allocates and the trunk never attends with.)
-    expect(model.info.kvLayers).toBe(family === 'nemotron3' ? 1 : HYBRID.includes(family) ? model.info.nLayer / 2 : model.info.nLayer + (family === 'glm4moe' ? 1 : 0));
+    // (GLM-4.5, DeepSeek-V3: one more, their multi-token-prediction block's, which llama.cpp allocates and the trunk never attends with.)
+    expect(model.info.kvLayers).toBe(family === 'nemotron3' ? 1 : HYBRID.includes(family) ? model.info.nLayer / 2 : model.info.nLayer + (MTP.includes(family) ? 1 : 0));
 
     expect(model.info.recurrentBytes > 0).toBe(HYBRID.includes(family));
     // M-RoPE: llama.cpp will not shift these keys; this library rotates a text token's keys itself.
@@ -72,11 +74,11 @@ describe.each(SUPPORTED)('family %s', (family) => {
     chat.dispose();
   });
 
-  it.runIf(family === 'deepseek2')('latent attention: kvBytes counts one F16 row a token and layer (the latent and the shared rotary key), no values', async () => {
+  it.runIf(family === 'deepseek2' || family === 'deepseek3')('latent attention: kvBytes counts one F16 row a token and layer (the latent and the shared rotary key), no values', async () => {
     const chat = model.createChat({ maxTokens: 64, kvType: 'f16' });
     await chat.send('The cat sat.', { maxNewTokens: 4, temperature: 0 });
     const s = chat.stats();
-    expect(s.kvBytes).toBe(s.tokensRetained * model.info.nLayer * (4 * 16 + 8) * 2);
+    expect(s.kvBytes).toBe(s.tokensRetained * model.info.kvLayers * (4 * 16 + 8) * 2);
     chat.dispose();
   });
 

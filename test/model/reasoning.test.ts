@@ -32,6 +32,7 @@ beforeAll(async () => {
   qwen3 = await load('qwen3');
   gptoss = await load('gptoss');
   await load('glm4moe');
+  await load('deepseek3');
 });
 afterAll(() => {
   for (const m of models.values()) m.dispose();
@@ -52,7 +53,7 @@ describe('ModelInfo.reasoning', () => {
 });
 
 describe('a reply with reasoning', () => {
-  for (const [family, reply] of [['qwen3', THINK], ['glm4moe', THINK], ['gptoss', HARMONY]] as const) {
+  for (const [family, reply] of [['qwen3', THINK], ['glm4moe', THINK], ['deepseek3', THINK], ['gptoss', HARMONY]] as const) {
     it(`comes apart from the answer, streamed and in the result (${family})`, async () => {
       const chat = models.get(family)!.createChat({ ...BASE, testReply: reply });
       const answer: string[] = [];

@@ -45,13 +45,13 @@ ${MODEL_FAMILY_NAMES.map((f) => `                           ${f}: ${MODEL_FAMILI
   --name <s>             general.name
 Family options (ignored by the others):
   --attention-interval <n>  qwen35, qwen35moe, qwen3next, lfm2, granite4, nemotron3 (of its mixers): layer i attends when i + 1 is a multiple of n [${DEFAULT_MODEL_OPTIONS.attentionInterval}]
-  --rope-dims <n>        qwen35, qwen35moe, qwen3next: rotary dimensions per head; deepseek2: of the shared rotary key (0: the head dim; deepseek2: half of it) [${DEFAULT_MODEL_OPTIONS.ropeDims}]
+  --rope-dims <n>        qwen35, qwen35moe, qwen3next: rotary dimensions per head; glm4moe: too (0: half the head); deepseek2, deepseek3: of the shared rotary key (0: the head dim; deepseek2, deepseek3: half of it) [${DEFAULT_MODEL_OPTIONS.ropeDims}]
   --ssm-state <n>        qwen35, qwen35moe, qwen3next: Gated DeltaNet head size (16, 32, 64 or 128); granite4, nemotron3: Mamba-2 state size [${DEFAULT_MODEL_OPTIONS.ssmStateSize}]
   --ssm-groups <n>       qwen35, qwen35moe, qwen3next: DeltaNet key heads; granite4, nemotron3: Mamba-2 groups [${DEFAULT_MODEL_OPTIONS.ssmGroups}]
   --ssm-heads <n>        qwen35, qwen35moe, qwen3next: DeltaNet value heads; granite4, nemotron3: Mamba-2 heads [${DEFAULT_MODEL_OPTIONS.ssmHeads}]
   --conv-kernel <n>      qwen35, qwen35moe, qwen3next, granite4, nemotron3: DeltaNet / Mamba-2 convolution; lfm2: short convolution (0: 4 / 3) [${DEFAULT_MODEL_OPTIONS.convKernel}]
-  --experts <n>          qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, nemotron3: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
-  --experts-used <n>     qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, nemotron3: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
+  --experts <n>          qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, deepseek3, glm4moe, nemotron3: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
+  --experts-used <n>     qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, deepseek3, glm4moe, nemotron3: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
   --yarn-factor <n>      YaRN context extension factor (0: the family's, 32 for gptoss, none for the others) [${DEFAULT_MODEL_OPTIONS.yarnFactor}]
   --nextn-layers <n>     deepseek2, deepseek3, glm4moe: multi-token-prediction blocks declared after the trunk (no tensors, as a main model's GGUF; 0: 1 for deepseek3 and glm4moe) [${DEFAULT_MODEL_OPTIONS.nextnLayers}]
   --help, -h             show this help

@@ -83,7 +83,7 @@ export interface ModelOptions {
   slidingWindow: number;
   /** gemma3, gemma4, gptoss: every n-th layer is global (full attention), the others slide */
   swaPattern: number;
-  /** qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2: experts per layer, and how many each token uses */
+  /** qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, deepseek3, glm4moe, nemotron3: experts per layer, and how many each token uses */
   experts: number;
   expertsUsed: number;
   /** qwen35, qwen35moe, qwen3next, lfm2, granite4: layer i attends when (i + 1) is a multiple of this; the others are recurrent */

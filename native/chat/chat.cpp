@@ -213,7 +213,7 @@ turn_request chat::prepare_turn(const std::string & user_text, generation_option
     if (!gen.thinking && (rm.think() || rm.harmony())) {
         // An empty think block is reasoning (closed here when the prompt opened it); harmony's final
         // channel header is what a past reply keeps.
-        const std::vector<int32_t> skip = req.reasoning_opened ? model_->tokenize("\n\n</think>\n\n", false, true) : rm.skip;
+        const std::vector<int32_t> skip = req.reasoning_opened ? model_->tokenize("\n\n" + rm.close_text + "\n\n", false, true) : rm.skip;
         req.reply_prefix.insert(req.reply_prefix.end(), skip.begin(), skip.end());
         req.reply_prefix_role = rm.harmony() ? TOKEN_ROLE_ASSISTANT : TOKEN_ROLE_REASONING;
         req.reasoning_skipped = true;
@@ -246,9 +246,10 @@ turn_request chat::prepare_ingest(const std::string & user_text, const std::stri
     // the next turn, as after a generated reply. A past reply's think block is left out, as the
     // reasoning models' templates render one (what follows its last </think>, blank lines stripped).
     std::string answer = assistant_text;
-    const size_t close = model_->reasoning().think() ? answer.rfind("</think>") : std::string::npos;
+    const reasoning_markers & rm = model_->reasoning();
+    const size_t close = rm.think() ? answer.rfind(rm.close_text) : std::string::npos;
     if (close != std::string::npos) {
-        answer.erase(0, close + 8);
+        answer.erase(0, close + rm.close_text.size());
         answer.erase(0, answer.find_first_not_of('\n') == std::string::npos ? answer.size() : answer.find_first_not_of('\n'));
     }
     req.reply = model_->frame_tokens(frame_kind::assistant, answer, false);

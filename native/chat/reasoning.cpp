@@ -28,7 +28,7 @@ split_step reasoning_splitter::push(int32_t token, const std::string & piece) {
 split_step reasoning_splitter::push_think(int32_t token, const std::string & piece) {
     split_step s;
     if (token == m_.think_open) {
-        state_ = state::after_open;
+        state_ = m_.named ? state::name : state::after_open;
         part_ = reply_part::reasoning;
         think_seen_ = true;
         s.part = reply_part::reasoning;
@@ -49,6 +49,14 @@ split_step reasoning_splitter::push_think(int32_t token, const std::string & pie
         s.part = reply_part::reasoning;
         s.relabel_from = 0;
         s.relabel_part = reply_part::reasoning;
+        return s;
+    }
+    if (state_ == state::name) {
+        // The channel's name line (Gemma 4's "thought\n"): framing of the block, not its text.
+        if (piece.find('\n') != std::string::npos) {
+            state_ = state::after_open;
+        }
+        s.part = reply_part::reasoning;
         return s;
     }
     if ((state_ == state::after_open || state_ == state::after_close) && is_blank(piece)) {

@@ -41,7 +41,7 @@ private:
     split_step push_think(int32_t token, const std::string & piece);
     split_step push_harmony(int32_t token, const std::string & piece);
 
-    enum class state : uint8_t { text, after_open, after_close, role, header };
+    enum class state : uint8_t { text, name, after_open, after_close, role, header };
     reasoning_markers m_;
     state state_ = state::text;
     reply_part part_ = reply_part::content;   // the part text goes to now (harmony: the message's channel)

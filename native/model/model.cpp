@@ -265,18 +265,31 @@ void fml_model::find_reasoning_markers() {
     r.channel = single("<|channel|>");
     r.message = single("<|message|>");
     r.end = single("<|end|>");
+    // Each think-block format, and the empty block that skips the reasoning (send's thinking false) as
+    // the family's template writes it.
+    struct think_format { const char * open; const char * close; bool named; const char * skip; };
+    static const think_format FORMATS[] = {
+        { "<think>", "</think>", false, "<think>\n\n</think>\n\n" },
+        { "[THINK]", "[/THINK]", false, "[THINK][/THINK]" },
+        { "<|channel>", "<channel|>", true, "<|channel>thought\n<channel|>" },
+    };
     if (!r.harmony()) {
         r.start = r.channel = r.message = r.end = -1;
-        r.think_open = single("<think>");
-        r.think_close = single("</think>");
-        if (!r.think()) {
+        for (const think_format & f : FORMATS) {
+            r.think_open = single(f.open);
+            r.think_close = single(f.close);
+            if (r.think()) {
+                r.close_text = f.close;
+                r.named = f.named;
+                r.skip = tokenize(f.skip, false, true);
+                break;
+            }
             r.think_open = r.think_close = -1;
         }
+    } else {
+        r.skip = tokenize("<|channel|>final<|message|>", false, true);
     }
     info_.reasoning = r.harmony() ? "harmony" : r.think() ? "think" : "none";
-    if (r.harmony() || r.think()) {
-        r.skip = tokenize(r.harmony() ? "<|channel|>final<|message|>" : "<think>\n\n</think>\n\n", false, true);
-    }
 }
 
 fml_model::~fml_model() {

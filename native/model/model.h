@@ -54,12 +54,16 @@ struct model_info {
 };
 
 // The tokens that set a reply's reasoning apart (chat/reasoning.h), each -1 where the vocabulary lacks
-// it as a single token. "think": <think> ... </think> (Qwen3, Qwen3.5, DeepSeek-R1, SmolLM3, GLM,
-// Nemotron, LFM2.5, MiniMax). "harmony" (gpt-oss): messages <|start|>role<|channel|>name<|message|>
-// text<|end|>, reasoning in the "analysis" channel.
+// it as a single token. "think": a block between two markers: <think> ... </think> (Qwen3, Qwen3.5,
+// DeepSeek-R1, SmolLM3, GLM, Nemotron, LFM2.5, MiniMax), [THINK] ... [/THINK] (Magistral), or
+// <|channel>thought ... <channel|> (Gemma 4, whose opener is followed by the channel's name line).
+// "harmony" (gpt-oss): messages <|start|>role<|channel|>name<|message|>text<|end|>, reasoning in the
+// "analysis" channel.
 struct reasoning_markers {
     int32_t think_open = -1;
     int32_t think_close = -1;
+    std::string close_text;      // the closing marker as text (an imported reply is cut after it)
+    bool named = false;          // the opener is followed by a name line (Gemma 4's "thought\n"), framing too
     int32_t start = -1;
     int32_t channel = -1;
     int32_t message = -1;

@@ -323,6 +323,26 @@ const DEEPSEEK3 = String.raw`{% if not add_generation_prompt is defined %}{% set
 {%- if add_generation_prompt %}{{- '<｜Assistant｜><think>
 ' }}{%- endif %}`;
 
+/**
+ * Magistral (mistralai/Magistral-Small-2509's, abridged: the tool and multimodal branches and the
+ * default system prompt left out): llama.cpp frames it as Mistral v7 (`[SYSTEM_PROMPT]` tells it);
+ * replies think between `[THINK]` and `[/THINK]`.
+ */
+const MAGISTRAL = String.raw`{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}
+    {{- '[SYSTEM_PROMPT]' + messages[0]['content'] + '[/SYSTEM_PROMPT]' }}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}
+        {{- '[INST]' + message['content'] + '[/INST]' }}
+    {%- elif message['role'] == 'assistant' %}
+        {{- message['content'] + eos_token }}
+    {%- endif %}
+{%- endfor %}`;
+
 /** DeepSeek-V2-Lite-Chat (verbatim): a turn ends with the end-of-sentence token. */
 const DEEPSEEK2 = String.raw`{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}`;
 
@@ -371,6 +391,7 @@ export const TEMPLATES = {
   // llama.cpp's formatter writes the real end-of-sentence text after each answer, so the vocabulary has it.
   deepseek2: { text: DEEPSEEK2, control: ['<｜end▁of▁sentence｜>'], endOfTurn: '<｜end▁of▁sentence｜>' },
   granite4: { text: GRANITE4, control: ['<|start_of_role|>', '<|end_of_role|>', '<|end_of_text|>', '<|tool_call|>'], endOfTurn: '<|end_of_text|>' },
+  magistral: { text: MAGISTRAL, control: ['[SYSTEM_PROMPT]', '[/SYSTEM_PROMPT]', '[INST]', '[/INST]', '[THINK]', '[/THINK]'], endOfTurn: '</s>' },
   mistral: { text: MISTRAL, control: ['[INST]', '[/INST]', '[AVAILABLE_TOOLS]', '[/AVAILABLE_TOOLS]'], endOfTurn: '</s>' },
 } as const satisfies Record<string, TemplateFamily>;
 

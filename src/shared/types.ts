@@ -152,9 +152,10 @@ export interface ModelInfo {
   /** The model's RoPE kind: 'norm', 'neox', 'mrope', 'imrope' (interleaved M-RoPE), 'vision' or 'none'. */
   rope: string;
   /**
-   * How its replies carry reasoning, told from its vocabulary: 'think' (`<think>`...`</think>`: Qwen3,
-   * Qwen3.5, DeepSeek-R1, SmolLM3, GLM, Nemotron, LFM2.5), 'harmony' (gpt-oss's analysis channel) or
-   * 'none'. Replies then have it apart (`TurnResult.reasoning`, `onReasoning`), and memory keeps it
+   * How its replies carry reasoning, told from its vocabulary: 'think' (a block between markers:
+   * `<think>`...`</think>` for Qwen3, Qwen3.5, DeepSeek-R1, SmolLM3, GLM, Nemotron, LFM2.5;
+   * `[THINK]`...`[/THINK]` for Magistral; Gemma 4's `<|channel>thought`...`<channel|>`), 'harmony'
+   * (gpt-oss's analysis channel) or 'none'. Replies then have it apart (`TurnResult.reasoning`, `onReasoning`), and memory keeps it
    * as `pastReasoning` says. A model that shares a reasoning model's vocabulary but does not think
    * (Qwen3-Instruct-2507) says 'think' too: its replies have no reasoning, and `thinking: false` gives
    * it an empty think block it was not trained on.

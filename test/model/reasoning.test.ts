@@ -227,6 +227,34 @@ describe('a reply with reasoning', () => {
   });
 });
 
+describe('other think-block markers', () => {
+  it("Magistral's [THINK] ... [/THINK] (on a vocabulary that adds no space prefix, as its tekken one) and Gemma 4's thought channel (its name line framing too)", async () => {
+    const cases = [
+      { name: 'magistral', input: { family: 'qwen2', template: 'magistral' }, reply: '[THINK]plan a greeting[/THINK]Hello there.', skipped: '[THINK][/THINK]' },
+      { name: 'gemma4', input: { family: 'gemma4' }, reply: '<|channel>thought\nplan a greeting<channel|>Hello there.', skipped: '<|channel>thought\n<channel|>' },
+    ] as const;
+    for (const c of cases) {
+      const path = join(testDir, `reasoning-${c.name}.gguf`);
+      writeModel(path, { ...c.input, seed: 7 });
+      const model = await loadModel(path, { threads: THREADS });
+      try {
+        expect(model.info.reasoning).toBe('think');
+        const chat = model.createChat({ ...BASE, testReply: c.reply });
+        const r = await chat.send('hi');
+        expect([r.reasoning, r.response]).toEqual(['plan a greeting', 'Hello there.']);
+        await chat.send('again', { thinking: false });
+        expect(ofTurn(chat, 1, 'reasoning')).toEqual([]);   // dropped at turn 2
+        // thinking false: the empty block its template writes, then the whole reply again as told.
+        expect(text(ofTurn(chat, 2, 'reasoning')).startsWith(c.skipped)).toBe(true);
+        checkCache(chat, BASE.maxTokens!);
+        chat.dispose();
+      } finally {
+        model.dispose();
+      }
+    }
+  });
+});
+
 describe('an imported conversation', () => {
   it("leaves past replies' think blocks out, as the template renders them", async () => {
     const chat = await qwen3.importTranscript({

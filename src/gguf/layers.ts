@@ -215,6 +215,12 @@ export function writeLayers(shape: ModelShape, sink: TensorSink): void {
     tensor(`${p}attn_v_b.weight`, [mlaLatent, o.headDim, o.heads], GGMLType.F32, LAYER_GAIN / Math.sqrt(mlaLatent));
     matrix(`${p}attn_output.weight`, [o.heads * o.headDim, E]);
     norm(`${p}ffn_norm.weight`);
+    denseThenExperts(i, qLora > 0); // V3's sigmoid routing picks with a selection bias
+  }
+
+  /** DeepSeek's and GLM's feed-forward: dense in layer 0, routed experts (with a selection bias: `selectionBias`) and a shared one after. */
+  function denseThenExperts(i: number, selectionBias: boolean): void {
+    const p = `blk.${i}.`;
     if (i === 0) {
       matrix(`${p}ffn_gate.weight`, [E, o.ffn]);
       matrix(`${p}ffn_up.weight`, [E, o.ffn]);
@@ -222,53 +228,40 @@ export function writeLayers(shape: ModelShape, sink: TensorSink): void {
       return;
     }
     tensor(`${p}ffn_gate_inp.weight`, [E, o.experts], GGMLType.F32, 1 / Math.sqrt(E));
-    if (qLora > 0) bias(`${p}exp_probs_b.bias`, o.experts); // V3's sigmoid routing picks with a selection bias
+    if (selectionBias) bias(`${p}exp_probs_b.bias`, o.experts);
     matrix(`${p}ffn_gate_exps.weight`, [E, o.ffn, o.experts]);
     matrix(`${p}ffn_up_exps.weight`, [E, o.ffn, o.experts]);
     matrix(`${p}ffn_down_exps.weight`, [o.ffn, E, o.experts]);
     matrix(`${p}ffn_gate_shexp.weight`, [E, o.ffn]);
     matrix(`${p}ffn_up_shexp.weight`, [E, o.ffn]);
     matrix(`${p}ffn_down_shexp.weight`, [o.ffn, E]);
+  }
+
+  /** Attention projections with biases (GLM-4.5, gpt-oss). */
+  function biasedQkv(p: string): void {
+    matrix(`${p}attn_q.weight`, [E, qDim]);
+    matrix(`${p}attn_k.weight`, [E, kvDim]);
+    matrix(`${p}attn_v.weight`, [E, kvDim]);
+    bias(`${p}attn_q.bias`, qDim);
+    bias(`${p}attn_k.bias`, kvDim);
+    bias(`${p}attn_v.bias`, kvDim);
   }
 
   /** One GLM-4.5 layer: biased attention, the post-attention norm before the feed-forward, a dense one (layer 0) or routed experts with a selection bias and a shared one. */
   function glm4MoeLayer(i: number): void {
     const p = `blk.${i}.`;
     norm(`${p}attn_norm.weight`);
-    matrix(`${p}attn_q.weight`, [E, qDim]);
-    matrix(`${p}attn_k.weight`, [E, kvDim]);
-    matrix(`${p}attn_v.weight`, [E, kvDim]);
-    bias(`${p}attn_q.bias`, qDim);
-    bias(`${p}attn_k.bias`, kvDim);
-    bias(`${p}attn_v.bias`, kvDim);
+    biasedQkv(p);
     matrix(`${p}attn_output.weight`, [qDim, E]);
     norm(`${p}post_attention_norm.weight`);
-    if (i === 0) {
-      matrix(`${p}ffn_gate.weight`, [E, o.ffn]);
-      matrix(`${p}ffn_up.weight`, [E, o.ffn]);
-      matrix(`${p}ffn_down.weight`, [o.ffn, E]);
-      return;
-    }
-    tensor(`${p}ffn_gate_inp.weight`, [E, o.experts], GGMLType.F32, 1 / Math.sqrt(E));
-    bias(`${p}exp_probs_b.bias`, o.experts);
-    matrix(`${p}ffn_gate_exps.weight`, [E, o.ffn, o.experts]);
-    matrix(`${p}ffn_up_exps.weight`, [E, o.ffn, o.experts]);
-    matrix(`${p}ffn_down_exps.weight`, [o.ffn, E, o.experts]);
-    matrix(`${p}ffn_gate_shexp.weight`, [E, o.ffn]);
-    matrix(`${p}ffn_up_shexp.weight`, [E, o.ffn]);
-    matrix(`${p}ffn_down_shexp.weight`, [o.ffn, E]);
+    denseThenExperts(i, true);
   }
 
   /** One gpt-oss layer: biased attention with a sink logit per head, then routed experts with biases. */
   function gptOssLayer(i: number): void {
     const p = `blk.${i}.`;
     norm(`${p}attn_norm.weight`);
-    matrix(`${p}attn_q.weight`, [E, qDim]);
-    matrix(`${p}attn_k.weight`, [E, kvDim]);
-    matrix(`${p}attn_v.weight`, [E, kvDim]);
-    bias(`${p}attn_q.bias`, qDim);
-    bias(`${p}attn_k.bias`, kvDim);
-    bias(`${p}attn_v.bias`, kvDim);
+    biasedQkv(p);
     matrix(`${p}attn_output.weight`, [qDim, E]);
     bias(`${p}attn_output.bias`, E);
     // A sink is a logit every query's softmax has besides its keys' (no value): about as large as a key's.

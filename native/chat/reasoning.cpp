@@ -40,6 +40,12 @@ split_step reasoning_splitter::push_think(int32_t token, const std::string & pie
         s.part = reply_part::reasoning;
         return s;
     }
+    if (token == m_.think_close && m_.named) {
+        // An unmatched close of a named channel is framing (Gemma 4 may write one after its answer):
+        // only prompts that open a <think> block make a model close what it never opened.
+        s.part = part_;
+        return s;
+    }
     if (token == m_.think_close && !think_seen_) {
         // Closed without being opened: the model was trained on prompts that open the block (Qwen3.5,
         // DeepSeek-R1-0528), so everything before this was reasoning.
@@ -52,11 +58,18 @@ split_step reasoning_splitter::push_think(int32_t token, const std::string & pie
         return s;
     }
     if (state_ == state::name) {
-        // The channel's name line (Gemma 4's "thought\n"): framing of the block, not its text.
-        if (piece.find('\n') != std::string::npos) {
-            state_ = state::after_open;
-        }
+        // The channel's name line (Gemma 4's "thought\n"): framing of the block, not its text; what
+        // follows the newline in the same piece is.
         s.part = reply_part::reasoning;
+        const size_t nl = piece.find('\n');
+        if (nl != std::string::npos) {
+            state_ = state::after_open;
+            if (!is_blank(piece.substr(nl + 1))) {
+                state_ = state::text;
+                s.has_text = true;
+                s.text_from = nl + 1;
+            }
+        }
         return s;
     }
     if ((state_ == state::after_open || state_ == state::after_close) && is_blank(piece)) {

@@ -23,6 +23,7 @@ enum class reply_start : uint8_t { fresh, in_reasoning, after_reasoning };
 struct split_step {
     reply_part part = reply_part::content;   // this token's part, as far as known now
     bool has_text = false;                    // the token's piece is text of `part` (not a marker)
+    size_t text_from = 0;                     // ... from this byte (a name line's end inside the piece)
     // Tokens [relabel_from, this one) of the reply now belong to `relabel_part` (SIZE_MAX: none).
     size_t relabel_from = SIZE_MAX;
     reply_part relabel_part = reply_part::content;

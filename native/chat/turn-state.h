@@ -86,6 +86,9 @@ struct chat::turn_state {
     size_t forced_next = 0;                          // testReply: the next of chat::test_reply_
     int32_t pending = -1;     // sampled, not yet decoded
     std::unique_ptr<summary_job> summary;
+    // A summary whose decode failed: the eviction it was for, applied at the next contribution.
+    std::vector<index_range> unsummarized;
+    eviction_record unsummarized_rec;
     turn_result result;
     clock_type::time_point t_start;
     clock_type::time_point t_generate;

@@ -116,6 +116,14 @@ contribution chat::contribute(size_t budget, step_context & e) {
             return replay_contribution(budget, e);   // a ledger-only restore: the retained tokens first
         }
         settle_cache(e);
+        if (!t.unsummarized.empty()) {
+            // A summary that could not be written: its eviction, without it (counted as a fallback).
+            const std::vector<index_range> ranges = std::move(t.unsummarized);
+            t.unsummarized.clear();
+            t.result.stats.fallback = true;
+            cumulative_.fallback_count++;
+            apply_eviction(ranges, std::move(t.unsummarized_rec), e);
+        }
         if (t.summary) {
             return summary_contribution(budget);
         }
@@ -214,6 +222,9 @@ void chat::on_decoded(const contribution & c, size_t from, size_t to, int32_t lo
         return;
     }
     if (c.scratch) {
+        if (!t.summary) {
+            return;   // the summary was given up (a failed decode) after this contribution was planned
+        }
         if (to < c.tokens.size() || !summary_prompt_decoded(c.tokens.size())) {
             return;
         }
@@ -332,7 +343,7 @@ void chat::split_piece(int32_t tok) {
         return;
     }
     const bool reasoning = role == TOKEN_ROLE_REASONING;
-    const std::string out = (reasoning ? t.reasoning_stream : t.stream)->push(piece);
+    const std::string out = (reasoning ? t.reasoning_stream : t.stream)->push(s.text_from > 0 ? piece.substr(s.text_from) : piece);
     if (!out.empty() && t.req.cb.on_piece) {
         t.req.cb.on_piece(out, reasoning);
     }
@@ -461,15 +472,15 @@ void chat::decode_failed(const fml_error & err, step_context & e) {
         return;
     }
     if (turn_->summary && err.code() == FML_ERR_DECODE && slot_ >= 0) {
-        // The summary could not be written: the eviction it was for goes ahead without it, and the
-        // turn goes on (its scratch cells go, the window and a recurrent state back to before it).
-        std::vector<index_range> ranges = turn_->summary->ranges;
-        eviction_record rec = std::move(turn_->summary->rec);
+        // The summary could not be written: the turn goes on, and the eviction it was for goes ahead
+        // without it at the chat's next contribution (outside this step's decodes, where an eviction
+        // that fails fails the turn). Its scratch cells go now, the window and a recurrent state back
+        // to before it.
+        turn_state & t = *turn_;
+        t.unsummarized = std::move(t.summary->ranges);
+        t.unsummarized_rec = std::move(t.summary->rec);
+        t.unsummarized_rec.fallback = true;
         cancel_summary(e);
-        rec.fallback = true;
-        turn_->result.stats.fallback = true;
-        cumulative_.fallback_count++;
-        apply_eviction(ranges, std::move(rec), e);
         return;
     }
     // Drop whatever ubatches of the failed decode reached the cache, so cache == ledger again. A

@@ -460,7 +460,7 @@ void engine::step_chats(bool generating_elsewhere) {
         return;
     }
     std::vector<size_t> done(plan.size(), 0);
-    const auto left = [&](size_t p) { return plan[p].seq->has_turn() ? plan[p].c.tokens.size() - done[p] : 0; };
+    const auto left = [&](size_t p) { return plan[p].seq->has_turn() && !plan[p].failed ? plan[p].c.tokens.size() - done[p] : 0; };
     while (true) {
         size_t p = 0;
         while (p < plan.size() && left(p) == 0) {
@@ -525,6 +525,7 @@ void engine::decode_group(std::vector<planned> & plan, const std::vector<std::pa
                                       : fml_error(FML_ERR_DECODE, "llama_decode failed with code " + std::to_string(rc));
         for (const auto & row : rows) {
             planned & pl = plan[row.first];
+            pl.failed = true;   // a turn that goes on (a summary given up) must not decode the rest of it
             if (pl.seq->has_turn()) {
                 pl.seq->decode_failed(err, *this);
             }

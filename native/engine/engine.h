@@ -114,6 +114,7 @@ private:
     struct planned {
         chat * seq;
         contribution c;
+        bool failed = false;   // a decode of it failed: the rest of it is not decoded this step
     };
     void step_chats(bool generating_elsewhere);
     void start(const std::shared_ptr<chat> & s);

@@ -256,17 +256,19 @@ kv_model_layout kv_layout_of(const llama_model * model) {
     const bool hybrid = llama_model_is_hybrid(model);
     const bool recurrent = llama_model_is_recurrent(model);
     uint64_t per_layer = (uint64_t) (hp.n_embd_r() + hp.n_embd_s()) * sizeof(float);   // llama.cpp keeps them in F32
-    // A plain KV cache holds the multi-token-prediction (NextN) blocks' layers too, which the main
-    // graph never attends with (DeepSeek-V3, Kimi K2, GLM-4.5/4.7 GGUFs carry one): their cells are
-    // allocated, moved and saved like the others. create_memory keeps them out for a few architectures.
+    // A KV cache holds the multi-token-prediction (NextN) blocks' layers too, which the main graph
+    // never attends with (DeepSeek-V3, Kimi K2, GLM-4.5/4.7 GGUFs carry one): their cells are
+    // allocated, moved and saved like the others. create_memory keeps them out of the main context for
+    // some architectures (and a recurrent state only ever covers the trunk).
     const llm_arch a = model->arch;
-    const bool trunk_only = hybrid || recurrent || a == LLM_ARCH_STEP35 || a == LLM_ARCH_HY_V3 || a == LLM_ARCH_GLM_DSA || a == LLM_ARCH_MIMO2 ||
-                            a == LLM_ARCH_DEEPSEEK32;
+    const bool trunk_only = recurrent || a == LLM_ARCH_STEP35 || a == LLM_ARCH_HY_V3 || a == LLM_ARCH_GLM_DSA || a == LLM_ARCH_MIMO2 ||
+                            a == LLM_ARCH_DEEPSEEK32 || a == LLM_ARCH_DOTS3NOTE || a == LLM_ARCH_QWEN3NEXT || a == LLM_ARCH_QWEN35 ||
+                            a == LLM_ARCH_QWEN35MOE || a == LLM_ARCH_QWEN4EXP || a == LLM_ARCH_MINIMAX_01;
     const uint32_t cached_layers = trunk_only ? hp.n_layer() : hp.n_layer_all;
     for (uint32_t il = 0; il < cached_layers; ++il) {
         const bool both = falcon || (!nemotron || hp.n_ff(il) == 0);
         const bool attends = hybrid ? (falcon || (!hp.is_recr(il) && both)) : !recurrent;
-        const bool recurs = recurrent || (hybrid && (falcon || (hp.is_recr(il) && both)));
+        const bool recurs = il < hp.n_layer() && (recurrent || (hybrid && (falcon || (hp.is_recr(il) && both))));
         out.attention_layers += attends ? 1 : 0;
         out.rotary_layers += attends && layer_has_positions(*model, il) ? 1 : 0;
         out.sliding_layers.push_back(attends && hp.is_swa(il));

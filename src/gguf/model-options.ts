@@ -164,6 +164,10 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   }
   const latent = o.family === 'deepseek2' || o.family === 'deepseek3';
   if (o.nextnLayers > 0 && !latent && o.family !== 'glm4moe') throw new Error(`nextnLayers is for deepseek2, deepseek3 and glm4moe (their MTP blocks), got ${o.family}`);
+  const nextn = o.nextnLayers || (o.family === 'glm4moe' || o.family === 'deepseek3' ? 1 : 0);
+  if (o.layers + nextn > MAX_LAYERS) throw new Error(`layers plus nextnLayers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers} + ${nextn}`);
+  // llama.cpp takes a deepseek2 file of 26 or 27 layers for a V2-Lite, which has no q-LoRA.
+  if (o.family === 'deepseek3' && (o.layers === 26 || o.layers === 27)) throw new Error('deepseek3 cannot have 26 or 27 layers: llama.cpp reads such a file as DeepSeek-V2-Lite, without q-LoRA');
   if (o.layers > MAX_LAYERS) throw new Error(`layers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers}`);
   if (o.family === 'gemma4' && o.layers < 2) throw new Error('gemma4 needs at least 2 layers (llama.cpp asserts two layers keep their own KV)');
   const deltaNet = o.family === 'qwen35' || o.family === 'qwen35moe' || o.family === 'qwen3next';

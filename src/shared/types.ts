@@ -157,8 +157,8 @@ export interface ModelInfo {
    * `[THINK]`...`[/THINK]` for Magistral; Gemma 4's `<|channel>thought`...`<channel|>`), 'harmony'
    * (gpt-oss's analysis channel) or 'none'. Replies then have it apart (`TurnResult.reasoning`, `onReasoning`), and memory keeps it
    * as `pastReasoning` says. A model that shares a reasoning model's vocabulary but does not think
-   * (Qwen3-Instruct-2507) says 'think' too: its replies have no reasoning, and `thinking: false` gives
-   * it an empty think block it was not trained on.
+   * (Qwen3-Instruct-2507; Mistral instruct models whose vocabulary has `[THINK]`) says 'think' too: its
+   * replies have no reasoning, and `thinking: false` gives it an empty think block it was not trained on.
    */
   reasoning: 'think' | 'harmony' | 'none';
   /** Whether chats can evict in place on this model; createChat throws UnsupportedModelError otherwise. */

@@ -248,6 +248,14 @@ describe('other think-block markers', () => {
         expect(text(ofTurn(chat, 2, 'reasoning')).startsWith(c.skipped)).toBe(true);
         checkCache(chat, BASE.maxTokens!);
         chat.dispose();
+        if (c.name === 'gemma4') {
+          // Gemma 4 may end an answer with an unmatched <channel|>: framing, not the close of reasoning.
+          const stray = model.createChat({ ...BASE, testReply: 'Hello there.<channel|>' });
+          const s = await stray.send('hi');
+          expect([s.reasoning, s.response]).toEqual(['', 'Hello there.']);
+          expect(ofTurn(stray, 1, 'reasoning')).toEqual([]);
+          stray.dispose();
+        }
       } finally {
         model.dispose();
       }

@@ -14,6 +14,7 @@ import {
   f16BitsToF32,
   f32ToF16Bits,
   writeLlamaModel,
+  writeModel,
   type LlamaModelInput,
 } from '../../src/gguf/index.ts';
 import { parseGGUF, type ParsedGGUF, type TensorInfo, type Value } from '../gguf-file.ts';
@@ -201,6 +202,10 @@ describe('writeLlamaModel', () => {
     expect(() => writeLlamaModel(f, { heads: 4, kvHeads: 3 })).toThrow(/kvHeads/);
     expect(() => writeLlamaModel(f, { layers: 0 })).toThrow(/layers/);
     expect(() => writeLlamaModel(f, { layers: 513 })).toThrow(/at most 512/);
+    // A declared multi-token-prediction block counts toward llama.cpp's limit; a 27-layer deepseek3 would load as V2-Lite.
+    expect(() => writeModel(f, { family: 'glm4moe', layers: 512 })).toThrow(/plus nextnLayers/);
+    expect(() => writeModel(f, { family: 'deepseek3', layers: 27 })).toThrow(/V2-Lite/);
+    expect(() => writeModel(f, { family: 'qwen3', nextnLayers: 1 })).toThrow(/nextnLayers/);
     expect(() => new GGUFWriter(24)).toThrow(/power of two/);
     expect(() => new GGUFWriter().addUint32('x', 2 ** 32 + 5).write(f)).toThrow(/0\.\.4294967295/);
     expect(() => new GGUFWriter().addInt32('x', 1.5).write(f)).toThrow(/integer/);

@@ -53,6 +53,7 @@ Family options (ignored by the others):
   --experts <n>          qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, deepseek3, glm4moe, nemotron3: experts per layer [${DEFAULT_MODEL_OPTIONS.experts}]
   --experts-used <n>     qwen3moe, qwen35moe, qwen3next, gptoss, deepseek2, deepseek3, glm4moe, nemotron3: experts per token [${DEFAULT_MODEL_OPTIONS.expertsUsed}]
   --yarn-factor <n>      YaRN context extension factor (0: the family's, 32 for gptoss, none for the others) [${DEFAULT_MODEL_OPTIONS.yarnFactor}]
+  --shared-kv-layers <n> gemma4: the last layers that read earlier layers' KV instead of their own (Gemma 4 E2B/E4B) [${DEFAULT_MODEL_OPTIONS.sharedKvLayers}]
   --nextn-layers <n>     deepseek2, deepseek3, glm4moe: multi-token-prediction blocks declared after the trunk (no tensors, as a main model's GGUF; 0: 1 for deepseek3 and glm4moe) [${DEFAULT_MODEL_OPTIONS.nextnLayers}]
   --help, -h             show this help
 `;
@@ -99,6 +100,7 @@ function main(argv: string[]): number {
       'experts-used': { type: 'string' },
       'yarn-factor': { type: 'string' },
       'nextn-layers': { type: 'string' },
+      'shared-kv-layers': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -150,6 +152,7 @@ function main(argv: string[]): number {
     expertsUsed: parseIntArg('experts-used', values['experts-used']),
     yarnFactor: parseIntArg('yarn-factor', values['yarn-factor']),
     nextnLayers: parseIntArg('nextn-layers', values['nextn-layers']),
+    sharedKvLayers: parseIntArg('shared-kv-layers', values['shared-kv-layers']),
   };
   const r = values.arch === undefined ? writeLlamaModel(out, options) : writeModel(out, { ...options, ...familyOptions, family: values.arch as ModelFamily });
   const ms = performance.now() - t0;

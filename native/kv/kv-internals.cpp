@@ -269,10 +269,13 @@ kv_model_layout kv_layout_of(const llama_model * model) {
         const bool both = falcon || (!nemotron || hp.n_ff(il) == 0);
         const bool attends = hybrid ? (falcon || (!hp.is_recr(il) && both)) : !recurrent;
         const bool recurs = il < hp.n_layer() && (recurrent || (hybrid && (falcon || (hp.is_recr(il) && both))));
-        out.attention_layers += attends ? 1 : 0;
-        out.rotary_layers += attends && layer_has_positions(*model, il) ? 1 : 0;
+        // Gemma 3n / Gemma 4's last layers read earlier layers' KV (shared_kv_layers): they attend, and
+        // slide or not, but hold no cells of their own.
+        const bool own_kv = attends && hp.has_kv(il);
+        out.attention_layers += own_kv ? 1 : 0;
+        out.rotary_layers += own_kv && layer_has_positions(*model, il) ? 1 : 0;
         out.sliding_layers.push_back(attends && hp.is_swa(il));
-        if (attends) {
+        if (own_kv) {
             out.kv_heads = out.kv_heads > 0 ? out.kv_heads : (int32_t) hp.n_head_kv(il);
             // Latent attention (DeepSeek-V2/V3, GLM-4.7-Flash) keeps no value cache: values are a view of the keys' latent.
             out.kv_values_per_token += (uint64_t) hp.n_embd_k_gqa(il) + (hp.is_mla() ? 0 : hp.n_embd_v_gqa(il));

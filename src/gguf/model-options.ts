@@ -105,6 +105,8 @@ export interface ModelOptions {
    * (DeepSeek-V3, Kimi K2, GLM-4.5/4.7). 0 = the family's: 1 for glm4moe and deepseek3, none for deepseek2.
    */
   nextnLayers: number;
+  /** gemma4: the last layers that read earlier layers' KV cache instead of keeping their own (Gemma 4 E2B/E4B); at least two keep their own */
+  sharedKvLayers: number;
 }
 
 /** Options accepted by writeModel: any subset; missing or undefined fields take the defaults. */
@@ -137,6 +139,7 @@ export const DEFAULT_MODEL_OPTIONS: Readonly<ModelOptions> = Object.freeze({
   convKernel: 0,
   yarnFactor: 0,
   nextnLayers: 0,
+  sharedKvLayers: 0,
 });
 
 /** llama.cpp refuses more layers (LLAMA_MAX_LAYERS in llama.cpp's llama-hparams.h). */
@@ -159,11 +162,14 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   for (const key of ['layers', 'embd', 'heads', 'kvHeads', 'headDim', 'ffn', 'ctx', 'slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ssmStateSize', 'ssmGroups', 'ssmHeads'] as const) {
     checkPositiveInt(key, o[key]);
   }
-  for (const key of ['ropeDims', 'convKernel', 'yarnFactor', 'nextnLayers'] as const) {
+  for (const key of ['ropeDims', 'convKernel', 'yarnFactor', 'nextnLayers', 'sharedKvLayers'] as const) {
     if (!Number.isInteger(o[key]) || o[key] < 0) throw new Error(`${key} must be a non-negative integer, got ${o[key]}`);
   }
   const latent = o.family === 'deepseek2' || o.family === 'deepseek3';
   if (o.nextnLayers > 0 && !latent && o.family !== 'glm4moe') throw new Error(`nextnLayers is for deepseek2, deepseek3 and glm4moe (their MTP blocks), got ${o.family}`);
+  if (o.sharedKvLayers > 0 && (o.family !== 'gemma4' || o.layers - o.sharedKvLayers < 2)) {
+    throw new Error(`sharedKvLayers is for gemma4 and leaves at least two layers their own KV, got ${o.sharedKvLayers} of ${o.layers} (${o.family})`);
+  }
   const nextn = o.nextnLayers || (o.family === 'glm4moe' || o.family === 'deepseek3' ? 1 : 0);
   if (o.layers + nextn > MAX_LAYERS) throw new Error(`layers plus nextnLayers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers} + ${nextn}`);
   // llama.cpp takes a deepseek2 file of 26 or 27 layers for a V2-Lite, which has no q-LoRA.
@@ -237,7 +243,7 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
 // ---- the llama generator most tests use (ChatML by default, as before there were families) ----
 
 /** Options only some families read (the llama generator has none of them). */
-const FAMILY_ONLY_OPTIONS = ['slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ropeDims', 'ssmStateSize', 'ssmGroups', 'ssmHeads', 'convKernel', 'yarnFactor', 'nextnLayers'] as const;
+const FAMILY_ONLY_OPTIONS = ['slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ropeDims', 'ssmStateSize', 'ssmGroups', 'ssmHeads', 'convKernel', 'yarnFactor', 'nextnLayers', 'sharedKvLayers'] as const;
 type FamilyOnlyOption = (typeof FAMILY_ONLY_OPTIONS)[number];
 
 export type LlamaModelOptions = Omit<ModelOptions, 'family' | FamilyOnlyOption | 'template' | 'chatTemplate'> & {

@@ -171,7 +171,7 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
     w.addUint32(key('rope.dimension_count_swa'), o.headDim);
     w.addFloat32(key('rope.freq_base_swa'), 10000);
     w.addUint32(key('embedding_length_per_layer_input'), 0);
-    w.addUint32(key('attention.shared_kv_layers'), 0);
+    w.addUint32(key('attention.shared_kv_layers'), o.sharedKvLayers);
     w.addFloat32(key('final_logit_softcapping'), 30);
   }
   if (arch === 'gpt-oss') {

@@ -113,6 +113,36 @@ describe.each(SUPPORTED)('family %s', (family) => {
     }
   });
 
+  it.runIf(family === 'gemma4')('layers that read earlier layers\' KV (Gemma 4 E2B/E4B, Gemma 3n): kvLayers and kvBytes count only the layers that keep cells; chats evict, shift and round-trip', async () => {
+    const path = join(dir, 'gemma4-shared.gguf');
+    writeModel(path, { family, seed: 7, layers: 4, sharedKvLayers: 2 });
+    const shared = await loadModel(path, { threads: THREADS });
+    try {
+      expect(shared.info.nLayer).toBe(4);
+      expect(shared.info.kvLayers).toBe(2);
+      const chat = shared.createChat({ maxTokens: 64, windowSize: 16, kvType: 'f32', systemPrompt: 'You are terse.', positionLimit: 128 });
+      for (let t = 0; t < 20; t++) {
+        await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 5, temperature: 0 });
+        checkCache(chat, 64);
+      }
+      const s = chat.stats();
+      expect(s.compactions).toBeGreaterThan(0);
+      // One sliding layer of headDim and one full layer of 2 x headDim keep K and V, F32.
+      expect(s.kvBytes).toBe(s.tokensRetained * model.info.nHeadKv * (16 + 32) * 2 * 4);
+      const internals = chat._internals();
+      const probe = shared.tokenize('the')[0]!;
+      const before = internals.probeLogits(probe);
+      internals.shiftPositions(40);
+      expect(maxAbsDiff(before, internals.probeLogits(probe))).toBeLessThan(1e-3);
+      const back = await shared.loadChat(await chat.checkpoint());
+      expect(maxAbsDiff(internals.probeLogits(probe), back._internals().probeLogits(probe))).toBe(0);
+      back.dispose();
+      chat.dispose();
+    } finally {
+      shared.dispose();
+    }
+  });
+
   it('a whole-sequence position shift leaves the next-token logits unchanged', async () => {
     const chat = model.createChat({ maxTokens: 256, kvType: 'f32', flashAttention: false, systemPrompt: 'You are terse.' });
     await chat.send('Tell me about the sea and the sky.', { maxNewTokens: 12, temperature: 0 });

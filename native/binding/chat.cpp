@@ -39,6 +39,7 @@ Napi::Object stats_to_js(Napi::Env env, const turn_stats & s) {
         e.Set("policyMs", r.policy_ms);
         e.Set("evictMs", r.evict_ms);
         e.Set("fallback", r.fallback);
+        e.Set("pastReasoning", r.past_reasoning);
         e.Set("summaryTokens", r.summary_tokens);
         e.Set("summaryPromptTokens", r.summary_prompt_tokens);
         e.Set("phase", r.during_generation ? "generation" : "prefill");

@@ -53,6 +53,7 @@ struct eviction_record {
     double policy_ms = 0;
     double evict_ms = 0;
     bool fallback = false;
+    bool past_reasoning = false;          // earlier replies' reasoning (pastReasoning), not the policy's choice
     uint32_t summary_tokens = 0;
     uint32_t summary_prompt_tokens = 0;   // decoded before the summary: the open reply's close, the instruction
     bool during_generation = false;

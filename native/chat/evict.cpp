@@ -291,6 +291,7 @@ size_t chat::evict_past_reasoning(size_t want, step_context & e) {
     if (n > 0) {
         eviction_record rec;
         rec.during_generation = turn_->generating;
+        rec.past_reasoning = true;
         apply_eviction(ranges_from_mask(drop), std::move(rec), e);
     }
     return n;

@@ -18,8 +18,10 @@ export interface EvictionEvent {
   positions: [number, number][];
   policyMs: number;
   evictMs: number;
-  /** The latency guard replaced the policy's choice with `sliding`. */
+  /** The latency guard replaced the policy's choice with `sliding`, or a summary could not be written and the eviction went without it. */
   fallback: boolean;
+  /** Earlier replies' reasoning, evicted by `pastReasoning` ('drop' at the turn's start, 'first' before the policy), not by the policy. */
+  pastReasoning: boolean;
   /** rolling_summary/hybrid: summary tokens that took the evicted tokens' place. */
   summaryTokens: number;
   /** rolling_summary/hybrid: tokens decoded before the summary (the reply left open closed, then the instruction); 0 without one. */

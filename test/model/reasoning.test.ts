@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeModel, type ModelFamily } from '../../src/gguf/index.ts';
-import { loadModel, type Chat, type ChatOptions, type MemoryEntry, type Model } from '../../src/index.ts';
+import { loadModel, type Chat, type ChatOptions, type EvictionEvent, type MemoryEntry, type Model } from '../../src/index.ts';
 import { connectRemote } from '../../src/remote/index.ts';
 import { createServer } from '../../src/server/index.ts';
 import { checkCache, testDir, testModelPath, THREADS } from '../helpers.ts';
@@ -76,13 +76,16 @@ describe('a reply with reasoning', () => {
     });
 
     it(`pastReasoning 'drop' evicts it in place when the next turn starts (${family})`, async () => {
-      const chat = models.get(family)!.createChat({ ...BASE, testReply: reply });
+      const evictions: EvictionEvent[] = [];
+      const chat = models.get(family)!.createChat({ ...BASE, testReply: reply, telemetry: { onEviction: (ev) => void evictions.push(ev) } });
       await chat.send('hi');
       const before = ofTurn(chat, 1);
       const thoughts = before.filter((e) => e.role === 'reasoning');
       const r2 = await chat.send('and again');
       // Exactly the reasoning left, and only at the start: nothing else of turn 1 moved or went.
       expect(r2.stats.evictedTokens).toBe(thoughts.length);
+      await new Promise((r) => setImmediate(r));   // telemetry hooks run after the turn resolves
+      expect(evictions.map((ev) => [ev.turn, ev.phase, ev.pastReasoning, ev.evictedTokens])).toEqual([[2, 'prefill', true, thoughts.length]]);
       expect(r2.stats.promptTokens).toBeGreaterThan(0);
       const after = ofTurn(chat, 1);
       expect(after.map((e) => [e.token, e.position])).toEqual(before.filter((e) => e.role !== 'reasoning').map((e) => [e.token, e.position])

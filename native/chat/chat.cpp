@@ -250,7 +250,7 @@ turn_request chat::prepare_ingest(const std::string & user_text, const std::stri
     const size_t close = rm.think() ? answer.rfind(rm.close_text) : std::string::npos;
     if (close != std::string::npos) {
         answer.erase(0, close + rm.close_text.size());
-        answer.erase(0, answer.find_first_not_of('\n') == std::string::npos ? answer.size() : answer.find_first_not_of('\n'));
+        answer.erase(0, std::min(answer.find_first_not_of('\n'), answer.size()));
     }
     req.reply = model_->frame_tokens(frame_kind::assistant, answer, false);
     std::lock_guard<std::mutex> lock(mu_);

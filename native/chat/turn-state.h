@@ -76,9 +76,9 @@ struct chat::turn_state {
     std::unique_ptr<text_stream> reasoning_stream;   // the reasoning's (no stop strings)
     std::unique_ptr<reasoning_splitter> splitter;
     std::vector<token_role> reply_roles;             // per sampled token of the reply: ASSISTANT or REASONING
-    size_t reply_in_ledger = 0;                      // of them, appended to the ledger so far
-    // Where each was appended, and chat::positions_moved_ then: a relabel finds them by position
-    // while no compaction moved them since (entries evicted in between cannot shift the count).
+    // Where each of them appended to the ledger so far was (its size: how many are), and
+    // chat::positions_moved_ then: a relabel finds them by position while no compaction moved them
+    // since (entries evicted in between cannot shift the count).
     std::vector<int32_t> reply_pos;
     uint64_t reply_pos_moved = 0;
     size_t reply_pos_valid = 0;                      // reply_pos[k] for k >= this still hold

@@ -247,7 +247,6 @@ void chat::on_decoded(const contribution & c, size_t from, size_t to, int32_t lo
         for (size_t i = from; i < to; ++i) {
             t.reply_pos.push_back(ledger_[first_new + (i - from)].pos);
         }
-        t.reply_in_ledger += to - from;
     }
     if (opts_.test_internal_error_after_tokens > 0 && t.generating && t.result.stats.generated_tokens >= opts_.test_internal_error_after_tokens) {
         throw fml_error(FML_ERR_INTERNAL, "an unexpected error (test hook testInternalErrorAfterTokens)");
@@ -320,12 +319,13 @@ void chat::start_generation() {
 
 void chat::split_piece(int32_t tok) {
     turn_state & t = *turn_;
+    const auto role_of = [](reply_part part) { return part == reply_part::reasoning ? TOKEN_ROLE_REASONING : TOKEN_ROLE_ASSISTANT; };
     const std::string piece = model_->token_piece(tok, false);
     const split_step s = t.splitter->push(tok, piece);
-    const token_role role = s.part == reply_part::reasoning ? TOKEN_ROLE_REASONING : TOKEN_ROLE_ASSISTANT;
+    const token_role role = role_of(s.part);
     t.reply_roles.push_back(role);
     if (s.relabel_from != SIZE_MAX) {
-        const token_role to = s.relabel_part == reply_part::reasoning ? TOKEN_ROLE_REASONING : TOKEN_ROLE_ASSISTANT;
+        const token_role to = role_of(s.relabel_part);
         relabel_reply(s.relabel_from, t.reply_roles.size() - 1, to);
         if (s.relabel_from == 0 && to == TOKEN_ROLE_REASONING) {
             // A think block closed that was never opened: the text so far was reasoning. What went to
@@ -354,7 +354,8 @@ void chat::relabel_reply(size_t from, size_t to, token_role role) {
     for (size_t k = from; k < to; ++k) {
         t.reply_roles[k] = role;
     }
-    if (from >= t.reply_in_ledger) {
+    const size_t in_ledger = t.reply_pos.size();
+    if (from >= in_ledger) {
         return;   // none in the ledger yet (`to` is past them: the newest sampled token never is)
     }
     // Those in the ledger are the reply's newest entries, walked back from the end (summaries are no
@@ -362,7 +363,7 @@ void chat::relabel_reply(size_t from, size_t to, token_role role) {
     // compaction moved them since; else as many as there were (policies keep the newest tokens).
     const bool by_pos = from >= t.reply_pos_valid && positions_moved_ == t.reply_pos_moved;
     const int32_t first_pos = by_pos ? t.reply_pos[from] : 0;
-    size_t n = std::min(to, t.reply_in_ledger) - from;
+    size_t n = std::min(to, in_ledger) - from;
     for (size_t i = ledger_.size(); i > 0 && n > 0; --i) {
         ledger_entry & x = ledger_.at(i - 1);
         if (x.role == TOKEN_ROLE_SUMMARY) {

@@ -20,6 +20,8 @@ export interface FamilySpec {
   about: string;
   /** transformer blocks when the options give none (the generator's default, 2, is too few for its layer pattern) */
   layers?: number;
+  /** multi-token-prediction blocks declared after the trunk when nextnLayers is 0 (the family's GGUFs carry one) */
+  nextnLayers?: number;
 }
 
 export const MODEL_FAMILIES = {
@@ -32,8 +34,8 @@ export const MODEL_FAMILIES = {
   smollm3: { arch: 'smollm3', template: 'chatml', addSpacePrefix: false, layers: 4, about: 'SmolLM3: the llama layers with every fourth one attending without positions (NoPE), ChatML' },
   phi3: { arch: 'phi3', template: 'phi3', addSpacePrefix: true, about: 'Phi-3: fused QKV and gate/up, NEOX RoPE, Phi-3 template' },
   deepseek2: { arch: 'deepseek2', template: 'deepseek2', addSpacePrefix: false, about: 'DeepSeek-V2-Lite: multi-head latent attention (one compressed key/value latent and one shared rotary key per token), a dense first layer then routed and shared experts, DeepSeek-V2 template' },
-  deepseek3: { arch: 'deepseek2', template: 'deepseek3', addSpacePrefix: false, about: 'DeepSeek-V3/R1 (Kimi K2 and GLM-4.7-Flash share the layout): the latent attention with queries through their own low-rank projection (q-LoRA), sigmoid-routed experts with a selection bias and a shared one after a dense first layer, a multi-token-prediction block after the trunk, DeepSeek-V3 template with think blocks' },
-  glm4moe: { arch: 'glm4moe', template: 'glm4', addSpacePrefix: false, about: 'GLM-4.5/4.6/4.7: QKV biases, NEOX RoPE over half of each head, a dense first layer then routed experts (sigmoid gating with a selection bias) and a shared one, a multi-token-prediction block after the trunk (its KV layer allocated, never attended), ChatGLM-4 template with think blocks' },
+  deepseek3: { arch: 'deepseek2', template: 'deepseek3', addSpacePrefix: false, nextnLayers: 1, about: 'DeepSeek-V3/R1 (Kimi K2 and GLM-4.7-Flash share the layout): the latent attention with queries through their own low-rank projection (q-LoRA), sigmoid-routed experts with a selection bias and a shared one after a dense first layer, a multi-token-prediction block after the trunk, DeepSeek-V3 template with think blocks' },
+  glm4moe: { arch: 'glm4moe', template: 'glm4', addSpacePrefix: false, nextnLayers: 1, about: 'GLM-4.5/4.6/4.7: QKV biases, NEOX RoPE over half of each head, a dense first layer then routed experts (sigmoid gating with a selection bias) and a shared one, a multi-token-prediction block after the trunk (its KV layer allocated, never attended), ChatGLM-4 template with think blocks' },
   gptoss: { arch: 'gpt-oss', template: 'harmony', addSpacePrefix: false, about: 'gpt-oss: sliding-window layers alternating with full attention, attention sinks, QKV and output biases, routed experts with biases (SwiGLU-OAI), YaRN RoPE, harmony template' },
   qwen3moe: { arch: 'qwen3moe', template: 'qwen3', addSpacePrefix: false, about: 'Qwen3 MoE: routed experts (softmax top-k), q/k norms, ChatML' },
   qwen2vl: { arch: 'qwen2vl', template: 'chatml', addSpacePrefix: false, about: 'Qwen2-VL text model: M-RoPE positions, ChatML' },
@@ -159,6 +161,7 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   }
   const spec: FamilySpec = MODEL_FAMILIES[o.family];
   if (options.layers === undefined && spec.layers !== undefined) o.layers = spec.layers;
+  if (o.nextnLayers === 0 && spec.nextnLayers !== undefined) o.nextnLayers = spec.nextnLayers;
   for (const key of ['layers', 'embd', 'heads', 'kvHeads', 'headDim', 'ffn', 'ctx', 'slidingWindow', 'swaPattern', 'experts', 'expertsUsed', 'attentionInterval', 'ssmStateSize', 'ssmGroups', 'ssmHeads'] as const) {
     checkPositiveInt(key, o[key]);
   }
@@ -170,8 +173,7 @@ export function resolveModelOptions(options: ModelInput = {}): ModelOptions {
   if (o.sharedKvLayers > 0 && (o.family !== 'gemma4' || o.layers - o.sharedKvLayers < 2)) {
     throw new Error(`sharedKvLayers is for gemma4 and leaves at least two layers their own KV, got ${o.sharedKvLayers} of ${o.layers} (${o.family})`);
   }
-  const nextn = o.nextnLayers || (o.family === 'glm4moe' || o.family === 'deepseek3' ? 1 : 0);
-  if (o.layers + nextn > MAX_LAYERS) throw new Error(`layers plus nextnLayers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers} + ${nextn}`);
+  if (o.layers + o.nextnLayers > MAX_LAYERS) throw new Error(`layers plus nextnLayers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers} + ${o.nextnLayers}`);
   // llama.cpp takes a deepseek2 file of 26 or 27 layers for a V2-Lite, which has no q-LoRA.
   if (o.family === 'deepseek3' && (o.layers === 26 || o.layers === 27)) throw new Error('deepseek3 cannot have 26 or 27 layers: llama.cpp reads such a file as DeepSeek-V2-Lite, without q-LoRA');
   if (o.layers > MAX_LAYERS) throw new Error(`layers must be at most ${MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS), got ${o.layers}`);

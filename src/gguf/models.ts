@@ -128,10 +128,8 @@ export function writeModel(path: string, options: ModelInput = {}, content: Mode
   w.addUint32(key('vocab_size'), nVocab);
   w.addUint32(key('context_length'), o.ctx);
   w.addUint32(key('embedding_length'), E);
-  // GLM-4.5's and DeepSeek-V3's GGUFs declare their multi-token-prediction block; DeepSeek-V2-Lite has none.
-  const nextn = o.nextnLayers || (arch === 'glm4moe' || o.family === 'deepseek3' ? 1 : 0);
-  w.addUint32(key('block_count'), o.layers + nextn);
-  if (nextn > 0) w.addUint32(key('nextn_predict_layers'), nextn);
+  w.addUint32(key('block_count'), o.layers + o.nextnLayers);
+  if (o.nextnLayers > 0) w.addUint32(key('nextn_predict_layers'), o.nextnLayers);
   w.addFloat32(key('attention.layer_norm_rms_epsilon'), 1e-5);
   if (arch === 'mamba') {
     w.addUint32(key('ssm.conv_kernel'), SSM.convKernel);

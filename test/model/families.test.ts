@@ -28,6 +28,37 @@ async function load(family: ModelFamily): Promise<Model> {
 
 const MESSAGES = ['The cat sat.', 'Rain fell on the hill!', 'Why is the sky blue?', 'Bread and jam, please.'];
 
+/** Loads a model of an unusual KV layout for `check`, and disposes of it after. */
+async function withLayoutModel(path: string, check: (m: Model) => Promise<void>): Promise<void> {
+  const m = await loadModel(path, { threads: THREADS });
+  try {
+    await check(m);
+  } finally {
+    m.dispose();
+  }
+}
+
+/** 20 evicting turns that compact at a position limit of 128 (the KV invariants after each), then a whole-sequence shift and a checkpoint round trip that leave the logits as they were; the chat's stats. */
+async function evictsShiftsRoundTrips(m: Model) {
+  const chat = m.createChat({ maxTokens: 64, windowSize: 16, kvType: 'f32', systemPrompt: 'You are terse.', positionLimit: 128 });
+  for (let t = 0; t < 20; t++) {
+    await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 5, temperature: 0 });
+    checkCache(chat, 64);
+  }
+  const s = chat.stats();
+  expect(s.compactions).toBeGreaterThan(0);
+  const internals = chat._internals();
+  const probe = m.tokenize('the')[0]!;
+  const before = internals.probeLogits(probe);
+  internals.shiftPositions(40);
+  expect(maxAbsDiff(before, internals.probeLogits(probe))).toBeLessThan(1e-3);
+  const back = await m.loadChat(await chat.checkpoint());
+  expect(maxAbsDiff(internals.probeLogits(probe), back._internals().probeLogits(probe))).toBe(0);
+  back.dispose();
+  chat.dispose();
+  return s;
+}
+
 describe.each(SUPPORTED)('family %s', (family) => {
   let model: Model;
   beforeAll(async () => {
@@ -87,60 +118,24 @@ describe.each(SUPPORTED)('family %s', (family) => {
     // main context keeps a KV layer for it that the trunk never attends with.
     const path = join(dir, 'deepseek2-nextn.gguf');
     writeModel(path, { family, seed: 7, nextnLayers: 1 });
-    const mtp = await loadModel(path, { threads: THREADS });
-    try {
+    await withLayoutModel(path, async (mtp) => {
       expect(mtp.info.nLayer).toBe(model.info.nLayer);
       expect(mtp.info.kvLayers).toBe(model.info.kvLayers + 1);
-      const chat = mtp.createChat({ maxTokens: 64, windowSize: 16, kvType: 'f32', systemPrompt: 'You are terse.', positionLimit: 128 });
-      for (let t = 0; t < 20; t++) {
-        await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 5, temperature: 0 });
-        checkCache(chat, 64);
-      }
-      const s = chat.stats();
-      expect(s.compactions).toBeGreaterThan(0);
+      const s = await evictsShiftsRoundTrips(mtp);
       expect(s.kvBytes).toBe(s.tokensRetained * (model.info.nLayer + 1) * (4 * 16 + 8) * 4);
-      const internals = chat._internals();
-      const probe = mtp.tokenize('the')[0]!;
-      const before = internals.probeLogits(probe);
-      internals.shiftPositions(40);
-      expect(maxAbsDiff(before, internals.probeLogits(probe))).toBeLessThan(1e-3);
-      const back = await mtp.loadChat(await chat.checkpoint());
-      expect(maxAbsDiff(internals.probeLogits(probe), back._internals().probeLogits(probe))).toBe(0);
-      back.dispose();
-      chat.dispose();
-    } finally {
-      mtp.dispose();
-    }
+    });
   });
 
   it.runIf(family === 'gemma4')('layers that read earlier layers\' KV (Gemma 4 E2B/E4B, Gemma 3n): kvLayers and kvBytes count only the layers that keep cells; chats evict, shift and round-trip', async () => {
     const path = join(dir, 'gemma4-shared.gguf');
     writeModel(path, { family, seed: 7, layers: 4, sharedKvLayers: 2 });
-    const shared = await loadModel(path, { threads: THREADS });
-    try {
+    await withLayoutModel(path, async (shared) => {
       expect(shared.info.nLayer).toBe(4);
       expect(shared.info.kvLayers).toBe(2);
-      const chat = shared.createChat({ maxTokens: 64, windowSize: 16, kvType: 'f32', systemPrompt: 'You are terse.', positionLimit: 128 });
-      for (let t = 0; t < 20; t++) {
-        await chat.send(`turn ${t}. ${MESSAGES[t % 4]}`, { maxNewTokens: 5, temperature: 0 });
-        checkCache(chat, 64);
-      }
-      const s = chat.stats();
-      expect(s.compactions).toBeGreaterThan(0);
+      const s = await evictsShiftsRoundTrips(shared);
       // One sliding layer of headDim and one full layer of 2 x headDim keep K and V, F32.
       expect(s.kvBytes).toBe(s.tokensRetained * model.info.nHeadKv * (16 + 32) * 2 * 4);
-      const internals = chat._internals();
-      const probe = shared.tokenize('the')[0]!;
-      const before = internals.probeLogits(probe);
-      internals.shiftPositions(40);
-      expect(maxAbsDiff(before, internals.probeLogits(probe))).toBeLessThan(1e-3);
-      const back = await shared.loadChat(await chat.checkpoint());
-      expect(maxAbsDiff(internals.probeLogits(probe), back._internals().probeLogits(probe))).toBe(0);
-      back.dispose();
-      chat.dispose();
-    } finally {
-      shared.dispose();
-    }
+    });
   });
 
   it('a whole-sequence position shift leaves the next-token logits unchanged', async () => {

@@ -1,5 +1,6 @@
 export { loadModel, Model, readCheckpointMessages, type ImportTranscriptOptions } from './local/model.js';
 export { Chat } from './local/chat.js';
+export { jsonSchemaToGrammar } from './local/grammar.js';
 export {
   FiniteMemoryError,
   ModelNotFoundError,

@@ -7,6 +7,7 @@
 #include "binding/model.h"
 #include "binding/options.h"
 #include "engine/checkpoint.h"
+#include "engine/grammar.h"
 #include "engine/runtime.h"
 
 #include "ggml-backend.h"
@@ -19,6 +20,13 @@ namespace fml {
 void register_probes(Napi::Env env, Napi::Object exports);   // probes.cpp or no-probes.cpp
 
 namespace {
+
+// jsonSchemaToGrammar(schemaJson) -> the GBNF send's jsonSchema holds an answer to (throws INVALID_OPTION).
+Napi::Value js_json_schema_to_grammar(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    const std::string schema = string_arg(info, 0, "jsonSchema");
+    return Napi::String::New(env, guarded(env, [&] { return gbnf_of_json_schema(schema); }));
+}
 
 // resolveChatOptions(raw, defaultThreads) -> the resolved options (throws INVALID_OPTION).
 Napi::Value js_resolve_chat_options(const Napi::CallbackInfo & info) {
@@ -117,6 +125,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
     exports.Set("loadChat", Napi::Function::New(env, js_load_chat));
     exports.Set("resolveChatOptions", Napi::Function::New(env, js_resolve_chat_options));
     exports.Set("optionDocs", Napi::Function::New(env, js_option_docs));
+    exports.Set("jsonSchemaToGrammar", Napi::Function::New(env, js_json_schema_to_grammar));
     exports.Set("removeStaleCheckpointTemps", Napi::Function::New(env, js_remove_stale_checkpoint_temps));
     exports.Set("checkpointTranscript", Napi::Function::New(env, js_checkpoint_transcript));
     exports.Set("checkpointSettings", Napi::Function::New(env, js_checkpoint_settings));

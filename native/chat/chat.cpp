@@ -218,6 +218,9 @@ turn_request chat::prepare_turn(const std::string & user_text, generation_option
         req.reply_prefix_role = rm.harmony() ? TOKEN_ROLE_ASSISTANT : TOKEN_ROLE_REASONING;
         req.reasoning_skipped = true;
     }
+    if (!gen.grammar.empty() || !gen.json_schema.empty()) {
+        req.grammar = reply_grammar::compile(model_->vocab(), gen.grammar, gen.json_schema);
+    }
     req.gen = std::move(gen);
     req.pin = pin;
     std::lock_guard<std::mutex> lock(mu_);

@@ -14,6 +14,7 @@
 // result. Shared state is guarded by one mutex.
 #pragma once
 
+#include "engine/grammar.h"
 #include "engine/options.h"
 #include "engine/sampler.h"
 #include "engine/signals.h"
@@ -163,6 +164,7 @@ struct turn_request {
     token_role reply_prefix_role = TOKEN_ROLE_REASONING;
     bool reasoning_skipped = false;  // thinking false: the reply starts after its (empty) reasoning
     generation_options gen;
+    std::unique_ptr<reply_grammar> grammar;   // gen's grammar or jsonSchema, compiled (null: none)
     turn_callbacks cb;
 };
 
@@ -413,7 +415,7 @@ private:
     std::vector<int32_t> system_tokens_;
     std::vector<int32_t> summary_instruction_;
     std::vector<int32_t> closing_tokens_;   // the template's end of an assistant turn
-    std::vector<int32_t> test_reply_;       // test hook testReply: every reply's tokens
+    std::vector<int32_t> test_reply_;       // test hook testReply: every reply's tokens (its start, with testReplyThenSample)
     // The most a carry holds: a reply's last sampled token and the template's end of turn.
     size_t carry_capacity() const { return 1 + closing_tokens_.size(); }
     size_t chunk_ = 512;                    // most prefill tokens per step (batchSize)

@@ -25,6 +25,18 @@ split_step reasoning_splitter::push(int32_t token, const std::string & piece) {
     return s;
 }
 
+split_step reasoning_splitter::peek(int32_t token, const std::string & piece) const {
+    reasoning_splitter copy = *this;
+    return copy.push(token, piece);
+}
+
+bool reasoning_splitter::in_answer() const {
+    if (m_.harmony()) {
+        return part_ == reply_part::content && state_ == state::text;
+    }
+    return part_ == reply_part::content;
+}
+
 split_step reasoning_splitter::push_think(int32_t token, const std::string & piece) {
     split_step s;
     if (token == m_.think_open) {

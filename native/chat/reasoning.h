@@ -37,6 +37,11 @@ public:
     reasoning_splitter(const reasoning_markers & markers, reply_start start);
     // The reply's next token and its piece (rendered as text).
     split_step push(int32_t token, const std::string & piece);
+    // What push would say, without taking the token (a candidate's part, before it is chosen).
+    split_step peek(int32_t token, const std::string & piece) const;
+    // The reply is in its answer now: its next text would be the answer's (an end of generation
+    // here ends the answer).
+    bool in_answer() const;
 
 private:
     split_step push_think(int32_t token, const std::string & piece);

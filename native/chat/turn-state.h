@@ -75,6 +75,7 @@ struct chat::turn_state {
     std::unique_ptr<text_stream> stream;             // the answer's text (stop strings apply to it)
     std::unique_ptr<text_stream> reasoning_stream;   // the reasoning's (no stop strings)
     std::unique_ptr<reasoning_splitter> splitter;
+    bool answer_held = false;   // send's grammar has taken the answer's first token: it holds every token from here
     std::vector<token_role> reply_roles;             // per sampled token of the reply: ASSISTANT or REASONING
     // Where each of them appended to the ledger so far was (its size: how many are), and
     // chat::positions_moved_ then: a relabel finds them by position while no compaction moved them

@@ -380,9 +380,30 @@ void chat::relabel_reply(size_t from, size_t to, token_role role) {
 void chat::sample_next(step_context & e, int32_t logits_row) {
     turn_state & t = *turn_;
     turn_stats & st = t.result.stats;
-    const bool forced = !test_reply_.empty();
-    const int32_t tok = !forced ? llama_sampler_sample(t.sampler->raw(), e.ctx(), logits_row)
-                                : t.forced_next < test_reply_.size() ? test_reply_[t.forced_next++] : -1;
+    // testReply's tokens, then the end (or, with testReplyThenSample, sampled ones).
+    const bool forced = !test_reply_.empty() && (t.forced_next < test_reply_.size() || !opts_.test_reply_then_sample);
+    int32_t tok = -1;
+    if (forced) {
+        tok = t.forced_next < test_reply_.size() ? test_reply_[t.forced_next++] : -1;
+    } else if (t.req.grammar) {
+        // The grammar holds the answer from its first text on (a marker after it would leave the
+        // answer: held too, so refused), and its end; the reasoning and the framing before it stay
+        // free. -1: the grammar leaves nothing to sample, the reply ends.
+        const auto held = [&](int32_t c) {
+            if (t.answer_held) {
+                return true;
+            }
+            if (model_->is_eog(c)) {
+                return t.splitter->in_answer();
+            }
+            const split_step s = t.splitter->peek(c, model_->token_piece(c, false));
+            return s.has_text && s.part == reply_part::content;
+        };
+        tok = t.sampler->sample(e.ctx(), logits_row, *t.req.grammar, held);
+        t.answer_held = t.answer_held || (tok >= 0 && !model_->is_eog(tok) && held(tok));
+    } else {
+        tok = llama_sampler_sample(t.sampler->raw(), e.ctx(), logits_row);
+    }
     if (!t.first_token) {
         t.first_token = true;
         st.first_token_ms = ms_since(t.t_start);

@@ -1,5 +1,6 @@
 #include "engine/options.h"
 
+#include "engine/grammar.h"
 #include "kv/token-ledger.h"
 #include "util/error.h"
 
@@ -271,6 +272,8 @@ const option_row<chat_target> CHAT_ROWS[] = {
       [](chat_target & t, const option_value * v) { t.o.test_fail_summary_decode = v ? boolean_of("testFailSummaryDecode", *v) : false; } },
     { { "chat", "testReply", "string", "''", "at most 65536 bytes", "Test hook: every reply is this text's tokens (control tokens parsed), taken in order in place of sampled ones, then the end of generation ('': sampled).", true },
       [](chat_target & t, const option_value * v) { t.o.test_reply = v ? text_of("testReply", *v, 65536) : ""; } },
+    { { "chat", "testReplyThenSample", "boolean", "false", "", "Test hook: after testReply's tokens the reply goes on with sampled ones (a forced start: a think block, a channel), not the end.", true },
+      [](chat_target & t, const option_value * v) { t.o.test_reply_then_sample = v ? boolean_of("testReplyThenSample", *v) : false; } },
     { { "chat", "testPolicyDelayMs", "number", "0", "0 .. 60000", "Test hook: every policy choice takes this long.", true },
       [](chat_target & t, const option_value * v) { t.o.test_policy_delay_ms = v ? number_in("testPolicyDelayMs", *v, 0, 60000) : 0.0; } },
     { { "chat", "testTokenDelayMs", "number", "0", "0 .. 60000", "Test hook: this chat waits this long after each of its decodes (the others do not).", true },
@@ -317,6 +320,15 @@ const option_row<send_target> SEND_ROWS[] = {
       [](send_target & t, const option_value * v) { t.g.thinking = v ? boolean_of("thinking", *v) : true; } },
     { { "send", "ignoreEos", "boolean", "false", "", "End-of-generation tokens are never sampled, so the reply runs to maxNewTokens or a stop string (as llama-server's ignore_eos: equal work in benchmarks).", false },
       [](send_target & t, const option_value * v) { t.g.ignore_eos = v ? boolean_of("ignoreEos", *v) : false; } },
+    // Compiled (and the two checked against each other) with the model's vocabulary: engine/grammar.cpp.
+    { { "send", "grammar", "string", "none", "at most 131072 bytes", "A GBNF grammar (llama.cpp's, start rule root) the answer follows; a reasoning model's reasoning stays free. The reply ends when the grammar is complete.", false },
+      [](send_target & t, const option_value * v) { t.g.grammar = v ? text_of("grammar", *v, MAX_GRAMMAR_BYTES) : ""; } },
+    { { "send", "jsonSchema", "object | string", "none", "at most 65536 bytes of JSON, nested at most 64 deep", "A JSON schema the answer follows (converted to a grammar as llama-server converts response_format's); a reasoning model's reasoning stays free. The reply ends when the JSON value is complete.", false },
+      [](send_target & t, const option_value * v) {
+          // TypeScript gives an object as its JSON text.
+          if (v && v->kind != option_value::STRING) fail("a JSON schema (an object, or its JSON text)", "jsonSchema", *v);
+          t.g.json_schema = v ? text_of("jsonSchema", *v, MAX_JSON_SCHEMA_BYTES) : "";
+      } },
 };
 
 std::atomic<bool> g_test_options{false};
@@ -368,6 +380,9 @@ chat_options resolve_chat_options(const option_map & raw, int32_t default_thread
 generation_options resolve_generation_options(const option_map & raw) {
     send_target t{};
     resolve_rows(SEND_ROWS, raw, t);
+    if (!t.g.grammar.empty() && !t.g.json_schema.empty()) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "grammar and jsonSchema were both given; an answer follows one of them");
+    }
     return t.g;
 }
 
@@ -408,6 +423,7 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
         if (o.test_fail_after_tokens > 0) m.push_back({ "testFailAfterTokens", option_value::of((double) o.test_fail_after_tokens) });
         if (o.test_fail_summary_decode) m.push_back({ "testFailSummaryDecode", option_value::of(true) });
         if (!o.test_reply.empty()) m.push_back({ "testReply", option_value::of(o.test_reply) });
+        if (o.test_reply_then_sample) m.push_back({ "testReplyThenSample", option_value::of(true) });
         if (o.test_internal_error_after_tokens > 0) m.push_back({ "testInternalErrorAfterTokens", option_value::of((double) o.test_internal_error_after_tokens) });
     }
     return m;

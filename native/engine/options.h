@@ -68,6 +68,7 @@ struct chat_options {
     uint32_t    test_fail_after_tokens = 0; // test hook: a reply's decode fails (as llama_decode can) once it has this many tokens
     bool        test_fail_summary_decode = false; // test hook: every decode of a summary's scratch fails (as llama_decode can)
     std::string test_reply;               // test hook: every reply is this text's tokens (control tokens parsed), not sampled ones
+    bool        test_reply_then_sample = false; // test hook: ... then sampled ones (a forced start)
     uint32_t    test_internal_error_after_tokens = 0; // test hook: an unexpected error escapes the step once a reply has this many tokens
 };
 
@@ -77,6 +78,8 @@ struct generation_options {
     bool ignore_eos = false;     // end-of-generation tokens are never sampled: the reply runs to max_new_tokens (or a stop string)
     bool thinking = true;        // false: a reasoning model's reply starts by skipping its reasoning (reasoning_markers::skip)
     std::vector<std::string> stop;
+    std::string grammar;         // GBNF the answer follows ('': none); compiled by chat::prepare_turn (engine/grammar.h)
+    std::string json_schema;     // a JSON schema (JSON text) the answer follows, converted to GBNF ('': none)
 };
 
 // CPUs this process may run on (its affinity mask), like Node's os.availableParallelism().

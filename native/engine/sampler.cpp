@@ -1,12 +1,17 @@
 #include "engine/sampler.h"
 
+#include "engine/grammar.h"
+#include "util/error.h"
+
 #include "llama.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace fml {
 
-sampler_chain::sampler_chain(const sampling_options & o, int32_t n_vocab, const std::vector<int32_t> & banned) {
+sampler_chain::sampler_chain(const sampling_options & o, int32_t n_vocab, const std::vector<int32_t> & banned) : banned_(banned) {
+    std::sort(banned_.begin(), banned_.end());
     llama_sampler_chain_params p = llama_sampler_chain_default_params();
     p.no_perf = true;
     chain_ = llama_sampler_chain_init(p);
@@ -21,6 +26,7 @@ sampler_chain::sampler_chain(const sampling_options & o, int32_t n_vocab, const 
         llama_sampler_chain_add(chain_, llama_sampler_init_penalties(n_vocab, o.repeat_last_n, o.repeat_penalty, 0.0f, 0.0f));
     }
     if (o.temperature <= 0.0f) {
+        greedy_ = true;
         llama_sampler_chain_add(chain_, llama_sampler_init_greedy());
         return;
     }
@@ -41,6 +47,75 @@ sampler_chain::~sampler_chain() {
     if (chain_ != nullptr) {
         llama_sampler_free(chain_);
     }
+}
+
+int32_t best_allowed(llama_token_data * cur, size_t n, const std::function<void(llama_token_data *, size_t)> & allow) {
+    // The best few first (a partial sort costs a fraction of a grammar's pass); when the grammar
+    // allows none of them, the rest in one pass, and their best by a scan.
+    const size_t first = std::min<size_t>(n, 64);
+    std::partial_sort(cur, cur + first, cur + n, [](const llama_token_data & a, const llama_token_data & b) { return a.logit > b.logit; });
+    allow(cur, first);
+    for (size_t i = 0; i < first; ++i) {
+        if (!std::isinf(cur[i].logit)) {
+            return cur[i].id;
+        }
+    }
+    allow(cur + first, n - first);
+    const llama_token_data * best = nullptr;
+    for (size_t i = first; i < n; ++i) {
+        if (!std::isinf(cur[i].logit) && (best == nullptr || cur[i].logit > best->logit)) {
+            best = &cur[i];
+        }
+    }
+    return best != nullptr ? best->id : -1;
+}
+
+int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::function<bool(int32_t)> & constrained) {
+    const float * logits = llama_get_logits_ith(ctx, row);
+    if (logits == nullptr) {
+        throw fml_error(FML_ERR_INTERNAL, "no logits for the row to sample from");
+    }
+    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx)));
+    const auto candidates = [&] {
+        cur_.resize((size_t) n_vocab);
+        for (int32_t t = 0; t < n_vocab; ++t) {
+            cur_[(size_t) t] = { t, logits[t], 0.0f };
+        }
+        return llama_token_data_array{ cur_.data(), cur_.size(), -1, false };
+    };
+    llama_token_data_array cur = candidates();
+    llama_sampler_apply(chain_, &cur);
+    int32_t tok = cur.data[cur.selected].id;
+    bool held = constrained(tok);
+    if (held && !grammar.allows(tok) && greedy_) {
+        // The chain left every candidate with its logit (bias and penalties applied; greedy only
+        // selects): the best the grammar allows is the same token a pass over all of them would give.
+        tok = best_allowed(cur.data, cur.size, [&](llama_token_data * part, size_t k) {
+            llama_token_data_array a = { part, k, -1, false };
+            grammar.apply(&a);
+        });
+        if (tok < 0) {
+            return -1;
+        }
+        held = constrained(tok);
+    } else if (held && !grammar.allows(tok)) {
+        cur = candidates();
+        grammar.apply(&cur);
+        const bool any = std::any_of(cur.data, cur.data + cur.size, [&](const llama_token_data & d) {
+            return !std::isinf(d.logit) && !std::binary_search(banned_.begin(), banned_.end(), d.id);
+        });
+        if (!any) {
+            return -1;
+        }
+        llama_sampler_apply(chain_, &cur);
+        tok = cur.data[cur.selected].id;
+        held = constrained(tok);
+    }
+    if (held && !llama_vocab_is_eog(llama_model_get_vocab(llama_get_model(ctx)), tok)) {
+        grammar.accept(tok);
+    }
+    llama_sampler_accept(chain_, tok);
+    return tok;
 }
 
 } // namespace fml

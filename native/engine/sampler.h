@@ -3,12 +3,17 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
+struct llama_context;
 struct llama_sampler;
+struct llama_token_data;
 
 namespace fml {
+
+class reply_grammar;
 
 // As constructed: greedy, no penalty (what the core's own decodes use, summaries and probes); a
 // turn's values, defaults included, come from the options table (options.cpp).
@@ -31,8 +36,26 @@ public:
     sampler_chain(const sampler_chain &) = delete;
     sampler_chain & operator=(const sampler_chain &) = delete;
     llama_sampler * raw() const { return chain_; }
+
+    // The next token from the logits of `row`, held to `grammar` where `constrained(token)` says so
+    // (the reply's answer text: a reasoning model's thinking stays free). The chain's own choice is
+    // taken when the grammar allows it, else the chain chooses among what the grammar allows (as
+    // llama.cpp's common sampler: one token is checked far faster than the vocabulary). The grammar
+    // accepts the token when it was constrained. -1: the grammar allows nothing that is not banned
+    // (it is complete and end of generation is banned, or it can go on with no token of the vocabulary).
+    int32_t sample(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::function<bool(int32_t)> & constrained);
+
 private:
     llama_sampler * chain_ = nullptr;
+    bool greedy_ = false;
+    std::vector<int32_t> banned_;            // sorted
+    std::vector<llama_token_data> cur_;      // the candidates, reused from token to token
 };
+
+// Greedy decoding under a grammar: the candidate of the highest logit among those `allow` leaves
+// finite (it sets the others to -inf, as a grammar sampler's apply does). The best 64 are checked
+// first: a grammar's pass over a 150k-token vocabulary costs ~10 ms, and the best allowed token is
+// mostly among them; else the rest in one pass. Reorders `cur`. -1: none allowed.
+int32_t best_allowed(llama_token_data * cur, size_t n, const std::function<void(llama_token_data *, size_t)> & allow);
 
 } // namespace fml

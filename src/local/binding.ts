@@ -190,6 +190,8 @@ export interface NativeBinding {
   loadChat(model: NativeModel, source: string | Uint8Array, threads?: unknown): Promise<NativeChat>;
   resolveChatOptions(options: NativeRawOptions, defaultThreads: number): Record<string, unknown>;
   optionDocs(): NativeOptionDoc[];
+  /** The GBNF a JSON schema (its JSON text) becomes: what send's jsonSchema holds an answer to. */
+  jsonSchemaToGrammar(schema: string): string;
   /** Deletes `*.tmp-<pid>-<n>` files of checkpoint saves whose process died; returns how many. */
   removeStaleCheckpointTemps(dir: string): number;
   /** The transcript (JSON; '' when none) a checkpoint of any model carries, after its integrity checks. */

@@ -8,6 +8,7 @@
 import { getBinding } from './binding.js';
 import { checkObject, fail } from '../shared/checks.js';
 import { fromNativeError } from '../shared/errors.js';
+import { jsonSchemaText } from './grammar.js';
 import type { Telemetry } from '../shared/telemetry.js';
 import type { KvType, PolicyName } from '../shared/types.js';
 
@@ -132,6 +133,8 @@ export interface ChatOptions {
   testInternalErrorAfterTokens?: number;
   /** @internal Test hook: every reply is this text's tokens (control tokens parsed) in place of sampled ones, then the end. */
   testReply?: string;
+  /** @internal Test hook: after testReply's tokens the reply goes on with sampled ones (a forced start). */
+  testReplyThenSample?: boolean;
   /** @internal Test hook: every decode holding this chat's summary fails, as llama_decode can. */
   testFailSummaryDecode?: boolean;
   /** Hooks called after each turn and eviction (see `Telemetry`, `createPrometheusTelemetry`). */
@@ -165,6 +168,17 @@ export interface SendOptions {
    * No effect on other models; true leaves it to the model. Default true.
    */
   thinking?: boolean;
+  /**
+   * A GBNF grammar (llama.cpp's, start rule `root`) the answer follows. A reasoning model's reasoning
+   * stays free; the reply ends when the grammar is complete. At most 128 KiB. Default none.
+   */
+  grammar?: string;
+  /**
+   * A JSON schema the answer follows (an object, or its JSON text), converted to a grammar as
+   * llama-server converts a `response_format`: `{ type: 'object' }` for any JSON object. A reasoning
+   * model's reasoning stays free; the reply ends when the JSON value is complete. Default none.
+   */
+  jsonSchema?: object | string;
   /** Receives each streamed piece of the answer (never a split UTF-8 character; reasoning goes to onReasoning). */
   onToken?: (piece: string) => void;
   /** Receives each streamed piece of a reasoning model's reasoning (`model.info.reasoning`), apart from the answer. */
@@ -209,6 +223,7 @@ export interface ResolvedChatOptions {
   testFailAfterTokens?: number;
   testInternalErrorAfterTokens?: number;
   testReply?: string;
+  testReplyThenSample?: boolean;
   testFailSummaryDecode?: boolean;
 }
 
@@ -238,6 +253,8 @@ export interface JsSendOptions {
 
 export function splitSendOptions(raw: unknown): { native: Record<string, unknown>; js: JsSendOptions } {
   const { onToken, onReasoning, signal, pin, ...native } = checkObject('options', raw);
+  // The native table takes a schema as JSON text (it has no objects).
+  if (native.jsonSchema !== undefined) native.jsonSchema = jsonSchemaText(native.jsonSchema);
   const js: JsSendOptions = {};
   if (pin !== undefined) {
     if (typeof pin !== 'boolean') fail('a boolean', 'pin', pin);

@@ -151,6 +151,8 @@ export class RemoteChat implements ChatSurface {
       if (opts.seed !== undefined) body.seed = opts.seed;
       if (opts.stop.length > 0) body.stop = opts.stop;
       if (opts.thinking === false) body.chat_template_kwargs = { enable_thinking: false };
+      // OpenAI's structured outputs (strict: the answer follows the schema, for the subset it takes).
+      if (opts.jsonSchema !== undefined) body.response_format = { type: 'json_schema', json_schema: { name: 'response', schema: opts.jsonSchema, strict: true } };
       const r = await this.#transport.complete(body, { signal, onToken: opts.onToken, onReasoning: opts.onReasoning, partial });
       const reply: Msg = { role: 'assistant', content: r.text, tokens: this.#count(r.text) };
       memory.add(user, reply);

@@ -68,12 +68,13 @@ export interface ResolvedRemoteSendOptions {
   onToken?: (piece: string) => void;
   onReasoning?: (piece: string) => void;
   thinking?: boolean;
+  jsonSchema?: object;
   signal?: AbortSignal;
 }
 
 export function resolveRemoteSendOptions(raw: unknown): ResolvedRemoteSendOptions {
   const o = checkObject('options', raw);
-  checkKnownKeys('options', o, ['maxNewTokens', 'temperature', 'seed', 'stop', 'onToken', 'onReasoning', 'thinking', 'signal']);
+  checkKnownKeys('options', o, ['maxNewTokens', 'temperature', 'seed', 'stop', 'onToken', 'onReasoning', 'thinking', 'jsonSchema', 'signal']);
   const out: ResolvedRemoteSendOptions = { maxNewTokens: o.maxNewTokens === undefined ? 256 : checkInt('maxNewTokens', o.maxNewTokens, 1, 1 << 24), stop: [] };
   if (o.temperature !== undefined) out.temperature = checkNumber('temperature', o.temperature, 0, 2);
   if (o.seed !== undefined) out.seed = checkInt('seed', o.seed, 0, Number.MAX_SAFE_INTEGER);
@@ -88,6 +89,19 @@ export function resolveRemoteSendOptions(raw: unknown): ResolvedRemoteSendOption
   if (o.thinking !== undefined) {
     if (typeof o.thinking !== 'boolean') throw new InvalidOptionError('Expected a boolean for thinking');
     out.thinking = o.thinking;
+  }
+  if (o.jsonSchema !== undefined) {
+    // Sent as it is (the remote converts it); text is parsed here so a typo fails before a request.
+    let schema: unknown = o.jsonSchema;
+    if (typeof schema === 'string') {
+      try {
+        schema = JSON.parse(schema);
+      } catch {
+        throw new InvalidOptionError('Expected a JSON schema (an object, or its JSON text) for jsonSchema: the text is not JSON');
+      }
+    }
+    if (schema === null || typeof schema !== 'object' || Array.isArray(schema)) throw new InvalidOptionError('Expected a JSON schema (an object, or its JSON text) for jsonSchema');
+    out.jsonSchema = schema;
   }
   if (o.onReasoning !== undefined) {
     if (typeof o.onReasoning !== 'function') throw new InvalidOptionError('Expected a function for onReasoning');

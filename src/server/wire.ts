@@ -5,6 +5,7 @@
 import { createHash } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Chat } from '../local/chat.js';
+import { jsonSchemaToGrammar } from '../local/grammar.js';
 import { exchangesOf } from '../shared/chat-surface.js';
 import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError } from '../shared/errors.js';
 import { POLICIES, type PolicyName, type StopReason } from '../shared/types.js';
@@ -46,7 +47,7 @@ export interface ParsedCompletion {
    */
   history: Message[];
   firstTurn: string;
-  send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[]; ignoreEos?: boolean; thinking?: boolean };
+  send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[]; ignoreEos?: boolean; thinking?: boolean; jsonSchema?: object };
   stream: boolean;
   includeUsage: boolean;
   sessionId: string | undefined;
@@ -166,6 +167,19 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
     }
     send.stop = stop as string[];
   }
+  if (body.response_format !== undefined && body.response_format !== null) {
+    const schema = jsonSchemaOf(body.response_format);
+    if (schema !== undefined) {
+      // Converted once here, before any work: a schema the converter refuses is the request's fault.
+      try {
+        jsonSchemaToGrammar(schema);
+      } catch (err) {
+        if (err instanceof InvalidOptionError) throw badRequest(`Invalid 'response_format': ${err.message}`, 'response_format');
+        throw err;
+      }
+      send.jsonSchema = schema;
+    }
+  }
   if (body.n !== undefined && body.n !== null && body.n !== 1) throw badRequest("Only 'n': 1 is supported", 'n');
   if (Array.isArray(body.tools) && body.tools.length > 0) throw badRequest('Tools are not supported by this server', 'tools');
   if (body.stream !== undefined && body.stream !== null && typeof body.stream !== 'boolean') throw badRequest("'stream' must be a boolean", 'stream');
@@ -193,6 +207,35 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
     includeUsage,
     sessionId,
   };
+}
+
+/**
+ * OpenAI's `response_format`: 'text' (no constraint), 'json_object' (any JSON object; llama-server's
+ * `schema` beside it is taken too) or 'json_schema' (`json_schema.schema`; none: any JSON value). The
+ * schema's own faults (an unsupported keyword, nesting too deep) come back from the chat as a 400.
+ * `strict` is taken and needs nothing more: the answer always follows the schema here.
+ */
+export function jsonSchemaOf(v: unknown): object | undefined {
+  if (!isObject(v)) throw badRequest("'response_format' must be an object", 'response_format');
+  const schemaAt = (holder: Record<string, unknown>, param: string, absent: object): object => {
+    const schema = holder.schema;
+    if (schema === undefined || schema === null) return absent;
+    if (!isObject(schema) && typeof schema !== 'boolean') throw badRequest(`'${param}' must be a JSON schema (an object)`, param);
+    return schema as object;
+  };
+  switch (v.type) {
+    case 'text':
+      return undefined;
+    case 'json_object':
+      return schemaAt(v, 'response_format.schema', { type: 'object' });
+    case 'json_schema': {
+      const js = v.json_schema;
+      if (!isObject(js)) throw badRequest("'response_format.json_schema' must be an object", 'response_format.json_schema');
+      return schemaAt(js, 'response_format.json_schema.schema', {});
+    }
+    default:
+      throw badRequest("'response_format.type' must be 'text', 'json_object' or 'json_schema'", 'response_format.type');
+  }
 }
 
 /**

@@ -14,6 +14,11 @@ export interface CommonSendOptions {
   onReasoning?: (piece: string) => void;
   /** false: a reasoning model answers without reasoning (the remote gets `chat_template_kwargs.enable_thinking: false`). */
   thinking?: boolean;
+  /**
+   * A JSON schema the answer follows (local: enforced by a grammar; remote: sent as `response_format`
+   * json_schema with `strict: true`, which OpenAI takes for a subset of JSON Schema).
+   */
+  jsonSchema?: object | string;
   signal?: AbortSignal;
 }
 

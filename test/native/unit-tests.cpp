@@ -1,6 +1,7 @@
 // C++ unit tests of the token ledger and the eviction policies on synthetic ledgers: no llama.cpp,
 // no model, no Node (flash-weights-tests.cpp, in the same binary, runs ggml's CPU kernels). Built as build/<config>/fml_unit_tests by CMake and run by
 // test/standalone/native-units.test.ts (so `npm test` runs them). Exit status 1 on any failure.
+#include "engine/sampler.h"
 #include "kv/token-ledger.h"
 #include "policies/policy.h"
 #include "util/error.h"
@@ -8,7 +9,10 @@
 
 #include "unit-check.h"
 
+#include "llama.h"
+
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <functional>
 #include <set>
@@ -335,6 +339,46 @@ TEST(text_stream_matches_a_stop_string_of_replacement_characters) {
     std::string out = u.push("x\xE2\x82");                                     // waits for the rest of the character
     out += u.push("y");                                                        // it never came: U+FFFD, then y
     CHECK(out == "x\xEF\xBF\xBDy");
+}
+
+// Greedy decoding under a grammar finds the best allowed token by sorting in chunks: the same token
+// as a pass over every candidate, whatever the size, where the allowed ones are, and banned ones.
+TEST(best_allowed_is_the_highest_logit_the_grammar_allows) {
+    uint32_t rng = 12345;
+    const auto next = [&] { rng = rng * 1664525u + 1013904223u; return rng >> 8; };
+    for (size_t n : { (size_t) 1, (size_t) 63, (size_t) 64, (size_t) 65, (size_t) 1000, (size_t) 152000 }) {
+        for (uint32_t every : { 1u, 7u, 5000u, 1000000u }) {
+            std::vector<llama_token_data> cur(n);
+            for (size_t i = 0; i < n; ++i) {
+                const bool banned = next() % 50 == 0;
+                cur[i] = { (int32_t) i, banned ? -INFINITY : (float) (next() % 100000) / 100.0f, 0.0f };
+            }
+            const auto allowed = [&](int32_t id) { return (uint32_t) id % every == 3 % every; };
+            int32_t expected = -1;
+            float best = -INFINITY;
+            for (const auto & d : cur) {
+                if (allowed(d.id) && d.logit > best) {
+                    best = d.logit;
+                    expected = d.id;
+                }
+            }
+            const int32_t got = best_allowed(cur.data(), cur.size(), [&](llama_token_data * part, size_t k) {
+                for (size_t i = 0; i < k; ++i) {
+                    if (!allowed(part[i].id)) part[i].logit = -INFINITY;
+                }
+            });
+            // Ties could pick another id of the same logit: the logit is what must match.
+            CHECK((got < 0) == (expected < 0));
+            if (got >= 0 && expected >= 0) {
+                CHECK(allowed(got));
+                float got_logit = -INFINITY;
+                for (const auto & d : cur) {
+                    if (d.id == got) got_logit = d.logit;
+                }
+                CHECK(got_logit == best);
+            }
+        }
+    }
 }
 
 int main() {

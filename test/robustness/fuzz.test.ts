@@ -83,6 +83,72 @@ describe('fuzz', () => {
   });
 });
 
+// Grammars and schemas from pieces of their syntax: llama.cpp's parser and converter see text they
+// were not written for; each ends in a typed error or a reply that follows it.
+const GBNF_PIECES = ['root', ' ', '::=', ' ::= ', '"a"', '"\\"', '"', '(', ')', '|', '*', '+', '?', '[', ']', '[^', 'a-z', '{', '}', '{0,3}', '{2,}', '2', ',', '\n', 'x', 'x ::= ', '\\', '#', '<[5]>', '<', '>', '.', '\u00e9', '-'];
+const schema: fc.Arbitrary<unknown> = fc.letrec<{ node: unknown }>((tie) => ({
+  // Leaves first: at maxDepth fast-check takes the first arbitrary (the tree stays small).
+  node: fc.oneof(
+    { maxDepth: 3, depthSize: 'small', withCrossShrink: true },
+    fc.constant({}),
+    fc.boolean(),
+    fc.record(
+      {
+        type: fc.oneof(fc.constantFrom('object', 'array', 'string', 'number', 'integer', 'boolean', 'null', 'nonsense'), fc.array(fc.constantFrom('string', 'null'), { maxLength: 2 })),
+        properties: fc.dictionary(fc.string({ maxLength: 4 }), tie('node'), { maxKeys: 3 }),
+        required: fc.array(fc.string({ maxLength: 4 }), { maxLength: 3 }),
+        items: tie('node'),
+        prefixItems: fc.array(tie('node'), { maxLength: 2 }),
+        anyOf: fc.array(tie('node'), { maxLength: 2 }),
+        enum: fc.array(fc.oneof(fc.string({ maxLength: 4 }), fc.integer(), fc.constant(null)), { maxLength: 3 }),
+        const: fc.oneof(fc.string({ maxLength: 4 }), fc.integer()),
+        minItems: fc.oneof(fc.integer({ min: -2, max: 5000 }), fc.double()),
+        maxItems: fc.integer({ min: -2, max: 5 }),
+        minLength: fc.integer({ min: -2, max: 3000 }),
+        maxLength: fc.integer({ min: -2, max: 5 }),
+        minimum: fc.oneof(fc.integer({ min: -1e6, max: 1e6 }), fc.double()),
+        maximum: fc.integer({ min: -1e6, max: 1e6 }),
+        pattern: fc.oneof(fc.string({ maxLength: 8 }), fc.constantFrom('^[a-z]+$', '(a|b)*', '\\d{2,3}', '[', '(?:x)')),
+        format: fc.constantFrom('date', 'time', 'date-time', 'uuid', 'email', 'bogus'),
+        additionalProperties: fc.oneof(fc.boolean(), tie('node')),
+        $ref: fc.constantFrom('#', '#/$defs/a', '#/definitions/x', 'http://example.com/s.json', '#/nowhere'),
+        $defs: fc.dictionary(fc.constantFrom('a', 'b'), tie('node'), { maxKeys: 1 }),
+      },
+      { requiredKeys: [] },
+    ),
+  ),
+})).node;
+
+describe('fuzz: grammars and schemas', () => {
+  const check = async (chat: Chat, options: Record<string, unknown>) => {
+    try {
+      const r = await chat.send('go', { maxNewTokens: 12, seed: 1, ...options });
+      expect(['eos', 'maxTokens', 'stop', 'abort']).toContain(r.stopReason);
+    } catch (err) {
+      expect(err).toBeInstanceOf(FiniteMemoryError);
+    }
+  };
+
+  it('random GBNF from pieces of its syntax: typed error or a reply, chat usable after', async () => {
+    const chat = model.createChat({ maxTokens: 128 });
+    const gbnf = fc.oneof(
+      fc.array(fc.constantFrom(...GBNF_PIECES), { maxLength: 24 }).map((p) => p.join('')),
+      fc.array(fc.constantFrom(...GBNF_PIECES), { maxLength: 16 }).map((p) => `root ::= ${p.join('')}`),
+      fc.string({ maxLength: 40 }),
+    );
+    await fc.assert(fc.asyncProperty(gbnf, async (g) => check(chat, { grammar: g })), { seed: 20261207, numRuns: 400 });
+    await stillUsable(chat);
+    chat.dispose();
+  });
+
+  it('random JSON schemas: typed error or a reply, chat usable after', async () => {
+    const chat = model.createChat({ maxTokens: 128 });
+    await fc.assert(fc.asyncProperty(schema, async (s) => check(chat, { jsonSchema: s as object })), { seed: 20261207, numRuns: 300 });
+    await stillUsable(chat);
+    chat.dispose();
+  });
+});
+
 describe('battery', () => {
   it('stop strings: empty ones are ignored, huge ones are refused, ordinary ones work', async () => {
     const chat = model.createChat({ maxTokens: 128 });

@@ -1,0 +1,45 @@
+// A reply held to a grammar: send's `grammar` (GBNF) or `jsonSchema` (converted to GBNF by llama.cpp's
+// own converter, as llama-server converts a response_format), run by llama.cpp's grammar sampler.
+// Both are checked before llama.cpp parses them: its parser recurses once per nesting level, and a
+// schema nested deep enough would overflow the stack of the thread that converts it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+struct llama_sampler;
+struct llama_vocab;
+struct llama_token_data_array;
+
+namespace fml {
+
+constexpr size_t MAX_GRAMMAR_BYTES = 128 * 1024;
+constexpr size_t MAX_JSON_SCHEMA_BYTES = 64 * 1024;
+constexpr int MAX_GRAMMAR_NESTING = 128;     // groups in groups: ( ( ... ) ) in GBNF
+constexpr int MAX_JSON_SCHEMA_NESTING = 64;  // objects and arrays in each other, in the schema's JSON
+
+class reply_grammar {
+public:
+    // Send's grammar (GBNF, start rule `root`) or, when that is empty, its JSON schema (JSON text).
+    // Throws fml_error(INVALID_OPTION) naming the option.
+    static std::unique_ptr<reply_grammar> compile(const llama_vocab * vocab, const std::string & gbnf, const std::string & json_schema);
+    ~reply_grammar();
+    reply_grammar(const reply_grammar &) = delete;
+    reply_grammar & operator=(const reply_grammar &) = delete;
+
+    // Candidates the grammar does not allow next get -inf (end of generation, unless it is complete).
+    void apply(llama_token_data_array * cur) const;
+    bool allows(int32_t token) const;
+    void accept(int32_t token);
+
+private:
+    explicit reply_grammar(llama_sampler * s) : s_(s) {}
+    llama_sampler * s_;
+};
+
+// The GBNF of a JSON schema given as JSON text. Throws fml_error(INVALID_OPTION, "jsonSchema ...").
+std::string gbnf_of_json_schema(const std::string & schema);
+
+} // namespace fml

@@ -1,0 +1,34 @@
+/**
+ * Structured output: send's `jsonSchema` as the native table takes it (JSON text), and the grammar a
+ * schema becomes (llama.cpp's converter, as llama-server converts a `response_format`).
+ */
+import { getBinding } from './binding.js';
+import { fromNativeError, InvalidOptionError } from '../shared/errors.js';
+
+/** A schema given as an object, as JSON text (text is taken as it is: the native side parses it). */
+export function jsonSchemaText(schema: unknown): unknown {
+  if (schema === null || typeof schema !== 'object') return schema;
+  let text: string | undefined;
+  try {
+    text = JSON.stringify(schema);
+  } catch (err) {
+    throw new InvalidOptionError(`Expected a JSON-serializable schema for jsonSchema: ${(err as Error).message}`);
+  }
+  if (text === undefined) throw new InvalidOptionError('Expected a JSON-serializable schema for jsonSchema');
+  return text;
+}
+
+/**
+ * The GBNF grammar (llama.cpp's format, start rule `root`) that `send({ jsonSchema })` holds an
+ * answer to: to see what a schema allows, or to check one before it is used. Throws
+ * InvalidOptionError for a schema it cannot convert (an unsupported keyword, too large, nested too deep).
+ */
+export function jsonSchemaToGrammar(schema: object | string): string {
+  const text = jsonSchemaText(schema);
+  if (typeof text !== 'string') throw new InvalidOptionError('Expected a JSON schema (an object, or its JSON text) for jsonSchema');
+  try {
+    return getBinding().jsonSchemaToGrammar(text);
+  } catch (err) {
+    throw fromNativeError(err);
+  }
+}

@@ -1,0 +1,262 @@
+// Structured output: send's `jsonSchema` and `grammar` hold a reply's answer to a JSON schema or a
+// GBNF grammar (llama.cpp's grammar sampler; schemas converted by llama.cpp's own converter, as
+// llama-server converts a response_format), while a reasoning model's reasoning stays free; the
+// server takes OpenAI's `response_format`, the remote chat sends it. Random weights write anything,
+// so a reply that parses and fits its schema is the grammar's work (the same seeds without it do not
+// parse); bad grammars and schemas are typed errors that leave the chat as it was.
+import { createServer as createHttpServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import OpenAI from 'openai';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { writeModel } from '../../src/gguf/index.ts';
+import { InvalidOptionError, jsonSchemaToGrammar, loadModel, type ChatOptions, type Model } from '../../src/index.ts';
+import { connectRemote } from '../../src/remote/index.ts';
+import { createServer } from '../../src/server/index.ts';
+import { checkCache, testDir, testModelPath, THREADS } from '../helpers.ts';
+
+const SCHEMA = {
+  type: 'object',
+  properties: { color: { enum: ['red', 'green', 'blue'] }, ok: { type: 'boolean' } },
+  required: ['color', 'ok'],
+  additionalProperties: false,
+} as const;
+
+/** The reply fits SCHEMA: a JSON object with exactly its two keys, each of its type. */
+function expectFitsSchema(response: string) {
+  const v = JSON.parse(response) as Record<string, unknown>;
+  expect(Object.keys(v).sort()).toEqual(['color', 'ok']);
+  expect(['red', 'green', 'blue']).toContain(v.color);
+  expect(typeof v.ok).toBe('boolean');
+}
+
+const parses = (text: string) => {
+  try {
+    JSON.parse(text);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+let plain: Model;
+let qwen3: Model;
+let gptoss: Model;
+beforeAll(async () => {
+  plain = await loadModel(testModelPath(), { threads: THREADS });
+  for (const family of ['qwen3', 'gptoss'] as const) {
+    const path = join(testDir, `structured-${family}.gguf`);
+    writeModel(path, { family, seed: 7 });
+    const m = await loadModel(path, { threads: THREADS });
+    if (family === 'qwen3') qwen3 = m;
+    else gptoss = m;
+  }
+});
+afterAll(() => {
+  plain.dispose();
+  qwen3.dispose();
+  gptoss.dispose();
+});
+
+const BASE: ChatOptions = { maxTokens: 160, threads: THREADS, policy: 'sliding' };
+
+describe('send({ jsonSchema })', () => {
+  it('every reply parses and fits the schema, streamed as sampled; the same seeds without it do not parse', async () => {
+    const chat = plain.createChat(BASE);
+    const free = plain.createChat(BASE);
+    let freeParsed = 0;
+    for (let seed = 0; seed < 6; seed++) {
+      const pieces: string[] = [];
+      const r = await chat.send(`Pick a color (${seed})`, { maxNewTokens: 64, jsonSchema: SCHEMA, seed, onToken: (p) => pieces.push(p) });
+      expectFitsSchema(r.response);
+      // The grammar ended the reply (it allows nothing but the end once the object is closed).
+      expect(r.stopReason).toBe('eos');
+      expect(pieces.join('')).toBe(r.response);
+      checkCache(chat, BASE.maxTokens!);
+      const f = await free.send(`Pick a color (${seed})`, { maxNewTokens: 64, seed });
+      if (parses(f.response)) freeParsed++;
+    }
+    // Six turns of ~30 tokens in 160: the chat evicted on the way and still holds to the schema.
+    expect(chat.stats().evictions).toBeGreaterThan(0);
+    expect(freeParsed).toBe(0);
+    // The schema holds one turn only: the next is free again.
+    const next = await chat.send('Say anything', { maxNewTokens: 12, seed: 1 });
+    expect(parses(next.response)).toBe(false);
+    chat.dispose();
+    free.dispose();
+  });
+
+  it('takes the schema as JSON text too, and `{ type: "object" }` for any JSON object', async () => {
+    const chat = plain.createChat(BASE);
+    const r = await chat.send('Pick', { maxNewTokens: 64, jsonSchema: JSON.stringify(SCHEMA), seed: 3 });
+    expectFitsSchema(r.response);
+    // Any object: random weights fill strings for ever, so only its start is certain.
+    const any = await chat.send('Anything', { maxNewTokens: 24, jsonSchema: { type: 'object' }, seed: 4 });
+    expect(any.response.trimStart().startsWith('{')).toBe(true);
+    chat.dispose();
+  });
+
+  it("ends the reply when the grammar is complete, even with ignoreEos (end-of-generation tokens banned)", async () => {
+    const chat = plain.createChat(BASE);
+    for (let seed = 0; seed < 4; seed++) {
+      const r = await chat.send('Yes or no?', { maxNewTokens: 48, grammar: 'root ::= ("yes" | "no") "."', seed, ignoreEos: true });
+      expect(['yes.', 'no.']).toContain(r.response);
+      expect(r.stopReason).toBe('eos');
+      expect(r.stats.generatedTokens).toBeLessThan(48);
+    }
+    chat.dispose();
+  });
+});
+
+describe('a reasoning model under a schema', () => {
+  it('thinks freely; the answer after its think block fits the schema (qwen3)', async () => {
+    const chat = qwen3.createChat({ ...BASE, testReply: '<think>\nLet me see.\n</think>\n\n', testReplyThenSample: true });
+    for (let seed = 0; seed < 3; seed++) {
+      const r = await chat.send('Pick a color', { maxNewTokens: 64, jsonSchema: SCHEMA, seed });
+      expect(r.reasoning).toBe('Let me see.');
+      expectFitsSchema(r.response);
+    }
+    checkCache(chat, BASE.maxTokens!);
+    chat.dispose();
+  });
+
+  it("its analysis channel stays free; the final channel's text fits the schema (gpt-oss)", async () => {
+    const chat = gptoss.createChat({
+      ...BASE,
+      testReply: '<|channel|>analysis<|message|>Let me see.<|end|><|start|>assistant<|channel|>final<|message|>',
+      testReplyThenSample: true,
+    });
+    for (let seed = 0; seed < 3; seed++) {
+      const r = await chat.send('Pick a color', { maxNewTokens: 96, jsonSchema: SCHEMA, seed });
+      expect(r.reasoning).toBe('Let me see.');
+      expectFitsSchema(r.response);
+    }
+    chat.dispose();
+  });
+
+  it('with thinking false the answer starts under the schema at once', async () => {
+    for (const m of [qwen3, gptoss]) {
+      const chat = m.createChat(BASE);
+      const r = await chat.send('Pick a color', { maxNewTokens: 96, jsonSchema: SCHEMA, seed: 5, thinking: false });
+      expect(r.reasoning).toBe('');
+      expectFitsSchema(r.response);
+      chat.dispose();
+    }
+  });
+});
+
+describe('bad grammars and schemas', () => {
+  const cases: [string, Record<string, unknown>, RegExp][] = [
+    ['an undefined rule', { grammar: 'root ::= answer' }, /grammar is not valid GBNF/],
+    ['no root rule', { grammar: 'start ::= "a"' }, /grammar is not valid GBNF/],
+    ['groups nested too deep', { grammar: `root ::= ${'('.repeat(200)}"a"${')'.repeat(200)}` }, /nests groups more than 128/],
+    ['a grammar too large', { grammar: `root ::= "${'a'.repeat(140000)}"` }, /at most 131072 bytes/],
+    ['schema text that is not JSON', { jsonSchema: '{"type": ' }, /jsonSchema could not be converted/],
+    ['a schema the converter does not know', { jsonSchema: { type: 'nonsense' } }, /Unrecognized schema/],
+    ['a schema nested too deep', { jsonSchema: JSON.parse(`${'{"items":'.repeat(80)}{}${'}'.repeat(80)}`) as object }, /nests objects and arrays more than 64/],
+    ['a schema too large', { jsonSchema: { enum: Array.from({ length: 8000 }, (_, i) => `value-${i}`) } }, /at most 65536/],
+    ['a schema that is not an object', { jsonSchema: '[1, 2]' }, /must be a JSON schema/],
+    ['both at once', { grammar: 'root ::= "a"', jsonSchema: SCHEMA }, /both given/],
+    ['a cyclic object', { jsonSchema: (() => { const o: Record<string, unknown> = {}; o.self = o; return o; })() }, /JSON-serializable/],
+    ['a grammar that is not a string', { grammar: 42 }, /Expected a string for grammar/],
+  ];
+  for (const [what, options, message] of cases) {
+    it(`${what}: InvalidOptionError, and the chat goes on as it was`, async () => {
+      const chat = plain.createChat(BASE);
+      await chat.send('Hello', { maxNewTokens: 4, seed: 1 });
+      const before = { stats: chat.stats(), memory: chat.memory() };
+      const err = await chat.send('Pick', { maxNewTokens: 8, ...options }).then(() => undefined, (e: unknown) => e);
+      expect(err).toBeInstanceOf(InvalidOptionError);
+      expect((err as Error).message).toMatch(message);
+      expect(chat.stats()).toEqual(before.stats);
+      expect(chat.memory()).toEqual(before.memory);
+      await chat.send('Again', { maxNewTokens: 4, seed: 2 });
+      expect(chat.stats().turns).toBe(before.stats.turns + 1);
+      chat.dispose();
+    });
+  }
+
+  it('jsonSchemaToGrammar shows the grammar a schema becomes, and refuses what send refuses', () => {
+    const g = jsonSchemaToGrammar(SCHEMA);
+    expect(g).toMatch(/^root ::= /m);
+    expect(g).toContain('\\"red\\"');
+    expect(jsonSchemaToGrammar(JSON.stringify(SCHEMA))).toBe(g);
+    expect(() => jsonSchemaToGrammar({ type: 'nonsense' })).toThrow(InvalidOptionError);
+  });
+});
+
+const post = (url: string, body: unknown, headers: Record<string, string> = {}) =>
+  fetch(`${url}/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json', ...headers }, body: JSON.stringify(body) });
+
+describe('the server and the remote chat', () => {
+  it("the server takes response_format (json_schema, json_object, text); a bad one is a 400 before any work", async () => {
+    const server = await createServer(plain, { chat: BASE });
+    try {
+      const url = await server.listen({ port: 0, host: '127.0.0.1' });
+      const client = new OpenAI({ baseURL: `${url}/v1`, apiKey: 'unused', maxRetries: 0 });
+      const messages = [{ role: 'user' as const, content: 'Pick a color' }];
+      const schemaFormat = { type: 'json_schema' as const, json_schema: { name: 'pick', schema: SCHEMA, strict: true } };
+      const r = await client.chat.completions.create({ model: server.modelId, messages, max_tokens: 64, seed: 1, response_format: schemaFormat });
+      expectFitsSchema(r.choices[0]!.message.content!);
+      expect(r.choices[0]!.finish_reason).toBe('stop');
+
+      const stream = await client.chat.completions.create({ model: server.modelId, messages, max_tokens: 64, seed: 2, response_format: schemaFormat, stream: true });
+      let content = '';
+      for await (const chunk of stream) content += chunk.choices[0]?.delta?.content ?? '';
+      expectFitsSchema(content);
+
+      const object = await client.chat.completions.create({ model: server.modelId, messages, max_tokens: 24, seed: 3, response_format: { type: 'json_object' } });
+      expect(object.choices[0]!.message.content!.trimStart().startsWith('{')).toBe(true);
+      const text = await client.chat.completions.create({ model: server.modelId, messages, max_tokens: 8, seed: 3, response_format: { type: 'text' } });
+      expect(parses(text.choices[0]!.message.content!)).toBe(false);
+
+      // A session's bad request changes nothing: its next turn is still its first.
+      const session = { 'x-session-id': 'structured' };
+      for (const [format, param] of [
+        [{ type: 'xml' }, 'response_format.type'],
+        [{ type: 'json_schema', json_schema: { name: 'x', schema: { type: 'nonsense' } } }, 'response_format'],
+        [{ type: 'json_schema' }, 'response_format.json_schema'],
+        ['json', 'response_format'],
+      ] as const) {
+        const bad = await post(url, { messages, max_tokens: 8, response_format: format }, session);
+        expect(bad.status).toBe(400);
+        expect(((await bad.json()) as { error: { param: string } }).error.param).toBe(param);
+      }
+      const first = (await (await post(url, { messages, max_tokens: 4 }, session)).json()) as { finite_memory: { turn: { turn: number } } };
+      expect(first.finite_memory.turn.turn).toBe(1);
+
+      const remote = connectRemote({ baseURL: `${url}/v1`, model: server.modelId }).createChat();
+      const viaRemote = await remote.send('Pick a color', { maxNewTokens: 64, jsonSchema: SCHEMA, seed: 4 });
+      expectFitsSchema(viaRemote.response);
+      remote.dispose();
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('a remote chat sends the schema as response_format json_schema (strict), and checks schema text first', async () => {
+    const bodies: Record<string, unknown>[] = [];
+    const fake = createHttpServer((req, res) => {
+      let data = '';
+      req.on('data', (c) => (data += c));
+      req.on('end', () => {
+        bodies.push(JSON.parse(data) as Record<string, unknown>);
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(JSON.stringify({ choices: [{ message: { role: 'assistant', content: '{"color":"red","ok":true}' }, finish_reason: 'stop' }] }));
+      });
+    });
+    await new Promise<void>((r) => fake.listen(0, '127.0.0.1', r));
+    try {
+      const chat = connectRemote({ baseURL: `http://127.0.0.1:${(fake.address() as AddressInfo).port}/v1`, model: 'm' }).createChat();
+      await chat.send('Pick', { jsonSchema: SCHEMA });
+      expect(bodies[0]!.response_format).toEqual({ type: 'json_schema', json_schema: { name: 'response', schema: SCHEMA, strict: true } });
+      await chat.send('Again');
+      expect(bodies[1]!.response_format).toBeUndefined();
+      await expect(chat.send('Bad', { jsonSchema: '{"type": ' })).rejects.toThrow(InvalidOptionError);
+      expect(bodies).toHaveLength(2);
+      chat.dispose();
+    } finally {
+      await new Promise((r) => fake.close(r));
+    }
+  });
+});

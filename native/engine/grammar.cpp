@@ -5,8 +5,11 @@
 #include "json-schema-to-grammar.h"   // llama.cpp's common/ (fml_json_schema)
 #include "llama.h"
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <exception>
+#include <set>
 
 namespace fml {
 
@@ -61,6 +64,116 @@ int json_nesting(const std::string & j) {
     return deepest;
 }
 
+constexpr size_t MAX_SCHEMA_KEY_BYTES = 256;
+constexpr size_t MAX_SCHEMA_PATTERN_BYTES = 1024;
+constexpr size_t MAX_OPTIONAL_PROPERTIES = 64;
+constexpr size_t MAX_OPTIONAL_PROPERTIES_IN_ALL = 128;
+
+// The target of a local "#/a/0/b" reference as llama.cpp's converter resolves it (no other kind
+// resolves there); null when it does not resolve.
+const common_json * ref_target(const common_json & root, const std::string & ref) {
+    if (ref.rfind("#/", 0) != 0) {
+        return nullptr;
+    }
+    const common_json * at = &root;
+    size_t from = 2;
+    while (true) {
+        const size_t slash = ref.find('/', from);
+        const std::string sel = ref.substr(from, slash == std::string::npos ? std::string::npos : slash - from);
+        if (at->is_object() && at->contains(sel)) {
+            at = &at->at(sel);
+        } else if (at->is_array() && !sel.empty() && sel.size() < 10 && std::all_of(sel.begin(), sel.end(), ::isdigit) && std::stoul(sel) < at->size()) {
+            at = &at->at((size_t) std::stoul(sel));
+        } else {
+            return nullptr;
+        }
+        if (slash == std::string::npos) {
+            return at;
+        }
+        from = slash + 1;
+    }
+}
+
+// What llama.cpp's converter has no guard against, refused before it runs (it recurses or loops on
+// the calling thread): a chain of $refs that comes back to itself with no schema between (allOf
+// follows such a chain for ever), object keys over 256 bytes (the rule that excludes known keys
+// recurses once per character), a pattern over 1 KiB (its regex reader recurses per group), more
+// than 64 optional properties in one object or 128 in all (their rules grow with the cube of the
+// count: 2,000 took 17 s; 19 objects of 128, 0.2 s, on the thread that converts; at these caps a
+// few ms). Required properties cost little (500: 3 ms). The schema is at most 64 deep here (checked on its text), so this walk recurses little.
+class schema_check {
+public:
+    explicit schema_check(const common_json & root) : root_(root) {}
+
+    void visit(const common_json & node) {
+        if (node.is_array()) {
+            for (size_t i = 0; i < node.size(); ++i) {
+                visit(node.at(i));
+            }
+            return;
+        }
+        if (!node.is_object()) {
+            return;
+        }
+        for (const auto & kv : node.items()) {
+            if (kv.key().size() > MAX_SCHEMA_KEY_BYTES) {
+                invalid("jsonSchema has a key of " + std::to_string(kv.key().size()) + " bytes; at most " + std::to_string(MAX_SCHEMA_KEY_BYTES) + " are taken");
+            }
+            visit(kv.value());
+        }
+        if (node.contains("pattern") && node.at("pattern").is_string() && node.at("pattern").get<std::string>().size() > MAX_SCHEMA_PATTERN_BYTES) {
+            invalid("jsonSchema has a pattern over " + std::to_string(MAX_SCHEMA_PATTERN_BYTES) + " bytes");
+        }
+        if (node.contains("properties") && node.at("properties").is_object()) {
+            std::set<std::string> required;
+            if (node.contains("required") && node.at("required").is_array()) {
+                const common_json & r = node.at("required");
+                for (size_t i = 0; i < r.size(); ++i) {
+                    if (r.at(i).is_string()) {
+                        required.insert(r.at(i).get<std::string>());
+                    }
+                }
+            }
+            size_t optional = 0;
+            for (const auto & kv : node.at("properties").items()) {
+                optional += required.count(kv.key()) == 0 ? 1 : 0;
+            }
+            if (optional > MAX_OPTIONAL_PROPERTIES) {
+                invalid("jsonSchema has an object of " + std::to_string(optional) + " optional properties; at most " + std::to_string(MAX_OPTIONAL_PROPERTIES) + " are taken");
+            }
+            optional_ += optional;
+            if (optional_ > MAX_OPTIONAL_PROPERTIES_IN_ALL) {
+                invalid("jsonSchema has more than " + std::to_string(MAX_OPTIONAL_PROPERTIES_IN_ALL) + " optional properties in all");
+            }
+        }
+        if (node.contains("$ref") && node.at("$ref").is_string()) {
+            check_ref_chain(node.at("$ref").get<std::string>());
+        }
+    }
+
+private:
+    // Follows $ref -> a schema that is itself a $ref -> ... until one is not (or does not resolve);
+    // each ref is walked once (`settled`), so a document of many refs costs its size.
+    void check_ref_chain(std::string ref) {
+        std::set<std::string> path;
+        while (settled_.count(ref) == 0) {
+            if (!path.insert(ref).second) {
+                invalid("jsonSchema has a cycle of $refs with no schema between them (" + ref + " comes back to itself)");
+            }
+            const common_json * target = ref_target(root_, ref);
+            if (target == nullptr || !target->is_object() || !target->contains("$ref") || !target->at("$ref").is_string()) {
+                break;
+            }
+            ref = target->at("$ref").get<std::string>();
+        }
+        settled_.insert(path.begin(), path.end());
+    }
+
+    const common_json & root_;
+    std::set<std::string> settled_;
+    size_t optional_ = 0;
+};
+
 } // namespace
 
 std::string gbnf_of_json_schema(const std::string & schema) {
@@ -72,9 +185,10 @@ std::string gbnf_of_json_schema(const std::string & schema) {
     }
     try {
         const common_json parsed = common_json::parse(schema);
-        if (!parsed.is_object() && !parsed.is_boolean()) {
+        if (!parsed.is_object()) {
             invalid("jsonSchema must be a JSON schema (an object)");
         }
+        schema_check(parsed).visit(parsed);
         return json_schema_to_grammar(parsed, true);
     } catch (const fml_error &) {
         throw;

@@ -272,7 +272,7 @@ const option_row<chat_target> CHAT_ROWS[] = {
       [](chat_target & t, const option_value * v) { t.o.test_fail_summary_decode = v ? boolean_of("testFailSummaryDecode", *v) : false; } },
     { { "chat", "testReply", "string", "''", "at most 65536 bytes", "Test hook: every reply is this text's tokens (control tokens parsed), taken in order in place of sampled ones, then the end of generation ('': sampled).", true },
       [](chat_target & t, const option_value * v) { t.o.test_reply = v ? text_of("testReply", *v, 65536) : ""; } },
-    { { "chat", "testReplyThenSample", "boolean", "false", "", "Test hook: after testReply's tokens the reply goes on with sampled ones (a forced start: a think block, a channel), not the end.", true },
+    { { "chat", "testReplyThenSample", "boolean", "false", "", "Test hook: after testReply's tokens the reply goes on with sampled ones (a forced start: a think block, a channel), not the end. Forced tokens are no grammar's: a forced start ends before the answer.", true },
       [](chat_target & t, const option_value * v) { t.o.test_reply_then_sample = v ? boolean_of("testReplyThenSample", *v) : false; } },
     { { "chat", "testPolicyDelayMs", "number", "0", "0 .. 60000", "Test hook: every policy choice takes this long.", true },
       [](chat_target & t, const option_value * v) { t.o.test_policy_delay_ms = v ? number_in("testPolicyDelayMs", *v, 0, 60000) : 0.0; } },
@@ -323,11 +323,12 @@ const option_row<send_target> SEND_ROWS[] = {
     // Compiled (and the two checked against each other) with the model's vocabulary: engine/grammar.cpp.
     { { "send", "grammar", "string", "none", "at most 131072 bytes", "A GBNF grammar (llama.cpp's, start rule root) the answer follows; a reasoning model's reasoning stays free. The reply ends when the grammar is complete.", false },
       [](send_target & t, const option_value * v) { t.g.grammar = v ? text_of("grammar", *v, MAX_GRAMMAR_BYTES) : ""; } },
-    { { "send", "jsonSchema", "object | string", "none", "at most 65536 bytes of JSON, nested at most 64 deep", "A JSON schema the answer follows (converted to a grammar as llama-server converts response_format's); a reasoning model's reasoning stays free. The reply ends when the JSON value is complete.", false },
+    { { "send", "jsonSchema", "object | string", "none", "at most 65536 bytes of JSON, nested at most 64 deep (more limits: docs/api.md)", "A JSON schema the answer follows (converted to a grammar as llama-server converts response_format's); a reasoning model's reasoning stays free. The reply ends when the JSON value is complete.", false },
       [](send_target & t, const option_value * v) {
           // TypeScript gives an object as its JSON text.
           if (v && v->kind != option_value::STRING) fail("a JSON schema (an object, or its JSON text)", "jsonSchema", *v);
           t.g.json_schema = v ? text_of("jsonSchema", *v, MAX_JSON_SCHEMA_BYTES) : "";
+          if (v && t.g.json_schema.empty()) fail("a JSON schema (an object, or its JSON text)", "jsonSchema", *v);
       } },
 };
 

@@ -70,12 +70,35 @@ int32_t best_allowed(llama_token_data * cur, size_t n, const std::function<void(
     return best != nullptr ? best->id : -1;
 }
 
-int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::function<bool(int32_t)> & constrained) {
+namespace {
+
+// Sets the candidates in `tokens` (sorted ids) to -inf: by index while the array is in id order (as
+// filled, and after the greedy chain, which only selects), else by a search per candidate.
+void refuse(llama_token_data_array & cur, const std::vector<int32_t> & tokens) {
+    for (int32_t t : tokens) {
+        if ((size_t) t < cur.size && cur.data[t].id == t) {
+            cur.data[t].logit = -INFINITY;
+        } else {
+            for (size_t i = 0; i < cur.size; ++i) {
+                if (std::binary_search(tokens.begin(), tokens.end(), cur.data[i].id)) {
+                    cur.data[i].logit = -INFINITY;
+                }
+            }
+            return;
+        }
+    }
+}
+
+} // namespace
+
+int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::vector<int32_t> & non_text,
+                              const std::function<bool(int32_t)> & constrained) {
     const float * logits = llama_get_logits_ith(ctx, row);
     if (logits == nullptr) {
         throw fml_error(FML_ERR_INTERNAL, "no logits for the row to sample from");
     }
-    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx)));
+    const llama_vocab * vocab = llama_model_get_vocab(llama_get_model(ctx));
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
     const auto candidates = [&] {
         cur_.resize((size_t) n_vocab);
         for (int32_t t = 0; t < n_vocab; ++t) {
@@ -83,13 +106,15 @@ int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & 
         }
         return llama_token_data_array{ cur_.data(), cur_.size(), -1, false };
     };
+    const auto fits = [&](int32_t t) { return !std::binary_search(non_text.begin(), non_text.end(), t) && grammar.allows(t); };
     llama_token_data_array cur = candidates();
     llama_sampler_apply(chain_, &cur);
     int32_t tok = cur.data[cur.selected].id;
     bool held = constrained(tok);
-    if (held && !grammar.allows(tok) && greedy_) {
-        // The chain left every candidate with its logit (bias and penalties applied; greedy only
-        // selects): the best the grammar allows is the same token a pass over all of them would give.
+    if (held && !fits(tok) && greedy_) {
+        // The chain left every candidate with its logit, in id order (bias and penalties applied;
+        // greedy only selects): the best the grammar allows is the token a pass over all of them gives.
+        refuse(cur, non_text);
         tok = best_allowed(cur.data, cur.size, [&](llama_token_data * part, size_t k) {
             llama_token_data_array a = { part, k, -1, false };
             grammar.apply(&a);
@@ -98,9 +123,10 @@ int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & 
             return -1;
         }
         held = constrained(tok);
-    } else if (held && !grammar.allows(tok)) {
+    } else if (held && !fits(tok)) {
         cur = candidates();
         grammar.apply(&cur);
+        refuse(cur, non_text);
         const bool any = std::any_of(cur.data, cur.data + cur.size, [&](const llama_token_data & d) {
             return !std::isinf(d.logit) && !std::binary_search(banned_.begin(), banned_.end(), d.id);
         });
@@ -111,7 +137,7 @@ int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & 
         tok = cur.data[cur.selected].id;
         held = constrained(tok);
     }
-    if (held && !llama_vocab_is_eog(llama_model_get_vocab(llama_get_model(ctx)), tok)) {
+    if (held && !llama_vocab_is_eog(vocab, tok)) {
         grammar.accept(tok);
     }
     llama_sampler_accept(chain_, tok);

@@ -38,12 +38,15 @@ public:
     llama_sampler * raw() const { return chain_; }
 
     // The next token from the logits of `row`, held to `grammar` where `constrained(token)` says so
-    // (the reply's answer text: a reasoning model's thinking stays free). The chain's own choice is
-    // taken when the grammar allows it, else the chain chooses among what the grammar allows (as
-    // llama.cpp's common sampler: one token is checked far faster than the vocabulary). The grammar
-    // accepts the token when it was constrained. -1: the grammar allows nothing that is not banned
-    // (it is complete and end of generation is banned, or it can go on with no token of the vocabulary).
-    int32_t sample(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::function<bool(int32_t)> & constrained);
+    // (the reply's answer: a reasoning model's thinking stays free). The chain's own choice is taken
+    // when the grammar allows it, else the chain chooses among what the grammar allows (as llama.cpp's
+    // common sampler: one token is checked far faster than the vocabulary). A held token is never one
+    // of `non_text` (sorted: control tokens and reasoning markers, which the grammar would read as
+    // their special text though the answer's text has none of it). The grammar accepts the token when
+    // it was held. -1: the grammar allows nothing that is not banned (it is complete and end of
+    // generation is banned, or it can go on with no token of the vocabulary).
+    int32_t sample(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::vector<int32_t> & non_text,
+                   const std::function<bool(int32_t)> & constrained);
 
 private:
     llama_sampler * chain_ = nullptr;

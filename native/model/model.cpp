@@ -17,6 +17,7 @@
 #include <cstring>
 #include <atomic>
 #include <mutex>
+#include <set>
 #include <sys/stat.h>
 
 namespace fml {
@@ -246,7 +247,25 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
     }
     m->compute_frames();
     m->find_reasoning_markers();
+    m->find_non_text_tokens();
     return m;
+}
+
+void fml_model::find_non_text_tokens() {
+    // Tokens whose text differs as special text (what a grammar reads: "<|end|>", "<unk>") from the
+    // reply's (none): control and unknown tokens. And the markers: <think> may be an ordinary
+    // (user-defined) token, but the reply's part turns on it.
+    const reasoning_markers & r = reasoning_;
+    const std::set<int32_t> markers = { r.think_open, r.think_close, r.start, r.channel, r.message, r.end };
+    for (int32_t t = 0; t < info_.n_vocab; ++t) {
+        if (llama_vocab_is_eog(vocab_, t)) {
+            continue;
+        }
+        const bool plain = (llama_vocab_get_attr(vocab_, t) & (LLAMA_TOKEN_ATTR_NORMAL | LLAMA_TOKEN_ATTR_BYTE)) != 0;
+        if (markers.count(t) != 0 || (!plain && token_piece(t, true) != token_piece(t, false))) {
+            non_text_tokens_.push_back(t);
+        }
+    }
 }
 
 void fml_model::find_reasoning_markers() {

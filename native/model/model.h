@@ -121,6 +121,10 @@ public:
     bool is_eog(int32_t token) const;
     // Every end-of-generation token of the vocabulary (send's ignoreEos bans them).
     const std::vector<int32_t> & eog_tokens() const { return eog_tokens_; }
+    // Tokens that are no text of a reply (sorted; end of generation apart): those whose special
+    // rendering differs from their text (control, unknown) and the reasoning markers. A grammar
+    // holding an answer refuses them.
+    const std::vector<int32_t> & non_text_tokens() const { return non_text_tokens_; }
     int32_t bos() const;
     bool add_bos() const;
     const reasoning_markers & reasoning() const { return reasoning_; }
@@ -148,6 +152,8 @@ private:
     std::vector<int32_t> eog_tokens_;
     reasoning_markers reasoning_;
     void find_reasoning_markers();
+    void find_non_text_tokens();
+    std::vector<int32_t> non_text_tokens_;
     // Frames per frame_kind, rendered once at load; a template that cannot frame a kind leaves its
     // error here, thrown when a chat needs that frame.
     message_frame frames_[FRAME_KINDS];

@@ -47,7 +47,7 @@ export interface ParsedCompletion {
    */
   history: Message[];
   firstTurn: string;
-  send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[]; ignoreEos?: boolean; thinking?: boolean; jsonSchema?: object };
+  send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[]; ignoreEos?: boolean; thinking?: boolean; grammar?: string };
   stream: boolean;
   includeUsage: boolean;
   sessionId: string | undefined;
@@ -170,14 +170,14 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
   if (body.response_format !== undefined && body.response_format !== null) {
     const schema = jsonSchemaOf(body.response_format);
     if (schema !== undefined) {
-      // Converted once here, before any work: a schema the converter refuses is the request's fault.
+      // Converted here, once and before any work (a schema the converter refuses is the request's
+      // fault); the turn takes the grammar.
       try {
-        jsonSchemaToGrammar(schema);
+        send.grammar = jsonSchemaToGrammar(schema);
       } catch (err) {
         if (err instanceof InvalidOptionError) throw badRequest(`Invalid 'response_format': ${err.message}`, 'response_format');
         throw err;
       }
-      send.jsonSchema = schema;
     }
   }
   if (body.n !== undefined && body.n !== null && body.n !== 1) throw badRequest("Only 'n': 1 is supported", 'n');
@@ -220,8 +220,8 @@ export function jsonSchemaOf(v: unknown): object | undefined {
   const schemaAt = (holder: Record<string, unknown>, param: string, absent: object): object => {
     const schema = holder.schema;
     if (schema === undefined || schema === null) return absent;
-    if (!isObject(schema) && typeof schema !== 'boolean') throw badRequest(`'${param}' must be a JSON schema (an object)`, param);
-    return schema as object;
+    if (!isObject(schema)) throw badRequest(`'${param}' must be a JSON schema (an object)`, param);
+    return schema;
   };
   switch (v.type) {
     case 'text':

@@ -399,7 +399,7 @@ void chat::sample_next(step_context & e, int32_t logits_row) {
             const split_step s = t.splitter->peek(c, model_->token_piece(c, false));
             return s.has_text && s.part == reply_part::content;
         };
-        tok = t.sampler->sample(e.ctx(), logits_row, *t.req.grammar, model_->non_text_tokens(), held);
+        tok = t.sampler->sample(e.ctx(), logits_row, *t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held);
         t.answer_held = t.answer_held || (tok >= 0 && !model_->is_eog(tok) && held(tok));
     } else {
         tok = llama_sampler_sample(t.sampler->raw(), e.ctx(), logits_row);

@@ -19,9 +19,16 @@ namespace {
     throw fml_error(FML_ERR_INVALID_OPTION, message);
 }
 
-// Deepest nesting of groups in GBNF text, outside its literals ("..."), classes ([...]) and comments.
-int gbnf_nesting(const std::string & g) {
-    int depth = 0, deepest = 0;
+// What GBNF text has outside its literals ("..."), classes ([...]) and comments: the deepest nesting
+// of groups, and whether it names a token (<[id]>, <token>).
+struct gbnf_shape {
+    int nesting = 0;
+    bool token_rules = false;
+};
+
+gbnf_shape shape_of(const std::string & g) {
+    gbnf_shape out;
+    int depth = 0;
     for (size_t i = 0; i < g.size(); ++i) {
         const char c = g[i];
         if (c == '"' || c == '[') {
@@ -36,12 +43,14 @@ int gbnf_nesting(const std::string & g) {
                 ++i;
             }
         } else if (c == '(') {
-            deepest = std::max(deepest, ++depth);
+            out.nesting = std::max(out.nesting, ++depth);
         } else if (c == ')') {
             --depth;
+        } else if (c == '<') {
+            out.token_rules = true;
         }
     }
-    return deepest;
+    return out;
 }
 
 // Deepest nesting of objects and arrays in JSON text, outside its strings.
@@ -204,7 +213,8 @@ std::unique_ptr<reply_grammar> reply_grammar::compile(const llama_vocab * vocab,
     if (text.size() > MAX_GRAMMAR_BYTES) {
         invalid(option + " is " + std::to_string(text.size()) + " bytes; at most " + std::to_string(MAX_GRAMMAR_BYTES) + " are taken");
     }
-    if (gbnf_nesting(text) > MAX_GRAMMAR_NESTING) {
+    const gbnf_shape shape = shape_of(text);
+    if (shape.nesting > MAX_GRAMMAR_NESTING) {
         invalid(option + " nests groups more than " + std::to_string(MAX_GRAMMAR_NESTING) + " deep");
     }
     llama_sampler * s = nullptr;
@@ -218,15 +228,57 @@ std::unique_ptr<reply_grammar> reply_grammar::compile(const llama_vocab * vocab,
         invalid(json_schema.empty() ? "grammar is not valid GBNF with a 'root' rule (llama.cpp's parser printed why to stderr)"
                                     : "jsonSchema's grammar did not compile (llama.cpp's parser printed why to stderr)");
     }
-    return std::unique_ptr<reply_grammar>(new reply_grammar(s));
+    return std::unique_ptr<reply_grammar>(new reply_grammar(s, vocab, !shape.token_rules));
 }
 
 reply_grammar::~reply_grammar() {
     llama_sampler_free(s_);
 }
 
-void reply_grammar::apply(llama_token_data_array * cur) const {
-    llama_sampler_apply(s_, cur);
+void reply_grammar::apply(llama_token_data_array * cur, const token_first_bytes * bytes) const {
+    if (bytes == nullptr || !by_bytes_ || cur->size < 1024) {
+        llama_sampler_apply(s_, cur);
+        return;
+    }
+    // Which bytes can come next: one pass over the single-byte tokens. A byte without such a
+    // token is kept (nothing is known of it).
+    std::vector<llama_token_data> probe;
+    for (int32_t t : bytes->single) {
+        if (t >= 0) {
+            probe.push_back({ t, 0.0f, 0.0f });
+        }
+    }
+    llama_token_data_array pa = { probe.data(), probe.size(), -1, false };
+    llama_sampler_apply(s_, &pa);
+    std::array<bool, 256> next{};
+    for (size_t b = 0; b < 256; ++b) {
+        next[b] = bytes->single[b] < 0;
+    }
+    for (const llama_token_data & d : probe) {
+        if (!std::isinf(d.logit)) {
+            next[(uint8_t) bytes->first[(size_t) d.id]] = true;
+        }
+    }
+    // The pass over the rest: the candidates of an allowed first byte, end of generation (allowed
+    // once the grammar is complete) and empty pieces (refused by the pass) included; the others
+    // are refused here.
+    std::vector<size_t> kept;
+    std::vector<llama_token_data> sub;
+    for (size_t i = 0; i < cur->size; ++i) {
+        const int32_t id = cur->data[i].id;
+        const int16_t b = id >= 0 && (size_t) id < bytes->first.size() ? bytes->first[(size_t) id] : -1;
+        if (b < 0 || next[(size_t) b] || llama_vocab_is_eog(vocab_, id)) {
+            kept.push_back(i);
+            sub.push_back(cur->data[i]);
+        } else {
+            cur->data[i].logit = -INFINITY;
+        }
+    }
+    llama_token_data_array sa = { sub.data(), sub.size(), -1, false };
+    llama_sampler_apply(s_, &sa);
+    for (size_t k = 0; k < kept.size(); ++k) {
+        cur->data[kept[k]].logit = sub[k].logit;
+    }
 }
 
 bool reply_grammar::allows(int32_t token) const {

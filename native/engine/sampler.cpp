@@ -92,7 +92,7 @@ void refuse(llama_token_data_array & cur, const std::vector<int32_t> & tokens) {
 } // namespace
 
 int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::vector<int32_t> & non_text,
-                              const std::function<bool(int32_t)> & constrained) {
+                              const token_first_bytes & bytes, const std::function<bool(int32_t)> & constrained) {
     const float * logits = llama_get_logits_ith(ctx, row);
     if (logits == nullptr) {
         throw fml_error(FML_ERR_INTERNAL, "no logits for the row to sample from");
@@ -117,7 +117,7 @@ int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & 
         refuse(cur, non_text);
         tok = best_allowed(cur.data, cur.size, [&](llama_token_data * part, size_t k) {
             llama_token_data_array a = { part, k, -1, false };
-            grammar.apply(&a);
+            grammar.apply(&a, &bytes);
         });
         if (tok < 0) {
             return -1;
@@ -125,7 +125,7 @@ int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & 
         held = constrained(tok);
     } else if (held && !fits(tok)) {
         cur = candidates();
-        grammar.apply(&cur);
+        grammar.apply(&cur, &bytes);
         refuse(cur, non_text);
         const bool any = std::any_of(cur.data, cur.data + cur.size, [&](const llama_token_data & d) {
             return !std::isinf(d.logit) && !std::binary_search(banned_.begin(), banned_.end(), d.id);

@@ -14,6 +14,7 @@ struct llama_token_data;
 namespace fml {
 
 class reply_grammar;
+struct token_first_bytes;
 
 // As constructed: greedy, no penalty (what the core's own decodes use, summaries and probes); a
 // turn's values, defaults included, come from the options table (options.cpp).
@@ -46,7 +47,7 @@ public:
     // it was held. -1: the grammar allows nothing that is not banned (it is complete and end of
     // generation is banned, or it can go on with no token of the vocabulary).
     int32_t sample(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::vector<int32_t> & non_text,
-                   const std::function<bool(int32_t)> & constrained);
+                   const token_first_bytes & bytes, const std::function<bool(int32_t)> & constrained);
 
 private:
     llama_sampler * chain_ = nullptr;

@@ -251,6 +251,25 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
     return m;
 }
 
+const token_first_bytes & fml_model::first_bytes() const {
+    std::call_once(first_bytes_once_, [&] {
+        first_bytes_.first.assign((size_t) info_.n_vocab, -1);
+        first_bytes_.single.fill(-1);
+        for (int32_t t = 0; t < info_.n_vocab; ++t) {
+            const std::string piece = token_piece(t, true);
+            if (piece.empty()) {
+                continue;
+            }
+            const uint8_t b = (uint8_t) piece[0];
+            first_bytes_.first[(size_t) t] = b;
+            if (piece.size() == 1 && first_bytes_.single[b] < 0 && !llama_vocab_is_eog(vocab_, t)) {
+                first_bytes_.single[b] = t;
+            }
+        }
+    });
+    return first_bytes_;
+}
+
 void fml_model::find_non_text_tokens() {
     // Tokens whose text differs as special text (what a grammar reads: "<|end|>", "<unk>") from the
     // reply's (none): control and unknown tokens. And the markers: <think> may be an ordinary

@@ -3,11 +3,13 @@
 // outlive the last context even if the JS Model is disposed first.
 #pragma once
 
+#include "engine/grammar.h"
 #include "engine/options.h"
 
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -125,6 +127,8 @@ public:
     // rendering differs from their text (control, unknown) and the reasoning markers. A grammar
     // holding an answer refuses them.
     const std::vector<int32_t> & non_text_tokens() const { return non_text_tokens_; }
+    // What narrows a grammar's pass (engine/grammar.h), built at first use (a grammar's).
+    const token_first_bytes & first_bytes() const;
     int32_t bos() const;
     bool add_bos() const;
     const reasoning_markers & reasoning() const { return reasoning_; }
@@ -154,6 +158,8 @@ private:
     void find_reasoning_markers();
     void find_non_text_tokens();
     std::vector<int32_t> non_text_tokens_;
+    mutable std::once_flag first_bytes_once_;
+    mutable token_first_bytes first_bytes_;
     // Frames per frame_kind, rendered once at load; a template that cannot frame a kind leaves its
     // error here, thrown when a chat needs that frame.
     message_frame frames_[FRAME_KINDS];

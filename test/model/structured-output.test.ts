@@ -188,6 +188,34 @@ describe('what the answer holds is its text', () => {
   });
 });
 
+describe("the pass narrowed by first bytes", () => {
+  // A grammar's pass over the vocabulary skips the tokens whose first byte it refuses; a grammar
+  // that names a token (<[id]>) takes the whole pass. The same grammar with such an unused rule
+  // added gives the whole pass's choice: the replies must be the same, token for token.
+  it('chooses what the whole pass chooses, sampled and greedy', async () => {
+    // Narrowing starts at 1,024 candidates: a vocabulary of ~2,900 tokens.
+    const wide = await loadModel(testModelPath({ vocabExtra: 2000 }), { threads: THREADS });
+    expect(wide.info.nVocab).toBeGreaterThan(2048);
+    const grammars = [
+      jsonSchemaToGrammar(SCHEMA),
+      jsonSchemaToGrammar({ enum: Array.from({ length: 40 }, (_, i) => `value ${i * 7}`) }),
+      'root ::= [0-9]{8} ("x" | [a-f]+) "."',
+    ];
+    for (const g of grammars) {
+      for (const [seed, temperature] of [[1, 1], [2, 1.5], [3, 0]] as const) {
+        const replies: string[] = [];
+        for (const grammar of [g, `${g}\nunused ::= <[0]>`]) {
+          const chat = wide.createChat(BASE);
+          replies.push((await chat.send('Go', { maxNewTokens: 48, grammar, seed, temperature })).response);
+          chat.dispose();
+        }
+        expect(replies[0], `${g.slice(0, 40)} seed ${seed}`).toBe(replies[1]);
+      }
+    }
+    wide.dispose();
+  });
+});
+
 describe('bad grammars and schemas', () => {
   const cases: [string, Record<string, unknown>, RegExp][] = [
     ['an undefined rule', { grammar: 'root ::= answer' }, /grammar is not valid GBNF/],

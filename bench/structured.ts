@@ -12,6 +12,7 @@
 //     whole vocabulary at nearly every token (the worst case);
 //   - no letter e: a grammar the sampler's choice often misses by little: sampling passes over the
 //     whole vocabulary then, greedy decoding checks the best 64 candidates first;
+//   - an enum of 100 values of one start: 100 alternatives alive at each token, each pass that much dearer;
 //   - each grammar case sampled (against free sampling) and greedy (against free greedy decoding);
 //   - and what it costs to turn a schema into a grammar (jsonSchemaToGrammar, on the calling thread).
 //   npx tsx bench/structured.ts [--no-write] [--turns 6]
@@ -41,6 +42,8 @@ const FORM_SCHEMA = {
 
 const DIGITS = 'root ::= [0-9]{200,}';
 const NO_E = 'root ::= [^e]{400,}';
+/** 100 values of one start, repeated: no reply completes within TOKENS. */
+const ENUM_100 = { type: 'array', minItems: 50, items: { enum: Array.from({ length: 100 }, (_, i) => `value number ${i} of the list`) } };
 /** `base`: the case a row is compared with (free sampling, or free greedy decoding). */
 const CASES: { label: string; options: SendOptions; base?: number }[] = [
   { label: 'free', options: { maxNewTokens: TOKENS, ignoreEos: true } },
@@ -51,9 +54,12 @@ const CASES: { label: string; options: SendOptions; base?: number }[] = [
   // No letter e: the sampler's choice often does not fit, but a token near it does (as for a trained
   // model at a grammar's turn): sampling takes the whole pass then, greedy decoding checks the best 64.
   { label: "grammar (no letter 'e')", options: { maxNewTokens: TOKENS, ignoreEos: true, grammar: NO_E } },
-  { label: 'free, greedy', options: { maxNewTokens: TOKENS, ignoreEos: true, temperature: 0 }, base: 4 },
-  { label: 'jsonSchema (array of strings), greedy', options: { maxNewTokens: TOKENS, ignoreEos: true, temperature: 0, jsonSchema: NOTES_SCHEMA }, base: 4 },
-  { label: "grammar (no letter 'e'), greedy", options: { maxNewTokens: TOKENS, ignoreEos: true, temperature: 0, grammar: NO_E }, base: 4 },
+  // A wide grammar: 100 values with a common start keep 100 alternatives alive at every token, and
+  // a pass costs in proportion (what a model that keeps missing it pays at each token).
+  { label: 'jsonSchema (enum of 100 values)', options: { maxNewTokens: TOKENS, ignoreEos: true, jsonSchema: ENUM_100 } },
+  { label: 'free, greedy', options: { maxNewTokens: TOKENS, ignoreEos: true, temperature: 0 }, base: 5 },
+  { label: 'jsonSchema (array of strings), greedy', options: { maxNewTokens: TOKENS, ignoreEos: true, temperature: 0, jsonSchema: NOTES_SCHEMA }, base: 5 },
+  { label: "grammar (no letter 'e'), greedy", options: { maxNewTokens: TOKENS, ignoreEos: true, temperature: 0, grammar: NO_E }, base: 5 },
 ];
 
 async function main() {
@@ -71,7 +77,7 @@ async function main() {
   }
   const sample = turns[1]!.at(-1)!.response;
   const digits = turns[2]!.at(-1)!.response;
-  const noE = turns[6]!.at(-1)!.response;
+  const noE = turns[7]!.at(-1)!.response;
   const info = model.info;
   for (const c of chats) c.dispose();
   model.dispose();

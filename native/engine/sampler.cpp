@@ -10,7 +10,8 @@
 
 namespace fml {
 
-sampler_chain::sampler_chain(const sampling_options & o, int32_t n_vocab, const std::vector<int32_t> & banned) : banned_(banned) {
+sampler_chain::sampler_chain(const sampling_options & o, int32_t n_vocab, const std::vector<int32_t> & banned)
+    : full_pass_(o.test_full_grammar_pass), banned_(banned) {
     std::sort(banned_.begin(), banned_.end());
     llama_sampler_chain_params p = llama_sampler_chain_default_params();
     p.no_perf = true;
@@ -23,6 +24,7 @@ sampler_chain::sampler_chain(const sampling_options & o, int32_t n_vocab, const 
         llama_sampler_chain_add(chain_, llama_sampler_init_logit_bias(n_vocab, (int32_t) bias.size(), bias.data()));
     }
     if (o.repeat_penalty != 1.0f && o.repeat_last_n != 0) {
+        penalized_ = true;
         llama_sampler_chain_add(chain_, llama_sampler_init_penalties(n_vocab, o.repeat_last_n, o.repeat_penalty, 0.0f, 0.0f));
     }
     if (o.temperature <= 0.0f) {
@@ -31,6 +33,7 @@ sampler_chain::sampler_chain(const sampling_options & o, int32_t n_vocab, const 
         return;
     }
     if (o.top_k > 0) {
+        top_k_ = o.top_k;
         llama_sampler_chain_add(chain_, llama_sampler_init_top_k(o.top_k));
     }
     if (o.top_p < 1.0f) {
@@ -91,6 +94,27 @@ void refuse(llama_token_data_array & cur, const std::vector<int32_t> & tokens) {
 
 } // namespace
 
+bool sampler_chain::sample_among_best(llama_token_data_array & cur, const std::function<llama_token_data_array()> & candidates,
+                                      const reply_grammar & grammar, const std::vector<int32_t> & non_text, int32_t & tok) {
+    // After its top-k the chain sees only the k best candidates the grammar allows, and without a
+    // repetition penalty their order is the logits' (the bias only bans): when the best few hundred
+    // hold k allowed ones, they are those k, and the pass over the rest would change nothing.
+    cur = candidates();
+    refuse(cur, banned_);
+    const size_t head = std::min(cur.size, std::max<size_t>(256, 4 * (size_t) top_k_));
+    std::partial_sort(cur.data, cur.data + head, cur.data + cur.size, [](const llama_token_data & a, const llama_token_data & b) { return a.logit > b.logit; });
+    llama_token_data_array best = { cur.data, head, -1, false };
+    grammar.apply(&best);
+    refuse(best, non_text);
+    const size_t allowed = (size_t) std::count_if(best.data, best.data + best.size, [](const llama_token_data & d) { return !std::isinf(d.logit); });
+    if (allowed < (size_t) top_k_) {
+        return false;
+    }
+    llama_sampler_apply(chain_, &best);
+    tok = best.data[best.selected].id;
+    return true;
+}
+
 int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::vector<int32_t> & non_text,
                               const token_first_bytes & bytes, const std::function<bool(int32_t)> & constrained) {
     const float * logits = llama_get_logits_ith(ctx, row);
@@ -111,7 +135,7 @@ int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & 
     llama_sampler_apply(chain_, &cur);
     int32_t tok = cur.data[cur.selected].id;
     bool held = constrained(tok);
-    if (held && !fits(tok) && greedy_) {
+    if (held && !fits(tok) && greedy_ && !full_pass_) {
         // The chain left every candidate with its logit, in id order (bias and penalties applied;
         // greedy only selects): the best the grammar allows is the token a pass over all of them gives.
         refuse(cur, non_text);
@@ -123,9 +147,11 @@ int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & 
             return -1;
         }
         held = constrained(tok);
+    } else if (held && !fits(tok) && top_k_ > 0 && !penalized_ && !full_pass_ && sample_among_best(cur, candidates, grammar, non_text, tok)) {
+        held = constrained(tok);
     } else if (held && !fits(tok)) {
         cur = candidates();
-        grammar.apply(&cur, &bytes);
+        grammar.apply(&cur, full_pass_ ? nullptr : &bytes);
         refuse(cur, non_text);
         const bool any = std::any_of(cur.data, cur.data + cur.size, [&](const llama_token_data & d) {
             return !std::isinf(d.logit) && !std::binary_search(banned_.begin(), banned_.end(), d.id);

@@ -10,6 +10,7 @@
 struct llama_context;
 struct llama_sampler;
 struct llama_token_data;
+struct llama_token_data_array;
 
 namespace fml {
 
@@ -26,6 +27,7 @@ struct sampling_options {
     float    repeat_penalty = 1.0f;
     int32_t  repeat_last_n  = 0;
     uint32_t seed           = 0xFFFFFFFF;   // LLAMA_DEFAULT_SEED: random
+    bool     test_full_grammar_pass = false;   // test hook: a grammar's every refusal takes the whole pass (no shortcut)
 };
 
 // Owns the llama_sampler chain.
@@ -50,8 +52,13 @@ public:
                    const token_first_bytes & bytes, const std::function<bool(int32_t)> & constrained);
 
 private:
+    bool sample_among_best(llama_token_data_array & cur, const std::function<llama_token_data_array()> & candidates,
+                           const reply_grammar & grammar, const std::vector<int32_t> & non_text, int32_t & tok);
     llama_sampler * chain_ = nullptr;
     bool greedy_ = false;
+    int32_t top_k_ = 0;          // the chain's top-k (0: none)
+    bool penalized_ = false;     // the chain has a repetition penalty (it changes the logits' order)
+    bool full_pass_ = false;     // test hook testFullGrammarPass
     std::vector<int32_t> banned_;            // sorted
     std::vector<llama_token_data> cur_;      // the candidates, reused from token to token
 };

@@ -179,6 +179,8 @@ export interface SendOptions {
    * model's reasoning stays free; the reply ends when the JSON value is complete. Default none.
    */
   jsonSchema?: object | string;
+  /** @internal Test hook: every token a grammar refuses takes the pass over the whole vocabulary (no shortcut). */
+  testFullGrammarPass?: boolean;
   /** Receives each streamed piece of the answer (never a split UTF-8 character; reasoning goes to onReasoning). */
   onToken?: (piece: string) => void;
   /** Receives each streamed piece of a reasoning model's reasoning (`model.info.reasoning`), apart from the answer. */

@@ -188,30 +188,38 @@ describe('what the answer holds is its text', () => {
   });
 });
 
-describe("the pass narrowed by first bytes", () => {
-  // A grammar's pass over the vocabulary skips the tokens whose first byte it refuses; a grammar
-  // that names a token (<[id]>) takes the whole pass. The same grammar with such an unused rule
-  // added gives the whole pass's choice: the replies must be the same, token for token.
-  it('chooses what the whole pass chooses, sampled and greedy', async () => {
-    // Narrowing starts at 1,024 candidates: a vocabulary of ~2,900 tokens.
+describe("the grammar's shortcuts", () => {
+  // Where the sampler's choice does not fit, the pass over the vocabulary is cut short: greedy
+  // decoding checks its best 64 candidates first, top-k sampling its best 256 (when they hold k that
+  // fit, those are the k it samples from), and a pass skips the tokens whose first byte the grammar
+  // refuses (not for a grammar that names a token). Each must choose what the whole pass chooses
+  // (the test hook testFullGrammarPass): the same replies, token for token.
+  it('choose what the whole pass chooses: greedy, top-k, plain temperature, and a grammar naming a token', async () => {
+    // The first-byte shortcut starts at 1,024 candidates: a vocabulary of ~2,900 tokens.
     const wide = await loadModel(testModelPath({ vocabExtra: 2000 }), { threads: THREADS });
     expect(wide.info.nVocab).toBeGreaterThan(2048);
     const grammars = [
       jsonSchemaToGrammar(SCHEMA),
       jsonSchemaToGrammar({ enum: Array.from({ length: 40 }, (_, i) => `value ${i * 7}`) }),
       'root ::= [0-9]{8} ("x" | [a-f]+) "."',
+      'root ::= [^e]{30} "."',
+      'root ::= [^e]{30} "." | <[3]>',
     ];
-    for (const g of grammars) {
-      for (const [seed, temperature] of [[1, 1], [2, 1.5], [3, 0]] as const) {
+    const samplings = [{ temperature: 0 }, { temperature: 1 }, { temperature: 1.5, topK: 5 }, { temperature: 1, topK: 0 }, { temperature: 0.8, repeatPenalty: 1.3 }];
+    let compared = 0;
+    for (const grammar of grammars) {
+      for (const [i, sampling] of samplings.entries()) {
         const replies: string[] = [];
-        for (const grammar of [g, `${g}\nunused ::= <[0]>`]) {
+        for (const full of [false, true]) {
           const chat = wide.createChat(BASE);
-          replies.push((await chat.send('Go', { maxNewTokens: 48, grammar, seed, temperature })).response);
+          replies.push((await chat.send('Go', { maxNewTokens: 40, grammar, seed: 10 + i, ...sampling, testFullGrammarPass: full })).response);
           chat.dispose();
         }
-        expect(replies[0], `${g.slice(0, 40)} seed ${seed}`).toBe(replies[1]);
+        expect(replies[0], `${grammar.slice(0, 40)} ${JSON.stringify(sampling)}`).toBe(replies[1]);
+        compared++;
       }
     }
+    expect(compared).toBe(25);
     wide.dispose();
   });
 });

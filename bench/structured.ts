@@ -13,7 +13,8 @@
 //   - no letter e: a grammar the sampler's choice often misses by little: sampling passes over the
 //     whole vocabulary then, greedy decoding checks the best 64 candidates first;
 //   - an enum of 100 values of one start: 100 alternatives alive at each token, each pass that much dearer;
-//   - each grammar case sampled (against free sampling) and greedy (against free greedy decoding);
+//   - each grammar case sampled (against free sampling) and greedy (against free greedy decoding),
+//     and two without the shortcuts (whole pass at every refusal, as llama.cpp's common sampler);
 //   - and what it costs to turn a schema into a grammar (jsonSchemaToGrammar, on the calling thread).
 //   npx tsx bench/structured.ts [--no-write] [--turns 6]
 import { availableParallelism } from 'node:os';
@@ -57,9 +58,13 @@ const CASES: { label: string; options: SendOptions; base?: number }[] = [
   // A wide grammar: 100 values with a common start keep 100 alternatives alive at every token, and
   // a pass costs in proportion (what a model that keeps missing it pays at each token).
   { label: 'jsonSchema (enum of 100 values)', options: { maxNewTokens: TOKENS, ignoreEos: true, jsonSchema: ENUM_100 } },
-  { label: 'free, greedy', options: { maxNewTokens: TOKENS, ignoreEos: true, temperature: 0 }, base: 5 },
-  { label: 'jsonSchema (array of strings), greedy', options: { maxNewTokens: TOKENS, ignoreEos: true, temperature: 0, jsonSchema: NOTES_SCHEMA }, base: 5 },
-  { label: "grammar (no letter 'e'), greedy", options: { maxNewTokens: TOKENS, ignoreEos: true, temperature: 0, grammar: NO_E }, base: 5 },
+  // The same two without the shortcuts (the test hook testFullGrammarPass): every refusal takes the
+  // whole pass, as llama.cpp's common sampler does. Fewer tokens: the per-token figure is the point.
+  { label: "grammar (no letter 'e'), whole pass", options: { maxNewTokens: 16, ignoreEos: true, grammar: NO_E, testFullGrammarPass: true } },
+  { label: 'jsonSchema (enum of 100 values), whole pass', options: { maxNewTokens: 16, ignoreEos: true, jsonSchema: ENUM_100, testFullGrammarPass: true } },
+  { label: 'free, greedy', options: { maxNewTokens: TOKENS, ignoreEos: true, temperature: 0 }, base: 7 },
+  { label: 'jsonSchema (array of strings), greedy', options: { maxNewTokens: TOKENS, ignoreEos: true, temperature: 0, jsonSchema: NOTES_SCHEMA }, base: 7 },
+  { label: "grammar (no letter 'e'), greedy", options: { maxNewTokens: TOKENS, ignoreEos: true, temperature: 0, grammar: NO_E }, base: 7 },
 ];
 
 async function main() {
@@ -77,7 +82,7 @@ async function main() {
   }
   const sample = turns[1]!.at(-1)!.response;
   const digits = turns[2]!.at(-1)!.response;
-  const noE = turns[7]!.at(-1)!.response;
+  const noE = turns[9]!.at(-1)!.response;
   const info = model.info;
   for (const c of chats) c.dispose();
   model.dispose();
@@ -102,7 +107,8 @@ async function main() {
     '',
     `- machine: ${machine()}`,
     `- model: Qwen2.5-0.5B geometry (24 layers, n_embd 896, 14/2 heads x 64, FFN 4864, Q8_0, seeded random weights) with a ${info.nVocab.toLocaleString('en-US')}-token vocabulary (Qwen2.5's is 151,936; ${(info.nParams / 1e6).toFixed(0)}M parameters), ${threads} threads, ${info.backend}`,
-    `- ${TURNS} turns per case, round-robin, ${TOKENS} tokens each (the grammars cannot complete sooner); medians over the turns`,
+    `- ${TURNS} turns per case, round-robin, ${TOKENS} tokens each (the grammars cannot complete sooner; the whole-pass cases 16); medians over the turns`,
+    '- shortcuts where the sampler\'s choice does not fit: greedy checks its best 64 candidates first, top-k sampling its best 256, and a pass skips tokens whose first byte the grammar refuses; "whole pass": none of them (llama.cpp\'s common sampler)',
     `- a schema reply's start: ${JSON.stringify(sample.slice(0, 60))}; a digits reply's: ${JSON.stringify(digits.slice(0, 24))}; a no-e greedy reply's: ${JSON.stringify(noE.slice(0, 40))}`,
     '',
     '| case | tokens | decode ms / token | + ms / token | / free (sampled or greedy) | first token ms |',

@@ -312,6 +312,7 @@ private:
     friend struct chat_probes;
     struct turn_state;
     struct summary_job;
+    struct grammar_pass;
 
     frame_kind next_user_frame() const;
     void check_budget();
@@ -397,6 +398,10 @@ private:
     void rollback_to(size_t keep, step_context & e);
     void restore_scores(const std::vector<ledger_entry> & before);
     void sample_next(step_context & e, int32_t logits_row);
+    // What follows a sampled token (sample_next's, or a grammar pass's): the reply's part, stops.
+    void take_sampled(int32_t tok, step_context & e);
+    // A grammar's pass that ran off the scheduler thread has its token: taken (true), or not yet.
+    bool take_grammar_pass(step_context & e);
     void finish_turn(stop_reason reason, step_context & e);
     // `state_lost`: a decode failed partway, so a hybrid's recurrent state may hold part of it and the
     // whole turn is rolled back (a KV cache alone only needs its unledgered cells dropped).

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 
 #include "llama.h"
 
@@ -30,6 +31,10 @@ public:
     // One decode of at most n_batch() of the chat's `tokens` at `pos0`; true when it succeeded.
     // `signals`: capture them for the chat.
     virtual bool decode_one(chat & s, const int32_t * tokens, size_t n, int32_t pos0, bool all_logits, bool signals = false, int32_t peak_horizon = -1) = 0;
+
+    // What wakes the scheduler from another thread (a chat's grammar pass, done off it): the next
+    // step takes the chat's token.
+    virtual std::function<void()> waker() const = 0;
 
 protected:
     ~step_context() = default;

@@ -5,8 +5,11 @@
 #include "chat/chat.h"
 #include "chat/reasoning.h"
 
+#include <atomic>
 #include <chrono>
+#include <exception>
 #include <memory>
+#include <thread>
 #include <vector>
 
 namespace fml {
@@ -96,6 +99,24 @@ struct chat::turn_state {
     bool first_token = false;
     size_t gen_chunk = 1;
     size_t prefill_slack = 0;
+    // A grammar's pass over the vocabulary, on a thread of its own while steps go on without this
+    // chat (chat::sample_next). Last: it is joined before what it reads (the sampler, the grammar,
+    // the splitter) is destroyed.
+    std::unique_ptr<grammar_pass> pass;
+};
+
+// The thread of a grammar's pass and what it found. Destroyed (a turn ended while it ran: an abort,
+// a failure), it waits for the pass, at most one pass over the vocabulary.
+struct chat::grammar_pass {
+    std::thread worker;
+    std::atomic<bool> done{ false };
+    int32_t token = -1;
+    std::exception_ptr error;
+    ~grammar_pass() {
+        if (worker.joinable()) {
+            worker.join();
+        }
+    }
 };
 
 } // namespace fml

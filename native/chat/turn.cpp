@@ -88,6 +88,9 @@ size_t chat::tokens_wanted(clock_type::time_point now) const {
         const summary_job & j = *turn_->summary;
         return j.prompt_done < j.prompt.size() ? j.prompt.size() - j.prompt_done : 1;
     }
+    if (turn_->pass) {
+        return turn_->pass->done.load() ? 1 : 0;   // a grammar's pass runs: nothing until it is done
+    }
     if (turn_->generating) {
         return 1;
     }
@@ -126,6 +129,11 @@ contribution chat::contribute(size_t budget, step_context & e) {
         }
         if (t.summary) {
             return summary_contribution(budget);
+        }
+        if (t.pass) {
+            if (!take_grammar_pass(e) || !turn_) {
+                return contribution{};   // still running; or the token ended the turn
+            }
         }
         if (t.generating) {
             if (opts_.test_fail_after_tokens > 0 && t.result.stats.generated_tokens >= opts_.test_fail_after_tokens) {
@@ -379,31 +387,76 @@ void chat::relabel_reply(size_t from, size_t to, token_role role) {
 
 void chat::sample_next(step_context & e, int32_t logits_row) {
     turn_state & t = *turn_;
-    turn_stats & st = t.result.stats;
     // testReply's tokens, then the end (or, with testReplyThenSample, sampled ones).
     const bool forced = !test_reply_.empty() && (t.forced_next < test_reply_.size() || !opts_.test_reply_then_sample);
-    int32_t tok = -1;
     if (forced) {
-        tok = t.forced_next < test_reply_.size() ? test_reply_[t.forced_next++] : -1;
-    } else if (t.req.grammar) {
-        // The grammar holds the answer from its first text on (a marker after it would leave the
-        // answer: held too, so refused), and its end; the reasoning and the framing before it stay
-        // free. -1: the grammar leaves nothing to sample, the reply ends.
-        const auto held = [&](int32_t c) {
-            if (t.answer_held) {
-                return true;
-            }
-            if (model_->is_eog(c)) {
-                return t.splitter->in_answer();
-            }
-            const split_step s = t.splitter->peek(c, model_->token_piece(c, false));
-            return s.has_text && s.part == reply_part::content;
-        };
-        tok = t.sampler->sample(e.ctx(), logits_row, *t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held);
-        t.answer_held = t.answer_held || (tok >= 0 && !model_->is_eog(tok) && held(tok));
-    } else {
-        tok = llama_sampler_sample(t.sampler->raw(), e.ctx(), logits_row);
+        take_sampled(t.forced_next < test_reply_.size() ? test_reply_[t.forced_next++] : -1, e);
+        return;
     }
+    if (!t.req.grammar) {
+        take_sampled(llama_sampler_sample(t.sampler->raw(), e.ctx(), logits_row), e);
+        return;
+    }
+    // The grammar holds the answer from its first text on (a marker after it would leave the answer:
+    // held too, so refused), and its end; the reasoning and the framing before it stay free. What
+    // reads the turn here (the splitter) stays as it is while a pass runs: the chat waits for it.
+    const auto held = [this, &t](int32_t c) {
+        if (t.answer_held) {
+            return true;
+        }
+        if (model_->is_eog(c)) {
+            return t.splitter->in_answer();
+        }
+        const split_step s = t.splitter->peek(c, model_->token_piece(c, false));
+        return s.has_text && s.part == reply_part::content;
+    };
+    const sampler_chain::held_step step = t.sampler->sample_held(e.ctx(), logits_row, *t.req.grammar, model_->non_text_tokens(), held);
+    if (step.decided) {
+        t.answer_held = t.answer_held || (step.token >= 0 && !model_->is_eog(step.token) && held(step.token));
+        take_sampled(step.token, e);
+        return;
+    }
+    // The pass over the vocabulary (milliseconds to seconds on a large one, by the grammar's width)
+    // runs on a thread of its own: the next steps go on without this chat, whose token is taken at
+    // its next contribution (tokens_wanted says when the pass is done).
+    t.pending = -1;
+    auto pass = std::make_unique<grammar_pass>();
+    grammar_pass * p = pass.get();
+    std::function<void()> wake = e.waker();
+    p->worker = std::thread([this, &t, p, held, wake] {
+        try {
+            p->token = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held);
+        } catch (...) {
+            p->error = std::current_exception();
+        }
+        p->done.store(true);
+        wake();
+    });
+    t.pass = std::move(pass);
+}
+
+bool chat::take_grammar_pass(step_context & e) {
+    turn_state & t = *turn_;
+    if (!t.pass->done.load()) {
+        return false;
+    }
+    std::unique_ptr<grammar_pass> pass = std::move(t.pass);
+    pass->worker.join();
+    if (pass->error) {
+        std::rethrow_exception(pass->error);
+    }
+    const int32_t tok = pass->token;
+    if (tok >= 0 && !model_->is_eog(tok) && !t.answer_held) {
+        const split_step s = t.splitter->peek(tok, model_->token_piece(tok, false));
+        t.answer_held = s.has_text && s.part == reply_part::content;
+    }
+    take_sampled(tok, e);
+    return true;
+}
+
+void chat::take_sampled(int32_t tok, step_context & e) {
+    turn_state & t = *turn_;
+    turn_stats & st = t.result.stats;
     if (!t.first_token) {
         t.first_token = true;
         st.first_token_ms = ms_since(t.t_start);

@@ -21,8 +21,9 @@ static bool abort_callback(void * data) {
     return static_cast<const std::atomic<bool> *>(data)->load();
 }
 
-engine::engine(std::shared_ptr<fml_model> model, const kv_geometry & key, const engine_options & opts, const std::atomic<bool> * stopping, ggml_threadpool * pool)
-    : model_(std::move(model)), key_(key), opts_(opts), stopping_(stopping), threadpool_(pool) {
+engine::engine(std::shared_ptr<fml_model> model, const kv_geometry & key, const engine_options & opts, const std::atomic<bool> * stopping, ggml_threadpool * pool,
+               std::function<void()> wake)
+    : model_(std::move(model)), key_(key), opts_(opts), stopping_(stopping), wake_(std::move(wake)), threadpool_(pool) {
     capture_.want_attention = key_.attention;
     capture_.want_key_norm = key_.key_norm;
     capture_.want_hidden = key_.hidden_layer >= 0;

@@ -54,13 +54,16 @@ class engine final : public step_context {
 public:
     // `pool`: the ggml thread pool its decodes run on (the runtime's, shared with its other engines;
     // may be null).
-    engine(std::shared_ptr<fml_model> model, const kv_geometry & key, const engine_options & opts, const std::atomic<bool> * stopping, ggml_threadpool * pool);
+    // `wake`: wakes the scheduler thread from another (step_context::waker).
+    engine(std::shared_ptr<fml_model> model, const kv_geometry & key, const engine_options & opts, const std::atomic<bool> * stopping, ggml_threadpool * pool,
+           std::function<void()> wake);
     ~engine();
     engine(const engine &) = delete;
     engine & operator=(const engine &) = delete;
 
     const kv_geometry & key() const { return key_; }
     llama_context * ctx() const override { return ctx_; }
+    std::function<void()> waker() const override { return wake_; }
     const engine_stats & stats() const { return stats_; }
 
     // A turn to run (scheduler thread): started at once when the chat has or gets a slot, else queued.
@@ -128,6 +131,7 @@ private:
     kv_geometry key_;
     engine_options opts_;
     const std::atomic<bool> * stopping_;
+    std::function<void()> wake_;
     llama_context * ctx_ = nullptr;
     ggml_threadpool * threadpool_ = nullptr;   // not owned: the runtime's pool for this thread count
     llama_batch batch_ {};

@@ -77,6 +77,7 @@ constexpr size_t MAX_SCHEMA_KEY_BYTES = 256;
 constexpr size_t MAX_SCHEMA_PATTERN_BYTES = 1024;
 constexpr size_t MAX_OPTIONAL_PROPERTIES = 64;
 constexpr size_t MAX_OPTIONAL_PROPERTIES_IN_ALL = 128;
+constexpr size_t MAX_TYPE_LIST = 8;
 
 // The target of a local "#/a/0/b" reference as llama.cpp's converter resolves it (no other kind
 // resolves there); null when it does not resolve.
@@ -91,8 +92,19 @@ const common_json * ref_target(const common_json & root, const std::string & ref
         const std::string sel = ref.substr(from, slash == std::string::npos ? std::string::npos : slash - from);
         if (at->is_object() && at->contains(sel)) {
             at = &at->at(sel);
-        } else if (at->is_array() && !sel.empty() && sel.size() < 10 && std::all_of(sel.begin(), sel.end(), ::isdigit) && std::stoul(sel) < at->size()) {
-            at = &at->at((size_t) std::stoul(sel));
+        } else if (at->is_array()) {
+            // As the converter reads an index: std::stoull ("0x", "+0", " 0" are 0), an unreadable
+            // one past the end.
+            size_t idx = at->size();
+            try {
+                idx = (size_t) std::stoull(sel);
+            } catch (const std::invalid_argument &) {
+            } catch (const std::out_of_range &) {
+            }
+            if (idx >= at->size()) {
+                return nullptr;
+            }
+            at = &at->at(idx);
         } else {
             return nullptr;
         }
@@ -133,27 +145,30 @@ public:
         if (node.contains("pattern") && node.at("pattern").is_string() && node.at("pattern").get<std::string>().size() > MAX_SCHEMA_PATTERN_BYTES) {
             invalid("jsonSchema has a pattern over " + std::to_string(MAX_SCHEMA_PATTERN_BYTES) + " bytes");
         }
-        if (node.contains("properties") && node.at("properties").is_object()) {
-            std::set<std::string> required;
-            if (node.contains("required") && node.at("required").is_array()) {
-                const common_json & r = node.at("required");
-                for (size_t i = 0; i < r.size(); ++i) {
-                    if (r.at(i).is_string()) {
-                        required.insert(r.at(i).get<std::string>());
+        if (node.contains("properties")) {
+            count_optional(optional_of(node, false));
+        }
+        if (node.contains("allOf") && node.at("allOf").is_array()) {
+            // The converter gathers the parts' properties into one object, following their $refs;
+            // an anyOf part's are optional (a $ref repeated there counts each time it is gathered).
+            size_t optional = 0;
+            const common_json & all = node.at("allOf");
+            for (size_t i = 0; i < all.size(); ++i) {
+                const common_json & part = all.at(i);
+                if (part.is_object() && part.contains("anyOf") && part.at("anyOf").is_array()) {
+                    const common_json & any = part.at("anyOf");
+                    for (size_t k = 0; k < any.size(); ++k) {
+                        optional += optional_of(resolved(any.at(k)), true);
                     }
+                } else {
+                    optional += optional_of(resolved(part), false);
                 }
             }
-            size_t optional = 0;
-            for (const auto & kv : node.at("properties").items()) {
-                optional += required.count(kv.key()) == 0 ? 1 : 0;
-            }
-            if (optional > MAX_OPTIONAL_PROPERTIES) {
-                invalid("jsonSchema has an object of " + std::to_string(optional) + " optional properties; at most " + std::to_string(MAX_OPTIONAL_PROPERTIES) + " are taken");
-            }
-            optional_ += optional;
-            if (optional_ > MAX_OPTIONAL_PROPERTIES_IN_ALL) {
-                invalid("jsonSchema has more than " + std::to_string(MAX_OPTIONAL_PROPERTIES_IN_ALL) + " optional properties in all");
-            }
+            count_optional(optional);
+        }
+        if (node.contains("type") && node.at("type").is_array() && node.at("type").size() > MAX_TYPE_LIST) {
+            // The converter converts the whole schema once per listed type.
+            invalid("jsonSchema lists " + std::to_string(node.at("type").size()) + " types for one value; at most " + std::to_string(MAX_TYPE_LIST) + " are taken");
         }
         if (node.contains("$ref") && node.at("$ref").is_string()) {
             check_ref_chain(node.at("$ref").get<std::string>());
@@ -161,6 +176,55 @@ public:
     }
 
 private:
+    // The optional properties an object schema brings (all of them: `all_optional`, or those not in
+    // its `required`). The converter takes `properties` of any kind: an array's entries are keys "0", "1", ...
+    static size_t optional_of(const common_json & node, bool all_optional) {
+        if (!node.is_object() || !node.contains("properties")) {
+            return 0;
+        }
+        const common_json & props = node.at("properties");
+        if (!props.is_object()) {
+            return props.is_array() ? props.size() : 0;
+        }
+        std::set<std::string> required;
+        if (!all_optional && node.contains("required") && node.at("required").is_array()) {
+            const common_json & r = node.at("required");
+            for (size_t i = 0; i < r.size(); ++i) {
+                if (r.at(i).is_string()) {
+                    required.insert(r.at(i).get<std::string>());
+                }
+            }
+        }
+        size_t optional = 0;
+        for (const auto & kv : props.items()) {
+            optional += required.count(kv.key()) == 0 ? 1 : 0;
+        }
+        return optional;
+    }
+
+    void count_optional(size_t optional) {
+        if (optional > MAX_OPTIONAL_PROPERTIES) {
+            invalid("jsonSchema has an object of " + std::to_string(optional) + " optional properties; at most " + std::to_string(MAX_OPTIONAL_PROPERTIES) + " are taken");
+        }
+        optional_ += optional;
+        if (optional_ > MAX_OPTIONAL_PROPERTIES_IN_ALL) {
+            invalid("jsonSchema has more than " + std::to_string(MAX_OPTIONAL_PROPERTIES_IN_ALL) + " optional properties in all");
+        }
+    }
+
+    // A part as allOf gathers it: its $ref chain followed (cycles are refused by then) to the schema.
+    const common_json & resolved(const common_json & part) const {
+        const common_json * at = &part;
+        for (int hops = 0; hops < 10000 && at->is_object() && at->contains("$ref") && at->at("$ref").is_string(); ++hops) {
+            const common_json * next = ref_target(root_, at->at("$ref").get<std::string>());
+            if (next == nullptr) {
+                break;
+            }
+            at = next;
+        }
+        return *at;
+    }
+
     // Follows $ref -> a schema that is itself a $ref -> ... until one is not (or does not resolve);
     // each ref is walked once (`settled`), so a document of many refs costs its size.
     void check_ref_chain(std::string ref) {
@@ -250,9 +314,12 @@ void reply_grammar::apply(llama_token_data_array * cur, const token_first_bytes 
     }
     llama_token_data_array pa = { probe.data(), probe.size(), -1, false };
     llama_sampler_apply(s_, &pa);
+    // Only an ASCII byte's answer holds for every token it starts: a lone byte of 0x80 or more is
+    // checked as a partial character, a looser test than a whole one gets ([^é] refuses 0xC3 alone
+    // but allows "ê"), so those bytes are always kept.
     std::array<bool, 256> next{};
     for (size_t b = 0; b < 256; ++b) {
-        next[b] = bytes->single[b] < 0;
+        next[b] = bytes->single[b] < 0 || b >= 0x80;
     }
     for (const llama_token_data & d : probe) {
         if (!std::isinf(d.logit)) {

@@ -325,6 +325,8 @@ const option_row<send_target> SEND_ROWS[] = {
       [](send_target & t, const option_value * v) { t.g.grammar = v ? text_of("grammar", *v, MAX_GRAMMAR_BYTES) : ""; } },
     { { "send", "testFullGrammarPass", "boolean", "false", "", "Test hook: every token a grammar refuses takes the pass over the whole vocabulary (no shortcut: the best candidates first, first bytes), to check that the shortcuts choose the same.", true },
       [](send_target & t, const option_value * v) { t.g.sampling.test_full_grammar_pass = v ? boolean_of("testFullGrammarPass", *v) : false; } },
+    { { "send", "testGrammarPassDelayMs", "number", "0", "0 .. 60000", "Test hook: every pass of a grammar over the vocabulary (off the scheduler thread) takes this much longer.", true },
+      [](send_target & t, const option_value * v) { t.g.sampling.test_grammar_pass_delay_ms = v ? number_in("testGrammarPassDelayMs", *v, 0, 60000) : 0.0; } },
     { { "send", "jsonSchema", "object | string", "none", "at most 65536 bytes of JSON, nested at most 64 deep (more limits: docs/api.md)", "A JSON schema the answer follows (converted to a grammar as llama-server converts response_format's); a reasoning model's reasoning stays free. The reply ends when the JSON value is complete.", false },
       [](send_target & t, const option_value * v) {
           // TypeScript gives an object as its JSON text.

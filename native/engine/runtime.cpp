@@ -133,7 +133,7 @@ engine & runtime::engine_for(chat & s) {
         ggml_threadpool_params tpp = ggml_threadpool_params_default(s.key().threads);
         pool.reset(ggml_threadpool_new(&tpp));   // null: llama.cpp then starts threads per graph
     }
-    engines_.push_back(std::make_unique<engine>(model_, s.key(), opts_.engine, &stopping_, pool.get()));
+    engines_.push_back(std::make_unique<engine>(model_, s.key(), opts_.engine, &stopping_, pool.get(), [this] { wake(); }));
     engines_.back()->bind(s);
     return *engines_.back();
 }

@@ -6,12 +6,14 @@
 #include "llama.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <thread>
 
 namespace fml {
 
 sampler_chain::sampler_chain(const sampling_options & o, int32_t n_vocab, const std::vector<int32_t> & banned)
-    : full_pass_(o.test_full_grammar_pass), banned_(banned) {
+    : full_pass_(o.test_full_grammar_pass), pass_delay_ms_(o.test_grammar_pass_delay_ms), banned_(banned) {
     std::sort(banned_.begin(), banned_.end());
     llama_sampler_chain_params p = llama_sampler_chain_default_params();
     p.no_perf = true;
@@ -52,25 +54,36 @@ sampler_chain::~sampler_chain() {
     }
 }
 
-int32_t best_allowed(llama_token_data * cur, size_t n, const std::function<void(llama_token_data *, size_t)> & allow) {
-    // The best few first (a partial sort costs a fraction of a grammar's pass); when the grammar
-    // allows none of them, the rest in one pass, and their best by a scan.
-    const size_t first = std::min<size_t>(n, 64);
-    std::partial_sort(cur, cur + first, cur + n, [](const llama_token_data & a, const llama_token_data & b) { return a.logit > b.logit; });
+int32_t best_allowed_first(llama_token_data * cur, size_t n, const std::function<void(llama_token_data *, size_t)> & allow) {
+    const size_t first = std::min(n, BEST_ALLOWED_FIRST);
+    // Ties go to the lower id, as llama.cpp's greedy sampler takes them over candidates in id order.
+    std::partial_sort(cur, cur + first, cur + n, [](const llama_token_data & a, const llama_token_data & b) {
+        return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
+    });
     allow(cur, first);
     for (size_t i = 0; i < first; ++i) {
         if (!std::isinf(cur[i].logit)) {
             return cur[i].id;
         }
     }
-    allow(cur + first, n - first);
+    return -1;
+}
+
+int32_t best_allowed_rest(llama_token_data * rest, size_t n, const std::function<void(llama_token_data *, size_t)> & allow) {
+    allow(rest, n);
     const llama_token_data * best = nullptr;
-    for (size_t i = first; i < n; ++i) {
-        if (!std::isinf(cur[i].logit) && (best == nullptr || cur[i].logit > best->logit)) {
-            best = &cur[i];
+    for (size_t i = 0; i < n; ++i) {
+        if (!std::isinf(rest[i].logit) && (best == nullptr || rest[i].logit > best->logit || (rest[i].logit == best->logit && rest[i].id < best->id))) {
+            best = &rest[i];
         }
     }
     return best != nullptr ? best->id : -1;
+}
+
+int32_t best_allowed(llama_token_data * cur, size_t n, const std::function<void(llama_token_data *, size_t)> & allow) {
+    const int32_t first = best_allowed_first(cur, n, allow);
+    const size_t checked = std::min(n, BEST_ALLOWED_FIRST);
+    return first >= 0 ? first : best_allowed_rest(cur + checked, n - checked, allow);
 }
 
 namespace {
@@ -94,12 +107,19 @@ void refuse(llama_token_data_array & cur, const std::vector<int32_t> & tokens) {
 
 } // namespace
 
-bool sampler_chain::sample_among_best(llama_token_data_array & cur, const std::function<llama_token_data_array()> & candidates,
-                                      const reply_grammar & grammar, const std::vector<int32_t> & non_text, int32_t & tok) {
+llama_token_data_array sampler_chain::candidates() {
+    cur_.resize(logits_.size());
+    for (size_t t = 0; t < logits_.size(); ++t) {
+        cur_[t] = { (int32_t) t, logits_[t], 0.0f };
+    }
+    return llama_token_data_array{ cur_.data(), cur_.size(), -1, false };
+}
+
+bool sampler_chain::sample_among_best(const reply_grammar & grammar, const std::vector<int32_t> & non_text, int32_t & tok) {
     // After its top-k the chain sees only the k best candidates the grammar allows, and without a
     // repetition penalty their order is the logits' (the bias only bans): when the best few hundred
     // hold k allowed ones, they are those k, and the pass over the rest would change nothing.
-    cur = candidates();
+    llama_token_data_array cur = candidates();
     refuse(cur, banned_);
     const size_t head = std::min(cur.size, std::max<size_t>(256, 4 * (size_t) top_k_));
     std::partial_sort(cur.data, cur.data + head, cur.data + cur.size, [](const llama_token_data & a, const llama_token_data & b) { return a.logit > b.logit; });
@@ -115,59 +135,74 @@ bool sampler_chain::sample_among_best(llama_token_data_array & cur, const std::f
     return true;
 }
 
-int32_t sampler_chain::sample(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::vector<int32_t> & non_text,
-                              const token_first_bytes & bytes, const std::function<bool(int32_t)> & constrained) {
+int32_t sampler_chain::finish(reply_grammar & grammar, int32_t tok, bool held) {
+    if (held && !llama_vocab_is_eog(vocab_, tok)) {
+        grammar.accept(tok);
+    }
+    llama_sampler_accept(chain_, tok);
+    return tok;
+}
+
+sampler_chain::held_step sampler_chain::sample_held(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::vector<int32_t> & non_text,
+                                                    const std::function<bool(int32_t)> & constrained) {
     const float * logits = llama_get_logits_ith(ctx, row);
     if (logits == nullptr) {
         throw fml_error(FML_ERR_INTERNAL, "no logits for the row to sample from");
     }
-    const llama_vocab * vocab = llama_model_get_vocab(llama_get_model(ctx));
-    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
-    const auto candidates = [&] {
-        cur_.resize((size_t) n_vocab);
-        for (int32_t t = 0; t < n_vocab; ++t) {
-            cur_[(size_t) t] = { t, logits[t], 0.0f };
-        }
-        return llama_token_data_array{ cur_.data(), cur_.size(), -1, false };
-    };
+    vocab_ = llama_model_get_vocab(llama_get_model(ctx));
+    logits_.assign(logits, logits + llama_vocab_n_tokens(vocab_));
     const auto fits = [&](int32_t t) { return !std::binary_search(non_text.begin(), non_text.end(), t) && grammar.allows(t); };
     llama_token_data_array cur = candidates();
     llama_sampler_apply(chain_, &cur);
     int32_t tok = cur.data[cur.selected].id;
-    bool held = constrained(tok);
-    if (held && !fits(tok) && greedy_ && !full_pass_) {
+    if (!constrained(tok) || fits(tok)) {
+        return { true, finish(grammar, tok, constrained(tok)) };
+    }
+    if (greedy_ && !full_pass_) {
         // The chain left every candidate with its logit, in id order (bias and penalties applied;
         // greedy only selects): the best the grammar allows is the token a pass over all of them gives.
         refuse(cur, non_text);
-        tok = best_allowed(cur.data, cur.size, [&](llama_token_data * part, size_t k) {
+        tok = best_allowed_first(cur.data, cur.size, [&](llama_token_data * part, size_t k) {
+            llama_token_data_array a = { part, k, -1, false };
+            grammar.apply(&a);
+        });
+        if (tok >= 0) {
+            return { true, finish(grammar, tok, constrained(tok)) };
+        }
+        const size_t checked = std::min(cur.size, BEST_ALLOWED_FIRST);
+        unchecked_.assign(cur.data + checked, cur.data + cur.size);
+        return {};
+    }
+    if (top_k_ > 0 && !penalized_ && !full_pass_ && sample_among_best(grammar, non_text, tok)) {
+        return { true, finish(grammar, tok, constrained(tok)) };
+    }
+    return {};
+}
+
+int32_t sampler_chain::sample_rest(reply_grammar & grammar, const std::vector<int32_t> & non_text, const token_first_bytes & bytes,
+                                   const std::function<bool(int32_t)> & constrained) {
+    if (pass_delay_ms_ > 0) {
+        std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(pass_delay_ms_));
+    }
+    int32_t tok = -1;
+    if (greedy_ && !full_pass_) {
+        tok = best_allowed_rest(unchecked_.data(), unchecked_.size(), [&](llama_token_data * part, size_t k) {
             llama_token_data_array a = { part, k, -1, false };
             grammar.apply(&a, &bytes);
         });
-        if (tok < 0) {
-            return -1;
-        }
-        held = constrained(tok);
-    } else if (held && !fits(tok) && top_k_ > 0 && !penalized_ && !full_pass_ && sample_among_best(cur, candidates, grammar, non_text, tok)) {
-        held = constrained(tok);
-    } else if (held && !fits(tok)) {
-        cur = candidates();
+    } else {
+        llama_token_data_array cur = candidates();
         grammar.apply(&cur, full_pass_ ? nullptr : &bytes);
         refuse(cur, non_text);
         const bool any = std::any_of(cur.data, cur.data + cur.size, [&](const llama_token_data & d) {
             return !std::isinf(d.logit) && !std::binary_search(banned_.begin(), banned_.end(), d.id);
         });
-        if (!any) {
-            return -1;
+        if (any) {
+            llama_sampler_apply(chain_, &cur);
+            tok = cur.data[cur.selected].id;
         }
-        llama_sampler_apply(chain_, &cur);
-        tok = cur.data[cur.selected].id;
-        held = constrained(tok);
     }
-    if (held && !llama_vocab_is_eog(vocab, tok)) {
-        grammar.accept(tok);
-    }
-    llama_sampler_accept(chain_, tok);
-    return tok;
+    return tok < 0 ? -1 : finish(grammar, tok, constrained(tok));
 }
 
 } // namespace fml

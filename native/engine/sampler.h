@@ -8,6 +8,7 @@
 #include <vector>
 
 struct llama_context;
+struct llama_vocab;
 struct llama_sampler;
 struct llama_token_data;
 struct llama_token_data_array;
@@ -28,6 +29,7 @@ struct sampling_options {
     int32_t  repeat_last_n  = 0;
     uint32_t seed           = 0xFFFFFFFF;   // LLAMA_DEFAULT_SEED: random
     bool     test_full_grammar_pass = false;   // test hook: a grammar's every refusal takes the whole pass (no shortcut)
+    double   test_grammar_pass_delay_ms = 0;   // test hook: a grammar's pass over the vocabulary takes this long more
 };
 
 // Owns the llama_sampler chain.
@@ -41,32 +43,53 @@ public:
     llama_sampler * raw() const { return chain_; }
 
     // The next token from the logits of `row`, held to `grammar` where `constrained(token)` says so
-    // (the reply's answer: a reasoning model's thinking stays free). The chain's own choice is taken
-    // when the grammar allows it, else the chain chooses among what the grammar allows (as llama.cpp's
-    // common sampler: one token is checked far faster than the vocabulary). A held token is never one
-    // of `non_text` (sorted: control tokens and reasoning markers, which the grammar would read as
-    // their special text though the answer's text has none of it). The grammar accepts the token when
-    // it was held. -1: the grammar allows nothing that is not banned (it is complete and end of
-    // generation is banned, or it can go on with no token of the vocabulary).
-    int32_t sample(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::vector<int32_t> & non_text,
-                   const token_first_bytes & bytes, const std::function<bool(int32_t)> & constrained);
+    // (the reply's answer: a reasoning model's thinking stays free), in two parts: `sample_held` on
+    // the thread that owns the context, then, when it could not decide, `sample_rest` (any thread:
+    // it reads a copy of what it needs) for the pass over the vocabulary. The chain's own choice is
+    // taken when the grammar allows it, else the chain chooses among what the grammar allows (as
+    // llama.cpp's common sampler: one token is checked far faster than the vocabulary); greedy
+    // decoding checks its best 64 candidates first and top-k sampling its best 256, which decide
+    // alike when they hold what is needed. A held token is never one of `non_text` (sorted: control
+    // tokens and reasoning markers, which the grammar would read as their special text though the
+    // answer's text has none of it). The grammar accepts the token when it was held. -1: the grammar
+    // allows nothing that is not banned (it is complete and end of generation is banned, or it can
+    // go on with no token of the vocabulary).
+    struct held_step {
+        bool decided = false;
+        int32_t token = -1;
+    };
+    held_step sample_held(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::vector<int32_t> & non_text,
+                          const std::function<bool(int32_t)> & constrained);
+    int32_t sample_rest(reply_grammar & grammar, const std::vector<int32_t> & non_text, const token_first_bytes & bytes,
+                        const std::function<bool(int32_t)> & constrained);
 
 private:
-    bool sample_among_best(llama_token_data_array & cur, const std::function<llama_token_data_array()> & candidates,
-                           const reply_grammar & grammar, const std::vector<int32_t> & non_text, int32_t & tok);
+    bool sample_among_best(const reply_grammar & grammar, const std::vector<int32_t> & non_text, int32_t & tok);
+    llama_token_data_array candidates();
+    int32_t finish(reply_grammar & grammar, int32_t tok, bool held);
     llama_sampler * chain_ = nullptr;
+    const llama_vocab * vocab_ = nullptr;
     bool greedy_ = false;
     int32_t top_k_ = 0;          // the chain's top-k (0: none)
     bool penalized_ = false;     // the chain has a repetition penalty (it changes the logits' order)
     bool full_pass_ = false;     // test hook testFullGrammarPass
+    double pass_delay_ms_ = 0;   // test hook testGrammarPassDelayMs
     std::vector<int32_t> banned_;            // sorted
     std::vector<llama_token_data> cur_;      // the candidates, reused from token to token
+    // What sample_rest works from: the row's logits (sampling), or the candidates greedy decoding
+    // has not checked yet, with the chain's logits (bias and penalties applied).
+    std::vector<float> logits_;
+    std::vector<llama_token_data> unchecked_;
 };
 
 // Greedy decoding under a grammar: the candidate of the highest logit among those `allow` leaves
-// finite (it sets the others to -inf, as a grammar sampler's apply does). The best 64 are checked
-// first: a grammar's pass over a 150k-token vocabulary costs ~10 ms, and the best allowed token is
-// mostly among them; else the rest in one pass. Reorders `cur`. -1: none allowed.
+// finite (it sets the others to -inf, as a grammar sampler's apply does). best_allowed_first checks
+// the best 64 (sorting them to the front: a grammar's pass over a 150k-token vocabulary costs ~10 ms,
+// and the best allowed token is mostly among them); when none is allowed, best_allowed_rest the
+// others (from `cur + first`). -1: none allowed. best_allowed: both.
+constexpr size_t BEST_ALLOWED_FIRST = 64;
+int32_t best_allowed_first(llama_token_data * cur, size_t n, const std::function<void(llama_token_data *, size_t)> & allow);
+int32_t best_allowed_rest(llama_token_data * rest, size_t n, const std::function<void(llama_token_data *, size_t)> & allow);
 int32_t best_allowed(llama_token_data * cur, size_t n, const std::function<void(llama_token_data *, size_t)> & allow);
 
 } // namespace fml

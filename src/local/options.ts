@@ -181,6 +181,8 @@ export interface SendOptions {
   jsonSchema?: object | string;
   /** @internal Test hook: every token a grammar refuses takes the pass over the whole vocabulary (no shortcut). */
   testFullGrammarPass?: boolean;
+  /** @internal Test hook: every pass of a grammar over the vocabulary takes this much longer. */
+  testGrammarPassDelayMs?: number;
   /** Receives each streamed piece of the answer (never a split UTF-8 character; reasoning goes to onReasoning). */
   onToken?: (piece: string) => void;
   /** Receives each streamed piece of a reasoning model's reasoning (`model.info.reasoning`), apart from the answer. */

@@ -224,6 +224,52 @@ describe("the grammar's shortcuts", () => {
   });
 });
 
+describe("a grammar's pass runs off the scheduler thread", () => {
+  // A pass over the vocabulary (when the sampler's choice does not fit) runs on a thread of its own
+  // while the steps go on without its chat: a slow one holds back its own chat, not the others. The
+  // test hook testGrammarPassDelayMs makes every pass 400 ms longer; a digits-only grammar on random
+  // weights needs one at nearly every token.
+  const SLOW = { grammar: 'root ::= [0-9]{3,}', testGrammarPassDelayMs: 400, maxNewTokens: 3, seed: 1 };
+
+  it("another chat's turn goes on meanwhile, and finishes first", async () => {
+    const m = await loadModel(testModelPath(), { threads: THREADS, slots: 2 });
+    const slow = m.createChat(BASE);
+    const free = m.createChat(BASE);
+    const order: string[] = [];
+    const a = slow.send('Digits', SLOW).then((r) => { order.push('slow'); return r; });
+    const b = free.send('Words', { maxNewTokens: 24, seed: 2, ignoreEos: true }).then((r) => { order.push('free'); return r; });
+    const [ra, rb] = await Promise.all([a, b]);
+    expect(order).toEqual(['free', 'slow']);
+    expect(ra.response).toMatch(/^[0-9]{3}$/);
+    expect(rb.stats.generatedTokens).toBe(24);
+    checkCache(slow, BASE.maxTokens!);
+    checkCache(free, BASE.maxTokens!);
+    slow.dispose();
+    free.dispose();
+    m.dispose();
+  });
+
+  it('an abort while a pass runs ends the turn; the chat goes on; disposing the model meanwhile settles the turn', async () => {
+    const m = await loadModel(testModelPath(), { threads: THREADS });
+    const chat = m.createChat(BASE);
+    const ac = new AbortController();
+    const turn = chat.send('Digits', { ...SLOW, maxNewTokens: 40, signal: ac.signal });
+    await new Promise((r) => setTimeout(r, 150));
+    ac.abort();
+    const r = await turn;
+    expect(r.stopReason).toBe('abort');
+    expect(r.response).toMatch(/^[0-9]*$/);
+    checkCache(chat, BASE.maxTokens!);
+    const next = await chat.send('Again', { maxNewTokens: 3, seed: 3, grammar: 'root ::= [0-9]{3,}' });
+    expect(next.response).toMatch(/^[0-9]{3}$/);
+    // The model goes while a pass runs: the turn settles (aborted or failed with a typed error).
+    const pending = chat.send('Once more', { ...SLOW, maxNewTokens: 40 }).then((x) => x.stopReason, (e: unknown) => (e as Error).constructor.name);
+    await new Promise((r) => setTimeout(r, 150));
+    m.dispose();
+    expect(['abort', 'DisposedError', 'AbortedError']).toContain(await pending);
+  });
+});
+
 describe('bad grammars and schemas', () => {
   const cases: [string, Record<string, unknown>, RegExp][] = [
     ['an undefined rule', { grammar: 'root ::= answer' }, /grammar is not valid GBNF/],
@@ -245,6 +291,10 @@ describe('bad grammars and schemas', () => {
     ['a key of 16,000 bytes', { jsonSchema: { type: 'object', properties: { ['a'.repeat(16000)]: {} }, additionalProperties: true } }, /key of 16000 bytes/],
     ['2,000 optional properties', { jsonSchema: { type: 'object', properties: Object.fromEntries(Array.from({ length: 2000 }, (_, i) => [`p${i}`, {}])) } }, /2000 optional properties/],
     ['3 objects of 60 optional properties', { jsonSchema: { type: 'object', properties: Object.fromEntries(Array.from({ length: 3 }, (_, j) => [`o${j}`, { type: 'object', properties: Object.fromEntries(Array.from({ length: 60 }, (_, i) => [`p${i}`, {}])) }])) } }, /more than 128 optional properties in all/],
+    ['a $ref cycle through an index the converter reads as 0', { jsonSchema: { $defs: { l: [{ $ref: '#/$defs/l/0x' }] }, allOf: [{ $ref: '#/$defs/l/0x' }] } }, /cycle of \$refs/],
+    ['1,000 properties given as an array', { jsonSchema: { type: 'object', properties: Array.from({ length: 1000 }, () => ({})) } }, /1000 optional properties/],
+    ['an allOf gathering one $ref 100 times', { jsonSchema: { $defs: { a: { properties: Object.fromEntries(Array.from({ length: 10 }, (_, i) => [`p${i}`, {}])) } }, allOf: [{ anyOf: Array.from({ length: 100 }, () => ({ $ref: '#/$defs/a' })) }] } }, /1000 optional properties/],
+    ['400 types for one value', { jsonSchema: { type: Array.from({ length: 400 }, () => 'object') } }, /lists 400 types/],
     ['a pattern of 2,000 bytes', { jsonSchema: { type: 'string', pattern: '('.repeat(1000) + ')'.repeat(1000) } }, /pattern over 1024 bytes/],
   ];
   for (const [what, options, message] of cases) {

@@ -85,6 +85,25 @@ async function main() {
   const noE = turns[9]!.at(-1)!.response;
   const info = model.info;
   for (const c of chats) c.dispose();
+
+  // Beside a chat under a wide grammar: a free chat's turns alone, then with the enum chat's turns
+  // running at the same time (its passes run off the scheduler thread; they share the CPU).
+  const free = model.createChat({ maxTokens: 1024, policy: 'sliding', systemPrompt: 'You are terse.' });
+  const wide = model.createChat({ maxTokens: 1024, policy: 'sliding', systemPrompt: 'You are terse.' });
+  const alone: TurnResult[] = [];
+  const beside: TurnResult[] = [];
+  const wideTurns: TurnResult[] = [];
+  for (let t = 0; t < TURNS; t++) {
+    alone.push(await free.send(`Alone ${t}`, { maxNewTokens: TOKENS, ignoreEos: true, seed: t }));
+    const [f, w] = await Promise.all([
+      free.send(`Beside ${t}`, { maxNewTokens: TOKENS, ignoreEos: true, seed: t }),
+      wide.send(`Pick ${t}`, { maxNewTokens: 16, ignoreEos: true, jsonSchema: ENUM_100, seed: t }),
+    ]);
+    beside.push(f);
+    wideTurns.push(w);
+  }
+  free.dispose();
+  wide.dispose();
   model.dispose();
 
   const grammar = jsonSchemaToGrammar(FORM_SCHEMA);
@@ -114,6 +133,8 @@ async function main() {
     '| case | tokens | decode ms / token | + ms / token | / free (sampled or greedy) | first token ms |',
     '|---|---|---|---|---|---|',
     ...lines,
+    '',
+    `A free chat beside one under the enum of 100 values (${TURNS} turns each way, the free chat's ${TOKENS} tokens; its decode ms / token, median): alone ${perToken(alone).toFixed(2)}, beside ${perToken(beside).toFixed(2)} (${(perToken(beside) / perToken(alone)).toFixed(2)}x; the enum chat meanwhile ${perToken(wideTurns).toFixed(2)} ms / token). The grammar's passes run on a thread of their own while the steps go on without that chat; on ${threads} cores they share the CPU with the decodes.`,
     '',
     `Converting a 30-field schema (${JSON.stringify(FORM_SCHEMA).length} bytes of JSON, ${grammar.length} bytes of GBNF) with \`jsonSchemaToGrammar\`: ${median(convertMs).toFixed(2)} ms (median of 50; \`send\` converts and compiles it once per turn, on the calling thread).`,
   ].join('\n');

@@ -92,15 +92,22 @@ async function main() {
   const wide = model.createChat({ maxTokens: 1024, policy: 'sliding', systemPrompt: 'You are terse.' });
   const alone: TurnResult[] = [];
   const beside: TurnResult[] = [];
+  const besideInline: TurnResult[] = [];
   const wideTurns: TurnResult[] = [];
+  const wideInline: TurnResult[] = [];
+  const together = async (inline: boolean, t: number) =>
+    Promise.all([
+      free.send(`Beside ${t}`, { maxNewTokens: TOKENS, ignoreEos: true, seed: t }),
+      wide.send(`Pick ${t}`, { maxNewTokens: 16, ignoreEos: true, jsonSchema: ENUM_100, seed: t, testGrammarPassInline: inline }),
+    ]);
   for (let t = 0; t < TURNS; t++) {
     alone.push(await free.send(`Alone ${t}`, { maxNewTokens: TOKENS, ignoreEos: true, seed: t }));
-    const [f, w] = await Promise.all([
-      free.send(`Beside ${t}`, { maxNewTokens: TOKENS, ignoreEos: true, seed: t }),
-      wide.send(`Pick ${t}`, { maxNewTokens: 16, ignoreEos: true, jsonSchema: ENUM_100, seed: t }),
-    ]);
+    const [f, w] = await together(false, t);
     beside.push(f);
     wideTurns.push(w);
+    const [fi, wi] = await together(true, t);
+    besideInline.push(fi);
+    wideInline.push(wi);
   }
   free.dispose();
   wide.dispose();
@@ -134,7 +141,7 @@ async function main() {
     '|---|---|---|---|---|---|',
     ...lines,
     '',
-    `A free chat beside one under the enum of 100 values (${TURNS} turns each way, the free chat's ${TOKENS} tokens; its decode ms / token, median): alone ${perToken(alone).toFixed(2)}, beside ${perToken(beside).toFixed(2)} (${(perToken(beside) / perToken(alone)).toFixed(2)}x; the enum chat meanwhile ${perToken(wideTurns).toFixed(2)} ms / token). The grammar's passes run on a thread of their own while the steps go on without that chat; on ${threads} cores they share the CPU with the decodes.`,
+    `A free chat beside one under the enum of 100 values (${TURNS} turns each way, round-robin; the free chat's ${TOKENS} tokens, its decode ms / token, median): alone ${perToken(alone).toFixed(2)}; beside it, with the grammar's passes on a thread of their own (the steps go on without that chat) ${perToken(beside).toFixed(2)} (${(perToken(beside) / perToken(alone)).toFixed(2)}x), with them on the scheduler thread, holding every step (test hook testGrammarPassInline) ${perToken(besideInline).toFixed(2)} (${(perToken(besideInline) / perToken(alone)).toFixed(2)}x). The enum chat meanwhile: ${perToken(wideTurns).toFixed(2)} and ${perToken(wideInline).toFixed(2)} ms / token. On ${threads} cores the thread of its own shares the CPU with the decodes.`,
     '',
     `Converting a 30-field schema (${JSON.stringify(FORM_SCHEMA).length} bytes of JSON, ${grammar.length} bytes of GBNF) with \`jsonSchemaToGrammar\`: ${median(convertMs).toFixed(2)} ms (median of 50; \`send\` converts and compiles it once per turn, on the calling thread).`,
   ].join('\n');

@@ -416,6 +416,12 @@ void chat::sample_next(step_context & e, int32_t logits_row) {
         take_sampled(step.token, e);
         return;
     }
+    if (t.req.gen.sampling.test_grammar_pass_inline) {
+        const int32_t tok = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held);
+        t.answer_held = t.answer_held || (tok >= 0 && !model_->is_eog(tok) && held(tok));
+        take_sampled(tok, e);
+        return;
+    }
     // The pass over the vocabulary (milliseconds to seconds on a large one, by the grammar's width)
     // runs on a thread of its own: the next steps go on without this chat, whose token is taken at
     // its next contribution (tokens_wanted says when the pass is done).

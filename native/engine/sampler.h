@@ -30,6 +30,7 @@ struct sampling_options {
     uint32_t seed           = 0xFFFFFFFF;   // LLAMA_DEFAULT_SEED: random
     bool     test_full_grammar_pass = false;   // test hook: a grammar's every refusal takes the whole pass (no shortcut)
     double   test_grammar_pass_delay_ms = 0;   // test hook: a grammar's pass over the vocabulary takes this long more
+    bool     test_grammar_pass_inline = false; // test hook: ... runs on the scheduler thread, holding the step (benchmarks compare)
 };
 
 // Owns the llama_sampler chain.

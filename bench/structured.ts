@@ -85,33 +85,37 @@ async function main() {
   const noE = turns[9]!.at(-1)!.response;
   const info = model.info;
   for (const c of chats) c.dispose();
+  model.dispose();
+
+  const perToken = (rs: TurnResult[]) => median(rs.map((r) => r.stats.decodeMs / Math.max(1, r.stats.generatedTokens)));
 
   // Beside a chat under a wide grammar: a free chat's turns alone, then with the enum chat's turns
-  // running at the same time (its passes run off the scheduler thread; they share the CPU).
-  const free = model.createChat({ maxTokens: 1024, policy: 'sliding', systemPrompt: 'You are terse.' });
-  const wide = model.createChat({ maxTokens: 1024, policy: 'sliding', systemPrompt: 'You are terse.' });
-  const alone: TurnResult[] = [];
-  const beside: TurnResult[] = [];
-  const besideInline: TurnResult[] = [];
-  const wideTurns: TurnResult[] = [];
-  const wideInline: TurnResult[] = [];
-  const together = async (inline: boolean, t: number) =>
-    Promise.all([
-      free.send(`Beside ${t}`, { maxNewTokens: TOKENS, ignoreEos: true, seed: t }),
-      wide.send(`Pick ${t}`, { maxNewTokens: 16, ignoreEos: true, jsonSchema: ENUM_100, seed: t, testGrammarPassInline: inline }),
-    ]);
-  for (let t = 0; t < TURNS; t++) {
-    alone.push(await free.send(`Alone ${t}`, { maxNewTokens: TOKENS, ignoreEos: true, seed: t }));
-    const [f, w] = await together(false, t);
-    beside.push(f);
-    wideTurns.push(w);
-    const [fi, wi] = await together(true, t);
-    besideInline.push(fi);
-    wideInline.push(wi);
+  // running at the same time, its passes in the step (holding it for both) or on a thread of their
+  // own (the steps go on without that chat), with every core decoding and with one spare.
+  const beside: string[] = [];
+  for (const budget of [threads, Math.max(1, threads - 1)]) {
+    const m = await loadModel(path, { threads: budget, slots: 2 });
+    const free = m.createChat({ maxTokens: 1024, policy: 'sliding', systemPrompt: 'You are terse.' });
+    const wide = m.createChat({ maxTokens: 1024, policy: 'sliding', systemPrompt: 'You are terse.' });
+    const rows = { alone: [] as TurnResult[], step: [] as TurnResult[], thread: [] as TurnResult[], wideStep: [] as TurnResult[], wideThread: [] as TurnResult[] };
+    for (let t = 0; t < TURNS; t++) {
+      rows.alone.push(await free.send(`Alone ${t}`, { maxNewTokens: TOKENS, ignoreEos: true, seed: t }));
+      for (const on of ['step', 'thread'] as const) {
+        const [f, w] = await Promise.all([
+          free.send(`Beside ${t}`, { maxNewTokens: TOKENS, ignoreEos: true, seed: t }),
+          wide.send(`Pick ${t}`, { maxNewTokens: 16, ignoreEos: true, jsonSchema: ENUM_100, seed: t, testGrammarPassOn: on }),
+        ]);
+        rows[on].push(f);
+        rows[on === 'step' ? 'wideStep' : 'wideThread'].push(w);
+      }
+    }
+    free.dispose();
+    wide.dispose();
+    m.dispose();
+    const a = perToken(rows.alone);
+    beside.push(`| ${budget} of ${threads} | ${a.toFixed(2)} | ${perToken(rows.step).toFixed(2)} (${(perToken(rows.step) / a).toFixed(2)}x) | ${perToken(rows.thread).toFixed(2)} (${(perToken(rows.thread) / a).toFixed(2)}x) | ${perToken(rows.wideStep).toFixed(2)} | ${perToken(rows.wideThread).toFixed(2)} |`);
+    if (threads === 1) break;
   }
-  free.dispose();
-  wide.dispose();
-  model.dispose();
 
   const grammar = jsonSchemaToGrammar(FORM_SCHEMA);
   const convertMs: number[] = [];
@@ -122,7 +126,6 @@ async function main() {
   }
 
   // Turn 1 on (the first turns are warm-up for neither: every case decodes the same counts).
-  const perToken = (rs: TurnResult[]) => median(rs.map((r) => r.stats.decodeMs / Math.max(1, r.stats.generatedTokens)));
   const lines = CASES.map((c, i) => {
     const rs = turns[i]!;
     const base = perToken(turns[c.base ?? 0]!);
@@ -141,7 +144,11 @@ async function main() {
     '|---|---|---|---|---|---|',
     ...lines,
     '',
-    `A free chat beside one under the enum of 100 values (${TURNS} turns each way, round-robin; the free chat's ${TOKENS} tokens, its decode ms / token, median): alone ${perToken(alone).toFixed(2)}; beside it, with the grammar's passes on a thread of their own (the steps go on without that chat) ${perToken(beside).toFixed(2)} (${(perToken(beside) / perToken(alone)).toFixed(2)}x), with them on the scheduler thread, holding every step (test hook testGrammarPassInline) ${perToken(besideInline).toFixed(2)} (${(perToken(besideInline) / perToken(alone)).toFixed(2)}x). The enum chat meanwhile: ${perToken(wideTurns).toFixed(2)} and ${perToken(wideInline).toFixed(2)} ms / token. On ${threads} cores the thread of its own shares the CPU with the decodes.`,
+    `A free chat beside one under the enum of 100 values (${TURNS} turns each way, round-robin; decode ms / token, medians: the free chat's ${TOKENS} tokens, the enum chat's 16). By default a chat's passes run on a thread of their own when its model's thread budget leaves a core spare (or a GPU decodes), else in the step:`,
+    '',
+    '| model threads of the cores | free chat alone | beside, passes in the step | beside, passes on a thread of their own | enum chat, in the step | enum chat, own thread |',
+    '|---|---|---|---|---|---|',
+    ...beside,
     '',
     `Converting a 30-field schema (${JSON.stringify(FORM_SCHEMA).length} bytes of JSON, ${grammar.length} bytes of GBNF) with \`jsonSchemaToGrammar\`: ${median(convertMs).toFixed(2)} ms (median of 50; \`send\` converts and compiles it once per turn, on the calling thread).`,
   ].join('\n');

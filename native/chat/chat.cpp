@@ -55,6 +55,7 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
                         " (the model's thread budget) for threads but received number " + std::to_string(opts_.threads));
     }
     policy_ = make_policy(p);
+    grammar_thread_ = model_->info().backend != "cpu" || model_threads < available_cores();
     if (model_->add_bos()) {
         system_tokens_.push_back(model_->bos());
     }

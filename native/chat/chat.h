@@ -402,6 +402,9 @@ private:
     void take_sampled(int32_t tok, step_context & e);
     // A grammar's pass that ran off the scheduler thread has its token: taken (true), or not yet.
     bool take_grammar_pass(step_context & e);
+    // Whether send's grammar holds this candidate of the reply (turn.cpp); and a held token taken.
+    bool held_by_grammar(const turn_state & t, int32_t tok) const;
+    void take_grammar_token(int32_t tok, step_context & e);
     void finish_turn(stop_reason reason, step_context & e);
     // `state_lost`: a decode failed partway, so a hybrid's recurrent state may hold part of it and the
     // whole turn is rolled back (a KV cache alone only needs its unledgered cells dropped).
@@ -420,6 +423,9 @@ private:
     std::vector<int32_t> system_tokens_;
     std::vector<int32_t> summary_instruction_;
     std::vector<int32_t> closing_tokens_;   // the template's end of an assistant turn
+    // A grammar's pass over the vocabulary runs on a thread of its own: a core is spare (the model's
+    // thread budget leaves one, or a GPU decodes). Else in the step (turn.cpp, sample_next).
+    bool grammar_thread_ = false;
     std::vector<int32_t> test_reply_;       // test hook testReply: every reply's tokens (its start, with testReplyThenSample)
     // The most a carry holds: a reply's last sampled token and the template's end of turn.
     size_t carry_capacity() const { return 1 + closing_tokens_.size(); }

@@ -397,29 +397,20 @@ void chat::sample_next(step_context & e, int32_t logits_row) {
         take_sampled(llama_sampler_sample(t.sampler->raw(), e.ctx(), logits_row), e);
         return;
     }
-    // The grammar holds the answer from its first text on (a marker after it would leave the answer:
-    // held too, so refused), and its end; the reasoning and the framing before it stay free. What
-    // reads the turn here (the splitter) stays as it is while a pass runs: the chat waits for it.
-    const auto held = [this, &t](int32_t c) {
-        if (t.answer_held) {
-            return true;
-        }
-        if (model_->is_eog(c)) {
-            return t.splitter->in_answer();
-        }
-        const split_step s = t.splitter->peek(c, model_->token_piece(c, false));
-        return s.has_text && s.part == reply_part::content;
-    };
+    // What reads the turn here (the splitter) stays as it is while a pass runs: the chat waits for
+    // it. The turn itself, not turn_: a turn that ends meanwhile (an abort) is moved out of turn_
+    // and destroyed only once the pass is joined.
+    const auto held = [this, &t](int32_t c) { return held_by_grammar(t, c); };
     const sampler_chain::held_step step = t.sampler->sample_held(e.ctx(), logits_row, *t.req.grammar, model_->non_text_tokens(), held);
     if (step.decided) {
-        t.answer_held = t.answer_held || (step.token >= 0 && !model_->is_eog(step.token) && held(step.token));
-        take_sampled(step.token, e);
+        take_grammar_token(step.token, e);
         return;
     }
-    if (t.req.gen.sampling.test_grammar_pass_inline) {
-        const int32_t tok = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held);
-        t.answer_held = t.answer_held || (tok >= 0 && !model_->is_eog(tok) && held(tok));
-        take_sampled(tok, e);
+    const int8_t on = t.req.gen.sampling.test_grammar_pass_on;
+    if (on == 1 || (on == 0 && !grammar_thread_)) {
+        // In the step: the cores all decode (a thread of its own only competed with them: slower for
+        // this chat, no faster for the others; bench/structured.ts).
+        take_grammar_token(t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held), e);
         return;
     }
     // The pass over the vocabulary (milliseconds to seconds on a large one, by the grammar's width)
@@ -441,6 +432,25 @@ void chat::sample_next(step_context & e, int32_t logits_row) {
     t.pass = std::move(pass);
 }
 
+bool chat::held_by_grammar(const turn_state & t, int32_t tok) const {
+    // The grammar holds the answer from its first text on (a marker after it would leave the answer:
+    // held too, so refused), and its end; the reasoning and the framing before it stay free.
+    if (t.answer_held) {
+        return true;
+    }
+    if (model_->is_eog(tok)) {
+        return t.splitter->in_answer();
+    }
+    const split_step s = t.splitter->peek(tok, model_->token_piece(tok, false));
+    return s.has_text && s.part == reply_part::content;
+}
+
+void chat::take_grammar_token(int32_t tok, step_context & e) {
+    turn_state & t = *turn_;
+    t.answer_held = t.answer_held || (tok >= 0 && !model_->is_eog(tok) && held_by_grammar(t, tok));
+    take_sampled(tok, e);
+}
+
 bool chat::take_grammar_pass(step_context & e) {
     turn_state & t = *turn_;
     if (!t.pass->done.load()) {
@@ -451,12 +461,7 @@ bool chat::take_grammar_pass(step_context & e) {
     if (pass->error) {
         std::rethrow_exception(pass->error);
     }
-    const int32_t tok = pass->token;
-    if (tok >= 0 && !model_->is_eog(tok) && !t.answer_held) {
-        const split_step s = t.splitter->peek(tok, model_->token_piece(tok, false));
-        t.answer_held = s.has_text && s.part == reply_part::content;
-    }
-    take_sampled(tok, e);
+    take_grammar_token(pass->token, e);
     return true;
 }
 

@@ -327,8 +327,10 @@ const option_row<send_target> SEND_ROWS[] = {
       [](send_target & t, const option_value * v) { t.g.sampling.test_full_grammar_pass = v ? boolean_of("testFullGrammarPass", *v) : false; } },
     { { "send", "testGrammarPassDelayMs", "number", "0", "0 .. 60000", "Test hook: every pass of a grammar over the vocabulary (off the scheduler thread) takes this much longer.", true },
       [](send_target & t, const option_value * v) { t.g.sampling.test_grammar_pass_delay_ms = v ? number_in("testGrammarPassDelayMs", *v, 0, 60000) : 0.0; } },
-    { { "send", "testGrammarPassInline", "boolean", "false", "", "Test hook: a grammar's pass over the vocabulary runs on the scheduler thread, holding the step for every chat (what bench/structured.ts compares the thread of its own with).", true },
-      [](send_target & t, const option_value * v) { t.g.sampling.test_grammar_pass_inline = v ? boolean_of("testGrammarPassInline", *v) : false; } },
+    { { "send", "testGrammarPassOn", "'step' | 'thread'", "the chat's choice", "", "Test hook: where a grammar's pass over the vocabulary runs: in the step, holding it for every chat, or on a thread of its own (what tests and bench/structured.ts compare).", true },
+      [](send_target & t, const option_value * v) {
+          t.g.sampling.test_grammar_pass_on = !v ? 0 : choice_of("testGrammarPassOn", *v, { "step", "thread" }) == "step" ? 1 : 2;
+      } },
     { { "send", "jsonSchema", "object | string", "none", "at most 65536 bytes of JSON, nested at most 64 deep (more limits: docs/api.md)", "A JSON schema the answer follows (converted to a grammar as llama-server converts response_format's); a reasoning model's reasoning stays free. The reply ends when the JSON value is complete.", false },
       [](send_target & t, const option_value * v) {
           // TypeScript gives an object as its JSON text.

@@ -30,7 +30,9 @@ struct sampling_options {
     uint32_t seed           = 0xFFFFFFFF;   // LLAMA_DEFAULT_SEED: random
     bool     test_full_grammar_pass = false;   // test hook: a grammar's every refusal takes the whole pass (no shortcut)
     double   test_grammar_pass_delay_ms = 0;   // test hook: a grammar's pass over the vocabulary takes this long more
-    bool     test_grammar_pass_inline = false; // test hook: ... runs on the scheduler thread, holding the step (benchmarks compare)
+    // Test hook: where a grammar's pass over the vocabulary runs: 0 the chat's choice (a thread of
+    // its own when a core is spare), 1 the step (the scheduler thread), 2 a thread of its own.
+    int8_t   test_grammar_pass_on = 0;
 };
 
 // Owns the llama_sampler chain.

@@ -183,8 +183,8 @@ export interface SendOptions {
   testFullGrammarPass?: boolean;
   /** @internal Test hook: every pass of a grammar over the vocabulary takes this much longer. */
   testGrammarPassDelayMs?: number;
-  /** @internal Test hook: a grammar's pass runs on the scheduler thread, holding the step (benchmarks compare). */
-  testGrammarPassInline?: boolean;
+  /** @internal Test hook: where a grammar's pass over the vocabulary runs (default: a thread of its own when a core is spare). */
+  testGrammarPassOn?: 'step' | 'thread';
   /** Receives each streamed piece of the answer (never a split UTF-8 character; reasoning goes to onReasoning). */
   onToken?: (piece: string) => void;
   /** Receives each streamed piece of a reasoning model's reasoning (`model.info.reasoning`), apart from the answer. */

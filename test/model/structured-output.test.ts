@@ -212,7 +212,9 @@ describe("the grammar's shortcuts", () => {
         const replies: string[] = [];
         for (const full of [false, true]) {
           const chat = wide.createChat(BASE);
-          replies.push((await chat.send('Go', { maxNewTokens: 40, grammar, seed: 10 + i, ...sampling, testFullGrammarPass: full })).response);
+          // The passes in the step one way, on a thread of their own the other.
+          const on = full ? ('step' as const) : ('thread' as const);
+          replies.push((await chat.send('Go', { maxNewTokens: 40, grammar, seed: 10 + i, ...sampling, testFullGrammarPass: full, testGrammarPassOn: on })).response);
           chat.dispose();
         }
         expect(replies[0], `${grammar.slice(0, 40)} ${JSON.stringify(sampling)}`).toBe(replies[1]);
@@ -229,7 +231,7 @@ describe("a grammar's pass runs off the scheduler thread", () => {
   // while the steps go on without its chat: a slow one holds back its own chat, not the others. The
   // test hook testGrammarPassDelayMs makes every pass 400 ms longer; a digits-only grammar on random
   // weights needs one at nearly every token.
-  const SLOW = { grammar: 'root ::= [0-9]{3,}', testGrammarPassDelayMs: 400, maxNewTokens: 3, seed: 1 };
+  const SLOW = { grammar: 'root ::= [0-9]{3,}', testGrammarPassDelayMs: 400, testGrammarPassOn: 'thread' as const, maxNewTokens: 3, seed: 1 };
 
   it("another chat's turn goes on meanwhile, and finishes first", async () => {
     const m = await loadModel(testModelPath(), { threads: THREADS, slots: 2 });

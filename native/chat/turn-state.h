@@ -106,13 +106,15 @@ struct chat::turn_state {
 };
 
 // The thread of a grammar's pass and what it found. Destroyed (a turn ended while it ran: an abort,
-// a failure), it waits for the pass, at most one pass over the vocabulary.
+// a failure), it stops the pass and waits for it (a slice of the vocabulary's candidates at most).
 struct chat::grammar_pass {
     std::thread worker;
     std::atomic<bool> done{ false };
+    std::atomic<bool> cancel{ false };   // the turn ended: the pass stops at its next slice
     int32_t token = -1;
     std::exception_ptr error;
     ~grammar_pass() {
+        cancel.store(true);
         if (worker.joinable()) {
             worker.join();
         }

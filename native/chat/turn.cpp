@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <system_error>
 
 namespace fml {
 
@@ -420,15 +421,25 @@ void chat::sample_next(step_context & e, int32_t logits_row) {
     auto pass = std::make_unique<grammar_pass>();
     grammar_pass * p = pass.get();
     std::function<void()> wake = e.waker();
-    p->worker = std::thread([this, &t, p, held, wake] {
-        try {
-            p->token = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held);
-        } catch (...) {
-            p->error = std::current_exception();
-        }
-        p->done.store(true);
-        wake();
-    });
+    try {
+        p->worker = std::thread([this, &t, p, held, wake] {
+            try {
+                p->token = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held, &p->cancel);
+            } catch (...) {
+                p->error = std::current_exception();
+            }
+            p->done.store(true);
+            try {
+                wake();
+            } catch (...) {
+                // Nothing escapes the thread (it would end the process); the next step finds it done.
+            }
+        });
+    } catch (const std::system_error &) {
+        // No thread to be had: the pass runs in the step.
+        take_grammar_token(t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held), e);
+        return;
+    }
     t.pass = std::move(pass);
 }
 
@@ -459,7 +470,15 @@ bool chat::take_grammar_pass(step_context & e) {
     std::unique_ptr<grammar_pass> pass = std::move(t.pass);
     pass->worker.join();
     if (pass->error) {
-        std::rethrow_exception(pass->error);
+        // Only this turn fails: the pass touched no cache and no ledger.
+        try {
+            std::rethrow_exception(pass->error);
+        } catch (const fml_error & err) {
+            fail_turn(err, e);
+        } catch (const std::exception & ex) {
+            fail_turn(fml_error(FML_ERR_INTERNAL, std::string("a grammar's pass failed: ") + ex.what()), e);
+        }
+        return true;
     }
     take_grammar_token(pass->token, e);
     return true;

@@ -299,9 +299,26 @@ reply_grammar::~reply_grammar() {
     llama_sampler_free(s_);
 }
 
-void reply_grammar::apply(llama_token_data_array * cur, const token_first_bytes * bytes) const {
+namespace {
+
+// A grammar's pass in slices (it checks each candidate alone, so slices give the same result), with
+// `cancel` checked between them.
+void apply_in_slices(llama_sampler * s, llama_token_data * data, size_t n, const std::atomic<bool> * cancel) {
+    constexpr size_t SLICE = 8192;
+    for (size_t from = 0; from < n; from += SLICE) {
+        if (cancel != nullptr && cancel->load()) {
+            return;
+        }
+        llama_token_data_array part = { data + from, std::min(SLICE, n - from), -1, false };
+        llama_sampler_apply(s, &part);
+    }
+}
+
+} // namespace
+
+void reply_grammar::apply(llama_token_data_array * cur, const token_first_bytes * bytes, const std::atomic<bool> * cancel) const {
     if (bytes == nullptr || !by_bytes_ || cur->size < 1024) {
-        llama_sampler_apply(s_, cur);
+        apply_in_slices(s_, cur->data, cur->size, cancel);
         return;
     }
     // Which bytes can come next: one pass over the single-byte tokens. A byte without such a
@@ -341,8 +358,7 @@ void reply_grammar::apply(llama_token_data_array * cur, const token_first_bytes 
             cur->data[i].logit = -INFINITY;
         }
     }
-    llama_token_data_array sa = { sub.data(), sub.size(), -1, false };
-    llama_sampler_apply(s_, &sa);
+    apply_in_slices(s_, sub.data(), sub.size(), cancel);
     for (size_t k = 0; k < kept.size(); ++k) {
         cur->data[kept[k]].logit = sub[k].logit;
     }

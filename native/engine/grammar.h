@@ -5,6 +5,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -43,7 +44,9 @@ public:
     // Candidates the grammar does not allow next get -inf (end of generation, unless it is complete).
     // With `bytes`, the pass goes over the candidates whose first byte it allows (and end of
     // generation): the same result, for a fraction of the work where few bytes can come next.
-    void apply(llama_token_data_array * cur, const token_first_bytes * bytes = nullptr) const;
+    // `cancel`: checked between slices of the candidates; once set, the pass stops where it is (its
+    // result is then no result: a turn that ended while it ran).
+    void apply(llama_token_data_array * cur, const token_first_bytes * bytes = nullptr, const std::atomic<bool> * cancel = nullptr) const;
     bool allows(int32_t token) const;
     void accept(int32_t token);
 

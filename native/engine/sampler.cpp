@@ -180,29 +180,30 @@ sampler_chain::held_step sampler_chain::sample_held(llama_context * ctx, int32_t
 }
 
 int32_t sampler_chain::sample_rest(reply_grammar & grammar, const std::vector<int32_t> & non_text, const token_first_bytes & bytes,
-                                   const std::function<bool(int32_t)> & constrained) {
-    if (pass_delay_ms_ > 0) {
-        std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(pass_delay_ms_));
+                                   const std::function<bool(int32_t)> & constrained, const std::atomic<bool> * cancel) {
+    const auto cancelled = [&] { return cancel != nullptr && cancel->load(); };
+    for (double slept = 0; slept < pass_delay_ms_ && !cancelled(); slept += 10) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
     int32_t tok = -1;
     if (greedy_ && !full_pass_) {
         tok = best_allowed_rest(unchecked_.data(), unchecked_.size(), [&](llama_token_data * part, size_t k) {
             llama_token_data_array a = { part, k, -1, false };
-            grammar.apply(&a, &bytes);
+            grammar.apply(&a, &bytes, cancel);
         });
     } else {
         llama_token_data_array cur = candidates();
-        grammar.apply(&cur, full_pass_ ? nullptr : &bytes);
+        grammar.apply(&cur, full_pass_ ? nullptr : &bytes, cancel);
         refuse(cur, non_text);
         const bool any = std::any_of(cur.data, cur.data + cur.size, [&](const llama_token_data & d) {
             return !std::isinf(d.logit) && !std::binary_search(banned_.begin(), banned_.end(), d.id);
         });
-        if (any) {
+        if (any && !cancelled()) {
             llama_sampler_apply(chain_, &cur);
             tok = cur.data[cur.selected].id;
         }
     }
-    return tok < 0 ? -1 : finish(grammar, tok, constrained(tok));
+    return tok < 0 || cancelled() ? -1 : finish(grammar, tok, constrained(tok));
 }
 
 } // namespace fml

@@ -2,6 +2,7 @@
 // temperature, seeded distribution; greedy when temperature is 0.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -63,8 +64,9 @@ public:
     };
     held_step sample_held(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::vector<int32_t> & non_text,
                           const std::function<bool(int32_t)> & constrained);
+    // `cancel` (may be null): once set, the pass stops and returns -1 without taking a token.
     int32_t sample_rest(reply_grammar & grammar, const std::vector<int32_t> & non_text, const token_first_bytes & bytes,
-                        const std::function<bool(int32_t)> & constrained);
+                        const std::function<bool(int32_t)> & constrained, const std::atomic<bool> * cancel = nullptr);
 
 private:
     bool sample_among_best(const reply_grammar & grammar, const std::vector<int32_t> & non_text, int32_t & tok);

@@ -255,7 +255,8 @@ describe("a grammar's pass runs off the scheduler thread", () => {
     const m = await loadModel(testModelPath(), { threads: THREADS });
     const chat = m.createChat(BASE);
     const ac = new AbortController();
-    const turn = chat.send('Digits', { ...SLOW, maxNewTokens: 40, signal: ac.signal });
+    // A pass of 20 s more: the abort stops it where it is (the test's timeout is shorter than it).
+    const turn = chat.send('Digits', { ...SLOW, testGrammarPassDelayMs: 20000, maxNewTokens: 40, signal: ac.signal });
     await new Promise((r) => setTimeout(r, 150));
     ac.abort();
     const r = await turn;
@@ -265,7 +266,7 @@ describe("a grammar's pass runs off the scheduler thread", () => {
     const next = await chat.send('Again', { maxNewTokens: 3, seed: 3, grammar: 'root ::= [0-9]{3,}' });
     expect(next.response).toMatch(/^[0-9]{3}$/);
     // The model goes while a pass runs: the turn settles (aborted or failed with a typed error).
-    const pending = chat.send('Once more', { ...SLOW, maxNewTokens: 40 }).then((x) => x.stopReason, (e: unknown) => (e as Error).constructor.name);
+    const pending = chat.send('Once more', { ...SLOW, testGrammarPassDelayMs: 20000, maxNewTokens: 40 }).then((x) => x.stopReason, (e: unknown) => (e as Error).constructor.name);
     await new Promise((r) => setTimeout(r, 150));
     m.dispose();
     expect(['abort', 'DisposedError', 'AbortedError']).toContain(await pending);

@@ -1,4 +1,6 @@
 import { mkdtempSync } from 'node:fs';
+import { createServer as createHttpServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { expect } from 'vitest';
@@ -59,4 +61,27 @@ export async function expectTurnRan(turn: Promise<TurnResult>): Promise<TurnResu
   expect(typeof r.response).toBe('string');
   expect(['eos', 'maxTokens', 'stop', 'abort']).toContain(r.stopReason);
   return r;
+}
+
+/**
+ * A fake OpenAI-compatible endpoint for remote chats: answers every request with `message` and keeps
+ * each request's JSON body. `close()` when done.
+ */
+export async function fakeCompletions(message: Record<string, unknown>): Promise<{ baseURL: string; bodies: Record<string, unknown>[]; close: () => Promise<void> }> {
+  const bodies: Record<string, unknown>[] = [];
+  const fake = createHttpServer((req, res) => {
+    let data = '';
+    req.on('data', (c) => (data += c));
+    req.on('end', () => {
+      bodies.push(JSON.parse(data) as Record<string, unknown>);
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ choices: [{ message: { role: 'assistant', ...message }, finish_reason: 'stop' }] }));
+    });
+  });
+  await new Promise<void>((r) => fake.listen(0, '127.0.0.1', r));
+  return {
+    baseURL: `http://127.0.0.1:${(fake.address() as AddressInfo).port}/v1`,
+    bodies,
+    close: () => new Promise<void>((r) => fake.close(() => r())),
+  };
 }

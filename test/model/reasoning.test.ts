@@ -4,8 +4,6 @@
 // when the next turn starts, as the chat templates render past replies; 'first': the first to go;
 // 'keep': the policy's). The replies are fixed by the testReply hook (random weights think nothing),
 // so every token's part is known; the cache is checked against llama.cpp's view after each step.
-import { createServer as createHttpServer } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -13,7 +11,7 @@ import { writeModel, type ModelFamily } from '../../src/gguf/index.ts';
 import { loadModel, type Chat, type ChatOptions, type EvictionEvent, type MemoryEntry, type Model } from '../../src/index.ts';
 import { connectRemote } from '../../src/remote/index.ts';
 import { createServer } from '../../src/server/index.ts';
-import { checkCache, testDir, testModelPath, THREADS } from '../helpers.ts';
+import { checkCache, fakeCompletions, testDir, testModelPath, THREADS } from '../helpers.ts';
 
 const THINK = '<think>\nI should greet them warmly.\n</think>\n\nHello there.';
 const HARMONY = '<|channel|>analysis<|message|>I should greet them warmly.<|end|><|start|>assistant<|channel|>final<|message|>Hello there.';
@@ -362,19 +360,9 @@ describe('reasoning over HTTP', () => {
   });
 
   it('a remote chat asks for no thinking with chat_template_kwargs', async () => {
-    const bodies: Record<string, unknown>[] = [];
-    const fake = createHttpServer((req, res) => {
-      let data = '';
-      req.on('data', (c) => (data += c));
-      req.on('end', () => {
-        bodies.push(JSON.parse(data) as Record<string, unknown>);
-        res.writeHead(200, { 'content-type': 'application/json' });
-        res.end(JSON.stringify({ choices: [{ message: { role: 'assistant', content: 'ok', reasoning_content: 'thought' }, finish_reason: 'stop' }] }));
-      });
-    });
-    await new Promise<void>((r) => fake.listen(0, '127.0.0.1', r));
+    const { baseURL, bodies, close } = await fakeCompletions({ content: 'ok', reasoning_content: 'thought' });
     try {
-      const chat = connectRemote({ baseURL: `http://127.0.0.1:${(fake.address() as AddressInfo).port}/v1`, model: 'm' }).createChat();
+      const chat = connectRemote({ baseURL, model: 'm' }).createChat();
       const r = await chat.send('hi', { thinking: false });
       expect([r.response, r.reasoning]).toEqual(['ok', 'thought']);
       expect(bodies[0]!.chat_template_kwargs).toEqual({ enable_thinking: false });
@@ -384,7 +372,7 @@ describe('reasoning over HTTP', () => {
       expect(JSON.stringify(bodies[1]!.messages)).not.toContain('thought');
       chat.dispose();
     } finally {
-      await new Promise((r) => fake.close(r));
+      await close();
     }
   });
 });

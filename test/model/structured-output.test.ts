@@ -4,8 +4,6 @@
 // server takes OpenAI's `response_format`, the remote chat sends it. Random weights write anything,
 // so a reply that parses and fits its schema is the grammar's work (the same seeds without it do not
 // parse); bad grammars and schemas are typed errors that leave the chat as it was.
-import { createServer as createHttpServer } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -13,7 +11,7 @@ import { writeModel } from '../../src/gguf/index.ts';
 import { InvalidOptionError, jsonSchemaToGrammar, loadModel, type ChatOptions, type Model } from '../../src/index.ts';
 import { connectRemote } from '../../src/remote/index.ts';
 import { createServer } from '../../src/server/index.ts';
-import { checkCache, testDir, testModelPath, THREADS } from '../helpers.ts';
+import { checkCache, fakeCompletions, testDir, testModelPath, THREADS } from '../helpers.ts';
 
 const SCHEMA = {
   type: 'object',
@@ -385,19 +383,9 @@ describe('the server and the remote chat', () => {
   });
 
   it('a remote chat sends the schema as response_format json_schema (strict), and checks schema text first', async () => {
-    const bodies: Record<string, unknown>[] = [];
-    const fake = createHttpServer((req, res) => {
-      let data = '';
-      req.on('data', (c) => (data += c));
-      req.on('end', () => {
-        bodies.push(JSON.parse(data) as Record<string, unknown>);
-        res.writeHead(200, { 'content-type': 'application/json' });
-        res.end(JSON.stringify({ choices: [{ message: { role: 'assistant', content: '{"color":"red","ok":true}' }, finish_reason: 'stop' }] }));
-      });
-    });
-    await new Promise<void>((r) => fake.listen(0, '127.0.0.1', r));
+    const { baseURL, bodies, close } = await fakeCompletions({ content: '{"color":"red","ok":true}' });
     try {
-      const chat = connectRemote({ baseURL: `http://127.0.0.1:${(fake.address() as AddressInfo).port}/v1`, model: 'm' }).createChat();
+      const chat = connectRemote({ baseURL, model: 'm' }).createChat();
       await chat.send('Pick', { jsonSchema: SCHEMA });
       expect(bodies[0]!.response_format).toEqual({ type: 'json_schema', json_schema: { name: 'response', schema: SCHEMA, strict: true } });
       await chat.send('Again');
@@ -406,7 +394,7 @@ describe('the server and the remote chat', () => {
       expect(bodies).toHaveLength(2);
       chat.dispose();
     } finally {
-      await new Promise((r) => fake.close(r));
+      await close();
     }
   });
 });

@@ -400,6 +400,8 @@ private:
     void sample_next(step_context & e, int32_t logits_row);
     // What follows a sampled token (sample_next's, or a grammar pass's): the reply's part, stops.
     void take_sampled(int32_t tok, step_context & e);
+    // The next token of a reply held to send's grammar (held-reply.cpp).
+    void sample_held_reply(step_context & e, int32_t logits_row);
     // A grammar's pass that ran off the scheduler thread has its token: taken (true), or not yet.
     bool take_grammar_pass(step_context & e);
     // Whether send's grammar holds this candidate of the reply (turn.cpp); and a held token taken.

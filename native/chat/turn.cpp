@@ -13,7 +13,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <system_error>
 
 namespace fml {
 
@@ -398,90 +397,7 @@ void chat::sample_next(step_context & e, int32_t logits_row) {
         take_sampled(llama_sampler_sample(t.sampler->raw(), e.ctx(), logits_row), e);
         return;
     }
-    // What reads the turn here (the splitter) stays as it is while a pass runs: the chat waits for
-    // it. The turn itself, not turn_: a turn that ends meanwhile (an abort) is moved out of turn_
-    // and destroyed only once the pass is joined.
-    const auto held = [this, &t](int32_t c) { return held_by_grammar(t, c); };
-    const sampler_chain::held_step step = t.sampler->sample_held(e.ctx(), logits_row, *t.req.grammar, model_->non_text_tokens(), held);
-    if (step.decided) {
-        take_grammar_token(step.token, e);
-        return;
-    }
-    const int8_t on = t.req.gen.sampling.test_grammar_pass_on;
-    if (on == 1 || (on == 0 && !grammar_thread_)) {
-        // In the step: the cores all decode (a thread of its own only competed with them: slower for
-        // this chat, no faster for the others; bench/structured.ts).
-        take_grammar_token(t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held), e);
-        return;
-    }
-    // The pass over the vocabulary (milliseconds to seconds on a large one, by the grammar's width)
-    // runs on a thread of its own: the next steps go on without this chat, whose token is taken at
-    // its next contribution (tokens_wanted says when the pass is done).
-    t.pending = -1;
-    auto pass = std::make_unique<grammar_pass>();
-    grammar_pass * p = pass.get();
-    std::function<void()> wake = e.waker();
-    try {
-        p->worker = std::thread([this, &t, p, held, wake] {
-            try {
-                p->token = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held, &p->cancel);
-            } catch (...) {
-                p->error = std::current_exception();
-            }
-            p->done.store(true);
-            try {
-                wake();
-            } catch (...) {
-                // Nothing escapes the thread (it would end the process); the next step finds it done.
-            }
-        });
-    } catch (const std::system_error &) {
-        // No thread to be had: the pass runs in the step.
-        take_grammar_token(t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held), e);
-        return;
-    }
-    t.pass = std::move(pass);
-}
-
-bool chat::held_by_grammar(const turn_state & t, int32_t tok) const {
-    // The grammar holds the answer from its first text on (a marker after it would leave the answer:
-    // held too, so refused), and its end; the reasoning and the framing before it stay free.
-    if (t.answer_held) {
-        return true;
-    }
-    if (model_->is_eog(tok)) {
-        return t.splitter->in_answer();
-    }
-    const split_step s = t.splitter->peek(tok, model_->token_piece(tok, false));
-    return s.has_text && s.part == reply_part::content;
-}
-
-void chat::take_grammar_token(int32_t tok, step_context & e) {
-    turn_state & t = *turn_;
-    t.answer_held = t.answer_held || (tok >= 0 && !model_->is_eog(tok) && held_by_grammar(t, tok));
-    take_sampled(tok, e);
-}
-
-bool chat::take_grammar_pass(step_context & e) {
-    turn_state & t = *turn_;
-    if (!t.pass->done.load()) {
-        return false;
-    }
-    std::unique_ptr<grammar_pass> pass = std::move(t.pass);
-    pass->worker.join();
-    if (pass->error) {
-        // Only this turn fails: the pass touched no cache and no ledger.
-        try {
-            std::rethrow_exception(pass->error);
-        } catch (const fml_error & err) {
-            fail_turn(err, e);
-        } catch (const std::exception & ex) {
-            fail_turn(fml_error(FML_ERR_INTERNAL, std::string("a grammar's pass failed: ") + ex.what()), e);
-        }
-        return true;
-    }
-    take_grammar_token(pass->token, e);
-    return true;
+    sample_held_reply(e, logits_row);
 }
 
 void chat::take_sampled(int32_t tok, step_context & e) {

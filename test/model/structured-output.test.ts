@@ -222,6 +222,31 @@ describe("the grammar's shortcuts", () => {
     expect(compared).toBe(25);
     wide.dispose();
   });
+
+  it('choose what the whole pass chooses with multi-byte tokens and a negated class (a lone lead byte is no answer for them)', async () => {
+    // Pieces of two-byte characters that start with 0xC3, as é does: a lone 0xC3 is checked as a
+    // partial character, which [^...é] refuses, though it allows ê, à, ü.
+    const path = join(testDir, 'structured-multibyte.gguf');
+    writeModel(path, { family: 'llama', vocabExtra: 1500, seed: 3 }, { vocabPieces: ['ê', 'à', 'ü', 'ñ', 'Ã', 'é', 'ça', 'üe'] });
+    const m = await loadModel(path, { threads: THREADS });
+    expect(m.info.nVocab).toBeGreaterThan(2048);
+    const grammar = 'root ::= [^\\x00-\\x7Fé]{12} "."';
+    let nonAscii = 0;
+    for (const [seed, temperature] of [[1, 1], [2, 1.5], [3, 0], [4, 2]] as const) {
+      const replies: string[] = [];
+      for (const full of [false, true]) {
+        const chat = m.createChat(BASE);
+        replies.push((await chat.send('Go', { maxNewTokens: 40, grammar, seed, temperature, testFullGrammarPass: full })).response);
+        chat.dispose();
+      }
+      expect(replies[0], `seed ${seed}`).toBe(replies[1]);
+      expect(replies[0]).not.toContain('é');
+      nonAscii += (replies[0]!.match(/[êàüñÃ]/g) ?? []).length;
+    }
+    // The multi-byte pieces were chosen (what a wrong narrowing would have refused).
+    expect(nonAscii).toBeGreaterThan(0);
+    m.dispose();
+  });
 });
 
 describe("a grammar's pass runs off the scheduler thread", () => {

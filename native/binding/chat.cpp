@@ -29,6 +29,8 @@ Napi::Object stats_to_js(Napi::Env env, const turn_stats & s) {
     o.Set("fallback", s.fallback);
     o.Set("summaryMs", s.summary_ms);
     o.Set("summaryTokens", s.summary_tokens);
+    o.Set("grammarPasses", s.grammar_passes);
+    o.Set("grammarMs", s.grammar_ms);
     o.Set("policy", s.policy);
     Napi::Array log = Napi::Array::New(env, s.eviction_log.size());
     for (size_t i = 0; i < s.eviction_log.size(); ++i) {

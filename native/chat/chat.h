@@ -80,6 +80,8 @@ struct turn_stats {
     double   summary_ms = 0;          // time the model spent writing summaries this turn
     uint32_t summary_tokens = 0;      // summary tokens placed in the cache this turn
     uint32_t signal_reads = 0;        // decodes of this turn whose importance signals the scores took
+    uint32_t grammar_passes = 0;      // send's grammar: passes over the vocabulary (the sampler's choice did not fit)
+    double   grammar_ms = 0;          // ... and the time they took (in the step or on a thread of their own)
     std::string policy;
     std::vector<eviction_record> eviction_log;
 };
@@ -407,6 +409,7 @@ private:
     // Whether send's grammar holds this candidate of the reply (turn.cpp); and a held token taken.
     bool held_by_grammar(const turn_state & t, int32_t tok) const;
     void take_grammar_token(int32_t tok, step_context & e);
+    static void count_grammar_pass(turn_state & t, double ms);
     void finish_turn(stop_reason reason, step_context & e);
     // `state_lost`: a decode failed partway, so a hybrid's recurrent state may hold part of it and the
     // whole turn is rolled back (a KV cache alone only needs its unledgered cells dropped).

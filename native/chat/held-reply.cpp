@@ -25,7 +25,10 @@ void chat::sample_held_reply(step_context & e, int32_t logits_row) {
     if (on == 1 || (on == 0 && !grammar_thread_)) {
         // In the step: the cores all decode (a thread of its own only competed with them: slower for
         // this chat, no faster for the others; bench/structured.ts).
-        take_grammar_token(t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held), e);
+        const auto t0 = clock_type::now();
+        const int32_t tok = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held);
+        count_grammar_pass(t, ms_since(t0));
+        take_grammar_token(tok, e);
         return;
     }
     // The pass over the vocabulary (milliseconds to seconds on a large one, by the grammar's width)
@@ -37,11 +40,13 @@ void chat::sample_held_reply(step_context & e, int32_t logits_row) {
     std::function<void()> wake = e.waker();
     try {
         p->worker = std::thread([this, &t, p, held, wake] {
+            const auto t0 = clock_type::now();
             try {
                 p->token = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held, &p->cancel);
             } catch (...) {
                 p->error = std::current_exception();
             }
+            p->ms = ms_since(t0);
             p->done.store(true);
             try {
                 wake();
@@ -51,10 +56,18 @@ void chat::sample_held_reply(step_context & e, int32_t logits_row) {
         });
     } catch (const std::system_error &) {
         // No thread to be had: the pass runs in the step.
-        take_grammar_token(t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held), e);
+        const auto t0 = clock_type::now();
+        const int32_t tok = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held);
+        count_grammar_pass(t, ms_since(t0));
+        take_grammar_token(tok, e);
         return;
     }
     t.pass = std::move(pass);
+}
+
+void chat::count_grammar_pass(turn_state & t, double ms) {
+    t.result.stats.grammar_passes++;
+    t.result.stats.grammar_ms += ms;
 }
 
 bool chat::held_by_grammar(const turn_state & t, int32_t tok) const {
@@ -83,6 +96,7 @@ bool chat::take_grammar_pass(step_context & e) {
     }
     std::unique_ptr<grammar_pass> pass = std::move(t.pass);
     pass->worker.join();
+    count_grammar_pass(t, pass->ms);
     if (pass->error) {
         // Only this turn fails: the pass touched no cache and no ledger.
         try {

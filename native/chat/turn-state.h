@@ -112,6 +112,7 @@ struct chat::grammar_pass {
     std::atomic<bool> done{ false };
     std::atomic<bool> cancel{ false };   // the turn ended: the pass stops at its next slice
     int32_t token = -1;
+    double ms = 0;
     std::exception_ptr error;
     ~grammar_pass() {
         cancel.store(true);

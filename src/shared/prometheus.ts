@@ -44,6 +44,8 @@ export function createPrometheusTelemetry(options: PrometheusTelemetryOptions = 
   const evictions = counter('evictions_total', 'Eviction events');
   const fallbacks = counter('fallbacks_total', 'Evictions where the latency guard fell back to sliding');
   const compactions = counter('compactions_total', 'Times a chat numbered its positions 0..n-1 again (at its position limit, or every eviction with positions compact)');
+  const grammarPasses = counter('grammar_passes_total', "Passes of a send's grammar over the vocabulary (the sampler's choice did not fit)");
+  const grammarSeconds = counter('grammar_seconds_total', 'Time those passes took');
   const errors = new Counter({ name: p + 'errors_total', help: 'Turn and hook errors', labelNames: ['source'] as const, registers });
   const retained = new Gauge({ name: p + 'retained_tokens', help: 'Tokens in KV caches now (sum over live chats)', labelNames, registers });
   const kvBytes = new Gauge({ name: p + 'kv_bytes', help: 'KV cache bytes held by retained tokens (sum over live chats)', labelNames, registers });
@@ -68,6 +70,10 @@ export function createPrometheusTelemetry(options: PrometheusTelemetryOptions = 
       turns.inc(labels);
       tokensIn.inc(labels, e.stats.promptTokens);
       tokensOut.inc(labels, e.stats.generatedTokens);
+      if (e.stats.grammarPasses > 0) {
+        grammarPasses.inc(labels, e.stats.grammarPasses);
+        grammarSeconds.inc(labels, e.stats.grammarMs / 1000);
+      }
       if (e.stats.compactions > 0) {
         compactions.inc(labels, e.stats.compactions);
         compactSeconds.observe(labels, e.stats.compactMs / 1000);

@@ -85,6 +85,12 @@ export interface TurnStats {
   /** rolling_summary/hybrid: summary tokens placed in the cache this turn. */
   summaryTokens: number;
   /**
+   * send's grammar / jsonSchema: passes over the vocabulary this turn (a token the sampler chose did
+   * not fit and its shortcuts could not decide), and the time they took. 0 without a grammar.
+   */
+  grammarPasses: number;
+  grammarMs: number;
+  /**
    * importance/hybrid: where this turn's scores came from ('attention' weights, or the 'keyNorm' proxy);
    * null for other policies, and where no decode of the turn gave a signal (a turn aborted before its
    * first decode; decodes whose signal tensors were not read: `signalLayoutMismatches` counts them).

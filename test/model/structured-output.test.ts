@@ -6,9 +6,10 @@
 // parse); bad grammars and schemas are typed errors that leave the chat as it was.
 import { join } from 'node:path';
 import OpenAI from 'openai';
+import { Registry } from 'prom-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeModel } from '../../src/gguf/index.ts';
-import { InvalidOptionError, jsonSchemaToGrammar, loadModel, type ChatOptions, type Model } from '../../src/index.ts';
+import { createPrometheusTelemetry, InvalidOptionError, jsonSchemaToGrammar, loadModel, type ChatOptions, type Model } from '../../src/index.ts';
 import { connectRemote } from '../../src/remote/index.ts';
 import { createServer } from '../../src/server/index.ts';
 import { checkCache, fakeCompletions, testDir, testModelPath, THREADS } from '../helpers.ts';
@@ -69,10 +70,15 @@ describe('send({ jsonSchema })', () => {
       expectFitsSchema(r.response);
       // The grammar ended the reply (it allows nothing but the end once the object is closed).
       expect(r.stopReason).toBe('eos');
+      // Random weights miss it at most tokens: passes over the vocabulary, counted and timed.
+      expect(r.stats.grammarPasses).toBeGreaterThan(0);
+      expect(r.stats.grammarPasses).toBeLessThanOrEqual(r.stats.generatedTokens + 1);
+      expect(r.stats.grammarMs).toBeGreaterThan(0);
       expect(pieces.join('')).toBe(r.response);
       checkCache(chat, BASE.maxTokens!);
       const f = await free.send(`Pick a color (${seed})`, { maxNewTokens: 64, seed });
       if (parses(f.response)) freeParsed++;
+      expect([f.stats.grammarPasses, f.stats.grammarMs]).toEqual([0, 0]);
     }
     // Six turns of ~30 tokens in 160: the chat evicted on the way and still holds to the schema.
     expect(chat.stats().evictions).toBeGreaterThan(0);
@@ -82,6 +88,17 @@ describe('send({ jsonSchema })', () => {
     expect(parses(next.response)).toBe(false);
     chat.dispose();
     free.dispose();
+  });
+
+  it("counts the grammar's passes in Prometheus", async () => {
+    const registry = new Registry();
+    const chat = plain.createChat({ ...BASE, telemetry: createPrometheusTelemetry({ registry }) });
+    let passes = 0;
+    for (let seed = 0; seed < 3; seed++) passes += (await chat.send('Pick', { maxNewTokens: 64, jsonSchema: SCHEMA, seed })).stats.grammarPasses;
+    await new Promise((r) => setImmediate(r));
+    expect(passes).toBeGreaterThan(0);
+    expect(await registry.metrics()).toContain(`finite_memory_grammar_passes_total{policy="sliding"} ${passes}`);
+    chat.dispose();
   });
 
   it('takes the schema as JSON text too, and `{ type: "object" }` for any JSON object', async () => {

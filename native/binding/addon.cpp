@@ -28,6 +28,25 @@ Napi::Value js_json_schema_to_grammar(const Napi::CallbackInfo & info) {
     return Napi::String::New(env, guarded(env, [&] { return gbnf_of_json_schema(schema); }));
 }
 
+// jsonSchemaToGrammarAsync(schemaJson) -> a promise of the same, converted on a worker thread (a
+// server converts a request's schema without holding its event loop: up to tens of ms at the limits).
+class json_schema_worker : public promise_worker {
+public:
+    json_schema_worker(Napi::Env env, std::string schema) : promise_worker(env), schema_(std::move(schema)) {}
+
+protected:
+    void run() override { grammar_ = gbnf_of_json_schema(schema_); }
+    Napi::Value result(Napi::Env env) override { return Napi::String::New(env, grammar_); }
+
+private:
+    std::string schema_;
+    std::string grammar_;
+};
+
+Napi::Value js_json_schema_to_grammar_async(const Napi::CallbackInfo & info) {
+    return queue_worker<json_schema_worker>(info.Env(), string_arg(info, 0, "jsonSchema"));
+}
+
 // resolveChatOptions(raw, defaultThreads) -> the resolved options (throws INVALID_OPTION).
 Napi::Value js_resolve_chat_options(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
@@ -126,6 +145,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
     exports.Set("resolveChatOptions", Napi::Function::New(env, js_resolve_chat_options));
     exports.Set("optionDocs", Napi::Function::New(env, js_option_docs));
     exports.Set("jsonSchemaToGrammar", Napi::Function::New(env, js_json_schema_to_grammar));
+    exports.Set("jsonSchemaToGrammarAsync", Napi::Function::New(env, js_json_schema_to_grammar_async));
     exports.Set("removeStaleCheckpointTemps", Napi::Function::New(env, js_remove_stale_checkpoint_temps));
     exports.Set("checkpointTranscript", Napi::Function::New(env, js_checkpoint_transcript));
     exports.Set("checkpointSettings", Napi::Function::New(env, js_checkpoint_settings));

@@ -192,6 +192,8 @@ export interface NativeBinding {
   optionDocs(): NativeOptionDoc[];
   /** The GBNF a JSON schema (its JSON text) becomes: what send's jsonSchema holds an answer to. */
   jsonSchemaToGrammar(schema: string): string;
+  /** The same, converted on a worker thread. */
+  jsonSchemaToGrammarAsync(schema: string): Promise<string>;
   /** Deletes `*.tmp-<pid>-<n>` files of checkpoint saves whose process died; returns how many. */
   removeStaleCheckpointTemps(dir: string): number;
   /** The transcript (JSON; '' when none) a checkpoint of any model carries, after its integrity checks. */

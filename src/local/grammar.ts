@@ -32,3 +32,14 @@ export function jsonSchemaToGrammar(schema: object | string): string {
     throw fromNativeError(err);
   }
 }
+
+/** jsonSchemaToGrammar on a worker thread: a server converts a request's schema without holding its event loop. */
+export async function jsonSchemaToGrammarAsync(schema: object | string): Promise<string> {
+  const text = jsonSchemaText(schema);
+  if (typeof text !== 'string') throw new InvalidOptionError('Expected a JSON schema (an object, or its JSON text) for jsonSchema');
+  try {
+    return await getBinding().jsonSchemaToGrammarAsync(text);
+  } catch (err) {
+    throw fromNativeError(err);
+  }
+}

@@ -18,7 +18,7 @@ import type { ServerMetrics } from './metrics.js';
 import type { ResolvedServerOptions } from './options.js';
 import type { Session, SessionStore, TurnLease } from './sessions.js';
 import { EventStream } from './sse.js';
-import { badRequest, checkInMemory, finishReason, HttpError, overloaded, parseCompletion, toHttpError, type ParsedCompletion } from './wire.js';
+import { badRequest, checkInMemory, finishReason, HttpError, overloaded, parseCompletion, responseGrammar, toHttpError, type ParsedCompletion } from './wire.js';
 
 export const SHUTDOWN_ERROR = { message: 'The server is shutting down', type: 'server_error', param: null, code: 'server_shutting_down' } as const;
 
@@ -67,6 +67,7 @@ interface TurnChat {
 export async function handleCompletion(ctx: CompletionContext, req: FastifyRequest, reply: FastifyReply): Promise<unknown> {
   const { options: o, store } = ctx;
   const parsed = parseCompletion(req.body, req.headers, req.raw.rawHeaders, o.modelId, o);
+  await responseGrammar(parsed);
   const res = reply.raw;
   if (ctx.shuttingDown()) throw shutdownError({ connection: 'close' });
   const ac = new AbortController();

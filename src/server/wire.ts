@@ -5,7 +5,7 @@
 import { createHash } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Chat } from '../local/chat.js';
-import { jsonSchemaToGrammar } from '../local/grammar.js';
+import { jsonSchemaToGrammarAsync } from '../local/grammar.js';
 import { exchangesOf } from '../shared/chat-surface.js';
 import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError } from '../shared/errors.js';
 import { POLICIES, type PolicyName, type StopReason } from '../shared/types.js';
@@ -48,6 +48,8 @@ export interface ParsedCompletion {
   history: Message[];
   firstTurn: string;
   send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[]; ignoreEos?: boolean; thinking?: boolean; grammar?: string };
+  /** `response_format`'s schema: the grammar of `send` once responseGrammar converted it. */
+  responseSchema: object | undefined;
   stream: boolean;
   includeUsage: boolean;
   sessionId: string | undefined;
@@ -127,6 +129,7 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
   if (!lastMessage || lastMessage.role !== 'user') throw badRequest('The last message must be a user message', 'messages');
 
   const send: ParsedCompletion['send'] = { maxNewTokens: limits.defaultMaxTokens };
+  let responseSchema: object | undefined;
   const maxTokens = body.max_completion_tokens ?? body.max_tokens;
   if (maxTokens !== undefined && maxTokens !== null) {
     if (typeof maxTokens !== 'number' || !Number.isInteger(maxTokens) || maxTokens < 1) throw badRequest("'max_tokens' must be a positive integer", 'max_tokens');
@@ -168,17 +171,8 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
     send.stop = stop as string[];
   }
   if (body.response_format !== undefined && body.response_format !== null) {
-    const schema = jsonSchemaOf(body.response_format);
-    if (schema !== undefined) {
-      // Converted here, once and before any work (a schema the converter refuses is the request's
-      // fault); the turn takes the grammar.
-      try {
-        send.grammar = jsonSchemaToGrammar(schema);
-      } catch (err) {
-        if (err instanceof InvalidOptionError) throw badRequest(`Invalid 'response_format': ${err.message}`, 'response_format');
-        throw err;
-      }
-    }
+    // Converted once, before any work (responseGrammar); the turn takes the grammar.
+    responseSchema = jsonSchemaOf(body.response_format);
   }
   if (body.n !== undefined && body.n !== null && body.n !== 1) throw badRequest("Only 'n': 1 is supported", 'n');
   if (Array.isArray(body.tools) && body.tools.length > 0) throw badRequest('Tools are not supported by this server', 'tools');
@@ -203,10 +197,26 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
     last: lastMessage.content,
     ...firstTurnOf(conversation),
     send,
+    responseSchema,
     stream: body.stream === true,
     includeUsage,
     sessionId,
   };
+}
+
+/**
+ * Converts the request's response_format schema to the grammar its turn takes, on a worker thread
+ * (tens of ms at the converter's limits would hold the event loop): a schema the converter refuses
+ * is a 400 naming response_format.
+ */
+export async function responseGrammar(parsed: ParsedCompletion): Promise<void> {
+  if (parsed.responseSchema === undefined) return;
+  try {
+    parsed.send.grammar = await jsonSchemaToGrammarAsync(parsed.responseSchema);
+  } catch (err) {
+    if (err instanceof InvalidOptionError) throw badRequest(`Invalid 'response_format': ${err.message}`, 'response_format');
+    throw err;
+  }
 }
 
 /**

@@ -408,7 +408,7 @@ private:
     bool take_grammar_pass(step_context & e);
     // Whether send's grammar holds this candidate of the reply (turn.cpp); and a held token taken.
     bool held_by_grammar(const turn_state & t, int32_t tok) const;
-    void take_grammar_token(int32_t tok, step_context & e);
+    void take_grammar_token(const sampler_chain::held_step & step, step_context & e);
     static void count_grammar_pass(turn_state & t, double ms);
     void finish_turn(stop_reason reason, step_context & e);
     // `state_lost`: a decode failed partway, so a hybrid's recurrent state may hold part of it and the

@@ -18,17 +18,20 @@ void chat::sample_held_reply(step_context & e, int32_t logits_row) {
     const auto held = [this, &t](int32_t c) { return held_by_grammar(t, c); };
     const sampler_chain::held_step step = t.sampler->sample_held(e.ctx(), logits_row, *t.req.grammar, model_->non_text_tokens(), held);
     if (step.decided) {
-        take_grammar_token(step.token, e);
+        take_grammar_token(step, e);
         return;
     }
+    const auto pass_in_step = [&] {
+        const auto t0 = clock_type::now();
+        const sampler_chain::held_step rest = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held);
+        count_grammar_pass(t, ms_since(t0));
+        take_grammar_token(rest, e);
+    };
     const int8_t on = t.req.gen.sampling.test_grammar_pass_on;
     if (on == 1 || (on == 0 && !grammar_thread_)) {
         // In the step: the cores all decode (a thread of its own only competed with them: slower for
         // this chat, no faster for the others; bench/structured.ts).
-        const auto t0 = clock_type::now();
-        const int32_t tok = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held);
-        count_grammar_pass(t, ms_since(t0));
-        take_grammar_token(tok, e);
+        pass_in_step();
         return;
     }
     // The pass over the vocabulary (milliseconds to seconds on a large one, by the grammar's width)
@@ -42,7 +45,7 @@ void chat::sample_held_reply(step_context & e, int32_t logits_row) {
         p->worker = std::thread([this, &t, p, held, wake] {
             const auto t0 = clock_type::now();
             try {
-                p->token = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held, &p->cancel);
+                p->step = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held, &p->cancel);
             } catch (...) {
                 p->error = std::current_exception();
             }
@@ -55,11 +58,7 @@ void chat::sample_held_reply(step_context & e, int32_t logits_row) {
             }
         });
     } catch (const std::system_error &) {
-        // No thread to be had: the pass runs in the step.
-        const auto t0 = clock_type::now();
-        const int32_t tok = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held);
-        count_grammar_pass(t, ms_since(t0));
-        take_grammar_token(tok, e);
+        pass_in_step();   // no thread to be had
         return;
     }
     t.pass = std::move(pass);
@@ -83,10 +82,10 @@ bool chat::held_by_grammar(const turn_state & t, int32_t tok) const {
     return s.has_text && s.part == reply_part::content;
 }
 
-void chat::take_grammar_token(int32_t tok, step_context & e) {
+void chat::take_grammar_token(const sampler_chain::held_step & step, step_context & e) {
     turn_state & t = *turn_;
-    t.answer_held = t.answer_held || (tok >= 0 && !model_->is_eog(tok) && held_by_grammar(t, tok));
-    take_sampled(tok, e);
+    t.answer_held = t.answer_held || (step.held && step.token >= 0 && !model_->is_eog(step.token));
+    take_sampled(step.token, e);
 }
 
 bool chat::take_grammar_pass(step_context & e) {
@@ -108,7 +107,7 @@ bool chat::take_grammar_pass(step_context & e) {
         }
         return true;
     }
-    take_grammar_token(pass->token, e);
+    take_grammar_token(pass->step, e);
     return true;
 }
 

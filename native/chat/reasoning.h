@@ -34,6 +34,7 @@ bool is_blank(const std::string & text);
 
 class reasoning_splitter {
 public:
+    // `markers`: the model's, which outlive the splitter.
     reasoning_splitter(const reasoning_markers & markers, reply_start start);
     // The reply's next token and its piece (rendered as text).
     split_step push(int32_t token, const std::string & piece);
@@ -48,7 +49,7 @@ private:
     split_step push_harmony(int32_t token, const std::string & piece);
 
     enum class state : uint8_t { text, name, after_open, after_close, role, header };
-    reasoning_markers m_;
+    const reasoning_markers & m_;   // the model's (it outlives the turn): a peek's copy copies none of it
     state state_ = state::text;
     reply_part part_ = reply_part::content;   // the part text goes to now (harmony: the message's channel)
     bool think_seen_ = false;                 // a think block was opened in this reply (or by the prompt)

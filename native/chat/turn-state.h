@@ -111,7 +111,7 @@ struct chat::grammar_pass {
     std::thread worker;
     std::atomic<bool> done{ false };
     std::atomic<bool> cancel{ false };   // the turn ended: the pass stops at its next slice
-    int32_t token = -1;
+    sampler_chain::held_step step;   // the token it took
     double ms = 0;
     std::exception_ptr error;
     ~grammar_pass() {

@@ -135,12 +135,12 @@ bool sampler_chain::sample_among_best(const reply_grammar & grammar, const std::
     return true;
 }
 
-int32_t sampler_chain::finish(reply_grammar & grammar, int32_t tok, bool held) {
+sampler_chain::held_step sampler_chain::finish(reply_grammar & grammar, int32_t tok, bool held) {
     if (held && !llama_vocab_is_eog(vocab_, tok)) {
         grammar.accept(tok);
     }
     llama_sampler_accept(chain_, tok);
-    return tok;
+    return { true, tok, held };
 }
 
 sampler_chain::held_step sampler_chain::sample_held(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::vector<int32_t> & non_text,
@@ -155,8 +155,9 @@ sampler_chain::held_step sampler_chain::sample_held(llama_context * ctx, int32_t
     llama_token_data_array cur = candidates();
     llama_sampler_apply(chain_, &cur);
     int32_t tok = cur.data[cur.selected].id;
-    if (!constrained(tok) || fits(tok)) {
-        return { true, finish(grammar, tok, constrained(tok)) };
+    const bool held = constrained(tok);
+    if (!held || fits(tok)) {
+        return finish(grammar, tok, held);
     }
     if (greedy_ && !full_pass_) {
         // The chain left every candidate with its logit, in id order (bias and penalties applied;
@@ -167,19 +168,19 @@ sampler_chain::held_step sampler_chain::sample_held(llama_context * ctx, int32_t
             grammar.apply(&a);
         });
         if (tok >= 0) {
-            return { true, finish(grammar, tok, constrained(tok)) };
+            return finish(grammar, tok, constrained(tok));
         }
         const size_t checked = std::min(cur.size, BEST_ALLOWED_FIRST);
         unchecked_.assign(cur.data + checked, cur.data + cur.size);
         return {};
     }
     if (top_k_ > 0 && !penalized_ && !full_pass_ && sample_among_best(grammar, non_text, tok)) {
-        return { true, finish(grammar, tok, constrained(tok)) };
+        return finish(grammar, tok, constrained(tok));
     }
     return {};
 }
 
-int32_t sampler_chain::sample_rest(reply_grammar & grammar, const std::vector<int32_t> & non_text, const token_first_bytes & bytes,
+sampler_chain::held_step sampler_chain::sample_rest(reply_grammar & grammar, const std::vector<int32_t> & non_text, const token_first_bytes & bytes,
                                    const std::function<bool(int32_t)> & constrained, const std::atomic<bool> * cancel) {
     const auto cancelled = [&] { return cancel != nullptr && cancel->load(); };
     for (double slept = 0; slept < pass_delay_ms_ && !cancelled(); slept += 10) {
@@ -203,7 +204,7 @@ int32_t sampler_chain::sample_rest(reply_grammar & grammar, const std::vector<in
             tok = cur.data[cur.selected].id;
         }
     }
-    return tok < 0 || cancelled() ? -1 : finish(grammar, tok, constrained(tok));
+    return tok < 0 || cancelled() ? held_step{ true, -1, false } : finish(grammar, tok, constrained(tok));
 }
 
 } // namespace fml

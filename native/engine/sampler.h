@@ -61,17 +61,18 @@ public:
     struct held_step {
         bool decided = false;
         int32_t token = -1;
+        bool held = false;   // constrained(token): the grammar took it
     };
     held_step sample_held(llama_context * ctx, int32_t row, reply_grammar & grammar, const std::vector<int32_t> & non_text,
                           const std::function<bool(int32_t)> & constrained);
-    // `cancel` (may be null): once set, the pass stops and returns -1 without taking a token.
-    int32_t sample_rest(reply_grammar & grammar, const std::vector<int32_t> & non_text, const token_first_bytes & bytes,
+    // `cancel` (may be null): once set, the pass stops and returns token -1 without taking one.
+    held_step sample_rest(reply_grammar & grammar, const std::vector<int32_t> & non_text, const token_first_bytes & bytes,
                         const std::function<bool(int32_t)> & constrained, const std::atomic<bool> * cancel = nullptr);
 
 private:
     bool sample_among_best(const reply_grammar & grammar, const std::vector<int32_t> & non_text, int32_t & tok);
     llama_token_data_array candidates();
-    int32_t finish(reply_grammar & grammar, int32_t tok, bool held);
+    held_step finish(reply_grammar & grammar, int32_t tok, bool held);
     llama_sampler * chain_ = nullptr;
     const llama_vocab * vocab_ = nullptr;
     bool greedy_ = false;

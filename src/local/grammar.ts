@@ -18,14 +18,20 @@ export function jsonSchemaText(schema: unknown): unknown {
   return text;
 }
 
+/** A schema's JSON text, or InvalidOptionError when it is neither an object nor text. */
+function schemaTextOf(schema: unknown): string {
+  const text = jsonSchemaText(schema);
+  if (typeof text !== 'string') throw new InvalidOptionError('Expected a JSON schema (an object, or its JSON text) for jsonSchema');
+  return text;
+}
+
 /**
  * The GBNF grammar (llama.cpp's format, start rule `root`) that `send({ jsonSchema })` holds an
  * answer to: to see what a schema allows, or to check one before it is used. Throws
  * InvalidOptionError for a schema it cannot convert (an unsupported keyword, too large, nested too deep).
  */
 export function jsonSchemaToGrammar(schema: object | string): string {
-  const text = jsonSchemaText(schema);
-  if (typeof text !== 'string') throw new InvalidOptionError('Expected a JSON schema (an object, or its JSON text) for jsonSchema');
+  const text = schemaTextOf(schema);
   try {
     return getBinding().jsonSchemaToGrammar(text);
   } catch (err) {
@@ -35,8 +41,7 @@ export function jsonSchemaToGrammar(schema: object | string): string {
 
 /** jsonSchemaToGrammar on a worker thread: a server converts a request's schema without holding its event loop. */
 export async function jsonSchemaToGrammarAsync(schema: object | string): Promise<string> {
-  const text = jsonSchemaText(schema);
-  if (typeof text !== 'string') throw new InvalidOptionError('Expected a JSON schema (an object, or its JSON text) for jsonSchema');
+  const text = schemaTextOf(schema);
   try {
     return await getBinding().jsonSchemaToGrammarAsync(text);
   } catch (err) {

@@ -222,7 +222,7 @@ export async function responseGrammar(parsed: ParsedCompletion): Promise<void> {
 /**
  * OpenAI's `response_format`: 'text' (no constraint), 'json_object' (any JSON object; llama-server's
  * `schema` beside it is taken too) or 'json_schema' (`json_schema.schema`; none: any JSON value). The
- * schema's own faults (an unsupported keyword, nesting too deep) come back from the chat as a 400.
+ * schema's own faults (an unsupported keyword, nesting too deep) are responseGrammar's 400.
  * `strict` is taken and needs nothing more: the answer always follows the schema here.
  */
 export function jsonSchemaOf(v: unknown): object | undefined {

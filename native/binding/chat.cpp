@@ -5,9 +5,23 @@
 #include "binding/options.h"
 #include "engine/checkpoint.h"
 
+#include <array>
+
 namespace fml {
 
 namespace {
+
+Napi::Array tool_calls_to_js(Napi::Env env, const std::vector<tool_call> & calls) {
+    Napi::Array out = Napi::Array::New(env, calls.size());
+    for (size_t i = 0; i < calls.size(); ++i) {
+        Napi::Object c = Napi::Object::New(env);
+        c.Set("id", calls[i].id);
+        c.Set("name", calls[i].name);
+        c.Set("arguments", calls[i].arguments);
+        out[(uint32_t) i] = c;
+    }
+    return out;
+}
 
 Napi::Object stats_to_js(Napi::Env env, const turn_stats & s) {
     Napi::Object o = Napi::Object::New(env);
@@ -102,6 +116,7 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
                 o.Set("response", event->result.response);
                 o.Set("reasoning", event->result.reasoning);
                 o.Set("stopReason", stop_reason_name(event->result.reason));
+                o.Set("toolCalls", tool_calls_to_js(env, event->result.tool_calls));
                 Napi::Object stats = stats_to_js(env, event->result.stats);
                 // What this turn's scores came from: none where no decode of it gave a signal.
                 const char * signal = event->result.stats.signal_reads > 0 ? importance_signal_name(ctx->jc->core()->signal()) : "";
@@ -167,6 +182,9 @@ Napi::Function js_chat::define(Napi::Env env) {
     return DefineClass(env, "NativeChat", {
         InstanceMethod("send", &js_chat::js_send),
         InstanceMethod("ingestExchange", &js_chat::js_ingest_exchange),
+        InstanceMethod("sendToolResults", &js_chat::js_send_tool_results),
+        InstanceMethod("ingestToolExchange", &js_chat::js_ingest_tool_exchange),
+        InstanceMethod("parseToolReply", &js_chat::js_parse_tool_reply),
         InstanceMethod("abort", &js_chat::js_abort),
         InstanceMethod("stats", &js_chat::js_stats),
         InstanceMethod("memory", &js_chat::js_memory),
@@ -259,6 +277,87 @@ Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
         throw;
     }
     return start_turn(env, *this, Value(), std::move(req), on_piece);
+}
+
+namespace {
+
+// Tool results and calls cross as arrays of three strings each ([callId, name, content] and [id,
+// name, arguments]), checked by TypeScript (src/local/chat.ts, src/server/chats.ts); their types again here.
+std::vector<std::array<std::string, 3>> string_triples(const Napi::CallbackInfo & info, size_t i, const char * what) {
+    Napi::Env env = info.Env();
+    if (info.Length() <= i || !info[i].IsArray()) {
+        throw_error(env, FML_ERR_INVALID_OPTION, std::string("expected an array of ") + what);
+    }
+    Napi::Array list = info[i].As<Napi::Array>();
+    std::vector<std::array<std::string, 3>> out;
+    for (uint32_t k = 0; k < list.Length(); ++k) {
+        Napi::Value v = list[k];
+        Napi::Array triple = v.IsArray() ? v.As<Napi::Array>() : Napi::Array::New(env);
+        if (triple.Length() != 3 || !triple.Get((uint32_t) 0).IsString() || !triple.Get(1).IsString() || !triple.Get(2).IsString()) {
+            throw_error(env, FML_ERR_INVALID_OPTION, std::string("expected three strings for each of ") + what);
+        }
+        out.push_back({ triple.Get((uint32_t) 0).As<Napi::String>().Utf8Value(), triple.Get(1).As<Napi::String>().Utf8Value(),
+                        triple.Get(2).As<Napi::String>().Utf8Value() });
+    }
+    return out;
+}
+
+std::vector<tool_result> tool_results_arg(const Napi::CallbackInfo & info, size_t i) {
+    std::vector<tool_result> out;
+    for (auto & t : string_triples(info, i, "tool results")) out.push_back({ std::move(t[0]), std::move(t[1]), std::move(t[2]) });
+    return out;
+}
+
+} // namespace
+
+Napi::Value js_chat::js_send_tool_results(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    chat & s = require(env);
+    const std::vector<tool_result> results = tool_results_arg(info, 0);
+    generation_options gen = guarded(env, [&] { return resolve_generation_options(options_arg(info, 1)); });
+    Napi::Function on_piece = info.Length() > 2 && info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
+    const bool pin = info.Length() > 3 && info[3].IsBoolean() && info[3].As<Napi::Boolean>().Value();
+    claim(env, "a turn is already running on this chat; await it (or abort it) before sending again");
+    turn_request req;
+    try {
+        req = guarded(env, [&] { return s.prepare_tool_results(results, std::move(gen), pin); });
+    } catch (...) {
+        finished();
+        throw;
+    }
+    return start_turn(env, *this, Value(), std::move(req), on_piece);
+}
+
+Napi::Value js_chat::js_ingest_tool_exchange(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    chat & s = require(env);
+    const std::string user = string_arg(info, 0, "user message");
+    const std::vector<tool_result> results = tool_results_arg(info, 1);
+    const std::string reply = string_arg(info, 2, "assistant message");
+    std::vector<tool_call> calls;
+    for (auto & t : string_triples(info, 3, "tool calls")) calls.push_back({ std::move(t[0]), std::move(t[1]), std::move(t[2]) });
+    claim(env, "a turn is running on this chat");
+    turn_request req;
+    try {
+        req = guarded(env, [&] { return s.prepare_ingest_tools(user, results, reply, calls); });
+    } catch (...) {
+        finished();
+        throw;
+    }
+    return start_turn(env, *this, Value(), std::move(req), Napi::Function());
+}
+
+Napi::Value js_chat::js_parse_tool_reply(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    chat & s = require(env);
+    const std::string reasoning = string_arg(info, 0, "reasoning");
+    const std::string answer = string_arg(info, 1, "answer");
+    const bool partial = info.Length() > 2 && info[2].IsBoolean() && info[2].As<Napi::Boolean>().Value();
+    const tool_reply r = guarded(env, [&] { return s.parse_tool_reply(reasoning, answer, partial); });
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("content", r.content);
+    o.Set("toolCalls", tool_calls_to_js(env, r.calls));
+    return o;
 }
 
 Napi::Value js_chat::js_ingest_exchange(const Napi::CallbackInfo & info) {

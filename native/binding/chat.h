@@ -30,6 +30,9 @@ public:
 private:
     Napi::Value js_send(const Napi::CallbackInfo & info);
     Napi::Value js_ingest_exchange(const Napi::CallbackInfo & info);
+    Napi::Value js_send_tool_results(const Napi::CallbackInfo & info);
+    Napi::Value js_ingest_tool_exchange(const Napi::CallbackInfo & info);
+    Napi::Value js_parse_tool_reply(const Napi::CallbackInfo & info);
     Napi::Value js_abort(const Napi::CallbackInfo & info);
     Napi::Value js_stats(const Napi::CallbackInfo & info);
     Napi::Value js_memory(const Napi::CallbackInfo & info);

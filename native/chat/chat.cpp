@@ -59,9 +59,19 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
     if (model_->add_bos()) {
         system_tokens_.push_back(model_->bos());
     }
-    if (!opts_.system_prompt.empty()) {
-        const std::vector<int32_t> framed = model_->frame_tokens(frame_kind::system, opts_.system_prompt);
-        system_tokens_.insert(system_tokens_.end(), framed.begin(), framed.end());
+    auto append = [&](const std::vector<int32_t> & toks) { system_tokens_.insert(system_tokens_.end(), toks.begin(), toks.end()); };
+    if (!opts_.tools.empty()) {
+        // The tools are where the template puts them, with the system prompt (pinned), rendered once;
+        // the first user message then takes the usual opening. The prompt is tokenized as plain text.
+        tools_ = std::make_unique<tool_set>(*model_, opts_.tools, opts_.system_prompt);
+        const std::vector<std::string> frames = tools_->system_frames(model_->frame_message(frame_kind::user).prefix);
+        append(model_->tokenize(frames[0], false, true));
+        if (frames.size() > 1) {
+            append(model_->tokenize(opts_.system_prompt, false, false));
+            append(model_->tokenize(frames[1], false, true));
+        }
+    } else if (!opts_.system_prompt.empty()) {
+        append(model_->frame_tokens(frame_kind::system, opts_.system_prompt));
     }
     check_budget();
     chunk_ = (size_t) std::max(1, std::min<int32_t>(opts_.batch_size, (int32_t) p.max_tokens));
@@ -152,7 +162,7 @@ frame_kind chat::next_user_frame() const {
     // Until a first user message is in, a template that merges the system prompt into it frames
     // that message without its usual opening.
     std::lock_guard<std::mutex> lock(mu_);
-    if (turn_no_ > 0) {
+    if (turn_no_ > 0 || tools_) {
         return frame_kind::user;
     }
     return opts_.system_prompt.empty() ? frame_kind::first_user : frame_kind::first_user_after_system;
@@ -189,12 +199,66 @@ void chat::check_budget() {
     // The system prompt is what does not fit when the same chat without it would: the prompt is too
     // large. Otherwise the budget is too small for this model's framing.
     const size_t without_system = std::max((size_t) (model_->add_bos() ? 1 : 0), (size_t) opts_.policy.sink_tokens) + carry + framing + 1;
-    throw fml_error(!opts_.system_prompt.empty() && without_system <= opts_.policy.max_tokens ? FML_ERR_PROMPT_TOO_LARGE : FML_ERR_INVALID_OPTION, why);
+    throw fml_error((!opts_.system_prompt.empty() || tools_) && without_system <= opts_.policy.max_tokens ? FML_ERR_PROMPT_TOO_LARGE : FML_ERR_INVALID_OPTION, why);
 }
 
 turn_request chat::prepare_turn(const std::string & user_text, generation_options gen, bool pin) {
+    return prepare_framed(model_->frame_tokens(next_user_frame(), user_text), std::move(gen), pin);
+}
+
+turn_request chat::prepare_tool_results(const std::vector<tool_result> & results, generation_options gen, bool pin) {
+    if (!tools_) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "tool results need a chat created with tools");
+    }
+    return prepare_framed(frame_tool_results(results), std::move(gen), pin);
+}
+
+std::vector<int32_t> chat::frame_tool_results(const std::vector<tool_result> & results) const {
+    if (results.empty()) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "Expected at least one tool result");
+    }
+    std::vector<tool_call> calls;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (turn_no_ == 0) {
+            throw fml_error(FML_ERR_INVALID_OPTION, "tool results follow a reply's calls, and this chat has no reply yet");
+        }
+        calls = last_calls_;
+    }
+    std::vector<tool_result> named = results;
+    for (auto & r : named) {
+        for (const auto & c : calls) {
+            if (r.name.empty() && !r.call_id.empty() && c.id == r.call_id) r.name = c.name;
+        }
+    }
+    if (calls.empty()) {
+        // A reply of a restored chat, or one the caller answers anyway: the results name the calls.
+        for (const auto & r : named) calls.push_back({ r.call_id, r.name, "{}" });
+    }
+    const std::vector<std::string> frames = tools_->result_frames(calls, named);
+    // The frames are the template's markup; the results are the tools' text, never control tokens.
+    std::vector<int32_t> framed;
+    for (size_t i = 0; i < named.size(); ++i) {
+        const std::vector<int32_t> markup = model_->tokenize(frames[i], false, true);
+        const std::vector<int32_t> content = model_->tokenize(named[i].content, false, false);
+        framed.insert(framed.end(), markup.begin(), markup.end());
+        framed.insert(framed.end(), content.begin(), content.end());
+    }
+    const std::vector<int32_t> tail = model_->tokenize(frames.back(), false, true);
+    framed.insert(framed.end(), tail.begin(), tail.end());
+    return framed;
+}
+
+tool_reply chat::parse_tool_reply(const std::string & reasoning, const std::string & answer, bool partial) const {
+    if (!tool_turn_) {
+        return { answer, {} };
+    }
+    return tool_turn_->parse(reasoning, answer, partial);
+}
+
+turn_request chat::prepare_framed(std::vector<int32_t> framed, generation_options gen, bool pin) {
     turn_request req;
-    req.framed = model_->frame_tokens(next_user_frame(), user_text);
+    req.framed = std::move(framed);
     const reasoning_markers & rm = model_->reasoning();
     // A generation prompt that opens the think block (Bailing's): its <think> and the blank tokens
     // after it are the reply's reasoning, dropped with it (a past reply's rendering has none of it).
@@ -219,9 +283,30 @@ turn_request chat::prepare_turn(const std::string & user_text, generation_option
         req.reply_prefix_role = rm.harmony() ? TOKEN_ROLE_ASSISTANT : TOKEN_ROLE_REASONING;
         req.reasoning_skipped = true;
     }
+    if (tools_) {
+        auto turn = std::make_shared<tool_turn>(tools_->turn(gen.tool_choice.empty() ? "auto" : gen.tool_choice, gen.parallel_tool_calls, gen.thinking));
+        if (!turn->grammar.empty()) {
+            if (!gen.grammar.empty() || !gen.json_schema.empty()) {
+                throw fml_error(FML_ERR_INVALID_OPTION, "toolChoice '" + gen.tool_choice + "' holds the answer to a call, and grammar or jsonSchema to something else: give one");
+            }
+            gen.grammar = turn->grammar;
+        }
+        gen.stop.insert(gen.stop.end(), turn->stops.begin(), turn->stops.end());
+        req.tools = turn;
+    } else if (!gen.tool_choice.empty()) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "toolChoice needs a chat created with tools");
+    }
     if (!gen.grammar.empty() || !gen.json_schema.empty()) {
         req.grammar = reply_grammar::compile(model_->vocab(), gen.grammar, gen.json_schema);
+        if (req.tools && !req.tools->grammar_prefill.empty()) {
+            try {
+                for (int32_t tok : model_->tokenize(req.tools->grammar_prefill, false, true)) req.grammar->accept(tok);
+            } catch (const std::exception & e) {
+                throw fml_error(FML_ERR_TEMPLATE, std::string("the tool-call grammar does not start with the template's generation prompt: ") + e.what());
+            }
+        }
     }
+
     req.gen = std::move(gen);
     req.pin = pin;
     std::lock_guard<std::mutex> lock(mu_);
@@ -239,13 +324,24 @@ turn_request chat::prepare_turn(const std::string & user_text, generation_option
                         "the message needs " + std::to_string(req.framed.size()) + " tokens but maxTokens " + std::to_string(budget) +
                         " leaves room for " + std::to_string(budget - std::min(budget, pinned + carry_.size() + 1)) + " after pinned tokens");
     }
+    if (req.tools) {
+        tool_turn_ = req.tools;
+    }
     return req;
 }
 
 turn_request chat::prepare_ingest(const std::string & user_text, const std::string & assistant_text) {
+    return prepare_ingest_tools(user_text, {}, assistant_text, {});
+}
+
+turn_request chat::prepare_ingest_tools(const std::string & user_text, const std::vector<tool_result> & results, const std::string & assistant_text,
+                                        const std::vector<tool_call> & calls) {
+    if ((!results.empty() || !calls.empty()) && !tools_) {
+        throw fml_error(FML_ERR_INVALID_OPTION, "tool calls and results need a chat created with tools");
+    }
     turn_request req;
     req.ingest = true;
-    req.framed = model_->frame_tokens(next_user_frame(), user_text);
+    req.framed = results.empty() ? model_->frame_tokens(next_user_frame(), user_text) : frame_tool_results(results);
     // The reply as the template renders it (its opening and content); its closing is carried into
     // the next turn, as after a generated reply. A past reply's think block is left out, as the
     // reasoning models' templates render one (what follows its last </think>, blank lines stripped).
@@ -256,12 +352,25 @@ turn_request chat::prepare_ingest(const std::string & user_text, const std::stri
         answer.erase(0, close + rm.close_text.size());
         answer.erase(0, std::min(answer.find_first_not_of('\n'), answer.size()));
     }
-    req.reply = model_->frame_tokens(frame_kind::assistant, answer, false);
+    if (calls.empty()) {
+        req.reply = model_->frame_tokens(frame_kind::assistant, answer, false);
+    } else {
+        // Rendered with its calls by the template, markup and all: text that would be a control
+        // token there is refused, as in the tools.
+        tools_->check_plain(answer, "an assistant message's content");
+        for (const auto & c : calls) {
+            tools_->check_plain(c.name + c.arguments + c.id, "a tool call");
+        }
+        req.reply = model_->tokenize(tools_->reply_text(answer, calls, model_->frame_message(frame_kind::assistant).suffix), false, true);
+    }
     std::lock_guard<std::mutex> lock(mu_);
     const size_t budget = opts_.policy.max_tokens;
     const size_t pinned = pinned_after_start();
     if (pinned + carry_.size() + req.framed.size() + 1 > budget || pinned + req.reply.size() + 1 > budget) {
         throw fml_error(FML_ERR_PROMPT_TOO_LARGE, "a transcript message does not fit in maxTokens");
+    }
+    if (tools_) {
+        last_calls_ = calls;
     }
     return req;
 }
@@ -280,6 +389,7 @@ void chat::reset() {
     replay_pending_ = false;
     replay_done_ = 0;
     transcript_.clear();
+    last_calls_.clear();
     reset_pending_ = slot_ >= 0;
 }
 

@@ -18,6 +18,7 @@
 #include "engine/options.h"
 #include "engine/sampler.h"
 #include "engine/signals.h"
+#include "engine/tool-calls.h"
 #include "chat/step-context.h"
 #include "kv/token-ledger.h"
 #include "model/model.h"
@@ -87,8 +88,9 @@ struct turn_stats {
 };
 
 struct turn_result {
-    std::string response;            // the answer (a reasoning model's reasoning apart: `reasoning`)
+    std::string response;            // the answer (a reasoning model's reasoning apart: `reasoning`; tool calls apart: `tool_calls`)
     std::string reasoning;
+    std::vector<tool_call> tool_calls;   // a chat with tools: the calls the reply made, in the template's format
     stop_reason reason = STOP_EOS;
     turn_stats stats;
 };
@@ -167,6 +169,7 @@ struct turn_request {
     bool reasoning_skipped = false;  // thinking false: the reply starts after its (empty) reasoning
     generation_options gen;
     std::unique_ptr<reply_grammar> grammar;   // gen's grammar or jsonSchema, compiled (null: none)
+    std::shared_ptr<const tool_turn> tools;   // a chat with tools: this turn's grammar and parser
     turn_callbacks cb;
 };
 
@@ -218,6 +221,16 @@ public:
     // Frames the message and checks it fits (PROMPT_TOO_LARGE otherwise; nothing changes).
     turn_request prepare_turn(const std::string & user_text, generation_options gen, bool pin = false);
     turn_request prepare_ingest(const std::string & user_text, const std::string & assistant_text);
+    // A turn of tool results after a reply's calls (a chat created with tools), framed as the
+    // template frames them; the reply that follows is generated as after a user message.
+    turn_request prepare_tool_results(const std::vector<tool_result> & results, generation_options gen, bool pin = false);
+    // A finished exchange of a conversation with tools (an OpenAI request's history): its input (the
+    // user's text, or results when `results` is not empty) and the reply (its text and calls).
+    turn_request prepare_ingest_tools(const std::string & user_text, const std::vector<tool_result> & results, const std::string & assistant_text,
+                                      const std::vector<tool_call> & calls);
+    // The running (or last) turn's reply read by the tools' format: for streaming, `partial`.
+    tool_reply parse_tool_reply(const std::string & reasoning, const std::string & answer, bool partial) const;
+    bool has_tools() const { return tools_ != nullptr; }
     std::atomic<bool> & busy() { return busy_; }
     void request_abort() { abort_.store(true); }
     void clear_abort() { abort_.store(false); }
@@ -426,6 +439,11 @@ private:
     importance_signal signal_ = IMPORTANCE_NONE;
     std::unique_ptr<kv_policy_i> policy_;
     std::vector<int32_t> system_tokens_;
+    std::unique_ptr<tool_set> tools_;       // createChat's tools (null: none); rendered into system_tokens_
+    std::shared_ptr<const tool_turn> tool_turn_;   // the running or last turn's (JS thread only)
+    std::vector<tool_call> last_calls_;     // the last reply's calls (what a turn of results follows)
+    turn_request prepare_framed(std::vector<int32_t> framed, generation_options gen, bool pin);
+    std::vector<int32_t> frame_tool_results(const std::vector<tool_result> & results) const;
     std::vector<int32_t> summary_instruction_;
     std::vector<int32_t> closing_tokens_;   // the template's end of an assistant turn
     // A grammar's pass over the vocabulary runs on a thread of its own: a core is spare (the model's

@@ -447,6 +447,17 @@ void chat::finish_turn(stop_reason reason, step_context & e) {
         // Without the blank line before </think> (chat templates strip it too).
         r.reasoning = t->reasoning_stream->text();
         r.reasoning.erase(r.reasoning.find_last_not_of(" \t\r\n") + 1);
+        if (t->req.tools) {
+            // The calls, read in the template's format (what a turn of results follows); the answer
+            // without them.
+            tool_reply read = t->req.tools->parse(r.reasoning, r.response, false);
+            r.response = std::move(read.content);
+            r.tool_calls = std::move(read.calls);
+            for (size_t i = 0; i < r.tool_calls.size(); ++i) {
+                if (r.tool_calls[i].id.empty()) r.tool_calls[i].id = tool_call_id();
+            }
+            last_calls_ = r.tool_calls;
+        }
         st.decode_ms = ms_since(t->t_generate);
         st.tokens_per_second = st.decode_ms > 0 ? st.generated_tokens * 1000.0 / st.decode_ms : 0;
         // Close the assistant turn next time: the undecoded last token plus the template's end-of-turn.

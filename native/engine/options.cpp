@@ -1,6 +1,7 @@
 #include "engine/options.h"
 
 #include "engine/grammar.h"
+#include "engine/tool-calls.h"
 #include "kv/token-ledger.h"
 #include "util/error.h"
 
@@ -220,6 +221,12 @@ const option_row<chat_target> CHAT_ROWS[] = {
       [](chat_target & t, const option_value * v) { auto & p = t.o.policy; p.sink_tokens = v ? (uint32_t) int_in("sinkTokens", *v, 0, p.max_tokens / 2 - 1) : 4; } },
     { { "chat", "systemPrompt", "string", "''", "", "System prompt; pinned, never evicted.", false },
       [](chat_target & t, const option_value * v) { t.o.system_prompt = v ? text_of("systemPrompt", *v, MAX_TEXT_BYTES) : ""; } },
+    { { "chat", "tools", "object[] | string", "none", "1 .. 128 tools, at most 262144 bytes of JSON", "Tools the model may call, as OpenAI lists them ([{ type: 'function', function: { name, description?, parameters? } }]): rendered with the system prompt by the model's own chat template (pinned), and a reply's calls are read back in its format (TurnResult.toolCalls). Fixed for the chat's life.", false },
+      [](chat_target & t, const option_value * v) {
+          // TypeScript gives an array as its JSON text; tool_set (engine/tool-calls.cpp) checks the list.
+          if (v && v->kind != option_value::STRING) fail("a list of tools (an array, or its JSON text)", "tools", *v);
+          t.o.tools = v ? text_of("tools", *v, MAX_TOOLS_BYTES) : "";
+      } },
     { { "chat", "threads", "number", "the model's threads", "1 .. the model's threads", "CPU threads of this chat's decodes; chats with fewer threads than the model's decode in their own context.", false },
       [](chat_target & t, const option_value * v) { t.o.threads = v ? (int32_t) int_in("threads", *v, 1, 256) : std::max(1, std::min(256, t.default_threads)); } },
     { { "chat", "batchSize", "number", "512", "1 .. 65536", "Most prefill tokens of this chat per step.", false },
@@ -331,6 +338,14 @@ const option_row<send_target> SEND_ROWS[] = {
       [](send_target & t, const option_value * v) {
           t.g.sampling.test_grammar_pass_on = !v ? 0 : choice_of("testGrammarPassOn", *v, { "step", "thread" }) == "step" ? 1 : 2;
       } },
+    { { "send", "toolChoice", "'auto' | 'none' | 'required' | { name }", "'auto'", "a chat with tools", "Whether the reply may call tools ('auto'), must not ('none': calls are not read from it) or must ('required'; { name }: that tool), as OpenAI's tool_choice; a required call holds the answer to the template's call format (a grammar).", false },
+      [](send_target & t, const option_value * v) {
+          // TypeScript gives { name } as the name itself.
+          t.g.tool_choice = v ? text_of("toolChoice", *v, 64) : "";
+          if (v && t.g.tool_choice.empty()) fail("'auto', 'none', 'required' or a tool's name", "toolChoice", *v);
+      } },
+    { { "send", "parallelToolCalls", "boolean", "true", "a chat with tools", "A reply may make several calls (false: one at most, where the call is required).", false },
+      [](send_target & t, const option_value * v) { t.g.parallel_tool_calls = v ? boolean_of("parallelToolCalls", *v) : true; } },
     { { "send", "jsonSchema", "object | string", "none", "at most 65536 bytes of JSON, nested at most 64 deep (more limits: docs/api.md)", "A JSON schema the answer follows (converted to a grammar as llama-server converts response_format's); a reasoning model's reasoning stays free. The reply ends when the JSON value is complete.", false },
       [](send_target & t, const option_value * v) {
           // TypeScript gives an object as its JSON text.
@@ -420,6 +435,9 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
         { "positions", option_value::of(std::string(o.keep_positions ? "keep" : "compact")) },
         { "pastReasoning", option_value::of(std::string(o.past_reasoning == past_reasoning_mode::first ? "first" : o.past_reasoning == past_reasoning_mode::keep ? "keep" : "drop")) },
     };
+    if (!o.tools.empty()) {
+        m.push_back({ "tools", option_value::of(o.tools) });
+    }
     if (o.position_limit > 0) {
         m.push_back({ "positionLimit", option_value::of((double) o.position_limit) });
     }

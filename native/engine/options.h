@@ -63,6 +63,7 @@ struct chat_options {
     bool        keep_positions = false;
     uint32_t    position_limit = 0;   // 0: the model's trained context (n_ctx_train)
     past_reasoning_mode past_reasoning = past_reasoning_mode::drop;
+    std::string tools;                // OpenAI's tool list as JSON text ('': none), rendered with the system prompt
     double      test_policy_delay_ms = 0; // test hook: makes every policy choice this slow
     double      test_token_delay_ms = 0;  // test hook: makes every decode of a turn this slow (deterministic aborts)
     uint32_t    test_fail_after_tokens = 0; // test hook: a reply's decode fails (as llama_decode can) once it has this many tokens
@@ -80,6 +81,8 @@ struct generation_options {
     std::vector<std::string> stop;
     std::string grammar;         // GBNF the answer follows ('': none); compiled by chat::prepare_turn (engine/grammar.h)
     std::string json_schema;     // a JSON schema (JSON text) the answer follows, converted to GBNF ('': none)
+    std::string tool_choice;     // a chat with tools: auto ('' too), none, required, or a tool's name
+    bool parallel_tool_calls = true;
 };
 
 // CPUs this process may run on (its affinity mask), like Node's os.availableParallelism().

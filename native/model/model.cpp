@@ -270,6 +270,18 @@ const token_first_bytes & fml_model::first_bytes() const {
     return first_bytes_;
 }
 
+const std::vector<std::string> & fml_model::control_texts() const {
+    std::call_once(control_texts_once_, [&] {
+        for (int32_t t = 0; t < info_.n_vocab; ++t) {
+            if ((llama_vocab_get_attr(vocab_, t) & LLAMA_TOKEN_ATTR_CONTROL) != 0) {
+                const std::string piece = token_piece(t, true);
+                if (!piece.empty()) control_texts_.push_back(piece);
+            }
+        }
+    });
+    return control_texts_;
+}
+
 void fml_model::find_non_text_tokens() {
     // Tokens whose text differs as special text (what a grammar reads: "<|end|>", "<unk>") from the
     // reply's (none): control and unknown tokens. And the markers: <think> may be an ordinary

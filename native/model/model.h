@@ -129,6 +129,9 @@ public:
     const std::vector<int32_t> & non_text_tokens() const { return non_text_tokens_; }
     // What narrows a grammar's pass (engine/grammar.h), built at first use (a grammar's).
     const token_first_bytes & first_bytes() const;
+    // The text of every control token (end-of-generation ones too), for text that is tokenized with
+    // special parsing on and must not hold one (tools rendered into a prompt). Built at first use.
+    const std::vector<std::string> & control_texts() const;
     int32_t bos() const;
     bool add_bos() const;
     const reasoning_markers & reasoning() const { return reasoning_; }
@@ -159,6 +162,8 @@ private:
     void find_non_text_tokens();
     std::vector<int32_t> non_text_tokens_;
     mutable std::once_flag first_bytes_once_;
+    mutable std::once_flag control_texts_once_;
+    mutable std::vector<std::string> control_texts_;
     mutable token_first_bytes first_bytes_;
     // Frames per frame_kind, rendered once at load; a template that cannot frame a kind leaves its
     // error here, thrown when a chat needs that frame.

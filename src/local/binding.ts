@@ -8,7 +8,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { NativeBindingError } from '../shared/errors.js';
 import type { EvictionEvent } from '../shared/telemetry.js';
-import type { MemoryEntry, ModelInfo, TurnStats } from '../shared/types.js';
+import type { MemoryEntry, ModelInfo, ToolCall, TurnStats } from '../shared/types.js';
 
 /** The native model's info: the public ModelInfo, which adds the path on the JS side. */
 export type NativeModelInfo = Omit<ModelInfo, 'path'>;
@@ -34,6 +34,8 @@ export interface NativeTurnResult {
   response: string;
   reasoning: string;
   stopReason: 'eos' | 'maxTokens' | 'stop' | 'abort';
+  /** The calls the reply made (a chat with tools; [] otherwise). */
+  toolCalls: ToolCall[];
   stats: NativeTurnStats;
   /** What onToken threw (the turn stopped there and is kept). */
   callbackError?: unknown;
@@ -107,6 +109,10 @@ export interface NativeOptionDoc {
 
 export interface NativeChat {
   send(message: string, options: NativeRawOptions, onPiece?: (piece: string, reasoning: boolean) => void, pin?: boolean): Promise<NativeTurnResult>;
+  /** A turn of tool results ([callId, name, content] each) after a reply's calls: a chat with tools. */
+  sendToolResults(results: [string, string, string][], options: NativeRawOptions, onPiece?: (piece: string, reasoning: boolean) => void, pin?: boolean): Promise<NativeTurnResult>;
+  /** The running (or last) turn's reply read in the tools' format; `partial` while it is written. */
+  parseToolReply(reasoning: string, answer: string, partial: boolean): { content: string; toolCalls: ToolCall[] };
   abort(): void;
   /** Pins the user message of `turn` (and its reply with withReply); returns the tokens newly pinned. Throws PIN_LIMIT / INVALID_OPTION. */
   pin(turn: number, withReply?: boolean): number;

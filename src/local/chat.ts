@@ -1,10 +1,10 @@
 import { getProbes, type NativeCacheState, type NativeChat, type NativeEngineStats, type NativeEvictionRecord } from './binding.js';
 import { AbortedError, CallbackError, ChatBusyError, CheckpointError, DisposedError, InvalidOptionError, fromNativeError } from '../shared/errors.js';
-import { checkInt, checkMessage, checkObject, checkPath, fail } from '../shared/checks.js';
+import { checkInt, checkKnownKeys, checkMessage, checkObject, checkPath, fail } from '../shared/checks.js';
 import { splitSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
 import { TelemetryEmitter, type EvictionEvent, type Telemetry, type TurnEvent } from '../shared/telemetry.js';
 import { streamFromSend, TranscriptLog, type ChatSurface } from '../shared/chat-surface.js';
-import type { ChatStats, MemoryEntry, Transcript, TurnResult } from '../shared/types.js';
+import type { ChatStats, MemoryEntry, ToolResult, Transcript, TurnResult } from '../shared/types.js';
 
 let nextChatId = 1;
 
@@ -82,18 +82,21 @@ export class Chat implements ChatSurface {
 
   /**
    * Sends a user message and generates the reply. Only the message's tokens are prefilled; when the
-   * budget would overflow, the policy evicts tokens from the KV cache first.
+   * budget would overflow, the policy evicts tokens from the KV cache first. A chat with tools also
+   * takes `{ toolResults }`: what its tools returned for the last reply's calls (`TurnResult.toolCalls`),
+   * framed as the model's template frames tool results; the reply that follows is generated as usual.
    */
-  send(message: string, options: SendOptions = {}): Promise<TurnResult> {
+  send(message: string | { toolResults: ToolResult[] }, options: SendOptions = {}): Promise<TurnResult> {
     // A call refused as busy must not replace the running turn that asyncDispose waits for.
     const idle = !this.#busy;
     const turn = this.#send(message, options);
     return idle ? this.#track(turn) : turn;
   }
 
-  async #send(message: string, options: SendOptions): Promise<TurnResult> {
+  async #send(message: string | { toolResults: ToolResult[] }, options: SendOptions): Promise<TurnResult> {
     this.#check();
-    const text = checkMessage(message);
+    const results = typeof message === 'string' ? undefined : toolResultsOf(message);
+    const text = results === undefined ? checkMessage(message) : '';
     const { native: nativeOpts, js: opts } = splitSendOptions(options);
     if (this.#busy) throw new ChatBusyError();
     if (opts.signal?.aborted) {
@@ -104,14 +107,18 @@ export class Chat implements ChatSurface {
     const onAbort = () => this.#native.abort();
     opts.signal?.addEventListener('abort', onAbort, { once: true });
     this.#busy = true;
+    const answer = this.#answerStream(opts);
     try {
-      const onPiece = opts.onToken || opts.onReasoning ? (piece: string, reasoning: boolean) => (reasoning ? opts.onReasoning : opts.onToken)?.(piece) : undefined;
-      const native = await this.#native.send(text, nativeOpts, onPiece, opts.pin);
+      const native = await (results === undefined
+        ? this.#native.send(text, nativeOpts, answer.onPiece, opts.pin)
+        : this.#native.sendToolResults(results, nativeOpts, answer.onPiece, opts.pin));
       const { callbackError, ...raw } = native;
       const { evictionLog, ...stats } = raw.stats;
       const result = { ...raw, stats } as TurnResult;
+      answer.finish(result.response);
       if (this.#telemetry && !this.#disposed) this.#emit(result, evictionLog);
-      if (result.stats.promptTokens > 0) this.#transcript.add(text, result.response);
+      // A turn of tool results is no user message: the transcript (plain messages) leaves it out.
+      if (result.stats.promptTokens > 0 && results === undefined) this.#transcript.add(text, result.response);
       this.#remember(result);
       // The turn is kept (memory, stats and transcript agree); the caller's error is reported.
       if (Object.hasOwn(native, 'callbackError')) throw new CallbackError(result, callbackError);
@@ -124,6 +131,42 @@ export class Chat implements ChatSurface {
       this.#busy = false;
       opts.signal?.removeEventListener('abort', onAbort);
     }
+  }
+
+  /**
+   * The pieces a turn streams. A chat with tools streams the answer's text beside its calls: each
+   * piece is read in the tools' format with what came before (llama.cpp's partial parse, as
+   * llama-server streams), so a call's markup never reaches onToken; what the last read held back
+   * (the start of what might have been a call) follows when the turn ends.
+   */
+  #answerStream(opts: { onToken?: (piece: string) => void; onReasoning?: (piece: string) => void }) {
+    const { onToken, onReasoning } = opts;
+    if (!onToken && !onReasoning) return { onPiece: undefined, finish: (_: string) => {} };
+    if (this.#options.tools === undefined || !onToken) {
+      return { onPiece: (piece: string, reasoning: boolean) => (reasoning ? onReasoning : onToken)?.(piece), finish: (_: string) => {} };
+    }
+    let reasoning = '';
+    let answer = '';
+    let shown = '';
+    const show = (content: string) => {
+      if (content.length <= shown.length || !content.startsWith(shown)) return;
+      const piece = content.slice(shown.length);
+      shown = content;
+      onToken(piece);
+    };
+    return {
+      onPiece: (piece: string, isReasoning: boolean) => {
+        if (isReasoning) {
+          reasoning += piece;
+          onReasoning?.(piece);
+          return;
+        }
+        answer += piece;
+        // Blank space before what may be a call waits: the answer's content ends without it.
+        show(this.#native.parseToolReply(reasoning, answer, true).content.trimEnd());
+      },
+      finish: (response: string) => show(response),
+    };
   }
 
   /**
@@ -365,6 +408,7 @@ function abortedBeforeStart(policy: ResolvedChatOptions['policy'], retained: num
   return {
     response: '',
     reasoning: '',
+    toolCalls: [],
     stopReason: 'abort',
     stats: {
       turn: 0, promptTokens: 0, generatedTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0, firstTokenMs: 0, policyMs: 0, evictMs: 0,
@@ -372,4 +416,22 @@ function abortedBeforeStart(policy: ResolvedChatOptions['policy'], retained: num
       summaryTokens: 0, grammarPasses: 0, grammarMs: 0, importanceSignal: null, policy,
     },
   };
+}
+
+/** `send({ toolResults })`, checked: [callId, name, content] each, as the native side takes them. */
+function toolResultsOf(message: unknown): [string, string, string][] {
+  const m = checkObject('message', message) as { toolResults?: unknown };
+  checkKnownKeys('message', m, ['toolResults']);
+  const list = m.toolResults;
+  if (!Array.isArray(list) || list.length === 0 || list.length > 128) fail('an array of 1 to 128 tool results', 'toolResults', list);
+  return list.map((r: unknown, i: number) => {
+    const at = `toolResults[${i}]`;
+    const result = checkObject(at, r);
+    checkKnownKeys(at, result, ['toolCallId', 'name', 'content']);
+    const { toolCallId = '', name = '', content } = result as { toolCallId?: unknown; name?: unknown; content?: unknown };
+    if (typeof toolCallId !== 'string' || toolCallId.length > 256) fail('a string of at most 256 characters', `${at}.toolCallId`, toolCallId);
+    if (typeof name !== 'string' || name.length > 64) fail('a string of at most 64 characters', `${at}.name`, name);
+    if (name === '' && toolCallId === '') throw new InvalidOptionError(`${at} needs toolCallId or name: which call it answers`);
+    return [toolCallId, name, checkMessage(content, `${at}.content`)];
+  });
 }

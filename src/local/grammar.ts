@@ -5,22 +5,25 @@
 import { getBinding } from './binding.js';
 import { fromNativeError, InvalidOptionError } from '../shared/errors.js';
 
-/** A schema given as an object, as JSON text (text is taken as it is: the native side parses it). */
-export function jsonSchemaText(schema: unknown): unknown {
-  if (schema === null || typeof schema !== 'object') return schema;
+/**
+ * An option given as an object or array (a schema, a tool list), as JSON text for the native table,
+ * which has no objects; text is taken as it is (the native side parses it).
+ */
+export function jsonText(value: unknown, option = 'jsonSchema'): unknown {
+  if (value === null || typeof value !== 'object') return value;
   let text: string | undefined;
   try {
-    text = JSON.stringify(schema);
+    text = JSON.stringify(value);
   } catch (err) {
-    throw new InvalidOptionError(`Expected a JSON-serializable schema for jsonSchema: ${(err as Error).message}`);
+    throw new InvalidOptionError(`Expected a JSON-serializable value for ${option}: ${(err as Error).message}`);
   }
-  if (text === undefined) throw new InvalidOptionError('Expected a JSON-serializable schema for jsonSchema');
+  if (text === undefined) throw new InvalidOptionError(`Expected a JSON-serializable value for ${option}`);
   return text;
 }
 
 /** A schema's JSON text, or InvalidOptionError when it is neither an object nor text. */
 function schemaTextOf(schema: unknown): string {
-  const text = jsonSchemaText(schema);
+  const text = jsonText(schema);
   if (typeof text !== 'string') throw new InvalidOptionError('Expected a JSON schema (an object, or its JSON text) for jsonSchema');
   return text;
 }

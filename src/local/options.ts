@@ -8,7 +8,7 @@
 import { getBinding } from './binding.js';
 import { checkObject, fail } from '../shared/checks.js';
 import { fromNativeError } from '../shared/errors.js';
-import { jsonSchemaText } from './grammar.js';
+import { jsonText } from './grammar.js';
 import type { Telemetry } from '../shared/telemetry.js';
 import type { KvType, PolicyName } from '../shared/types.js';
 
@@ -55,6 +55,14 @@ export interface ChatOptions {
   sinkTokens?: number;
   /** System prompt; pinned, never evicted. Default ''. */
   systemPrompt?: string;
+  /**
+   * Tools the model may call, as OpenAI lists them (`[{ type: 'function', function: { name,
+   * description?, parameters? } }]`, 1 to 128, or their JSON text). The model's own chat template
+   * renders them with the system prompt (pinned, like it), and a reply's calls are read back in its
+   * format (`TurnResult.toolCalls`); `send({ toolResults })` answers them. Fixed for the chat's life.
+   * Needs a model whose template renders tools. Default none.
+   */
+  tools?: ToolDefinition[] | string;
   /** CPU threads of this chat's decodes, at most the model's; fewer than the model's puts it in a context of its own. Default the model's threads. */
   threads?: number;
   /** Most prefill tokens of this chat per step. Default 512. */
@@ -179,6 +187,15 @@ export interface SendOptions {
    * model's reasoning stays free; the reply ends when the JSON value is complete. Default none.
    */
   jsonSchema?: object | string;
+  /**
+   * A chat with tools: whether the reply may call them ('auto'), must not ('none': no calls are read
+   * from it) or must ('required'; `{ name }` or OpenAI's `{ type: 'function', function: { name } }`:
+   * that tool). A required call holds the answer to the template's call format with a grammar
+   * (llama.cpp's, as llama-server builds it). Default 'auto'.
+   */
+  toolChoice?: ToolChoice;
+  /** A chat with tools: the reply may make several calls (false: one at most where a call is required). Default true. */
+  parallelToolCalls?: boolean;
   /** @internal Test hook: every token a grammar refuses takes the pass over the whole vocabulary (no shortcut). */
   testFullGrammarPass?: boolean;
   /** @internal Test hook: every pass of a grammar over the vocabulary takes this much longer. */
@@ -222,6 +239,8 @@ export interface ResolvedChatOptions {
   maxPolicyMs: number;
   positions: 'keep' | 'compact';
   pastReasoning: 'drop' | 'first' | 'keep';
+  /** Only when given: the tools' JSON text. */
+  tools?: string;
   /** Only when given (the model's trained context otherwise). */
   positionLimit?: number;
   testPolicyDelayMs?: number;
@@ -236,6 +255,7 @@ export interface ResolvedChatOptions {
 /** Splits off what only JS has (telemetry) and lets the native table validate the rest. */
 export function splitChatOptions(raw: unknown): { native: Record<string, unknown>; telemetry: unknown } {
   const { telemetry, ...native } = checkObject('options', raw);
+  if (native.tools !== undefined) native.tools = jsonText(native.tools, 'tools');
   return { native, telemetry };
 }
 
@@ -249,6 +269,25 @@ export function resolveChatOptions(raw: unknown, defaultThreads: number): Resolv
   }
 }
 
+/** A tool as OpenAI lists it. */
+export interface ToolDefinition {
+  type: 'function';
+  function: { name: string; description?: string; parameters?: object };
+}
+
+export type ToolChoice = 'auto' | 'none' | 'required' | { name: string } | { type: 'function'; function: { name: string } };
+
+/** toolChoice as the native table takes it: the word, or the tool's name. */
+function toolChoiceText(choice: unknown): unknown {
+  if (choice === null || typeof choice !== 'object') return choice;
+  const c = choice as { name?: unknown; function?: { name?: unknown } };
+  const name = c.name ?? (c.function !== null && typeof c.function === 'object' ? c.function.name : undefined);
+  if (typeof name !== 'string' || ['auto', 'none', 'required'].includes(name)) {
+    fail("'auto', 'none', 'required', { name } or { type: 'function', function: { name } }", 'toolChoice', choice);
+  }
+  return name;
+}
+
 /** send() options that exist only in JS; the rest goes to the native table as given. */
 export interface JsSendOptions {
   onToken?: (piece: string) => void;
@@ -260,7 +299,8 @@ export interface JsSendOptions {
 export function splitSendOptions(raw: unknown): { native: Record<string, unknown>; js: JsSendOptions } {
   const { onToken, onReasoning, signal, pin, ...native } = checkObject('options', raw);
   // The native table takes a schema as JSON text (it has no objects).
-  if (native.jsonSchema !== undefined) native.jsonSchema = jsonSchemaText(native.jsonSchema);
+  if (native.jsonSchema !== undefined) native.jsonSchema = jsonText(native.jsonSchema);
+  if (native.toolChoice !== undefined) native.toolChoice = toolChoiceText(native.toolChoice);
   const js: JsSendOptions = {};
   if (pin !== undefined) {
     if (typeof pin !== 'boolean') fail('a boolean', 'pin', pin);

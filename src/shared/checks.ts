@@ -47,8 +47,8 @@ export function checkPath(name: string, value: unknown): string {
 
 const MAX_MESSAGE_CHARS = 16 << 20;
 
-export function checkMessage(message: unknown): string {
-  return checkString('message', message, MAX_MESSAGE_CHARS);
+export function checkMessage(message: unknown, name = 'message'): string {
+  return checkString(name, message, MAX_MESSAGE_CHARS);
 }
 
 /** Refuses keys outside `known` (a typo must not be silently ignored). */

@@ -99,7 +99,27 @@ export interface TurnStats {
   policy: PolicyName;
 }
 
+/** A call a reply made to one of the chat's tools. */
+export interface ToolCall {
+  /** The format's id, or a fresh one ("call_..."): what the result's `toolCallId` names. */
+  id: string;
+  name: string;
+  /** The arguments as the model wrote them: JSON text (held to the tool's schema when the call was required). */
+  arguments: string;
+}
+
+/** What a tool returned, answering a call of the last reply (`send({ toolResults })`). */
+export interface ToolResult {
+  /** The call's id (`ToolCall.id`). */
+  toolCallId?: string;
+  /** The tool's name (default: the name of the call `toolCallId` names). */
+  name?: string;
+  content: string;
+}
+
 export interface TurnResult extends CommonTurnResult {
+  /** A chat with tools: the calls the reply made (its `response` is the text beside them); [] when none. */
+  toolCalls: ToolCall[];
   stats: TurnStats;
 }
 

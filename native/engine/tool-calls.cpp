@@ -1,0 +1,384 @@
+#include "engine/tool-calls.h"
+
+#include "engine/grammar.h"
+#include "model/model.h"
+#include "util/error.h"
+
+#include "chat.h"
+#include "json.h"
+
+#include <algorithm>
+#include <map>
+#include <random>
+#include <regex>
+
+namespace fml {
+
+namespace {
+
+[[noreturn]] void invalid(const std::string & why) { throw fml_error(FML_ERR_INVALID_OPTION, why); }
+[[noreturn]] void template_failed(const std::string & why) { throw fml_error(FML_ERR_TEMPLATE, why); }
+// What the model's template cannot do with tools at all (no template, none for tools, tools in the
+// user's turn): the model does not take them.
+[[noreturn]] void unsupported(const std::string & why) { throw fml_error(FML_ERR_UNSUPPORTED_MODEL, why); }
+
+// Contents the template renders around; control characters no message text has.
+const std::string SENTINEL_USER = "\x1e" "FML_TOOLS_U" "\x1e";
+const std::string SENTINEL_SYSTEM = "\x1e" "FML_TOOLS_S" "\x1e";
+std::string result_sentinel(size_t i) { return "\x1e" "FML_RESULT_" + std::to_string(i) + "\x1e"; }
+
+bool valid_name(const std::string & s) {
+    // OpenAI's rule for function names; it also keeps a name out of the template's markup.
+    return !s.empty() && s.size() <= 64 &&
+           std::all_of(s.begin(), s.end(), [](char c) { return std::isalnum((unsigned char) c) || c == '_' || c == '-'; });
+}
+
+std::vector<common_chat_tool> parse_tools(const std::string & text) {
+    if (text.size() > MAX_TOOLS_BYTES) {
+        invalid("tools is " + std::to_string(text.size()) + " bytes of JSON; at most " + std::to_string(MAX_TOOLS_BYTES) + " are taken");
+    }
+    common_json list;
+    try {
+        list = common_json::parse(text);
+    } catch (const std::exception & e) {
+        invalid(std::string("tools is not JSON: ") + e.what());
+    }
+    if (!list.is_array() || list.size() == 0 || list.size() > MAX_TOOLS) {
+        invalid("tools must be an array of 1 to " + std::to_string(MAX_TOOLS) + " tools");
+    }
+    std::vector<common_chat_tool> out;
+    for (size_t i = 0; i < list.size(); ++i) {
+        const std::string at = "tools[" + std::to_string(i) + "]";
+        const common_json & tool = list.at(i);
+        if (!tool.is_object() || !tool.contains("type") || !tool.at("type").is_string() || tool.at("type").get<std::string>() != "function" ||
+            !tool.contains("function") || !tool.at("function").is_object()) {
+            invalid(at + " must be { type: 'function', function: { name, description?, parameters? } }");
+        }
+        const common_json & fn = tool.at("function");
+        if (!fn.contains("name") || !fn.at("name").is_string() || !valid_name(fn.at("name").get<std::string>())) {
+            invalid(at + ".function.name must be 1 to 64 letters, digits, '_' or '-'");
+        }
+        common_chat_tool t;
+        t.name = fn.at("name").get<std::string>();
+        for (const auto & seen : out) {
+            if (seen.name == t.name) invalid(at + ".function.name '" + t.name + "' names an earlier tool too");
+        }
+        if (fn.contains("description")) {
+            if (!fn.at("description").is_string()) invalid(at + ".function.description must be a string");
+            t.description = fn.at("description").get<std::string>();
+        }
+        t.parameters = "{\"type\":\"object\",\"properties\":{}}";
+        if (fn.contains("parameters") && !fn.at("parameters").is_null()) {
+            if (!fn.at("parameters").is_object()) invalid(at + ".function.parameters must be a JSON schema (an object)");
+            t.parameters = fn.at("parameters").dump();
+            // A call's arguments are held to this schema: the converter's limits are checked now,
+            // not at the turn that would force a call.
+            try {
+                (void) gbnf_of_json_schema(t.parameters);
+            } catch (const fml_error & e) {
+                invalid(at + ".function.parameters: " + e.what());
+            }
+        }
+        out.push_back(std::move(t));
+    }
+    return out;
+}
+
+common_chat_msg message(const std::string & role, const std::string & content) {
+    common_chat_msg m;
+    m.role = role;
+    m.content = content;
+    return m;
+}
+
+// The line of GBNF rule `name`: [begin, end) in `grammar` (npos when it has none).
+std::pair<size_t, size_t> rule_line(const std::string & grammar, const std::string & name) {
+    const std::string head = name + " ::= ";
+    const size_t at = grammar.compare(0, head.size(), head) == 0 ? 0 : grammar.find("\n" + head);
+    if (at == std::string::npos) {
+        return { std::string::npos, std::string::npos };
+    }
+    const size_t begin = at == 0 ? 0 : at + 1;
+    return { begin, std::min(grammar.find('\n', begin), grammar.size()) };
+}
+
+std::string rewrite_rule(const std::string & grammar, const std::string & name, const std::regex & what, const std::string & with) {
+    const auto [begin, end] = rule_line(grammar, name);
+    if (begin == std::string::npos) {
+        return grammar;
+    }
+    return grammar.substr(0, begin) + std::regex_replace(grammar.substr(begin, end - begin), what, with) + grammar.substr(end);
+}
+
+// llama.cpp's grammar for a required call (this version's: test/model/tool-calls.test.ts checks both
+// rewrites) lets words come first, up to the call's marker (root ::= "<prompt>" space until-N?
+// tool-calls): held here, the answer starts with the call, since a weak model's words could run to
+// maxNewTokens and call nothing, which 'required' rules out. And where each call has its own markers it
+// takes one or more of them even when parallel calls are off (tool-calls ::= (tool-call space)+).
+std::string hold_required_call(const std::string & grammar, bool parallel) {
+    static const std::regex words(R"( until-[0-9]+\?(?= ))");
+    static const std::regex several(R"(\(tool-call space\)\+)");
+    const std::string held = rewrite_rule(grammar, "root", words, "");
+    return parallel ? held : rewrite_rule(held, "tool-calls", several, "tool-call space");
+}
+
+} // namespace
+
+std::string tool_call_id() {
+    static const char ALNUM[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    thread_local std::mt19937_64 rng{ std::random_device{}() };
+    std::string id = "call_";
+    for (int i = 0; i < 24; ++i) id += ALNUM[rng() % (sizeof(ALNUM) - 1)];
+    return id;
+}
+
+struct tool_set::impl {
+    const fml_model * model = nullptr;
+    common_chat_templates_ptr templates;
+    std::vector<common_chat_tool> tools;
+    std::string system_prompt;   // the chat's: every rendering starts as the chat did
+    std::map<std::string, tool_turn> turns;   // by choice, parallel, thinking: set up once
+
+    common_chat_templates_inputs inputs(std::vector<common_chat_msg> messages, bool add_generation_prompt) const {
+        common_chat_templates_inputs in;
+        in.messages = std::move(messages);
+        in.tools = tools;
+        in.add_generation_prompt = add_generation_prompt;
+        in.use_jinja = true;
+        return in;
+    }
+    std::vector<common_chat_msg> opening(const std::string & user) const {
+        std::vector<common_chat_msg> out;
+        if (!system_prompt.empty()) out.push_back(message("system", system_prompt));
+        out.push_back(message("user", user));
+        return out;
+    }
+    std::string render(const common_chat_templates_inputs & in) const {
+        try {
+            return common_chat_templates_apply(templates.get(), in).prompt;
+        } catch (const std::exception & e) {
+            template_failed(std::string("the chat template could not render tools: ") + e.what());
+        }
+    }
+};
+
+struct tool_turn::impl {
+    common_chat_parser_params params;
+    std::string before_reasoning;   // the generation prompt up to the think block's opening
+    std::string think_open, think_close;
+};
+
+tool_set::tool_set(const fml_model & model, const std::string & tools_json, const std::string & system_prompt) : p_(std::make_unique<impl>()) {
+    p_->model = &model;
+    p_->system_prompt = system_prompt;
+    p_->tools = parse_tools(tools_json);
+    // The tools are rendered into the prompt's markup and tokenized with it: the text of a control
+    // token in them would be that token (a forged end of turn), so it is refused.
+    check_plain(tools_json, "tools");
+    try {
+        p_->templates = common_chat_templates_init(model.raw(), "");
+    } catch (const std::exception & e) {
+        template_failed(std::string("the model's chat template could not be read for tools: ") + e.what());
+    }
+    if (!p_->templates || !common_chat_templates_was_explicit(p_->templates.get())) {
+        unsupported("tools need the model's own chat template (tokenizer.chat_template), and this model has none");
+    }
+}
+
+tool_set::~tool_set() = default;
+
+bool tool_set::has_tool(const std::string & name) const {
+    return std::any_of(p_->tools.begin(), p_->tools.end(), [&](const common_chat_tool & t) { return t.name == name; });
+}
+
+std::vector<std::string> tool_set::system_frames(const std::string & user_prefix) const {
+    // Rendered with a sentinel for the system prompt, which the chat tokenizes as plain text.
+    const bool has_system = !p_->system_prompt.empty();
+    std::vector<common_chat_msg> messages;
+    if (has_system) messages.push_back(message("system", SENTINEL_SYSTEM));
+    messages.push_back(message("user", SENTINEL_USER));
+    const std::string with = p_->render(p_->inputs(messages, true));
+    common_chat_templates_inputs plain = p_->inputs(messages, true);
+    plain.tools.clear();
+    if (p_->render(plain) == with) {
+        unsupported("the model's chat template does not render tools");
+    }
+    const size_t at = with.find(SENTINEL_USER);
+    if (at == std::string::npos || at < user_prefix.size() || with.compare(at - user_prefix.size(), user_prefix.size(), user_prefix) != 0) {
+        unsupported("the model's chat template puts the tools with the user's message, where a chat cannot keep them pinned");
+    }
+    std::string before = with.substr(0, at - user_prefix.size());
+    // The BOS token is the chat's own first token, not text.
+    const int32_t bos = p_->model->bos();
+    if (bos >= 0) {
+        const std::string bos_text = p_->model->token_piece(bos, true);
+        if (!bos_text.empty() && before.compare(0, bos_text.size(), bos_text) == 0) {
+            before.erase(0, bos_text.size());
+        }
+    }
+    if (!has_system) {
+        return { before };
+    }
+    const size_t s = before.find(SENTINEL_SYSTEM);
+    if (s == std::string::npos) {
+        template_failed("the model's chat template does not render the system prompt before the tools' user turn");
+    }
+    return { before.substr(0, s), before.substr(s + SENTINEL_SYSTEM.size()) };
+}
+
+void tool_set::check_plain(const std::string & text, const std::string & what) const {
+    for (const std::string & piece : p_->model->control_texts()) {
+        if (text.find(piece) != std::string::npos) {
+            invalid(what + " holds the text of the model's control token " + piece + ", which would be that token in the prompt");
+        }
+    }
+}
+
+std::string tool_set::reply_text(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing) const {
+    const std::string before = p_->render(p_->inputs(p_->opening("u"), true));
+    std::vector<common_chat_msg> all = p_->opening("u");
+    common_chat_msg reply = message("assistant", content);
+    for (const auto & c : calls) {
+        reply.tool_calls.push_back({ c.name, c.arguments, c.id });
+    }
+    all.push_back(reply);
+    const std::string after = p_->render(p_->inputs(all, false));
+    // From where the two part: a generation prompt the finished reply does not have (an opening
+    // <think>) is not the reply's.
+    const size_t common = (size_t) (std::mismatch(before.begin(), before.begin() + (long) std::min(before.size(), after.size()), after.begin()).first - before.begin());
+    std::string text = after.substr(common);
+    if (!closing.empty() && text.size() >= closing.size() && text.compare(text.size() - closing.size(), closing.size(), closing) == 0) {
+        text.resize(text.size() - closing.size());
+    }
+    return text;
+}
+
+std::vector<std::string> tool_set::result_frames(const std::vector<tool_call> & calls, const std::vector<tool_result> & results) const {
+    std::vector<common_chat_msg> past = p_->opening("u");
+    common_chat_msg reply = message("assistant", "");
+    for (const auto & c : calls) {
+        reply.tool_calls.push_back({ c.name, c.arguments, c.id });
+    }
+    past.push_back(reply);
+    const std::string before = p_->render(p_->inputs(past, false));
+    std::vector<common_chat_msg> all = past;
+    for (size_t i = 0; i < results.size(); ++i) {
+        common_chat_msg m = message("tool", result_sentinel(i));
+        m.tool_name = results[i].name;
+        m.tool_call_id = results[i].call_id;
+        all.push_back(m);
+    }
+    const std::string after = p_->render(p_->inputs(all, true));
+    if (after.compare(0, before.size(), before) != 0) {
+        template_failed("the model's chat template renders a reply's tool calls differently once their results follow");
+    }
+    std::string rest = after.substr(before.size());
+    std::vector<std::string> frames;
+    for (size_t i = 0; i < results.size(); ++i) {
+        const std::string s = result_sentinel(i);
+        const size_t at = rest.find(s);
+        if (at == std::string::npos) {
+            template_failed("the model's chat template drops tool results");
+        }
+        frames.push_back(rest.substr(0, at));
+        rest.erase(0, at + s.size());
+    }
+    frames.push_back(rest);
+    return frames;
+}
+
+tool_turn tool_set::turn(const std::string & choice, bool parallel, bool thinking) const {
+    const std::string key = choice + (parallel ? "|p" : "|1") + (thinking ? "|t" : "|n");
+    if (auto it = p_->turns.find(key); it != p_->turns.end()) {
+        return it->second;
+    }
+    common_chat_templates_inputs in = p_->inputs(p_->opening("u"), true);
+    in.parallel_tool_calls = parallel;
+    in.enable_thinking = thinking;
+    if (choice == "auto") {
+        in.tool_choice = COMMON_CHAT_TOOL_CHOICE_AUTO;
+    } else if (choice == "none") {
+        in.tool_choice = COMMON_CHAT_TOOL_CHOICE_NONE;
+    } else if (choice == "required") {
+        in.tool_choice = COMMON_CHAT_TOOL_CHOICE_REQUIRED;
+    } else {
+        // A named tool: the call is required, and only that tool can be it (the prompt lists them all).
+        in.tool_choice = COMMON_CHAT_TOOL_CHOICE_REQUIRED;
+        in.tools.erase(std::remove_if(in.tools.begin(), in.tools.end(), [&](const common_chat_tool & t) { return t.name != choice; }), in.tools.end());
+        if (in.tools.empty()) invalid("toolChoice '" + choice + "' names no tool of this chat");
+    }
+    // Set up twice: the parser reads a reply's reasoning too (the chat gives it back in its markers),
+    // while the grammar holds the answer alone, which starts after the reasoning.
+    common_chat_params parsing, holding;
+    try {
+        in.reasoning_format = COMMON_REASONING_FORMAT_DEEPSEEK;
+        parsing = common_chat_templates_apply(p_->templates.get(), in);
+        in.reasoning_format = COMMON_REASONING_FORMAT_NONE;
+        holding = common_chat_templates_apply(p_->templates.get(), in);
+    } catch (const std::exception & e) {
+        template_failed(std::string("the chat template could not set up tool calls: ") + e.what());
+    }
+    tool_turn t;
+    auto impl = std::make_shared<tool_turn::impl>();
+    impl->params = common_chat_parser_params(parsing);
+    impl->params.reasoning_format = COMMON_REASONING_FORMAT_DEEPSEEK;
+    impl->params.parse_tool_calls = in.tool_choice != COMMON_CHAT_TOOL_CHOICE_NONE;
+    if (!parsing.parser.empty()) {
+        impl->params.parser.load(parsing.parser);
+    }
+    // The parser reads the generation prompt (up to a think block), then the reply as the model wrote
+    // it: the chat keeps the reasoning apart, and gives it back inside the model's think markers.
+    const reasoning_markers & rm = p_->model->reasoning();
+    if (rm.think()) {
+        impl->think_open = p_->model->token_piece(rm.think_open, true);
+        impl->think_close = p_->model->token_piece(rm.think_close, true);
+    }
+    auto before_reasoning = [&](const std::string & gp) {
+        const size_t open = impl->think_open.empty() ? std::string::npos : gp.find(impl->think_open);
+        return open == std::string::npos ? gp : gp.substr(0, open);
+    };
+    impl->before_reasoning = before_reasoning(parsing.generation_prompt);
+    impl->params.generation_prompt.clear();
+    t.p = impl;
+    // Only a required call holds the answer: with 'auto' the model may answer in words, and a lazy
+    // grammar (held from a call's first marker on) is llama.cpp's sampler's own, not a held reply's.
+    // The grammar starts with the generation prompt (as llama.cpp's sampler prefills it): the chat
+    // feeds it that text before the answer.
+    if (!holding.grammar_lazy && in.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED) {
+        t.grammar = hold_required_call(holding.grammar, parallel);
+        t.grammar_prefill = before_reasoning(holding.generation_prompt);
+    }
+    t.stops = parsing.additional_stops;
+    p_->turns.emplace(key, t);
+    return t;
+}
+
+tool_reply tool_turn::parse(const std::string & reasoning, const std::string & answer, bool partial) const {
+    std::string text = p->before_reasoning;
+    if (!p->think_open.empty()) {
+        text += p->think_open + "\n" + reasoning + "\n" + p->think_close + "\n\n";
+    }
+    text += answer;
+    tool_reply out;
+    common_chat_msg msg;
+    try {
+        msg = common_chat_parse(text, partial, p->params);
+    } catch (const std::exception &) {
+        // What the format cannot read is an answer in words (while it is written: nothing yet).
+        out.content = partial ? std::string() : answer;
+        return out;
+    }
+    // The text around the calls as a message's content: without the blank lines between a think
+    // block or a call and it (while the reply is written, its end may yet grow).
+    out.content = msg.content;
+    out.content.erase(0, std::min(out.content.find_first_not_of(" \t\r\n"), out.content.size()));
+    if (!partial) {
+        out.content.erase(out.content.find_last_not_of(" \t\r\n") + 1);
+    }
+    for (const auto & c : msg.tool_calls) {
+        out.calls.push_back({ c.id, c.name, c.arguments });
+    }
+    return out;
+}
+
+} // namespace fml

@@ -1,0 +1,87 @@
+// Tool calling through the model's own chat template, as llama-server does it with --jinja: llama.cpp's
+// common/chat.cpp renders the tools where the template puts them, says how a call is written (the
+// grammar that forces one) and parses the calls back out of a reply. A chat frames messages one at a
+// time, so the template is rendered around sentinels once, and each message takes its frame: the
+// tools with the system prompt (pinned), and a turn of tool results after a reply's calls.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace fml {
+
+class fml_model;
+
+struct tool_call {
+    std::string id;
+    std::string name;
+    std::string arguments;   // JSON text, as the model wrote it
+};
+
+struct tool_result {
+    std::string call_id;
+    std::string name;
+    std::string content;
+};
+
+// A reply read by the template's format: the answer's text without its calls, and the calls.
+struct tool_reply {
+    std::string content;
+    std::vector<tool_call> calls;
+};
+
+// A fresh call id where the format has none ("call_" and 24 letters and digits, as OpenAI's look).
+std::string tool_call_id();
+
+constexpr size_t MAX_TOOLS_BYTES = 256 * 1024;
+constexpr size_t MAX_TOOLS = 128;
+
+// One turn's way with the tools: the grammar that holds the answer to calls ('' when it is free) and
+// the parser of what the reply says.
+class tool_turn {
+public:
+    std::string grammar;
+    std::string grammar_prefill;      // the text the grammar reads before the answer (the generation prompt's)
+    std::vector<std::string> stops;   // what the format ends a reply with, beyond end-of-generation tokens
+    // `reasoning`: the reply's reasoning ('' when none); the parser reads the reply as the model
+    // wrote it after the template's generation prompt. `partial`: the reply is still being written.
+    tool_reply parse(const std::string & reasoning, const std::string & answer, bool partial) const;
+    struct impl;
+    std::shared_ptr<const impl> p;
+};
+
+class tool_set {
+public:
+    // `tools_json`: OpenAI's tool list, [{ "type": "function", "function": { name, description?,
+    // parameters? } }]; `system_prompt`: the chat's. Throws fml_error(INVALID_OPTION) for a list that is not one, and
+    // fml_error(TEMPLATE) for a model whose template cannot render tools.
+    tool_set(const fml_model & model, const std::string & tools_json, const std::string & system_prompt);
+    ~tool_set();
+    tool_set(const tool_set &) = delete;
+    tool_set & operator=(const tool_set &) = delete;
+
+    // What the template renders before the first user message's opening `user_prefix`, the system
+    // prompt and the tools (no BOS token's text): one piece, or two around the system prompt (which the
+    // chat tokenizes as plain text). Throws fml_error(TEMPLATE) when the template puts the tools
+    // elsewhere (in the last user message: a chat could not keep them pinned).
+    std::vector<std::string> system_frames(const std::string & user_prefix) const;
+    // The text of a turn of tool results after a reply that made `calls`, cut around each result's
+    // content (results.size() + 1 pieces; the contents are the caller's, tokenized as plain text).
+    std::vector<std::string> result_frames(const std::vector<tool_call> & calls, const std::vector<tool_result> & results) const;
+    // A reply with calls as the template renders it after the generation prompt, without its end of
+    // turn `closing` (the chat carries that into the next turn): what an imported conversation prefills.
+    std::string reply_text(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing) const;
+    // Throws fml_error(INVALID_OPTION) when `text`, rendered into the template's markup, would hold a
+    // control token (its text); `what` names it.
+    void check_plain(const std::string & text, const std::string & what) const;
+    // `choice`: "auto", "none", "required", or a tool's name (that tool is called).
+    tool_turn turn(const std::string & choice, bool parallel, bool thinking) const;
+    bool has_tool(const std::string & name) const;
+
+private:
+    struct impl;
+    std::unique_ptr<impl> p_;
+};
+
+} // namespace fml

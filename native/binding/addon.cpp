@@ -95,7 +95,7 @@ Napi::Value js_checkpoint_transcript(const Napi::CallbackInfo & info) {
     return Napi::String::New(info.Env(), any_checkpoint_arg(info, "checkpointTranscript").transcript);
 }
 
-// checkpointSettings(bytes) -> { systemPrompt, policy, maxTokens } the chat was created with, read as
+// checkpointSettings(bytes) -> { systemPrompt, policy, maxTokens, tools } the chat was created with, read as
 // checkpointTranscript reads its transcript: what a session rebuilt on another model keeps.
 Napi::Value js_checkpoint_settings(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
@@ -104,6 +104,7 @@ Napi::Value js_checkpoint_settings(const Napi::CallbackInfo & info) {
     o.Set("systemPrompt", s.options.system_prompt);
     o.Set("policy", s.options.policy.name);
     o.Set("maxTokens", (double) s.options.policy.max_tokens);
+    o.Set("tools", s.options.tools);
     return o;
 }
 

@@ -111,6 +111,8 @@ export interface NativeChat {
   send(message: string, options: NativeRawOptions, onPiece?: (piece: string, reasoning: boolean) => void, pin?: boolean): Promise<NativeTurnResult>;
   /** A turn of tool results ([callId, name, content] each) after a reply's calls: a chat with tools. */
   sendToolResults(results: [string, string, string][], options: NativeRawOptions, onPiece?: (piece: string, reasoning: boolean) => void, pin?: boolean): Promise<NativeTurnResult>;
+  /** Prefills a finished exchange with tools: `user` or `results` ([callId, name, content]), then the reply and its calls ([id, name, arguments]); resolves with the prompt tokens. */
+  ingestToolExchange(user: string, results: [string, string, string][], reply: string, calls: [string, string, string][]): Promise<number>;
   /** The running (or last) turn's reply read in the tools' format; `partial` while it is written. */
   parseToolReply(reasoning: string, answer: string, partial: boolean): { content: string; toolCalls: ToolCall[] };
   abort(): void;
@@ -205,7 +207,7 @@ export interface NativeBinding {
   /** The transcript (JSON; '' when none) a checkpoint of any model carries, after its integrity checks. */
   checkpointTranscript(bytes: Uint8Array): string;
   /** What the chat of a checkpoint (of any model) was created with. */
-  checkpointSettings(bytes: Uint8Array): { systemPrompt: string; policy: string; maxTokens: number };
+  checkpointSettings(bytes: Uint8Array): { systemPrompt: string; policy: string; maxTokens: number; tools: string };
   gpuDeviceCount(): number;
   systemInfo(): string;
   llamaCppVersion: string;

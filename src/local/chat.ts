@@ -4,7 +4,7 @@ import { checkInt, checkKnownKeys, checkMessage, checkObject, checkPath, fail } 
 import { splitSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
 import { TelemetryEmitter, type EvictionEvent, type Telemetry, type TurnEvent } from '../shared/telemetry.js';
 import { streamFromSend, TranscriptLog, type ChatSurface } from '../shared/chat-surface.js';
-import type { ChatStats, MemoryEntry, ToolResult, Transcript, TurnResult } from '../shared/types.js';
+import type { ChatStats, MemoryEntry, ToolCall, ToolResult, Transcript, TurnResult } from '../shared/types.js';
 
 let nextChatId = 1;
 
@@ -230,6 +230,26 @@ export class Chat implements ChatSurface {
     try {
       await this.#exclusive('import', () => this.#native.ingestExchange(user, assistant));
       this.#transcript.add(user, assistant);
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /**
+   * @internal Prefills a finished exchange of a conversation with tools (the server's import of a
+   * request's history): its input (`user`, or `results` when there are any) and its reply (text and
+   * calls), as the model's template renders them.
+   */
+  async _ingestTools(user: string, results: readonly ToolResult[], reply: string, calls: readonly ToolCall[], signal?: AbortSignal): Promise<void> {
+    this.#check();
+    if (signal?.aborted) throw new AbortedError('the transcript import was aborted');
+    const onAbort = () => this.#native.abort();
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      const triples = results.map((r): [string, string, string] => [r.toolCallId ?? '', r.name ?? '', r.content]);
+      await this.#exclusive('import', () => this.#native.ingestToolExchange(user, triples, reply, calls.map((c): [string, string, string] => [c.id, c.name, c.arguments])));
+      // The transcript holds plain messages: a turn of results is none.
+      if (results.length === 0) this.#transcript.add(user, reply);
     } finally {
       signal?.removeEventListener('abort', onAbort);
     }

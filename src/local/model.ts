@@ -257,7 +257,7 @@ export function readCheckpointMessages(bytes: Uint8Array): Transcript['messages'
  * The system prompt, policy and budget a checkpoint's chat (of any model) was created with, after the
  * same integrity checks as readCheckpointMessages: a conversation rebuilt on another model keeps them.
  */
-export function readCheckpointSettings(bytes: Uint8Array): { systemPrompt: string; policy: PolicyName; maxTokens: number } {
+export function readCheckpointSettings(bytes: Uint8Array): { systemPrompt: string; policy: PolicyName; maxTokens: number; tools: string | undefined } {
   const s = readAnyCheckpoint(bytes, (b) => getBinding().checkpointSettings(b));
-  return { systemPrompt: s.systemPrompt, policy: s.policy as PolicyName, maxTokens: s.maxTokens };
+  return { systemPrompt: s.systemPrompt, policy: s.policy as PolicyName, maxTokens: s.maxTokens, tools: s.tools === '' ? undefined : s.tools };
 }

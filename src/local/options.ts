@@ -272,7 +272,7 @@ export function resolveChatOptions(raw: unknown, defaultThreads: number): Resolv
 /** A tool as OpenAI lists it. */
 export interface ToolDefinition {
   type: 'function';
-  function: { name: string; description?: string; parameters?: object };
+  function: { name: string; description?: string; parameters?: Record<string, unknown> };
 }
 
 export type ToolChoice = 'auto' | 'none' | 'required' | { name: string } | { type: 'function'; function: { name: string } };

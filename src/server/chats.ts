@@ -5,15 +5,14 @@
  */
 import type { Chat } from '../local/chat.js';
 import { readCheckpointMessages, readCheckpointSettings, type Model } from '../local/model.js';
-import type { ChatOptions } from '../local/options.js';
+import type { ChatOptions, ToolDefinition } from '../local/options.js';
 import { AbortedError, CheckpointError, InvalidOptionError } from '../shared/errors.js';
-import { exchangesOf } from '../shared/chat-surface.js';
 import type { PrometheusTelemetry } from '../shared/prometheus.js';
 import type { Telemetry } from '../shared/telemetry.js';
-import type { PolicyName, Transcript } from '../shared/types.js';
+import type { PolicyName, ToolCall, ToolResult, Transcript } from '../shared/types.js';
 import { SESSION_EVICTIONS_KEPT, type SessionEviction } from './sessions.js';
 import type { StoredSession } from './store/backend.js';
-import { badRequest, type ParsedCompletion } from './wire.js';
+import { badRequest, type Message, type ParsedCompletion } from './wire.js';
 
 /** Where a restored session came from: its full checkpoint, its ledger (re-prefilled), or another model's transcript. */
 export type RestoredFrom = 'full' | 'ledger' | 'transcript';
@@ -52,13 +51,14 @@ export class ChatSource {
   /**
    * What importing `messages` prefills, at least: their text and the template's tokens around each
    * exchange (exchangesOf: what importTranscript prefills), which an empty message has too: counting
-   * text only let 30,000 empty messages through.
+   * text only let 30,000 empty messages through. A tool's results and calls count as text too.
    */
-  #tokens(messages: Transcript['messages']): number {
+  #tokens(messages: readonly Message[]): number {
     this.#framing ??= this.#exchangeFraming();
     let n = 0;
-    for (const { user, assistant } of exchangesOf(messages)) {
-      n += this.model.tokenize(user).length + this.model.tokenize(assistant).length + this.#framing;
+    for (const { user, results, reply, calls } of toolExchangesOf(messages)) {
+      const texts = [user, reply, ...results.map((r) => r.content), ...calls.map((c) => c.name + c.arguments)];
+      n += texts.reduce((sum, t) => sum + this.model.tokenize(t).length, 0) + this.#framing * (1 + results.length + calls.length);
       if (n > this.maxHistoryTokens) break;
     }
     return n;
@@ -81,12 +81,24 @@ export class ChatSource {
   async build(parsed: ParsedCompletion, signal: AbortSignal, evictions?: SessionEviction[], own?: { policy?: PolicyName; maxTokens?: number }): Promise<Chat> {
     const systemPrompt = parsed.system ?? this.chatOptions.systemPrompt ?? '';
     const history = parsed.history;
-    const opts: ChatOptions = { ...this.chatOptions, ...(own?.policy ? { policy: own.policy } : {}), ...(own?.maxTokens ? { maxTokens: own.maxTokens } : {}), systemPrompt, telemetry: this.telemetryFor(evictions) };
+    const opts: ChatOptions = {
+      ...this.chatOptions, ...(own?.policy ? { policy: own.policy } : {}), ...(own?.maxTokens ? { maxTokens: own.maxTokens } : {}), systemPrompt,
+      ...(parsed.tools ? { tools: parsed.tools as ToolDefinition[] } : {}), telemetry: this.telemetryFor(evictions),
+    };
     if (history.length === 0) return this.model.createChat(opts);
     if (this.#tokens(history) > this.maxHistoryTokens) {
       throw badRequest(`The earlier messages hold more than ${this.maxHistoryTokens} tokens, the most a new session or one-off request may bring (send only the new message with a session id, or fewer messages)`, 'messages', 'history_too_large');
     }
-    return this.model.importTranscript(this.#transcript(systemPrompt, history), { ...opts, signal });
+    if (opts.tools === undefined) return this.model.importTranscript(this.#transcript(systemPrompt, history as Transcript['messages']), { ...opts, signal });
+    // With tools, each exchange is prefilled as the template renders it, calls and results included.
+    const chat = this.model.createChat(opts);
+    try {
+      for (const e of toolExchangesOf(history)) await chat._ingestTools(e.user, e.results, e.reply, e.calls, signal);
+      return chat;
+    } catch (err) {
+      chat.dispose();
+      throw err;
+    }
   }
 
   /**
@@ -113,9 +125,9 @@ export class ChatSource {
       if (this.#tokens(messages) > this.maxHistoryTokens) return undefined;
       // The session keeps what it was created with (its system prompt is fixed then, and it may have
       // chosen its own policy and budget); a budget the new model cannot hold falls back to the server's.
-      const { systemPrompt, policy, maxTokens } = readCheckpointSettings(stored.ledger);
+      const { systemPrompt, policy, maxTokens, tools } = readCheckpointSettings(stored.ledger);
       const transcript = this.#transcript(systemPrompt, messages);
-      const opts = { ...this.chatOptions, systemPrompt, telemetry, signal };
+      const opts = { ...this.chatOptions, systemPrompt, ...(tools !== undefined ? { tools } : {}), telemetry, signal };
       const chat = await this.model.importTranscript(transcript, { ...opts, policy, maxTokens }).catch((err: unknown) => {
         if (!(err instanceof InvalidOptionError)) throw err;
         return this.model.importTranscript(transcript, opts);
@@ -127,4 +139,31 @@ export class ChatSource {
       return undefined;
     }
   }
+}
+
+/**
+ * A conversation's exchanges as an import prefills them: an input (user messages in a row, joined as
+ * exchangesOf joins them; or a run of tool results) and the reply after it (its text and calls).
+ */
+export function toolExchangesOf(messages: readonly Message[]): { user: string; results: ToolResult[]; reply: string; calls: ToolCall[] }[] {
+  const out: { user: string; results: ToolResult[]; reply: string; calls: ToolCall[]; replied: boolean }[] = [];
+  for (const m of messages) {
+    const last = out.at(-1);
+    if (m.role === 'assistant') {
+      if (last && !last.replied) Object.assign(last, { reply: m.content, calls: [...(m.toolCalls ?? [])], replied: true });
+      else if (last) {
+        last.reply += `\n\n${m.content}`;
+        last.calls.push(...(m.toolCalls ?? []));
+      } else out.push({ user: '', results: [], reply: m.content, calls: [...(m.toolCalls ?? [])], replied: true });
+    } else if (m.role === 'tool') {
+      const result = { toolCallId: m.toolCallId ?? '', name: m.name ?? '', content: m.content };
+      if (last && !last.replied && last.results.length > 0) last.results.push(result);
+      else out.push({ user: '', results: [result], reply: '', calls: [], replied: false });
+    } else if (last && !last.replied && last.results.length === 0) {
+      last.user += `\n\n${m.content}`;
+    } else {
+      out.push({ user: m.content, results: [], reply: '', calls: [], replied: false });
+    }
+  }
+  return out.map(({ user, results, reply, calls }) => ({ user, results, reply, calls }));
 }

@@ -18,7 +18,7 @@ import type { ServerMetrics } from './metrics.js';
 import type { ResolvedServerOptions } from './options.js';
 import type { Session, SessionStore, TurnLease } from './sessions.js';
 import { EventStream } from './sse.js';
-import { badRequest, checkInMemory, finishReason, HttpError, overloaded, parseCompletion, responseGrammar, toHttpError, type ParsedCompletion } from './wire.js';
+import { badRequest, checkInMemory, finishReason, HttpError, openAiToolCalls, overloaded, parseCompletion, responseGrammar, toHttpError, type ParsedCompletion } from './wire.js';
 
 export const SHUTDOWN_ERROR = { message: 'The server is shutting down', type: 'server_error', param: null, code: 'server_shutting_down' } as const;
 
@@ -103,6 +103,10 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     if (turnChat.sessionReset) sessionHeaders['x-session-reset'] = turnChat.sessionReset;
     const stream = new EventStream(reply, base, () => ({ connection: ctx.shuttingDown() ? 'close' : 'keep-alive', ...sessionHeaders }));
 
+    // A session's tools are in its pinned prompt since it was made: a request with others is refused.
+    if (!turnChat.created && chat.options.tools !== (parsed.tools ? JSON.stringify(parsed.tools) : undefined)) {
+      throw badRequest("'tools' differ from this session's (they are fixed when it is created: start another session id to change them)", 'tools', 'tools_changed');
+    }
     // Unpin and forget before the turn, so the room they free is there for it; checked before either
     // changes anything (a turn no longer in memory is a 400 that leaves the memory as it was).
     checkInMemory(chat, parsed.memory.unpin, 'finite_memory.unpin', true);
@@ -114,7 +118,8 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     let persisted: boolean | null = null;
     let storeMs: number | null = null;
     try {
-      result = await chat.send(turnChat.created ? parsed.firstTurn : parsed.last, {
+      const message = parsed.toolResults ? { toolResults: parsed.toolResults } : turnChat.created ? parsed.firstTurn : parsed.last;
+      result = await chat.send(message, {
         ...parsed.send,
         pin: parsed.memory.pin,
         signal: ac.signal,
@@ -126,7 +131,7 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
       });
       if (session && (result.stats.promptTokens > 0 || memoryChanged)) {
         // Reconciliation: a longer array means the client resends the whole conversation.
-        if (result.stats.promptTokens > 0) session.messagesSeen = Math.max(parsed.conversation.length, session.messagesSeen + 1) + 1;
+        if (result.stats.promptTokens > 0) session.messagesSeen = Math.max(parsed.conversation.length, session.messagesSeen + (parsed.toolResults?.length ?? 1)) + 1;
         // Write-through: the store holds this turn (or, aborted in its prefill, its unpins and forgets)
         // before its response completes.
         const t0 = performance.now();
@@ -163,7 +168,9 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     }
     if (parsed.stream) {
       stream.start();
-      stream.chunk({}, finishReason(result.stopReason), { finite_memory });
+      // The calls go out whole once the reply is read (a delta per call, as OpenAI's streams end them).
+      if (result.toolCalls.length > 0) stream.chunk({ tool_calls: openAiToolCalls(result.toolCalls) }, null);
+      stream.chunk({}, finishReason(result.stopReason, result.toolCalls.length), { finite_memory });
       // Cut short by the shutdown deadline (not by its client): the stream says so before it ends.
       if (result.stopReason === 'abort' && ctx.shuttingDown()) stream.write({ error: SHUTDOWN_ERROR });
       if (parsed.includeUsage) stream.write({ ...base, object: 'chat.completion.chunk', choices: [], usage });
@@ -184,9 +191,16 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
       object: 'chat.completion',
       choices: [{
         index: 0,
-        message: { role: 'assistant', content: result.response, ...(result.reasoning ? { reasoning_content: result.reasoning } : {}), refusal: null },
+        message: {
+          role: 'assistant',
+          // A reply of calls alone has no content (null, as OpenAI's).
+          content: result.toolCalls.length > 0 && result.response === '' ? null : result.response,
+          ...(result.reasoning ? { reasoning_content: result.reasoning } : {}),
+          ...(result.toolCalls.length > 0 ? { tool_calls: openAiToolCalls(result.toolCalls).map(({ index: _, ...call }) => call) } : {}),
+          refusal: null,
+        },
         logprobs: null,
-        finish_reason: finishReason(result.stopReason),
+        finish_reason: finishReason(result.stopReason, result.toolCalls.length),
       }],
       usage,
       finite_memory,
@@ -233,7 +247,7 @@ export async function sessionChat(ctx: CompletionContext, session: Session, leas
     events.inc({ event: 'restore_failed' });
   }
   const chat = await ctx.chats.build(parsed, signal, session.evictions, own);
-  session.messagesSeen = parsed.conversation.length - 1;
+  session.messagesSeen = parsed.conversation.length - (parsed.toolResults?.length ?? 1);
   events.inc({ event: 'created' });
   session.chat = chat;
   return { chat, created: true, restoredFrom: undefined, sessionReset };

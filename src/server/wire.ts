@@ -7,8 +7,9 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Chat } from '../local/chat.js';
 import { jsonSchemaToGrammarAsync } from '../local/grammar.js';
 import { exchangesOf } from '../shared/chat-surface.js';
-import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError } from '../shared/errors.js';
-import { POLICIES, type PolicyName, type StopReason } from '../shared/types.js';
+import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError, UnsupportedModelError } from '../shared/errors.js';
+import { POLICIES, type PolicyName, type StopReason, type ToolCall, type ToolResult } from '../shared/types.js';
+import type { ToolChoice } from '../local/options.js';
 import { StoreUnavailableError } from './store/backend.js';
 
 /** One API error, rendered as `{ error: { message, type, param, code } }`. */
@@ -33,7 +34,8 @@ export const overloaded = (what: string) =>
 export const storeUnavailable = () =>
   new HttpError(503, 'server_error', 'session_store_unavailable', 'The session store is unreachable and this session is not in memory here; retry shortly', null, { 'retry-after': '1' });
 
-export type Message = { role: 'user' | 'assistant'; content: string };
+/** A conversation message: text, and (tools) an assistant's calls or a tool's result. */
+export type Message = { role: 'user' | 'assistant' | 'tool'; content: string; toolCalls?: ToolCall[]; toolCallId?: string; name?: string };
 
 export interface ParsedCompletion {
   system: string | undefined;
@@ -47,7 +49,14 @@ export interface ParsedCompletion {
    */
   history: Message[];
   firstTurn: string;
-  send: { maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[]; ignoreEos?: boolean; thinking?: boolean; grammar?: string };
+  /** The request ends with tool messages: their results are the turn (a session's or a new chat's), not `last`. */
+  toolResults: ToolResult[] | undefined;
+  /** `tools` (OpenAI's list; undefined when none): a new chat's, and a session's must stay the same. */
+  tools: object[] | undefined;
+  send: {
+    maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[]; ignoreEos?: boolean; thinking?: boolean; grammar?: string;
+    toolChoice?: ToolChoice; parallelToolCalls?: boolean;
+  };
   /** `response_format`'s schema: the grammar of `send` once responseGrammar converted it. */
   responseSchema: object | undefined;
   stream: boolean;
@@ -122,11 +131,17 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
     const param = `messages[${i}]`;
     if (!isObject(m)) throw badRequest(`Invalid '${param}': expected an object`, param);
     if (m.role === 'system' || m.role === 'developer') systems.push(contentText(m.content, `${param}.content`, false));
-    else if (m.role === 'user' || m.role === 'assistant') conversation.push({ role: m.role, content: contentText(m.content, `${param}.content`, m.role === 'assistant') });
-    else throw badRequest(`Invalid '${param}.role': ${JSON.stringify(m.role)} is not supported (system, developer, user, assistant)`, `${param}.role`);
+    else if (m.role === 'user') conversation.push({ role: m.role, content: contentText(m.content, `${param}.content`, false) });
+    else if (m.role === 'assistant') conversation.push({ role: m.role, content: contentText(m.content, `${param}.content`, true), ...toolCallsOf(m.tool_calls, `${param}.tool_calls`) });
+    else if (m.role === 'tool') conversation.push(toolMessageOf(m, param));
+    else throw badRequest(`Invalid '${param}.role': ${JSON.stringify(m.role)} is not supported (system, developer, user, assistant, tool)`, `${param}.role`);
   });
   const lastMessage = conversation.at(-1);
-  if (!lastMessage || lastMessage.role !== 'user') throw badRequest('The last message must be a user message', 'messages');
+  if (!lastMessage || lastMessage.role === 'assistant') throw badRequest('The last message must be a user message (or tool results)', 'messages');
+  const tools = toolsOf(body.tools);
+  if (conversation.some((m) => m.role === 'tool' || m.toolCalls !== undefined) && tools === undefined) {
+    throw badRequest("Tool calls and tool messages need the 'tools' they were made with", 'tools');
+  }
 
   const send: ParsedCompletion['send'] = { maxNewTokens: limits.defaultMaxTokens };
   let responseSchema: object | undefined;
@@ -175,7 +190,14 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
     responseSchema = jsonSchemaOf(body.response_format);
   }
   if (body.n !== undefined && body.n !== null && body.n !== 1) throw badRequest("Only 'n': 1 is supported", 'n');
-  if (Array.isArray(body.tools) && body.tools.length > 0) throw badRequest('Tools are not supported by this server', 'tools');
+  if (body.tool_choice !== undefined && body.tool_choice !== null) {
+    if (tools === undefined) throw badRequest("'tool_choice' needs 'tools'", 'tool_choice');
+    send.toolChoice = toolChoiceOf(body.tool_choice);
+  }
+  if (body.parallel_tool_calls !== undefined && body.parallel_tool_calls !== null) {
+    if (typeof body.parallel_tool_calls !== 'boolean') throw badRequest("'parallel_tool_calls' must be a boolean", 'parallel_tool_calls');
+    if (tools !== undefined) send.parallelToolCalls = body.parallel_tool_calls;
+  }
   if (body.stream !== undefined && body.stream !== null && typeof body.stream !== 'boolean') throw badRequest("'stream' must be a boolean", 'stream');
   const includeUsage = isObject(body.stream_options) && body.stream_options.include_usage === true;
 
@@ -196,6 +218,7 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
     conversation,
     last: lastMessage.content,
     ...firstTurnOf(conversation),
+    tools,
     send,
     responseSchema,
     stream: body.stream === true,
@@ -293,10 +316,66 @@ export function parseMemoryField(v: unknown, hasSession: boolean): ParsedComplet
   return out;
 }
 
-function firstTurnOf(conversation: Message[]): { history: Message[]; firstTurn: string } {
+function firstTurnOf(conversation: Message[]): { history: Message[]; firstTurn: string; toolResults: ToolResult[] | undefined } {
+  const role = conversation.at(-1)!.role;
   let start = conversation.length - 1;
-  while (start > 0 && conversation[start - 1]!.role === 'user') start--;
-  return { history: conversation.slice(0, start), firstTurn: exchangesOf(conversation.slice(start))[0]!.user };   // joined as an import joins them
+  while (start > 0 && conversation[start - 1]!.role === role) start--;
+  const turn = conversation.slice(start);
+  if (role === 'tool') {
+    return { history: conversation.slice(0, start), firstTurn: '', toolResults: turn.map((m) => ({ toolCallId: m.toolCallId ?? '', name: m.name ?? '', content: m.content })) };
+  }
+  // Joined as an import joins them.
+  return { history: conversation.slice(0, start), firstTurn: exchangesOf(turn.map(({ role: r, content }) => ({ role: r as 'user', content })))[0]!.user, toolResults: undefined };
+}
+
+/** `tools`: OpenAI's function tools (the chat checks each one); none or [] is no tools. */
+function toolsOf(v: unknown): object[] | undefined {
+  if (v === undefined || v === null) return undefined;
+  if (!Array.isArray(v)) throw badRequest("'tools' must be an array of tools", 'tools');
+  if (v.length === 0) return undefined;
+  if (v.length > 128) throw badRequest("'tools' holds at most 128 tools", 'tools');
+  v.forEach((t, i) => {
+    if (!isObject(t) || t.type !== 'function' || !isObject(t.function) || typeof t.function.name !== 'string') {
+      throw badRequest(`Invalid 'tools[${i}]': expected { type: 'function', function: { name, description?, parameters? } }`, `tools[${i}]`);
+    }
+  });
+  return v as object[];
+}
+
+function toolChoiceOf(v: unknown): ToolChoice {
+  if (v === 'auto' || v === 'none' || v === 'required') return v;
+  if (isObject(v) && v.type === 'function' && isObject(v.function) && typeof v.function.name === 'string') return { name: v.function.name };
+  throw badRequest("'tool_choice' must be 'auto', 'none', 'required' or { type: 'function', function: { name } }", 'tool_choice');
+}
+
+const idText = (v: unknown, param: string, max: number): string => {
+  if (typeof v !== 'string' || v.length > max) throw badRequest(`'${param}' must be a string of at most ${max} characters`, param);
+  return v;
+};
+
+/** An assistant message's `tool_calls` (what an earlier reply called), as the chat takes them. */
+function toolCallsOf(v: unknown, param: string): { toolCalls?: ToolCall[] } {
+  if (v === undefined || v === null) return {};
+  if (!Array.isArray(v) || v.length > 128) throw badRequest(`'${param}' must be an array of at most 128 tool calls`, param);
+  if (v.length === 0) return {};
+  return {
+    toolCalls: v.map((c: unknown, i: number) => {
+      const at = `${param}[${i}]`;
+      if (!isObject(c) || (c.type !== undefined && c.type !== 'function') || !isObject(c.function)) throw badRequest(`Invalid '${at}': expected { id, type: 'function', function: { name, arguments } }`, at);
+      const args = c.function.arguments ?? '{}';
+      return { id: idText(c.id ?? '', `${at}.id`, 256), name: idText(c.function.name, `${at}.function.name`, 64), arguments: typeof args === 'string' ? args : JSON.stringify(args) };
+    }),
+  };
+}
+
+/** A `tool` message: the result of the call `tool_call_id` names. */
+function toolMessageOf(m: Record<string, unknown>, param: string): Message {
+  return {
+    role: 'tool',
+    content: contentText(m.content, `${param}.content`, false),
+    toolCallId: idText(m.tool_call_id ?? '', `${param}.tool_call_id`, 256),
+    ...(m.name !== undefined && m.name !== null ? { name: idText(m.name, `${param}.name`, 64) } : {}),
+  };
 }
 
 /**
@@ -319,6 +398,8 @@ export function toHttpError(err: unknown): HttpError {
   if (err instanceof PromptTooLargeError) return badRequest(err.message, 'messages', 'context_length_exceeded');
   if (err instanceof PinLimitError) return badRequest(err.message, 'finite_memory.pin', 'pin_limit');
   if (err instanceof InvalidOptionError) return badRequest(err.message, null, 'invalid_value');
+  // What this model cannot do for the request (tools its chat template does not render).
+  if (err instanceof UnsupportedModelError) return badRequest(err.message, null, 'unsupported_by_model');
   // Server-side failures say what failed, never the details: those (file paths among them) go to the log.
   if (err instanceof CheckpointError) return new HttpError(500, 'server_error', 'session_store_failed', 'The session could not be stored or restored');
   if (err instanceof StoreUnavailableError) return storeUnavailable();
@@ -345,7 +426,12 @@ export function sendError(reply: FastifyReply, err: HttpError): FastifyReply {
   return reply.send({ error: { message: err.message, type: err.type, param: err.param, code: err.code } });
 }
 
-export const finishReason = (stop: StopReason): 'stop' | 'length' => (stop === 'maxTokens' ? 'length' : 'stop');
+/** A reply that called tools (and was not cut short) finishes with 'tool_calls', as OpenAI's do. */
+export const finishReason = (stop: StopReason, calls = 0): 'stop' | 'length' | 'tool_calls' => (stop === 'maxTokens' ? 'length' : calls > 0 ? 'tool_calls' : 'stop');
+
+/** A reply's calls as OpenAI writes them in a message (and a stream's delta, with `index`). */
+export const openAiToolCalls = (calls: readonly ToolCall[]) =>
+  calls.map((c, index) => ({ index, id: c.id, type: 'function' as const, function: { name: c.name, arguments: c.arguments } }));
 export const sha256 = (s: string | Buffer) => createHash('sha256').update(s).digest();
 
 /** A session's key in the store: a hash of its id (ids never reach a file name or a Redis key). */

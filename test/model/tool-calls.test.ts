@@ -5,8 +5,10 @@
  * (verbatim) and Qwen3's (abridged), whose calls are <tool_call> JSON.
  */
 import { join } from 'node:path';
+import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeModel } from '../../src/gguf/index.ts';
+import { createServer } from '../../src/server/index.ts';
 import { InvalidOptionError, loadModel, PromptTooLargeError, UnsupportedModelError, type ChatOptions, type Model, type ToolDefinition } from '../../src/index.ts';
 import { checkCache, testDir, testModelPath, THREADS } from '../helpers.ts';
 
@@ -244,5 +246,127 @@ describe('bad input: a typed error, the chat as it was', () => {
     expect(r.toolCalls).toHaveLength(1);
     plain.dispose();
     chat.dispose();
+  });
+});
+
+describe('the server: tools, tool_choice, tool messages (OpenAI wire format)', () => {
+  const weather = TOOLS.slice(0, 1);
+  const serve = async (model: Model, chat: ChatOptions) => {
+    const server = await createServer(model, { chat: { policy: 'sliding', maxTokens: 1024, ...chat } });
+    const url = await server.listen({ port: 0, host: '127.0.0.1' });
+    return { server, url, client: new OpenAI({ baseURL: `${url}/v1`, apiKey: 'unused', maxRetries: 0 }) };
+  };
+
+  it('answers calls as tool_calls (content null, finish_reason tool_calls), streamed as a tool_calls delta without the markup', async () => {
+    const { server, client } = await serve(qwen2, { testReply: `Checking.\n${CALL}` });
+    try {
+      const r = await client.chat.completions.create({ model: server.modelId, messages: [{ role: 'user', content: 'Weather in Paris?' }], tools: TOOLS, max_tokens: 200 });
+      const choice = r.choices[0]!;
+      expect(choice.finish_reason).toBe('tool_calls');
+      expect(choice.message.content).toBe('Checking.');
+      expect(choice.message.tool_calls).toHaveLength(1);
+      const call = choice.message.tool_calls![0]! as { id: string; type: string; function: { name: string; arguments: string } };
+      expect(call.type).toBe('function');
+      expect(call.function.name).toBe('get_weather');
+      expect(JSON.parse(call.function.arguments)).toEqual({ city: 'Paris', unit: 'C' });
+
+      const stream = await client.chat.completions.create({ model: server.modelId, messages: [{ role: 'user', content: 'Weather?' }], tools: TOOLS, max_tokens: 200, stream: true });
+      let content = '';
+      const calls: { index: number; id?: string; function?: { name?: string; arguments?: string } }[] = [];
+      let finish: string | null = null;
+      for await (const chunk of stream) {
+        const c = chunk.choices[0];
+        if (!c) continue;
+        content += c.delta.content ?? '';
+        calls.push(...((c.delta.tool_calls ?? []) as typeof calls));
+        finish = c.finish_reason ?? finish;
+      }
+      expect(content).toBe('Checking.');
+      expect(calls).toHaveLength(1);
+      expect(calls[0]!.index).toBe(0);
+      expect(calls[0]!.function?.name).toBe('get_weather');
+      expect(finish).toBe('tool_calls');
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('a session takes the tool results as its turn; a stateless client resending the whole loop gets it prefilled', async () => {
+    const { server, url, client } = await serve(qwen2, { testReply: CALL });
+    try {
+      const headers = { 'x-session-id': 'tools-1' };
+      const first = await client.chat.completions.create({ model: server.modelId, messages: [{ role: 'user', content: 'Weather in Paris?' }], tools: weather, max_tokens: 200 }, { headers });
+      const call = first.choices[0]!.message.tool_calls![0]!;
+      const loop: OpenAI.ChatCompletionMessageParam[] = [
+        { role: 'user', content: 'Weather in Paris?' },
+        { role: 'assistant', content: null, tool_calls: [call] },
+        { role: 'tool', tool_call_id: call.id, content: '{"temp": 21}' },
+      ];
+      const second = await client.chat.completions.create({ model: server.modelId, messages: loop, tools: weather, max_tokens: 200 }, { headers });
+      expect(second.choices[0]!.finish_reason).toBe('tool_calls');
+      const memory = (await (await fetch(`${url}/v1/sessions/tools-1/memory`)).json()) as { tokens: { text: string; turn: number }[] };
+      const text = memory.tokens.map((t) => t.text).join('');
+      expect(text).toContain('</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response><|im_end|>\n<|im_start|>assistant\n');
+      expect(Math.max(...memory.tokens.map((t) => t.turn))).toBe(2);
+
+      // No session: the call and its result are prefilled as the template renders them, then the turn.
+      const oneOff = await client.chat.completions.create({ model: server.modelId, messages: loop, tools: weather, max_tokens: 200 });
+      expect(oneOff.choices[0]!.finish_reason).toBe('tool_calls');
+      expect(oneOff.usage!.prompt_tokens).toBeGreaterThan(first.usage!.prompt_tokens + 20);
+
+      // The session's tools are fixed: others are a 400 that leaves it as it was.
+      const other = await fetch(`${url}/v1/chat/completions`, {
+        method: 'POST', headers: { 'content-type': 'application/json', ...headers },
+        body: JSON.stringify({ messages: [{ role: 'user', content: 'x' }], tools: TOOLS }),
+      });
+      expect(other.status).toBe(400);
+      expect(((await other.json()) as { error: { code: string } }).error.code).toBe('tools_changed');
+    } finally {
+      await server.close();
+    }
+  });
+
+  it("tool_choice 'required' through the server: a call of the tools whatever the model", async () => {
+    const { server, client } = await serve(qwen2, {});
+    try {
+      const r = await client.chat.completions.create({
+        model: server.modelId, messages: [{ role: 'user', content: 'Time?' }], tools: TOOLS, max_tokens: 96, seed: 5,
+        tool_choice: { type: 'function', function: { name: 'get_time' } }, parallel_tool_calls: false,
+      });
+      const calls = r.choices[0]!.message.tool_calls! as { function: { name: string; arguments: string } }[];
+      expect(calls.map((c) => c.function.name)).toEqual(['get_time']);
+      expect(['UTC', 'CET']).toContain((JSON.parse(calls[0]!.function.arguments) as { zone: string }).zone);
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('refuses what does not fit with a 400 naming it', async () => {
+    const post = (url: string, body: object) =>
+      fetch(`${url}/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    const { server, url } = await serve(qwen2, {});
+    const plain = await serve(llama, {});
+    try {
+      const user = [{ role: 'user', content: 'x' }];
+      const cases: [string, object, string | null][] = [
+        [url, { messages: user, tool_choice: 'required' }, 'tool_choice'],
+        [url, { messages: user, tools: {} }, 'tools'],
+        [url, { messages: user, tools: [{ type: 'web' }] }, 'tools[0]'],
+        [url, { messages: user, tools: TOOLS, tool_choice: 'sometimes' }, 'tool_choice'],
+        [url, { messages: [...user, { role: 'tool', tool_call_id: 'a', content: 'b' }] }, 'tools'],
+        [url, { messages: [...user, { role: 'assistant', content: null, tool_calls: [{ id: 'a', type: 'function', function: { name: 'f', arguments: '{}' } }] }, { role: 'tool', tool_call_id: 'a', content: 'b' }] }, 'tools'],
+        [url, { messages: user, tools: [{ type: 'function', function: { name: 'bad name' } }] }, null],
+        [plain.url, { messages: user, tools: TOOLS }, null],
+      ];
+      for (const [at, body, param] of cases) {
+        const res = await post(at, body);
+        const err = ((await res.json()) as { error: { param: string | null; message: string } }).error;
+        expect(res.status, JSON.stringify(body)).toBe(400);
+        expect(err.param, err.message).toBe(param);
+      }
+    } finally {
+      await server.close();
+      await plain.server.close();
+    }
   });
 });

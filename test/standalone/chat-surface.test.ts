@@ -7,7 +7,7 @@ import { streamFromSend } from '../../src/shared/chat-surface.ts';
 describe('ChatSurface', () => {
   it('names exactly what only one kind of chat has', () => {
     // memory() and options exist on both, with different shapes (tokens vs messages, KV vs message policies).
-    expectTypeOf<LocalOnly>().toEqualTypeOf<'options' | 'lastTurn' | 'memory' | 'saveCheckpoint' | 'checkpoint' | 'pin' | 'unpin' | 'pins' | 'forget' | '_ingest' | '_internals' | '_restoreTranscript'>();
+    expectTypeOf<LocalOnly>().toEqualTypeOf<'options' | 'lastTurn' | 'memory' | 'saveCheckpoint' | 'checkpoint' | 'pin' | 'unpin' | 'pins' | 'forget' | '_ingest' | '_ingestTools' | '_internals' | '_restoreTranscript'>();
     expectTypeOf<RemoteOnly>().toEqualTypeOf<'options' | 'memory' | 'tokenCounter'>();
   });
 

@@ -2,6 +2,7 @@
 
 #include "binding/common.h"
 #include "binding/options.h"
+#include "engine/tool-calls.h"
 
 namespace fml {
 
@@ -11,6 +12,7 @@ Napi::Function js_model::define(Napi::Env env) {
         InstanceMethod("tokenize", &js_model::js_tokenize),
         InstanceMethod("detokenize", &js_model::js_detokenize),
         InstanceMethod("applyTemplate", &js_model::js_apply_template),
+        InstanceMethod("prepareTools", &js_model::js_prepare_tools),
         InstanceMethod("dispose", &js_model::js_dispose),
     });
 }
@@ -119,6 +121,40 @@ Napi::Value js_model::js_apply_template(const Napi::CallbackInfo & info) {
     }
     const bool add_assistant = info.Length() > 1 && info[1].ToBoolean();
     return Napi::String::New(env, guarded(env, [&] { return m->apply_template(messages, add_assistant); }));
+}
+
+namespace {
+
+// The set-up of a chat's tools on a worker thread: reading the template, checking every tool's
+// schema and setting up a turn take milliseconds (a second for 128 large schemas), which a server
+// must not spend on its event loop; the chat made next finds it done.
+class tools_worker : public promise_worker {
+public:
+    tools_worker(Napi::Env env, std::shared_ptr<fml_model> model, std::string tools, std::string system_prompt)
+        : promise_worker(env), model_(std::move(model)), tools_(std::move(tools)), system_prompt_(std::move(system_prompt)) {}
+
+protected:
+    void run() override { tool_set::prepare(model_, tools_, system_prompt_); }
+    Napi::Value result(Napi::Env env) override { return env.Undefined(); }
+
+private:
+    std::shared_ptr<fml_model> model_;
+    std::string tools_;
+    std::string system_prompt_;
+};
+
+} // namespace
+
+// prepareTools(toolsJson, systemPrompt) -> a promise: the tools' set-up made (or the tools refused).
+Napi::Value js_model::js_prepare_tools(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    auto m = require(env);
+    const std::string tools = string_arg(info, 0, "tools");
+    const std::string system_prompt = string_arg(info, 1, "systemPrompt");
+    if (tools.size() > MAX_TOOLS_BYTES) {
+        throw_error(env, FML_ERR_INVALID_OPTION, "tools is " + std::to_string(tools.size()) + " bytes of JSON; at most " + std::to_string(MAX_TOOLS_BYTES) + " are taken");
+    }
+    return queue_worker<tools_worker>(env, std::move(m), tools, system_prompt);
 }
 
 Napi::Value js_model::js_dispose(const Napi::CallbackInfo & info) {

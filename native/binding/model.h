@@ -29,6 +29,7 @@ private:
     Napi::Value js_tokenize(const Napi::CallbackInfo & info);
     Napi::Value js_detokenize(const Napi::CallbackInfo & info);
     Napi::Value js_apply_template(const Napi::CallbackInfo & info);
+    Napi::Value js_prepare_tools(const Napi::CallbackInfo & info);
     Napi::Value js_dispose(const Napi::CallbackInfo & info);
 
     std::shared_ptr<runtime> runtime_;

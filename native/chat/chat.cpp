@@ -63,7 +63,7 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
     if (!opts_.tools.empty()) {
         // The tools are where the template puts them, with the system prompt (pinned), rendered once;
         // the first user message then takes the usual opening. The prompt is tokenized as plain text.
-        tools_ = std::make_unique<tool_set>(*model_, opts_.tools, opts_.system_prompt);
+        tools_ = std::make_unique<tool_set>(model_, opts_.tools, opts_.system_prompt);
         const std::vector<std::string> frames = tools_->system_frames(model_->frame_message(frame_kind::user).prefix);
         append(model_->tokenize(frames[0], false, true));
         if (frames.size() > 1) {
@@ -224,6 +224,15 @@ std::vector<int32_t> chat::frame_tool_results(const std::vector<tool_result> & r
             throw fml_error(FML_ERR_INVALID_OPTION, "tool results follow a reply's calls, and this chat has no reply yet");
         }
         calls = last_calls_;
+    }
+    for (const auto & r : results) {
+        // Templates render them into their markup (Kimi K2's "## Return of <id>"): plain text, and
+        // no control characters (the framing's own markers are some).
+        tools_->check_plain(r.call_id + r.name, "a tool result's toolCallId or name");
+        if (std::any_of(r.call_id.begin(), r.call_id.end(), [](char c) { return (unsigned char) c < 0x20; }) ||
+            std::any_of(r.name.begin(), r.name.end(), [](char c) { return (unsigned char) c < 0x20; })) {
+            throw fml_error(FML_ERR_INVALID_OPTION, "a tool result's toolCallId or name holds a control character");
+        }
     }
     std::vector<tool_result> named = results;
     for (auto & r : named) {

@@ -449,12 +449,17 @@ void chat::finish_turn(stop_reason reason, step_context & e) {
         r.reasoning.erase(r.reasoning.find_last_not_of(" \t\r\n") + 1);
         if (t->req.tools) {
             // The calls, read in the template's format (what a turn of results follows); the answer
-            // without them.
-            tool_reply read = t->req.tools->parse(r.reasoning, r.response, false);
-            r.response = std::move(read.content);
-            r.tool_calls = std::move(read.calls);
-            for (size_t i = 0; i < r.tool_calls.size(); ++i) {
-                if (r.tool_calls[i].id.empty()) r.tool_calls[i].id = tool_call_id();
+            // without them. Nothing may escape here: the turn is out of turn_ and its promise would
+            // never settle, so a reply that cannot be read is text.
+            try {
+                tool_reply read = t->req.tools->parse(r.reasoning, r.response, false);
+                for (auto & c : read.calls) {
+                    if (c.id.empty()) c.id = tool_call_id();
+                }
+                r.response = std::move(read.content);
+                r.tool_calls = std::move(read.calls);
+            } catch (const std::exception &) {
+                r.tool_calls.clear();
             }
             last_calls_ = r.tool_calls;
         }

@@ -53,25 +53,6 @@ gbnf_shape shape_of(const std::string & g) {
     return out;
 }
 
-// Deepest nesting of objects and arrays in JSON text, outside its strings.
-int json_nesting(const std::string & j) {
-    int depth = 0, deepest = 0;
-    for (size_t i = 0; i < j.size(); ++i) {
-        const char c = j[i];
-        if (c == '"') {
-            for (++i; i < j.size() && j[i] != '"'; ++i) {
-                if (j[i] == '\\') {
-                    ++i;
-                }
-            }
-        } else if (c == '{' || c == '[') {
-            deepest = std::max(deepest, ++depth);
-        } else if (c == '}' || c == ']') {
-            --depth;
-        }
-    }
-    return deepest;
-}
 
 constexpr size_t MAX_SCHEMA_KEY_BYTES = 256;
 constexpr size_t MAX_SCHEMA_PATTERN_BYTES = 1024;
@@ -248,6 +229,25 @@ private:
 };
 
 } // namespace
+
+int json_nesting(const std::string & j) {
+    int depth = 0, deepest = 0;
+    for (size_t i = 0; i < j.size(); ++i) {
+        const char c = j[i];
+        if (c == '"') {
+            for (++i; i < j.size() && j[i] != '"'; ++i) {
+                if (j[i] == '\\') {
+                    ++i;
+                }
+            }
+        } else if (c == '{' || c == '[') {
+            deepest = std::max(deepest, ++depth);
+        } else if (c == '}' || c == ']') {
+            --depth;
+        }
+    }
+    return deepest;
+}
 
 std::string gbnf_of_json_schema(const std::string & schema) {
     if (schema.size() > MAX_JSON_SCHEMA_BYTES) {

@@ -59,6 +59,10 @@ private:
     bool by_bytes_;
 };
 
+// Deepest nesting of objects and arrays in JSON text, outside its strings (llama.cpp's JSON code
+// recurses once per level).
+int json_nesting(const std::string & json);
+
 // The GBNF of a JSON schema given as JSON text. Throws fml_error(INVALID_OPTION, "jsonSchema ...").
 std::string gbnf_of_json_schema(const std::string & schema);
 

@@ -8,6 +8,10 @@
 #include "json.h"
 
 #include <algorithm>
+#include <exception>
+#include <pthread.h>
+#include <stdexcept>
+#include <list>
 #include <map>
 #include <random>
 #include <regex>
@@ -63,7 +67,7 @@ std::vector<common_chat_tool> parse_tools(const std::string & text) {
         for (const auto & seen : out) {
             if (seen.name == t.name) invalid(at + ".function.name '" + t.name + "' names an earlier tool too");
         }
-        if (fn.contains("description")) {
+        if (fn.contains("description") && !fn.at("description").is_null()) {
             if (!fn.at("description").is_string()) invalid(at + ".function.description must be a string");
             t.description = fn.at("description").get<std::string>();
         }
@@ -82,6 +86,15 @@ std::vector<common_chat_tool> parse_tools(const std::string & text) {
         out.push_back(std::move(t));
     }
     return out;
+}
+
+bool is_json(const std::string & text) {
+    try {
+        (void) common_json::parse(text);
+        return true;
+    } catch (const std::exception &) {
+        return false;
+    }
 }
 
 common_chat_msg message(const std::string & role, const std::string & content) {
@@ -133,11 +146,16 @@ std::string tool_call_id() {
 }
 
 struct tool_set::impl {
-    const fml_model * model = nullptr;
+    const fml_model * model = nullptr;        // valid while a chat of it uses this (chats hold their model)
+    std::weak_ptr<const fml_model> owner;     // whether a cached set-up is still of a live model
     common_chat_templates_ptr templates;
     std::vector<common_chat_tool> tools;
     std::string system_prompt;   // the chat's: every rendering starts as the chat did
     std::map<std::string, tool_turn> turns;   // by choice, parallel, thinking: set up once
+    std::string reply_before;                 // reply_text's rendering before the reply, kept
+    std::string user_prefix;                  // system_frames' argument and result, kept
+    std::vector<std::string> system_frames;
+    std::mutex mu;                            // the chats that share it may be on several threads (Workers)
 
     common_chat_templates_inputs inputs(std::vector<common_chat_msg> messages, bool add_generation_prompt) const {
         common_chat_templates_inputs in;
@@ -145,6 +163,9 @@ struct tool_set::impl {
         in.tools = tools;
         in.add_generation_prompt = add_generation_prompt;
         in.use_jinja = true;
+        // A prompt alone: 'none' renders the tools the same and builds no grammar or parser for them
+        // (with 128 tools, a tenth of a second a rendering). turn() sets the choice it sets up.
+        in.tool_choice = COMMON_CHAT_TOOL_CHOICE_NONE;
         return in;
     }
     std::vector<common_chat_msg> opening(const std::string & user) const {
@@ -168,21 +189,78 @@ struct tool_turn::impl {
     std::string think_open, think_close;
 };
 
-tool_set::tool_set(const fml_model & model, const std::string & tools_json, const std::string & system_prompt) : p_(std::make_unique<impl>()) {
-    p_->model = &model;
-    p_->system_prompt = system_prompt;
-    p_->tools = parse_tools(tools_json);
-    // The tools are rendered into the prompt's markup and tokenized with it: the text of a control
-    // token in them would be that token (a forged end of turn), so it is refused.
-    check_plain(tools_json, "tools");
+namespace {
+
+// Set-ups by model, system prompt and tools: those a chat uses, and the most recent ones held (a
+// stateless server's requests make a chat each, one after the other, and the set-up of the same
+// tools costs milliseconds of the event loop: up to a second for 128 large schemas).
+constexpr size_t RECENT_SETUPS = 16;
+std::mutex g_setups_mu;
+std::map<std::string, std::weak_ptr<tool_set::impl>> g_setups;
+std::list<std::shared_ptr<tool_set::impl>> g_recent;
+
+std::string setup_key(const fml_model & model, const std::string & tools_json, const std::string & system_prompt) {
+    return model.info().fingerprint + ":" + std::to_string(system_prompt.size()) + ":" + system_prompt + tools_json;
+}
+
+} // namespace
+
+std::shared_ptr<tool_set::impl> tool_set::acquire(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt) {
+    const std::string key = setup_key(*model, tools_json, system_prompt);
+    auto remember = [&](const std::shared_ptr<impl> & p) {
+        g_recent.remove(p);
+        g_recent.push_front(p);
+        if (g_recent.size() > RECENT_SETUPS) g_recent.pop_back();
+    };
+    {
+        std::lock_guard<std::mutex> lock(g_setups_mu);
+        if (auto it = g_setups.find(key); it != g_setups.end()) {
+            std::shared_ptr<impl> p = it->second.lock();
+            // Of this very model: another one of the same file holds its own.
+            if (p && p->owner.lock() == model) {
+                remember(p);
+                return p;
+            }
+        }
+    }
+    auto p = std::make_shared<impl>();
+    p->model = model.get();
+    p->owner = model;
+    p->system_prompt = system_prompt;
     try {
-        p_->templates = common_chat_templates_init(model.raw(), "");
+        p->templates = common_chat_templates_init(model->raw(), "");
     } catch (const std::exception & e) {
         template_failed(std::string("the model's chat template could not be read for tools: ") + e.what());
     }
-    if (!p_->templates || !common_chat_templates_was_explicit(p_->templates.get())) {
+    if (!p->templates || !common_chat_templates_was_explicit(p->templates.get())) {
         unsupported("tools need the model's own chat template (tokenizer.chat_template), and this model has none");
     }
+    p->tools = parse_tools(tools_json);
+    // The tools are rendered into the prompt's markup and tokenized with it: the text of a control
+    // token in them would be that token (a forged end of turn), so it is refused.
+    check_plain(*model, tools_json, "tools");
+    std::lock_guard<std::mutex> lock(g_setups_mu);
+    for (auto it = g_setups.begin(); it != g_setups.end();) {
+        it = it->second.expired() ? g_setups.erase(it) : std::next(it);
+    }
+    g_setups[key] = p;
+    remember(p);
+    return p;
+}
+
+tool_set::tool_set(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt)
+    : p_(acquire(model, tools_json, system_prompt)) {}
+
+void tool_set::prepare(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt) {
+    tool_set set(model, tools_json, system_prompt);
+    std::string user_prefix;
+    try {
+        user_prefix = model->frame_message(frame_kind::user).prefix;
+    } catch (const fml_error &) {
+        return;   // a template that cannot frame a user message: the chat says why
+    }
+    (void) set.system_frames(user_prefix);
+    (void) set.turn("auto", true, true);
 }
 
 tool_set::~tool_set() = default;
@@ -192,6 +270,10 @@ bool tool_set::has_tool(const std::string & name) const {
 }
 
 std::vector<std::string> tool_set::system_frames(const std::string & user_prefix) const {
+    std::lock_guard<std::mutex> lock(p_->mu);
+    if (!p_->system_frames.empty() && p_->user_prefix == user_prefix) {
+        return p_->system_frames;
+    }
     // Rendered with a sentinel for the system prompt, which the chat tokenizes as plain text.
     const bool has_system = !p_->system_prompt.empty();
     std::vector<common_chat_msg> messages;
@@ -202,6 +284,11 @@ std::vector<std::string> tool_set::system_frames(const std::string & user_prefix
     plain.tools.clear();
     if (p_->render(plain) == with) {
         unsupported("the model's chat template does not render tools");
+    }
+    // Once each, or what the tools hold ("\x1e...") was taken for them.
+    auto once = [](const std::string & text, const std::string & what) { const size_t a = text.find(what); return a != std::string::npos && text.find(what, a + 1) == std::string::npos; };
+    if (!once(with, SENTINEL_USER) || (has_system && !once(with, SENTINEL_SYSTEM))) {
+        invalid("tools hold the framing's own markers (\\x1e...)");
     }
     const size_t at = with.find(SENTINEL_USER);
     if (at == std::string::npos || at < user_prefix.size() || with.compare(at - user_prefix.size(), user_prefix.size(), user_prefix) != 0) {
@@ -216,29 +303,44 @@ std::vector<std::string> tool_set::system_frames(const std::string & user_prefix
             before.erase(0, bos_text.size());
         }
     }
-    if (!has_system) {
-        return { before };
+    std::vector<std::string> frames = { before };
+    if (has_system) {
+        const size_t s = before.find(SENTINEL_SYSTEM);
+        if (s == std::string::npos) {
+            template_failed("the model's chat template does not render the system prompt before the tools' user turn");
+        }
+        frames = { before.substr(0, s), before.substr(s + SENTINEL_SYSTEM.size()) };
     }
-    const size_t s = before.find(SENTINEL_SYSTEM);
-    if (s == std::string::npos) {
-        template_failed("the model's chat template does not render the system prompt before the tools' user turn");
-    }
-    return { before.substr(0, s), before.substr(s + SENTINEL_SYSTEM.size()) };
+    p_->user_prefix = user_prefix;
+    p_->system_frames = frames;
+    return frames;
 }
 
 void tool_set::check_plain(const std::string & text, const std::string & what) const {
-    for (const std::string & piece : p_->model->control_texts()) {
-        if (text.find(piece) != std::string::npos) {
-            invalid(what + " holds the text of the model's control token " + piece + ", which would be that token in the prompt");
-        }
+    check_plain(*p_->model, text, what);
+}
+
+void tool_set::check_plain(const fml_model & model, const std::string & text, const std::string & what) {
+    const std::string piece = model.control_text_in(text);
+    if (!piece.empty()) {
+        invalid(what + " holds the text of the model's control token " + piece + ", which would be that token in the prompt");
     }
 }
 
 std::string tool_set::reply_text(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing) const {
-    const std::string before = p_->render(p_->inputs(p_->opening("u"), true));
+    std::lock_guard<std::mutex> lock(p_->mu);
+    if (p_->reply_before.empty()) {
+        p_->reply_before = p_->render(p_->inputs(p_->opening("u"), true));
+    }
+    const std::string & before = p_->reply_before;
     std::vector<common_chat_msg> all = p_->opening("u");
     common_chat_msg reply = message("assistant", content);
     for (const auto & c : calls) {
+        // The template parses them and recurses once per level (a SIGSEGV at 30,000).
+        if (json_nesting(c.arguments) > MAX_JSON_SCHEMA_NESTING) {
+            invalid("the arguments of tool call '" + c.name + "' nest more than " + std::to_string(MAX_JSON_SCHEMA_NESTING) + " deep");
+        }
+        if (!is_json(c.arguments)) invalid("the arguments of tool call '" + c.name + "' are not JSON");
         reply.tool_calls.push_back({ c.name, c.arguments, c.id });
     }
     all.push_back(reply);
@@ -254,10 +356,14 @@ std::string tool_set::reply_text(const std::string & content, const std::vector<
 }
 
 std::vector<std::string> tool_set::result_frames(const std::vector<tool_call> & calls, const std::vector<tool_result> & results) const {
+    std::lock_guard<std::mutex> lock(p_->mu);
     std::vector<common_chat_msg> past = p_->opening("u");
     common_chat_msg reply = message("assistant", "");
     for (const auto & c : calls) {
-        reply.tool_calls.push_back({ c.name, c.arguments, c.id });
+        // The reply is in memory already, as the model wrote it: this rendering only tells where the
+        // results go, and a call cut short (maxNewTokens) renders as one with no arguments.
+        const bool whole = json_nesting(c.arguments) <= MAX_JSON_SCHEMA_NESTING && is_json(c.arguments);
+        reply.tool_calls.push_back({ c.name, whole ? c.arguments : "{}", c.id });
     }
     past.push_back(reply);
     const std::string before = p_->render(p_->inputs(past, false));
@@ -277,8 +383,8 @@ std::vector<std::string> tool_set::result_frames(const std::vector<tool_call> & 
     for (size_t i = 0; i < results.size(); ++i) {
         const std::string s = result_sentinel(i);
         const size_t at = rest.find(s);
-        if (at == std::string::npos) {
-            template_failed("the model's chat template drops tool results");
+        if (at == std::string::npos || rest.find(s, at + 1) != std::string::npos) {
+            template_failed("the model's chat template drops or repeats tool results");
         }
         frames.push_back(rest.substr(0, at));
         rest.erase(0, at + s.size());
@@ -288,6 +394,7 @@ std::vector<std::string> tool_set::result_frames(const std::vector<tool_call> & 
 }
 
 tool_turn tool_set::turn(const std::string & choice, bool parallel, bool thinking) const {
+    std::lock_guard<std::mutex> lock(p_->mu);
     const std::string key = choice + (parallel ? "|p" : "|1") + (thinking ? "|t" : "|n");
     if (auto it = p_->turns.find(key); it != p_->turns.end()) {
         return it->second;
@@ -353,6 +460,49 @@ tool_turn tool_set::turn(const std::string & choice, bool parallel, bool thinkin
     return t;
 }
 
+namespace {
+
+// Runs `f` on a thread whose stack holds `bytes` (reserved address space: only what it touches is
+// memory), and rethrows what it threw.
+template <typename F>
+void on_stack_of(size_t bytes, F && f) {
+    struct job {
+        F * f;
+        std::exception_ptr error;
+    } j{ &f, nullptr };
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, bytes);
+    pthread_t thread;
+    const int rc = pthread_create(&thread, &attr, [](void * arg) -> void * {
+        auto * jb = static_cast<job *>(arg);
+        try {
+            (*jb->f)();
+        } catch (...) {
+            jb->error = std::current_exception();
+        }
+        return nullptr;
+    }, &j);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        throw std::runtime_error("no thread to parse the reply on");
+    }
+    pthread_join(thread, nullptr);
+    if (j.error) {
+        std::rethrow_exception(j.error);
+    }
+}
+
+// llama.cpp's PEG parser recurses about 2 KB of stack per level of the JSON it reads, without a bound
+// (5,000 levels, which a model can write, overflowed an 8 MB stack). A reply with few brackets is
+// parsed where it is; one with more on a stack sized for them (their count bounds the depth), and one
+// that would need more than this is text.
+constexpr size_t PARSE_IN_PLACE_BRACKETS = 1024;
+constexpr size_t PARSE_STACK_PER_BRACKET = 4096;
+constexpr size_t PARSE_STACK_MAX = (size_t) 1 << 30;
+
+} // namespace
+
 tool_reply tool_turn::parse(const std::string & reasoning, const std::string & answer, bool partial) const {
     std::string text = p->before_reasoning;
     if (!p->think_open.empty()) {
@@ -361,8 +511,16 @@ tool_reply tool_turn::parse(const std::string & reasoning, const std::string & a
     text += answer;
     tool_reply out;
     common_chat_msg msg;
+    const size_t brackets = (size_t) std::count_if(text.begin(), text.end(), [](char c) { return c == '[' || c == '{'; });
+    const size_t stack = brackets * PARSE_STACK_PER_BRACKET + ((size_t) 16 << 20);
     try {
-        msg = common_chat_parse(text, partial, p->params);
+        if (brackets <= PARSE_IN_PLACE_BRACKETS) {
+            msg = common_chat_parse(text, partial, p->params);
+        } else if (stack <= PARSE_STACK_MAX) {
+            on_stack_of(stack, [&] { msg = common_chat_parse(text, partial, p->params); });
+        } else {
+            throw std::length_error("too many brackets to read as calls");
+        }
     } catch (const std::exception &) {
         // What the format cannot read is an answer in words (while it is written: nothing yet).
         out.content = partial ? std::string() : answer;

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -56,7 +57,10 @@ public:
     // `tools_json`: OpenAI's tool list, [{ "type": "function", "function": { name, description?,
     // parameters? } }]; `system_prompt`: the chat's. Throws fml_error(INVALID_OPTION) for a list that is not one, and
     // fml_error(TEMPLATE) for a model whose template cannot render tools.
-    tool_set(const fml_model & model, const std::string & tools_json, const std::string & system_prompt);
+    tool_set(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt);
+    // The set-up a chat with these tools will use (its frames, its first turn's), made now and kept
+    // among the recent ones: for a caller that can make it off its event loop. Throws as the constructor.
+    static void prepare(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt);
     ~tool_set();
     tool_set(const tool_set &) = delete;
     tool_set & operator=(const tool_set &) = delete;
@@ -75,13 +79,18 @@ public:
     // Throws fml_error(INVALID_OPTION) when `text`, rendered into the template's markup, would hold a
     // control token (its text); `what` names it.
     void check_plain(const std::string & text, const std::string & what) const;
+    static void check_plain(const fml_model & model, const std::string & text, const std::string & what);
     // `choice`: "auto", "none", "required", or a tool's name (that tool is called).
     tool_turn turn(const std::string & choice, bool parallel, bool thinking) const;
     bool has_tool(const std::string & name) const;
 
-private:
     struct impl;
-    std::unique_ptr<impl> p_;
+
+private:
+    static std::shared_ptr<impl> acquire(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt);
+    // Shared by every chat of the model with the same tools and system prompt (a server's sessions of
+    // one agent): the template is read, and each kind of turn set up, once.
+    std::shared_ptr<impl> p_;
 };
 
 } // namespace fml

@@ -270,16 +270,39 @@ const token_first_bytes & fml_model::first_bytes() const {
     return first_bytes_;
 }
 
-const std::vector<std::string> & fml_model::control_texts() const {
-    std::call_once(control_texts_once_, [&] {
-        for (int32_t t = 0; t < info_.n_vocab; ++t) {
-            if ((llama_vocab_get_attr(vocab_, t) & LLAMA_TOKEN_ATTR_CONTROL) != 0) {
-                const std::string piece = token_piece(t, true);
-                if (!piece.empty()) control_texts_.push_back(piece);
+std::string fml_model::control_text_in(const std::string & text) const {
+    std::call_once(control_trie_once_, [&] {
+        text_trie & t = control_trie_;
+        t.next.emplace_back();
+        t.token.push_back(-1);
+        for (int32_t tok = 0; tok < info_.n_vocab; ++tok) {
+            if ((llama_vocab_get_attr(vocab_, tok) & LLAMA_TOKEN_ATTR_CONTROL) == 0) {
+                continue;
             }
+            int32_t node = 0;
+            for (unsigned char c : token_piece(tok, true)) {
+                auto it = t.next[(size_t) node].find(c);
+                if (it == t.next[(size_t) node].end()) {
+                    t.next.emplace_back();
+                    t.token.push_back(-1);
+                    it = t.next[(size_t) node].emplace(c, (int32_t) t.next.size() - 1).first;
+                }
+                node = it->second;
+            }
+            if (node != 0) t.token[(size_t) node] = tok;
         }
     });
-    return control_texts_;
+    const text_trie & t = control_trie_;
+    for (size_t start = 0; start < text.size(); ++start) {
+        int32_t node = 0;
+        for (size_t i = start; i < text.size(); ++i) {
+            const auto it = t.next[(size_t) node].find((unsigned char) text[i]);
+            if (it == t.next[(size_t) node].end()) break;
+            node = it->second;
+            if (t.token[(size_t) node] >= 0) return text.substr(start, i + 1 - start);
+        }
+    }
+    return std::string();
 }
 
 void fml_model::find_non_text_tokens() {

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -129,9 +130,11 @@ public:
     const std::vector<int32_t> & non_text_tokens() const { return non_text_tokens_; }
     // What narrows a grammar's pass (engine/grammar.h), built at first use (a grammar's).
     const token_first_bytes & first_bytes() const;
-    // The text of every control token (end-of-generation ones too), for text that is tokenized with
-    // special parsing on and must not hold one (tools rendered into a prompt). Built at first use.
-    const std::vector<std::string> & control_texts() const;
+    // The first text of a control token (end-of-generation ones too) found in `text`, '' when none: for
+    // text tokenized with special parsing on that must not hold one (tools rendered into a prompt).
+    // One pass over `text` whatever the vocabulary's control tokens (Gemma has thousands), through a
+    // trie of their texts built at first use.
+    std::string control_text_in(const std::string & text) const;
     int32_t bos() const;
     bool add_bos() const;
     const reasoning_markers & reasoning() const { return reasoning_; }
@@ -162,8 +165,12 @@ private:
     void find_non_text_tokens();
     std::vector<int32_t> non_text_tokens_;
     mutable std::once_flag first_bytes_once_;
-    mutable std::once_flag control_texts_once_;
-    mutable std::vector<std::string> control_texts_;
+    struct text_trie {
+        std::vector<std::map<unsigned char, int32_t>> next;   // node -> byte -> node (node 0: the root)
+        std::vector<int32_t> token;                            // node -> the token whose text ends there (-1)
+    };
+    mutable std::once_flag control_trie_once_;
+    mutable text_trie control_trie_;
     mutable token_first_bytes first_bytes_;
     // Frames per frame_kind, rendered once at load; a template that cannot frame a kind leaves its
     // error here, thrown when a chat needs that frame.

@@ -4,7 +4,8 @@ import { CallbackError, CheckpointError, DisposedError, fromNativeError, Invalid
 import { exchangesOf, TranscriptLog } from '../shared/chat-surface.js';
 import { checkTelemetry, type Telemetry } from '../shared/telemetry.js';
 import { checkObject, checkPath, checkString } from '../shared/checks.js';
-import { splitChatOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions } from './options.js';
+import { splitChatOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions, type ToolDefinition } from './options.js';
+import { jsonText } from './grammar.js';
 import type { ModelInfo, PolicyName, Transcript } from '../shared/types.js';
 
 const resolveTelemetry = (telemetry: unknown): Telemetry | undefined => checkTelemetry<Telemetry>(telemetry);
@@ -75,6 +76,25 @@ export class Model {
     if (messages.some((m) => m.content.includes('\0'))) throw new InvalidOptionError('A message given to applyTemplate contains a NUL character');
     try {
       return this.#native.applyTemplate(messages.flatMap((m) => [m.role, m.content]), options.addAssistant ?? false);
+    } catch (err) {
+      throw fromNativeError(err);
+    }
+  }
+
+  /**
+   * Sets up what a chat with these `tools` (and this system prompt) needs, on a worker thread: reading
+   * the chat template, checking each tool's schema and setting up a turn take milliseconds of the
+   * calling thread in `createChat` (up to a second for 128 large schemas), so a server does it here
+   * first and the chat made next finds it done (the 16 most recent set-ups are kept). Rejects as
+   * `createChat` would refuse the tools.
+   */
+  async prepareTools(tools: ToolDefinition[] | string, options: { systemPrompt?: string } = {}): Promise<void> {
+    this.#check();
+    const text = jsonText(tools, 'tools');
+    const systemPrompt = options.systemPrompt ?? '';
+    if (typeof text !== 'string' || typeof systemPrompt !== 'string') throw new InvalidOptionError('Expected tools (an array, or its JSON text) and a string systemPrompt');
+    try {
+      await this.#native.prepareTools(text, systemPrompt);
     } catch (err) {
       throw fromNativeError(err);
     }

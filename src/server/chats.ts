@@ -85,6 +85,9 @@ export class ChatSource {
       ...this.chatOptions, ...(own?.policy ? { policy: own.policy } : {}), ...(own?.maxTokens ? { maxTokens: own.maxTokens } : {}), systemPrompt,
       ...(parsed.tools ? { tools: parsed.tools as ToolDefinition[] } : {}), telemetry: this.telemetryFor(evictions),
     };
+    if (opts.tools === undefined && history.some((m) => m.role === 'tool' || m.toolCalls !== undefined)) {
+      throw badRequest("Tool calls and tool messages need the 'tools' they were made with", 'tools');
+    }
     if (history.length === 0) return this.model.createChat(opts);
     if (this.#tokens(history) > this.maxHistoryTokens) {
       throw badRequest(`The earlier messages hold more than ${this.maxHistoryTokens} tokens, the most a new session or one-off request may bring (send only the new message with a session id, or fewer messages)`, 'messages', 'history_too_large');

@@ -11,6 +11,8 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Chat } from '../local/chat.js';
 import type { Model } from '../local/model.js';
+import type { ToolDefinition } from '../local/options.js';
+import { InvalidOptionError, UnsupportedModelError } from '../shared/errors.js';
 import type { ChatStats, StopReason, TurnResult, TurnStats } from '../shared/types.js';
 import { QueueAbortedError, type Gate, type Release } from './admission.js';
 import type { ChatSource, RestoredFrom } from './chats.js';
@@ -18,7 +20,7 @@ import type { ServerMetrics } from './metrics.js';
 import type { ResolvedServerOptions } from './options.js';
 import type { Session, SessionStore, TurnLease } from './sessions.js';
 import { EventStream } from './sse.js';
-import { badRequest, checkInMemory, finishReason, HttpError, openAiToolCalls, overloaded, parseCompletion, responseGrammar, toHttpError, type ParsedCompletion } from './wire.js';
+import { badRequest, checkInMemory, checkTools, finishReason, HttpError, openAiToolCalls, overloaded, parseCompletion, responseGrammar, toHttpError, type ParsedCompletion } from './wire.js';
 
 export const SHUTDOWN_ERROR = { message: 'The server is shutting down', type: 'server_error', param: null, code: 'server_shutting_down' } as const;
 
@@ -68,6 +70,7 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
   const { options: o, store } = ctx;
   const parsed = parseCompletion(req.body, req.headers, req.raw.rawHeaders, o.modelId, o);
   await responseGrammar(parsed);
+  await prepareTools(ctx, parsed);
   const res = reply.raw;
   if (ctx.shuttingDown()) throw shutdownError({ connection: 'close' });
   const ac = new AbortController();
@@ -103,10 +106,7 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     if (turnChat.sessionReset) sessionHeaders['x-session-reset'] = turnChat.sessionReset;
     const stream = new EventStream(reply, base, () => ({ connection: ctx.shuttingDown() ? 'close' : 'keep-alive', ...sessionHeaders }));
 
-    // A session's tools are in its pinned prompt since it was made: a request with others is refused.
-    if (!turnChat.created && chat.options.tools !== (parsed.tools ? JSON.stringify(parsed.tools) : undefined)) {
-      throw badRequest("'tools' differ from this session's (they are fixed when it is created: start another session id to change them)", 'tools', 'tools_changed');
-    }
+    checkTools(chat.options.tools, parsed);
     // Unpin and forget before the turn, so the room they free is there for it; checked before either
     // changes anything (a turn no longer in memory is a 400 that leaves the memory as it was).
     checkInMemory(chat, parsed.memory.unpin, 'finite_memory.unpin', true);
@@ -219,6 +219,22 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     releaseSlot?.();
     oneOff?.dispose();
     if (session) store.end(session, lease, releaseSession);
+  }
+}
+
+/**
+ * The request's tools set up on a worker thread before any work (the chat made for it, or its next
+ * one, finds it done; a session's existing chat does not need it): tools the chat would refuse are a
+ * 400 naming `tools`.
+ */
+async function prepareTools(ctx: CompletionContext, parsed: ParsedCompletion): Promise<void> {
+  if (parsed.tools === undefined) return;
+  try {
+    await ctx.model.prepareTools(parsed.tools as ToolDefinition[], { systemPrompt: parsed.system ?? ctx.options.chat.systemPrompt ?? '' });
+  } catch (err) {
+    if (err instanceof InvalidOptionError) throw badRequest(`Invalid 'tools': ${err.message}`, 'tools');
+    if (err instanceof UnsupportedModelError) throw badRequest(err.message, 'tools', 'unsupported_by_model');
+    throw err;
   }
 }
 

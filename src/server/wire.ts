@@ -53,9 +53,11 @@ export interface ParsedCompletion {
   toolResults: ToolResult[] | undefined;
   /** `tools` (OpenAI's list; undefined when none): a new chat's, and a session's must stay the same. */
   tools: object[] | undefined;
+  /** The tools as canonical JSON (keys sorted): what a session's are compared with. */
+  toolsKey: string | undefined;
   send: {
     maxNewTokens: number; temperature?: number; topP?: number; seed?: number; stop?: string[]; ignoreEos?: boolean; thinking?: boolean; grammar?: string;
-    toolChoice?: ToolChoice; parallelToolCalls?: boolean;
+    toolChoice?: WireToolChoice; parallelToolCalls?: boolean;
   };
   /** `response_format`'s schema: the grammar of `send` once responseGrammar converted it. */
   responseSchema: object | undefined;
@@ -139,9 +141,7 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
   const lastMessage = conversation.at(-1);
   if (!lastMessage || lastMessage.role === 'assistant') throw badRequest('The last message must be a user message (or tool results)', 'messages');
   const tools = toolsOf(body.tools);
-  if (conversation.some((m) => m.role === 'tool' || m.toolCalls !== undefined) && tools === undefined) {
-    throw badRequest("Tool calls and tool messages need the 'tools' they were made with", 'tools');
-  }
+  const toolsKey = tools === undefined ? undefined : canonicalJson(tools, 'tools');
 
   const send: ParsedCompletion['send'] = { maxNewTokens: limits.defaultMaxTokens };
   let responseSchema: object | undefined;
@@ -190,13 +190,17 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
     responseSchema = jsonSchemaOf(body.response_format);
   }
   if (body.n !== undefined && body.n !== null && body.n !== 1) throw badRequest("Only 'n': 1 is supported", 'n');
+  // Without `tools`, a session's own apply (checkTools, once the chat is known).
   if (body.tool_choice !== undefined && body.tool_choice !== null) {
-    if (tools === undefined) throw badRequest("'tool_choice' needs 'tools'", 'tool_choice');
     send.toolChoice = toolChoiceOf(body.tool_choice);
+    if (typeof send.toolChoice === 'object' && tools !== undefined) checkToolNamed(tools, send.toolChoice.name);
+    if (send.toolChoice !== 'auto' && send.toolChoice !== 'none' && responseSchema !== undefined) {
+      throw badRequest("A required tool call and 'response_format' hold the answer to different things: give one", 'tool_choice');
+    }
   }
   if (body.parallel_tool_calls !== undefined && body.parallel_tool_calls !== null) {
     if (typeof body.parallel_tool_calls !== 'boolean') throw badRequest("'parallel_tool_calls' must be a boolean", 'parallel_tool_calls');
-    if (tools !== undefined) send.parallelToolCalls = body.parallel_tool_calls;
+    send.parallelToolCalls = body.parallel_tool_calls;
   }
   if (body.stream !== undefined && body.stream !== null && typeof body.stream !== 'boolean') throw badRequest("'stream' must be a boolean", 'stream');
   const includeUsage = isObject(body.stream_options) && body.stream_options.include_usage === true;
@@ -219,6 +223,7 @@ export function parseCompletion(body: unknown, headers: FastifyRequest['headers'
     last: lastMessage.content,
     ...firstTurnOf(conversation),
     tools,
+    toolsKey,
     send,
     responseSchema,
     stream: body.stream === true,
@@ -322,6 +327,7 @@ function firstTurnOf(conversation: Message[]): { history: Message[]; firstTurn: 
   while (start > 0 && conversation[start - 1]!.role === role) start--;
   const turn = conversation.slice(start);
   if (role === 'tool') {
+    if (turn.length > 128) throw badRequest('At most 128 tool results in a row end a request', 'messages');
     return { history: conversation.slice(0, start), firstTurn: '', toolResults: turn.map((m) => ({ toolCallId: m.toolCallId ?? '', name: m.name ?? '', content: m.content })) };
   }
   // Joined as an import joins them.
@@ -342,7 +348,10 @@ function toolsOf(v: unknown): object[] | undefined {
   return v as object[];
 }
 
-function toolChoiceOf(v: unknown): ToolChoice {
+/** tool_choice as send takes it: the word, or { name }. */
+type WireToolChoice = Extract<ToolChoice, string | { name: string }>;
+
+function toolChoiceOf(v: unknown): WireToolChoice {
   if (v === 'auto' || v === 'none' || v === 'required') return v;
   if (isObject(v) && v.type === 'function' && isObject(v.function) && typeof v.function.name === 'string') return { name: v.function.name };
   throw badRequest("'tool_choice' must be 'auto', 'none', 'required' or { type: 'function', function: { name } }", 'tool_choice');
@@ -362,14 +371,64 @@ function toolCallsOf(v: unknown, param: string): { toolCalls?: ToolCall[] } {
     toolCalls: v.map((c: unknown, i: number) => {
       const at = `${param}[${i}]`;
       if (!isObject(c) || (c.type !== undefined && c.type !== 'function') || !isObject(c.function)) throw badRequest(`Invalid '${at}': expected { id, type: 'function', function: { name, arguments } }`, at);
-      const args = c.function.arguments ?? '{}';
-      return { id: idText(c.id ?? '', `${at}.id`, 256), name: idText(c.function.name, `${at}.function.name`, 64), arguments: typeof args === 'string' ? args : JSON.stringify(args) };
+      return { id: idText(c.id ?? '', `${at}.id`, 256), name: idText(c.function.name, `${at}.function.name`, 64), arguments: argumentsOf(c.function.arguments ?? '{}', `${at}.function.arguments`) };
     }),
   };
 }
 
+/** A call's arguments as JSON text (OpenAI's are a string; an object is taken too): JSON, or a 400. */
+function argumentsOf(v: unknown, param: string): string {
+  let text: string;
+  try {
+    text = typeof v === 'string' ? v : JSON.stringify(v);
+    JSON.parse(text);
+  } catch {
+    throw badRequest(`'${param}' must be JSON (a call's arguments)`, param);
+  }
+  return text;
+}
+
+/**
+ * JSON with every object's keys sorted, nested at most 100 deep: two lists of the same tools compare
+ * equal whatever order a client writes their keys in.
+ */
+export function canonicalJson(v: unknown, param: string, depth = 0): string {
+  if (depth > 100) throw badRequest(`'${param}' nests more than 100 deep`, param);
+  if (Array.isArray(v)) return `[${v.map((x) => canonicalJson(x, param, depth + 1)).join(',')}]`;
+  if (isObject(v)) {
+    return `{${Object.keys(v).sort().filter((k) => v[k] !== undefined).map((k) => `${JSON.stringify(k)}:${canonicalJson(v[k], param, depth + 1)}`).join(',')}}`;
+  }
+  return JSON.stringify(v) ?? 'null';
+}
+
+const toolNames = (tools: readonly object[]): string[] => tools.map((t) => String((t as { function: { name: unknown } }).function.name));
+
+function checkToolNamed(tools: readonly object[], name: string): void {
+  if (!toolNames(tools).includes(name)) throw badRequest(`'tool_choice' names '${name}', which is not one of the tools`, 'tool_choice');
+}
+
+/**
+ * What a request asks of tools, against its chat's (a session's are fixed when it is made): checked
+ * before the request changes anything. Other tools are a 400 `tools_changed`; none leaves the
+ * session's. Tool results and `tool_choice` need tools.
+ */
+export function checkTools(chatTools: string | undefined, parsed: ParsedCompletion): void {
+  const own = chatTools === undefined ? undefined : (JSON.parse(chatTools) as object[]);
+  if (parsed.toolsKey !== undefined && (own === undefined || canonicalJson(own, 'tools') !== parsed.toolsKey)) {
+    throw badRequest("'tools' differ from this session's (they are fixed when it is created: start another session id to change them)", 'tools', 'tools_changed');
+  }
+  if (own === undefined && (parsed.toolResults !== undefined || parsed.send.toolChoice !== undefined)) {
+    throw badRequest("Tool results and 'tool_choice' need 'tools'", 'tools');
+  }
+  const choice = parsed.send.toolChoice;
+  if (own !== undefined && typeof choice === 'object') checkToolNamed(own, choice.name);
+}
+
 /** A `tool` message: the result of the call `tool_call_id` names. */
 function toolMessageOf(m: Record<string, unknown>, param: string): Message {
+  if ((m.tool_call_id === undefined || m.tool_call_id === null || m.tool_call_id === '') && (m.name === undefined || m.name === null || m.name === '')) {
+    throw badRequest(`'${param}.tool_call_id' must name the call this result answers`, `${param}.tool_call_id`);
+  }
   return {
     role: 'tool',
     content: contentText(m.content, `${param}.content`, false),

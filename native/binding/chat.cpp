@@ -259,24 +259,36 @@ void js_chat::finished() {
     }
 }
 
-Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
-    Napi::Env env = info.Env();
+template <typename Prepare>
+Napi::Value js_chat::start_claimed(Napi::Env env, const char * busy_message, Prepare && prepare, Napi::Function on_piece) {
     chat & s = require(env);
-    const std::string text = string_arg(info, 0, "message");
-    generation_options gen = guarded(env, [&] { return resolve_generation_options(options_arg(info, 1)); });
-    Napi::Function on_piece = info.Length() > 2 && info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
-    const bool pin = info.Length() > 3 && info[3].IsBoolean() && info[3].As<Napi::Boolean>().Value();
-    claim(env, "a turn is already running on this chat; await it (or abort it) before sending again");
+    claim(env, busy_message);
     turn_request req;
     try {
         // Any exception (std::bad_alloc tokenizing a huge message too) releases the claim: else the
         // chat stayed busy for ever, and a non-fml_error escaping into N-API ended the process.
-        req = guarded(env, [&] { return s.prepare_turn(text, std::move(gen), pin); });
+        req = guarded(env, [&] { return prepare(s); });
     } catch (...) {
         finished();
         throw;
     }
     return start_turn(env, *this, Value(), std::move(req), on_piece);
+}
+
+template <typename Prepare>
+Napi::Value js_chat::start_generating(const Napi::CallbackInfo & info, Prepare && prepare) {
+    Napi::Env env = info.Env();
+    generation_options gen = guarded(env, [&] { return resolve_generation_options(options_arg(info, 1)); });
+    Napi::Function on_piece = info.Length() > 2 && info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
+    const bool pin = info.Length() > 3 && info[3].IsBoolean() && info[3].As<Napi::Boolean>().Value();
+    return start_claimed(env, "a turn is already running on this chat; await it (or abort it) before sending again",
+                         [&](chat & s) { return prepare(s, std::move(gen), pin); }, on_piece);
+}
+
+Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
+    require(info.Env());
+    const std::string text = string_arg(info, 0, "message");
+    return start_generating(info, [&](chat & s, generation_options gen, bool pin) { return s.prepare_turn(text, std::move(gen), pin); });
 }
 
 namespace {
@@ -311,40 +323,20 @@ std::vector<tool_result> tool_results_arg(const Napi::CallbackInfo & info, size_
 } // namespace
 
 Napi::Value js_chat::js_send_tool_results(const Napi::CallbackInfo & info) {
-    Napi::Env env = info.Env();
-    chat & s = require(env);
+    require(info.Env());
     const std::vector<tool_result> results = tool_results_arg(info, 0);
-    generation_options gen = guarded(env, [&] { return resolve_generation_options(options_arg(info, 1)); });
-    Napi::Function on_piece = info.Length() > 2 && info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
-    const bool pin = info.Length() > 3 && info[3].IsBoolean() && info[3].As<Napi::Boolean>().Value();
-    claim(env, "a turn is already running on this chat; await it (or abort it) before sending again");
-    turn_request req;
-    try {
-        req = guarded(env, [&] { return s.prepare_tool_results(results, std::move(gen), pin); });
-    } catch (...) {
-        finished();
-        throw;
-    }
-    return start_turn(env, *this, Value(), std::move(req), on_piece);
+    return start_generating(info, [&](chat & s, generation_options gen, bool pin) { return s.prepare_tool_results(results, std::move(gen), pin); });
 }
 
 Napi::Value js_chat::js_ingest_tool_exchange(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    chat & s = require(env);
+    require(env);
     const std::string user = string_arg(info, 0, "user message");
     const std::vector<tool_result> results = tool_results_arg(info, 1);
     const std::string reply = string_arg(info, 2, "assistant message");
     std::vector<tool_call> calls;
     for (auto & t : string_triples(info, 3, "tool calls")) calls.push_back({ std::move(t[0]), std::move(t[1]), std::move(t[2]) });
-    claim(env, "a turn is running on this chat");
-    turn_request req;
-    try {
-        req = guarded(env, [&] { return s.prepare_ingest_tools(user, results, reply, calls); });
-    } catch (...) {
-        finished();
-        throw;
-    }
-    return start_turn(env, *this, Value(), std::move(req), Napi::Function());
+    return start_claimed(env, "a turn is running on this chat", [&](chat & s) { return s.prepare_ingest_tools(user, results, reply, calls); }, Napi::Function());
 }
 
 Napi::Value js_chat::js_parse_tool_reply(const Napi::CallbackInfo & info) {
@@ -362,18 +354,10 @@ Napi::Value js_chat::js_parse_tool_reply(const Napi::CallbackInfo & info) {
 
 Napi::Value js_chat::js_ingest_exchange(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
-    chat & s = require(env);
+    require(env);
     const std::string user = string_arg(info, 0, "user message");
     const std::string reply = string_arg(info, 1, "assistant message");
-    claim(env, "a turn is running on this chat");
-    turn_request req;
-    try {
-        req = guarded(env, [&] { return s.prepare_ingest(user, reply); });
-    } catch (...) {
-        finished();
-        throw;
-    }
-    return start_turn(env, *this, Value(), std::move(req), Napi::Function());
+    return start_claimed(env, "a turn is running on this chat", [&](chat & s) { return s.prepare_ingest(user, reply); }, Napi::Function());
 }
 
 Napi::Value js_chat::js_abort(const Napi::CallbackInfo & info) {

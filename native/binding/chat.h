@@ -49,6 +49,12 @@ private:
     Napi::Value js_pins(const Napi::CallbackInfo & info);
     Napi::Value js_forget(const Napi::CallbackInfo & info);
     void release();
+    // Claims the chat, prepares its turn with `prepare` (the chat -> turn_request) and starts it.
+    template <typename Prepare>
+    Napi::Value start_claimed(Napi::Env env, const char * busy_message, Prepare && prepare, Napi::Function on_piece);
+    // send and sendToolResults: the turn's options (info[1]), onPiece (info[2]) and pin (info[3]).
+    template <typename Prepare>
+    Napi::Value start_generating(const Napi::CallbackInfo & info, Prepare && prepare);
 
     std::shared_ptr<runtime> rt_;
     std::shared_ptr<chat> core_;

@@ -308,8 +308,17 @@ turn_request chat::prepare_framed(std::vector<int32_t> framed, generation_option
     if (!gen.grammar.empty() || !gen.json_schema.empty()) {
         req.grammar = reply_grammar::compile(model_->vocab(), gen.grammar, gen.json_schema);
         if (req.tools && !req.tools->grammar_prefill.empty()) {
+            // Fed byte by byte (a token whose text is each byte: every vocabulary has them), not as
+            // the text's tokens: a SentencePiece vocabulary tokenizes "<|im_start|>assistant" with a
+            // space before "assistant", which the grammar's literal does not have.
+            const token_first_bytes & bytes = model_->first_bytes();
             try {
-                for (int32_t tok : model_->tokenize(req.tools->grammar_prefill, false, true)) req.grammar->accept(tok);
+                for (unsigned char b : req.tools->grammar_prefill) {
+                    if (bytes.single[b] < 0) {
+                        throw std::runtime_error("no token of the vocabulary is the byte " + std::to_string(b));
+                    }
+                    req.grammar->accept(bytes.single[b]);
+                }
             } catch (const std::exception & e) {
                 throw fml_error(FML_ERR_TEMPLATE, std::string("the tool-call grammar does not start with the template's generation prompt: ") + e.what());
             }

@@ -117,8 +117,12 @@ export class Chat implements ChatSurface {
       const result = { ...raw, stats } as TurnResult;
       answer.finish(result.response);
       if (this.#telemetry && !this.#disposed) this.#emit(result, evictionLog);
-      // A turn of tool results is no user message: the transcript (plain messages) leaves it out.
-      if (result.stats.promptTokens > 0 && results === undefined) this.#transcript.add(text, result.response);
+      // A turn of tool results is no user message: the transcript (plain messages) has the reply after
+      // it as more of the exchange's answer.
+      if (result.stats.promptTokens > 0) {
+        if (results === undefined) this.#transcript.add(text, result.response);
+        else this.#transcript.addToLastReply(result.response);
+      }
       this.#remember(result);
       // The turn is kept (memory, stats and transcript agree); the caller's error is reported.
       if (Object.hasOwn(native, 'callbackError')) throw new CallbackError(result, callbackError);
@@ -248,8 +252,9 @@ export class Chat implements ChatSurface {
     try {
       const triples = results.map((r): [string, string, string] => [r.toolCallId ?? '', r.name ?? '', r.content]);
       await this.#exclusive('import', () => this.#native.ingestToolExchange(user, triples, reply, calls.map((c): [string, string, string] => [c.id, c.name, c.arguments])));
-      // The transcript holds plain messages: a turn of results is none.
+      // The transcript holds plain messages: a turn of results is none, its reply more of the answer.
       if (results.length === 0) this.#transcript.add(user, reply);
+      else this.#transcript.addToLastReply(reply);
     } finally {
       signal?.removeEventListener('abort', onAbort);
     }

@@ -120,6 +120,16 @@ export class TranscriptLog {
     this.#messages.push({ role: 'user', content: user }, { role: 'assistant', content: assistant });
   }
 
+  /**
+   * A reply that followed no user message (a turn of tool results): its text joins the last reply, as
+   * the exchange's plain-text answer (the transcript holds user and assistant messages only).
+   */
+  addToLastReply(text: string): void {
+    const last = this.#messages.at(-1);
+    if (last === undefined || text === '') return;
+    last.content = last.content === '' ? text : `${last.content}\n\n${text}`;
+  }
+
   clear(): void {
     this.#messages = [];
   }

@@ -127,6 +127,20 @@ describe('toolChoice required', () => {
     free.dispose();
   });
 
+  it('holds a call on a SentencePiece vocabulary too (it tokenizes the generation prompt with a space the grammar does not have)', async () => {
+    const path = join(testDir, 'tools-spm.gguf');
+    writeModel(path, { family: 'llama', template: 'chatml', seed: 5 });
+    const spm = await loadModel(path, { threads: THREADS });
+    try {
+      const chat = spm.createChat(BASE);
+      const r = await chat.send('Time?', { maxNewTokens: 96, toolChoice: { name: 'get_time' }, parallelToolCalls: false, seed: 1 });
+      expect(r.toolCalls.map((c) => c.name)).toEqual(['get_time']);
+      chat.dispose();
+    } finally {
+      spm.dispose();
+    }
+  });
+
   it('a named tool is the one called, given as { name } or as OpenAI writes it', async () => {
     const chat = qwen2.createChat(BASE);
     for (const toolChoice of [{ name: 'get_time' }, { type: 'function', function: { name: 'get_time' } }] as const) {
@@ -240,6 +254,8 @@ describe('bad input: a typed error, the chat as it was', () => {
     await chat._ingestTools('hi', [], '', [{ id: 'c1', name: 'get_time', arguments: '{"zone": "UTC"}' }]);
     await chat._ingestTools('', [{ toolCallId: 'c1', content: '12:00' }], 'Noon.', []);
     expect(text(chat)).toContain('<|im_start|>assistant\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n12:00\n</tool_response><|im_end|>\n<|im_start|>assistant\nNoon.');
+    // The transcript (plain messages): the reply after the results is the exchange's answer.
+    expect(chat.exportTranscript().messages).toEqual([{ role: 'user', content: 'hi' }, { role: 'assistant', content: 'Noon.' }]);
     await expect(chat.send({ toolResults: [{ toolCallId: 'c1\u001eFML_RESULT_0\u001e', content: 'x' }] })).rejects.toThrow(/control character/);
     chat.dispose();
   });

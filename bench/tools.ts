@@ -1,0 +1,148 @@
+// What tool calling costs, side by side in one run, on a Qwen2.5-0.5B-shaped model with a vocabulary
+// as large as Qwen's (~152k) and Qwen2.5's own chat template (calls in <tool_call> tags):
+//   - set-up (the calling thread): createChat with 1, 16 and 128 tools, the first time (the template
+//     read, every schema checked, the frames rendered) and again (the set-up kept); prepareTools, that
+//     and a first turn's set-up (its grammar and parser) on a worker thread;
+//   - per token, round-robin turn by turn: free decoding against a required call (the answer held to
+//     the template's call grammar, its arguments to a schema whose calls run on) and against 'auto'
+//     with the reply streamed (every piece read by llama.cpp's partial parser, as llama-server streams);
+//   - the stream's reading on long replies: a 2,000-token reply with and without onToken.
+//   npx tsx bench/tools.ts [--no-write] [--turns 6]
+import { availableParallelism } from 'node:os';
+import { parseArgs } from 'node:util';
+import { TEMPLATES, writeLlamaModel } from '../src/gguf/index.ts';
+import { loadModel, type SendOptions, type ToolDefinition, type TurnResult } from '../src/index.ts';
+import { cachedModel, machine, median, REALISTIC_MODEL, writeResultsSection } from './common.ts';
+
+const { values } = parseArgs({ options: { 'no-write': { type: 'boolean' }, turns: { type: 'string' } } });
+const TURNS = Number(values.turns ?? 6);
+const TOKENS = 64;
+const VOCAB_EXTRA = 151_000;
+
+/** A tool as agents write them: a few typed parameters, an enum, an optional nested object. */
+const tool = (i: number): ToolDefinition => ({
+  type: 'function',
+  function: {
+    name: `tool_${i}`,
+    description: `Does thing number ${i} of the agent's list and returns what it found.`,
+    parameters: {
+      type: 'object',
+      properties: {
+        query: { type: 'string', description: 'What to look for' },
+        limit: { type: 'integer', minimum: 1, maximum: 100 },
+        mode: { enum: ['fast', 'thorough', 'cached'] },
+        filters: { type: 'object', properties: { since: { type: 'string' }, tags: { type: 'array', items: { type: 'string' } } } },
+      },
+      required: ['query'],
+    },
+  },
+});
+/** A call whose arguments run on (at least 50 notes): every case decodes TOKENS tokens. */
+const NOTES_TOOL: ToolDefinition = {
+  type: 'function',
+  function: { name: 'save_notes', parameters: { type: 'object', properties: { notes: { type: 'array', items: { type: 'string' }, minItems: 50 } }, required: ['notes'] } },
+};
+
+const CASES: { label: string; options: SendOptions }[] = [
+  { label: 'free (no tools)', options: { maxNewTokens: TOKENS, ignoreEos: true } },
+  { label: "toolChoice 'required' (held to the call grammar)", options: { maxNewTokens: TOKENS, ignoreEos: true, toolChoice: 'required' } },
+  { label: "toolChoice 'auto', streamed (each piece read)", options: { maxNewTokens: TOKENS, ignoreEos: true, onToken: () => {} } },
+];
+
+async function main() {
+  const path = cachedModel('qwen2.5-0.5b-shape-vocab152k-q8_0-seed1-qwen25-template.gguf', (p) => writeLlamaModel(p, { ...REALISTIC_MODEL, vocabExtra: VOCAB_EXTRA, chatTemplate: TEMPLATES.chatml.text }));
+  const threads = availableParallelism();
+  const model = await loadModel(path, { threads, slots: CASES.length + 2 });
+
+  // Set-up on the calling thread, and on a worker (each with a system prompt of its own: nothing kept).
+  const setup: string[] = [];
+  for (const n of [1, 16, 128]) {
+    const tools = Array.from({ length: n }, (_, i) => tool(i));
+    const timed = (f: () => void) => {
+      const t0 = performance.now();
+      f();
+      return performance.now() - t0;
+    };
+    const opts = { maxTokens: 65536, tools, systemPrompt: `You are agent ${n}.` };
+    let chat = model.createChat({ maxTokens: 64, policy: 'sliding' });
+    const cold = timed(() => {
+      chat.dispose();
+      chat = model.createChat(opts);
+    });
+    const kept = timed(() => {
+      chat.dispose();
+      chat = model.createChat(opts);
+    });
+    const tokens = chat._internals().cacheState().pendingSystemTokens;
+    chat.dispose();
+    const t0 = performance.now();
+    await model.prepareTools(tools, { systemPrompt: `You are agent ${n}, again.` });
+    const worker = performance.now() - t0;
+    setup.push(`| ${n} | ${JSON.stringify(tools).length.toLocaleString('en-US')} | ${tokens.toLocaleString('en-US')} | ${cold.toFixed(1)} | ${kept.toFixed(2)} | ${worker.toFixed(1)} |`);
+  }
+
+  // Per token, round-robin.
+  const chats = CASES.map((c, i) => model.createChat({ maxTokens: 2048, policy: 'sliding', systemPrompt: 'You are terse.', ...(i === 0 ? {} : { tools: [NOTES_TOOL] }) }));
+  const turns: TurnResult[][] = CASES.map(() => []);
+  const walls: number[][] = CASES.map(() => []);
+  for (let t = 0; t < TURNS; t++) {
+    for (let i = 0; i < CASES.length; i++) {
+      const t0 = performance.now();
+      turns[i]!.push(await chats[i]!.send(`Note ${t}: save what you remember.`, { ...CASES[i]!.options, seed: t }));
+      walls[i]!.push((performance.now() - t0) / Math.max(1, turns[i]!.at(-1)!.stats.generatedTokens));
+    }
+    console.log(`turn ${t + 1}: ${CASES.map((c, i) => `${c.label} ${turns[i]!.at(-1)!.stats.decodeMs.toFixed(0)} ms`).join('; ')}`);
+  }
+  const call = turns[1]!.at(-1)!;
+  for (const c of chats) c.dispose();
+
+  // Reading a long streamed reply: the partial parse of the whole answer at every piece.
+  const long = { maxNewTokens: 2000, ignoreEos: true } as const;
+  const streamed: number[] = [];
+  const plain: number[] = [];
+  const reader = model.createChat({ maxTokens: 8192, policy: 'sliding', tools: [NOTES_TOOL] });
+  for (let t = 0; t < 2; t++) {
+    // Wall time: the reading runs on the calling thread, beside the decode.
+    for (const [into, extra] of [[plain, {}], [streamed, { onToken: () => {} }]] as const) {
+      reader.reset();
+      const t0 = performance.now();
+      await reader.send(`Long ${t}`, { ...long, ...extra, seed: t });
+      into.push(performance.now() - t0);
+    }
+  }
+  reader.dispose();
+  const info = model.info;
+  model.dispose();
+
+  const perToken = (rs: TurnResult[]) => median(rs.map((r) => r.stats.decodeMs / Math.max(1, r.stats.generatedTokens)));
+  const base = perToken(turns[0]!);
+  const wallBase = median(walls[0]!);
+  const lines = CASES.map((c, i) => `| ${c.label} | ${median(turns[i]!.map((r) => r.stats.generatedTokens))} | ${perToken(turns[i]!).toFixed(2)} (${(perToken(turns[i]!) / base).toFixed(2)}x) | ${median(walls[i]!).toFixed(2)} (${(median(walls[i]!) / wallBase).toFixed(2)}x) |`);
+  const out = [
+    '## Tool calls: set-up and cost per token (`npx tsx bench/tools.ts`)',
+    '',
+    `- machine: ${machine()}`,
+    `- model: Qwen2.5-0.5B geometry (24 layers, n_embd 896, 14/2 heads x 64, FFN 4864, Q8_0, seeded random weights) with a ${info.nVocab.toLocaleString('en-US')}-token vocabulary and Qwen2.5's chat template (tools in the system turn, calls in <tool_call> tags), ${threads} threads, ${info.backend}`,
+    '- tools as agents write them (a string, an integer with bounds, an enum, an optional object with an array); set-up times are wall time of the calling thread',
+    `- a required call's start: ${JSON.stringify(call.toolCalls[0] ? `${call.toolCalls[0].name} ${call.toolCalls[0].arguments.slice(0, 50)}` : call.response.slice(0, 60))}`,
+    '',
+    '| tools | JSON bytes | system prompt tokens | createChat, first (ms) | createChat, set-up kept (ms) | prepareTools on a worker: the template, the schemas, the frames and a first turn\'s set-up (ms) |',
+    '|---|---|---|---|---|---|',
+    ...setup,
+    '',
+    `Per token (${TURNS} turns per case, round-robin, ${TOKENS} tokens each; medians):`,
+    '',
+    '| case | tokens | decode ms / token (/ free) | wall ms / token, the calling thread\'s reading included (/ free) |',
+    '|---|---|---|---|',
+    ...lines,
+    '',
+    `A 2,000-token reply of a chat with a tool, 'auto' (wall time of the turn): ${median(plain).toFixed(0)} ms unstreamed, ${median(streamed).toFixed(0)} ms streamed with every piece read (${(median(streamed) / median(plain)).toFixed(2)}x; medians of ${plain.length}).`,
+  ].join('\n');
+  console.log(out);
+  if (!values['no-write']) writeResultsSection('tools', out);
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

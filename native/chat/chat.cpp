@@ -65,6 +65,9 @@ chat::chat(std::shared_ptr<fml_model> model, const chat_options & opts, int32_t 
         // the first user message then takes the usual opening. The prompt is tokenized as plain text.
         tools_ = std::make_unique<tool_set>(model_, opts_.tools, opts_.system_prompt);
         const std::vector<std::string> frames = tools_->system_frames(model_->frame_message(frame_kind::user).prefix);
+        // A template whose calls llama.cpp cannot read or hold fails here, not at the first turn (the
+        // set-up is kept for it).
+        (void) tools_->turn("auto", true, true);
         append(model_->tokenize(frames[0], false, true));
         if (frames.size() > 1) {
             append(model_->tokenize(opts_.system_prompt, false, false));
@@ -244,16 +247,16 @@ std::vector<int32_t> chat::frame_tool_results(const std::vector<tool_result> & r
         // A reply of a restored chat, or one the caller answers anyway: the results name the calls.
         for (const auto & r : named) calls.push_back({ r.call_id, r.name, "{}" });
     }
-    const std::vector<std::string> frames = tools_->result_frames(calls, named);
-    // The frames are the template's markup; the results are the tools' text, never control tokens.
+    const result_framing frames = tools_->result_frames(calls, named, model_->frame_message(frame_kind::assistant).suffix);
+    // The markup is the template's; the results are the tools' text, never control tokens.
     std::vector<int32_t> framed;
     for (size_t i = 0; i < named.size(); ++i) {
-        const std::vector<int32_t> markup = model_->tokenize(frames[i], false, true);
-        const std::vector<int32_t> content = model_->tokenize(named[i].content, false, false);
+        const std::vector<int32_t> markup = model_->tokenize(frames.markup[i], false, true);
+        const std::vector<int32_t> content = model_->tokenize(frames.contents[i], false, false);
         framed.insert(framed.end(), markup.begin(), markup.end());
         framed.insert(framed.end(), content.begin(), content.end());
     }
-    const std::vector<int32_t> tail = model_->tokenize(frames.back(), false, true);
+    const std::vector<int32_t> tail = model_->tokenize(frames.markup.back(), false, true);
     framed.insert(framed.end(), tail.begin(), tail.end());
     return framed;
 }

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <functional>
 #include <pthread.h>
 #include <stdexcept>
 #include <list>
@@ -125,11 +126,11 @@ std::string rewrite_rule(const std::string & grammar, const std::string & name, 
 
 // llama.cpp's grammar for a required call (this version's: test/model/tool-calls.test.ts checks both
 // rewrites) lets words come first, up to the call's marker (root ::= "<prompt>" space until-N?
-// tool-calls): held here, the answer starts with the call, since a weak model's words could run to
+// tool-calls, or until-N where the call's tags are the model's own): held here, the answer starts with the call, since a weak model's words could run to
 // maxNewTokens and call nothing, which 'required' rules out. And where each call has its own markers it
 // takes one or more of them even when parallel calls are off (tool-calls ::= (tool-call space)+).
 std::string hold_required_call(const std::string & grammar, bool parallel) {
-    static const std::regex words(R"( until-[0-9]+\?(?= ))");
+    static const std::regex words(R"( until-[0-9]+\??(?= ))");
     static const std::regex several(R"(\(tool-call space\)\+)");
     const std::string held = rewrite_rule(grammar, "root", words, "");
     return parallel ? held : rewrite_rule(held, "tool-calls", several, "tool-call space");
@@ -140,8 +141,8 @@ std::string hold_required_call(const std::string & grammar, bool parallel) {
 std::string tool_call_id() {
     static const char ALNUM[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     thread_local std::mt19937_64 rng{ std::random_device{}() };
-    std::string id = "call_";
-    for (int i = 0; i < 24; ++i) id += ALNUM[rng() % (sizeof(ALNUM) - 1)];
+    std::string id;
+    for (int i = 0; i < 9; ++i) id += ALNUM[rng() % (sizeof(ALNUM) - 1)];
     return id;
 }
 
@@ -166,6 +167,9 @@ struct tool_set::impl {
         // A prompt alone: 'none' renders the tools the same and builds no grammar or parser for them
         // (with 128 tools, a tenth of a second a rendering). turn() sets the choice it sets up.
         in.tool_choice = COMMON_CHAT_TOOL_CHOICE_NONE;
+        // Llama 3.x's templates put the tools in the first user message unless told otherwise: with
+        // the system prompt, where a chat keeps them (pinned) and every turn after frames alone.
+        in.chat_template_kwargs["tools_in_user_message"] = "false";
         return in;
     }
     std::vector<common_chat_msg> opening(const std::string & user) const {
@@ -178,7 +182,13 @@ struct tool_set::impl {
         try {
             return common_chat_templates_apply(templates.get(), in).prompt;
         } catch (const std::exception & e) {
-            template_failed(std::string("the chat template could not render tools: ") + e.what());
+            // The template's own raise_exception refuses what it was given (Mistral's: call ids of
+            // other than 9 characters): the caller's input, not a failure.
+            const std::string why = e.what();
+            if (why.find("Jinja Exception: ") != std::string::npos) {
+                invalid("the model's chat template refuses these messages: " + why.substr(why.find("Jinja Exception: ") + 17));
+            }
+            template_failed("the chat template could not render tools: " + why);
         }
     }
 };
@@ -234,6 +244,11 @@ std::shared_ptr<tool_set::impl> tool_set::acquire(const std::shared_ptr<const fm
     }
     if (!p->templates || !common_chat_templates_was_explicit(p->templates.get())) {
         unsupported("tools need the model's own chat template (tokenizer.chat_template), and this model has none");
+    }
+    if (model->reasoning().harmony()) {
+        // gpt-oss calls tools in a commentary channel of its own, a message beside the answer the
+        // chat holds and reads: not supported yet.
+        unsupported("tools on gpt-oss's harmony channels are not supported here yet");
     }
     p->tools = parse_tools(tools_json);
     // The tools are rendered into the prompt's markup and tokenized with it: the text of a control
@@ -355,7 +370,7 @@ std::string tool_set::reply_text(const std::string & content, const std::vector<
     return text;
 }
 
-std::vector<std::string> tool_set::result_frames(const std::vector<tool_call> & calls, const std::vector<tool_result> & results) const {
+result_framing tool_set::result_frames(const std::vector<tool_call> & calls, const std::vector<tool_result> & results, const std::string & closing) const {
     std::lock_guard<std::mutex> lock(p_->mu);
     std::vector<common_chat_msg> past = p_->opening("u");
     common_chat_msg reply = message("assistant", "");
@@ -367,30 +382,66 @@ std::vector<std::string> tool_set::result_frames(const std::vector<tool_call> & 
     }
     past.push_back(reply);
     const std::string before = p_->render(p_->inputs(past, false));
-    std::vector<common_chat_msg> all = past;
+    auto rendered = [&](const std::function<std::string(size_t)> & content) {
+        std::vector<common_chat_msg> all = past;
+        for (size_t i = 0; i < results.size(); ++i) {
+            common_chat_msg m = message("tool", content(i));
+            m.tool_name = results[i].name;
+            m.tool_call_id = results[i].call_id;
+            all.push_back(m);
+        }
+        const std::string after = p_->render(p_->inputs(all, true));
+        if (after.compare(0, before.size(), before) == 0) {
+            return after.substr(before.size());
+        }
+        // The template renders the reply otherwise once results follow it (Qwen3's keeps the think
+        // block of a reply in a tool loop): that reply is in memory as written, and the results start
+        // after its end of turn.
+        const size_t first = after.find(content(0));
+        const size_t end = first == std::string::npos || closing.empty() ? std::string::npos : after.rfind(closing, first);
+        if (end == std::string::npos) {
+            template_failed("the model's chat template renders a reply's tool calls differently once their results follow");
+        }
+        return after.substr(end + closing.size());
+    };
+    std::string rest = rendered(result_sentinel);
+    result_framing out;
+    bool encoded = false;
     for (size_t i = 0; i < results.size(); ++i) {
-        common_chat_msg m = message("tool", result_sentinel(i));
-        m.tool_name = results[i].name;
-        m.tool_call_id = results[i].call_id;
-        all.push_back(m);
-    }
-    const std::string after = p_->render(p_->inputs(all, true));
-    if (after.compare(0, before.size(), before) != 0) {
-        template_failed("the model's chat template renders a reply's tool calls differently once their results follow");
-    }
-    std::string rest = after.substr(before.size());
-    std::vector<std::string> frames;
-    for (size_t i = 0; i < results.size(); ++i) {
-        const std::string s = result_sentinel(i);
+        // As given, or as JSON (Llama 3.1's template writes a string result with tojson).
+        std::string s = result_sentinel(i);
+        if (rest.find(s) == std::string::npos) {
+            s = "\"\\u001eFML_RESULT_" + std::to_string(i) + "\\u001e\"";
+            encoded = true;
+        }
         const size_t at = rest.find(s);
         if (at == std::string::npos || rest.find(s, at + 1) != std::string::npos) {
             template_failed("the model's chat template drops or repeats tool results");
         }
-        frames.push_back(rest.substr(0, at));
+        out.markup.push_back(rest.substr(0, at));
         rest.erase(0, at + s.size());
     }
-    frames.push_back(rest);
-    return frames;
+    out.markup.push_back(rest);
+    for (const auto & r : results) out.contents.push_back(r.content);
+    if (encoded) {
+        // The contents as the template writes them: read from a rendering with them, between the
+        // markup found around the sentinels.
+        const std::string real = rendered([&](size_t i) { return results[i].content; });
+        size_t pos = 0;
+        for (size_t i = 0; i < results.size(); ++i) {
+            const std::string & next = out.markup[i + 1];
+            const bool last = i + 1 == results.size();
+            const size_t end = last ? real.size() - std::min(real.size(), next.size()) : real.find(next, pos + out.markup[i].size());
+            if (real.compare(pos, out.markup[i].size(), out.markup[i]) != 0 || end == std::string::npos || end < pos + out.markup[i].size() ||
+                (last && real.compare(end, next.size(), next) != 0)) {
+                template_failed("the model's chat template writes tool results in a way this chat cannot frame");
+            }
+            pos += out.markup[i].size();
+            out.contents[i] = real.substr(pos, end - pos);
+            pos = end;
+        }
+    }
+    return out;
 }
 
 tool_turn tool_set::turn(const std::string & choice, bool parallel, bool thinking) const {
@@ -505,7 +556,7 @@ constexpr size_t PARSE_STACK_MAX = (size_t) 1 << 30;
 
 tool_reply tool_turn::parse(const std::string & reasoning, const std::string & answer, bool partial) const {
     std::string text = p->before_reasoning;
-    if (!p->think_open.empty()) {
+    if (!p->think_open.empty() && !reasoning.empty()) {
         text += p->think_open + "\n" + reasoning + "\n" + p->think_close + "\n\n";
     }
     text += answer;
@@ -529,6 +580,11 @@ tool_reply tool_turn::parse(const std::string & reasoning, const std::string & a
     // The text around the calls as a message's content: without the blank lines between a think
     // block or a call and it (while the reply is written, its end may yet grow).
     out.content = msg.content;
+    // A format whose parser reads no reasoning leaves the think block in the content: it is apart.
+    const size_t closed = p->think_close.empty() ? std::string::npos : out.content.rfind(p->think_close);
+    if (closed != std::string::npos) {
+        out.content.erase(0, closed + p->think_close.size());
+    }
     out.content.erase(0, std::min(out.content.find_first_not_of(" \t\r\n"), out.content.size()));
     if (!partial) {
         out.content.erase(out.content.find_last_not_of(" \t\r\n") + 1);

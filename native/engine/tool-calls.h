@@ -26,13 +26,22 @@ struct tool_result {
     std::string content;
 };
 
+// A turn of tool results as the template writes it: markup (results.size() + 1 pieces, tokenized
+// with the template's special tokens) around each result's text (tokenized as plain text: the
+// content as given, or as the template encodes it, JSON for Llama 3.1's).
+struct result_framing {
+    std::vector<std::string> markup;
+    std::vector<std::string> contents;
+};
+
 // A reply read by the template's format: the answer's text without its calls, and the calls.
 struct tool_reply {
     std::string content;
     std::vector<tool_call> calls;
 };
 
-// A fresh call id where the format has none ("call_" and 24 letters and digits, as OpenAI's look).
+// A fresh call id where the format has none: 9 letters and digits, what Mistral's templates require
+// of an id (they refuse to render others) and what any other takes.
 std::string tool_call_id();
 
 constexpr size_t MAX_TOOLS_BYTES = 256 * 1024;
@@ -70,9 +79,10 @@ public:
     // chat tokenizes as plain text). Throws fml_error(TEMPLATE) when the template puts the tools
     // elsewhere (in the last user message: a chat could not keep them pinned).
     std::vector<std::string> system_frames(const std::string & user_prefix) const;
-    // The text of a turn of tool results after a reply that made `calls`, cut around each result's
-    // content (results.size() + 1 pieces; the contents are the caller's, tokenized as plain text).
-    std::vector<std::string> result_frames(const std::vector<tool_call> & calls, const std::vector<tool_result> & results) const;
+    // A turn of tool results after a reply that made `calls`.
+    // `closing`: a reply's end of turn as the chat frames it (where results start when the template
+    // renders the reply differently once they follow).
+    result_framing result_frames(const std::vector<tool_call> & calls, const std::vector<tool_result> & results, const std::string & closing) const;
     // A reply with calls as the template renders it after the generation prompt, without its end of
     // turn `closing` (the chat carries that into the next turn): what an imported conversation prefills.
     std::string reply_text(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing) const;

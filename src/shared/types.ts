@@ -101,7 +101,7 @@ export interface TurnStats {
 
 /** A call a reply made to one of the chat's tools. */
 export interface ToolCall {
-  /** The format's id, or a fresh one ("call_..."): what the result's `toolCallId` names. */
+  /** The format's id, or a fresh one (9 letters and digits): what the result's `toolCallId` names. */
   id: string;
   name: string;
   /** The arguments as the model wrote them: JSON text (held to the tool's schema when the call was required). */

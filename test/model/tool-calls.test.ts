@@ -4,6 +4,7 @@
  * grammar, results framed as the template frames them. The generated models carry Qwen2.5's template
  * (verbatim) and Qwen3's (abridged), whose calls are <tool_call> JSON.
  */
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -71,7 +72,7 @@ describe('createChat({ tools })', () => {
     expect(r.toolCalls).toHaveLength(1);
     expect(r.toolCalls[0]!.name).toBe('get_weather');
     expect(JSON.parse(r.toolCalls[0]!.arguments)).toEqual({ city: 'Paris', unit: 'C' });
-    expect(r.toolCalls[0]!.id).toMatch(/^call_[A-Za-z0-9]{24}$/);
+    expect(r.toolCalls[0]!.id).toMatch(/^[A-Za-z0-9]{9}$/);
     expect(r.response).toBe('Let me check.');
     expect(pieces.join('')).toBe('Let me check.');
     expect(pieces.join('')).not.toContain('<tool_call>');
@@ -438,6 +439,75 @@ describe('the server: tools, tool_choice, tool messages (OpenAI wire format)', (
     } finally {
       await server.close();
       await plain.server.close();
+    }
+  });
+});
+
+// The real templates llama.cpp ships with its source (deps/llama.cpp/models/templates, cloned from the
+// pinned package by the build), each on a generated model of its family's vocabulary: a required
+// call is held, read back, and its results framed; an import of the exchange renders it.
+const REAL_TEMPLATES = join(import.meta.dirname, '..', '..', 'deps', 'llama.cpp', 'models', 'templates');
+const REAL: { file: string; family: string; heldArgs: boolean }[] = [
+  { file: 'Qwen-Qwen2.5-7B-Instruct.jinja', family: 'qwen2', heldArgs: true },
+  { file: 'Qwen-Qwen3-0.6B.jinja', family: 'qwen3', heldArgs: true },
+  // XML calls: llama.cpp's grammar writes a string argument as free text (no schema holds it).
+  { file: 'Qwen3.5-4B.jinja', family: 'qwen35', heldArgs: false },
+  { file: 'Qwen3-Coder.jinja', family: 'qwen3', heldArgs: false },
+  { file: 'GLM-4.6.jinja', family: 'glm4moe', heldArgs: false },
+  { file: 'meta-llama-Llama-3.1-8B-Instruct.jinja', family: 'llama', heldArgs: true },
+  { file: 'meta-llama-Llama-3.2-3B-Instruct.jinja', family: 'llama', heldArgs: true },
+  { file: 'NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja', family: 'qwen2', heldArgs: true },
+  { file: 'ibm-granite-granite-4.0.jinja', family: 'granite4', heldArgs: true },
+  { file: 'LFM2.5-Instruct.jinja', family: 'lfm2', heldArgs: false },
+  // Its template refuses call ids of other than 9 characters: the ids made for calls are 9.
+  { file: 'mistralai-Mistral-Nemo-Instruct-2407.jinja', family: 'mistral', heldArgs: true },
+];
+const REFUSED = ['openai-gpt-oss-120b.jinja:gptoss', 'google-gemma-4-31B-it.jinja:gemma4'];
+
+describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp models/templates; skipped without deps/llama.cpp: run npm run build)', () => {
+  const time = TOOLS.slice(1);
+  const load = async (file: string, family: string) => {
+    const path = join(testDir, `real-${file}.gguf`);
+    writeModel(path, { family: family as 'qwen2', seed: 3, chatTemplate: readFileSync(join(REAL_TEMPLATES, file), 'utf8') });
+    return loadModel(path, { threads: THREADS });
+  };
+
+  it.each(REAL)('$file: a required call held and read back, its results framed, the exchange imported', async ({ file, family, heldArgs }) => {
+    const m = await load(file, family);
+    try {
+      const chat = m.createChat({ ...BASE, tools: time });
+      const r = await chat.send('What time is it?', { maxNewTokens: 120, toolChoice: { name: 'get_time' }, parallelToolCalls: false, thinking: false, seed: 1 });
+      expect(r.toolCalls.map((c) => c.name), r.response).toEqual(['get_time']);
+      if (heldArgs) expect(['UTC', 'CET']).toContain((JSON.parse(r.toolCalls[0]!.arguments) as { zone: string }).zone);
+      const next = await chat.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, name: 'get_time', content: 'It is 12:00' }] }, { maxNewTokens: 2 });
+      expect(next.stats.promptTokens).toBeGreaterThan(3);
+      expect(text(chat)).toContain('It is 12:00');
+      checkCache(chat, 1024);
+      const imported = m.createChat({ ...BASE, tools: time });
+      await imported._ingestTools('What time is it?', [], '', [{ id: 'call00001', name: 'get_time', arguments: '{"zone": "UTC"}' }]);
+      await imported._ingestTools('', [{ toolCallId: 'call00001', name: 'get_time', content: 'It is 12:00' }], 'Noon.', []);
+      expect(text(imported)).toContain('It is 12:00');
+      chat.dispose();
+      imported.dispose();
+    } finally {
+      m.dispose();
+    }
+  });
+
+  it.each(REFUSED)('%s: tools refused with a typed error', async (entry) => {
+    const [file, family] = entry.split(':') as [string, string];
+    const m = await load(file, family);
+    try {
+      let err: unknown;
+      try {
+        m.createChat({ ...BASE, tools: time });
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(Error);
+      expect((err as { code?: string }).code).toMatch(/^(UNSUPPORTED_MODEL|TEMPLATE_FAILED)$/);
+    } finally {
+      m.dispose();
     }
   });
 });

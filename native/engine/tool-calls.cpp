@@ -203,7 +203,7 @@ namespace {
 
 // Set-ups by model, system prompt and tools: those a chat uses, and the most recent ones held (a
 // stateless server's requests make a chat each, one after the other, and the set-up of the same
-// tools costs milliseconds of the event loop: up to a second for 128 large schemas).
+// tools costs milliseconds of the event loop: 0.24 s for 128 tools: bench/tools.ts).
 constexpr size_t RECENT_SETUPS = 16;
 std::mutex g_setups_mu;
 std::map<std::string, std::weak_ptr<tool_set::impl>> g_setups;
@@ -439,6 +439,22 @@ result_framing tool_set::result_frames(const std::vector<tool_call> & calls, con
             pos += out.markup[i].size();
             out.contents[i] = real.substr(pos, end - pos);
             pos = end;
+        }
+        // Each piece read must be its result (as given, or as a JSON string of it): a result holding
+        // the markup that follows it would have been cut there, its rest read as markup (and
+        // tokenized as the template's special tokens).
+        for (size_t i = 0; i < results.size(); ++i) {
+            bool same = out.contents[i] == results[i].content;
+            if (!same) {
+                try {
+                    const common_json v = common_json::parse(out.contents[i]);
+                    same = v.is_string() && v.get<std::string>() == results[i].content;
+                } catch (const std::exception &) {
+                }
+            }
+            if (!same) {
+                invalid("tool result " + std::to_string(i) + " holds the text of the chat template's own markup");
+            }
         }
     }
     return out;

@@ -456,6 +456,11 @@ void chat::finish_turn(stop_reason reason, step_context & e) {
                 for (auto & c : read.calls) {
                     if (c.id.empty()) c.id = tool_call_id();
                 }
+                // parallelToolCalls false: one call at most, as OpenAI's (a required call's grammar
+                // holds it; with 'auto' the model may write more, and the first is the one).
+                if (!t->req.gen.parallel_tool_calls && read.calls.size() > 1) {
+                    read.calls.resize(1);
+                }
                 r.response = std::move(read.content);
                 r.tool_calls = std::move(read.calls);
             } catch (const std::exception &) {

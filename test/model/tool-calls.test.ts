@@ -94,6 +94,14 @@ describe('createChat({ tools })', () => {
     none.dispose();
   });
 
+  it('reads every call of a reply, or the first alone with parallelToolCalls false', async () => {
+    const two = `${CALL}\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>`;
+    const chat = qwen2.createChat({ ...BASE, testReply: two });
+    expect((await chat.send('Both?', { maxNewTokens: 200 })).toolCalls.map((c) => c.name)).toEqual(['get_weather', 'get_time']);
+    expect((await chat.send('One?', { maxNewTokens: 200, parallelToolCalls: false })).toolCalls.map((c) => c.name)).toEqual(['get_weather']);
+    chat.dispose();
+  });
+
   it("toolChoice 'none' reads no call", async () => {
     const chat = qwen2.createChat({ ...BASE, testReply: CALL });
     const r = await chat.send('Weather?', { toolChoice: 'none' });

@@ -19,9 +19,9 @@ export {
   CheckpointError,
   type ErrorCode,
 } from './shared/errors.js';
-export type { LoadModelOptions, ChatOptions, SendOptions, ToolDefinition, ToolChoice } from './local/options.js';
+export type { LoadModelOptions, ChatOptions, SendOptions } from './local/options.js';
 export type { PolicyName, KvType } from './shared/types.js';
-export type { TurnResult, TurnStats, ChatStats, MemoryEntry, ModelInfo, StopReason, Transcript, ToolCall, ToolResult } from './shared/types.js';
+export type { TurnResult, TurnStats, ChatStats, MemoryEntry, ModelInfo, StopReason, Transcript, ToolCall, ToolResult, ToolDefinition, ToolChoice } from './shared/types.js';
 export { POLICIES } from './shared/types.js';
 export type { Telemetry, TurnEvent, EvictionEvent } from './shared/telemetry.js';
 export { createPrometheusTelemetry, type PrometheusTelemetry, type PrometheusTelemetryOptions } from './shared/prometheus.js';

@@ -9,6 +9,9 @@ import { getBinding } from './binding.js';
 import { checkObject, fail } from '../shared/checks.js';
 import { fromNativeError } from '../shared/errors.js';
 import { jsonText } from './grammar.js';
+import type { ToolChoice, ToolDefinition } from '../shared/types.js';
+
+export type { ToolChoice, ToolDefinition };
 import type { Telemetry } from '../shared/telemetry.js';
 import type { KvType, PolicyName } from '../shared/types.js';
 
@@ -194,7 +197,7 @@ export interface SendOptions {
    * (llama.cpp's, as llama-server builds it). Default 'auto'.
    */
   toolChoice?: ToolChoice;
-  /** A chat with tools: the reply may make several calls (false: one at most where a call is required). Default true. */
+  /** A chat with tools: the reply may make several calls (false: the first is its call). Default true. */
   parallelToolCalls?: boolean;
   /** @internal Test hook: every token a grammar refuses takes the pass over the whole vocabulary (no shortcut). */
   testFullGrammarPass?: boolean;
@@ -268,14 +271,6 @@ export function resolveChatOptions(raw: unknown, defaultThreads: number): Resolv
     throw fromNativeError(err);
   }
 }
-
-/** A tool as OpenAI lists it. */
-export interface ToolDefinition {
-  type: 'function';
-  function: { name: string; description?: string; parameters?: Record<string, unknown> };
-}
-
-export type ToolChoice = 'auto' | 'none' | 'required' | { name: string } | { type: 'function'; function: { name: string } };
 
 /** toolChoice as the native table takes it: the word, or the tool's name. */
 function toolChoiceText(choice: unknown): unknown {

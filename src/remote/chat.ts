@@ -3,14 +3,14 @@
  * so memory is managed at the message level: every request carries the system prompt, the summary (if
  * any) and the newest messages that fit in `maxTokens`.
  */
-import { CallbackError, ChatBusyError, DisposedError, PromptTooLargeError } from '../shared/errors.js';
+import { CallbackError, ChatBusyError, DisposedError, InvalidOptionError, PromptTooLargeError } from '../shared/errors.js';
 import { streamFromSend, TranscriptLog, type ChatSurface } from '../shared/chat-surface.js';
-import { checkMessage } from '../shared/checks.js';
+import { checkKnownKeys, checkMessage, checkObject } from '../shared/checks.js';
 import { TelemetryEmitter } from '../shared/telemetry.js';
-import type { StopReason, Transcript } from '../shared/types.js';
+import type { StopReason, ToolResult, Transcript } from '../shared/types.js';
 import { AbortedError, CallerError, type Transport } from './transport.js';
 import type { RemoteTokenizer } from './connect.js';
-import { MessageMemory, SUMMARY_PREFIX, type Msg, type TurnEvictions } from './memory.js';
+import { MessageMemory, messageText, SUMMARY_PREFIX, type Msg, type TurnEvictions } from './memory.js';
 import { resolveRemoteChatOptions, resolveRemoteSendOptions, type ResolvedRemoteChatOptions } from './options.js';
 import type { RemoteChatOptions, RemoteChatStats, RemoteMemoryEntry, RemoteSendOptions, RemoteTurnEvent, RemoteTurnResult, RemoteTurnStats } from './types.js';
 
@@ -104,7 +104,7 @@ export class RemoteChat implements ChatSurface {
    * so that retained + the new message + room for the reply fit in maxTokens; after it, again so the
    * reply fits. With rolling_summary/hybrid, leaving messages are summarized by the remote model.
    */
-  send(message: string, options: RemoteSendOptions = {}): Promise<RemoteTurnResult> {
+  send(message: string | { toolResults: ToolResult[] }, options: RemoteSendOptions = {}): Promise<RemoteTurnResult> {
     // A call refused as busy must not replace the running turn that asyncDispose waits for.
     const idle = !this.#busy;
     const turn = this.#send(message, options);
@@ -112,21 +112,25 @@ export class RemoteChat implements ChatSurface {
     return turn;
   }
 
-  async #send(message: string, options: RemoteSendOptions): Promise<RemoteTurnResult> {
+  async #send(message: string | { toolResults: ToolResult[] }, options: RemoteSendOptions): Promise<RemoteTurnResult> {
     this.#check();
-    const text = checkMessage(message);
+    const input = this.#inputOf(message);
+    const text = typeof message === 'string' ? input[0]!.content : undefined;
     const opts = resolveRemoteSendOptions(options);
+    if ((opts.toolChoice !== undefined || text === undefined) && this.#options.tools === undefined) {
+      throw new InvalidOptionError('toolChoice and tool results need a chat created with tools');
+    }
     if (this.#busy) throw new ChatBusyError();
     const t0 = performance.now();
     const turn: TurnEvictions = { evictedTokens: 0, evictedMessages: 0, summaries: 0, summaryMs: 0, summaryTokens: 0 };
-    const user: Msg = { role: 'user', content: text, tokens: this.#count(text) };
+    const inputTokens = input.reduce((n, m) => n + m.tokens, 0);
     const { maxTokens } = this.#options;
     const memory = this.#memory;
     const floor = memory.systemTokens + memory.summaryRoom;
-    if (floor + user.tokens > maxTokens) {
-      throw new PromptTooLargeError(`the message (${user.tokens} tokens) does not fit in maxTokens ${maxTokens} beside the system prompt${floor > memory.systemTokens ? ' and summary' : ''}`);
+    if (floor + inputTokens > maxTokens) {
+      throw new PromptTooLargeError(`the message (${inputTokens} tokens) does not fit in maxTokens ${maxTokens} beside the system prompt${floor > memory.systemTokens ? ' and summary' : ''}`);
     }
-    const abortResult = (response: string, reasoning = ''): RemoteTurnResult => ({ response, reasoning, stopReason: 'abort', stats: this.#turnStats(turn, 0, 0, 0, t0) });
+    const abortResult = (response: string, reasoning = ''): RemoteTurnResult => ({ response, reasoning, toolCalls: [], stopReason: 'abort', stats: this.#turnStats(turn, 0, 0, 0, t0) });
     if (opts.signal?.aborted) return abortResult('');
 
     this.#busy = true;
@@ -139,10 +143,10 @@ export class RemoteChat implements ChatSurface {
     const summarize = (leaving: Msg[], s: AbortSignal) => this.#summarize(leaving, s);
     try {
       // Room for the reply: the requested tokens, but never more than half the budget.
-      const reserve = Math.min(opts.maxNewTokens, Math.floor((maxTokens - floor - user.tokens) / 2));
-      await memory.fit(maxTokens - user.tokens - reserve, turn, signal, summarize);
-      const messages = memory.requestMessages(user);
-      const promptTokens = memory.retained() + user.tokens;
+      const reserve = Math.min(opts.maxNewTokens, Math.floor((maxTokens - floor - inputTokens) / 2));
+      await memory.fit(maxTokens - inputTokens - reserve, turn, signal, summarize);
+      const messages = memory.requestMessages(input);
+      const promptTokens = memory.retained() + inputTokens;
       const streamed = opts.onToken !== undefined || opts.onReasoning !== undefined;
       const body: Record<string, unknown> = { model: this.#model, messages, max_tokens: opts.maxNewTokens, stream: streamed };
       // A stream carries the remote's token counts only when asked (OpenAI, this project's server).
@@ -153,10 +157,18 @@ export class RemoteChat implements ChatSurface {
       if (opts.thinking === false) body.chat_template_kwargs = { enable_thinking: false };
       // OpenAI's structured outputs (strict: the answer follows the schema, for the subset it takes).
       if (opts.jsonSchema !== undefined) body.response_format = { type: 'json_schema', json_schema: { name: 'response', schema: opts.jsonSchema, strict: true } };
+      if (this.#options.tools !== undefined) {
+        body.tools = this.#options.tools;
+        if (opts.toolChoice !== undefined) body.tool_choice = opts.toolChoice;
+        if (opts.parallelToolCalls !== undefined) body.parallel_tool_calls = opts.parallelToolCalls;
+      }
       const r = await this.#transport.complete(body, { signal, onToken: opts.onToken, onReasoning: opts.onReasoning, partial });
-      const reply: Msg = { role: 'assistant', content: r.text, tokens: this.#count(r.text) };
-      memory.add(user, reply);
-      this.#transcript.add(text, r.text);
+      // A call without an id (some servers) gets one: its result must name it.
+      const toolCalls = r.toolCalls.map((c, i) => ({ ...c, id: c.id || `call_${Date.now().toString(36)}_${i}` }));
+      const reply: Msg = { role: 'assistant', content: r.text, tokens: this.#count(r.text + toolCalls.map((c) => c.name + c.arguments).join('')), ...(toolCalls.length ? { toolCalls } : {}) };
+      memory.add(input, reply);
+      if (text !== undefined) this.#transcript.add(text, r.text);
+      else this.#transcript.addToLastReply(r.text);
       // The reply may be longer than reserved (or counted differently): evict again.
       // OpenAI's finish_reason 'stop' covers both an end of turn and a stop string; this project's
       // server says which (finite_memory.stop_reason), as a local chat would.
@@ -172,7 +184,7 @@ export class RemoteChat implements ChatSurface {
       }
       const generated = typeof r.usage?.completion_tokens === 'number' ? r.usage.completion_tokens : reply.tokens - 4;
       // The reasoning is not kept in the history sent next time: chat templates leave it out.
-      const result: RemoteTurnResult = { response: r.text, reasoning: r.reasoning, stopReason, stats: this.#turnStats(turn, promptTokens, generated, r.attempts, t0) };
+      const result: RemoteTurnResult = { response: r.text, reasoning: r.reasoning, toolCalls, stopReason, stats: this.#turnStats(turn, promptTokens, generated, r.attempts, t0) };
       this.#emit(result);
       return result;
     } catch (err) {
@@ -182,8 +194,9 @@ export class RemoteChat implements ChatSurface {
         if (!partial.text) restore();
         else {
           const reply: Msg = { role: 'assistant', content: partial.text, tokens: this.#count(partial.text) };
-          memory.add(user, reply);
-          this.#transcript.add(text, partial.text);
+          memory.add(input, reply);
+          if (text !== undefined) this.#transcript.add(text, partial.text);
+          else this.#transcript.addToLastReply(partial.text);
           memory.fitSliding(maxTokens, turn);
         }
         // Telemetry sees an aborted turn as a local chat's does: a turn with stopReason 'abort'.
@@ -202,6 +215,25 @@ export class RemoteChat implements ChatSurface {
     }
   }
 
+  /** The turn's new messages: the user's, or a tool message per result (each naming its call). */
+  #inputOf(message: string | { toolResults: ToolResult[] }): Msg[] {
+    if (typeof message === 'string') {
+      const text = checkMessage(message);
+      return [{ role: 'user', content: text, tokens: this.#count(text) }];
+    }
+    const m = checkObject('message', message) as { toolResults?: unknown };
+    checkKnownKeys('message', m, ['toolResults']);
+    const list = m.toolResults;
+    if (!Array.isArray(list) || list.length === 0 || list.length > 128) throw new InvalidOptionError('Expected an array of 1 to 128 tool results for toolResults');
+    return list.map((r: unknown, i: number) => {
+      const result = checkObject(`toolResults[${i}]`, r) as { toolCallId?: unknown; name?: unknown; content?: unknown };
+      checkKnownKeys(`toolResults[${i}]`, result, ['toolCallId', 'name', 'content']);
+      if (typeof result.toolCallId !== 'string' || result.toolCallId === '') throw new InvalidOptionError(`Expected the call's id (a string) for toolResults[${i}].toolCallId: a remote needs it`);
+      const content = checkMessage(result.content, `toolResults[${i}].content`);
+      return { role: 'tool' as const, content, toolCallId: result.toolCallId, tokens: this.#count(content) };
+    });
+  }
+
   /** Streams the reply piece by piece; breaking out of the loop aborts the turn. Returns the result. */
   stream(message: string, options: Omit<RemoteSendOptions, 'onToken'> = {}): AsyncGenerator<string, RemoteTurnResult, undefined> {
     return streamFromSend((onToken, signal) => this.send(message, { ...options, onToken, signal }), options.signal);
@@ -209,7 +241,7 @@ export class RemoteChat implements ChatSurface {
 
   /** Asks the remote model for one summary of the previous summary plus the leaving messages, cut to summaryTokens. */
   async #summarize(leaving: Msg[], signal: AbortSignal): Promise<string> {
-    const lines = leaving.map((m) => `${m.role}: ${m.content}`).join('\n');
+    const lines = leaving.map(messageText).join('\n');
     const previous = this.#memory.summary;
     const content = `${previous ? `Previous summary:\n${previous}\n\n` : ''}New messages:\n${lines}\n\nWrite the updated summary.`;
     const body = {

@@ -1,12 +1,15 @@
 /**
  * A remote chat's memory, at the message level: the messages the next request carries, the running
  * summary, and the figures of what left. Messages leave oldest first, in whole exchanges (the history
- * always starts with a user message); with rolling_summary/hybrid what leaves is summarized first.
+ * always starts with a user message, so a reply's calls and their results leave together); with
+ * rolling_summary/hybrid what leaves is summarized first.
  */
+import type { ToolCall } from '../shared/types.js';
 import type { RemoteMemoryEntry } from './types.js';
 import type { ResolvedRemoteChatOptions } from './options.js';
 
-export type Msg = { role: 'user' | 'assistant'; content: string; tokens: number };
+/** A message of the history: text, and (tools) an assistant's calls or a tool's result. */
+export type Msg = { role: 'user' | 'assistant' | 'tool'; content: string; tokens: number; toolCalls?: ToolCall[]; toolCallId?: string };
 
 /** What a turn's evictions did (its stats). */
 export interface TurnEvictions { evictedTokens: number; evictedMessages: number; summaries: number; summaryMs: number; summaryTokens: number }
@@ -34,21 +37,20 @@ export class MessageMemory {
     return this.systemTokens + (this.summary ? this.summaryTokens : 0) + this.messages.reduce((n, m) => n + m.tokens, 0);
   }
 
-  /** The request's messages: system prompt, summary, history, then `extra` (the new message). */
-  requestMessages(extra?: Msg): { role: string; content: string }[] {
-    const out: { role: string; content: string }[] = [];
+  /** The request's messages: system prompt, summary, history, then `extra` (the new messages). */
+  requestMessages(extra: readonly Msg[] = []): Record<string, unknown>[] {
+    const out: Record<string, unknown>[] = [];
     if (this.options.systemPrompt) out.push({ role: 'system', content: this.options.systemPrompt });
     if (this.summary) out.push({ role: 'system', content: SUMMARY_PREFIX + this.summary });
-    for (const m of this.messages) out.push({ role: m.role, content: m.content });
-    if (extra) out.push({ role: extra.role, content: extra.content });
+    for (const m of [...this.messages, ...extra]) out.push(wireMessage(m));
     return out;
   }
 
-  /** A finished exchange joins the history. */
-  add(user: Msg, reply: Msg): void {
-    this.messages.push(user, reply);
+  /** A finished exchange joins the history: its input (a user message, or tool results) and the reply. */
+  add(input: readonly Msg[], reply: Msg): void {
+    this.messages.push(...input, reply);
     this.totals.turns++;
-    this.totals.tokensSeen += user.tokens + reply.tokens + (this.totals.turns === 1 ? this.systemTokens : 0);
+    this.totals.tokensSeen += input.reduce((n, m) => n + m.tokens, 0) + reply.tokens + (this.totals.turns === 1 ? this.systemTokens : 0);
   }
 
   /** The memory as it is now; calling the result puts it back (a turn that fails leaves nothing behind). */
@@ -75,7 +77,7 @@ export class MessageMemory {
       let n = 0;
       while (n < this.messages.length && keep > target) keep -= this.messages[n++]!.tokens;
       n = Math.max(n, 1);
-      while (n < this.messages.length && this.messages[n]!.role === 'assistant') n++; // history starts with a user message
+      while (n < this.messages.length && this.messages[n]!.role !== 'user') n++; // history starts with a user message
       const leaving = this.messages.slice(0, n);
       const t0 = performance.now();
       const summary = await summarize(leaving, signal);
@@ -103,7 +105,7 @@ export class MessageMemory {
     const excess = this.retained() - limit;
     while (n < this.messages.length && tokens < excess) tokens += this.messages[n++]!.tokens;
     if (n === 0) return;
-    while (n < this.messages.length && this.messages[n]!.role === 'assistant') tokens += this.messages[n++]!.tokens;
+    while (n < this.messages.length && this.messages[n]!.role !== 'user') tokens += this.messages[n++]!.tokens;
     this.messages = this.messages.slice(n);
     turn.evictedMessages += n;
     turn.evictedTokens += tokens;
@@ -126,4 +128,23 @@ export class MessageMemory {
     this.summaryTokens = 0;
     this.totals = noFigures();
   }
+}
+
+/** A message as the chat completions API takes it: an assistant's calls, a tool result's call id. */
+export function wireMessage(m: Msg): Record<string, unknown> {
+  if (m.role === 'tool') return { role: 'tool', tool_call_id: m.toolCallId ?? '', content: m.content };
+  if (m.toolCalls?.length) {
+    return {
+      role: 'assistant',
+      content: m.content === '' ? null : m.content,
+      tool_calls: m.toolCalls.map((c) => ({ id: c.id, type: 'function', function: { name: c.name, arguments: c.arguments } })),
+    };
+  }
+  return { role: m.role, content: m.content };
+}
+
+/** A message's text as a summary reads it (a reply's calls written out). */
+export function messageText(m: Msg): string {
+  const calls = (m.toolCalls ?? []).map((c) => ` [called ${c.name}(${c.arguments})]`).join('');
+  return `${m.role}: ${m.content}${calls}`;
 }

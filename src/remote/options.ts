@@ -2,6 +2,7 @@
 import { InvalidOptionError } from '../shared/errors.js';
 import { checkInt, checkKnownKeys, checkNumber, checkObject, checkString } from '../shared/checks.js';
 import { checkTelemetry } from '../shared/telemetry.js';
+import type { ToolDefinition } from '../shared/types.js';
 import type { RemotePolicyName, RemoteTelemetry } from './types.js';
 
 const REMOTE_POLICIES: readonly RemotePolicyName[] = ['sliding', 'rolling_summary', 'hybrid'];
@@ -12,6 +13,8 @@ export interface ResolvedRemoteChatOptions {
   systemPrompt: string;
   summaryTokens: number;
   windowSize: number;
+  /** Sent with every request as `tools` (the remote renders them; they count in no budget here). */
+  tools?: ToolDefinition[];
 }
 
 /**
@@ -41,7 +44,7 @@ export const REMOTE_CHAT_DEFAULTS = {
 
 export function resolveRemoteChatOptions(raw: unknown): ResolvedRemoteChatOptions & { telemetry?: RemoteTelemetry } {
   const o = checkObject('options', raw);
-  checkKnownKeys('options', o, ['policy', 'maxTokens', 'systemPrompt', 'summaryTokens', 'windowSize', 'telemetry']);
+  checkKnownKeys('options', o, ['policy', 'maxTokens', 'systemPrompt', 'summaryTokens', 'windowSize', 'tools', 'telemetry']);
   const d = REMOTE_CHAT_DEFAULTS;
   const policy = o.policy ?? d.policy.value();
   if (typeof policy !== 'string' || !(REMOTE_POLICIES as readonly string[]).includes(policy)) {
@@ -55,9 +58,26 @@ export function resolveRemoteChatOptions(raw: unknown): ResolvedRemoteChatOption
     summaryTokens: o.summaryTokens === undefined ? d.summaryTokens.value(maxTokens) : checkInt('summaryTokens', o.summaryTokens, 1, Math.floor(maxTokens / 2)),
     windowSize: o.windowSize === undefined ? d.windowSize.value(maxTokens) : checkInt('windowSize', o.windowSize, 0, maxTokens),
   };
+  if (o.tools !== undefined) out.tools = checkTools(o.tools);
   const telemetry = checkTelemetry<RemoteTelemetry>(o.telemetry, ['onTurn', 'onError', 'onClose']);
   if (telemetry) out.telemetry = telemetry;
   return out;
+}
+
+/** OpenAI's function tools (the remote checks their schemas): 1 to 128, each named, as JSON. */
+function checkTools(v: unknown): ToolDefinition[] {
+  if (!Array.isArray(v) || v.length === 0 || v.length > 128) throw new InvalidOptionError('Expected an array of 1 to 128 tools for tools');
+  v.forEach((t: unknown, i: number) => {
+    const f = (t as { function?: { name?: unknown } } | null)?.function;
+    if (t === null || typeof t !== 'object' || (t as { type?: unknown }).type !== 'function' || typeof f?.name !== 'string' || !/^[A-Za-z0-9_-]{1,64}$/.test(f.name)) {
+      throw new InvalidOptionError(`Expected { type: 'function', function: { name (1-64 letters, digits, _ or -), description?, parameters? } } for tools[${i}]`);
+    }
+  });
+  try {
+    return JSON.parse(JSON.stringify(v)) as ToolDefinition[];
+  } catch (err) {
+    throw new InvalidOptionError(`Expected JSON-serializable tools: ${(err as Error).message}`);
+  }
 }
 
 export interface ResolvedRemoteSendOptions {
@@ -69,12 +89,15 @@ export interface ResolvedRemoteSendOptions {
   onReasoning?: (piece: string) => void;
   thinking?: boolean;
   jsonSchema?: object;
+  /** OpenAI's tool_choice as sent. */
+  toolChoice?: 'auto' | 'none' | 'required' | { type: 'function'; function: { name: string } };
+  parallelToolCalls?: boolean;
   signal?: AbortSignal;
 }
 
 export function resolveRemoteSendOptions(raw: unknown): ResolvedRemoteSendOptions {
   const o = checkObject('options', raw);
-  checkKnownKeys('options', o, ['maxNewTokens', 'temperature', 'seed', 'stop', 'onToken', 'onReasoning', 'thinking', 'jsonSchema', 'signal']);
+  checkKnownKeys('options', o, ['maxNewTokens', 'temperature', 'seed', 'stop', 'onToken', 'onReasoning', 'thinking', 'jsonSchema', 'toolChoice', 'parallelToolCalls', 'signal']);
   const out: ResolvedRemoteSendOptions = { maxNewTokens: o.maxNewTokens === undefined ? 256 : checkInt('maxNewTokens', o.maxNewTokens, 1, 1 << 24), stop: [] };
   if (o.temperature !== undefined) out.temperature = checkNumber('temperature', o.temperature, 0, 2);
   if (o.seed !== undefined) out.seed = checkInt('seed', o.seed, 0, Number.MAX_SAFE_INTEGER);
@@ -102,6 +125,17 @@ export function resolveRemoteSendOptions(raw: unknown): ResolvedRemoteSendOption
     }
     if (schema === null || typeof schema !== 'object' || Array.isArray(schema)) throw new InvalidOptionError('Expected a JSON schema (an object, or its JSON text) for jsonSchema');
     out.jsonSchema = schema;
+  }
+  if (o.toolChoice !== undefined) {
+    const c = o.toolChoice as { name?: unknown; function?: { name?: unknown } } | string;
+    const name = typeof c === 'object' && c !== null ? (c.name ?? c.function?.name) : undefined;
+    if (c === 'auto' || c === 'none' || c === 'required') out.toolChoice = c;
+    else if (typeof name === 'string') out.toolChoice = { type: 'function', function: { name } };
+    else throw new InvalidOptionError("Expected 'auto', 'none', 'required', { name } or { type: 'function', function: { name } } for toolChoice");
+  }
+  if (o.parallelToolCalls !== undefined) {
+    if (typeof o.parallelToolCalls !== 'boolean') throw new InvalidOptionError('Expected a boolean for parallelToolCalls');
+    out.parallelToolCalls = o.parallelToolCalls;
   }
   if (o.onReasoning !== undefined) {
     if (typeof o.onReasoning !== 'function') throw new InvalidOptionError('Expected a function for onReasoning');

@@ -5,6 +5,7 @@
  * (circuit-breaker.ts). @internal (its errors are public, in shared/errors.ts)
  */
 import { RemoteHttpError, RemoteTimeoutError, RemoteUnavailableError, type FiniteMemoryError } from '../shared/errors.js';
+import type { ToolCall } from '../shared/types.js';
 import type { CircuitBreaker } from './circuit-breaker.js';
 
 export { CircuitBreaker, type CircuitOptions } from './circuit-breaker.js';
@@ -28,6 +29,8 @@ export interface CompletionResult {
   /** The reply's reasoning (`reasoning_content`, as llama-server, DeepSeek and this project's server send it); '' when none. */
   reasoning: string;
   finishReason: string | null;
+  /** The calls the reply made (`tool_calls`; a stream's pieces joined). */
+  toolCalls: ToolCall[];
   usage: { prompt_tokens?: number; completion_tokens?: number } | undefined;
   attempts: number;
   /** The server's `finite_memory` extension when present (this project's own server). */
@@ -41,6 +44,14 @@ export interface TransportOptions {
   timeoutMs: number;
   circuit: CircuitBreaker;
   fetch: typeof fetch;
+}
+
+/** A message's `tool_calls` as the chat reports them (what is not a function call is left out). */
+function toolCallsOf(v: unknown): ToolCall[] {
+  if (!Array.isArray(v)) return [];
+  return (v as { id?: unknown; function?: { name?: unknown; arguments?: unknown } }[])
+    .filter((c) => typeof c?.function?.name === 'string')
+    .map((c) => ({ id: typeof c.id === 'string' ? c.id : '', name: c.function!.name as string, arguments: typeof c.function!.arguments === 'string' ? c.function!.arguments : JSON.stringify(c.function!.arguments ?? {}) }));
 }
 
 /** Parses `Retry-After` (delta seconds or an HTTP date) into milliseconds. */
@@ -198,13 +209,14 @@ export class Transport {
         throw new AttemptError((n) => new RemoteHttpError(status, `${msg} (${attempts(n)})`, n), retryableStatus(status), retryableStatus(status) ? parseRetryAfter(res.headers.get('retry-after')) : undefined);
       }
       if (!sink) {
-        const j = (await res.json()) as { choices?: { message?: { content?: unknown; reasoning_content?: unknown }; finish_reason?: unknown }[]; usage?: CompletionResult['usage']; finite_memory?: unknown };
+        const j = (await res.json()) as { choices?: { message?: { content?: unknown; reasoning_content?: unknown; tool_calls?: unknown }; finish_reason?: unknown }[]; usage?: CompletionResult['usage']; finite_memory?: unknown };
         const choice = j.choices?.[0];
         if (!choice) throw new AttemptError((n) => new RemoteUnavailableError(`the remote's answer has no choices (${attempts(n)})`, n), true);
         return {
           text: typeof choice.message?.content === 'string' ? choice.message.content : '',
           reasoning: typeof choice.message?.reasoning_content === 'string' ? choice.message.reasoning_content : '',
           finishReason: typeof choice.finish_reason === 'string' ? choice.finish_reason : null,
+          toolCalls: toolCallsOf(choice.message?.tool_calls),
           usage: j.usage ?? undefined,
           extra: j.finite_memory,
         };
@@ -216,6 +228,8 @@ export class Transport {
       let text = '';
       let reasoning = '';
       let finishReason: string | null = null;
+      // A stream's calls come in pieces by index: the id and name once, the arguments in parts.
+      const calls: { id: string; name: string; arguments: string }[] = [];
       let usage: CompletionResult['usage'];
       let extra: unknown;
       let done = false;
@@ -230,7 +244,7 @@ export class Transport {
           done = true;
           return;
         }
-        let j: { error?: { message?: unknown }; choices?: { delta?: { content?: unknown; reasoning_content?: unknown }; finish_reason?: unknown }[]; usage?: CompletionResult['usage']; finite_memory?: unknown };
+        let j: { error?: { message?: unknown }; choices?: { delta?: { content?: unknown; reasoning_content?: unknown; tool_calls?: unknown }; finish_reason?: unknown }[]; usage?: CompletionResult['usage']; finite_memory?: unknown };
         try {
           j = JSON.parse(data);
         } catch {
@@ -254,6 +268,16 @@ export class Transport {
           reasoning += thought;
           if (partial) partial.reasoning = reasoning;
           hand(sink.onReasoning, thought);
+        }
+        const deltas = choice.delta?.tool_calls;
+        if (Array.isArray(deltas)) {
+          for (const d of deltas as { index?: unknown; id?: unknown; function?: { name?: unknown; arguments?: unknown } }[]) {
+            const at = typeof d?.index === 'number' && Number.isInteger(d.index) && d.index >= 0 && d.index < 128 ? d.index : calls.length;
+            const call = (calls[at] ??= { id: '', name: '', arguments: '' });
+            if (typeof d?.id === 'string') call.id = d.id;
+            if (typeof d?.function?.name === 'string') call.name += d.function.name;
+            if (typeof d?.function?.arguments === 'string') call.arguments += d.function.arguments;
+          }
         }
         const piece = choice.delta?.content;
         if (typeof piece === 'string' && piece.length > 0) {
@@ -297,7 +321,7 @@ export class Transport {
       if (!done && finishReason === null) {
         throw new AttemptError((n) => new RemoteUnavailableError(`the remote's stream ended early${delivered ? ' after it had started (not retried)' : ''}`, n), !delivered);
       }
-      return { text, reasoning, finishReason, usage, extra };
+      return { text, reasoning, finishReason, toolCalls: calls.filter((c) => c !== undefined && c.name !== ''), usage, extra };
     } catch (err) {
       return fail(err);
     } finally {

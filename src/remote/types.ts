@@ -1,6 +1,6 @@
 /** The remote chat's public types (options, results, stats, memory entries, telemetry). */
 import type { TelemetryHooks } from '../shared/telemetry.js';
-import type { CommonChatStats, CommonSendOptions, CommonTurnResult, StopReason } from '../shared/types.js';
+import type { CommonChatStats, CommonSendOptions, CommonTurnResult, StopReason, ToolDefinition } from '../shared/types.js';
 
 export type RemotePolicyName = 'sliding' | 'rolling_summary' | 'hybrid';
 
@@ -14,6 +14,8 @@ export interface RemoteChatOptions {
   summaryTokens?: number;
   /** hybrid: when summarizing, history is cut down to this many tokens of newest messages. Default maxTokens / 2. */
   windowSize?: number;
+  /** OpenAI's tool list, sent with every request (the remote renders it; its tokens count in no budget here). */
+  tools?: ToolDefinition[];
   telemetry?: RemoteTelemetry;
 }
 
@@ -59,7 +61,7 @@ export interface RemoteChatStats extends CommonChatStats {
 
 /** One message the chat still sends. */
 export interface RemoteMemoryEntry {
-  role: 'system' | 'summary' | 'user' | 'assistant';
+  role: 'system' | 'summary' | 'user' | 'assistant' | 'tool';
   content: string;
   tokens: number;
 }

@@ -5,7 +5,8 @@
  */
 import type { Chat } from '../local/chat.js';
 import { readCheckpointMessages, readCheckpointSettings, type Model } from '../local/model.js';
-import type { ChatOptions, ToolDefinition } from '../local/options.js';
+import type { ChatOptions } from '../local/options.js';
+import type { ToolDefinition } from '../shared/types.js';
 import { AbortedError, CheckpointError, InvalidOptionError } from '../shared/errors.js';
 import type { PrometheusTelemetry } from '../shared/prometheus.js';
 import type { Telemetry } from '../shared/telemetry.js';

@@ -11,7 +11,7 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Chat } from '../local/chat.js';
 import type { Model } from '../local/model.js';
-import type { ToolDefinition } from '../local/options.js';
+import type { ToolDefinition } from '../shared/types.js';
 import { InvalidOptionError, UnsupportedModelError } from '../shared/errors.js';
 import type { ChatStats, StopReason, TurnResult, TurnStats } from '../shared/types.js';
 import { QueueAbortedError, type Gate, type Release } from './admission.js';

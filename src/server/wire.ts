@@ -9,7 +9,7 @@ import { jsonSchemaToGrammarAsync } from '../local/grammar.js';
 import { exchangesOf } from '../shared/chat-surface.js';
 import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError, UnsupportedModelError } from '../shared/errors.js';
 import { POLICIES, type PolicyName, type StopReason, type ToolCall, type ToolResult } from '../shared/types.js';
-import type { ToolChoice } from '../local/options.js';
+import type { ToolChoice } from '../shared/types.js';
 import { StoreUnavailableError } from './store/backend.js';
 
 /** One API error, rendered as `{ error: { message, type, param, code } }`. */

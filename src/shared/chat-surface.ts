@@ -5,7 +5,7 @@
  *
  * What is the same is written once here: streaming on top of send, and the transcript.
  */
-import type { CommonChatStats, CommonSendOptions, CommonTurnResult, Transcript } from './types.js';
+import type { CommonChatStats, CommonSendOptions, CommonTurnResult, ToolResult, Transcript } from './types.js';
 
 export type { CommonChatStats, CommonSendOptions, CommonTurnResult };
 
@@ -13,7 +13,8 @@ export interface ChatSurface {
   readonly id: string;
   readonly busy: boolean;
   readonly disposed: boolean;
-  send(message: string, options?: CommonSendOptions): Promise<CommonTurnResult>;
+  /** A user message, or (a chat with tools) the results of the last reply's calls. */
+  send(message: string | { toolResults: ToolResult[] }, options?: CommonSendOptions): Promise<CommonTurnResult>;
   /** Streams the reply piece by piece; breaking out of the loop aborts the turn. Returns the result. */
   stream(message: string, options?: Omit<CommonSendOptions, 'onToken'>): AsyncGenerator<string, CommonTurnResult, undefined>;
   stats(): CommonChatStats;

@@ -4,6 +4,15 @@ export type KvType = 'f16' | 'f32' | 'q8_0';
 
 export type StopReason = 'eos' | 'maxTokens' | 'stop' | 'abort';
 
+/** A tool as OpenAI lists it (`createChat({ tools })` of both kinds of chat). */
+export interface ToolDefinition {
+  type: 'function';
+  function: { name: string; description?: string; parameters?: Record<string, unknown> };
+}
+
+/** Whether a reply may, must not or must call tools (OpenAI's tool_choice; `{ name }`: that tool). */
+export type ToolChoice = 'auto' | 'none' | 'required' | { name: string } | { type: 'function'; function: { name: string } };
+
 /** send() options both kinds of chat take (the local chat takes more sampling options). */
 export interface CommonSendOptions {
   maxNewTokens?: number;
@@ -19,13 +28,19 @@ export interface CommonSendOptions {
    * json_schema with `strict: true`, which OpenAI takes for a subset of JSON Schema).
    */
   jsonSchema?: object | string;
+  /** A chat with tools: 'auto' (default), 'none', 'required' or a tool (local: held by the template's grammar; remote: sent as tool_choice). */
+  toolChoice?: ToolChoice;
+  /** A chat with tools: several calls in a reply (false: one). Default true. */
+  parallelToolCalls?: boolean;
   signal?: AbortSignal;
 }
 
 /** What a turn returns on both (each adds its own `stats`). */
 export interface CommonTurnResult {
-  /** The answer (a reasoning model's reasoning is apart, in `reasoning`). */
+  /** The answer (a reasoning model's reasoning is apart, in `reasoning`; a chat with tools: the text beside its calls). */
   response: string;
+  /** A chat with tools: the calls the reply made; [] when none. */
+  toolCalls: ToolCall[];
   /** A reasoning model's reasoning in this reply (its think block, gpt-oss's analysis channel); '' when none. */
   reasoning: string;
   stopReason: StopReason;
@@ -118,8 +133,6 @@ export interface ToolResult {
 }
 
 export interface TurnResult extends CommonTurnResult {
-  /** A chat with tools: the calls the reply made (its `response` is the text beside them); [] when none. */
-  toolCalls: ToolCall[];
   stats: TurnStats;
 }
 

@@ -9,9 +9,10 @@ import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeModel } from '../../src/gguf/index.ts';
+import { connectRemote } from '../../src/remote/index.ts';
 import { createServer } from '../../src/server/index.ts';
 import { InvalidOptionError, loadModel, PromptTooLargeError, UnsupportedModelError, type ChatOptions, type Model, type ToolDefinition } from '../../src/index.ts';
-import { checkCache, testDir, testModelPath, THREADS } from '../helpers.ts';
+import { checkCache, fakeCompletions, testDir, testModelPath, THREADS } from '../helpers.ts';
 
 const TOOLS: ToolDefinition[] = [
   {
@@ -395,6 +396,58 @@ describe('the server: tools, tool_choice, tool messages (OpenAI wire format)', (
       expect(next.choices[0]!.finish_reason).toBe('length');
     } finally {
       await server.close();
+    }
+  });
+
+  it('a remote chat (connectRemote) sends its tools, reads the calls (whole or streamed in pieces) and sends results as tool messages', async () => {
+    const { server, url } = await serve(qwen2, { testReply: CALL });
+    try {
+      const remote = connectRemote({ baseURL: `${url}/v1`, model: server.modelId }).createChat({ tools: weather, maxTokens: 4096 });
+      for (const streamed of [false, true]) {
+        const pieces: string[] = [];
+        const r = await remote.send('Weather in Paris?', { maxNewTokens: 200, ...(streamed ? { onToken: (p: string) => pieces.push(p) } : {}) });
+        expect(r.toolCalls.map((c) => c.name)).toEqual(['get_weather']);
+        expect(JSON.parse(r.toolCalls[0]!.arguments)).toEqual({ city: 'Paris', unit: 'C' });
+        expect(pieces.join('')).not.toContain('<tool_call>');
+        const next = await remote.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, content: 'sunny' }] }, { maxNewTokens: 200 });
+        expect(next.toolCalls).toHaveLength(1);
+      }
+      // The history it sends: the calls and results as the API writes them, starting with a user message.
+      const roles = remote.memory().map((e) => e.role);
+      expect(roles).toEqual(['user', 'assistant', 'tool', 'assistant', 'user', 'assistant', 'tool', 'assistant']);
+      remote.dispose();
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('a remote chat keeps calls and their results together when the budget drops messages, and says what it sent', async () => {
+    const { baseURL, bodies, close } = await fakeCompletions({ content: null, tool_calls: [{ id: 'c1', type: 'function', function: { name: 'get_time', arguments: '{"zone":"UTC"}' } }] });
+    try {
+      const remote = connectRemote({ baseURL, model: 'm' }).createChat({ tools: TOOLS, maxTokens: 120 });
+      for (let i = 0; i < 6; i++) {
+        const r = await remote.send(`Time ${i}? ${'x'.repeat(40)}`, { maxNewTokens: 8, toolChoice: { name: 'get_time' }, parallelToolCalls: false });
+        expect(r.toolCalls).toEqual([{ id: 'c1', name: 'get_time', arguments: '{"zone":"UTC"}' }]);
+        await remote.send({ toolResults: [{ toolCallId: 'c1', content: `12:0${i}` }] }, { maxNewTokens: 8 });
+        const sent = bodies.at(-1)!.messages as { role: string; tool_calls?: unknown; tool_call_id?: string }[];
+        const history = sent.filter((m) => m.role !== 'system');
+        expect(history[0]!.role).toBe('user');
+        // Every tool message follows the assistant message whose calls it answers.
+        history.forEach((m, k) => { if (m.role === 'tool') expect(history[k - 1]!.role === 'tool' || history[k - 1]!.tool_calls !== undefined).toBe(true); });
+      }
+      expect(remote.stats().tokensEvicted).toBeGreaterThan(0);
+      const first = bodies.find((b) => b.tool_choice !== undefined)!;
+      expect(first.tools).toEqual(TOOLS);
+      expect(first.tool_choice).toEqual({ type: 'function', function: { name: 'get_time' } });
+      expect(first.parallel_tool_calls).toBe(false);
+      const plain = connectRemote({ baseURL, model: 'm' }).createChat();
+      await expect(plain.send({ toolResults: [{ toolCallId: 'c1', content: 'x' }] })).rejects.toThrow(/need a chat created with tools/);
+      await expect(remote.send({ toolResults: [{ content: 'x' } as never] })).rejects.toThrow(/toolCallId/);
+      expect(() => connectRemote({ baseURL, model: 'm' }).createChat({ tools: [{ type: 'web' } as never] })).toThrow(InvalidOptionError);
+      remote.dispose();
+      plain.dispose();
+    } finally {
+      await close();
     }
   });
 

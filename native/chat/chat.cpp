@@ -231,9 +231,9 @@ std::vector<int32_t> chat::frame_tool_results(const std::vector<tool_result> & r
     for (const auto & r : results) {
         // Templates render them into their markup (Kimi K2's "## Return of <id>"): plain text, and
         // no control characters (the framing's own markers are some).
-        tools_->check_plain(r.call_id + r.name, "a tool result's toolCallId or name");
-        if (std::any_of(r.call_id.begin(), r.call_id.end(), [](char c) { return (unsigned char) c < 0x20; }) ||
-            std::any_of(r.name.begin(), r.name.end(), [](char c) { return (unsigned char) c < 0x20; })) {
+        const std::string named_by = r.call_id + r.name;
+        tools_->check_plain(named_by, "a tool result's toolCallId or name");
+        if (std::any_of(named_by.begin(), named_by.end(), [](char c) { return (unsigned char) c < 0x20; })) {
             throw fml_error(FML_ERR_INVALID_OPTION, "a tool result's toolCallId or name holds a control character");
         }
     }

@@ -230,7 +230,6 @@ public:
                                       const std::vector<tool_call> & calls);
     // The running (or last) turn's reply read by the tools' format: for streaming, `partial`.
     tool_reply parse_tool_reply(const std::string & reasoning, const std::string & answer, bool partial) const;
-    bool has_tools() const { return tools_ != nullptr; }
     std::atomic<bool> & busy() { return busy_; }
     void request_abort() { abort_.store(true); }
     void clear_abort() { abort_.store(false); }

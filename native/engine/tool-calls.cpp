@@ -280,10 +280,6 @@ void tool_set::prepare(const std::shared_ptr<const fml_model> & model, const std
 
 tool_set::~tool_set() = default;
 
-bool tool_set::has_tool(const std::string & name) const {
-    return std::any_of(p_->tools.begin(), p_->tools.end(), [&](const common_chat_tool & t) { return t.name == name; });
-}
-
 std::vector<std::string> tool_set::system_frames(const std::string & user_prefix) const {
     std::lock_guard<std::mutex> lock(p_->mu);
     if (!p_->system_frames.empty() && p_->user_prefix == user_prefix) {

@@ -92,7 +92,6 @@ public:
     static void check_plain(const fml_model & model, const std::string & text, const std::string & what);
     // `choice`: "auto", "none", "required", or a tool's name (that tool is called).
     tool_turn turn(const std::string & choice, bool parallel, bool thinking) const;
-    bool has_tool(const std::string & name) const;
 
     struct impl;
 

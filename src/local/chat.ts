@@ -1,6 +1,6 @@
 import { getProbes, type NativeCacheState, type NativeChat, type NativeEngineStats, type NativeEvictionRecord } from './binding.js';
 import { AbortedError, CallbackError, ChatBusyError, CheckpointError, DisposedError, InvalidOptionError, fromNativeError } from '../shared/errors.js';
-import { checkInt, checkKnownKeys, checkMessage, checkObject, checkPath, fail } from '../shared/checks.js';
+import { checkInt, checkMessage, checkObject, checkPath, fail, toolResultFields } from '../shared/checks.js';
 import { splitSendOptions, type ResolvedChatOptions, type SendOptions } from './options.js';
 import { TelemetryEmitter, type EvictionEvent, type Telemetry, type TurnEvent } from '../shared/telemetry.js';
 import { streamFromSend, TranscriptLog, type ChatSurface } from '../shared/chat-surface.js';
@@ -445,15 +445,7 @@ function abortedBeforeStart(policy: ResolvedChatOptions['policy'], retained: num
 
 /** `send({ toolResults })`, checked: [callId, name, content] each, as the native side takes them. */
 function toolResultsOf(message: unknown): [string, string, string][] {
-  const m = checkObject('message', message) as { toolResults?: unknown };
-  checkKnownKeys('message', m, ['toolResults']);
-  const list = m.toolResults;
-  if (!Array.isArray(list) || list.length === 0 || list.length > 128) fail('an array of 1 to 128 tool results', 'toolResults', list);
-  return list.map((r: unknown, i: number) => {
-    const at = `toolResults[${i}]`;
-    const result = checkObject(at, r);
-    checkKnownKeys(at, result, ['toolCallId', 'name', 'content']);
-    const { toolCallId = '', name = '', content } = result as { toolCallId?: unknown; name?: unknown; content?: unknown };
+  return toolResultFields(message).map(({ at, toolCallId = '', name = '', content }) => {
     if (typeof toolCallId !== 'string' || toolCallId.length > 256) fail('a string of at most 256 characters', `${at}.toolCallId`, toolCallId);
     if (typeof name !== 'string' || name.length > 64) fail('a string of at most 64 characters', `${at}.name`, name);
     if (name === '' && toolCallId === '') throw new InvalidOptionError(`${at} needs toolCallId or name: which call it answers`);

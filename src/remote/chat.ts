@@ -5,7 +5,7 @@
  */
 import { CallbackError, ChatBusyError, DisposedError, InvalidOptionError, PromptTooLargeError } from '../shared/errors.js';
 import { streamFromSend, TranscriptLog, type ChatSurface } from '../shared/chat-surface.js';
-import { checkKnownKeys, checkMessage, checkObject } from '../shared/checks.js';
+import { checkMessage, toolResultFields } from '../shared/checks.js';
 import { TelemetryEmitter } from '../shared/telemetry.js';
 import type { StopReason, ToolResult, Transcript } from '../shared/types.js';
 import { AbortedError, CallerError, type Transport } from './transport.js';
@@ -221,16 +221,10 @@ export class RemoteChat implements ChatSurface {
       const text = checkMessage(message);
       return [{ role: 'user', content: text, tokens: this.#count(text) }];
     }
-    const m = checkObject('message', message) as { toolResults?: unknown };
-    checkKnownKeys('message', m, ['toolResults']);
-    const list = m.toolResults;
-    if (!Array.isArray(list) || list.length === 0 || list.length > 128) throw new InvalidOptionError('Expected an array of 1 to 128 tool results for toolResults');
-    return list.map((r: unknown, i: number) => {
-      const result = checkObject(`toolResults[${i}]`, r) as { toolCallId?: unknown; name?: unknown; content?: unknown };
-      checkKnownKeys(`toolResults[${i}]`, result, ['toolCallId', 'name', 'content']);
-      if (typeof result.toolCallId !== 'string' || result.toolCallId === '') throw new InvalidOptionError(`Expected the call's id (a string) for toolResults[${i}].toolCallId: a remote needs it`);
-      const content = checkMessage(result.content, `toolResults[${i}].content`);
-      return { role: 'tool' as const, content, toolCallId: result.toolCallId, tokens: this.#count(content) };
+    return toolResultFields(message).map(({ at, toolCallId, content: raw }) => {
+      if (typeof toolCallId !== 'string' || toolCallId === '') throw new InvalidOptionError(`Expected the call's id (a string) for ${at}.toolCallId: a remote needs it`);
+      const content = checkMessage(raw, `${at}.content`);
+      return { role: 'tool' as const, content, toolCallId, tokens: this.#count(content) };
     });
   }
 

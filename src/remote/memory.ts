@@ -4,6 +4,7 @@
  * always starts with a user message, so a reply's calls and their results leave together); with
  * rolling_summary/hybrid what leaves is summarized first.
  */
+import { openAiToolCalls } from '../shared/chat-surface.js';
 import type { ToolCall } from '../shared/types.js';
 import type { RemoteMemoryEntry } from './types.js';
 import type { ResolvedRemoteChatOptions } from './options.js';
@@ -134,11 +135,7 @@ export class MessageMemory {
 export function wireMessage(m: Msg): Record<string, unknown> {
   if (m.role === 'tool') return { role: 'tool', tool_call_id: m.toolCallId ?? '', content: m.content };
   if (m.toolCalls?.length) {
-    return {
-      role: 'assistant',
-      content: m.content === '' ? null : m.content,
-      tool_calls: m.toolCalls.map((c) => ({ id: c.id, type: 'function', function: { name: c.name, arguments: c.arguments } })),
-    };
+    return { role: 'assistant', content: m.content === '' ? null : m.content, tool_calls: openAiToolCalls(m.toolCalls) };
   }
   return { role: m.role, content: m.content };
 }

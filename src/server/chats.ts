@@ -10,7 +10,8 @@ import type { ToolDefinition } from '../shared/types.js';
 import { AbortedError, CheckpointError, InvalidOptionError } from '../shared/errors.js';
 import type { PrometheusTelemetry } from '../shared/prometheus.js';
 import type { Telemetry } from '../shared/telemetry.js';
-import type { PolicyName, ToolCall, ToolResult, Transcript } from '../shared/types.js';
+import type { PolicyName, Transcript } from '../shared/types.js';
+import { toolExchangesOf } from '../shared/chat-surface.js';
 import { SESSION_EVICTIONS_KEPT, type SessionEviction } from './sessions.js';
 import type { StoredSession } from './store/backend.js';
 import { badRequest, type Message, type ParsedCompletion } from './wire.js';
@@ -143,31 +144,4 @@ export class ChatSource {
       return undefined;
     }
   }
-}
-
-/**
- * A conversation's exchanges as an import prefills them: an input (user messages in a row, joined as
- * exchangesOf joins them; or a run of tool results) and the reply after it (its text and calls).
- */
-export function toolExchangesOf(messages: readonly Message[]): { user: string; results: ToolResult[]; reply: string; calls: ToolCall[] }[] {
-  const out: { user: string; results: ToolResult[]; reply: string; calls: ToolCall[]; replied: boolean }[] = [];
-  for (const m of messages) {
-    const last = out.at(-1);
-    if (m.role === 'assistant') {
-      if (last && !last.replied) Object.assign(last, { reply: m.content, calls: [...(m.toolCalls ?? [])], replied: true });
-      else if (last) {
-        last.reply += `\n\n${m.content}`;
-        last.calls.push(...(m.toolCalls ?? []));
-      } else out.push({ user: '', results: [], reply: m.content, calls: [...(m.toolCalls ?? [])], replied: true });
-    } else if (m.role === 'tool') {
-      const result = { toolCallId: m.toolCallId ?? '', name: m.name ?? '', content: m.content };
-      if (last && !last.replied && last.results.length > 0) last.results.push(result);
-      else out.push({ user: '', results: [result], reply: '', calls: [], replied: false });
-    } else if (last && !last.replied && last.results.length === 0) {
-      last.user += `\n\n${m.content}`;
-    } else {
-      out.push({ user: m.content, results: [], reply: '', calls: [], replied: false });
-    }
-  }
-  return out.map(({ user, results, reply, calls }) => ({ user, results, reply, calls }));
 }

@@ -19,8 +19,9 @@ import type { ChatSource, RestoredFrom } from './chats.js';
 import type { ServerMetrics } from './metrics.js';
 import type { ResolvedServerOptions } from './options.js';
 import type { Session, SessionStore, TurnLease } from './sessions.js';
+import { openAiToolCalls } from '../shared/chat-surface.js';
 import { EventStream } from './sse.js';
-import { badRequest, checkInMemory, checkTools, finishReason, HttpError, openAiToolCalls, overloaded, parseCompletion, responseGrammar, toHttpError, type ParsedCompletion } from './wire.js';
+import { badRequest, checkInMemory, checkTools, finishReason, HttpError, overloaded, parseCompletion, responseGrammar, toHttpError, type ParsedCompletion } from './wire.js';
 
 export const SHUTDOWN_ERROR = { message: 'The server is shutting down', type: 'server_error', param: null, code: 'server_shutting_down' } as const;
 
@@ -169,7 +170,7 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     if (parsed.stream) {
       stream.start();
       // The calls go out whole once the reply is read (a delta per call, as OpenAI's streams end them).
-      if (result.toolCalls.length > 0) stream.chunk({ tool_calls: openAiToolCalls(result.toolCalls) }, null);
+      if (result.toolCalls.length > 0) stream.chunk({ tool_calls: openAiToolCalls(result.toolCalls).map((call, index) => ({ index, ...call })) }, null);
       stream.chunk({}, finishReason(result.stopReason, result.toolCalls.length), { finite_memory });
       // Cut short by the shutdown deadline (not by its client): the stream says so before it ends.
       if (result.stopReason === 'abort' && ctx.shuttingDown()) stream.write({ error: SHUTDOWN_ERROR });
@@ -196,7 +197,7 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
           // A reply of calls alone has no content (null, as OpenAI's).
           content: result.toolCalls.length > 0 && result.response === '' ? null : result.response,
           ...(result.reasoning ? { reasoning_content: result.reasoning } : {}),
-          ...(result.toolCalls.length > 0 ? { tool_calls: openAiToolCalls(result.toolCalls).map(({ index: _, ...call }) => call) } : {}),
+          ...(result.toolCalls.length > 0 ? { tool_calls: openAiToolCalls(result.toolCalls) } : {}),
           refusal: null,
         },
         logprobs: null,

@@ -8,7 +8,7 @@ import type { Chat } from '../local/chat.js';
 import { jsonSchemaToGrammarAsync } from '../local/grammar.js';
 import { exchangesOf } from '../shared/chat-surface.js';
 import { CheckpointError, FiniteMemoryError, InvalidOptionError, PinLimitError, PromptTooLargeError, UnsupportedModelError } from '../shared/errors.js';
-import { POLICIES, type PolicyName, type StopReason, type ToolCall, type ToolResult } from '../shared/types.js';
+import { POLICIES, type ConversationMessage, type PolicyName, type StopReason, type ToolCall, type ToolResult } from '../shared/types.js';
 import type { ToolChoice } from '../shared/types.js';
 import { StoreUnavailableError } from './store/backend.js';
 
@@ -34,8 +34,7 @@ export const overloaded = (what: string) =>
 export const storeUnavailable = () =>
   new HttpError(503, 'server_error', 'session_store_unavailable', 'The session store is unreachable and this session is not in memory here; retry shortly', null, { 'retry-after': '1' });
 
-/** A conversation message: text, and (tools) an assistant's calls or a tool's result. */
-export type Message = { role: 'user' | 'assistant' | 'tool'; content: string; toolCalls?: ToolCall[]; toolCallId?: string; name?: string };
+export type Message = ConversationMessage;
 
 export interface ParsedCompletion {
   system: string | undefined;
@@ -488,9 +487,6 @@ export function sendError(reply: FastifyReply, err: HttpError): FastifyReply {
 /** A reply that called tools (and was not cut short) finishes with 'tool_calls', as OpenAI's do. */
 export const finishReason = (stop: StopReason, calls = 0): 'stop' | 'length' | 'tool_calls' => (stop === 'maxTokens' ? 'length' : calls > 0 ? 'tool_calls' : 'stop');
 
-/** A reply's calls as OpenAI writes them in a message (and a stream's delta, with `index`). */
-export const openAiToolCalls = (calls: readonly ToolCall[]) =>
-  calls.map((c, index) => ({ index, id: c.id, type: 'function' as const, function: { name: c.name, arguments: c.arguments } }));
 export const sha256 = (s: string | Buffer) => createHash('sha256').update(s).digest();
 
 /** A session's key in the store: a hash of its id (ids never reach a file name or a Redis key). */

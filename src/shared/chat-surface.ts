@@ -5,7 +5,7 @@
  *
  * What is the same is written once here: streaming on top of send, and the transcript.
  */
-import type { CommonChatStats, CommonSendOptions, CommonTurnResult, ToolResult, Transcript } from './types.js';
+import type { CommonChatStats, CommonSendOptions, CommonTurnResult, ConversationMessage, ToolCall, ToolResult, Transcript } from './types.js';
 
 export type { CommonChatStats, CommonSendOptions, CommonTurnResult };
 
@@ -67,28 +67,42 @@ export async function* streamFromSend<R>(
 
 /** The plain conversation a chat keeps for exportTranscript(): what was said, not what memory still holds. */
 /**
- * The exchanges (a user message and the reply after it) a list of messages is prefilled as. Messages
- * of one role in a row are joined by a blank line, as a template of alternating roles needs them: an
- * empty message put between them was a turn nobody said, in the memory. A reply with no user message
- * before it (a greeting) gets an empty one: a frame holds a user message and the reply it prompts.
+ * The exchanges (an input and the reply after it) a list of messages is prefilled as: the input is
+ * user messages or a run of tool results. Messages of one role in a row are joined by a blank line,
+ * as a template of alternating roles needs them: an empty message put between them was a turn nobody
+ * said, in the memory. A reply with no input before it (a greeting) gets an empty user message: a
+ * frame holds a user message and the reply it prompts.
  */
-export function exchangesOf(messages: Transcript['messages']): { user: string; assistant: string }[] {
-  const out: { user: string; assistant: string; replied: boolean }[] = [];
+export function toolExchangesOf(messages: readonly ConversationMessage[]): { user: string; results: ToolResult[]; reply: string; calls: ToolCall[] }[] {
+  const out: { user: string; results: ToolResult[]; reply: string; calls: ToolCall[]; replied: boolean }[] = [];
   for (const m of messages) {
-    const last = out[out.length - 1];
-    if (m.role === 'user') {
-      if (last && !last.replied) last.user += `\n\n${m.content}`;
-      else out.push({ user: m.content, assistant: '', replied: false });
-    } else if (last?.replied) {
-      last.assistant += `\n\n${m.content}`;
-    } else if (last) {
-      last.assistant = m.content;
-      last.replied = true;
+    const last = out.at(-1);
+    if (m.role === 'assistant') {
+      if (last && !last.replied) Object.assign(last, { reply: m.content, calls: [...(m.toolCalls ?? [])], replied: true });
+      else if (last) {
+        last.reply += `\n\n${m.content}`;
+        last.calls.push(...(m.toolCalls ?? []));
+      } else out.push({ user: '', results: [], reply: m.content, calls: [...(m.toolCalls ?? [])], replied: true });
+    } else if (m.role === 'tool') {
+      const result = { toolCallId: m.toolCallId ?? '', name: m.name ?? '', content: m.content };
+      if (last && !last.replied && last.results.length > 0) last.results.push(result);
+      else out.push({ user: '', results: [result], reply: '', calls: [], replied: false });
+    } else if (last && !last.replied && last.results.length === 0) {
+      last.user += `\n\n${m.content}`;
     } else {
-      out.push({ user: '', assistant: m.content, replied: true });
+      out.push({ user: m.content, results: [], reply: '', calls: [], replied: false });
     }
   }
-  return out.map(({ user, assistant }) => ({ user, assistant }));
+  return out.map(({ user, results, reply, calls }) => ({ user, results, reply, calls }));
+}
+
+/** Calls as OpenAI's chat completions write them in a message's `tool_calls` (a server's reply, a remote request's history). */
+export const openAiToolCalls = (calls: readonly ToolCall[]) =>
+  calls.map((c) => ({ id: c.id, type: 'function' as const, function: { name: c.name, arguments: c.arguments } }));
+
+/** A plain conversation's exchanges (toolExchangesOf without tools): what importTranscript prefills. */
+export function exchangesOf(messages: Transcript['messages']): { user: string; assistant: string }[] {
+  return toolExchangesOf(messages).map(({ user, reply }) => ({ user, assistant: reply }));
 }
 
 export class TranscriptLog {

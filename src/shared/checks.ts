@@ -57,3 +57,20 @@ export function checkKnownKeys(name: string, value: Record<string, unknown>, kno
     if (!known.includes(key)) throw new InvalidOptionError(`Unknown option ${name}.${key} (known: ${known.join(', ')})`);
   }
 }
+
+/**
+ * send({ toolResults }): the message's shape and each result's known fields, checked; what each field
+ * must hold is the chat's (a local chat takes an id or a name, a remote one needs the id).
+ */
+export function toolResultFields(message: unknown): { at: string; toolCallId: unknown; name: unknown; content: unknown }[] {
+  const m = checkObject('message', message) as { toolResults?: unknown };
+  checkKnownKeys('message', m, ['toolResults']);
+  const list = m.toolResults;
+  if (!Array.isArray(list) || list.length === 0 || list.length > 128) fail('an array of 1 to 128 tool results', 'toolResults', list);
+  return list.map((r: unknown, i: number) => {
+    const at = `toolResults[${i}]`;
+    const result = checkObject(at, r);
+    checkKnownKeys(at, result, ['toolCallId', 'name', 'content']);
+    return { at, toolCallId: result.toolCallId, name: result.name, content: result.content };
+  });
+}

@@ -123,6 +123,15 @@ export interface ToolCall {
   arguments: string;
 }
 
+/** A message of an OpenAI conversation: text, and (tools) an assistant's calls or a tool's result. */
+export interface ConversationMessage {
+  role: 'user' | 'assistant' | 'tool';
+  content: string;
+  toolCalls?: ToolCall[];
+  toolCallId?: string;
+  name?: string;
+}
+
 /** What a tool returned, answering a call of the last reply (`send({ toolResults })`). */
 export interface ToolResult {
   /** The call's id (`ToolCall.id`). */

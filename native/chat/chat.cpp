@@ -296,36 +296,23 @@ turn_request chat::prepare_framed(std::vector<int32_t> framed, generation_option
         req.reasoning_skipped = true;
     }
     if (tools_) {
-        auto turn = std::make_shared<tool_turn>(tools_->turn(gen.tool_choice.empty() ? "auto" : gen.tool_choice, gen.parallel_tool_calls, gen.thinking));
-        if (!turn->grammar.empty()) {
-            if (!gen.grammar.empty() || !gen.json_schema.empty()) {
-                throw fml_error(FML_ERR_INVALID_OPTION, "toolChoice '" + gen.tool_choice + "' holds the answer to a call, and grammar or jsonSchema to something else: give one");
-            }
-            gen.grammar = turn->grammar;
+        std::shared_ptr<const tool_turn> turn = tools_->turn(gen.tool_choice.empty() ? "auto" : gen.tool_choice, gen.parallel_tool_calls, gen.thinking);
+        const bool own_grammar = !gen.grammar.empty() || !gen.json_schema.empty();
+        if (turn->grammar && !turn->grammar->lazy() && own_grammar) {
+            throw fml_error(FML_ERR_INVALID_OPTION, "toolChoice '" + gen.tool_choice + "' holds the answer to a call, and grammar or jsonSchema to something else: give one");
+        }
+        // Send's own grammar (a response format) holds the whole answer over 'auto''s lazy one: the
+        // answer is then no call.
+        if (turn->grammar && !own_grammar) {
+            req.grammar = turn->grammar->clone();
         }
         gen.stop.insert(gen.stop.end(), turn->stops.begin(), turn->stops.end());
-        req.tools = turn;
+        req.tools = std::move(turn);
     } else if (!gen.tool_choice.empty()) {
         throw fml_error(FML_ERR_INVALID_OPTION, "toolChoice needs a chat created with tools");
     }
-    if (!gen.grammar.empty() || !gen.json_schema.empty()) {
+    if (!req.grammar && (!gen.grammar.empty() || !gen.json_schema.empty())) {
         req.grammar = reply_grammar::compile(model_->vocab(), gen.grammar, gen.json_schema);
-        if (req.tools && !req.tools->grammar_prefill.empty()) {
-            // Fed byte by byte (a token whose text is each byte: every vocabulary has them), not as
-            // the text's tokens: a SentencePiece vocabulary tokenizes "<|im_start|>assistant" with a
-            // space before "assistant", which the grammar's literal does not have.
-            const token_first_bytes & bytes = model_->first_bytes();
-            try {
-                for (unsigned char b : req.tools->grammar_prefill) {
-                    if (bytes.single[b] < 0) {
-                        throw std::runtime_error("no token of the vocabulary is the byte " + std::to_string(b));
-                    }
-                    req.grammar->accept(bytes.single[b]);
-                }
-            } catch (const std::exception & e) {
-                throw fml_error(FML_ERR_TEMPLATE, std::string("the tool-call grammar does not start with the template's generation prompt: ") + e.what());
-            }
-        }
     }
 
     req.gen = std::move(gen);

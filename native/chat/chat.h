@@ -353,6 +353,8 @@ private:
     void relabel_reply(size_t from, size_t to, token_role role);
     // The reply's next sampled token: its part, its text to the right stream and callback.
     void split_piece(int32_t tok);
+    // A reply token's text: its plain text, or a tool format's preserved marker's special text.
+    std::string reply_piece(const turn_state & t, int32_t tok) const;
     // `req` is the policy's (with a summary's room); `plain` what the turn needs without one: the
     // latency guard's fallback (sliding) asks for that, as sliding itself would.
     bool evict(const eviction_request & req, const eviction_request & plain, step_context & e);

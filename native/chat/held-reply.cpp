@@ -16,14 +16,15 @@ void chat::sample_held_reply(step_context & e, int32_t logits_row) {
     // it. The turn itself, not turn_: a turn that ends meanwhile (an abort) is moved out of turn_
     // and destroyed only once the pass is joined.
     const auto held = [this, &t](int32_t c) { return held_by_grammar(t, c); };
-    const sampler_chain::held_step step = t.sampler->sample_held(e.ctx(), logits_row, *t.req.grammar, model_->non_text_tokens(), held);
+    const std::vector<int32_t> & non_text = t.req.tools ? t.req.tools->non_text : model_->non_text_tokens();
+    const sampler_chain::held_step step = t.sampler->sample_held(e.ctx(), logits_row, *t.req.grammar, non_text, held);
     if (step.decided) {
         take_grammar_token(step, e);
         return;
     }
     const auto pass_in_step = [&] {
         const auto t0 = clock_type::now();
-        const sampler_chain::held_step rest = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held);
+        const sampler_chain::held_step rest = t.sampler->sample_rest(*t.req.grammar, non_text, model_->first_bytes(), held);
         count_grammar_pass(t, ms_since(t0));
         take_grammar_token(rest, e);
     };
@@ -42,10 +43,11 @@ void chat::sample_held_reply(step_context & e, int32_t logits_row) {
     grammar_pass * p = pass.get();
     std::function<void()> wake = e.waker();
     try {
-        p->worker = std::thread([this, &t, p, held, wake] {
+        // The tokens refused live in the turn's tool set-up or the model, both outliving the pass.
+        p->worker = std::thread([this, &t, p, held, wake, refused = &non_text] {
             const auto t0 = clock_type::now();
             try {
-                p->step = t.sampler->sample_rest(*t.req.grammar, model_->non_text_tokens(), model_->first_bytes(), held, &p->cancel);
+                p->step = t.sampler->sample_rest(*t.req.grammar, *refused, model_->first_bytes(), held, &p->cancel);
             } catch (...) {
                 p->error = std::current_exception();
             }
@@ -78,7 +80,7 @@ bool chat::held_by_grammar(const turn_state & t, int32_t tok) const {
     if (model_->is_eog(tok)) {
         return t.splitter->in_answer();
     }
-    const split_step s = t.splitter->peek(tok, model_->token_piece(tok, false));
+    const split_step s = t.splitter->peek(tok, reply_piece(t, tok));
     return s.has_text && s.part == reply_part::content;
 }
 

@@ -325,10 +325,16 @@ void chat::start_generation() {
     t.t_generate = clock_type::now();
 }
 
+std::string chat::reply_piece(const turn_state & t, int32_t tok) const {
+    // A format's preserved marker reads as its special text (what the call parser and a grammar read).
+    const bool preserved = t.req.tools && std::binary_search(t.req.tools->preserved.begin(), t.req.tools->preserved.end(), tok);
+    return model_->token_piece(tok, preserved);
+}
+
 void chat::split_piece(int32_t tok) {
     turn_state & t = *turn_;
     const auto role_of = [](reply_part part) { return part == reply_part::reasoning ? TOKEN_ROLE_REASONING : TOKEN_ROLE_ASSISTANT; };
-    const std::string piece = model_->token_piece(tok, false);
+    const std::string piece = reply_piece(t, tok);
     const split_step s = t.splitter->push(tok, piece);
     const token_role role = role_of(s.part);
     t.reply_roles.push_back(role);
@@ -390,7 +396,14 @@ void chat::sample_next(step_context & e, int32_t logits_row) {
     // testReply's tokens, then the end (or, with testReplyThenSample, sampled ones).
     const bool forced = !test_reply_.empty() && (t.forced_next < test_reply_.size() || !opts_.test_reply_then_sample);
     if (forced) {
-        take_sampled(t.forced_next < test_reply_.size() ? test_reply_[t.forced_next++] : -1, e);
+        const int32_t tok = t.forced_next < test_reply_.size() ? test_reply_[t.forced_next++] : -1;
+        if (tok >= 0 && !model_->is_eog(tok) && t.req.grammar && t.req.grammar->lazy() && held_by_grammar(t, tok)) {
+            // A lazy grammar waits on the model's words: forced ones are words of the reply to it
+            // (a call's marker forced wakes it, and what is sampled after is held).
+            t.req.grammar->accept(tok);
+            t.answer_held = true;
+        }
+        take_sampled(tok, e);
         return;
     }
     if (!t.req.grammar) {

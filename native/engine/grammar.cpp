@@ -272,10 +272,28 @@ std::string gbnf_of_json_schema(const std::string & schema) {
 }
 
 std::unique_ptr<reply_grammar> reply_grammar::compile(const llama_vocab * vocab, const std::string & gbnf, const std::string & json_schema) {
-    const std::string text = json_schema.empty() ? gbnf : gbnf_of_json_schema(json_schema);
-    const std::string option = json_schema.empty() ? "grammar" : "jsonSchema's grammar";
-    if (text.size() > MAX_GRAMMAR_BYTES) {
-        invalid(option + " is " + std::to_string(text.size()) + " bytes; at most " + std::to_string(MAX_GRAMMAR_BYTES) + " are taken");
+    return compile_text(vocab, json_schema.empty() ? gbnf : gbnf_of_json_schema(json_schema), json_schema.empty() ? "grammar" : "jsonSchema's grammar",
+                        MAX_GRAMMAR_BYTES, nullptr);
+}
+
+std::unique_ptr<reply_grammar> reply_grammar::compile_tool_calls(const llama_vocab * vocab, const std::string & gbnf, const grammar_triggers * lazy) {
+    return compile_text(vocab, gbnf, "the tool-call grammar", MAX_TOOL_GRAMMAR_BYTES, lazy);
+}
+
+std::unique_ptr<reply_grammar> reply_grammar::clone() const {
+    llama_sampler * s = llama_sampler_clone(s_);
+    if (s == nullptr) {
+        throw fml_error(FML_ERR_INTERNAL, "llama.cpp could not copy a grammar");
+    }
+    auto copy = std::unique_ptr<reply_grammar>(new reply_grammar(s, vocab_, by_bytes_, lazy_));
+    copy->let_go_ = let_go_;
+    return copy;
+}
+
+std::unique_ptr<reply_grammar> reply_grammar::compile_text(const llama_vocab * vocab, const std::string & text, const std::string & option, size_t max_bytes,
+                                                           const grammar_triggers * lazy) {
+    if (text.size() > max_bytes) {
+        invalid(option + " is " + std::to_string(text.size()) + " bytes; at most " + std::to_string(max_bytes) + " are taken");
     }
     const gbnf_shape shape = shape_of(text);
     if (shape.nesting > MAX_GRAMMAR_NESTING) {
@@ -283,16 +301,24 @@ std::unique_ptr<reply_grammar> reply_grammar::compile(const llama_vocab * vocab,
     }
     llama_sampler * s = nullptr;
     try {
-        s = llama_sampler_init_grammar(vocab, text.c_str(), "root");
+        if (lazy != nullptr) {
+            std::vector<const char *> patterns;
+            for (const std::string & p : lazy->patterns) {
+                patterns.push_back(p.c_str());
+            }
+            s = llama_sampler_init_grammar_lazy_patterns(vocab, text.c_str(), "root", patterns.data(), patterns.size(), lazy->tokens.data(), lazy->tokens.size());
+        } else {
+            s = llama_sampler_init_grammar(vocab, text.c_str(), "root");
+        }
     } catch (const std::exception & e) {
         invalid(option + " could not be compiled: " + e.what());
     }
     if (s == nullptr) {
         // llama.cpp printed why to stderr (a syntax error, an undefined rule, left recursion, no root).
-        invalid(json_schema.empty() ? "grammar is not valid GBNF with a 'root' rule (llama.cpp's parser printed why to stderr)"
-                                    : "jsonSchema's grammar did not compile (llama.cpp's parser printed why to stderr)");
+        invalid(option == "grammar" ? "grammar is not valid GBNF with a 'root' rule (llama.cpp's parser printed why to stderr)"
+                                    : option + " did not compile (llama.cpp's parser printed why to stderr)");
     }
-    return std::unique_ptr<reply_grammar>(new reply_grammar(s, vocab, !shape.token_rules));
+    return std::unique_ptr<reply_grammar>(new reply_grammar(s, vocab, !shape.token_rules, lazy != nullptr));
 }
 
 reply_grammar::~reply_grammar() {
@@ -317,6 +343,9 @@ void apply_in_slices(llama_sampler * s, llama_token_data * data, size_t n, const
 } // namespace
 
 void reply_grammar::apply(llama_token_data_array * cur, const token_first_bytes * bytes, const std::atomic<bool> * cancel) const {
+    if (let_go_) {
+        return;
+    }
     if (bytes == nullptr || !by_bytes_ || cur->size < 1024) {
         apply_in_slices(s_, cur->data, cur->size, cancel);
         return;
@@ -365,6 +394,9 @@ void reply_grammar::apply(llama_token_data_array * cur, const token_first_bytes 
 }
 
 bool reply_grammar::allows(int32_t token) const {
+    if (let_go_) {
+        return true;
+    }
     llama_token_data one = { token, 0.0f, 0.0f };
     llama_token_data_array single = { &one, 1, -1, false };
     llama_sampler_apply(s_, &single);
@@ -372,7 +404,21 @@ bool reply_grammar::allows(int32_t token) const {
 }
 
 void reply_grammar::accept(int32_t token) {
-    llama_sampler_accept(s_, token);
+    if (let_go_) {
+        return;
+    }
+    if (!lazy_) {
+        llama_sampler_accept(s_, token);   // a token the grammar allowed (or a prefill that throws on purpose)
+        return;
+    }
+    // A lazy grammar takes what it had not held (the text up to its trigger and the trigger's token):
+    // when the text from the trigger on is not the grammar's, llama.cpp throws, its grammar left with
+    // no way on.
+    try {
+        llama_sampler_accept(s_, token);
+    } catch (const std::exception &) {
+        let_go_ = true;
+    }
 }
 
 } // namespace fml

@@ -19,6 +19,9 @@ struct llama_token_data_array;
 namespace fml {
 
 constexpr size_t MAX_GRAMMAR_BYTES = 128 * 1024;
+// A tool call's grammar, made by llama.cpp from at most 256 KiB of checked tools (128 tools of ~1.6
+// KiB made 209 KB): a bound on what is parsed, far above what such a list makes.
+constexpr size_t MAX_TOOL_GRAMMAR_BYTES = 16 * 1024 * 1024;
 constexpr size_t MAX_JSON_SCHEMA_BYTES = 64 * 1024;
 constexpr int MAX_GRAMMAR_NESTING = 128;     // groups in groups: ( ( ... ) ) in GBNF
 constexpr int MAX_JSON_SCHEMA_NESTING = 64;  // objects and arrays in each other, in the schema's JSON
@@ -32,11 +35,27 @@ struct token_first_bytes {
     std::array<int32_t, 256> single;
 };
 
+// What wakes a lazy grammar: a regex over the text written so far (its first group, or else the
+// match, is where the held text starts), or one of these tokens (that token is where it starts).
+struct grammar_triggers {
+    std::vector<std::string> patterns;
+    std::vector<int32_t> tokens;
+};
+
 class reply_grammar {
 public:
     // Send's grammar (GBNF, start rule `root`) or, when that is empty, its JSON schema (JSON text).
     // Throws fml_error(INVALID_OPTION) naming the option.
     static std::unique_ptr<reply_grammar> compile(const llama_vocab * vocab, const std::string & gbnf, const std::string & json_schema);
+    // The grammar of a tool call, as the tool set-up has it (llama.cpp's, from tools already checked:
+    // no user grammar's size limit). `lazy` (null: none): it allows anything until a trigger, then
+    // holds the text from the trigger on (llama.cpp's lazy grammar: a call's arguments held to its
+    // schema once the model starts one, as llama-server holds them with toolChoice 'auto'). Where the
+    // text from the trigger on is not the grammar's (the model wrote the marker, then something
+    // else), it lets go: the rest of the reply is free, as it was before the trigger, never a failed turn.
+    static std::unique_ptr<reply_grammar> compile_tool_calls(const llama_vocab * vocab, const std::string & gbnf, const grammar_triggers * lazy);
+    // A copy in the same state (each turn takes one of its tool set-up's grammar, prefilled once).
+    std::unique_ptr<reply_grammar> clone() const;
     ~reply_grammar();
     reply_grammar(const reply_grammar &) = delete;
     reply_grammar & operator=(const reply_grammar &) = delete;
@@ -49,14 +68,21 @@ public:
     void apply(llama_token_data_array * cur, const token_first_bytes * bytes = nullptr, const std::atomic<bool> * cancel = nullptr) const;
     bool allows(int32_t token) const;
     void accept(int32_t token);
+    bool lazy() const { return lazy_; }
+    // A lazy grammar that let go (see compile_lazy): it allows everything from here on.
+    bool let_go() const { return let_go_; }
 
 private:
-    reply_grammar(llama_sampler * s, const llama_vocab * vocab, bool by_bytes) : s_(s), vocab_(vocab), by_bytes_(by_bytes) {}
+    reply_grammar(llama_sampler * s, const llama_vocab * vocab, bool by_bytes, bool lazy) : s_(s), vocab_(vocab), by_bytes_(by_bytes), lazy_(lazy) {}
+    static std::unique_ptr<reply_grammar> compile_text(const llama_vocab * vocab, const std::string & text, const std::string & option, size_t max_bytes,
+                                                       const grammar_triggers * lazy);
     llama_sampler * s_;
     const llama_vocab * vocab_;
     // Its rules read characters only: a rule on a token id (<[id]>, <token>) allows tokens whatever
     // their first byte, so such a grammar takes the whole pass.
     bool by_bytes_;
+    bool lazy_;
+    bool let_go_ = false;
 };
 
 // Deepest nesting of objects and arrays in JSON text, outside its strings (llama.cpp's JSON code

@@ -279,7 +279,7 @@ const option_row<chat_target> CHAT_ROWS[] = {
       [](chat_target & t, const option_value * v) { t.o.test_fail_summary_decode = v ? boolean_of("testFailSummaryDecode", *v) : false; } },
     { { "chat", "testReply", "string", "''", "at most 65536 bytes", "Test hook: every reply is this text's tokens (control tokens parsed), taken in order in place of sampled ones, then the end of generation ('': sampled).", true },
       [](chat_target & t, const option_value * v) { t.o.test_reply = v ? text_of("testReply", *v, 65536) : ""; } },
-    { { "chat", "testReplyThenSample", "boolean", "false", "", "Test hook: after testReply's tokens the reply goes on with sampled ones (a forced start: a think block, a channel), not the end. Forced tokens are no grammar's: a forced start ends before the answer.", true },
+    { { "chat", "testReplyThenSample", "boolean", "false", "", "Test hook: after testReply's tokens the reply goes on with sampled ones (a forced start: a think block, a channel), not the end. Forced tokens are no grammar's (a forced start ends before the answer), but a lazy one's (toolChoice 'auto' wakes on a forced call's marker).", true },
       [](chat_target & t, const option_value * v) { t.o.test_reply_then_sample = v ? boolean_of("testReplyThenSample", *v) : false; } },
     { { "chat", "testPolicyDelayMs", "number", "0", "0 .. 60000", "Test hook: every policy choice takes this long.", true },
       [](chat_target & t, const option_value * v) { t.o.test_policy_delay_ms = v ? number_in("testPolicyDelayMs", *v, 0, 60000) : 0.0; } },
@@ -338,13 +338,13 @@ const option_row<send_target> SEND_ROWS[] = {
       [](send_target & t, const option_value * v) {
           t.g.sampling.test_grammar_pass_on = !v ? 0 : choice_of("testGrammarPassOn", *v, { "step", "thread" }) == "step" ? 1 : 2;
       } },
-    { { "send", "toolChoice", "'auto' | 'none' | 'required' | { name }", "'auto'", "a chat with tools", "Whether the reply may call tools ('auto'), must not ('none': calls are not read from it) or must ('required'; { name }: that tool), as OpenAI's tool_choice; a required call holds the answer to the template's call format (a grammar).", false },
+    { { "send", "toolChoice", "'auto' | 'none' | 'required' | { name }", "'auto'", "a chat with tools", "Whether the reply may call tools ('auto'), must not ('none': calls are not read from it) or must ('required'; { name }: that tool), as OpenAI's tool_choice; a required call holds the answer to the template's call format (a grammar); with 'auto' a call the model starts is held from its first marker on.", false },
       [](send_target & t, const option_value * v) {
           // TypeScript gives { name } as the name itself.
           t.g.tool_choice = v ? text_of("toolChoice", *v, 64) : "";
           if (v && t.g.tool_choice.empty()) fail("'auto', 'none', 'required' or a tool's name", "toolChoice", *v);
       } },
-    { { "send", "parallelToolCalls", "boolean", "true", "a chat with tools", "A reply may make several calls (false: one at most, where the call is required).", false },
+    { { "send", "parallelToolCalls", "boolean", "true", "a chat with tools", "A reply may make several calls (false: one at most: a held call is held to one, and of a reply that wrote several the first is read).", false },
       [](send_target & t, const option_value * v) { t.g.parallel_tool_calls = v ? boolean_of("parallelToolCalls", *v) : true; } },
     { { "send", "jsonSchema", "object | string", "none", "at most 65536 bytes of JSON, nested at most 64 deep (more limits: docs/api.md)", "A JSON schema the answer follows (converted to a grammar as llama-server converts response_format's); a reasoning model's reasoning stays free. The reply ends when the JSON value is complete.", false },
       [](send_target & t, const option_value * v) {

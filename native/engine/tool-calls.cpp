@@ -16,6 +16,7 @@
 #include <map>
 #include <random>
 #include <regex>
+#include <set>
 
 namespace fml {
 
@@ -124,16 +125,114 @@ std::string rewrite_rule(const std::string & grammar, const std::string & name, 
     return grammar.substr(0, begin) + std::regex_replace(grammar.substr(begin, end - begin), what, with) + grammar.substr(end);
 }
 
-// llama.cpp's grammar for a required call (this version's: test/model/tool-calls.test.ts checks both
+// llama.cpp's grammar for a required call (this version's: test/model/tool-calls.test.ts checks these
 // rewrites) lets words come first, up to the call's marker (root ::= "<prompt>" space until-N?
-// tool-calls, or until-N where the call's tags are the model's own): held here, the answer starts with the call, since a weak model's words could run to
-// maxNewTokens and call nothing, which 'required' rules out. And where each call has its own markers it
-// takes one or more of them even when parallel calls are off (tool-calls ::= (tool-call space)+).
-std::string hold_required_call(const std::string & grammar, bool parallel) {
+// tool-calls, or until-N where the call's tags are the model's own): held here, the answer starts
+// with the call, since a weak model's words could run to maxNewTokens and call nothing, which
+// 'required' rules out.
+std::string hold_required_call(const std::string & grammar) {
     static const std::regex words(R"( until-[0-9]+\??(?= ))");
-    static const std::regex several(R"(\(tool-call space\)\+)");
-    const std::string held = rewrite_rule(grammar, "root", words, "");
-    return parallel ? held : rewrite_rule(held, "tool-calls", several, "tool-call space");
+    return rewrite_rule(grammar, "root", words, "");
+}
+
+// Where each call has its own markers, llama.cpp's grammar takes one or more of them even when
+// parallel calls are off (a required call's tool-calls ::= (tool-call space)+, 'auto''s
+// (tool-call? space)+, Hermes-style formats): held here to one, as OpenAI's parallel_tool_calls false.
+std::string hold_one_call(const std::string & grammar) {
+    static const std::regex several(R"(\(tool-call\?? space\)\+)");
+    return rewrite_rule(grammar, "tool-calls", several, "tool-call space");
+}
+
+// The format's preserved markers that are single control tokens of this vocabulary (a marker that
+// is a plain token reads the same either way; a reasoning marker is the splitter's, by its id).
+void mark_preserved(const fml_model & model, const std::vector<std::string> & markers, tool_turn & t) {
+    const reasoning_markers & rm = model.reasoning();
+    const std::set<int32_t> reasoning = { rm.think_open, rm.think_close, rm.start, rm.channel, rm.message, rm.end };
+    for (const std::string & m : markers) {
+        std::vector<int32_t> ids;
+        try {
+            ids = model.tokenize(m, false, true);
+        } catch (const fml_error &) {
+            continue;
+        }
+        if (ids.size() == 1 && reasoning.count(ids[0]) == 0 && model.token_piece(ids[0], true) == m && model.token_piece(ids[0], false) != m) {
+            t.preserved.push_back(ids[0]);
+        }
+    }
+    std::sort(t.preserved.begin(), t.preserved.end());
+    t.preserved.erase(std::unique(t.preserved.begin(), t.preserved.end()), t.preserved.end());
+    std::set_difference(model.non_text_tokens().begin(), model.non_text_tokens().end(), t.preserved.begin(), t.preserved.end(), std::back_inserter(t.non_text));
+}
+
+// What wakes 'auto''s lazy grammar, as llama.cpp's common sampler reads the format's triggers: a
+// word is a regex of itself (or, where it is one token of the vocabulary, that token: as
+// llama-server reads it), a full pattern is anchored at both ends.
+grammar_triggers triggers_of(const fml_model & model, const std::vector<common_grammar_trigger> & in) {
+    grammar_triggers out;
+    for (const common_grammar_trigger & g : in) {
+        switch (g.type) {
+            case COMMON_GRAMMAR_TRIGGER_TYPE_WORD: {
+                std::vector<int32_t> ids;
+                try {
+                    ids = model.tokenize(g.value, false, true);
+                } catch (const fml_error &) {
+                }
+                if (ids.size() == 1 && model.token_piece(ids[0], true) == g.value) {
+                    out.tokens.push_back(ids[0]);
+                } else {
+                    out.patterns.push_back(regex_escape(g.value));
+                }
+                break;
+            }
+            case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN:
+                out.patterns.push_back(g.value);
+                break;
+            case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: {
+                const std::string & p = g.value;
+                out.patterns.push_back(p.empty() ? "^$" : (p.front() != '^' ? "^" : "") + p + (p.back() != '$' ? "$" : ""));
+                break;
+            }
+            case COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN:
+                if (g.token >= 0 && g.token < model.info().n_vocab) out.tokens.push_back(g.token);
+                break;
+        }
+    }
+    return out;
+}
+
+// Feeds `text` to a required call's grammar byte by byte (a token whose text is each byte: every
+// vocabulary has them), not as the text's tokens: a SentencePiece vocabulary tokenizes
+// "<|im_start|>assistant" with a space before "assistant", which the grammar's literal does not have.
+void prefill(reply_grammar & g, const token_first_bytes & bytes, const std::string & text) {
+    try {
+        for (unsigned char b : text) {
+            if (bytes.single[b] < 0) {
+                throw std::runtime_error("no token of the vocabulary is the byte " + std::to_string(b));
+            }
+            g.accept(bytes.single[b]);
+        }
+    } catch (const std::exception & e) {
+        template_failed(std::string("the tool-call grammar does not start with the template's generation prompt: ") + e.what());
+    }
+}
+
+// Where the format has the model write a call's id (Mistral Nemo's "id"), llama.cpp's grammar takes
+// any string or number, and Mistral's templates refuse to render results for an id of other than 9
+// letters and digits: a weak model's id would leave the chat unable to take that call's results.
+// Held here to what tool_call_id() makes.
+std::string hold_call_ids(std::string grammar) {
+    const std::string head = "(\"\\\"id\\\"\" space \":\" space (";
+    const std::string tail = " | json-number))";
+    for (size_t at = grammar.find(head); at != std::string::npos; at = grammar.find(head, at + 1)) {
+        const size_t from = at + head.size();
+        const size_t to = grammar.find(tail, from);
+        const size_t line_end = grammar.find('\n', from);
+        if (to == std::string::npos || to > line_end) {
+            continue;
+        }
+        grammar.replace(from, to + tail.size() - from, "\"\\\"\" [a-zA-Z0-9]{9} \"\\\"\"))");
+    }
+    return grammar;
 }
 
 } // namespace
@@ -152,7 +251,7 @@ struct tool_set::impl {
     common_chat_templates_ptr templates;
     std::vector<common_chat_tool> tools;
     std::string system_prompt;   // the chat's: every rendering starts as the chat did
-    std::map<std::string, tool_turn> turns;   // by choice, parallel, thinking: set up once
+    std::map<std::string, std::shared_ptr<const tool_turn>> turns;   // by choice, parallel, thinking: set up once
     std::string reply_before;                 // reply_text's rendering before the reply, kept
     std::string user_prefix;                  // system_frames' argument and result, kept
     std::vector<std::string> system_frames;
@@ -456,7 +555,7 @@ result_framing tool_set::result_frames(const std::vector<tool_call> & calls, con
     return out;
 }
 
-tool_turn tool_set::turn(const std::string & choice, bool parallel, bool thinking) const {
+std::shared_ptr<const tool_turn> tool_set::turn(const std::string & choice, bool parallel, bool thinking) const {
     std::lock_guard<std::mutex> lock(p_->mu);
     const std::string key = choice + (parallel ? "|p" : "|1") + (thinking ? "|t" : "|n");
     if (auto it = p_->turns.find(key); it != p_->turns.end()) {
@@ -510,17 +609,29 @@ tool_turn tool_set::turn(const std::string & choice, bool parallel, bool thinkin
     impl->before_reasoning = before_reasoning(parsing.generation_prompt);
     impl->params.generation_prompt.clear();
     t.p = impl;
-    // Only a required call holds the answer: with 'auto' the model may answer in words, and a lazy
-    // grammar (held from a call's first marker on) is llama.cpp's sampler's own, not a held reply's.
-    // The grammar starts with the generation prompt (as llama.cpp's sampler prefills it): the chat
-    // feeds it that text before the answer.
+    // A required call holds the answer from its first token (its grammar starts with the generation
+    // prompt, which it reads first, as llama.cpp's sampler prefills it). With 'auto' (as llama-server)
+    // the model may answer in words, and a call's arguments are held to its tool's schema from its
+    // first marker on (a lazy grammar, which starts at the trigger: nothing prefilled).
+    std::vector<std::string> markers = holding.preserved_tokens;
+    const llama_vocab * vocab = p_->model->vocab();
     if (!holding.grammar_lazy && in.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED) {
-        t.grammar = hold_required_call(holding.grammar, parallel);
-        t.grammar_prefill = before_reasoning(holding.generation_prompt);
+        auto g = reply_grammar::compile_tool_calls(vocab, hold_call_ids(hold_required_call(parallel ? holding.grammar : hold_one_call(holding.grammar))), nullptr);
+        prefill(*g, p_->model->first_bytes(), before_reasoning(holding.generation_prompt));
+        t.grammar = std::move(g);
     }
+    if (holding.grammar_lazy && in.tool_choice == COMMON_CHAT_TOOL_CHOICE_AUTO && !holding.grammar.empty() && !holding.grammar_triggers.empty()) {
+        const grammar_triggers triggers = triggers_of(*p_->model, holding.grammar_triggers);
+        t.grammar = reply_grammar::compile_tool_calls(vocab, hold_call_ids(parallel ? holding.grammar : hold_one_call(holding.grammar)), &triggers);
+        for (const common_grammar_trigger & g : holding.grammar_triggers) {
+            if (g.type == COMMON_GRAMMAR_TRIGGER_TYPE_WORD) markers.push_back(g.value);   // a trigger the answer can write
+        }
+    }
+    mark_preserved(*p_->model, markers, t);
     t.stops = parsing.additional_stops;
-    p_->turns.emplace(key, t);
-    return t;
+    auto shared = std::make_shared<const tool_turn>(std::move(t));
+    p_->turns.emplace(key, shared);
+    return shared;
 }
 
 namespace {

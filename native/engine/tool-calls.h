@@ -5,6 +5,9 @@
 // tools with the system prompt (pinned), and a turn of tool results after a reply's calls.
 #pragma once
 
+#include "engine/grammar.h"
+
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -51,8 +54,16 @@ constexpr size_t MAX_TOOLS = 128;
 // the parser of what the reply says.
 class tool_turn {
 public:
-    std::string grammar;
-    std::string grammar_prefill;      // the text the grammar reads before the answer (the generation prompt's)
+    // The grammar that holds the answer (null: none), compiled once: a required call's (the
+    // generation prompt already read, as llama.cpp's sampler prefills it), or 'auto''s lazy one,
+    // which holds the reply from a call's first marker on. Each turn takes a clone.
+    std::shared_ptr<const reply_grammar> grammar;
+    // The format's markers that are control tokens of the vocabulary ([TOOL_CALLS], LFM2's
+    // <|tool_call_start|>): the reply's text has their special text, which its parser reads, and a
+    // grammar may hold the answer to them (llama-server's preserved tokens). Sorted.
+    std::vector<int32_t> preserved;
+    // The tokens a held answer never takes: the model's non-text tokens but the preserved ones. Sorted.
+    std::vector<int32_t> non_text;
     std::vector<std::string> stops;   // what the format ends a reply with, beyond end-of-generation tokens
     // `reasoning`: the reply's reasoning ('' when none); the parser reads the reply as the model
     // wrote it after the template's generation prompt. `partial`: the reply is still being written.
@@ -91,7 +102,7 @@ public:
     void check_plain(const std::string & text, const std::string & what) const;
     static void check_plain(const fml_model & model, const std::string & text, const std::string & what);
     // `choice`: "auto", "none", "required", or a tool's name (that tool is called).
-    tool_turn turn(const std::string & choice, bool parallel, bool thinking) const;
+    std::shared_ptr<const tool_turn> turn(const std::string & choice, bool parallel, bool thinking) const;
 
     struct impl;
 

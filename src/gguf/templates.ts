@@ -465,7 +465,8 @@ export const TEMPLATES = {
   qwen35: { text: QWEN35, control: ['<|vision_start|>', '<|vision_end|>', '<|image_pad|>', '<|video_pad|>'], endOfTurn: '<|im_end|>', userDefined: THINK_TOKENS },
   // Not <|tool_response>: with it in the vocabulary llama.cpp drops </s> from the end-of-generation tokens.
   gemma4: { text: GEMMA4, control: ['<|turn>', '<turn|>', '<|channel>', '<channel|>', '<|think|>'], endOfTurn: '<turn|>' },
-  lfm2: { text: LFM2, control: ['<|startoftext|>', '<|tool_list_start|>', '<|tool_list_end|>'], endOfTurn: '<|im_end|>', userDefined: THINK_TOKENS },
+  // The tool markers are control tokens, as in LiquidAI's vocabulary (a call's marker is then no text of the reply).
+  lfm2: { text: LFM2, control: ['<|startoftext|>', '<|tool_list_start|>', '<|tool_list_end|>', '<|tool_call_start|>', '<|tool_call_end|>', '<|tool_response_start|>', '<|tool_response_end|>'], endOfTurn: '<|im_end|>', userDefined: THINK_TOKENS },
   llama3: { text: LLAMA3, control: ['<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'], endOfTurn: '<|eot_id|>' },
   gemma: { text: GEMMA3, control: ['<start_of_turn>', '<end_of_turn>'], endOfTurn: '<end_of_turn>' },
   phi3: { text: PHI3, control: ['<|system|>', '<|user|>', '<|assistant|>', '<|end|>'], endOfTurn: '<|end|>' },
@@ -479,7 +480,7 @@ export const TEMPLATES = {
   deepseek2: { text: DEEPSEEK2, control: ['<｜end▁of▁sentence｜>'], endOfTurn: '<｜end▁of▁sentence｜>' },
   granite4: { text: GRANITE4, control: ['<|start_of_role|>', '<|end_of_role|>', '<|end_of_text|>', '<|tool_call|>'], endOfTurn: '<|end_of_text|>' },
   magistral: { text: MAGISTRAL, control: ['[SYSTEM_PROMPT]', '[/SYSTEM_PROMPT]', '[INST]', '[/INST]', '[THINK]', '[/THINK]'], endOfTurn: '</s>' },
-  mistral: { text: MISTRAL, control: ['[INST]', '[/INST]', '[AVAILABLE_TOOLS]', '[/AVAILABLE_TOOLS]'], endOfTurn: '</s>' },
+  mistral: { text: MISTRAL, control: ['[INST]', '[/INST]', '[AVAILABLE_TOOLS]', '[/AVAILABLE_TOOLS]', '[TOOL_CALLS]', '[TOOL_RESULTS]', '[/TOOL_RESULTS]'], endOfTurn: '</s>' },
 } as const satisfies Record<string, TemplateFamily>;
 
 export type TemplateName = keyof typeof TEMPLATES;

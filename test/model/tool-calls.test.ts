@@ -184,6 +184,76 @@ describe('toolChoice required', () => {
   });
 });
 
+describe("toolChoice 'auto' (llama.cpp's lazy grammar, as llama-server)", () => {
+  it("holds a call from its first marker on, its arguments to the tool's schema; what comes before stays free", async () => {
+    // The marker forced, the rest sampled: a random model writes no call's JSON unless held to it.
+    const chat = qwen2.createChat({ ...BASE, testReply: 'Let me look.\n<tool_call>\n', testReplyThenSample: true });
+    for (let seed = 0; seed < 4; seed++) {
+      const r = await chat.send(`Weather? (${seed})`, { maxNewTokens: 160, seed, temperature: 1, parallelToolCalls: false });
+      // One call: parallelToolCalls false holds the format's several to one (it ends the reply).
+      expect(r.toolCalls.length, r.response).toBe(1);
+      for (const call of r.toolCalls) {
+        const args = JSON.parse(call.arguments) as Record<string, unknown>;
+        if (call.name === 'get_weather') {
+          expect(Object.keys(args).sort()).toEqual(['city', 'unit']);
+          expect((args.city as string).length).toBeLessThanOrEqual(12);
+          expect(['C', 'F']).toContain(args.unit);
+        } else {
+          expect(call.name).toBe('get_time');
+          expect(['UTC', 'CET']).toContain(args.zone);
+        }
+      }
+      expect(r.response).toBe('Let me look.');
+      expect(r.stopReason).toBe('eos');
+    }
+    // No marker: the grammar never wakes, the answer is the model's (no pass over the vocabulary).
+    const free = qwen2.createChat({ ...BASE, testReply: 'Sunny', testReplyThenSample: true });
+    const f = await free.send('Weather?', { maxNewTokens: 24, seed: 1, temperature: 1 });
+    expect(f.response.startsWith('Sunny')).toBe(true);
+    expect(f.stats.grammarPasses).toBe(0);
+    // A marker followed by what no call is: the grammar lets go (the rest is free), the turn ends as written.
+    const odd = qwen2.createChat({ ...BASE, testReply: 'So <tool_call>\n[1, 2] done' });
+    const o = await odd.send('Weather?', { maxNewTokens: 64 });
+    expect(o.stopReason).toBe('eos');
+    expect(o.toolCalls).toEqual([]);
+    expect((await odd.send('Again?', { maxNewTokens: 64 })).stopReason).toBe('eos');
+    odd.dispose();
+    // Send's own schema holds the answer instead (a response format): the call's grammar is not woken.
+    const json = await chat.send('As JSON', { maxNewTokens: 48, seed: 1, temperature: 1, jsonSchema: { type: 'object' } });
+    expect(json.toolCalls).toEqual([]);
+    checkCache(chat, 1024);
+    chat.dispose();
+    free.dispose();
+  });
+});
+
+describe('many tools', () => {
+  it("128 tools (the most a chat takes): the grammars of 'auto' and of a required call are set up, though over send's own grammar limit", async () => {
+    const many: ToolDefinition[] = Array.from({ length: 128 }, (_, i) => ({
+      type: 'function',
+      function: {
+        name: `tool_${i}`,
+        parameters: {
+          type: 'object',
+          properties: {
+            query: { type: 'string' }, limit: { type: 'integer', minimum: 1, maximum: 100 }, mode: { enum: ['fast', 'thorough'] },
+            filters: { type: 'object', properties: { since: { type: 'string' }, tags: { type: 'array', items: { type: 'string' } } } },
+          },
+          required: ['query', 'mode'],
+        },
+      },
+    }));
+    // Their grammars are ~190 KB (send's grammar option takes 128 KiB). 'auto''s is set up with the chat; a required call's at its first turn (aborted at once: the
+    // tools' ~10k-token system prompt would take seconds to prefill here).
+    const chat = qwen2.createChat({ ...BASE, maxTokens: 65536, tools: many });
+    const abort = new AbortController();
+    const turn = chat.send('Do something', { maxNewTokens: 8, toolChoice: 'required', signal: abort.signal });
+    abort.abort();
+    expect((await turn).stopReason).toBe('abort');
+    chat.dispose();
+  });
+});
+
 describe('send({ toolResults })', () => {
   it('frames the results as the template does after the call, and the reply goes on from them', async () => {
     const chat = qwen2.createChat({ ...BASE, testReply: CALL });
@@ -508,20 +578,23 @@ describe('the server: tools, tool_choice, tool messages (OpenAI wire format)', (
 // pinned package by the build), each on a generated model of its family's vocabulary: a required
 // call is held, read back, and its results framed; an import of the exchange renders it.
 const REAL_TEMPLATES = join(import.meta.dirname, '..', '..', 'deps', 'llama.cpp', 'models', 'templates');
-const REAL: { file: string; family: string; heldArgs: boolean }[] = [
-  { file: 'Qwen-Qwen2.5-7B-Instruct.jinja', family: 'qwen2', heldArgs: true },
-  { file: 'Qwen-Qwen3-0.6B.jinja', family: 'qwen3', heldArgs: true },
+// `marker`: what starts a call in 'auto' (null: the format has no marker, and 'auto' holds nothing).
+const REAL: { file: string; family: string; heldArgs: boolean; marker: string | null }[] = [
+  { file: 'Qwen-Qwen2.5-7B-Instruct.jinja', family: 'qwen2', heldArgs: true, marker: '<tool_call>\n' },
+  { file: 'Qwen-Qwen3-0.6B.jinja', family: 'qwen3', heldArgs: true, marker: '<tool_call>\n' },
   // XML calls: llama.cpp's grammar writes a string argument as free text (no schema holds it).
-  { file: 'Qwen3.5-4B.jinja', family: 'qwen35', heldArgs: false },
-  { file: 'Qwen3-Coder.jinja', family: 'qwen3', heldArgs: false },
-  { file: 'GLM-4.6.jinja', family: 'glm4moe', heldArgs: false },
-  { file: 'meta-llama-Llama-3.1-8B-Instruct.jinja', family: 'llama', heldArgs: true },
-  { file: 'meta-llama-Llama-3.2-3B-Instruct.jinja', family: 'llama', heldArgs: true },
-  { file: 'NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja', family: 'qwen2', heldArgs: true },
-  { file: 'ibm-granite-granite-4.0.jinja', family: 'granite4', heldArgs: true },
-  { file: 'LFM2.5-Instruct.jinja', family: 'lfm2', heldArgs: false },
-  // Its template refuses call ids of other than 9 characters: the ids made for calls are 9.
-  { file: 'mistralai-Mistral-Nemo-Instruct-2407.jinja', family: 'mistral', heldArgs: true },
+  { file: 'Qwen3.5-4B.jinja', family: 'qwen35', heldArgs: false, marker: '<tool_call>' },
+  { file: 'Qwen3-Coder.jinja', family: 'qwen3', heldArgs: false, marker: '<tool_call>' },
+  { file: 'GLM-4.6.jinja', family: 'glm4moe', heldArgs: false, marker: '<tool_call>' },
+  { file: 'meta-llama-Llama-3.1-8B-Instruct.jinja', family: 'llama', heldArgs: true, marker: null },
+  { file: 'meta-llama-Llama-3.2-3B-Instruct.jinja', family: 'llama', heldArgs: true, marker: null },
+  { file: 'NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja', family: 'qwen2', heldArgs: true, marker: '<tool_call>\n' },
+  { file: 'ibm-granite-granite-4.0.jinja', family: 'granite4', heldArgs: true, marker: '<tool_call>\n' },
+  // Its call markers are control tokens, as in LiquidAI's vocabulary.
+  { file: 'LFM2.5-Instruct.jinja', family: 'lfm2', heldArgs: false, marker: '<|tool_call_start|>' },
+  // [TOOL_CALLS] is a control token, as in Mistral's vocabulary. The template refuses call ids of
+  // other than 9 letters and digits: those made for calls are 9, and so are those the model writes.
+  { file: 'mistralai-Mistral-Nemo-Instruct-2407.jinja', family: 'mistral', heldArgs: true, marker: '[TOOL_CALLS]' },
 ];
 const REFUSED = ['openai-gpt-oss-120b.jinja:gptoss', 'google-gemma-4-31B-it.jinja:gemma4'];
 
@@ -539,6 +612,7 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
       const chat = m.createChat({ ...BASE, tools: time });
       const r = await chat.send('What time is it?', { maxNewTokens: 120, toolChoice: { name: 'get_time' }, parallelToolCalls: false, thinking: false, seed: 1 });
       expect(r.toolCalls.map((c) => c.name), r.response).toEqual(['get_time']);
+      expect(r.toolCalls[0]!.id).toMatch(/^[A-Za-z0-9]{9}$/);
       if (heldArgs) expect(['UTC', 'CET']).toContain((JSON.parse(r.toolCalls[0]!.arguments) as { zone: string }).zone);
       const next = await chat.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, name: 'get_time', content: 'It is 12:00' }] }, { maxNewTokens: 2 });
       expect(next.stats.promptTokens).toBeGreaterThan(3);
@@ -552,6 +626,46 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
       imported.dispose();
     } finally {
       m.dispose();
+    }
+  });
+
+  it.each(REAL.filter((r) => r.marker !== null))("$file: 'auto' holds the call its marker starts; the marker as the model writes it (a control token too) is read", async ({ file, family, heldArgs, marker }) => {
+    const m = await load(file, family);
+    try {
+      const chat = m.createChat({ ...BASE, tools: time, testReply: marker!, testReplyThenSample: true });
+      const pieces: string[] = [];
+      const r = await chat.send('What time is it?', { maxNewTokens: 120, parallelToolCalls: false, thinking: false, seed: 1, onToken: (p) => pieces.push(p) });
+      expect(r.toolCalls.map((c) => c.name), r.response).toEqual(['get_time']);
+      expect(r.toolCalls[0]!.id).toMatch(/^[A-Za-z0-9]{9}$/);
+      if (heldArgs) expect(['UTC', 'CET']).toContain((JSON.parse(r.toolCalls[0]!.arguments) as { zone: string }).zone);
+      expect(pieces.join('')).not.toContain(marker!.trim());
+      chat.dispose();
+    } finally {
+      m.dispose();
+    }
+  });
+
+  it('a call whose marker is a control token of the vocabulary is read (its text is the reply\'s, as llama-server\'s preserved tokens)', async () => {
+    const cases = [
+      ['mistralai-Mistral-Nemo-Instruct-2407.jinja', 'mistral', '[TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "UTC"}, "id": "abc123XYZ"}]'],
+      ['LFM2.5-Instruct.jinja', 'lfm2', 'Checking.<|tool_call_start|>[get_time(zone="UTC")]<|tool_call_end|>'],
+    ] as const;
+    for (const [file, family, reply] of cases) {
+      const m = await load(file, family);
+      try {
+        const chat = m.createChat({ ...BASE, tools: time, testReply: reply });
+        const r = await chat.send('What time is it?', { maxNewTokens: 120, thinking: false });
+        expect(r.toolCalls.map((c) => [c.name, JSON.parse(c.arguments)]), file).toEqual([['get_time', { zone: 'UTC' }]]);
+        if (family === 'mistral') expect(r.toolCalls[0]!.id).toBe('abc123XYZ');
+        // The marker is one token in memory, as the model wrote it.
+        const marker = family === 'mistral' ? '[TOOL_CALLS]' : '<|tool_call_start|>';
+        expect(chat.memory().filter((e) => e.role === 'assistant' && e.text === marker)).toHaveLength(1);
+        const next = await chat.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, name: 'get_time', content: 'It is 12:00' }] }, { maxNewTokens: 2 });
+        expect(next.stats.promptTokens).toBeGreaterThan(3);
+        chat.dispose();
+      } finally {
+        m.dispose();
+      }
     }
   });
 

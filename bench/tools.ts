@@ -4,9 +4,12 @@
 //     read, every schema checked, the frames rendered) and again (the set-up kept); prepareTools, that
 //     and a first turn's set-up (its grammar and parser) on a worker thread;
 //   - per token, round-robin turn by turn: free decoding against a required call (the answer held to
-//     the template's call grammar, its arguments to a schema whose calls run on) and against 'auto'
-//     with the reply streamed (every piece read by llama.cpp's partial parser, as llama-server streams);
-//   - the stream's reading on long replies: a 2,000-token reply with and without onToken.
+//     the template's call grammar, its arguments to a schema whose calls run on), against 'auto' (a
+//     lazy grammar waits for a call's first marker: every token is checked and its text kept for the
+//     trigger) and against 'auto' with the reply streamed (every piece read by llama.cpp's partial
+//     parser, as llama-server streams);
+//   - long replies: 2,000 tokens with toolChoice 'none' (no grammar, nothing read), 'auto' (the lazy
+//     grammar's trigger searched in the whole text at every token, as llama.cpp does) and 'auto' streamed.
 //   npx tsx bench/tools.ts [--no-write] [--turns 6]
 import { availableParallelism } from 'node:os';
 import { parseArgs } from 'node:util';
@@ -46,6 +49,7 @@ const NOTES_TOOL: ToolDefinition = {
 const CASES: { label: string; options: SendOptions }[] = [
   { label: 'free (no tools)', options: { maxNewTokens: TOKENS, ignoreEos: true } },
   { label: "toolChoice 'required' (held to the call grammar)", options: { maxNewTokens: TOKENS, ignoreEos: true, toolChoice: 'required' } },
+  { label: "toolChoice 'auto' (a lazy grammar waits for a call)", options: { maxNewTokens: TOKENS, ignoreEos: true } },
   { label: "toolChoice 'auto', streamed (each piece read)", options: { maxNewTokens: TOKENS, ignoreEos: true, onToken: () => {} } },
 ];
 
@@ -96,18 +100,23 @@ async function main() {
   const call = turns[1]!.at(-1)!;
   for (const c of chats) c.dispose();
 
-  // Reading a long streamed reply: the partial parse of the whole answer at every piece.
+  // Long replies: the lazy grammar's trigger search and the streamed reading, over the whole answer.
   const long = { maxNewTokens: 2000, ignoreEos: true } as const;
-  const streamed: number[] = [];
-  const plain: number[] = [];
+  const LONG: { label: string; options: SendOptions }[] = [
+    { label: "'none'", options: { toolChoice: 'none' } },
+    { label: "'auto'", options: {} },
+    { label: "'auto' streamed", options: { onToken: () => {} } },
+  ];
+  const longWalls: number[][] = LONG.map(() => []);
   const reader = model.createChat({ maxTokens: 8192, policy: 'sliding', tools: [NOTES_TOOL] });
   for (let t = 0; t < 2; t++) {
-    // Wall time: the reading runs on the calling thread, beside the decode.
-    for (const [into, extra] of [[plain, {}], [streamed, { onToken: () => {} }]] as const) {
+    // Wall time: the reading runs on the calling thread, beside the decode. The order turns round
+    // each time (a noisy machine drifts).
+    for (const i of t % 2 === 0 ? [0, 1, 2] : [2, 1, 0]) {
       reader.reset();
       const t0 = performance.now();
-      await reader.send(`Long ${t}`, { ...long, ...extra, seed: t });
-      into.push(performance.now() - t0);
+      await reader.send(`Long ${t}`, { ...long, ...LONG[i]!.options, seed: t });
+      longWalls[i]!.push(performance.now() - t0);
     }
   }
   reader.dispose();
@@ -136,7 +145,7 @@ async function main() {
     '|---|---|---|---|',
     ...lines,
     '',
-    `A 2,000-token reply of a chat with a tool, 'auto' (wall time of the turn): ${median(plain).toFixed(0)} ms unstreamed, ${median(streamed).toFixed(0)} ms streamed with every piece read (${(median(streamed) / median(plain)).toFixed(2)}x; medians of ${plain.length}).`,
+    `A 2,000-token reply of a chat with a tool (wall time of the turn, medians of ${longWalls[0]!.length}): ${LONG.map((c, i) => `${c.label} ${median(longWalls[i]!).toFixed(0)} ms (${(median(longWalls[i]!) / median(longWalls[0]!)).toFixed(2)}x)`).join(', ')}.`,
   ].join('\n');
   console.log(out);
   if (!values['no-write']) writeResultsSection('tools', out);

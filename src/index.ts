@@ -1,4 +1,4 @@
-export { loadModel, Model, readCheckpointMessages, type ImportTranscriptOptions } from './local/model.js';
+export { loadModel, Model, readCheckpointMessages, type ImportTranscriptOptions, type PrepareToolsOptions } from './local/model.js';
 export { Chat } from './local/chat.js';
 export { jsonSchemaToGrammar } from './local/grammar.js';
 export {

@@ -130,22 +130,24 @@ namespace {
 // must not spend on its event loop; the chat made next finds it done.
 class tools_worker : public promise_worker {
 public:
-    tools_worker(Napi::Env env, std::shared_ptr<fml_model> model, std::string tools, std::string system_prompt)
-        : promise_worker(env), model_(std::move(model)), tools_(std::move(tools)), system_prompt_(std::move(system_prompt)) {}
+    tools_worker(Napi::Env env, std::shared_ptr<fml_model> model, std::string tools, std::string system_prompt, generation_options turn)
+        : promise_worker(env), model_(std::move(model)), tools_(std::move(tools)), system_prompt_(std::move(system_prompt)), turn_(std::move(turn)) {}
 
 protected:
-    void run() override { tool_set::prepare(model_, tools_, system_prompt_); }
+    void run() override { tool_set::prepare(model_, tools_, system_prompt_, turn_.tool_choice, turn_.parallel_tool_calls, turn_.thinking); }
     Napi::Value result(Napi::Env env) override { return env.Undefined(); }
 
 private:
     std::shared_ptr<fml_model> model_;
     std::string tools_;
     std::string system_prompt_;
+    generation_options turn_;
 };
 
 } // namespace
 
-// prepareTools(toolsJson, systemPrompt) -> a promise: the tools' set-up made (or the tools refused).
+// prepareTools(toolsJson, systemPrompt, turnOptions?) -> a promise: the tools' set-up made, with the
+// turn of send's toolChoice, parallelToolCalls and thinking in `turnOptions` (or the tools refused).
 Napi::Value js_model::js_prepare_tools(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     auto m = require(env);
@@ -154,7 +156,8 @@ Napi::Value js_model::js_prepare_tools(const Napi::CallbackInfo & info) {
     if (tools.size() > MAX_TOOLS_BYTES) {
         throw_error(env, FML_ERR_INVALID_OPTION, "tools is " + std::to_string(tools.size()) + " bytes of JSON; at most " + std::to_string(MAX_TOOLS_BYTES) + " are taken");
     }
-    return queue_worker<tools_worker>(env, std::move(m), tools, system_prompt);
+    generation_options turn = guarded(env, [&] { return resolve_generation_options(options_arg(info, 2)); });
+    return queue_worker<tools_worker>(env, std::move(m), tools, system_prompt, std::move(turn));
 }
 
 Napi::Value js_model::js_dispose(const Napi::CallbackInfo & info) {

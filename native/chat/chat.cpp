@@ -305,6 +305,7 @@ turn_request chat::prepare_framed(std::vector<int32_t> framed, generation_option
         // answer is then no call.
         if (turn->grammar && !own_grammar) {
             req.grammar = turn->grammar->clone();
+            req.grammar_of_tools = true;
         }
         gen.stop.insert(gen.stop.end(), turn->stops.begin(), turn->stops.end());
         req.tools = std::move(turn);

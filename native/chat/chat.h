@@ -168,7 +168,8 @@ struct turn_request {
     token_role reply_prefix_role = TOKEN_ROLE_REASONING;
     bool reasoning_skipped = false;  // thinking false: the reply starts after its (empty) reasoning
     generation_options gen;
-    std::unique_ptr<reply_grammar> grammar;   // gen's grammar or jsonSchema, compiled (null: none)
+    std::unique_ptr<reply_grammar> grammar;   // gen's grammar or jsonSchema, compiled, or the tool call's (null: none)
+    bool grammar_of_tools = false;            // the grammar is the tool call's (its preserved markers are text)
     std::shared_ptr<const tool_turn> tools;   // a chat with tools: this turn's grammar and parser
     turn_callbacks cb;
 };
@@ -422,6 +423,8 @@ private:
     bool take_grammar_pass(step_context & e);
     // Whether send's grammar holds this candidate of the reply (turn.cpp); and a held token taken.
     bool held_by_grammar(const turn_state & t, int32_t tok) const;
+    // The tokens the held answer never takes now (sorted).
+    const std::vector<int32_t> & refused_in_answer(const turn_state & t) const;
     void take_grammar_token(const sampler_chain::held_step & step, step_context & e);
     static void count_grammar_pass(turn_state & t, double ms);
     void finish_turn(stop_reason reason, step_context & e);

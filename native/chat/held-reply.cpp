@@ -16,7 +16,7 @@ void chat::sample_held_reply(step_context & e, int32_t logits_row) {
     // it. The turn itself, not turn_: a turn that ends meanwhile (an abort) is moved out of turn_
     // and destroyed only once the pass is joined.
     const auto held = [this, &t](int32_t c) { return held_by_grammar(t, c); };
-    const std::vector<int32_t> & non_text = t.req.tools ? t.req.tools->non_text : model_->non_text_tokens();
+    const std::vector<int32_t> & non_text = refused_in_answer(t);
     const sampler_chain::held_step step = t.sampler->sample_held(e.ctx(), logits_row, *t.req.grammar, non_text, held);
     if (step.decided) {
         take_grammar_token(step, e);
@@ -69,6 +69,17 @@ void chat::sample_held_reply(step_context & e, int32_t logits_row) {
 void chat::count_grammar_pass(turn_state & t, double ms) {
     t.result.stats.grammar_passes++;
     t.result.stats.grammar_ms += ms;
+}
+
+const std::vector<int32_t> & chat::refused_in_answer(const turn_state & t) const {
+    // A grammar refuses the tokens whose text it would misread (control tokens: their special text,
+    // which the answer's text does not have); a tool call's grammar reads the format's preserved
+    // markers as the reply does. A lazy one waiting for its trigger holds nothing, so refuses nothing.
+    static const std::vector<int32_t> none;
+    if (t.req.grammar->waiting()) {
+        return none;
+    }
+    return t.req.grammar_of_tools ? t.req.tools->non_text : model_->non_text_tokens();
 }
 
 bool chat::held_by_grammar(const turn_state & t, int32_t tok) const {

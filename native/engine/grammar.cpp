@@ -9,6 +9,7 @@
 #include <cctype>
 #include <cmath>
 #include <exception>
+#include <regex>
 #include <set>
 
 namespace fml {
@@ -271,13 +272,58 @@ std::string gbnf_of_json_schema(const std::string & schema) {
     }
 }
 
+// A lazy grammar's triggers, compiled once (shared by its clones: a const std::regex is read by
+// many threads safely).
+struct reply_grammar::trigger_set {
+    std::vector<std::string> words;
+    std::vector<std::pair<std::regex, bool>> patterns;   // the regex, and whether it is anchored at both ends
+    std::vector<int32_t> tokens;
+};
+
+// What a lazy grammar has read before its trigger.
+struct reply_grammar::waiting_text {
+    std::shared_ptr<const trigger_set> triggers;
+    std::string text;
+};
+
+reply_grammar::reply_grammar(llama_sampler * s, const llama_vocab * vocab, bool by_bytes, bool lazy) : s_(s), vocab_(vocab), by_bytes_(by_bytes), lazy_(lazy) {}
+
 std::unique_ptr<reply_grammar> reply_grammar::compile(const llama_vocab * vocab, const std::string & gbnf, const std::string & json_schema) {
-    return compile_text(vocab, json_schema.empty() ? gbnf : gbnf_of_json_schema(json_schema), json_schema.empty() ? "grammar" : "jsonSchema's grammar",
-                        MAX_GRAMMAR_BYTES, nullptr);
+    bool by_bytes = true;
+    llama_sampler * s = compile_text(vocab, json_schema.empty() ? gbnf : gbnf_of_json_schema(json_schema), json_schema.empty() ? "grammar" : "jsonSchema's grammar",
+                                     MAX_GRAMMAR_BYTES, by_bytes);
+    return std::unique_ptr<reply_grammar>(new reply_grammar(s, vocab, by_bytes, false));
 }
 
-std::unique_ptr<reply_grammar> reply_grammar::compile_tool_calls(const llama_vocab * vocab, const std::string & gbnf, const grammar_triggers * lazy) {
-    return compile_text(vocab, gbnf, "the tool-call grammar", MAX_TOOL_GRAMMAR_BYTES, lazy);
+std::unique_ptr<reply_grammar> reply_grammar::compile_tool_calls(const llama_vocab * vocab, const std::string & gbnf, const grammar_triggers * lazy,
+                                                                 const token_first_bytes & bytes) {
+    auto set = std::make_shared<trigger_set>();
+    if (lazy != nullptr) {
+        set->words = lazy->words;
+        set->tokens = lazy->tokens;
+        std::sort(set->tokens.begin(), set->tokens.end());
+        for (const std::string & p : lazy->patterns) {
+            try {
+                set->patterns.emplace_back(std::regex(p), !p.empty() && p.front() == '^' && p.back() == '$');
+            } catch (const std::regex_error & e) {
+                invalid("the tool-call format's trigger /" + p + "/ is no regex: " + e.what());
+            }
+        }
+    }
+    bool by_bytes = true;
+    llama_sampler * s = compile_text(vocab, gbnf, "the tool-call grammar", MAX_TOOL_GRAMMAR_BYTES, by_bytes);
+    auto g = std::unique_ptr<reply_grammar>(new reply_grammar(s, vocab, by_bytes, lazy != nullptr));
+    g->bytes_ = &bytes;
+    if (lazy != nullptr) {
+        g->waiting_ = std::make_unique<waiting_text>();
+        g->waiting_->triggers = std::move(set);
+    }
+    return g;
+}
+
+void reply_grammar::check_compiles(const llama_vocab * vocab, const std::string & gbnf, const std::string & option) {
+    bool by_bytes = true;
+    llama_sampler_free(compile_text(vocab, gbnf, option, MAX_TOOL_GRAMMAR_BYTES, by_bytes));
 }
 
 std::unique_ptr<reply_grammar> reply_grammar::clone() const {
@@ -287,11 +333,14 @@ std::unique_ptr<reply_grammar> reply_grammar::clone() const {
     }
     auto copy = std::unique_ptr<reply_grammar>(new reply_grammar(s, vocab_, by_bytes_, lazy_));
     copy->let_go_ = let_go_;
+    copy->bytes_ = bytes_;
+    if (waiting_) {
+        copy->waiting_ = std::make_unique<waiting_text>(*waiting_);
+    }
     return copy;
 }
 
-std::unique_ptr<reply_grammar> reply_grammar::compile_text(const llama_vocab * vocab, const std::string & text, const std::string & option, size_t max_bytes,
-                                                           const grammar_triggers * lazy) {
+llama_sampler * reply_grammar::compile_text(const llama_vocab * vocab, const std::string & text, const std::string & option, size_t max_bytes, bool & by_bytes) {
     if (text.size() > max_bytes) {
         invalid(option + " is " + std::to_string(text.size()) + " bytes; at most " + std::to_string(max_bytes) + " are taken");
     }
@@ -301,15 +350,7 @@ std::unique_ptr<reply_grammar> reply_grammar::compile_text(const llama_vocab * v
     }
     llama_sampler * s = nullptr;
     try {
-        if (lazy != nullptr) {
-            std::vector<const char *> patterns;
-            for (const std::string & p : lazy->patterns) {
-                patterns.push_back(p.c_str());
-            }
-            s = llama_sampler_init_grammar_lazy_patterns(vocab, text.c_str(), "root", patterns.data(), patterns.size(), lazy->tokens.data(), lazy->tokens.size());
-        } else {
-            s = llama_sampler_init_grammar(vocab, text.c_str(), "root");
-        }
+        s = llama_sampler_init_grammar(vocab, text.c_str(), "root");
     } catch (const std::exception & e) {
         invalid(option + " could not be compiled: " + e.what());
     }
@@ -318,7 +359,8 @@ std::unique_ptr<reply_grammar> reply_grammar::compile_text(const llama_vocab * v
         invalid(option == "grammar" ? "grammar is not valid GBNF with a 'root' rule (llama.cpp's parser printed why to stderr)"
                                     : option + " did not compile (llama.cpp's parser printed why to stderr)");
     }
-    return std::unique_ptr<reply_grammar>(new reply_grammar(s, vocab, !shape.token_rules, lazy != nullptr));
+    by_bytes = !shape.token_rules;
+    return s;
 }
 
 reply_grammar::~reply_grammar() {
@@ -343,7 +385,7 @@ void apply_in_slices(llama_sampler * s, llama_token_data * data, size_t n, const
 } // namespace
 
 void reply_grammar::apply(llama_token_data_array * cur, const token_first_bytes * bytes, const std::atomic<bool> * cancel) const {
-    if (let_go_) {
+    if (let_go_ || waiting_) {
         return;
     }
     if (bytes == nullptr || !by_bytes_ || cur->size < 1024) {
@@ -394,7 +436,7 @@ void reply_grammar::apply(llama_token_data_array * cur, const token_first_bytes 
 }
 
 bool reply_grammar::allows(int32_t token) const {
-    if (let_go_) {
+    if (let_go_ || waiting_) {
         return true;
     }
     llama_token_data one = { token, 0.0f, 0.0f };
@@ -407,17 +449,83 @@ void reply_grammar::accept(int32_t token) {
     if (let_go_) {
         return;
     }
+    if (waiting_) {
+        wait_for_trigger(token);
+        return;
+    }
     if (!lazy_) {
         llama_sampler_accept(s_, token);   // a token the grammar allowed (or a prefill that throws on purpose)
         return;
     }
-    // A lazy grammar takes what it had not held (the text up to its trigger and the trigger's token):
-    // when the text from the trigger on is not the grammar's, llama.cpp throws, its grammar left with
-    // no way on.
+    take(token);
+}
+
+void reply_grammar::take(int32_t token) {
+    // Only a lazy grammar's first text can be other than it allows (what followed its trigger in the
+    // trigger's token): llama.cpp throws then, its grammar left with no way on.
     try {
         llama_sampler_accept(s_, token);
     } catch (const std::exception &) {
         let_go_ = true;
+    }
+}
+
+void reply_grammar::wait_for_trigger(int32_t token) {
+    const trigger_set & t = *waiting_->triggers;
+    if (std::binary_search(t.tokens.begin(), t.tokens.end(), token)) {
+        waiting_.reset();
+        take(token);
+        return;
+    }
+    std::string & text = waiting_->text;
+    const size_t before = text.size();
+    char buf[256];
+    int32_t n = llama_token_to_piece(vocab_, token, buf, sizeof(buf), 0, true);
+    if (n < 0) {
+        std::string piece((size_t) -n, '\0');
+        n = llama_token_to_piece(vocab_, token, piece.data(), (int32_t) piece.size(), 0, true);
+        text.append(piece.data(), n > 0 ? (size_t) n : 0);
+    } else {
+        text.append(buf, (size_t) n);
+    }
+    // A word is found where the text changed (only its end is new: searched from there, the whole
+    // reply costs its length, not its length squared); a pattern reads all the text, as llama.cpp's.
+    size_t start = std::string::npos;
+    for (const std::string & w : t.words) {
+        const size_t at = text.find(w, before >= w.size() ? before - w.size() + 1 : 0);
+        start = std::min(start, at);
+    }
+    for (const auto & [re, whole] : t.patterns) {
+        if (start != std::string::npos) {
+            break;
+        }
+        std::smatch m;
+        if (whole ? std::regex_match(text, m, re) : std::regex_search(text, m, re)) {
+            start = (size_t) m.position(0);
+            for (size_t g = 1; g < m.size(); ++g) {
+                if (m.length(g) > 0) {
+                    start = (size_t) m.position(g);
+                    break;
+                }
+            }
+        }
+    }
+    if (start == std::string::npos) {
+        return;
+    }
+    // Awake: the grammar reads the text from the trigger on, byte by byte (a token whose text is each
+    // byte: every vocabulary has them).
+    const std::string held = text.substr(start);
+    waiting_.reset();
+    for (unsigned char b : held) {
+        if (bytes_->single[b] < 0) {
+            let_go_ = true;
+            return;
+        }
+        take(bytes_->single[b]);
+        if (let_go_) {
+            return;
+        }
     }
 }
 

@@ -35,9 +35,13 @@ struct token_first_bytes {
     std::array<int32_t, 256> single;
 };
 
-// What wakes a lazy grammar: a regex over the text written so far (its first group, or else the
-// match, is where the held text starts), or one of these tokens (that token is where it starts).
+// What wakes a lazy grammar (a tool call's with toolChoice 'auto': the format's triggers, as llama.cpp's
+// common sampler reads them), checked at each token the answer takes: a word written (found in the
+// text the token ends), a pattern over all the text so far (a regex; anchored ^...$: the whole of it;
+// the held text starts at its first group that matched, or else at the match, as llama.cpp's), or a
+// token of these (sorted; the held text starts with it).
 struct grammar_triggers {
+    std::vector<std::string> words;
     std::vector<std::string> patterns;
     std::vector<int32_t> tokens;
 };
@@ -48,12 +52,17 @@ public:
     // Throws fml_error(INVALID_OPTION) naming the option.
     static std::unique_ptr<reply_grammar> compile(const llama_vocab * vocab, const std::string & gbnf, const std::string & json_schema);
     // The grammar of a tool call, as the tool set-up has it (llama.cpp's, from tools already checked:
-    // no user grammar's size limit). `lazy` (null: none): it allows anything until a trigger, then
-    // holds the text from the trigger on (llama.cpp's lazy grammar: a call's arguments held to its
-    // schema once the model starts one, as llama-server holds them with toolChoice 'auto'). Where the
-    // text from the trigger on is not the grammar's (the model wrote the marker, then something
-    // else), it lets go: the rest of the reply is free, as it was before the trigger, never a failed turn.
-    static std::unique_ptr<reply_grammar> compile_tool_calls(const llama_vocab * vocab, const std::string & gbnf, const grammar_triggers * lazy);
+    // no user grammar's size limit). `lazy` (null: none): it holds nothing until a trigger, then the
+    // text from the trigger on (a call's arguments held to its schema once the model starts one, as
+    // llama-server holds them with toolChoice 'auto'); the text before is read for the trigger alone.
+    // Where the text through the trigger is not the grammar's (the model wrote the marker, then
+    // something else in the same token), it lets go: the rest of the reply is free, never a failed turn.
+    // `bytes`: the model's (it outlives the grammar), to feed the grammar text.
+    static std::unique_ptr<reply_grammar> compile_tool_calls(const llama_vocab * vocab, const std::string & gbnf, const grammar_triggers * lazy,
+                                                             const token_first_bytes & bytes);
+    // Throws fml_error(INVALID_OPTION) where llama.cpp would not compile `gbnf` (a tool's schema's, to
+    // say which tool a tool-call grammar failed on).
+    static void check_compiles(const llama_vocab * vocab, const std::string & gbnf, const std::string & option);
     // A copy in the same state (each turn takes one of its tool set-up's grammar, prefilled once).
     std::unique_ptr<reply_grammar> clone() const;
     ~reply_grammar();
@@ -69,13 +78,18 @@ public:
     bool allows(int32_t token) const;
     void accept(int32_t token);
     bool lazy() const { return lazy_; }
-    // A lazy grammar that let go (see compile_lazy): it allows everything from here on.
+    // A lazy grammar before its trigger: it holds nothing yet.
+    bool waiting() const { return waiting_ != nullptr; }
+    // A lazy grammar that let go (see compile_tool_calls): it allows everything from here on.
     bool let_go() const { return let_go_; }
 
 private:
-    reply_grammar(llama_sampler * s, const llama_vocab * vocab, bool by_bytes, bool lazy) : s_(s), vocab_(vocab), by_bytes_(by_bytes), lazy_(lazy) {}
-    static std::unique_ptr<reply_grammar> compile_text(const llama_vocab * vocab, const std::string & text, const std::string & option, size_t max_bytes,
-                                                       const grammar_triggers * lazy);
+    struct trigger_set;
+    struct waiting_text;
+    reply_grammar(llama_sampler * s, const llama_vocab * vocab, bool by_bytes, bool lazy);
+    static llama_sampler * compile_text(const llama_vocab * vocab, const std::string & text, const std::string & option, size_t max_bytes, bool & by_bytes);
+    void wait_for_trigger(int32_t token);
+    void take(int32_t token);
     llama_sampler * s_;
     const llama_vocab * vocab_;
     // Its rules read characters only: a rule on a token id (<[id]>, <token>) allows tokens whatever
@@ -83,6 +97,8 @@ private:
     bool by_bytes_;
     bool lazy_;
     bool let_go_ = false;
+    const token_first_bytes * bytes_ = nullptr;
+    std::unique_ptr<waiting_text> waiting_;   // a lazy grammar's text so far, until its trigger
 };
 
 // Deepest nesting of objects and arrays in JSON text, outside its strings (llama.cpp's JSON code

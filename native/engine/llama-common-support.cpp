@@ -7,7 +7,6 @@
 #include "log.h"
 
 #include <cstddef>
-#include <regex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -44,12 +43,6 @@ std::string string_repeat(const std::string & str, size_t n) {
         out += str;
     }
     return out;
-}
-
-// As common.cpp's: the characters a std::regex (ECMAScript) reads as syntax, escaped.
-std::string regex_escape(const std::string & s) {
-    static const std::regex special_chars("[.^$|()*+?\\[\\]{}\\\\]");
-    return std::regex_replace(s, special_chars, "\\$&");
 }
 
 void string_replace_all(std::string & s, const std::string & search, const std::string & replace) {

@@ -165,8 +165,8 @@ void mark_preserved(const fml_model & model, const std::vector<std::string> & ma
 }
 
 // What wakes 'auto''s lazy grammar, as llama.cpp's common sampler reads the format's triggers: a
-// word is a regex of itself (or, where it is one token of the vocabulary, that token: as
-// llama-server reads it), a full pattern is anchored at both ends.
+// word (or, where it is one token of the vocabulary, that token: as llama-server reads it), a
+// pattern, a full pattern anchored at both ends.
 grammar_triggers triggers_of(const fml_model & model, const std::vector<common_grammar_trigger> & in) {
     grammar_triggers out;
     for (const common_grammar_trigger & g : in) {
@@ -180,7 +180,7 @@ grammar_triggers triggers_of(const fml_model & model, const std::vector<common_g
                 if (ids.size() == 1 && model.token_piece(ids[0], true) == g.value) {
                     out.tokens.push_back(ids[0]);
                 } else {
-                    out.patterns.push_back(regex_escape(g.value));
+                    out.words.push_back(g.value);
                 }
                 break;
             }
@@ -365,7 +365,8 @@ std::shared_ptr<tool_set::impl> tool_set::acquire(const std::shared_ptr<const fm
 tool_set::tool_set(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt)
     : p_(acquire(model, tools_json, system_prompt)) {}
 
-void tool_set::prepare(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt) {
+void tool_set::prepare(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt,
+                       const std::string & choice, bool parallel, bool thinking) {
     tool_set set(model, tools_json, system_prompt);
     std::string user_prefix;
     try {
@@ -374,7 +375,8 @@ void tool_set::prepare(const std::shared_ptr<const fml_model> & model, const std
         return;   // a template that cannot frame a user message: the chat says why
     }
     (void) set.system_frames(user_prefix);
-    (void) set.turn("auto", true, true);
+    (void) set.turn("auto", true, true);   // what a new chat sets up
+    (void) set.turn(choice.empty() ? "auto" : choice, parallel, thinking);
 }
 
 tool_set::~tool_set() = default;
@@ -615,14 +617,25 @@ std::shared_ptr<const tool_turn> tool_set::turn(const std::string & choice, bool
     // first marker on (a lazy grammar, which starts at the trigger: nothing prefilled).
     std::vector<std::string> markers = holding.preserved_tokens;
     const llama_vocab * vocab = p_->model->vocab();
+    // A grammar llama.cpp will not compile (a schema's bound past its repetition limit, say) names the tool.
+    auto compiled = [&](const std::string & gbnf, const grammar_triggers * lazy) {
+        try {
+            return reply_grammar::compile_tool_calls(vocab, gbnf, lazy, p_->model->first_bytes());
+        } catch (const fml_error &) {
+            for (size_t i = 0; i < p_->tools.size(); ++i) {
+                reply_grammar::check_compiles(vocab, gbnf_of_json_schema(p_->tools[i].parameters), "tools[" + std::to_string(i) + "].function.parameters' grammar");
+            }
+            throw;
+        }
+    };
     if (!holding.grammar_lazy && in.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED) {
-        auto g = reply_grammar::compile_tool_calls(vocab, hold_call_ids(hold_required_call(parallel ? holding.grammar : hold_one_call(holding.grammar))), nullptr);
+        auto g = compiled(hold_call_ids(hold_required_call(parallel ? holding.grammar : hold_one_call(holding.grammar))), nullptr);
         prefill(*g, p_->model->first_bytes(), before_reasoning(holding.generation_prompt));
         t.grammar = std::move(g);
     }
     if (holding.grammar_lazy && in.tool_choice == COMMON_CHAT_TOOL_CHOICE_AUTO && !holding.grammar.empty() && !holding.grammar_triggers.empty()) {
         const grammar_triggers triggers = triggers_of(*p_->model, holding.grammar_triggers);
-        t.grammar = reply_grammar::compile_tool_calls(vocab, hold_call_ids(parallel ? holding.grammar : hold_one_call(holding.grammar)), &triggers);
+        t.grammar = compiled(hold_call_ids(parallel ? holding.grammar : hold_one_call(holding.grammar)), &triggers);
         for (const common_grammar_trigger & g : holding.grammar_triggers) {
             if (g.type == COMMON_GRAMMAR_TRIGGER_TYPE_WORD) markers.push_back(g.value);   // a trigger the answer can write
         }

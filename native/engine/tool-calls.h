@@ -78,9 +78,12 @@ public:
     // parameters? } }]; `system_prompt`: the chat's. Throws fml_error(INVALID_OPTION) for a list that is not one, and
     // fml_error(TEMPLATE) for a model whose template cannot render tools.
     tool_set(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt);
-    // The set-up a chat with these tools will use (its frames, its first turn's), made now and kept
-    // among the recent ones: for a caller that can make it off its event loop. Throws as the constructor.
-    static void prepare(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt);
+    // The set-up a chat with these tools will use (its frames, its first turn's, and the turn of
+    // `choice`, `parallel`, `thinking`: send's options), made now and kept among the recent ones (and
+    // in the set-up of a live chat with the same tools): for a caller that can make it off its event
+    // loop. Throws as the constructor, and as turn() for a choice naming no tool.
+    static void prepare(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt,
+                        const std::string & choice, bool parallel, bool thinking);
     ~tool_set();
     tool_set(const tool_set &) = delete;
     tool_set & operator=(const tool_set &) = delete;

@@ -21,8 +21,8 @@ export interface NativeModel {
   detokenize(tokens: Int32Array, renderSpecial: boolean): string;
   /** messages flattened: role, content, role, content, ... */
   applyTemplate(messages: string[], addAssistant: boolean): string;
-  /** Sets up a chat's tools (template, schemas, first turn) on a worker thread; the chat made next finds it done. */
-  prepareTools(tools: string, systemPrompt: string): Promise<void>;
+  /** Sets up a chat's tools (template, schemas, first turn, and the turn of `turn`'s send options) on a worker thread; the chat made next finds it done. */
+  prepareTools(tools: string, systemPrompt: string, turn?: Record<string, unknown>): Promise<void>;
   dispose(): void;
 }
 

@@ -4,9 +4,15 @@ import { CallbackError, CheckpointError, DisposedError, fromNativeError, Invalid
 import { exchangesOf, TranscriptLog } from '../shared/chat-surface.js';
 import { checkTelemetry, type Telemetry } from '../shared/telemetry.js';
 import { checkObject, checkPath, checkString } from '../shared/checks.js';
-import { splitChatOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions, type ToolDefinition } from './options.js';
+import { splitChatOptions, splitSendOptions, type ChatOptions, type LoadModelOptions, type ResolvedChatOptions, type SendOptions, type ToolDefinition } from './options.js';
 import { jsonText } from './grammar.js';
 import type { ModelInfo, PolicyName, Transcript } from '../shared/types.js';
+
+/** The send options that choose a turn's tool set-up (its grammar and parser). */
+const TURN_SET_UP_OPTIONS = ['toolChoice', 'parallelToolCalls', 'thinking'];
+
+/** model.prepareTools's options: the chat's system prompt, and the turn to set up beside the first. */
+export type PrepareToolsOptions = { systemPrompt?: string } & Pick<SendOptions, 'toolChoice' | 'parallelToolCalls' | 'thinking'>;
 
 const resolveTelemetry = (telemetry: unknown): Telemetry | undefined => checkTelemetry<Telemetry>(telemetry);
 
@@ -85,16 +91,21 @@ export class Model {
    * Sets up what a chat with these `tools` (and this system prompt) needs, on a worker thread: reading
    * the chat template, checking each tool's schema and setting up a turn take milliseconds of the
    * calling thread in `createChat` (0.24 s for 128 tools of an agent's size: bench/tools.ts), so a server does it here
-   * first and the chat made next finds it done (the 16 most recent set-ups are kept). Rejects as
-   * `createChat` would refuse the tools.
+   * first and the chat made next finds it done (the 16 most recent set-ups are kept, and a live chat's).
+   * A turn with other `toolChoice`, `parallelToolCalls` or `thinking` than send's defaults has a set-up
+   * of its own (its grammar and parser), made at its first `send` unless prepared here with them.
+   * Rejects as `createChat` would refuse the tools, or `send` the options.
    */
-  async prepareTools(tools: ToolDefinition[] | string, options: { systemPrompt?: string } = {}): Promise<void> {
+  async prepareTools(tools: ToolDefinition[] | string, options: PrepareToolsOptions = {}): Promise<void> {
     this.#check();
+    const { systemPrompt = '', ...turn } = checkObject('options', options) as PrepareToolsOptions;
     const text = jsonText(tools, 'tools');
-    const systemPrompt = options.systemPrompt ?? '';
     if (typeof text !== 'string' || typeof systemPrompt !== 'string') throw new InvalidOptionError('Expected tools (an array, or its JSON text) and a string systemPrompt');
+    const unknown = Object.keys(turn).filter((k) => !TURN_SET_UP_OPTIONS.includes(k));
+    if (unknown.length > 0) throw new InvalidOptionError(`Unknown option options.${unknown[0]} (known: systemPrompt, ${TURN_SET_UP_OPTIONS.join(', ')})`);
+    const { native } = splitSendOptions(turn);
     try {
-      await this.#native.prepareTools(text, systemPrompt);
+      await this.#native.prepareTools(text, systemPrompt, native);
     } catch (err) {
       throw fromNativeError(err);
     }

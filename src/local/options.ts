@@ -194,10 +194,11 @@ export interface SendOptions {
    * A chat with tools: whether the reply may call them ('auto'), must not ('none': no calls are read
    * from it) or must ('required'; `{ name }` or OpenAI's `{ type: 'function', function: { name } }`:
    * that tool). A required call holds the answer to the template's call format with a grammar
-   * (llama.cpp's, as llama-server builds it). Default 'auto'.
+   * (llama.cpp's, as llama-server builds it); with 'auto' a call the model starts is held by it from
+   * the call's first marker on. Default 'auto'.
    */
   toolChoice?: ToolChoice;
-  /** A chat with tools: the reply may make several calls (false: the first is its call). Default true. */
+  /** A chat with tools: the reply may make several calls (false: one, a held call held to one; of a reply that wrote several, the first). Default true. */
   parallelToolCalls?: boolean;
   /** @internal Test hook: every token a grammar refuses takes the pass over the whole vocabulary (no shortcut). */
   testFullGrammarPass?: boolean;

@@ -108,6 +108,8 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     const stream = new EventStream(reply, base, () => ({ connection: ctx.shuttingDown() ? 'close' : 'keep-alive', ...sessionHeaders }));
 
     checkTools(chat.options.tools, parsed);
+    // A session's chat keeps its tools, which the request may leave out: its turn is set up here.
+    if (parsed.tools === undefined && chat.options.tools !== undefined) await prepareToolTurn(ctx, chat.options.tools, chat.options.systemPrompt ?? '', parsed);
     // Unpin and forget before the turn, so the room they free is there for it; checked before either
     // changes anything (a turn no longer in memory is a 400 that leaves the memory as it was).
     checkInMemory(chat, parsed.memory.unpin, 'finite_memory.unpin', true);
@@ -230,8 +232,18 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
  */
 async function prepareTools(ctx: CompletionContext, parsed: ParsedCompletion): Promise<void> {
   if (parsed.tools === undefined) return;
+  await prepareToolTurn(ctx, parsed.tools as ToolDefinition[], parsed.system ?? ctx.options.chat.systemPrompt ?? '', parsed);
+}
+
+/**
+ * The set-up of the request's turn with these tools (its toolChoice, parallelToolCalls, thinking: a
+ * grammar and a parser of their own) on a worker thread: a cached one costs a lookup there, a new
+ * one (a session's first required call, say) 0.2 s for 128 tools that would otherwise hold the event loop.
+ */
+async function prepareToolTurn(ctx: CompletionContext, tools: ToolDefinition[] | string, systemPrompt: string, parsed: ParsedCompletion): Promise<void> {
+  const { toolChoice, parallelToolCalls, thinking } = parsed.send;
   try {
-    await ctx.model.prepareTools(parsed.tools as ToolDefinition[], { systemPrompt: parsed.system ?? ctx.options.chat.systemPrompt ?? '' });
+    await ctx.model.prepareTools(tools, { systemPrompt, toolChoice, parallelToolCalls, thinking });
   } catch (err) {
     if (err instanceof InvalidOptionError) throw badRequest(`Invalid 'tools': ${err.message}`, 'tools');
     if (err instanceof UnsupportedModelError) throw badRequest(err.message, 'tools', 'unsupported_by_model');

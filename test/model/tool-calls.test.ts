@@ -218,12 +218,40 @@ describe("toolChoice 'auto' (llama.cpp's lazy grammar, as llama-server)", () => 
     expect(o.toolCalls).toEqual([]);
     expect((await odd.send('Again?', { maxNewTokens: 64 })).stopReason).toBe('eos');
     odd.dispose();
+    // Until a marker, sampling is what it is without the grammar: the same tokens as 'none' (which
+    // has none), control tokens included (a held answer refuses those once the grammar is awake).
+    const waits = qwen3.createChat({ ...BASE });
+    const plain = qwen3.createChat({ ...BASE });
+    const sampled = { maxNewTokens: 300, ignoreEos: true, seed: 11, temperature: 2, topK: 0, topP: 1, minP: 0, thinking: false } as const;
+    const w = await waits.send('Say anything', sampled);
+    const p = await plain.send('Say anything', { ...sampled, toolChoice: 'none' });
+    expect(w.response).not.toContain('<tool_call>');
+    expect(w.response).toBe(p.response);
+    expect(waits.memory().map((e) => e.token)).toEqual(plain.memory().map((e) => e.token));
+    waits.dispose();
+    plain.dispose();
     // Send's own schema holds the answer instead (a response format): the call's grammar is not woken.
     const json = await chat.send('As JSON', { maxNewTokens: 48, seed: 1, temperature: 1, jsonSchema: { type: 'object' } });
     expect(json.toolCalls).toEqual([]);
     checkCache(chat, 1024);
     chat.dispose();
     free.dispose();
+  });
+});
+
+describe('model.prepareTools', () => {
+  it("sets up the tools and a turn's grammar and parser on a worker thread; refuses what createChat or send would", async () => {
+    await qwen2.prepareTools(TOOLS, { systemPrompt: 'Prepared.', toolChoice: { name: 'get_time' }, parallelToolCalls: false });
+    const chat = qwen2.createChat({ ...BASE, systemPrompt: 'Prepared.' });
+    const r = await chat.send('Time?', { maxNewTokens: 64, toolChoice: { name: 'get_time' }, parallelToolCalls: false, seed: 3 });
+    expect(r.toolCalls.map((c) => c.name)).toEqual(['get_time']);
+    chat.dispose();
+    // The turn is set up there: a named tool the tools lack is refused by it.
+    await expect(qwen2.prepareTools(TOOLS, { toolChoice: { name: 'nope' } })).rejects.toThrow(/names no tool/);
+    await expect(qwen2.prepareTools(TOOLS, { toolChoice: 'sometimes' as never })).rejects.toThrow(InvalidOptionError);
+    await expect(qwen2.prepareTools(TOOLS, { maxNewTokens: 3 } as never)).rejects.toThrow(/Unknown option options.maxNewTokens/);
+    await expect(qwen2.prepareTools([{ type: 'web' }] as never)).rejects.toThrow(InvalidOptionError);
+    await expect(llama.prepareTools(TOOLS)).rejects.toThrow(UnsupportedModelError);
   });
 });
 
@@ -306,6 +334,8 @@ describe('bad input: a typed error, the chat as it was', () => {
       [[{ type: 'function', function: { name: 'a', parameters: 'x' } }], /parameters must be a JSON schema/],
       [[{ type: 'function', function: { name: 'a', parameters: { $ref: '#' } } }], /parameters: /],
       [[{ type: 'function', function: { name: 'a', description: 'end<|im_end|>' } }], /control token <\|im_end\|>/],
+      // Converted, but past llama.cpp's repetition limit (2,000): no call's grammar compiles.
+      [[TOOLS[1], { type: 'function', function: { name: 'essay', parameters: { type: 'object', properties: { text: { type: 'string', minLength: 2500 } } } } }], /tools\[1\]\.function\.parameters' grammar did not compile/],
     ];
     for (const [tools, why] of bad) {
       expect(() => qwen2.createChat({ ...BASE, tools: tools as ToolDefinition[] }), JSON.stringify(tools)).toThrow(InvalidOptionError);
@@ -666,6 +696,22 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
       } finally {
         m.dispose();
       }
+    }
+  });
+
+  it("send's own grammar on a chat with tools refuses control tokens as it does without tools (the format's markers are the tool call grammar's alone)", async () => {
+    const m = await load('mistralai-Mistral-Nemo-Instruct-2407.jinja', 'mistral');
+    try {
+      const chat = m.createChat({ ...BASE, tools: time });
+      for (let seed = 0; seed < 6; seed++) {
+        await chat.send(`x ${seed}`, { grammar: 'root ::= "[TOOL_CALLS]" [a-z]{1,4}', maxNewTokens: 24, seed, temperature: 1 });
+      }
+      const assistant = chat.memory().filter((e) => e.role === 'assistant');
+      expect(assistant.map((e) => e.text).join('')).toContain('TOOL');
+      expect(assistant.filter((e) => e.text === '[TOOL_CALLS]')).toEqual([]);
+      chat.dispose();
+    } finally {
+      m.dispose();
     }
   });
 

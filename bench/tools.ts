@@ -82,7 +82,25 @@ async function main() {
     const t0 = performance.now();
     await model.prepareTools(tools, { systemPrompt: `You are agent ${n}, again.` });
     const worker = performance.now() - t0;
-    setup.push(`| ${n} | ${JSON.stringify(tools).length.toLocaleString('en-US')} | ${tokens.toLocaleString('en-US')} | ${cold.toFixed(1)} | ${kept.toFixed(2)} | ${worker.toFixed(1)} |`);
+    // A first required call: its turn's set-up (template, grammar, parser) on the calling thread, or
+    // prepared on the worker with the turn's options (the send's own part is left: the turn is
+    // aborted at once, before its long prefill).
+    const firstRequired = async (prepared: boolean) => {
+      const systemPrompt = `You are agent ${n}, ${prepared ? 'prepared' : 'not prepared'}.`;
+      await model.prepareTools(tools, { systemPrompt, ...(prepared ? { toolChoice: 'required' as const } : {}) });
+      const c = model.createChat({ ...opts, systemPrompt });
+      const ac = new AbortController();
+      const t1 = performance.now();
+      const turn = c.send('Go', { toolChoice: 'required', maxNewTokens: 1, signal: ac.signal });
+      const ms = performance.now() - t1;
+      ac.abort();
+      await turn;
+      c.dispose();
+      return ms;
+    };
+    const unprepared = await firstRequired(false);
+    const prepared = await firstRequired(true);
+    setup.push(`| ${n} | ${JSON.stringify(tools).length.toLocaleString('en-US')} | ${tokens.toLocaleString('en-US')} | ${cold.toFixed(1)} | ${kept.toFixed(2)} | ${worker.toFixed(1)} | ${unprepared.toFixed(1)} / ${prepared.toFixed(1)} |`);
   }
 
   // Per token, round-robin.
@@ -135,8 +153,8 @@ async function main() {
     '- tools as agents write them (a string, an integer with bounds, an enum, an optional object with an array); set-up times are wall time of the calling thread',
     `- a required call's start: ${JSON.stringify(call.toolCalls[0] ? `${call.toolCalls[0].name} ${call.toolCalls[0].arguments.slice(0, 50)}` : call.response.slice(0, 60))}`,
     '',
-    '| tools | JSON bytes | system prompt tokens | createChat, first (ms) | createChat, set-up kept (ms) | prepareTools on a worker: the template, the schemas, the frames and a first turn\'s set-up (ms) |',
-    '|---|---|---|---|---|---|',
+    '| tools | JSON bytes | system prompt tokens | createChat, first (ms) | createChat, set-up kept (ms) | prepareTools on a worker: the template, the schemas, the frames and a first turn\'s set-up (ms) | a first required call\'s send, calling thread: its set-up there / prepareTools({ toolChoice }) first (ms) |',
+    '|---|---|---|---|---|---|---|',
     ...setup,
     '',
     `Per token (${TURNS} turns per case, round-robin, ${TOKENS} tokens each; medians):`,

@@ -2,7 +2,9 @@
 // as large as Qwen's (~152k) and Qwen2.5's own chat template (calls in <tool_call> tags):
 //   - set-up (the calling thread): createChat with 1, 16 and 128 tools, the first time (the template
 //     read, every schema checked, the frames rendered) and again (the set-up kept); prepareTools, that
-//     and a first turn's set-up (its grammar and parser) on a worker thread;
+//     and a first turn's set-up (its grammar and parser) on a worker thread; a first required call,
+//     set up on the calling thread or prepared; a tool exchange's framing (a reply's call and its
+//     result), with every tool through llama.cpp's full apply or the fast way;
 //   - per token, round-robin turn by turn: free decoding against a required call (the answer held to
 //     the template's call grammar, its arguments to a schema whose calls run on), against 'auto' (a
 //     lazy grammar waits for a call's first marker: every token is checked and its text kept for the
@@ -13,7 +15,7 @@
 //   npx tsx bench/tools.ts [--no-write] [--turns 6]
 import { availableParallelism } from 'node:os';
 import { parseArgs } from 'node:util';
-import { TEMPLATES, writeLlamaModel } from '../src/gguf/index.ts';
+import { TEMPLATES, writeLlamaModel, writeModel } from '../src/gguf/index.ts';
 import { loadModel, type SendOptions, type ToolDefinition, type TurnResult } from '../src/index.ts';
 import { cachedModel, machine, median, REALISTIC_MODEL, writeResultsSection } from './common.ts';
 
@@ -57,6 +59,7 @@ async function main() {
   const path = cachedModel('qwen2.5-0.5b-shape-vocab152k-q8_0-seed1-qwen25-template.gguf', (p) => writeLlamaModel(p, { ...REALISTIC_MODEL, vocabExtra: VOCAB_EXTRA, chatTemplate: TEMPLATES.chatml.text }));
   const threads = availableParallelism();
   const model = await loadModel(path, { threads, slots: CASES.length + 2 });
+  const small = await loadModel(cachedModel('tiny-qwen2-seed7.gguf', (p) => writeModel(p, { family: 'qwen2', seed: 7 })), { threads });
 
   // Set-up on the calling thread, and on a worker (each with a system prompt of its own: nothing kept).
   const setup: string[] = [];
@@ -100,7 +103,30 @@ async function main() {
     };
     const unprepared = await firstRequired(false);
     const prepared = await firstRequired(true);
-    setup.push(`| ${n} | ${JSON.stringify(tools).length.toLocaleString('en-US')} | ${tokens.toLocaleString('en-US')} | ${cold.toFixed(1)} | ${kept.toFixed(2)} | ${worker.toFixed(1)} | ${unprepared.toFixed(1)} / ${prepared.toFixed(1)} |`);
+    // A tool exchange's framing on the calling thread (medians of 5, after a first): a reply with a
+    // call, then its result, imported, rendered with every tool through llama.cpp's full apply, or
+    // the fast way (the called tool alone). On a small model of the same template: the framing costs
+    // the same, and its prefills (the tools' system prompt first) take moments.
+    const framing = async (full: boolean) => {
+      const c = small.createChat({ ...opts, systemPrompt: `You are agent ${n}.`, testFullToolFrames: full });
+      const times: number[] = [];
+      for (let k = 0; k < 6; k++) {
+        const t1 = performance.now();
+        const call = c._ingestTools(`Go ${k}`, [], '', [{ id: `call0000${k}`, name: 'tool_0', arguments: '{"query": "x"}' }]);
+        const t2 = performance.now();
+        await call;
+        const t3 = performance.now();
+        const result = c._ingestTools('', [{ toolCallId: `call0000${k}`, name: 'tool_0', content: 'found it' }], 'Done.', []);
+        const t4 = performance.now();
+        await result;
+        if (k > 0) times.push(t2 - t1 + (t4 - t3));
+      }
+      c.dispose();
+      return median(times);
+    };
+    const fullFrames = await framing(true);
+    const fastFrames = await framing(false);
+    setup.push(`| ${n} | ${JSON.stringify(tools).length.toLocaleString('en-US')} | ${tokens.toLocaleString('en-US')} | ${cold.toFixed(1)} | ${kept.toFixed(2)} | ${worker.toFixed(1)} | ${unprepared.toFixed(1)} / ${prepared.toFixed(1)} | ${fullFrames.toFixed(1)} / ${fastFrames.toFixed(1)} |`);
   }
 
   // Per token, round-robin.
@@ -140,6 +166,7 @@ async function main() {
   reader.dispose();
   const info = model.info;
   model.dispose();
+  small.dispose();
 
   const perToken = (rs: TurnResult[]) => median(rs.map((r) => r.stats.decodeMs / Math.max(1, r.stats.generatedTokens)));
   const base = perToken(turns[0]!);
@@ -150,11 +177,11 @@ async function main() {
     '',
     `- machine: ${machine()}`,
     `- model: Qwen2.5-0.5B geometry (24 layers, n_embd 896, 14/2 heads x 64, FFN 4864, Q8_0, seeded random weights) with a ${info.nVocab.toLocaleString('en-US')}-token vocabulary and Qwen2.5's chat template (tools in the system turn, calls in <tool_call> tags), ${threads} threads, ${info.backend}`,
-    '- tools as agents write them (a string, an integer with bounds, an enum, an optional object with an array); set-up times are wall time of the calling thread',
+    '- tools as agents write them (a string, an integer with bounds, an enum, an optional object with an array); set-up times are wall time of the calling thread; a tool exchange is framed on a small model of the same template (`writeModel({ family: \'qwen2\' })`: the framing costs the same, the prefills take moments)',
     `- a required call's start: ${JSON.stringify(call.toolCalls[0] ? `${call.toolCalls[0].name} ${call.toolCalls[0].arguments.slice(0, 50)}` : call.response.slice(0, 60))}`,
     '',
-    '| tools | JSON bytes | system prompt tokens | createChat, first (ms) | createChat, set-up kept (ms) | prepareTools on a worker: the template, the schemas, the frames and a first turn\'s set-up (ms) | a first required call\'s send, calling thread: its set-up there / prepareTools({ toolChoice }) first (ms) |',
-    '|---|---|---|---|---|---|---|',
+    '| tools | JSON bytes | system prompt tokens | createChat, first (ms) | createChat, set-up kept (ms) | prepareTools on a worker: the template, the schemas, the frames and a first turn\'s set-up (ms) | a first required call\'s send, calling thread: its set-up there / prepareTools({ toolChoice }) first (ms) | a tool exchange framed (a call, its result), calling thread: with every tool / the called tool alone (ms) |',
+    '|---|---|---|---|---|---|---|---|',
     ...setup,
     '',
     `Per token (${TURNS} turns per case, round-robin, ${TOKENS} tokens each; medians):`,

@@ -247,7 +247,7 @@ std::vector<int32_t> chat::frame_tool_results(const std::vector<tool_result> & r
         // A reply of a restored chat, or one the caller answers anyway: the results name the calls.
         for (const auto & r : named) calls.push_back({ r.call_id, r.name, "{}" });
     }
-    const result_framing frames = tools_->result_frames(calls, named, model_->frame_message(frame_kind::assistant).suffix);
+    const result_framing frames = tools_->result_frames(calls, named, model_->frame_message(frame_kind::assistant).suffix, opts_.test_full_tool_frames);
     // The markup is the template's; the results are the tools' text, never control tokens.
     std::vector<int32_t> framed;
     for (size_t i = 0; i < named.size(); ++i) {
@@ -370,7 +370,7 @@ turn_request chat::prepare_ingest_tools(const std::string & user_text, const std
         for (const auto & c : calls) {
             tools_->check_plain(c.name + c.arguments + c.id, "a tool call");
         }
-        req.reply = model_->tokenize(tools_->reply_text(answer, calls, model_->frame_message(frame_kind::assistant).suffix), false, true);
+        req.reply = model_->tokenize(tools_->reply_text(answer, calls, model_->frame_message(frame_kind::assistant).suffix, opts_.test_full_tool_frames), false, true);
     }
     std::lock_guard<std::mutex> lock(mu_);
     const size_t budget = opts_.policy.max_tokens;

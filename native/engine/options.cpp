@@ -281,6 +281,8 @@ const option_row<chat_target> CHAT_ROWS[] = {
       [](chat_target & t, const option_value * v) { t.o.test_reply = v ? text_of("testReply", *v, 65536) : ""; } },
     { { "chat", "testReplyThenSample", "boolean", "false", "", "Test hook: after testReply's tokens the reply goes on with sampled ones (a forced start: a think block, a channel), not the end. Forced tokens are no grammar's (a forced start ends before the answer), but a lazy one's (toolChoice 'auto' wakes on a forced call's marker).", true },
       [](chat_target & t, const option_value * v) { t.o.test_reply_then_sample = v ? boolean_of("testReplyThenSample", *v) : false; } },
+    { { "chat", "testFullToolFrames", "boolean", "false", "", "Test hook: a reply's calls and a turn of results are framed with every tool through llama.cpp's full apply, never the fast way (the called tools alone, the template alone), to check that both frame alike.", true },
+      [](chat_target & t, const option_value * v) { t.o.test_full_tool_frames = v ? boolean_of("testFullToolFrames", *v) : false; } },
     { { "chat", "testPolicyDelayMs", "number", "0", "0 .. 60000", "Test hook: every policy choice takes this long.", true },
       [](chat_target & t, const option_value * v) { t.o.test_policy_delay_ms = v ? number_in("testPolicyDelayMs", *v, 0, 60000) : 0.0; } },
     { { "chat", "testTokenDelayMs", "number", "0", "0 .. 60000", "Test hook: this chat waits this long after each of its decodes (the others do not).", true },
@@ -451,6 +453,7 @@ option_map chat_options_to_map(const chat_options & o, bool persisted_only) {
         if (o.test_fail_summary_decode) m.push_back({ "testFailSummaryDecode", option_value::of(true) });
         if (!o.test_reply.empty()) m.push_back({ "testReply", option_value::of(o.test_reply) });
         if (o.test_reply_then_sample) m.push_back({ "testReplyThenSample", option_value::of(true) });
+        if (o.test_full_tool_frames) m.push_back({ "testFullToolFrames", option_value::of(true) });
         if (o.test_internal_error_after_tokens > 0) m.push_back({ "testInternalErrorAfterTokens", option_value::of((double) o.test_internal_error_after_tokens) });
     }
     return m;

@@ -70,6 +70,7 @@ struct chat_options {
     bool        test_fail_summary_decode = false; // test hook: every decode of a summary's scratch fails (as llama_decode can)
     std::string test_reply;               // test hook: every reply is this text's tokens (control tokens parsed), not sampled ones
     bool        test_reply_then_sample = false; // test hook: ... then sampled ones (a forced start)
+    bool        test_full_tool_frames = false;  // test hook: a reply's calls and results framed the full way (tool_set's fast_frames off)
     uint32_t    test_internal_error_after_tokens = 0; // test hook: an unexpected error escapes the step once a reply has this many tokens
 };
 

@@ -252,17 +252,27 @@ struct tool_set::impl {
     std::vector<common_chat_tool> tools;
     std::string system_prompt;   // the chat's: every rendering starts as the chat did
     std::map<std::string, std::shared_ptr<const tool_turn>> turns;   // by choice, parallel, thinking: set up once
-    std::string reply_before;                 // reply_text's rendering before the reply, kept
+    std::string reply_before;                 // reply_text's rendering before the reply (every tool), kept
     std::string user_prefix;                  // system_frames' argument and result, kept
     std::vector<std::string> system_frames;
+    // How later messages are framed (a reply's calls, a turn of results): rendered with the tools their
+    // calls name alone, by the template alone (llama.cpp's force_pure_content: no analysis of the
+    // template's format, which renders it dozens of times), where a probe exchange frames the same
+    // that way as with every tool through the full apply; checked once (fast_frames_checked). A turn of
+    // results took 13 ms with one tool and 50 ms with 128 (bench/tools.ts): the calling thread's.
+    bool fast_frames = false;
+    bool fast_frames_checked = false;
     std::mutex mu;                            // the chats that share it may be on several threads (Workers)
 
-    common_chat_templates_inputs inputs(std::vector<common_chat_msg> messages, bool add_generation_prompt) const {
+    // `only`: the tools rendered (null: all); `pure`: the template alone.
+    common_chat_templates_inputs inputs(std::vector<common_chat_msg> messages, bool add_generation_prompt, const std::vector<common_chat_tool> * only = nullptr,
+                                        bool pure = false) const {
         common_chat_templates_inputs in;
         in.messages = std::move(messages);
-        in.tools = tools;
+        in.tools = only != nullptr ? *only : tools;
         in.add_generation_prompt = add_generation_prompt;
         in.use_jinja = true;
+        in.force_pure_content = pure;
         // A prompt alone: 'none' renders the tools the same and builds no grammar or parser for them
         // (with 128 tools, a tenth of a second a rendering). turn() sets the choice it sets up.
         in.tool_choice = COMMON_CHAT_TOOL_CHOICE_NONE;
@@ -275,6 +285,16 @@ struct tool_set::impl {
         std::vector<common_chat_msg> out;
         if (!system_prompt.empty()) out.push_back(message("system", system_prompt));
         out.push_back(message("user", user));
+        return out;
+    }
+    // The tools named (by calls or results), or the first where none is: a template renders a call
+    // of a tool it is given, and renders tool sections only where there are tools.
+    std::vector<common_chat_tool> named(const std::vector<std::string> & names) const {
+        std::vector<common_chat_tool> out;
+        for (const auto & t : tools) {
+            if (std::find(names.begin(), names.end(), t.name) != names.end()) out.push_back(t);
+        }
+        if (out.empty() && !tools.empty()) out.push_back(tools.front());
         return out;
     }
     std::string render(const common_chat_templates_inputs & in) const {
@@ -377,6 +397,8 @@ void tool_set::prepare(const std::shared_ptr<const fml_model> & model, const std
     (void) set.system_frames(user_prefix);
     (void) set.turn("auto", true, true);   // what a new chat sets up
     (void) set.turn(choice.empty() ? "auto" : choice, parallel, thinking);
+    std::lock_guard<std::mutex> lock(set.p_->mu);
+    set.check_fast_frames();   // else the first turn of results checks it
 }
 
 tool_set::~tool_set() = default;
@@ -439,12 +461,59 @@ void tool_set::check_plain(const fml_model & model, const std::string & text, co
     }
 }
 
-std::string tool_set::reply_text(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing) const {
+std::string tool_set::reply_text(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing, bool full) const {
     std::lock_guard<std::mutex> lock(p_->mu);
-    if (p_->reply_before.empty()) {
+    check_fast_frames();
+    return frame_reply(content, calls, closing, p_->fast_frames && !full);
+}
+
+result_framing tool_set::result_frames(const std::vector<tool_call> & calls, const std::vector<tool_result> & results, const std::string & closing, bool full) const {
+    std::lock_guard<std::mutex> lock(p_->mu);
+    check_fast_frames();
+    return frame_results(calls, results, closing, p_->fast_frames && !full);
+}
+
+void tool_set::check_fast_frames() const {
+    if (p_->fast_frames_checked) {
+        return;
+    }
+    p_->fast_frames_checked = true;
+    // A probe exchange: a reply with a call of the first tool and one of the last, their results in
+    // the other order (a template may sort them), framed both ways; or with one call, where the
+    // template refuses two (Llama 3.x's).
+    std::string closing;
+    try {
+        closing = p_->model->frame_message(frame_kind::assistant).suffix;
+    } catch (const fml_error &) {
+    }
+    auto agree = [&](const std::vector<tool_call> & calls) {
+        std::vector<tool_result> results;
+        for (auto c = calls.rbegin(); c != calls.rend(); ++c) results.push_back({ c->id, c->name, "probe result of " + c->id });
+        const result_framing full = frame_results(calls, results, closing, false);
+        const result_framing fast = frame_results(calls, results, closing, true);
+        return frame_reply("Probe.", calls, closing, false) == frame_reply("Probe.", calls, closing, true) && full.markup == fast.markup &&
+               full.contents == fast.contents;
+    };
+    const tool_call first = { "call00001", p_->tools.front().name, "{}" };
+    const tool_call last = { "call00002", p_->tools.back().name, "{}" };
+    for (const auto & calls : { std::vector<tool_call>{ first, last }, std::vector<tool_call>{ first } }) {
+        try {
+            p_->fast_frames = agree(calls);
+            return;
+        } catch (const std::exception &) {
+            p_->fast_frames = false;   // the full way says why, when a real exchange comes
+        }
+    }
+}
+
+std::string tool_set::frame_reply(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing, bool fast) const {
+    std::vector<std::string> names;
+    for (const auto & c : calls) names.push_back(c.name);
+    const std::vector<common_chat_tool> only = p_->named(names);
+    if (!fast && p_->reply_before.empty()) {
         p_->reply_before = p_->render(p_->inputs(p_->opening("u"), true));
     }
-    const std::string & before = p_->reply_before;
+    const std::string before = fast ? p_->render(p_->inputs(p_->opening("u"), true, &only, true)) : p_->reply_before;
     std::vector<common_chat_msg> all = p_->opening("u");
     common_chat_msg reply = message("assistant", content);
     for (const auto & c : calls) {
@@ -456,7 +525,7 @@ std::string tool_set::reply_text(const std::string & content, const std::vector<
         reply.tool_calls.push_back({ c.name, c.arguments, c.id });
     }
     all.push_back(reply);
-    const std::string after = p_->render(p_->inputs(all, false));
+    const std::string after = p_->render(p_->inputs(all, false, fast ? &only : nullptr, fast));
     // From where the two part: a generation prompt the finished reply does not have (an opening
     // <think>) is not the reply's.
     const size_t common = (size_t) (std::mismatch(before.begin(), before.begin() + (long) std::min(before.size(), after.size()), after.begin()).first - before.begin());
@@ -467,8 +536,12 @@ std::string tool_set::reply_text(const std::string & content, const std::vector<
     return text;
 }
 
-result_framing tool_set::result_frames(const std::vector<tool_call> & calls, const std::vector<tool_result> & results, const std::string & closing) const {
-    std::lock_guard<std::mutex> lock(p_->mu);
+result_framing tool_set::frame_results(const std::vector<tool_call> & calls, const std::vector<tool_result> & results, const std::string & closing, bool fast) const {
+    std::vector<std::string> names;
+    for (const auto & c : calls) names.push_back(c.name);
+    for (const auto & r : results) names.push_back(r.name);
+    const std::vector<common_chat_tool> only = p_->named(names);
+    const std::vector<common_chat_tool> * tools = fast ? &only : nullptr;
     std::vector<common_chat_msg> past = p_->opening("u");
     common_chat_msg reply = message("assistant", "");
     for (const auto & c : calls) {
@@ -478,7 +551,7 @@ result_framing tool_set::result_frames(const std::vector<tool_call> & calls, con
         reply.tool_calls.push_back({ c.name, whole ? c.arguments : "{}", c.id });
     }
     past.push_back(reply);
-    const std::string before = p_->render(p_->inputs(past, false));
+    const std::string before = p_->render(p_->inputs(past, false, tools, fast));
     auto rendered = [&](const std::function<std::string(size_t)> & content) {
         std::vector<common_chat_msg> all = past;
         for (size_t i = 0; i < results.size(); ++i) {
@@ -487,7 +560,7 @@ result_framing tool_set::result_frames(const std::vector<tool_call> & calls, con
             m.tool_call_id = results[i].call_id;
             all.push_back(m);
         }
-        const std::string after = p_->render(p_->inputs(all, true));
+        const std::string after = p_->render(p_->inputs(all, true, tools, fast));
         if (after.compare(0, before.size(), before) == 0) {
             return after.substr(before.size());
         }

@@ -96,10 +96,12 @@ public:
     // A turn of tool results after a reply that made `calls`.
     // `closing`: a reply's end of turn as the chat frames it (where results start when the template
     // renders the reply differently once they follow).
-    result_framing result_frames(const std::vector<tool_call> & calls, const std::vector<tool_result> & results, const std::string & closing) const;
+    // `full`: framed with every tool through llama.cpp's full apply, never the fast way (a test hook's).
+    result_framing result_frames(const std::vector<tool_call> & calls, const std::vector<tool_result> & results, const std::string & closing,
+                                 bool full = false) const;
     // A reply with calls as the template renders it after the generation prompt, without its end of
     // turn `closing` (the chat carries that into the next turn): what an imported conversation prefills.
-    std::string reply_text(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing) const;
+    std::string reply_text(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing, bool full = false) const;
     // Throws fml_error(INVALID_OPTION) when `text`, rendered into the template's markup, would hold a
     // control token (its text); `what` names it.
     void check_plain(const std::string & text, const std::string & what) const;
@@ -110,6 +112,11 @@ public:
     struct impl;
 
 private:
+    // Under the set-up's lock: whether later messages can be framed the fast way (impl::fast_frames),
+    // checked once; and the framings, either way.
+    void check_fast_frames() const;
+    std::string frame_reply(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing, bool fast) const;
+    result_framing frame_results(const std::vector<tool_call> & calls, const std::vector<tool_result> & results, const std::string & closing, bool fast) const;
     static std::shared_ptr<impl> acquire(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt);
     // Shared by every chat of the model with the same tools and system prompt (a server's sessions of
     // one agent): the template is read, and each kind of turn set up, once.

@@ -146,6 +146,8 @@ export interface ChatOptions {
   testReply?: string;
   /** @internal Test hook: after testReply's tokens the reply goes on with sampled ones (a forced start). */
   testReplyThenSample?: boolean;
+  /** @internal Test hook: a reply's calls and a turn of results framed with every tool through llama.cpp's full apply, never the fast way. */
+  testFullToolFrames?: boolean;
   /** @internal Test hook: every decode holding this chat's summary fails, as llama_decode can. */
   testFailSummaryDecode?: boolean;
   /** Hooks called after each turn and eviction (see `Telemetry`, `createPrometheusTelemetry`). */
@@ -253,6 +255,7 @@ export interface ResolvedChatOptions {
   testInternalErrorAfterTokens?: number;
   testReply?: string;
   testReplyThenSample?: boolean;
+  testFullToolFrames?: boolean;
   testFailSummaryDecode?: boolean;
 }
 

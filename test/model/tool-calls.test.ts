@@ -699,6 +699,27 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
     }
   });
 
+  it.each(REAL)("$file: an exchange's calls and results are framed alike the fast way (the called tools alone, the template alone) and with every tool", async ({ file, family }) => {
+    const m = await load(file, family);
+    try {
+      const many: ToolDefinition[] = [...TOOLS, ...Array.from({ length: 6 }, (_, i) => ({ type: 'function' as const, function: { name: `extra_${i}`, description: `Extra ${i}.`, parameters: { type: 'object', properties: { q: { type: 'string' } } } } }))];
+      const texts: string[] = [];
+      for (const hook of [{}, { testFullToolFrames: true }]) {
+        const chat = m.createChat({ ...BASE, maxTokens: 8192, tools: many, ...hook });
+        await chat._ingestTools('What time is it?', [], 'Checking.', [{ id: 'call00001', name: 'get_time', arguments: '{"zone": "UTC"}' }]);
+        await chat._ingestTools('', [{ toolCallId: 'call00001', name: 'get_time', content: 'It is 12:00' }], 'Noon.', []);
+        await chat._ingestTools('And the weather?', [], '', [{ id: 'call00002', name: 'get_weather', arguments: '{"city": "Paris", "unit": "C"}' }]);
+        await chat._ingestTools('', [{ toolCallId: 'call00002', name: 'get_weather', content: 'Sunny' }], 'Sunny.', []);
+        texts.push(text(chat));
+        chat.dispose();
+      }
+      expect(texts[0]).toContain('It is 12:00');
+      expect(texts[0]).toBe(texts[1]);
+    } finally {
+      m.dispose();
+    }
+  });
+
   it("send's own grammar on a chat with tools refuses control tokens as it does without tools (the format's markers are the tool call grammar's alone)", async () => {
     const m = await load('mistralai-Mistral-Nemo-Instruct-2407.jinja', 'mistral');
     try {

@@ -57,6 +57,12 @@ Napi::Value summary_prompt(const Napi::CallbackInfo & info) {
     return arr;
 }
 
+Napi::Value tool_frames_fast(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    const int fast = on_scheduler(info, [](chat & s, engine &) { return chat_probes::tool_frames_fast(s); });
+    return fast < 0 ? env.Null() : Napi::Boolean::New(env, fast == 1);
+}
+
 Napi::Value shift_positions(const Napi::CallbackInfo & info) {
     const int32_t delta = info[1].ToNumber().Int32Value();
     on_scheduler(info, [&](chat & s, engine & e) { chat_probes::shift_positions(s, e, delta); return 0; });
@@ -280,6 +286,7 @@ void register_probes(Napi::Env env, Napi::Object exports) {
     p.Set("probeLogits", Napi::Function::New(env, probe_logits));
     p.Set("recurrentState", Napi::Function::New(env, recurrent_state));
     p.Set("summaryPrompt", Napi::Function::New(env, summary_prompt));
+    p.Set("toolFramesFast", Napi::Function::New(env, tool_frames_fast));
     p.Set("shiftPositions", Napi::Function::New(env, shift_positions));
     p.Set("windowRoundTrip", Napi::Function::New(env, window_round_trip));
     p.Set("evaluateTokens", Napi::Function::New(env, evaluate_tokens));

@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <list>
 #include <map>
+#include <optional>
 #include <random>
 #include <regex>
 #include <set>
@@ -478,32 +479,46 @@ void tool_set::check_fast_frames() const {
         return;
     }
     p_->fast_frames_checked = true;
-    // A probe exchange: a reply with a call of the first tool and one of the last, their results in
-    // the other order (a template may sort them), framed both ways; or with one call, where the
-    // template refuses two (Llama 3.x's).
+    // Probe exchanges, each framed both ways: a reply with a call of the first tool and one of the
+    // last, their results in the other order (a template may sort them); and one call alone.
     std::string closing;
     try {
         closing = p_->model->frame_message(frame_kind::assistant).suffix;
     } catch (const fml_error &) {
     }
-    auto agree = [&](const std::vector<tool_call> & calls) {
+    // Each way framed apart: where one way throws and the other does not, they differ (DeepSeek V4's
+    // full apply sorts results into call order, its template alone does not); where both throw on
+    // two calls (Llama 3.x's refuse them), one call is tried.
+    enum class outcome { alike, differ, refused };
+    auto compare = [&](const std::vector<tool_call> & calls) {
         std::vector<tool_result> results;
         for (auto c = calls.rbegin(); c != calls.rend(); ++c) results.push_back({ c->id, c->name, "probe result of " + c->id });
-        const result_framing full = frame_results(calls, results, closing, false);
-        const result_framing fast = frame_results(calls, results, closing, true);
-        return frame_reply("Probe.", calls, closing, false) == frame_reply("Probe.", calls, closing, true) && full.markup == fast.markup &&
-               full.contents == fast.contents;
+        auto framed = [&](bool fast) -> std::optional<std::pair<std::string, result_framing>> {
+            try {
+                return std::make_pair(frame_reply("Probe.", calls, closing, fast), frame_results(calls, results, closing, fast));
+            } catch (const std::exception &) {
+                return std::nullopt;
+            }
+        };
+        const auto full = framed(false);
+        const auto fast = framed(true);
+        if (!full && !fast) return outcome::refused;
+        if (!full || !fast) return outcome::differ;
+        return full->first == fast->first && full->second.markup == fast->second.markup && full->second.contents == fast->second.contents ? outcome::alike
+                                                                                                                                             : outcome::differ;
     };
     const tool_call first = { "call00001", p_->tools.front().name, "{}" };
     const tool_call last = { "call00002", p_->tools.back().name, "{}" };
-    for (const auto & calls : { std::vector<tool_call>{ first, last }, std::vector<tool_call>{ first } }) {
-        try {
-            p_->fast_frames = agree(calls);
-            return;
-        } catch (const std::exception &) {
-            p_->fast_frames = false;   // the full way says why, when a real exchange comes
-        }
-    }
+    // One call too where there are several tools (the fast way renders that tool alone).
+    const outcome two = compare({ first, last });
+    const outcome one = compare({ first });
+    p_->fast_frames = (two == outcome::alike || two == outcome::refused) && one == outcome::alike;
+}
+
+bool tool_set::frames_fast() const {
+    std::lock_guard<std::mutex> lock(p_->mu);
+    check_fast_frames();
+    return p_->fast_frames;
 }
 
 std::string tool_set::frame_reply(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing, bool fast) const {

@@ -109,6 +109,9 @@ public:
     // `choice`: "auto", "none", "required", or a tool's name (that tool is called).
     std::shared_ptr<const tool_turn> turn(const std::string & choice, bool parallel, bool thinking) const;
 
+    // Whether a reply's calls and a turn of results are framed the fast way (checked once).
+    bool frames_fast() const;
+
     struct impl;
 
 private:

@@ -1,5 +1,7 @@
 #include "probes/chat-probes.h"
 
+#include "engine/tool-calls.h"
+
 #include "chat/turn-state.h"
 
 #include "kv/kv-ops.h"
@@ -63,6 +65,10 @@ void chat_probes::make_room(chat & s, engine & e, size_t incoming) {
 std::vector<int32_t> chat_probes::summary_prompt(chat & s) {
     std::lock_guard<std::mutex> lock(s.mu_);
     return s.summary_instruction_.empty() ? std::vector<int32_t>{} : s.summary_prompt();
+}
+
+int chat_probes::tool_frames_fast(chat & s) {
+    return s.tools_ ? (s.tools_->frames_fast() ? 1 : 0) : -1;
 }
 
 std::vector<float> chat_probes::probe_logits(chat & s, engine & e, int32_t token) {

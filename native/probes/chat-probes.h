@@ -32,6 +32,8 @@ struct chat_probes {
     // The tokens a summary written now (between turns: at the next turn's start) would read before its
     // text: the previous reply's end, then the instruction. Empty for policies that write none.
     static std::vector<int32_t> summary_prompt(chat & s);
+    // A chat with tools: whether its exchanges are framed the fast way (1) or with every tool (0); -1 without tools.
+    static int tool_frames_fast(chat & s);
     // Greedy-decodes n tokens with bare llama_decode + sampling (no ledger, streaming or policy),
     // then rolls back; returns ms.
     static double plain_decode(chat & s, engine & e, int32_t n);

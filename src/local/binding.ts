@@ -176,6 +176,8 @@ export interface NativeProbes {
   recurrentState(chat: NativeChat): Uint8Array;
   /** What a summary written now (at the next turn's start) reads before its text; empty without summaries. */
   summaryPrompt(chat: NativeChat): Int32Array;
+  /** A chat with tools: whether its exchanges are framed the fast way (the called tools alone); null without tools. */
+  toolFramesFast(chat: NativeChat): boolean | null;
   shiftPositions(chat: NativeChat, delta: number): void;
   /** Saves the sliding layers' window as a turn does and restores it (no-op without such layers). */
   windowRoundTrip(chat: NativeChat): void;

@@ -24,6 +24,8 @@ export interface ChatInternals {
   recurrentState(): Uint8Array;
   /** What a summary written now (at the next turn's start) reads before its text; empty without summaries. */
   summaryPrompt(): number[];
+  /** A chat with tools: whether its exchanges are framed the fast way (the called tools alone, the template alone); null without tools. */
+  toolFramesFast(): boolean | null;
   shiftPositions(delta: number): void;
   /** Saves the sliding layers' window as a turn does and restores it (no-op without such layers). */
   windowRoundTrip(): void;
@@ -404,6 +406,7 @@ export class Chat implements ChatSurface {
       probeLogits: (t) => wrap(() => getProbes().probeLogits(native, t)),
       recurrentState: () => wrap(() => getProbes().recurrentState(native)),
       summaryPrompt: () => wrap(() => Array.from(getProbes().summaryPrompt(native))),
+      toolFramesFast: () => wrap(() => getProbes().toolFramesFast(native)),
       shiftPositions: (d) => wrap(() => getProbes().shiftPositions(native, d)),
       windowRoundTrip: () => wrap(() => getProbes().windowRoundTrip(native)),
       evaluateTokens: (t, c) => wrap(() => getProbes().evaluateTokens(native, Int32Array.from(t), c)),

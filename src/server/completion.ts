@@ -108,8 +108,9 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
     const stream = new EventStream(reply, base, () => ({ connection: ctx.shuttingDown() ? 'close' : 'keep-alive', ...sessionHeaders }));
 
     checkTools(chat.options.tools, parsed);
-    // A session's chat keeps its tools, which the request may leave out: its turn is set up here.
-    if (parsed.tools === undefined && chat.options.tools !== undefined) await prepareToolTurn(ctx, chat.options.tools, chat.options.systemPrompt ?? '', parsed);
+    // A session's chat keeps its own tools and system prompt (the request's may be the same in another
+    // key order, or left out): the turn is set up with those, as the chat will run it.
+    if (!turnChat.created && chat.options.tools !== undefined) await prepareToolTurn(ctx, chat.options.tools, chat.options.systemPrompt ?? '', parsed, 'tool_choice');
     // Unpin and forget before the turn, so the room they free is there for it; checked before either
     // changes anything (a turn no longer in memory is a 400 that leaves the memory as it was).
     checkInMemory(chat, parsed.memory.unpin, 'finite_memory.unpin', true);
@@ -240,12 +241,13 @@ async function prepareTools(ctx: CompletionContext, parsed: ParsedCompletion): P
  * grammar and a parser of their own) on a worker thread: a cached one costs a lookup there, a new
  * one (a session's first required call, say) 0.2 s for 128 tools that would otherwise hold the event loop.
  */
-async function prepareToolTurn(ctx: CompletionContext, tools: ToolDefinition[] | string, systemPrompt: string, parsed: ParsedCompletion): Promise<void> {
+async function prepareToolTurn(ctx: CompletionContext, tools: ToolDefinition[] | string, systemPrompt: string, parsed: ParsedCompletion, param = 'tools'): Promise<void> {
   const { toolChoice, parallelToolCalls, thinking } = parsed.send;
   try {
     await ctx.model.prepareTools(tools, { systemPrompt, toolChoice, parallelToolCalls, thinking });
   } catch (err) {
-    if (err instanceof InvalidOptionError) throw badRequest(`Invalid 'tools': ${err.message}`, 'tools');
+    // A session's kept tools were taken when it began: what fails now is the turn's choice.
+    if (err instanceof InvalidOptionError) throw badRequest(`Invalid '${param}': ${err.message}`, param);
     if (err instanceof UnsupportedModelError) throw badRequest(err.message, 'tools', 'unsupported_by_model');
     throw err;
   }

@@ -481,6 +481,18 @@ describe('the server: tools, tool_choice, tool messages (OpenAI wire format)', (
       });
       expect(other.status).toBe(400);
       expect(((await other.json()) as { error: { code: string } }).error.code).toBe('tools_changed');
+      // The session's turn is set up with its kept tools: a named tool they lack is the request's tool_choice at fault.
+      const named = await fetch(`${url}/v1/chat/completions`, {
+        method: 'POST', headers: { 'content-type': 'application/json', ...headers },
+        body: JSON.stringify({ messages: [{ role: 'user', content: 'x' }], tool_choice: { type: 'function', function: { name: 'nope' } }, max_tokens: 4 }),
+      });
+      expect(named.status).toBe(400);
+      expect(((await named.json()) as { error: { param: string } }).error.param).toBe('tool_choice');
+      const required = await fetch(`${url}/v1/chat/completions`, {
+        method: 'POST', headers: { 'content-type': 'application/json', ...headers },
+        body: JSON.stringify({ messages: [{ role: 'user', content: 'x' }], tool_choice: 'required', parallel_tool_calls: false, max_tokens: 4 }),
+      });
+      expect(required.status).toBe(200);
     } finally {
       await server.close();
     }
@@ -715,6 +727,10 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
       }
       expect(texts[0]).toContain('It is 12:00');
       expect(texts[0]).toBe(texts[1]);
+      // And the fast way is this template's (else both were framed the full way).
+      const probe = m.createChat({ ...BASE, maxTokens: 8192, tools: many });
+      expect(probe._internals().toolFramesFast()).toBe(true);
+      probe.dispose();
     } finally {
       m.dispose();
     }

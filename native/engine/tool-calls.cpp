@@ -426,10 +426,18 @@ std::vector<std::string> tool_set::system_frames(const std::string & user_prefix
         invalid("tools hold the framing's own markers (\\x1e...)");
     }
     const size_t at = with.find(SENTINEL_USER);
-    if (at == std::string::npos || at < user_prefix.size() || with.compare(at - user_prefix.size(), user_prefix.size(), user_prefix) != 0) {
+    // The chat's own user frame may end in a space the template's has not (llama.cpp's built-in
+    // Mistral v7 framing writes "[INST] ", Mistral Small 3.2's template "[INST]"): the tools end where
+    // either starts.
+    auto frame_starts = [&](const std::string & prefix) {
+        return at != std::string::npos && at >= prefix.size() && with.compare(at - prefix.size(), prefix.size(), prefix) == 0;
+    };
+    const std::string trimmed = user_prefix.substr(0, user_prefix.find_last_not_of(" \t\n") + 1);
+    const size_t prefix_size = frame_starts(user_prefix) ? user_prefix.size() : frame_starts(trimmed) ? trimmed.size() : std::string::npos;
+    if (prefix_size == std::string::npos) {
         unsupported("the model's chat template puts the tools with the user's message, where a chat cannot keep them pinned");
     }
-    std::string before = with.substr(0, at - user_prefix.size());
+    std::string before = with.substr(0, at - prefix_size);
     // The BOS token is the chat's own first token, not text.
     const int32_t bos = p_->model->bos();
     if (bos >= 0) {
@@ -692,9 +700,12 @@ std::shared_ptr<const tool_turn> tool_set::turn(const std::string & choice, bool
         impl->think_open = p_->model->token_piece(rm.think_open, true);
         impl->think_close = p_->model->token_piece(rm.think_close, true);
     }
+    // Up to its think block: an opening one, or (DeepSeek V4's, thinking off) a bare closing one.
     auto before_reasoning = [&](const std::string & gp) {
         const size_t open = impl->think_open.empty() ? std::string::npos : gp.find(impl->think_open);
-        return open == std::string::npos ? gp : gp.substr(0, open);
+        const size_t close = impl->think_close.empty() ? std::string::npos : gp.find(impl->think_close);
+        const size_t at = std::min(open, close);
+        return at == std::string::npos ? gp : gp.substr(0, at);
     };
     impl->before_reasoning = before_reasoning(parsing.generation_prompt);
     impl->params.generation_prompt.clear();
@@ -716,6 +727,10 @@ std::shared_ptr<const tool_turn> tool_set::turn(const std::string & choice, bool
             throw;
         }
     };
+    if (in.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED && holding.grammar.empty()) {
+        // llama.cpp finds no call format in this template (IBM Granite 3.3's): nothing could hold a call.
+        unsupported("the model's chat template has no tool-call format llama.cpp can hold, so a call cannot be required of it (toolChoice 'auto' reads none either)");
+    }
     if (!holding.grammar_lazy && in.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED) {
         auto g = compiled(hold_call_ids(hold_required_call(parallel ? holding.grammar : hold_one_call(holding.grammar))), nullptr);
         prefill(*g, p_->model->first_bytes(), before_reasoning(holding.generation_prompt));

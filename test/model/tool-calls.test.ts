@@ -621,7 +621,10 @@ describe('the server: tools, tool_choice, tool messages (OpenAI wire format)', (
 // call is held, read back, and its results framed; an import of the exchange renders it.
 const REAL_TEMPLATES = join(import.meta.dirname, '..', '..', 'deps', 'llama.cpp', 'models', 'templates');
 // `marker`: what starts a call in 'auto' (null: the format has no marker, and 'auto' holds nothing).
-const REAL: { file: string; family: string; heldArgs: boolean; marker: string | null }[] = [
+// `ownIds`: the model writes a call's id in the format's own form (Kimi's functions.name:index).
+// `fullFrames`: exchanges are framed with every tool through llama.cpp's full apply (the probe found
+// the fast way differs: V4's full apply sorts results into call order).
+const REAL: { file: string; family: string; heldArgs: boolean; marker: string | null; ownIds?: boolean; fullFrames?: boolean }[] = [
   { file: 'Qwen-Qwen2.5-7B-Instruct.jinja', family: 'qwen2', heldArgs: true, marker: '<tool_call>\n' },
   { file: 'Qwen-Qwen3-0.6B.jinja', family: 'qwen3', heldArgs: true, marker: '<tool_call>\n' },
   // XML calls: llama.cpp's grammar writes a string argument as free text (no schema holds it).
@@ -637,8 +640,21 @@ const REAL: { file: string; family: string; heldArgs: boolean; marker: string | 
   // [TOOL_CALLS] is a control token, as in Mistral's vocabulary. The template refuses call ids of
   // other than 9 letters and digits: those made for calls are 9, and so are those the model writes.
   { file: 'mistralai-Mistral-Nemo-Instruct-2407.jinja', family: 'mistral', heldArgs: true, marker: '[TOOL_CALLS]' },
+  // Their templates write "[INST]" where llama.cpp's Mistral v7 framing (the chat's own) writes "[INST] ".
+  { file: 'Mistral-Small-3.2-24B-Instruct-2506.jinja', family: 'mistral', heldArgs: true, marker: '[TOOL_CALLS]' },
+  { file: 'unsloth-mistral-Devstral-Small-2507.jinja', family: 'mistral', heldArgs: true, marker: '[TOOL_CALLS]' },
+  { file: 'Qwen-QwQ-32B.jinja', family: 'qwen3', heldArgs: true, marker: '<tool_call>\n' },
+  { file: 'moonshotai-Kimi-K2.jinja', family: 'qwen2', heldArgs: true, marker: '<|tool_call_begin|>', ownIds: true },
+  { file: 'upstage-Solar-Open-100B.jinja', family: 'qwen2', heldArgs: true, marker: '<|tool_calls|>' },
+  // DSML calls: a string parameter is free text. V4's generation prompt with thinking off closes the think block itself.
+  { file: 'deepseek-ai-DeepSeek-V3.2.jinja', family: 'deepseek3', heldArgs: false, marker: '<｜DSML｜function_calls>' },
+  { file: 'deepseek-ai-DeepSeek-V4.jinja', family: 'deepseek3', heldArgs: false, marker: '<｜DSML｜tool_calls>', fullFrames: true },
 ];
 const REFUSED = ['openai-gpt-oss-120b.jinja:gptoss', 'google-gemma-4-31B-it.jinja:gemma4'];
+// Room for the long default system prompts some templates write (Mistral Small 3.2's, Solar's).
+const REAL_BASE: ChatOptions = { ...BASE, maxTokens: 8192 };
+// Tools rendered, but no call format llama.cpp can hold or read: a required call is refused.
+const NO_CALL_FORMAT = 'ibm-granite-granite-3.3-2B-Instruct.jinja';
 
 describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp models/templates; skipped without deps/llama.cpp: run npm run build)', () => {
   const time = TOOLS.slice(1);
@@ -648,19 +664,19 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
     return loadModel(path, { threads: THREADS });
   };
 
-  it.each(REAL)('$file: a required call held and read back, its results framed, the exchange imported', async ({ file, family, heldArgs }) => {
+  it.each(REAL)('$file: a required call held and read back, its results framed, the exchange imported', async ({ file, family, heldArgs, ownIds }) => {
     const m = await load(file, family);
     try {
-      const chat = m.createChat({ ...BASE, tools: time });
+      const chat = m.createChat({ ...REAL_BASE, tools: time });
       const r = await chat.send('What time is it?', { maxNewTokens: 120, toolChoice: { name: 'get_time' }, parallelToolCalls: false, thinking: false, seed: 1 });
       expect(r.toolCalls.map((c) => c.name), r.response).toEqual(['get_time']);
-      expect(r.toolCalls[0]!.id).toMatch(/^[A-Za-z0-9]{9}$/);
+      expect(r.toolCalls[0]!.id).toMatch(ownIds ? /^functions\.get_time:[0-9]+$/ : /^[A-Za-z0-9]{9}$/);
       if (heldArgs) expect(['UTC', 'CET']).toContain((JSON.parse(r.toolCalls[0]!.arguments) as { zone: string }).zone);
       const next = await chat.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, name: 'get_time', content: 'It is 12:00' }] }, { maxNewTokens: 2 });
       expect(next.stats.promptTokens).toBeGreaterThan(3);
       expect(text(chat)).toContain('It is 12:00');
-      checkCache(chat, 1024);
-      const imported = m.createChat({ ...BASE, tools: time });
+      checkCache(chat, REAL_BASE.maxTokens!);
+      const imported = m.createChat({ ...REAL_BASE, tools: time });
       await imported._ingestTools('What time is it?', [], '', [{ id: 'call00001', name: 'get_time', arguments: '{"zone": "UTC"}' }]);
       await imported._ingestTools('', [{ toolCallId: 'call00001', name: 'get_time', content: 'It is 12:00' }], 'Noon.', []);
       expect(text(imported)).toContain('It is 12:00');
@@ -671,14 +687,14 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
     }
   });
 
-  it.each(REAL.filter((r) => r.marker !== null))("$file: 'auto' holds the call its marker starts; the marker as the model writes it (a control token too) is read", async ({ file, family, heldArgs, marker }) => {
+  it.each(REAL.filter((r) => r.marker !== null))("$file: 'auto' holds the call its marker starts; the marker as the model writes it (a control token too) is read", async ({ file, family, heldArgs, marker, ownIds }) => {
     const m = await load(file, family);
     try {
-      const chat = m.createChat({ ...BASE, tools: time, testReply: marker!, testReplyThenSample: true });
+      const chat = m.createChat({ ...REAL_BASE, tools: time, testReply: marker!, testReplyThenSample: true });
       const pieces: string[] = [];
       const r = await chat.send('What time is it?', { maxNewTokens: 120, parallelToolCalls: false, thinking: false, seed: 1, onToken: (p) => pieces.push(p) });
       expect(r.toolCalls.map((c) => c.name), r.response).toEqual(['get_time']);
-      expect(r.toolCalls[0]!.id).toMatch(/^[A-Za-z0-9]{9}$/);
+      expect(r.toolCalls[0]!.id).toMatch(ownIds ? /^functions\.get_time:[0-9]+$/ : /^[A-Za-z0-9]{9}$/);
       if (heldArgs) expect(['UTC', 'CET']).toContain((JSON.parse(r.toolCalls[0]!.arguments) as { zone: string }).zone);
       expect(pieces.join('')).not.toContain(marker!.trim());
       chat.dispose();
@@ -711,7 +727,7 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
     }
   });
 
-  it.each(REAL)("$file: an exchange's calls and results are framed alike the fast way (the called tools alone, the template alone) and with every tool", async ({ file, family }) => {
+  it.each(REAL)("$file: an exchange's calls and results are framed alike the fast way (the called tools alone, the template alone) and with every tool", async ({ file, family, fullFrames }) => {
     const m = await load(file, family);
     try {
       const many: ToolDefinition[] = [...TOOLS, ...Array.from({ length: 6 }, (_, i) => ({ type: 'function' as const, function: { name: `extra_${i}`, description: `Extra ${i}.`, parameters: { type: 'object', properties: { q: { type: 'string' } } } } }))];
@@ -729,7 +745,7 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
       expect(texts[0]).toBe(texts[1]);
       // And the fast way is this template's (else both were framed the full way).
       const probe = m.createChat({ ...BASE, maxTokens: 8192, tools: many });
-      expect(probe._internals().toolFramesFast()).toBe(true);
+      expect(probe._internals().toolFramesFast()).toBe(!fullFrames);
       probe.dispose();
     } finally {
       m.dispose();
@@ -746,6 +762,18 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
       const assistant = chat.memory().filter((e) => e.role === 'assistant');
       expect(assistant.map((e) => e.text).join('')).toContain('TOOL');
       expect(assistant.filter((e) => e.text === '[TOOL_CALLS]')).toEqual([]);
+      chat.dispose();
+    } finally {
+      m.dispose();
+    }
+  });
+
+  it(`${NO_CALL_FORMAT}: a required call is refused with a typed error, not answered in words`, async () => {
+    const m = await load(NO_CALL_FORMAT, 'granite4');
+    try {
+      const chat = m.createChat({ ...BASE, tools: time });
+      await expect(chat.send('What time is it?', { maxNewTokens: 8, toolChoice: 'required' })).rejects.toThrow(UnsupportedModelError);
+      expect((await chat.send('What time is it?', { maxNewTokens: 2 })).toolCalls).toEqual([]);
       chat.dispose();
     } finally {
       m.dispose();

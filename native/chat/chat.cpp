@@ -243,6 +243,16 @@ std::vector<int32_t> chat::frame_tool_results(const std::vector<tool_result> & r
             if (r.name.empty() && !r.call_id.empty() && c.id == r.call_id) r.name = c.name;
         }
     }
+    // In the order of their calls, where the ids say it (as llama.cpp's apply orders DeepSeek V4's):
+    // a template that writes results without ids pairs them with the calls by place; the others
+    // whose ids are not the calls' keep the order given.
+    auto call_index = [&](const tool_result & r) {
+        for (size_t i = 0; i < calls.size(); ++i) {
+            if (!r.call_id.empty() && calls[i].id == r.call_id) return i;
+        }
+        return calls.size();
+    };
+    std::stable_sort(named.begin(), named.end(), [&](const tool_result & a, const tool_result & b) { return call_index(a) < call_index(b); });
     if (calls.empty()) {
         // A reply of a restored chat, or one the caller answers anyway: the results name the calls.
         for (const auto & r : named) calls.push_back({ r.call_id, r.name, "{}" });

@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeModel } from '../../src/gguf/index.ts';
 import { connectRemote } from '../../src/remote/index.ts';
 import { createServer } from '../../src/server/index.ts';
-import { InvalidOptionError, loadModel, PromptTooLargeError, UnsupportedModelError, type ChatOptions, type Model, type ToolDefinition } from '../../src/index.ts';
+import { InvalidOptionError, loadModel, PromptTooLargeError, UnsupportedModelError, type ChatOptions, type Model, type ToolCall, type ToolDefinition } from '../../src/index.ts';
 import { checkCache, fakeCompletions, testDir, testModelPath, THREADS } from '../helpers.ts';
 
 const TOOLS: ToolDefinition[] = [
@@ -295,6 +295,17 @@ describe('send({ toolResults })', () => {
     await chat.send({ toolResults: [{ name: 'get_weather', content: 'a' }, { name: 'get_time', content: 'b' }] }, { maxNewTokens: 2 });
     expect(text(chat)).toContain('<|im_start|>user\n<tool_response>\na\n</tool_response>\n<tool_response>\nb\n</tool_response><|im_end|>');
     checkCache(chat, 1024);
+    chat.dispose();
+  });
+
+  it('results are framed in the order of their calls where their ids say it (a template without ids pairs them by place)', async () => {
+    const two = `${CALL}\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>`;
+    const chat = qwen2.createChat({ ...BASE, testReply: two });
+    const r = await chat.send('Both?', { maxNewTokens: 200 });
+    expect(r.toolCalls.map((c) => c.name)).toEqual(['get_weather', 'get_time']);
+    const [weather, time] = r.toolCalls as [ToolCall, ToolCall];
+    await chat.send({ toolResults: [{ toolCallId: time.id, content: 'noon' }, { toolCallId: weather.id, content: 'sunny' }, { name: 'other', content: 'extra' }] }, { maxNewTokens: 2 });
+    expect(text(chat)).toContain('<tool_response>\nsunny\n</tool_response>\n<tool_response>\nnoon\n</tool_response>\n<tool_response>\nextra\n</tool_response>');
     chat.dispose();
   });
 
@@ -743,6 +754,22 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
       }
       expect(texts[0]).toContain('It is 12:00');
       expect(texts[0]).toBe(texts[1]);
+      // Two calls (where the template takes two), their results given in the other order.
+      const calls = [{ id: 'call00003', name: 'get_time', arguments: '{"zone": "CET"}' }, { id: 'call00004', name: 'get_weather', arguments: '{"city": "Rome", "unit": "C"}' }];
+      const pair = m.createChat({ ...BASE, maxTokens: 8192, tools: many });
+      let refusesTwo = false;
+      try {
+        await pair._ingestTools('Time and weather?', [], '', calls);
+      } catch (e) {
+        refusesTwo = e instanceof InvalidOptionError;   // Llama 3.x's templates take one call a reply
+        if (!refusesTwo) throw e;
+      }
+      if (!refusesTwo) {
+        await pair._ingestTools('', [{ toolCallId: 'call00004', name: 'get_weather', content: 'Cloudy' }, { toolCallId: 'call00003', name: 'get_time', content: 'It is 13:00' }], 'Both.', []);
+        const both = text(pair);
+        expect(both.indexOf('It is 13:00')).toBeLessThan(both.indexOf('Cloudy'));
+      }
+      pair.dispose();
       // And the fast way is this template's (else both were framed the full way).
       const probe = m.createChat({ ...BASE, maxTokens: 8192, tools: many });
       expect(probe._internals().toolFramesFast()).toBe(!fullFrames);

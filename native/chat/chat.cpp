@@ -237,22 +237,18 @@ std::vector<int32_t> chat::frame_tool_results(const std::vector<tool_result> & r
             throw fml_error(FML_ERR_INVALID_OPTION, "a tool result's toolCallId or name holds a control character");
         }
     }
-    std::vector<tool_result> named = results;
-    for (auto & r : named) {
-        for (const auto & c : calls) {
-            if (r.name.empty() && !r.call_id.empty() && c.id == r.call_id) r.name = c.name;
-        }
+    // Each result with the call its id names (its name from it where it has none), in the order of
+    // the calls (as llama.cpp's apply orders DeepSeek V4's): a template that writes results without
+    // ids pairs them with the calls by place; those whose ids name no call keep their order, after.
+    std::vector<std::pair<size_t, tool_result>> by_call;
+    for (const auto & r : results) {
+        const auto call = std::find_if(calls.begin(), calls.end(), [&](const tool_call & c) { return !r.call_id.empty() && c.id == r.call_id; });
+        by_call.emplace_back((size_t) (call - calls.begin()), r);
+        if (call != calls.end() && r.name.empty()) by_call.back().second.name = call->name;
     }
-    // In the order of their calls, where the ids say it (as llama.cpp's apply orders DeepSeek V4's):
-    // a template that writes results without ids pairs them with the calls by place; the others
-    // whose ids are not the calls' keep the order given.
-    auto call_index = [&](const tool_result & r) {
-        for (size_t i = 0; i < calls.size(); ++i) {
-            if (!r.call_id.empty() && calls[i].id == r.call_id) return i;
-        }
-        return calls.size();
-    };
-    std::stable_sort(named.begin(), named.end(), [&](const tool_result & a, const tool_result & b) { return call_index(a) < call_index(b); });
+    std::stable_sort(by_call.begin(), by_call.end(), [](const auto & a, const auto & b) { return a.first < b.first; });
+    std::vector<tool_result> named;
+    for (auto & [index, r] : by_call) named.push_back(std::move(r));
     if (calls.empty()) {
         // A reply of a restored chat, or one the caller answers anyway: the results name the calls.
         for (const auto & r : named) calls.push_back({ r.call_id, r.name, "{}" });

@@ -11,6 +11,7 @@
 #include <exception>
 #include <regex>
 #include <set>
+#include <stdexcept>
 
 namespace fml {
 
@@ -297,8 +298,12 @@ std::unique_ptr<reply_grammar> reply_grammar::compile(const llama_vocab * vocab,
 
 std::unique_ptr<reply_grammar> reply_grammar::compile_tool_calls(const llama_vocab * vocab, const std::string & gbnf, const grammar_triggers * lazy,
                                                                  const token_first_bytes & bytes) {
-    auto set = std::make_shared<trigger_set>();
+    bool by_bytes = true;
+    llama_sampler * s = compile_text(vocab, gbnf, "the tool-call grammar", MAX_TOOL_GRAMMAR_BYTES, by_bytes);
+    auto g = std::unique_ptr<reply_grammar>(new reply_grammar(s, vocab, by_bytes, lazy != nullptr));
+    g->bytes_ = &bytes;
     if (lazy != nullptr) {
+        auto set = std::make_shared<trigger_set>();
         set->words = lazy->words;
         set->tokens = lazy->tokens;
         std::sort(set->tokens.begin(), set->tokens.end());
@@ -309,12 +314,6 @@ std::unique_ptr<reply_grammar> reply_grammar::compile_tool_calls(const llama_voc
                 invalid("the tool-call format's trigger /" + p + "/ is no regex: " + e.what());
             }
         }
-    }
-    bool by_bytes = true;
-    llama_sampler * s = compile_text(vocab, gbnf, "the tool-call grammar", MAX_TOOL_GRAMMAR_BYTES, by_bytes);
-    auto g = std::unique_ptr<reply_grammar>(new reply_grammar(s, vocab, by_bytes, lazy != nullptr));
-    g->bytes_ = &bytes;
-    if (lazy != nullptr) {
         g->waiting_ = std::make_unique<waiting_text>();
         g->waiting_->triggers = std::move(set);
     }
@@ -513,19 +512,25 @@ void reply_grammar::wait_for_trigger(int32_t token) {
     if (start == std::string::npos) {
         return;
     }
-    // Awake: the grammar reads the text from the trigger on, byte by byte (a token whose text is each
-    // byte: every vocabulary has them).
+    // Awake: the grammar reads the text from the trigger on.
     const std::string held = text.substr(start);
     waiting_.reset();
-    for (unsigned char b : held) {
-        if (bytes_->single[b] < 0) {
-            let_go_ = true;
-            return;
-        }
-        take(bytes_->single[b]);
+    accept_text(held);
+}
+
+void reply_grammar::accept_text(const std::string & text) {
+    for (unsigned char b : text) {
         if (let_go_) {
             return;
         }
+        if (bytes_->single[b] < 0) {
+            if (lazy_) {
+                let_go_ = true;
+                return;
+            }
+            throw std::runtime_error("no token of the vocabulary is the byte " + std::to_string(b));
+        }
+        accept(bytes_->single[b]);
     }
 }
 

@@ -77,11 +77,14 @@ public:
     void apply(llama_token_data_array * cur, const token_first_bytes * bytes = nullptr, const std::atomic<bool> * cancel = nullptr) const;
     bool allows(int32_t token) const;
     void accept(int32_t token);
+    // A tool call's grammar reads `text` byte by byte (a token whose text is each byte: every
+    // vocabulary has them), not as the text's tokens: a SentencePiece vocabulary tokenizes
+    // "<|im_start|>assistant" with a space the grammar's literal has not. Where the text is not the
+    // grammar's, a lazy grammar lets go and another throws.
+    void accept_text(const std::string & text);
     bool lazy() const { return lazy_; }
     // A lazy grammar before its trigger: it holds nothing yet.
     bool waiting() const { return waiting_ != nullptr; }
-    // A lazy grammar that let go (see compile_tool_calls): it allows everything from here on.
-    bool let_go() const { return let_go_; }
 
 private:
     struct trigger_set;

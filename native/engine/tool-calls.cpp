@@ -201,22 +201,6 @@ grammar_triggers triggers_of(const fml_model & model, const std::vector<common_g
     return out;
 }
 
-// Feeds `text` to a required call's grammar byte by byte (a token whose text is each byte: every
-// vocabulary has them), not as the text's tokens: a SentencePiece vocabulary tokenizes
-// "<|im_start|>assistant" with a space before "assistant", which the grammar's literal does not have.
-void prefill(reply_grammar & g, const token_first_bytes & bytes, const std::string & text) {
-    try {
-        for (unsigned char b : text) {
-            if (bytes.single[b] < 0) {
-                throw std::runtime_error("no token of the vocabulary is the byte " + std::to_string(b));
-            }
-            g.accept(bytes.single[b]);
-        }
-    } catch (const std::exception & e) {
-        template_failed(std::string("the tool-call grammar does not start with the template's generation prompt: ") + e.what());
-    }
-}
-
 // Where the format has the model write a call's id (Mistral Nemo's "id"), llama.cpp's grammar takes
 // any string or number, and Mistral's templates refuse to render results for an id of other than 9
 // letters and digits: a weak model's id would leave the chat unable to take that call's results.
@@ -495,8 +479,8 @@ void tool_set::check_fast_frames() const {
     } catch (const fml_error &) {
     }
     // Each way framed apart: where one way throws and the other does not, they differ (DeepSeek V4's
-    // full apply sorts results into call order, its template alone does not); where both throw on
-    // two calls (Llama 3.x's refuse them), one call is tried.
+    // full apply sorts results into call order, its template alone does not); where both throw (Llama
+    // 3.x's refuse two calls), that probe says nothing, and the one-call probe decides.
     enum class outcome { alike, differ, refused };
     auto compare = [&](const std::vector<tool_call> & calls) {
         std::vector<tool_result> results;
@@ -733,7 +717,11 @@ std::shared_ptr<const tool_turn> tool_set::turn(const std::string & choice, bool
     }
     if (!holding.grammar_lazy && in.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED) {
         auto g = compiled(hold_call_ids(hold_required_call(parallel ? holding.grammar : hold_one_call(holding.grammar))), nullptr);
-        prefill(*g, p_->model->first_bytes(), before_reasoning(holding.generation_prompt));
+        try {
+            g->accept_text(before_reasoning(holding.generation_prompt));
+        } catch (const std::exception & e) {
+            template_failed(std::string("the tool-call grammar does not start with the template's generation prompt: ") + e.what());
+        }
         t.grammar = std::move(g);
     }
     if (holding.grammar_lazy && in.tool_choice == COMMON_CHAT_TOOL_CHOICE_AUTO && !holding.grammar.empty() && !holding.grammar_triggers.empty()) {

@@ -9,10 +9,10 @@ import { jsonText } from './grammar.js';
 import type { ModelInfo, PolicyName, Transcript } from '../shared/types.js';
 
 /** The send options that choose a turn's tool set-up (its grammar and parser). */
-const TURN_SET_UP_OPTIONS = ['toolChoice', 'parallelToolCalls', 'thinking'];
+const TURN_SET_UP_OPTIONS = ['toolChoice', 'parallelToolCalls', 'thinking'] as const;
 
 /** model.prepareTools's options: the chat's system prompt, and the turn to set up beside the first. */
-export type PrepareToolsOptions = { systemPrompt?: string } & Pick<SendOptions, 'toolChoice' | 'parallelToolCalls' | 'thinking'>;
+export type PrepareToolsOptions = { systemPrompt?: string } & Pick<SendOptions, (typeof TURN_SET_UP_OPTIONS)[number]>;
 
 const resolveTelemetry = (telemetry: unknown): Telemetry | undefined => checkTelemetry<Telemetry>(telemetry);
 
@@ -101,7 +101,7 @@ export class Model {
     const { systemPrompt = '', ...turn } = checkObject('options', options) as PrepareToolsOptions;
     const text = jsonText(tools, 'tools');
     if (typeof text !== 'string' || typeof systemPrompt !== 'string') throw new InvalidOptionError('Expected tools (an array, or its JSON text) and a string systemPrompt');
-    const unknown = Object.keys(turn).filter((k) => !TURN_SET_UP_OPTIONS.includes(k));
+    const unknown = Object.keys(turn).filter((k) => !(TURN_SET_UP_OPTIONS as readonly string[]).includes(k));
     if (unknown.length > 0) throw new InvalidOptionError(`Unknown option options.${unknown[0]} (known: systemPrompt, ${TURN_SET_UP_OPTIONS.join(', ')})`);
     const { native } = splitSendOptions(turn);
     try {

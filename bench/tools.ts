@@ -1,10 +1,11 @@
 // What tool calling costs, side by side in one run, on a Qwen2.5-0.5B-shaped model with a vocabulary
 // as large as Qwen's (~152k) and Qwen2.5's own chat template (calls in <tool_call> tags):
-//   - set-up (the calling thread): createChat with 1, 16 and 128 tools, the first time (the template
+//   - set-up: createChat with 1, 16 and 128 tools (the calling thread), the first time (the template
 //     read, every schema checked, the frames rendered) and again (the set-up kept); prepareTools, that
 //     and a first turn's set-up (its grammar and parser) on a worker thread; a first required call,
-//     set up on the calling thread or prepared; a tool exchange's framing (a reply's call and its
-//     result), with every tool through llama.cpp's full apply or the fast way;
+//     its turn set up at send or prepared; a tool exchange's framing (a reply's call and its result),
+//     with every tool through llama.cpp's full apply or the fast way. A send's or an import's set-up
+//     and framing run on a worker: the calling thread's part is measured apart from the whole;
 //   - per token, round-robin turn by turn: free decoding against a required call (the answer held to
 //     the template's call grammar, its arguments to a schema whose calls run on), against 'auto' (a
 //     lazy grammar waits for a call's first marker: every token is checked and its text kept for the
@@ -85,9 +86,9 @@ async function main() {
     const t0 = performance.now();
     await model.prepareTools(tools, { systemPrompt: `You are agent ${n}, again.` });
     const worker = performance.now() - t0;
-    // A first required call: its turn's set-up (template, grammar, parser) on the calling thread, or
-    // prepared on the worker with the turn's options (the send's own part is left: the turn is
-    // aborted at once, before its long prefill).
+    // A first required call: its turn's set-up (template, grammar, parser) at send, or prepared first
+    // with the turn's options. The turn is aborted as soon as send returns, so it settles once its
+    // preparation is done, before its long prefill: the calling thread's part, and the whole.
     const firstRequired = async (prepared: boolean) => {
       const systemPrompt = `You are agent ${n}, ${prepared ? 'prepared' : 'not prepared'}.`;
       await model.prepareTools(tools, { systemPrompt, ...(prepared ? { toolChoice: 'required' as const } : {}) });
@@ -95,21 +96,23 @@ async function main() {
       const ac = new AbortController();
       const t1 = performance.now();
       const turn = c.send('Go', { toolChoice: 'required', maxNewTokens: 1, signal: ac.signal });
-      const ms = performance.now() - t1;
+      const sync = performance.now() - t1;
       ac.abort();
       await turn;
+      const whole = performance.now() - t1;
       c.dispose();
-      return ms;
+      return `${sync.toFixed(2)} / ${whole.toFixed(1)}`;
     };
     const unprepared = await firstRequired(false);
     const prepared = await firstRequired(true);
-    // A tool exchange's framing on the calling thread (medians of 5, after a first): a reply with a
-    // call, then its result, imported, rendered with every tool through llama.cpp's full apply, or
-    // the fast way (the called tool alone). On a small model of the same template: the framing costs
-    // the same, and its prefills (the tools' system prompt first) take moments.
+    // A tool exchange (medians of 5, after a first): a reply with a call, then its result, imported,
+    // framed with every tool through llama.cpp's full apply, or the fast way (the called tool alone):
+    // the calling thread's part, and the whole (framing on a worker, then the prefill). On a small
+    // model of the same template: the framing costs the same, and its prefills take moments.
     const framing = async (full: boolean) => {
       const c = small.createChat({ ...opts, systemPrompt: `You are agent ${n}.`, testFullToolFrames: full });
-      const times: number[] = [];
+      const sync: number[] = [];
+      const whole: number[] = [];
       for (let k = 0; k < 6; k++) {
         const t1 = performance.now();
         const call = c._ingestTools(`Go ${k}`, [], '', [{ id: `call0000${k}`, name: 'tool_0', arguments: '{"query": "x"}' }]);
@@ -119,14 +122,17 @@ async function main() {
         const result = c._ingestTools('', [{ toolCallId: `call0000${k}`, name: 'tool_0', content: 'found it' }], 'Done.', []);
         const t4 = performance.now();
         await result;
-        if (k > 0) times.push(t2 - t1 + (t4 - t3));
+        if (k > 0) {
+          sync.push(t2 - t1 + (t4 - t3));
+          whole.push(performance.now() - t1);
+        }
       }
       c.dispose();
-      return median(times);
+      return `${median(sync).toFixed(2)} / ${median(whole).toFixed(1)}`;
     };
     const fullFrames = await framing(true);
     const fastFrames = await framing(false);
-    setup.push(`| ${n} | ${JSON.stringify(tools).length.toLocaleString('en-US')} | ${tokens.toLocaleString('en-US')} | ${cold.toFixed(1)} | ${kept.toFixed(2)} | ${worker.toFixed(1)} | ${unprepared.toFixed(1)} / ${prepared.toFixed(1)} | ${fullFrames.toFixed(1)} / ${fastFrames.toFixed(1)} |`);
+    setup.push(`| ${n} | ${JSON.stringify(tools).length.toLocaleString('en-US')} | ${tokens.toLocaleString('en-US')} | ${cold.toFixed(1)} | ${kept.toFixed(2)} | ${worker.toFixed(1)} | ${unprepared}; ${prepared} | ${fullFrames}; ${fastFrames} |`);
   }
 
   // Per token, round-robin.
@@ -143,6 +149,20 @@ async function main() {
   }
   const call = turns[1]!.at(-1)!;
   for (const c of chats) c.dispose();
+
+  // A message too large for the budget: refused once tokenized (on a worker), the calling thread's part apart.
+  const refuser = model.createChat({ maxTokens: 4096, policy: 'sliding' });
+  const huge = 'The quick brown fox jumps over the lazy dog. '.repeat(4000);
+  const refusals: { sync: number; whole: number }[] = [];
+  for (let k = 0; k < 5; k++) {
+    const t0 = performance.now();
+    const turn = refuser.send(huge, { maxNewTokens: 1 });
+    const sync = performance.now() - t0;
+    await turn.catch(() => {});
+    refusals.push({ sync, whole: performance.now() - t0 });
+  }
+  refuser.dispose();
+  const hugeTokens = model.tokenize(huge).length;
 
   // Long replies: the lazy grammar's trigger search and the streamed reading, over the whole answer.
   const long = { maxNewTokens: 2000, ignoreEos: true } as const;
@@ -177,10 +197,10 @@ async function main() {
     '',
     `- machine: ${machine()}`,
     `- model: Qwen2.5-0.5B geometry (24 layers, n_embd 896, 14/2 heads x 64, FFN 4864, Q8_0, seeded random weights) with a ${info.nVocab.toLocaleString('en-US')}-token vocabulary and Qwen2.5's chat template (tools in the system turn, calls in <tool_call> tags), ${threads} threads, ${info.backend}`,
-    '- tools as agents write them (a string, an integer with bounds, an enum, an optional object with an array); set-up times are wall time of the calling thread; a tool exchange is framed on a small model of the same template (`writeModel({ family: \'qwen2\' })`: the framing costs the same, the prefills take moments)',
+    '- tools as agents write them (a string, an integer with bounds, an enum, an optional object with an array); createChat\'s set-up runs on the calling thread; a send\'s or an import\'s set-up and framing on a worker (calling thread / whole: the time send or the import held the calling thread, and until it settled); a tool exchange is framed on a small model of the same template (`writeModel({ family: \'qwen2\' })`: the framing costs the same, the prefills take moments)',
     `- a required call's start: ${JSON.stringify(call.toolCalls[0] ? `${call.toolCalls[0].name} ${call.toolCalls[0].arguments.slice(0, 50)}` : call.response.slice(0, 60))}`,
     '',
-    '| tools | JSON bytes | system prompt tokens | createChat, first (ms) | createChat, set-up kept (ms) | prepareTools on a worker: the template, the schemas, the frames and a first turn\'s set-up (ms) | a first required call\'s send, calling thread: its set-up there / prepareTools({ toolChoice }) first (ms) | a tool exchange framed (a call, its result), calling thread: with every tool / the called tool alone (ms) |',
+    '| tools | JSON bytes | system prompt tokens | createChat, first (ms) | createChat, set-up kept (ms) | prepareTools on a worker: the template, the schemas, the frames and a first turn\'s set-up (ms) | a first required call\'s send, aborted at once, calling thread / whole: its set-up at send; prepareTools({ toolChoice }) first (ms) | a tool exchange imported (a call, its result), calling thread / whole: with every tool; the called tool alone (ms) |',
     '|---|---|---|---|---|---|---|---|',
     ...setup,
     '',
@@ -189,6 +209,8 @@ async function main() {
     '| case | tokens | decode ms / token (/ free) | wall ms / token, the calling thread\'s reading included (/ free) |',
     '|---|---|---|---|',
     ...lines,
+    '',
+    `A message of ${hugeTokens.toLocaleString('en-US')} tokens refused as too large for maxTokens 4,096 (medians of ${refusals.length}): send held the calling thread ${median(refusals.map((r) => r.sync)).toFixed(2)} ms; refused ${median(refusals.map((r) => r.whole)).toFixed(1)} ms later, tokenized on a worker.`,
     '',
     `A 2,000-token reply of a chat with a tool (wall time of the turn, medians of ${longWalls[0]!.length}): ${LONG.map((c, i) => `${c.label} ${median(longWalls[i]!).toFixed(0)} ms (${(median(longWalls[i]!) / median(longWalls[0]!)).toFixed(2)}x)`).join(', ')}.`,
   ].join('\n');

@@ -142,35 +142,70 @@ void deliver(Napi::Env env, Napi::Function, turn_context * ctx, turn_event * ev)
 
 using turn_tsfn = Napi::TypedThreadSafeFunction<turn_context, turn_event, deliver>;
 
-// Starts a prepared turn; the promise settles through the thread-safe function.
-Napi::Value start_turn(Napi::Env env, js_chat & jc, Napi::Object chat_obj, turn_request && req, Napi::Function on_piece) {
+// A turn's preparation on a libuv worker: the message framed and tokenized, a tool turn set up, a
+// grammar compiled, the fit checked; then the turn goes to the scheduler from there. None of it runs
+// on the event loop, where a long message, a JSON schema or a tool exchange took milliseconds (a
+// first required call with 128 tools, a tenth of a second) from every other request of the process.
+// Its outcome reaches JS only through the turn's thread-safe function (a failed preparation as the
+// turn's error, exactly once), so the worker's own completion has nothing to do.
+class prepare_worker : public Napi::AsyncWorker {
+public:
+    prepare_worker(Napi::Env env, std::shared_ptr<runtime> rt, std::shared_ptr<chat> core, turn_preparer prepare, turn_callbacks cb)
+        : Napi::AsyncWorker(env, "finite-memory-llm prepare"), rt_(std::move(rt)), core_(std::move(core)), prepare_(std::move(prepare)), cb_(std::move(cb)) {}
+    ~prepare_worker() override {
+        // Never run (its work was cancelled: the environment is going away): the turn still settles,
+        // and its thread-safe function is released.
+        if (!ran_) cb_.on_error(fml_error(FML_ERR_ABORTED, "the turn was not prepared"));
+    }
+    void Execute() override {
+        ran_ = true;
+        std::function<void(const fml_error &)> on_error = cb_.on_error;
+        try {
+            core_->before_prepare();
+            turn_request req = prepare_(*core_);
+            req.cb = std::move(cb_);
+            rt_->submit(core_, std::move(req));
+        } catch (const fml_error & e) {
+            on_error(e);
+        } catch (const std::exception & e) {   // std::bad_alloc tokenizing a huge message too
+            on_error(fml_error(FML_ERR_INTERNAL, e.what()));
+        }
+    }
+    void OnOK() override {}
+    void OnError(const Napi::Error &) override {}
+
+private:
+    std::shared_ptr<runtime> rt_;
+    std::shared_ptr<chat> core_;
+    turn_preparer prepare_;
+    turn_callbacks cb_;
+    bool ran_ = false;   // set on the worker; read in the destructor, on the JS thread after the work completed
+};
+
+// Starts a turn (the chat claimed): prepared on a worker, its promise settled through the thread-safe function.
+Napi::Value start_turn(Napi::Env env, js_chat & jc, Napi::Object chat_obj, turn_preparer && prepare, bool ingest, Napi::Function on_piece) {
     auto * ctx = new turn_context(env);
     ctx->jc = &jc;
-    ctx->ingest = req.ingest;
+    ctx->ingest = ingest;
     ctx->chat_ref = Napi::Persistent(chat_obj);
     if (!on_piece.IsEmpty()) {
         ctx->on_piece = Napi::Persistent(on_piece);
     }
     Napi::Promise promise = ctx->deferred.Promise();
     turn_tsfn tsfn = turn_tsfn::New(env, "finite-memory-llm turn", 0, 1, ctx, [](Napi::Env, void *, turn_context * c) { delete c; });
-    req.cb.on_piece = [tsfn](const std::string & piece, bool reasoning) mutable {
+    turn_callbacks cb;
+    cb.on_piece = [tsfn](const std::string & piece, bool reasoning) mutable {
         tsfn.NonBlockingCall(new turn_event{ turn_event::PIECE, piece, {}, {}, reasoning });
     };
-    req.cb.on_done = [tsfn](turn_result && r) mutable {
+    cb.on_done = [tsfn](turn_result && r) mutable {
         tsfn.NonBlockingCall(new turn_event{ turn_event::DONE, {}, {}, std::move(r) });
         tsfn.Release();
     };
-    req.cb.on_error = [tsfn](const fml_error & e) mutable {
+    cb.on_error = [tsfn](const fml_error & e) mutable {
         tsfn.NonBlockingCall(new turn_event{ turn_event::FAILED, e.what(), e.code(), {} });
         tsfn.Release();
     };
-    try {
-        jc.rt()->submit(jc.core(), std::move(req));
-    } catch (const fml_error & e) {
-        tsfn.Release();
-        jc.finished();
-        throw_error(env, e.code(), e.what());
-    }
+    (new prepare_worker(env, jc.rt(), jc.core(), std::move(prepare), std::move(cb)))->Queue();
     return promise;
 }
 
@@ -259,36 +294,29 @@ void js_chat::finished() {
     }
 }
 
-template <typename Prepare>
-Napi::Value js_chat::start_claimed(Napi::Env env, const char * busy_message, Prepare && prepare, Napi::Function on_piece) {
-    chat & s = require(env);
-    claim(env, busy_message);
-    turn_request req;
-    try {
-        // Any exception (std::bad_alloc tokenizing a huge message too) releases the claim: else the
-        // chat stayed busy for ever, and a non-fml_error escaping into N-API ended the process.
-        req = guarded(env, [&] { return prepare(s); });
-    } catch (...) {
-        finished();
-        throw;
+Napi::Value js_chat::start_claimed(Napi::Env env, const char * busy_message, turn_preparer && prepare, bool ingest, Napi::Function on_piece) {
+    require(env);
+    if (rt_->stopping()) {
+        throw_error(env, FML_ERR_DISPOSED, "the model is shutting down");
     }
-    return start_turn(env, *this, Value(), std::move(req), on_piece);
+    claim(env, busy_message);
+    return start_turn(env, *this, Value(), std::move(prepare), ingest, on_piece);
 }
 
-template <typename Prepare>
-Napi::Value js_chat::start_generating(const Napi::CallbackInfo & info, Prepare && prepare) {
+Napi::Value js_chat::start_generating(const Napi::CallbackInfo & info, generating_preparer && prepare) {
     Napi::Env env = info.Env();
     generation_options gen = guarded(env, [&] { return resolve_generation_options(options_arg(info, 1)); });
     Napi::Function on_piece = info.Length() > 2 && info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
     const bool pin = info.Length() > 3 && info[3].IsBoolean() && info[3].As<Napi::Boolean>().Value();
     return start_claimed(env, "a turn is already running on this chat; await it (or abort it) before sending again",
-                         [&](chat & s) { return prepare(s, std::move(gen), pin); }, on_piece);
+                         [prepare = std::move(prepare), gen = std::move(gen), pin](chat & s) mutable { return prepare(s, std::move(gen), pin); },
+                         false, on_piece);
 }
 
 Napi::Value js_chat::js_send(const Napi::CallbackInfo & info) {
     require(info.Env());
-    const std::string text = string_arg(info, 0, "message");
-    return start_generating(info, [&](chat & s, generation_options gen, bool pin) { return s.prepare_turn(text, std::move(gen), pin); });
+    std::string text = string_arg(info, 0, "message");
+    return start_generating(info, [text = std::move(text)](chat & s, generation_options gen, bool pin) { return s.prepare_turn(text, std::move(gen), pin); });
 }
 
 namespace {
@@ -324,19 +352,25 @@ std::vector<tool_result> tool_results_arg(const Napi::CallbackInfo & info, size_
 
 Napi::Value js_chat::js_send_tool_results(const Napi::CallbackInfo & info) {
     require(info.Env());
-    const std::vector<tool_result> results = tool_results_arg(info, 0);
-    return start_generating(info, [&](chat & s, generation_options gen, bool pin) { return s.prepare_tool_results(results, std::move(gen), pin); });
+    std::vector<tool_result> results = tool_results_arg(info, 0);
+    return start_generating(info, [results = std::move(results)](chat & s, generation_options gen, bool pin) {
+        return s.prepare_tool_results(results, std::move(gen), pin);
+    });
 }
 
 Napi::Value js_chat::js_ingest_tool_exchange(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     require(env);
-    const std::string user = string_arg(info, 0, "user message");
-    const std::vector<tool_result> results = tool_results_arg(info, 1);
-    const std::string reply = string_arg(info, 2, "assistant message");
+    std::string user = string_arg(info, 0, "user message");
+    std::vector<tool_result> results = tool_results_arg(info, 1);
+    std::string reply = string_arg(info, 2, "assistant message");
     std::vector<tool_call> calls;
     for (auto & t : string_triples(info, 3, "tool calls")) calls.push_back({ std::move(t[0]), std::move(t[1]), std::move(t[2]) });
-    return start_claimed(env, "a turn is running on this chat", [&](chat & s) { return s.prepare_ingest_tools(user, results, reply, calls); }, Napi::Function());
+    return start_claimed(env, "a turn is running on this chat",
+                         [user = std::move(user), results = std::move(results), reply = std::move(reply), calls = std::move(calls)](chat & s) {
+                             return s.prepare_ingest_tools(user, results, reply, calls);
+                         },
+                         true, Napi::Function());
 }
 
 Napi::Value js_chat::js_parse_tool_reply(const Napi::CallbackInfo & info) {
@@ -355,9 +389,10 @@ Napi::Value js_chat::js_parse_tool_reply(const Napi::CallbackInfo & info) {
 Napi::Value js_chat::js_ingest_exchange(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     require(env);
-    const std::string user = string_arg(info, 0, "user message");
-    const std::string reply = string_arg(info, 1, "assistant message");
-    return start_claimed(env, "a turn is running on this chat", [&](chat & s) { return s.prepare_ingest(user, reply); }, Napi::Function());
+    std::string user = string_arg(info, 0, "user message");
+    std::string reply = string_arg(info, 1, "assistant message");
+    return start_claimed(env, "a turn is running on this chat",
+                         [user = std::move(user), reply = std::move(reply)](chat & s) { return s.prepare_ingest(user, reply); }, true, Napi::Function());
 }
 
 Napi::Value js_chat::js_abort(const Napi::CallbackInfo & info) {

@@ -7,9 +7,14 @@
 #include "engine/runtime.h"
 #include "chat/chat.h"
 
+#include <functional>
 #include <memory>
 
 namespace fml {
+
+// What a turn is prepared by, off the JS thread: everything it reads is its own (captured by value).
+using turn_preparer = std::function<turn_request(chat &)>;
+using generating_preparer = std::function<turn_request(chat &, generation_options, bool pin)>;
 
 class js_chat : public Napi::ObjectWrap<js_chat> {
 public:
@@ -49,12 +54,11 @@ private:
     Napi::Value js_pins(const Napi::CallbackInfo & info);
     Napi::Value js_forget(const Napi::CallbackInfo & info);
     void release();
-    // Claims the chat, prepares its turn with `prepare` (the chat -> turn_request) and starts it.
-    template <typename Prepare>
-    Napi::Value start_claimed(Napi::Env env, const char * busy_message, Prepare && prepare, Napi::Function on_piece);
+    // Claims the chat and starts its turn: `prepare` (the chat -> turn_request) runs on a worker, and
+    // the turn goes from there to the scheduler. `ingest`: a finished exchange (resolves to its prompt tokens).
+    Napi::Value start_claimed(Napi::Env env, const char * busy_message, turn_preparer && prepare, bool ingest, Napi::Function on_piece);
     // send and sendToolResults: the turn's options (info[1]), onPiece (info[2]) and pin (info[3]).
-    template <typename Prepare>
-    Napi::Value start_generating(const Napi::CallbackInfo & info, Prepare && prepare);
+    Napi::Value start_generating(const Napi::CallbackInfo & info, generating_preparer && prepare);
 
     std::shared_ptr<runtime> rt_;
     std::shared_ptr<chat> core_;

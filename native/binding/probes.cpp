@@ -12,6 +12,11 @@
 #include "probes/swa-cost.h"
 #include "probes/chat-probes.h"
 
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+
 namespace fml {
 
 namespace {
@@ -61,6 +66,38 @@ Napi::Value tool_frames_fast(const Napi::CallbackInfo & info) {
     Napi::Env env = info.Env();
     const int fast = on_scheduler(info, [](chat & s, engine &) { return chat_probes::tool_frames_fast(s); });
     return fast < 0 ? env.Null() : Napi::Boolean::New(env, fast == 1);
+}
+
+// holdPrepare(chat, timeoutMs) -> release(): the chat's next turn preparations wait until release()
+// is called; one still waiting after timeoutMs fails its turn (INTERNAL). A preparation on the JS
+// thread could only time out: JS cannot call release() while it runs.
+Napi::Value hold_prepare(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    js_chat & jc = chat_arg(info);
+    chat & s = jc.require(env);
+    if (s.busy().load()) {
+        throw_error(env, FML_ERR_BUSY, "chat is busy");
+    }
+    const auto timeout = std::chrono::milliseconds(info[1].ToNumber().Int64Value());
+    struct gate {
+        std::mutex mu;
+        std::condition_variable cv;
+        bool open = false;
+    };
+    auto g = std::make_shared<gate>();
+    chat_probes::set_prepare_hook(s, [g, timeout] {
+        std::unique_lock<std::mutex> lock(g->mu);
+        if (!g->cv.wait_for(lock, timeout, [&] { return g->open; })) {
+            throw fml_error(FML_ERR_INTERNAL, "the turn's preparation was held and never released (it blocked the JS thread)");
+        }
+    });
+    return Napi::Function::New(env, [g](const Napi::CallbackInfo &) {
+        {
+            std::lock_guard<std::mutex> lock(g->mu);
+            g->open = true;
+        }
+        g->cv.notify_all();
+    });
 }
 
 Napi::Value shift_positions(const Napi::CallbackInfo & info) {
@@ -287,6 +324,7 @@ void register_probes(Napi::Env env, Napi::Object exports) {
     p.Set("recurrentState", Napi::Function::New(env, recurrent_state));
     p.Set("summaryPrompt", Napi::Function::New(env, summary_prompt));
     p.Set("toolFramesFast", Napi::Function::New(env, tool_frames_fast));
+    p.Set("holdPrepare", Napi::Function::New(env, hold_prepare));
     p.Set("shiftPositions", Napi::Function::New(env, shift_positions));
     p.Set("windowRoundTrip", Napi::Function::New(env, window_round_trip));
     p.Set("evaluateTokens", Napi::Function::New(env, evaluate_tokens));

@@ -268,10 +268,15 @@ std::vector<int32_t> chat::frame_tool_results(const std::vector<tool_result> & r
 }
 
 tool_reply chat::parse_tool_reply(const std::string & reasoning, const std::string & answer, bool partial) const {
-    if (!tool_turn_) {
+    std::shared_ptr<const tool_turn> turn;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        turn = tool_turn_;
+    }
+    if (!turn) {
         return { answer, {} };
     }
-    return tool_turn_->parse(reasoning, answer, partial);
+    return turn->parse(reasoning, answer, partial);
 }
 
 turn_request chat::prepare_framed(std::vector<int32_t> framed, generation_options gen, bool pin) {

@@ -7,8 +7,9 @@
 // hybrid model only the attention KV is finite: the recurrent state keeps going, and is put back from
 // a snapshot whenever tokens it saw must leave no trace (an aborted prefill, a summary's scratch).
 //
-// Threads: the JS thread creates a chat, prepares turns (framing, the fit check), reads its state
-// and resets it while idle; everything that touches the KV cache runs on the model's scheduler thread
+// Threads: the JS thread creates a chat, reads its state and resets it while idle; a turn is prepared
+// (framing, the fit check) on a worker thread while the chat is claimed for it (binding/chat.cpp);
+// everything that touches the KV cache runs on the model's scheduler thread
 // (engine/runtime.h), which drives the turn step by step: tokens_wanted() says how many tokens the chat
 // needs, contribute() what it adds to the next batch (making room first), on_decoded() takes the
 // result. Shared state is guarded by one mutex.
@@ -218,7 +219,11 @@ public:
     // internals, and a layer that does not slide: a sliding layer's weights index the window cache).
     static bool reads_attention_weights(const model_info & mi);
 
-    // ---- JS thread ----
+    // ---- a turn's preparation: a worker thread (or any one thread), the chat claimed for the turn ----
+    // Runs first in every turn's preparation: a test seam (chat_probes::hold_prepare), nothing otherwise.
+    void before_prepare() const {
+        if (prepare_hook_) prepare_hook_();
+    }
     // Frames the message and checks it fits (PROMPT_TOO_LARGE otherwise; nothing changes).
     turn_request prepare_turn(const std::string & user_text, generation_options gen, bool pin = false);
     turn_request prepare_ingest(const std::string & user_text, const std::string & assistant_text);
@@ -229,6 +234,8 @@ public:
     // user's text, or results when `results` is not empty) and the reply (its text and calls).
     turn_request prepare_ingest_tools(const std::string & user_text, const std::vector<tool_result> & results, const std::string & assistant_text,
                                       const std::vector<tool_call> & calls);
+
+    // ---- JS thread ----
     // The running (or last) turn's reply read by the tools' format: for streaming, `partial`.
     tool_reply parse_tool_reply(const std::string & reasoning, const std::string & answer, bool partial) const;
     std::atomic<bool> & busy() { return busy_; }
@@ -444,7 +451,7 @@ private:
     std::unique_ptr<kv_policy_i> policy_;
     std::vector<int32_t> system_tokens_;
     std::unique_ptr<tool_set> tools_;       // createChat's tools (null: none); rendered into system_tokens_
-    std::shared_ptr<const tool_turn> tool_turn_;   // the running or last turn's (JS thread only)
+    std::shared_ptr<const tool_turn> tool_turn_;   // the running or last turn's (set and read under mu_)
     std::vector<tool_call> last_calls_;     // the last reply's calls (what a turn of results follows)
     turn_request prepare_framed(std::vector<int32_t> framed, generation_options gen, bool pin);
     std::vector<int32_t> frame_tool_results(const std::vector<tool_result> & results) const;
@@ -453,6 +460,7 @@ private:
     // A grammar's pass over the vocabulary runs on a thread of its own: a core is spare (the model's
     // thread budget leaves one, or a GPU decodes). Else in the step (turn.cpp, sample_next).
     bool grammar_thread_ = false;
+    std::function<void()> prepare_hook_;    // before_prepare's (set by chat_probes while the chat is idle)
     std::vector<int32_t> test_reply_;       // test hook testReply: every reply's tokens (its start, with testReplyThenSample)
     // The most a carry holds: a reply's last sampled token and the template's end of turn.
     size_t carry_capacity() const { return 1 + closing_tokens_.size(); }

@@ -65,12 +65,16 @@ size_t runtime::live_count() {
 void runtime::submit(const std::shared_ptr<chat> & s, turn_request && req) {
     {
         std::lock_guard<std::mutex> lock(mu_);
-        if (stopping_.load()) {
-            throw fml_error(FML_ERR_DISPOSED, "the model is shutting down");
+        if (!stopping_.load()) {
+            incoming_.emplace_back(s, std::move(req));
+            cv_.notify_one();
+            return;
         }
-        incoming_.emplace_back(s, std::move(req));
     }
-    cv_.notify_one();
+    // The scheduler is gone or going (its last pass over incoming_ ran under mu_ too): nothing else
+    // touches the chat.
+    s->begin_turn(std::move(req));
+    s->fail_unstarted(fml_error(FML_ERR_ABORTED, "aborted"));
 }
 
 void runtime::wake() {

@@ -44,8 +44,12 @@ public:
     const runtime_options & options() const { return opts_; }
     const std::shared_ptr<fml_model> & model() const { return model_; }
 
-    // Starts `req` on chat `s` as soon as it has a slot. Its callbacks fire on the scheduler thread.
+    // Starts `req` on chat `s` as soon as it has a slot. Its callbacks fire on the scheduler thread;
+    // a turn submitted once the runtime is stopping (its model disposed while the turn was prepared)
+    // ends at once as aborted, on the calling thread, as the turns still waiting when it stopped do.
     void submit(const std::shared_ptr<chat> & s, turn_request && req);
+    // The model is being disposed: no new turn starts.
+    bool stopping() const { return stopping_.load(); }
     // Runs `fn` on the scheduler between steps.
     void post(std::function<void()> fn);
     // Runs `fn` on the scheduler and waits for it; rethrows what it throws. Not from the scheduler.

@@ -71,6 +71,10 @@ int chat_probes::tool_frames_fast(chat & s) {
     return s.tools_ ? (s.tools_->frames_fast() ? 1 : 0) : -1;
 }
 
+void chat_probes::set_prepare_hook(chat & s, std::function<void()> hook) {
+    s.prepare_hook_ = std::move(hook);
+}
+
 std::vector<float> chat_probes::probe_logits(chat & s, engine & e, int32_t token) {
     if (token < 0 || token >= s.model_->info().n_vocab) {
         throw fml_error(FML_ERR_INVALID_OPTION, "token id out of range");

@@ -7,6 +7,7 @@
 #include "engine/engine.h"
 #include "chat/chat.h"
 
+#include <functional>
 #include <vector>
 
 namespace fml {
@@ -34,6 +35,8 @@ struct chat_probes {
     static std::vector<int32_t> summary_prompt(chat & s);
     // A chat with tools: whether its exchanges are framed the fast way (1) or with every tool (0); -1 without tools.
     static int tool_frames_fast(chat & s);
+    // Sets what runs first in each of the chat's next turn preparations (chat::before_prepare); idle only.
+    static void set_prepare_hook(chat & s, std::function<void()> hook);
     // Greedy-decodes n tokens with bare llama_decode + sampling (no ledger, streaming or policy),
     // then rolls back; returns ms.
     static double plain_decode(chat & s, engine & e, int32_t n);

@@ -178,6 +178,8 @@ export interface NativeProbes {
   summaryPrompt(chat: NativeChat): Int32Array;
   /** A chat with tools: whether its exchanges are framed the fast way (the called tools alone); null without tools. */
   toolFramesFast(chat: NativeChat): boolean | null;
+  /** The chat's next turn preparations wait until `release()`; one still waiting after `timeoutMs` fails its turn (INTERNAL). */
+  holdPrepare(chat: NativeChat, timeoutMs: number): () => void;
   shiftPositions(chat: NativeChat, delta: number): void;
   /** Saves the sliding layers' window as a turn does and restores it (no-op without such layers). */
   windowRoundTrip(chat: NativeChat): void;

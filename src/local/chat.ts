@@ -26,6 +26,12 @@ export interface ChatInternals {
   summaryPrompt(): number[];
   /** A chat with tools: whether its exchanges are framed the fast way (the called tools alone, the template alone); null without tools. */
   toolFramesFast(): boolean | null;
+  /**
+   * The next turn preparations (framing, tool set-up, grammar, the fit check) wait until `release()`;
+   * one still waiting after `timeoutMs` fails its turn. They run on a worker: release() from the JS
+   * thread lets them go.
+   */
+  holdPrepare(timeoutMs: number): () => void;
   shiftPositions(delta: number): void;
   /** Saves the sliding layers' window as a turn does and restores it (no-op without such layers). */
   windowRoundTrip(): void;
@@ -407,6 +413,7 @@ export class Chat implements ChatSurface {
       recurrentState: () => wrap(() => getProbes().recurrentState(native)),
       summaryPrompt: () => wrap(() => Array.from(getProbes().summaryPrompt(native))),
       toolFramesFast: () => wrap(() => getProbes().toolFramesFast(native)),
+      holdPrepare: (ms) => wrap(() => getProbes().holdPrepare(native, ms)),
       shiftPositions: (d) => wrap(() => getProbes().shiftPositions(native, d)),
       windowRoundTrip: () => wrap(() => getProbes().windowRoundTrip(native)),
       evaluateTokens: (t, c) => wrap(() => getProbes().evaluateTokens(native, Int32Array.from(t), c)),

@@ -93,7 +93,8 @@ export class Model {
    * calling thread in `createChat` (0.24 s for 128 tools of an agent's size: bench/tools.ts), so a server does it here
    * first and the chat made next finds it done (the 16 most recent set-ups are kept, and a live chat's).
    * A turn with other `toolChoice`, `parallelToolCalls` or `thinking` than send's defaults has a set-up
-   * of its own (its grammar and parser), made at its first `send` unless prepared here with them.
+   * of its own (its grammar and parser), made as its first `send` is prepared (on a worker: it delays
+   * that turn, not the event loop) unless prepared here with them.
    * Rejects as `createChat` would refuse the tools, or `send` the options.
    */
   async prepareTools(tools: ToolDefinition[] | string, options: PrepareToolsOptions = {}): Promise<void> {

@@ -109,7 +109,7 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
 
     checkTools(chat.options.tools, parsed);
     // A session's chat keeps its own tools and system prompt (the request's may be the same in another
-    // key order, or left out): the turn is set up with those, as the chat will run it.
+    // key order, or left out): the turn is set up (and checked) with those, as the chat will run it.
     if (!turnChat.created && chat.options.tools !== undefined) await prepareToolTurn(ctx, chat.options.tools, chat.options.systemPrompt ?? '', parsed, 'tool_choice');
     // Unpin and forget before the turn, so the room they free is there for it; checked before either
     // changes anything (a turn no longer in memory is a 400 that leaves the memory as it was).
@@ -227,9 +227,9 @@ export async function handleCompletion(ctx: CompletionContext, req: FastifyReque
 }
 
 /**
- * The request's tools set up on a worker thread before any work (the chat made for it, or its next
- * one, finds it done; a session's existing chat does not need it): tools the chat would refuse are a
- * 400 naming `tools`.
+ * The request's tools set up on a worker thread before any work: createChat sets tools up on the
+ * calling thread, so the chat made for the request (or its next one) finds it done; a session's
+ * existing chat does not need it. Tools the chat would refuse are a 400 naming `tools`.
  */
 async function prepareTools(ctx: CompletionContext, parsed: ParsedCompletion): Promise<void> {
   if (parsed.tools === undefined) return;
@@ -238,8 +238,9 @@ async function prepareTools(ctx: CompletionContext, parsed: ParsedCompletion): P
 
 /**
  * The set-up of the request's turn with these tools (its toolChoice, parallelToolCalls, thinking: a
- * grammar and a parser of their own) on a worker thread: a cached one costs a lookup there, a new
- * one (a session's first required call, say) 0.2 s for 128 tools that would otherwise hold the event loop.
+ * grammar and a parser of their own) on a worker thread, before the request changes anything: a
+ * choice the tools refuse is a 400 naming `param` while the memory is as it was (send would set the
+ * turn up on a worker too, but after unpin and forget). A set-up already made costs a lookup there.
  */
 async function prepareToolTurn(ctx: CompletionContext, tools: ToolDefinition[] | string, systemPrompt: string, parsed: ParsedCompletion, param = 'tools'): Promise<void> {
   const { toolChoice, parallelToolCalls, thinking } = parsed.send;

@@ -253,6 +253,25 @@ describe('model.prepareTools', () => {
     await expect(qwen2.prepareTools([{ type: 'web' }] as never)).rejects.toThrow(InvalidOptionError);
     await expect(llama.prepareTools(TOOLS)).rejects.toThrow(UnsupportedModelError);
   });
+
+  it("unprepared, a turn's tool set-up and a tool exchange's framing run on a worker too: the event loop goes on meanwhile", async () => {
+    // holdPrepare: the turn's preparation waits until release(); run on the JS thread it would time
+    // out (JS could not release it) and fail the turn.
+    const chat = qwen2.createChat({ ...BASE, systemPrompt: 'Unprepared here.', testReply: CALL });
+    let release = chat._internals().holdPrepare(5000);
+    const call = chat.send('Weather in Paris?', { maxNewTokens: 200, toolChoice: 'required' });
+    await new Promise((r) => setTimeout(r, 20));
+    release();
+    const r = await call;
+    expect(r.toolCalls.map((c) => c.name)).toEqual(['get_weather']);
+    release = chat._internals().holdPrepare(5000);
+    const next = chat.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, content: '{"temp": 21}' }] }, { maxNewTokens: 2 });
+    await new Promise((r) => setTimeout(r, 20));
+    release();
+    expect((await next).stats.promptTokens).toBeGreaterThan(0);
+    expect(text(chat)).toContain('<tool_response>\n{"temp": 21}\n</tool_response>');
+    chat.dispose();
+  });
 });
 
 describe('many tools', () => {

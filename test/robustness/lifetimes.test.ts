@@ -165,3 +165,62 @@ describe('dispose', () => {
     expect(chat.disposed).toBe(true);
   });
 });
+
+describe('a turn is prepared off the event loop', () => {
+  // holdPrepare(ms): the chat's next turn preparations (framing, tool set-up, grammar, the fit check)
+  // wait until release(). One run on the JS thread could never be released (JS waits for it) and
+  // would fail its turn after the timeout: each test fails if a preparation blocks the event loop.
+  const HOLD_MS = 5000;
+  const loopTurns = () => new Promise((r) => setTimeout(r, 20));
+
+  it('send and an imported exchange: the event loop runs while they are prepared, then they run', async () => {
+    const chat = model.createChat({ maxTokens: 128 });
+    const release = chat._internals().holdPrepare(HOLD_MS);
+    const turn = chat.send('hello there', { maxNewTokens: 4, temperature: 0, ignoreEos: true });
+    expect(chat.busy).toBe(true);
+    await loopTurns();
+    release();
+    expect((await turn).stats.generatedTokens).toBe(4);
+    await chat._ingest('and then?', 'then this');
+    expect(chat.stats().turns).toBe(2);
+    chat.dispose();
+  });
+
+  it('a message refused while prepared (too large) rejects typed; the chat stays as it was and usable', async () => {
+    const chat = model.createChat({ maxTokens: 64 });
+    await chat.send('first', { maxNewTokens: 2, temperature: 0 });
+    const before = chat.memory();
+    const release = chat._internals().holdPrepare(HOLD_MS);
+    const turn = chat.send('word '.repeat(400), { maxNewTokens: 2 });
+    await loopTurns();
+    release();
+    await expect(turn).rejects.toMatchObject({ code: 'PROMPT_TOO_LARGE' });
+    expect(chat.busy).toBe(false);
+    expect(chat.memory()).toEqual(before);
+    expect((await chat.send('short', { maxNewTokens: 2, temperature: 0 })).stats.turn).toBe(2);
+    chat.dispose();
+  });
+
+  it('aborted, disposed, or its model disposed while prepared: the turn ends as aborted, nothing ran', async () => {
+    const m = await loadModel(testModelPath(), { threads: THREADS });
+    const chats = Array.from({ length: 3 }, () => m.createChat({ maxTokens: 96 }));
+    const releases = chats.map((c) => c._internals().holdPrepare(HOLD_MS));
+    const controller = new AbortController();
+    const turns = chats.map((c, i) => c.send(`go ${i}`, { maxNewTokens: 8, signal: i === 0 ? controller.signal : undefined }));
+    controller.abort();
+    chats[1]!.dispose();
+    await loopTurns();
+    const aborted = await (releases[0]!(), turns[0]!);
+    expect(aborted.stopReason).toBe('abort');
+    expect(aborted.stats.generatedTokens).toBe(0);
+    expect(chats[0]!.stats().turns).toBe(0);
+    m.dispose();   // chats[2]'s preparation still waits: its turn ends aborted too
+    releases[1]!();
+    releases[2]!();
+    for (const r of await Promise.all(turns.slice(1))) {
+      expect(r.stopReason).toBe('abort');
+      expect(r.stats.generatedTokens).toBe(0);
+    }
+    await expect(chats[2]!.send('x')).rejects.toBeInstanceOf(DisposedError);
+  });
+});

@@ -3,9 +3,9 @@
 //   - set-up: createChat with 1, 16 and 128 tools (the calling thread), the first time (the template
 //     read, every schema checked, the frames rendered) and again (the set-up kept); prepareTools, that
 //     and a first turn's set-up (its grammar and parser) on a worker thread; a first required call,
-//     its turn set up at send or prepared; a tool exchange's framing (a reply's call and its result),
-//     with every tool through llama.cpp's full apply or the fast way. A send's or an import's set-up
-//     and framing run on a worker: the calling thread's part is measured apart from the whole;
+//     its turn set up at send or prepared; a turn of a call's result framed with every tool through
+//     llama.cpp's full apply or the fast way. A send's set-up and framing run on a worker: the calling
+//     thread's part is measured apart from the preparation there (stats.prepareMs);
 //   - per token, round-robin turn by turn: free decoding against a required call (the answer held to
 //     the template's call grammar, its arguments to a schema whose calls run on), against 'auto' (a
 //     lazy grammar waits for a call's first marker: every token is checked and its text kept for the
@@ -87,8 +87,8 @@ async function main() {
     await model.prepareTools(tools, { systemPrompt: `You are agent ${n}, again.` });
     const worker = performance.now() - t0;
     // A first required call: its turn's set-up (template, grammar, parser) at send, or prepared first
-    // with the turn's options. The turn is aborted as soon as send returns, so it settles once its
-    // preparation is done, before its long prefill: the calling thread's part, and the whole.
+    // with the turn's options: the calling thread's part, and the preparation on the worker
+    // (stats.prepareMs; the turn is aborted as soon as send returns, before its long prefill).
     const firstRequired = async (prepared: boolean) => {
       const systemPrompt = `You are agent ${n}, ${prepared ? 'prepared' : 'not prepared'}.`;
       await model.prepareTools(tools, { systemPrompt, ...(prepared ? { toolChoice: 'required' as const } : {}) });
@@ -98,37 +98,34 @@ async function main() {
       const turn = c.send('Go', { toolChoice: 'required', maxNewTokens: 1, signal: ac.signal });
       const sync = performance.now() - t1;
       ac.abort();
-      await turn;
-      const whole = performance.now() - t1;
+      const { stats } = await turn;
       c.dispose();
-      return `${sync.toFixed(2)} / ${whole.toFixed(1)}`;
+      return `${sync.toFixed(2)} / ${stats.prepareMs.toFixed(1)}`;
     };
     const unprepared = await firstRequired(false);
     const prepared = await firstRequired(true);
-    // A tool exchange (medians of 5, after a first): a reply with a call, then its result, imported,
+    // A tool exchange (medians of 5, after a first): a reply's call, then a turn of its result sent,
     // framed with every tool through llama.cpp's full apply, or the fast way (the called tool alone):
-    // the calling thread's part, and the whole (framing on a worker, then the prefill). On a small
-    // model of the same template: the framing costs the same, and its prefills take moments.
+    // the calling thread's part of the send, and its preparation on the worker (stats.prepareMs: the
+    // framing). On a small model of the same template: the framing costs the same, its prefills take moments.
     const framing = async (full: boolean) => {
-      const c = small.createChat({ ...opts, systemPrompt: `You are agent ${n}.`, testFullToolFrames: full });
+      const call = '<tool_call>\n{"name": "tool_0", "arguments": {"query": "x"}}\n</tool_call>';
+      const c = small.createChat({ ...opts, systemPrompt: `You are agent ${n}.`, testFullToolFrames: full, testReply: call });
       const sync: number[] = [];
-      const whole: number[] = [];
+      const prepared: number[] = [];
       for (let k = 0; k < 6; k++) {
+        const r = await c.send(`Go ${k}`, { maxNewTokens: 64 });
         const t1 = performance.now();
-        const call = c._ingestTools(`Go ${k}`, [], '', [{ id: `call0000${k}`, name: 'tool_0', arguments: '{"query": "x"}' }]);
+        const turn = c.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, name: 'tool_0', content: 'found it' }] }, { maxNewTokens: 1 });
         const t2 = performance.now();
-        await call;
-        const t3 = performance.now();
-        const result = c._ingestTools('', [{ toolCallId: `call0000${k}`, name: 'tool_0', content: 'found it' }], 'Done.', []);
-        const t4 = performance.now();
-        await result;
+        const { stats } = await turn;
         if (k > 0) {
-          sync.push(t2 - t1 + (t4 - t3));
-          whole.push(performance.now() - t1);
+          sync.push(t2 - t1);
+          prepared.push(stats.prepareMs);
         }
       }
       c.dispose();
-      return `${median(sync).toFixed(2)} / ${median(whole).toFixed(1)}`;
+      return `${median(sync).toFixed(2)} / ${median(prepared).toFixed(1)}`;
     };
     const fullFrames = await framing(true);
     const fastFrames = await framing(false);
@@ -197,10 +194,10 @@ async function main() {
     '',
     `- machine: ${machine()}`,
     `- model: Qwen2.5-0.5B geometry (24 layers, n_embd 896, 14/2 heads x 64, FFN 4864, Q8_0, seeded random weights) with a ${info.nVocab.toLocaleString('en-US')}-token vocabulary and Qwen2.5's chat template (tools in the system turn, calls in <tool_call> tags), ${threads} threads, ${info.backend}`,
-    '- tools as agents write them (a string, an integer with bounds, an enum, an optional object with an array); createChat\'s set-up runs on the calling thread; a send\'s or an import\'s set-up and framing on a worker (calling thread / whole: the time send or the import held the calling thread, and until it settled); a tool exchange is framed on a small model of the same template (`writeModel({ family: \'qwen2\' })`: the framing costs the same, the prefills take moments)',
+    '- tools as agents write them (a string, an integer with bounds, an enum, an optional object with an array); createChat\'s set-up runs on the calling thread; a send\'s set-up and framing on a worker (calling thread / worker: the time send held the calling thread, and the turn\'s preparation on the worker, stats.prepareMs); a turn of results is framed on a small model of the same template (`writeModel({ family: \'qwen2\' })`: the framing costs the same, the prefills take moments)',
     `- a required call's start: ${JSON.stringify(call.toolCalls[0] ? `${call.toolCalls[0].name} ${call.toolCalls[0].arguments.slice(0, 50)}` : call.response.slice(0, 60))}`,
     '',
-    '| tools | JSON bytes | system prompt tokens | createChat, first (ms) | createChat, set-up kept (ms) | prepareTools on a worker: the template, the schemas, the frames and a first turn\'s set-up (ms) | a first required call\'s send, aborted at once, calling thread / whole: its set-up at send; prepareTools({ toolChoice }) first (ms) | a tool exchange imported (a call, its result), calling thread / whole: with every tool; the called tool alone (ms) |',
+    '| tools | JSON bytes | system prompt tokens | createChat, first (ms) | createChat, set-up kept (ms) | prepareTools on a worker: the template, the schemas, the frames and a first turn\'s set-up (ms) | a first required call\'s send, calling thread / worker: its set-up at send; prepareTools({ toolChoice }) first (ms) | a turn of a call\'s result sent, calling thread / worker: framed with every tool; with the called tool alone (ms) |',
     '|---|---|---|---|---|---|---|---|',
     ...setup,
     '',

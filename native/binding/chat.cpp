@@ -32,6 +32,7 @@ Napi::Object stats_to_js(Napi::Env env, const turn_stats & s) {
     o.Set("decodeMs", s.decode_ms);
     o.Set("tokensPerSecond", s.tokens_per_second);
     o.Set("firstTokenMs", s.first_token_ms);
+    o.Set("prepareMs", s.prepare_ms);
     o.Set("policyMs", s.policy_ms);
     o.Set("evictMs", s.evict_ms);
     o.Set("evictedTokens", s.evicted_tokens);
@@ -151,7 +152,8 @@ using turn_tsfn = Napi::TypedThreadSafeFunction<turn_context, turn_event, delive
 class prepare_worker : public Napi::AsyncWorker {
 public:
     prepare_worker(Napi::Env env, std::shared_ptr<runtime> rt, std::shared_ptr<chat> core, turn_preparer prepare, turn_callbacks cb)
-        : Napi::AsyncWorker(env, "finite-memory-llm prepare"), rt_(std::move(rt)), core_(std::move(core)), prepare_(std::move(prepare)), cb_(std::move(cb)) {}
+        : Napi::AsyncWorker(env, "finite-memory-llm prepare"), rt_(std::move(rt)), core_(std::move(core)), prepare_(std::move(prepare)), cb_(std::move(cb)),
+          called_(std::chrono::steady_clock::now()) {}
     ~prepare_worker() override {
         // Never run (its work was cancelled: the environment is going away): the turn still settles,
         // and its thread-safe function is released.
@@ -161,8 +163,11 @@ public:
         ran_ = true;
         std::function<void(const fml_error &)> on_error = cb_.on_error;
         try {
+            const auto t0 = std::chrono::steady_clock::now();
             core_->before_prepare();
             turn_request req = prepare_(*core_);
+            req.prepare_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+            req.called_at = called_;
             req.cb = std::move(cb_);
             rt_->submit(core_, std::move(req));
         } catch (const fml_error & e) {
@@ -179,6 +184,7 @@ private:
     std::shared_ptr<chat> core_;
     turn_preparer prepare_;
     turn_callbacks cb_;
+    std::chrono::steady_clock::time_point called_;
     bool ran_ = false;   // set on the worker; read in the destructor, on the JS thread after the work completed
 };
 

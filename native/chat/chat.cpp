@@ -298,17 +298,20 @@ turn_request chat::prepare_framed(std::vector<int32_t> framed, generation_option
         req.reply_prefix.assign(req.framed.begin() + (long) open - 1, req.framed.end());
         req.framed.resize(open - 1);
     }
+    const bool own_grammar = !gen.grammar.empty() || !gen.json_schema.empty();
+    req.tool_markup = tools_ && rm.harmony() && !own_grammar;
     if (!gen.thinking && (rm.think() || rm.harmony())) {
         // An empty think block is reasoning (closed here when the prompt opened it); harmony's final
-        // channel header is what a past reply keeps.
-        const std::vector<int32_t> skip = req.reasoning_opened ? model_->tokenize("\n\n" + rm.close_text + "\n\n", false, true) : rm.skip;
+        // channel header is what a past reply keeps (with tools: an empty analysis, the channel left
+        // to the reply, which may call).
+        const std::vector<int32_t> skip = req.reasoning_opened ? model_->tokenize("\n\n" + rm.close_text + "\n\n", false, true)
+                                          : req.tool_markup ? rm.skip_to_channel : rm.skip;
         req.reply_prefix.insert(req.reply_prefix.end(), skip.begin(), skip.end());
         req.reply_prefix_role = rm.harmony() ? TOKEN_ROLE_ASSISTANT : TOKEN_ROLE_REASONING;
         req.reasoning_skipped = true;
     }
     if (tools_) {
         std::shared_ptr<const tool_turn> turn = tools_->turn(gen.tool_choice.empty() ? "auto" : gen.tool_choice, gen.parallel_tool_calls, gen.thinking);
-        const bool own_grammar = !gen.grammar.empty() || !gen.json_schema.empty();
         if (turn->grammar && !turn->grammar->lazy() && own_grammar) {
             throw fml_error(FML_ERR_INVALID_OPTION, "toolChoice '" + gen.tool_choice + "' holds the answer to a call, and grammar or jsonSchema to something else: give one");
         }
@@ -382,6 +385,13 @@ turn_request chat::prepare_ingest_tools(const std::string & user_text, const std
             tools_->check_plain(c.name + c.arguments + c.id, "a tool call");
         }
         req.reply = model_->tokenize(tools_->reply_text(answer, calls, model_->frame_message(frame_kind::assistant).suffix, opts_.test_full_tool_frames), false, true);
+        // Its end as the format closes a reply with calls (gpt-oss's <|call|>) is carried, as a generated one's.
+        const std::vector<int32_t> & call_closing = tools_->turn("auto", true, true)->call_closing;
+        if (!call_closing.empty() && req.reply.size() >= call_closing.size() &&
+            std::equal(call_closing.begin(), call_closing.end(), req.reply.end() - (long) call_closing.size())) {
+            req.reply.resize(req.reply.size() - call_closing.size());
+            req.closing = call_closing;
+        }
     }
     std::lock_guard<std::mutex> lock(mu_);
     const size_t budget = opts_.policy.max_tokens;

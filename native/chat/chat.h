@@ -77,7 +77,8 @@ struct turn_stats {
     double   compact_ms = 0;         // time they took (a re-prefill's decodes; a K-shift's own cost is in the next decode)
     uint32_t retained_tokens = 0;
     double   latency_ms = 0;
-    double   first_token_ms = 0;     // from the turn's start to its first generated token
+    double   first_token_ms = 0;     // from the call (send) to its first generated token
+    double   prepare_ms = 0;         // the turn's preparation on a worker: framing, tokenizing, a tool turn's set-up, a grammar
     bool     fallback = false;
     double   summary_ms = 0;          // time the model spent writing summaries this turn
     uint32_t summary_tokens = 0;      // summary tokens placed in the cache this turn
@@ -171,8 +172,16 @@ struct turn_request {
     generation_options gen;
     std::unique_ptr<reply_grammar> grammar;   // gen's grammar or jsonSchema, compiled, or the tool call's (null: none)
     bool grammar_of_tools = false;            // the grammar is the tool call's (its preserved markers are text)
+    // harmony with tools: the answer keeps its messages' markup as text (the tools' parser reads it;
+    // a call is a message of its own) and its end after a call is the format's (<|call|>).
+    bool tool_markup = false;
+    // What closes this reply when not the template's usual end of an assistant turn (an imported
+    // reply with calls: the format's, gpt-oss's <|call|>); carried into the next turn.
+    std::vector<int32_t> closing;
     std::shared_ptr<const tool_turn> tools;   // a chat with tools: this turn's grammar and parser
     turn_callbacks cb;
+    std::chrono::steady_clock::time_point called_at{};   // when the caller asked for it (default: when it began)
+    double prepare_ms = 0;
 };
 
 // A step's part of one chat: tokens at consecutive positions of its sequence.

@@ -9,7 +9,8 @@ bool is_blank(const std::string & text) {
     return std::all_of(text.begin(), text.end(), [](unsigned char c) { return std::isspace(c) != 0; });
 }
 
-reasoning_splitter::reasoning_splitter(const reasoning_markers & markers, reply_start start) : m_(markers) {
+reasoning_splitter::reasoning_splitter(const reasoning_markers & markers, reply_start start, bool keep_markup)
+    : m_(markers), keep_markup_(keep_markup && markers.harmony()) {
     if (start == reply_start::in_reasoning && m_.think()) {
         part_ = reply_part::reasoning;
         think_seen_ = true;
@@ -102,39 +103,67 @@ split_step reasoning_splitter::push_harmony(int32_t token, const std::string & p
         state_ = state::header;
         header_begin_ = index_;
         header_.clear();
+        markup_ += piece;
         s.part = reply_part::content;
         return s;
     }
-    if (token == m_.message && (state_ == state::header || state_ == state::role)) {
-        // The channel's name is the header's first word ("commentary to=functions.x" is a tool call).
+    // With the markup kept, a header may also end in "<|message|>" spelled in plain tokens (a tool
+    // call's grammar holds text, and a weak model may spell the marker): the message starts there too.
+    static const std::string MESSAGE = "<|message|>";
+    const bool in_header = state_ == state::header || state_ == state::role;
+    const std::string so_far = keep_markup_ && in_header && token != m_.message ? markup_ + piece : std::string();
+    const bool spelled_message = so_far.size() >= MESSAGE.size() && so_far.compare(so_far.size() - MESSAGE.size(), MESSAGE.size(), MESSAGE) == 0;
+    if ((token == m_.message || spelled_message) && in_header) {
+        // The channel's name is the header's first word. A recipient (" to=functions.x", in the role
+        // line or after the channel) makes the message a tool call, whatever its channel: the answer's.
         const std::string channel = header_.substr(0, header_.find_first_of(" \t\n<"));
-        part_ = state_ == state::header && channel == "analysis" ? reply_part::reasoning : reply_part::content;
+        const bool call = (role_ + header_).find("to=") != std::string::npos;
+        part_ = state_ == state::header && channel == "analysis" && !(keep_markup_ && call) ? reply_part::reasoning : reply_part::content;
         s.part = part_;
         if (state_ == state::header) {
-            s.relabel_from = header_begin_;
+            // A call's recipient in the role line is the call's too: a past call keeps it when its
+            // analysis leaves with "<|start|>assistant" (as the template renders it then).
+            s.relabel_from = call && recipient_begin_ < header_begin_ ? recipient_begin_ : header_begin_;
             s.relabel_part = part_;
         }
+        if (keep_markup_ && part_ == reply_part::content) {
+            s.has_text = true;   // this token's piece, after the header's markup held so far
+            s.lead = std::move(markup_);
+        }
+        markup_.clear();
         state_ = state::text;
         return s;
     }
     if (token == m_.end) {
         // The message ends; up to the next header, "<|start|>assistant" belongs with it (a past
         // reply's template rendering has only the final message's header after the prompt's own).
+        s.has_text = keep_markup_ && part_ == reply_part::content && state_ == state::text;
         state_ = state::role;
+        role_.clear();
+        recipient_begin_ = SIZE_MAX;
         s.part = part_;
         return s;
     }
     if (token == m_.start) {
         state_ = state::role;
+        role_.clear();
+        recipient_begin_ = SIZE_MAX;
+        markup_ = piece;
         s.part = part_;
         return s;
     }
     if (state_ == state::header) {
         header_ += piece;
+        markup_ += piece;
         s.part = reply_part::content;
         return s;
     }
     if (state_ == state::role) {
+        if (recipient_begin_ == SIZE_MAX && !role_.empty() && !piece.empty() && std::isspace((unsigned char) piece[0])) {
+            recipient_begin_ = index_;   // after the role's name: " to=functions.x"
+        }
+        role_ += piece;
+        markup_ += piece;
         s.part = part_;
         return s;
     }

@@ -27,6 +27,7 @@ struct split_step {
     // Tokens [relabel_from, this one) of the reply now belong to `relabel_part` (SIZE_MAX: none).
     size_t relabel_from = SIZE_MAX;
     reply_part relabel_part = reply_part::content;
+    std::string lead;                         // text of earlier tokens that goes before this piece (keep_markup)
 };
 
 // True when the text is whitespace only (the blank lines around think-block markers).
@@ -34,8 +35,10 @@ bool is_blank(const std::string & text);
 
 class reasoning_splitter {
 public:
-    // `markers`: the model's, which outlive the splitter.
-    reasoning_splitter(const reasoning_markers & markers, reply_start start);
+    // `markers`: the model's, which outlive the splitter. `keep_markup` (harmony, a chat with tools):
+    // the answer keeps the markup of its messages (headers, a call's recipient, <|end|>) as text, for
+    // the tools' parser; an analysis message stays reasoning, its markup nobody's text.
+    reasoning_splitter(const reasoning_markers & markers, reply_start start, bool keep_markup = false);
     // The reply's next token and its piece (rendered as text).
     split_step push(int32_t token, const std::string & piece);
     // What push would say, without taking the token (a candidate's part, before it is chosen).
@@ -56,6 +59,10 @@ private:
     size_t index_ = 0;                        // tokens pushed so far
     size_t header_begin_ = 0;                 // harmony: the first token of the header being read
     std::string header_;                      // ... and its text
+    bool keep_markup_ = false;
+    std::string role_;                        // harmony: the role line's text since <|start|> (" to=functions.x" names a call)
+    size_t recipient_begin_ = SIZE_MAX;       // ... the first token of a recipient there
+    std::string markup_;                      // keep_markup: the next message's markup so far (given out at its <|message|>)
 };
 
 } // namespace fml

@@ -95,6 +95,7 @@ struct chat::turn_state {
     eviction_record unsummarized_rec;
     turn_result result;
     clock_type::time_point t_start;
+    clock_type::time_point t_called;   // the call (the preparation before t_start): latency and first token count from it
     clock_type::time_point t_generate;
     bool first_token = false;
     size_t gen_chunk = 1;

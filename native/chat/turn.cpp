@@ -20,6 +20,8 @@ void chat::begin_turn(turn_request && req) {
     std::lock_guard<std::mutex> lock(mu_);
     auto t = std::make_unique<turn_state>();
     t->t_start = clock_type::now();
+    t->t_called = req.called_at == clock_type::time_point{} ? t->t_start : req.called_at;
+    t->result.stats.prepare_ms = req.prepare_ms;
     t->turn_no = turn_no_ + 1;
     t->result.stats.policy = policy_->name();
     const size_t budget = opts_.policy.max_tokens;
@@ -301,7 +303,7 @@ void chat::on_decoded(const contribution & c, size_t from, size_t to, int32_t lo
     carry_reasoning_ = false;
     turn_no_ = t.turn_no;
     if (t.req.ingest) {
-        carry_ = closing_tokens_;
+        carry_ = t.req.closing.empty() ? closing_tokens_ : t.req.closing;
         finish_turn(STOP_EOS, e);
         return;
     }
@@ -321,7 +323,10 @@ void chat::start_generation() {
     t.stream = std::make_unique<text_stream>(t.req.gen.stop);
     t.reasoning_stream = std::make_unique<text_stream>(std::vector<std::string>{});
     const reply_start start = t.req.reasoning_skipped ? reply_start::after_reasoning : t.req.reasoning_opened ? reply_start::in_reasoning : reply_start::fresh;
-    t.splitter = std::make_unique<reasoning_splitter>(model_->reasoning(), start);
+    t.splitter = std::make_unique<reasoning_splitter>(model_->reasoning(), start, t.req.tool_markup);
+    // A harmony reply's call may come after any of its messages, its header and recipient held too:
+    // the tools' grammar reads every token from the reply's start (waiting, a lazy one holds none).
+    t.answer_held = t.req.tool_markup && t.req.grammar_of_tools;
     t.t_generate = clock_type::now();
 }
 
@@ -357,7 +362,7 @@ void chat::split_piece(int32_t tok) {
         return;
     }
     const bool reasoning = role == TOKEN_ROLE_REASONING;
-    const std::string out = (reasoning ? t.reasoning_stream : t.stream)->push(s.text_from > 0 ? piece.substr(s.text_from) : piece);
+    const std::string out = (reasoning ? t.reasoning_stream : t.stream)->push(s.lead + (s.text_from > 0 ? piece.substr(s.text_from) : piece));
     if (!out.empty() && t.req.cb.on_piece) {
         t.req.cb.on_piece(out, reasoning);
     }
@@ -418,7 +423,7 @@ void chat::take_sampled(int32_t tok, step_context & e) {
     turn_stats & st = t.result.stats;
     if (!t.first_token) {
         t.first_token = true;
-        st.first_token_ms = ms_since(t.t_start);
+        st.first_token_ms = ms_since(t.t_called);
     }
     t.pending = -1;
     if (tok < 0 || model_->is_eog(tok)) {
@@ -493,10 +498,13 @@ void chat::finish_turn(stop_reason reason, step_context & e) {
             carry_.push_back(t->pending);
             carry_reasoning_ = reasoning;
         }
-        carry_.insert(carry_.end(), closing_tokens_.begin(), closing_tokens_.end());
+        // A reply with calls closes as the format closes one (gpt-oss's <|call|>).
+        const bool called = t->req.tools && !r.tool_calls.empty() && !t->req.tools->call_closing.empty();
+        const std::vector<int32_t> & closing = called ? t->req.tools->call_closing : closing_tokens_;
+        carry_.insert(carry_.end(), closing.begin(), closing.end());
     }
     st.retained_tokens = (uint32_t) ledger_.size();
-    st.latency_ms = ms_since(t->t_start);
+    st.latency_ms = ms_since(t->t_called);
     cumulative_.turns++;
     abort_.store(false);
     if (t->req.cb.on_done) {
@@ -606,7 +614,7 @@ void chat::fail_unstarted(const fml_error & err) {
         r.reason = STOP_ABORT;
         r.stats = done->result.stats;
         r.stats.retained_tokens = (uint32_t) retained_tokens();
-        r.stats.latency_ms = ms_since(done->t_start);
+        r.stats.latency_ms = ms_since(done->t_called);
         if (done->req.cb.on_done) {
             done->req.cb.on_done(std::move(r));
         }
@@ -658,7 +666,7 @@ void chat::fail_turn(const fml_error & err, step_context & e, bool state_lost) {
         r.stats = done->result.stats;
         r.stats.prompt_tokens = 0;
         r.stats.retained_tokens = (uint32_t) ledger_.size();
-        r.stats.latency_ms = ms_since(done->t_start);
+        r.stats.latency_ms = ms_since(done->t_called);
         if (done->req.cb.on_done) {
             done->req.cb.on_done(std::move(r));
         }

@@ -325,7 +325,7 @@ const option_row<send_target> SEND_ROWS[] = {
               }
           }
       } },
-    { { "send", "thinking", "boolean", "true", "", "false: a reasoning model (ModelInfo.reasoning) answers without reasoning: its reply starts with an empty think block, as Qwen3's template with enable_thinking false, or with gpt-oss's final channel; no effect on other models.", false },
+    { { "send", "thinking", "boolean", "true", "", "false: a reasoning model (ModelInfo.reasoning) answers without reasoning: its reply starts with an empty think block, as Qwen3's template with enable_thinking false, or with gpt-oss's final channel (a chat with tools: an empty analysis, the channel left to the reply, which may call); no effect on other models.", false },
       [](send_target & t, const option_value * v) { t.g.thinking = v ? boolean_of("thinking", *v) : true; } },
     { { "send", "ignoreEos", "boolean", "false", "", "End-of-generation tokens are never sampled, so the reply runs to maxNewTokens or a stop string (as llama-server's ignore_eos: equal work in benchmarks).", false },
       [](send_target & t, const option_value * v) { t.g.ignore_eos = v ? boolean_of("ignoreEos", *v) : false; } },

@@ -139,16 +139,36 @@ std::string hold_required_call(const std::string & grammar) {
 // Where each call has its own markers, llama.cpp's grammar takes one or more of them even when
 // parallel calls are off (a required call's tool-calls ::= (tool-call space)+, 'auto''s
 // (tool-call? space)+, Hermes-style formats): held here to one, as OpenAI's parallel_tool_calls false.
+// gpt-oss with thinking false: the chat prefills an empty analysis message (reasoning_markers::
+// skip_to_channel), and a required call follows it at once, where llama.cpp's grammar takes any
+// number of analysis and preamble messages first.
+std::string hold_call_after_skip(const std::string & grammar) {
+    static const std::regex messages(R"(\(start any\)\*)");
+    return rewrite_rule(grammar, "root", messages, "(start any)?");
+}
+
+// A harmony call's content type (" <|constrain|>json") is any run of letters in llama.cpp's grammar:
+// a weak model's could run to maxNewTokens and never reach the arguments. Held to 16 characters.
+std::string hold_constraint_type(std::string grammar) {
+    const std::string loose = "\"<|constrain|>\"? [A-Za-z0-9_-]+";
+    const std::string held = "\"<|constrain|>\"? [A-Za-z0-9_-]{1,16}";
+    for (size_t at = grammar.find(loose); at != std::string::npos; at = grammar.find(loose, at + held.size())) {
+        grammar.replace(at, loose.size(), held);
+    }
+    return grammar;
+}
+
 std::string hold_one_call(const std::string & grammar) {
     static const std::regex several(R"(\(tool-call\?? space\)\+)");
     return rewrite_rule(grammar, "tool-calls", several, "tool-call space");
 }
 
 // The format's preserved markers that are single control tokens of this vocabulary (a marker that
-// is a plain token reads the same either way; a reasoning marker is the splitter's, by its id).
+// is a plain token reads the same either way; a think marker is the splitter's, by its id). Harmony's
+// message markers are the answer's markup with tools (a call is a message of its own): preserved.
 void mark_preserved(const fml_model & model, const std::vector<std::string> & markers, tool_turn & t) {
     const reasoning_markers & rm = model.reasoning();
-    const std::set<int32_t> reasoning = { rm.think_open, rm.think_close, rm.start, rm.channel, rm.message, rm.end };
+    const std::set<int32_t> reasoning = { rm.think_open, rm.think_close };
     for (const std::string & m : markers) {
         std::vector<int32_t> ids;
         try {
@@ -301,6 +321,7 @@ struct tool_turn::impl {
     common_chat_parser_params params;
     std::string before_reasoning;   // the generation prompt up to the think block's opening
     std::string think_open, think_close;
+    bool harmony = false;           // the reasoning is given back as an analysis message, the answer has its markup
 };
 
 namespace {
@@ -348,11 +369,6 @@ std::shared_ptr<tool_set::impl> tool_set::acquire(const std::shared_ptr<const fm
     }
     if (!p->templates || !common_chat_templates_was_explicit(p->templates.get())) {
         unsupported("tools need the model's own chat template (tokenizer.chat_template), and this model has none");
-    }
-    if (model->reasoning().harmony()) {
-        // gpt-oss calls tools in a commentary channel of its own, a message beside the answer the
-        // chat holds and reads: not supported yet.
-        unsupported("tools on gpt-oss's harmony channels are not supported here yet");
     }
     p->tools = parse_tools(tools_json);
     // The tools are rendered into the prompt's markup and tokenized with it: the text of a control
@@ -505,6 +521,33 @@ void tool_set::check_fast_frames() const {
     const outcome two = compare({ first, last });
     const outcome one = compare({ first });
     p_->fast_frames = (two == outcome::alike || two == outcome::refused) && one == outcome::alike;
+}
+
+std::vector<int32_t> tool_set::call_closing() const {
+    // A reply with a call as the template renders it (under the set-up's lock: turn() holds it): its
+    // last token, where that ends generation and is not the end of any assistant turn.
+    check_fast_frames();
+    std::string closing;
+    try {
+        closing = p_->model->frame_message(frame_kind::assistant).suffix;
+    } catch (const fml_error &) {
+        return {};
+    }
+    std::string text;
+    try {
+        text = frame_reply("", { { "call00001", p_->tools.front().name, "{}" } }, closing, p_->fast_frames);
+    } catch (const std::exception &) {
+        return {};
+    }
+    if (text.empty() || (!closing.empty() && text.size() >= closing.size() && text.compare(text.size() - closing.size(), closing.size(), closing) == 0)) {
+        return {};
+    }
+    const std::vector<int32_t> tokens = p_->model->tokenize(text, false, true);
+    const std::vector<int32_t> usual = p_->model->tokenize(closing, false, true);
+    if (tokens.empty() || !p_->model->is_eog(tokens.back()) || (!usual.empty() && usual.back() == tokens.back())) {
+        return {};
+    }
+    return { tokens.back() };
 }
 
 bool tool_set::frames_fast() const {
@@ -684,6 +727,7 @@ std::shared_ptr<const tool_turn> tool_set::turn(const std::string & choice, bool
         impl->think_open = p_->model->token_piece(rm.think_open, true);
         impl->think_close = p_->model->token_piece(rm.think_close, true);
     }
+    impl->harmony = rm.harmony();
     // Up to its think block: an opening one, or (DeepSeek V4's, thinking off) a bare closing one.
     auto before_reasoning = [&](const std::string & gp) {
         const size_t open = impl->think_open.empty() ? std::string::npos : gp.find(impl->think_open);
@@ -716,9 +760,14 @@ std::shared_ptr<const tool_turn> tool_set::turn(const std::string & choice, bool
         unsupported("the model's chat template has no tool-call format llama.cpp can hold, so a call cannot be required of it (toolChoice 'auto' reads none either)");
     }
     if (!holding.grammar_lazy && in.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED) {
-        auto g = compiled(hold_call_ids(hold_required_call(parallel ? holding.grammar : hold_one_call(holding.grammar))), nullptr);
+        std::string gbnf = hold_call_ids(hold_required_call(parallel ? holding.grammar : hold_one_call(holding.grammar)));
+        if (rm.harmony() && !thinking) gbnf = hold_call_after_skip(gbnf);
+        gbnf = hold_constraint_type(gbnf);
+        auto g = compiled(gbnf, nullptr);
         try {
             g->accept_text(before_reasoning(holding.generation_prompt));
+            // The prefilled skip (chat.cpp: a chat with tools skips a harmony reply's reasoning so).
+            if (rm.harmony() && !thinking) g->accept_text(rm.skip_to_channel_text);
         } catch (const std::exception & e) {
             template_failed(std::string("the tool-call grammar does not start with the template's generation prompt: ") + e.what());
         }
@@ -726,13 +775,14 @@ std::shared_ptr<const tool_turn> tool_set::turn(const std::string & choice, bool
     }
     if (holding.grammar_lazy && in.tool_choice == COMMON_CHAT_TOOL_CHOICE_AUTO && !holding.grammar.empty() && !holding.grammar_triggers.empty()) {
         const grammar_triggers triggers = triggers_of(*p_->model, holding.grammar_triggers);
-        t.grammar = compiled(hold_call_ids(parallel ? holding.grammar : hold_one_call(holding.grammar)), &triggers);
+        t.grammar = compiled(hold_constraint_type(hold_call_ids(parallel ? holding.grammar : hold_one_call(holding.grammar))), &triggers);
         for (const common_grammar_trigger & g : holding.grammar_triggers) {
             if (g.type == COMMON_GRAMMAR_TRIGGER_TYPE_WORD) markers.push_back(g.value);   // a trigger the answer can write
         }
     }
     mark_preserved(*p_->model, markers, t);
     t.stops = parsing.additional_stops;
+    t.call_closing = call_closing();
     auto shared = std::make_shared<const tool_turn>(std::move(t));
     p_->turns.emplace(key, shared);
     return shared;
@@ -785,6 +835,10 @@ tool_reply tool_turn::parse(const std::string & reasoning, const std::string & a
     std::string text = p->before_reasoning;
     if (!p->think_open.empty() && !reasoning.empty()) {
         text += p->think_open + "\n" + reasoning + "\n" + p->think_close + "\n\n";
+    }
+    if (p->harmony && !reasoning.empty()) {
+        // The answer (its messages' markup kept: chat/reasoning.h) goes on from the analysis's end.
+        text += "<|channel|>analysis<|message|>" + reasoning + "<|end|>";
     }
     text += answer;
     tool_reply out;

@@ -65,6 +65,9 @@ public:
     // The tokens a held answer never takes: the model's non-text tokens but the preserved ones. Sorted.
     std::vector<int32_t> non_text;
     std::vector<std::string> stops;   // what the format ends a reply with, beyond end-of-generation tokens
+    // What ends a reply with calls where the template writes other than an assistant turn's usual end
+    // (gpt-oss's <|call|>, an end-of-generation token): a chat carries it after such a reply. Empty: the usual.
+    std::vector<int32_t> call_closing;
     // `reasoning`: the reply's reasoning ('' when none); the parser reads the reply as the model
     // wrote it after the template's generation prompt. `partial`: the reply is still being written.
     tool_reply parse(const std::string & reasoning, const std::string & answer, bool partial) const;
@@ -118,6 +121,8 @@ private:
     // Under the set-up's lock: whether later messages can be framed the fast way (impl::fast_frames),
     // checked once; and the framings, either way.
     void check_fast_frames() const;
+    // tool_turn::call_closing, found by rendering a reply with a call (under the set-up's lock).
+    std::vector<int32_t> call_closing() const;
     std::string frame_reply(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing, bool fast) const;
     result_framing frame_results(const std::vector<tool_call> & calls, const std::vector<tool_result> & results, const std::string & closing, bool fast) const;
     static std::shared_ptr<impl> acquire(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt);

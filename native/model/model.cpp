@@ -361,6 +361,8 @@ void fml_model::find_reasoning_markers() {
         }
     } else {
         r.skip = tokenize("<|channel|>final<|message|>", false, true);
+        r.skip_to_channel_text = "<|channel|>analysis<|message|><|end|><|start|>assistant";
+        r.skip_to_channel = tokenize(r.skip_to_channel_text, false, true);
     }
     info_.reasoning = r.harmony() ? "harmony" : r.think() ? "think" : "none";
 }

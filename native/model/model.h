@@ -74,6 +74,10 @@ struct reasoning_markers {
     // What a reply starts with to skip its reasoning (send's `thinking: false`): an empty think block
     // (Qwen3's template with enable_thinking false), or harmony's final channel opened at once.
     std::vector<int32_t> skip;
+    // harmony, a chat with tools: an empty analysis message, after which the reply opens the channel it
+    // takes (a call's commentary, or final), so `thinking: false` leaves calls possible.
+    std::string skip_to_channel_text;
+    std::vector<int32_t> skip_to_channel;
     bool harmony() const { return start >= 0 && channel >= 0 && message >= 0 && end >= 0; }
     bool think() const { return think_open >= 0 && think_close >= 0; }
 };

@@ -446,7 +446,7 @@ function abortedBeforeStart(policy: ResolvedChatOptions['policy'], retained: num
     toolCalls: [],
     stopReason: 'abort',
     stats: {
-      turn: 0, promptTokens: 0, generatedTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0, firstTokenMs: 0, policyMs: 0, evictMs: 0,
+      turn: 0, promptTokens: 0, generatedTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0, firstTokenMs: 0, prepareMs: 0, policyMs: 0, evictMs: 0,
       evictedTokens: 0, evictions: 0, compactions: 0, compactMs: 0, retainedTokens: retained, latencyMs: 0, fallback: false, summaryMs: 0,
       summaryTokens: 0, grammarPasses: 0, grammarMs: 0, importanceSignal: null, policy,
     },

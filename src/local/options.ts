@@ -177,8 +177,9 @@ export interface SendOptions {
   ignoreEos?: boolean;
   /**
    * false: a reasoning model (`model.info.reasoning`) answers without reasoning: the reply starts with
-   * an empty think block (Qwen3's template with enable_thinking false) or gpt-oss's final channel.
-   * No effect on other models; true leaves it to the model. Default true.
+   * an empty think block (Qwen3's template with enable_thinking false) or gpt-oss's final channel (a
+   * chat with tools: an empty analysis, the channel left to the reply, which may call). No effect on
+   * other models; true leaves it to the model. Default true.
    */
   thinking?: boolean;
   /**

@@ -71,8 +71,13 @@ export interface TurnStats {
   prefillMs: number;
   decodeMs: number;
   tokensPerSecond: number;
-  /** From the call to the first generated token (waiting for a slot and prefill included). */
+  /** From the call to the first generated token (the preparation, waiting for a slot and prefill included). */
   firstTokenMs: number;
+  /**
+   * The turn's preparation on a worker thread before it runs: the message framed and tokenized (a turn
+   * of tool results framed), a tool turn set up, a grammar compiled, the fit checked.
+   */
+  prepareMs: number;
   /** Time the policy spent choosing tokens to evict. */
   policyMs: number;
   /** Time spent removing them from the KV cache (seq_rm; compactions are counted apart). */
@@ -89,6 +94,7 @@ export interface TurnStats {
   compactMs: number;
   /** Tokens in the KV cache after the turn (<= maxTokens). */
   retainedTokens: number;
+  /** From the call to the turn's end (its preparation included). */
   latencyMs: number;
   /**
    * True when the latency guard fell back to `sliding` in this turn, or a summary could not be

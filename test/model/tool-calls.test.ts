@@ -679,8 +679,10 @@ const REAL: { file: string; family: string; heldArgs: boolean; marker: string | 
   // DSML calls: a string parameter is free text. V4's generation prompt with thinking off closes the think block itself.
   { file: 'deepseek-ai-DeepSeek-V3.2.jinja', family: 'deepseek3', heldArgs: false, marker: '<｜DSML｜function_calls>' },
   { file: 'deepseek-ai-DeepSeek-V4.jinja', family: 'deepseek3', heldArgs: false, marker: '<｜DSML｜tool_calls>', fullFrames: true },
+  // Harmony: a call is a message of its own (its recipient in the header), after the analysis.
+  { file: 'openai-gpt-oss-120b.jinja', family: 'gptoss', heldArgs: true, marker: '<|channel|>commentary to=functions' },
 ];
-const REFUSED = ['openai-gpt-oss-120b.jinja:gptoss', 'google-gemma-4-31B-it.jinja:gemma4'];
+const REFUSED = ['google-gemma-4-31B-it.jinja:gemma4'];
 // Room for the long default system prompts some templates write (Mistral Small 3.2's, Solar's).
 const REAL_BASE: ChatOptions = { ...BASE, maxTokens: 8192 };
 // Tools rendered, but no call format llama.cpp can hold or read: a required call is refused.
@@ -809,6 +811,52 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
       expect(assistant.map((e) => e.text).join('')).toContain('TOOL');
       expect(assistant.filter((e) => e.text === '[TOOL_CALLS]')).toEqual([]);
       chat.dispose();
+    } finally {
+      m.dispose();
+    }
+  });
+
+  it("gpt-oss (harmony): a call after the analysis, in either header form, is read apart from the reasoning; memory holds it as the template writes a call (<|call|>), then the results", async () => {
+    const m = await load('openai-gpt-oss-120b.jinja', 'gptoss');
+    try {
+      const replies = [
+        ['<|channel|>analysis<|message|>Need the time.<|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}', 'Need the time.'],
+        ['<|channel|>analysis<|message|>Again.<|end|><|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"zone": "CET"}', 'Again.'],
+        [' to=functions.get_time<|channel|>commentary json<|message|>{"zone": "UTC"}', ''],
+      ] as const;
+      for (const [reply, reasoning] of replies) {
+        const chat = m.createChat({ ...REAL_BASE, tools: time, testReply: reply, pastReasoning: 'keep' });
+        const pieces: string[] = [];
+        const thoughts: string[] = [];
+        const r = await chat.send('What time is it?', { maxNewTokens: 120, onToken: (p) => pieces.push(p), onReasoning: (p) => thoughts.push(p) });
+        expect(r.toolCalls.map((c) => [c.name, JSON.parse(c.arguments)]), reply).toEqual([['get_time', { zone: reply.includes('CET') ? 'CET' : 'UTC' }]]);
+        expect(r.toolCalls[0]!.id).toMatch(/^[A-Za-z0-9]{9}$/);
+        expect(r.reasoning).toBe(reasoning);
+        expect(thoughts.join('')).toBe(reasoning);
+        expect(r.response).toBe('');
+        expect(pieces.join('')).toBe('');
+        // The call's header and recipient are the answer's in memory (reasoning evicted leaves them).
+        const called = chat.memory().filter((e) => e.turn === 1 && e.role === 'assistant').map((e) => e.text).join('');
+        expect(called).toContain('to=functions.get_time');
+        const next = await chat.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, content: 'It is 12:00' }] }, { maxNewTokens: 1 });
+        expect(next.stats.promptTokens).toBeGreaterThan(3);
+        expect(text(chat)).toContain('}<|call|><|start|>functions.get_time to=assistant<|channel|>commentary<|message|>"It is 12:00"<|end|><|start|>assistant');
+        checkCache(chat, REAL_BASE.maxTokens!);
+        chat.dispose();
+      }
+      // A final answer is the response, its markup nobody's text; the reasoning apart.
+      const chat = m.createChat({ ...REAL_BASE, tools: time, testReply: '<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>Noon.' });
+      const pieces: string[] = [];
+      const r = await chat.send('What time is it?', { maxNewTokens: 120, onToken: (p) => pieces.push(p) });
+      expect([r.response, r.reasoning, r.toolCalls]).toEqual(['Noon.', 'Easy.', []]);
+      expect(pieces.join('')).toBe('Noon.');
+      chat.dispose();
+      // An imported call closes with <|call|>, as a generated one: the same memory.
+      const imported = m.createChat({ ...REAL_BASE, tools: time });
+      await imported._ingestTools('What time is it?', [], '', [{ id: 'call00001', name: 'get_time', arguments: '{"zone": "UTC"}' }]);
+      await imported._ingestTools('', [{ toolCallId: 'call00001', name: 'get_time', content: 'It is 12:00' }], 'Noon.', []);
+      expect(text(imported)).toContain('<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"zone": "UTC"}<|call|><|start|>functions.get_time to=assistant<|channel|>commentary<|message|>"It is 12:00"<|end|><|start|>assistant');
+      imported.dispose();
     } finally {
       m.dispose();
     }

@@ -180,7 +180,13 @@ describe('a turn is prepared off the event loop', () => {
     expect(chat.busy).toBe(true);
     await loopTurns();
     release();
-    expect((await turn).stats.generatedTokens).toBe(4);
+    const { stats } = await turn;
+    expect(stats.generatedTokens).toBe(4);
+    // The preparation's time is the turn's (it waited at the gate while the event loop ran for 20 ms);
+    // latency and the first token count from the call, the preparation included.
+    expect(stats.prepareMs).toBeGreaterThanOrEqual(10);
+    expect(stats.firstTokenMs).toBeGreaterThanOrEqual(stats.prepareMs);
+    expect(stats.latencyMs).toBeGreaterThanOrEqual(stats.firstTokenMs);
     await chat._ingest('and then?', 'then this');
     expect(chat.stats().turns).toBe(2);
     chat.dispose();

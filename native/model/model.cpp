@@ -244,6 +244,8 @@ std::shared_ptr<fml_model> fml_model::load(const std::string & path, const model
             m->template_ = "chatml";
             info.framing = "chatml";
         }
+        // llama.cpp's built-in gpt-oss formatter (what it picks for a harmony template).
+        m->harmony_framing_ = m->apply_template({ { "user", "u" }, { "assistant", "a" } }, false) == "<|start|>user<|message|>u<|end|><|start|>assistant<|message|>a<|return|>";
     }
     m->compute_frames();
     m->find_reasoning_markers();
@@ -464,6 +466,16 @@ std::string fml_model::apply_template(const std::vector<std::pair<std::string, s
             out += k == frame_kind::user && i + 1 == messages.size() && !add_assistant ? "\n" : frames_[(int) k].suffix;
         }
         return out;
+    }
+    if (harmony_framing_) {
+        // gpt-oss: llama.cpp's formatter writes an assistant message as <|message|>text<|return|>; the
+        // model's own template (what it was trained on) writes a past one in the final channel, ended
+        // by <|end|> ("<|return|> should never be an input to the model"), as a chat then keeps it.
+        std::string out;
+        for (const auto & m : messages) {
+            out += "<|start|>" + m.first + (m.first == "assistant" ? "<|channel|>final" : "") + "<|message|>" + m.second + "<|end|>";
+        }
+        return add_assistant ? out + "<|start|>assistant" : out;
     }
     std::vector<llama_chat_message> chat;
     size_t total = 0;

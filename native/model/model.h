@@ -163,6 +163,7 @@ private:
     model_info info_;
     int32_t default_threads_ = 1;
     std::string template_;   // what llama_chat_apply_template gets
+    bool harmony_framing_ = false;   // llama.cpp frames it with its gpt-oss formatter: past replies as the template writes them
     std::vector<int32_t> eog_tokens_;
     reasoning_markers reasoning_;
     void find_reasoning_markers();

@@ -299,6 +299,12 @@ describe('thinking: false', () => {
     const r = await chat.send('hi', { thinking: false });
     expect([r.response, r.reasoning]).toEqual(['Hello there.', '']);
     expect(text(ofTurn(chat, 1, 'assistant'))).toBe('<|channel|>final<|message|>Hello there.');
+    // A past reply closes as gpt-oss's template writes one: <|end|> (llama.cpp's formatter writes
+    // <|return|>, which the template says is never an input), and so does applyTemplate.
+    await chat.send('and again', { thinking: false });
+    expect(text(ofTurn(chat, 1, 'assistant'))).toBe('<|channel|>final<|message|>Hello there.<|end|>');
+    expect(gptoss.applyTemplate([{ role: 'user', content: 'hi' }, { role: 'assistant', content: 'A' }], { addAssistant: true }))
+      .toBe('<|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>final<|message|>A<|end|><|start|>assistant');
     chat.dispose();
     const plain = await loadModel(testModelPath(), { threads: THREADS });
     const a = plain.createChat({ maxTokens: 128, threads: THREADS });

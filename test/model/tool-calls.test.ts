@@ -855,7 +855,7 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
       const imported = m.createChat({ ...REAL_BASE, tools: time });
       await imported._ingestTools('What time is it?', [], '', [{ id: 'call00001', name: 'get_time', arguments: '{"zone": "UTC"}' }]);
       await imported._ingestTools('', [{ toolCallId: 'call00001', name: 'get_time', content: 'It is 12:00' }], 'Noon.', []);
-      expect(text(imported)).toContain('<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"zone": "UTC"}<|call|><|start|>functions.get_time to=assistant<|channel|>commentary<|message|>"It is 12:00"<|end|><|start|>assistant');
+      expect(text(imported)).toContain('<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"zone": "UTC"}<|call|><|start|>functions.get_time to=assistant<|channel|>commentary<|message|>"It is 12:00"<|end|><|start|>assistant<|channel|>final<|message|>Noon.');
       imported.dispose();
     } finally {
       m.dispose();

@@ -198,7 +198,14 @@ Napi::Value start_turn(Napi::Env env, js_chat & jc, Napi::Object chat_obj, turn_
         ctx->on_piece = Napi::Persistent(on_piece);
     }
     Napi::Promise promise = ctx->deferred.Promise();
-    turn_tsfn tsfn = turn_tsfn::New(env, "finite-memory-llm turn", 0, 1, ctx, [](Napi::Env, void *, turn_context * c) { delete c; });
+    turn_tsfn tsfn;
+    try {
+        tsfn = turn_tsfn::New(env, "finite-memory-llm turn", 0, 1, ctx, [](Napi::Env, void *, turn_context * c) { delete c; });
+    } catch (...) {
+        delete ctx;
+        jc.finished();
+        throw;
+    }
     turn_callbacks cb;
     cb.on_piece = [tsfn](const std::string & piece, bool reasoning) mutable {
         tsfn.NonBlockingCall(new turn_event{ turn_event::PIECE, piece, {}, {}, reasoning });
@@ -211,7 +218,15 @@ Napi::Value start_turn(Napi::Env env, js_chat & jc, Napi::Object chat_obj, turn_
         tsfn.NonBlockingCall(new turn_event{ turn_event::FAILED, e.what(), e.code(), {} });
         tsfn.Release();
     };
-    (new prepare_worker(env, jc.rt(), jc.core(), std::move(prepare), std::move(cb)))->Queue();
+    try {
+        (new prepare_worker(env, jc.rt(), jc.core(), std::move(prepare), std::move(cb)))->Queue();
+    } catch (...) {
+        // N-API could not make or queue the work (the environment is closing): the chat is free again.
+        // A worker made but not queued is left (its destructor would settle the turn a second time).
+        tsfn.Release();
+        jc.finished();
+        throw;
+    }
     return promise;
 }
 

@@ -11,6 +11,9 @@ bool is_blank(const std::string & text) {
 
 reasoning_splitter::reasoning_splitter(const reasoning_markers & markers, reply_start start, bool keep_markup)
     : m_(markers), keep_markup_(keep_markup && markers.harmony()) {
+    if (keep_markup_) {
+        role_ = "assistant";   // the prompt ends in "<|start|>assistant": the reply may go on with its recipient
+    }
     if (start == reply_start::in_reasoning && m_.think()) {
         part_ = reply_part::reasoning;
         think_seen_ = true;
@@ -126,21 +129,33 @@ split_step reasoning_splitter::push_harmony(int32_t token, const std::string & p
             s.relabel_from = call && recipient_begin_ < header_begin_ ? recipient_begin_ : header_begin_;
             s.relabel_part = part_;
         }
-        if (keep_markup_ && part_ == reply_part::content) {
-            s.has_text = true;   // this token's piece, after the header's markup held so far
-            s.lead = std::move(markup_);
+        if (keep_markup_) {
+            s.answer_markup = std::move(markup_);
+            if (part_ == reply_part::content) {
+                s.has_text = true;   // this token's piece, after the header's markup held so far
+            } else {
+                s.answer_markup += piece;
+            }
         }
         markup_.clear();
+        first_line_ = false;
         state_ = state::text;
         return s;
     }
     if (token == m_.end) {
         // The message ends; up to the next header, "<|start|>assistant" belongs with it (a past
         // reply's template rendering has only the final message's header after the prompt's own).
-        s.has_text = keep_markup_ && part_ == reply_part::content && state_ == state::text;
+        if (keep_markup_ && state_ == state::text) {
+            if (part_ == reply_part::content) {
+                s.has_text = true;
+            } else {
+                s.answer_markup = piece;
+            }
+        }
         state_ = state::role;
         role_.clear();
         recipient_begin_ = SIZE_MAX;
+        first_line_ = false;
         s.part = part_;
         return s;
     }
@@ -148,6 +163,7 @@ split_step reasoning_splitter::push_harmony(int32_t token, const std::string & p
         state_ = state::role;
         role_.clear();
         recipient_begin_ = SIZE_MAX;
+        first_line_ = false;
         markup_ = piece;
         s.part = part_;
         return s;
@@ -166,6 +182,14 @@ split_step reasoning_splitter::push_harmony(int32_t token, const std::string & p
         markup_ += piece;
         s.part = part_;
         return s;
+    }
+    if (keep_markup_ && first_line_) {
+        // Text right after the prompt's role line, before any header: a recipient there
+        // (" to=functions.x<|channel|>...") makes the message a call, whatever its channel.
+        if (recipient_begin_ == SIZE_MAX && !piece.empty() && std::isspace((unsigned char) piece[0])) {
+            recipient_begin_ = index_;
+        }
+        role_ += piece;
     }
     s.part = part_;
     s.has_text = true;

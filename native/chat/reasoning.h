@@ -27,7 +27,10 @@ struct split_step {
     // Tokens [relabel_from, this one) of the reply now belong to `relabel_part` (SIZE_MAX: none).
     size_t relabel_from = SIZE_MAX;
     reply_part relabel_part = reply_part::content;
-    std::string lead;                         // text of earlier tokens that goes before this piece (keep_markup)
+    // keep_markup: markup the answer's text takes here, before this token's own text if it has any: a
+    // message's header held until its <|message|>; an analysis message's header and end (its text is
+    // the reasoning's), so the answer's markup has every message in its place.
+    std::string answer_markup;
 };
 
 // True when the text is whitespace only (the blank lines around think-block markers).
@@ -36,8 +39,8 @@ bool is_blank(const std::string & text);
 class reasoning_splitter {
 public:
     // `markers`: the model's, which outlive the splitter. `keep_markup` (harmony, a chat with tools):
-    // the answer keeps the markup of its messages (headers, a call's recipient, <|end|>) as text, for
-    // the tools' parser; an analysis message stays reasoning, its markup nobody's text.
+    // the answer's text keeps the markup of its messages (headers, a call's recipient, <|end|>), for
+    // the tools' parser, and an analysis message's too, without its text (which is the reasoning).
     reasoning_splitter(const reasoning_markers & markers, reply_start start, bool keep_markup = false);
     // The reply's next token and its piece (rendered as text).
     split_step push(int32_t token, const std::string & piece);
@@ -62,6 +65,7 @@ private:
     bool keep_markup_ = false;
     std::string role_;                        // harmony: the role line's text since <|start|> (" to=functions.x" names a call)
     size_t recipient_begin_ = SIZE_MAX;       // ... the first token of a recipient there
+    bool first_line_ = true;                  // keep_markup: no message started yet (text may be the prompt's role line's recipient)
     std::string markup_;                      // keep_markup: the next message's markup so far (given out at its <|message|>)
 };
 

@@ -358,11 +358,17 @@ void chat::split_piece(int32_t tok) {
             t.stream = std::make_unique<text_stream>(t.req.gen.stop);
         }
     }
+    if (!s.answer_markup.empty()) {
+        const std::string markup = t.stream->push(s.answer_markup);
+        if (!markup.empty() && t.req.cb.on_piece) {
+            t.req.cb.on_piece(markup, false);
+        }
+    }
     if (!s.has_text) {
         return;
     }
     const bool reasoning = role == TOKEN_ROLE_REASONING;
-    const std::string out = (reasoning ? t.reasoning_stream : t.stream)->push(s.lead + (s.text_from > 0 ? piece.substr(s.text_from) : piece));
+    const std::string out = (reasoning ? t.reasoning_stream : t.stream)->push(s.text_from > 0 ? piece.substr(s.text_from) : piece);
     if (!out.empty() && t.req.cb.on_piece) {
         t.req.cb.on_piece(out, reasoning);
     }

@@ -90,7 +90,7 @@ export class Model {
   /**
    * Sets up what a chat with these `tools` (and this system prompt) needs, on a worker thread: reading
    * the chat template, checking each tool's schema and setting up a turn take milliseconds of the
-   * calling thread in `createChat` (0.24 s for 128 tools of an agent's size: bench/tools.ts), so a server does it here
+   * calling thread in `createChat` (0.49 s for 128 tools of an agent's size the first time: bench/tools.ts), so a server does it here
    * first and the chat made next finds it done (the 16 most recent set-ups are kept, and a live chat's).
    * A turn with other `toolChoice`, `parallelToolCalls` or `thinking` than send's defaults has a set-up
    * of its own (its grammar and parser), made as its first `send` is prepared (on a worker: it delays

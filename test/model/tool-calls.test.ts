@@ -819,12 +819,17 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
   it("gpt-oss (harmony): a call after the analysis, in either header form, is read apart from the reasoning; memory holds it as the template writes a call (<|call|>), then the results", async () => {
     const m = await load('openai-gpt-oss-120b.jinja', 'gptoss');
     try {
+      // [reply, its reasoning, its answer]: the recipient in the channel header or the role line (the
+      // prompt's own too), after an analysis (an empty one too), after a preamble (commentary to no one).
       const replies = [
-        ['<|channel|>analysis<|message|>Need the time.<|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}', 'Need the time.'],
-        ['<|channel|>analysis<|message|>Again.<|end|><|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"zone": "CET"}', 'Again.'],
-        [' to=functions.get_time<|channel|>commentary json<|message|>{"zone": "UTC"}', ''],
+        ['<|channel|>analysis<|message|>Need the time.<|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}', 'Need the time.', ''],
+        ['<|channel|>analysis<|message|>Again.<|end|><|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"zone": "CET"}', 'Again.', ''],
+        [' to=functions.get_time<|channel|>commentary json<|message|>{"zone": "UTC"}', '', ''],
+        [' to=functions.get_time<|channel|>analysis <|constrain|>json<|message|>{"zone": "UTC"}', '', ''],
+        ['<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}', '', ''],
+        ['<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}', 'Hmm.', 'Checking.'],
       ] as const;
-      for (const [reply, reasoning] of replies) {
+      for (const [reply, reasoning, answer] of replies) {
         const chat = m.createChat({ ...REAL_BASE, tools: time, testReply: reply, pastReasoning: 'keep' });
         const pieces: string[] = [];
         const thoughts: string[] = [];
@@ -833,8 +838,8 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
         expect(r.toolCalls[0]!.id).toMatch(/^[A-Za-z0-9]{9}$/);
         expect(r.reasoning).toBe(reasoning);
         expect(thoughts.join('')).toBe(reasoning);
-        expect(r.response).toBe('');
-        expect(pieces.join('')).toBe('');
+        expect(r.response).toBe(answer);
+        expect(pieces.join('')).toBe(answer);
         // The call's header and recipient are the answer's in memory (reasoning evicted leaves them).
         const called = chat.memory().filter((e) => e.turn === 1 && e.role === 'assistant').map((e) => e.text).join('');
         expect(called).toContain('to=functions.get_time');

@@ -146,7 +146,8 @@ using turn_tsfn = Napi::TypedThreadSafeFunction<turn_context, turn_event, delive
 // A turn's preparation on a libuv worker: the message framed and tokenized, a tool turn set up, a
 // grammar compiled, the fit checked; then the turn goes to the scheduler from there. None of it runs
 // on the event loop, where a long message, a JSON schema or a tool exchange took milliseconds (a
-// first required call with 128 tools, a tenth of a second) from every other request of the process.
+// first required call's set-up with 128 tools, 0.2 s: bench/tools.ts) from every other request of
+// the process.
 // Its outcome reaches JS only through the turn's thread-safe function (a failed preparation as the
 // turn's error, exactly once), so the worker's own completion has nothing to do.
 class prepare_worker : public Napi::AsyncWorker {

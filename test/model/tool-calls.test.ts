@@ -867,6 +867,45 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
     }
   });
 
+  it('gpt-oss through the server: the call as tool_calls beside its reasoning_content (streamed without the markup), and a stateless loop prefilled as the template renders it', async () => {
+    const m = await load('openai-gpt-oss-120b.jinja', 'gptoss');
+    const reply = '<|channel|>analysis<|message|>Need the time.<|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}';
+    const server = await createServer(m, { chat: { policy: 'sliding', maxTokens: 8192, testReply: reply } });
+    const url = await server.listen({ port: 0, host: '127.0.0.1' });
+    const client = new OpenAI({ baseURL: `${url}/v1`, apiKey: 'unused', maxRetries: 0 });
+    try {
+      const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'What time is it?' }];
+      const r = await client.chat.completions.create({ model: server.modelId, messages, tools: time, max_tokens: 200 });
+      const choice = r.choices[0]!;
+      expect(choice.finish_reason).toBe('tool_calls');
+      expect(choice.message.content).toBeNull();
+      expect((choice.message as { reasoning_content?: string }).reasoning_content).toBe('Need the time.');
+      const call = choice.message.tool_calls![0]! as { id: string; type: 'function'; function: { name: string; arguments: string } };
+      expect([call.function.name, JSON.parse(call.function.arguments)]).toEqual(['get_time', { zone: 'UTC' }]);
+
+      const stream = await client.chat.completions.create({ model: server.modelId, messages, tools: time, max_tokens: 200, stream: true });
+      let content = '';
+      let reasoning = '';
+      const names: string[] = [];
+      for await (const chunk of stream) {
+        const delta = chunk.choices[0]?.delta as { content?: string | null; reasoning_content?: string; tool_calls?: { function?: { name?: string } }[] } | undefined;
+        content += delta?.content ?? '';
+        reasoning += delta?.reasoning_content ?? '';
+        for (const c of delta?.tool_calls ?? []) if (c.function?.name) names.push(c.function.name);
+      }
+      expect([content, reasoning, names]).toEqual(['', 'Need the time.', ['get_time']]);
+
+      // A stateless client's loop: the call (closed by <|call|>) and its result prefilled, then the turn.
+      const loop: OpenAI.ChatCompletionMessageParam[] = [...messages, { role: 'assistant', content: null, tool_calls: [call] }, { role: 'tool', tool_call_id: call.id, content: 'It is 12:00' }];
+      const next = await client.chat.completions.create({ model: server.modelId, messages: loop, tools: time, max_tokens: 200 });
+      expect(next.choices[0]!.finish_reason).toBe('tool_calls');
+      expect(next.usage!.prompt_tokens).toBeGreaterThan(r.usage!.prompt_tokens + 15);
+    } finally {
+      await server.close();
+      m.dispose();
+    }
+  });
+
   it(`${NO_CALL_FORMAT}: a required call is refused with a typed error, not answered in words`, async () => {
     const m = await load(NO_CALL_FORMAT, 'granite4');
     try {

@@ -136,9 +136,6 @@ std::string hold_required_call(const std::string & grammar) {
     return rewrite_rule(grammar, "root", words, "");
 }
 
-// Where each call has its own markers, llama.cpp's grammar takes one or more of them even when
-// parallel calls are off (a required call's tool-calls ::= (tool-call space)+, 'auto''s
-// (tool-call? space)+, Hermes-style formats): held here to one, as OpenAI's parallel_tool_calls false.
 // gpt-oss with thinking false: the chat prefills an empty analysis message (reasoning_markers::
 // skip_to_channel), and a required call follows it at once, where llama.cpp's grammar takes any
 // number of analysis and preamble messages first.
@@ -158,6 +155,9 @@ std::string hold_constraint_type(std::string grammar) {
     return grammar;
 }
 
+// Where each call has its own markers, llama.cpp's grammar takes one or more of them even when
+// parallel calls are off (a required call's tool-calls ::= (tool-call space)+, 'auto''s
+// (tool-call? space)+, Hermes-style formats): held here to one, as OpenAI's parallel_tool_calls false.
 std::string hold_one_call(const std::string & grammar) {
     static const std::regex several(R"(\(tool-call\?? space\)\+)");
     return rewrite_rule(grammar, "tool-calls", several, "tool-call space");
@@ -322,7 +322,6 @@ struct tool_turn::impl {
     common_chat_parser_params params;
     std::string before_reasoning;   // the generation prompt up to the think block's opening
     std::string think_open, think_close;
-    bool harmony = false;           // the reasoning is given back as an analysis message, the answer has its markup
 };
 
 namespace {
@@ -729,7 +728,6 @@ std::shared_ptr<const tool_turn> tool_set::turn(const std::string & choice, bool
         impl->think_open = p_->model->token_piece(rm.think_open, true);
         impl->think_close = p_->model->token_piece(rm.think_close, true);
     }
-    impl->harmony = rm.harmony();
     // Up to its think block: an opening one, or (DeepSeek V4's, thinking off) a bare closing one.
     auto before_reasoning = [&](const std::string & gp) {
         const size_t open = impl->think_open.empty() ? std::string::npos : gp.find(impl->think_open);

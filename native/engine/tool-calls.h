@@ -69,7 +69,8 @@ public:
     // (gpt-oss's <|call|>, an end-of-generation token): a chat carries it after such a reply. Empty: the usual.
     std::vector<int32_t> call_closing;
     // `reasoning`: the reply's reasoning ('' when none); the parser reads the reply as the model
-    // wrote it after the template's generation prompt. `partial`: the reply is still being written.
+    // wrote it after the template's generation prompt (harmony's answer has its analysis's markup in
+    // place, so its reasoning is not needed). `partial`: the reply is still being written.
     tool_reply parse(const std::string & reasoning, const std::string & answer, bool partial) const;
     struct impl;
     std::shared_ptr<const impl> p;

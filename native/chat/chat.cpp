@@ -386,8 +386,7 @@ turn_request chat::prepare_ingest_tools(const std::string & user_text, const std
         }
         req.reply = model_->tokenize(tools_->reply_text(answer, calls, model_->frame_message(frame_kind::assistant).suffix, opts_.test_full_tool_frames), false, true);
         // Its end as the format closes a reply with calls (gpt-oss's <|call|>) is carried, as a generated one's.
-        const std::shared_ptr<const tool_turn> any_turn = tools_->turn("auto", true, true);
-        const std::vector<int32_t> & call_closing = any_turn->call_closing;
+        const std::vector<int32_t> call_closing = tools_->call_closing();
         if (!call_closing.empty() && req.reply.size() >= call_closing.size() &&
             std::equal(call_closing.begin(), call_closing.end(), req.reply.end() - (long) call_closing.size())) {
             req.reply.resize(req.reply.size() - call_closing.size());

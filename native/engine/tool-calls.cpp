@@ -268,6 +268,7 @@ struct tool_set::impl {
     // (bench/tools.ts), of the worker that prepares the turn.
     bool fast_frames = false;
     bool fast_frames_checked = false;
+    std::optional<std::vector<int32_t>> call_closing;   // tool_set::call_closing(), found once
     std::mutex mu;                            // the chats that share it may be on several threads (Workers)
 
     // `only`: the tools rendered (null: all); `pure`: the template alone.
@@ -524,17 +525,25 @@ void tool_set::check_fast_frames() const {
 }
 
 std::vector<int32_t> tool_set::call_closing() const {
-    // A reply with a call as the template renders it (under the set-up's lock: turn() holds it): its
-    // last token, where that ends generation and is not the end of any assistant turn.
+    std::lock_guard<std::mutex> lock(p_->mu);
+    return call_closing_locked();
+}
+
+const std::vector<int32_t> & tool_set::call_closing_locked() const {
+    if (!p_->call_closing) {
+        p_->call_closing = find_call_closing();
+    }
+    return *p_->call_closing;
+}
+
+std::vector<int32_t> tool_set::find_call_closing() const {
+    // A reply with a call as the template renders it: its last token, where that ends generation and
+    // is not the end of any assistant turn.
     check_fast_frames();
     std::string closing;
-    try {
-        closing = p_->model->frame_message(frame_kind::assistant).suffix;
-    } catch (const fml_error &) {
-        return {};
-    }
     std::string text;
     try {
+        closing = p_->model->frame_message(frame_kind::assistant).suffix;
         text = frame_reply("", { { "call00001", p_->tools.front().name, "{}" } }, closing, p_->fast_frames);
     } catch (const std::exception &) {
         return {};
@@ -782,7 +791,7 @@ std::shared_ptr<const tool_turn> tool_set::turn(const std::string & choice, bool
     }
     mark_preserved(*p_->model, markers, t);
     t.stops = parsing.additional_stops;
-    t.call_closing = call_closing();
+    t.call_closing = call_closing_locked();
     auto shared = std::make_shared<const tool_turn>(std::move(t));
     p_->turns.emplace(key, shared);
     return shared;

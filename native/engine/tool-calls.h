@@ -115,6 +115,9 @@ public:
 
     // Whether a reply's calls and a turn of results are framed the fast way (checked once).
     bool frames_fast() const;
+    // tool_turn::call_closing: the template's end of a reply with calls where it is not an assistant
+    // turn's usual end (found once, by rendering a reply with a call).
+    std::vector<int32_t> call_closing() const;
 
     struct impl;
 
@@ -122,8 +125,9 @@ private:
     // Under the set-up's lock: whether later messages can be framed the fast way (impl::fast_frames),
     // checked once; and the framings, either way.
     void check_fast_frames() const;
-    // tool_turn::call_closing, found by rendering a reply with a call (under the set-up's lock).
-    std::vector<int32_t> call_closing() const;
+    // call_closing(), under the set-up's lock: found once (find_call_closing) and kept.
+    const std::vector<int32_t> & call_closing_locked() const;
+    std::vector<int32_t> find_call_closing() const;
     std::string frame_reply(const std::string & content, const std::vector<tool_call> & calls, const std::string & closing, bool fast) const;
     result_framing frame_results(const std::vector<tool_call> & calls, const std::vector<tool_result> & results, const std::string & closing, bool fast) const;
     static std::shared_ptr<impl> acquire(const std::shared_ptr<const fml_model> & model, const std::string & tools_json, const std::string & system_prompt);

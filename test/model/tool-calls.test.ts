@@ -697,42 +697,34 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
   };
 
   it.each(REAL)('$file: a required call held and read back, its results framed, the exchange imported', async ({ file, family, heldArgs, ownIds }) => {
-    const m = await load(file, family);
-    try {
-      const chat = m.createChat({ ...REAL_BASE, tools: time });
-      const r = await chat.send('What time is it?', { maxNewTokens: 120, toolChoice: { name: 'get_time' }, parallelToolCalls: false, thinking: false, seed: 1 });
-      expect(r.toolCalls.map((c) => c.name), r.response).toEqual(['get_time']);
-      expect(r.toolCalls[0]!.id).toMatch(ownIds ? /^functions\.get_time:[0-9]+$/ : /^[A-Za-z0-9]{9}$/);
-      if (heldArgs) expect(['UTC', 'CET']).toContain((JSON.parse(r.toolCalls[0]!.arguments) as { zone: string }).zone);
-      const next = await chat.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, name: 'get_time', content: 'It is 12:00' }] }, { maxNewTokens: 2 });
-      expect(next.stats.promptTokens).toBeGreaterThan(3);
-      expect(text(chat)).toContain('It is 12:00');
-      checkCache(chat, REAL_BASE.maxTokens!);
-      const imported = m.createChat({ ...REAL_BASE, tools: time });
-      await imported._ingestTools('What time is it?', [], '', [{ id: 'call00001', name: 'get_time', arguments: '{"zone": "UTC"}' }]);
-      await imported._ingestTools('', [{ toolCallId: 'call00001', name: 'get_time', content: 'It is 12:00' }], 'Noon.', []);
-      expect(text(imported)).toContain('It is 12:00');
-      chat.dispose();
-      imported.dispose();
-    } finally {
-      m.dispose();
-    }
+    using m = await load(file, family);
+    const chat = m.createChat({ ...REAL_BASE, tools: time });
+    const r = await chat.send('What time is it?', { maxNewTokens: 120, toolChoice: { name: 'get_time' }, parallelToolCalls: false, thinking: false, seed: 1 });
+    expect(r.toolCalls.map((c) => c.name), r.response).toEqual(['get_time']);
+    expect(r.toolCalls[0]!.id).toMatch(ownIds ? /^functions\.get_time:[0-9]+$/ : /^[A-Za-z0-9]{9}$/);
+    if (heldArgs) expect(['UTC', 'CET']).toContain((JSON.parse(r.toolCalls[0]!.arguments) as { zone: string }).zone);
+    const next = await chat.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, name: 'get_time', content: 'It is 12:00' }] }, { maxNewTokens: 2 });
+    expect(next.stats.promptTokens).toBeGreaterThan(3);
+    expect(text(chat)).toContain('It is 12:00');
+    checkCache(chat, REAL_BASE.maxTokens!);
+    const imported = m.createChat({ ...REAL_BASE, tools: time });
+    await imported._ingestTools('What time is it?', [], '', [{ id: 'call00001', name: 'get_time', arguments: '{"zone": "UTC"}' }]);
+    await imported._ingestTools('', [{ toolCallId: 'call00001', name: 'get_time', content: 'It is 12:00' }], 'Noon.', []);
+    expect(text(imported)).toContain('It is 12:00');
+    chat.dispose();
+    imported.dispose();
   });
 
   it.each(REAL.filter((r) => r.marker !== null))("$file: 'auto' holds the call its marker starts; the marker as the model writes it (a control token too) is read", async ({ file, family, heldArgs, marker, ownIds }) => {
-    const m = await load(file, family);
-    try {
-      const chat = m.createChat({ ...REAL_BASE, tools: time, testReply: marker!, testReplyThenSample: true });
-      const pieces: string[] = [];
-      const r = await chat.send('What time is it?', { maxNewTokens: 120, parallelToolCalls: false, thinking: false, seed: 1, onToken: (p) => pieces.push(p) });
-      expect(r.toolCalls.map((c) => c.name), r.response).toEqual(['get_time']);
-      expect(r.toolCalls[0]!.id).toMatch(ownIds ? /^functions\.get_time:[0-9]+$/ : /^[A-Za-z0-9]{9}$/);
-      if (heldArgs) expect(['UTC', 'CET']).toContain((JSON.parse(r.toolCalls[0]!.arguments) as { zone: string }).zone);
-      expect(pieces.join('')).not.toContain(marker!.trim());
-      chat.dispose();
-    } finally {
-      m.dispose();
-    }
+    using m = await load(file, family);
+    const chat = m.createChat({ ...REAL_BASE, tools: time, testReply: marker!, testReplyThenSample: true });
+    const pieces: string[] = [];
+    const r = await chat.send('What time is it?', { maxNewTokens: 120, parallelToolCalls: false, thinking: false, seed: 1, onToken: (p) => pieces.push(p) });
+    expect(r.toolCalls.map((c) => c.name), r.response).toEqual(['get_time']);
+    expect(r.toolCalls[0]!.id).toMatch(ownIds ? /^functions\.get_time:[0-9]+$/ : /^[A-Za-z0-9]{9}$/);
+    if (heldArgs) expect(['UTC', 'CET']).toContain((JSON.parse(r.toolCalls[0]!.arguments) as { zone: string }).zone);
+    expect(pieces.join('')).not.toContain(marker!.trim());
+    chat.dispose();
   });
 
   it('a call whose marker is a control token of the vocabulary is read (its text is the reply\'s, as llama-server\'s preserved tokens)', async () => {
@@ -741,134 +733,118 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
       ['LFM2.5-Instruct.jinja', 'lfm2', 'Checking.<|tool_call_start|>[get_time(zone="UTC")]<|tool_call_end|>'],
     ] as const;
     for (const [file, family, reply] of cases) {
-      const m = await load(file, family);
-      try {
-        const chat = m.createChat({ ...BASE, tools: time, testReply: reply });
-        const r = await chat.send('What time is it?', { maxNewTokens: 120, thinking: false });
-        expect(r.toolCalls.map((c) => [c.name, JSON.parse(c.arguments)]), file).toEqual([['get_time', { zone: 'UTC' }]]);
-        if (family === 'mistral') expect(r.toolCalls[0]!.id).toBe('abc123XYZ');
-        // The marker is one token in memory, as the model wrote it.
-        const marker = family === 'mistral' ? '[TOOL_CALLS]' : '<|tool_call_start|>';
-        expect(chat.memory().filter((e) => e.role === 'assistant' && e.text === marker)).toHaveLength(1);
-        const next = await chat.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, name: 'get_time', content: 'It is 12:00' }] }, { maxNewTokens: 2 });
-        expect(next.stats.promptTokens).toBeGreaterThan(3);
-        chat.dispose();
-      } finally {
-        m.dispose();
-      }
+      using m = await load(file, family);
+      const chat = m.createChat({ ...BASE, tools: time, testReply: reply });
+      const r = await chat.send('What time is it?', { maxNewTokens: 120, thinking: false });
+      expect(r.toolCalls.map((c) => [c.name, JSON.parse(c.arguments)]), file).toEqual([['get_time', { zone: 'UTC' }]]);
+      if (family === 'mistral') expect(r.toolCalls[0]!.id).toBe('abc123XYZ');
+      // The marker is one token in memory, as the model wrote it.
+      const marker = family === 'mistral' ? '[TOOL_CALLS]' : '<|tool_call_start|>';
+      expect(chat.memory().filter((e) => e.role === 'assistant' && e.text === marker)).toHaveLength(1);
+      const next = await chat.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, name: 'get_time', content: 'It is 12:00' }] }, { maxNewTokens: 2 });
+      expect(next.stats.promptTokens).toBeGreaterThan(3);
+      chat.dispose();
     }
   });
 
   it.each(REAL)("$file: an exchange's calls and results are framed alike the fast way (the called tools alone, the template alone) and with every tool", async ({ file, family, fullFrames }) => {
-    const m = await load(file, family);
-    try {
-      const many: ToolDefinition[] = [...TOOLS, ...Array.from({ length: 6 }, (_, i) => ({ type: 'function' as const, function: { name: `extra_${i}`, description: `Extra ${i}.`, parameters: { type: 'object', properties: { q: { type: 'string' } } } } }))];
-      const texts: string[] = [];
-      for (const hook of [{}, { testFullToolFrames: true }]) {
-        const chat = m.createChat({ ...BASE, maxTokens: 8192, tools: many, ...hook });
-        await chat._ingestTools('What time is it?', [], 'Checking.', [{ id: 'call00001', name: 'get_time', arguments: '{"zone": "UTC"}' }]);
-        await chat._ingestTools('', [{ toolCallId: 'call00001', name: 'get_time', content: 'It is 12:00' }], 'Noon.', []);
-        await chat._ingestTools('And the weather?', [], '', [{ id: 'call00002', name: 'get_weather', arguments: '{"city": "Paris", "unit": "C"}' }]);
-        await chat._ingestTools('', [{ toolCallId: 'call00002', name: 'get_weather', content: 'Sunny' }], 'Sunny.', []);
-        texts.push(text(chat));
-        chat.dispose();
-      }
-      expect(texts[0]).toContain('It is 12:00');
-      expect(texts[0]).toBe(texts[1]);
-      // Two calls (where the template takes two), their results given in the other order.
-      const calls = [{ id: 'call00003', name: 'get_time', arguments: '{"zone": "CET"}' }, { id: 'call00004', name: 'get_weather', arguments: '{"city": "Rome", "unit": "C"}' }];
-      const pair = m.createChat({ ...BASE, maxTokens: 8192, tools: many });
-      let refusesTwo = false;
-      try {
-        await pair._ingestTools('Time and weather?', [], '', calls);
-      } catch (e) {
-        refusesTwo = e instanceof InvalidOptionError;   // Llama 3.x's templates take one call a reply
-        if (!refusesTwo) throw e;
-      }
-      if (!refusesTwo) {
-        await pair._ingestTools('', [{ toolCallId: 'call00004', name: 'get_weather', content: 'Cloudy' }, { toolCallId: 'call00003', name: 'get_time', content: 'It is 13:00' }], 'Both.', []);
-        const both = text(pair);
-        expect(both.indexOf('It is 13:00')).toBeLessThan(both.indexOf('Cloudy'));
-      }
-      pair.dispose();
-      // And the fast way is this template's (else both were framed the full way).
-      const probe = m.createChat({ ...BASE, maxTokens: 8192, tools: many });
-      expect(probe._internals().toolFramesFast()).toBe(!fullFrames);
-      probe.dispose();
-    } finally {
-      m.dispose();
+    using m = await load(file, family);
+    const many: ToolDefinition[] = [...TOOLS, ...Array.from({ length: 6 }, (_, i) => ({ type: 'function' as const, function: { name: `extra_${i}`, description: `Extra ${i}.`, parameters: { type: 'object', properties: { q: { type: 'string' } } } } }))];
+    const texts: string[] = [];
+    for (const hook of [{}, { testFullToolFrames: true }]) {
+      const chat = m.createChat({ ...BASE, maxTokens: 8192, tools: many, ...hook });
+      await chat._ingestTools('What time is it?', [], 'Checking.', [{ id: 'call00001', name: 'get_time', arguments: '{"zone": "UTC"}' }]);
+      await chat._ingestTools('', [{ toolCallId: 'call00001', name: 'get_time', content: 'It is 12:00' }], 'Noon.', []);
+      await chat._ingestTools('And the weather?', [], '', [{ id: 'call00002', name: 'get_weather', arguments: '{"city": "Paris", "unit": "C"}' }]);
+      await chat._ingestTools('', [{ toolCallId: 'call00002', name: 'get_weather', content: 'Sunny' }], 'Sunny.', []);
+      texts.push(text(chat));
+      chat.dispose();
     }
+    expect(texts[0]).toContain('It is 12:00');
+    expect(texts[0]).toBe(texts[1]);
+    // Two calls (where the template takes two), their results given in the other order.
+    const calls = [{ id: 'call00003', name: 'get_time', arguments: '{"zone": "CET"}' }, { id: 'call00004', name: 'get_weather', arguments: '{"city": "Rome", "unit": "C"}' }];
+    const pair = m.createChat({ ...BASE, maxTokens: 8192, tools: many });
+    let refusesTwo = false;
+    try {
+      await pair._ingestTools('Time and weather?', [], '', calls);
+    } catch (e) {
+      refusesTwo = e instanceof InvalidOptionError;   // Llama 3.x's templates take one call a reply
+      if (!refusesTwo) throw e;
+    }
+    if (!refusesTwo) {
+      await pair._ingestTools('', [{ toolCallId: 'call00004', name: 'get_weather', content: 'Cloudy' }, { toolCallId: 'call00003', name: 'get_time', content: 'It is 13:00' }], 'Both.', []);
+      const both = text(pair);
+      expect(both.indexOf('It is 13:00')).toBeLessThan(both.indexOf('Cloudy'));
+    }
+    pair.dispose();
+    // And the fast way is this template's (else both were framed the full way).
+    const probe = m.createChat({ ...BASE, maxTokens: 8192, tools: many });
+    expect(probe._internals().toolFramesFast()).toBe(!fullFrames);
+    probe.dispose();
   });
 
   it("send's own grammar on a chat with tools refuses control tokens as it does without tools (the format's markers are the tool call grammar's alone)", async () => {
-    const m = await load('mistralai-Mistral-Nemo-Instruct-2407.jinja', 'mistral');
-    try {
-      const chat = m.createChat({ ...BASE, tools: time });
-      for (let seed = 0; seed < 6; seed++) {
-        await chat.send(`x ${seed}`, { grammar: 'root ::= "[TOOL_CALLS]" [a-z]{1,4}', maxNewTokens: 24, seed, temperature: 1 });
-      }
-      const assistant = chat.memory().filter((e) => e.role === 'assistant');
-      expect(assistant.map((e) => e.text).join('')).toContain('TOOL');
-      expect(assistant.filter((e) => e.text === '[TOOL_CALLS]')).toEqual([]);
-      chat.dispose();
-    } finally {
-      m.dispose();
+    using m = await load('mistralai-Mistral-Nemo-Instruct-2407.jinja', 'mistral');
+    const chat = m.createChat({ ...BASE, tools: time });
+    for (let seed = 0; seed < 6; seed++) {
+      await chat.send(`x ${seed}`, { grammar: 'root ::= "[TOOL_CALLS]" [a-z]{1,4}', maxNewTokens: 24, seed, temperature: 1 });
     }
+    const assistant = chat.memory().filter((e) => e.role === 'assistant');
+    expect(assistant.map((e) => e.text).join('')).toContain('TOOL');
+    expect(assistant.filter((e) => e.text === '[TOOL_CALLS]')).toEqual([]);
+    chat.dispose();
   });
 
   it("gpt-oss (harmony): a call after the analysis, in either header form, is read apart from the reasoning; memory holds it as the template writes a call (<|call|>), then the results", async () => {
-    const m = await load('openai-gpt-oss-120b.jinja', 'gptoss');
-    try {
-      // [reply, its reasoning, its answer]: the recipient in the channel header or the role line (the
-      // prompt's own too), after an analysis (an empty one too), after a preamble (commentary to no one).
-      const replies = [
-        ['<|channel|>analysis<|message|>Need the time.<|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}', 'Need the time.', ''],
-        ['<|channel|>analysis<|message|>Again.<|end|><|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"zone": "CET"}', 'Again.', ''],
-        [' to=functions.get_time<|channel|>commentary json<|message|>{"zone": "UTC"}', '', ''],
-        [' to=functions.get_time<|channel|>analysis <|constrain|>json<|message|>{"zone": "UTC"}', '', ''],
-        ['<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}', '', ''],
-        ['<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}', 'Hmm.', 'Checking.'],
-      ] as const;
-      for (const [reply, reasoning, answer] of replies) {
-        const chat = m.createChat({ ...REAL_BASE, tools: time, testReply: reply, pastReasoning: 'keep' });
-        const pieces: string[] = [];
-        const thoughts: string[] = [];
-        const r = await chat.send('What time is it?', { maxNewTokens: 120, onToken: (p) => pieces.push(p), onReasoning: (p) => thoughts.push(p) });
-        expect(r.toolCalls.map((c) => [c.name, JSON.parse(c.arguments)]), reply).toEqual([['get_time', { zone: reply.includes('CET') ? 'CET' : 'UTC' }]]);
-        expect(r.toolCalls[0]!.id).toMatch(/^[A-Za-z0-9]{9}$/);
-        expect(r.reasoning).toBe(reasoning);
-        expect(thoughts.join('')).toBe(reasoning);
-        expect(r.response).toBe(answer);
-        expect(pieces.join('')).toBe(answer);
-        // The call's header and recipient are the answer's in memory (reasoning evicted leaves them).
-        const called = chat.memory().filter((e) => e.turn === 1 && e.role === 'assistant').map((e) => e.text).join('');
-        expect(called).toContain('to=functions.get_time');
-        const next = await chat.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, content: 'It is 12:00' }] }, { maxNewTokens: 1 });
-        expect(next.stats.promptTokens).toBeGreaterThan(3);
-        expect(text(chat)).toContain('}<|call|><|start|>functions.get_time to=assistant<|channel|>commentary<|message|>"It is 12:00"<|end|><|start|>assistant');
-        checkCache(chat, REAL_BASE.maxTokens!);
-        chat.dispose();
-      }
-      // A final answer is the response, its markup nobody's text; the reasoning apart.
-      const chat = m.createChat({ ...REAL_BASE, tools: time, testReply: '<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>Noon.' });
+    using m = await load('openai-gpt-oss-120b.jinja', 'gptoss');
+    // [reply, its reasoning, its answer]: the recipient in the channel header or the role line (the
+    // prompt's own too), after an analysis (an empty one too), after a preamble (commentary to no one).
+    const replies = [
+      ['<|channel|>analysis<|message|>Need the time.<|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}', 'Need the time.', ''],
+      ['<|channel|>analysis<|message|>Again.<|end|><|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"zone": "CET"}', 'Again.', ''],
+      [' to=functions.get_time<|channel|>commentary json<|message|>{"zone": "UTC"}', '', ''],
+      [' to=functions.get_time<|channel|>analysis <|constrain|>json<|message|>{"zone": "UTC"}', '', ''],
+      ['<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}', '', ''],
+      ['<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}', 'Hmm.', 'Checking.'],
+    ] as const;
+    for (const [reply, reasoning, answer] of replies) {
+      const chat = m.createChat({ ...REAL_BASE, tools: time, testReply: reply, pastReasoning: 'keep' });
       const pieces: string[] = [];
-      const r = await chat.send('What time is it?', { maxNewTokens: 120, onToken: (p) => pieces.push(p) });
-      expect([r.response, r.reasoning, r.toolCalls]).toEqual(['Noon.', 'Easy.', []]);
-      expect(pieces.join('')).toBe('Noon.');
+      const thoughts: string[] = [];
+      const r = await chat.send('What time is it?', { maxNewTokens: 120, onToken: (p) => pieces.push(p), onReasoning: (p) => thoughts.push(p) });
+      expect(r.toolCalls.map((c) => [c.name, JSON.parse(c.arguments)]), reply).toEqual([['get_time', { zone: reply.includes('CET') ? 'CET' : 'UTC' }]]);
+      expect(r.toolCalls[0]!.id).toMatch(/^[A-Za-z0-9]{9}$/);
+      expect(r.reasoning).toBe(reasoning);
+      expect(thoughts.join('')).toBe(reasoning);
+      expect(r.response).toBe(answer);
+      expect(pieces.join('')).toBe(answer);
+      // The call's header and recipient are the answer's in memory (reasoning evicted leaves them).
+      const called = chat.memory().filter((e) => e.turn === 1 && e.role === 'assistant').map((e) => e.text).join('');
+      expect(called).toContain('to=functions.get_time');
+      const next = await chat.send({ toolResults: [{ toolCallId: r.toolCalls[0]!.id, content: 'It is 12:00' }] }, { maxNewTokens: 1 });
+      expect(next.stats.promptTokens).toBeGreaterThan(3);
+      expect(text(chat)).toContain('}<|call|><|start|>functions.get_time to=assistant<|channel|>commentary<|message|>"It is 12:00"<|end|><|start|>assistant');
+      checkCache(chat, REAL_BASE.maxTokens!);
       chat.dispose();
-      // An imported call closes with <|call|>, as a generated one: the same memory.
-      const imported = m.createChat({ ...REAL_BASE, tools: time });
-      await imported._ingestTools('What time is it?', [], '', [{ id: 'call00001', name: 'get_time', arguments: '{"zone": "UTC"}' }]);
-      await imported._ingestTools('', [{ toolCallId: 'call00001', name: 'get_time', content: 'It is 12:00' }], 'Noon.', []);
-      expect(text(imported)).toContain('<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"zone": "UTC"}<|call|><|start|>functions.get_time to=assistant<|channel|>commentary<|message|>"It is 12:00"<|end|><|start|>assistant<|channel|>final<|message|>Noon.');
-      imported.dispose();
-    } finally {
-      m.dispose();
     }
+    // A final answer is the response, its markup nobody's text; the reasoning apart.
+    const chat = m.createChat({ ...REAL_BASE, tools: time, testReply: '<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>Noon.' });
+    const pieces: string[] = [];
+    const r = await chat.send('What time is it?', { maxNewTokens: 120, onToken: (p) => pieces.push(p) });
+    expect([r.response, r.reasoning, r.toolCalls]).toEqual(['Noon.', 'Easy.', []]);
+    expect(pieces.join('')).toBe('Noon.');
+    chat.dispose();
+    // An imported call closes with <|call|>, as a generated one: the same memory.
+    const imported = m.createChat({ ...REAL_BASE, tools: time });
+    await imported._ingestTools('What time is it?', [], '', [{ id: 'call00001', name: 'get_time', arguments: '{"zone": "UTC"}' }]);
+    await imported._ingestTools('', [{ toolCallId: 'call00001', name: 'get_time', content: 'It is 12:00' }], 'Noon.', []);
+    expect(text(imported)).toContain('<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"zone": "UTC"}<|call|><|start|>functions.get_time to=assistant<|channel|>commentary<|message|>"It is 12:00"<|end|><|start|>assistant<|channel|>final<|message|>Noon.');
+    imported.dispose();
   });
 
   it('gpt-oss through the server: the call as tool_calls beside its reasoning_content (streamed without the markup), and a stateless loop prefilled as the template renders it', async () => {
-    const m = await load('openai-gpt-oss-120b.jinja', 'gptoss');
+    using m = await load('openai-gpt-oss-120b.jinja', 'gptoss');
     const reply = '<|channel|>analysis<|message|>Need the time.<|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"zone": "UTC"}';
     const server = await createServer(m, { chat: { policy: 'sliding', maxTokens: 8192, testReply: reply } });
     const url = await server.listen({ port: 0, host: '127.0.0.1' });
@@ -902,36 +878,27 @@ describe.skipIf(!existsSync(REAL_TEMPLATES))('real chat templates (llama.cpp mod
       expect(next.usage!.prompt_tokens).toBeGreaterThan(r.usage!.prompt_tokens + 15);
     } finally {
       await server.close();
-      m.dispose();
     }
   });
 
   it(`${NO_CALL_FORMAT}: a required call is refused with a typed error, not answered in words`, async () => {
-    const m = await load(NO_CALL_FORMAT, 'granite4');
-    try {
-      const chat = m.createChat({ ...BASE, tools: time });
-      await expect(chat.send('What time is it?', { maxNewTokens: 8, toolChoice: 'required' })).rejects.toThrow(UnsupportedModelError);
-      expect((await chat.send('What time is it?', { maxNewTokens: 2 })).toolCalls).toEqual([]);
-      chat.dispose();
-    } finally {
-      m.dispose();
-    }
+    using m = await load(NO_CALL_FORMAT, 'granite4');
+    const chat = m.createChat({ ...BASE, tools: time });
+    await expect(chat.send('What time is it?', { maxNewTokens: 8, toolChoice: 'required' })).rejects.toThrow(UnsupportedModelError);
+    expect((await chat.send('What time is it?', { maxNewTokens: 2 })).toolCalls).toEqual([]);
+    chat.dispose();
   });
 
   it.each(REFUSED)('%s: tools refused with a typed error', async (entry) => {
     const [file, family] = entry.split(':') as [string, string];
-    const m = await load(file, family);
+    using m = await load(file, family);
+    let err: unknown;
     try {
-      let err: unknown;
-      try {
-        m.createChat({ ...BASE, tools: time });
-      } catch (e) {
-        err = e;
-      }
-      expect(err).toBeInstanceOf(Error);
-      expect((err as { code?: string }).code).toMatch(/^(UNSUPPORTED_MODEL|TEMPLATE_FAILED)$/);
-    } finally {
-      m.dispose();
+      m.createChat({ ...BASE, tools: time });
+    } catch (e) {
+      err = e;
     }
+    expect(err).toBeInstanceOf(Error);
+    expect((err as { code?: string }).code).toMatch(/^(UNSUPPORTED_MODEL|TEMPLATE_FAILED)$/);
   });
 });
